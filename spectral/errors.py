@@ -1,0 +1,77 @@
+"""Error construction shared by the three packages.
+
+Every user-facing error names the argument, what was expected and what was
+received, so that a message can be acted on without reading the source:
+
+>>> raise argument_error("num_iters", "an integer with 1 <= num_iters <= 10", 0)
+Traceback (most recent call last):
+...
+ValueError: Argument 'num_iters': expected an integer with 1 <= num_iters <= 10; received 0.
+
+Numerical failures (NaN/Inf in a product, loss of symmetry) raise
+:class:`NumericalError`, whose message says where the failure appeared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["NumericalError", "argument_error", "describe"]
+
+
+class NumericalError(ArithmeticError):
+    """A computation produced a non-finite or inconsistent value.
+
+    The message names where it happened (iteration, batch, parameter).
+    """
+
+
+def describe(value: Any) -> str:
+    """Return a short, informative description of ``value`` for an error message.
+
+    Arrays are described by type, shape and dtype rather than by their content.
+
+    >>> import numpy as np
+    >>> describe(np.zeros((2, 3)))
+    'numpy.ndarray of shape (2, 3) and dtype float64'
+    >>> describe("abc")
+    "'abc'"
+    """
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None and not isinstance(value, type):
+        cls = type(value)
+        module = cls.__module__.split(".")[0]
+        device = getattr(value, "device", None)
+        text = f"{module}.{cls.__name__} of shape {tuple(shape)} and dtype {dtype}"
+        if device is not None and module != "numpy" and str(device) not in ("cpu", "CPU_DEVICE"):
+            text += f" on device {device}"
+        return text
+    text = repr(value)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return text
+
+
+def argument_error(
+    name: str,
+    expected: str,
+    received: Any,
+    *,
+    kind: type[Exception] = ValueError,
+) -> Exception:
+    """Build (not raise) an exception for a bad argument.
+
+    Parameters
+    ----------
+    name:
+        The argument's name as the caller spelt it.
+    expected:
+        What would have been accepted, in words ("a positive integer").
+    received:
+        The offending value; arrays are summarised by :func:`describe`.
+    kind:
+        The exception class, ``ValueError`` by default (``TypeError`` for a
+        wrong type).
+    """
+    return kind(f"Argument '{name}': expected {expected}; received {describe(received)}.")
