@@ -1,0 +1,205 @@
+"""Evaluate a model for curvature products without ever changing it.
+
+A curvature product must leave the model bit-identical: parameters, buffers
+(BatchNorm ``running_mean``/``running_var``/``num_batches_tracked``), train/eval
+flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
+
+* :func:`curvature_mode` is a context manager that sets the modes a product needs
+  and restores every flag it touched in a ``finally`` block:
+
+  - Dropout modules are switched to eval (dropout is off during products);
+  - ``bn_mode="train"`` / ``"eval"`` sets every normalisation module (BatchNorm,
+    InstanceNorm) to that mode; ``None`` keeps each module's current mode;
+  - every normalisation module that ends up in training mode gets
+    ``track_running_stats = False`` for the duration.  PyTorch's ``_NormBase``
+    then normalises with the batch statistics and passes no running buffers to
+    ``F.batch_norm``, so nothing is written in place (``torch.func`` and forward-mode
+    AD refuse such writes, and they would corrupt the running statistics).
+
+* :func:`functional_forward` evaluates the model with the selected parameters
+  replaced by caller-owned tensors through :func:`torch.func.functional_call`;
+  the other parameters enter detached, so no graph reaches the model's own
+  ``Parameter`` objects and ``.grad`` is never touched.
+
+* :func:`model_state` / :func:`state_differences` capture and compare the full state
+  (used by the tests and by :mod:`curvops.testing`).
+
+>>> import torch
+>>> bn = torch.nn.BatchNorm1d(2)
+>>> with curvature_mode(bn, "train"):
+...     _ = bn(torch.randn(4, 2))
+>>> int(bn.num_batches_tracked), bool(bn.training), bn.track_running_stats
+(0, True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
+
+from spectral.errors import argument_error
+
+__all__ = [
+    "BN_MODES",
+    "check_bn_mode",
+    "curvature_mode",
+    "functional_forward",
+    "model_state",
+    "state_differences",
+]
+
+BN_MODES = ("train", "eval", None)
+
+
+def check_bn_mode(bn_mode: Any) -> str | None:
+    """Validate ``bn_mode`` (``"train"``, ``"eval"`` or ``None``) and return it.
+
+    >>> check_bn_mode("eval")
+    'eval'
+    """
+    if bn_mode not in BN_MODES:
+        raise argument_error("bn_mode", "one of 'train', 'eval' or None", bn_mode)
+    return bn_mode  # type: ignore[no-any-return]
+
+
+@contextmanager
+def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.Module]:
+    """Put ``model`` in the mode used for curvature products; restore it on exit.
+
+    Parameters
+    ----------
+    model:
+        The module; only its ``training`` flags and the ``track_running_stats``
+        attribute of normalisation modules are changed, and only inside the block.
+    bn_mode:
+        ``"train"`` (batch statistics, running statistics untouched), ``"eval"``
+        (running statistics) or ``None`` (each module's current mode).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``bn_mode``.
+    """
+    check_bn_mode(bn_mode)
+    flags = [(m, m.training) for m in model.modules()]
+    tracked: list[tuple[_NormBase, bool]] = []
+    try:
+        for m in model.modules():
+            if isinstance(m, _DropoutNd) or isinstance(m, nn.Dropout):
+                m.training = False
+            elif isinstance(m, _NormBase):
+                if bn_mode is not None:
+                    m.training = bn_mode == "train"
+                if m.training:
+                    tracked.append((m, m.track_running_stats))
+                    m.track_running_stats = False
+        yield model
+    finally:
+        for m, flag in tracked:
+            m.track_running_stats = flag
+        for m, was_training in flags:
+            m.training = was_training
+
+
+def functional_forward(
+    model: nn.Module,
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+    inputs: Any,
+) -> torch.Tensor:
+    """Evaluate ``model(inputs)`` with parameters ``names`` replaced by ``tensors``.
+
+    Parameters not listed enter detached (constants).  ``inputs`` is a tensor, a
+    tuple/list of positional inputs or a mapping of keyword inputs.  Call it inside
+    :func:`curvature_mode`.
+
+    >>> lin = torch.nn.Linear(2, 1, bias=False)
+    >>> w = torch.ones(1, 2)
+    >>> functional_forward(lin, ["weight"], [w], torch.tensor([[1.0, 2.0]]))
+    tensor([[3.]])
+    """
+    replaced = dict(zip(names, tensors))
+    values: dict[str, torch.Tensor] = {
+        name: p.detach() for name, p in model.named_parameters() if name not in replaced
+    }
+    values.update(replaced)
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, values, (), dict(inputs))
+    elif isinstance(inputs, (tuple, list)):
+        out = functional_call(model, values, tuple(inputs))
+    else:
+        out = functional_call(model, values, (inputs,))
+    if not isinstance(out, torch.Tensor):
+        raise argument_error(
+            "model", "a module whose forward returns one tensor", type(out), kind=TypeError
+        )
+    return out
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """Capture everything a curvature product must not change (cloned tensors).
+
+    Returns a dictionary with parameters, buffers, ``.grad`` (or None),
+    ``requires_grad`` flags, per-module ``training`` flags and normalisation
+    modules' ``track_running_stats``.
+
+    >>> s = model_state(torch.nn.Linear(1, 1))
+    >>> sorted(s)
+    ['buffers', 'grads', 'params', 'requires_grad', 'track_running_stats', 'training']
+    """
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "grads": {
+            n: None if p.grad is None else p.grad.detach().clone()
+            for n, p in model.named_parameters()
+        },
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "track_running_stats": {
+            n: m.track_running_stats for n, m in model.named_modules() if isinstance(m, _NormBase)
+        },
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bitwise equality for tensors (NaN-safe), ``==`` otherwise."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        if a.numel() == 0:
+            return True
+        bytes_a = a.detach().contiguous().reshape(-1).view(torch.uint8)
+        bytes_b = b.detach().contiguous().reshape(-1).view(torch.uint8)
+        return bool(torch.equal(bytes_a, bytes_b))
+    return bool(a == b)
+
+
+def state_differences(before: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """List what differs (bitwise) between a :func:`model_state` and ``model`` now.
+
+    >>> lin = torch.nn.Linear(1, 1)
+    >>> s = model_state(lin)
+    >>> state_differences(s, lin)
+    []
+    """
+    after = model_state(model)
+    diffs = []
+    for section, entries in before.items():
+        now = after[section]
+        if set(entries) != set(now):
+            diffs.append(f"{section}: names changed")
+            continue
+        for name, value in entries.items():
+            if not _same(value, now[name]):
+                diffs.append(f"{section}: {name}")
+    return diffs

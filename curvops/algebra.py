@@ -1,0 +1,682 @@
+"""Operator algebra: sums, scalings, affine shifts, products, powers, deflation, block diagonals.
+
+Each combinator is a small immutable :class:`~curvops.operator.CurvatureOperator` that
+knows its own algebra and structure flags.  Build them with the operators' own syntax
+(``A + B``, ``A - B``, ``c * A``, ``-A``, ``A @ B``, ``A ** k``, ``A.shift(mu)``,
+``A.damp(delta)``, ``A.deflate(V)``) or the functions :func:`add`, :func:`scale`,
+:func:`shift`, :func:`product`, :func:`power`, which fold what can be folded:
+
+* scalars and shifts compose into one :class:`Affine` ``a * B + b * I`` whose base ``B``
+  is never itself affine, so Ritz values map back exactly
+  (:meth:`~curvops.operator.CurvatureOperator.to_base_values`);
+* ``A + c * I`` (an :class:`~curvops.structured.Identity` multiple) becomes a shift;
+* nested sums and products flatten; scalar factors move out of products;
+  ``A @ A`` and products of powers of the same operator become a :class:`Power`.
+
+Structure flags are conservative and correct:
+
+* a sum is symmetric (psd) when every term is;
+* :math:`aB + bI` is symmetric when ``B`` is, psd when ``B`` is psd and
+  :math:`a, b \\ge 0` (or :math:`a = 0, b \\ge 0`);
+* a product :math:`L_1 \\cdots L_k` is recognised as symmetric only when it reads the
+  same backwards under transposition (:math:`L_i = L_{k+1-i}^\\top`, e.g. ``A @ A.T``,
+  ``B @ C @ B`` with symmetric ``B``, ``C``), which makes it :math:`MM^\\top` (psd) or
+  :math:`MCM^\\top` (psd when ``C`` is);
+* :math:`A^k` is symmetric when ``A`` is, psd when moreover ``A`` is psd or ``k`` even.
+
+>>> import numpy as np
+>>> from curvops.structured import Dense
+>>> A = Dense(np.array([[2.0, 1.0], [1.0, 3.0]]))
+>>> B = 2.0 * (A - A.shift(1.0)) + A     # 2*(A - (A + I)) + A  ==  A - 2 I
+>>> np.allclose(B.to_dense().numpy(), A.to_dense().numpy() - 2 * np.eye(2))
+True
+>>> B.affine_decomposition()[:2], B.symmetric, (A @ A.T).psd
+((1.0, -2.0), True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvops._arrays import as_tensor_arg
+from curvops.operator import CurvatureOperator, is_scalar
+from curvops.structured import Identity
+from spectral.errors import argument_error
+
+__all__ = [
+    "Adjoint",
+    "Affine",
+    "BlockDiagonal",
+    "Power",
+    "Product",
+    "Projected",
+    "Scaled",
+    "Sum",
+    "add",
+    "power",
+    "product",
+    "scale",
+    "shift",
+]
+
+
+# ---------------------------------------------------------------------- checks
+def _check_operator(op: Any, name: str) -> CurvatureOperator:
+    if not isinstance(op, CurvatureOperator):
+        raise argument_error(name, "a curvops CurvatureOperator", op, kind=TypeError)
+    return op
+
+
+def _check_compatible(first: CurvatureOperator, other: CurvatureOperator, name: str) -> None:
+    if other.torch_dtype != first.torch_dtype or other.device != first.device:
+        raise argument_error(
+            name,
+            f"an operator with dtype {first.dtype} on device {first.device} "
+            f"(got dtype {other.dtype} on device {other.device})",
+            other,
+        )
+
+
+def _check_square(op: CurvatureOperator, name: str) -> None:
+    if op.shape[0] != op.shape[1]:
+        raise argument_error(name, "a square operator", op)
+
+
+def _check_real(value: Any, name: str) -> float:
+    if not is_scalar(value) or not math.isfinite(float(value)):
+        raise argument_error(name, "a finite real scalar", value, kind=TypeError)
+    return float(value)
+
+
+def _identity_multiple(op: CurvatureOperator) -> float | None:
+    """Return ``c`` when ``op`` is structurally ``c * I``, else None."""
+    if type(op) is Identity:
+        return 1.0
+    if isinstance(op, Affine) and type(op.base) is Identity:
+        return op.a + op.b
+    return None
+
+
+# ---------------------------------------------------------------------- affine forms
+class Affine(CurvatureOperator):
+    """:math:`aB + bI` for a (non-affine) base operator ``B``.
+
+    ``b`` must be zero for a rectangular ``B``.  Usually built by :func:`scale` /
+    :func:`shift`, which fold nested forms so that ``base`` is never an Affine.
+
+    >>> from curvops.structured import Diagonal
+    >>> op = Affine(Diagonal([1.0, 2.0]), -1.0, 3.0)
+    >>> op @ np.ones(2)
+    array([2., 1.])
+    """
+
+    def __init__(self, base: CurvatureOperator, a: float, b: float = 0.0) -> None:
+        _check_operator(base, "base")
+        a = _check_real(a, "a")
+        b = _check_real(b, "b")
+        if b != 0.0:
+            _check_square(base, "base")
+        square = base.shape[0] == base.shape[1]
+        symmetric = base.symmetric or (a == 0.0 and square)
+        psd = symmetric and ((base.psd and a >= 0.0 and b >= 0.0) or (a == 0.0 and b >= 0.0))
+        super().__init__(
+            shape=base.shape,
+            torch_dtype=base.torch_dtype,
+            device=base.device,
+            symmetric=symmetric,
+            psd=psd,
+        )
+        self._base = base
+        self._a = a
+        self._b = b
+        self.args = (base,)
+
+    @property
+    def base(self) -> CurvatureOperator:
+        """The operator ``B``."""
+        return self._base
+
+    @property
+    def a(self) -> float:
+        """The scale ``a``."""
+        return self._a
+
+    @property
+    def b(self) -> float:
+        """The shift ``b``."""
+        return self._b
+
+    def _combine(self, Y: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        if self._a != 1.0:
+            Y = Y * self._a
+        if self._b != 0.0:
+            Y = Y + self._b * X
+        return Y
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._combine(self._base._apply(X), X)
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            return self._matmat_torch(X)
+        return self._combine(self._base._apply(X, adjoint=True), X)
+
+    def affine_decomposition(self) -> tuple[float, float, CurvatureOperator]:
+        """``(a, b, base)``."""
+        return self._a, self._b, self._base
+
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`aB^\\top + bI`."""
+        if self.symmetric:
+            return self
+        return _make_affine(self._base.adjoint(), self._a, self._b)
+
+
+class Scaled(Affine):
+    """:math:`cB` (an :class:`Affine` with ``b = 0``).
+
+    >>> from curvops.structured import Identity
+    >>> Scaled(Identity(2), 3.0) @ np.ones(2)
+    array([3., 3.])
+    """
+
+    def __init__(self, base: CurvatureOperator, c: float) -> None:
+        super().__init__(base, c, 0.0)
+
+
+def _make_affine(base: CurvatureOperator, a: float, b: float) -> CurvatureOperator:
+    if a == 1.0 and b == 0.0:
+        return base
+    if b == 0.0:
+        return Scaled(base, a)
+    return Affine(base, a, b)
+
+
+def scale(A: CurvatureOperator, c: float) -> CurvatureOperator:
+    """:math:`cA`, folding nested scalars and shifts: :math:`c(aB + bI) = (ca)B + (cb)I`.
+
+    >>> from curvops.structured import Identity
+    >>> scale(scale(Identity(2), 2.0), 0.5) is not None
+    True
+    """
+    _check_operator(A, "A")
+    c = _check_real(c, "c")
+    if c == 1.0:
+        return A
+    a, b, base = A.affine_decomposition()
+    return _make_affine(base, c * a, c * b)
+
+
+def shift(A: CurvatureOperator, mu: float) -> CurvatureOperator:
+    """:math:`A + \\mu I`, folding: :math:`(aB + bI) + \\mu I = aB + (b + \\mu)I`.
+
+    >>> from curvops.structured import Diagonal
+    >>> shift(Diagonal([1.0, 2.0]), 1.0) @ np.ones(2)
+    array([2., 3.])
+    """
+    _check_operator(A, "A")
+    mu = _check_real(mu, "mu")
+    _check_square(A, "A")
+    if mu == 0.0:
+        return A
+    a, b, base = A.affine_decomposition()
+    return _make_affine(base, a, b + mu)
+
+
+# ---------------------------------------------------------------------- sums
+class Sum(CurvatureOperator):
+    """:math:`\\sum_i A_i` of operators with equal shape, dtype and device.
+
+    >>> from curvops.structured import Diagonal, Dense
+    >>> S = Sum([Diagonal([1.0, 2.0]), Dense(np.ones((2, 2)))])
+    >>> S @ np.ones(2)
+    array([3., 4.])
+    """
+
+    def __init__(self, terms: Sequence[CurvatureOperator]) -> None:
+        terms = tuple(terms)
+        if len(terms) < 1:
+            raise argument_error("terms", "at least one operator", terms)
+        first = _check_operator(terms[0], "terms[0]")
+        for i, t in enumerate(terms[1:], start=1):
+            _check_operator(t, f"terms[{i}]")
+            if t.shape != first.shape:
+                raise argument_error(f"terms[{i}]", f"an operator of shape {first.shape}", t)
+            _check_compatible(first, t, f"terms[{i}]")
+        super().__init__(
+            shape=first.shape,
+            torch_dtype=first.torch_dtype,
+            device=first.device,
+            symmetric=all(t.symmetric for t in terms),
+            psd=all(t.psd for t in terms),
+        )
+        self._terms = terms
+        self.args = terms
+
+    @property
+    def terms(self) -> tuple[CurvatureOperator, ...]:
+        """The summands."""
+        return self._terms
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        Y = self._terms[0]._apply(X)
+        for t in self._terms[1:]:
+            Y = Y + t._apply(X)
+        return Y
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        Y = self._terms[0]._apply(X, adjoint=True)
+        for t in self._terms[1:]:
+            Y = Y + t._apply(X, adjoint=True)
+        return Y
+
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`\\sum_i A_i^\\top`."""
+        if self.symmetric:
+            return self
+        return Sum([t.adjoint() for t in self._terms])
+
+
+def add(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
+    """:math:`A + B` with folding (identity multiples become shifts, nested sums flatten).
+
+    Raises ``ValueError`` for mismatched shapes, dtypes or devices.
+
+    >>> from curvops.structured import Diagonal, Identity
+    >>> add(Diagonal([1.0, 2.0]), Identity(2)).affine_decomposition()[:2]
+    (1.0, 1.0)
+    """
+    _check_operator(A, "A")
+    _check_operator(B, "B")
+    if A.shape != B.shape:
+        raise argument_error("B", f"an operator of shape {A.shape}", B)
+    _check_compatible(A, B, "B")
+    cb = _identity_multiple(B)
+    if cb is not None:
+        return shift(A, cb)
+    ca = _identity_multiple(A)
+    if ca is not None:
+        return shift(B, ca)
+    a1, b1, base1 = A.affine_decomposition()
+    a2, b2, base2 = B.affine_decomposition()
+    if base1 is base2:
+        return _make_affine(base1, a1 + a2, b1 + b2)
+    terms: list[CurvatureOperator] = []
+    for op in (A, B):
+        terms.extend(op.terms if isinstance(op, Sum) else (op,))
+    return Sum(terms)
+
+
+# ---------------------------------------------------------------------- adjoint view
+class Adjoint(CurvatureOperator):
+    """:math:`A^\\top` of a non-symmetric operator (uses ``A._rmatmat_torch``).
+
+    >>> from curvops.structured import Dense
+    >>> Adjoint(Dense(np.array([[1.0, 2.0], [3.0, 4.0]]))) @ np.array([1.0, 0.0])
+    array([1., 2.])
+    """
+
+    def __init__(self, base: CurvatureOperator) -> None:
+        _check_operator(base, "base")
+        super().__init__(
+            shape=(base.shape[1], base.shape[0]),
+            torch_dtype=base.torch_dtype,
+            device=base.device,
+            symmetric=base.symmetric,
+            psd=base.psd,
+        )
+        self._base = base
+        self.args = (base,)
+
+    @property
+    def base(self) -> CurvatureOperator:
+        """The operator whose transpose this is."""
+        return self._base
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._base._apply(X, adjoint=True)
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._base._apply(X)
+
+    def adjoint(self) -> CurvatureOperator:
+        """The base operator."""
+        return self._base
+
+
+# ---------------------------------------------------------------------- products
+def _is_transpose_pair(X: CurvatureOperator, Y: CurvatureOperator) -> bool:
+    """True when ``Y`` is structurally ``X^T``."""
+    if X is Y:
+        return X.symmetric
+    return (isinstance(Y, Adjoint) and Y.base is X) or (isinstance(X, Adjoint) and X.base is Y)
+
+
+class Product(CurvatureOperator):
+    """:math:`L_1 L_2 \\cdots L_k` (applied right to left).
+
+    Symmetric (and then psd) only when structurally palindromic under transposition;
+    see the module docstring.
+
+    >>> from curvops.structured import Dense
+    >>> L = Dense(np.array([[1.0, 2.0], [0.0, 1.0]]))
+    >>> P = Product([L, L.T])
+    >>> P.symmetric, P.psd
+    (True, True)
+    """
+
+    def __init__(self, factors: Sequence[CurvatureOperator]) -> None:
+        factors = tuple(factors)
+        if len(factors) < 1:
+            raise argument_error("factors", "at least one operator", factors)
+        first = _check_operator(factors[0], "factors[0]")
+        for i in range(1, len(factors)):
+            f = _check_operator(factors[i], f"factors[{i}]")
+            if factors[i - 1].shape[1] != f.shape[0]:
+                raise argument_error(
+                    f"factors[{i}]",
+                    f"an operator with {factors[i - 1].shape[1]} rows",
+                    f,
+                )
+            _check_compatible(first, f, f"factors[{i}]")
+        k = len(factors)
+        symmetric = all(_is_transpose_pair(factors[i], factors[k - 1 - i]) for i in range(k))
+        psd = symmetric and (k % 2 == 0 or factors[k // 2].psd)
+        super().__init__(
+            shape=(first.shape[0], factors[-1].shape[1]),
+            torch_dtype=first.torch_dtype,
+            device=first.device,
+            symmetric=symmetric,
+            psd=psd,
+        )
+        self._factors = factors
+        self.args = factors
+
+    @property
+    def factors(self) -> tuple[CurvatureOperator, ...]:
+        """The factors, leftmost first."""
+        return self._factors
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        for f in reversed(self._factors):
+            X = f._apply(X)
+        return X
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        for f in self._factors:
+            X = f._apply(X, adjoint=True)
+        return X
+
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`L_k^\\top \\cdots L_1^\\top`."""
+        if self.symmetric:
+            return self
+        return Product([f.adjoint() for f in reversed(self._factors)])
+
+
+def _power_parts(op: CurvatureOperator) -> tuple[CurvatureOperator, int]:
+    if isinstance(op, Power):
+        return op.base, op.exponent
+    return op, 1
+
+
+def product(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
+    """:math:`AB` with folding (identities drop, scalars move out, powers merge, products flatten).
+
+    >>> from curvops.structured import Diagonal
+    >>> D = Diagonal([1.0, 2.0])
+    >>> type(product(D, 2.0 * D)).__name__, product(D, D).psd
+    ('Scaled', True)
+    """
+    _check_operator(A, "A")
+    _check_operator(B, "B")
+    if A.shape[1] != B.shape[0]:
+        raise argument_error("B", f"an operator with {A.shape[1]} rows (A is {A.shape})", B)
+    _check_compatible(A, B, "B")
+    if type(A) is Identity:
+        return B
+    if type(B) is Identity:
+        return A
+    a1, b1, base1 = A.affine_decomposition()
+    if b1 == 0.0 and a1 != 1.0:
+        return scale(product(base1, B), a1)
+    a2, b2, base2 = B.affine_decomposition()
+    if b2 == 0.0 and a2 != 1.0:
+        return scale(product(A, base2), a2)
+    pa, ka = _power_parts(A)
+    pb, kb = _power_parts(B)
+    if pa is pb:
+        return power(pa, ka + kb)
+    factors: list[CurvatureOperator] = []
+    for op in (A, B):
+        factors.extend(op.factors if isinstance(op, Product) else (op,))
+    return Product(factors)
+
+
+class Power(CurvatureOperator):
+    """:math:`A^k` for a square operator and an integer :math:`k \\ge 1`.
+
+    >>> from curvops.structured import Diagonal
+    >>> Power(Diagonal([-1.0, 2.0]), 2) @ np.ones(2)
+    array([1., 4.])
+    """
+
+    def __init__(self, base: CurvatureOperator, exponent: int) -> None:
+        _check_operator(base, "base")
+        _check_square(base, "base")
+        if not isinstance(exponent, numbers.Integral) or isinstance(exponent, bool) or exponent < 1:
+            raise argument_error("exponent", "an integer >= 1", exponent)
+        k = int(exponent)
+        super().__init__(
+            shape=base.shape,
+            torch_dtype=base.torch_dtype,
+            device=base.device,
+            symmetric=base.symmetric,
+            psd=base.symmetric and (base.psd or k % 2 == 0),
+        )
+        self._base: CurvatureOperator = base
+        self._k: int = k
+        self.args = (base,)
+
+    @property
+    def base(self) -> CurvatureOperator:
+        """The operator raised to the power."""
+        return self._base
+
+    @property
+    def exponent(self) -> int:
+        """The exponent ``k``."""
+        return self._k
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        for _ in range(self._k):
+            X = self._base._apply(X)
+        return X
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        for _ in range(self._k):
+            X = self._base._apply(X, adjoint=True)
+        return X
+
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`(A^\\top)^k`."""
+        if self.symmetric:
+            return self
+        return Power(self._base.adjoint(), self._k)
+
+
+def power(A: CurvatureOperator, k: Any) -> CurvatureOperator:
+    """:math:`A^k` for an integer :math:`k \\ge 0` (``A ** 0`` is the identity).
+
+    Folds :math:`(A^j)^k = A^{jk}` and :math:`(cA)^k = c^k A^k`.
+
+    >>> from curvops.structured import Diagonal
+    >>> (Diagonal([2.0, 3.0]) ** 3) @ np.ones(2)
+    array([ 8., 27.])
+    """
+    _check_operator(A, "A")
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        raise argument_error("k", "an integer >= 0", k)
+    _check_square(A, "A")
+    k = int(k)
+    if k == 0:
+        return Identity(A.shape[0], device=A.device, dtype=A.torch_dtype)
+    if k == 1:
+        return A
+    a, b, base = A.affine_decomposition()
+    if b == 0.0 and a != 1.0:
+        return scale(power(base, k), a**k)
+    if type(A) is Identity:
+        return A
+    inner, j = _power_parts(A)
+    return Power(inner, j * k)
+
+
+# ---------------------------------------------------------------------- deflation
+class Projected(CurvatureOperator):
+    """Deflation :math:`PAP`, :math:`P = I - VV^\\top`, ``V`` (``n x r``) with orthonormal columns.
+
+    The eigenvectors in ``span(V)`` are mapped to eigenvalue 0; symmetric and psd
+    when ``A`` is.  ``V`` (numpy, torch or cupy; a 1-D vector is one column) is copied to
+    the operator's device and dtype and checked:
+    :math:`\\max|V^\\top V - I| \\le` ``tol`` (default :math:`100\\sqrt{n}\\,\\varepsilon`).
+
+    Raises
+    ------
+    ValueError
+        ``V`` with the wrong number of rows or columns that are not orthonormal.
+
+    >>> from curvops.structured import Diagonal
+    >>> P = Projected(Diagonal([3.0, 1.0]), np.array([[1.0], [0.0]]))
+    >>> P @ np.ones(2)
+    array([0., 1.])
+    """
+
+    def __init__(self, base: CurvatureOperator, V: Any, *, tol: float | None = None) -> None:
+        _check_operator(base, "base")
+        _check_square(base, "base")
+        n = base.shape[0]
+        basis = as_tensor_arg(V, "V", device=base.device, dtype=base.torch_dtype)
+        if basis.ndim == 1:
+            basis = basis.reshape(-1, 1)
+        if basis.ndim != 2 or basis.shape[0] != n or basis.shape[1] > n:
+            raise argument_error("V", f"an array of shape ({n}, r) with r <= {n}", V)
+        eps = float(torch.finfo(base.torch_dtype).eps)
+        limit = 100.0 * math.sqrt(max(n, 1)) * eps if tol is None else float(tol)
+        B64 = basis.to(torch.float64)
+        gram_err = B64.mT @ B64 - torch.eye(basis.shape[1], dtype=torch.float64, device=B64.device)
+        err = float(gram_err.abs().max()) if basis.shape[1] else 0.0
+        if not err <= limit:
+            raise argument_error(
+                "V",
+                f"orthonormal columns (max |V^T V - I| <= {limit:.3g}; got {err:.3g}; "
+                "orthonormalise with torch.linalg.qr)",
+                V,
+            )
+        super().__init__(
+            shape=base.shape,
+            torch_dtype=base.torch_dtype,
+            device=base.device,
+            symmetric=base.symmetric,
+            psd=base.psd,
+        )
+        self._base = base
+        self._V = basis
+        self.args = (base,)
+
+    @property
+    def base(self) -> CurvatureOperator:
+        """The deflated operator ``A``."""
+        return self._base
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """A copy of ``V``."""
+        return self._V.clone()
+
+    def _project(self, X: torch.Tensor) -> torch.Tensor:
+        return X - self._V @ (self._V.mT @ X)
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._project(self._base._apply(self._project(X)))
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._project(self._base._apply(self._project(X), adjoint=True))
+
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`PA^\\top P`."""
+        if self.symmetric:
+            return self
+        return Projected(self._base.adjoint(), self._V, tol=float("inf"))
+
+
+# ---------------------------------------------------------------------- block diagonal
+class BlockDiagonal(CurvatureOperator):
+    """:math:`\\mathrm{diag}(A_1, \\dots, A_p)`, acting blockwise on consecutive row ranges.
+
+    Blocks must share dtype and device; symmetric (psd) when every block is.
+    ``offsets`` gives the row (and column) boundaries.
+
+    >>> from curvops.structured import Diagonal, Dense
+    >>> B = BlockDiagonal([Diagonal([1.0]), Dense(np.array([[0.0, 1.0], [1.0, 0.0]]))])
+    >>> B @ np.array([1.0, 2.0, 3.0])
+    array([1., 3., 2.])
+    """
+
+    def __init__(self, blocks: Sequence[CurvatureOperator]) -> None:
+        blocks = tuple(blocks)
+        if len(blocks) < 1:
+            raise argument_error("blocks", "at least one operator", blocks)
+        first = _check_operator(blocks[0], "blocks[0]")
+        for i, blk in enumerate(blocks[1:], start=1):
+            _check_operator(blk, f"blocks[{i}]")
+            _check_compatible(first, blk, f"blocks[{i}]")
+        rows = np.cumsum([0] + [b.shape[0] for b in blocks]).tolist()
+        cols = np.cumsum([0] + [b.shape[1] for b in blocks]).tolist()
+        super().__init__(
+            shape=(rows[-1], cols[-1]),
+            torch_dtype=first.torch_dtype,
+            device=first.device,
+            symmetric=all(b.symmetric for b in blocks),
+            psd=all(b.psd for b in blocks),
+        )
+        self._blocks = blocks
+        self._rows = tuple(int(r) for r in rows)
+        self._cols = tuple(int(c) for c in cols)
+        self.args = blocks
+
+    @property
+    def blocks(self) -> tuple[CurvatureOperator, ...]:
+        """The diagonal blocks."""
+        return self._blocks
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Row boundaries ``(0, m_1, m_1 + m_2, ..., m)`` of the blocks."""
+        return self._rows
+
+    def _blockwise(self, X: torch.Tensor, *, adjoint: bool) -> torch.Tensor:
+        starts = self._rows if adjoint else self._cols
+        parts = [
+            blk._apply(X[starts[i] : starts[i + 1]], adjoint=adjoint)
+            for i, blk in enumerate(self._blocks)
+        ]
+        return torch.cat(parts, dim=0)
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._blockwise(X, adjoint=False)
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._blockwise(X, adjoint=True)
+
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`\\mathrm{diag}(A_1^\\top, \\dots)`."""
+        if self.symmetric:
+            return self
+        return BlockDiagonal([b.adjoint() for b in self._blocks])

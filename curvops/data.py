@@ -1,0 +1,254 @@
+"""Normalise the ``data`` argument of curvature operators to a stream of batches.
+
+``data`` may be
+
+* one batch ``(inputs, targets)`` — a 2-tuple/list whose second item is a tensor;
+* a sequence of such batches (list or tuple), sizes may differ;
+* a :class:`torch.utils.data.DataLoader` (or any re-iterable yielding batches).
+
+``inputs`` is a tensor, a tuple/list of tensors (positional model inputs) or a
+mapping of keyword inputs; its batch size is the length of the first tensor, and
+must equal ``len(targets)``.  The operators compute the curvature of the mean loss
+over every sample,
+
+.. math::
+    L = \\frac{1}{N}\\sum_b N_b\\, L_b, \\qquad N = \\sum_b N_b,
+
+where :math:`L_b` is the mean loss of batch :math:`b` (size :math:`N_b`), so an
+unequal last batch is weighted exactly.
+
+>>> import torch
+>>> d = as_data([(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(1, 2), torch.zeros(1))])
+>>> [b.size for b in d], d.num_samples, d.is_single_batch
+([3, 1], 4, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spectral.errors import argument_error
+
+__all__ = ["Batch", "Data", "as_data", "batch_size_of", "move_to"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: ``inputs`` (tensor / tuple / mapping), ``targets``, ``size`` and ``index``."""
+
+    inputs: Any
+    targets: torch.Tensor
+    size: int
+    index: int
+
+
+def _first_tensor(inputs: Any) -> torch.Tensor | None:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    if isinstance(inputs, Mapping):
+        values: Iterable[Any] = inputs.values()
+    elif isinstance(inputs, (tuple, list)):
+        values = inputs
+    else:
+        return None
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size_of(inputs: Any) -> int:
+    """Number of samples in ``inputs`` (length of its first tensor).
+
+    >>> batch_size_of((torch.zeros(5, 2), torch.zeros(5)))
+    5
+    """
+    first = _first_tensor(inputs)
+    if first is None or first.ndim == 0:
+        raise argument_error(
+            "data", "inputs that are a tensor (or tuple/mapping of tensors)", inputs, kind=TypeError
+        )
+    return int(first.shape[0])
+
+
+def move_to(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors in ``value`` (nested tuples/lists/mappings) to ``device``.
+
+    Floating tensors are cast to ``dtype`` when given; integer tensors keep their dtype.
+
+    >>> move_to([torch.zeros(1, dtype=torch.float32)], torch.device("cpu"), torch.float64)[0].dtype
+    torch.float64
+    """
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.dtype.is_floating_point:
+            return value.to(device=device, dtype=dtype)
+        return value.to(device=device)
+    if isinstance(value, Mapping):
+        return {k: move_to(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_to(v, device, dtype) for v in value)
+    return value
+
+
+def _is_batch(obj: Any) -> bool:
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and isinstance(obj[1], torch.Tensor)
+        and not isinstance(obj[0], str)
+    )
+
+
+def _check_batch(obj: Any, index: int) -> Batch:
+    if not _is_batch(obj):
+        raise argument_error(
+            f"data (batch {index})", "a pair (inputs, targets) with a tensor of targets", obj
+        )
+    inputs, targets = obj
+    size = batch_size_of(inputs)
+    if targets.ndim == 0 or int(targets.shape[0]) != size:
+        raise argument_error(
+            f"data (batch {index})",
+            f"targets with {size} rows, the batch size of the inputs",
+            targets,
+        )
+    if size == 0:
+        raise argument_error(f"data (batch {index})", "a batch with at least one sample", obj)
+    return Batch(inputs, targets, size, index)
+
+
+def _signature(batch: Batch) -> tuple[Any, ...]:
+    first = _first_tensor(batch.inputs)
+    assert first is not None  # checked in _check_batch
+    return (tuple(first.shape[1:]), tuple(batch.targets.shape[1:]), batch.targets.dtype)
+
+
+class Data:
+    """A re-iterable stream of checked :class:`Batch` objects.
+
+    Attributes
+    ----------
+    is_single_batch:
+        True when ``data`` was one ``(inputs, targets)`` pair (products may cache
+        what does not depend on the vector).
+    num_samples:
+        Total number of samples :math:`N` (computed on first access; for a DataLoader
+        from its sampler when possible, otherwise by one pass).
+
+    Raises
+    ------
+    ValueError
+        Empty data, a batch that is not an ``(inputs, targets)`` pair, inputs and
+        targets of different lengths, or batches whose trailing shapes / target
+        dtypes disagree (the message names the batch index).
+    """
+
+    def __init__(self, data: Any) -> None:
+        self._source = data
+        self._batches: list[Batch] | None = None
+        self._num_samples: int | None = None
+        self.is_single_batch = _is_batch(data)
+        if self.is_single_batch:
+            self._batches = [_check_batch(data, 0)]
+        elif isinstance(data, Sequence) and not isinstance(data, (str, bytes, torch.Tensor)):
+            if len(data) == 0:
+                raise argument_error("data", "at least one batch", data)
+            self._batches = [_check_batch(b, i) for i, b in enumerate(data)]
+            self._check_consistent(self._batches)
+        elif isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+            raise argument_error(
+                "data",
+                "an (inputs, targets) batch, a sequence of batches or a DataLoader",
+                data,
+                kind=TypeError,
+            )
+        elif iter(data) is data:
+            raise argument_error(
+                "data", "a re-iterable (a DataLoader or a list), not a one-shot iterator", data,
+                kind=TypeError,
+            )
+        else:
+            length = _safe_len(data)
+            if length == 0:
+                raise argument_error("data", "a non-empty DataLoader", data)
+        if self._batches is not None:
+            self._num_samples = sum(b.size for b in self._batches)
+
+    @staticmethod
+    def _check_consistent(batches: Sequence[Batch]) -> None:
+        ref = _signature(batches[0])
+        for b in batches[1:]:
+            if _signature(b) != ref:
+                raise argument_error(
+                    f"data (batch {b.index})",
+                    f"the trailing input/target shapes and target dtype of batch 0 {ref}",
+                    _signature(b),
+                )
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._batches is not None:
+            yield from self._batches
+            return
+        ref: tuple[Any, ...] | None = None
+        count = 0
+        for i, raw in enumerate(self._source):
+            batch = _check_batch(raw, i)
+            sig = _signature(batch)
+            if ref is None:
+                ref = sig
+            elif sig != ref:
+                raise argument_error(
+                    f"data (batch {i})",
+                    f"the trailing input/target shapes and target dtype of batch 0 {ref}",
+                    sig,
+                )
+            count += 1
+            yield batch
+        if count == 0:
+            raise argument_error("data", "a non-empty DataLoader", self._source)
+
+    @property
+    def num_samples(self) -> int:
+        """Total number of samples over all batches."""
+        if self._num_samples is None:
+            self._num_samples = _loader_num_samples(self._source)
+            if self._num_samples is None:
+                self._num_samples = sum(b.size for b in self)
+        return self._num_samples
+
+
+def _safe_len(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def _loader_num_samples(loader: Any) -> int | None:
+    """Sample count of a map-style DataLoader from its sampler, without loading data."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return None
+    sampler = getattr(loader, "sampler", None)
+    batch_size = loader.batch_size
+    n = _safe_len(sampler)
+    if n is None or batch_size is None or loader.batch_sampler is None:
+        return None
+    if type(loader.batch_sampler) is not torch.utils.data.BatchSampler:
+        return None
+    if loader.drop_last:
+        return (n // batch_size) * batch_size
+    return n
+
+
+def as_data(data: Any) -> Data:
+    """Return ``data`` as a :class:`Data` stream (idempotent).
+
+    >>> as_data((torch.zeros(2, 3), torch.zeros(2))).is_single_batch
+    True
+    """
+    return data if isinstance(data, Data) else Data(data)

@@ -1,0 +1,152 @@
+"""Diagonal of the GGN: exact, and the Monte-Carlo estimate used by diagonal methods.
+
+With per-sample output factors :math:`\\nabla^2_{f_n} L_b = \\sum_j s_{nj} a_{nj} a_{nj}^\\top`
+(closed-form square roots for cross-entropy, MSE and BCE, see
+:func:`curvops.losses.output_hessian_factor`),
+
+.. math::
+    \\mathrm{diag}(G) = \\frac{1}{N}\\sum_b N_b \\sum_{n \\in b} \\sum_j s_{nj}\\,
+    \\big(J_n^\\top a_{nj}\\big)^{\\odot 2}.
+
+``method="exact"`` uses all :math:`C` factor columns per sample: :math:`N C` vector-Jacobian
+products (one per output-class Jacobian row combination), computed in batched chunks
+of ``chunk_size``; cost about :math:`N C / \\text{chunk}` backward passes and
+``chunk_size * P`` memory, so it suits small output dimensions.  ``method="mc"``
+replaces the factors by ``mc_samples`` sampled NLL gradients per sample (those of
+:class:`curvops.FisherOperator` with ``kind="mc"``, same seed: the result is exactly
+the diagonal of that Fisher), :math:`N M` products: an unbiased estimate of the GGN
+diagonal (Dangel et al.'s DiagGGN-MC).
+
+>>> import torch
+>>> net = torch.nn.Linear(2, 2).double()
+>>> data = (torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+>>> ggn_diagonal(net, torch.nn.CrossEntropyLoss(), data).shape
+torch.Size([6])
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
+from curvops.data import as_data, move_to
+from curvops.fisher import fisher_output_factor
+from curvops.losses import LossFn, batch_generator, check_loss, output_hessian_factor
+from curvops.params import select_params
+from spectral.errors import NumericalError, argument_error
+
+__all__ = ["ggn_diagonal"]
+
+
+def _sum_squared_vjps(
+    out: torch.Tensor,
+    leaves: list[torch.Tensor],
+    factor: torch.Tensor,
+    signs: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """:math:`\\sum_{n,j} s_{nj} (J^\\top e_n \\otimes a_{nj})^{\\odot 2}` as a flat vector."""
+    n, c, r = factor.shape
+    total = [torch.zeros_like(leaf) for leaf in leaves]
+    pairs = [(i, j) for i in range(n) for j in range(r)]
+    for start in range(0, len(pairs), chunk_size):
+        chunk = pairs[start : start + chunk_size]
+        R = torch.zeros(len(chunk), n, c, dtype=out.dtype, device=out.device)
+        rows = torch.tensor([i for i, _ in chunk], device=out.device)
+        cols = torch.tensor([j for _, j in chunk], device=out.device)
+        R[torch.arange(len(chunk), device=out.device), rows] = factor[rows, :, cols]
+        weights = signs[rows, cols]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            grads = torch.autograd.grad(
+                out,
+                leaves,
+                R.reshape(len(chunk), *out.shape),
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        for acc, g in zip(total, grads):
+            acc += torch.einsum("b,b...->...", weights, g * g)
+    return torch.cat([t.reshape(-1) for t in total])
+
+
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    method: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    params: Any = None,
+    bn_mode: str | None = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Diagonal of the GGN of the mean loss over ``data`` (a length-P tensor on the model's device).
+
+    Parameters
+    ----------
+    method:
+        ``"exact"`` or ``"mc"`` (Monte-Carlo, ``mc_samples`` targets per sample, ``seed``).
+    chunk_size:
+        Vector-Jacobian products batched together.
+    params, bn_mode:
+        As for the operators (model never changed).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, ``mc_samples < 1``, ``chunk_size < 1``; ``method="mc"``
+        with a loss without a likelihood; bad data/params/bn_mode.
+    spectral.errors.NumericalError
+        Non-finite values (names the batch).
+    """
+    if method not in ("exact", "mc"):
+        raise argument_error("method", "'exact' or 'mc'", method)
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise argument_error("mc_samples", "an integer >= 1", mc_samples)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise argument_error("chunk_size", "an integer >= 1", chunk_size)
+    check_loss(loss_fn)
+    check_bn_mode(bn_mode)
+    named = select_params(model, params)
+    names = [n for n, _ in named]
+    device, dtype = named[0][1].device, named[0][1].dtype
+    total: torch.Tensor | None = None
+    count = 0
+    with curvature_mode(model, bn_mode):
+        for batch in as_data(data):
+            inputs = move_to(batch.inputs, device, dtype)
+            targets = move_to(batch.targets, device, dtype)
+            leaves = [p.detach().requires_grad_(True) for _, p in named]
+            with torch.enable_grad():
+                out = functional_forward(model, names, leaves, inputs)
+            if method == "exact":
+                factor, signs = output_hessian_factor(loss_fn, out, targets)
+            else:
+                factor = fisher_output_factor(
+                    loss_fn,
+                    out,
+                    targets,
+                    kind="mc",
+                    mc_samples=mc_samples,
+                    generator=batch_generator(seed, batch.index),
+                )
+                signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
+            if out.requires_grad:
+                diag = _sum_squared_vjps(out, leaves, factor, signs, chunk_size)
+            else:
+                diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
+            if not bool(torch.isfinite(diag).all()):
+                raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
+            total = diag * batch.size if total is None else total.add_(diag, alpha=batch.size)
+            count += batch.size
+    if total is None:  # pragma: no cover - as_data refuses empty data
+        raise argument_error("data", "at least one batch", data)
+    return total / count

@@ -1,0 +1,100 @@
+"""The Hessian of the mean loss as a linear operator.
+
+.. math::
+    H = \\nabla^2_w \\frac{1}{N}\\sum_{n} \\ell(f(x_n; w), y_n)
+      = \\frac{1}{N}\\sum_b N_b\\, \\nabla^2_w L_b(w),
+
+both terms of the paper's Eq. 3 (the GGN plus the output-gradient-weighted
+Hessians of the network outputs).  Symmetric, indefinite in general.
+
+Products use double backward (measured faster than forward-over-reverse on CPU,
+see :mod:`curvops.products`); with a single batch the gradient graph is built once
+and reused while the parameters, buffers, modes and batch tensors are unchanged, so
+a Lanczos step costs one backward pass through it.  The columns of a matmat share
+the forward pass and the gradient graph of every batch.
+
+>>> import torch
+>>> net = torch.nn.Linear(2, 1).double()
+>>> x, y = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+>>> H = HessianOperator(net, torch.nn.MSELoss(), (x, y))
+>>> H.shape
+(3, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvops.curvature import ModelCurvatureOperator
+from curvops.data import Batch
+from curvops.losses import LossFn
+from curvops.products import HessianLinearization, hessian_linearization
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator(ModelCurvatureOperator):
+    """Hessian of the mean loss over ``data`` with respect to the selected parameters.
+
+    Parameters
+    ----------
+    model, loss_fn, data, params, bn_mode, progress, process_group:
+        See :class:`curvops.curvature.ModelCurvatureOperator`.
+    cache:
+        Keep the gradient graph of a single batch between products (default: True
+        when ``data`` is one batch).  Costs the memory of one double-backward graph.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad data, parameters, ``bn_mode`` or a loss without mean reduction.
+    spectral.errors.NumericalError
+        A product with NaN/Inf (names the batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        *,
+        params: Any = None,
+        bn_mode: str | None = None,
+        progress: bool = False,
+        process_group: Any = None,
+        cache: bool | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            bn_mode=bn_mode,
+            progress=progress,
+            process_group=process_group,
+            psd=False,
+        )
+        self._cache_enabled = self.data.is_single_batch if cache is None else bool(cache)
+        self._cache: dict[int, tuple[tuple[Any, ...], HessianLinearization]] = {}
+
+    def linearization(self, batch: Batch) -> HessianLinearization:
+        """The gradient graph of ``batch`` (cached for single-batch operators).
+
+        Call inside :func:`curvops._model_state.curvature_mode`.
+        """
+        if self._cache_enabled and self.data.is_single_batch:
+            key = self._state_key(batch)
+            hit = self._cache.get(batch.index)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        inputs, targets = self._batch_on_device(batch)
+        lin = hessian_linearization(self._loss_of_fn(inputs, targets), self.current_params())
+        if self._cache_enabled and self.data.is_single_batch:
+            self._cache = {batch.index: (key, lin)}
+        return lin
+
+    def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.linearization(batch).apply(V)

@@ -1,0 +1,446 @@
+"""The base class of every curvops operator: a torch-backed scipy ``LinearOperator``.
+
+A :class:`CurvatureOperator` represents a real matrix :math:`A \\in \\mathbb{R}^{m \\times n}`
+(square for every curvature matrix) whose products are computed by torch on one
+device.  It is a :class:`scipy.sparse.linalg.LinearOperator` with a declared dtype,
+so ``eigsh``, ``lobpcg``, ``cg`` and ``minres`` use it directly and never probe it
+with an extra product.
+
+Subclass contract
+-----------------
+A subclass calls, in its ``__init__``::
+
+    super().__init__(shape=(n, n), dtype=np.dtype("float32"), device=device,
+                     torch_dtype=torch.float32, symmetric=True, psd=False)
+
+(all keyword-only; ``dtype`` and ``torch_dtype`` may be given alone, the other is
+derived; ``device`` defaults to the CPU) and implements ONE method::
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor: ...
+
+``X`` is an ``n x k`` tensor on ``self.device`` with ``self.torch_dtype``; the method
+returns the ``m x k`` product :math:`AX` on the same device and dtype and must not
+modify ``X`` in place (numpy inputs share memory with ``X`` on the CPU).  A
+non-symmetric subclass may also implement ``_rmatmat_torch`` (:math:`A^\\top X`) to
+have an adjoint.
+
+Public products keep the caller's array type (see :mod:`curvops._arrays`): numpy in,
+numpy out; torch in, torch out on the operator's device (a tensor on another device
+is refused); cupy in, cupy out through DLPack.  Inputs of another real dtype are cast
+to the operator's dtype and the output has the operator's dtype.
+
+Operators are immutable: shape, dtype, device and the structure flags are read-only,
+and the algebra (``+``, ``-``, scalar ``*``, ``@``, ``**``, :meth:`~CurvatureOperator.shift`,
+:meth:`~CurvatureOperator.damp`, :meth:`~CurvatureOperator.deflate`) builds new operators
+from :mod:`curvops.algebra`.
+
+>>> import numpy as np
+>>> from curvops.structured import Diagonal
+>>> D = Diagonal(np.array([1.0, 2.0, 3.0]))
+>>> D @ np.ones(3)
+array([1., 2., 3.])
+>>> S = -D.shift(-4.0)          # 4 I - D, tracked as a*D + b*I
+>>> S.affine_decomposition()[:2]
+(-1.0, 4.0)
+>>> S.to_base_values(np.array([1.0, 3.0]))
+array([3., 1.])
+"""
+
+from __future__ import annotations
+
+import numbers
+from abc import ABCMeta, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+
+from curvops._arrays import (
+    as_torch_device,
+    from_torch,
+    numpy_dtype,
+    to_torch,
+    torch_dtype_of,
+    transpose,
+)
+from spectral.errors import argument_error
+
+if TYPE_CHECKING:
+    from curvops.algebra import Projected
+
+__all__ = ["CurvatureOperator", "is_scalar"]
+
+
+def is_scalar(value: Any) -> bool:
+    """Return True for a real Python/numpy number (not bool, not an array).
+
+    >>> is_scalar(2.0), is_scalar(np.float32(1)), is_scalar(True), is_scalar(np.ones(1))
+    (True, True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
+    """A real matrix applied by torch on one device, usable wherever scipy wants a LinearOperator.
+
+    Parameters
+    ----------
+    shape:
+        ``(m, n)``; curvature matrices are square.
+    dtype:
+        numpy dtype of the operator (float16, float32 or float64); may be omitted when
+        ``torch_dtype`` is given.
+    device:
+        The torch device on which products run (default CPU).
+    torch_dtype:
+        torch dtype of the operator; derived from ``dtype`` when omitted.  When both are
+        given they must agree.
+    symmetric:
+        Whether :math:`A = A^\\top`.  Symmetric operators are their own transpose/adjoint.
+    psd:
+        Whether :math:`x^\\top A x \\ge 0` for all ``x`` (requires ``symmetric``).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad shape, unsupported or inconsistent dtypes, ``psd`` without ``symmetric``
+        or ``symmetric`` with a non-square shape.
+    """
+
+    def __init__(
+        self,
+        *,
+        shape: tuple[int, int],
+        dtype: Any = None,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        symmetric: bool = False,
+        psd: bool = False,
+    ) -> None:
+        try:
+            m, n = (int(s) for s in shape)
+            ok = m >= 0 and n >= 0 and all(int(s) == s for s in shape)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise argument_error("shape", "a pair of non-negative integers (m, n)", shape)
+        if dtype is None and torch_dtype is None:
+            raise argument_error("dtype", "a floating dtype (dtype or torch_dtype)", None)
+        t_dtype = torch_dtype_of(torch_dtype if torch_dtype is not None else dtype)
+        if dtype is not None and torch_dtype is not None and torch_dtype_of(dtype) != t_dtype:
+            raise argument_error(
+                "torch_dtype", f"the torch equivalent of dtype={np.dtype(dtype)}", torch_dtype
+            )
+        if symmetric and m != n:
+            raise argument_error("symmetric", "False for a non-square shape", symmetric)
+        if psd and not symmetric:
+            raise argument_error("psd", "False unless symmetric=True", psd)
+        self._shape = (m, n)
+        self._torch_dtype = t_dtype
+        self._dtype = numpy_dtype(t_dtype)
+        self._device = as_torch_device(device)
+        self._symmetric = bool(symmetric)
+        self._psd = bool(psd)
+        self.args: tuple[Any, ...] = ()
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)``."""
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """numpy dtype (declared, so scipy never probes the operator)."""
+        return self._dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """torch dtype in which products are computed."""
+        return self._torch_dtype
+
+    @property
+    def device(self) -> torch.device:
+        """torch device on which products are computed."""
+        return self._device
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether the operator is symmetric."""
+        return self._symmetric
+
+    @property
+    def psd(self) -> bool:
+        """Whether the operator is known to be positive semi-definite."""
+        return self._psd
+
+    # ------------------------------------------------------------------ the one method
+    @abstractmethod
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """Return ``A @ X`` for an ``n x k`` tensor on ``self.device`` with ``self.torch_dtype``."""
+
+    def _rmatmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """Return ``A^T @ X`` (``m x k`` in, ``n x k`` out); symmetric operators reuse ``A @ X``."""
+        if self._symmetric:
+            return self._matmat_torch(X)
+        raise NotImplementedError(
+            f"{type(self).__name__} is not symmetric and defines no adjoint product "
+            "(_rmatmat_torch)."
+        )
+
+    # ------------------------------------------------------------------ public products
+    def _prepare(self, x: Any, name: str) -> tuple[torch.Tensor, Any]:
+        return to_torch(x, device=self._device, dtype=self._torch_dtype, name=name)
+
+    def _check_result(self, Y: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        if tuple(Y.shape) != shape:
+            raise RuntimeError(
+                f"{type(self).__name__}._matmat_torch returned shape {tuple(Y.shape)}; "
+                f"expected {shape}."
+            )
+        return Y
+
+    def _apply(self, X: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
+        m, n = self._shape
+        if adjoint:
+            return self._check_result(self._rmatmat_torch(X), (n, X.shape[1]))
+        return self._check_result(self._matmat_torch(X), (m, X.shape[1]))
+
+    def _vector_product(self, x: Any, *, adjoint: bool) -> Any:
+        m, n = self._shape
+        if adjoint:
+            m, n = n, m
+        t, kind = self._prepare(x, "x")
+        if tuple(t.shape) not in ((n,), (n, 1)):
+            raise argument_error("x", f"an array of shape ({n},) or ({n}, 1)", x)
+        y = self._apply(t.reshape(n, 1), adjoint=adjoint)
+        y = y.reshape(m) if t.ndim == 1 else y.reshape(m, 1)
+        return from_torch(y, kind, like=x)
+
+    def _matrix_product(self, X: Any, *, adjoint: bool) -> Any:
+        m, n = self._shape
+        if adjoint:
+            m, n = n, m
+        t, kind = self._prepare(X, "X")
+        if t.ndim != 2 or t.shape[0] != n:
+            raise argument_error("X", f"a 2-D array with {n} rows", X)
+        return from_torch(self._apply(t, adjoint=adjoint), kind, like=X)
+
+    def matvec(self, x: Any) -> Any:
+        """Return :math:`Ax` for ``x`` of shape ``(n,)`` or ``(n, 1)``, in ``x``'s array type."""
+        return self._vector_product(x, adjoint=False)
+
+    def rmatvec(self, x: Any) -> Any:
+        """Return :math:`A^\\top x` for ``x`` of shape ``(m,)`` or ``(m, 1)``."""
+        return self._vector_product(x, adjoint=True)
+
+    def matmat(self, X: Any) -> Any:
+        """Return :math:`AX` for ``X`` of shape ``(n, k)`` in ``X``'s array type (one product)."""
+        return self._matrix_product(X, adjoint=False)
+
+    def rmatmat(self, X: Any) -> Any:
+        """Return :math:`A^\\top X` for ``X`` of shape ``(m, k)``."""
+        return self._matrix_product(X, adjoint=True)
+
+    # scipy's private hooks (numpy in, numpy out) route through the same code.
+    def _matvec(self, x: Any) -> Any:
+        return self.matvec(x)
+
+    def _matmat(self, X: Any) -> Any:
+        return self.matmat(X)
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self.rmatvec(x)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.rmatmat(X)
+
+    def dot(self, x: Any) -> Any:
+        """``A @ x`` for an array (1-D or 2-D), a scalar (scaling) or an operator (product)."""
+        if isinstance(x, CurvatureOperator):
+            from curvops.algebra import product
+
+            return product(self, x)
+        if isinstance(x, sla.LinearOperator):
+            raise argument_error(
+                "x",
+                "a CurvatureOperator (wrap other matrices in curvops.Dense)",
+                x,
+                kind=TypeError,
+            )
+        if is_scalar(x):
+            from curvops.algebra import scale
+
+            return scale(self, float(x))
+        ndim = getattr(x, "ndim", None)
+        if ndim is None:
+            ndim = np.ndim(x)
+        if ndim == 1:
+            return self.matvec(x)
+        if ndim == 2:
+            return self.matmat(x)
+        raise argument_error("x", "a 1-D or 2-D array", x)
+
+    def _rdot(self, x: Any) -> Any:
+        """``x @ A`` for an array: :math:`(A^\\top x^\\top)^\\top`."""
+        if getattr(x, "ndim", np.ndim(x)) == 1:
+            return self.rmatvec(x)
+        return transpose(self.rmatmat(transpose(x)))
+
+    def __matmul__(self, other: Any) -> Any:
+        if is_scalar(other):
+            raise argument_error("other", "an array or operator (use * for scalars)", other)
+        return self.dot(other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if is_scalar(other):
+            raise argument_error("other", "an array or operator (use * for scalars)", other)
+        return self._rdot(other)
+
+    def __call__(self, x: Any) -> Any:
+        return self @ x
+
+    def __mul__(self, other: Any) -> Any:
+        return self.dot(other)
+
+    def __rmul__(self, other: Any) -> Any:
+        if is_scalar(other):
+            from curvops.algebra import scale
+
+            return scale(self, float(other))
+        return self._rdot(other)
+
+    def __truediv__(self, other: Any) -> CurvatureOperator:
+        if not is_scalar(other) or other == 0:
+            raise argument_error("other", "a non-zero real scalar", other, kind=TypeError)
+        from curvops.algebra import scale
+
+        return scale(self, 1.0 / float(other))
+
+    def __neg__(self) -> CurvatureOperator:
+        from curvops.algebra import scale
+
+        return scale(self, -1.0)
+
+    def __add__(self, other: Any) -> CurvatureOperator:
+        if not isinstance(other, CurvatureOperator):
+            raise argument_error(
+                "other",
+                "a CurvatureOperator (use A.shift(mu) to add mu * I)",
+                other,
+                kind=TypeError,
+            )
+        from curvops.algebra import add
+
+        return add(self, other)
+
+    def __sub__(self, other: Any) -> CurvatureOperator:
+        if not isinstance(other, CurvatureOperator):
+            raise argument_error(
+                "other",
+                "a CurvatureOperator (use A.shift(-mu) to subtract mu * I)",
+                other,
+                kind=TypeError,
+            )
+        from curvops.algebra import add, scale
+
+        return add(self, scale(other, -1.0))
+
+    def __pow__(self, k: Any) -> CurvatureOperator:
+        from curvops.algebra import power
+
+        return power(self, k)
+
+    # ------------------------------------------------------------------ adjoint / transpose
+    def adjoint(self) -> CurvatureOperator:
+        """:math:`A^\\top` (real operators): ``self`` when symmetric, else an Adjoint view."""
+        if self._symmetric:
+            return self
+        from curvops.algebra import Adjoint
+
+        return Adjoint(self)
+
+    def transpose(self) -> CurvatureOperator:
+        """Same as :meth:`adjoint` (operators are real)."""
+        return self.adjoint()
+
+    @property
+    def H(self) -> CurvatureOperator:
+        """:meth:`adjoint` (dispatching to a subclass's own ``adjoint``)."""
+        return self.adjoint()
+
+    @property
+    def T(self) -> CurvatureOperator:
+        """:meth:`transpose`."""
+        return self.adjoint()
+
+    def _adjoint(self) -> CurvatureOperator:
+        return self.adjoint()
+
+    def _transpose(self) -> CurvatureOperator:
+        return self.adjoint()
+
+    # ------------------------------------------------------------------ algebra shortcuts
+    def shift(self, mu: float) -> CurvatureOperator:
+        """:math:`A + \\mu I` (square operators); tracked by :meth:`affine_decomposition`."""
+        from curvops.algebra import shift
+
+        return shift(self, mu)
+
+    def damp(self, delta: float) -> CurvatureOperator:
+        """:math:`A + \\delta I` with :math:`\\delta \\ge 0` (damping); keeps psd."""
+        if not is_scalar(delta) or not np.isfinite(delta) or delta < 0:
+            raise argument_error("delta", "a finite real number >= 0", delta)
+        return self.shift(float(delta))
+
+    def deflate(self, V: Any, *, tol: float | None = None) -> Projected:
+        """:math:`(I - VV^\\top) A (I - VV^\\top)` for ``V`` (``n x r``), orthonormal columns."""
+        from curvops.algebra import Projected
+
+        return Projected(self, V, tol=tol)
+
+    def affine_decomposition(self) -> tuple[float, float, CurvatureOperator]:
+        """Return ``(a, b, base)`` with ``self == a * base + b * I`` (default ``(1, 0, self)``)."""
+        return 1.0, 0.0, self
+
+    def to_base_values(self, values: Any) -> Any:
+        """Map eigen/Ritz values of ``self`` to those of the base: :math:`(\\lambda - b)/a`.
+
+        Exact for Ritz values (Theorem 1: the Krylov space of :math:`aB + bI` is that
+        of :math:`B`).  With ``a < 0`` the order reverses.  Keeps numpy/torch/float type.
+
+        Raises
+        ------
+        ValueError
+            If the scale ``a`` is zero (the base cannot be recovered).
+        """
+        a, b, _ = self.affine_decomposition()
+        if a == 0:
+            raise argument_error("self", "an operator with non-zero scale a", self)
+        if isinstance(values, torch.Tensor):
+            return (values - b) / a
+        if is_scalar(values):
+            return (float(values) - b) / a
+        return (np.asarray(values, dtype=np.float64) - b) / a
+
+    # ------------------------------------------------------------------ helpers
+    def template_vector(self) -> torch.Tensor:
+        """A zero vector of length ``n`` on the operator's device and dtype (spectral protocol).
+
+        >>> from curvops.structured import Identity
+        >>> Identity(2).template_vector()
+        tensor([0., 0.], dtype=torch.float64)
+        """
+        return torch.zeros(self._shape[1], device=self._device, dtype=self._torch_dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``m x n`` matrix as a torch tensor (``n`` products; for tests and small sizes)."""
+        eye = torch.eye(self._shape[1], device=self._device, dtype=self._torch_dtype)
+        return self._apply(eye)
+
+    def __repr__(self) -> str:
+        m, n = self._shape
+        flags = [f for f, on in (("symmetric", self._symmetric), ("psd", self._psd)) if on]
+        extra = f", {', '.join(flags)}" if flags else ""
+        return f"<{m}x{n} {type(self).__name__} with dtype={self._dtype} on {self._device}{extra}>"

@@ -1,0 +1,162 @@
+"""Pure per-batch curvature products (no data looping, no weighting, no state).
+
+Vectors are lists of tensors shaped like the parameters with a leading column axis
+``k`` (``(k, *p.shape)``).  ``loss_of`` / ``forward`` are functions of the list of
+parameter tensors (built with :func:`curvops._model_state.functional_forward`).
+
+**Hessian** :math:`H = \\nabla^2_w L_b`: double backward.  :func:`hessian_linearization`
+computes the gradient once with ``create_graph=True``; each column then costs one
+backward pass through that graph, :math:`Hv = \\nabla_w (\\nabla_w L_b^\\top v)`.  Measured
+on CPU for a 123k-parameter CNN with BatchNorm (batch 64, one thread, gradient time
+= 1): double backward 2.8, forward-over-reverse (``torch.func.jvp`` of ``grad``) 3.6,
+a cached gradient graph 1.9 per product, ``is_grads_batched``/``vmap`` over 8
+columns 3.5 per column.  So products use double backward, a matmat shares the
+forward and gradient graph between its columns, and single-batch operators keep the
+graph between products.
+
+**GGN** :math:`G = J^\\top \\nabla^2_f L_b\\, J` and every other ``J^T Q J`` form
+(Fisher): one forward pass with dual numbers gives the outputs (with their
+reverse-mode graph) and :math:`Jv` together, then one backward pass applies
+:math:`J^\\top`.  Measured 1.55 gradient-times per product, against 2.4 for a cached
+double-vjp and 3.4 per column for ``vmap`` of ``torch.func.jvp``/``vjp``.
+
+>>> import torch
+>>> w = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+>>> lin = hessian_linearization(lambda t: (t[0] ** 3).sum(), w)
+>>> lin.apply([torch.eye(2, dtype=torch.float64)])[0]   # diag(6 w)
+tensor([[ 6.,  0.],
+        [ 0., 12.]], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+__all__ = [
+    "HessianLinearization",
+    "OutputCurvature",
+    "hessian_linearization",
+    "hessian_matmat",
+    "jacobian_sandwich_matmat",
+]
+
+#: ``make(outputs) -> apply``; ``apply(U)`` maps ``(k, *outputs.shape)`` to the same shape.
+OutputCurvature = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _leaves(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().requires_grad_(True) for p in params]
+
+
+@dataclass
+class HessianLinearization:
+    """The gradient graph of one batch; :meth:`apply` costs one backward per column.
+
+    Attributes
+    ----------
+    loss:
+        The batch loss (detached).
+    grad:
+        The gradient :math:`\\nabla_w L_b` (detached list).
+    """
+
+    loss: torch.Tensor
+    grad: list[torch.Tensor]
+    _leaves: list[torch.Tensor]
+    _graph_grads: list[torch.Tensor]
+    _active: list[int]
+
+    def apply(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return :math:`H V` for ``V`` as a list of ``(k, *shape)`` tensors."""
+        k = V[0].shape[0]
+        if not self._active:
+            return [torch.zeros_like(v) for v in V]
+        outs = [self._graph_grads[i] for i in self._active]
+        cols = []
+        for j in range(k):
+            cols.append(
+                torch.autograd.grad(
+                    outs,
+                    self._leaves,
+                    [V[i][j] for i in self._active],
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            )
+        return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+
+
+def hessian_linearization(
+    loss_of: Callable[[list[torch.Tensor]], torch.Tensor], params: Sequence[torch.Tensor]
+) -> HessianLinearization:
+    """Build the gradient graph of ``loss_of(params)`` for repeated Hessian products.
+
+    Raises
+    ------
+    ValueError
+        If ``loss_of`` does not return a scalar.
+    """
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        loss = loss_of(leaves)
+        if loss.ndim != 0:
+            raise ValueError(
+                f"Argument 'loss_fn': expected a scalar loss (reduction='mean'); "
+                f"received a tensor of shape {tuple(loss.shape)}."
+            )
+        grads = torch.autograd.grad(
+            loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+    active = [i for i, g in enumerate(grads) if g.requires_grad]
+    return HessianLinearization(
+        loss.detach(), [g.detach() for g in grads], leaves, list(grads), active
+    )
+
+
+def hessian_matmat(
+    loss_of: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    V: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """:math:`\\nabla^2_w L(w)\\, V` by double backward (graph shared by the columns)."""
+    return hessian_linearization(loss_of, params).apply(V)
+
+
+def jacobian_sandwich_matmat(
+    forward: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    V: Sequence[torch.Tensor],
+    output_curvature: OutputCurvature,
+) -> list[torch.Tensor]:
+    """:math:`J^\\top Q J\\, V` with :math:`J = \\partial f/\\partial w` and ``Q`` built from the outputs.
+
+    Each column: one forward pass with dual numbers (outputs and :math:`Jv` at once),
+    ``Q`` applied in output space, one backward pass for :math:`J^\\top`.  ``Q`` is
+    built once (from the first column's outputs, which are the same for all).
+    """
+    leaves = _leaves(params)
+    k = V[0].shape[0]
+    apply_q: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cols: list[tuple[torch.Tensor, ...]] = []
+    for j in range(k):
+        with torch.enable_grad(), fwAD.dual_level():
+            duals = [fwAD.make_dual(leaf, v[j]) for leaf, v in zip(leaves, V)]
+            out = forward(duals)
+            primal, tangent = fwAD.unpack_dual(out)
+        if tangent is None:
+            tangent = torch.zeros_like(primal)
+        if apply_q is None:
+            apply_q = output_curvature(primal.detach())
+        u = apply_q(tangent.detach().unsqueeze(0))[0]
+        if not primal.requires_grad:
+            cols.append(tuple(torch.zeros_like(leaf) for leaf in leaves))
+            continue
+        cols.append(
+            torch.autograd.grad(primal, leaves, u, allow_unused=True, materialize_grads=True)
+        )
+    return [torch.stack([c[i] for c in cols]) for i in range(len(V))]

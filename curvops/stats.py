@@ -1,0 +1,310 @@
+"""The paper's loss statistics over minibatches: gradient and curvature moments, norms.
+
+Let the data be split into minibatches :math:`i = 1..m` of sizes :math:`N_i` (the
+batches of ``data``, each cut into pieces of ``batch_size`` when given), with
+weights :math:`w_i = N_i / N`, mean losses :math:`L_i`, gradients :math:`g_i` and
+curvature matrices :math:`C_i` (Hessian or GGN of :math:`L_i`).  With
+:math:`\\bar g = \\sum_i w_i g_i`, :math:`\\bar C = \\sum_i w_i C_i` (the full-data gradient
+and curvature) and a unit direction :math:`z` (random, or e.g. a top eigenvector):
+
+================== =====================================================================
+``loss_mean``       :math:`\\sum_i w_i L_i`
+``loss_var``        :math:`\\sum_i w_i (L_i - \\text{loss\\_mean})^2`
+``grad_mean_norm_sq`` :math:`\\|\\bar g\\|^2`
+``grad_var``        :math:`\\sum_i w_i \\|g_i - \\bar g\\|^2 = \\sum_i w_i\\|g_i\\|^2 - \\|\\bar g\\|^2` (trace of the gradient covariance)
+``hess_mean_norm_sq`` :math:`\\|\\bar C z\\|^2`
+``hess_var``        :math:`\\sum_i w_i \\|C_i z\\|^2 - \\|\\bar C z\\|^2 = z^\\top \\Sigma z`, :math:`\\Sigma = \\sum_i w_i C_i^2 - \\bar C^2`
+``hess_mu``         :math:`\\mu = z^\\top \\bar C z` (Rayleigh quotient)
+``delta``           :math:`\\|\\bar C z - \\mu z\\|^2` (zero iff :math:`z` is an eigenvector)
+``alpha``           :math:`\\sqrt{\\text{hess\\_var}} / |\\mu|`
+================== =====================================================================
+
+Following Wu et al. (2018, "How SGD selects the global minima"), :math:`\\mu` plays
+the role of the *sharpness* :math:`a = \\lambda_{\\max}(\\bar C)` and
+:math:`\\sqrt{z^\\top \\Sigma z}` that of the *non-uniformity* :math:`s = \\lambda_{\\max}(\\Sigma)^{1/2}`
+along :math:`z` (both exact when :math:`z` is the top eigenvector of :math:`\\bar C`
+and of :math:`\\Sigma`); ``alpha`` is their ratio :math:`s/a`, the quantity that, with
+the learning rate and batch size, decides linear stability of SGD at a minimum.
+Also: a Hutchinson estimate of :math:`\\|\\bar C\\|_F^2 = \\mathbb{E}\\|\\bar C r\\|^2` (Rademacher
+:math:`r`) and weight norms.
+
+>>> import torch
+>>> net = torch.nn.Linear(2, 1).double()
+>>> data = (torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+>>> s = loss_stats(net, torch.nn.MSELoss(), data, batch_size=4, num_probes=2)
+>>> s.num_batches, s.num_samples
+(2, 8)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
+from curvops.curvature import ModelCurvatureOperator
+from curvops.data import Batch, as_data, batch_size_of, move_to
+from curvops.ggn import GGNOperator
+from curvops.hessian import HessianOperator
+from curvops.losses import LossFn, check_loss, output_hessian_matmat
+from curvops.params import select_params
+from curvops.products import hessian_linearization, jacobian_sandwich_matmat
+from spectral.errors import NumericalError, argument_error
+
+__all__ = [
+    "LossStats",
+    "hutchinson_frobenius_sq",
+    "layer_weight_norms",
+    "loss_stats",
+    "minibatches",
+    "weight_norms",
+]
+
+
+@dataclass
+class LossStats:
+    """The statistics of :func:`loss_stats` (floats; see the module docstring)."""
+
+    loss_mean: float
+    loss_var: float
+    grad_mean_norm_sq: float
+    grad_var: float
+    hess_mean_norm_sq: float
+    hess_var: float
+    hess_mu: float
+    delta: float
+    alpha: float
+    frobenius_norm_sq: float
+    frobenius_norm_sq_stderr: float
+    weight_norm_l2: float
+    weight_norm_linf: float
+    num_batches: int
+    num_samples: int
+    curvature: str
+    layer_norms: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dictionary (``layer_norms`` included)."""
+        return asdict(self)
+
+
+def _slice(value: Any, start: int, stop: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[start:stop]
+    if isinstance(value, dict):
+        return {k: _slice(v, start, stop) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice(v, start, stop) for v in value)
+    return value
+
+
+def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
+    """The batches of ``data``, each cut into consecutive pieces of ``batch_size``.
+
+    >>> [b.size for b in minibatches((torch.zeros(5, 1), torch.zeros(5)), 2)]
+    [2, 2, 1]
+    """
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise argument_error("batch_size", "None or an integer >= 1", batch_size)
+    index = 0
+    for batch in as_data(data):
+        step = batch.size if batch_size is None else batch_size
+        for start in range(0, batch.size, step):
+            stop = min(start + step, batch.size)
+            inputs = _slice(batch.inputs, start, stop)
+            yield Batch(inputs, batch.targets[start:stop], batch_size_of(inputs), index)
+            index += 1
+
+
+def weight_norms(model: nn.Module, params: Any = None) -> tuple[float, float]:
+    """:math:`(\\|w\\|_2, \\|w\\|_\\infty)` over the selected parameters.
+
+    >>> lin = torch.nn.Linear(1, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.fill_(-3.0)
+    >>> weight_norms(lin)
+    (3.0, 3.0)
+    """
+    named = select_params(model, params)
+    sq = sum(float(p.detach().double().pow(2).sum()) for _, p in named)
+    linf = max(float(p.detach().abs().max()) if p.numel() else 0.0 for _, p in named)
+    return math.sqrt(sq), linf
+
+
+def layer_weight_norms(model: nn.Module, params: Any = None) -> dict[str, tuple[float, float]]:
+    """Per parameter tensor ``name -> (L2 norm, Linf norm)``."""
+    return {
+        n: (float(p.detach().double().norm()), float(p.detach().abs().max()) if p.numel() else 0.0)
+        for n, p in select_params(model, params)
+    }
+
+
+def hutchinson_frobenius_sq(
+    operator: Any, *, num_probes: int = 10, seed: int = 0
+) -> tuple[float, float]:
+    """Hutchinson estimate of :math:`\\|A\\|_F^2 = \\mathbb{E}_r \\|A r\\|^2` with Rademacher probes.
+
+    Returns ``(estimate, standard error)``; probes come from ``numpy.random.default_rng(seed)``
+    and are applied in one ``matmat``.
+
+    >>> from curvops.structured import Diagonal
+    >>> hutchinson_frobenius_sq(Diagonal(np.array([1.0, 2.0])), num_probes=3)[0]
+    5.0
+    """
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise argument_error("num_probes", "an integer >= 1", num_probes)
+    n = operator.shape[1]
+    rng = np.random.default_rng(seed)
+    R = rng.choice(np.array([-1.0, 1.0]), size=(n, num_probes)).astype(operator.dtype)
+    AR = np.asarray(operator.matmat(R), dtype=np.float64)
+    samples = (AR**2).sum(axis=0)
+    stderr = float(samples.std(ddof=1) / math.sqrt(num_probes)) if num_probes > 1 else math.nan
+    return float(samples.mean()), stderr
+
+
+def loss_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    batch_size: int | None = None,
+    curvature: str = "hessian",
+    z: Any = None,
+    seed: int = 0,
+    num_probes: int = 10,
+    params: Any = None,
+    bn_mode: str | None = None,
+) -> LossStats:
+    """Compute the statistics of the module docstring over the minibatches of ``data``.
+
+    Parameters
+    ----------
+    batch_size:
+        Cut every batch of ``data`` into minibatches of this size (None: use them as is).
+    curvature:
+        ``"hessian"`` or ``"ggn"`` (the ``hess_*`` fields then describe the GGN).
+    z:
+        Direction (length P, numpy or torch), normalised here; default a Gaussian
+        direction from ``seed``.
+    num_probes:
+        Rademacher probes of the Frobenius estimate (``0`` skips it: NaN).
+
+    Raises
+    ------
+    ValueError
+        Bad arguments (a zero ``z``, unknown ``curvature``, ...).
+    spectral.errors.NumericalError
+        Non-finite loss, gradient or product (names the minibatch).
+    """
+    if curvature not in ("hessian", "ggn"):
+        raise argument_error("curvature", "'hessian' or 'ggn'", curvature)
+    check_loss(loss_fn)
+    check_bn_mode(bn_mode)
+    named = select_params(model, params)
+    names = [n for n, _ in named]
+    device, dtype = named[0][1].device, named[0][1].dtype
+    P = sum(p.numel() for _, p in named)
+    if z is None:
+        zv = torch.as_tensor(np.random.default_rng(seed).standard_normal(P))
+    else:
+        zv = torch.as_tensor(np.asarray(z) if not isinstance(z, torch.Tensor) else z)
+        if zv.shape != (P,):
+            raise argument_error("z", f"a vector of length {P}", z)
+    zv = zv.to(device=device, dtype=torch.float64)
+    znorm = float(zv.norm())
+    if not znorm > 0 or not math.isfinite(znorm):
+        raise argument_error("z", "a non-zero finite vector", z)
+    zv = zv / znorm
+    z_parts, start = [], 0
+    for _, p in named:
+        z_parts.append(zv[start : start + p.numel()].reshape(1, *p.shape).to(dtype))
+        start += p.numel()
+
+    sums = {"w": 0.0, "L": 0.0, "L2": 0.0, "g2": 0.0, "Cz2": 0.0}
+    gbar = torch.zeros(P, dtype=torch.float64, device=device)
+    czbar = torch.zeros(P, dtype=torch.float64, device=device)
+    kept: list[tuple[Any, torch.Tensor]] = []
+    num_batches = 0
+    with curvature_mode(model, bn_mode):
+        for batch in minibatches(data, batch_size):
+            num_batches += 1
+            if batch_size is not None and num_probes:
+                kept.append((batch.inputs, batch.targets))
+            inputs = move_to(batch.inputs, device, dtype)
+            targets = move_to(batch.targets, device, dtype)
+            params0 = [p.detach() for _, p in named]
+
+            def forward(tensors: list[torch.Tensor], inputs: Any = inputs) -> torch.Tensor:
+                return functional_forward(model, names, tensors, inputs)
+
+            def loss_of(tensors: list[torch.Tensor], targets: Any = targets) -> torch.Tensor:
+                return loss_fn(forward(tensors), targets)
+
+            lin = hessian_linearization(loss_of, params0)
+            if curvature == "hessian":
+                cz = lin.apply(z_parts)
+            else:
+
+                def q(out: torch.Tensor, targets: Any = targets) -> Any:
+                    return lambda U: output_hessian_matmat(loss_fn, out, targets, U)
+
+                cz = jacobian_sandwich_matmat(forward, params0, z_parts, q)
+            g = torch.cat([t.reshape(-1) for t in lin.grad]).double()
+            czv = torch.cat([t.reshape(-1) for t in cz]).double()
+            loss = float(lin.loss)
+            if not (math.isfinite(loss) and bool(torch.isfinite(g).all())) or not bool(
+                torch.isfinite(czv).all()
+            ):
+                raise NumericalError(f"loss_stats: non-finite values in minibatch {batch.index}.")
+            w = float(batch.size)
+            sums["w"] += w
+            sums["L"] += w * loss
+            sums["L2"] += w * loss * loss
+            sums["g2"] += w * float(g @ g)
+            sums["Cz2"] += w * float(czv @ czv)
+            gbar += w * g
+            czbar += w * czv
+    N = sums["w"]
+    gbar /= N
+    czbar /= N
+    loss_mean = sums["L"] / N
+    mu = float(zv @ czbar)
+    hess_mean_norm_sq = float(czbar @ czbar)
+    hess_var = sums["Cz2"] / N - hess_mean_norm_sq
+    residual = czbar - mu * zv
+    l2, linf = weight_norms(model, params)
+    if num_probes:
+        op: ModelCurvatureOperator
+        cls = HessianOperator if curvature == "hessian" else GGNOperator
+        stream = data if batch_size is None else kept
+        op = cls(model, loss_fn, stream, params=names, bn_mode=bn_mode)
+        fro, fro_err = hutchinson_frobenius_sq(op, num_probes=num_probes, seed=seed)
+    else:
+        fro, fro_err = math.nan, math.nan
+    return LossStats(
+        loss_mean=loss_mean,
+        loss_var=sums["L2"] / N - loss_mean**2,
+        grad_mean_norm_sq=float(gbar @ gbar),
+        grad_var=sums["g2"] / N - float(gbar @ gbar),
+        hess_mean_norm_sq=hess_mean_norm_sq,
+        hess_var=hess_var,
+        hess_mu=mu,
+        delta=float(residual @ residual),
+        alpha=math.sqrt(max(hess_var, 0.0)) / abs(mu) if mu != 0 else math.inf,
+        frobenius_norm_sq=fro,
+        frobenius_norm_sq_stderr=fro_err,
+        weight_norm_l2=l2,
+        weight_norm_linf=linf,
+        num_batches=num_batches,
+        num_samples=int(N),
+        curvature=curvature,
+        layer_norms=layer_weight_norms(model, params),
+    )

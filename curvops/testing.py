@@ -1,0 +1,306 @@
+"""Dense float64 references and the operator contract every curvops operator passes.
+
+The references are computed independently of :mod:`curvops.products`: with
+``torch.autograd.functional.hessian`` of the loss as a function of the flat
+parameter vector (``torch.func.hessian`` and ``jacrev(jacrev)`` return wrong second
+derivatives through BatchNorm in training mode in torch 2.13), and with ``torch.func.jacrev`` Jacobians for the GGN and Fisher,
+on a float64 copy of the model (the original is never touched).  Batches are
+weighted by their sizes exactly as the operators do, :math:`A = \\frac{1}{N}\\sum_b N_b A_b`.
+They cost :math:`O(P)` products and :math:`O(P^2)` memory: for tests on tiny models.
+
+>>> import torch
+>>> net = torch.nn.Linear(2, 1).double()
+>>> x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+>>> H = dense_hessian(net, torch.nn.MSELoss(), (x, y))
+>>> bool(torch.allclose(H, dense_ggn(net, torch.nn.MSELoss(), (x, y))))   # linear model
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
+from curvops.data import as_data, move_to
+from curvops.losses import (
+    LossFn,
+    batch_generator,
+    check_loss,
+    loss_kind,
+    nll_scale,
+    per_sample_nll_values,
+    sample_targets,
+)
+from curvops.params import select_params
+from spectral.errors import argument_error
+
+__all__ = [
+    "check_operator_contract",
+    "dense_fisher",
+    "dense_ggn",
+    "dense_hessian",
+]
+
+_BatchFn = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, Any, torch.Tensor, int], torch.Tensor]
+
+
+def _dense(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    params: Any,
+    bn_mode: str | None,
+    per_batch: _BatchFn,
+) -> torch.Tensor:
+    check_loss(loss_fn)
+    check_bn_mode(bn_mode)
+    names = [n for n, _ in select_params(model, params)]
+    model64 = copy.deepcopy(model).to(torch.float64)
+    by_name = dict(model64.named_parameters())
+    w0 = torch.cat([by_name[n].detach().reshape(-1) for n in names])
+    shapes = [by_name[n].shape for n in names]
+    device = w0.device
+
+    def split(w: torch.Tensor) -> list[torch.Tensor]:
+        out, start = [], 0
+        for s in shapes:
+            out.append(w[start : start + s.numel()].reshape(s))
+            start += s.numel()
+        return out
+
+    stream = as_data(data)
+    total = torch.zeros(w0.numel(), w0.numel(), dtype=torch.float64, device=device)
+    count = 0
+    with curvature_mode(model64, bn_mode):
+        for batch in stream:
+            inputs = move_to(batch.inputs, device, torch.float64)
+            targets = move_to(batch.targets, device, torch.float64)
+
+            def forward(w: torch.Tensor, inputs: Any = inputs) -> torch.Tensor:
+                return functional_forward(model64, names, split(w), inputs)
+
+            total += batch.size * per_batch(forward, w0, loss_fn, targets, batch.index)
+            count += batch.size
+    return total / count
+
+
+def dense_hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    params: Any = None,
+    bn_mode: str | None = None,
+) -> torch.Tensor:
+    """Dense float64 Hessian :math:`\\frac{1}{N}\\sum_b N_b \\nabla^2_w L_b` (``P x P`` tensor)."""
+
+    def per_batch(
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        w0: torch.Tensor,
+        loss_fn: LossFn,
+        targets: torch.Tensor,
+        index: int,
+    ) -> torch.Tensor:
+        # torch.autograd.functional.hessian (row by row): torch.func.hessian and
+        # jacrev(jacrev) give wrong second derivatives through BatchNorm in training
+        # mode (torch 2.13; first derivatives are right).
+        H = torch.autograd.functional.hessian(lambda w: loss_fn(forward(w), targets), w0)
+        return H  # type: ignore[no-any-return]
+
+    return _dense(model, loss_fn, data, params, bn_mode, per_batch)
+
+
+def dense_ggn(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    params: Any = None,
+    bn_mode: str | None = None,
+) -> torch.Tensor:
+    """Dense float64 GGN :math:`\\frac{1}{N}\\sum_b N_b J_b^\\top \\nabla^2_f L_b J_b`."""
+
+    def per_batch(
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        w0: torch.Tensor,
+        loss_fn: LossFn,
+        targets: torch.Tensor,
+        index: int,
+    ) -> torch.Tensor:
+        out = forward(w0).detach()
+        J = torch.func.jacrev(forward)(w0).reshape(out.numel(), -1)
+        HL = torch.func.hessian(lambda o: loss_fn(o, targets))(out)
+        HL = HL.reshape(out.numel(), out.numel())
+        return J.T @ HL @ J
+
+    return _dense(model, loss_fn, data, params, bn_mode, per_batch)
+
+
+def dense_fisher(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    kind: str = "mc",
+    mc_samples: int = 1,
+    seed: int = 0,
+    params: Any = None,
+    bn_mode: str | None = None,
+) -> torch.Tensor:
+    """Dense float64 Fisher :math:`\\frac{c}{N M}\\sum_{n,m} \\nabla_w \\mathrm{NLL}_{nm} \\nabla_w \\mathrm{NLL}_{nm}^\\top`.
+
+    Per-sample gradients are rows of ``jacrev`` of the vector of per-sample NLLs, at
+    the targets sampled exactly as :class:`curvops.FisherOperator` samples them
+    (``kind="mc"``) or at the true targets (``kind="empirical"``, ``M = 1``).
+    """
+    if kind not in ("mc", "empirical"):
+        raise argument_error("kind", "'mc' or 'empirical'", kind)
+
+    def per_batch(
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        w0: torch.Tensor,
+        loss_fn: LossFn,
+        targets: torch.Tensor,
+        index: int,
+    ) -> torch.Tensor:
+        out = forward(w0).detach()
+        c = nll_scale(loss_kind(loss_fn, out, targets), out)
+        if kind == "mc":
+            draws = sample_targets(loss_fn, out, targets, mc_samples, batch_generator(seed, index))
+        else:
+            draws = targets.unsqueeze(0)
+        total = torch.zeros(w0.numel(), w0.numel(), dtype=torch.float64, device=w0.device)
+        for t in draws:
+            G = torch.func.jacrev(lambda w, t=t: per_sample_nll_values(loss_fn, forward(w), t))(w0)
+            total += G.T @ G
+        return total * (c / (out.shape[0] * draws.shape[0]))
+
+    return _dense(model, loss_fn, data, params, bn_mode, per_batch)
+
+
+def _fail(what: str, err: float, tol: float) -> None:
+    raise AssertionError(f"operator contract: {what} (error {err:.3e} > tolerance {tol:.3e})")
+
+
+def _check_close(what: str, got: Any, want: np.ndarray, tol: float) -> None:
+    if isinstance(got, torch.Tensor):
+        got = got.detach().cpu().numpy()
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"operator contract: {what}: shape {got.shape} != {want.shape}")
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    if not err <= tol:
+        _fail(what, err, tol)
+
+
+def check_operator_contract(
+    op: Any,
+    dense: Any,
+    *,
+    rtol: float | None = None,
+    seed: int = 0,
+    num_columns: int = 3,
+) -> None:
+    """Check a curvops operator against its dense matrix; raise ``AssertionError`` on failure.
+
+    Checks: shape and declared dtype; numpy matvec/matmat against ``dense``; matvec
+    of each column against matmat; the torch path (tensor in, tensor out on the
+    operator's device, same values); the dot test :math:`y^\\top(Ax) = (A^\\top y)^\\top x`;
+    ``.T``/``.H``/``adjoint()`` returning the operator when symmetric and ``rmatvec``
+    agreeing with ``matvec``; ``template_vector()``; the psd flag against the
+    spectrum; and the algebra (``2*A``, ``A + A``, ``A - A/2``, ``-A``, ``shift``,
+    ``damp``, ``A @ A``, ``A ** 2``, deflation) against the dense matrix.
+
+    Tolerances are :math:`\\mathrm{rtol}\\,\\|A\\|_2\\,\\|x\\|` (squared norms for
+    products), ``rtol`` defaulting to :math:`10^{3} n\\,\\epsilon` of the operator dtype.
+
+    >>> import numpy as np
+    >>> from curvops.structured import Dense
+    >>> M = np.array([[2.0, 1.0], [1.0, 3.0]])
+    >>> check_operator_contract(Dense(M), M)
+    """
+    A = dense.detach().cpu().numpy() if isinstance(dense, torch.Tensor) else np.asarray(dense)
+    A = np.asarray(A, dtype=np.float64)
+    n = A.shape[0]
+    if tuple(op.shape) != A.shape:
+        raise AssertionError(f"operator contract: shape {op.shape} != dense {A.shape}")
+    if op.dtype is None or np.dtype(op.dtype) != np.dtype(str(op.torch_dtype).split(".")[-1]):
+        raise AssertionError(f"operator contract: declared dtype {op.dtype} / {op.torch_dtype}")
+    eps = float(np.finfo(np.dtype(op.dtype)).eps)
+    rtol = 1e3 * max(n, 1) * eps if rtol is None else rtol
+    norm = max(float(np.linalg.norm(A, 2)) if n else 0.0, 1e-300)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n)
+    X = rng.standard_normal((n, num_columns))
+    tol_x = rtol * norm * float(np.linalg.norm(x))
+    tol_X = rtol * norm * float(np.linalg.norm(X))
+    dtype = np.dtype(op.dtype)
+
+    y = op.matvec(x.astype(dtype))
+    if not isinstance(y, np.ndarray):
+        raise AssertionError(f"operator contract: numpy matvec returned {type(y)}")
+    _check_close("matvec vs dense", y, A @ x, tol_x)
+    _check_close("@ vs dense", op @ x.astype(dtype), A @ x, tol_x)
+    Y = op.matmat(X.astype(dtype))
+    _check_close("matmat vs dense", Y, A @ X, tol_X)
+    for j in range(num_columns):
+        _check_close(f"matvec of column {j} vs matmat", op.matvec(X[:, j].astype(dtype)), Y[:, j], tol_X)
+
+    xt = torch.as_tensor(x, dtype=op.torch_dtype, device=op.device)
+    yt = op.matvec(xt)
+    if not isinstance(yt, torch.Tensor) or yt.device != op.device or yt.dtype != op.torch_dtype:
+        raise AssertionError("operator contract: torch matvec must return a tensor on the device")
+    _check_close("torch matvec vs numpy matvec", yt, np.asarray(y, dtype=np.float64), tol_x)
+    Yt = op.matmat(torch.as_tensor(X, dtype=op.torch_dtype, device=op.device))
+    _check_close("torch matmat vs dense", Yt, A @ X, tol_X)
+
+    u, v = X[:, 0], X[:, 1 % num_columns]
+    lhs = float(v @ np.asarray(op.matvec(u.astype(dtype)), dtype=np.float64))
+    rhs = float(np.asarray(op.rmatvec(v.astype(dtype)), dtype=np.float64) @ u)
+    dot_tol = rtol * norm * float(np.linalg.norm(u) * np.linalg.norm(v))
+    if not abs(lhs - rhs) <= dot_tol:
+        _fail("dot test", abs(lhs - rhs), dot_tol)
+
+    if op.symmetric:
+        if op.T is not op or op.H is not op or op.adjoint() is not op:
+            raise AssertionError("operator contract: symmetric operator must be its own adjoint")
+        sym_err = float(np.max(np.abs(A - A.T))) if n else 0.0
+        if not sym_err <= rtol * norm:
+            _fail("dense reference is not symmetric", sym_err, rtol * norm)
+    if op.psd and n:
+        lam_min = float(np.linalg.eigvalsh(0.5 * (A + A.T))[0])
+        if not lam_min >= -rtol * norm:
+            _fail("psd flag but negative eigenvalue", -lam_min, rtol * norm)
+
+    t = op.template_vector()
+    if not (
+        isinstance(t, torch.Tensor)
+        and tuple(t.shape) == (n,)
+        and t.dtype == op.torch_dtype
+        and t.device == op.device
+    ):
+        raise AssertionError("operator contract: template_vector has wrong shape/dtype/device")
+
+    mu = 0.75 * norm
+    cases: list[tuple[str, Any, np.ndarray, float]] = [
+        ("2 * A", 2.0 * op, 2.0 * A, 2.0),
+        ("A + A", op + op, 2.0 * A, 2.0),
+        ("A - A / 2", op - op / 2.0, 0.5 * A, 1.5),
+        ("-A", -op, -A, 1.0),
+        ("A.shift(mu)", op.shift(mu), A + mu * np.eye(n), 2.0),
+        ("A.damp(0.1 |A|)", op.damp(0.1 * norm), A + 0.1 * norm * np.eye(n), 1.1),
+        ("A @ A", op @ op, A @ A, 2.0 * norm),
+        ("A ** 2", op**2, A @ A, 2.0 * norm),
+    ]
+    if n > 2:
+        Q, _ = np.linalg.qr(rng.standard_normal((n, 2)))
+        P = np.eye(n) - Q @ Q.T
+        cases.append(("A.deflate(V)", op.deflate(Q.astype(dtype)), P @ A @ P, 4.0))
+    for name, combo, ref, factor in cases:
+        _check_close(f"{name} matvec", combo.matvec(x.astype(dtype)), ref @ x, factor * tol_x)

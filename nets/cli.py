@@ -1,0 +1,668 @@
+"""The ``curvature`` command line: train, spectrum, stats, landscape, plot, demo.
+
+Each subcommand is a thin layer over the Python API (``nets.train_network``,
+``nets.compute_eigenspectrum``, ``nets.compute_loss_stats``,
+``nets.build_loss_landscape``, the ``nets.plot_*`` functions and
+:func:`nets.demo.run_demo`), shows progress bars while it works and prints a
+summary table at the end. ``curvature <subcommand> --help`` lists the options.
+
+Examples (the paper's Tables 1-3 as command lines)::
+
+    curvature train --dir result/VGG16-CIFAR100 --dataset CIFAR100 --data-path data \\
+        --model VGG16 --epochs 100 --optimizer SGD --lr 0.03 --momentum 0.9 --weight-decay 5e-4
+    curvature spectrum --checkpoint result/VGG16-CIFAR100/checkpoint-00100.pt \\
+        --curvature ggn --iters 20 --save-eigvec \\
+        --out result/VGG16-CIFAR100/spectra/spectrum-00100-ggn-lanczos
+    curvature plot spectrum result/VGG16-CIFAR100/spectra/spectrum-00100-ggn-lanczos.npz
+    curvature landscape --checkpoint checkpoint-00100.pt --spectrum spectrum-00100-hessian \\
+        --dist 1 --n-points 21 --out landscape-100.npz
+    curvature demo --out results
+
+>>> parser = build_parser()
+>>> sorted(parser._subparsers._group_actions[0].choices)  # doctest: +NORMALIZE_WHITESPACE
+['demo', 'landscape', 'plot', 'spectrum', 'stats', 'train']
+>>> print(format_table([("a", "1"), ("bbb", "2.5")], title="Example"))
+Example
+-------
+a    1
+bbb  2.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "format_table", "main"]
+
+Row = tuple[str, str]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any) -> str:
+    """Short human-readable form of a number or other value for the summary tables."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Row], *, title: str | None = None) -> str:
+    """Two aligned columns (name, value), with an optional underlined title."""
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = [] if title is None else [title, "-" * len(title)]
+    lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def format_grid(header: Sequence[str], body: Sequence[Sequence[str]], *, title: str) -> str:
+    """A table with a header row and right-aligned columns."""
+    columns = [list(header)] + [list(r) for r in body]
+    widths = [max(len(row[i]) for row in columns) for i in range(len(header))]
+    lines = [title, "-" * len(title)]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
+def _emit(text: str) -> None:
+    print()
+    print(text)
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def _parse_value(text: str) -> Any:
+    """A ``KEY=VALUE`` value: JSON when it parses as JSON (numbers, true, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_values(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"curvature: error: {option} expects KEY=VALUE; received {item!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``--subsample``: an integer count (``500``) or a fraction in (0, 1) (``0.25``)."""
+    value = float(text)
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1); got {text}")
+
+
+def _checkpoint_config(path: str | None) -> dict[str, Any]:
+    """The JSON config stored in a checkpoint (model, dataset, data_path...), or ``{}``."""
+    if path is None:
+        return {}
+    from nets.checkpoint import load_checkpoint
+
+    config = load_checkpoint(path).get("config")
+    return dict(config) if isinstance(config, Mapping) else {}
+
+
+def _fill_from_checkpoint(args: argparse.Namespace, checkpoint: str | None) -> None:
+    """Default ``--model``, ``--dataset``, ``--data-path`` to what the checkpoint records."""
+    config = _checkpoint_config(checkpoint)
+    for attr, key in (("model", "model"), ("dataset", "dataset"), ("data_path", "data_path")):
+        if getattr(args, attr, None) is None and isinstance(config.get(key), str):
+            setattr(args, attr, config[key])
+    if getattr(args, "dataset", None) is None:
+        args.dataset = "digits"
+
+
+def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    if data:
+        p.add_argument(
+            "--dataset",
+            default=None,
+            help="digits (embedded), CIFAR10, CIFAR100 or synthetic "
+            "(default: from the checkpoint, else digits)",
+        )
+        p.add_argument("--data-path", default=None, help="folder with the CIFAR archives")
+        p.add_argument(
+            "--model",
+            default=None,
+            help="model name, e.g. SmallCNN, VGG16 (default: from the checkpoint)",
+        )
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0, ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
+    )
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _cmd_train(args: argparse.Namespace) -> list[str]:
+    from nets.training import train_network
+
+    optimizer_kwargs: dict[str, Any] = {"lr": args.lr}
+    if args.momentum is not None:
+        optimizer_kwargs["momentum"] = args.momentum
+    if args.weight_decay is not None:
+        optimizer_kwargs["weight_decay"] = args.weight_decay
+    optimizer_kwargs.update(_key_values(args.opt, "--opt"))
+    kwargs: dict[str, Any] = {
+        "dir": args.dir,
+        "dataset": args.dataset or "digits",
+        "data_path": args.data_path,
+        "model": args.model or "SmallCNN",
+        "optimizer": args.optimizer,
+        "optimizer_kwargs": optimizer_kwargs,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "schedule": args.schedule,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": args.progress,
+    }
+    if args.save_freq is not None:
+        kwargs["save_freq"] = args.save_freq
+    if args.resume is not None:
+        kwargs["resume"] = args.resume
+    start = time.perf_counter()
+    train_network(**kwargs)
+    elapsed = time.perf_counter() - start
+    return [_training_table(Path(args.dir), elapsed)]
+
+
+def _training_table(run_dir: Path, elapsed: float | None = None) -> str:
+    stats_file = run_dir / "stats.json"
+    rows: list[Row] = [("run directory", str(run_dir))]
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        epochs = stats.get("epochs") or []
+        last = epochs[-1] if epochs else {}
+        tested = [e for e in epochs if e.get("test_loss") is not None]
+        rows += [
+            ("epochs", _fmt(last.get("epoch"))),
+            ("final train loss", _fmt(last.get("train_loss"))),
+            ("final train accuracy (%)", _fmt(last.get("train_acc"))),
+        ]
+        if tested:
+            rows += [
+                ("final test loss", _fmt(tested[-1].get("test_loss"))),
+                ("final test accuracy (%)", _fmt(tested[-1].get("test_acc"))),
+            ]
+    checkpoints = sorted(run_dir.glob("checkpoint-*.pt"))
+    if checkpoints:
+        rows.append(("checkpoints", f"{len(checkpoints)} (last: {checkpoints[-1].name})"))
+    if elapsed is not None:
+        rows.append(("wall time (s)", f"{elapsed:.1f}"))
+    return format_table(rows, title="Training summary")
+
+
+def spectrum_rows(path: str | Path) -> list[Row]:
+    """Summary rows of a spectrum file: curvature, P, m, top value, trace, negative mass..."""
+    from nets.plots.spectrum import spectrum_summary
+
+    s = spectrum_summary(path)
+    return [
+        ("file", str(path)),
+        ("curvature", _fmt(s["curvature"])),
+        ("parameters P", _fmt(s["num_params"])),
+        ("Ritz values m", _fmt(s["num_ritz"])),
+        ("top Ritz value", _fmt(s["top"])),
+        ("bottom Ritz value", _fmt(s["bottom"])),
+        ("trace P*sum(w*theta)", _fmt(s["trace"])),
+        ("negative spectral mass", _fmt(s["negative_mass"])),
+        ("condition of positive part", _fmt(s["positive_condition"])),
+    ]
+
+
+def _default_spectrum_path(checkpoint: str, curvature: str) -> Path:
+    ckpt = Path(checkpoint)
+    tag = ckpt.stem.replace("checkpoint-", "") if ckpt.stem.startswith("checkpoint-") else ckpt.stem
+    kind = curvature.lower().replace("_", "-").removesuffix("-lanczos")
+    return ckpt.parent / "spectra" / f"spectrum-{tag}-{kind}-lanczos.npz"
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
+    from nets.workflow.spectrum import compute_eigenspectrum
+
+    _fill_from_checkpoint(args, args.checkpoint)
+    out = Path(args.out) if args.out else _default_spectrum_path(args.checkpoint, args.curvature)
+    kwargs: dict[str, Any] = {
+        "dataset": args.dataset,
+        "data_path": args.data_path,
+        "model": args.model,
+        "checkpoint_path": args.checkpoint,
+        "save_spectrum_path": str(out),
+        "save_eigvec": args.save_eigvec,
+        "lanczos_iters": args.iters,
+        "curvature_matrix": args.curvature,
+        "num_probes": args.probes,
+        "bn_mode": args.bn_mode,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": args.progress,
+    }
+    if args.subsample is not None:
+        kwargs["subsample"] = args.subsample
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    start = time.perf_counter()
+    compute_eigenspectrum(**kwargs)
+    elapsed = time.perf_counter() - start
+    written = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    rows = [*spectrum_rows(written), ("wall time (s)", f"{elapsed:.1f}")]
+    return [format_table(rows, title="Spectrum summary")]
+
+
+def _checkpoint_list(items: Sequence[str]) -> list[str]:
+    paths: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("checkpoint-*.pt"))
+            if not found:
+                raise SystemExit(f"curvature: error: no checkpoint-*.pt files in '{p}'")
+            paths += [str(f) for f in found]
+        else:
+            paths.append(str(p))
+    return paths
+
+
+_STATS_COLUMNS = (
+    ("epoch", "epoch"),
+    ("loss_mean", "loss"),
+    ("grad_mean_norm_sq", "|E g|^2"),
+    ("grad_var", "Var g"),
+    ("hess_mean_norm_sq", "|E H|^2"),
+    ("hess_var", "Var H"),
+    ("weight_norm_l2", "|w|_2"),
+    ("test_acc", "test acc"),
+)
+
+
+def _cmd_stats(args: argparse.Namespace) -> list[str]:
+    from nets.workflow.loss_stats import compute_loss_stats
+    from spectral.io import load_npz
+
+    checkpoints = _checkpoint_list(args.checkpoints)
+    _fill_from_checkpoint(args, checkpoints[0])
+    out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "loss-stats.npz"
+    kwargs: dict[str, Any] = {
+        "dataset": args.dataset,
+        "data_path": args.data_path,
+        "model": args.model,
+        "checkpoint_path": checkpoints if len(checkpoints) > 1 else checkpoints[0],
+        "save_path": str(out),
+        "curvature_matrix": args.curvature,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": args.progress,
+    }
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    if args.subsample is not None:
+        kwargs["subsample"] = args.subsample
+    compute_loss_stats(**kwargs)
+    arrays = load_npz(out if out.suffix == ".npz" else out.with_name(out.name + ".npz"))
+    present = [(k, h) for k, h in _STATS_COLUMNS if k in arrays]
+    count = int(max((arrays[k].size for k, _ in present), default=0))
+    body = [
+        [_fmt(arrays[k].ravel()[i].item()) if arrays[k].size > i else "-" for k, _ in present]
+        for i in range(count)
+    ]
+    return [
+        format_grid([h for _, h in present], body, title=f"Loss statistics ({out})"),
+    ]
+
+
+def _cmd_landscape(args: argparse.Namespace) -> list[str]:
+    from nets.workflow.landscape import build_loss_landscape
+    from spectral.io import load_npz
+
+    _fill_from_checkpoint(args, args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "landscape.npz"
+    kwargs: dict[str, Any] = {
+        "dataset": args.dataset,
+        "data_path": args.data_path,
+        "model": args.model,
+        "dist": args.dist,
+        "n_points": args.n_points,
+        "spectrum_path": args.spectrum,
+        "checkpoint_path": args.checkpoint,
+        "save_path": str(out),
+        "seed": args.seed,
+        "device": args.device,
+        "progress": args.progress,
+    }
+    if args.directions is not None:
+        kwargs["directions"] = args.directions
+    if args.planes is not None:
+        kwargs["planes"] = True if args.planes == ["auto"] else args.planes
+    for attr in ("num_directions", "random_directions", "filter_normalised", "batch_size"):
+        if getattr(args, attr) is not None:
+            kwargs[attr] = getattr(args, attr)
+    if args.subsample is not None:
+        kwargs["subsample"] = args.subsample
+    if args.refresh_bn:
+        kwargs["refresh_bn"] = True
+    start = time.perf_counter()
+    build_loss_landscape(**kwargs)
+    elapsed = time.perf_counter() - start
+    written = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    arrays = load_npz(written)
+    names = [str(n) for n in arrays.get("direction_names", [])]
+    t = arrays["t"]
+    mid = int(abs(t).argmin())
+    header = ["direction", "theta", "train loss t=0", f"t={t[0]:g}", f"t={t[-1]:g}"]
+    body = []
+    values = arrays.get("direction_values")
+    for i, name in enumerate(names):
+        theta = float(values[i]) if values is not None and values.size > i else float("nan")
+        row = arrays["train_loss"][i]
+        body.append(
+            [name, _fmt(theta), _fmt(float(row[mid])), _fmt(float(row[0])), _fmt(float(row[-1]))]
+        )
+    tables = [format_grid(header, body, title=f"Loss landscape ({written})")]
+    tables.append(format_table([("wall time (s)", f"{elapsed:.1f}")]))
+    return tables
+
+
+def _cmd_plot(args: argparse.Namespace) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nets.plots import (
+        plot_loss_landscape,
+        plot_spectrum,
+        plot_spectrum_comparison,
+        plot_training,
+    )
+    from nets.plots._figure import close_figure
+
+    source = args.inputs[0] if args.inputs else None
+    if args.what != "comparison" and (source is None or len(args.inputs) != 1):
+        raise SystemExit(f"curvature: error: 'plot {args.what}' takes exactly one input")
+    out = args.out
+    if out is None:
+        base = Path(source) if source is not None else Path("comparison")
+        out = str(base / "training.png") if base.is_dir() else str(base.with_suffix(".png"))
+    if args.what == "spectrum":
+        fig = plot_spectrum(
+            "lanczos",
+            path=source,
+            log_weights=args.log_weights,
+            smooth=args.smooth,
+            save_path=out,
+        )
+    elif args.what == "diag":
+        fig = plot_spectrum("diag", path=source, log_weights=args.log_weights, save_path=out)
+    elif args.what == "training":
+        fig = plot_training(source, save_path=out)
+    elif args.what == "landscape":
+        fig = plot_loss_landscape(source, metric=args.metric, save_path=out)
+    else:
+        if args.diagonal is None:
+            raise SystemExit("curvature: error: 'plot comparison' needs --diagonal")
+        fig = plot_spectrum_comparison(
+            args.hessian, args.ggn, args.diagonal, log_scale=not args.linear, save_path=out
+        )
+    close_figure(fig)
+    rows: list[Row] = [("figure", out)]
+    if args.what == "spectrum" and source is not None:
+        rows = spectrum_rows(source) + rows
+    return [format_table(rows, title="Plot")]
+
+
+def _cmd_demo(args: argparse.Namespace) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # the demo only writes files
+    from nets.demo import run_demo
+
+    summary = run_demo(
+        args.out,
+        epochs=args.epochs,
+        lanczos_iters=args.lanczos_iters,
+        quick=args.quick,
+        seed=args.seed,
+        device=args.device,
+        progress=args.progress,
+    )
+    tables = [format_table(rows, title=title) for title, rows in summary.sections]
+    tables.append(f"Results are in '{summary.out_dir}' ({summary.total_time:.0f} s).")
+    return tables
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``curvature`` with its six subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="curvature",
+        description="Curvature spectra, loss statistics and loss landscapes of neural networks "
+        "(Deep Curvature Suite).",
+        epilog="Run 'curvature demo --out results' for the whole pipeline on the embedded "
+        "digits data.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser(
+        "train",
+        help="train a network, saving checkpoints and stats.json",
+        formatter_class=fmt,
+        description="Train a model; writes checkpoint-XXXXX.pt and stats.json into --dir.",
+    )
+    p.add_argument("--dir", required=True, help="output directory of the run")
+    _add_common(p)
+    p.add_argument("--epochs", type=int, default=10, help="number of epochs")
+    p.add_argument("--optimizer", default="SGD", help="SGD, Adam, LancGN, LancHess, KFAC, SWATS")
+    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="momentum (SGD)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
+    p.add_argument(
+        "--opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="further optimizer keyword (repeatable), e.g. --opt damping=10",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
+    p.add_argument("--schedule", default="linear", help="learning-rate schedule (linear: Eq. 8)")
+    p.add_argument("--save-freq", type=int, default=None, help="checkpoint every N epochs")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser(
+        "spectrum",
+        help="Lanczos spectrum of the Hessian/GGN at a checkpoint",
+        formatter_class=fmt,
+        description="Run Lanczos on the curvature of the mean training loss at a "
+        "checkpoint and save Ritz values, weights and the trace estimate (.npz).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint-XXXXX.pt")
+    _add_common(p)
+    p.add_argument("--curvature", default="hessian", help="hessian, ggn or fisher")
+    p.add_argument("--iters", type=int, default=20, help="Lanczos iterations m")
+    p.add_argument("--probes", type=int, default=1, help="random probe vectors")
+    p.add_argument(
+        "--bn-mode",
+        default="train",
+        choices=("train", "eval"),
+        help="BatchNorm statistics used in curvature products",
+    )
+    p.add_argument(
+        "--subsample",
+        type=_count_or_fraction,
+        default=None,
+        help="use only this many (or this fraction of) training samples",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of the products")
+    p.add_argument("--save-eigvec", action="store_true", help="also save the Ritz vectors")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="spectrum file (default: <checkpoint dir>/spectra/spectrum-<epoch>-"
+        "<curvature>-lanczos.npz)",
+    )
+    p.set_defaults(handler=_cmd_spectrum)
+
+    p = sub.add_parser(
+        "stats",
+        help="loss statistics (gradient/Hessian moments) of checkpoints",
+        formatter_class=fmt,
+        description="Gradient and curvature moments, weight norms and losses of "
+        "one or several checkpoints (a directory means all its checkpoints).",
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run directories")
+    _add_common(p)
+    p.add_argument(
+        "--curvature", default="hessian", help="hessian or ggn for the curvature moments"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size of the moments")
+    p.add_argument(
+        "--subsample", type=_count_or_fraction, default=None, help="samples (or fraction) to use"
+    )
+    p.add_argument("--out", default=None, help="statistics file (default <dir>/loss-stats.npz)")
+    p.set_defaults(handler=_cmd_stats)
+
+    p = sub.add_parser(
+        "landscape",
+        help="loss along Ritz vectors and random directions",
+        formatter_class=fmt,
+        description="Train/test loss and accuracy at --n-points perturbations "
+        "in [-dist, dist] along the Ritz vectors of a saved spectrum (saved with "
+        "--save-eigvec) and control directions.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint-XXXXX.pt")
+    p.add_argument("--spectrum", default=None, help="spectrum file with Ritz vectors beside it")
+    _add_common(p)
+    p.add_argument("--dist", type=float, default=1.0, help="largest perturbation")
+    p.add_argument("--n-points", type=int, default=21, help="points per direction")
+    p.add_argument(
+        "--directions",
+        nargs="+",
+        default=None,
+        help="Ritz directions, e.g. ritz-top ritz-bottom ritz-min-abs ritz-top-3 "
+        "(default: ritz-top with a spectrum)",
+    )
+    p.add_argument(
+        "--num-directions",
+        type=int,
+        default=None,
+        help="how many Ritz vectors each of --directions takes (default 2)",
+    )
+    p.add_argument(
+        "--random-directions",
+        type=int,
+        default=None,
+        help="number of random unit directions (a control)",
+    )
+    p.add_argument(
+        "--filter-normalised",
+        type=int,
+        default=None,
+        help="number of filter-normalised random directions (Li et al. 2017)",
+    )
+    p.add_argument(
+        "--planes",
+        nargs="+",
+        default=None,
+        help="2-D planes 'a|b' of direction names, or 'auto' for the first two",
+    )
+    p.add_argument(
+        "--refresh-bn",
+        action="store_true",
+        help="recompute BatchNorm running statistics at each perturbed point",
+    )
+    p.add_argument(
+        "--subsample", type=_count_or_fraction, default=None, help="samples (or fraction) to use"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--out", default=None, help="landscape file (default <dir>/landscape.npz)")
+    p.set_defaults(handler=_cmd_landscape)
+
+    p = sub.add_parser(
+        "plot",
+        help="figures from saved files (PNG/PDF)",
+        formatter_class=fmt,
+        description="Draw a saved spectrum, diagonal, training run, landscape, or "
+        "the Lanczos-versus-diagonal comparison (the paper's Figure 2).",
+    )
+    p.add_argument("what", choices=("spectrum", "diag", "training", "landscape", "comparison"))
+    p.add_argument("inputs", nargs="*", help="the file (or run directory for 'training')")
+    p.add_argument("--out", default=None, help="figure file, .png or .pdf (default: beside input)")
+    p.add_argument("--log-weights", action="store_true", help="logarithmic weight axis")
+    p.add_argument("--smooth", type=float, default=None, help="smoothing kernel width sigma")
+    p.add_argument(
+        "--metric", default="loss", choices=("loss", "acc", "both"), help="landscape: what to draw"
+    )
+    p.add_argument("--hessian", default=None, help="comparison: Hessian spectrum file")
+    p.add_argument("--ggn", default=None, help="comparison: GGN spectrum file")
+    p.add_argument("--diagonal", default=None, help="comparison: GGN diagonal .npz")
+    p.add_argument("--linear", action="store_true", help="comparison: linear vertical axis")
+    p.set_defaults(handler=_cmd_plot)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded digits data",
+        formatter_class=fmt,
+        description="Train a small BatchNorm CNN on digits, compute Hessian and "
+        "GGN spectra over the full training set, compare with the diagonal GGN, "
+        "build the loss landscape along the top eigenvectors, and write "
+        "everything (checkpoints, .npz, PNG) under --out.",
+    )
+    p.add_argument("--out", default="results", help="output directory")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
+    p.add_argument("--lanczos-iters", type=int, default=None, help="Lanczos iterations")
+    p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda:0, ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
+    )
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvature`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], list[str]] = args.handler
+    try:
+        tables = handler(args)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
+        print(f"curvature {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    for table in tables:
+        _emit(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

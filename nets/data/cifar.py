@@ -1,0 +1,240 @@
+"""CIFAR-10 / CIFAR-100 from the official python-pickle archives, without unpickling code.
+
+Expected layout under ``data_path`` (what the official tarballs extract to)::
+
+    cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta
+    cifar-100-python/train, test, meta
+
+Each batch file is a pickled dict with ``b'data'`` (``uint8`` array ``(N, 3072)``,
+channel-major rows), ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100),
+``b'batch_label'`` and ``b'filenames'``; ``meta`` holds ``b'label_names'`` or
+``b'fine_label_names'``.  Files are read by :class:`RestrictedUnpickler`
+(``encoding='bytes'``), which resolves only the three globals that numpy array
+pickles need (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``,
+``numpy.dtype``; plus ``_codecs.encode`` restricted to latin-1, which Python 3
+uses for ``bytes`` at pickle protocol 2) and refuses every other global with
+:class:`UnsafeFileError`.
+
+>>> import io, pickle
+>>> RestrictedUnpickler(io.BytesIO(pickle.dumps({b"labels": [1, 2]}, protocol=2))).load()
+{b'labels': [1, 2]}
+>>> RestrictedUnpickler(io.BytesIO(pickle.dumps(print))).load()  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+nets.checkpoint.UnsafeFileError: File '<stream>' asks to load the global builtins.print; ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nets.checkpoint import UnsafeFileError
+from spectral.errors import argument_error
+from spectral.io import CorruptFileError
+
+__all__ = ["CIFAR_INFO", "RestrictedUnpickler", "load_cifar_arrays", "read_pickle_file"]
+
+#: name -> (folder, train files, test files, meta file, label key, names key, classes, mean, std)
+CIFAR_INFO: dict[str, dict[str, Any]] = {
+    "CIFAR10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "label_key": b"labels",
+        "names_key": b"label_names",
+        "num_classes": 10,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    },
+    "CIFAR100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "label_key": b"fine_labels",
+        "names_key": b"fine_label_names",
+        "num_classes": 100,
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    },
+}
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    ("_codecs", "encode"): ("codecs", "latin1"),
+}
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` restricted to latin-1 (how Python 3 writes bytes at protocol 2)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise UnsafeFileError(
+            f"Refused _codecs.encode with encoding {encoding!r}: only latin-1 is allowed."
+        )
+    return text.encode("latin1")
+
+
+def _multiarray() -> Any:
+    try:
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy < 2
+        return importlib.import_module("numpy.core.multiarray")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler for data files: plain containers, bytes, str, numbers and numpy arrays.
+
+    Any other global (a function or class to call) raises :class:`UnsafeFileError`
+    before anything is executed.
+    """
+
+    def __init__(self, file: io.BufferedIOBase | io.BytesIO, *, source: str = "<stream>") -> None:
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve only the numpy array-reconstruction globals."""
+        target = _ALLOWED_GLOBALS.get((module, name))
+        if target is None:
+            raise UnsafeFileError(
+                f"File '{self.source}' asks to load the global {module}.{name}; only plain "
+                "containers and numpy arrays are allowed in data files, so it was refused."
+            )
+        if target[0] == "codecs":
+            return _latin1_encode
+        owner = _multiarray() if target[0] == "multiarray" else np
+        return getattr(owner, target[1])
+
+
+def read_pickle_file(path: str | os.PathLike[str]) -> Any:
+    """Read a pickled data file with :class:`RestrictedUnpickler`.
+
+    Raises
+    ------
+    UnsafeFileError
+        If the file references any global other than numpy array reconstruction.
+    CorruptFileError
+        If the file is truncated or not a pickle.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as handle:
+            return RestrictedUnpickler(handle, source=str(p)).load()
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"File '{p}' is truncated or not a CIFAR pickle ({exc}).") from exc
+
+
+def _locate(name: str, data_path: Path) -> Path | None:
+    info = CIFAR_INFO[name]
+    for candidate in (data_path / info["folder"], data_path):
+        if all((candidate / f).is_file() for f in info["train"] + info["test"]):
+            return candidate
+    return None
+
+
+def _read_split(folder: Path, files: list[str], info: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    images, labels = [], []
+    for fname in files:
+        path = folder / fname
+        batch = read_pickle_file(path)
+        if not isinstance(batch, dict) or b"data" not in batch or info["label_key"] not in batch:
+            raise CorruptFileError(
+                f"File '{path}' is not a CIFAR batch: expected a dict with b'data' and "
+                f"{info['label_key']!r}."
+            )
+        data = np.asarray(batch[b"data"])
+        lab = np.asarray(batch[info["label_key"]], dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise CorruptFileError(
+                f"File '{path}': expected b'data' of dtype uint8 and shape (N, 3072); "
+                f"found {data.dtype} {data.shape}."
+            )
+        if lab.shape != (data.shape[0],) or (
+            lab.size and (lab.min() < 0 or lab.max() >= info["num_classes"])
+        ):
+            raise CorruptFileError(
+                f"File '{path}': expected {data.shape[0]} labels in [0, {info['num_classes']}); "
+                f"found shape {lab.shape}."
+            )
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(lab)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load_cifar_arrays(
+    name: str, data_path: str | os.PathLike[str] | None, *, download: bool = False
+) -> dict[str, Any]:
+    """Read CIFAR ``name`` ("CIFAR10"/"CIFAR100") into uint8 tensors.
+
+    Returns a dict with ``x_train`` ``(50000, 3, 32, 32)`` uint8, ``y_train`` int64,
+    ``x_test``, ``y_test``, ``classes`` (list of names or ``None``), ``mean``,
+    ``std`` and ``num_classes``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the archive is not under ``data_path``; the message lists where it
+        looked and how to obtain the data.
+    ImportError
+        If ``download=True`` but torchvision is not installed.
+    """
+    if name not in CIFAR_INFO:
+        raise argument_error("name", f"one of {sorted(CIFAR_INFO)}", name)
+    info = CIFAR_INFO[name]
+    root = Path("data" if data_path is None else data_path)
+    folder = _locate(name, root)
+    if folder is None and download:
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ImportError(
+                f"download=True needs torchvision (pip install torchvision) to fetch {name}; "
+                f"alternatively download {info['url']} and extract it into '{root}'."
+            ) from exc
+        dataset_cls = getattr(torchvision.datasets, name)
+        dataset_cls(root=str(root), train=True, download=True)
+        dataset_cls(root=str(root), train=False, download=True)
+        folder = _locate(name, root)
+    if folder is None:
+        looked = [str(root / info["folder"]), str(root)]
+        raise FileNotFoundError(
+            f"{name} data not found: looked for {info['train'] + info['test']} in {looked}. "
+            f"Download {info['url']} and extract it into '{root}' (giving "
+            f"'{root / info['folder']}'), or call with download=True (needs torchvision)."
+        )
+    x_train, y_train = _read_split(folder, info["train"], info)
+    x_test, y_test = _read_split(folder, info["test"], info)
+    classes = None
+    meta_path = folder / info["meta"]
+    if meta_path.is_file():
+        meta = read_pickle_file(meta_path)
+        if isinstance(meta, dict) and info["names_key"] in meta:
+            classes = [
+                n.decode() if isinstance(n, bytes) else str(n) for n in meta[info["names_key"]]
+            ]
+    return {
+        "x_train": torch.from_numpy(np.ascontiguousarray(x_train)),
+        "y_train": torch.from_numpy(y_train),
+        "x_test": torch.from_numpy(np.ascontiguousarray(x_test)),
+        "y_test": torch.from_numpy(y_test),
+        "classes": classes,
+        "mean": info["mean"],
+        "std": info["std"],
+        "num_classes": info["num_classes"],
+    }

@@ -1,0 +1,635 @@
+r"""K-FAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; Grosse & Martens 2016).
+
+For a layer with pre-activations :math:`s = W \bar a` (``nn.Linear``; for
+``nn.Conv2d`` :math:`\bar a` is an unfolded input patch and the layer is
+applied at :math:`T` spatial positions), with :math:`\bar a = [a; 1]` when
+the layer has a bias, the Fisher block of the combined parameter
+:math:`\bar W = [W, b]` (shape ``out x (in+1)``) is approximated by
+:math:`A \otimes G` with
+
+.. math::
+
+    A = \frac1N \sum_{n=1}^N \sum_{t=1}^{T} \bar a_{n,t} \bar a_{n,t}^T, \qquad
+    G = \frac1{NT} \sum_{n=1}^N \sum_{t=1}^{T} g_{n,t} g_{n,t}^T,
+    \qquad g_{n,t} = \frac{\partial \ell_n}{\partial s_{n,t}},
+
+where :math:`\ell_n` is sample :math:`n`'s loss (the batch loss is their
+mean, so :math:`g_{n,t} = N\,\partial L/\partial s_{n,t}`).  For a
+``Linear`` layer (:math:`T=1`) these are exactly :math:`E[\bar a\bar a^T]`
+and :math:`E[g g^T]`.  With ``fisher='mc'`` the targets in :math:`\ell_n`
+are sampled from the model's predictive distribution (the true Fisher,
+equal to the GGN in expectation for ``CrossEntropyLoss``, ``MSELoss`` and
+``BCEWithLogitsLoss``); with ``fisher='empirical'`` they are the data's
+labels.  Both factors are exponential running averages,
+:math:`A \leftarrow \rho A + (1-\rho) A_{\rm batch}` (the first estimate
+initialises them), refreshed every ``factor_update_freq`` steps.
+
+**Damping split** (factored Tikhonov damping with the :math:`\pi`-correction,
+Martens & Grosse 2015, Section 6.3): with damping :math:`\lambda`,
+
+.. math::
+
+    \pi = \sqrt{\frac{\operatorname{tr}(A)/\dim A}{\operatorname{tr}(G)/\dim G}},\qquad
+    A_\lambda = A + \pi\sqrt{\lambda}\, I, \qquad
+    G_\lambda = G + \frac{\sqrt{\lambda}}{\pi}\, I
+
+(``damping_split='sqrt'`` uses :math:`\pi = 1`).  The inverses
+:math:`A_\lambda^{-1}, G_\lambda^{-1}` are recomputed every
+``inv_update_freq`` steps.  With :math:`M = \nabla_{\bar W} L + \omega \bar W`
+(``weight_decay`` :math:`\omega`), the preconditioned gradient is
+
+.. math::
+
+    V = G_\lambda^{-1}\, M\, A_\lambda^{-1}
+    \quad\bigl(= \operatorname{mat}\bigl((A_\lambda \otimes G_\lambda)^{-1}
+    \operatorname{vec} M\bigr)\bigr),
+
+**KL-clip** (Ba et al. 2017): :math:`\nu = \min\bigl(1,
+\sqrt{\kappa / (\alpha^2 \sum_{\rm layers} \langle V, M\rangle)}\bigr)`
+and the step direction is :math:`\nu V`; parameters of other modules
+(BatchNorm, ...) use their plain gradient.  Finally SGD with momentum
+:math:`\mu`: :math:`b \leftarrow \mu b + d`, :math:`p \leftarrow p - \alpha b`.
+
+Usage.  ``train_network(optimizer='KFAC')`` calls ``step(closure=...,
+curvature_batch=(x, y), loss_fn=...)`` (``curvature_step = True``); the
+factors are then estimated by an extra forward/backward on the curvature
+batch (BatchNorm running statistics and ``.grad`` untouched).  In a plain
+loop (``loss.backward(); opt.step()``) with ``fisher='empirical'`` the
+factors come from hooks on that forward/backward.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+>>> opt = KFAC(model, lr=0.1, fisher="empirical")
+>>> x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
+>>> loss = torch.nn.functional.cross_entropy(model(x), y)
+>>> loss.backward()
+>>> opt.step()
+>>> opt.factors(model[0])[0].shape, opt.steps_taken
+(torch.Size([4, 4]), 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nets.optim.registry import register_optimizer
+from spectral.errors import NumericalError, argument_error
+
+__all__ = ["KFAC", "kfac_factors"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEY = "kfac"
+_SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def _number(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > low or (not strict and value == low)):
+        return float(value)
+    raise argument_error(name, f"a finite number {'>' if strict else '>='} {low}", value)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise argument_error(name, "an integer >= 1", value)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise argument_error("module", "a layer with a weight tensor", module, kind=TypeError)
+    return weight
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = module.bias
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _is_supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def _layer_rows(
+    module: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position inputs ``(N*T, in[+1])`` and output gradients ``(N*T, out)``."""
+    if isinstance(module, nn.Conv2d):
+        a = F.unfold(
+            inputs,
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,  # type: ignore[arg-type]
+            stride=module.stride,
+        )  # (N, in*kh*kw, T)
+        a = a.transpose(1, 2).reshape(-1, a.shape[1])
+        g = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
+    else:
+        a = inputs.reshape(-1, inputs.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+    if _bias(module) is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    return a, g
+
+
+def kfac_factors(
+    module: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The batch estimates :math:`(A, G)` of one layer (see the module docstring).
+
+    Parameters
+    ----------
+    module:
+        An ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``, zero padding).
+    inputs:
+        The layer's input, ``(N, ..., in)`` or ``(N, C, H, W)``.
+    grad_out:
+        :math:`\partial L / \partial s` for the *mean* batch loss :math:`L`,
+        shaped like the layer's output.
+    batch_size:
+        :math:`N`, the number of samples the mean runs over.
+
+    Returns
+    -------
+    ``A`` of shape ``(in[+1], in[+1])`` and ``G`` of shape ``(out, out)``.
+
+    >>> lin = torch.nn.Linear(2, 3)
+    >>> A, G = kfac_factors(lin, torch.ones(4, 2), torch.ones(4, 3) / 4, 4)
+    >>> A.tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    >>> G[0, 0].item()
+    1.0
+    """
+    a, g = _layer_rows(module, inputs, grad_out)
+    g = g * batch_size
+    A = a.T @ a / batch_size
+    G = g.T @ g / g.shape[0]
+    return A, G
+
+
+def _sample_targets(
+    loss_fn: Callable[..., torch.Tensor], output: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, float]:
+    """Targets from the model's predictive distribution and the loss scale for ``mc``."""
+    out = output.detach()
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        logits = out.movedim(1, -1) if out.ndim > 2 else out
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+        return labels, 1.0
+    per_sample = out[0].numel() if out.ndim > 0 and out.shape[0] > 0 else 1
+    if isinstance(loss_fn, nn.MSELoss):
+        # l_n = |f_n - y_n|^2 / D has output Hessian (2/D) I; y = f + sqrt(D/2) z matches it.
+        noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        return out + math.sqrt(per_sample / 2.0) * noise, 1.0
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        labels = torch.bernoulli(torch.sigmoid(out), generator=generator)
+        return labels, math.sqrt(per_sample)
+    raise argument_error(
+        "loss_fn",
+        "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher='mc' "
+        "(use fisher='empirical' for other losses)",
+        loss_fn,
+    )
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC for the ``Linear`` and ``Conv2d`` layers of a model (see the module docstring).
+
+    Parameters
+    ----------
+    model:
+        The network; all its trainable parameters are optimised, those of
+        ``Linear``/``Conv2d`` layers (``groups=1``) with K-FAC, others with
+        momentum SGD on the plain gradient.
+    lr, momentum, weight_decay:
+        :math:`\\alpha`, :math:`\\mu`, :math:`\\omega`.
+    damping:
+        :math:`\\lambda` (Tikhonov damping, split between the factors).
+    stat_decay:
+        :math:`\\rho \\in [0, 1)` of the factors' running averages.
+    factor_update_freq, inv_update_freq:
+        Refresh the factors / their inverses every so many steps (both at
+        step 0).
+    kl_clip:
+        :math:`\\kappa`; ``None`` or 0 disables the KL-clip.
+    fisher:
+        ``'mc'`` (sampled targets; needs ``curvature_batch`` and ``loss_fn``
+        in :meth:`step`) or ``'empirical'``.
+    damping_split:
+        ``'pi'`` (:math:`\\pi`-corrected) or ``'sqrt'`` (:math:`\\pi = 1`).
+    seed:
+        Seed of the generator that samples the MC targets (its state is part
+        of :meth:`state_dict`).
+
+    Raises
+    ------
+    ValueError / TypeError
+        For invalid arguments, or a model without trainable parameters.
+    """
+
+    curvature_step = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.95,
+        factor_update_freq: int = 10,
+        inv_update_freq: int = 100,
+        kl_clip: float | None = 1e-3,
+        fisher: str = "mc",
+        damping_split: str = "pi",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise argument_error(
+                "model", "an nn.Module (K-FAC needs the layers)", model, kind=TypeError
+            )
+        _number("lr", lr, strict=True)
+        _number("momentum", momentum)
+        _number("damping", damping, strict=True)
+        _number("weight_decay", weight_decay)
+        if not (isinstance(stat_decay, int | float) and 0.0 <= stat_decay < 1.0):
+            raise argument_error("stat_decay", "a number in [0, 1)", stat_decay)
+        if kl_clip is not None:
+            _number("kl_clip", kl_clip)
+        if fisher not in ("mc", "empirical"):
+            raise argument_error("fisher", "'mc' or 'empirical'", fisher)
+        if damping_split not in ("pi", "sqrt"):
+            raise argument_error("damping_split", "'pi' or 'sqrt'", damping_split)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise argument_error("seed", "an integer", seed, kind=TypeError)
+        self._factor_freq = _positive_int("factor_update_freq", factor_update_freq)
+        self._inv_freq = _positive_int("inv_update_freq", inv_update_freq)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise argument_error("model", "a model with trainable parameters", model)
+        defaults = {
+            "lr": float(lr),
+            "momentum": float(momentum),
+            "damping": float(damping),
+            "weight_decay": float(weight_decay),
+            "kl_clip": None if kl_clip is None else float(kl_clip),
+        }
+        super().__init__(params, defaults)
+        self.stat_decay = float(stat_decay)
+        self.fisher = fisher
+        self.damping_split = damping_split
+        self.seed = seed
+        self.steps_taken = 0
+        self._model_ref = weakref.ref(model)
+        self._layers: list[nn.Module] = [
+            m
+            for m in model.modules()
+            if _is_supported(m)
+            and _weight(m).requires_grad
+            and (_bias(m) is None or _bias(m).requires_grad)  # type: ignore[union-attr]
+        ]
+        skipped = [
+            m for m in model.modules() if isinstance(m, _SUPPORTED) and m not in self._layers
+        ]
+        if skipped:
+            logger.info(
+                "K-FAC: %d layer(s) use plain gradients (grouped conv, padding mode, "
+                "frozen parameters)",
+                len(skipped),
+            )
+        self._layer_set = set(self._layers)
+        device = params[0].device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+        self._capture_mode: str | None = "plain"
+        self._captured: dict[nn.Module, list[list[Any]]] = {}
+        self._hooks = []
+        self_ref = weakref.ref(self)
+        for module in self._layers:
+
+            def hook(mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+                opt = self_ref()
+                if opt is not None:
+                    opt._forward_hook(mod, inputs, output)
+
+            self._hooks.append(module.register_forward_hook(hook))
+
+    # -- capture ---------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks this optimiser placed on the model."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _factors_due(self) -> bool:
+        return self.steps_taken % self._factor_freq == 0
+
+    def _forward_hook(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
+    ) -> None:
+        mode = self._capture_mode
+        if mode is None or module not in self._layer_set or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if mode == "dedicated":
+            self._captured.setdefault(module, []).append([inputs[0].detach(), output, None])
+            return
+        # plain loop: only on factor-update steps, training mode, empirical Fisher
+        if self.fisher != "empirical" or not module.training or not self._factors_due():
+            return
+        if module in self._captured and self._captured[module][-1][2] is not None:
+            self._captured[module] = []  # a new forward pass after a completed one
+        record: list[Any] = [inputs[0].detach(), None, None]
+        self._captured.setdefault(module, []).append(record)
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            record[2] = grad.detach()
+
+        output.register_hook(grad_hook)
+
+    # -- public helpers --------------------------------------------------------------------
+    def factors(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running factors ``(A, G)`` of ``module`` (a tracked layer).
+
+        Raises ``ValueError`` if the module is not tracked or has no factors yet.
+        """
+        if module not in self._layer_set:
+            raise argument_error("module", "a Linear/Conv2d layer tracked by this K-FAC", module)
+        state = self.state[_weight(module)]
+        if "A" not in state:
+            raise argument_error("module", "a layer whose factors were estimated", module)
+        return state["A"], state["G"]
+
+    def damped_inverses(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current :math:`(A_\\lambda^{-1}, G_\\lambda^{-1})` of ``module``."""
+        self.factors(module)
+        state = self.state[_weight(module)]
+        return state["A_inv"], state["G_inv"]
+
+    # -- factor estimation -----------------------------------------------------------------
+    def _dedicated_pass(
+        self, curvature_batch: Sequence[Any], loss_fn: Callable[..., torch.Tensor]
+    ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("K-FAC: the model this optimiser was built for no longer exists")
+        if not isinstance(curvature_batch, Sequence) or len(curvature_batch) != 2:
+            raise argument_error("curvature_batch", "a pair (inputs, targets)", curvature_batch)
+        reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction != "mean":
+            raise argument_error("loss_fn", "a loss with reduction='mean'", loss_fn)
+        x, y = curvature_batch
+        buffers = [b.detach().clone() for b in model.buffers()]
+        self._captured = {}
+        self._capture_mode = "dedicated"
+        try:
+            with torch.enable_grad():
+                output = model(x)
+                scale = 1.0
+                if self.fisher == "mc":
+                    y, scale = _sample_targets(loss_fn, output, self._generator)
+                loss = loss_fn(output, y) * scale
+                records = [(m, r) for m, recs in self._captured.items() for r in recs]
+                grads = torch.autograd.grad(loss, [r[1] for _, r in records], allow_unused=True)
+        finally:
+            self._capture_mode = "plain"
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
+        batch_size = int(x.shape[0])
+        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        for (module, record), grad in zip(records, grads):
+            if grad is None:
+                continue
+            self._accumulate(out, module, record[0], grad, batch_size)
+        self._captured = {}
+        return out
+
+    def _plain_factors(self) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, records in self._captured.items():
+            for inputs, _, grad in records:
+                if grad is not None:
+                    self._accumulate(out, module, inputs, grad, int(inputs.shape[0]))
+        self._captured = {}
+        return out
+
+    @staticmethod
+    def _accumulate(
+        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
+        module: nn.Module,
+        inputs: torch.Tensor,
+        grad: torch.Tensor,
+        batch_size: int,
+    ) -> None:
+        with torch.no_grad():
+            A, G = kfac_factors(module, inputs, grad, batch_size)
+        if module in out:
+            A0, G0 = out[module]
+            A, G = A0 + A, G0 + G
+        out[module] = (A, G)
+
+    def _update_factors(
+        self, batch_factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        rho = self.stat_decay
+        for module, (A, G) in batch_factors.items():
+            if not (torch.isfinite(A).all() and torch.isfinite(G).all()):
+                raise NumericalError(
+                    f"K-FAC: non-finite factor for layer {module} at step {self.steps_taken}"
+                )
+            state = self.state[_weight(module)]
+            dtype = _weight(module).dtype
+            A, G = A.to(dtype), G.to(dtype)
+            if "A" not in state:
+                state["A"], state["G"] = A.clone(), G.clone()
+            else:
+                state["A"].mul_(rho).add_(A, alpha=1.0 - rho)
+                state["G"].mul_(rho).add_(G, alpha=1.0 - rho)
+
+    def _update_inverses(self, damping: float) -> None:
+        for module in self._layers:
+            state = self.state[_weight(module)]
+            if "A" not in state:
+                continue
+            A, G = state["A"].double(), state["G"].double()
+            pi = 1.0
+            if self.damping_split == "pi":
+                ta, tg = float(torch.trace(A)) / A.shape[0], float(torch.trace(G)) / G.shape[0]
+                if ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg):
+                    pi = math.sqrt(ta / tg)
+            root = math.sqrt(damping)
+            state["A_inv"] = self._spd_inverse(A, pi * root, module).to(_weight(module).dtype)
+            state["G_inv"] = self._spd_inverse(G, root / pi, module).to(_weight(module).dtype)
+
+    def _spd_inverse(self, M: torch.Tensor, shift: float, module: nn.Module) -> torch.Tensor:
+        eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        chol, info = torch.linalg.cholesky_ex(M + shift * eye)
+        if int(info) != 0:
+            raise NumericalError(
+                f"K-FAC: damped factor of layer {module} is not positive definite "
+                f"at step {self.steps_taken}; increase damping"
+            )
+        return torch.cholesky_inverse(chol)
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimiser state (factors, inverses, momentum) plus step and RNG state."""
+        state = super().state_dict()
+        state[_STATE_KEY] = {
+            "steps_taken": self.steps_taken,
+            "rng_state": self._generator.get_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; resuming is bit-identical."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_STATE_KEY, None)
+        if not isinstance(extra, dict) or "steps_taken" not in extra:
+            raise argument_error("state_dict", f"a K-FAC state_dict with '{_STATE_KEY}'", None)
+        super().load_state_dict(state_dict)
+        self.steps_taken = int(extra["steps_taken"])
+        self._generator.set_state(extra["rng_state"].cpu())
+
+    # -- the step --------------------------------------------------------------------------
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        curvature_batch: Sequence[Any] | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+    ) -> Any:
+        """One K-FAC step.
+
+        Parameters
+        ----------
+        closure:
+            Optional: zeroes the gradients, computes the loss, calls
+            ``backward`` and returns the loss (the ``torch.optim`` convention).
+        curvature_batch, loss_fn:
+            ``(inputs, targets)`` and the (mean-reduced) loss on which the
+            factors are estimated on factor-update steps.  Required for
+            ``fisher='mc'``; without them the empirical factors come from the
+            hooks on the last forward/backward.
+
+        Raises
+        ------
+        ValueError
+            If factors are due but neither a curvature batch nor captured
+            statistics are available.
+        NumericalError
+            For non-finite factors or gradients.
+        """
+        loss = None
+        if closure is not None:
+            previous = self._capture_mode
+            if curvature_batch is not None:
+                self._capture_mode = None  # the curvature batch provides the factors
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._capture_mode = previous
+        with torch.no_grad():
+            group = self.param_groups[0]
+            if self._factors_due():
+                if curvature_batch is not None and loss_fn is not None:
+                    batch_factors = self._dedicated_pass(curvature_batch, loss_fn)
+                elif self.fisher == "mc":
+                    raise argument_error(
+                        "curvature_batch",
+                        "a batch (inputs, targets) and loss_fn for fisher='mc' "
+                        "(or fisher='empirical' in a plain backward/step loop)",
+                        curvature_batch,
+                    )
+                else:
+                    batch_factors = self._plain_factors()
+                    if not batch_factors and self._layers:
+                        raise argument_error(
+                            "step",
+                            "a preceding forward/backward in training mode (empirical K-FAC "
+                            "statistics) or curvature_batch and loss_fn",
+                            "no captured statistics",
+                        )
+                self._update_factors(batch_factors)
+            if self.steps_taken % self._inv_freq == 0 or any(
+                "A" in self.state[_weight(m)] and "A_inv" not in self.state[_weight(m)]
+                for m in self._layers
+            ):
+                self._update_inverses(group["damping"])
+            self._apply(group)
+        self.steps_taken += 1
+        return loss
+
+    def _apply(self, group: dict[str, Any]) -> None:
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        directions: dict[torch.Tensor, torch.Tensor] = {}
+        preconditioned: list[torch.Tensor] = []
+        vg = torch.zeros((), dtype=torch.float64, device=group["params"][0].device)
+        for module in self._layers:
+            weight, bias = _weight(module), _bias(module)
+            state = self.state[weight]
+            if weight.grad is None or "A_inv" not in state:
+                continue
+            out_features = weight.shape[0]
+            m = weight.grad.reshape(out_features, -1)
+            if wd:
+                m = m + wd * weight.reshape(out_features, -1)
+            if bias is not None:
+                gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                if wd:
+                    gb = gb + wd * bias
+                m = torch.cat([m, gb.reshape(out_features, 1)], dim=1)
+            v = state["G_inv"] @ m @ state["A_inv"]
+            vg += (v.double() * m.double()).sum()
+            if bias is not None:
+                directions[bias] = v[:, -1].reshape(bias.shape)
+                v = v[:, :-1]
+            directions[weight] = v.reshape(weight.shape)
+            preconditioned.append(weight)
+            if bias is not None:
+                preconditioned.append(bias)
+        nu = 1.0
+        kl_clip = group["kl_clip"]
+        if kl_clip and preconditioned:
+            total = float(vg) * lr * lr
+            if not math.isfinite(total):
+                raise NumericalError(
+                    f"K-FAC: non-finite preconditioned step at step {self.steps_taken}"
+                )
+            if total > 0:
+                nu = min(1.0, math.sqrt(kl_clip / total))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p in directions:
+                d = directions[p] * nu if nu != 1.0 else directions[p]
+            else:
+                d = p.grad.add(p, alpha=wd) if wd else p.grad
+            if mom:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = d.detach().clone()
+                    state["momentum_buffer"] = buf
+                else:
+                    buf.mul_(mom).add_(d)
+                d = buf
+            p.add_(d, alpha=-lr)
+
+
+register_optimizer("KFAC", KFAC, overwrite=True)

@@ -1,0 +1,252 @@
+"""Loss landscapes: loss and accuracy along directions (curves) and over planes (contours).
+
+A landscape file (written by ``nets.build_loss_landscape``) holds the
+perturbation sizes ``t`` in ``[-dist, dist]``, one row per direction in
+``train_loss``/``test_loss``/``train_acc``/``test_acc`` (shape ``[d, n_points]``),
+the directions' names and Ritz values, and optionally 2-D planes
+``plane_train_loss[q, i, j]`` = loss at ``t[i]`` along the plane's first
+direction and ``t[j]`` along its second.
+
+>>> import numpy as np
+>>> t = np.linspace(-1, 1, 5)
+>>> fig = plot_loss_landscape({"t": t, "train_loss": np.array([t**2 + 0.1]),
+...                            "test_loss": np.array([t**2 + 0.2]),
+...                            "direction_names": np.array(["ritz-top-1"]),
+...                            "direction_values": np.array([2.0])})
+>>> len(fig.axes)
+2
+>>> close_figure(fig)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from nets.plots._figure import PALETTE, close_figure, figure_style, new_subplots, save_figure
+from nets.plots._sources import load_landscape
+from spectral.errors import argument_error
+
+__all__ = ["close_figure", "direction_label", "plot_loss_landscape"]
+
+_METRICS = ("loss", "acc", "both")
+_STYLES = ("-", "--", "-.", ":")
+
+
+def direction_label(name: str, value: float | None = None) -> str:
+    """A legend label: ``'ritz-top-1'`` with Ritz value 2.5 -> ``'ritz-top-1 (θ = 2.5)'``.
+
+    >>> direction_label("ritz-top-1", 2.5)
+    'ritz-top-1 ($\\\\theta$ = 2.5)'
+    >>> direction_label("random-1", float("nan"))
+    'random-1'
+    """
+    if value is None or not np.isfinite(value):
+        return name
+    return f"{name} ($\\theta$ = {value:.3g})"
+
+
+def _names(arrays: dict[str, np.ndarray], key: str, count: int, prefix: str) -> list[str]:
+    if key in arrays:
+        names = [str(n) for n in np.atleast_1d(arrays[key])]
+        if len(names) == count:
+            return names
+    return [f"{prefix}-{i + 1}" for i in range(count)]
+
+
+def _draw_curves(
+    ax: Axes, t: np.ndarray, curves: np.ndarray, labels: list[str], checkpoint: float | None
+) -> None:
+    for i, (row, label) in enumerate(zip(curves, labels)):
+        color = PALETTE[i % len(PALETTE)]
+        style = _STYLES[(i // len(PALETTE)) % len(_STYLES)]
+        ax.plot(
+            t,
+            row,
+            color=color,
+            linestyle=style,
+            marker="o" if t.size <= 41 else None,
+            markersize=2.5,
+            label=label,
+        )
+    ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
+    if checkpoint is not None and np.isfinite(checkpoint):
+        ax.plot(
+            [0.0],
+            [checkpoint],
+            marker="*",
+            color="black",
+            markersize=7,
+            linestyle="none",
+            zorder=4,
+            label="checkpoint",
+        )
+    ax.set_xlabel("perturbation $t$")
+
+
+def _plane_scale(panels: list[np.ndarray]) -> tuple[bool, np.ndarray]:
+    """Whether to show log10 of the losses, and contour levels shared by every panel of a plane."""
+    finite = np.concatenate([z[np.isfinite(z)] for z in panels])
+    if finite.size == 0:
+        return False, np.linspace(0.0, 1.0, 15)
+    use_log = bool(finite.min() > 0 and finite.max() / finite.min() > 50.0)
+    shown = np.log10(finite) if use_log else finite
+    low, high = float(shown.min()), float(shown.max())
+    if high <= low:
+        high = low + 1.0
+    return use_log, np.linspace(low, high, 15)
+
+
+def _draw_plane(
+    ax: Axes,
+    t: np.ndarray,
+    z: np.ndarray,
+    names: tuple[str, str],
+    use_log: bool,
+    levels: np.ndarray,
+) -> Any:
+    shown = np.log10(np.where(z > 0, z, np.nan)) if use_log else z
+    # z[i, j] is at (t[i], t[j]): the first direction runs along x, so transpose for contourf.
+    filled = ax.contourf(t, t, shown.T, levels=levels, cmap="viridis", extend="both")
+    ax.contour(
+        t,
+        t,
+        shown.T,
+        levels=levels,
+        colors="white",
+        linewidths=0.4,
+        alpha=0.6,
+        negative_linestyles="solid",
+    )
+    ax.plot(
+        [0.0],
+        [0.0],
+        marker="*",
+        color="white",
+        markeredgecolor="black",
+        markersize=9,
+        linestyle="none",
+    )
+    ax.set_xlabel(f"$t_1$ along {names[0]}")
+    ax.set_ylabel(f"$t_2$ along {names[1]}")
+    ax.set_aspect("equal")
+    ax.grid(False)
+    return filled
+
+
+def plot_loss_landscape(
+    path: Any,
+    *,
+    metric: str = "loss",
+    directions: Sequence[int] | None = None,
+    planes: bool = True,
+    save_path: str | os.PathLike[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Plot train and test loss (and/or accuracy) along each direction, and contours for planes.
+
+    Parameters
+    ----------
+    path:
+        A landscape ``.npz`` (suffix optional) or the loaded mapping of its arrays.
+    metric:
+        ``"loss"`` (default), ``"acc"`` or ``"both"`` (two rows: loss, then accuracy).
+    directions:
+        Indices of the directions to draw (all by default).
+    planes:
+        Also draw each stored plane as train/test filled contours (one row per plane);
+        losses spanning more than a factor 50 are shown as log10.
+    save_path:
+        Write the figure there (PNG/PDF by suffix) atomically.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Curves in the first row(s): train on the left, test on the right; the checkpoint
+        (t = 0) is marked with a star.
+
+    Raises
+    ------
+    ValueError
+        For an unknown metric, out-of-range direction indices, or a malformed file.
+    """
+    if metric not in _METRICS:
+        raise argument_error("metric", f"one of {_METRICS}", metric)
+    arrays = load_landscape(path)
+    t = arrays["t"]
+    d = arrays["train_loss"].shape[0]
+    idx = list(range(d)) if directions is None else [int(i) for i in directions]
+    if not idx or any(i < 0 or i >= d for i in idx):
+        raise argument_error("directions", f"indices in [0, {d})", directions)
+    names = _names(arrays, "direction_names", d, "direction")
+    values = np.full(d, np.nan)
+    if "direction_values" in arrays and np.atleast_1d(arrays["direction_values"]).size == d:
+        values = np.atleast_1d(arrays["direction_values"]).astype(np.float64)
+    labels = [direction_label(names[i], float(values[i])) for i in idx]
+    rows = [m for m in ("loss", "acc") if metric in (m, "both")]
+    rows = [m for m in rows if f"train_{m}" in arrays]
+    if not rows:
+        raise argument_error("metric", "a metric stored in the file", metric)
+    plane_names: list[str] = []
+    if planes and "plane_train_loss" in arrays:
+        q = np.asarray(arrays["plane_train_loss"]).shape[0]
+        plane_names = _names(arrays, "plane_names", q, "plane")
+    checkpoint = None
+    if "checkpoint_loss" in arrays and np.asarray(arrays["checkpoint_loss"]).size == 1:
+        checkpoint = float(np.asarray(arrays["checkpoint_loss"]))
+    nrows = len(rows) + len(plane_names)
+    with figure_style():
+        fig, axes = new_subplots(nrows, 2, (8.0, 3.0 * len(rows) + 3.4 * len(plane_names)))
+        for r, m in enumerate(rows):
+            for c, split in enumerate(("train", "test")):
+                ax = axes[r, c]
+                key = f"{split}_{m}"
+                if key not in arrays:
+                    ax.set_axis_off()
+                    continue
+                curves = arrays[key][idx]
+                _draw_curves(
+                    ax,
+                    t,
+                    curves,
+                    labels,
+                    checkpoint if (m == "loss" and split == "train") else None,
+                )
+                ax.set_ylabel("loss" if m == "loss" else "accuracy (%)")
+                ax.set_title(f"{split.capitalize()} {'loss' if m == 'loss' else 'accuracy'}")
+        handles, legend_labels = axes[0, 0].get_legend_handles_labels()
+        if handles:
+            fig.legend(
+                handles,
+                legend_labels,
+                loc="outside upper center",
+                ncols=min(len(handles), 3),
+            )
+        for p, plane in enumerate(plane_names):
+            pair = tuple(plane.split("|", 1)) if "|" in plane else (plane, plane)
+            splits = [s for s in ("train", "test") if f"plane_{s}_loss" in arrays]
+            panels = [np.asarray(arrays[f"plane_{s}_loss"], dtype=np.float64)[p] for s in splits]
+            use_log, levels = _plane_scale(panels)
+            row = axes[len(rows) + p]
+            filled = None
+            for c, split in enumerate(("train", "test")):
+                if split not in splits:
+                    row[c].set_axis_off()
+                    continue
+                filled = _draw_plane(
+                    row[c], t, panels[splits.index(split)], (pair[0], pair[-1]), use_log, levels
+                )
+                row[c].set_title(f"{split.capitalize()} loss over the plane")
+            if filled is not None:
+                bar = fig.colorbar(filled, ax=list(row), shrink=0.9)
+                bar.set_label("log$_{10}$ loss" if use_log else "loss")
+        if title:
+            fig.suptitle(title, fontsize=10)
+    if save_path is not None:
+        save_figure(fig, save_path)
+    return fig

@@ -1,0 +1,299 @@
+"""Stem plot of a Lanczos spectrum (Ritz values against their weights), as in the paper's Table 2.
+
+The Ritz values :math:`\\theta_i` and weights :math:`w_i` (squared first
+components of the Ritz vectors, :math:`\\sum_i w_i = 1`) form a discrete measure
+whose moments match those of the spectral density :math:`\\frac1P\\sum_j
+\\delta(\\lambda - \\lambda_j)` of the P x P curvature matrix. The text box
+reports
+
+* the top Ritz value :math:`\\theta_{\\max}` (a lower bound on :math:`\\lambda_{\\max}`),
+* the trace estimate :math:`\\operatorname{Tr} \\approx P \\sum_i w_i \\theta_i`,
+* the negative spectral mass :math:`\\sum_{\\theta_i < 0} w_i`,
+* the condition number of the positive part,
+  :math:`\\theta_{\\max} / \\min_{\\theta_i > 0} \\theta_i`.
+
+>>> import numpy as np
+>>> fig = plot_spectrum("lanczos", {"w": np.array([-0.1, 0.5, 3.0]),
+...                                 "gammas": np.array([0.2, 0.7, 0.1]), "num_params": 100})
+>>> spectrum_summary({"w": np.array([-0.1, 0.5, 3.0]), "gammas": np.array([0.2, 0.7, 0.1]),
+...                   "num_params": 100})["trace"]
+63.0
+>>> close_figure(fig)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, cast
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.container import StemContainer
+from matplotlib.figure import Figure
+
+from nets.plots._figure import PALETTE, close_figure, figure_style, new_figure, save_figure
+from nets.plots._sources import Spectrum, as_diagonal, as_spectrum
+from spectral.density import SpectralDensity
+from spectral.errors import argument_error
+from spectral.plot import plot_ritz_stem, plot_smoothed_density
+
+__all__ = ["close_figure", "plot_spectrum", "spectrum_summary", "stem_spectrum"]
+
+_KINDS = ("lanczos", "diag")
+_CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}
+
+
+def spectrum_summary(source: Any) -> dict[str, Any]:
+    """The numbers the spectrum plot reports, as a dict (also used by the CLI's summary table).
+
+    Keys: ``top`` (largest Ritz value), ``bottom`` (smallest), ``trace`` (P * sum(w theta),
+    ``None`` if P is unknown), ``normalised_trace`` (sum(w theta)), ``negative_mass``,
+    ``positive_condition``, ``num_params``, ``num_ritz``, ``curvature``.
+    """
+    s = as_spectrum(source)
+    return {
+        "curvature": s.curvature,
+        "num_params": s.num_params,
+        "num_ritz": int(s.values.size),
+        "top": s.top,
+        "bottom": float(np.min(s.values)),
+        "trace": s.trace,
+        "normalised_trace": s.normalised_trace,
+        "negative_mass": s.negative_mass,
+        "positive_condition": s.positive_condition,
+    }
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 or x == 0 else f"{x:.3e}"
+
+
+def _stats_text(s: Spectrum) -> str:
+    trace_line = (
+        rf"$\mathrm{{Tr}} \approx P\,\sum w_i\theta_i = {_fmt(s.trace)}$"
+        if s.trace is not None
+        else rf"$\sum w_i\theta_i = \mathrm{{Tr}}/P = {_fmt(s.normalised_trace)}$"
+    )
+    negatives = int(np.sum(s.values < 0))
+    return "\n".join(
+        [
+            rf"$\theta_{{\max}} = {_fmt(s.top)}$",
+            trace_line,
+            f"negative mass = {s.negative_mass:.3g} ({negatives} of {s.values.size} Ritz values)",
+            rf"$\kappa_+ = \theta_{{\max}} / \theta^+_{{\min}} = {_fmt(s.positive_condition)}$",
+        ]
+    )
+
+
+def _density(s: Spectrum) -> SpectralDensity:
+    return SpectralDensity(s.values, s.weights)
+
+
+def stem_spectrum(
+    ax: Axes,
+    spectrum: Any,
+    *,
+    log_weights: bool = False,
+    color: str = PALETTE[0],
+    label: str | None = None,
+    marker: str = "o",
+    bottom: float | None = None,
+) -> StemContainer:
+    """Draw the stems of ``spectrum`` on ``ax`` and return the ``StemContainer``.
+
+    Drawn by :func:`spectral.plot.plot_ritz_stem` (zero weights are dropped on a log
+    axis), then styled for print: small markers, thin stems, the given colour and marker.
+    ``bottom`` moves the foot of every stem (e.g. to a log axis' lower limit shared with
+    other artists).
+    """
+    plot_ritz_stem(_density(as_spectrum(spectrum)), ax, log_weights=log_weights, label=label)
+    stems = cast(StemContainer, ax.containers[-1])
+    stems.markerline.set(color=color, marker=marker, markersize=4.0, zorder=3)
+    stems.stemlines.set(color=color, linewidth=1.2, alpha=0.9)
+    if bottom is not None:
+        stems.stemlines.set_segments(
+            [
+                [(seg[0][0], bottom), (seg[-1][0], seg[-1][1])]
+                for seg in stems.stemlines.get_segments()
+            ]
+        )
+    return stems
+
+
+def _smooth_sigma(s: Spectrum, smooth: float | bool) -> float:
+    span = float(s.values.max() - s.values.min())
+    scale = max(span, abs(s.top), 1e-12)
+    sigma = float(smooth) if not isinstance(smooth, bool) else 0.02 * scale
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise argument_error("smooth", "True or a positive kernel width sigma", smooth)
+    return sigma
+
+
+def _title(s: Spectrum) -> str:
+    name = _CURVATURE_NAMES.get((s.curvature or "").lower(), s.curvature or "Curvature")
+    parts = [
+        f"Lanczos, m = {s.values.size}"
+        if s.lanczos_iters is None
+        else f"Lanczos, m = {s.lanczos_iters}"
+    ]
+    if s.num_probes is not None and s.num_probes > 1:
+        parts.append(f"{s.num_probes} probes")
+    if s.num_params is not None:
+        parts.append(f"P = {s.num_params:,}")
+    return f"{name} spectrum ({', '.join(parts)})"
+
+
+def _plot_diag(source: Any, ax: Axes, *, log_weights: bool, color: str) -> None:
+    diagonal = as_diagonal(source, name="path")
+    ax.hist(
+        diagonal,
+        bins=min(60, max(10, int(np.sqrt(diagonal.size)))),
+        density=True,
+        color=color,
+        alpha=0.6,
+        edgecolor="white",
+        linewidth=0.4,
+        label=f"diagonal ({diagonal.size:,} entries)",
+    )
+    if log_weights:
+        ax.set_yscale("log")
+    ax.set_xlabel(r"diagonal entry")
+    ax.set_ylabel("density (histogram area = 1)")
+    ax.set_title("Histogram of the curvature diagonal")
+    ax.legend(loc="upper right")
+
+
+def plot_spectrum(
+    kind_or_path: Any,
+    path: Any = None,
+    *,
+    log_weights: bool = False,
+    smooth: float | bool | None = None,
+    ax: Axes | None = None,
+    save_path: str | os.PathLike[str] | None = None,
+    show_stats: bool = True,
+    title: str | None = None,
+    color: str = PALETTE[0],
+    label: str | None = None,
+) -> Figure:
+    """Stem plot of Ritz values against their weights, with the spectrum's key numbers.
+
+    Parameters
+    ----------
+    kind_or_path:
+        ``"lanczos"`` (the paper's form ``plot_spectrum('lanczos', path=...)``), ``"diag"``
+        (histogram of a curvature diagonal given by ``path``), or directly the spectrum: a
+        ``.npz`` path (suffix optional), a mapping with ``w``/``gammas``, a
+        ``SpectralDensity`` or a ``(values, weights)`` pair.
+    path:
+        The spectrum (or diagonal) when ``kind_or_path`` names the kind.
+    log_weights:
+        Logarithmic weight axis: outlier Ritz values carry weights around 1/P.
+    smooth:
+        ``True`` or a kernel width sigma: also draw the Gaussian-smoothed density
+        :math:`\\sum_i w_i\\,\\mathcal N(\\lambda; \\theta_i, \\sigma^2)` on a second axis.
+    ax:
+        Draw into this Axes instead of a new figure.
+    save_path:
+        Write the figure there (PNG/PDF/SVG by suffix) atomically.
+    show_stats:
+        Draw the text box (top value, trace, negative mass, positive condition number).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure holding the plot (never shown; call ``plt.show()`` yourself).
+
+    Raises
+    ------
+    ValueError, TypeError
+        For an unknown kind or an unreadable spectrum; ``FileNotFoundError`` for a missing file.
+    """
+    if isinstance(kind_or_path, str) and kind_or_path.lower() in _KINDS:
+        kind = kind_or_path.lower()
+        if path is None:
+            raise argument_error(
+                "path", f"the spectrum to plot when the kind is given ({kind!r})", None
+            )
+        source = path
+    else:
+        if path is not None:
+            raise argument_error(
+                "kind_or_path", f"one of {_KINDS} when 'path' is given", kind_or_path
+            )
+        kind, source = "lanczos", kind_or_path
+    with figure_style():
+        if ax is None:
+            fig, ax = new_figure((5.2, 3.3))
+        else:
+            fig = ax.get_figure()  # type: ignore[assignment]
+        if kind == "diag":
+            _plot_diag(source, ax, log_weights=log_weights, color=color)
+        else:
+            s = as_spectrum(source, name="path")
+            ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
+            stem_spectrum(
+                ax,
+                s,
+                log_weights=log_weights,
+                color=color,
+                label=label or "Ritz values",
+            )
+            ax.set_xlabel(r"eigenvalue $\lambda$ (Ritz value $\theta_i$)")
+            ax.set_ylabel(r"weight $w_i$ ($\Sigma_i\, w_i = 1$)")
+            ax.set_title(title if title is not None else _title(s))
+            handles, labels = ax.get_legend_handles_labels()
+            top_axes = ax
+            if smooth is not None and smooth is not False:
+                sigma = _smooth_sigma(s, smooth)
+                twin = ax.twinx()
+                twin.grid(False)
+                twin.spines["right"].set_visible(True)
+                plot_smoothed_density(
+                    _density(s),
+                    twin,
+                    sigma=sigma,
+                    num_points=800,
+                    label=rf"smoothed density ($\sigma$ = {sigma:.2g})",
+                )
+                line = twin.get_lines()[-1]
+                line.set(color=PALETTE[1], linewidth=1.3)
+                grid, density = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+                twin.fill_between(grid, density, color=PALETTE[1], alpha=0.12, linewidth=0)
+                twin.set_ylabel("smoothed density")
+                twin.set_ylim(bottom=0.0, top=float(density.max()) * 1.35)
+                top_axes = twin
+                handles.append(line)
+                labels.append(line.get_label())
+            if show_stats:
+                top_axes.text(
+                    0.98,
+                    0.97,
+                    _stats_text(s),
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    multialignment="left",
+                    fontsize=7.5,
+                    zorder=5,
+                    bbox={
+                        "boxstyle": "round,pad=0.4",
+                        "facecolor": "white",
+                        "edgecolor": "0.7",
+                        "alpha": 0.92,
+                    },
+                )
+            if label is not None or len(handles) > 1:
+                top_axes.legend(handles, labels, loc="center right" if show_stats else "best")
+            peak = max(float(s.weights.max()), 1e-300)
+            if log_weights:
+                positive = s.weights[s.weights > 0]
+                floor = float(positive.min()) / 2.0 if positive.size else 1e-16
+                ax.set_ylim(bottom=floor, top=peak * 4.0)
+            else:
+                ax.set_ylim(bottom=0.0, top=peak * 1.35)
+    if save_path is not None:
+        save_figure(fig, save_path)
+    return fig

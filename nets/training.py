@@ -1,0 +1,844 @@
+"""Network training that writes analysable checkpoints: ``train_network``.
+
+The paper's Table 1 call works as written::
+
+    train_network(dir="result/VGG16-CIFAR100/", dataset="CIFAR100", data_path="data/",
+                  epochs=100, model="VGG16", optimizer="SGD",
+                  optimizer_kwargs={"lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4})
+
+Files written in ``dir``
+------------------------
+``checkpoint-XXXXX.pt``
+    After ``XXXXX`` completed epochs (``00000`` is the initialisation), every
+    ``save_freq`` epochs and after the last one; format in :mod:`nets.checkpoint`.
+    Extra entries: ``rng_state`` (dict of ``uint8`` generator-state tensors:
+    ``torch_cpu``, ``cuda``, ``train_loader``, ``curvature_loader``) and, with
+    SWA, ``swa_state_dict``.
+``swa-XXXXX.pt``
+    With ``swa=True``, at the same epochs once averaging has started: the
+    averaged model (``state_dict``, BatchNorm statistics recomputed) in the same
+    format, plus ``n_averaged``; :func:`nets.checkpoint.model_from_checkpoint` reads it.
+``stats.json``
+    One JSON file per run (rewritten atomically after every epoch)::
+
+        {"format": "deep-curvature-training-stats", "version": 1,
+         "config": {...},
+         "epochs": [{"epoch": 1, "lr": 0.05, "train_loss": ..., "train_acc": ...,
+                     "train_top5": ..., "test_loss": ..., "test_acc": ...,
+                     "test_top5": ..., "epoch_time": seconds, "peak_memory_mb": ...,
+                     ["swa_test_loss", "swa_test_acc", "swa_test_top5", "swa_n_averaged"]},
+                    ...]}
+
+    Accuracies are percentages; ``test_*`` are ``null`` on epochs without
+    evaluation (and accuracies are ``null`` for regression).  ``train_*`` are
+    running averages over the epoch's minibatches (model in training mode).
+    ``peak_memory_mb`` is the CUDA peak allocation during the epoch, or on CPU
+    the process's peak resident set size.  (The original code wrote several
+    ``stats-*`` files; one JSON file replaces them.)
+
+Randomness and exact resumption
+-------------------------------
+Model initialisation uses ``seed`` through an explicit generator.  The training
+data order comes from the loader's generator (seeded with ``seed``), curvature
+batches from a second loader with a derived seed, and augmentation is a
+function of ``(seed, epoch, indices)``.  Dropout and other layers that draw from
+torch's global generator run inside ``torch.random.fork_rng``, whose state is
+seeded from ``seed`` and saved in every checkpoint: the caller's global random
+state is the same after the call as before.  On CPU, training ``2k`` epochs
+equals training ``k``, stopping and resuming from ``checkpoint-k`` for ``k``
+more, bit for bit.
+
+Curvature optimisers
+--------------------
+If the optimiser has an attribute ``curvature_step = True`` (Lanczos-Newton,
+K-FAC), each step is ``optimizer.step(closure=closure, curvature_batch=(x_c, y_c),
+loss_fn=loss_fn)``, where ``closure()`` zeroes the gradients, evaluates the loss
+on the training batch, back-propagates and returns the loss, and ``(x_c, y_c)``
+is a batch of ``curvature_batch_size`` training samples from a separate seeded
+loader.  Optimisers with ``requires_closure = True`` (and ``LBFGS``) get
+``optimizer.step(closure)``; all others the usual ``zero_grad``/``backward``/``step``.
+``batch_size`` and ``curvature_batch_size`` may be given inside
+``optimizer_kwargs`` as in the paper's Table 4.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from nets.checkpoint import (
+    checkpoint_name,
+    json_safe,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    swa_checkpoint_name,
+)
+from nets.data import DatasetSplits, load_dataset, make_loader
+from nets.device import resolve_device
+from nets.models import get_model, model_spec
+from nets.models._common import check_positive_int
+from nets.optim.registry import get_optimizer
+from nets.schedules import get_schedule
+from nets.swa import WeightAverager
+from spectral.errors import NumericalError, argument_error
+from spectral.io import atomic_write
+
+__all__ = ["STATS_FILE", "TrainingResult", "evaluate", "train_network"]
+
+logger = logging.getLogger(__name__)
+
+STATS_FILE = "stats.json"
+STATS_FORMAT = "deep-curvature-training-stats"
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_network` produced.
+
+    Attributes
+    ----------
+    dir:
+        The run directory.
+    model, optimizer:
+        The trained model (on the training device) and its optimiser.
+    stats:
+        Per-epoch statistics (the ``epochs`` list of ``stats.json``).
+    checkpoints, swa_checkpoints:
+        Paths written by this call.
+    stats_path:
+        ``dir / "stats.json"``.
+    config:
+        The JSON-safe run configuration stored in checkpoints.
+    swa_model:
+        The averaged model (``swa=True``), else ``None``.
+    """
+
+    dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stats: list[dict[str, Any]]
+    checkpoints: list[Path] = field(default_factory=list)
+    swa_checkpoints: list[Path] = field(default_factory=list)
+    stats_path: Path = Path(STATS_FILE)
+    config: dict[str, Any] = field(default_factory=dict)
+    swa_model: nn.Module | None = None
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([int(seed), stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class _Data:
+    train: Dataset[Any] | None
+    train_eval: Dataset[Any] | None
+    test: Dataset[Any] | None
+    train_loader: DataLoader[Any] | None
+    num_classes: int | None
+    in_channels: int | None
+    input_size: int | None
+    task: str
+    name: str | None
+    options: dict[str, Any]
+
+
+def _resolve_data(dataset: Any, data_path: Any, seed: int, dataset_kwargs: dict[str, Any]) -> _Data:
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset, data_path, seed=seed, **dataset_kwargs)
+    if isinstance(dataset, DatasetSplits):
+        return _Data(
+            dataset.train,
+            dataset.train_eval,
+            dataset.test,
+            None,
+            dataset.num_classes,
+            dataset.in_channels,
+            dataset.input_size,
+            dataset.task,
+            dataset.name,
+            dict(dataset.options),
+        )
+    train: Any = dataset
+    test: Any = None
+    if isinstance(dataset, tuple) and len(dataset) == 2:
+        train, test = dataset
+    if isinstance(test, DataLoader):
+        test = test.dataset
+    if isinstance(train, DataLoader):
+        return _Data(
+            train.dataset, train.dataset, test, train, None, None, None, "classification", None, {}
+        )
+    if isinstance(train, Dataset):
+        return _Data(train, train, test, None, None, None, None, "classification", None, {})
+    raise argument_error(
+        "dataset",
+        "a dataset name, DatasetSplits, Dataset, DataLoader or a (train, test) pair of them",
+        dataset,
+        kind=TypeError,
+    )
+
+
+def _batch_iter(loader: DataLoader[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in loader:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise argument_error("dataset", "batches of (inputs, targets)", batch, kind=TypeError)
+        yield batch[0], batch[1]
+
+
+class _Metrics:
+    """Sample-weighted loss and top-1/top-5 hit counts, accumulated on the device (no syncs).
+
+    Accuracies are counted for batches of integer class targets ``(B,)`` and logits
+    ``(B, C)`` only, so regression data reports ``None``.
+    """
+
+    def __init__(self, device: torch.device, classification: bool) -> None:
+        self.classification = classification
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.correct5 = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+        self.labelled = 0
+
+    def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        n = int(output.shape[0])
+        self.loss_sum += loss.detach().double() * n
+        self.count += n
+        if (
+            self.classification
+            and output.dim() == 2
+            and target.dim() == 1
+            and not torch.is_floating_point(target)
+        ):
+            top = output.topk(min(5, output.shape[1]), dim=1).indices
+            hits = top == target[:, None]
+            self.correct += hits[:, 0].sum()
+            self.correct5 += hits.any(dim=1).sum()
+            self.labelled += n
+
+    def result(self) -> dict[str, float | None]:
+        labelled = self.labelled
+        return {
+            "loss": float(self.loss_sum) / max(self.count, 1),
+            "acc": 100.0 * float(self.correct) / labelled if labelled else None,
+            "top5": 100.0 * float(self.correct5) / labelled if labelled else None,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    loss_fn: LossFn,
+    device: torch.device | str = "cpu",
+    *,
+    classification: bool = True,
+) -> dict[str, float | None]:
+    """Mean loss, top-1 and top-5 accuracy (%) of ``model`` in eval mode over ``loader``.
+
+    The model's training mode is restored afterwards.
+
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> net = torch.nn.Linear(2, 3)
+    >>> data = DataLoader(TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
+    >>> sorted(evaluate(net, data, torch.nn.CrossEntropyLoss()))
+    ['acc', 'loss', 'top5']
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    metrics = _Metrics(device, classification)
+    try:
+        for x, y in _batch_iter(loader):
+            x, y = x.to(device), y.to(device)
+            output = model(x)
+            metrics.add(output, y, loss_fn(output, y))
+    finally:
+        model.train(was_training)
+    if metrics.count == 0:
+        raise argument_error("loader", "a non-empty data loader", loader)
+    return metrics.result()
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _generator_state(loader: DataLoader[Any] | None) -> torch.Tensor | None:
+    if loader is None or loader.generator is None:
+        return None
+    return loader.generator.get_state()
+
+
+def _write_stats(path: Path, config: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
+    payload = {"format": STATS_FORMAT, "version": 1, "config": config, "epochs": epochs}
+    with atomic_write(path, "w") as handle:
+        json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
+
+
+def _read_stats(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        payload = json.loads(path.read_text())
+        entries = [e for e in payload["epochs"] if int(e["epoch"]) <= upto_epoch]
+    except (ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring unreadable %s (%s); starting a new one", path, exc)
+        return []
+    return entries
+
+
+def train_network(
+    dir: str | os.PathLike[str],
+    dataset: Any = "digits",
+    data_path: str | os.PathLike[str] | None = None,
+    model: str | nn.Module = "SmallCNN",
+    optimizer: str | torch.optim.Optimizer = "SGD",
+    optimizer_kwargs: dict[str, Any] | None = None,
+    epochs: int = 100,
+    batch_size: int = 128,
+    schedule: str | Callable[..., float] | None = "linear",
+    save_freq: int | None = 25,
+    eval_freq: int = 1,
+    resume: str | os.PathLike[str] | bool | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    swa: bool = False,
+    swa_start: int | None = None,
+    swa_lr: float | None = None,
+    swa_c_epochs: int = 1,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    dataset_kwargs: dict[str, Any] | None = None,
+    curvature_batch_size: int | None = None,
+) -> TrainingResult:
+    """Train a network, saving checkpoints and per-epoch statistics in ``dir``.
+
+    Parameters
+    ----------
+    dir:
+        Output directory (created).
+    dataset:
+        A name for :func:`nets.data.load_dataset` (``"digits"``, ``"CIFAR10"``,
+        ``"CIFAR100"``, ``"synthetic"``), a :class:`~nets.data.DatasetSplits`, a
+        ``Dataset`` or ``DataLoader`` of ``(inputs, targets)`` (training only), or a
+        ``(train, test)`` pair of them.
+    data_path:
+        Where CIFAR is stored.
+    model:
+        A name for :func:`nets.models.get_model` (built for the dataset's classes,
+        channels and size, with ``seed``) or any ``nn.Module`` (trained in place).
+    optimizer:
+        A registered name (:func:`nets.optim.get_optimizer`, case-insensitive) or
+        an optimiser over ``model``'s parameters.
+    optimizer_kwargs:
+        Passed to the optimiser; ``batch_size`` and ``curvature_batch_size``
+        entries are taken out first and override the arguments of those names.
+    epochs:
+        Total number of epochs (including those before ``resume``).
+    batch_size:
+        Training minibatch size (also used for evaluation).
+    schedule:
+        ``"linear"`` (Eq. 8, ``r = 0.01``), ``"constant"``, a callable
+        ``f(epoch, total_epochs, lr0, ratio)`` or ``None`` to leave learning rates alone.
+    save_freq:
+        Save a checkpoint every ``save_freq`` epochs (plus the initial and final
+        ones); ``None`` saves only those two.
+    eval_freq:
+        Evaluate the test set every ``eval_freq`` epochs (and after the last).
+    resume:
+        A checkpoint path, or ``True`` for the latest ``checkpoint-*.pt`` in ``dir``.
+    seed:
+        Seed of initialisation, data order, augmentation and dropout.
+    device:
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
+    swa, swa_start, swa_lr, swa_c_epochs:
+        Stochastic weight averaging: from epoch ``swa_start`` (default
+        ``epochs // 2``) average the weights every ``swa_c_epochs`` epochs, with the
+        learning rate annealed to ``swa_lr`` (default ``lr0 / 10``) by ``swa_start``.
+    loss_fn:
+        Loss with mean reduction; default cross-entropy (MSE for regression).
+    progress:
+        Show a tqdm progress bar.
+    num_workers:
+        Data-loading worker processes.
+    model_kwargs, dataset_kwargs:
+        Extra arguments of :func:`~nets.models.get_model` / :func:`~nets.data.load_dataset`.
+    curvature_batch_size:
+        Size of curvature batches for ``curvature_step`` optimisers (default ``batch_size``).
+
+    Returns
+    -------
+    TrainingResult
+
+    Raises
+    ------
+    ValueError, TypeError
+        For invalid arguments (the message names the argument).
+    NumericalError
+        If the training loss becomes non-finite (names the epoch and batch).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> res = train_network(tempfile.mkdtemp(), "digits", model="MLP", epochs=1,
+    ...                     optimizer_kwargs={"lr": 0.05, "momentum": 0.9, "batch_size": 512},
+    ...                     model_kwargs={"hidden": (16,)}, progress=False, device="cpu")
+    >>> [p.name for p in res.checkpoints], sorted(res.stats[0])[:3]
+    (['checkpoint-00000.pt', 'checkpoint-00001.pt'], ['epoch', 'epoch_time', 'lr'])
+    """
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("eval_freq", eval_freq)
+    check_positive_int("swa_c_epochs", swa_c_epochs)
+    if save_freq is not None:
+        check_positive_int("save_freq", save_freq)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise argument_error("seed", "an integer", seed, kind=TypeError)
+    schedule_fn = None if schedule is None else get_schedule(schedule)
+    out_dir = Path(dir)
+    run_device = resolve_device(device)
+    opt_kwargs = dict(optimizer_kwargs or {})
+    batch_size = check_positive_int("batch_size", opt_kwargs.pop("batch_size", batch_size))
+    curvature_batch_size = opt_kwargs.pop("curvature_batch_size", curvature_batch_size)
+    if curvature_batch_size is None:
+        curvature_batch_size = batch_size
+    check_positive_int("curvature_batch_size", curvature_batch_size)
+
+    data = _resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
+    assert data.train is not None
+    classification = data.task == "classification"
+
+    # ---- model ----
+    if isinstance(model, str):
+        if data.num_classes is None or data.in_channels is None or data.input_size is None:
+            raise argument_error(
+                "model",
+                "an nn.Module when the dataset is a plain Dataset/DataLoader (its classes and "
+                "input shape are unknown)",
+                model,
+            )
+        net = get_model(
+            model,
+            data.num_classes,
+            data.in_channels,
+            data.input_size,
+            seed=seed,
+            **dict(model_kwargs or {}),
+        )
+    elif isinstance(model, nn.Module):
+        net = model
+    else:
+        raise argument_error("model", "a model name or an nn.Module", model, kind=TypeError)
+    net.to(run_device)
+    spec = model_spec(net) or {
+        "model": None,
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "input_size": data.input_size,
+        "model_kwargs": {},
+        "model_seed": None,
+    }
+
+    # ---- optimiser ----
+    if isinstance(optimizer, str):
+        opt = get_optimizer(optimizer, net, **opt_kwargs)
+        optimizer_name = optimizer
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        if opt_kwargs:
+            raise argument_error(
+                "optimizer_kwargs", "no options when an optimiser object is given", opt_kwargs
+            )
+        opt = optimizer
+        optimizer_name = type(optimizer).__name__
+    else:
+        raise argument_error(
+            "optimizer", "an optimiser name or a torch.optim.Optimizer", optimizer, kind=TypeError
+        )
+    lr0 = float(opt.param_groups[0]["lr"])
+    curvature_step = bool(getattr(opt, "curvature_step", False))
+    requires_closure = bool(getattr(opt, "requires_closure", isinstance(opt, torch.optim.LBFGS)))
+
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+    if swa:
+        swa_start = epochs // 2 if swa_start is None else swa_start
+        check_positive_int("swa_start", swa_start)
+        if swa_start >= epochs:
+            raise argument_error("swa_start", f"an epoch below epochs={epochs}", swa_start)
+        swa_lr = lr0 / 10.0 if swa_lr is None else float(swa_lr)
+        if not swa_lr > 0:
+            raise argument_error("swa_lr", "a positive learning rate", swa_lr)
+
+    config: dict[str, Any] = json_safe(
+        {
+            **spec,
+            "model_class": f"{type(net).__module__}.{type(net).__qualname__}",
+            "dataset": data.name,
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "dataset_options": data.options,
+            "task": data.task,
+            "optimizer": optimizer_name,
+            "optimizer_kwargs": opt_kwargs,
+            "batch_size": batch_size,
+            "curvature_batch_size": curvature_batch_size if curvature_step else None,
+            "epochs": epochs,
+            "schedule": schedule if isinstance(schedule, str) or schedule is None else "custom",
+            "lr0": lr0,
+            "seed": seed,
+            "swa": swa,
+            "swa_start": swa_start if swa else None,
+            "swa_lr": swa_lr if swa else None,
+            "swa_c_epochs": swa_c_epochs,
+            "loss": type(loss_fn).__name__,
+            "device": str(run_device),
+        }
+    )
+
+    # ---- loaders ----
+    train_loader = data.train_loader or make_loader(
+        data.train, batch_size, shuffle=True, seed=seed, num_workers=num_workers
+    )
+    test_loader = (
+        None
+        if data.test is None
+        else make_loader(data.test, batch_size, shuffle=False, num_workers=num_workers)
+    )
+    curvature_loader = (
+        make_loader(
+            data.train,
+            curvature_batch_size,
+            shuffle=True,
+            seed=_derived_seed(seed, 1),
+            num_workers=num_workers,
+        )
+        if curvature_step
+        else None
+    )
+    averager = WeightAverager(net) if swa else None
+    bn_loader = (
+        make_loader(data.train_eval or data.train, batch_size, shuffle=False)
+        if averager is not None
+        else None
+    )
+
+    fork_devices = [run_device.index or 0] if run_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices, device_type="cuda"):
+        torch.set_rng_state(torch.Generator().manual_seed(_derived_seed(seed, 2)).get_state())
+        if run_device.type == "cuda":
+            cuda_gen = torch.Generator(device=run_device).manual_seed(_derived_seed(seed, 3))
+            torch.cuda.set_rng_state(cuda_gen.get_state(), run_device)
+
+        start_epoch = 0
+        if resume:
+            resume_path = latest_checkpoint(out_dir) if resume is True else Path(resume)
+            if resume_path is None:
+                raise argument_error(
+                    "resume", f"a checkpoint path (no checkpoint-*.pt in '{out_dir}')", resume
+                )
+            ckpt = load_checkpoint(resume_path, map_location=run_device)
+            load_model_state(net, ckpt)
+            if ckpt.get("optimizer") is not None:
+                opt.load_state_dict(ckpt["optimizer"])
+            start_epoch = int(ckpt.get("epoch") or 0)
+            _restore_rng(ckpt.get("rng_state") or {}, train_loader, curvature_loader, run_device)
+            if averager is not None and ckpt.get("swa_state_dict") is not None:
+                averager.load_state_dict(ckpt["swa_state_dict"])
+            logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
+
+        stats_path = out_dir / STATS_FILE
+        history = _read_stats(stats_path, start_epoch) if resume else []
+        result = TrainingResult(
+            out_dir,
+            net,
+            opt,
+            history,
+            stats_path=stats_path,
+            config=config,
+            swa_model=None if averager is None else averager.module,
+        )
+
+        def save(epoch: int) -> None:
+            extra: dict[str, Any] = {
+                "rng_state": _rng_state(train_loader, curvature_loader, run_device)
+            }
+            if averager is not None:
+                extra["swa_state_dict"] = averager.state_dict()
+            path = out_dir / checkpoint_name(epoch)
+            save_checkpoint(path, net, opt, epoch, config, **extra)
+            result.checkpoints.append(path)
+            if averager is not None and averager.n_averaged > 0:
+                swa_path = out_dir / swa_checkpoint_name(epoch)
+                save_checkpoint(
+                    swa_path, averager.module, None, epoch, config, n_averaged=averager.n_averaged
+                )
+                result.swa_checkpoints.append(swa_path)
+
+        if start_epoch == 0 and not resume:
+            _write_stats(stats_path, config, [])
+            save(0)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            range(start_epoch, epochs),
+            desc="train",
+            disable=not progress,
+            unit="epoch",
+            initial=start_epoch,
+            total=epochs,
+        )
+        try:
+            for epoch in bar:
+                lr = _learning_rate(schedule_fn, epoch, epochs, lr0, swa, swa_start, swa_lr)
+                if lr is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                entry = _train_epoch(
+                    net,
+                    opt,
+                    train_loader,
+                    curvature_loader,
+                    loss_fn,
+                    run_device,
+                    epoch,
+                    classification=classification,
+                    curvature_step=curvature_step,
+                    requires_closure=requires_closure,
+                )
+                entry["lr"] = float(opt.param_groups[0]["lr"])
+                done = epoch + 1
+                evaluate_now = done % eval_freq == 0 or done == epochs
+                save_now = done == epochs or (save_freq is not None and done % save_freq == 0)
+                if test_loader is not None and evaluate_now:
+                    ev = evaluate(
+                        net, test_loader, loss_fn, run_device, classification=classification
+                    )
+                    entry.update(test_loss=ev["loss"], test_acc=ev["acc"], test_top5=ev["top5"])
+                else:
+                    entry.update(test_loss=None, test_acc=None, test_top5=None)
+                if averager is not None and swa_start is not None:
+                    if done >= swa_start and (done - swa_start) % swa_c_epochs == 0:
+                        averager.update(net)
+                    entry.update(
+                        swa_test_loss=None,
+                        swa_test_acc=None,
+                        swa_test_top5=None,
+                        swa_n_averaged=averager.n_averaged,
+                    )
+                    if averager.n_averaged > 0 and (evaluate_now or save_now):
+                        assert bn_loader is not None
+                        averager.recompute_bn(_inputs_only(bn_loader), run_device)
+                        if test_loader is not None:
+                            ev = evaluate(
+                                averager.module,
+                                test_loader,
+                                loss_fn,
+                                run_device,
+                                classification=classification,
+                            )
+                            entry.update(
+                                swa_test_loss=ev["loss"],
+                                swa_test_acc=ev["acc"],
+                                swa_test_top5=ev["top5"],
+                            )
+                entry["peak_memory_mb"] = _peak_memory_mb(run_device)
+                entry = {"epoch": done, **entry}
+                result.stats.append(entry)
+                _write_stats(stats_path, config, result.stats)
+                if save_now:
+                    save(done)
+                bar.set_postfix(loss=f"{entry['train_loss']:.4g}")
+                logger.info(
+                    "epoch %d/%d lr=%.4g train_loss=%.4f train_acc=%s test_loss=%s test_acc=%s "
+                    "time=%.2fs",
+                    done,
+                    epochs,
+                    entry["lr"],
+                    entry["train_loss"],
+                    entry["train_acc"],
+                    entry["test_loss"],
+                    entry["test_acc"],
+                    entry["epoch_time"],
+                )
+        finally:
+            bar.close()
+    return result
+
+
+class _inputs_only:
+    """Iterate the inputs of a loader of ``(x, y)`` batches (what ``update_bn`` wants)."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for x, _ in _batch_iter(self.loader):
+            yield x
+
+
+def _learning_rate(
+    schedule_fn: Callable[..., float] | None,
+    epoch: int,
+    epochs: int,
+    lr0: float,
+    swa: bool,
+    swa_start: int | None,
+    swa_lr: float | None,
+) -> float | None:
+    if schedule_fn is None:
+        return None
+    if swa and swa_start is not None and swa_lr is not None:
+        if epoch >= swa_start:
+            return swa_lr
+        return float(schedule_fn(epoch, swa_start, lr0, swa_lr / lr0 if lr0 > 0 else 1.0))
+    return float(schedule_fn(epoch, epochs, lr0, 0.01))
+
+
+def _rng_state(
+    train_loader: DataLoader[Any], curvature_loader: DataLoader[Any] | None, device: torch.device
+) -> dict[str, torch.Tensor | None]:
+    return {
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "train_loader": _generator_state(train_loader),
+        "curvature_loader": _generator_state(curvature_loader),
+    }
+
+
+def _restore_rng(
+    state: dict[str, Any],
+    train_loader: DataLoader[Any],
+    curvature_loader: DataLoader[Any] | None,
+    device: torch.device,
+) -> None:
+    if state.get("torch_cpu") is not None:
+        torch.set_rng_state(state["torch_cpu"].cpu())
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    for loader, key in ((train_loader, "train_loader"), (curvature_loader, "curvature_loader")):
+        if loader is not None and loader.generator is not None and state.get(key) is not None:
+            loader.generator.set_state(state[key].cpu())
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    curvature_loader: DataLoader[Any] | None,
+    loss_fn: LossFn,
+    device: torch.device,
+    epoch: int,
+    *,
+    classification: bool,
+    curvature_step: bool,
+    requires_closure: bool,
+) -> dict[str, Any]:
+    for dataset in {id(d): d for d in _datasets(loader, curvature_loader)}.values():
+        set_epoch = getattr(dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model.train()
+    metrics = _Metrics(device, classification)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    curvature_iter = iter(_batch_iter(curvature_loader)) if curvature_loader is not None else None
+    for index, (x, y) in enumerate(_batch_iter(loader)):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        last: dict[str, torch.Tensor] = {}
+        closure = _make_closure(model, optimizer, loss_fn, x, y, last)
+        if curvature_step:
+            assert curvature_loader is not None and curvature_iter is not None
+            try:
+                xc, yc = next(curvature_iter)
+            except StopIteration:
+                curvature_iter = iter(_batch_iter(curvature_loader))
+                xc, yc = next(curvature_iter)
+            cast(Any, optimizer).step(
+                closure=closure,
+                curvature_batch=(xc.to(device), yc.to(device)),
+                loss_fn=loss_fn,
+            )
+        elif requires_closure:
+            cast(Any, optimizer).step(closure)
+        else:
+            closure()
+            optimizer.step()
+        if "loss" not in last:
+            raise RuntimeError(
+                f"The optimiser {type(optimizer).__name__} did not call the closure at epoch "
+                f"{epoch + 1}, batch {index}."
+            )
+        loss = last["loss"]
+        first_bad = torch.where(
+            (first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, index), first_bad
+        )
+        metrics.add(last["output"], y, loss)
+    if metrics.count == 0:
+        raise argument_error("dataset", "a non-empty training set", loader)
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NumericalError(
+            f"Training loss became non-finite at epoch {epoch + 1}, batch {bad}; lower the "
+            "learning rate or check the data."
+        )
+    stats = metrics.result()
+    return {
+        "train_loss": stats["loss"],
+        "train_acc": stats["acc"],
+        "train_top5": stats["top5"],
+        "epoch_time": time.perf_counter() - start,
+    }
+
+
+def _make_closure(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    last: dict[str, torch.Tensor],
+) -> Callable[[], torch.Tensor]:
+    """Zero the gradients, evaluate the loss on ``(x, y)``, back-propagate, return the loss."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        output = model(x)
+        loss = loss_fn(output, y)
+        loss.backward()
+        last["output"], last["loss"] = output.detach(), loss.detach()
+        return loss
+
+    return closure
+
+
+def _datasets(*loaders: DataLoader[Any] | None) -> list[Any]:
+    return [loader.dataset for loader in loaders if loader is not None]

@@ -1,0 +1,517 @@
+"""Turning the workflow functions' arguments into objects: model, data, loss, operator.
+
+Every workflow function accepts names (``dataset='CIFAR100'``, ``model='VGG16'``,
+``curvature_matrix='ggn-lanczos'``), objects (``nn.Module``, ``Dataset``,
+``DataLoader``, ``DatasetSplits``, a loss module) and checkpoint paths; the
+helpers here normalise them, validate scalars with messages that name the
+argument, and guarantee that nothing the caller owns is changed (the model is
+copied before it is moved or perturbed; the global random states of python,
+numpy and torch are restored on exit).
+
+>>> parse_curvature("GGN_Lanczos"), parse_curvature("hessian-lanczos")
+('ggn', 'hessian')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from spectral.errors import argument_error
+
+__all__ = [
+    "CURVATURES",
+    "ResolvedData",
+    "ResolvedModel",
+    "build_operator",
+    "check_bn_mode",
+    "check_int",
+    "check_positive_float",
+    "curvature_kind",
+    "default_loss",
+    "eigvec_file",
+    "make_eval_loader",
+    "model_fingerprint",
+    "parse_curvature",
+    "preserve_global_state",
+    "resolve_data",
+    "resolve_model",
+    "spectrum_file",
+    "subsample_dataset",
+]
+
+PathLike = str | os.PathLike[str]
+
+#: Canonical curvature names and the spellings accepted for each (case, ``_``
+#: and a ``lanczos`` prefix/suffix are ignored: ``'GGN_Lanczos'`` is ``'ggn'``).
+CURVATURES: dict[str, tuple[str, ...]] = {
+    "hessian": ("hessian", "hess", "h"),
+    "ggn": ("ggn", "gn", "gauss-newton", "generalised-gauss-newton", "generalized-gauss-newton"),
+    "fisher": ("fisher", "fisher-mc", "mc-fisher", "true-fisher"),
+    "empirical-fisher": ("empirical-fisher", "fisher-empirical", "ef", "efisher"),
+}
+
+
+def parse_curvature(name: object, argument: str = "curvature_matrix") -> str:
+    """Canonical curvature name: ``'hessian'``, ``'ggn'``, ``'fisher'`` or ``'empirical-fisher'``.
+
+    >>> parse_curvature("Lanczos-GGN"), parse_curvature("fisher")
+    ('ggn', 'fisher')
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists the accepted ones.
+    """
+    if not isinstance(name, str):
+        raise argument_error(argument, "a curvature name (str)", name, kind=TypeError)
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    for affix in ("lanczos-", "lanc-"):
+        if key.startswith(affix):
+            key = key[len(affix) :]
+    for affix in ("-lanczos", "-lanc"):
+        if key.endswith(affix):
+            key = key[: -len(affix)]
+    for canonical, spellings in CURVATURES.items():
+        if key in spellings:
+            return canonical
+    accepted = sorted({s for spellings in CURVATURES.values() for s in spellings})
+    raise argument_error(
+        argument,
+        f"one of {accepted} (any case, '_' or '-', optionally with a '-lanczos' suffix "
+        "such as 'ggn-lanczos')",
+        name,
+    )
+
+
+def curvature_kind(canonical: str) -> str:
+    """Short label stored in files: ``'hessian'``, ``'ggn'`` or ``'fisher'``."""
+    return "fisher" if canonical.endswith("fisher") else canonical
+
+
+def build_operator(
+    curvature: str,
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    data: Any,
+    *,
+    params: Any = None,
+    bn_mode: str | None = "train",
+    seed: int = 0,
+    progress: bool = False,
+) -> Any:
+    """The ``curvops`` operator of a canonical ``curvature`` name (see :func:`parse_curvature`)."""
+    from curvops.fisher import FisherOperator
+    from curvops.ggn import GGNOperator
+    from curvops.hessian import HessianOperator
+
+    if curvature == "hessian":
+        return HessianOperator(
+            model, loss_fn, data, params=params, bn_mode=bn_mode, progress=progress
+        )
+    if curvature == "ggn":
+        return GGNOperator(model, loss_fn, data, params=params, bn_mode=bn_mode, progress=progress)
+    kind = "empirical" if curvature == "empirical-fisher" else "mc"
+    return FisherOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        bn_mode=bn_mode,
+        progress=progress,
+        kind=kind,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]``, or a ``ValueError``/``TypeError`` naming it.
+
+    >>> check_int("n_points", 21, 2)
+    21
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise argument_error(name, "an integer", value, kind=TypeError)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"{minimum} <= {name}" + (f" <= {maximum}" if maximum is not None else "")
+        raise argument_error(name, f"an integer with {bound}", value)
+    return int(value)
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """``value`` as a finite float > 0, or an error naming ``name``.
+
+    >>> check_positive_float("dist", 1)
+    1.0
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise argument_error(name, "a positive finite number", value, kind=TypeError)
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise argument_error(name, "a positive finite number", value)
+    return float(value)
+
+
+def check_bn_mode(bn_mode: object) -> str | None:
+    """``'train'``, ``'eval'`` or ``None`` (keep each module's mode)."""
+    if bn_mode is None:
+        return None
+    if isinstance(bn_mode, str) and bn_mode.lower() in ("train", "eval"):
+        return bn_mode.lower()
+    raise argument_error("bn_mode", "'train', 'eval' or None", bn_mode)
+
+
+# ---------------------------------------------------------------------------- state
+
+
+@contextlib.contextmanager
+def preserve_global_state() -> Iterator[None]:
+    """Restore python's, numpy's and torch's (CPU and CUDA) global random states on exit.
+
+    The workflow never draws from them on purpose; this guards against third
+    parties (e.g. a user's ``DataLoader`` without a generator draws its base
+    seed from torch's global generator).
+
+    >>> import random
+    >>> state = random.getstate()
+    >>> with preserve_global_state():
+    ...     _ = random.random()
+    >>> random.getstate() == state
+    True
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 (saved, never drawn from)
+    torch_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def model_fingerprint(model: nn.Module, names: Sequence[str] | None = None) -> str:
+    """sha256 over the names, shapes, dtypes and values of the selected parameters.
+
+    ``names=None`` selects the trainable parameters.  Values are hashed as
+    stored (host copy of the raw bytes), so a model loaded from the same
+    checkpoint has the same fingerprint on any device.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> model_fingerprint(net) == model_fingerprint(copy.deepcopy(net))
+    True
+    """
+    named = dict(model.named_parameters())
+    if names is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    digest = hashlib.sha256()
+    for n in names:
+        p = named[n].detach()
+        digest.update(f"{n}|{tuple(p.shape)}|{p.dtype}|".encode())
+        digest.update(p.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def spectrum_file(path: PathLike) -> Path:
+    """The spectrum file of ``path``: ``.npz`` appended unless already there.
+
+    >>> str(spectrum_file("spectra/spectrum-00100-ggn-lanczos"))
+    'spectra/spectrum-00100-ggn-lanczos.npz'
+    """
+    text = os.fspath(path)
+    return Path(text if text.endswith(".npz") else text + ".npz")
+
+
+def eigvec_file(path: PathLike) -> Path:
+    """The Ritz-vector file beside a spectrum: same stem + ``-eigvec.npz``.
+
+    >>> str(eigvec_file("s/spectrum-100-hessian.npz")), str(eigvec_file("s/spectrum-100-hessian"))
+    ('s/spectrum-100-hessian-eigvec.npz', 's/spectrum-100-hessian-eigvec.npz')
+    """
+    text = os.fspath(spectrum_file(path))
+    return Path(text[: -len(".npz")] + "-eigvec.npz")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class ResolvedData:
+    """Evaluation data: ``train`` (no augmentation) and optional ``test``, plus metadata."""
+
+    name: str | None
+    train: Dataset[Any] | DataLoader[Any]
+    test: Dataset[Any] | DataLoader[Any] | None
+    num_classes: int | None = None
+    in_channels: int | None = None
+    input_size: int | None = None
+
+
+def _is_data(obj: object) -> bool:
+    return isinstance(obj, Dataset | DataLoader)
+
+
+def resolve_data(dataset: Any, data_path: PathLike | None = None, *, seed: int = 0) -> ResolvedData:
+    """Normalise ``dataset``: a name, a ``DatasetSplits``, a ``Dataset``/``DataLoader``,
+    or a pair ``(train, test)`` of them.
+
+    A name is loaded with :func:`nets.data.load_dataset` from ``data_path``; the
+    training split used is ``train_eval`` (no augmentation).
+    """
+    from nets.data import load_dataset
+
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset, data_path, seed=seed)
+    if hasattr(dataset, "train_eval") and hasattr(dataset, "test"):
+        return ResolvedData(
+            name=getattr(dataset, "name", None),
+            train=dataset.train_eval,
+            test=dataset.test,
+            num_classes=getattr(dataset, "num_classes", None),
+            in_channels=getattr(dataset, "in_channels", None),
+            input_size=getattr(dataset, "input_size", None),
+        )
+    if _is_data(dataset):
+        return ResolvedData(name=None, train=dataset, test=None)
+    if (
+        isinstance(dataset, tuple | list)
+        and len(dataset) == 2
+        and _is_data(dataset[0])
+        and (dataset[1] is None or _is_data(dataset[1]))
+    ):
+        return ResolvedData(name=None, train=dataset[0], test=dataset[1])
+    raise argument_error(
+        "dataset",
+        "a dataset name (e.g. 'digits', 'CIFAR100'), a DatasetSplits, a torch Dataset or "
+        "DataLoader, or a (train, test) pair of them",
+        dataset,
+        kind=TypeError,
+    )
+
+
+def subsample_dataset(dataset: Dataset[Any], subsample: int | float | None, seed: int) -> Any:
+    """A seeded subset: ``subsample`` samples (int) or that fraction (float in (0, 1]).
+
+    Indices are drawn without replacement with ``numpy.random.default_rng(seed)``
+    and kept in increasing order.
+    """
+    if subsample is None:
+        return dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    if isinstance(subsample, bool) or not isinstance(
+        subsample, int | float | np.integer | np.floating
+    ):
+        raise argument_error(
+            "subsample", "None, a sample count or a fraction in (0, 1]", subsample, kind=TypeError
+        )
+    if isinstance(subsample, int | np.integer):
+        size = int(subsample)
+        if not 1 <= size <= n:
+            raise argument_error("subsample", f"a sample count between 1 and {n}", subsample)
+    else:
+        if not 0.0 < float(subsample) <= 1.0:
+            raise argument_error("subsample", "a fraction in (0, 1]", subsample)
+        size = max(1, round(float(subsample) * n))
+    if size == n:
+        return dataset
+    rng = np.random.default_rng([int(seed), 7])
+    indices = np.sort(rng.choice(n, size=size, replace=False))
+    return Subset(dataset, indices.tolist())
+
+
+def make_eval_loader(
+    data: Dataset[Any] | DataLoader[Any],
+    batch_size: int,
+    *,
+    subsample: int | float | None = None,
+    seed: int = 0,
+) -> DataLoader[Any]:
+    """A deterministic, unshuffled loader over ``data`` (a given loader's batch size is kept)."""
+    from nets.data import make_loader
+
+    if isinstance(data, DataLoader):
+        if subsample is None:
+            return data
+        bs = data.batch_size or batch_size
+        return make_loader(subsample_dataset(data.dataset, subsample, seed), bs, shuffle=False)
+    if len(data) == 0:  # type: ignore[arg-type]
+        raise argument_error("dataset", "a non-empty dataset", data)
+    return make_loader(subsample_dataset(data, subsample, seed), batch_size, shuffle=False)
+
+
+def default_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` or ``nn.CrossEntropyLoss()``; refuses ``reduction='none'``/``'sum'``."""
+    if loss_fn is None:
+        return nn.CrossEntropyLoss()
+    if not callable(loss_fn):
+        raise argument_error("loss_fn", "a loss module or callable", loss_fn, kind=TypeError)
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction != "mean":
+        raise argument_error("loss_fn", "a loss with reduction='mean'", loss_fn)
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass
+class ResolvedModel:
+    """A working model (never the caller's object when it would be changed) and its origin."""
+
+    model: nn.Module
+    name: str | None
+    checkpoint_path: str | None = None
+    epoch: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def _infer_shape(data: ResolvedData) -> tuple[int, int]:
+    """(in_channels, input_size) from the first training sample."""
+    if data.in_channels is not None and data.input_size is not None:
+        return int(data.in_channels), int(data.input_size)
+    source = data.train.dataset if isinstance(data.train, DataLoader) else data.train
+    x = source[0][0]
+    if x.dim() == 3:
+        return int(x.shape[0]), int(x.shape[-1])
+    return int(x.numel()), 1
+
+
+def _infer_num_classes(data: ResolvedData) -> int:
+    """``data.num_classes``, else 1 + the largest integer label of the training data."""
+    if data.num_classes is not None:
+        return int(data.num_classes)
+    source = data.train.dataset if isinstance(data.train, DataLoader) else data.train
+    targets = getattr(source, "targets", None)
+    if isinstance(targets, torch.Tensor) and not targets.is_floating_point():
+        return int(targets.max().item()) + 1
+    raise argument_error(
+        "dataset",
+        "a DatasetSplits or a dataset with integer 'targets' (to size a model built by name), "
+        "or pass an nn.Module",
+        data.train,
+    )
+
+
+def resolve_model(
+    model: Any,
+    checkpoint_path: PathLike | None,
+    data: ResolvedData | None,
+    *,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    copy_module: bool = True,
+) -> ResolvedModel:
+    """Build the working model from a name, an ``nn.Module`` or a checkpoint's config.
+
+    * ``nn.Module``: deep-copied (when ``copy_module`` or it must move device)
+      and, with ``checkpoint_path``, loaded with the checkpoint's weights;
+    * name: built with :func:`nets.models.get_model` (``seed``) for the data's
+      classes/shape, or the checkpoint's config (which must name the same
+      architecture), then loaded with the weights;
+    * ``None``: rebuilt from the checkpoint's config.
+
+    ``device='auto'`` keeps an ``nn.Module`` on its own device.  The returned
+    model is in eval mode.
+    """
+    from nets.checkpoint import load_checkpoint, load_model_state
+    from nets.device import resolve_device
+    from nets.models import canonical_model_name, get_model, model_spec
+
+    ckpt = None
+    if checkpoint_path is not None:
+        if not isinstance(checkpoint_path, str | os.PathLike):
+            raise argument_error("checkpoint_path", "a file path", checkpoint_path, kind=TypeError)
+        ckpt = load_checkpoint(checkpoint_path)
+    config = dict(ckpt.get("config") or {}) if ckpt is not None else {}
+
+    if isinstance(model, nn.Module):
+        auto = device is None or (isinstance(device, str) and device.lower() == "auto")
+        target = _model_device(model) if auto else resolve_device(device)
+        must_copy = copy_module or ckpt is not None or target != _model_device(model)
+        work = copy.deepcopy(model) if must_copy else model
+        spec = model_spec(model) or {}
+        name = spec.get("model") or type(model).__name__
+    elif model is None or isinstance(model, str):
+        target = resolve_device(device)
+        if model is None and ckpt is None:
+            raise argument_error(
+                "model",
+                "a model name or nn.Module (or a checkpoint_path whose config names one)",
+                None,
+            )
+        name = canonical_model_name(model) if isinstance(model, str) else None
+        saved = config.get("model")
+        if name is not None and isinstance(saved, str) and canonical_model_name(saved) != name:
+            raise argument_error(
+                "checkpoint_path", f"a checkpoint of a {name} model", f"{checkpoint_path} ({saved})"
+            )
+        if isinstance(saved, str):
+            name = canonical_model_name(saved)
+            work = get_model(
+                name,
+                num_classes=int(config.get("num_classes", 10)),
+                in_channels=int(config.get("in_channels", 3)),
+                input_size=int(config.get("input_size", 32)),
+                seed=int(config.get("model_seed", seed)),
+                **dict(config.get("model_kwargs") or {}),
+            )
+        elif name is not None:
+            num_classes = _infer_num_classes(data) if data is not None else 10
+            in_channels, input_size = _infer_shape(data) if data is not None else (3, 32)
+            work = get_model(
+                name,
+                num_classes=num_classes,
+                in_channels=in_channels,
+                input_size=input_size,
+                seed=seed,
+            )
+        else:
+            raise argument_error(
+                "model",
+                "a model name or nn.Module (the checkpoint's config names no registered model)",
+                None,
+            )
+    else:
+        raise argument_error("model", "a model name, an nn.Module or None", model, kind=TypeError)
+    if ckpt is not None:
+        load_model_state(work, ckpt)
+    if work is not model:  # never change the mode or device of the caller's module
+        work.to(target)
+        work.eval()
+    epoch = ckpt.get("epoch") if ckpt is not None else None
+    return ResolvedModel(
+        model=work,
+        name=name,
+        checkpoint_path=None if checkpoint_path is None else os.fspath(checkpoint_path),
+        epoch=None if epoch is None else int(epoch),
+        config=config,
+    )

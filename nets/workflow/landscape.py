@@ -1,0 +1,518 @@
+r"""Loss landscapes: loss and accuracy along directions and on planes around a checkpoint.
+
+For a checkpoint :math:`\theta_0`, a direction :math:`d` and
+:math:`t\in[-\text{dist},\text{dist}]` (``n_points`` evenly spaced values,
+symmetric, :math:`t=0` exactly when ``n_points`` is odd) the landscape records
+:math:`L(\theta_0+t\,d)` and the accuracy on the training split (without
+augmentation) and the test split; a plane spanned by :math:`d_a, d_b` records
+:math:`L(\theta_0+s\,d_a+t\,d_b)` on the ``n_points x n_points`` grid.  The
+model is evaluated in eval mode; with ``refresh_bn=True`` the BatchNorm running
+statistics are recomputed on the training split at every perturbed point (at
+:math:`t=0` the checkpoint's own statistics are used, so :math:`t=0` always
+reproduces the checkpoint's loss).
+
+Directions (see :mod:`nets.workflow.directions`): Ritz vectors of a spectrum
+saved with ``save_eigvec=True`` (``'ritz-top'``, ``'ritz-bottom'``,
+``'ritz-min-abs'``), unit-norm random directions, filter-normalised directions
+(Li et al., 2017), or user vectors of length :math:`P`.
+
+File format (``save_path``, written atomically, ``allow_pickle=False``):
+
+==========================  ======================================================
+key                         content
+==========================  ======================================================
+``t``                       float64[n_points] in ``[-dist, dist]``
+``direction_names``         str[d] (``'ritz-top-1'``, ``'random-1'``, ...)
+``direction_values``        float64[d] Ritz value, NaN for other directions
+``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``
+                            float64[d, n_points] (accuracy in %, NaN without
+                            class labels or without a test split)
+``plane_names``             str[q] ``'a|b'`` (only with planes)
+``plane_train_loss`` ...    float64[q, n_points, n_points]; entry [i, j] is at
+                            :math:`s=t_i` along ``a`` and :math:`t=t_j` along ``b``
+``checkpoint_loss``         float64: training loss at :math:`\theta_0`
+``checkpoint_acc``          float64: training accuracy at :math:`\theta_0`
+``config_json``             str; ``model_fingerprint`` str
+==========================  ======================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from nets.workflow._resolve import (
+    check_int,
+    check_positive_float,
+    default_loss,
+    eigvec_file,
+    make_eval_loader,
+    model_fingerprint,
+    preserve_global_state,
+    resolve_data,
+    resolve_model,
+)
+from nets.workflow.directions import (
+    Direction,
+    ParamSpace,
+    eigvec_space,
+    filter_normalised_directions,
+    parse_planes,
+    parse_ritz_spec,
+    random_directions,
+    ritz_directions,
+)
+from spectral.errors import NumericalError, argument_error
+from spectral.io import load_npz, save_npz
+
+__all__ = ["LandscapeResult", "build_loss_landscape", "evaluate", "landscape_grid"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+def landscape_grid(dist: float, n_points: int) -> np.ndarray:
+    """``n_points`` symmetric values in ``[-dist, dist]`` (exactly 0 in the middle when odd).
+
+    >>> landscape_grid(1.0, 5).tolist()
+    [-1.0, -0.5, 0.0, 0.5, 1.0]
+    """
+    d = check_positive_float("dist", dist)
+    n = check_int("n_points", n_points, 2)
+    i = np.arange(n, dtype=np.float64)
+    return d * (2.0 * i - (n - 1)) / (n - 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[Any], loss_fn: Callable[..., torch.Tensor]
+) -> tuple[float, float]:
+    """Mean loss and accuracy (%) of ``model`` over ``loader`` (batches weighted by size).
+
+    Accuracy is NaN when targets are not class labels.  The model is used as it
+    is (call ``model.eval()`` first for evaluation mode).
+
+    Raises
+    ------
+    spectral.errors.NumericalError
+        If a batch's loss is NaN/Inf (names the batch).
+    """
+    device = next(iter(model.parameters())).device
+    total = 0.0
+    correct = 0
+    count = 0
+    classification = True
+    for index, batch in enumerate(loader):
+        x, y = batch[0], batch[1]
+        x = x.to(device)
+        y = y.to(device)
+        out = model(x)
+        loss = loss_fn(out, y)
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NumericalError(f"evaluate: the loss of batch {index} is {value}.")
+        size = int(y.shape[0])
+        total += value * size
+        count += size
+        if classification and out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
+            correct += int((out.argmax(dim=1) == y).sum())
+        else:
+            classification = False
+    if count == 0:
+        raise argument_error("dataset", "a non-empty evaluation set", loader)
+    return total / count, (100.0 * correct / count) if classification else math.nan
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def _refresh_bn(model: nn.Module, loader: DataLoader[Any]) -> None:
+    """Recompute BatchNorm running statistics as exact averages over ``loader``."""
+    modules = [m for m in _bn_modules(model) if m.track_running_stats]
+    if not modules:
+        return
+    device = next(iter(model.parameters())).device
+    momenta = [m.momentum for m in modules]
+    for m in modules:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    try:
+        for batch in loader:
+            model(batch[0].to(device))
+    finally:
+        for m, momentum in zip(modules, momenta):
+            m.momentum = momentum
+            m.eval()
+
+
+@dataclass
+class LandscapeResult:
+    """Landscape arrays (see the module docstring for the file keys)."""
+
+    t: np.ndarray
+    direction_names: list[str]
+    direction_values: np.ndarray
+    train_loss: np.ndarray
+    train_acc: np.ndarray
+    test_loss: np.ndarray
+    test_acc: np.ndarray
+    checkpoint_loss: float
+    checkpoint_acc: float
+    model_fingerprint: str
+    config: dict[str, Any] = field(default_factory=dict)
+    plane_names: list[str] = field(default_factory=list)
+    plane_train_loss: np.ndarray | None = None
+    plane_train_acc: np.ndarray | None = None
+    plane_test_loss: np.ndarray | None = None
+    plane_test_acc: np.ndarray | None = None
+    path: Path | None = None
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The file's arrays."""
+        arrays: dict[str, Any] = {
+            "t": np.asarray(self.t, dtype=np.float64),
+            "direction_names": np.asarray(self.direction_names, dtype=np.str_),
+            "direction_values": np.asarray(self.direction_values, dtype=np.float64),
+            "train_loss": np.asarray(self.train_loss, dtype=np.float64),
+            "train_acc": np.asarray(self.train_acc, dtype=np.float64),
+            "test_loss": np.asarray(self.test_loss, dtype=np.float64),
+            "test_acc": np.asarray(self.test_acc, dtype=np.float64),
+            "checkpoint_loss": np.float64(self.checkpoint_loss),
+            "checkpoint_acc": np.float64(self.checkpoint_acc),
+            "config_json": np.str_(json.dumps(self.config, sort_keys=True)),
+            "model_fingerprint": np.str_(self.model_fingerprint),
+        }
+        if self.plane_names:
+            arrays["plane_names"] = np.asarray(self.plane_names, dtype=np.str_)
+            for key in ("plane_train_loss", "plane_train_acc", "plane_test_loss", "plane_test_acc"):
+                arrays[key] = np.asarray(getattr(self, key), dtype=np.float64)
+        return arrays
+
+    def save(self, path: PathLike) -> Path:
+        """Write the landscape atomically (``.npz`` appended when missing)."""
+        text = os.fspath(path)
+        target = Path(text if text.endswith(".npz") else text + ".npz")
+        save_npz(target, **self.to_arrays())
+        self.path = target
+        return target
+
+
+def _load_ritz(
+    spectrum_path: PathLike, model: nn.Module
+) -> tuple[ParamSpace, np.ndarray, np.ndarray]:
+    """Ritz values and vectors saved beside ``spectrum_path``, checked against ``model``."""
+    path = eigvec_file(spectrum_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Argument 'spectrum_path': no Ritz vectors '{path}' beside the spectrum "
+            f"'{spectrum_path}'; compute the spectrum with save_eigvec=True."
+        )
+    archive = load_npz(path)
+    for key in ("vectors", "w", "model_fingerprint", "param_names", "param_shapes_json"):
+        if key not in archive:
+            raise argument_error(
+                "spectrum_path", "Ritz vectors written by compute_eigenspectrum", f"{path}"
+            )
+    space = eigvec_space(archive)
+    space.check_model(model, "spectrum_path")
+    vectors = archive["vectors"]
+    if vectors.ndim != 2 or vectors.shape[1] != space.numel:
+        raise argument_error(
+            "spectrum_path", f"Ritz vectors of shape (m, {space.numel})", f"{path} {vectors.shape}"
+        )
+    expected = str(archive["model_fingerprint"])
+    actual = model_fingerprint(model, space.names)
+    if expected != actual:
+        raise ValueError(
+            f"Argument 'spectrum_path': expected Ritz vectors computed at this checkpoint; "
+            f"received '{path}' whose model_fingerprint {expected[:12]}... differs from the "
+            f"model's {actual[:12]}... (same parameter names and shapes, different values: "
+            "a spectrum of another checkpoint or model)."
+        )
+    return space, np.asarray(archive["w"], dtype=np.float64), vectors
+
+
+def _collect_directions(
+    model: nn.Module,
+    directions: Sequence[Any] | None,
+    spectrum_path: PathLike | None,
+    num_directions: int,
+    random_count: int,
+    filter_count: int,
+    seed: int,
+) -> tuple[ParamSpace, list[Direction]]:
+    if directions is None:
+        directions = ["ritz-top"] if spectrum_path is not None else []
+    elif isinstance(directions, str | np.ndarray | torch.Tensor):
+        directions = [directions]
+    params = list(model.parameters())
+    dtype, device = params[0].dtype, params[0].device
+    specs = [d for d in directions if isinstance(d, str)]
+    customs = [d for d in directions if not isinstance(d, str)]
+    chosen: list[Direction] = []
+    parsed = [(spec, *parse_ritz_spec(spec, num_directions)) for spec in specs]
+    if specs:
+        if spectrum_path is None:
+            raise argument_error(
+                "spectrum_path", "a spectrum saved with save_eigvec=True for Ritz directions", None
+            )
+        space, values, vectors = _load_ritz(spectrum_path, model)
+        for spec, kind, indices in parsed:
+            explicit = spec.strip()[-1:].isdigit()
+            if not explicit and len(indices) > values.shape[0]:
+                logger.warning("only %d Ritz vectors saved; using them all", values.shape[0])
+                indices = indices[: values.shape[0]]
+            chosen += ritz_directions(values, vectors, kind, indices, device=device, dtype=dtype)
+    else:
+        space = ParamSpace.from_model(model)
+    for i, vec in enumerate(customs, start=1):
+        tensor = torch.as_tensor(
+            vec.detach().cpu().numpy() if isinstance(vec, torch.Tensor) else np.asarray(vec)
+        )
+        if tensor.ndim != 1 or tensor.shape[0] != space.numel:
+            raise argument_error(
+                "directions", f"1-D arrays of length P = {space.numel} (or Ritz names)", vec
+            )
+        chosen.append(Direction(f"custom-{i}", tensor.to(device=device, dtype=dtype)))
+    chosen += random_directions(space, random_count, seed=seed, device=device, dtype=dtype)
+    chosen += filter_normalised_directions(model, space, filter_count, seed=seed)
+    if not chosen:
+        raise argument_error(
+            "directions",
+            "at least one direction: a spectrum_path saved with save_eigvec=True, "
+            "random_directions >= 1 or filter_normalised >= 1",
+            directions,
+        )
+    names = [d.name for d in chosen]
+    if len(set(names)) != len(names):
+        raise argument_error("directions", "distinct directions", names)
+    return space, chosen
+
+
+def build_loss_landscape(
+    dataset: Any = "digits",
+    data_path: PathLike | None = None,
+    model: Any = None,
+    dist: float = 1.0,
+    n_points: int = 21,
+    spectrum_path: PathLike | None = None,
+    checkpoint_path: PathLike | None = None,
+    save_path: PathLike | None = None,
+    *,
+    directions: Sequence[Any] | None = None,
+    num_directions: int = 2,
+    random_directions: int = 0,
+    filter_normalised: int = 0,
+    planes: Any = None,
+    refresh_bn: bool = False,
+    subsample: int | float | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    progress: bool = False,
+) -> LandscapeResult:
+    """Train/test loss and accuracy along directions (and planes) around a checkpoint.
+
+    Parameters
+    ----------
+    dataset, data_path, model, checkpoint_path:
+        As in :func:`nets.workflow.compute_eigenspectrum` (the caller's module is
+        copied, never perturbed).
+    dist, n_points:
+        Perturbations :math:`t` are ``n_points >= 2`` values in ``[-dist, dist]``, ``dist > 0``.
+    spectrum_path:
+        A spectrum written with ``save_eigvec=True`` (``.npz`` may be omitted);
+        its Ritz vectors must belong to this checkpoint (fingerprint checked).
+    save_path:
+        Output ``.npz`` (``None``: not written).
+    directions:
+        Ritz specs ``'ritz-top'``, ``'ritz-bottom'``, ``'ritz-min-abs'`` (each
+        the first ``num_directions``; ``'ritz-top-3'`` for one) and/or 1-D
+        arrays of length :math:`P`; default ``['ritz-top']`` with a spectrum.
+    random_directions, filter_normalised:
+        Numbers of seeded unit-norm random and filter-normalised directions.
+    planes:
+        ``True`` (the first two directions) or pairs ``'a|b'`` / ``(a, b)``
+        of direction names or indices: 2-D grids of ``n_points**2`` points.
+    refresh_bn:
+        Recompute BatchNorm running statistics on the training split at each
+        perturbed point.
+    subsample:
+        Evaluate on a seeded subset (count or fraction) of each split.
+    batch_size, seed, device, loss_fn, progress:
+        Evaluation batch size, seed of random directions and subsampling,
+        device, loss (cross-entropy by default), a progress bar.
+
+    Returns
+    -------
+    LandscapeResult
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (``dist <= 0``, ``n_points < 2``, no direction, a
+        spectrum of another model or checkpoint, ...).
+    FileNotFoundError
+        Missing checkpoint or Ritz vectors.
+    """
+    t = landscape_grid(dist, n_points)
+    check_int("num_directions", num_directions, 1)
+    check_int("random_directions", random_directions, 0)
+    check_int("filter_normalised", filter_normalised, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
+    if not isinstance(refresh_bn, bool):
+        raise argument_error("refresh_bn", "a bool", refresh_bn, kind=TypeError)
+    loss = default_loss(loss_fn)
+    with preserve_global_state():
+        data = resolve_data(dataset, data_path, seed=seed)
+        resolved = resolve_model(model, checkpoint_path, data, device=device, seed=seed)
+        work = resolved.model
+        space, chosen = _collect_directions(
+            work,
+            directions,
+            spectrum_path,
+            num_directions,
+            random_directions,
+            filter_normalised,
+            seed,
+        )
+        plane_pairs = parse_planes(planes, [d.name for d in chosen])
+        train_loader = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+        test_loader = (
+            None
+            if data.test is None
+            else make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed)
+        )
+        result = _sweep(
+            work, space, chosen, plane_pairs, t, train_loader, test_loader, loss, refresh_bn,
+            progress,
+        )  # fmt: skip
+    config = {
+        "function": "build_loss_landscape",
+        "model": resolved.name,
+        "dataset": data.name,
+        "data_path": None if data_path is None else os.fspath(data_path),
+        "checkpoint": resolved.checkpoint_path,
+        "epoch": resolved.epoch,
+        "spectrum_path": None if spectrum_path is None else os.fspath(spectrum_path),
+        "dist": float(dist),
+        "n_points": int(n_points),
+        "directions": [d.name for d in chosen],
+        "refresh_bn": refresh_bn,
+        "subsample": subsample,
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "device": str(next(iter(work.parameters())).device),
+        "loss": type(loss).__name__,
+        "accuracy_unit": "percent",
+    }
+    result.config = config
+    result.model_fingerprint = model_fingerprint(work, space.names)
+    if save_path is not None:
+        result.save(save_path)
+        logger.info("landscape written to %s", result.path)
+    return result
+
+
+def _sweep(
+    model: nn.Module,
+    space: ParamSpace,
+    chosen: list[Direction],
+    plane_pairs: list[tuple[int, int]],
+    t: np.ndarray,
+    train_loader: DataLoader[Any],
+    test_loader: DataLoader[Any] | None,
+    loss_fn: Callable[..., torch.Tensor],
+    refresh_bn: bool,
+    progress: bool,
+) -> LandscapeResult:
+    theta0 = space.get_vector(model)
+    buffers0 = {name: b.detach().clone() for name, b in model.named_buffers()}
+
+    def at_point(offset: torch.Tensor | None) -> tuple[float, float, float, float]:
+        if offset is None:
+            space.set_vector(model, theta0)
+        else:
+            space.set_vector(model, theta0 + offset)
+            if refresh_bn:
+                _refresh_bn(model, train_loader)
+        model.eval()
+        try:
+            tr = evaluate(model, train_loader, loss_fn)
+            te = (
+                (math.nan, math.nan)
+                if test_loader is None
+                else evaluate(model, test_loader, loss_fn)
+            )
+        finally:
+            if offset is not None and refresh_bn:
+                with torch.no_grad():
+                    for name, b in model.named_buffers():
+                        b.copy_(buffers0[name])
+        return tr[0], tr[1], te[0], te[1]
+
+    total = len(chosen) * len(t) + len(plane_pairs) * len(t) ** 2
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="landscape", unit="pt")
+    try:
+        origin = at_point(None)
+        d, n = len(chosen), len(t)
+        curves = np.full((4, d, n), np.nan)
+        for i, direction in enumerate(chosen):
+            for j, tj in enumerate(t):
+                curves[:, i, j] = origin if tj == 0.0 else at_point(float(tj) * direction.vector)
+                if bar is not None:
+                    bar.update()
+        grids = np.full((4, len(plane_pairs), n, n), np.nan)
+        for q, (a, b) in enumerate(plane_pairs):
+            da, db = chosen[a].vector, chosen[b].vector
+            for i, s in enumerate(t):
+                for j, tj in enumerate(t):
+                    if s == 0.0 and tj == 0.0:
+                        grids[:, q, i, j] = origin
+                    else:
+                        grids[:, q, i, j] = at_point(float(s) * da + float(tj) * db)
+                    if bar is not None:
+                        bar.update()
+    finally:
+        space.set_vector(model, theta0)
+        if bar is not None:
+            bar.close()
+    planes = bool(plane_pairs)
+    return LandscapeResult(
+        t=t,
+        direction_names=[c.name for c in chosen],
+        direction_values=np.array([c.value for c in chosen], dtype=np.float64),
+        train_loss=curves[0],
+        train_acc=curves[1],
+        test_loss=curves[2],
+        test_acc=curves[3],
+        checkpoint_loss=float(origin[0]),
+        checkpoint_acc=float(origin[1]),
+        model_fingerprint="",
+        plane_names=[f"{chosen[a].name}|{chosen[b].name}" for a, b in plane_pairs],
+        plane_train_loss=grids[0] if planes else None,
+        plane_train_acc=grids[1] if planes else None,
+        plane_test_loss=grids[2] if planes else None,
+        plane_test_acc=grids[3] if planes else None,
+    )

@@ -1,0 +1,265 @@
+r"""The paper's loss statistics of one or several checkpoints.
+
+For every checkpoint, :func:`compute_loss_stats` evaluates the training split
+(without augmentation) and the test split in eval mode (loss, accuracy in %),
+and computes with :func:`curvops.stats.loss_stats` the minibatch statistics of
+the training split cut into batches of ``batch_size``: loss mean and variance,
+:math:`\|\bar g\|^2` and the gradient variance, and for the curvature
+:math:`C` (Hessian or GGN) along a seeded unit direction :math:`z` (the same
+for every checkpoint): :math:`\|\bar C z\|^2`, its variance over minibatches,
+:math:`\mu = z^\top\bar C z`, :math:`\delta = \|\bar C z-\mu z\|^2` and
+:math:`\alpha = \sqrt{\mathrm{Var}}/|\mu|` (definitions in :mod:`curvops.stats`),
+a Hutchinson estimate of :math:`\|\bar C\|_F^2` and the weight norms.
+
+File format (``save_path``, written atomically, ``allow_pickle=False``): one
+entry per checkpoint, in the given order, for each key
+
+=====================================================  ====================================
+key                                                    content
+=====================================================  ====================================
+``loss_mean``, ``loss_var``, ``grad_mean_norm_sq``,    float64[K] (see above)
+``grad_var``, ``hess_mean_norm_sq``, ``hess_var``,
+``hess_mu``, ``delta``, ``alpha``
+``frobenius_norm_sq``, ``frobenius_norm_sq_stderr``    float64[K] (NaN when not estimated)
+``weight_norm_l2``, ``weight_norm_linf``               float64[K]
+``train_loss``, ``train_acc``, ``test_loss``,          float64[K] (accuracy in %, NaN
+``test_acc``                                           without labels or test split)
+``epoch``                                              int64[K] (-1 when unknown)
+``checkpoints``                                        str[K] paths (``''`` for a bare module)
+``num_batches``, ``num_samples``                       int64[K]
+``curvature``                                          str ``'hessian'`` or ``'ggn'``
+``config_json``                                        str
+=====================================================  ====================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvops.stats import loss_stats
+from nets.workflow._resolve import (
+    check_bn_mode,
+    check_int,
+    default_loss,
+    make_eval_loader,
+    parse_curvature,
+    preserve_global_state,
+    resolve_data,
+    resolve_model,
+)
+from nets.workflow.landscape import evaluate
+from spectral.errors import argument_error
+from spectral.io import save_npz
+
+__all__ = ["STATS_KEYS", "compute_loss_stats"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+#: The float64[K] statistics of the paper, in file order.
+STATS_KEYS = (
+    "loss_mean",
+    "loss_var",
+    "grad_mean_norm_sq",
+    "grad_var",
+    "hess_mean_norm_sq",
+    "hess_var",
+    "hess_mu",
+    "delta",
+    "alpha",
+    "frobenius_norm_sq",
+    "frobenius_norm_sq_stderr",
+    "weight_norm_l2",
+    "weight_norm_linf",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+)
+
+
+def _checkpoint_list(checkpoint_path: Any) -> list[PathLike | None]:
+    if checkpoint_path is None:
+        return [None]
+    if isinstance(checkpoint_path, str | os.PathLike):
+        return [checkpoint_path]
+    if isinstance(checkpoint_path, Sequence) and checkpoint_path:
+        paths = list(checkpoint_path)
+        if all(isinstance(p, str | os.PathLike) for p in paths):
+            return paths
+    raise argument_error(
+        "checkpoint_path", "a checkpoint path or a non-empty list of paths", checkpoint_path
+    )
+
+
+def compute_loss_stats(
+    dataset: Any = "digits",
+    data_path: PathLike | None = None,
+    model: Any = None,
+    checkpoint_path: PathLike | Sequence[PathLike] | None = None,
+    save_path: PathLike | None = None,
+    batch_size: int = 128,
+    curvature_matrix: str = "hessian",
+    *,
+    bn_mode: str | None = "train",
+    params: Any = None,
+    subsample: int | float | None = None,
+    frobenius_probes: int = 4,
+    direction: Any = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Loss, gradient and curvature statistics (and train/test metrics) of checkpoints.
+
+    Parameters
+    ----------
+    dataset, data_path, model:
+        As in :func:`nets.workflow.compute_eigenspectrum` (the caller's module is
+        copied, never changed).
+    checkpoint_path:
+        One checkpoint, a list of them (one row each), or ``None`` with an
+        ``nn.Module``.
+    save_path:
+        Output ``.npz`` (``None``: not written).
+    batch_size:
+        Minibatch size of the statistics (and of the evaluation).
+    curvature_matrix:
+        ``'hessian'`` or ``'ggn'`` (``'ggn-lanczos'``-style spellings accepted).
+    bn_mode:
+        BatchNorm mode of the statistics (``'train'``: batch statistics, as in
+        the paper); the train/test metrics always use eval mode.
+    params:
+        Parameter subset of gradients, curvature and weight norms.
+    subsample:
+        Seeded subset (count or fraction) of each split.
+    frobenius_probes:
+        Rademacher probes of the :math:`\\|\\bar C\\|_F^2` estimate (0 skips it).
+    direction:
+        The unit direction :math:`z` (length :math:`P`); default Gaussian from ``seed``.
+    seed, device, loss_fn, progress:
+        Seed of ``z``, subsampling and probes; device; loss (cross-entropy by
+        default); a progress bar over checkpoints.
+
+    Returns
+    -------
+    dict
+        The file's arrays (module docstring).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (e.g. ``curvature_matrix='fisher'``, ``batch_size < 1``).
+    """
+    curvature = parse_curvature(curvature_matrix)
+    if curvature not in ("hessian", "ggn"):
+        raise argument_error(
+            "curvature_matrix", "'hessian' or 'ggn' for the loss statistics", curvature_matrix
+        )
+    check_int("batch_size", batch_size, 1)
+    check_int("frobenius_probes", frobenius_probes, 0)
+    check_int("seed", seed, 0)
+    mode = check_bn_mode(bn_mode)
+    loss = default_loss(loss_fn)
+    paths = _checkpoint_list(checkpoint_path)
+    rows: dict[str, list[float]] = {key: [] for key in STATS_KEYS}
+    epochs: list[int] = []
+    counts: dict[str, list[int]] = {"num_batches": [], "num_samples": []}
+    with preserve_global_state():
+        data = resolve_data(dataset, data_path, seed=seed)
+        train = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+        test = (
+            None
+            if data.test is None
+            else make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed)
+        )
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(paths), desc="loss stats", unit="checkpoint")
+        names: list[str | None] = []
+        try:
+            for path in paths:
+                resolved = resolve_model(model, path, data, device=device, seed=seed)
+                work = resolved.model
+                names.append(resolved.name)
+                train_loss, train_acc = evaluate(work, train, loss)
+                test_loss, test_acc = (
+                    (math.nan, math.nan) if test is None else evaluate(work, test, loss)
+                )
+                stats = loss_stats(
+                    work,
+                    loss,
+                    train,
+                    curvature=curvature,
+                    z=direction,
+                    seed=seed,
+                    num_probes=frobenius_probes,
+                    params=params,
+                    bn_mode=mode,
+                ).as_dict()
+                stats.update(
+                    train_loss=train_loss,
+                    train_acc=train_acc,
+                    test_loss=test_loss,
+                    test_acc=test_acc,
+                )
+                for key in STATS_KEYS:
+                    rows[key].append(float(stats[key]))
+                counts["num_batches"].append(int(stats["num_batches"]))
+                counts["num_samples"].append(int(stats["num_samples"]))
+                epochs.append(-1 if resolved.epoch is None else int(resolved.epoch))
+                logger.info(
+                    "%s: loss %.4g, |g|^2 %.4g, mu %.4g",
+                    path,
+                    stats["loss_mean"],
+                    stats["grad_mean_norm_sq"],
+                    stats["hess_mu"],
+                )
+                if bar is not None:
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+    config = {
+        "function": "compute_loss_stats",
+        "model": names[0] if names else None,
+        "dataset": data.name,
+        "data_path": None if data_path is None else os.fspath(data_path),
+        "curvature": curvature,
+        "bn_mode": mode,
+        "batch_size": int(batch_size),
+        "subsample": subsample,
+        "frobenius_probes": int(frobenius_probes),
+        "direction": "given" if direction is not None else f"gaussian(seed={seed})",
+        "params": params if params is None or isinstance(params, list | tuple) else repr(params),
+        "seed": int(seed),
+        "loss": type(loss).__name__,
+        "accuracy_unit": "percent",
+    }
+    out: dict[str, Any] = {key: np.asarray(rows[key], dtype=np.float64) for key in STATS_KEYS}
+    out["epoch"] = np.asarray(epochs, dtype=np.int64)
+    out["checkpoints"] = np.asarray(
+        ["" if p is None else os.fspath(p) for p in paths], dtype=np.str_
+    )
+    out["num_batches"] = np.asarray(counts["num_batches"], dtype=np.int64)
+    out["num_samples"] = np.asarray(counts["num_samples"], dtype=np.int64)
+    out["curvature"] = np.str_(curvature)
+    out["config_json"] = np.str_(json.dumps(config, sort_keys=True, default=str))
+    if save_path is not None:
+        text = os.fspath(save_path)
+        target = text if text.endswith(".npz") else text + ".npz"
+        save_npz(target, **out)
+        logger.info("loss statistics written to %s", target)
+    return out

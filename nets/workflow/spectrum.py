@@ -1,0 +1,500 @@
+r"""The eigenspectrum of a network's curvature by (stochastic) Lanczos quadrature.
+
+:func:`compute_eigenspectrum` builds the Hessian, generalised Gauss-Newton or
+Fisher operator of a checkpoint on the training set (without augmentation),
+runs ``lanczos_iters`` Lanczos steps from ``num_probes`` Rademacher probes
+(one by default, as the paper argues) and returns the Ritz values
+:math:`\theta_i` with their Gauss quadrature weights :math:`\gamma_i`: the
+moment-matched discrete approximation
+:math:`\frac1P\sum_j\delta_{\lambda_j}\approx\sum_i\gamma_i\delta_{\theta_i}`.
+
+With probe :math:`v\in\{\pm1\}^P` the first moment is the Hutchinson estimate:
+:math:`P\sum_i\gamma_i\theta_i = P\,q_1^\top A q_1 = v^\top A v`, so the stored
+``trace`` is :math:`P\sum_i\gamma_i\theta_i` averaged over probes.  Its
+``trace_stderr`` is :math:`\sqrt{2P m_2/K}` with :math:`m_2=\sum_i\gamma_i\theta_i^2`
+and :math:`K` probes: the Rademacher variance :math:`2(\lVert A\rVert_F^2-\sum_j
+a_{jj}^2)\le 2\lVert A\rVert_F^2` with :math:`\lVert A\rVert_F^2 = P\,m_2` (an
+upper-bound estimate, available with a single probe).
+
+File format (``save_spectrum_path``, ``.npz`` appended when missing), all
+arrays loadable with ``allow_pickle=False``:
+
+====================  =================================================================
+key                   content
+====================  =================================================================
+``w``, ``eigvals``    float64[m] Ritz values, ascending (pooled over probes)
+``gammas``            float64[m] weights (sum 1; probe k's weights / K when K > 1)
+``residuals``         float64[m] :math:`|\beta_m s_{mi}|` of each Ritz pair
+``probe_nodes``       float64[K, iters] per-probe Ritz values, NaN-padded
+``probe_weights``     float64[K, iters] per-probe weights, NaN-padded
+``alpha``, ``beta``   float64 recurrence coefficients of the first probe
+``trace``             float64 scalar :math:`P\sum\gamma_i\theta_i`
+``trace_stderr``      float64 scalar (see above)
+``num_params``        int64 scalar :math:`P`
+``lanczos_iters``     int64 scalar, ``num_probes`` int64 scalar
+``curvature``         str ``'hessian'``, ``'ggn'`` or ``'fisher'``
+``bn_mode``           str ``'train'``, ``'eval'`` or ``'none'`` (modules' own modes)
+``config_json``       str: model, dataset, checkpoint, seed, params, subsample, ...
+``model_fingerprint`` str: sha256 of the selected parameters' names, shapes and values
+====================  =================================================================
+
+With ``save_eigvec=True`` the Ritz vectors of the first probe go to the same
+stem + ``-eigvec.npz``: ``vectors`` float32[m, P] (row i is the unit Ritz
+vector of ``w[i]``), ``w`` float64[m], ``model_fingerprint``, ``param_names``
+str[k] and ``param_shapes_json`` (the coordinates of the rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nets.workflow._resolve import (
+    build_operator,
+    check_bn_mode,
+    check_int,
+    curvature_kind,
+    default_loss,
+    eigvec_file,
+    make_eval_loader,
+    model_fingerprint,
+    parse_curvature,
+    preserve_global_state,
+    resolve_data,
+    resolve_model,
+    spectrum_file,
+)
+from nets.workflow.directions import ParamSpace
+from spectral.density import SpectralDensity
+from spectral.errors import argument_error
+from spectral.io import load_npz, save_npz
+from spectral.lanczos import lanczos
+from spectral.operator import as_operator
+from spectral.probes import as_generator, random_probe
+
+__all__ = [
+    "SpectrumResult",
+    "compute_eigenspectrum",
+    "lanczos_spectrum",
+    "load_spectrum",
+    "spectrum_summary",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class SpectrumResult:
+    """A computed (or loaded) spectrum; the fields mirror the file keys (module docstring).
+
+    ``vectors`` (float32[m, P], first probe) and ``vector_values`` are set when
+    Ritz vectors were kept; ``path``/``eigvec_path`` when files were written or read.
+    """
+
+    values: np.ndarray
+    weights: np.ndarray
+    residuals: np.ndarray
+    probe_nodes: np.ndarray
+    probe_weights: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    trace: float
+    trace_stderr: float
+    num_params: int
+    lanczos_iters: int
+    num_probes: int
+    curvature: str
+    bn_mode: str
+    model_fingerprint: str
+    config: dict[str, Any] = field(default_factory=dict)
+    vectors: np.ndarray | None = None
+    vector_values: np.ndarray | None = None
+    param_names: tuple[str, ...] = ()
+    param_shapes_json: str = "{}"
+    path: Path | None = None
+    eigvec_path: Path | None = None
+
+    def density(self) -> SpectralDensity:
+        """The pooled spectral measure (with the per-probe measures)."""
+        return SpectralDensity(self.values, self.weights, self.probe_nodes, self.probe_weights)
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The spectrum file's arrays (see the module docstring)."""
+        return {
+            "w": np.asarray(self.values, dtype=np.float64),
+            "eigvals": np.asarray(self.values, dtype=np.float64),
+            "gammas": np.asarray(self.weights, dtype=np.float64),
+            "residuals": np.asarray(self.residuals, dtype=np.float64),
+            "probe_nodes": np.asarray(self.probe_nodes, dtype=np.float64),
+            "probe_weights": np.asarray(self.probe_weights, dtype=np.float64),
+            "alpha": np.asarray(self.alpha, dtype=np.float64),
+            "beta": np.asarray(self.beta, dtype=np.float64),
+            "trace": np.float64(self.trace),
+            "trace_stderr": np.float64(self.trace_stderr),
+            "num_params": np.int64(self.num_params),
+            "lanczos_iters": np.int64(self.lanczos_iters),
+            "num_probes": np.int64(self.num_probes),
+            "curvature": np.str_(self.curvature),
+            "bn_mode": np.str_(self.bn_mode),
+            "config_json": np.str_(json.dumps(self.config, sort_keys=True)),
+            "model_fingerprint": np.str_(self.model_fingerprint),
+        }
+
+    def eigvec_arrays(self) -> dict[str, Any]:
+        """The ``-eigvec.npz`` arrays; raises ``ValueError`` when no vectors were kept."""
+        if self.vectors is None or self.vector_values is None:
+            raise argument_error("save_eigvec", "True when the spectrum was computed", False)
+        return {
+            "vectors": np.asarray(self.vectors, dtype=np.float32),
+            "w": np.asarray(self.vector_values, dtype=np.float64),
+            "model_fingerprint": np.str_(self.model_fingerprint),
+            "param_names": np.asarray(self.param_names, dtype=np.str_),
+            "param_shapes_json": np.str_(self.param_shapes_json),
+        }
+
+    def save(self, path: PathLike, *, save_eigvec: bool | None = None) -> Path:
+        """Write the spectrum (and, if kept and wanted, the Ritz vectors) atomically."""
+        target = spectrum_file(path)
+        save_npz(target, **self.to_arrays())
+        self.path = target
+        if save_eigvec is None:
+            save_eigvec = self.vectors is not None
+        if save_eigvec:
+            self.eigvec_path = eigvec_file(target)
+            save_npz(self.eigvec_path, **self.eigvec_arrays())
+        return target
+
+
+def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResult:
+    """Read a spectrum file (``.npz`` may be omitted) and, if present, its ``-eigvec.npz``.
+
+    Raises
+    ------
+    FileNotFoundError, spectral.io.CorruptFileError
+        Missing or unreadable file.
+    ValueError
+        A file without the spectrum keys.
+    """
+    target = spectrum_file(path)
+    if not target.is_file() and Path(os.fspath(path)).is_file():
+        target = Path(os.fspath(path))
+    arrays = load_npz(target)
+    missing = [k for k in ("w", "gammas", "num_params") if k not in arrays]
+    if missing:
+        raise argument_error("path", "a spectrum file written by compute_eigenspectrum", target)
+
+    def scalar(key: str, default: Any) -> Any:
+        return arrays[key].item() if key in arrays else default
+
+    w = np.asarray(arrays["w"], dtype=np.float64)
+    nan = np.full(w.shape, np.nan)
+    result = SpectrumResult(
+        values=w,
+        weights=np.asarray(arrays["gammas"], dtype=np.float64),
+        residuals=np.asarray(arrays.get("residuals", nan), dtype=np.float64),
+        probe_nodes=np.asarray(arrays.get("probe_nodes", w[None]), dtype=np.float64),
+        probe_weights=np.asarray(arrays.get("probe_weights", arrays["gammas"][None])),
+        alpha=np.asarray(arrays.get("alpha", np.empty(0)), dtype=np.float64),
+        beta=np.asarray(arrays.get("beta", np.empty(0)), dtype=np.float64),
+        trace=float(scalar("trace", np.nan)),
+        trace_stderr=float(scalar("trace_stderr", np.nan)),
+        num_params=int(scalar("num_params", 0)),
+        lanczos_iters=int(scalar("lanczos_iters", w.size)),
+        num_probes=int(scalar("num_probes", 1)),
+        curvature=str(scalar("curvature", "unknown")),
+        bn_mode=str(scalar("bn_mode", "unknown")),
+        model_fingerprint=str(scalar("model_fingerprint", "")),
+        config=json.loads(str(scalar("config_json", "{}"))),
+        path=target,
+    )
+    vec_path = eigvec_file(target)
+    if with_vectors and vec_path.is_file():
+        vec = load_npz(vec_path)
+        result.vectors = np.asarray(vec["vectors"])
+        result.vector_values = np.asarray(vec["w"], dtype=np.float64)
+        result.param_names = tuple(str(n) for n in np.asarray(vec["param_names"]).tolist())
+        result.param_shapes_json = str(vec["param_shapes_json"])
+        result.eigvec_path = vec_path
+    return result
+
+
+def lanczos_spectrum(
+    operator: Any,
+    lanczos_iters: int,
+    *,
+    num_probes: int = 1,
+    seed: int = 0,
+    keep_vectors: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Lanczos from ``num_probes`` Rademacher probes on any symmetric operator.
+
+    The probes are those of :func:`spectral.slq.slq` with the same ``seed``
+    (drawn in turn from ``numpy.random.default_rng(seed)``), so the pooled
+    measure equals ``slq(operator, lanczos_iters, num_probes=..., seed=seed)``.
+    Returns a dict with ``values``, ``weights``, ``residuals``, ``probe_nodes``,
+    ``probe_weights``, ``alpha``, ``beta``, ``trace``, ``trace_stderr``,
+    ``num_params`` and (``keep_vectors``) ``vectors`` float32[m, P] and
+    ``vector_values`` of the first probe.  ``progress`` shows a bar over the
+    ``num_probes * lanczos_iters`` products.
+
+    >>> out = lanczos_spectrum(np.diag([1.0, 2.0, 3.0, 4.0]), 4, seed=0)
+    >>> out["values"].round(12).tolist(), round(out["trace"], 12)
+    ([1.0, 2.0, 3.0, 4.0], 10.0)
+    """
+    op = as_operator(operator)
+    n = op.n
+    m = check_int("lanczos_iters", lanczos_iters, 1, n)
+    k = check_int("num_probes", num_probes, 1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=k * m, desc="Lanczos", unit="product")
+        base = op
+
+        def counted(x: Any) -> Any:
+            y = base.matvec(x)
+            bar.update()
+            return y
+
+        op = as_operator(counted, size=n, like=base.template)
+    try:
+        return _probes(op, m, k, seed, keep_vectors)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _probes(op: Any, m: int, k: int, seed: int, keep_vectors: bool) -> dict[str, Any]:
+    n = op.n
+    rng = as_generator(seed)
+    probe_nodes = np.full((k, m), np.nan)
+    probe_weights = np.full((k, m), np.nan)
+    probe_residuals = np.full((k, m), np.nan)
+    out: dict[str, Any] = {}
+    for j in range(k):
+        v0 = random_probe(n, "rademacher", rng, like=op.template)
+        result = lanczos(op, m, v0=v0, reorth="full", store_basis=True)
+        pairs = result.ritz()
+        size = len(pairs)
+        probe_nodes[j, :size] = pairs.values
+        probe_weights[j, :size] = pairs.weights
+        probe_residuals[j, :size] = pairs.residuals
+        if j == 0:
+            out["alpha"] = np.asarray(result.alpha, dtype=np.float64)
+            out["beta"] = np.asarray(result.beta, dtype=np.float64)
+            if keep_vectors:
+                vectors = pairs.vectors
+                if isinstance(vectors, torch.Tensor):
+                    host = vectors.detach().to("cpu", torch.float32).numpy()
+                else:
+                    host = np.asarray(vectors, dtype=np.float32)
+                out["vectors"] = np.ascontiguousarray(host.T)
+                out["vector_values"] = pairs.values.copy()
+        logger.info(
+            "probe %d/%d: %d Ritz values in [%.4g, %.4g]%s",
+            j + 1,
+            k,
+            size,
+            pairs.values[0],
+            pairs.values[-1],
+            " (invariant Krylov space)" if result.breakdown else "",
+        )
+    keep = ~np.isnan(probe_nodes)
+    nodes = probe_nodes[keep]
+    order = np.argsort(nodes, kind="stable")
+    weights = (probe_weights[keep] / k)[order]
+    values = nodes[order]
+    weights = weights / weights.sum()
+    out["values"] = values
+    out["weights"] = weights
+    out["residuals"] = probe_residuals[keep][order]
+    out["probe_nodes"] = probe_nodes
+    out["probe_weights"] = probe_weights
+    out["trace"] = float(n * np.sum(weights * values))
+    out["trace_stderr"] = float(np.sqrt(2.0 * n * np.sum(weights * values**2) / k))
+    out["num_params"] = n
+    return out
+
+
+def compute_eigenspectrum(
+    dataset: Any = "digits",
+    data_path: PathLike | None = None,
+    model: Any = None,
+    checkpoint_path: PathLike | None = None,
+    save_spectrum_path: PathLike | None = None,
+    save_eigvec: bool = False,
+    lanczos_iters: int = 20,
+    curvature_matrix: str = "hessian",
+    num_probes: int = 1,
+    bn_mode: str | None = "train",
+    params: Any = None,
+    subsample: int | float | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    progress: bool = False,
+) -> SpectrumResult:
+    """Lanczos spectrum of a network's Hessian, GGN or Fisher at a checkpoint.
+
+    Parameters
+    ----------
+    dataset, data_path:
+        A dataset name (loaded from ``data_path``), a ``DatasetSplits`` (its
+        ``train_eval`` split is used), a ``Dataset`` or a ``DataLoader``.
+    model:
+        A registered model name, an ``nn.Module`` (never modified) or ``None``
+        (rebuilt from the checkpoint's config).  A name without a checkpoint is
+        initialised with ``seed``.
+    checkpoint_path:
+        Checkpoint whose weights are analysed (optional with an ``nn.Module``).
+    save_spectrum_path:
+        Where to write the spectrum (``.npz`` appended when missing); ``None``
+        writes nothing.
+    save_eigvec:
+        Also keep the Ritz vectors and write them to ``<stem>-eigvec.npz``.
+    lanczos_iters:
+        Lanczos steps ``m`` per probe, ``1 <= m <= P``.
+    curvature_matrix:
+        ``'hessian'``, ``'ggn'``, ``'fisher'``, ``'empirical-fisher'``;
+        ``'ggn-lanczos'``, ``'hessian_lanczos'`` and other spellings are
+        accepted (case-insensitive).
+    num_probes:
+        Number of Rademacher start vectors (default one, as in the paper).
+    bn_mode:
+        BatchNorm during products: ``'train'`` (batch statistics, the paper's
+        default), ``'eval'`` (running statistics) or ``None`` (modules' modes).
+    params:
+        Parameter subset (``None``: all trainable; names, modules or a
+        predicate as ``curvops`` accepts).
+    subsample:
+        Use a seeded random subset of the training set: a count or a fraction.
+    batch_size, seed, device, loss_fn, progress:
+        Batch size of the curvature products; seed of probes, subsampling and
+        Monte-Carlo Fisher; ``'auto'``/``'cpu'``/``'cuda'``; the loss
+        (cross-entropy by default, reduction ``'mean'``); a progress bar over
+        the Lanczos products.
+
+    Returns
+    -------
+    SpectrumResult
+        Also written to ``save_spectrum_path`` (format in the module docstring).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (unknown curvature name, ``lanczos_iters <= 0`` or > P, ...).
+    FileNotFoundError, spectral.io.CorruptFileError
+        Missing or unreadable checkpoint.
+    spectral.errors.NumericalError
+        A curvature product produced NaN/Inf.
+    """
+    curvature = parse_curvature(curvature_matrix)
+    check_int("lanczos_iters", lanczos_iters, 1)
+    check_int("num_probes", num_probes, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
+    mode = check_bn_mode(bn_mode)
+    if not isinstance(save_eigvec, bool):
+        raise argument_error("save_eigvec", "a bool", save_eigvec, kind=TypeError)
+    loss = default_loss(loss_fn)
+    with preserve_global_state():
+        data = resolve_data(dataset, data_path, seed=seed)
+        resolved = resolve_model(
+            model, checkpoint_path, data, device=device, seed=seed, copy_module=False
+        )
+        loader = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+        operator = build_operator(
+            curvature,
+            resolved.model,
+            loss,
+            loader,
+            params=params,
+            bn_mode=mode,
+            seed=seed,
+        )
+        names = [name for name, _ in operator.params]
+        space = ParamSpace.from_model(resolved.model, names)
+        fingerprint = model_fingerprint(resolved.model, names)
+        out = lanczos_spectrum(
+            operator,
+            lanczos_iters,
+            num_probes=num_probes,
+            seed=seed,
+            keep_vectors=save_eigvec,
+            progress=progress,
+        )
+    config = {
+        "function": "compute_eigenspectrum",
+        "model": resolved.name,
+        "dataset": data.name,
+        "data_path": None if data_path is None else os.fspath(data_path),
+        "checkpoint": resolved.checkpoint_path,
+        "epoch": resolved.epoch,
+        "curvature": curvature,
+        "lanczos_iters": int(lanczos_iters),
+        "num_probes": int(num_probes),
+        "probe": "rademacher",
+        "reorth": "full",
+        "bn_mode": mode,
+        "params": None if params is None else names,
+        "subsample": subsample,
+        "num_samples": len(loader.dataset),  # type: ignore[arg-type]
+        "batch_size": loader.batch_size,
+        "seed": int(seed),
+        "device": str(next(iter(resolved.model.parameters())).device),
+        "loss": type(loss).__name__,
+    }
+    result = SpectrumResult(
+        values=out["values"],
+        weights=out["weights"],
+        residuals=out["residuals"],
+        probe_nodes=out["probe_nodes"],
+        probe_weights=out["probe_weights"],
+        alpha=out["alpha"],
+        beta=out["beta"],
+        trace=out["trace"],
+        trace_stderr=out["trace_stderr"],
+        num_params=out["num_params"],
+        lanczos_iters=int(lanczos_iters),
+        num_probes=int(num_probes),
+        curvature=curvature_kind(curvature),
+        bn_mode="none" if mode is None else mode,
+        model_fingerprint=fingerprint,
+        config=config,
+        vectors=out.get("vectors"),
+        vector_values=out.get("vector_values"),
+        param_names=space.names,
+        param_shapes_json=space.shapes_json(),
+    )
+    if save_spectrum_path is not None:
+        result.save(save_spectrum_path, save_eigvec=save_eigvec)
+        logger.info("spectrum written to %s", result.path)
+    return result
+
+
+def spectrum_summary(result: SpectrumResult | Mapping[str, Any]) -> dict[str, float]:
+    """Top/bottom Ritz values, trace and negative mass (for summaries and logs)."""
+    if isinstance(result, SpectrumResult):
+        w, g, tr = result.values, result.weights, result.trace
+    else:
+        w, g = np.asarray(result["w"]), np.asarray(result["gammas"])
+        tr = float(np.asarray(result.get("trace", np.nan)))
+    return {
+        "top": float(w.max()),
+        "bottom": float(w.min()),
+        "trace": float(tr),
+        "negative_mass": float(g[w < 0].sum()),
+    }

@@ -1,0 +1,173 @@
+"""Array-namespace helpers: the only module of :mod:`spectral` that touches ``array_api_compat``.
+
+Algorithms in :mod:`spectral` work in the array namespace of the operator they
+are given (numpy, torch tensors on any device, cupy, ``array_api_strict``...),
+obtained here through :func:`namespace`.  Only small host-side quantities (the
+``m x m`` tridiagonal matrix, probe vectors drawn with a numpy generator) cross
+between the host and the namespace, through :func:`to_host_float64` and
+:func:`from_host`.  Torch is never imported: torch tensors are handled through
+``array_api_compat`` and duck typing.
+
+>>> import numpy as np
+>>> x = from_host(np.arange(3.0), like=np.zeros(1, dtype=np.float32))
+>>> x.dtype
+dtype('float32')
+>>> to_host_float64(x)
+array([0., 1., 2.])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "device",
+    "finfo_eps",
+    "from_host",
+    "is_array",
+    "is_real_floating",
+    "namespace",
+    "supports_item_assignment",
+    "to_host_float64",
+    "vector_norm",
+    "xp_for_module",
+]
+
+
+def namespace(*arrays: Any) -> Any:
+    """Return the (array-API compatible) namespace of ``arrays``.
+
+    >>> import numpy as np
+    >>> namespace(np.zeros(2)).__name__
+    'array_api_compat.numpy'
+    """
+    return array_api_compat.array_namespace(*arrays)
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array of a library known to ``array_api_compat``.
+
+    >>> import numpy as np
+    >>> is_array(np.zeros(2)), is_array([0.0])
+    (True, False)
+    """
+    return bool(array_api_compat.is_array_api_obj(x))
+
+
+def device(x: Any) -> Any:
+    """Return the device on which ``x`` lives (``"cpu"`` for numpy).
+
+    >>> import numpy as np
+    >>> device(np.zeros(2))
+    'cpu'
+    """
+    return array_api_compat.device(x)
+
+
+def xp_for_module(module_name: str) -> Any:
+    """Return the compat namespace of an array library given by name (``"numpy"``, ``"cupy"``).
+
+    The library is imported lazily; this is used for operators (e.g. cupyx
+    ``LinearOperator``) that carry no array from which a namespace can be read.
+
+    >>> xp_for_module("numpy").__name__
+    'array_api_compat.numpy'
+    """
+    lib = importlib.import_module(module_name)
+    return array_api_compat.array_namespace(lib.zeros(1))
+
+
+def is_real_floating(xp: Any, dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating dtype in namespace ``xp``.
+
+    >>> import numpy as np
+    >>> xp = namespace(np.zeros(1))
+    >>> is_real_floating(xp, np.dtype("float32")), is_real_floating(xp, np.dtype("int64"))
+    (True, False)
+    """
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - old namespaces
+        return dtype in (getattr(xp, "float32", None), getattr(xp, "float64", None))
+
+
+def finfo_eps(xp: Any, dtype: Any) -> float:
+    """Machine epsilon of the floating dtype ``dtype`` of namespace ``xp``, as a Python float.
+
+    >>> import numpy as np
+    >>> finfo_eps(namespace(np.zeros(1)), np.dtype("float64")) == float(np.finfo(np.float64).eps)
+    True
+    """
+    return float(xp.finfo(dtype).eps)
+
+
+def supports_item_assignment(xp: Any) -> bool:
+    """Whether arrays of ``xp`` can be updated in place with ``a[i, :] = v`` (not JAX).
+
+    >>> import numpy as np
+    >>> supports_item_assignment(namespace(np.zeros(1)))
+    True
+    """
+    return not array_api_compat.is_jax_namespace(xp)
+
+
+def vector_norm(xp: Any, x: Any) -> Any:
+    """Euclidean norm of the 1-D array ``x`` as a 0-d array of ``xp`` (no host transfer).
+
+    >>> import numpy as np
+    >>> float(vector_norm(namespace(np.zeros(1)), np.array([3.0, 4.0])))
+    5.0
+    """
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "vector_norm"):
+        return linalg.vector_norm(x)
+    return xp.sqrt(xp.sum(x * x))  # pragma: no cover - namespaces without linalg
+
+
+def to_host_float64(x: Any) -> np.ndarray:
+    """Copy ``x`` (any namespace, any device) to a float64 numpy array on the host.
+
+    Torch tensors are detached and moved to the CPU; other arrays go through
+    DLPack or ``np.asarray``.
+
+    >>> import numpy as np
+    >>> to_host_float64(np.array([1, 2], dtype=np.int32))
+    array([1., 2.])
+    """
+    if isinstance(x, np.ndarray | np.generic | float | int):
+        return np.asarray(x, dtype=np.float64)
+    if array_api_compat.is_torch_array(x):
+        return np.asarray(x.detach().cpu().numpy(), dtype=np.float64)
+    if array_api_compat.is_cupy_array(x):  # pragma: no cover - needs cupy
+        return np.asarray(x.get(), dtype=np.float64)
+    try:
+        return np.asarray(np.from_dlpack(x), dtype=np.float64)
+    except (TypeError, RuntimeError, BufferError, AttributeError):
+        host = array_api_compat.to_device(x, "cpu")
+        return np.asarray(host, dtype=np.float64)
+
+
+def from_host(values: Any, *, like: Any) -> Any:
+    """Transfer the host array ``values`` to the namespace, device and dtype of ``like``.
+
+    >>> import numpy as np
+    >>> from_host([1.0, 2.0], like=np.zeros(3)).tolist()
+    [1.0, 2.0]
+    """
+    xp = namespace(like)
+    host = np.asarray(values, dtype=np.float64)
+    if array_api_compat.is_numpy_array(like):
+        return host.astype(like.dtype, copy=False)
+    if array_api_compat.is_torch_array(like):
+        # torch's asarray keeps numpy's float64 buffer then casts on the target device.
+        return xp.asarray(host, dtype=like.dtype, device=like.device)
+    arr = xp.asarray(host)
+    arr = xp.astype(arr, like.dtype)
+    dev = device(like)
+    if device(arr) != dev:  # pragma: no cover - accelerator arrays
+        arr = array_api_compat.to_device(arr, dev)
+    return arr

@@ -1,0 +1,234 @@
+r"""Extreme eigenpairs by thick-restart Lanczos (Wu and Simon, 2000), in the operator's namespace.
+
+Each cycle extends an orthonormal basis ``V = [v_1 .. v_p]`` to ``ncv`` vectors
+with Lanczos steps (full CGS2 reorthogonalisation, blocked products), forms the
+Rayleigh quotient ``H = V^T A V`` (tridiagonal plus, after a restart, an arrow
+row/column), and computes its eigenpairs ``H = S \Theta S^T`` on the host in
+float64.  With ``r = A v_{ncv} - V h`` the residual of the last step,
+``\|A y_i - \theta_i y_i\| = \|r\|\,|S_{ncv,i}|`` for the Ritz vector ``y_i = V s_i``.
+A pair is converged when this residual is at most
+``tol \cdot \max(|\theta_i|, eps^{2/3}\|H\|)`` (ARPACK's criterion).  Until the
+``k`` wanted pairs have converged, the basis is restarted with the
+``p = k + (ncv - k) // 2`` most wanted Ritz vectors plus ``r / \|r\|``
+("thick restart"), which keeps the Krylov information of the wanted end.
+
+Vectors never leave the operator's namespace/device; only ``H`` (``ncv x ncv``)
+and its eigenvectors cross to the host.
+
+>>> import numpy as np
+>>> vals, vecs = top_eigenpairs(np.diag(np.arange(1.0, 51.0)), 3, seed=0)
+>>> vals.round(8).tolist(), vecs.shape
+([48.0, 49.0, 50.0], (50, 3))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from spectral import _backend
+from spectral.errors import NumericalError, argument_error
+from spectral.operator import SymmetricOperator, as_operator
+from spectral.probes import as_generator, random_probe
+
+__all__ = ["WHICH", "top_eigenpairs"]
+
+logger = logging.getLogger(__name__)
+
+WHICH = ("LA", "SA", "LM")
+
+
+def _order(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of ``theta`` from most to least wanted."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def _orthogonalise(Vb: Any, w: Any) -> tuple[Any, Any]:
+    """CGS2 of ``w`` against the orthonormal rows of ``Vb``; returns ``(w, coefficients)``."""
+    c1 = Vb @ w
+    w = w - c1 @ Vb  # out of place: ``w`` may alias the operator's input
+    c2 = Vb @ w
+    w -= c2 @ Vb
+    return w, c1 + c2
+
+
+def _validate(op: SymmetricOperator, k: Any, which: Any, tol: Any, ncv: Any, max_iters: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k < op.n:
+        raise argument_error("k", f"an integer with 1 <= k < n = {op.n}", k)
+    if which not in WHICH:
+        raise argument_error("which", f"one of {WHICH}", which)
+    if not isinstance(tol, float | int) or not tol > 0 or not math.isfinite(tol):
+        raise argument_error("tol", "a positive finite float", tol)
+    if ncv is None:
+        ncv = min(op.n, max(2 * int(k) + 1, 20))
+    if isinstance(ncv, bool) or not isinstance(ncv, int | np.integer) or not k < ncv <= op.n:
+        raise argument_error("ncv", f"an integer with k = {k} < ncv <= n = {op.n}", ncv)
+    if max_iters is not None and (
+        isinstance(max_iters, bool) or not isinstance(max_iters, int | np.integer) or max_iters < 1
+    ):
+        raise argument_error("max_iters", "None or a positive integer", max_iters)
+    return int(ncv)
+
+
+def top_eigenpairs(
+    A: Any,
+    k: int,
+    *,
+    which: str = "LA",
+    tol: float = 1e-8,
+    max_iters: int | None = None,
+    ncv: int | None = None,
+    seed: int | np.random.Generator | None = None,
+) -> tuple[np.ndarray, Any]:
+    """The ``k`` eigenpairs of the symmetric ``A`` at one end of its spectrum.
+
+    Parameters
+    ----------
+    A:
+        Anything :func:`spectral.operator.as_operator` accepts (``n x n``).
+    k:
+        Number of eigenpairs, ``1 <= k < n``.
+    which:
+        ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
+    tol:
+        Relative residual tolerance (see the module docstring).  It is raised to
+        ``100 eps`` of the operator's dtype if smaller.
+    max_iters:
+        Maximum number of restart cycles (default ``max(100, 10 n / ncv)``).
+    ncv:
+        Basis size per cycle, ``k < ncv <= n`` (default ``min(n, max(2k + 1, 20))``).
+    seed:
+        Integer or numpy ``Generator`` for the start vector.
+
+    Returns
+    -------
+    values:
+        float64 ``(k,)``, ascending (as ``scipy.sparse.linalg.eigsh``).
+    vectors:
+        ``(n, k)`` unit eigenvectors in the operator's namespace and device;
+        column ``i`` belongs to ``values[i]``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments.
+    spectral.errors.NumericalError
+        NaN/Inf in a product, or no convergence within ``max_iters`` cycles.
+
+    >>> import numpy as np
+    >>> vals, _ = top_eigenpairs(np.diag(np.linspace(-5.0, 1.0, 40)), 2, which="SA", seed=1)
+    >>> vals.round(8).tolist()
+    [-5.0, -4.84615385]
+    """
+    op = as_operator(A)
+    ncv = _validate(op, k, which, tol, ncv, max_iters)
+    k = int(k)
+    xp = op.xp
+    n = op.n
+    eps = _backend.finfo_eps(xp, op.dtype)
+    tol = max(float(tol), 100.0 * eps)
+    if max_iters is None:
+        max_iters = max(100, (10 * n) // ncv)
+    rng = as_generator(seed)
+
+    V = xp.zeros((ncv, n), dtype=op.dtype, device=op.device)
+    H = np.zeros((ncv, ncv))
+    v = random_probe(n, "sphere", rng, like=op.template)
+    V[0, :] = v * (1.0 / float(_backend.vector_norm(xp, v)))
+    p = 0  # number of locked-in (restart) vectors already in V with their H block known
+    keep = min(k + (ncv - k) // 2, ncv - 1)
+    anorm = 0.0
+    for cycle in range(int(max_iters)):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            r, rnorm = _extend(op, V, H, p, rng, eps, cycle)
+        anorm = max(anorm, float(np.max(np.abs(np.linalg.eigvalsh(H)))), rnorm)
+        theta, S = np.linalg.eigh(H)
+        order = _order(theta, which)
+        resid = rnorm * np.abs(S[-1, :])
+        scale = np.maximum(np.abs(theta), eps ** (2.0 / 3.0) * anorm)
+        wanted = order[:k]
+        if np.all(resid[wanted] <= tol * scale[wanted]) or rnorm <= eps * anorm:
+            wanted = wanted[np.argsort(theta[wanted], kind="stable")]
+            Sw = _backend.from_host(np.ascontiguousarray(S[:, wanted]), like=V)
+            logger.debug("top_eigenpairs: converged after %d cycles", cycle + 1)
+            return theta[wanted], V.T @ Sw
+        # thick restart: keep the `keep` most wanted Ritz vectors and the residual direction
+        kept = order[:keep]
+        Sk = _backend.from_host(np.ascontiguousarray(S[:, kept].T), like=V)
+        Y = Sk @ V
+        V[:keep, :] = Y
+        V[keep, :] = r * (1.0 / rnorm)
+        H[:] = 0.0
+        H[np.arange(keep), np.arange(keep)] = theta[kept]
+        arrow = rnorm * S[-1, kept]
+        H[keep, :keep] = arrow
+        H[:keep, keep] = arrow
+        p = keep
+    nconv = int(np.sum(resid[order[:k]] <= tol * scale[order[:k]]))
+    raise NumericalError(
+        f"top_eigenpairs: {nconv} of {k} eigenpairs converged to tol={tol:.1e} "
+        f"after max_iters={max_iters} restart cycles (largest residual "
+        f"{float(np.max(resid[order[:k]])):.3e}); increase max_iters or ncv"
+    )
+
+
+def _extend(
+    op: SymmetricOperator,
+    V: Any,
+    H: np.ndarray,
+    p: int,
+    rng: np.random.Generator,
+    eps: float,
+    cycle: int,
+) -> tuple[Any, float]:
+    """Fill rows ``p..ncv-1`` of ``V`` and columns ``p..`` of ``H``; return the residual.
+
+    On entry rows ``0..p`` of ``V`` are orthonormal and ``H[:p, :p]`` plus the
+    arrow ``H[p, :p]`` are known.  Column ``j`` of ``H`` is ``V_{0..j}^T A v_j``
+    (CGS2), and ``H[j+1, j] = ||r_j||``.
+    """
+    xp = op.xp
+    ncv = H.shape[0]
+    n = op.n
+    r: Any = None
+    rnorm = 0.0
+    for j in range(p, ncv):
+        w = op.matvec(V[j, :])
+        Vb = V[: j + 1, :]
+        w, h = _orthogonalise(Vb, w)
+        stats = _backend.to_host_float64(
+            xp.concat([h, xp.reshape(_backend.vector_norm(xp, w), (1,))])
+        )
+        if not np.all(np.isfinite(stats)):
+            raise NumericalError(
+                f"top_eigenpairs: the product A @ v contains NaN or Inf (cycle {cycle + 1}, "
+                f"step {j + 1})"
+            )
+        hcol, beta = stats[:-1], float(stats[-1])
+        # the already-known part above the arrow is kept; the new column is symmetrised
+        H[j, j] = hcol[j]
+        if j > p:
+            H[j - 1, j] = H[j, j - 1]
+        r, rnorm = w, beta
+        if j + 1 == ncv:
+            break
+        scale = max(float(np.max(np.abs(hcol))), beta)
+        if beta <= 10.0 * math.sqrt(n) * eps * scale:
+            # invariant subspace: continue with a random direction orthogonal to V
+            v = random_probe(n, "gaussian", rng, like=op.template)
+            v, _ = _orthogonalise(Vb, v)
+            v, _ = _orthogonalise(Vb, v)
+            vnorm = float(_backend.vector_norm(xp, v))
+            V[j + 1, :] = v * (1.0 / vnorm)
+            H[j + 1, j] = H[j, j + 1] = 0.0
+        else:
+            V[j + 1, :] = w * (1.0 / beta)
+            H[j + 1, j] = H[j, j + 1] = beta
+    return r, rnorm

@@ -1,0 +1,526 @@
+r"""The symmetric Lanczos process on any operator, in the operator's own array namespace.
+
+Starting from ``q_1 = v_0 / \|v_0\|``, ``m`` steps of
+
+.. math::
+
+    \beta_j q_{j+1} = A q_j - \alpha_j q_j - \beta_{j-1} q_{j-1},
+    \qquad \alpha_j = q_j^T A q_j,\quad \beta_j = \|\beta_j q_{j+1}\|
+
+build an orthonormal basis ``Q_m = [q_1 .. q_m]`` of the Krylov space
+``K_m(A, v_0)`` and the tridiagonal ``T_m = Q_m^T A Q_m`` with
+``A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^T``.  Vectors and the basis stay in the
+operator's namespace and device (numpy, torch on any device, cupy,
+``array_api_strict``); only ``alpha``/``beta`` go to the host, as float64, one
+transfer of two scalars per step.
+
+Reorthogonalisation (``reorth``):
+
+* ``"full"``: after the three-term step, classical Gram-Schmidt against all
+  previous vectors applied twice (CGS2), each pass two blocked products
+  ``c = Q^T w`` and ``w <- w - Q c``; keeps ``\|Q^TQ - I\| = O(eps)``.
+* ``"none"``: the plain three-term recurrence.  Orthogonality is lost as Ritz
+  values converge and "ghost" copies of them appear; Gauss quadrature
+  (and hence SLQ) stays accurate.  The only mode allowed with ``store_basis=False``.
+* ``"partial"`` (Simon, 1984): the recurrence of Paige/Simon estimates
+  ``\omega_{j+1,k} \approx q_{j+1}^T q_k`` on the host in O(j) per step; when
+  ``max_k |\omega_{j+1,k}| > \sqrt{eps}`` the new vector and the next one are
+  fully reorthogonalised (CGS2) and the estimates reset to ``eps\sqrt{n}``.
+  Keeps orthogonality at the semi-orthogonal level ``\sqrt{eps}``.
+* ``"selective"`` (Parlett and Scott, 1979): at every step the Ritz pairs of
+  ``T_j`` whose residual bound ``\beta_j |s_{ji}|`` is below
+  ``\sqrt{eps}\,\|T_j\|`` are declared converged and the new vector is
+  orthogonalised (twice) against all converged Ritz vectors ``y_i = Q_j s_i``.
+  Prevents ghosts of converged Ritz values.
+* an integer ``k >= 1``: local reorthogonalisation (CGS2) against the last ``k``
+  basis vectors only.
+
+Exact breakdown: when ``\beta_j <= eps^{2/3}\,\|A\|_{est}`` (``\|A\|_{est}``
+the largest ``\sqrt{\alpha_i^2+\beta_i^2+\beta_{i-1}^2} = \|A q_i\|`` seen so far)
+the Krylov space is invariant to working precision; the run stops with
+``breakdown=True`` and fewer iterations (never NaN).
+
+>>> import numpy as np
+>>> res = lanczos(np.diag([1.0, 2.0, 3.0, 4.0]), 4, seed=0)
+>>> res.ritz().values.round(10).tolist()
+[1.0, 2.0, 3.0, 4.0]
+>>> res.breakdown, res.num_iters
+(True, 4)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spectral import _backend
+from spectral.errors import NumericalError, argument_error
+from spectral.operator import SymmetricOperator, as_operator
+from spectral.probes import as_generator, random_probe, random_probes
+from spectral.ritz import RitzPairs, ritz_pairs, tridiagonal_eigh
+
+__all__ = ["REORTH_MODES", "LanczosResult", "check_symmetric", "lanczos"]
+
+logger = logging.getLogger(__name__)
+
+REORTH_MODES = ("full", "none", "partial", "selective")
+
+#: Breakdown threshold exponent: ``beta <= eps**BREAKDOWN_EXPONENT * ||A||_est``.
+#: After an exact breakdown the computed residual is rounding noise, of size
+#: ``eps ||A||`` amplified by ``||A|| / beta_i`` over the previous steps (observed up to
+#: ``1e4 eps`` for small ``beta_i``); ``eps^(2/3)`` (3.7e-11 in float64) lies well above
+#: that and far below any residual that still carries information.  In float32
+#: (2.4e-5) it stays below the spread of a real spectrum, so breakdown is never
+#: declared early; a missed breakdown only continues with a vector orthogonal to the
+#: basis, it never produces NaN.
+BREAKDOWN_EXPONENT = 2.0 / 3.0
+
+
+@dataclass
+class LanczosResult:
+    """Output of :func:`lanczos`.
+
+    Attributes
+    ----------
+    alpha:
+        float64 ``(k,)``, diagonal of ``T``.
+    beta:
+        float64 ``(k-1,)``, off-diagonal of ``T``.
+    basis:
+        ``(n, k)`` orthonormal Lanczos vectors in the operator's namespace and
+        device, or ``None`` (``store_basis=False``).
+    num_iters:
+        ``k``, the number of steps performed (``< num_iters`` requested after a breakdown).
+    breakdown:
+        Whether the last residual vanished (invariant Krylov space).
+    residual_norm:
+        ``beta_k``, the norm of the last residual ``r = A q_k - alpha_k q_k - beta_{k-1} q_{k-1}``.
+    start_norm:
+        ``||v0||``, the norm of the (unnormalised) start vector.
+    residual_vector:
+        The residual ``r = beta_k q_{k+1}`` (namespace of the operator); with it
+        ``A Q = Q T + r e_k^T``.
+    reorth:
+        The reorthogonalisation mode used.
+
+    ``orthogonality_loss`` (computed on first access) is ``||Q^T Q - I||_2``,
+    NaN without a stored basis.
+
+    >>> import numpy as np
+    >>> r = lanczos(np.diag([1.0, 2.0]), 1, v0=np.array([1.0, 1.0]))
+    >>> r.alpha.tolist(), r.residual_norm, r.tridiagonal().shape
+    ([1.5], 0.5, (1, 1))
+    """
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    basis: Any
+    num_iters: int
+    breakdown: bool
+    residual_norm: float
+    start_norm: float
+    residual_vector: Any = None
+    reorth: str | int = "full"
+    _orth_loss: float | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def orthogonality_loss(self) -> float:
+        """``||Q^T Q - I||_2`` of the stored basis (NaN when no basis was stored)."""
+        if self._orth_loss is None:
+            if self.basis is None:
+                self._orth_loss = math.nan
+            else:
+                gram = _backend.to_host_float64(self.basis.T @ self.basis)
+                self._orth_loss = float(np.linalg.norm(gram - np.eye(gram.shape[0]), 2))
+        return self._orth_loss
+
+    def tridiagonal(self) -> np.ndarray:
+        """The dense float64 ``k x k`` tridiagonal matrix ``T``."""
+        return np.diag(self.alpha) + np.diag(self.beta, 1) + np.diag(self.beta, -1)
+
+    def ritz(self, tol: float = 1e-8) -> RitzPairs:
+        """Ritz values, quadrature weights, vectors (if the basis is stored), residuals.
+
+        See :func:`spectral.ritz.ritz_pairs`; ``tol`` is the relative convergence threshold.
+        """
+        return ritz_pairs(self.alpha, self.beta, self.residual_norm, self.basis, tol=tol)
+
+
+def _parse_reorth(reorth: Any) -> tuple[str, int]:
+    if isinstance(reorth, bool):
+        raise argument_error("reorth", f"one of {REORTH_MODES} or an integer >= 1", reorth)
+    if isinstance(reorth, int | np.integer):
+        if reorth < 1:
+            raise argument_error("reorth", "an integer window >= 1", reorth)
+        return "window", int(reorth)
+    if reorth not in REORTH_MODES:
+        raise argument_error("reorth", f"one of {REORTH_MODES} or an integer >= 1", reorth)
+    return str(reorth), 0
+
+
+def _start_vector(op: SymmetricOperator, v0: Any, rng: np.random.Generator) -> tuple[Any, float]:
+    """Return ``(q1, ||v0||)`` with ``q1`` a unit vector in the operator's namespace."""
+    xp = op.xp
+    if v0 is None:
+        v = random_probe(op.n, "sphere", rng, like=op.template)
+    else:
+        if not _backend.is_array(v0):
+            if isinstance(v0, list | tuple):
+                v0 = np.asarray(v0, dtype=np.float64)
+            else:
+                raise argument_error("v0", f"an array of shape ({op.n},)", v0, kind=TypeError)
+        if tuple(v0.shape) != (op.n,):
+            raise argument_error("v0", f"a vector of shape ({op.n},)", v0)
+        same = (
+            _backend.namespace(v0) is xp
+            and _backend.device(v0) == op.device
+            and _backend.is_real_floating(xp, v0.dtype)
+        )
+        if same:
+            v = v0 if v0.dtype == op.dtype else xp.astype(v0, op.dtype)
+        else:
+            v = _backend.from_host(_backend.to_host_float64(v0), like=op.template)
+    norm = float(_backend.vector_norm(xp, v))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise argument_error("v0", "a nonzero vector with finite entries", v0)
+    return v * (1.0 / norm), norm
+
+
+def check_symmetric(A: Any, *, seed: int | np.random.Generator | None = None) -> float:
+    r"""Check ``u^T (A v) == v^T (A u)`` on two random Gaussian vectors, up to rounding.
+
+    The relative mismatch
+    ``|u^T A v - v^T A u| / (\|u\|\|Av\| + \|v\|\|Au\|)`` is compared with
+    ``100 \sqrt{n}\, eps`` (rounding of two products and two dot products of
+    length ``n``, with a safety factor).  Returns the relative mismatch.
+
+    Raises
+    ------
+    ValueError
+        If the mismatch exceeds the threshold (``A`` is not symmetric).
+
+    >>> import numpy as np
+    >>> check_symmetric(np.eye(3), seed=0) < 1e-15
+    True
+    >>> check_symmetric(np.triu(np.ones((3, 3))), seed=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'A': expected a symmetric operator ...
+    """
+    op = as_operator(A)
+    xp = op.xp
+    rng = as_generator(seed)
+    U = random_probes(op.n, 2, "gaussian", rng, like=op.template)
+    u, v = U[:, 0], U[:, 1]
+    Au, Av = op.matvec(u), op.matvec(v)
+    stats = xp.stack(
+        [
+            u @ Av,
+            v @ Au,
+            _backend.vector_norm(xp, u) * _backend.vector_norm(xp, Av),
+            _backend.vector_norm(xp, v) * _backend.vector_norm(xp, Au),
+        ]
+    )
+    uAv, vAu, s1, s2 = (float(x) for x in _backend.to_host_float64(stats))
+    if not all(math.isfinite(x) for x in (uAv, vAu, s1, s2)):
+        raise NumericalError("check_symmetric: the products A @ u, A @ v contain NaN or Inf")
+    scale = s1 + s2
+    mismatch = abs(uAv - vAu) / scale if scale > 0 else 0.0
+    eps = _backend.finfo_eps(xp, op.dtype)
+    threshold = 100.0 * math.sqrt(op.n) * eps
+    if mismatch > threshold:
+        raise argument_error(
+            "A",
+            f"a symmetric operator (relative mismatch of u^T(Av) and v^T(Au) <= {threshold:.2e})",
+            f"an operator with relative mismatch {mismatch:.3e}",
+        )
+    return mismatch
+
+
+class _Basis:
+    """Lanczos vectors stored as the rows of a preallocated ``m x n`` array (or a list)."""
+
+    def __init__(self, op: SymmetricOperator, m: int) -> None:
+        self.xp = op.xp
+        self.rows: list[Any] = []
+        self.array: Any = None
+        if _backend.supports_item_assignment(op.xp):
+            self.array = op.xp.empty((m, op.n), dtype=op.dtype, device=op.device)
+        self.size = 0
+
+    def append(self, q: Any) -> None:
+        if self.array is not None:
+            self.array[self.size, :] = q
+        else:
+            self.rows.append(q)
+        self.size += 1
+
+    def block(self, lo: int, hi: int) -> Any:
+        """Rows ``lo..hi-1`` as a ``(hi - lo) x n`` array (a view when preallocated)."""
+        if self.array is not None:
+            return self.array[lo:hi, :]
+        return self.xp.stack(self.rows[lo:hi], axis=0)
+
+    def matrix(self) -> Any:
+        """The ``n x k`` basis."""
+        return self.block(0, self.size).T
+
+
+def _cgs2(Qb: Any, w: Any) -> tuple[Any, Any]:
+    """Classical Gram-Schmidt twice of ``w`` against the orthonormal rows of ``Qb``.
+
+    Each pass is two blocked products, ``c = Q^T w`` and ``w <- w - Q c`` (``Qb``
+    holds ``Q^T``).  ``w`` must be a vector owned by the caller: it is updated in
+    place where the namespace allows (``-=`` rebinds for immutable arrays).
+    """
+    c1 = Qb @ w
+    w -= c1 @ Qb
+    c2 = Qb @ w
+    w -= c2 @ Qb
+    return w, c1 + c2
+
+
+def _validate(op: SymmetricOperator, num_iters: Any) -> int:
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int | np.integer):
+        raise argument_error("num_iters", "an integer", num_iters, kind=TypeError)
+    if not 1 <= num_iters <= op.n:
+        raise argument_error(
+            "num_iters", f"an integer with 1 <= num_iters <= n = {op.n}", num_iters
+        )
+    return int(num_iters)
+
+
+def lanczos(
+    A: Any,
+    num_iters: int,
+    *,
+    v0: Any = None,
+    seed: int | np.random.Generator | None = None,
+    reorth: str | int = "full",
+    store_basis: bool = True,
+    check_symmetric: bool = False,
+) -> LanczosResult:
+    """Run ``num_iters`` steps of the symmetric Lanczos process on ``A`` (see module docstring).
+
+    Parameters
+    ----------
+    A:
+        Anything :func:`spectral.operator.as_operator` accepts.
+    num_iters:
+        ``m``, with ``1 <= m <= n``.
+    v0:
+        Start vector of shape ``(n,)`` (any namespace; moved to the operator's);
+        a uniformly random unit vector drawn from ``seed`` when ``None``.
+    seed:
+        Integer or numpy ``Generator`` for the start vector and the symmetry check.
+    reorth:
+        ``"full"``, ``"none"``, ``"partial"``, ``"selective"`` or an integer window.
+    store_basis:
+        Keep the basis (``n x m``).  ``False`` keeps memory at O(n) and is only
+        allowed with ``reorth="none"``.
+    check_symmetric:
+        Run :func:`check_symmetric` first (two extra products).
+
+    Returns
+    -------
+    LanczosResult
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments (built with :func:`spectral.errors.argument_error`).
+    spectral.errors.NumericalError
+        A product ``A q_j`` contained NaN or Inf (the message names the iteration).
+
+    >>> import numpy as np
+    >>> r = lanczos(np.diag(np.arange(1.0, 101.0)), 10, seed=0, reorth="none", store_basis=False)
+    >>> r.num_iters, r.basis is None, r.alpha.shape, r.beta.shape
+    (10, True, (10,), (9,))
+    """
+    op = as_operator(A)
+    m = _validate(op, num_iters)
+    mode, window = _parse_reorth(reorth)
+    if not isinstance(store_basis, bool):
+        raise argument_error("store_basis", "a bool", store_basis, kind=TypeError)
+    if not store_basis and mode != "none":
+        raise argument_error(
+            "store_basis",
+            "True unless reorth='none' (reorthogonalisation needs the stored basis)",
+            store_basis,
+        )
+    rng = as_generator(seed)
+    if check_symmetric:
+        _check_symmetric_fn(op, seed=rng)
+    q, start_norm = _start_vector(op, v0, rng)
+    # NaN/Inf in a product are detected on alpha/beta and raised with the iteration number;
+    # numpy's own floating-point warnings would only precede that error.
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _run(op, q, m, mode, window, store_basis, start_norm, reorth)
+
+
+_check_symmetric_fn = check_symmetric
+
+
+def _run(
+    op: SymmetricOperator,
+    q: Any,
+    m: int,
+    mode: str,
+    window: int,
+    store_basis: bool,
+    start_norm: float,
+    reorth: str | int,
+) -> LanczosResult:
+    xp = op.xp
+    n = op.n
+    eps = _backend.finfo_eps(xp, op.dtype)
+    tol_factor = eps**BREAKDOWN_EXPONENT
+    sqrt_eps = math.sqrt(eps)
+    basis = _Basis(op, m) if store_basis else None
+    alphas: list[float] = []
+    betas: list[float] = []
+    q_prev: Any = None
+    beta_prev = 0.0
+    anorm = 0.0
+    breakdown = False
+    residual: Any = None
+    residual_norm = 0.0
+    # partial reorthogonalisation state: omega_cur[k] ~ q_j^T q_k, omega_old[k] ~ q_{j-1}^T q_k
+    omega_cur = np.ones(1)
+    omega_old = np.zeros(0)
+    force_reorth = False
+    for j in range(m):
+        if basis is not None:
+            basis.append(q)
+        w = op.matvec(q)
+        if j > 0:
+            w = w - beta_prev * q_prev  # out of place: the product may alias q or A's state
+            a = q @ w
+            w -= a * q  # w is now a fresh vector owned by this loop: update in place
+        else:
+            a = q @ w
+            w = w - a * q
+        do_full = mode == "full" or (mode == "partial" and force_reorth)
+        if do_full and basis is not None and j > 0:
+            w, c = _cgs2(basis.block(0, j + 1), w)
+            a = a + c[j]
+        elif mode == "window" and basis is not None:
+            lo = max(0, j + 1 - window)
+            w, c = _cgs2(basis.block(lo, j + 1), w)
+            a = a + c[j - lo]
+        elif do_full:  # j == 0: only q itself
+            coef = q @ w
+            w = w - coef * q
+            a = a + coef
+        b_arr = _backend.vector_norm(xp, w)
+        host = _backend.to_host_float64(xp.stack([xp.asarray(a), xp.asarray(b_arr)]))
+        alpha_j, beta_j = float(host[0]), float(host[1])
+        if not (math.isfinite(alpha_j) and math.isfinite(beta_j)):
+            raise NumericalError(
+                f"lanczos: the product A @ q at iteration {j + 1} contains NaN or Inf "
+                f"(alpha={alpha_j}, beta={beta_j})"
+            )
+        alphas.append(alpha_j)
+        anorm = max(anorm, math.sqrt(alpha_j**2 + beta_j**2 + beta_prev**2))
+        if mode == "selective" and basis is not None and beta_j > tol_factor * anorm:
+            w, beta_j = _selective(basis, alphas, betas, w, beta_j, sqrt_eps, xp)
+        elif mode == "partial" and basis is not None:
+            if force_reorth:
+                force_reorth = False
+                omega_old, omega_cur = omega_cur, _reset_omega(j, eps, n)
+            else:
+                omega_new = _omega_step(omega_cur, omega_old, alphas, betas, beta_j, anorm, eps, n)
+                if beta_j > tol_factor * anorm and np.max(np.abs(omega_new[: j + 1])) > sqrt_eps:
+                    w, _ = _cgs2(basis.block(0, j + 1), w)
+                    beta_j = float(_backend.vector_norm(xp, w))
+                    force_reorth = True
+                    omega_new = _reset_omega(j, eps, n)
+                omega_old, omega_cur = omega_cur, omega_new
+        residual, residual_norm = w, beta_j
+        if beta_j <= tol_factor * anorm:
+            breakdown = True
+            logger.debug("lanczos: breakdown at iteration %d (beta=%.3e)", j + 1, beta_j)
+            break
+        if j == m - 1:
+            break
+        betas.append(beta_j)
+        q_prev = q
+        w *= 1.0 / beta_j  # w is owned (fresh) and no longer needed as a residual
+        q = w
+        beta_prev = beta_j
+    k = len(alphas)
+    return LanczosResult(
+        alpha=np.asarray(alphas, dtype=np.float64),
+        beta=np.asarray(betas[: k - 1], dtype=np.float64),
+        basis=basis.matrix() if basis is not None else None,
+        num_iters=k,
+        breakdown=breakdown,
+        residual_norm=float(residual_norm),
+        start_norm=start_norm,
+        residual_vector=residual,
+        reorth=reorth,
+    )
+
+
+def _reset_omega(j: int, eps: float, n: int) -> np.ndarray:
+    """Estimates ``q_{j+1}^T q_k`` right after a full reorthogonalisation (length ``j + 2``)."""
+    omega = np.full(j + 2, eps * math.sqrt(n))
+    omega[-1] = 1.0
+    return omega
+
+
+def _omega_step(
+    omega_cur: np.ndarray,
+    omega_old: np.ndarray,
+    alphas: list[float],
+    betas: list[float],
+    beta_j: float,
+    anorm: float,
+    eps: float,
+    n: int,
+) -> np.ndarray:
+    r"""One step of the Paige/Simon recurrence for ``\omega_{j+1,k} \approx q_{j+1}^T q_k``.
+
+    ``\beta_j\omega_{j+1,k} = \beta_k\omega_{j,k+1} + (\alpha_k-\alpha_j)\omega_{j,k}
+    + \beta_{k-1}\omega_{j,k-1} - \beta_{j-1}\omega_{j-1,k}`` plus a rounding term
+    ``\pm 2\,eps\,\|A\|``.
+    """
+    j = len(alphas) - 1
+    new = np.empty(j + 2)
+    new[j + 1] = 1.0
+    new[j] = eps * math.sqrt(n)
+    if j > 0:
+        a = np.asarray(alphas)
+        b_all = np.asarray([*betas, beta_j])  # b_all[k] couples q_k and q_{k+1}
+        k = np.arange(j)
+        val = b_all[k] * omega_cur[k + 1] + (a[k] - a[j]) * omega_cur[k]
+        val[1:] += b_all[k[1:] - 1] * omega_cur[k[1:] - 1]
+        val -= b_all[j - 1] * omega_old[:j]
+        val += np.copysign(2.0 * eps * anorm, val)
+        new[:j] = val / beta_j if beta_j > 0 else val
+    return new
+
+
+def _selective(
+    basis: _Basis,
+    alphas: list[float],
+    betas: list[float],
+    w: Any,
+    beta_j: float,
+    sqrt_eps: float,
+    xp: Any,
+) -> tuple[Any, float]:
+    """Orthogonalise ``w`` against the converged Ritz vectors of ``T_j`` (Parlett-Scott)."""
+    theta, S = tridiagonal_eigh(np.asarray(alphas), np.asarray(betas))
+    bounds = beta_j * np.abs(S[-1, :])
+    good = bounds <= sqrt_eps * float(np.max(np.abs(theta)))
+    if not np.any(good):
+        return w, beta_j
+    Qb = basis.block(0, len(alphas))
+    Y = _backend.from_host(np.ascontiguousarray(S[:, good].T), like=Qb) @ Qb
+    w, _ = _cgs2(Y, w)
+    return w, float(_backend.vector_norm(xp, w))

@@ -1,0 +1,218 @@
+"""Normalise anything that acts like a symmetric matrix into a :class:`SymmetricOperator`.
+
+Accepted inputs of :func:`as_operator`:
+
+* a dense square 2-D array of any array-API library (numpy, torch, cupy,
+  ``array_api_strict``): products are ``A @ x`` in that namespace and dtype;
+* an object with ``.shape`` and ``.matvec`` (scipy/cupyx ``LinearOperator``,
+  :mod:`curvops` operators); if it has a ``template_vector()`` method, that
+  zero vector fixes the namespace, device and dtype of the vectors it wants
+  (curvops operators return a torch tensor on the model's device); otherwise
+  numpy with ``A.dtype`` (float64 when ``A.dtype`` is ``None``);
+* a scipy sparse matrix/array (numpy namespace);
+* a callable ``f(x) -> A @ x`` together with ``size`` (and optionally a
+  template vector ``like``; numpy float64 by default).
+
+An object whose ``symmetric`` attribute is ``False`` is refused: every algorithm
+of :mod:`spectral` assumes a symmetric operator.
+
+>>> import numpy as np
+>>> op = as_operator(np.diag([1.0, 2.0, 3.0]))
+>>> op.n, op.dtype
+(3, dtype('float64'))
+>>> op.matvec(np.ones(3)).tolist()
+[1.0, 2.0, 3.0]
+>>> as_operator(lambda x: 2 * x, size=2).matvec(np.ones(2)).tolist()
+[2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from spectral import _backend
+from spectral.errors import argument_error
+
+__all__ = ["SymmetricOperator", "as_operator"]
+
+
+class SymmetricOperator:
+    """A symmetric ``n x n`` linear operator bound to one array namespace, device and dtype.
+
+    Attributes
+    ----------
+    n:
+        The dimension.
+    xp:
+        The array-API namespace of the vectors (``array_api_compat`` wrapped).
+    dtype, device:
+        The dtype and device of the vectors the operator consumes and returns.
+    template:
+        A zero vector of length ``n`` with that namespace, dtype and device.
+
+    ``matvec(x)`` maps a length-``n`` vector to ``A @ x``; ``matmat(X)`` maps an
+    ``n x k`` array to ``A @ X`` (column by column when the wrapped object has
+    no block product).
+
+    >>> import numpy as np
+    >>> op = SymmetricOperator(lambda x: 3 * x, template=np.zeros(2))
+    >>> op.matmat(np.eye(2)).tolist()
+    [[3.0, 0.0], [0.0, 3.0]]
+    """
+
+    def __init__(
+        self,
+        matvec: Callable[[Any], Any],
+        *,
+        template: Any,
+        matmat: Callable[[Any], Any] | None = None,
+        source: Any = None,
+    ) -> None:
+        self._matvec = matvec
+        self._matmat = matmat
+        self.template = template
+        self.xp = _backend.namespace(template)
+        self.n = int(template.shape[0])
+        self.dtype = template.dtype
+        self.device = _backend.device(template)
+        self.source = source
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
+        return (self.n, self.n)
+
+    def matvec(self, x: Any) -> Any:
+        """Return ``A @ x`` for a vector ``x`` of shape ``(n,)`` (result reshaped to ``(n,)``)."""
+        y = self._matvec(x)
+        if tuple(y.shape) != (self.n,):
+            y = self.xp.reshape(y, (self.n,))
+        return y
+
+    def matmat(self, X: Any) -> Any:
+        """Return ``A @ X`` for ``X`` of shape ``(n, k)``."""
+        if self._matmat is not None:
+            return self._matmat(X)
+        k = int(X.shape[1])
+        cols = [self.matvec(X[:, i]) for i in range(k)]
+        return self.xp.stack(cols, axis=1)
+
+    def __repr__(self) -> str:
+        return f"SymmetricOperator(n={self.n}, dtype={self.dtype}, device={self.device})"
+
+
+def _check_square(shape: Any, A: Any) -> int:
+    if shape is None or len(tuple(shape)) != 2 or int(shape[0]) != int(shape[1]):
+        raise argument_error("A", "a square operator of shape (n, n)", A)
+    n = int(shape[0])
+    if n < 1:
+        raise argument_error("A", "an operator of dimension n >= 1", A)
+    return n
+
+
+def _from_dense(A: Any) -> SymmetricOperator:
+    xp = _backend.namespace(A)
+    n = _check_square(A.shape, A)
+    if not _backend.is_real_floating(xp, A.dtype):
+        if xp.isdtype(A.dtype, ("integral", "bool")):
+            A = xp.astype(A, xp.float64)
+        else:
+            raise argument_error("A", "a real floating (or integer) matrix", A, kind=TypeError)
+    template = xp.zeros((n,), dtype=A.dtype, device=_backend.device(A))
+    return SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
+
+
+def _from_linear_operator(A: Any, template: Any | None) -> SymmetricOperator:
+    n = _check_square(A.shape, A)
+    if template is None:
+        if hasattr(A, "template_vector"):
+            template = A.template_vector()
+        else:
+            module = type(A).__module__.split(".")[0]
+            dtype = np.dtype(A.dtype) if getattr(A, "dtype", None) is not None else np.float64
+            if np.dtype(dtype).kind not in "fiub":
+                raise argument_error("A", "a real operator", A, kind=TypeError)
+            if np.dtype(dtype).kind != "f":
+                dtype = np.float64
+            if module == "cupyx":  # pragma: no cover - needs cupy
+                xp = _backend.xp_for_module("cupy")
+                template = xp.zeros((n,), dtype=xp.float64 if dtype == np.float64 else xp.float32)
+            else:
+                template = np.zeros(n, dtype=dtype)
+    if tuple(template.shape) != (n,):
+        raise argument_error("like", f"a template vector of shape ({n},)", template)
+    matmat = getattr(A, "matmat", None)
+    return SymmetricOperator(A.matvec, template=template, matmat=matmat, source=A)
+
+
+def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> SymmetricOperator:
+    """Wrap ``A`` as a :class:`SymmetricOperator` (see the module docstring for accepted forms).
+
+    Parameters
+    ----------
+    A:
+        Dense square array, object with ``.shape``/``.matvec``, scipy sparse
+        matrix, callable, or an existing :class:`SymmetricOperator` (returned as is).
+    size:
+        The dimension ``n``; required for a callable, checked against ``A.shape`` otherwise.
+    like:
+        Optional template vector fixing namespace/device/dtype for a callable or
+        a ``LinearOperator`` without ``template_vector()``.
+
+    Raises
+    ------
+    ValueError
+        Non-square shape, ``size`` mismatch, missing ``size`` for a callable,
+        or an operator flagged ``symmetric = False``.
+    TypeError
+        Unsupported object or complex dtype.
+
+    >>> import numpy as np
+    >>> as_operator(np.eye(4)).shape
+    (4, 4)
+    """
+    if isinstance(A, SymmetricOperator):
+        op = A
+    elif getattr(A, "symmetric", True) is False:
+        raise argument_error("A", "a symmetric operator (its 'symmetric' flag is False)", A)
+    elif _backend.is_array(A):
+        op = _from_dense(A)
+    elif _is_scipy_sparse(A):
+        n = _check_square(A.shape, A)
+        dtype = A.dtype if np.dtype(A.dtype).kind == "f" else np.float64
+        template = np.zeros(n, dtype=dtype) if like is None else like
+        op = SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
+    elif hasattr(A, "shape") and hasattr(A, "matvec"):
+        op = _from_linear_operator(A, like)
+    elif callable(A):
+        if size is None:
+            raise argument_error(
+                "size", "the dimension n when A is a callable", size, kind=TypeError
+            )
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            raise argument_error("size", "a positive integer", size)
+        template = np.zeros(int(size), dtype=np.float64) if like is None else like
+        if tuple(template.shape) != (int(size),):
+            raise argument_error("like", f"a template vector of shape ({size},)", template)
+        op = SymmetricOperator(A, template=template, source=A)
+    else:
+        raise argument_error(
+            "A",
+            "a dense square array, an object with .shape and .matvec, or a callable with size",
+            A,
+            kind=TypeError,
+        )
+    if size is not None and int(size) != op.n:
+        raise argument_error("size", f"the operator's dimension {op.n}", size)
+    return op
+
+
+def _is_scipy_sparse(A: Any) -> bool:
+    try:
+        import scipy.sparse as sp
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return False
+    return bool(sp.issparse(A))

@@ -1,0 +1,217 @@
+r"""Matplotlib views of spectral densities and Lanczos runs.
+
+Every function takes an optional :class:`matplotlib.axes.Axes` and returns the Axes it drew
+on; without one it creates a new :class:`matplotlib.figure.Figure` (no pyplot, no global
+state, never ``show()``). Save with ``ax.figure.savefig(...)``. Matplotlib is imported only
+when a function is called.
+
+* :func:`plot_ritz_stem`: stems at the Ritz values :math:`\theta_i` of height :math:`w_i`
+  (the discrete density sums to 1), optionally on a log weight axis where tiny outlier
+  weights become visible;
+* :func:`plot_smoothed_density`: :math:`\sum_i w_i K_\sigma(x - \theta_i)`;
+* :func:`plot_overlay`: stems over a histogram of exact eigenvalues or of diagonal entries
+  (bars as probability mass per bin, so both sides sum to 1, as in the paper's Figure 2);
+* :func:`plot_ritz_convergence`: the Ritz values of :math:`T_k` for every ``k``, the classic
+  picture of extreme eigenvalues converging first.
+
+>>> from spectral.density import SpectralDensity
+>>> ax = plot_ritz_stem(SpectralDensity([0.0, 1.0, 5.0], [0.5, 0.45, 0.05]), log_weights=True)
+>>> ax.get_yscale()
+'log'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from spectral.density import SpectralDensity
+from spectral.errors import argument_error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+
+__all__ = [
+    "plot_overlay",
+    "plot_ritz_convergence",
+    "plot_ritz_stem",
+    "plot_smoothed_density",
+]
+
+
+def _axes(ax: Axes | None) -> Axes:
+    if ax is not None:
+        return ax
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6.0, 4.0), layout="constrained").add_subplot()
+
+
+def _density(density: Any) -> SpectralDensity:
+    if not isinstance(density, SpectralDensity):
+        raise argument_error("density", "a spectral.SpectralDensity", density, kind=TypeError)
+    return density
+
+
+def plot_ritz_stem(
+    density: SpectralDensity,
+    ax: Axes | None = None,
+    *,
+    log_weights: bool = False,
+    label: str | None = "Lanczos",
+    color: str | None = None,
+    markersize: float | None = None,
+) -> Axes:
+    r"""Stem plot of the (pooled) nodes :math:`\theta_i` against their weights :math:`w_i`.
+
+    With ``log_weights=True`` the weight axis is logarithmic (zero weights are dropped).
+    ``color`` and ``markersize`` style the stems and their heads.
+
+    >>> from spectral.density import SpectralDensity
+    >>> ax = plot_ritz_stem(SpectralDensity([1.0, 2.0], [0.5, 0.5]))
+    >>> ax.get_ylabel()
+    'weight'
+    """
+    d = _density(density)
+    ax = _axes(ax)
+    nodes, weights = d.nodes, d.weights
+    if log_weights:
+        keep = weights > 0
+        nodes, weights = nodes[keep], weights[keep]
+        bottom = float(weights.min()) / 2.0 if weights.size else 1e-16
+    else:
+        bottom = 0.0
+    container = ax.stem(nodes, weights, bottom=bottom, label=label, basefmt=" ")
+    if color is not None:
+        container.markerline.set_color(color)
+        container.stemlines.set_color(color)
+    if markersize is not None:
+        container.markerline.set_markersize(markersize)
+    if log_weights:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("weight")
+    return ax
+
+
+def plot_smoothed_density(
+    density: SpectralDensity,
+    ax: Axes | None = None,
+    *,
+    grid: ArrayLike | None = None,
+    sigma: float | None = None,
+    kernel: str = "gaussian",
+    label: str | None = None,
+    num_points: int = 512,
+    log_density: bool = False,
+) -> Axes:
+    r"""Plot the smoothed density :math:`\rho_\sigma(x) = \sum_i w_i K_\sigma(x - \theta_i)`.
+
+    See :meth:`SpectralDensity.smooth`. Defaults: ``sigma`` is 1/100 of the node range (or
+    1e-3 for a single node); ``grid`` spans the nodes ± 5 ``sigma`` with ``num_points`` points.
+
+    >>> from spectral.density import SpectralDensity
+    >>> ax = plot_smoothed_density(SpectralDensity([1.0, 2.0], [0.5, 0.5]), sigma=0.1)
+    >>> len(ax.get_lines())
+    1
+    """
+    d = _density(density)
+    ax = _axes(ax)
+    lo, hi = float(d.nodes[0]), float(d.nodes[-1])
+    if sigma is None:
+        sigma = (hi - lo) / 100.0 if hi > lo else 1e-3 * max(1.0, abs(lo))
+    if grid is None:
+        xs = np.linspace(lo - 5.0 * sigma, hi + 5.0 * sigma, int(num_points))
+    else:
+        xs = np.asarray(grid, dtype=np.float64).reshape(-1)
+    values = d.smooth(xs, sigma, kernel)
+    ax.plot(xs, values, label=label if label is not None else f"{kernel}, σ={sigma:.3g}")
+    if log_density:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    return ax
+
+
+def plot_overlay(
+    density: SpectralDensity,
+    values: ArrayLike,
+    ax: Axes | None = None,
+    *,
+    label: str = "exact eigenvalues",
+    bins: int | Sequence[float] = 50,
+    log_weights: bool = False,
+    stem_label: str = "Lanczos",
+) -> Axes:
+    """Stems of ``density`` over a histogram of ``values`` (exact eigenvalues or a diagonal).
+
+    Histogram bars show the *mass* per bin (heights sum to 1), the same scale as the stems,
+    so a diagonal histogram and a Lanczos density can be compared by eye.
+
+    >>> from spectral.density import SpectralDensity
+    >>> d = SpectralDensity([-1.0, 1.0], [0.5, 0.5])
+    >>> ax = plot_overlay(d, [0.0, 0.01, -0.01], label="diagonal", bins=5)
+    >>> len(ax.patches)
+    5
+    """
+    d = _density(density)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        raise argument_error("values", "a non-empty array of finite reals", values)
+    ax = _axes(ax)
+    ax.hist(v, bins=bins, weights=np.full(v.size, 1.0 / v.size), alpha=0.5, label=label)
+    plot_ritz_stem(d, ax, log_weights=log_weights, label=stem_label)
+    ax.legend()
+    return ax
+
+
+def plot_ritz_convergence(
+    alpha: ArrayLike,
+    beta: ArrayLike,
+    ax: Axes | None = None,
+    *,
+    eigenvalues: ArrayLike | None = None,
+    max_eigenvalue_lines: int = 200,
+) -> Axes:
+    r"""Ritz values of every leading block :math:`T_k` (``k = 1..m``) of a Lanczos run.
+
+    ``alpha`` (length ``m``) and ``beta`` (length ``m - 1``) are the recurrence
+    coefficients, e.g. ``LanczosResult.alpha`` and ``.beta``. Exact ``eigenvalues``, if
+    given, are drawn as faint horizontal lines (at most ``max_eigenvalue_lines`` of them,
+    evenly subsampled). By Cauchy interlacing the extreme Ritz values move monotonically
+    outwards; interior ones need not converge.
+
+    >>> ax = plot_ritz_convergence([1.0, 2.0, 3.0], [0.5, 0.5])
+    >>> ax.get_xlabel()
+    'Lanczos iteration k'
+    """
+    import scipy.linalg
+
+    a = np.asarray(alpha, dtype=np.float64).reshape(-1)
+    b = np.asarray(beta, dtype=np.float64).reshape(-1)
+    if a.size == 0 or b.size != a.size - 1:
+        raise argument_error("beta", f"an array of length len(alpha) - 1 = {a.size - 1}", beta)
+    ax = _axes(ax)
+    if eigenvalues is not None:
+        lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))
+        if lam.size > max_eigenvalue_lines:
+            lam = lam[np.linspace(0, lam.size - 1, max_eigenvalue_lines).round().astype(int)]
+        for value in lam:
+            ax.axhline(value, color="0.85", linewidth=0.6, zorder=0)
+    ks: list[np.ndarray] = []
+    thetas: list[np.ndarray] = []
+    for k in range(1, a.size + 1):
+        theta = (
+            a[:1].copy()
+            if k == 1
+            else scipy.linalg.eigh_tridiagonal(a[:k], b[: k - 1], eigvals_only=True)
+        )
+        ks.append(np.full(k, k))
+        thetas.append(theta)
+    ax.scatter(np.concatenate(ks), np.concatenate(thetas), s=6, color="C0", label="Ritz values")
+    ax.set_xlabel("Lanczos iteration k")
+    ax.set_ylabel("Ritz value")
+    return ax

@@ -1,0 +1,127 @@
+r"""Ritz pairs and Gauss quadrature weights of a Lanczos tridiagonal matrix.
+
+After ``m`` Lanczos steps from a unit start vector ``q_1``,
+``A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^T`` with ``T_m`` symmetric tridiagonal
+(diagonal ``alpha``, off-diagonal ``beta``).  With ``T_m = S \Theta S^T``:
+
+* Ritz values ``\theta_i`` (ascending) approximate eigenvalues of ``A``;
+* weights ``w_i = S_{1i}^2`` (sum to 1) are the Gauss quadrature weights of the
+  spectral measure of ``A`` seen from ``q_1``:
+  ``\sum_i w_i f(\theta_i) \approx q_1^T f(A) q_1``, exact for polynomials of
+  degree ``<= 2m - 1``;
+* Ritz vectors ``y_i = Q_m s_i`` (when the basis is stored);
+* residuals ``\|A y_i - \theta_i y_i\| = |\beta_m S_{mi}|`` (in exact arithmetic).
+
+The eigen-decomposition uses :func:`scipy.linalg.eigh_tridiagonal` in float64.
+
+>>> import numpy as np
+>>> pairs = ritz_pairs(np.array([2.0, 2.0]), np.array([1.0]), residual_norm=0.0)
+>>> pairs.values.round(12).tolist(), pairs.weights.round(12).tolist()
+([1.0, 3.0], [0.5, 0.5])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from spectral import _backend
+from spectral.errors import NumericalError, argument_error
+
+__all__ = ["RitzPairs", "ritz_pairs", "tridiagonal_eigh"]
+
+
+@dataclass
+class RitzPairs:
+    """Ritz values, quadrature weights, optional vectors, residual norms and convergence flags.
+
+    Attributes
+    ----------
+    values:
+        float64 ``(m,)``, ascending Ritz values.
+    weights:
+        float64 ``(m,)``, squared first components of the eigenvectors of ``T``; sum 1.
+    vectors:
+        ``(n, m)`` Ritz vectors (column ``i`` for ``values[i]``) in the basis'
+        namespace/device, or ``None`` when no basis was stored.
+    residuals:
+        float64 ``(m,)``, ``|beta_m S_{m i}|``.
+    converged:
+        bool ``(m,)``, ``residuals <= tol * max(|values|)``.
+
+    >>> p = ritz_pairs(np.array([1.0]), np.array([]), residual_norm=0.5)
+    >>> p.residuals.tolist(), p.converged.tolist()
+    ([0.5], [False])
+    """
+
+    values: np.ndarray
+    weights: np.ndarray
+    vectors: Any
+    residuals: np.ndarray
+    converged: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
+def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition ``T = S diag(theta) S^T`` of the symmetric tridiagonal ``T`` (float64).
+
+    >>> theta, S = tridiagonal_eigh(np.array([0.0, 0.0]), np.array([1.0]))
+    >>> theta.round(12).tolist()
+    [-1.0, 1.0]
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    if alpha.ndim != 1 or alpha.size < 1:
+        raise argument_error("alpha", "a non-empty 1-D array", alpha)
+    if beta.shape != (alpha.size - 1,):
+        raise argument_error("beta", f"a 1-D array of length {alpha.size - 1}", beta)
+    if not (np.all(np.isfinite(alpha)) and np.all(np.isfinite(beta))):
+        raise NumericalError("tridiagonal matrix has non-finite entries")
+    if alpha.size == 1:
+        return alpha.copy(), np.ones((1, 1))
+    theta, S = scipy.linalg.eigh_tridiagonal(alpha, beta)
+    return np.asarray(theta, dtype=np.float64), np.asarray(S, dtype=np.float64)
+
+
+def ritz_pairs(
+    alpha: np.ndarray,
+    beta: np.ndarray,
+    residual_norm: float,
+    basis: Any = None,
+    tol: float = 1e-8,
+) -> RitzPairs:
+    """Ritz pairs of the Lanczos tridiagonal ``T`` (``alpha`` diagonal, ``beta`` off-diagonal).
+
+    Parameters
+    ----------
+    alpha, beta:
+        float64 arrays of lengths ``m`` and ``m - 1``.
+    residual_norm:
+        ``beta_m``, the norm of the final Lanczos residual.
+    basis:
+        Optional ``n x m`` Lanczos basis ``Q`` (any namespace); Ritz vectors are ``Q S``.
+    tol:
+        Relative convergence threshold: pair ``i`` is converged when
+        ``|beta_m S_{mi}| <= tol * max_j |theta_j|``.
+
+    >>> p = ritz_pairs(np.array([1.0, 1.0]), np.array([0.0]), 0.0)
+    >>> p.converged.tolist()
+    [True, True]
+    """
+    theta, S = tridiagonal_eigh(alpha, beta)
+    weights = S[0, :] ** 2
+    weights = weights / weights.sum()
+    residuals = np.abs(float(residual_norm) * S[-1, :])
+    scale = float(np.max(np.abs(theta))) if theta.size else 0.0
+    converged = residuals <= tol * scale
+    vectors = None
+    if basis is not None:
+        if int(basis.shape[1]) != theta.size:
+            raise argument_error("basis", f"an n x {theta.size} array", basis)
+        vectors = basis @ _backend.from_host(S, like=basis)
+    return RitzPairs(theta, weights, vectors, residuals, converged)

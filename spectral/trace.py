@@ -1,0 +1,377 @@
+r"""Matrix-free trace, diagonal and Frobenius-norm estimation.
+
+All estimators see ``A`` only through block products ``A @ X`` in the operator's own array
+namespace and device; only ``k``-vectors and ``k × k`` matrices reach the host (float64).
+Probes :math:`\omega` satisfy :math:`\mathbb{E}[\omega\omega^\top] = I` (Rademacher, Gaussian,
+or spherical probes scaled to norm :math:`\sqrt n`).
+
+* **Hutchinson**: :math:`\widehat{\mathrm{tr}} = \frac1N\sum_{k}\omega_k^\top A\omega_k`, unbiased,
+  with variance :math:`2(\|A\|_F^2 - \sum_i a_{ii}^2)/N` for Rademacher and
+  :math:`2\|A\|_F^2/N` for Gaussian probes.
+* **Hutch++** (Meyer, Musco, Musco, Woodruff 2021): with ``N`` products, sketch
+  :math:`Q = \mathrm{orth}(AS)` from :math:`N/3` probes, take :math:`\mathrm{tr}(Q^\top A Q)`
+  exactly and apply Hutchinson with the remaining :math:`N/3` probes to the deflated
+  :math:`(I - QQ^\top)A(I - QQ^\top)`. Exact (to rounding) when :math:`\mathrm{rank}(A) \le N/3`;
+  error :math:`O(1/N)` instead of :math:`O(1/\sqrt N)` for fast-decaying spectra.
+* **XTrace** (Epperly, Tropp, Webber 2024): the exchangeable version of Hutch++ using all
+  :math:`N/2` probes both for the sketch and for the residual; for each probe :math:`i`,
+  :math:`Q_{(i)} = \mathrm{orth}(A\Omega_{-i})` and
+  :math:`t_i = \mathrm{tr}(Q_{(i)}^\top A Q_{(i)}) + \omega_i^\top (I - Q_{(i)}Q_{(i)}^\top) A
+  (I - Q_{(i)}Q_{(i)}^\top)\omega_i`; the estimate is :math:`\frac{1}{N/2}\sum_i t_i`, computed
+  with ``N`` products through rank-one downdates of one QR factorisation. Exact when
+  :math:`\mathrm{rank}(A) < N/2`.
+* **SLQ**: :math:`n\sum_i w_i\theta_i` averaged over probes (:func:`spectral.slq.slq`);
+  for a plain trace it only repeats Hutchinson at a higher cost, but it shares the run with
+  a spectral density.
+
+>>> import numpy as np
+>>> A = np.diag(np.arange(1.0, 7.0))
+>>> est = trace(A, method="hutch++", num_matvecs=18, seed=0)  # rank 6 <= 18 / 3: exact
+>>> round(est.value, 8), est.method
+(21.0, 'hutch++')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from spectral import _backend
+from spectral.errors import argument_error
+from spectral.operator import SymmetricOperator, as_operator
+from spectral.probes import PROBE_KINDS, as_generator, random_probes
+from spectral.slq import slq
+
+__all__ = ["TRACE_METHODS", "TraceEstimate", "diagonal", "frobenius_norm_squared", "trace"]
+
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "slq")
+DIAGONAL_METHODS = ("hutchinson", "exact")
+#: Largest number of vector entries (n × columns) held in one block of probes.
+_BLOCK_ENTRIES = 2**23
+
+Seed = int | np.random.Generator | None
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A stochastic estimate of a trace-like quantity.
+
+    Attributes
+    ----------
+    value:
+        The estimate.
+    stderr:
+        Its estimated standard error (sample standard deviation of the i.i.d. terms over
+        the square root of their number); NaN when it cannot be estimated (a single term).
+        For Hutch++ it covers the Hutchinson part only (the sketched part is computed
+        exactly given the sketch).
+    num_matvecs:
+        Products with ``A`` used.
+    method:
+        The estimator's name.
+
+    >>> t = TraceEstimate(3.0, 0.1, 10, "hutchinson")
+    >>> float(t), t.interval(2.0)
+    (3.0, (2.8, 3.2))
+    """
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """The interval ``value ± z * stderr`` (normal approximation)."""
+        return (self.value - z * self.stderr, self.value + z * self.stderr)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise argument_error(name, f"an integer >= {minimum}", value, kind=TypeError)
+    if value < minimum:
+        raise argument_error(name, f"an integer >= {minimum}", value)
+    return int(value)
+
+
+def _check_probe(probe: str) -> str:
+    if probe not in PROBE_KINDS:
+        raise argument_error("probe", f"one of {PROBE_KINDS}", probe)
+    return probe
+
+
+def _probes(op: SymmetricOperator, k: int, probe: str, rng: np.random.Generator) -> Any:
+    """``k`` probes with ``E[w w^T] = I`` as the ``n × k`` columns of an array like ``op``."""
+    X = random_probes(op.n, k, probe, rng, like=op.template)
+    if probe == "sphere":
+        X = X * math.sqrt(op.n)
+    return X
+
+
+def _column_dots(op: SymmetricOperator, X: Any, Y: Any) -> np.ndarray:
+    """Host float64 vector of the column inner products ``x_j^T y_j``."""
+    return _backend.to_host_float64(op.xp.sum(X * Y, axis=0))
+
+
+def _blocks(n: int, total: int) -> list[int]:
+    size = max(1, min(total, _BLOCK_ENTRIES // max(1, n)))
+    sizes = [size] * (total // size)
+    if total % size:
+        sizes.append(total % size)
+    return sizes
+
+
+def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
+    mean = float(np.mean(samples))
+    if samples.size < 2:
+        return mean, math.nan
+    return mean, float(np.std(samples, ddof=1) / math.sqrt(samples.size))
+
+
+def _hutchinson_samples(
+    op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator
+) -> np.ndarray:
+    out = []
+    for size in _blocks(op.n, num):
+        X = _probes(op, size, probe, rng)
+        out.append(_column_dots(op, X, op.matmat(X)))
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------- estimators
+def _hutchinson(
+    op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator
+) -> TraceEstimate:
+    value, stderr = _mean_stderr(_hutchinson_samples(op, num, probe, rng))
+    return TraceEstimate(value, stderr, num, "hutchinson")
+
+
+def _hutchpp(
+    op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator
+) -> TraceEstimate:
+    if num < 3:
+        raise argument_error("num_matvecs", "an integer >= 3 for method='hutch++'", num)
+    xp = op.xp
+    k = num // 3
+    S = _probes(op, k, probe, rng)
+    Q, _ = xp.linalg.qr(op.matmat(S))
+    sketched = float(np.sum(_column_dots(op, Q, op.matmat(Q))))
+    samples = []
+    for size in _blocks(op.n, num - 2 * k):
+        G = _probes(op, size, probe, rng)
+        G = G - Q @ (Q.T @ G)
+        samples.append(_column_dots(op, G, op.matmat(G)))
+    rest, stderr = _mean_stderr(np.concatenate(samples))
+    return TraceEstimate(sketched + rest, stderr, num, "hutch++")
+
+
+def _downdate_directions(R: np.ndarray) -> np.ndarray:
+    r"""Unit vectors :math:`s_i` with :math:`\mathrm{range}(Y_{-i}) = Q\,(s_i^\perp)` (columns).
+
+    For ``Y = QR`` with ``R`` square and invertible, :math:`s_i \propto R^{-\top} e_i` is
+    orthogonal to every column of ``R`` but the ``i``-th. It is computed from the SVD
+    :math:`R = U\Sigma V^\top` as :math:`U\Sigma^{-1}V^\top e_i`, with singular values floored
+    at :math:`\varepsilon^2\sigma_{\max}`: when ``A`` has rank below ``m`` the tiny singular
+    values belong to directions of ``Q`` outside :math:`\mathrm{range}(A)`, so removing them
+    keeps the estimator exact, while an ill-conditioned full-rank ``R`` is inverted as is (no
+    thresholding, hence no bias). When ``R`` has fewer rows than columns (``m > n``), every
+    :math:`Y_{-i}` spans :math:`\mathrm{range}(Y)` and :math:`s_i = 0`.
+    """
+    r, m = R.shape
+    if r < m:
+        return np.zeros((r, m))
+    U, sv, Vt = np.linalg.svd(R)
+    if sv[0] == 0.0:  # A vanishes on the sketch: any orthonormal directions do
+        S = U @ Vt
+    else:
+        floor = sv[0] * np.finfo(np.float64).eps ** 2
+        S = (U / np.maximum(sv, floor)) @ Vt
+    out: np.ndarray = S / np.linalg.norm(S, axis=0, keepdims=True)
+    return out
+
+
+def _xtrace(op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator) -> TraceEstimate:
+    if num < 4:
+        raise argument_error("num_matvecs", "an integer >= 4 for method='xtrace'", num)
+    xp = op.xp
+    m = num // 2
+    Omega = _probes(op, m, probe, rng)
+    Y = op.matmat(Omega)
+    Q, R_ns = xp.linalg.qr(Y)
+    Z = op.matmat(Q)
+    R = _backend.to_host_float64(R_ns)  # (r, m), r = min(n, m); Q^T Y = R = Q^T A Omega
+    H = _backend.to_host_float64(Q.T @ Z)
+    H = 0.5 * (H + H.T)  # Q^T A Q
+    W = _backend.to_host_float64(Q.T @ Omega)  # (r, m)
+    omega_a_omega = _column_dots(op, Omega, Y)  # omega_i^T A omega_i
+    # Everything below is m x m on the host. A symmetric gives Z^T Omega = Q^T A Omega = R,
+    # so omega_i^T A Q = R[:, i]^T; with u_i = omega_i - Q W_i + c_i Q s_i,
+    # A u_i = Y_i - Z W_i + c_i Z s_i and u_i^T A u_i needs only R, H, W and s_i.
+    S = _downdate_directions(R)
+    c = np.einsum("ij,ij->j", S, W)  # c_i = s_i^T W_i
+    HS = H @ S
+    HW = H @ W
+    tr_sketch = np.trace(H) - np.einsum("ij,ij->j", S, HS)
+    # u_i = (I - P_i) omega_i with P_i = Q (I - s_i s_i^T) Q^T; A u_i via Y, Z.
+    q_a_u = R - HW + HS * c  # Q^T A u_i, columns
+    omega_a_u = omega_a_omega - np.einsum("ij,ij->j", R, W) + c * np.einsum("ij,ij->j", R, S)
+    u_a_u = omega_a_u - np.einsum("ij,ij->j", W, q_a_u) + c * np.einsum("ij,ij->j", S, q_a_u)
+    value, stderr = _mean_stderr(tr_sketch + u_a_u)
+    return TraceEstimate(value, stderr, 2 * m, "xtrace")
+
+
+def _slq_trace(
+    op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator, num_iters: int
+) -> TraceEstimate:
+    m = min(num_iters, op.n)
+    probes = max(1, num // m)
+    density = slq(op, m, num_probes=probes, probe=probe, seed=rng)
+    samples = op.n * density.probe_expectations(lambda x: x)
+    value, stderr = _mean_stderr(samples)
+    return TraceEstimate(value, stderr, probes * m, "slq")
+
+
+def trace(
+    A: Any,
+    *,
+    method: str = "hutch++",
+    num_matvecs: int = 60,
+    probe: str = "rademacher",
+    seed: Seed = None,
+    num_iters: int = 10,
+) -> TraceEstimate:
+    r"""Estimate :math:`\mathrm{tr}(A)` of a symmetric operator from matrix-vector products.
+
+    Parameters
+    ----------
+    A:
+        Anything :func:`spectral.operator.as_operator` accepts.
+    method:
+        ``"hutchinson"``, ``"hutch++"`` (default), ``"xtrace"`` or ``"slq"`` (see the module
+        docstring for the estimators and their exactness).
+    num_matvecs:
+        Budget ``N`` of products with ``A`` (>= 1; >= 3 for Hutch++, >= 4 for XTrace, which
+        uses the largest even number <= N). For ``"slq"``: ``N // num_iters`` probes of
+        ``num_iters`` Lanczos steps.
+    probe:
+        ``"rademacher"`` (default: the smallest variance among the three), ``"gaussian"``
+        or ``"sphere"`` (scaled to norm :math:`\sqrt n`).
+    seed:
+        Integer or :class:`numpy.random.Generator`; the same seed gives the same probes on
+        every backend.
+    num_iters:
+        Lanczos steps per probe for ``method="slq"`` only.
+
+    Returns
+    -------
+    TraceEstimate
+
+    Raises
+    ------
+    ValueError, TypeError
+        Unknown method/probe, or a budget too small for the method.
+
+    >>> import numpy as np
+    >>> A = np.diag([1.0, 2.0, 3.0])
+    >>> trace(A, method="hutchinson", num_matvecs=4, seed=0).value  # Rademacher on a diagonal
+    6.0
+    >>> round(trace(A, method="xtrace", num_matvecs=8, seed=0).value, 10)  # rank 3 < 4
+    6.0
+    """
+    if method not in TRACE_METHODS:
+        raise argument_error("method", f"one of {TRACE_METHODS}", method)
+    op = as_operator(A)
+    num = _check_int("num_matvecs", num_matvecs, 1)
+    probe = _check_probe(probe)
+    rng = as_generator(seed)
+    if method == "hutchinson":
+        return _hutchinson(op, num, probe, rng)
+    if method == "hutch++":
+        return _hutchpp(op, num, probe, rng)
+    if method == "xtrace":
+        return _xtrace(op, num, probe, rng)
+    return _slq_trace(op, num, probe, rng, _check_int("num_iters", num_iters, 1))
+
+
+def diagonal(
+    A: Any,
+    *,
+    method: str = "hutchinson",
+    num_matvecs: int = 60,
+    probe: str = "rademacher",
+    seed: Seed = None,
+) -> Any:
+    r"""Estimate (or compute) the diagonal of ``A``, returned in the operator's namespace.
+
+    ``"hutchinson"`` (Bekas, Kokiopoulou, Saad 2007):
+    :math:`\hat d = \sum_k \omega_k \odot A\omega_k \,\big/\, \sum_k \omega_k\odot\omega_k`
+    with ``num_matvecs`` probes; with Rademacher probes the denominator is ``N`` and
+    :math:`\mathrm{Var}(\hat d_i) = \sum_{j\ne i} a_{ij}^2 / N`. ``"exact"`` applies ``A`` to
+    the columns of the identity in blocks: ``n`` products (``num_matvecs``, ``probe`` and
+    ``seed`` are ignored).
+
+    The paper's point (Appendix C, :mod:`spectral.synthetic`) is that a histogram of the
+    diagonal is *not* a spectral density: use it for preconditioning, not for spectra.
+
+    Returns
+    -------
+    A length-``n`` vector in the operator's namespace, device and dtype.
+
+    >>> import numpy as np
+    >>> A = np.array([[2.0, 1.0], [1.0, 3.0]])
+    >>> diagonal(A, method="exact").tolist()
+    [2.0, 3.0]
+    """
+    if method not in DIAGONAL_METHODS:
+        raise argument_error("method", f"one of {DIAGONAL_METHODS}", method)
+    op = as_operator(A)
+    xp = op.xp
+    if method == "exact":
+        parts = []
+        start = 0
+        for size in _blocks(op.n, op.n):
+            E = xp.eye(op.n, size, k=-start, dtype=op.dtype, device=op.device)
+            parts.append(xp.sum(E * op.matmat(E), axis=0))
+            start += size
+        return xp.concat(parts) if len(parts) > 1 else parts[0]
+    num = _check_int("num_matvecs", num_matvecs, 1)
+    probe = _check_probe(probe)
+    rng = as_generator(seed)
+    numerator = xp.zeros((op.n,), dtype=op.dtype, device=op.device)
+    denominator = xp.zeros((op.n,), dtype=op.dtype, device=op.device)
+    for size in _blocks(op.n, num):
+        X = _probes(op, size, probe, rng)
+        numerator = numerator + xp.sum(X * op.matmat(X), axis=1)
+        denominator = denominator + xp.sum(X * X, axis=1)
+    return numerator / denominator
+
+
+def frobenius_norm_squared(
+    A: Any, *, num_matvecs: int = 30, probe: str = "rademacher", seed: Seed = None
+) -> TraceEstimate:
+    r"""Estimate :math:`\|A\|_F^2 = \mathrm{tr}(A^\top A) = \mathbb{E}\,\|A\omega\|^2`.
+
+    Hutchinson on :math:`A^\top A` with ``num_matvecs`` products (one per probe); with
+    Rademacher probes the variance is :math:`2(\|A^2\|_F^2 - \sum_i (A^2)_{ii}^2)/N`.
+
+    >>> import numpy as np
+    >>> est = frobenius_norm_squared(np.diag([1.0, 2.0]), num_matvecs=3, seed=0)
+    >>> est.value, est.stderr
+    (5.0, 0.0)
+    """
+    op = as_operator(A)
+    num = _check_int("num_matvecs", num_matvecs, 1)
+    probe = _check_probe(probe)
+    rng = as_generator(seed)
+    samples = []
+    for size in _blocks(op.n, num):
+        AX = op.matmat(_probes(op, size, probe, rng))
+        samples.append(_column_dots(op, AX, AX))
+    value, stderr = _mean_stderr(np.concatenate(samples))
+    return TraceEstimate(value, stderr, num, "hutchinson")

@@ -1,0 +1,140 @@
+"""Inverse products (CG, MINRES, Lanczos in torch) against numpy.linalg.solve."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from curvops import Dense, Diagonal, InverseOperator, inverse
+from spectral.errors import NumericalError
+
+N = 40
+
+
+def spd_matrix(seed: int = 0, cond: float = 1e3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    return Q @ np.diag(np.geomspace(1.0, cond, N)) @ Q.T
+
+
+def indefinite_matrix(seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    ev = np.concatenate([-np.geomspace(0.1, 20.0, N // 2), np.geomspace(0.2, 50.0, N // 2)])
+    return Q @ np.diag(ev) @ Q.T
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "lanczos"])
+def test_spd_system(method: str) -> None:
+    M = spd_matrix()
+    A = Dense(M, symmetric=True, psd=True)
+    B = np.random.default_rng(2).standard_normal((N, 3))
+    inv = inverse(A, method, tol=1e-12)
+    assert isinstance(inv, InverseOperator) and inv.symmetric and inv.psd
+    X = inv @ B
+    # forward error <= cond * tol (with slack)
+    assert rel_err(X, np.linalg.solve(M, B)) <= 1e3 * 1e-12 * 50
+    info = inv.last_info
+    assert info is not None and info.converged and info.method == method
+    assert info.residual <= 1e-12 and 1 <= info.iterations <= 10 * N
+    assert len(info.column_iterations) == 3
+    true_res = np.linalg.norm(M @ X - B, axis=0) / np.linalg.norm(B, axis=0)
+    assert true_res.max() <= 1e-10
+
+
+@pytest.mark.parametrize("method", ["minres", "lanczos"])
+def test_indefinite_system(method: str) -> None:
+    M = indefinite_matrix()
+    A = Dense(M, symmetric=True)
+    b = np.random.default_rng(3).standard_normal(N)
+    x = inverse(A, method, tol=1e-12) @ b
+    assert rel_err(x, np.linalg.solve(M, b)) <= 1e-8
+
+
+def test_minres_on_shift_and_cg_on_damp() -> None:
+    M = indefinite_matrix(4)
+    H = Dense(M, symmetric=True)
+    b = np.random.default_rng(5).standard_normal(N)
+    x = inverse(H.shift(0.05), "minres", tol=1e-12) @ b
+    assert rel_err(x, np.linalg.solve(M + 0.05 * np.eye(N), b)) <= 1e-8
+    G = Dense(M @ M, symmetric=True, psd=True)
+    x = inverse(G.damp(1e-2), "cg", tol=1e-12) @ b
+    assert rel_err(x, np.linalg.solve(M @ M + 1e-2 * np.eye(N), b)) <= 1e-7
+
+
+def test_torch_path_and_float32() -> None:
+    M = spd_matrix(6, cond=10.0)
+    A = Dense(M, symmetric=True, psd=True, dtype=torch.float32)
+    b = torch.ones(N)
+    inv = inverse(A, "minres", tol=1e-5)
+    x = inv @ b
+    assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+    ref = np.linalg.solve(M, np.ones(N))
+    assert rel_err(x.double().numpy(), ref) <= 1e-4
+    np.testing.assert_array_equal(x.numpy(), inv @ np.ones(N, dtype=np.float32))
+
+
+def test_zero_rhs_and_exact_small_krylov_space() -> None:
+    A = Diagonal([2.0, 2.0, 5.0])
+    for method in ("cg", "minres", "lanczos"):
+        inv = inverse(A, method, tol=1e-14)
+        np.testing.assert_array_equal(inv @ np.zeros(3), np.zeros(3))
+        assert inv.last_info is not None and inv.last_info.converged
+        x = inv @ np.array([1.0, 1.0, 1.0])  # two distinct eigenvalues: 2 steps
+        np.testing.assert_allclose(x, [0.5, 0.5, 0.2], rtol=1e-12)
+        assert inv.last_info.iterations <= 2
+
+
+def test_refusals() -> None:
+    H = Dense(indefinite_matrix(), symmetric=True)
+    with pytest.raises(ValueError, match="minres"):
+        inverse(H, "cg")
+    assert isinstance(inverse(H, "cg", assume_psd=True), InverseOperator)
+    with pytest.raises(ValueError, match="symmetric"):
+        inverse(Dense(np.triu(np.ones((3, 3)))), "minres")
+    with pytest.raises(ValueError, match="method"):
+        inverse(H, "gmres")
+    with pytest.raises(ValueError, match="tol"):
+        inverse(H, "minres", tol=-1.0)
+    with pytest.raises(ValueError, match="maxiter"):
+        inverse(H, "minres", maxiter=0)
+    with pytest.raises(TypeError, match="CurvatureOperator"):
+        inverse(np.eye(3))  # type: ignore[arg-type]
+
+
+def test_non_convergence_warns_or_raises(caplog: pytest.LogCaptureFixture) -> None:
+    A = Dense(spd_matrix(7), symmetric=True, psd=True)
+    b = np.random.default_rng(8).standard_normal(N)
+    inv = inverse(A, "cg", tol=1e-12, maxiter=3)
+    with caplog.at_level(logging.WARNING, logger="curvops.inverse"):
+        inv @ b
+    assert "did not converge" in caplog.text
+    assert inv.last_info is not None and not inv.last_info.converged
+    assert inv.last_info.iterations == 3
+    strict = inverse(A, "minres", tol=1e-12, maxiter=3, strict=True)
+    with pytest.raises(NumericalError, match="iteration 3"):
+        strict @ b
+
+
+def test_cg_stops_on_non_positive_curvature(caplog: pytest.LogCaptureFixture) -> None:
+    inv = inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True)
+    with caplog.at_level(logging.WARNING, logger="curvops.inverse"):
+        x = inv @ np.ones(2)  # p^T A p = 0 at the first step
+    assert np.isfinite(x).all()
+    assert inv.last_info is not None and not inv.last_info.converged
+    assert "did not converge" in caplog.text
+
+
+def test_inverse_composes() -> None:
+    M = spd_matrix(9, cond=10.0)
+    A = Dense(M, symmetric=True, psd=True)
+    x = np.random.default_rng(10).standard_normal(N)
+    round_trip = inverse(A, "cg", tol=1e-13) @ A
+    np.testing.assert_allclose(round_trip @ x, x, rtol=0, atol=1e-10)

@@ -1,0 +1,81 @@
+"""The demo (``curvature demo``, run by ``make demo``) with tiny settings: every file is written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from nets.cli import main
+from nets.demo import DemoSummary, run_demo
+from spectral.io import load_npz
+
+FIGURES = (
+    "training.png",
+    "spectrum-hessian.png",
+    "spectrum-ggn.png",
+    "lanczos-vs-diagonal.png",
+    "landscape.png",
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        plt.close("all")
+
+
+def test_run_demo_writes_every_file(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path, epochs=1, lanczos_iters=5, quick=True, progress=False)
+    assert isinstance(summary, DemoSummary)
+    assert (tmp_path / "stats.json").is_file()
+    assert (tmp_path / "checkpoint-00001.pt").is_file()
+    for curvature in ("hessian", "ggn"):
+        arrays = load_npz(tmp_path / "spectra" / f"spectrum-00001-{curvature}-lanczos.npz")
+        assert arrays["w"].shape == (5,)
+        assert str(arrays["curvature"]) == curvature
+    assert (tmp_path / "spectra" / "spectrum-00001-hessian-lanczos-eigvec.npz").is_file()
+    diag = load_npz(tmp_path / "spectra" / "ggn-diagonal-00001.npz")
+    assert diag["diagonal"].shape == diag["diagonal_mc"].shape == (int(arrays["num_params"]),)
+    assert np.all(diag["diagonal"] >= 0)
+    land = load_npz(tmp_path / "landscape-00001.npz")
+    assert land["train_loss"].shape[1] == 5
+    mid = land["t"].size // 2
+    assert land["train_loss"][0, mid] == pytest.approx(float(land["checkpoint_loss"]), rel=1e-5)
+    for name in FIGURES:
+        image = mpimg.imread(tmp_path / name)
+        assert (image[..., :3] < 0.9).any(), name
+    for path in summary.files:
+        assert path.is_file(), path
+    titles = [title for title, _ in summary.sections]
+    assert titles[:3] == ["Training", "Spectra (Lanczos vs diagonal)", "Loss landscape"]
+    assert summary.total_time > 0
+
+
+def test_demo_command_prints_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        ["demo", "--out", str(tmp_path), "--quick", "--epochs", "1", "--lanczos-iters", "4",
+         "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    for text in ("Training", "top Ritz value (Hessian / GGN)", "Loss landscape", "Timings"):
+        assert text in out
+    assert (tmp_path / "lanczos-vs-diagonal.png").is_file()
+
+
+def test_demo_rejects_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        run_demo(tmp_path, epochs=0, quick=True, progress=False)

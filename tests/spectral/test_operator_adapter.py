@@ -1,0 +1,137 @@
+"""as_operator: dense arrays, LinearOperators, sparse matrices, callables, the template protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_strict
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+from spectral import SymmetricOperator, as_operator, lanczos, random_probe, random_probes
+from tests.spectral.strategies import single_threaded_blas  # noqa: F401 (autouse fixture)
+
+D = np.array([1.0, 2.0, 3.0, 4.0])
+
+
+def test_dense_arrays_keep_their_namespace_and_dtype() -> None:
+    for A in (np.diag(D), torch.diag(torch.from_numpy(D)), array_api_strict.asarray(np.diag(D))):
+        op = as_operator(A)
+        assert op.n == 4 and op.shape == (4, 4)
+        assert type(op.template) is type(A)
+        assert op.dtype == A.dtype
+        y = op.matvec(op.template + 1.0)
+        assert type(y) is type(A)
+        X = op.matmat(A)
+        assert tuple(X.shape) == (4, 4)
+    op32 = as_operator(np.diag(D).astype(np.float32))
+    assert op32.dtype == np.float32
+    assert as_operator(np.eye(3, dtype=np.int64)).dtype == np.float64
+
+
+def test_scipy_linear_operator_and_sparse() -> None:
+    lin = spla.LinearOperator((4, 4), matvec=lambda x: D * x.ravel(), dtype=None)
+    op = as_operator(lin)
+    assert op.dtype == np.float64
+    np.testing.assert_allclose(op.matvec(np.ones(4)), D)
+    np.testing.assert_allclose(op.matmat(np.eye(4)), np.diag(D))
+    lin32 = spla.aslinearoperator(np.diag(D).astype(np.float32))
+    assert as_operator(lin32).dtype == np.float32
+    sparse = sp.diags(D).tocsr()
+    op = as_operator(sparse)
+    np.testing.assert_allclose(op.matvec(np.ones(4)), D)
+    res = lanczos(sparse, 4, seed=0)
+    np.testing.assert_allclose(res.ritz().values, D, atol=1e-12)
+
+
+class TemplateOperator:
+    """A curvops-like operator that wants float32 vectors (protocol: template_vector())."""
+
+    shape = (4, 4)
+    dtype = np.float64  # deliberately different: the template wins
+    symmetric = True
+
+    def template_vector(self) -> np.ndarray:
+        return np.zeros(4, dtype=np.float32)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        assert x.dtype == np.float32
+        return (D * x).astype(np.float32)
+
+
+def test_template_vector_protocol() -> None:
+    op = as_operator(TemplateOperator())
+    assert op.dtype == np.float32
+    res = lanczos(TemplateOperator(), 4, seed=0)
+    assert res.basis.dtype == np.float32
+    np.testing.assert_allclose(res.ritz().values, D, rtol=1e-5)
+    # matmat falls back to column products
+    np.testing.assert_allclose(op.matmat(np.eye(4, dtype=np.float32)), np.diag(D))
+
+
+def test_callables_with_size_and_template() -> None:
+    op = as_operator(lambda x: 2.0 * x, size=5)
+    assert op.n == 5 and op.dtype == np.float64
+    t = torch.zeros(5, dtype=torch.float64)
+    op_t = as_operator(lambda x: 2.0 * x, size=5, like=t)
+    assert isinstance(op_t.matvec(t + 1.0), torch.Tensor)
+    res = lanczos(op_t, 1, seed=0)
+    assert isinstance(res.basis, torch.Tensor)
+    assert res.alpha.tolist() == pytest.approx([2.0])
+    assert as_operator(op) is op
+    assert isinstance(op, SymmetricOperator) and "n=5" in repr(op)
+
+
+class NonSymmetric:
+    shape = (3, 3)
+    dtype = np.float64
+    symmetric = False
+
+    def matvec(self, x: Any) -> Any:
+        return x
+
+
+@pytest.mark.parametrize(
+    ("A", "size", "kind", "match"),
+    [
+        (np.ones((3, 4)), None, ValueError, "square"),
+        (np.ones(3), None, ValueError, "square"),
+        (np.ones((0, 0)), None, ValueError, "n >= 1"),
+        (np.eye(3) * 1j, None, TypeError, "real"),
+        (lambda x: x, None, TypeError, "size"),
+        (lambda x: x, 0, ValueError, "size"),
+        (lambda x: x, 2.5, ValueError, "size"),
+        (np.eye(3), 4, ValueError, "size"),
+        (NonSymmetric(), None, ValueError, "symmetric"),
+        ("not an operator", None, TypeError, "A"),
+    ],
+)
+def test_bad_operators_are_refused(A: Any, size: Any, kind: type[Exception], match: str) -> None:
+    with pytest.raises(kind, match=match):
+        as_operator(A, size)
+
+
+def test_probe_kinds_and_validation() -> None:
+    rng = np.random.default_rng(0)
+    v = random_probe(1000, "rademacher", rng)
+    assert set(np.unique(v)) == {-1.0, 1.0}
+    g = random_probes(1000, 4, "gaussian", rng=np.random.default_rng(1))
+    assert g.shape == (1000, 4) and abs(float(np.mean(g))) < 0.1
+    s = random_probes(10, 2, "sphere", seed=2)
+    np.testing.assert_allclose(np.linalg.norm(s, axis=0), 1.0)
+    # a Generator is advanced: two draws differ; an int seed repeats
+    assert not np.array_equal(random_probe(5, "gaussian", rng), random_probe(5, "gaussian", rng))
+    np.testing.assert_array_equal(random_probe(5, seed=3), random_probe(5, seed=3))
+    like = torch.zeros(3, dtype=torch.float32)
+    assert random_probe(3, "gaussian", 0, like).dtype == torch.float32
+    with pytest.raises(ValueError, match="kind"):
+        random_probe(3, "uniform")
+    with pytest.raises(ValueError, match="'n'"):
+        random_probe(0)
+    with pytest.raises(ValueError, match="'k'"):
+        random_probes(3, 0)
+    with pytest.raises(TypeError, match="seed"):
+        random_probe(3, seed="abc")  # type: ignore[arg-type]

@@ -1,0 +1,100 @@
+"""Thick-restart Lanczos against scipy's eigsh (ARPACK) on numpy inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectral import NumericalError, as_operator, top_eigenpairs
+from tests.spectral.strategies import (
+    rotate,
+    rotated_matrices,
+    single_threaded_blas,  # noqa: F401 (autouse fixture)
+)
+
+
+def _check_pairs(A: np.ndarray, vals: np.ndarray, vecs: np.ndarray, tol: float) -> None:
+    assert np.all(np.diff(vals) >= 0)
+    np.testing.assert_allclose(vecs.T @ vecs, np.eye(vals.size), atol=1e-10)
+    resid = np.linalg.norm(A @ vecs - vecs * vals, axis=0)
+    norm_a = np.max(np.abs(np.linalg.eigvalsh(A)))
+    assert np.all(resid <= 10 * tol * np.maximum(np.abs(vals), 1e-6 * norm_a))
+
+
+@settings(max_examples=10)
+@given(
+    data=rotated_matrices(min_n=40, max_n=100),
+    k=st.integers(1, 4),
+    which=st.sampled_from(["LA", "SA", "LM"]),
+)
+def test_agrees_with_eigsh(data: tuple[np.ndarray, np.ndarray], k: int, which: str) -> None:
+    A, spectrum = data
+    vals, vecs = top_eigenpairs(A, k, which=which, tol=1e-10, seed=0)
+    ref = np.sort(spla.eigsh(A, k, which=which, tol=1e-12, return_eigenvectors=False))
+    scale = float(np.max(np.abs(spectrum)))
+    np.testing.assert_allclose(vals, ref, atol=1e-8 * scale)
+    _check_pairs(A, vals, vecs, 1e-10)
+
+
+def test_needs_restarts_and_converges_on_residual() -> None:
+    rng = np.random.default_rng(0)
+    spectrum = np.sort(np.r_[rng.uniform(0.0, 1.0, 395), [1.2, 1.25, 1.3, 1.35, 1.4]])
+    A = rotate(spectrum, 1)
+    vals, vecs = top_eigenpairs(A, 5, ncv=12, tol=1e-9, seed=0)
+    np.testing.assert_allclose(vals, spectrum[-5:], rtol=1e-9)
+    _check_pairs(A, vals, vecs, 1e-9)
+
+
+def test_repeated_and_degenerate_eigenvalues() -> None:
+    spectrum = np.r_[np.zeros(50), np.full(3, 2.0), [5.0]]
+    A = rotate(spectrum, 3)
+    vals, vecs = top_eigenpairs(A, 4, seed=1)
+    np.testing.assert_allclose(vals, [2.0, 2.0, 2.0, 5.0], atol=1e-10)
+    _check_pairs(A, vals, vecs, 1e-8)
+    # an operator with only two distinct eigenvalues: the Krylov space is invariant early
+    vals, _ = top_eigenpairs(np.eye(30) * 3.0, 2, seed=0)
+    np.testing.assert_allclose(vals, [3.0, 3.0])
+
+
+def test_matrix_free_operator() -> None:
+    d = np.linspace(-3.0, 2.0, 500)
+    op = as_operator(lambda x: d * x, size=500)
+    vals, vecs = top_eigenpairs(op, 2, which="LM", seed=0)
+    np.testing.assert_allclose(vals, [-3.0, d[-2] if abs(d[-2]) > abs(d[1]) else d[1]])
+    assert vecs.shape == (500, 2)
+
+
+def test_no_convergence_raises_numerical_error() -> None:
+    rng = np.random.default_rng(0)
+    A = np.diag(np.sort(rng.uniform(0.0, 1.0, 300)))
+    with pytest.raises(NumericalError, match="converged"):
+        top_eigenpairs(A, 5, tol=1e-12, max_iters=1, ncv=8, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"k": 0}, "k"),
+        ({"k": 10}, "k"),
+        ({"which": "BE"}, "which"),
+        ({"tol": 0.0}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"ncv": 2}, "ncv"),
+        ({"ncv": 11}, "ncv"),
+        ({"max_iters": 0}, "max_iters"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, object], name: str) -> None:
+    args: dict[str, object] = {"k": 2, **kwargs}
+    k = args.pop("k")
+    with pytest.raises(ValueError, match=name):
+        top_eigenpairs(np.eye(10), k, **args)  # type: ignore[arg-type]
+
+
+def test_nan_product_raises() -> None:
+    op = as_operator(lambda x: x * np.nan, size=20)
+    with pytest.raises(NumericalError, match="NaN"):
+        top_eigenpairs(op, 2, seed=0)
