@@ -39,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import torch
 
 from nets.training import train_network
 from spectral.io import atomic_write
@@ -56,6 +57,7 @@ def build_runs(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]
                     "damping": args.damping_ratio * lr,
                     "weight_decay": 0,
                     "lanczos_iters": args.lanczos_iters,
+                    "start": args.start,
                     "batch_size": args.batch_size,
                     "curvature_batch_size": args.curvature_batch_size,
                 },
@@ -88,14 +90,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--lanczos-iters", type=int, default=20)
     parser.add_argument("--damping-ratio", type=float, default=10.0, help="delta / alpha")
     parser.add_argument("--curvatures", nargs="+", default=["LancGN"])
+    parser.add_argument(
+        "--start",
+        default="gradient",
+        choices=["gradient", "random"],
+        help="Lanczos start vector: the gradient (Krylov space of g) or seeded random",
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[1.0, 0.1, 0.01, 0.001, 0.0001])
-    parser.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
-    parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    parser.add_argument("--adam-lrs", type=float, nargs="*", default=[1e-2, 1e-3, 1e-4])
+    parser.add_argument("--sgd-lrs", type=float, nargs="*", default=[0.01, 0.03, 0.1])
     parser.add_argument("--extra", action="store_true", help="also K-FAC and SWATS")
     parser.add_argument("--schedule", default="constant")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)"
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.model_kwargs is not None:
         model_kwargs = json.loads(args.model_kwargs)
@@ -169,7 +182,8 @@ def _plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("training error (%)")
     ax.set_yscale("log")
-    ax.set_title(f"Figure 1 protocol: {title}, delta = 10 alpha")
+    ax.set_title(f"Figure 1 protocol: {title}, delta = 10 alpha", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_write(path, "wb") as handle:

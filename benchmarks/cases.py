@@ -7,10 +7,11 @@ Three cases (issue 9):
   first 180 images; full dataset: every training image in 8 batches of 180 (the
   last one has 178, so the size weighting is exercised).
 * ``cnn-bn``: a CIFAR-shaped CNN with BatchNorm of 151k parameters
-  (:class:`CifarBNCNN`), synthetic 3 x 32 x 32 images; single batch of 256 (the
-  size in the issue's targets), full dataset of 8 batches of 64.
+  (:class:`CifarBNCNN`), synthetic 3 x 32 x 32 images; single batch of 128
+  (``--cnn-batch 256`` gives the size quoted in the issue's targets), full dataset
+  of 8 batches of 32.
 * ``preresnet8``: ``nets.models.get_model("PreResNet8")`` (78k parameters,
-  BatchNorm), synthetic CIFAR-shaped images; single batch 128, full 8 x 32.
+  BatchNorm), synthetic CIFAR-shaped images; single batch 64, full 8 x 16.
 
 The full-dataset batches are smaller than the single batch only to keep the default
 run within a few minutes on two shared cores; ratios to the gradient time over the
@@ -133,8 +134,12 @@ def _digits_batches(batch_size: int, num_batches: int) -> list[Batch]:
     ]
 
 
-def make_case(name: str, *, quick: bool = False) -> Case:
-    """Build one case; ``quick`` shrinks the batches (same models, 8 batches)."""
+def make_case(name: str, *, quick: bool = False, cnn_batch: int | None = None) -> Case:
+    """Build one case; ``quick`` shrinks the batches (same models, 8 batches).
+
+    ``cnn_batch`` overrides the single-batch size of ``cnn-bn`` (the issue's targets
+    quote batch 256; the default 128 keeps the default run short on shared cores).
+    """
     loss = nn.CrossEntropyLoss()
     if name == "mlp-digits":
         from nets.models import get_model
@@ -146,7 +151,8 @@ def make_case(name: str, *, quick: bool = False) -> Case:
         desc = f"MLP 64-128-128-10 on digits; single: {batch} images; full: 1,438 in 8 batches"
     elif name == "cnn-bn":
         model = CifarBNCNN(10, seed=0)
-        b1, bf = (32, 16) if quick else (256, 64)
+        b1, bf = (16, 8) if quick else (128, 32)
+        b1 = cnn_batch or b1
         single = _synthetic_images(1, b1, 10, seed=1)[0]
         batches = _synthetic_images(8, bf, 10, seed=2)
         desc = f"CIFAR-shaped CNN + BatchNorm; single: {b1} images; full: 8 x {bf} (synthetic)"
@@ -154,7 +160,7 @@ def make_case(name: str, *, quick: bool = False) -> Case:
         from nets.models import get_model
 
         model = get_model("PreResNet8", num_classes=10, in_channels=3, input_size=32, seed=0)
-        b1, bf = (16, 8) if quick else (128, 32)
+        b1, bf = (8, 4) if quick else (64, 16)
         single = _synthetic_images(1, b1, 10, seed=3)[0]
         batches = _synthetic_images(8, bf, 10, seed=4)
         desc = f"PreResNet8 (BatchNorm); single: {b1} images; full: 8 x {bf} (synthetic)"

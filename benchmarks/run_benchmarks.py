@@ -340,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lanczos-iters", type=int, default=None, help="m (default 50)")
     parser.add_argument("--full-lanczos", action="store_true", help="also on the full dataset")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--cnn-batch", type=int, default=None, help="cnn-bn single batch size")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     if args.lanczos_iters is None:
-        args.lanczos_iters = 15 if args.quick else 50
+        args.lanczos_iters = 10 if args.quick else 50
     torch.set_num_threads(args.threads)
     libraries = tuple(args.libraries)
     if "ours" not in libraries:
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "lanczos_iters": args.lanczos_iters,
             "threads": args.threads,
+            "cnn_batch": args.cnn_batch,
             "dtype": "float32",
             "bn_mode": "eval (every library; PyHessian forces model.eval())",
         },
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.perf_counter()
     for name in args.cases:
-        case = make_case(name, quick=args.quick)
+        case = make_case(name, quick=args.quick, cnn_batch=args.cnn_batch)
         log(f"case {name}: P={case.num_params:,}")
         rec: dict[str, Any] = {
             "name": name,

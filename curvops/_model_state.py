@@ -66,7 +66,7 @@ def check_bn_mode(bn_mode: Any) -> str | None:
     """
     if bn_mode not in BN_MODES:
         raise argument_error("bn_mode", "one of 'train', 'eval' or None", bn_mode)
-    return bn_mode  # type: ignore[no-any-return]
+    return bn_mode
 
 
 @contextmanager
@@ -92,7 +92,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     tracked: list[tuple[_NormBase, bool]] = []
     try:
         for m in model.modules():
-            if isinstance(m, _DropoutNd) or isinstance(m, nn.Dropout):
+            if isinstance(m, _DropoutNd):
                 m.training = False
             elif isinstance(m, _NormBase):
                 if bn_mode is not None:

@@ -12,7 +12,8 @@ operator.  Each block loops over the data separately (a product costs ``L`` pass
 
 >>> import torch
 >>> from curvops.hessian import HessianOperator
->>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1)).double()
+>>> nn = torch.nn
+>>> net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
 >>> data = (torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
 >>> B = per_layer(HessianOperator, net, torch.nn.MSELoss(), data)
 >>> [b.shape for b in B.blocks]

@@ -124,8 +124,8 @@ def _check_batch(obj: Any, index: int) -> Batch:
 
 def _signature(batch: Batch) -> tuple[Any, ...]:
     first = _first_tensor(batch.inputs)
-    assert first is not None  # checked in _check_batch
-    return (tuple(first.shape[1:]), tuple(batch.targets.shape[1:]), batch.targets.dtype)
+    trailing = () if first is None else tuple(first.shape[1:])
+    return (trailing, tuple(batch.targets.shape[1:]), batch.targets.dtype)
 
 
 class Data:
@@ -167,9 +167,11 @@ class Data:
                 data,
                 kind=TypeError,
             )
-        elif iter(data) is data:
+        elif isinstance(data, Iterator):
             raise argument_error(
-                "data", "a re-iterable (a DataLoader or a list), not a one-shot iterator", data,
+                "data",
+                "a re-iterable (a DataLoader or a list), not a one-shot iterator",
+                data,
                 kind=TypeError,
             )
         else:

@@ -5,10 +5,12 @@ For a batch with network outputs :math:`f \\in \\mathbb{R}^{N \\times C}` and a 
 (the first term of the paper's Eq. 3).  The output Hessians in closed form are
 
 * ``CrossEntropyLoss`` (class-index targets, no weights/smoothing):
-  :math:`\\nabla^2_{f_n} L_b = \\tfrac{1}{N}(\\mathrm{diag}(p_n) - p_n p_n^\\top)`, :math:`p_n = \\mathrm{softmax}(f_n)`;
+  :math:`\\nabla^2_{f_n} L_b = \\tfrac{1}{N}(\\mathrm{diag}(p_n) - p_n p_n^\\top)`,
+  :math:`p_n = \\mathrm{softmax}(f_n)`;
 * ``MSELoss`` (mean over **all** :math:`M = N C` elements, as torch does):
   :math:`\\nabla^2_f L_b = \\tfrac{2}{M} I`;
-* ``BCEWithLogitsLoss`` (no weights): :math:`\\nabla^2_f L_b = \\tfrac{1}{M}\\mathrm{diag}(\\sigma(f)(1 - \\sigma(f)))`;
+* ``BCEWithLogitsLoss`` (no weights):
+  :math:`\\nabla^2_f L_b = \\tfrac{1}{M}\\mathrm{diag}(\\sigma(f)(1 - \\sigma(f)))`;
 
 every other twice-differentiable loss uses autograd (double backward at the outputs).
 
@@ -16,12 +18,14 @@ Each closed-form loss is :math:`c` times a negative log-likelihood per sample,
 :math:`L_b = \\tfrac{1}{N}\\sum_n c\\,\\mathrm{NLL}(f_n, y_n)`, with :math:`c = 1` for
 cross-entropy (categorical), :math:`c = 1/C` for MSE (Gaussian with variance 1/2,
 :math:`\\mathrm{NLL} = \\|f_n - y_n\\|^2`) and for BCE (independent Bernoullis).  The Fisher
-uses the same scaling, :math:`F = \\tfrac{1}{N}\\sum_n c\\, \\mathbb{E}[\\nabla \\mathrm{NLL}\\,\\nabla \\mathrm{NLL}^\\top]`,
+uses the same scaling,
+:math:`F = \\tfrac{1}{N}\\sum_n c\\,\\mathbb{E}[\\nabla\\mathrm{NLL}\\,\\nabla\\mathrm{NLL}^\\top]`,
 so that its Monte-Carlo estimate is unbiased for the GGN.
 
 >>> import torch
 >>> f = torch.zeros(1, 2, dtype=torch.float64)
->>> output_hessian_matmat(torch.nn.CrossEntropyLoss(), f, torch.tensor([0]), torch.eye(2).reshape(2, 1, 2))
+>>> U = torch.eye(2, dtype=torch.float64).reshape(2, 1, 2)
+>>> output_hessian_matmat(torch.nn.CrossEntropyLoss(), f, torch.tensor([0]), U)
 tensor([[[ 0.2500, -0.2500]],
 <BLANKLINE>
         [[-0.2500,  0.2500]]], dtype=torch.float64)
@@ -74,7 +78,9 @@ def check_loss(loss_fn: Any) -> LossFn:
     ValueError: Argument 'loss_fn.reduction': expected 'mean' ...
     """
     if not callable(loss_fn):
-        raise argument_error("loss_fn", "a callable (outputs, targets) -> scalar", loss_fn, kind=TypeError)
+        raise argument_error(
+            "loss_fn", "a callable (outputs, targets) -> scalar", loss_fn, kind=TypeError
+        )
     reduction = getattr(loss_fn, "reduction", "mean")
     if reduction not in _ACCEPTED_REDUCTIONS:
         raise argument_error(
@@ -82,7 +88,7 @@ def check_loss(loss_fn: Any) -> LossFn:
             "'mean' (the operators are curvatures of the mean loss over samples)",
             reduction,
         )
-    return loss_fn  # type: ignore[no-any-return]
+    return loss_fn
 
 
 def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str:
@@ -139,7 +145,9 @@ def output_hessian_matmat(
         if not g.requires_grad:
             return torch.zeros_like(U)
         cols = [
-            torch.autograd.grad(g, o, u, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+            torch.autograd.grad(
+                g, o, u, retain_graph=True, allow_unused=True, materialize_grads=True
+            )[0]
             for u in U
         ]
     return torch.stack(cols)
@@ -226,7 +234,7 @@ def sample_targets(
         return torch.bernoulli(s, generator=generator).to(outputs.device, dtype=targets.dtype)
     raise argument_error(
         "loss_fn",
-        "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss (a likelihood to sample from) for kind='mc'",
+        "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss (a likelihood to sample) for kind='mc'",
         loss_fn,
     )
 

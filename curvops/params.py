@@ -40,11 +40,7 @@ __all__ = [
     "unflatten_columns",
 ]
 
-ParamSpec = (
-    None
-    | Callable[[str, nn.Parameter], bool]
-    | Sequence[str | nn.Module | nn.Parameter]
-)
+ParamSpec = None | Callable[[str, nn.Parameter], bool] | Sequence[str | nn.Module | nn.Parameter]
 
 
 def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Parameter]]:
@@ -76,7 +72,8 @@ def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Pa
             if isinstance(item, str):
                 if item not in by_name:
                     raise argument_error(
-                        "params", f"names of parameters of the model (e.g. {list(by_name)[:4]})",
+                        "params",
+                        f"names of parameters of the model (e.g. {list(by_name)[:4]})",
                         item,
                     )
                 ids.add(id(by_name[item]))
@@ -126,7 +123,8 @@ def group_by_layer(
 def unflatten_columns(X: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
     """Split the rows of ``X`` (``n x k``) into tensors of shape ``(k, *shape)``.
 
-    >>> [t.shape for t in unflatten_columns(torch.zeros(5, 2), [torch.Size([2, 2]), torch.Size([1])])]
+    >>> shapes = [torch.Size([2, 2]), torch.Size([1])]
+    >>> [t.shape for t in unflatten_columns(torch.zeros(5, 2), shapes)]
     [torch.Size([2, 2, 2]), torch.Size([2, 1])]
     """
     k = X.shape[1]

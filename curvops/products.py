@@ -7,18 +7,21 @@ parameter tensors (built with :func:`curvops._model_state.functional_forward`).
 **Hessian** :math:`H = \\nabla^2_w L_b`: double backward.  :func:`hessian_linearization`
 computes the gradient once with ``create_graph=True``; each column then costs one
 backward pass through that graph, :math:`Hv = \\nabla_w (\\nabla_w L_b^\\top v)`.  Measured
-on CPU for a 123k-parameter CNN with BatchNorm (batch 64, one thread, gradient time
-= 1): double backward 2.8, forward-over-reverse (``torch.func.jvp`` of ``grad``) 3.6,
-a cached gradient graph 1.9 per product, ``is_grads_batched``/``vmap`` over 8
-columns 3.5 per column.  So products use double backward, a matmat shares the
-forward and gradient graph between its columns, and single-batch operators keep the
-graph between products.
+on a shared 2-core CPU for a 123k-parameter CNN with BatchNorm (batch 64, one
+thread, in units of one gradient evaluation, minimum of 4-5 interleaved repeats over
+three runs): double backward 2.8-3.1, forward-over-reverse (``torch.func.jvp`` of
+``grad``) 3.5-4.9; a cached gradient graph 1.3-2.4 per product; ``is_grads_batched``
+(``vmap``) over 8 columns 3.0-3.5 per column, slower than a loop.  So products use
+double backward, a matmat shares the forward pass and gradient graph of every
+batch between its columns (3.3 per column against 4.1 per single product without a
+cache), and single-batch operators keep the graph between products.
 
 **GGN** :math:`G = J^\\top \\nabla^2_f L_b\\, J` and every other ``J^T Q J`` form
 (Fisher): one forward pass with dual numbers gives the outputs (with their
 reverse-mode graph) and :math:`Jv` together, then one backward pass applies
-:math:`J^\\top`.  Measured 1.55 gradient-times per product, against 2.4 for a cached
-double-vjp and 3.4 per column for ``vmap`` of ``torch.func.jvp``/``vjp``.
+:math:`J^\\top`.  Measured 1.55-1.7 gradient-times per product, against 2.4 for a
+cached double-vjp and 3.4-3.9 per column for ``vmap`` of ``torch.func.jvp``/``vjp``,
+so a GGN matmat loops over its columns.
 
 >>> import torch
 >>> w = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
@@ -133,7 +136,7 @@ def jacobian_sandwich_matmat(
     V: Sequence[torch.Tensor],
     output_curvature: OutputCurvature,
 ) -> list[torch.Tensor]:
-    """:math:`J^\\top Q J\\, V` with :math:`J = \\partial f/\\partial w` and ``Q`` built from the outputs.
+    """:math:`J^\\top Q J\\, V`, :math:`J = \\partial f/\\partial w`, ``Q`` built from the outputs.
 
     Each column: one forward pass with dual numbers (outputs and :math:`Jv` at once),
     ``Q`` applied in output space, one backward pass for :math:`J^\\top`.  ``Q`` is

@@ -7,21 +7,22 @@ curvature matrices :math:`C_i` (Hessian or GGN of :math:`L_i`).  With
 :math:`\\bar g = \\sum_i w_i g_i`, :math:`\\bar C = \\sum_i w_i C_i` (the full-data gradient
 and curvature) and a unit direction :math:`z` (random, or e.g. a top eigenvector):
 
-================== =====================================================================
-``loss_mean``       :math:`\\sum_i w_i L_i`
-``loss_var``        :math:`\\sum_i w_i (L_i - \\text{loss\\_mean})^2`
-``grad_mean_norm_sq`` :math:`\\|\\bar g\\|^2`
-``grad_var``        :math:`\\sum_i w_i \\|g_i - \\bar g\\|^2 = \\sum_i w_i\\|g_i\\|^2 - \\|\\bar g\\|^2` (trace of the gradient covariance)
-``hess_mean_norm_sq`` :math:`\\|\\bar C z\\|^2`
-``hess_var``        :math:`\\sum_i w_i \\|C_i z\\|^2 - \\|\\bar C z\\|^2 = z^\\top \\Sigma z`, :math:`\\Sigma = \\sum_i w_i C_i^2 - \\bar C^2`
-``hess_mu``         :math:`\\mu = z^\\top \\bar C z` (Rayleigh quotient)
-``delta``           :math:`\\|\\bar C z - \\mu z\\|^2` (zero iff :math:`z` is an eigenvector)
-``alpha``           :math:`\\sqrt{\\text{hess\\_var}} / |\\mu|`
-================== =====================================================================
+* ``loss_mean`` :math:`= \\sum_i w_i L_i`;
+* ``loss_var`` :math:`= \\sum_i w_i (L_i - \\text{loss\\_mean})^2`;
+* ``grad_mean_norm_sq`` :math:`= \\|\\bar g\\|^2`;
+* ``grad_var`` :math:`= \\sum_i w_i\\|g_i - \\bar g\\|^2 = \\sum_i w_i\\|g_i\\|^2 - \\|\\bar g\\|^2`
+  (trace of the gradient covariance over minibatches);
+* ``hess_mean_norm_sq`` :math:`= \\|\\bar C z\\|^2`;
+* ``hess_var`` :math:`= \\sum_i w_i \\|C_i z\\|^2 - \\|\\bar C z\\|^2 = z^\\top \\Sigma z` with
+  :math:`\\Sigma = \\sum_i w_i C_i^2 - \\bar C^2`;
+* ``hess_mu`` :math:`= \\mu = z^\\top \\bar C z` (Rayleigh quotient);
+* ``delta`` :math:`= \\|\\bar C z - \\mu z\\|^2` (zero iff :math:`z` is an eigenvector);
+* ``alpha`` :math:`= \\sqrt{\\text{hess\\_var}} / |\\mu|`.
 
 Following Wu et al. (2018, "How SGD selects the global minima"), :math:`\\mu` plays
 the role of the *sharpness* :math:`a = \\lambda_{\\max}(\\bar C)` and
-:math:`\\sqrt{z^\\top \\Sigma z}` that of the *non-uniformity* :math:`s = \\lambda_{\\max}(\\Sigma)^{1/2}`
+:math:`\\sqrt{z^\\top \\Sigma z}` that of the *non-uniformity*
+:math:`s = \\lambda_{\\max}(\\Sigma)^{1/2}`
 along :math:`z` (both exact when :math:`z` is the top eigenvector of :math:`\\bar C`
 and of :math:`\\Sigma`); ``alpha`` is their ratio :math:`s/a`, the quantity that, with
 the learning rate and batch size, decides linear stability of SGD at a minimum.
@@ -150,7 +151,7 @@ def layer_weight_norms(model: nn.Module, params: Any = None) -> dict[str, tuple[
 def hutchinson_frobenius_sq(
     operator: Any, *, num_probes: int = 10, seed: int = 0
 ) -> tuple[float, float]:
-    """Hutchinson estimate of :math:`\\|A\\|_F^2 = \\mathbb{E}_r \\|A r\\|^2` with Rademacher probes.
+    """Hutchinson estimate of :math:`\\|A\\|_F^2 = \\mathbb{E}_r \\|A r\\|^2`, Rademacher probes.
 
     Returns ``(estimate, standard error)``; probes come from ``numpy.random.default_rng(seed)``
     and are applied in one ``matmat``.

@@ -3,7 +3,8 @@
 The references are computed independently of :mod:`curvops.products`: with
 ``torch.autograd.functional.hessian`` of the loss as a function of the flat
 parameter vector (``torch.func.hessian`` and ``jacrev(jacrev)`` return wrong second
-derivatives through BatchNorm in training mode in torch 2.13), and with ``torch.func.jacrev`` Jacobians for the GGN and Fisher,
+derivatives through BatchNorm in training mode in torch 2.13), and with
+``torch.func.jacrev`` Jacobians for the GGN and Fisher,
 on a float64 copy of the model (the original is never touched).  Batches are
 weighted by their sizes exactly as the operators do, :math:`A = \\frac{1}{N}\\sum_b N_b A_b`.
 They cost :math:`O(P)` products and :math:`O(P^2)` memory: for tests on tiny models.
@@ -47,7 +48,9 @@ __all__ = [
     "dense_hessian",
 ]
 
-_BatchFn = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, Any, torch.Tensor, int], torch.Tensor]
+_BatchFn = Callable[
+    [Callable[[torch.Tensor], torch.Tensor], torch.Tensor, Any, torch.Tensor, int], torch.Tensor
+]
 
 
 def _dense(
@@ -111,7 +114,7 @@ def dense_hessian(
         # jacrev(jacrev) give wrong second derivatives through BatchNorm in training
         # mode (torch 2.13; first derivatives are right).
         H = torch.autograd.functional.hessian(lambda w: loss_fn(forward(w), targets), w0)
-        return H  # type: ignore[no-any-return]
+        return H
 
     return _dense(model, loss_fn, data, params, bn_mode, per_batch)
 
@@ -153,7 +156,9 @@ def dense_fisher(
     params: Any = None,
     bn_mode: str | None = None,
 ) -> torch.Tensor:
-    """Dense float64 Fisher :math:`\\frac{c}{N M}\\sum_{n,m} \\nabla_w \\mathrm{NLL}_{nm} \\nabla_w \\mathrm{NLL}_{nm}^\\top`.
+    """Dense float64 Fisher :math:`\\frac{c}{NM}\\sum_{n,m} g_{nm} g_{nm}^\\top`.
+
+    Here :math:`g_{nm} = \\nabla_w \\mathrm{NLL}(f_n, \\tilde y_{nm})`.
 
     Per-sample gradients are rows of ``jacrev`` of the vector of per-sample NLLs, at
     the targets sampled exactly as :class:`curvops.FisherOperator` samples them
@@ -236,7 +241,7 @@ def check_operator_contract(
     rtol = 1e3 * max(n, 1) * eps if rtol is None else rtol
     norm = max(float(np.linalg.norm(A, 2)) if n else 0.0, 1e-300)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(n)
+    x = rng.standard_normal((n,))
     X = rng.standard_normal((n, num_columns))
     tol_x = rtol * norm * float(np.linalg.norm(x))
     tol_X = rtol * norm * float(np.linalg.norm(X))
@@ -250,7 +255,9 @@ def check_operator_contract(
     Y = op.matmat(X.astype(dtype))
     _check_close("matmat vs dense", Y, A @ X, tol_X)
     for j in range(num_columns):
-        _check_close(f"matvec of column {j} vs matmat", op.matvec(X[:, j].astype(dtype)), Y[:, j], tol_X)
+        _check_close(
+            f"matvec of column {j} vs matmat", op.matvec(X[:, j].astype(dtype)), Y[:, j], tol_X
+        )
 
     xt = torch.as_tensor(x, dtype=op.torch_dtype, device=op.device)
     yt = op.matvec(xt)

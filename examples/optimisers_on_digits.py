@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     ax.set_xlabel("epoch")
     ax.set_ylabel("training error (%)")
     ax.set_yscale("log")
-    ax.set_title("digits MLP: Lanczos-Newton (delta = 10 alpha) vs SGD and Adam")
+    ax.set_title("digits MLP: LancGN (delta = 10 alpha), SGD, Adam", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_write(out / "training_error.png", "wb") as handle:

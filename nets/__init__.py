@@ -23,6 +23,9 @@ from nets.training import TrainingResult, train_network
 # isort: split
 
 # --- optimisers (optim/) ---
+from nets.optim import KFAC, SWATS, LanczosNewton
+
+# isort: split
 
 # --- workflow, plots (workflow/, plots/) ---
 from nets.plots import (
@@ -35,12 +38,16 @@ from nets.workflow import (
     SpectrumResult,
     build_loss_landscape,
     compute_eigenspectrum,
+    compute_loss_stats,
     load_spectrum,
 )
 
 __all__: list[str] = [
+    "KFAC",
     "MODELS",
+    "SWATS",
     "DatasetSplits",
+    "LanczosNewton",
     "SpectrumResult",
     "TrainingResult",
     "available_datasets",
@@ -49,6 +56,7 @@ __all__: list[str] = [
     "build_loss_landscape",
     "checkpoint_name",
     "compute_eigenspectrum",
+    "compute_loss_stats",
     "constant_schedule",
     "get_model",
     "get_optimizer",

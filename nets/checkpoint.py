@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +192,7 @@ def load_checkpoint(
             f"Checkpoint '{p}' was refused: it contains objects that torch.load(weights_only=True) "
             f"does not allow (only tensors and plain containers are loaded). {exc}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # any other failure to parse (IndexError, KeyError...) is corruption
         raise CorruptFileError(
             f"Checkpoint '{p}' is truncated, corrupted or not a torch checkpoint ({exc})."
         ) from exc

@@ -7,10 +7,17 @@ row/column), and computes its eigenpairs ``H = S \Theta S^T`` on the host in
 float64.  With ``r = A v_{ncv} - V h`` the residual of the last step,
 ``\|A y_i - \theta_i y_i\| = \|r\|\,|S_{ncv,i}|`` for the Ritz vector ``y_i = V s_i``.
 A pair is converged when this residual is at most
-``tol \cdot \max(|\theta_i|, eps^{2/3}\|H\|)`` (ARPACK's criterion).  Until the
+``\max(tol \cdot \max(|\theta_i|, eps^{2/3}\|H\|),\ 100\,eps\,\|H\|)`` (ARPACK's
+criterion, with a floor at the rounding level of the products).  Until the
 ``k`` wanted pairs have converged, the basis is restarted with the
 ``p = k + (ncv - k) // 2`` most wanted Ritz vectors plus ``r / \|r\|``
 ("thick restart"), which keeps the Krylov information of the wanted end.
+
+A single Krylov sequence sees only one copy of a repeated eigenvalue.  After
+convergence the search is therefore repeated for one pair on the orthogonal
+complement of all vectors found so far ("locking"); a more wanted value found
+there (a further copy) replaces the least wanted pair, and the check repeats
+(at most ``k`` times).  This costs one extra short run in the common case.
 
 Vectors never leave the operator's namespace/device; only ``H`` (``ncv x ncv``)
 and its eigenvectors cross to the host.
@@ -101,7 +108,7 @@ def top_eigenpairs(
         Relative residual tolerance (see the module docstring).  It is raised to
         ``100 eps`` of the operator's dtype if smaller.
     max_iters:
-        Maximum number of restart cycles (default ``max(100, 10 n / ncv)``).
+        Maximum number of restart cycles (default ``max(1000, 10 n)``, as ARPACK's ``maxiter``).
     ncv:
         Basis size per cycle, ``k < ncv <= n`` (default ``min(n, max(2k + 1, 20))``).
     seed:
@@ -130,35 +137,94 @@ def top_eigenpairs(
     op = as_operator(A)
     ncv = _validate(op, k, which, tol, ncv, max_iters)
     k = int(k)
+    n = op.n
+    eps = _backend.finfo_eps(op.xp, op.dtype)
+    tol = max(float(tol), 100.0 * eps)
+    if max_iters is None:
+        max_iters = max(1000, 10 * n)
+    rng = as_generator(seed)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        values, Y, margin = _trlan(op, k, which, tol, ncv, int(max_iters), rng, None)
+        locked = Y
+        # Multiplicity check: one Krylov sequence sees a single copy of a repeated
+        # eigenvalue.  Search the complement of everything found for a pair more
+        # wanted than the k-th; merge it and repeat (at most k times).
+        for _ in range(k):
+            free = n - int(locked.shape[0])
+            if free < 2:
+                break
+            extra, Z, _ = _trlan(op, 1, which, tol, min(ncv, free), int(max_iters), rng, locked)
+            worst = _order(values, which)[-1]
+            if not _more_wanted(float(extra[0]), float(values[worst]), which, margin):
+                break
+            logger.debug("top_eigenpairs: found a further copy near %.6g", float(extra[0]))
+            values = np.r_[values, extra]
+            Y = op.xp.concat([Y, Z], axis=0)
+            best = _order(values, which)[:k]
+            Y = _take_rows(op.xp, Y, best)
+            values = values[best]
+            locked = op.xp.concat([locked, Z], axis=0)
+    ascending = np.argsort(values, kind="stable")
+    Y = _take_rows(op.xp, Y, ascending)
+    return values[ascending], Y.T
+
+
+def _take_rows(xp: Any, Y: Any, rows: np.ndarray) -> Any:
+    """``Y[rows, :]`` for an integer host array ``rows`` (stacking works in every namespace)."""
+    return xp.stack([Y[int(i), :] for i in rows], axis=0)
+
+
+def _more_wanted(candidate: float, current: float, which: str, margin: float) -> bool:
+    """Whether ``candidate`` is more wanted than ``current`` by more than ``margin``."""
+    if which == "LA":
+        return candidate > current + margin
+    if which == "SA":
+        return candidate < current - margin
+    return abs(candidate) > abs(current) + margin
+
+
+def _trlan(
+    op: SymmetricOperator,
+    k: int,
+    which: str,
+    tol: float,
+    ncv: int,
+    max_iters: int,
+    rng: np.random.Generator,
+    locked: Any,
+) -> tuple[np.ndarray, Any, float]:
+    """Thick-restart Lanczos for ``k`` wanted pairs of ``A`` restricted to ``locked^⊥``.
+
+    Returns ``(values, Y, margin)``: values in wanted order, the ``k x n`` rows
+    ``Y`` of unit Ritz vectors, and the largest convergence threshold used
+    (a resolution for comparing values).
+    """
     xp = op.xp
     n = op.n
     eps = _backend.finfo_eps(xp, op.dtype)
-    tol = max(float(tol), 100.0 * eps)
-    if max_iters is None:
-        max_iters = max(100, (10 * n) // ncv)
-    rng = as_generator(seed)
-
     V = xp.zeros((ncv, n), dtype=op.dtype, device=op.device)
     H = np.zeros((ncv, ncv))
     v = random_probe(n, "sphere", rng, like=op.template)
+    if locked is not None:
+        v, _ = _orthogonalise(locked, v)
     V[0, :] = v * (1.0 / float(_backend.vector_norm(xp, v)))
-    p = 0  # number of locked-in (restart) vectors already in V with their H block known
+    p = 0  # number of kept (restart) vectors already in V with their H block known
     keep = min(k + (ncv - k) // 2, ncv - 1)
     anorm = 0.0
-    for cycle in range(int(max_iters)):
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            r, rnorm = _extend(op, V, H, p, rng, eps, cycle)
+    for cycle in range(max_iters):
+        r, rnorm = _extend(op, V, H, p, rng, eps, cycle, locked)
         anorm = max(anorm, float(np.max(np.abs(np.linalg.eigvalsh(H)))), rnorm)
         theta, S = np.linalg.eigh(H)
         order = _order(theta, which)
         resid = rnorm * np.abs(S[-1, :])
-        scale = np.maximum(np.abs(theta), eps ** (2.0 / 3.0) * anorm)
+        threshold = np.maximum(
+            tol * np.maximum(np.abs(theta), eps ** (2.0 / 3.0) * anorm), 100.0 * eps * anorm
+        )
         wanted = order[:k]
-        if np.all(resid[wanted] <= tol * scale[wanted]) or rnorm <= eps * anorm:
-            wanted = wanted[np.argsort(theta[wanted], kind="stable")]
-            Sw = _backend.from_host(np.ascontiguousarray(S[:, wanted]), like=V)
+        if np.all(resid[wanted] <= threshold[wanted]) or rnorm <= eps * anorm:
+            Sw = _backend.from_host(np.ascontiguousarray(S[:, wanted].T), like=V)
             logger.debug("top_eigenpairs: converged after %d cycles", cycle + 1)
-            return theta[wanted], V.T @ Sw
+            return theta[wanted], Sw @ V, float(np.max(threshold[wanted]))
         # thick restart: keep the `keep` most wanted Ritz vectors and the residual direction
         kept = order[:keep]
         Sk = _backend.from_host(np.ascontiguousarray(S[:, kept].T), like=V)
@@ -171,7 +237,7 @@ def top_eigenpairs(
         H[keep, :keep] = arrow
         H[:keep, keep] = arrow
         p = keep
-    nconv = int(np.sum(resid[order[:k]] <= tol * scale[order[:k]]))
+    nconv = int(np.sum(resid[order[:k]] <= threshold[order[:k]]))
     raise NumericalError(
         f"top_eigenpairs: {nconv} of {k} eigenpairs converged to tol={tol:.1e} "
         f"after max_iters={max_iters} restart cycles (largest residual "
@@ -187,12 +253,14 @@ def _extend(
     rng: np.random.Generator,
     eps: float,
     cycle: int,
+    locked: Any = None,
 ) -> tuple[Any, float]:
     """Fill rows ``p..ncv-1`` of ``V`` and columns ``p..`` of ``H``; return the residual.
 
     On entry rows ``0..p`` of ``V`` are orthonormal and ``H[:p, :p]`` plus the
     arrow ``H[p, :p]`` are known.  Column ``j`` of ``H`` is ``V_{0..j}^T A v_j``
-    (CGS2), and ``H[j+1, j] = ||r_j||``.
+    (CGS2), and ``H[j+1, j] = ||r_j||``.  New vectors are also kept orthogonal to
+    the rows of ``locked`` (converged eigenvectors), restricting ``A`` to their complement.
     """
     xp = op.xp
     ncv = H.shape[0]
@@ -203,6 +271,8 @@ def _extend(
         w = op.matvec(V[j, :])
         Vb = V[: j + 1, :]
         w, h = _orthogonalise(Vb, w)
+        if locked is not None:
+            w, _ = _orthogonalise(locked, w)
         stats = _backend.to_host_float64(
             xp.concat([h, xp.reshape(_backend.vector_norm(xp, w), (1,))])
         )
@@ -223,6 +293,8 @@ def _extend(
         if beta <= 10.0 * math.sqrt(n) * eps * scale:
             # invariant subspace: continue with a random direction orthogonal to V
             v = random_probe(n, "gaussian", rng, like=op.template)
+            if locked is not None:
+                v, _ = _orthogonalise(locked, v)
             v, _ = _orthogonalise(Vb, v)
             v, _ = _orthogonalise(Vb, v)
             vnorm = float(_backend.vector_norm(xp, v))

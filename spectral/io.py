@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -104,9 +103,16 @@ def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
     if not p.is_file():
         raise FileNotFoundError(f"No such file: '{p}'.")
     try:
-        with np.load(p, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as exc:
+        # Open the file ourselves: np.load leaks its handle when the zip directory is corrupt.
+        with p.open("rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+                raise ValueError(f"found a single {type(loaded).__name__}, not an .npz archive")
+            with loaded as archive:
+                return {key: archive[key] for key in archive.files}
+    except MemoryError:
+        raise
+    except Exception as exc:  # BadZipFile, zlib.error, EOFError, ValueError...: all corruption
         raise CorruptFileError(
             f"File '{p}' is truncated, corrupted or not a pickle-free .npz archive ({exc})."
         ) from exc

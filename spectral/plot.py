@@ -51,9 +51,14 @@ def _axes(ax: Axes | None) -> Axes:
 
 
 def _density(density: Any) -> SpectralDensity:
-    if not isinstance(density, SpectralDensity):
-        raise argument_error("density", "a spectral.SpectralDensity", density, kind=TypeError)
-    return density
+    """Accept a :class:`SpectralDensity` or any object with ``nodes`` and ``weights`` arrays."""
+    if isinstance(density, SpectralDensity):
+        return density
+    if hasattr(density, "nodes") and hasattr(density, "weights"):
+        return SpectralDensity(density.nodes, density.weights)
+    raise argument_error(
+        "density", "a SpectralDensity (an object with nodes and weights)", density, kind=TypeError
+    )
 
 
 def plot_ritz_stem(

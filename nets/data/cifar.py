@@ -131,12 +131,16 @@ def read_pickle_file(path: str | os.PathLike[str]) -> Any:
         If the file is truncated or not a pickle.
     """
     p = Path(path)
+    # Read into memory first: a corrupt FRAME/length opcode then fails as truncated data
+    # instead of asking the file object for gigabytes.
+    data = p.read_bytes()
     try:
-        with p.open("rb") as handle:
-            return RestrictedUnpickler(handle, source=str(p)).load()
-    except UnsafeFileError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        return RestrictedUnpickler(io.BytesIO(data), source=str(p)).load()
+    except UnsafeFileError as exc:
+        if str(p) in str(exc):
+            raise
+        raise UnsafeFileError(f"File '{p}' was refused: {exc}") from exc
+    except Exception as exc:  # any parse failure (OverflowError, IndexError...) is corruption
         raise CorruptFileError(f"File '{p}' is truncated or not a CIFAR pickle ({exc}).") from exc
 
 

@@ -116,9 +116,26 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of a Conv2d as integers (``None`` if not expressible)."""
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if any(t % 2 for t in totals):
+            return None  # asymmetric 'same' padding
+        return (totals[0] // 2, totals[1] // 2)
+    return (int(padding[0]), int(padding[1]))
+
+
 def _is_supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros"
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and _conv_padding(module) is not None
+        )
     return isinstance(module, nn.Linear)
 
 
@@ -131,7 +148,7 @@ def _layer_rows(
             inputs,
             kernel_size=module.kernel_size,
             dilation=module.dilation,
-            padding=module.padding,  # type: ignore[arg-type]
+            padding=_conv_padding(module) or (0, 0),
             stride=module.stride,
         )  # (N, in*kh*kw, T)
         a = a.transpose(1, 2).reshape(-1, a.shape[1])
@@ -186,16 +203,17 @@ def _sample_targets(
     out = output.detach()
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         logits = out.movedim(1, -1) if out.ndim > 2 else out
-        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1).cpu()
         labels = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
-        return labels, 1.0
+        return labels.to(out.device), 1.0
     per_sample = out[0].numel() if out.ndim > 0 and out.shape[0] > 0 else 1
     if isinstance(loss_fn, nn.MSELoss):
         # l_n = |f_n - y_n|^2 / D has output Hessian (2/D) I; y = f + sqrt(D/2) z matches it.
-        noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         return out + math.sqrt(per_sample / 2.0) * noise, 1.0
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        labels = torch.bernoulli(torch.sigmoid(out), generator=generator)
+        probs = torch.sigmoid(out).cpu()
+        labels = torch.bernoulli(probs, generator=generator).to(out.device)
         return labels, math.sqrt(per_sample)
     raise argument_error(
         "loss_fn",
@@ -311,8 +329,9 @@ class KFAC(torch.optim.Optimizer):
                 len(skipped),
             )
         self._layer_set = set(self._layers)
-        device = params[0].device
-        self._generator = torch.Generator(device=device)
+        # MC targets are drawn on the CPU (then moved): the same seed gives the same
+        # targets on every device, and the generator survives moving the model.
+        self._generator = torch.Generator()
         self._generator.manual_seed(seed)
         self._capture_mode: str | None = "plain"
         self._captured: dict[nn.Module, list[list[Any]]] = {}

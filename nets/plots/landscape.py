@@ -102,6 +102,18 @@ def _plane_scale(panels: list[np.ndarray]) -> tuple[bool, np.ndarray]:
     return use_log, np.linspace(low, high, 15)
 
 
+def _log_ticks(bar: Any, levels: np.ndarray) -> None:
+    """Label a colour bar of log10 values with the values themselves (0.03, 0.1, 0.3, 1...)."""
+    low, high = float(levels[0]), float(levels[-1])
+    decades = np.arange(np.floor(low), np.ceil(high) + 1)
+    candidates = np.concatenate([decades, decades + np.log10(3.0)])
+    ticks = np.sort(candidates[(candidates >= low) & (candidates <= high)])
+    if ticks.size < 2:
+        return
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([f"{10.0**x:.2g}" for x in ticks])
+
+
 def _draw_plane(
     ax: Axes,
     t: np.ndarray,
@@ -244,7 +256,9 @@ def plot_loss_landscape(
                 row[c].set_title(f"{split.capitalize()} loss over the plane")
             if filled is not None:
                 bar = fig.colorbar(filled, ax=list(row), shrink=0.9)
-                bar.set_label("log$_{10}$ loss" if use_log else "loss")
+                if use_log:
+                    _log_ticks(bar, levels)
+                bar.set_label("loss (log scale)" if use_log else "loss")
         if title:
             fig.suptitle(title, fontsize=10)
     if save_path is not None:

@@ -65,9 +65,13 @@ def spectrum_summary(source: Any) -> dict[str, Any]:
 
 
 def _fmt(x: float | None) -> str:
+    """A number for mathtext: ``3.142``, ``1.39 \\times 10^{5}``, ``n/a``."""
     if x is None or not np.isfinite(x):
-        return "n/a"
-    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 or x == 0 else f"{x:.3e}"
+        return r"\mathrm{n/a}"
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.4g}"
+    mantissa, exponent = f"{x:.3e}".split("e")
+    return rf"{mantissa} \times 10^{{{int(exponent)}}}"
 
 
 def _stats_text(s: Spectrum) -> str:

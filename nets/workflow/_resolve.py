@@ -43,14 +43,19 @@ __all__ = [
     "curvature_kind",
     "default_loss",
     "eigvec_file",
+    "is_writer",
     "make_eval_loader",
     "model_fingerprint",
+    "operator_group",
     "parse_curvature",
     "preserve_global_state",
     "resolve_data",
     "resolve_model",
+    "resolve_parallel",
+    "shard_loader",
     "spectrum_file",
     "subsample_dataset",
+    "written",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -112,29 +117,82 @@ def build_operator(
     bn_mode: str | None = "train",
     seed: int = 0,
     progress: bool = False,
+    process_group: Any = None,
 ) -> Any:
-    """The ``curvops`` operator of a canonical ``curvature`` name (see :func:`parse_curvature`)."""
+    """The ``curvops`` operator of a canonical ``curvature`` name (see :func:`parse_curvature`).
+
+    ``process_group`` is passed to the operator (see :mod:`curvops.distributed`).
+    """
     from curvops.fisher import FisherOperator
     from curvops.ggn import GGNOperator
     from curvops.hessian import HessianOperator
 
+    common: dict[str, Any] = {
+        "params": params,
+        "bn_mode": bn_mode,
+        "progress": progress,
+        "process_group": process_group,
+    }
     if curvature == "hessian":
-        return HessianOperator(
-            model, loss_fn, data, params=params, bn_mode=bn_mode, progress=progress
-        )
+        return HessianOperator(model, loss_fn, data, **common)
     if curvature == "ggn":
-        return GGNOperator(model, loss_fn, data, params=params, bn_mode=bn_mode, progress=progress)
+        return GGNOperator(model, loss_fn, data, **common)
     kind = "empirical" if curvature == "empirical-fisher" else "mc"
-    return FisherOperator(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        bn_mode=bn_mode,
-        progress=progress,
-        kind=kind,
-        seed=seed,
-    )
+    return FisherOperator(model, loss_fn, data, kind=kind, seed=seed, **common)
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def resolve_parallel(process_group: Any, device: Any) -> tuple[Any, Any]:
+    """``(group, device)`` of a workflow call under ``torch.distributed``.
+
+    ``group`` is the process group products and metrics are reduced over, ``None``
+    for a single-process computation (see :func:`curvops.distributed.resolve_group`:
+    ``process_group=None`` takes the default group of an initialised job, ``False``
+    keeps every rank on its own).  In a distributed job ``device='auto'`` becomes
+    this process's device (``cuda:LOCAL_RANK`` or the CPU).
+    """
+    from curvops.distributed import local_device, resolve_group
+
+    group = resolve_group(process_group)
+    if group is not None and isinstance(device, str) and device == "auto":
+        device = local_device()
+    return group, device
+
+
+def shard_loader(loader: Any, group: Any, *, raw: bool = False) -> Any:
+    """This rank's whole batches of ``loader`` (``loader`` itself when ``group`` is None).
+
+    Returns a :class:`curvops.distributed.ShardedData` for the curvature operators,
+    or with ``raw=True`` the loader of this rank's batches (for evaluation loops).
+    """
+    if group is None:
+        return loader
+    from curvops.distributed import get_rank, get_world_size, shard_batches
+
+    shard = shard_batches(loader, get_rank(group), get_world_size(group))
+    return shard.source if raw else shard
+
+
+def operator_group(group: Any) -> Any:
+    """The ``process_group`` argument for curvops: ``group``, or ``False`` (no communication)."""
+    return False if group is None else group
+
+
+def is_writer(group: Any) -> bool:
+    """Whether this process writes files: rank 0 of ``group`` (every process when None)."""
+    if group is None:
+        return True
+    from curvops.distributed import get_rank
+
+    return get_rank(group) == 0
+
+
+def written(group: Any) -> None:
+    """Barrier after rank 0 wrote a file, so every rank may read it on return."""
+    if group is not None:
+        torch.distributed.barrier(group=group)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -57,12 +57,17 @@ from nets.workflow._resolve import (
     check_positive_float,
     default_loss,
     eigvec_file,
+    is_writer,
     make_eval_loader,
     model_fingerprint,
     preserve_global_state,
     resolve_data,
     resolve_model,
+    resolve_parallel,
+    shard_loader,
+    written,
 )
+from nets.workflow._resume import describe_value, file_digest, open_state
 from nets.workflow.directions import (
     Direction,
     ParamSpace,
@@ -75,6 +80,7 @@ from nets.workflow.directions import (
 )
 from spectral.errors import NumericalError, argument_error
 from spectral.io import load_npz, save_npz
+from spectral.resume import Checkpoint
 
 __all__ = ["LandscapeResult", "build_loss_landscape", "evaluate", "landscape_grid"]
 
@@ -97,26 +103,33 @@ def landscape_grid(dist: float, n_points: int) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[Any], loss_fn: Callable[..., torch.Tensor]
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    group: Any = None,
 ) -> tuple[float, float]:
     """Mean loss and accuracy (%) of ``model`` over ``loader`` (batches weighted by size).
 
     Accuracy is NaN when targets are not class labels.  The model is used as it
-    is (call ``model.eval()`` first for evaluation mode).
+    is (call ``model.eval()`` first for evaluation mode).  With a ``torch.distributed``
+    ``group`` each rank evaluates its own shard and the sums (loss, correct, count)
+    are added over the group in one ``all_reduce``; ``None``: this process only.
 
     Raises
     ------
     spectral.errors.NumericalError
         If a batch's loss is NaN/Inf (names the batch).
     """
-    device = next(iter(model.parameters())).device
+    first = next(iter(model.parameters()))
+    device, dtype = first.device, first.dtype
     total = 0.0
     correct = 0
     count = 0
     classification = True
     for index, batch in enumerate(loader):
         x, y = batch[0], batch[1]
-        x = x.to(device)
+        x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
         y = y.to(device)
         out = model(x)
         loss = loss_fn(out, y)
@@ -130,6 +143,15 @@ def evaluate(
             correct += int((out.argmax(dim=1) == y).sum())
         else:
             classification = False
+    if group is not None:
+        sums = torch.tensor(
+            [total, correct, count, 0.0 if classification else 1.0],
+            dtype=torch.float64,
+            device=device,
+        )
+        torch.distributed.all_reduce(sums, group=group)
+        total, correct, count = float(sums[0]), int(sums[1]), int(sums[2])
+        classification = float(sums[3]) == 0.0
     if count == 0:
         raise argument_error("dataset", "a non-empty evaluation set", loader)
     return total / count, (100.0 * correct / count) if classification else math.nan
@@ -140,12 +162,16 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def _refresh_bn(model: nn.Module, loader: DataLoader[Any]) -> None:
-    """Recompute BatchNorm running statistics as exact averages over ``loader``."""
+def _refresh_bn(model: nn.Module, loader: DataLoader[Any], group: Any = None) -> None:
+    """Recompute BatchNorm running statistics as exact averages over ``loader``.
+
+    With a ``group`` (each rank holding a shard of the batches) the per-rank
+    averages are combined, weighted by their batch counts, in one ``all_reduce``.
+    """
     modules = [m for m in _bn_modules(model) if m.track_running_stats]
     if not modules:
         return
-    device = next(iter(model.parameters())).device
+    first = next(iter(model.parameters()))
     momenta = [m.momentum for m in modules]
     for m in modules:
         m.reset_running_stats()
@@ -153,11 +179,31 @@ def _refresh_bn(model: nn.Module, loader: DataLoader[Any]) -> None:
         m.train()
     try:
         for batch in loader:
-            model(batch[0].to(device))
+            x = batch[0]
+            model(x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device))
+        if group is not None:
+            _combine_bn(modules, group)
     finally:
         for m, momentum in zip(modules, momenta):
             m.momentum = momentum
             m.eval()
+
+
+def _combine_bn(modules: list[nn.modules.batchnorm._BatchNorm], group: Any) -> None:
+    """Batch-count-weighted mean of the ranks' cumulative running statistics."""
+    from curvops.distributed import all_reduce_sum
+
+    parts: list[torch.Tensor] = []
+    for m in modules:
+        assert m.running_mean is not None and m.running_var is not None  # track_running_stats
+        n = m.num_batches_tracked.double().reshape(1)  # type: ignore[union-attr]
+        parts += [m.running_mean.double() * n, m.running_var.double() * n, n]
+    summed = all_reduce_sum(parts, group)
+    for i, m in enumerate(modules):
+        mean, var, n = summed[3 * i : 3 * i + 3]
+        m.running_mean.copy_(mean / n)  # type: ignore[union-attr]
+        m.running_var.copy_(var / n)  # type: ignore[union-attr]
+        m.num_batches_tracked.fill_(int(n.item()))  # type: ignore[union-attr]
 
 
 @dataclass
@@ -216,7 +262,8 @@ def _load_ritz(
     spectrum_path: PathLike, model: nn.Module
 ) -> tuple[ParamSpace, np.ndarray, np.ndarray]:
     """Ritz values and vectors saved beside ``spectrum_path``, checked against ``model``."""
-    path = eigvec_file(spectrum_path)
+    text = os.fspath(spectrum_path)
+    path = Path(text) if text.endswith("-eigvec.npz") else eigvec_file(spectrum_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"Argument 'spectrum_path': no Ritz vectors '{path}' beside the spectrum "
@@ -262,8 +309,14 @@ def _collect_directions(
         directions = [directions]
     params = list(model.parameters())
     dtype, device = params[0].dtype, params[0].device
-    specs = [d for d in directions if isinstance(d, str)]
+    strings = [d for d in directions if isinstance(d, str)]
     customs = [d for d in directions if not isinstance(d, str)]
+    keys = [
+        d.strip().lower().replace("_", "-").replace("normalized", "normalised") for d in strings
+    ]
+    random_count += keys.count("random")
+    filter_count += keys.count("filter-normalised")
+    specs = [d for d, k in zip(strings, keys) if k not in ("random", "filter-normalised")]
     chosen: list[Direction] = []
     parsed = [(spec, *parse_ritz_spec(spec, num_directions)) for spec in specs]
     if specs:
@@ -326,6 +379,8 @@ def build_loss_landscape(
     device: str | torch.device = "auto",
     loss_fn: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
+    state_path: PathLike | None = None,
+    process_group: Any = None,
 ) -> LandscapeResult:
     """Train/test loss and accuracy along directions (and planes) around a checkpoint.
 
@@ -343,8 +398,9 @@ def build_loss_landscape(
         Output ``.npz`` (``None``: not written).
     directions:
         Ritz specs ``'ritz-top'``, ``'ritz-bottom'``, ``'ritz-min-abs'`` (each
-        the first ``num_directions``; ``'ritz-top-3'`` for one) and/or 1-D
-        arrays of length :math:`P`; default ``['ritz-top']`` with a spectrum.
+        the first ``num_directions``; ``'ritz-top-3'`` for one), ``'random'``
+        and ``'filter-normalised'`` (one more of each kind) and/or 1-D arrays
+        of length :math:`P`; default ``['ritz-top']`` with a spectrum.
     random_directions, filter_normalised:
         Numbers of seeded unit-norm random and filter-normalised directions.
     planes:
@@ -358,6 +414,17 @@ def build_loss_landscape(
     batch_size, seed, device, loss_fn, progress:
         Evaluation batch size, seed of random directions and subsampling,
         device, loss (cross-entropy by default), a progress bar.
+    state_path:
+        State file for resumable runs (:mod:`nets.workflow._resume`): the curve of
+        each finished direction and each finished row of a plane are saved there
+        atomically; a restarted call with the same arguments evaluates only the
+        missing points.  ``None``: no state file.
+    process_group:
+        Under ``torchrun``: every rank evaluates its whole batches of each split
+        and the sums are added over the group (``None``: the default group when
+        ``torch.distributed`` is initialised; ``False``: each rank on its own);
+        directions are replicated (seeded or read from the spectrum file) and only
+        rank 0 writes ``save_path``.
 
     Returns
     -------
@@ -380,6 +447,7 @@ def build_loss_landscape(
     if not isinstance(refresh_bn, bool):
         raise argument_error("refresh_bn", "a bool", refresh_bn, kind=TypeError)
     loss = default_loss(loss_fn)
+    group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
         resolved = resolve_model(model, checkpoint_path, data, device=device, seed=seed)
@@ -394,15 +462,42 @@ def build_loss_landscape(
             seed,
         )
         plane_pairs = parse_planes(planes, [d.name for d in chosen])
-        train_loader = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+        train_loader = shard_loader(
+            make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed),
+            group,
+            raw=True,
+        )
         test_loader = (
             None
             if data.test is None
-            else make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed)
+            else shard_loader(
+                make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed),
+                group,
+                raw=True,
+            )
+        )
+        state = open_state(
+            state_path,
+            "build_loss_landscape",
+            {
+                "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+                "data_path": None if data_path is None else os.fspath(data_path),
+                "model": model if model is None or isinstance(model, str) else "module",
+                "model_fingerprint": model_fingerprint(work, space.names),
+                "checkpoint": file_digest(checkpoint_path),
+                "t": t.tolist(),
+                "directions": [[d.name, describe_value(d.vector)] for d in chosen],
+                "planes": [list(pair) for pair in plane_pairs],
+                "refresh_bn": refresh_bn,
+                "subsample": subsample,
+                "batch_size": int(batch_size),
+                "seed": int(seed),
+                "loss": describe_value(loss),
+            },
         )
         result = _sweep(
             work, space, chosen, plane_pairs, t, train_loader, test_loader, loss, refresh_bn,
-            progress,
+            progress and is_writer(group), state, group,
         )  # fmt: skip
     config = {
         "function": "build_loss_landscape",
@@ -426,8 +521,13 @@ def build_loss_landscape(
     result.config = config
     result.model_fingerprint = model_fingerprint(work, space.names)
     if save_path is not None:
-        result.save(save_path)
-        logger.info("landscape written to %s", result.path)
+        if is_writer(group):
+            result.save(save_path)
+            logger.info("landscape written to %s", result.path)
+        else:
+            text = os.fspath(save_path)
+            result.path = Path(text if text.endswith(".npz") else text + ".npz")
+        written(group)
     return result
 
 
@@ -442,6 +542,8 @@ def _sweep(
     loss_fn: Callable[..., torch.Tensor],
     refresh_bn: bool,
     progress: bool,
+    state: Checkpoint | None = None,
+    group: Any = None,
 ) -> LandscapeResult:
     theta0 = space.get_vector(model)
     buffers0 = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -452,14 +554,14 @@ def _sweep(
         else:
             space.set_vector(model, theta0 + offset)
             if refresh_bn:
-                _refresh_bn(model, train_loader)
+                _refresh_bn(model, train_loader, group)
         model.eval()
         try:
-            tr = evaluate(model, train_loader, loss_fn)
+            tr = evaluate(model, train_loader, loss_fn, group=group)
             te = (
                 (math.nan, math.nan)
                 if test_loader is None
-                else evaluate(model, test_loader, loss_fn)
+                else evaluate(model, test_loader, loss_fn, group=group)
             )
         finally:
             if offset is not None and refresh_bn:
@@ -478,15 +580,37 @@ def _sweep(
         origin = at_point(None)
         d, n = len(chosen), len(t)
         curves = np.full((4, d, n), np.nan)
+        grids = np.full((4, len(plane_pairs), n, n), np.nan)
+        done_dirs, done_rows = 0, 0  # finished directions and plane rows (q * n + i)
+        saved = None if state is None else state.load()
+        if saved is not None:
+            curves, grids = saved.arrays["curves"], saved.arrays["grids"]
+            done_dirs, done_rows = int(saved.meta["directions"]), int(saved.meta["plane_rows"])
+            logger.info("resuming the landscape after %d directions", done_dirs)
+            if bar is not None:
+                bar.update(done_dirs * n + done_rows * n)
+
+        def save() -> None:
+            if state is not None:
+                state.save(
+                    {"curves": curves, "grids": grids},
+                    {"directions": done_dirs, "plane_rows": done_rows},
+                )
+
         for i, direction in enumerate(chosen):
+            if i < done_dirs:
+                continue
             for j, tj in enumerate(t):
                 curves[:, i, j] = origin if tj == 0.0 else at_point(float(tj) * direction.vector)
                 if bar is not None:
                     bar.update()
-        grids = np.full((4, len(plane_pairs), n, n), np.nan)
+            done_dirs = i + 1
+            save()
         for q, (a, b) in enumerate(plane_pairs):
             da, db = chosen[a].vector, chosen[b].vector
             for i, s in enumerate(t):
+                if q * n + i < done_rows:
+                    continue
                 for j, tj in enumerate(t):
                     if s == 0.0 and tj == 0.0:
                         grids[:, q, i, j] = origin
@@ -494,6 +618,8 @@ def _sweep(
                         grids[:, q, i, j] = at_point(float(s) * da + float(tj) * db)
                     if bar is not None:
                         bar.update()
+                done_rows = q * n + i + 1
+                save()
     finally:
         space.set_vector(model, theta0)
         if bar is not None:

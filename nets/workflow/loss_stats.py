@@ -55,6 +55,7 @@ from nets.workflow._resolve import (
     resolve_data,
     resolve_model,
 )
+from nets.workflow._resume import describe_model, describe_value, file_digest, open_state
 from nets.workflow.landscape import evaluate
 from spectral.errors import argument_error
 from spectral.io import save_npz
@@ -119,6 +120,7 @@ def compute_loss_stats(
     device: str | torch.device = "auto",
     loss_fn: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
+    state_path: PathLike | None = None,
 ) -> dict[str, Any]:
     """Loss, gradient and curvature statistics (and train/test metrics) of checkpoints.
 
@@ -150,6 +152,11 @@ def compute_loss_stats(
     seed, device, loss_fn, progress:
         Seed of ``z``, subsampling and probes; device; loss (cross-entropy by
         default); a progress bar over checkpoints.
+    state_path:
+        State file for resumable runs (:mod:`nets.workflow._resume`): the rows of
+        finished checkpoints are saved there atomically after each checkpoint, and a
+        restarted call with the same arguments (and unchanged checkpoint files)
+        computes only the missing ones.  ``None``: no state file.
 
     Returns
     -------
@@ -160,6 +167,8 @@ def compute_loss_stats(
     ------
     ValueError, TypeError
         Bad arguments (e.g. ``curvature_matrix='fisher'``, ``batch_size < 1``).
+    spectral.resume.StateMismatchError
+        ``state_path`` holds the state of another configuration.
     """
     curvature = parse_curvature(curvature_matrix)
     if curvature not in ("hessian", "ggn"):
@@ -175,6 +184,36 @@ def compute_loss_stats(
     rows: dict[str, list[float]] = {key: [] for key in STATS_KEYS}
     epochs: list[int] = []
     counts: dict[str, list[int]] = {"num_batches": [], "num_samples": []}
+    names: list[str | None] = []
+    state = open_state(
+        state_path,
+        "compute_loss_stats",
+        {
+            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "model": describe_model(model),
+            "checkpoints": [file_digest(p) for p in paths],
+            "batch_size": int(batch_size),
+            "curvature": curvature,
+            "bn_mode": mode,
+            "params": describe_value(params),
+            "subsample": subsample,
+            "frobenius_probes": int(frobenius_probes),
+            "direction": describe_value(direction),
+            "seed": int(seed),
+            "loss": describe_value(loss),
+        },
+    )
+    saved = None if state is None else state.load()
+    if saved is not None:
+        done = int(saved.meta["done"])
+        for key in STATS_KEYS:
+            rows[key] = [float(v) for v in saved.arrays[key][:done]]
+        epochs = [int(v) for v in saved.arrays["epoch"][:done]]
+        for key in counts:
+            counts[key] = [int(v) for v in saved.arrays[key][:done]]
+        names = [str(v) or None for v in saved.arrays["model_names"][:done]]
+        logger.info("resuming loss statistics after %d of %d checkpoints", done, len(paths))
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
         train = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
@@ -188,9 +227,12 @@ def compute_loss_stats(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(paths), desc="loss stats", unit="checkpoint")
-        names: list[str | None] = []
         try:
-            for path in paths:
+            for index, path in enumerate(paths):
+                if index < len(epochs):  # finished in a previous (interrupted) run
+                    if bar is not None:
+                        bar.update()
+                    continue
                 resolved = resolve_model(model, path, data, device=device, seed=seed)
                 work = resolved.model
                 names.append(resolved.name)
@@ -227,6 +269,16 @@ def compute_loss_stats(
                     stats["grad_mean_norm_sq"],
                     stats["hess_mu"],
                 )
+                if state is not None:
+                    state.save(
+                        {
+                            **{key: np.asarray(rows[key], dtype=np.float64) for key in STATS_KEYS},
+                            "epoch": np.asarray(epochs, dtype=np.int64),
+                            **{k: np.asarray(v, dtype=np.int64) for k, v in counts.items()},
+                            "model_names": np.asarray([n or "" for n in names], dtype=np.str_),
+                        },
+                        {"done": len(epochs)},
+                    )
                 if bar is not None:
                     bar.update()
         finally:

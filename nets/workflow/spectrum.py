@@ -64,13 +64,18 @@ from nets.workflow._resolve import (
     curvature_kind,
     default_loss,
     eigvec_file,
+    is_writer,
     make_eval_loader,
     model_fingerprint,
+    operator_group,
     parse_curvature,
     preserve_global_state,
     resolve_data,
     resolve_model,
+    resolve_parallel,
+    shard_loader,
     spectrum_file,
+    written,
 )
 from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
@@ -79,6 +84,7 @@ from spectral.io import load_npz, save_npz
 from spectral.lanczos import lanczos
 from spectral.operator import as_operator
 from spectral.probes import as_generator, random_probe
+from spectral.ritz import ritz_pairs
 
 __all__ = [
     "SpectrumResult",
@@ -286,7 +292,11 @@ def _probes(op: Any, m: int, k: int, seed: int, keep_vectors: bool) -> dict[str,
     for j in range(k):
         v0 = random_probe(n, "rademacher", rng, like=op.template)
         result = lanczos(op, m, v0=v0, reorth="full", store_basis=True)
-        pairs = result.ritz()
+        with_vectors = keep_vectors and j == 0
+        # Ritz vectors (basis @ S, P x m) only where they are kept
+        pairs = ritz_pairs(
+            result.alpha, result.beta, result.residual_norm, result.basis if with_vectors else None
+        )
         size = len(pairs)
         probe_nodes[j, :size] = pairs.values
         probe_weights[j, :size] = pairs.weights
@@ -294,7 +304,7 @@ def _probes(op: Any, m: int, k: int, seed: int, keep_vectors: bool) -> dict[str,
         if j == 0:
             out["alpha"] = np.asarray(result.alpha, dtype=np.float64)
             out["beta"] = np.asarray(result.beta, dtype=np.float64)
-            if keep_vectors:
+            if with_vectors:
                 vectors = pairs.vectors
                 if isinstance(vectors, torch.Tensor):
                     host = vectors.detach().to("cpu", torch.float32).numpy()
@@ -346,6 +356,7 @@ def compute_eigenspectrum(
     device: str | torch.device = "auto",
     loss_fn: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
+    process_group: Any = None,
 ) -> SpectrumResult:
     """Lanczos spectrum of a network's Hessian, GGN or Fisher at a checkpoint.
 
@@ -386,6 +397,14 @@ def compute_eigenspectrum(
         Monte-Carlo Fisher; ``'auto'``/``'cpu'``/``'cuda'``; the loss
         (cross-entropy by default, reduction ``'mean'``); a progress bar over
         the Lanczos products.
+    process_group:
+        Under ``torchrun`` (``torch.distributed`` initialised) each rank takes
+        every W-th batch of the training loader and products are summed over
+        the group (:mod:`curvops.distributed`); vectors and the Lanczos recurrence
+        are replicated, so every rank returns the same result and only rank 0
+        writes the files.  ``None``: the default group when initialised;
+        ``False``: no communication (each rank on its own); or a process group.
+        ``device='auto'`` then means ``cuda:LOCAL_RANK`` (or the CPU).
 
     Returns
     -------
@@ -410,6 +429,7 @@ def compute_eigenspectrum(
     if not isinstance(save_eigvec, bool):
         raise argument_error("save_eigvec", "a bool", save_eigvec, kind=TypeError)
     loss = default_loss(loss_fn)
+    group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
         resolved = resolve_model(
@@ -420,10 +440,11 @@ def compute_eigenspectrum(
             curvature,
             resolved.model,
             loss,
-            loader,
+            shard_loader(loader, group),
             params=params,
             bn_mode=mode,
             seed=seed,
+            process_group=operator_group(group),
         )
         names = [name for name, _ in operator.params]
         space = ParamSpace.from_model(resolved.model, names)
@@ -434,7 +455,7 @@ def compute_eigenspectrum(
             num_probes=num_probes,
             seed=seed,
             keep_vectors=save_eigvec,
-            progress=progress,
+            progress=progress and is_writer(group),
         )
     config = {
         "function": "compute_eigenspectrum",
@@ -480,8 +501,13 @@ def compute_eigenspectrum(
         param_shapes_json=space.shapes_json(),
     )
     if save_spectrum_path is not None:
-        result.save(save_spectrum_path, save_eigvec=save_eigvec)
-        logger.info("spectrum written to %s", result.path)
+        if is_writer(group):
+            result.save(save_spectrum_path, save_eigvec=save_eigvec)
+            logger.info("spectrum written to %s", result.path)
+        else:
+            result.path = spectrum_file(save_spectrum_path)
+            result.eigvec_path = eigvec_file(result.path) if save_eigvec else None
+        written(group)
     return result
 
 

@@ -140,7 +140,8 @@ def random_columns(n: int, k: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (float64)."""
-    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+def relative_error(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| (float64; tensors or numpy arrays)."""
+    a64 = torch.as_tensor(a).detach().double().cpu()
+    b64 = torch.as_tensor(b).detach().double().cpu()
     return float((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-300))

@@ -93,7 +93,9 @@ def test_parameter_subset_is_a_principal_submatrix() -> None:
 
 def test_vector_maps_roundtrip() -> None:
     model = make_mlp()
-    H = HessianOperator(model, nn.CrossEntropyLoss(), (make_inputs("mlp", 3), make_targets("ce", 3)))
+    H = HessianOperator(
+        model, nn.CrossEntropyLoss(), (make_inputs("mlp", 3), make_targets("ce", 3))
+    )
     v = torch.arange(H.num_params, dtype=torch.float64)
     parts = H.vector_to_params(v)
     assert [p.shape for p in parts] == [p.shape for _, p in H.params]
@@ -140,3 +142,29 @@ def test_hessian_on_gpu_matches_cpu() -> None:
     y = H_gpu @ x.cuda()
     assert y.device.type == "cuda"
     assert relative_error(y.cpu(), H_cpu @ x) <= 1e-10
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_bn_cnn_hessian_matches_finite_differences(bn_mode: str) -> None:
+    """Independent of autograd second derivatives (torch.func ones fail for train-mode BN)."""
+    from curvops._model_state import curvature_mode, functional_forward
+
+    model = make_cnn()
+    x, y = make_inputs("cnn", 6), make_targets("ce", 6)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), bn_mode=bn_mode)
+    names = [n for n, _ in model.named_parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def grad_at(w: torch.Tensor) -> torch.Tensor:
+        w = w.clone().requires_grad_(True)
+        parts = list(torch.split(w, [s.numel() for s in shapes]))
+        tensors = [t.reshape(s) for t, s in zip(parts, shapes)]
+        with curvature_mode(model, bn_mode):
+            loss = nn.CrossEntropyLoss()(functional_forward(model, names, tensors, x), y)
+        return torch.autograd.grad(loss, w)[0]
+
+    v = random_columns(H.num_params, 1)[:, 0]
+    h = 1e-5
+    fd = (grad_at(w0 + h * v) - grad_at(w0 - h * v)) / (2 * h)
+    assert relative_error(H @ v, fd) <= 1e-7

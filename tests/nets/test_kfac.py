@@ -163,6 +163,19 @@ def test_mc_fisher_for_mse_has_the_output_hessian_scale() -> None:
     np.testing.assert_allclose(G.numpy(), np.eye(2), atol=0.05)
 
 
+def test_mc_fisher_for_bce_has_the_output_hessian_scale() -> None:
+    """l_n = (1/C) sum_c bce has output Hessian diag(s(1-s))/C; at zero logits 0.25/C I."""
+    lin = nn.Linear(3, 4).to(DT)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    x = torch.randn(20000, 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    opt = KFAC(lin, lr=0.1, fisher="mc")
+    opt.step(curvature_batch=(x, torch.zeros(20000, 4, dtype=DT)), loss_fn=nn.BCEWithLogitsLoss())
+    _, G = opt.factors(lin)
+    np.testing.assert_allclose(G.numpy(), 0.25 / 4 * np.eye(4), atol=0.005)
+
+
 def test_conv2d_factors_equal_the_patch_definition() -> None:
     """A = (1/N) sum_{n,t} a a^T over unfolded patches, G = (1/(N T)) sum_{n,t} g g^T."""
     gen = torch.Generator().manual_seed(0)
@@ -186,6 +199,11 @@ def test_conv2d_factors_equal_the_patch_definition() -> None:
                 G_ref += np.outer(g, g)
     np.testing.assert_allclose(A.numpy(), A_ref / N, rtol=1e-12)
     np.testing.assert_allclose(G.numpy(), G_ref / (N * T), rtol=1e-12)
+    # padding='same' (symmetric) is unfolded like the equivalent integer padding
+    same = nn.Conv2d(2, 3, kernel_size=3, padding="same").to(DT)
+    one = nn.Conv2d(2, 3, kernel_size=3, padding=1).to(DT)
+    g = torch.ones(4, 3, 5, 5, dtype=DT)
+    torch.testing.assert_close(kfac_factors(same, x, g, 4)[0], kfac_factors(one, x, g, 4)[0])
 
 
 def test_curvature_pass_leaves_batchnorm_buffers_and_grads_alone() -> None:

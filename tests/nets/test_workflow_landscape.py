@@ -191,6 +191,18 @@ def test_refuses_spectrum_of_another_checkpoint_or_model(
         )
 
 
+def test_direction_words_and_eigvec_path(run: dict[str, Path], splits: DatasetSplits) -> None:
+    result = build_loss_landscape(
+        splits, checkpoint_path=run["checkpoint"], n_points=2, subsample=16,
+        spectrum_path=str(run["spectrum"]) + "-eigvec.npz",
+        directions=["ritz-top-1", "random", "Filter_Normalized"], random_directions=1,
+    )  # fmt: skip
+    assert result.direction_names == [
+        "ritz-top-1", "random-1", "random-2", "filter-normalised-1",
+    ]  # fmt: skip
+    assert result.t.tolist() == [-1.0, 1.0]
+
+
 def test_zero_and_custom_directions(run: dict[str, Path], splits: DatasetSplits) -> None:
     zero = np.zeros(460)
     result = build_loss_landscape(

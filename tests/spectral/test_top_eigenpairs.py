@@ -21,7 +21,12 @@ def _check_pairs(A: np.ndarray, vals: np.ndarray, vecs: np.ndarray, tol: float) 
     np.testing.assert_allclose(vecs.T @ vecs, np.eye(vals.size), atol=1e-10)
     resid = np.linalg.norm(A @ vecs - vecs * vals, axis=0)
     norm_a = np.max(np.abs(np.linalg.eigvalsh(A)))
-    assert np.all(resid <= 10 * tol * np.maximum(np.abs(vals), 1e-6 * norm_a))
+    eps = np.finfo(np.float64).eps
+    # the documented criterion (with a safety factor 10 for the true residual)
+    threshold = np.maximum(
+        tol * np.maximum(np.abs(vals), eps ** (2 / 3) * norm_a), 100 * eps * norm_a
+    )
+    assert np.all(resid <= 10 * threshold)
 
 
 @settings(max_examples=10)
@@ -31,12 +36,26 @@ def _check_pairs(A: np.ndarray, vals: np.ndarray, vecs: np.ndarray, tol: float) 
     which=st.sampled_from(["LA", "SA", "LM"]),
 )
 def test_agrees_with_eigsh(data: tuple[np.ndarray, np.ndarray], k: int, which: str) -> None:
+    """Agreement with ARPACK and with the known spectrum.
+
+    The strategy's clusters of width 1e-8 make some wanted eigenvalues nearly
+    indistinguishable; a residual below ``tol |theta|`` then pins the value to
+    ``1e-8`` only up to the cluster, hence ``tol = 1e-8`` and ``atol = 1e-7 ||A||``.
+    """
     A, spectrum = data
-    vals, vecs = top_eigenpairs(A, k, which=which, tol=1e-10, seed=0)
-    ref = np.sort(spla.eigsh(A, k, which=which, tol=1e-12, return_eigenvectors=False))
+    vals, vecs = top_eigenpairs(A, k, which=which, tol=1e-8, seed=0)
     scale = float(np.max(np.abs(spectrum)))
-    np.testing.assert_allclose(vals, ref, atol=1e-8 * scale)
-    _check_pairs(A, vals, vecs, 1e-10)
+    key = {"LA": -spectrum, "SA": spectrum, "LM": -np.abs(spectrum)}[which]
+    exact = np.sort(spectrum[np.argsort(key, kind="stable")[:k]])
+    np.testing.assert_allclose(vals, exact, atol=1e-7 * scale)
+    try:
+        ref = np.sort(spla.eigsh(A, k, which=which, tol=1e-10, return_eigenvectors=False))
+    except spla.ArpackNoConvergence:  # ARPACK too can stall inside a 1e-8 cluster
+        ref = exact
+    if np.allclose(ref, exact, rtol=0, atol=1e-7 * scale):
+        # (ARPACK may miss a copy of an exactly repeated eigenvalue; we do not, see below)
+        np.testing.assert_allclose(vals, ref, atol=1e-7 * scale)
+    _check_pairs(A, vals, vecs, 1e-8)
 
 
 def test_needs_restarts_and_converges_on_residual() -> None:
@@ -53,6 +72,14 @@ def test_repeated_and_degenerate_eigenvalues() -> None:
     A = rotate(spectrum, 3)
     vals, vecs = top_eigenpairs(A, 4, seed=1)
     np.testing.assert_allclose(vals, [2.0, 2.0, 2.0, 5.0], atol=1e-10)
+    _check_pairs(A, vals, vecs, 1e-8)
+    # a double top eigenvalue inside a spectrum of distinct values: one Krylov sequence
+    # sees a single copy; the locked search on the complement finds the second one
+    rng = np.random.default_rng(5)
+    spectrum = np.sort(np.r_[rng.uniform(0.0, 0.99, 60), [1.0, 1.0]])
+    A = rotate(spectrum, 6)
+    vals, vecs = top_eigenpairs(A, 3, seed=0)
+    np.testing.assert_allclose(vals, spectrum[-3:], atol=1e-10)
     _check_pairs(A, vals, vecs, 1e-8)
     # an operator with only two distinct eigenvalues: the Krylov space is invariant early
     vals, _ = top_eigenpairs(np.eye(30) * 3.0, 2, seed=0)

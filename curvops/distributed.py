@@ -1,0 +1,546 @@
+r"""Data-parallel curvature with :mod:`torch.distributed`: groups, reductions, sharding.
+
+Every rank of a distributed job holds the *same* model and its *own shard* of the
+data.  A curvature product is a size-weighted mean over batches,
+
+.. math::
+    A v = \frac{\sum_r S_r}{\sum_r N_r}, \qquad
+    S_r = \sum_{b \in \text{shard}_r} N_b A_b v, \quad N_r = \sum_{b \in \text{shard}_r} N_b,
+
+so each rank forms its partial sum :math:`S_r` and weight :math:`N_r`, and **one**
+``all_reduce`` (the weight packed at the end of the same buffer,
+:func:`all_reduce_weighted`) gives every rank the product of the operator on the
+union of the shards.  Shards may have unequal sizes; when the shards are whole
+batches of one loader (:func:`shard_batches`) the operator is exactly the
+single-process one (same batches, so the same BatchNorm statistics; only the
+order of the floating-point summation differs).
+
+Process groups (:func:`resolve_group`): an operator's ``process_group`` is
+
+* ``None`` (default): the default group when :mod:`torch.distributed` is
+  initialised with more than one process, otherwise no communication;
+* ``False``: never communicate (a rank-local operator, e.g. rank 0 alone);
+* a ``ProcessGroup`` (``torch.distributed.new_group``): reduce over that group.
+
+Every rank of the group must then call the same products in the same order
+(collectives block until all members arrive).
+
+Why Lanczos needs no change
+---------------------------
+Vectors are *replicated*: every rank runs :func:`spectral.lanczos.lanczos` itself,
+from the same seeded probe (drawn on the host by ``numpy.random.default_rng``).
+After the ``all_reduce`` every rank holds the *bitwise identical* product: ring
+(Gloo, NCCL ring) and tree (NCCL) all-reduce algorithms add each chunk of the
+buffer once, on one rank, and then copy the finished chunk to all others.  The
+rest of a Lanczos step (dot products, CGS2 reorthogonalisation, the tridiagonal
+eigenproblem) is a deterministic function of identical inputs on identical
+software, so the coefficients :math:`\alpha_j, \beta_j` and the next vector are
+bitwise identical too, by induction over the steps: there is no drift to
+correct and no broadcast is needed (``tests/curvops/test_distributed.py`` checks
+bit equality across ranks).  This holds as long as every rank runs the same
+kernels (same library versions, same thread counts on CPU, same GPU model); on a
+heterogeneous cluster, where a dot product may round differently, compare ranks
+with :func:`check_replicated` and, if they differ, broadcast the start vector
+and results from rank 0.  Running the recurrence on rank 0 with broadcasts would
+cost two extra collectives per step and leave the other ranks idle; replicated
+vectors cost only :math:`O(Pm)` memory per rank.
+
+Backends: ``"gloo"`` for CPU tensors (tested), ``"nccl"`` for CUDA tensors (one
+GPU per process, ``torch.cuda.set_device(local_rank)``; see :func:`local_device`).
+
+>>> resolve_group(None) is None          # torch.distributed not initialised here
+True
+>>> get_rank(), get_world_size(), is_main_process()
+(0, 1, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from curvops.data import Batch, Data
+from spectral.errors import argument_error
+
+__all__ = [
+    "ShardedData",
+    "all_reduce_sum",
+    "all_reduce_weighted",
+    "check_replicated",
+    "get_rank",
+    "get_world_size",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "local_device",
+    "resolve_group",
+    "shard_batches",
+    "unwrap_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Integer weights are split into two float32 "digits" of base 2**12 when the
+#: product buffer is not float64 (exact for weights < 2**36 and < 4096 ranks).
+_DIGIT = 4096.0
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+def is_distributed() -> bool:
+    """True when :mod:`torch.distributed` is available and its default group is initialised.
+
+    >>> is_distributed()
+    False
+    """
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_group(process_group: Any = None) -> Any:
+    """The group a product must be reduced over, or ``None`` for no communication.
+
+    Parameters
+    ----------
+    process_group:
+        ``None`` (the default group when initialised with more than one process),
+        ``False`` (never communicate) or a ``torch.distributed`` ``ProcessGroup``.
+
+    Returns
+    -------
+    ProcessGroup or None
+        ``None`` when nothing is to be reduced: not initialised, ``False``, or a
+        group of a single process.
+
+    Raises
+    ------
+    TypeError
+        ``process_group`` is neither ``None``, ``False`` nor a process group.
+    RuntimeError
+        A process group was given but :mod:`torch.distributed` is not initialised.
+
+    >>> resolve_group(False) is None
+    True
+    """
+    if process_group is False or (process_group is None and not is_distributed()):
+        return None
+    if process_group is None:
+        group = dist.group.WORLD
+    elif isinstance(process_group, dist.ProcessGroup):
+        group = process_group
+    else:
+        raise argument_error(
+            "process_group",
+            "None (default group if initialised), False (no communication) or a "
+            "torch.distributed ProcessGroup",
+            process_group,
+            kind=TypeError,
+        )
+    if not is_distributed():
+        raise RuntimeError(
+            "Argument 'process_group': a process group was given but torch.distributed is "
+            "not initialised (call torch.distributed.init_process_group first)."
+        )
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def get_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (the default group if None); 0 when not distributed.
+
+    >>> get_rank()
+    0
+    """
+    if not is_distributed() or group is False:
+        return 0
+    return int(dist.get_rank(group))
+
+
+def get_world_size(group: Any = None) -> int:
+    """Number of processes in ``group`` (the default group if None); 1 when not distributed.
+
+    >>> get_world_size()
+    1
+    """
+    if not is_distributed() or group is False:
+        return 1
+    return int(dist.get_world_size(group))
+
+
+def is_main_process(group: Any = None) -> bool:
+    """True on rank 0 of ``group`` (and when not distributed): the rank that writes files.
+
+    >>> is_main_process()
+    True
+    """
+    return get_rank(group) == 0
+
+
+def local_device() -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+
+    ``LOCAL_RANK`` is set by ``torchrun`` (0 when absent).  With NCCL, call
+    ``torch.cuda.set_device(local_device())`` before creating the process group.
+
+    >>> local_device().type in ("cpu", "cuda")
+    True
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialise the default group from ``torchrun``'s environment, if launched by it.
+
+    Reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (``env://``).  The
+    backend defaults to ``"nccl"`` when CUDA is available, else ``"gloo"``.  Returns
+    True when the default group is (now) initialised; does nothing and returns
+    False outside a distributed launch.
+
+    >>> "RANK" in os.environ or init_from_env() is False
+    True
+    """
+    if is_distributed():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device())
+    dist.init_process_group(backend=backend)
+    logger.info(
+        "torch.distributed initialised: rank %d of %d (%s)",
+        dist.get_rank(),
+        dist.get_world_size(),
+        backend,
+    )
+    return True
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
+
+    Curvature products must run on the underlying module: calling a DDP wrapper
+    would broadcast buffers and arm its gradient all-reduce hooks for a backward
+    pass that a product never makes.
+
+    >>> lin = torch.nn.Linear(1, 1)
+    >>> unwrap_model(torch.nn.DataParallel(lin)) is lin
+    True
+    """
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+# ---------------------------------------------------------------------------- reductions
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Tensor]:
+    """Sum tensors over ``group`` with one ``all_reduce`` of a packed buffer.
+
+    The tensors are flattened into one buffer of the first tensor's dtype and
+    device (scalars and vectors of different lengths may be mixed) and returned
+    with their shapes.  With ``group=None`` (see :func:`resolve_group`) they are
+    returned unchanged.
+
+    >>> all_reduce_sum([torch.ones(2), torch.zeros(())], None)[0]
+    tensor([1., 1.])
+    """
+    parts = list(tensors)
+    if group is None or not parts:
+        return parts
+    first = parts[0]
+    buf = torch.cat([t.reshape(-1).to(first.dtype) for t in parts])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    out, start = [], 0
+    for t in parts:
+        out.append(buf[start : start + t.numel()].reshape(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[torch.Tensor, float]:
+    """Return :math:`(\\sum_r S_r, \\sum_r N_r)` over ``group`` with one ``all_reduce``.
+
+    ``acc`` is this rank's weighted product sum :math:`S_r` (any shape) and
+    ``weight`` its total weight :math:`N_r`.  The weight travels in the same buffer:
+    appended as is for float64, otherwise the buffer is float32 (float16/bfloat16
+    sums are accumulated in float32) and the weight is split into two base-4096
+    digits, so integer sample counts stay exact up to :math:`2^{36}` samples and
+    4096 ranks.  ``group=None`` returns the inputs unchanged.  The result is
+    bitwise identical on every rank (see the module docstring).
+
+    >>> s, n = all_reduce_weighted(torch.ones(3), 4.0, None)
+    >>> s.tolist(), n
+    ([1.0, 1.0, 1.0], 4.0)
+    """
+    if group is None:
+        return acc, float(weight)
+    flat = acc.reshape(-1)
+    if acc.dtype == torch.float64:
+        tail = flat.new_tensor([float(weight)])
+        buf = torch.cat([flat, tail])
+    else:
+        hi = float(np.floor(weight / _DIGIT))
+        lo = float(weight) - hi * _DIGIT
+        buf = torch.cat([flat.float(), flat.new_tensor([hi, lo], dtype=torch.float32)])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    if acc.dtype == torch.float64:
+        total = float(buf[-1])
+        summed = buf[:-1]
+    else:
+        tail_host = buf[-2:].double().cpu()
+        total = float(tail_host[0]) * _DIGIT + float(tail_host[1])
+        summed = buf[:-2].to(acc.dtype)
+    return summed.reshape(acc.shape), total
+
+
+def _comm_device(group: Any) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_replicated(value: Any, group: Any = None) -> bool:
+    """True on every rank iff ``value`` is bitwise identical on all ranks of ``group``.
+
+    ``value`` is a tensor or a numpy array (shape and dtype must agree across ranks).
+    Rank 0's bytes are broadcast, compared locally and the verdicts combined with
+    a MIN all-reduce, so all ranks return the same answer.  Outside a distributed
+    job (or for a one-process group) it returns True.
+
+    >>> check_replicated(np.arange(3.0))
+    True
+    """
+    if isinstance(group, bool) or not is_distributed():
+        return True
+    grp = dist.group.WORLD if group is None else group
+    if dist.get_world_size(grp) == 1:
+        return True
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    else:
+        tensor = torch.from_numpy(np.array(value, copy=True, order="C"))
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+    mine = raw.to(_comm_device(grp), copy=True)
+    theirs = mine.clone()
+    dist.broadcast(theirs, group=grp, group_src=0)
+    verdict = torch.tensor([int(torch.equal(mine, theirs))], device=mine.device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=grp)
+    return bool(verdict.item())
+
+
+# ---------------------------------------------------------------------------- sharding
+
+
+class ShardedData(Data):
+    """One rank's shard of a stream of batches, with *global* batch indices.
+
+    Batch ``k`` of this shard is batch ``rank + k * world_size`` of the full stream,
+    and :class:`~curvops.data.Batch` objects carry that global index (so seeded
+    per-batch randomness, e.g. the Monte-Carlo Fisher's targets, and error
+    messages match a single-process run).  Build it with :func:`shard_batches`.
+    """
+
+    def __init__(
+        self,
+        local: Any,
+        rank: int,
+        world_size: int,
+        *,
+        num_samples: int | None = None,
+    ) -> None:
+        super().__init__(local)
+        #: The local stream of raw ``(inputs, targets)`` batches (a list or a DataLoader).
+        self.source = local
+        self.rank = rank
+        self.world_size = world_size
+        self._shard_samples = num_samples
+
+    def global_index(self, local_index: int) -> int:
+        """Index in the full stream of this shard's batch ``local_index``."""
+        return self.rank + self.world_size * local_index
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in super().__iter__():
+            yield dataclasses.replace(batch, index=self.global_index(batch.index))
+
+    @property
+    def num_samples(self) -> int:
+        """Number of samples in this shard (not in the full stream)."""
+        if self._shard_samples is None:
+            self._shard_samples = super().num_samples
+        return self._shard_samples
+
+
+class _ShardBatchSampler(Sampler[list[int]]):
+    """Every ``world_size``-th batch of a batch sampler, starting at ``rank``."""
+
+    def __init__(self, base: Iterable[list[int]], rank: int, world_size: int) -> None:
+        self.base, self.rank, self.world_size = base, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i, indices in enumerate(self.base):
+            if i % self.world_size == self.rank:
+                yield indices
+
+    def __len__(self) -> int:
+        total = len(self.base)  # type: ignore[arg-type]
+        return max(0, (total - self.rank + self.world_size - 1) // self.world_size)
+
+
+class _SkipBatches:
+    """Re-iterable view of every ``world_size``-th item of a re-iterable, from ``rank``."""
+
+    def __init__(self, source: Iterable[Any], rank: int, world_size: int) -> None:
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, item in enumerate(self.source):
+            if i % self.world_size == self.rank:
+                yield item
+
+
+def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise argument_error("world_size", "an integer >= 1", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise argument_error("rank", f"an integer with 0 <= rank < {world_size}", rank)
+    return rank, world_size
+
+
+def _too_few(num_batches: int, rank: int, world_size: int) -> Exception:
+    return argument_error(
+        "data",
+        f"at least {world_size} batches to shard over {world_size} processes "
+        f"(rank {rank} would get none; use a smaller batch size)",
+        f"{num_batches} batches",
+    )
+
+
+def _shard_sample_count(base: Any, rank: int, world_size: int) -> int | None:
+    """Samples in a shard of a plain ``BatchSampler``, by arithmetic (no data loaded)."""
+    if type(base) is not BatchSampler:
+        return None
+    try:
+        n, num_batches = len(base.sampler), len(base)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    size = base.batch_size
+    last = size if base.drop_last else n - size * (num_batches - 1)
+    mine = range(rank, num_batches, world_size)
+    return sum(last if i == num_batches - 1 else size for i in mine)
+
+
+def shard_batches(data: Any, rank: int | None = None, world_size: int | None = None) -> ShardedData:
+    """This rank's shard of ``data``: whole batches ``rank, rank + W, rank + 2W, ...``.
+
+    Sharding whole batches (round robin) keeps every batch as in a single-process
+    run, so the distributed operator is the single-process operator on the full
+    data, BatchNorm batch statistics included; shards may differ in size by one
+    batch and the last batch may be smaller (weights are exact).
+
+    Parameters
+    ----------
+    data:
+        A sequence of ``(inputs, targets)`` batches or a re-iterable of them.  For a
+        :class:`~torch.utils.data.DataLoader` with a batch sampler a new loader is
+        built over the same dataset (same ``collate_fn``, workers, pinning) whose
+        batch sampler keeps this rank's batches, so other ranks' samples are never
+        loaded; any other iterable is walked in full and the other batches skipped.
+        The batch order must be the same on every rank (``shuffle=False`` or the
+        same generator seed).
+    rank, world_size:
+        This process's position; default :func:`get_rank` / :func:`get_world_size`
+        of the default group.
+
+    Returns
+    -------
+    ShardedData
+        Accepted as ``data`` by every curvature operator; its batches carry their
+        global indices.
+
+    Raises
+    ------
+    ValueError
+        Bad ``rank``/``world_size``; a single ``(inputs, targets)`` batch (split it
+        into a list of batches first); fewer batches than processes.
+
+    Notes
+    -----
+    A :class:`~torch.utils.data.distributed.DistributedSampler` also works (give each
+    rank's loader as ``data`` directly, without this function) but differs from the
+    single-process operator: it pads the shards to equal length by repeating up to
+    ``W - 1`` samples (or drops them with ``drop_last=True``), shuffles unless
+    ``shuffle=False``, and changes the composition of every batch.
+
+    >>> batches = [(torch.zeros(2, 1), torch.zeros(2)) for _ in range(5)]
+    >>> shard = shard_batches(batches, rank=1, world_size=2)
+    >>> [b.index for b in shard], shard.num_samples
+    ([1, 3], 4)
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    rank, world_size = _check_rank(rank, world_size)
+    if isinstance(data, ShardedData):
+        raise argument_error("data", "unsharded data", data)
+    if isinstance(data, Data):
+        data = data._source  # the raw stream; indices are recomputed below
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
+        raise argument_error(
+            "data",
+            "a sequence of batches or a DataLoader (split a single (inputs, targets) batch "
+            "into a list of batches before sharding)",
+            data,
+        )
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes, torch.Tensor)):
+        if len(data) <= rank:
+            raise _too_few(len(data), rank, world_size)
+        return ShardedData(list(data[rank::world_size]), rank, world_size)
+    if isinstance(data, DataLoader) and data.batch_sampler is not None:
+        base = data.batch_sampler
+        sampler = _ShardBatchSampler(base, rank, world_size)
+        try:
+            count = len(sampler)
+        except TypeError:
+            count = None
+        if count == 0:
+            raise _too_few(len(base), rank, world_size)  # type: ignore[arg-type]
+        workers: dict[str, Any] = {}
+        if data.num_workers > 0:
+            workers = {
+                "prefetch_factor": data.prefetch_factor,
+                "persistent_workers": data.persistent_workers,
+                "multiprocessing_context": data.multiprocessing_context,
+            }
+        loader: DataLoader[Any] = DataLoader(
+            data.dataset,
+            batch_sampler=sampler,
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            timeout=data.timeout,
+            worker_init_fn=data.worker_init_fn,
+            generator=data.generator,
+            **workers,
+        )
+        samples = _shard_sample_count(base, rank, world_size)
+        return ShardedData(loader, rank, world_size, num_samples=samples)
+    if isinstance(data, Iterable) and iter(data) is not data:
+        return ShardedData(_SkipBatches(data, rank, world_size), rank, world_size)
+    raise argument_error(
+        "data", "a sequence of batches or a re-iterable DataLoader", data, kind=TypeError
+    )

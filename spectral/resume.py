@@ -1,0 +1,571 @@
+r"""Resumable long runs: state files, configuration and operator fingerprints.
+
+A Lanczos run on a real network costs one pass over the data per iteration
+(tens of seconds to minutes each), so :func:`spectral.lanczos.lanczos`,
+:func:`spectral.slq.slq` and the :mod:`nets` workflow accept a ``checkpoint``
+path.  Every ``checkpoint_every`` iterations the full recurrence state is
+written there atomically (temporary file, ``fsync``, rename: a crash, even a
+``SIGKILL``, leaves either the previous state or the new one).  Restarting
+with the same arguments resumes from the last state and, on the CPU, gives
+**bit-identical** results to an uninterrupted run: the three-term recurrence
+is deterministic given its state, and every quantity of the state is stored
+exactly (vectors of a ``float64`` operator as float64; of ``float32``,
+``float16`` and ``bfloat16`` operators as float32, a lossless widening).
+
+State file format (an uncompressed ``.npz`` written with
+:func:`spectral.io.atomic_write`, read with ``allow_pickle=False``):
+
+``format``
+    ``"spectral-resume/1"``.
+``kind``
+    Who wrote it (``"lanczos"``, ``"slq"``, ``"loss_stats"``...).
+``config_json``
+    JSON of the run's configuration (function, ``n``, ``num_iters``,
+    ``reorth``, seed description, SHA-256 of a user start vector...).
+``operator_json``
+    The operator fingerprint (below), or ``null`` for runs without operator.
+``meta_json``
+    JSON of the scalar state (iteration count, ``beta_{j-1}``, the running
+    norm estimate, numpy ``bit_generator`` states, flags).
+any other key
+    Array payload (``alpha``, ``beta``, ``basis``, ``q``, ``q_prev``...).
+
+Operator fingerprint.  Arguments alone cannot tell whether the operator is the
+same (same network shape, other weights), so the operator is probed: ``y = A p``
+for a fixed Rademacher vector ``p`` (seed :data:`FINGERPRINT_SEED`, exact in
+every dtype).  Stored are ``n``, the dtype, the SHA-256 of ``y`` (host float64
+bytes), ``\|y\|`` and a sketch ``s = G^T y`` with ``G`` a fixed ``n x 4``
+Gaussian matrix (generated on the host in chunks, never stored).  A state is
+accepted when the digests agree, or, because products on accelerators are not
+bitwise reproducible (atomic reductions), when
+``max_i |s_i - s'_i| <= 10^3\,eps\,\|y\|`` (``eps`` of the operator's dtype):
+far above reduction-order noise (about ``\sqrt{\log n}\,eps\|y\|``) and far
+below the change of any real modification of the operator.  The fingerprint
+costs **one extra product** per call (and per resume).
+
+>>> import numpy as np, tempfile, os
+>>> from spectral.operator import as_operator
+>>> path = os.path.join(tempfile.mkdtemp(), "state.npz")
+>>> op = as_operator(np.diag([1.0, 2.0, 3.0]))
+>>> ck = Checkpoint(path, kind="demo", config={"num_iters": 3}, operator=op)
+>>> ck.load() is None
+True
+>>> ck.save({"alpha": np.array([1.5])}, {"iteration": 1})
+>>> state = Checkpoint(path, kind="demo", config={"num_iters": 3}, operator=op).load()
+>>> state.meta["iteration"], state.arrays["alpha"].tolist()
+(1, [1.5])
+>>> Checkpoint(path, kind="demo", config={"num_iters": 4}, operator=op).load()
+Traceback (most recent call last):
+...
+spectral.resume.StateMismatchError: Argument 'checkpoint': expected a state file ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectral import _backend
+from spectral.errors import argument_error
+from spectral.io import CorruptFileError, atomic_write, load_npz
+from spectral.operator import SymmetricOperator
+
+__all__ = [
+    "FINGERPRINT_SEED",
+    "FORMAT",
+    "Checkpoint",
+    "LanczosHook",
+    "LanczosState",
+    "OperatorFingerprint",
+    "SavedState",
+    "StateMismatchError",
+    "array_digest",
+    "check_every",
+    "describe_seed",
+    "operator_fingerprint",
+    "storage_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "spectral-resume/1"
+
+#: Seed of the fixed Rademacher probe ``p`` of the operator fingerprint.
+FINGERPRINT_SEED = 0x5EED_CAFE
+
+#: Number of Gaussian sketch directions of the operator fingerprint.
+SKETCH_SIZE = 4
+
+#: Sketch tolerance factor: ``|s - s'| <= SKETCH_RTOL_FACTOR * eps * ||y||``.
+SKETCH_RTOL_FACTOR = 1e3
+
+_RESERVED = ("format", "kind", "config_json", "operator_json", "meta_json")
+
+
+class StateMismatchError(ValueError):
+    """A state file exists but was written by another configuration or operator.
+
+    The message names the ``checkpoint`` argument, the file, and every
+    differing setting, and says how to proceed (delete the file or pass
+    another path).
+    """
+
+
+def check_every(checkpoint_every: Any) -> int:
+    """Validate the ``checkpoint_every`` argument (a positive integer).
+
+    >>> check_every(5)
+    5
+    >>> check_every(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'checkpoint_every': expected a positive integer; received 0.
+    """
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int | np.integer):
+        raise argument_error(
+            "checkpoint_every", "a positive integer", checkpoint_every, kind=TypeError
+        )
+    if checkpoint_every < 1:
+        raise argument_error("checkpoint_every", "a positive integer", checkpoint_every)
+    return int(checkpoint_every)
+
+
+def _as_path(checkpoint: Any) -> Path:
+    if isinstance(checkpoint, str | os.PathLike) and str(checkpoint) != "":
+        return Path(checkpoint)
+    raise argument_error("checkpoint", "None or a file path", checkpoint, kind=TypeError)
+
+
+def storage_dtype(xp: Any, dtype: Any) -> type[np.floating[Any]]:
+    """Host dtype that stores vectors of ``dtype`` losslessly: float64 or float32.
+
+    >>> storage_dtype(_backend.namespace(np.zeros(1)), np.dtype("float16")).__name__
+    'float32'
+    """
+    eps = _backend.finfo_eps(xp, dtype)
+    return np.float64 if eps < 1e-10 else np.float32
+
+
+def array_digest(x: Any) -> str:
+    """SHA-256 (hex) of the host float64 values of ``x`` (any namespace), with its shape.
+
+    >>> array_digest(np.zeros(2)) == array_digest(np.zeros(2, dtype=np.float32))
+    True
+    """
+    host = np.ascontiguousarray(_backend.to_host_float64(x))
+    h = hashlib.sha256(repr(host.shape).encode())
+    h.update(host.tobytes())
+    return h.hexdigest()
+
+
+def describe_seed(seed: Any) -> Any:
+    """JSON-able description of a ``seed`` argument, for the configuration fingerprint.
+
+    ``None`` and integers describe themselves; a numpy ``Generator`` is
+    described by the SHA-256 of its current ``bit_generator`` state, so it must
+    be called *before* the generator is used.
+
+    >>> describe_seed(3), describe_seed(None)
+    (3, None)
+    >>> describe_seed(np.random.default_rng(0)) == describe_seed(np.random.default_rng(0))
+    True
+    """
+    if seed is None or isinstance(seed, bool):
+        return seed
+    if isinstance(seed, int | np.integer):
+        return int(seed)
+    if isinstance(seed, np.random.Generator):
+        text = json.dumps(seed.bit_generator.state, sort_keys=True)
+        return "generator-sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return repr(seed)
+
+
+@dataclass(frozen=True)
+class OperatorFingerprint:
+    """Fingerprint of an operator (see the module docstring).
+
+    Attributes: ``n``, ``dtype`` (string), ``digest`` (SHA-256 of ``A p``),
+    ``norm`` (``||A p||``), ``sketch`` (``G^T A p``, floats) and ``eps`` (of the dtype).
+    """
+
+    n: int
+    dtype: str
+    digest: str
+    norm: float
+    sketch: tuple[float, ...]
+    eps: float
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps(
+            {
+                "n": self.n,
+                "dtype": self.dtype,
+                "digest": self.digest,
+                "norm": self.norm,
+                "sketch": list(self.sketch),
+                "eps": self.eps,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> OperatorFingerprint:
+        """Inverse of :meth:`to_json` (raises ``KeyError``/``ValueError`` on bad input)."""
+        d = json.loads(text)
+        return cls(
+            n=int(d["n"]),
+            dtype=str(d["dtype"]),
+            digest=str(d["digest"]),
+            norm=float(d["norm"]),
+            sketch=tuple(float(s) for s in d["sketch"]),
+            eps=float(d["eps"]),
+        )
+
+    def difference(self, other: OperatorFingerprint) -> str | None:
+        """``None`` if ``other`` is the same operator, else a sentence saying what differs."""
+        if self.n != other.n:
+            return f"the operator has dimension n={other.n}, the state file n={self.n}"
+        if self.dtype != other.dtype:
+            return f"the operator has dtype {other.dtype}, the state file {self.dtype}"
+        if self.digest == other.digest:
+            return None
+        scale = max(self.norm, other.norm)
+        gap = max(abs(a - b) for a, b in zip(self.sketch, other.sketch))
+        tol = SKETCH_RTOL_FACTOR * self.eps * scale
+        if scale > 0 and gap <= tol:
+            logger.info(
+                "resume: operator products differ in rounding only (%.3e <= %.3e)", gap, tol
+            )
+            return None
+        return (
+            "the operator's product with the fingerprint probe differs from the one recorded "
+            f"(sketch difference {gap:.3e}, tolerance {tol:.3e}): it is another operator "
+            "(other weights, data, loss or parameter subset)"
+        )
+
+
+def operator_fingerprint(op: SymmetricOperator) -> OperatorFingerprint:
+    """Fingerprint ``op`` with one product ``y = A p`` (see the module docstring).
+
+    >>> from spectral.operator import as_operator
+    >>> f = operator_fingerprint(as_operator(np.eye(3)))
+    >>> f.n, f.norm == 3 ** 0.5
+    (3, True)
+    >>> f == operator_fingerprint(as_operator(np.eye(3)))
+    True
+    """
+    from spectral.probes import random_probe
+
+    p = random_probe(op.n, "rademacher", FINGERPRINT_SEED, like=op.template)
+    y = np.ascontiguousarray(_backend.to_host_float64(op.matvec(p)))
+    if y.shape != (op.n,):
+        raise argument_error("A", f"an operator returning vectors of shape ({op.n},)", y)
+    rng = np.random.default_rng(FINGERPRINT_SEED + 1)
+    sketch = np.zeros(SKETCH_SIZE)
+    chunk = 1 << 18
+    for lo in range(0, op.n, chunk):
+        block = y[lo : lo + chunk]
+        sketch += rng.standard_normal((block.shape[0], SKETCH_SIZE)).T @ block
+    h = hashlib.sha256(y.tobytes()).hexdigest()
+    return OperatorFingerprint(
+        n=op.n,
+        dtype=str(op.dtype),
+        digest=h,
+        norm=float(np.linalg.norm(y)),
+        sketch=tuple(float(s) for s in sketch),
+        eps=_backend.finfo_eps(op.xp, op.dtype),
+    )
+
+
+@dataclass
+class SavedState:
+    """The content of a state file once validated: JSON ``meta`` and numpy ``arrays``."""
+
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def _diff_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            diffs.append(f"{key}={a!r} in the file but {b!r} now")
+    return diffs
+
+
+class Checkpoint:
+    """A state file bound to one run: its ``kind``, configuration and (optional) operator.
+
+    Parameters
+    ----------
+    path:
+        The state file (created with its parent directories on the first save).
+    kind:
+        Name of the writer (``"lanczos"``, ``"slq"``...); a file of another kind is refused.
+    config:
+        JSON-serialisable mapping of every argument that influences the result.
+    operator:
+        The operator whose fingerprint must match (computed once, lazily: one product),
+        or ``None``.
+
+    :meth:`load` returns ``None`` when the file does not exist, the validated
+    :class:`SavedState` otherwise; it raises :class:`StateMismatchError` when
+    the file belongs to another configuration or operator, and
+    :class:`spectral.io.CorruptFileError` when it cannot be read.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        kind: str,
+        config: Mapping[str, Any],
+        operator: SymmetricOperator | None = None,
+    ) -> None:
+        self.path = _as_path(path)
+        self.kind = kind
+        self.config = json.loads(json.dumps(dict(config), sort_keys=True))
+        self._operator = operator
+        self._fingerprint: OperatorFingerprint | None = None
+
+    @property
+    def fingerprint(self) -> OperatorFingerprint | None:
+        """The operator fingerprint (computed on first access), ``None`` without operator."""
+        if self._operator is not None and self._fingerprint is None:
+            self._fingerprint = operator_fingerprint(self._operator)
+        return self._fingerprint
+
+    def _mismatch(self, what: str) -> StateMismatchError:
+        return StateMismatchError(
+            f"Argument 'checkpoint': expected a state file written by {self.kind} with the same "
+            f"arguments and operator; '{self.path}' does not match: {what}. Delete the file or "
+            "pass another checkpoint path to start afresh."
+        )
+
+    def load(self) -> SavedState | None:
+        """Read and validate the state file (``None`` if it does not exist yet)."""
+        if not self.path.exists():
+            return None
+        raw = load_npz(self.path)
+        try:
+            fmt = str(raw["format"])
+            kind = str(raw["kind"])
+            config = json.loads(str(raw["config_json"]))
+            op_text = str(raw["operator_json"])
+            meta = json.loads(str(raw["meta_json"]))
+        except (KeyError, ValueError) as exc:
+            raise CorruptFileError(
+                f"File '{self.path}' is not a {FORMAT} state file (missing or invalid {exc})."
+            ) from exc
+        if fmt != FORMAT:
+            raise CorruptFileError(
+                f"File '{self.path}' has format {fmt!r}; expected {FORMAT!r} (a state file)."
+            )
+        if kind != self.kind:
+            raise self._mismatch(f"it was written by {kind}")
+        diffs = _diff_config(config, self.config)
+        if diffs:
+            raise self._mismatch("; ".join(diffs))
+        fp = self.fingerprint
+        if (op_text == "null") != (fp is None):
+            raise self._mismatch("one of the file and the run has an operator, the other not")
+        if fp is not None:
+            try:
+                stored = OperatorFingerprint.from_json(op_text)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise CorruptFileError(
+                    f"File '{self.path}' has an invalid operator fingerprint ({exc})."
+                ) from exc
+            reason = stored.difference(fp)
+            if reason is not None:
+                raise self._mismatch(reason)
+        arrays = {k: v for k, v in raw.items() if k not in _RESERVED}
+        logger.info("resume: loaded state %s (%s)", self.path, meta)
+        return SavedState(meta=meta, arrays=arrays)
+
+    def save(self, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """Write the state atomically (uncompressed ``.npz``; no pickled objects)."""
+        fp = self.fingerprint
+        payload: dict[str, np.ndarray] = {
+            "format": np.asarray(FORMAT),
+            "kind": np.asarray(self.kind),
+            "config_json": np.asarray(json.dumps(self.config, sort_keys=True)),
+            "operator_json": np.asarray("null" if fp is None else fp.to_json()),
+            "meta_json": np.asarray(json.dumps(dict(meta), sort_keys=True)),
+        }
+        for key, value in arrays.items():
+            if key in _RESERVED:
+                raise ValueError(f"Argument 'arrays': key {key!r} is reserved.")
+            arr = np.asarray(value)
+            if arr.dtype == object:
+                raise TypeError(f"Argument 'arrays': {key!r} is an object array.")
+            payload[key] = arr
+        with atomic_write(self.path, "wb") as handle:
+            np.savez(handle, **payload)  # type: ignore[arg-type]
+
+
+@dataclass
+class LanczosState:
+    r"""The state of :func:`spectral.lanczos.lanczos` after ``iteration`` steps (host arrays).
+
+    Mid-run (``complete=False``), after step ``k = iteration``: ``alphas``
+    ``(k,)``, ``betas`` ``(k,)`` (``beta_k`` included), ``basis`` ``(k, n)``
+    rows ``q_1..q_k`` or ``None``, ``q = q_{k+1}``, ``q_prev = q_k``,
+    ``beta_prev = beta_k``, ``anorm`` (the running ``\|A\|`` estimate), the
+    partial-reorthogonalisation estimates ``omega_cur``/``omega_old`` and flag
+    ``force_reorth``.  Complete (``complete=True``): ``betas`` has ``k-1``
+    entries and ``residual``/``residual_norm``/``breakdown`` describe the end.
+    """
+
+    iteration: int
+    alphas: np.ndarray
+    betas: np.ndarray
+    start_norm: float
+    basis: np.ndarray | None = None
+    q: np.ndarray | None = None
+    q_prev: np.ndarray | None = None
+    beta_prev: float = 0.0
+    anorm: float = 0.0
+    omega_cur: np.ndarray = field(default_factory=lambda: np.ones(1))
+    omega_old: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    force_reorth: bool = False
+    complete: bool = False
+    breakdown: bool = False
+    residual: np.ndarray | None = None
+    residual_norm: float = 0.0
+
+    _VECTORS = ("basis", "q", "q_prev", "residual")
+
+    def to_payload(self, prefix: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Split into ``(arrays, meta)`` with keys prefixed by ``prefix``."""
+        arrays: dict[str, np.ndarray] = {
+            prefix + "alphas": np.asarray(self.alphas, dtype=np.float64),
+            prefix + "betas": np.asarray(self.betas, dtype=np.float64),
+            prefix + "omega_cur": np.asarray(self.omega_cur, dtype=np.float64),
+            prefix + "omega_old": np.asarray(self.omega_old, dtype=np.float64),
+        }
+        for name in self._VECTORS:
+            value = getattr(self, name)
+            if value is not None:
+                arrays[prefix + name] = value
+        meta = {
+            prefix + "iteration": int(self.iteration),
+            prefix + "start_norm": float(self.start_norm),
+            prefix + "beta_prev": float(self.beta_prev),
+            prefix + "anorm": float(self.anorm),
+            prefix + "force_reorth": bool(self.force_reorth),
+            prefix + "complete": bool(self.complete),
+            prefix + "breakdown": bool(self.breakdown),
+            prefix + "residual_norm": float(self.residual_norm),
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_payload(cls, saved: SavedState, prefix: str = "", *, path: Any = "") -> LanczosState:
+        """Inverse of :meth:`to_payload`; raises ``CorruptFileError`` if keys are missing."""
+        a, m = saved.arrays, saved.meta
+        try:
+            state = cls(
+                iteration=int(m[prefix + "iteration"]),
+                alphas=np.asarray(a[prefix + "alphas"], dtype=np.float64),
+                betas=np.asarray(a[prefix + "betas"], dtype=np.float64),
+                start_norm=float(m[prefix + "start_norm"]),
+                beta_prev=float(m[prefix + "beta_prev"]),
+                anorm=float(m[prefix + "anorm"]),
+                omega_cur=np.asarray(a[prefix + "omega_cur"], dtype=np.float64),
+                omega_old=np.asarray(a[prefix + "omega_old"], dtype=np.float64),
+                force_reorth=bool(m[prefix + "force_reorth"]),
+                complete=bool(m[prefix + "complete"]),
+                breakdown=bool(m[prefix + "breakdown"]),
+                residual_norm=float(m[prefix + "residual_norm"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"State file '{path}' lacks the Lanczos state ({exc}).") from exc
+        for name in cls._VECTORS:
+            if prefix + name in a:
+                setattr(state, name, a[prefix + name])
+        state.validate(path)
+        return state
+
+    def validate(self, path: Any = "") -> None:
+        """Check internal consistency of sizes (raises ``CorruptFileError``)."""
+        k = self.iteration
+        n_betas = k - 1 if self.complete else k
+        problems = []
+        if k < 1 or self.alphas.shape != (k,):
+            problems.append(f"alphas has shape {self.alphas.shape} for iteration {k}")
+        if self.betas.shape != (max(n_betas, 0),):
+            problems.append(f"betas has shape {self.betas.shape} for iteration {k}")
+        if self.basis is not None and self.basis.ndim != 2:
+            problems.append("basis is not 2-D")
+        if self.basis is not None and self.basis.shape[0] != k:
+            problems.append(f"basis has {self.basis.shape[0]} rows for iteration {k}")
+        if not self.complete and self.q is None:
+            problems.append("the next Lanczos vector is missing")
+        for name in ("alphas", "betas"):
+            if not np.all(np.isfinite(getattr(self, name))):
+                problems.append(f"{name} has non-finite values")
+        if not all(math.isfinite(x) for x in (self.beta_prev, self.anorm, self.start_norm)):
+            problems.append("non-finite scalar state")
+        if problems:
+            raise CorruptFileError(f"State file '{path}' is inconsistent: {'; '.join(problems)}.")
+
+
+class LanczosHook:
+    """Connects one Lanczos run to a :class:`Checkpoint` (used by ``lanczos`` and ``slq``).
+
+    Attributes
+    ----------
+    initial:
+        The state to resume from (``None``: start from scratch).
+    every:
+        Save after every ``every``-th completed step (and at the end).
+    storage:
+        Host dtype of stored vectors (see :func:`storage_dtype`).
+
+    ``extra()`` returns arrays and meta of the caller (e.g. ``slq``'s finished
+    probes) stored in the same file, so that one atomic write captures the
+    whole state.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        every: int,
+        *,
+        initial: LanczosState | None = None,
+        prefix: str = "",
+        extra: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None = None,
+        storage: type[np.floating[Any]] = np.float64,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.every = check_every(every)
+        self.initial = initial
+        self.prefix = prefix
+        self.extra = extra
+        self.storage = storage
+
+    def host(self, x: Any) -> np.ndarray:
+        """Copy a vector/array of the operator's namespace to the host storage dtype (exact)."""
+        return np.ascontiguousarray(_backend.to_host_float64(x).astype(self.storage))
+
+    def save(self, state: LanczosState) -> None:
+        """Write ``state`` (plus the caller's ``extra``) atomically."""
+        arrays, meta = state.to_payload(self.prefix)
+        if self.extra is not None:
+            more_arrays, more_meta = self.extra()
+            arrays.update(more_arrays)
+            meta.update(more_meta)
+        self.checkpoint.save(arrays, meta)
+        logger.debug("resume: saved Lanczos state at iteration %d", state.iteration)
