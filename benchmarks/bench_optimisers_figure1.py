@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 progress=False,
             )
             stats = result.stats
+            switch_step = getattr(result.optimizer, "switch_step", None)  # SWATS
         except (ArithmeticError, RuntimeError) as exc:  # a diverged run is a result too
-            stats, error = [], f"{type(exc).__name__}: {exc}"
+            stats, error, switch_step = [], f"{type(exc).__name__}: {exc}", None
         seconds = time.perf_counter() - start
         results[label] = {
             "optimizer": name,
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "train_loss": [e["train_loss"] for e in stats],
             "seconds": seconds,
             "error": error,
+            "swats_switch_step": switch_step,
         }
         final = results[label]["train_error"][-1] if stats else math.nan
         print(

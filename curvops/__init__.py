@@ -18,10 +18,11 @@ from curvops.operator import CurvatureOperator
 from curvops.structured import Dense, Diagonal, Identity, LowRank
 
 # --- curvature operators (hessian.py, ggn.py, fisher.py, ...) ---
-from curvops import stats, testing
+from curvops import distributed, stats, testing  # distributed: torch.distributed data parallelism
 from curvops.blocks import per_layer
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
+from curvops.distributed import shard_batches
 from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
@@ -51,9 +52,11 @@ __all__: list[str] = [
     "HessianOperator",
     "LossStats",
     "ModelCurvatureOperator",
+    "distributed",
     "ggn_diagonal",
     "loss_stats",
     "per_layer",
+    "shard_batches",
     "stats",
     "testing",
 ]

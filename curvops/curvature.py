@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
-from curvops.data import Batch, Data, as_data, move_to
+from curvops.data import Batch, Data, _first_tensor, as_data, move_to
+from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.losses import LossFn, check_loss
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
@@ -56,9 +57,15 @@ class ModelCurvatureOperator(CurvatureOperator):
     progress:
         Show a tqdm bar over batches for each product.
     process_group:
-        A ``torch.distributed`` process group: when given and torch.distributed is
-        initialised, each product's weighted sum and total weight are summed over the
-        group with one ``all_reduce`` (each rank holds its own shard of ``data``).
+        Data parallelism (see :mod:`curvops.distributed`): each rank holds its own
+        shard of ``data`` (e.g. :func:`curvops.distributed.shard_batches`) and each
+        product's weighted sum and total weight are summed over the group with one
+        ``all_reduce``.  ``None`` (default): the default group when
+        ``torch.distributed`` is initialised with several processes, otherwise no
+        communication; ``False``: never communicate; or a ``ProcessGroup``.  Every
+        rank of the group must then make the same products.  A model wrapped in
+        ``DistributedDataParallel`` is unwrapped (products use ``model.module`` and
+        never trigger DDP's hooks).
     psd:
         Structure flag passed to the base class.
     """
@@ -77,6 +84,8 @@ class ModelCurvatureOperator(CurvatureOperator):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
+        model = unwrap_model(model)
+        resolve_group(process_group)  # validates the argument early
         self._model = model
         self._loss_fn = check_loss(loss_fn)
         self._data: Data = as_data(data)
@@ -220,6 +229,16 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
         """Curvature of the batch-mean loss of ``batch`` applied to ``V`` (``(k, *shape)`` list)."""
 
+    def _diagnose(self, batch: Batch) -> str:
+        """Where a non-finite product comes from (parameters or inputs), for the error message."""
+        bad = [name for name, p in self._params if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            return f"; non-finite values in parameter(s) {bad[:5]}"
+        first = _first_tensor(batch.inputs)
+        if first is not None and first.is_floating_point() and not bool(first.isfinite().all()):
+            return "; the inputs of this batch contain NaN or Inf"
+        return ""
+
     def _accumulate(self, V: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
         """Return :math:`(\\sum_b N_b A_b V,\\ \\sum_b N_b)` over this process's data.
 
@@ -241,7 +260,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                 if not bool(torch.isfinite(flat).all()):
                     raise NumericalError(
                         f"{type(self).__name__}: non-finite curvature product in batch "
-                        f"{batch.index} (size {batch.size})."
+                        f"{batch.index} (size {batch.size}){self._diagnose(batch)}."
                     )
                 if unweighted:
                     acc, weight = flat, 1
@@ -255,21 +274,12 @@ class ModelCurvatureOperator(CurvatureOperator):
         return self._reduce(acc, weight)
 
     def _distributed(self) -> bool:
-        return (
-            self.process_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        )
+        return resolve_group(self.process_group) is not None
 
     def _reduce(
         self, acc: torch.Tensor, weight: float
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
-        if not self._distributed():
-            return acc, weight
-        group = self.process_group
-        buf = torch.cat([acc.reshape(-1), acc.new_tensor([float(weight)])])
-        torch.distributed.all_reduce(buf, group=group)
-        return buf[:-1].reshape(acc.shape), buf[-1]
+        return all_reduce_weighted(acc, weight, resolve_group(self.process_group))
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         V = unflatten_columns(X, self._shapes)

@@ -308,8 +308,8 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
 
 
 def _comm_device(group: Any) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "nccl":
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend:  # "nccl" or a mixed "cpu:gloo,cuda:nccl" group
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

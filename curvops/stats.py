@@ -51,6 +51,7 @@ from torch import nn
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch, as_data, batch_size_of, move_to
+from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.losses import LossFn, check_loss, output_hessian_matmat
@@ -183,6 +184,7 @@ def loss_stats(
     num_probes: int = 10,
     params: Any = None,
     bn_mode: str | None = None,
+    process_group: Any = None,
 ) -> LossStats:
     """Compute the statistics of the module docstring over the minibatches of ``data``.
 
@@ -197,6 +199,13 @@ def loss_stats(
         direction from ``seed``.
     num_probes:
         Rademacher probes of the Frobenius estimate (``0`` skips it: NaN).
+    process_group:
+        Data parallelism as in the curvature operators (:mod:`curvops.distributed`):
+        each rank holds a shard of ``data``; the weighted sums, the mean gradient and
+        the mean curvature-direction product are added over the group with one
+        ``all_reduce``, so every rank returns the statistics of the union of the
+        shards (``num_batches``/``num_samples`` included).  ``None``: the default
+        group when initialised; ``False``: this process only.
 
     Raises
     ------
@@ -209,6 +218,8 @@ def loss_stats(
         raise argument_error("curvature", "'hessian' or 'ggn'", curvature)
     check_loss(loss_fn)
     check_bn_mode(bn_mode)
+    model = unwrap_model(model)
+    group = resolve_group(process_group)
     named = select_params(model, params)
     names = [n for n, _ in named]
     device, dtype = named[0][1].device, named[0][1].dtype
@@ -273,6 +284,14 @@ def loss_stats(
             sums["Cz2"] += w * float(czv @ czv)
             gbar += w * g
             czbar += w * czv
+    if group is not None:
+        keys = list(sums)
+        scalars = torch.tensor(
+            [sums[k] for k in keys] + [float(num_batches)], dtype=torch.float64, device=device
+        )
+        scalars, gbar, czbar = all_reduce_sum([scalars, gbar, czbar], group)
+        sums = dict(zip(keys, scalars[:-1].tolist()))
+        num_batches = int(scalars[-1])
     N = sums["w"]
     gbar /= N
     czbar /= N
@@ -286,7 +305,14 @@ def loss_stats(
         op: ModelCurvatureOperator
         cls = HessianOperator if curvature == "hessian" else GGNOperator
         stream = data if batch_size is None else kept
-        op = cls(model, loss_fn, stream, params=names, bn_mode=bn_mode)
+        op = cls(
+            model,
+            loss_fn,
+            stream,
+            params=names,
+            bn_mode=bn_mode,
+            process_group=False if group is None else group,
+        )
         fro, fro_err = hutchinson_frobenius_sq(op, num_probes=num_probes, seed=seed)
     else:
         fro, fro_err = math.nan, math.nan

@@ -14,9 +14,10 @@ same script runs as a single process (identical file, up to rounding).
 ``--all`` also writes ``loss-stats.npz`` (:func:`nets.compute_loss_stats`) and
 ``landscape.npz`` (:func:`nets.build_loss_landscape` along the top Ritz vector and
 a random direction), each computed on the shards and written by rank 0 only.
-Without ``--checkpoint`` a small tanh MLP (``--hidden`` units, seeded) on the
-embedded digits data is analysed.  Backend: NCCL when CUDA is available (one GPU
-per process, ``cuda:LOCAL_RANK``), Gloo on CPUs (``--backend`` overrides).
+Without ``--checkpoint`` a small tanh MLP (``--hidden`` units) or a BatchNorm
+``SmallCNN`` (``--widths``), seeded, on the embedded digits data is analysed.
+Backend: NCCL when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``),
+Gloo on CPUs (``--backend`` overrides).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +51,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--dataset", default="digits")
     cli.add_argument("--data-path", default=None)
     cli.add_argument("--checkpoint", default=None, help="analyse this checkpoint")
-    cli.add_argument("--hidden", type=int, default=32, help="MLP width without a checkpoint")
+    cli.add_argument("--model", default="MLP", choices=["MLP", "SmallCNN"], help="no checkpoint")
+    cli.add_argument("--hidden", type=int, default=32, help="MLP width")
+    cli.add_argument("--widths", type=int, nargs=2, default=(8, 16), help="SmallCNN widths")
     cli.add_argument("--curvature", default="hessian", help="hessian, ggn, fisher, ...")
     cli.add_argument("--lanczos-iters", type=int, default=40)
     cli.add_argument("--num-probes", type=int, default=1)
@@ -58,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--float64", action="store_true", help="MLP in double precision")
     cli.add_argument("--all", action="store_true", help="also loss statistics and a landscape")
+    cli.add_argument("--refresh-bn", action="store_true", help="landscape: recompute BN stats")
     cli.add_argument("--backend", default=None, help="nccl or gloo (default: by device)")
     return cli
 
@@ -67,19 +72,16 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     ``--all`` the loss statistics and a landscape along the top Ritz vector and a
     random direction).  Returns the files rank 0 wrote, by kind."""
     if args.quick:
-        args.hidden, args.lanczos_iters, args.subsample = 6, 10, 300
+        args.hidden, args.widths, args.lanczos_iters, args.subsample = 6, (2, 4), 10, 300
     splits = load_dataset(args.dataset, args.data_path, seed=args.seed)
     model = None
     if args.checkpoint is None:
-        model = get_model(
-            "MLP",
-            splits.num_classes,
-            splits.in_channels,
-            splits.input_size,
-            hidden=(args.hidden,),
-            activation="tanh",
-            seed=args.seed,
-        )
+        shape = (splits.num_classes, splits.in_channels, splits.input_size)
+        if args.model == "MLP":
+            kw: dict[str, Any] = {"hidden": (args.hidden,), "activation": "tanh"}
+        else:
+            kw = {"widths": tuple(args.widths)}
+        model = get_model(args.model, *shape, seed=args.seed, **kw)
         if args.float64:
             model = model.double()
     out = Path(args.out)
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             save_path=files["landscape"],
             directions=["ritz-top-1"],
             random_directions=1,
+            refresh_bn=args.refresh_bn,
             batch_size=args.batch_size,
             **common,
         )

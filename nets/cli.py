@@ -448,6 +448,7 @@ def _cmd_demo(args: argparse.Namespace) -> list[str]:
         epochs=args.epochs,
         lanczos_iters=args.lanczos_iters,
         quick=args.quick,
+        exact_diagonal=args.exact_diagonal,
         seed=args.seed,
         device=args.device,
         progress=args.progress,
@@ -637,9 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
         "everything (checkpoints, .npz, PNG) under --out.",
     )
     p.add_argument("--out", default="results", help="output directory")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
-    p.add_argument("--lanczos-iters", type=int, default=None, help="Lanczos iterations")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default 10; 2 with --quick)"
+    )
+    p.add_argument(
+        "--lanczos-iters", type=int, default=None, help="Lanczos iterations (default 50)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    p.add_argument(
+        "--exact-diagonal",
+        action="store_true",
+        help="also compute the exact GGN diagonal (slow: N*C vector-Jacobian products)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda:0, ...")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(

@@ -1,37 +1,40 @@
 """The main job: the paper's whole workflow on the embedded digits data, in a few minutes on a CPU.
 
-:func:`run_demo` trains the small BatchNorm CNN (:class:`nets.models.SmallCNN`)
-on scikit-learn's handwritten digits, computes the Lanczos spectra of the
-Hessian and of the generalised Gauss-Newton matrix over the full training set,
-compares them with the exact and Monte-Carlo GGN diagonals (the paper's
-Figure 2), builds the loss landscape along the top Hessian eigenvectors (with a
-random direction as a control and the plane of the two top eigenvectors), and
+:func:`run_demo` trains the small BatchNorm CNN (:class:`nets.models.SmallCNN`,
+1,946 parameters) on scikit-learn's handwritten digits, computes the Lanczos
+spectra of the Hessian and of the generalised Gauss-Newton matrix over the full
+training set, compares them with the Monte-Carlo GGN diagonal (the paper's
+Figure 2; the exact diagonal too with ``exact_diagonal=True``), builds the loss
+landscape along the top Hessian eigenvectors (the bottom one and a random
+direction as controls) and over the plane of the two top eigenvectors, and
 writes everything under ``out_dir``:
 
-==================================  ==============================================
-``checkpoint-XXXXX.pt``             model and optimiser state per saved epoch
-``stats.json``                      per-epoch training statistics
-``spectra/spectrum-XXXXX-*.npz``    Hessian and GGN spectra (+ ``-eigvec.npz``)
-``spectra/ggn-diagonal-XXXXX.npz``  ``diagonal`` (exact), ``diagonal_mc`` (MC)
-``landscape-XXXXX.npz``             loss/accuracy along directions and the plane
-``training.png``                    training curves
-``spectrum-hessian.png``, ...       stem plots of the spectra (log weights)
-``lanczos-vs-diagonal.png``         Lanc-Hess and Lanc-GGN against Diag-GGN
-``landscape.png``                   loss curves and contours
-==================================  ==============================================
+======================================  ==============================================
+``checkpoint-XXXXX.pt``                 model and optimiser state per saved epoch
+``stats.json``                          per-epoch training statistics
+``spectra/spectrum-XXXXX-*.npz``        Hessian and GGN spectra (Hessian ``-eigvec.npz``)
+``spectra/ggn-diagonal-XXXXX.npz``      ``diagonal`` (MC; ``diagonal_exact`` if asked)
+``landscape-XXXXX.npz``                 loss/accuracy along the directions
+``landscape-plane-XXXXX.npz``           loss/accuracy over the top-1/top-2 plane
+``training.png``                        training curves
+``spectrum-hessian.png``, ``-ggn.png``  stem plots of the spectra (log weights)
+``lanczos-vs-diagonal.png``             Lanc-Hess and Lanc-GGN against Diag-GGN
+``landscape.png``, ``-plane.png``       loss curves; contours over the plane
+======================================  ==============================================
 
-It returns a :class:`DemoSummary` (the ``curvature demo`` command prints it);
-nothing is printed here. Progress bars go to stderr and can be switched off.
+It returns a :class:`DemoSummary` (``curvature demo`` prints it); nothing is
+printed here. A progress bar over the stages goes to stderr and can be switched off.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spectral.errors import argument_error
-from spectral.io import save_npz
+from spectral.io import load_npz, save_npz
 
 __all__ = ["DemoSettings", "DemoSummary", "run_demo"]
 
@@ -51,51 +54,31 @@ Row = tuple[str, str]
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The knobs of the demo; :func:`run_demo` fills them from its arguments.
-
-    ``quick`` shrinks everything to a smoke test (a few seconds).
-    """
+    """The knobs of the demo (defaults: the full demo; :meth:`quick`: a smoke test)."""
 
     epochs: int = 10
-    lanczos_iters: int = 60
+    lanczos_iters: int = 50
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     mc_samples: int = 1
+    exact_diagonal: bool = False
     landscape_points: int = 21
+    plane_points: int = 13
     landscape_dist: float = 1.0
     plane: bool = True
     seed: int = 0
 
     @classmethod
-    def create(
-        cls,
-        *,
-        quick: bool,
-        epochs: int | None,
-        lanczos_iters: int | None,
-        seed: int,
-    ) -> DemoSettings:
-        base = cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False) if quick else cls()
-        return cls(
-            epochs=base.epochs if epochs is None else epochs,
-            lanczos_iters=base.lanczos_iters if lanczos_iters is None else lanczos_iters,
-            batch_size=base.batch_size,
-            lr=base.lr,
-            momentum=base.momentum,
-            weight_decay=base.weight_decay,
-            mc_samples=base.mc_samples,
-            landscape_points=base.landscape_points,
-            landscape_dist=base.landscape_dist,
-            plane=base.plane,
-            seed=seed,
-        )
+    def quick(cls) -> DemoSettings:
+        """Two epochs, eight Lanczos steps, five landscape points, no plane."""
+        return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False)
 
 
 @dataclass
 class DemoSummary:
-    """What the demo did: sections of (name, value) rows, the files written and the timings."""
+    """What the demo did: titled sections of (name, value) rows, files written, stage timings."""
 
     out_dir: Path
     sections: list[tuple[str, list[Row]]] = field(default_factory=list)
@@ -108,19 +91,22 @@ class DemoSummary:
         return float(sum(self.timings.values()))
 
     def add(self, title: str, rows: list[Row]) -> None:
+        """Append a section."""
         self.sections.append((title, rows))
 
 
 def _fmt(x: Any) -> str:
     if isinstance(x, int | np.integer):
         return f"{int(x):,}"
+    if x is None:
+        return "-"
     x = float(x)
     if not np.isfinite(x):
         return "n/a"
     return f"{x:.4g}" if x == 0 or 1e-3 <= abs(x) < 1e6 else f"{x:.3e}"
 
 
-def _check_positive(name: str, value: int) -> None:
+def _check_positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise argument_error(name, "a positive integer", value)
 
@@ -155,12 +141,13 @@ def run_demo(
     epochs: int | None = None,
     lanczos_iters: int | None = None,
     quick: bool = False,
+    exact_diagonal: bool = False,
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
     num_threads: int | None = 1,
 ) -> DemoSummary:
-    """Train, compute spectra and diagonals, build the landscape, and draw every figure.
+    """Train, compute spectra and the diagonal, build the landscape, and draw every figure.
 
     Parameters
     ----------
@@ -169,39 +156,45 @@ def run_demo(
     epochs:
         Training epochs (default 10; 2 with ``quick``).
     lanczos_iters:
-        Lanczos iterations for both spectra (default 60; 8 with ``quick``).
+        Lanczos iterations of both spectra (default 50; 8 with ``quick``).
     quick:
-        Tiny settings for a smoke test: few epochs and iterations, 5 landscape points,
-        no plane.
+        Tiny settings for a smoke test: see :meth:`DemoSettings.quick`.
+    exact_diagonal:
+        Also compute the exact GGN diagonal (``N * C`` vector-Jacobian products: minutes
+        on a CPU) and draw it beside the Monte-Carlo one.
     seed:
-        Seeds training, probes, Monte-Carlo diagonal and random directions.
+        Seeds training, probes, the Monte-Carlo diagonal and the random direction.
     device:
         ``"auto"`` (CUDA when available), ``"cpu"``, ...
     progress:
-        Show progress bars (stderr).
+        Show a progress bar over the stages (stderr).
     num_threads:
-        Torch intra-op threads on the CPU while the demo runs (restored afterwards).
-        The model has two thousand parameters, so one thread is fastest: thread
-        synchronisation costs more than it saves, badly so on a shared machine.
-        ``None`` keeps torch's setting.
+        Torch intra-op threads on the CPU while the demo runs (restored afterwards). The
+        model is tiny, so one thread is fastest: synchronising threads costs more than it
+        saves, badly so on a shared machine. ``None`` keeps torch's setting.
 
     Returns
     -------
     DemoSummary
-        Sections of rows (training, spectra, diagonal, landscape, files, timings).
+        Sections (training, spectra, landscape, files, timings), the files and timings.
 
     Raises
     ------
     ValueError
-        For non-positive ``epochs`` or ``lanczos_iters``.
+        For non-positive ``epochs``, ``lanczos_iters`` or ``num_threads``.
     """
-    if num_threads is not None:
-        _check_positive("num_threads", num_threads)
-    settings = DemoSettings.create(
-        quick=quick, epochs=epochs, lanczos_iters=lanczos_iters, seed=seed
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    settings = replace(
+        settings,
+        epochs=settings.epochs if epochs is None else epochs,
+        lanczos_iters=settings.lanczos_iters if lanczos_iters is None else lanczos_iters,
+        exact_diagonal=exact_diagonal,
+        seed=seed,
     )
     _check_positive("epochs", settings.epochs)
     _check_positive("lanczos_iters", settings.lanczos_iters)
+    if num_threads is not None:
+        _check_positive("num_threads", num_threads)
 
     from nets.device import resolve_device
 
@@ -209,36 +202,33 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     with _torch_threads(num_threads if dev.type == "cpu" else None):
-        return _run(out, settings, dev, quick=quick, progress=progress)
+        return _run(out, settings, dev, progress=progress)
 
 
-def _run(
-    out: Path, settings: DemoSettings, dev: torch.device, *, quick: bool, progress: bool
-) -> DemoSummary:
+def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool) -> DemoSummary:
     from curvops.diagonal import ggn_diagonal
     from nets.checkpoint import checkpoint_name, model_from_checkpoint
     from nets.data import load_dataset, make_loader
-    from nets.plots import (
-        plot_loss_landscape,
-        plot_spectrum,
-        plot_spectrum_comparison,
-        plot_training,
-    )
-    from nets.plots._figure import close_figure
     from nets.training import train_network
     from nets.workflow.landscape import build_loss_landscape
     from nets.workflow.spectrum import compute_eigenspectrum
 
     summary = DemoSummary(out_dir=out)
     tag = f"{settings.epochs:05d}"
-    spectra = out / "spectra"
-    stages = 6
-    with tqdm(total=stages, disable=not progress, unit="stage", leave=True) as bar:
+    common: dict[str, Any] = {
+        "dataset": "digits",
+        "model": "SmallCNN",
+        "seed": settings.seed,
+        "device": dev,
+        "progress": False,
+    }
+    spectra: dict[str, Path] = {}
+    diagonals: dict[str, np.ndarray] = {}
+    landscapes: list[Path] = []
+    with tqdm(total=6, disable=not progress, unit="stage") as bar:
         with _stage(summary, "training", bar):
             train_network(
                 dir=str(out),
-                dataset="digits",
-                model="SmallCNN",
                 optimizer="SGD",
                 optimizer_kwargs={
                     "lr": settings.lr,
@@ -248,143 +238,163 @@ def _run(
                 epochs=settings.epochs,
                 batch_size=settings.batch_size,
                 save_freq=max(1, settings.epochs // 2),
-                seed=settings.seed,
-                device=dev,
-                progress=False,
+                **common,
             )
         checkpoint = out / checkpoint_name(settings.epochs)
-        summary.files.append(checkpoint)
+        summary.files += [out / "stats.json", checkpoint]
 
-        paths: dict[str, Path] = {}
         for curvature in ("hessian", "ggn"):
             with _stage(summary, f"{curvature} spectrum", bar):
-                target = spectra / f"spectrum-{tag}-{curvature}-lanczos.npz"
+                target = out / "spectra" / f"spectrum-{tag}-{curvature}-lanczos.npz"
                 compute_eigenspectrum(
-                    dataset="digits",
-                    model="SmallCNN",
                     checkpoint_path=str(checkpoint),
                     save_spectrum_path=str(target),
                     save_eigvec=curvature == "hessian",
                     lanczos_iters=settings.lanczos_iters,
                     curvature_matrix=f"{curvature}-lanczos",
                     bn_mode="train",
-                    seed=settings.seed,
-                    device=dev,
-                    progress=False,
+                    **common,
                 )
-                paths[curvature] = target
+                spectra[curvature] = target
                 summary.files.append(target)
 
         with _stage(summary, "GGN diagonal", bar):
             model, _ = model_from_checkpoint(checkpoint, dev)
-            splits = load_dataset("digits", seed=settings.seed)
-            loader = make_loader(splits.train_eval, 256, shuffle=False)
+            loader = make_loader(load_dataset("digits").train_eval, 256, shuffle=False)
             loss = torch.nn.CrossEntropyLoss()
-            exact = ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
-            mc = ggn_diagonal(
-                model,
-                loss,
-                loader,
-                method="mc",
-                mc_samples=settings.mc_samples,
-                seed=settings.seed,
-                bn_mode="train",
-            )
-            exact_np = exact.detach().cpu().double().numpy()
-            mc_np = mc.detach().cpu().double().numpy()
-            diag_path = spectra / f"ggn-diagonal-{tag}.npz"
-            save_npz(
-                diag_path,
-                diagonal=exact_np,
-                diagonal_mc=mc_np,
-                mc_samples=np.int64(settings.mc_samples),
-            )
-            summary.files.append(diag_path)
+            label = "MC" if settings.mc_samples == 1 else f"MC x{settings.mc_samples}"
+            diagonals[label] = _host(
+                ggn_diagonal(model, loss, loader, method="mc", mc_samples=settings.mc_samples,
+                             seed=settings.seed, bn_mode="train")
+            )  # fmt: skip
+            arrays = {"diagonal": diagonals[label], "mc_samples": np.int64(settings.mc_samples)}
+            if settings.exact_diagonal:
+                diagonals["exact"] = _host(
+                    ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
+                )
+                arrays["diagonal_exact"] = diagonals["exact"]
+            diagonal_path = out / "spectra" / f"ggn-diagonal-{tag}.npz"
+            save_npz(diagonal_path, **arrays)
+            summary.files.append(diagonal_path)
 
         with _stage(summary, "loss landscape", bar):
-            landscape_path = out / f"landscape-{tag}.npz"
+            landscape = {
+                **common,
+                "dist": settings.landscape_dist,
+                "spectrum_path": str(spectra["hessian"]),
+                "checkpoint_path": str(checkpoint),
+            }
+            target = out / f"landscape-{tag}.npz"
             build_loss_landscape(
-                dataset="digits",
-                model="SmallCNN",
-                dist=settings.landscape_dist,
                 n_points=settings.landscape_points,
-                spectrum_path=str(paths["hessian"]),
-                checkpoint_path=str(checkpoint),
-                save_path=str(landscape_path),
-                directions=["ritz-top", "ritz-bottom"],
-                num_directions=2 if not quick else 1,
+                save_path=str(target),
+                directions=["ritz-top", "ritz-bottom-1"],
+                num_directions=2,
                 random_directions=1,
-                planes=["ritz-top-1|ritz-top-2"] if settings.plane else None,
-                seed=settings.seed,
-                device=dev,
-                progress=False,
+                **landscape,
             )
-            summary.files.append(landscape_path)
+            landscapes.append(target)
+            if settings.plane:
+                target = out / f"landscape-plane-{tag}.npz"
+                build_loss_landscape(
+                    n_points=settings.plane_points,
+                    save_path=str(target),
+                    directions=["ritz-top"],
+                    num_directions=2,
+                    planes=["ritz-top-1|ritz-top-2"],
+                    **landscape,
+                )
+                landscapes.append(target)
+            summary.files += landscapes
 
         with _stage(summary, "figures", bar):
-            figures = {
-                "training.png": lambda p: plot_training(out, save_path=p),
-                "spectrum-hessian.png": lambda p: plot_spectrum(
-                    "lanczos", path=paths["hessian"], log_weights=True, save_path=p
-                ),
-                "spectrum-ggn.png": lambda p: plot_spectrum(
-                    "lanczos", path=paths["ggn"], log_weights=True, save_path=p
-                ),
-                "lanczos-vs-diagonal.png": lambda p: plot_spectrum_comparison(
-                    paths["hessian"],
-                    paths["ggn"],
-                    {"exact": exact_np, f"MC, {settings.mc_samples} sample": mc_np},
-                    save_path=p,
-                    title=f"SmallCNN on digits: Lanczos (m = {settings.lanczos_iters}) "
-                    "vs diagonal GGN",
-                ),
-                "landscape.png": lambda p: plot_loss_landscape(
-                    landscape_path, metric="both", save_path=p
-                ),
-            }
-            for name, draw in figures.items():
-                close_figure(draw(out / name))
+            for name, draw in _figures(out, spectra, diagonals, landscapes, settings).items():
+                _draw(draw, out / name)
                 summary.files.append(out / name)
 
-    _summarise(summary, out, paths, exact_np, mc_np, landscape_path, settings, dev)
+    _summarise(summary, spectra, diagonals, landscapes[0], settings, dev)
     return summary
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().to(torch.float64).numpy()
+
+
+def _draw(draw: Callable[[Path], Any], path: Path) -> None:
+    from nets.plots._figure import close_figure
+
+    close_figure(draw(path))
+
+
+def _figures(
+    out: Path,
+    spectra: dict[str, Path],
+    diagonals: dict[str, np.ndarray],
+    landscapes: list[Path],
+    settings: DemoSettings,
+) -> dict[str, Callable[[Path], Any]]:
+    from nets.plots import (
+        plot_loss_landscape,
+        plot_spectrum,
+        plot_spectrum_comparison,
+        plot_training,
+    )
+
+    figures: dict[str, Callable[[Path], Any]] = {
+        "training.png": lambda p: plot_training(
+            out, save_path=p, title="SmallCNN (BatchNorm) on digits, SGD"
+        ),
+        "spectrum-hessian.png": lambda p: plot_spectrum(
+            "lanczos", path=spectra["hessian"], log_weights=True, save_path=p
+        ),
+        "spectrum-ggn.png": lambda p: plot_spectrum(
+            "lanczos", path=spectra["ggn"], log_weights=True, save_path=p
+        ),
+        "lanczos-vs-diagonal.png": lambda p: plot_spectrum_comparison(
+            spectra["hessian"],
+            spectra["ggn"],
+            diagonals,
+            save_path=p,
+            title=f"Lanczos (m = {settings.lanczos_iters}) vs diagonal GGN, SmallCNN on digits",
+        ),
+        "landscape.png": lambda p: plot_loss_landscape(landscapes[0], metric="both", save_path=p),
+    }
+    if len(landscapes) > 1:
+        figures["landscape-plane.png"] = lambda p: plot_loss_landscape(
+            landscapes[1], curves=False, save_path=p
+        )
+    return figures
 
 
 def _summarise(
     summary: DemoSummary,
-    out: Path,
-    paths: dict[str, Path],
-    exact: np.ndarray,
-    mc: np.ndarray,
+    spectra: dict[str, Path],
+    diagonals: dict[str, np.ndarray],
     landscape_path: Path,
     settings: DemoSettings,
     device: torch.device,
 ) -> None:
-    import json
-
     from nets.plots.spectrum import spectrum_summary
-    from spectral.io import load_npz
 
+    out = summary.out_dir
     stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
     last = stats["epochs"][-1]
     tested = [e for e in stats["epochs"] if e.get("test_loss") is not None]
     rows: list[Row] = [
-        ("model / data", "SmallCNN (BatchNorm) on digits"),
+        ("model / data", "SmallCNN (BatchNorm) / digits"),
         ("device", str(device)),
         ("epochs", _fmt(settings.epochs)),
         ("train loss / accuracy (%)", f"{_fmt(last['train_loss'])} / {_fmt(last['train_acc'])}"),
     ]
     if tested:
+        best = tested[-1]
         rows.append(
-            (
-                "test loss / accuracy (%)",
-                f"{_fmt(tested[-1]['test_loss'])} / {_fmt(tested[-1]['test_acc'])}",
-            )
+            ("test loss / accuracy (%)", f"{_fmt(best['test_loss'])} / {_fmt(best['test_acc'])}")
         )
     summary.add("Training", rows)
 
-    hess = spectrum_summary(paths["hessian"])
-    ggn = spectrum_summary(paths["ggn"])
+    hess = spectrum_summary(spectra["hessian"])
+    ggn = spectrum_summary(spectra["ggn"])
     rows = [
         ("parameters P", _fmt(hess["num_params"])),
         ("Lanczos iterations m", _fmt(settings.lanczos_iters)),
@@ -397,33 +407,31 @@ def _summarise(
         ("positive_condition", "condition of positive part"),
     ):
         rows.append((f"{label} (Hessian / GGN)", f"{_fmt(hess[key])} / {_fmt(ggn[key])}"))
-    rows += [
-        ("trace of exact diagonal GGN", _fmt(float(exact.sum()))),
-        ("trace of MC diagonal GGN", _fmt(float(mc.sum()))),
-        ("largest diagonal entry (exact / MC)", f"{_fmt(exact.max())} / {_fmt(mc.max())}"),
-    ]
+    for label, diagonal in diagonals.items():
+        rows.append(
+            (f"diagonal GGN ({label}): trace / max", f"{_fmt(diagonal.sum())} / "
+             f"{_fmt(diagonal.max())}")
+        )  # fmt: skip
     summary.add("Spectra (Lanczos vs diagonal)", rows)
 
     land = load_npz(landscape_path)
     t = land["t"]
     mid = int(np.abs(t).argmin())
-    rows = [("checkpoint train loss", _fmt(float(land["train_loss"][0, mid])))]
+    rows = [("train loss at the checkpoint (t = 0)", _fmt(float(land["train_loss"][0, mid])))]
+    values = land["direction_values"]
     for i, name in enumerate(land["direction_names"]):
         curve = land["train_loss"][i]
+        theta = f" (theta = {_fmt(float(values[i]))})" if np.isfinite(values[i]) else ""
         rows.append(
-            (
-                f"train loss at t = +-{t[-1]:g} along {name}",
-                f"{_fmt(float(curve[0]))} / {_fmt(float(curve[-1]))}",
-            )
-        )
+            (f"{name}{theta}: loss at t = -{t[-1]:g} / +{t[-1]:g}",
+             f"{_fmt(float(curve[0]))} / {_fmt(float(curve[-1]))}")
+        )  # fmt: skip
     summary.add("Loss landscape", rows)
     summary.add(
-        "Files",
-        [
-            (str(p.relative_to(out)) if p.is_relative_to(out) else str(p), "written")
-            for p in summary.files
-        ],
-    )
+        f"Files (under {out})",
+        [(str(p.relative_to(out)) if p.is_relative_to(out) else str(p), "written")
+         for p in summary.files],
+    )  # fmt: skip
     timing_rows = [(name, f"{sec:.1f} s") for name, sec in summary.timings.items()]
     timing_rows.append(("total", f"{summary.total_time:.1f} s"))
     summary.add("Timings", timing_rows)

@@ -52,13 +52,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from spectral import _backend
+from spectral import _backend, resume
 from spectral.errors import NumericalError, argument_error
+from spectral.io import CorruptFileError
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import as_generator, random_probe, random_probes
 from spectral.ritz import RitzPairs, ritz_pairs, tridiagonal_eigh
@@ -175,6 +177,8 @@ def _start_vector(op: SymmetricOperator, v0: Any, rng: np.random.Generator) -> t
                 raise argument_error("v0", f"an array of shape ({op.n},)", v0, kind=TypeError)
         if tuple(v0.shape) != (op.n,):
             raise argument_error("v0", f"a vector of shape ({op.n},)", v0)
+        if _backend.namespace(v0).isdtype(v0.dtype, "complex floating"):
+            raise argument_error("v0", "a real vector", v0, kind=TypeError)
         same = (
             _backend.namespace(v0) is xp
             and _backend.device(v0) == op.device
@@ -303,6 +307,8 @@ def lanczos(
     reorth: str | int = "full",
     store_basis: bool = True,
     check_symmetric: bool = False,
+    checkpoint: str | os.PathLike[str] | resume.LanczosHook | None = None,
+    checkpoint_every: int = 10,
 ) -> LanczosResult:
     """Run ``num_iters`` steps of the symmetric Lanczos process on ``A`` (see module docstring).
 
@@ -324,6 +330,18 @@ def lanczos(
         allowed with ``reorth="none"``.
     check_symmetric:
         Run :func:`check_symmetric` first (two extra products).
+    checkpoint:
+        Path of a state file (see :mod:`spectral.resume`).  The recurrence state
+        (``alpha``, ``beta``, the last two vectors, the basis when stored, the
+        partial-reorthogonalisation estimates) is written there atomically every
+        ``checkpoint_every`` steps and at the end.  If the file exists, the run
+        resumes from it (bit-identical to an uninterrupted run on the CPU; a
+        finished state returns its result at once); a file written with other
+        arguments or for another operator raises
+        :class:`spectral.resume.StateMismatchError`.  Costs one extra product
+        (the operator fingerprint).
+    checkpoint_every:
+        Save interval in steps (a positive integer).
 
     Returns
     -------
@@ -335,6 +353,8 @@ def lanczos(
         Invalid arguments (built with :func:`spectral.errors.argument_error`).
     spectral.errors.NumericalError
         A product ``A q_j`` contained NaN or Inf (the message names the iteration).
+    spectral.resume.StateMismatchError, spectral.io.CorruptFileError
+        ``checkpoint`` belongs to another run or cannot be read.
 
     >>> import numpy as np
     >>> r = lanczos(np.diag(np.arange(1.0, 101.0)), 10, seed=0, reorth="none", store_basis=False)
@@ -352,6 +372,7 @@ def lanczos(
             "True unless reorth='none' (reorthogonalisation needs the stored basis)",
             store_basis,
         )
+    hook = _make_hook(op, checkpoint, checkpoint_every, m, reorth, store_basis, seed, v0)
     rng = as_generator(seed)
     if check_symmetric:
         _check_symmetric_fn(op, seed=rng)
@@ -359,7 +380,63 @@ def lanczos(
     # NaN/Inf in a product are detected on alpha/beta and raised with the iteration number;
     # numpy's own floating-point warnings would only precede that error.
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        return _run(op, q, m, mode, window, store_basis, start_norm, reorth)
+        return _run(op, q, m, mode, window, store_basis, start_norm, reorth, hook)
+
+
+def _make_hook(
+    op: SymmetricOperator,
+    checkpoint: Any,
+    checkpoint_every: Any,
+    m: int,
+    reorth: str | int,
+    store_basis: bool,
+    seed: Any,
+    v0: Any,
+) -> resume.LanczosHook | None:
+    """The state-file hook of a run (``None`` without ``checkpoint``); loads a saved state.
+
+    The configuration fingerprint holds every argument that changes the result; the
+    symmetry check is left out (it does not change the recurrence).
+    """
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint, resume.LanczosHook):  # from slq / the nets workflow
+        return checkpoint
+    every = resume.check_every(checkpoint_every)
+    config = {
+        "function": "lanczos",
+        "n": op.n,
+        "num_iters": m,
+        "reorth": reorth if isinstance(reorth, str) else int(reorth),
+        "store_basis": store_basis,
+        "seed": resume.describe_seed(seed),
+        "v0": None if v0 is None else resume.array_digest(v0),
+    }
+    ck = resume.Checkpoint(checkpoint, kind="lanczos", config=config, operator=op)
+    saved = ck.load()
+    initial = None if saved is None else resume.LanczosState.from_payload(saved, path=ck.path)
+    return resume.LanczosHook(
+        ck, every, initial=initial, storage=resume.storage_dtype(op.xp, op.dtype)
+    )
+
+
+def _from_state(op: SymmetricOperator, st: resume.LanczosState, reorth: str | int) -> LanczosResult:
+    """The result of a finished run stored in a state file (vectors back in ``op``'s namespace)."""
+    basis = None
+    if st.basis is not None:
+        basis = _backend.from_host(st.basis, like=op.template).T
+    residual = None if st.residual is None else _backend.from_host(st.residual, like=op.template)
+    return LanczosResult(
+        alpha=np.asarray(st.alphas, dtype=np.float64),
+        beta=np.asarray(st.betas, dtype=np.float64),
+        basis=basis,
+        num_iters=st.iteration,
+        breakdown=st.breakdown,
+        residual_norm=st.residual_norm,
+        start_norm=st.start_norm,
+        residual_vector=residual,
+        reorth=reorth,
+    )
 
 
 _check_symmetric_fn = check_symmetric
@@ -374,6 +451,7 @@ def _run(
     store_basis: bool,
     start_norm: float,
     reorth: str | int,
+    hook: resume.LanczosHook | None = None,
 ) -> LanczosResult:
     xp = op.xp
     n = op.n
@@ -393,7 +471,25 @@ def _run(
     omega_cur = np.ones(1)
     omega_old = np.zeros(0)
     force_reorth = False
-    for j in range(m):
+    start = 0
+    init = None if hook is None else hook.initial
+    if init is not None:  # resume from a state file
+        if init.complete:
+            return _from_state(op, init, reorth)
+        if (basis is None) != (init.basis is None) or init.q is None or init.q_prev is None:
+            raise CorruptFileError(f"State file '{hook.checkpoint.path}' lacks Lanczos vectors.")  # type: ignore[union-attr]
+        if init.basis is not None and basis is not None:
+            for row in init.basis:
+                basis.append(_backend.from_host(row, like=op.template))
+        start = init.iteration
+        alphas, betas = [float(a) for a in init.alphas], [float(b) for b in init.betas]
+        q = _backend.from_host(init.q, like=op.template)
+        q_prev = _backend.from_host(init.q_prev, like=op.template)
+        beta_prev, anorm, start_norm = init.beta_prev, init.anorm, init.start_norm
+        omega_cur, omega_old = init.omega_cur.copy(), init.omega_old.copy()
+        force_reorth = init.force_reorth
+        logger.info("lanczos: resuming after iteration %d of %d", start, m)
+    for j in range(start, m):
         if basis is not None:
             basis.append(q)
         w = op.matvec(q)
@@ -452,7 +548,38 @@ def _run(
         w *= 1.0 / beta_j  # w is owned (fresh) and no longer needed as a residual
         q = w
         beta_prev = beta_j
+        if hook is not None and (j + 1) % hook.every == 0:
+            hook.save(
+                resume.LanczosState(
+                    iteration=j + 1,
+                    alphas=np.asarray(alphas, dtype=np.float64),
+                    betas=np.asarray(betas, dtype=np.float64),
+                    start_norm=start_norm,
+                    basis=None if basis is None else hook.host(basis.block(0, j + 1)),
+                    q=hook.host(q),
+                    q_prev=hook.host(q_prev),
+                    beta_prev=beta_prev,
+                    anorm=anorm,
+                    omega_cur=omega_cur,
+                    omega_old=omega_old,
+                    force_reorth=force_reorth,
+                )
+            )
     k = len(alphas)
+    if hook is not None:
+        hook.save(
+            resume.LanczosState(
+                iteration=k,
+                alphas=np.asarray(alphas, dtype=np.float64),
+                betas=np.asarray(betas[: k - 1], dtype=np.float64),
+                start_norm=start_norm,
+                basis=None if basis is None else hook.host(basis.block(0, k)),
+                complete=True,
+                breakdown=breakdown,
+                residual=hook.host(residual),
+                residual_norm=float(residual_norm),
+            )
+        )
     return LanczosResult(
         alpha=np.asarray(alphas, dtype=np.float64),
         beta=np.asarray(betas[: k - 1], dtype=np.float64),

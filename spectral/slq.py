@@ -19,12 +19,15 @@ moment), so ``num_probes=1`` is the default.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
+from spectral import resume
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
+from spectral.io import CorruptFileError
 from spectral.lanczos import lanczos
 from spectral.operator import as_operator
 from spectral.probes import PROBE_KINDS, as_generator, random_probe
@@ -42,6 +45,8 @@ def slq(
     probe: str = "rademacher",
     seed: int | np.random.Generator | None = None,
     reorth: str | int = "full",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 10,
 ) -> SpectralDensity:
     r"""Estimate the spectral density of ``A`` by stochastic Lanczos quadrature.
 
@@ -65,6 +70,15 @@ def slq(
         Passed to :func:`spectral.lanczos.lanczos`. With ``"none"`` the basis is not stored
         (memory :math:`O(n)`); ghost Ritz values then share the weight of the eigenvalue they
         copy, so quadrature stays accurate.
+    checkpoint:
+        Path of a state file (see :mod:`spectral.resume`): the finished probes' nodes and
+        weights, the generator state at the start of the current probe and its Lanczos
+        state (every ``checkpoint_every`` steps) are saved there atomically; a restarted
+        call with the same arguments resumes (bit-identical on the CPU, including with
+        ``seed=None``: the generator state is restored from the file).  A file of other
+        arguments or another operator raises :class:`spectral.resume.StateMismatchError`.
+    checkpoint_every:
+        Save interval in Lanczos steps (a positive integer).
 
     Returns
     -------
@@ -98,14 +112,46 @@ def slq(
         raise argument_error(
             "num_iters", f"an integer with 1 <= num_iters <= n = {op.n}", num_iters
         )
+    seed_description = resume.describe_seed(seed)  # before the generator is used
     rng = as_generator(seed)
     m = int(num_iters)
     store_basis = reorth != "none"
     probe_nodes = np.full((int(num_probes), m), np.nan)
     probe_weights = np.full((int(num_probes), m), np.nan)
-    for k in range(int(num_probes)):
+    state: resume.Checkpoint | None = None
+    first, pending = 0, None
+    if checkpoint is not None:
+        every = resume.check_every(checkpoint_every)
+        config = {
+            "function": "slq",
+            "n": op.n,
+            "num_iters": m,
+            "num_probes": int(num_probes),
+            "probe": probe,
+            "reorth": reorth if isinstance(reorth, str) else int(reorth),
+            "seed": seed_description,
+        }
+        state = resume.Checkpoint(checkpoint, kind="slq", config=config, operator=op)
+        first, pending = _restore(state, rng, probe_nodes, probe_weights)
+
+    def save_probes(index: int, rng_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        arrays = {"probe_nodes": probe_nodes, "probe_weights": probe_weights}
+        return arrays, {"probe_index": index, "rng_state": rng_state}
+
+    for k in range(first, int(num_probes)):
+        rng_state = rng.bit_generator.state
         v0 = random_probe(op.n, probe, rng, like=op.template)
-        result = lanczos(op, m, v0=v0, reorth=reorth, store_basis=store_basis)
+        hook = None
+        if state is not None:
+            hook = resume.LanczosHook(
+                state,
+                every,
+                initial=pending if k == first else None,
+                prefix="lz_",
+                extra=lambda k=k, s=rng_state: save_probes(k, s),  # type: ignore[misc]
+                storage=resume.storage_dtype(op.xp, op.dtype),
+            )
+        result = lanczos(op, m, v0=v0, reorth=reorth, store_basis=store_basis, checkpoint=hook)
         pairs = result.ritz()
         size = len(pairs)
         probe_nodes[k, :size] = pairs.values
@@ -119,4 +165,30 @@ def slq(
             pairs.values[-1],
             " (invariant Krylov space)" if result.breakdown else "",
         )
+        if state is not None:
+            state.save(*save_probes(k + 1, rng.bit_generator.state))
     return SpectralDensity.from_probes(probe_nodes, probe_weights)
+
+
+def _restore(
+    state: resume.Checkpoint,
+    rng: np.random.Generator,
+    probe_nodes: np.ndarray,
+    probe_weights: np.ndarray,
+) -> tuple[int, resume.LanczosState | None]:
+    """Load ``state``: fill the finished probes, restore ``rng``; return (next probe, its state)."""
+    saved = state.load()
+    if saved is None:
+        return 0, None
+    try:
+        first = int(saved.meta["probe_index"])
+        probe_nodes[:first] = saved.arrays["probe_nodes"][:first]
+        probe_weights[:first] = saved.arrays["probe_weights"][:first]
+        rng.bit_generator.state = saved.meta["rng_state"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(f"State file '{state.path}' lacks the SLQ state ({exc}).") from exc
+    pending = None
+    if "lz_iteration" in saved.meta:
+        pending = resume.LanczosState.from_payload(saved, "lz_", path=state.path)
+    logger.info("slq: resuming at probe %d of %d", first + 1, probe_nodes.shape[0])
+    return first, pending

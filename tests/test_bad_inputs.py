@@ -259,6 +259,26 @@ def _(tmp: Path) -> Any:
     return spectral.lanczos(SPD + 1e-3 * np.eye(6), 3, seed=0, checkpoint=tmp / "s.npz")
 
 
+@case("lanczos-complex-start", TypeError, "'v0'", "real")
+def _(tmp: Path) -> Any:
+    return spectral.lanczos(SPD, 2, v0=np.ones(6, dtype=complex))
+
+
+@case("lanczos-start-not-array", TypeError, "'v0'", "shape (6,)")
+def _(tmp: Path) -> Any:
+    return spectral.lanczos(SPD, 2, v0="ones")
+
+
+@case("lanczos-inf-operator", spectral.NumericalError, "iteration 1", "nan or inf")
+def _(tmp: Path) -> Any:
+    return spectral.lanczos(np.diag([1.0, np.inf, 2.0]), 2, seed=0)
+
+
+@case("trace-num-matvecs-zero", ValueError, "'num_matvecs'", ">= 1")
+def _(tmp: Path) -> Any:
+    return spectral.trace(SPD, num_matvecs=0)
+
+
 # ----------------------------------------------------------------------------- curvops
 
 
@@ -335,7 +355,7 @@ def _(tmp: Path) -> Any:
 
 @case("curvops-matvec-complex", TypeError, "'x'", "real")
 def _(tmp: Path) -> Any:
-    return _hessian().matvec(torch.zeros(22, dtype=torch.complex64))
+    return _hessian().matvec(torch.zeros(26, dtype=torch.complex64))
 
 
 @case("curvops-sum-sizes", ValueError, "", "")
@@ -376,6 +396,43 @@ def _(tmp: Path) -> Any:
 @case("curvops-ggn-diagonal-method", ValueError, "'method'", "'exact'")
 def _(tmp: Path) -> Any:
     return curvops.ggn_diagonal(_model(), nn.CrossEntropyLoss(), _batch(), method="guess")
+
+
+@case("curvops-vector-wrong-device", ValueError, "'x'", "operator's device cpu")
+def _(tmp: Path) -> Any:
+    return _hessian().matvec(torch.zeros(26, device="meta"))
+
+
+@case("curvops-matmat-rows", ValueError, "'X'", "26 rows")
+def _(tmp: Path) -> Any:
+    return _hessian().matmat(torch.zeros(5, 2))
+
+
+@case("curvops-unknown-parameter-name", ValueError, "'params'", "names of parameters")
+def _(tmp: Path) -> Any:
+    return _hessian(params=["nope.weight"])
+
+
+@case("curvops-all-frozen", ValueError, "'params'", "at least one parameter")
+def _(tmp: Path) -> Any:
+    return curvops.HessianOperator(_model().requires_grad_(False), nn.CrossEntropyLoss(), _batch())
+
+
+@case("curvops-nan-parameter", spectral.NumericalError, "batch 0", "parameter(s) ['0.weight']")
+def _(tmp: Path) -> Any:
+    net = _model()
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    return spectral.lanczos(curvops.HessianOperator(net, nn.CrossEntropyLoss(), _batch()), 2)
+
+
+@case("curvops-nan-inputs", spectral.NumericalError, "batch 1", "inputs of this batch")
+def _(tmp: Path) -> Any:
+    x, y = _batch()
+    bad = x.clone()
+    bad[2, 1] = float("inf")
+    op = curvops.GGNOperator(_model(), nn.CrossEntropyLoss(), [(x, y), (bad, y)])
+    return op.matvec(torch.ones(26))
 
 
 # ----------------------------------------------------------------------------- nets
@@ -518,5 +575,5 @@ def test_bad_input_is_refused_clearly(bad: Case, tmp_path: Path) -> None:
     message = str(info.value)
     for fragment in bad.fragments:
         assert fragment.lower() in message.lower(), f"{fragment!r} not in: {message}"
-    # The message says what was expected (or, for files, names the file).
-    assert re.search(r"expected|no such|not ", message, re.IGNORECASE), message
+    # The message says what was expected (or names the file, or where a NaN appeared).
+    assert re.search(r"expected|no such|not |non-finite|nan", message, re.IGNORECASE), message

@@ -116,7 +116,7 @@ class Spectrum:
 
 
 def _spectrum_from_mapping(arrays: Mapping[str, Any], where: str) -> Spectrum:
-    values_key = "w" if "w" in arrays else "eigvals" if "eigvals" in arrays else None
+    values_key = next((k for k in ("w", "eigvals", "nodes") if k in arrays), None)
     weights_key = "gammas" if "gammas" in arrays else "weights" if "weights" in arrays else None
     if values_key is None or weights_key is None:
         raise argument_error(

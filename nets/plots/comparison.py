@@ -41,7 +41,7 @@ def _diagonals(source: Any) -> dict[str, np.ndarray]:
         if not source:
             raise argument_error("ggn_diagonal", "a non-empty mapping of diagonals", source)
         return {
-            f"Diag-GGN ({label})": as_diagonal(value, name="ggn_diagonal")
+            f"Diag-GGN {label}": as_diagonal(value, name="ggn_diagonal")
             for label, value in source.items()
         }
     if isinstance(source, Mapping):

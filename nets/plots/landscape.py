@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from nets.plots._figure import PALETTE, close_figure, figure_style, new_subplots, save_figure
 from nets.plots._sources import load_landscape
@@ -146,6 +147,8 @@ def _draw_plane(
     )
     ax.set_xlabel(f"$t_1$ along {names[0]}")
     ax.set_ylabel(f"$t_2$ along {names[1]}")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
     ax.set_aspect("equal")
     ax.grid(False)
     return filled
@@ -157,6 +160,7 @@ def plot_loss_landscape(
     metric: str = "loss",
     directions: Sequence[int] | None = None,
     planes: bool = True,
+    curves: bool = True,
     save_path: str | os.PathLike[str] | None = None,
     title: str | None = None,
 ) -> Figure:
@@ -170,6 +174,8 @@ def plot_loss_landscape(
         ``"loss"`` (default), ``"acc"`` or ``"both"`` (two rows: loss, then accuracy).
     directions:
         Indices of the directions to draw (all by default).
+    curves:
+        Draw the curves (``False``: only the planes' contours).
     planes:
         Also draw each stored plane as train/test filled contours (one row per plane);
         losses spanning more than a factor 50 are shown as log10.
@@ -208,6 +214,10 @@ def plot_loss_landscape(
     if planes and "plane_train_loss" in arrays:
         q = np.asarray(arrays["plane_train_loss"]).shape[0]
         plane_names = _names(arrays, "plane_names", q, "plane")
+    if not curves:
+        if not plane_names:
+            raise argument_error("curves", "True when the file holds no plane", curves)
+        rows = []
     checkpoint = None
     if "checkpoint_loss" in arrays and np.asarray(arrays["checkpoint_loss"]).size == 1:
         checkpoint = float(np.asarray(arrays["checkpoint_loss"]))
@@ -221,24 +231,30 @@ def plot_loss_landscape(
                 if key not in arrays:
                     ax.set_axis_off()
                     continue
-                curves = arrays[key][idx]
+                selected = arrays[key][idx]
                 _draw_curves(
                     ax,
                     t,
-                    curves,
+                    selected,
                     labels,
                     checkpoint if (m == "loss" and split == "train") else None,
                 )
                 ax.set_ylabel("loss" if m == "loss" else "accuracy (%)")
                 ax.set_title(f"{split.capitalize()} {'loss' if m == 'loss' else 'accuracy'}")
         handles, legend_labels = axes[0, 0].get_legend_handles_labels()
-        if handles:
+        if handles and rows:
             fig.legend(
                 handles,
                 legend_labels,
                 loc="outside upper center",
                 ncols=min(len(handles), 3),
             )
+
+        def value_label(name: str) -> str:
+            if name in names:
+                return direction_label(name, float(values[names.index(name)]))
+            return name
+
         for p, plane in enumerate(plane_names):
             pair = tuple(plane.split("|", 1)) if "|" in plane else (plane, plane)
             splits = [s for s in ("train", "test") if f"plane_{s}_loss" in arrays]
@@ -250,8 +266,9 @@ def plot_loss_landscape(
                 if split not in splits:
                     row[c].set_axis_off()
                     continue
+                axis_names = (value_label(pair[0]), value_label(pair[-1]))
                 filled = _draw_plane(
-                    row[c], t, panels[splits.index(split)], (pair[0], pair[-1]), use_log, levels
+                    row[c], t, panels[splits.index(split)], axis_names, use_log, levels
                 )
                 row[c].set_title(f"{split.capitalize()} loss over the plane")
             if filled is not None:

@@ -68,9 +68,10 @@ def _fmt(x: float | None) -> str:
     """A number for mathtext: ``3.142``, ``1.39 \\times 10^{5}``, ``n/a``."""
     if x is None or not np.isfinite(x):
         return r"\mathrm{n/a}"
-    if x == 0 or 1e-3 <= abs(x) < 1e5:
-        return f"{x:.4g}"
-    mantissa, exponent = f"{x:.3e}".split("e")
+    text = f"{x:.4g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
     return rf"{mantissa} \times 10^{{{int(exponent)}}}"
 
 

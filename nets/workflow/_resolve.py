@@ -512,6 +512,9 @@ def resolve_model(
     config = dict(ckpt.get("config") or {}) if ckpt is not None else {}
 
     if isinstance(model, nn.Module):
+        from curvops.distributed import unwrap_model
+
+        model = unwrap_model(model)  # a DistributedDataParallel wrapper: use its module
         auto = device is None or (isinstance(device, str) and device.lower() == "auto")
         target = _model_device(model) if auto else resolve_device(device)
         must_copy = copy_module or ckpt is not None or target != _model_device(model)

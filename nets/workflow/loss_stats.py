@@ -49,11 +49,16 @@ from nets.workflow._resolve import (
     check_bn_mode,
     check_int,
     default_loss,
+    is_writer,
     make_eval_loader,
+    operator_group,
     parse_curvature,
     preserve_global_state,
     resolve_data,
     resolve_model,
+    resolve_parallel,
+    shard_loader,
+    written,
 )
 from nets.workflow._resume import describe_model, describe_value, file_digest, open_state
 from nets.workflow.landscape import evaluate
@@ -121,6 +126,7 @@ def compute_loss_stats(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
     state_path: PathLike | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Loss, gradient and curvature statistics (and train/test metrics) of checkpoints.
 
@@ -157,6 +163,12 @@ def compute_loss_stats(
         finished checkpoints are saved there atomically after each checkpoint, and a
         restarted call with the same arguments (and unchanged checkpoint files)
         computes only the missing ones.  ``None``: no state file.
+    process_group:
+        Under ``torchrun``: every rank takes its whole batches of each split, the
+        statistics and metrics are summed over the group (one ``all_reduce`` per
+        reduction), every rank returns the same values and only rank 0 writes
+        ``save_path`` (``None``: the default group when ``torch.distributed`` is
+        initialised; ``False``: each rank on its own; or a process group).
 
     Returns
     -------
@@ -180,6 +192,7 @@ def compute_loss_stats(
     check_int("seed", seed, 0)
     mode = check_bn_mode(bn_mode)
     loss = default_loss(loss_fn)
+    group, device = resolve_parallel(process_group, device)
     paths = _checkpoint_list(checkpoint_path)
     rows: dict[str, list[float]] = {key: [] for key in STATS_KEYS}
     epochs: list[int] = []
@@ -216,14 +229,19 @@ def compute_loss_stats(
         logger.info("resuming loss statistics after %d of %d checkpoints", done, len(paths))
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
-        train = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+        train_all = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+        train = shard_loader(train_all, group, raw=True)
         test = (
             None
             if data.test is None
-            else make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed)
+            else shard_loader(
+                make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed),
+                group,
+                raw=True,
+            )
         )
         bar = None
-        if progress:
+        if progress and is_writer(group):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(paths), desc="loss stats", unit="checkpoint")
@@ -236,20 +254,23 @@ def compute_loss_stats(
                 resolved = resolve_model(model, path, data, device=device, seed=seed)
                 work = resolved.model
                 names.append(resolved.name)
-                train_loss, train_acc = evaluate(work, train, loss)
+                train_loss, train_acc = evaluate(work, train, loss, group=group)
                 test_loss, test_acc = (
-                    (math.nan, math.nan) if test is None else evaluate(work, test, loss)
+                    (math.nan, math.nan)
+                    if test is None
+                    else evaluate(work, test, loss, group=group)
                 )
                 stats = loss_stats(
                     work,
                     loss,
-                    train,
+                    shard_loader(train_all, group),
                     curvature=curvature,
                     z=direction,
                     seed=seed,
                     num_probes=frobenius_probes,
                     params=params,
                     bn_mode=mode,
+                    process_group=operator_group(group),
                 ).as_dict()
                 stats.update(
                     train_loss=train_loss,
@@ -312,6 +333,8 @@ def compute_loss_stats(
     if save_path is not None:
         text = os.fspath(save_path)
         target = text if text.endswith(".npz") else text + ".npz"
-        save_npz(target, **out)
-        logger.info("loss statistics written to %s", target)
+        if is_writer(group):
+            save_npz(target, **out)
+            logger.info("loss statistics written to %s", target)
+        written(group)
     return out

@@ -77,6 +77,7 @@ from nets.workflow._resolve import (
     spectrum_file,
     written,
 )
+from nets.workflow._resume import describe_model, describe_value, file_digest
 from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
@@ -84,6 +85,7 @@ from spectral.io import load_npz, save_npz
 from spectral.lanczos import lanczos
 from spectral.operator import as_operator
 from spectral.probes import as_generator, random_probe
+from spectral.resume import Checkpoint, LanczosHook, LanczosState, storage_dtype
 from spectral.ritz import ritz_pairs
 
 __all__ = [
@@ -242,6 +244,8 @@ def lanczos_spectrum(
     seed: int = 0,
     keep_vectors: bool = False,
     progress: bool = False,
+    state: Checkpoint | None = None,
+    checkpoint_every: int = 10,
 ) -> dict[str, Any]:
     """Lanczos from ``num_probes`` Rademacher probes on any symmetric operator.
 
@@ -252,7 +256,10 @@ def lanczos_spectrum(
     ``probe_weights``, ``alpha``, ``beta``, ``trace``, ``trace_stderr``,
     ``num_params`` and (``keep_vectors``) ``vectors`` float32[m, P] and
     ``vector_values`` of the first probe.  ``progress`` shows a bar over the
-    ``num_probes * lanczos_iters`` products.
+    ``num_probes * lanczos_iters`` products.  ``state`` (a
+    :class:`spectral.resume.Checkpoint` bound to ``operator``) makes the run
+    resumable: each finished probe and, every ``checkpoint_every`` steps, the
+    Lanczos state of the current one are saved; a saved state is resumed.
 
     >>> out = lanczos_spectrum(np.diag([1.0, 2.0, 3.0, 4.0]), 4, seed=0)
     >>> out["values"].round(12).tolist(), round(out["trace"], 12)
@@ -276,22 +283,69 @@ def lanczos_spectrum(
 
         op = as_operator(counted, size=n, like=base.template)
     try:
-        return _probes(op, m, k, seed, keep_vectors)
+        return _probes(op, m, k, seed, keep_vectors, state, checkpoint_every)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _probes(op: Any, m: int, k: int, seed: int, keep_vectors: bool) -> dict[str, Any]:
+_PROBE_OUTPUTS = ("alpha", "beta", "vectors", "vector_values")
+
+
+def _probes(
+    op: Any,
+    m: int,
+    k: int,
+    seed: int,
+    keep_vectors: bool,
+    state: Checkpoint | None = None,
+    every: int = 10,
+) -> dict[str, Any]:
     n = op.n
     rng = as_generator(seed)
     probe_nodes = np.full((k, m), np.nan)
     probe_weights = np.full((k, m), np.nan)
     probe_residuals = np.full((k, m), np.nan)
     out: dict[str, Any] = {}
-    for j in range(k):
+    first, pending = 0, None
+    saved = None if state is None else state.load()
+    if saved is not None and state is not None:
+        first = int(saved.meta["probe_index"])
+        for name, arr in (
+            ("probe_nodes", probe_nodes),
+            ("probe_weights", probe_weights),
+            ("probe_residuals", probe_residuals),
+        ):
+            arr[:first] = saved.arrays[name][:first]
+        out.update({key: saved.arrays[key] for key in _PROBE_OUTPUTS if key in saved.arrays})
+        rng.bit_generator.state = saved.meta["rng_state"]
+        if "lz_iteration" in saved.meta:
+            pending = LanczosState.from_payload(saved, "lz_", path=state.path)
+        logger.info("resuming the spectrum at probe %d of %d", first + 1, k)
+
+    def payload(index: int, rng_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        arrays = {
+            "probe_nodes": probe_nodes,
+            "probe_weights": probe_weights,
+            "probe_residuals": probe_residuals,
+            **{key: out[key] for key in _PROBE_OUTPUTS if key in out},
+        }
+        return arrays, {"probe_index": index, "rng_state": rng_state}
+
+    for j in range(first, k):
+        rng_state = rng.bit_generator.state
         v0 = random_probe(n, "rademacher", rng, like=op.template)
-        result = lanczos(op, m, v0=v0, reorth="full", store_basis=True)
+        hook = None
+        if state is not None:
+            hook = LanczosHook(
+                state,
+                every,
+                initial=pending if j == first else None,
+                prefix="lz_",
+                extra=lambda j=j, s=rng_state: payload(j, s),  # type: ignore[misc]
+                storage=storage_dtype(op.xp, op.dtype),
+            )
+        result = lanczos(op, m, v0=v0, reorth="full", store_basis=True, checkpoint=hook)
         with_vectors = keep_vectors and j == 0
         # Ritz vectors (basis @ S, P x m) only where they are kept
         pairs = ritz_pairs(
@@ -321,6 +375,8 @@ def _probes(op: Any, m: int, k: int, seed: int, keep_vectors: bool) -> dict[str,
             pairs.values[-1],
             " (invariant Krylov space)" if result.breakdown else "",
         )
+        if state is not None:
+            state.save(*payload(j + 1, rng.bit_generator.state))
     keep = ~np.isnan(probe_nodes)
     nodes = probe_nodes[keep]
     order = np.argsort(nodes, kind="stable")
@@ -357,6 +413,8 @@ def compute_eigenspectrum(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
     process_group: Any = None,
+    state_path: PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> SpectrumResult:
     """Lanczos spectrum of a network's Hessian, GGN or Fisher at a checkpoint.
 
@@ -406,6 +464,16 @@ def compute_eigenspectrum(
         ``False``: no communication (each rank on its own); or a process group.
         ``device='auto'`` then means ``cuda:LOCAL_RANK`` (or the CPU).
 
+    state_path:
+        State file for resumable runs (see :mod:`spectral.resume` and
+        :mod:`nets.workflow._resume`): every ``checkpoint_every`` Lanczos steps and
+        after each probe the recurrence state is saved atomically; a killed run
+        restarted with the same arguments resumes and returns bit-identical
+        results on the CPU.  A state of another configuration, checkpoint or
+        model is refused (:class:`spectral.resume.StateMismatchError`).  Costs
+        one extra product (the operator fingerprint).  ``None``: no state file.
+    checkpoint_every:
+        Save interval in Lanczos steps.
     Returns
     -------
     SpectrumResult
@@ -449,6 +517,32 @@ def compute_eigenspectrum(
         names = [name for name, _ in operator.params]
         space = ParamSpace.from_model(resolved.model, names)
         fingerprint = model_fingerprint(resolved.model, names)
+        state = None
+        if state_path is not None:
+            state_config = {
+                "function": "compute_eigenspectrum",
+                "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+                "data_path": None if data_path is None else os.fspath(data_path),
+                "model": describe_model(model),
+                "model_fingerprint": fingerprint,
+                "checkpoint": file_digest(checkpoint_path),
+                "curvature": curvature,
+                "lanczos_iters": int(lanczos_iters),
+                "num_probes": int(num_probes),
+                "bn_mode": mode,
+                "params": names,
+                "subsample": subsample,
+                "batch_size": int(batch_size),
+                "seed": int(seed),
+                "loss": describe_value(loss),
+                "save_eigvec": save_eigvec,
+            }
+            state = Checkpoint(
+                state_path,
+                kind="compute_eigenspectrum",
+                config=state_config,
+                operator=as_operator(operator),
+            )
         out = lanczos_spectrum(
             operator,
             lanczos_iters,
@@ -456,6 +550,8 @@ def compute_eigenspectrum(
             seed=seed,
             keep_vectors=save_eigvec,
             progress=progress and is_writer(group),
+            state=state,
+            checkpoint_every=checkpoint_every,
         )
     config = {
         "function": "compute_eigenspectrum",

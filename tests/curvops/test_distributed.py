@@ -19,6 +19,7 @@ The workers are this file run as a script (``python test_distributed.py --worker
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import subprocess
 import sys
@@ -81,7 +82,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from spectral.lanczos import lanczos
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),  # a failed peer surfaces quickly
+    )
     out: dict[str, Any] = {}
     loss = nn.CrossEntropyLoss()
     model = make_model()
@@ -153,10 +160,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 # ---------------------------------------------------------------------------- test side
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, np.ndarray]]:
-    """Run the 3-process job once; the per-rank result dictionaries."""
-    tmp = tmp_path_factory.mktemp("gloo")
+def _run_job(tmp: Path) -> list[dict[str, np.ndarray]]:
+    """Run the 3-process job; the per-rank result dictionaries."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     init_file = str(tmp / "rendezvous")
     procs = [
@@ -187,26 +192,27 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.distributed
-def test_unequal_shards_cover_the_data_once(job: list[dict[str, np.ndarray]]) -> None:
+def _check_unequal_shards_cover_the_data_once(job: list[dict[str, np.ndarray]]) -> None:
     indices = [r["shard_indices"].tolist() for r in job]
     assert indices == [[0, 3, 6], [1, 4], [2, 5]]
     assert [int(r["shard_samples"]) for r in job] == [16, 12, 12]
     assert sorted(i for ix in indices for i in ix) == list(range(len(SIZES)))
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", ["H", "G", "F"])
-def test_products_equal_single_process(job: list[dict[str, np.ndarray]], name: str) -> None:
+def _check_products(job: list[dict[str, np.ndarray]]) -> None:
+    for name in ("H", "G", "F"):
+        _check_product(job, name)
+
+
+def _check_product(job: list[dict[str, np.ndarray]], name: str) -> None:
     for r in job:
-        assert _rel(r[name], r[f"{name}_ref"]) <= 1e-12
+        assert _rel(r[name], r[f"{name}_ref"]) <= 1e-12, name
     # the reduced products are bitwise identical on every rank
     for r in job[1:]:
         assert np.array_equal(r[name], job[0][name])
 
 
-@pytest.mark.distributed
-def test_lanczos_bitwise_identical_across_ranks(job: list[dict[str, np.ndarray]]) -> None:
+def _check_lanczos_bitwise_identical_across_ranks(job: list[dict[str, np.ndarray]]) -> None:
     for r in job[1:]:
         assert np.array_equal(r["alpha"], job[0]["alpha"])
         assert np.array_equal(r["beta"], job[0]["beta"])
@@ -214,16 +220,14 @@ def test_lanczos_bitwise_identical_across_ranks(job: list[dict[str, np.ndarray]]
     assert job[0]["alpha"].shape == (ITERS,)
 
 
-@pytest.mark.distributed
-def test_spectrum_equals_single_process(job: list[dict[str, np.ndarray]]) -> None:
+def _check_spectrum_equals_single_process(job: list[dict[str, np.ndarray]]) -> None:
     ref = job[0]["ritz_ref"]
     scale = np.abs(ref).max()
     for r in job:
         assert np.abs(r["ritz"] - ref).max() <= 1e-10 * scale
 
 
-@pytest.mark.distributed
-def test_subgroup_with_ddp_model(job: list[dict[str, np.ndarray]]) -> None:
+def _check_subgroup_with_ddp_model(job: list[dict[str, np.ndarray]]) -> None:
     for r in job[:2]:
         assert _rel(r["H_pair"], r["H_ref"]) <= 1e-12
         assert r["pair_state_diffs"].size == 0
@@ -233,8 +237,7 @@ def test_subgroup_with_ddp_model(job: list[dict[str, np.ndarray]]) -> None:
     assert "H_pair" not in job[2]
 
 
-@pytest.mark.distributed
-def test_loss_stats_equal_single_process(job: list[dict[str, np.ndarray]]) -> None:
+def _check_loss_stats_equal_single_process(job: list[dict[str, np.ndarray]]) -> None:
     for r in job:
         for key in ("loss_mean", "loss_var", "grad_mean_norm_sq", "grad_var", "hess_var"):
             ref, got = r[f"stats_{key}"]
@@ -246,10 +249,26 @@ def test_loss_stats_equal_single_process(job: list[dict[str, np.ndarray]]) -> No
         assert r["stats_counts"].tolist() == [sum(SIZES), len(SIZES)]
 
 
-@pytest.mark.distributed
-def test_float32_weights_exact(job: list[dict[str, np.ndarray]]) -> None:
+def _check_float32_weights_exact(job: list[dict[str, np.ndarray]]) -> None:
     want = WORLD * 2**30 + sum(range(WORLD))
     assert all(float(r["weight_total"]) == want for r in job)
+
+
+@pytest.mark.distributed
+def test_three_gloo_processes(tmp_path: Path) -> None:
+    """One job (about 10 s of CPU per process, mostly imports), every property checked.
+
+    A single test function rather than a module fixture, so that pytest-xdist never
+    runs the job twice.
+    """
+    job = _run_job(tmp_path)
+    _check_unequal_shards_cover_the_data_once(job)
+    _check_products(job)
+    _check_lanczos_bitwise_identical_across_ranks(job)
+    _check_spectrum_equals_single_process(job)
+    _check_subgroup_with_ddp_model(job)
+    _check_loss_stats_equal_single_process(job)
+    _check_float32_weights_exact(job)
 
 
 # ---------------------------------------------------------------------------- in-process

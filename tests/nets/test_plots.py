@@ -276,6 +276,6 @@ def test_plot_spectrum_comparison_figure2(tmp_path: Path) -> None:
         log_scale=False,
     )
     legend = " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
-    assert "Diag-GGN (exact)" in legend and "Diag-GGN (MC)" in legend
+    assert "Diag-GGN exact" in legend and "Diag-GGN MC" in legend
     with pytest.raises(ValueError, match="bins"):
         plot_spectrum_comparison(hess, ggn, diag, bins=0)

@@ -17,7 +17,7 @@ import nets.workflow.loss_stats as loss_stats_module
 from nets.checkpoint import save_checkpoint
 from nets.data import DatasetSplits, load_dataset
 from nets.models import get_model, model_spec
-from nets.workflow import build_loss_landscape, compute_loss_stats
+from nets.workflow import build_loss_landscape, compute_eigenspectrum, compute_loss_stats
 from spectral.resume import StateMismatchError
 
 N = 32
@@ -136,3 +136,37 @@ def test_landscape_resume_after_interruption(
         np.testing.assert_array_equal(getattr(reference, key), getattr(resumed, key), err_msg=key)
     with pytest.raises(StateMismatchError, match=r"dist|'t'|t="):
         build_loss_landscape(splits, state_path=state, **{**kw, "dist": 0.25})
+
+
+def test_eigenspectrum_resume_after_interruption(
+    splits: DatasetSplits, checkpoints: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted inside the second probe: the restart computes only the missing steps."""
+    from curvops.curvature import ModelCurvatureOperator
+
+    kw: dict[str, Any] = dict(
+        checkpoint_path=checkpoints[1], lanczos_iters=8, num_probes=2, subsample=N,
+        batch_size=N, device="cpu", save_eigvec=True,
+    )  # fmt: skip
+    reference = compute_eigenspectrum(splits, **kw)
+    state = tmp_path / "spectrum-state.npz"
+    with monkeypatch.context() as m:  # fingerprint + probe 1 + 5 steps of probe 2
+        _fail_after(m, ModelCurvatureOperator, "_matmat_torch", 1 + 8 + 5)
+        with pytest.raises(_Interrupt):
+            compute_eigenspectrum(splits, state_path=state, checkpoint_every=2, **kw)
+    with monkeypatch.context() as m:
+        counter = _fail_after(m, ModelCurvatureOperator, "_matmat_torch", -1)
+        resumed = compute_eigenspectrum(splits, state_path=state, checkpoint_every=2, **kw)
+    assert counter[0] == 1 + 8 - 4  # fingerprint + probe 2 after its state at step 4
+    for key in ("values", "weights", "residuals", "probe_nodes", "alpha", "beta", "vectors"):
+        np.testing.assert_array_equal(getattr(reference, key), getattr(resumed, key), err_msg=key)
+    assert resumed.trace == reference.trace
+    with pytest.raises(StateMismatchError, match="lanczos_iters"):
+        compute_eigenspectrum(splits, state_path=state, **{**kw, "lanczos_iters": 9})
+    with pytest.raises(StateMismatchError, match="checkpoint"):
+        compute_eigenspectrum(
+            splits,
+            state_path=state,
+            checkpoint_every=2,
+            **{**kw, "checkpoint_path": checkpoints[2]},
+        )
