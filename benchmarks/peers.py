@@ -37,6 +37,7 @@ import importlib
 import inspect
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,6 +233,9 @@ def _bind_pyhessian(model: nn.Module, loss_fn: nn.Module, batches: list[Batch]) 
     except Exception as exc:
         raise Unavailable(describe_error(exc)) from exc
     single = len(batches) == 1
+    # PyHessian calls loss.backward(create_graph=True); torch warns about the
+    # parameter <-> .grad reference cycle that creates (on PyHessian's own model copy).
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     if single:
         hess = phess.hessian(model, loss_fn, data=batches[0], cuda=False)
     else:

@@ -1,8 +1,15 @@
-"""curvops: curvature matrices of PyTorch models as composable scipy LinearOperators."""
+"""curvops: curvature matrices of PyTorch models as composable scipy LinearOperators.
+
+:class:`HessianOperator`, :class:`GGNOperator` and :class:`FisherOperator` are
+``scipy.sparse.linalg.LinearOperator`` instances backed by curvature-vector
+products on the model's device; they compose (``+``, ``-``, ``*``, ``@``, ``**``,
+``shift``, ``damp``, ``deflate``) and drop into ``eigsh``, ``lobpcg``, ``cg``,
+``minres`` and :mod:`spectral`.
+"""
 
 from __future__ import annotations
 
-# --- operator base, algebra, structured operators, inverse (operator, algebra, structured) ---
+from curvops import distributed, stats, testing  # distributed: torch.distributed data parallelism
 from curvops.algebra import (
     Adjoint,
     Affine,
@@ -13,12 +20,6 @@ from curvops.algebra import (
     Scaled,
     Sum,
 )
-from curvops.inverse import InverseOperator, SolveInfo, inverse
-from curvops.operator import CurvatureOperator
-from curvops.structured import Dense, Diagonal, Identity, LowRank
-
-# --- curvature operators (hessian.py, ggn.py, fisher.py, ...) ---
-from curvops import distributed, stats, testing  # distributed: torch.distributed data parallelism
 from curvops.blocks import per_layer
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
@@ -26,34 +27,35 @@ from curvops.distributed import shard_batches
 from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
+from curvops.inverse import InverseOperator, SolveInfo, inverse
+from curvops.operator import CurvatureOperator
 from curvops.stats import LossStats, loss_stats
+from curvops.structured import Dense, Diagonal, Identity, LowRank
 
 __all__: list[str] = [
-    # operator base, algebra, structured operators, inverse
     "Adjoint",
     "Affine",
     "BlockDiagonal",
     "CurvatureOperator",
     "Dense",
     "Diagonal",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
     "Identity",
     "InverseOperator",
+    "LossStats",
     "LowRank",
+    "ModelCurvatureOperator",
     "Power",
     "Product",
     "Projected",
     "Scaled",
     "SolveInfo",
     "Sum",
-    "inverse",
-    # curvature operators
-    "FisherOperator",
-    "GGNOperator",
-    "HessianOperator",
-    "LossStats",
-    "ModelCurvatureOperator",
     "distributed",
     "ggn_diagonal",
+    "inverse",
     "loss_stats",
     "per_layer",
     "shard_batches",

@@ -461,6 +461,16 @@ def _cmd_demo(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only for meaningful defaults not already named in the help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``curvature`` with its six subcommands."""
     parser = argparse.ArgumentParser(
@@ -471,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         "digits data.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     p = sub.add_parser(
         "train",
