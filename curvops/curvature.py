@@ -229,11 +229,17 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
         """Curvature of the batch-mean loss of ``batch`` applied to ``V`` (``(k, *shape)`` list)."""
 
-    def _diagnose(self, batch: Batch) -> str:
-        """Where a non-finite product comes from (parameters or inputs), for the error message."""
+    def _diagnose(self, batch: Batch | None) -> str:
+        """Where a non-finite product comes from (parameters or inputs), for the error message.
+
+        ``batch`` is None for streamed data (a DataLoader), whose batches are not
+        re-read: only the parameters are checked then.
+        """
         bad = [name for name, p in self._params if not bool(torch.isfinite(p.detach()).all())]
         if bad:
             return f"; non-finite values in parameter(s) {bad[:5]}"
+        if batch is None:
+            return ""
         first = _first_tensor(batch.inputs)
         if first is not None and first.is_floating_point() and not bool(first.isfinite().all()):
             return "; the inputs of this batch contain NaN or Inf"
@@ -245,23 +251,30 @@ class ModelCurvatureOperator(CurvatureOperator):
         With a process group (and torch.distributed initialised) both are summed over
         the group by a single ``all_reduce``.
 
+        The finiteness of every batch product is checked on the device: the index of
+        the first non-finite batch is kept in a device scalar and read once after the
+        loop, so a product costs one host synchronisation for the check, not one per
+        batch (the later batches are still computed when one fails).
+
         Raises
         ------
         NumericalError
-            If a batch product is not finite (the message names the batch index).
+            If a batch product is not finite (the message names the first such batch).
         """
         acc: torch.Tensor | None = None
         weight = 0
+        sizes: dict[int, int] = {}
+        first_bad: torch.Tensor | None = None  # device int64: first bad batch index or -1
         # One batch on one process: no weighting, so the product is exactly A_b V.
         unweighted = self._data.is_single_batch and not self._distributed()
         with curvature_mode(self._model, self._bn_mode):
             for batch in self._batches():
                 flat = flatten_columns(self._batch_matmat(batch, V))
-                if not bool(torch.isfinite(flat).all()):
-                    raise NumericalError(
-                        f"{type(self).__name__}: non-finite curvature product in batch "
-                        f"{batch.index} (size {batch.size}){self._diagnose(batch)}."
-                    )
+                sizes[batch.index] = batch.size
+                here = torch.where(~torch.isfinite(flat).all(), batch.index, -1)
+                first_bad = (
+                    here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
+                )
                 if unweighted:
                     acc, weight = flat, 1
                 elif acc is None:
@@ -269,9 +282,21 @@ class ModelCurvatureOperator(CurvatureOperator):
                 else:
                     acc.add_(flat, alpha=batch.size)
                     weight += batch.size
-        if acc is None:  # pragma: no cover - Data refuses empty data
+        if acc is None or first_bad is None:  # pragma: no cover - Data refuses empty data
             raise argument_error("data", "at least one batch", self._data)
+        index = int(first_bad.item())  # the check's one host synchronisation
+        if index >= 0:
+            raise NumericalError(
+                f"{type(self).__name__}: non-finite curvature product in batch "
+                f"{index} (size {sizes[index]}){self._diagnose(self._in_memory_batch(index))}."
+            )
         return self._reduce(acc, weight)
+
+    def _in_memory_batch(self, index: int) -> Batch | None:
+        """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""
+        if not self._data.is_in_memory:
+            return None
+        return next((b for b in self._data if b.index == index), None)
 
     def _distributed(self) -> bool:
         return resolve_group(self.process_group) is not None

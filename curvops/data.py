@@ -136,6 +136,10 @@ class Data:
     is_single_batch:
         True when ``data`` was one ``(inputs, targets)`` pair (products may cache
         what does not depend on the vector).
+    is_in_memory:
+        True when ``data`` was one batch or a sequence of batches: the same batch
+        tensors are yielded on every pass (a DataLoader may yield fresh tensors, even
+        at reused memory addresses, so nothing may be cached per batch for it).
     num_samples:
         Total number of samples :math:`N` (computed on first access; for a DataLoader
         from its sampler when possible, otherwise by one pass).
@@ -213,6 +217,15 @@ class Data:
             yield batch
         if count == 0:
             raise argument_error("data", "a non-empty DataLoader", self._source)
+
+    @property
+    def is_in_memory(self) -> bool:
+        """True for one batch or a sequence of batches (the same tensors on every pass).
+
+        >>> as_data([(torch.zeros(2, 1), torch.zeros(2))]).is_in_memory
+        True
+        """
+        return self._batches is not None
 
     @property
     def num_samples(self) -> int:

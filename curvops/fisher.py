@@ -38,6 +38,7 @@ from curvops.data import Batch
 from curvops.losses import (
     LossFn,
     batch_generator,
+    loss_family,
     loss_kind,
     nll_scale,
     per_sample_nll_grads,
@@ -119,11 +120,7 @@ class FisherOperator(ModelCurvatureOperator):
             raise argument_error("mc_samples", "an integer >= 1", mc_samples)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise argument_error("seed", "an integer", seed, kind=TypeError)
-        if kind == "mc" and type(loss_fn) not in (
-            nn.CrossEntropyLoss,
-            nn.MSELoss,
-            nn.BCEWithLogitsLoss,
-        ):
+        if kind == "mc" and loss_family(loss_fn) not in ("ce", "mse", "bce"):
             raise argument_error(
                 "loss_fn",
                 "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for kind='mc' (use 'empirical')",

@@ -28,12 +28,17 @@ from torch import nn
 
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
-from curvops.losses import LossFn, output_hessian_matmat
+from curvops.losses import LossFn, loss_family, output_hessian_matmat
 from curvops.products import jacobian_sandwich_matmat
 
 __all__ = ["GGNOperator"]
 
 _CONVEX_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
+
+
+def _convex(loss_fn: Any) -> bool:
+    """Losses convex in the outputs (the torch modules, subclasses, and functions)."""
+    return isinstance(loss_fn, _CONVEX_LOSSES) or loss_family(loss_fn) is not None
 
 
 class GGNOperator(ModelCurvatureOperator):
@@ -68,7 +73,7 @@ class GGNOperator(ModelCurvatureOperator):
             bn_mode=bn_mode,
             progress=progress,
             process_group=process_group,
-            psd=isinstance(loss_fn, _CONVEX_LOSSES),
+            psd=_convex(loss_fn),
         )
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:

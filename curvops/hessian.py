@@ -8,10 +8,11 @@ both terms of the paper's Eq. 3 (the GGN plus the output-gradient-weighted
 Hessians of the network outputs).  Symmetric, indefinite in general.
 
 Products use double backward (measured faster than forward-over-reverse on CPU,
-see :mod:`curvops.products`); with a single batch the gradient graph is built once
-and reused while the parameters, buffers, modes and batch tensors are unchanged, so
-a Lanczos step costs one backward pass through it.  The columns of a matmat share
-the forward pass and the gradient graph of every batch.
+see :mod:`curvops.products`); with a single batch (and, with ``cache=True``, with a
+list of batches) the gradient graph of each batch is built once and reused while the
+parameters, buffers, modes and batch tensors are unchanged, so a Lanczos step costs
+one backward pass through it.  The columns of a matmat share the forward pass and
+the gradient graph of every batch.
 
 >>> import torch
 >>> net = torch.nn.Linear(2, 1).double()
@@ -44,8 +45,18 @@ class HessianOperator(ModelCurvatureOperator):
     model, loss_fn, data, params, bn_mode, progress, process_group:
         See :class:`curvops.curvature.ModelCurvatureOperator`.
     cache:
-        Keep the gradient graph of a single batch between products (default: True
-        when ``data`` is one batch).  Costs the memory of one double-backward graph.
+        Keep each batch's gradient graph between products, so that a product costs
+        one backward pass per batch instead of forward + gradient + backward
+        (measured 1.78 vs 2.73 gradient-times on a BatchNorm CNN, 8 batches of 32).
+        Memory: one double-backward graph (the activations of the forward and of
+        the gradient pass) per batch, i.e. with a list of batches the graphs of the
+        whole data set are held at once -- what batching usually exists to avoid.
+        Default (None): True for one batch, False for a sequence of batches (pass
+        ``cache=True`` when every batch's graph fits in memory together).  Never
+        applied to a DataLoader (``cache=True`` is ignored there): its batches are
+        fresh tensors on every pass and could reuse memory addresses, which would
+        make stale graphs look valid.  The cache is invalidated by any change of
+        parameters, buffers, train/eval flags or batch tensors (in place included).
 
     Raises
     ------
@@ -77,23 +88,26 @@ class HessianOperator(ModelCurvatureOperator):
             process_group=process_group,
             psd=False,
         )
-        self._cache_enabled = self.data.is_single_batch if cache is None else bool(cache)
+        wanted = self.data.is_single_batch if cache is None else bool(cache)
+        self._cache_enabled = wanted and self.data.is_in_memory
         self._cache: dict[int, tuple[tuple[Any, ...], HessianLinearization]] = {}
 
     def linearization(self, batch: Batch) -> HessianLinearization:
-        """The gradient graph of ``batch`` (cached for single-batch operators).
+        """The gradient graph of ``batch`` (cached per batch index when ``cache`` is on).
 
         Call inside :func:`curvops._model_state.curvature_mode`.
         """
-        if self._cache_enabled and self.data.is_single_batch:
-            key = self._state_key(batch)
-            hit = self._cache.get(batch.index)
-            if hit is not None and hit[0] == key:
-                return hit[1]
+        if not self._cache_enabled:
+            inputs, targets = self._batch_on_device(batch)
+            return hessian_linearization(self._loss_of_fn(inputs, targets), self.current_params())
+        key = self._state_key(batch)
+        hit = self._cache.get(batch.index)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        self._cache.pop(batch.index, None)  # free the stale graph before building anew
         inputs, targets = self._batch_on_device(batch)
         lin = hessian_linearization(self._loss_of_fn(inputs, targets), self.current_params())
-        if self._cache_enabled and self.data.is_single_batch:
-            self._cache = {batch.index: (key, lin)}
+        self._cache[batch.index] = (key, lin)
         return lin
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -47,6 +47,7 @@ __all__ = [
     "LossFn",
     "batch_generator",
     "check_loss",
+    "loss_family",
     "loss_kind",
     "nll_scale",
     "output_hessian_factor",
@@ -81,7 +82,9 @@ def check_loss(loss_fn: Any) -> LossFn:
         raise argument_error(
             "loss_fn", "a callable (outputs, targets) -> scalar", loss_fn, kind=TypeError
         )
-    reduction = getattr(loss_fn, "reduction", "mean")
+    keywords = getattr(loss_fn, "keywords", None)  # functools.partial(F.cross_entropy, ...)
+    default = keywords.get("reduction", "mean") if isinstance(keywords, dict) else "mean"
+    reduction = getattr(loss_fn, "reduction", default)
     if reduction not in _ACCEPTED_REDUCTIONS:
         raise argument_error(
             "loss_fn.reduction",
@@ -91,27 +94,58 @@ def check_loss(loss_fn: Any) -> LossFn:
     return loss_fn
 
 
+_FAMILIES: tuple[tuple[str, type[nn.Module], Callable[..., torch.Tensor]], ...] = (
+    ("ce", nn.CrossEntropyLoss, nn.functional.cross_entropy),
+    ("mse", nn.MSELoss, nn.functional.mse_loss),
+    ("bce", nn.BCEWithLogitsLoss, nn.functional.binary_cross_entropy_with_logits),
+    ("nll", nn.NLLLoss, nn.functional.nll_loss),
+)
+
+
+def loss_family(loss_fn: Any) -> str | None:
+    """``"ce"``, ``"mse"``, ``"bce"`` or ``"nll"`` for the torch loss modules *and* functions.
+
+    Exact types only (a subclass may override ``forward``); the plain functions
+    (``torch.nn.functional.cross_entropy`` ...) are used with their defaults.
+
+    >>> loss_family(torch.nn.functional.cross_entropy), loss_family(torch.nn.L1Loss())
+    ('ce', None)
+    """
+    for name, module_type, function in _FAMILIES:
+        if type(loss_fn) is module_type or loss_fn is function:
+            return name
+    return None
+
+
 def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str:
     """Return ``"ce"``, ``"mse"``, ``"bce"`` when a closed form applies, else ``"autograd"``.
 
     >>> loss_kind(torch.nn.MSELoss(), torch.zeros(2, 3), torch.zeros(2, 3))
     'mse'
+    >>> loss_kind(torch.nn.functional.mse_loss, torch.zeros(2, 3), torch.zeros(2, 3))
+    'mse'
     """
-    if type(loss_fn) is nn.CrossEntropyLoss:
+    family = loss_family(loss_fn)
+    weight = getattr(loss_fn, "weight", None)
+    if family == "ce":
         if (
-            loss_fn.weight is None
-            and loss_fn.label_smoothing == 0.0
+            weight is None
+            and getattr(loss_fn, "label_smoothing", 0.0) == 0.0
             and outputs.ndim == 2
             and targets.ndim == 1
             and not targets.dtype.is_floating_point
-            and not bool((targets == loss_fn.ignore_index).any())
+            and not bool((targets == getattr(loss_fn, "ignore_index", -100)).any())
         ):
             return "ce"
-    elif type(loss_fn) is nn.MSELoss:
+    elif family == "mse":
         if outputs.shape == targets.shape:
             return "mse"
-    elif type(loss_fn) is nn.BCEWithLogitsLoss:
-        if loss_fn.weight is None and loss_fn.pos_weight is None and outputs.shape == targets.shape:
+    elif family == "bce":
+        if (
+            weight is None
+            and getattr(loss_fn, "pos_weight", None) is None
+            and outputs.shape == targets.shape
+        ):
             return "bce"
     return "autograd"
 
@@ -234,8 +268,11 @@ def sample_targets(
         return torch.bernoulli(s, generator=generator).to(outputs.device, dtype=targets.dtype)
     raise argument_error(
         "loss_fn",
-        "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss (a likelihood to sample) for kind='mc'",
-        loss_fn,
+        "a likelihood to sample for kind='mc': CrossEntropyLoss without weight/label "
+        "smoothing/ignored targets on (N, C) outputs with (N,) class indices, or MSELoss / "
+        "BCEWithLogitsLoss (no weights) with targets shaped like the outputs "
+        "(use kind='empirical' otherwise)",
+        f"{loss_fn!r} with outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}",
     )
 
 

@@ -103,7 +103,9 @@ def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Pa
     devices = {p.device for _, p in chosen}
     if len(dtypes) > 1 or len(devices) > 1:
         raise argument_error(
-            "params", "parameters sharing one floating dtype and device", sorted(map(str, dtypes))
+            "params",
+            "parameters sharing one floating dtype and device (select a subset with params=...)",
+            f"dtypes {sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}",
         )
     if not chosen[0][1].dtype.is_floating_point:
         raise argument_error("params", "floating-point parameters", chosen[0][1].dtype)

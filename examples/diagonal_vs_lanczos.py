@@ -28,6 +28,7 @@ import torch
 from curvops.diagonal import ggn_diagonal
 from curvops.ggn import GGNOperator
 from nets import (
+    get_model,
     load_dataset,
     make_loader,
     model_from_checkpoint,
@@ -82,17 +83,19 @@ def synthetic(ax: plt.Axes, n: int, m: int) -> None:
 
 def network(ax: plt.Axes, out: Path, quick: bool, m: int) -> None:
     """GGN of a trained SmallCNN: Lanczos against the exact and Monte-Carlo diagonals."""
-    epochs = 1 if quick else 5
-    train_network(
-        dir=out,
-        dataset="digits",
-        model="SmallCNN",
-        epochs=epochs,
-        batch_size=64,
-        optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
-        progress=False,
-    )
-    model, _ = model_from_checkpoint(out / f"checkpoint-{epochs:05d}.pt", "cpu")
+    if quick:  # a smoke test: an untrained (seeded) network
+        model = get_model("SmallCNN", num_classes=10, in_channels=1, input_size=8, seed=0)
+    else:
+        train_network(
+            dir=out,
+            dataset="digits",
+            model="SmallCNN",
+            epochs=5,
+            batch_size=64,
+            optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
+            progress=False,
+        )
+        model, _ = model_from_checkpoint(out / "checkpoint-00005.pt", "cpu")
     n = 64 if quick else 256  # the exact diagonal costs N * C vector-Jacobian products
     batch = next(iter(make_loader(load_dataset("digits").train_eval, n, shuffle=False)))
     loss = torch.nn.CrossEntropyLoss()

@@ -23,7 +23,7 @@ import torch
 
 from curvops.blocks import per_layer
 from curvops.hessian import HessianOperator
-from nets import load_dataset, make_loader, model_from_checkpoint, train_network
+from nets import get_model, load_dataset, make_loader, model_from_checkpoint, train_network
 from nets.plots.spectrum import stem_spectrum
 from spectral import slq
 
@@ -34,18 +34,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     args = parser.parse_args()
     out = Path(args.out)
-    epochs = 1 if args.quick else 5
-
-    train_network(
-        dir=out,
-        dataset="digits",
-        model="SmallCNN",
-        epochs=epochs,
-        batch_size=64,
-        optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
-        progress=False,
-    )
-    model, _ = model_from_checkpoint(out / f"checkpoint-{epochs:05d}.pt", "cpu")
+    if args.quick:  # a smoke test: an untrained (seeded) network
+        model = get_model("SmallCNN", num_classes=10, in_channels=1, input_size=8, seed=0)
+    else:
+        train_network(
+            dir=out,
+            dataset="digits",
+            model="SmallCNN",
+            epochs=5,
+            batch_size=64,
+            optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
+            progress=False,
+        )
+        model, _ = model_from_checkpoint(out / "checkpoint-00005.pt", "cpu")
     n = 256 if args.quick else 1024
     batch = next(iter(make_loader(load_dataset("digits").train_eval, n, shuffle=False)))
     loss = torch.nn.CrossEntropyLoss()

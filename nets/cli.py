@@ -18,9 +18,9 @@ Examples (the paper's Tables 1-3 as command lines)::
         --dist 1 --n-points 21 --out landscape-100.npz
     curvature demo --out results
 
->>> parser = build_parser()
->>> sorted(parser._subparsers._group_actions[0].choices)  # doctest: +NORMALIZE_WHITESPACE
-['demo', 'landscape', 'plot', 'spectrum', 'stats', 'train']
+>>> args = build_parser().parse_args(["spectrum", "--checkpoint", "checkpoint-00010.pt"])
+>>> args.command, args.curvature, args.iters, args.bn_mode, args.device
+('spectrum', 'hessian', 20, 'train', 'auto')
 >>> print(format_table([("a", "1"), ("bbb", "2.5")], title="Example"))
 Example
 -------
@@ -270,6 +270,9 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
         kwargs["subsample"] = args.subsample
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
+    if args.state is not None:
+        kwargs["state_path"] = args.state
+        kwargs["checkpoint_every"] = args.checkpoint_every
     start = time.perf_counter()
     compute_eigenspectrum(**kwargs)
     elapsed = time.perf_counter() - start
@@ -466,7 +469,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        flag = action.nargs == 0  # store_true / store_false: the default says nothing useful
+        if flag or "default" in text or action.default is None or action.default is False:
             return text
         return super()._get_help_string(action)
 
@@ -539,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="spectrum file (default: <checkpoint dir>/spectra/spectrum-<epoch>-"
         "<curvature>-lanczos.npz)",
+    )
+    p.add_argument(
+        "--state",
+        default=None,
+        help="resumable state file: rerun the same command after an interruption to resume",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="save the Lanczos state every N iterations (with --state)",
     )
     p.set_defaults(handler=_cmd_spectrum)
 

@@ -15,6 +15,7 @@ from spectral.io import CorruptFileError, atomic_write, load_npz, save_npz
 from spectral.lanczos import LanczosResult, check_symmetric, lanczos
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import random_probe, random_probes
+from spectral.resume import StateMismatchError
 from spectral.ritz import RitzPairs, ritz_pairs
 from spectral.slq import slq
 from spectral.trace import TraceEstimate, diagonal, frobenius_norm_squared, trace
@@ -25,6 +26,7 @@ __all__ = [
     "NumericalError",
     "RitzPairs",
     "SpectralDensity",
+    "StateMismatchError",
     "SymmetricOperator",
     "TraceEstimate",
     "argument_error",

@@ -25,6 +25,7 @@ import array_api_compat
 import numpy as np
 
 __all__ = [
+    "detach",
     "device",
     "finfo_eps",
     "from_host",
@@ -66,6 +67,24 @@ def device(x: Any) -> Any:
     'cpu'
     """
     return array_api_compat.device(x)
+
+
+def detach(x: Any) -> Any:
+    """Return ``x`` without autograd history (a torch tensor that requires grad), else ``x``.
+
+    Lanczos, SLQ and the trace estimators are not differentiable (their coefficients
+    go to the host as floats), so products are detached: no graph is kept alive, and
+    torch's warnings on ``float()``/``asarray`` of a tensor requiring grad never fire.
+    Duck-typed: torch is not imported.
+
+    >>> import numpy as np
+    >>> x = np.ones(2)
+    >>> detach(x) is x
+    True
+    """
+    if getattr(x, "requires_grad", False) and hasattr(x, "detach"):
+        return x.detach()
+    return x
 
 
 def xp_for_module(module_name: str) -> Any:

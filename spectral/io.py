@@ -50,6 +50,14 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
 
     If the body raises, the temporary file is removed and ``path`` is untouched.
     Parent directories are created.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "sub", "note.txt")
+    >>> with atomic_write(p, "w") as f:
+    ...     _ = f.write("done")
+    >>> from pathlib import Path
+    >>> Path(p).read_text(), sorted(os.listdir(os.path.dirname(p)))
+    ('done', ['note.txt'])
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"Argument 'mode': expected 'wb' or 'w'; received {mode!r}.")
@@ -75,6 +83,12 @@ def save_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
 
     Object arrays are refused, so every file we write loads with
     ``allow_pickle=False``.
+
+    >>> import tempfile, os
+    >>> save_npz(os.path.join(tempfile.mkdtemp(), "x.npz"), x=np.array([{}]))
+    Traceback (most recent call last):
+    ...
+    TypeError: Argument 'x': expected a numeric or string array (no pickled objects); ...
     """
     converted: dict[str, np.ndarray] = {}
     for key, value in arrays.items():
@@ -98,6 +112,14 @@ def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
         If ``path`` does not exist.
     CorruptFileError
         If the file is truncated, corrupted or holds pickled objects.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "pickled.npz")
+    >>> np.savez(p, x=np.array([{}], dtype=object))
+    >>> load_npz(p)
+    Traceback (most recent call last):
+    ...
+    spectral.io.CorruptFileError: File ... not a pickle-free .npz archive ...
     """
     p = Path(path)
     if not p.is_file():

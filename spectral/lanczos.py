@@ -185,7 +185,7 @@ def _start_vector(op: SymmetricOperator, v0: Any, rng: np.random.Generator) -> t
             and _backend.is_real_floating(xp, v0.dtype)
         )
         if same:
-            v = v0 if v0.dtype == op.dtype else xp.astype(v0, op.dtype)
+            v = _backend.detach(v0 if v0.dtype == op.dtype else xp.astype(v0, op.dtype))
         else:
             v = _backend.from_host(_backend.to_host_float64(v0), like=op.template)
     norm = float(_backend.vector_norm(xp, v))
@@ -473,11 +473,15 @@ def _run(
     force_reorth = False
     start = 0
     init = None if hook is None else hook.initial
-    if init is not None:  # resume from a state file
+    if hook is not None and init is not None:  # resume from a state file
         if init.complete:
             return _from_state(op, init, reorth)
-        if (basis is None) != (init.basis is None) or init.q is None or init.q_prev is None:
-            raise CorruptFileError(f"State file '{hook.checkpoint.path}' lacks Lanczos vectors.")  # type: ignore[union-attr]
+        vectors_missing = init.q is None or init.q_prev is None
+        if (basis is None) != (init.basis is None) or vectors_missing or init.iteration >= m:
+            raise CorruptFileError(
+                f"State file '{hook.checkpoint.path}' is inconsistent with this run "
+                f"(iteration {init.iteration} of {m}, vectors missing: {vectors_missing})."
+            )
         if init.basis is not None and basis is not None:
             for row in init.basis:
                 basis.append(_backend.from_host(row, like=op.template))

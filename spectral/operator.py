@@ -55,7 +55,8 @@ class SymmetricOperator:
 
     ``matvec(x)`` maps a length-``n`` vector to ``A @ x``; ``matmat(X)`` maps an
     ``n x k`` array to ``A @ X`` (column by column when the wrapped object has
-    no block product).
+    no block product).  Results are detached from autograd (torch tensors that
+    require grad): the algorithms of :mod:`spectral` are not differentiable.
 
     >>> import numpy as np
     >>> op = SymmetricOperator(lambda x: 3 * x, template=np.zeros(2))
@@ -87,7 +88,7 @@ class SymmetricOperator:
 
     def matvec(self, x: Any) -> Any:
         """Return ``A @ x`` for a vector ``x`` of shape ``(n,)`` (result reshaped to ``(n,)``)."""
-        y = self._matvec(x)
+        y = _backend.detach(self._matvec(x))
         if tuple(y.shape) != (self.n,):
             y = self.xp.reshape(y, (self.n,))
         return y
@@ -95,7 +96,7 @@ class SymmetricOperator:
     def matmat(self, X: Any) -> Any:
         """Return ``A @ X`` for ``X`` of shape ``(n, k)``."""
         if self._matmat is not None:
-            return self._matmat(X)
+            return _backend.detach(self._matmat(X))
         k = int(X.shape[1])
         cols = [self.matvec(X[:, i]) for i in range(k)]
         return self.xp.stack(cols, axis=1)
@@ -114,6 +115,7 @@ def _check_square(shape: Any, A: Any) -> int:
 
 
 def _from_dense(A: Any) -> SymmetricOperator:
+    A = _backend.detach(A)  # a torch matrix that requires grad: products need no graph
     xp = _backend.namespace(A)
     n = _check_square(A.shape, A)
     if not _backend.is_real_floating(xp, A.dtype):

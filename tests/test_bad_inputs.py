@@ -164,7 +164,7 @@ def _(tmp: Path) -> Any:
     return spectral.lanczos(op, 2)
 
 
-@case("callable-without-size", TypeError, "'size'", "")
+@case("callable-without-size", TypeError, "'size'", "dimension n")
 def _(tmp: Path) -> Any:
     return spectral.as_operator(lambda x: x)
 
@@ -187,7 +187,7 @@ def _(tmp: Path) -> Any:
     return spectral.slq(SPD, 2, probe="uniform")
 
 
-@case("top-eigenpairs-k-zero", ValueError, "'k'", "")
+@case("top-eigenpairs-k-zero", ValueError, "'k'", "1 <= k < n = 6")
 def _(tmp: Path) -> Any:
     return spectral.top_eigenpairs(SPD, 0)
 
@@ -217,22 +217,22 @@ def _(tmp: Path) -> Any:
     return spectral.random_probe(0, seed=0)
 
 
-@case("density-negative-weights", ValueError, "'weights'", "")
+@case("density-negative-weights", ValueError, "'weights'", "non-negative")
 def _(tmp: Path) -> Any:
     return SpectralDensity(np.array([1.0, 2.0]), np.array([1.5, -0.5]))
 
 
-@case("density-shape-mismatch", ValueError, "'weights'", "")
+@case("density-shape-mismatch", ValueError, "'weights'", "shape (2,)")
 def _(tmp: Path) -> Any:
     return SpectralDensity(np.array([1.0, 2.0]), np.array([1.0]))
 
 
-@case("density-smooth-sigma", ValueError, "'sigma'", "")
+@case("density-smooth-sigma", ValueError, "'sigma'", "positive")
 def _(tmp: Path) -> Any:
     return SpectralDensity(np.array([1.0]), np.array([1.0])).smooth(np.linspace(0, 2, 5), -1.0)
 
 
-@case("npz-missing-file", FileNotFoundError, "no-such.npz", "")
+@case("npz-missing-file", FileNotFoundError, "no-such.npz", "no such file")
 def _(tmp: Path) -> Any:
     return spectral.load_npz(tmp / "no-such.npz")
 
@@ -348,7 +348,7 @@ def _(tmp: Path) -> Any:
     return curvops.FisherOperator(_model(), nn.CrossEntropyLoss(), _batch(), mc_samples=0)
 
 
-@case("curvops-matvec-shape", ValueError, "'x'", "")
+@case("curvops-matvec-shape", ValueError, "'x'", "shape (26,)")
 def _(tmp: Path) -> Any:
     return _hessian().matvec(torch.zeros(5))
 
@@ -358,7 +358,7 @@ def _(tmp: Path) -> Any:
     return _hessian().matvec(torch.zeros(26, dtype=torch.complex64))
 
 
-@case("curvops-sum-sizes", ValueError, "", "")
+@case("curvops-sum-sizes", ValueError, "'B'", "shape (3, 3)")
 def _(tmp: Path) -> Any:
     return curvops.Identity(3) + curvops.Identity(4)
 
@@ -383,12 +383,12 @@ def _(tmp: Path) -> Any:
     return curvops.inverse(curvops.Identity(3), tol=-1.0)
 
 
-@case("curvops-power-negative", ValueError, "'k'", "")
+@case("curvops-power-negative", ValueError, "'k'", ">= 0")
 def _(tmp: Path) -> Any:
     return curvops.Identity(3) ** -1
 
 
-@case("curvops-deflate-shape", ValueError, "'V'", "")
+@case("curvops-deflate-shape", ValueError, "'V'", "shape (3, r)")
 def _(tmp: Path) -> Any:
     return curvops.Identity(3).deflate(torch.ones(4, 1))
 
@@ -458,12 +458,12 @@ def _(tmp: Path) -> Any:
     return nets.get_optimizer("Adamax9", nn.Linear(1, 1))
 
 
-@case("nets-loader-batch-size", ValueError, "'batch_size'", "")
+@case("nets-loader-batch-size", ValueError, "'batch_size'", ">= 1")
 def _(tmp: Path) -> Any:
     return nets.make_loader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), 0, shuffle=False)
 
 
-@case("nets-missing-checkpoint", FileNotFoundError, "nothing.pt", "")
+@case("nets-missing-checkpoint", FileNotFoundError, "nothing.pt", "no such")
 def _(tmp: Path) -> Any:
     return nets.load_checkpoint(tmp / "nothing.pt")
 
@@ -475,7 +475,7 @@ def _(tmp: Path) -> Any:
     return load_model_state(_mlp(hidden=6), tmp / "c.pt")
 
 
-@case("nets-device", ValueError, "'device'", "")
+@case("nets-device", ValueError, "'device'", "'cuda:N'")
 def _(tmp: Path) -> Any:
     return nets.resolve_device("tpu:7")
 
@@ -499,6 +499,20 @@ def _(tmp: Path) -> Any:
     )
 
 
+@case("nets-checkpoint-every-zero", ValueError, "'checkpoint_every'", "integer")
+def _(tmp: Path) -> Any:
+    return nets.compute_eigenspectrum(
+        "digits", model=_mlp(), lanczos_iters=2, subsample=8, device="cpu", checkpoint_every=0
+    )
+
+
+@case("nets-spectrum-state-of-other-run", StateMismatchError, "'checkpoint'", "lanczos_iters=3")
+def _(tmp: Path) -> Any:
+    kw: dict[str, Any] = dict(model=_mlp(), subsample=8, device="cpu", state_path=tmp / "s.npz")
+    nets.compute_eigenspectrum("digits", lanczos_iters=3, **kw)
+    return nets.compute_eigenspectrum("digits", lanczos_iters=4, **kw)
+
+
 @case("nets-landscape-negative-dist", ValueError, "'dist'", "positive")
 def _(tmp: Path) -> Any:
     return nets.build_loss_landscape(
@@ -519,7 +533,7 @@ def _(tmp: Path) -> Any:
     )
 
 
-@case("nets-landscape-foreign-spectrum", ValueError, "'spectrum_path'", "")
+@case("nets-landscape-foreign-spectrum", ValueError, "'spectrum_path'", "this checkpoint")
 def _(tmp: Path) -> Any:
     nets.compute_eigenspectrum(
         "digits", model=_mlp(seed=1), save_spectrum_path=tmp / "spec", save_eigvec=True,
@@ -542,7 +556,7 @@ def _(tmp: Path) -> Any:
     )
 
 
-@case("nets-schedule-epoch", ValueError, "'epoch'", "")
+@case("nets-schedule-epoch", ValueError, "'epoch'", "non-negative")
 def _(tmp: Path) -> Any:
     return nets.linear_schedule(-1, 10, 0.1)
 
@@ -554,7 +568,7 @@ def _(tmp: Path) -> Any:
     )
 
 
-@case("nets-train-epochs-zero", ValueError, "'epochs'", "")
+@case("nets-train-epochs-zero", ValueError, "'epochs'", ">= 1")
 def _(tmp: Path) -> Any:
     return nets.train_network(tmp / "run", "digits", model="MLP", epochs=0, progress=False)
 

@@ -17,9 +17,11 @@ tests feeds each reader an intact malicious file and asserts it is refused.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -42,6 +44,7 @@ from spectral.io import CorruptFileError, load_npz, save_npz
 from spectral.resume import Checkpoint, StateMismatchError
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="fuzz-readers-"))
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
 MARKER = WORKDIR / "pwned"
 
 
@@ -251,3 +254,98 @@ def test_checkpoint_of_plain_module_round_trips(tmp_path: Path) -> None:
     net = nn.Linear(2, 1)
     save_checkpoint(tmp_path / "c.pt", net, None, 0, {})
     assert set(load_checkpoint(tmp_path / "c.pt")["state_dict"]) == {"weight", "bias"}
+
+
+# ----------------------------------------------------------------------------- CLI arguments
+
+
+def _cli_vocabulary() -> tuple[list[str], list[str]]:
+    """Sub-command names and every option string of the ``curvature`` parser."""
+    import argparse
+
+    from nets.cli import build_parser
+
+    parser = build_parser()
+    commands: list[str] = []
+    options: set[str] = set()
+    for action in parser._actions:
+        options.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                commands.append(name)
+                for sub_action in sub._actions:
+                    options.update(sub_action.option_strings)
+    return sorted(commands), sorted(options)
+
+
+COMMANDS, OPTIONS = _cli_vocabulary()
+TOKENS = st.one_of(
+    st.sampled_from(COMMANDS),
+    st.sampled_from(OPTIONS),
+    st.sampled_from(["-", "--", "=", "", "nan", "inf", "-1", "0", "1e400", "0.5", "2", "x=y"]),
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.text(max_size=12),
+)
+
+
+def _no_op(args: Any) -> list[str]:
+    return []
+
+
+@given(argv=st.lists(TOKENS, max_size=8))
+def test_cli_argument_parsing_never_tracebacks(argv: list[str]) -> None:
+    """Random argv: parsed, or ``SystemExit(2)`` with a usage message; never a traceback.
+
+    The command handlers are replaced by no-ops, so nothing is trained or computed.
+    """
+    import contextlib
+
+    import nets.cli
+
+    handlers = {name: getattr(nets.cli, name) for name in dir(nets.cli) if name.startswith("_cmd_")}
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        for name in handlers:
+            setattr(nets.cli, name, _no_op)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            status = nets.cli.main(argv)
+    except SystemExit as exc:
+        if exc.code == 0:  # --help
+            return
+        assert exc.code == 2, (argv, exc.code, err.getvalue())
+        assert "error:" in err.getvalue() and "usage:" in err.getvalue(), (argv, err.getvalue())
+    else:
+        assert status == 0, argv
+    finally:
+        for name, handler in handlers.items():
+            setattr(nets.cli, name, handler)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["spectrum", "--checkpoint", "missing.pt"], "No such checkpoint file"),
+        (["landscape", "--checkpoint", "missing.pt", "--dist", "-1"], "missing.pt"),
+        (["plot", "spectrum", "missing.npz"], "missing.npz"),
+        (["train", "--dir", "r", "--epochs", "0"], "Argument 'epochs'"),
+        (["train", "--dir", "r", "--model", "NoSuchNet", "--epochs", "1"], "Argument 'model'"),
+        (["train", "--dir", "r", "--optimizer", "Nope", "--epochs", "1"], "Argument 'optimizer'"),
+        (["train", "--dir", "r", "--dataset", "imagenet", "--epochs", "1"], "Argument 'dataset'"),
+    ],
+)
+def test_cli_command_errors_exit_2_with_a_message(
+    argv: list[str],
+    fragment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Errors found by the commands themselves: status 2 and one line naming the problem."""
+    import nets.cli
+
+    monkeypatch.chdir(tmp_path)
+    assert nets.cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"curvature {argv[0]}: error:" in err and fragment in err
+    assert "Traceback" not in err

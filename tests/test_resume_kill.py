@@ -92,7 +92,7 @@ def test_sigkill_mid_spectrum_then_resume_is_bit_identical(
 ) -> None:
     state = tmp_path / "spectrum.state.npz"
     _spectrum(tmp_path / "reference", None)
-    killed = _start_child(tmp_path / "killed", state, 0.02)
+    killed = _start_child(tmp_path / "killed", state, 0.05)
     deadline = time.monotonic() + 120.0
     seen = None
     try:
@@ -130,3 +130,31 @@ def test_sigkill_mid_spectrum_then_resume_is_bit_identical(
     vec_reference = load_npz(tmp_path / "reference-eigvec.npz")["vectors"]
     np.testing.assert_array_equal(vec_resumed, vec_reference)
     assert str(resumed["model_fingerprint"]) == str(uninterrupted["model_fingerprint"])
+
+
+def _writer_child(path: Path) -> None:
+    """Rewrite ``path`` forever with arrays whose content identifies the round."""
+    from spectral.io import save_npz
+
+    data = np.zeros(200_000)
+    for i in range(10**9):
+        data[:] = i
+        save_npz(path, x=data, round=np.int64(i))
+
+
+def test_sigkill_during_writes_never_leaves_a_truncated_file(tmp_path: Path) -> None:
+    """Killing a process in the middle of atomic writes leaves a complete (old or new) file."""
+    path = tmp_path / "artifact.npz"
+    ctx = multiprocessing.get_context("fork")
+    for delay in (0.15, 0.3, 0.45):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            proc = ctx.Process(target=_writer_child, args=(path,), daemon=True)
+            proc.start()
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        proc.join(timeout=30)
+        assert proc.exitcode == -signal.SIGKILL
+        if path.exists():  # the first write may not have finished yet
+            arrays = load_npz(path)  # complete, never truncated
+            assert np.all(arrays["x"] == float(arrays["round"]))

@@ -14,10 +14,10 @@ from nets.optim.registry import available_optimizers, get_optimizer, register_op
 # (importing nets.optim.registry runs this file first, so they are always registered).
 
 # isort: split
-# --- O1 optimisers (importing registers 'SWATS', 'KFAC', 'LancGN', 'LancHess') ---
-from nets.optim.kfac import KFAC
+# --- O1 optimisers (importing registers 'SWATS', 'KFAC', 'EKFAC', 'LancGN', 'LancHess') ---
+from nets.optim.kfac import EKFAC, KFAC
 from nets.optim.lanczos_newton import LanczosNewton
 from nets.optim.swats import SWATS
 
 __all__ = ["available_optimizers", "get_optimizer", "register_optimizer"]
-__all__ += ["KFAC", "SWATS", "LanczosNewton"]  # O1
+__all__ += ["EKFAC", "KFAC", "SWATS", "LanczosNewton"]  # O1

@@ -57,6 +57,9 @@ batch (BatchNorm running statistics and ``.grad`` untouched).  In a plain
 loop (``loss.backward(); opt.step()``) with ``fisher='empirical'`` the
 factors come from hooks on that forward/backward.
 
+:class:`EKFAC` (``optimizer='EKFAC'``) keeps the eigenbasis of :math:`A \otimes G`
+and re-estimates the diagonal in it from per-sample gradients (George et al. 2018).
+
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
 >>> opt = KFAC(model, lr=0.1, fisher="empirical")
@@ -83,7 +86,7 @@ from torch import nn
 from nets.optim.registry import register_optimizer
 from spectral.errors import NumericalError, argument_error
 
-__all__ = ["KFAC", "kfac_factors"]
+__all__ = ["EKFAC", "KFAC", "kfac_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +262,8 @@ class KFAC(torch.optim.Optimizer):
     """
 
     curvature_step = True
+    #: the state entry whose absence makes the next step recompute the inverses
+    _inverse_key = "A_inv"
 
     def __init__(
         self,
@@ -335,14 +340,16 @@ class KFAC(torch.optim.Optimizer):
         self._generator.manual_seed(seed)
         self._capture_mode: str | None = "plain"
         self._captured: dict[nn.Module, list[list[Any]]] = {}
+        self._samples: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._hooks = []
         self_ref = weakref.ref(self)
         for module in self._layers:
 
-            def hook(mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            def hook(
+                mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
+            ) -> torch.Tensor | None:
                 opt = self_ref()
-                if opt is not None:
-                    opt._forward_hook(mod, inputs, output)
+                return None if opt is None else opt._forward_hook(mod, inputs, output)
 
             self._hooks.append(module.register_forward_hook(hook))
 
@@ -358,18 +365,23 @@ class KFAC(torch.optim.Optimizer):
 
     def _forward_hook(
         self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
-    ) -> None:
+    ) -> torch.Tensor | None:
         mode = self._capture_mode
         if mode is None or module not in self._layer_set or not torch.is_grad_enabled():
-            return
+            return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
+            return None
         if mode == "dedicated":
             self._captured.setdefault(module, []).append([inputs[0].detach(), output, None])
-            return
+            # The network continues with a copy: an in-place operation after the layer
+            # (``ReLU(inplace=True)``) then cannot rebase ``output``'s autograd history, so
+            # ``autograd.grad(loss, output)`` is dL/ds of the layer's own output.
+            return output.clone()
         # plain loop: only on factor-update steps, training mode, empirical Fisher
+        # (a tensor hook registered now sees the gradient of this value of ``output``,
+        # even if the tensor is later modified in place)
         if self.fisher != "empirical" or not module.training or not self._factors_due():
-            return
+            return None
         if module in self._captured and self._captured[module][-1][2] is not None:
             self._captured[module] = []  # a new forward pass after a completed one
         record: list[Any] = [inputs[0].detach(), None, None]
@@ -379,6 +391,7 @@ class KFAC(torch.optim.Optimizer):
             record[2] = grad.detach()
 
         output.register_hook(grad_hook)
+        return None
 
     # -- public helpers --------------------------------------------------------------------
     def factors(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +410,8 @@ class KFAC(torch.optim.Optimizer):
         """The current :math:`(A_\\lambda^{-1}, G_\\lambda^{-1})` of ``module``."""
         self.factors(module)
         state = self.state[_weight(module)]
+        if "A_inv" not in state:
+            raise argument_error("module", "a layer with K-FAC inverses", module)
         return state["A_inv"], state["G_inv"]
 
     # -- factor estimation -----------------------------------------------------------------
@@ -435,6 +450,7 @@ class KFAC(torch.optim.Optimizer):
             if grad is None:
                 continue
             self._accumulate(out, module, record[0], grad, batch_size)
+            self._record_samples(module, record[0], grad, batch_size)
         self._captured = {}
         return out
 
@@ -444,7 +460,23 @@ class KFAC(torch.optim.Optimizer):
             for inputs, _, grad in records:
                 if grad is not None:
                     self._accumulate(out, module, inputs, grad, int(inputs.shape[0]))
+                    self._record_samples(module, inputs, grad, int(inputs.shape[0]))
         self._captured = {}
+        return out
+
+    def _record_samples(
+        self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, batch_size: int
+    ) -> None:
+        """Per-sample statistics hook (E-KFAC keeps the rows; K-FAC needs only the factors)."""
+
+    def _update_scales(self) -> None:
+        """Update per-sample scalings after the factors and their inverses (E-KFAC)."""
+
+    def _precondition(
+        self, state: dict[str, Any], m: torch.Tensor, group: dict[str, Any]
+    ) -> torch.Tensor:
+        """:math:`G_\\lambda^{-1} M A_\\lambda^{-1}` for one layer's ``out x (in[+1])`` gradient."""
+        out: torch.Tensor = state["G_inv"] @ m @ state["A_inv"]
         return out
 
     @staticmethod
@@ -585,11 +617,13 @@ class KFAC(torch.optim.Optimizer):
                             "no captured statistics",
                         )
                 self._update_factors(batch_factors)
+            key = self._inverse_key
             if self.steps_taken % self._inv_freq == 0 or any(
-                "A" in self.state[_weight(m)] and "A_inv" not in self.state[_weight(m)]
+                "A" in self.state[_weight(m)] and key not in self.state[_weight(m)]
                 for m in self._layers
             ):
                 self._update_inverses(group["damping"])
+            self._update_scales()
             self._apply(group)
         self.steps_taken += 1
         return loss
@@ -602,7 +636,7 @@ class KFAC(torch.optim.Optimizer):
         for module in self._layers:
             weight, bias = _weight(module), _bias(module)
             state = self.state[weight]
-            if weight.grad is None or "A_inv" not in state:
+            if weight.grad is None or self._inverse_key not in state:
                 continue
             out_features = weight.shape[0]
             m = weight.grad.reshape(out_features, -1)
@@ -613,7 +647,7 @@ class KFAC(torch.optim.Optimizer):
                 if wd:
                     gb = gb + wd * bias
                 m = torch.cat([m, gb.reshape(out_features, 1)], dim=1)
-            v = state["G_inv"] @ m @ state["A_inv"]
+            v = self._precondition(state, m, group)
             vg += (v.double() * m.double()).sum()
             if bias is not None:
                 directions[bias] = v[:, -1].reshape(bias.shape)
@@ -651,4 +685,130 @@ class KFAC(torch.optim.Optimizer):
             p.add_(d, alpha=-lr)
 
 
+class EKFAC(KFAC):
+    r"""E-KFAC: K-FAC with a re-estimated diagonal in the Kronecker eigenbasis (George et al. 2018).
+
+    K-FAC's :math:`A \otimes G` has the eigenbasis :math:`U_A \otimes U_G`
+    (:math:`A = U_A \operatorname{diag}(\lambda_A) U_A^T`, likewise :math:`G`) and,
+    in it, the diagonal :math:`\lambda_G \lambda_A^T`.  E-KFAC keeps the basis and
+    replaces that diagonal by the second moments of the per-sample gradients
+    :math:`\nabla_n = \sum_t g_{n,t} \bar a_{n,t}^T` (``out x (in[+1])``) rotated
+    into it,
+
+    .. math::
+
+        S = \frac1N \sum_{n=1}^N \bigl(U_G^T \nabla_n U_A\bigr)^{\odot 2},
+        \qquad S \leftarrow \rho S + (1-\rho) S_{\rm batch},
+
+    which is the diagonal of the Fisher :math:`\frac1N\sum_n \operatorname{vec}
+    \nabla_n \operatorname{vec}\nabla_n^T` in that basis (the best diagonal
+    approximation there in Frobenius norm).  The preconditioned gradient is
+
+    .. math::
+
+        V = U_G \Bigl[\bigl(U_G^T M U_A\bigr) \oslash (S + \lambda)\Bigr] U_A^T
+
+    with plain Tikhonov damping :math:`\lambda`.  The eigenbases are recomputed
+    every ``inv_update_freq`` steps, and :math:`S` is then re-initialised to
+    K-FAC's own diagonal :math:`\lambda_G \lambda_A^T` of the running factors;
+    :math:`S` is updated on every factor-update step (``factor_update_freq``),
+    from the same curvature batch as the factors (``fisher='mc'`` or
+    ``'empirical'``).  Everything else (KL-clip, momentum, parameters outside
+    ``Linear``/``Conv2d``, the ``state_dict``) is as in :class:`KFAC`; the
+    arguments are the same (``damping_split`` is unused).
+
+    The per-sample products cost :math:`O(N\,T\,d_{in} d_{out})` operations per layer
+    and batch, computed in chunks of :attr:`chunk_size` samples (memory
+    ``chunk_size * d_in * d_out``), on factor-update steps only.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> opt = EKFAC(model, lr=0.1, fisher="empirical")
+    >>> x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
+    >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+    >>> opt.step()
+    >>> [t.shape for t in opt.eigenbasis(model[0])]
+    [torch.Size([4, 4]), torch.Size([4, 4]), torch.Size([4, 4])]
+    """
+
+    _inverse_key = "U_A"
+    #: samples per chunk of the per-sample products (bounds their memory)
+    chunk_size = 64
+
+    def eigenbasis(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U_A, U_G, S)`` of a tracked layer: eigenvectors (columns) and the scalings.
+
+        Raises ``ValueError`` if the module is not tracked or has no eigenbasis yet.
+        """
+        self.factors(module)
+        state = self.state[_weight(module)]
+        if "U_A" not in state:
+            raise argument_error("module", "a layer whose eigenbasis was computed", module)
+        return state["U_A"], state["U_G"], state["S"]
+
+    def _record_samples(
+        self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, batch_size: int
+    ) -> None:
+        with torch.no_grad():
+            a, g = _layer_rows(module, inputs, grad)
+            n = int(inputs.shape[0])
+            if n != batch_size or a.shape[0] % n:
+                return  # not a per-sample layout (cannot happen for Linear/Conv2d inputs)
+            # rows are sample-major: (N*T, d) -> (N, T, d); g per sample, not of the mean
+            self._samples.setdefault(module, []).append(
+                (a.reshape(n, -1, a.shape[1]), g.reshape(n, -1, g.shape[1]) * batch_size)
+            )
+
+    def _update_inverses(self, damping: float) -> None:
+        for module in self._layers:
+            state = self.state[_weight(module)]
+            if "A" not in state:
+                continue
+            dtype = _weight(module).dtype
+            lam_a, U_A = torch.linalg.eigh(state["A"].double())
+            lam_g, U_G = torch.linalg.eigh(state["G"].double())
+            if not (torch.isfinite(U_A).all() and torch.isfinite(U_G).all()):
+                raise NumericalError(
+                    f"K-FAC: eigendecomposition of layer {module} failed at step {self.steps_taken}"
+                )
+            state["U_A"], state["U_G"] = U_A.to(dtype), U_G.to(dtype)
+            state["S"] = torch.outer(lam_g.clamp_min(0), lam_a.clamp_min(0)).to(dtype)
+
+    def _update_scales(self) -> None:
+        rho = self.stat_decay
+        samples, self._samples = self._samples, {}
+        for module, records in samples.items():
+            state = self.state[_weight(module)]
+            if "U_A" not in state or len({a.shape[0] for a, _ in records}) != 1:
+                continue
+            a = torch.cat([r[0] for r in records], dim=1)  # (N, T_total, in[+1])
+            g = torch.cat([r[1] for r in records], dim=1)  # (N, T_total, out)
+            aU, gU = a @ state["U_A"], g @ state["U_G"]
+            n = a.shape[0]
+            batch = torch.zeros_like(state["S"])
+            for start in range(0, n, self.chunk_size):
+                rotated = torch.einsum(
+                    "nto,nti->noi",
+                    gU[start : start + self.chunk_size],
+                    aU[start : start + self.chunk_size],
+                )
+                batch += rotated.square().sum(dim=0)
+            batch /= n
+            if not bool(torch.isfinite(batch).all()):
+                raise NumericalError(
+                    f"K-FAC: non-finite E-KFAC scaling for layer {module} at step "
+                    f"{self.steps_taken}"
+                )
+            state["S"].mul_(rho).add_(batch, alpha=1.0 - rho)
+
+    def _precondition(
+        self, state: dict[str, Any], m: torch.Tensor, group: dict[str, Any]
+    ) -> torch.Tensor:
+        U_A, U_G = state["U_A"], state["U_G"]
+        rotated = (U_G.T @ m @ U_A) / (state["S"] + group["damping"])
+        out: torch.Tensor = U_G @ rotated @ U_A.T
+        return out
+
+
 register_optimizer("KFAC", KFAC, overwrite=True)
+register_optimizer("EKFAC", EKFAC, overwrite=True)

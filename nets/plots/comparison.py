@@ -119,7 +119,7 @@ def plot_spectrum_comparison(
                 log=log_scale,
                 facecolor=(hist_colors[i % len(hist_colors)], 0.35) if i == 0 else "none",
                 histtype="stepfilled" if i == 0 else "step",
-                linewidth=1.2,
+                linewidth=0.9,
                 edgecolor=hist_colors[i % len(hist_colors)],
                 label=f"{label} (histogram, area = 1)",
             )

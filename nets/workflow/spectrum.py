@@ -491,6 +491,7 @@ def compute_eigenspectrum(
     curvature = parse_curvature(curvature_matrix)
     check_int("lanczos_iters", lanczos_iters, 1)
     check_int("num_probes", num_probes, 1)
+    check_int("checkpoint_every", checkpoint_every, 1)
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0)
     mode = check_bn_mode(bn_mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +16,98 @@ from nets.data import load_dataset
 from nets.data.cifar import CIFAR_INFO
 
 
-def write_batch(path: Path, data: np.ndarray, labels: list[int], key: bytes) -> None:
+def py2_pickle(obj: object) -> bytes:
+    """``obj`` pickled as Python 2's cPickle (protocol 2) wrote the official CIFAR archives.
+
+    Python 2 ``str`` values (keys, file names, the array's raw data) are ``U``/``T``
+    (SHORT_BINSTRING/BINSTRING) opcodes, not Python 3's ``_codecs.encode`` calls, and
+    arrays reference ``numpy.core.multiarray._reconstruct`` (NumPy 1's module path).
+    """
+    out = bytearray(b"\x80\x02")
+
+    def string(b: bytes) -> None:
+        head = b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))
+        out.extend(head + b)
+
+    def integer(i: int) -> None:
+        if 0 <= i < 256:
+            out.extend(b"K" + bytes([i]))
+        elif 0 <= i < 65536:
+            out.extend(b"M" + struct.pack("<H", i))
+        else:
+            out.extend(b"J" + struct.pack("<i", i))
+
+    def save(o: object) -> None:
+        if isinstance(o, dict):
+            out.extend(b"}(")
+            for k, v in o.items():
+                save(k)
+                save(v)
+            out.extend(b"u")
+        elif isinstance(o, list | tuple):
+            out.extend(b"](" if isinstance(o, list) else b"(")
+            for v in o:
+                save(v)
+            out.extend(b"e" if isinstance(o, list) else b"t")
+        elif o is None:
+            out.extend(b"N")
+        elif isinstance(o, bool):
+            out.extend(b"\x88" if o else b"\x89")
+        elif isinstance(o, int):
+            integer(o)
+        elif isinstance(o, bytes):
+            string(o)
+        elif isinstance(o, np.ndarray) and o.dtype == np.uint8:
+            # _reconstruct(ndarray, (0,), 'b') then BUILD (1, shape, dtype('u1'), False, data)
+            out.extend(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")
+            save((0,))
+            save(b"b")
+            out.extend(b"\x87R(")
+            integer(1)
+            save(tuple(o.shape))
+            out.extend(b"cnumpy\ndtype\n")
+            save(b"u1")
+            integer(0)
+            integer(1)
+            out.extend(b"\x87R")
+            save((3, b"|", None, None, None, -1, -1, 0))
+            out.extend(b"b")
+            save(False)
+            string(np.ascontiguousarray(o).tobytes())
+            out.extend(b"tb")
+        else:
+            raise TypeError(type(o))
+
+    save(obj)
+    return bytes(out + b".")
+
+
+def dump(obj: object, fmt: str) -> bytes:
+    return py2_pickle(obj) if fmt == "py2" else pickle.dumps(obj, protocol=2)
+
+
+def write_batch(
+    path: Path, data: np.ndarray, labels: list[int], key: bytes, fmt: str = "py3"
+) -> None:
     batch = {
-        b"batch_label": b"training batch",
-        key: labels,
         b"data": data,
+        key: labels,
+        b"batch_label": b"training batch 1 of 5",
         b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))],
     }
-    path.write_bytes(pickle.dumps(batch, protocol=2))
+    path.write_bytes(dump(batch, fmt))
 
 
-def make_cifar10(root: Path, per_batch: int = 4, n_test: int = 3, seed: int = 0):
+def test_py2_pickle_writer_is_what_python2_cpickle_wrote() -> None:
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    raw = py2_pickle({b"data": data, b"labels": [1, 300, 70000]})
+    assert raw.startswith(b"\x80\x02}(U\x04datacnumpy.core.multiarray\n_reconstruct\n")
+    assert b"_codecs" not in raw and b"T\x00\x18\x00\x00" + data.tobytes()[:4] in raw
+    loaded = pickle.loads(raw, encoding="bytes")  # the usual way to read CIFAR
+    assert loaded[b"labels"] == [1, 300, 70000] and np.array_equal(loaded[b"data"], data)
+
+
+def make_cifar10(root: Path, per_batch: int = 4, n_test: int = 3, seed: int = 0, fmt="py3"):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -33,18 +115,20 @@ def make_cifar10(root: Path, per_batch: int = 4, n_test: int = 3, seed: int = 0)
     for i in range(1, 6):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         lab = rng.integers(0, 10, per_batch).tolist()
-        write_batch(folder / f"data_batch_{i}", data, lab, b"labels")
+        write_batch(folder / f"data_batch_{i}", data, lab, b"labels", fmt)
         images.append(data)
         labels += lab
     test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    write_batch(folder / "test_batch", test, list(range(n_test)), b"labels")
+    write_batch(folder / "test_batch", test, list(range(n_test)), b"labels", fmt)
     names = [f"class{i}".encode() for i in range(10)]
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(dump(meta, fmt))
     return np.concatenate(images), labels, test
 
 
-def test_cifar10_shapes_labels_and_pixels(tmp_path):
-    images, labels, _test = make_cifar10(tmp_path)
+@pytest.mark.parametrize("fmt", ["py2", "py3"])
+def test_cifar10_shapes_labels_and_pixels(tmp_path, fmt):
+    images, labels, _test = make_cifar10(tmp_path, fmt=fmt)
     splits = load_dataset("CIFAR10", tmp_path)
     assert splits.num_classes == 10 and splits.input_shape == (3, 32, 32)
     assert len(splits.train) == 20 and len(splits.test) == 3
@@ -64,27 +148,47 @@ def test_cifar10_shapes_labels_and_pixels(tmp_path):
     )
 
 
-def test_cifar100_fine_labels_and_meta(tmp_path):
+@pytest.mark.parametrize("fmt", ["py2", "py3"])
+def test_cifar100_fine_labels_and_meta(tmp_path, fmt):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    write_batch(
-        folder / "train",
-        rng.integers(0, 256, (6, 3072), dtype=np.uint8),
-        [0, 99, 5, 7, 42, 1],
-        b"fine_labels",
-    )
-    write_batch(
-        folder / "test", rng.integers(0, 256, (2, 3072), dtype=np.uint8), [3, 98], b"fine_labels"
-    )
+    train = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
+    for name, data, fine in (
+        ("train", train, [0, 99, 5, 7, 42, 1]),
+        ("test", rng.integers(0, 256, (2, 3072), dtype=np.uint8), [3, 98]),
+    ):
+        batch = {
+            b"filenames": [f"f{i}.png".encode() for i in range(len(fine))],
+            b"batch_label": b"training batch 1 of 1",
+            b"fine_labels": fine,
+            b"coarse_labels": [f // 5 for f in fine],
+            b"data": data,
+        }
+        (folder / name).write_bytes(dump(batch, fmt))
     names = [f"fine{i}".encode() for i in range(100)]
+    coarse = [f"coarse{i}".encode() for i in range(20)]
     (folder / "meta").write_bytes(
-        pickle.dumps({b"fine_label_names": names, b"coarse_label_names": []}, protocol=2)
+        dump({b"fine_label_names": names, b"coarse_label_names": coarse}, fmt)
     )
     splits = load_dataset("CIFAR100", tmp_path)
-    assert splits.num_classes == 100 and len(splits.classes) == 100
+    assert splits.num_classes == 100 and splits.classes == [f"fine{i}" for i in range(100)]
     assert splits.train.targets.tolist() == [0, 99, 5, 7, 42, 1]
+    assert splits.test.targets.tolist() == [3, 98]
+    x, _ = splits.train_eval.get_batch([1])
+    mean = torch.tensor(CIFAR_INFO["CIFAR100"]["mean"]).view(3, 1, 1)
+    std = torch.tensor(CIFAR_INFO["CIFAR100"]["std"]).view(3, 1, 1)
+    expected = (torch.from_numpy(train[1].reshape(3, 32, 32)).float() / 255 - mean) / std
+    torch.testing.assert_close(x[0], expected)
     assert splits.test.get_batch([0, 1])[0].shape == (2, 3, 32, 32)
+
+
+def test_download_without_torchvision_says_how_to_get_the_data(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"torchvision.*cifar-10-python\.tar\.gz"):
+        load_dataset("CIFAR10", tmp_path / "empty", download=True)
 
 
 def test_missing_data_error_says_where_and_how(tmp_path):

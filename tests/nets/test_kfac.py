@@ -292,3 +292,161 @@ def test_errors() -> None:
     x, y = _batch()
     with pytest.raises(ValueError, match="'loss_fn'"):
         opt.step(curvature_batch=(x, y), loss_fn=nn.NLLLoss())
+
+
+@pytest.mark.parametrize("dedicated", [True, False])
+def test_in_place_activation_after_a_layer_does_not_change_its_factors(dedicated: bool) -> None:
+    """G is built from dL/ds of the layer's own output, even if ReLU(inplace=True) follows."""
+    x, y = _batch()
+
+    def factors(inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = _mlp()
+        model[1] = nn.ReLU(inplace=inplace)
+        opt = KFAC(model, lr=0.1, fisher="empirical", kl_clip=None, momentum=0.0)
+        if dedicated:
+            opt.step(curvature_batch=(x, y), loss_fn=nn.CrossEntropyLoss())
+        else:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return opt.factors(model[0])
+
+    (A0, G0), (A1, G1) = factors(False), factors(True)
+    assert torch.equal(A0, A1)
+    torch.testing.assert_close(G1, G0, rtol=1e-12, atol=1e-15)
+    assert float(G0.abs().max()) > 0
+
+
+def test_dilated_bias_free_conv_factors_and_grouped_conv_on_plain_gradients() -> None:
+    gen = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(2, 3, kernel_size=2, dilation=2, padding=1, bias=False).to(DT)
+    x = torch.randn(3, 2, 5, 5, generator=gen, dtype=DT)
+    out = conv(x)
+    (gout,) = torch.autograd.grad((out**3).mean(), out)
+    A, G = kfac_factors(conv, x, gout, batch_size=3)
+    xp = nn.functional.pad(x, (1, 1, 1, 1))
+    A_ref, G_ref = np.zeros((8, 8)), np.zeros((3, 3))
+    for n in range(3):
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                a = xp[n, :, i : i + 3 : 2, j : j + 3 : 2].reshape(-1).numpy()  # no bias column
+                A_ref += np.outer(a, a)
+                g = 3 * gout[n, :, i, j].numpy()
+                G_ref += np.outer(g, g)
+    T = out.shape[2] * out.shape[3]
+    np.testing.assert_allclose(A.numpy(), A_ref / 3, rtol=1e-12)
+    np.testing.assert_allclose(G.numpy(), G_ref / (3 * T), rtol=1e-12)
+
+    # a grouped convolution is not Kronecker-factored: momentum-free SGD on its gradient
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 3, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2, 3),
+    ).to(DT)
+    xb = torch.randn(4, 2, 5, 5, generator=gen, dtype=DT)
+    yb = torch.randint(0, 3, (4,), generator=gen)
+    opt = KFAC(model, lr=0.1, momentum=0.0, kl_clip=None)
+    assert opt._layers == [model[2], model[4]]
+    before = [p.detach().clone() for p in model[0].parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(xb), yb).backward()
+    grads = [p.grad.clone() for p in model[0].parameters()]
+    opt.step(curvature_batch=(xb, yb), loss_fn=nn.CrossEntropyLoss())
+    for p, p0, g in zip(model[0].parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g, rtol=1e-14, atol=1e-15)
+    assert opt.factors(model[2])[0].shape == (4 * 9, 4 * 9)
+
+
+def _per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: nn.Module):
+    """[dl_n/dW, dl_n/db] (out x (in*k*k + 1)) for each sample, one at a time."""
+    rows = []
+    for n in range(x.shape[0]):
+        loss_n = nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
+        gw, gb = torch.autograd.grad(loss_n, [layer.weight, layer.bias])
+        rows.append(torch.cat([gw.reshape(gw.shape[0], -1), gb[:, None]], dim=1))
+    return rows
+
+
+@pytest.mark.parametrize("stat_decay", [0.0, 0.5])
+def test_ekfac_scalings_are_the_fisher_diagonal_in_the_kronecker_eigenbasis(
+    stat_decay: float,
+) -> None:
+    """S = mean_n (U_G^T grad_n U_A)^2 (blended with K-FAC's lambda_G lambda_A^T after a
+    basis update), and the step is U_G [(U_G^T M U_A) / (S + damping)] U_A^T."""
+    from nets.optim.kfac import EKFAC
+
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)
+    ).to(DT)
+    x = torch.randn(6, 2, 4, 4, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    damping, lr = 0.1, 0.2
+    layers = (model[0], model[3])
+    before = [p.detach().clone() for p in model.parameters()]
+    per_sample = {id(m): _per_sample_grads(model, x, y, m) for m in layers}
+    opt = EKFAC(
+        model, lr=lr, damping=damping, fisher="empirical", stat_decay=stat_decay, kl_clip=None
+    )
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step(curvature_batch=(x, y), loss_fn=nn.CrossEntropyLoss())
+    for k, layer in enumerate(layers):
+        A, G = opt.factors(layer)
+        U_A, U_G, S = opt.eigenbasis(layer)
+        lam_a, lam_g = torch.linalg.eigvalsh(A), torch.linalg.eigvalsh(G)
+        torch.testing.assert_close(A @ U_A, U_A * lam_a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(G @ U_G, U_G * lam_g, rtol=1e-9, atol=1e-12)
+        S_batch = torch.stack([(U_G.T @ g @ U_A) ** 2 for g in per_sample[id(layer)]]).mean(0)
+        kfac_diagonal = torch.outer(lam_g.clamp_min(0), lam_a.clamp_min(0))
+        expected_S = stat_decay * kfac_diagonal + (1 - stat_decay) * S_batch
+        torch.testing.assert_close(S, expected_S, rtol=1e-9, atol=1e-14)
+        if stat_decay == 0.0:
+            # the diagonal of the dense per-sample Fisher in the basis U_A (x) U_G
+            vecs = torch.stack([g.T.reshape(-1) for g in per_sample[id(layer)]])  # vec = col-major
+            fisher = vecs.T @ vecs / vecs.shape[0]
+            basis = torch.kron(U_A, U_G)
+            diag = torch.diagonal(basis.T @ fisher @ basis)
+            torch.testing.assert_close(S.T.reshape(-1), diag, rtol=1e-9, atol=1e-14)
+        M = torch.cat(
+            [grads[2 * k].reshape(grads[2 * k].shape[0], -1), grads[2 * k + 1][:, None]], 1
+        )
+        V = U_G @ ((U_G.T @ M @ U_A) / (S + damping)) @ U_A.T
+        W_new = torch.cat(
+            [layer.weight.detach().reshape(M.shape[0], -1), layer.bias.detach()[:, None]], 1
+        )
+        W_old = torch.cat([before[2 * k].reshape(M.shape[0], -1), before[2 * k + 1][:, None]], 1)
+        torch.testing.assert_close(W_new, W_old - lr * V, rtol=1e-10, atol=1e-13)
+
+
+def test_ekfac_state_dict_resumes_bit_identically() -> None:
+    from nets.optim import get_optimizer
+
+    x, y = _batch(n=32)
+    loss = nn.CrossEntropyLoss()
+    kwargs = {"lr": 0.05, "factor_update_freq": 2, "inv_update_freq": 3, "seed": 5}
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+        for s in steps:
+            idx = torch.arange(8) + 8 * (s % 4)
+            opt.zero_grad()
+            loss(model(x[idx]), y[idx]).backward()
+            opt.step(curvature_batch=(x[idx], y[idx]), loss_fn=loss)
+
+    model = _mlp()
+    opt = get_optimizer("ekfac", model, **kwargs)
+    run(model, opt, range(4))
+    saved_model, saved_opt = _roundtrip(model.state_dict()), _roundtrip(opt.state_dict())
+    assert "S" in saved_opt["state"][0] and "U_A" in saved_opt["state"][0]
+    run(model, opt, range(4, 9))
+    model2 = _mlp(seed=9)
+    model2.load_state_dict(saved_model)
+    opt2 = get_optimizer("EKFAC", model2, **kwargs)
+    opt2.load_state_dict(saved_opt)
+    run(model2, opt2, range(4, 9))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="'module'"):
+        opt2.damped_inverses(model2[0])  # E-KFAC has an eigenbasis, not K-FAC inverses

@@ -139,3 +139,20 @@ def test_bad_names_and_arguments():
         SmallCNN(10, 3, 8)(torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"Argument 'activation'"):
         MLP(activation="swish")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n in available_models() if n != "WideResNet28x10"],  # WRN: small one above
+)
+def test_every_registered_model_on_8x8_and_32x32_or_a_clear_error(name):
+    for channels, size in ((1, 8), (3, 32)):
+        if name.startswith("VGG") and size != 32:
+            with pytest.raises(ValueError, match=r"Argument 'input_size'.*32.*8x8"):
+                get_model(name, num_classes=5, in_channels=channels, input_size=size)
+            continue
+        net = get_model(name, num_classes=5, in_channels=channels, input_size=size).eval()
+        with torch.no_grad():
+            assert net(torch.zeros(2, channels, size, size)).shape == (2, 5), (name, size)
+        with pytest.raises(ValueError, match=r"Argument 'x'"):
+            net(torch.zeros(2, channels + 1, size, size))  # wrong number of channels

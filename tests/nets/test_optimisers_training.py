@@ -2,7 +2,8 @@
 
 * one epoch on the full digits training set (11 steps of 128) lowers the training loss;
 * a two-epoch run and a run resumed from its ``checkpoint-00001.pt`` end bit-identically
-  (the optimiser's ``state_dict`` carries K-FAC's factors and RNG state, SWATS's phase,
+  (the optimiser's ``state_dict`` carries K-FAC's factors (E-KFAC's eigenbasis and
+  scalings) and RNG state, SWATS's phase,
   Lanczos-Newton's step counter), on a 512-sample subset to keep the test short.
 """
 
@@ -24,6 +25,7 @@ from nets.training import train_network
 CASES: dict[str, dict[str, Any]] = {
     "SWATS": {"lr": 2e-2},
     "KFAC": {"lr": 0.05, "damping": 1e-2, "factor_update_freq": 2, "inv_update_freq": 4},
+    "EKFAC": {"lr": 0.05, "damping": 1e-2, "factor_update_freq": 2, "inv_update_freq": 4},
     "LancGN": {"lr": 1.0, "damping": 0.1, "lanczos_iters": 5, "curvature_batch_size": 128},
     "LancHess": {"lr": 1.0, "damping": 1.0, "lanczos_iters": 5, "curvature_batch_size": 128},
 }
@@ -70,7 +72,7 @@ def test_one_epoch_on_digits_lowers_the_loss(
     result = _train(tmp_path, digits, name, 1, model=model)
     after = _full_loss(model, digits[0])
     assert after < 0.8 * before, (name, before, after)
-    assert type(result.optimizer).__name__ in ("SWATS", "KFAC", "LanczosNewton")
+    assert type(result.optimizer).__name__ in ("SWATS", "KFAC", "EKFAC", "LanczosNewton")
     assert len(result.stats) == 1  # (the running-average train_loss may exceed `before`:
     # LancGN with damping 0.1 overshoots on its first steps, then recovers)
 

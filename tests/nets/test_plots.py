@@ -14,6 +14,7 @@ import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from nets.plots import (
@@ -181,7 +182,6 @@ def test_plot_spectrum_log_weights_and_smooth(tmp_path: Path) -> None:
     fig = plot_spectrum("lanczos", path=spec, log_weights=True, save_path=tmp_path / "log.pdf")
     assert fig.axes[0].get_yscale() == "log"
     assert (tmp_path / "log.pdf").read_bytes().startswith(b"%PDF")
-    pytest.importorskip("spectral.density")
     fig = plot_spectrum("lanczos", path=spec, smooth=0.05, save_path=tmp_path / "smooth.png")
     assert len(fig.axes) == 2  # the smoothed density is on a twin axis
     assert_drawn(tmp_path / "smooth.png")
@@ -268,7 +268,6 @@ def test_plot_spectrum_comparison_figure2(tmp_path: Path) -> None:
     assert float(drawn.max()) == pytest.approx(float(heights.max()))
     assert float(np.sum(heights * np.diff(edges))) == pytest.approx(1.0)
     # several diagonals, linear scale, torch tensors accepted
-    torch = pytest.importorskip("torch")
     fig = plot_spectrum_comparison(
         None,
         np.load(ggn, allow_pickle=False),

@@ -162,6 +162,16 @@ def test_swa_saves_averaged_checkpoints_with_recomputed_bn(tmp_path, digits):
     bn = swa_model.features[1]
     assert bn.running_var.ne(1).all()  # statistics recomputed, not the initial ones
     assert result.stats[-1]["swa_test_acc"] is not None
+    # SWA + resume: the running average continues exactly (checkpoint-2 holds it)
+    options = {"swa": True, "swa_start": 1, "swa_lr": 0.01, "save_freq": None}
+    run(tmp_path / "part", digits, epochs=2, **options)
+    resumed = run(tmp_path / "part", digits, epochs=3, resume=True, **options)
+    a = load_checkpoint(result.swa_checkpoints[0])
+    b = load_checkpoint(resumed.swa_checkpoints[0])
+    assert a["n_averaged"] == b["n_averaged"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert resumed.stats[-1]["swa_test_loss"] == result.stats[-1]["swa_test_loss"]
 
 
 def test_objects_regression_and_errors(tmp_path):
@@ -183,6 +193,7 @@ def test_objects_regression_and_errors(tmp_path):
     y = torch.arange(20) % 2
     loader = DataLoader(TensorDataset(x, y), batch_size=5)
     net = torch.nn.Linear(4, 2)
+    net.eval()  # a model in eval mode is trained in training mode
     result = train_network(
         tmp_path / "obj",
         loader,
@@ -191,8 +202,10 @@ def test_objects_regression_and_errors(tmp_path):
         epochs=1,
         progress=False,
         device="cpu",
+        loss_fn=torch.nn.MultiMarginLoss(),  # a loss object
     )
     assert result.stats[0]["test_loss"] is None and result.config["model"] is None
+    assert result.config["loss"] == "MultiMarginLoss" and net.training
     with pytest.raises(ValueError, match="registered model"):
         model_from_checkpoint(result.checkpoints[-1])
 
@@ -236,3 +249,20 @@ def test_optimizer_registry():
         register_optimizer("_x", 3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Argument 'optimizer'"):
         get_optimizer(3, net)  # type: ignore[arg-type]
+
+
+def test_resolve_device_auto_picks_cuda_when_available(monkeypatch):
+    from nets.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device(None) == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("AUTO") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"Argument 'device'.*CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match=r"Argument 'device'"):
+        resolve_device("gpu-please")
+    with pytest.raises(TypeError, match=r"Argument 'device'"):
+        resolve_device(0)  # type: ignore[arg-type]

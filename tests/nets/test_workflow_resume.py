@@ -170,3 +170,21 @@ def test_eigenspectrum_resume_after_interruption(
             checkpoint_every=2,
             **{**kw, "checkpoint_path": checkpoints[2]},
         )
+
+
+def test_cli_spectrum_state_option(checkpoints: list[Path], tmp_path: Path) -> None:
+    """``curvature spectrum --state`` passes the state file through; a rerun reuses it."""
+    from nets.cli import main
+    from spectral.io import load_npz
+
+    argv = [
+        "spectrum", "--checkpoint", str(checkpoints[0]), "--iters", "4", "--subsample", "16",
+        "--device", "cpu", "--no-progress", "--out", str(tmp_path / "spec"),
+        "--state", str(tmp_path / "spec.state.npz"), "--checkpoint-every", "2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    first = load_npz(tmp_path / "spec.npz")
+    assert (tmp_path / "spec.state.npz").is_file()
+    assert main(argv) == 0
+    np.testing.assert_array_equal(first["w"], load_npz(tmp_path / "spec.npz")["w"])
+    assert main([*argv[:4], "5", *argv[5:]]) == 2  # other arguments: refused, status 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectral import _backend, lanczos, random_probe, random_probes, top_eigenpairs
+from spectral import _backend, diagonal, lanczos, random_probe, random_probes, top_eigenpairs
 from tests.spectral.strategies import (
     rotate,
     single_threaded_blas,  # noqa: F401 (autouse fixture)
@@ -110,6 +110,28 @@ def test_numpy_v0_with_torch_operator_is_transferred() -> None:
     ref = lanczos(A, 5, v0=v0)
     assert isinstance(res.basis, torch.Tensor)
     np.testing.assert_allclose(res.alpha, ref.alpha, atol=1e-12 * 9)
+
+
+def test_torch_tensors_requiring_grad_are_detached() -> None:
+    """A matrix or start vector with ``requires_grad`` (a parameter, a gradient) runs as is.
+
+    Warnings are errors: torch's ``float()``/``asarray`` warnings on graph tensors fail here.
+    """
+    A = _matrix(40)
+    v0 = np.random.default_rng(1).standard_normal(40)
+    At = torch.from_numpy(A).requires_grad_(True)
+    vt = torch.from_numpy(v0.copy()).requires_grad_(True)
+    ref = lanczos(A, 8, v0=v0)
+    for reorth in ("full", "partial", "selective"):
+        res = lanczos(At, 8, v0=vt, reorth=reorth)
+        assert not res.basis.requires_grad
+        np.testing.assert_allclose(res.alpha, ref.alpha, atol=1e-12 * 9)
+    res = lanczos(torch.from_numpy(A), 8, v0=vt, reorth="none", store_basis=False)
+    assert not res.residual_vector.requires_grad
+    _, vecs = top_eigenpairs(At, 2, seed=0)
+    assert not vecs.requires_grad
+    assert not diagonal(At, method="exact").requires_grad
+    assert At.grad is None
 
 
 def test_store_basis_false_and_ritz_vectors_in_array_api_strict() -> None:

@@ -135,3 +135,30 @@ def test_probe_kinds_and_validation() -> None:
         random_probes(3, 0)
     with pytest.raises(TypeError, match="seed"):
         random_probe(3, seed="abc")  # type: ignore[arg-type]
+
+
+class NoDtype:
+    """Duck-typed operator without a ``dtype`` attribute (and one with ``dtype = None``)."""
+
+    shape = (4, 4)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        return D * x
+
+
+class NoneDtype(NoDtype):
+    dtype = None
+
+
+def test_operators_without_dtype_default_to_float64() -> None:
+    for A in (NoDtype(), NoneDtype()):
+        op = as_operator(A)
+        assert op.dtype == np.float64 and type(op.template) is np.ndarray
+        res = lanczos(A, 4, seed=0)
+        assert res.breakdown
+        np.testing.assert_allclose(res.ritz().values, D, atol=1e-12)
+    # an integer-typed LinearOperator computes in float64
+    lin = spla.LinearOperator((4, 4), matvec=lambda x: D * x, dtype=np.int64)
+    assert as_operator(lin).dtype == np.float64
+    with pytest.raises(TypeError, match="real"):
+        as_operator(spla.LinearOperator((4, 4), matvec=lambda x: x, dtype=np.complex128))
