@@ -22,7 +22,7 @@ Outputs in ``--out``: one ``train_network`` run directory per curve,
 loss) and ``figure1.png`` (training error against epoch; Lanczos-Newton solid,
 baselines dashed, the best SGD only).  ``--schedule constant`` (default) keeps
 ``delta / alpha`` fixed over training.  What we observed is in
-``benchmarks/README_optimisers.md``.
+``benchmarks/README.md`` (section "Optimisers").
 """
 
 from __future__ import annotations

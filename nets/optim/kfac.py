@@ -598,6 +598,7 @@ class KFAC(torch.optim.Optimizer):
         with torch.no_grad():
             group = self.param_groups[0]
             if self._factors_due():
+                self._samples = {}  # per-sample rows of this step only (E-KFAC)
                 if curvature_batch is not None and loss_fn is not None:
                     batch_factors = self._dedicated_pass(curvature_batch, loss_fn)
                 elif self.fisher == "mc":

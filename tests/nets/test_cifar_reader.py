@@ -229,8 +229,12 @@ def test_corrupt_batch_files(tmp_path):
         load_dataset("CIFAR10", tmp_path)
 
 
-def test_training_on_a_miniature_cifar_archive(tmp_path):
+def test_training_on_a_miniature_cifar_archive(tmp_path, capsys, caplog):
+    import logging
+
     from nets.training import train_network
+
+    caplog.set_level(logging.INFO, logger="nets.training")
 
     make_cifar10(tmp_path / "data", per_batch=8, n_test=4)
     threads = torch.get_num_threads()
@@ -244,10 +248,12 @@ def test_training_on_a_miniature_cifar_archive(tmp_path):
             epochs=1,
             batch_size=16,
             optimizer_kwargs={"lr": 0.01},
-            progress=False,
+            progress=True,
             device="cpu",
         )
     finally:
         torch.set_num_threads(threads)
+    assert "train" in capsys.readouterr().err  # the tqdm bar
+    assert any("epoch 1/1" in r.getMessage() for r in caplog.records)
     assert result.config["dataset"] == "CIFAR10" and result.config["input_size"] == 32
     assert result.stats[0]["test_acc"] is not None

@@ -266,3 +266,32 @@ def test_resolve_device_auto_picks_cuda_when_available(monkeypatch):
         resolve_device("gpu-please")
     with pytest.raises(TypeError, match=r"Argument 'device'"):
         resolve_device(0)  # type: ignore[arg-type]
+
+
+def test_resume_with_a_users_shuffling_dataloader_is_bit_identical(tmp_path):
+    """A DataLoader without a generator shuffles from the global RNG: forked, seeded, saved."""
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(
+        torch.randn(64, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    )
+
+    def train(directory, epochs, **kw):
+        net = get_model("MLP", num_classes=3, in_channels=4, input_size=1, hidden=(8,))
+        return train_network(
+            tmp_path / directory,
+            DataLoader(data, batch_size=16, shuffle=True),
+            model=net.eval(),
+            optimizer_kwargs={"lr": 0.1, "momentum": 0.9},
+            epochs=epochs,
+            save_freq=1,
+            progress=False,
+            device="cpu",
+            **kw,
+        )
+
+    full = train("full", 2)
+    train("part", 1)
+    resumed = train("part", 2, resume=True)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert full.stats[-1]["train_loss"] == resumed.stats[-1]["train_loss"]

@@ -294,12 +294,6 @@ def test_store_basis_false_uses_memory_of_order_n() -> None:
     assert peaks[True] >= m * vector_bytes  # the stored basis alone is m vectors
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="breakdown threshold eps^(2/3) * max||A q_i|| is below the rounding residual "
-    "after an exact invariance when some beta_j is small (here 1.5e-3 ||A||): "
-    "residual 1.30e-10 > threshold 1.14e-10 (reported to the lanczos.py owner)",
-)
 def test_breakdown_is_detected_after_a_small_beta() -> None:
     """8 distinct eigenvalues (one of multiplicity 1): m = 8 must stop with a clean breakdown.
 
