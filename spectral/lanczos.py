@@ -71,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 REORTH_MODES = ("full", "none", "partial", "selective")
 
+
 def breakdown_tolerance(eps: float) -> float:
     """Relative threshold below which ``beta_j / ||A||_est`` counts as an exact breakdown.
 
