@@ -72,6 +72,8 @@ def _sum_squared_vjps(
                 materialize_grads=True,
             )
         for acc, g in zip(total, grads):
+            if tuple(g.shape) != (len(chunk), *acc.shape):
+                continue  # a parameter the outputs do not use: materialised unbatched zeros
             acc += torch.einsum("b,b...->...", weights, g * g)
     return torch.cat([t.reshape(-1) for t in total])
 

@@ -23,7 +23,7 @@ from nets.training import TrainingResult, train_network
 # isort: split
 
 # --- optimisers (optim/) ---
-from nets.optim import KFAC, SWATS, LanczosNewton
+from nets.optim import EKFAC, KFAC, SWATS, LanczosNewton
 
 # isort: split
 
@@ -43,6 +43,7 @@ from nets.workflow import (
 )
 
 __all__: list[str] = [
+    "EKFAC",
     "KFAC",
     "MODELS",
     "SWATS",

@@ -71,6 +71,10 @@ def test_unused_parameters_give_zero_rows() -> None:
         assert float(D[15:].abs().max()) == 0.0 and float(D[:15].abs().max()) > 0.0
     Fm = FisherOperator(model, nn.CrossEntropyLoss(), data).to_dense()
     assert float(Fm[15:].abs().max()) == 0.0
+    for cls in (HessianOperator, GGNOperator, FisherOperator):  # only unused: A = 0
+        op = cls(model, nn.CrossEntropyLoss(), data, params=[model.unused])
+        assert float(op.to_dense().abs().max()) == 0.0
+        assert float((op @ np.ones(15)).max()) == 0.0
     assert all(p.grad is None for p in model.parameters())
 
 
