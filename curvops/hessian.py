@@ -47,10 +47,12 @@ class HessianOperator(ModelCurvatureOperator):
     cache:
         Keep each batch's gradient graph between products, so that a product costs
         one backward pass per batch instead of forward + gradient + backward
-        (measured 1.78 vs 2.73 gradient-times on a BatchNorm CNN, 8 batches of 32).
+        (measured 1.9 vs 3.1 gradient-times on a 151k-parameter BatchNorm CNN, 8
+        batches of 32 CIFAR-shaped images; 2.5 vs 3.4 on PreResNet8, 8 x 16).
         Memory: one double-backward graph (the activations of the forward and of
         the gradient pass) per batch, i.e. with a list of batches the graphs of the
-        whole data set are held at once -- what batching usually exists to avoid.
+        whole data set are held at once -- what batching usually exists to avoid
+        (that CNN: +330 MiB held vs +100 MiB without the cache).
         Default (None): True for one batch, False for a sequence of batches (pass
         ``cache=True`` when every batch's graph fits in memory together).  Never
         applied to a DataLoader (``cache=True`` is ignored there): its batches are

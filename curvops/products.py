@@ -23,10 +23,12 @@ reverse-mode graph) and :math:`Jv` together, then one backward pass applies
 cached double-vjp and 3.4-3.9 per column for ``vmap`` of ``torch.func.jvp``/``vjp``.
 A matmat of :math:`k > 1` columns shares one recorded forward pass between its
 :math:`k` backward passes and gets the :math:`Jv_j` from dual-number passes without
-graph recording: 0.64-0.9 of the time of :math:`k` matvecs (59k-parameter BatchNorm
-CNN, k = 8; ``vmap`` of ``jvp`` + ``vjp`` measured 1.3x and a batched
-reverse-over-reverse 0.85-1.0x of :math:`k` matvecs, the batched backward
-``is_grads_batched`` no gain over the loop).
+graph recording: on a 59k-parameter BatchNorm CNN (k = 8, one thread, batch 32 and
+128) 0.82-0.88 of the time of :math:`k` matvecs with train-mode BatchNorm and
+0.95-1.04 (no gain) in eval mode.  Measured and rejected (train-mode BatchNorm,
+batch 32): ``vmap`` of ``jvp`` + ``vjp`` (1.5-2x the time of :math:`k` matvecs), a
+reverse-over-reverse :math:`Jv` batched with ``is_grads_batched`` (1.7-2.2x), and
+``is_grads_batched`` for the :math:`k` backward passes of this path (no gain).
 
 >>> import torch
 >>> w = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
@@ -186,8 +188,9 @@ def _shared_forward_sandwich(
     One forward pass records the reverse-mode graph, shared by the :math:`k`
     backward passes (:math:`J^\\top u_j`, graph retained between them); the
     :math:`J v_j` come from :math:`k` dual-number forward passes run without graph
-    recording, and ``Q`` is applied to all of them at once.  Measured 0.64-0.9 of
-    the time of k matvecs on a 59k-parameter BatchNorm CNN (k = 8, shared CPU).
+    recording, and ``Q`` is applied to all of them at once.  Measured 0.82-0.88 of
+    the time of k matvecs on a 59k-parameter CNN with train-mode BatchNorm, about
+    equal in eval mode (k = 8, see the module docstring).
     """
     with torch.enable_grad():
         primal = forward(leaves)

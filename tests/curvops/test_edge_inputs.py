@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops import FisherOperator, GGNOperator, HessianOperator, ggn_diagonal
 from curvops.losses import loss_family
 from curvops.testing import dense_fisher, dense_ggn, dense_hessian
 
@@ -75,6 +75,11 @@ def test_unused_parameters_give_zero_rows() -> None:
         op = cls(model, nn.CrossEntropyLoss(), data, params=[model.unused])
         assert float(op.to_dense().abs().max()) == 0.0
         assert float((op @ np.ones(15)).max()) == 0.0
+    G = GGNOperator(model, nn.CrossEntropyLoss(), data).to_dense()
+    for method in ("exact", "mc"):
+        diag = ggn_diagonal(model, nn.CrossEntropyLoss(), data, method=method)
+        assert float(diag[15:].abs().max()) == 0.0
+    assert relative_error(ggn_diagonal(model, nn.CrossEntropyLoss(), data), G.diagonal()) <= 1e-12
     assert all(p.grad is None for p in model.parameters())
 
 
