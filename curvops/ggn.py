@@ -8,7 +8,10 @@ Jacobian of the network outputs on batch :math:`b`.  Positive semi-definite for
 convex losses (cross-entropy, MSE, BCE-with-logits, whose output Hessians are used
 in closed form, see :mod:`curvops.losses`); other losses use autograd at the
 outputs (the operator is then flagged not-psd).  Each product shares one forward
-pass (dual numbers give the outputs and :math:`Jv` together) with one backward pass.
+pass (dual numbers give the outputs and :math:`Jv` together) with one backward pass;
+with ``linearize=True`` and one batch, :math:`J` is traced once per parameter state
+and a product replays no forward pass (see
+:func:`curvops.products.jacobian_sandwich_linearization`).
 
 >>> import torch
 >>> net = torch.nn.Linear(3, 2).double()
@@ -20,6 +23,7 @@ pass (dual numbers give the outputs and :math:`Jv` together) with one backward p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +33,15 @@ from torch import nn
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
 from curvops.losses import LossFn, loss_family, output_hessian_matmat
-from curvops.products import jacobian_sandwich_matmat
+from curvops.products import (
+    JacobianSandwichLinearization,
+    jacobian_sandwich_linearization,
+    jacobian_sandwich_matmat,
+)
 
 __all__ = ["GGNOperator"]
+
+logger = logging.getLogger(__name__)
 
 _CONVEX_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
 
@@ -44,7 +54,24 @@ def _convex(loss_fn: Any) -> bool:
 class GGNOperator(ModelCurvatureOperator):
     """GGN (Gauss-Newton) matrix of the mean loss over ``data``.
 
-    Parameters are those of :class:`curvops.curvature.ModelCurvatureOperator`.
+    Parameters
+    ----------
+    model, loss_fn, data, params, bn_mode, progress, process_group:
+        See :class:`curvops.curvature.ModelCurvatureOperator`.
+    linearize:
+        With one batch, trace the Jacobian once (``torch.func.linearize`` and
+        ``torch.func.vjp``) and reuse it while parameters, buffers, modes and batch
+        tensors are unchanged: measured 1.0-1.3 instead of 2.1-2.4 gradient-times
+        per product on the benchmark CNNs (batch 16-128; 2.1 vs 2.6 on a small
+        MLP), same results (bitwise for a matvec).  Off by default: a trace costs
+        ~7-19 gradient-times on those CNNs (~160 on the MLP) and the first one in a
+        process ~1.3-2.8 s (``torch.fx`` warm-up), so it pays off after ~5-20
+        products at one state (10-80 for the first trace; hundreds on the MLP),
+        e.g. a long Lanczos run on a big batch, not a few products per parameter
+        update.  Memory held between products: the forward activations plus the
+        traced tangent graph (+190 MiB for 128 CIFAR-shaped images through a
+        151k-parameter CNN).  Ignored for several batches; if tracing fails the
+        operator falls back to the default path (logged).
 
     Raises
     ------
@@ -64,6 +91,7 @@ class GGNOperator(ModelCurvatureOperator):
         bn_mode: str | None = None,
         progress: bool = False,
         process_group: Any = None,
+        linearize: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -75,8 +103,38 @@ class GGNOperator(ModelCurvatureOperator):
             process_group=process_group,
             psd=_convex(loss_fn),
         )
+        self._linearize = bool(linearize) and self.data.is_single_batch
+        self._traced: tuple[tuple[Any, ...], JacobianSandwichLinearization] | None = None
+
+    def _linearization(self, batch: Batch) -> JacobianSandwichLinearization | None:
+        """The traced Jacobian of the single batch (None: off, or tracing failed)."""
+        if not self._linearize:
+            return None
+        key = self._state_key(batch)
+        if self._traced is not None and self._traced[0] == key:
+            return self._traced[1]
+        self._traced = None  # free the stale trace first
+        inputs, targets = self._batch_on_device(batch)
+        loss_fn = self.loss_fn
+
+        def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda U: output_hessian_matmat(loss_fn, outputs, targets, U)
+
+        try:
+            lin = jacobian_sandwich_linearization(
+                self._forward_fn(inputs), self.current_params(), curvature
+            )
+        except Exception as exc:  # torch.func cannot trace every model
+            logger.info("GGNOperator: tracing failed (%r); using the untraced product", exc)
+            self._linearize = False
+            return None
+        self._traced = (key, lin)
+        return lin
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
+        traced = self._linearization(batch)
+        if traced is not None:
+            return traced.apply(V)
         inputs, targets = self._batch_on_device(batch)
         loss_fn = self.loss_fn
 

@@ -40,6 +40,7 @@ tensor([[ 6.,  0.],
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,9 +49,11 @@ import torch.autograd.forward_ad as fwAD
 
 __all__ = [
     "HessianLinearization",
+    "JacobianSandwichLinearization",
     "OutputCurvature",
     "hessian_linearization",
     "hessian_matmat",
+    "jacobian_sandwich_linearization",
     "jacobian_sandwich_matmat",
 ]
 
@@ -216,3 +219,72 @@ def _shared_forward_sandwich(
         for j in range(k)
     ]
     return [torch.stack([c[i] for c in cols]) for i in range(len(leaves))]
+
+
+@dataclass
+class JacobianSandwichLinearization:
+    """:math:`J^\\top Q J` of one batch, :math:`J` traced once (see below).
+
+    Attributes
+    ----------
+    outputs:
+        The network outputs at the traced parameters (detached).
+    """
+
+    outputs: torch.Tensor
+    _jvp: Callable[..., torch.Tensor]
+    _vjp: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    _apply_q: Callable[[torch.Tensor], torch.Tensor]
+
+    def apply(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return :math:`J^\\top Q J\\, V` for ``V`` as a list of ``(k, *shape)`` tensors."""
+        k = V[0].shape[0]
+        U = self._apply_q(torch.stack([self._jvp(*[v[j] for v in V]) for j in range(k)]))
+        cols = [self._vjp(U[j]) for j in range(k)]
+        return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+
+
+def jacobian_sandwich_linearization(
+    forward: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    output_curvature: OutputCurvature,
+) -> JacobianSandwichLinearization:
+    """Trace :math:`J = \\partial f/\\partial w` once for repeated :math:`J^\\top Q J` products.
+
+    ``torch.func.linearize`` records the tangent (``Jv``) computation as a graph
+    replayed per column without a forward pass; ``torch.func.vjp`` keeps the
+    forward's reverse-mode graph for :math:`J^\\top u`.  Memory: the forward
+    activations (vjp) plus the traced tangent graph's constants.  Same operations as
+    :func:`jacobian_sandwich_matmat`, so the products agree with it (bitwise in the
+    tests).  Measured per product 1.0-1.3 gradient-times against 2.1-2.4 untraced
+    (CIFAR-shaped CNNs with BatchNorm, batch 16-128, one CPU thread) for a tracing
+    cost of ~7-19 gradient-times, plus ~1.3-2.8 s for the first trace in a process
+    (``torch.fx`` warm-up): it pays off after ~5-20 products at one parameter state
+    (hundreds for a small MLP, whose products take ~2 ms).
+
+    Raises
+    ------
+    Exception
+        Whatever ``torch.func`` raises for a model it cannot trace (callers fall back
+        to :func:`jacobian_sandwich_matmat`).
+
+    >>> w = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+    >>> lin = jacobian_sandwich_linearization(
+    ...     lambda t: t[0] ** 2, w, lambda out: (lambda U: U)
+    ... )
+    >>> lin.apply([torch.eye(2, dtype=torch.float64)])[0]  # J^T J = diag(4 w^2)
+    tensor([[ 4.,  0.],
+            [ 0., 16.]], dtype=torch.float64)
+    """
+    primals = [p.detach() for p in params]
+
+    def f(*tensors: torch.Tensor) -> torch.Tensor:
+        return forward(list(tensors))
+
+    with warnings.catch_warnings():
+        # torch.fx's constant folding inside linearize warns about its own graph
+        warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node", UserWarning)
+        outputs, jvp_fn = torch.func.linearize(f, *primals)
+    vjp_fn = torch.func.vjp(f, *primals)[1]
+    outputs = outputs.detach()
+    return JacobianSandwichLinearization(outputs, jvp_fn, vjp_fn, output_curvature(outputs))

@@ -1,0 +1,102 @@
+"""GGNOperator(linearize=True): the traced single-batch Jacobian path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import curvops.ggn as ggn_module
+from curvops._model_state import model_state, state_differences
+from curvops.ggn import GGNOperator
+from curvops.testing import dense_ggn
+
+from .conftest import CASES, Case, make_cnn, make_data, make_inputs, make_targets, random_columns
+
+SINGLE = [c for c in CASES if c.layout == "batch"]
+
+
+class _CountTraces:
+    """Counts (and optionally breaks) the traces GGNOperator builds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+        self.calls = 0
+        original = ggn_module.jacobian_sandwich_linearization
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if fail:
+                raise RuntimeError("cannot trace this model")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(ggn_module, "jacobian_sandwich_linearization", counting)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("case", SINGLE, ids=lambda c: c.id)
+def test_linearized_matches_dense_and_default_path(case: Case) -> None:
+    model, loss, data = case.build()
+    before = model_state(model)
+    traced = GGNOperator(model, loss, data, bn_mode=case.bn_mode, linearize=True)
+    plain = GGNOperator(model, loss, data, bn_mode=case.bn_mode)
+    D = dense_ggn(model, loss, data, bn_mode=case.bn_mode)
+    for k in (1, 3):
+        X = random_columns(traced.num_params, k)
+        Y = traced.matmat(X)
+        assert _relative_error(Y, D @ X) <= 1e-10
+        if k == 1:  # same operations as a matvec, same bits
+            assert torch.equal(Y, plain.matmat(X))
+        else:  # the default matmat shares one forward pass: rounding may differ
+            assert _relative_error(Y, plain.matmat(X)) <= 1e-13
+        assert torch.equal(Y, traced.matmat(X))  # deterministic replay
+    assert traced._traced is not None  # the traced path was used
+    assert state_differences(before, model) == []
+
+
+def test_trace_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
+    traces = _CountTraces(monkeypatch)
+    model, loss = make_cnn(), nn.CrossEntropyLoss()
+    x, y = make_inputs("cnn", 6), make_targets("ce", 6)
+    G = GGNOperator(model, loss, (x, y), bn_mode="train", linearize=True)
+    v = random_columns(G.num_params, 1)[:, 0]
+    y1 = G @ v
+    assert torch.equal(G @ v, y1)
+    assert traces.calls == 1
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    y2 = G @ v
+    assert traces.calls == 2
+    assert _relative_error(y2, dense_ggn(model, loss, (x, y), bn_mode="train") @ v) <= 1e-10
+    assert _relative_error(y2, y1) > 1e-6
+    with torch.no_grad():
+        x.mul_(-1.0)  # in-place change of the batch inputs
+    y3 = G @ v
+    assert traces.calls == 3
+    assert _relative_error(y3, dense_ggn(model, loss, (x, y), bn_mode="train") @ v) <= 1e-10
+
+
+def test_trace_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    traces = _CountTraces(monkeypatch, fail=True)
+    model, loss = make_cnn(), nn.CrossEntropyLoss()
+    data = (make_inputs("cnn", 6), make_targets("ce", 6))
+    G = GGNOperator(model, loss, data, bn_mode="eval", linearize=True)
+    X = random_columns(G.num_params, 2)
+    D = dense_ggn(model, loss, data, bn_mode="eval")
+    assert _relative_error(G.matmat(X), D @ X) <= 1e-10
+    assert _relative_error(G.matmat(X), D @ X) <= 1e-10
+    assert traces.calls == 1  # not retried after a failure
+
+
+def test_off_by_default_and_for_several_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    traces = _CountTraces(monkeypatch)
+    model, loss = make_cnn(), nn.CrossEntropyLoss()
+    x, y = make_inputs("cnn", 9), make_targets("ce", 9)
+    v = random_columns(sum(p.numel() for p in model.parameters()), 1)[:, 0]
+    GGNOperator(model, loss, (x, y), bn_mode="eval") @ v
+    GGNOperator(model, loss, make_data("list", x, y), bn_mode="eval", linearize=True) @ v
+    assert traces.calls == 0
