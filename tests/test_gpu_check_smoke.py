@@ -9,7 +9,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-CHECKS = ("products-float64", "products-float32", "lanczos-device", "no-host-copies")
+CHECKS = (
+    "products-float64",
+    "products-float32",
+    "lanczos-device",
+    "no-host-copies",
+    "distributed",
+)
 
 
 def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
@@ -28,6 +34,10 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     assert "CHECK cupy-interop: SKIP" in proc.stdout
     payload = json.loads(out.read_text())
     assert payload["passed"] is True
+    (dist,) = [c for c in payload["checks"] if c["check"] == "distributed"]
+    assert dist["status"] == "PASS"
+    assert (dist["backend"], dist["world_size"]) == ("gloo", 2)
+    assert max(dist["rel_err"].values()) <= 1e-10 and dist["lanczos_bitwise_equal"] is True
     runs = payload["timing"]["runs"]
     assert set(runs) == {"hessian-fp32", "ggn-fp32", "hessian-tf32", "ggn-tf32"}
     for rec in runs.values():
