@@ -88,7 +88,7 @@ __all__ = ["LanczosNewton", "lanczos_newton_direction"]
 logger = logging.getLogger(__name__)
 
 _STATE_KEY = "lanczos_newton"
-_CURVATURES = {"ggn": GGNOperator, "hessian": HessianOperator}
+_CURVATURES: dict[str, Callable[..., Any]] = {"ggn": GGNOperator, "hessian": HessianOperator}
 
 
 def lanczos_newton_direction(
