@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import pytest
 from hypothesis import HealthCheck, settings
 
 matplotlib.use("Agg")
@@ -40,3 +41,24 @@ def pytest_configure(config: object) -> None:
     except ImportError:  # pragma: no cover - torch is a core dependency
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _reproducible_global_rng() -> None:
+    """Seed the global RNGs before every test, so a test that draws data from them
+    (``torch.randn`` without a generator) sees the same numbers in every run.
+
+    The library itself never uses global RNG state; tests of that snapshot the state
+    inside the test, after this fixture has run.
+    """
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)  # noqa: NPY002 - deliberately the legacy global state
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.manual_seed(0)
