@@ -265,8 +265,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         weight = 0
         sizes: dict[int, int] = {}
         first_bad: torch.Tensor | None = None  # device int64: first bad batch index or -1
+        group = resolve_group(self.process_group)  # once per product
         # One batch on one process: no weighting, so the product is exactly A_b V.
-        unweighted = self._data.is_single_batch and not self._distributed()
+        unweighted = self._data.is_single_batch and group is None
         with curvature_mode(self._model, self._bn_mode):
             for batch in self._batches():
                 flat = flatten_columns(self._batch_matmat(batch, V))
@@ -290,21 +291,13 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"{type(self).__name__}: non-finite curvature product in batch "
                 f"{index} (size {sizes[index]}){self._diagnose(self._in_memory_batch(index))}."
             )
-        return self._reduce(acc, weight)
+        return all_reduce_weighted(acc, weight, group)
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""
         if not self._data.is_in_memory:
             return None
         return next((b for b in self._data if b.index == index), None)
-
-    def _distributed(self) -> bool:
-        return resolve_group(self.process_group) is not None
-
-    def _reduce(
-        self, acc: torch.Tensor, weight: float
-    ) -> tuple[torch.Tensor, torch.Tensor | float]:
-        return all_reduce_weighted(acc, weight, resolve_group(self.process_group))
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         V = unflatten_columns(X, self._shapes)

@@ -34,12 +34,12 @@ import torch.distributed as dist
 from curvops.distributed import get_rank, get_world_size, init_from_env, is_main_process
 from nets.data import load_dataset
 from nets.models import get_model
+from nets.plots import spectrum_summary
 from nets.workflow import (
     SpectrumResult,
     build_loss_landscape,
     compute_eigenspectrum,
     compute_loss_stats,
-    spectrum_summary,
 )
 
 

@@ -28,7 +28,6 @@ from nets.workflow.spectrum import (
     compute_eigenspectrum,
     lanczos_spectrum,
     load_spectrum,
-    spectrum_summary,
 )
 
 __all__ = [
@@ -49,5 +48,4 @@ __all__ = [
     "parse_curvature",
     "random_directions",
     "ritz_directions",
-    "spectrum_summary",
 ]

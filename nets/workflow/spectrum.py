@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,6 @@ __all__ = [
     "compute_eigenspectrum",
     "lanczos_spectrum",
     "load_spectrum",
-    "spectrum_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -606,18 +605,3 @@ def compute_eigenspectrum(
             result.eigvec_path = eigvec_file(result.path) if save_eigvec else None
         written(group)
     return result
-
-
-def spectrum_summary(result: SpectrumResult | Mapping[str, Any]) -> dict[str, float]:
-    """Top/bottom Ritz values, trace and negative mass (for summaries and logs)."""
-    if isinstance(result, SpectrumResult):
-        w, g, tr = result.values, result.weights, result.trace
-    else:
-        w, g = np.asarray(result["w"]), np.asarray(result["gammas"])
-        tr = float(np.asarray(result.get("trace", np.nan)))
-    return {
-        "top": float(w.max()),
-        "bottom": float(w.min()),
-        "trace": float(tr),
-        "negative_mass": float(g[w < 0].sum()),
-    }
