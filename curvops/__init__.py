@@ -28,6 +28,7 @@ from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.inverse import InverseOperator, SolveInfo, inverse
+from curvops.lean_ops import lean_double_backward
 from curvops.operator import CurvatureOperator
 from curvops.stats import LossStats, loss_stats
 from curvops.structured import Dense, Diagonal, Identity, LowRank
@@ -56,6 +57,7 @@ __all__: list[str] = [
     "distributed",
     "ggn_diagonal",
     "inverse",
+    "lean_double_backward",
     "loss_stats",
     "per_layer",
     "shard_batches",

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from curvops.lean_ops import lean_double_backward
+
 __all__ = [
     "HessianLinearization",
     "JacobianSandwichLinearization",
@@ -105,9 +107,18 @@ class HessianLinearization:
 
 
 def hessian_linearization(
-    loss_of: Callable[[list[torch.Tensor]], torch.Tensor], params: Sequence[torch.Tensor]
+    loss_of: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    *,
+    lean_kernels: bool = True,
 ) -> HessianLinearization:
     """Build the gradient graph of ``loss_of(params)`` for repeated Hessian products.
+
+    With ``lean_kernels`` (default) the graph is recorded under
+    :func:`curvops.lean_ops.lean_double_backward`: convolutions, eval-mode BatchNorm,
+    ReLU and max pooling get second derivatives with the dedicated kernels and no
+    materialised zeros (1.0-1.3 instead of 2.0-2.6 gradient-times per product on a
+    CIFAR-shaped BatchNorm CNN); ``False`` keeps PyTorch's own formulas.
 
     Raises
     ------
@@ -115,7 +126,7 @@ def hessian_linearization(
         If ``loss_of`` does not return a scalar.
     """
     leaves = _leaves(params)
-    with torch.enable_grad():
+    with torch.enable_grad(), lean_double_backward(lean_kernels):
         loss = loss_of(leaves)
         if loss.ndim != 0:
             raise ValueError(
@@ -138,9 +149,11 @@ def hessian_matmat(
     loss_of: Callable[[list[torch.Tensor]], torch.Tensor],
     params: Sequence[torch.Tensor],
     V: Sequence[torch.Tensor],
+    *,
+    lean_kernels: bool = True,
 ) -> list[torch.Tensor]:
     """:math:`\\nabla^2_w L(w)\\, V` by double backward (graph shared by the columns)."""
-    return hessian_linearization(loss_of, params).apply(V)
+    return hessian_linearization(loss_of, params, lean_kernels=lean_kernels).apply(V)
 
 
 def jacobian_sandwich_matmat(
