@@ -71,7 +71,8 @@ PyTorch's formula runs about thirty.
 **ReLU** :math:`y = \\max(x, 0)`: :math:`g_x = 1[y > 0]\\, \\delta`, and
 :math:`\\bar\\delta = 1[y > 0]\\, u_x` with no term for the (piecewise constant)
 mask.  **Max pooling** (2-D): :math:`g_x` scatters :math:`\\delta` to the argmax
-positions; :math:`\\bar\\delta` gathers :math:`u_x` from them.
+positions; :math:`\\bar\\delta` gathers :math:`u_x` from them.  Both only from
+:data:`LEAN_MIN_ELEMENTS` elements on (below, PyTorch's formulas are as fast).
 
 Every other operation, and every call these functions do not cover (in-place ReLU,
 string padding, transposed convolutions, tensor subclasses, ...), runs natively.
@@ -105,7 +106,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LeanDoubleBackwardMode", "lean_double_backward"]
+__all__ = ["LEAN_MIN_ELEMENTS", "LeanDoubleBackwardMode", "lean_double_backward"]
 
 aten = torch.ops.aten
 
@@ -558,6 +559,12 @@ def _plain(*tensors: Any) -> bool:
     )
 
 
+#: ReLU and max pooling take the lean path from this many elements on: below it the
+#: Python overhead of the two ``autograd.Function`` nodes (~40 us per layer and
+#: product) outweighs the zeros they save (measured: a ReLU MLP's Hessian product
+#: 1.13x slower at 8,192 elements per activation, 1.01x at 65,536, 0.90x at 262,144).
+LEAN_MIN_ELEMENTS = 1 << 16
+
 _CONV_DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -619,7 +626,7 @@ def _lean_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if len(args) != 1 or kwargs.get("inplace", False) or set(kwargs) - {"inplace"}:
         return NotImplemented
     (x,) = args
-    if not isinstance(x, torch.Tensor) or not _plain(x):
+    if not isinstance(x, torch.Tensor) or not _plain(x) or x.numel() < LEAN_MIN_ELEMENTS:
         return NotImplemented
     return _ReLU.apply(x)
 
@@ -644,6 +651,7 @@ def _lean_max_pool2d(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         or not isinstance(x, torch.Tensor)
         or not _plain(x)
         or x.ndim not in (3, 4)
+        or x.numel() < LEAN_MIN_ELEMENTS
     ):
         return NotImplemented
     return _MaxPool2d.apply(x, (kernel, stride, padding, dilation, bool(a["ceil_mode"])))

@@ -21,12 +21,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from curvops import HessianOperator
+from curvops import HessianOperator, lean_ops
 from curvops.lean_ops import lean_double_backward
 from curvops.products import hessian_linearization
 from curvops.testing import dense_hessian
 
 DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _lean_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests use tiny tensors: take the lean path for them too."""
+    monkeypatch.setattr(lean_ops, "LEAN_MIN_ELEMENTS", 0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -212,6 +218,19 @@ def test_max_pool_second_derivatives(pool: nn.Module, batched: bool) -> None:
 
     assert "_MaxPool2dBackwardBackward" in _node_names(fn, (x, scale))
     _check_second_order(fn, (x, scale))
+
+
+def test_small_relu_and_pooling_stay_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lean_ops, "LEAN_MIN_ELEMENTS", 50)
+    w = _randn(1, seed=2)
+
+    def fn(x_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(x_ * w_), 2)
+
+    small = _node_names(fn, (_randn(1, 1, 4, 4, seed=1), w))  # 16 elements
+    assert not any(n.startswith("_") for n in small), small
+    large = _node_names(fn, (_randn(1, 1, 8, 8, seed=1), w))  # 64 elements
+    assert {"_ReLUBackwardBackward", "_MaxPool2dBackwardBackward"} <= large
 
 
 # ------------------------------------------------------------ fallbacks
