@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from spectral.errors import NumericalError, argument_error
 __all__ = ["ModelCurvatureOperator"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ModelCurvatureOperator(CurvatureOperator):
@@ -203,6 +205,32 @@ class ModelCurvatureOperator(CurvatureOperator):
             return loss_fn(forward(tensors), targets)
 
         return loss_of
+
+    def _configure_cache(self, cache: bool | None) -> None:
+        """Per-batch graph cache: on for one batch by default, never for a DataLoader.
+
+        A DataLoader's batches are fresh tensors on every pass and could reuse memory
+        addresses, which would make stale graphs look valid.
+        """
+        wanted = self._data.is_single_batch if cache is None else bool(cache)
+        self._cache_enabled = wanted and self._data.is_in_memory
+        self._graph_cache: dict[int, tuple[tuple[Any, ...], Any]] = {}
+
+    def _cached(self, batch: Batch, build: Callable[[], T]) -> T:
+        """``build()`` for ``batch``, reused while :meth:`_state_key` is unchanged.
+
+        Call :meth:`_configure_cache` first.  With the cache off, builds every time.
+        """
+        if not self._cache_enabled:
+            return build()
+        key = self._state_key(batch)
+        hit = self._graph_cache.get(batch.index)
+        if hit is not None and hit[0] == key:
+            return cast(T, hit[1])
+        self._graph_cache.pop(batch.index, None)  # free the stale graph before building anew
+        value = build()
+        self._graph_cache[batch.index] = (key, value)
+        return value
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
         """Changes whenever parameters, buffers, modes or the batch tensors change."""

@@ -44,7 +44,7 @@ from curvops.losses import (
     per_sample_nll_grads,
     sample_targets,
 )
-from curvops.products import jacobian_sandwich_matmat
+from curvops.products import jacobian_graph, jacobian_sandwich_matmat
 from spectral.errors import argument_error
 
 __all__ = ["FisherOperator", "fisher_output_factor"]
@@ -91,6 +91,11 @@ class FisherOperator(ModelCurvatureOperator):
         Targets drawn per sample for ``kind="mc"``.
     seed:
         Seed of the Monte-Carlo targets.
+    cache, lean_kernels:
+        As for :class:`curvops.GGNOperator`: with one batch (default) the forward
+        pass and :math:`J^\\top u` are recorded once and reused while the model state,
+        the batch, ``kind``, ``mc_samples`` and ``seed`` are unchanged (the sampled
+        targets depend on ``seed`` and the batch index only).
 
     Raises
     ------
@@ -113,6 +118,8 @@ class FisherOperator(ModelCurvatureOperator):
         kind: str = "mc",
         mc_samples: int = 1,
         seed: int = 0,
+        cache: bool | None = None,
+        lean_kernels: bool = True,
     ) -> None:
         if kind not in ("mc", "empirical"):
             raise argument_error("kind", "'mc' or 'empirical'", kind)
@@ -139,6 +146,11 @@ class FisherOperator(ModelCurvatureOperator):
         self.kind = kind
         self.mc_samples = mc_samples
         self.seed = seed
+        self._configure_cache(cache)
+        self._lean_kernels = bool(lean_kernels)
+
+    def _state_key(self, batch: Batch) -> tuple[Any, ...]:
+        return (*super()._state_key(batch), self.kind, self.mc_samples, self.seed)
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
         inputs, targets = self._batch_on_device(batch)
@@ -158,6 +170,17 @@ class FisherOperator(ModelCurvatureOperator):
 
             return apply
 
+        if self._cache_enabled:  # the samples depend on (seed, batch index) only
+            graph = self._cached(
+                batch,
+                lambda: jacobian_graph(
+                    self._forward_fn(inputs),
+                    self.current_params(),
+                    curvature,
+                    lean_kernels=self._lean_kernels,
+                ),
+            )
+            return graph.apply(V)
         return jacobian_sandwich_matmat(
             self._forward_fn(inputs), self.current_params(), V, curvature
         )

@@ -7,11 +7,13 @@ the first term of the paper's Eq. 3, with :math:`J_b = \\partial f/\\partial w` 
 Jacobian of the network outputs on batch :math:`b`.  Positive semi-definite for
 convex losses (cross-entropy, MSE, BCE-with-logits, whose output Hessians are used
 in closed form, see :mod:`curvops.losses`); other losses use autograd at the
-outputs (the operator is then flagged not-psd).  Each product shares one forward
-pass (dual numbers give the outputs and :math:`Jv` together) with one backward pass;
-with ``linearize=True`` and one batch, :math:`J` is traced once per parameter state
-and a product replays no forward pass (see
-:func:`curvops.products.jacobian_sandwich_linearization`).
+outputs (the operator is then flagged not-psd).  With one batch (``cache``) the
+forward pass and :math:`g(u) = J^\\top u` are recorded once per parameter state and
+a product costs one tangent forward and one backward pass through them
+(:func:`curvops.products.jacobian_graph`); otherwise each product shares one forward
+pass (dual numbers give the outputs and :math:`Jv` together) with one backward pass.
+``linearize=True`` traces :math:`J` with ``torch.func`` instead
+(:func:`curvops.products.jacobian_sandwich_linearization`).
 
 >>> import torch
 >>> net = torch.nn.Linear(3, 2).double()
@@ -35,6 +37,7 @@ from curvops.data import Batch
 from curvops.losses import LossFn, loss_family, output_hessian_matmat
 from curvops.products import (
     JacobianSandwichLinearization,
+    jacobian_graph,
     jacobian_sandwich_linearization,
     jacobian_sandwich_matmat,
 )
@@ -58,6 +61,21 @@ class GGNOperator(ModelCurvatureOperator):
     ----------
     model, loss_fn, data, params, bn_mode, progress, process_group:
         See :class:`curvops.curvature.ModelCurvatureOperator`.
+    cache:
+        Keep each batch's forward graph and :math:`J^\\top u` graph between products
+        (:func:`curvops.products.jacobian_graph`), reused while parameters,
+        buffers, train/eval flags and batch tensors are unchanged: measured 0.9-1.3
+        gradient-times per product against 1.6-3.0 (151k-parameter BatchNorm CNN at
+        batch 256 in both modes, PreResNet8, an MLP on digits; one CPU thread), for
+        a one-off cost of about one gradient.  Memory held: the forward activations
+        plus one output-gradient tensor per layer, for every cached batch.  Default
+        (None): on for one batch, off for a sequence of batches (pass ``cache=True``
+        when every batch's graphs fit in memory together); never applied to a
+        DataLoader.
+    lean_kernels:
+        Record the cached graphs with :func:`curvops.lean_ops.lean_double_backward`
+        (default); without it the :math:`Jv` of the cached path costs about as much
+        as a Hessian product.
     linearize:
         With one batch, trace the Jacobian once (``torch.func.linearize`` and
         ``torch.func.vjp``) and reuse it while parameters, buffers, modes and batch
@@ -91,6 +109,8 @@ class GGNOperator(ModelCurvatureOperator):
         bn_mode: str | None = None,
         progress: bool = False,
         process_group: Any = None,
+        cache: bool | None = None,
+        lean_kernels: bool = True,
         linearize: bool = False,
     ) -> None:
         super().__init__(
@@ -105,6 +125,8 @@ class GGNOperator(ModelCurvatureOperator):
         )
         self._linearize = bool(linearize) and self.data.is_single_batch
         self._traced: tuple[tuple[Any, ...], JacobianSandwichLinearization] | None = None
+        self._configure_cache(cache)
+        self._lean_kernels = bool(lean_kernels)
 
     def _linearization(self, batch: Batch) -> JacobianSandwichLinearization | None:
         """The traced Jacobian of the single batch (None: off, or tracing failed)."""
@@ -141,6 +163,17 @@ class GGNOperator(ModelCurvatureOperator):
         def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda U: output_hessian_matmat(loss_fn, outputs, targets, U)
 
+        if self._cache_enabled:
+            graph = self._cached(
+                batch,
+                lambda: jacobian_graph(
+                    self._forward_fn(inputs),
+                    self.current_params(),
+                    curvature,
+                    lean_kernels=self._lean_kernels,
+                ),
+            )
+            return graph.apply(V)
         return jacobian_sandwich_matmat(
             self._forward_fn(inputs), self.current_params(), V, curvature
         )

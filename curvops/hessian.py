@@ -100,34 +100,24 @@ class HessianOperator(ModelCurvatureOperator):
             process_group=process_group,
             psd=False,
         )
-        wanted = self.data.is_single_batch if cache is None else bool(cache)
-        self._cache_enabled = wanted and self.data.is_in_memory
-        self._cache: dict[int, tuple[tuple[Any, ...], HessianLinearization]] = {}
+        self._configure_cache(cache)
         self._lean_kernels = bool(lean_kernels)
-
-    def _linearize(self, batch: Batch) -> HessianLinearization:
-        inputs, targets = self._batch_on_device(batch)
-        return hessian_linearization(
-            self._loss_of_fn(inputs, targets),
-            self.current_params(),
-            lean_kernels=self._lean_kernels,
-        )
 
     def linearization(self, batch: Batch) -> HessianLinearization:
         """The gradient graph of ``batch`` (cached per batch index when ``cache`` is on).
 
         Call inside :func:`curvops._model_state.curvature_mode`.
         """
-        if not self._cache_enabled:
-            return self._linearize(batch)
-        key = self._state_key(batch)
-        hit = self._cache.get(batch.index)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        self._cache.pop(batch.index, None)  # free the stale graph before building anew
-        lin = self._linearize(batch)
-        self._cache[batch.index] = (key, lin)
-        return lin
+
+        def build() -> HessianLinearization:
+            inputs, targets = self._batch_on_device(batch)
+            return hessian_linearization(
+                self._loss_of_fn(inputs, targets),
+                self.current_params(),
+                lean_kernels=self._lean_kernels,
+            )
+
+        return self._cached(batch, build)
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.linearization(batch).apply(V)

@@ -152,6 +152,13 @@ def _addcmul(acc: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tenso
     return torch.addcmul(acc, t, s) if torch.is_grad_enabled() else acc.addcmul_(t, s)
 
 
+def _constants(ctx: Any, saved: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The saved tensors, detached when the graph is recorded ``jacobian_only``."""
+    if not ctx.jacobian_only:
+        return saved
+    return tuple(None if t is None else t.detach() for t in saved)
+
+
 class _ConvolutionBackward(torch.autograd.Function):
     """:math:`(\\delta, x, W) \\mapsto (g_x, g_W, g_b)`, differentiable (see module)."""
 
@@ -203,20 +210,26 @@ class _Convolution(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: _ConvConfig
+        ctx: Any,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        cfg: _ConvConfig,
+        jacobian_only: bool,
     ) -> Any:
         ctx.save_for_backward(x, w)
         ctx.cfg = cfg
         ctx.has_bias = b is not None
+        ctx.jacobian_only = jacobian_only
         return _conv(x, w, b, cfg)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        x, w = ctx.saved_tensors
+        x, w = _constants(ctx, ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = [need_x, need_w, bool(need_b and ctx.has_bias)]
         gx, gw, gb = _ConvolutionBackward.apply(gy, x, w, ctx.cfg, mask)
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 # ---------------------------------------------------------- eval BatchNorm
@@ -298,19 +311,21 @@ class _BatchNormEval(torch.autograd.Function):
         mean: torch.Tensor,
         var: torch.Tensor,
         eps: float,
+        jacobian_only: bool,
     ) -> Any:
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.has_bias = bias is not None
+        ctx.jacobian_only = jacobian_only
         return aten.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var = _constants(ctx, ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = [need_x, bool(need_w and weight is not None), bool(need_b and ctx.has_bias)]
         gx, gw, gb = _BatchNormEvalBackward.apply(gy, x, weight, mean, var, ctx.eps, mask)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 # ------------------------------------------------------ train BatchNorm
@@ -455,6 +470,7 @@ class _BatchNormTrain(torch.autograd.Function):
         running_var: torch.Tensor | None,
         momentum: float,
         eps: float,
+        jacobian_only: bool,
     ) -> Any:
         y, mean, invstd = aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
@@ -462,15 +478,16 @@ class _BatchNormTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.has_bias = bias is not None
+        ctx.jacobian_only = jacobian_only
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd = _constants(ctx, ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = [need_x, bool(need_w and weight is not None), bool(need_b and ctx.has_bias)]
         gx, gw, gb = _BatchNormTrainBackward.apply(gy, x, weight, mean, invstd, ctx.eps, mask)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 # ------------------------------------------------------------------- ReLU
@@ -573,7 +590,9 @@ _MAX_POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.Tensor.relu)
 
 
-def _lean_conv(dims: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _lean_conv(
+    dims: int, args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool
+) -> Any:
     if len(args) > len(_CONV_ARGS) or set(kwargs) - set(_CONV_ARGS):
         return NotImplemented
     call = dict(_CONV_DEFAULTS)
@@ -594,10 +613,10 @@ def _lean_conv(dims: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         or w.ndim != dims + 2
     ):
         return NotImplemented
-    return _Convolution.apply(x, w, b, (stride, padding, dilation, groups))
+    return _Convolution.apply(x, w, b, (stride, padding, dilation, groups), jacobian_only)
 
 
-def _lean_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _lean_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool) -> Any:
     try:
         call = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
     except TypeError:
@@ -616,10 +635,10 @@ def _lean_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not isinstance(a["momentum"], float | int):  # let F.batch_norm judge it
             return NotImplemented
         momentum = float(a["momentum"])
-        return _BatchNormTrain.apply(x, weight, bias, mean, var, momentum, eps)
+        return _BatchNormTrain.apply(x, weight, bias, mean, var, momentum, eps, jacobian_only)
     if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
         return NotImplemented
-    return _BatchNormEval.apply(x, weight, bias, mean, var, eps)
+    return _BatchNormEval.apply(x, weight, bias, mean, var, eps, jacobian_only)
 
 
 def _lean_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -661,7 +680,16 @@ class LeanDoubleBackwardMode(TorchFunctionMode):
     """Route convolutions, BatchNorm, ReLU and 2-D max pooling to the lean functions.
 
     Prefer the context manager :func:`lean_double_backward`.
+
+    Parameters
+    ----------
+    jacobian_only:
+        See :func:`lean_double_backward`.
     """
+
+    def __init__(self, jacobian_only: bool = False) -> None:
+        super().__init__()
+        self.jacobian_only = bool(jacobian_only)
 
     def __torch_function__(
         self,
@@ -673,9 +701,9 @@ class LeanDoubleBackwardMode(TorchFunctionMode):
         kwargs = kwargs or {}
         result: Any = NotImplemented
         if func in _CONV_DIMS:
-            result = _lean_conv(_CONV_DIMS[func], args, kwargs)
+            result = _lean_conv(_CONV_DIMS[func], args, kwargs, self.jacobian_only)
         elif func is F.batch_norm:
-            result = _lean_batch_norm(args, kwargs)
+            result = _lean_batch_norm(args, kwargs, self.jacobian_only)
         elif func in _RELU_FUNCTIONS:
             result = _lean_relu(args, kwargs)
         elif func is F.max_pool2d:
@@ -686,15 +714,26 @@ class LeanDoubleBackwardMode(TorchFunctionMode):
 
 
 @contextmanager
-def lean_double_backward(enabled: bool = True) -> Iterator[None]:
+def lean_double_backward(enabled: bool = True, *, jacobian_only: bool = False) -> Iterator[None]:
     """Record graphs with the lean double-backward functions of this module.
 
     Wrap the forward pass *and* the ``create_graph=True`` gradient; the second
     backward can run anywhere afterwards.  ``enabled=False`` is a no-op (native
     formulas).
+
+    ``jacobian_only=True`` records the first backward of the lean layers as a linear
+    map of the output gradient alone: their saved activations and weights enter
+    the recorded backward as constants.  Then for outputs :math:`f` and
+    :math:`g(u) = J^\\top u` (``torch.autograd.grad(f, w, u, create_graph=True)``),
+    differentiating :math:`g` with respect to :math:`u` gives :math:`J v` at the cost
+    of one tangent forward pass (two convolutions per convolution), without the
+    second-order terms a Hessian needs -- the GGN's Jacobian products
+    (:func:`curvops.products.jacobian_sandwich_linearization`).  Second derivatives
+    with respect to the parameters through such a graph miss those terms: never
+    use it for Hessians.
     """
     if not enabled:
         yield
         return
-    with LeanDoubleBackwardMode():
+    with LeanDoubleBackwardMode(jacobian_only=jacobian_only):
         yield

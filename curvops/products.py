@@ -51,10 +51,12 @@ from curvops.lean_ops import lean_double_backward
 
 __all__ = [
     "HessianLinearization",
+    "JacobianGraph",
     "JacobianSandwichLinearization",
     "OutputCurvature",
     "hessian_linearization",
     "hessian_matmat",
+    "jacobian_graph",
     "jacobian_sandwich_linearization",
     "jacobian_sandwich_matmat",
 ]
@@ -232,6 +234,102 @@ def _shared_forward_sandwich(
         for j in range(k)
     ]
     return [torch.stack([c[i] for c in cols]) for i in range(len(leaves))]
+
+
+@dataclass
+class JacobianGraph:
+    """:math:`J^\\top Q J` of one batch from two recorded graphs, no forward pass per product.
+
+    Built by :func:`jacobian_graph`.  Per column: :math:`Jv` by differentiating the
+    recorded :math:`g(u) = J^\\top u` with respect to :math:`u` (one tangent forward
+    pass through the lean backward nodes), ``Q`` in output space, then :math:`J^\\top`
+    by one backward pass through the recorded forward graph.
+
+    Attributes
+    ----------
+    outputs:
+        The network outputs (detached).
+    """
+
+    outputs: torch.Tensor
+    _graph_outputs: torch.Tensor
+    _leaves: list[torch.Tensor]
+    _u: torch.Tensor
+    _jt_u: list[torch.Tensor]
+    _active: list[int]
+    _apply_q: Callable[[torch.Tensor], torch.Tensor]
+
+    def apply(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return :math:`J^\\top Q J\\, V` for ``V`` as a list of ``(k, *shape)`` tensors."""
+        k = V[0].shape[0]
+        if not self._active:
+            return [torch.zeros_like(v) for v in V]
+        outs = [self._jt_u[i] for i in self._active]
+        jv = [
+            torch.autograd.grad(
+                outs,
+                self._u,
+                [V[i][j] for i in self._active],
+                retain_graph=True,
+                materialize_grads=True,
+            )[0]
+            for j in range(k)
+        ]
+        U = self._apply_q(torch.stack(jv))
+        cols = [
+            torch.autograd.grad(
+                self._graph_outputs,
+                self._leaves,
+                U[j],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for j in range(k)
+        ]
+        return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+
+
+def jacobian_graph(
+    forward: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    output_curvature: OutputCurvature,
+    *,
+    lean_kernels: bool = True,
+) -> JacobianGraph:
+    """Record the forward pass and :math:`g(u) = J^\\top u` once for repeated products.
+
+    The forward pass and ``torch.autograd.grad(f, w, u, create_graph=True)`` run
+    under :func:`curvops.lean_ops.lean_double_backward` with ``jacobian_only=True``
+    (``lean_kernels``), so differentiating :math:`g` in :math:`u` costs one tangent
+    forward pass: measured 0.9-1.3 gradient-times per product against 1.6-3.0 for
+    :func:`jacobian_sandwich_matmat` (a 151k-parameter BatchNorm CNN at batch 256 in
+    both modes, PreResNet8 at 64, an MLP on digits; one CPU thread), for a one-off
+    cost of about one gradient.  Without lean kernels the reverse-over-reverse
+    :math:`Jv` costs about as much as a Hessian product (2.4 gradient-times measured).
+    Memory: the forward activations plus one output-gradient tensor per layer.
+
+    >>> w = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+    >>> graph = jacobian_graph(lambda t: t[0] ** 2, w, lambda out: (lambda U: U))
+    >>> graph.apply([torch.eye(2, dtype=torch.float64)])[0]  # J^T J = diag(4 w^2)
+    tensor([[ 4.,  0.],
+            [ 0., 16.]], dtype=torch.float64)
+    """
+    leaves = _leaves(params)
+    with torch.enable_grad(), lean_double_backward(lean_kernels, jacobian_only=True):
+        outputs = forward(leaves)
+        u = torch.zeros_like(outputs, requires_grad=True)
+        if outputs.requires_grad:
+            jt_u: Sequence[torch.Tensor] = torch.autograd.grad(
+                outputs, leaves, u, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+        else:  # no selected parameter reaches the outputs: J = 0
+            jt_u = [torch.zeros_like(leaf) for leaf in leaves]
+    active = [i for i, g in enumerate(jt_u) if g.requires_grad]
+    detached = outputs.detach()
+    return JacobianGraph(
+        detached, outputs, leaves, u, list(jt_u), active, output_curvature(detached)
+    )
 
 
 @dataclass
