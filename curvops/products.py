@@ -5,8 +5,11 @@ Vectors are lists of tensors shaped like the parameters with a leading column ax
 parameter tensors (built with :func:`curvops._model_state.functional_forward`).
 
 **Hessian** :math:`H = \\nabla^2_w L_b`: double backward.  :func:`hessian_linearization`
-computes the gradient once with ``create_graph=True``; each column then costs one
-backward pass through that graph, :math:`Hv = \\nabla_w (\\nabla_w L_b^\\top v)`.  Measured
+computes the gradient once with ``create_graph=True`` (recorded with the lean
+second-derivative kernels of :mod:`curvops.lean_ops`); each column then costs one
+backward pass through that graph, :math:`Hv = \\nabla_w (\\nabla_w L_b^\\top v)`:
+1.0-1.3 gradient-times on CIFAR-shaped BatchNorm CNNs.  The measurements below
+predate the lean kernels and compare the algorithms with PyTorch's own formulas.  Measured
 on a shared 2-core CPU for a 123k-parameter CNN with BatchNorm (batch 64, one
 thread, in units of one gradient evaluation, minimum of 4-5 interleaved repeats over
 three runs): double backward 2.8-3.1, forward-over-reverse (``torch.func.jvp`` of
@@ -17,10 +20,15 @@ batch between its columns (3.3 per column against 4.1 per single product without
 cache), and single-batch operators keep the graph between products.
 
 **GGN** :math:`G = J^\\top \\nabla^2_f L_b\\, J` and every other ``J^T Q J`` form
-(Fisher): one forward pass with dual numbers gives the outputs (with their
-reverse-mode graph) and :math:`Jv` together, then one backward pass applies
-:math:`J^\\top`.  Measured 1.55-1.7 gradient-times per product, against 2.4 for a
-cached double-vjp and 3.4-3.9 per column for ``vmap`` of ``torch.func.jvp``/``vjp``.
+(Fisher).  Cached (:func:`jacobian_graph`, the default for one batch): the forward
+graph and :math:`g(u) = J^\\top u` are recorded once with the lean kernels in
+``jacobian_only`` mode; a product is one tangent forward (:math:`Jv = \\partial_u
+\\langle g(u), v \\rangle`) and one backward pass, 0.9-1.3 gradient-times.
+Uncached (:func:`jacobian_sandwich_matmat`): one forward pass with dual numbers gives
+the outputs (with their reverse-mode graph) and :math:`Jv` together, then one
+backward pass applies :math:`J^\\top`.  Measured 1.55-1.7 gradient-times per product,
+against 2.4 for a cached double-vjp with PyTorch's own formulas and 3.4-3.9 per
+column for ``vmap`` of ``torch.func.jvp``/``vjp``.
 A matmat of :math:`k > 1` columns shares one recorded forward pass between its
 :math:`k` backward passes and gets the :math:`Jv_j` from dual-number passes without
 graph recording: on a 59k-parameter BatchNorm CNN (k = 8, one thread, batch 32 and
