@@ -32,6 +32,7 @@ from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.losses import LossFn, check_loss
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
+from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -206,12 +207,14 @@ class ModelCurvatureOperator(CurvatureOperator):
 
         return loss_of
 
-    def _configure_cache(self, cache: bool | None) -> None:
+    def _configure_cache(self, cache: bool | None, lean_kernels: bool = True) -> None:
         """Per-batch graph cache: on for one batch by default, never for a DataLoader.
 
         A DataLoader's batches are fresh tensors on every pass and could reuse memory
-        addresses, which would make stale graphs look valid.
+        addresses, which would make stale graphs look valid.  ``lean_kernels``: record
+        the graphs with :func:`curvops.lean_ops.lean_double_backward`.
         """
+        self._lean_kernels = bool(lean_kernels)
         wanted = self._data.is_single_batch if cache is None else bool(cache)
         self._cache_enabled = wanted and self._data.is_in_memory
         self._graph_cache: dict[int, tuple[tuple[Any, ...], Any]] = {}
@@ -231,6 +234,36 @@ class ModelCurvatureOperator(CurvatureOperator):
         value = build()
         self._graph_cache[batch.index] = (key, value)
         return value
+
+    def _sandwich_matmat(
+        self,
+        batch: Batch,
+        inputs: Any,
+        V: list[torch.Tensor],
+        output_curvature: OutputCurvature,
+    ) -> list[torch.Tensor]:
+        """:math:`J^\\top Q J\\, V` on ``batch``: cached graphs or one fresh forward pass.
+
+        With the cache on (:meth:`_configure_cache`), the forward and :math:`J^\\top u`
+        graphs of :func:`curvops.products.jacobian_graph` (recorded with the lean
+        kernels unless ``self._lean_kernels`` is False); otherwise
+        :func:`curvops.products.jacobian_sandwich_matmat`.  ``output_curvature``
+        must depend on nothing but the batch and what :meth:`_state_key` covers.
+        """
+        if not self._cache_enabled:
+            return jacobian_sandwich_matmat(
+                self._forward_fn(inputs), self.current_params(), V, output_curvature
+            )
+        graph = self._cached(
+            batch,
+            lambda: jacobian_graph(
+                self._forward_fn(inputs),
+                self.current_params(),
+                output_curvature,
+                lean_kernels=self._lean_kernels,
+            ),
+        )
+        return graph.apply(V)
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
         """Changes whenever parameters, buffers, modes or the batch tensors change."""

@@ -44,7 +44,6 @@ from curvops.losses import (
     per_sample_nll_grads,
     sample_targets,
 )
-from curvops.products import jacobian_graph, jacobian_sandwich_matmat
 from spectral.errors import argument_error
 
 __all__ = ["FisherOperator", "fisher_output_factor"]
@@ -146,8 +145,7 @@ class FisherOperator(ModelCurvatureOperator):
         self.kind = kind
         self.mc_samples = mc_samples
         self.seed = seed
-        self._configure_cache(cache)
-        self._lean_kernels = bool(lean_kernels)
+        self._configure_cache(cache, lean_kernels)
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
         return (*super()._state_key(batch), self.kind, self.mc_samples, self.seed)
@@ -170,17 +168,4 @@ class FisherOperator(ModelCurvatureOperator):
 
             return apply
 
-        if self._cache_enabled:  # the samples depend on (seed, batch index) only
-            graph = self._cached(
-                batch,
-                lambda: jacobian_graph(
-                    self._forward_fn(inputs),
-                    self.current_params(),
-                    curvature,
-                    lean_kernels=self._lean_kernels,
-                ),
-            )
-            return graph.apply(V)
-        return jacobian_sandwich_matmat(
-            self._forward_fn(inputs), self.current_params(), V, curvature
-        )
+        return self._sandwich_matmat(batch, inputs, V, curvature)

@@ -35,12 +35,7 @@ from torch import nn
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
 from curvops.losses import LossFn, loss_family, output_hessian_matmat
-from curvops.products import (
-    JacobianSandwichLinearization,
-    jacobian_graph,
-    jacobian_sandwich_linearization,
-    jacobian_sandwich_matmat,
-)
+from curvops.products import JacobianSandwichLinearization, jacobian_sandwich_linearization
 
 __all__ = ["GGNOperator"]
 
@@ -77,19 +72,17 @@ class GGNOperator(ModelCurvatureOperator):
         (default); without it the :math:`Jv` of the cached path costs about as much
         as a Hessian product.
     linearize:
-        With one batch, trace the Jacobian once (``torch.func.linearize`` and
-        ``torch.func.vjp``) and reuse it while parameters, buffers, modes and batch
-        tensors are unchanged: measured 1.0-1.3 instead of 2.1-2.4 gradient-times
-        per product on the benchmark CNNs (batch 16-128; 2.1 vs 2.6 on a small
-        MLP), same results (bitwise for a matvec).  Off by default: a trace costs
-        ~7-19 gradient-times on those CNNs (~160 on the MLP) and the first one in a
-        process ~1.3-2.8 s (``torch.fx`` warm-up), so it pays off after ~5-20
-        products at one state (10-80 for the first trace; hundreds on the MLP),
-        e.g. a long Lanczos run on a big batch, not a few products per parameter
-        update.  Memory held between products: the forward activations plus the
-        traced tangent graph (+190 MiB for 128 CIFAR-shaped images through a
-        151k-parameter CNN).  Ignored for several batches; if tracing fails the
-        operator falls back to the default path (logged).
+        With one batch, trace the Jacobian with ``torch.func.linearize`` and
+        ``torch.func.vjp`` instead of recording the lean graphs of ``cache``, and
+        reuse the trace while parameters, buffers, modes and batch tensors are
+        unchanged: 1.0-1.3 gradient-times per product on the benchmark CNNs (batch
+        16-128), about the cached default's (0.8-1.3), for a tracing cost of ~7-19
+        gradient-times plus ~1.3-2.8 s for the first trace in a process.  Worth it
+        only for models whose layers the lean kernels do not cover, over long runs
+        at one parameter state.  Memory held between products: the forward
+        activations plus the traced tangent graph (+190 MiB for 128 CIFAR-shaped
+        images through a 151k-parameter CNN).  Ignored for several batches; if
+        tracing fails the operator falls back to the default path (logged).
 
     Raises
     ------
@@ -125,8 +118,7 @@ class GGNOperator(ModelCurvatureOperator):
         )
         self._linearize = bool(linearize) and self.data.is_single_batch
         self._traced: tuple[tuple[Any, ...], JacobianSandwichLinearization] | None = None
-        self._configure_cache(cache)
-        self._lean_kernels = bool(lean_kernels)
+        self._configure_cache(cache, lean_kernels)
 
     def _linearization(self, batch: Batch) -> JacobianSandwichLinearization | None:
         """The traced Jacobian of the single batch (None: off, or tracing failed)."""
@@ -163,17 +155,4 @@ class GGNOperator(ModelCurvatureOperator):
         def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda U: output_hessian_matmat(loss_fn, outputs, targets, U)
 
-        if self._cache_enabled:
-            graph = self._cached(
-                batch,
-                lambda: jacobian_graph(
-                    self._forward_fn(inputs),
-                    self.current_params(),
-                    curvature,
-                    lean_kernels=self._lean_kernels,
-                ),
-            )
-            return graph.apply(V)
-        return jacobian_sandwich_matmat(
-            self._forward_fn(inputs), self.current_params(), V, curvature
-        )
+        return self._sandwich_matmat(batch, inputs, V, curvature)

@@ -100,8 +100,7 @@ class HessianOperator(ModelCurvatureOperator):
             process_group=process_group,
             psd=False,
         )
-        self._configure_cache(cache)
-        self._lean_kernels = bool(lean_kernels)
+        self._configure_cache(cache, lean_kernels)
 
     def linearization(self, batch: Batch) -> HessianLinearization:
         """The gradient graph of ``batch`` (cached per batch index when ``cache`` is on).

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import curvops.fisher as fisher_module
-import curvops.ggn as ggn_module
+import curvops.curvature as curvature_module
 from curvops import lean_ops
 from curvops._model_state import model_state, state_differences
 from curvops.fisher import FisherOperator
@@ -68,7 +67,7 @@ def test_cached_ggn_matches_dense_and_uncached(
 
 
 def test_ggn_graph_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
-    builds = _CountBuilds(monkeypatch, ggn_module)
+    builds = _CountBuilds(monkeypatch, curvature_module)
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     x, y = make_inputs("cnn", 6), make_targets("ce", 6)
     G = GGNOperator(model, loss, (x, y), bn_mode="train")
@@ -91,7 +90,7 @@ def test_ggn_graph_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_ggn_list_cache_is_opt_in_and_loader_never_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    builds = _CountBuilds(monkeypatch, ggn_module)
+    builds = _CountBuilds(monkeypatch, curvature_module)
     model, loss = make_mlp(), nn.MSELoss()
     x, y = make_inputs("mlp", 9), make_targets("mse", 9)
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
@@ -113,7 +112,7 @@ def test_ggn_list_cache_is_opt_in_and_loader_never_cached(monkeypatch: pytest.Mo
 def test_cached_fisher_matches_dense_and_follows_the_seed(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    builds = _CountBuilds(monkeypatch, fisher_module)
+    builds = _CountBuilds(monkeypatch, curvature_module)
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     x, y = make_inputs("cnn", 6), make_targets("ce", 6)
     F = FisherOperator(model, loss, (x, y), kind=kind, mc_samples=2, seed=4)
