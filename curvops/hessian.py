@@ -48,8 +48,9 @@ class HessianOperator(ModelCurvatureOperator):
     cache:
         Keep each batch's gradient graph between products, so that a product costs
         one backward pass per batch instead of forward + gradient + backward
-        (measured 1.9 vs 3.1 gradient-times on a 151k-parameter BatchNorm CNN, 8
-        batches of 32 CIFAR-shaped images; 2.5 vs 3.4 on PreResNet8, 8 x 16).
+        (measured 1.40 vs 2.45 gradient-times on a 151k-parameter BatchNorm CNN, 8
+        batches of 32 CIFAR-shaped images; 1.96 vs 3.20 on PreResNet8, 8 x 16;
+        ``benchmarks/README.md``).
         Memory: one double-backward graph (the activations of the forward and of
         the gradient pass) per batch, i.e. with a list of batches the graphs of the
         whole data set are held at once -- what batching usually exists to avoid
