@@ -24,8 +24,9 @@ Libraries:
   the steps up to that point and report the failure.  Hessian products through its
   ``hessian_vector_product`` (single batch: reusing the gradient graph built in its
   constructor) and ``dataloader_hv_product`` (full dataset).  No GGN.
-* ``hessian-eigenthings`` (GitHub only): ``HVPOperator.apply`` and its ``lanczos``
-  (ARPACK through scipy); used when importable, otherwise reported unavailable.
+* ``hessian-eigenthings`` (>= 1.0, on PyPI since 2026): ``HessianOperator.matvec``,
+  ``GGNOperator.matvec`` and its own ``lanczos`` (full reorthogonalisation); used
+  when importable, otherwise reported unavailable.
 
 A peer that is not importable or raises is reported with its error, never skipped
 silently.
@@ -34,7 +35,6 @@ silently.
 from __future__ import annotations
 
 import importlib
-import inspect
 import time
 import traceback
 import warnings
@@ -287,43 +287,51 @@ def _bind_pyhessian(model: nn.Module, loss_fn: nn.Module, batches: list[Batch]) 
 
 # ---------------------------------------------------------------------------- hessian-eigenthings
 def _bind_eigenthings(model: nn.Module, loss_fn: nn.Module, batches: list[Batch]) -> Bound:
+    """hessian-eigenthings >= 1.0 (the 0.x API was removed upstream).
+
+    ``HessianOperator`` recomputes the gradient graph of every batch in every product
+    (forward + ``create_graph`` gradient + double backward) and averages batches with
+    equal weights; ``GGNOperator`` from ``supervised_forward`` and the loss of the
+    outputs; its own ``lanczos`` (full reorthogonalisation for ``max_iter <= 50``, here
+    forced on) for ``m`` steps.
+    """
     try:
-        hvp_mod = importlib.import_module("hessian_eigenthings.hvp_operator")
-        lanczos_mod = importlib.import_module("hessian_eigenthings.lanczos")
+        he = importlib.import_module("hessian_eigenthings")
     except Exception as exc:
         raise Unavailable(describe_error(exc)) from exc
-    HVPOperator = hvp_mod.HVPOperator
-    kwargs: dict[str, Any] = {"use_gpu": False}
-    sig = inspect.signature(HVPOperator)
-    if "full_dataset" in sig.parameters:
-        kwargs["full_dataset"] = len(batches) > 1
-    op = HVPOperator(model, batches, loss_fn, **kwargs)
+    if not hasattr(he, "HessianOperator"):
+        version = getattr(he, "__version__", "0.x")
+        raise Unavailable(f"hessian-eigenthings {version}: the adapter needs the 1.x API")
+    H = he.HessianOperator(model, batches, he.supervised_loss(loss_fn), full_dataset=True)
+    G = he.GGNOperator(
+        model,
+        batches,
+        he.supervised_forward,
+        he.supervised_loss_of_output(loss_fn),
+        full_dataset=True,
+    )
 
     def hvp(v: Vec) -> Vec:
-        out: Vec = op.apply(v)
+        out: Vec = H.matvec(v)
+        return out
+
+    def ggn(v: Vec) -> Vec:
+        out: Vec = G.matvec(v)
         return out
 
     def run_lanczos(m: int) -> LanczosTiming:
         times: list[float] = []
-        original = op.apply
-        op.apply = _stop_after(original, m, times)
+        original = H.matvec
+        H.matvec = _timed(original, times)
         t0 = time.perf_counter()
         try:
-            lanczos_mod.lanczos(
-                op, num_eigenthings=2, which="LA", max_steps=2, tol=0.0,
-                num_lanczos_vectors=m, use_gpu=False,
-            )  # fmt: skip
-        except _StopAfter:
-            pass
-        except Exception as exc:
-            if type(exc).__name__ != "ArpackNoConvergence":
-                raise
+            he.lanczos(H, k=2, max_iter=m, reorthogonalize=True, which="LA", seed=0)
         finally:
-            op.apply = original
+            H.matvec = original
         total = time.perf_counter() - t0
-        return LanczosTiming(total, len(times), sum(times), "lanczos (ARPACK via scipy)")
+        return LanczosTiming(total, len(times), sum(times), "hessian_eigenthings.lanczos")
 
-    return Bound("hessian-eigenthings", hvp=hvp, lanczos=run_lanczos)
+    return Bound("hessian-eigenthings", hvp=hvp, ggn=ggn, lanczos=run_lanczos)
 
 
 _BINDERS: dict[str, Callable[[nn.Module, nn.Module, list[Batch]], Bound]] = {
