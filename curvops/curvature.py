@@ -219,12 +219,13 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._cache_enabled = wanted and self._data.is_in_memory
         self._graph_cache: dict[int, tuple[tuple[Any, ...], Any]] = {}
 
-    def _cached(self, batch: Batch, build: Callable[[], T]) -> T:
+    def _cached(self, batch: Batch, build: Callable[[], T], *, always: bool = False) -> T:
         """``build()`` for ``batch``, reused while :meth:`_state_key` is unchanged.
 
-        Call :meth:`_configure_cache` first.  With the cache off, builds every time.
+        Call :meth:`_configure_cache` first.  With the cache off, builds every time,
+        unless ``always`` (an object that only pays off when kept, e.g. a trace).
         """
-        if not self._cache_enabled:
+        if not (self._cache_enabled or always):
             return build()
         key = self._state_key(batch)
         hit = self._graph_cache.get(batch.index)

@@ -35,7 +35,11 @@ from torch import nn
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
 from curvops.losses import LossFn, loss_family, output_hessian_matmat
-from curvops.products import JacobianSandwichLinearization, jacobian_sandwich_linearization
+from curvops.products import (
+    JacobianSandwichLinearization,
+    OutputCurvature,
+    jacobian_sandwich_linearization,
+)
 
 __all__ = ["GGNOperator"]
 
@@ -117,42 +121,35 @@ class GGNOperator(ModelCurvatureOperator):
             psd=_convex(loss_fn),
         )
         self._linearize = bool(linearize) and self.data.is_single_batch
-        self._traced: tuple[tuple[Any, ...], JacobianSandwichLinearization] | None = None
         self._configure_cache(cache, lean_kernels)
 
-    def _linearization(self, batch: Batch) -> JacobianSandwichLinearization | None:
+    def _linearization(
+        self, batch: Batch, inputs: Any, curvature: OutputCurvature
+    ) -> JacobianSandwichLinearization | None:
         """The traced Jacobian of the single batch (None: off, or tracing failed)."""
         if not self._linearize:
             return None
-        key = self._state_key(batch)
-        if self._traced is not None and self._traced[0] == key:
-            return self._traced[1]
-        self._traced = None  # free the stale trace first
-        inputs, targets = self._batch_on_device(batch)
-        loss_fn = self.loss_fn
 
-        def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda U: output_hessian_matmat(loss_fn, outputs, targets, U)
-
-        try:
-            lin = jacobian_sandwich_linearization(
+        def trace() -> JacobianSandwichLinearization:
+            return jacobian_sandwich_linearization(
                 self._forward_fn(inputs), self.current_params(), curvature
             )
+
+        try:
+            return self._cached(batch, trace, always=True)
         except Exception as exc:  # torch.func cannot trace every model
             logger.info("GGNOperator: tracing failed (%r); using the untraced product", exc)
             self._linearize = False
             return None
-        self._traced = (key, lin)
-        return lin
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
-        traced = self._linearization(batch)
-        if traced is not None:
-            return traced.apply(V)
         inputs, targets = self._batch_on_device(batch)
         loss_fn = self.loss_fn
 
         def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda U: output_hessian_matmat(loss_fn, outputs, targets, U)
 
+        traced = self._linearization(batch, inputs, curvature)
+        if traced is not None:
+            return traced.apply(V)
         return self._sandwich_matmat(batch, inputs, V, curvature)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -145,3 +146,49 @@ def relative_error(a: Any, b: Any) -> float:
     a64 = torch.as_tensor(a).detach().double().cpu()
     b64 = torch.as_tensor(b).detach().double().cpu()
     return float((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-300))
+
+
+class CallCounter:
+    """Counts (and optionally breaks) the calls of ``module.name`` for one test."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, module: Any, name: str, *, fail: bool = False
+    ) -> None:
+        self.calls = 0
+        original = getattr(module, name)
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if fail:
+                raise RuntimeError(f"{name} fails on purpose")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+
+
+class KitchenSink(nn.Module):
+    """Every lean operation, in the layouts a CNN uses (P = 309)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.conv1d = nn.Conv1d(4, 3, 2, dilation=1)
+        self.fc = nn.Linear(3, 3)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.copy_(torch.randn(4, generator=g) * 0.2)
+                bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(F.relu(self.bn1(self.conv1(x))))
+        h = torch.relu(self.bn2(self.conv2(h)))  # 4 x 2 x 2
+        h = self.conv1d(h.flatten(2)).relu()  # 3 x 3
+        out: torch.Tensor = self.fc(torch.tanh(h).mean(-1))
+        return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
@@ -11,27 +9,21 @@ from torch import nn
 import curvops.ggn as ggn_module
 from curvops._model_state import model_state, state_differences
 from curvops.ggn import GGNOperator
+from curvops.products import JacobianSandwichLinearization
 from curvops.testing import dense_ggn
 
-from .conftest import CASES, Case, make_cnn, make_data, make_inputs, make_targets, random_columns
+from .conftest import (
+    CASES,
+    CallCounter,
+    Case,
+    make_cnn,
+    make_data,
+    make_inputs,
+    make_targets,
+    random_columns,
+)
 
 SINGLE = [c for c in CASES if c.layout == "batch"]
-
-
-class _CountTraces:
-    """Counts (and optionally breaks) the traces GGNOperator builds."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
-        self.calls = 0
-        original = ggn_module.jacobian_sandwich_linearization
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            if fail:
-                raise RuntimeError("cannot trace this model")
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(ggn_module, "jacobian_sandwich_linearization", counting)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,12 +46,12 @@ def test_linearized_matches_dense_and_default_path(case: Case) -> None:
         else:  # the default matmat shares one forward pass: rounding may differ
             assert _relative_error(Y, plain.matmat(X)) <= 1e-13
         assert torch.equal(Y, traced.matmat(X))  # deterministic replay
-    assert traced._traced is not None  # the traced path was used
+    assert isinstance(traced._graph_cache[0][1], JacobianSandwichLinearization)  # traced path
     assert state_differences(before, model) == []
 
 
 def test_trace_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
-    traces = _CountTraces(monkeypatch)
+    traces = CallCounter(monkeypatch, ggn_module, "jacobian_sandwich_linearization")
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     x, y = make_inputs("cnn", 6), make_targets("ce", 6)
     G = GGNOperator(model, loss, (x, y), bn_mode="train", linearize=True)
@@ -81,7 +73,7 @@ def test_trace_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_trace_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    traces = _CountTraces(monkeypatch, fail=True)
+    traces = CallCounter(monkeypatch, ggn_module, "jacobian_sandwich_linearization", fail=True)
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     data = (make_inputs("cnn", 6), make_targets("ce", 6))
     G = GGNOperator(model, loss, data, bn_mode="eval", linearize=True)
@@ -93,7 +85,7 @@ def test_trace_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_off_by_default_and_for_several_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    traces = _CountTraces(monkeypatch)
+    traces = CallCounter(monkeypatch, ggn_module, "jacobian_sandwich_linearization")
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     x, y = make_inputs("cnn", 9), make_targets("ce", 9)
     v = random_columns(sum(p.numel() for p in model.parameters()), 1)[:, 0]

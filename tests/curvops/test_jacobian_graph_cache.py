@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
@@ -16,26 +14,19 @@ from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.testing import dense_fisher, dense_ggn
 
-from .conftest import make_cnn, make_inputs, make_mlp, make_targets, random_columns
-from .test_lean_ops import KitchenSink
+from .conftest import (
+    CallCounter,
+    KitchenSink,
+    make_cnn,
+    make_inputs,
+    make_mlp,
+    make_targets,
+    random_columns,
+)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
-class _CountBuilds:
-    """Counts the graphs built through ``module.jacobian_graph``."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
-        self.calls = 0
-        original = module.jacobian_graph
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, "jacobian_graph", counting)
 
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
@@ -67,7 +58,7 @@ def test_cached_ggn_matches_dense_and_uncached(
 
 
 def test_ggn_graph_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
-    builds = _CountBuilds(monkeypatch, curvature_module)
+    builds = CallCounter(monkeypatch, curvature_module, "jacobian_graph")
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     x, y = make_inputs("cnn", 6), make_targets("ce", 6)
     G = GGNOperator(model, loss, (x, y), bn_mode="train")
@@ -90,7 +81,7 @@ def test_ggn_graph_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_ggn_list_cache_is_opt_in_and_loader_never_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    builds = _CountBuilds(monkeypatch, curvature_module)
+    builds = CallCounter(monkeypatch, curvature_module, "jacobian_graph")
     model, loss = make_mlp(), nn.MSELoss()
     x, y = make_inputs("mlp", 9), make_targets("mse", 9)
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
@@ -112,7 +103,7 @@ def test_ggn_list_cache_is_opt_in_and_loader_never_cached(monkeypatch: pytest.Mo
 def test_cached_fisher_matches_dense_and_follows_the_seed(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    builds = _CountBuilds(monkeypatch, curvature_module)
+    builds = CallCounter(monkeypatch, curvature_module, "jacobian_graph")
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     x, y = make_inputs("cnn", 6), make_targets("ce", 6)
     F = FisherOperator(model, loss, (x, y), kind=kind, mc_samples=2, seed=4)

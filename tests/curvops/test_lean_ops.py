@@ -27,6 +27,8 @@ from curvops.lean_ops import lean_double_backward
 from curvops.products import hessian_linearization
 from curvops.testing import dense_hessian
 
+from .conftest import KitchenSink
+
 DT = torch.float64
 
 
@@ -272,34 +274,6 @@ def test_mode_is_scoped_and_disabled_is_native() -> None:
 
 
 # ---------------------------------------------------- whole-model Hessians
-class KitchenSink(nn.Module):
-    """Every lean operation, in the layouts a CNN uses (P = 309)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.pool = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(4, affine=False)
-        self.conv1d = nn.Conv1d(4, 3, 2, dilation=1)
-        self.fc = nn.Linear(3, 3)
-        g = _gen(7)
-        with torch.no_grad():
-            for bn in (self.bn1, self.bn2):
-                bn.running_mean.copy_(torch.randn(4, generator=g) * 0.2)
-                bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pool(F.relu(self.bn1(self.conv1(x))))
-        h = torch.relu(self.bn2(self.conv2(h)))  # 4 x 2 x 2
-        h = self.conv1d(h.flatten(2)).relu()  # 3 x 3
-        out: torch.Tensor = self.fc(torch.tanh(h).mean(-1))
-        return out
-
-
 @pytest.mark.parametrize("loss_name", ["ce", "mse"])
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_kitchen_sink_hessian_matches_dense_reference(loss_name: str, bn_mode: str) -> None:

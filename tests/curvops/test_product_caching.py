@@ -17,25 +17,19 @@ from curvops.hessian import HessianOperator
 from curvops.testing import dense_hessian
 from spectral.errors import NumericalError
 
-from .conftest import make_cnn, make_data, make_inputs, make_mlp, make_targets, random_columns
+from .conftest import (
+    CallCounter,
+    make_cnn,
+    make_data,
+    make_inputs,
+    make_mlp,
+    make_targets,
+    random_columns,
+)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
-class _CountBuilds:
-    """Counts the gradient graphs HessianOperator builds."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = 0
-        original = hessian_module.hessian_linearization
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(hessian_module, "hessian_linearization", counting)
 
 
 def _separate_batches(
@@ -58,7 +52,7 @@ def test_data_is_in_memory() -> None:
 
 
 def test_list_cache_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
-    builds = _CountBuilds(monkeypatch)
+    builds = CallCounter(monkeypatch, hessian_module, "hessian_linearization")
     model, loss = make_cnn(), nn.CrossEntropyLoss()
     data = _separate_batches()
     H = HessianOperator(model, loss, data, bn_mode="train", cache=True)
@@ -106,7 +100,7 @@ def test_list_cache_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> N
 def test_single_batch_default_cache_and_loader_never_cached(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    builds = _CountBuilds(monkeypatch)
+    builds = CallCounter(monkeypatch, hessian_module, "hessian_linearization")
     model, loss = make_mlp(), nn.CrossEntropyLoss()
     x, y = make_inputs("mlp", 9), make_targets("ce", 9)
     v = random_columns(sum(p.numel() for p in model.parameters()), 1)[:, 0]
