@@ -5,9 +5,15 @@
 # TORCH_SPEC selects the torch build.  The default is the CPU build
 # (torch==2.13.0); with a GPU use e.g. `make demo TORCH_SPEC=torch` (PyPI's
 # default CUDA build) or any pip requirement of your choice.
+#
+#   make test-newest -- the same lint, type checks and tests in .venv-newest on
+#                       the newest torch release (NEWEST_TORCH_SPEC); CI runs
+#                       both `make test` and `make test-newest`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+NEWEST_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+NEWEST_VENV ?= .venv-newest
 RESULTS ?= results
 HYPOTHESIS_PROFILE ?= ci
 PYTEST_WORKERS ?= 2
@@ -15,11 +21,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := spectral curvops nets
 
-.PHONY: setup demo test lint typecheck pytest clean
+.PHONY: setup demo test test-newest lint typecheck pytest clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(foreach spec,$(TORCH_SPEC),"$(spec)")
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
@@ -44,5 +50,9 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The whole `make test` again in its own virtual environment on the newest torch.
+test-newest:
+	$(MAKE) test VENV=$(NEWEST_VENV) TORCH_SPEC="$(NEWEST_TORCH_SPEC)"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

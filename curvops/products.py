@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from curvops.forward_mode import prepare_forward_mode
 from curvops.lean_ops import lean_double_backward
 
 __all__ = [
@@ -178,6 +179,7 @@ def jacobian_sandwich_matmat(
     ``Q`` applied in output space, one backward pass for :math:`J^\\top`.  ``Q`` is
     built once (from the first column's outputs, which are the same for all).
     """
+    prepare_forward_mode()
     leaves = _leaves(params)
     k = V[0].shape[0]
     if k > 1:
@@ -395,6 +397,7 @@ def jacobian_sandwich_linearization(
     tensor([[ 4.,  0.],
             [ 0., 16.]], dtype=torch.float64)
     """
+    prepare_forward_mode()
     primals = [p.detach() for p in params]
 
     def f(*tensors: torch.Tensor) -> torch.Tensor:

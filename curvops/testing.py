@@ -29,6 +29,7 @@ from torch import nn
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
+from curvops.forward_mode import prepare_forward_mode
 from curvops.losses import (
     LossFn,
     batch_generator,
@@ -138,6 +139,7 @@ def dense_ggn(
     ) -> torch.Tensor:
         out = forward(w0).detach()
         J = torch.func.jacrev(forward)(w0).reshape(out.numel(), -1)
+        prepare_forward_mode()
         HL = torch.func.hessian(lambda o: loss_fn(o, targets))(out)
         HL = HL.reshape(out.numel(), out.numel())
         return J.T @ HL @ J
