@@ -128,10 +128,13 @@ def swa_checkpoint_name(epoch: int) -> str:
 
 def _update_digest(h: Any, value: Any, path: str) -> None:
     if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous().reshape(-1)
+        t = value.detach().to("cpu")
+        if t.layout != torch.strided:  # sparse: hash the values it stands for
+            t = t.to_dense()
+        t = t.contiguous().reshape(-1)
         h.update(f"T{path}|{t.dtype}|{tuple(value.shape)}|".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the bytes, without a copy
     elif isinstance(value, Mapping):
         items = sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
         h.update(f"D{path}|{len(items)}|".encode())

@@ -8,8 +8,9 @@ give: those of the file it replaces, or ``0o666 & ~umask`` for a new file
 (``-rw-r--r--`` under the usual umask ``022``); created parent directories get
 ``0o777 & ~umask``.
 
-Temporary files are named ``.<name>.~dc<host>.<pid>.<random>.tmp`` (``host``:
-8 hex digits of the SHA-256 of the host name, ``pid``: the writer's process).
+Temporary files are named ``.<name>.~dc<host>.<pid>.<random>.tmp`` (``name``:
+the final name's first 150 characters, ``host``: 8 hex digits of the SHA-256
+of the host name, ``pid``: the writer's process).
 A write killed before its rename (``SIGKILL``, power loss) leaves one behind;
 every later :func:`atomic_write` into the same directory removes such
 leftovers when they are provably abandoned: written on this host by a process
@@ -197,7 +198,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final.parent)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.~dc{_HOST}.{os.getpid()}.", suffix=".tmp", dir=final.parent
+        prefix=f".{final.name[:150]}.~dc{_HOST}.{os.getpid()}.", suffix=".tmp", dir=final.parent
     )
     tmp = Path(tmp_name)
     try:
