@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def umask() -> Iterator[object]:
+def umask() -> Iterator[Callable[[int], None]]:
     """Set the process umask for one test and restore it afterwards."""
     previous = os.umask(0o022)
 
@@ -63,9 +63,9 @@ def _write_everything(d: Path) -> list[Path]:
     ("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
 )
 def test_files_get_the_mode_of_a_plain_open(
-    umask: object, tmp_path: Path, mask: int, file_mode: int, dir_mode: int
+    umask: Callable[[int], None], tmp_path: Path, mask: int, file_mode: int, dir_mode: int
 ) -> None:
-    umask(mask)  # type: ignore[operator]
+    umask(mask)
     assert current_umask() == mask
     for path in _write_everything(tmp_path):
         assert _mode(path) == file_mode, (path, oct(_mode(path)))
@@ -77,8 +77,10 @@ def test_files_get_the_mode_of_a_plain_open(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_rewriting_keeps_the_mode_of_the_replaced_file(umask: object, tmp_path: Path) -> None:
-    umask(0o022)  # type: ignore[operator]
+def test_rewriting_keeps_the_mode_of_the_replaced_file(
+    umask: Callable[[int], None], tmp_path: Path
+) -> None:
+    umask(0o022)
     path = tmp_path / "a.npz"
     save_npz(path, x=np.arange(3))
     path.chmod(0o640)
@@ -87,8 +89,8 @@ def test_rewriting_keeps_the_mode_of_the_replaced_file(umask: object, tmp_path: 
     assert np.load(path)["x"].tolist() == [0, 1, 2, 3]
 
 
-def test_umask_is_read_without_changing_it(umask: object) -> None:
-    umask(0o027)  # type: ignore[operator]
+def test_umask_is_read_without_changing_it(umask: Callable[[int], None]) -> None:
+    umask(0o027)
     assert current_umask() == 0o027
     assert current_umask() == 0o027
     assert os.umask(0o027) == 0o027
