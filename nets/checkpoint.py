@@ -5,7 +5,8 @@ to five digits) is a ``torch.save`` archive of a dict
 
 ==================  ===========================================================
 ``format``          ``"deep-curvature-checkpoint"``
-``format_version``  ``1``
+``format_version``  ``2`` (``1``: written before checksums, see below)
+``checksum``        ``"sha256:<hex>"`` of the content (below)
 ``epoch``           completed epochs (int)
 ``state_dict``      ``model.state_dict()``
 ``optimizer``       ``optimizer.state_dict()`` or ``None``
@@ -22,6 +23,27 @@ SWA/Deep Curvature code).  Files are written through
 :func:`spectral.io.atomic_write` and read with ``torch.load(weights_only=True)``:
 only tensors and plain containers can be loaded, never arbitrary objects.
 
+Integrity.  torch's zip reader checks no CRC, so a flipped bit in a tensor
+would load silently as another weight.  Every checkpoint therefore carries
+two SHA-256 digests, both verified by :func:`load_checkpoint`:
+
+* ``checksum``, over the content: every entry but ``checksum`` itself, walked
+  in a canonical order (mapping keys sorted by type name and ``repr``; lists
+  in order), each tensor as its path, dtype, shape and the bytes of its
+  values, every other leaf as its type and ``repr``;
+* a file digest, over every byte of the file before its last 86 bytes,
+  stored in those 86 bytes as the zip archive's comment
+  (``deep-curvature-sha256:<hex>``; zip readers, ``torch.load`` included,
+  ignore comments), so that a flip anywhere, zip metadata included, is seen.
+
+A mismatch of either raises :class:`spectral.io.CorruptFileError`.  A
+version-2 file without its file digest (e.g. a loaded checkpoint saved again
+with a plain ``torch.save``) is accepted only if its content checksum
+verifies.  Files without any checksum (format version 1, written by earlier
+versions of this package, and bare ``state_dict`` files of other programs)
+still load, with a logged warning that their integrity cannot be verified;
+saving them again with :func:`save_checkpoint` adds the checksums.
+
 >>> import tempfile, os, torch
 >>> d = tempfile.mkdtemp()
 >>> net = torch.nn.Linear(2, 1)
@@ -34,13 +56,16 @@ only tensors and plain containers can be loaded, never arbitrary objects.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import pickle
+import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -50,8 +75,10 @@ from spectral.io import CorruptFileError, atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
     "UnsafeFileError",
     "checkpoint_name",
+    "content_checksum",
     "json_safe",
     "latest_checkpoint",
     "load_checkpoint",
@@ -64,6 +91,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "deep-curvature-checkpoint"
+CHECKPOINT_VERSION = 2
+
+_EOCD = b"PK\x05\x06"  # signature of the zip end-of-central-directory record (22 bytes)
+_EOCD_SIZE = 22
+_TRAILER_PREFIX = b"deep-curvature-sha256:"
+_TRAILER_SIZE = len(_TRAILER_PREFIX) + 64
+_CHUNK = 1 << 20
 
 
 class UnsafeFileError(CorruptFileError):
@@ -90,6 +124,130 @@ def swa_checkpoint_name(epoch: int) -> str:
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise argument_error("epoch", "a non-negative integer", epoch)
     return f"swa-{epoch:05d}.pt"
+
+
+def _update_digest(h: Any, value: Any, path: str) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu")
+        if t.layout != torch.strided:  # sparse: hash the values it stands for
+            t = t.to_dense()
+        t = t.contiguous().reshape(-1)
+        h.update(f"T{path}|{t.dtype}|{tuple(value.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the bytes, without a copy
+    elif isinstance(value, Mapping):
+        items = sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        h.update(f"D{path}|{len(items)}|".encode())
+        for key, item in items:
+            _update_digest(h, item, f"{path}/{type(key).__name__}:{key!r}")
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{path}|{len(value)}|".encode())
+        for i, item in enumerate(value):
+            _update_digest(h, item, f"{path}/{i}")
+    else:
+        h.update(f"V{path}|{type(value).__name__}|{value!r}|".encode())
+
+
+def content_checksum(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (``"sha256:<hex>"``) of a checkpoint's content, ``checksum`` entry excluded.
+
+    Tensors count by dtype, shape and values (not by device, strides or storage
+    sharing), so a loaded checkpoint has the checksum it was saved with.
+
+    >>> a = {"w": torch.ones(2), "epoch": 1}
+    >>> content_checksum(a) == content_checksum({"epoch": 1, "w": torch.ones(2)})
+    True
+    >>> content_checksum(a) == content_checksum({"w": torch.tensor([1.0, 1.0000001]), "epoch": 1})
+    False
+    """
+    h = hashlib.sha256(b"deep-curvature-checkpoint-content/1|")
+    _update_digest(h, {k: v for k, v in payload.items() if k != "checksum"}, "")
+    return "sha256:" + h.hexdigest()
+
+
+class _TrailerWriter:
+    """Forwards ``torch.save``'s bytes to ``handle``, hashing them, and appends the file digest.
+
+    The last 22 bytes (the zip end record) are held back: :meth:`finish` sets
+    its comment length, hashes it and writes it with the digest as comment.
+    """
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self._tail = b""
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        if len(data):
+            self._hash.update(data)
+            self._handle.write(data)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) >= _EOCD_SIZE:
+            self._emit(self._tail)
+            self._emit(view[:-_EOCD_SIZE])
+            self._tail = bytes(view[-_EOCD_SIZE:])
+        else:
+            joined = self._tail + bytes(view)
+            self._emit(joined[:-_EOCD_SIZE] if len(joined) > _EOCD_SIZE else b"")
+            self._tail = joined[-_EOCD_SIZE:]
+        return len(view)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def finish(self) -> None:
+        tail = self._tail
+        if len(tail) != _EOCD_SIZE or not tail.startswith(_EOCD) or tail[-2:] != b"\0\0":
+            raise RuntimeError("torch.save did not end its archive with a plain zip end record")
+        end = tail[:-2] + struct.pack("<H", _TRAILER_SIZE)
+        self._hash.update(end)
+        self._handle.write(end + _TRAILER_PREFIX + self._hash.hexdigest().encode("ascii"))
+
+
+def _file_digest_status(p: Path) -> str:
+    """``"verified"``, ``"absent"`` or raises ``CorruptFileError``.
+
+    ``"absent"``: a zip archive ending with a plain end record (no comment), or
+    not a zip archive at all (left to ``torch.load``, e.g. the legacy format).
+    """
+    size = p.stat().st_size
+    with p.open("rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            return "absent"
+        handle.seek(max(size - _TRAILER_SIZE - _EOCD_SIZE, 0))
+        tail = handle.read()
+        body = size - _TRAILER_SIZE
+        end = tail[-_TRAILER_SIZE - _EOCD_SIZE : -_TRAILER_SIZE]
+        trailer = tail[-_TRAILER_SIZE:]
+        if (
+            size >= _TRAILER_SIZE + _EOCD_SIZE
+            and end.startswith(_EOCD)
+            and end[-2:] == struct.pack("<H", _TRAILER_SIZE)
+            and trailer.startswith(_TRAILER_PREFIX)
+        ):
+            h = hashlib.sha256()
+            handle.seek(0)
+            remaining = body
+            while remaining > 0:
+                chunk = handle.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                h.update(chunk)
+                remaining -= len(chunk)
+            if h.hexdigest().encode("ascii") != trailer[len(_TRAILER_PREFIX) :]:
+                raise CorruptFileError(
+                    f"Checkpoint '{p}' is corrupted: its SHA-256 does not match the digest "
+                    "recorded when it was written (a changed or flipped byte); it was not loaded."
+                )
+            return "verified"
+    if len(tail) >= _EOCD_SIZE and tail[-_EOCD_SIZE:].startswith(_EOCD) and tail[-2:] == b"\0\0":
+        return "absent"
+    raise CorruptFileError(
+        f"Checkpoint '{p}' is truncated or corrupted: it does not end with a zip end record "
+        "(and a deep-curvature digest); it was not loaded."
+    )
 
 
 def json_safe(value: Any) -> Any:
@@ -145,30 +303,43 @@ def save_checkpoint(
         raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
     if not isinstance(config, dict):
         raise argument_error("config", "a dict", config, kind=TypeError)
-    reserved = {"format", "format_version", "epoch", "state_dict", "optimizer", "config"}
+    reserved = {
+        "format",
+        "format_version",
+        "checksum",
+        "epoch",
+        "state_dict",
+        "optimizer",
+        "config",
+    }
     clash = reserved & set(extra)
     if clash:
         raise argument_error("extra", f"keys other than {sorted(reserved)}", sorted(clash))
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": 1,
+        "format_version": CHECKPOINT_VERSION,
         "epoch": int(epoch),
         "state_dict": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "config": json.loads(json.dumps(json_safe(config))),
         **extra,
     }
+    payload["checksum"] = content_checksum(payload)
     with atomic_write(path, "wb") as handle:
-        torch.save(payload, handle)
+        writer = _TrailerWriter(handle)
+        torch.save(payload, writer)  # type: ignore[arg-type]
+        writer.finish()
     logger.debug("saved checkpoint %s (epoch %d)", path, epoch)
 
 
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)``.
+    """Load a checkpoint with ``torch.load(weights_only=True)``, verifying its checksums.
 
-    A bare ``state_dict`` (a dict of tensors, as saved by
+    Both digests of the module docstring are checked; a file without any
+    checksum (format version 1 or a bare ``state_dict``) loads with a logged
+    warning.  A bare ``state_dict`` (a dict of tensors, as saved by
     ``torch.save(model.state_dict(), path)``) is accepted too and returned as
     ``{"state_dict": ..., "epoch": None, "optimizer": None, "config": {}}``.
 
@@ -180,11 +351,12 @@ def load_checkpoint(
         If the file contains pickled objects other than tensors and plain
         containers (it is refused, nothing is executed).
     CorruptFileError
-        If the file is truncated, corrupted or not a checkpoint.
+        If the file is truncated, corrupted (a checksum differs) or not a checkpoint.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"No such checkpoint file: '{p}'.")
+    file_status = _file_digest_status(p)
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -200,6 +372,7 @@ def load_checkpoint(
         raise CorruptFileError(
             f"Checkpoint '{p}' does not hold a dict (found {type(payload).__name__})."
         )
+    _check_content(p, payload, file_status)
     if "state_dict" in payload:
         payload.setdefault("epoch", None)
         payload.setdefault("optimizer", None)
@@ -210,6 +383,29 @@ def load_checkpoint(
     raise CorruptFileError(
         f"File '{p}' is not a checkpoint: it has neither a 'state_dict' entry nor only tensors "
         f"(keys: {sorted(map(str, payload))[:10]})."
+    )
+
+
+def _check_content(p: Path, payload: dict[Any, Any], file_status: str) -> None:
+    """Verify the content checksum; refuse a version-2 file without any verified digest."""
+    stored = payload.get("checksum")
+    if stored is not None:
+        if not isinstance(stored, str) or stored != content_checksum(payload):
+            raise CorruptFileError(
+                f"Checkpoint '{p}' is corrupted: the checksum of its tensors and settings does "
+                "not match the one recorded when it was written; it was not loaded."
+            )
+        return
+    legacy = payload.get("format") != CHECKPOINT_FORMAT or payload.get("format_version") == 1
+    if file_status == "verified" or not legacy:
+        raise CorruptFileError(
+            f"Checkpoint '{p}' is corrupted: it lacks the content checksum that every "
+            f"format-{CHECKPOINT_VERSION} checkpoint carries; it was not loaded."
+        )
+    logger.warning(
+        "checkpoint %s has no checksum (written by an earlier version or another program): "
+        "its integrity cannot be verified; save it again with save_checkpoint to add one",
+        p,
     )
 
 

@@ -3,6 +3,21 @@
 A file is written to a temporary sibling in the same directory, flushed,
 ``fsync``-ed and then renamed over the final name, so a crash at any moment
 leaves either the old file or the complete new one, never a truncated file.
+The renamed file gets the permission bits a plain ``open(path, "w")`` would
+give: those of the file it replaces, or ``0o666 & ~umask`` for a new file
+(``-rw-r--r--`` under the usual umask ``022``); created parent directories get
+``0o777 & ~umask``.
+
+Temporary files are named ``.<name>.~dc<host>.<pid>.<random>.tmp`` (``name``:
+the final name's first 150 characters, ``host``: 8 hex digits of the SHA-256
+of the host name, ``pid``: the writer's process).
+A write killed before its rename (``SIGKILL``, power loss) leaves one behind;
+every later :func:`atomic_write` into the same directory removes such
+leftovers when they are provably abandoned: written on this host by a process
+that no longer exists, or (any host, e.g. on a shared file system) not
+modified for :data:`STALE_AFTER_SECONDS`.  A temporary file of a live writer
+is never removed; other files are never touched.
+
 ``.npz`` archives are always read with ``allow_pickle=False``; a truncated or
 corrupted archive raises :class:`CorruptFileError` naming the file.
 
@@ -16,19 +31,123 @@ array([0, 1, 2])
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
+import re
+import socket
+import stat
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["CorruptFileError", "atomic_write", "load_npz", "save_npz"]
+__all__ = [
+    "STALE_AFTER_SECONDS",
+    "CorruptFileError",
+    "atomic_write",
+    "clean_stale_temporaries",
+    "current_umask",
+    "load_npz",
+    "save_npz",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A temporary file of :func:`atomic_write` not modified for this long (24 hours) is abandoned,
+#: whichever host wrote it.
+STALE_AFTER_SECONDS = 24 * 3600.0
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_PATTERN = re.compile(
+    r"^\.(?P<target>.+)\.~dc(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]+)\.[^.]+\.tmp$"
+)
+_UMASK_LOCK = threading.Lock()
 
 
 class CorruptFileError(OSError):
     """A file exists but is truncated, corrupted or not in the expected format."""
+
+
+def current_umask() -> int:
+    """The process's file-creation mask, read without changing it where possible.
+
+    On Linux it is read from ``/proc/self/status``; elsewhere it is set and
+    restored at once under a lock (``os.umask`` has no read-only form).
+
+    >>> 0 <= current_umask() <= 0o777
+    True
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _UMASK_LOCK:  # pragma: no cover - platforms without /proc
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask  # pragma: no cover
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (zombies count as dead); unsure means alive."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # pragma: no cover - os.kill(pid, 0) terminates processes on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by another user
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text[text.rindex(")") + 2] != "Z"  # the state field follows the command name
+    return True
+
+
+def clean_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove abandoned temporary files of :func:`atomic_write` from ``directory``.
+
+    A file is removed only if its name is one of :func:`atomic_write`'s
+    temporary names (see the module docstring) and either its writer ran on
+    this host and no longer exists, or it was not modified for
+    :data:`STALE_AFTER_SECONDS`.  Errors (a file vanishing meanwhile, no
+    permission) are ignored.  Returns the removed paths.
+
+    >>> import tempfile
+    >>> clean_stale_temporaries(tempfile.mkdtemp())
+    []
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        match = _TEMP_PATTERN.match(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            dead = match["host"] == _HOST and not _pid_alive(int(match["pid"]))
+            if dead or now - info.st_mtime > STALE_AFTER_SECONDS:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+                logger.info("removed the abandoned temporary file %s", entry.path)
+        except OSError:
+            continue
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -44,31 +163,53 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _final_mode(final: Path) -> int:
+    """Mode bits a plain ``open(final, "w")`` leaves: the existing file's, or the umask's."""
+    with contextlib.suppress(OSError):
+        info = final.lstat()
+        if stat.S_ISREG(info.st_mode):
+            return stat.S_IMODE(info.st_mode)
+    return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success, fsync and rename it to ``path``.
 
     If the body raises, the temporary file is removed and ``path`` is untouched.
-    Parent directories are created.
+    Parent directories are created.  The file ends with the permission bits of
+    a plain ``open()`` (the replaced file's, or ``0o666 & ~umask``), and
+    abandoned temporary files of killed writes in the directory are removed
+    first (:func:`clean_stale_temporaries`).
 
-    >>> import tempfile, os
+    >>> import tempfile, os, stat
     >>> p = os.path.join(tempfile.mkdtemp(), "sub", "note.txt")
     >>> with atomic_write(p, "w") as f:
     ...     _ = f.write("done")
     >>> from pathlib import Path
     >>> Path(p).read_text(), sorted(os.listdir(os.path.dirname(p)))
     ('done', ['note.txt'])
+    >>> stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~current_umask()
+    True
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"Argument 'mode': expected 'wb' or 'w'; received {mode!r}.")
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    clean_stale_temporaries(final.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.name[:150]}.~dc{_HOST}.{os.getpid()}.", suffix=".tmp", dir=final.parent
+    )
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
+            permissions = _final_mode(final)
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), permissions)
+            else:  # pragma: no cover - Windows before Python 3.13
+                os.chmod(tmp, permissions)
             os.fsync(handle.fileno())
         os.replace(tmp, final)
         _fsync_directory(final.parent)

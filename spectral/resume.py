@@ -33,15 +33,33 @@ any other key
 Operator fingerprint.  Arguments alone cannot tell whether the operator is the
 same (same network shape, other weights), so the operator is probed: ``y = A p``
 for a fixed Rademacher vector ``p`` (seed :data:`FINGERPRINT_SEED`, exact in
-every dtype).  Stored are ``n``, the dtype, the SHA-256 of ``y`` (host float64
-bytes), ``\|y\|`` and a sketch ``s = G^T y`` with ``G`` a fixed ``n x 4``
-Gaussian matrix (generated on the host in chunks, never stored).  A state is
-accepted when the digests agree, or, because products on accelerators are not
-bitwise reproducible (atomic reductions), when
-``max_i |s_i - s'_i| <= 10^3\,eps\,\|y\|`` (``eps`` of the operator's dtype):
-far above reduction-order noise (about ``\sqrt{\log n}\,eps\|y\|``) and far
-below the change of any real modification of the operator.  The fingerprint
-costs **one extra product** per call (and per resume).
+every dtype).  Stored are ``n``, the dtype, the platform (the device type of
+the operator's vectors: ``"cpu"``, ``"cuda"``...), the SHA-256 of ``y`` (host
+float64 bytes), ``\|y\|`` and a sketch ``s = G^T y`` with ``G`` a fixed
+``n x 4`` Gaussian matrix (generated on the host in chunks, never stored).
+
+The rule: the same operator gives the same ``y`` up to what its platform
+allows, and nothing else is accepted.
+
+* **On the CPU** (state written and resumed there) products are deterministic
+  in every dtype (float16, float32, float64 alike), so the digests must be
+  **equal**: any difference, however small (weights changed by ``1e-5``, a
+  float16 model from another initialisation), refuses the state.  The same
+  holds for the number of threads and the BLAS library: resume with the
+  settings of the first run (they are needed for a bit-identical result too).
+* **Where products are not bitwise reproducible** (either side on an
+  accelerator: atomic reductions in an order that varies between runs) a
+  state is also accepted when
+  ``max_i |s_i - s'_i| <= 10^3\,eps\,\|y\|`` (:data:`SKETCH_RTOL_FACTOR`,
+  ``eps`` of the operator's dtype): far above reduction-order noise (about
+  ``\sqrt{\log n}\,eps\|y\|``).  Changes of the operator below this
+  tolerance are not detected there (in float16 it is ``\|y\|`` itself: the
+  probe cannot tell float16 operators apart on accelerators); the workflow of
+  :mod:`nets` also records the SHA-256 of the weights in the configuration,
+  which is exact on every platform.
+
+State files written before the platform was recorded count as ``"cpu"``.  The
+fingerprint costs **one extra product** per call (and per resume).
 
 >>> import numpy as np, tempfile, os
 >>> from spectral.operator import as_operator
@@ -80,6 +98,7 @@ from spectral.io import CorruptFileError, atomic_write, load_npz
 from spectral.operator import SymmetricOperator
 
 __all__ = [
+    "DETERMINISTIC_PLATFORM",
     "FINGERPRINT_SEED",
     "FORMAT",
     "Checkpoint",
@@ -105,8 +124,12 @@ FINGERPRINT_SEED = 0x5EED_CAFE
 #: Number of Gaussian sketch directions of the operator fingerprint.
 SKETCH_SIZE = 4
 
-#: Sketch tolerance factor: ``|s - s'| <= SKETCH_RTOL_FACTOR * eps * ||y||``.
+#: Sketch tolerance factor on non-deterministic platforms (never on the CPU):
+#: ``|s - s'| <= SKETCH_RTOL_FACTOR * eps * ||y||``.
 SKETCH_RTOL_FACTOR = 1e3
+
+#: The platform on which products are bitwise reproducible, so fingerprints must be equal.
+DETERMINISTIC_PLATFORM = "cpu"
 
 _RESERVED = ("format", "kind", "config_json", "operator_json", "meta_json")
 
@@ -194,7 +217,8 @@ class OperatorFingerprint:
     """Fingerprint of an operator (see the module docstring).
 
     Attributes: ``n``, ``dtype`` (string), ``digest`` (SHA-256 of ``A p``),
-    ``norm`` (``||A p||``), ``sketch`` (``G^T A p``, floats) and ``eps`` (of the dtype).
+    ``norm`` (``||A p||``), ``sketch`` (``G^T A p``, floats), ``eps`` (of the dtype)
+    and ``platform`` (device type of the operator's vectors, ``"cpu"``, ``"cuda"``...).
     """
 
     n: int
@@ -203,6 +227,7 @@ class OperatorFingerprint:
     norm: float
     sketch: tuple[float, ...]
     eps: float
+    platform: str = DETERMINISTIC_PLATFORM
 
     def to_json(self) -> str:
         """Serialise to a JSON string."""
@@ -214,6 +239,7 @@ class OperatorFingerprint:
                 "norm": self.norm,
                 "sketch": list(self.sketch),
                 "eps": self.eps,
+                "platform": self.platform,
             },
             sort_keys=True,
         )
@@ -229,10 +255,24 @@ class OperatorFingerprint:
             norm=float(d["norm"]),
             sketch=tuple(float(s) for s in d["sketch"]),
             eps=float(d["eps"]),
+            platform=str(d.get("platform", DETERMINISTIC_PLATFORM)),
         )
 
     def difference(self, other: OperatorFingerprint) -> str | None:
-        """``None`` if ``other`` is the same operator, else a sentence saying what differs."""
+        """``None`` if ``other`` is the same operator, else a sentence saying what differs.
+
+        The rule of the module docstring: equal digests on the CPU, the sketch
+        tolerance only where either side ran on a non-deterministic platform.
+
+        >>> a = OperatorFingerprint(3, "float32", "d1", 1.0, (0.5,), 1.2e-7)
+        >>> b = OperatorFingerprint(3, "float32", "d2", 1.0, (0.5 + 1e-6,), 1.2e-7)
+        >>> a.difference(a) is None, a.difference(b) is None
+        (True, False)
+        >>> import dataclasses
+        >>> gpu = dataclasses.replace(b, platform="cuda")
+        >>> a.difference(gpu) is None  # 1e-6 <= 1e3 * 1.2e-7 * 1.0: rounding on the GPU
+        True
+        """
         if self.n != other.n:
             return f"the operator has dimension n={other.n}, the state file n={self.n}"
         if self.dtype != other.dtype:
@@ -241,6 +281,15 @@ class OperatorFingerprint:
             return None
         scale = max(self.norm, other.norm)
         gap = max(abs(a - b) for a, b in zip(self.sketch, other.sketch))
+        if self.platform == other.platform == DETERMINISTIC_PLATFORM:
+            relative = gap / scale if scale > 0 else math.inf
+            return (
+                "the operator's product with the fingerprint probe differs from the one recorded "
+                f"(relative sketch difference {relative:.3e}; on the CPU products are "
+                "reproducible bit for bit, so no difference is tolerated): it is another "
+                "operator (other weights, data, loss or parameter subset), or the same one "
+                "evaluated with another number of threads or another BLAS library"
+            )
         tol = SKETCH_RTOL_FACTOR * self.eps * scale
         if scale > 0 and gap <= tol:
             logger.info(
@@ -284,7 +333,24 @@ def operator_fingerprint(op: SymmetricOperator) -> OperatorFingerprint:
         norm=float(np.linalg.norm(y)),
         sketch=tuple(float(s) for s in sketch),
         eps=_backend.finfo_eps(op.xp, op.dtype),
+        platform=_platform(op.device),
     )
+
+
+def _platform(device: Any) -> str:
+    """Device type of a torch/numpy/cupy device: ``"cpu"``, ``"cuda"``, ``"mps"``...
+
+    >>> _platform("cpu"), _platform(None)
+    ('cpu', 'unknown')
+    """
+    kind = getattr(device, "type", None)  # torch.device
+    if isinstance(kind, str):
+        return kind
+    if isinstance(device, str):
+        return device.split(":", 1)[0]
+    if device is None:
+        return "unknown"
+    return type(device).__module__.split(".", 1)[0] + ":" + type(device).__name__
 
 
 @dataclass

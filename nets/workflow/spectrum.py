@@ -36,20 +36,31 @@ key                   content
 ``bn_mode``           str ``'train'``, ``'eval'`` or ``'none'`` (modules' own modes)
 ``config_json``       str: model, dataset, checkpoint, seed, params, subsample, ...
 ``model_fingerprint`` str: sha256 of the selected parameters' names, shapes and values
+``pair_id``           str: the pair's identifier (below), ``''`` when no vectors were saved
 ====================  =================================================================
 
 With ``save_eigvec=True`` the Ritz vectors of the first probe go to the same
 stem + ``-eigvec.npz``: ``vectors`` float32[m, P] (row i is the unit Ritz
 vector of ``w[i]``), ``w`` float64[m], ``model_fingerprint``, ``param_names``
-str[k] and ``param_shapes_json`` (the coordinates of the rows).
+str[k], ``param_shapes_json`` (the coordinates of the rows) and ``pair_id``.
+
+The two files are bound by ``pair_id``, the SHA-256 of both files' arrays
+(every key but ``pair_id``, sorted, each as dtype, shape and bytes), written
+in both.  :func:`load_spectrum` recomputes it and refuses
+(:class:`spectral.io.CorruptFileError`) a vector file of another run: after a
+kill between the two writes, or a stale file beside a spectrum saved without
+vectors.  Saving with ``save_eigvec=False`` removes an existing vector file
+of the same stem.  Spectrum files written before ``pair_id`` existed load
+their vector file with a logged warning (the pairing cannot be checked).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +92,7 @@ from nets.workflow._resume import describe_model, describe_value, file_digest
 from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
-from spectral.io import load_npz, save_npz
+from spectral.io import CorruptFileError, load_npz, save_npz
 from spectral.lanczos import lanczos
 from spectral.operator import as_operator
 from spectral.probes import as_generator, random_probe
@@ -93,6 +104,7 @@ __all__ = [
     "compute_eigenspectrum",
     "lanczos_spectrum",
     "load_spectrum",
+    "pair_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +142,7 @@ class SpectrumResult:
     param_shapes_json: str = "{}"
     path: Path | None = None
     eigvec_path: Path | None = None
+    pair_id: str = ""
 
     def density(self) -> SpectralDensity:
         """The pooled spectral measure (with the per-probe measures)."""
@@ -155,6 +168,7 @@ class SpectrumResult:
             "bn_mode": np.str_(self.bn_mode),
             "config_json": np.str_(json.dumps(self.config, sort_keys=True)),
             "model_fingerprint": np.str_(self.model_fingerprint),
+            "pair_id": np.str_(self.pair_id),
         }
 
     def eigvec_arrays(self) -> dict[str, Any]:
@@ -167,28 +181,71 @@ class SpectrumResult:
             "model_fingerprint": np.str_(self.model_fingerprint),
             "param_names": np.asarray(self.param_names, dtype=np.str_),
             "param_shapes_json": np.str_(self.param_shapes_json),
+            "pair_id": np.str_(self.pair_id),
         }
 
     def save(self, path: PathLike, *, save_eigvec: bool | None = None) -> Path:
-        """Write the spectrum (and, if kept and wanted, the Ritz vectors) atomically."""
+        """Write the spectrum (and, if kept and wanted, the Ritz vectors) atomically.
+
+        Both files get the same ``pair_id`` (module docstring); without vectors
+        the spectrum's ``pair_id`` is ``''`` and an existing vector file of the
+        same stem (an earlier run's) is removed.
+        """
         target = spectrum_file(path)
-        save_npz(target, **self.to_arrays())
-        self.path = target
+        vec_path = eigvec_file(target)
         if save_eigvec is None:
             save_eigvec = self.vectors is not None
         if save_eigvec:
-            self.eigvec_path = eigvec_file(target)
-            save_npz(self.eigvec_path, **self.eigvec_arrays())
+            vec_arrays = self.eigvec_arrays()
+            self.pair_id = pair_digest(self.to_arrays(), vec_arrays)
+            save_npz(target, **self.to_arrays())
+            save_npz(vec_path, **self.eigvec_arrays())
+            self.eigvec_path = vec_path
+        else:
+            self.pair_id = ""
+            save_npz(target, **self.to_arrays())
+            if vec_path.is_file():
+                vec_path.unlink()
+                logger.info("removed the Ritz vectors of an earlier run: %s", vec_path)
+            self.eigvec_path = None
+        self.path = target
         return target
+
+
+def pair_digest(spectrum: Mapping[str, Any], vectors: Mapping[str, Any]) -> str:
+    """The ``pair_id`` binding a spectrum file's arrays to its Ritz-vector file's arrays.
+
+    SHA-256 (hex) over both mappings' keys except ``pair_id`` (sorted), each
+    as its dtype, shape and bytes.
+
+    >>> a, b = {"w": np.ones(2)}, {"vectors": np.eye(2, dtype=np.float32)}
+    >>> pair_digest(a, b) == pair_digest({**a, "pair_id": "x"}, b)
+    True
+    >>> pair_digest(a, b) == pair_digest({"w": np.array([1.0, 2.0])}, b)
+    False
+    """
+    h = hashlib.sha256(b"deep-curvature-spectrum-pair/1|")
+    for label, arrays in (("spectrum", spectrum), ("eigvec", vectors)):
+        for key in sorted(k for k in arrays if k != "pair_id"):
+            a = np.ascontiguousarray(np.asarray(arrays[key]))
+            h.update(f"{label}|{key}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResult:
     """Read a spectrum file (``.npz`` may be omitted) and, if present, its ``-eigvec.npz``.
 
+    With ``with_vectors`` the vector file is loaded only if its ``pair_id``
+    binds it to this spectrum (module docstring); a spectrum saved with
+    vectors whose vector file is gone loads without vectors (logged).
+
     Raises
     ------
     FileNotFoundError, spectral.io.CorruptFileError
-        Missing or unreadable file.
+        Missing or unreadable file; a vector file that belongs to another run
+        (the message names both files; delete the stale one or pass
+        ``with_vectors=False``).
     ValueError
         A file without the spectrum keys.
     """
@@ -223,16 +280,45 @@ def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResul
         model_fingerprint=str(scalar("model_fingerprint", "")),
         config=json.loads(str(scalar("config_json", "{}"))),
         path=target,
+        pair_id=str(scalar("pair_id", "")),
     )
     vec_path = eigvec_file(target)
+    if with_vectors and "pair_id" in arrays and result.pair_id and not vec_path.is_file():
+        logger.warning("spectrum %s was saved with Ritz vectors, but %s is gone", target, vec_path)
     if with_vectors and vec_path.is_file():
         vec = load_npz(vec_path)
+        _check_pair(target, arrays, vec_path, vec)
         result.vectors = np.asarray(vec["vectors"])
         result.vector_values = np.asarray(vec["w"], dtype=np.float64)
         result.param_names = tuple(str(n) for n in np.asarray(vec["param_names"]).tolist())
         result.param_shapes_json = str(vec["param_shapes_json"])
         result.eigvec_path = vec_path
     return result
+
+
+def _check_pair(
+    target: Path, arrays: Mapping[str, Any], vec_path: Path, vec: Mapping[str, Any]
+) -> None:
+    """Refuse a vector file that is not the one saved with this spectrum."""
+    if "pair_id" not in arrays:
+        logger.warning(
+            "spectrum %s predates pair identifiers: %s is assumed to belong to it", target, vec_path
+        )
+        return
+    stored = str(arrays["pair_id"])
+    if not stored:
+        reason = "the spectrum was saved without Ritz vectors, so this file is an earlier run's"
+    elif "pair_id" not in vec or str(vec["pair_id"]) != stored:
+        reason = "the two files carry different pair identifiers (written by different runs)"
+    elif pair_digest(arrays, vec) != stored:
+        reason = "their contents do not hash to the pair identifier they carry (edited files)"
+    else:
+        return
+    raise CorruptFileError(
+        f"Spectrum '{target}' and Ritz-vector file '{vec_path}' do not belong together: "
+        f"{reason}. Delete the stale vector file (or recompute with save_eigvec=True), or "
+        "load with with_vectors=False."
+    )
 
 
 def lanczos_spectrum(
