@@ -32,7 +32,9 @@ Rounding: the computed nodes are those of a nearby problem, accurate to a few
 :math:`\varepsilon\|A\|`, and an early stop drops a residual :math:`\beta \le
 \sqrt{\varepsilon}\,\|A\|`. :func:`quadrature_cdf_bounds` therefore evaluates the bounds at
 :math:`x \mp \delta` (``tol``, absolute, in the units of ``x``) and widens them by
-:data:`PROBABILITY_TOL` (in probability):
+:math:`\eta` in probability (``probability_tol``; the weights are first components of
+eigenvectors of a tridiagonal matrix known to the same relative accuracy
+:math:`\delta/\max|\theta|`, and never below :data:`PROBABILITY_TOL`):
 :math:`\ell(x) = L(x-\delta) - \eta`, :math:`u(x) = U(x+\delta) + \eta`, clipped to ``[0, 1]``.
 
 Quantile form (used for functionals): every measure satisfying the inequalities above with
@@ -130,6 +132,7 @@ def quadrature_cdf_bounds(
     *,
     invariant: bool = False,
     tol: float = 0.0,
+    probability_tol: float = PROBABILITY_TOL,
 ) -> tuple[FloatArray, FloatArray]:
     r"""Chebyshev–Markov–Stieltjes bounds on :math:`F(x)` from one Gauss quadrature rule.
 
@@ -145,6 +148,8 @@ def quadrature_cdf_bounds(
         \le x\}}`, evaluated at :math:`x \mp \delta`.
     tol:
         :math:`\delta \ge 0`, the absolute accuracy of the nodes (see the module docstring).
+    probability_tol:
+        :math:`\eta \ge 0`, the accuracy of the partial sums of the weights.
 
     Returns
     -------
@@ -180,8 +185,10 @@ def quadrature_cdf_bounds(
         lower = cumulative[np.maximum(below - 1, 0)]
         strictly = np.searchsorted(theta, xs + tol, side="left")  # #{θ_i < x + δ}
         upper = cumulative[np.minimum(strictly + 1, m)]
-    lo: FloatArray = np.clip(lower - PROBABILITY_TOL, 0.0, 1.0)
-    hi: FloatArray = np.clip(upper + PROBABILITY_TOL, 0.0, 1.0)
+    if not (np.isfinite(probability_tol) and probability_tol >= 0):
+        raise argument_error("probability_tol", "a non-negative number", probability_tol)
+    lo: FloatArray = np.clip(lower - probability_tol, 0.0, 1.0)
+    hi: FloatArray = np.clip(upper + probability_tol, 0.0, 1.0)
     return lo, hi
 
 

@@ -389,7 +389,9 @@ class SpectralDensity:
         at or above ``x``). After an early stop (invariant Krylov space) the rule is the
         measure: both bounds equal :math:`C_{\#\{\theta_i \le x\}}`. To absorb rounding,
         the bounds are evaluated at :math:`x \mp \delta_k` (:attr:`probe_tolerance`) and
-        widened by :data:`spectral.bounds.PROBABILITY_TOL`; see :mod:`spectral.bounds`.
+        widened in probability by :math:`\eta_k = \max(10^{-10}, \delta_k/\max_i|\theta_i|)`
+        (the relative accuracy of the rule); see :mod:`spectral.bounds`. In float64 this
+        is :math:`10^{-10}`; with a float32 operator about :math:`10^3` float32 epsilons.
         (Within :math:`\delta_k` of a node the bounds are therefore those of the two
         neighbouring gaps together.)
 
@@ -427,12 +429,16 @@ class SpectralDensity:
         lower = np.zeros(xs.shape)
         upper = np.zeros(xs.shape)
         for k in chosen:
+            tol = float(self.probe_tolerance[k])
+            scale = float(np.max(np.abs(rows[k][0])))
+            eta = max(bounds.PROBABILITY_TOL, tol / scale if scale > 0 else 0.0)
             lo, hi = bounds.quadrature_cdf_bounds(
                 rows[k][0],
                 rows[k][1],
                 xs,
                 invariant=bool(self.probe_invariant[k]),
-                tol=float(self.probe_tolerance[k]),
+                tol=tol,
+                probability_tol=eta,
             )
             lower += lo
             upper += hi
