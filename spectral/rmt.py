@@ -73,6 +73,7 @@ __all__ = [
     "fit_marchenko_pastur",
     "fit_semicircle",
     "outliers",
+    "probe_margin",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -306,6 +307,16 @@ def _dimension(n: int | None, default: int | None) -> int:
     return int(n)
 
 
+def probe_margin(fit: MarchenkoPasturFit | SemicircleFit, n: int, num_probes: int) -> float:
+    r"""Probe fluctuation :math:`3(b - a)\sqrt{2/(nP)}` of the edges of a fit to an SLQ density.
+
+    >>> probe_margin(SemicircleFit.from_parameters(2.0), 800, 1)
+    0.6
+    """
+    lo, hi = fit.support
+    return float(3.0 * (hi - lo) * np.sqrt(2.0 / (n * num_probes)))
+
+
 def _fit(data: Any, make: Any, num_scales: float, trim: bool, name: str) -> Any:
     x, w, n, how = _data(data)
     if not (np.isfinite(num_scales) and num_scales >= 0):
@@ -317,8 +328,7 @@ def _fit(data: Any, make: Any, num_scales: float, trim: bool, name: str) -> Any:
         lo, hi = fit.support
         slack = num_scales * fit.edge_scale(n)
         if probes is not None and n is not None:
-            # fitted edges move with the probe fluctuation O(1/sqrt(nP))
-            slack += 3.0 * (hi - lo) * np.sqrt(2.0 / (n * probes))
+            slack += probe_margin(fit, n, probes)
         out = x > hi + slack
         if isinstance(fit, SemicircleFit) or probes is None:
             # Ritz nodes may sit in the gap between an atom at 0 and a Marchenko-Pastur bulk
@@ -455,6 +465,7 @@ def outliers(
     n: int | None = None,
     residuals: ArrayLike | None = None,
     lower: bool = True,
+    margin: float = 0.0,
 ) -> Outliers:
     r"""Eigenvalues beyond the fitted bulk edges by more than ``num_scales`` edge scales.
 
@@ -463,6 +474,9 @@ def outliers(
     :math:`k` = ``num_scales`` and :math:`s` = ``fit.edge_scale(n)``, the Tracy–Widom scale
     :math:`\propto n^{-2/3}` of the extreme bulk eigenvalues. For a Marchenko–Pastur fit
     with an atom at zero, eigenvalues within :math:`ks` of 0 are bulk.
+
+    ``margin`` (absolute, >= 0) is added to :math:`ks`: e.g. the probe fluctuation
+    :math:`3(b - a)\sqrt{2/(nP)}` of edges fitted to an SLQ density.
 
     ``residuals`` (e.g. Ritz residual norms :math:`\|Ay - \theta y\|`, same length as
     ``eigenvalues``) are carried along. From a Lanczos run an outlier is trustworthy when
@@ -485,9 +499,11 @@ def outliers(
         res = np.asarray(residuals, dtype=np.float64).reshape(-1)
         if res.shape != lam.shape:
             raise argument_error("residuals", f"an array of shape {lam.shape}", residuals)
+    if not (np.isfinite(margin) and margin >= 0):
+        raise argument_error("margin", "a non-negative number", margin)
     scale = fit.edge_scale(n)
     a, b = fit.support
-    slack = num_scales * scale
+    slack = num_scales * scale + float(margin)
     above = lam > b + slack
     below = (lam < a - slack) if lower else np.zeros(lam.size, dtype=bool)
     if isinstance(fit, MarchenkoPasturFit) and fit.atom > 0:
