@@ -265,6 +265,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
         "seed": args.seed,
         "device": args.device,
         "progress": args.progress,
+        "fit": args.fit,
     }
     if args.subsample is not None:
         kwargs["subsample"] = args.subsample
@@ -277,7 +278,11 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
     compute_eigenspectrum(**kwargs)
     elapsed = time.perf_counter() - start
     written = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
-    rows = [*spectrum_rows(written), ("wall time (s)", f"{elapsed:.1f}")]
+    from nets.workflow.bulk import bulk_rows
+    from spectral.io import load_npz
+
+    rows = [*spectrum_rows(written), *bulk_rows(load_npz(written))]
+    rows.append(("wall time (s)", f"{elapsed:.1f}"))
     return [format_table(rows, title="Spectrum summary")]
 
 
@@ -423,6 +428,10 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         )
     elif args.what == "diag":
         fig = plot_spectrum("diag", path=source, log_weights=args.log_weights, save_path=out)
+    elif args.what == "band":
+        from nets.plots.band import plot_spectrum_band
+
+        fig = plot_spectrum_band(source, confidence=args.confidence, save_path=out)
     elif args.what == "training":
         fig = plot_training(source, save_path=out)
     elif args.what == "landscape":
@@ -435,7 +444,7 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         )
     close_figure(fig)
     rows: list[Row] = [("figure", out)]
-    if args.what == "spectrum" and source is not None:
+    if args.what in ("spectrum", "band") and source is not None:
         rows = spectrum_rows(source) + rows
     return [format_table(rows, title="Plot")]
 
@@ -539,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="batch size of the products")
     p.add_argument("--save-eigvec", action="store_true", help="also save the Ritz vectors")
     p.add_argument(
+        "--fit",
+        default=None,
+        choices=("mp", "semicircle"),
+        help="fit a random-matrix law to the bulk and list the outliers (bulk + outliers)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="spectrum file (default: <checkpoint dir>/spectra/spectrum-<epoch>-"
@@ -636,10 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
         "plot",
         help="figures from saved files (PNG/PDF)",
         formatter_class=fmt,
-        description="Draw a saved spectrum, diagonal, training run, landscape, or "
+        description="Draw a saved spectrum (band: with its confidence band and bulk fit), "
+        "diagonal, training run, landscape, or "
         "the Lanczos-versus-diagonal comparison (the paper's Figure 2).",
     )
-    p.add_argument("what", choices=("spectrum", "diag", "training", "landscape", "comparison"))
+    p.add_argument(
+        "what", choices=("spectrum", "band", "diag", "training", "landscape", "comparison")
+    )
     p.add_argument("inputs", nargs="*", help="the file (or run directory for 'training')")
     p.add_argument("--out", default=None, help="figure file, .png or .pdf (default: beside input)")
     p.add_argument("--log-weights", action="store_true", help="logarithmic weight axis")
@@ -651,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ggn", default=None, help="comparison: GGN spectrum file")
     p.add_argument("--diagonal", default=None, help="comparison: GGN diagonal .npz")
     p.add_argument("--linear", action="store_true", help="comparison: linear vertical axis")
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="band: confidence of the shaded band"
+    )
     p.set_defaults(handler=_cmd_plot)
 
     p = sub.add_parser(

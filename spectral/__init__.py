@@ -2,11 +2,14 @@
 
 Works on numpy, torch, cupy or any Array-API array; never imports torch.
 ``spectral.synthetic`` (random matrices with known spectra) and ``spectral.plot``
-(matplotlib) are imported explicitly.
+(matplotlib) are imported explicitly; ``spectral.rmt`` (Marchenko–Pastur and semicircle
+fits, outliers) and ``spectral.bounds`` (quadrature bounds, confidence bands) come with the
+package.
 """
 
 from __future__ import annotations
 
+from spectral import bounds, rmt
 from spectral.density import SpectralDensity
 from spectral.eigen import top_eigenpairs
 from spectral.errors import NumericalError, argument_error
@@ -32,6 +35,7 @@ __all__ = [
     "argument_error",
     "as_operator",
     "atomic_write",
+    "bounds",
     "check_symmetric",
     "diagonal",
     "frobenius_norm_squared",
@@ -40,6 +44,7 @@ __all__ = [
     "random_probe",
     "random_probes",
     "ritz_pairs",
+    "rmt",
     "save_npz",
     "schatten_norm",
     "slq",

@@ -12,7 +12,12 @@ when a function is called.
 * :func:`plot_overlay`: stems over a histogram of exact eigenvalues or of diagonal entries
   (bars as probability mass per bin, so both sides sum to 1, as in the paper's Figure 2);
 * :func:`plot_ritz_convergence`: the Ritz values of :math:`T_k` for every ``k``, the classic
-  picture of extreme eigenvalues converging first.
+  picture of extreme eigenvalues converging first;
+* :func:`plot_cdf_band`: the spectral distribution function with its confidence band
+  shaded and the certified quadrature bounds drawn (:meth:`SpectralDensity.cdf_band`,
+  :meth:`SpectralDensity.cdf_bounds`), the title stating ``m``, ``P`` and the confidence;
+* :func:`plot_bulk_fit`: a smoothed density with a fitted random-matrix law
+  (:mod:`spectral.rmt`) over it, its edges and the outliers.
 
 >>> from spectral.density import SpectralDensity
 >>> ax = plot_ritz_stem(SpectralDensity([0.0, 1.0, 5.0], [0.5, 0.45, 0.05]), log_weights=True)
@@ -35,6 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
 
 __all__ = [
+    "describe_density",
+    "plot_bulk_fit",
+    "plot_cdf_band",
     "plot_overlay",
     "plot_ritz_convergence",
     "plot_ritz_stem",
@@ -219,4 +227,155 @@ def plot_ritz_convergence(
     ax.scatter(np.concatenate(ks), np.concatenate(thetas), s=6, color="C0", label="Ritz values")
     ax.set_xlabel("Lanczos iteration k")
     ax.set_ylabel("Ritz value")
+    return ax
+
+
+def describe_density(density: SpectralDensity, confidence: float | None = None) -> str:
+    """A one-line description: ``m`` (nodes per probe), ``P``, ``n`` and the confidence.
+
+    >>> from spectral.density import SpectralDensity
+    >>> d = SpectralDensity.from_probes([[0.0, 1.0]], [[0.5, 0.5]], dimension=10)
+    >>> describe_density(d, 0.95)
+    'm = 2, P = 1, n = 10, 95% band'
+    """
+    d = _density(density)
+    if d.probe_nodes is not None:
+        m = int(np.max(np.sum(~np.isnan(d.probe_nodes), axis=1)))
+    else:
+        m = len(d)
+    parts = [f"m = {m}", f"P = {d.num_probes}"]
+    if d.dimension is not None:
+        parts.append(f"n = {d.dimension}")
+    if confidence is not None:
+        parts.append(f"{100 * confidence:g}% band")
+    return ", ".join(parts)
+
+
+def plot_cdf_band(
+    density: SpectralDensity,
+    ax: Axes | None = None,
+    *,
+    confidence: float = 0.95,
+    grid: ArrayLike | None = None,
+    num_points: int = 512,
+    exact: ArrayLike | None = None,
+    probe_distribution: str | None = None,
+    color: str = "C0",
+    label: str | None = "SLQ",
+) -> Axes:
+    r"""The spectral distribution function: estimate, certified bounds and confidence band.
+
+    Draws the pooled SLQ distribution function :math:`\sum_{\theta_i \le x} w_i`, shades the
+    band :meth:`SpectralDensity.cdf_band` (pointwise, at ``confidence``), draws the
+    quadrature bounds :meth:`SpectralDensity.cdf_bounds` of the probe average as dashed
+    steps, and optionally the exact distribution function of ``exact`` eigenvalues. The
+    title states ``m``, ``P``, ``n`` and the confidence. A density without probe
+    distribution (explicit probes) draws the bounds only unless ``probe_distribution``
+    is given.
+
+    >>> import numpy as np
+    >>> from spectral import slq
+    >>> d = slq(np.diag(np.linspace(0.0, 1.0, 200)), 10, num_probes=2, seed=0)
+    >>> ax = plot_cdf_band(d)
+    >>> ax.get_title()
+    'm = 10, P = 2, n = 200, 95% band'
+    """
+    d = _density(density)
+    ax = _axes(ax)
+    lo, hi = float(d.nodes[0]), float(d.nodes[-1])
+    pad = 0.05 * (hi - lo) if hi > lo else 1.0
+    if grid is None:
+        xs = np.linspace(lo - pad, hi + pad, int(num_points))
+    else:
+        xs = np.sort(np.asarray(grid, dtype=np.float64).reshape(-1))
+    kind = probe_distribution if probe_distribution is not None else d.probe_kind
+    banded = d.source == "quadrature" and kind not in (None, "explicit")
+    if banded:
+        band_lo, band_hi = d.cdf_band(xs, confidence, probe_distribution=probe_distribution)
+        ax.fill_between(
+            xs,
+            band_lo,
+            band_hi,
+            step="post",
+            alpha=0.25,
+            color=color,
+            label=f"{100 * confidence:g}% band",
+        )
+    if d.source is not None:
+        q_lo, q_hi = d.cdf_bounds(xs)
+        ax.step(
+            xs,
+            q_lo,
+            where="post",
+            color=color,
+            linestyle="--",
+            linewidth=0.8,
+            label="quadrature bounds",
+        )
+        ax.step(xs, q_hi, where="post", color=color, linestyle="--", linewidth=0.8)
+    ax.step(xs, d.cdf(xs), where="post", color=color, label=label)
+    if exact is not None:
+        lam = np.sort(np.asarray(exact, dtype=np.float64).reshape(-1))
+        if lam.size == 0 or not np.all(np.isfinite(lam)):
+            raise argument_error("exact", "a non-empty array of finite eigenvalues", exact)
+        truth = np.searchsorted(lam, xs, side="right") / lam.size
+        ax.step(xs, truth, where="post", color="k", linewidth=0.8, label="exact")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("spectral distribution function")
+    ax.set_title(describe_density(d, confidence if banded else None))
+    ax.legend(loc="lower right")
+    return ax
+
+
+def plot_bulk_fit(
+    density: SpectralDensity,
+    fit: Any,
+    ax: Axes | None = None,
+    *,
+    outliers: ArrayLike | None = None,
+    sigma: float | None = None,
+    num_points: int = 512,
+    log_density: bool = False,
+) -> Axes:
+    r"""A smoothed density with a fitted bulk law (:mod:`spectral.rmt`) and the outliers.
+
+    ``fit`` is a :class:`spectral.rmt.MarchenkoPasturFit` or
+    :class:`spectral.rmt.SemicircleFit` (anything with ``pdf``, ``support`` and
+    ``wasserstein``); its edges are dotted lines, ``outliers`` (values, or an
+    :class:`spectral.rmt.Outliers`) red ticks. The legend gives the fit's W₁ distance.
+
+    >>> import numpy as np
+    >>> from spectral import rmt
+    >>> from spectral.density import SpectralDensity
+    >>> lam = np.linspace(-2.0, 2.0, 101)
+    >>> ax = plot_bulk_fit(SpectralDensity.from_eigenvalues(lam), rmt.fit_semicircle(lam))
+    >>> len(ax.get_lines()) >= 3
+    True
+    """
+    d = _density(density)
+    ax = _axes(ax)
+    a, b = (float(v) for v in fit.support)
+    lo = min(float(d.nodes[0]), a)
+    hi = max(float(d.nodes[-1]), b)
+    if sigma is None:
+        sigma = (b - a) / 50.0 if b > a else 1e-3
+    xs = np.linspace(lo - 5 * sigma, hi + 5 * sigma, int(num_points))
+    ax.plot(xs, d.smooth(xs, sigma), label=f"density, σ={sigma:.3g}")
+    name = type(fit).__name__.replace("Fit", "")
+    w1 = getattr(fit, "wasserstein", float("nan"))
+    ax.plot(xs, fit.pdf(xs), color="C1", label=f"{name} fit (W₁ = {w1:.3g})")
+    for edge in (a, b):
+        ax.axvline(edge, color="C1", linestyle=":", linewidth=0.8)
+    if outliers is not None:
+        values = getattr(outliers, "values", outliers)
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        for k, value in enumerate(v):
+            ax.axvline(value, color="C3", linewidth=1.0, label="outliers" if k == 0 else None)
+    if log_density:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(describe_density(d))
+    ax.legend()
     return ax

@@ -18,13 +18,14 @@ moment), so ``num_probes=1`` is the default.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
 
 import numpy as np
 
-from spectral import resume
+from spectral import _backend, resume
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 from spectral.io import CorruptFileError
@@ -41,9 +42,10 @@ def slq(
     A: Any,
     num_iters: int,
     *,
-    num_probes: int = 1,
+    num_probes: int | None = None,
     probe: str = "rademacher",
     seed: int | np.random.Generator | None = None,
+    probes: Any = None,
     reorth: str | int = "full",
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
@@ -60,12 +62,20 @@ def slq(
         Lanczos steps ``m`` per probe, ``1 <= m <= n``; a probe whose Krylov space becomes
         invariant stops early and contributes fewer nodes (exact ones).
     num_probes:
-        Number ``P`` of independent probes; their measures are averaged with weight ``1/P``.
+        Number ``P`` of independent probes (default 1); their measures are averaged with
+        weight ``1/P``.
     probe:
         ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
     seed:
         Integer or :class:`numpy.random.Generator` (advanced in place); ``None`` draws fresh
         entropy.
+    probes:
+        Explicit probe vectors instead of random ones: an ``(n, P)`` array (or ``(n,)`` for
+        one probe) of any namespace and device, each column non-zero and finite; columns are
+        moved to the operator's namespace and dtype. ``probe`` and ``seed`` are then unused
+        and ``num_probes``, if given, must equal ``P``. The density's ``probe_kind`` is
+        ``"explicit"`` (its :meth:`SpectralDensity.cdf_band` then asks for the
+        distribution the columns were drawn from).
     reorth:
         Passed to :func:`spectral.lanczos.lanczos`. With ``"none"`` the basis is not stored
         (memory :math:`O(n)`); ghost Ritz values then share the weight of the eigenvalue they
@@ -84,7 +94,12 @@ def slq(
     -------
     SpectralDensity
         Pooled nodes and weights, with the per-probe ``(P, m)`` nodes and weights
-        (NaN-padded after an early stop).
+        (NaN-padded after an early stop), ``source="quadrature"``, ``dimension=n``, the
+        probe kind, which probes stopped early (invariant Krylov space: exact rules) and
+        each probe's node accuracy :math:`\delta_k = \max(8(m_k + \sqrt n)\,\varepsilon
+        \max_i|\theta_i|,\ \beta_{\text{stop}})` (:math:`\varepsilon` of the operator's
+        dtype; :math:`\beta_{\text{stop}}` the residual dropped at an early stop), which
+        :meth:`SpectralDensity.cdf_bounds` uses.
 
     Raises
     ------
@@ -100,10 +115,17 @@ def slq(
     (2, [1.0, 2.0])
     """
     op = as_operator(A)
+    explicit, host_probes = _explicit_probes(probes, op)
+    if num_probes is None:
+        num_probes = 1 if host_probes is None else host_probes.shape[1]
     if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)):
         raise argument_error("num_probes", "a positive integer", num_probes, kind=TypeError)
     if num_probes < 1:
         raise argument_error("num_probes", "a positive integer", num_probes)
+    if host_probes is not None and num_probes != host_probes.shape[1]:
+        raise argument_error(
+            "num_probes", f"None or the number of probe columns {host_probes.shape[1]}", num_probes
+        )
     if probe not in PROBE_KINDS:
         raise argument_error("probe", f"one of {PROBE_KINDS}", probe)
     if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)):
@@ -118,6 +140,9 @@ def slq(
     store_basis = reorth != "none"
     probe_nodes = np.full((int(num_probes), m), np.nan)
     probe_weights = np.full((int(num_probes), m), np.nan)
+    invariant = np.zeros(int(num_probes), dtype=bool)
+    tolerance = np.zeros(int(num_probes))
+    eps = _backend.finfo_eps(op.xp, op.dtype)
     state: resume.Checkpoint | None = None
     first, pending = 0, None
     if checkpoint is not None:
@@ -131,16 +156,27 @@ def slq(
             "reorth": reorth if isinstance(reorth, str) else int(reorth),
             "seed": seed_description,
         }
+        if host_probes is not None:
+            config["seed"] = "explicit"
+            config["probes"] = hashlib.sha256(host_probes.tobytes()).hexdigest()
         state = resume.Checkpoint(checkpoint, kind="slq", config=config, operator=op)
-        first, pending = _restore(state, rng, probe_nodes, probe_weights)
+        first, pending = _restore(state, rng, probe_nodes, probe_weights, invariant, tolerance)
 
     def save_probes(index: int, rng_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        arrays = {"probe_nodes": probe_nodes, "probe_weights": probe_weights}
+        arrays = {
+            "probe_nodes": probe_nodes,
+            "probe_weights": probe_weights,
+            "probe_invariant": invariant,
+            "probe_tolerance": tolerance,
+        }
         return arrays, {"probe_index": index, "rng_state": rng_state}
 
     for k in range(first, int(num_probes)):
         rng_state = rng.bit_generator.state
-        v0 = random_probe(op.n, probe, rng, like=op.template)
+        if host_probes is None:
+            v0 = random_probe(op.n, probe, rng, like=op.template)
+        else:
+            v0 = explicit[:, k]
         hook = None
         if state is not None:
             hook = resume.LanczosHook(
@@ -156,6 +192,9 @@ def slq(
         size = len(pairs)
         probe_nodes[k, :size] = pairs.values
         probe_weights[k, :size] = pairs.weights
+        invariant[k] = bool(result.breakdown)
+        rounding = 8.0 * (size + np.sqrt(op.n)) * eps * float(np.max(np.abs(pairs.values)))
+        tolerance[k] = max(rounding, float(result.residual_norm) if result.breakdown else 0.0)
         logger.debug(
             "slq: probe %d/%d: %d Ritz values in [%.4g, %.4g]%s",
             k + 1,
@@ -167,7 +206,36 @@ def slq(
         )
         if state is not None:
             state.save(*save_probes(k + 1, rng.bit_generator.state))
-    return SpectralDensity.from_probes(probe_nodes, probe_weights)
+    return SpectralDensity.from_probes(
+        probe_nodes,
+        probe_weights,
+        source="quadrature",
+        dimension=op.n,
+        probe_kind="explicit" if host_probes is not None else probe,
+        probe_invariant=invariant,
+        probe_tolerance=tolerance,
+    )
+
+
+def _explicit_probes(probes: Any, op: Any) -> tuple[Any, np.ndarray | None]:
+    """Validate explicit probes: return (columns to slice, their float64 host copy)."""
+    if probes is None:
+        return None, None
+    if isinstance(probes, list | tuple):
+        probes = np.asarray(probes, dtype=np.float64)
+    if not _backend.is_array(probes):
+        raise argument_error("probes", f"an array of shape ({op.n}, P)", probes, kind=TypeError)
+    host = _backend.to_host_float64(probes)
+    if host.ndim == 1:
+        host = host[:, None]
+        probes = _backend.namespace(probes).reshape(probes, (-1, 1))
+    if host.ndim != 2 or host.shape[0] != op.n or host.shape[1] < 1:
+        raise argument_error("probes", f"an array of shape ({op.n}, P) with P >= 1", probes)
+    if not np.all(np.isfinite(host)):
+        raise argument_error("probes", "finite entries", probes)
+    if np.any(np.linalg.norm(host, axis=0) == 0.0):
+        raise argument_error("probes", "non-zero columns", probes)
+    return probes, host
 
 
 def _restore(
@@ -175,6 +243,8 @@ def _restore(
     rng: np.random.Generator,
     probe_nodes: np.ndarray,
     probe_weights: np.ndarray,
+    invariant: np.ndarray,
+    tolerance: np.ndarray,
 ) -> tuple[int, resume.LanczosState | None]:
     """Load ``state``: fill the finished probes, restore ``rng``; return (next probe, its state)."""
     saved = state.load()
@@ -184,6 +254,8 @@ def _restore(
         first = int(saved.meta["probe_index"])
         probe_nodes[:first] = saved.arrays["probe_nodes"][:first]
         probe_weights[:first] = saved.arrays["probe_weights"][:first]
+        invariant[:first] = saved.arrays["probe_invariant"][:first]
+        tolerance[:first] = saved.arrays["probe_tolerance"][:first]
         rng.bit_generator.state = saved.meta["rng_state"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptFileError(f"State file '{state.path}' lacks the SLQ state ({exc}).") from exc

@@ -37,6 +37,7 @@ key                   content
 ``config_json``       str: model, dataset, checkpoint, seed, params, subsample, ...
 ``model_fingerprint`` str: sha256 of the selected parameters' names, shapes and values
 ``pair_id``           str: the pair's identifier (below), ``''`` when no vectors were saved
+``bulk_*``            with ``fit``: the bulk fit, and ``outlier_*`` (:mod:`nets.workflow.bulk`)
 ====================  =================================================================
 
 With ``save_eigvec=True`` the Ritz vectors of the first probe go to the same
@@ -89,6 +90,7 @@ from nets.workflow._resolve import (
     written,
 )
 from nets.workflow._resume import describe_model, describe_value, file_digest
+from nets.workflow.bulk import LAWS, bulk_summary, spectrum_density
 from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
@@ -143,10 +145,11 @@ class SpectrumResult:
     path: Path | None = None
     eigvec_path: Path | None = None
     pair_id: str = ""
+    bulk: dict[str, Any] = field(default_factory=dict)
 
     def density(self) -> SpectralDensity:
-        """The pooled spectral measure (with the per-probe measures)."""
-        return SpectralDensity(self.values, self.weights, self.probe_nodes, self.probe_weights)
+        """The pooled quadrature measure (per-probe rules kept: bounds and bands apply)."""
+        return spectrum_density(self)
 
     def to_arrays(self) -> dict[str, Any]:
         """The spectrum file's arrays (see the module docstring)."""
@@ -169,6 +172,7 @@ class SpectrumResult:
             "config_json": np.str_(json.dumps(self.config, sort_keys=True)),
             "model_fingerprint": np.str_(self.model_fingerprint),
             "pair_id": np.str_(self.pair_id),
+            **self.bulk,
         }
 
     def eigvec_arrays(self) -> dict[str, Any]:
@@ -281,6 +285,7 @@ def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResul
         config=json.loads(str(scalar("config_json", "{}"))),
         path=target,
         pair_id=str(scalar("pair_id", "")),
+        bulk={k: arrays[k] for k in arrays if k.startswith(("bulk_", "outlier_"))},
     )
     vec_path = eigvec_file(target)
     if with_vectors and "pair_id" in arrays and result.pair_id and not vec_path.is_file():
@@ -500,6 +505,7 @@ def compute_eigenspectrum(
     process_group: Any = None,
     state_path: PathLike | None = None,
     checkpoint_every: int = 10,
+    fit: str | None = None,
 ) -> SpectrumResult:
     """Lanczos spectrum of a network's Hessian, GGN or Fisher at a checkpoint.
 
@@ -559,6 +565,11 @@ def compute_eigenspectrum(
         one extra product (the operator fingerprint).  ``None``: no state file.
     checkpoint_every:
         Save interval in Lanczos steps.
+    fit:
+        ``'mp'`` (Marchenko–Pastur) or ``'semicircle'``: fit the bulk of the density and
+        list the outliers with their Ritz residuals (:func:`nets.workflow.bulk.bulk_summary`),
+        stored in ``result.bulk`` and the file; ``None``: no fit.
+
     Returns
     -------
     SpectrumResult
@@ -580,6 +591,8 @@ def compute_eigenspectrum(
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0)
     mode = check_bn_mode(bn_mode)
+    if fit is not None and fit not in LAWS:
+        raise argument_error("fit", f"None or one of {tuple(LAWS)}", fit)
     if not isinstance(save_eigvec, bool):
         raise argument_error("save_eigvec", "a bool", save_eigvec, kind=TypeError)
     loss = default_loss(loss_fn)
@@ -682,6 +695,8 @@ def compute_eigenspectrum(
         param_names=space.names,
         param_shapes_json=space.shapes_json(),
     )
+    if fit is not None:
+        result.bulk = bulk_summary(result, fit)
     if save_spectrum_path is not None:
         if is_writer(group):
             result.save(save_spectrum_path, save_eigvec=save_eigvec)
