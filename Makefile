@@ -2,6 +2,9 @@
 #   make demo   -- create .venv, install, run the demo on the embedded digits data
 #   make test   -- create .venv, install, run lint, type checks and the whole test suite
 #
+#   make docs   -- the documentation site (Sphinx, executed gallery) into docs/_build/html,
+#                  warnings as errors, offline; DOCS_GALLERY=0 skips running the examples
+#
 # TORCH_SPEC selects the torch build.  The default is the CPU build
 # (torch==2.13.0); with a GPU use e.g. `make demo TORCH_SPEC=torch` (PyPI's
 # default CUDA build) or any pip requirement of your choice.
@@ -21,7 +24,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := spectral curvops nets
 
-.PHONY: setup demo test test-newest lint typecheck pytest clean
+.PHONY: setup demo test test-newest lint typecheck pytest docs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,9 +53,21 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# The documentation site: API reference from the packages' __all__, the gallery
+# executed from examples/, the CLI reference from nets.cli.build_parser().
+docs: $(DOCS_STAMP)
+	MPLBACKEND=Agg OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+	$(BIN)/python -m sphinx -b html -W --keep-going -j 1 docs docs/_build/html
+
 # The whole `make test` again in its own virtual environment on the newest torch.
 test-newest:
 	$(MAKE) test VENV=$(NEWEST_VENV) TORCH_SPEC="$(NEWEST_TORCH_SPEC)"
 
 clean:
-	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(NEWEST_VENV) build docs/_build docs/api docs/auto_examples *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
