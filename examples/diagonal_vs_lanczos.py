@@ -1,4 +1,5 @@
 """Diagonal approximations versus Lanczos: a spiked random matrix and a network's GGN.
+==================================================================================================
 
 The diagonal entries of a matrix are what a diagonal approximation treats as its
 eigenvalues. On a spiked sample covariance (Marchenko-Pastur bulk plus outliers,
@@ -12,7 +13,11 @@ spectrum as in the paper's Figure 2.
     python examples/diagonal_vs_lanczos.py --out results/diagonal_vs_lanczos
 """
 
-from __future__ import annotations
+# %%
+# Settings
+# --------
+# One figure with two panels: a random matrix whose spectrum we know exactly, and the
+# GGN of a small network. ``--quick`` (used in this build) shrinks both.
 
 import argparse
 from pathlib import Path
@@ -38,6 +43,29 @@ from nets import (
 from nets.plots.spectrum import stem_spectrum
 from spectral import SpectralDensity, slq
 from spectral.synthetic import spiked_covariance
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--out", default="results/diagonal_vs_lanczos", help="output directory")
+parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
+args = parser.parse_args()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+m = 20 if args.quick else 30
+fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8), layout="constrained")
+
+
+# %%
+# A spiked covariance
+# -------------------
+# :func:`spectral.synthetic.spiked_covariance` draws the sample covariance of
+# :math:`2n` Gaussian samples whose population covariance has three spikes: its
+# spectrum is a Marchenko-Pastur bulk plus outliers. The diagonal entries
+# :math:`A_{ii} = e_i^\top A e_i` are averages over all eigenvalues,
+# :math:`A_{ii} = \sum_j \lambda_j (q_j)_i^2`, so for a matrix whose eigenvectors are
+# spread out they concentrate at the mean eigenvalue :math:`\operatorname{tr}A / n`:
+# they miss the width of the bulk and the outliers. Thirty Lanczos steps from one
+# random probe give a quadrature rule whose 1-Wasserstein distance to the exact
+# spectrum is several times smaller.
 
 
 def synthetic(ax: plt.Axes, n: int, m: int) -> None:
@@ -81,6 +109,17 @@ def synthetic(ax: plt.Axes, n: int, m: int) -> None:
     ax.legend(fontsize=7, frameon=False, loc="upper right")
 
 
+synthetic(left, 300 if args.quick else 1000, m)
+
+# %%
+# The GGN of a network (the paper's Figure 2)
+# -------------------------------------------
+# For a trained ``SmallCNN`` the same comparison on the generalised Gauss-Newton
+# matrix: the exact diagonal (:math:`N C` vector-Jacobian products), a Monte-Carlo
+# estimate of it (one sampled label per input) and the Lanczos spectrum. The diagonal
+# is what diagonal preconditioners (Adam, diagonal Fisher) treat as the eigenvalues.
+
+
 def network(ax: plt.Axes, out: Path, quick: bool, m: int) -> None:
     """GGN of a trained SmallCNN: Lanczos against the exact and Monte-Carlo diagonals."""
     if quick:  # a smoke test: an untrained (seeded) network
@@ -120,20 +159,6 @@ def network(ax: plt.Axes, out: Path, quick: bool, m: int) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/diagonal_vs_lanczos", help="output directory")
-    parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    m = 20 if args.quick else 30
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8), layout="constrained")
-    synthetic(left, 300 if args.quick else 1000, m)
-    network(right, out, args.quick, m)
-    fig.savefig(out / "diagonal_vs_lanczos.png", dpi=150)
-    print(f"figure: {out / 'diagonal_vs_lanczos.png'}")
-
-
-if __name__ == "__main__":
-    main()
+network(right, out, args.quick, m)
+fig.savefig(out / "diagonal_vs_lanczos.png", dpi=150)
+print(f"figure: {out / 'diagonal_vs_lanczos.png'}")
