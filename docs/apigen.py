@@ -65,15 +65,54 @@ def all_packages(roots: Iterable[str] = PACKAGES) -> list[str]:
     return seen
 
 
-def page(package: str) -> str:
+def homes(packages: Iterable[str]) -> dict[int, str]:
+    """``id(obj) -> package`` where each public object is documented.
+
+    A name exported by several packages (``nets.KFAC`` is ``nets.optim.KFAC``) gets one
+    page, under the most specific package that exports it; the other packages' lists
+    link to that page. (Documenting one class under two names would register its
+    canonical name twice, a duplicate-object warning.)
+    """
+    home: dict[int, str] = {}
+    for package in packages:
+        module = importlib.import_module(package)
+        for name, kind in public_names(package):
+            if kind == "module":
+                continue
+            key = id(getattr(module, name))
+            if key not in home or package.count(".") > home[key].count("."):
+                home[key] = package
+    return home
+
+
+def entries(package: str, kind: str, home: dict[int, str]) -> list[str]:
+    """The autosummary entries of ``package`` for one kind, in ``__all__`` order."""
+    module = importlib.import_module(package)
+    out = []
+    for name, k in public_names(package):
+        if k != kind:
+            continue
+        where = home.get(id(getattr(module, name)), package)
+        if where == package:
+            out.append(name)
+        elif where.startswith(package + "."):  # autosummary wants it relative
+            out.append(f"~{where[len(package) + 1 :]}.{name}")
+        else:
+            out.append(f"~{where}.{name}")
+    return out
+
+
+def page(package: str, home: dict[int, str] | None = None) -> str:
     """The reST text of the reference page of ``package``."""
     module = importlib.import_module(package)
+    if home is None:
+        home = homes(all_packages())
     title = f"``{package}``"
     lines = [title, "=" * len(title), "", f".. automodule:: {package}", "", ""]
     lines += [f".. currentmodule:: {package}", ""]
     names = public_names(package)
     for kind, heading in KINDS:
-        members = [name for name, k in names if k == kind]
+        members = entries(package, kind, home)
         if not members:
             continue
         lines += [heading, "-" * len(heading), "", ".. autosummary::"]
@@ -127,7 +166,8 @@ def write(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     packages = all_packages()
     texts = {"index.rst": index(packages)}
-    texts.update({f"{package}.rst": page(package) for package in packages})
+    home = homes(packages)
+    texts.update({f"{package}.rst": page(package, home) for package in packages})
     paths = []
     for name, text in texts.items():
         path = folder / name

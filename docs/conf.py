@@ -17,13 +17,17 @@ sys.path.insert(0, str(ROOT))  # the checkout's packages win over an installed c
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import importlib  # noqa: E402
+
 import apigen  # noqa: E402
+import gallery_support  # noqa: E402
 
 apigen.write(HERE / "api")
+HOMES = apigen.homes(apigen.all_packages())
 
 project = "deep-curvature"
 author = "the deep-curvature developers"
-copyright = "the deep-curvature developers, BSD-3-Clause"  # noqa: A001
+copyright = "the deep-curvature developers, BSD-3-Clause"
 release = version = "0.1.0"
 
 extensions = [
@@ -68,8 +72,8 @@ sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     # every example is in the gallery; all but the torchrun one are executed
-    "filename_pattern": r"/(?!distributed_spectrum)[^/]+\.py$",
-    "ignore_pattern": r"__init__\.py",
+    "filename_pattern": gallery_support.FILENAME_PATTERN,
+    "ignore_pattern": gallery_support.IGNORE_PATTERN,
     "plot_gallery": gallery,
     "reset_argv": "gallery_support.reset_argv",
     "image_scrapers": ("gallery_support.png_scraper",),
@@ -83,3 +87,25 @@ sphinx_gallery_conf = {
 }
 
 suppress_warnings: list[str] = []
+
+
+def resolve_alias(app, env, node, contnode):  # type: ignore[no-untyped-def]
+    """Resolve ``nets.KFAC`` to the page of ``nets.optim.KFAC`` (one page per object)."""
+    if node.get("refdomain") != "py":
+        return None
+    module_name, _, name = str(node.get("reftarget", "")).rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    home = HOMES.get(id(obj))
+    if home is None or home == module_name:
+        return None
+    domain = env.get_domain("py")
+    return domain.resolve_xref(
+        env, node["refdoc"], app.builder, node["reftype"], f"{home}.{name}", node, contnode
+    )
+
+
+def setup(app):  # type: ignore[no-untyped-def]
+    app.connect("missing-reference", resolve_alias)

@@ -24,8 +24,11 @@ ARGUMENTS: dict[str, list[str]] = {
 }
 DEFAULT_ARGUMENTS = ["--quick", "--out", "{out}"]
 
-# Examples shown but not executed in the build (``filename_pattern`` in conf.py).
+# Examples shown but not executed in the build (they need a launcher); every other
+# ``examples/*.py`` is executed. Both patterns are matched against the full path.
 NOT_EXECUTED = ("distributed_spectrum.py",)
+FILENAME_PATTERN = r"/(?!" + "|".join(n.replace(".", r"\.") for n in NOT_EXECUTED) + r")[^/]+\.py$"
+IGNORE_PATTERN = r"__init__\.py"
 
 
 def output_folder(src_file: str) -> Path:

@@ -44,7 +44,7 @@ from nets.plots.spectrum import stem_spectrum
 from spectral import SpectralDensity, slq
 from spectral.synthetic import spiked_covariance
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
 parser.add_argument("--out", default="results/diagonal_vs_lanczos", help="output directory")
 parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
 args = parser.parse_args()

@@ -4,7 +4,7 @@
 Each process takes every W-th batch of the training set; the curvature products
 are summed over the processes with one ``all_reduce`` each, every process runs
 the same Lanczos recurrence and only rank 0 writes ``<out>/spectrum.npz``.  The
-same script runs as a single process (identical file, up to rounding).
+same script runs as a single process (identical file, up to rounding)::
 
     python examples/distributed_spectrum.py --out results/ddp            # one process
     torchrun --standalone --nproc_per_node=2 examples/distributed_spectrum.py --out results/ddp

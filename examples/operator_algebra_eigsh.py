@@ -30,7 +30,7 @@ from curvops.hessian import HessianOperator
 from nets import get_model, load_dataset, make_loader
 from spectral import lanczos
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
 parser.add_argument("--out", default="results/operator_algebra", help="output directory")
 parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
 args = parser.parse_args()

@@ -72,7 +72,7 @@ def runs(lanczos_iters: int, lrs: list[float]) -> dict[str, tuple[str, dict[str,
 # ``--quick`` (used in this build) trains for one epoch with SGD, one Adam and two
 # learning rates of LancGN; without it, four epochs and three learning rates.
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
 parser.add_argument("--out", default="results/optimisers-digits", help="output directory")
 parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--lanczos-iters", type=int, default=5)

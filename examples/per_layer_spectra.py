@@ -32,7 +32,7 @@ from nets import get_model, load_dataset, make_loader, model_from_checkpoint, tr
 from nets.plots.spectrum import stem_spectrum
 from spectral import slq
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
 parser.add_argument("--out", default="results/per_layer", help="output directory")
 parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
 args = parser.parse_args()

@@ -32,7 +32,7 @@ from nets import (
 )
 from spectral.io import load_npz
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
 parser.add_argument("--out", default="results/quickstart", help="output directory")
 parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
 args = parser.parse_args()
