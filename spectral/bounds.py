@@ -113,6 +113,20 @@ def probe_variance_factor(kind: str, n: int) -> float:
 
     ``2/n`` for Rademacher probes, ``2/(n + 2)`` for Gaussian and spherical probes.
 
+    Parameters
+    ----------
+    kind : str
+        ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+    n : int
+        Dimension of the operator.
+
+    Returns
+    -------
+    float
+        The factor :math:`\kappa`.
+
+    Examples
+    --------
     >>> probe_variance_factor("rademacher", 100), probe_variance_factor("sphere", 98)
     (0.02, 0.02)
     """
@@ -157,6 +171,8 @@ def quadrature_cdf_bounds(
         float64 arrays of the shape of ``x`` with
         :math:`L(x-\delta) - \eta \le F(x) \le U(x+\delta) + \eta`, clipped to ``[0, 1]``.
 
+    Examples
+    --------
     >>> lo, hi = quadrature_cdf_bounds([1.0, 2.0], [0.5, 0.5], [1.5], invariant=True)
     >>> lo.round(6).tolist(), hi.round(6).tolist()
     ([0.5], [0.5])
@@ -213,6 +229,28 @@ def quadrature_expectation_bounds(
 
     ``values_on`` is a vectorised ``f`` (float64 array in, same shape out).
 
+    Parameters
+    ----------
+    nodes, weights : array_like
+        The Gauss rule :math:`(\theta_k, \tau_k)`, ascending nodes.
+    values_on : callable
+        Vectorised :math:`f`.
+    support : (float, float)
+        An interval :math:`[a, b]` containing the support of :math:`\mu`.
+    invariant : bool
+        The rule is the measure (Lanczos breakdown).
+    tol : float
+        Absolute node accuracy :math:`\delta`.
+    resolution : int
+        Grid points per interval for the extrema.
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper bounds on :math:`\int f\,d\mu`.
+
+    Examples
+    --------
     >>> quadrature_expectation_bounds([1.0, 3.0], [0.5, 0.5], lambda t: t, (0.0, 4.0))
     (0.5, 3.5)
     """
@@ -259,6 +297,24 @@ def chebyshev_halfwidth(
     For a probe average of ``P`` quadratic forms with variance at most
     :math:`\kappa\,\omega^2/4` each (``kappa`` from :func:`probe_variance_factor`).
 
+    Parameters
+    ----------
+    oscillation : float
+        Range :math:`\omega` of the quadratic forms' mean function.
+    kappa : float
+        Variance factor :math:`\kappa`.
+    num_probes : int
+        Number :math:`P` of probes.
+    confidence : float
+        Confidence :math:`1 - \alpha`, in (0, 1).
+
+    Returns
+    -------
+    float
+        The half-width.
+
+    Examples
+    --------
     >>> round(chebyshev_halfwidth(1.0, 2.0 / 2000, 10, 0.95), 4)
     0.0224
     """
@@ -282,6 +338,26 @@ def wilson_chebyshev(
     lower one at :math:`\hat F = \bar L`, the upper at :math:`\hat F = \bar U`. With
     ``simultaneous`` the level is :math:`\alpha/K` for the ``K`` points given (Bonferroni).
 
+    Parameters
+    ----------
+    lower_mean, upper_mean : array_like
+        The certified bounds :math:`\bar L \le \bar U` of the probe average, per point.
+    kappa : float
+        Variance factor :math:`\kappa` (:func:`probe_variance_factor`).
+    num_probes : int
+        Number :math:`P` of probes.
+    confidence : float
+        Confidence :math:`1 - \alpha`.
+    simultaneous : bool
+        Bonferroni over the points given.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Lower and upper ends of the band, clipped to [0, 1].
+
+    Examples
+    --------
     >>> lo, hi = wilson_chebyshev([0.5], [0.5], 2.0 / 2000, 10, 0.95)
     >>> round(float(hi[0] - lo[0]), 4)
     0.0447

@@ -113,6 +113,8 @@ class SpectralDensity:
 
     The object is immutable (its arrays are read-only).
 
+    Examples
+    --------
     >>> d = SpectralDensity([2.0, -1.0], [0.5, 0.5])
     >>> d.nodes.tolist(), d.negative_mass()
     ([-1.0, 2.0], 0.5)

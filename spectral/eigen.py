@@ -129,6 +129,8 @@ def top_eigenpairs(
     spectral.errors.NumericalError
         NaN/Inf in a product, or no convergence within ``max_iters`` cycles.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> vals, _ = top_eigenpairs(np.diag(np.linspace(-5.0, 1.0, 40)), 2, which="SA", seed=1)
     >>> vals.round(8).tolist()

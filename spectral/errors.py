@@ -23,6 +23,16 @@ class NumericalError(ArithmeticError):
     """A computation produced a non-finite or inconsistent value.
 
     The message names where it happened (iteration, batch, parameter).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from spectral import lanczos
+    >>> try:
+    ...     lanczos(np.diag([1.0, np.nan, 2.0]), 2, seed=0)
+    ... except NumericalError as error:
+    ...     print(type(error).__name__, "iteration" in str(error))
+    NumericalError True
     """
 
 
@@ -73,5 +83,17 @@ def argument_error(
     kind:
         The exception class, ``ValueError`` by default (``TypeError`` for a
         wrong type).
+
+    Returns
+    -------
+    Exception
+        An instance of ``kind`` whose message names the argument, what was expected and what was
+        received (the caller raises it).
+
+    Examples
+    --------
+    >>> error = argument_error("num_iters", "a positive integer", -3)
+    >>> type(error).__name__, str(error)
+    ('ValueError', "Argument 'num_iters': expected a positive integer; received -3.")
     """
     return kind(f"Argument '{name}': expected {expected}; received {describe(received)}.")

@@ -115,6 +115,8 @@ def trace_function(
         Unknown name, or a Ritz value outside the function's domain (e.g. ``"log"`` on an
         operator with a Ritz value <= 0, which proves it is not positive definite).
 
+    Examples
+    --------
     >>> import numpy as np
     >>> est = trace_function(np.eye(4) * 2.0, "inv", num_iters=1, num_probes=3, seed=0)
     >>> est.value, est.stderr
@@ -162,6 +164,30 @@ def schatten_norm(
     ``p = 1`` is the nuclear norm, ``p = 2`` the Frobenius norm. :math:`|x|^p` is not smooth
     at 0 for small ``p``, so indefinite spectra need more Lanczos steps.
 
+    Parameters
+    ----------
+    A : operator or array
+        Anything :func:`spectral.as_operator` accepts.
+    p : float
+        The order, ``p >= 1``.
+    num_iters : int
+        Lanczos steps per probe.
+    num_probes : int
+        Number of probes.
+    probe : str
+        ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+    seed : int, numpy.random.Generator or None
+        Source of the probes (the same seed gives the same probes on every backend).
+    reorth : str or int
+        Reorthogonalisation, as in :func:`spectral.lanczos`.
+
+    Returns
+    -------
+    TraceEstimate
+        The estimate of :math:`\|A\|_p` and its (delta-method) standard error.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> est = schatten_norm(np.diag([3.0, -4.0]), 2, num_iters=2, num_probes=1, seed=0)
     >>> round(est.value, 10)

@@ -70,7 +70,21 @@ _UMASK_LOCK = threading.Lock()
 
 
 class CorruptFileError(OSError):
-    """A file exists but is truncated, corrupted or not in the expected format."""
+    """A file exists but is truncated, corrupted or not in the expected format.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from spectral import load_npz
+    >>> path = os.path.join(tempfile.mkdtemp(), "cut.npz")
+    >>> with open(path, "wb") as f:
+    ...     _ = f.write(b"PK\\x03\\x04 truncated")
+    >>> try:
+    ...     load_npz(path)
+    ... except CorruptFileError as error:
+    ...     print(type(error).__name__, isinstance(error, OSError))
+    CorruptFileError True
+    """
 
 
 def current_umask() -> int:
@@ -182,6 +196,21 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     abandoned temporary files of killed writes in the directory are removed
     first (:func:`clean_stale_temporaries`).
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The final file name.
+    mode : str
+        ``"wb"`` (default) or ``"w"``.
+
+    Yields
+    ------
+    file object
+        The open temporary file; it becomes ``path`` when the ``with`` block ends without an
+        exception.
+
+    Examples
+    --------
     >>> import tempfile, os, stat
     >>> p = os.path.join(tempfile.mkdtemp(), "sub", "note.txt")
     >>> with atomic_write(p, "w") as f:
@@ -225,6 +254,15 @@ def save_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
     Object arrays are refused, so every file we write loads with
     ``allow_pickle=False``.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.npz`` file (written atomically).
+    **arrays : array_like
+        The arrays to store, by key; numeric or string arrays only.
+
+    Examples
+    --------
     >>> import tempfile, os
     >>> save_npz(os.path.join(tempfile.mkdtemp(), "x.npz"), x=np.array([{}]))
     Traceback (most recent call last):
@@ -247,6 +285,16 @@ def save_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
 def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
     """Read every array of an ``.npz`` file eagerly, without unpickling.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.npz`` file.
+
+    Returns
+    -------
+    Mapping[str, numpy.ndarray]
+        Every array of the file, read into memory (the file is closed).
+
     Raises
     ------
     FileNotFoundError
@@ -254,6 +302,8 @@ def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
     CorruptFileError
         If the file is truncated, corrupted or holds pickled objects.
 
+    Examples
+    --------
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "pickled.npz")
     >>> np.savez(p, x=np.array([{}], dtype=object))

@@ -125,6 +125,8 @@ class LanczosResult:
     ``orthogonality_loss`` (computed on first access) is ``||Q^T Q - I||_2``,
     NaN without a stored basis.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> r = lanczos(np.diag([1.0, 2.0]), 1, v0=np.array([1.0, 1.0]))
     >>> r.alpha.tolist(), r.residual_norm, r.tridiagonal().shape
@@ -215,11 +217,25 @@ def check_symmetric(A: Any, *, seed: int | np.random.Generator | None = None) ->
     ``100 \sqrt{n}\, eps`` (rounding of two products and two dot products of
     length ``n``, with a safety factor).  Returns the relative mismatch.
 
+    Parameters
+    ----------
+    A : operator or array
+        Anything :func:`spectral.as_operator` accepts.
+    seed : int, numpy.random.Generator or None
+        Source of the two random vectors.
+
+    Returns
+    -------
+    float
+        The relative mismatch.
+
     Raises
     ------
     ValueError
         If the mismatch exceeds the threshold (``A`` is not symmetric).
 
+    Examples
+    --------
     >>> import numpy as np
     >>> check_symmetric(np.eye(3), seed=0) < 1e-15
     True
@@ -376,6 +392,8 @@ def lanczos(
     spectral.resume.StateMismatchError, spectral.io.CorruptFileError
         ``checkpoint`` belongs to another run or cannot be read.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> r = lanczos(np.diag(np.arange(1.0, 101.0)), 10, seed=0, reorth="none", store_basis=False)
     >>> r.num_iters, r.basis is None, r.alpha.shape, r.beta.shape

@@ -58,6 +58,8 @@ class SymmetricOperator:
     no block product).  Results are detached from autograd (torch tensors that
     require grad): the algorithms of :mod:`spectral` are not differentiable.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> op = SymmetricOperator(lambda x: 3 * x, template=np.zeros(2))
     >>> op.matmat(np.eye(2)).tolist()
@@ -164,6 +166,12 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
         Optional template vector fixing namespace/device/dtype for a callable or
         a ``LinearOperator`` without ``template_vector()``.
 
+    Returns
+    -------
+    SymmetricOperator
+        A thin wrapper with ``n``, ``matvec``/``matmat`` and the array namespace, device and
+        dtype of the vectors.
+
     Raises
     ------
     ValueError
@@ -172,6 +180,8 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
     TypeError
         Unsupported object or complex dtype.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> as_operator(np.eye(4)).shape
     (4, 4)

@@ -83,6 +83,28 @@ def plot_ritz_stem(
     With ``log_weights=True`` the weight axis is logarithmic (zero weights are dropped).
     ``color`` and ``markersize`` style the stems and their heads.
 
+    Parameters
+    ----------
+    density : SpectralDensity
+        The density whose pooled nodes and weights are drawn.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw (a new figure when ``None``).
+    log_weights : bool
+        Logarithmic weight axis.
+    label : str or None
+        Legend label.
+    color : str, optional
+        Colour of the stems.
+    markersize : float, optional
+        Size of the stem heads.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+
+    Examples
+    --------
     >>> from spectral.density import SpectralDensity
     >>> ax = plot_ritz_stem(SpectralDensity([1.0, 2.0], [0.5, 0.5]))
     >>> ax.get_ylabel()
@@ -126,6 +148,32 @@ def plot_smoothed_density(
     See :meth:`SpectralDensity.smooth`. Defaults: ``sigma`` is 1/100 of the node range (or
     1e-3 for a single node); ``grid`` spans the nodes ± 5 ``sigma`` with ``num_points`` points.
 
+    Parameters
+    ----------
+    density : SpectralDensity
+        The density.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw (a new figure when ``None``).
+    grid : array_like, optional
+        Evaluation points.
+    sigma : float, optional
+        Kernel width.
+    kernel : str
+        ``"gaussian"`` or ``"lorentzian"``.
+    label : str, optional
+        Legend label.
+    num_points : int
+        Size of the default grid.
+    log_density : bool
+        Logarithmic density axis.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+
+    Examples
+    --------
     >>> from spectral.density import SpectralDensity
     >>> ax = plot_smoothed_density(SpectralDensity([1.0, 2.0], [0.5, 0.5]), sigma=0.1)
     >>> len(ax.get_lines())
@@ -164,6 +212,30 @@ def plot_overlay(
     Histogram bars show the *mass* per bin (heights sum to 1), the same scale as the stems,
     so a diagonal histogram and a Lanczos density can be compared by eye.
 
+    Parameters
+    ----------
+    density : SpectralDensity
+        The Lanczos density (stems).
+    values : array_like
+        Exact eigenvalues or diagonal entries (histogram).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw (a new figure when ``None``).
+    label : str
+        Legend label of the histogram.
+    bins : int or sequence of float
+        Histogram bins.
+    log_weights : bool
+        Logarithmic weight axis.
+    stem_label : str
+        Legend label of the stems.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+
+    Examples
+    --------
     >>> from spectral.density import SpectralDensity
     >>> d = SpectralDensity([-1.0, 1.0], [0.5, 0.5])
     >>> ax = plot_overlay(d, [0.0, 0.01, -0.01], label="diagonal", bins=5)
@@ -197,6 +269,24 @@ def plot_ritz_convergence(
     evenly subsampled). By Cauchy interlacing the extreme Ritz values move monotonically
     outwards; interior ones need not converge.
 
+    Parameters
+    ----------
+    alpha, beta : array_like
+        The Lanczos coefficients (lengths ``m`` and ``m - 1``).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw (a new figure when ``None``).
+    eigenvalues : array_like, optional
+        Exact eigenvalues drawn as horizontal lines.
+    max_eigenvalue_lines : int
+        At most this many eigenvalue lines.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+
+    Examples
+    --------
     >>> ax = plot_ritz_convergence([1.0, 2.0, 3.0], [0.5, 0.5])
     >>> ax.get_xlabel()
     'Lanczos iteration k'
@@ -233,6 +323,20 @@ def plot_ritz_convergence(
 def describe_density(density: SpectralDensity, confidence: float | None = None) -> str:
     """A one-line description: ``m`` (nodes per probe), ``P``, ``n`` and the confidence.
 
+    Parameters
+    ----------
+    density : SpectralDensity
+        The density.
+    confidence : float, optional
+        The band's confidence, stated when given.
+
+    Returns
+    -------
+    str
+        E.g. ``'m = 10, P = 2, n = 200, 95% band'``.
+
+    Examples
+    --------
     >>> from spectral.density import SpectralDensity
     >>> d = SpectralDensity.from_probes([[0.0, 1.0]], [[0.5, 0.5]], dimension=10)
     >>> describe_density(d, 0.95)
@@ -273,6 +377,34 @@ def plot_cdf_band(
     distribution (explicit probes) draws the bounds only unless ``probe_distribution``
     is given.
 
+    Parameters
+    ----------
+    density : SpectralDensity
+        An SLQ density (with its per-probe rules).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw (a new figure when ``None``).
+    confidence : float
+        Confidence of the shaded band.
+    grid : array_like, optional
+        Where to evaluate (default: ``num_points`` points over the nodes).
+    num_points : int
+        Size of the default grid.
+    exact : array_like, optional
+        Exact eigenvalues, whose distribution function is drawn too.
+    probe_distribution : str, optional
+        The distribution explicit probes were drawn from.
+    color : str
+        Colour of the estimate and its band.
+    label : str or None
+        Legend label of the estimate.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> from spectral import slq
     >>> d = slq(np.diag(np.linspace(0.0, 1.0, 200)), 10, num_probes=2, seed=0)
@@ -345,6 +477,30 @@ def plot_bulk_fit(
     ``wasserstein``); its edges are dotted lines, ``outliers`` (values, or an
     :class:`spectral.rmt.Outliers`) red ticks. The legend gives the fit's W₁ distance.
 
+    Parameters
+    ----------
+    density : SpectralDensity
+        The density to draw, smoothed.
+    fit : MarchenkoPasturFit or SemicircleFit
+        The fitted law.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw (a new figure when ``None``).
+    outliers : array_like or Outliers, optional
+        Outlying eigenvalues to mark.
+    sigma : float, optional
+        Smoothing width (default: from the node range).
+    num_points : int
+        Grid points of the curves.
+    log_density : bool
+        Logarithmic density axis.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> from spectral import rmt
     >>> from spectral.density import SpectralDensity

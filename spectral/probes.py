@@ -97,6 +97,13 @@ def random_probes(
     rng:
         Keyword alias of ``seed`` for a ``Generator``.
 
+    Returns
+    -------
+    array
+        The probes as the columns of an ``(n, k)`` array.
+
+    Examples
+    --------
     >>> random_probes(3, 2, "gaussian", seed=0).shape
     (3, 2)
     """
@@ -119,6 +126,26 @@ def random_probe(
 ) -> Any:
     """Draw one random probe of length ``n`` (same conventions as :func:`random_probes`).
 
+    Parameters
+    ----------
+    n : int
+        Length of the probe.
+    kind : str
+        ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+    seed : int, numpy.random.Generator or None
+        Source of the randomness.
+    like : array, optional
+        Template array: the probe takes its namespace, device and dtype.
+    rng : numpy.random.Generator, optional
+        Keyword alias of ``seed``.
+
+    Returns
+    -------
+    array
+        The probe, shape ``(n,)``.
+
+    Examples
+    --------
     >>> random_probe(3, "gaussian", seed=0).shape
     (3,)
     """

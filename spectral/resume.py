@@ -140,6 +140,19 @@ class StateMismatchError(ValueError):
     The message names the ``checkpoint`` argument, the file, and every
     differing setting, and says how to proceed (delete the file or pass
     another path).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from spectral import lanczos
+    >>> state = os.path.join(tempfile.mkdtemp(), "state.npz")
+    >>> _ = lanczos(np.diag([1.0, 2.0, 3.0]), 2, seed=0, checkpoint=state)
+    >>> try:
+    ...     lanczos(np.diag([1.0, 2.0, 4.0]), 2, seed=0, checkpoint=state)
+    ... except StateMismatchError as error:
+    ...     print(type(error).__name__)
+    StateMismatchError
     """
 
 

@@ -52,6 +52,8 @@ class RitzPairs:
     converged:
         bool ``(m,)``, ``residuals <= tol * max(|values|)``.
 
+    Examples
+    --------
     >>> p = ritz_pairs(np.array([1.0]), np.array([]), residual_norm=0.5)
     >>> p.residuals.tolist(), p.converged.tolist()
     ([0.5], [False])
@@ -109,6 +111,14 @@ def ritz_pairs(
         Relative convergence threshold: pair ``i`` is converged when
         ``|beta_m S_{mi}| <= tol * max_j |theta_j|``.
 
+    Returns
+    -------
+    RitzPairs
+        Values (ascending), weights (squared first components, summing to 1), vectors (with
+        ``basis``), residual norms and convergence flags.
+
+    Examples
+    --------
     >>> p = ritz_pairs(np.array([1.0, 1.0]), np.array([0.0]), 0.0)
     >>> p.converged.tolist()
     [True, True]

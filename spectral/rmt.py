@@ -133,6 +133,12 @@ class MarchenkoPasturFit:
         ``n`` when known (sets the edge scale).
     method:
         How the moments were obtained.
+
+    Examples
+    --------
+    >>> fit = MarchenkoPasturFit.from_parameters(0.25)
+    >>> fit.support
+    (0.25, 2.25)
     """
 
     ratio: float
@@ -234,7 +240,29 @@ class MarchenkoPasturFit:
 
 @dataclass(frozen=True)
 class SemicircleFit:
-    r"""A fitted Wigner semicircle law on :math:`[c - r, c + r]` (see the module docstring)."""
+    r"""A fitted Wigner semicircle law on :math:`[c - r, c + r]` (see the module docstring).
+
+    Attributes
+    ----------
+    radius, center:
+        :math:`r` and :math:`c`.
+    support:
+        The edges :math:`(c - r, c + r)`.
+    wasserstein, kolmogorov:
+        Distances between the (kept) data and the fitted law.
+    bulk_mass:
+        Mass of the data kept in the bulk (1 minus the trimmed outliers).
+    dimension:
+        ``n`` when known (sets the edge scale).
+    method:
+        How the moments were obtained.
+
+    Examples
+    --------
+    >>> fit = SemicircleFit.from_parameters(2.0)
+    >>> fit.support
+    (-2.0, 2.0)
+    """
 
     radius: float
     center: float
@@ -310,6 +338,22 @@ def _dimension(n: int | None, default: int | None) -> int:
 def probe_margin(fit: MarchenkoPasturFit | SemicircleFit, n: int, num_probes: int) -> float:
     r"""Probe fluctuation :math:`3(b - a)\sqrt{2/(nP)}` of the edges of a fit to an SLQ density.
 
+    Parameters
+    ----------
+    fit : MarchenkoPasturFit or SemicircleFit
+        The fitted bulk :math:`[a, b]`.
+    n : int
+        Dimension.
+    num_probes : int
+        Number :math:`P` of SLQ probes.
+
+    Returns
+    -------
+    float
+        The margin (absolute).
+
+    Examples
+    --------
     >>> probe_margin(SemicircleFit.from_parameters(2.0), 800, 1)
     0.6
     """
@@ -375,12 +419,19 @@ def fit_marchenko_pastur(
     trim:
         ``False`` fits all the data as they are.
 
+    Returns
+    -------
+    MarchenkoPasturFit
+        The fitted law with its distances to the data and the mass kept in the bulk.
+
     Raises
     ------
     ValueError
         Fewer than two eigenvalues, non-finite values, or moments that no
         Marchenko–Pastur law has (:math:`m_1 \le 0` or :math:`m_2 \le m_1^2`).
 
+    Examples
+    --------
     >>> from spectral import synthetic
     >>> fit = fit_marchenko_pastur(synthetic.wishart_operator(500, 2000, seed=1).eigenvalues())
     >>> bool(abs(fit.ratio - 0.25) < 0.02), bool(fit.kolmogorov < 0.03)
@@ -411,6 +462,22 @@ def fit_semicircle(
     Same arguments as :func:`fit_marchenko_pastur` (edge scale
     :meth:`SemicircleFit.edge_scale`).
 
+    Parameters
+    ----------
+    density_or_eigenvalues : SpectralDensity or array_like
+        Exact eigenvalues or an SLQ density.
+    num_scales : float
+        Trimming threshold in edge scales.
+    trim : bool
+        ``False`` fits all the data as they are.
+
+    Returns
+    -------
+    SemicircleFit
+        The fitted law with its distances to the data and the mass kept in the bulk.
+
+    Examples
+    --------
     >>> from spectral import synthetic
     >>> fit = fit_semicircle(np.linalg.eigvalsh(synthetic.wigner(300, seed=0, radius=3.0)))
     >>> bool(abs(fit.radius - 3.0) < 0.05), bool(abs(fit.center) < 0.05)
@@ -444,6 +511,12 @@ class Outliers:
         The residual norms passed for them (e.g. Ritz residuals), or ``None``.
     edges:
         The bulk edges :math:`(a, b)` used; ``scale`` the edge scale.
+
+    Examples
+    --------
+    >>> out = outliers([0.5, 3.0], SemicircleFit.from_parameters(2.0), n=1000)
+    >>> len(out), out.values.tolist()
+    (1, [3.0])
     """
 
     values: FloatArray
@@ -482,6 +555,30 @@ def outliers(
     ``eigenvalues``) are carried along. From a Lanczos run an outlier is trustworthy when
     its residual is well below its distance to the edge.
 
+    Parameters
+    ----------
+    eigenvalues : array_like
+        Eigenvalues or Ritz values.
+    fit : MarchenkoPasturFit or SemicircleFit
+        The fitted bulk.
+    num_scales : float
+        Threshold :math:`k` in edge scales.
+    n : int, optional
+        Dimension (default: the fit's).
+    residuals : array_like, optional
+        Residual norms carried along.
+    lower : bool
+        Also look below the lower edge.
+    margin : float
+        Absolute margin added to :math:`ks`.
+
+    Returns
+    -------
+    Outliers
+        The outlying values, their indices, scales and residuals.
+
+    Examples
+    --------
     >>> fit = SemicircleFit.from_parameters(2.0)
     >>> out = outliers([-1.0, 0.5, 1.99, 2.5, 4.25], fit, n=1000)
     >>> out.values.tolist(), out.indices.tolist()
@@ -527,6 +624,22 @@ def bbp_covariance(theta: float, ratio: float, variance: float = 1.0) -> float |
     For a population covariance :math:`\sigma^2(I + \theta uu^\top)` and ratio
     :math:`q = n/p`; ``None`` when :math:`\theta \le \sqrt q` (the spike stays at the edge).
 
+    Parameters
+    ----------
+    theta : float
+        The spike :math:`\theta > 0`.
+    ratio : float
+        Aspect ratio :math:`q = n/p`.
+    variance : float
+        Noise variance :math:`\sigma^2`.
+
+    Returns
+    -------
+    float or None
+        The outlier's location, or ``None`` below the transition.
+
+    Examples
+    --------
     >>> bbp_covariance(4.0, 0.25), bbp_covariance(0.4, 0.25)
     (5.3125, None)
     """
@@ -543,6 +656,22 @@ def bbp_wigner(theta: float, scale: float = 1.0, center: float = 0.0) -> float |
     r"""BBP outlier :math:`c + \theta + s^2/\theta` of a Wigner matrix (radius ``2s``) plus
     :math:`\theta uu^\top`; ``None`` when :math:`\theta \le s`.
 
+    Parameters
+    ----------
+    theta : float
+        The spike :math:`\theta > 0`.
+    scale : float
+        Scale :math:`s` (the bulk is :math:`[c - 2s, c + 2s]`).
+    center : float
+        Centre :math:`c` of the bulk.
+
+    Returns
+    -------
+    float or None
+        The outlier's location, or ``None`` below the transition.
+
+    Examples
+    --------
     >>> bbp_wigner(4.0), bbp_wigner(0.5)
     (4.25, None)
     """

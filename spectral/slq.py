@@ -108,6 +108,8 @@ def slq(
     spectral.errors.NumericalError
         A product produced NaN or Inf.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> A = np.diag([1.0, 1.0, 2.0, 2.0])
     >>> d = slq(A, 4, num_probes=2, seed=1)

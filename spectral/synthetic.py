@@ -98,6 +98,22 @@ def orthonormal_columns(n: int, k: int, *, seed: Seed) -> FloatArray:
     :math:`Q \leftarrow Q\,\mathrm{diag}(\mathrm{sign}\,R_{ii})`, which makes the
     distribution exactly uniform on the Stiefel manifold (Mezzadri, 2007).
 
+    Parameters
+    ----------
+    n : int
+        Dimension of the space.
+    k : int
+        Number of columns, ``0 <= k <= n``.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, k)`` with orthonormal columns, Haar-distributed on the Stiefel manifold.
+
+    Examples
+    --------
     >>> Q = orthonormal_columns(5, 2, seed=0)
     >>> np.allclose(Q.T @ Q, np.eye(2))
     True
@@ -117,6 +133,20 @@ def orthonormal_columns(n: int, k: int, *, seed: Seed) -> FloatArray:
 def haar_orthogonal(n: int, *, seed: Seed) -> FloatArray:
     r"""Return an ``n × n`` orthogonal matrix drawn from the Haar measure on :math:`O(n)`.
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` orthogonal matrix.
+
+    Examples
+    --------
     >>> Q = haar_orthogonal(4, seed=1)
     >>> np.allclose(Q @ Q.T, np.eye(4))
     True
@@ -130,6 +160,20 @@ def prescribed_spectrum(eigenvalues: ArrayLike, *, seed: Seed) -> FloatArray:
     The result is exactly symmetric; its eigenvalues are ``eigenvalues`` up to a few
     units of :math:`n\,\varepsilon\,\max|\lambda|`.
 
+    Parameters
+    ----------
+    eigenvalues : array_like
+        The spectrum :math:`\lambda` (length ``n``).
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric matrix with eigenvalues ``eigenvalues``.
+
+    Examples
+    --------
     >>> A = prescribed_spectrum([-1.0, 5.0], seed=3)
     >>> np.round(np.linalg.eigvalsh(A), 12)
     array([-1.,  5.])
@@ -144,6 +188,24 @@ def low_rank(n: int, rank: int, *, seed: Seed, eigenvalues: ArrayLike | None = N
     :math:`U` has ``rank`` Haar orthonormal columns; ``eigenvalues`` (length ``rank``)
     default to i.i.d. :math:`U[1, 2]` draws.
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    rank : int
+        Rank, ``0 <= rank <= n`` (0 gives the zero matrix).
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+    eigenvalues : array_like, optional
+        The ``rank`` non-zero eigenvalues; default i.i.d. :math:`U[1, 2]`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric matrix of rank ``rank``.
+
+    Examples
+    --------
     >>> A = low_rank(6, 2, seed=0)
     >>> int(np.linalg.matrix_rank(A))
     2
@@ -174,6 +236,24 @@ def low_effective_rank(
     Haar matrix. The bell-shaped head carries most of the trace; the exponential tail is
     the "fat" low-magnitude bulk typical of neural-network curvature.
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    effective_rank : float
+        The scale :math:`r` of the bell-shaped head (> 0).
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+    tail_strength : float
+        Weight :math:`t \in [0, 1]` of the exponential tail.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` positive definite matrix, largest eigenvalue 1.
+
+    Examples
+    --------
     >>> A = low_effective_rank(50, 5, seed=0)
     >>> lam = np.linalg.eigvalsh(A)
     >>> bool(lam.min() > 0) and bool(np.isclose(lam.max(), 1.0))
@@ -196,6 +276,22 @@ def wigner(n: int, *, seed: Seed, radius: float = 2.0) -> FloatArray:
     ``radius`` :math:`r = 2` the off-diagonal entries have variance :math:`1/n` and the
     diagonal :math:`2/n`. See :func:`semicircle_pdf`.
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+    radius : float
+        Radius :math:`r` of the limiting semicircle (> 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric GOE matrix.
+
+    Examples
+    --------
     >>> W = wigner(400, seed=0)
     >>> bool(abs(np.linalg.eigvalsh(W).max() - 2.0) < 0.3)
     True
@@ -213,6 +309,20 @@ def semicircle_pdf(x: ArrayLike, radius: float = 2.0) -> FloatArray:
 
     Its variance is :math:`r^2/4`; it integrates to 1.
 
+    Parameters
+    ----------
+    x : array_like
+        Points at which to evaluate the density.
+    radius : float
+        Radius :math:`r` of the support :math:`[-r, r]`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of the shape of ``x`` (0 outside the support).
+
+    Examples
+    --------
     >>> float(semicircle_pdf(0.0))  # 1 / pi for r = 2
     0.3183...
     """
@@ -230,6 +340,22 @@ def spiked_wigner(n: int, spikes: ArrayLike, *, seed: Seed) -> FloatArray:
     produces an outlier eigenvalue near :math:`\theta + 1/\theta` while spikes
     :math:`\theta \le 1` stay invisible in the bulk :math:`[-2, 2]`.
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    spikes : array_like
+        The spike strengths :math:`\theta_k` (at most ``n``).
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric matrix.
+
+    Examples
+    --------
     >>> A = spiked_wigner(300, [4.0], seed=0)
     >>> bool(abs(np.linalg.eigvalsh(A)[-1] - 4.25) < 0.3)
     True
@@ -251,6 +377,24 @@ def wishart(n: int, num_samples: int, *, seed: Seed, variance: float = 1.0) -> F
     law (:func:`marchenko_pastur_pdf`). For large ``n`` prefer the matrix-free
     :func:`wishart_operator`.
 
+    Parameters
+    ----------
+    n : int
+        Dimension (number of variables).
+    num_samples : int
+        Number :math:`p` of Gaussian rows of :math:`X`.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+    variance : float
+        Entry variance :math:`\sigma^2` (> 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric positive semi-definite matrix.
+
+    Examples
+    --------
     >>> W = wishart(3, 10, seed=0)
     >>> W.shape, bool(np.all(np.linalg.eigvalsh(W) > 0))
     ((3, 3), True)
@@ -267,6 +411,24 @@ def wishart_operator(
     :math:`n \times n` is formed; :meth:`GramOperator.eigenvalues` is exact and cheap when
     :math:`p \ll n`.
 
+    Parameters
+    ----------
+    n : int
+        Dimension (number of variables).
+    num_samples : int
+        Number :math:`p` of Gaussian rows of :math:`X`.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+    variance : float
+        Entry variance :math:`\sigma^2` (> 0).
+
+    Returns
+    -------
+    GramOperator
+        The ``n x n`` operator :math:`X^\top X / p` with factor :math:`X/\sqrt p`.
+
+    Examples
+    --------
     >>> op = wishart_operator(6, 3, seed=0)
     >>> op.shape, int(np.sum(op.eigenvalues() > 1e-12))
     ((6, 6), 3)
@@ -286,6 +448,13 @@ class GramOperator(LinearOperator):
     from the smaller of the Gram matrices :math:`F^\top F` and :math:`F F^\top` (they share
     their non-zero eigenvalues).
 
+    Parameters
+    ----------
+    factor : array_like
+        The non-empty, finite ``(p, n)`` factor :math:`F`; the operator is ``n x n``.
+
+    Examples
+    --------
     >>> op = GramOperator(np.array([[1.0, 0.0], [0.0, 2.0]]))
     >>> op.matvec(np.ones(2))
     array([1., 4.])
@@ -335,6 +504,20 @@ class GramOperator(LinearOperator):
 def marchenko_pastur_support(ratio: float, variance: float = 1.0) -> tuple[float, float]:
     r"""Edges :math:`\sigma^2(1 \mp \sqrt{q})^2` of the Marchenko–Pastur law, :math:`q = n/p`.
 
+    Parameters
+    ----------
+    ratio : float
+        Aspect ratio :math:`q = n/p` (> 0).
+    variance : float
+        Entry variance :math:`\sigma^2` (> 0).
+
+    Returns
+    -------
+    (float, float)
+        The edges :math:`a \le b` of the continuous part.
+
+    Examples
+    --------
     >>> marchenko_pastur_support(0.25)
     (0.25, 2.25)
     """
@@ -349,6 +532,18 @@ def marchenko_pastur_support(ratio: float, variance: float = 1.0) -> tuple[float
 def marchenko_pastur_atom(ratio: float) -> float:
     r"""Mass :math:`\max(0, 1 - 1/q)` of the Marchenko–Pastur atom at zero, :math:`q = n/p`.
 
+    Parameters
+    ----------
+    ratio : float
+        Aspect ratio :math:`q = n/p` (> 0).
+
+    Returns
+    -------
+    float
+        The mass at zero (0 for :math:`q \le 1`).
+
+    Examples
+    --------
     >>> marchenko_pastur_atom(4.0)
     0.75
     """
@@ -365,6 +560,22 @@ def marchenko_pastur_pdf(x: ArrayLike, ratio: float, variance: float = 1.0) -> F
     with :math:`[a, b]` from :func:`marchenko_pastur_support`. It integrates to
     :math:`\min(1, 1/q)`; for :math:`q > 1` the rest, :func:`marchenko_pastur_atom`, sits at 0.
 
+    Parameters
+    ----------
+    x : array_like
+        Points at which to evaluate the density.
+    ratio : float
+        Aspect ratio :math:`q = n/p` (> 0).
+    variance : float
+        Entry variance :math:`\sigma^2` (> 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of the shape of ``x`` (0 outside :math:`[a, b]`).
+
+    Examples
+    --------
     >>> float(marchenko_pastur_pdf(1.0, 0.25))
     0.6164...
     """
@@ -387,6 +598,24 @@ def spiked_covariance(n: int, num_samples: int, spikes: ArrayLike, *, seed: Seed
     :math:`(1 + \theta)(1 + q/\theta)` above the Marchenko–Pastur edge :math:`(1 + \sqrt q)^2`
     (Baik–Ben Arous–Péché).
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    num_samples : int
+        Number :math:`p` of samples.
+    spikes : array_like
+        The spikes :math:`\theta_k \ge 0` (at most ``n``).
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric positive semi-definite matrix.
+
+    Examples
+    --------
     >>> A = spiked_covariance(200, 800, [5.0], seed=0)
     >>> bool(abs(np.linalg.eigvalsh(A)[-1] - 6.3) < 0.8)
     True
@@ -418,6 +647,24 @@ def two_point(
     the diagonal histogram is one narrow bump half-way between two atoms, and its
     Wasserstein distance to the spectrum grows linearly with the gap (Appendix C).
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    low, high : float
+        The two eigenvalues.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+    fraction_high : float
+        Fraction of the eigenvalues at ``high``, in :math:`[0, 1]`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric matrix.
+
+    Examples
+    --------
     >>> A = two_point(400, -1.0, 1.0, seed=0)
     >>> bool(np.abs(np.diag(A)).max() < 0.4)
     True
@@ -441,6 +688,21 @@ def constant_diagonal(eigenvalues: ArrayLike, *, seed: Seed) -> FloatArray:
     spectrum (a Schur–Horn extreme case). Any diagonal-based spectral estimate sees a single
     atom at the mean. ``len(eigenvalues)`` must be a power of two.
 
+    Parameters
+    ----------
+    eigenvalues : array_like
+        The spectrum; its length must be a power of two.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` symmetric matrix whose diagonal entries all equal the mean
+        eigenvalue.
+
+    Examples
+    --------
     >>> A = constant_diagonal([0.0, 0.0, 0.0, 8.0], seed=0)
     >>> np.diag(A)
     array([2., 2., 2., 2.])
@@ -461,6 +723,22 @@ def flat_rank_one(n: int, value: float, *, seed: Seed) -> FloatArray:
     :math:`\theta/n`: the diagonal misses the outlier completely (as the paper's Diag-GGN
     misses the largest Hessian outlier).
 
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    value : float
+        The non-zero eigenvalue.
+    seed : int or numpy.random.Generator
+        Source of the randomness (the same seed gives the same matrix).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n, n)`` rank-one matrix.
+
+    Examples
+    --------
     >>> A = flat_rank_one(4, 8.0, seed=0)
     >>> np.diag(A), float(np.linalg.eigvalsh(A)[-1])
     (array([2., 2., 2., 2.]), 8.0)

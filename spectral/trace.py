@@ -73,6 +73,8 @@ class TraceEstimate:
     method:
         The estimator's name.
 
+    Examples
+    --------
     >>> t = TraceEstimate(3.0, 0.1, 10, "hutchinson")
     >>> float(t), t.interval(2.0)
     (3.0, (2.8, 3.2))
@@ -277,6 +279,8 @@ def trace(
     ValueError, TypeError
         Unknown method/probe, or a budget too small for the method.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> A = np.diag([1.0, 2.0, 3.0])
     >>> trace(A, method="hutchinson", num_matvecs=4, seed=0).value  # Rademacher on a diagonal
@@ -323,6 +327,21 @@ def diagonal(
     -------
     A length-``n`` vector in the operator's namespace, device and dtype.
 
+    Parameters
+    ----------
+    A : operator or array
+        Anything :func:`spectral.as_operator` accepts.
+    method : str
+        ``"hutchinson"`` (default) or ``"exact"``.
+    num_matvecs : int
+        Number :math:`N` of probes (products) for ``"hutchinson"``.
+    probe : str
+        ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+    seed : int, numpy.random.Generator or None
+        Source of the probes (the same seed gives the same probes on every backend).
+
+    Examples
+    --------
     >>> import numpy as np
     >>> A = np.array([[2.0, 1.0], [1.0, 3.0]])
     >>> diagonal(A, method="exact").tolist()
@@ -360,6 +379,24 @@ def frobenius_norm_squared(
     Hutchinson on :math:`A^\top A` with ``num_matvecs`` products (one per probe); with
     Rademacher probes the variance is :math:`2(\|A^2\|_F^2 - \sum_i (A^2)_{ii}^2)/N`.
 
+    Parameters
+    ----------
+    A : operator or array
+        Anything :func:`spectral.as_operator` accepts.
+    num_matvecs : int
+        Number :math:`N` of probes (products).
+    probe : str
+        ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+    seed : int, numpy.random.Generator or None
+        Source of the probes (the same seed gives the same probes on every backend).
+
+    Returns
+    -------
+    TraceEstimate
+        The estimate of :math:`\|A\|_F^2` and its standard error.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> est = frobenius_norm_squared(np.diag([1.0, 2.0]), num_matvecs=3, seed=0)
     >>> est.value, est.stderr
