@@ -77,9 +77,9 @@ from curvops.hessian import HessianOperator
 from curvops.params import group_by_layer, select_params
 from spectral.blockeig import block_eigenpairs
 from spectral.errors import argument_error
+from spectral.estimators import trace
 from spectral.io import CorruptFileError, atomic_write, load_npz, save_npz
-from spectral.slq import slq
-from spectral.trace import trace
+from spectral.quadrature import slq
 
 __all__ = ["KINDS", "CurvatureTracker"]
 

@@ -87,3 +87,20 @@ def test_algebra_sits_above_operator_and_structured() -> None:
     graph = _import_graph()
     assert "curvops.algebra" not in graph["curvops.operator"] | graph["curvops.structured"]
     assert {"curvops.operator", "curvops.structured"} <= graph["curvops.algebra"]
+
+
+def test_no_module_shares_its_name_with_a_public_function() -> None:
+    """``import spectral.x`` then ``spectral.x(...)`` must never be ambiguous (issue 16)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    clashes = []
+    for name in PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(package.__path__, name + "."):
+            parent, _, leaf = info.name.rpartition(".")
+            bound = getattr(importlib.import_module(parent), leaf, None)
+            if bound is not None and not inspect.ismodule(bound):
+                clashes.append(info.name)
+    assert clashes == []

@@ -1,4 +1,4 @@
-"""spectral.lanczos.lanczos_step: the plain recurrence, driven by hand, is the lanczos() run."""
+"""spectral.krylov.lanczos_step: the plain recurrence, driven by hand, is the lanczos() run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spectral import lanczos
-from spectral.lanczos import Recurrence, RecurrenceSettings, _Basis, lanczos_step
+from spectral.krylov import Recurrence, RecurrenceSettings, _Basis, lanczos_step
 from spectral.operator import as_operator
 from spectral.synthetic import prescribed_spectrum
 

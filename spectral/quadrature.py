@@ -28,7 +28,7 @@ from spectral import resume
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 from spectral.io import CorruptFileError
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.operator import as_operator
 from spectral.probes import PROBE_KINDS, as_generator, random_probe
 
