@@ -231,6 +231,8 @@ class CurvatureTracker:
         Bad arguments (named in the message).
     spectral.io.CorruptFileError
         ``path`` exists and a line is not a JSON row.
+    ValueError
+        ``path`` holds rows of another ``kind`` or ``top_k``.
     """
 
     KEEP_VECTORS = 3
@@ -408,13 +410,19 @@ class CurvatureTracker:
         for number, line in enumerate(self.path.read_text().splitlines(), start=1):
             try:
                 row = json.loads(line)
-                step = row["step"]
+                int(row["step"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise CorruptFileError(
                     f"File '{self.path}', line {number}: not a tracker row ({exc})."
                 ) from exc
+            if row.get("kind") != self.kind or len(row.get("top_eigenvalues", ())) != self.top_k:
+                raise argument_error(
+                    "path",
+                    f"a file of {self.kind!r} rows with top_k = {self.top_k} (or a new file)",
+                    f"'{self.path}' whose line {number} has kind {row.get('kind')!r} and "
+                    f"{len(row.get('top_eigenvalues', ()))} eigenvalues",
+                )
             rows.append(row)
-            del step
         if start_step is None:
             self.count = int(rows[-1]["step"]) if rows else 0
         else:
