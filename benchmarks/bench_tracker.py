@@ -1,7 +1,7 @@
 """Cost of :class:`nets.CurvatureTracker` in a training run (issue 16 benchmark targets).
 
 The demo's SmallCNN (BatchNorm, 1,946 parameters) is trained on the digits data
-with SGD (lr 0.05, momentum 0.9, weight decay 5e-4, batch 64, as ``nets demo``),
+with SGD (lr 0.05 unless ``--lr``, momentum 0.9, weight decay 5e-4, batch 64, as ``nets demo``),
 three times from the same seed:
 
 * without a tracker (the reference time ``T0``);
@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace, track: str | None) -> dict[str, Any]:
     loader = make_loader(splits.train, args.batch_size, shuffle=True, seed=args.seed)
     model = get_model("SmallCNN", num_classes=10, in_channels=1, input_size=8)
     loss_fn = torch.nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     measure = make_loader(splits.train_eval, args.measure_batch, shuffle=False)
     inputs, targets = next(iter(measure))
     tracker = None
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--measure-batch", type=int, default=256)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
