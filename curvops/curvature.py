@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
-from curvops.data import Batch, Data, _first_tensor, as_data, move_to
+from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.losses import LossFn, check_loss
 from curvops.operator import CurvatureOperator
@@ -302,7 +302,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             return f"; non-finite values in parameter(s) {bad[:5]}"
         if batch is None:
             return ""
-        first = _first_tensor(batch.inputs)
+        first = first_tensor(batch.inputs)
         if first is not None and first.is_floating_point() and not bool(first.isfinite().all()):
             return "; the inputs of this batch contain NaN or Inf"
         return ""

@@ -33,7 +33,7 @@ import torch
 
 from spectral.errors import argument_error
 
-__all__ = ["Batch", "Data", "as_data", "batch_size_of", "move_to"]
+__all__ = ["Batch", "Data", "as_data", "batch_size_of", "first_tensor", "move_to"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,12 @@ class Batch:
     index: int
 
 
-def _first_tensor(inputs: Any) -> torch.Tensor | None:
+def first_tensor(inputs: Any) -> torch.Tensor | None:
+    """The first tensor in ``inputs`` (a tensor, or nested tuples/lists/mappings), or None.
+
+    >>> first_tensor({"ids": (torch.zeros(2, 3),)}).shape
+    torch.Size([2, 3])
+    """
     if isinstance(inputs, torch.Tensor):
         return inputs
     if isinstance(inputs, Mapping):
@@ -56,7 +61,7 @@ def _first_tensor(inputs: Any) -> torch.Tensor | None:
     else:
         return None
     for value in values:
-        found = _first_tensor(value)
+        found = first_tensor(value)
         if found is not None:
             return found
     return None
@@ -68,7 +73,7 @@ def batch_size_of(inputs: Any) -> int:
     >>> batch_size_of((torch.zeros(5, 2), torch.zeros(5)))
     5
     """
-    first = _first_tensor(inputs)
+    first = first_tensor(inputs)
     if first is None or first.ndim == 0:
         raise argument_error(
             "data", "inputs that are a tensor (or tuple/mapping of tensors)", inputs, kind=TypeError
@@ -123,7 +128,7 @@ def _check_batch(obj: Any, index: int) -> Batch:
 
 
 def _signature(batch: Batch) -> tuple[Any, ...]:
-    first = _first_tensor(batch.inputs)
+    first = first_tensor(batch.inputs)
     trailing = () if first is None else tuple(first.shape[1:])
     return (trailing, tuple(batch.targets.shape[1:]), batch.targets.dtype)
 

@@ -27,7 +27,7 @@ Every rank of the group must then call the same products in the same order
 
 Why Lanczos needs no change
 ---------------------------
-Vectors are *replicated*: every rank runs :func:`spectral.lanczos.lanczos` itself,
+Vectors are *replicated*: every rank runs :func:`spectral.lanczos` itself,
 from the same seeded probe (drawn on the host by ``numpy.random.default_rng``).
 After the ``all_reduce`` every rank holds the *bitwise identical* product: ring
 (Gloo, NCCL ring) and tree (NCCL) all-reduce algorithms add each chunk of the

@@ -14,7 +14,7 @@ from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.stats import loss_stats
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 
 from .conftest import make_cnn, make_data, make_inputs, make_mlp, make_targets
 
