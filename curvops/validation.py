@@ -210,8 +210,8 @@ class Validation:
     streamed_checked: bool = False
 
     def check_streamed(self, inputs: Any, targets: torch.Tensor, index: int) -> None:
-        """Check one batch of a DataLoader during its first pass."""
-        _check_inputs_finite(inputs, index)
+        """Check one batch of a DataLoader during its first pass (its targets; non-finite
+        inputs surface as a non-finite product naming the batch)."""
         check_targets(self.loss_fn, targets, index, self.classes)
         _check_normaliser_known(self.loss_fn, targets, index)
 
@@ -278,9 +278,19 @@ def validate(
             value,
         )
     elif not bool(torch.isfinite(value).all()):
+        selected = {id(p) for _, p in named}
+        others = [
+            f"{n!r} (not selected)"
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if id(t) not in selected
+            and t.is_floating_point()
+            and not bool(torch.isfinite(t.detach()).all())
+        ]
+        cause = f"; non-finite values in {', '.join(others[:5])}" if others else ""
         raise argument_error(
             "loss_fn",
-            "a finite loss on the first batch (finite parameters, inputs and targets were checked)",
+            "a finite loss on the first batch (the selected parameters, the inputs and the "
+            f"targets are finite{cause})",
             f"{float(value)}",
         )
     result = Validation(loss_fn, classes)
