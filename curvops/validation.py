@@ -244,7 +244,7 @@ def validate(
     """
     from curvops._model_state import curvature_mode, functional_forward
     from curvops.data import as_data, move_to
-    from curvops.losses import batch_weight, check_loss
+    from curvops.losses import batch_normaliser, batch_weight, check_loss, loss_reduction
     from curvops.params import select_params
 
     check_loss(loss_fn)
@@ -277,7 +277,10 @@ def validate(
             "a scalar loss (reduction 'mean' or 'sum'); on the first batch it returned",
             value,
         )
-    elif not bool(torch.isfinite(value).all()):
+    elif not bool(torch.isfinite(value).all()) and (
+        loss_reduction(loss_fn) == "sum"
+        or batch_normaliser(loss_fn, inputs, targets, first.size) > 0
+    ):  # (a mean over no counted target is 0/0: such a batch is skipped by the products)
         selected = {id(p) for _, p in named}
         others = [
             f"{n!r} (not selected)"
