@@ -1,14 +1,17 @@
 """The shared base of model curvature operators: data looping, weighting, parameters.
 
-A :class:`ModelCurvatureOperator` represents a curvature matrix of the mean loss
-over every sample in ``data``,
+A :class:`ModelCurvatureOperator` represents a curvature matrix of the loss over
+everything in ``data``,
 
 .. math::
-    A = \\frac{1}{N} \\sum_b N_b\\, A_b,
+    A = \\frac{\\sum_b w_b\\, A_b}{\\sum_b w_b} \\;\\; (\\texttt{reduction="mean"}),
+    \\qquad A = \\sum_b A_b \\;\\; (\\texttt{reduction="sum"}),
 
-where :math:`A_b` is the curvature of the batch-mean loss :math:`L_b` (size
-:math:`N_b`).  Subclasses implement one per-batch method, :meth:`_batch_matmat`;
-the base owns the loop (:meth:`_accumulate`, the single place where the size-weighted
+where :math:`A_b` is the curvature of the batch loss :math:`L_b` as the loss computes it
+and :math:`w_b` the loss's own normaliser (the batch size :math:`N_b`, or its counted
+targets for cross-entropy with ``ignore_index``, see :func:`curvops.losses.batch_weight`).
+Subclasses implement one per-batch method, :meth:`_batch_matmat`; the base owns the
+loop (:meth:`_accumulate`, the single place where the weighted
 sum and the total weight are formed, and where an optional process group reduces
 them with one ``all_reduce`` per product), the model modes
 (:func:`curvops._model_state.curvature_mode`), device/dtype moves, non-finite checks

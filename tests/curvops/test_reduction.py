@@ -122,6 +122,23 @@ def test_sum_reduction_inverse_stats_and_loader() -> None:
     assert st.num_samples == N
 
 
+def test_sum_reduction_blocks_follow() -> None:
+    from curvops.blocks import per_layer
+
+    model = make_model("3d")
+    x, y = make_xy("bce", "3d")
+    loss_sum = nn.BCEWithLogitsLoss(reduction="sum")
+    H_ref = dense_hessian(model, loss_sum, (x, y)).numpy()
+    B = dense(per_layer(HessianOperator, model, loss_sum, split(x, y)))
+    mask = np.zeros_like(H_ref, dtype=bool)
+    start = 0
+    for layer in (model[0], model[2]):
+        size = sum(p.numel() for p in layer.parameters())
+        mask[start : start + size, start : start + size] = True
+        start += size
+    assert np.abs(B - np.where(mask, H_ref, 0.0)).max() <= 1e-10 * np.abs(H_ref).max()
+
+
 def test_none_reduction_is_a_clear_error() -> None:
     x, y = make_xy("mse", "2d")
     with pytest.raises(ValueError, match=r"loss_fn\.reduction.*'mean' or 'sum'"):
