@@ -285,8 +285,9 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
     float64, otherwise the buffer is float32 (float16/bfloat16 sums are accumulated
     in float32) and the weight is split into two base-4096 digits, so integer counts
     stay exact up to :math:`2^{36}` and 4096 ranks (fractional class-weight sums to
-    float32 precision of the low digit).  ``group=None`` returns the inputs unchanged.  The result is
-    bitwise identical on every rank (see the module docstring).
+    float32 precision of the low digit).  ``group=None`` returns the inputs
+    unchanged.  The result is bitwise identical on every rank (see the module
+    docstring).
 
     >>> s, n = all_reduce_weighted(torch.ones(3), 4.0, None)
     >>> s.tolist(), n
