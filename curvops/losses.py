@@ -359,8 +359,13 @@ def batch_weight(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) ->
 
 
 def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str:
-    """Return ``"ce"``, ``"mse"``, ``"bce"``, ``"seq_ce"`` when a closed form applies, else
-    ``"autograd"``.
+    """Return ``"ce"``, ``"ce_tokens"``, ``"mse"``, ``"bce"``, ``"seq_ce"`` when a closed form
+    applies, else ``"autograd"``.
+
+    ``"ce_tokens"``: cross-entropy with classes in dimension 1 and a target per position
+    (``[N, C, d1, ...]`` outputs, or ``(N, C)`` with ignored targets); ``"seq_ce"``:
+    :class:`SequenceCrossEntropy` (classes last).  Both are the softmax curvature per
+    position over the counted targets.
 
     >>> loss_kind(torch.nn.MSELoss(), torch.zeros(2, 3), torch.zeros(2, 3))
     'mse'
@@ -379,6 +384,14 @@ def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str
             and not bool((targets == loss_setting(loss_fn, "ignore_index", -100)).any())
         ):
             return "ce"
+        if (
+            weight is None
+            and loss_setting(loss_fn, "label_smoothing", 0.0) == 0.0
+            and outputs.ndim >= 2
+            and not targets.dtype.is_floating_point
+            and tuple(targets.shape) == (outputs.shape[0], *outputs.shape[2:])
+        ):
+            return "ce_tokens"  # classes in dimension 1, one target per position, ignore mask
     elif family == "seq_ce":
         if (
             loss_setting(loss_fn, "label_smoothing", 0.0) == 0.0
@@ -412,7 +425,7 @@ def _closed_form_scale(loss_fn: Any, kind: str, f: torch.Tensor, targets: torch.
         return 1.0
     if kind == "ce":
         return 1.0 / f.shape[0]
-    if kind == "seq_ce":
+    if kind in ("seq_ce", "ce_tokens"):
         counted = float((targets != loss_setting(loss_fn, "ignore_index", -100)).sum())
         return 1.0 / counted if counted > 0 else 0.0
     return 1.0 / f.numel()
@@ -441,6 +454,15 @@ def _seq_mask(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
     return targets != loss_setting(loss_fn, "ignore_index", -100)
 
 
+def _class_last(kind: str, x: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    """``ce_tokens`` tensors with the class dimension (1 after ``lead``) moved last."""
+    return x.movedim(lead + 1, -1) if kind == "ce_tokens" else x
+
+
+def _class_back(kind: str, x: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    return x.movedim(-1, lead + 1) if kind == "ce_tokens" else x
+
+
 def output_hessian_matmat(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, U: torch.Tensor
 ) -> torch.Tensor:
@@ -450,13 +472,13 @@ def output_hessian_matmat(
     f = outputs.detach()
     if kind != "autograd":
         scale = _closed_form_scale(loss_fn, kind, f, targets)
-    if kind in ("ce", "seq_ce"):
-        p = torch.softmax(f, dim=-1)
-        pu = p * U
+    if kind in ("ce", "seq_ce", "ce_tokens"):
+        p = torch.softmax(_class_last(kind, f), dim=-1)
+        pu = p * _class_last(kind, U, 1)
         out = (pu - p * pu.sum(-1, keepdim=True)) * scale
-        if kind == "seq_ce":
+        if kind != "ce":
             out = out * _seq_mask(loss_fn, targets).unsqueeze(-1).to(out.dtype)
-        return out
+        return _class_back(kind, out, 1)
     if kind == "mse":
         return U * (2.0 * scale)
     if kind == "bce":
@@ -498,13 +520,18 @@ def output_hessian_factor(
         sp = p.sqrt()
         A = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
         return A * math.sqrt(scale), ones
-    if kind == "seq_ce":
-        p = torch.softmax(outputs.detach(), dim=-1).reshape(n, -1, outputs.shape[-1])
+    if kind in ("seq_ce", "ce_tokens"):
+        last = _class_last(kind, outputs.detach())
+        v = last.shape[-1]
+        p = torch.softmax(last, dim=-1).reshape(n, -1, v)
         sp = p.sqrt() * _seq_mask(loss_fn, targets).reshape(n, -1, 1).to(f.dtype)
         tokens = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)  # (n, T, V, V)
-        eye = torch.eye(tokens.shape[1], dtype=f.dtype, device=f.device)
-        A = torch.einsum("ntab,ts->ntasb", tokens, eye).reshape(n, c, c)
-        return A * math.sqrt(scale), ones
+        t = tokens.shape[1]
+        eye = torch.eye(t, dtype=f.dtype, device=f.device)
+        A = torch.einsum("ntab,ts->ntasb", tokens, eye).reshape(n, t, v, c)
+        if kind == "ce_tokens":  # rows in the outputs' own order: class, then position
+            A = A.transpose(1, 2)
+        return A.reshape(n, c, c) * math.sqrt(scale), ones
     if kind == "mse":
         eye = torch.eye(c, dtype=f.dtype, device=f.device).expand(n, c, c)
         return eye * math.sqrt(2.0 * scale), ones
@@ -561,8 +588,9 @@ def sample_targets(
         p = torch.softmax(f, dim=-1)
         idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
         return idx.T.contiguous().to(device=targets.device, dtype=targets.dtype)
-    if kind == "seq_ce":
-        p = torch.softmax(f, dim=-1).reshape(-1, f.shape[-1])
+    if kind in ("seq_ce", "ce_tokens"):
+        last = _class_last(kind, f)
+        p = torch.softmax(last, dim=-1).reshape(-1, last.shape[-1])
         idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
         drawn = idx.T.reshape(mc_samples, *targets.shape).to(targets.device, targets.dtype)
         ignore = loss_setting(loss_fn, "ignore_index", -100)
@@ -576,7 +604,7 @@ def sample_targets(
     raise argument_error(
         "loss_fn",
         "a likelihood to sample for kind='mc': CrossEntropyLoss without weight/label "
-        "smoothing/ignored targets on (N, C) outputs with (N,) class indices, "
+        "smoothing on (N, C, ...) outputs with (N, ...) class indices, "
         "sequence_cross_entropy without label smoothing, or MSELoss / "
         "BCEWithLogitsLoss (no weights) with targets shaped like the outputs "
         "(use kind='empirical' otherwise)",
@@ -616,12 +644,12 @@ def per_sample_nll_grads(
     if kind == "ce":
         p = torch.softmax(f, dim=-1)
         return p - nn.functional.one_hot(targets, f.shape[-1]).to(p.dtype)
-    if kind == "seq_ce":
-        p = torch.softmax(f, dim=-1)
+    if kind in ("seq_ce", "ce_tokens"):
+        p = torch.softmax(_class_last(kind, f), dim=-1)
         mask = _seq_mask(loss_fn, targets)
         safe = torch.where(mask, targets, torch.zeros_like(targets))
-        s = (p - nn.functional.one_hot(safe, f.shape[-1]).to(p.dtype)) * mask.unsqueeze(-1)
-        return s.reshape(n, -1)
+        s = (p - nn.functional.one_hot(safe, p.shape[-1]).to(p.dtype)) * mask.unsqueeze(-1)
+        return _class_back(kind, s).reshape(n, -1)
     if kind == "mse":
         return (2.0 * (f - targets)).reshape(n, -1)
     if kind == "bce":
@@ -646,6 +674,14 @@ def per_sample_nll_values(
     n = outputs.shape[0]
     if kind == "ce":
         return nn.functional.cross_entropy(outputs, targets, reduction="none")
+    if kind == "ce_tokens":
+        per_position = nn.functional.cross_entropy(
+            outputs,
+            targets,
+            ignore_index=loss_setting(loss_fn, "ignore_index", -100),
+            reduction="none",
+        )
+        return per_position.reshape(n, -1).sum(1)
     if kind == "seq_ce":
         per_token = nn.functional.cross_entropy(
             outputs.reshape(-1, outputs.shape[-1]),

@@ -103,7 +103,7 @@ def check_params_finite(params: Sequence[tuple[str, torch.Tensor]]) -> None:
     >>> check_params_finite(list(lin.named_parameters()))
     Traceback (most recent call last):
     ...
-    ValueError: Argument 'params': expected finite parameter values; received "NaN/Inf in 'bias'...".
+    ValueError: Argument 'params': expected finite parameter values; received "NaN/Inf in 'bias'...
     """
     if not params:
         return

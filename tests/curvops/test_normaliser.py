@@ -210,6 +210,31 @@ def test_token_mc_fisher_samples_per_token() -> None:
     assert np.abs(F_many - G).max() <= 0.1 * np.abs(G).max()
 
 
+@pytest.mark.parametrize("tokens", [True, False])
+def test_cross_entropy_closed_form_per_position_with_ignored_targets(tokens: bool) -> None:
+    """nn.CrossEntropyLoss on [N, C, T] logits (and (N, C) with padding): softmax curvature
+    per position over the counted targets, MC Fisher sampled per position."""
+    model = TokenModel(class_first=True).double() if tokens else mlp()
+    x, y = data(tokens)
+    y.view(-1)[2:5] = torch.tensor([1, 2, 3])  # counted targets in the first batch
+    loss_fn = nn.CrossEntropyLoss()
+    from curvops.losses import loss_kind
+
+    with torch.no_grad():
+        assert loss_kind(loss_fn, model(x), y) == "ce_tokens"
+    G_ref = dense_ggn(model, loss_fn, (x, y)).numpy()  # torch.func.hessian of the loss
+    assert close(dense(GGNOperator(model, loss_fn, split(x, y))), G_ref)
+    assert close(ggn_diagonal(model, loss_fn, split(x, y)).numpy(), np.diag(G_ref))
+    F_op = dense(FisherOperator(model, loss_fn, (x, y), kind="mc", mc_samples=2, seed=1))
+    F_ref = dense_fisher(model, loss_fn, (x, y), kind="mc", mc_samples=2, seed=1).numpy()
+    assert close(F_op, F_ref)
+    d_mc = ggn_diagonal(model, loss_fn, (x, y), method="mc", mc_samples=2, seed=1).numpy()
+    assert close(d_mc, np.diag(F_ref))
+    opaque = declare_loss(lambda o, t: loss_fn(o, t), normaliser="targets")  # autograd path
+    emp = dense(FisherOperator(model, loss_fn, split(x, y), kind="empirical"))
+    assert close(emp, dense(FisherOperator(model, opaque, split(x, y), kind="empirical")))
+
+
 def test_sequence_cross_entropy_value_and_normaliser() -> None:
     logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([[1, -100, 4], [0, 2, -100]])
