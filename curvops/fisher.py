@@ -84,15 +84,15 @@ def fisher_output_factor(
     and :math:`1/M` folded into ``S``.  ``normaliser``: :math:`\\nu_b` when known
     (default: from the loss and the targets).
     """
-    scale = fisher_scale(loss_fn, outputs, targets, normaliser)
     if kind == "empirical":
         s = per_sample_nll_grads(loss_fn, outputs, targets, normaliser).unsqueeze(-1)
-        return s * math.sqrt(scale)
+        return s * math.sqrt(fisher_scale(loss_fn, outputs, targets, normaliser))
     if generator is None:
         raise argument_error("generator", "a torch.Generator for kind='mc'", generator)
     sampled = sample_targets(loss_fn, outputs, targets, mc_samples, generator)
     grads = [per_sample_nll_grads(loss_fn, outputs, t, normaliser) for t in sampled]
-    return torch.stack(grads, dim=-1) * math.sqrt(scale / mc_samples)
+    scale = fisher_scale(loss_fn, outputs, targets, normaliser, mc_samples)
+    return torch.stack(grads, dim=-1) * math.sqrt(scale)
 
 
 def position_rows(loss_fn: LossFn, x: torch.Tensor, lead: int = 0) -> torch.Tensor:

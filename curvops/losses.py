@@ -419,35 +419,41 @@ def nll_scale(kind: str, outputs: torch.Tensor) -> float:
     return 1.0
 
 
-def _closed_form_scale(loss_fn: Any, kind: str, f: torch.Tensor, targets: torch.Tensor) -> float:
-    """:math:`1/\\nu_b` of a closed-form loss with mean reduction, 1 with sum."""
+def _closed_form_divisor(loss_fn: Any, kind: str, f: torch.Tensor, targets: torch.Tensor) -> float:
+    """:math:`\\nu_b` of a closed-form loss with mean reduction (1 with sum); the closed
+    forms divide by it (a product by its reciprocal would round differently)."""
     if loss_reduction(loss_fn) == "sum":
         return 1.0
     if kind == "ce":
-        return 1.0 / f.shape[0]
+        return float(f.shape[0])
     if kind in ("seq_ce", "ce_tokens"):
-        counted = float((targets != loss_setting(loss_fn, "ignore_index", -100)).sum())
-        return 1.0 / counted if counted > 0 else 0.0
-    return 1.0 / f.numel()
+        return float((targets != loss_setting(loss_fn, "ignore_index", -100)).sum())
+    return float(f.numel())
 
 
 def fisher_scale(
-    loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor, normaliser: float | None = None
+    loss_fn: Any,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    normaliser: float | None = None,
+    samples: int = 1,
 ) -> float:
-    """:math:`1/\\nu_b` (mean) or 1 (sum): the Fisher of a batch is
-    :math:`\\tfrac{1}{\\nu_b}\\sum_n J_n^\\top s_n s_n^\\top J_n` with the NLL gradients
-    :math:`s_n` of :func:`per_sample_nll_grads`."""
+    """:math:`1/(\\nu_b M)` (mean) or :math:`1/M` (sum): the Fisher of a batch is
+    :math:`\\tfrac{1}{\\nu_b M}\\sum_{n,m} J_n^\\top s_{nm} s_{nm}^\\top J_n` with the NLL
+    gradients :math:`s_{nm}` of :func:`per_sample_nll_grads` at ``samples`` (:math:`M`)
+    targets per sample."""
     if loss_reduction(loss_fn) == "sum":
-        return 1.0
+        return 1.0 / samples
     kind = loss_kind(loss_fn, outputs, targets)
+    if kind in ("ce", "mse", "bce"):
+        return nll_scale(kind, outputs) / (outputs.shape[0] * samples)
     if kind != "autograd":
-        return _closed_form_scale(loss_fn, kind, outputs, targets)
-    nu = (
-        batch_normaliser(loss_fn, None, targets, outputs.shape[0])
-        if normaliser is None
-        else normaliser
-    )
-    return 1.0 / nu if nu > 0 else 0.0
+        nu = _closed_form_divisor(loss_fn, kind, outputs, targets)
+    elif normaliser is None:
+        nu = batch_normaliser(loss_fn, None, targets, outputs.shape[0])
+    else:
+        nu = normaliser
+    return 1.0 / (nu * samples) if nu > 0 else 0.0
 
 
 def _seq_mask(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -471,19 +477,19 @@ def output_hessian_matmat(
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach()
     if kind != "autograd":
-        scale = _closed_form_scale(loss_fn, kind, f, targets)
+        nu = max(_closed_form_divisor(loss_fn, kind, f, targets), 1.0)  # 0: nothing counted
     if kind in ("ce", "seq_ce", "ce_tokens"):
         p = torch.softmax(_class_last(kind, f), dim=-1)
         pu = p * _class_last(kind, U, 1)
-        out = (pu - p * pu.sum(-1, keepdim=True)) * scale
+        out = (pu - p * pu.sum(-1, keepdim=True)) / nu
         if kind != "ce":
             out = out * _seq_mask(loss_fn, targets).unsqueeze(-1).to(out.dtype)
         return _class_back(kind, out, 1)
     if kind == "mse":
-        return U * (2.0 * scale)
+        return U * (2.0 / nu)
     if kind == "bce":
         s = torch.sigmoid(f)
-        return U * (s * (1 - s) * scale)
+        return U * (s * (1 - s) / nu)
     with torch.enable_grad():
         o = f.clone().requires_grad_(True)
         loss = loss_fn(o, targets)
@@ -514,12 +520,12 @@ def output_hessian_factor(
     kind = loss_kind(loss_fn, outputs, targets)
     ones = torch.ones(n, c, dtype=f.dtype, device=f.device)
     if kind != "autograd":
-        scale = _closed_form_scale(loss_fn, kind, outputs, targets)
+        nu = max(_closed_form_divisor(loss_fn, kind, outputs, targets), 1.0)
     if kind == "ce":
         p = torch.softmax(f, dim=-1)
         sp = p.sqrt()
         A = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
-        return A * math.sqrt(scale), ones
+        return A / math.sqrt(nu), ones
     if kind in ("seq_ce", "ce_tokens"):
         last = _class_last(kind, outputs.detach())
         v = last.shape[-1]
@@ -531,13 +537,13 @@ def output_hessian_factor(
         A = torch.einsum("ntab,ts->ntasb", tokens, eye).reshape(n, t, v, c)
         if kind == "ce_tokens":  # rows in the outputs' own order: class, then position
             A = A.transpose(1, 2)
-        return A.reshape(n, c, c) * math.sqrt(scale), ones
+        return A.reshape(n, c, c) / math.sqrt(nu), ones
     if kind == "mse":
         eye = torch.eye(c, dtype=f.dtype, device=f.device).expand(n, c, c)
-        return eye * math.sqrt(2.0 * scale), ones
+        return eye * math.sqrt(2.0 / nu), ones
     if kind == "bce":
         s = torch.sigmoid(f)
-        A = torch.diag_embed((s * (1 - s) * scale).sqrt())
+        A = torch.diag_embed((s * (1 - s) / nu).sqrt())
         return A, ones
     blocks = torch.empty(n, c, c, dtype=f.dtype, device=f.device)
     for j in range(c):

@@ -181,7 +181,7 @@ def dense_fisher(
         index: int,
     ) -> torch.Tensor:
         out = forward(w0).detach()
-        c = fisher_scale(loss_fn, out, targets)
+        c = fisher_scale(loss_fn, out, targets, samples=mc_samples if kind == "mc" else 1)
         if kind == "mc":
             draws = sample_targets(loss_fn, out, targets, mc_samples, batch_generator(seed, index))
         else:
@@ -190,7 +190,7 @@ def dense_fisher(
         for t in draws:
             G = torch.func.jacrev(lambda w, t=t: per_sample_nll_values(loss_fn, forward(w), t))(w0)
             total += G.T @ G
-        return total * (c / draws.shape[0])
+        return total * c
 
     return _dense(model, loss_fn, data, params, bn_mode, per_batch)
 
