@@ -269,6 +269,17 @@ _FAMILIES: tuple[tuple[str, type[nn.Module], Callable[..., torch.Tensor]], ...] 
 )
 
 
+# torch losses whose "mean" is over every element (their other settings keep it so)
+_ELEMENTWISE_MEANS: tuple[type[nn.Module], ...] = (
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.SoftMarginLoss,
+    nn.PoissonNLLLoss,
+)
+
+
 def loss_family(loss_fn: Any) -> str | None:
     """``"ce"``, ``"mse"``, ``"bce"``, ``"nll"`` or ``"seq_ce"`` for the recognised losses.
 
@@ -307,9 +318,11 @@ def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int
 
     Cross-entropy / NLL with class-index targets: the number of targets other than
     ``ignore_index`` (weighted by ``weight[y]`` when class weights are given);
-    :class:`SequenceCrossEntropy`: its counted tokens; MSE / BCE: the number of
-    elements; a :class:`DeclaredLoss`: its declared normaliser; any other loss: the
-    number of samples ``size``.
+    :class:`SequenceCrossEntropy`: its counted tokens; MSE, BCE and the other
+    elementwise torch losses (L1, smooth L1, Huber, ``BCELoss``, soft margin, Poisson
+    NLL, ``KLDivLoss(reduction="mean")``): the number of elements; a
+    :class:`DeclaredLoss`: its declared normaliser; any other loss: the number of
+    samples ``size``.
 
     >>> batch_normaliser(nn.CrossEntropyLoss(ignore_index=0), None, torch.tensor([0, 1, 2]), 3)
     2.0
@@ -334,7 +347,9 @@ def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int
         return float((weight.to(targets.device)[safe] * counted).sum())
     if family in ("ce", "nll"):  # class probabilities: mean over samples and positions
         return float(targets.numel() // max(int(targets.shape[1]), 1)) if targets.ndim > 1 else 1.0
-    if family in ("mse", "bce"):
+    if family in ("mse", "bce") or type(loss_fn) in _ELEMENTWISE_MEANS:
+        return float(targets.numel())
+    if type(loss_fn) is nn.KLDivLoss and loss_setting(loss_fn, "reduction") == "mean":
         return float(targets.numel())
     return float(size)
 

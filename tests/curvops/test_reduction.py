@@ -122,6 +122,53 @@ def test_sum_reduction_inverse_stats_and_loader() -> None:
     assert st.num_samples == N
 
 
+OTHER_LOSSES = {
+    # name: (loss class, output transform, targets, divisor of the mean over the data)
+    "nll": (nn.NLLLoss, lambda f: torch.log_softmax(f, -1), "class", "samples"),
+    "bce-probabilities": (nn.BCELoss, torch.sigmoid, "binary", "elements"),
+    "huber": (nn.HuberLoss, lambda f: f, "real", "elements"),
+    "smooth-l1": (nn.SmoothL1Loss, lambda f: f, "real", "elements"),
+    "kl-batchmean": (
+        lambda reduction="batchmean": nn.KLDivLoss(reduction=reduction),
+        lambda f: torch.log_softmax(f, -1),
+        "distribution",
+        "samples",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_LOSSES))
+def test_other_torch_losses_sum_and_mean(name: str) -> None:
+    loss_cls, transform, target_kind, divisor = OTHER_LOSSES[name]
+    base = make_model("2d")
+    model = nn.Sequential(base, nn.Module())
+    model[1].forward = transform  # type: ignore[method-assign]
+    x, _ = make_xy("mse", "2d")
+    g = torch.Generator().manual_seed(4)
+    y: torch.Tensor
+    if target_kind == "class":
+        y = torch.randint(0, 3, (N,), generator=g)
+    elif target_kind == "binary":
+        y = torch.randint(0, 2, (N, 3), generator=g).double()
+    elif target_kind == "distribution":
+        y = torch.softmax(torch.randn(N, 3, generator=g, dtype=torch.float64), -1)
+    else:
+        y = torch.randn(N, 3, generator=g, dtype=torch.float64) * 2
+    batches = split(x, y)
+    loss_sum, loss_mean = loss_cls(reduction="sum"), loss_cls()
+    nu = N if divisor == "samples" else y.numel()
+    H_ref = dense_hessian(model, loss_sum, (x, y)).numpy()
+    G_ref = dense_ggn(model, loss_sum, (x, y)).numpy()
+    scale = np.abs(H_ref).max()
+    H = dense(HessianOperator(model, loss_sum, batches))
+    assert np.abs(H - H_ref).max() <= 1e-10 * scale
+    assert np.abs(dense(GGNOperator(model, loss_sum, batches)) - G_ref).max() <= 1e-10 * scale
+    assert np.abs(nu * dense(HessianOperator(model, loss_mean, batches)) - H).max() <= 1e-10 * scale
+    Fs = dense(FisherOperator(model, loss_sum, batches, kind="empirical"))
+    Fm = dense(FisherOperator(model, loss_mean, batches, kind="empirical"))
+    assert np.abs(nu * Fm - Fs).max() <= 1e-10 * np.abs(Fs).max()
+
+
 def test_sum_reduction_blocks_follow() -> None:
     from curvops.blocks import per_layer
 
