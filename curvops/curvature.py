@@ -343,7 +343,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             A DataLoader batch with bad targets or inputs on the first pass.
         """
         acc: torch.Tensor | None = None
-        weight: float = 0.0
+        weight: Any = 0.0  # a float, or a device scalar when a loader's weights are counted
         sizes: dict[int, int] = {}
         first_bad: torch.Tensor | None = None  # device int64: first bad batch index or -1
         group = resolve_group(self.process_group)  # once per product
@@ -358,14 +358,19 @@ class ModelCurvatureOperator(CurvatureOperator):
             for batch in self._batches():
                 if check_stream:
                     validation.check_streamed(batch.inputs, batch.targets, batch.index)
-                w = validation.weights.get(batch.index)
+                w: Any = validation.weights.get(batch.index)
                 if w is None:
-                    w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
-                if w == 0 and not unweighted:
+                    w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
+                if not isinstance(w, torch.Tensor) and w == 0 and not unweighted:
                     continue
                 flat = flatten_columns(self._batch_matmat(batch, V))
                 sizes[batch.index] = batch.size
-                here = torch.where(~torch.isfinite(flat).all(), batch.index, -1)
+                bad = ~torch.isfinite(flat).all()
+                if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
+                    w = w.to(device=flat.device, dtype=flat.dtype)
+                    bad = bad & (w > 0)
+                    flat = torch.where(w > 0, flat, torch.zeros_like(flat))
+                here = torch.where(bad, batch.index, -1)
                 first_bad = (
                     here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
                 )
@@ -373,9 +378,12 @@ class ModelCurvatureOperator(CurvatureOperator):
                     acc, weight = flat, 1.0
                 elif acc is None:
                     acc, weight = flat * w, w
+                elif isinstance(w, torch.Tensor):
+                    acc.add_(flat * w)
+                    weight = weight + w
                 else:
                     acc.add_(flat, alpha=w)
-                    weight += w
+                    weight = weight + w
         if check_stream:
             validation.streamed_checked = True
         if acc is None or first_bad is None:
@@ -386,13 +394,19 @@ class ModelCurvatureOperator(CurvatureOperator):
                 self.num_params, V[0].shape[0], dtype=self.torch_dtype, device=self.device
             )
             first_bad = torch.tensor(-1, device=self.device)
-        status = torch.stack([first_bad.reshape(()), (~params_ok.all()).to(first_bad.dtype)])
-        index, params_bad = status.tolist()  # the check's one host synchronisation
+        parts = [first_bad.reshape(()), (~params_ok.all()).to(first_bad.dtype)]
+        status = torch.stack([t.to(torch.float64) for t in parts])
+        if isinstance(weight, torch.Tensor):
+            status = torch.cat([status, weight.reshape(1).to(status)])
+        values = status.tolist()  # the checks' (and the weight's) one host synchronisation
+        index, params_bad = int(values[0]), values[1]
+        if isinstance(weight, torch.Tensor):
+            weight = values[2]
         if params_bad:
-            bad = [n for (n, _), ok in zip(self._params, params_ok.tolist()) if not ok]
+            bad_names = [n for (n, _), ok in zip(self._params, params_ok.tolist()) if not ok]
             raise NumericalError(
-                f"{type(self).__name__}: non-finite values in parameter(s) {bad[:5]}; the "
-                f"curvature of a model with NaN/Inf weights is not defined."
+                f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
+                f"the curvature of a model with NaN/Inf weights is not defined."
             )
         if index >= 0:
             raise NumericalError(
@@ -402,7 +416,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         if summed:
             total, _ = all_reduce_weighted(acc, 0.0, group)
             return total, 1.0
-        return all_reduce_weighted(acc, weight, group)
+        if weight == 0 and group is None:
+            raise argument_error("data", "at least one batch with a counted target", self._data)
+        return all_reduce_weighted(acc, float(weight), group)
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""

@@ -313,6 +313,17 @@ def _class_weights(loss_fn: Any) -> torch.Tensor | None:
     return weight if isinstance(weight, torch.Tensor) else None
 
 
+def _counted_targets(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Targets other than ``ignore_index`` (summed class weights with ``weight=``), a
+    0-d tensor on the targets' device."""
+    counted = targets != loss_setting(loss_fn, "ignore_index", -100)
+    weight = _class_weights(loss_fn)
+    if weight is None:
+        return counted.sum()
+    safe = torch.where(counted, targets, torch.zeros_like(targets))
+    return (weight.to(targets.device)[safe] * counted).sum()
+
+
 def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> float:
     """:math:`\\nu_b`, what the mean loss of a batch divides its summed terms by (1 for sums).
 
@@ -339,12 +350,7 @@ def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int
         return float(size)
     family = loss_family(loss_fn)
     if family in ("ce", "nll", "seq_ce") and not targets.dtype.is_floating_point:
-        counted = targets != loss_setting(loss_fn, "ignore_index", -100)
-        weight = _class_weights(loss_fn)
-        if weight is None:
-            return float(counted.sum())
-        safe = torch.where(counted, targets, torch.zeros_like(targets))
-        return float((weight.to(targets.device)[safe] * counted).sum())
+        return float(_counted_targets(loss_fn, targets))
     if family in ("ce", "nll"):  # class probabilities: mean over samples and positions
         return float(targets.numel() // max(int(targets.shape[1]), 1)) if targets.ndim > 1 else 1.0
     if family in ("mse", "bce") or type(loss_fn) in _ELEMENTWISE_MEANS:
@@ -354,21 +360,28 @@ def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int
     return float(size)
 
 
-def batch_weight(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> float:
+def batch_weight(
+    loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int, *, lazy: bool = False
+) -> Any:
     """The weight of a batch's curvature in the curvature over all data.
 
     ``reduction="sum"``: 1 (curvatures add up, no normalisation); otherwise the
     normaliser :func:`batch_normaliser` for losses whose normaliser is not proportional
     to the number of samples (cross-entropy/NLL with class-index targets, sequence
     cross-entropy, declared losses), and the batch size ``size`` for the others (their
-    normalisers are the sample count times a constant).
+    normalisers are the sample count times a constant).  A float, or with ``lazy`` a
+    0-d tensor on the targets' device where it is counted there (no host
+    synchronisation).
 
     >>> batch_weight(nn.MSELoss(), None, torch.zeros(4, 3), 4)
     4.0
     """
     if loss_reduction(loss_fn) == "sum":
         return 1.0
-    if isinstance(loss_fn, DeclaredLoss) or loss_family(loss_fn) in ("ce", "nll", "seq_ce"):
+    family = loss_family(loss_fn)
+    if lazy and family in ("ce", "nll", "seq_ce") and not targets.dtype.is_floating_point:
+        return _counted_targets(loss_fn, targets)
+    if isinstance(loss_fn, DeclaredLoss) or family in ("ce", "nll", "seq_ce"):
         return batch_normaliser(loss_fn, inputs, targets, size)
     return float(size)
 
