@@ -1,4 +1,5 @@
-"""Batches combine by the loss's own normaliser (issue 15, items 4-5): a list of batches,
+"""Batches combine by the loss's own normaliser (issue 15, items 4-5; issue 19 item 6 for the
+Gloo sum case): a list of batches,
 a DataLoader and two Gloo processes with unequal shards equal one concatenated batch to
 1e-10 in float64, for cross-entropy with ignore_index, class weights, token-level logits
 and declared plain-function losses; the token-level closed forms against autograd."""
@@ -303,11 +304,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         Vm = np.random.default_rng(7).standard_normal(
             (TokenModel().double().lin1.weight.numel() + 5 + 5 * T * V + T * V, 3)
         )
+        y_real = torch.randn(N, T, V, generator=torch.Generator().manual_seed(3)).double()
         for name, loss_fn in (
             ("seq", sequence_cross_entropy()),
             ("sum", sequence_cross_entropy(reduction="sum")),
+            ("mse-sum", nn.MSELoss(reduction="sum")),
         ):
-            model = TokenModel(class_first=name == "ce").double()
+            model = TokenModel().double()
+            if name == "mse-sum":  # real targets shaped like the outputs
+                y = y_real
+                shard = cd.shard_batches(split(x, y))
             for kind in ("H", "G", "F"):
                 results[f"{name}_{kind}"] = np.asarray(_build(kind, model, loss_fn, shard) @ Vm)
                 ref = _build(kind, model, loss_fn, (x, y), group=False)
@@ -349,7 +355,7 @@ def test_two_gloo_processes_with_unequal_shards(tmp_path: Path) -> None:
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
     job = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(WORLD)]
     for r in job:
-        for name in ("seq", "sum"):
+        for name in ("seq", "sum", "mse-sum"):
             for kind in ("H", "G", "F"):
                 assert close(r[f"{name}_{kind}"], r[f"{name}_{kind}_ref"]), (name, kind)
             np.testing.assert_allclose(r[f"{name}_stats"], r[f"{name}_stats_ref"], rtol=1e-10)
