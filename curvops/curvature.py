@@ -1,14 +1,17 @@
 """The shared base of model curvature operators: data looping, weighting, parameters.
 
-A :class:`ModelCurvatureOperator` represents a curvature matrix of the mean loss
-over every sample in ``data``,
+A :class:`ModelCurvatureOperator` represents a curvature matrix of the loss over
+everything in ``data``,
 
 .. math::
-    A = \\frac{1}{N} \\sum_b N_b\\, A_b,
+    A = \\frac{\\sum_b w_b\\, A_b}{\\sum_b w_b} \\;\\; (\\texttt{reduction="mean"}),
+    \\qquad A = \\sum_b A_b \\;\\; (\\texttt{reduction="sum"}),
 
-where :math:`A_b` is the curvature of the batch-mean loss :math:`L_b` (size
-:math:`N_b`).  Subclasses implement one per-batch method, :meth:`_batch_matmat`;
-the base owns the loop (:meth:`_accumulate`, the single place where the size-weighted
+where :math:`A_b` is the curvature of the batch loss :math:`L_b` as the loss computes it
+and :math:`w_b` the loss's own normaliser (the batch size :math:`N_b`, or its counted
+targets for cross-entropy with ``ignore_index``, see :func:`curvops.losses.batch_weight`).
+Subclasses implement one per-batch method, :meth:`_batch_matmat`; the base owns the
+loop (:meth:`_accumulate`, the single place where the weighted
 sum and the total weight are formed, and where an optional process group reduces
 them with one ``all_reduce`` per product), the model modes
 (:func:`curvops._model_state.curvature_mode`), device/dtype moves, non-finite checks
@@ -29,10 +32,11 @@ from torch import nn
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
-from curvops.losses import LossFn, check_loss
+from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
+from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -50,7 +54,10 @@ class ModelCurvatureOperator(CurvatureOperator):
     model:
         The ``nn.Module``; never changed (see :mod:`curvops._model_state`).
     loss_fn:
-        ``(outputs, targets) -> scalar`` with ``reduction="mean"``.
+        ``(outputs, targets) -> scalar`` with ``reduction="mean"`` or ``"sum"``: the
+        operator is the curvature of that loss over all of ``data`` (batches weighted by
+        the loss's own normaliser, see :func:`_accumulate`; summed for ``"sum"``).
+        Checked with one forward pass on the first batch (:mod:`curvops.validation`).
     data:
         One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader.
     params:
@@ -94,6 +101,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         self._params = select_params(model, params)
+        self._validation = validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
         self._names = [n for n, _ in self._params]
         self._shapes = [p.shape for _, p in self._params]
         self._progress = bool(progress)
@@ -308,52 +316,109 @@ class ModelCurvatureOperator(CurvatureOperator):
         return ""
 
     def _accumulate(self, V: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """Return :math:`(\\sum_b N_b A_b V,\\ \\sum_b N_b)` over this process's data.
+        """Return :math:`(\\sum_b w_b A_b V,\\ W)` over this process's data.
 
-        With a process group (and torch.distributed initialised) both are summed over
-        the group by a single ``all_reduce``.
+        The weights are the loss's own (:func:`curvops.losses.batch_weight`): for
+        ``reduction="mean"`` the normaliser :math:`\\nu_b` of each batch (its sample
+        count, or its counted / class-weighted targets for cross-entropy with
+        ``ignore_index`` / ``weight=``) and :math:`W = \\sum_b w_b`, so that the operator
+        is the curvature of the mean loss over everything the loss counts (a list of
+        batches equals their concatenation); for ``reduction="sum"`` :math:`w_b = 1` and
+        :math:`W = 1` (the curvature of the summed loss).  Batches with weight 0 (every
+        target ignored) are skipped.  With a process group (and torch.distributed
+        initialised) both are summed over the group by a single ``all_reduce``.
 
-        The finiteness of every batch product is checked on the device: the index of
-        the first non-finite batch is kept in a device scalar and read once after the
-        loop, so a product costs one host synchronisation for the check, not one per
-        batch (the later batches are still computed when one fails).
+        The finiteness of every batch product and of the selected parameters is
+        checked on the device: the index of the first non-finite batch is kept in a
+        device scalar and read once after the loop, so a product costs one host
+        synchronisation for the check, not one per batch.  A DataLoader's batches are
+        validated (:mod:`curvops.validation`) during the first pass only.
 
         Raises
         ------
         NumericalError
-            If a batch product is not finite (the message names the first such batch).
+            If a batch product is not finite (the message names the first such batch)
+            or a selected parameter became non-finite after construction.
+        ValueError
+            A DataLoader batch with bad targets or inputs on the first pass.
         """
         acc: torch.Tensor | None = None
-        weight = 0
+        weight: Any = 0.0  # a float, or a device scalar when a loader's weights are counted
         sizes: dict[int, int] = {}
         first_bad: torch.Tensor | None = None  # device int64: first bad batch index or -1
         group = resolve_group(self.process_group)  # once per product
+        validation = self._validation
+        loss_fn = self._loss_fn
+        summed = loss_reduction(loss_fn) == "sum"
+        check_stream = not self._data.is_in_memory and not validation.streamed_checked
         # One batch on one process: no weighting, so the product is exactly A_b V.
         unweighted = self._data.is_single_batch and group is None
         with curvature_mode(self._model, self._bn_mode):
+            params_ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._params])
             for batch in self._batches():
+                if check_stream:
+                    validation.check_streamed(batch.inputs, batch.targets, batch.index)
+                w: Any = validation.weights.get(batch.index)
+                if w is None:
+                    w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
+                if not isinstance(w, torch.Tensor) and w == 0 and not unweighted:
+                    continue
                 flat = flatten_columns(self._batch_matmat(batch, V))
                 sizes[batch.index] = batch.size
-                here = torch.where(~torch.isfinite(flat).all(), batch.index, -1)
+                bad = ~torch.isfinite(flat).all()
+                if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
+                    w = w.to(device=flat.device, dtype=flat.dtype)
+                    bad = bad & (w > 0)
+                    flat = torch.where(w > 0, flat, torch.zeros_like(flat))
+                here = torch.where(bad, batch.index, -1)
                 first_bad = (
                     here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
                 )
                 if unweighted:
-                    acc, weight = flat, 1
+                    acc, weight = flat, 1.0
                 elif acc is None:
-                    acc, weight = flat * batch.size, batch.size
+                    acc, weight = flat * w, w
+                elif isinstance(w, torch.Tensor):
+                    acc.add_(flat * w)
+                    weight = weight + w
                 else:
-                    acc.add_(flat, alpha=batch.size)
-                    weight += batch.size
-        if acc is None or first_bad is None:  # pragma: no cover - Data refuses empty data
-            raise argument_error("data", "at least one batch", self._data)
-        index = int(first_bad.item())  # the check's one host synchronisation
+                    acc.add_(flat, alpha=w)
+                    weight = weight + w
+        if check_stream:
+            validation.streamed_checked = True
+        if acc is None or first_bad is None:
+            if group is None:
+                raise argument_error("data", "at least one batch with a counted target", self._data)
+            # This rank contributes nothing; it still joins the collective.
+            acc = torch.zeros(
+                self.num_params, V[0].shape[0], dtype=self.torch_dtype, device=self.device
+            )
+            first_bad = torch.tensor(-1, device=self.device)
+        parts = [first_bad.reshape(()), (~params_ok.all()).to(first_bad.dtype)]
+        status = torch.stack([t.to(torch.float64) for t in parts])
+        if isinstance(weight, torch.Tensor):
+            status = torch.cat([status, weight.reshape(1).to(status)])
+        values = status.tolist()  # the checks' (and the weight's) one host synchronisation
+        index, params_bad = int(values[0]), values[1]
+        if isinstance(weight, torch.Tensor):
+            weight = values[2]
+        if params_bad:
+            bad_names = [n for (n, _), ok in zip(self._params, params_ok.tolist()) if not ok]
+            raise NumericalError(
+                f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
+                f"the curvature of a model with NaN/Inf weights is not defined."
+            )
         if index >= 0:
             raise NumericalError(
                 f"{type(self).__name__}: non-finite curvature product in batch "
                 f"{index} (size {sizes[index]}){self._diagnose(self._in_memory_batch(index))}."
             )
-        return all_reduce_weighted(acc, weight, group)
+        if summed:
+            total, _ = all_reduce_weighted(acc, 0.0, group)
+            return total, 1.0
+        if weight == 0 and group is None:
+            raise argument_error("data", "at least one batch with a counted target", self._data)
+        return all_reduce_weighted(acc, float(weight), group)
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""

@@ -110,6 +110,10 @@ def _is_batch(obj: Any) -> bool:
 
 
 def _check_batch(obj: Any, index: int) -> Batch:
+    if isinstance(obj, Mapping):  # a dict batch: name its keys and the supported forms
+        from curvops.validation import dict_batch_error
+
+        raise dict_batch_error(f"data (batch {index})", obj)
     if not _is_batch(obj):
         raise argument_error(
             f"data (batch {index})", "a pair (inputs, targets) with a tensor of targets", obj
@@ -161,6 +165,10 @@ class Data:
         self._source = data
         self._batches: list[Batch] | None = None
         self._num_samples: int | None = None
+        if isinstance(data, Mapping):
+            from curvops.validation import dict_batch_error
+
+            raise dict_batch_error("data", data)
         self.is_single_batch = _is_batch(data)
         if self.is_single_batch:
             self._batches = [_check_batch(data, 0)]

@@ -6,7 +6,9 @@ parameter vector (``torch.func.hessian`` and ``jacrev(jacrev)`` return wrong sec
 derivatives through BatchNorm in training mode in torch 2.13), and with
 ``torch.func.jacrev`` Jacobians for the GGN and Fisher,
 on a float64 copy of the model (the original is never touched).  Batches are
-weighted by their sizes exactly as the operators do, :math:`A = \\frac{1}{N}\\sum_b N_b A_b`.
+weighted exactly as the operators do, :math:`A = \\sum_b w_b A_b / \\sum_b w_b` with the
+loss's own weights (:func:`curvops.losses.batch_weight`; :math:`A = \\sum_b A_b` for
+``reduction="sum"``).
 They cost :math:`O(P)` products and :math:`O(P^2)` memory: for tests on tiny models.
 
 >>> import torch
@@ -33,9 +35,10 @@ from curvops.forward_mode import prepare_forward_mode
 from curvops.losses import (
     LossFn,
     batch_generator,
+    batch_weight,
     check_loss,
-    loss_kind,
-    nll_scale,
+    fisher_scale,
+    loss_reduction,
     per_sample_nll_values,
     sample_targets,
 )
@@ -80,7 +83,7 @@ def _dense(
 
     stream = as_data(data)
     total = torch.zeros(w0.numel(), w0.numel(), dtype=torch.float64, device=device)
-    count = 0
+    count = 0.0
     with curvature_mode(model64, bn_mode):
         for batch in stream:
             inputs = move_to(batch.inputs, device, torch.float64)
@@ -89,9 +92,12 @@ def _dense(
             def forward(w: torch.Tensor, inputs: Any = inputs) -> torch.Tensor:
                 return functional_forward(model64, names, split(w), inputs)
 
-            total += batch.size * per_batch(forward, w0, loss_fn, targets, batch.index)
-            count += batch.size
-    return total / count
+            w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
+            if w == 0:
+                continue
+            total += w * per_batch(forward, w0, loss_fn, targets, batch.index)
+            count += w
+    return total if loss_reduction(loss_fn) == "sum" else total / count
 
 
 def dense_hessian(
@@ -158,7 +164,7 @@ def dense_fisher(
     params: Any = None,
     bn_mode: str | None = None,
 ) -> torch.Tensor:
-    """Dense float64 Fisher :math:`\\frac{c}{NM}\\sum_{n,m} g_{nm} g_{nm}^\\top`.
+    """Dense float64 Fisher :math:`\\frac{1}{\\nu_b M}\\sum_{n,m} g_{nm} g_{nm}^\\top` per batch.
 
     Here :math:`g_{nm} = \\nabla_w \\mathrm{NLL}(f_n, \\tilde y_{nm})`.
 
@@ -177,7 +183,7 @@ def dense_fisher(
         index: int,
     ) -> torch.Tensor:
         out = forward(w0).detach()
-        c = nll_scale(loss_kind(loss_fn, out, targets), out)
+        c = fisher_scale(loss_fn, out, targets, samples=mc_samples if kind == "mc" else 1)
         if kind == "mc":
             draws = sample_targets(loss_fn, out, targets, mc_samples, batch_generator(seed, index))
         else:
@@ -186,7 +192,7 @@ def dense_fisher(
         for t in draws:
             G = torch.func.jacrev(lambda w, t=t: per_sample_nll_values(loss_fn, forward(w), t))(w0)
             total += G.T @ G
-        return total * (c / (out.shape[0] * draws.shape[0]))
+        return total * c
 
     return _dense(model, loss_fn, data, params, bn_mode, per_batch)
 

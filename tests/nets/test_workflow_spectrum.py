@@ -284,7 +284,7 @@ def test_parameter_subset(checkpoint: Path, splits: DatasetSplits, tmp_path: Pat
         ({"bn_mode": "frozen"}, ValueError, "'bn_mode'"),
         ({"save_eigvec": "yes"}, TypeError, "'save_eigvec'"),
         ({"subsample": 0}, ValueError, "'subsample'"),
-        ({"loss_fn": nn.CrossEntropyLoss(reduction="sum")}, ValueError, "'loss_fn'"),
+        ({"loss_fn": nn.CrossEntropyLoss(reduction="none")}, ValueError, "'loss_fn'"),
         ({"model": None, "checkpoint_path": None}, ValueError, "'model'"),
         ({"dataset": "mnist"}, ValueError, "'dataset'"),
     ],
