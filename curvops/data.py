@@ -33,7 +33,32 @@ import torch
 
 from spectral.errors import argument_error
 
-__all__ = ["Batch", "Data", "as_data", "batch_size_of", "first_tensor", "move_to"]
+__all__ = [
+    "Batch",
+    "Data",
+    "as_data",
+    "batch_size_of",
+    "dict_batch_error",
+    "first_tensor",
+    "move_to",
+]
+
+
+_SUPPORTED_FORMS = (
+    "an (inputs, targets) pair, a list of such pairs, or a DataLoader yielding them "
+    "(e.g. wrap the dataset so __getitem__ returns (d['image'], d['label']), or pass "
+    "collate_fn=lambda items: (inputs, targets))"
+)
+
+
+def dict_batch_error(name: str, obj: Mapping[Any, Any]) -> Exception:
+    """The error for a dict where an ``(inputs, targets)`` batch was expected.
+
+    >>> str(dict_batch_error("data", {"image": 0, "label": 1}))[:60]
+    "Argument 'data': expected an (inputs, targets) pair, a list "
+    """
+    keys = ", ".join(repr(k) for k in list(obj.keys())[:10])
+    return argument_error(name, _SUPPORTED_FORMS, f"a dict with keys [{keys}]")
 
 
 @dataclass(frozen=True)
@@ -111,8 +136,6 @@ def _is_batch(obj: Any) -> bool:
 
 def _check_batch(obj: Any, index: int) -> Batch:
     if isinstance(obj, Mapping):  # a dict batch: name its keys and the supported forms
-        from curvops.validation import dict_batch_error
-
         raise dict_batch_error(f"data (batch {index})", obj)
     if not _is_batch(obj):
         raise argument_error(
@@ -166,8 +189,6 @@ class Data:
         self._batches: list[Batch] | None = None
         self._num_samples: int | None = None
         if isinstance(data, Mapping):
-            from curvops.validation import dict_batch_error
-
             raise dict_batch_error("data", data)
         self.is_single_batch = _is_batch(data)
         if self.is_single_batch:

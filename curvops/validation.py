@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curvops.data import dict_batch_error, first_tensor
 from spectral.errors import argument_error
 
 __all__ = [
@@ -55,22 +56,6 @@ __all__ = [
     "dict_batch_error",
     "validate",
 ]
-
-_SUPPORTED_FORMS = (
-    "an (inputs, targets) pair, a list of such pairs, or a DataLoader yielding them "
-    "(e.g. wrap the dataset so __getitem__ returns (d['image'], d['label']), or pass "
-    "collate_fn=lambda items: (inputs, targets))"
-)
-
-
-def dict_batch_error(name: str, obj: Mapping[Any, Any]) -> Exception:
-    """The error for a dict where an ``(inputs, targets)`` batch was expected.
-
-    >>> str(dict_batch_error("data", {"image": 0, "label": 1}))[:60]
-    "Argument 'data': expected an (inputs, targets) pair, a list "
-    """
-    keys = ", ".join(repr(k) for k in list(obj.keys())[:10])
-    return argument_error(name, _SUPPORTED_FORMS, f"a dict with keys [{keys}]")
 
 
 def check_loss_signature(loss_fn: Any) -> None:
@@ -261,9 +246,7 @@ def _first_batch(stream: Any) -> Any:
 
 
 def _check_inputs_finite(inputs: Any, index: int) -> None:
-    from curvops.data import _first_tensor
-
-    first = _first_tensor(inputs)
+    first = first_tensor(inputs)
     if first is not None and first.is_floating_point() and not bool(torch.isfinite(first).all()):
         raise argument_error(f"data (batch {index})", "finite inputs", "inputs with NaN or Inf")
 
