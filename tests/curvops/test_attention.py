@@ -1,0 +1,210 @@
+"""Attention models (issue 15, items 1-2): products run in train and eval mode, are
+deterministic, see no dropout of any kind, equal dense float64 references, and the
+user's attention settings and random streams are restored, also after errors.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops.determinism import product_context
+from curvops.testing import dense_ggn, dense_hessian
+
+
+class AttentionNet(nn.Module):
+    """Encoder and decoder layers, a MultiheadAttention, SDPA and F.dropout(training=True)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=p, batch_first=True)
+        self.dec = nn.TransformerDecoderLayer(4, 2, dim_feedforward=6, dropout=p, batch_first=True)
+        self.mha = nn.MultiheadAttention(4, 2, dropout=p, batch_first=True)
+        self.q = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.dec(self.enc(x), x)
+        z = self.mha(z, z, z)[0]
+        q = self.q(z).unflatten(-1, (2, 2)).transpose(1, 2)
+        z = F.scaled_dot_product_attention(q, q, q, dropout_p=self.p).transpose(1, 2).flatten(-2)
+        z = F.dropout(z, self.p, training=True) + F.alpha_dropout(z, self.p, training=True)
+        z = F.dropout1d(z, self.p, training=True)
+        return self.head(z.mean(1))
+
+
+def _pair(mode: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    noisy = AttentionNet(0.4).double().train(mode == "train")
+    clean = AttentionNet(0.0).double().train(mode == "train")
+    clean.load_state_dict(noisy.state_dict())
+    return noisy, clean
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(3, 5, 4, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1])
+
+
+OPERATORS = {
+    "hessian": lambda m, d: HessianOperator(m, nn.CrossEntropyLoss(), d),
+    "hessian-uncached": lambda m, d: HessianOperator(m, nn.CrossEntropyLoss(), d, cache=False),
+    "ggn": lambda m, d: GGNOperator(m, nn.CrossEntropyLoss(), d),
+    "ggn-uncached": lambda m, d: GGNOperator(m, nn.CrossEntropyLoss(), d, cache=False),
+    "fisher": lambda m, d: FisherOperator(m, nn.CrossEntropyLoss(), d, kind="mc"),
+}
+
+
+@pytest.mark.parametrize("op_name", sorted(OPERATORS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_attention_products_deterministic_and_dropout_free(mode: str, op_name: str) -> None:
+    noisy, clean = _pair(mode)
+    data = _batch()
+    make = OPERATORS[op_name]
+    v = torch.randn(sum(p.numel() for p in noisy.parameters()), 2, dtype=torch.float64)
+    a = make(noisy, data) @ v
+    b = make(noisy, data) @ v
+    assert torch.equal(a, b)
+    # the same weights without dropout: the same operations, so the same bits
+    assert torch.equal(a, make(clean, data) @ v)
+
+
+class SmallAttention(nn.Module):
+    """A MultiheadAttention, SDPA with dropout and a head (P = 39, for dense references)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(2, 1, dropout=p, batch_first=True)
+        self.q = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 3)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.mha(x, x, x)[0]
+        q = torch.tanh(self.q(z))
+        z = F.scaled_dot_product_attention(q, q, z, dropout_p=self.p)
+        return self.head(F.dropout(z, self.p, training=True).mean(1))
+
+
+def test_attention_traced_ggn_dropout_free() -> None:
+    """``linearize=True`` (torch.func trace) also runs under the product context."""
+    torch.manual_seed(0)
+    noisy, clean = SmallAttention(0.4).double(), SmallAttention(0.0).double()
+    clean.load_state_dict(noisy.state_dict())
+    g = torch.Generator().manual_seed(5)
+    data = (torch.randn(3, 4, 2, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1]))
+    v = torch.randn(39, 2, generator=g, dtype=torch.float64)
+    G = GGNOperator(noisy, nn.CrossEntropyLoss(), data, linearize=True)
+    a = G @ v
+    assert G._linearize  # the trace did not fall back
+    assert torch.equal(a, G @ v)
+    reference = GGNOperator(clean, nn.CrossEntropyLoss(), data) @ v
+    torch.testing.assert_close(a, reference, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_attention_dense_reference(mode: str) -> None:
+    torch.manual_seed(0)
+    noisy = SmallAttention(0.4).double().train(mode == "train")
+    clean = SmallAttention(0.0).double().train(mode == "train")
+    clean.load_state_dict(noisy.state_dict())
+    g = torch.Generator().manual_seed(5)
+    data = (torch.randn(3, 4, 2, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1]))
+    P = sum(p.numel() for p in noisy.parameters())
+    eye = torch.eye(P, dtype=torch.float64)
+    # reference on the dropout-free model, computed row by row by torch.autograd
+    H_ref, G_ref = (
+        dense_hessian(clean, nn.CrossEntropyLoss(), data),
+        dense_ggn(clean, nn.CrossEntropyLoss(), data),
+    )
+    H = HessianOperator(noisy, nn.CrossEntropyLoss(), data) @ eye
+    G = GGNOperator(noisy, nn.CrossEntropyLoss(), data, cache=False) @ eye
+    scale_h, scale_g = H_ref.abs().max(), G_ref.abs().max()
+    assert float((H - H_ref).abs().max() / scale_h) < 1e-10
+    assert float((G - G_ref).abs().max() / scale_g) < 1e-10
+
+
+def _settings() -> tuple[object, ...]:
+    return (
+        torch.backends.mha.get_fastpath_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        torch.backends.cuda.math_sdp_enabled(),
+        torch.backends.cuda.cudnn_sdp_enabled(),
+    )
+
+
+def _rng_states() -> tuple[object, ...]:
+    return (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())  # noqa: NPY002
+
+
+def _assert_rng_equal(a: tuple[object, ...], b: tuple[object, ...]) -> None:
+    assert torch.equal(a[0], b[0])  # type: ignore[arg-type]
+    assert np.array_equal(a[1], b[1])  # type: ignore[arg-type]
+    assert a[2] == b[2]
+
+
+@pytest.mark.parametrize("user", ["default", "flash-only-no-fastpath"])
+def test_user_settings_and_streams_restored_after_products_and_errors(user: str) -> None:
+    noisy, _ = _pair("train")
+    data = _batch()
+    backends = [SDPBackend.FLASH_ATTENTION] if user != "default" else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        previous_fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(user == "default")
+        try:
+            settings, streams = _settings(), _rng_states()
+            H = HessianOperator(noisy, nn.CrossEntropyLoss(), data, cache=False)
+            H @ torch.ones(H.shape[0], dtype=torch.float64)
+            assert _settings() == settings
+            _assert_rng_equal(_rng_states(), streams)
+
+            def bad_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                assert not torch.backends.mha.get_fastpath_enabled()
+                assert torch.backends.cuda.math_sdp_enabled()
+                raise RuntimeError("boom")
+
+            with pytest.raises(RuntimeError, match="boom"):
+                HessianOperator(noisy, bad_loss, data) @ torch.ones(H.shape[0], dtype=torch.float64)
+            assert _settings() == settings
+            _assert_rng_equal(_rng_states(), streams)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(previous_fastpath)
+
+
+def test_every_functional_dropout_is_off_inside_products() -> None:
+    x = torch.rand(2, 3, 4, 4, 4) + 1
+    with product_context():
+        pairs = [
+            (F.dropout(x, 0.9, training=True), x),
+            (F.dropout(x, 0.9, True), x),
+            (F.dropout1d(x[0, 0], 0.9, training=True), x[0, 0]),
+            (F.dropout2d(x[0], 0.9, training=True), x[0]),
+            (F.dropout3d(x, 0.9, training=True), x),
+            (F.alpha_dropout(x, 0.9, training=True), x),
+            (F.feature_alpha_dropout(x, 0.9, training=True), x),
+            (torch.dropout(x, 0.9, True), x),
+            (torch.nn.Dropout(0.9).train()(x), x),
+        ]
+        slope = F.rrelu(-x, 0.1, 0.3, training=True)
+        q = x[0, 0]
+        sdpa = F.scaled_dot_product_attention(q, q, q, dropout_p=0.9)
+    for out, expected in pairs:
+        assert torch.equal(out, expected)
+    torch.testing.assert_close(slope, -x * 0.2, rtol=1e-6, atol=0)
+    assert torch.equal(sdpa, F.scaled_dot_product_attention(q, q, q))
+
+
+def test_dropout_on_again_outside_products() -> None:
+    x = torch.ones(1000)
+    with product_context():
+        pass
+    assert bool((F.dropout(x, 0.5, training=True) == 0).any())
