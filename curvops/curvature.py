@@ -46,6 +46,37 @@ T = TypeVar("T")
 class ModelCurvatureOperator(CurvatureOperator):
     """Base class of :class:`~curvops.HessianOperator`, :class:`~curvops.GGNOperator`, ...
 
+    Every model curvature operator keeps three contracts:
+
+    1. **One fixed matrix.**  Every pass over ``data`` sees the same batches with the
+       same samples in the same order: DataLoaders with shuffling, ``drop_last``,
+       random augmentation or worker processes are replayed identically at each
+       pass (:mod:`curvops.replay`; the user's random streams and the loader's
+       generator are left as they were), and a pass that still differs raises a
+       ``ValueError`` naming ``data``.  During products nothing is random: dropout
+       of every kind is off (modules, ``F.dropout*`` calls in ``forward``,
+       ``dropout_p`` of attention) and any other random operation draws from a
+       private, fixed stream (:mod:`curvops.determinism`).  The same operator,
+       batch and vector give bitwise the same product on the CPU.
+    2. **The model as it is now.**  Parameters are looked up by name at each
+       product, and cached graphs are keyed on a bitwise comparison of every
+       parameter and buffer (:math:`O(P)` per product, one copy of them held while
+       graphs are cached): optimizer steps, ``.data`` edits, ``load_state_dict``
+       (also with ``assign=True``) and reassigned ``Parameter`` objects are all seen
+       by the next product.  A change of a selected parameter's dtype, device or
+       shape (``model.to(torch.float64)``) is refused with a ``ValueError`` naming
+       ``model``: build a new operator.
+    3. **Nothing changes.**  Parameters (the same objects of the same types under
+       every name, aliases and tied weights included), every buffer (normalisation
+       statistics, spectral-norm vectors, counters written by ``forward``), modes,
+       ``requires_grad``, ``.grad``, the attention settings and the user's random
+       streams are bit-identical afterwards, also after an error
+       (:mod:`curvops._model_state`).
+
+    Attention (``nn.MultiheadAttention``, ``nn.Transformer*`` layers,
+    ``F.scaled_dot_product_attention``) runs in train and eval mode: products use
+    the MATH attention backend and no transformer fast path.
+
     Parameters
     ----------
     model:
@@ -159,6 +190,10 @@ class ModelCurvatureOperator(CurvatureOperator):
     def bn_mode(self) -> str | None:
         """The BatchNorm mode used in products."""
         return self._bn_mode
+
+    def __repr__(self) -> str:
+        """The base description plus the samples used, e.g. ``on 10 of 13 samples``."""
+        return f"{super().__repr__()[:-1]}, on {self._data.describe()}>"
 
     # ------------------------------------------------------------------ vector maps
     def vector_to_params(self, v: Any) -> list[torch.Tensor]:
