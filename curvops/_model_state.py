@@ -27,7 +27,8 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
   (``torch.func.functional_call`` turns aliased parameters into plain tensors).
 
 * :func:`curvature_mode` also enters :func:`curvops.determinism.product_context`
-  (dropout of every kind off, a private random stream, differentiable attention)
+  (a private random stream, differentiable attention; dropout of every kind is
+  switched off in each forward pass of :func:`functional_forward`)
   and restores the tensors that forward hooks store as plain module attributes
   (e.g. the ``weight`` of ``torch.nn.utils.spectral_norm``).
 
@@ -53,7 +54,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from curvops.determinism import product_context
+from curvops.determinism import DropoutOffMode, product_context
 from spectral.errors import argument_error
 
 __all__ = [
@@ -83,8 +84,8 @@ def check_bn_mode(bn_mode: Any) -> str | None:
 def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.Module]:
     """Put ``model`` in the mode used for curvature products; restore it on exit.
 
-    Also enters :func:`curvops.determinism.product_context` (no dropout of any kind,
-    a private random stream, the MATH attention backend, no transformer fast path)
+    Also enters :func:`curvops.determinism.product_context` (a private random
+    stream, the MATH attention backend, no transformer fast path)
     and, on exit, puts back every tensor stored as a plain module attribute (forward
     hooks such as ``torch.nn.utils.spectral_norm`` store the weight they compute
     there).  Everything is restored also when the block raises.
@@ -183,8 +184,10 @@ def functional_forward(
     """Evaluate ``model(inputs)`` with parameters ``names`` replaced by ``tensors``.
 
     Parameters not listed enter detached (constants); every buffer enters as a copy
-    (writes of the forward are discarded).  Afterwards every parameter and buffer
-    of the model is the same object as before, under every name.  ``inputs`` is a
+    (writes of the forward are discarded).  The forward runs under
+    :class:`curvops.determinism.DropoutOffMode` (no dropout of any kind).
+    Afterwards every parameter and buffer of the model is the same object as
+    before, under every name.  ``inputs`` is a
     tensor, a tuple/list of positional inputs or a mapping of keyword inputs.  Call
     it inside :func:`curvature_mode`.
 
@@ -193,7 +196,7 @@ def functional_forward(
     >>> functional_forward(lin, ["weight"], [w], torch.tensor([[1.0, 2.0]]))
     tensor([[3.]])
     """
-    with _reparametrized(model, dict(zip(names, tensors))):
+    with _reparametrized(model, dict(zip(names, tensors))), DropoutOffMode():
         if isinstance(inputs, Mapping):
             out = model(**inputs)
         elif isinstance(inputs, (tuple, list)):

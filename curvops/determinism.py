@@ -2,9 +2,10 @@
 
 Every curvature product (Hessian, GGN, Fisher, and all that is built on them)
 runs inside :func:`product_context`, entered by
-:func:`curvops._model_state.curvature_mode`.  For the duration it makes the model a
-deterministic function with second derivatives, and restores every setting on exit,
-also after an error:
+:func:`curvops._model_state.curvature_mode`, and evaluates the model through
+:func:`curvops._model_state.functional_forward`, which runs each forward pass under
+:class:`DropoutOffMode`.  Together they make the model a deterministic function
+with second derivatives, and restore every setting on exit, also after an error:
 
 * **No dropout of any kind.**  A :class:`DropoutOffMode`
   (a :class:`torch.overrides.TorchFunctionMode`) rewrites every call of a random
@@ -31,12 +32,14 @@ also after an error:
   passes.
 
 The cost is a dictionary lookup per PyTorch function call made from Python during
-a forward pass, plus a few microseconds per product for the settings.
+a forward pass (the mode is entered for forward passes only, not for the backward
+passes through recorded graphs, whose lean kernels of :mod:`curvops.lean_ops` run
+Python code), plus a few tens of microseconds per product for the settings.
 
 >>> import torch
 >>> import torch.nn.functional as F
 >>> x = torch.ones(4)
->>> with product_context():
+>>> with product_context(), DropoutOffMode():
 ...     F.dropout(x, 0.5, training=True)
 tensor([1., 1., 1., 1.])
 >>> torch.backends.mha.get_fastpath_enabled()
@@ -165,9 +168,10 @@ def _fastpath_off() -> Iterator[None]:
 def product_context() -> Iterator[None]:
     """Deterministic, differentiable evaluation for curvature products (re-entrant).
 
-    Dropout of every kind off, a private random stream seeded with
-    :data:`PRODUCT_SEED`, the MATH attention backend and no transformer fast path;
-    everything restored on exit (see the module docstring).  Nested use is a no-op.
+    A private random stream seeded with :data:`PRODUCT_SEED`, the MATH attention
+    backend and no transformer fast path; everything restored on exit (see the
+    module docstring; dropout is switched off per forward pass by
+    :class:`DropoutOffMode`).  Nested use is a no-op.
 
     >>> import torch
     >>> state = torch.get_rng_state()
@@ -190,7 +194,6 @@ def product_context() -> Iterator[None]:
         stack.enter_context(_private_rng(PRODUCT_SEED))
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         stack.enter_context(_fastpath_off())
-        stack.enter_context(DropoutOffMode())
         _depth += 1
         try:
             yield

@@ -5,6 +5,7 @@ user's attention settings and random streams are restored, also after errors.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvops import FisherOperator, GGNOperator, HessianOperator
-from curvops.determinism import product_context
+from curvops.determinism import DropoutOffMode, product_context
 from curvops.testing import dense_ggn, dense_hessian
 
 
@@ -182,7 +183,7 @@ def test_user_settings_and_streams_restored_after_products_and_errors(user: str)
 
 def test_every_functional_dropout_is_off_inside_products() -> None:
     x = torch.rand(2, 3, 4, 4, 4) + 1
-    with product_context():
+    with product_context(), DropoutOffMode():
         pairs = [
             (F.dropout(x, 0.9, training=True), x),
             (F.dropout(x, 0.9, True), x),
@@ -205,6 +206,66 @@ def test_every_functional_dropout_is_off_inside_products() -> None:
 
 def test_dropout_on_again_outside_products() -> None:
     x = torch.ones(1000)
-    with product_context():
+    with product_context(), DropoutOffMode():
         pass
     assert bool((F.dropout(x, 0.5, training=True) == 0).any())
+
+
+class DropoutCNN(nn.Module):
+    """Layers with lean kernels (conv, BatchNorm, ReLU, max pooling) and dropout calls."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.drop = nn.Dropout2d(p)
+        self.head = nn.Linear(8, 3)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        z = F.dropout(self.drop(z), self.p, training=True).flatten(1)
+        return self.head(F.dropout(z, self.p, True))
+
+
+def test_dropout_off_composes_with_lean_kernels_and_caches() -> None:
+    torch.manual_seed(0)
+    noisy, clean = DropoutCNN(0.5).double().train(), DropoutCNN(0.0).double().train()
+    clean.load_state_dict(noisy.state_dict())
+    g = torch.Generator().manual_seed(2)
+    data = (torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 1]))
+    v = torch.randn(sum(p.numel() for p in noisy.parameters()), 2, generator=g, dtype=torch.float64)
+    ce = nn.CrossEntropyLoss()
+    for make in (
+        lambda m, **kw: HessianOperator(m, ce, data, **kw),
+        lambda m, **kw: GGNOperator(m, ce, data, **kw),
+    ):
+        lean = make(noisy)
+        a = lean @ v
+        assert torch.equal(a, lean @ v)  # the cached graph
+        assert torch.equal(a, make(clean) @ v)
+        torch.testing.assert_close(a, make(noisy, lean_kernels=False) @ v, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(a, make(noisy, cache=False) @ v, rtol=1e-12, atol=1e-13)
+    # a graph recorded outside a product (dropout active) is never reused by one
+    H = HessianOperator(noisy, ce, data)
+    batch = next(iter(H.data))
+    outside = H.linearization(batch)
+    inside = H @ v
+    assert H._graph_cache[0][1] is not outside
+    assert torch.equal(inside, HessianOperator(clean, ce, data) @ v)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_functions_built_on_products_run_on_attention(mode: str) -> None:
+    from curvops import diagonal, stats
+
+    noisy, clean = _pair(mode)
+    data = _batch()
+    ce = nn.CrossEntropyLoss()
+    d_noisy = diagonal.ggn_diagonal(noisy, ce, data)
+    assert torch.equal(d_noisy, diagonal.ggn_diagonal(clean, ce, data))
+    s_noisy = dataclasses.asdict(stats.loss_stats(noisy, ce, data, num_probes=2))
+    s_clean = dataclasses.asdict(stats.loss_stats(clean, ce, data, num_probes=2))
+    assert s_noisy.keys() == s_clean.keys()
+    for key, value in s_noisy.items():
+        assert repr(value) == repr(s_clean[key]), key
