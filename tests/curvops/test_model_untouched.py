@@ -13,6 +13,7 @@ from torch import nn
 
 from curvops import FisherOperator, GGNOperator, HessianOperator
 from curvops._model_state import functional_forward, model_state, state_differences
+from curvops.testing import check_model_contract
 from spectral import lanczos
 
 
@@ -129,6 +130,7 @@ def test_products_and_lanczos_change_nothing(model_name: str, op_name: str) -> N
     ] == params_before
     assert all(t is nn.Parameter for _, t in params_before)
     assert torch.equal(op @ v, first)
+    check_model_contract(op)
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
