@@ -269,3 +269,38 @@ def test_functions_built_on_products_run_on_attention(mode: str) -> None:
     assert s_noisy.keys() == s_clean.keys()
     for key, value in s_noisy.items():
         assert repr(value) == repr(s_clean[key]), key
+
+
+class PaddedTransformer(nn.Module):
+    """``nn.TransformerEncoder`` with a key padding mask, then a full ``nn.Transformer``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 4, p, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.t = nn.Transformer(4, 2, 1, 1, dim_feedforward=4, dropout=p, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.enc(x, src_key_padding_mask=mask)
+        return self.head(self.t(z, x).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_with_padding_mask(mode: str) -> None:
+    torch.manual_seed(0)
+    noisy = PaddedTransformer(0.3).double().train(mode == "train")
+    clean = PaddedTransformer(0.0).double().train(mode == "train")
+    clean.load_state_dict(noisy.state_dict())
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    data = ((x, mask), torch.tensor([0, 2, 1]))
+    v = torch.randn(sum(p.numel() for p in noisy.parameters()), generator=g, dtype=torch.float64)
+    for make in (HessianOperator, GGNOperator):
+        a = make(noisy, nn.CrossEntropyLoss(), data) @ v
+        assert torch.equal(a, make(noisy, nn.CrossEntropyLoss(), data) @ v)
+        assert torch.equal(a, make(clean, nn.CrossEntropyLoss(), data) @ v)
+        uncached = make(noisy, nn.CrossEntropyLoss(), data, cache=False) @ v
+        torch.testing.assert_close(uncached, a, rtol=1e-10, atol=1e-12)
