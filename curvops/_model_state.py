@@ -125,7 +125,13 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                     if m.training:
                         tracked.append((m, m.track_running_stats))
                         m.track_running_stats = False
-            yield model
+            try:
+                yield model
+            except (NotImplementedError, RuntimeError) as exc:
+                hint = _missing_derivative_hint(exc)
+                if hint is None:
+                    raise
+                raise type(exc)(f"{exc}\n{hint}") from exc
     finally:
         for m, flag in tracked:
             m.track_running_stats = flag
@@ -134,6 +140,25 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         for m, key, value in attributes:
             if vars(m).get(key) is not value:
                 object.__setattr__(m, key, value)
+
+
+def _missing_derivative_hint(exc: BaseException) -> str | None:
+    """What to do when PyTorch lacks a derivative a product needs (None: other errors)."""
+    text = str(exc)
+    if "derivative for" in text and "not implemented" in text:
+        need = "a second derivative (double backward)"
+    elif "forward AD" in text:
+        need = "a forward-mode derivative"
+    else:
+        return None
+    return (
+        f"Curvature products need {need} of every operation of the model, and PyTorch "
+        "has none for the operation named above. Attention already runs on the MATH "
+        "backend (and without the fused fast path) during products. Replace the "
+        "operation by an equivalent built from differentiable operations; for the GGN "
+        "and Fisher, cache=True (recorded graphs, no forward-mode derivatives) may also "
+        "avoid a missing forward-mode derivative."
+    )
 
 
 @contextmanager

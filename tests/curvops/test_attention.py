@@ -304,3 +304,30 @@ def test_transformer_with_padding_mask(mode: str) -> None:
         assert torch.equal(a, make(clean, nn.CrossEntropyLoss(), data) @ v)
         uncached = make(noisy, nn.CrossEntropyLoss(), data, cache=False) @ v
         torch.testing.assert_close(uncached, a, rtol=1e-10, atol=1e-12)
+
+
+class Cdist(nn.Module):
+    """``torch.cdist`` has neither a double backward nor a forward-mode derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(x, self.w)
+
+
+@pytest.mark.parametrize(
+    ("make", "need"),
+    [
+        (lambda m, d: HessianOperator(m, nn.CrossEntropyLoss(), d), "second derivative"),
+        (lambda m, d: GGNOperator(m, nn.CrossEntropyLoss(), d, cache=False), "forward-mode"),
+    ],
+)
+def test_missing_derivative_explained(make: object, need: str) -> None:
+    data = (torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    settings = _settings()
+    op = make(Cdist(), data)  # type: ignore[operator]
+    with pytest.raises(NotImplementedError, match=f"Curvature products need a {need}"):
+        op @ torch.ones(6, dtype=torch.float64)
+    assert _settings() == settings
