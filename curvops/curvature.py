@@ -126,6 +126,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         selected = select_params(model, params)
+        # The selection as built; products look the parameters up by name
+        # (_live_params), so a reassigned Parameter is followed.
+        self._params = selected
         self._names = [n for n, _ in selected]
         self._shapes = [p.shape for _, p in selected]
         self._progress = bool(progress)
