@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvops import FisherOperator, GGNOperator, HessianOperator
 from curvops.determinism import DropoutOffMode, product_context
-from curvops.testing import dense_ggn, dense_hessian
+from curvops.testing import dense_fisher, dense_ggn, dense_hessian
 
 
 class AttentionNet(nn.Module):
@@ -131,6 +131,9 @@ def test_attention_dense_reference(mode: str) -> None:
     scale_h, scale_g = H_ref.abs().max(), G_ref.abs().max()
     assert float((H - H_ref).abs().max() / scale_h) < 1e-10
     assert float((G - G_ref).abs().max() / scale_g) < 1e-10
+    F_ref = dense_fisher(clean, nn.CrossEntropyLoss(), data, kind="mc", mc_samples=2, seed=3)
+    F_op = FisherOperator(noisy, nn.CrossEntropyLoss(), data, kind="mc", mc_samples=2, seed=3)
+    assert float(((F_op @ eye) - F_ref).abs().max() / F_ref.abs().max()) < 1e-10
 
 
 def _settings() -> tuple[object, ...]:
