@@ -334,3 +334,23 @@ def test_missing_derivative_explained(make: object, need: str) -> None:
     with pytest.raises(NotImplementedError, match=f"Curvature products need a {need}"):
         op @ torch.ones(6, dtype=torch.float64)
     assert _settings() == settings
+
+
+def test_blocks_and_inverse_on_attention_models() -> None:
+    from curvops import inverse
+    from curvops.blocks import per_layer
+
+    noisy, clean = _pair("train")
+    data = _batch()
+    ce = nn.CrossEntropyLoss()
+    P = sum(p.numel() for p in noisy.parameters())
+    b = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    B_noisy, B_clean = (
+        per_layer(GGNOperator, noisy, ce, data),
+        per_layer(GGNOperator, clean, ce, data),
+    )
+    assert torch.equal(B_noisy @ b, B_clean @ b)
+    G = GGNOperator(noisy, ce, data).damp(1.0)
+    x = inverse(G, "cg", tol=1e-12) @ b
+    torch.testing.assert_close(G @ x, b, rtol=1e-9, atol=1e-9)
+    assert torch.equal(x, inverse(GGNOperator(clean, ce, data).damp(1.0), "cg", tol=1e-12) @ b)
