@@ -97,6 +97,8 @@ OPERATORS = {
 }
 
 
+# Python >= 3.12 warns when worker processes are forked from a process with threads.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("op_name", sorted(OPERATORS))
 @pytest.mark.parametrize("kind", sorted(LOADERS))
 def test_loader_replayed_bitwise(kind: str, op_name: str) -> None:
