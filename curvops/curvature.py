@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curvops import determinism
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
@@ -48,6 +49,37 @@ T = TypeVar("T")
 
 class ModelCurvatureOperator(CurvatureOperator):
     """Base class of :class:`~curvops.HessianOperator`, :class:`~curvops.GGNOperator`, ...
+
+    Every model curvature operator keeps three contracts:
+
+    1. **One fixed matrix.**  Every pass over ``data`` sees the same batches with the
+       same samples in the same order: DataLoaders with shuffling, ``drop_last``,
+       random augmentation or worker processes are replayed identically at each
+       pass (:mod:`curvops.replay`; the user's random streams and the loader's
+       generator are left as they were), and a pass that still differs raises a
+       ``ValueError`` naming ``data``.  During products nothing is random: dropout
+       of every kind is off (modules, ``F.dropout*`` calls in ``forward``,
+       ``dropout_p`` of attention) and any other random operation draws from a
+       private, fixed stream (:mod:`curvops.determinism`).  The same operator,
+       batch and vector give bitwise the same product on the CPU.
+    2. **The model as it is now.**  Parameters are looked up by name at each
+       product, and cached graphs are keyed on a bitwise comparison of every
+       parameter and buffer (:math:`O(P)` per product, one copy of them held while
+       graphs are cached): optimizer steps, ``.data`` edits, ``load_state_dict``
+       (also with ``assign=True``) and reassigned ``Parameter`` objects are all seen
+       by the next product.  A change of a selected parameter's dtype, device or
+       shape (``model.to(torch.float64)``) is refused with a ``ValueError`` naming
+       ``model``: build a new operator.
+    3. **Nothing changes.**  Parameters (the same objects of the same types under
+       every name, aliases and tied weights included), every buffer (normalisation
+       statistics, spectral-norm vectors, counters written by ``forward``), modes,
+       ``requires_grad``, ``.grad``, the attention settings and the user's random
+       streams are bit-identical afterwards, also after an error
+       (:mod:`curvops._model_state`).
+
+    Attention (``nn.MultiheadAttention``, ``nn.Transformer*`` layers,
+    ``F.scaled_dot_product_attention``) runs in train and eval mode: products use
+    the MATH attention backend and no transformer fast path.
 
     Parameters
     ----------
@@ -100,14 +132,22 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._loss_fn = check_loss(loss_fn)
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
-        self._params = select_params(model, params)
+        selected = select_params(model, params)
         self._validation = validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
-        self._names = [n for n, _ in self._params]
-        self._shapes = [p.shape for _, p in self._params]
+        # The selection as built; products look the parameters up by name
+        # (_live_params), so a reassigned Parameter is followed.
+        self._params = selected
+        self._names = [n for n, _ in selected]
+        self._shapes = [p.shape for _, p in selected]
         self._progress = bool(progress)
         self.process_group = process_group
-        first = self._params[0][1]
-        n = sum(int(p.numel()) for _, p in self._params)
+        self._snapshot: list[torch.Tensor] = []  # values behind self._generation
+        self._snapshot_ids: tuple[Any, ...] = ()
+        self._generation = 0
+        self._product_token: tuple[Any, ...] | None = None  # memo for one product
+        self._in_product = False
+        first = selected[0][1]
+        n = sum(int(p.numel()) for _, p in selected)
         super().__init__(
             shape=(n, n),
             torch_dtype=first.dtype,
@@ -134,8 +174,13 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     @property
     def params(self) -> list[tuple[str, nn.Parameter]]:
-        """The selected ``(name, parameter)`` pairs, in vector order."""
-        return list(self._params)
+        """The selected ``(name, parameter)`` pairs, in vector order, looked up now.
+
+        The parameters are found by name in the model at each call (and at each
+        product), so a reassigned ``Parameter`` or ``load_state_dict(...,
+        assign=True)`` is followed.
+        """
+        return list(zip(self._names, self._live_params()))
 
     @property
     def param_names(self) -> list[str]:
@@ -156,6 +201,10 @@ class ModelCurvatureOperator(CurvatureOperator):
     def bn_mode(self) -> str | None:
         """The BatchNorm mode used in products."""
         return self._bn_mode
+
+    def __repr__(self) -> str:
+        """The base description plus the samples used, e.g. ``on 10 of 13 samples``."""
+        return f"{super().__repr__()[:-1]}, on {self._data.describe()}>"
 
     # ------------------------------------------------------------------ vector maps
     def vector_to_params(self, v: Any) -> list[torch.Tensor]:
@@ -191,8 +240,44 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ helpers for subclasses
     def current_params(self) -> list[torch.Tensor]:
-        """The selected parameters' current values (detached, sharing storage)."""
-        return [p.detach() for _, p in self._params]
+        """The selected parameters' current values (detached, sharing storage).
+
+        Looked up by name in the model now (see :meth:`_live_params`).
+        """
+        return [p.detach() for p in self._live_params()]
+
+    def _live_params(self) -> list[nn.Parameter]:
+        """The parameters under the selected names now, checked against the operator.
+
+        :math:`O(p)` attribute lookups for :math:`p` parameter tensors.
+
+        Raises
+        ------
+        ValueError
+            A selected name no longer names a parameter, or a parameter's shape,
+            dtype or device changed (e.g. ``model.to(torch.float64)``): the operator
+            is a matrix of fixed size and dtype, build a new one.
+        """
+        live = []
+        for name, shape in zip(self._names, self._shapes):
+            try:
+                p = self._model.get_parameter(name)
+            except AttributeError:
+                raise argument_error(
+                    "model",
+                    f"a parameter named {name!r}, as when the operator was built",
+                    "a model without it",
+                ) from None
+            if p.shape != shape or p.dtype != self.torch_dtype or p.device != self.device:
+                raise argument_error(
+                    "model",
+                    f"parameter {name!r} of shape {tuple(shape)}, dtype {self.torch_dtype} on "
+                    f"{self.device} as when the operator was built (after model.to(...) or a "
+                    "change of shape, build a new operator)",
+                    f"shape {tuple(p.shape)}, dtype {p.dtype} on {p.device}",
+                )
+            live.append(p)
+        return live
 
     def _batch_on_device(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         inputs = move_to(batch.inputs, self.device, self.torch_dtype)
@@ -275,17 +360,52 @@ class ModelCurvatureOperator(CurvatureOperator):
         return graph.apply(V)
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
-        """Changes whenever parameters, buffers, modes or the batch tensors change."""
-        versions = [p._version for p in self._model.parameters()]
-        versions += [b._version for b in self._model.buffers()]
-        flags = [m.training for m in self._model.modules()]
+        """Changes whenever parameters, buffers, modes or the batch tensors change.
+
+        The model part (:meth:`_model_token`) is computed once per product.
+        """
+        if not self._in_product:
+            token = self._model_token()
+        elif self._product_token is None:
+            token = self._product_token = self._model_token()
+        else:
+            token = self._product_token
         tensors = [t for t in (batch.inputs, batch.targets) if isinstance(t, torch.Tensor)]
         return (
-            tuple(versions),
-            tuple(flags),
-            tuple(p.data_ptr() for p in self._model.parameters()),
+            token,
             tuple((t.data_ptr(), t._version) for t in tensors),
         )
+
+    def _model_token(self) -> tuple[Any, ...]:
+        """A key that changes with any change of the model's parameters or buffers.
+
+        Compares every parameter and buffer of the model with a copy taken when the
+        key last changed, bitwise, plus the identity, dtype and storage of every
+        tensor under every name, the train/eval flags and whether the product
+        context (:func:`curvops.determinism.product_context`) is active.  So an
+        optimizer step, a ``.data`` edit (which bumps no version counter), ``copy_``
+        under ``no_grad``, ``load_state_dict`` (with or without ``assign=True``) and a
+        reassigned ``Parameter`` all invalidate the cached graphs.  Cost
+        :math:`O(P)`: one comparison pass over the parameters and buffers per
+        product (only for operators that cache), and one copy of them held while
+        graphs are cached.
+        """
+        model = self._model
+        named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
+        named += [t for _, t in model.named_buffers(remove_duplicate=False)]
+        ids = tuple((id(t), t.dtype, t.device, t.data_ptr(), t.shape) for t in named)
+        tensors = list({id(t): t for t in named}.values())  # aliases compared once
+        same = ids == self._snapshot_ids and all(
+            torch.equal(t, saved) for t, saved in zip(tensors, self._snapshot)
+        )
+        if not same:
+            self._generation += 1
+            self._graph_cache.clear()
+            with torch.no_grad():
+                self._snapshot = [t.detach().clone() for t in tensors]
+            self._snapshot_ids = ids
+        flags = tuple(m.training for m in model.modules())
+        return (self._generation, flags, determinism.is_active())
 
     def _batches(self) -> Iterable[Batch]:
         if not self._progress:
@@ -305,7 +425,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         ``batch`` is None for streamed data (a DataLoader), whose batches are not
         re-read: only the parameters are checked then.
         """
-        bad = [name for name, p in self._params if not bool(torch.isfinite(p.detach()).all())]
+        bad = [
+            name
+            for name, p in zip(self._names, self._live_params())
+            if not bool(torch.isfinite(p.detach()).all())
+        ]
         if bad:
             return f"; non-finite values in parameter(s) {bad[:5]}"
         if batch is None:
@@ -428,7 +552,13 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         V = unflatten_columns(X, self._shapes)
-        acc, weight = self._accumulate(V)
+        self._live_params()  # a changed dtype/shape/missing parameter is refused first
+        self._product_token = None  # the model is compared once per product
+        self._in_product = True
+        try:
+            acc, weight = self._accumulate(V)
+        finally:
+            self._product_token, self._in_product = None, False
         if isinstance(weight, torch.Tensor) or weight != 1:
             return acc / weight
         return acc

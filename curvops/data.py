@@ -17,6 +17,12 @@ over every sample,
 where :math:`L_b` is the mean loss of batch :math:`b` (size :math:`N_b`), so an
 unequal last batch is weighted exactly.
 
+Every pass over a DataLoader sees the same batches with the same samples in the
+same order: shuffling, ``drop_last``, random augmentation and worker processes are
+replayed identically at each pass, without advancing the user's random streams
+(:class:`curvops.replay.ReplayStreams`), and a pass that still differs from the
+first raises a ``ValueError`` naming ``data`` (:class:`curvops.replay.PassFingerprint`).
+
 >>> import torch
 >>> d = as_data([(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(1, 2), torch.zeros(1))])
 >>> [b.size for b in d], d.num_samples, d.is_single_batch
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 
+from curvops.replay import PassFingerprint, ReplayStreams
 from spectral.errors import argument_error
 
 __all__ = [
@@ -216,6 +223,8 @@ class Data:
             length = _safe_len(data)
             if length == 0:
                 raise argument_error("data", "a non-empty DataLoader", data)
+            self._streams = ReplayStreams(data)
+            self._fingerprint = PassFingerprint(data)
         if self._batches is not None:
             self._num_samples = sum(b.size for b in self._batches)
 
@@ -235,8 +244,19 @@ class Data:
             yield from self._batches
             return
         ref: tuple[Any, ...] | None = None
-        count = 0
-        for i, raw in enumerate(self._source):
+        count = samples = 0
+        self._streams.new_pass()
+        self._fingerprint.new_pass()
+        iterator: Iterator[Any] | None = None
+        while True:
+            with self._streams.active():  # the user's streams are back between batches
+                if iterator is None:
+                    iterator = iter(self._source)
+                try:
+                    raw = next(iterator)
+                except StopIteration:
+                    break
+            i = count
             batch = _check_batch(raw, i)
             sig = _signature(batch)
             if ref is None:
@@ -247,10 +267,15 @@ class Data:
                     f"the trailing input/target shapes and target dtype of batch 0 {ref}",
                     sig,
                 )
+            self._fingerprint.check(i, batch.size, batch.inputs, batch.targets)
             count += 1
+            samples += batch.size
             yield batch
         if count == 0:
             raise argument_error("data", "a non-empty DataLoader", self._source)
+        self._fingerprint.finish(count)
+        if self._num_samples is None:
+            self._num_samples = samples
 
     @property
     def is_in_memory(self) -> bool:
@@ -260,6 +285,35 @@ class Data:
         True
         """
         return self._batches is not None
+
+    @property
+    def num_available(self) -> int | None:
+        """Samples in the loader's dataset (None when unknown), e.g. more than
+        :attr:`num_samples` with ``drop_last=True``.
+
+        >>> as_data((torch.zeros(2, 1), torch.zeros(2))).num_available
+        2
+        """
+        if self._batches is not None:
+            return self.num_samples
+        return _safe_len(getattr(self._source, "dataset", None))
+
+    def describe(self) -> str:
+        """``"N samples"`` or ``"N of M samples"``, without a pass over the data.
+
+        >>> as_data([(torch.zeros(3, 1), torch.zeros(3))]).describe()
+        '3 samples in 1 batch'
+        """
+        if self._batches is not None:
+            batches = len(self._batches)
+            return f"{self.num_samples} samples in {batches} batch{'es' if batches > 1 else ''}"
+        if self._num_samples is None:
+            self._num_samples = _loader_num_samples(self._source)
+        used = "?" if self._num_samples is None else str(self._num_samples)
+        available = self.num_available
+        if available is None or str(available) == used:
+            return f"{used} samples from a loader"
+        return f"{used} of {available} samples from a loader"
 
     @property
     def num_samples(self) -> int:

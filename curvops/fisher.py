@@ -148,6 +148,10 @@ class FisherOperator(ModelCurvatureOperator):
         the batch, ``kind``, ``mc_samples`` and ``seed`` are unchanged (the sampled
         targets depend on ``seed`` and the batch index only).
 
+    Contracts: one fixed matrix (loaders replayed or refused, no randomness during
+    products), the model as it is now, nothing of the model changes; see
+    :class:`curvops.curvature.ModelCurvatureOperator`.
+
     Raises
     ------
     ValueError, TypeError

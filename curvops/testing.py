@@ -29,7 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
+from curvops._model_state import (
+    check_bn_mode,
+    curvature_mode,
+    functional_forward,
+    model_state,
+    state_differences,
+)
 from curvops.data import as_data, move_to
 from curvops.forward_mode import prepare_forward_mode
 from curvops.losses import (
@@ -46,10 +52,13 @@ from curvops.params import select_params
 from spectral.errors import argument_error
 
 __all__ = [
+    "check_model_contract",
     "check_operator_contract",
     "dense_fisher",
     "dense_ggn",
     "dense_hessian",
+    "model_state",
+    "state_differences",
 ]
 
 _BatchFn = Callable[
@@ -319,3 +328,42 @@ def check_operator_contract(
         cases.append(("A.deflate(V)", op.deflate(Q.astype(dtype)), P @ A @ P, 4.0))
     for name, combo, ref, factor in cases:
         _check_close(f"{name} matvec", combo.matvec(x.astype(dtype)), ref @ x, factor * tol_x)
+
+
+def check_model_contract(op: Any, *, seed: int = 0, num_columns: int = 2) -> None:
+    """Check contracts 1 and 3 of a model curvature operator; ``AssertionError`` on failure.
+
+    Two products with the same vectors are bitwise equal (one fixed matrix, nothing
+    random), and afterwards the model is unchanged (:func:`state_differences`:
+    values, identities and types of every parameter and buffer under every name,
+    modes, ``.grad``, ``requires_grad``) and so are the global torch (CPU), numpy and
+    Python random streams.
+
+    >>> import torch
+    >>> from curvops import GGNOperator
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout(0.5)).double()
+    >>> x, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    >>> check_model_contract(GGNOperator(net, torch.nn.CrossEntropyLoss(), (x, y)))
+    """
+    import random
+
+    model = op.model
+    before = model_state(model)
+    streams: tuple[Any, ...] = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    g = torch.Generator(device=op.device).manual_seed(seed)
+    V = torch.randn(op.shape[0], num_columns, generator=g, dtype=op.torch_dtype, device=op.device)
+    first = op.matmat(V)
+    second = op.matmat(V)
+    if not torch.equal(first, second):
+        raise AssertionError("operator contract: two products with the same vectors differ")
+    diffs = state_differences(before, model)
+    if diffs:
+        raise AssertionError(f"operator contract: the products changed the model: {diffs[:8]}")
+    now: tuple[Any, ...] = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    if not (
+        torch.equal(streams[0], now[0])
+        and np.array_equal(streams[1][1], now[1][1])
+        and streams[1][2:] == now[1][2:]
+        and streams[2] == now[2]
+    ):
+        raise AssertionError("operator contract: the products advanced a global random stream")
