@@ -26,10 +26,11 @@ PACKAGES := spectral curvops nets
 
 .PHONY: setup demo test test-newest lint typecheck pytest docs clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml requirements/test-oracles.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(foreach spec,$(TORCH_SPEC),"$(spec)")
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/test-oracles.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

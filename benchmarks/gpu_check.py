@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from curvops import GGNOperator, HessianOperator
 from curvops.testing import dense_ggn, dense_hessian
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.operator import as_operator
 
 PAPER_SECONDS = {"hessian": 27.9, "ggn": 26.5}

@@ -155,7 +155,7 @@ def _bind_ours(
     """
     from curvops.ggn import GGNOperator
     from curvops.hessian import HessianOperator
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
     from spectral.operator import as_operator
 
     data: Any = batches[0] if len(batches) == 1 else batches

@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from curvops.hessian import HessianOperator
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.operator import as_operator
 
 D_IN, D_OUT, BATCH = 64, 10, 128

@@ -27,9 +27,9 @@ from curvops.distributed import shard_batches
 from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
-from curvops.inverse import InverseOperator, SolveInfo, inverse
 from curvops.lean_ops import lean_double_backward
 from curvops.operator import CurvatureOperator
+from curvops.solvers import InverseOperator, SolveInfo, inverse
 from curvops.stats import LossStats, loss_stats
 from curvops.structured import Dense, Diagonal, Identity, LowRank
 

@@ -17,9 +17,20 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
     AD refuse such writes, and they would corrupt the running statistics).
 
 * :func:`functional_forward` evaluates the model with the selected parameters
-  replaced by caller-owned tensors through :func:`torch.func.functional_call`;
-  the other parameters enter detached, so no graph reaches the model's own
-  ``Parameter`` objects and ``.grad`` is never touched.
+  replaced by caller-owned tensors (the other parameters enter detached, so no graph
+  reaches the model's own ``Parameter`` objects and ``.grad`` is never touched) and
+  every buffer replaced by a private copy, so whatever a forward writes into a
+  buffer (spectral-norm vectors, counters) never reaches the model.  The swap is
+  done in each module's own parameter and buffer dictionaries and undone object by
+  object afterwards: a module registered under two names, tied weights and
+  parametrizations come back as the same objects of the same types
+  (``torch.func.functional_call`` turns aliased parameters into plain tensors).
+
+* :func:`curvature_mode` also enters :func:`curvops.determinism.product_context`
+  (a private random stream, differentiable attention; dropout of every kind is
+  switched off in each forward pass of :func:`functional_forward`)
+  and restores the tensors that forward hooks store as plain module attributes
+  (e.g. the ``weight`` of ``torch.nn.utils.spectral_norm``).
 
 * :func:`model_state` / :func:`state_differences` capture and compare the full state
   (used by the tests and by :mod:`curvops.testing`).
@@ -40,10 +51,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from curvops.determinism import DropoutOffMode, product_context
 from spectral.errors import argument_error
 
 __all__ = [
@@ -73,6 +84,12 @@ def check_bn_mode(bn_mode: Any) -> str | None:
 def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.Module]:
     """Put ``model`` in the mode used for curvature products; restore it on exit.
 
+    Also enters :func:`curvops.determinism.product_context` (a private random
+    stream, the MATH attention backend, no transformer fast path)
+    and, on exit, puts back every tensor stored as a plain module attribute (forward
+    hooks such as ``torch.nn.utils.spectral_norm`` store the weight they compute
+    there).  Everything is restored also when the block raises.
+
     Parameters
     ----------
     model:
@@ -88,24 +105,99 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         For an unknown ``bn_mode``.
     """
     check_bn_mode(bn_mode)
-    flags = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    flags = [(m, m.training) for m in modules]
+    attributes = [
+        (m, key, value)
+        for m in modules
+        for key, value in vars(m).items()
+        if isinstance(value, torch.Tensor)
+    ]
     tracked: list[tuple[_NormBase, bool]] = []
     try:
-        for m in model.modules():
-            if isinstance(m, _DropoutNd):
-                m.training = False
-            elif isinstance(m, _NormBase):
-                if bn_mode is not None:
-                    m.training = bn_mode == "train"
-                if m.training:
-                    tracked.append((m, m.track_running_stats))
-                    m.track_running_stats = False
-        yield model
+        with product_context():
+            for m in modules:
+                if isinstance(m, _DropoutNd):
+                    m.training = False
+                elif isinstance(m, _NormBase):
+                    if bn_mode is not None:
+                        m.training = bn_mode == "train"
+                    if m.training:
+                        tracked.append((m, m.track_running_stats))
+                        m.track_running_stats = False
+            try:
+                yield model
+            except (NotImplementedError, RuntimeError) as exc:
+                hint = _missing_derivative_hint(exc)
+                if hint is None:
+                    raise
+                raise type(exc)(f"{exc}\n{hint}") from exc
     finally:
         for m, flag in tracked:
             m.track_running_stats = flag
         for m, was_training in flags:
             m.training = was_training
+        for m, key, value in attributes:
+            if vars(m).get(key) is not value:
+                object.__setattr__(m, key, value)
+
+
+def _missing_derivative_hint(exc: BaseException) -> str | None:
+    """What to do when PyTorch lacks a derivative a product needs (None: other errors)."""
+    text = str(exc)
+    if "derivative for" in text and "not implemented" in text:
+        need = "a second derivative (double backward)"
+    elif "forward AD" in text:
+        need = "a forward-mode derivative"
+    else:
+        return None
+    return (
+        f"Curvature products need {need} of every operation of the model, and PyTorch "
+        "has none for the operation named above. Attention already runs on the MATH "
+        "backend (and without the fused fast path) during products. Replace the "
+        "operation by an equivalent built from differentiable operations; for the GGN "
+        "and Fisher, cache=True (recorded graphs, no forward-mode derivatives) may also "
+        "avoid a missing forward-mode derivative."
+    )
+
+
+@contextmanager
+def _reparametrized(model: nn.Module, replaced: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Swap parameters (``replaced`` or detached) and buffers (copies) in place; undo on exit.
+
+    Works on every module's own ``_parameters`` / ``_buffers`` dictionaries, keyed by
+    the identity of the original tensor, so a tensor reachable under several names
+    (aliased modules, tied weights) gets one value under all of them, and exactly the
+    original objects are put back.
+    """
+    values: dict[int, torch.Tensor] = {}
+    known = set()
+    for name, p in model.named_parameters():
+        known.add(name)
+        values[id(p)] = replaced[name] if name in replaced else p.detach()
+    unknown = [n for n in replaced if n not in known]
+    if unknown:
+        raise argument_error("names", "names of parameters of the model", unknown)
+    slots: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for m in model.modules():
+            params: dict[str, Any] = m._parameters
+            for key, p in params.items():
+                if p is not None:
+                    slots.append((params, key, p))
+                    params[key] = values[id(p)]
+            buffers: dict[str, Any] = m._buffers
+            for key, b in buffers.items():
+                if b is not None:
+                    slots.append((buffers, key, b))
+                    copy = values.get(id(b))
+                    if copy is None:
+                        copy = values[id(b)] = b.detach().clone()
+                    buffers[key] = copy
+        yield
+    finally:
+        for table, key, original in reversed(slots):
+            table[key] = original
 
 
 def functional_forward(
@@ -116,26 +208,26 @@ def functional_forward(
 ) -> torch.Tensor:
     """Evaluate ``model(inputs)`` with parameters ``names`` replaced by ``tensors``.
 
-    Parameters not listed enter detached (constants).  ``inputs`` is a tensor, a
-    tuple/list of positional inputs or a mapping of keyword inputs.  Call it inside
-    :func:`curvature_mode`.
+    Parameters not listed enter detached (constants); every buffer enters as a copy
+    (writes of the forward are discarded).  The forward runs under
+    :class:`curvops.determinism.DropoutOffMode` (no dropout of any kind).
+    Afterwards every parameter and buffer of the model is the same object as
+    before, under every name.  ``inputs`` is a
+    tensor, a tuple/list of positional inputs or a mapping of keyword inputs.  Call
+    it inside :func:`curvature_mode`.
 
     >>> lin = torch.nn.Linear(2, 1, bias=False)
     >>> w = torch.ones(1, 2)
     >>> functional_forward(lin, ["weight"], [w], torch.tensor([[1.0, 2.0]]))
     tensor([[3.]])
     """
-    replaced = dict(zip(names, tensors))
-    values: dict[str, torch.Tensor] = {
-        name: p.detach() for name, p in model.named_parameters() if name not in replaced
-    }
-    values.update(replaced)
-    if isinstance(inputs, Mapping):
-        out = functional_call(model, values, (), dict(inputs))
-    elif isinstance(inputs, (tuple, list)):
-        out = functional_call(model, values, tuple(inputs))
-    else:
-        out = functional_call(model, values, (inputs,))
+    with _reparametrized(model, dict(zip(names, tensors))), DropoutOffMode():
+        if isinstance(inputs, Mapping):
+            out = model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = model(*inputs)
+        else:
+            out = model(inputs)
     if not isinstance(out, torch.Tensor):
         raise argument_error(
             "model", "a module whose forward returns one tensor", type(out), kind=TypeError
@@ -147,12 +239,15 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     """Capture everything a curvature product must not change (cloned tensors).
 
     Returns a dictionary with parameters, buffers, ``.grad`` (or None),
-    ``requires_grad`` flags, per-module ``training`` flags and normalisation
-    modules' ``track_running_stats``.
+    ``requires_grad`` flags, per-module ``training`` flags, normalisation modules'
+    ``track_running_stats``, and the identity and type of every parameter and
+    buffer under every name it is reachable by (aliased modules, tied weights) and
+    of every tensor stored as a plain module attribute.
 
     >>> s = model_state(torch.nn.Linear(1, 1))
-    >>> sorted(s)
-    ['buffers', 'grads', 'params', 'requires_grad', 'track_running_stats', 'training']
+    >>> sorted(s)  # doctest: +NORMALIZE_WHITESPACE
+    ['attributes', 'buffer_objects', 'buffers', 'grads', 'param_objects', 'params',
+     'requires_grad', 'track_running_stats', 'training']
     """
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -165,6 +260,18 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         "training": {n: m.training for n, m in model.named_modules()},
         "track_running_stats": {
             n: m.track_running_stats for n, m in model.named_modules() if isinstance(m, _NormBase)
+        },
+        "param_objects": {
+            n: (id(p), type(p)) for n, p in model.named_parameters(remove_duplicate=False)
+        },
+        "buffer_objects": {
+            n: (id(b), type(b)) for n, b in model.named_buffers(remove_duplicate=False)
+        },
+        "attributes": {
+            f"{n}.{key}" if n else key: (id(value), type(value))
+            for n, m in model.named_modules(remove_duplicate=False)
+            for key, value in vars(m).items()
+            if isinstance(value, torch.Tensor)
         },
     }
 

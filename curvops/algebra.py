@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from curvops._arrays import as_tensor_arg
-from curvops.operator import CurvatureOperator, is_scalar
+from curvops.operator import CurvatureOperator, is_scalar, register_algebra
 from curvops.structured import Identity
 from spectral.errors import argument_error
 
@@ -680,3 +680,14 @@ class BlockDiagonal(CurvatureOperator):
         if self.symmetric:
             return self
         return BlockDiagonal([b.adjoint() for b in self._blocks])
+
+
+register_algebra(
+    add=add,
+    scale=scale,
+    shift=shift,
+    product=product,
+    power=power,
+    adjoint=Adjoint,
+    deflate=Projected,
+)

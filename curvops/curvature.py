@@ -1,14 +1,17 @@
 """The shared base of model curvature operators: data looping, weighting, parameters.
 
-A :class:`ModelCurvatureOperator` represents a curvature matrix of the mean loss
-over every sample in ``data``,
+A :class:`ModelCurvatureOperator` represents a curvature matrix of the loss over
+everything in ``data``,
 
 .. math::
-    A = \\frac{1}{N} \\sum_b N_b\\, A_b,
+    A = \\frac{\\sum_b w_b\\, A_b}{\\sum_b w_b} \\;\\; (\\texttt{reduction="mean"}),
+    \\qquad A = \\sum_b A_b \\;\\; (\\texttt{reduction="sum"}),
 
-where :math:`A_b` is the curvature of the batch-mean loss :math:`L_b` (size
-:math:`N_b`).  Subclasses implement one per-batch method, :meth:`_batch_matmat`;
-the base owns the loop (:meth:`_accumulate`, the single place where the size-weighted
+where :math:`A_b` is the curvature of the batch loss :math:`L_b` as the loss computes it
+and :math:`w_b` the loss's own normaliser (the batch size :math:`N_b`, or its counted
+targets for cross-entropy with ``ignore_index``, see :func:`curvops.losses.batch_weight`).
+Subclasses implement one per-batch method, :meth:`_batch_matmat`; the base owns the
+loop (:meth:`_accumulate`, the single place where the weighted
 sum and the total weight are formed, and where an optional process group reduces
 them with one ``all_reduce`` per product), the model modes
 (:func:`curvops._model_state.curvature_mode`), device/dtype moves, non-finite checks
@@ -26,13 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from curvops import determinism
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
-from curvops.data import Batch, Data, _first_tensor, as_data, move_to
+from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
-from curvops.losses import LossFn, check_loss
+from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
+from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -45,12 +50,46 @@ T = TypeVar("T")
 class ModelCurvatureOperator(CurvatureOperator):
     """Base class of :class:`~curvops.HessianOperator`, :class:`~curvops.GGNOperator`, ...
 
+    Every model curvature operator keeps three contracts:
+
+    1. **One fixed matrix.**  Every pass over ``data`` sees the same batches with the
+       same samples in the same order: DataLoaders with shuffling, ``drop_last``,
+       random augmentation or worker processes are replayed identically at each
+       pass (:mod:`curvops.replay`; the user's random streams and the loader's
+       generator are left as they were), and a pass that still differs raises a
+       ``ValueError`` naming ``data``.  During products nothing is random: dropout
+       of every kind is off (modules, ``F.dropout*`` calls in ``forward``,
+       ``dropout_p`` of attention) and any other random operation draws from a
+       private, fixed stream (:mod:`curvops.determinism`).  The same operator,
+       batch and vector give bitwise the same product on the CPU.
+    2. **The model as it is now.**  Parameters are looked up by name at each
+       product, and cached graphs are keyed on a bitwise comparison of every
+       parameter and buffer (:math:`O(P)` per product, one copy of them held while
+       graphs are cached): optimizer steps, ``.data`` edits, ``load_state_dict``
+       (also with ``assign=True``) and reassigned ``Parameter`` objects are all seen
+       by the next product.  A change of a selected parameter's dtype, device or
+       shape (``model.to(torch.float64)``) is refused with a ``ValueError`` naming
+       ``model``: build a new operator.
+    3. **Nothing changes.**  Parameters (the same objects of the same types under
+       every name, aliases and tied weights included), every buffer (normalisation
+       statistics, spectral-norm vectors, counters written by ``forward``), modes,
+       ``requires_grad``, ``.grad``, the attention settings and the user's random
+       streams are bit-identical afterwards, also after an error
+       (:mod:`curvops._model_state`).
+
+    Attention (``nn.MultiheadAttention``, ``nn.Transformer*`` layers,
+    ``F.scaled_dot_product_attention``) runs in train and eval mode: products use
+    the MATH attention backend and no transformer fast path.
+
     Parameters
     ----------
     model:
         The ``nn.Module``; never changed (see :mod:`curvops._model_state`).
     loss_fn:
-        ``(outputs, targets) -> scalar`` with ``reduction="mean"``.
+        ``(outputs, targets) -> scalar`` with ``reduction="mean"`` or ``"sum"``: the
+        operator is the curvature of that loss over all of ``data`` (batches weighted by
+        the loss's own normaliser, see :func:`_accumulate`; summed for ``"sum"``).
+        Checked with one forward pass on the first batch (:mod:`curvops.validation`).
     data:
         One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader.
     params:
@@ -93,13 +132,22 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._loss_fn = check_loss(loss_fn)
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
-        self._params = select_params(model, params)
-        self._names = [n for n, _ in self._params]
-        self._shapes = [p.shape for _, p in self._params]
+        selected = select_params(model, params)
+        self._validation = validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+        # The selection as built; products look the parameters up by name
+        # (_live_params), so a reassigned Parameter is followed.
+        self._params = selected
+        self._names = [n for n, _ in selected]
+        self._shapes = [p.shape for _, p in selected]
         self._progress = bool(progress)
         self.process_group = process_group
-        first = self._params[0][1]
-        n = sum(int(p.numel()) for _, p in self._params)
+        self._snapshot: list[torch.Tensor] = []  # values behind self._generation
+        self._snapshot_ids: tuple[Any, ...] = ()
+        self._generation = 0
+        self._product_token: tuple[Any, ...] | None = None  # memo for one product
+        self._in_product = False
+        first = selected[0][1]
+        n = sum(int(p.numel()) for _, p in selected)
         super().__init__(
             shape=(n, n),
             torch_dtype=first.dtype,
@@ -126,8 +174,13 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     @property
     def params(self) -> list[tuple[str, nn.Parameter]]:
-        """The selected ``(name, parameter)`` pairs, in vector order."""
-        return list(self._params)
+        """The selected ``(name, parameter)`` pairs, in vector order, looked up now.
+
+        The parameters are found by name in the model at each call (and at each
+        product), so a reassigned ``Parameter`` or ``load_state_dict(...,
+        assign=True)`` is followed.
+        """
+        return list(zip(self._names, self._live_params()))
 
     @property
     def param_names(self) -> list[str]:
@@ -148,6 +201,10 @@ class ModelCurvatureOperator(CurvatureOperator):
     def bn_mode(self) -> str | None:
         """The BatchNorm mode used in products."""
         return self._bn_mode
+
+    def __repr__(self) -> str:
+        """The base description plus the samples used, e.g. ``on 10 of 13 samples``."""
+        return f"{super().__repr__()[:-1]}, on {self._data.describe()}>"
 
     # ------------------------------------------------------------------ vector maps
     def vector_to_params(self, v: Any) -> list[torch.Tensor]:
@@ -183,8 +240,44 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ helpers for subclasses
     def current_params(self) -> list[torch.Tensor]:
-        """The selected parameters' current values (detached, sharing storage)."""
-        return [p.detach() for _, p in self._params]
+        """The selected parameters' current values (detached, sharing storage).
+
+        Looked up by name in the model now (see :meth:`_live_params`).
+        """
+        return [p.detach() for p in self._live_params()]
+
+    def _live_params(self) -> list[nn.Parameter]:
+        """The parameters under the selected names now, checked against the operator.
+
+        :math:`O(p)` attribute lookups for :math:`p` parameter tensors.
+
+        Raises
+        ------
+        ValueError
+            A selected name no longer names a parameter, or a parameter's shape,
+            dtype or device changed (e.g. ``model.to(torch.float64)``): the operator
+            is a matrix of fixed size and dtype, build a new one.
+        """
+        live = []
+        for name, shape in zip(self._names, self._shapes):
+            try:
+                p = self._model.get_parameter(name)
+            except AttributeError:
+                raise argument_error(
+                    "model",
+                    f"a parameter named {name!r}, as when the operator was built",
+                    "a model without it",
+                ) from None
+            if p.shape != shape or p.dtype != self.torch_dtype or p.device != self.device:
+                raise argument_error(
+                    "model",
+                    f"parameter {name!r} of shape {tuple(shape)}, dtype {self.torch_dtype} on "
+                    f"{self.device} as when the operator was built (after model.to(...) or a "
+                    "change of shape, build a new operator)",
+                    f"shape {tuple(p.shape)}, dtype {p.dtype} on {p.device}",
+                )
+            live.append(p)
+        return live
 
     def _batch_on_device(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         inputs = move_to(batch.inputs, self.device, self.torch_dtype)
@@ -267,17 +360,52 @@ class ModelCurvatureOperator(CurvatureOperator):
         return graph.apply(V)
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
-        """Changes whenever parameters, buffers, modes or the batch tensors change."""
-        versions = [p._version for p in self._model.parameters()]
-        versions += [b._version for b in self._model.buffers()]
-        flags = [m.training for m in self._model.modules()]
+        """Changes whenever parameters, buffers, modes or the batch tensors change.
+
+        The model part (:meth:`_model_token`) is computed once per product.
+        """
+        if not self._in_product:
+            token = self._model_token()
+        elif self._product_token is None:
+            token = self._product_token = self._model_token()
+        else:
+            token = self._product_token
         tensors = [t for t in (batch.inputs, batch.targets) if isinstance(t, torch.Tensor)]
         return (
-            tuple(versions),
-            tuple(flags),
-            tuple(p.data_ptr() for p in self._model.parameters()),
+            token,
             tuple((t.data_ptr(), t._version) for t in tensors),
         )
+
+    def _model_token(self) -> tuple[Any, ...]:
+        """A key that changes with any change of the model's parameters or buffers.
+
+        Compares every parameter and buffer of the model with a copy taken when the
+        key last changed, bitwise, plus the identity, dtype and storage of every
+        tensor under every name, the train/eval flags and whether the product
+        context (:func:`curvops.determinism.product_context`) is active.  So an
+        optimizer step, a ``.data`` edit (which bumps no version counter), ``copy_``
+        under ``no_grad``, ``load_state_dict`` (with or without ``assign=True``) and a
+        reassigned ``Parameter`` all invalidate the cached graphs.  Cost
+        :math:`O(P)`: one comparison pass over the parameters and buffers per
+        product (only for operators that cache), and one copy of them held while
+        graphs are cached.
+        """
+        model = self._model
+        named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
+        named += [t for _, t in model.named_buffers(remove_duplicate=False)]
+        ids = tuple((id(t), t.dtype, t.device, t.data_ptr(), t.shape) for t in named)
+        tensors = list({id(t): t for t in named}.values())  # aliases compared once
+        same = ids == self._snapshot_ids and all(
+            torch.equal(t, saved) for t, saved in zip(tensors, self._snapshot)
+        )
+        if not same:
+            self._generation += 1
+            self._graph_cache.clear()
+            with torch.no_grad():
+                self._snapshot = [t.detach().clone() for t in tensors]
+            self._snapshot_ids = ids
+        flags = tuple(m.training for m in model.modules())
+        return (self._generation, flags, determinism.is_active())
 
     def _batches(self) -> Iterable[Batch]:
         if not self._progress:
@@ -297,63 +425,124 @@ class ModelCurvatureOperator(CurvatureOperator):
         ``batch`` is None for streamed data (a DataLoader), whose batches are not
         re-read: only the parameters are checked then.
         """
-        bad = [name for name, p in self._params if not bool(torch.isfinite(p.detach()).all())]
+        bad = [
+            name
+            for name, p in zip(self._names, self._live_params())
+            if not bool(torch.isfinite(p.detach()).all())
+        ]
         if bad:
             return f"; non-finite values in parameter(s) {bad[:5]}"
         if batch is None:
             return ""
-        first = _first_tensor(batch.inputs)
+        first = first_tensor(batch.inputs)
         if first is not None and first.is_floating_point() and not bool(first.isfinite().all()):
             return "; the inputs of this batch contain NaN or Inf"
         return ""
 
     def _accumulate(self, V: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """Return :math:`(\\sum_b N_b A_b V,\\ \\sum_b N_b)` over this process's data.
+        """Return :math:`(\\sum_b w_b A_b V,\\ W)` over this process's data.
 
-        With a process group (and torch.distributed initialised) both are summed over
-        the group by a single ``all_reduce``.
+        The weights are the loss's own (:func:`curvops.losses.batch_weight`): for
+        ``reduction="mean"`` the normaliser :math:`\\nu_b` of each batch (its sample
+        count, or its counted / class-weighted targets for cross-entropy with
+        ``ignore_index`` / ``weight=``) and :math:`W = \\sum_b w_b`, so that the operator
+        is the curvature of the mean loss over everything the loss counts (a list of
+        batches equals their concatenation); for ``reduction="sum"`` :math:`w_b = 1` and
+        :math:`W = 1` (the curvature of the summed loss).  Batches with weight 0 (every
+        target ignored) are skipped.  With a process group (and torch.distributed
+        initialised) both are summed over the group by a single ``all_reduce``.
 
-        The finiteness of every batch product is checked on the device: the index of
-        the first non-finite batch is kept in a device scalar and read once after the
-        loop, so a product costs one host synchronisation for the check, not one per
-        batch (the later batches are still computed when one fails).
+        The finiteness of every batch product and of the selected parameters is
+        checked on the device: the index of the first non-finite batch is kept in a
+        device scalar and read once after the loop, so a product costs one host
+        synchronisation for the check, not one per batch.  A DataLoader's batches are
+        validated (:mod:`curvops.validation`) during the first pass only.
 
         Raises
         ------
         NumericalError
-            If a batch product is not finite (the message names the first such batch).
+            If a batch product is not finite (the message names the first such batch)
+            or a selected parameter became non-finite after construction.
+        ValueError
+            A DataLoader batch with bad targets or inputs on the first pass.
         """
         acc: torch.Tensor | None = None
-        weight = 0
+        weight: Any = 0.0  # a float, or a device scalar when a loader's weights are counted
         sizes: dict[int, int] = {}
         first_bad: torch.Tensor | None = None  # device int64: first bad batch index or -1
         group = resolve_group(self.process_group)  # once per product
+        validation = self._validation
+        loss_fn = self._loss_fn
+        summed = loss_reduction(loss_fn) == "sum"
+        check_stream = not self._data.is_in_memory and not validation.streamed_checked
         # One batch on one process: no weighting, so the product is exactly A_b V.
         unweighted = self._data.is_single_batch and group is None
         with curvature_mode(self._model, self._bn_mode):
+            params_ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._params])
             for batch in self._batches():
+                if check_stream:
+                    validation.check_streamed(batch.inputs, batch.targets, batch.index)
+                w: Any = validation.weights.get(batch.index)
+                if w is None:
+                    w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
+                if not isinstance(w, torch.Tensor) and w == 0 and not unweighted:
+                    continue
                 flat = flatten_columns(self._batch_matmat(batch, V))
                 sizes[batch.index] = batch.size
-                here = torch.where(~torch.isfinite(flat).all(), batch.index, -1)
+                bad = ~torch.isfinite(flat).all()
+                if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
+                    w = w.to(device=flat.device, dtype=flat.dtype)
+                    bad = bad & (w > 0)
+                    flat = torch.where(w > 0, flat, torch.zeros_like(flat))
+                here = torch.where(bad, batch.index, -1)
                 first_bad = (
                     here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
                 )
                 if unweighted:
-                    acc, weight = flat, 1
+                    acc, weight = flat, 1.0
                 elif acc is None:
-                    acc, weight = flat * batch.size, batch.size
+                    acc, weight = flat * w, w
+                elif isinstance(w, torch.Tensor):
+                    acc.add_(flat * w)
+                    weight = weight + w
                 else:
-                    acc.add_(flat, alpha=batch.size)
-                    weight += batch.size
-        if acc is None or first_bad is None:  # pragma: no cover - Data refuses empty data
-            raise argument_error("data", "at least one batch", self._data)
-        index = int(first_bad.item())  # the check's one host synchronisation
+                    acc.add_(flat, alpha=w)
+                    weight = weight + w
+        if check_stream:
+            validation.streamed_checked = True
+        if acc is None or first_bad is None:
+            if group is None:
+                raise argument_error("data", "at least one batch with a counted target", self._data)
+            # This rank contributes nothing; it still joins the collective.
+            acc = torch.zeros(
+                self.num_params, V[0].shape[0], dtype=self.torch_dtype, device=self.device
+            )
+            first_bad = torch.tensor(-1, device=self.device)
+        parts = [first_bad.reshape(()), (~params_ok.all()).to(first_bad.dtype)]
+        status = torch.stack([t.to(torch.float64) for t in parts])
+        if isinstance(weight, torch.Tensor):
+            status = torch.cat([status, weight.reshape(1).to(status)])
+        values = status.tolist()  # the checks' (and the weight's) one host synchronisation
+        index, params_bad = int(values[0]), values[1]
+        if isinstance(weight, torch.Tensor):
+            weight = values[2]
+        if params_bad:
+            bad_names = [n for (n, _), ok in zip(self._params, params_ok.tolist()) if not ok]
+            raise NumericalError(
+                f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
+                f"the curvature of a model with NaN/Inf weights is not defined."
+            )
         if index >= 0:
             raise NumericalError(
                 f"{type(self).__name__}: non-finite curvature product in batch "
                 f"{index} (size {sizes[index]}){self._diagnose(self._in_memory_batch(index))}."
             )
-        return all_reduce_weighted(acc, weight, group)
+        if summed:
+            total, _ = all_reduce_weighted(acc, 0.0, group)
+            return total, 1.0
+        if weight == 0 and group is None:
+            raise argument_error("data", "at least one batch with a counted target", self._data)
+        return all_reduce_weighted(acc, float(weight), group)
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""
@@ -363,7 +552,13 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         V = unflatten_columns(X, self._shapes)
-        acc, weight = self._accumulate(V)
+        self._live_params()  # a changed dtype/shape/missing parameter is refused first
+        self._product_token = None  # the model is compared once per product
+        self._in_product = True
+        try:
+            acc, weight = self._accumulate(V)
+        finally:
+            self._product_token, self._in_product = None, False
         if isinstance(weight, torch.Tensor) or weight != 1:
             return acc / weight
         return acc

@@ -17,6 +17,12 @@ over every sample,
 where :math:`L_b` is the mean loss of batch :math:`b` (size :math:`N_b`), so an
 unequal last batch is weighted exactly.
 
+Every pass over a DataLoader sees the same batches with the same samples in the
+same order: shuffling, ``drop_last``, random augmentation and worker processes are
+replayed identically at each pass, without advancing the user's random streams
+(:class:`curvops.replay.ReplayStreams`), and a pass that still differs from the
+first raises a ``ValueError`` naming ``data`` (:class:`curvops.replay.PassFingerprint`).
+
 >>> import torch
 >>> d = as_data([(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(1, 2), torch.zeros(1))])
 >>> [b.size for b in d], d.num_samples, d.is_single_batch
@@ -31,9 +37,35 @@ from typing import Any
 
 import torch
 
+from curvops.replay import PassFingerprint, ReplayStreams
 from spectral.errors import argument_error
 
-__all__ = ["Batch", "Data", "as_data", "batch_size_of", "move_to"]
+__all__ = [
+    "Batch",
+    "Data",
+    "as_data",
+    "batch_size_of",
+    "dict_batch_error",
+    "first_tensor",
+    "move_to",
+]
+
+
+_SUPPORTED_FORMS = (
+    "an (inputs, targets) pair, a list of such pairs, or a DataLoader yielding them "
+    "(e.g. wrap the dataset so __getitem__ returns (d['image'], d['label']), or pass "
+    "collate_fn=lambda items: (inputs, targets))"
+)
+
+
+def dict_batch_error(name: str, obj: Mapping[Any, Any]) -> Exception:
+    """The error for a dict where an ``(inputs, targets)`` batch was expected.
+
+    >>> str(dict_batch_error("data", {"image": 0, "label": 1}))[:60]
+    "Argument 'data': expected an (inputs, targets) pair, a list "
+    """
+    keys = ", ".join(repr(k) for k in list(obj.keys())[:10])
+    return argument_error(name, _SUPPORTED_FORMS, f"a dict with keys [{keys}]")
 
 
 @dataclass(frozen=True)
@@ -46,7 +78,12 @@ class Batch:
     index: int
 
 
-def _first_tensor(inputs: Any) -> torch.Tensor | None:
+def first_tensor(inputs: Any) -> torch.Tensor | None:
+    """The first tensor in ``inputs`` (a tensor, or nested tuples/lists/mappings), or None.
+
+    >>> first_tensor({"ids": (torch.zeros(2, 3),)}).shape
+    torch.Size([2, 3])
+    """
     if isinstance(inputs, torch.Tensor):
         return inputs
     if isinstance(inputs, Mapping):
@@ -56,7 +93,7 @@ def _first_tensor(inputs: Any) -> torch.Tensor | None:
     else:
         return None
     for value in values:
-        found = _first_tensor(value)
+        found = first_tensor(value)
         if found is not None:
             return found
     return None
@@ -68,7 +105,7 @@ def batch_size_of(inputs: Any) -> int:
     >>> batch_size_of((torch.zeros(5, 2), torch.zeros(5)))
     5
     """
-    first = _first_tensor(inputs)
+    first = first_tensor(inputs)
     if first is None or first.ndim == 0:
         raise argument_error(
             "data", "inputs that are a tensor (or tuple/mapping of tensors)", inputs, kind=TypeError
@@ -105,6 +142,8 @@ def _is_batch(obj: Any) -> bool:
 
 
 def _check_batch(obj: Any, index: int) -> Batch:
+    if isinstance(obj, Mapping):  # a dict batch: name its keys and the supported forms
+        raise dict_batch_error(f"data (batch {index})", obj)
     if not _is_batch(obj):
         raise argument_error(
             f"data (batch {index})", "a pair (inputs, targets) with a tensor of targets", obj
@@ -123,7 +162,7 @@ def _check_batch(obj: Any, index: int) -> Batch:
 
 
 def _signature(batch: Batch) -> tuple[Any, ...]:
-    first = _first_tensor(batch.inputs)
+    first = first_tensor(batch.inputs)
     trailing = () if first is None else tuple(first.shape[1:])
     return (trailing, tuple(batch.targets.shape[1:]), batch.targets.dtype)
 
@@ -156,6 +195,8 @@ class Data:
         self._source = data
         self._batches: list[Batch] | None = None
         self._num_samples: int | None = None
+        if isinstance(data, Mapping):
+            raise dict_batch_error("data", data)
         self.is_single_batch = _is_batch(data)
         if self.is_single_batch:
             self._batches = [_check_batch(data, 0)]
@@ -182,6 +223,8 @@ class Data:
             length = _safe_len(data)
             if length == 0:
                 raise argument_error("data", "a non-empty DataLoader", data)
+            self._streams = ReplayStreams(data)
+            self._fingerprint = PassFingerprint(data)
         if self._batches is not None:
             self._num_samples = sum(b.size for b in self._batches)
 
@@ -201,8 +244,19 @@ class Data:
             yield from self._batches
             return
         ref: tuple[Any, ...] | None = None
-        count = 0
-        for i, raw in enumerate(self._source):
+        count = samples = 0
+        self._streams.new_pass()
+        self._fingerprint.new_pass()
+        iterator: Iterator[Any] | None = None
+        while True:
+            with self._streams.active():  # the user's streams are back between batches
+                if iterator is None:
+                    iterator = iter(self._source)
+                try:
+                    raw = next(iterator)
+                except StopIteration:
+                    break
+            i = count
             batch = _check_batch(raw, i)
             sig = _signature(batch)
             if ref is None:
@@ -213,10 +267,15 @@ class Data:
                     f"the trailing input/target shapes and target dtype of batch 0 {ref}",
                     sig,
                 )
+            self._fingerprint.check(i, batch.size, batch.inputs, batch.targets)
             count += 1
+            samples += batch.size
             yield batch
         if count == 0:
             raise argument_error("data", "a non-empty DataLoader", self._source)
+        self._fingerprint.finish(count)
+        if self._num_samples is None:
+            self._num_samples = samples
 
     @property
     def is_in_memory(self) -> bool:
@@ -226,6 +285,35 @@ class Data:
         True
         """
         return self._batches is not None
+
+    @property
+    def num_available(self) -> int | None:
+        """Samples in the loader's dataset (None when unknown), e.g. more than
+        :attr:`num_samples` with ``drop_last=True``.
+
+        >>> as_data((torch.zeros(2, 1), torch.zeros(2))).num_available
+        2
+        """
+        if self._batches is not None:
+            return self.num_samples
+        return _safe_len(getattr(self._source, "dataset", None))
+
+    def describe(self) -> str:
+        """``"N samples"`` or ``"N of M samples"``, without a pass over the data.
+
+        >>> as_data([(torch.zeros(3, 1), torch.zeros(3))]).describe()
+        '3 samples in 1 batch'
+        """
+        if self._batches is not None:
+            batches = len(self._batches)
+            return f"{self.num_samples} samples in {batches} batch{'es' if batches > 1 else ''}"
+        if self._num_samples is None:
+            self._num_samples = _loader_num_samples(self._source)
+        used = "?" if self._num_samples is None else str(self._num_samples)
+        available = self.num_available
+        if available is None or str(available) == used:
+            return f"{used} samples from a loader"
+        return f"{used} of {available} samples from a loader"
 
     @property
     def num_samples(self) -> int:

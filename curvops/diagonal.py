@@ -5,8 +5,12 @@ With per-sample output factors :math:`\\nabla^2_{f_n} L_b = \\sum_j s_{nj} a_{nj
 :func:`curvops.losses.output_hessian_factor`),
 
 .. math::
-    \\mathrm{diag}(G) = \\frac{1}{N}\\sum_b N_b \\sum_{n \\in b} \\sum_j s_{nj}\\,
-    \\big(J_n^\\top a_{nj}\\big)^{\\odot 2}.
+    \\mathrm{diag}(G) = \\frac{1}{W}\\sum_b w_b \\sum_{n \\in b} \\sum_j s_{nj}\\,
+    \\big(J_n^\\top a_{nj}\\big)^{\\odot 2},
+
+with the loss's own batch weights :math:`w_b` (:func:`curvops.losses.batch_weight`:
+sample counts, or counted targets for cross-entropy with ``ignore_index``/``weight=``),
+:math:`W = \\sum_b w_b`, or :math:`w_b = W = 1` for ``reduction="sum"``.
 
 ``method="exact"`` uses all :math:`C` factor columns per sample: :math:`N C` vector-Jacobian
 products (one per output-class Jacobian row combination), computed in batched chunks
@@ -35,8 +39,16 @@ from torch import nn
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
 from curvops.fisher import fisher_output_factor
-from curvops.losses import LossFn, batch_generator, check_loss, output_hessian_factor
+from curvops.losses import (
+    LossFn,
+    batch_generator,
+    batch_normaliser,
+    batch_weight,
+    loss_reduction,
+    output_hessian_factor,
+)
 from curvops.params import select_params
+from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ggn_diagonal"]
@@ -115,15 +127,21 @@ def ggn_diagonal(
         raise argument_error("mc_samples", "an integer >= 1", mc_samples)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise argument_error("chunk_size", "an integer >= 1", chunk_size)
-    check_loss(loss_fn)
     check_bn_mode(bn_mode)
+    validation = validate(model, loss_fn, data, params=params, bn_mode=bn_mode)
     named = select_params(model, params)
     names = [n for n, _ in named]
     device, dtype = named[0][1].device, named[0][1].dtype
     total: torch.Tensor | None = None
-    count = 0
+    count = 0.0
+    stream = as_data(data)
     with curvature_mode(model, bn_mode):
-        for batch in as_data(data):
+        for batch in stream:
+            if not stream.is_in_memory:
+                validation.check_streamed(batch.inputs, batch.targets, batch.index)
+            w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
+            if w == 0:
+                continue
             inputs = move_to(batch.inputs, device, dtype)
             targets = move_to(batch.targets, device, dtype)
             leaves = [p.detach().requires_grad_(True) for _, p in named]
@@ -139,6 +157,7 @@ def ggn_diagonal(
                     kind="mc",
                     mc_samples=mc_samples,
                     generator=batch_generator(seed, batch.index),
+                    normaliser=batch_normaliser(loss_fn, inputs, targets, batch.size),
                 )
                 signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
             if out.requires_grad:
@@ -147,8 +166,8 @@ def ggn_diagonal(
                 diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
             if not bool(torch.isfinite(diag).all()):
                 raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
-            total = diag * batch.size if total is None else total.add_(diag, alpha=batch.size)
-            count += batch.size
-    if total is None:  # pragma: no cover - as_data refuses empty data
-        raise argument_error("data", "at least one batch", data)
-    return total / count
+            total = diag * w if total is None else total.add_(diag, alpha=w)
+            count += w
+    if total is None:
+        raise argument_error("data", "at least one batch with a counted target", data)
+    return total if loss_reduction(loss_fn) == "sum" else total / count

@@ -7,6 +7,11 @@ data.  A curvature product is a size-weighted mean over batches,
     A v = \frac{\sum_r S_r}{\sum_r N_r}, \qquad
     S_r = \sum_{b \in \text{shard}_r} N_b A_b v, \quad N_r = \sum_{b \in \text{shard}_r} N_b,
 
+where :math:`N_b` is the batch's weight (:func:`curvops.losses.batch_weight`: its sample
+count, or the loss's own normaliser -- counted targets with ``ignore_index``, summed class
+weights with ``weight=`` -- so shards whose batches count different numbers of targets
+combine exactly; for ``reduction="sum"`` the curvatures add up, :math:`A v = \sum_r S_r`
+with unit weights and no division),
 so each rank forms its partial sum :math:`S_r` and weight :math:`N_r`, and **one**
 ``all_reduce`` (the weight packed at the end of the same buffer,
 :func:`all_reduce_weighted`) gives every rank the product of the operator on the
@@ -27,7 +32,7 @@ Every rank of the group must then call the same products in the same order
 
 Why Lanczos needs no change
 ---------------------------
-Vectors are *replicated*: every rank runs :func:`spectral.lanczos.lanczos` itself,
+Vectors are *replicated*: every rank runs :func:`spectral.lanczos` itself,
 from the same seeded probe (drawn on the host by ``numpy.random.default_rng``).
 After the ``all_reduce`` every rank holds the *bitwise identical* product: ring
 (Gloo, NCCL ring) and tree (NCCL) all-reduce algorithms add each chunk of the
@@ -275,12 +280,14 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
     """Return :math:`(\\sum_r S_r, \\sum_r N_r)` over ``group`` with one ``all_reduce``.
 
     ``acc`` is this rank's weighted product sum :math:`S_r` (any shape) and
-    ``weight`` its total weight :math:`N_r`.  The weight travels in the same buffer:
-    appended as is for float64, otherwise the buffer is float32 (float16/bfloat16
-    sums are accumulated in float32) and the weight is split into two base-4096
-    digits, so integer sample counts stay exact up to :math:`2^{36}` samples and
-    4096 ranks.  ``group=None`` returns the inputs unchanged.  The result is
-    bitwise identical on every rank (see the module docstring).
+    ``weight`` its total weight :math:`N_r` (a sample or target count, or a sum of
+    class weights).  The weight travels in the same buffer: appended as is for
+    float64, otherwise the buffer is float32 (float16/bfloat16 sums are accumulated
+    in float32) and the weight is split into two base-4096 digits, so integer counts
+    stay exact up to :math:`2^{36}` and 4096 ranks (fractional class-weight sums to
+    float32 precision of the low digit).  ``group=None`` returns the inputs
+    unchanged.  The result is bitwise identical on every rank (see the module
+    docstring).
 
     >>> s, n = all_reduce_weighted(torch.ones(3), 4.0, None)
     >>> s.tolist(), n

@@ -12,7 +12,22 @@ where for ``kind="mc"`` the bar averages ``mc_samples`` targets
 estimate of the GGN), and for ``kind="empirical"`` :math:`\\tilde y_n = y_n` (the
 true targets: the sum of outer products of per-sample gradients,
 :math:`\\frac{c}{N}\\sum_n \\nabla_w\\mathrm{NLL}_n \\nabla_w \\mathrm{NLL}_n^\\top`; for
-cross-entropy :math:`c = 1`).  The samples of batch ``b`` come from a generator seeded
+cross-entropy :math:`c = 1`).  In the notation of :mod:`curvops.losses`, a batch whose loss
+is :math:`L_b = S_b/\\nu_b` (or :math:`S_b` for ``reduction="sum"``, :math:`\\nu_b = 1`) has
+
+.. math::
+    F_b = \\frac{1}{\\nu_b}\\sum_n J_n^\\top s_n s_n^\\top J_n, \\qquad
+    s_n = \\nu_b\\, \\frac{\\partial L_b}{\\partial f_n}
+    \\;(\\text{empirical, } \\texttt{per="sample"}),
+
+the gradient of the sum of the sample's terms (over all its positions and outputs), and
+batches combine as :math:`F = \\sum_b \\nu_b F_b / \\sum_b \\nu_b` (mean) or
+:math:`\\sum_b F_b` (sum).  ``per="position"`` splits every sample into its output
+positions :math:`r` (the rows of the outputs with the class dimension last: dimension 1 for
+cross-entropy, the last one otherwise; a sequence's tokens, an image's pixels) and uses
+:math:`F_b = \\frac{1}{\\nu_b}\\sum_r J_r^\\top s_r s_r^\\top J_r`,
+:math:`s_r = \\nu_b\\,\\partial L_b/\\partial f_r` -- curvlinops' ``EFLinearOperator``.
+The two agree on ``(N, C)`` outputs.  The samples of batch ``b`` come from a generator seeded
 by ``(seed, b)``, so the operator is one fixed matrix: every product uses the same
 samples, and the same seed gives bitwise the same products.
 
@@ -38,15 +53,18 @@ from curvops.data import Batch
 from curvops.losses import (
     LossFn,
     batch_generator,
+    batch_normaliser,
+    class_dim,
+    fisher_scale,
     loss_family,
-    loss_kind,
-    nll_scale,
+    loss_reduction,
+    output_gradient,
     per_sample_nll_grads,
     sample_targets,
 )
 from spectral.errors import argument_error
 
-__all__ = ["FisherOperator", "fisher_output_factor"]
+__all__ = ["FisherOperator", "fisher_output_factor", "position_output_factor", "position_rows"]
 
 
 def fisher_output_factor(
@@ -57,22 +75,49 @@ def fisher_output_factor(
     kind: str,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    normaliser: float | None = None,
 ) -> torch.Tensor:
     """Per-sample output-space factor ``S`` (N, C, r) of the batch Fisher.
 
-    :math:`F_b = J^\\top \\mathrm{blockdiag}_n(S_n S_n^\\top) J` with the batch mean
-    :math:`1/N_b`, the scale :math:`c` and :math:`1/M` folded into ``S``.
+    :math:`F_b = J^\\top \\mathrm{blockdiag}_n(S_n S_n^\\top) J` with the scale
+    :math:`1/\\nu_b` (mean; 1 for ``reduction="sum"``, see :func:`curvops.losses.fisher_scale`)
+    and :math:`1/M` folded into ``S``.  ``normaliser``: :math:`\\nu_b` when known
+    (default: from the loss and the targets).
     """
-    n = outputs.shape[0]
-    c = nll_scale(loss_kind(loss_fn, outputs, targets), outputs)
     if kind == "empirical":
-        s = per_sample_nll_grads(loss_fn, outputs, targets).unsqueeze(-1)
-        return s * math.sqrt(c / n)
+        s = per_sample_nll_grads(loss_fn, outputs, targets, normaliser).unsqueeze(-1)
+        return s * math.sqrt(fisher_scale(loss_fn, outputs, targets, normaliser))
     if generator is None:
         raise argument_error("generator", "a torch.Generator for kind='mc'", generator)
     sampled = sample_targets(loss_fn, outputs, targets, mc_samples, generator)
-    grads = [per_sample_nll_grads(loss_fn, outputs, t) for t in sampled]
-    return torch.stack(grads, dim=-1) * math.sqrt(c / (n * mc_samples))
+    grads = [per_sample_nll_grads(loss_fn, outputs, t, normaliser) for t in sampled]
+    scale = fisher_scale(loss_fn, outputs, targets, normaliser, mc_samples)
+    return torch.stack(grads, dim=-1) * math.sqrt(scale)
+
+
+def position_rows(loss_fn: LossFn, x: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    """``x`` (``lead`` leading dims, then an output shape) as rows ``(*lead, R, C)`` of positions.
+
+    The class dimension (:func:`curvops.losses.class_dim`: 1 for cross-entropy/NLL, the
+    last one otherwise) becomes the last; samples and every other dimension make the rows.
+    """
+    out_ndim = x.ndim - lead
+    if out_ndim < 2:
+        return x.reshape(*x.shape[:lead], -1, 1)
+    dim = lead + class_dim(loss_fn, x[(0,) * lead] if lead else x)
+    moved = x.movedim(dim, -1)
+    return moved.reshape(*x.shape[:lead], -1, moved.shape[-1])
+
+
+def position_output_factor(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, normaliser: float
+) -> torch.Tensor:
+    """Rows ``(R, C)`` :math:`\\sqrt{\\nu_b}\\, \\partial L_b/\\partial f_r` (mean; without
+    :math:`\\sqrt{\\nu_b}` for sums), one per output position :math:`r`."""
+    g = output_gradient(loss_fn, outputs, targets)
+    if loss_reduction(loss_fn) == "mean":
+        g = g * math.sqrt(normaliser)
+    return position_rows(loss_fn, g)
 
 
 class FisherOperator(ModelCurvatureOperator):
@@ -88,6 +133,13 @@ class FisherOperator(ModelCurvatureOperator):
         samples).
     mc_samples:
         Targets drawn per sample for ``kind="mc"``.
+    per:
+        For ``kind="empirical"``: ``"sample"`` (default; one gradient per sample, summed
+        over its output positions: :math:`\\frac{1}{\\nu_b}\\sum_n J_n^\\top s_n s_n^\\top J_n`
+        with :math:`s_n = \\nu_b\\,\\partial L_b/\\partial f_n`) or ``"position"`` (one
+        gradient per output position -- token, pixel -- as curvlinops'
+        ``EFLinearOperator``; see the module docstring).  Both are the same for
+        ``(N, C)`` outputs.
     seed:
         Seed of the Monte-Carlo targets.
     cache, lean_kernels:
@@ -95,6 +147,10 @@ class FisherOperator(ModelCurvatureOperator):
         pass and :math:`J^\\top u` are recorded once and reused while the model state,
         the batch, ``kind``, ``mc_samples`` and ``seed`` are unchanged (the sampled
         targets depend on ``seed`` and the batch index only).
+
+    Contracts: one fixed matrix (loaders replayed or refused, no randomness during
+    products), the model as it is now, nothing of the model changes; see
+    :class:`curvops.curvature.ModelCurvatureOperator`.
 
     Raises
     ------
@@ -119,17 +175,23 @@ class FisherOperator(ModelCurvatureOperator):
         seed: int = 0,
         cache: bool | None = None,
         lean_kernels: bool = True,
+        per: str = "sample",
     ) -> None:
         if kind not in ("mc", "empirical"):
             raise argument_error("kind", "'mc' or 'empirical'", kind)
+        if per not in ("sample", "position"):
+            raise argument_error("per", "'sample' or 'position'", per)
+        if per == "position" and kind != "empirical":
+            raise argument_error("per", "'sample' for kind='mc' ('position' is empirical)", per)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise argument_error("mc_samples", "an integer >= 1", mc_samples)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise argument_error("seed", "an integer", seed, kind=TypeError)
-        if kind == "mc" and loss_family(loss_fn) not in ("ce", "mse", "bce"):
+        if kind == "mc" and loss_family(loss_fn) not in ("ce", "mse", "bce", "seq_ce"):
             raise argument_error(
                 "loss_fn",
-                "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for kind='mc' (use 'empirical')",
+                "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or "
+                "curvops.losses.sequence_cross_entropy for kind='mc' (use 'empirical')",
                 loss_fn,
             )
         super().__init__(
@@ -145,19 +207,42 @@ class FisherOperator(ModelCurvatureOperator):
         self.kind = kind
         self.mc_samples = mc_samples
         self.seed = seed
+        self.per = per
         self._configure_cache(cache, lean_kernels)
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
-        return (*super()._state_key(batch), self.kind, self.mc_samples, self.seed)
+        return (*super()._state_key(batch), self.kind, self.mc_samples, self.seed, self.per)
 
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
         inputs, targets = self._batch_on_device(batch)
         loss_fn, kind, m = self.loss_fn, self.kind, self.mc_samples
         generator = batch_generator(self.seed, batch.index) if kind == "mc" else None
+        normaliser = batch_normaliser(loss_fn, inputs, targets, batch.size)
+        per_position = self.per == "position"
 
         def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+            if per_position:
+                rows = position_output_factor(loss_fn, outputs, targets, normaliser)
+
+                def apply_rows(U: torch.Tensor) -> torch.Tensor:
+                    Ur = position_rows(loss_fn, U, lead=1)
+                    coeff = torch.einsum("rc,krc->kr", rows, Ur)
+                    out = torch.einsum("rc,kr->krc", rows, coeff)
+                    if outputs.ndim < 2:
+                        return out.reshape(U.shape)
+                    dim = 1 + class_dim(loss_fn, outputs)
+                    moved = U.movedim(dim, -1).shape
+                    return out.reshape(moved).movedim(-1, dim)
+
+                return apply_rows
             S = fisher_output_factor(
-                loss_fn, outputs, targets, kind=kind, mc_samples=m, generator=generator
+                loss_fn,
+                outputs,
+                targets,
+                kind=kind,
+                mc_samples=m,
+                generator=generator,
+                normaliser=normaliser,
             )
             n = outputs.shape[0]
 

@@ -88,6 +88,10 @@ class GGNOperator(ModelCurvatureOperator):
         images through a 151k-parameter CNN).  Ignored for several batches; if
         tracing fails the operator falls back to the default path (logged).
 
+    Contracts: one fixed matrix (loaders replayed or refused, no randomness during
+    products), the model as it is now, nothing of the model changes; see
+    :class:`curvops.curvature.ModelCurvatureOperator`.
+
     Raises
     ------
     ValueError, TypeError

@@ -70,6 +70,10 @@ class HessianOperator(ModelCurvatureOperator):
         thread).  The same derivatives up to rounding; ``False`` uses PyTorch's own
         double-backward formulas everywhere.
 
+    Contracts: one fixed matrix (loaders replayed or refused, no randomness during
+    products), the model as it is now, nothing of the model changes; see
+    :class:`curvops.curvature.ModelCurvatureOperator`.
+
     Raises
     ------
     ValueError, TypeError

@@ -14,6 +14,18 @@ For a batch with network outputs :math:`f \\in \\mathbb{R}^{N \\times C}` and a 
 
 every other twice-differentiable loss uses autograd (double backward at the outputs).
 
+The loss's own reduction is honoured (:func:`loss_reduction`): with ``reduction="sum"``
+the factors :math:`1/N` and :math:`1/M` above are 1, and the curvature over several
+batches is the sum of the batch curvatures.  With ``reduction="mean"`` a batch's loss is
+:math:`L_b = S_b/\\nu_b`, the sum :math:`S_b` of its terms over the loss's own normaliser
+:math:`\\nu_b` (:func:`batch_normaliser`: the number of samples, of counted targets for
+``ignore_index``, the sum of the targets' class weights for ``weight=``), and the loss over
+all data is :math:`\\sum_b S_b / \\sum_b \\nu_b = \\sum_b \\nu_b L_b / \\sum_b \\nu_b`, so
+batches are weighted by :math:`\\nu_b` (:func:`batch_weight`) and a list of batches is
+exactly one concatenated batch.  Plain functions whose reduction or normaliser cannot
+be read are declared with :func:`declare_loss`; :func:`sequence_cross_entropy` is a
+declared token-level cross-entropy for ``[B, T, V]`` logits.
+
 Each closed-form loss is :math:`c` times a negative log-likelihood per sample,
 :math:`L_b = \\tfrac{1}{N}\\sum_n c\\,\\mathrm{NLL}(f_n, y_n)`, with :math:`c = 1` for
 cross-entropy (categorical), :math:`c = 1/C` for MSE (Gaussian with variance 1/2,
@@ -33,6 +45,7 @@ tensor([[[ 0.2500, -0.2500]],
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,51 +57,205 @@ from torch import nn
 from spectral.errors import argument_error
 
 __all__ = [
+    "DeclaredLoss",
     "LossFn",
+    "SequenceCrossEntropy",
     "batch_generator",
+    "batch_normaliser",
+    "batch_weight",
     "check_loss",
+    "class_dim",
+    "declare_loss",
+    "fisher_scale",
     "loss_family",
     "loss_kind",
+    "loss_reduction",
+    "loss_setting",
     "nll_scale",
+    "output_gradient",
     "output_hessian_factor",
     "output_hessian_matmat",
     "per_sample_nll_grads",
     "per_sample_nll_values",
     "sample_targets",
+    "sequence_cross_entropy",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_ACCEPTED_REDUCTIONS = ("mean", "batchmean")
+_ACCEPTED_REDUCTIONS = ("mean", "sum", "batchmean")
+_NORMALISERS = ("samples", "targets")
+
+
+class DeclaredLoss:
+    """A plain-function loss with its reduction and normaliser declared; build with
+    :func:`declare_loss`.  Calling it calls the function."""
+
+    def __init__(
+        self,
+        fn: LossFn,
+        *,
+        reduction: str = "mean",
+        normaliser: Any = "samples",
+        ignore_index: int = -100,
+    ) -> None:
+        if not callable(fn) or isinstance(fn, type):
+            raise argument_error(
+                "fn", "a loss callable (outputs, targets) -> scalar", fn, kind=TypeError
+            )
+        if reduction not in ("mean", "sum"):
+            raise argument_error("reduction", "'mean' or 'sum'", reduction)
+        if not (callable(normaliser) or normaliser in _NORMALISERS):
+            raise argument_error(
+                "normaliser",
+                "'samples', 'targets' or a callable (inputs, targets) -> number",
+                normaliser,
+            )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise argument_error("ignore_index", "an integer", ignore_index, kind=TypeError)
+        self.fn = fn
+        self.reduction = reduction
+        self.normaliser = normaliser
+        self.ignore_index = ignore_index
+
+    def __call__(self, outputs: Any, targets: Any) -> torch.Tensor:
+        return self.fn(outputs, targets)
+
+    def __repr__(self) -> str:
+        return (
+            f"DeclaredLoss({self.fn!r}, reduction={self.reduction!r}, "
+            f"normaliser={self.normaliser!r})"
+        )
+
+
+def declare_loss(
+    fn: LossFn,
+    *,
+    reduction: str = "mean",
+    normaliser: Any = "samples",
+    ignore_index: int = -100,
+) -> DeclaredLoss:
+    """Declare how a plain-function loss reduces, so batches combine exactly.
+
+    With ``reduction="mean"`` the function returns :math:`S_b/\\nu_b`, a sum of terms over
+    a normaliser: ``normaliser="samples"`` (:math:`\\nu_b = N_b`, the default for any loss
+    not declared), ``"targets"`` (the number of target entries other than
+    ``ignore_index``, e.g. the tokens a padded sequence cross-entropy counts) or a
+    callable ``(inputs, targets) -> number``.  With ``reduction="sum"`` the function
+    returns :math:`S_b` and the curvature over several batches is their sum.
+
+    >>> import torch.nn.functional as F
+    >>> ce = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+    >>> loss = declare_loss(ce, normaliser="targets")
+    >>> batch_normaliser(loss, None, torch.tensor([[1, -100], [2, 0]]), 2)
+    3.0
+    """
+    return DeclaredLoss(fn, reduction=reduction, normaliser=normaliser, ignore_index=ignore_index)
+
+
+class SequenceCrossEntropy(nn.Module):
+    """Token-level cross-entropy of ``[B, T, V]`` logits against ``[B, T]`` class indices.
+
+    :math:`L_b = \\frac{1}{\\nu_b}\\sum_{n,t:\\, y_{nt} \\ne \\text{ignore}} \\ell(f_{nt}, y_{nt})`
+    with :math:`\\nu_b` the number of counted tokens (``reduction="mean"``), or the sum
+    (``reduction="sum"``); ``label_smoothing`` as in :func:`torch.nn.functional.cross_entropy`.
+    Build with :func:`sequence_cross_entropy`.
+    """
+
+    def __init__(
+        self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise argument_error("reduction", "'mean' or 'sum'", reduction)
+        if not 0.0 <= float(label_smoothing) <= 1.0:
+            raise argument_error("label_smoothing", "a number in [0, 1]", label_smoothing)
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` ``[..., V]`` against ``targets`` ``[...]``."""
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+        )
+
+
+def sequence_cross_entropy(
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> SequenceCrossEntropy:
+    """A declared token-level cross-entropy for ``[B, T, V]`` logits (language models).
+
+    Batches are weighted by their counted tokens, so padded batches combine exactly;
+    the GGN uses the closed-form softmax curvature per token (ignored tokens excluded)
+    when ``label_smoothing == 0``.
+
+    >>> loss = sequence_cross_entropy(ignore_index=0)
+    >>> logits, y = torch.zeros(2, 3, 4), torch.tensor([[1, 2, 0], [0, 0, 3]])
+    >>> round(float(loss(logits, y)), 4), batch_normaliser(loss, logits, y, 2)
+    (1.3863, 3.0)
+    """
+    return SequenceCrossEntropy(ignore_index, label_smoothing, reduction)
+
+
+def loss_setting(loss_fn: Any, name: str, default: Any = None) -> Any:
+    """A keyword setting of a loss (module attribute, ``functools.partial`` keyword).
+
+    >>> loss_setting(functools.partial(nn.functional.cross_entropy, ignore_index=3), "ignore_index")
+    3
+    """
+    if isinstance(loss_fn, functools.partial):
+        return loss_fn.keywords.get(name, default)
+    return getattr(loss_fn, name, default)
+
+
+def loss_reduction(loss_fn: Any) -> str:
+    """``"mean"`` or ``"sum"``: how the loss reduces its terms (``"batchmean"`` is a mean).
+
+    >>> loss_reduction(nn.MSELoss(reduction="sum")), loss_reduction(lambda f, y: f.sum())
+    ('sum', 'mean')
+    """
+    reduction = loss_setting(loss_fn, "reduction", "mean")
+    return "sum" if reduction == "sum" else "mean"
 
 
 def check_loss(loss_fn: Any) -> LossFn:
-    """Validate ``loss_fn``: a callable ``(outputs, targets) -> scalar`` with mean reduction.
+    """Validate ``loss_fn``: a loss instance ``(outputs, targets) -> scalar``, mean or sum.
 
     Raises
     ------
     TypeError
-        Not callable.
+        Not callable, or a class instead of an instance.
     ValueError
-        ``reduction`` other than ``"mean"`` (``"none"`` and ``"sum"`` are refused: the
-        operators are curvatures of the mean loss).
+        ``reduction`` other than ``"mean"``/``"sum"`` (``"none"`` gives a tensor, not
+        a loss to take the curvature of).
 
     >>> check_loss(torch.nn.MSELoss(reduction="none"))
     Traceback (most recent call last):
     ...
-    ValueError: Argument 'loss_fn.reduction': expected 'mean' ...
+    ValueError: Argument 'loss_fn.reduction': expected 'mean' or 'sum' ...
     """
+    if isinstance(loss_fn, type):
+        raise argument_error(
+            "loss_fn",
+            f"a loss instance, e.g. {loss_fn.__name__}() (a class was given, not an instance)",
+            loss_fn,
+            kind=TypeError,
+        )
     if not callable(loss_fn):
         raise argument_error(
             "loss_fn", "a callable (outputs, targets) -> scalar", loss_fn, kind=TypeError
         )
-    keywords = getattr(loss_fn, "keywords", None)  # functools.partial(F.cross_entropy, ...)
-    default = keywords.get("reduction", "mean") if isinstance(keywords, dict) else "mean"
-    reduction = getattr(loss_fn, "reduction", default)
+    reduction = loss_setting(loss_fn, "reduction", "mean")
     if reduction not in _ACCEPTED_REDUCTIONS:
         raise argument_error(
             "loss_fn.reduction",
-            "'mean' (the operators are curvatures of the mean loss over samples)",
+            "'mean' or 'sum' (the operators are curvatures of the loss as written, a "
+            "scalar; 'none' returns one loss per element)",
             reduction,
         )
     return loss_fn
@@ -102,23 +269,131 @@ _FAMILIES: tuple[tuple[str, type[nn.Module], Callable[..., torch.Tensor]], ...] 
 )
 
 
+# torch losses whose "mean" is over every element (their other settings keep it so)
+_ELEMENTWISE_MEANS: tuple[type[nn.Module], ...] = (
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.SoftMarginLoss,
+    nn.PoissonNLLLoss,
+)
+
+
 def loss_family(loss_fn: Any) -> str | None:
-    """``"ce"``, ``"mse"``, ``"bce"`` or ``"nll"`` for the torch loss modules *and* functions.
+    """``"ce"``, ``"mse"``, ``"bce"``, ``"nll"`` or ``"seq_ce"`` for the recognised losses.
 
     Exact types only (a subclass may override ``forward``); the plain functions
-    (``torch.nn.functional.cross_entropy`` ...) are used with their defaults.
+    (``torch.nn.functional.cross_entropy`` ...) with their defaults or through
+    ``functools.partial`` with keyword settings; :class:`SequenceCrossEntropy`.
 
     >>> loss_family(torch.nn.functional.cross_entropy), loss_family(torch.nn.L1Loss())
     ('ce', None)
     """
+    if type(loss_fn) is SequenceCrossEntropy:
+        return "seq_ce"
     for name, module_type, function in _FAMILIES:
         if type(loss_fn) is module_type or loss_fn is function:
+            return name
+        if isinstance(loss_fn, functools.partial) and loss_fn.func is function and not loss_fn.args:
             return name
     return None
 
 
+def class_dim(loss_fn: Any, outputs: torch.Tensor) -> int:
+    """The class (or output-feature) dimension of ``outputs``: 1 for cross-entropy and
+    NLL (torch's ``[N, C, d1, ...]`` layout), the last one otherwise."""
+    if loss_family(loss_fn) in ("ce", "nll") and outputs.ndim >= 2:
+        return 1
+    return outputs.ndim - 1
+
+
+def _class_weights(loss_fn: Any) -> torch.Tensor | None:
+    weight = loss_setting(loss_fn, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _counted_targets(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Targets other than ``ignore_index`` (summed class weights with ``weight=``), a
+    0-d tensor on the targets' device."""
+    counted = targets != loss_setting(loss_fn, "ignore_index", -100)
+    weight = _class_weights(loss_fn)
+    if weight is None:
+        return counted.sum()
+    safe = torch.where(counted, targets, torch.zeros_like(targets))
+    return (weight.to(targets.device)[safe] * counted).sum()
+
+
+def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> float:
+    """:math:`\\nu_b`, what the mean loss of a batch divides its summed terms by (1 for sums).
+
+    Cross-entropy / NLL with class-index targets: the number of targets other than
+    ``ignore_index`` (weighted by ``weight[y]`` when class weights are given);
+    :class:`SequenceCrossEntropy`: its counted tokens; MSE, BCE and the other
+    elementwise torch losses (L1, smooth L1, Huber, ``BCELoss``, soft margin, Poisson
+    NLL, ``KLDivLoss(reduction="mean")``): the number of elements; a
+    :class:`DeclaredLoss`: its declared normaliser; any other loss: the number of
+    samples ``size``.
+
+    >>> batch_normaliser(nn.CrossEntropyLoss(ignore_index=0), None, torch.tensor([0, 1, 2]), 3)
+    2.0
+    """
+    if loss_reduction(loss_fn) == "sum":
+        return 1.0
+    if isinstance(loss_fn, DeclaredLoss):
+        if callable(loss_fn.normaliser):
+            return float(loss_fn.normaliser(inputs, targets))
+        if loss_fn.normaliser == "targets":
+            if targets.dtype.is_floating_point:
+                return float(targets.numel())
+            return float((targets != loss_fn.ignore_index).sum())
+        return float(size)
+    family = loss_family(loss_fn)
+    if family in ("ce", "nll", "seq_ce") and not targets.dtype.is_floating_point:
+        return float(_counted_targets(loss_fn, targets))
+    if family in ("ce", "nll"):  # class probabilities: mean over samples and positions
+        return float(targets.numel() // max(int(targets.shape[1]), 1)) if targets.ndim > 1 else 1.0
+    if family in ("mse", "bce") or type(loss_fn) in _ELEMENTWISE_MEANS:
+        return float(targets.numel())
+    if type(loss_fn) is nn.KLDivLoss and loss_setting(loss_fn, "reduction") == "mean":
+        return float(targets.numel())
+    return float(size)
+
+
+def batch_weight(
+    loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int, *, lazy: bool = False
+) -> Any:
+    """The weight of a batch's curvature in the curvature over all data.
+
+    ``reduction="sum"``: 1 (curvatures add up, no normalisation); otherwise the
+    normaliser :func:`batch_normaliser` for losses whose normaliser is not proportional
+    to the number of samples (cross-entropy/NLL with class-index targets, sequence
+    cross-entropy, declared losses), and the batch size ``size`` for the others (their
+    normalisers are the sample count times a constant).  A float, or with ``lazy`` a
+    0-d tensor on the targets' device where it is counted there (no host
+    synchronisation).
+
+    >>> batch_weight(nn.MSELoss(), None, torch.zeros(4, 3), 4)
+    4.0
+    """
+    if loss_reduction(loss_fn) == "sum":
+        return 1.0
+    family = loss_family(loss_fn)
+    if lazy and family in ("ce", "nll", "seq_ce") and not targets.dtype.is_floating_point:
+        return _counted_targets(loss_fn, targets)
+    if isinstance(loss_fn, DeclaredLoss) or family in ("ce", "nll", "seq_ce"):
+        return batch_normaliser(loss_fn, inputs, targets, size)
+    return float(size)
+
+
 def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str:
-    """Return ``"ce"``, ``"mse"``, ``"bce"`` when a closed form applies, else ``"autograd"``.
+    """Return ``"ce"``, ``"ce_tokens"``, ``"mse"``, ``"bce"``, ``"seq_ce"`` when a closed form
+    applies, else ``"autograd"``.
+
+    ``"ce_tokens"``: cross-entropy with classes in dimension 1 and a target per position
+    (``[N, C, d1, ...]`` outputs, or ``(N, C)`` with ignored targets); ``"seq_ce"``:
+    :class:`SequenceCrossEntropy` (classes last).  Both are the softmax curvature per
+    position over the counted targets.
 
     >>> loss_kind(torch.nn.MSELoss(), torch.zeros(2, 3), torch.zeros(2, 3))
     'mse'
@@ -126,24 +401,39 @@ def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str
     'mse'
     """
     family = loss_family(loss_fn)
-    weight = getattr(loss_fn, "weight", None)
+    weight = loss_setting(loss_fn, "weight", None)
     if family == "ce":
         if (
             weight is None
-            and getattr(loss_fn, "label_smoothing", 0.0) == 0.0
+            and loss_setting(loss_fn, "label_smoothing", 0.0) == 0.0
             and outputs.ndim == 2
             and targets.ndim == 1
             and not targets.dtype.is_floating_point
-            and not bool((targets == getattr(loss_fn, "ignore_index", -100)).any())
+            and not bool((targets == loss_setting(loss_fn, "ignore_index", -100)).any())
         ):
             return "ce"
+        if (
+            weight is None
+            and loss_setting(loss_fn, "label_smoothing", 0.0) == 0.0
+            and outputs.ndim >= 2
+            and not targets.dtype.is_floating_point
+            and tuple(targets.shape) == (outputs.shape[0], *outputs.shape[2:])
+        ):
+            return "ce_tokens"  # classes in dimension 1, one target per position, ignore mask
+    elif family == "seq_ce":
+        if (
+            loss_setting(loss_fn, "label_smoothing", 0.0) == 0.0
+            and not targets.dtype.is_floating_point
+            and tuple(targets.shape) == tuple(outputs.shape[:-1])
+        ):
+            return "seq_ce"
     elif family == "mse":
         if outputs.shape == targets.shape:
             return "mse"
     elif family == "bce":
         if (
             weight is None
-            and getattr(loss_fn, "pos_weight", None) is None
+            and loss_setting(loss_fn, "pos_weight", None) is None
             and outputs.shape == targets.shape
         ):
             return "bce"
@@ -157,21 +447,77 @@ def nll_scale(kind: str, outputs: torch.Tensor) -> float:
     return 1.0
 
 
+def _closed_form_divisor(loss_fn: Any, kind: str, f: torch.Tensor, targets: torch.Tensor) -> float:
+    """:math:`\\nu_b` of a closed-form loss with mean reduction (1 with sum); the closed
+    forms divide by it (a product by its reciprocal would round differently)."""
+    if loss_reduction(loss_fn) == "sum":
+        return 1.0
+    if kind == "ce":
+        return float(f.shape[0])
+    if kind in ("seq_ce", "ce_tokens"):
+        return float((targets != loss_setting(loss_fn, "ignore_index", -100)).sum())
+    return float(f.numel())
+
+
+def fisher_scale(
+    loss_fn: Any,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    normaliser: float | None = None,
+    samples: int = 1,
+) -> float:
+    """:math:`1/(\\nu_b M)` (mean) or :math:`1/M` (sum): the Fisher of a batch is
+    :math:`\\tfrac{1}{\\nu_b M}\\sum_{n,m} J_n^\\top s_{nm} s_{nm}^\\top J_n` with the NLL
+    gradients :math:`s_{nm}` of :func:`per_sample_nll_grads` at ``samples`` (:math:`M`)
+    targets per sample."""
+    if loss_reduction(loss_fn) == "sum":
+        return 1.0 / samples
+    kind = loss_kind(loss_fn, outputs, targets)
+    if kind in ("ce", "mse", "bce"):
+        return nll_scale(kind, outputs) / (outputs.shape[0] * samples)
+    if kind != "autograd":
+        nu = _closed_form_divisor(loss_fn, kind, outputs, targets)
+    elif normaliser is None:
+        nu = batch_normaliser(loss_fn, None, targets, outputs.shape[0])
+    else:
+        nu = normaliser
+    return 1.0 / (nu * samples) if nu > 0 else 0.0
+
+
+def _seq_mask(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
+    return targets != loss_setting(loss_fn, "ignore_index", -100)
+
+
+def _class_last(kind: str, x: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    """``ce_tokens`` tensors with the class dimension (1 after ``lead``) moved last."""
+    return x.movedim(lead + 1, -1) if kind == "ce_tokens" else x
+
+
+def _class_back(kind: str, x: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    return x.movedim(-1, lead + 1) if kind == "ce_tokens" else x
+
+
 def output_hessian_matmat(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, U: torch.Tensor
 ) -> torch.Tensor:
-    """Apply :math:`\\nabla^2_f L_b` (batch-mean loss) to ``U`` of shape ``(k, *outputs.shape)``."""
+    """Apply :math:`\\nabla^2_f L_b` (the batch loss as written) to ``U`` of shape
+    ``(k, *outputs.shape)``."""
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach()
-    if kind == "ce":
-        p = torch.softmax(f, dim=-1)
-        pu = p * U
-        return (pu - p * pu.sum(-1, keepdim=True)) / f.shape[0]
+    if kind != "autograd":
+        nu = max(_closed_form_divisor(loss_fn, kind, f, targets), 1.0)  # 0: nothing counted
+    if kind in ("ce", "seq_ce", "ce_tokens"):
+        p = torch.softmax(_class_last(kind, f), dim=-1)
+        pu = p * _class_last(kind, U, 1)
+        out = (pu - p * pu.sum(-1, keepdim=True)) / nu
+        if kind != "ce":
+            out = out * _seq_mask(loss_fn, targets).unsqueeze(-1).to(out.dtype)
+        return _class_back(kind, out, 1)
     if kind == "mse":
-        return U * (2.0 / f.numel())
+        return U * (2.0 / nu)
     if kind == "bce":
         s = torch.sigmoid(f)
-        return U * (s * (1 - s) / f.numel())
+        return U * (s * (1 - s) / nu)
     with torch.enable_grad():
         o = f.clone().requires_grad_(True)
         loss = loss_fn(o, targets)
@@ -200,18 +546,33 @@ def output_hessian_factor(
     f = outputs.detach().reshape(outputs.shape[0], -1)
     n, c = f.shape
     kind = loss_kind(loss_fn, outputs, targets)
+    ones = torch.ones(n, c, dtype=f.dtype, device=f.device)
+    if kind != "autograd":
+        nu = max(_closed_form_divisor(loss_fn, kind, outputs, targets), 1.0)
     if kind == "ce":
         p = torch.softmax(f, dim=-1)
         sp = p.sqrt()
         A = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
-        return A / math.sqrt(n), torch.ones(n, c, dtype=f.dtype, device=f.device)
+        return A / math.sqrt(nu), ones
+    if kind in ("seq_ce", "ce_tokens"):
+        last = _class_last(kind, outputs.detach())
+        v = last.shape[-1]
+        p = torch.softmax(last, dim=-1).reshape(n, -1, v)
+        sp = p.sqrt() * _seq_mask(loss_fn, targets).reshape(n, -1, 1).to(f.dtype)
+        tokens = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)  # (n, T, V, V)
+        t = tokens.shape[1]
+        eye = torch.eye(t, dtype=f.dtype, device=f.device)
+        A = torch.einsum("ntab,ts->ntasb", tokens, eye).reshape(n, t, v, c)
+        if kind == "ce_tokens":  # rows in the outputs' own order: class, then position
+            A = A.transpose(1, 2)
+        return A.reshape(n, c, c) / math.sqrt(nu), ones
     if kind == "mse":
         eye = torch.eye(c, dtype=f.dtype, device=f.device).expand(n, c, c)
-        return eye * math.sqrt(2.0 / f.numel()), torch.ones(n, c, dtype=f.dtype, device=f.device)
+        return eye * math.sqrt(2.0 / nu), ones
     if kind == "bce":
         s = torch.sigmoid(f)
-        A = torch.diag_embed((s * (1 - s) / f.numel()).sqrt())
-        return A, torch.ones(n, c, dtype=f.dtype, device=f.device)
+        A = torch.diag_embed((s * (1 - s) / nu).sqrt())
+        return A, ones
     blocks = torch.empty(n, c, c, dtype=f.dtype, device=f.device)
     for j in range(c):
         U = torch.zeros(n, c, dtype=f.dtype, device=f.device)
@@ -244,7 +605,8 @@ def sample_targets(
 ) -> torch.Tensor:
     """Draw ``mc_samples`` targets per sample from the model's predictive distribution.
 
-    Cross-entropy: :math:`\\hat y \\sim \\mathrm{Cat}(\\mathrm{softmax}(f_n))` (class indices);
+    Cross-entropy: :math:`\\hat y \\sim \\mathrm{Cat}(\\mathrm{softmax}(f_n))` (class indices;
+    for :class:`SequenceCrossEntropy` one class per token, ignored tokens stay ignored);
     MSE: :math:`\\hat y = f_n + \\varepsilon/\\sqrt{2}`, :math:`\\varepsilon \\sim N(0, I)`;
     BCE: :math:`\\hat y \\sim \\mathrm{Bernoulli}(\\sigma(f_n))`.  Sampling happens on the CPU
     with ``generator`` (bitwise reproducible on every device).  Returns ``(M, *targets.shape)``.
@@ -260,6 +622,13 @@ def sample_targets(
         p = torch.softmax(f, dim=-1)
         idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
         return idx.T.contiguous().to(device=targets.device, dtype=targets.dtype)
+    if kind in ("seq_ce", "ce_tokens"):
+        last = _class_last(kind, f)
+        p = torch.softmax(last, dim=-1).reshape(-1, last.shape[-1])
+        idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
+        drawn = idx.T.reshape(mc_samples, *targets.shape).to(targets.device, targets.dtype)
+        ignore = loss_setting(loss_fn, "ignore_index", -100)
+        return torch.where(_seq_mask(loss_fn, targets), drawn, torch.full_like(drawn, ignore))
     if kind == "mse":
         eps = torch.randn((mc_samples, *f.shape), generator=generator, dtype=f.dtype)
         return (f.unsqueeze(0) + eps / math.sqrt(2.0)).to(outputs.device)
@@ -269,20 +638,39 @@ def sample_targets(
     raise argument_error(
         "loss_fn",
         "a likelihood to sample for kind='mc': CrossEntropyLoss without weight/label "
-        "smoothing/ignored targets on (N, C) outputs with (N,) class indices, or MSELoss / "
+        "smoothing on (N, C, ...) outputs with (N, ...) class indices, "
+        "sequence_cross_entropy without label smoothing, or MSELoss / "
         "BCEWithLogitsLoss (no weights) with targets shaped like the outputs "
         "(use kind='empirical' otherwise)",
         f"{loss_fn!r} with outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}",
     )
 
 
-def per_sample_nll_grads(
-    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """Gradients :math:`\\nabla_{f_n}\\mathrm{NLL}(f_n, y_n)`, shape ``(N, C)`` (outputs flattened).
+def output_gradient(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:math:`\\partial L_b / \\partial f`, the gradient of the batch loss as written at the
+    outputs (shape of ``outputs``)."""
+    with torch.enable_grad():
+        o = outputs.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(
+            loss_fn(o, targets), o, allow_unused=True, materialize_grads=True
+        )
+    return g
 
-    For the autograd fallback (assumed separable over samples, mean reduction)
-    :math:`\\mathrm{NLL} = \\ell_n` and :math:`\\nabla_{f_n}\\ell_n = N \\nabla_{f_n} L_b`.
+
+def per_sample_nll_grads(
+    loss_fn: LossFn,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    normaliser: float | None = None,
+) -> torch.Tensor:
+    """Gradients :math:`s_n = \\nabla_{f_n}\\mathrm{NLL}(f_n, y_n)`, shape ``(N, C)`` (outputs
+    flattened), with :math:`F_b = \\mathrm{scale}\\sum_n J_n^\\top s_n s_n^\\top J_n`
+    (:func:`fisher_scale`).
+
+    For the autograd fallback (a loss separable over samples)
+    :math:`s_n = \\nu_b\\, \\nabla_{f_n} L_b` with the normaliser :math:`\\nu_b`
+    (:func:`batch_normaliser`; 1 for ``reduction="sum"``), the gradient of the sum of the
+    sample's terms.
     """
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach()
@@ -290,14 +678,21 @@ def per_sample_nll_grads(
     if kind == "ce":
         p = torch.softmax(f, dim=-1)
         return p - nn.functional.one_hot(targets, f.shape[-1]).to(p.dtype)
+    if kind in ("seq_ce", "ce_tokens"):
+        p = torch.softmax(_class_last(kind, f), dim=-1)
+        mask = _seq_mask(loss_fn, targets)
+        safe = torch.where(mask, targets, torch.zeros_like(targets))
+        s = (p - nn.functional.one_hot(safe, p.shape[-1]).to(p.dtype)) * mask.unsqueeze(-1)
+        return _class_back(kind, s).reshape(n, -1)
     if kind == "mse":
         return (2.0 * (f - targets)).reshape(n, -1)
     if kind == "bce":
         return (torch.sigmoid(f) - targets).reshape(n, -1)
-    with torch.enable_grad():
-        o = f.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_fn(o, targets), o)
-    return (g * n).reshape(n, -1)
+    g = output_gradient(loss_fn, f, targets)
+    if loss_reduction(loss_fn) == "mean":
+        nu = batch_normaliser(loss_fn, None, targets, n) if normaliser is None else normaliser
+        g = g * nu
+    return g.reshape(n, -1)
 
 
 def per_sample_nll_values(
@@ -305,15 +700,41 @@ def per_sample_nll_values(
 ) -> torch.Tensor:
     """Per-sample :math:`\\mathrm{NLL}(f_n, y_n)`, shape ``(N,)``, differentiable in ``outputs``.
 
-    Written independently of :func:`per_sample_nll_grads` (used by the dense references).
+    Written independently of :func:`per_sample_nll_grads` (used by the dense references):
+    for the autograd fallback the sum of the sample's terms, :math:`\\nu_n L(f_n, y_n)` with
+    the normaliser :math:`\\nu_n` of the sample alone (mean) or :math:`L(f_n, y_n)` (sum).
     """
     kind = loss_kind(loss_fn, outputs, targets)
     n = outputs.shape[0]
     if kind == "ce":
         return nn.functional.cross_entropy(outputs, targets, reduction="none")
+    if kind == "ce_tokens":
+        per_position = nn.functional.cross_entropy(
+            outputs,
+            targets,
+            ignore_index=loss_setting(loss_fn, "ignore_index", -100),
+            reduction="none",
+        )
+        return per_position.reshape(n, -1).sum(1)
+    if kind == "seq_ce":
+        per_token = nn.functional.cross_entropy(
+            outputs.reshape(-1, outputs.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=loss_setting(loss_fn, "ignore_index", -100),
+            reduction="none",
+        )
+        return per_token.reshape(n, -1).sum(1)
     if kind == "mse":
         return ((outputs - targets) ** 2).reshape(n, -1).sum(1)
     if kind == "bce":
         bce = nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none")
         return bce.reshape(n, -1).sum(1)
-    return torch.stack([loss_fn(outputs[i : i + 1], targets[i : i + 1]) for i in range(n)])
+    values = []
+    for i in range(n):
+        y = targets[i : i + 1]
+        if loss_reduction(loss_fn) == "sum":
+            values.append(loss_fn(outputs[i : i + 1], y))
+            continue
+        nu = batch_normaliser(loss_fn, None, y, 1)
+        values.append(loss_fn(outputs[i : i + 1], y) * nu if nu > 0 else outputs[i].sum() * 0.0)
+    return torch.stack(values)

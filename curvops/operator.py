@@ -32,7 +32,11 @@ to the operator's dtype and the output has the operator's dtype.
 Operators are immutable: shape, dtype, device and the structure flags are read-only,
 and the algebra (``+``, ``-``, scalar ``*``, ``@``, ``**``, :meth:`~CurvatureOperator.shift`,
 :meth:`~CurvatureOperator.damp`, :meth:`~CurvatureOperator.deflate`) builds new operators
-from :mod:`curvops.algebra`.
+from :mod:`curvops.algebra`.  That module sits above this one (it subclasses
+:class:`CurvatureOperator` and uses :mod:`curvops.structured`) and registers its
+constructors here when it is imported (:func:`register_algebra`; ``import curvops``
+imports it), so this module never imports it: ``operator <- structured <- algebra``
+has no import cycle.
 
 >>> import numpy as np
 >>> from curvops.structured import Diagonal
@@ -50,7 +54,8 @@ from __future__ import annotations
 
 import numbers
 from abc import ABCMeta, abstractmethod
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse.linalg as sla
@@ -66,10 +71,38 @@ from curvops._arrays import (
 )
 from spectral.errors import argument_error
 
-if TYPE_CHECKING:
-    from curvops.algebra import Projected
+__all__ = ["ALGEBRA_CONSTRUCTORS", "CurvatureOperator", "is_scalar", "register_algebra"]
 
-__all__ = ["CurvatureOperator", "is_scalar"]
+#: The constructors behind the operator syntax, registered by :mod:`curvops.algebra`.
+ALGEBRA_CONSTRUCTORS = ("add", "scale", "shift", "product", "power", "adjoint", "deflate")
+_algebra: dict[str, Callable[..., Any]] = {}
+
+
+def register_algebra(**constructors: Callable[..., Any]) -> None:
+    """Register the constructors named in :data:`ALGEBRA_CONSTRUCTORS` (by :mod:`curvops.algebra`).
+
+    Raises
+    ------
+    ValueError
+        If the names are not exactly those of :data:`ALGEBRA_CONSTRUCTORS`.
+    """
+    if sorted(constructors) != sorted(ALGEBRA_CONSTRUCTORS):
+        raise argument_error(
+            "constructors", f"exactly the names {ALGEBRA_CONSTRUCTORS}", sorted(constructors)
+        )
+    _algebra.update(constructors)
+
+
+def _construct(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Build an algebra operator with the registered constructor ``name``."""
+    try:
+        build = _algebra[name]
+    except KeyError:  # pragma: no cover - curvops/__init__ imports curvops.algebra
+        raise RuntimeError(
+            f"curvops.algebra has not registered {name!r}: import curvops (not only "
+            "curvops.operator) before using the operator algebra"
+        ) from None
+    return build(*args, **kwargs)
 
 
 def is_scalar(value: Any) -> bool:
@@ -259,9 +292,7 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
     def dot(self, x: Any) -> Any:
         """``A @ x`` for an array (1-D or 2-D), a scalar (scaling) or an operator (product)."""
         if isinstance(x, CurvatureOperator):
-            from curvops.algebra import product
-
-            return product(self, x)
+            return _construct("product", self, x)
         if isinstance(x, sla.LinearOperator):
             raise argument_error(
                 "x",
@@ -270,9 +301,7 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
                 kind=TypeError,
             )
         if is_scalar(x):
-            from curvops.algebra import scale
-
-            return scale(self, float(x))
+            return _construct("scale", self, float(x))
         ndim = getattr(x, "ndim", None)
         if ndim is None:
             ndim = np.ndim(x)
@@ -306,22 +335,16 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
 
     def __rmul__(self, other: Any) -> Any:
         if is_scalar(other):
-            from curvops.algebra import scale
-
-            return scale(self, float(other))
+            return _construct("scale", self, float(other))
         return self._rdot(other)
 
     def __truediv__(self, other: Any) -> CurvatureOperator:
         if not is_scalar(other) or other == 0:
             raise argument_error("other", "a non-zero real scalar", other, kind=TypeError)
-        from curvops.algebra import scale
-
-        return scale(self, 1.0 / float(other))
+        return _construct("scale", self, 1.0 / float(other))
 
     def __neg__(self) -> CurvatureOperator:
-        from curvops.algebra import scale
-
-        return scale(self, -1.0)
+        return _construct("scale", self, -1.0)
 
     def __add__(self, other: Any) -> CurvatureOperator:
         if not isinstance(other, CurvatureOperator):
@@ -331,9 +354,7 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
                 other,
                 kind=TypeError,
             )
-        from curvops.algebra import add
-
-        return add(self, other)
+        return _construct("add", self, other)
 
     def __sub__(self, other: Any) -> CurvatureOperator:
         if not isinstance(other, CurvatureOperator):
@@ -343,23 +364,17 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
                 other,
                 kind=TypeError,
             )
-        from curvops.algebra import add, scale
-
-        return add(self, scale(other, -1.0))
+        return _construct("add", self, _construct("scale", other, -1.0))
 
     def __pow__(self, k: Any) -> CurvatureOperator:
-        from curvops.algebra import power
-
-        return power(self, k)
+        return _construct("power", self, k)
 
     # ------------------------------------------------------------------ adjoint / transpose
     def adjoint(self) -> CurvatureOperator:
         """:math:`A^\\top` (real operators): ``self`` when symmetric, else an Adjoint view."""
         if self._symmetric:
             return self
-        from curvops.algebra import Adjoint
-
-        return Adjoint(self)
+        return _construct("adjoint", self)
 
     def transpose(self) -> CurvatureOperator:
         """Same as :meth:`adjoint` (operators are real)."""
@@ -384,9 +399,7 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
     # ------------------------------------------------------------------ algebra shortcuts
     def shift(self, mu: float) -> CurvatureOperator:
         """:math:`A + \\mu I` (square operators); tracked by :meth:`affine_decomposition`."""
-        from curvops.algebra import shift
-
-        return shift(self, mu)
+        return _construct("shift", self, mu)
 
     def damp(self, delta: float) -> CurvatureOperator:
         """:math:`A + \\delta I` with :math:`\\delta \\ge 0` (damping); keeps psd."""
@@ -394,11 +407,12 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
             raise argument_error("delta", "a finite real number >= 0", delta)
         return self.shift(float(delta))
 
-    def deflate(self, V: Any, *, tol: float | None = None) -> Projected:
-        """:math:`(I - VV^\\top) A (I - VV^\\top)` for ``V`` (``n x r``), orthonormal columns."""
-        from curvops.algebra import Projected
+    def deflate(self, V: Any, *, tol: float | None = None) -> CurvatureOperator:
+        """:math:`(I - VV^\\top) A (I - VV^\\top)` for ``V`` (``n x r``), orthonormal columns.
 
-        return Projected(self, V, tol=tol)
+        Returns a :class:`curvops.algebra.Projected`.
+        """
+        return _construct("deflate", self, V, tol=tol)
 
     def affine_decomposition(self) -> tuple[float, float, CurvatureOperator]:
         """Return ``(a, b, base)`` with ``self == a * base + b * I`` (default ``(1, 0, self)``)."""

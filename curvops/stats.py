@@ -2,7 +2,9 @@
 
 Let the data be split into minibatches :math:`i = 1..m` of sizes :math:`N_i` (the
 batches of ``data``, each cut into pieces of ``batch_size`` when given), with
-weights :math:`w_i = N_i / N`, mean losses :math:`L_i`, gradients :math:`g_i` and
+weights :math:`w_i = \\nu_i / \\sum_j \\nu_j` by the loss's own normaliser (the sample
+count :math:`N_i`, or the counted targets of a cross-entropy with ``ignore_index``, see
+:func:`curvops.losses.batch_weight`), mean losses :math:`L_i`, gradients :math:`g_i` and
 curvature matrices :math:`C_i` (Hessian or GGN of :math:`L_i`).  With
 :math:`\\bar g = \\sum_i w_i g_i`, :math:`\\bar C = \\sum_i w_i C_i` (the full-data gradient
 and curvature) and a unit direction :math:`z` (random, or e.g. a top eigenvector):
@@ -18,6 +20,11 @@ and curvature) and a unit direction :math:`z` (random, or e.g. a top eigenvector
 * ``hess_mu`` :math:`= \\mu = z^\\top \\bar C z` (Rayleigh quotient);
 * ``delta`` :math:`= \\|\\bar C z - \\mu z\\|^2` (zero iff :math:`z` is an eigenvector);
 * ``alpha`` :math:`= \\sqrt{\\text{hess\\_var}} / |\\mu|`.
+
+With ``reduction="sum"`` the statistics are those of the summed loss: each minibatch's
+quantities are taken as estimates :math:`(N/N_i) L_i`, :math:`(N/N_i) g_i`, ... of the
+full-data ones with weights :math:`N_i/N` (the mean-loss statistics scaled by :math:`N`,
+and by :math:`N^2` for squared quantities).
 
 Following Wu et al. (2018, "How SGD selects the global minima"), :math:`\\mu` plays
 the role of the *sharpness* :math:`a = \\lambda_{\\max}(\\bar C)` and
@@ -54,9 +61,10 @@ from curvops.data import Batch, as_data, batch_size_of, move_to
 from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
-from curvops.losses import LossFn, check_loss, output_hessian_matmat
+from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_matmat
 from curvops.params import select_params
 from curvops.products import hessian_linearization, jacobian_sandwich_matmat
+from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = [
@@ -216,9 +224,11 @@ def loss_stats(
     """
     if curvature not in ("hessian", "ggn"):
         raise argument_error("curvature", "'hessian' or 'ggn'", curvature)
-    check_loss(loss_fn)
     check_bn_mode(bn_mode)
     model = unwrap_model(model)
+    validation = validate(model, loss_fn, data, params=params, bn_mode=bn_mode)
+    streamed = not as_data(data).is_in_memory
+    summed = loss_reduction(loss_fn) == "sum"
     group = resolve_group(process_group)
     named = select_params(model, params)
     names = [n for n, _ in named]
@@ -240,13 +250,21 @@ def loss_stats(
         z_parts.append(zv[start : start + p.numel()].reshape(1, *p.shape).to(dtype))
         start += p.numel()
 
-    sums = {"w": 0.0, "L": 0.0, "L2": 0.0, "g2": 0.0, "Cz2": 0.0}
+    sums = {"w": 0.0, "n": 0.0, "L": 0.0, "L2": 0.0, "g2": 0.0, "Cz2": 0.0}
     gbar = torch.zeros(P, dtype=torch.float64, device=device)
     czbar = torch.zeros(P, dtype=torch.float64, device=device)
     kept: list[tuple[Any, torch.Tensor]] = []
     num_batches = 0
     with curvature_mode(model, bn_mode):
         for batch in minibatches(data, batch_size):
+            if streamed and batch_size is None:
+                validation.check_streamed(batch.inputs, batch.targets, batch.index)
+            if summed:  # the mean-equivalent of the minibatch; rescaled by N at the end
+                w, per = float(batch.size), 1.0 / batch.size
+            else:
+                w, per = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size), 1.0
+            if w == 0:
+                continue
             num_batches += 1
             if batch_size is not None and num_probes:
                 kept.append((batch.inputs, batch.targets))
@@ -269,15 +287,15 @@ def loss_stats(
                     return lambda U: output_hessian_matmat(loss_fn, out, targets, U)
 
                 cz = jacobian_sandwich_matmat(forward, params0, z_parts, q)
-            g = torch.cat([t.reshape(-1) for t in lin.grad]).double()
-            czv = torch.cat([t.reshape(-1) for t in cz]).double()
-            loss = float(lin.loss)
+            g = torch.cat([t.reshape(-1) for t in lin.grad]).double() * per
+            czv = torch.cat([t.reshape(-1) for t in cz]).double() * per
+            loss = float(lin.loss) * per
             if not (math.isfinite(loss) and bool(torch.isfinite(g).all())) or not bool(
                 torch.isfinite(czv).all()
             ):
                 raise NumericalError(f"loss_stats: non-finite values in minibatch {batch.index}.")
-            w = float(batch.size)
             sums["w"] += w
+            sums["n"] += batch.size
             sums["L"] += w * loss
             sums["L2"] += w * loss * loss
             sums["g2"] += w * float(g @ g)
@@ -300,6 +318,10 @@ def loss_stats(
     hess_mean_norm_sq = float(czbar @ czbar)
     hess_var = sums["Cz2"] / N - hess_mean_norm_sq
     residual = czbar - mu * zv
+    # reduction="sum": every quantity above is of the mean-equivalent loss L/N; the
+    # summed loss's are N (first moments) and N^2 (second moments) times larger.
+    s1 = sums["n"] if summed else 1.0
+    s2 = s1 * s1
     l2, linf = weight_norms(model, params)
     if num_probes:
         op: ModelCurvatureOperator
@@ -317,21 +339,21 @@ def loss_stats(
     else:
         fro, fro_err = math.nan, math.nan
     return LossStats(
-        loss_mean=loss_mean,
-        loss_var=sums["L2"] / N - loss_mean**2,
-        grad_mean_norm_sq=float(gbar @ gbar),
-        grad_var=sums["g2"] / N - float(gbar @ gbar),
-        hess_mean_norm_sq=hess_mean_norm_sq,
-        hess_var=hess_var,
-        hess_mu=mu,
-        delta=float(residual @ residual),
+        loss_mean=loss_mean * s1,
+        loss_var=(sums["L2"] / N - loss_mean**2) * s2,
+        grad_mean_norm_sq=float(gbar @ gbar) * s2,
+        grad_var=(sums["g2"] / N - float(gbar @ gbar)) * s2,
+        hess_mean_norm_sq=hess_mean_norm_sq * s2,
+        hess_var=hess_var * s2,
+        hess_mu=mu * s1,
+        delta=float(residual @ residual) * s2,
         alpha=math.sqrt(max(hess_var, 0.0)) / abs(mu) if mu != 0 else math.inf,
         frobenius_norm_sq=fro,
         frobenius_norm_sq_stderr=fro_err,
         weight_norm_l2=l2,
         weight_norm_linf=linf,
         num_batches=num_batches,
-        num_samples=int(N),
+        num_samples=int(sums["n"]),
         curvature=curvature,
         layer_norms=layer_weight_norms(model, params),
     )

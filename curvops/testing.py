@@ -6,7 +6,9 @@ parameter vector (``torch.func.hessian`` and ``jacrev(jacrev)`` return wrong sec
 derivatives through BatchNorm in training mode in torch 2.13), and with
 ``torch.func.jacrev`` Jacobians for the GGN and Fisher,
 on a float64 copy of the model (the original is never touched).  Batches are
-weighted by their sizes exactly as the operators do, :math:`A = \\frac{1}{N}\\sum_b N_b A_b`.
+weighted exactly as the operators do, :math:`A = \\sum_b w_b A_b / \\sum_b w_b` with the
+loss's own weights (:func:`curvops.losses.batch_weight`; :math:`A = \\sum_b A_b` for
+``reduction="sum"``).
 They cost :math:`O(P)` products and :math:`O(P^2)` memory: for tests on tiny models.
 
 >>> import torch
@@ -27,15 +29,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
+from curvops._model_state import (
+    check_bn_mode,
+    curvature_mode,
+    functional_forward,
+    model_state,
+    state_differences,
+)
 from curvops.data import as_data, move_to
 from curvops.forward_mode import prepare_forward_mode
 from curvops.losses import (
     LossFn,
     batch_generator,
+    batch_weight,
     check_loss,
-    loss_kind,
-    nll_scale,
+    fisher_scale,
+    loss_reduction,
     per_sample_nll_values,
     sample_targets,
 )
@@ -43,10 +52,13 @@ from curvops.params import select_params
 from spectral.errors import argument_error
 
 __all__ = [
+    "check_model_contract",
     "check_operator_contract",
     "dense_fisher",
     "dense_ggn",
     "dense_hessian",
+    "model_state",
+    "state_differences",
 ]
 
 _BatchFn = Callable[
@@ -80,7 +92,7 @@ def _dense(
 
     stream = as_data(data)
     total = torch.zeros(w0.numel(), w0.numel(), dtype=torch.float64, device=device)
-    count = 0
+    count = 0.0
     with curvature_mode(model64, bn_mode):
         for batch in stream:
             inputs = move_to(batch.inputs, device, torch.float64)
@@ -89,9 +101,12 @@ def _dense(
             def forward(w: torch.Tensor, inputs: Any = inputs) -> torch.Tensor:
                 return functional_forward(model64, names, split(w), inputs)
 
-            total += batch.size * per_batch(forward, w0, loss_fn, targets, batch.index)
-            count += batch.size
-    return total / count
+            w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
+            if w == 0:
+                continue
+            total += w * per_batch(forward, w0, loss_fn, targets, batch.index)
+            count += w
+    return total if loss_reduction(loss_fn) == "sum" else total / count
 
 
 def dense_hessian(
@@ -158,7 +173,7 @@ def dense_fisher(
     params: Any = None,
     bn_mode: str | None = None,
 ) -> torch.Tensor:
-    """Dense float64 Fisher :math:`\\frac{c}{NM}\\sum_{n,m} g_{nm} g_{nm}^\\top`.
+    """Dense float64 Fisher :math:`\\frac{1}{\\nu_b M}\\sum_{n,m} g_{nm} g_{nm}^\\top` per batch.
 
     Here :math:`g_{nm} = \\nabla_w \\mathrm{NLL}(f_n, \\tilde y_{nm})`.
 
@@ -177,7 +192,7 @@ def dense_fisher(
         index: int,
     ) -> torch.Tensor:
         out = forward(w0).detach()
-        c = nll_scale(loss_kind(loss_fn, out, targets), out)
+        c = fisher_scale(loss_fn, out, targets, samples=mc_samples if kind == "mc" else 1)
         if kind == "mc":
             draws = sample_targets(loss_fn, out, targets, mc_samples, batch_generator(seed, index))
         else:
@@ -186,7 +201,7 @@ def dense_fisher(
         for t in draws:
             G = torch.func.jacrev(lambda w, t=t: per_sample_nll_values(loss_fn, forward(w), t))(w0)
             total += G.T @ G
-        return total * (c / (out.shape[0] * draws.shape[0]))
+        return total * c
 
     return _dense(model, loss_fn, data, params, bn_mode, per_batch)
 
@@ -313,3 +328,42 @@ def check_operator_contract(
         cases.append(("A.deflate(V)", op.deflate(Q.astype(dtype)), P @ A @ P, 4.0))
     for name, combo, ref, factor in cases:
         _check_close(f"{name} matvec", combo.matvec(x.astype(dtype)), ref @ x, factor * tol_x)
+
+
+def check_model_contract(op: Any, *, seed: int = 0, num_columns: int = 2) -> None:
+    """Check contracts 1 and 3 of a model curvature operator; ``AssertionError`` on failure.
+
+    Two products with the same vectors are bitwise equal (one fixed matrix, nothing
+    random), and afterwards the model is unchanged (:func:`state_differences`:
+    values, identities and types of every parameter and buffer under every name,
+    modes, ``.grad``, ``requires_grad``) and so are the global torch (CPU), numpy and
+    Python random streams.
+
+    >>> import torch
+    >>> from curvops import GGNOperator
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout(0.5)).double()
+    >>> x, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    >>> check_model_contract(GGNOperator(net, torch.nn.CrossEntropyLoss(), (x, y)))
+    """
+    import random
+
+    model = op.model
+    before = model_state(model)
+    streams: tuple[Any, ...] = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    g = torch.Generator(device=op.device).manual_seed(seed)
+    V = torch.randn(op.shape[0], num_columns, generator=g, dtype=op.torch_dtype, device=op.device)
+    first = op.matmat(V)
+    second = op.matmat(V)
+    if not torch.equal(first, second):
+        raise AssertionError("operator contract: two products with the same vectors differ")
+    diffs = state_differences(before, model)
+    if diffs:
+        raise AssertionError(f"operator contract: the products changed the model: {diffs[:8]}")
+    now: tuple[Any, ...] = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    if not (
+        torch.equal(streams[0], now[0])
+        and np.array_equal(streams[1][1], now[1][1])
+        and streams[1][2:] == now[1][2:]
+        and streams[2] == now[2]
+    ):
+        raise AssertionError("operator contract: the products advanced a global random stream")

@@ -18,6 +18,7 @@ from nets.device import resolve_device
 from nets.models import MODELS, available_models, get_model
 from nets.optim.registry import available_optimizers, get_optimizer, register_optimizer
 from nets.schedules import constant_schedule, linear_schedule
+from nets.tracker import CurvatureTracker
 from nets.training import TrainingResult, train_network
 
 # isort: split
@@ -47,6 +48,7 @@ __all__: list[str] = [
     "KFAC",
     "MODELS",
     "SWATS",
+    "CurvatureTracker",
     "DatasetSplits",
     "LanczosNewton",
     "SpectrumResult",

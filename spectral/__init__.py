@@ -13,15 +13,15 @@ from spectral import bounds, rmt
 from spectral.density import SpectralDensity
 from spectral.eigen import top_eigenpairs
 from spectral.errors import NumericalError, argument_error
+from spectral.estimators import TraceEstimate, diagonal, frobenius_norm_squared, trace
 from spectral.functions import schatten_norm, trace_function
 from spectral.io import CorruptFileError, atomic_write, load_npz, save_npz
-from spectral.lanczos import LanczosResult, check_symmetric, lanczos
+from spectral.krylov import LanczosResult, check_symmetric, lanczos
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import random_probe, random_probes
+from spectral.quadrature import slq
 from spectral.resume import StateMismatchError
 from spectral.ritz import RitzPairs, ritz_pairs
-from spectral.slq import slq
-from spectral.trace import TraceEstimate, diagonal, frobenius_norm_squared, trace
 
 __all__ = [
     "CorruptFileError",

@@ -36,9 +36,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from spectral.errors import argument_error
+from spectral.estimators import TraceEstimate
 from spectral.operator import as_operator
-from spectral.slq import slq
-from spectral.trace import TraceEstimate
+from spectral.quadrature import slq
 
 __all__ = ["FUNCTIONS", "schatten_norm", "trace_function"]
 
@@ -102,7 +102,7 @@ def trace_function(
     num_probes:
         Number of probes ``P``; the standard error needs ``P >= 2`` (NaN otherwise).
     probe, seed, reorth:
-        As in :func:`spectral.slq.slq`.
+        As in :func:`spectral.slq`.
 
     Returns
     -------

@@ -1,8 +1,8 @@
 r"""Resumable long runs: state files, configuration and operator fingerprints.
 
 A Lanczos run on a real network costs one pass over the data per iteration
-(tens of seconds to minutes each), so :func:`spectral.lanczos.lanczos`,
-:func:`spectral.slq.slq` and the :mod:`nets` workflow accept a ``checkpoint``
+(tens of seconds to minutes each), so :func:`spectral.lanczos`,
+:func:`spectral.slq` and the :mod:`nets` workflow accept a ``checkpoint``
 path.  Every ``checkpoint_every`` iterations the full recurrence state is
 written there atomically (temporary file, ``fsync``, rename: a crash, even a
 ``SIGKILL``, leaves either the previous state or the new one).  Restarting
@@ -496,7 +496,7 @@ class Checkpoint:
 
 @dataclass
 class LanczosState:
-    r"""The state of :func:`spectral.lanczos.lanczos` after ``iteration`` steps (host arrays).
+    r"""The state of :func:`spectral.lanczos` after ``iteration`` steps (host arrays).
 
     Mid-run (``complete=False``), after step ``k = iteration``: ``alphas``
     ``(k,)``, ``betas`` ``(k,)`` (``beta_k`` included), ``basis`` ``(k, n)``

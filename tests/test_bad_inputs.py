@@ -292,9 +292,9 @@ def _(tmp: Path) -> Any:
     return curvops.GGNOperator(_model(), nn.CrossEntropyLoss(reduction="none"), _batch())
 
 
-@case("curvops-reduction-sum", ValueError, "'loss_fn.reduction'", "'mean'")
+@case("curvops-reduction-none-hessian", ValueError, "'loss_fn.reduction'", "'mean' or 'sum'")
 def _(tmp: Path) -> Any:
-    return curvops.HessianOperator(_model(), nn.MSELoss(reduction="sum"), _batch())
+    return curvops.HessianOperator(_model(), nn.MSELoss(reduction="none"), _batch())
 
 
 @case("curvops-loss-not-callable", TypeError, "'loss_fn'", "callable")
@@ -418,7 +418,7 @@ def _(tmp: Path) -> Any:
     return curvops.HessianOperator(_model().requires_grad_(False), nn.CrossEntropyLoss(), _batch())
 
 
-@case("curvops-nan-parameter", spectral.NumericalError, "batch 0", "parameter(s) ['0.weight']")
+@case("curvops-nan-parameter", ValueError, "'params'", "'0.weight'")
 def _(tmp: Path) -> Any:
     net = _model()
     with torch.no_grad():

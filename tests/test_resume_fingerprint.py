@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import curvops
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.operator import as_operator
 from spectral.resume import StateMismatchError, operator_fingerprint
 

@@ -236,8 +236,9 @@ def test_failed_call_leaves_state_untouched() -> None:
     net, opt, (x, y) = _user_setup()
     before = _snapshot(net, opt)
     bad = x.clone()
-    bad[0, 0, 0, 0] = float("nan")
-    op = curvops.HessianOperator(net, _loss(), (bad, y))
+    bad[-1, 0, 0, 0] = float("nan")  # in the second batch: the first is checked when built
+    half = x.shape[0] // 2
+    op = curvops.HessianOperator(net, _loss(), [(bad[:half], y[:half]), (bad[half:], y[half:])])
     with pytest.raises((spectral.NumericalError, ValueError)):
         spectral.lanczos(op, 3, seed=0)
     _assert_unchanged(before, _snapshot(net, opt))

@@ -13,6 +13,9 @@ training set's mean and standard deviation.  No augmentation is applied
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -23,6 +26,25 @@ __all__ = ["load_digits_tensors"]
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 
 
+def _sklearn_load_digits() -> Any:
+    """``sklearn.datasets.load_digits``, imported without touching the global RNGs.
+
+    scikit-learn is imported on first use only.  Its import chain can draw from
+    Python's global generator (``rich``, which recent scikit-learn imports, seeds an
+    id counter with ``random.getrandbits`` at import time), which would change the
+    caller's random stream on the first call of this function only.  The states of
+    Python's and numpy's global generators are restored around the import.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 (saved, never drawn from)
+    try:
+        from sklearn.datasets import load_digits
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+    return load_digits
+
+
 def load_digits_tensors(
     *, data_seed: int = 0, test_fraction: float = 0.2
 ) -> tuple[TensorPair, TensorPair]:
@@ -30,8 +52,7 @@ def load_digits_tensors(
 
     ``x`` is float32 ``(N, 1, 8, 8)``; ``y`` is int64 ``(N,)``.
     """
-    from sklearn.datasets import load_digits
-
+    load_digits = _sklearn_load_digits()
     if not 0.0 < test_fraction < 1.0:
         raise argument_error("test_fraction", "a fraction in (0, 1)", test_fraction)
     images, labels = load_digits(return_X_y=True)

@@ -80,7 +80,7 @@ from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from nets.optim.registry import register_optimizer
 from spectral.errors import NumericalError, argument_error
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.ritz import tridiagonal_eigh
 
 __all__ = ["LanczosNewton", "lanczos_newton_direction"]
@@ -107,7 +107,7 @@ def lanczos_newton_direction(
     Parameters
     ----------
     operator:
-        The symmetric curvature :math:`B` (anything :func:`spectral.lanczos.lanczos`
+        The symmetric curvature :math:`B` (anything :func:`spectral.lanczos`
         accepts; a ``curvops`` operator keeps vectors as torch tensors on its device).
     g:
         The gradient, a 1-D tensor of length ``n`` in the operator's vector format.

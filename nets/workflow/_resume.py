@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from nets.workflow._resolve import model_fingerprint
-from spectral import _backend
 from spectral.resume import Checkpoint
 
 __all__ = ["describe_model", "describe_value", "file_digest", "open_state"]
@@ -60,7 +59,8 @@ def describe_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, torch.Tensor | np.ndarray):
-        host = np.ascontiguousarray(_backend.to_host_float64(value))
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        host = np.ascontiguousarray(array, dtype=np.float64)
         return "sha256:" + hashlib.sha256(host.tobytes()).hexdigest()
     if isinstance(value, list | tuple):
         return [describe_value(v) for v in value]

@@ -95,7 +95,7 @@ from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 from spectral.io import CorruptFileError, load_npz, save_npz
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.operator import as_operator
 from spectral.probes import as_generator, random_probe
 from spectral.resume import Checkpoint, LanczosHook, LanczosState, storage_dtype
@@ -339,7 +339,7 @@ def lanczos_spectrum(
 ) -> dict[str, Any]:
     """Lanczos from ``num_probes`` Rademacher probes on any symmetric operator.
 
-    The probes are those of :func:`spectral.slq.slq` with the same ``seed``
+    The probes are those of :func:`spectral.slq` with the same ``seed``
     (drawn in turn from ``numpy.random.default_rng(seed)``), so the pooled
     measure equals ``slq(operator, lanczos_iters, num_probes=..., seed=seed)``.
     Returns a dict with ``values``, ``weights``, ``residuals``, ``probe_nodes``,

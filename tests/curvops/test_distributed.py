@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from curvops import FisherOperator, GGNOperator, HessianOperator
     from curvops._model_state import model_state, state_differences
     from curvops.stats import loss_stats
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     torch.set_num_threads(1)
     dist.init_process_group(

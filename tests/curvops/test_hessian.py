@@ -113,7 +113,7 @@ def test_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="reduction"):
         HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), data)
     with pytest.raises(ValueError, match="reduction"):
-        HessianOperator(model, nn.CrossEntropyLoss(reduction="sum"), data)
+        HessianOperator(model, nn.CrossEntropyLoss(reduction="batchsum"), data)
     with pytest.raises(ValueError, match="bn_mode"):
         HessianOperator(model, nn.CrossEntropyLoss(), data, bn_mode="test")
     with pytest.raises(TypeError, match="model"):

@@ -113,7 +113,7 @@ def test_non_convergence_warns_or_raises(caplog: pytest.LogCaptureFixture) -> No
     A = Dense(spd_matrix(7), symmetric=True, psd=True)
     b = np.random.default_rng(8).standard_normal(N)
     inv = inverse(A, "cg", tol=1e-12, maxiter=3)
-    with caplog.at_level(logging.WARNING, logger="curvops.inverse"):
+    with caplog.at_level(logging.WARNING, logger="curvops.solvers"):
         inv @ b
     assert "did not converge" in caplog.text
     assert inv.last_info is not None and not inv.last_info.converged
@@ -125,7 +125,7 @@ def test_non_convergence_warns_or_raises(caplog: pytest.LogCaptureFixture) -> No
 
 def test_cg_stops_on_non_positive_curvature(caplog: pytest.LogCaptureFixture) -> None:
     inv = inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True)
-    with caplog.at_level(logging.WARNING, logger="curvops.inverse"):
+    with caplog.at_level(logging.WARNING, logger="curvops.solvers"):
         x = inv @ np.ones(2)  # p^T A p = 0 at the first step
     assert np.isfinite(x).all()
     assert inv.last_info is not None and not inv.last_info.converged

@@ -14,7 +14,7 @@ from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.stats import loss_stats
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 
 from .conftest import make_cnn, make_data, make_inputs, make_mlp, make_targets
 
@@ -70,9 +70,10 @@ def test_curvature_mode_sets_and_restores_modes() -> None:
 def test_restores_modes_after_an_exception() -> None:
     model = make_cnn().train()
     before = model_state(model)
-    x = make_inputs("cnn", 4)
-    x[0, 0, 0, 0] = float("nan")
-    op = HessianOperator(model, nn.CrossEntropyLoss(), (x, make_targets("ce", 4)), bn_mode="eval")
+    x, y = make_inputs("cnn", 4), make_targets("ce", 4)
+    x[2, 0, 0, 0] = float("nan")  # in the second batch: the first one is checked when built
+    data = [(x[:2], y[:2]), (x[2:], y[2:])]
+    op = HessianOperator(model, nn.CrossEntropyLoss(), data, bn_mode="eval")
     with pytest.raises(ArithmeticError):
         op @ np.ones(op.shape[0])
     assert state_differences(before, model) == []

@@ -254,7 +254,7 @@ def test_cg_on_damp_and_minres_on_shift(spectrum_matrix: tuple[np.ndarray, np.nd
 
 
 def test_spectral_lanczos_runs_in_torch_and_maps_back() -> None:
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     A = sym(30, seed=12)
     op = -Dense(A).shift(-3.0)  # 3 I - A

@@ -13,7 +13,7 @@ from torch import nn
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.testing import dense_ggn, dense_hessian
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 
 from .conftest import make_cnn, make_data, make_inputs, make_targets
 

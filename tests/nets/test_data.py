@@ -122,3 +122,20 @@ def test_bad_dataset_arguments():
         make_loader(ArrayDataset(torch.zeros(2, 1), torch.zeros(2)), 0, shuffle=False)
     with pytest.raises(ValueError, match=r"Argument 'targets'"):
         ArrayDataset(torch.zeros(3, 2), torch.zeros(4))
+
+
+def test_first_digits_load_in_a_fresh_process_leaves_global_rngs_alone() -> None:
+    """scikit-learn's first import (through ``rich``) draws from ``random``; we restore it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import random, numpy as np\n"
+        "from nets import load_dataset\n"
+        "a, b = random.getstate(), np.random.get_state()[1].copy()\n"
+        "load_dataset('digits')\n"
+        "assert random.getstate() == a, 'random changed'\n"
+        "assert (np.random.get_state()[1] == b).all(), 'numpy changed'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

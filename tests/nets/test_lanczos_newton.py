@@ -128,7 +128,7 @@ def test_random_start_projects_the_rest_with_one_over_delta() -> None:
         d.numpy(), np.linalg.solve(B.numpy() + 0.1 * np.eye(12), g.numpy()), rtol=1e-8
     )
     # partial: d = U f U^T g + (g - U U^T g)/delta with the Ritz pairs of that start
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     rng = np.random.default_rng(7)
     v0 = torch.from_numpy(rng.standard_normal(12))

@@ -40,7 +40,7 @@ from nets.workflow.directions import (
 from nets.workflow.landscape import landscape_grid
 from nets.workflow.spectrum import lanczos_spectrum
 from spectral.probes import random_probe
-from spectral.slq import slq
+from spectral.quadrature import slq
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -21,8 +21,8 @@ from nets.data import DatasetSplits, load_dataset
 from nets.models import get_model, model_spec
 from nets.workflow import compute_eigenspectrum, load_spectrum, model_fingerprint
 from nets.workflow._resolve import make_eval_loader
-from spectral.slq import slq
-from spectral.trace import trace
+from spectral.estimators import trace
+from spectral.quadrature import slq
 
 N_SAMPLES = 96  # seeded subsample of the digits training set: fast, still a real network
 BATCH = 96
@@ -284,7 +284,7 @@ def test_parameter_subset(checkpoint: Path, splits: DatasetSplits, tmp_path: Pat
         ({"bn_mode": "frozen"}, ValueError, "'bn_mode'"),
         ({"save_eigvec": "yes"}, TypeError, "'save_eigvec'"),
         ({"subsample": 0}, ValueError, "'subsample'"),
-        ({"loss_fn": nn.CrossEntropyLoss(reduction="sum")}, ValueError, "'loss_fn'"),
+        ({"loss_fn": nn.CrossEntropyLoss(reduction="none")}, ValueError, "'loss_fn'"),
         ({"model": None, "checkpoint_path": None}, ValueError, "'model'"),
         ({"dataset": "mnist"}, ValueError, "'dataset'"),
     ],

@@ -22,7 +22,7 @@ import pytest
 
 from spectral.operator import as_operator
 from spectral.probes import random_probes
-from spectral.slq import slq
+from spectral.quadrature import slq
 
 SIZES = (64, 256, 1024, 4096)
 SAMPLES = 1000

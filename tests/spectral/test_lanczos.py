@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spectral import NumericalError, as_operator, check_symmetric, lanczos
-from spectral.lanczos import LanczosResult
+from spectral.krylov import LanczosResult
 from tests.spectral.strategies import (
     distinct_spectra,
     haar_orthogonal,
@@ -251,7 +251,7 @@ def test_v0_is_normalised_and_list_accepted() -> None:
 
 def test_reorthogonalisation_modes_do_what_they_document(monkeypatch: pytest.MonkeyPatch) -> None:
     """Count the blocked CGS2 calls: full at every step, partial only where the estimates say."""
-    lanczos_module = importlib.import_module("spectral.lanczos")
+    lanczos_module = importlib.import_module("spectral.krylov")
     original = lanczos_module._cgs2
     calls: list[int] = []
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from spectral import lanczos, synthetic
 from spectral.density import SpectralDensity
 from spectral.plot import plot_overlay, plot_ritz_convergence, plot_ritz_stem, plot_smoothed_density
-from spectral.slq import slq
+from spectral.quadrature import slq
 
 
 def _render(ax: Axes) -> np.ndarray:

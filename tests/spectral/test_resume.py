@@ -203,7 +203,7 @@ def _same_lanczos(a: Any, b: Any) -> None:
 def test_lanczos_resumes_bit_identically(
     tmp_path: Path, reorth: str | int, store_basis: bool
 ) -> None:
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     A = _spd(40)
     kw: dict[str, Any] = dict(seed=7, reorth=reorth, store_basis=store_basis)
@@ -223,7 +223,7 @@ def test_lanczos_resumes_bit_identically(
 
 
 def test_lanczos_resume_float32_and_explicit_start(tmp_path: Path) -> None:
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     A = _spd(30).astype(np.float32)
     v0 = np.linspace(1.0, 2.0, 30).astype(np.float32)
@@ -246,7 +246,7 @@ def test_lanczos_resume_float32_and_explicit_start(tmp_path: Path) -> None:
 
 
 def test_lanczos_state_refuses_other_arguments_and_operators(tmp_path: Path) -> None:
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     A = _spd(20)
     path = tmp_path / "s.npz"
@@ -258,13 +258,13 @@ def test_lanczos_state_refuses_other_arguments_and_operators(tmp_path: Path) -> 
     with pytest.raises(StateMismatchError, match=r"another operator"):
         lanczos(2.0 * A, 5, seed=0, checkpoint=path)
     with pytest.raises(StateMismatchError, match=r"written by lanczos"):
-        from spectral.slq import slq
+        from spectral.quadrature import slq
 
         slq(A, 5, seed=0, checkpoint=path)
 
 
 def test_lanczos_with_unseeded_generator_resumes_and_advances_it(tmp_path: Path) -> None:
-    from spectral.lanczos import lanczos
+    from spectral.krylov import lanczos
 
     A = _spd(20)
     gen_ref = np.random.default_rng(3)
@@ -285,7 +285,7 @@ def test_lanczos_with_unseeded_generator_resumes_and_advances_it(tmp_path: Path)
 
 @pytest.mark.parametrize("seed", [11, None])
 def test_slq_resumes_bit_identically(tmp_path: Path, seed: int | None) -> None:
-    from spectral.slq import slq
+    from spectral.quadrature import slq
 
     A = _spd(30)
     path = tmp_path / "slq.npz"

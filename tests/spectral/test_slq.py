@@ -7,7 +7,7 @@ import pytest
 
 from spectral import synthetic
 from spectral.probes import random_probe
-from spectral.slq import slq
+from spectral.quadrature import slq
 
 
 @pytest.fixture(scope="module")

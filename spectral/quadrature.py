@@ -29,7 +29,7 @@ from spectral import _backend, resume
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 from spectral.io import CorruptFileError
-from spectral.lanczos import lanczos
+from spectral.krylov import lanczos
 from spectral.operator import as_operator
 from spectral.probes import PROBE_KINDS, as_generator, random_probe
 
@@ -77,7 +77,7 @@ def slq(
         ``"explicit"`` (its :meth:`SpectralDensity.cdf_band` then asks for the
         distribution the columns were drawn from).
     reorth:
-        Passed to :func:`spectral.lanczos.lanczos`. With ``"none"`` the basis is not stored
+        Passed to :func:`spectral.lanczos`. With ``"none"`` the basis is not stored
         (memory :math:`O(n)`); ghost Ritz values then share the weight of the eigenvalue they
         copy, so quadrature stays accurate.
     checkpoint:

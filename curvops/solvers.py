@@ -19,6 +19,9 @@ relative residual is about :math:`\\varepsilon\\,\\kappa(A)`; choose ``tol`` acc
 After each product, ``.last_info`` (a :class:`SolveInfo`) records iterations and residuals.
 A column that does not converge within ``maxiter`` is logged as a warning and flagged in
 ``last_info.converged`` (or raises :class:`spectral.errors.NumericalError` with ``strict=True``).
+NaN or Inf never becomes a number: a right-hand side with NaN/Inf, a product of ``A`` with
+NaN/Inf, or a non-finite solution raises :class:`spectral.errors.NumericalError` naming the
+column or the iteration, for every method and whatever ``strict`` says.
 
 The products are approximations of :math:`A^{-1}b` to ``tol``: the inverse operator is
 flagged symmetric (and psd when ``A`` is), which holds up to that tolerance.
@@ -348,8 +351,35 @@ class InverseOperator(CurvatureOperator):
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         solver = _SOLVERS[self._method]
+        finite = torch.isfinite(X).all(dim=0)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise NumericalError(
+                f"inverse({self._method}): the right-hand side has NaN or Inf in column(s) "
+                f"{bad[:10]} (iteration 0)"
+            )
+        counter = [0]
+
+        def checked(V: torch.Tensor) -> torch.Tensor:
+            # One host synchronisation per iteration, beside the solvers' own.
+            counter[0] += 1
+            out = self._A._apply(V)
+            if not bool(torch.isfinite(out).all()):
+                raise NumericalError(
+                    f"inverse({self._method}): the product with A gave NaN or Inf at "
+                    f"iteration {counter[0]}"
+                )
+            return out
+
         # No torch.no_grad() here: the operator's own product may need autograd.
-        Y, iters, relres, conv = solver(self._A._apply, X, self._tol, self._maxiter)
+        Y, iters, relres, conv = solver(checked, X, self._tol, self._maxiter)
+        finite = torch.isfinite(Y).all(dim=0)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise NumericalError(
+                f"inverse({self._method}): the solution has NaN or Inf in column(s) {bad[:10]} "
+                f"after {counter[0]} iterations (overflow in the recurrence)"
+            )
         col_iters = tuple(int(i) for i in iters.tolist())
         col_res = tuple(float(r) for r in relres.tolist())
         col_conv = tuple(bool(c) for c in conv.tolist())
@@ -412,6 +442,9 @@ def inverse(
     ValueError
         Unknown method, non-symmetric ``A``, CG on an operator not flagged psd, bad
         ``tol``/``maxiter``.
+    spectral.errors.NumericalError
+        (At a product.) NaN/Inf in the right-hand side, in a product of ``A`` or in the
+        solution, for every method, ``strict`` or not; non-convergence with ``strict=True``.
 
     >>> import numpy as np
     >>> from curvops.structured import Diagonal

@@ -20,7 +20,7 @@ or spherical probes scaled to norm :math:`\sqrt n`).
   (I - Q_{(i)}Q_{(i)}^\top)\omega_i`; the estimate is :math:`\frac{1}{N/2}\sum_i t_i`, computed
   with ``N`` products through rank-one downdates of one QR factorisation. Exact when
   :math:`\mathrm{rank}(A) < N/2`.
-* **SLQ**: :math:`n\sum_i w_i\theta_i` averaged over probes (:func:`spectral.slq.slq`);
+* **SLQ**: :math:`n\sum_i w_i\theta_i` averaged over probes (:func:`spectral.slq`);
   for a plain trace it only repeats Hutchinson at a higher cost, but it shares the run with
   a spectral density.
 
@@ -43,7 +43,7 @@ from spectral import _backend
 from spectral.errors import argument_error
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import PROBE_KINDS, as_generator, random_probes
-from spectral.slq import slq
+from spectral.quadrature import slq
 
 __all__ = ["TRACE_METHODS", "TraceEstimate", "diagonal", "frobenius_norm_squared", "trace"]
 

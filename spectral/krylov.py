@@ -65,7 +65,15 @@ from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import as_generator, random_probe, random_probes
 from spectral.ritz import RitzPairs, ritz_pairs, tridiagonal_eigh
 
-__all__ = ["REORTH_MODES", "LanczosResult", "check_symmetric", "lanczos"]
+__all__ = [
+    "REORTH_MODES",
+    "LanczosResult",
+    "Recurrence",
+    "RecurrenceSettings",
+    "check_symmetric",
+    "lanczos",
+    "lanczos_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -480,6 +488,149 @@ def _from_state(op: SymmetricOperator, st: resume.LanczosState, reorth: str | in
 _check_symmetric_fn = check_symmetric
 
 
+@dataclass(frozen=True)
+class RecurrenceSettings:
+    """What stays fixed over a run: reorthogonalisation, number of steps, precision."""
+
+    mode: str  # "full", "none", "partial", "selective" or "window"
+    window: int  # the window of mode "window"
+    num_iters: int  # m
+    n: int
+    eps: float
+
+    @property
+    def breakdown_level(self) -> float:
+        """``beta_j <= breakdown_level * ||A||_est`` is an exact breakdown."""
+        return breakdown_tolerance(self.eps)
+
+
+@dataclass(frozen=True)
+class Recurrence:
+    r"""The state of the Lanczos recurrence after ``j`` steps (Golub & Van Loan, Alg. 10.1.1).
+
+    In the book's notation, after step ``j``: ``q = q_{j+1}`` (the vector the next
+    step multiplies), ``q_prev = q_j``, ``beta_prev = \beta_j``, ``alphas =
+    (\alpha_1..\alpha_j)``, ``betas = (\beta_1..\beta_j)``; ``anorm`` the running
+    estimate ``max_i \|A q_i\|``.  ``basis`` is the append-only store of
+    ``q_1..q_j`` (``None`` without reorthogonalisation and stored basis);
+    ``omega_cur``/``omega_old``/``force_reorth`` are the estimates of partial
+    reorthogonalisation.  After the last step (``done``) ``betas`` stops at
+    ``\beta_{j-1}``, and ``residual = r_j`` with norm ``residual_norm = \beta_j`` and
+    ``breakdown`` describe the end: ``A Q_j = Q_j T_j + r_j e_j^T``.
+    """
+
+    j: int
+    q: Any
+    q_prev: Any = None
+    beta_prev: float = 0.0
+    alphas: tuple[float, ...] = ()
+    betas: tuple[float, ...] = ()
+    anorm: float = 0.0
+    basis: _Basis | None = None
+    omega_cur: np.ndarray = field(default_factory=lambda: np.ones(1))
+    omega_old: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    force_reorth: bool = False
+    done: bool = False
+    breakdown: bool = False
+    residual: Any = None
+    residual_norm: float = 0.0
+
+
+def lanczos_step(op: SymmetricOperator, st: Recurrence, cfg: RecurrenceSettings) -> Recurrence:
+    r"""One step ``j -> j + 1`` of the recurrence (Alg. 10.1.1 plus reorthogonalisation).
+
+    .. math::
+        w = A q_{j+1} - \beta_j q_j,\quad \alpha_{j+1} = q_{j+1}^T w,\quad
+        w \leftarrow w - \alpha_{j+1} q_{j+1},\quad \beta_{j+1} = \|w\|,\quad
+        q_{j+2} = w / \beta_{j+1}
+
+    (``st`` is not changed; only the append-only basis store grows by ``q_{j+1}``).
+    The step is the last (``done``) at a breakdown or after ``cfg.num_iters`` steps;
+    then ``w`` is the residual and is not normalised.
+
+    Raises
+    ------
+    spectral.errors.NumericalError
+        The product contains NaN or Inf (names the iteration).
+    """
+    xp = op.xp
+    j, q, basis = st.j, st.q, st.basis
+    if basis is not None:
+        basis.append(q)
+    w = op.matvec(q)
+    if j > 0:
+        w = w - st.beta_prev * st.q_prev  # out of place: the product may alias q or A's state
+        a = q @ w
+        w -= a * q  # w is now a fresh vector owned by this step: update in place
+    else:
+        a = q @ w
+        w = w - a * q
+    w, a = _reorthogonalise(cfg, st, w, a)
+    b_arr = _backend.vector_norm(xp, w)
+    host = _backend.to_host_float64(xp.stack([xp.asarray(a), xp.asarray(b_arr)]))
+    alpha_j, beta_j = float(host[0]), float(host[1])
+    if not (math.isfinite(alpha_j) and math.isfinite(beta_j)):
+        raise NumericalError(
+            f"lanczos: the product A @ q at iteration {j + 1} contains NaN or Inf "
+            f"(alpha={alpha_j}, beta={beta_j})"
+        )
+    alphas = (*st.alphas, alpha_j)
+    anorm = max(st.anorm, math.sqrt(alpha_j**2 + beta_j**2 + st.beta_prev**2))
+    omega_cur, omega_old, force_reorth = st.omega_cur, st.omega_old, st.force_reorth
+    level = cfg.breakdown_level
+    if cfg.mode == "selective" and basis is not None and beta_j > level * anorm:
+        w, beta_j = _selective(basis, list(alphas), list(st.betas), w, beta_j, cfg, xp)
+    elif cfg.mode == "partial" and basis is not None:
+        if force_reorth:
+            force_reorth = False
+            omega_old, omega_cur = omega_cur, _reset_omega(j, cfg.eps, cfg.n)
+        else:
+            omega_new = _omega_step(
+                omega_cur, omega_old, list(alphas), list(st.betas), beta_j, anorm, cfg.eps, cfg.n
+            )
+            if beta_j > level * anorm and np.max(np.abs(omega_new[: j + 1])) > math.sqrt(cfg.eps):
+                w, _ = _cgs2(basis.block(0, j + 1), w)
+                beta_j = float(_backend.vector_norm(xp, w))
+                force_reorth = True
+                omega_new = _reset_omega(j, cfg.eps, cfg.n)
+            omega_old, omega_cur = omega_cur, omega_new
+    breakdown = beta_j <= level * anorm
+    if breakdown or j + 1 == cfg.num_iters:
+        if breakdown:
+            logger.debug("lanczos: breakdown at iteration %d (beta=%.3e)", j + 1, beta_j)
+        return Recurrence(
+            j=j + 1, q=q, q_prev=st.q_prev, beta_prev=st.beta_prev, alphas=alphas,
+            betas=st.betas, anorm=anorm, basis=basis, omega_cur=omega_cur,
+            omega_old=omega_old, force_reorth=force_reorth, done=True, breakdown=breakdown,
+            residual=w, residual_norm=beta_j,
+        )  # fmt: skip
+    w *= 1.0 / beta_j  # w is owned (fresh) and no longer needed as a residual
+    return Recurrence(
+        j=j + 1, q=w, q_prev=q, beta_prev=beta_j, alphas=alphas, betas=(*st.betas, beta_j),
+        anorm=anorm, basis=basis, omega_cur=omega_cur, omega_old=omega_old,
+        force_reorth=force_reorth,
+    )  # fmt: skip
+
+
+def _reorthogonalise(cfg: RecurrenceSettings, st: Recurrence, w: Any, a: Any) -> tuple[Any, Any]:
+    """Full (CGS2 against ``q_1..q_{j+1}``) or windowed reorthogonalisation of ``w``."""
+    j, q, basis = st.j, st.q, st.basis
+    do_full = cfg.mode == "full" or (cfg.mode == "partial" and st.force_reorth)
+    if do_full and basis is not None and j > 0:
+        w, c = _cgs2(basis.block(0, j + 1), w)
+        a = a + c[j]
+    elif cfg.mode == "window" and basis is not None:
+        lo = max(0, j + 1 - cfg.window)
+        w, c = _cgs2(basis.block(lo, j + 1), w)
+        a = a + c[j - lo]
+    elif do_full:  # j == 0: only q itself
+        coef = q @ w
+        w = w - coef * q
+        a = a + coef
+    return w, a
+
+
+# ---------------------------------------------------------------------- the driver
 def _run(
     op: SymmetricOperator,
     q: Any,
@@ -491,148 +642,80 @@ def _run(
     reorth: str | int,
     hook: resume.LanczosHook | None = None,
 ) -> LanczosResult:
-    xp = op.xp
-    n = op.n
-    eps = _backend.finfo_eps(xp, op.dtype)
-    tol_factor = breakdown_tolerance(eps)
-    sqrt_eps = math.sqrt(eps)
-    basis = _Basis(op, m) if store_basis else None
-    alphas: list[float] = []
-    betas: list[float] = []
-    q_prev: Any = None
-    beta_prev = 0.0
-    anorm = 0.0
-    breakdown = False
-    residual: Any = None
-    residual_norm = 0.0
-    # partial reorthogonalisation state: omega_cur[k] ~ q_j^T q_k, omega_old[k] ~ q_{j-1}^T q_k
-    omega_cur = np.ones(1)
-    omega_old = np.zeros(0)
-    force_reorth = False
-    start = 0
-    init = None if hook is None else hook.initial
-    if hook is not None and init is not None:  # resume from a state file
-        if init.complete:
-            return _from_state(op, init, reorth)
-        vectors_missing = init.q is None or init.q_prev is None
-        if (basis is None) != (init.basis is None) or vectors_missing or init.iteration >= m:
-            raise CorruptFileError(
-                f"State file '{hook.checkpoint.path}' is inconsistent with this run "
-                f"(iteration {init.iteration} of {m}, vectors missing: {vectors_missing})."
-            )
-        if init.basis is not None and basis is not None:
-            for row in init.basis:
-                basis.append(_backend.from_host(row, like=op.template))
-        start = init.iteration
-        alphas, betas = [float(a) for a in init.alphas], [float(b) for b in init.betas]
-        q = _backend.from_host(init.q, like=op.template)
-        q_prev = _backend.from_host(init.q_prev, like=op.template)
-        beta_prev, anorm, start_norm = init.beta_prev, init.anorm, init.start_norm
-        omega_cur, omega_old = init.omega_cur.copy(), init.omega_old.copy()
-        force_reorth = init.force_reorth
-        logger.info("lanczos: resuming after iteration %d of %d", start, m)
-    for j in range(start, m):
-        if basis is not None:
-            basis.append(q)
-        w = op.matvec(q)
-        if j > 0:
-            w = w - beta_prev * q_prev  # out of place: the product may alias q or A's state
-            a = q @ w
-            w -= a * q  # w is now a fresh vector owned by this loop: update in place
-        else:
-            a = q @ w
-            w = w - a * q
-        do_full = mode == "full" or (mode == "partial" and force_reorth)
-        if do_full and basis is not None and j > 0:
-            w, c = _cgs2(basis.block(0, j + 1), w)
-            a = a + c[j]
-        elif mode == "window" and basis is not None:
-            lo = max(0, j + 1 - window)
-            w, c = _cgs2(basis.block(lo, j + 1), w)
-            a = a + c[j - lo]
-        elif do_full:  # j == 0: only q itself
-            coef = q @ w
-            w = w - coef * q
-            a = a + coef
-        b_arr = _backend.vector_norm(xp, w)
-        host = _backend.to_host_float64(xp.stack([xp.asarray(a), xp.asarray(b_arr)]))
-        alpha_j, beta_j = float(host[0]), float(host[1])
-        if not (math.isfinite(alpha_j) and math.isfinite(beta_j)):
-            raise NumericalError(
-                f"lanczos: the product A @ q at iteration {j + 1} contains NaN or Inf "
-                f"(alpha={alpha_j}, beta={beta_j})"
-            )
-        alphas.append(alpha_j)
-        anorm = max(anorm, math.sqrt(alpha_j**2 + beta_j**2 + beta_prev**2))
-        if mode == "selective" and basis is not None and beta_j > tol_factor * anorm:
-            w, beta_j = _selective(basis, alphas, betas, w, beta_j, sqrt_eps, xp)
-        elif mode == "partial" and basis is not None:
-            if force_reorth:
-                force_reorth = False
-                omega_old, omega_cur = omega_cur, _reset_omega(j, eps, n)
-            else:
-                omega_new = _omega_step(omega_cur, omega_old, alphas, betas, beta_j, anorm, eps, n)
-                if beta_j > tol_factor * anorm and np.max(np.abs(omega_new[: j + 1])) > sqrt_eps:
-                    w, _ = _cgs2(basis.block(0, j + 1), w)
-                    beta_j = float(_backend.vector_norm(xp, w))
-                    force_reorth = True
-                    omega_new = _reset_omega(j, eps, n)
-                omega_old, omega_cur = omega_cur, omega_new
-        residual, residual_norm = w, beta_j
-        if beta_j <= tol_factor * anorm:
-            breakdown = True
-            logger.debug("lanczos: breakdown at iteration %d (beta=%.3e)", j + 1, beta_j)
-            break
-        if j == m - 1:
-            break
-        betas.append(beta_j)
-        q_prev = q
-        w *= 1.0 / beta_j  # w is owned (fresh) and no longer needed as a residual
-        q = w
-        beta_prev = beta_j
-        if hook is not None and (j + 1) % hook.every == 0:
-            hook.save(
-                resume.LanczosState(
-                    iteration=j + 1,
-                    alphas=np.asarray(alphas, dtype=np.float64),
-                    betas=np.asarray(betas, dtype=np.float64),
-                    start_norm=start_norm,
-                    basis=None if basis is None else hook.host(basis.block(0, j + 1)),
-                    q=hook.host(q),
-                    q_prev=hook.host(q_prev),
-                    beta_prev=beta_prev,
-                    anorm=anorm,
-                    omega_cur=omega_cur,
-                    omega_old=omega_old,
-                    force_reorth=force_reorth,
-                )
-            )
-    k = len(alphas)
+    """Run the recurrence to the end; with a ``hook``, resume from and save to its state file."""
+    cfg = RecurrenceSettings(mode, window, m, op.n, _backend.finfo_eps(op.xp, op.dtype))
+    st = Recurrence(j=0, q=q, basis=_Basis(op, m) if store_basis else None)
+    if hook is not None and hook.initial is not None:
+        if hook.initial.complete:
+            return _from_state(op, hook.initial, reorth)
+        st, start_norm = _resumed(op, hook, st.basis, m)
+    while not st.done:
+        st = lanczos_step(op, st, cfg)
+        if hook is not None and not st.done and st.j % hook.every == 0:
+            hook.save(_saved(st, start_norm, hook))
     if hook is not None:
-        hook.save(
-            resume.LanczosState(
-                iteration=k,
-                alphas=np.asarray(alphas, dtype=np.float64),
-                betas=np.asarray(betas[: k - 1], dtype=np.float64),
-                start_norm=start_norm,
-                basis=None if basis is None else hook.host(basis.block(0, k)),
-                complete=True,
-                breakdown=breakdown,
-                residual=hook.host(residual),
-                residual_norm=float(residual_norm),
-            )
-        )
+        hook.save(_saved(st, start_norm, hook))
     return LanczosResult(
-        alpha=np.asarray(alphas, dtype=np.float64),
-        beta=np.asarray(betas[: k - 1], dtype=np.float64),
-        basis=basis.matrix() if basis is not None else None,
-        num_iters=k,
-        breakdown=breakdown,
-        residual_norm=float(residual_norm),
+        alpha=np.asarray(st.alphas, dtype=np.float64),
+        beta=np.asarray(st.betas, dtype=np.float64),
+        basis=st.basis.matrix() if st.basis is not None else None,
+        num_iters=st.j,
+        breakdown=st.breakdown,
+        residual_norm=float(st.residual_norm),
         start_norm=start_norm,
-        residual_vector=residual,
+        residual_vector=st.residual,
         reorth=reorth,
     )
+
+
+def _saved(st: Recurrence, start_norm: float, hook: resume.LanczosHook) -> resume.LanczosState:
+    """The host (state-file) form of a running or finished recurrence."""
+    basis = None if st.basis is None else hook.host(st.basis.block(0, st.j))
+    alphas = np.asarray(st.alphas, dtype=np.float64)
+    betas = np.asarray(st.betas, dtype=np.float64)
+    if st.done:
+        return resume.LanczosState(
+            iteration=st.j, alphas=alphas, betas=betas, start_norm=start_norm, basis=basis,
+            complete=True, breakdown=st.breakdown, residual=hook.host(st.residual),
+            residual_norm=float(st.residual_norm),
+        )  # fmt: skip
+    return resume.LanczosState(
+        iteration=st.j, alphas=alphas, betas=betas, start_norm=start_norm, basis=basis,
+        q=hook.host(st.q), q_prev=hook.host(st.q_prev), beta_prev=st.beta_prev, anorm=st.anorm,
+        omega_cur=st.omega_cur, omega_old=st.omega_old, force_reorth=st.force_reorth,
+    )  # fmt: skip
+
+
+def _resumed(
+    op: SymmetricOperator, hook: resume.LanczosHook, basis: _Basis | None, m: int
+) -> tuple[Recurrence, float]:
+    """The recurrence and ``||v0||`` saved mid-run in a state file (vectors in ``op``'s xp)."""
+    init = hook.initial
+    assert init is not None and not init.complete
+    vectors_missing = init.q is None or init.q_prev is None
+    if (basis is None) != (init.basis is None) or vectors_missing or init.iteration >= m:
+        raise CorruptFileError(
+            f"State file '{hook.checkpoint.path}' is inconsistent with this run "
+            f"(iteration {init.iteration} of {m}, vectors missing: {vectors_missing})."
+        )
+    if init.basis is not None and basis is not None:
+        for row in init.basis:
+            basis.append(_backend.from_host(row, like=op.template))
+    logger.info("lanczos: resuming after iteration %d of %d", init.iteration, m)
+    st = Recurrence(
+        j=init.iteration,
+        q=_backend.from_host(init.q, like=op.template),
+        q_prev=_backend.from_host(init.q_prev, like=op.template),
+        beta_prev=init.beta_prev,
+        alphas=tuple(float(a) for a in init.alphas),
+        betas=tuple(float(b) for b in init.betas),
+        anorm=init.anorm,
+        basis=basis,
+        omega_cur=init.omega_cur.copy(),
+        omega_old=init.omega_old.copy(),
+        force_reorth=init.force_reorth,
+    )
+    return st, init.start_norm
 
 
 def _reset_omega(j: int, eps: float, n: int) -> np.ndarray:
@@ -680,13 +763,13 @@ def _selective(
     betas: list[float],
     w: Any,
     beta_j: float,
-    sqrt_eps: float,
+    cfg: RecurrenceSettings,
     xp: Any,
 ) -> tuple[Any, float]:
     """Orthogonalise ``w`` against the converged Ritz vectors of ``T_j`` (Parlett-Scott)."""
     theta, S = tridiagonal_eigh(np.asarray(alphas), np.asarray(betas))
     bounds = beta_j * np.abs(S[-1, :])
-    good = bounds <= sqrt_eps * float(np.max(np.abs(theta)))
+    good = bounds <= math.sqrt(cfg.eps) * float(np.max(np.abs(theta)))
     if not np.any(good):
         return w, beta_j
     Qb = basis.block(0, len(alphas))

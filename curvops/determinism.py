@@ -1,0 +1,201 @@
+"""The global settings of a curvature product: no randomness, differentiable attention.
+
+Every curvature product (Hessian, GGN, Fisher, and all that is built on them)
+runs inside :func:`product_context`, entered by
+:func:`curvops._model_state.curvature_mode`, and evaluates the model through
+:func:`curvops._model_state.functional_forward`, which runs each forward pass under
+:class:`DropoutOffMode`.  Together they make the model a deterministic function
+with second derivatives, and restore every setting on exit, also after an error:
+
+* **No dropout of any kind.**  A :class:`DropoutOffMode`
+  (a :class:`torch.overrides.TorchFunctionMode`) rewrites every call of a random
+  regulariser to its deterministic evaluation: ``F.dropout``, ``F.dropout1d/2d/3d``,
+  ``F.alpha_dropout``, ``F.feature_alpha_dropout``, ``F.rrelu`` (the mean slope) and
+  their ``torch.*`` forms get ``training=False``; ``F.scaled_dot_product_attention``
+  and ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) get
+  ``dropout_p=0``.  So a ``forward`` that calls ``F.dropout(x, p, training=True)``
+  itself gives the products of the same model without dropout.  The same mode
+  drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
+  from ``no_grad`` state updates (the power iteration of spectral normalisation),
+  whose results are constants of the product, and forward-mode AD refuses them.
+* **A fixed random stream.**  Any other random operation inside a product draws
+  from a private stream (the default CPU generator, and each initialised CUDA
+  generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
+  batch and vector give bitwise the same product on the CPU, and the user's
+  streams are left exactly where they were.
+* **Attention with second derivatives.**  ``F.scaled_dot_product_attention`` is
+  restricted to the MATH backend (:func:`torch.nn.attention.sdpa_kernel`): the fused
+  flash / memory-efficient kernels have neither double-backward nor forward-mode
+  derivatives.  The fused "fast path" of ``nn.MultiheadAttention`` and
+  ``nn.TransformerEncoderLayer`` (``torch.backends.mha``) is turned off, since it
+  has no derivatives and would otherwise be taken by the gradient-free tangent
+  passes.
+
+The cost is a dictionary lookup per PyTorch function call made from Python during
+a forward pass (the mode is entered for forward passes only, not for the backward
+passes through recorded graphs, whose lean kernels of :mod:`curvops.lean_ops` run
+Python code), plus a few tens of microseconds per product for the settings.
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> x = torch.ones(4)
+>>> with product_context(), DropoutOffMode():
+...     F.dropout(x, 0.5, training=True)
+tensor([1., 1., 1., 1.])
+>>> torch.backends.mha.get_fastpath_enabled()
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["PRODUCT_SEED", "DropoutOffMode", "is_active", "product_context"]
+
+#: Seed of the private random stream used during products.
+PRODUCT_SEED = 0
+
+# func -> (keyword, position, value): the argument that switches its randomness off.
+_REWRITES: dict[Callable[..., Any], tuple[str, int, Any]] = {
+    F.dropout: ("training", 2, False),
+    F.dropout1d: ("training", 2, False),
+    F.dropout2d: ("training", 2, False),
+    F.dropout3d: ("training", 2, False),
+    F.alpha_dropout: ("training", 2, False),
+    F.feature_alpha_dropout: ("training", 2, False),
+    F.rrelu: ("training", 3, False),
+    F.rrelu_: ("training", 3, False),
+    torch.dropout: ("train", 2, False),
+    torch.dropout_: ("train", 2, False),
+    torch.alpha_dropout: ("train", 2, False),
+    torch.alpha_dropout_: ("train", 2, False),
+    torch.feature_dropout: ("train", 2, False),
+    torch.feature_dropout_: ("train", 2, False),
+    torch.feature_alpha_dropout: ("train", 2, False),
+    torch.feature_alpha_dropout_: ("train", 2, False),
+    torch.native_dropout: ("train", 2, False),
+    torch.rrelu: ("training", 3, False),
+    torch.rrelu_: ("training", 3, False),
+    F.scaled_dot_product_attention: ("dropout_p", 4, 0.0),
+    F.multi_head_attention_forward: ("dropout_p", 10, 0.0),
+}
+
+_depth = 0
+
+
+class DropoutOffMode(TorchFunctionMode):
+    """Rewrite calls of random regularisers to their deterministic evaluation.
+
+    See the module docstring for the list.  Prefer :func:`product_context`.
+
+    >>> import torch
+    >>> with DropoutOffMode():
+    ...     torch.nn.functional.alpha_dropout(torch.ones(2), 0.9, training=True)
+    tensor([1., 1.])
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if kwargs.get("out") is not None:
+            args = tuple(_primal(a) for a in args)
+        rewrite = _REWRITES.get(func)
+        if rewrite is not None:
+            name, position, value = rewrite
+            if len(args) > position:
+                args = (*args[:position], value, *args[position + 1 :])
+            else:
+                kwargs = {**kwargs, name: value}
+        return func(*args, **kwargs)
+
+
+def _primal(value: Any) -> Any:
+    """``value`` without its forward-mode tangent (tensors only)."""
+    if isinstance(value, torch.Tensor):
+        return fwAD.unpack_dual(value).primal
+    return value
+
+
+def is_active() -> bool:
+    """True inside :func:`product_context` (part of the operators' cache keys).
+
+    >>> is_active()
+    False
+    """
+    return _depth > 0
+
+
+@contextmanager
+def _private_rng(seed: int) -> Iterator[None]:
+    """Fork the default CPU (and initialised CUDA) generators, seeded with ``seed``."""
+    generators = [torch.default_generator]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        generators += list(torch.cuda.default_generators)
+    states = [g.get_state() for g in generators]
+    try:
+        for g in generators:
+            g.manual_seed(seed)
+        yield
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+
+
+@contextmanager
+def _fastpath_off() -> Iterator[None]:
+    previous = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@contextmanager
+def product_context() -> Iterator[None]:
+    """Deterministic, differentiable evaluation for curvature products (re-entrant).
+
+    A private random stream seeded with :data:`PRODUCT_SEED`, the MATH attention
+    backend and no transformer fast path; everything restored on exit (see the
+    module docstring; dropout is switched off per forward pass by
+    :class:`DropoutOffMode`).  Nested use is a no-op.
+
+    >>> import torch
+    >>> state = torch.get_rng_state()
+    >>> with product_context():
+    ...     a = torch.rand(2)
+    >>> with product_context():
+    ...     b = torch.rand(2)
+    >>> bool(torch.equal(a, b)), bool(torch.equal(state, torch.get_rng_state()))
+    (True, True)
+    """
+    global _depth
+    if _depth > 0:
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    with ExitStack() as stack:
+        stack.enter_context(_private_rng(PRODUCT_SEED))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        stack.enter_context(_fastpath_off())
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1

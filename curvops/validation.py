@@ -1,0 +1,342 @@
+"""Construction-time checks of the loss, the targets and the parameters of an operator.
+
+A curvature operator refuses, when it is built, what would otherwise give a bare
+PyTorch error at the first product or -- worse -- finite, wrong numbers:
+
+* ``loss_fn`` not callable, a class instead of an instance, a callable that does not
+  take ``(outputs, targets)``, a loss whose value on the first batch is not a finite
+  scalar (``TypeError``/``ValueError`` naming ``loss_fn``);
+* class targets outside ``[0, C)`` (other than ``ignore_index``) for cross-entropy, NLL
+  and :func:`curvops.losses.sequence_cross_entropy`, with :math:`C` the classes of the
+  model's output; NaN/Inf in floating-point targets or inputs (``ValueError`` naming
+  ``data`` and the batch);
+* non-finite values in a selected parameter, even where the loss would mask them
+  (``ValueError`` naming the parameter);
+* a loss whose normaliser is recognisably not the sample count but cannot be read
+  (a subclass of ``CrossEntropyLoss`` with ``weight``/``ignore_index`` in use, a plain
+  function with targets equal to PyTorch's ``ignore_index`` -100): declare it with
+  :func:`curvops.losses.declare_loss`;
+* dict batches and loaders of dicts (named by their keys, with the supported forms).
+
+The first batch costs one forward pass (to read the output's classes and evaluate the
+loss); every batch of an in-memory list has its targets checked (no forward); the batches
+of a DataLoader are checked as the first product iterates them
+(:meth:`Validation.check_streamed`).  Products never repeat these checks.
+
+>>> import torch
+>>> net = torch.nn.Linear(2, 3)
+>>> batch = (torch.zeros(4, 2), torch.tensor([0, 1, 2, 3]))
+>>> validate(net, torch.nn.CrossEntropyLoss(), batch)
+Traceback (most recent call last):
+...
+ValueError: Argument 'data (batch 0)': expected class targets in [0, 3) ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvops.data import dict_batch_error, first_tensor
+from spectral.errors import argument_error
+
+__all__ = [
+    "Validation",
+    "check_loss_signature",
+    "check_params_finite",
+    "check_targets",
+    "dict_batch_error",
+    "validate",
+]
+
+
+def check_loss_signature(loss_fn: Any) -> None:
+    """``loss_fn`` must accept two positional arguments ``(outputs, targets)``.
+
+    >>> check_loss_signature(torch.nn.ReLU())
+    Traceback (most recent call last):
+    ...
+    TypeError: Argument 'loss_fn': expected a loss called as loss_fn(outputs, targets) ...
+    """
+    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature: checked by the call
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise argument_error(
+            "loss_fn",
+            "a loss called as loss_fn(outputs, targets) -> scalar",
+            f"{loss_fn!r} with signature {signature}",
+            kind=TypeError,
+        ) from None
+
+
+def check_params_finite(params: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Refuse NaN/Inf in any selected parameter (names the first offender).
+
+    >>> lin = torch.nn.Linear(1, 1)
+    >>> with torch.no_grad():
+    ...     _ = lin.bias.fill_(float("inf"))
+    >>> check_params_finite(list(lin.named_parameters()))
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'params': expected finite parameter values; received "NaN/Inf in 'bias'...
+    """
+    if not params:
+        return
+    flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])
+    if bool(flags.all()):
+        return
+    bad = [name for (name, _), ok in zip(params, flags.tolist()) if not ok]
+    raise argument_error(
+        "params",
+        "finite parameter values",
+        f"NaN/Inf in {bad[0]!r}"
+        + (f" (and {bad[1:5]})" if len(bad) > 1 else "")
+        + "; the curvature of a model with non-finite weights is not defined",
+    )
+
+
+def _class_targets_spec(loss_fn: Any, outputs: Any) -> tuple[int, int] | None:
+    """``(C, ignore_index)`` for losses with class-index targets, else None."""
+    from curvops.losses import loss_family, loss_setting
+
+    family = loss_family(loss_fn)
+    if family is None or not isinstance(outputs, torch.Tensor) or outputs.ndim == 0:
+        return None
+    ignore = int(loss_setting(loss_fn, "ignore_index", -100))
+    if family in ("ce", "nll"):
+        return (int(outputs.shape[1]) if outputs.ndim >= 2 else int(outputs.shape[0])), ignore
+    if family == "seq_ce":
+        return int(outputs.shape[-1]), ignore
+    return None
+
+
+def check_targets(
+    loss_fn: Any, targets: torch.Tensor, index: int, classes: tuple[int, int] | None
+) -> None:
+    """Refuse non-finite floating targets and class indices outside ``[0, C)``.
+
+    ``classes``: ``(C, ignore_index)`` of a class-index loss (None: no range check).
+    """
+    where = f"data (batch {index})"
+    if targets.dtype.is_floating_point or targets.dtype.is_complex:
+        if not bool(torch.isfinite(targets).all()):
+            raise argument_error(where, "finite targets", "targets with NaN or Inf")
+        return
+    if classes is None or targets.dtype == torch.bool:
+        return
+    num_classes, ignore = classes
+    counted = targets != ignore
+    bad = counted & ((targets < 0) | (targets >= num_classes))
+    if bool(bad.any()):
+        values = torch.unique(targets[bad]).tolist()[:5]
+        raise argument_error(
+            where,
+            f"class targets in [0, {num_classes}) (the model's {num_classes} output classes) "
+            f"or ignore_index={ignore}",
+            f"targets with values {values}",
+        )
+
+
+def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> None:
+    """Refuse a loss whose normaliser is recognisably not the sample count and unknown."""
+    from curvops.losses import DeclaredLoss, loss_family, loss_reduction, loss_setting
+
+    if isinstance(loss_fn, DeclaredLoss) or loss_family(loss_fn) is not None:
+        return
+    if loss_reduction(loss_fn) == "sum":
+        return
+    hint = (
+        "declare how it normalises with curvops.losses.declare_loss(loss_fn, "
+        "normaliser='targets' | 'samples' | callable), so batches combine exactly"
+    )
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        ignore = loss_setting(loss_fn, "ignore_index", -100)
+        uses_ignore = not targets.dtype.is_floating_point and bool((targets == ignore).any())
+        if loss_setting(loss_fn, "weight", None) is not None or uses_ignore:
+            raise argument_error(
+                "loss_fn",
+                f"a loss whose normaliser is known: this subclass of "
+                f"{type(loss_fn).__mro__[1].__name__} "
+                f"divides by its counted/weighted targets (batch {index}); {hint}",
+                loss_fn,
+            )
+        return
+    if not targets.dtype.is_floating_point and bool((targets == -100).any()):
+        raise argument_error(
+            "loss_fn",
+            f"a loss whose normaliser is known: the targets of batch {index} contain -100 "
+            f"(PyTorch's ignore_index), so the mean is probably over counted targets, not "
+            f"samples; {hint}",
+            loss_fn,
+        )
+
+
+@dataclass
+class Validation:
+    """What the construction-time checks learnt: the class spec and the batch weights.
+
+    ``weights`` holds the weight of every in-memory batch
+    (:func:`curvops.losses.batch_weight`), so products do not recompute it.
+    """
+
+    loss_fn: Any
+    classes: tuple[int, int] | None
+    weights: dict[int, float] = field(default_factory=dict)
+    streamed_checked: bool = False
+
+    def check_streamed(self, inputs: Any, targets: torch.Tensor, index: int) -> None:
+        """Check one batch of a DataLoader during its first pass (its targets; non-finite
+        inputs surface as a non-finite product naming the batch)."""
+        check_targets(self.loss_fn, targets, index, self.classes)
+        _check_normaliser_known(self.loss_fn, targets, index)
+
+
+@contextlib.contextmanager
+def _rng_untouched(source: Any) -> Iterator[None]:
+    """Restore every random stream reading a batch may draw from: Python's, numpy's and
+    torch's global generators and the loader's (and its sampler's) own generator, so
+    that fetching the first batch here changes neither the user's streams nor the batches
+    the products will see."""
+    generators = [
+        g
+        for g in (
+            getattr(source, "generator", None),
+            getattr(getattr(source, "sampler", None), "generator", None),
+        )
+        if isinstance(g, torch.Generator)
+    ]
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (saved, never drawn from)
+    g_states = [g.get_state() for g in generators]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+        for g, state in zip(generators, g_states):
+            g.set_state(state)
+
+
+def _first_batch(stream: Any) -> Any:
+    """The first checked batch of ``stream`` (a DataLoader is read with every RNG restored)."""
+    if stream.is_in_memory:
+        return next(iter(stream))
+    with _rng_untouched(getattr(stream, "_source", None)):
+        iterator = iter(stream)
+        try:
+            return next(iterator)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # shut the loader's workers down now
+
+
+def _check_inputs_finite(inputs: Any, index: int) -> None:
+    first = first_tensor(inputs)
+    if first is not None and first.is_floating_point() and not bool(torch.isfinite(first).all()):
+        raise argument_error(f"data (batch {index})", "finite inputs", "inputs with NaN or Inf")
+
+
+def validate(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Any = None,
+    bn_mode: str | None = None,
+) -> Validation:
+    """Run the construction-time checks of the module docstring; return what they learnt.
+
+    ``data`` may be anything :func:`curvops.data.as_data` accepts.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As listed in the module docstring, naming ``loss_fn``, ``data (batch i)`` or
+        ``params``.
+    """
+    from curvops._model_state import curvature_mode, functional_forward
+    from curvops.data import as_data, move_to
+    from curvops.losses import batch_normaliser, batch_weight, check_loss, loss_reduction
+    from curvops.params import select_params
+
+    check_loss(loss_fn)
+    check_loss_signature(loss_fn)
+    named = select_params(model, params)
+    check_params_finite(named)
+    stream = as_data(data)
+    first = _first_batch(stream)
+    device, dtype = named[0][1].device, named[0][1].dtype
+    inputs = move_to(first.inputs, device, dtype)
+    targets = move_to(first.targets, device, dtype)
+    _check_inputs_finite(inputs, first.index)
+    with torch.no_grad(), curvature_mode(model, bn_mode):
+        outputs = functional_forward(
+            model, [n for n, _ in named], [p.detach() for _, p in named], inputs
+        )
+        classes = _class_targets_spec(loss_fn, outputs)
+        check_targets(loss_fn, targets, first.index, classes)
+        _check_normaliser_known(loss_fn, targets, first.index)
+        # Structured outputs (tuples, dicts) are the products' business; the loss is
+        # evaluated here on tensor outputs only.
+        value = loss_fn(outputs, targets) if isinstance(outputs, torch.Tensor) else None
+    if value is None:
+        pass
+    elif not isinstance(value, torch.Tensor):
+        raise argument_error("loss_fn", "a loss returning a scalar tensor", value, kind=TypeError)
+    elif value.numel() != 1:
+        raise argument_error(
+            "loss_fn",
+            "a scalar loss (reduction 'mean' or 'sum'); on the first batch it returned",
+            value,
+        )
+    elif not bool(torch.isfinite(value).all()) and (
+        loss_reduction(loss_fn) == "sum"
+        or batch_normaliser(loss_fn, inputs, targets, first.size) > 0
+    ):  # (a mean over no counted target is 0/0: such a batch is skipped by the products)
+        selected = {id(p) for _, p in named}
+        others = [
+            f"{n!r} (not selected)"
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if id(t) not in selected
+            and t.is_floating_point()
+            and not bool(torch.isfinite(t.detach()).all())
+        ]
+        cause = f"; non-finite values in {', '.join(others[:5])}" if others else ""
+        raise argument_error(
+            "loss_fn",
+            "a finite loss on the first batch (the selected parameters, the inputs and the "
+            f"targets are finite{cause})",
+            f"{float(value)}",
+        )
+    result = Validation(loss_fn, classes)
+    if stream.is_in_memory:
+        for batch in stream:
+            if batch.index != first.index:
+                check_targets(loss_fn, batch.targets, batch.index, classes)
+                _check_normaliser_known(loss_fn, batch.targets, batch.index)
+            result.weights[batch.index] = batch_weight(
+                loss_fn, batch.inputs, batch.targets, batch.size
+            )
+        if sum(result.weights.values()) <= 0:
+            raise argument_error(
+                "data",
+                "at least one counted target (every target equals ignore_index or has "
+                "class weight 0, so the mean loss is 0/0)",
+                data,
+            )
+    return result

@@ -1,0 +1,454 @@
+r"""Curvature during training: :class:`CurvatureTracker`, for any training loop.
+
+Every ``every`` optimiser steps the tracker measures, on a fixed measurement set,
+the ``top_k`` largest eigenvalues of the curvature matrix (Hessian, GGN or Fisher,
+as :mod:`curvops` operators), optionally its trace (Hutchinson) and a spectral
+density snapshot (stochastic Lanczos quadrature), and appends one row per
+measurement to :attr:`CurvatureTracker.rows` and to a JSON-lines file::
+
+    tracker = CurvatureTracker(model, loss_fn, data, every=50, top_k=3, trace_probes=8,
+                               path="run/curvature.jsonl")
+    for x, y in loader:
+        ...; optimizer.step()
+        tracker.step()          # counts optimiser steps; measures every `every`-th
+
+**Eigenvalues.**  :func:`spectral.blockeig.block_eigenpairs` with residual tolerance
+``tol``: every reported :math:`\theta_i` comes with its residual
+:math:`\|A y_i - \theta_i y_i\| \le \mathrm{tol}\cdot|\theta_i|` (or the rounding
+floor), and an eigenvalue of :math:`A` lies within that residual of
+:math:`\theta_i`.  **Warm start**: the Ritz vectors of the previous measurement
+start the next eigen-solve, so while the model moves slowly a measurement costs a
+fraction of a cold one (``products`` in each row; ``warm`` says which it was).
+
+**Nothing of the run changes.**  The operators leave parameters, buffers, modes,
+``requires_grad`` and ``.grad`` bit-identical (curvops contract 3); the tracker never
+touches the optimiser; the global RNG streams (torch, CUDA when initialised, numpy,
+Python ``random``) are saved before and restored after each measurement and the
+one pass over a DataLoader ``data`` (the loader's and its sampler's generators too).
+A DataLoader is read once, at construction, into a list of batches: the
+measurement set is the same at every step.
+
+**File and restart.**  Rows go to ``path`` as JSON lines, the whole file rewritten
+through :func:`spectral.io.atomic_write` (temporary file, fsync, rename) after each
+measurement: a reader or a restarted process sees the file before or after a row,
+never a torn line (the file is small: one short line per measurement).  The warm
+start vectors of the last few measurements go beside it (``<path>.ritz.npz``).
+A tracker built on an existing file continues it: its step count is the last row's
+step, or ``start_step`` (the step of the training checkpoint the run resumed from),
+in which case rows after ``start_step`` are dropped and measured again, so the file
+has no duplicate and no missing step.  Density snapshots go to ``<stem>.density-<step>.npz``
+(:meth:`spectral.SpectralDensity.save`).
+
+>>> import torch
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> nn = torch.nn
+>>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+>>> batch = (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+>>> tracker = CurvatureTracker(net, torch.nn.MSELoss(), batch, every=2, top_k=2, seed=0)
+>>> for _ in range(4):
+...     row = tracker.step()
+>>> [r["step"] for r in tracker.rows], len(tracker.rows[-1]["top_eigenvalues"])
+([2, 4], 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvops.curvature import ModelCurvatureOperator
+from curvops.data import as_data
+from curvops.fisher import FisherOperator
+from curvops.ggn import GGNOperator
+from curvops.hessian import HessianOperator
+from curvops.params import group_by_layer, select_params
+from spectral.blockeig import block_eigenpairs
+from spectral.errors import argument_error
+from spectral.estimators import trace
+from spectral.io import CorruptFileError, atomic_write, load_npz, save_npz
+from spectral.quadrature import slq
+
+__all__ = ["KINDS", "CurvatureTracker"]
+
+logger = logging.getLogger(__name__)
+
+KINDS: Mapping[str, type[ModelCurvatureOperator]] = {
+    "hessian": HessianOperator,
+    "ggn": GGNOperator,
+    "fisher": FisherOperator,
+}
+
+
+@contextlib.contextmanager
+def preserved_rng(*generators: torch.Generator | None) -> Iterator[None]:
+    """Restore the global RNG streams (torch, CUDA, numpy, Python) and ``generators`` on exit.
+
+    >>> before = torch.get_rng_state()
+    >>> with preserved_rng():
+    ...     _ = torch.rand(3)
+    >>> bool(torch.equal(before, torch.get_rng_state()))
+    True
+    """
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    numpy_state = np.random.get_state()  # noqa: NPY002 (saved, never drawn from)
+    python_state = random.getstate()
+    own = [(g, g.get_state()) for g in generators if g is not None]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
+        for g, state in own:
+            g.set_state(state)
+
+
+def _fixed_batches(data: Any) -> Any:
+    """``data`` as a fixed in-memory measurement set (a DataLoader is read once)."""
+    stream = as_data(data)
+    if stream.is_in_memory:
+        return data
+    generators = [getattr(data, "generator", None)]
+    sampler = getattr(data, "sampler", None)
+    generators.append(getattr(sampler, "generator", None))
+    with preserved_rng(*generators):
+        return [(b.inputs, b.targets) for b in stream]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise argument_error(name, f"an integer >= {minimum}", value)
+    return int(value)
+
+
+def _blocks(model: nn.Module, params: Any, blocks: Any) -> dict[str, list[str]]:
+    """Named parameter groups: ``"layer"`` (one per module) or a mapping name -> selection."""
+    if blocks is None:
+        return {}
+    if blocks == "layer":
+        groups = group_by_layer(select_params(model, params))
+        return {g[0][0].rpartition(".")[0] or "<root>": [n for n, _ in g] for g in groups}
+    if isinstance(blocks, Mapping) and blocks:
+        return {str(k): [n for n, _ in select_params(model, v)] for k, v in blocks.items()}
+    raise argument_error("blocks", "None, 'layer' or a non-empty mapping name -> params", blocks)
+
+
+class _Counted:
+    """A curvature operator that counts its products (columns)."""
+
+    def __init__(self, op: ModelCurvatureOperator) -> None:
+        self.op = op
+        self.shape = op.shape
+        self.dtype = op.dtype
+        self.symmetric = True
+        self.count = 0
+
+    def template_vector(self) -> torch.Tensor:
+        return self.op.template_vector()
+
+    def matvec(self, x: Any) -> Any:
+        self.count += 1
+        return self.op.matvec(x)
+
+    def matmat(self, X: Any) -> Any:
+        self.count += int(X.shape[1])
+        return self.op.matmat(X)
+
+
+class CurvatureTracker:
+    """Measure the top of the curvature spectrum every ``every`` optimiser steps.
+
+    The Ritz vectors of the last :attr:`KEEP_VECTORS` measurements are kept in
+    ``<path>.ritz.npz``, so a restart from a checkpoint up to that many measurements
+    back continues warm, with rows identical to an uninterrupted run (but ``seconds``).
+
+    Parameters
+    ----------
+    model, loss_fn:
+        The trained model and its loss (``reduction="mean"``).
+    data:
+        The measurement set: one ``(inputs, targets)`` batch, a list of batches or a
+        DataLoader (read once at construction; the same samples at every measurement).
+    every:
+        Measure when the step count is a multiple of ``every`` (>= 1).
+    top_k:
+        Number of largest eigenvalues (>= 1).
+    trace_probes:
+        Hutchinson probes for the trace (0: no trace); rows then hold ``trace`` and
+        ``trace_stderr`` (the standard error of the probe mean, NaN for one probe).
+    kind:
+        ``"hessian"``, ``"ggn"`` or ``"fisher"`` (Monte-Carlo Fisher with ``seed``).
+    params:
+        Parameter selection as in the operators (default all trainable).
+    blocks:
+        ``None``, ``"layer"`` (one block per module) or a mapping ``name -> params``:
+        rows then also hold ``blocks[name]`` with that block's top eigenvalues.
+    bn_mode:
+        Passed to the operators (``None``: each module's current mode; ``"train"``
+        uses batch statistics and leaves the running statistics untouched).
+    seed:
+        Seeds the random start and guard vectors, trace probes and SLQ probes
+        (per measurement, from ``(seed, step)``).
+    tol:
+        Relative residual tolerance of the eigenvalues (see the module docstring): each
+        value is within ``tol * |value|`` of an eigenvalue, and in practice within about
+        ``(tol * |value|)**2 / gap``; raised to ``100 eps`` of the model's dtype.
+    warm_start:
+        Start each eigen-solve from the ``2 top_k`` most wanted Ritz vectors of the
+        previous measurement (plus one random guard vector).
+    density_every, density_iters, density_probes:
+        Save an SLQ density (``density_iters`` Lanczos steps, ``density_probes`` probes)
+        at measurements whose step is a multiple of ``density_every`` (a multiple of ``every``).
+    path:
+        JSON-lines file of the rows (``None``: rows only in memory).
+    start_step:
+        Step count to continue from after a restart (default: the last row's step in
+        ``path``, or 0); rows after it are dropped from the file and measured again.
+    optimizer:
+        Optional; its first parameter group's ``lr`` goes into each row.
+    operator_kwargs:
+        Extra keyword arguments of the operator class (e.g. ``{"kind": "empirical"}``).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (named in the message).
+    spectral.io.CorruptFileError
+        ``path`` exists and a line is not a JSON row.
+    ValueError
+        ``path`` holds rows of another ``kind`` or ``top_k``.
+    """
+
+    KEEP_VECTORS = 3
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        every: int = 50,
+        top_k: int = 3,
+        trace_probes: int = 0,
+        kind: str = "hessian",
+        params: Any = None,
+        blocks: Any = None,
+        bn_mode: str | None = None,
+        seed: int = 0,
+        tol: float = 1e-4,
+        warm_start: bool = True,
+        density_every: int | None = None,
+        density_iters: int = 40,
+        density_probes: int = 2,
+        path: str | os.PathLike[str] | None = None,
+        start_step: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        operator_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.every = _check_int("every", every, 1)
+        self.top_k = _check_int("top_k", top_k, 1)
+        self.trace_probes = _check_int("trace_probes", trace_probes, 0)
+        self.seed = _check_int("seed", seed, 0)
+        if kind not in KINDS:
+            raise argument_error("kind", f"one of {sorted(KINDS)}", kind)
+        if not isinstance(tol, float | int) or not 0 < tol < 1:
+            raise argument_error("tol", "a float in (0, 1)", tol)
+        if density_every is not None:
+            density_every = _check_int("density_every", density_every, 1)
+            if density_every % self.every:
+                raise argument_error(
+                    "density_every", f"a multiple of every = {self.every}", density_every
+                )
+        self.kind = kind
+        self.tol = float(tol)
+        self.warm_start = bool(warm_start)
+        self.density_every = density_every
+        self.density_iters = _check_int("density_iters", density_iters, 1)
+        self.density_probes = _check_int("density_probes", density_probes, 1)
+        self.optimizer = optimizer
+        self.path = None if path is None else Path(path)
+        kwargs = dict(operator_kwargs or {})
+        if kind == "fisher":
+            kwargs.setdefault("seed", self.seed)
+        data = _fixed_batches(data)
+        cls = KINDS[kind]
+        self._operators: dict[str, _Counted] = {
+            "": _Counted(cls(model, loss_fn, data, params=params, bn_mode=bn_mode, **kwargs))
+        }
+        for name, names in _blocks(model, params, blocks).items():
+            op = cls(model, loss_fn, data, params=names, bn_mode=bn_mode, **kwargs)
+            self._operators[name] = _Counted(op)
+        for name, counted in self._operators.items():
+            if self.top_k >= counted.shape[0]:
+                raise argument_error(
+                    "top_k",
+                    f"fewer than the {counted.shape[0]} parameters of block {name!r}",
+                    top_k,
+                )
+        self._vectors: dict[str, torch.Tensor] = {}
+        self._history: dict[int, dict[str, np.ndarray]] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.count = 0
+        if self.path is not None:
+            self._resume(start_step)
+        elif start_step is not None:
+            self.count = _check_int("start_step", start_step, 0)
+
+    # ------------------------------------------------------------------ the loop hook
+    def step(
+        self, *, epoch: int | None = None, lr: float | None = None, loss: float | None = None
+    ) -> dict[str, Any] | None:
+        """Count one optimiser step; measure (and return the row) when the count is due."""
+        self.count += 1
+        if self.count % self.every or any(r["step"] == self.count for r in self.rows[-1:]):
+            return None
+        return self.measure(epoch=epoch, lr=lr, loss=loss)
+
+    def measure(
+        self, *, epoch: int | None = None, lr: float | None = None, loss: float | None = None
+    ) -> dict[str, Any]:
+        """Measure now, at the current step count; append and return the row."""
+        start = time.perf_counter()
+        with preserved_rng():
+            row = self._measure()
+        row["seconds"] = time.perf_counter() - start
+        if lr is None and self.optimizer is not None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+        extras = {"epoch": epoch, "lr": None if lr is None else float(lr), "loss": loss}
+        row.update({k: v for k, v in extras.items() if v is not None})
+        self.rows.append(row)
+        if self.path is not None:
+            self._write()
+        return row
+
+    # ------------------------------------------------------------------ measurement
+    def _measure(self) -> dict[str, Any]:
+        step = self.count
+        rng = np.random.default_rng([self.seed, step])
+        row: dict[str, Any] = {"step": step, "kind": self.kind}
+        total = 0
+        for name, counted in self._operators.items():
+            counted.count = 0
+            start = self._vectors.get(name) if self.warm_start else None
+            found = block_eigenpairs(
+                counted, self.top_k, start=start, tol=self.tol, seed=rng, keep=2 * self.top_k
+            )
+            self._vectors[name] = found.subspace
+            entry = {
+                "top_eigenvalues": [float(v) for v in found.values],
+                "residuals": [float(r) for r in found.residuals],
+                "eigen_products": found.products,
+                "warm": start is not None,
+            }
+            total += counted.count
+            if name:
+                row.setdefault("blocks", {})[name] = entry
+            else:
+                row.update(entry)
+        row["tol"] = self.tol
+        whole = self._operators[""]
+        if self.trace_probes:
+            whole.count = 0
+            est = trace(whole, method="hutchinson", num_matvecs=self.trace_probes, seed=rng)
+            row["trace"] = float(est.value)
+            row["trace_stderr"] = float(est.stderr) if math.isfinite(est.stderr) else None
+            total += whole.count
+        if self.density_every is not None and step % self.density_every == 0:
+            whole.count = 0
+            iters = min(self.density_iters, whole.shape[0])
+            density = slq(whole, iters, num_probes=self.density_probes, seed=rng)
+            total += whole.count
+            if self.path is not None:
+                target = self.path.with_name(f"{self.path.stem}.density-{step:08d}.npz")
+                density.save(target)
+                row["density"] = target.name
+        row["products"] = total
+        return row
+
+    # ------------------------------------------------------------------ file and restart
+    @property
+    def _state_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".ritz.npz")
+
+    def _write(self) -> None:
+        assert self.path is not None
+        if self._vectors:
+            self._history[self.count] = {
+                k: v.detach().cpu().numpy() for k, v in self._vectors.items()
+            }
+            for old in sorted(self._history)[: -self.KEEP_VECTORS]:
+                del self._history[old]
+            arrays = {f"v/{s}/{k}": v for s, vs in self._history.items() for k, v in vs.items()}
+            save_npz(self._state_path, **arrays)
+        with atomic_write(self.path, "w") as handle:
+            for row in self.rows:
+                handle.write(json.dumps(row) + "\n")
+
+    def _resume(self, start_step: int | None) -> None:
+        assert self.path is not None
+        if not self.path.is_file():
+            self.count = 0 if start_step is None else _check_int("start_step", start_step, 0)
+            return
+        rows = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            try:
+                row = json.loads(line)
+                int(row["step"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CorruptFileError(
+                    f"File '{self.path}', line {number}: not a tracker row ({exc})."
+                ) from exc
+            if row.get("kind") != self.kind or len(row.get("top_eigenvalues", ())) != self.top_k:
+                raise argument_error(
+                    "path",
+                    f"a file of {self.kind!r} rows with top_k = {self.top_k} (or a new file)",
+                    f"'{self.path}' whose line {number} has kind {row.get('kind')!r} and "
+                    f"{len(row.get('top_eigenvalues', ()))} eigenvalues",
+                )
+            rows.append(row)
+        if start_step is None:
+            self.count = int(rows[-1]["step"]) if rows else 0
+        else:
+            self.count = _check_int("start_step", start_step, 0)
+        dropped = [r for r in rows if r["step"] > self.count]
+        self.rows = [r for r in rows if r["step"] <= self.count]
+        if dropped:
+            logger.info(
+                "tracker: %d rows after step %d dropped (re-measured)", len(dropped), self.count
+            )
+            with atomic_write(self.path, "w") as handle:
+                for row in self.rows:
+                    handle.write(json.dumps(row) + "\n")
+        self._load_vectors()
+
+    def _load_vectors(self) -> None:
+        """Warm-start vectors saved with the last kept row (when still in the file)."""
+        if not self.rows or not self._state_path.is_file():
+            return
+        state = load_npz(self._state_path)
+        for key, value in state.items():
+            _, step, name = key.split("/", 2)
+            self._history.setdefault(int(step), {})[name] = value
+        last = self._history.get(int(self.rows[-1]["step"]), {})
+        for name, counted in self._operators.items():
+            saved = last.get(name)
+            template = counted.template_vector()
+            if saved is not None and saved.ndim == 2 and saved.shape[0] == template.shape[0]:
+                self._vectors[name] = torch.as_tensor(saved).to(template)
