@@ -110,6 +110,8 @@ class Affine(CurvatureOperator):
     ``b`` must be zero for a rectangular ``B``.  Usually built by :func:`scale` /
     :func:`shift`, which fold nested forms so that ``base`` is never an Affine.
 
+    Examples
+    --------
     >>> from curvops.structured import Diagonal
     >>> op = Affine(Diagonal([1.0, 2.0]), -1.0, 3.0)
     >>> op @ np.ones(2)
@@ -181,6 +183,8 @@ class Affine(CurvatureOperator):
 class Scaled(Affine):
     """:math:`cB` (an :class:`Affine` with ``b = 0``).
 
+    Examples
+    --------
     >>> from curvops.structured import Identity
     >>> Scaled(Identity(2), 3.0) @ np.ones(2)
     array([3., 3.])
@@ -233,6 +237,8 @@ def shift(A: CurvatureOperator, mu: float) -> CurvatureOperator:
 class Sum(CurvatureOperator):
     """:math:`\\sum_i A_i` of operators with equal shape, dtype and device.
 
+    Examples
+    --------
     >>> from curvops.structured import Diagonal, Dense
     >>> S = Sum([Diagonal([1.0, 2.0]), Dense(np.ones((2, 2)))])
     >>> S @ np.ones(2)
@@ -317,6 +323,8 @@ def add(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
 class Adjoint(CurvatureOperator):
     """:math:`A^\\top` of a non-symmetric operator (uses ``A._rmatmat_torch``).
 
+    Examples
+    --------
     >>> from curvops.structured import Dense
     >>> Adjoint(Dense(np.array([[1.0, 2.0], [3.0, 4.0]]))) @ np.array([1.0, 0.0])
     array([1., 2.])
@@ -364,6 +372,8 @@ class Product(CurvatureOperator):
     Symmetric (and then psd) only when structurally palindromic under transposition;
     see the module docstring.
 
+    Examples
+    --------
     >>> from curvops.structured import Dense
     >>> L = Dense(np.array([[1.0, 2.0], [0.0, 1.0]]))
     >>> P = Product([L, L.T])
@@ -462,6 +472,8 @@ def product(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
 class Power(CurvatureOperator):
     """:math:`A^k` for a square operator and an integer :math:`k \\ge 1`.
 
+    Examples
+    --------
     >>> from curvops.structured import Diagonal
     >>> Power(Diagonal([-1.0, 2.0]), 2) @ np.ones(2)
     array([1., 4.])
@@ -552,6 +564,8 @@ class Projected(CurvatureOperator):
     ValueError
         ``V`` with the wrong number of rows or columns that are not orthonormal.
 
+    Examples
+    --------
     >>> from curvops.structured import Diagonal
     >>> P = Projected(Diagonal([3.0, 1.0]), np.array([[1.0], [0.0]]))
     >>> P @ np.ones(2)
@@ -623,6 +637,8 @@ class BlockDiagonal(CurvatureOperator):
     Blocks must share dtype and device; symmetric (psd) when every block is.
     ``offsets`` gives the row (and column) boundaries.
 
+    Examples
+    --------
     >>> from curvops.structured import Diagonal, Dense
     >>> B = BlockDiagonal([Diagonal([1.0]), Dense(np.array([[0.0, 1.0], [1.0, 0.0]]))])
     >>> B @ np.array([1.0, 2.0, 3.0])

@@ -105,6 +105,8 @@ _DIGIT = 4096.0
 def is_distributed() -> bool:
     """True when :mod:`torch.distributed` is available and its default group is initialised.
 
+    Examples
+    --------
     >>> is_distributed()
     False
     """
@@ -133,6 +135,8 @@ def resolve_group(process_group: Any = None) -> Any:
     RuntimeError
         A process group was given but :mod:`torch.distributed` is not initialised.
 
+    Examples
+    --------
     >>> resolve_group(False) is None
     True
     """
@@ -161,6 +165,8 @@ def resolve_group(process_group: Any = None) -> Any:
 def get_rank(group: Any = None) -> int:
     """This process's rank in ``group`` (the default group if None); 0 when not distributed.
 
+    Examples
+    --------
     >>> get_rank()
     0
     """
@@ -172,6 +178,8 @@ def get_rank(group: Any = None) -> int:
 def get_world_size(group: Any = None) -> int:
     """Number of processes in ``group`` (the default group if None); 1 when not distributed.
 
+    Examples
+    --------
     >>> get_world_size()
     1
     """
@@ -183,6 +191,8 @@ def get_world_size(group: Any = None) -> int:
 def is_main_process(group: Any = None) -> bool:
     """True on rank 0 of ``group`` (and when not distributed): the rank that writes files.
 
+    Examples
+    --------
     >>> is_main_process()
     True
     """
@@ -195,6 +205,8 @@ def local_device() -> torch.device:
     ``LOCAL_RANK`` is set by ``torchrun`` (0 when absent).  With NCCL, call
     ``torch.cuda.set_device(local_device())`` before creating the process group.
 
+    Examples
+    --------
     >>> local_device().type in ("cpu", "cuda")
     True
     """
@@ -211,6 +223,8 @@ def init_from_env(backend: str | None = None) -> bool:
     True when the default group is (now) initialised; does nothing and returns
     False outside a distributed launch.
 
+    Examples
+    --------
     >>> "RANK" in os.environ or init_from_env() is False
     True
     """
@@ -239,6 +253,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     would broadcast buffers and arm its gradient all-reduce hooks for a backward
     pass that a product never makes.
 
+    Examples
+    --------
     >>> lin = torch.nn.Linear(1, 1)
     >>> unwrap_model(torch.nn.DataParallel(lin)) is lin
     True
@@ -260,6 +276,8 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Te
     with their shapes.  With ``group=None`` (see :func:`resolve_group`) they are
     returned unchanged.
 
+    Examples
+    --------
     >>> all_reduce_sum([torch.ones(2), torch.zeros(())], None)[0]
     tensor([1., 1.])
     """
@@ -289,6 +307,8 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
     unchanged.  The result is bitwise identical on every rank (see the module
     docstring).
 
+    Examples
+    --------
     >>> s, n = all_reduce_weighted(torch.ones(3), 4.0, None)
     >>> s.tolist(), n
     ([1.0, 1.0, 1.0], 4.0)
@@ -329,6 +349,8 @@ def check_replicated(value: Any, group: Any = None) -> bool:
     a MIN all-reduce, so all ranks return the same answer.  Outside a distributed
     job (or for a one-process group) it returns True.
 
+    Examples
+    --------
     >>> check_replicated(np.arange(3.0))
     True
     """
@@ -494,6 +516,8 @@ def shard_batches(data: Any, rank: int | None = None, world_size: int | None = N
     ``W - 1`` samples (or drops them with ``drop_last=True``), shuffles unless
     ``shuffle=False``, and changes the composition of every batch.
 
+    Examples
+    --------
     >>> batches = [(torch.zeros(2, 1), torch.zeros(2)) for _ in range(5)]
     >>> shard = shard_batches(batches, rank=1, world_size=2)
     >>> [b.index for b in shard], shard.num_samples

@@ -144,6 +144,8 @@ def declare_loss(
     callable ``(inputs, targets) -> number``.  With ``reduction="sum"`` the function
     returns :math:`S_b` and the curvature over several batches is their sum.
 
+    Examples
+    --------
     >>> import torch.nn.functional as F
     >>> ce = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
     >>> loss = declare_loss(ce, normaliser="targets")
@@ -194,6 +196,8 @@ def sequence_cross_entropy(
     the GGN uses the closed-form softmax curvature per token (ignored tokens excluded)
     when ``label_smoothing == 0``.
 
+    Examples
+    --------
     >>> loss = sequence_cross_entropy(ignore_index=0)
     >>> logits, y = torch.zeros(2, 3, 4), torch.tensor([[1, 2, 0], [0, 0, 3]])
     >>> round(float(loss(logits, y)), 4), batch_normaliser(loss, logits, y, 2)
@@ -205,6 +209,8 @@ def sequence_cross_entropy(
 def loss_setting(loss_fn: Any, name: str, default: Any = None) -> Any:
     """A keyword setting of a loss (module attribute, ``functools.partial`` keyword).
 
+    Examples
+    --------
     >>> loss_setting(functools.partial(nn.functional.cross_entropy, ignore_index=3), "ignore_index")
     3
     """
@@ -216,6 +222,8 @@ def loss_setting(loss_fn: Any, name: str, default: Any = None) -> Any:
 def loss_reduction(loss_fn: Any) -> str:
     """``"mean"`` or ``"sum"``: how the loss reduces its terms (``"batchmean"`` is a mean).
 
+    Examples
+    --------
     >>> loss_reduction(nn.MSELoss(reduction="sum")), loss_reduction(lambda f, y: f.sum())
     ('sum', 'mean')
     """
@@ -234,6 +242,8 @@ def check_loss(loss_fn: Any) -> LossFn:
         ``reduction`` other than ``"mean"``/``"sum"`` (``"none"`` gives a tensor, not
         a loss to take the curvature of).
 
+    Examples
+    --------
     >>> check_loss(torch.nn.MSELoss(reduction="none"))
     Traceback (most recent call last):
     ...
@@ -287,6 +297,8 @@ def loss_family(loss_fn: Any) -> str | None:
     (``torch.nn.functional.cross_entropy`` ...) with their defaults or through
     ``functools.partial`` with keyword settings; :class:`SequenceCrossEntropy`.
 
+    Examples
+    --------
     >>> loss_family(torch.nn.functional.cross_entropy), loss_family(torch.nn.L1Loss())
     ('ce', None)
     """
@@ -335,6 +347,8 @@ def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int
     :class:`DeclaredLoss`: its declared normaliser; any other loss: the number of
     samples ``size``.
 
+    Examples
+    --------
     >>> batch_normaliser(nn.CrossEntropyLoss(ignore_index=0), None, torch.tensor([0, 1, 2]), 3)
     2.0
     """
@@ -373,6 +387,8 @@ def batch_weight(
     0-d tensor on the targets' device where it is counted there (no host
     synchronisation).
 
+    Examples
+    --------
     >>> batch_weight(nn.MSELoss(), None, torch.zeros(4, 3), 4)
     4.0
     """
@@ -395,6 +411,8 @@ def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str
     :class:`SequenceCrossEntropy` (classes last).  Both are the softmax curvature per
     position over the counted targets.
 
+    Examples
+    --------
     >>> loss_kind(torch.nn.MSELoss(), torch.zeros(2, 3), torch.zeros(2, 3))
     'mse'
     >>> loss_kind(torch.nn.functional.mse_loss, torch.zeros(2, 3), torch.zeros(2, 3))
@@ -587,6 +605,8 @@ def output_hessian_factor(
 def batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """A CPU generator for batch ``batch_index`` derived from ``seed`` (order independent).
 
+    Examples
+    --------
     >>> int(batch_generator(0, 1).initial_seed()) == int(batch_generator(0, 1).initial_seed())
     True
     """

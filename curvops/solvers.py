@@ -446,6 +446,8 @@ def inverse(
         (At a product.) NaN/Inf in the right-hand side, in a product of ``A`` or in the
         solution, for every method, ``strict`` or not; non-convergence with ``strict=True``.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> from curvops.structured import Diagonal
     >>> Hinv = inverse(Diagonal([2.0, -4.0]), method="minres", tol=1e-12)

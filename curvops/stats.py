@@ -117,6 +117,8 @@ def _slice(value: Any, start: int, stop: int) -> Any:
 def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
     """The batches of ``data``, each cut into consecutive pieces of ``batch_size``.
 
+    Examples
+    --------
     >>> [b.size for b in minibatches((torch.zeros(5, 1), torch.zeros(5)), 2)]
     [2, 2, 1]
     """
@@ -137,6 +139,8 @@ def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
 def weight_norms(model: nn.Module, params: Any = None) -> tuple[float, float]:
     """:math:`(\\|w\\|_2, \\|w\\|_\\infty)` over the selected parameters.
 
+    Examples
+    --------
     >>> lin = torch.nn.Linear(1, 1, bias=False)
     >>> with torch.no_grad():
     ...     _ = lin.weight.fill_(-3.0)
@@ -165,6 +169,8 @@ def hutchinson_frobenius_sq(
     Returns ``(estimate, standard error)``; probes come from ``numpy.random.default_rng(seed)``
     and are applied in one ``matmat``.
 
+    Examples
+    --------
     >>> from curvops.structured import Diagonal
     >>> hutchinson_frobenius_sq(Diagonal(np.array([1.0, 2.0])), num_probes=3)[0]
     5.0

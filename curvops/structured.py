@@ -29,6 +29,8 @@ class Identity(CurvatureOperator):
 
     ``A + c * Identity(n)`` folds into the tracked shift ``A.shift(c)``.
 
+    Examples
+    --------
     >>> Identity(2, dtype=np.float32) @ np.array([1.0, 2.0])
     array([1., 2.], dtype=float32)
     """
@@ -51,6 +53,8 @@ class Identity(CurvatureOperator):
 class Diagonal(CurvatureOperator):
     """:math:`\\mathrm{diag}(d)`; psd when every :math:`d_i \\ge 0`.
 
+    Examples
+    --------
     >>> Diagonal([1.0, -2.0]) @ np.ones(2)
     array([ 1., -2.])
     """
@@ -100,6 +104,8 @@ class Dense(CurvatureOperator):
     ValueError
         Not 2-D, non-finite entries, or a symmetry/psd claim that does not hold.
 
+    Examples
+    --------
     >>> Dense(np.array([[2.0, 1.0], [1.0, 2.0]]), psd=True).psd
     True
     """
@@ -171,6 +177,8 @@ class LowRank(CurvatureOperator):
     Symmetric; psd when every :math:`s_i \\ge 0`.  ``U`` need not be orthonormal.
     Cost per product: :math:`O(nrk)`.
 
+    Examples
+    --------
     >>> L = LowRank(np.eye(3)[:, :1], [5.0])
     >>> L @ np.ones(3), L.psd
     (array([5., 0., 0.]), True)

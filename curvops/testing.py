@@ -242,6 +242,8 @@ def check_operator_contract(
     Tolerances are :math:`\\mathrm{rtol}\\,\\|A\\|_2\\,\\|x\\|` (squared norms for
     products), ``rtol`` defaulting to :math:`10^{3} n\\,\\epsilon` of the operator dtype.
 
+    Examples
+    --------
     >>> import numpy as np
     >>> from curvops.structured import Dense
     >>> M = np.array([[2.0, 1.0], [1.0, 3.0]])
@@ -339,6 +341,8 @@ def check_model_contract(op: Any, *, seed: int = 0, num_columns: int = 2) -> Non
     modes, ``.grad``, ``requires_grad``) and so are the global torch (CPU), numpy and
     Python random streams.
 
+    Examples
+    --------
     >>> import torch
     >>> from curvops import GGNOperator
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout(0.5)).double()

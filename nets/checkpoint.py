@@ -107,6 +107,8 @@ class UnsafeFileError(CorruptFileError):
 def checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint after ``epoch`` completed epochs.
 
+    Examples
+    --------
     >>> checkpoint_name(5)
     'checkpoint-00005.pt'
     """
