@@ -110,6 +110,15 @@ class Affine(CurvatureOperator):
     ``b`` must be zero for a rectangular ``B``.  Usually built by :func:`scale` /
     :func:`shift`, which fold nested forms so that ``base`` is never an Affine.
 
+    Parameters
+    ----------
+    base : CurvatureOperator
+        The base operator :math:`B` (not itself an Affine).
+    a : float
+        The scale.
+    b : float
+        The shift (0 for a rectangular base).
+
     Examples
     --------
     >>> from curvops.structured import Diagonal
@@ -183,6 +192,13 @@ class Affine(CurvatureOperator):
 class Scaled(Affine):
     """:math:`cB` (an :class:`Affine` with ``b = 0``).
 
+    Parameters
+    ----------
+    base : CurvatureOperator
+        The operator :math:`B`.
+    c : float
+        The scale.
+
     Examples
     --------
     >>> from curvops.structured import Identity
@@ -236,6 +252,11 @@ def shift(A: CurvatureOperator, mu: float) -> CurvatureOperator:
 # ---------------------------------------------------------------------- sums
 class Sum(CurvatureOperator):
     """:math:`\\sum_i A_i` of operators with equal shape, dtype and device.
+
+    Parameters
+    ----------
+    terms : sequence of CurvatureOperator
+        The operators :math:`A_i` (equal shape, dtype and device).
 
     Examples
     --------
@@ -323,6 +344,11 @@ def add(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
 class Adjoint(CurvatureOperator):
     """:math:`A^\\top` of a non-symmetric operator (uses ``A._rmatmat_torch``).
 
+    Parameters
+    ----------
+    base : CurvatureOperator
+        The operator :math:`A` to transpose.
+
     Examples
     --------
     >>> from curvops.structured import Dense
@@ -371,6 +397,11 @@ class Product(CurvatureOperator):
 
     Symmetric (and then psd) only when structurally palindromic under transposition;
     see the module docstring.
+
+    Parameters
+    ----------
+    factors : sequence of CurvatureOperator
+        The factors :math:`L_1, \\dots, L_k` with matching inner dimensions.
 
     Examples
     --------
@@ -472,6 +503,13 @@ def product(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
 class Power(CurvatureOperator):
     """:math:`A^k` for a square operator and an integer :math:`k \\ge 1`.
 
+    Parameters
+    ----------
+    base : CurvatureOperator
+        A square operator :math:`A`.
+    exponent : int
+        The power :math:`k \\ge 1`.
+
     Examples
     --------
     >>> from curvops.structured import Diagonal
@@ -559,6 +597,15 @@ class Projected(CurvatureOperator):
     the operator's device and dtype and checked:
     :math:`\\max|V^\\top V - I| \\le` ``tol`` (default :math:`100\\sqrt{n}\\,\\varepsilon`).
 
+    Parameters
+    ----------
+    base : CurvatureOperator
+        The operator :math:`A`.
+    V : array_like
+        ``(n, r)`` (or ``(n,)``) with orthonormal columns.
+    tol : float, optional
+        Orthonormality tolerance on :math:`\\max|V^\\top V - I|`.
+
     Raises
     ------
     ValueError
@@ -636,6 +683,11 @@ class BlockDiagonal(CurvatureOperator):
 
     Blocks must share dtype and device; symmetric (psd) when every block is.
     ``offsets`` gives the row (and column) boundaries.
+
+    Parameters
+    ----------
+    blocks : sequence of CurvatureOperator
+        The diagonal blocks, in order (same dtype and device).
 
     Examples
     --------

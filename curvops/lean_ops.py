@@ -731,6 +731,30 @@ def lean_double_backward(enabled: bool = True, *, jacobian_only: bool = False) -
     (:func:`curvops.products.jacobian_sandwich_linearization`).  Second derivatives
     with respect to the parameters through such a graph miss those terms: never
     use it for Hessians.
+
+    Parameters
+    ----------
+    enabled : bool
+        ``False`` makes the context a no-op (PyTorch's formulas).
+    jacobian_only : bool
+        Record the first backward as a linear map of the output gradient only (for Jacobian
+        products).
+
+    Yields
+    ------
+    None
+        The context in which graphs are recorded with the lean kernels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    >>> x = torch.randn(5, 3)
+    >>> with lean_double_backward():
+    ...     loss = net(x).square().mean()
+    ...     grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+    >>> len(grads)
+    4
     """
     if not enabled:
         yield

@@ -139,6 +139,16 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
     ValueError, TypeError
         Bad shape, unsupported or inconsistent dtypes, ``psd`` without ``symmetric``
         or ``symmetric`` with a non-square shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal
+    >>> D = Diagonal([1.0, 2.0])   # a CurvatureOperator
+    >>> isinstance(D, CurvatureOperator), D.shape, D.dtype, D.symmetric, D.psd
+    (True, (2, 2), dtype('float64'), True, True)
+    >>> (2.0 * D).shift(1.0) @ np.ones(2)
+    array([3., 5.])
     """
 
     def __init__(

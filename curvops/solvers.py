@@ -77,6 +77,16 @@ class SolveInfo:
         Whether every column reached ``tol``.
     column_iterations, column_residuals, column_converged:
         The same, per column.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal, inverse
+    >>> Dinv = inverse(Diagonal([1.0, 3.0]), method="minres")
+    >>> _ = Dinv @ np.ones(2)
+    >>> info = Dinv.last_info
+    >>> info.method, info.converged, info.iterations <= 2
+    ('minres', True, True)
     """
 
     method: str
@@ -303,6 +313,14 @@ class InverseOperator(CurvatureOperator):
     last_info:
         :class:`SolveInfo` of the most recent product (``None`` before the first); the only
         state that changes after construction.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal, inverse
+    >>> Dinv = inverse(Diagonal([2.0, 4.0]), method="cg")
+    >>> Dinv @ np.array([2.0, 2.0]), Dinv.last_info.converged
+    (array([1. , 0.5]), True)
     """
 
     def __init__(
@@ -434,6 +452,12 @@ def inverse(
         positive definite).
     strict:
         Raise :class:`~spectral.errors.NumericalError` instead of warning on non-convergence.
+
+    Returns
+    -------
+    InverseOperator
+        The operator :math:`A^{-1}`; its ``last_info`` is the :class:`SolveInfo` of the latest
+        product.
 
     Raises
     ------

@@ -29,6 +29,15 @@ class Identity(CurvatureOperator):
 
     ``A + c * Identity(n)`` folds into the tracked shift ``A.shift(c)``.
 
+    Parameters
+    ----------
+    n : int
+        The dimension.
+    device : torch.device, optional
+        Where products run (default CPU).
+    dtype : optional
+        numpy or torch dtype (default float64).
+
     Examples
     --------
     >>> Identity(2, dtype=np.float32) @ np.array([1.0, 2.0])
@@ -52,6 +61,15 @@ class Identity(CurvatureOperator):
 
 class Diagonal(CurvatureOperator):
     """:math:`\\mathrm{diag}(d)`; psd when every :math:`d_i \\ge 0`.
+
+    Parameters
+    ----------
+    d : array_like
+        The diagonal (numpy, torch or a sequence).
+    device : torch.device, optional
+        Where products run (default: ``d``'s, or the CPU).
+    dtype : optional
+        numpy or torch dtype (default: ``d``'s).
 
     Examples
     --------
@@ -176,6 +194,17 @@ class LowRank(CurvatureOperator):
 
     Symmetric; psd when every :math:`s_i \\ge 0`.  ``U`` need not be orthonormal.
     Cost per product: :math:`O(nrk)`.
+
+    Parameters
+    ----------
+    U : array_like
+        The ``(n, r)`` factor.
+    s : array_like
+        The ``r`` weights.
+    device : torch.device, optional
+        Where products run (default: ``U``'s).
+    dtype : optional
+        numpy or torch dtype (default: ``U``'s).
 
     Examples
     --------

@@ -117,7 +117,38 @@ def dense_hessian(
     params: Any = None,
     bn_mode: str | None = None,
 ) -> torch.Tensor:
-    """Dense float64 Hessian :math:`\\frac{1}{N}\\sum_b N_b \\nabla^2_w L_b` (``P x P`` tensor)."""
+    """Dense float64 Hessian :math:`\\frac{1}{N}\\sum_b N_b \\nabla^2_w L_b` (``P x P`` tensor).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A small model.
+    loss_fn : callable
+        The loss (mean reduction).
+    data : batch, sequence of batches or DataLoader
+        As for the operators.
+    params : optional
+        Parameter selection.
+    bn_mode : str, optional
+        ``"train"``, ``"eval"`` or ``None``.
+
+    Returns
+    -------
+    torch.Tensor
+        The ``P x P`` float64 Hessian.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvops import HessianOperator
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    >>> data = (torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
+    >>> H = dense_hessian(net, torch.nn.MSELoss(), data)
+    >>> v = torch.randn(H.shape[0], dtype=torch.float64)
+    >>> bool(torch.allclose(HessianOperator(net, torch.nn.MSELoss(), data) @ v, H @ v))
+    True
+    """
 
     def per_batch(
         forward: Callable[[torch.Tensor], torch.Tensor],
@@ -143,7 +174,36 @@ def dense_ggn(
     params: Any = None,
     bn_mode: str | None = None,
 ) -> torch.Tensor:
-    """Dense float64 GGN :math:`\\frac{1}{N}\\sum_b N_b J_b^\\top \\nabla^2_f L_b J_b`."""
+    """Dense float64 GGN :math:`\\frac{1}{N}\\sum_b N_b J_b^\\top \\nabla^2_f L_b J_b`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A small model.
+    loss_fn : callable
+        The loss (mean reduction).
+    data : batch, sequence of batches or DataLoader
+        As for the operators.
+    params : optional
+        Parameter selection.
+    bn_mode : str, optional
+        ``"train"``, ``"eval"`` or ``None``.
+
+    Returns
+    -------
+    torch.Tensor
+        The ``P x P`` float64 GGN.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1).double()
+    >>> x = torch.randn(6, 2, dtype=torch.float64)
+    >>> G = dense_ggn(net, torch.nn.MSELoss(), (x, torch.zeros(6, 1, dtype=torch.float64)))
+    >>> X = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)  # weights, then bias
+    >>> bool(torch.allclose(G, 2 * X.T @ X / 6))
+    True
+    """
 
     def per_batch(
         forward: Callable[[torch.Tensor], torch.Tensor],
@@ -180,6 +240,39 @@ def dense_fisher(
     Per-sample gradients are rows of ``jacrev`` of the vector of per-sample NLLs, at
     the targets sampled exactly as :class:`curvops.FisherOperator` samples them
     (``kind="mc"``) or at the true targets (``kind="empirical"``, ``M = 1``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A small model.
+    loss_fn : callable
+        The loss (mean reduction).
+    data : batch, sequence of batches or DataLoader
+        As for the operators.
+    kind : str
+        ``"mc"`` or ``"empirical"``.
+    mc_samples : int
+        Targets sampled per input (``kind="mc"``).
+    seed : int
+        Seed of the sampled targets (as :class:`curvops.FisherOperator` uses it).
+    params : optional
+        Parameter selection.
+    bn_mode : str, optional
+        ``"train"``, ``"eval"`` or ``None``.
+
+    Returns
+    -------
+    torch.Tensor
+        The ``P x P`` float64 Fisher.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 3).double()
+    >>> data = (torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    >>> F = dense_fisher(net, torch.nn.CrossEntropyLoss(), data, kind="empirical")
+    >>> F.shape, bool(torch.allclose(F, F.T))
+    (torch.Size([9, 9]), True)
     """
     if kind not in ("mc", "empirical"):
         raise argument_error("kind", "'mc' or 'empirical'", kind)
@@ -241,6 +334,19 @@ def check_operator_contract(
 
     Tolerances are :math:`\\mathrm{rtol}\\,\\|A\\|_2\\,\\|x\\|` (squared norms for
     products), ``rtol`` defaulting to :math:`10^{3} n\\,\\epsilon` of the operator dtype.
+
+    Parameters
+    ----------
+    op : CurvatureOperator
+        The operator to check.
+    dense : array_like or torch.Tensor
+        Its dense matrix (compared in float64).
+    rtol : float, optional
+        Relative tolerance (default :math:`10^3 n\\epsilon` of the operator's dtype).
+    seed : int
+        Seed of the test vectors.
+    num_columns : int
+        Columns of the block products checked.
 
     Examples
     --------
@@ -340,6 +446,15 @@ def check_model_contract(op: Any, *, seed: int = 0, num_columns: int = 2) -> Non
     values, identities and types of every parameter and buffer under every name,
     modes, ``.grad``, ``requires_grad``) and so are the global torch (CPU), numpy and
     Python random streams.
+
+    Parameters
+    ----------
+    op : ModelCurvatureOperator
+        The operator to check (its model, data and parameters).
+    seed : int
+        Seed of the test vectors.
+    num_columns : int
+        Columns of the block product checked.
 
     Examples
     --------
