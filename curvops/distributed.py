@@ -105,6 +105,11 @@ _DIGIT = 4096.0
 def is_distributed() -> bool:
     """True when :mod:`torch.distributed` is available and its default group is initialised.
 
+    Returns
+    -------
+    bool
+        Whether a default group is initialised.
+
     Examples
     --------
     >>> is_distributed()
@@ -165,6 +170,16 @@ def resolve_group(process_group: Any = None) -> Any:
 def get_rank(group: Any = None) -> int:
     """This process's rank in ``group`` (the default group if None); 0 when not distributed.
 
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        The group (``None``: the default group when initialised).
+
+    Returns
+    -------
+    int
+        The rank.
+
     Examples
     --------
     >>> get_rank()
@@ -177,6 +192,16 @@ def get_rank(group: Any = None) -> int:
 
 def get_world_size(group: Any = None) -> int:
     """Number of processes in ``group`` (the default group if None); 1 when not distributed.
+
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        The group (``None``: the default group when initialised).
+
+    Returns
+    -------
+    int
+        The number of processes.
 
     Examples
     --------
@@ -191,6 +216,16 @@ def get_world_size(group: Any = None) -> int:
 def is_main_process(group: Any = None) -> bool:
     """True on rank 0 of ``group`` (and when not distributed): the rank that writes files.
 
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        The group (``None``: the default group when initialised).
+
+    Returns
+    -------
+    bool
+        Whether this is rank 0.
+
     Examples
     --------
     >>> is_main_process()
@@ -204,6 +239,11 @@ def local_device() -> torch.device:
 
     ``LOCAL_RANK`` is set by ``torchrun`` (0 when absent).  With NCCL, call
     ``torch.cuda.set_device(local_device())`` before creating the process group.
+
+    Returns
+    -------
+    torch.device
+        This process's device.
 
     Examples
     --------
@@ -222,6 +262,16 @@ def init_from_env(backend: str | None = None) -> bool:
     backend defaults to ``"nccl"`` when CUDA is available, else ``"gloo"``.  Returns
     True when the default group is (now) initialised; does nothing and returns
     False outside a distributed launch.
+
+    Parameters
+    ----------
+    backend : str, optional
+        ``"nccl"`` or ``"gloo"`` (default: NCCL with CUDA, else Gloo).
+
+    Returns
+    -------
+    bool
+        Whether the default group is initialised.
 
     Examples
     --------
@@ -253,6 +303,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     would broadcast buffers and arm its gradient all-reduce hooks for a backward
     pass that a product never makes.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model, possibly wrapped.
+
+    Returns
+    -------
+    torch.nn.Module
+        The innermost module.
+
     Examples
     --------
     >>> lin = torch.nn.Linear(1, 1)
@@ -275,6 +335,18 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Te
     device (scalars and vectors of different lengths may be mixed) and returned
     with their shapes.  With ``group=None`` (see :func:`resolve_group`) they are
     returned unchanged.
+
+    Parameters
+    ----------
+    tensors : sequence of torch.Tensor
+        The tensors to sum.
+    group : ProcessGroup or None
+        The group (``None``: the default group when initialised).
+
+    Returns
+    -------
+    list of torch.Tensor
+        The sums, with the input shapes.
 
     Examples
     --------
@@ -306,6 +378,20 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
     float32 precision of the low digit).  ``group=None`` returns the inputs
     unchanged.  The result is bitwise identical on every rank (see the module
     docstring).
+
+    Parameters
+    ----------
+    acc : torch.Tensor
+        This rank's weighted sum :math:`S_r`.
+    weight : float
+        This rank's total weight :math:`N_r`.
+    group : ProcessGroup or None
+        The group (``None``: the default group when initialised).
+
+    Returns
+    -------
+    (torch.Tensor, float)
+        The sums over the group.
 
     Examples
     --------
@@ -349,6 +435,18 @@ def check_replicated(value: Any, group: Any = None) -> bool:
     a MIN all-reduce, so all ranks return the same answer.  Outside a distributed
     job (or for a one-process group) it returns True.
 
+    Parameters
+    ----------
+    value : torch.Tensor or numpy.ndarray
+        The value to compare.
+    group : ProcessGroup or None
+        The group (``None``: the default group when initialised).
+
+    Returns
+    -------
+    bool
+        Whether every rank holds the same bits.
+
     Examples
     --------
     >>> check_replicated(np.arange(3.0))
@@ -382,6 +480,23 @@ class ShardedData(Data):
     and :class:`~curvops.data.Batch` objects carry that global index (so seeded
     per-batch randomness, e.g. the Monte-Carlo Fisher's targets, and error
     messages match a single-process run).  Build it with :func:`shard_batches`.
+
+    Parameters
+    ----------
+    local : Any
+        This rank's batches (a loader or a sequence).
+    rank, world_size : int
+        This process's rank and the number of processes.
+    num_samples : int, optional
+        Total number of samples over all ranks, when known.
+
+    Examples
+    --------
+    >>> import torch
+    >>> batches = [(torch.zeros(2, 1), torch.zeros(2)) for _ in range(5)]
+    >>> shard = shard_batches(batches, rank=1, world_size=2)
+    >>> type(shard).__name__, [b.index for b in shard]
+    ('ShardedData', [1, 3])
     """
 
     def __init__(

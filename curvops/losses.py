@@ -89,7 +89,26 @@ _NORMALISERS = ("samples", "targets")
 
 class DeclaredLoss:
     """A plain-function loss with its reduction and normaliser declared; build with
-    :func:`declare_loss`.  Calling it calls the function."""
+    :func:`declare_loss`.  Calling it calls the function.
+
+    Parameters
+    ----------
+    fn : callable
+        ``(outputs, targets) -> scalar``.
+    reduction : str
+        ``"mean"`` or ``"sum"``.
+    normaliser : str or callable
+        ``"samples"``, ``"targets"`` or ``(inputs, targets) -> number``.
+    ignore_index : int
+        Target value not counted by ``normaliser="targets"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> loss = declare_loss(lambda f, y: (f - y).square().sum(), reduction="sum")
+    >>> type(loss).__name__, loss_reduction(loss), float(loss(torch.ones(2), torch.zeros(2)))
+    ('DeclaredLoss', 'sum', 2.0)
+    """
 
     def __init__(
         self,
@@ -144,6 +163,22 @@ def declare_loss(
     callable ``(inputs, targets) -> number``.  With ``reduction="sum"`` the function
     returns :math:`S_b` and the curvature over several batches is their sum.
 
+    Parameters
+    ----------
+    fn : callable
+        ``(outputs, targets) -> scalar``.
+    reduction : str
+        ``"mean"`` or ``"sum"``.
+    normaliser : str or callable
+        ``"samples"``, ``"targets"`` or ``(inputs, targets) -> number``.
+    ignore_index : int
+        Target value not counted by ``normaliser="targets"``.
+
+    Returns
+    -------
+    DeclaredLoss
+        The function with its declaration; calling it calls ``fn``.
+
     Examples
     --------
     >>> import torch.nn.functional as F
@@ -162,6 +197,23 @@ class SequenceCrossEntropy(nn.Module):
     with :math:`\\nu_b` the number of counted tokens (``reduction="mean"``), or the sum
     (``reduction="sum"``); ``label_smoothing`` as in :func:`torch.nn.functional.cross_entropy`.
     Build with :func:`sequence_cross_entropy`.
+
+    Parameters
+    ----------
+    ignore_index : int
+        Target value of tokens not counted (padding).
+    label_smoothing : float
+        As in :func:`torch.nn.functional.cross_entropy`.
+    reduction : str
+        ``"mean"`` (over counted tokens) or ``"sum"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> loss = SequenceCrossEntropy()
+    >>> logits, tokens = torch.zeros(2, 3, 4), torch.tensor([[0, 1, -100], [2, 3, 1]])
+    >>> round(float(loss(logits, tokens)), 4), batch_normaliser(loss, None, tokens, 2)
+    (1.3863, 5.0)
     """
 
     def __init__(
@@ -196,6 +248,20 @@ def sequence_cross_entropy(
     the GGN uses the closed-form softmax curvature per token (ignored tokens excluded)
     when ``label_smoothing == 0``.
 
+    Parameters
+    ----------
+    ignore_index : int
+        Target value of tokens not counted (padding).
+    label_smoothing : float
+        As in :func:`torch.nn.functional.cross_entropy`.
+    reduction : str
+        ``"mean"`` or ``"sum"``.
+
+    Returns
+    -------
+    SequenceCrossEntropy
+        The loss.
+
     Examples
     --------
     >>> loss = sequence_cross_entropy(ignore_index=0)
@@ -208,6 +274,20 @@ def sequence_cross_entropy(
 
 def loss_setting(loss_fn: Any, name: str, default: Any = None) -> Any:
     """A keyword setting of a loss (module attribute, ``functools.partial`` keyword).
+
+    Parameters
+    ----------
+    loss_fn : Any
+        The loss.
+    name : str
+        The setting, e.g. ``"ignore_index"``.
+    default : Any
+        Returned when the loss has no such setting.
+
+    Returns
+    -------
+    Any
+        The setting's value.
 
     Examples
     --------
@@ -222,6 +302,16 @@ def loss_setting(loss_fn: Any, name: str, default: Any = None) -> Any:
 def loss_reduction(loss_fn: Any) -> str:
     """``"mean"`` or ``"sum"``: how the loss reduces its terms (``"batchmean"`` is a mean).
 
+    Parameters
+    ----------
+    loss_fn : Any
+        The loss.
+
+    Returns
+    -------
+    str
+        ``"mean"`` or ``"sum"``.
+
     Examples
     --------
     >>> loss_reduction(nn.MSELoss(reduction="sum")), loss_reduction(lambda f, y: f.sum())
@@ -233,6 +323,16 @@ def loss_reduction(loss_fn: Any) -> str:
 
 def check_loss(loss_fn: Any) -> LossFn:
     """Validate ``loss_fn``: a loss instance ``(outputs, targets) -> scalar``, mean or sum.
+
+    Parameters
+    ----------
+    loss_fn : Any
+        The candidate loss.
+
+    Returns
+    -------
+    callable
+        ``loss_fn`` itself.
 
     Raises
     ------
@@ -297,6 +397,16 @@ def loss_family(loss_fn: Any) -> str | None:
     (``torch.nn.functional.cross_entropy`` ...) with their defaults or through
     ``functools.partial`` with keyword settings; :class:`SequenceCrossEntropy`.
 
+    Parameters
+    ----------
+    loss_fn : Any
+        The loss.
+
+    Returns
+    -------
+    str or None
+        The family, or ``None`` for an unrecognised loss.
+
     Examples
     --------
     >>> loss_family(torch.nn.functional.cross_entropy), loss_family(torch.nn.L1Loss())
@@ -314,7 +424,27 @@ def loss_family(loss_fn: Any) -> str | None:
 
 def class_dim(loss_fn: Any, outputs: torch.Tensor) -> int:
     """The class (or output-feature) dimension of ``outputs``: 1 for cross-entropy and
-    NLL (torch's ``[N, C, d1, ...]`` layout), the last one otherwise."""
+    NLL (torch's ``[N, C, d1, ...]`` layout), the last one otherwise.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+
+    Returns
+    -------
+    int
+        The dimension of ``outputs`` that holds the classes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> outputs = torch.zeros(4, 3, 5)
+    >>> class_dim(torch.nn.CrossEntropyLoss(), outputs), class_dim(torch.nn.MSELoss(), outputs)
+    (1, 2)
+    """
     if loss_family(loss_fn) in ("ce", "nll") and outputs.ndim >= 2:
         return 1
     return outputs.ndim - 1
@@ -346,6 +476,22 @@ def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int
     NLL, ``KLDivLoss(reduction="mean")``): the number of elements; a
     :class:`DeclaredLoss`: its declared normaliser; any other loss: the number of
     samples ``size``.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    inputs : Any
+        The batch's inputs.
+    targets : torch.Tensor
+        The batch's targets.
+    size : int
+        The number of samples in the batch.
+
+    Returns
+    -------
+    float
+        The normaliser :math:`\\nu_b`.
 
     Examples
     --------
@@ -387,6 +533,24 @@ def batch_weight(
     0-d tensor on the targets' device where it is counted there (no host
     synchronisation).
 
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    inputs : Any
+        The batch's inputs.
+    targets : torch.Tensor
+        The batch's targets.
+    size : int
+        The number of samples in the batch.
+    lazy : bool
+        Return a 0-d tensor on the targets' device instead of a float when it is counted there.
+
+    Returns
+    -------
+    float or torch.Tensor
+        The batch's weight.
+
     Examples
     --------
     >>> batch_weight(nn.MSELoss(), None, torch.zeros(4, 3), 4)
@@ -410,6 +574,20 @@ def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str
     (``[N, C, d1, ...]`` outputs, or ``(N, C)`` with ignored targets); ``"seq_ce"``:
     :class:`SequenceCrossEntropy` (classes last).  Both are the softmax curvature per
     position over the counted targets.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+
+    Returns
+    -------
+    str
+        The kind of output curvature used.
 
     Examples
     --------
@@ -459,7 +637,27 @@ def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str
 
 
 def nll_scale(kind: str, outputs: torch.Tensor) -> float:
-    """The factor :math:`c` with loss per sample :math:`= c\\,\\mathrm{NLL}` (1 for autograd)."""
+    """The factor :math:`c` with loss per sample :math:`= c\\,\\mathrm{NLL}` (1 for autograd).
+
+    Parameters
+    ----------
+    kind : str
+        As returned by :func:`loss_kind`.
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+
+    Returns
+    -------
+    float
+        The factor :math:`c`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.zeros(2, 4)
+    >>> nll_scale("ce", f), nll_scale("mse", f)  # MSE also averages over the 4 outputs
+    (1.0, 0.25)
+    """
     if kind in ("mse", "bce"):
         return 1.0 / (outputs[0].numel())
     return 1.0
@@ -487,7 +685,35 @@ def fisher_scale(
     """:math:`1/(\\nu_b M)` (mean) or :math:`1/M` (sum): the Fisher of a batch is
     :math:`\\tfrac{1}{\\nu_b M}\\sum_{n,m} J_n^\\top s_{nm} s_{nm}^\\top J_n` with the NLL
     gradients :math:`s_{nm}` of :func:`per_sample_nll_grads` at ``samples`` (:math:`M`)
-    targets per sample."""
+    targets per sample.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+    normaliser : float, optional
+        The batch normaliser :math:`\\nu_b` (computed when ``None``).
+    samples : int
+        Targets :math:`M` sampled per input.
+
+    Returns
+    -------
+    float
+        The scale of the batch's Fisher.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> ce = torch.nn.CrossEntropyLoss()
+    >>> fisher_scale(ce, f, y), fisher_scale(ce, f, y, samples=2)
+    (0.5, 0.25)
+    """
     if loss_reduction(loss_fn) == "sum":
         return 1.0 / samples
     kind = loss_kind(loss_fn, outputs, targets)
@@ -519,7 +745,34 @@ def output_hessian_matmat(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, U: torch.Tensor
 ) -> torch.Tensor:
     """Apply :math:`\\nabla^2_f L_b` (the batch loss as written) to ``U`` of shape
-    ``(k, *outputs.shape)``."""
+    ``(k, *outputs.shape)``.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+    U : torch.Tensor
+        ``(k, *outputs.shape)`` directions.
+
+    Returns
+    -------
+    torch.Tensor
+        The products, shaped like ``U``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> U = torch.ones(1, 2, 2, dtype=torch.float64)
+    >>> output_hessian_matmat(torch.nn.MSELoss(), f, torch.zeros_like(f), U)  # 2 / 4 * U
+    tensor([[[0.5000, 0.5000],
+             [0.5000, 0.5000]]], dtype=torch.float64)
+    """
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach()
     if kind != "autograd":
@@ -560,6 +813,29 @@ def output_hessian_factor(
     Closed forms give symmetric square roots (signs all +1); the autograd fallback
     takes the diagonal blocks of the full output Hessian (losses separable over
     samples) and their eigendecompositions.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        The factors ``(N, C, r)`` and signs ``(N, r)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> A, signs = output_hessian_factor(torch.nn.MSELoss(), f, torch.zeros_like(f))
+    >>> A.shape, signs.shape
+    (torch.Size([2, 2, 2]), torch.Size([2, 2]))
     """
     f = outputs.detach().reshape(outputs.shape[0], -1)
     n, c = f.shape
@@ -605,6 +881,18 @@ def output_hessian_factor(
 def batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """A CPU generator for batch ``batch_index`` derived from ``seed`` (order independent).
 
+    Parameters
+    ----------
+    seed : int
+        The operator's seed.
+    batch_index : int
+        The (global) index of the batch.
+
+    Returns
+    -------
+    torch.Generator
+        A CPU generator seeded from both.
+
     Examples
     --------
     >>> int(batch_generator(0, 1).initial_seed()) == int(batch_generator(0, 1).initial_seed())
@@ -631,10 +919,36 @@ def sample_targets(
     BCE: :math:`\\hat y \\sim \\mathrm{Bernoulli}(\\sigma(f_n))`.  Sampling happens on the CPU
     with ``generator`` (bitwise reproducible on every device).  Returns ``(M, *targets.shape)``.
 
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+    mc_samples : int
+        Targets :math:`M` per sample.
+    generator : torch.Generator
+        CPU generator (e.g. :func:`batch_generator`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(M, *targets.shape)`` sampled targets.
+
     Raises
     ------
     ValueError
         For a loss without a known likelihood.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> sample_targets(torch.nn.CrossEntropyLoss(), f, y, 3, batch_generator(0, 0)).shape
+    torch.Size([3, 2])
     """
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach().to("cpu")
@@ -668,7 +982,31 @@ def sample_targets(
 
 def output_gradient(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """:math:`\\partial L_b / \\partial f`, the gradient of the batch loss as written at the
-    outputs (shape of ``outputs``)."""
+    outputs (shape of ``outputs``).
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+
+    Returns
+    -------
+    torch.Tensor
+        The gradient, shaped like ``outputs``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> output_gradient(torch.nn.MSELoss(), f, torch.zeros_like(f))  # 2 f / 4
+    tensor([[ 0.0000,  0.0000],
+            [ 0.5000, -0.5000]], dtype=torch.float64)
+    """
     with torch.enable_grad():
         o = outputs.detach().clone().requires_grad_(True)
         (g,) = torch.autograd.grad(
@@ -691,6 +1029,31 @@ def per_sample_nll_grads(
     :math:`s_n = \\nu_b\\, \\nabla_{f_n} L_b` with the normaliser :math:`\\nu_b`
     (:func:`batch_normaliser`; 1 for ``reduction="sum"``), the gradient of the sum of the
     sample's terms.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+    normaliser : float, optional
+        The batch normaliser (computed when ``None``).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, C)`` gradients :math:`s_n`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> per_sample_nll_grads(torch.nn.CrossEntropyLoss(), f, y)  # softmax(f) - onehot(y)
+    tensor([[-0.5000,  0.5000],
+            [ 0.8808, -0.8808]], dtype=torch.float64)
     """
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach()
@@ -723,6 +1086,28 @@ def per_sample_nll_values(
     Written independently of :func:`per_sample_nll_grads` (used by the dense references):
     for the autograd fallback the sum of the sample's terms, :math:`\\nu_n L(f_n, y_n)` with
     the normaliser :math:`\\nu_n` of the sample alone (mean) or :math:`L(f_n, y_n)` (sum).
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch.
+    targets : torch.Tensor
+        The batch's targets.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` negative log-likelihoods.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0, 1])
+    >>> per_sample_nll_values(torch.nn.CrossEntropyLoss(), f, y)
+    tensor([0.6931, 2.1269], dtype=torch.float64)
     """
     kind = loss_kind(loss_fn, outputs, targets)
     n = outputs.shape[0]

@@ -79,7 +79,34 @@ __all__ = [
 
 @dataclass
 class LossStats:
-    """The statistics of :func:`loss_stats` (floats; see the module docstring)."""
+    """The statistics of :func:`loss_stats` (floats; see the module docstring).
+
+    Attributes
+    ----------
+    loss_mean, loss_var, grad_mean_norm_sq, grad_var : float
+        Loss and gradient moments over the minibatches.
+    hess_mean_norm_sq, hess_var, hess_mu, delta, alpha : float
+        Curvature moments along the direction :math:`z`.
+    frobenius_norm_sq, frobenius_norm_sq_stderr : float
+        Hutchinson estimate of :math:`\\|\\bar C\\|_F^2` and its standard error.
+    weight_norm_l2, weight_norm_linf : float
+        Norms of the selected parameters.
+    num_batches, num_samples : int
+        Minibatches and samples used.
+    curvature : str
+        ``"hessian"`` or ``"ggn"``.
+    layer_norms : dict
+        Per parameter tensor ``name -> (L2, Linf)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1).double()
+    >>> data = (torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+    >>> s = loss_stats(net, torch.nn.MSELoss(), data, batch_size=4, num_probes=2)
+    >>> type(s).__name__, s.loss_var >= 0.0, s.grad_var >= 0.0
+    ('LossStats', True, True)
+    """
 
     loss_mean: float
     loss_var: float
@@ -117,6 +144,18 @@ def _slice(value: Any, start: int, stop: int) -> Any:
 def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
     """The batches of ``data``, each cut into consecutive pieces of ``batch_size``.
 
+    Parameters
+    ----------
+    data : batch, sequence of batches or DataLoader
+        As for the operators.
+    batch_size : int, optional
+        Piece size (``None``: the batches as they are).
+
+    Yields
+    ------
+    Batch
+        Each piece, in order.
+
     Examples
     --------
     >>> [b.size for b in minibatches((torch.zeros(5, 1), torch.zeros(5)), 2)]
@@ -139,6 +178,18 @@ def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
 def weight_norms(model: nn.Module, params: Any = None) -> tuple[float, float]:
     """:math:`(\\|w\\|_2, \\|w\\|_\\infty)` over the selected parameters.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    params : optional
+        Parameter selection (default: all trainable).
+
+    Returns
+    -------
+    (float, float)
+        The norms.
+
     Examples
     --------
     >>> lin = torch.nn.Linear(1, 1, bias=False)
@@ -154,7 +205,28 @@ def weight_norms(model: nn.Module, params: Any = None) -> tuple[float, float]:
 
 
 def layer_weight_norms(model: nn.Module, params: Any = None) -> dict[str, tuple[float, float]]:
-    """Per parameter tensor ``name -> (L2 norm, Linf norm)``."""
+    """Per parameter tensor ``name -> (L2 norm, Linf norm)``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    params : optional
+        Parameter selection (default: all trainable).
+
+    Returns
+    -------
+    dict
+        ``name -> (L2 norm, Linf norm)``.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(1, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.fill_(-3.0)
+    >>> layer_weight_norms(lin)
+    {'weight': (3.0, 3.0)}
+    """
     return {
         n: (float(p.detach().double().norm()), float(p.detach().abs().max()) if p.numel() else 0.0)
         for n, p in select_params(model, params)
@@ -168,6 +240,20 @@ def hutchinson_frobenius_sq(
 
     Returns ``(estimate, standard error)``; probes come from ``numpy.random.default_rng(seed)``
     and are applied in one ``matmat``.
+
+    Parameters
+    ----------
+    operator : operator
+        Anything with ``matmat``.
+    num_probes : int
+        Number of Rademacher probes.
+    seed : int
+        Seed of the probes.
+
+    Returns
+    -------
+    (float, float)
+        The estimate and its standard error.
 
     Examples
     --------
@@ -220,6 +306,11 @@ def loss_stats(
         ``all_reduce``, so every rank returns the statistics of the union of the
         shards (``num_batches``/``num_samples`` included).  ``None``: the default
         group when initialised; ``False``: this process only.
+
+    Returns
+    -------
+    LossStats
+        The statistics (floats).
 
     Raises
     ------
