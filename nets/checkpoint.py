@@ -107,6 +107,16 @@ class UnsafeFileError(CorruptFileError):
 def checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint after ``epoch`` completed epochs.
 
+    Parameters
+    ----------
+    epoch : int
+        Completed epochs (>= 0).
+
+    Returns
+    -------
+    str
+        ``checkpoint-XXXXX.pt`` with five digits.
+
     Examples
     --------
     >>> checkpoint_name(5)
@@ -300,6 +310,14 @@ def save_checkpoint(
     **extra:
         More entries; they must be tensors or plain containers so that the file
         loads with ``weights_only=True``.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), checkpoint_name(1))
+    >>> save_checkpoint(path, torch.nn.Linear(2, 1), None, 1, {"lr": 0.1})
+    >>> torch.load(path, weights_only=True)["epoch"]  # a plain, safe file
+    1
     """
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
@@ -345,6 +363,18 @@ def load_checkpoint(
     ``torch.save(model.state_dict(), path)``) is accepted too and returned as
     ``{"state_dict": ..., "epoch": None, "optimizer": None, "config": {}}``.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint file.
+    map_location : str or torch.device
+        Where to load the tensors.
+
+    Returns
+    -------
+    dict
+        ``state_dict``, ``optimizer``, ``epoch``, ``config`` and any extra entries.
+
     Raises
     ------
     FileNotFoundError
@@ -354,6 +384,16 @@ def load_checkpoint(
         containers (it is refused, nothing is executed).
     CorruptFileError
         If the file is truncated, corrupted (a checksum differs) or not a checkpoint.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> path = os.path.join(tempfile.mkdtemp(), checkpoint_name(3))
+    >>> save_checkpoint(path, net, None, 3, {"model": "custom"})
+    >>> ckpt = load_checkpoint(path)
+    >>> ckpt["epoch"], sorted(ckpt["state_dict"]), ckpt["config"]["model"]
+    (3, ['bias', 'weight'], 'custom')
     """
     p = Path(path)
     if not p.is_file():
@@ -414,11 +454,30 @@ def _check_content(p: Path, payload: dict[Any, Any], file_status: str) -> None:
 def load_model_state(model: nn.Module, checkpoint: dict[str, Any] | str | os.PathLike[str]) -> None:
     """Load a checkpoint's weights into ``model`` (strictly), with a clear error on mismatch.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to load into (changed in place).
+    checkpoint : dict or path
+        A loaded checkpoint or its file.
+
     Raises
     ------
     ValueError
         If the checkpoint is for another architecture (missing/unexpected keys or
         shapes that differ); the message lists the first differences.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+    >>> save_checkpoint(path, torch.nn.Linear(2, 1), None, 0, {})
+    >>> fresh = torch.nn.Linear(2, 1)
+    >>> load_model_state(fresh, path)
+    >>> load_model_state(torch.nn.Linear(3, 1), path)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = ckpt["state_dict"]
@@ -449,12 +508,36 @@ def model_from_checkpoint(
     ``model_kwargs`` with :func:`nets.models.get_model`; the model is returned in
     eval mode on ``device`` together with the loaded checkpoint dict.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A checkpoint written by :func:`nets.train_network`.
+    device : str or torch.device
+        Where to put the model.
+
+    Returns
+    -------
+    (torch.nn.Module, dict)
+        The model (eval mode) and the loaded checkpoint.
+
     Raises
     ------
     ValueError
         If the checkpoint does not name a registered model (e.g. it was trained
         from a custom ``nn.Module``: build that module yourself and use
         :func:`load_model_state`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from nets import train_network
+    >>> run = tempfile.mkdtemp()
+    >>> _ = train_network(run, "digits", model="MLP", epochs=1, model_kwargs={"hidden": (8,)},
+    ...                   optimizer_kwargs={"lr": 0.1, "batch_size": 512}, progress=False,
+    ...                   device="cpu")
+    >>> model, ckpt = model_from_checkpoint(f"{run}/checkpoint-00001.pt")
+    >>> type(model).__name__, model.training, ckpt["epoch"]
+    ('MLP', False, 1)
     """
     from nets.device import resolve_device
     from nets.models import get_model

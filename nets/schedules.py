@@ -52,6 +52,16 @@ def linear_schedule(epoch: float, total_epochs: float, lr0: float, ratio: float 
         Initial learning rate ``alpha_0``.
     ratio:
         Final ratio ``r``.
+
+    Returns
+    -------
+    float
+        The learning rate :math:`\\alpha_t` of the epoch.
+
+    Examples
+    --------
+    >>> [round(linear_schedule(t, 10, 0.1), 6) for t in (0, 5, 7, 9)]
+    [0.1, 0.1, 0.0505, 0.001]
     """
     _check(epoch, total_epochs, lr0)
     if not ratio >= 0:
@@ -69,7 +79,29 @@ def linear_schedule(epoch: float, total_epochs: float, lr0: float, ratio: float 
 def constant_schedule(
     epoch: float, total_epochs: float, lr0: float, ratio: float | None = None
 ) -> float:
-    """``lr0`` at every epoch (``ratio`` is ignored; with SWA the trainer switches to swa_lr)."""
+    """``lr0`` at every epoch (``ratio`` is ignored; with SWA the trainer switches to swa_lr).
+
+    Parameters
+    ----------
+    epoch : float
+        The epoch about to be trained (ignored).
+    total_epochs : float
+        ``T`` (ignored).
+    lr0 : float
+        The learning rate.
+    ratio : float, optional
+        Ignored.
+
+    Returns
+    -------
+    float
+        ``lr0``.
+
+    Examples
+    --------
+    >>> constant_schedule(7, 10, 0.1)
+    0.1
+    """
     _check(epoch, total_epochs, lr0)
     return lr0
 

@@ -233,6 +233,17 @@ class CurvatureTracker:
         ``path`` exists and a line is not a JSON row.
     ValueError
         ``path`` holds rows of another ``kind`` or ``top_k``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> tracker = CurvatureTracker(net, torch.nn.CrossEntropyLoss(), (x, torch.tensor([0, 1] * 4)),
+    ...                            every=2, top_k=1)
+    >>> rows = [tracker.step() for _ in range(4)]  # after each optimiser step
+    >>> [row and row["step"] for row in rows], rows[-1]["warm"]
+    ([None, 2, None, 4], True)
     """
 
     KEEP_VECTORS = 3

@@ -28,10 +28,23 @@ __all__ = ["LeNet5"]
 class LeNet5(nn.Module):
     """LeNet-5 for ``input_size`` >= 32 (classic) or a multiple of 4 below 32 (padded).
 
+    Parameters
+    ----------
+    num_classes, in_channels, input_size : int
+        Output classes, input channels and input side length.
+    seed : int
+        Initialisation seed (torch's global generator is not used).
+
     Raises
     ------
     ValueError
         For input sizes below 32 that are not multiples of 4.
+
+    Examples
+    --------
+    >>> import torch
+    >>> LeNet5(10, 1, 8)(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
     """
 
     def __init__(

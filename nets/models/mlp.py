@@ -41,6 +41,13 @@ class MLP(nn.Module):
         ``"relu"``, ``"tanh"`` or ``"gelu"``.
     seed:
         Seed of the initialisation (torch's global RNG is not used).
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = MLP(10, 1, 8, hidden=(32,))   # the digits: 1 x 8 x 8 images
+    >>> net(torch.zeros(5, 1, 8, 8)).shape
+    torch.Size([5, 10])
     """
 
     def __init__(

@@ -73,10 +73,26 @@ class _Bottleneck(nn.Module):
 class PreResNet(nn.Module):
     """Pre-activation ResNet of depth 8, 20, 56, 110 (any ``6n+2`` < 44 or ``9n+2`` >= 44).
 
+    Parameters
+    ----------
+    depth : int
+        Number of layers (8, 20, 56, 110...).
+    num_classes, in_channels, input_size : int
+        Output classes, input channels and input side length.
+    seed : int
+        Initialisation seed (torch's global generator is not used).
+
     Raises
     ------
     ValueError
         For a depth that is not of that form.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = PreResNet(8, num_classes=10)
+    >>> sum(p.numel() for p in net.parameters()), net(torch.zeros(2, 3, 32, 32)).shape
+    (77850, torch.Size([2, 10]))
     """
 
     def __init__(

@@ -35,6 +35,13 @@ class SmallCNN(nn.Module):
         Channels of the two convolutions, default ``(8, 16)``.
     seed:
         Initialisation seed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = SmallCNN(10, 1, 8)
+    >>> net(torch.zeros(4, 1, 8, 8)).shape
+    torch.Size([4, 10])
     """
 
     def __init__(

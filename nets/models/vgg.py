@@ -55,6 +55,13 @@ class VGG(nn.Module):
     ------
     ValueError
         For an unknown depth or ``input_size != 32``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = VGG(11, num_classes=10, batch_norm=True)
+    >>> net.eval()(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
     """
 
     def __init__(

@@ -56,10 +56,30 @@ class _WideBasic(nn.Module):
 class WideResNet(nn.Module):
     """WRN-``depth``-``widen_factor``; ``depth`` must be ``6n+4``.
 
+    Parameters
+    ----------
+    depth : int
+        Number of layers, ``6n + 4``.
+    widen_factor : int
+        Width multiplier of the three stages.
+    num_classes, in_channels, input_size : int
+        Output classes, input channels and input side length.
+    dropout : float
+        Dropout probability inside the blocks.
+    seed : int
+        Initialisation seed (torch's global generator is not used).
+
     Raises
     ------
     ValueError
         If ``(depth - 4) % 6 != 0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = WideResNet(10, 1, num_classes=10)
+    >>> net(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
     """
 
     def __init__(
@@ -113,7 +133,23 @@ class WideResNet(nn.Module):
 
 
 class WideResNet28_10(WideResNet):
-    """WRN-28-10 (36.5M parameters for CIFAR-10)."""
+    """WRN-28-10 (36.5M parameters for CIFAR-10).
+
+    Parameters
+    ----------
+    num_classes, in_channels, input_size : int
+        Output classes, input channels and input side length.
+    dropout : float
+        Dropout probability inside the blocks.
+    seed : int
+        Initialisation seed (torch's global generator is not used).
+
+    Examples
+    --------
+    >>> net = WideResNet28_10(num_classes=10)
+    >>> sum(p.numel() for p in net.parameters()) > 36_000_000
+    True
+    """
 
     def __init__(
         self,

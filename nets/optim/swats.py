@@ -101,6 +101,17 @@ class SWATS(torch.optim.Optimizer):
         negative ``weight_decay``/``switch_tol``.
     NumericalError
         If a gradient is not finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = SWATS(net.parameters(), lr=1e-3)
+    >>> loss = net(torch.ones(4, 2)).square().mean()
+    >>> loss.backward()
+    >>> opt.step()
+    >>> type(opt).__name__, opt.defaults["lr"]
+    ('SWATS', 0.001)
     """
 
     def __init__(
