@@ -44,6 +44,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from curvops.model_io import OutputFn, select_output
 from spectral.errors import argument_error
 
 __all__ = [
@@ -113,12 +114,15 @@ def functional_forward(
     names: Sequence[str],
     tensors: Sequence[torch.Tensor],
     inputs: Any,
+    output_fn: OutputFn | None = None,
 ) -> torch.Tensor:
     """Evaluate ``model(inputs)`` with parameters ``names`` replaced by ``tensors``.
 
     Parameters not listed enter detached (constants).  ``inputs`` is a tensor, a
-    tuple/list of positional inputs or a mapping of keyword inputs.  Call it inside
-    :func:`curvature_mode`.
+    tuple/list of positional inputs or a mapping of keyword inputs.  The output
+    tensor is chosen by :func:`curvops.model_io.select_output` (``logits`` of a
+    dict or ``ModelOutput``, the first item of a tuple, or ``output_fn``).  Call it
+    inside :func:`curvature_mode`.
 
     >>> lin = torch.nn.Linear(2, 1, bias=False)
     >>> w = torch.ones(1, 2)
@@ -136,11 +140,7 @@ def functional_forward(
         out = functional_call(model, values, tuple(inputs))
     else:
         out = functional_call(model, values, (inputs,))
-    if not isinstance(out, torch.Tensor):
-        raise argument_error(
-            "model", "a module whose forward returns one tensor", type(out), kind=TypeError
-        )
-    return out
+    return select_output(out, output_fn)
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from curvops._model_state import check_bn_mode, curvature_mode, functional_forwa
 from curvops.data import Batch, Data, _first_tensor, as_data, move_to
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.losses import LossFn, check_loss
+from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
@@ -71,6 +72,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         never trigger DDP's hooks).
     psd:
         Structure flag passed to the base class.
+    output_fn:
+        Which tensor of the model's output the loss takes (see
+        :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
+        dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
+        callable ``output -> tensor``.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         progress: bool = False,
         process_group: Any = None,
         psd: bool = False,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
@@ -91,6 +98,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         resolve_group(process_group)  # validates the argument early
         self._model = model
         self._loss_fn = check_loss(loss_fn)
+        self._output_fn = check_output_fn(output_fn)
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         self._params = select_params(model, params)
@@ -192,10 +200,10 @@ class ModelCurvatureOperator(CurvatureOperator):
         return inputs, targets
 
     def _forward_fn(self, inputs: Any) -> Any:
-        model, names = self._model, self._names
+        model, names, output_fn = self._model, self._names, self._output_fn
 
         def forward(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return functional_forward(model, names, tensors, inputs)
+            return functional_forward(model, names, tensors, inputs, output_fn)
 
         return forward
 
