@@ -280,7 +280,10 @@ class ModelCurvatureOperator(CurvatureOperator):
         versions += [b._version for b in self._model.buffers()]
         flags = [m.training for m in self._model.modules()]
         tensors = [t for t in (batch.inputs, batch.targets) if isinstance(t, torch.Tensor)]
+        kind = self.device.type  # a graph recorded under torch.autocast is not reused outside
+        autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         return (
+            autocast,
             tuple(versions),
             tuple(flags),
             tuple(p.data_ptr() for p in self._model.parameters()),
