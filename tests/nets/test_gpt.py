@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -149,3 +150,73 @@ def test_curvature_of_a_small_gpt_matches_dense_float64(mode):
             assert op.shape == (n, n)  # the tied head counts once
             want = dense(net, loss, data) @ v
             torch.testing.assert_close(op @ v, want, rtol=1e-10, atol=1e-12)
+
+
+def test_gpt_tiny_on_text_through_train_spectrum_stats_landscape_and_plots(tmp_path):
+    """The workflow and the CLI on a language model: next-token loss and perplexity."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from nets.cli import main
+    from nets.training import train_network
+    from spectral.io import load_npz
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    try:
+        result = train_network(
+            run,
+            dataset="text",
+            model="gpt-tiny",
+            model_kwargs={"n_layer": 1, "d_model": 32},
+            dataset_kwargs={"max_sequences": 60},
+            optimizer="Adam",
+            optimizer_kwargs={"lr": 3e-3},
+            epochs=2,
+            batch_size=16,
+            save_freq=2,
+            device="cpu",
+            progress=False,
+        )
+        first, last = result.stats[0], result.stats[-1]
+        assert first["train_acc"] is None  # no class accuracy for a language model
+        for entry in result.stats:  # perplexity = exp(mean next-token loss)
+            assert entry["test_ppl"] == pytest.approx(math.exp(entry["test_loss"]), rel=1e-12)
+        assert last["train_loss"] < first["train_loss"] < math.log(256) + 0.3
+        logged = json.loads((run / "stats.json").read_text())
+        assert "train_ppl" in json.dumps(logged)
+        ckpt = run / "checkpoint-00002.pt"
+        with sdpa_kernel([SDPBackend.MATH]):  # until the attention backend context lands
+            rc = main(
+                ["spectrum", "--checkpoint", str(ckpt), "--iters", "4", "--subsample", "8",
+                 "--batch-size", "4", "--save-eigvec", "--no-progress"]
+            )  # fmt: skip
+            assert rc == 0
+            spectrum = run / "spectra" / "spectrum-00002-hessian-lanczos.npz"
+            assert load_npz(spectrum)["w"].shape == (4,)
+            stats = run / "loss-stats.npz"
+            rc = main(
+                ["stats", str(ckpt), "--subsample", "8", "--batch-size", "4",
+                 "--out", str(stats), "--no-progress"]
+            )  # fmt: skip
+            assert rc == 0 and "loss_mean" in load_npz(stats)
+            land = run / "landscape.npz"
+            rc = main(
+                ["landscape", "--checkpoint", str(ckpt), "--spectrum", str(spectrum),
+                 "--n-points", "3", "--num-directions", "1", "--subsample", "8",
+                 "--out", str(land), "--no-progress"]
+            )  # fmt: skip
+            assert rc == 0
+        losses = load_npz(land)["train_loss"]
+        assert losses.shape == (1, 3) and np.isfinite(losses).all()
+        # the middle point is the checkpoint: its loss is the training loss of those samples
+        assert losses[0, 1] < losses[0, 0] or losses[0, 1] < losses[0, 2]
+        for what, path in (("spectrum", spectrum), ("landscape", land), ("training", run)):
+            out = tmp_path / f"{what}.png"
+            assert main(["plot", what, str(path), "--out", str(out)]) == 0
+            assert out.stat().st_size > 0
+    finally:
+        torch.set_num_threads(threads)
+        plt.close("all")
