@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     result["versions"] = library_versions()
     print(table(result))
     if args.out:
-        with atomic_write(args.out) as handle:
+        with atomic_write(args.out, "w") as handle:
             handle.write(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -220,3 +220,13 @@ def test_gpt_tiny_on_text_through_train_spectrum_stats_landscape_and_plots(tmp_p
     finally:
         torch.set_num_threads(threads)
         plt.close("all")
+
+
+def test_demo_takes_gpt_tiny_and_refuses_other_models(tmp_path):
+    from nets.demo import DemoSettings, run_demo
+
+    settings = DemoSettings.language_model()
+    assert (settings.model, settings.dataset, settings.optimizer) == ("gpt-tiny", "text", "Adam")
+    assert not settings.diagonal and settings.subsample == 64
+    with pytest.raises(ValueError, match=r"Argument 'model'.*'SmallCNN' or 'gpt-tiny'"):
+        run_demo(tmp_path, model="VGG16", progress=False)
