@@ -206,6 +206,9 @@ def transformer_blocks(
         The transformer.
     heads:
         Split query, key and value into this many heads (``None``: one block each).
+        With grouped-query attention (Llama's ``num_key_value_heads`` below
+        ``num_attention_heads``) key and value have fewer heads: build their blocks
+        with :func:`head_slices` and pass the mapping to :func:`per_block` yourself.
     params:
         Parameter selection (see :func:`curvops.params.select_params`).
 
