@@ -258,6 +258,7 @@ def validate(
     *,
     params: Any = None,
     bn_mode: str | None = None,
+    output_fn: Any = None,
 ) -> Validation:
     """Run the construction-time checks of the module docstring; return what they learnt.
 
@@ -286,7 +287,7 @@ def validate(
     _check_inputs_finite(inputs, first.index)
     with torch.no_grad(), curvature_mode(model, bn_mode):
         outputs = functional_forward(
-            model, [n for n, _ in named], [p.detach() for _, p in named], inputs
+            model, [n for n, _ in named], [p.detach() for _, p in named], inputs, output_fn
         )
         classes = _class_targets_spec(loss_fn, outputs)
         check_targets(loss_fn, targets, first.index, classes)
