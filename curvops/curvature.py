@@ -491,7 +491,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         # One batch on one process: no weighting, so the product is exactly A_b V.
         unweighted = self._data.is_single_batch and group is None
         with curvature_mode(self._model, self._bn_mode):
-            params_ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._params])
+            params_ok = torch.stack([torch.isfinite(p).all() for p in self.current_params()])
             for batch in self._batches():
                 if check_stream:
                     validation.check_streamed(batch.inputs, batch.targets, batch.index)
@@ -515,11 +515,8 @@ class ModelCurvatureOperator(CurvatureOperator):
                     acc, weight = flat, 1.0
                 elif acc is None:
                     acc, weight = flat * w, w
-                elif isinstance(w, torch.Tensor):
+                else:  # flat * w then add, for a float or a device w alike: the same bits
                     acc.add_(flat * w)
-                    weight = weight + w
-                else:
-                    acc.add_(flat, alpha=w)
                     weight = weight + w
         if check_stream:
             validation.streamed_checked = True
@@ -540,7 +537,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if isinstance(weight, torch.Tensor):
             weight = values[2]
         if params_bad:
-            bad_names = [n for (n, _), ok in zip(self._params, params_ok.tolist()) if not ok]
+            bad_names = [n for n, ok in zip(self._names, params_ok.tolist()) if not ok]
             raise NumericalError(
                 f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
                 f"the curvature of a model with NaN/Inf weights is not defined."
