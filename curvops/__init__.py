@@ -20,7 +20,7 @@ from curvops.algebra import (
     Scaled,
     Sum,
 )
-from curvops.blocks import per_layer
+from curvops.blocks import per_block, per_layer, transformer_blocks
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import shard_batches
@@ -59,8 +59,10 @@ __all__: list[str] = [
     "inverse",
     "lean_double_backward",
     "loss_stats",
+    "per_block",
     "per_layer",
     "shard_batches",
     "stats",
     "testing",
+    "transformer_blocks",
 ]

@@ -54,19 +54,27 @@ SUPPORTED_DTYPES: dict[np.dtype[Any], torch.dtype] = {
     np.dtype(np.float64): torch.float64,
 }
 _TORCH_TO_NUMPY = {v: k for k, v in SUPPORTED_DTYPES.items()}
+# numpy has no bfloat16: a bfloat16 operator computes in bfloat16 and shows numpy
+# (and cupy) callers float32, a lossless widening of every bfloat16 value.
+_TORCH_TO_NUMPY[torch.bfloat16] = np.dtype(np.float32)
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     """Return the numpy dtype of a supported torch floating dtype.
 
-    >>> numpy_dtype(torch.float32)
-    dtype('float32')
+    ``torch.bfloat16`` (which numpy lacks) maps to float32, its lossless widening.
+
+    >>> numpy_dtype(torch.float32), numpy_dtype(torch.bfloat16)
+    (dtype('float32'), dtype('float32'))
     """
     try:
         return _TORCH_TO_NUMPY[dtype]
     except KeyError:
         raise argument_error(
-            "dtype", "one of torch.float16, torch.float32, torch.float64", dtype, kind=TypeError
+            "dtype",
+            "one of torch.float16, torch.bfloat16, torch.float32, torch.float64",
+            dtype,
+            kind=TypeError,
         ) from None
 
 
@@ -180,7 +188,7 @@ def to_torch(
     arr = np.ascontiguousarray(arr, dtype=numpy_dtype(dtype))
     if not arr.flags.writeable:
         arr = arr.copy()
-    return torch.from_numpy(arr).to(device), kind
+    return torch.from_numpy(arr).to(device=device, dtype=dtype), kind
 
 
 def from_torch(y: torch.Tensor, kind: ArrayKind, like: Any = None) -> Any:
@@ -191,6 +199,8 @@ def from_torch(y: torch.Tensor, kind: ArrayKind, like: Any = None) -> Any:
     y = y.detach()
     if kind == "torch":
         return y
+    if y.dtype == torch.bfloat16:  # numpy and cupy have no bfloat16: widen losslessly
+        y = y.to(torch.float32)
     if kind == "cupy":
         import cupy  # only reached when the caller passed a cupy array
 

@@ -55,6 +55,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from curvops.determinism import DropoutOffMode, product_context
+from curvops.model_io import OutputFn, select_output
 from spectral.errors import argument_error
 
 __all__ = [
@@ -205,6 +206,7 @@ def functional_forward(
     names: Sequence[str],
     tensors: Sequence[torch.Tensor],
     inputs: Any,
+    output_fn: OutputFn | None = None,
 ) -> torch.Tensor:
     """Evaluate ``model(inputs)`` with parameters ``names`` replaced by ``tensors``.
 
@@ -212,9 +214,11 @@ def functional_forward(
     (writes of the forward are discarded).  The forward runs under
     :class:`curvops.determinism.DropoutOffMode` (no dropout of any kind).
     Afterwards every parameter and buffer of the model is the same object as
-    before, under every name.  ``inputs`` is a
-    tensor, a tuple/list of positional inputs or a mapping of keyword inputs.  Call
-    it inside :func:`curvature_mode`.
+    before, under every name.  ``inputs`` is a tensor, a tuple/list of positional
+    inputs or a mapping of keyword inputs.  The output tensor is chosen by
+    :func:`curvops.model_io.select_output` (``logits`` of a dict or ``ModelOutput``,
+    the first item of a tuple, or ``output_fn``).  Call it inside
+    :func:`curvature_mode`.
 
     >>> lin = torch.nn.Linear(2, 1, bias=False)
     >>> w = torch.ones(1, 2)
@@ -228,11 +232,7 @@ def functional_forward(
             out = model(*inputs)
         else:
             out = model(inputs)
-    if not isinstance(out, torch.Tensor):
-        raise argument_error(
-            "model", "a module whose forward returns one tensor", type(out), kind=TypeError
-        )
-    return out
+    return select_output(out, output_fn)
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from curvops._model_state import check_bn_mode, curvature_mode, functional_forwa
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
+from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
@@ -110,6 +111,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         never trigger DDP's hooks).
     psd:
         Structure flag passed to the base class.
+    output_fn:
+        Which tensor of the model's output the loss takes (see
+        :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
+        dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
+        callable ``output -> tensor``.
     """
 
     def __init__(
@@ -123,6 +129,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         progress: bool = False,
         process_group: Any = None,
         psd: bool = False,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
@@ -130,10 +137,13 @@ class ModelCurvatureOperator(CurvatureOperator):
         resolve_group(process_group)  # validates the argument early
         self._model = model
         self._loss_fn = check_loss(loss_fn)
+        self._output_fn = check_output_fn(output_fn)
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         selected = select_params(model, params)
-        self._validation = validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+        self._validation = validate(
+            model, loss_fn, self._data, params=params, bn_mode=bn_mode, output_fn=output_fn
+        )
         # The selection as built; products look the parameters up by name
         # (_live_params), so a reassigned Parameter is followed.
         self._params = selected
@@ -285,10 +295,10 @@ class ModelCurvatureOperator(CurvatureOperator):
         return inputs, targets
 
     def _forward_fn(self, inputs: Any) -> Any:
-        model, names = self._model, self._names
+        model, names, output_fn = self._model, self._names, self._output_fn
 
         def forward(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return functional_forward(model, names, tensors, inputs)
+            return functional_forward(model, names, tensors, inputs, output_fn)
 
         return forward
 
@@ -371,8 +381,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         else:
             token = self._product_token
         tensors = [t for t in (batch.inputs, batch.targets) if isinstance(t, torch.Tensor)]
+        kind = self.device.type  # a graph recorded under torch.autocast is not reused outside
+        autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         return (
             token,
+            autocast,
             tuple((t.data_ptr(), t._version) for t in tensors),
         )
 
@@ -478,7 +491,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         # One batch on one process: no weighting, so the product is exactly A_b V.
         unweighted = self._data.is_single_batch and group is None
         with curvature_mode(self._model, self._bn_mode):
-            params_ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._params])
+            params_ok = torch.stack([torch.isfinite(p).all() for p in self.current_params()])
             for batch in self._batches():
                 if check_stream:
                     validation.check_streamed(batch.inputs, batch.targets, batch.index)
@@ -502,11 +515,8 @@ class ModelCurvatureOperator(CurvatureOperator):
                     acc, weight = flat, 1.0
                 elif acc is None:
                     acc, weight = flat * w, w
-                elif isinstance(w, torch.Tensor):
+                else:  # flat * w then add, for a float or a device w alike: the same bits
                     acc.add_(flat * w)
-                    weight = weight + w
-                else:
-                    acc.add_(flat, alpha=w)
                     weight = weight + w
         if check_stream:
             validation.streamed_checked = True
@@ -527,7 +537,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if isinstance(weight, torch.Tensor):
             weight = values[2]
         if params_bad:
-            bad_names = [n for (n, _), ok in zip(self._params, params_ok.tolist()) if not ok]
+            bad_names = [n for n, ok in zip(self._names, params_ok.tolist()) if not ok]
             raise NumericalError(
                 f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
                 f"the curvature of a model with NaN/Inf weights is not defined."

@@ -239,6 +239,28 @@ class Data:
                     _signature(b),
                 )
 
+    def first_batch(self) -> Batch:
+        """The first batch of a pass, without counting a pass.
+
+        A loader is read on the replayed streams of every pass (so the batch is the
+        one the products will see, and the caller's random streams are untouched);
+        its iterator is closed at once (worker processes shut down).
+        """
+        if self._batches is not None:
+            return self._batches[0]
+        self._streams.new_pass()
+        with self._streams.active():
+            iterator = iter(self._source)
+            try:
+                raw = next(iterator)
+            except StopIteration:
+                raise argument_error("data", "a non-empty DataLoader", self._source) from None
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        return _check_batch(raw, 0)
+
     def __iter__(self) -> Iterator[Batch]:
         if self._batches is not None:
             yield from self._batches

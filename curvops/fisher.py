@@ -62,6 +62,7 @@ from curvops.losses import (
     per_sample_nll_grads,
     sample_targets,
 )
+from curvops.model_io import OutputFn
 from spectral.errors import argument_error
 
 __all__ = ["FisherOperator", "fisher_output_factor", "position_output_factor", "position_rows"]
@@ -125,7 +126,7 @@ class FisherOperator(ModelCurvatureOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, bn_mode, progress, process_group:
+    model, loss_fn, data, params, bn_mode, progress, process_group, output_fn:
         See :class:`curvops.curvature.ModelCurvatureOperator`.
     kind:
         ``"mc"`` (targets sampled from the model; needs CrossEntropyLoss, MSELoss or
@@ -176,6 +177,7 @@ class FisherOperator(ModelCurvatureOperator):
         cache: bool | None = None,
         lean_kernels: bool = True,
         per: str = "sample",
+        output_fn: OutputFn | None = None,
     ) -> None:
         if kind not in ("mc", "empirical"):
             raise argument_error("kind", "'mc' or 'empirical'", kind)
@@ -203,6 +205,7 @@ class FisherOperator(ModelCurvatureOperator):
             progress=progress,
             process_group=process_group,
             psd=True,
+            output_fn=output_fn,
         )
         self.kind = kind
         self.mc_samples = mc_samples

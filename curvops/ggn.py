@@ -35,6 +35,7 @@ from torch import nn
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
 from curvops.losses import LossFn, loss_family, output_hessian_matmat
+from curvops.model_io import OutputFn
 from curvops.products import (
     JacobianSandwichLinearization,
     OutputCurvature,
@@ -58,7 +59,7 @@ class GGNOperator(ModelCurvatureOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, bn_mode, progress, process_group:
+    model, loss_fn, data, params, bn_mode, progress, process_group, output_fn:
         See :class:`curvops.curvature.ModelCurvatureOperator`.
     cache:
         Keep each batch's forward graph and :math:`J^\\top u` graph between products
@@ -112,6 +113,7 @@ class GGNOperator(ModelCurvatureOperator):
         process_group: Any = None,
         cache: bool | None = None,
         lean_kernels: bool = True,
+        output_fn: OutputFn | None = None,
         linearize: bool = False,
     ) -> None:
         super().__init__(
@@ -123,6 +125,7 @@ class GGNOperator(ModelCurvatureOperator):
             progress=progress,
             process_group=process_group,
             psd=_convex(loss_fn),
+            output_fn=output_fn,
         )
         self._linearize = bool(linearize) and self.data.is_single_batch
         self._configure_cache(cache, lean_kernels)

@@ -33,6 +33,7 @@ from torch import nn
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
 from curvops.losses import LossFn
+from curvops.model_io import OutputFn
 from curvops.products import HessianLinearization, hessian_linearization
 
 __all__ = ["HessianOperator"]
@@ -43,7 +44,7 @@ class HessianOperator(ModelCurvatureOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, bn_mode, progress, process_group:
+    model, loss_fn, data, params, bn_mode, progress, process_group, output_fn:
         See :class:`curvops.curvature.ModelCurvatureOperator`.
     cache:
         Keep each batch's gradient graph between products, so that a product costs
@@ -94,6 +95,7 @@ class HessianOperator(ModelCurvatureOperator):
         process_group: Any = None,
         cache: bool | None = None,
         lean_kernels: bool = True,
+        output_fn: OutputFn | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -104,6 +106,7 @@ class HessianOperator(ModelCurvatureOperator):
             progress=progress,
             process_group=process_group,
             psd=False,
+            output_fn=output_fn,
         )
         self._configure_cache(cache, lean_kernels)
 

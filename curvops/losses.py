@@ -229,7 +229,17 @@ class SequenceCrossEntropy(nn.Module):
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss of ``logits`` ``[..., V]`` against ``targets`` ``[...]``."""
+        """The loss of ``logits`` ``[..., V]`` against ``targets`` ``[...]``.
+
+        Raises
+        ------
+        ValueError
+            If ``logits`` is not ``(..., V)`` with ``targets`` of shape ``logits.shape[:-1]``.
+        """
+        if logits.dim() < 2 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise argument_error(
+                "targets", f"token ids of shape {tuple(logits.shape[:-1])}", targets
+            )
         return nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             targets.reshape(-1),

@@ -2,13 +2,17 @@
 
 The curvature matrix of a model with parameter tensors :math:`w_1, \\dots, w_p` acts
 on the flat vector :math:`w = (\\mathrm{vec}\\,w_1, \\dots, \\mathrm{vec}\\,w_p)` in the
-model's ``named_parameters()`` order (shared parameters once).
+model's ``named_parameters()`` order.  A parameter shared by several modules (a
+tied embedding and output layer) is one tensor and is counted once, under its
+first name; its other names select it too.
 
 ``params`` may be
 
 * ``None``: every parameter with ``requires_grad=True``;
-* a sequence mixing parameter names (``str``), sub-modules (all their parameters)
-  and ``Parameter`` objects of the model;
+* a sequence mixing parameter names (``str``), name patterns (``str`` with ``*``,
+  ``?`` or ``[...]``, matched with :func:`fnmatch.fnmatchcase` against every name,
+  e.g. ``"transformer.h.*.attn.*"``; ``*`` also matches dots), sub-modules (all
+  their parameters) and ``Parameter`` objects of the model;
 * a predicate ``f(name, parameter) -> bool`` over ``named_parameters()``.
 
 Explicit selections may include frozen parameters (``requires_grad=False``): the
@@ -18,12 +22,15 @@ products never use or change the flag.  Anything not in the model is refused.
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
 >>> [n for n, _ in select_params(net, [net[2]])]
 ['2.weight', '2.bias']
+>>> [n for n, _ in select_params(net, "*.bias")]
+['0.bias', '2.bias']
 >>> [[n for n, _ in g] for g in group_by_layer(select_params(net))]
 [['0.weight', '0.bias'], ['2.weight', '2.bias']]
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,11 +72,21 @@ def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Pa
         return select_params(model, [params])
     elif isinstance(params, Sequence) or isinstance(params, (set, frozenset)):
         ids: set[int] = set()
-        by_name = dict(named)
+        by_name = dict(model.named_parameters(remove_duplicate=False))  # aliases too
         module_ids = {id(m) for m in model.modules()}
         param_ids = {id(p) for _, p in named}
         for item in params:
-            if isinstance(item, str):
+            if isinstance(item, str) and item not in by_name and _is_pattern(item):
+                matches = [id(p) for n, p in by_name.items() if fnmatch.fnmatchcase(n, item)]
+                if not matches:
+                    raise argument_error(
+                        "params",
+                        f"a pattern matching parameter names of the model (e.g. "
+                        f"{list(by_name)[:4]})",
+                        item,
+                    )
+                ids.update(matches)
+            elif isinstance(item, str):
                 if item not in by_name:
                     raise argument_error(
                         "params",
@@ -110,6 +127,10 @@ def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Pa
     if not chosen[0][1].dtype.is_floating_point:
         raise argument_error("params", "floating-point parameters", chosen[0][1].dtype)
     return chosen
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
 
 
 def group_by_layer(

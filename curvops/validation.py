@@ -34,14 +34,11 @@ ValueError: Argument 'data (batch 0)': expected class targets in [0, 3) ...
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -204,47 +201,6 @@ class Validation:
         _check_normaliser_known(self.loss_fn, targets, index)
 
 
-@contextlib.contextmanager
-def _rng_untouched(source: Any) -> Iterator[None]:
-    """Restore every random stream reading a batch may draw from: Python's, numpy's and
-    torch's global generators and the loader's (and its sampler's) own generator, so
-    that fetching the first batch here changes neither the user's streams nor the batches
-    the products will see."""
-    generators = [
-        g
-        for g in (
-            getattr(source, "generator", None),
-            getattr(getattr(source, "sampler", None), "generator", None),
-        )
-        if isinstance(g, torch.Generator)
-    ]
-    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (saved, never drawn from)
-    g_states = [g.get_state() for g in generators]
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)  # noqa: NPY002
-        for g, state in zip(generators, g_states):
-            g.set_state(state)
-
-
-def _first_batch(stream: Any) -> Any:
-    """The first checked batch of ``stream`` (a DataLoader is read with every RNG restored)."""
-    if stream.is_in_memory:
-        return next(iter(stream))
-    with _rng_untouched(getattr(stream, "_source", None)):
-        iterator = iter(stream)
-        try:
-            return next(iterator)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()  # shut the loader's workers down now
-
-
 def _check_inputs_finite(inputs: Any, index: int) -> None:
     first = first_tensor(inputs)
     if first is not None and first.is_floating_point() and not bool(torch.isfinite(first).all()):
@@ -258,6 +214,7 @@ def validate(
     *,
     params: Any = None,
     bn_mode: str | None = None,
+    output_fn: Any = None,
 ) -> Validation:
     """Run the construction-time checks of the module docstring; return what they learnt.
 
@@ -279,14 +236,14 @@ def validate(
     named = select_params(model, params)
     check_params_finite(named)
     stream = as_data(data)
-    first = _first_batch(stream)
+    first = stream.first_batch()
     device, dtype = named[0][1].device, named[0][1].dtype
     inputs = move_to(first.inputs, device, dtype)
     targets = move_to(first.targets, device, dtype)
     _check_inputs_finite(inputs, first.index)
     with torch.no_grad(), curvature_mode(model, bn_mode):
         outputs = functional_forward(
-            model, [n for n, _ in named], [p.detach() for _, p in named], inputs
+            model, [n for n, _ in named], [p.detach() for _, p in named], inputs, output_fn
         )
         classes = _class_targets_spec(loss_fn, outputs)
         check_targets(loss_fn, targets, first.index, classes)

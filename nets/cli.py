@@ -464,6 +464,7 @@ def _cmd_demo(args: argparse.Namespace) -> list[str]:
         seed=args.seed,
         device=args.device,
         progress=args.progress,
+        model=args.model,
     )
     tables = [format_table(rows, title=title) for title, rows in summary.sections]
     tables.append(f"Results are in '{summary.out_dir}' ({summary.total_time:.0f} s).")
@@ -691,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lanczos-iters", type=int, default=None, help="Lanczos iterations (default 50)"
     )
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    p.add_argument("--model", default="SmallCNN", help="SmallCNN (digits) or gpt-tiny (text, Adam)")
     p.add_argument(
         "--exact-diagonal",
         action="store_true",

@@ -22,6 +22,12 @@ writes everything under ``out_dir``:
 ``landscape.png``, ``-plane.png``       loss curves; contours over the plane
 ======================================  ==============================================
 
+With ``model="gpt-tiny"`` the same pipeline runs on a language model: the
+436k-parameter :class:`nets.models.GPT` trained with Adam on the embedded byte-level
+``text`` dataset (next-token cross-entropy, perplexity reported), spectra and
+landscape on a fixed subsample of the training sequences, and no diagonal stage (the
+Monte-Carlo GGN diagonal needs a recognised classification loss).
+
 It returns a :class:`DemoSummary` (``curvature demo`` prints it); nothing is
 printed here. A progress bar over the stages goes to stderr and can be switched off.
 """
@@ -69,11 +75,40 @@ class DemoSettings:
     landscape_dist: float = 1.0
     plane: bool = True
     seed: int = 0
+    model: str = "SmallCNN"
+    dataset: str = "digits"
+    optimizer: str = "SGD"
+    subsample: int | None = None  # samples used by the spectra and the landscape
+    diagonal: bool = True
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """Two epochs, eight Lanczos steps, five landscape points, no plane."""
         return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False)
+
+    @classmethod
+    def language_model(cls, quick: bool = False) -> DemoSettings:
+        """gpt-tiny on ``text``: one Adam epoch, curvature on 64 training sequences."""
+        return cls(
+            epochs=1,
+            lanczos_iters=4 if quick else 12,
+            batch_size=32,
+            lr=3e-3,
+            weight_decay=0.0,
+            landscape_points=3 if quick else 9,
+            plane=False,
+            model="gpt-tiny",
+            dataset="text",
+            optimizer="Adam",
+            subsample=16 if quick else 64,
+            diagonal=False,
+        )
+
+    @property
+    def title(self) -> str:
+        """``"<model> on <dataset>, <optimizer>"`` for figures and the summary."""
+        model = "SmallCNN (BatchNorm)" if self.model == "SmallCNN" else self.model
+        return f"{model} on {self.dataset}, {self.optimizer}"
 
 
 @dataclass
@@ -146,6 +181,7 @@ def run_demo(
     device: str | torch.device = "auto",
     progress: bool = True,
     num_threads: int | None = 1,
+    model: str = "SmallCNN",
 ) -> DemoSummary:
     """Train, compute spectra and the diagonal, build the landscape, and draw every figure.
 
@@ -172,6 +208,9 @@ def run_demo(
         Torch intra-op threads on the CPU while the demo runs (restored afterwards). The
         model is tiny, so one thread is fastest: synchronising threads costs more than it
         saves, badly so on a shared machine. ``None`` keeps torch's setting.
+    model:
+        ``"SmallCNN"`` (digits) or ``"gpt-tiny"`` (the byte-level ``text`` dataset,
+        :meth:`DemoSettings.language_model`).
 
     Returns
     -------
@@ -181,9 +220,18 @@ def run_demo(
     Raises
     ------
     ValueError
-        For non-positive ``epochs``, ``lanczos_iters`` or ``num_threads``.
+        For non-positive ``epochs``, ``lanczos_iters`` or ``num_threads``, or a
+        ``model`` other than ``"SmallCNN"`` and ``"gpt-tiny"``.
     """
-    settings = DemoSettings.quick() if quick else DemoSettings()
+    from nets.models import canonical_model_name
+
+    name = canonical_model_name(model)
+    if name == "gpt-tiny":
+        settings = DemoSettings.language_model(quick)
+    elif name == "SmallCNN":
+        settings = DemoSettings.quick() if quick else DemoSettings()
+    else:
+        raise argument_error("model", "'SmallCNN' or 'gpt-tiny'", model)
     settings = replace(
         settings,
         epochs=settings.epochs if epochs is None else epochs,
@@ -216,8 +264,8 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
     summary = DemoSummary(out_dir=out)
     tag = f"{settings.epochs:05d}"
     common: dict[str, Any] = {
-        "dataset": "digits",
-        "model": "SmallCNN",
+        "dataset": settings.dataset,
+        "model": settings.model,
         "seed": settings.seed,
         "device": dev,
         "progress": False,
@@ -227,12 +275,13 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
     landscapes: list[Path] = []
     with tqdm(total=6, disable=not progress, unit="stage") as bar:
         with _stage(summary, "training", bar):
+            sgd = settings.optimizer == "SGD"
             train_network(
                 dir=str(out),
-                optimizer="SGD",
+                optimizer=settings.optimizer,
                 optimizer_kwargs={
                     "lr": settings.lr,
-                    "momentum": settings.momentum,
+                    **({"momentum": settings.momentum} if sgd else {}),
                     "weight_decay": settings.weight_decay,
                 },
                 epochs=settings.epochs,
@@ -247,6 +296,8 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
             with _stage(summary, f"{curvature} spectrum", bar):
                 target = out / "spectra" / f"spectrum-{tag}-{curvature}-lanczos.npz"
                 compute_eigenspectrum(
+                    subsample=settings.subsample,
+                    batch_size=16 if settings.subsample else 256,
                     checkpoint_path=str(checkpoint),
                     save_spectrum_path=str(target),
                     save_eigvec=curvature == "hessian",
@@ -259,27 +310,29 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
                 summary.files.append(target)
 
         with _stage(summary, "GGN diagonal", bar):
-            model, _ = model_from_checkpoint(checkpoint, dev)
-            loader = make_loader(load_dataset("digits").train_eval, 256, shuffle=False)
-            loss = torch.nn.CrossEntropyLoss()
-            label = "MC" if settings.mc_samples == 1 else f"MC x{settings.mc_samples}"
-            diagonals[label] = _host(
-                ggn_diagonal(model, loss, loader, method="mc", mc_samples=settings.mc_samples,
-                             seed=settings.seed, bn_mode="train")
-            )  # fmt: skip
-            arrays = {"diagonal": diagonals[label], "mc_samples": np.int64(settings.mc_samples)}
-            if settings.exact_diagonal:
-                diagonals["exact"] = _host(
-                    ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
-                )
-                arrays["diagonal_exact"] = diagonals["exact"]
-            diagonal_path = out / "spectra" / f"ggn-diagonal-{tag}.npz"
-            save_npz(diagonal_path, **arrays)
-            summary.files.append(diagonal_path)
+            if settings.diagonal:  # the language model has no Monte-Carlo diagonal stage
+                model, _ = model_from_checkpoint(checkpoint, dev)
+                loader = make_loader(load_dataset("digits").train_eval, 256, shuffle=False)
+                loss = torch.nn.CrossEntropyLoss()
+                label = "MC" if settings.mc_samples == 1 else f"MC x{settings.mc_samples}"
+                diagonals[label] = _host(
+                    ggn_diagonal(model, loss, loader, method="mc", mc_samples=settings.mc_samples,
+                                 seed=settings.seed, bn_mode="train")
+                )  # fmt: skip
+                arrays = {"diagonal": diagonals[label], "mc_samples": np.int64(settings.mc_samples)}
+                if settings.exact_diagonal:
+                    diagonals["exact"] = _host(
+                        ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
+                    )
+                    arrays["diagonal_exact"] = diagonals["exact"]
+                diagonal_path = out / "spectra" / f"ggn-diagonal-{tag}.npz"
+                save_npz(diagonal_path, **arrays)
+                summary.files.append(diagonal_path)
 
         with _stage(summary, "loss landscape", bar):
             landscape = {
                 **common,
+                "subsample": settings.subsample,
                 "dist": settings.landscape_dist,
                 "spectrum_path": str(spectra["hessian"]),
                 "checkpoint_path": str(checkpoint),
@@ -341,24 +394,24 @@ def _figures(
     )
 
     figures: dict[str, Callable[[Path], Any]] = {
-        "training.png": lambda p: plot_training(
-            out, save_path=p, title="SmallCNN (BatchNorm) on digits, SGD"
-        ),
+        "training.png": lambda p: plot_training(out, save_path=p, title=settings.title),
         "spectrum-hessian.png": lambda p: plot_spectrum(
             "lanczos", path=spectra["hessian"], log_weights=True, save_path=p
         ),
         "spectrum-ggn.png": lambda p: plot_spectrum(
             "lanczos", path=spectra["ggn"], log_weights=True, save_path=p
         ),
-        "lanczos-vs-diagonal.png": lambda p: plot_spectrum_comparison(
+        "landscape.png": lambda p: plot_loss_landscape(landscapes[0], metric="both", save_path=p),
+    }
+    if diagonals:
+        figures["lanczos-vs-diagonal.png"] = lambda p: plot_spectrum_comparison(
             spectra["hessian"],
             spectra["ggn"],
             diagonals,
             save_path=p,
-            title=f"Lanczos (m = {settings.lanczos_iters}) vs diagonal GGN, SmallCNN on digits",
-        ),
-        "landscape.png": lambda p: plot_loss_landscape(landscapes[0], metric="both", save_path=p),
-    }
+            title=f"Lanczos (m = {settings.lanczos_iters}) vs diagonal GGN, "
+            f"{settings.model} on {settings.dataset}",
+        )
     if len(landscapes) > 1:
         figures["landscape-plane.png"] = lambda p: plot_loss_landscape(
             landscapes[1], curves=False, save_path=p
@@ -381,7 +434,7 @@ def _summarise(
     last = stats["epochs"][-1]
     tested = [e for e in stats["epochs"] if e.get("test_loss") is not None]
     rows: list[Row] = [
-        ("model / data", "SmallCNN (BatchNorm) / digits"),
+        ("model / data", settings.title.rsplit(",", 1)[0].replace(" on ", " / ")),
         ("device", str(device)),
         ("epochs", _fmt(settings.epochs)),
         ("train loss / accuracy (%)", f"{_fmt(last['train_loss'])} / {_fmt(last['train_acc'])}"),
@@ -391,6 +444,9 @@ def _summarise(
         rows.append(
             ("test loss / accuracy (%)", f"{_fmt(best['test_loss'])} / {_fmt(best['test_acc'])}")
         )
+    if last.get("train_ppl") is not None:  # a language model
+        test_ppl = tested[-1].get("test_ppl") if tested else None
+        rows.append(("perplexity train / test", f"{_fmt(last['train_ppl'])} / {_fmt(test_ppl)}"))
     summary.add("Training", rows)
 
     hess = spectrum_summary(spectra["hessian"])

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -77,6 +78,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from curvops.losses import sequence_cross_entropy
 from nets.checkpoint import (
     checkpoint_name,
     json_safe,
@@ -484,6 +486,8 @@ def train_network(
     curvature_step = bool(getattr(opt, "curvature_step", False))
     requires_closure = bool(getattr(opt, "requires_closure", isinstance(opt, torch.optim.LBFGS)))
 
+    if loss_fn is None and data.task == "language_modeling":
+        loss_fn = sequence_cross_entropy()  # over (B, T, V) logits; perplexity reported
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
     if swa:
@@ -667,6 +671,8 @@ def train_network(
                                 swa_test_acc=ev["acc"],
                                 swa_test_top5=ev["top5"],
                             )
+                if data.task == "language_modeling":  # perplexity exp(mean token loss)
+                    entry.update(_perplexities(entry))
                 entry["peak_memory_mb"] = _peak_memory_mb(run_device)
                 entry = {"epoch": done, **entry}
                 result.stats.append(entry)
@@ -689,6 +695,12 @@ def train_network(
         finally:
             bar.close()
     return result
+
+
+def _perplexities(entry: dict[str, Any]) -> dict[str, float | None]:
+    """``train_ppl``/``test_ppl`` = :math:`e^{L}` of the mean next-token losses (None if absent)."""
+    losses = {split: entry.get(f"{split}_loss") for split in ("train", "test")}
+    return {f"{k}_ppl": None if v is None else math.exp(v) for k, v in losses.items()}
 
 
 class _inputs_only:

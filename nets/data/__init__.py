@@ -13,6 +13,9 @@ name           input shape     classes  notes
 ``CIFAR100``   (3, 32, 32)     100      crop(pad 4) + flip augmentation
 ``synthetic``  (dim,)          k        ``kind="gaussian_mixture"`` or
                                         ``"teacher_student"`` (regression)
+``text``       (64,) int64     256      byte tokens, next-token targets
+                                        ``(64,)``; no download (see
+                                        :mod:`nets.data.text`)
 =============  ==============  =======  ==================================
 
 Vector data of dimension ``d`` is described by ``in_channels=d, input_size=1``
@@ -40,6 +43,7 @@ from nets.data.base import ArrayDataset
 from nets.data.cifar import load_cifar_arrays
 from nets.data.digits import load_digits_tensors
 from nets.data.synthetic import gaussian_mixture, teacher_student
+from nets.data.text import VOCAB_SIZE, load_text_splits
 from nets.models._common import check_positive_int
 from spectral.errors import argument_error
 
@@ -59,6 +63,7 @@ _NAMES = {
     "synthetic": "synthetic",
     "gaussianmixture": "synthetic",
     "teacherstudent": "synthetic",
+    "text": "text",
 }
 
 
@@ -84,7 +89,8 @@ class DatasetSplits:
     in_channels, input_size:
         What :func:`nets.models.get_model` takes.
     task:
-        ``"classification"`` or ``"regression"``.
+        ``"classification"``, ``"regression"`` or ``"language_modeling"`` (token ids in,
+        ``(B, T, V)`` logits out, next-token targets).
     classes:
         Class names when known.
     options:
@@ -108,7 +114,7 @@ def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`.
 
     >>> available_datasets()
-    ['CIFAR10', 'CIFAR100', 'digits', 'synthetic']
+    ['CIFAR10', 'CIFAR100', 'digits', 'synthetic', 'text']
     """
     return sorted(set(_NAMES.values()))
 
@@ -189,6 +195,14 @@ def _synthetic(name: str, seed: int, kind: str | None = None, **kw: Any) -> Data
     )
 
 
+def _text(**kw: Any) -> DatasetSplits:
+    train, test = load_text_splits(**kw)
+    t = train.seq_len
+    return DatasetSplits(
+        "text", train, train, test, VOCAB_SIZE, (t,), 1, t, task="language_modeling"
+    )
+
+
 def load_dataset(
     name: str,
     data_path: str | os.PathLike[str] | None = None,
@@ -203,7 +217,8 @@ def load_dataset(
     Parameters
     ----------
     name:
-        ``"digits"``, ``"CIFAR10"``, ``"CIFAR100"`` or ``"synthetic"`` (case-insensitive).
+        ``"digits"``, ``"CIFAR10"``, ``"CIFAR100"``, ``"synthetic"`` or ``"text"``
+        (case-insensitive).
     data_path:
         Folder holding the CIFAR archives (default ``./data``); unused otherwise.
     augment:
@@ -215,7 +230,8 @@ def load_dataset(
     **kwargs:
         ``digits``: ``data_seed``, ``test_fraction``.  ``synthetic``: ``kind``
         plus the arguments of :func:`nets.data.synthetic.gaussian_mixture` or
-        :func:`~nets.data.synthetic.teacher_student`.
+        :func:`~nets.data.synthetic.teacher_student`.  ``text``: ``seq_len``,
+        ``test_every``, ``max_sequences`` (:func:`nets.data.text.load_text_splits`).
 
     Raises
     ------
@@ -232,6 +248,8 @@ def load_dataset(
         if kwargs:
             raise argument_error("kwargs", f"no extra options for {canonical}", kwargs)
         splits = _cifar(canonical, data_path, seed, augment, download)
+    elif canonical == "text":
+        splits = _text(**kwargs)
     else:
         splits = _synthetic(name, seed, **kwargs)
     splits.options = {**splits.options, **kwargs, "augment": augment, "seed": seed}

@@ -16,6 +16,10 @@ WideResNet28x10               yes                   yes
 VGG11/13/16/19 [BN]           no (needs 32x32)      yes
 ============================  ====================  ====================
 
+``gpt-tiny`` (:class:`~nets.models.gpt.GPT`) is a language model on token ids ``(B, T)``:
+``num_classes`` is its vocabulary size and ``input_size`` its context length (the
+``text`` dataset gives 256 and 64).
+
 Names are case-insensitive and ignore ``-`` and ``_`` (``"vgg16_bn"`` is ``VGG16BN``).
 
 >>> net = get_model("SmallCNN", num_classes=10, in_channels=1, input_size=8)
@@ -33,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from nets.models.gpt import GPT, gpt_tiny
 from nets.models.lenet import LeNet5
 from nets.models.mlp import MLP
 from nets.models.preresnet import PreResNet
@@ -42,6 +47,7 @@ from nets.models.wideresnet import WideResNet, WideResNet28_10
 from spectral.errors import argument_error
 
 __all__ = [
+    "GPT",
     "MLP",
     "MODELS",
     "VGG",
@@ -63,6 +69,7 @@ MODELS: dict[str, ModelBuilder] = {
     "LeNet5": LeNet5,
     "SmallCNN": SmallCNN,
     "WideResNet28x10": WideResNet28_10,
+    "gpt-tiny": gpt_tiny,
 }
 for _depth in (11, 13, 16, 19):
     MODELS[f"VGG{_depth}"] = functools.partial(VGG, _depth)

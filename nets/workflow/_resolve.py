@@ -324,6 +324,7 @@ class ResolvedData:
     num_classes: int | None = None
     in_channels: int | None = None
     input_size: int | None = None
+    task: str = "classification"
 
 
 def _is_data(obj: object) -> bool:
@@ -349,6 +350,7 @@ def resolve_data(dataset: Any, data_path: PathLike | None = None, *, seed: int =
             num_classes=getattr(dataset, "num_classes", None),
             in_channels=getattr(dataset, "in_channels", None),
             input_size=getattr(dataset, "input_size", None),
+            task=getattr(dataset, "task", "classification"),
         )
     if _is_data(dataset):
         return ResolvedData(name=None, train=dataset, test=None)
@@ -418,8 +420,16 @@ def make_eval_loader(
     return make_loader(subsample_dataset(data, subsample, seed), batch_size, shuffle=False)
 
 
-def default_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    """``loss_fn`` or ``nn.CrossEntropyLoss()``; refuses ``reduction='none'``/``'sum'``."""
+def default_loss(
+    loss_fn: Callable[..., torch.Tensor] | None, task: str = "classification"
+) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` or the task's loss: ``nn.CrossEntropyLoss()``, or next-token
+    cross-entropy over ``(B, T, V)`` logits for ``task="language_modeling"``
+    (:func:`curvops.losses.sequence_cross_entropy`); refuses ``reduction='none'``/``'sum'``."""
+    if loss_fn is None and task == "language_modeling":
+        from curvops.losses import sequence_cross_entropy
+
+        return sequence_cross_entropy()
     if loss_fn is None:
         return nn.CrossEntropyLoss()
     if not callable(loss_fn):

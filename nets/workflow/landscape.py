@@ -450,6 +450,7 @@ def build_loss_landscape(
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
+        loss = default_loss(loss_fn, data.task)  # the task's loss (language models)
         resolved = resolve_model(model, checkpoint_path, data, device=device, seed=seed)
         work = resolved.model
         space, chosen = _collect_directions(

@@ -229,6 +229,7 @@ def compute_loss_stats(
         logger.info("resuming loss statistics after %d of %d checkpoints", done, len(paths))
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
+        loss = default_loss(loss_fn, data.task)  # the task's loss (language models)
         train_all = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
         train = shard_loader(train_all, group, raw=True)
         test = (

@@ -599,6 +599,7 @@ def compute_eigenspectrum(
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
+        loss = default_loss(loss_fn, data.task)  # the task's loss (language models)
         resolved = resolve_model(
             model, checkpoint_path, data, device=device, seed=seed, copy_module=False
         )

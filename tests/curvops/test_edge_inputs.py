@@ -122,7 +122,8 @@ def test_targets_with_extra_dimensions() -> None:
     assert relative_error(G.matmat(X2), dense_ggn(reg, nn.MSELoss(), (x2, y2)) @ X2) <= 1e-10
 
 
-def test_model_returning_a_tuple_is_refused_clearly() -> None:
+def test_model_returning_a_tuple_uses_its_first_item_and_odd_outputs_are_refused() -> None:
+    # issue 15 item 3: a tuple output gives its first item (was refused before)
     class Pair(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -132,10 +133,24 @@ def test_model_returning_a_tuple_is_refused_clearly() -> None:
             return self.lin(x), x
 
     model = Pair().double()
-    with pytest.raises(TypeError, match="returns one tensor"):  # at construction (one forward)
-        HessianOperator(
-            model, nn.CrossEntropyLoss(), (make_inputs("mlp", 3), make_targets("ce", 3))
-        )
+    data = (make_inputs("mlp", 3), make_targets("ce", 3))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    ref = dense_hessian(model, nn.CrossEntropyLoss(), data)
+    X = np.eye(H.shape[0])[:, :3]
+    assert relative_error(H.matmat(X), ref.numpy() @ X) <= 1e-10
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, int]:
+            return {"count": 3}
+
+    odd = Odd().double()
+    # refused at construction (the one checking forward selects the output too)
+    with pytest.raises(TypeError, match=r"model output.*output_fn.*keys \['count'\]"):
+        HessianOperator(odd, nn.CrossEntropyLoss(), data)
 
 
 def test_loader_yielding_dicts_is_refused_clearly() -> None:

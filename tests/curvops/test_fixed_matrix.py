@@ -161,7 +161,8 @@ class Passes:
 
 @pytest.mark.parametrize(
     ("counts", "message"),
-    [([2, 3], "pass 2 yields more than the 2 batches"), ([3, 2], "pass 2 yields 2 batches")],
+    # the first entry: the construction-time check reads the first batch of a pass
+    [([2, 2, 3], "pass 2 yields more than the 2 batches"), ([3, 3, 2], "pass 2 yields 2 batches")],
 )
 def test_loader_with_another_batch_count_refused(counts: list[int], message: str) -> None:
     op = HessianOperator(_model(), nn.CrossEntropyLoss(), Passes(counts))

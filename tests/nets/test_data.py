@@ -15,7 +15,7 @@ def digits():
 
 
 def test_digits_shapes_split_and_normalisation(digits):
-    assert available_datasets() == ["CIFAR10", "CIFAR100", "digits", "synthetic"]
+    assert available_datasets() == ["CIFAR10", "CIFAR100", "digits", "synthetic", "text"]
     assert (digits.num_classes, digits.input_shape, digits.in_channels, digits.input_size) == (
         10,
         (1, 8, 8),

@@ -1,0 +1,229 @@
+"""Hugging Face models as clients (issue 15 item 9): tiny random GPT-2, BERT and Llama.
+
+Configs are built locally (no download), a few hundred to a thousand parameters in
+float64.  Hessian, GGN and Fisher products are checked against the dense float64
+references of :mod:`curvops.testing` in train and eval mode, with an
+``attention_mask`` that pads some sequences; padded tokens change nothing.
+Dropout probabilities are 0 here (train mode then differs from eval only in the
+module flags); the dropout-off contract is tested with the determinism module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from curvops import FisherOperator, GGNOperator, HessianOperator, transformer_blocks
+from curvops.losses import sequence_cross_entropy
+from curvops.testing import dense_fisher, dense_ggn, dense_hessian
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, T, WIDTH = 7, 5, 4
+RTOL = 1e-10  # float64 products against float64 dense references
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """HF initialises from torch's global RNG: fork it so the test leaves it as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def gpt2(attn: str) -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=6,
+        n_embd=WIDTH,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+        attn_implementation=attn,
+    )
+    with _seeded(0):
+        return transformers.GPT2LMHeadModel(config).double()
+
+
+def llama(attn: str) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=6,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,  # grouped-query attention
+        max_position_embeddings=6,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+        attn_implementation=attn,
+    )
+    with _seeded(1):
+        model = transformers.LlamaForCausalLM(config).double()
+    with torch.no_grad():  # RMSNorm weights start at 1: perturb them so they matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape))
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module.forward = types.MethodType(_rms_norm_in_own_dtype, module)
+    return model
+
+
+def _rms_norm_in_own_dtype(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm without its cast to float32 (HF rounds the input to float32 whatever
+    the model's dtype, which would make a float64 Llama only float32-accurate and no
+    test of the curvature's exactness); the same formula otherwise."""
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def bert(attn: str) -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=6,
+        max_position_embeddings=6,
+        type_vocab_size=1,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation=attn,
+    )
+    with _seeded(2):
+        return transformers.BertForSequenceClassification(config).double()
+
+
+#: Next-token cross-entropy, mean over the tokens that are not ignored (-100).
+token_loss = sequence_cross_entropy()
+
+
+def lm_batch(pad_left: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Two sequences; sequence 0 has 2 padded positions (left or right), sequence 1 none
+    of its own but its last 2 targets ignored, so both count 3 tokens."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (2, T), generator=g)
+    mask = torch.ones(2, T, dtype=torch.long)
+    pad = slice(0, 2) if pad_left else slice(T - 2, T)
+    mask[0, pad] = 0
+    targets = torch.randint(0, VOCAB, (2, T), generator=g)
+    targets[0, pad] = -100
+    targets[1, T - 2 :] = -100
+    return {"input_ids": ids, "attention_mask": mask}, targets
+
+
+def cls_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, VOCAB, (3, T), generator=g)
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, torch.tensor([0, 2, 1])
+
+
+def with_other_padding(batch: tuple[dict[str, torch.Tensor], torch.Tensor]) -> Any:
+    """The same batch with different token ids where the mask is 0."""
+    inputs, targets = batch
+    ids = inputs["input_ids"].clone()
+    ids[inputs["attention_mask"] == 0] = (ids[inputs["attention_mask"] == 0] + 3) % VOCAB
+    return {**inputs, "input_ids": ids}, targets
+
+
+CASES: dict[str, tuple[Callable[[str], nn.Module], Callable[..., Any], Any]] = {
+    "gpt2": (gpt2, lambda: lm_batch(pad_left=True), token_loss),
+    "llama": (llama, lambda: lm_batch(pad_left=False), token_loss),
+    "bert": (bert, cls_batch, nn.CrossEntropyLoss()),
+}
+
+
+def reference_tolerance(ref: np.ndarray) -> float:
+    """Absolute tolerance per unit of ``|x|_1`` against a dense float64 reference."""
+    return 1e-12 * float(np.abs(ref).max())
+
+
+# both modes and both attention implementations, without running all four combinations;
+# Llama's eager attention takes its softmax in float32 (HF), so Llama runs SDPA in both
+SETTINGS = [("train", "sdpa"), ("eval", "eager")]
+
+
+@pytest.mark.parametrize(("mode", "attn"), SETTINGS, ids=["-".join(s) for s in SETTINGS])
+@pytest.mark.parametrize("name", list(CASES))
+def test_hessian_and_ggn_match_dense_float64_with_padding(name, mode, attn):
+    build, make_batch, loss = CASES[name]
+    attn = "sdpa" if name == "llama" else attn
+    model = build(attn).train(mode == "train")
+    batch = make_batch()
+    n = sum(p.numel() for p in model.parameters())
+    assert 150 < n < 5000
+    X = np.random.default_rng(0).standard_normal((n, 2))
+    for cls, dense in ((HessianOperator, dense_hessian), (GGNOperator, dense_ggn)):
+        op = cls(model, loss, batch)
+        assert op.shape == (n, n)  # GPT-2's tied head counted once
+        ref = dense(model, loss, batch).numpy()
+        got = op.matmat(X)
+        tol = reference_tolerance(ref) * np.abs(X).sum(0).max()
+        np.testing.assert_allclose(got, ref @ X, rtol=RTOL, atol=tol)
+        # padded tokens change nothing
+        other = cls(model, loss, with_other_padding(batch)).matmat(X)
+        np.testing.assert_allclose(other, got, rtol=1e-12, atol=1e-13 * np.abs(got).max())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fisher_matches_dense_float64_with_padding(name, mode):
+    build, make_batch, loss = CASES[name]
+    attn = "sdpa" if name == "llama" else "eager"
+    model = build(attn).train(mode == "train")
+    batch = make_batch()
+    kinds = ["empirical", "mc"] if name == "bert" else ["empirical"]  # mc: a recognised loss
+    n = sum(p.numel() for p in model.parameters())
+    X = np.random.default_rng(1).standard_normal((n, 2))
+    for kind in kinds:
+        op = FisherOperator(model, loss, batch, kind=kind, seed=3)
+        ref = dense_fisher(model, loss, batch, kind=kind, seed=3).numpy()
+        tol = reference_tolerance(ref) * np.abs(X).sum(0).max()
+        np.testing.assert_allclose(op.matmat(X), ref @ X, rtol=RTOL, atol=tol)
+
+
+def test_truncating_a_right_padded_sequence_gives_the_same_curvature():
+    # a causal LM on [x1 x2 x3 pad pad] with the pads ignored is the LM on [x1 x2 x3]
+    model = gpt2("eager").eval()
+    inputs, targets = lm_batch(pad_left=False)
+    padded = ({k: v[:1] for k, v in inputs.items()}, targets[:1])
+    short = ({k: v[:1, :3] for k, v in inputs.items()}, targets[:1, :3])
+    n = sum(p.numel() for p in model.parameters())
+    X = np.random.default_rng(2).standard_normal((n, 2))
+    for cls in (HessianOperator, GGNOperator):
+        a, b = cls(model, token_loss, padded).matmat(X), cls(model, token_loss, short).matmat(X)
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13 * np.abs(b).max())
+
+
+def test_transformer_blocks_know_the_hf_layouts():
+    labels = list(transformer_blocks(gpt2("eager"), heads=2))
+    assert "transformer.h.0.attn.c_attn (k, head 1)" in labels
+    assert "transformer.h.0.attn.c_proj (attn out)" in labels
+    assert "transformer.h.0.mlp (mlp)" in labels
+    assert "lm_head" not in " ".join(labels)  # tied to transformer.wte
+    labels = list(transformer_blocks(bert("eager")))
+    assert "bert.encoder.layer.0.attention.self.query (q)" in labels
+    assert "bert.encoder.layer.0.attention.output.dense (attn out)" in labels
+    assert "bert.encoder.layer.0.attention.output.LayerNorm (norm)" in labels
+    labels = list(transformer_blocks(llama("eager")))
+    assert "model.layers.0.mlp (mlp)" in labels
+    assert "model.layers.0.input_layernorm (norm)" in labels
+    assert "model.embed_tokens (embedding)" in labels and "lm_head" in labels
