@@ -248,6 +248,16 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     >>> sorted(s)  # doctest: +NORMALIZE_WHITESPACE
     ['attributes', 'buffer_objects', 'buffers', 'grads', 'param_objects', 'params',
      'requires_grad', 'track_running_stats', 'training']
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+
+    Returns
+    -------
+    dict
+        The captured state (cloned tensors, identities, flags).
     """
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -298,6 +308,18 @@ def state_differences(before: Mapping[str, Any], model: nn.Module) -> list[str]:
     >>> s = model_state(lin)
     >>> state_differences(s, lin)
     []
+
+    Parameters
+    ----------
+    before : Mapping
+        A :func:`model_state` taken earlier.
+    model : torch.nn.Module
+        The model now.
+
+    Returns
+    -------
+    list of str
+        One line per difference (empty when nothing changed).
     """
     after = model_state(model)
     diffs = []

@@ -86,10 +86,28 @@ def per_layer(
     kwargs:
         Passed to every block (``bn_mode``, ``kind``, ``seed``, ...).
 
+    Returns
+    -------
+    BlockDiagonal
+        One operator per layer; ``.blocks[l]`` is layer ``l``'s.
+
     Raises
     ------
     TypeError
         If ``operator_cls`` is not a model curvature operator class.
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> from curvops import GGNOperator
+    >>> B = per_layer(GGNOperator, net, loss, (x, y))
+    >>> [b.shape[0] for b in B.blocks], B.shape
+    ([16, 10], (26, 26))
     """
     if not (isinstance(operator_cls, type) and issubclass(operator_cls, ModelCurvatureOperator)):
         raise argument_error(
@@ -211,6 +229,11 @@ def transformer_blocks(
         with :func:`head_slices` and pass the mapping to :func:`per_block` yourself.
     params:
         Parameter selection (see :func:`curvops.params.select_params`).
+
+    Returns
+    -------
+    dict
+        ``label -> list of ParamSlice``, in the model's order.
 
     Raises
     ------
@@ -400,12 +423,28 @@ def per_block(
     kwargs:
         Passed to every block's operator (``bn_mode``, ``output_fn``, ``seed``, ...).
 
+    Returns
+    -------
+    BlockDiagonal
+        One operator per block, in the order of ``blocks``; ``.blocks[i]`` is block ``i``'s.
+
     Raises
     ------
     TypeError
         A bad ``operator_cls`` or ``blocks``.
     ValueError
         An empty ``blocks``, unknown parameter names or out-of-range slices.
+
+    Examples
+    --------
+    >>> layer = torch.nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0).double()
+    >>> x = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> from curvops import GGNOperator
+    >>> from curvops.losses import declare_loss
+    >>> loss = declare_loss(lambda f, y: (f - y).square().mean())
+    >>> B = per_block(GGNOperator, layer, loss, (x, torch.zeros_like(x)), heads=2)
+    >>> len(B.blocks), B.shape[0] == sum(p.numel() for p in layer.parameters())
+    (11, True)
     """
     if not (isinstance(operator_cls, type) and issubclass(operator_cls, ModelCurvatureOperator)):
         raise argument_error(

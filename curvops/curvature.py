@@ -116,6 +116,19 @@ class ModelCurvatureOperator(CurvatureOperator):
         :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
         dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
         callable ``output -> tensor``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> from curvops import GGNOperator
+    >>> G = GGNOperator(net, loss, (x, y), params=["2.weight", "2.bias"])  # a block
+    >>> isinstance(G, ModelCurvatureOperator), G.num_params, G.param_names
+    (True, 10, ['2.weight', '2.bias'])
     """
 
     def __init__(

@@ -159,6 +159,21 @@ class FisherOperator(ModelCurvatureOperator):
         Bad arguments (see the base class), unknown ``kind``, ``mc_samples < 1``.
     spectral.errors.NumericalError
         A product with NaN/Inf (names the batch).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> F = FisherOperator(net, loss, (x, y), kind="mc", mc_samples=4, seed=0)
+    >>> F.psd, F.shape
+    (True, (26, 26))
+    >>> v = torch.ones(26, dtype=torch.float64)
+    >>> bool(torch.equal(F @ v, F @ v))   # one fixed matrix: the sampled targets are seeded
+    True
     """
 
     def __init__(

@@ -99,6 +99,20 @@ class GGNOperator(ModelCurvatureOperator):
         Bad data, parameters, ``bn_mode`` or a loss without mean reduction.
     spectral.errors.NumericalError
         A product with NaN/Inf (names the batch).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> G = GGNOperator(net, loss, (x, y))
+    >>> from curvops.testing import dense_ggn
+    >>> v = torch.randn(G.shape[0], dtype=torch.float64)
+    >>> bool(torch.allclose(G @ v, dense_ggn(net, loss, (x, y)) @ v))
+    True
     """
 
     def __init__(

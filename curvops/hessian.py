@@ -81,6 +81,22 @@ class HessianOperator(ModelCurvatureOperator):
         Bad data, parameters, ``bn_mode`` or a loss without mean reduction.
     spectral.errors.NumericalError
         A product with NaN/Inf (names the batch).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> H = HessianOperator(net, loss, [(x[:5], y[:5]), (x[5:], y[5:])])  # two batches
+    >>> from curvops.testing import dense_hessian
+    >>> v = torch.randn(H.shape[0], dtype=torch.float64)
+    >>> bool(torch.allclose(H @ v, dense_hessian(net, loss, (x, y)) @ v))  # weighted by size
+    True
+    >>> type(H @ v.numpy()).__name__   # numpy in, numpy out
+    'ndarray'
     """
 
     def __init__(

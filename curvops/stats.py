@@ -318,6 +318,14 @@ def loss_stats(
         Bad arguments (a zero ``z``, unknown ``curvature``, ...).
     spectral.errors.NumericalError
         Non-finite loss, gradient or product (names the minibatch).
+
+    Examples
+    --------
+    >>> net = torch.nn.Linear(2, 1).double()
+    >>> data = (torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+    >>> s = loss_stats(net, torch.nn.MSELoss(), data, batch_size=4, num_probes=2)
+    >>> s.num_batches, s.num_samples, s.curvature
+    (2, 8, 'hessian')
     """
     if curvature not in ("hessian", "ggn"):
         raise argument_error("curvature", "'hessian' or 'ggn'", curvature)

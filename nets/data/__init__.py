@@ -95,6 +95,12 @@ class DatasetSplits:
         Class names when known.
     options:
         The loading options (JSON-safe), recorded in checkpoints.
+
+    Examples
+    --------
+    >>> splits = load_dataset("digits")
+    >>> splits.name, splits.num_classes, splits.input_shape, len(splits.train) + len(splits.test)
+    ('digits', 10, (1, 8, 8), 1797)
     """
 
     name: str
@@ -115,6 +121,11 @@ def available_datasets() -> list[str]:
 
     >>> available_datasets()
     ['CIFAR10', 'CIFAR100', 'digits', 'synthetic', 'text']
+
+    Returns
+    -------
+    list of str
+        The names.
     """
     return sorted(set(_NAMES.values()))
 
@@ -233,6 +244,11 @@ def load_dataset(
         :func:`~nets.data.synthetic.teacher_student`.  ``text``: ``seq_len``,
         ``test_every``, ``max_sequences`` (:func:`nets.data.text.load_text_splits`).
 
+    Returns
+    -------
+    DatasetSplits
+        The splits and what a model needs to know about them.
+
     Raises
     ------
     ValueError
@@ -240,6 +256,12 @@ def load_dataset(
     FileNotFoundError
         If CIFAR files are missing (the message says where it looked and how to
         get them).
+
+    Examples
+    --------
+    >>> splits = load_dataset("digits")
+    >>> splits.num_classes, splits.in_channels, splits.input_size
+    (10, 1, 8)
     """
     canonical = canonical_dataset_name(name)
     if canonical == "digits":
@@ -269,6 +291,32 @@ def make_loader(
 
     The loader's generator (``loader.generator``) advances once per epoch; its
     state is what a training checkpoint stores to resume the same order.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        The samples.
+    batch_size : int
+        Samples per batch.
+    shuffle : bool
+        Shuffle every epoch (``False`` for curvature: one fixed order).
+    seed : int
+        Seed of the shuffling generator.
+    drop_last : bool
+        Drop a last incomplete batch.
+    num_workers : int
+        Loader worker processes.
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        The loader.
+
+    Examples
+    --------
+    >>> loader = make_loader(load_dataset("digits").train_eval, 512, shuffle=False)
+    >>> [len(t) for _, t in loader]
+    [512, 512, 414]
     """
     check_positive_int("batch_size", batch_size)
     check_positive_int("num_workers", num_workers, minimum=0)

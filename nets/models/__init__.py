@@ -91,6 +91,11 @@ def available_models() -> list[str]:
 
     >>> "VGG16" in available_models()
     True
+
+    Returns
+    -------
+    list of str
+        The names accepted by :func:`get_model`.
     """
     return sorted(MODELS, key=str.lower)
 
@@ -141,10 +146,22 @@ def get_model(
     The arguments are recorded on the model (see :func:`model_spec`) so that a
     checkpoint can rebuild it.
 
+    Returns
+    -------
+    torch.nn.Module
+        The model, initialised from ``seed``.
+
     Raises
     ------
     ValueError
         For an unknown name or an input size the architecture cannot take.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = get_model("vgg16_bn", num_classes=100, seed=0)  # case and '-'/'_' are ignored
+    >>> type(net).__name__, net.eval()(torch.zeros(1, 3, 32, 32)).shape
+    ('VGG', torch.Size([1, 100]))
     """
     canonical = canonical_model_name(name)
     model = MODELS[canonical](num_classes, in_channels, input_size, seed=seed, **kwargs)
@@ -166,6 +183,17 @@ def model_spec(model: nn.Module) -> dict[str, Any] | None:
     >>> import torch
     >>> model_spec(torch.nn.Linear(2, 2)) is None
     True
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model.
+
+    Returns
+    -------
+    dict or None
+        ``name``, ``num_classes``, ``in_channels``, ``input_size``, ``seed`` and the extra
+        keyword arguments, or ``None``.
     """
     spec = getattr(model, _SPEC_ATTRIBUTE, None)
     return dict(spec) if isinstance(spec, dict) else None

@@ -133,6 +133,14 @@ class GPT(nn.Module):
     ValueError
         Non-positive sizes, ``d_model`` not divisible by ``n_head`` or a dropout
         outside ``[0, 1)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = GPT(seed=0)   # gpt-tiny
+    >>> tied = net.lm_head.weight is net.transformer.wte.weight
+    >>> net(torch.zeros(2, 5, dtype=torch.long)).shape, tied
+    (torch.Size([2, 5, 256]), True)
     """
 
     def __init__(
