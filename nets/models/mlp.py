@@ -25,7 +25,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "g
 
 
 class MLP(nn.Module):
-    """Fully connected network ``F -> hidden[0] -> ... -> num_classes``.
+    """Fully connected network: ``F`` inputs, the ``hidden`` layers, ``num_classes`` outputs.
 
     The input is flattened to ``F = in_channels * input_size**2`` features, so it
     works on any input size (8x8 digits, 32x32 CIFAR).  Vector data of dimension
