@@ -231,7 +231,7 @@ def test_every_example_is_in_the_gallery_and_tested(script: Path) -> None:
 
 # The gallery's own examples (the others are run by tests/test_examples_*.py and
 # tests/nets/test_example_*.py): each runs end to end with --quick and writes its figure.
-GALLERY_ONLY = ("certified_density.py", "tracking_curvature.py")
+GALLERY_ONLY = ("certified_density.py", "tracking_curvature.py", "transformer_blocks.py")
 
 
 @pytest.mark.parametrize("name", GALLERY_ONLY)
