@@ -300,8 +300,8 @@ def _generator_state(loader: DataLoader[Any] | None) -> torch.Tensor | None:
 def metric_definitions(augmentation: str | None) -> dict[str, str]:
     """What each loss/accuracy key of ``stats.json`` measures, in words (its ``definitions``).
 
-    >>> metric_definitions(None)["train_loss"]  # doctest: +ELLIPSIS
-    "running mean over the epoch's minibatches, model in train mode ... no augmentation"
+    >>> print(metric_definitions(None)["train_loss"])  # doctest: +ELLIPSIS
+    running mean over the epoch's minibatches, model in train mode ... no augmentation
     """
     augmented = f"inputs {augmentation}" if augmentation else "no augmentation"
     train = (

@@ -163,6 +163,7 @@ def plot_spectrum_comparison(
         elif spectra:
             stem_ax.set_ylim(bottom=0.0, top=1.05)
         stem_ax.set_ylabel("weight (stems, sum to 1)")
+        stem_ax.set_xlabel("")  # the panels share the eigenvalue axis, labelled below
         hist_colors = (PALETTE[2], PALETTE[4], PALETTE[3], PALETTE[5])
         for i, (label, values) in enumerate(diagonals.items()):
             hist_ax.hist(

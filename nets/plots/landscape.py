@@ -287,7 +287,7 @@ def plot_loss_landscape(
             fig.legend(
                 handles,
                 legend_labels,
-                loc="outside upper center",
+                loc="outside lower center",
                 ncols=min(len(handles), 3),
             )
 

@@ -23,6 +23,7 @@ reports
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, cast
 
@@ -39,9 +40,10 @@ from nets.plots._figure import (
     new_subplots,
     save_figure,
 )
-from nets.plots._sources import Spectrum, as_diagonal, as_spectrum
+from nets.plots._sources import Spectrum, as_diagonal, as_spectrum, resolve_file
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
+from spectral.io import load_npz
 from spectral.plot import plot_ritz_stem
 
 __all__ = [
@@ -252,8 +254,23 @@ def _plot_diag(source: Any, ax: Axes, *, log_weights: bool, color: str) -> None:
         ax.set_yscale("log")
     ax.set_xlabel(r"diagonal entry")
     ax.set_ylabel("density (histogram area = 1)")
-    ax.set_title("Histogram of the curvature diagonal")
+    ax.set_title(_diag_title(source))
     ax.legend(loc="upper right")
+
+
+def _diag_title(source: Any) -> str:
+    """``'Histogram of the GGN diagonal (MC)'`` plus the model and checkpoint a file records."""
+    config: dict[str, Any] = {}
+    if isinstance(source, str | os.PathLike):
+        arrays = load_npz(resolve_file(source, name="path"))
+        if "config_json" in arrays:
+            loaded = json.loads(str(arrays["config_json"]))
+            config = loaded if isinstance(loaded, dict) else {}
+    method = {"mc": "MC", "exact": "exact"}.get(str(config.get("method", "")).lower())
+    head = "Histogram of the GGN diagonal" if config else "Histogram of the curvature diagonal"
+    head += f" ({method})" if method else ""
+    where = source_label(config)
+    return head if where is None else f"{head}\n{where}"
 
 
 def plot_spectrum(

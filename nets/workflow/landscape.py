@@ -543,8 +543,8 @@ def build_loss_landscape(
 def landscape_definitions(subsample: int | float | None, refresh_bn: bool) -> dict[str, str]:
     """What the losses and accuracies of a landscape file are, in words (``config_json``).
 
-    >>> landscape_definitions(None, False)["train_loss"]  # doctest: +ELLIPSIS
-    'one full pass over the training split (no augmentation), model in eval mode ...'
+    >>> print(landscape_definitions(None, False)["train_loss"])  # doctest: +ELLIPSIS
+    one full pass over the training split (no augmentation), model in eval mode ...
     """
     statistics = (
         "BatchNorm running statistics recomputed on the training split at each perturbed point"

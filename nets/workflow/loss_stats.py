@@ -112,8 +112,8 @@ def stats_definitions(
 ) -> dict[str, str]:
     """What the losses of a statistics file are, in words (``config_json["definitions"]``).
 
-    >>> stats_definitions("train", 128, None)["loss_mean"]  # doctest: +ELLIPSIS
-    'mean of the losses of minibatches of 128 of the training split ... BatchNorm in train mode ...'
+    >>> print(stats_definitions("train", 128, None)["loss_mean"])  # doctest: +ELLIPSIS
+    mean of the losses of minibatches of 128 of the training split ... BatchNorm in train mode ...
     """
     statistics = {
         "train": "BatchNorm in train mode (each minibatch's own statistics)",

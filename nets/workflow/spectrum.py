@@ -41,7 +41,7 @@ key                   content
 With ``save_eigvec=True`` the Ritz vectors of the first probe go to the same
 stem + ``-eigvec.npz``: ``vectors`` float32[m, P] (row i is the unit Ritz
 vector of ``w[i]``), ``w`` float64[m], ``model_fingerprint``, ``param_names``
-str[k] and ``param_shapes_json`` (the coordinates of the rows).
+str[k], ``param_shapes_json`` (the coordinates of the rows) and ``config_json``.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ class SpectrumResult:
             "model_fingerprint": np.str_(self.model_fingerprint),
             "param_names": np.asarray(self.param_names, dtype=np.str_),
             "param_shapes_json": np.str_(self.param_shapes_json),
+            "config_json": np.str_(json.dumps(self.config, sort_keys=True)),
         }
 
     def save(self, path: PathLike, *, save_eigvec: bool | None = None) -> Path:

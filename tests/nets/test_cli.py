@@ -31,19 +31,43 @@ CHEAP = {
 }
 
 
-def curvature(*args: str) -> subprocess.CompletedProcess[str]:
-    """``curvature ARGS`` as a user's shell runs it (this checkout first on the path)."""
+def _env() -> dict[str, str]:
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def curvature(*args: str) -> subprocess.CompletedProcess[str]:
+    """``curvature ARGS`` as a user's shell runs it (this checkout first on the path)."""
     return subprocess.run(
         [sys.executable, "-m", "nets.cli", *args],
         capture_output=True,
         text=True,
-        timeout=300,
-        env=env,
+        timeout=600,
+        env=_env(),
         check=False,
         cwd=ROOT,
     )
+
+
+def curvature_all(commands: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
+    """Run several ``curvature`` commands at once (each its own process, as from a shell)."""
+    running = {
+        key: subprocess.Popen(
+            [sys.executable, "-m", "nets.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=ROOT,
+        )
+        for key, args in commands.items()
+    }
+    done = {}
+    for key, process in running.items():
+        out, err = process.communicate(timeout=600)
+        done[key] = (process.returncode, out, err)
+    return done
 
 
 @pytest.fixture(autouse=True)
@@ -58,12 +82,23 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny SGD run from a subprocess, shared by the tests of this module."""
-    run = tmp_path_factory.mktemp("cli") / "run"
-    done = curvature("train", "--dir", str(run), "--optimizer", "SGD", "--lr", "0.05", *TINY)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Training summary" in done.stdout and "running mean over the epoch" in done.stdout
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, str, str]]:
+    """``curvature train`` with every optimiser the help lists, one subprocess each, at once."""
+    root = tmp_path_factory.mktemp("cli")
+    commands = {
+        name: ["train", "--dir", str(root / name), "--optimizer", name, *TINY, *CHEAP.get(name, [])]
+        for name in OPTIMIZERS
+    }
+    commands["SGD"] += ["--lr", "0.05"]
+    return {name: (root / name, *result) for name, result in curvature_all(commands).items()}
+
+
+@pytest.fixture(scope="module")
+def trained(runs: dict[str, tuple[Path, int, str, str]]) -> Path:
+    """The SGD run, shared by the downstream commands (spectrum, stats, landscape, plot)."""
+    run, rc, out, err = runs["SGD"]
+    assert rc == 0, err[-3000:]
+    assert "Training summary" in out and "running mean over the epoch" in out
     return run
 
 
@@ -94,16 +129,14 @@ def test_help_lists_every_optimizer_and_real_defaults() -> None:
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_train_with_every_listed_optimizer(optimizer: str, trained: Path, tmp_path: Path) -> None:
+def test_train_with_every_listed_optimizer(
+    optimizer: str, runs: dict[str, tuple[Path, int, str, str]]
+) -> None:
     """``curvature train --optimizer X`` works for every name the help lists (one step)."""
-    if optimizer == "SGD":  # the shared fixture is this run
-        run = trained
-    else:
-        run = tmp_path / optimizer
-        done = curvature(
-            "train", "--dir", str(run), "--optimizer", optimizer, *TINY, *CHEAP.get(optimizer, [])
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+    run, rc, out, err = runs[optimizer]
+    assert rc == 0, err[-3000:]
+    assert not err.strip()  # no warnings, no traceback
+    assert "Training summary" in out and re.search(rf"optimizer\s+{optimizer}\n", out)
     stats = json.loads((run / "stats.json").read_text())
     assert stats["config"]["optimizer"] == optimizer
     assert stats["config"]["dataset_options"]["subsample"] == 64
@@ -133,18 +166,19 @@ def test_optimizer_options_not_taken_are_errors_naming_the_flag(tmp_path: Path) 
     assert optimizer_kwargs(args) == {"nesterov": True}  # SGD takes it; nothing else passed
 
 
-def test_errors_speak_in_flags(trained: Path) -> None:
+def test_errors_speak_in_flags(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = str(trained / "checkpoint-00001.pt")
-    for args, flag in (
-        (["spectrum", "--checkpoint", ckpt, "--iters", "0"], "--iters"),
-        (["spectrum", "--checkpoint", ckpt, "--curvature", "hesian"], "--curvature"),
-    ):
-        done = curvature(*args, "--no-progress")
-        assert done.returncode == 2, done.stderr
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in done.stderr
-        assert f"Option {flag}:" in lines[0]
-        assert "lanczos_iters" not in lines[0] and "curvature_matrix" not in lines[0]
+    done = curvature("spectrum", "--checkpoint", ckpt, "--iters", "0", "--no-progress")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("curvature spectrum: error: Option --iters:")
+    assert "lanczos_iters" not in lines[0]
+    args = ["spectrum", "--checkpoint", ckpt, "--curvature", "hesian", "--no-progress"]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Option --curvature:" in lines[0]
+    assert "curvature_matrix" not in lines[0]
     message = user_message(
         FileNotFoundError(
             "CIFAR10 data not found: looked for [...] in ['data']. Download x and extract it "

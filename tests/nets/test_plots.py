@@ -268,6 +268,12 @@ def test_plot_spectrum_into_given_axes_and_diag_kind(tmp_path: Path) -> None:
     save_npz(diag, diagonal=np.random.default_rng(0).exponential(size=500))
     plot_spectrum("diag", path=diag, ax=axes[1])
     assert axes[1].patches  # histogram bars
+    assert axes[1].get_yscale() == "log" and "density" in axes[1].get_ylabel()
+    assert axes[1].get_title() == "Histogram of the curvature diagonal"
+    config = {"method": "mc", "model": "SmallCNN", "checkpoint": "r/checkpoint-00002.pt"}
+    save_npz(diag, diagonal=np.ones(5), config_json=np.str_(json.dumps(config)))
+    title = plot_spectrum("diag", path=diag).axes[0].get_title()
+    assert title == "Histogram of the GGN diagonal (MC)\nSmallCNN, checkpoint-00002.pt"
     fig.savefig(tmp_path / "both.png")
     assert_drawn(tmp_path / "both.png")
 
