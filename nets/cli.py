@@ -673,6 +673,13 @@ def _cmd_demo(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature is NoReturn
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show ``(default: X)`` only for meaningful defaults not already named in the help."""
 
@@ -686,7 +693,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``curvature`` with its six subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="curvature",
         description="Curvature spectra, loss statistics and loss landscapes of neural networks "
         "(Deep Curvature Suite).",
@@ -977,6 +984,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, OSError, ImportError) as exc:
         print(f"curvature {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
+    except ArithmeticError as exc:  # NumericalError: a diverging run, a NaN in a product
+        print(f"curvature {args.command}: numerical failure: {exc}", file=sys.stderr)
+        return 1
     for table in tables:
         _emit(table)
     return 0

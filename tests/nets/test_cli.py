@@ -317,3 +317,11 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--opt expects KEY=VALUE" in capsys.readouterr().err
     assert main(["plot", "comparison", "--hessian", "x.npz"]) == 2
     assert "needs --diagonal" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: one line too
+        main(["spectrum", "--checkpoint", "c.pt", "--iters", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "curvature spectrum: error: argument --iters: invalid int value: 'many' "
+        "(see 'curvature spectrum --help')"
+    ]
