@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nets.plots._figure import PALETTE, close_figure, figure_style, new_subplots, save_figure
@@ -94,6 +95,7 @@ def plot_spectrum_comparison(
     *,
     bins: int | None = None,
     log_scale: bool = True,
+    axes: Sequence[Axes] | None = None,
     save_path: str | os.PathLike[str] | None = None,
     title: str | None = None,
 ) -> Figure:
@@ -113,6 +115,9 @@ def plot_spectrum_comparison(
     log_scale:
         Logarithmic vertical axes (default): an outlier Ritz value's weight (about 1/P)
         is far below the bulk's, and so is the histogram's density at large entries.
+    axes:
+        Two Axes to draw into, ``(stems, histogram)`` (e.g. a column of a larger figure);
+        the title then goes on the upper one. Default: a new figure with two panels.
     save_path:
         Write the figure there (PNG/PDF by suffix) atomically.
     title:
@@ -144,9 +149,15 @@ def plot_spectrum_comparison(
     if high <= low:
         low, high = low - 0.5, high + 0.5
     edges = np.linspace(low, high, nbins + 1)
+    if axes is not None and len(axes) != 2:
+        raise argument_error("axes", "two Axes (stems, histogram)", axes)
     with figure_style():
-        fig, axes = new_subplots(2, 1, (5.6, 5.4), sharex=True)
-        stem_ax, hist_ax = axes[0, 0], axes[1, 0]
+        if axes is None:
+            fig, grid = new_subplots(2, 1, (5.6, 5.4), sharex=True)
+            stem_ax, hist_ax = grid[0, 0], grid[1, 0]
+        else:
+            stem_ax, hist_ax = axes
+            fig = stem_ax.get_figure()  # type: ignore[assignment]
         for s, label, color, marker in spectra:
             stem_spectrum(
                 stem_ax,
@@ -193,7 +204,14 @@ def plot_spectrum_comparison(
             title = "Lanczos spectra vs diagonal GGN" + (f" ({runs})" if runs else "")
             if where is not None:
                 title += f"\n{where}"
-        fig.suptitle(title, fontsize=10)
+        if axes is None:
+            fig.suptitle(title, fontsize=10)
+        else:
+            stem_ax.set_title(title, fontsize=10)
+            if not stem_ax.get_shared_x_axes().joined(stem_ax, hist_ax):  # one eigenvalue range
+                limits = [*stem_ax.get_xlim(), *hist_ax.get_xlim()]
+                for panel in (stem_ax, hist_ax):
+                    panel.set_xlim(min(limits), max(limits))
     if save_path is not None:
         save_figure(fig, save_path)
     return fig

@@ -422,3 +422,11 @@ def test_plot_spectrum_comparison_figure2(tmp_path: Path) -> None:
     assert names == ["Diag-GGN MC", "Diag-GGN exact"]
     with pytest.raises(ValueError, match="bins"):
         plot_spectrum_comparison(hess, ggn, diag, bins=0)
+    # into two given Axes (a column of a larger figure): same split, same x range
+    fig, grid = plt.subplots(2, 2)
+    out = plot_spectrum_comparison(hess, ggn, diag, axes=(grid[0, 1], grid[1, 1]), title="T")
+    assert out is fig and grid[0, 1].get_title() == "T"
+    assert grid[0, 1].containers and grid[1, 1].patches and not grid[0, 1].patches
+    assert grid[0, 1].get_xlim() == grid[1, 1].get_xlim()
+    with pytest.raises(ValueError, match="axes"):
+        plot_spectrum_comparison(hess, ggn, diag, axes=(grid[0, 0],))
