@@ -325,3 +325,20 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
         "curvature spectrum: error: argument --iters: invalid int value: 'many' "
         "(see 'curvature spectrum --help')"
     ]
+
+
+def test_train_subsample_shrinks_only_the_training_split() -> None:
+    from nets.cli import _training_data
+    from nets.data import load_dataset
+
+    whole = load_dataset("digits")
+    args = build_parser().parse_args(["train", "--dir", "x", "--subsample", "64", "--seed", "3"])
+    splits = _training_data(args)
+    assert len(splits.train) == len(splits.train_eval) == 64
+    assert len(splits.test) == len(whole.test)  # the test set stays whole
+    assert splits.options["subsample"] == 64
+    x, y = splits.train.get_batch(torch.arange(64))
+    x_all, y_all = whole.train.get_batch(torch.arange(len(whole.train)))
+    rows = [int(torch.nonzero((x_all == xi).flatten(1).all(1))[0]) for xi in x]
+    assert len(set(rows)) == 64 and torch.equal(y_all[rows], y)  # real samples, same labels
+    assert _training_data(build_parser().parse_args(["train", "--dir", "x"])) == "digits"
