@@ -18,6 +18,10 @@ Without ``--checkpoint`` a small tanh MLP (``--hidden`` units) or a BatchNorm
 ``SmallCNN`` (``--widths``), seeded, on the embedded digits data is analysed.
 Backend: NCCL when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``),
 Gloo on CPUs (``--backend`` overrides).
+
+Time (``time python examples/distributed_spectrum.py``, one process, default settings,
+on 2 cores shared with other jobs at load average 8-12): 43 s of CPU time (user + sys),
+413 s wall.
 """
 
 from __future__ import annotations
