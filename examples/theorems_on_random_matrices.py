@@ -6,7 +6,9 @@ Run::
     python examples/theorems_on_random_matrices.py [output.png]
 
 It prints what each experiment shows and saves a four-panel figure (default
-``results/theorems_on_random_matrices.png``):
+``results/theorems_on_random_matrices.png``). Time (``time python
+examples/theorems_on_random_matrices.py`` on 2 cores shared with other jobs at load
+average ~8): 6 s of CPU time (user + sys), 28 s wall. The experiments:
 
 1. **Theorem 1** - Lanczos on ``-A + mu I`` from the same start vector gives
    ``alpha' = mu - alpha``, ``beta' = beta`` and Ritz values ``mu - theta`` with the same

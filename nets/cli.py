@@ -43,6 +43,9 @@ __all__ = ["build_parser", "format_table", "main"]
 
 Row = tuple[str, str]
 
+#: The optimizers ``train --help`` lists (each is tested from a subprocess).
+OPTIMIZERS = ("SGD", "Adam", "LancGN", "LancHess", "KFAC", "EKFAC", "SWATS")
+
 
 # --------------------------------------------------------------------------- output
 
@@ -82,6 +85,97 @@ def format_grid(header: Sequence[str], body: Sequence[Sequence[str]], *, title: 
     return "\n".join(lines)
 
 
+class UsageError(Exception):
+    """A user error on the command line: reported as one line on stderr, exit status 2."""
+
+
+#: Library argument names -> the flags that set them (so errors speak the user's words).
+FLAGS: dict[str, str] = {
+    "dir": "--dir",
+    "dataset": "--dataset",
+    "data_path": "--data-path",
+    "model": "--model",
+    "device": "--device",
+    "seed": "--seed",
+    "epochs": "--epochs",
+    "optimizer": "--optimizer",
+    "optimizer_kwargs": "--opt",
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "batch_size": "--batch-size",
+    "schedule": "--schedule",
+    "save_freq": "--save-freq",
+    "resume": "--resume",
+    "checkpoint_path": "--checkpoint",
+    "save_spectrum_path": "--out",
+    "save_path": "--out",
+    "save_eigvec": "--save-eigvec",
+    "lanczos_iters": "--iters",
+    "curvature_matrix": "--curvature",
+    "curvature": "--curvature",
+    "num_probes": "--probes",
+    "bn_mode": "--bn-mode",
+    "subsample": "--subsample",
+    "state_path": "--state",
+    "checkpoint_every": "--checkpoint-every",
+    "spectrum_path": "--spectrum",
+    "dist": "--dist",
+    "n_points": "--n-points",
+    "directions": "--directions",
+    "num_directions": "--num-directions",
+    "random_directions": "--random-directions",
+    "filter_normalised": "--filter-normalised",
+    "planes": "--planes",
+    "refresh_bn": "--refresh-bn",
+    "smooth": "--smooth",
+    "metric": "--metric",
+    "log_weights": "--log-weights",
+    "hessian_spectrum": "--hessian",
+    "ggn_spectrum": "--ggn",
+    "ggn_diagonal": "--diagonal",
+    "path": "the input file",
+    "kind_or_path": "the input file",
+}
+
+#: Advice in library messages that has a different form on the command line.
+_ADVICE = (
+    (
+        ", or call with download=True (needs torchvision).",
+        "; then pass that folder as --data-path (the command line does not download).",
+    ),
+)
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of ``exc`` in the command line's words: argument names become flags.
+
+    >>> user_message(ValueError("Argument 'lanczos_iters': expected an integer >= 1; received 0."))
+    'Option --iters: expected an integer >= 1; received 0.'
+    """
+    import re
+
+    text = str(exc) if str(exc) else type(exc).__name__
+
+    named: list[tuple[str, str]] = []
+
+    def flag(match: re.Match[str]) -> str:
+        name = match.group(1)
+        target = FLAGS.get(name)
+        if target is None:
+            return match.group(0)
+        named.append((name, target))
+        return f"Option {target}" if target.startswith("--") else target[0].upper() + target[1:]
+
+    text = re.sub(r"Argument '(\w+)'", flag, text)
+    for name, target in named:  # "1 <= lanczos_iters" -> "1 <= --iters"
+        if target.startswith("--"):
+            text = re.sub(rf"(?<![\w-]){name}(?![\w-])", target, text)
+    for old, new in _ADVICE:
+        text = text.replace(old, new)
+    return " ".join(text.split())
+
+
 def _emit(text: str) -> None:
     print()
     print(text)
@@ -103,7 +197,7 @@ def _key_values(items: Sequence[str] | None, option: str) -> dict[str, Any]:
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"curvature: error: {option} expects KEY=VALUE; received {item!r}")
+            raise UsageError(f"{option} expects KEY=VALUE; received {item!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
 
@@ -138,19 +232,30 @@ def _fill_from_checkpoint(args: argparse.Namespace, checkpoint: str | None) -> N
         args.dataset = "digits"
 
 
-def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
-    if data:
+def _add_common(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    """``--dataset``, ``--data-path``, ``--model`` (real defaults in the help), device, seed."""
+    if train:
+        p.add_argument(
+            "--dataset", default="digits", help="digits (embedded), CIFAR10, CIFAR100 or synthetic"
+        )
+        p.add_argument("--data-path", default=None, help="folder with the CIFAR archives")
+        p.add_argument("--model", default="SmallCNN", help="model name, e.g. SmallCNN, VGG16")
+    else:
         p.add_argument(
             "--dataset",
             default=None,
             help="digits (embedded), CIFAR10, CIFAR100 or synthetic "
-            "(default: from the checkpoint, else digits)",
+            "(default: the dataset the checkpoint was trained on, else digits)",
         )
-        p.add_argument("--data-path", default=None, help="folder with the CIFAR archives")
+        p.add_argument(
+            "--data-path",
+            default=None,
+            help="folder with the CIFAR archives (default: the checkpoint's)",
+        )
         p.add_argument(
             "--model",
             default=None,
-            help="model name, e.g. SmallCNN, VGG16 (default: from the checkpoint)",
+            help="model name, e.g. SmallCNN, VGG16 (default: the checkpoint's model)",
         )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0, ...")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -162,22 +267,86 @@ def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
 # --------------------------------------------------------------------------- subcommands
 
 
+#: Optimiser options with their own flag (the rest go through ``--opt KEY=VALUE``).
+_OPTIMIZER_FLAGS = (("lr", "--lr"), ("momentum", "--momentum"), ("weight_decay", "--weight-decay"))
+#: Options that train_network takes out of the optimiser's keywords itself.
+_TRAINING_OPTIONS = frozenset({"batch_size", "curvature_batch_size"})
+
+
+def optimizer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The optimiser's keywords from ``--lr``, ``--momentum``, ``--weight-decay`` and ``--opt``.
+
+    Only options the user gave are passed (a flag left out leaves the optimiser's own
+    default), and each must be a parameter of the optimiser's signature
+    (:func:`nets.optim.registry.optimizer_options`); otherwise a :class:`UsageError`
+    names the flag and lists what the optimiser takes.
+    """
+    from nets.optim.registry import optimizer_options
+
+    given: dict[str, tuple[str, Any]] = {}
+    for key, flag in _OPTIMIZER_FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            given[key] = (flag, value)
+    for key, value in _key_values(args.opt, "--opt").items():
+        given[key] = (f"--opt {key}=...", value)
+    try:
+        accepted = optimizer_options(args.optimizer)
+    except ValueError as exc:
+        raise UsageError(user_message(exc)) from None
+    if accepted is not None:
+        for key, (flag, _) in given.items():
+            if key not in accepted and key not in _TRAINING_OPTIONS:
+                raise UsageError(
+                    f"{flag} is not an option of the optimizer {args.optimizer} (it takes "
+                    f"{', '.join(sorted(accepted))}; set them with --opt KEY=VALUE)"
+                )
+    return {key: value for key, (_, value) in given.items()}
+
+
+def _training_data(args: argparse.Namespace) -> Any:
+    """``--dataset`` by name, or with ``--subsample`` its splits with a seeded training subset.
+
+    Only the training split shrinks (its normalisation stays that of the whole set); the
+    test split is whole. The checkpoints record the subsample in ``dataset_options``.
+    """
+    if args.subsample is None:
+        return args.dataset
+    from dataclasses import replace
+
+    from nets.data import ArrayDataset, load_dataset
+    from nets.workflow._resolve import subsample_dataset
+
+    splits = load_dataset(args.dataset, args.data_path, seed=args.seed)
+    subset = subsample_dataset(splits.train, args.subsample, args.seed)
+    if subset is splits.train:
+        return splits
+    train: Any = subset
+    if isinstance(splits.train, ArrayDataset):
+        index = torch_index(subset.indices)
+        train = splits.train.with_transform(splits.train.transform)
+        train.inputs, train.targets = train.inputs[index], train.targets[index]
+    options = {**splits.options, "subsample": args.subsample}
+    return replace(splits, train=train, train_eval=train, options=options)
+
+
+def torch_index(indices: Sequence[int]) -> Any:
+    """``indices`` as a torch index tensor (torch imported only when a command needs it)."""
+    import torch
+
+    return torch.as_tensor(list(indices), dtype=torch.long)
+
+
 def _cmd_train(args: argparse.Namespace) -> list[str]:
     from nets.training import train_network
 
-    optimizer_kwargs: dict[str, Any] = {"lr": args.lr}
-    if args.momentum is not None:
-        optimizer_kwargs["momentum"] = args.momentum
-    if args.weight_decay is not None:
-        optimizer_kwargs["weight_decay"] = args.weight_decay
-    optimizer_kwargs.update(_key_values(args.opt, "--opt"))
     kwargs: dict[str, Any] = {
         "dir": args.dir,
-        "dataset": args.dataset or "digits",
+        "dataset": _training_data(args),
         "data_path": args.data_path,
-        "model": args.model or "SmallCNN",
+        "model": args.model,
         "optimizer": args.optimizer,
-        "optimizer_kwargs": optimizer_kwargs,
+        "optimizer_kwargs": optimizer_kwargs(args),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "schedule": args.schedule,
@@ -186,7 +355,7 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         "progress": args.progress,
     }
     if args.save_freq is not None:
-        kwargs["save_freq"] = args.save_freq
+        kwargs["save_freq"] = args.save_freq if args.save_freq > 0 else None
     if args.resume is not None:
         kwargs["resume"] = args.resume
     start = time.perf_counter()
@@ -198,27 +367,38 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
 def _training_table(run_dir: Path, elapsed: float | None = None) -> str:
     stats_file = run_dir / "stats.json"
     rows: list[Row] = [("run directory", str(run_dir))]
+    notes: list[str] = []
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text(encoding="utf-8"))
         epochs = stats.get("epochs") or []
         last = epochs[-1] if epochs else {}
         tested = [e for e in epochs if e.get("test_loss") is not None]
+        config = stats.get("config") or {}
         rows += [
+            ("model / dataset", f"{config.get('model') or '-'} / {config.get('dataset') or '-'}"),
+            ("optimizer", str(config.get("optimizer") or "-")),
             ("epochs", _fmt(last.get("epoch"))),
-            ("final train loss", _fmt(last.get("train_loss"))),
-            ("final train accuracy (%)", _fmt(last.get("train_acc"))),
+            ("last epoch's train loss (1)", _fmt(last.get("train_loss"))),
+            ("last epoch's train accuracy (%) (1)", _fmt(last.get("train_acc"))),
         ]
         if tested:
             rows += [
-                ("final test loss", _fmt(tested[-1].get("test_loss"))),
-                ("final test accuracy (%)", _fmt(tested[-1].get("test_acc"))),
+                ("final test loss (2)", _fmt(tested[-1].get("test_loss"))),
+                ("final test accuracy (%) (2)", _fmt(tested[-1].get("test_acc"))),
             ]
+        definitions = stats.get("definitions") or {}
+        notes = [
+            f"({i}) {definitions[key]}"
+            for i, key in ((1, "train_loss"), (2, "test_loss"))
+            if key in definitions and (i == 1 or tested)
+        ]
     checkpoints = sorted(run_dir.glob("checkpoint-*.pt"))
     if checkpoints:
         rows.append(("checkpoints", f"{len(checkpoints)} (last: {checkpoints[-1].name})"))
     if elapsed is not None:
         rows.append(("wall time (s)", f"{elapsed:.1f}"))
-    return format_table(rows, title="Training summary")
+    table = format_table(rows, title="Training summary")
+    return "\n".join([table, *notes]) if stats_file.is_file() else table
 
 
 def spectrum_rows(path: str | Path) -> list[Row]:
@@ -226,9 +406,16 @@ def spectrum_rows(path: str | Path) -> list[Row]:
     from nets.plots.spectrum import spectrum_summary
 
     s = spectrum_summary(path)
+    config = s.get("config") or {}
+    samples = config.get("subsample")
     return [
         ("file", str(path)),
         ("curvature", _fmt(s["curvature"])),
+        (
+            "of the mean loss over",
+            "the training set" if samples is None else f"{samples} training samples (--subsample)",
+        ),
+        ("BatchNorm mode of the products", _fmt(config.get("bn_mode"))),
         ("parameters P", _fmt(s["num_params"])),
         ("Ritz values m", _fmt(s["num_ritz"])),
         ("top Ritz value", _fmt(s["top"])),
@@ -293,7 +480,7 @@ def _checkpoint_list(items: Sequence[str]) -> list[str]:
         if p.is_dir():
             found = sorted(p.glob("checkpoint-*.pt"))
             if not found:
-                raise SystemExit(f"curvature: error: no checkpoint-*.pt files in '{p}'")
+                raise UsageError(f"no checkpoint-*.pt files in '{p}'")
             paths += [str(f) for f in found]
         else:
             paths.append(str(p))
@@ -302,13 +489,15 @@ def _checkpoint_list(items: Sequence[str]) -> list[str]:
 
 _STATS_COLUMNS = (
     ("epoch", "epoch"),
-    ("loss_mean", "loss"),
+    ("loss_mean", "loss (1)"),
+    ("train_loss", "train loss (2)"),
     ("grad_mean_norm_sq", "|E g|^2"),
     ("grad_var", "Var g"),
     ("hess_mean_norm_sq", "|E H|^2"),
     ("hess_var", "Var H"),
     ("weight_norm_l2", "|w|_2"),
-    ("test_acc", "test acc"),
+    ("test_loss", "test loss (3)"),
+    ("test_acc", "test acc (3)"),
 )
 
 
@@ -334,17 +523,24 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
         kwargs["batch_size"] = args.batch_size
     if args.subsample is not None:
         kwargs["subsample"] = args.subsample
+    kwargs["bn_mode"] = args.bn_mode
     compute_loss_stats(**kwargs)
     arrays = load_npz(out if out.suffix == ".npz" else out.with_name(out.name + ".npz"))
+    config = json.loads(str(arrays["config_json"])) if "config_json" in arrays else {}
+    definitions = config.get("definitions") or {}
     present = [(k, h) for k, h in _STATS_COLUMNS if k in arrays]
     count = int(max((arrays[k].size for k, _ in present), default=0))
     body = [
         [_fmt(arrays[k].ravel()[i].item()) if arrays[k].size > i else "-" for k, _ in present]
         for i in range(count)
     ]
-    return [
-        format_grid([h for _, h in present], body, title=f"Loss statistics ({out})"),
+    notes = [
+        f"({i}) {definitions[key]}"
+        for i, key in ((1, "loss_mean"), (2, "train_loss"), (3, "test_loss"))
+        if key in definitions
     ]
+    grid = format_grid([h for _, h in present], body, title=f"Loss statistics ({out})")
+    return ["\n".join([grid, *notes])]
 
 
 def _cmd_landscape(args: argparse.Namespace) -> list[str]:
@@ -385,7 +581,13 @@ def _cmd_landscape(args: argparse.Namespace) -> list[str]:
     names = [str(n) for n in arrays.get("direction_names", [])]
     t = arrays["t"]
     mid = int(abs(t).argmin())
-    header = ["direction", "theta", "train loss t=0", f"t={t[0]:g}", f"t={t[-1]:g}"]
+    header = [
+        "direction",
+        "theta",
+        "train loss (1) at t=0",
+        f"at t={t[0]:g}",
+        f"at t={t[-1]:g}",
+    ]
     body = []
     values = arrays.get("direction_values")
     for i, name in enumerate(names):
@@ -394,7 +596,14 @@ def _cmd_landscape(args: argparse.Namespace) -> list[str]:
         body.append(
             [name, _fmt(theta), _fmt(float(row[mid])), _fmt(float(row[0])), _fmt(float(row[-1]))]
         )
-    tables = [format_grid(header, body, title=f"Loss landscape ({written})")]
+    config = json.loads(str(arrays["config_json"])) if "config_json" in arrays else {}
+    definition = (config.get("definitions") or {}).get("train_loss")
+    norms = sorted(set((config.get("direction_normalisation") or {}).values()))
+    notes = [] if definition is None else [f"(1) {definition}"]
+    if norms:
+        notes.append(f"directions: {', '.join(norms)}; t is in these units")
+    grid = format_grid(header, body, title=f"Loss landscape ({written})")
+    tables = ["\n".join([grid, *notes])]
     tables.append(format_table([("wall time (s)", f"{elapsed:.1f}")]))
     return tables
 
@@ -413,7 +622,7 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
 
     source = args.inputs[0] if args.inputs else None
     if args.what != "comparison" and (source is None or len(args.inputs) != 1):
-        raise SystemExit(f"curvature: error: 'plot {args.what}' takes exactly one input")
+        raise UsageError(f"'plot {args.what}' takes exactly one input file")
     out = args.out
     if out is None:
         base = Path(source) if source is not None else Path("comparison")
@@ -438,7 +647,7 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         fig = plot_loss_landscape(source, metric=args.metric, save_path=out)
     else:
         if args.diagonal is None:
-            raise SystemExit("curvature: error: 'plot comparison' needs --diagonal")
+            raise UsageError("'plot comparison' needs --diagonal")
         fig = plot_spectrum_comparison(
             args.hessian, args.ggn, args.diagonal, log_scale=not args.linear, save_path=out
         )
@@ -474,6 +683,13 @@ def _cmd_demo(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature is NoReturn
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show ``(default: X)`` only for meaningful defaults not already named in the help."""
 
@@ -487,7 +703,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``curvature`` with its six subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="curvature",
         description="Curvature spectra, loss statistics and loss landscapes of neural networks "
         "(Deep Curvature Suite).",
@@ -504,21 +720,57 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model; writes checkpoint-XXXXX.pt and stats.json into --dir.",
     )
     p.add_argument("--dir", required=True, help="output directory of the run")
-    _add_common(p)
+    _add_common(p, train=True)
     p.add_argument("--epochs", type=int, default=10, help="number of epochs")
-    p.add_argument("--optimizer", default="SGD", help="SGD, Adam, LancGN, LancHess, KFAC, SWATS")
-    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum (SGD)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
+    p.add_argument(
+        "--optimizer",
+        default="SGD",
+        help=f"{', '.join(OPTIMIZERS)}, or any other torch.optim class name",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="initial learning rate (default: the optimizer's own: SGD, Adam and SWATS "
+        "0.001, LancGN/LancHess 1.0, KFAC/EKFAC 0.01)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="momentum, for optimizers that take one (SGD, KFAC, EKFAC; default: the "
+        "optimizer's own: SGD 0, KFAC/EKFAC 0.9)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="weight decay (default: the optimizer's own: 0 for every optimizer listed)",
+    )
     p.add_argument(
         "--opt",
         action="append",
         metavar="KEY=VALUE",
-        help="further optimizer keyword (repeatable), e.g. --opt damping=10",
+        help="any other keyword of the optimizer's constructor, repeatable; VALUE is read "
+        "as JSON when it parses (numbers, true/false, lists), else as a string: "
+        "--opt damping=10 --opt lanczos_iters=5, --opt nesterov=true, --opt betas=[0.9,0.99]. "
+        "An option the optimizer does not take is an error.",
     )
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
+    p.add_argument(
+        "--subsample",
+        type=_count_or_fraction,
+        default=None,
+        help="train on only this many (or this fraction of) training samples, drawn with "
+        "--seed; the test set stays whole (default: the whole training set)",
+    )
     p.add_argument("--schedule", default="linear", help="learning-rate schedule (linear: Eq. 8)")
-    p.add_argument("--save-freq", type=int, default=None, help="checkpoint every N epochs")
+    p.add_argument(
+        "--save-freq",
+        type=int,
+        default=25,
+        help="checkpoint every N epochs, besides the initial and final ones (0: only those)",
+    )
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
     p.set_defaults(handler=_cmd_train)
 
@@ -544,9 +796,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--subsample",
         type=_count_or_fraction,
         default=None,
-        help="use only this many (or this fraction of) training samples",
+        help="use only this many (or this fraction of) training samples, drawn with --seed "
+        "(default: the whole training set)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="batch size of the products")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="batch size of the curvature products"
+    )
     p.add_argument("--save-eigvec", action="store_true", help="also save the Ritz vectors")
     p.add_argument(
         "--fit",
@@ -585,9 +840,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--curvature", default="hessian", help="hessian or ggn for the curvature moments"
     )
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size of the moments")
     p.add_argument(
-        "--subsample", type=_count_or_fraction, default=None, help="samples (or fraction) to use"
+        "--bn-mode",
+        default="train",
+        choices=("train", "eval"),
+        help="BatchNorm statistics of the minibatch moments (train: each minibatch's own, "
+        "as in the paper); the train/test losses always use eval mode",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size of the moments")
+    p.add_argument(
+        "--subsample",
+        type=_count_or_fraction,
+        default=None,
+        help="use only this many (or this fraction of) samples, drawn with --seed, from the "
+        "training set AND (as many, or the same fraction) from the test set "
+        "(default: both whole)",
     )
     p.add_argument("--out", default=None, help="statistics file (default <dir>/loss-stats.npz)")
     p.set_defaults(handler=_cmd_stats)
@@ -615,19 +882,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-directions",
         type=int,
-        default=None,
-        help="how many Ritz vectors each of --directions takes (default 2)",
+        default=2,
+        help="how many Ritz vectors each of --directions takes",
     )
     p.add_argument(
         "--random-directions",
         type=int,
-        default=None,
-        help="number of random unit directions (a control)",
+        default=0,
+        help="number of random directions of unit Euclidean norm (a control)",
     )
     p.add_argument(
         "--filter-normalised",
         type=int,
-        default=None,
+        default=0,
         help="number of filter-normalised random directions (Li et al. 2017)",
     )
     p.add_argument(
@@ -642,9 +909,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute BatchNorm running statistics at each perturbed point",
     )
     p.add_argument(
-        "--subsample", type=_count_or_fraction, default=None, help="samples (or fraction) to use"
+        "--subsample",
+        type=_count_or_fraction,
+        default=None,
+        help="use only this many (or this fraction of) samples, drawn with --seed, from the "
+        "training set AND (as many, or the same fraction) from the test set "
+        "(default: both whole)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--out", default=None, help="landscape file (default <dir>/landscape.npz)")
     p.set_defaults(handler=_cmd_landscape)
 
@@ -661,14 +933,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", help="the file (or run directory for 'training')")
     p.add_argument("--out", default=None, help="figure file, .png or .pdf (default: beside input)")
-    p.add_argument("--log-weights", action="store_true", help="logarithmic weight axis")
-    p.add_argument("--smooth", type=float, default=None, help="smoothing kernel width sigma")
+    p.add_argument(
+        "--linear-weights",
+        dest="log_weights",
+        action="store_false",
+        help="spectrum/diag: linear weight axis (default: logarithmic, so that outliers of "
+        "weight ~1/P stay visible)",
+    )
+    p.add_argument(
+        "--log-weights",
+        dest="log_weights",
+        action="store_true",
+        help="logarithmic weight axis (the default; kept for old scripts)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        help="spectrum: also draw the density smoothed with kernel width sigma (GGN/Fisher: "
+        "a log-normal kernel on the half-line, so no mass below 0)",
+    )
     p.add_argument(
         "--metric", default="loss", choices=("loss", "acc", "both"), help="landscape: what to draw"
     )
     p.add_argument("--hessian", default=None, help="comparison: Hessian spectrum file")
     p.add_argument("--ggn", default=None, help="comparison: GGN spectrum file")
-    p.add_argument("--diagonal", default=None, help="comparison: GGN diagonal .npz")
+    p.add_argument("--diagonal", default=None, help="comparison: GGN diagonal .npz (required)")
     p.add_argument("--linear", action="store_true", help="comparison: linear vertical axis")
     p.add_argument(
         "--confidence", type=float, default=0.95, help="band: confidence of the shaded band"
@@ -714,9 +1004,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], list[str]] = args.handler
     try:
         tables = handler(args)
-    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
-        print(f"curvature {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"curvature {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
+    except ArithmeticError as exc:  # NumericalError: a diverging run, a NaN in a product
+        print(f"curvature {args.command}: numerical failure: {exc}", file=sys.stderr)
+        return 1
     for table in tables:
         _emit(table)
     return 0

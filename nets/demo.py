@@ -10,10 +10,12 @@ direction as controls) and over the plane of the two top eigenvectors, and
 writes everything under ``out_dir``:
 
 ======================================  ==============================================
-``checkpoint-XXXXX.pt``                 model and optimiser state per saved epoch
+``checkpoint-XXXXX.pt``                 model and optimiser state: the initialisation
+                                        (``00000``), half-way and the last epoch
 ``stats.json``                          per-epoch training statistics
 ``spectra/spectrum-XXXXX-*.npz``        Hessian and GGN spectra (Hessian ``-eigvec.npz``)
-``spectra/ggn-diagonal-XXXXX.npz``      ``diagonal`` (MC; ``diagonal_exact`` if asked)
+``spectra/ggn-diagonal-XXXXX.npz``      ``diagonal`` (MC; ``diagonal_exact`` if asked),
+                                        ``config_json``
 ``landscape-XXXXX.npz``                 loss/accuracy along the directions
 ``landscape-plane-XXXXX.npz``           loss/accuracy over the top-1/top-2 plane
 ``training.png``                        training curves
@@ -28,8 +30,15 @@ With ``model="gpt-tiny"`` the same pipeline runs on a language model: the
 landscape on a fixed subsample of the training sequences, and no diagonal stage (the
 Monte-Carlo GGN diagonal needs a recognised classification loss).
 
-It returns a :class:`DemoSummary` (``curvature demo`` prints it); nothing is
-printed here. A progress bar over the stages goes to stderr and can be switched off.
+It returns a :class:`DemoSummary` (``curvature demo`` prints it, with every file
+written); nothing is printed here. A progress bar over the stages goes to stderr
+and can be switched off.
+
+Three losses at the last checkpoint, and what each is: the training table's is the
+running mean over the last epoch's minibatches (train mode: BatchNorm batch
+statistics, weights changing; the digits are not augmented); the landscape's at
+t = 0 is one full pass over the training set in eval mode (BatchNorm running
+statistics); the spectra are of the mean loss with BatchNorm in train mode.
 """
 
 from __future__ import annotations
@@ -258,6 +267,7 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
     from nets.checkpoint import checkpoint_name, model_from_checkpoint
     from nets.data import load_dataset, make_loader
     from nets.training import train_network
+    from nets.workflow._resolve import eigvec_file
     from nets.workflow.landscape import build_loss_landscape
     from nets.workflow.spectrum import compute_eigenspectrum
 
@@ -290,7 +300,7 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
                 **common,
             )
         checkpoint = out / checkpoint_name(settings.epochs)
-        summary.files += [out / "stats.json", checkpoint]
+        summary.files += [out / "stats.json", *sorted(out.glob("checkpoint-*.pt"))]
 
         for curvature in ("hessian", "ggn"):
             with _stage(summary, f"{curvature} spectrum", bar):
@@ -308,6 +318,8 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
                 )
                 spectra[curvature] = target
                 summary.files.append(target)
+                if curvature == "hessian":
+                    summary.files.append(eigvec_file(target))
 
         with _stage(summary, "GGN diagonal", bar):
             if settings.diagonal:  # the language model has no Monte-Carlo diagonal stage
@@ -319,7 +331,24 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
                     ggn_diagonal(model, loss, loader, method="mc", mc_samples=settings.mc_samples,
                                  seed=settings.seed, bn_mode="train")
                 )  # fmt: skip
-                arrays = {"diagonal": diagonals[label], "mc_samples": np.int64(settings.mc_samples)}
+                config = {
+                    "function": "ggn_diagonal",
+                    "method": "mc",
+                    "mc_samples": settings.mc_samples,
+                    "model": settings.model,
+                    "dataset": settings.dataset,
+                    "checkpoint": str(checkpoint),
+                    "epoch": settings.epochs,
+                    "bn_mode": "train",
+                    "seed": settings.seed,
+                    "exact_diagonal": settings.exact_diagonal,
+                    "loss": "CrossEntropyLoss",
+                }
+                arrays: dict[str, Any] = {
+                    "diagonal": diagonals[label],
+                    "mc_samples": np.int64(settings.mc_samples),
+                    "config_json": np.str_(json.dumps(config, sort_keys=True)),
+                }
                 if settings.exact_diagonal:
                     diagonals["exact"] = _host(
                         ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
@@ -405,12 +434,7 @@ def _figures(
     }
     if diagonals:
         figures["lanczos-vs-diagonal.png"] = lambda p: plot_spectrum_comparison(
-            spectra["hessian"],
-            spectra["ggn"],
-            diagonals,
-            save_path=p,
-            title=f"Lanczos (m = {settings.lanczos_iters}) vs diagonal GGN, "
-            f"{settings.model} on {settings.dataset}",
+            spectra["hessian"], spectra["ggn"], diagonals, save_path=p
         )
     if len(landscapes) > 1:
         figures["landscape-plane.png"] = lambda p: plot_loss_landscape(
@@ -437,12 +461,19 @@ def _summarise(
         ("model / data", settings.title.rsplit(",", 1)[0].replace(" on ", " / ")),
         ("device", str(device)),
         ("epochs", _fmt(settings.epochs)),
-        ("train loss / accuracy (%)", f"{_fmt(last['train_loss'])} / {_fmt(last['train_acc'])}"),
+        (
+            "train loss / accuracy (%): running mean over the last epoch, train mode "
+            "(no augmentation on digits)",
+            f"{_fmt(last['train_loss'])} / {_fmt(last['train_acc'])}",
+        ),
     ]
     if tested:
         best = tested[-1]
         rows.append(
-            ("test loss / accuracy (%)", f"{_fmt(best['test_loss'])} / {_fmt(best['test_acc'])}")
+            (
+                "test loss / accuracy (%): full pass, eval mode",
+                f"{_fmt(best['test_loss'])} / {_fmt(best['test_acc'])}",
+            )
         )
     if last.get("train_ppl") is not None:  # a language model
         test_ppl = tested[-1].get("test_ppl") if tested else None
@@ -454,6 +485,7 @@ def _summarise(
     rows = [
         ("parameters P", _fmt(hess["num_params"])),
         ("Lanczos iterations m", _fmt(settings.lanczos_iters)),
+        ("of the mean training loss, BatchNorm in", "train mode (batch statistics)"),
     ]
     for key, label in (
         ("top", "top Ritz value"),
@@ -473,7 +505,12 @@ def _summarise(
     land = load_npz(landscape_path)
     t = land["t"]
     mid = int(np.abs(t).argmin())
-    rows = [("train loss at the checkpoint (t = 0)", _fmt(float(land["train_loss"][0, mid])))]
+    rows = [
+        (
+            "train loss at the checkpoint (t = 0): full pass, eval mode",
+            _fmt(float(land["train_loss"][0, mid])),
+        )
+    ]
     values = land["direction_values"]
     for i, name in enumerate(land["direction_names"]):
         curve = land["train_loss"][i]
@@ -482,7 +519,8 @@ def _summarise(
             (f"{name}{theta}: loss at t = -{t[-1]:g} / +{t[-1]:g}",
              f"{_fmt(float(curve[0]))} / {_fmt(float(curve[-1]))}")
         )  # fmt: skip
-    summary.add("Loss landscape", rows)
+    rows.append(("directions", "unit Euclidean norm in parameter space (t in these units)"))
+    summary.add("Loss landscape (full passes, eval mode)", rows)
     summary.add(
         f"Files (under {out})",
         [(str(p.relative_to(out)) if p.is_relative_to(out) else str(p), "written")

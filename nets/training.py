@@ -22,7 +22,7 @@ Files written in ``dir``
     One JSON file per run (rewritten atomically after every epoch)::
 
         {"format": "deep-curvature-training-stats", "version": 1,
-         "config": {...},
+         "config": {...}, "definitions": {"train_loss": "...", ...},
          "epochs": [{"epoch": 1, "lr": 0.05, "train_loss": ..., "train_acc": ...,
                      "train_top5": ..., "test_loss": ..., "test_acc": ...,
                      "test_top5": ..., "epoch_time": seconds, "peak_memory_mb": ...,
@@ -31,7 +31,12 @@ Files written in ``dir``
 
     Accuracies are percentages; ``test_*`` are ``null`` on epochs without
     evaluation (and accuracies are ``null`` for regression).  ``train_*`` are
-    running averages over the epoch's minibatches (model in training mode).
+    running averages over the epoch's minibatches (model in training mode:
+    BatchNorm batch statistics, dropout on, weights changing during the epoch,
+    inputs augmented when the training set has an augmentation, e.g. CIFAR's
+    crop and flip; the digits have none); ``test_*`` are one full pass over the
+    test set in eval mode at the end of the epoch.  ``definitions`` states this
+    for each key in words, so that the file says what its numbers are.
     ``peak_memory_mb`` is the CUDA peak allocation during the epoch, or on CPU
     the process's peak resident set size.  (The original code wrote several
     ``stats-*`` files; one JSON file replaces them.)
@@ -294,8 +299,49 @@ def _generator_state(loader: DataLoader[Any] | None) -> torch.Tensor | None:
     return loader.generator.get_state()
 
 
-def _write_stats(path: Path, config: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
-    payload = {"format": STATS_FORMAT, "version": 1, "config": config, "epochs": epochs}
+def metric_definitions(augmentation: str | None) -> dict[str, str]:
+    """What each loss/accuracy key of ``stats.json`` measures, in words (its ``definitions``).
+
+    >>> print(metric_definitions(None)["train_loss"])  # doctest: +ELLIPSIS
+    running mean over the epoch's minibatches, model in train mode ... no augmentation
+    """
+    augmented = f"inputs {augmentation}" if augmentation else "no augmentation"
+    train = (
+        "running mean over the epoch's minibatches, model in train mode (BatchNorm batch "
+        f"statistics, dropout on) while the weights change, {augmented}"
+    )
+    test = "one full pass over the test set at the end of the epoch, model in eval mode"
+    return {
+        "train_loss": train,
+        "train_acc": f"top-1 accuracy (%), {train}",
+        "train_top5": f"top-5 accuracy (%), {train}",
+        "test_loss": test,
+        "test_acc": f"top-1 accuracy (%), {test}",
+        "test_top5": f"top-5 accuracy (%), {test}",
+    }
+
+
+def _augmentation(dataset: Any) -> str | None:
+    """How the training inputs are augmented, in words; ``None`` without augmentation."""
+    from nets.data import ArrayDataset
+
+    if not isinstance(dataset, ArrayDataset):
+        return "as the given dataset yields them (augmented if it augments)"
+    if dataset.transform is None:
+        return None
+    return f"augmented by {type(dataset.transform).__name__}"
+
+
+def _write_stats(
+    path: Path, config: dict[str, Any], epochs: list[dict[str, Any]], augmentation: str | None
+) -> None:
+    payload = {
+        "format": STATS_FORMAT,
+        "version": 1,
+        "config": config,
+        "definitions": metric_definitions(augmentation),
+        "epochs": epochs,
+    }
     with atomic_write(path, "w") as handle:
         json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
 
@@ -545,6 +591,7 @@ def train_network(
         else None
     )
     averager = WeightAverager(net) if swa else None
+    augmentation = _augmentation(data.train)
     bn_loader = (
         make_loader(data.train_eval or data.train, batch_size, shuffle=False)
         if averager is not None
@@ -604,7 +651,7 @@ def train_network(
                 result.swa_checkpoints.append(swa_path)
 
         if start_epoch == 0 and not resume:
-            _write_stats(stats_path, config, [])
+            _write_stats(stats_path, config, [], augmentation)
             save(0)
 
         from tqdm.auto import tqdm
@@ -676,7 +723,7 @@ def train_network(
                 entry["peak_memory_mb"] = _peak_memory_mb(run_device)
                 entry = {"epoch": done, **entry}
                 result.stats.append(entry)
-                _write_stats(stats_path, config, result.stats)
+                _write_stats(stats_path, config, result.stats, augmentation)
                 if save_now:
                     save(done)
                 bar.set_postfix(loss=f"{entry['train_loss']:.4g}")

@@ -67,6 +67,7 @@ the last step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -390,5 +391,8 @@ def _lanc_hess(model: nn.Module, **kwargs: Any) -> LanczosNewton:
     return LanczosNewton(model, curvature="hessian", **kwargs)
 
 
+# Their signature is LanczosNewton's (what nets.optim.optimizer_options reads).
+functools.update_wrapper(_lanc_gn, LanczosNewton, assigned=(), updated=())
+functools.update_wrapper(_lanc_hess, LanczosNewton, assigned=(), updated=())
 register_optimizer("LancGN", _lanc_gn, overwrite=True)
 register_optimizer("LancHess", _lanc_hess, overwrite=True)

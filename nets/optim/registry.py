@@ -23,6 +23,7 @@ loss_fn=loss_fn)`` instead of the usual ``zero_grad``/``backward``/``step``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterable
@@ -33,7 +34,7 @@ from torch import nn
 
 from spectral.errors import argument_error
 
-__all__ = ["available_optimizers", "get_optimizer", "register_optimizer"]
+__all__ = ["available_optimizers", "get_optimizer", "optimizer_options", "register_optimizer"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -47,6 +48,7 @@ def _torch_factory(cls: type[torch.optim.Optimizer]) -> OptimizerFactory:
         params = model.parameters() if isinstance(model, nn.Module) else model
         return cls(params, **kwargs)
 
+    functools.update_wrapper(factory, cls, assigned=(), updated=())  # signature: the class's
     factory.__name__ = f"make_{cls.__name__}"
     factory.__doc__ = f"Build :class:`torch.optim.{cls.__name__}` for a model's parameters."
     return factory
@@ -111,6 +113,34 @@ def available_optimizers() -> list[str]:
     True
     """
     return sorted((display for display, _ in _REGISTRY.values()), key=str.lower)
+
+
+def optimizer_options(name: str) -> frozenset[str] | None:
+    """The keyword options the optimiser registered as ``name`` accepts, from its signature.
+
+    The factory's signature is read with :func:`inspect.signature` (which follows
+    ``__wrapped__``, so a factory made with :func:`functools.update_wrapper` over
+    the optimiser class reports the class's options); its first parameter (the model
+    or the parameters) is left out.  ``None`` when the factory takes ``**kwargs``
+    without saying where they go.
+
+    >>> sorted(optimizer_options("Adam") & {"lr", "betas", "momentum"})
+    ['betas', 'lr']
+    """
+    if not isinstance(name, str):
+        raise argument_error("optimizer", "an optimiser name (str)", name, kind=TypeError)
+    entry = _REGISTRY.get(name.lower())
+    if entry is None:
+        raise argument_error("optimizer", f"one of {available_optimizers()}", name)
+    try:
+        signature = inspect.signature(entry[1])
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return None
+    params = list(signature.parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in params if p.kind in keyword)
 
 
 def get_optimizer(name: str, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:

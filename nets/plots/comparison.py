@@ -1,53 +1,91 @@
 """Lanczos spectra against a histogram of the diagonal, as in the paper's Figure 2.
 
 The Lanczos Hessian (Lanc-Hess) and Lanczos GGN (Lanc-GGN) spectra are discrete
-measures drawn as stems whose heights (weights) sum to one; the diagonal of the
-GGN (Diag-GGN, exact or Monte-Carlo) is drawn as a density histogram whose
-*area* is one. The diagonal entries are what a diagonal approximation would use
-as eigenvalues, so the figure shows how poorly that approximation reproduces
-the bulk and the outliers of the spectrum.
+measures drawn as stems whose heights (weights) sum to one, in the upper panel;
+the diagonal of the GGN (Diag-GGN exact, Diag-GGN MC) is drawn as a density
+histogram whose *area* is one, in the lower panel. The two quantities have
+different units (a weight, a density), so they never share a vertical axis; the
+panels share the eigenvalue axis. The diagonal entries are what a diagonal
+approximation would use as eigenvalues, so the figure shows how poorly that
+approximation reproduces the bulk and the outliers of the spectrum. Legends
+carry each run's m; the title the model and checkpoint when the files say.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> fig = plot_spectrum_comparison((np.array([-0.1, 0.2, 4.0]), np.array([0.3, 0.6, 0.1])),
 ...                                (np.array([0.0, 0.3, 3.5]), np.array([0.5, 0.4, 0.1])),
 ...                                rng.exponential(0.5, size=200))
+>>> [ax.get_ylabel() for ax in fig.axes]
+['weight (stems, sum to 1)', 'density (histogram, area = 1)']
 >>> close_figure(fig)
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from nets.plots._figure import PALETTE, close_figure, figure_style, new_figure, save_figure
-from nets.plots._sources import as_diagonal, as_spectrum
-from nets.plots.spectrum import stem_spectrum
+from nets.plots._figure import PALETTE, close_figure, figure_style, new_subplots, save_figure
+from nets.plots._sources import Spectrum, as_array, as_diagonal, as_spectrum, resolve_file
+from nets.plots.spectrum import source_label, stem_spectrum
 from spectral.errors import argument_error
+from spectral.io import load_npz
 
 __all__ = ["close_figure", "plot_spectrum_comparison"]
 
 
+DIAGONAL_LABELS = {"mc": "MC", "exact": "exact"}
+
+
+def _diagonal_file(path: Any) -> dict[str, np.ndarray]:
+    """``{label: entries}`` of a diagonal ``.npz``: ``diagonal`` (MC when the file says so)
+    and ``diagonal_exact``."""
+    arrays = load_npz(resolve_file(path, name="ggn_diagonal"))
+    if "diagonal" not in arrays:
+        return {"Diag-GGN": as_diagonal(path, name="ggn_diagonal")}
+    config: dict[str, Any] = {}
+    if "config_json" in arrays:
+        config = json.loads(str(arrays["config_json"]))
+    method = str(config.get("method", "mc" if "mc_samples" in arrays else "")).lower()
+    label = DIAGONAL_LABELS.get(method)
+    samples = int(config.get("mc_samples", arrays.get("mc_samples", 1)))
+    if label == "MC" and samples > 1:
+        label = f"MC x{samples}"
+    out = {"Diag-GGN" if label is None else f"Diag-GGN {label}": as_array(arrays["diagonal"])}
+    if "diagonal_exact" in arrays:
+        out["Diag-GGN exact"] = as_array(arrays["diagonal_exact"])
+    return {key: value.ravel() for key, value in out.items()}
+
+
 def _diagonals(source: Any) -> dict[str, np.ndarray]:
-    """``{label: entries}``: one unlabelled diagonal, or several given as a mapping."""
+    """``{label: entries}``: one unlabelled diagonal, a diagonal file, or a labelled mapping."""
+    if isinstance(source, str | os.PathLike):
+        return _diagonal_file(source)
     if isinstance(source, Mapping) and not any(
         k in source for k in ("diagonal", "diag", "ggn_diagonal")
     ):
         if not source:
             raise argument_error("ggn_diagonal", "a non-empty mapping of diagonals", source)
         return {
-            f"Diag-GGN {label}": as_diagonal(value, name="ggn_diagonal")
+            f"Diag-GGN {DIAGONAL_LABELS.get(str(label).lower(), label)}": as_diagonal(
+                value, name="ggn_diagonal"
+            )
             for label, value in source.items()
         }
     if isinstance(source, Mapping):
         key = next(k for k in ("diagonal", "diag", "ggn_diagonal") if k in source)
         return {"Diag-GGN": as_diagonal(source[key], name="ggn_diagonal")}
     return {"Diag-GGN": as_diagonal(source, name="ggn_diagonal")}
+
+
+def _m(s: Spectrum) -> int:
+    return int(s.values.size if s.lanczos_iters is None else s.lanczos_iters)
 
 
 def plot_spectrum_comparison(
@@ -57,11 +95,11 @@ def plot_spectrum_comparison(
     *,
     bins: int | None = None,
     log_scale: bool = True,
-    ax: Axes | None = None,
+    axes: Sequence[Axes] | None = None,
     save_path: str | os.PathLike[str] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Draw Lanc-Hess and Lanc-GGN stems against a Diag-GGN histogram (the paper's Figure 2).
+    """Draw Lanc-Hess and Lanc-GGN stems over a Diag-GGN histogram (the paper's Figure 2).
 
     Parameters
     ----------
@@ -69,21 +107,28 @@ def plot_spectrum_comparison(
         Spectra as accepted by :func:`nets.plot_spectrum` (``.npz`` path, mapping with
         ``w``/``gammas``, ``SpectralDensity``, ``(values, weights)``); either may be ``None``.
     ggn_diagonal:
-        The GGN diagonal (array, tensor, or ``.npz`` with a ``diagonal`` key), or a mapping
-        ``{"exact": d1, "MC": d2}`` to overlay several diagonals.
+        The GGN diagonal (array, tensor, or an ``.npz`` with a ``diagonal`` key, whose
+        ``config_json``/``mc_samples`` say whether it is the Monte-Carlo one, plus
+        ``diagonal_exact`` if present), or a mapping ``{"exact": d1, "MC": d2}``.
     bins:
         Histogram bins (default: about sqrt of the number of entries, between 20 and 80).
     log_scale:
-        Logarithmic vertical axis (default): the histogram's density near zero and the
-        weight of an outlier Ritz value (about 1/P) differ by many orders of magnitude.
-    ax:
-        Draw into this Axes instead of a new figure.
+        Logarithmic vertical axes (default): an outlier Ritz value's weight (about 1/P)
+        is far below the bulk's, and so is the histogram's density at large entries.
+    axes:
+        Two Axes to draw into, ``(stems, histogram)`` (e.g. a column of a larger figure);
+        the title then goes on the upper one. Default: a new figure with two panels.
     save_path:
         Write the figure there (PNG/PDF by suffix) atomically.
+    title:
+        The figure's title (default: names the curvatures, each run's m and, when the
+        spectrum files record them, the model and checkpoint).
 
     Returns
     -------
     matplotlib.figure.Figure
+        Two panels sharing the eigenvalue axis: stems (weights) above, histogram
+        (density) below.
     """
     spectra = [
         (as_spectrum(s, name=n), label, color, marker)
@@ -104,15 +149,35 @@ def plot_spectrum_comparison(
     if high <= low:
         low, high = low - 0.5, high + 0.5
     edges = np.linspace(low, high, nbins + 1)
+    if axes is not None and len(axes) != 2:
+        raise argument_error("axes", "two Axes (stems, histogram)", axes)
     with figure_style():
-        if ax is None:
-            fig, ax = new_figure((5.6, 3.4))
+        if axes is None:
+            fig, grid = new_subplots(2, 1, (5.6, 5.4), sharex=True)
+            stem_ax, hist_ax = grid[0, 0], grid[1, 0]
         else:
-            fig = ax.get_figure()  # type: ignore[assignment]
+            stem_ax, hist_ax = axes
+            fig = stem_ax.get_figure()  # type: ignore[assignment]
+        for s, label, color, marker in spectra:
+            stem_spectrum(
+                stem_ax,
+                s,
+                log_weights=log_scale,
+                color=color,
+                marker=marker,
+                label=f"{label} (m = {_m(s)})",
+            )
+        if spectra and log_scale:
+            positive = np.concatenate([s.weights[s.weights > 0] for s, *_ in spectra])
+            if positive.size:
+                stem_ax.set_ylim(bottom=float(positive.min()) / 2.0, top=1.5)
+        elif spectra:
+            stem_ax.set_ylim(bottom=0.0, top=1.05)
+        stem_ax.set_ylabel("weight (stems, sum to 1)")
+        stem_ax.set_xlabel("")  # the panels share the eigenvalue axis, labelled below
         hist_colors = (PALETTE[2], PALETTE[4], PALETTE[3], PALETTE[5])
-        floors = []
         for i, (label, values) in enumerate(diagonals.items()):
-            heights, _, _ = ax.hist(
+            hist_ax.hist(
                 values[np.isfinite(values)],
                 bins=edges.tolist(),
                 density=True,
@@ -121,38 +186,32 @@ def plot_spectrum_comparison(
                 histtype="stepfilled" if i == 0 else "step",
                 linewidth=0.9,
                 edgecolor=hist_colors[i % len(hist_colors)],
-                label=f"{label} (histogram, area = 1)",
+                label=f"{label} ({values.size:,} entries)",
             )
-            positive = np.asarray(heights)[np.asarray(heights) > 0]
-            if positive.size:
-                floors.append(float(positive.min()))
-        for s, _, _, _ in spectra:
-            positive = s.weights[s.weights > 0]
-            if positive.size:
-                floors.append(float(positive.min()))
-        bottom = None
-        if log_scale:
-            smallest = min(floors) if floors else 1e-6
-            bottom = max(smallest, 1e-300) / 2.0
-        for s, label, color, marker in spectra:
-            stem_spectrum(
-                ax,
-                s,
-                log_weights=log_scale,
-                color=color,
-                marker=marker,
-                label=f"{label} (stems, weights sum to 1)",
-                bottom=bottom,
+        if not log_scale:
+            hist_ax.set_ylim(bottom=0.0)
+        hist_ax.set_ylabel("density (histogram, area = 1)")
+        hist_ax.set_xlabel(r"eigenvalue $\lambda$ / diagonal entry")
+        for ax in (stem_ax, hist_ax):
+            ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="upper right")
+        if title is None:
+            runs = ", ".join(f"{label} m = {_m(s)}" for s, label, _, _ in spectra)
+            where = next(
+                (w for w in (source_label(s.config) for s, *_ in spectra) if w is not None), None
             )
-        if log_scale and bottom is not None:
-            ax.set_ylim(bottom=bottom)
+            title = "Lanczos spectra vs diagonal GGN" + (f" ({runs})" if runs else "")
+            if where is not None:
+                title += f"\n{where}"
+        if axes is None:
+            fig.suptitle(title, fontsize=10)
         else:
-            ax.set_ylim(bottom=0.0)
-        ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
-        ax.set_xlabel(r"eigenvalue $\lambda$ / diagonal entry")
-        ax.set_ylabel("weight (stems) / density (histogram)")
-        ax.set_title(title if title is not None else "Lanczos spectra vs diagonal GGN")
-        ax.legend(loc="upper right")
+            stem_ax.set_title(title, fontsize=10)
+            if not stem_ax.get_shared_x_axes().joined(stem_ax, hist_ax):  # one eigenvalue range
+                limits = [*stem_ax.get_xlim(), *hist_ax.get_xlim()]
+                for panel in (stem_ax, hist_ax):
+                    panel.set_xlim(min(limits), max(limits))
     if save_path is not None:
         save_figure(fig, save_path)
     return fig

@@ -20,6 +20,7 @@ direction and ``t[j]`` along its second.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +62,12 @@ def _names(arrays: dict[str, np.ndarray], key: str, count: int, prefix: str) -> 
 
 
 def _draw_curves(
-    ax: Axes, t: np.ndarray, curves: np.ndarray, labels: list[str], checkpoint: float | None
+    ax: Axes,
+    t: np.ndarray,
+    curves: np.ndarray,
+    labels: list[str],
+    checkpoint: float | None,
+    xlabel: str,
 ) -> None:
     for i, (row, label) in enumerate(zip(curves, labels)):
         color = PALETTE[i % len(PALETTE)]
@@ -85,9 +91,9 @@ def _draw_curves(
             markersize=7,
             linestyle="none",
             zorder=4,
-            label="checkpoint",
+            label="checkpoint (t = 0)",
         )
-    ax.set_xlabel("perturbation $t$")
+    ax.set_xlabel(xlabel)
 
 
 def _plane_scale(panels: list[np.ndarray]) -> tuple[bool, np.ndarray]:
@@ -154,6 +160,35 @@ def _draw_plane(
     return filled
 
 
+def _config(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if "config_json" not in arrays:
+        return {}
+    try:
+        loaded = json.loads(str(np.asarray(arrays["config_json"])))
+    except ValueError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _default_title(config: dict[str, Any]) -> str:
+    """``Loss landscape of SmallCNN at checkpoint-00010.pt (epoch 10); eval mode ...``."""
+    head = "Loss landscape"
+    if config.get("model"):
+        head += f" of {config['model']}"
+    if config.get("checkpoint"):
+        head += f" at {os.path.basename(str(config['checkpoint']))}"
+        if config.get("epoch") is not None:
+            head += f" (epoch {config['epoch']})"
+    mode = "eval mode, BatchNorm statistics " + (
+        "recomputed at each point" if config.get("refresh_bn") else "of the checkpoint"
+    )
+    if not config:
+        return head
+    subsample = config.get("subsample")
+    over = "full passes" if subsample is None else f"passes over {subsample} samples per split"
+    return f"{head}\n{over}, {mode}"
+
+
 def plot_loss_landscape(
     path: Any,
     *,
@@ -182,11 +217,16 @@ def plot_loss_landscape(
     save_path:
         Write the figure there (PNG/PDF by suffix) atomically.
 
+    title:
+        The figure's title (default: the model, checkpoint, epoch and evaluation mode that
+        the file's ``config_json`` records).
+
     Returns
     -------
     matplotlib.figure.Figure
         Curves in the first row(s): train on the left, test on the right; the checkpoint
-        (t = 0) is marked with a star.
+        (t = 0) is marked with a star in every panel, and each x label states how the
+        directions are normalised (the unit of t).
 
     Raises
     ------
@@ -218,9 +258,13 @@ def plot_loss_landscape(
         if not plane_names:
             raise argument_error("curves", "True when the file holds no plane", curves)
         rows = []
-    checkpoint = None
-    if "checkpoint_loss" in arrays and np.asarray(arrays["checkpoint_loss"]).size == 1:
-        checkpoint = float(np.asarray(arrays["checkpoint_loss"]))
+    config = _config(arrays)
+    origin = np.flatnonzero(t == 0.0)
+    norms = sorted(set((config.get("direction_normalisation") or {}).values()))
+    units = f"directions: {'; '.join(norms)}" if norms else "direction normalisation not recorded"
+    xlabel = f"perturbation $t$ ({units})"
+    if title is None:
+        title = _default_title(config)
     nrows = len(rows) + len(plane_names)
     with figure_style():
         fig, axes = new_subplots(nrows, 2, (8.0, 3.0 * len(rows) + 3.4 * len(plane_names)))
@@ -232,13 +276,10 @@ def plot_loss_landscape(
                     ax.set_axis_off()
                     continue
                 selected = arrays[key][idx]
-                _draw_curves(
-                    ax,
-                    t,
-                    selected,
-                    labels,
-                    checkpoint if (m == "loss" and split == "train") else None,
-                )
+                at_zero = None  # every curve passes through the checkpoint at t = 0
+                if origin.size:
+                    at_zero = float(np.asarray(arrays[key], dtype=np.float64)[0, origin[0]])
+                _draw_curves(ax, t, selected, labels, at_zero, xlabel)
                 ax.set_ylabel("loss" if m == "loss" else "accuracy (%)")
                 ax.set_title(f"{split.capitalize()} {'loss' if m == 'loss' else 'accuracy'}")
         handles, legend_labels = axes[0, 0].get_legend_handles_labels()
@@ -246,7 +287,7 @@ def plot_loss_landscape(
             fig.legend(
                 handles,
                 legend_labels,
-                loc="outside upper center",
+                loc="outside lower center",
                 ncols=min(len(handles), 3),
             )
 
@@ -270,14 +311,13 @@ def plot_loss_landscape(
                 filled = _draw_plane(
                     row[c], t, panels[splits.index(split)], axis_names, use_log, levels
                 )
-                row[c].set_title(f"{split.capitalize()} loss over the plane")
+                row[c].set_title(f"{split.capitalize()} loss over the plane (star: checkpoint)")
             if filled is not None:
                 bar = fig.colorbar(filled, ax=list(row), shrink=0.9)
                 if use_log:
                     _log_ticks(bar, levels)
                 bar.set_label("loss (log scale)" if use_log else "loss")
-        if title:
-            fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     if save_path is not None:
         save_figure(fig, save_path)
     return fig

@@ -23,6 +23,7 @@ reports
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, cast
 
@@ -31,13 +32,30 @@ from matplotlib.axes import Axes
 from matplotlib.container import StemContainer
 from matplotlib.figure import Figure
 
-from nets.plots._figure import PALETTE, close_figure, figure_style, new_figure, save_figure
-from nets.plots._sources import Spectrum, as_diagonal, as_spectrum
+from nets.plots._figure import (
+    PALETTE,
+    close_figure,
+    figure_style,
+    new_figure,
+    new_subplots,
+    save_figure,
+)
+from nets.plots._sources import Spectrum, as_diagonal, as_spectrum, resolve_file
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
-from spectral.plot import plot_ritz_stem, plot_smoothed_density
+from spectral.io import load_npz
+from spectral.plot import plot_ritz_stem
 
-__all__ = ["close_figure", "plot_spectrum", "spectrum_summary", "stem_spectrum"]
+__all__ = [
+    "close_figure",
+    "curvature_name",
+    "halfline_density",
+    "is_psd",
+    "plot_spectrum",
+    "source_label",
+    "spectrum_summary",
+    "stem_spectrum",
+]
 
 _KINDS = ("lanczos", "diag")
 _CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}
@@ -48,7 +66,8 @@ def spectrum_summary(source: Any) -> dict[str, Any]:
 
     Keys: ``top`` (largest Ritz value), ``bottom`` (smallest), ``trace`` (P * sum(w theta),
     ``None`` if P is unknown), ``normalised_trace`` (sum(w theta)), ``negative_mass``,
-    ``positive_condition``, ``num_params``, ``num_ritz``, ``curvature``.
+    ``positive_condition``, ``num_params``, ``num_ritz``, ``curvature``, ``config`` (the file's
+    ``config_json``: BatchNorm mode, subsample, checkpoint...).
     """
     s = as_spectrum(source)
     return {
@@ -61,6 +80,7 @@ def spectrum_summary(source: Any) -> dict[str, Any]:
         "normalised_trace": s.normalised_trace,
         "negative_mass": s.negative_mass,
         "positive_condition": s.positive_condition,
+        "config": dict(s.config),
     }
 
 
@@ -127,6 +147,59 @@ def stem_spectrum(
     return stems
 
 
+def is_psd(curvature: str | None) -> bool:
+    """Whether a curvature kind is positive semi-definite (GGN, Fisher), so has no mass below 0.
+
+    >>> is_psd("ggn"), is_psd("fisher"), is_psd("hessian"), is_psd(None)
+    (True, True, False, False)
+    """
+    key = (curvature or "").lower()
+    return any(part in key for part in ("ggn", "gauss", "fisher", "ef"))
+
+
+def halfline_density(
+    values: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float
+) -> np.ndarray:
+    r"""The smoothed density of a measure on :math:`[0, \infty)`, by a Gaussian reflected at 0.
+
+    .. math::
+
+        \rho_\sigma(x) = \sum_i w_i \bigl[\varphi_\sigma(x - \theta_i^+)
+        + \varphi_\sigma(x + \theta_i^+)\bigr] \quad (x \ge 0), \qquad
+        \rho_\sigma(x) = 0 \quad (x < 0),
+
+    with :math:`\theta_i^+ = \max(\theta_i, 0)` (a PSD operator's Ritz values are
+    non-negative up to rounding) and :math:`\varphi_\sigma` the centred normal
+    density. Reflection keeps the total mass :math:`\sum_i w_i` on the half-line, puts
+    none below 0 (where a plain Gaussian kernel would spread the mass of the Ritz
+    values near 0), and equals the plain Gaussian smoothing at distances of a few
+    :math:`\sigma` from 0.
+
+    >>> grid = np.linspace(0.0, 30.0, 30001)
+    >>> rho = halfline_density(np.array([0.0, 2.0]), np.array([0.5, 0.5]), grid, 0.5)
+    >>> round(float(np.trapezoid(rho, grid)), 6)
+    1.0
+    >>> float(halfline_density(np.array([0.0]), np.array([1.0]), np.array([-0.1]), 0.5)[0])
+    0.0
+    """
+    theta = np.maximum(np.asarray(values, dtype=np.float64), 0.0)[:, None]
+    x = np.asarray(grid, dtype=np.float64)[None, :]
+    norm = 1.0 / (sigma * np.sqrt(2.0 * np.pi))
+    kernel = np.exp(-0.5 * ((x - theta) / sigma) ** 2) + np.exp(-0.5 * ((x + theta) / sigma) ** 2)
+    rho = norm * np.asarray(weights, dtype=np.float64) @ kernel
+    return np.where(x[0] >= 0.0, rho, 0.0)
+
+
+def _smoothed(s: Spectrum, sigma: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """Grid, smoothed density and the kernel's description for the spectrum panel."""
+    low, high = float(s.values.min()), float(s.values.max())
+    if is_psd(s.curvature):
+        grid = np.linspace(0.0, max(high, 0.0) + 5.0 * sigma, 800)
+        return grid, halfline_density(s.values, s.weights, grid, sigma), "Gaussian reflected at 0"
+    grid = np.linspace(low - 5.0 * sigma, high + 5.0 * sigma, 800)
+    return grid, _density(s).smooth(grid, sigma, "gaussian"), "Gaussian"
+
+
 def _smooth_sigma(s: Spectrum, smooth: float | bool) -> float:
     span = float(s.values.max() - s.values.min())
     scale = max(span, abs(s.top), 1e-12)
@@ -136,18 +209,33 @@ def _smooth_sigma(s: Spectrum, smooth: float | bool) -> float:
     return sigma
 
 
+def curvature_name(s: Spectrum) -> str:
+    """``'Hessian'``, ``'GGN'``, ``'Fisher'`` or the stored kind."""
+    return _CURVATURE_NAMES.get((s.curvature or "").lower(), s.curvature or "Curvature")
+
+
+def source_label(config: dict[str, Any]) -> str | None:
+    """``'SmallCNN, checkpoint-00010.pt (epoch 10)'`` from a file's config, if it says."""
+    parts = []
+    if config.get("model"):
+        parts.append(str(config["model"]))
+    if config.get("checkpoint"):
+        checkpoint = os.path.basename(str(config["checkpoint"]))
+        epoch = config.get("epoch")
+        parts.append(checkpoint + (f" (epoch {epoch})" if epoch is not None else ""))
+    return ", ".join(parts) or None
+
+
 def _title(s: Spectrum) -> str:
-    name = _CURVATURE_NAMES.get((s.curvature or "").lower(), s.curvature or "Curvature")
-    parts = [
-        f"Lanczos, m = {s.values.size}"
-        if s.lanczos_iters is None
-        else f"Lanczos, m = {s.lanczos_iters}"
-    ]
+    m = s.values.size if s.lanczos_iters is None else s.lanczos_iters
+    parts = [f"Lanczos, m = {m}"]
     if s.num_probes is not None and s.num_probes > 1:
         parts.append(f"{s.num_probes} probes")
     if s.num_params is not None:
         parts.append(f"P = {s.num_params:,}")
-    return f"{name} spectrum ({', '.join(parts)})"
+    head = f"{curvature_name(s)} spectrum ({', '.join(parts)})"
+    where = source_label(s.config)
+    return head if where is None else f"{head}\n{where}"
 
 
 def _plot_diag(source: Any, ax: Axes, *, log_weights: bool, color: str) -> None:
@@ -166,15 +254,30 @@ def _plot_diag(source: Any, ax: Axes, *, log_weights: bool, color: str) -> None:
         ax.set_yscale("log")
     ax.set_xlabel(r"diagonal entry")
     ax.set_ylabel("density (histogram area = 1)")
-    ax.set_title("Histogram of the curvature diagonal")
+    ax.set_title(_diag_title(source))
     ax.legend(loc="upper right")
+
+
+def _diag_title(source: Any) -> str:
+    """``'Histogram of the GGN diagonal (MC)'`` plus the model and checkpoint a file records."""
+    config: dict[str, Any] = {}
+    if isinstance(source, str | os.PathLike):
+        arrays = load_npz(resolve_file(source, name="path"))
+        if "config_json" in arrays:
+            loaded = json.loads(str(arrays["config_json"]))
+            config = loaded if isinstance(loaded, dict) else {}
+    method = {"mc": "MC", "exact": "exact"}.get(str(config.get("method", "")).lower())
+    head = "Histogram of the GGN diagonal" if config else "Histogram of the curvature diagonal"
+    head += f" ({method})" if method else ""
+    where = source_label(config)
+    return head if where is None else f"{head}\n{where}"
 
 
 def plot_spectrum(
     kind_or_path: Any,
     path: Any = None,
     *,
-    log_weights: bool = False,
+    log_weights: bool = True,
     smooth: float | bool | None = None,
     ax: Axes | None = None,
     save_path: str | os.PathLike[str] | None = None,
@@ -195,10 +298,14 @@ def plot_spectrum(
     path:
         The spectrum (or diagonal) when ``kind_or_path`` names the kind.
     log_weights:
-        Logarithmic weight axis: outlier Ritz values carry weights around 1/P.
+        Logarithmic weight axis (default): outlier Ritz values carry weights around 1/P,
+        which a linear axis hides next to the bulk's weight near 0. ``False``: linear.
     smooth:
-        ``True`` or a kernel width sigma: also draw the Gaussian-smoothed density
-        :math:`\\sum_i w_i\\,\\mathcal N(\\lambda; \\theta_i, \\sigma^2)` on a second axis.
+        ``True`` or a kernel width sigma: also draw the smoothed density in a second
+        panel under the stems (its unit is a density, not a weight): the Gaussian
+        :math:`\\sum_i w_i\\,\\mathcal N(\\lambda; \\theta_i, \\sigma^2)` for the Hessian,
+        and for a positive semi-definite kind (GGN, Fisher) the Gaussian reflected at 0
+        (:func:`halfline_density`), which puts no mass below 0. Not with ``ax``.
     ax:
         Draw into this Axes instead of a new figure.
     save_path:
@@ -229,10 +336,22 @@ def plot_spectrum(
                 "kind_or_path", f"one of {_KINDS} when 'path' is given", kind_or_path
             )
         kind, source = "lanczos", kind_or_path
+    smoothing = smooth is not None and smooth is not False
     with figure_style():
-        if ax is None:
+        density_ax: Axes | None = None
+        if ax is None and kind == "lanczos" and smoothing:
+            fig, axes = new_subplots(2, 1, (5.2, 5.2), sharex=True)
+            ax, density_ax = axes[0, 0], axes[1, 0]
+        elif ax is None:
             fig, ax = new_figure((5.2, 3.3))
         else:
+            if smoothing and kind == "lanczos":
+                raise argument_error(
+                    "smooth",
+                    "None when 'ax' is given (the smoothed density is drawn in a panel "
+                    "of its own, under the stems)",
+                    smooth,
+                )
             fig = ax.get_figure()  # type: ignore[assignment]
         if kind == "diag":
             _plot_diag(source, ax, log_weights=log_weights, color=color)
@@ -249,31 +368,25 @@ def plot_spectrum(
             ax.set_xlabel(r"eigenvalue $\lambda$ (Ritz value $\theta_i$)")
             ax.set_ylabel(r"weight $w_i$ ($\Sigma_i\, w_i = 1$)")
             ax.set_title(title if title is not None else _title(s))
-            handles, labels = ax.get_legend_handles_labels()
-            top_axes = ax
-            if smooth is not None and smooth is not False:
-                sigma = _smooth_sigma(s, smooth)
-                twin = ax.twinx()
-                twin.grid(False)
-                twin.spines["right"].set_visible(True)
-                plot_smoothed_density(
-                    _density(s),
-                    twin,
-                    sigma=sigma,
-                    num_points=800,
-                    label=rf"smoothed density ($\sigma$ = {sigma:.2g})",
+            if density_ax is not None:
+                ax.set_xlabel("")
+                sigma = _smooth_sigma(s, True if smooth is None else smooth)
+                grid, density, kernel = _smoothed(s, sigma)
+                density_ax.plot(
+                    grid,
+                    density,
+                    color=PALETTE[1],
+                    linewidth=1.3,
+                    label=rf"smoothed density ({kernel}, $\sigma$ = {sigma:.2g})",
                 )
-                line = twin.get_lines()[-1]
-                line.set(color=PALETTE[1], linewidth=1.3)
-                grid, density = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
-                twin.fill_between(grid, density, color=PALETTE[1], alpha=0.12, linewidth=0)
-                twin.set_ylabel("smoothed density")
-                twin.set_ylim(bottom=0.0, top=float(density.max()) * 1.35)
-                top_axes = twin
-                handles.append(line)
-                labels.append(line.get_label())
+                density_ax.fill_between(grid, density, color=PALETTE[1], alpha=0.12, linewidth=0)
+                density_ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
+                density_ax.set_ylabel("density (area = 1)")
+                density_ax.set_xlabel(r"eigenvalue $\lambda$")
+                density_ax.set_ylim(bottom=0.0, top=float(density.max()) * 1.2)
+                density_ax.legend(loc="upper right")
             if show_stats:
-                top_axes.text(
+                ax.text(
                     0.98,
                     0.97,
                     _stats_text(s),
@@ -290,8 +403,8 @@ def plot_spectrum(
                         "alpha": 0.92,
                     },
                 )
-            if label is not None or len(handles) > 1:
-                top_axes.legend(handles, labels, loc="center right" if show_stats else "best")
+            if label is not None:
+                ax.legend(loc="center right" if show_stats else "best")
             peak = max(float(s.weights.max()), 1e-300)
             if log_weights:
                 positive = s.weights[s.weights > 0]

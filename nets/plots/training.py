@@ -52,6 +52,11 @@ def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> None:
         )
 
 
+#: Legend names that say what the numbers are (the definitions in ``stats.json``).
+TRAIN_LABEL = "train (running mean over the epoch, train mode)"
+TEST_LABEL = "test (full pass after the epoch, eval mode)"
+
+
 def plot_training(
     path_or_dir: Any,
     *,
@@ -98,11 +103,14 @@ def plot_training(
                 raise argument_error("axes", "three Axes (loss, accuracy, learning rate)", axes)
             ax_loss, ax_acc, ax_lr = axes
             fig = ax_loss.get_figure()  # type: ignore[assignment]
-        _curve(ax_loss, x, _column(epochs, "train_loss"), color=PALETTE[0], label="train")
-        _curve(ax_loss, x, _column(epochs, "test_loss"), color=PALETTE[1], label="test")
+        _curve(ax_loss, x, _column(epochs, "train_loss"), color=PALETTE[0], label=TRAIN_LABEL)
+        _curve(ax_loss, x, _column(epochs, "test_loss"), color=PALETTE[1], label=TEST_LABEL)
         ax_loss.set_ylabel("loss")
         ax_loss.set_title("Loss")
-        keys = [("train_acc", "train", PALETTE[0], "-"), ("test_acc", "test", PALETTE[1], "-")]
+        keys = [
+            ("train_acc", TRAIN_LABEL, PALETTE[0], "-"),
+            ("test_acc", TEST_LABEL, PALETTE[1], "-"),
+        ]
         if show_top5:
             keys += [
                 ("train_top5", "train top-5", PALETTE[0], "--"),
@@ -137,6 +145,9 @@ def plot_training(
                 if isinstance(config.get(k), str)
             ]
             title = " / ".join(pieces) if pieces else None
+            definition = (stats.get("definitions") or {}).get("train_loss", "")
+            if title and "augmented" in definition:
+                title += " (training inputs augmented)"
         if title and axes is None:
             fig.suptitle(title, fontsize=10)
     if save_path is not None:

@@ -82,7 +82,14 @@ from spectral.errors import NumericalError, argument_error
 from spectral.io import load_npz, save_npz
 from spectral.resume import Checkpoint
 
-__all__ = ["LandscapeResult", "build_loss_landscape", "evaluate", "landscape_grid"]
+__all__ = [
+    "LandscapeResult",
+    "build_loss_landscape",
+    "direction_normalisation",
+    "evaluate",
+    "landscape_definitions",
+    "landscape_grid",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -518,6 +525,8 @@ def build_loss_landscape(
         "device": str(next(iter(work.parameters())).device),
         "loss": type(loss).__name__,
         "accuracy_unit": "percent",
+        "definitions": landscape_definitions(subsample, refresh_bn),
+        "direction_normalisation": {d.name: direction_normalisation(d.name) for d in chosen},
     }
     result.config = config
     result.model_fingerprint = model_fingerprint(work, space.names)
@@ -530,6 +539,44 @@ def build_loss_landscape(
             result.path = Path(text if text.endswith(".npz") else text + ".npz")
         written(group)
     return result
+
+
+def landscape_definitions(subsample: int | float | None, refresh_bn: bool) -> dict[str, str]:
+    """What the losses and accuracies of a landscape file are, in words (``config_json``).
+
+    >>> print(landscape_definitions(None, False)["train_loss"])  # doctest: +ELLIPSIS
+    one full pass over the training split (no augmentation), model in eval mode ...
+    """
+    statistics = (
+        "BatchNorm running statistics recomputed on the training split at each perturbed point"
+        if refresh_bn
+        else "the checkpoint's BatchNorm running statistics"
+    )
+    part = "" if subsample is None else f", subsample {subsample} drawn with the seed"
+    split = "one full pass over the {} split" + part
+    mode = f"model in eval mode ({statistics})"
+    train = f"{split.format('training')} (no augmentation), {mode}"
+    test = f"{split.format('test')}, {mode}"
+    return {
+        "train_loss": train,
+        "train_acc": f"top-1 accuracy (%), {train}",
+        "test_loss": test,
+        "test_acc": f"top-1 accuracy (%), {test}",
+        "checkpoint_loss": f"train_loss at t = 0: {train}",
+    }
+
+
+def direction_normalisation(name: str) -> str:
+    """How the direction called ``name`` is normalised (the landscape's ``t`` is in its units).
+
+    >>> direction_normalisation("ritz-top-1"), direction_normalisation("filter-normalised-1")
+    ('unit Euclidean norm', 'filter-normalised (Li et al., 2017)')
+    """
+    if name.startswith("filter-normalised"):
+        return "filter-normalised (Li et al., 2017)"
+    if name.startswith(("ritz-", "random-")):
+        return "unit Euclidean norm"
+    return "as given"
 
 
 def _sweep(

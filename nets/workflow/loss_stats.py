@@ -65,7 +65,7 @@ from nets.workflow.landscape import evaluate
 from spectral.errors import argument_error
 from spectral.io import save_npz
 
-__all__ = ["STATS_KEYS", "compute_loss_stats"]
+__all__ = ["STATS_KEYS", "compute_loss_stats", "stats_definitions"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,32 @@ def _checkpoint_list(checkpoint_path: Any) -> list[PathLike | None]:
     raise argument_error(
         "checkpoint_path", "a checkpoint path or a non-empty list of paths", checkpoint_path
     )
+
+
+def stats_definitions(
+    bn_mode: str | None, batch_size: int, subsample: int | float | None
+) -> dict[str, str]:
+    """What the losses of a statistics file are, in words (``config_json["definitions"]``).
+
+    >>> print(stats_definitions("train", 128, None)["loss_mean"])  # doctest: +ELLIPSIS
+    mean of the losses of minibatches of 128 of the training split ... BatchNorm in train mode ...
+    """
+    statistics = {
+        "train": "BatchNorm in train mode (each minibatch's own statistics)",
+        "eval": "BatchNorm in eval mode (running statistics)",
+    }.get(str(bn_mode), "each module in its current mode")
+    part = "" if subsample is None else f", subsample {subsample} drawn with the seed"
+    moments = (
+        f"of minibatches of {batch_size} of the training split (no augmentation{part}), "
+        f"{statistics}"
+    )
+    evaluation = f"(no augmentation{part}), model in eval mode (BatchNorm running statistics)"
+    return {
+        "loss_mean": f"mean of the losses {moments}",
+        "loss_var": f"variance of the losses {moments}",
+        "train_loss": f"one full pass over the training split {evaluation}",
+        "test_loss": f"one full pass over the test split {evaluation}",
+    }
 
 
 def compute_loss_stats(
@@ -321,6 +347,7 @@ def compute_loss_stats(
         "seed": int(seed),
         "loss": type(loss).__name__,
         "accuracy_unit": "percent",
+        "definitions": stats_definitions(mode, int(batch_size), subsample),
     }
     out: dict[str, Any] = {key: np.asarray(rows[key], dtype=np.float64) for key in STATS_KEYS}
     out["epoch"] = np.asarray(epochs, dtype=np.int64)

@@ -43,7 +43,8 @@ key                   content
 With ``save_eigvec=True`` the Ritz vectors of the first probe go to the same
 stem + ``-eigvec.npz``: ``vectors`` float32[m, P] (row i is the unit Ritz
 vector of ``w[i]``), ``w`` float64[m], ``model_fingerprint``, ``param_names``
-str[k], ``param_shapes_json`` (the coordinates of the rows) and ``pair_id``.
+str[k], ``param_shapes_json`` (the coordinates of the rows), ``config_json`` and
+``pair_id``.
 
 The two files are bound by ``pair_id``, the SHA-256 of both files' arrays
 (every key but ``pair_id``, sorted, each as dtype, shape and bytes), written
@@ -185,6 +186,7 @@ class SpectrumResult:
             "model_fingerprint": np.str_(self.model_fingerprint),
             "param_names": np.asarray(self.param_names, dtype=np.str_),
             "param_shapes_json": np.str_(self.param_shapes_json),
+            "config_json": np.str_(json.dumps(self.config, sort_keys=True)),
             "pair_id": np.str_(self.pair_id),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,8 +79,29 @@ def test_demo_command_writes_every_file_and_prints_the_summary(
         assert (image[..., :3] < 0.9).any(), name
     for path in summary.files:
         assert path.is_file(), path
+    # the summary lists every file the demo wrote, and nothing else
+    on_disk = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    listed = sorted(p.relative_to(tmp_path) for p in summary.files)
+    assert listed == on_disk
+    assert Path("checkpoint-00000.pt") in listed
+    files_section = dict(summary.sections)[f"Files (under {tmp_path})"]
+    assert sorted(Path(name) for name, _ in files_section) == on_disk
+    for name in on_disk:
+        assert str(name) in out, name
+    # every .npz carries its config
+    for npz in tmp_path.rglob("*.npz"):
+        assert "config_json" in load_npz(npz), npz
+    config = json.loads(str(diag["config_json"]))
+    assert config["method"] == "mc" and config["bn_mode"] == "train"
+    # each reported loss says what it is
+    assert "running mean over the last epoch, train mode" in out
+    assert "full pass, eval mode" in out
     titles = [title for title, _ in summary.sections]
-    assert titles[:3] == ["Training", "Spectra (Lanczos vs diagonal)", "Loss landscape"]
+    assert titles[:3] == [
+        "Training",
+        "Spectra (Lanczos vs diagonal)",
+        "Loss landscape (full passes, eval mode)",
+    ]
     assert summary.total_time > 0
 
 
