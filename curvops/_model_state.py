@@ -244,6 +244,8 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     buffer under every name it is reachable by (aliased modules, tied weights) and
     of every tensor stored as a plain module attribute.
 
+    Examples
+    --------
     >>> s = model_state(torch.nn.Linear(1, 1))
     >>> sorted(s)  # doctest: +NORMALIZE_WHITESPACE
     ['attributes', 'buffer_objects', 'buffers', 'grads', 'param_objects', 'params',
@@ -304,6 +306,8 @@ def _same(a: Any, b: Any) -> bool:
 def state_differences(before: Mapping[str, Any], model: nn.Module) -> list[str]:
     """List what differs (bitwise) between a :func:`model_state` and ``model`` now.
 
+    Examples
+    --------
     >>> lin = torch.nn.Linear(1, 1)
     >>> s = model_state(lin)
     >>> state_differences(s, lin)

@@ -240,6 +240,8 @@ def transformer_blocks(
     ValueError
         If ``heads`` does not divide a projection.
 
+    Examples
+    --------
     >>> layer = torch.nn.TransformerEncoderLayer(4, 2, dim_feedforward=8)
     >>> list(transformer_blocks(layer))  # doctest: +NORMALIZE_WHITESPACE
     ['self_attn (q)', 'self_attn (k)', 'self_attn (v)', 'self_attn.out_proj (attn out)',

@@ -133,6 +133,15 @@ class TrainingResult:
         The JSON-safe run configuration stored in checkpoints.
     swa_model:
         The averaged model (``swa=True``), else ``None``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> res = train_network(tempfile.mkdtemp(), "digits", model="MLP", epochs=1, progress=False,
+    ...                     model_kwargs={"hidden": (8,)}, device="cpu",
+    ...                     optimizer_kwargs={"lr": 0.1, "batch_size": 512})
+    >>> type(res).__name__, [p.name for p in res.checkpoints], len(res.stats)
+    ('TrainingResult', ['checkpoint-00000.pt', 'checkpoint-00001.pt'], 1)
     """
 
     dir: Path

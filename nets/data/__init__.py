@@ -119,6 +119,8 @@ class DatasetSplits:
 def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`.
 
+    Examples
+    --------
     >>> available_datasets()
     ['CIFAR10', 'CIFAR100', 'digits', 'synthetic', 'text']
 

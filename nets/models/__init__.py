@@ -89,6 +89,8 @@ def _key(name: str) -> str:
 def available_models() -> list[str]:
     """Registered model names, sorted.
 
+    Examples
+    --------
     >>> "VGG16" in available_models()
     True
 
@@ -180,6 +182,8 @@ def get_model(
 def model_spec(model: nn.Module) -> dict[str, Any] | None:
     """The arguments :func:`get_model` built ``model`` with, or ``None`` for other modules.
 
+    Examples
+    --------
     >>> import torch
     >>> model_spec(torch.nn.Linear(2, 2)) is None
     True

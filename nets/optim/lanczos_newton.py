@@ -211,6 +211,26 @@ class LanczosNewton(torch.optim.Optimizer):
     ``train_network`` calls ``step(closure=..., curvature_batch=(x_c, y_c),
     loss_fn=...)`` (``curvature_step = True``); in a plain loop call
     ``loss.backward()`` then ``step(curvature_batch=..., loss_fn=...)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(32, 4, dtype=torch.float64, generator=g)
+    >>> y = torch.randint(0, 3, (32,), generator=g)
+    >>> loss_fn = torch.nn.CrossEntropyLoss()
+    >>> opt = LanczosNewton(net, lr=1.0, damping=1.0, lanczos_iters=5)
+    >>> def closure():
+    ...     opt.zero_grad()
+    ...     loss = loss_fn(net(x), y)
+    ...     loss.backward()
+    ...     return loss
+    >>> before = loss_fn(net(x), y).detach().item()
+    >>> _ = opt.step(closure, curvature_batch=(x, y), loss_fn=loss_fn)
+    >>> loss_fn(net(x), y).detach().item() < before
+    True
     """
 
     curvature_step = True

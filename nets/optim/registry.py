@@ -84,9 +84,19 @@ def register_optimizer(name: str, factory: OptimizerFactory, *, overwrite: bool 
         different factory under an existing name raises ``ValueError``;
         registering the same factory again is a no-op).
 
-    Example (not run, to keep the global registry clean)::
+    Examples
+    --------
+    A new optimiser is registered with a factory, e.g.
+    ``register_optimizer("MySGD", lambda model, **kw: torch.optim.SGD(model.parameters(), **kw))``.
+    The registry is global, so the doctest only re-registers an existing entry (a no-op)
+    and shows the error for a clash:
 
-        register_optimizer("MySGD", lambda model, **kw: torch.optim.SGD(model.parameters(), **kw))
+    >>> from nets.optim import SWATS
+    >>> register_optimizer("SWATS", SWATS)  # the same factory again: nothing changes
+    >>> register_optimizer("swats", torch.optim.SGD)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
     """
     if not isinstance(name, str) or not name:
         raise argument_error("name", "a non-empty string", name, kind=TypeError)
@@ -109,8 +119,15 @@ def register_optimizer(name: str, factory: OptimizerFactory, *, overwrite: bool 
 def available_optimizers() -> list[str]:
     """Names accepted by :func:`get_optimizer`, sorted case-insensitively.
 
+    Examples
+    --------
     >>> {"SGD", "Adam"} <= set(available_optimizers())
     True
+
+    Returns
+    -------
+    list of str
+        The names.
     """
     return sorted((display for display, _ in _REGISTRY.values()), key=str.lower)
 
@@ -156,6 +173,11 @@ def get_optimizer(name: str, model: nn.Module, **kwargs: Any) -> torch.optim.Opt
     **kwargs:
         Passed to the optimiser, e.g. ``lr``, ``momentum``, ``weight_decay``.
 
+    Returns
+    -------
+    torch.optim.Optimizer
+        The optimiser over ``model``'s parameters.
+
     Raises
     ------
     ValueError
@@ -163,6 +185,8 @@ def get_optimizer(name: str, model: nn.Module, **kwargs: Any) -> torch.optim.Opt
     TypeError
         If ``name`` is not a string.
 
+    Examples
+    --------
     >>> get_optimizer("NoSuchOpt", torch.nn.Linear(1, 1))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

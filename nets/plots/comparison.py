@@ -129,6 +129,16 @@ def plot_spectrum_comparison(
     matplotlib.figure.Figure
         Two panels sharing the eigenvalue axis: stems (weights) above, histogram
         (density) below.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from spectral import SpectralDensity
+    >>> hessian = SpectralDensity([-0.5, 1.0, 4.0], [0.2, 0.7, 0.1])
+    >>> ggn = SpectralDensity([0.0, 1.0, 4.0], [0.5, 0.4, 0.1])
+    >>> fig = plot_spectrum_comparison(hessian, ggn, np.linspace(0.0, 1.0, 50))
+    >>> type(fig).__name__
+    'Figure'
     """
     spectra = [
         (as_spectrum(s, name=n), label, color, marker)

@@ -232,6 +232,22 @@ def plot_loss_landscape(
     ------
     ValueError
         For an unknown metric, out-of-range direction indices, or a malformed file.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from nets import build_loss_landscape, compute_eigenspectrum, get_model
+    >>> out = tempfile.mkdtemp()
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)   # any nn.Module, or a name
+    >>> _ = compute_eigenspectrum("digits", model=model, lanczos_iters=5, save_eigvec=True,
+    ...                           save_spectrum_path=os.path.join(out, "spectrum"))
+    >>> _ = build_loss_landscape("digits", model=model, dist=0.5, n_points=3,
+    ...                          spectrum_path=os.path.join(out, "spectrum"),
+    ...                          save_path=os.path.join(out, "land.npz"))
+    >>> png = os.path.join(out, "land.png")
+    >>> fig = plot_loss_landscape(os.path.join(out, "land.npz"), save_path=png)
+    >>> type(fig).__name__, os.path.exists(png)
+    ('Figure', True)
     """
     if metric not in _METRICS:
         raise argument_error("metric", f"one of {_METRICS}", metric)

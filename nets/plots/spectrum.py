@@ -322,6 +322,18 @@ def plot_spectrum(
     ------
     ValueError, TypeError
         For an unknown kind or an unreadable spectrum; ``FileNotFoundError`` for a missing file.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from nets import build_loss_landscape, compute_eigenspectrum, get_model
+    >>> out = tempfile.mkdtemp()
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)   # any nn.Module, or a name
+    >>> _ = compute_eigenspectrum("digits", model=model, lanczos_iters=5,
+    ...                           save_spectrum_path=os.path.join(out, "spectrum"))
+    >>> fig = plot_spectrum("lanczos", path=os.path.join(out, "spectrum.npz"), log_weights=True)
+    >>> type(fig).__name__
+    'Figure'
     """
     if isinstance(kind_or_path, str) and kind_or_path.lower() in _KINDS:
         kind = kind_or_path.lower()

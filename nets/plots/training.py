@@ -88,6 +88,18 @@ def plot_training(
     ------
     FileNotFoundError
         If there is no ``stats.json``; ``ValueError`` if it holds no epochs.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from nets import train_network
+    >>> run = tempfile.mkdtemp()
+    >>> _ = train_network(run, "digits", model="MLP", epochs=2, progress=False, device="cpu",
+    ...                   model_kwargs={"hidden": (8,)},
+    ...                   optimizer_kwargs={"lr": 0.1, "batch_size": 512})
+    >>> fig = plot_training(run)
+    >>> type(fig).__name__
+    'Figure'
     """
     stats = load_training_stats(path_or_dir, name="path_or_dir")
     epochs: list[dict[str, Any]] = [e for e in stats["epochs"] if isinstance(e, dict)]

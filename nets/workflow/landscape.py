@@ -444,6 +444,20 @@ def build_loss_landscape(
         spectrum of another model or checkpoint, ...).
     FileNotFoundError
         Missing checkpoint or Ritz vectors.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from nets import build_loss_landscape, compute_eigenspectrum, get_model
+    >>> out = tempfile.mkdtemp()
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)   # any nn.Module, or a name
+    >>> spec = compute_eigenspectrum("digits", model=model, lanczos_iters=5, save_eigvec=True,
+    ...                               save_spectrum_path=os.path.join(out, "spectrum"))
+    >>> land = build_loss_landscape("digits", model=model, dist=0.5, n_points=3,
+    ...                             spectrum_path=spec.path,
+    ...                             save_path=os.path.join(out, "land.npz"))
+    >>> list(land.direction_names), land.train_loss.shape
+    (['ritz-top-1', 'ritz-top-2'], (2, 3))
     """
     t = landscape_grid(dist, n_points)
     check_int("num_directions", num_directions, 1)

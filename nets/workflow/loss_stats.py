@@ -207,6 +207,17 @@ def compute_loss_stats(
         Bad arguments (e.g. ``curvature_matrix='fisher'``, ``batch_size < 1``).
     spectral.resume.StateMismatchError
         ``state_path`` holds the state of another configuration.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from nets import build_loss_landscape, compute_eigenspectrum, get_model
+    >>> out = tempfile.mkdtemp()
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)   # any nn.Module, or a name
+    >>> stats = compute_loss_stats("digits", model=model, batch_size=512,
+    ...                            save_path=os.path.join(out, "stats.npz"))
+    >>> {"loss_mean", "grad_var", "hess_mu", "alpha"} <= set(stats)
+    True
     """
     curvature = parse_curvature(curvature_matrix)
     if curvature not in ("hessian", "ggn"):

@@ -121,6 +121,27 @@ class SpectrumResult:
 
     ``vectors`` (float32[m, P], first probe) and ``vector_values`` are set when
     Ritz vectors were kept; ``path``/``eigvec_path`` when files were written or read.
+
+    Attributes
+    ----------
+    values, weights, residuals : numpy.ndarray
+        Pooled Ritz values (the paper's ``w``), weights (``gammas``) and residual norms.
+    probe_nodes, probe_weights : numpy.ndarray
+        Per probe, NaN-padded.
+    alpha, beta : numpy.ndarray
+        The Lanczos coefficients (first probe).
+    trace, trace_stderr : float
+        Trace estimate and its standard error.
+    num_params, lanczos_iters, num_probes : int
+        Size of the run.
+    curvature, bn_mode : str
+        What was computed.
+    config : dict
+        The run's settings.
+    vectors, vector_values : numpy.ndarray or None
+        Ritz vectors and their values when kept.
+    path, eigvec_path : pathlib.Path or None
+        The files written or read.
     """
 
     values: np.ndarray
@@ -246,6 +267,18 @@ def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResul
     binds it to this spectrum (module docstring); a spectrum saved with
     vectors whose vector file is gone loads without vectors (logged).
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The spectrum file (``.npz`` may be omitted).
+    with_vectors : bool
+        Also load the Ritz vectors of its ``-eigvec.npz``.
+
+    Returns
+    -------
+    SpectrumResult
+        The spectrum (with ``vectors`` when loaded).
+
     Raises
     ------
     FileNotFoundError, spectral.io.CorruptFileError
@@ -254,6 +287,18 @@ def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResul
         ``with_vectors=False``).
     ValueError
         A file without the spectrum keys.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from nets import build_loss_landscape, compute_eigenspectrum, get_model
+    >>> out = tempfile.mkdtemp()
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)   # any nn.Module, or a name
+    >>> _ = compute_eigenspectrum("digits", model=model, lanczos_iters=5, save_eigvec=True,
+    ...                           save_spectrum_path=os.path.join(out, "spectrum"))
+    >>> res = load_spectrum(os.path.join(out, "spectrum"))
+    >>> res.values.shape, res.vectors.shape
+    ((5,), (5, 1210))
     """
     target = spectrum_file(path)
     if not target.is_file() and Path(os.fspath(path)).is_file():
@@ -585,6 +630,17 @@ def compute_eigenspectrum(
         Missing or unreadable checkpoint.
     spectral.errors.NumericalError
         A curvature product produced NaN/Inf.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from nets import build_loss_landscape, compute_eigenspectrum, get_model
+    >>> out = tempfile.mkdtemp()
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)   # any nn.Module, or a name
+    >>> res = compute_eigenspectrum("digits", model=model, lanczos_iters=5,
+    ...                              save_spectrum_path=os.path.join(out, "spectrum"))
+    >>> res.num_params, len(res.values), res.curvature, res.path.name
+    (1210, 5, 'hessian', 'spectrum.npz')
     """
     curvature = parse_curvature(curvature_matrix)
     check_int("lanczos_iters", lanczos_iters, 1)
