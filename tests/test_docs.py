@@ -48,7 +48,6 @@ gallery = _load("gallery_support")
 # docstring is done.
 INCOMPLETE: dict[str, set[str]] = {
     "curvops.ggn_diagonal": {"Examples", "Returns"},
-    "nets.SpectrumResult": {"Examples"},
     "nets.optim.EKFAC": {"Examples", "Parameters"},
     "nets.optim.KFAC": {"Examples"},
 }

@@ -142,6 +142,14 @@ class SpectrumResult:
         Ritz vectors and their values when kept.
     path, eigvec_path : pathlib.Path or None
         The files written or read.
+
+    Examples
+    --------
+    >>> from nets import compute_eigenspectrum, get_model
+    >>> model = get_model("MLP", 10, 1, 8, hidden=(16,), seed=0)
+    >>> res = compute_eigenspectrum("digits", model=model, lanczos_iters=5)
+    >>> type(res).__name__, res.values.shape, round(float(res.weights.sum()), 12), res.curvature
+    ('SpectrumResult', (5,), 1.0, 'hessian')
     """
 
     values: np.ndarray
