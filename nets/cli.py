@@ -358,10 +358,58 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         kwargs["save_freq"] = args.save_freq if args.save_freq > 0 else None
     if args.resume is not None:
         kwargs["resume"] = args.resume
+    if args.track_curvature is not None:
+        kwargs["track"] = track_options(args.track_curvature)
     start = time.perf_counter()
     train_network(**kwargs)
     elapsed = time.perf_counter() - start
     return [_training_table(Path(args.dir), elapsed)]
+
+
+#: Keys of ``--track-curvature`` and their types.
+TRACK_KEYS: dict[str, type] = {
+    "every": int,
+    "top_k": int,
+    "trace_probes": int,
+    "kind": str,
+    "seed": int,
+    "tol": float,
+    "samples": int,
+    "density_every": int,
+    "density_iters": int,
+    "density_probes": int,
+    "bn_mode": str,
+}
+
+
+def track_options(text: str) -> dict[str, Any]:
+    """``--track-curvature every=50,top_k=3`` as the tracker's keyword arguments.
+
+    >>> track_options("every=50,top_k=3,trace_probes=8")
+    {'every': 50, 'top_k': 3, 'trace_probes': 8}
+    """
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise UsageError(f"--track-curvature expects KEY=VALUE,...; received {item!r}")
+        kind = TRACK_KEYS.get(key)
+        if kind is None:
+            raise UsageError(
+                f"--track-curvature: unknown key {key!r} (keys: {', '.join(TRACK_KEYS)})"
+            )
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise UsageError(
+                f"--track-curvature {key}: expected {kind.__name__}; received {value!r}"
+            ) from None
+        minimum = 0 if key in ("trace_probes", "seed") else 1
+        if kind is int and out[key] < minimum:
+            raise UsageError(
+                f"--track-curvature {key}: expected an integer >= {minimum}; received {value}"
+            )
+    return out
 
 
 def _training_table(run_dir: Path, elapsed: float | None = None) -> str:
@@ -626,7 +674,8 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
     out = args.out
     if out is None:
         base = Path(source) if source is not None else Path("comparison")
-        out = str(base / "training.png") if base.is_dir() else str(base.with_suffix(".png"))
+        name = "curvature.png" if args.what == "tracking" else "training.png"
+        out = str(base / name) if base.is_dir() else str(base.with_suffix(".png"))
     if args.what == "spectrum":
         fig = plot_spectrum(
             "lanczos",
@@ -643,6 +692,10 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         fig = plot_spectrum_band(source, confidence=args.confidence, save_path=out)
     elif args.what == "training":
         fig = plot_training(source, save_path=out)
+    elif args.what == "tracking":
+        from nets.plots.tracking import plot_curvature_tracking
+
+        fig = plot_curvature_tracking(source, save_path=out)
     elif args.what == "landscape":
         fig = plot_loss_landscape(source, metric=args.metric, save_path=out)
     else:
@@ -772,6 +825,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint every N epochs, besides the initial and final ones (0: only those)",
     )
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument(
+        "--track-curvature",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="track the curvature during training (nets.CurvatureTracker), e.g. "
+        "every=50,top_k=3,trace_probes=8; other keys: kind, seed, tol, samples (size of "
+        "the measurement set, default 256), density_every, density_iters, density_probes, "
+        "bn_mode; rows go to <dir>/curvature.jsonl and stats.json",
+    )
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser(
@@ -929,9 +991,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the Lanczos-versus-diagonal comparison (the paper's Figure 2).",
     )
     p.add_argument(
-        "what", choices=("spectrum", "band", "diag", "training", "landscape", "comparison")
+        "what",
+        choices=("spectrum", "band", "diag", "training", "tracking", "landscape", "comparison"),
     )
-    p.add_argument("inputs", nargs="*", help="the file (or run directory for 'training')")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="the file (or run directory for 'training' and 'tracking': curvature during "
+        "training, with the 2/lr edge of stability)",
+    )
     p.add_argument("--out", default=None, help="figure file, .png or .pdf (default: beside input)")
     p.add_argument(
         "--linear-weights",

@@ -19,6 +19,10 @@ writes everything under ``out_dir``:
 ``landscape-XXXXX.npz``                 loss/accuracy along the directions
 ``landscape-plane-XXXXX.npz``           loss/accuracy over the top-1/top-2 plane
 ``training.png``                        training curves
+``curvature.jsonl``,                    top Hessian eigenvalues, trace and SLQ densities
+``curvature.density-*.npz``             measured during training (:class:`nets.CurvatureTracker`;
+                                        ``curvature.jsonl.ritz.npz``: its warm start)
+``curvature-tracking.png``              those against steps, with the 2/lr edge of stability
 ``spectrum-hessian.png``, ``-ggn.png``  stem plots of the spectra (log weights)
 ``lanczos-vs-diagonal.png``             Lanc-Hess and Lanc-GGN against Diag-GGN
 ``landscape.png``, ``-plane.png``       loss curves; contours over the plane
@@ -89,11 +93,28 @@ class DemoSettings:
     optimizer: str = "SGD"
     subsample: int | None = None  # samples used by the spectra and the landscape
     diagonal: bool = True
+    track_every: int | None = 20  # curvature tracking during training (None: off)
+
+    @property
+    def track(self) -> dict[str, Any] | None:
+        """The ``train_network(track=...)`` options: top-2 Hessian eigenvalues, trace, densities."""
+        if self.track_every is None:
+            return None
+        return {
+            "every": self.track_every,
+            "top_k": 2,
+            "trace_probes": 4,
+            "samples": 128,
+            "density_every": 2 * self.track_every,
+            "density_iters": 16,
+            "density_probes": 1,
+            "seed": self.seed,
+        }
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """Two epochs, eight Lanczos steps, five landscape points, no plane."""
-        return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False)
+        return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False, track_every=10)
 
     @classmethod
     def language_model(cls, quick: bool = False) -> DemoSettings:
@@ -111,6 +132,7 @@ class DemoSettings:
             optimizer="Adam",
             subsample=16 if quick else 64,
             diagonal=False,
+            track_every=None,
         )
 
     @property
@@ -297,10 +319,13 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
                 epochs=settings.epochs,
                 batch_size=settings.batch_size,
                 save_freq=max(1, settings.epochs // 2),
+                track=settings.track,
                 **common,
             )
         checkpoint = out / checkpoint_name(settings.epochs)
         summary.files += [out / "stats.json", *sorted(out.glob("checkpoint-*.pt"))]
+        if settings.track is not None:
+            summary.files += sorted(out.glob("curvature.*"))  # rows, densities, warm start
 
         for curvature in ("hessian", "ggn"):
             with _stage(summary, f"{curvature} spectrum", bar):
@@ -432,6 +457,12 @@ def _figures(
         ),
         "landscape.png": lambda p: plot_loss_landscape(landscapes[0], metric="both", save_path=p),
     }
+    if settings.track is not None:
+        from nets.plots.tracking import plot_curvature_tracking
+
+        figures["curvature-tracking.png"] = lambda p: plot_curvature_tracking(
+            out, save_path=p, title=settings.title
+        )
     if diagonals:
         figures["lanczos-vs-diagonal.png"] = lambda p: plot_spectrum_comparison(
             spectra["hessian"], spectra["ggn"], diagonals, save_path=p

@@ -73,7 +73,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -100,14 +100,16 @@ from nets.models._common import check_positive_int
 from nets.optim.registry import get_optimizer
 from nets.schedules import get_schedule
 from nets.swa import WeightAverager
+from nets.tracker import CurvatureTracker
 from spectral.errors import NumericalError, argument_error
 from spectral.io import atomic_write
 
-__all__ = ["STATS_FILE", "TrainingResult", "evaluate", "train_network"]
+__all__ = ["CURVATURE_FILE", "STATS_FILE", "TrainingResult", "evaluate", "train_network"]
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "stats.json"
+CURVATURE_FILE = "curvature.jsonl"
 STATS_FORMAT = "deep-curvature-training-stats"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -333,15 +335,21 @@ def _augmentation(dataset: Any) -> str | None:
 
 
 def _write_stats(
-    path: Path, config: dict[str, Any], epochs: list[dict[str, Any]], augmentation: str | None
+    path: Path,
+    config: dict[str, Any],
+    epochs: list[dict[str, Any]],
+    augmentation: str | None,
+    curvature: list[dict[str, Any]] | None = None,
 ) -> None:
-    payload = {
+    payload: dict[str, Any] = {
         "format": STATS_FORMAT,
         "version": 1,
         "config": config,
         "definitions": metric_definitions(augmentation),
         "epochs": epochs,
     }
+    if curvature is not None:
+        payload["curvature"] = curvature
     with atomic_write(path, "w") as handle:
         json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
 
@@ -384,6 +392,7 @@ def train_network(
     model_kwargs: dict[str, Any] | None = None,
     dataset_kwargs: dict[str, Any] | None = None,
     curvature_batch_size: int | None = None,
+    track: CurvatureTracker | Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train a network, saving checkpoints and per-epoch statistics in ``dir``.
 
@@ -439,6 +448,15 @@ def train_network(
         Extra arguments of :func:`~nets.models.get_model` / :func:`~nets.data.load_dataset`.
     curvature_batch_size:
         Size of curvature batches for ``curvature_step`` optimisers (default ``batch_size``).
+    track:
+        Curvature during training: a :class:`nets.CurvatureTracker` (its ``step`` is
+        called after every optimiser step with the epoch, learning rate and batch loss),
+        or a mapping of its keyword arguments (``every``, ``top_k``, ``trace_probes``,
+        ``kind``, ...; plus ``samples``, the size of the measurement set, default 256:
+        the first training samples, unaugmented), from which the tracker is built on
+        the run's model and loss with ``path = dir / "curvature.jsonl"`` (continued on
+        ``resume``).  The rows go into ``curvature.jsonl`` and the ``curvature`` section
+        of ``stats.json``; tracking leaves the run bit-identical.
 
     Returns
     -------
@@ -624,6 +642,16 @@ def train_network(
 
         stats_path = out_dir / STATS_FILE
         history = _read_stats(stats_path, start_epoch) if resume else []
+        tracker = _make_tracker(
+            track,
+            net,
+            loss_fn,
+            data.train_eval or data.train,
+            out_dir,
+            start_step=start_epoch * len(train_loader),
+            optimizer=opt,
+            seed=seed,
+        )
         result = TrainingResult(
             out_dir,
             net,
@@ -651,7 +679,7 @@ def train_network(
                 result.swa_checkpoints.append(swa_path)
 
         if start_epoch == 0 and not resume:
-            _write_stats(stats_path, config, [], augmentation)
+            _write_stats(stats_path, config, [], augmentation, _rows(tracker))
             save(0)
 
         from tqdm.auto import tqdm
@@ -681,6 +709,7 @@ def train_network(
                     classification=classification,
                     curvature_step=curvature_step,
                     requires_closure=requires_closure,
+                    track=tracker,
                 )
                 entry["lr"] = float(opt.param_groups[0]["lr"])
                 done = epoch + 1
@@ -723,7 +752,8 @@ def train_network(
                 entry["peak_memory_mb"] = _peak_memory_mb(run_device)
                 entry = {"epoch": done, **entry}
                 result.stats.append(entry)
-                _write_stats(stats_path, config, result.stats, augmentation)
+                _write_stats(stats_path, config, result.stats, augmentation, _rows(tracker))
+                _write_curvature(out_dir / CURVATURE_FILE, tracker)
                 if save_now:
                     save(done)
                 bar.set_postfix(loss=f"{entry['train_loss']:.4g}")
@@ -817,6 +847,7 @@ def _train_epoch(
     classification: bool,
     curvature_step: bool,
     requires_closure: bool,
+    track: CurvatureTracker | None = None,
 ) -> dict[str, Any]:
     for dataset in {id(d): d for d in _datasets(loader, curvature_loader)}.values():
         set_epoch = getattr(dataset, "set_epoch", None)
@@ -857,6 +888,9 @@ def _train_epoch(
                 f"{epoch + 1}, batch {index}."
             )
         loss = last["loss"]
+        if track is not None:
+            lr = float(optimizer.param_groups[0]["lr"])
+            track.step(epoch=epoch + 1, lr=lr, loss=float(loss))
         first_bad = torch.where(
             (first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, index), first_bad
         )
@@ -901,3 +935,67 @@ def _make_closure(
 
 def _datasets(*loaders: DataLoader[Any] | None) -> list[Any]:
     return [loader.dataset for loader in loaders if loader is not None]
+
+
+def _rows(tracker: CurvatureTracker | None) -> list[dict[str, Any]] | None:
+    return None if tracker is None else tracker.rows
+
+
+def _write_curvature(path: Path, tracker: CurvatureTracker | None) -> None:
+    """The tracker's rows as JSON lines in the run directory (unless it writes them there)."""
+    if tracker is None or (tracker.path is not None and tracker.path.resolve() == path.resolve()):
+        return
+    with atomic_write(path, "w") as handle:
+        for row in tracker.rows:
+            handle.write(json.dumps(json_safe(row)) + "\n")
+
+
+#: Keys of a ``track`` mapping that train_network fills itself.
+_TRACK_OWN = frozenset({"model", "loss_fn", "data", "path", "start_step", "optimizer"})
+
+
+def _make_tracker(
+    track: CurvatureTracker | Mapping[str, Any] | None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset[Any] | None,
+    out_dir: Path,
+    *,
+    start_step: int,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+) -> CurvatureTracker | None:
+    """``track`` as a tracker: as given, or built from its keyword arguments on the run.
+
+    A mapping's tracker measures on the first ``samples`` (default 256) samples of
+    ``dataset`` and writes ``out_dir / "curvature.jsonl"``, continued from ``start_step``.
+    """
+    if track is None or isinstance(track, CurvatureTracker):
+        return track
+    if not isinstance(track, Mapping):
+        raise argument_error(
+            "track", "a CurvatureTracker or a mapping of its arguments", track, kind=TypeError
+        )
+    import inspect
+
+    kwargs = dict(track)
+    accepted = set(inspect.signature(CurvatureTracker).parameters) - _TRACK_OWN
+    unknown = sorted(set(kwargs) - accepted - {"samples"})
+    if unknown:
+        raise argument_error(
+            "track", f"keys among {sorted(accepted | {'samples'})}", f"unknown keys {unknown}"
+        )
+    samples = check_positive_int("samples", kwargs.pop("samples", 256))
+    assert dataset is not None
+    subset = torch.utils.data.Subset(dataset, range(min(samples, len(cast(Any, dataset)))))
+    loader = make_loader(subset, min(samples, 256), shuffle=False)
+    kwargs.setdefault("seed", seed)
+    return CurvatureTracker(
+        model,
+        loss_fn,
+        loader,
+        path=out_dir / CURVATURE_FILE,
+        start_step=start_step,
+        optimizer=optimizer,
+        **kwargs,
+    )
