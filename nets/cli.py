@@ -754,18 +754,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``curvature`` with its six subcommands."""
-    parser = _Parser(
-        prog="curvature",
-        description="Curvature spectra, loss statistics and loss landscapes of neural networks "
-        "(Deep Curvature Suite).",
-        epilog="Run 'curvature demo --out results' for the whole pipeline on the embedded "
-        "digits data.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = _HelpFormatter
-
+def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``train`` subcommand and its options."""
     p = sub.add_parser(
         "train",
         help="train a network, saving checkpoints and stats.json",
@@ -836,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_train)
 
+
+def _add_spectrum_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``spectrum`` subcommand and its options."""
     p = sub.add_parser(
         "spectrum",
         help="Lanczos spectrum of the Hessian/GGN at a checkpoint",
@@ -890,6 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_spectrum)
 
+
+def _add_stats_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``stats`` subcommand and its options."""
     p = sub.add_parser(
         "stats",
         help="loss statistics (gradient/Hessian moments) of checkpoints",
@@ -921,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="statistics file (default <dir>/loss-stats.npz)")
     p.set_defaults(handler=_cmd_stats)
 
+
+def _add_landscape_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``landscape`` subcommand and its options."""
     p = sub.add_parser(
         "landscape",
         help="loss along Ritz vectors and random directions",
@@ -982,6 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="landscape file (default <dir>/landscape.npz)")
     p.set_defaults(handler=_cmd_landscape)
 
+
+def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``plot`` subcommand and its options."""
     p = sub.add_parser(
         "plot",
         help="figures from saved files (PNG/PDF)",
@@ -1033,6 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_plot)
 
+
+def _add_demo_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``demo`` subcommand and its options."""
     p = sub.add_parser(
         "demo",
         help="the whole pipeline on the embedded digits data",
@@ -1062,6 +1067,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
     )
     p.set_defaults(handler=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``curvature`` with its six subcommands."""
+    parser = _Parser(
+        prog="curvature",
+        description="Curvature spectra, loss statistics and loss landscapes of neural networks "
+        "(Deep Curvature Suite).",
+        epilog="Run 'curvature demo --out results' for the whole pipeline on the embedded "
+        "digits data.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (
+        _add_train_parser,
+        _add_spectrum_parser,
+        _add_stats_parser,
+        _add_landscape_parser,
+        _add_plot_parser,
+        _add_demo_parser,
+    ):
+        add(sub, _HelpFormatter)
     return parser
 
 

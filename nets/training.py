@@ -105,7 +105,36 @@ from nets.tracker import CurvatureTracker
 from spectral.errors import NumericalError, argument_error
 from spectral.io import atomic_write
 
-__all__ = ["CURVATURE_FILE", "STATS_FILE", "TrainingResult", "evaluate", "train_network"]
+__all__ = [
+    "CURVATURE_FILE",
+    "STATS_FILE",
+    "LearningRateSchedule",
+    "Loaders",
+    "SWAConfig",
+    "StatsFile",
+    "StepProtocol",
+    "TrainingData",
+    "TrainingOptions",
+    "TrainingResult",
+    "TrainingRun",
+    "build_model",
+    "build_optimizer",
+    "default_loss",
+    "evaluate",
+    "evaluation_entry",
+    "make_loaders",
+    "metric_definitions",
+    "resolve_data",
+    "restore_run",
+    "run_config",
+    "run_epoch",
+    "save_run",
+    "seeded_global_rng",
+    "swa_config",
+    "swa_entry",
+    "train_epoch",
+    "train_network",
+]
 
 logger = logging.getLogger(__name__)
 
