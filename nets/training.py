@@ -18,6 +18,12 @@ Files written in ``dir``
     With ``swa=True``, at the same epochs once averaging has started: the
     averaged model (``state_dict``, BatchNorm statistics recomputed) in the same
     format, plus ``n_averaged``; :func:`nets.checkpoint.model_from_checkpoint` reads it.
+``curvature.jsonl``
+    With ``track=``: the :class:`nets.CurvatureTracker` rows (one JSON line per
+    measurement: ``step``, ``top_eigenvalues``, ``trace``, ``epoch``, ``lr``, ``loss``,
+    ...), also the ``curvature`` list of ``stats.json``; density snapshots
+    ``curvature.density-XXXXXXXX.npz`` and the warm start ``curvature.jsonl.ritz.npz``
+    beside it.
 ``stats.json``
     One JSON file per run (rewritten atomically after every epoch)::
 
