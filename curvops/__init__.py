@@ -24,10 +24,12 @@ from curvops.blocks import per_layer
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import shard_batches
+from curvops.ekfac import EKFACOperator
 from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.inverse import InverseOperator, SolveInfo, inverse
+from curvops.kfac import KFACOperator, KroneckerInverse
 from curvops.lean_ops import lean_double_backward
 from curvops.operator import CurvatureOperator
 from curvops.stats import LossStats, loss_stats
@@ -40,11 +42,14 @@ __all__: list[str] = [
     "CurvatureOperator",
     "Dense",
     "Diagonal",
+    "EKFACOperator",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
     "Identity",
     "InverseOperator",
+    "KFACOperator",
+    "KroneckerInverse",
     "LossStats",
     "LowRank",
     "ModelCurvatureOperator",
