@@ -9,7 +9,12 @@ products on the model's device; they compose (``+``, ``-``, ``*``, ``@``, ``**``
 
 from __future__ import annotations
 
-from curvops import distributed, stats, testing  # distributed: torch.distributed data parallelism
+from curvops import (  # distributed: torch.distributed data parallelism
+    distributed,
+    stats,
+    structure,
+    testing,
+)
 from curvops.algebra import (
     Adjoint,
     Affine,
@@ -21,6 +26,7 @@ from curvops.algebra import (
     Sum,
 )
 from curvops.blocks import per_layer
+from curvops.compare import ApproximationReport, compare
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import shard_batches
@@ -32,12 +38,14 @@ from curvops.inverse import InverseOperator, SolveInfo, inverse
 from curvops.kfac import KFACOperator, KroneckerInverse
 from curvops.lean_ops import lean_double_backward
 from curvops.operator import CurvatureOperator
+from curvops.proxies import diagonal_approximation, diagonal_of, layer_blocks, low_rank
 from curvops.stats import LossStats, loss_stats
 from curvops.structured import Dense, Diagonal, Identity, LowRank
 
 __all__: list[str] = [
     "Adjoint",
     "Affine",
+    "ApproximationReport",
     "BlockDiagonal",
     "CurvatureOperator",
     "Dense",
@@ -59,13 +67,19 @@ __all__: list[str] = [
     "Scaled",
     "SolveInfo",
     "Sum",
+    "compare",
+    "diagonal_approximation",
+    "diagonal_of",
     "distributed",
     "ggn_diagonal",
     "inverse",
+    "layer_blocks",
     "lean_double_backward",
     "loss_stats",
+    "low_rank",
     "per_layer",
     "shard_batches",
     "stats",
+    "structure",
     "testing",
 ]

@@ -23,7 +23,7 @@ and the heuristic :math:`\pi`-damped inverse :math:`(G + \frac{\sqrt\delta}{\pi}
 {\operatorname{tr}G / d_G}` (Martens & Grosse 2015, Section 6.3), which is *not* the
 inverse of the damped matrix.  Parameters in no supported layer are refused
 (``remainder="error"``) or kept as an explicit diagonal (``remainder="diagonal"``: the
-exact GGN diagonal for ``fisher="type2"``, its Monte-Carlo estimate for ``"mc"``).
+diagonal of the approximated matrix: :func:`curvops.ggn_diagonal`).
 
 The factors are computed on the first product and recomputed whenever the model's
 parameters, buffers or modes (or the tensors of in-memory data) change, so a product
@@ -401,8 +401,9 @@ class KFACOperator(KroneckerEigenOperator):
         input extended by 1, Grosse & Martens).
     remainder:
         ``"error"`` (default): parameters in no supported layer are refused;
-        ``"diagonal"``: they get the GGN diagonal (exact for ``"type2"``, Monte Carlo
-        for ``"mc"``; not available for ``"empirical"``).
+        ``"diagonal"``: they get the diagonal of the approximated matrix
+        (:func:`curvops.ggn_diagonal`: exact GGN for ``"type2"``, the Monte-Carlo Fisher
+        with the same targets for ``"mc"``, the empirical Fisher for ``"empirical"``).
     mc_samples, seed:
         Monte-Carlo targets per sample and their seed (``fisher="mc"``).
 
@@ -450,8 +451,6 @@ class KFACOperator(KroneckerEigenOperator):
                 "(use fisher='empirical' for other losses)",
                 loss_fn,
             )
-        if remainder == "diagonal" and fisher == "empirical":
-            raise argument_error("remainder", "'error' for fisher='empirical'", remainder)
         self._model = model
         self._loss_fn = check_loss(loss_fn)
         self._data: Data = as_data(data)
@@ -593,7 +592,7 @@ class KFACOperator(KroneckerEigenOperator):
             self._model,
             self._loss_fn,
             self._data,
-            method="exact" if self.fisher == "type2" else "mc",
+            method={"type2": "exact"}.get(self.fisher, self.fisher),
             mc_samples=self.mc_samples,
             seed=self.seed,
             params=names,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvops import EKFACOperator, KFACOperator, ggn_diagonal
+from curvops import EKFACOperator, FisherOperator, KFACOperator, ggn_diagonal
 from curvops._model_state import model_state, state_differences
 from curvops.data import as_data
 from curvops.kronecker import flatten_loss_terms
@@ -361,8 +361,9 @@ def test_parameters_outside_supported_layers_are_refused_or_an_explicit_diagonal
     alone = KFACOperator(net, loss_fn, (x, y), params=supported).to_dense()
     keep = torch.tensor([i for i in range(K.shape[0]) if not ln.start <= i < ln.stop])
     torch.testing.assert_close(dense[keep][:, keep], alone, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="remainder"):
-        KFACOperator(net, loss_fn, (x, y), remainder="diagonal", fisher="empirical")
+    emp = KFACOperator(net, loss_fn, (x, y), remainder="diagonal", fisher="empirical")
+    want = torch.diagonal(FisherOperator(net, loss_fn, (x, y), kind="empirical").to_dense())[ln]
+    torch.testing.assert_close(torch.diagonal(emp.to_dense())[ln], want, rtol=1e-12, atol=1e-15)
 
 
 class _Tied(nn.Module):
