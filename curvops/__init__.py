@@ -26,7 +26,7 @@ from curvops.algebra import (
     Sum,
 )
 from curvops.blocks import per_layer
-from curvops.compare import ApproximationReport, compare
+from curvops.compare import ApproximationReport, compare, compare_all
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import shard_batches
@@ -68,6 +68,7 @@ __all__: list[str] = [
     "SolveInfo",
     "Sum",
     "compare",
+    "compare_all",
     "diagonal_approximation",
     "diagonal_of",
     "distributed",

@@ -38,6 +38,7 @@ The gradient defaults to that of the mean loss when ``exact`` is a model operato
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,14 +53,16 @@ from curvops.structure import exact_eigenvalues, exact_inverse, exact_logdet, ex
 from spectral import SpectralDensity, slq, top_eigenpairs
 from spectral.errors import argument_error
 
-__all__ = ["ApproximationReport", "compare"]
+__all__ = ["ApproximationReport", "compare", "compare_all"]
 
 
 @dataclass(frozen=True)
 class ApproximationReport:
     """The numbers :func:`compare` measures (``nan`` where a quantity is unavailable).
 
-    Eigenvalue arrays are float64, descending; angles in radians, ascending; errors
+    The spectra (``spectrum_nodes_*``, ``spectrum_weights_*``) are the measures the
+    :math:`W_1` distance compares (exact eigenvalues with equal weights, or SLQ nodes and
+    weights).  Eigenvalue arrays are float64, descending; angles in radians, ascending; errors
     are relative unless named otherwise (``logdet_error`` is absolute:
     :math:`\\log\\det` is already a log).
     """
@@ -67,6 +70,10 @@ class ApproximationReport:
     wasserstein: float
     spectrum_exact: str
     spectrum_approximation: str
+    spectrum_nodes_exact: np.ndarray
+    spectrum_weights_exact: np.ndarray
+    spectrum_nodes_approximation: np.ndarray
+    spectrum_weights_approximation: np.ndarray
     top_eigenvalues_exact: np.ndarray
     top_eigenvalues_approximation: np.ndarray
     top_eigenvalue_errors: np.ndarray
@@ -169,12 +176,190 @@ def _damped_solve(
     return torch.as_tensor(solver @ g)
 
 
-def _check_pair(approximation: Any, exact: Any) -> None:
-    for name, op in (("approximation", approximation), ("exact", exact)):
-        if not isinstance(op, CurvatureOperator) or not op.symmetric:
-            raise argument_error(name, "a symmetric curvops operator", op, kind=TypeError)
-    if approximation.shape != exact.shape:
-        raise argument_error("approximation", f"an operator of shape {exact.shape}", approximation)
+def _check_operator(name: str, op: Any, n: int | None) -> None:
+    if not isinstance(op, CurvatureOperator) or not op.symmetric:
+        raise argument_error(name, "a symmetric curvops operator", op, kind=TypeError)
+    if n is not None and op.shape != (n, n):
+        raise argument_error(name, f"an operator of shape {(n, n)}", op)
+
+
+@dataclass
+class _Side:
+    """Everything measured on one operator."""
+
+    density: SpectralDensity
+    source: str
+    top_values: np.ndarray  # descending
+    top_vectors: torch.Tensor
+    quadratic_forms: np.ndarray
+    gradient_form: float
+    step: torch.Tensor | None
+    trace: float
+    logdet: float
+    products: int
+
+
+def _measure(
+    A: CurvatureOperator,
+    *,
+    k: int,
+    num_iters: int,
+    num_probes: int,
+    V: torch.Tensor,
+    g: torch.Tensor | None,
+    damping: float | None,
+    eig_tol: float,
+    solve_tol: float,
+    seed: int,
+) -> tuple[_Side, float]:
+    n = A.shape[0]
+    counted = _Counted(A)
+    density, source = _spectrum(A, counted, num_iters, num_probes, seed)
+    vals, vecs = top_eigenpairs(counted, k, which="LA", tol=eig_tol, seed=seed)
+    top = np.asarray(vals, dtype=np.float64)[::-1].copy()
+    Vd = V.to(A.device, A.torch_dtype)
+    quad = (Vd * torch.as_tensor(counted @ Vd)).sum(0).double().cpu().numpy()
+    delta = float(damping) if damping is not None else 1e-3 * max(float(top[0]), 0.0)
+    g_form, step = math.nan, None
+    if g is not None:
+        gd = g.to(A.device, A.torch_dtype)
+        g_form = float(gd @ torch.as_tensor(counted @ gd))
+        if delta > 0 or A.psd:
+            step = _damped_solve(A, counted, delta, gd, solve_tol).to(torch.float64).cpu()
+    tr, ld = exact_trace(A), exact_logdet(A)
+    if tr is None:
+        tr = n * float(density.moment(1))
+    if ld is None:
+        nodes, weights = density.nodes, density.weights
+        ld = n * float(np.sum(weights * np.log(nodes))) if nodes.min() > 0 else -math.inf
+    side = _Side(
+        density,
+        source,
+        top,
+        torch.as_tensor(vecs).to(torch.float64).cpu(),
+        quad,
+        g_form,
+        step,
+        tr,
+        ld,
+        counted.count,
+    )
+    return side, delta
+
+
+def _report(a: _Side, e: _Side, delta: float) -> ApproximationReport:
+    if a.step is not None and e.step is not None:
+        norm = float(torch.linalg.vector_norm(e.step))
+        diff = float(torch.linalg.vector_norm(a.step - e.step))
+        newton = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+    else:
+        newton = math.nan
+    if math.isfinite(a.logdet) and math.isfinite(e.logdet):
+        ld_err = abs(a.logdet - e.logdet)
+    else:
+        ld_err = 0.0 if a.logdet == e.logdet else math.inf
+    g_err = (
+        _relative(a.gradient_form, e.gradient_form) if math.isfinite(e.gradient_form) else math.nan
+    )
+    return ApproximationReport(
+        wasserstein=float(a.density.wasserstein(e.density)),
+        spectrum_exact=e.source,
+        spectrum_approximation=a.source,
+        spectrum_nodes_exact=e.density.nodes.copy(),
+        spectrum_weights_exact=e.density.weights.copy(),
+        spectrum_nodes_approximation=a.density.nodes.copy(),
+        spectrum_weights_approximation=a.density.weights.copy(),
+        top_eigenvalues_exact=e.top_values,
+        top_eigenvalues_approximation=a.top_values,
+        top_eigenvalue_errors=np.array(
+            [_relative(x, y) for x, y in zip(a.top_values, e.top_values)]
+        ),
+        principal_angles=_principal_angles(e.top_vectors, a.top_vectors),
+        quadratic_form_errors=np.array(
+            [_relative(x, y) for x, y in zip(a.quadratic_forms, e.quadratic_forms)]
+        ),
+        gradient_quadratic_form_error=g_err,
+        newton_step_error=newton,
+        damping=delta,
+        trace_exact=e.trace,
+        trace_approximation=a.trace,
+        trace_error=_relative(a.trace, e.trace),
+        logdet_exact=e.logdet,
+        logdet_approximation=a.logdet,
+        logdet_error=ld_err,
+        products_exact=e.products,
+        products_approximation=a.products,
+    )
+
+
+def compare_all(
+    approximations: Mapping[str, CurvatureOperator],
+    exact: CurvatureOperator,
+    *,
+    k: int = 10,
+    num_iters: int = 50,
+    num_probes: int = 1,
+    num_directions: int = 10,
+    gradient: Any = None,
+    damping: float | None = None,
+    eig_tol: float = 1e-6,
+    solve_tol: float = 1e-8,
+    seed: int = 0,
+) -> dict[str, ApproximationReport]:
+    """:func:`compare` for several proxies, measuring the exact side once.
+
+    Each report's ``products_exact`` is the (shared) cost of the exact side.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`compare`; an empty mapping.
+    """
+    _check_operator("exact", exact, None)
+    n = exact.shape[0]
+    if not isinstance(approximations, Mapping) or not approximations:
+        raise argument_error(
+            "approximations", "a non-empty mapping name -> operator", approximations
+        )
+    for name, op in approximations.items():
+        _check_operator(f"approximations[{name!r}]", op, n)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise argument_error("k", f"an integer with 1 <= k < {n}", k)
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int):
+        raise argument_error("num_directions", "an integer >= 1", num_directions)
+    if num_directions < 1:
+        raise argument_error("num_directions", "an integer >= 1", num_directions)
+    if damping is not None and not (is_scalar(damping) and 0 <= damping < math.inf):
+        raise argument_error("damping", "a finite real number >= 0", damping)
+    g: torch.Tensor | None = None
+    if gradient is not None:
+        g = (
+            gradient
+            if isinstance(gradient, torch.Tensor)
+            else torch.as_tensor(np.asarray(gradient))
+        )
+        if g.ndim != 1 or g.shape[0] != n:
+            raise argument_error("gradient", f"a vector of length {n}", gradient)
+    elif isinstance(exact, ModelCurvatureOperator):
+        g = _mean_gradient(exact)
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(n, num_directions, generator=gen, dtype=torch.float64)
+    settings: dict[str, Any] = {
+        "k": k,
+        "num_iters": num_iters,
+        "num_probes": num_probes,
+        "V": V,
+        "g": g,
+        "eig_tol": eig_tol,
+        "solve_tol": solve_tol,
+        "seed": seed,
+    }
+    e, delta = _measure(exact, damping=damping, **settings)
+    reports = {}
+    for name, op in approximations.items():
+        a, _ = _measure(op, damping=delta, **settings)
+        reports[name] = _report(a, e, delta)
+    return reports
 
 
 def compare(
@@ -219,96 +404,20 @@ def compare(
     ValueError
         Shapes that differ, bad ``k``, ``num_directions``, ``damping`` or ``gradient``.
     """
-    _check_pair(approximation, exact)
-    n = exact.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-        raise argument_error("k", f"an integer with 1 <= k < {n}", k)
-    if (
-        isinstance(num_directions, bool)
-        or not isinstance(num_directions, int)
-        or num_directions < 1
-    ):
-        raise argument_error("num_directions", "an integer >= 1", num_directions)
-    if damping is not None and (
-        not is_scalar(damping) or not damping >= 0 or not np.isfinite(damping)
-    ):
-        raise argument_error("damping", "a finite real number >= 0", damping)
-    ce, ca = _Counted(exact), _Counted(approximation)
-
-    density_e, source_e = _spectrum(exact, ce, num_iters, num_probes, seed)
-    density_a, source_a = _spectrum(approximation, ca, num_iters, num_probes, seed)
-    w1 = density_a.wasserstein(density_e)
-
-    vals_e, vecs_e = top_eigenpairs(ce, k, which="LA", tol=eig_tol, seed=seed)
-    vals_a, vecs_a = top_eigenpairs(ca, k, which="LA", tol=eig_tol, seed=seed)
-    top_e, top_a = np.asarray(vals_e)[::-1].copy(), np.asarray(vals_a)[::-1].copy()
-    top_err = np.array([_relative(a, e) for a, e in zip(top_a, top_e)])
-    angles = _principal_angles(torch.as_tensor(vecs_e), torch.as_tensor(vecs_a))
-
-    gen = torch.Generator().manual_seed(seed)
-    V = torch.randn(n, num_directions, generator=gen, dtype=torch.float64)
-    V = V.to(device=exact.device, dtype=exact.torch_dtype)
-    q_e = (V * torch.as_tensor(ce @ V)).sum(0).double().cpu().numpy()
-    q_a = (V.to(approximation.device, approximation.torch_dtype) * torch.as_tensor(ca @ V)).sum(0)
-    q_a_np = q_a.double().cpu().numpy()
-    quad_err = np.array([_relative(a, e) for a, e in zip(q_a_np, q_e)])
-
-    g: torch.Tensor | None = None
-    if gradient is not None:
-        g = torch.as_tensor(
-            np.asarray(gradient) if not isinstance(gradient, torch.Tensor) else gradient
-        )
-        if g.ndim != 1 or g.shape[0] != n:
-            raise argument_error("gradient", f"a vector of length {n}", gradient)
-    elif isinstance(exact, ModelCurvatureOperator):
-        g = _mean_gradient(exact)
-    delta = float(damping) if damping is not None else 1e-3 * max(float(top_e[0]), 0.0)
-    grad_err = newton_err = math.nan
-    if g is not None:
-        g = g.to(device=exact.device, dtype=exact.torch_dtype)
-        grad_err = _relative(float(g @ torch.as_tensor(ca @ g)), float(g @ torch.as_tensor(ce @ g)))
-        if delta > 0 or (approximation.psd and exact.psd):
-            x_e = _damped_solve(exact, ce, delta, g, solve_tol).to(torch.float64)
-            x_a = _damped_solve(approximation, ca, delta, g, solve_tol).to(torch.float64)
-            norm = float(torch.linalg.vector_norm(x_e))
-            diff = float(torch.linalg.vector_norm(x_a.to(x_e.device) - x_e))
-            newton_err = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
-
-    def trace_and_logdet(A: CurvatureOperator, density: SpectralDensity) -> tuple[float, float]:
-        tr, ld = exact_trace(A), exact_logdet(A)
-        if tr is None:
-            tr = n * float(density.moment(1))
-        if ld is None:
-            nodes = density.nodes
-            ld = (
-                n * float(np.sum(density.weights * np.log(nodes))) if nodes.min() > 0 else -math.inf
-            )
-        return tr, ld
-
-    tr_e, ld_e = trace_and_logdet(exact, density_e)
-    tr_a, ld_a = trace_and_logdet(approximation, density_a)
-    if math.isfinite(ld_e) and math.isfinite(ld_a):
-        ld_err = abs(ld_a - ld_e)
-    else:
-        ld_err = 0.0 if ld_e == ld_a else math.inf
-    return ApproximationReport(
-        wasserstein=float(w1),
-        spectrum_exact=source_e,
-        spectrum_approximation=source_a,
-        top_eigenvalues_exact=top_e,
-        top_eigenvalues_approximation=top_a,
-        top_eigenvalue_errors=top_err,
-        principal_angles=angles,
-        quadratic_form_errors=quad_err,
-        gradient_quadratic_form_error=grad_err,
-        newton_step_error=newton_err,
-        damping=delta,
-        trace_exact=tr_e,
-        trace_approximation=tr_a,
-        trace_error=_relative(tr_a, tr_e),
-        logdet_exact=ld_e,
-        logdet_approximation=ld_a,
-        logdet_error=ld_err,
-        products_exact=ce.count,
-        products_approximation=ca.count,
-    )
+    _check_operator("approximation", approximation, None)
+    _check_operator("exact", exact, None)
+    if approximation.shape != exact.shape:
+        raise argument_error("approximation", f"an operator of shape {exact.shape}", approximation)
+    return compare_all(
+        {"approximation": approximation},
+        exact,
+        k=k,
+        num_iters=num_iters,
+        num_probes=num_probes,
+        num_directions=num_directions,
+        gradient=gradient,
+        damping=damping,
+        eig_tol=eig_tol,
+        solve_tol=solve_tol,
+        seed=seed,
+    )["approximation"]

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from curvops import GGNOperator, KFACOperator, compare
+from curvops import GGNOperator, KFACOperator, compare, compare_all
 from curvops.structured import Dense, Diagonal
 from spectral.synthetic import haar_orthogonal
 
@@ -140,3 +140,22 @@ def test_bad_arguments(kwargs: dict, error: type) -> None:
         compare(A, op)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape"):
         compare(Diagonal(np.ones(3)), op)
+
+
+def test_compare_all_measures_the_exact_side_once_and_equals_compare() -> None:
+    _, A = _rotated()
+    exact = Dense(A, symmetric=True)
+    proxies = {"diag": Diagonal(np.diag(A).copy()), "self": exact}
+    g = np.ones(N)
+    reports = compare_all(proxies, exact, k=2, gradient=g, damping=0.1)
+    single = compare(proxies["diag"], exact, k=2, gradient=g, damping=0.1)
+    for field in ("wasserstein", "trace_error", "logdet_error", "newton_step_error"):
+        assert getattr(reports["diag"], field) == getattr(single, field)
+    np.testing.assert_array_equal(reports["diag"].principal_angles, single.principal_angles)
+    assert reports["self"].wasserstein == 0.0
+    assert reports["diag"].products_exact == reports["self"].products_exact
+    # the spectra behind W1: exact eigenvalues with equal weights
+    np.testing.assert_allclose(reports["diag"].spectrum_nodes_exact, np.sort(LAMBDA), rtol=1e-10)
+    np.testing.assert_allclose(reports["diag"].spectrum_weights_exact, np.full(N, 1 / N))
+    with pytest.raises(ValueError, match="approximations"):
+        compare_all({}, exact)
