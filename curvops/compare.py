@@ -9,9 +9,10 @@ operator it approximates :math:`A` (both symmetric, ``n x n``), :func:`compare` 
   (:func:`curvops.structure.exact_eigenvalues`), stochastic Lanczos quadrature
   (:func:`spectral.slq`, ``num_iters``, ``num_probes``, ``seed``) otherwise;
 * the relative errors :math:`|\tilde\lambda_i - \lambda_i| / |\lambda_i|` of the top-``k``
-  eigenvalues and the principal angles between the top-``k`` eigenspaces
-  (:func:`spectral.top_eigenpairs` on both; angles from cosines and sines, accurate at
-  both ends);
+  eigenvalues and the principal angles between the top-``k`` eigenspaces (from the
+  structure where it gives them, :func:`curvops.structure.exact_top_eigenpairs`, else
+  :func:`spectral.top_eigenpairs`; angles from cosines and sines, accurate at both
+  ends);
 * relative errors :math:`|v^\top\tilde A v - v^\top A v| / |v^\top A v|` of quadratic
   forms on ``num_directions`` Gaussian directions and on the gradient :math:`g`;
 * the relative error :math:`\|\tilde x - x\| / \|x\|` of the damped Newton step
@@ -49,7 +50,13 @@ from curvops._model_state import curvature_mode, functional_forward
 from curvops.curvature import ModelCurvatureOperator
 from curvops.inverse import inverse
 from curvops.operator import CurvatureOperator, is_scalar
-from curvops.structure import exact_eigenvalues, exact_inverse, exact_logdet, exact_trace
+from curvops.structure import (
+    exact_eigenvalues,
+    exact_inverse,
+    exact_logdet,
+    exact_top_eigenpairs,
+    exact_trace,
+)
 from spectral import SpectralDensity, slq, top_eigenpairs
 from spectral.errors import argument_error
 
@@ -215,8 +222,14 @@ def _measure(
     n = A.shape[0]
     counted = _Counted(A)
     density, source = _spectrum(A, counted, num_iters, num_probes, seed)
-    vals, vecs = top_eigenpairs(counted, k, which="LA", tol=eig_tol, seed=seed)
-    top = np.asarray(vals, dtype=np.float64)[::-1].copy()
+    pairs = exact_top_eigenpairs(A, k)
+    if pairs is not None:
+        top = pairs[0].detach().to(torch.float64).cpu().numpy()
+        vecs: Any = pairs[1]
+    else:
+        vals, vecs = top_eigenpairs(counted, k, which="LA", tol=eig_tol, seed=seed)
+        top = np.asarray(vals, dtype=np.float64)[::-1].copy()
+        vecs = torch.as_tensor(vecs).flip(1)  # descending, as the values
     Vd = V.to(A.device, A.torch_dtype)
     quad = (Vd * torch.as_tensor(counted @ Vd)).sum(0).double().cpu().numpy()
     delta = float(damping) if damping is not None else 1e-3 * max(float(top[0]), 0.0)

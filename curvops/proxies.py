@@ -46,7 +46,14 @@ from spectral import diagonal as spectral_diagonal
 from spectral import top_eigenpairs
 from spectral.errors import argument_error
 
-__all__ = ["DIAGONAL_METHODS", "diagonal_approximation", "diagonal_of", "layer_blocks", "low_rank"]
+__all__ = [
+    "DIAGONAL_METHODS",
+    "diagonal_approximation",
+    "diagonal_of",
+    "layer_blocks",
+    "low_rank",
+    "make_proxy",
+]
 
 DIAGONAL_METHODS = ("exact", "mc", "hutchinson", "empirical")
 
@@ -194,3 +201,91 @@ def low_rank(
     rest = A - L
     d = diagonal_of(rest, method=remainder, num_matvecs=num_matvecs, seed=seed)
     return add(L, d)
+
+
+_DIAGONAL_SPECS = {"ggn": "exact", "mc": "mc", "hutchinson": "hutchinson", "ef": "empirical"}
+_KFAC_OPTIONS = {"expand", "reduce", "mc", "empirical", "type2", "joint"}
+
+
+def make_proxy(
+    spec: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    exact: CurvatureOperator | None = None,
+    params: Any = None,
+    bn_mode: str | None = None,
+    seed: int = 0,
+    num_matvecs: int = 100,
+) -> CurvatureOperator:
+    """Build a proxy from its name (the vocabulary of ``curvature compare --approx``).
+
+    ``"kfac"`` / ``"ekfac"`` with optional ``-reduce``, ``-mc``, ``-empirical``, ``-joint``
+    suffixes (parameters outside Linear/Conv2d get their diagonal,
+    ``remainder="diagonal"``); ``"diag-ggn"``, ``"diag-mc"``, ``"diag-hutchinson"``,
+    ``"diag-ef"`` (:func:`diagonal_approximation`); ``"blocks"`` (:func:`layer_blocks`
+    of the GGN); ``"low-rank-K"`` and ``"low-rank-K-diag"`` (:func:`low_rank` of
+    ``exact``, the latter plus a Hutchinson diagonal of the remainder).
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or ``low-rank-K`` without ``exact``.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2).double()
+    >>> data = (torch.ones(3, 2, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    >>> type(make_proxy("kfac-joint", net, torch.nn.CrossEntropyLoss(), data)).__name__
+    'KFACOperator'
+    """
+    from curvops.ekfac import EKFACOperator
+    from curvops.kfac import KFACOperator
+
+    if not isinstance(spec, str):
+        raise argument_error("spec", "a proxy name such as 'kfac' or 'low-rank-20'", spec)
+    parts = spec.lower().split("-")
+    if parts[0] in ("kfac", "ekfac") and set(parts[1:]) <= _KFAC_OPTIONS:
+        opts = set(parts[1:])
+        fisher = "mc" if "mc" in opts else "empirical" if "empirical" in opts else "type2"
+        cls = EKFACOperator if parts[0] == "ekfac" else KFACOperator
+        return cls(
+            model,
+            loss_fn,
+            data,
+            fisher=fisher,
+            approx="reduce" if "reduce" in opts else "expand",
+            bias="joint" if "joint" in opts else "separate",
+            remainder="diagonal",
+            params=params,
+            bn_mode=bn_mode,
+            seed=seed,
+        )
+    if parts[0] == "diag" and len(parts) == 2 and parts[1] in _DIAGONAL_SPECS:
+        return diagonal_approximation(
+            model,
+            loss_fn,
+            data,
+            method=_DIAGONAL_SPECS[parts[1]],
+            seed=seed,
+            num_matvecs=num_matvecs,
+            params=params,
+            bn_mode=bn_mode,
+        )
+    if parts == ["blocks"]:
+        return layer_blocks(model, loss_fn, data, params=params, bn_mode=bn_mode)
+    if parts[:2] == ["low", "rank"] and len(parts) in (3, 4) and parts[2].isdigit():
+        if len(parts) == 4 and parts[3] != "diag":
+            raise argument_error("spec", "'low-rank-K' or 'low-rank-K-diag'", spec)
+        if exact is None:
+            raise argument_error("exact", f"the exact operator for {spec!r}", exact)
+        remainder = "hutchinson" if len(parts) == 4 else None
+        return low_rank(
+            exact, int(parts[2]), remainder=remainder, num_matvecs=num_matvecs, seed=seed
+        )
+    raise argument_error(
+        "spec",
+        "kfac[-reduce|-mc|-empirical|-joint], ekfac[...], diag-ggn, diag-mc, "
+        "diag-hutchinson, diag-ef, blocks, low-rank-K or low-rank-K-diag",
+        spec,
+    )

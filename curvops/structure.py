@@ -37,7 +37,13 @@ from curvops.operator import CurvatureOperator, is_scalar
 from curvops.structured import Dense, Diagonal, Identity, LowRank
 from spectral.errors import argument_error
 
-__all__ = ["exact_eigenvalues", "exact_inverse", "exact_logdet", "exact_trace"]
+__all__ = [
+    "exact_eigenvalues",
+    "exact_inverse",
+    "exact_logdet",
+    "exact_top_eigenpairs",
+    "exact_trace",
+]
 
 
 def exact_eigenvalues(A: CurvatureOperator) -> torch.Tensor | None:
@@ -123,4 +129,86 @@ def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | N
         if any(b is None for b in blocks):
             return None
         return BlockDiagonal([b for b in blocks if b is not None])
+    return None
+
+
+def _top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``values``, largest first (ties: lower index first)."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    return order[:k]
+
+
+def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``k`` largest eigenvalues (descending) and unit eigenvectors (``n x k``), or ``None``.
+
+    From the structure, without products; ``None`` where it does not give them (then
+    use :func:`spectral.top_eigenpairs`).
+
+    >>> import numpy as np
+    >>> from curvops.structured import Diagonal
+    >>> values, vectors = exact_top_eigenpairs(Diagonal(np.array([1.0, 3.0, 2.0])), 2)
+    >>> values.tolist(), vectors.argmax(0).tolist()
+    ([3.0, 2.0], [1, 2])
+    """
+    n = A.shape[0]
+    if not isinstance(A, CurvatureOperator) or not A.symmetric or not 1 <= k <= n:
+        return None
+    dtype, device = A.torch_dtype, A.device
+    if isinstance(A, KroneckerEigenOperator):
+        eig = A.eigen_blocks()
+        flat = [e.values.reshape(-1) for e in eig]
+        rem = A.remainder_diagonal()
+        values = torch.cat([*flat, rem])
+        idx = _top(values, k)
+        vectors = torch.zeros(n, k, dtype=dtype, device=device)
+        sizes = [f.numel() for f in flat]
+        starts = np.cumsum([0, *sizes]).tolist()
+        rem_pos = A._remainder_positions
+        for col, i in enumerate(idx.tolist()):
+            b = int(np.searchsorted(starts, i, side="right")) - 1
+            if b < len(eig):
+                e, block = eig[b], A.blocks[b]
+                r, c = divmod(i - starts[b], block.cols)
+                v = torch.outer(e.U_G[:, r], e.U_A[:, c]).reshape(-1)
+                vectors[block.positions.reshape(-1).to(device), col] = v
+            else:
+                vectors[rem_pos[i - starts[-1]], col] = 1.0
+        return values[idx], vectors
+    if isinstance(A, Diagonal):
+        d = A.diagonal
+        idx = _top(d, k)
+        return d[idx], torch.eye(n, dtype=dtype, device=device)[:, idx]
+    if isinstance(A, Dense):
+        lam, U = torch.linalg.eigh(A.matrix)
+        idx = _top(lam, k)
+        return lam[idx], U[:, idx]
+    if isinstance(A, LowRank):
+        Q, R = torch.linalg.qr(A.factor)
+        lam, S = torch.linalg.eigh((R * A.weights) @ R.T)
+        idx = _top(lam, k)
+        if k > lam.numel() or float(lam[idx[-1]]) <= 0.0:
+            return None  # the top k reach into the null space
+        return lam[idx], (Q @ S)[:, idx]
+    if isinstance(A, BlockDiagonal):
+        parts = [exact_top_eigenpairs(b, min(k, b.shape[0])) for b in A.blocks]
+        if any(p is None for p in parts):
+            return None
+        offsets = A.offsets
+        vals, vecs = [], []
+        for j, part in enumerate(parts):
+            if part is None:  # pragma: no cover - excluded above
+                return None
+            pv, pV = part
+            full = torch.zeros(n, pV.shape[1], dtype=dtype, device=device)
+            full[offsets[j] : offsets[j + 1]] = pV
+            vals.append(pv)
+            vecs.append(full)
+        allv, allV = torch.cat(vals), torch.cat(vecs, dim=1)
+        idx = _top(allv, k)
+        return allv[idx], allV[:, idx]
+    if isinstance(A, Affine) and A.a > 0:
+        base = exact_top_eigenpairs(A.base, k)
+        if base is None:
+            return None
+        return A.a * base[0] + A.b, base[1]
     return None

@@ -121,3 +121,33 @@ def test_structure_queries_equal_the_dense_matrices() -> None:
     assert exact_eigenvalues(GGNOperator(net, loss_fn, data)) is None
     with pytest.raises(ValueError, match="damping"):
         exact_inverse(Diagonal(np.ones(2)), -1.0)
+
+
+def test_exact_top_eigenpairs_are_eigenpairs_of_the_structured_operators() -> None:
+    from curvops import KFACOperator
+    from curvops.structure import exact_top_eigenpairs
+
+    net, loss_fn, data = _case()
+    rng = np.random.default_rng(1)
+    U = rng.standard_normal((8, 3))
+    ops = [
+        KFACOperator(net, loss_fn, data, bias="joint"),
+        KFACOperator(
+            nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DT),
+            loss_fn,
+            data,
+            remainder="diagonal",
+        ),
+        LowRank(U, np.array([3.0, 2.0, 0.5])),
+        BlockDiagonal([Diagonal(np.array([1.0, 5.0])), Dense(np.array([[2.0, 1.0], [1.0, 2.0]]))]),
+        Dense(prescribed_spectrum(np.arange(1.0, 9.0), seed=0), symmetric=True),
+    ]
+    for op in ops:
+        k = 3
+        values, vectors = exact_top_eigenpairs(op, k)
+        dense = op @ torch.eye(op.shape[0], dtype=DT)
+        want = torch.linalg.eigvalsh(dense).flip(0)[:k]
+        torch.testing.assert_close(values, want, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(dense @ vectors, vectors * values, rtol=0, atol=1e-12)
+        torch.testing.assert_close(vectors.T @ vectors, torch.eye(k, dtype=DT), rtol=0, atol=1e-12)
+    assert exact_top_eigenpairs(LowRank(U, np.array([3.0, 2.0, 0.5])), 4) is None
