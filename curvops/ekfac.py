@@ -59,7 +59,7 @@ class EKFACOperator(KFACOperator):
 
     def _compute(self) -> dict[str, Any]:
         stats = super()._compute()
-        bases = [(e.U_G, e.U_A) for e in stats["eigen"]]
+        bases = [(e.U_G, e.U_A) for e in self._kfac_eigen(stats)]
         sums: list[torch.Tensor | None] = [None] * len(self._blocks)
         count = 0
         for batch, records in self._passes():
@@ -95,9 +95,12 @@ class EKFACOperator(KFACOperator):
                 raise NumericalError(f"E-KFAC: non-finite eigenvalues of layer {block.layer!r}")
             U_G, U_A = bases[i]
             eigen.append(EigenBlock(U_G, U_A, values))
-        stats["kfac_eigen"] = stats["eigen"]
         stats["eigen"] = eigen
         return stats
+
+    def eigen_blocks(self) -> list[EigenBlock]:
+        eigen: list[EigenBlock] = self._statistics()["eigen"]
+        return eigen
 
     def _block_products(self) -> Any:
         return super(KFACOperator, self)._block_products()

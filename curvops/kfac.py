@@ -568,18 +568,20 @@ class KFACOperator(KroneckerEigenOperator):
                 "data (their parameters are used another way); exclude them with params= "
                 "and use remainder='diagonal'"
             )
+        for G in G_sums.values():
+            G.div_(count)
         As, Gs = [], []
         for i, block in enumerate(self._blocks):
-            A = (
-                torch.ones(1, 1, dtype=dtype, device=device)
-                if block.part == "bias"
-                else A_sums[i] / count
-            )
-            G = G_sums[block.module] / count
-            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(G).all())):
+            if block.part == "bias":
+                A = torch.ones(1, 1, dtype=dtype, device=device)
+            else:
+                A = A_sums[i].div_(count)
+            G = G_sums[block.module]
+            # a sum is finite iff every entry is (NaN and Inf propagate): one reduction
+            if not (bool(torch.isfinite(A.sum())) and bool(torch.isfinite(G.sum()))):
                 raise NumericalError(f"K-FAC: non-finite factor of layer {block.layer!r}")
-            As.append((A + A.T) / 2)
-            Gs.append((G + G.T) / 2)
+            As.append(A)
+            Gs.append(G)
         return As, Gs
 
     def _remainder_values(self) -> torch.Tensor:
@@ -601,12 +603,20 @@ class KFACOperator(KroneckerEigenOperator):
 
     def _compute(self) -> dict[str, Any]:
         As, Gs = self._compute_factors()
-        eig = []
-        for A, G in zip(As, Gs):
-            lam_A, U_A = torch.linalg.eigh(A)
-            lam_G, U_G = torch.linalg.eigh(G)
-            eig.append(EigenBlock(U_G, U_A, torch.outer(lam_G, lam_A), lam_G, lam_A))
-        return {"A": As, "G": Gs, "eigen": eig, "remainder": self._remainder_values()}
+        return {"A": As, "G": Gs, "remainder": self._remainder_values()}
+
+    @staticmethod
+    def _kfac_eigen(stats: dict[str, Any]) -> list[EigenBlock]:
+        """The factors' eigendecompositions, computed on first use and kept with them."""
+        if "kfac_eigen" not in stats:
+            eig = []
+            for A, G in zip(stats["A"], stats["G"]):
+                lam_A, U_A = torch.linalg.eigh(A)
+                lam_G, U_G = torch.linalg.eigh(G)
+                eig.append(EigenBlock(U_G, U_A, torch.outer(lam_G, lam_A), lam_G, lam_A))
+            stats["kfac_eigen"] = eig
+        eigen: list[EigenBlock] = stats["kfac_eigen"]
+        return eigen
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The Kronecker factors ``(G, A)`` of every block (in the order of :attr:`blocks`)."""
@@ -614,8 +624,7 @@ class KFACOperator(KroneckerEigenOperator):
         return list(zip(stats["G"], stats["A"]))
 
     def eigen_blocks(self) -> list[EigenBlock]:
-        eigen: list[EigenBlock] = self._statistics()["eigen"]
-        return eigen
+        return self._kfac_eigen(self._statistics())
 
     def remainder_diagonal(self) -> torch.Tensor:
         values: torch.Tensor = self._statistics()["remainder"]

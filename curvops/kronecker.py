@@ -152,7 +152,8 @@ def input_factor(a: torch.Tensor, approx: str) -> torch.Tensor:
         mean = a.mean(dim=1)
         return mean.T @ mean
     rows = a.reshape(-1, a.shape[-1])
-    return rows.T @ rows / a.shape[1]
+    out = rows.T @ rows
+    return out if a.shape[1] == 1 else out.div_(a.shape[1])
 
 
 def grad_factor(g: torch.Tensor, approx: str) -> torch.Tensor:

@@ -177,7 +177,9 @@ def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, to
     if isinstance(A, Diagonal):
         d = A.diagonal
         idx = _top(d, k)
-        return d[idx], torch.eye(n, dtype=dtype, device=device)[:, idx]
+        vectors = torch.zeros(n, k, dtype=dtype, device=device)
+        vectors[idx, torch.arange(k, device=device)] = 1.0
+        return d[idx], vectors
     if isinstance(A, Dense):
         lam, U = torch.linalg.eigh(A.matrix)
         idx = _top(lam, k)
