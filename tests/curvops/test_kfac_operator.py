@@ -421,3 +421,20 @@ def test_empirical_kfac_accepts_any_separable_loss() -> None:
     want = torch.zeros(8, 8, dtype=DT)
     want[pos.unsqueeze(1), pos.unsqueeze(0)] = torch.kron(G, A)
     torch.testing.assert_close(K.to_dense(), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_factors_do_not_depend_on_how_the_data_is_split_into_batches(fisher: str) -> None:
+    """Batches weighted by their sizes: every factor is a mean over samples."""
+    model, loss_fn, data = _case("seq-mse")
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    whole = KFACOperator(model, loss_fn, (x, y), fisher=fisher, approx="reduce")
+    split = KFACOperator(model, loss_fn, _split(x, y, (3, 5, 6)), fisher=fisher, approx="reduce")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    streamed = KFACOperator(model, loss_fn, loader, fisher=fisher, approx="reduce")
+    for (G1, A1), (G2, A2), (G3, A3) in zip(whole.factors(), split.factors(), streamed.factors()):
+        torch.testing.assert_close(G2, G1, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(A2, A1, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(G3, G1, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(A3, A1, rtol=1e-12, atol=1e-15)
