@@ -1,4 +1,4 @@
-"""The ``curvature`` command line: train, spectrum, stats, landscape, plot, demo.
+"""The ``curvature`` command line: train, spectrum, stats, landscape, compare, plot, demo.
 
 Each subcommand is a thin layer over the Python API (``nets.train_network``,
 ``nets.compute_eigenspectrum``, ``nets.compute_loss_stats``,
@@ -521,6 +521,74 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
     return [format_table(rows, title="Spectrum summary")]
 
 
+def _cmd_compare(args: argparse.Namespace) -> list[str]:
+    """Grade curvature approximations against the exact curvature at a checkpoint."""
+    import numpy as np
+
+    from nets.workflow._resolve import (
+        default_loss,
+        make_eval_loader,
+        preserve_global_state,
+        resolve_data,
+        resolve_model,
+        resolve_parallel,
+    )
+    from nets.workflow.compare import compare_curvatures
+
+    _fill_from_checkpoint(args, args.checkpoint)
+    names = [name.strip() for name in args.approx.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--approx: expected a comma-separated list of names, got {args.approx!r}")
+    epoch = _checkpoint_config(args.checkpoint).get("epoch", 0)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(args.checkpoint).parent / f"compare-{int(epoch):05d}-{args.curvature}.npz"
+    )
+    start = time.perf_counter()
+    with preserve_global_state():
+        data = resolve_data(args.dataset, args.data_path, seed=args.seed)
+        _, device = resolve_parallel(False, args.device)
+        resolved = resolve_model(
+            args.model, args.checkpoint, data, device=device, seed=args.seed, copy_module=False
+        )
+        loader = make_eval_loader(
+            data.train, args.batch_size, subsample=args.subsample, seed=args.seed
+        )
+        reports = compare_curvatures(
+            resolved.model,
+            default_loss(None, data.task),
+            loader,
+            approximations=names,
+            exact=args.curvature,
+            bn_mode=args.bn_mode,
+            k=args.k,
+            num_iters=args.iters,
+            seed=args.seed,
+            save_path=out,
+            figure_path=out.with_suffix(".png"),
+        )
+    elapsed = time.perf_counter() - start
+    header = ["proxy", "W1", "top-1 rel. err", "max angle (rad)", "trace rel. err",
+              "Newton step rel. err", "products"]  # fmt: skip
+    body = [
+        [
+            name,
+            _fmt(float(r.wasserstein)),
+            _fmt(float(np.abs(r.top_eigenvalue_errors[0])))
+            if r.top_eigenvalue_errors.size
+            else "-",
+            _fmt(float(np.max(r.principal_angles))) if r.principal_angles.size else "-",
+            _fmt(float(r.trace_error)),
+            _fmt(float(r.newton_step_error)),
+            _fmt(int(r.products_exact) + int(r.products_approximation)),
+        ]
+        for name, r in reports.items()
+    ]
+    title = f"Approximations against the exact {args.curvature} ({out}, {elapsed:.1f} s)"
+    return [format_grid(header, body, title=title)]
+
+
 def _checkpoint_list(items: Sequence[str]) -> list[str]:
     paths: list[str] = []
     for item in items:
@@ -982,6 +1050,55 @@ def _add_landscape_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(handler=_cmd_landscape)
 
 
+def _add_compare_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``compare`` subcommand and its options."""
+    p = sub.add_parser(
+        "compare",
+        help="grade curvature approximations (K-FAC, diagonals, low rank) against the truth",
+        formatter_class=fmt,
+        description="Build each approximation of the curvature at a checkpoint and compare it "
+        "with the exact operator: W1 distance of the spectral densities, top eigenvalues, "
+        "principal angles, quadratic forms, Newton step, trace and log-determinant (.npz and "
+        "a figure with every spectrum in one unit).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint-XXXXX.pt")
+    _add_common(p)
+    p.add_argument(
+        "--approx",
+        default="kfac,ekfac,diag-ggn,diag-mc,low-rank-20",
+        help="comma-separated approximations: kfac, ekfac, diag-ggn, diag-mc, diag-ef, "
+        "diag-hutchinson, low-rank-K, blocks (see curvops.proxies.make_proxy)",
+    )
+    p.add_argument("--curvature", default="ggn", help="the exact curvature: ggn, hessian or fisher")
+    p.add_argument(
+        "--iters", type=int, default=50, help="Lanczos iterations m of the SLQ densities"
+    )
+    p.add_argument("--k", type=int, default=10, help="top eigenpairs compared")
+    p.add_argument(
+        "--bn-mode",
+        default="eval",
+        choices=("train", "eval"),
+        help="BatchNorm statistics used in curvature products",
+    )
+    p.add_argument(
+        "--subsample",
+        type=_count_or_fraction,
+        default=None,
+        help="use only this many (or this fraction of) training samples, drawn with --seed "
+        "(default: the whole training set)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="batch size of the curvature products"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="report file (default: <checkpoint dir>/compare-<epoch>-<curvature>.npz); the "
+        "figure goes beside it as .png",
+    )
+    p.set_defaults(handler=_cmd_compare)
+
+
 def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """The ``plot`` subcommand and its options."""
     p = sub.add_parser(
@@ -1084,6 +1201,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_spectrum_parser,
         _add_stats_parser,
         _add_landscape_parser,
+        _add_compare_parser,
         _add_plot_parser,
         _add_demo_parser,
     ):
