@@ -107,7 +107,8 @@ def ggn_diagonal(
     Parameters
     ----------
     method:
-        ``"exact"`` or ``"mc"`` (Monte-Carlo, ``mc_samples`` targets per sample, ``seed``).
+        ``"exact"``, ``"mc"`` (Monte-Carlo, ``mc_samples`` targets per sample, ``seed``) or
+        ``"empirical"`` (the diagonal of the empirical Fisher, true targets).
     chunk_size:
         Vector-Jacobian products batched together.
     params, bn_mode:
@@ -121,8 +122,8 @@ def ggn_diagonal(
     spectral.errors.NumericalError
         Non-finite values (names the batch).
     """
-    if method not in ("exact", "mc"):
-        raise argument_error("method", "'exact' or 'mc'", method)
+    if method not in ("exact", "mc", "empirical"):
+        raise argument_error("method", "'exact', 'mc' or 'empirical'", method)
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise argument_error("mc_samples", "an integer >= 1", mc_samples)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -154,9 +155,9 @@ def ggn_diagonal(
                     loss_fn,
                     out,
                     targets,
-                    kind="mc",
-                    mc_samples=mc_samples,
-                    generator=batch_generator(seed, batch.index),
+                    kind="mc" if method == "mc" else "empirical",
+                    mc_samples=mc_samples if method == "mc" else 1,
+                    generator=batch_generator(seed, batch.index) if method == "mc" else None,
                     normaliser=batch_normaliser(loss_fn, inputs, targets, batch.size),
                 )
                 signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)

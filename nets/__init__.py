@@ -30,6 +30,7 @@ from nets.optim import EKFAC, KFAC, SWATS, LanczosNewton
 
 # --- workflow, plots (workflow/, plots/) ---
 from nets.plots import (
+    plot_curvature_tracking,
     plot_loss_landscape,
     plot_spectrum,
     plot_spectrum_comparison,
@@ -70,6 +71,7 @@ __all__: list[str] = [
     "load_spectrum",
     "make_loader",
     "model_from_checkpoint",
+    "plot_curvature_tracking",
     "plot_loss_landscape",
     "plot_spectrum",
     "plot_spectrum_comparison",

@@ -1,4 +1,4 @@
-"""The ``curvature`` command line: train, spectrum, stats, landscape, plot, demo.
+"""The ``curvature`` command line: train, spectrum, stats, landscape, compare, plot, demo.
 
 Each subcommand is a thin layer over the Python API (``nets.train_network``,
 ``nets.compute_eigenspectrum``, ``nets.compute_loss_stats``,
@@ -358,10 +358,58 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         kwargs["save_freq"] = args.save_freq if args.save_freq > 0 else None
     if args.resume is not None:
         kwargs["resume"] = args.resume
+    if args.track_curvature is not None:
+        kwargs["track"] = track_options(args.track_curvature)
     start = time.perf_counter()
     train_network(**kwargs)
     elapsed = time.perf_counter() - start
     return [_training_table(Path(args.dir), elapsed)]
+
+
+#: Keys of ``--track-curvature`` and their types.
+TRACK_KEYS: dict[str, type] = {
+    "every": int,
+    "top_k": int,
+    "trace_probes": int,
+    "kind": str,
+    "seed": int,
+    "tol": float,
+    "samples": int,
+    "density_every": int,
+    "density_iters": int,
+    "density_probes": int,
+    "bn_mode": str,
+}
+
+
+def track_options(text: str) -> dict[str, Any]:
+    """``--track-curvature every=50,top_k=3`` as the tracker's keyword arguments.
+
+    >>> track_options("every=50,top_k=3,trace_probes=8")
+    {'every': 50, 'top_k': 3, 'trace_probes': 8}
+    """
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise UsageError(f"--track-curvature expects KEY=VALUE,...; received {item!r}")
+        kind = TRACK_KEYS.get(key)
+        if kind is None:
+            raise UsageError(
+                f"--track-curvature: unknown key {key!r} (keys: {', '.join(TRACK_KEYS)})"
+            )
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise UsageError(
+                f"--track-curvature {key}: expected {kind.__name__}; received {value!r}"
+            ) from None
+        minimum = 0 if key in ("trace_probes", "seed") else 1
+        if kind is int and out[key] < minimum:
+            raise UsageError(
+                f"--track-curvature {key}: expected an integer >= {minimum}; received {value}"
+            )
+    return out
 
 
 def _training_table(run_dir: Path, elapsed: float | None = None) -> str:
@@ -471,6 +519,74 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
     rows = [*spectrum_rows(written), *bulk_rows(load_npz(written))]
     rows.append(("wall time (s)", f"{elapsed:.1f}"))
     return [format_table(rows, title="Spectrum summary")]
+
+
+def _cmd_compare(args: argparse.Namespace) -> list[str]:
+    """Grade curvature approximations against the exact curvature at a checkpoint."""
+    import numpy as np
+
+    from nets.workflow._resolve import (
+        default_loss,
+        make_eval_loader,
+        preserve_global_state,
+        resolve_data,
+        resolve_model,
+        resolve_parallel,
+    )
+    from nets.workflow.compare import compare_curvatures
+
+    _fill_from_checkpoint(args, args.checkpoint)
+    names = [name.strip() for name in args.approx.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--approx: expected a comma-separated list of names, got {args.approx!r}")
+    epoch = _checkpoint_config(args.checkpoint).get("epoch", 0)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(args.checkpoint).parent / f"compare-{int(epoch):05d}-{args.curvature}.npz"
+    )
+    start = time.perf_counter()
+    with preserve_global_state():
+        data = resolve_data(args.dataset, args.data_path, seed=args.seed)
+        _, device = resolve_parallel(False, args.device)
+        resolved = resolve_model(
+            args.model, args.checkpoint, data, device=device, seed=args.seed, copy_module=False
+        )
+        loader = make_eval_loader(
+            data.train, args.batch_size, subsample=args.subsample, seed=args.seed
+        )
+        reports = compare_curvatures(
+            resolved.model,
+            default_loss(None, data.task),
+            loader,
+            approximations=names,
+            exact=args.curvature,
+            bn_mode=args.bn_mode,
+            k=args.k,
+            num_iters=args.iters,
+            seed=args.seed,
+            save_path=out,
+            figure_path=out.with_suffix(".png"),
+        )
+    elapsed = time.perf_counter() - start
+    header = ["proxy", "W1", "top-1 rel. err", "max angle (rad)", "trace rel. err",
+              "Newton step rel. err", "products"]  # fmt: skip
+    body = [
+        [
+            name,
+            _fmt(float(r.wasserstein)),
+            _fmt(float(np.abs(r.top_eigenvalue_errors[0])))
+            if r.top_eigenvalue_errors.size
+            else "-",
+            _fmt(float(np.max(r.principal_angles))) if r.principal_angles.size else "-",
+            _fmt(float(r.trace_error)),
+            _fmt(float(r.newton_step_error)),
+            _fmt(int(r.products_exact) + int(r.products_approximation)),
+        ]
+        for name, r in reports.items()
+    ]
+    title = f"Approximations against the exact {args.curvature} ({out}, {elapsed:.1f} s)"
+    return [format_grid(header, body, title=title)]
 
 
 def _checkpoint_list(items: Sequence[str]) -> list[str]:
@@ -626,7 +742,8 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
     out = args.out
     if out is None:
         base = Path(source) if source is not None else Path("comparison")
-        out = str(base / "training.png") if base.is_dir() else str(base.with_suffix(".png"))
+        name = "curvature.png" if args.what == "tracking" else "training.png"
+        out = str(base / name) if base.is_dir() else str(base.with_suffix(".png"))
     if args.what == "spectrum":
         fig = plot_spectrum(
             "lanczos",
@@ -643,6 +760,10 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         fig = plot_spectrum_band(source, confidence=args.confidence, save_path=out)
     elif args.what == "training":
         fig = plot_training(source, save_path=out)
+    elif args.what == "tracking":
+        from nets.plots.tracking import plot_curvature_tracking
+
+        fig = plot_curvature_tracking(source, save_path=out)
     elif args.what == "landscape":
         fig = plot_loss_landscape(source, metric=args.metric, save_path=out)
     else:
@@ -701,18 +822,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``curvature`` with its six subcommands."""
-    parser = _Parser(
-        prog="curvature",
-        description="Curvature spectra, loss statistics and loss landscapes of neural networks "
-        "(Deep Curvature Suite).",
-        epilog="Run 'curvature demo --out results' for the whole pipeline on the embedded "
-        "digits data.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = _HelpFormatter
-
+def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``train`` subcommand and its options."""
     p = sub.add_parser(
         "train",
         help="train a network, saving checkpoints and stats.json",
@@ -772,8 +883,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint every N epochs, besides the initial and final ones (0: only those)",
     )
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument(
+        "--track-curvature",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="track the curvature during training (nets.CurvatureTracker), e.g. "
+        "every=50,top_k=3,trace_probes=8; other keys: kind, seed, tol, samples (size of "
+        "the measurement set, default 256), density_every, density_iters, density_probes, "
+        "bn_mode; rows go to <dir>/curvature.jsonl and stats.json",
+    )
     p.set_defaults(handler=_cmd_train)
 
+
+def _add_spectrum_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``spectrum`` subcommand and its options."""
     p = sub.add_parser(
         "spectrum",
         help="Lanczos spectrum of the Hessian/GGN at a checkpoint",
@@ -828,6 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_spectrum)
 
+
+def _add_stats_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``stats`` subcommand and its options."""
     p = sub.add_parser(
         "stats",
         help="loss statistics (gradient/Hessian moments) of checkpoints",
@@ -859,6 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="statistics file (default <dir>/loss-stats.npz)")
     p.set_defaults(handler=_cmd_stats)
 
+
+def _add_landscape_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``landscape`` subcommand and its options."""
     p = sub.add_parser(
         "landscape",
         help="loss along Ritz vectors and random directions",
@@ -920,6 +1049,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="landscape file (default <dir>/landscape.npz)")
     p.set_defaults(handler=_cmd_landscape)
 
+
+def _add_compare_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``compare`` subcommand and its options."""
+    p = sub.add_parser(
+        "compare",
+        help="grade curvature approximations (K-FAC, diagonals, low rank) against the truth",
+        formatter_class=fmt,
+        description="Build each approximation of the curvature at a checkpoint and compare it "
+        "with the exact operator: W1 distance of the spectral densities, top eigenvalues, "
+        "principal angles, quadratic forms, Newton step, trace and log-determinant (.npz and "
+        "a figure with every spectrum in one unit).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint-XXXXX.pt")
+    _add_common(p)
+    p.add_argument(
+        "--approx",
+        default="kfac,ekfac,diag-ggn,diag-mc,low-rank-20",
+        help="comma-separated approximations: kfac, ekfac, diag-ggn, diag-mc, diag-ef, "
+        "diag-hutchinson, low-rank-K, blocks (see curvops.proxies.make_proxy)",
+    )
+    p.add_argument("--curvature", default="ggn", help="the exact curvature: ggn, hessian or fisher")
+    p.add_argument(
+        "--iters", type=int, default=50, help="Lanczos iterations m of the SLQ densities"
+    )
+    p.add_argument("--k", type=int, default=10, help="top eigenpairs compared")
+    p.add_argument(
+        "--bn-mode",
+        default="eval",
+        choices=("train", "eval"),
+        help="BatchNorm statistics used in curvature products",
+    )
+    p.add_argument(
+        "--subsample",
+        type=_count_or_fraction,
+        default=None,
+        help="use only this many (or this fraction of) training samples, drawn with --seed "
+        "(default: the whole training set)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="batch size of the curvature products"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="report file (default: <checkpoint dir>/compare-<epoch>-<curvature>.npz); the "
+        "figure goes beside it as .png",
+    )
+    p.set_defaults(handler=_cmd_compare)
+
+
+def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``plot`` subcommand and its options."""
     p = sub.add_parser(
         "plot",
         help="figures from saved files (PNG/PDF)",
@@ -929,9 +1110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the Lanczos-versus-diagonal comparison (the paper's Figure 2).",
     )
     p.add_argument(
-        "what", choices=("spectrum", "band", "diag", "training", "landscape", "comparison")
+        "what",
+        choices=("spectrum", "band", "diag", "training", "tracking", "landscape", "comparison"),
     )
-    p.add_argument("inputs", nargs="*", help="the file (or run directory for 'training')")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="the file (or run directory for 'training' and 'tracking': curvature during "
+        "training, with the 2/lr edge of stability)",
+    )
     p.add_argument("--out", default=None, help="figure file, .png or .pdf (default: beside input)")
     p.add_argument(
         "--linear-weights",
@@ -965,6 +1152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_plot)
 
+
+def _add_demo_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """The ``demo`` subcommand and its options."""
     p = sub.add_parser(
         "demo",
         help="the whole pipeline on the embedded digits data",
@@ -994,6 +1184,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
     )
     p.set_defaults(handler=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``curvature`` with its six subcommands."""
+    parser = _Parser(
+        prog="curvature",
+        description="Curvature spectra, loss statistics and loss landscapes of neural networks "
+        "(Deep Curvature Suite).",
+        epilog="Run 'curvature demo --out results' for the whole pipeline on the embedded "
+        "digits data.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (
+        _add_train_parser,
+        _add_spectrum_parser,
+        _add_stats_parser,
+        _add_landscape_parser,
+        _add_compare_parser,
+        _add_plot_parser,
+        _add_demo_parser,
+    ):
+        add(sub, _HelpFormatter)
     return parser
 
 

@@ -19,6 +19,10 @@ writes everything under ``out_dir``:
 ``landscape-XXXXX.npz``                 loss/accuracy along the directions
 ``landscape-plane-XXXXX.npz``           loss/accuracy over the top-1/top-2 plane
 ``training.png``                        training curves
+``curvature.jsonl``,                    top Hessian eigenvalues, trace and SLQ densities
+``curvature.density-*.npz``             measured during training (:class:`nets.CurvatureTracker`;
+                                        ``curvature.jsonl.ritz.npz``: its warm start)
+``curvature-tracking.png``              those against steps, with the 2/lr edge of stability
 ``spectrum-hessian.png``, ``-ggn.png``  stem plots of the spectra (log weights)
 ``lanczos-vs-diagonal.png``             Lanc-Hess and Lanc-GGN against Diag-GGN
 ``landscape.png``, ``-plane.png``       loss curves; contours over the plane
@@ -89,11 +93,28 @@ class DemoSettings:
     optimizer: str = "SGD"
     subsample: int | None = None  # samples used by the spectra and the landscape
     diagonal: bool = True
+    track_every: int | None = 20  # curvature tracking during training (None: off)
+
+    @property
+    def track(self) -> dict[str, Any] | None:
+        """The ``train_network(track=...)`` options: top-2 Hessian eigenvalues, trace, densities."""
+        if self.track_every is None:
+            return None
+        return {
+            "every": self.track_every,
+            "top_k": 2,
+            "trace_probes": 4,
+            "samples": 128,
+            "density_every": 2 * self.track_every,
+            "density_iters": 16,
+            "density_probes": 1,
+            "seed": self.seed,
+        }
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """Two epochs, eight Lanczos steps, five landscape points, no plane."""
-        return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False)
+        return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False, track_every=10)
 
     @classmethod
     def language_model(cls, quick: bool = False) -> DemoSettings:
@@ -111,6 +132,7 @@ class DemoSettings:
             optimizer="Adam",
             subsample=16 if quick else 64,
             diagonal=False,
+            track_every=None,
         )
 
     @property
@@ -263,16 +285,9 @@ def run_demo(
 
 
 def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool) -> DemoSummary:
-    from curvops.diagonal import ggn_diagonal
-    from nets.checkpoint import checkpoint_name, model_from_checkpoint
-    from nets.data import load_dataset, make_loader
-    from nets.training import train_network
-    from nets.workflow._resolve import eigvec_file
-    from nets.workflow.landscape import build_loss_landscape
-    from nets.workflow.spectrum import compute_eigenspectrum
+    from nets.checkpoint import checkpoint_name
 
     summary = DemoSummary(out_dir=out)
-    tag = f"{settings.epochs:05d}"
     common: dict[str, Any] = {
         "dataset": settings.dataset,
         "model": settings.model,
@@ -282,113 +297,20 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
     }
     spectra: dict[str, Path] = {}
     diagonals: dict[str, np.ndarray] = {}
-    landscapes: list[Path] = []
     with tqdm(total=6, disable=not progress, unit="stage") as bar:
         with _stage(summary, "training", bar):
-            sgd = settings.optimizer == "SGD"
-            train_network(
-                dir=str(out),
-                optimizer=settings.optimizer,
-                optimizer_kwargs={
-                    "lr": settings.lr,
-                    **({"momentum": settings.momentum} if sgd else {}),
-                    "weight_decay": settings.weight_decay,
-                },
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                save_freq=max(1, settings.epochs // 2),
-                **common,
-            )
+            summary.files += _train(out, settings, common)
         checkpoint = out / checkpoint_name(settings.epochs)
-        summary.files += [out / "stats.json", *sorted(out.glob("checkpoint-*.pt"))]
-
         for curvature in ("hessian", "ggn"):
             with _stage(summary, f"{curvature} spectrum", bar):
-                target = out / "spectra" / f"spectrum-{tag}-{curvature}-lanczos.npz"
-                compute_eigenspectrum(
-                    subsample=settings.subsample,
-                    batch_size=16 if settings.subsample else 256,
-                    checkpoint_path=str(checkpoint),
-                    save_spectrum_path=str(target),
-                    save_eigvec=curvature == "hessian",
-                    lanczos_iters=settings.lanczos_iters,
-                    curvature_matrix=f"{curvature}-lanczos",
-                    bn_mode="train",
-                    **common,
-                )
-                spectra[curvature] = target
-                summary.files.append(target)
-                if curvature == "hessian":
-                    summary.files.append(eigvec_file(target))
-
+                spectra[curvature], files = _spectrum(out, checkpoint, curvature, settings, common)
+                summary.files += files
         with _stage(summary, "GGN diagonal", bar):
             if settings.diagonal:  # the language model has no Monte-Carlo diagonal stage
-                model, _ = model_from_checkpoint(checkpoint, dev)
-                loader = make_loader(load_dataset("digits").train_eval, 256, shuffle=False)
-                loss = torch.nn.CrossEntropyLoss()
-                label = "MC" if settings.mc_samples == 1 else f"MC x{settings.mc_samples}"
-                diagonals[label] = _host(
-                    ggn_diagonal(model, loss, loader, method="mc", mc_samples=settings.mc_samples,
-                                 seed=settings.seed, bn_mode="train")
-                )  # fmt: skip
-                config = {
-                    "function": "ggn_diagonal",
-                    "method": "mc",
-                    "mc_samples": settings.mc_samples,
-                    "model": settings.model,
-                    "dataset": settings.dataset,
-                    "checkpoint": str(checkpoint),
-                    "epoch": settings.epochs,
-                    "bn_mode": "train",
-                    "seed": settings.seed,
-                    "exact_diagonal": settings.exact_diagonal,
-                    "loss": "CrossEntropyLoss",
-                }
-                arrays: dict[str, Any] = {
-                    "diagonal": diagonals[label],
-                    "mc_samples": np.int64(settings.mc_samples),
-                    "config_json": np.str_(json.dumps(config, sort_keys=True)),
-                }
-                if settings.exact_diagonal:
-                    diagonals["exact"] = _host(
-                        ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
-                    )
-                    arrays["diagonal_exact"] = diagonals["exact"]
-                diagonal_path = out / "spectra" / f"ggn-diagonal-{tag}.npz"
-                save_npz(diagonal_path, **arrays)
-                summary.files.append(diagonal_path)
-
+                summary.files.append(_diagonals(out, checkpoint, settings, dev, diagonals))
         with _stage(summary, "loss landscape", bar):
-            landscape = {
-                **common,
-                "subsample": settings.subsample,
-                "dist": settings.landscape_dist,
-                "spectrum_path": str(spectra["hessian"]),
-                "checkpoint_path": str(checkpoint),
-            }
-            target = out / f"landscape-{tag}.npz"
-            build_loss_landscape(
-                n_points=settings.landscape_points,
-                save_path=str(target),
-                directions=["ritz-top", "ritz-bottom-1"],
-                num_directions=2,
-                random_directions=1,
-                **landscape,
-            )
-            landscapes.append(target)
-            if settings.plane:
-                target = out / f"landscape-plane-{tag}.npz"
-                build_loss_landscape(
-                    n_points=settings.plane_points,
-                    save_path=str(target),
-                    directions=["ritz-top"],
-                    num_directions=2,
-                    planes=["ritz-top-1|ritz-top-2"],
-                    **landscape,
-                )
-                landscapes.append(target)
+            landscapes = _landscapes(out, checkpoint, spectra["hessian"], settings, common)
             summary.files += landscapes
-
         with _stage(summary, "figures", bar):
             for name, draw in _figures(out, spectra, diagonals, landscapes, settings).items():
                 _draw(draw, out / name)
@@ -396,6 +318,143 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
 
     _summarise(summary, spectra, diagonals, landscapes[0], settings, dev)
     return summary
+
+
+def _train(out: Path, settings: DemoSettings, common: dict[str, Any]) -> list[Path]:
+    """Train (tracking the curvature unless switched off); the files written."""
+    from nets.training import train_network
+
+    sgd = settings.optimizer == "SGD"
+    train_network(
+        dir=str(out),
+        optimizer=settings.optimizer,
+        optimizer_kwargs={
+            "lr": settings.lr,
+            **({"momentum": settings.momentum} if sgd else {}),
+            "weight_decay": settings.weight_decay,
+        },
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        save_freq=max(1, settings.epochs // 2),
+        track=settings.track,
+        **common,
+    )
+    files = [out / "stats.json", *sorted(out.glob("checkpoint-*.pt"))]
+    if settings.track is not None:
+        files += sorted(out.glob("curvature.*"))  # rows, densities, warm start
+    return files
+
+
+def _spectrum(
+    out: Path, checkpoint: Path, curvature: str, settings: DemoSettings, common: dict[str, Any]
+) -> tuple[Path, list[Path]]:
+    """The Lanczos spectrum of ``curvature`` at ``checkpoint``; its file and the files written."""
+    from nets.workflow._resolve import eigvec_file
+    from nets.workflow.spectrum import compute_eigenspectrum
+
+    target = out / "spectra" / f"spectrum-{settings.epochs:05d}-{curvature}-lanczos.npz"
+    compute_eigenspectrum(
+        subsample=settings.subsample,
+        batch_size=16 if settings.subsample else 256,
+        checkpoint_path=str(checkpoint),
+        save_spectrum_path=str(target),
+        save_eigvec=curvature == "hessian",
+        lanczos_iters=settings.lanczos_iters,
+        curvature_matrix=f"{curvature}-lanczos",
+        bn_mode="train",
+        **common,
+    )
+    return target, [target, eigvec_file(target)] if curvature == "hessian" else [target]
+
+
+def _diagonals(
+    out: Path,
+    checkpoint: Path,
+    settings: DemoSettings,
+    dev: torch.device,
+    diagonals: dict[str, np.ndarray],
+) -> Path:
+    """The Monte-Carlo (and, if asked, exact) GGN diagonal into ``diagonals``; its file."""
+    from curvops.diagonal import ggn_diagonal
+    from nets.checkpoint import model_from_checkpoint
+    from nets.data import load_dataset, make_loader
+
+    model, _ = model_from_checkpoint(checkpoint, dev)
+    loader = make_loader(load_dataset("digits").train_eval, 256, shuffle=False)
+    loss = torch.nn.CrossEntropyLoss()
+    label = "MC" if settings.mc_samples == 1 else f"MC x{settings.mc_samples}"
+    diagonals[label] = _host(
+        ggn_diagonal(model, loss, loader, method="mc", mc_samples=settings.mc_samples,
+                     seed=settings.seed, bn_mode="train")
+    )  # fmt: skip
+    config = {
+        "function": "ggn_diagonal",
+        "method": "mc",
+        "mc_samples": settings.mc_samples,
+        "model": settings.model,
+        "dataset": settings.dataset,
+        "checkpoint": str(checkpoint),
+        "epoch": settings.epochs,
+        "bn_mode": "train",
+        "seed": settings.seed,
+        "exact_diagonal": settings.exact_diagonal,
+        "loss": "CrossEntropyLoss",
+    }
+    arrays: dict[str, Any] = {
+        "diagonal": diagonals[label],
+        "mc_samples": np.int64(settings.mc_samples),
+        "config_json": np.str_(json.dumps(config, sort_keys=True)),
+    }
+    if settings.exact_diagonal:
+        diagonals["exact"] = _host(
+            ggn_diagonal(model, loss, loader, method="exact", bn_mode="train")
+        )
+        arrays["diagonal_exact"] = diagonals["exact"]
+    diagonal_path = out / "spectra" / f"ggn-diagonal-{settings.epochs:05d}.npz"
+    save_npz(diagonal_path, **arrays)
+    return diagonal_path
+
+
+def _landscapes(
+    out: Path,
+    checkpoint: Path,
+    spectrum: Path,
+    settings: DemoSettings,
+    common: dict[str, Any],
+) -> list[Path]:
+    """The loss along the top/bottom Ritz and a random direction (and over the top plane)."""
+    from nets.workflow.landscape import build_loss_landscape
+
+    tag = f"{settings.epochs:05d}"
+    landscape = {
+        **common,
+        "subsample": settings.subsample,
+        "dist": settings.landscape_dist,
+        "spectrum_path": str(spectrum),
+        "checkpoint_path": str(checkpoint),
+    }
+    target = out / f"landscape-{tag}.npz"
+    build_loss_landscape(
+        n_points=settings.landscape_points,
+        save_path=str(target),
+        directions=["ritz-top", "ritz-bottom-1"],
+        num_directions=2,
+        random_directions=1,
+        **landscape,
+    )
+    landscapes = [target]
+    if settings.plane:
+        target = out / f"landscape-plane-{tag}.npz"
+        build_loss_landscape(
+            n_points=settings.plane_points,
+            save_path=str(target),
+            directions=["ritz-top"],
+            num_directions=2,
+            planes=["ritz-top-1|ritz-top-2"],
+            **landscape,
+        )
+        landscapes.append(target)
+    return landscapes
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
@@ -432,6 +491,12 @@ def _figures(
         ),
         "landscape.png": lambda p: plot_loss_landscape(landscapes[0], metric="both", save_path=p),
     }
+    if settings.track is not None:
+        from nets.plots.tracking import plot_curvature_tracking
+
+        figures["curvature-tracking.png"] = lambda p: plot_curvature_tracking(
+            out, save_path=p, title=settings.title
+        )
     if diagonals:
         figures["lanczos-vs-diagonal.png"] = lambda p: plot_spectrum_comparison(
             spectra["hessian"], spectra["ggn"], diagonals, save_path=p

@@ -18,6 +18,12 @@ Files written in ``dir``
     With ``swa=True``, at the same epochs once averaging has started: the
     averaged model (``state_dict``, BatchNorm statistics recomputed) in the same
     format, plus ``n_averaged``; :func:`nets.checkpoint.model_from_checkpoint` reads it.
+``curvature.jsonl``
+    With ``track=``: the :class:`nets.CurvatureTracker` rows (one JSON line per
+    measurement: ``step``, ``top_eigenvalues``, ``trace``, ``epoch``, ``lr``, ``loss``,
+    ...), also the ``curvature`` list of ``stats.json``; density snapshots
+    ``curvature.density-XXXXXXXX.npz`` and the warm start ``curvature.jsonl.ritz.npz``
+    beside it.
 ``stats.json``
     One JSON file per run (rewritten atomically after every epoch)::
 
@@ -68,12 +74,13 @@ loader.  Optimisers with ``requires_closure = True`` (and ``LBFGS``) get
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -100,14 +107,45 @@ from nets.models._common import check_positive_int
 from nets.optim.registry import get_optimizer
 from nets.schedules import get_schedule
 from nets.swa import WeightAverager
+from nets.tracker import CurvatureTracker
 from spectral.errors import NumericalError, argument_error
 from spectral.io import atomic_write
 
-__all__ = ["STATS_FILE", "TrainingResult", "evaluate", "train_network"]
+__all__ = [
+    "CURVATURE_FILE",
+    "STATS_FILE",
+    "LearningRateSchedule",
+    "Loaders",
+    "SWAConfig",
+    "StatsFile",
+    "StepProtocol",
+    "TrainingData",
+    "TrainingOptions",
+    "TrainingResult",
+    "TrainingRun",
+    "build_model",
+    "build_optimizer",
+    "default_loss",
+    "evaluate",
+    "evaluation_entry",
+    "make_loaders",
+    "metric_definitions",
+    "resolve_data",
+    "restore_run",
+    "run_config",
+    "run_epoch",
+    "save_run",
+    "seeded_global_rng",
+    "swa_config",
+    "swa_entry",
+    "train_epoch",
+    "train_network",
+]
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "stats.json"
+CURVATURE_FILE = "curvature.jsonl"
 STATS_FORMAT = "deep-curvature-training-stats"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -160,7 +198,7 @@ def _derived_seed(seed: int, stream: int) -> int:
 
 
 @dataclass
-class _Data:
+class TrainingData:
     train: Dataset[Any] | None
     train_eval: Dataset[Any] | None
     test: Dataset[Any] | None
@@ -173,11 +211,13 @@ class _Data:
     options: dict[str, Any]
 
 
-def _resolve_data(dataset: Any, data_path: Any, seed: int, dataset_kwargs: dict[str, Any]) -> _Data:
+def resolve_data(
+    dataset: Any, data_path: Any, seed: int, dataset_kwargs: dict[str, Any]
+) -> TrainingData:
     if isinstance(dataset, str):
         dataset = load_dataset(dataset, data_path, seed=seed, **dataset_kwargs)
     if isinstance(dataset, DatasetSplits):
-        return _Data(
+        return TrainingData(
             dataset.train,
             dataset.train_eval,
             dataset.test,
@@ -196,11 +236,11 @@ def _resolve_data(dataset: Any, data_path: Any, seed: int, dataset_kwargs: dict[
     if isinstance(test, DataLoader):
         test = test.dataset
     if isinstance(train, DataLoader):
-        return _Data(
+        return TrainingData(
             train.dataset, train.dataset, test, train, None, None, None, "classification", None, {}
         )
     if isinstance(train, Dataset):
-        return _Data(train, train, test, None, None, None, None, "classification", None, {})
+        return TrainingData(train, train, test, None, None, None, None, "classification", None, {})
     raise argument_error(
         "dataset",
         "a dataset name, DatasetSplits, Dataset, DataLoader or a (train, test) pair of them",
@@ -342,15 +382,21 @@ def _augmentation(dataset: Any) -> str | None:
 
 
 def _write_stats(
-    path: Path, config: dict[str, Any], epochs: list[dict[str, Any]], augmentation: str | None
+    path: Path,
+    config: dict[str, Any],
+    epochs: list[dict[str, Any]],
+    augmentation: str | None,
+    curvature: list[dict[str, Any]] | None = None,
 ) -> None:
-    payload = {
+    payload: dict[str, Any] = {
         "format": STATS_FORMAT,
         "version": 1,
         "config": config,
         "definitions": metric_definitions(augmentation),
         "epochs": epochs,
     }
+    if curvature is not None:
+        payload["curvature"] = curvature
     with atomic_write(path, "w") as handle:
         json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
 
@@ -393,6 +439,7 @@ def train_network(
     model_kwargs: dict[str, Any] | None = None,
     dataset_kwargs: dict[str, Any] | None = None,
     curvature_batch_size: int | None = None,
+    track: CurvatureTracker | Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train a network, saving checkpoints and per-epoch statistics in ``dir``.
 
@@ -448,6 +495,15 @@ def train_network(
         Extra arguments of :func:`~nets.models.get_model` / :func:`~nets.data.load_dataset`.
     curvature_batch_size:
         Size of curvature batches for ``curvature_step`` optimisers (default ``batch_size``).
+    track:
+        Curvature during training: a :class:`nets.CurvatureTracker` (its ``step`` is
+        called after every optimiser step with the epoch, learning rate and batch loss),
+        or a mapping of its keyword arguments (``every``, ``top_k``, ``trace_probes``,
+        ``kind``, ...; plus ``samples``, the size of the measurement set, default 256:
+        the first training samples, unaugmented), from which the tracker is built on
+        the run's model and loss with ``path = dir / "curvature.jsonl"`` (continued on
+        ``resume``).  The rows go into ``curvature.jsonl`` and the ``curvature`` section
+        of ``stats.json``; tracking leaves the run bit-identical.
 
     Returns
     -------
@@ -469,29 +525,197 @@ def train_network(
     >>> [p.name for p in res.checkpoints], sorted(res.stats[0])[:3]
     (['checkpoint-00000.pt', 'checkpoint-00001.pt'], ['epoch', 'epoch_time', 'lr'])
     """
-    check_positive_int("epochs", epochs)
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("eval_freq", eval_freq)
-    check_positive_int("swa_c_epochs", swa_c_epochs)
-    if save_freq is not None:
-        check_positive_int("save_freq", save_freq)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise argument_error("seed", "an integer", seed, kind=TypeError)
+    options = TrainingOptions.checked(
+        epochs=epochs,
+        batch_size=batch_size,
+        save_freq=save_freq,
+        eval_freq=eval_freq,
+        seed=seed,
+        num_workers=num_workers,
+        progress=progress,
+        curvature_batch_size=curvature_batch_size,
+        optimizer_kwargs=optimizer_kwargs,
+    )
     schedule_fn = None if schedule is None else get_schedule(schedule)
-    out_dir = Path(dir)
     run_device = resolve_device(device)
-    opt_kwargs = dict(optimizer_kwargs or {})
-    batch_size = check_positive_int("batch_size", opt_kwargs.pop("batch_size", batch_size))
-    curvature_batch_size = opt_kwargs.pop("curvature_batch_size", curvature_batch_size)
-    if curvature_batch_size is None:
-        curvature_batch_size = batch_size
-    check_positive_int("curvature_batch_size", curvature_batch_size)
+    data = resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
+    net, spec = build_model(model, data, seed=seed, model_kwargs=model_kwargs, device=run_device)
+    opt_kwargs = options.optimizer_options(optimizer_kwargs)
+    opt, optimizer_name = build_optimizer(optimizer, net, opt_kwargs)
+    protocol = StepProtocol.of(opt)
+    lr0 = float(opt.param_groups[0]["lr"])
+    loss_fn = default_loss(data.task) if loss_fn is None else loss_fn
+    swa_cfg = swa_config(swa, swa_start, swa_lr, swa_c_epochs, epochs=epochs, lr0=lr0)
+    config = run_config(
+        spec, net, data, options, protocol, swa_cfg,
+        data_path=data_path, optimizer_name=optimizer_name, optimizer_kwargs=opt_kwargs,
+        schedule=schedule, lr0=lr0, loss_fn=loss_fn, device=run_device, swa_c_epochs=swa_c_epochs,
+    )  # fmt: skip
+    loaders = make_loaders(data, options, curvature_step=protocol.curvature_step, swa=swa)
+    run = TrainingRun(
+        Path(dir), data, net, opt, loss_fn, run_device, loaders, options, config, protocol,
+        schedule=LearningRateSchedule(schedule_fn, epochs, lr0, swa_cfg),
+        swa=swa_cfg, averager=WeightAverager(net) if swa else None,
+    )  # fmt: skip
+    with seeded_global_rng(seed, run_device):
+        start_epoch = restore_run(run, resume) if resume else 0
+        stats = StatsFile(run.out_dir / STATS_FILE, config, _augmentation(data.train))
+        result = TrainingResult(
+            run.out_dir,
+            net,
+            opt,
+            stats.read(start_epoch) if resume else [],
+            stats_path=stats.path,
+            config=config,
+            swa_model=None if run.averager is None else run.averager.module,
+        )
+        run.tracker = _make_tracker(
+            track,
+            net,
+            loss_fn,
+            data.train_eval or data.train,
+            run.out_dir,
+            start_step=start_epoch * len(loaders.train),
+            optimizer=opt,
+            seed=seed,
+        )
+        if start_epoch == 0 and not resume:
+            stats.write([], _rows(run.tracker))
+            _record_saved(result, save_run(run, 0))
+        _train_epochs(run, result, stats, start_epoch)
+    return result
 
-    data = _resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
-    assert data.train is not None
-    classification = data.task == "classification"
 
-    # ---- model ----
+# --------------------------------------------------------------------------- the parts
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The loop settings of :func:`train_network` (see its parameters of the same names)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    curvature_batch_size: int = 128
+    save_freq: int | None = 25
+    eval_freq: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        curvature_batch_size: int | None = None,
+        **values: Any,
+    ) -> TrainingOptions:
+        """Validated options; ``batch_size``/``curvature_batch_size`` in ``optimizer_kwargs`` win.
+
+        >>> TrainingOptions.checked(epochs=2, optimizer_kwargs={"batch_size": 32}).batch_size
+        32
+        """
+        for name in ("epochs", "batch_size", "eval_freq"):
+            if name in values:
+                check_positive_int(name, values[name])
+        if values.get("save_freq") is not None:
+            check_positive_int("save_freq", values["save_freq"])
+        seed = values.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise argument_error("seed", "an integer", seed, kind=TypeError)
+        given = dict(optimizer_kwargs or {})
+        batch = given.pop("batch_size", values.pop("batch_size", cls.batch_size))
+        batch = check_positive_int("batch_size", batch)
+        curvature = given.pop("curvature_batch_size", curvature_batch_size)
+        curvature = batch if curvature is None else curvature
+        check_positive_int("curvature_batch_size", curvature)
+        return cls(batch_size=batch, curvature_batch_size=curvature, **values)
+
+    @staticmethod
+    def optimizer_options(optimizer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """``optimizer_kwargs`` without the entries that are training options."""
+        given = dict(optimizer_kwargs or {})
+        for key in ("batch_size", "curvature_batch_size"):
+            given.pop(key, None)
+        return given
+
+    def evaluates_after(self, done: int) -> bool:
+        """Whether the test set is evaluated after ``done`` epochs (every ``eval_freq``, last)."""
+        return done % self.eval_freq == 0 or done == self.epochs
+
+    def saves_after(self, done: int) -> bool:
+        """Whether a checkpoint is saved after ``done`` epochs (every ``save_freq``, last)."""
+        return done == self.epochs or (self.save_freq is not None and done % self.save_freq == 0)
+
+
+@dataclass(frozen=True)
+class SWAConfig:
+    """Stochastic weight averaging: average every ``c_epochs`` epochs from epoch ``start``,
+    with the learning rate annealed to ``lr`` by ``start``."""
+
+    start: int
+    lr: float
+    c_epochs: int = 1
+
+    def averages_after(self, done: int) -> bool:
+        """Whether the weights are averaged in after ``done`` epochs."""
+        return done >= self.start and (done - self.start) % self.c_epochs == 0
+
+
+def swa_config(
+    swa: bool,
+    swa_start: int | None,
+    swa_lr: float | None,
+    swa_c_epochs: int,
+    *,
+    epochs: int,
+    lr0: float,
+) -> SWAConfig | None:
+    """The checked SWA settings (defaults ``epochs // 2`` and ``lr0 / 10``), ``None`` without SWA.
+
+    >>> swa_config(True, None, None, 1, epochs=10, lr0=0.1)
+    SWAConfig(start=5, lr=0.01, c_epochs=1)
+    """
+    check_positive_int("swa_c_epochs", swa_c_epochs)
+    if not swa:
+        return None
+    start = epochs // 2 if swa_start is None else swa_start
+    check_positive_int("swa_start", start)
+    if start >= epochs:
+        raise argument_error("swa_start", f"an epoch below epochs={epochs}", start)
+    lr = lr0 / 10.0 if swa_lr is None else float(swa_lr)
+    if not lr > 0:
+        raise argument_error("swa_lr", "a positive learning rate", swa_lr)
+    return SWAConfig(start, lr, swa_c_epochs)
+
+
+@dataclass(frozen=True)
+class StepProtocol:
+    """How the optimiser is stepped (the module docstring's *Curvature optimisers*).
+
+    >>> StepProtocol.of(torch.optim.LBFGS([torch.zeros(1, requires_grad=True)]))
+    StepProtocol(curvature_step=False, requires_closure=True)
+    """
+
+    curvature_step: bool = False
+    requires_closure: bool = False
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> StepProtocol:
+        """The protocol ``optimizer`` declares (``curvature_step``, ``requires_closure``)."""
+        closure = getattr(optimizer, "requires_closure", isinstance(optimizer, torch.optim.LBFGS))
+        return cls(bool(getattr(optimizer, "curvature_step", False)), bool(closure))
+
+
+def build_model(
+    model: str | nn.Module,
+    data: TrainingData,
+    *,
+    seed: int,
+    model_kwargs: dict[str, Any] | None,
+    device: torch.device,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The network on ``device`` (built by name for ``data``, seeded) and its config spec."""
     if isinstance(model, str):
         if data.num_classes is None or data.in_channels is None or data.input_size is None:
             raise argument_error(
@@ -512,7 +736,7 @@ def train_network(
         net = model
     else:
         raise argument_error("model", "a model name or an nn.Module", model, kind=TypeError)
-    net.to(run_device)
+    net.to(device)
     spec = model_spec(net) or {
         "model": None,
         "num_classes": data.num_classes,
@@ -521,236 +745,369 @@ def train_network(
         "model_kwargs": {},
         "model_seed": None,
     }
+    return net, spec
 
-    # ---- optimiser ----
+
+def build_optimizer(
+    optimizer: str | torch.optim.Optimizer, net: nn.Module, options: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, str]:
+    """The optimiser over ``net`` (a registered name with ``options``, or as given) and its name."""
     if isinstance(optimizer, str):
-        opt = get_optimizer(optimizer, net, **opt_kwargs)
-        optimizer_name = optimizer
-    elif isinstance(optimizer, torch.optim.Optimizer):
-        if opt_kwargs:
+        return get_optimizer(optimizer, net, **options), optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if options:
             raise argument_error(
-                "optimizer_kwargs", "no options when an optimiser object is given", opt_kwargs
+                "optimizer_kwargs", "no options when an optimiser object is given", options
             )
-        opt = optimizer
-        optimizer_name = type(optimizer).__name__
-    else:
-        raise argument_error(
-            "optimizer", "an optimiser name or a torch.optim.Optimizer", optimizer, kind=TypeError
-        )
-    lr0 = float(opt.param_groups[0]["lr"])
-    curvature_step = bool(getattr(opt, "curvature_step", False))
-    requires_closure = bool(getattr(opt, "requires_closure", isinstance(opt, torch.optim.LBFGS)))
-
-    if loss_fn is None and data.task == "language_modeling":
-        loss_fn = sequence_cross_entropy()  # over (B, T, V) logits; perplexity reported
-    if loss_fn is None:
-        loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
-    if swa:
-        swa_start = epochs // 2 if swa_start is None else swa_start
-        check_positive_int("swa_start", swa_start)
-        if swa_start >= epochs:
-            raise argument_error("swa_start", f"an epoch below epochs={epochs}", swa_start)
-        swa_lr = lr0 / 10.0 if swa_lr is None else float(swa_lr)
-        if not swa_lr > 0:
-            raise argument_error("swa_lr", "a positive learning rate", swa_lr)
-
-    config: dict[str, Any] = json_safe(
-        {
-            **spec,
-            "model_class": f"{type(net).__module__}.{type(net).__qualname__}",
-            "dataset": data.name,
-            "data_path": None if data_path is None else os.fspath(data_path),
-            "dataset_options": data.options,
-            "task": data.task,
-            "optimizer": optimizer_name,
-            "optimizer_kwargs": opt_kwargs,
-            "batch_size": batch_size,
-            "curvature_batch_size": curvature_batch_size if curvature_step else None,
-            "epochs": epochs,
-            "schedule": schedule if isinstance(schedule, str) or schedule is None else "custom",
-            "lr0": lr0,
-            "seed": seed,
-            "swa": swa,
-            "swa_start": swa_start if swa else None,
-            "swa_lr": swa_lr if swa else None,
-            "swa_c_epochs": swa_c_epochs,
-            "loss": type(loss_fn).__name__,
-            "device": str(run_device),
-        }
+        return optimizer, type(optimizer).__name__
+    raise argument_error(
+        "optimizer", "an optimiser name or a torch.optim.Optimizer", optimizer, kind=TypeError
     )
 
-    # ---- loaders ----
-    train_loader = data.train_loader or make_loader(
-        data.train, batch_size, shuffle=True, seed=seed, num_workers=num_workers
+
+def default_loss(task: str) -> LossFn:
+    """Cross-entropy (per token for language modelling; perplexity reported), MSE for regression."""
+    if task == "language_modeling":
+        return sequence_cross_entropy()  # over (B, T, V) logits
+    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+
+
+def run_config(
+    spec: dict[str, Any],
+    net: nn.Module,
+    data: TrainingData,
+    options: TrainingOptions,
+    protocol: StepProtocol,
+    swa: SWAConfig | None,
+    *,
+    data_path: Any,
+    optimizer_name: str,
+    optimizer_kwargs: dict[str, Any],
+    schedule: Any,
+    lr0: float,
+    loss_fn: LossFn,
+    device: torch.device,
+    swa_c_epochs: int,
+) -> dict[str, Any]:
+    """The JSON-safe run configuration stored in checkpoints and ``stats.json``."""
+    return cast(
+        dict[str, Any],
+        json_safe(
+            {
+                **spec,
+                "model_class": f"{type(net).__module__}.{type(net).__qualname__}",
+                "dataset": data.name,
+                "data_path": None if data_path is None else os.fspath(data_path),
+                "dataset_options": data.options,
+                "task": data.task,
+                "optimizer": optimizer_name,
+                "optimizer_kwargs": optimizer_kwargs,
+                "batch_size": options.batch_size,
+                "curvature_batch_size": (
+                    options.curvature_batch_size if protocol.curvature_step else None
+                ),
+                "epochs": options.epochs,
+                "schedule": schedule if isinstance(schedule, str) or schedule is None else "custom",
+                "lr0": lr0,
+                "seed": options.seed,
+                "swa": swa is not None,
+                "swa_start": None if swa is None else swa.start,
+                "swa_lr": None if swa is None else swa.lr,
+                "swa_c_epochs": swa_c_epochs,
+                "loss": type(loss_fn).__name__,
+                "device": str(device),
+            }
+        ),
     )
-    test_loader = (
-        None
-        if data.test is None
-        else make_loader(data.test, batch_size, shuffle=False, num_workers=num_workers)
+
+
+@dataclass
+class Loaders:
+    """The loaders of a run: training (seeded order), test, curvature batches, SWA's BatchNorm."""
+
+    train: DataLoader[Any]
+    test: DataLoader[Any] | None = None
+    curvature: DataLoader[Any] | None = None
+    bn: DataLoader[Any] | None = None
+
+
+def make_loaders(
+    data: TrainingData, options: TrainingOptions, *, curvature_step: bool, swa: bool
+) -> Loaders:
+    """Seeded loaders: training order from ``seed``, curvature batches from a derived seed."""
+    assert data.train is not None
+    workers = options.num_workers
+    train = data.train_loader or make_loader(
+        data.train, options.batch_size, shuffle=True, seed=options.seed, num_workers=workers
     )
-    curvature_loader = (
-        make_loader(
+    test = None
+    if data.test is not None:
+        test = make_loader(data.test, options.batch_size, shuffle=False, num_workers=workers)
+    curvature = None
+    if curvature_step:
+        curvature = make_loader(
             data.train,
-            curvature_batch_size,
+            options.curvature_batch_size,
             shuffle=True,
-            seed=_derived_seed(seed, 1),
-            num_workers=num_workers,
+            seed=_derived_seed(options.seed, 1),
+            num_workers=workers,
         )
-        if curvature_step
-        else None
-    )
-    averager = WeightAverager(net) if swa else None
-    augmentation = _augmentation(data.train)
-    bn_loader = (
-        make_loader(data.train_eval or data.train, batch_size, shuffle=False)
-        if averager is not None
-        else None
-    )
+    bn = None
+    if swa:
+        bn = make_loader(data.train_eval or data.train, options.batch_size, shuffle=False)
+    return Loaders(train, test, curvature, bn)
 
-    fork_devices = [run_device.index or 0] if run_device.type == "cuda" else []
+
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """The learning rate of each epoch: ``fn(epoch, epochs, lr0, 0.01)``, or with SWA annealed to
+    the SWA rate by its start and constant after; ``fn = None`` leaves the rates alone."""
+
+    fn: Callable[..., float] | None
+    epochs: int
+    lr0: float
+    swa: SWAConfig | None = None
+
+    def __call__(self, epoch: int) -> float | None:
+        """The rate of (0-based) ``epoch``, or ``None`` without a schedule."""
+        swa = self.swa
+        return _learning_rate(
+            self.fn, epoch, self.epochs, self.lr0, swa is not None,
+            None if swa is None else swa.start, None if swa is None else swa.lr,
+        )  # fmt: skip
+
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int) -> float:
+        """Set every parameter group's ``lr`` for ``epoch``; return the first group's rate."""
+        lr = self(epoch)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return float(optimizer.param_groups[0]["lr"])
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run is made of; the parts below take it (``train_network`` builds it)."""
+
+    out_dir: Path
+    data: TrainingData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    device: torch.device
+    loaders: Loaders
+    options: TrainingOptions
+    config: dict[str, Any]
+    protocol: StepProtocol
+    schedule: LearningRateSchedule
+    swa: SWAConfig | None = None
+    averager: WeightAverager | None = None
+    tracker: CurvatureTracker | None = None
+
+    @property
+    def classification(self) -> bool:
+        """Whether accuracies are counted (a classification task)."""
+        return self.data.task == "classification"
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on torch's global generators seeded from ``seed``, restored on exit.
+
+    Dropout and other layers drawing from the global generator get a stream derived
+    from ``seed``; the caller's global random state is the same after the block.
+
+    >>> before = torch.get_rng_state()
+    >>> with seeded_global_rng(0, torch.device("cpu")):
+    ...     _ = torch.rand(2)
+    >>> bool(torch.equal(before, torch.get_rng_state()))
+    True
+    """
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices, device_type="cuda"):
         torch.set_rng_state(torch.Generator().manual_seed(_derived_seed(seed, 2)).get_state())
-        if run_device.type == "cuda":
-            cuda_gen = torch.Generator(device=run_device).manual_seed(_derived_seed(seed, 3))
-            torch.cuda.set_rng_state(cuda_gen.get_state(), run_device)
+        if device.type == "cuda":
+            cuda_gen = torch.Generator(device=device).manual_seed(_derived_seed(seed, 3))
+            torch.cuda.set_rng_state(cuda_gen.get_state(), device)
+        yield
 
-        start_epoch = 0
-        if resume:
-            resume_path = latest_checkpoint(out_dir) if resume is True else Path(resume)
-            if resume_path is None:
-                raise argument_error(
-                    "resume", f"a checkpoint path (no checkpoint-*.pt in '{out_dir}')", resume
-                )
-            ckpt = load_checkpoint(resume_path, map_location=run_device)
-            load_model_state(net, ckpt)
-            if ckpt.get("optimizer") is not None:
-                opt.load_state_dict(ckpt["optimizer"])
-            start_epoch = int(ckpt.get("epoch") or 0)
-            _restore_rng(ckpt.get("rng_state") or {}, train_loader, curvature_loader, run_device)
-            if averager is not None and ckpt.get("swa_state_dict") is not None:
-                averager.load_state_dict(ckpt["swa_state_dict"])
-            logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
 
-        stats_path = out_dir / STATS_FILE
-        history = _read_stats(stats_path, start_epoch) if resume else []
-        result = TrainingResult(
-            out_dir,
-            net,
-            opt,
-            history,
-            stats_path=stats_path,
-            config=config,
-            swa_model=None if averager is None else averager.module,
+def restore_run(run: TrainingRun, resume: str | os.PathLike[str] | bool) -> int:
+    """Load model, optimiser, RNG streams and SWA state from a checkpoint; return its epoch.
+
+    ``resume=True`` takes the latest ``checkpoint-*.pt`` of the run directory.
+    """
+    resume_path = latest_checkpoint(run.out_dir) if resume is True else Path(cast(Any, resume))
+    if resume_path is None:
+        raise argument_error(
+            "resume", f"a checkpoint path (no checkpoint-*.pt in '{run.out_dir}')", resume
         )
+    ckpt = load_checkpoint(resume_path, map_location=run.device)
+    load_model_state(run.model, ckpt)
+    if ckpt.get("optimizer") is not None:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    start_epoch = int(ckpt.get("epoch") or 0)
+    loaders = run.loaders
+    _restore_rng(ckpt.get("rng_state") or {}, loaders.train, loaders.curvature, run.device)
+    if run.averager is not None and ckpt.get("swa_state_dict") is not None:
+        run.averager.load_state_dict(ckpt["swa_state_dict"])
+    logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    return start_epoch
 
-        def save(epoch: int) -> None:
-            extra: dict[str, Any] = {
-                "rng_state": _rng_state(train_loader, curvature_loader, run_device)
-            }
-            if averager is not None:
-                extra["swa_state_dict"] = averager.state_dict()
-            path = out_dir / checkpoint_name(epoch)
-            save_checkpoint(path, net, opt, epoch, config, **extra)
-            result.checkpoints.append(path)
-            if averager is not None and averager.n_averaged > 0:
-                swa_path = out_dir / swa_checkpoint_name(epoch)
-                save_checkpoint(
-                    swa_path, averager.module, None, epoch, config, n_averaged=averager.n_averaged
-                )
-                result.swa_checkpoints.append(swa_path)
 
-        if start_epoch == 0 and not resume:
-            _write_stats(stats_path, config, [], augmentation)
-            save(0)
+def save_run(run: TrainingRun, epoch: int) -> tuple[Path, Path | None]:
+    """Write ``checkpoint-<epoch>.pt`` (with RNG and SWA state) and, once averaging has
+    started, ``swa-<epoch>.pt``; return both paths (``None`` for no SWA file)."""
+    loaders = run.loaders
+    extra: dict[str, Any] = {"rng_state": _rng_state(loaders.train, loaders.curvature, run.device)}
+    averager = run.averager
+    if averager is not None:
+        extra["swa_state_dict"] = averager.state_dict()
+    path = run.out_dir / checkpoint_name(epoch)
+    save_checkpoint(path, run.model, run.optimizer, epoch, run.config, **extra)
+    if averager is None or averager.n_averaged == 0:
+        return path, None
+    swa_path = run.out_dir / swa_checkpoint_name(epoch)
+    save_checkpoint(
+        swa_path, averager.module, None, epoch, run.config, n_averaged=averager.n_averaged
+    )
+    return path, swa_path
 
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            range(start_epoch, epochs),
-            desc="train",
-            disable=not progress,
-            unit="epoch",
-            initial=start_epoch,
-            total=epochs,
-        )
-        try:
-            for epoch in bar:
-                lr = _learning_rate(schedule_fn, epoch, epochs, lr0, swa, swa_start, swa_lr)
-                if lr is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                entry = _train_epoch(
-                    net,
-                    opt,
-                    train_loader,
-                    curvature_loader,
-                    loss_fn,
-                    run_device,
-                    epoch,
-                    classification=classification,
-                    curvature_step=curvature_step,
-                    requires_closure=requires_closure,
-                )
-                entry["lr"] = float(opt.param_groups[0]["lr"])
-                done = epoch + 1
-                evaluate_now = done % eval_freq == 0 or done == epochs
-                save_now = done == epochs or (save_freq is not None and done % save_freq == 0)
-                if test_loader is not None and evaluate_now:
-                    ev = evaluate(
-                        net, test_loader, loss_fn, run_device, classification=classification
-                    )
-                    entry.update(test_loss=ev["loss"], test_acc=ev["acc"], test_top5=ev["top5"])
-                else:
-                    entry.update(test_loss=None, test_acc=None, test_top5=None)
-                if averager is not None and swa_start is not None:
-                    if done >= swa_start and (done - swa_start) % swa_c_epochs == 0:
-                        averager.update(net)
-                    entry.update(
-                        swa_test_loss=None,
-                        swa_test_acc=None,
-                        swa_test_top5=None,
-                        swa_n_averaged=averager.n_averaged,
-                    )
-                    if averager.n_averaged > 0 and (evaluate_now or save_now):
-                        assert bn_loader is not None
-                        averager.recompute_bn(_inputs_only(bn_loader), run_device)
-                        if test_loader is not None:
-                            ev = evaluate(
-                                averager.module,
-                                test_loader,
-                                loss_fn,
-                                run_device,
-                                classification=classification,
-                            )
-                            entry.update(
-                                swa_test_loss=ev["loss"],
-                                swa_test_acc=ev["acc"],
-                                swa_test_top5=ev["top5"],
-                            )
-                if data.task == "language_modeling":  # perplexity exp(mean token loss)
-                    entry.update(_perplexities(entry))
-                entry["peak_memory_mb"] = _peak_memory_mb(run_device)
-                entry = {"epoch": done, **entry}
-                result.stats.append(entry)
-                _write_stats(stats_path, config, result.stats, augmentation)
-                if save_now:
-                    save(done)
-                bar.set_postfix(loss=f"{entry['train_loss']:.4g}")
-                logger.info(
-                    "epoch %d/%d lr=%.4g train_loss=%.4f train_acc=%s test_loss=%s test_acc=%s "
-                    "time=%.2fs",
-                    done,
-                    epochs,
-                    entry["lr"],
-                    entry["train_loss"],
-                    entry["train_acc"],
-                    entry["test_loss"],
-                    entry["test_acc"],
-                    entry["epoch_time"],
-                )
-        finally:
-            bar.close()
-    return result
+def _record_saved(result: TrainingResult, saved: tuple[Path, Path | None]) -> None:
+    result.checkpoints.append(saved[0])
+    if saved[1] is not None:
+        result.swa_checkpoints.append(saved[1])
+
+
+@dataclass(frozen=True)
+class StatsFile:
+    """The run's ``stats.json`` (format in the module docstring), rewritten atomically."""
+
+    path: Path
+    config: dict[str, Any]
+    augmentation: str | None = None
+
+    def write(
+        self, epochs: list[dict[str, Any]], curvature: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Rewrite the file with ``epochs`` (and the tracker's rows as ``curvature``)."""
+        _write_stats(self.path, self.config, epochs, self.augmentation, curvature)
+
+    def read(self, upto_epoch: int) -> list[dict[str, Any]]:
+        """The recorded epochs up to ``upto_epoch`` (``[]`` without a readable file)."""
+        return _read_stats(self.path, upto_epoch)
+
+
+def evaluation_entry(run: TrainingRun, model: nn.Module, prefix: str = "test") -> dict[str, Any]:
+    """``<prefix>_loss``, ``_acc``, ``_top5`` of ``model`` on the test set (``None`` if none)."""
+    if run.loaders.test is None:
+        return {f"{prefix}_loss": None, f"{prefix}_acc": None, f"{prefix}_top5": None}
+    ev = evaluate(
+        model, run.loaders.test, run.loss_fn, run.device, classification=run.classification
+    )
+    return {f"{prefix}_loss": ev["loss"], f"{prefix}_acc": ev["acc"], f"{prefix}_top5": ev["top5"]}
+
+
+def swa_entry(run: TrainingRun, done: int, *, refresh: bool) -> dict[str, Any]:
+    """Average the weights in when due after ``done`` epochs; with ``refresh`` (an epoch that
+    evaluates or saves) recompute the BatchNorm statistics and evaluate the averaged model."""
+    averager, swa = run.averager, run.swa
+    if averager is None or swa is None:
+        return {}
+    if swa.averages_after(done):
+        averager.update(run.model)
+    entry: dict[str, Any] = {
+        "swa_test_loss": None,
+        "swa_test_acc": None,
+        "swa_test_top5": None,
+        "swa_n_averaged": averager.n_averaged,
+    }
+    if averager.n_averaged > 0 and refresh:
+        assert run.loaders.bn is not None
+        averager.recompute_bn(_inputs_only(run.loaders.bn), run.device)
+        if run.loaders.test is not None:
+            entry.update(evaluation_entry(run, averager.module, "swa_test"))
+    return entry
+
+
+def run_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """One epoch (0-based ``epoch``): schedule, training pass, evaluation, SWA; its stats entry."""
+    run.schedule.apply(run.optimizer, epoch)
+    entry = train_epoch(run, epoch)
+    entry["lr"] = float(run.optimizer.param_groups[0]["lr"])
+    done = epoch + 1
+    evaluate_now = run.options.evaluates_after(done)
+    if evaluate_now:
+        entry.update(evaluation_entry(run, run.model))
+    else:
+        entry.update(test_loss=None, test_acc=None, test_top5=None)
+    entry.update(swa_entry(run, done, refresh=evaluate_now or run.options.saves_after(done)))
+    if run.data.task == "language_modeling":  # perplexity exp(mean token loss)
+        entry.update(_perplexities(entry))
+    entry["peak_memory_mb"] = _peak_memory_mb(run.device)
+    return {"epoch": done, **entry}
+
+
+def train_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """One pass over the training loader (the optimiser stepped by its protocol, the tracker
+    after each step): ``train_loss``, ``train_acc``, ``train_top5``, ``epoch_time``."""
+    return _train_epoch(
+        run.model,
+        run.optimizer,
+        run.loaders.train,
+        run.loaders.curvature,
+        run.loss_fn,
+        run.device,
+        epoch,
+        classification=run.classification,
+        curvature_step=run.protocol.curvature_step,
+        requires_closure=run.protocol.requires_closure,
+        track=run.tracker,
+    )
+
+
+def _log_epoch(entry: dict[str, Any], epochs: int) -> None:
+    logger.info(
+        "epoch %d/%d lr=%.4g train_loss=%.4f train_acc=%s test_loss=%s test_acc=%s time=%.2fs",
+        entry["epoch"],
+        epochs,
+        entry["lr"],
+        entry["train_loss"],
+        entry["train_acc"],
+        entry["test_loss"],
+        entry["test_acc"],
+        entry["epoch_time"],
+    )
+
+
+def _train_epochs(
+    run: TrainingRun, result: TrainingResult, stats: StatsFile, start_epoch: int
+) -> None:
+    """Epochs ``start_epoch .. epochs - 1``: each one's stats written, checkpoints when due."""
+    from tqdm.auto import tqdm
+
+    epochs = run.options.epochs
+    bar = tqdm(
+        range(start_epoch, epochs),
+        desc="train",
+        disable=not run.options.progress,
+        unit="epoch",
+        initial=start_epoch,
+        total=epochs,
+    )
+    try:
+        for epoch in bar:
+            entry = run_epoch(run, epoch)
+            result.stats.append(entry)
+            stats.write(result.stats, _rows(run.tracker))
+            _write_curvature(run.out_dir / CURVATURE_FILE, run.tracker)
+            if run.options.saves_after(entry["epoch"]):
+                _record_saved(result, save_run(run, entry["epoch"]))
+            bar.set_postfix(loss=f"{entry['train_loss']:.4g}")
+            _log_epoch(entry, epochs)
+    finally:
+        bar.close()
 
 
 def _perplexities(entry: dict[str, Any]) -> dict[str, float | None]:
@@ -826,6 +1183,7 @@ def _train_epoch(
     classification: bool,
     curvature_step: bool,
     requires_closure: bool,
+    track: CurvatureTracker | None = None,
 ) -> dict[str, Any]:
     for dataset in {id(d): d for d in _datasets(loader, curvature_loader)}.values():
         set_epoch = getattr(dataset, "set_epoch", None)
@@ -866,6 +1224,9 @@ def _train_epoch(
                 f"{epoch + 1}, batch {index}."
             )
         loss = last["loss"]
+        if track is not None:
+            lr = float(optimizer.param_groups[0]["lr"])
+            track.step(epoch=epoch + 1, lr=lr, loss=float(loss))
         first_bad = torch.where(
             (first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, index), first_bad
         )
@@ -910,3 +1271,67 @@ def _make_closure(
 
 def _datasets(*loaders: DataLoader[Any] | None) -> list[Any]:
     return [loader.dataset for loader in loaders if loader is not None]
+
+
+def _rows(tracker: CurvatureTracker | None) -> list[dict[str, Any]] | None:
+    return None if tracker is None else tracker.rows
+
+
+def _write_curvature(path: Path, tracker: CurvatureTracker | None) -> None:
+    """The tracker's rows as JSON lines in the run directory (unless it writes them there)."""
+    if tracker is None or (tracker.path is not None and tracker.path.resolve() == path.resolve()):
+        return
+    with atomic_write(path, "w") as handle:
+        for row in tracker.rows:
+            handle.write(json.dumps(json_safe(row)) + "\n")
+
+
+#: Keys of a ``track`` mapping that train_network fills itself.
+_TRACK_OWN = frozenset({"model", "loss_fn", "data", "path", "start_step", "optimizer"})
+
+
+def _make_tracker(
+    track: CurvatureTracker | Mapping[str, Any] | None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset[Any] | None,
+    out_dir: Path,
+    *,
+    start_step: int,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+) -> CurvatureTracker | None:
+    """``track`` as a tracker: as given, or built from its keyword arguments on the run.
+
+    A mapping's tracker measures on the first ``samples`` (default 256) samples of
+    ``dataset`` and writes ``out_dir / "curvature.jsonl"``, continued from ``start_step``.
+    """
+    if track is None or isinstance(track, CurvatureTracker):
+        return track
+    if not isinstance(track, Mapping):
+        raise argument_error(
+            "track", "a CurvatureTracker or a mapping of its arguments", track, kind=TypeError
+        )
+    import inspect
+
+    kwargs = dict(track)
+    accepted = set(inspect.signature(CurvatureTracker).parameters) - _TRACK_OWN
+    unknown = sorted(set(kwargs) - accepted - {"samples"})
+    if unknown:
+        raise argument_error(
+            "track", f"keys among {sorted(accepted | {'samples'})}", f"unknown keys {unknown}"
+        )
+    samples = check_positive_int("samples", kwargs.pop("samples", 256))
+    assert dataset is not None
+    subset = torch.utils.data.Subset(dataset, range(min(samples, len(cast(Any, dataset)))))
+    loader = make_loader(subset, min(samples, 256), shuffle=False)
+    kwargs.setdefault("seed", seed)
+    return CurvatureTracker(
+        model,
+        loss_fn,
+        loader,
+        path=out_dir / CURVATURE_FILE,
+        start_step=start_step,
+        optimizer=optimizer,
+        **kwargs,
+    )

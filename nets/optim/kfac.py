@@ -57,6 +57,12 @@ batch (BatchNorm running statistics and ``.grad`` untouched).  In a plain
 loop (``loss.backward(); opt.step()``) with ``fisher='empirical'`` the
 factors come from hooks on that forward/backward.
 
+The factor computations (unfolded patches, outer-product sums, E-KFAC's rotated
+per-sample squares) are those of :mod:`curvops.kronecker`, the one implementation
+shared with :class:`curvops.KFACOperator` and :class:`curvops.EKFACOperator`
+(which use the normalisation :math:`A/T`, :math:`G\,T` of curvlinops; the product
+:math:`A \otimes G` is the same).
+
 :class:`EKFAC` (``optimizer='EKFAC'``) keeps the eigenbasis of :math:`A \otimes G`
 and re-estimates the diagonal in it from per-sample gradients (George et al. 2018).
 
@@ -80,9 +86,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from curvops.kronecker import (
+    grad_factor,
+    input_factor,
+    is_supported,
+    layer_inputs,
+    layer_output_grads,
+    rotated_gradient_squares,
+)
 from nets.optim.registry import register_optimizer
 from spectral.errors import NumericalError, argument_error
 
@@ -119,51 +132,6 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
-    """Symmetric zero padding of a Conv2d as integers (``None`` if not expressible)."""
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0)
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        if any(t % 2 for t in totals):
-            return None  # asymmetric 'same' padding
-        return (totals[0] // 2, totals[1] // 2)
-    return (int(padding[0]), int(padding[1]))
-
-
-def _is_supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and _conv_padding(module) is not None
-        )
-    return isinstance(module, nn.Linear)
-
-
-def _layer_rows(
-    module: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position inputs ``(N*T, in[+1])`` and output gradients ``(N*T, out)``."""
-    if isinstance(module, nn.Conv2d):
-        a = F.unfold(
-            inputs,
-            kernel_size=module.kernel_size,
-            dilation=module.dilation,
-            padding=_conv_padding(module) or (0, 0),
-            stride=module.stride,
-        )  # (N, in*kh*kw, T)
-        a = a.transpose(1, 2).reshape(-1, a.shape[1])
-        g = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
-    else:
-        a = inputs.reshape(-1, inputs.shape[-1])
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-    if _bias(module) is not None:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return a, g
-
-
 def kfac_factors(
     module: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +160,12 @@ def kfac_factors(
     >>> G[0, 0].item()
     1.0
     """
-    a, g = _layer_rows(module, inputs, grad_out)
-    g = g * batch_size
-    A = a.T @ a / batch_size
-    G = g.T @ g / g.shape[0]
+    a = layer_inputs(module, inputs, bias=_bias(module) is not None)
+    g = layer_output_grads(module, grad_out) * batch_size
+    positions = a.shape[1]
+    # the shared expand factors, in Grosse & Martens' normalisation (T moved from A to G)
+    A = input_factor(a, "expand") * (positions / batch_size)
+    G = grad_factor(g, "expand") / (batch_size * positions)
     return A, G
 
 
@@ -320,7 +290,7 @@ class KFAC(torch.optim.Optimizer):
         self._layers: list[nn.Module] = [
             m
             for m in model.modules()
-            if _is_supported(m)
+            if is_supported(m)
             and _weight(m).requires_grad
             and (_bias(m) is None or _bias(m).requires_grad)  # type: ignore[union-attr]
         ]
@@ -751,14 +721,13 @@ class EKFAC(KFAC):
         self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, batch_size: int
     ) -> None:
         with torch.no_grad():
-            a, g = _layer_rows(module, inputs, grad)
             n = int(inputs.shape[0])
-            if n != batch_size or a.shape[0] % n:
+            if n != batch_size:
                 return  # not a per-sample layout (cannot happen for Linear/Conv2d inputs)
-            # rows are sample-major: (N*T, d) -> (N, T, d); g per sample, not of the mean
-            self._samples.setdefault(module, []).append(
-                (a.reshape(n, -1, a.shape[1]), g.reshape(n, -1, g.shape[1]) * batch_size)
-            )
+            # (N, T, d) rows per sample; g per sample, not of the mean
+            a = layer_inputs(module, inputs, bias=_bias(module) is not None)
+            g = layer_output_grads(module, grad) * batch_size
+            self._samples.setdefault(module, []).append((a, g))
 
     def _update_inverses(self, damping: float) -> None:
         for module in self._layers:
@@ -784,16 +753,10 @@ class EKFAC(KFAC):
                 continue
             a = torch.cat([r[0] for r in records], dim=1)  # (N, T_total, in[+1])
             g = torch.cat([r[1] for r in records], dim=1)  # (N, T_total, out)
-            aU, gU = a @ state["U_A"], g @ state["U_G"]
             n = a.shape[0]
-            batch = torch.zeros_like(state["S"])
-            for start in range(0, n, self.chunk_size):
-                rotated = torch.einsum(
-                    "nto,nti->noi",
-                    gU[start : start + self.chunk_size],
-                    aU[start : start + self.chunk_size],
-                )
-                batch += rotated.square().sum(dim=0)
+            batch = rotated_gradient_squares(
+                a, g, state["U_A"], state["U_G"], chunk_size=self.chunk_size
+            )
             batch /= n
             if not bool(torch.isfinite(batch).all()):
                 raise NumericalError(

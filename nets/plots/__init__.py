@@ -6,12 +6,16 @@ Every function returns a :class:`matplotlib.figure.Figure` (never calls
 
 from __future__ import annotations
 
+from nets.plots.approximations import plot_approximations
 from nets.plots.comparison import plot_spectrum_comparison
 from nets.plots.landscape import plot_loss_landscape
 from nets.plots.spectrum import plot_spectrum, spectrum_summary
+from nets.plots.tracking import plot_curvature_tracking
 from nets.plots.training import plot_training
 
 __all__ = [
+    "plot_approximations",
+    "plot_curvature_tracking",
     "plot_loss_landscape",
     "plot_spectrum",
     "plot_spectrum_comparison",

@@ -14,6 +14,7 @@ states exactly as it found them.
 from __future__ import annotations
 
 from nets.workflow._resolve import CURVATURES, model_fingerprint, parse_curvature
+from nets.workflow.compare import compare_curvatures
 from nets.workflow.directions import (
     Direction,
     ParamSpace,
@@ -38,6 +39,7 @@ __all__ = [
     "ParamSpace",
     "SpectrumResult",
     "build_loss_landscape",
+    "compare_curvatures",
     "compute_eigenspectrum",
     "compute_loss_stats",
     "evaluate",

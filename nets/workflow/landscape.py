@@ -484,20 +484,7 @@ def build_loss_landscape(
             seed,
         )
         plane_pairs = parse_planes(planes, [d.name for d in chosen])
-        train_loader = shard_loader(
-            make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed),
-            group,
-            raw=True,
-        )
-        test_loader = (
-            None
-            if data.test is None
-            else shard_loader(
-                make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed),
-                group,
-                raw=True,
-            )
-        )
+        train_loader, test_loader = _loaders(data, batch_size, subsample, seed, group)
         state = open_state(
             state_path,
             "build_loss_landscape",
@@ -545,14 +532,31 @@ def build_loss_landscape(
     result.config = config
     result.model_fingerprint = model_fingerprint(work, space.names)
     if save_path is not None:
-        if is_writer(group):
-            result.save(save_path)
-            logger.info("landscape written to %s", result.path)
-        else:
-            text = os.fspath(save_path)
-            result.path = Path(text if text.endswith(".npz") else text + ".npz")
-        written(group)
+        _save_landscape(result, save_path, group)
     return result
+
+
+def _loaders(
+    data: Any, batch_size: int, subsample: int | float | None, seed: int, group: Any
+) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+    """Evaluation loaders of the (subsampled) training and test splits, sharded over ``group``."""
+    train = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+    test = None
+    if data.test is not None:
+        test_all = make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed)
+        test = shard_loader(test_all, group, raw=True)
+    return shard_loader(train, group, raw=True), test
+
+
+def _save_landscape(result: LandscapeResult, save_path: Any, group: Any) -> None:
+    """Rank 0 writes the landscape file; every rank records its path."""
+    if is_writer(group):
+        result.save(save_path)
+        logger.info("landscape written to %s", result.path)
+    else:
+        text = os.fspath(save_path)
+        result.path = Path(text if text.endswith(".npz") else text + ".npz")
+    written(group)
 
 
 def landscape_definitions(subsample: int | float | None, refresh_bn: bool) -> dict[str, str]:
@@ -608,30 +612,9 @@ def _sweep(
     group: Any = None,
 ) -> LandscapeResult:
     theta0 = space.get_vector(model)
-    buffers0 = {name: b.detach().clone() for name, b in model.named_buffers()}
-
-    def at_point(offset: torch.Tensor | None) -> tuple[float, float, float, float]:
-        if offset is None:
-            space.set_vector(model, theta0)
-        else:
-            space.set_vector(model, theta0 + offset)
-            if refresh_bn:
-                _refresh_bn(model, train_loader, group)
-        model.eval()
-        try:
-            tr = evaluate(model, train_loader, loss_fn, group=group)
-            te = (
-                (math.nan, math.nan)
-                if test_loader is None
-                else evaluate(model, test_loader, loss_fn, group=group)
-            )
-        finally:
-            if offset is not None and refresh_bn:
-                with torch.no_grad():
-                    for name, b in model.named_buffers():
-                        b.copy_(buffers0[name])
-        return tr[0], tr[1], te[0], te[1]
-
+    at_point = _point_evaluator(
+        model, space, theta0, train_loader, test_loader, loss_fn, refresh_bn, group
+    )
     total = len(chosen) * len(t) + len(plane_pairs) * len(t) ** 2
     bar = None
     if progress:
@@ -686,6 +669,59 @@ def _sweep(
         space.set_vector(model, theta0)
         if bar is not None:
             bar.close()
+    return _landscape_result(t, chosen, plane_pairs, curves, grids, origin)
+
+
+def _point_evaluator(
+    model: nn.Module,
+    space: ParamSpace,
+    theta0: torch.Tensor,
+    train_loader: DataLoader[Any],
+    test_loader: DataLoader[Any] | None,
+    loss_fn: Callable[..., torch.Tensor],
+    refresh_bn: bool,
+    group: Any,
+) -> Callable[[torch.Tensor | None], tuple[float, float, float, float]]:
+    """``at_point(offset)``: train/test loss and accuracy (eval mode) at ``theta0 + offset``
+    (``None``: at ``theta0``); with ``refresh_bn`` the BatchNorm statistics are recomputed
+    there and the buffers restored afterwards."""
+    buffers0 = {name: b.detach().clone() for name, b in model.named_buffers()}
+
+    def at_point(offset: torch.Tensor | None) -> tuple[float, float, float, float]:
+        if offset is None:
+            space.set_vector(model, theta0)
+        else:
+            space.set_vector(model, theta0 + offset)
+            if refresh_bn:
+                _refresh_bn(model, train_loader, group)
+        model.eval()
+        try:
+            tr = evaluate(model, train_loader, loss_fn, group=group)
+            te = (
+                (math.nan, math.nan)
+                if test_loader is None
+                else evaluate(model, test_loader, loss_fn, group=group)
+            )
+        finally:
+            if offset is not None and refresh_bn:
+                with torch.no_grad():
+                    for name, b in model.named_buffers():
+                        b.copy_(buffers0[name])
+        return tr[0], tr[1], te[0], te[1]
+
+    return at_point
+
+
+def _landscape_result(
+    t: np.ndarray,
+    chosen: list[Direction],
+    plane_pairs: list[tuple[int, int]],
+    curves: np.ndarray,
+    grids: np.ndarray,
+    origin: tuple[float, float, float, float],
+) -> LandscapeResult:
+    """The :class:`LandscapeResult` of a finished sweep (``curves``/``grids``: train loss,
+    train accuracy, test loss, test accuracy first)."""
     planes = bool(plane_pairs)
     return LandscapeResult(
         t=t,

@@ -34,11 +34,13 @@ key                                                    content
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -231,10 +233,6 @@ def compute_loss_stats(
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     paths = _checkpoint_list(checkpoint_path)
-    rows: dict[str, list[float]] = {key: [] for key in STATS_KEYS}
-    epochs: list[int] = []
-    counts: dict[str, list[int]] = {"num_batches": [], "num_samples": []}
-    names: list[str | None] = []
     state = open_state(
         state_path,
         "compute_loss_stats",
@@ -254,98 +252,35 @@ def compute_loss_stats(
             "loss": describe_value(loss),
         },
     )
-    saved = None if state is None else state.load()
-    if saved is not None:
-        done = int(saved.meta["done"])
-        for key in STATS_KEYS:
-            rows[key] = [float(v) for v in saved.arrays[key][:done]]
-        epochs = [int(v) for v in saved.arrays["epoch"][:done]]
-        for key in counts:
-            counts[key] = [int(v) for v in saved.arrays[key][:done]]
-        names = [str(v) or None for v in saved.arrays["model_names"][:done]]
-        logger.info("resuming loss statistics after %d of %d checkpoints", done, len(paths))
+    table = StatsTable.from_state(None if state is None else state.load(), len(paths))
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
         loss = default_loss(loss_fn, data.task)  # the task's loss (language models)
-        train_all = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
-        train = shard_loader(train_all, group, raw=True)
-        test = (
-            None
-            if data.test is None
-            else shard_loader(
-                make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed),
-                group,
-                raw=True,
-            )
-        )
-        bar = None
-        if progress and is_writer(group):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(paths), desc="loss stats", unit="checkpoint")
-        try:
+        splits = stats_loaders(data, batch_size, subsample=subsample, seed=seed, group=group)
+        with _progress(progress and is_writer(group), len(paths)) as bar:
             for index, path in enumerate(paths):
-                if index < len(epochs):  # finished in a previous (interrupted) run
-                    if bar is not None:
-                        bar.update()
-                    continue
-                resolved = resolve_model(model, path, data, device=device, seed=seed)
-                work = resolved.model
-                names.append(resolved.name)
-                train_loss, train_acc = evaluate(work, train, loss, group=group)
-                test_loss, test_acc = (
-                    (math.nan, math.nan)
-                    if test is None
-                    else evaluate(work, test, loss, group=group)
-                )
-                stats = loss_stats(
-                    work,
-                    loss,
-                    shard_loader(train_all, group),
-                    curvature=curvature,
-                    z=direction,
-                    seed=seed,
-                    num_probes=frobenius_probes,
-                    params=params,
-                    bn_mode=mode,
-                    process_group=operator_group(group),
-                ).as_dict()
-                stats.update(
-                    train_loss=train_loss,
-                    train_acc=train_acc,
-                    test_loss=test_loss,
-                    test_acc=test_acc,
-                )
-                for key in STATS_KEYS:
-                    rows[key].append(float(stats[key]))
-                counts["num_batches"].append(int(stats["num_batches"]))
-                counts["num_samples"].append(int(stats["num_samples"]))
-                epochs.append(-1 if resolved.epoch is None else int(resolved.epoch))
-                logger.info(
-                    "%s: loss %.4g, |g|^2 %.4g, mu %.4g",
-                    path,
-                    stats["loss_mean"],
-                    stats["grad_mean_norm_sq"],
-                    stats["hess_mu"],
-                )
-                if state is not None:
-                    state.save(
-                        {
-                            **{key: np.asarray(rows[key], dtype=np.float64) for key in STATS_KEYS},
-                            "epoch": np.asarray(epochs, dtype=np.int64),
-                            **{k: np.asarray(v, dtype=np.int64) for k, v in counts.items()},
-                            "model_names": np.asarray([n or "" for n in names], dtype=np.str_),
-                        },
-                        {"done": len(epochs)},
+                if index >= len(table.epochs):  # else finished in an interrupted run
+                    resolved = resolve_model(model, path, data, device=device, seed=seed)
+                    stats = checkpoint_stats(
+                        resolved.model, loss, splits, group=group, curvature=curvature,
+                        direction=direction, seed=seed, frobenius_probes=frobenius_probes,
+                        params=params, bn_mode=mode,
+                    )  # fmt: skip
+                    table.append(stats, resolved.epoch, resolved.name)
+                    logger.info(
+                        "%s: loss %.4g, |g|^2 %.4g, mu %.4g",
+                        path,
+                        stats["loss_mean"],
+                        stats["grad_mean_norm_sq"],
+                        stats["hess_mu"],
                     )
+                    if state is not None:
+                        state.save(table.arrays(), {"done": len(table.epochs)})
                 if bar is not None:
                     bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
     config = {
         "function": "compute_loss_stats",
-        "model": names[0] if names else None,
+        "model": table.names[0] if table.names else None,
         "dataset": data.name,
         "data_path": None if data_path is None else os.fspath(data_path),
         "curvature": curvature,
@@ -360,20 +295,149 @@ def compute_loss_stats(
         "accuracy_unit": "percent",
         "definitions": stats_definitions(mode, int(batch_size), subsample),
     }
-    out: dict[str, Any] = {key: np.asarray(rows[key], dtype=np.float64) for key in STATS_KEYS}
-    out["epoch"] = np.asarray(epochs, dtype=np.int64)
-    out["checkpoints"] = np.asarray(
-        ["" if p is None else os.fspath(p) for p in paths], dtype=np.str_
-    )
-    out["num_batches"] = np.asarray(counts["num_batches"], dtype=np.int64)
-    out["num_samples"] = np.asarray(counts["num_samples"], dtype=np.int64)
-    out["curvature"] = np.str_(curvature)
-    out["config_json"] = np.str_(json.dumps(config, sort_keys=True, default=str))
+    out = table.output(paths, curvature, config)
     if save_path is not None:
-        text = os.fspath(save_path)
-        target = text if text.endswith(".npz") else text + ".npz"
-        if is_writer(group):
-            save_npz(target, **out)
-            logger.info("loss statistics written to %s", target)
-        written(group)
+        _save(out, save_path, group)
     return out
+
+
+@dataclass
+class StatsTable:
+    """The rows of :func:`compute_loss_stats`, one per finished checkpoint."""
+
+    rows: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in STATS_KEYS})
+    epochs: list[int] = field(default_factory=list)
+    counts: dict[str, list[int]] = field(
+        default_factory=lambda: {"num_batches": [], "num_samples": []}
+    )
+    names: list[str | None] = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, saved: Any, total: int) -> StatsTable:
+        """The rows a resumable state holds (``saved``: its loaded state or ``None``)."""
+        table = cls()
+        if saved is None:
+            return table
+        done = int(saved.meta["done"])
+        for key in STATS_KEYS:
+            table.rows[key] = [float(v) for v in saved.arrays[key][:done]]
+        table.epochs = [int(v) for v in saved.arrays["epoch"][:done]]
+        for key in table.counts:
+            table.counts[key] = [int(v) for v in saved.arrays[key][:done]]
+        table.names = [str(v) or None for v in saved.arrays["model_names"][:done]]
+        logger.info("resuming loss statistics after %d of %d checkpoints", done, total)
+        return table
+
+    def append(self, stats: dict[str, Any], epoch: int | None, name: str | None) -> None:
+        """Add one checkpoint's row (``epoch = None`` is stored as ``-1``)."""
+        self.names.append(name)
+        for key in STATS_KEYS:
+            self.rows[key].append(float(stats[key]))
+        self.counts["num_batches"].append(int(stats["num_batches"]))
+        self.counts["num_samples"].append(int(stats["num_samples"]))
+        self.epochs.append(-1 if epoch is None else int(epoch))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The rows as the state file's arrays."""
+        return {
+            **{key: np.asarray(self.rows[key], dtype=np.float64) for key in STATS_KEYS},
+            "epoch": np.asarray(self.epochs, dtype=np.int64),
+            **{k: np.asarray(v, dtype=np.int64) for k, v in self.counts.items()},
+            "model_names": np.asarray([n or "" for n in self.names], dtype=np.str_),
+        }
+
+    def output(self, paths: list[Any], curvature: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The arrays of the output file (module docstring)."""
+        out: dict[str, Any] = {
+            key: np.asarray(self.rows[key], dtype=np.float64) for key in STATS_KEYS
+        }
+        out["epoch"] = np.asarray(self.epochs, dtype=np.int64)
+        out["checkpoints"] = np.asarray(
+            ["" if p is None else os.fspath(p) for p in paths], dtype=np.str_
+        )
+        out["num_batches"] = np.asarray(self.counts["num_batches"], dtype=np.int64)
+        out["num_samples"] = np.asarray(self.counts["num_samples"], dtype=np.int64)
+        out["curvature"] = np.str_(curvature)
+        out["config_json"] = np.str_(json.dumps(config, sort_keys=True, default=str))
+        return out
+
+
+@dataclass
+class StatsLoaders:
+    """The loaders of the statistics: all training batches, this rank's shard, the test shard."""
+
+    train_all: Any
+    train: Any
+    test: Any
+
+
+def stats_loaders(
+    data: Any, batch_size: int, *, subsample: int | float | None, seed: int, group: Any
+) -> StatsLoaders:
+    """Evaluation loaders of the (subsampled) splits, sharded over ``group``."""
+    train_all = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
+    test = None
+    if data.test is not None:
+        test_all = make_eval_loader(data.test, batch_size, subsample=subsample, seed=seed)
+        test = shard_loader(test_all, group, raw=True)
+    return StatsLoaders(train_all, shard_loader(train_all, group, raw=True), test)
+
+
+def checkpoint_stats(
+    model: torch.nn.Module,
+    loss: Any,
+    splits: StatsLoaders,
+    *,
+    group: Any,
+    curvature: str,
+    direction: Any,
+    seed: int,
+    frobenius_probes: int,
+    params: Any,
+    bn_mode: str | None,
+) -> dict[str, Any]:
+    """One checkpoint's row: train/test loss and accuracy (eval mode) and the loss statistics."""
+    train_loss, train_acc = evaluate(model, splits.train, loss, group=group)
+    test_loss, test_acc = (
+        (math.nan, math.nan)
+        if splits.test is None
+        else evaluate(model, splits.test, loss, group=group)
+    )
+    stats = loss_stats(
+        model,
+        loss,
+        shard_loader(splits.train_all, group),
+        curvature=curvature,
+        z=direction,
+        seed=seed,
+        num_probes=frobenius_probes,
+        params=params,
+        bn_mode=bn_mode,
+        process_group=operator_group(group),
+    ).as_dict()
+    stats.update(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
+    return stats
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int) -> Iterator[Any]:
+    """A tqdm bar over checkpoints when ``show`` (else ``None``), closed on exit."""
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="loss stats", unit="checkpoint")
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _save(out: dict[str, Any], save_path: PathLike, group: Any) -> None:
+    text = os.fspath(save_path)
+    target = text if text.endswith(".npz") else text + ".npz"
+    if is_writer(group):
+        save_npz(target, **out)
+        logger.info("loss statistics written to %s", target)
+    written(group)

@@ -501,16 +501,7 @@ def _probes(
         probe_weights[j, :size] = pairs.weights
         probe_residuals[j, :size] = pairs.residuals
         if j == 0:
-            out["alpha"] = np.asarray(result.alpha, dtype=np.float64)
-            out["beta"] = np.asarray(result.beta, dtype=np.float64)
-            if with_vectors:
-                vectors = pairs.vectors
-                if isinstance(vectors, torch.Tensor):
-                    host = vectors.detach().to("cpu", torch.float32).numpy()
-                else:
-                    host = np.asarray(vectors, dtype=np.float32)
-                out["vectors"] = np.ascontiguousarray(host.T)
-                out["vector_values"] = pairs.values.copy()
+            out.update(_first_probe_outputs(result, pairs, with_vectors))
         logger.info(
             "probe %d/%d: %d Ritz values in [%.4g, %.4g]%s",
             j + 1,
@@ -522,21 +513,49 @@ def _probes(
         )
         if state is not None:
             state.save(*payload(j + 1, rng.bit_generator.state))
+    out.update(_pooled(probe_nodes, probe_weights, probe_residuals, n))
+    return out
+
+
+def _first_probe_outputs(result: Any, pairs: Any, with_vectors: bool) -> dict[str, Any]:
+    """The first probe's tridiagonal (``alpha``, ``beta``) and, if kept, its Ritz vectors."""
+    out: dict[str, Any] = {
+        "alpha": np.asarray(result.alpha, dtype=np.float64),
+        "beta": np.asarray(result.beta, dtype=np.float64),
+    }
+    if with_vectors:
+        vectors = pairs.vectors
+        if isinstance(vectors, torch.Tensor):
+            host = vectors.detach().to("cpu", torch.float32).numpy()
+        else:
+            host = np.asarray(vectors, dtype=np.float32)
+        out["vectors"] = np.ascontiguousarray(host.T)
+        out["vector_values"] = pairs.values.copy()
+    return out
+
+
+def _pooled(
+    probe_nodes: np.ndarray, probe_weights: np.ndarray, probe_residuals: np.ndarray, n: int
+) -> dict[str, Any]:
+    """The ``k`` probes' quadratures pooled into one density (sorted nodes, weights summing to 1),
+    with the trace estimate ``n * sum(w * theta)`` and its standard error."""
+    k = probe_nodes.shape[0]
     keep = ~np.isnan(probe_nodes)
     nodes = probe_nodes[keep]
     order = np.argsort(nodes, kind="stable")
     weights = (probe_weights[keep] / k)[order]
     values = nodes[order]
     weights = weights / weights.sum()
-    out["values"] = values
-    out["weights"] = weights
-    out["residuals"] = probe_residuals[keep][order]
-    out["probe_nodes"] = probe_nodes
-    out["probe_weights"] = probe_weights
-    out["trace"] = float(n * np.sum(weights * values))
-    out["trace_stderr"] = float(np.sqrt(2.0 * n * np.sum(weights * values**2) / k))
-    out["num_params"] = n
-    return out
+    return {
+        "values": values,
+        "weights": weights,
+        "residuals": probe_residuals[keep][order],
+        "probe_nodes": probe_nodes,
+        "probe_weights": probe_weights,
+        "trace": float(n * np.sum(weights * values)),
+        "trace_stderr": float(np.sqrt(2.0 * n * np.sum(weights * values**2) / k)),
+        "num_params": n,
+    }
 
 
 def compute_eigenspectrum(
@@ -650,17 +669,10 @@ def compute_eigenspectrum(
     >>> res.num_params, len(res.values), res.curvature, res.path.name
     (1210, 5, 'hessian', 'spectrum.npz')
     """
-    curvature = parse_curvature(curvature_matrix)
-    check_int("lanczos_iters", lanczos_iters, 1)
-    check_int("num_probes", num_probes, 1)
-    check_int("checkpoint_every", checkpoint_every, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("seed", seed, 0)
-    mode = check_bn_mode(bn_mode)
-    if fit is not None and fit not in LAWS:
-        raise argument_error("fit", f"None or one of {tuple(LAWS)}", fit)
-    if not isinstance(save_eigvec, bool):
-        raise argument_error("save_eigvec", "a bool", save_eigvec, kind=TypeError)
+    curvature, mode = _checked_arguments(
+        curvature_matrix, bn_mode, fit, save_eigvec, lanczos_iters=lanczos_iters,
+        num_probes=num_probes, checkpoint_every=checkpoint_every, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
@@ -685,30 +697,16 @@ def compute_eigenspectrum(
         fingerprint = model_fingerprint(resolved.model, names)
         state = None
         if state_path is not None:
-            state_config = {
-                "function": "compute_eigenspectrum",
-                "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
-                "data_path": None if data_path is None else os.fspath(data_path),
-                "model": describe_model(model),
-                "model_fingerprint": fingerprint,
-                "checkpoint": file_digest(checkpoint_path),
-                "curvature": curvature,
-                "lanczos_iters": int(lanczos_iters),
-                "num_probes": int(num_probes),
-                "bn_mode": mode,
-                "params": names,
-                "subsample": subsample,
-                "batch_size": int(batch_size),
-                "seed": int(seed),
-                "loss": describe_value(loss),
-                "save_eigvec": save_eigvec,
-            }
+            state_config = _state_config(
+                dataset, data_path, model, checkpoint_path, fingerprint=fingerprint,
+                curvature=curvature, lanczos_iters=lanczos_iters, num_probes=num_probes,
+                bn_mode=mode, names=names, subsample=subsample, batch_size=batch_size, seed=seed,
+                loss=loss, save_eigvec=save_eigvec,
+            )  # fmt: skip
             state = Checkpoint(
-                state_path,
-                kind="compute_eigenspectrum",
-                config=state_config,
+                state_path, kind="compute_eigenspectrum", config=state_config,
                 operator=as_operator(operator),
-            )
+            )  # fmt: skip
         out = lanczos_spectrum(
             operator,
             lanczos_iters,
@@ -740,7 +738,87 @@ def compute_eigenspectrum(
         "device": str(next(iter(resolved.model.parameters())).device),
         "loss": type(loss).__name__,
     }
-    result = SpectrumResult(
+    result = spectrum_result(
+        out, config, space, fingerprint, curvature=curvature, bn_mode=mode,
+        lanczos_iters=lanczos_iters, num_probes=num_probes,
+    )  # fmt: skip
+    if fit is not None:
+        result.bulk = bulk_summary(result, fit)
+    if save_spectrum_path is not None:
+        _save_spectrum(result, save_spectrum_path, save_eigvec=save_eigvec, group=group)
+    return result
+
+
+def _state_config(
+    dataset: Any,
+    data_path: Any,
+    model: Any,
+    checkpoint_path: Any,
+    *,
+    fingerprint: str,
+    curvature: str,
+    lanczos_iters: int,
+    num_probes: int,
+    bn_mode: str | None,
+    names: list[str],
+    subsample: Any,
+    batch_size: int,
+    seed: int,
+    loss: Any,
+    save_eigvec: bool,
+) -> dict[str, Any]:
+    """What a resumable state must match to be resumed (file digests, fingerprint, settings)."""
+    return {
+        "function": "compute_eigenspectrum",
+        "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+        "data_path": None if data_path is None else os.fspath(data_path),
+        "model": describe_model(model),
+        "model_fingerprint": fingerprint,
+        "checkpoint": file_digest(checkpoint_path),
+        "curvature": curvature,
+        "lanczos_iters": int(lanczos_iters),
+        "num_probes": int(num_probes),
+        "bn_mode": bn_mode,
+        "params": names,
+        "subsample": subsample,
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "loss": describe_value(loss),
+        "save_eigvec": save_eigvec,
+    }
+
+
+def _checked_arguments(
+    curvature_matrix: str, bn_mode: str | None, fit: str | None, save_eigvec: Any, **counts: int
+) -> tuple[str, str | None]:
+    """The curvature kind and BatchNorm mode; ``ValueError``/``TypeError`` naming bad arguments."""
+    curvature = parse_curvature(curvature_matrix)
+    for name, minimum in (
+        ("lanczos_iters", 1), ("num_probes", 1), ("checkpoint_every", 1), ("batch_size", 1),
+        ("seed", 0),
+    ):  # fmt: skip
+        check_int(name, counts[name], minimum)
+    mode = check_bn_mode(bn_mode)
+    if fit is not None and fit not in LAWS:
+        raise argument_error("fit", f"None or one of {tuple(LAWS)}", fit)
+    if not isinstance(save_eigvec, bool):
+        raise argument_error("save_eigvec", "a bool", save_eigvec, kind=TypeError)
+    return curvature, mode
+
+
+def spectrum_result(
+    out: dict[str, Any],
+    config: dict[str, Any],
+    space: ParamSpace,
+    fingerprint: str,
+    *,
+    curvature: str,
+    bn_mode: str | None,
+    lanczos_iters: int,
+    num_probes: int,
+) -> SpectrumResult:
+    """The :class:`SpectrumResult` of a :func:`lanczos_spectrum` output ``out``."""
+    return SpectrumResult(
         values=out["values"],
         weights=out["weights"],
         residuals=out["residuals"],
@@ -754,7 +832,7 @@ def compute_eigenspectrum(
         lanczos_iters=int(lanczos_iters),
         num_probes=int(num_probes),
         curvature=curvature_kind(curvature),
-        bn_mode="none" if mode is None else mode,
+        bn_mode="none" if bn_mode is None else bn_mode,
         model_fingerprint=fingerprint,
         config=config,
         vectors=out.get("vectors"),
@@ -762,14 +840,14 @@ def compute_eigenspectrum(
         param_names=space.names,
         param_shapes_json=space.shapes_json(),
     )
-    if fit is not None:
-        result.bulk = bulk_summary(result, fit)
-    if save_spectrum_path is not None:
-        if is_writer(group):
-            result.save(save_spectrum_path, save_eigvec=save_eigvec)
-            logger.info("spectrum written to %s", result.path)
-        else:
-            result.path = spectrum_file(save_spectrum_path)
-            result.eigvec_path = eigvec_file(result.path) if save_eigvec else None
-        written(group)
-    return result
+
+
+def _save_spectrum(result: SpectrumResult, path: Any, *, save_eigvec: bool, group: Any) -> None:
+    """Rank 0 writes the spectrum (and Ritz vectors); every rank records the paths."""
+    if is_writer(group):
+        result.save(path, save_eigvec=save_eigvec)
+        logger.info("spectrum written to %s", result.path)
+    else:
+        result.path = spectrum_file(path)
+        result.eigvec_path = eigvec_file(result.path) if save_eigvec else None
+    written(group)

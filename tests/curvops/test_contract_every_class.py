@@ -127,6 +127,20 @@ def _inverse(method: str) -> Callable[[], tuple[CurvatureOperator, np.ndarray]]:
     return build
 
 
+def _kfac(name: str) -> Callable[[], tuple[CurvatureOperator, np.ndarray]]:
+    def build() -> tuple[CurvatureOperator, np.ndarray]:
+        net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        data = (x, torch.arange(7) % 2)
+        cls = curvops.EKFACOperator if name == "EKFACOperator" else curvops.KFACOperator
+        op = cls(net, nn.CrossEntropyLoss(), data)
+        if name == "KroneckerInverse":
+            op = op.inverse(0.1)
+        return op, op.to_dense().numpy()
+
+    return build
+
+
 BUILDERS: dict[str, Callable[[], tuple[CurvatureOperator, np.ndarray]]] = {
     "Identity": _identity,
     "Diagonal": _diagonal,
@@ -144,6 +158,9 @@ BUILDERS: dict[str, Callable[[], tuple[CurvatureOperator, np.ndarray]]] = {
     "InverseOperator-cg": _inverse("cg"),
     "InverseOperator-minres": _inverse("minres"),
     "InverseOperator-lanczos": _inverse("lanczos"),
+    "KFACOperator": _kfac("KFACOperator"),
+    "EKFACOperator": _kfac("EKFACOperator"),
+    "KroneckerInverse": _kfac("KroneckerInverse"),
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from nets.cli import OPTIMIZERS, build_parser, format_table, main, user_message
 from spectral.io import load_npz, save_npz
 
-SUBCOMMANDS = ("train", "spectrum", "stats", "landscape", "plot", "demo")
+SUBCOMMANDS = ("train", "spectrum", "stats", "landscape", "compare", "plot", "demo")
 ROOT = Path(__file__).resolve().parents[2]
 # One step of each optimiser: 64 training samples in one batch, curvature optimisers cheap.
 TINY = ["--epochs", "1", "--subsample", "64", "--batch-size", "64", "--no-progress"]
@@ -342,3 +342,31 @@ def test_train_subsample_shrinks_only_the_training_split() -> None:
     rows = [int(torch.nonzero((x_all == xi).flatten(1).all(1))[0]) for xi in x]
     assert len(set(rows)) == 64 and torch.equal(y_all[rows], y)  # real samples, same labels
     assert _training_data(build_parser().parse_args(["train", "--dir", "x"])) == "digits"
+
+
+def test_compare_grades_approximations(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``curvature compare``: one report per proxy in the file, the table and the figure."""
+    ckpt = trained / "checkpoint-00001.pt"
+    out = trained / "compare.npz"
+    rc = main(
+        ["compare", "--checkpoint", str(ckpt), "--approx", "kfac,diag-ggn", "--iters", "8",
+         "--k", "2", "--subsample", "64", "--batch-size", "64", "--out", str(out),
+         "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Approximations against the exact ggn" in printed
+    assert "kfac" in printed and "diag-ggn" in printed
+    arrays = load_npz(out)
+    assert any(key.startswith("kfac") for key in arrays)
+    assert any(key.startswith("diag-ggn") for key in arrays)
+    assert out.with_suffix(".png").is_file()
+
+
+def test_compare_refuses_an_unknown_approximation(trained: Path) -> None:
+    proc = curvature(
+        "compare", "--checkpoint", str(trained / "checkpoint-00001.pt"), "--approx", "kfc",
+        "--subsample", "16", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "kfc" in proc.stderr

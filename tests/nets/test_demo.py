@@ -22,6 +22,7 @@ FIGURES = (
     "spectrum-ggn.png",
     "lanczos-vs-diagonal.png",
     "landscape.png",
+    "curvature-tracking.png",
 )
 
 
@@ -88,9 +89,18 @@ def test_demo_command_writes_every_file_and_prints_the_summary(
     assert sorted(Path(name) for name, _ in files_section) == on_disk
     for name in on_disk:
         assert str(name) in out, name
-    # every .npz carries its config
+    # every .npz carries its config (but the tracker's own files: its warm-start vectors
+    # and SpectralDensity.save snapshots, whose formats are the tracker's)
     for npz in tmp_path.rglob("*.npz"):
-        assert "config_json" in load_npz(npz), npz
+        if not npz.name.startswith("curvature."):
+            assert "config_json" in load_npz(npz), npz
+    # the digits run was tracked: rows every 10 steps, in the file and in stats.json
+    rows = [json.loads(line) for line in (tmp_path / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10 * (i + 1) for i in range(len(rows))] and rows
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["curvature"] == rows
+    assert any("density" in r for r in rows)
+    assert (tmp_path / rows[1]["density"]).is_file()
     config = json.loads(str(diag["config_json"]))
     assert config["method"] == "mc" and config["bn_mode"] == "train"
     # each reported loss says what it is

@@ -1,0 +1,436 @@
+r"""How far a curvature proxy is from the truth: :func:`compare`, :class:`ApproximationReport`.
+
+Given a proxy :math:`\tilde A` (K-FAC, E-KFAC, a diagonal, blocks, low rank, ...) and the
+operator it approximates :math:`A` (both symmetric, ``n x n``), :func:`compare` reports
+
+* the 1-Wasserstein distance :math:`W_1(\mu_A, \mu_{\tilde A}) = \int |F_A - F_{\tilde A}|`
+  between the spectral densities (uniform measures on the eigenvalues); each side uses
+  its exact eigenvalues when its structure gives them
+  (:func:`curvops.structure.exact_eigenvalues`), stochastic Lanczos quadrature
+  (:func:`spectral.slq`, ``num_iters``, ``num_probes``, ``seed``) otherwise;
+* the relative errors :math:`|\tilde\lambda_i - \lambda_i| / |\lambda_i|` of the top-``k``
+  eigenvalues and the principal angles between the top-``k`` eigenspaces (from the
+  structure where it gives them, :func:`curvops.structure.exact_top_eigenpairs`, else
+  :func:`spectral.top_eigenpairs`; angles from cosines and sines, accurate at both
+  ends);
+* relative errors :math:`|v^\top\tilde A v - v^\top A v| / |v^\top A v|` of quadratic
+  forms on ``num_directions`` Gaussian directions and on the gradient :math:`g`;
+* the relative error :math:`\|\tilde x - x\| / \|x\|` of the damped Newton step
+  :math:`x = (A + \delta I)^{-1} g` (structured inverses where available, CG/MINRES to
+  ``solve_tol`` otherwise);
+* trace and log-det of both (exact or from the SLQ quadrature:
+  :math:`n\sum_i w_i\theta_i`, :math:`n\sum_i w_i \log\theta_i`) and their errors;
+* the products each side cost.
+
+The gradient defaults to that of the mean loss when ``exact`` is a model operator
+(:class:`curvops.ModelCurvatureOperator`); pass ``gradient=`` otherwise (or none).
+
+>>> import numpy as np
+>>> from curvops.structured import Dense, Diagonal
+>>> A = Dense(np.array([[2.0, 1.0], [1.0, 2.0]]), symmetric=True)
+>>> r = compare(A, A, k=1, gradient=np.ones(2))
+>>> r.wasserstein, float(r.top_eigenvalue_errors[0]), r.newton_step_error
+(0.0, 0.0, 0.0)
+>>> r = compare(Diagonal(np.array([2.0, 2.0])), A, k=1, gradient=np.ones(2))
+>>> round(r.wasserstein, 12), round(r.trace_error, 12)
+(1.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvops._model_state import curvature_mode, functional_forward
+from curvops.curvature import ModelCurvatureOperator
+from curvops.operator import CurvatureOperator, is_scalar
+from curvops.solvers import inverse
+from curvops.structure import (
+    exact_eigenvalues,
+    exact_inverse,
+    exact_logdet,
+    exact_top_eigenpairs,
+    exact_trace,
+)
+from spectral import SpectralDensity, slq, top_eigenpairs
+from spectral.errors import argument_error
+
+__all__ = ["ApproximationReport", "compare", "compare_all"]
+
+
+@dataclass(frozen=True)
+class ApproximationReport:
+    """The numbers :func:`compare` measures (``nan`` where a quantity is unavailable).
+
+    The spectra (``spectrum_nodes_*``, ``spectrum_weights_*``) are the measures the
+    :math:`W_1` distance compares (exact eigenvalues with equal weights, or SLQ nodes and
+    weights).  Eigenvalue arrays are float64, descending; angles in radians, ascending; errors
+    are relative unless named otherwise (``logdet_error`` is absolute:
+    :math:`\\log\\det` is already a log).
+    """
+
+    wasserstein: float
+    spectrum_exact: str
+    spectrum_approximation: str
+    spectrum_nodes_exact: np.ndarray
+    spectrum_weights_exact: np.ndarray
+    spectrum_nodes_approximation: np.ndarray
+    spectrum_weights_approximation: np.ndarray
+    top_eigenvalues_exact: np.ndarray
+    top_eigenvalues_approximation: np.ndarray
+    top_eigenvalue_errors: np.ndarray
+    principal_angles: np.ndarray
+    quadratic_form_errors: np.ndarray
+    gradient_quadratic_form_error: float
+    newton_step_error: float
+    damping: float
+    trace_exact: float
+    trace_approximation: float
+    trace_error: float
+    logdet_exact: float
+    logdet_approximation: float
+    logdet_error: float
+    products_exact: int
+    products_approximation: int
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """Every field as a numpy array (``np.savez``-ready, ``allow_pickle=False``)."""
+        return {key: np.asarray(value) for key, value in asdict(self).items()}
+
+
+class _Counted(CurvatureOperator):
+    """Delegates to ``base`` and counts the columns it is applied to."""
+
+    def __init__(self, base: CurvatureOperator) -> None:
+        super().__init__(
+            shape=base.shape,
+            torch_dtype=base.torch_dtype,
+            device=base.device,
+            symmetric=base.symmetric,
+            psd=base.psd,
+        )
+        self.base = base
+        self.count = 0
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self.count += int(X.shape[1])
+        return self.base._matmat_torch(X)
+
+
+def _relative(approx: float, exact: float) -> float:
+    if exact == 0.0:
+        return 0.0 if approx == 0.0 else math.inf
+    return abs(approx - exact) / abs(exact)
+
+
+def _spectrum(
+    A: CurvatureOperator, counted: _Counted, num_iters: int, num_probes: int, seed: int
+) -> tuple[SpectralDensity, str]:
+    values = exact_eigenvalues(A)
+    if values is not None:
+        v = values.detach().cpu().to(torch.float64).numpy()
+        return SpectralDensity(v, np.full(v.shape, 1.0 / v.size)), "exact"
+    m = min(num_iters, A.shape[0])
+    return slq(counted, m, num_probes=num_probes, seed=seed), "slq"
+
+
+def _principal_angles(V: torch.Tensor, W: torch.Tensor) -> np.ndarray:
+    """Angles between the column spaces of orthonormal ``V`` and ``W`` (ascending)."""
+    V64, W64 = V.to(torch.float64), W.to(torch.float64)
+    Q, _ = torch.linalg.qr(W64)
+    P, _ = torch.linalg.qr(V64)
+    cosines = torch.linalg.svdvals(P.T @ Q).clamp(0.0, 1.0).cpu().numpy()  # descending
+    sines = torch.linalg.svdvals(Q - P @ (P.T @ Q)).clamp(0.0, 1.0).cpu().numpy()
+    sines = np.sort(sines)  # ascending, matching the descending cosines
+    angles = np.where(sines < math.sqrt(0.5), np.arcsin(sines), np.arccos(cosines))
+    return np.sort(angles)
+
+
+def _mean_gradient(op: ModelCurvatureOperator) -> torch.Tensor:
+    """:math:`\\nabla L` of the mean loss over the operator's data (model unchanged)."""
+    total: torch.Tensor | None = None
+    count = 0
+    with curvature_mode(op.model, op.bn_mode):
+        for batch in op.data:
+            inputs, targets = op._batch_on_device(batch)
+            leaves = [p.detach().requires_grad_(True) for p in op.current_params()]
+            with torch.enable_grad():
+                loss = op.loss_fn(
+                    functional_forward(op.model, op.param_names, leaves, inputs), targets
+                )
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            flat = torch.cat([g.reshape(-1) for g in grads]) * batch.size
+            total = flat if total is None else total + flat
+            count += batch.size
+    if total is None:  # pragma: no cover - Data refuses empty data
+        raise argument_error("exact", "an operator with data", op)
+    return total / count
+
+
+def _damped_solve(
+    A: CurvatureOperator, counted: _Counted, damping: float, g: torch.Tensor, tol: float
+) -> torch.Tensor:
+    structured = exact_inverse(A, damping)
+    if structured is not None:
+        return torch.as_tensor(structured @ g)
+    method = "cg" if A.psd else "minres"
+    solver = inverse(counted.damp(damping), method, tol=tol, strict=True)
+    return torch.as_tensor(solver @ g)
+
+
+def _check_operator(name: str, op: Any, n: int | None) -> None:
+    if not isinstance(op, CurvatureOperator) or not op.symmetric:
+        raise argument_error(name, "a symmetric curvops operator", op, kind=TypeError)
+    if n is not None and op.shape != (n, n):
+        raise argument_error(name, f"an operator of shape {(n, n)}", op)
+
+
+@dataclass
+class _Side:
+    """Everything measured on one operator."""
+
+    density: SpectralDensity
+    source: str
+    top_values: np.ndarray  # descending
+    top_vectors: torch.Tensor
+    quadratic_forms: np.ndarray
+    gradient_form: float
+    step: torch.Tensor | None
+    trace: float
+    logdet: float
+    products: int
+
+
+def _measure(
+    A: CurvatureOperator,
+    *,
+    k: int,
+    num_iters: int,
+    num_probes: int,
+    V: torch.Tensor,
+    g: torch.Tensor | None,
+    damping: float | None,
+    eig_tol: float,
+    solve_tol: float,
+    seed: int,
+) -> tuple[_Side, float]:
+    n = A.shape[0]
+    counted = _Counted(A)
+    density, source = _spectrum(A, counted, num_iters, num_probes, seed)
+    pairs = exact_top_eigenpairs(A, k)
+    if pairs is not None:
+        top = pairs[0].detach().to(torch.float64).cpu().numpy()
+        vecs: Any = pairs[1]
+    else:
+        vals, vecs = top_eigenpairs(counted, k, which="LA", tol=eig_tol, seed=seed)
+        top = np.asarray(vals, dtype=np.float64)[::-1].copy()
+        vecs = torch.as_tensor(vecs).flip(1)  # descending, as the values
+    Vd = V.to(A.device, A.torch_dtype)
+    quad = (Vd * torch.as_tensor(counted @ Vd)).sum(0).double().cpu().numpy()
+    delta = float(damping) if damping is not None else 1e-3 * max(float(top[0]), 0.0)
+    g_form, step = math.nan, None
+    if g is not None:
+        gd = g.to(A.device, A.torch_dtype)
+        g_form = float(gd @ torch.as_tensor(counted @ gd))
+        if delta > 0 or A.psd:
+            step = _damped_solve(A, counted, delta, gd, solve_tol).to(torch.float64).cpu()
+    tr, ld = exact_trace(A), exact_logdet(A)
+    if tr is None:
+        tr = n * float(density.moment(1))
+    if ld is None:
+        nodes, weights = density.nodes, density.weights
+        ld = n * float(np.sum(weights * np.log(nodes))) if nodes.min() > 0 else -math.inf
+    side = _Side(
+        density,
+        source,
+        top,
+        torch.as_tensor(vecs).to(torch.float64).cpu(),
+        quad,
+        g_form,
+        step,
+        tr,
+        ld,
+        counted.count,
+    )
+    return side, delta
+
+
+def _report(a: _Side, e: _Side, delta: float) -> ApproximationReport:
+    if a.step is not None and e.step is not None:
+        norm = float(torch.linalg.vector_norm(e.step))
+        diff = float(torch.linalg.vector_norm(a.step - e.step))
+        newton = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+    else:
+        newton = math.nan
+    if math.isfinite(a.logdet) and math.isfinite(e.logdet):
+        ld_err = abs(a.logdet - e.logdet)
+    else:
+        ld_err = 0.0 if a.logdet == e.logdet else math.inf
+    g_err = (
+        _relative(a.gradient_form, e.gradient_form) if math.isfinite(e.gradient_form) else math.nan
+    )
+    return ApproximationReport(
+        wasserstein=float(a.density.wasserstein(e.density)),
+        spectrum_exact=e.source,
+        spectrum_approximation=a.source,
+        spectrum_nodes_exact=e.density.nodes.copy(),
+        spectrum_weights_exact=e.density.weights.copy(),
+        spectrum_nodes_approximation=a.density.nodes.copy(),
+        spectrum_weights_approximation=a.density.weights.copy(),
+        top_eigenvalues_exact=e.top_values,
+        top_eigenvalues_approximation=a.top_values,
+        top_eigenvalue_errors=np.array(
+            [_relative(x, y) for x, y in zip(a.top_values, e.top_values)]
+        ),
+        principal_angles=_principal_angles(e.top_vectors, a.top_vectors),
+        quadratic_form_errors=np.array(
+            [_relative(x, y) for x, y in zip(a.quadratic_forms, e.quadratic_forms)]
+        ),
+        gradient_quadratic_form_error=g_err,
+        newton_step_error=newton,
+        damping=delta,
+        trace_exact=e.trace,
+        trace_approximation=a.trace,
+        trace_error=_relative(a.trace, e.trace),
+        logdet_exact=e.logdet,
+        logdet_approximation=a.logdet,
+        logdet_error=ld_err,
+        products_exact=e.products,
+        products_approximation=a.products,
+    )
+
+
+def compare_all(
+    approximations: Mapping[str, CurvatureOperator],
+    exact: CurvatureOperator,
+    *,
+    k: int = 10,
+    num_iters: int = 50,
+    num_probes: int = 1,
+    num_directions: int = 10,
+    gradient: Any = None,
+    damping: float | None = None,
+    eig_tol: float = 1e-6,
+    solve_tol: float = 1e-8,
+    seed: int = 0,
+) -> dict[str, ApproximationReport]:
+    """:func:`compare` for several proxies, measuring the exact side once.
+
+    Each report's ``products_exact`` is the (shared) cost of the exact side.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`compare`; an empty mapping.
+    """
+    _check_operator("exact", exact, None)
+    n = exact.shape[0]
+    if not isinstance(approximations, Mapping) or not approximations:
+        raise argument_error(
+            "approximations", "a non-empty mapping name -> operator", approximations
+        )
+    for name, op in approximations.items():
+        _check_operator(f"approximations[{name!r}]", op, n)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise argument_error("k", f"an integer with 1 <= k < {n}", k)
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int):
+        raise argument_error("num_directions", "an integer >= 1", num_directions)
+    if num_directions < 1:
+        raise argument_error("num_directions", "an integer >= 1", num_directions)
+    if damping is not None and not (is_scalar(damping) and 0 <= damping < math.inf):
+        raise argument_error("damping", "a finite real number >= 0", damping)
+    g: torch.Tensor | None = None
+    if gradient is not None:
+        g = (
+            gradient
+            if isinstance(gradient, torch.Tensor)
+            else torch.as_tensor(np.asarray(gradient))
+        )
+        if g.ndim != 1 or g.shape[0] != n:
+            raise argument_error("gradient", f"a vector of length {n}", gradient)
+    elif isinstance(exact, ModelCurvatureOperator):
+        g = _mean_gradient(exact)
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(n, num_directions, generator=gen, dtype=torch.float64)
+    settings: dict[str, Any] = {
+        "k": k,
+        "num_iters": num_iters,
+        "num_probes": num_probes,
+        "V": V,
+        "g": g,
+        "eig_tol": eig_tol,
+        "solve_tol": solve_tol,
+        "seed": seed,
+    }
+    e, delta = _measure(exact, damping=damping, **settings)
+    reports = {}
+    for name, op in approximations.items():
+        a, _ = _measure(op, damping=delta, **settings)
+        reports[name] = _report(a, e, delta)
+    return reports
+
+
+def compare(
+    approximation: CurvatureOperator,
+    exact: CurvatureOperator,
+    *,
+    k: int = 10,
+    num_iters: int = 50,
+    num_probes: int = 1,
+    num_directions: int = 10,
+    gradient: Any = None,
+    damping: float | None = None,
+    eig_tol: float = 1e-6,
+    solve_tol: float = 1e-8,
+    seed: int = 0,
+) -> ApproximationReport:
+    """Grade ``approximation`` against ``exact`` (see the module docstring).
+
+    Parameters
+    ----------
+    k:
+        Number of top eigenpairs compared (``1 <= k < n``).
+    num_iters, num_probes:
+        SLQ iterations (capped at ``n``) and probes for a side without exact eigenvalues.
+    num_directions:
+        Gaussian directions for the quadratic forms.
+    gradient:
+        The vector :math:`g` (length ``n``, numpy or torch); default: the mean-loss
+        gradient when ``exact`` is a model operator, else no gradient measures (``nan``).
+    damping:
+        :math:`\\delta` of the Newton step; default :math:`10^{-3}\\lambda_{\\max}(A)`.
+    eig_tol, solve_tol:
+        Tolerances of :func:`spectral.top_eigenpairs` and of the iterative solves.
+    seed:
+        Seeds the SLQ probes, the eigensolver start vectors and the directions (the
+        same on both sides, so ``compare(A, A)`` reports zeros).
+
+    Raises
+    ------
+    TypeError
+        Operands that are not symmetric curvops operators.
+    ValueError
+        Shapes that differ, bad ``k``, ``num_directions``, ``damping`` or ``gradient``.
+    """
+    _check_operator("approximation", approximation, None)
+    _check_operator("exact", exact, None)
+    if approximation.shape != exact.shape:
+        raise argument_error("approximation", f"an operator of shape {exact.shape}", approximation)
+    return compare_all(
+        {"approximation": approximation},
+        exact,
+        k=k,
+        num_iters=num_iters,
+        num_probes=num_probes,
+        num_directions=num_directions,
+        gradient=gradient,
+        damping=damping,
+        eig_tol=eig_tol,
+        solve_tol=solve_tol,
+        seed=seed,
+    )["approximation"]

@@ -1,0 +1,647 @@
+r"""K-FAC as an operator: Kronecker-factored curvature with exact spectra, log-dets and inverses.
+
+:class:`KFACOperator` is the block-diagonal matrix with one block :math:`G \otimes A` per
+parameter group of each supported layer (``nn.Linear``, ``nn.Conv2d``; factors as
+defined in :mod:`curvops.kronecker`), acting on the row-major ``vec`` of the layer's
+``d_out x d`` matrix (the weight reshaped to ``(d_out, -1)``, with the bias as an
+extra column when ``bias="joint"``, or as its own block :math:`G \otimes [1]` when
+``bias="separate"``).  With :math:`A = U_A \operatorname{diag}(\lambda_A) U_A^\top` and
+:math:`G = U_G \operatorname{diag}(\lambda_G) U_G^\top`, a block has the eigenvectors
+:math:`U_G \otimes U_A` and the eigenvalues :math:`\lambda_{G,i}\lambda_{A,j}`, so the
+structure gives exactly what an exact operator can only estimate:
+
+.. math::
+
+    \operatorname{tr} = \sum_{\rm blocks} \operatorname{tr}G\,\operatorname{tr}A,\qquad
+    \log\det = \sum_{\rm blocks} d_A \log\det G + d_G \log\det A,\qquad
+    (G\otimes A + \delta I)^{-1} = (U_G\otimes U_A)\,
+    \operatorname{diag}\Bigl(\frac{1}{\lambda_{G,i}\lambda_{A,j} + \delta}\Bigr)
+    (U_G\otimes U_A)^\top,
+
+and the heuristic :math:`\pi`-damped inverse :math:`(G + \frac{\sqrt\delta}{\pi} I)^{-1}
+\otimes (A + \pi\sqrt\delta I)^{-1}`, :math:`\pi^2 = \frac{\operatorname{tr}A / d_A}
+{\operatorname{tr}G / d_G}` (Martens & Grosse 2015, Section 6.3), which is *not* the
+inverse of the damped matrix.  Parameters in no supported layer are refused
+(``remainder="error"``) or kept as an explicit diagonal (``remainder="diagonal"``: the
+diagonal of the approximated matrix: :func:`curvops.ggn_diagonal`).
+
+The factors are computed on the first product and recomputed whenever the model's
+parameters, buffers or modes (or the tensors of in-memory data) change, so a product
+always uses the model as it is now; nothing of the model is changed.
+
+>>> import torch
+>>> lin = torch.nn.Linear
+>>> net = torch.nn.Sequential(lin(3, 4), torch.nn.Tanh(), lin(4, 2)).double()
+>>> x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+>>> y = torch.arange(8) % 2
+>>> K = KFACOperator(net, torch.nn.CrossEntropyLoss(), (x, y))
+>>> K.shape, K.psd
+((26, 26), True)
+>>> dense = K.to_dense()
+>>> bool(torch.allclose(torch.linalg.eigvalsh(dense), K.eigenvalues()))
+True
+>>> Kinv = K.inverse(1e-3)
+>>> bool(torch.allclose(Kinv @ (K.damp(1e-3) @ torch.ones(26, dtype=torch.float64)),
+...                     torch.ones(26, dtype=torch.float64)))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvops._model_state import check_bn_mode
+from curvops.data import Data, as_data
+from curvops.diagonal import ggn_diagonal
+from curvops.distributed import unwrap_model
+from curvops.kronecker import (
+    APPROXIMATIONS,
+    FISHER_TYPES,
+    batch_statistics,
+    check_choice,
+    grad_factor,
+    input_factor,
+    is_supported,
+    layer_inputs,
+    layer_output_grads,
+    sqrt_or_one,
+)
+from curvops.losses import LossFn, check_loss, loss_family
+from curvops.operator import CurvatureOperator, is_scalar
+from curvops.params import select_params
+from spectral.errors import NumericalError, argument_error
+
+__all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
+
+
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """Where one Kronecker block sits: layer, parameters and the ``d_out x d`` index map.
+
+    ``positions[i, j]`` is the index in the operator's vector of entry ``(i, j)`` of the
+    block's matrix variable; ``part`` is ``"weight"``, ``"bias"`` or ``"joint"``.
+    """
+
+    layer: str
+    module: nn.Module
+    part: str
+    names: tuple[str, ...]
+    positions: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        """:math:`d_G = d_{out}`."""
+        return int(self.positions.shape[0])
+
+    @property
+    def cols(self) -> int:
+        """:math:`d_A` (``d_in``, ``d_in + 1`` or 1)."""
+        return int(self.positions.shape[1])
+
+
+@dataclass(frozen=True)
+class EigenBlock:
+    """A block :math:`(U_G \\otimes U_A)\\operatorname{diag}(\\Lambda)(U_G \\otimes U_A)^\\top`."""
+
+    U_G: torch.Tensor
+    U_A: torch.Tensor
+    values: torch.Tensor  # (d_G, d_A)
+    lam_G: torch.Tensor | None = None  # K-FAC factor eigenvalues (for pi-damping)
+    lam_A: torch.Tensor | None = None
+
+
+def _plan(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], bias: str, remainder: str
+) -> tuple[list[KroneckerBlock], torch.Tensor]:
+    """Blocks of the supported layers and the vector positions of the other parameters."""
+    offsets: dict[int, tuple[str, int, nn.Parameter]] = {}
+    start = 0
+    for name, p in named:
+        offsets[id(p)] = (name, start, p)
+        start += p.numel()
+    blocks: list[KroneckerBlock] = []
+    covered: set[int] = set()
+    for layer, module in model.named_modules():
+        if not is_supported(module):
+            continue
+        w = module.weight if isinstance(module.weight, torch.Tensor) else None
+        b = module.bias if isinstance(module.bias, torch.Tensor) else None
+        wsel = offsets.get(id(w)) if w is not None else None
+        bsel = offsets.get(id(b)) if b is not None else None
+        if wsel is None and bsel is None:
+            continue
+        for owned in (w, b):
+            if owned is not None and id(owned) in offsets:
+                if id(owned) in covered:
+                    raise argument_error(
+                        "model", "parameters owned by one supported layer each", layer
+                    )
+                covered.add(id(owned))
+        d_out = int(module.weight.shape[0])
+
+        def index(sel: tuple[str, int, nn.Parameter], rows: int = d_out) -> torch.Tensor:
+            _, off, p = sel
+            return torch.arange(off, off + p.numel()).reshape(rows, -1)
+
+        if wsel is not None and bsel is not None and bias == "joint":
+            pos = torch.cat([index(wsel), index(bsel)], dim=1)
+            blocks.append(KroneckerBlock(layer, module, "joint", (wsel[0], bsel[0]), pos))
+            continue
+        if wsel is not None:
+            blocks.append(KroneckerBlock(layer, module, "weight", (wsel[0],), index(wsel)))
+        if bsel is not None:
+            blocks.append(KroneckerBlock(layer, module, "bias", (bsel[0],), index(bsel)))
+    rest = [(name, off, p) for name, off, p in offsets.values() if id(p) not in covered]
+    if rest and remainder == "error":
+        raise argument_error(
+            "params",
+            "parameters of Linear/Conv2d layers (groups=1, zero symmetric padding) only, "
+            "or remainder='diagonal'",
+            [name for name, _, _ in rest],
+        )
+    positions = [torch.arange(off, off + p.numel()) for _, off, p in rest]
+    rem = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+    return blocks, rem
+
+
+class KroneckerEigenOperator(CurvatureOperator):
+    """Block-diagonal operator with Kronecker-eigenbasis blocks plus a diagonal remainder.
+
+    Every block is :math:`(U_G \\otimes U_A)\\operatorname{diag}(\\operatorname{vec}\\Lambda)
+    (U_G \\otimes U_A)^\\top` on the entries ``positions`` of the vector; the remaining
+    entries ``remainder_positions`` are scaled by a diagonal.  Subclasses supply the
+    blocks (:meth:`eigen_blocks`) and the remainder (:meth:`remainder_diagonal`); the
+    base gives the products, :meth:`eigenvalues`, :meth:`trace`, :meth:`logdet`,
+    :meth:`inverse` and a structured :meth:`to_dense`.
+    """
+
+    def __init__(
+        self,
+        *,
+        blocks: list[KroneckerBlock],
+        remainder_positions: torch.Tensor,
+        n: int,
+        torch_dtype: torch.dtype,
+        device: torch.device,
+        psd: bool,
+    ) -> None:
+        super().__init__(
+            shape=(n, n), torch_dtype=torch_dtype, device=device, symmetric=True, psd=psd
+        )
+        self._blocks = blocks
+        self._flat_positions = [b.positions.reshape(-1).to(device) for b in blocks]
+        self._remainder_positions = remainder_positions.to(device)
+
+    @property
+    def blocks(self) -> list[KroneckerBlock]:
+        """The Kronecker blocks (layer, part, parameter names, positions)."""
+        return list(self._blocks)
+
+    @abstractmethod
+    def eigen_blocks(self) -> list[EigenBlock]:
+        """The eigendecomposition of every block, in the order of :attr:`blocks`."""
+
+    @abstractmethod
+    def remainder_diagonal(self) -> torch.Tensor:
+        """The diagonal on the remainder positions (empty when there are none)."""
+
+    # ------------------------------------------------------------------ products
+    def _block_products(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """One function per block applying it to ``(k, d_G, d_A)`` (eigenbasis form)."""
+
+        def apply(e: EigenBlock) -> Callable[[torch.Tensor], torch.Tensor]:
+            def product(Xb: torch.Tensor) -> torch.Tensor:
+                rotated = e.U_G.T @ Xb @ e.U_A
+                return e.U_G @ (rotated * e.values) @ e.U_A.T
+
+            return product
+
+        return [apply(e) for e in self.eigen_blocks()]
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        Y = torch.empty_like(X)
+        k = X.shape[1]
+        products = self._block_products()
+        for block, pos, product in zip(self._blocks, self._flat_positions, products):
+            Xb = X.index_select(0, pos).T.reshape(k, block.rows, block.cols)
+            Y[pos] = product(Xb).reshape(k, -1).T
+        if self._remainder_positions.numel():
+            rem = self._remainder_positions
+            Y[rem] = self.remainder_diagonal().unsqueeze(1) * X.index_select(0, rem)
+        return Y
+
+    # ------------------------------------------------------------------ exact queries
+    def eigenvalues(self) -> torch.Tensor:
+        """All :math:`P` eigenvalues in ascending order (from the factors; no products).
+
+        >>> import torch
+        >>> from curvops.kfac import KFACOperator
+        >>> net = torch.nn.Linear(2, 2, bias=False).double()
+        >>> x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+        >>> K = KFACOperator(net, torch.nn.MSELoss(), (x, torch.zeros(1, 2, dtype=torch.float64)))
+        >>> K.eigenvalues().tolist()
+        [0.0, 0.0, 1.0, 1.0]
+        """
+        parts = [e.values.reshape(-1) for e in self.eigen_blocks()]
+        parts.append(self.remainder_diagonal().reshape(-1))
+        return torch.sort(torch.cat(parts)).values
+
+    def trace(self) -> float:
+        """:math:`\\operatorname{tr}` of the operator (exact, from the structure)."""
+        total = sum(float(e.values.sum()) for e in self.eigen_blocks())
+        return total + float(self.remainder_diagonal().sum())
+
+    def logdet(self) -> float:
+        """:math:`\\log\\det` (exact); ``-inf`` when an eigenvalue is <= 0 (singular)."""
+        values = self.eigenvalues().to(torch.float64)
+        if values.numel() and float(values.min()) <= 0.0:
+            return -math.inf
+        return float(torch.log(values).sum())
+
+    def inverse(self, damping: float = 0.0, *, pi_damping: bool = False) -> KroneckerInverse:
+        """:math:`(A + \\delta I)^{-1}` exactly, block by block (or the :math:`\\pi`-damped one).
+
+        Parameters
+        ----------
+        damping:
+            :math:`\\delta \\ge 0`; with ``0`` every eigenvalue must be positive.
+        pi_damping:
+            Only for K-FAC: the heuristic factored damping
+            :math:`(G + \\frac{\\sqrt\\delta}{\\pi})^{-1} \\otimes (A + \\pi\\sqrt\\delta)^{-1}`
+            (Martens & Grosse 2015), which is not the inverse of :math:`A + \\delta I`.
+
+        The returned operator follows this one: it recomputes from the current factors.
+
+        Raises
+        ------
+        ValueError
+            Negative or non-finite ``damping``; ``pi_damping`` without K-FAC factors.
+        """
+        if not is_scalar(damping) or not np.isfinite(damping) or damping < 0:
+            raise argument_error("damping", "a finite real number >= 0", damping)
+        return KroneckerInverse(self, float(damping), pi_damping=bool(pi_damping))
+
+    def _dense_blocks(self) -> list[torch.Tensor]:
+        out = []
+        for e in self.eigen_blocks():
+            U = torch.kron(e.U_G, e.U_A)
+            out.append((U * e.values.reshape(-1)) @ U.T)
+        return out
+
+    def to_dense(self) -> torch.Tensor:
+        """The :math:`P \\times P` matrix assembled from the blocks (no products)."""
+        n = self.shape[0]
+        dense = torch.zeros(n, n, dtype=self.torch_dtype, device=self.device)
+        for block, pos in zip(self._dense_blocks(), self._flat_positions):
+            dense[pos.unsqueeze(1), pos.unsqueeze(0)] = (block + block.T) / 2
+        rem = self._remainder_positions
+        if rem.numel():
+            dense[rem, rem] = self.remainder_diagonal()
+        return dense
+
+
+class KroneckerInverse(KroneckerEigenOperator):
+    """The damped inverse of a :class:`KroneckerEigenOperator` (see its :meth:`inverse`).
+
+    Blocks :math:`(U_G \\otimes U_A)\\operatorname{diag}(1/(\\Lambda + \\delta))(\\cdot)^\\top`
+    (or the :math:`\\pi`-damped factor inverses), remainder :math:`1/(d + \\delta)`.
+
+    Raises
+    ------
+    spectral.errors.NumericalError
+        (on a product) If a damped eigenvalue is not positive.
+    """
+
+    def __init__(self, base: KroneckerEigenOperator, damping: float, *, pi_damping: bool) -> None:
+        super().__init__(
+            blocks=base.blocks,
+            remainder_positions=base._remainder_positions,
+            n=base.shape[0],
+            torch_dtype=base.torch_dtype,
+            device=base.device,
+            psd=base.psd,
+        )
+        if pi_damping and not getattr(base, "supports_pi_damping", False):
+            raise argument_error(
+                "pi_damping", f"False for a {type(base).__name__} (K-FAC factors only)", True
+            )
+        self._base = base
+        self.damping = damping
+        self.pi_damping = pi_damping
+
+    @property
+    def base(self) -> KroneckerEigenOperator:
+        """The operator being inverted."""
+        return self._base
+
+    def _check(self, values: torch.Tensor, where: str) -> torch.Tensor:
+        if values.numel() and not bool((values > 0).all()):
+            raise NumericalError(
+                f"KroneckerInverse: a damped eigenvalue of {where} is not positive "
+                f"(damping={self.damping}); increase the damping"
+            )
+        return 1.0 / values
+
+    def eigen_blocks(self) -> list[EigenBlock]:
+        out = []
+        root = math.sqrt(self.damping)
+        for block, e in zip(self._blocks, self._base.eigen_blocks()):
+            if self.pi_damping:
+                if e.lam_G is None or e.lam_A is None:  # pragma: no cover - checked above
+                    raise argument_error("pi_damping", "K-FAC factor eigenvalues", None)
+                pi = sqrt_or_one(
+                    (float(e.lam_A.sum()) / e.lam_A.numel())
+                    / (float(e.lam_G.sum()) / e.lam_G.numel())
+                )
+                values = torch.outer(e.lam_G + root / pi, e.lam_A + pi * root)
+            else:
+                values = e.values + self.damping
+            out.append(EigenBlock(e.U_G, e.U_A, self._check(values, f"layer {block.layer!r}")))
+        return out
+
+    def remainder_diagonal(self) -> torch.Tensor:
+        return self._check(self._base.remainder_diagonal() + self.damping, "the remainder")
+
+
+class KFACOperator(KroneckerEigenOperator):
+    """K-FAC approximation of the GGN / Fisher of the mean loss over ``data``.
+
+    Parameters
+    ----------
+    model:
+        The ``nn.Module``; never changed.
+    loss_fn:
+        ``(outputs, targets) -> scalar`` with ``reduction="mean"``; cross-entropy, MSE and
+        BCE-with-logits for ``"type2"`` and ``"mc"``, any per-sample separable loss for
+        ``"empirical"``.
+    data:
+        One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader; batches
+        are weighted by their sizes.
+    fisher:
+        ``"type2"`` (exact output Hessians: the K-FAC of the GGN), ``"mc"`` (``mc_samples``
+        targets sampled per sample, seeded by ``(seed, batch index)``) or ``"empirical"``.
+    approx:
+        ``"expand"`` or ``"reduce"`` for layers with weight sharing (sequence dimensions
+        of ``Linear`` inputs, ``Conv2d`` positions); identical without weight sharing.
+    params:
+        Parameter selection (see :func:`curvops.params.select_params`).
+    bn_mode:
+        ``"train"``, ``"eval"`` or ``None`` (each module's current mode).
+    bias:
+        ``"separate"`` (weight block :math:`G\\otimes A` and bias block :math:`G`, as
+        curvlinops' default) or ``"joint"`` (:math:`G\\otimes A` on ``[W, b]`` with the
+        input extended by 1, Grosse & Martens).
+    remainder:
+        ``"error"`` (default): parameters in no supported layer are refused;
+        ``"diagonal"``: they get the diagonal of the approximated matrix
+        (:func:`curvops.ggn_diagonal`: exact GGN for ``"type2"``, the Monte-Carlo Fisher
+        with the same targets for ``"mc"``, the empirical Fisher for ``"empirical"``).
+    mc_samples, seed:
+        Monte-Carlo targets per sample and their seed (``fisher="mc"``).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments, parameters outside supported layers with ``remainder="error"``.
+    spectral.errors.NumericalError
+        (on the first product) Non-finite factors, or a supported layer whose forward is
+        never called (its parameters are used some other way).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        *,
+        fisher: str = "type2",
+        approx: str = "expand",
+        params: Any = None,
+        bn_mode: str | None = None,
+        bias: str = "separate",
+        remainder: str = "error",
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
+        model = unwrap_model(model)
+        self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
+        self.approx = check_choice("approx", approx, APPROXIMATIONS)
+        self.bias = check_choice("bias", bias, ("separate", "joint"))
+        self.remainder = check_choice("remainder", remainder, ("error", "diagonal"))
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise argument_error("mc_samples", "an integer >= 1", mc_samples)
+        if fisher != "mc" and mc_samples != 1:
+            raise argument_error("mc_samples", "1 unless fisher='mc'", mc_samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise argument_error("seed", "an integer", seed, kind=TypeError)
+        if fisher in ("type2", "mc") and loss_family(loss_fn) not in ("ce", "mse", "bce"):
+            raise argument_error(
+                "loss_fn",
+                f"CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher={fisher!r} "
+                "(use fisher='empirical' for other losses)",
+                loss_fn,
+            )
+        self._model = model
+        self._loss_fn = check_loss(loss_fn)
+        self._data: Data = as_data(data)
+        self._bn_mode = check_bn_mode(bn_mode)
+        self._params = select_params(model, params)
+        self.mc_samples = mc_samples
+        self.seed = seed
+        blocks, rem = _plan(model, self._params, self.bias, self.remainder)
+        first = self._params[0][1]
+        super().__init__(
+            blocks=blocks,
+            remainder_positions=rem,
+            n=sum(int(p.numel()) for _, p in self._params),
+            torch_dtype=first.dtype,
+            device=first.device,
+            psd=True,
+        )
+        self._layers = list(dict.fromkeys(b.module for b in blocks))
+        self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    #: the heuristic pi-damped inverse is defined from the K-FAC factors
+    supports_pi_damping = True
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def model(self) -> nn.Module:
+        """The model (never changed)."""
+        return self._model
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the selected parameters, in vector order."""
+        return [n for n, _ in self._params]
+
+    @property
+    def num_samples(self) -> int:
+        """:math:`N`, the number of samples in ``data``."""
+        return self._data.num_samples
+
+    # ------------------------------------------------------------------ factors
+    def _state_key(self) -> tuple[Any, ...]:
+        model = self._model
+        key: list[Any] = [p._version for p in model.parameters()]
+        key += [b._version for b in model.buffers()]
+        key += [m.training for m in model.modules()]
+        key += [p.data_ptr() for p in model.parameters()]
+        if self._data.is_in_memory:
+            for batch in self._data:
+                for t in (batch.inputs, batch.targets):
+                    if isinstance(t, torch.Tensor):
+                        key.append((t.data_ptr(), t._version))
+        return tuple(key)
+
+    def _statistics(self) -> dict[str, Any]:
+        """The factors (and the E-KFAC corrections of subclasses), cached per model state."""
+        key = self._state_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        self._cache = None
+        stats = self._compute()
+        self._cache = (key, stats)
+        return stats
+
+    def _block_inputs(self, block: KroneckerBlock, a: torch.Tensor) -> torch.Tensor:
+        """The rows ``(N, T, d_A)`` of ``block`` from the layer's input rows ``a``."""
+        if block.part == "bias":
+            return a.new_ones(a.shape[0], a.shape[1], 1)
+        if block.part == "joint":
+            return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a
+
+    def _passes(self) -> Any:
+        """Yield ``(batch, records)`` for every batch of ``data``."""
+        for batch in self._data:
+            records = batch_statistics(
+                self._model,
+                self._loss_fn,
+                batch,
+                self._layers,
+                fisher=self.fisher,
+                mc_samples=self.mc_samples,
+                seed=self.seed,
+                bn_mode=self._bn_mode,
+                device=self.device,
+                dtype=self.torch_dtype,
+            )
+            yield batch, records
+
+    def _compute_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        dtype, device = self.torch_dtype, self.device
+        A_sums: dict[int, torch.Tensor] = {}
+        G_sums: dict[nn.Module, torch.Tensor] = {}
+        seen: set[nn.Module] = set()
+        count = 0
+        for batch, records in self._passes():
+            count += batch.size
+            for record in records:
+                module = record.module
+                seen.add(module)
+                a = layer_inputs(module, record.inputs)
+                for i, block in enumerate(self._blocks):
+                    if block.module is module and block.part != "bias":
+                        term = input_factor(self._block_inputs(block, a), self.approx)
+                        A_sums[i] = A_sums[i] + term if i in A_sums else term
+                G = sum(
+                    grad_factor(layer_output_grads(module, g), self.approx) for g in record.grads
+                )
+                assert isinstance(G, torch.Tensor)
+                G = G * batch.size
+                G_sums[module] = G_sums[module] + G if module in G_sums else G
+        missing = [b.layer for b in self._blocks if b.module not in seen]
+        if missing:
+            raise NumericalError(
+                f"K-FAC: the forward of layer(s) {sorted(set(missing))} was never called on the "
+                "data (their parameters are used another way); exclude them with params= "
+                "and use remainder='diagonal'"
+            )
+        for G in G_sums.values():
+            G.div_(count)
+        As, Gs = [], []
+        for i, block in enumerate(self._blocks):
+            if block.part == "bias":
+                A = torch.ones(1, 1, dtype=dtype, device=device)
+            else:
+                A = A_sums[i].div_(count)
+            G = G_sums[block.module]
+            # a sum is finite iff every entry is (NaN and Inf propagate): one reduction
+            if not (bool(torch.isfinite(A.sum())) and bool(torch.isfinite(G.sum()))):
+                raise NumericalError(f"K-FAC: non-finite factor of layer {block.layer!r}")
+            As.append(A)
+            Gs.append(G)
+        return As, Gs
+
+    def _remainder_values(self) -> torch.Tensor:
+        rem = self._remainder_positions
+        if not rem.numel():
+            return torch.zeros(0, dtype=self.torch_dtype, device=self.device)
+        covered = {n for b in self._blocks for n in b.names}
+        names = [n for n, _ in self._params if n not in covered]
+        return ggn_diagonal(
+            self._model,
+            self._loss_fn,
+            self._data,
+            method={"type2": "exact"}.get(self.fisher, self.fisher),
+            mc_samples=self.mc_samples,
+            seed=self.seed,
+            params=names,
+            bn_mode=self._bn_mode,
+        ).to(self.device, self.torch_dtype)
+
+    def _compute(self) -> dict[str, Any]:
+        As, Gs = self._compute_factors()
+        return {"A": As, "G": Gs, "remainder": self._remainder_values()}
+
+    @staticmethod
+    def _kfac_eigen(stats: dict[str, Any]) -> list[EigenBlock]:
+        """The factors' eigendecompositions, computed on first use and kept with them."""
+        if "kfac_eigen" not in stats:
+            eig = []
+            for A, G in zip(stats["A"], stats["G"]):
+                lam_A, U_A = torch.linalg.eigh(A)
+                lam_G, U_G = torch.linalg.eigh(G)
+                eig.append(EigenBlock(U_G, U_A, torch.outer(lam_G, lam_A), lam_G, lam_A))
+            stats["kfac_eigen"] = eig
+        eigen: list[EigenBlock] = stats["kfac_eigen"]
+        return eigen
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The Kronecker factors ``(G, A)`` of every block (in the order of :attr:`blocks`)."""
+        stats = self._statistics()
+        return list(zip(stats["G"], stats["A"]))
+
+    def eigen_blocks(self) -> list[EigenBlock]:
+        return self._kfac_eigen(self._statistics())
+
+    def remainder_diagonal(self) -> torch.Tensor:
+        values: torch.Tensor = self._statistics()["remainder"]
+        return values
+
+    def _block_products(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        stats = self._statistics()
+
+        def apply(G: torch.Tensor, A: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda Xb: G @ Xb @ A
+
+        return [apply(G, A) for G, A in zip(stats["G"], stats["A"])]
+
+    def _dense_blocks(self) -> list[torch.Tensor]:
+        return [torch.kron(G, A) for G, A in self.factors()]
+
+    def trace(self) -> float:
+        """:math:`\\sum \\operatorname{tr}G\\operatorname{tr}A` (+ the remainder's trace)."""
+        total = sum(float(torch.trace(G)) * float(torch.trace(A)) for G, A in self.factors())
+        return total + float(self.remainder_diagonal().sum())

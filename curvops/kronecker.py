@@ -1,0 +1,362 @@
+r"""Kronecker factors of K-FAC: the one implementation shared by the operators and optimisers.
+
+For a layer with pre-activations :math:`s_{n,t} = W a_{n,t}` at :math:`T` weight-sharing
+positions :math:`t` of sample :math:`n` (``nn.Linear`` on ``(N, ..., d_in)`` inputs: the
+middle dimensions; ``nn.Conv2d``: the output pixels, :math:`a_{n,t}` an unfolded input
+patch, Grosse & Martens 2016), the gradient of a sample's loss is
+:math:`\nabla_W \ell_n = \sum_t g_{n,t} a_{n,t}^\top` with :math:`g_{n,t} = \partial\ell_n /
+\partial s_{n,t}`.  K-FAC approximates the layer's curvature block by :math:`G \otimes A`
+(acting on the row-major ``vec`` of ``W``, shape ``d_out x d_in``), with
+
+.. math::
+
+    \text{expand:}\quad A = \frac1N \sum_n \frac1T \sum_t a_{n,t} a_{n,t}^\top,\qquad
+    G = \frac1N \sum_b N_b \sum_{n\in b} \sum_t \sum_j g^{(j)}_{n,t} g^{(j)\top}_{n,t},
+
+    \text{reduce:}\quad A = \frac1N \sum_n \bar a_n \bar a_n^\top,\quad
+    \bar a_n = \frac1T\sum_t a_{n,t},\qquad
+    G = \frac1N \sum_b N_b \sum_{n\in b} \sum_j \Bigl(\sum_t g^{(j)}_{n,t}\Bigr)
+    \Bigl(\sum_t g^{(j)}_{n,t}\Bigr)^\top
+
+(Eschenhagen et al. 2023), where :math:`g^{(j)} = J_s^\top S_{\cdot j}` back-propagates
+the columns :math:`j` of an output-space factor :math:`S` of batch :math:`b`'s curvature,
+:math:`\sum_j S_{\cdot j} S_{\cdot j}^\top =` the output Hessian of the batch-mean loss
+(``"type2"``, :func:`curvops.losses.output_hessian_factor`), or the sampled
+(``"mc"``) or true-label (``"empirical"``) NLL gradients of
+:func:`curvops.fisher.fisher_output_factor`.  Batches are weighted by their sizes
+:math:`N_b/N` as in the exact operators.  With a bias, :math:`a` is extended by a
+constant 1 (weight and bias jointly), or the bias gets its own block :math:`G \otimes [1]`.
+Outputs with extra dimensions are flattened into loss terms first (cross-entropy:
+``(N, C, ...)``; MSE and BCE: ``(N, ..., C)``), as in curvlinops.
+
+:func:`batch_statistics` runs one forward pass (with hooks that record each supported
+layer's input and output) and one backward pass per factor column, never changing the
+model (:func:`curvops._model_state.curvature_mode`, parameters replaced by detached
+leaves).  The optimisers in :mod:`nets.optim.kfac` use :func:`layer_inputs`,
+:func:`layer_output_grads`, :func:`input_factor` and :func:`grad_factor` on the
+activations they capture.
+
+>>> lin = torch.nn.Linear(2, 3)
+>>> a = layer_inputs(lin, torch.ones(4, 2), bias=True)
+>>> a.shape, input_factor(a, "expand").tolist()[0]
+(torch.Size([4, 1, 3]), [4.0, 4.0, 4.0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvops._model_state import curvature_mode, functional_forward
+from curvops.data import Batch, move_to
+from curvops.fisher import fisher_output_factor
+from curvops.losses import LossFn, batch_generator, loss_family, loss_kind, output_hessian_factor
+from spectral.errors import NumericalError, argument_error
+
+__all__ = [
+    "APPROXIMATIONS",
+    "FISHER_TYPES",
+    "LayerRecord",
+    "batch_statistics",
+    "check_choice",
+    "conv_padding",
+    "flatten_loss_terms",
+    "grad_factor",
+    "input_factor",
+    "is_supported",
+    "layer_inputs",
+    "layer_output_grads",
+    "output_factor",
+    "record_layers",
+    "rotated_gradient_squares",
+    "sqrt_or_one",
+]
+
+FISHER_TYPES = ("type2", "mc", "empirical")
+APPROXIMATIONS = ("expand", "reduce")
+
+
+def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of a ``Conv2d`` as integers (``None`` if not expressible).
+
+    >>> conv_padding(torch.nn.Conv2d(1, 1, 3, padding="same"))
+    (1, 1)
+    """
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if any(t % 2 for t in totals):
+            return None  # asymmetric 'same' padding
+        return (totals[0] // 2, totals[1] // 2)
+    return (int(padding[0]), int(padding[1]))
+
+
+def is_supported(module: nn.Module) -> bool:
+    """``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``, zero and symmetric padding.
+
+    >>> is_supported(torch.nn.Conv2d(2, 2, 3, groups=2)), is_supported(torch.nn.Linear(1, 1))
+    (False, True)
+    """
+    if isinstance(module, nn.Conv2d):
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and conv_padding(module) is not None
+        )
+    return isinstance(module, nn.Linear)
+
+
+def layer_inputs(module: nn.Module, inputs: torch.Tensor, *, bias: bool = False) -> torch.Tensor:
+    """The layer's input rows :math:`a_{n,t}`, shape ``(N, T, d_in[+1])``.
+
+    ``Conv2d``: unfolded patches (channel-major, matching ``weight.reshape(d_out, -1)``);
+    ``Linear``: the middle dimensions flattened.  ``bias=True`` appends a column of ones.
+    """
+    if isinstance(module, nn.Conv2d):
+        a = F.unfold(
+            inputs,
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=conv_padding(module) or (0, 0),
+            stride=module.stride,
+        ).transpose(1, 2)  # (N, T, in*kh*kw)
+    else:
+        a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    if bias:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    return a
+
+
+def layer_output_grads(module: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
+    """Output gradients :math:`g_{n,t}` shaped ``(N, T, d_out)`` (channels last for Conv2d)."""
+    if isinstance(module, nn.Conv2d):
+        grad_out = grad_out.movedim(1, -1)
+    return grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1])
+
+
+def input_factor(a: torch.Tensor, approx: str) -> torch.Tensor:
+    r"""Sum over samples of :math:`\frac1T\sum_t a a^\top` (expand) or :math:`\bar a \bar a^\top`.
+
+    ``a`` has shape ``(N, T, d)``; divide by :math:`N` for the factor :math:`A`.
+    """
+    if approx == "reduce":
+        mean = a.mean(dim=1)
+        return mean.T @ mean
+    rows = a.reshape(-1, a.shape[-1])
+    out = rows.T @ rows
+    return out if a.shape[1] == 1 else out.div_(a.shape[1])
+
+
+def grad_factor(g: torch.Tensor, approx: str) -> torch.Tensor:
+    r""":math:`\sum_{n,t} g g^\top` (expand) or :math:`\sum_n (\sum_t g)(\sum_t g)^\top` (reduce).
+
+    ``g`` has shape ``(N, T, d_out)``.
+    """
+    if approx == "reduce":
+        total = g.sum(dim=1)
+        return total.T @ total
+    rows = g.reshape(-1, g.shape[-1])
+    return rows.T @ rows
+
+
+def flatten_loss_terms(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs ``(rows, C)`` and targets with one row per loss term (as curvlinops does).
+
+    Cross-entropy ``(N, C, d1, ...)`` with targets ``(N, d1, ...)``; MSE and BCE
+    ``(N, ..., C)``.  Other losses keep their shapes (one row per sample).
+    """
+    family = loss_family(loss_fn)
+    if outputs.ndim <= 2:
+        return outputs, targets
+    if family in ("ce", "nll"):
+        flat = outputs.movedim(1, -1).reshape(-1, outputs.shape[1])
+        return flat, targets.reshape(-1)
+    if family in ("mse", "bce") and targets.shape == outputs.shape:
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1, targets.shape[-1])
+    return outputs, targets
+
+
+def output_factor(
+    loss_fn: LossFn,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    fisher: str,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Output-space factor ``S`` (rows, C, r) of the batch-mean curvature of ``fisher`` type.
+
+    Raises
+    ------
+    ValueError
+        ``fisher="type2"`` with a loss that has no closed-form Hessian square root
+        (use ``"empirical"``).
+    """
+    if fisher == "type2":
+        if loss_kind(loss_fn, outputs, targets) not in ("ce", "mse", "bce"):
+            raise argument_error(
+                "loss_fn",
+                "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher='type2' "
+                "(use fisher='empirical' for other losses)",
+                loss_fn,
+            )
+        factor, _ = output_hessian_factor(loss_fn, outputs, targets)
+        return factor
+    kind = "empirical" if fisher == "empirical" else "mc"
+    return fisher_output_factor(
+        loss_fn, outputs, targets, kind=kind, mc_samples=mc_samples, generator=generator
+    )
+
+
+@dataclass
+class LayerRecord:
+    """One call of a supported layer: its detached input and the output tensor in the graph."""
+
+    module: nn.Module
+    inputs: torch.Tensor
+    output: torch.Tensor
+    grads: list[torch.Tensor] = field(default_factory=list)
+
+
+@contextmanager
+def record_layers(modules: Sequence[nn.Module]) -> Iterator[list[LayerRecord]]:
+    """Forward hooks recording every call of ``modules``; removed on exit.
+
+    The network continues with a copy of each layer's output, so an in-place operation
+    after the layer (``ReLU(inplace=True)``) cannot rebase the recorded tensor.
+    """
+    records: list[LayerRecord] = []
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        records.append(LayerRecord(module, inputs[0].detach(), output))
+        return output.clone()
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batch_statistics(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    modules: Sequence[nn.Module],
+    *,
+    fisher: str,
+    mc_samples: int = 1,
+    seed: int = 0,
+    bn_mode: str | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[LayerRecord]:
+    r"""Inputs and back-propagated factor columns :math:`g^{(j)}` of every call of ``modules``.
+
+    One forward pass on ``batch`` and one backward pass per column of the output
+    factor (:func:`output_factor`); MC targets come from
+    :func:`curvops.losses.batch_generator` seeded by ``(seed, batch.index)``, so every
+    pass over the data draws the same targets.  Each record's ``grads`` holds one
+    tensor per column, shaped like the layer's output.
+
+    Raises
+    ------
+    spectral.errors.NumericalError
+        If the output factor is not finite.
+    """
+    named = list(model.named_parameters())
+    first = named[0][1] if named else None
+    device = device if device is not None else (first.device if first is not None else None)
+    dtype = dtype if dtype is not None else (first.dtype if first is not None else None)
+    inputs = move_to(batch.inputs, device or torch.device("cpu"), dtype)
+    targets = move_to(batch.targets, device or torch.device("cpu"), dtype)
+    names = [n for n, _ in named]
+    leaves = [p.detach().requires_grad_(True) for _, p in named]
+    with curvature_mode(model, bn_mode), record_layers(modules) as records:
+        with torch.enable_grad():
+            outputs = functional_forward(model, names, leaves, inputs)
+    flat, flat_targets = flatten_loss_terms(loss_fn, outputs, targets)
+    generator = batch_generator(seed, batch.index) if fisher == "mc" else None
+    S = output_factor(
+        loss_fn,
+        flat,
+        flat_targets,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        generator=generator,
+    )
+    if not bool(torch.isfinite(S).all()):
+        raise NumericalError(
+            f"K-FAC: non-finite output-space curvature factor in batch {batch.index}"
+        )
+    live = [r for r in records if r.output.requires_grad]
+    if not live:
+        return live
+    rows = flat.reshape(S.shape[0], -1)
+    columns = S.shape[-1]
+    for j in range(columns):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                (rows * S[:, :, j]).sum(),
+                [r.output for r in live],
+                retain_graph=j < columns - 1,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        for record, g in zip(live, grads):
+            record.grads.append(g.detach())
+    for record in live:
+        record.output = record.output.detach()
+    return live
+
+
+def rotated_gradient_squares(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    U_A: torch.Tensor,
+    U_G: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    r""":math:`\sum_n \bigl(U_G^\top (\sum_t g_{n,t} a_{n,t}^\top) U_A\bigr)^{\odot 2}`.
+
+    The squared per-sample gradients in the Kronecker eigenbasis (E-KFAC's
+    eigenvalue correction, George et al. 2018), ``a`` of shape ``(N, T, d_in)``, ``g``
+    of shape ``(N, T, d_out)``, computed in chunks of ``chunk_size`` samples (memory
+    ``chunk_size * d_in * d_out``).
+    """
+    aU, gU = a @ U_A, g @ U_G
+    total = a.new_zeros(U_G.shape[1], U_A.shape[1])
+    for start in range(0, a.shape[0], chunk_size):
+        rotated = torch.einsum(
+            "nto,nti->noi", gU[start : start + chunk_size], aU[start : start + chunk_size]
+        )
+        total += rotated.square().sum(dim=0)
+    return total
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise argument_error(name, " or ".join(repr(c) for c in choices), value)
+    return value
+
+
+def sqrt_or_one(value: float) -> float:
+    """:math:`\\sqrt{v}` for finite positive ``v``, else 1 (the neutral :math:`\\pi`)."""
+    return math.sqrt(value) if value > 0 and math.isfinite(value) else 1.0

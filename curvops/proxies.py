@@ -1,0 +1,291 @@
+r"""The other curvature proxies as operators: diagonals, per-layer dense blocks, low rank.
+
+* :func:`diagonal_approximation`: :math:`\operatorname{diag}(G)` of the GGN, exactly
+  (``"exact"``), by Monte Carlo (``"mc"``: the diagonal of the MC Fisher, Dangel et al.'s
+  DiagGGN-MC), by Hutchinson's estimator on GGN products (``"hutchinson"``), or the
+  empirical Fisher's diagonal (``"empirical"``), as a :class:`~curvops.Diagonal`
+  (built on :func:`curvops.ggn_diagonal` and :func:`spectral.diagonal`).
+* :func:`diagonal_of`: the same for any operator (exact or Hutchinson).
+* :func:`layer_blocks`: the exact per-layer blocks (:func:`curvops.per_layer`) as dense
+  matrices, a :class:`~curvops.BlockDiagonal` of :class:`~curvops.Dense` whose
+  eigenvalues are those of the blocks (:func:`curvops.structure.exact_eigenvalues`).
+* :func:`low_rank`: :math:`V_k \Lambda_k V_k^\top` from the converged top-:math:`k`
+  eigenpairs (:func:`spectral.top_eigenpairs`), optionally plus the diagonal of the
+  remainder :math:`\operatorname{diag}(A) - \sum_i \lambda_i v_i^{\odot 2}`.
+
+All of them are ordinary curvops operators: they compose with the algebra and solvers.
+
+>>> import numpy as np
+>>> from curvops.structured import Dense
+>>> A = Dense(np.diag([5.0, 2.0, 1.0]), symmetric=True)
+>>> L = low_rank(A, 1, seed=0)
+>>> np.round(L @ np.array([1.0, 1.0, 1.0]), 8).tolist()
+[5.0, 0.0, 0.0]
+>>> R = low_rank(A, 1, remainder="exact", seed=0)
+>>> np.round(R @ np.array([1.0, 1.0, 1.0]), 8).tolist()
+[5.0, 2.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvops.algebra import BlockDiagonal, add
+from curvops.blocks import per_layer
+from curvops.curvature import ModelCurvatureOperator
+from curvops.diagonal import ggn_diagonal
+from curvops.ggn import GGNOperator
+from curvops.losses import LossFn
+from curvops.operator import CurvatureOperator
+from curvops.structured import Dense, Diagonal, LowRank
+from spectral import diagonal as spectral_diagonal
+from spectral import top_eigenpairs
+from spectral.errors import argument_error
+
+__all__ = [
+    "DIAGONAL_METHODS",
+    "diagonal_approximation",
+    "diagonal_of",
+    "layer_blocks",
+    "low_rank",
+    "make_proxy",
+]
+
+DIAGONAL_METHODS = ("exact", "mc", "hutchinson", "empirical")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise argument_error(name, "an integer >= 1", value)
+    return value
+
+
+def diagonal_of(
+    A: CurvatureOperator, *, method: str = "exact", num_matvecs: int = 100, seed: int = 0
+) -> Diagonal:
+    r""":math:`\operatorname{diag}(A)` as a :class:`~curvops.Diagonal` (``n`` products if exact).
+
+    ``method="hutchinson"``: :math:`\hat d = \frac1M\sum_k \omega_k \odot A\omega_k` with
+    ``num_matvecs`` Rademacher probes (:func:`spectral.diagonal`).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, ``num_matvecs < 1``.
+    """
+    if method not in ("exact", "hutchinson"):
+        raise argument_error("method", "'exact' or 'hutchinson'", method)
+    _positive_int("num_matvecs", num_matvecs)
+    d = spectral_diagonal(A, method=method, num_matvecs=num_matvecs, seed=seed)
+    return Diagonal(torch.as_tensor(d))
+
+
+def diagonal_approximation(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    method: str = "exact",
+    mc_samples: int = 1,
+    num_matvecs: int = 100,
+    seed: int = 0,
+    params: Any = None,
+    bn_mode: str | None = None,
+) -> Diagonal:
+    """A diagonal proxy of the GGN / Fisher of the mean loss over ``data``.
+
+    Parameters
+    ----------
+    method:
+        ``"exact"`` (GGN diagonal), ``"mc"`` (diagonal of the Monte-Carlo Fisher with
+        ``mc_samples`` targets per sample, ``seed``), ``"hutchinson"`` (``num_matvecs``
+        GGN products with Rademacher probes, ``seed``) or ``"empirical"`` (empirical
+        Fisher diagonal).
+    params, bn_mode:
+        As for the operators (the model is never changed).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method`` and the errors of :func:`curvops.ggn_diagonal`.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2).double()
+    >>> x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1, 1, 0])
+    >>> D = diagonal_approximation(net, torch.nn.CrossEntropyLoss(), (x, y))
+    >>> D.shape, D.psd
+    ((6, 6), True)
+    """
+    if method not in DIAGONAL_METHODS:
+        raise argument_error("method", " or ".join(repr(m) for m in DIAGONAL_METHODS), method)
+    if method == "hutchinson":
+        G = GGNOperator(model, loss_fn, data, params=params, bn_mode=bn_mode)
+        return diagonal_of(G, method="hutchinson", num_matvecs=num_matvecs, seed=seed)
+    d = ggn_diagonal(
+        model,
+        loss_fn,
+        data,
+        method=method,
+        mc_samples=mc_samples,
+        seed=seed,
+        params=params,
+        bn_mode=bn_mode,
+    )
+    return Diagonal(d)
+
+
+def layer_blocks(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    operator_cls: type[ModelCurvatureOperator] = GGNOperator,
+    params: Any = None,
+    **kwargs: Any,
+) -> BlockDiagonal:
+    """The exact per-layer blocks as dense matrices (``P_l`` products per layer of size ``P_l``).
+
+    ``operator_cls`` and ``kwargs`` as for :func:`curvops.per_layer`.  The blocks are
+    :class:`~curvops.Dense` (symmetrised), so
+    :func:`curvops.structure.exact_eigenvalues` gives their eigenvalues and
+    :func:`curvops.structure.exact_inverse` their damped inverses.
+    """
+    blocks = per_layer(operator_cls, model, loss_fn, data, params=params, **kwargs)
+    return BlockDiagonal([Dense(b.to_dense(), symmetric=True) for b in blocks.blocks])
+
+
+def low_rank(
+    A: CurvatureOperator,
+    k: int,
+    *,
+    remainder: str | None = None,
+    which: str = "LA",
+    tol: float = 1e-8,
+    num_matvecs: int = 100,
+    seed: int = 0,
+) -> CurvatureOperator:
+    r""":math:`V_k\Lambda_k V_k^\top` from ``A``'s converged top-``k`` eigenpairs.
+
+    Parameters
+    ----------
+    k:
+        Number of eigenpairs (``1 <= k < n``).
+    remainder:
+        ``None``: the low-rank part alone; ``"exact"`` / ``"hutchinson"``: plus
+        :math:`\operatorname{diag}(A - V_k\Lambda_k V_k^\top)`, computed with ``n``
+        products or estimated with ``num_matvecs`` probes.
+    which, tol, seed:
+        Passed to :func:`spectral.top_eigenpairs` (``"LA"``: largest algebraic).
+
+    Raises
+    ------
+    ValueError
+        Bad ``k``, ``remainder`` or the errors of :func:`spectral.top_eigenpairs`.
+    spectral.errors.NumericalError
+        The eigenpairs did not converge.
+    """
+    if remainder not in (None, "exact", "hutchinson"):
+        raise argument_error("remainder", "None, 'exact' or 'hutchinson'", remainder)
+    _positive_int("k", k)
+    values, vectors = top_eigenpairs(A, k, which=which, tol=tol, seed=seed)
+    V = torch.as_tensor(vectors).to(device=A.device, dtype=A.torch_dtype)
+    lam = torch.as_tensor(np.asarray(values), dtype=A.torch_dtype, device=A.device)
+    L = LowRank(V, lam)
+    if remainder is None:
+        return L
+    rest = A - L
+    d = diagonal_of(rest, method=remainder, num_matvecs=num_matvecs, seed=seed)
+    return add(L, d)
+
+
+_DIAGONAL_SPECS = {"ggn": "exact", "mc": "mc", "hutchinson": "hutchinson", "ef": "empirical"}
+_KFAC_OPTIONS = {"expand", "reduce", "mc", "empirical", "type2", "joint"}
+
+
+def make_proxy(
+    spec: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    exact: CurvatureOperator | None = None,
+    params: Any = None,
+    bn_mode: str | None = None,
+    seed: int = 0,
+    num_matvecs: int = 100,
+) -> CurvatureOperator:
+    """Build a proxy from its name (the vocabulary of ``curvature compare --approx``).
+
+    ``"kfac"`` / ``"ekfac"`` with optional ``-reduce``, ``-mc``, ``-empirical``, ``-joint``
+    suffixes (parameters outside Linear/Conv2d get their diagonal,
+    ``remainder="diagonal"``); ``"diag-ggn"``, ``"diag-mc"``, ``"diag-hutchinson"``,
+    ``"diag-ef"`` (:func:`diagonal_approximation`); ``"blocks"`` (:func:`layer_blocks`
+    of the GGN); ``"low-rank-K"`` and ``"low-rank-K-diag"`` (:func:`low_rank` of
+    ``exact``, the latter plus a Hutchinson diagonal of the remainder).
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or ``low-rank-K`` without ``exact``.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2).double()
+    >>> data = (torch.ones(3, 2, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    >>> type(make_proxy("kfac-joint", net, torch.nn.CrossEntropyLoss(), data)).__name__
+    'KFACOperator'
+    """
+    from curvops.ekfac import EKFACOperator
+    from curvops.kfac import KFACOperator
+
+    if not isinstance(spec, str):
+        raise argument_error("spec", "a proxy name such as 'kfac' or 'low-rank-20'", spec)
+    parts = spec.lower().split("-")
+    if parts[0] in ("kfac", "ekfac") and set(parts[1:]) <= _KFAC_OPTIONS:
+        opts = set(parts[1:])
+        fisher = "mc" if "mc" in opts else "empirical" if "empirical" in opts else "type2"
+        cls = EKFACOperator if parts[0] == "ekfac" else KFACOperator
+        return cls(
+            model,
+            loss_fn,
+            data,
+            fisher=fisher,
+            approx="reduce" if "reduce" in opts else "expand",
+            bias="joint" if "joint" in opts else "separate",
+            remainder="diagonal",
+            params=params,
+            bn_mode=bn_mode,
+            seed=seed,
+        )
+    if parts[0] == "diag" and len(parts) == 2 and parts[1] in _DIAGONAL_SPECS:
+        return diagonal_approximation(
+            model,
+            loss_fn,
+            data,
+            method=_DIAGONAL_SPECS[parts[1]],
+            seed=seed,
+            num_matvecs=num_matvecs,
+            params=params,
+            bn_mode=bn_mode,
+        )
+    if parts == ["blocks"]:
+        return layer_blocks(model, loss_fn, data, params=params, bn_mode=bn_mode)
+    if parts[:2] == ["low", "rank"] and len(parts) in (3, 4) and parts[2].isdigit():
+        if len(parts) == 4 and parts[3] != "diag":
+            raise argument_error("spec", "'low-rank-K' or 'low-rank-K-diag'", spec)
+        if exact is None:
+            raise argument_error("exact", f"the exact operator for {spec!r}", exact)
+        remainder = "hutchinson" if len(parts) == 4 else None
+        return low_rank(
+            exact, int(parts[2]), remainder=remainder, num_matvecs=num_matvecs, seed=seed
+        )
+    raise argument_error(
+        "spec",
+        "kfac[-reduce|-mc|-empirical|-joint], ekfac[...], diag-ggn, diag-mc, "
+        "diag-hutchinson, diag-ef, blocks, low-rank-K or low-rank-K-diag",
+        spec,
+    )

@@ -1,0 +1,216 @@
+r"""What an operator's structure gives exactly: eigenvalues, trace, log-det, damped inverse.
+
+Free functions registered by type (lineax's habit): each returns ``None`` when the
+structure does not determine the quantity without iterating, so callers
+(:func:`curvops.compare`) fall back to estimates and say so.
+
+* :class:`~curvops.kfac.KroneckerEigenOperator` (K-FAC, E-KFAC, their inverses):
+  from the factors' eigendecompositions.
+* :class:`~curvops.Diagonal`, :class:`~curvops.Identity`: the entries.
+* :class:`~curvops.LowRank` :math:`U\operatorname{diag}(s)U^\top`: with :math:`U = QR`,
+  the eigenvalues of the :math:`r \times r` matrix :math:`R\operatorname{diag}(s)R^\top`
+  and :math:`n - r` zeros.
+* :class:`~curvops.Dense` (symmetric): ``eigvalsh``.
+* :class:`~curvops.BlockDiagonal`: the union over blocks (when every block has them).
+* :class:`~curvops.Affine` :math:`aB + bI`: :math:`a\lambda(B) + b`.
+
+>>> import numpy as np
+>>> from curvops.structured import Diagonal
+>>> exact_eigenvalues(Diagonal(np.array([3.0, 1.0]))).tolist()
+[1.0, 3.0]
+>>> exact_logdet(Diagonal(np.array([1.0, np.e])))
+1.0
+>>> exact_inverse(Diagonal(np.array([1.0, 3.0])), 1.0) @ np.ones(2)
+array([0.5 , 0.25])
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from curvops.algebra import Affine, BlockDiagonal
+from curvops.kfac import KroneckerEigenOperator
+from curvops.operator import CurvatureOperator, is_scalar
+from curvops.structured import Dense, Diagonal, Identity, LowRank
+from spectral.errors import argument_error
+
+__all__ = [
+    "exact_eigenvalues",
+    "exact_inverse",
+    "exact_logdet",
+    "exact_top_eigenpairs",
+    "exact_trace",
+]
+
+
+def exact_eigenvalues(A: CurvatureOperator) -> torch.Tensor | None:
+    """All eigenvalues of a symmetric structured ``A`` in ascending order, or ``None``."""
+    values: torch.Tensor | None = None
+    if not isinstance(A, CurvatureOperator) or not A.symmetric:
+        return None
+    if isinstance(A, KroneckerEigenOperator):
+        values = A.eigenvalues()
+    elif isinstance(A, Diagonal):
+        values = A.diagonal
+    elif isinstance(A, Identity):
+        values = torch.ones(A.shape[0], dtype=A.torch_dtype, device=A.device)
+    elif isinstance(A, LowRank):
+        _, R = torch.linalg.qr(A.factor)
+        small = torch.linalg.eigvalsh((R * A.weights) @ R.T)
+        zeros = small.new_zeros(A.shape[0] - small.shape[0])
+        values = torch.cat([small, zeros])
+    elif isinstance(A, Dense):
+        values = torch.linalg.eigvalsh(A.matrix)
+    elif isinstance(A, BlockDiagonal):
+        parts = [exact_eigenvalues(b) for b in A.blocks]
+        if any(p is None for p in parts):
+            return None
+        values = torch.cat([p for p in parts if p is not None])
+    elif isinstance(A, Affine):
+        base = exact_eigenvalues(A.base)
+        if base is None:
+            return None
+        values = A.a * base + A.b
+    if values is None:
+        return None
+    return torch.sort(values).values
+
+
+def exact_trace(A: CurvatureOperator) -> float | None:
+    """:math:`\\operatorname{tr}A` from the structure, or ``None``."""
+    if isinstance(A, KroneckerEigenOperator):
+        return A.trace()
+    if isinstance(A, Diagonal):
+        return float(A.diagonal.sum())
+    values = exact_eigenvalues(A)
+    return None if values is None else float(values.sum())
+
+
+def exact_logdet(A: CurvatureOperator) -> float | None:
+    """:math:`\\log\\det A` from the structure (``-inf`` if singular or indefinite), or ``None``."""
+    values = exact_eigenvalues(A)
+    if values is None:
+        return None
+    values = values.to(torch.float64)
+    if values.numel() and float(values.min()) <= 0.0:
+        return -math.inf
+    return float(torch.log(values).sum())
+
+
+def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | None:
+    """:math:`(A + \\delta I)^{-1}` as a structured operator, or ``None``.
+
+    Raises
+    ------
+    ValueError
+        Negative or non-finite ``damping``, or :math:`A + \\delta I` singular or indefinite
+        (for the diagonal and dense cases).
+    """
+    if not is_scalar(damping) or not np.isfinite(damping) or damping < 0:
+        raise argument_error("damping", "a finite real number >= 0", damping)
+    if isinstance(A, KroneckerEigenOperator):
+        return A.inverse(float(damping))
+    if isinstance(A, Diagonal):
+        d = A.diagonal + damping
+        if not bool((d > 0).all()):
+            raise argument_error("damping", "a value making every diagonal entry positive", damping)
+        return Diagonal(1.0 / d)
+    if isinstance(A, Dense) and A.symmetric:
+        M = A.matrix + damping * torch.eye(A.shape[0], dtype=A.torch_dtype, device=A.device)
+        lam, U = torch.linalg.eigh(M)
+        if not bool((lam > 0).all()):
+            raise argument_error("damping", "a value making the matrix positive definite", damping)
+        return Dense((U / lam) @ U.T, symmetric=True)
+    if isinstance(A, BlockDiagonal):
+        blocks = [exact_inverse(b, damping) for b in A.blocks]
+        if any(b is None for b in blocks):
+            return None
+        return BlockDiagonal([b for b in blocks if b is not None])
+    return None
+
+
+def _top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``values``, largest first (ties: lower index first)."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    return order[:k]
+
+
+def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``k`` largest eigenvalues (descending) and unit eigenvectors (``n x k``), or ``None``.
+
+    From the structure, without products; ``None`` where it does not give them (then
+    use :func:`spectral.top_eigenpairs`).
+
+    >>> import numpy as np
+    >>> from curvops.structured import Diagonal
+    >>> values, vectors = exact_top_eigenpairs(Diagonal(np.array([1.0, 3.0, 2.0])), 2)
+    >>> values.tolist(), vectors.argmax(0).tolist()
+    ([3.0, 2.0], [1, 2])
+    """
+    n = A.shape[0]
+    if not isinstance(A, CurvatureOperator) or not A.symmetric or not 1 <= k <= n:
+        return None
+    dtype, device = A.torch_dtype, A.device
+    if isinstance(A, KroneckerEigenOperator):
+        eig = A.eigen_blocks()
+        flat = [e.values.reshape(-1) for e in eig]
+        rem = A.remainder_diagonal()
+        values = torch.cat([*flat, rem])
+        idx = _top(values, k)
+        vectors = torch.zeros(n, k, dtype=dtype, device=device)
+        sizes = [f.numel() for f in flat]
+        starts = np.cumsum([0, *sizes]).tolist()
+        rem_pos = A._remainder_positions
+        for col, i in enumerate(idx.tolist()):
+            b = int(np.searchsorted(starts, i, side="right")) - 1
+            if b < len(eig):
+                e, block = eig[b], A.blocks[b]
+                r, c = divmod(i - starts[b], block.cols)
+                v = torch.outer(e.U_G[:, r], e.U_A[:, c]).reshape(-1)
+                vectors[block.positions.reshape(-1).to(device), col] = v
+            else:
+                vectors[rem_pos[i - starts[-1]], col] = 1.0
+        return values[idx], vectors
+    if isinstance(A, Diagonal):
+        d = A.diagonal
+        idx = _top(d, k)
+        vectors = torch.zeros(n, k, dtype=dtype, device=device)
+        vectors[idx, torch.arange(k, device=device)] = 1.0
+        return d[idx], vectors
+    if isinstance(A, Dense):
+        lam, U = torch.linalg.eigh(A.matrix)
+        idx = _top(lam, k)
+        return lam[idx], U[:, idx]
+    if isinstance(A, LowRank):
+        Q, R = torch.linalg.qr(A.factor)
+        lam, S = torch.linalg.eigh((R * A.weights) @ R.T)
+        idx = _top(lam, k)
+        if k > lam.numel() or float(lam[idx[-1]]) <= 0.0:
+            return None  # the top k reach into the null space
+        return lam[idx], (Q @ S)[:, idx]
+    if isinstance(A, BlockDiagonal):
+        parts = [exact_top_eigenpairs(b, min(k, b.shape[0])) for b in A.blocks]
+        if any(p is None for p in parts):
+            return None
+        offsets = A.offsets
+        vals, vecs = [], []
+        for j, part in enumerate(parts):
+            if part is None:  # pragma: no cover - excluded above
+                return None
+            pv, pV = part
+            full = torch.zeros(n, pV.shape[1], dtype=dtype, device=device)
+            full[offsets[j] : offsets[j + 1]] = pV
+            vals.append(pv)
+            vecs.append(full)
+        allv, allV = torch.cat(vals), torch.cat(vecs, dim=1)
+        idx = _top(allv, k)
+        return allv[idx], allV[:, idx]
+    if isinstance(A, Affine) and A.a > 0:
+        base = exact_top_eigenpairs(A.base, k)
+        if base is None:
+            return None
+        return A.a * base[0] + A.b, base[1]
+    return None

@@ -1,0 +1,118 @@
+"""Grade curvature proxies against the exact GGN/Hessian of a model: ``compare_curvatures``.
+
+Builds the exact operator and each proxy named in ``approximations`` (the vocabulary
+of :func:`curvops.proxies.make_proxy`: ``kfac``, ``ekfac``, ``diag-ggn``, ``diag-mc``,
+``low-rank-20``, ...), grades them all against one measurement of the exact side
+(:func:`curvops.compare_all`), and optionally writes the reports to an ``.npz``
+(keys ``<name>/<field>``, loadable with ``allow_pickle=False``) and the overlay of
+all spectra in one unit (:func:`nets.plots.approximations.plot_approximations`).
+The model is never changed and the global random states are left as they were.
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+>>> net = net.double()
+>>> x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+>>> data = (x, torch.arange(16) % 2)
+>>> reports = compare_curvatures(net, torch.nn.CrossEntropyLoss(), data,
+...                              approximations=("kfac", "diag-ggn"), k=2, num_iters=10)
+>>> sorted(reports), reports["kfac"].spectrum_approximation
+(['diag-ggn', 'kfac'], 'exact')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from curvops import GGNOperator, HessianOperator
+from curvops.compare import ApproximationReport, compare_all
+from curvops.proxies import make_proxy
+from nets.workflow._resolve import preserve_global_state
+from spectral.errors import argument_error
+from spectral.io import save_npz
+
+__all__ = ["compare_curvatures", "save_reports"]
+
+_EXACT = {"ggn": GGNOperator, "hessian": HessianOperator}
+
+
+def save_reports(path: str | os.PathLike[str], reports: dict[str, ApproximationReport]) -> None:
+    """Write reports to one ``.npz`` with keys ``<name>/<field>`` (atomic, no pickles)."""
+    arrays: dict[str, np.ndarray] = {"names": np.array(list(reports))}
+    for name, report in reports.items():
+        for key, value in report.as_arrays().items():
+            arrays[f"{name}/{key}"] = value
+    save_npz(path, **arrays)
+
+
+def compare_curvatures(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    approximations: Sequence[str] = ("kfac", "ekfac", "diag-ggn", "diag-mc", "low-rank-20"),
+    exact: str = "ggn",
+    params: Any = None,
+    bn_mode: str | None = "eval",
+    k: int = 10,
+    num_iters: int = 50,
+    num_probes: int = 1,
+    damping: float | None = None,
+    seed: int = 0,
+    save_path: str | os.PathLike[str] | None = None,
+    figure_path: str | os.PathLike[str] | None = None,
+) -> dict[str, ApproximationReport]:
+    """Compare each named proxy with the exact ``"ggn"`` or ``"hessian"`` of ``model``.
+
+    Parameters
+    ----------
+    model, loss_fn, data:
+        The network (never changed), a mean-reduced loss and the data (one batch, a
+        sequence of batches or a DataLoader).
+    approximations:
+        Proxy names (see :func:`curvops.proxies.make_proxy`).
+    exact:
+        ``"ggn"`` (default) or ``"hessian"``.
+    params, bn_mode:
+        As for the operators.
+    k, num_iters, num_probes, damping, seed:
+        As for :func:`curvops.compare`.
+    save_path, figure_path:
+        Where to write the reports (``.npz``) and the spectra figure (png/pdf).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``exact`` or proxy names, and the errors of :func:`curvops.compare_all`.
+    """
+    if exact not in _EXACT:
+        raise argument_error("exact", "'ggn' or 'hessian'", exact)
+    if isinstance(approximations, str) or not approximations:
+        raise argument_error(
+            "approximations", "a non-empty sequence of proxy names", approximations
+        )
+    with preserve_global_state():
+        A = _EXACT[exact](model, loss_fn, data, params=params, bn_mode=bn_mode)
+        proxies = {
+            name: make_proxy(
+                name, model, loss_fn, data, exact=A, params=params, bn_mode=bn_mode, seed=seed
+            )
+            for name in approximations
+        }
+        reports = compare_all(
+            proxies, A, k=k, num_iters=num_iters, num_probes=num_probes, damping=damping, seed=seed
+        )
+    if save_path is not None:
+        save_reports(save_path, reports)
+    if figure_path is not None:
+        from nets.plots._figure import close_figure
+        from nets.plots.approximations import plot_approximations
+
+        label = {"ggn": "Lanc-GGN", "hessian": "Lanc-Hess"}[exact]
+        fig = plot_approximations(reports, exact_label=label, save_path=figure_path)
+        close_figure(fig)
+    return reports

@@ -1,0 +1,100 @@
+"""compare_curvatures (workflow), make_proxy names, and the one-unit comparison figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from curvops import EKFACOperator, KFACOperator, LowRank, Sum
+from curvops._model_state import model_state, state_differences
+from curvops.proxies import make_proxy
+from nets.plots._figure import close_figure
+from nets.plots.approximations import plot_approximations
+from nets.workflow import compare_curvatures
+
+
+def _case() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    return net, nn.CrossEntropyLoss(), (x, y)
+
+
+def test_compare_curvatures_writes_reports_and_figure_and_leaves_the_model(tmp_path: Path) -> None:
+    net, loss_fn, data = _case()
+    before = model_state(net)
+    reports = compare_curvatures(
+        net,
+        loss_fn,
+        data,
+        approximations=("kfac", "ekfac-joint", "diag-ggn", "low-rank-3"),
+        k=2,
+        num_iters=15,
+        save_path=tmp_path / "cmp.npz",
+        figure_path=tmp_path / "cmp.png",
+    )
+    assert state_differences(before, net) == []
+    assert set(reports) == {"kfac", "ekfac-joint", "diag-ggn", "low-rank-3"}
+    with np.load(tmp_path / "cmp.npz", allow_pickle=False) as z:
+        assert list(z["names"]) == list(reports)
+        assert float(z["kfac/wasserstein"]) == reports["kfac"].wasserstein
+        assert z["low-rank-3/top_eigenvalue_errors"].shape == (2,)
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    # the low-rank proxy holds the exact top pairs: top-k errors tiny, angles ~ 0
+    assert np.all(reports["low-rank-3"].top_eigenvalue_errors < 1e-5)
+    assert np.all(reports["low-rank-3"].principal_angles < 1e-3)
+    with pytest.raises(ValueError, match="exact"):
+        compare_curvatures(net, loss_fn, data, exact="fisher")
+
+
+def test_make_proxy_names() -> None:
+    net, loss_fn, data = _case()
+    K = make_proxy("kfac-reduce-mc", net, loss_fn, data, seed=3)
+    assert isinstance(K, KFACOperator) and (K.approx, K.fisher, K.remainder) == (
+        "reduce",
+        "mc",
+        "diagonal",
+    )
+    assert isinstance(make_proxy("ekfac-empirical", net, loss_fn, data), EKFACOperator)
+    from curvops import GGNOperator
+
+    G = GGNOperator(net, loss_fn, data)
+    assert isinstance(make_proxy("low-rank-2", net, loss_fn, data, exact=G), LowRank)
+    assert isinstance(make_proxy("low-rank-2-diag", net, loss_fn, data, exact=G), Sum)
+    for bad in ("kfac-full", "diag-kfac", "low-rank-x", "svd"):
+        with pytest.raises(ValueError, match="spec"):
+            make_proxy(bad, net, loss_fn, data, exact=G)
+    with pytest.raises(ValueError, match="exact"):
+        make_proxy("low-rank-2", net, loss_fn, data)
+
+
+@pytest.mark.parametrize("kind", ["cdf", "density"])
+def test_the_figure_has_one_unit_on_its_density_axis(kind: str) -> None:
+    net, loss_fn, data = _case()
+    reports = compare_curvatures(
+        net, loss_fn, data, approximations=("kfac", "diag-mc"), k=2, num_iters=15
+    )
+    fig = plot_approximations(reports, kind=kind, sigma=0.05 if kind == "density" else None)
+    try:
+        ax = fig.axes[0]
+        assert not ax.patches and not ax.containers  # no histogram bars, no stems
+        lines = ax.get_lines()
+        assert len(lines) == 3  # exact + two proxies, all drawn the same way
+        for line in lines:
+            x, y = (np.asarray(a, dtype=float) for a in line.get_data())
+            if kind == "cdf":
+                assert ax.get_ylabel() == "cumulative fraction of eigenvalues"
+                assert np.all(np.diff(y) >= 0) and y[0] >= 0 and abs(y[-1] - 1.0) < 1e-12
+            else:
+                assert ax.get_ylabel() == "spectral density (1 / eigenvalue)"
+                area = float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
+                assert abs(area - 1.0) < 5e-3  # each curve is a probability density
+    finally:
+        close_figure(fig)
+    with pytest.raises(ValueError, match="kind"):
+        plot_approximations(reports, kind="histogram")
