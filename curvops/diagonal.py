@@ -114,6 +114,11 @@ def ggn_diagonal(
     params, bn_mode:
         As for the operators (model never changed).
 
+    Returns
+    -------
+    torch.Tensor
+        The diagonal, length :math:`P`, in parameter order, on the model's device.
+
     Raises
     ------
     ValueError
@@ -121,6 +126,19 @@ def ggn_diagonal(
         with a loss without a likelihood; bad data/params/bn_mode.
     spectral.errors.NumericalError
         Non-finite values (names the batch).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> from curvops.testing import dense_ggn
+    >>> d = ggn_diagonal(net, loss, (x, y), method="exact")
+    >>> bool(torch.allclose(d, torch.diagonal(dense_ggn(net, loss, (x, y)))))
+    True
     """
     if method not in ("exact", "mc", "empirical"):
         raise argument_error("method", "'exact', 'mc' or 'empirical'", method)

@@ -52,6 +52,18 @@ class EKFACOperator(KFACOperator):
     ----------
     chunk_size:
         Samples per chunk of the per-sample products (memory ``chunk_size * d_G * d_A``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> E = EKFACOperator(net, loss, (x, y))
+    >>> E.shape, round(float(E.trace()), 10) == round(float(E.eigenvalues().sum()), 10)
+    ((26, 26), True)
     """
 
     chunk_size = 64

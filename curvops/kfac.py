@@ -314,10 +314,34 @@ class KroneckerInverse(KroneckerEigenOperator):
     Blocks :math:`(U_G \\otimes U_A)\\operatorname{diag}(1/(\\Lambda + \\delta))(\\cdot)^\\top`
     (or the :math:`\\pi`-damped factor inverses), remainder :math:`1/(d + \\delta)`.
 
+    Parameters
+    ----------
+    base : KroneckerEigenOperator
+        The K-FAC or E-KFAC operator.
+    damping : float
+        The damping :math:`\\delta \\ge 0`.
+    pi_damping : bool
+        Use the :math:`\\pi`-damped factor inverses (K-FAC only) instead of the exact inverse of
+        the damped matrix.
+
     Raises
     ------
     spectral.errors.NumericalError
         (on a product) If a damped eigenvalue is not positive.
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> from curvops import KFACOperator
+    >>> K = KFACOperator(net, loss, (x, y))
+    >>> Kinv = K.inverse(0.1)
+    >>> type(Kinv).__name__, Kinv.shape
+    ('KroneckerInverse', (26, 26))
     """
 
     def __init__(self, base: KroneckerEigenOperator, damping: float, *, pi_damping: bool) -> None:
@@ -414,6 +438,21 @@ class KFACOperator(KroneckerEigenOperator):
     spectral.errors.NumericalError
         (on the first product) Non-finite factors, or a supported layer whose forward is
         never called (its parameters are used some other way).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> K = KFACOperator(net, loss, (x, y))
+    >>> K.shape, K.psd, abs(float(K.trace()) - float(K.eigenvalues().sum())) < 1e-10
+    ((26, 26), True, True)
+    >>> v = torch.randn(26, dtype=torch.float64)
+    >>> bool(torch.allclose(K.inverse(0.1) @ (K @ v + 0.1 * v), v))  # the exact damped inverse
+    True
     """
 
     def __init__(

@@ -72,10 +72,33 @@ def diagonal_of(
     ``method="hutchinson"``: :math:`\hat d = \frac1M\sum_k \omega_k \odot A\omega_k` with
     ``num_matvecs`` Rademacher probes (:func:`spectral.diagonal`).
 
+    Parameters
+    ----------
+    A : CurvatureOperator
+        A symmetric operator.
+    method : str
+        ``"exact"`` (``n`` products) or ``"hutchinson"``.
+    num_matvecs : int
+        Probes for ``"hutchinson"``.
+    seed : int
+        Seed of the probes.
+
+    Returns
+    -------
+    Diagonal
+        The diagonal as an operator.
+
     Raises
     ------
     ValueError
         Unknown ``method``, ``num_matvecs < 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Dense
+    >>> diagonal_of(Dense(np.array([[2.0, 1.0], [1.0, 3.0]]), symmetric=True)) @ np.ones(2)
+    array([2., 3.])
     """
     if method not in ("exact", "hutchinson"):
         raise argument_error("method", "'exact' or 'hutchinson'", method)
@@ -108,11 +131,18 @@ def diagonal_approximation(
     params, bn_mode:
         As for the operators (the model is never changed).
 
+    Returns
+    -------
+    Diagonal
+        The diagonal proxy as an operator.
+
     Raises
     ------
     ValueError
         Unknown ``method`` and the errors of :func:`curvops.ggn_diagonal`.
 
+    Examples
+    --------
     >>> import torch
     >>> net = torch.nn.Linear(2, 2).double()
     >>> x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -154,6 +184,38 @@ def layer_blocks(
     :class:`~curvops.Dense` (symmetrised), so
     :func:`curvops.structure.exact_eigenvalues` gives their eigenvalues and
     :func:`curvops.structure.exact_inverse` their damped inverses.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    loss_fn : callable
+        The loss (mean reduction).
+    data : batch, sequence of batches or DataLoader
+        As for the operators.
+    operator_cls : type
+        The curvature (default :class:`curvops.GGNOperator`).
+    params : optional
+        Parameter selection.
+    **kwargs
+        Passed to each block's operator.
+
+    Returns
+    -------
+    BlockDiagonal
+        Dense blocks, one per layer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> nn = torch.nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.tensor([0, 1] * 4)
+    >>> loss = nn.CrossEntropyLoss()
+    >>> B = layer_blocks(net, loss, (x, y))
+    >>> [b.shape[0] for b in B.blocks]
+    [16, 10]
     """
     blocks = per_layer(operator_cls, model, loss_fn, data, params=params, **kwargs)
     return BlockDiagonal([Dense(b.to_dense(), symmetric=True) for b in blocks.blocks])
@@ -182,12 +244,25 @@ def low_rank(
     which, tol, seed:
         Passed to :func:`spectral.top_eigenpairs` (``"LA"``: largest algebraic).
 
+    Returns
+    -------
+    CurvatureOperator
+        A :class:`~curvops.LowRank` (plus a :class:`~curvops.Diagonal` remainder when asked).
+
     Raises
     ------
     ValueError
         Bad ``k``, ``remainder`` or the errors of :func:`spectral.top_eigenpairs`.
     spectral.errors.NumericalError
         The eigenpairs did not converge.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Dense
+    >>> A = Dense(np.diag([5.0, 2.0, 1.0]), symmetric=True)
+    >>> np.round(low_rank(A, 1, seed=0) @ np.ones(3), 8).tolist()
+    [5.0, 0.0, 0.0]
     """
     if remainder not in (None, "exact", "hutchinson"):
         raise argument_error("remainder", "None, 'exact' or 'hutchinson'", remainder)

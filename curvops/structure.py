@@ -47,7 +47,25 @@ __all__ = [
 
 
 def exact_eigenvalues(A: CurvatureOperator) -> torch.Tensor | None:
-    """All eigenvalues of a symmetric structured ``A`` in ascending order, or ``None``."""
+    """All eigenvalues of a symmetric structured ``A`` in ascending order, or ``None``.
+
+    Parameters
+    ----------
+    A : CurvatureOperator
+        A symmetric operator.
+
+    Returns
+    -------
+    torch.Tensor or None
+        The eigenvalues, ascending, or ``None`` when the structure does not give them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal
+    >>> exact_eigenvalues(Diagonal(np.array([3.0, 1.0]))).tolist()
+    [1.0, 3.0]
+    """
     values: torch.Tensor | None = None
     if not isinstance(A, CurvatureOperator) or not A.symmetric:
         return None
@@ -80,7 +98,25 @@ def exact_eigenvalues(A: CurvatureOperator) -> torch.Tensor | None:
 
 
 def exact_trace(A: CurvatureOperator) -> float | None:
-    """:math:`\\operatorname{tr}A` from the structure, or ``None``."""
+    """:math:`\\operatorname{tr}A` from the structure, or ``None``.
+
+    Parameters
+    ----------
+    A : CurvatureOperator
+        A symmetric operator.
+
+    Returns
+    -------
+    float or None
+        The trace, or ``None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal
+    >>> exact_trace(Diagonal(np.array([3.0, 1.0])))
+    4.0
+    """
     if isinstance(A, KroneckerEigenOperator):
         return A.trace()
     if isinstance(A, Diagonal):
@@ -90,7 +126,25 @@ def exact_trace(A: CurvatureOperator) -> float | None:
 
 
 def exact_logdet(A: CurvatureOperator) -> float | None:
-    """:math:`\\log\\det A` from the structure (``-inf`` if singular or indefinite), or ``None``."""
+    """:math:`\\log\\det A` from the structure (``-inf`` if singular or indefinite), or ``None``.
+
+    Parameters
+    ----------
+    A : CurvatureOperator
+        A symmetric operator.
+
+    Returns
+    -------
+    float or None
+        The log-determinant, or ``None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal
+    >>> exact_logdet(Diagonal(np.array([1.0, np.e])))
+    1.0
+    """
     values = exact_eigenvalues(A)
     if values is None:
         return None
@@ -103,11 +157,30 @@ def exact_logdet(A: CurvatureOperator) -> float | None:
 def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | None:
     """:math:`(A + \\delta I)^{-1}` as a structured operator, or ``None``.
 
+    Parameters
+    ----------
+    A : CurvatureOperator
+        A symmetric operator.
+    damping : float
+        The damping :math:`\\delta \\ge 0`.
+
+    Returns
+    -------
+    CurvatureOperator or None
+        The structured inverse, or ``None``.
+
     Raises
     ------
     ValueError
         Negative or non-finite ``damping``, or :math:`A + \\delta I` singular or indefinite
         (for the diagonal and dense cases).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvops import Diagonal
+    >>> exact_inverse(Diagonal(np.array([1.0, 3.0])), 1.0) @ np.ones(2)
+    array([0.5 , 0.25])
     """
     if not is_scalar(damping) or not np.isfinite(damping) or damping < 0:
         raise argument_error("damping", "a finite real number >= 0", damping)
@@ -144,6 +217,20 @@ def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, to
     From the structure, without products; ``None`` where it does not give them (then
     use :func:`spectral.top_eigenpairs`).
 
+    Parameters
+    ----------
+    A : CurvatureOperator
+        A symmetric operator.
+    k : int
+        Number of eigenpairs.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor) or None
+        Eigenvalues (descending) and eigenvectors, or ``None``.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> from curvops.structured import Diagonal
     >>> values, vectors = exact_top_eigenpairs(Diagonal(np.array([1.0, 3.0, 2.0])), 2)

@@ -229,6 +229,18 @@ class KFAC(torch.optim.Optimizer):
     ------
     ValueError / TypeError
         For invalid arguments, or a model without trainable parameters.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> opt = KFAC(net, lr=0.01, damping=1e-2, factor_update_freq=1, inv_update_freq=1,
+    ...            fisher="empirical")  # factors from the plain backward pass
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> torch.nn.functional.cross_entropy(net(x), y).backward()
+    >>> opt.step()
+    >>> type(opt).__name__
+    'KFAC'
     """
 
     curvature_step = True
@@ -692,6 +704,15 @@ class EKFAC(KFAC):
     and batch, computed in chunks of :attr:`chunk_size` samples (memory
     ``chunk_size * d_in * d_out``), on factor-update steps only.
 
+    Parameters
+    ----------
+    model, lr, momentum, damping, weight_decay, stat_decay
+        As for :class:`KFAC`.
+    factor_update_freq, inv_update_freq, kl_clip, fisher, damping_split, seed
+        As for :class:`KFAC`.
+
+    Examples
+    --------
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> opt = EKFAC(model, lr=0.1, fisher="empirical")

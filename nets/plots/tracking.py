@@ -182,6 +182,19 @@ def plot_curvature_tracking(
     matplotlib.figure.Figure
         One panel per quantity present: eigenvalues, trace (rows with ``trace``),
         densities (rows naming a readable ``density`` file next to the rows file).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nets import CurvatureTracker
+    >>> net = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> tracker = CurvatureTracker(net, torch.nn.CrossEntropyLoss(), (x, torch.tensor([0, 1] * 4)),
+    ...                            every=1, top_k=1)
+    >>> rows = [tracker.step(lr=0.1) for _ in range(3)]
+    >>> fig = plot_curvature_tracking(tracker.rows)
+    >>> type(fig).__name__
+    'Figure'
     """
     rows, folder = load_tracking_rows(path_or_rows)
     rows.sort(key=lambda r: int(r["step"]))
