@@ -26,7 +26,7 @@ from curvops.algebra import (
     Sum,
 )
 from curvops.blocks import per_block, per_layer, transformer_blocks
-from curvops.compare import ApproximationReport, compare, compare_all
+from curvops.comparison import ApproximationReport, compare, compare_all
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import shard_batches

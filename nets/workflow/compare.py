@@ -29,7 +29,7 @@ import numpy as np
 from torch import nn
 
 from curvops import GGNOperator, HessianOperator
-from curvops.compare import ApproximationReport, compare_all
+from curvops.comparison import ApproximationReport, compare_all
 from curvops.proxies import make_proxy
 from nets.workflow._resolve import preserve_global_state
 from spectral.errors import argument_error
