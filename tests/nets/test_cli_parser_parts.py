@@ -13,6 +13,14 @@ MINIMAL = {
     "spectrum": (["--checkpoint", "c.pt"], {"iters": 20, "handler": cli._cmd_spectrum}),
     "stats": (["c.pt"], {"batch_size": 128, "handler": cli._cmd_stats}),
     "landscape": (["--checkpoint", "c.pt"], {"n_points": 21, "handler": cli._cmd_landscape}),
+    "compare": (
+        ["--checkpoint", "c.pt"],
+        {
+            "approx": "kfac,ekfac,diag-ggn,diag-mc,low-rank-20",
+            "curvature": "ggn",
+            "handler": cli._cmd_compare,
+        },
+    ),
     "plot": (["tracking", "run"], {"inputs": ["run"], "handler": cli._cmd_plot}),
     "demo": ([], {"out": "results", "handler": cli._cmd_demo}),
 }
@@ -30,9 +38,17 @@ def test_each_subcommand_part_adds_its_parser(name: str) -> None:
         assert getattr(args, key) == value, key
 
 
-def test_build_parser_composes_the_six_parts() -> None:
+def test_build_parser_composes_the_seven_parts() -> None:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["train", "spectrum", "stats", "landscape", "plot", "demo"]
+    assert list(sub.choices) == [
+        "train",
+        "spectrum",
+        "stats",
+        "landscape",
+        "compare",
+        "plot",
+        "demo",
+    ]
     args = parser.parse_args(["train", "--dir", "r", "--track-curvature", "every=5"])
     assert cli.track_options(args.track_curvature) == {"every": 5}
