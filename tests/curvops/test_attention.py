@@ -204,7 +204,8 @@ def test_every_functional_dropout_is_off_inside_products() -> None:
     for out, expected in pairs:
         assert torch.equal(out, expected)
     torch.testing.assert_close(slope, -x * 0.2, rtol=1e-6, atol=0)
-    assert torch.equal(sdpa, F.scaled_dot_product_attention(q, q, q))
+    with sdpa_kernel([SDPBackend.MATH]):  # the backend products use, without dropout
+        assert torch.equal(sdpa, F.scaled_dot_product_attention(q, q, q))
 
 
 def test_dropout_on_again_outside_products() -> None:
@@ -320,6 +321,16 @@ class Cdist(nn.Module):
         return -torch.cdist(x, self.w)
 
 
+def _has_double_backward(model: nn.Module) -> bool:
+    x = torch.randn(4, 2, dtype=torch.float64)
+    (g,) = torch.autograd.grad(model(x).sum(), list(model.parameters()), create_graph=True)
+    try:
+        torch.autograd.grad(g.sum(), list(model.parameters()), allow_unused=True)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     ("make", "need"),
     [
@@ -328,6 +339,8 @@ class Cdist(nn.Module):
     ],
 )
 def test_missing_derivative_explained(make: object, need: str) -> None:
+    if need == "second derivative" and _has_double_backward(Cdist()):
+        pytest.skip("this torch has a double backward for torch.cdist (torch >= 2.14)")
     data = (torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
     settings = _settings()
     op = make(Cdist(), data)  # type: ignore[operator]
