@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curvops.differentiability import check_twice_differentiable
 from spectral.errors import argument_error
 
 __all__ = [
@@ -803,6 +804,7 @@ def output_hessian_matmat(
         o = f.clone().requires_grad_(True)
         loss = loss_fn(o, targets)
         (g,) = torch.autograd.grad(loss, o, create_graph=True)
+        check_twice_differentiable([g], forward_roots=[loss], what="the loss's output Hessian")
         if not g.requires_grad:
             return torch.zeros_like(U)
         cols = [

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from curvops.differentiability import check_twice_differentiable
 from curvops.forward_mode import prepare_forward_mode
 from curvops.lean_ops import lean_double_backward
 
@@ -150,6 +151,7 @@ def hessian_linearization(
             )
         else:  # no selected parameter reaches the loss: H = 0
             grads = [torch.zeros_like(leaf) for leaf in leaves]
+    check_twice_differentiable(grads, forward_roots=[loss], what="the Hessian")
     active = [i for i, g in enumerate(grads) if g.requires_grad]
     return HessianLinearization(
         loss.detach(), [g.detach() for g in grads], leaves, list(grads), active
@@ -335,6 +337,7 @@ def jacobian_graph(
             )
         else:  # no selected parameter reaches the outputs: J = 0
             jt_u = [torch.zeros_like(leaf) for leaf in leaves]
+    check_twice_differentiable(jt_u, forward_roots=[outputs], what="the Jacobian (GGN, Fisher)")
     active = [i for i, g in enumerate(jt_u) if g.requires_grad]
     detached = outputs.detach()
     return JacobianGraph(
