@@ -146,7 +146,7 @@ def top_eigenpairs(
         max_iters = max(1000, 10 * n)
     rng = as_generator(seed)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        values, Y, margin = _trlan(op, k, which, tol, ncv, int(max_iters), rng, None)
+        values, Y, margin, anorm = _trlan(op, k, which, tol, ncv, int(max_iters), rng, None)
         locked = Y
         # Multiplicity check: one Krylov sequence sees a single copy of a repeated
         # eigenvalue.  Search the complement of everything found for a pair more
@@ -155,7 +155,9 @@ def top_eigenpairs(
             free = n - int(locked.shape[0])
             if free < 2:
                 break
-            extra, Z, _ = _trlan(op, 1, which, tol, min(ncv, free), int(max_iters), rng, locked)
+            extra, Z, _, _ = _trlan(
+                op, 1, which, tol, min(ncv, free), int(max_iters), rng, locked, anorm
+            )
             worst = _order(values, which)[-1]
             if not _more_wanted(float(extra[0]), float(values[worst]), which, margin):
                 break
@@ -194,12 +196,16 @@ def _trlan(
     max_iters: int,
     rng: np.random.Generator,
     locked: Any,
-) -> tuple[np.ndarray, Any, float]:
-    """Thick-restart Lanczos for ``k`` wanted pairs of ``A`` restricted to ``locked^⊥``.
+    anorm: float = 0.0,
+) -> tuple[np.ndarray, Any, float, float]:
+    r"""Thick-restart Lanczos for ``k`` wanted pairs of ``A`` restricted to ``locked^⊥``.
 
-    Returns ``(values, Y, margin)``: values in wanted order, the ``k x n`` rows
-    ``Y`` of unit Ritz vectors, and the largest convergence threshold used
-    (a resolution for comparing values).
+    Returns ``(values, Y, margin, anorm)``: values in wanted order, the ``k x n`` rows
+    ``Y`` of unit Ritz vectors, the largest convergence threshold used (a resolution
+    for comparing values) and the norm estimate :math:`\|A\|_{est}`.  ``anorm`` on
+    entry is a known lower bound of :math:`\|A\|` (the unrestricted run's estimate
+    for a search on ``locked^⊥``, whose products carry rounding errors of the size
+    ``eps \|A\|`` of the whole operator, not of its restriction).
     """
     xp = op.xp
     n = op.n
@@ -212,9 +218,8 @@ def _trlan(
     V[0, :] = v * (1.0 / float(_backend.vector_norm(xp, v)))
     p = 0  # number of kept (restart) vectors already in V with their H block known
     keep = min(k + (ncv - k) // 2, ncv - 1)
-    anorm = 0.0
     for cycle in range(max_iters):
-        r, rnorm = _extend(op, V, H, p, rng, eps, cycle, locked)
+        r, rnorm, anorm = _extend(op, V, H, p, rng, eps, cycle, locked, anorm)
         anorm = max(anorm, float(np.max(np.abs(np.linalg.eigvalsh(H)))), rnorm)
         theta, S = np.linalg.eigh(H)
         order = _order(theta, which)
@@ -226,7 +231,7 @@ def _trlan(
         if np.all(resid[wanted] <= threshold[wanted]) or rnorm <= eps * anorm:
             Sw = _backend.from_host(np.ascontiguousarray(S[:, wanted].T), like=V)
             logger.debug("top_eigenpairs: converged after %d cycles", cycle + 1)
-            return theta[wanted], Sw @ V, float(np.max(threshold[wanted]))
+            return theta[wanted], Sw @ V, float(np.max(threshold[wanted])), anorm
         # thick restart: keep the `keep` most wanted Ritz vectors and the residual direction
         kept = order[:keep]
         Sk = _backend.from_host(np.ascontiguousarray(S[:, kept].T), like=V)
@@ -256,13 +261,25 @@ def _extend(
     eps: float,
     cycle: int,
     locked: Any = None,
-) -> tuple[Any, float]:
-    """Fill rows ``p..ncv-1`` of ``V`` and columns ``p..`` of ``H``; return the residual.
+    anorm: float = 0.0,
+) -> tuple[Any, float, float]:
+    r"""Fill rows ``p..ncv-1`` of ``V`` and columns ``p..`` of ``H``; return the residual.
 
     On entry rows ``0..p`` of ``V`` are orthonormal and ``H[:p, :p]`` plus the
     arrow ``H[p, :p]`` are known.  Column ``j`` of ``H`` is ``V_{0..j}^T A v_j``
     (CGS2), and ``H[j+1, j] = ||r_j||``.  New vectors are also kept orthogonal to
     the rows of ``locked`` (converged eigenvectors), restricting ``A`` to their complement.
+
+    Returns ``(r, ||r||, anorm)`` with ``anorm`` the running estimate
+    :math:`\|A\|_{est} = \max(\text{anorm on entry}, \max_j \|A v_j\|)`.  A step
+    is an exact breakdown (continued with a random vector orthogonal to ``V``) when
+    :math:`\beta_j \le 10 \sqrt{n}\, \epsilon \|A\|_{est}`: the residual is then
+    rounding noise, and normalising it would give a vector that is not orthogonal to
+    ``V`` (CGS2 orthogonalises to ``eps`` *of its input's norm*).  The scale must be
+    the operator's norm, not the current column's: a column of a null vector has
+    entries of the size of the noise itself (a rank-3 operator once gave a residual
+    of 5e-29 next to column entries of 1e-29, accepted as a Lanczos vector, and
+    Ritz values of 7e4 for eigenvalues of 48 followed).
     """
     xp = op.xp
     ncv = H.shape[0]
@@ -284,6 +301,7 @@ def _extend(
                 f"step {j + 1})"
             )
         hcol, beta = stats[:-1], float(stats[-1])
+        anorm = max(anorm, math.sqrt(float(np.sum(hcol**2)) + beta**2))
         # the already-known part above the arrow is kept; the new column is symmetrised
         H[j, j] = hcol[j]
         if j > p:
@@ -291,8 +309,7 @@ def _extend(
         r, rnorm = w, beta
         if j + 1 == ncv:
             break
-        scale = max(float(np.max(np.abs(hcol))), beta)
-        if beta <= 10.0 * math.sqrt(n) * eps * scale:
+        if beta <= 10.0 * math.sqrt(n) * eps * anorm:
             # invariant subspace: continue with a random direction orthogonal to V
             v = random_probe(n, "gaussian", rng, like=op.template)
             if locked is not None:
@@ -305,4 +322,4 @@ def _extend(
         else:
             V[j + 1, :] = w * (1.0 / beta)
             H[j + 1, j] = H[j, j + 1] = beta
-    return r, rnorm
+    return r, rnorm, anorm
