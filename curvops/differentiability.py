@@ -1,4 +1,9 @@
-"""Refuse second derivatives that PyTorch would silently drop.
+"""Refuse derivatives that PyTorch would silently drop.
+
+Two ways a model can make autograd return zeros instead of raising, both refused by
+every product that would be affected: a backward that can run only once
+(:func:`check_twice_differentiable`) and parameters used only with gradients off
+(:class:`UntrackedUseRecorder`).
 
 Curvature products differentiate a *backward* graph: the Hessian differentiates the
 gradient :math:`\\nabla_w L` again, and the GGN and Fisher get :math:`Jv` by
@@ -43,13 +48,20 @@ backwards (compiled modules, higher-order operators), which it cannot name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.autograd.function import BackwardCFunction, once_differentiable
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["OnceDifferentiableError", "check_twice_differentiable", "once_differentiable_functions"]
+__all__ = [
+    "OnceDifferentiableError",
+    "UntrackedParameterError",
+    "UntrackedUseRecorder",
+    "check_twice_differentiable",
+    "once_differentiable_functions",
+]
 
 #: The node class of ``torch._C._functions.DelayedError`` (named ``Error``).
 _ERROR_NODE: type = torch._C._functions.Error  # type: ignore[attr-defined]
@@ -58,6 +70,10 @@ _ONCE_WRAPPER_CODE = once_differentiable(lambda ctx, *grads: grads).__code__
 
 class OnceDifferentiableError(RuntimeError):
     """A product needs the derivative of a backward that PyTorch can only run once."""
+
+
+class UntrackedParameterError(RuntimeError):
+    """A selected parameter shapes the output only through operations autograd never saw."""
 
 
 def _graph_nodes(roots: Iterable[torch.Tensor]) -> Iterable[Any]:
@@ -138,3 +154,94 @@ def check_twice_differentiable(
         "backward with differentiable torch operations (and remove @once_differentiable), "
         "or run the model uncompiled / with that function replaced by torch operations."
     )
+
+
+def _tensor_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterable[Any]:
+    """The arguments of a torch call, with lists and tuples opened one level (``cat``)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, list | tuple):
+            yield from value
+        else:
+            yield value
+
+
+class UntrackedUseRecorder(TorchFunctionMode):
+    """Record which parameters a forward pass uses with gradients disabled.
+
+    A parameter that the forward pass uses only where autograd is off -- the function
+    of ``torch.utils.checkpoint(..., use_reentrant=True)`` runs under ``no_grad``, and
+    when none of its tensor inputs requires a gradient it records nothing at all --
+    shapes the outputs but is absent from their graph, so every derivative with
+    respect to it would silently be zero (PyTorch's training would silently not
+    update it either, with only a warning).  Used around the forward pass of a
+    product's linearisation; :meth:`check` then raises for each such parameter that
+    the outputs' graph does not reach.  Parameters used with gradients disabled
+    *and* reachable (``nn.utils.spectral_norm``'s power iteration, inputs of a custom
+    ``autograd.Function``) are fine, and so are parameters the forward pass never
+    uses (their curvature is zero).  Costs one dictionary lookup per tensor argument
+    of every torch call of the forward pass.
+
+    Parameters
+    ----------
+    used
+        The parameter tensors as the forward pass receives them.
+    leaves
+        The leaves the outputs' graph reaches for them, in the same order (default
+        ``used``; differs for dual tensors of forward mode, which are views).
+    """
+
+    def __init__(
+        self, used: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self._index = {id(t): i for i, t in enumerate(used)}
+        self._leaves = list(used if leaves is None else leaves)
+        self.untracked: set[int] = set()
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            for value in _tensor_arguments(args, kwargs):
+                i = self._index.get(id(value))
+                if i is not None:
+                    self.untracked.add(i)
+        return func(*args, **kwargs)
+
+    def check(self, roots: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+        """Raise if a parameter used without gradients is not reached from ``roots``.
+
+        Raises
+        ------
+        UntrackedParameterError
+            Naming the parameters (``names`` in the order of the leaves, else their
+            positions and shapes).
+        """
+        if not self.untracked:
+            return
+        reached = {
+            id(node.variable)
+            for node in _graph_nodes(roots)
+            if hasattr(node, "variable") and isinstance(node.variable, torch.Tensor)
+        }
+        missing = sorted(i for i in self.untracked if id(self._leaves[i]) not in reached)
+        if not missing:
+            return
+        labels = [
+            repr(names[i]) if names is not None else f"#{i} (shape {tuple(self._leaves[i].shape)})"
+            for i in missing
+        ]
+        raise UntrackedParameterError(
+            f"The selected parameter(s) {', '.join(labels)} are used by the model's forward "
+            "pass only with gradients disabled and are absent from the autograd graph, so "
+            "their curvature would silently be zero. The usual cause is "
+            "torch.utils.checkpoint(..., use_reentrant=True) around layers whose inputs do "
+            "not require gradients: use use_reentrant=False (or no checkpointing). If the "
+            "parameters are frozen on purpose, leave them out with params= or set "
+            "requires_grad=False."
+        )

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from curvops.differentiability import check_twice_differentiable
+from curvops.differentiability import UntrackedUseRecorder, check_twice_differentiable
 from curvops.forward_mode import prepare_forward_mode
 from curvops.lean_ops import lean_double_backward
 
@@ -138,8 +138,11 @@ def hessian_linearization(
         If ``loss_of`` does not return a scalar.
     """
     leaves = _leaves(params)
+    recorder = UntrackedUseRecorder(leaves)
     with torch.enable_grad(), lean_double_backward(lean_kernels):
-        loss = loss_of(leaves)
+        with recorder:
+            loss = loss_of(leaves)
+        recorder.check([loss])
         if loss.ndim != 0:
             raise ValueError(
                 f"Argument 'loss_fn': expected a scalar loss (reduction='mean'); "
@@ -191,8 +194,11 @@ def jacobian_sandwich_matmat(
     for j in range(k):
         with torch.enable_grad(), fwAD.dual_level():
             duals = [fwAD.make_dual(leaf, v[j]) for leaf, v in zip(leaves, V)]
-            out = forward(duals)
+            recorder = UntrackedUseRecorder(duals, leaves)
+            with recorder:
+                out = forward(duals)
             primal, tangent = fwAD.unpack_dual(out)
+            recorder.check([primal])
         if tangent is None:
             tangent = torch.zeros_like(primal)
         if apply_q is None:
@@ -222,8 +228,10 @@ def _shared_forward_sandwich(
     the time of k matvecs on a 59k-parameter CNN with train-mode BatchNorm, about
     equal in eval mode (k = 8, see the module docstring).
     """
-    with torch.enable_grad():
+    recorder = UntrackedUseRecorder(leaves)
+    with torch.enable_grad(), recorder:
         primal = forward(leaves)
+    recorder.check([primal])
     apply_q = output_curvature(primal.detach())
     constants = [leaf.detach() for leaf in leaves]
     tangents = []
@@ -328,8 +336,11 @@ def jacobian_graph(
             [ 0., 16.]], dtype=torch.float64)
     """
     leaves = _leaves(params)
+    recorder = UntrackedUseRecorder(leaves)
     with torch.enable_grad(), lean_double_backward(lean_kernels, jacobian_only=True):
-        outputs = forward(leaves)
+        with recorder:
+            outputs = forward(leaves)
+        recorder.check([outputs])
         u = torch.zeros_like(outputs, requires_grad=True)
         if outputs.requires_grad:
             jt_u: Sequence[torch.Tensor] = torch.autograd.grad(
