@@ -486,8 +486,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         validated (:mod:`curvops.validation`) during the first pass only.
 
         The steps: :meth:`_sweep` (the pass over the batches into a
-        :class:`_WeightedSum`), :meth:`_WeightedSum.settle` (an empty rank still joins
-        the collective), :func:`_read_checks` (the one host synchronisation),
+        :class:`_WeightedSum`), zeros for a rank without data (it still joins the
+        collective), :func:`_read_checks` (the one host synchronisation),
         :meth:`_raise_if_not_finite`, then the reduction over the group.
 
         Raises
