@@ -13,6 +13,7 @@ longer exists or is no longer too long fails too, so the list only shrinks.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,6 @@ _OTHER_BRANCH = "being edited by another branch; split after merge"
 ALLOWED: dict[str, str] = {
     "curvops/lean_ops.py::_train_bn_double_backward": _OTHER_BRANCH + " (h-gpt)",
     "nets/demo.py::_summarise": _OTHER_BRANCH + " (h-kfac: the demo code)",
-    "nets/plots/spectrum.py::plot_spectrum": _NOT_YET,
     "nets/workflow/spectrum.py::compute_eigenspectrum": _NOT_YET,
     "nets/workflow/landscape.py::build_loss_landscape": _NOT_YET,
     "nets/workflow/loss_stats.py::compute_loss_stats": _NOT_YET,
@@ -68,6 +68,7 @@ def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, int]]:
             yield from _functions(node, prefix)
 
 
+@functools.cache
 def function_lengths() -> dict[str, int]:
     """``path::name -> code lines`` for every function of the three packages."""
     lengths: dict[str, int] = {}
