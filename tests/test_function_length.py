@@ -30,7 +30,6 @@ ALLOWED: dict[str, str] = {
     "nets/demo.py::_summarise": _OTHER_BRANCH + " (h-kfac: the demo code)",
     "nets/workflow/spectrum.py::compute_eigenspectrum": _NOT_YET,
     "nets/workflow/landscape.py::build_loss_landscape": _NOT_YET,
-    "nets/workflow/loss_stats.py::compute_loss_stats": _NOT_YET,
     "spectral/blockeig.py::block_eigenpairs": _NOT_YET,
     "curvops/testing.py::check_operator_contract": _NOT_YET,
     "nets/optim/kfac.py::KFAC.__init__": _NOT_YET,
