@@ -173,7 +173,11 @@ class _StatsSettings:
         }
 
     def output_config(
-        self, dataset_name: str, data_path: PathLike | None, names: list[str | None], loss: Any
+        self,
+        dataset_name: str | None,
+        data_path: PathLike | None,
+        names: list[str | None],
+        loss: Any,
     ) -> dict[str, Any]:
         """The output file's ``config_json`` (``names``: the checkpoints' model names)."""
         mode, batch_size, subsample = self.bn_mode, self.batch_size, self.subsample
