@@ -29,8 +29,6 @@ ALLOWED: dict[str, str] = {
     "curvops/lean_ops.py::_train_bn_double_backward": _OTHER_BRANCH + " (h-gpt)",
     "nets/demo.py::_summarise": _OTHER_BRANCH + " (h-kfac: the demo code)",
     "nets/optim/kfac.py::KFAC.__init__": _NOT_YET,
-    "nets/training.py::train_network": _NOT_YET,
-    "nets/workflow/_resolve.py::resolve_model": _NOT_YET,
 }
 
 
