@@ -28,7 +28,6 @@ _OTHER_BRANCH = "being edited by another branch; split after merge"
 ALLOWED: dict[str, str] = {
     "curvops/lean_ops.py::_train_bn_double_backward": _OTHER_BRANCH + " (h-gpt)",
     "nets/demo.py::_summarise": _OTHER_BRANCH + " (h-kfac: the demo code)",
-    "nets/optim/kfac.py::KFAC.__init__": _NOT_YET,
 }
 
 
