@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("spectral", "curvops", "nets")
 LIMIT = 80
 
-_NOT_YET = "not split yet (h-split works down this list)"
 _OTHER_BRANCH = "being edited by another branch; split after merge"
 ALLOWED: dict[str, str] = {
     "curvops/lean_ops.py::_train_bn_double_backward": _OTHER_BRANCH + " (h-gpt)",
