@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -484,6 +485,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         synchronisation for the check, not one per batch.  A DataLoader's batches are
         validated (:mod:`curvops.validation`) during the first pass only.
 
+        The steps: :meth:`_sweep` (the pass over the batches into a
+        :class:`_WeightedSum`), zeros for a rank without data (it still joins the
+        collective), :func:`_read_checks` (the one host synchronisation),
+        :meth:`_raise_if_not_finite`, then the reduction over the group.
+
         Raises
         ------
         NumericalError
@@ -492,17 +498,39 @@ class ModelCurvatureOperator(CurvatureOperator):
         ValueError
             A DataLoader batch with bad targets or inputs on the first pass.
         """
-        acc: torch.Tensor | None = None
-        weight: Any = 0.0  # a float, or a device scalar when a loader's weights are counted
-        sizes: dict[int, int] = {}
-        first_bad: torch.Tensor | None = None  # device int64: first bad batch index or -1
         group = resolve_group(self.process_group)  # once per product
+        summed = loss_reduction(self._loss_fn) == "sum"
+        # One batch on one process: no weighting, so the product is exactly A_b V.
+        running = _WeightedSum(unweighted=self._data.is_single_batch and group is None)
+        params_ok = self._sweep(V, running)
+        if running.acc is None or running.first_bad is None:
+            if group is None:
+                raise argument_error("data", "at least one batch with a counted target", self._data)
+            # This rank contributes nothing; it still joins the collective.
+            running.acc = torch.zeros(
+                self.num_params, V[0].shape[0], dtype=self.torch_dtype, device=self.device
+            )
+            running.first_bad = torch.tensor(-1, device=self.device)
+        index, params_bad, weight = _read_checks(running.first_bad, params_ok, running.weight)
+        self._raise_if_not_finite(index, params_bad, params_ok, running.sizes)
+        if summed:
+            total, _ = all_reduce_weighted(running.acc, 0.0, group)
+            return total, 1.0
+        if weight == 0 and group is None:
+            raise argument_error("data", "at least one batch with a counted target", self._data)
+        return all_reduce_weighted(running.acc, float(weight), group)
+
+    def _sweep(self, V: list[torch.Tensor], running: _WeightedSum) -> torch.Tensor:
+        """One pass over the batches, adding each weighted batch product into ``running``.
+
+        Runs under :func:`curvops._model_state.curvature_mode`; validates a
+        DataLoader's batches on its first pass; skips batches whose (host) weight is 0
+        unless the product is unweighted.  Returns the device booleans "parameter
+        ``i`` is finite" (taken in the same mode, before the pass).
+        """
         validation = self._validation
         loss_fn = self._loss_fn
-        summed = loss_reduction(loss_fn) == "sum"
         check_stream = not self._data.is_in_memory and not validation.streamed_checked
-        # One batch on one process: no weighting, so the product is exactly A_b V.
-        unweighted = self._data.is_single_batch and group is None
         with curvature_mode(self._model, self._bn_mode):
             params_ok = torch.stack([torch.isfinite(p).all() for p in self.current_params()])
             for batch in self._batches():
@@ -511,44 +539,22 @@ class ModelCurvatureOperator(CurvatureOperator):
                 w: Any = validation.weights.get(batch.index)
                 if w is None:
                     w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
-                if not isinstance(w, torch.Tensor) and w == 0 and not unweighted:
+                if not isinstance(w, torch.Tensor) and w == 0 and not running.unweighted:
                     continue
                 flat = flatten_columns(self._batch_matmat(batch, V))
-                sizes[batch.index] = batch.size
-                bad = ~torch.isfinite(flat).all()
-                if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
-                    w = w.to(device=flat.device, dtype=flat.dtype)
-                    bad = bad & (w > 0)
-                    flat = torch.where(w > 0, flat, torch.zeros_like(flat))
-                here = torch.where(bad, batch.index, -1)
-                first_bad = (
-                    here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
-                )
-                if unweighted:
-                    acc, weight = flat, 1.0
-                elif acc is None:
-                    acc, weight = flat * w, w
-                else:  # flat * w then add, for a float or a device w alike: the same bits
-                    acc.add_(flat * w)
-                    weight = weight + w
+                running.add(batch.index, batch.size, flat, w)
         if check_stream:
             validation.streamed_checked = True
-        if acc is None or first_bad is None:
-            if group is None:
-                raise argument_error("data", "at least one batch with a counted target", self._data)
-            # This rank contributes nothing; it still joins the collective.
-            acc = torch.zeros(
-                self.num_params, V[0].shape[0], dtype=self.torch_dtype, device=self.device
-            )
-            first_bad = torch.tensor(-1, device=self.device)
-        parts = [first_bad.reshape(()), (~params_ok.all()).to(first_bad.dtype)]
-        status = torch.stack([t.to(torch.float64) for t in parts])
-        if isinstance(weight, torch.Tensor):
-            status = torch.cat([status, weight.reshape(1).to(status)])
-        values = status.tolist()  # the checks' (and the weight's) one host synchronisation
-        index, params_bad = int(values[0]), values[1]
-        if isinstance(weight, torch.Tensor):
-            weight = values[2]
+        return params_ok
+
+    def _raise_if_not_finite(
+        self, index: int, params_bad: float, params_ok: torch.Tensor, sizes: dict[int, int]
+    ) -> None:
+        """Raise :class:`NumericalError` for non-finite parameters or batch ``index >= 0``.
+
+        Parameters come first: with NaN weights every product is NaN, and the
+        parameters are the cause to name.
+        """
         if params_bad:
             bad_names = [n for n, ok in zip(self._names, params_ok.tolist()) if not ok]
             raise NumericalError(
@@ -560,12 +566,6 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"{type(self).__name__}: non-finite curvature product in batch "
                 f"{index} (size {sizes[index]}){self._diagnose(self._in_memory_batch(index))}."
             )
-        if summed:
-            total, _ = all_reduce_weighted(acc, 0.0, group)
-            return total, 1.0
-        if weight == 0 and group is None:
-            raise argument_error("data", "at least one batch with a counted target", self._data)
-        return all_reduce_weighted(acc, float(weight), group)
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""
@@ -585,3 +585,66 @@ class ModelCurvatureOperator(CurvatureOperator):
         if isinstance(weight, torch.Tensor) or weight != 1:
             return acc / weight
         return acc
+
+
+@dataclass
+class _WeightedSum:
+    """The running state of one product: :math:`\\sum_b w_b A_b V`, :math:`\\sum_b w_b`, checks.
+
+    ``acc`` is the ``(P, k)`` weighted sum (``None`` before the first batch),
+    ``weight`` the total weight (a float, or a device scalar when a loader's weights
+    are counted on the device), ``first_bad`` a device int64 scalar holding the index
+    of the first batch with a non-finite product (``-1`` while none), and ``sizes``
+    the size of every batch added (for the error message).  With ``unweighted`` (one
+    batch on one process) the sum is the batch product itself and the weight 1.
+    """
+
+    unweighted: bool
+    acc: torch.Tensor | None = None
+    weight: Any = 0.0
+    first_bad: torch.Tensor | None = None
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    def add(self, index: int, size: int, flat: torch.Tensor, w: Any) -> None:
+        """Add batch ``index``'s product ``flat`` (``(P, k)``) with weight ``w``.
+
+        A device weight of 0 (every target ignored, counted without a host
+        synchronisation) adds zeros and never marks the batch as bad.  The product is
+        scaled then added (``acc += flat * w``), so a float and a device ``w`` give the
+        same bits.
+        """
+        self.sizes[index] = size
+        bad = ~torch.isfinite(flat).all()
+        if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
+            w = w.to(device=flat.device, dtype=flat.dtype)
+            bad = bad & (w > 0)
+            flat = torch.where(w > 0, flat, torch.zeros_like(flat))
+        here = torch.where(bad, index, -1)
+        first_bad = self.first_bad
+        self.first_bad = here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
+        if self.unweighted:
+            self.acc, self.weight = flat, 1.0
+        elif self.acc is None:
+            self.acc, self.weight = flat * w, w
+        else:
+            self.acc.add_(flat * w)
+            self.weight = self.weight + w
+
+
+def _read_checks(
+    first_bad: torch.Tensor, params_ok: torch.Tensor, weight: Any
+) -> tuple[int, float, Any]:
+    """``(first bad batch or -1, parameters bad (non-zero), weight as a float)`` in one sync.
+
+    The device scalars (and the weight when it is a device scalar) are stacked into
+    one float64 vector and read with a single ``tolist``: the checks' one host
+    synchronisation per product.  A float ``weight`` is returned as it is.
+    """
+    parts = [first_bad.reshape(()), (~params_ok.all()).to(first_bad.dtype)]
+    status = torch.stack([t.to(torch.float64) for t in parts])
+    if isinstance(weight, torch.Tensor):
+        status = torch.cat([status, weight.reshape(1).to(status)])
+    values = status.tolist()
+    if isinstance(weight, torch.Tensor):
+        weight = values[2]
+    return int(values[0]), values[1], weight

@@ -332,11 +332,53 @@ def loss_stats(
     check_bn_mode(bn_mode)
     model = unwrap_model(model)
     validation = validate(model, loss_fn, data, params=params, bn_mode=bn_mode)
-    streamed = not as_data(data).is_in_memory
-    summed = loss_reduction(loss_fn) == "sum"
     group = resolve_group(process_group)
-    named = select_params(model, params)
-    names = [n for n, _ in named]
+    setting = _Setting(
+        model, loss_fn, select_params(model, params), curvature, bn_mode, group, batch_size
+    )
+    zv, z_parts = _unit_direction(z, setting.named, seed)
+    moments = _sweep(setting, data, validation, z_parts, keep=bool(num_probes))
+    moments.all_reduce(group)
+    if num_probes:
+        stream = data if batch_size is None else moments.kept
+        fro, fro_err = _frobenius(setting, stream, num_probes, seed)
+    else:
+        fro, fro_err = math.nan, math.nan
+    return _assemble(setting, moments, zv, (fro, fro_err), params)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What :func:`loss_stats` measures: the model, loss, selected parameters and modes."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    named: list[tuple[str, nn.Parameter]]
+    curvature: str
+    bn_mode: str | None
+    group: Any
+    batch_size: int | None
+
+    @property
+    def names(self) -> list[str]:
+        """The selected parameters' names."""
+        return [n for n, _ in self.named]
+
+    @property
+    def summed(self) -> bool:
+        """Whether the loss sums over samples (``reduction="sum"``)."""
+        return loss_reduction(self.loss_fn) == "sum"
+
+
+def _unit_direction(
+    z: Any, named: list[tuple[str, nn.Parameter]], seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The unit direction :math:`z` (float64, flat) and its ``(1, *shape)`` parameter parts.
+
+    ``z=None`` draws a Gaussian direction from ``seed``; a given ``z`` must have one
+    entry per selected parameter entry and be non-zero and finite.  The parts are in
+    the parameters' dtype, on their device.
+    """
     device, dtype = named[0][1].device, named[0][1].dtype
     P = sum(p.numel() for _, p in named)
     if z is None:
@@ -354,70 +396,164 @@ def loss_stats(
     for _, p in named:
         z_parts.append(zv[start : start + p.numel()].reshape(1, *p.shape).to(dtype))
         start += p.numel()
+    return zv, z_parts
 
-    sums = {"w": 0.0, "n": 0.0, "L": 0.0, "L2": 0.0, "g2": 0.0, "Cz2": 0.0}
-    gbar = torch.zeros(P, dtype=torch.float64, device=device)
-    czbar = torch.zeros(P, dtype=torch.float64, device=device)
-    kept: list[tuple[Any, torch.Tensor]] = []
-    num_batches = 0
-    with curvature_mode(model, bn_mode):
+
+@dataclass
+class _Moments:
+    """Weighted sums over the minibatches (see the module docstring).
+
+    ``sums`` holds :math:`\\sum w_i` (``"w"``), the sample count (``"n"``) and
+    :math:`\\sum w_i L_i`, :math:`\\sum w_i L_i^2`, :math:`\\sum w_i \\|g_i\\|^2`,
+    :math:`\\sum w_i \\|C_i z\\|^2` (``"L"``, ``"L2"``, ``"g2"``, ``"Cz2"``); ``gbar`` and
+    ``czbar`` the weighted sums of :math:`g_i` and :math:`C_i z` (float64, length P);
+    ``kept`` the minibatches for the Frobenius estimate when they are cut from
+    ``data``.
+    """
+
+    gbar: torch.Tensor
+    czbar: torch.Tensor
+    sums: dict[str, float] = field(
+        default_factory=lambda: {"w": 0.0, "n": 0.0, "L": 0.0, "L2": 0.0, "g2": 0.0, "Cz2": 0.0}
+    )
+    num_batches: int = 0
+    kept: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, w: float, size: int, loss: float, g: torch.Tensor, czv: torch.Tensor) -> None:
+        """Add one minibatch of weight ``w`` and ``size`` samples."""
+        sums = self.sums
+        sums["w"] += w
+        sums["n"] += size
+        sums["L"] += w * loss
+        sums["L2"] += w * loss * loss
+        sums["g2"] += w * float(g @ g)
+        sums["Cz2"] += w * float(czv @ czv)
+        self.gbar += w * g
+        self.czbar += w * czv
+
+    def all_reduce(self, group: Any) -> None:
+        """Sum everything (batch count included) over ``group`` in one ``all_reduce``."""
+        if group is None:
+            return
+        keys = list(self.sums)
+        scalars = torch.tensor(
+            [self.sums[k] for k in keys] + [float(self.num_batches)],
+            dtype=torch.float64,
+            device=self.gbar.device,
+        )
+        scalars, self.gbar, self.czbar = all_reduce_sum([scalars, self.gbar, self.czbar], group)
+        self.sums = dict(zip(keys, scalars[:-1].tolist()))
+        self.num_batches = int(scalars[-1])
+
+
+def _sweep(
+    setting: _Setting, data: Any, validation: Any, z_parts: list[torch.Tensor], *, keep: bool
+) -> _Moments:
+    """One pass over the minibatches of ``data``, adding each into a :class:`_Moments`.
+
+    Minibatches of weight 0 (every target ignored) are skipped.  With
+    ``reduction="sum"`` each minibatch enters as its mean-equivalent (weight
+    :math:`N_i`, quantities divided by :math:`N_i`); :func:`_assemble` rescales.
+    ``keep`` holds on to cut minibatches for the Frobenius estimate.
+    """
+    streamed = not as_data(data).is_in_memory
+    named, batch_size = setting.named, setting.batch_size
+    P = sum(p.numel() for _, p in named)
+    device = named[0][1].device
+    moments = _Moments(
+        gbar=torch.zeros(P, dtype=torch.float64, device=device),
+        czbar=torch.zeros(P, dtype=torch.float64, device=device),
+    )
+    with curvature_mode(setting.model, setting.bn_mode):
         for batch in minibatches(data, batch_size):
             if streamed and batch_size is None:
                 validation.check_streamed(batch.inputs, batch.targets, batch.index)
-            if summed:  # the mean-equivalent of the minibatch; rescaled by N at the end
+            if setting.summed:  # the mean-equivalent of the minibatch; rescaled by N at the end
                 w, per = float(batch.size), 1.0 / batch.size
             else:
-                w, per = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size), 1.0
+                w = batch_weight(setting.loss_fn, batch.inputs, batch.targets, batch.size)
+                per = 1.0
             if w == 0:
                 continue
-            num_batches += 1
-            if batch_size is not None and num_probes:
-                kept.append((batch.inputs, batch.targets))
-            inputs = move_to(batch.inputs, device, dtype)
-            targets = move_to(batch.targets, device, dtype)
-            params0 = [p.detach() for _, p in named]
+            moments.num_batches += 1
+            if batch_size is not None and keep:
+                moments.kept.append((batch.inputs, batch.targets))
+            loss, g, czv = _minibatch_terms(setting, batch, z_parts, per)
+            moments.add(w, batch.size, loss, g, czv)
+    return moments
 
-            def forward(tensors: list[torch.Tensor], inputs: Any = inputs) -> torch.Tensor:
-                return functional_forward(model, names, tensors, inputs)
 
-            def loss_of(tensors: list[torch.Tensor], targets: Any = targets) -> torch.Tensor:
-                return loss_fn(forward(tensors), targets)
+def _minibatch_terms(
+    setting: _Setting, batch: Batch, z_parts: list[torch.Tensor], per: float
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """:math:`(L_i, g_i, C_i z)` of one minibatch, each times ``per`` (float64, flat).
 
-            lin = hessian_linearization(loss_of, params0)
-            if curvature == "hessian":
-                cz = lin.apply(z_parts)
-            else:
+    One linearisation of the loss gives the loss, the gradient and (for the Hessian)
+    the Hessian-direction product; the GGN product is a Jacobian sandwich around the
+    loss's output Hessian.
 
-                def q(out: torch.Tensor, targets: Any = targets) -> Any:
-                    return lambda U: output_hessian_matmat(loss_fn, out, targets, U)
+    Raises
+    ------
+    spectral.errors.NumericalError
+        A non-finite loss, gradient or product (names the minibatch).
+    """
+    model, loss_fn, named, names = setting.model, setting.loss_fn, setting.named, setting.names
+    device, dtype = named[0][1].device, named[0][1].dtype
+    inputs = move_to(batch.inputs, device, dtype)
+    targets = move_to(batch.targets, device, dtype)
+    params0 = [p.detach() for _, p in named]
 
-                cz = jacobian_sandwich_matmat(forward, params0, z_parts, q)
-            g = torch.cat([t.reshape(-1) for t in lin.grad]).double() * per
-            czv = torch.cat([t.reshape(-1) for t in cz]).double() * per
-            loss = float(lin.loss) * per
-            if not (math.isfinite(loss) and bool(torch.isfinite(g).all())) or not bool(
-                torch.isfinite(czv).all()
-            ):
-                raise NumericalError(f"loss_stats: non-finite values in minibatch {batch.index}.")
-            sums["w"] += w
-            sums["n"] += batch.size
-            sums["L"] += w * loss
-            sums["L2"] += w * loss * loss
-            sums["g2"] += w * float(g @ g)
-            sums["Cz2"] += w * float(czv @ czv)
-            gbar += w * g
-            czbar += w * czv
-    if group is not None:
-        keys = list(sums)
-        scalars = torch.tensor(
-            [sums[k] for k in keys] + [float(num_batches)], dtype=torch.float64, device=device
-        )
-        scalars, gbar, czbar = all_reduce_sum([scalars, gbar, czbar], group)
-        sums = dict(zip(keys, scalars[:-1].tolist()))
-        num_batches = int(scalars[-1])
+    def forward(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return functional_forward(model, names, tensors, inputs)
+
+    def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return loss_fn(forward(tensors), targets)
+
+    lin = hessian_linearization(loss_of, params0)
+    if setting.curvature == "hessian":
+        cz = lin.apply(z_parts)
+    else:
+
+        def q(out: torch.Tensor) -> Any:
+            return lambda U: output_hessian_matmat(loss_fn, out, targets, U)
+
+        cz = jacobian_sandwich_matmat(forward, params0, z_parts, q)
+    g = torch.cat([t.reshape(-1) for t in lin.grad]).double() * per
+    czv = torch.cat([t.reshape(-1) for t in cz]).double() * per
+    loss = float(lin.loss) * per
+    if not (math.isfinite(loss) and bool(torch.isfinite(g).all())) or not bool(
+        torch.isfinite(czv).all()
+    ):
+        raise NumericalError(f"loss_stats: non-finite values in minibatch {batch.index}.")
+    return loss, g, czv
+
+
+def _frobenius(setting: _Setting, stream: Any, num_probes: int, seed: int) -> tuple[float, float]:
+    """Hutchinson estimate of :math:`\\|\\bar C\\|_F^2` (and its standard error) over ``stream``."""
+    cls = HessianOperator if setting.curvature == "hessian" else GGNOperator
+    op: ModelCurvatureOperator = cls(
+        setting.model,
+        setting.loss_fn,
+        stream,
+        params=setting.names,
+        bn_mode=setting.bn_mode,
+        process_group=False if setting.group is None else setting.group,
+    )
+    return hutchinson_frobenius_sq(op, num_probes=num_probes, seed=seed)
+
+
+def _assemble(
+    setting: _Setting,
+    moments: _Moments,
+    zv: torch.Tensor,
+    frobenius: tuple[float, float],
+    params: Any,
+) -> LossStats:
+    """The :class:`LossStats` from the (reduced) weighted sums, as the module docstring says."""
+    sums = moments.sums
     N = sums["w"]
-    gbar /= N
-    czbar /= N
+    gbar = moments.gbar / N
+    czbar = moments.czbar / N
     loss_mean = sums["L"] / N
     mu = float(zv @ czbar)
     hess_mean_norm_sq = float(czbar @ czbar)
@@ -425,24 +561,9 @@ def loss_stats(
     residual = czbar - mu * zv
     # reduction="sum": every quantity above is of the mean-equivalent loss L/N; the
     # summed loss's are N (first moments) and N^2 (second moments) times larger.
-    s1 = sums["n"] if summed else 1.0
+    s1 = sums["n"] if setting.summed else 1.0
     s2 = s1 * s1
-    l2, linf = weight_norms(model, params)
-    if num_probes:
-        op: ModelCurvatureOperator
-        cls = HessianOperator if curvature == "hessian" else GGNOperator
-        stream = data if batch_size is None else kept
-        op = cls(
-            model,
-            loss_fn,
-            stream,
-            params=names,
-            bn_mode=bn_mode,
-            process_group=False if group is None else group,
-        )
-        fro, fro_err = hutchinson_frobenius_sq(op, num_probes=num_probes, seed=seed)
-    else:
-        fro, fro_err = math.nan, math.nan
+    l2, linf = weight_norms(setting.model, params)
     return LossStats(
         loss_mean=loss_mean * s1,
         loss_var=(sums["L2"] / N - loss_mean**2) * s2,
@@ -453,12 +574,12 @@ def loss_stats(
         hess_mu=mu * s1,
         delta=float(residual @ residual) * s2,
         alpha=math.sqrt(max(hess_var, 0.0)) / abs(mu) if mu != 0 else math.inf,
-        frobenius_norm_sq=fro,
-        frobenius_norm_sq_stderr=fro_err,
+        frobenius_norm_sq=frobenius[0],
+        frobenius_norm_sq_stderr=frobenius[1],
         weight_norm_l2=l2,
         weight_norm_linf=linf,
-        num_batches=num_batches,
+        num_batches=moments.num_batches,
         num_samples=int(sums["n"]),
-        curvature=curvature,
-        layer_norms=layer_weight_norms(model, params),
+        curvature=setting.curvature,
+        layer_norms=layer_weight_norms(setting.model, params),
     )

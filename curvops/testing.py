@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -368,37 +369,81 @@ def check_operator_contract(
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n,))
     X = rng.standard_normal((n, num_columns))
-    tol_x = rtol * norm * float(np.linalg.norm(x))
-    tol_X = rtol * norm * float(np.linalg.norm(X))
-    dtype = np.dtype(op.dtype)
+    ctx = _ContractCase(
+        A=A,
+        dtype=np.dtype(op.dtype),
+        rtol=rtol,
+        norm=norm,
+        x=x,
+        X=X,
+        tol_x=rtol * norm * float(np.linalg.norm(x)),
+        tol_X=rtol * norm * float(np.linalg.norm(X)),
+        rng=rng,
+    )
+    y = _check_numpy_products(op, ctx)
+    _check_torch_products(op, ctx, y)
+    _check_adjoint_and_flags(op, ctx)
+    _check_algebra(op, ctx)
 
+
+@dataclass
+class _ContractCase:
+    """The dense reference, test vectors and tolerances of :func:`check_operator_contract`."""
+
+    A: np.ndarray
+    dtype: np.dtype[Any]
+    rtol: float
+    norm: float
+    x: np.ndarray
+    X: np.ndarray
+    tol_x: float
+    tol_X: float
+    rng: np.random.Generator
+
+    @property
+    def n(self) -> int:
+        """The operator's size."""
+        return int(self.A.shape[0])
+
+
+def _check_numpy_products(op: Any, ctx: _ContractCase) -> np.ndarray:
+    """numpy ``matvec``/``@``/``matmat`` against the dense matrix; return ``op.matvec(x)``."""
+    A, x, X, dtype = ctx.A, ctx.x, ctx.X, ctx.dtype
     y = op.matvec(x.astype(dtype))
     if not isinstance(y, np.ndarray):
         raise AssertionError(f"operator contract: numpy matvec returned {type(y)}")
-    _check_close("matvec vs dense", y, A @ x, tol_x)
-    _check_close("@ vs dense", op @ x.astype(dtype), A @ x, tol_x)
+    _check_close("matvec vs dense", y, A @ x, ctx.tol_x)
+    _check_close("@ vs dense", op @ x.astype(dtype), A @ x, ctx.tol_x)
     Y = op.matmat(X.astype(dtype))
-    _check_close("matmat vs dense", Y, A @ X, tol_X)
-    for j in range(num_columns):
+    _check_close("matmat vs dense", Y, A @ X, ctx.tol_X)
+    for j in range(X.shape[1]):
         _check_close(
-            f"matvec of column {j} vs matmat", op.matvec(X[:, j].astype(dtype)), Y[:, j], tol_X
+            f"matvec of column {j} vs matmat", op.matvec(X[:, j].astype(dtype)), Y[:, j], ctx.tol_X
         )
+    return y
 
-    xt = torch.as_tensor(x, dtype=op.torch_dtype, device=op.device)
+
+def _check_torch_products(op: Any, ctx: _ContractCase, y: np.ndarray) -> None:
+    """Tensor in, tensor out on the operator's device and dtype, with the numpy path's values."""
+    xt = torch.as_tensor(ctx.x, dtype=op.torch_dtype, device=op.device)
     yt = op.matvec(xt)
     if not isinstance(yt, torch.Tensor) or yt.device != op.device or yt.dtype != op.torch_dtype:
         raise AssertionError("operator contract: torch matvec must return a tensor on the device")
-    _check_close("torch matvec vs numpy matvec", yt, np.asarray(y, dtype=np.float64), tol_x)
-    Yt = op.matmat(torch.as_tensor(X, dtype=op.torch_dtype, device=op.device))
-    _check_close("torch matmat vs dense", Yt, A @ X, tol_X)
+    _check_close("torch matvec vs numpy matvec", yt, np.asarray(y, dtype=np.float64), ctx.tol_x)
+    Yt = op.matmat(torch.as_tensor(ctx.X, dtype=op.torch_dtype, device=op.device))
+    _check_close("torch matmat vs dense", Yt, ctx.A @ ctx.X, ctx.tol_X)
 
-    u, v = X[:, 0], X[:, 1 % num_columns]
+
+def _check_adjoint_and_flags(op: Any, ctx: _ContractCase) -> None:
+    """The dot test, the symmetric and psd flags, and ``template_vector()``."""
+    A, X, dtype, n = ctx.A, ctx.X, ctx.dtype, ctx.n
+    rtol, norm = ctx.rtol, ctx.norm
+    u, v = X[:, 0], X[:, 1 % X.shape[1]]
     lhs = float(v @ np.asarray(op.matvec(u.astype(dtype)), dtype=np.float64))
     rhs = float(np.asarray(op.rmatvec(v.astype(dtype)), dtype=np.float64) @ u)
     dot_tol = rtol * norm * float(np.linalg.norm(u) * np.linalg.norm(v))
     if not abs(lhs - rhs) <= dot_tol:
         _fail("dot test", abs(lhs - rhs), dot_tol)
-
     if op.symmetric:
         if op.T is not op or op.H is not op or op.adjoint() is not op:
             raise AssertionError("operator contract: symmetric operator must be its own adjoint")
@@ -409,7 +454,6 @@ def check_operator_contract(
         lam_min = float(np.linalg.eigvalsh(0.5 * (A + A.T))[0])
         if not lam_min >= -rtol * norm:
             _fail("psd flag but negative eigenvalue", -lam_min, rtol * norm)
-
     t = op.template_vector()
     if not (
         isinstance(t, torch.Tensor)
@@ -419,6 +463,10 @@ def check_operator_contract(
     ):
         raise AssertionError("operator contract: template_vector has wrong shape/dtype/device")
 
+
+def _check_algebra(op: Any, ctx: _ContractCase) -> None:
+    """``2*A``, ``A + A``, ``A - A/2``, ``-A``, shift, damp, ``A @ A``, ``A ** 2``, deflation."""
+    A, x, dtype, n, norm = ctx.A, ctx.x, ctx.dtype, ctx.n, ctx.norm
     mu = 0.75 * norm
     cases: list[tuple[str, Any, np.ndarray, float]] = [
         ("2 * A", 2.0 * op, 2.0 * A, 2.0),
@@ -431,11 +479,11 @@ def check_operator_contract(
         ("A ** 2", op**2, A @ A, 2.0 * norm),
     ]
     if n > 2:
-        Q, _ = np.linalg.qr(rng.standard_normal((n, 2)))
+        Q, _ = np.linalg.qr(ctx.rng.standard_normal((n, 2)))
         P = np.eye(n) - Q @ Q.T
         cases.append(("A.deflate(V)", op.deflate(Q.astype(dtype)), P @ A @ P, 4.0))
     for name, combo, ref, factor in cases:
-        _check_close(f"{name} matvec", combo.matvec(x.astype(dtype)), ref @ x, factor * tol_x)
+        _check_close(f"{name} matvec", combo.matvec(x.astype(dtype)), ref @ x, factor * ctx.tol_x)
 
 
 def check_model_contract(op: Any, *, seed: int = 0, num_columns: int = 2) -> None:

@@ -560,25 +560,11 @@ def train_network(
     with seeded_global_rng(seed, run_device):
         start_epoch = restore_run(run, resume) if resume else 0
         stats = StatsFile(run.out_dir / STATS_FILE, config, _augmentation(data.train))
-        result = TrainingResult(
-            run.out_dir,
-            net,
-            opt,
-            stats.read(start_epoch) if resume else [],
-            stats_path=stats.path,
-            config=config,
-            swa_model=None if run.averager is None else run.averager.module,
-        )
+        result = _initial_result(run, stats, stats.read(start_epoch) if resume else [])
         run.tracker = _make_tracker(
-            track,
-            net,
-            loss_fn,
-            data.train_eval or data.train,
-            run.out_dir,
-            start_step=start_epoch * len(loaders.train),
-            optimizer=opt,
-            seed=seed,
-        )
+            track, net, loss_fn, data.train_eval or data.train, run.out_dir,
+            start_step=start_epoch * len(loaders.train), optimizer=opt, seed=seed,
+        )  # fmt: skip
         if start_epoch == 0 and not resume:
             stats.write([], _rows(run.tracker))
             _record_saved(result, save_run(run, 0))
@@ -972,6 +958,24 @@ def save_run(run: TrainingRun, epoch: int) -> tuple[Path, Path | None]:
         swa_path, averager.module, None, epoch, run.config, n_averaged=averager.n_averaged
     )
     return path, swa_path
+
+
+def _initial_result(
+    run: TrainingRun, stats: StatsFile, rows: list[dict[str, Any]]
+) -> TrainingResult:
+    """The run's result before the first epoch to come: its directory, model, optimiser, config.
+
+    ``rows`` are the statistics rows already written (a resumed run's), or none.
+    """
+    return TrainingResult(
+        run.out_dir,
+        run.model,
+        run.optimizer,
+        rows,
+        stats_path=stats.path,
+        config=run.config,
+        swa_model=None if run.averager is None else run.averager.module,
+    )
 
 
 def _record_saved(result: TrainingResult, saved: tuple[Path, Path | None]) -> None:

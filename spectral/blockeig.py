@@ -222,6 +222,39 @@ def block_eigenpairs(
     _validate(op, k, which, tol, guard)
     k, guard, n, xp = int(k), int(guard), op.n, op.xp
     width = min(k + guard, n)
+    max_basis, max_products, keep = _limits(n, k, width, max_basis, max_products, keep)
+    eps = _backend.finfo_eps(xp, op.dtype)
+    tol = max(float(tol), 100.0 * eps)
+    rng = as_generator(seed)
+    V = xp.zeros((0, n), dtype=op.dtype, device=op.device)
+    W = xp.zeros((0, n), dtype=op.dtype, device=op.device)
+    block = _orthonormal_rows(xp, V, _start_block(op, start, width, rng), eps)
+    products = 0
+    ritz: _Ritz | None = None
+    for step in range(1, max_products + 1):
+        if int(block.shape[0]) == 0:  # nothing new to add: continue with random directions
+            block = _orthonormal_rows(xp, V, _start_block(op, None, width, rng), eps)
+            if int(block.shape[0]) == 0:
+                break  # the basis spans everything reachable and still no convergence
+        AB = xp.permute_dims(op.matmat(xp.permute_dims(block, (1, 0))), (1, 0))
+        products += int(block.shape[0])
+        V = xp.concat([V, block], axis=0)
+        W = xp.concat([W, AB], axis=0)
+        anorm = 0.0 if ritz is None else ritz.anorm
+        ritz = _Ritz.of(xp, V, W, step, which=which, width=width, tol=tol, eps=eps, anorm=anorm)
+        if len(ritz.active) >= k and np.all(ritz.done[:k]):
+            logger.debug("block_eigenpairs: converged after %d blocks, %d products", step, products)
+            return ritz.result(xp, V, k, keep, products=products, blocks=step)
+        if products >= max_products:
+            break
+        V, W, block = ritz.next_block(xp, V, W, k, width, max_basis, eps)
+    raise _not_converged(ritz, k, tol, max_products)
+
+
+def _limits(
+    n: int, k: int, width: int, max_basis: Any, max_products: Any, keep: Any
+) -> tuple[Any, Any, Any]:
+    """``(max_basis, max_products, keep)`` with their defaults, checked against ``n`` and ``k``."""
     if max_basis is None:
         max_basis = min(n, max(4 * width, 24))
     if (
@@ -237,23 +270,53 @@ def block_eigenpairs(
     keep = width if keep is None else keep
     if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or not k <= keep <= n:
         raise argument_error("keep", f"an integer with k <= keep <= n = {n}", keep)
-    eps = _backend.finfo_eps(xp, op.dtype)
-    tol = max(float(tol), 100.0 * eps)
-    rng = as_generator(seed)
-    V = xp.zeros((0, n), dtype=op.dtype, device=op.device)
-    W = xp.zeros((0, n), dtype=op.dtype, device=op.device)
-    block = _orthonormal_rows(xp, V, _start_block(op, start, width, rng), eps)
-    products = 0
-    anorm = 0.0
-    for step in range(1, max_products + 1):
-        if int(block.shape[0]) == 0:  # nothing new to add: continue with random directions
-            block = _orthonormal_rows(xp, V, _start_block(op, None, width, rng), eps)
-            if int(block.shape[0]) == 0:
-                break  # the basis spans everything reachable and still no convergence
-        AB = xp.permute_dims(op.matmat(xp.permute_dims(block, (1, 0))), (1, 0))
-        products += int(block.shape[0])
-        V = xp.concat([V, block], axis=0)
-        W = xp.concat([W, AB], axis=0)
+    return max_basis, max_products, keep
+
+
+@dataclass
+class _Ritz:
+    """The Rayleigh-Ritz step on the basis ``V`` (rows) with ``W = A V``, and what it found.
+
+    ``theta``/``S``: eigenpairs of the projected (host, float64, symmetrised)
+    :math:`H = V A V^\\top`; ``order`` the Ritz values from the wanted end (``which``),
+    ``active`` its first ``width``; ``Y``/``R`` the active Ritz vectors and residuals
+    :math:`A y - \\theta y` (rows, in ``A``'s namespace); ``resid`` their norms,
+    ``threshold`` the convergence thresholds (module docstring), ``done`` which met
+    them; ``anorm`` the largest :math:`|\\theta|` seen so far.
+    """
+
+    theta: np.ndarray
+    S: np.ndarray
+    order: np.ndarray
+    active: np.ndarray
+    Y: Any
+    R: Any
+    resid: np.ndarray
+    threshold: np.ndarray
+    done: np.ndarray
+    anorm: float
+
+    @classmethod
+    def of(
+        cls,
+        xp: Any,
+        V: Any,
+        W: Any,
+        step: int,
+        *,
+        which: str,
+        width: int,
+        tol: float,
+        eps: float,
+        anorm: float,
+    ) -> _Ritz:
+        """Project, solve, and measure the residuals of the wanted Ritz pairs.
+
+        Raises
+        ------
+        NumericalError
+            The projected matrix holds NaN or Inf (a product did), naming ``step``.
+        """
         H = _backend.to_host_float64(V @ xp.permute_dims(W, (1, 0)))
         if not np.all(np.isfinite(H)):
             raise NumericalError(
@@ -272,31 +335,54 @@ def block_eigenpairs(
             tol * np.maximum(np.abs(theta[active]), eps ** (2.0 / 3.0) * anorm), 100.0 * eps * anorm
         )
         done = resid <= threshold
-        if len(active) >= k and np.all(done[:k]):
-            logger.debug("block_eigenpairs: converged after %d blocks, %d products", step, products)
-            return BlockEigenResult(
-                values=theta[active[:k]].copy(),
-                vectors=xp.permute_dims(Y[:k, :], (1, 0)),
-                residuals=resid[:k].copy(),
-                thresholds=threshold[:k].copy(),
-                subspace=xp.permute_dims(
-                    _backend.from_host(np.ascontiguousarray(S[:, order[:keep]].T), like=V) @ V,
-                    (1, 0),
-                ),
-                products=products,
-                blocks=step,
-            )
-        if products >= max_products:
-            break
+        return cls(theta, S, order, active, Y, R, resid, threshold, done, anorm)
+
+    def result(
+        self, xp: Any, V: Any, k: int, keep: int, *, products: int, blocks: int
+    ) -> BlockEigenResult:
+        """The converged ``k`` pairs, plus ``keep`` Ritz vectors as the warm-start subspace."""
+        active, S = self.active, self.S
+        return BlockEigenResult(
+            values=self.theta[active[:k]].copy(),
+            vectors=xp.permute_dims(self.Y[:k, :], (1, 0)),
+            residuals=self.resid[:k].copy(),
+            thresholds=self.threshold[:k].copy(),
+            subspace=xp.permute_dims(
+                _backend.from_host(np.ascontiguousarray(S[:, self.order[:keep]].T), like=V) @ V,
+                (1, 0),
+            ),
+            products=products,
+            blocks=blocks,
+        )
+
+    def next_block(
+        self, xp: Any, V: Any, W: Any, k: int, width: int, max_basis: int, eps: float
+    ) -> tuple[Any, Any, Any]:
+        """``(V, W, block)`` for the next step: the unconverged residuals, orthonormalised.
+
+        When the basis would outgrow ``max_basis``, it is first restarted with the
+        ``max(width, max_basis // 2)`` most wanted Ritz vectors.
+        """
+        active, done, order = self.active, self.done, self.order
         grow = [i for i in range(min(k, len(active))) if not done[i]]
         if int(V.shape[0]) + len(grow) > max_basis:  # restart with the most wanted Ritz vectors
             kept = order[: max(width, max_basis // 2)]
-            Sk = _backend.from_host(np.ascontiguousarray(S[:, kept].T), like=V)
+            Sk = _backend.from_host(np.ascontiguousarray(self.S[:, kept].T), like=V)
             V, W = Sk @ V, Sk @ W
+        R = self.R
         rows = xp.stack([R[i, :] for i in grow], axis=0) if grow else R[:0, :]
-        block = _orthonormal_rows(xp, V, rows, eps)
-    raise NumericalError(
-        f"block_eigenpairs: {int(np.sum(done[:k]))} of {k} eigenpairs converged to "
+        return V, W, _orthonormal_rows(xp, V, rows, eps)
+
+
+def _not_converged(ritz: _Ritz | None, k: int, tol: float, max_products: int) -> NumericalError:
+    """The error of a run that ended without ``k`` converged pairs (from the last Ritz step)."""
+    if ritz is None:
+        return NumericalError(
+            f"block_eigenpairs: no Ritz step was possible (the start block is empty); "
+            f"0 of {k} eigenpairs converged to tol={tol:.1e}"
+        )
+    return NumericalError(
+        f"block_eigenpairs: {int(np.sum(ritz.done[:k]))} of {k} eigenpairs converged to "
         f"tol={tol:.1e} within max_products={max_products} products (largest residual "
-        f"{float(np.max(resid[:k])):.3e}); increase max_products or max_basis"
+        f"{float(np.max(ritz.resid[:k])):.3e}); increase max_products or max_basis"
     )

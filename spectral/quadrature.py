@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,44 @@ def slq(
     """
     op = as_operator(A)
     explicit, host_probes = _explicit_probes(probes, op)
+    num_probes = _check_counts(op, num_iters, num_probes, probe, host_probes)
+    seed_description = resume.describe_seed(seed)  # before the generator is used
+    rng = as_generator(seed)
+    m = int(num_iters)
+    record = _ProbeRecord.empty(num_probes, m, eps=_backend.finfo_eps(op.xp, op.dtype), n=op.n)
+    state: resume.Checkpoint | None = None
+    every, first, pending = 0, 0, None
+    if checkpoint is not None:
+        every = resume.check_every(checkpoint_every)
+        config = _config(op, m, num_probes, probe, reorth, seed_description, host_probes)
+        state = resume.Checkpoint(checkpoint, kind="slq", config=config, operator=op)
+        first, pending = _restore(state, rng, record)
+    for k in range(first, num_probes):
+        rng_state = rng.bit_generator.state
+        v0 = (
+            random_probe(op.n, probe, rng, like=op.template)
+            if host_probes is None
+            else explicit[:, k]
+        )
+        hook = None
+        if state is not None:
+            initial = pending if k == first else None
+            hook = _probe_hook(state, every, initial, record, k, rng_state, op)
+        result = lanczos(op, m, v0=v0, reorth=reorth, store_basis=reorth != "none", checkpoint=hook)
+        record.add(k, result)
+        if state is not None:
+            state.save(*record.payload(k + 1, rng.bit_generator.state))
+    return record.density(probe_kind="explicit" if host_probes is not None else probe)
+
+
+def _check_counts(
+    op: Any, num_iters: Any, num_probes: Any, probe: Any, host_probes: np.ndarray | None
+) -> int:
+    """Validate ``num_iters``, ``num_probes`` and ``probe``; return the number of probes.
+
+    ``num_probes=None`` means one random probe, or as many as there are explicit
+    columns; with explicit probes a given ``num_probes`` must equal their count.
+    """
     if num_probes is None:
         num_probes = 1 if host_probes is None else host_probes.shape[1]
     if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)):
@@ -136,86 +175,128 @@ def slq(
         raise argument_error(
             "num_iters", f"an integer with 1 <= num_iters <= n = {op.n}", num_iters
         )
-    seed_description = resume.describe_seed(seed)  # before the generator is used
-    rng = as_generator(seed)
-    m = int(num_iters)
-    store_basis = reorth != "none"
-    probe_nodes = np.full((int(num_probes), m), np.nan)
-    probe_weights = np.full((int(num_probes), m), np.nan)
-    invariant = np.zeros(int(num_probes), dtype=bool)
-    tolerance = np.zeros(int(num_probes))
-    eps = _backend.finfo_eps(op.xp, op.dtype)
-    state: resume.Checkpoint | None = None
-    first, pending = 0, None
-    if checkpoint is not None:
-        every = resume.check_every(checkpoint_every)
-        config = {
-            "function": "slq",
-            "n": op.n,
-            "num_iters": m,
-            "num_probes": int(num_probes),
-            "probe": probe,
-            "reorth": reorth if isinstance(reorth, str) else int(reorth),
-            "seed": seed_description,
-        }
-        if host_probes is not None:
-            config["seed"] = "explicit"
-            config["probes"] = hashlib.sha256(host_probes.tobytes()).hexdigest()
-        state = resume.Checkpoint(checkpoint, kind="slq", config=config, operator=op)
-        first, pending = _restore(state, rng, probe_nodes, probe_weights, invariant, tolerance)
+    return int(num_probes)
 
-    def save_probes(index: int, rng_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        arrays = {
-            "probe_nodes": probe_nodes,
-            "probe_weights": probe_weights,
-            "probe_invariant": invariant,
-            "probe_tolerance": tolerance,
-        }
-        return arrays, {"probe_index": index, "rng_state": rng_state}
 
-    for k in range(first, int(num_probes)):
-        rng_state = rng.bit_generator.state
-        if host_probes is None:
-            v0 = random_probe(op.n, probe, rng, like=op.template)
-        else:
-            v0 = explicit[:, k]
-        hook = None
-        if state is not None:
-            hook = resume.LanczosHook(
-                state,
-                every,
-                initial=pending if k == first else None,
-                prefix="lz_",
-                extra=lambda k=k, s=rng_state: save_probes(k, s),  # type: ignore[misc]
-                storage=resume.storage_dtype(op.xp, op.dtype),
-            )
-        result = lanczos(op, m, v0=v0, reorth=reorth, store_basis=store_basis, checkpoint=hook)
+def _config(
+    op: Any,
+    m: int,
+    num_probes: int,
+    probe: str,
+    reorth: str | int,
+    seed_description: Any,
+    host_probes: np.ndarray | None,
+) -> dict[str, Any]:
+    """The arguments a state file must match to be resumed (explicit probes by their hash)."""
+    config = {
+        "function": "slq",
+        "n": op.n,
+        "num_iters": m,
+        "num_probes": num_probes,
+        "probe": probe,
+        "reorth": reorth if isinstance(reorth, str) else int(reorth),
+        "seed": seed_description,
+    }
+    if host_probes is not None:
+        config["seed"] = "explicit"
+        config["probes"] = hashlib.sha256(host_probes.tobytes()).hexdigest()
+    return config
+
+
+@dataclass
+class _ProbeRecord:
+    """What each probe's quadrature rule found: the rows of the ``(P, m)`` result arrays.
+
+    ``nodes``/``weights`` are NaN-padded after an early stop; ``invariant`` marks the
+    probes whose Krylov space became invariant (exact rules); ``tolerance`` is each
+    probe's node accuracy :math:`\\delta_k` (see :func:`slq`), computed with the
+    operator's machine epsilon ``eps`` and dimension ``n``.
+    """
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    invariant: np.ndarray
+    tolerance: np.ndarray
+    eps: float
+    n: int
+
+    @classmethod
+    def empty(cls, num_probes: int, m: int, *, eps: float, n: int) -> _ProbeRecord:
+        """Rows for ``num_probes`` probes of at most ``m`` nodes, none filled yet."""
+        return cls(
+            nodes=np.full((num_probes, m), np.nan),
+            weights=np.full((num_probes, m), np.nan),
+            invariant=np.zeros(num_probes, dtype=bool),
+            tolerance=np.zeros(num_probes),
+            eps=eps,
+            n=n,
+        )
+
+    def add(self, k: int, result: Any) -> None:
+        """Fill row ``k`` from probe ``k``'s :class:`spectral.LanczosResult`."""
         pairs = result.ritz()
         size = len(pairs)
-        probe_nodes[k, :size] = pairs.values
-        probe_weights[k, :size] = pairs.weights
-        invariant[k] = bool(result.breakdown)
-        rounding = 8.0 * (size + np.sqrt(op.n)) * eps * float(np.max(np.abs(pairs.values)))
-        tolerance[k] = max(rounding, float(result.residual_norm) if result.breakdown else 0.0)
+        self.nodes[k, :size] = pairs.values
+        self.weights[k, :size] = pairs.weights
+        self.invariant[k] = bool(result.breakdown)
+        rounding = 8.0 * (size + np.sqrt(self.n)) * self.eps * float(np.max(np.abs(pairs.values)))
+        stop = float(result.residual_norm) if result.breakdown else 0.0
+        self.tolerance[k] = max(rounding, stop)
         logger.debug(
             "slq: probe %d/%d: %d Ritz values in [%.4g, %.4g]%s",
             k + 1,
-            num_probes,
+            self.nodes.shape[0],
             size,
             pairs.values[0],
             pairs.values[-1],
             " (invariant Krylov space)" if result.breakdown else "",
         )
-        if state is not None:
-            state.save(*save_probes(k + 1, rng.bit_generator.state))
-    return SpectralDensity.from_probes(
-        probe_nodes,
-        probe_weights,
-        source="quadrature",
-        dimension=op.n,
-        probe_kind="explicit" if host_probes is not None else probe,
-        probe_invariant=invariant,
-        probe_tolerance=tolerance,
+
+    def payload(self, index: int, rng_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """State-file arrays and meta: the rows so far, the next probe and its generator state."""
+        arrays = {
+            "probe_nodes": self.nodes,
+            "probe_weights": self.weights,
+            "probe_invariant": self.invariant,
+            "probe_tolerance": self.tolerance,
+        }
+        return arrays, {"probe_index": index, "rng_state": rng_state}
+
+    def density(self, *, probe_kind: str) -> SpectralDensity:
+        """The pooled :class:`SpectralDensity` of the rows, with their provenance."""
+        return SpectralDensity.from_probes(
+            self.nodes,
+            self.weights,
+            source="quadrature",
+            dimension=self.n,
+            probe_kind=probe_kind,
+            probe_invariant=self.invariant,
+            probe_tolerance=self.tolerance,
+        )
+
+
+def _probe_hook(
+    state: resume.Checkpoint,
+    every: int,
+    initial: resume.LanczosState | None,
+    record: _ProbeRecord,
+    k: int,
+    rng_state: Any,
+    op: Any,
+) -> resume.LanczosHook:
+    """The Lanczos checkpoint hook of probe ``k``: its state plus the finished rows.
+
+    ``initial`` is the saved Lanczos state to resume probe ``k`` from (``None``:
+    start it afresh); ``rng_state`` the generator state at the start of probe ``k``,
+    saved so that a restart redraws the same probe.
+    """
+    return resume.LanczosHook(
+        state,
+        every,
+        initial=initial,
+        prefix="lz_",
+        extra=lambda: record.payload(k, rng_state),
+        storage=resume.storage_dtype(op.xp, op.dtype),
     )
 
 
@@ -241,12 +322,7 @@ def _explicit_probes(probes: Any, op: Any) -> tuple[Any, np.ndarray | None]:
 
 
 def _restore(
-    state: resume.Checkpoint,
-    rng: np.random.Generator,
-    probe_nodes: np.ndarray,
-    probe_weights: np.ndarray,
-    invariant: np.ndarray,
-    tolerance: np.ndarray,
+    state: resume.Checkpoint, rng: np.random.Generator, record: _ProbeRecord
 ) -> tuple[int, resume.LanczosState | None]:
     """Load ``state``: fill the finished probes, restore ``rng``; return (next probe, its state)."""
     saved = state.load()
@@ -254,15 +330,15 @@ def _restore(
         return 0, None
     try:
         first = int(saved.meta["probe_index"])
-        probe_nodes[:first] = saved.arrays["probe_nodes"][:first]
-        probe_weights[:first] = saved.arrays["probe_weights"][:first]
-        invariant[:first] = saved.arrays["probe_invariant"][:first]
-        tolerance[:first] = saved.arrays["probe_tolerance"][:first]
+        record.nodes[:first] = saved.arrays["probe_nodes"][:first]
+        record.weights[:first] = saved.arrays["probe_weights"][:first]
+        record.invariant[:first] = saved.arrays["probe_invariant"][:first]
+        record.tolerance[:first] = saved.arrays["probe_tolerance"][:first]
         rng.bit_generator.state = saved.meta["rng_state"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptFileError(f"State file '{state.path}' lacks the SLQ state ({exc}).") from exc
     pending = None
     if "lz_iteration" in saved.meta:
         pending = resume.LanczosState.from_payload(saved, "lz_", path=state.path)
-    logger.info("slq: resuming at probe %d of %d", first + 1, probe_nodes.shape[0])
+    logger.info("slq: resuming at probe %d of %d", first + 1, record.nodes.shape[0])
     return first, pending

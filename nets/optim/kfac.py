@@ -196,6 +196,60 @@ def _sample_targets(
     )
 
 
+def _check_arguments(
+    model: Any,
+    *,
+    lr: Any,
+    momentum: Any,
+    damping: Any,
+    weight_decay: Any,
+    stat_decay: Any,
+    kl_clip: Any,
+    fisher: Any,
+    damping_split: Any,
+    seed: Any,
+) -> None:
+    """:class:`KFAC`'s argument checks: ``TypeError``/``ValueError`` naming the bad one."""
+    if not isinstance(model, nn.Module):
+        raise argument_error(
+            "model", "an nn.Module (K-FAC needs the layers)", model, kind=TypeError
+        )
+    _number("lr", lr, strict=True)
+    _number("momentum", momentum)
+    _number("damping", damping, strict=True)
+    _number("weight_decay", weight_decay)
+    if not (isinstance(stat_decay, int | float) and 0.0 <= stat_decay < 1.0):
+        raise argument_error("stat_decay", "a number in [0, 1)", stat_decay)
+    if kl_clip is not None:
+        _number("kl_clip", kl_clip)
+    if fisher not in ("mc", "empirical"):
+        raise argument_error("fisher", "'mc' or 'empirical'", fisher)
+    if damping_split not in ("pi", "sqrt"):
+        raise argument_error("damping_split", "'pi' or 'sqrt'", damping_split)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise argument_error("seed", "an integer", seed, kind=TypeError)
+
+
+def _register_hooks(optimizer: KFAC, layers: list[nn.Module]) -> list[Any]:
+    """A forward hook on every layer that calls ``optimizer._forward_hook``.
+
+    The hooks hold the optimiser by a weak reference, so a dropped optimiser is
+    collected and its hooks then do nothing.
+    """
+    hooks = []
+    self_ref = weakref.ref(optimizer)
+    for module in layers:
+
+        def hook(
+            mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            opt = self_ref()
+            return None if opt is None else opt._forward_hook(mod, inputs, output)
+
+        hooks.append(module.register_forward_hook(hook))
+    return hooks
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC for the ``Linear`` and ``Conv2d`` layers of a model (see the module docstring).
 
@@ -262,24 +316,11 @@ class KFAC(torch.optim.Optimizer):
         damping_split: str = "pi",
         seed: int = 0,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise argument_error(
-                "model", "an nn.Module (K-FAC needs the layers)", model, kind=TypeError
-            )
-        _number("lr", lr, strict=True)
-        _number("momentum", momentum)
-        _number("damping", damping, strict=True)
-        _number("weight_decay", weight_decay)
-        if not (isinstance(stat_decay, int | float) and 0.0 <= stat_decay < 1.0):
-            raise argument_error("stat_decay", "a number in [0, 1)", stat_decay)
-        if kl_clip is not None:
-            _number("kl_clip", kl_clip)
-        if fisher not in ("mc", "empirical"):
-            raise argument_error("fisher", "'mc' or 'empirical'", fisher)
-        if damping_split not in ("pi", "sqrt"):
-            raise argument_error("damping_split", "'pi' or 'sqrt'", damping_split)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise argument_error("seed", "an integer", seed, kind=TypeError)
+        _check_arguments(
+            model, lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay,
+            stat_decay=stat_decay, kl_clip=kl_clip, fisher=fisher, damping_split=damping_split,
+            seed=seed,
+        )  # fmt: skip
         self._factor_freq = _positive_int("factor_update_freq", factor_update_freq)
         self._inv_freq = _positive_int("inv_update_freq", inv_update_freq)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -323,17 +364,7 @@ class KFAC(torch.optim.Optimizer):
         self._capture_mode: str | None = "plain"
         self._captured: dict[nn.Module, list[list[Any]]] = {}
         self._samples: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._hooks = []
-        self_ref = weakref.ref(self)
-        for module in self._layers:
-
-            def hook(
-                mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
-            ) -> torch.Tensor | None:
-                opt = self_ref()
-                return None if opt is None else opt._forward_hook(mod, inputs, output)
-
-            self._hooks.append(module.register_forward_hook(hook))
+        self._hooks = _register_hooks(self, self._layers)
 
     # -- capture ---------------------------------------------------------------------------
     def remove_hooks(self) -> None:

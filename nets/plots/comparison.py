@@ -149,16 +149,7 @@ def plot_spectrum_comparison(
         if s is not None
     ]
     diagonals = _diagonals(ggn_diagonal)
-    if bins is not None and (not isinstance(bins, int) or bins < 1):
-        raise argument_error("bins", "a positive integer", bins)
-    entries = np.concatenate([d[np.isfinite(d)] for d in diagonals.values()])
-    if entries.size == 0:
-        raise argument_error("ggn_diagonal", "at least one finite entry", ggn_diagonal)
-    nbins = bins or int(np.clip(np.sqrt(entries.size), 20, 80))
-    low, high = float(entries.min()), float(entries.max())
-    if high <= low:
-        low, high = low - 0.5, high + 0.5
-    edges = np.linspace(low, high, nbins + 1)
+    edges = _histogram_edges(diagonals, bins, ggn_diagonal)
     if axes is not None and len(axes) != 2:
         raise argument_error("axes", "two Axes (stems, histogram)", axes)
     with figure_style():
@@ -168,52 +159,14 @@ def plot_spectrum_comparison(
         else:
             stem_ax, hist_ax = axes
             fig = stem_ax.get_figure()  # type: ignore[assignment]
-        for s, label, color, marker in spectra:
-            stem_spectrum(
-                stem_ax,
-                s,
-                log_weights=log_scale,
-                color=color,
-                marker=marker,
-                label=f"{label} (m = {_m(s)})",
-            )
-        if spectra and log_scale:
-            positive = np.concatenate([s.weights[s.weights > 0] for s, *_ in spectra])
-            if positive.size:
-                stem_ax.set_ylim(bottom=float(positive.min()) / 2.0, top=1.5)
-        elif spectra:
-            stem_ax.set_ylim(bottom=0.0, top=1.05)
-        stem_ax.set_ylabel("weight (stems, sum to 1)")
-        stem_ax.set_xlabel("")  # the panels share the eigenvalue axis, labelled below
-        hist_colors = (PALETTE[2], PALETTE[4], PALETTE[3], PALETTE[5])
-        for i, (label, values) in enumerate(diagonals.items()):
-            hist_ax.hist(
-                values[np.isfinite(values)],
-                bins=edges.tolist(),
-                density=True,
-                log=log_scale,
-                facecolor=(hist_colors[i % len(hist_colors)], 0.35) if i == 0 else "none",
-                histtype="stepfilled" if i == 0 else "step",
-                linewidth=0.9,
-                edgecolor=hist_colors[i % len(hist_colors)],
-                label=f"{label} ({values.size:,} entries)",
-            )
-        if not log_scale:
-            hist_ax.set_ylim(bottom=0.0)
-        hist_ax.set_ylabel("density (histogram, area = 1)")
-        hist_ax.set_xlabel(r"eigenvalue $\lambda$ / diagonal entry")
+        _draw_stems(stem_ax, spectra, log_scale)
+        _draw_histograms(hist_ax, diagonals, edges, log_scale)
         for ax in (stem_ax, hist_ax):
             ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="upper right")
         if title is None:
-            runs = ", ".join(f"{label} m = {_m(s)}" for s, label, _, _ in spectra)
-            where = next(
-                (w for w in (source_label(s.config) for s, *_ in spectra) if w is not None), None
-            )
-            title = "Lanczos spectra vs diagonal GGN" + (f" ({runs})" if runs else "")
-            if where is not None:
-                title += f"\n{where}"
+            title = _comparison_title(spectra)
         if axes is None:
             fig.suptitle(title, fontsize=10)
         else:
@@ -225,3 +178,74 @@ def plot_spectrum_comparison(
     if save_path is not None:
         save_figure(fig, save_path)
     return fig
+
+
+_Stems = list[tuple[Spectrum, str, str, str]]  # (spectrum, label, colour, marker)
+
+
+def _histogram_edges(diagonals: dict[str, np.ndarray], bins: Any, source: Any) -> np.ndarray:
+    """Common bin edges over every finite diagonal entry (``bins`` or ``sqrt(n)`` in [20, 80])."""
+    if bins is not None and (not isinstance(bins, int) or bins < 1):
+        raise argument_error("bins", "a positive integer", bins)
+    entries = np.concatenate([d[np.isfinite(d)] for d in diagonals.values()])
+    if entries.size == 0:
+        raise argument_error("ggn_diagonal", "at least one finite entry", source)
+    nbins = bins or int(np.clip(np.sqrt(entries.size), 20, 80))
+    low, high = float(entries.min()), float(entries.max())
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    return np.linspace(low, high, nbins + 1)
+
+
+def _draw_stems(stem_ax: Axes, spectra: _Stems, log_scale: bool) -> None:
+    """The Lanczos spectra as stems (weights sum to one) in the upper panel."""
+    for s, label, color, marker in spectra:
+        stem_spectrum(
+            stem_ax,
+            s,
+            log_weights=log_scale,
+            color=color,
+            marker=marker,
+            label=f"{label} (m = {_m(s)})",
+        )
+    if spectra and log_scale:
+        positive = np.concatenate([s.weights[s.weights > 0] for s, *_ in spectra])
+        if positive.size:
+            stem_ax.set_ylim(bottom=float(positive.min()) / 2.0, top=1.5)
+    elif spectra:
+        stem_ax.set_ylim(bottom=0.0, top=1.05)
+    stem_ax.set_ylabel("weight (stems, sum to 1)")
+    stem_ax.set_xlabel("")  # the panels share the eigenvalue axis, labelled below
+
+
+def _draw_histograms(
+    hist_ax: Axes, diagonals: dict[str, np.ndarray], edges: np.ndarray, log_scale: bool
+) -> None:
+    """The diagonals as density histograms (area one) on common ``edges``, first one filled."""
+    hist_colors = (PALETTE[2], PALETTE[4], PALETTE[3], PALETTE[5])
+    for i, (label, values) in enumerate(diagonals.items()):
+        hist_ax.hist(
+            values[np.isfinite(values)],
+            bins=edges.tolist(),
+            density=True,
+            log=log_scale,
+            facecolor=(hist_colors[i % len(hist_colors)], 0.35) if i == 0 else "none",
+            histtype="stepfilled" if i == 0 else "step",
+            linewidth=0.9,
+            edgecolor=hist_colors[i % len(hist_colors)],
+            label=f"{label} ({values.size:,} entries)",
+        )
+    if not log_scale:
+        hist_ax.set_ylim(bottom=0.0)
+    hist_ax.set_ylabel("density (histogram, area = 1)")
+    hist_ax.set_xlabel(r"eigenvalue $\lambda$ / diagonal entry")
+
+
+def _comparison_title(spectra: _Stems) -> str:
+    """The default title: the runs' Lanczos steps and, when recorded, where they come from."""
+    runs = ", ".join(f"{label} m = {_m(s)}" for s, label, _, _ in spectra)
+    where = next((w for w in (source_label(s.config) for s, *_ in spectra) if w is not None), None)
+    title = "Lanczos spectra vs diagonal GGN" + (f" ({runs})" if runs else "")
+    if where is not None:
+        title += f"\n{where}"
+    return title

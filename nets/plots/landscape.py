@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -252,7 +253,58 @@ def plot_loss_landscape(
     if metric not in _METRICS:
         raise argument_error("metric", f"one of {_METRICS}", metric)
     arrays = load_landscape(path)
-    t = arrays["t"]
+    panels = _panels(arrays, metric, directions, planes, curves)
+    config = _config(arrays)
+    norms = sorted(set((config.get("direction_normalisation") or {}).values()))
+    units = f"directions: {'; '.join(norms)}" if norms else "direction normalisation not recorded"
+    xlabel = f"perturbation $t$ ({units})"
+    if title is None:
+        title = _default_title(config)
+    rows, plane_names = panels.rows, panels.plane_names
+    nrows = len(rows) + len(plane_names)
+    with figure_style():
+        fig, axes = new_subplots(nrows, 2, (8.0, 3.0 * len(rows) + 3.4 * len(plane_names)))
+        _draw_curve_rows(fig, axes, arrays, panels, xlabel)
+        for p, plane in enumerate(plane_names):
+            _draw_plane_row(fig, axes[len(rows) + p], arrays, panels, p, plane)
+        fig.suptitle(title, fontsize=10)
+    if save_path is not None:
+        save_figure(fig, save_path)
+    return fig
+
+
+@dataclass
+class _Panels:
+    """What :func:`plot_loss_landscape` draws: the chosen directions, metric rows and planes.
+
+    ``idx`` are the chosen directions, ``names``/``values`` those of every direction in
+    the file (values NaN when not recorded), ``labels`` the chosen ones' legend labels,
+    ``rows`` the metrics with a row of curves (``"loss"``, ``"acc"``) and
+    ``plane_names`` the planes with a row of contours.
+    """
+
+    idx: list[int]
+    names: list[str]
+    values: np.ndarray
+    labels: list[str]
+    rows: list[str]
+    plane_names: list[str]
+
+    def value_label(self, name: str) -> str:
+        """A direction's axis label with its value when it is one of the file's directions."""
+        if name in self.names:
+            return direction_label(name, float(self.values[self.names.index(name)]))
+        return name
+
+
+def _panels(
+    arrays: dict[str, np.ndarray],
+    metric: str,
+    directions: Sequence[int] | None,
+    planes: bool,
+    curves: bool,
+) -> _Panels:
+    """Check the selection against the file and return the :class:`_Panels` to draw."""
     d = arrays["train_loss"].shape[0]
     idx = list(range(d)) if directions is None else [int(i) for i in directions]
     if not idx or any(i < 0 or i >= d for i in idx):
@@ -274,66 +326,58 @@ def plot_loss_landscape(
         if not plane_names:
             raise argument_error("curves", "True when the file holds no plane", curves)
         rows = []
-    config = _config(arrays)
+    return _Panels(idx, names, values, labels, rows, plane_names)
+
+
+def _draw_curve_rows(
+    fig: Figure, axes: np.ndarray, arrays: dict[str, np.ndarray], panels: _Panels, xlabel: str
+) -> None:
+    """One row per metric: train and test curves along the chosen directions, one legend."""
+    t = arrays["t"]
     origin = np.flatnonzero(t == 0.0)
-    norms = sorted(set((config.get("direction_normalisation") or {}).values()))
-    units = f"directions: {'; '.join(norms)}" if norms else "direction normalisation not recorded"
-    xlabel = f"perturbation $t$ ({units})"
-    if title is None:
-        title = _default_title(config)
-    nrows = len(rows) + len(plane_names)
-    with figure_style():
-        fig, axes = new_subplots(nrows, 2, (8.0, 3.0 * len(rows) + 3.4 * len(plane_names)))
-        for r, m in enumerate(rows):
-            for c, split in enumerate(("train", "test")):
-                ax = axes[r, c]
-                key = f"{split}_{m}"
-                if key not in arrays:
-                    ax.set_axis_off()
-                    continue
-                selected = arrays[key][idx]
-                at_zero = None  # every curve passes through the checkpoint at t = 0
-                if origin.size:
-                    at_zero = float(np.asarray(arrays[key], dtype=np.float64)[0, origin[0]])
-                _draw_curves(ax, t, selected, labels, at_zero, xlabel)
-                ax.set_ylabel("loss" if m == "loss" else "accuracy (%)")
-                ax.set_title(f"{split.capitalize()} {'loss' if m == 'loss' else 'accuracy'}")
-        handles, legend_labels = axes[0, 0].get_legend_handles_labels()
-        if handles and rows:
-            fig.legend(
-                handles,
-                legend_labels,
-                loc="outside lower center",
-                ncols=min(len(handles), 3),
-            )
+    for r, m in enumerate(panels.rows):
+        for c, split in enumerate(("train", "test")):
+            ax = axes[r, c]
+            key = f"{split}_{m}"
+            if key not in arrays:
+                ax.set_axis_off()
+                continue
+            selected = arrays[key][panels.idx]
+            at_zero = None  # every curve passes through the checkpoint at t = 0
+            if origin.size:
+                at_zero = float(np.asarray(arrays[key], dtype=np.float64)[0, origin[0]])
+            _draw_curves(ax, t, selected, panels.labels, at_zero, xlabel)
+            ax.set_ylabel("loss" if m == "loss" else "accuracy (%)")
+            ax.set_title(f"{split.capitalize()} {'loss' if m == 'loss' else 'accuracy'}")
+    handles, legend_labels = axes[0, 0].get_legend_handles_labels()
+    if handles and panels.rows:
+        fig.legend(
+            handles,
+            legend_labels,
+            loc="outside lower center",
+            ncols=min(len(handles), 3),
+        )
 
-        def value_label(name: str) -> str:
-            if name in names:
-                return direction_label(name, float(values[names.index(name)]))
-            return name
 
-        for p, plane in enumerate(plane_names):
-            pair = tuple(plane.split("|", 1)) if "|" in plane else (plane, plane)
-            splits = [s for s in ("train", "test") if f"plane_{s}_loss" in arrays]
-            panels = [np.asarray(arrays[f"plane_{s}_loss"], dtype=np.float64)[p] for s in splits]
-            use_log, levels = _plane_scale(panels)
-            row = axes[len(rows) + p]
-            filled = None
-            for c, split in enumerate(("train", "test")):
-                if split not in splits:
-                    row[c].set_axis_off()
-                    continue
-                axis_names = (value_label(pair[0]), value_label(pair[-1]))
-                filled = _draw_plane(
-                    row[c], t, panels[splits.index(split)], axis_names, use_log, levels
-                )
-                row[c].set_title(f"{split.capitalize()} loss over the plane (star: checkpoint)")
-            if filled is not None:
-                bar = fig.colorbar(filled, ax=list(row), shrink=0.9)
-                if use_log:
-                    _log_ticks(bar, levels)
-                bar.set_label("loss (log scale)" if use_log else "loss")
-        fig.suptitle(title, fontsize=10)
-    if save_path is not None:
-        save_figure(fig, save_path)
-    return fig
+def _draw_plane_row(
+    fig: Figure, row: Any, arrays: dict[str, np.ndarray], panels: _Panels, p: int, plane: str
+) -> None:
+    """Plane ``p``'s train and test loss contours in ``row``, with one shared colour bar."""
+    t = arrays["t"]
+    pair = tuple(plane.split("|", 1)) if "|" in plane else (plane, plane)
+    splits = [s for s in ("train", "test") if f"plane_{s}_loss" in arrays]
+    surfaces = [np.asarray(arrays[f"plane_{s}_loss"], dtype=np.float64)[p] for s in splits]
+    use_log, levels = _plane_scale(surfaces)
+    filled = None
+    for c, split in enumerate(("train", "test")):
+        if split not in splits:
+            row[c].set_axis_off()
+            continue
+        axis_names = (panels.value_label(pair[0]), panels.value_label(pair[-1]))
+        filled = _draw_plane(row[c], t, surfaces[splits.index(split)], axis_names, use_log, levels)
+        row[c].set_title(f"{split.capitalize()} loss over the plane (star: checkpoint)")
+    if filled is not None:
+        bar = fig.colorbar(filled, ax=list(row), shrink=0.9)
+        if use_log:
+            _log_ticks(bar, levels)
+        bar.set_label("loss (log scale)" if use_log else "loss")

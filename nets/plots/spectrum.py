@@ -335,36 +335,10 @@ def plot_spectrum(
     >>> type(fig).__name__
     'Figure'
     """
-    if isinstance(kind_or_path, str) and kind_or_path.lower() in _KINDS:
-        kind = kind_or_path.lower()
-        if path is None:
-            raise argument_error(
-                "path", f"the spectrum to plot when the kind is given ({kind!r})", None
-            )
-        source = path
-    else:
-        if path is not None:
-            raise argument_error(
-                "kind_or_path", f"one of {_KINDS} when 'path' is given", kind_or_path
-            )
-        kind, source = "lanczos", kind_or_path
+    kind, source = _kind_and_source(kind_or_path, path)
     smoothing = smooth is not None and smooth is not False
     with figure_style():
-        density_ax: Axes | None = None
-        if ax is None and kind == "lanczos" and smoothing:
-            fig, axes = new_subplots(2, 1, (5.2, 5.2), sharex=True)
-            ax, density_ax = axes[0, 0], axes[1, 0]
-        elif ax is None:
-            fig, ax = new_figure((5.2, 3.3))
-        else:
-            if smoothing and kind == "lanczos":
-                raise argument_error(
-                    "smooth",
-                    "None when 'ax' is given (the smoothed density is drawn in a panel "
-                    "of its own, under the stems)",
-                    smooth,
-                )
-            fig = ax.get_figure()  # type: ignore[assignment]
+        fig, ax, density_ax = _spectrum_axes(ax, kind, smoothing, smooth)
         if kind == "diag":
             _plot_diag(source, ax, log_weights=log_weights, color=color)
         else:
@@ -382,48 +356,101 @@ def plot_spectrum(
             ax.set_title(title if title is not None else _title(s))
             if density_ax is not None:
                 ax.set_xlabel("")
-                sigma = _smooth_sigma(s, True if smooth is None else smooth)
-                grid, density, kernel = _smoothed(s, sigma)
-                density_ax.plot(
-                    grid,
-                    density,
-                    color=PALETTE[1],
-                    linewidth=1.3,
-                    label=rf"smoothed density ({kernel}, $\sigma$ = {sigma:.2g})",
-                )
-                density_ax.fill_between(grid, density, color=PALETTE[1], alpha=0.12, linewidth=0)
-                density_ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
-                density_ax.set_ylabel("density (area = 1)")
-                density_ax.set_xlabel(r"eigenvalue $\lambda$")
-                density_ax.set_ylim(bottom=0.0, top=float(density.max()) * 1.2)
-                density_ax.legend(loc="upper right")
+                _draw_smoothed(density_ax, s, True if smooth is None else smooth)
             if show_stats:
-                ax.text(
-                    0.98,
-                    0.97,
-                    _stats_text(s),
-                    transform=ax.transAxes,
-                    ha="right",
-                    va="top",
-                    multialignment="left",
-                    fontsize=7.5,
-                    zorder=5,
-                    bbox={
-                        "boxstyle": "round,pad=0.4",
-                        "facecolor": "white",
-                        "edgecolor": "0.7",
-                        "alpha": 0.92,
-                    },
-                )
+                _draw_stats_box(ax, s)
             if label is not None:
                 ax.legend(loc="center right" if show_stats else "best")
-            peak = max(float(s.weights.max()), 1e-300)
-            if log_weights:
-                positive = s.weights[s.weights > 0]
-                floor = float(positive.min()) / 2.0 if positive.size else 1e-16
-                ax.set_ylim(bottom=floor, top=peak * 4.0)
-            else:
-                ax.set_ylim(bottom=0.0, top=peak * 1.35)
+            _weight_limits(ax, s, log_weights)
     if save_path is not None:
         save_figure(fig, save_path)
     return fig
+
+
+def _kind_and_source(kind_or_path: Any, path: Any) -> tuple[str, Any]:
+    """``(kind, spectrum source)`` from :func:`plot_spectrum`'s first two arguments."""
+    if isinstance(kind_or_path, str) and kind_or_path.lower() in _KINDS:
+        kind = kind_or_path.lower()
+        if path is None:
+            raise argument_error(
+                "path", f"the spectrum to plot when the kind is given ({kind!r})", None
+            )
+        return kind, path
+    if path is not None:
+        raise argument_error("kind_or_path", f"one of {_KINDS} when 'path' is given", kind_or_path)
+    return "lanczos", kind_or_path
+
+
+def _spectrum_axes(
+    ax: Axes | None, kind: str, smoothing: bool, smooth: Any
+) -> tuple[Figure, Axes, Axes | None]:
+    """``(figure, stem axes, density axes or None)``: new panels, or the caller's ``ax``.
+
+    A smoothed Lanczos spectrum gets a second panel under the stems; with a given
+    ``ax`` there is no room for it, so ``smooth`` is refused there.
+    """
+    if ax is None and kind == "lanczos" and smoothing:
+        fig, axes = new_subplots(2, 1, (5.2, 5.2), sharex=True)
+        return fig, axes[0, 0], axes[1, 0]
+    if ax is None:
+        fig, ax = new_figure((5.2, 3.3))
+        return fig, ax, None
+    if smoothing and kind == "lanczos":
+        raise argument_error(
+            "smooth",
+            "None when 'ax' is given (the smoothed density is drawn in a panel "
+            "of its own, under the stems)",
+            smooth,
+        )
+    return ax.get_figure(), ax, None  # type: ignore[return-value]
+
+
+def _draw_smoothed(density_ax: Axes, s: Spectrum, smooth: float | bool) -> None:
+    """The smoothed density of ``s`` (kernel width from ``smooth``) in ``density_ax``."""
+    sigma = _smooth_sigma(s, smooth)
+    grid, density, kernel = _smoothed(s, sigma)
+    density_ax.plot(
+        grid,
+        density,
+        color=PALETTE[1],
+        linewidth=1.3,
+        label=rf"smoothed density ({kernel}, $\sigma$ = {sigma:.2g})",
+    )
+    density_ax.fill_between(grid, density, color=PALETTE[1], alpha=0.12, linewidth=0)
+    density_ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--", zorder=0)
+    density_ax.set_ylabel("density (area = 1)")
+    density_ax.set_xlabel(r"eigenvalue $\lambda$")
+    density_ax.set_ylim(bottom=0.0, top=float(density.max()) * 1.2)
+    density_ax.legend(loc="upper right")
+
+
+def _draw_stats_box(ax: Axes, s: Spectrum) -> None:
+    """The text box of the spectrum's key numbers, top right of ``ax``."""
+    ax.text(
+        0.98,
+        0.97,
+        _stats_text(s),
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        multialignment="left",
+        fontsize=7.5,
+        zorder=5,
+        bbox={
+            "boxstyle": "round,pad=0.4",
+            "facecolor": "white",
+            "edgecolor": "0.7",
+            "alpha": 0.92,
+        },
+    )
+
+
+def _weight_limits(ax: Axes, s: Spectrum, log_weights: bool) -> None:
+    """Weight-axis limits: from half the smallest positive weight (log) or 0 to above the peak."""
+    peak = max(float(s.weights.max()), 1e-300)
+    if log_weights:
+        positive = s.weights[s.weights > 0]
+        floor = float(positive.min()) / 2.0 if positive.size else 1e-16
+        ax.set_ylim(bottom=floor, top=peak * 4.0)
+    else:
+        ax.set_ylim(bottom=0.0, top=peak * 1.35)

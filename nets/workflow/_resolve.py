@@ -511,8 +511,6 @@ def resolve_model(
     model is in eval mode.
     """
     from nets.checkpoint import load_checkpoint, load_model_state
-    from nets.device import resolve_device
-    from nets.models import canonical_model_name, get_model, model_spec
 
     ckpt = None
     if checkpoint_path is not None:
@@ -525,52 +523,9 @@ def resolve_model(
         from curvops.distributed import unwrap_model
 
         model = unwrap_model(model)  # a DistributedDataParallel wrapper: use its module
-        auto = device is None or (isinstance(device, str) and device.lower() == "auto")
-        target = _model_device(model) if auto else resolve_device(device)
-        must_copy = copy_module or ckpt is not None or target != _model_device(model)
-        work = copy.deepcopy(model) if must_copy else model
-        spec = model_spec(model) or {}
-        name = spec.get("model") or type(model).__name__
+        work, name, target = _working_copy(model, device, copy_module or ckpt is not None)
     elif model is None or isinstance(model, str):
-        target = resolve_device(device)
-        if model is None and ckpt is None:
-            raise argument_error(
-                "model",
-                "a model name or nn.Module (or a checkpoint_path whose config names one)",
-                None,
-            )
-        name = canonical_model_name(model) if isinstance(model, str) else None
-        saved = config.get("model")
-        if name is not None and isinstance(saved, str) and canonical_model_name(saved) != name:
-            raise argument_error(
-                "checkpoint_path", f"a checkpoint of a {name} model", f"{checkpoint_path} ({saved})"
-            )
-        if isinstance(saved, str):
-            name = canonical_model_name(saved)
-            work = get_model(
-                name,
-                num_classes=int(config.get("num_classes", 10)),
-                in_channels=int(config.get("in_channels", 3)),
-                input_size=int(config.get("input_size", 32)),
-                seed=int(config.get("model_seed", seed)),
-                **dict(config.get("model_kwargs") or {}),
-            )
-        elif name is not None:
-            num_classes = _infer_num_classes(data) if data is not None else 10
-            in_channels, input_size = _infer_shape(data) if data is not None else (3, 32)
-            work = get_model(
-                name,
-                num_classes=num_classes,
-                in_channels=in_channels,
-                input_size=input_size,
-                seed=seed,
-            )
-        else:
-            raise argument_error(
-                "model",
-                "a model name or nn.Module (the checkpoint's config names no registered model)",
-                None,
-            )
+        work, name, target = _built_model(model, ckpt, config, data, checkpoint_path, seed, device)
     else:
         raise argument_error("model", "a model name, an nn.Module or None", model, kind=TypeError)
     if ckpt is not None:
@@ -586,3 +541,84 @@ def resolve_model(
         epoch=None if epoch is None else int(epoch),
         config=config,
     )
+
+
+def _working_copy(
+    model: nn.Module, device: Any, must_copy: bool
+) -> tuple[nn.Module, str, torch.device]:
+    """``(working model, name, target device)`` for a given module.
+
+    ``device='auto'`` (or ``None``) keeps the module's own device; the module is
+    deep-copied when ``must_copy`` (a copy was asked for, or weights will be loaded)
+    or it must move, so the caller's module is never changed.
+    """
+    from nets.device import resolve_device
+    from nets.models import model_spec
+
+    auto = device is None or (isinstance(device, str) and device.lower() == "auto")
+    target = _model_device(model) if auto else resolve_device(device)
+    must_copy = must_copy or target != _model_device(model)
+    work = copy.deepcopy(model) if must_copy else model
+    spec = model_spec(model) or {}
+    name = spec.get("model") or type(model).__name__
+    return work, name, target
+
+
+def _built_model(
+    model: str | None,
+    ckpt: dict[str, Any] | None,
+    config: dict[str, Any],
+    data: Any,
+    checkpoint_path: Any,
+    seed: int,
+    device: Any,
+) -> tuple[nn.Module, str, torch.device]:
+    """``(new model, name, target device)`` from a name and/or a checkpoint's config.
+
+    A checkpoint's config (which must name the same architecture as ``model``)
+    decides the constructor arguments; without one the data's classes and shape do,
+    with ``seed``.
+    """
+    from nets.device import resolve_device
+    from nets.models import canonical_model_name, get_model
+
+    target = resolve_device(device)
+    if model is None and ckpt is None:
+        raise argument_error(
+            "model",
+            "a model name or nn.Module (or a checkpoint_path whose config names one)",
+            None,
+        )
+    name = canonical_model_name(model) if isinstance(model, str) else None
+    saved = config.get("model")
+    if name is not None and isinstance(saved, str) and canonical_model_name(saved) != name:
+        raise argument_error(
+            "checkpoint_path", f"a checkpoint of a {name} model", f"{checkpoint_path} ({saved})"
+        )
+    if isinstance(saved, str):
+        name = canonical_model_name(saved)
+        work = get_model(
+            name,
+            num_classes=int(config.get("num_classes", 10)),
+            in_channels=int(config.get("in_channels", 3)),
+            input_size=int(config.get("input_size", 32)),
+            seed=int(config.get("model_seed", seed)),
+            **dict(config.get("model_kwargs") or {}),
+        )
+    elif name is not None:
+        num_classes = _infer_num_classes(data) if data is not None else 10
+        in_channels, input_size = _infer_shape(data) if data is not None else (3, 32)
+        work = get_model(
+            name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            input_size=input_size,
+            seed=seed,
+        )
+    else:
+        raise argument_error(
+            "model",
+            "a model name or nn.Module (the checkpoint's config names no registered model)",
+            None,
+        )
+    return work, name, target

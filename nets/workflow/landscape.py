@@ -364,6 +364,81 @@ def _collect_directions(
     return space, chosen
 
 
+@dataclass(frozen=True)
+class _LandscapeSettings:
+    """The landscape's settings, as :func:`build_loss_landscape` received them (checked).
+
+    One place for the two records of them: the resumable state's configuration
+    (which a restarted run must match) and the result's ``config``.  ``t`` is the
+    grid of :func:`landscape_grid` built from ``dist`` and ``n_points``.
+    """
+
+    t: np.ndarray
+    dist: float
+    n_points: int
+    spectrum_path: PathLike | None
+    refresh_bn: bool
+    subsample: int | float | None
+    batch_size: int
+    seed: int
+
+    def state_config(
+        self,
+        dataset: Any,
+        data_path: PathLike | None,
+        model: Any,
+        checkpoint_path: PathLike | None,
+        *,
+        fingerprint: str,
+        chosen: list[Any],
+        plane_pairs: list[Any],
+        loss: Any,
+    ) -> dict[str, Any]:
+        """What a resumable state must match to be resumed (file digests, fingerprint, settings)."""
+        return {
+            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "model": model if model is None or isinstance(model, str) else "module",
+            "model_fingerprint": fingerprint,
+            "checkpoint": file_digest(checkpoint_path),
+            "t": self.t.tolist(),
+            "directions": [[d.name, describe_value(d.vector)] for d in chosen],
+            "planes": [list(pair) for pair in plane_pairs],
+            "refresh_bn": self.refresh_bn,
+            "subsample": self.subsample,
+            "batch_size": int(self.batch_size),
+            "seed": int(self.seed),
+            "loss": describe_value(loss),
+        }
+
+    def output_config(
+        self, resolved: Any, data: Any, data_path: PathLike | None, chosen: list[Any], loss: Any
+    ) -> dict[str, Any]:
+        """The result's ``config``: the run's settings, model, checkpoint, data and directions."""
+        spectrum_path = self.spectrum_path
+        return {
+            "function": "build_loss_landscape",
+            "model": resolved.name,
+            "dataset": data.name,
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "checkpoint": resolved.checkpoint_path,
+            "epoch": resolved.epoch,
+            "spectrum_path": None if spectrum_path is None else os.fspath(spectrum_path),
+            "dist": float(self.dist),
+            "n_points": int(self.n_points),
+            "directions": [d.name for d in chosen],
+            "refresh_bn": self.refresh_bn,
+            "subsample": self.subsample,
+            "batch_size": int(self.batch_size),
+            "seed": int(self.seed),
+            "device": str(next(iter(resolved.model.parameters())).device),
+            "loss": type(loss).__name__,
+            "accuracy_unit": "percent",
+            "definitions": landscape_definitions(self.subsample, self.refresh_bn),
+            "direction_normalisation": {d.name: direction_normalisation(d.name) for d in chosen},
+        }
+
+
 def build_loss_landscape(
     dataset: Any = "digits",
     data_path: PathLike | None = None,
@@ -467,6 +542,9 @@ def build_loss_landscape(
     check_int("seed", seed, 0)
     if not isinstance(refresh_bn, bool):
         raise argument_error("refresh_bn", "a bool", refresh_bn, kind=TypeError)
+    settings = _LandscapeSettings(
+        t, dist, n_points, spectrum_path, refresh_bn, subsample, batch_size, seed
+    )
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
@@ -488,47 +566,17 @@ def build_loss_landscape(
         state = open_state(
             state_path,
             "build_loss_landscape",
-            {
-                "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
-                "data_path": None if data_path is None else os.fspath(data_path),
-                "model": model if model is None or isinstance(model, str) else "module",
-                "model_fingerprint": model_fingerprint(work, space.names),
-                "checkpoint": file_digest(checkpoint_path),
-                "t": t.tolist(),
-                "directions": [[d.name, describe_value(d.vector)] for d in chosen],
-                "planes": [list(pair) for pair in plane_pairs],
-                "refresh_bn": refresh_bn,
-                "subsample": subsample,
-                "batch_size": int(batch_size),
-                "seed": int(seed),
-                "loss": describe_value(loss),
-            },
-        )
+            settings.state_config(
+                dataset, data_path, model, checkpoint_path,
+                fingerprint=model_fingerprint(work, space.names), chosen=chosen,
+                plane_pairs=plane_pairs, loss=loss,
+            ),
+        )  # fmt: skip
         result = _sweep(
             work, space, chosen, plane_pairs, t, train_loader, test_loader, loss, refresh_bn,
             progress and is_writer(group), state, group,
         )  # fmt: skip
-    config = {
-        "function": "build_loss_landscape",
-        "model": resolved.name,
-        "dataset": data.name,
-        "data_path": None if data_path is None else os.fspath(data_path),
-        "checkpoint": resolved.checkpoint_path,
-        "epoch": resolved.epoch,
-        "spectrum_path": None if spectrum_path is None else os.fspath(spectrum_path),
-        "dist": float(dist),
-        "n_points": int(n_points),
-        "directions": [d.name for d in chosen],
-        "refresh_bn": refresh_bn,
-        "subsample": subsample,
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "device": str(next(iter(work.parameters())).device),
-        "loss": type(loss).__name__,
-        "accuracy_unit": "percent",
-        "definitions": landscape_definitions(subsample, refresh_bn),
-        "direction_normalisation": {d.name: direction_normalisation(d.name) for d in chosen},
-    }
+    config = settings.output_config(resolved, data, data_path, chosen, loss)
     result.config = config
     result.model_fingerprint = model_fingerprint(work, space.names)
     if save_path is not None:

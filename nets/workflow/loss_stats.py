@@ -135,6 +135,73 @@ def stats_definitions(
     }
 
 
+@dataclass(frozen=True)
+class _StatsSettings:
+    """The statistics' settings, as :func:`compute_loss_stats` received them (checked).
+
+    One place for the two records of them: the resumable state's configuration
+    (which a restarted run must match) and the output file's ``config_json``.
+    """
+
+    curvature: str
+    bn_mode: str | None
+    batch_size: int
+    params: Any
+    subsample: int | float | None
+    frobenius_probes: int
+    direction: Any
+    seed: int
+
+    def state_config(
+        self, dataset: Any, data_path: PathLike | None, model: Any, paths: list[Any], loss: Any
+    ) -> dict[str, Any]:
+        """What a state file must match to be resumed (checkpoints by their digest)."""
+        return {
+            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "model": describe_model(model),
+            "checkpoints": [file_digest(p) for p in paths],
+            "batch_size": int(self.batch_size),
+            "curvature": self.curvature,
+            "bn_mode": self.bn_mode,
+            "params": describe_value(self.params),
+            "subsample": self.subsample,
+            "frobenius_probes": int(self.frobenius_probes),
+            "direction": describe_value(self.direction),
+            "seed": int(self.seed),
+            "loss": describe_value(loss),
+        }
+
+    def output_config(
+        self,
+        dataset_name: str | None,
+        data_path: PathLike | None,
+        names: list[str | None],
+        loss: Any,
+    ) -> dict[str, Any]:
+        """The output file's ``config_json`` (``names``: the checkpoints' model names)."""
+        mode, batch_size, subsample = self.bn_mode, self.batch_size, self.subsample
+        params, seed = self.params, self.seed
+        shown = params if params is None or isinstance(params, list | tuple) else repr(params)
+        return {
+            "function": "compute_loss_stats",
+            "model": names[0] if names else None,
+            "dataset": dataset_name,
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "curvature": self.curvature,
+            "bn_mode": mode,
+            "batch_size": int(batch_size),
+            "subsample": subsample,
+            "frobenius_probes": int(self.frobenius_probes),
+            "direction": "given" if self.direction is not None else f"gaussian(seed={seed})",
+            "params": shown,
+            "seed": int(seed),
+            "loss": type(loss).__name__,
+            "accuracy_unit": "percent",
+            "definitions": stats_definitions(mode, int(batch_size), subsample),
+        }
+
+
 def compute_loss_stats(
     dataset: Any = "digits",
     data_path: PathLike | None = None,
@@ -233,24 +300,13 @@ def compute_loss_stats(
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     paths = _checkpoint_list(checkpoint_path)
+    settings = _StatsSettings(
+        curvature, mode, batch_size, params, subsample, frobenius_probes, direction, seed
+    )
     state = open_state(
         state_path,
         "compute_loss_stats",
-        {
-            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
-            "data_path": None if data_path is None else os.fspath(data_path),
-            "model": describe_model(model),
-            "checkpoints": [file_digest(p) for p in paths],
-            "batch_size": int(batch_size),
-            "curvature": curvature,
-            "bn_mode": mode,
-            "params": describe_value(params),
-            "subsample": subsample,
-            "frobenius_probes": int(frobenius_probes),
-            "direction": describe_value(direction),
-            "seed": int(seed),
-            "loss": describe_value(loss),
-        },
+        settings.state_config(dataset, data_path, model, paths, loss),
     )
     table = StatsTable.from_state(None if state is None else state.load(), len(paths))
     with preserve_global_state():
@@ -278,23 +334,7 @@ def compute_loss_stats(
                         state.save(table.arrays(), {"done": len(table.epochs)})
                 if bar is not None:
                     bar.update()
-    config = {
-        "function": "compute_loss_stats",
-        "model": table.names[0] if table.names else None,
-        "dataset": data.name,
-        "data_path": None if data_path is None else os.fspath(data_path),
-        "curvature": curvature,
-        "bn_mode": mode,
-        "batch_size": int(batch_size),
-        "subsample": subsample,
-        "frobenius_probes": int(frobenius_probes),
-        "direction": "given" if direction is not None else f"gaussian(seed={seed})",
-        "params": params if params is None or isinstance(params, list | tuple) else repr(params),
-        "seed": int(seed),
-        "loss": type(loss).__name__,
-        "accuracy_unit": "percent",
-        "definitions": stats_definitions(mode, int(batch_size), subsample),
-    }
+    config = settings.output_config(data.name, data_path, table.names, loss)
     out = table.output(paths, curvature, config)
     if save_path is not None:
         _save(out, save_path, group)

@@ -673,6 +673,9 @@ def compute_eigenspectrum(
         curvature_matrix, bn_mode, fit, save_eigvec, lanczos_iters=lanczos_iters,
         num_probes=num_probes, checkpoint_every=checkpoint_every, batch_size=batch_size, seed=seed,
     )  # fmt: skip
+    settings = _SpectrumSettings(
+        curvature, lanczos_iters, num_probes, mode, params, subsample, batch_size, seed, save_eigvec
+    )
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
@@ -683,25 +686,17 @@ def compute_eigenspectrum(
         )
         loader = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
         operator = build_operator(
-            curvature,
-            resolved.model,
-            loss,
-            shard_loader(loader, group),
-            params=params,
-            bn_mode=mode,
-            seed=seed,
-            process_group=operator_group(group),
-        )
+            curvature, resolved.model, loss, shard_loader(loader, group),
+            params=params, bn_mode=mode, seed=seed, process_group=operator_group(group),
+        )  # fmt: skip
         names = [name for name, _ in operator.params]
         space = ParamSpace.from_model(resolved.model, names)
         fingerprint = model_fingerprint(resolved.model, names)
         state = None
         if state_path is not None:
-            state_config = _state_config(
-                dataset, data_path, model, checkpoint_path, fingerprint=fingerprint,
-                curvature=curvature, lanczos_iters=lanczos_iters, num_probes=num_probes,
-                bn_mode=mode, names=names, subsample=subsample, batch_size=batch_size, seed=seed,
-                loss=loss, save_eigvec=save_eigvec,
+            state_config = settings.state_config(
+                dataset, data_path, model, checkpoint_path,
+                fingerprint=fingerprint, names=names, loss=loss,
             )  # fmt: skip
             state = Checkpoint(
                 state_path, kind="compute_eigenspectrum", config=state_config,
@@ -717,27 +712,7 @@ def compute_eigenspectrum(
             state=state,
             checkpoint_every=checkpoint_every,
         )
-    config = {
-        "function": "compute_eigenspectrum",
-        "model": resolved.name,
-        "dataset": data.name,
-        "data_path": None if data_path is None else os.fspath(data_path),
-        "checkpoint": resolved.checkpoint_path,
-        "epoch": resolved.epoch,
-        "curvature": curvature,
-        "lanczos_iters": int(lanczos_iters),
-        "num_probes": int(num_probes),
-        "probe": "rademacher",
-        "reorth": "full",
-        "bn_mode": mode,
-        "params": None if params is None else names,
-        "subsample": subsample,
-        "num_samples": len(loader.dataset),  # type: ignore[arg-type]
-        "batch_size": loader.batch_size,
-        "seed": int(seed),
-        "device": str(next(iter(resolved.model.parameters())).device),
-        "loss": type(loss).__name__,
-    }
+    config = settings.output_config(resolved, data, data_path, names, loader, loss)
     result = spectrum_result(
         out, config, space, fingerprint, curvature=curvature, bn_mode=mode,
         lanczos_iters=lanczos_iters, num_probes=num_probes,
@@ -749,43 +724,80 @@ def compute_eigenspectrum(
     return result
 
 
-def _state_config(
-    dataset: Any,
-    data_path: Any,
-    model: Any,
-    checkpoint_path: Any,
-    *,
-    fingerprint: str,
-    curvature: str,
-    lanczos_iters: int,
-    num_probes: int,
-    bn_mode: str | None,
-    names: list[str],
-    subsample: Any,
-    batch_size: int,
-    seed: int,
-    loss: Any,
-    save_eigvec: bool,
-) -> dict[str, Any]:
-    """What a resumable state must match to be resumed (file digests, fingerprint, settings)."""
-    return {
-        "function": "compute_eigenspectrum",
-        "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
-        "data_path": None if data_path is None else os.fspath(data_path),
-        "model": describe_model(model),
-        "model_fingerprint": fingerprint,
-        "checkpoint": file_digest(checkpoint_path),
-        "curvature": curvature,
-        "lanczos_iters": int(lanczos_iters),
-        "num_probes": int(num_probes),
-        "bn_mode": bn_mode,
-        "params": names,
-        "subsample": subsample,
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "loss": describe_value(loss),
-        "save_eigvec": save_eigvec,
-    }
+@dataclass(frozen=True)
+class _SpectrumSettings:
+    """The spectrum's settings, as :func:`compute_eigenspectrum` received them (checked).
+
+    One place for the two records of them: the resumable state's configuration
+    (which a restarted run must match) and the result's ``config``.
+    """
+
+    curvature: str
+    lanczos_iters: int
+    num_probes: int
+    bn_mode: str | None
+    params: Any
+    subsample: Any
+    batch_size: int
+    seed: int
+    save_eigvec: bool
+
+    def state_config(
+        self,
+        dataset: Any,
+        data_path: Any,
+        model: Any,
+        checkpoint_path: Any,
+        *,
+        fingerprint: str,
+        names: list[str],
+        loss: Any,
+    ) -> dict[str, Any]:
+        """What a resumable state must match to be resumed (file digests, fingerprint, settings)."""
+        return {
+            "function": "compute_eigenspectrum",
+            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "model": describe_model(model),
+            "model_fingerprint": fingerprint,
+            "checkpoint": file_digest(checkpoint_path),
+            "curvature": self.curvature,
+            "lanczos_iters": int(self.lanczos_iters),
+            "num_probes": int(self.num_probes),
+            "bn_mode": self.bn_mode,
+            "params": names,
+            "subsample": self.subsample,
+            "batch_size": int(self.batch_size),
+            "seed": int(self.seed),
+            "loss": describe_value(loss),
+            "save_eigvec": self.save_eigvec,
+        }
+
+    def output_config(
+        self, resolved: Any, data: Any, data_path: Any, names: list[str], loader: Any, loss: Any
+    ) -> dict[str, Any]:
+        """The result's ``config``: the run's settings, model, checkpoint and data."""
+        return {
+            "function": "compute_eigenspectrum",
+            "model": resolved.name,
+            "dataset": data.name,
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "checkpoint": resolved.checkpoint_path,
+            "epoch": resolved.epoch,
+            "curvature": self.curvature,
+            "lanczos_iters": int(self.lanczos_iters),
+            "num_probes": int(self.num_probes),
+            "probe": "rademacher",
+            "reorth": "full",
+            "bn_mode": self.bn_mode,
+            "params": None if self.params is None else names,
+            "subsample": self.subsample,
+            "num_samples": len(loader.dataset),
+            "batch_size": loader.batch_size,
+            "seed": int(self.seed),
+            "device": str(next(iter(resolved.model.parameters())).device),
+            "loss": type(loss).__name__,
+        }
 
 
 def _checked_arguments(
