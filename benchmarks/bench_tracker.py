@@ -39,6 +39,14 @@ loader), medians of ``--timing-repeats`` interleaved timings:
   measurement`` for its median number ``P`` of products; the rest is the solver on the
   host, the RNG snapshots and the tracker's bookkeeping.
 
+**Why a warm start saves little here** (``drift`` in the output): an untimed run along
+the same trajectory computes, at every measurement, the relative residual
+``||H u - (u^T H u) u|| / |u^T H u|`` of each of the previous measurement's top_k
+Ritz vectors ``u`` under the current Hessian (``drift_one_step`` the same one SGD step
+after a measurement).  A Krylov solve has to reduce that residual to ``tol``; from a
+random start it reduces one of order 1, so warm / cold is about
+``log(drift / tol) / log(1 / tol)`` plus the first block.
+
 Usage::
 
     python benchmarks/bench_tracker.py                 # 20 epochs (460 steps), 3 rounds
@@ -61,6 +69,7 @@ import torch
 
 from curvops import HessianOperator
 from nets import CurvatureTracker, get_model, load_dataset, make_loader
+from spectral.blockeig import block_eigenpairs
 
 MODES = ("plain", "warm", "cold")
 
@@ -111,6 +120,40 @@ def _run(args: argparse.Namespace, track: str, epochs: int) -> dict[str, Any]:
         "rows": [] if tracker is None else tracker.rows,
         "params": [p.detach().clone() for p in model.parameters()],
     }
+
+
+def _relative_residuals(op: HessianOperator, vectors: torch.Tensor) -> list[float]:
+    """``||H u - (u^T H u) u|| / |u^T H u|`` for each unit column ``u`` of ``vectors``."""
+    products = op.matmat(vectors)
+    theta = (vectors * products).sum(dim=0)
+    residuals = (products - vectors * theta).norm(dim=0) / theta.abs()
+    return [float(r) for r in residuals]
+
+
+def _drift(args: argparse.Namespace) -> dict[str, list[list[float]]]:
+    """Residuals of the previous measurement's Ritz vectors under the current Hessian."""
+    parts = _setup(args)
+    model, opt, loader = parts["model"], parts["opt"], parts["loader"]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    op = HessianOperator(model, loss_fn, parts["batch"])
+    previous = None
+    drift, one_step = [], []
+    model.train()
+    steps = 0
+    for _ in range(args.epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            steps += 1
+            if previous is not None and steps % args.every == 1 % args.every:
+                one_step.append(_relative_residuals(op, previous))
+            if steps % args.every == 0:
+                if previous is not None:
+                    drift.append(_relative_residuals(op, previous))
+                found = block_eigenpairs(op, args.top_k, tol=args.tol, seed=args.seed)
+                previous = found.vectors
+    return {"drift": drift, "drift_one_step": one_step}
 
 
 def _median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -243,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "products_cold": cold_products,
         "warm_over_cold": float(np.sum(warm_products[1:]) / np.sum(cold_products[1:])),
         "breakdown": _breakdown(args, first["warm"]["params"], step_seconds, warm_rows),
+        **_drift(args),
         "top_eigenvalues": [r["top_eigenvalues"] for r in warm_rows],
         "max_rel_diff_warm_cold": float(
             max(

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +40,7 @@ def test_bench_tracker_short_run(tmp_path: Path) -> None:
         assert parts[key] > 0, key
     assert parts["median_products"] >= 3
     assert result["overhead_rows"]["min"] <= result["overhead_rows"]["max"]
+    # residuals of the step-8 Ritz vectors at step 16; of the step-8 and step-16 ones at
+    # steps 9 and 17: three each, relative
+    assert np.shape(result["drift"]) == (1, 3) and np.shape(result["drift_one_step"]) == (2, 3)
+    assert all(0 < r < 10 for r in np.ravel(result["drift"] + result["drift_one_step"]))
