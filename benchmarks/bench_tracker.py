@@ -24,20 +24,22 @@ in both runs).  The final parameters of the tracked runs are checked to be
 bit-identical to the untracked run's.
 
 **Cost breakdown** (``breakdown`` in the output), on the model at the end of training,
-all in units of one training step (``T0 / steps``: forward, backward, optimiser step,
-loader), medians of ``--timing-repeats`` interleaved timings:
+in units of one training step (loader, forward, backward and SGD step, as in the
+runs), all medians of ``--timing-repeats`` interleaved timings, so that a
+change of machine load hits them alike:
 
 * ``product``: one Hessian-vector product of the cached gradient graph;
 * ``product_in_block_of_7``: per column of one 7-column product (the first block of a
   warm measurement: 2 top_k kept Ritz vectors and one guard vector);
-* ``graph_build``: the first product after the parameters changed, minus a cached one
-  (one gradient with ``create_graph``, the model comparison and snapshot);
 * ``product_in_block_of_3``: per column of a 3-column product (the later blocks: the
   residuals of the at most top_k unconverged pairs);
-* ``measurement``: the median warm row's ``seconds`` (all but the first row) and
-  ``products_share`` the estimate ``(graph_build + 7 block_of_7 + (P - 7) block_of_3) /
-  measurement`` for its median number ``P`` of products; the rest is the solver on the
-  host, the RNG snapshots and the tracker's bookkeeping.
+* ``graph_build``: the first product after the parameters changed, minus a cached one
+  (one gradient with ``create_graph``, the model comparison and snapshot);
+* ``products_estimate``: ``graph_build + 7 block_of_7 + (P - 7) block_of_3`` for the
+  median number ``P`` of products of a warm measurement, and
+  ``products_estimate_over_every`` that over ``every``: the overhead the products
+  alone cause, against the measured ``overhead_rows`` (which adds the solver on the
+  host, the RNG snapshots and the tracker's bookkeeping).
 
 **Why a warm start saves little here** (``drift`` in the output): an untimed run along
 the same trajectory computes, at every measurement, the relative residual
@@ -56,12 +58,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -167,10 +170,16 @@ def _median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+def _forever(loader: Any) -> Iterator[Any]:
+    """The loader's batches, pass after pass (each pass reshuffled, as in the runs)."""
+    while True:
+        yield from loader
+
+
 def _breakdown(
-    args: argparse.Namespace, params: list[torch.Tensor], step_seconds: float, rows: list[Any]
+    args: argparse.Namespace, params: list[torch.Tensor], rows: list[Any]
 ) -> dict[str, Any]:
-    """Per-product and graph-build costs at the final parameters, in training steps."""
+    """Costs at the final parameters in units of one training step, timed interleaved."""
     parts = _setup(args)
     model = parts["model"]
     with torch.no_grad():
@@ -184,13 +193,24 @@ def _breakdown(
     x1 = torch.randn(n, 1, generator=gen)
     x3 = torch.randn(n, 3, generator=gen)
     x7 = torch.randn(n, 7, generator=gen)
+    trained = copy.deepcopy(model)  # the training step runs on a copy: ``model`` stays fixed
+    opt = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    batches = _forever(parts["loader"])
+
+    def train_step() -> None:  # as in _run
+        inputs, targets = next(batches)
+        opt.zero_grad()
+        loss_fn(trained(inputs), targets).backward()
+        opt.step()
 
     def fresh() -> None:  # a new operator: its first product builds the gradient graph
         HessianOperator(model, loss_fn, parts["batch"]).matmat(x1)
 
     op.matmat(x1)
+    train_step()
     timed = _median_times(
         {
+            "step": train_step,
             "fresh": fresh,
             "product": lambda: op.matmat(x1),
             "block3": lambda: op.matmat(x3),
@@ -198,21 +218,20 @@ def _breakdown(
         },
         args.timing_repeats,
     )
-    measurement = float(np.median([r["seconds"] for r in rows[1:]]))
+    unit = timed["step"]
     products = float(np.median([r["products"] for r in rows[1:]]))
-    build = max(timed["fresh"] - timed["product"], 0.0)
-    c3, c7 = timed["block3"] / 3, timed["block7"] / 7
+    build = max(timed["fresh"] - timed["product"], 0.0) / unit
+    c3, c7 = timed["block3"] / 3 / unit, timed["block7"] / 7 / unit
     estimate = build + min(products, 7) * c7 + max(products - 7, 0) * c3
-    unit = step_seconds
     return {
         "training_step_ms": 1e3 * unit,
         "product": timed["product"] / unit,
-        "product_in_block_of_3": c3 / unit,
-        "product_in_block_of_7": c7 / unit,
-        "graph_build": build / unit,
-        "measurement": measurement / unit,
+        "product_in_block_of_3": c3,
+        "product_in_block_of_7": c7,
+        "graph_build": build,
         "median_products": products,
-        "products_share": estimate / measurement,
+        "products_estimate": estimate,
+        "products_estimate_over_every": estimate / args.every,
     }
 
 
@@ -267,7 +286,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain_seconds = [runs["plain"]["seconds"] for runs in rounds]
     warm_seconds = [runs["warm"]["seconds"] for runs in rounds]
     steps = first["plain"]["steps"]
-    step_seconds = float(np.median(plain_seconds)) / steps
     result = {
         "machine": f"{platform.processor() or platform.machine()}, torch threads {args.threads}",
         "load_average": list(os.getloadavg()),
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "products_warm": warm_products,
         "products_cold": cold_products,
         "warm_over_cold": float(np.sum(warm_products[1:]) / np.sum(cold_products[1:])),
-        "breakdown": _breakdown(args, first["warm"]["params"], step_seconds, warm_rows),
+        "breakdown": _breakdown(args, first["warm"]["params"], warm_rows),
         **_drift(args),
         "top_eigenvalues": [r["top_eigenvalues"] for r in warm_rows],
         "max_rel_diff_warm_cold": float(

@@ -36,7 +36,7 @@ def test_bench_tracker_short_run(tmp_path: Path) -> None:
     assert result["products_warm"][0] == result["products_cold"][0]
     assert result["warm_over_cold"] > 0
     parts = result["breakdown"]
-    for key in ("product", "product_in_block_of_3", "product_in_block_of_7", "measurement"):
+    for key in ("product", "product_in_block_of_3", "product_in_block_of_7", "products_estimate"):
         assert parts[key] > 0, key
     assert parts["median_products"] >= 3
     assert result["overhead_rows"]["min"] <= result["overhead_rows"]["max"]
