@@ -219,7 +219,7 @@ def _breakdown(
         args.timing_repeats,
     )
     unit = timed["step"]
-    products = float(np.median([r["products"] for r in rows[1:]]))
+    products = float(np.median([r["products"] for r in rows[1:] or rows]))  # warm ones
     build = max(timed["fresh"] - timed["product"], 0.0) / unit
     c3, c7 = timed["block3"] / 3 / unit, timed["block7"] / 7 / unit
     estimate = build + min(products, 7) * c7 + max(products - 7, 0) * c3
@@ -302,7 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "products_warm": warm_products,
         "products_cold": cold_products,
-        "warm_over_cold": float(np.sum(warm_products[1:]) / np.sum(cold_products[1:])),
+        "warm_over_cold": (  # the first measurement is cold in both runs
+            float(np.sum(warm_products[1:]) / np.sum(cold_products[1:]))
+            if len(cold_products) > 1
+            else None
+        ),
         "breakdown": _breakdown(args, first["warm"]["params"], warm_rows),
         **_drift(args),
         "top_eigenvalues": [r["top_eigenvalues"] for r in warm_rows],
