@@ -33,6 +33,7 @@ from torch import nn
 from curvops import determinism
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
+from curvops.differentiability import UntrackedParameterError
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.model_io import OutputFn, check_output_fn
@@ -580,6 +581,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._in_product = True
         try:
             acc, weight = self._accumulate(V)
+        except UntrackedParameterError as exc:  # relabel the positions with the names
+            names = [repr(self._names[i]) for i in exc.indices]
+            raise UntrackedParameterError.naming(names, exc.indices) from None
         finally:
             self._product_token, self._in_product = None, False
         if isinstance(weight, torch.Tensor) or weight != 1:

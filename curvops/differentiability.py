@@ -73,7 +73,29 @@ class OnceDifferentiableError(RuntimeError):
 
 
 class UntrackedParameterError(RuntimeError):
-    """A selected parameter shapes the output only through operations autograd never saw."""
+    """A selected parameter shapes the output only through operations autograd never saw.
+
+    ``indices`` are the positions of the parameters in the selection; build the error
+    with :meth:`naming` to list them by label (an operator relabels them with its
+    parameter names).
+    """
+
+    indices: tuple[int, ...] = ()
+
+    @classmethod
+    def naming(cls, labels: Sequence[str], indices: Sequence[int]) -> UntrackedParameterError:
+        """The error for the parameters ``labels`` (at ``indices`` of the selection)."""
+        err = cls(
+            f"The selected parameter(s) {', '.join(labels)} are used by the model's forward "
+            "pass only with gradients disabled and are absent from the autograd graph, so "
+            "their curvature would silently be zero. The usual cause is "
+            "torch.utils.checkpoint(..., use_reentrant=True) around layers whose inputs do "
+            "not require gradients: use use_reentrant=False (or no checkpointing). If the "
+            "parameters are frozen on purpose, leave them out with params= or set "
+            "requires_grad=False."
+        )
+        err.indices = tuple(indices)
+        return err
 
 
 def _graph_nodes(roots: Iterable[torch.Tensor]) -> Iterable[Any]:
@@ -236,12 +258,4 @@ class UntrackedUseRecorder(TorchFunctionMode):
             repr(names[i]) if names is not None else f"#{i} (shape {tuple(self._leaves[i].shape)})"
             for i in missing
         ]
-        raise UntrackedParameterError(
-            f"The selected parameter(s) {', '.join(labels)} are used by the model's forward "
-            "pass only with gradients disabled and are absent from the autograd graph, so "
-            "their curvature would silently be zero. The usual cause is "
-            "torch.utils.checkpoint(..., use_reentrant=True) around layers whose inputs do "
-            "not require gradients: use use_reentrant=False (or no checkpointing). If the "
-            "parameters are frozen on purpose, leave them out with params= or set "
-            "requires_grad=False."
-        )
+        raise UntrackedParameterError.naming(labels, missing)

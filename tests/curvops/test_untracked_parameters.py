@@ -113,8 +113,10 @@ OPERATORS = {
 def test_reentrant_checkpoint_without_input_gradients_is_refused(kind: str) -> None:
     model = _checkpointed(True)
     op = OPERATORS[kind](model, _data())
-    with pytest.raises(UntrackedParameterError, match=r"use_reentrant=False"):
+    with pytest.raises(UntrackedParameterError, match=r"use_reentrant=False") as info:
         op @ _vector(model)
+    assert "'first.weight', 'first.bias'" in str(info.value)  # named by the operator
+    assert info.value.indices == (0, 1)
 
 
 def test_non_reentrant_checkpoint_gives_the_exact_products() -> None:
