@@ -67,11 +67,9 @@ from curvops.kronecker import (
     FISHER_TYPES,
     batch_statistics,
     check_choice,
-    grad_factor,
-    input_factor,
     is_supported,
-    layer_inputs,
-    layer_output_grads,
+    layer_grad_factor,
+    layer_input_factor,
     sqrt_or_one,
 )
 from curvops.losses import LossFn, check_loss, loss_family
@@ -589,17 +587,18 @@ class KFACOperator(KroneckerEigenOperator):
             for record in records:
                 module = record.module
                 seen.add(module)
-                a = layer_inputs(module, record.inputs)
                 for i, block in enumerate(self._blocks):
                     if block.module is module and block.part != "bias":
-                        term = input_factor(self._block_inputs(block, a), self.approx)
-                        A_sums[i] = A_sums[i] + term if i in A_sums else term
-                G = sum(
-                    grad_factor(layer_output_grads(module, g), self.approx) for g in record.grads
-                )
-                assert isinstance(G, torch.Tensor)
-                G = G * batch.size
-                G_sums[module] = G_sums[module] + G if module in G_sums else G
+                        term = layer_input_factor(
+                            module, record.inputs, self.approx, ones=block.part == "joint"
+                        )
+                        A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
+                d_out = int(module.weight.shape[0])
+                G = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+                for g in record.grads:
+                    G.add_(layer_grad_factor(module, g, self.approx))
+                G.mul_(batch.size)
+                G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
         missing = [b.layer for b in self._blocks if b.module not in seen]
         if missing:
             raise NumericalError(
