@@ -35,15 +35,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
 from curvops.fisher import fisher_output_factor
+from curvops.kronecker import drop_null_column
 from curvops.losses import (
     LossFn,
     batch_generator,
     batch_normaliser,
     batch_weight,
+    loss_kind,
     loss_reduction,
     output_hessian_factor,
 )
@@ -88,6 +92,78 @@ def _sum_squared_vjps(
                 continue  # a parameter the outputs do not use: materialised unbatched zeros
             acc += torch.einsum("b,b...->...", weights, g * g)
     return torch.cat([t.reshape(-1) for t in total])
+
+
+def _batch_coupled(model: nn.Module) -> bool:
+    """Whether a module mixes the samples of a batch (batch statistics of normalisations)."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+
+
+def _per_sample_inputs(inputs: Any, n: int) -> bool:
+    """A tensor, or a tuple/list/mapping of tensors, all of batch size ``n``."""
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else inputs
+    if isinstance(inputs, torch.Tensor):
+        leaves = [inputs]
+    if not isinstance(leaves, (list, tuple)) or not leaves:
+        return False
+    return all(isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == n for t in leaves)
+
+
+def _sum_squared_per_sample(
+    model: nn.Module,
+    names: list[str],
+    leaves: list[torch.Tensor],
+    inputs: Any,
+    out: torch.Tensor,
+    factor: torch.Tensor,
+    signs: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor | None:
+    """:func:`_sum_squared_vjps` from per-sample Jacobians (``torch.func``), or ``None``.
+
+    Each sample's output is recomputed alone (a batch of one) and its ``r`` factor
+    columns are pulled back through that sample's Jacobian only: :math:`N r` products of
+    single-sample cost instead of :math:`N r` full-batch backward passes.  This equals
+    the batch's Jacobian rows only when samples do not interact; ``None`` (use the
+    batched products) when a sample's output alone differs from its row of ``out``
+    beyond rounding, or ``torch.func`` cannot run the model.
+    """
+    n, _, r = factor.shape
+    if not _per_sample_inputs(inputs, n):
+        return None
+    primals = tuple(leaf.detach() for leaf in leaves)
+
+    def one(x_n: Any, S_n: torch.Tensor, s_n: torch.Tensor) -> Any:
+        def forward(*ps: torch.Tensor) -> torch.Tensor:
+            x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
+            return functional_forward(model, names, list(ps), x1).reshape(-1)
+
+        y_n, pull = torch.func.vjp(forward, *primals)
+        grads = torch.func.vmap(pull)(S_n.T.contiguous())
+        return y_n, tuple(torch.einsum("r,r...->...", s_n, g * g) for g in grads)
+
+    step = max(1, chunk_size // max(r, 1))
+    totals = [torch.zeros_like(p) for p in primals]
+    rows = out.detach().reshape(n, -1)
+    tol = 1e3 * torch.finfo(out.dtype).eps
+    atol = tol * max(float(rows.abs().max()), 1.0) if rows.numel() else tol
+    for start in range(0, n, step):
+        part = tree_map(lambda t, s=start: t[s : s + step], inputs)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                y, squares = torch.func.vmap(one)(
+                    part, factor[start : start + step], signs[start : start + step]
+                )
+        except (RuntimeError, NotImplementedError, ValueError):
+            return None  # an operation without a per-sample (vmap) rule: batched products
+        if y.shape != rows[start : start + step].shape or not torch.allclose(
+            y, rows[start : start + step], rtol=tol, atol=atol
+        ):
+            return None  # samples interact: a sample alone is not its row of the batch
+        for acc, sq in zip(totals, squares):
+            acc += sq.sum(dim=0)
+    return torch.cat([t.reshape(-1) for t in totals])
 
 
 def ggn_diagonal(
@@ -168,6 +244,10 @@ def ggn_diagonal(
                 out = functional_forward(model, names, leaves, inputs)
             if method == "exact":
                 factor, signs = output_hessian_factor(loss_fn, out, targets)
+                if loss_kind(loss_fn, out, targets) == "ce":  # rank C - 1: one column fewer
+                    null = torch.softmax(out.detach().reshape(factor.shape[:2]), dim=-1).sqrt()
+                    factor = drop_null_column(factor, null)
+                    signs = signs[:, : factor.shape[2]]
             else:
                 factor = fisher_output_factor(
                     loss_fn,
@@ -179,9 +259,14 @@ def ggn_diagonal(
                     normaliser=batch_normaliser(loss_fn, inputs, targets, batch.size),
                 )
                 signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
-            if out.requires_grad:
+            diag: torch.Tensor | None = None
+            if out.requires_grad and not _batch_coupled(model):
+                diag = _sum_squared_per_sample(
+                    model, names, leaves, inputs, out, factor, signs, chunk_size
+                )
+            if diag is None and out.requires_grad:
                 diag = _sum_squared_vjps(out, leaves, factor, signs, chunk_size)
-            else:
+            if diag is None:
                 diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
             if not bool(torch.isfinite(diag).all()):
                 raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
