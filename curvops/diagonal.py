@@ -12,10 +12,16 @@ with the loss's own batch weights :math:`w_b` (:func:`curvops.losses.batch_weigh
 sample counts, or counted targets for cross-entropy with ``ignore_index``/``weight=``),
 :math:`W = \\sum_b w_b`, or :math:`w_b = W = 1` for ``reduction="sum"``.
 
-``method="exact"`` uses all :math:`C` factor columns per sample: :math:`N C` vector-Jacobian
-products (one per output-class Jacobian row combination), computed in batched chunks
-of ``chunk_size``; cost about :math:`N C / \\text{chunk}` backward passes and
-``chunk_size * P`` memory, so it suits small output dimensions.  ``method="mc"``
+``method="exact"`` uses all :math:`C` factor columns per sample (:math:`C - 1` for
+softmax cross-entropy, whose output Hessian has rank :math:`C - 1`): :math:`N C`
+vector-Jacobian products :math:`J_n^\\top a_{nj}`.  Where the samples of a batch do not
+interact (no BatchNorm in training mode, and every sample's output computed alone
+equals its row of the batch's output: checked), each product is taken through that
+sample's own Jacobian (``torch.func``, vectorised over samples and columns): the cost
+of about :math:`C` backward passes over the batch.  Otherwise (batch statistics couple
+the samples) each product is a backward pass over the whole batch, batched in chunks
+of ``chunk_size``: about :math:`N C / \\text{chunk}` passes and ``chunk_size * P``
+memory, so that path suits small batches and output dimensions.  ``method="mc"``
 replaces the factors by ``mc_samples`` sampled NLL gradients per sample (those of
 :class:`curvops.FisherOperator` with ``kind="mc"``, same seed: the result is exactly
 the diagonal of that Fisher), :math:`N M` products: an unbiased estimate of the GGN
@@ -94,6 +100,10 @@ def _sum_squared_vjps(
     return torch.cat([t.reshape(-1) for t in total])
 
 
+#: elements of per-sample gradients held at once by the per-sample path (``r * P`` each)
+_PER_SAMPLE_BUDGET = 1 << 23
+
+
 def _batch_coupled(model: nn.Module) -> bool:
     """Whether a module mixes the samples of a batch (batch statistics of normalisations)."""
     return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
@@ -117,13 +127,13 @@ def _sum_squared_per_sample(
     out: torch.Tensor,
     factor: torch.Tensor,
     signs: torch.Tensor,
-    chunk_size: int,
 ) -> torch.Tensor | None:
     """:func:`_sum_squared_vjps` from per-sample Jacobians (``torch.func``), or ``None``.
 
     Each sample's output is recomputed alone (a batch of one) and its ``r`` factor
     columns are pulled back through that sample's Jacobian only: :math:`N r` products of
-    single-sample cost instead of :math:`N r` full-batch backward passes.  This equals
+    single-sample cost instead of :math:`N r` full-batch backward passes, in chunks of
+    samples holding at most ``_PER_SAMPLE_BUDGET`` gradient entries.  This equals
     the batch's Jacobian rows only when samples do not interact; ``None`` (use the
     batched products) when a sample's output alone differs from its row of ``out``
     beyond rounding, or ``torch.func`` cannot run the model.
@@ -142,7 +152,8 @@ def _sum_squared_per_sample(
         grads = torch.func.vmap(pull)(S_n.T.contiguous())
         return y_n, tuple(torch.einsum("r,r...->...", s_n, g * g) for g in grads)
 
-    step = max(1, chunk_size // max(r, 1))
+    size = sum(p.numel() for p in primals)
+    step = max(1, min(n, _PER_SAMPLE_BUDGET // max(r * size, 1)))
     totals = [torch.zeros_like(p) for p in primals]
     rows = out.detach().reshape(n, -1)
     tol = 1e3 * torch.finfo(out.dtype).eps
@@ -261,9 +272,7 @@ def ggn_diagonal(
                 signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
             diag: torch.Tensor | None = None
             if out.requires_grad and not _batch_coupled(model):
-                diag = _sum_squared_per_sample(
-                    model, names, leaves, inputs, out, factor, signs, chunk_size
-                )
+                diag = _sum_squared_per_sample(model, names, leaves, inputs, out, factor, signs)
             if diag is None and out.requires_grad:
                 diag = _sum_squared_vjps(out, leaves, factor, signs, chunk_size)
             if diag is None:
