@@ -148,7 +148,7 @@ def _sum_squared_per_sample(
             x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
             return functional_forward(model, names, list(ps), x1).reshape(-1)
 
-        y_n, pull = torch.func.vjp(forward, *primals)
+        y_n, pull = torch.func.vjp(forward, *primals)[:2]
         grads = torch.func.vmap(pull)(S_n.T.contiguous())
         return y_n, tuple(torch.einsum("r,r...->...", s_n, g * g) for g in grads)
 

@@ -68,6 +68,7 @@ class EKFACOperator(KFACOperator):
 
     chunk_size = 64
     supports_pi_damping = False
+    _needs_eigen = True
 
     def _compute(self) -> dict[str, Any]:
         stats = super()._compute()

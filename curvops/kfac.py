@@ -428,6 +428,11 @@ class KFACOperator(KroneckerEigenOperator):
         with the same targets for ``"mc"``, the empirical Fisher for ``"empirical"``).
     mc_samples, seed:
         Monte-Carlo targets per sample and their seed (``fisher="mc"``).
+    share_with:
+        A K-FAC or E-KFAC operator built with the same model, loss, data object and
+        settings: this one then uses its factors, eigendecompositions and remainder
+        (computed once for both, e.g. when grading ``kfac`` and ``ekfac`` together)
+        instead of computing its own.
 
     Raises
     ------
@@ -467,6 +472,7 @@ class KFACOperator(KroneckerEigenOperator):
         remainder: str = "error",
         mc_samples: int = 1,
         seed: int = 0,
+        share_with: KFACOperator | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
@@ -507,6 +513,8 @@ class KFACOperator(KroneckerEigenOperator):
         )
         self._layers = list(dict.fromkeys(b.module for b in blocks))
         self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._source = data
+        self._share = self._check_share(share_with)
 
     #: the heuristic pi-damped inverse is defined from the K-FAC factors
     supports_pi_damping = True
@@ -639,7 +647,51 @@ class KFACOperator(KroneckerEigenOperator):
             bn_mode=self._bn_mode,
         ).to(self.device, self.torch_dtype)
 
+    def _settings(self) -> tuple[Any, ...]:
+        return (
+            self.fisher,
+            self.approx,
+            self.bias,
+            self.remainder,
+            self.mc_samples,
+            self.seed,
+            self._bn_mode,
+            self.param_names,
+            self.torch_dtype,
+        )
+
+    def _check_share(self, other: KFACOperator | None) -> KFACOperator | None:
+        if other is None:
+            return None
+        if not isinstance(other, KFACOperator):
+            raise argument_error(
+                "share_with", "a KFACOperator or EKFACOperator", other, kind=TypeError
+            )
+        same = (
+            other._model is self._model
+            and other._loss_fn is self._loss_fn
+            and other._source is self._source
+            and other._settings() == self._settings()
+        )
+        if not same:
+            raise argument_error(
+                "share_with",
+                "an operator on the same model, loss and data object with the same settings "
+                "(fisher, approx, bias, remainder, mc_samples, seed, bn_mode, params, dtype)",
+                other,
+            )
+        return other._share if other._share is not None else other
+
+    #: whether :meth:`_compute` needs the factors' eigendecompositions (E-KFAC)
+    _needs_eigen = False
+
     def _compute(self) -> dict[str, Any]:
+        if self._share is not None:  # the factors of an operator with the same settings
+            source = self._share._statistics()
+            if self._needs_eigen:
+                self._kfac_eigen(source)  # kept in the source's cache: computed once for both
+            keys = ("A", "G", "remainder", "kfac_eigen")
+            return {key: source[key] for key in keys if key in source}
         As, Gs = self._compute_factors()
         return {"A": As, "G": Gs, "remainder": self._remainder_values()}
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from curvops import GGNOperator, HessianOperator
 from curvops.comparison import ApproximationReport, compare_all
-from curvops.proxies import make_proxy
+from curvops.proxies import make_proxies
 from nets.workflow._resolve import preserve_global_state
 from spectral.errors import argument_error
 from spectral.io import save_npz
@@ -53,7 +53,7 @@ def save_reports(
     """
     arrays: dict[str, np.ndarray] = {"names": np.array(list(reports))}
     if config is not None:
-        arrays["config_json"] = np.str_(json.dumps(dict(config), sort_keys=True, default=str))
+        arrays["config_json"] = np.array(json.dumps(dict(config), sort_keys=True, default=str))
     for name, report in reports.items():
         for key, value in report.as_arrays().items():
             arrays[f"{name}/{key}"] = value
@@ -109,12 +109,9 @@ def compare_curvatures(
         )
     with preserve_global_state():
         A = _EXACT[exact](model, loss_fn, data, params=params, bn_mode=bn_mode)
-        proxies = {
-            name: make_proxy(
-                name, model, loss_fn, data, exact=A, params=params, bn_mode=bn_mode, seed=seed
-            )
-            for name in approximations
-        }
+        proxies = make_proxies(
+            approximations, model, loss_fn, data, exact=A, params=params, bn_mode=bn_mode, seed=seed
+        )
         reports = compare_all(
             proxies, A, k=k, num_iters=num_iters, num_probes=num_probes, damping=damping, seed=seed
         )
