@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_map
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
+from curvops.distributed import all_reduce_weighted, resolve_group
 from curvops.fisher import fisher_output_factor
 from curvops.kronecker import drop_null_column
 from curvops.losses import (
@@ -188,6 +189,7 @@ def ggn_diagonal(
     params: Any = None,
     bn_mode: str | None = None,
     chunk_size: int = 64,
+    process_group: Any = False,
 ) -> torch.Tensor:
     """Diagonal of the GGN of the mean loss over ``data`` (a length-P tensor on the model's device).
 
@@ -198,6 +200,11 @@ def ggn_diagonal(
         ``"empirical"`` (the diagonal of the empirical Fisher, true targets).
     chunk_size:
         Vector-Jacobian products batched together.
+    process_group:
+        ``False`` (default): this process's data only; ``None`` (the default group when
+        :mod:`torch.distributed` is initialised) or a ``ProcessGroup``: every rank holds
+        a shard of the data and the weighted sums and weights are summed over the group
+        (one ``all_reduce``), giving the diagonal over the union of the shards.
     params, bn_mode:
         As for the operators (model never changed).
 
@@ -281,6 +288,13 @@ def ggn_diagonal(
                 raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
             total = diag * w if total is None else total.add_(diag, alpha=w)
             count += w
+    group = resolve_group(process_group)
+    if group is not None:  # the shards of every rank (a rank without batches adds zeros)
+        size = sum(p.numel() for _, p in named)
+        local = total if total is not None else torch.zeros(size, dtype=dtype, device=device)
+        total, count = all_reduce_weighted(local, count, group)
+        if count == 0:
+            total = None
     if total is None:
         raise argument_error("data", "at least one batch with a counted target", data)
     return total if loss_reduction(loss_fn) == "sum" else total / count
