@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["curvlinops"] = f"unavailable: {err}"
 
     builds: dict[str, Callable[[], Any]] = {"gradient": gradient}
-    for fisher, peer_fisher in (("type2", "type-2"), ("mc", "mc")):
+    for fisher, peer_fisher in (("type2", "type-2"), ("mc", "mc"), ("empirical", "empirical")):
 
         def ours(fisher: str = fisher) -> None:
             KFACOperator(model, loss_fn, (x, y), params=params, fisher=fisher).factors()
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "| what | time | target |",
         "|---|---|---|",
     ]
-    for fisher in ("type2", "mc"):
+    for fisher in ("type2", "mc", "empirical"):
         ours_t = build_times[f"ours-{fisher}"]
         peer_t = build_times.get(f"curvlinops-{fisher}")
         ratio = f"{ours_t / peer_t:.2f}x curvlinops" if peer_t else "curvlinops n/a"
