@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from curvops import GGNOperator, HessianOperator
+from curvops import GGNOperator, HessianOperator, LowRank
 from curvops.comparison import ApproximationReport, compare_all
 from curvops.proxies import make_proxies
 from nets.workflow._resolve import preserve_global_state
@@ -112,8 +112,19 @@ def compare_curvatures(
         proxies = make_proxies(
             approximations, model, loss_fn, data, exact=A, params=params, bn_mode=bn_mode, seed=seed
         )
+        # a low-rank proxy was built from the exact operator's converged top eigenpairs
+        # (tolerance 1e-8): they are the exact side's top-k too, no second eigensolve
+        ranked = [op for op in proxies.values() if isinstance(op, LowRank) and op.rank >= k]
+        exact_pairs = (ranked[0].weights, ranked[0].factor) if ranked else None
         reports = compare_all(
-            proxies, A, k=k, num_iters=num_iters, num_probes=num_probes, damping=damping, seed=seed
+            proxies,
+            A,
+            k=k,
+            num_iters=num_iters,
+            num_probes=num_probes,
+            damping=damping,
+            seed=seed,
+            exact_pairs=exact_pairs,
         )
     if save_path is not None:
         config = {
