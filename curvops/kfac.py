@@ -724,6 +724,7 @@ class KFACOperator(KroneckerEigenOperator):
             self._bn_mode,
             self.param_names,
             self.torch_dtype,
+            self.process_group,
         )
 
     def _check_share(self, other: KFACOperator | None) -> KFACOperator | None:
@@ -743,7 +744,8 @@ class KFACOperator(KroneckerEigenOperator):
             raise argument_error(
                 "share_with",
                 "an operator on the same model, loss and data object with the same settings "
-                "(fisher, approx, bias, remainder, mc_samples, seed, bn_mode, params, dtype)",
+                "(fisher, approx, bias, remainder, mc_samples, seed, bn_mode, params, dtype, "
+                "process_group)",
                 other,
             )
         return other._share if other._share is not None else other
