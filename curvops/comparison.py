@@ -257,11 +257,12 @@ def _measure(
     eig_tol: float,
     solve_tol: float,
     seed: int,
+    known_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[_Side, float]:
     n = A.shape[0]
     counted = _Counted(A)
     density, source = _spectrum(A, counted, num_iters, num_probes, seed)
-    pairs = exact_top_eigenpairs(A, k)
+    pairs = exact_top_eigenpairs(A, k) if known_pairs is None else known_pairs
     if pairs is not None:
         top = pairs[0].detach().to(torch.float64).cpu().numpy()
         vecs: Any = pairs[1]
@@ -297,6 +298,28 @@ def _measure(
         counted.count,
     )
     return side, delta
+
+
+def _top_pairs(pairs: Any, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` of given eigenpairs, values descending (``exact_pairs`` of compare_all)."""
+    try:
+        values, vectors = pairs
+        values = torch.as_tensor(
+            np.asarray(values) if not isinstance(values, torch.Tensor) else values
+        )
+        vectors = torch.as_tensor(
+            np.asarray(vectors) if not isinstance(vectors, torch.Tensor) else vectors
+        )
+    except (TypeError, ValueError) as err:
+        raise argument_error("exact_pairs", "a (values, vectors) pair", type(pairs)) from err
+    if values.ndim != 1 or vectors.shape != (n, values.shape[0]) or values.shape[0] < k:
+        raise argument_error(
+            "exact_pairs",
+            f"(values (r,), vectors ({n}, r)) with r >= k = {k}",
+            tuple(vectors.shape),
+        )
+    order = torch.argsort(values.to(torch.float64), descending=True)[:k]
+    return values[order], vectors[:, order]
 
 
 def _report(a: _Side, e: _Side, delta: float) -> ApproximationReport:
@@ -357,10 +380,16 @@ def compare_all(
     eig_tol: float = 1e-6,
     solve_tol: float = 1e-8,
     seed: int = 0,
+    exact_pairs: Any = None,
 ) -> dict[str, ApproximationReport]:
     """:func:`compare` for several proxies, measuring the exact side once.
 
     Each report's ``products_exact`` is the (shared) cost of the exact side.
+    ``exact_pairs``: ``(values, vectors)``, at least ``k`` top eigenpairs of ``exact``
+    already converged to ``eig_tol`` or better (e.g. those a :func:`curvops.proxies.low_rank`
+    proxy of ``exact`` was built from: :attr:`LowRank.weights <curvops.LowRank.weights>`,
+    :attr:`~curvops.LowRank.factor`), used instead of computing them again (their
+    products are then not counted in ``products_exact``).
 
     Parameters
     ----------
@@ -435,7 +464,8 @@ def compare_all(
         "solve_tol": solve_tol,
         "seed": seed,
     }
-    e, delta = _measure(exact, damping=damping, **settings)
+    known = _top_pairs(exact_pairs, k, n) if exact_pairs is not None else None
+    e, delta = _measure(exact, damping=damping, known_pairs=known, **settings)
     reports = {}
     for name, op in approximations.items():
         a, _ = _measure(op, damping=delta, **settings)

@@ -12,10 +12,16 @@ with the loss's own batch weights :math:`w_b` (:func:`curvops.losses.batch_weigh
 sample counts, or counted targets for cross-entropy with ``ignore_index``/``weight=``),
 :math:`W = \\sum_b w_b`, or :math:`w_b = W = 1` for ``reduction="sum"``.
 
-``method="exact"`` uses all :math:`C` factor columns per sample: :math:`N C` vector-Jacobian
-products (one per output-class Jacobian row combination), computed in batched chunks
-of ``chunk_size``; cost about :math:`N C / \\text{chunk}` backward passes and
-``chunk_size * P`` memory, so it suits small output dimensions.  ``method="mc"``
+``method="exact"`` uses all :math:`C` factor columns per sample (:math:`C - 1` for
+softmax cross-entropy, whose output Hessian has rank :math:`C - 1`): :math:`N C`
+vector-Jacobian products :math:`J_n^\\top a_{nj}`.  Where the samples of a batch do not
+interact (no BatchNorm in training mode, and every sample's output computed alone
+equals its row of the batch's output: checked), each product is taken through that
+sample's own Jacobian (``torch.func``, vectorised over samples and columns): the cost
+of about :math:`C` backward passes over the batch.  Otherwise (batch statistics couple
+the samples) each product is a backward pass over the whole batch, batched in chunks
+of ``chunk_size``: about :math:`N C / \\text{chunk}` passes and ``chunk_size * P``
+memory, so that path suits small batches and output dimensions.  ``method="mc"``
 replaces the factors by ``mc_samples`` sampled NLL gradients per sample (those of
 :class:`curvops.FisherOperator` with ``kind="mc"``, same seed: the result is exactly
 the diagonal of that Fisher), :math:`N M` products: an unbiased estimate of the GGN
@@ -35,15 +41,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
+from curvops.distributed import all_reduce_weighted, resolve_group
 from curvops.fisher import fisher_output_factor
+from curvops.kronecker import drop_null_column
 from curvops.losses import (
     LossFn,
     batch_generator,
     batch_normaliser,
     batch_weight,
+    loss_kind,
     loss_reduction,
     output_hessian_factor,
 )
@@ -90,6 +101,83 @@ def _sum_squared_vjps(
     return torch.cat([t.reshape(-1) for t in total])
 
 
+#: elements of per-sample gradients held at once by the per-sample path (``r * P`` each)
+_PER_SAMPLE_BUDGET = 1 << 23
+
+
+def _batch_coupled(model: nn.Module) -> bool:
+    """Whether a module mixes the samples of a batch (batch statistics of normalisations)."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+
+
+def _per_sample_inputs(inputs: Any, n: int) -> bool:
+    """A tensor, or a tuple/list/mapping of tensors, all of batch size ``n``."""
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else inputs
+    if isinstance(inputs, torch.Tensor):
+        leaves = [inputs]
+    if not isinstance(leaves, (list, tuple)) or not leaves:
+        return False
+    return all(isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == n for t in leaves)
+
+
+def _sum_squared_per_sample(
+    model: nn.Module,
+    names: list[str],
+    leaves: list[torch.Tensor],
+    inputs: Any,
+    out: torch.Tensor,
+    factor: torch.Tensor,
+    signs: torch.Tensor,
+) -> torch.Tensor | None:
+    """:func:`_sum_squared_vjps` from per-sample Jacobians (``torch.func``), or ``None``.
+
+    Each sample's output is recomputed alone (a batch of one) and its ``r`` factor
+    columns are pulled back through that sample's Jacobian only: :math:`N r` products of
+    single-sample cost instead of :math:`N r` full-batch backward passes, in chunks of
+    samples holding at most ``_PER_SAMPLE_BUDGET`` gradient entries.  This equals
+    the batch's Jacobian rows only when samples do not interact; ``None`` (use the
+    batched products) when a sample's output alone differs from its row of ``out``
+    beyond rounding, or ``torch.func`` cannot run the model.
+    """
+    n, _, r = factor.shape
+    if out.dtype not in (torch.float32, torch.float64) or not _per_sample_inputs(inputs, n):
+        return None  # half precision: rounding too coarse to tell interacting samples apart
+    primals = tuple(leaf.detach() for leaf in leaves)
+
+    def one(x_n: Any, S_n: torch.Tensor, s_n: torch.Tensor) -> Any:
+        def forward(*ps: torch.Tensor) -> torch.Tensor:
+            x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
+            return functional_forward(model, names, list(ps), x1).reshape(-1)
+
+        y_n, pull = torch.func.vjp(forward, *primals)[:2]
+        grads = torch.func.vmap(pull)(S_n.T.contiguous())
+        return y_n, tuple(torch.einsum("r,r...->...", s_n, g * g) for g in grads)
+
+    size = sum(p.numel() for p in primals)
+    step = max(1, min(n, _PER_SAMPLE_BUDGET // max(r * size, 1)))
+    totals = [torch.zeros_like(p) for p in primals]
+    rows = out.detach().reshape(n, -1)
+    tol = 1e3 * torch.finfo(out.dtype).eps
+    atol = tol * max(float(rows.abs().max()), 1.0) if rows.numel() else tol
+    for start in range(0, n, step):
+        part = tree_map(lambda t, s=start: t[s : s + step], inputs)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                y, squares = torch.func.vmap(one)(
+                    part, factor[start : start + step], signs[start : start + step]
+                )
+        except (RuntimeError, NotImplementedError, ValueError):
+            return None  # an operation without a per-sample (vmap) rule: batched products
+        if y.shape != rows[start : start + step].shape or not torch.allclose(
+            y, rows[start : start + step], rtol=tol, atol=atol
+        ):
+            return None  # samples interact: a sample alone is not its row of the batch
+        for acc, sq in zip(totals, squares):
+            acc += sq.sum(dim=0)
+    return torch.cat([t.reshape(-1) for t in totals])
+
+
 def ggn_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
@@ -101,6 +189,7 @@ def ggn_diagonal(
     params: Any = None,
     bn_mode: str | None = None,
     chunk_size: int = 64,
+    process_group: Any = False,
 ) -> torch.Tensor:
     """Diagonal of the GGN of the mean loss over ``data`` (a length-P tensor on the model's device).
 
@@ -111,6 +200,11 @@ def ggn_diagonal(
         ``"empirical"`` (the diagonal of the empirical Fisher, true targets).
     chunk_size:
         Vector-Jacobian products batched together.
+    process_group:
+        ``False`` (default): this process's data only; ``None`` (the default group when
+        :mod:`torch.distributed` is initialised) or a ``ProcessGroup``: every rank holds
+        a shard of the data and the weighted sums and weights are summed over the group
+        (one ``all_reduce``), giving the diagonal over the union of the shards.
     params, bn_mode:
         As for the operators (model never changed).
 
@@ -168,6 +262,10 @@ def ggn_diagonal(
                 out = functional_forward(model, names, leaves, inputs)
             if method == "exact":
                 factor, signs = output_hessian_factor(loss_fn, out, targets)
+                if loss_kind(loss_fn, out, targets) == "ce":  # rank C - 1: one column fewer
+                    null = torch.softmax(out.detach().reshape(factor.shape[:2]), dim=-1).sqrt()
+                    factor = drop_null_column(factor, null)
+                    signs = signs[:, : factor.shape[2]]
             else:
                 factor = fisher_output_factor(
                     loss_fn,
@@ -179,14 +277,24 @@ def ggn_diagonal(
                     normaliser=batch_normaliser(loss_fn, inputs, targets, batch.size),
                 )
                 signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
-            if out.requires_grad:
+            diag: torch.Tensor | None = None
+            if out.requires_grad and not _batch_coupled(model):
+                diag = _sum_squared_per_sample(model, names, leaves, inputs, out, factor, signs)
+            if diag is None and out.requires_grad:
                 diag = _sum_squared_vjps(out, leaves, factor, signs, chunk_size)
-            else:
+            if diag is None:
                 diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
             if not bool(torch.isfinite(diag).all()):
                 raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
             total = diag * w if total is None else total.add_(diag, alpha=w)
             count += w
+    group = resolve_group(process_group)
+    if group is not None:  # the shards of every rank (a rank without batches adds zeros)
+        size = sum(p.numel() for _, p in named)
+        local = total if total is not None else torch.zeros(size, dtype=dtype, device=device)
+        total, count = all_reduce_weighted(local, count, group)
+        if count == 0:
+            total = None
     if total is None:
         raise argument_error("data", "at least one batch with a counted target", data)
     return total if loss_reduction(loss_fn) == "sum" else total / count

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from curvops.kfac import EigenBlock, KFACOperator
+from curvops.distributed import resolve_group
+from curvops.kfac import EigenBlock, KFACOperator, all_reduce_sums
 from curvops.kronecker import layer_inputs, layer_output_grads, rotated_gradient_squares
 from spectral.errors import NumericalError
 
@@ -68,6 +69,7 @@ class EKFACOperator(KFACOperator):
 
     chunk_size = 64
     supports_pi_damping = False
+    _needs_eigen = True
 
     def _compute(self) -> dict[str, Any]:
         stats = super()._compute()
@@ -97,12 +99,17 @@ class EKFACOperator(KFACOperator):
                     term = term * batch.size
                     current = sums[i]
                     sums[i] = term if current is None else current + term
+        shapes = [(block.rows, block.cols) for block in self._blocks]
+        group = resolve_group(self.process_group)
+        sums, total_count = all_reduce_sums(  # over the shards of a process group, if any
+            sums, shapes, count, group, dtype=self.torch_dtype, device=self.device
+        )
         eigen = []
         for i, block in enumerate(self._blocks):
             total = sums[i]
             if total is None:  # pragma: no cover - _compute_factors refuses unseen layers
                 raise NumericalError(f"E-KFAC: no data reached layer {block.layer!r}")
-            values = total / count
+            values = total / total_count
             if not bool(torch.isfinite(values).all()):
                 raise NumericalError(f"E-KFAC: non-finite eigenvalues of layer {block.layer!r}")
             U_G, U_A = bases[i]

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,17 +61,15 @@ from torch import nn
 from curvops._model_state import check_bn_mode
 from curvops.data import Data, as_data
 from curvops.diagonal import ggn_diagonal
-from curvops.distributed import unwrap_model
+from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.kronecker import (
     APPROXIMATIONS,
     FISHER_TYPES,
     batch_statistics,
     check_choice,
-    grad_factor,
-    input_factor,
     is_supported,
-    layer_inputs,
-    layer_output_grads,
+    layer_grad_factor,
+    layer_input_factor,
     sqrt_or_one,
 )
 from curvops.losses import LossFn, check_loss, loss_family
@@ -116,6 +114,44 @@ class EigenBlock:
     values: torch.Tensor  # (d_G, d_A)
     lam_G: torch.Tensor | None = None  # K-FAC factor eigenvalues (for pi-damping)
     lam_A: torch.Tensor | None = None
+
+
+def all_reduce_sums(
+    sums: list[torch.Tensor | None],
+    shapes: Sequence[tuple[int, ...]],
+    count: float,
+    group: Any,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[list[torch.Tensor | None], float]:
+    """Sum per-rank sums and the sample count over ``group`` with one ``all_reduce``.
+
+    A sum a rank does not have (``None``: no batch of its shard reached that layer)
+    enters as zeros with a flag; after the reduction an entry is ``None`` only if no
+    rank had it.  With ``group=None`` the inputs are returned.
+
+    >>> all_reduce_sums([torch.ones(2, 2), None], [(2, 2), (1, 1)], 3.0, None,
+    ...                 dtype=torch.float64, device=torch.device("cpu"))[1]
+    3.0
+    """
+    if group is None:
+        return sums, float(count)
+    parts, flags = [], []
+    for value, shape in zip(sums, shapes):
+        flags.append(0.0 if value is None else 1.0)
+        zeros = torch.zeros(math.prod(shape), dtype=dtype, device=device)
+        parts.append(zeros if value is None else value.reshape(-1).to(dtype))
+    parts.append(torch.tensor(flags, dtype=dtype, device=device))
+    total, weight = all_reduce_weighted(torch.cat(parts), float(count), group)
+    out: list[torch.Tensor | None] = []
+    start = 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(total[start : start + size].reshape(shape).clone())
+        start += size
+    seen = total[start:]
+    return [t if float(f) > 0 else None for t, f in zip(out, seen)], weight
 
 
 def _plan(
@@ -430,6 +466,18 @@ class KFACOperator(KroneckerEigenOperator):
         with the same targets for ``"mc"``, the empirical Fisher for ``"empirical"``).
     mc_samples, seed:
         Monte-Carlo targets per sample and their seed (``fisher="mc"``).
+    process_group:
+        As for the exact operators (:func:`curvops.distributed.resolve_group`): every
+        rank holds its shard of the data (e.g. :func:`curvops.distributed.shard_batches`)
+        and the factor sums and sample counts are summed over the group by one
+        ``all_reduce``, so each rank gets the factors of the union of the shards, weighted
+        as in one process (batches by their sizes :math:`N_b`; the remainder diagonal
+        likewise).  ``None``: the default group when initialised; ``False``: local.
+    share_with:
+        A K-FAC or E-KFAC operator built with the same model, loss, data object and
+        settings: this one then uses its factors, eigendecompositions and remainder
+        (computed once for both, e.g. when grading ``kfac`` and ``ekfac`` together)
+        instead of computing its own.
 
     Raises
     ------
@@ -469,6 +517,8 @@ class KFACOperator(KroneckerEigenOperator):
         remainder: str = "error",
         mc_samples: int = 1,
         seed: int = 0,
+        process_group: Any = None,
+        share_with: KFACOperator | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
@@ -490,6 +540,8 @@ class KFACOperator(KroneckerEigenOperator):
                 "(use fisher='empirical' for other losses)",
                 loss_fn,
             )
+        resolve_group(process_group)  # validates the argument early
+        self.process_group = process_group
         self._model = model
         self._loss_fn = check_loss(loss_fn)
         self._data: Data = as_data(data)
@@ -509,6 +561,8 @@ class KFACOperator(KroneckerEigenOperator):
         )
         self._layers = list(dict.fromkeys(b.module for b in blocks))
         self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._source = data
+        self._share = self._check_share(share_with)
 
     #: the heuristic pi-damped inverse is defined from the K-FAC factors
     supports_pi_damping = True
@@ -578,6 +632,12 @@ class KFACOperator(KroneckerEigenOperator):
             )
             yield batch, records
 
+    @staticmethod
+    def _d_out(module: nn.Module) -> int:
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0])
+
     def _compute_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         dtype, device = self.torch_dtype, self.device
         A_sums: dict[int, torch.Tensor] = {}
@@ -589,17 +649,29 @@ class KFACOperator(KroneckerEigenOperator):
             for record in records:
                 module = record.module
                 seen.add(module)
-                a = layer_inputs(module, record.inputs)
                 for i, block in enumerate(self._blocks):
                     if block.module is module and block.part != "bias":
-                        term = input_factor(self._block_inputs(block, a), self.approx)
-                        A_sums[i] = A_sums[i] + term if i in A_sums else term
-                G = sum(
-                    grad_factor(layer_output_grads(module, g), self.approx) for g in record.grads
-                )
-                assert isinstance(G, torch.Tensor)
-                G = G * batch.size
-                G_sums[module] = G_sums[module] + G if module in G_sums else G
+                        term = layer_input_factor(
+                            module, record.inputs, self.approx, ones=block.part == "joint"
+                        )
+                        A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
+                d_out = self._d_out(module)
+                G = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+                for g in record.grads:
+                    G.add_(layer_grad_factor(module, g, self.approx))
+                G.mul_(batch.size)
+                G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
+        group = resolve_group(self.process_group)
+        if group is not None:  # the sums of every rank's shard: one all_reduce
+            with_a = [i for i, b in enumerate(self._blocks) if b.part != "bias"]
+            shapes = [(self._blocks[i].cols, self._blocks[i].cols) for i in with_a]
+            shapes += [(self._d_out(m),) * 2 for m in self._layers]
+            sums = [A_sums.get(i) for i in with_a] + [G_sums.get(m) for m in self._layers]
+            reduced, total = all_reduce_sums(sums, shapes, count, group, dtype=dtype, device=device)
+            count = round(total)
+            A_sums = {i: t for i, t in zip(with_a, reduced) if t is not None}
+            G_sums = {m: t for m, t in zip(self._layers, reduced[len(with_a) :]) if t is not None}
+            seen = set(G_sums)
         missing = [b.layer for b in self._blocks if b.module not in seen]
         if missing:
             raise NumericalError(
@@ -638,9 +710,56 @@ class KFACOperator(KroneckerEigenOperator):
             seed=self.seed,
             params=names,
             bn_mode=self._bn_mode,
+            process_group=self.process_group,
         ).to(self.device, self.torch_dtype)
 
+    def _settings(self) -> tuple[Any, ...]:
+        return (
+            self.fisher,
+            self.approx,
+            self.bias,
+            self.remainder,
+            self.mc_samples,
+            self.seed,
+            self._bn_mode,
+            self.param_names,
+            self.torch_dtype,
+            self.process_group,
+        )
+
+    def _check_share(self, other: KFACOperator | None) -> KFACOperator | None:
+        if other is None:
+            return None
+        if not isinstance(other, KFACOperator):
+            raise argument_error(
+                "share_with", "a KFACOperator or EKFACOperator", other, kind=TypeError
+            )
+        same = (
+            other._model is self._model
+            and other._loss_fn is self._loss_fn
+            and other._source is self._source
+            and other._settings() == self._settings()
+        )
+        if not same:
+            raise argument_error(
+                "share_with",
+                "an operator on the same model, loss and data object with the same settings "
+                "(fisher, approx, bias, remainder, mc_samples, seed, bn_mode, params, dtype, "
+                "process_group)",
+                other,
+            )
+        return other._share if other._share is not None else other
+
+    #: whether :meth:`_compute` needs the factors' eigendecompositions (E-KFAC)
+    _needs_eigen = False
+
     def _compute(self) -> dict[str, Any]:
+        if self._share is not None:  # the factors of an operator with the same settings
+            source = self._share._statistics()
+            if self._needs_eigen:
+                self._kfac_eigen(source)  # kept in the source's cache: computed once for both
+            keys = ("A", "G", "remainder", "kfac_eigen")
+            return {key: source[key] for key in keys if key in source}
         As, Gs = self._compute_factors()
         return {"A": As, "G": Gs, "remainder": self._remainder_values()}
 

@@ -67,10 +67,13 @@ __all__ = [
     "batch_statistics",
     "check_choice",
     "conv_padding",
+    "drop_null_column",
     "flatten_loss_terms",
     "grad_factor",
     "input_factor",
     "is_supported",
+    "layer_grad_factor",
+    "layer_input_factor",
     "layer_inputs",
     "layer_output_grads",
     "output_factor",
@@ -168,6 +171,75 @@ def grad_factor(g: torch.Tensor, approx: str) -> torch.Tensor:
     return rows.T @ rows
 
 
+def _gram_sum(X: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_n X_n X_n^\top` of ``X`` shaped ``(N, D, T)`` (no copy of ``X``).
+
+    Batched matrix products over chunks of samples, each chunk's ``(chunk, D, D)``
+    products summed in place: faster than one ``(D, N T) x (N T, D)`` product, which
+    would first copy ``X`` into that layout, when ``T`` is not small next to ``D``.
+    """
+    n, d, t = X.shape
+    if 4 * t < d:  # few positions per sample: one large product on a copy is cheaper
+        rows = X.transpose(1, 2).reshape(-1, d)
+        return rows.T @ rows
+    chunk = max(1, min(8, (1 << 20) // (d * d)))
+    out = X.new_zeros(d, d)
+    for start in range(0, n, chunk):
+        part = X[start : start + chunk]
+        out += torch.bmm(part, part.transpose(1, 2)).sum(dim=0)
+    return out
+
+
+def layer_input_factor(
+    module: nn.Module, inputs: torch.Tensor, approx: str, *, ones: bool = False
+) -> torch.Tensor:
+    r""":func:`input_factor` of :func:`layer_inputs` (with ``bias=ones``), computed from the input.
+
+    For ``Conv2d`` the unfolded patches ``(N, d_in, T)`` are used in the layout
+    ``F.unfold`` returns them (no transposed copy); the column of ones for a joint bias
+    adds :math:`\frac1T\sum_{n,t} a_{n,t}` and :math:`N` (expand) without
+    materialising it.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return input_factor(layer_inputs(module, inputs, bias=ones), approx)
+    patches = F.unfold(
+        inputs,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=conv_padding(module) or (0, 0),
+        stride=module.stride,
+    )  # (N, d_in, T)
+    n, d, t = patches.shape
+    if approx == "reduce":
+        mean = patches.mean(dim=2)
+        if ones:
+            mean = torch.cat([mean, mean.new_ones(n, 1)], dim=1)
+        return mean.T @ mean
+    gram = _gram_sum(patches)
+    if t != 1:
+        gram.div_(t)
+    if not ones:
+        return gram
+    out = patches.new_empty(d + 1, d + 1)
+    out[:d, :d] = gram
+    total = patches.sum(dim=(0, 2)) / t
+    out[:d, d] = total
+    out[d, :d] = total
+    out[d, d] = n
+    return out
+
+
+def layer_grad_factor(module: nn.Module, grad_out: torch.Tensor, approx: str) -> torch.Tensor:
+    """:func:`grad_factor` of :func:`layer_output_grads` (``Conv2d``: no channels-last copy)."""
+    if not isinstance(module, nn.Conv2d):
+        return grad_factor(layer_output_grads(module, grad_out), approx)
+    g = grad_out.reshape(grad_out.shape[0], grad_out.shape[1], -1)  # (N, d_out, T)
+    if approx == "reduce":
+        total = g.sum(dim=2)
+        return total.T @ total
+    return _gram_sum(g)
+
+
 def flatten_loss_terms(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,11 +285,46 @@ def output_factor(
                 loss_fn,
             )
         factor, _ = output_hessian_factor(loss_fn, outputs, targets)
+        if loss_kind(loss_fn, outputs, targets) == "ce":
+            return drop_null_column(factor, torch.softmax(outputs.detach(), dim=-1).sqrt())
         return factor
     kind = "empirical" if fisher == "empirical" else "mc"
     return fisher_output_factor(
         loss_fn, outputs, targets, kind=kind, mc_samples=mc_samples, generator=generator
     )
+
+
+def drop_null_column(factor: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    r"""A factor with one column fewer and the same :math:`S S^\top`, given :math:`S u = 0`.
+
+    ``factor`` ``(n, C, C)`` with unit null vectors ``null`` ``(n, C)``
+    (:math:`u = \sqrt{p}` for the softmax cross-entropy factor
+    :math:`\operatorname{diag}(\sqrt p) - p\sqrt p^\top`, whose Hessian has rank
+    :math:`C - 1`).  With the Householder reflection :math:`R = I - 2ww^\top/w^\top w`,
+    :math:`w = u + e_C`, which maps :math:`e_C` to :math:`-u`, :math:`(SR)(SR)^\top =
+    SS^\top` and the last column of :math:`SR` is :math:`-Su = 0`: dropping it saves one
+    backward pass per batch of the ``C``.  If :math:`\|S u\|` is not at rounding level
+    (not that factor), ``factor`` is returned unchanged.
+
+    >>> p = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    >>> S = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)
+    >>> R = drop_null_column(S, p.sqrt())
+    >>> R.shape, bool(torch.allclose(R @ R.mT, S @ S.mT))
+    (torch.Size([1, 3, 2]), True)
+    """
+    c = factor.shape[-1]
+    if factor.ndim != 3 or c < 2 or null.shape != factor.shape[::2]:
+        return factor
+    residual = (factor @ null.unsqueeze(-1)).abs().amax()
+    scale = factor.abs().amax()
+    if not bool(residual <= 64 * c * torch.finfo(factor.dtype).eps * scale):
+        return factor
+    w = null.clone()
+    w[:, -1] += 1.0
+    coef = 2.0 / (w * w).sum(dim=-1)  # w^T w = 2 + 2 u_C >= 2
+    Sw = factor @ w.unsqueeze(-1)  # (n, C, 1)
+    reflected = factor - (coef.reshape(-1, 1, 1) * Sw) * w.unsqueeze(1)
+    return reflected[:, :, :-1]
 
 
 @dataclass

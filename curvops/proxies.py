@@ -52,6 +52,7 @@ __all__ = [
     "diagonal_of",
     "layer_blocks",
     "low_rank",
+    "make_proxies",
     "make_proxy",
 ]
 
@@ -293,6 +294,7 @@ def make_proxy(
     bn_mode: str | None = None,
     seed: int = 0,
     num_matvecs: int = 100,
+    share_with: Any = None,
 ) -> CurvatureOperator:
     """Build a proxy from its name (the vocabulary of ``curvature compare --approx``).
 
@@ -302,6 +304,9 @@ def make_proxy(
     ``"diag-ef"`` (:func:`diagonal_approximation`); ``"blocks"`` (:func:`layer_blocks`
     of the GGN); ``"low-rank-K"`` and ``"low-rank-K-diag"`` (:func:`low_rank` of
     ``exact``, the latter plus a Hutchinson diagonal of the remainder).
+
+    ``share_with`` (K-FAC/E-KFAC only): an operator with the same settings whose factors
+    to reuse (see :class:`curvops.KFACOperator`; :func:`make_proxies` does this).
 
     Raises
     ------
@@ -335,6 +340,7 @@ def make_proxy(
             params=params,
             bn_mode=bn_mode,
             seed=seed,
+            share_with=share_with,
         )
     if parts[0] == "diag" and len(parts) == 2 and parts[1] in _DIAGONAL_SPECS:
         return diagonal_approximation(
@@ -364,3 +370,58 @@ def make_proxy(
         "diag-hutchinson, diag-ef, blocks, low-rank-K or low-rank-K-diag",
         spec,
     )
+
+
+def make_proxies(
+    specs: Any,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    **kwargs: Any,
+) -> dict[str, CurvatureOperator]:
+    """:func:`make_proxy` for each name in ``specs``, sharing work between them.
+
+    ``kfac`` and ``ekfac`` proxies with the same options (``-reduce``, ``-mc``, ...) share
+    one computation of the Kronecker factors, their eigendecompositions and the
+    remainder diagonal (``share_with``); E-KFAC adds only its eigenvalue correction.
+
+    Parameters
+    ----------
+    specs : sequence of str
+        Proxy names.
+    model, loss_fn, data, **kwargs
+        As for :func:`make_proxy`.
+
+    Returns
+    -------
+    dict
+        ``name -> operator``, in the order of ``specs``.
+
+    Raises
+    ------
+    ValueError
+        ``specs`` a single string, and the errors of :func:`make_proxy`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2).double()
+    >>> data = (torch.ones(3, 2, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    >>> P = make_proxies(["kfac", "ekfac"], net, torch.nn.CrossEntropyLoss(), data)
+    >>> bool(torch.allclose(P["kfac"].factors()[0][0], P["ekfac"].factors()[0][0]))
+    True
+    """
+    if isinstance(specs, str):
+        raise argument_error("specs", "a sequence of proxy names", specs)
+    built: dict[str, CurvatureOperator] = {}
+    kronecker: dict[frozenset[str], Any] = {}
+    for spec in specs:
+        parts = spec.lower().split("-") if isinstance(spec, str) else []
+        options = frozenset(parts[1:])
+        if parts and parts[0] in ("kfac", "ekfac") and options <= _KFAC_OPTIONS:
+            op = make_proxy(spec, model, loss_fn, data, share_with=kronecker.get(options), **kwargs)
+            kronecker.setdefault(options, op)
+        else:
+            op = make_proxy(spec, model, loss_fn, data, **kwargs)
+        built[spec] = op
+    return built

@@ -16,6 +16,11 @@ writes everything under ``out_dir``:
 ``spectra/spectrum-XXXXX-*.npz``        Hessian and GGN spectra (Hessian ``-eigvec.npz``)
 ``spectra/ggn-diagonal-XXXXX.npz``      ``diagonal`` (MC; ``diagonal_exact`` if asked),
                                         ``config_json``
+``compare-XXXXX-ggn.npz``, ``.png``     K-FAC, E-KFAC, the exact and MC GGN diagonals and
+                                        a low-rank proxy graded against the exact GGN
+                                        (:func:`nets.workflow.compare.compare_curvatures`
+                                        on 256 training images, BatchNorm in eval mode):
+                                        the reports and every spectrum in one unit (CDFs)
 ``landscape-XXXXX.npz``                 loss/accuracy along the directions
 ``landscape-plane-XXXXX.npz``           loss/accuracy over the top-1/top-2 plane
 ``training.png``                        training curves
@@ -93,6 +98,9 @@ class DemoSettings:
     optimizer: str = "SGD"
     subsample: int | None = None  # samples used by the spectra and the landscape
     diagonal: bool = True
+    #: proxies graded against the exact GGN (``None``: no comparison stage)
+    compare: tuple[str, ...] | None = ("kfac", "ekfac", "diag-ggn", "diag-mc", "low-rank-10")
+    compare_samples: int = 256  # the first training images, one batch
     track_every: int | None = 20  # curvature tracking during training (None: off)
 
     @property
@@ -113,8 +121,16 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Two epochs, eight Lanczos steps, five landscape points, no plane."""
-        return cls(epochs=2, lanczos_iters=8, landscape_points=5, plane=False, track_every=10)
+        """Two epochs, eight Lanczos steps, five landscape points, no plane, a small comparison."""
+        return cls(
+            epochs=2,
+            lanczos_iters=8,
+            landscape_points=5,
+            plane=False,
+            track_every=10,
+            compare=("kfac", "ekfac", "diag-ggn", "diag-mc", "low-rank-4"),
+            compare_samples=64,
+        )
 
     @classmethod
     def language_model(cls, quick: bool = False) -> DemoSettings:
@@ -133,6 +149,7 @@ class DemoSettings:
             subsample=16 if quick else 64,
             diagonal=False,
             track_every=None,
+            compare=None,
         )
 
     @property
@@ -297,7 +314,8 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
     }
     spectra: dict[str, Path] = {}
     diagonals: dict[str, np.ndarray] = {}
-    with tqdm(total=6, disable=not progress, unit="stage") as bar:
+    reports: dict[str, Any] = {}
+    with tqdm(total=7, disable=not progress, unit="stage") as bar:
         with _stage(summary, "training", bar):
             summary.files += _train(out, settings, common)
         checkpoint = out / checkpoint_name(settings.epochs)
@@ -308,6 +326,9 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
         with _stage(summary, "GGN diagonal", bar):
             if settings.diagonal:  # the language model has no Monte-Carlo diagonal stage
                 summary.files.append(_diagonals(out, checkpoint, settings, dev, diagonals))
+        with _stage(summary, "proxies vs exact GGN", bar):
+            if settings.compare:  # K-FAC & co. need a recognised classification loss
+                summary.files += _compare(out, checkpoint, settings, dev, reports)
         with _stage(summary, "loss landscape", bar):
             landscapes = _landscapes(out, checkpoint, spectra["hessian"], settings, common)
             summary.files += landscapes
@@ -316,7 +337,7 @@ def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool
                 _draw(draw, out / name)
                 summary.files.append(out / name)
 
-    _summarise(summary, spectra, diagonals, landscapes[0], settings, dev)
+    _summarise(summary, spectra, diagonals, landscapes[0], settings, dev, reports)
     return summary
 
 
@@ -413,6 +434,39 @@ def _diagonals(
     diagonal_path = out / "spectra" / f"ggn-diagonal-{settings.epochs:05d}.npz"
     save_npz(diagonal_path, **arrays)
     return diagonal_path
+
+
+def _compare(
+    out: Path, checkpoint: Path, settings: DemoSettings, dev: torch.device, reports: dict[str, Any]
+) -> list[Path]:
+    """The proxies of ``settings.compare`` against the exact GGN (into ``reports``); files."""
+    from nets.checkpoint import model_from_checkpoint
+    from nets.data import load_dataset, make_loader
+    from nets.workflow.compare import compare_curvatures
+
+    assert settings.compare is not None
+    model, _ = model_from_checkpoint(checkpoint, dev)
+    dataset = load_dataset(settings.dataset).train_eval
+    batch = next(iter(make_loader(dataset, settings.compare_samples, shuffle=False)))
+    target = out / f"compare-{settings.epochs:05d}-ggn.npz"
+    figure = target.with_suffix(".png")
+    low_rank = [int(name.split("-")[2]) for name in settings.compare if name.startswith("low-")]
+    reports.update(
+        compare_curvatures(
+            model,
+            torch.nn.CrossEntropyLoss(),
+            batch,
+            approximations=settings.compare,
+            exact="ggn",
+            bn_mode="eval",
+            k=min([10, *low_rank]),
+            num_iters=settings.lanczos_iters,
+            seed=settings.seed,
+            save_path=target,
+            figure_path=figure,
+        )
+    )
+    return [target, figure]
 
 
 def _landscapes(
@@ -515,6 +569,7 @@ def _summarise(
     landscape_path: Path,
     settings: DemoSettings,
     device: torch.device,
+    reports: dict[str, Any],
 ) -> None:
     from nets.plots.spectrum import spectrum_summary
 
@@ -586,6 +641,23 @@ def _summarise(
         )  # fmt: skip
     rows.append(("directions", "unit Euclidean norm in parameter space (t in these units)"))
     summary.add("Loss landscape (full passes, eval mode)", rows)
+    if reports:
+        rows = [
+            (
+                "of the mean loss on the first "
+                f"{settings.compare_samples} training images, BatchNorm in",
+                "eval mode (running statistics)",
+            )
+        ]
+        for name, r in reports.items():
+            top = (
+                float(np.abs(r.top_eigenvalue_errors[0])) if r.top_eigenvalue_errors.size else None
+            )
+            rows.append(
+                (f"{name}: W1 / top-1 rel. err / trace rel. err",
+                 f"{_fmt(float(r.wasserstein))} / {_fmt(top)} / {_fmt(float(r.trace_error))}")
+            )  # fmt: skip
+        summary.add("Proxies against the exact GGN", rows)
     summary.add(
         f"Files (under {out})",
         [(str(p.relative_to(out)) if p.is_relative_to(out) else str(p), "written")

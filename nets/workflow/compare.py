@@ -21,16 +21,17 @@ The model is never changed and the global random states are left as they were.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from curvops import GGNOperator, HessianOperator
+from curvops import GGNOperator, HessianOperator, LowRank
 from curvops.comparison import ApproximationReport, compare_all
-from curvops.proxies import make_proxy
+from curvops.proxies import make_proxies
 from nets.workflow._resolve import preserve_global_state
 from spectral.errors import argument_error
 from spectral.io import save_npz
@@ -40,9 +41,19 @@ __all__ = ["compare_curvatures", "save_reports"]
 _EXACT = {"ggn": GGNOperator, "hessian": HessianOperator}
 
 
-def save_reports(path: str | os.PathLike[str], reports: dict[str, ApproximationReport]) -> None:
-    """Write reports to one ``.npz`` with keys ``<name>/<field>`` (atomic, no pickles)."""
+def save_reports(
+    path: str | os.PathLike[str],
+    reports: dict[str, ApproximationReport],
+    *,
+    config: Mapping[str, Any] | None = None,
+) -> None:
+    """Write reports to one ``.npz`` with keys ``<name>/<field>`` (atomic, no pickles).
+
+    ``config`` (the settings that produced them) is stored as JSON under ``config_json``.
+    """
     arrays: dict[str, np.ndarray] = {"names": np.array(list(reports))}
+    if config is not None:
+        arrays["config_json"] = np.array(json.dumps(dict(config), sort_keys=True, default=str))
     for name, report in reports.items():
         for key, value in report.as_arrays().items():
             arrays[f"{name}/{key}"] = value
@@ -82,7 +93,8 @@ def compare_curvatures(
     k, num_iters, num_probes, damping, seed:
         As for :func:`curvops.compare`.
     save_path, figure_path:
-        Where to write the reports (``.npz``) and the spectra figure (png/pdf).
+        Where to write the reports (``.npz``, with these settings as ``config_json``)
+        and the spectra figure (png/pdf).
 
     Raises
     ------
@@ -97,17 +109,36 @@ def compare_curvatures(
         )
     with preserve_global_state():
         A = _EXACT[exact](model, loss_fn, data, params=params, bn_mode=bn_mode)
-        proxies = {
-            name: make_proxy(
-                name, model, loss_fn, data, exact=A, params=params, bn_mode=bn_mode, seed=seed
-            )
-            for name in approximations
-        }
+        proxies = make_proxies(
+            approximations, model, loss_fn, data, exact=A, params=params, bn_mode=bn_mode, seed=seed
+        )
+        # a low-rank proxy was built from the exact operator's converged top eigenpairs
+        # (tolerance 1e-8): they are the exact side's top-k too, no second eigensolve
+        ranked = [op for op in proxies.values() if isinstance(op, LowRank) and op.rank >= k]
+        exact_pairs = (ranked[0].weights, ranked[0].factor) if ranked else None
         reports = compare_all(
-            proxies, A, k=k, num_iters=num_iters, num_probes=num_probes, damping=damping, seed=seed
+            proxies,
+            A,
+            k=k,
+            num_iters=num_iters,
+            num_probes=num_probes,
+            damping=damping,
+            seed=seed,
+            exact_pairs=exact_pairs,
         )
     if save_path is not None:
-        save_reports(save_path, reports)
+        config = {
+            "function": "compare_curvatures",
+            "approximations": list(approximations),
+            "exact": exact,
+            "bn_mode": bn_mode,
+            "k": k,
+            "num_iters": num_iters,
+            "num_probes": num_probes,
+            "damping": damping,
+            "seed": seed,
+        }
+        save_reports(save_path, reports, config=config)
     if figure_path is not None:
         from nets.plots._figure import close_figure
         from nets.plots.approximations import plot_approximations

@@ -46,3 +46,42 @@ def test_autograd_fallback_and_errors() -> None:
         ggn_diagonal(model, loss, data, method="hutchinson")
     with pytest.raises(ValueError, match="loss_fn"):
         ggn_diagonal(model, loss, data, method="mc")
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch mean: samples interact, unknown to any module-type check."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=0, keepdim=True)
+
+
+@pytest.mark.parametrize("case", CASES[1::2], ids=lambda c: c.id)
+def test_per_sample_jacobians_are_used_where_samples_do_not_interact(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import curvops.diagonal as diagonal
+
+    model, loss, data = case.build()
+    D = dense_ggn(model, loss, data, bn_mode=case.bn_mode)
+    coupled = case.bn_mode == "train" and any(
+        isinstance(m, nn.BatchNorm2d) for m in model.modules()
+    )
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("batched products used")
+
+    if not coupled:
+        monkeypatch.setattr(diagonal, "_sum_squared_vjps", refuse)
+    monkeypatch.setattr(diagonal, "_PER_SAMPLE_BUDGET", 1)  # one sample per chunk
+    d = ggn_diagonal(model, loss, data, bn_mode=case.bn_mode, chunk_size=7)
+    assert relative_error(d, torch.diagonal(D)) <= 1e-10
+
+
+def test_samples_that_interact_fall_back_to_batched_products() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _BatchCentred(), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = nn.CrossEntropyLoss()
+    d = ggn_diagonal(model, loss, (x, y))
+    assert relative_error(d, torch.diagonal(dense_ggn(model, loss, (x, y)))) <= 1e-10

@@ -23,6 +23,7 @@ FIGURES = (
     "lanczos-vs-diagonal.png",
     "landscape.png",
     "curvature-tracking.png",
+    "compare-00001-ggn.png",
 )
 
 
@@ -41,8 +42,21 @@ def test_demo_command_writes_every_file_and_prints_the_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import nets.demo
+    import nets.plots.approximations as approximations
 
     summaries: list[DemoSummary] = []
+    drawn: list[dict[str, object]] = []
+    plot_approximations = approximations.plot_approximations
+
+    def recording_plot(*args: object, **kwargs: object) -> object:
+        fig = plot_approximations(*args, **kwargs)  # type: ignore[arg-type]
+        (ax,) = fig.axes  # one axis: one unit for every curve
+        curves = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+        drawn.append({"ylabel": ax.get_ylabel(), "bars": len(ax.patches) + len(ax.containers),
+                      "curves": curves})  # fmt: skip
+        return fig
+
+    monkeypatch.setattr(approximations, "plot_approximations", recording_plot)
 
     def recording_run_demo(*args: object, **kwargs: object) -> DemoSummary:
         summary = run_demo(*args, **kwargs)  # type: ignore[arg-type]
@@ -71,6 +85,20 @@ def test_demo_command_writes_every_file_and_prints_the_summary(
     assert diag["diagonal"].shape == (int(arrays["num_params"]),)
     assert np.all(diag["diagonal"] >= 0)
     assert "diagonal_exact" not in diag
+    # the proxies graded against the exact GGN: the reports and one figure in one unit
+    compared = load_npz(tmp_path / "compare-00001-ggn.npz")
+    proxies = ["kfac", "ekfac", "diag-ggn", "diag-mc", "low-rank-4"]
+    assert compared["names"].tolist() == proxies
+    for name in proxies:
+        assert np.isfinite(compared[f"{name}/wasserstein"]) and compared[f"{name}/wasserstein"] >= 0
+    assert json.loads(str(compared["config_json"]))["bn_mode"] == "eval"
+    (figure,) = drawn
+    assert figure["ylabel"] == "cumulative fraction of eigenvalues" and figure["bars"] == 0
+    curves = figure["curves"]
+    assert isinstance(curves, list) and len(curves) == 1 + len(proxies)  # exact + each proxy
+    for y in curves:  # every curve a CDF: the same unit on the one density axis
+        assert np.all(np.diff(y) >= 0) and y[0] >= 0 and abs(y[-1] - 1.0) < 1e-12
+    assert "Proxies against the exact GGN" in out
     land = load_npz(tmp_path / "landscape-00001.npz")
     assert land["train_loss"].shape == (4, 5)  # top-1, top-2, bottom-1, random-1
     mid = land["t"].size // 2
