@@ -24,7 +24,9 @@ the columns :math:`j` of an output-space factor :math:`S` of batch :math:`b`'s c
 (``"type2"``, :func:`curvops.losses.output_hessian_factor`), or the sampled
 (``"mc"``) or true-label (``"empirical"``) NLL gradients of
 :func:`curvops.fisher.fisher_output_factor`.  Batches are weighted by their sizes
-:math:`N_b/N` as in the exact operators.  With a bias, :math:`a` is extended by a
+:math:`N_b/N`, as in the exact operators for losses that weight their terms equally;
+a cross-entropy with ignored targets or class weights (normalised by its counted
+targets) is refused (:func:`check_equal_term_weights`).  With a bias, :math:`a` is extended by a
 constant 1 (weight and bias jointly), or the bias gets its own block :math:`G \otimes [1]`.
 Outputs with extra dimensions are flattened into loss terms first (cross-entropy:
 ``(N, C, ...)``; MSE and BCE: ``(N, ..., C)``), as in curvlinops.
@@ -57,7 +59,15 @@ from torch import nn
 from curvops._model_state import curvature_mode, functional_forward
 from curvops.data import Batch, move_to
 from curvops.fisher import fisher_output_factor
-from curvops.losses import LossFn, batch_generator, loss_family, loss_kind, output_hessian_factor
+from curvops.losses import (
+    LossFn,
+    batch_generator,
+    batch_normaliser,
+    loss_family,
+    loss_kind,
+    loss_reduction,
+    output_hessian_factor,
+)
 from spectral.errors import NumericalError, argument_error
 
 __all__ = [
@@ -66,6 +76,7 @@ __all__ = [
     "LayerRecord",
     "batch_statistics",
     "check_choice",
+    "check_equal_term_weights",
     "conv_padding",
     "drop_null_column",
     "flatten_loss_terms",
@@ -259,6 +270,38 @@ def flatten_loss_terms(
     return outputs, targets
 
 
+def check_equal_term_weights(
+    loss_fn: LossFn, inputs: Any, targets: torch.Tensor, terms: int
+) -> None:
+    """Refuse a loss whose mean does not weight its ``terms`` loss terms equally.
+
+    K-FAC's factors average over the loss terms (samples, or positions after
+    :func:`flatten_loss_terms`) and weight batches by their sizes.  A cross-entropy
+    that skips ``ignore_index`` targets or weights classes divides by the counted
+    targets instead (:func:`curvops.losses.batch_normaliser`): its K-FAC would be
+    normalised differently from the exact curvature it approximates, and a list of
+    batches would differ from their concatenation (by 3.6 % for the empirical
+    Fisher on a small MLP with 4 ignored targets of 10).  Such losses are refused.
+
+    Raises
+    ------
+    ValueError
+        Naming ``loss_fn``, the normaliser and the number of loss terms.
+    """
+    if loss_family(loss_fn) not in ("ce", "nll", "seq_ce"):
+        return
+    nu = batch_normaliser(loss_fn, inputs, targets, terms)
+    if loss_reduction(loss_fn) == "sum" or nu == float(terms):
+        return
+    raise argument_error(
+        "loss_fn",
+        f"a loss whose mean weights its {terms} loss terms equally for K-FAC (this batch's "
+        f"normaliser is {nu:g}: ignored targets or class weights); use the exact operators "
+        "(GGNOperator, FisherOperator, diagonal_approximation) for such losses",
+        loss_fn,
+    )
+
+
 def output_factor(
     loss_fn: LossFn,
     outputs: torch.Tensor,
@@ -398,6 +441,7 @@ def batch_statistics(
         with torch.enable_grad():
             outputs = functional_forward(model, names, leaves, inputs)
     flat, flat_targets = flatten_loss_terms(loss_fn, outputs, targets)
+    check_equal_term_weights(loss_fn, inputs, flat_targets, int(flat.shape[0]))
     generator = batch_generator(seed, batch.index) if fisher == "mc" else None
     S = output_factor(
         loss_fn,

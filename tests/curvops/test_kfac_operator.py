@@ -438,3 +438,32 @@ def test_factors_do_not_depend_on_how_the_data_is_split_into_batches(fisher: str
         torch.testing.assert_close(A2, A1, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(G3, G1, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(A3, A1, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fisher", ["type2", "mc", "empirical"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(ignore_index=-100),
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5])),
+    ],
+    ids=["ignore_index", "class-weights"],
+)
+def test_losses_not_weighting_terms_equally_are_refused(fisher: str, loss_fn: nn.Module) -> None:
+    # K-FAC averages over loss terms: with ignored targets or class weights the mean loss
+    # divides by something else, and a list of batches would differ from their union.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    loss_fn = (
+        loss_fn.double() if hasattr(loss_fn, "weight") and loss_fn.weight is not None else loss_fn
+    )
+    x = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, -100, 2, -100, 0, 1, 0, 2, 1])
+    if loss_fn.weight is not None:
+        y = y.clamp_min(0)
+    with pytest.raises(ValueError, match=r"Argument 'loss_fn'.*weights its 10 loss terms equally"):
+        KFACOperator(model, loss_fn, (x, y), fisher=fisher).to_dense()
+    ok = KFACOperator(
+        model, nn.CrossEntropyLoss(ignore_index=-100), (x, y.clamp_min(0)), fisher=fisher
+    )
+    assert bool(torch.isfinite(torch.as_tensor(ok.to_dense())).all())
