@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_map
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
+from curvops.differentiability import UntrackedUseRecorder
 from curvops.distributed import all_reduce_weighted, resolve_group
 from curvops.fisher import fisher_output_factor
 from curvops.kronecker import drop_null_column
@@ -258,8 +259,10 @@ def ggn_diagonal(
             inputs = move_to(batch.inputs, device, dtype)
             targets = move_to(batch.targets, device, dtype)
             leaves = [p.detach().requires_grad_(True) for _, p in named]
-            with torch.enable_grad():
+            recorder = UntrackedUseRecorder(leaves)
+            with torch.enable_grad(), recorder:
                 out = functional_forward(model, names, leaves, inputs)
+            recorder.check([out], names=names)
             if method == "exact":
                 factor, signs = output_hessian_factor(loss_fn, out, targets)
                 if loss_kind(loss_fn, out, targets) == "ce":  # rank C - 1: one column fewer

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops import FisherOperator, GGNOperator, HessianOperator, ggn_diagonal
 from curvops.differentiability import UntrackedParameterError, UntrackedUseRecorder
 from curvops.testing import dense_ggn, dense_hessian
 
@@ -117,6 +117,12 @@ def test_reentrant_checkpoint_without_input_gradients_is_refused(kind: str) -> N
         op @ _vector(model)
     assert "'first.weight', 'first.bias'" in str(info.value)  # named by the operator
     assert info.value.indices == (0, 1)
+
+
+def test_the_ggn_diagonal_refuses_too() -> None:
+    model = _checkpointed(True)
+    with pytest.raises(UntrackedParameterError, match=r"'first\.weight', 'first\.bias'"):
+        ggn_diagonal(model, nn.CrossEntropyLoss(), _data())
 
 
 def test_non_reentrant_checkpoint_gives_the_exact_products() -> None:
