@@ -271,9 +271,6 @@ def _layer_norm_double_backward(
                 gy, x, shape, mean, rstd, uw, None, [True, False, False]
             )[0]
         if ux is not None:
-            xhat = (x - mean).mul_(rstd)
-            ghat = gy if weight is None else gy * weight
-            u_mean, g_mean = ux.mean(dims, keepdim=True), ghat.mean(dims, keepdim=True)
             flat, size = len(rows), math.prod(shape)
 
             def row_mean(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -281,9 +278,16 @@ def _layer_norm_double_backward(
                     mean.shape
                 )
 
-            c, b, e = row_mean(ux, xhat), row_mean(ghat, xhat), row_mean(ux, ghat)
-            r2 = rstd.square()
-            term = (b * ux).mul_(r2)
+            if ctx.constants is None:  # what depends on delta and x only, once per graph
+                xhat = aten.native_layer_norm(x, shape, None, None, eps)[0]
+                ghat = gy if weight is None else gy * weight
+                r2 = rstd.square()
+                b = row_mean(ghat, xhat)
+                ctx.constants = (xhat, ghat, ghat.mean(dims, keepdim=True), b, r2, r2 * b)
+            xhat, ghat, g_mean, b, r2, r2b = ctx.constants
+            u_mean = ux.mean(dims, keepdim=True)
+            c, e = row_mean(ux, xhat), row_mean(ux, ghat)
+            term = ux * r2b
             term.addcmul_(ghat, c * r2)
             term.addcmul_(xhat, (e - u_mean * g_mean - 3.0 * c * b).mul_(r2))
             term.sub_((b * u_mean + c * g_mean).mul_(r2))
@@ -309,6 +313,7 @@ class _LayerNormBackward(torch.autograd.Function):
     ) -> tuple[Any, Any, Any]:
         ctx.save_for_backward(gy, x, weight, mean, rstd, bias)
         ctx.shape, ctx.eps = shape, eps
+        ctx.constants = None  # x_hat, g_hat and row statistics, at the first product
         ctx.set_materialize_grads(False)
         gx, gw, gb = aten.native_layer_norm_backward(gy, x, shape, mean, rstd, weight, bias, mask)
         return gx, gw, gb
@@ -379,6 +384,7 @@ class _SoftmaxBackward(torch.autograd.Function):
     def forward(ctx: Any, gy: torch.Tensor, y: torch.Tensor, dim: int) -> Any:
         ctx.save_for_backward(gy, y)
         ctx.dim = dim
+        ctx.centred = None
         ctx.set_materialize_grads(False)
         return aten._softmax_backward_data(gy, y, dim, y.dtype)
 
@@ -400,9 +406,10 @@ class _SoftmaxBackward(torch.autograd.Function):
         d_gy = aten._softmax_backward_data(u, y, dim, y.dtype) if need_gy else None
         d_y = None
         if need_y:
-            s_gy = (gy * y).sum(dim, keepdim=True)
+            if ctx.centred is None:  # delta - <delta, y>, once per graph
+                ctx.centred = gy - (gy * y).sum(dim, keepdim=True)
             s_u = (u * y).sum(dim, keepdim=True)
-            d_y = (gy - s_gy).mul_(u)
+            d_y = ctx.centred * u
             d_y.sub_(gy * s_u)
         return d_gy, d_y, None
 
@@ -526,13 +533,15 @@ def _lean_attention(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only
         return NotImplemented
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    if call["is_causal"]:
+    if call["is_causal"]:  # an additive mask: its backward passes the gradient through
         rows, cols = scores.shape[-2:]
         keep = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        bias = torch.zeros(rows, cols, dtype=scores.dtype, device=q.device)
+        scores = scores + bias.masked_fill_(~keep, float("-inf"))
     elif mask is not None:
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device)
+            scores = scores + bias.masked_fill_(~mask, float("-inf"))
         elif mask.dtype == scores.dtype:
             scores = scores + mask
         else:
