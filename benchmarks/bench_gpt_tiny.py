@@ -15,10 +15,11 @@ order rotated) after an untimed warm-up (which builds our cached graphs); the un
 the gradient ``torch.autograd.grad(loss(model(x), y), params)``.  Peak memory is the
 growth of the process's peak resident set (``VmHWM`` reset through
 ``/proc/self/clear_refs``, Linux) during one gradient / one first product (graph
-building included) after a warm-up call, each measured in a fresh subprocess (median of
-three).  Ratios are per round (the product over the same round's gradient): median and
-range, in wall-clock time and in the CPU time of the measuring thread (less sensitive to
-other processes on a shared machine).  Run::
+building included) after a warm-up call whose memory is freed and returned to the system
+(``malloc_trim``), each measured in a fresh subprocess (median of three).  Ratios are per
+round (the product over the same round's gradient): median and range, in wall-clock time
+and in the CPU time of the measuring thread (less sensitive to other processes on a shared
+machine).  Run::
 
     python benchmarks/bench_gpt_tiny.py --out benchmarks/gpt_tiny.json
 
@@ -28,6 +29,8 @@ other processes on a shared machine).  Run::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -183,15 +186,26 @@ def _memory_child(kind: str, batch: int) -> None:
     else:
         op = cls(model, loss_fn, data)
         fn = lambda: op.matvec(v)  # noqa: E731
-    fn()  # warm-up: lazy initialisation, allocator pools (then freed)
+    fn()  # warm-up: lazy initialisation (then freed)
     if kind != "gradient":
+        del fn, op  # free the warm-up graphs before building the measured ones
         op = cls(model, loss_fn, data)  # a fresh operator: the first product builds graphs
         fn = lambda: op.matvec(v)  # noqa: E731
+    gc.collect()
+    _return_free_memory()  # freed heap pages would hide the growth of the measured call
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (Linux >= 4.0)
     before = _status_kib("VmRSS")
     fn()
     after = _status_kib("VmHWM")
     print(json.dumps({"kind": kind, "peak_growth_mib": (after - before) / 1024.0}))
+
+
+def _return_free_memory() -> None:
+    """``malloc_trim(0)``: give the allocator's free pages back to the system (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement is then an upper bound
+        pass
 
 
 def _status_kib(field: str) -> int:
