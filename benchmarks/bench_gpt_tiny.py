@@ -15,7 +15,11 @@ order rotated) after an untimed warm-up (which builds our cached graphs); the un
 the gradient ``torch.autograd.grad(loss(model(x), y), params)``.  Peak memory is the
 growth of the process's peak resident set (``VmHWM`` reset through
 ``/proc/self/clear_refs``, Linux) during one gradient / one first product (graph
-building included) after a warm-up call, each measured in a fresh subprocess.  Run::
+building included) after a warm-up call whose memory is freed and returned to the system
+(``malloc_trim``), each measured in a fresh subprocess (median of three).  Ratios are per
+round (the product over the same round's gradient): median and range, in wall-clock time
+and in the CPU time of the measuring thread (less sensitive to other processes on a shared
+machine).  Run::
 
     python benchmarks/bench_gpt_tiny.py --out benchmarks/gpt_tiny.json
 
@@ -25,6 +29,8 @@ building included) after a warm-up call, each measured in a fresh subprocess.  R
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -37,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,20 +85,36 @@ def _gradient(model: nn.Module, loss_fn: nn.Module, data: Any) -> Callable[[], A
     return grad
 
 
-def _median_times(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+def _round_times(fns: dict[str, Callable[[], Any]], rounds: int, clock: Callable[[], float]) -> Any:
+    """Seconds of every callable in every round (interleaved, order rotated)."""
     for fn in fns.values():  # warm-up: graphs, caches, allocator
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(clock() - t0)
+    return times
 
 
-def measure(batch: int, rounds: int, lanczos_steps: int) -> dict[str, Any]:
+def _ratios(times: dict[str, list[float]], name: str) -> dict[str, float]:
+    """Median and range over rounds of ``name``'s time over the same round's gradient."""
+    per_round = [t / g for t, g in zip(times[name], times["gradient"])]
+    return {
+        "median": statistics.median(per_round),
+        "min": min(per_round),
+        "max": max(per_round),
+    }
+
+
+def _under(backends: list[SDPBackend], fn: Callable[[], Any]) -> Any:
+    with sdpa_kernel(backends):
+        return fn()
+
+
+def measure(batch: int, rounds: int, lanczos_steps: int, cpu_time: bool = True) -> dict[str, Any]:
     """Products, Lanczos steps and their agreement, for every library that runs."""
     model, loss_fn, data = make_setup(batch)
     num_params = sum(p.numel() for p in model.parameters())
@@ -112,7 +135,13 @@ def measure(batch: int, rounds: int, lanczos_steps: int) -> dict[str, Any]:
             fn = getattr(bound, kind)
             if fn is not None:
                 fns[f"{lib} {kind}"] = lambda fn=fn: fn(v)
-    seconds = _median_times(fns, rounds)
+    math_only = [SDPBackend.MATH]  # the peers need attention with second derivatives
+    for name in list(fns):
+        if not name.startswith(("gradient", "ours")):
+            fns[name] = lambda fn=fns[name]: _under(math_only, fn)
+    wall = _round_times(fns, rounds, time.perf_counter)
+    cpu = _round_times(fns, rounds, time.thread_time) if cpu_time else None
+    seconds = {k: statistics.median(v) for k, v in wall.items()}
     unit = seconds["gradient"]
     ref = {k: torch.as_tensor(bounds["ours"].__dict__[k](v)) for k in ("hvp", "ggn")}
     rows = []
@@ -121,11 +150,15 @@ def measure(batch: int, rounds: int, lanczos_steps: int) -> dict[str, Any]:
         for kind in ("hvp", "ggn"):
             if f"{lib} {kind}" in seconds:
                 row[f"{kind}_s"] = seconds[f"{lib} {kind}"]
-                row[f"{kind}_gradient_times"] = seconds[f"{lib} {kind}"] / unit
-                out = torch.as_tensor(getattr(bound, kind)(v))
+                row[f"{kind}_gradient_times"] = _ratios(wall, f"{lib} {kind}")
+                if cpu is not None:
+                    row[f"{kind}_gradient_times_cpu"] = _ratios(cpu, f"{lib} {kind}")
+                with sdpa_kernel(math_only):
+                    out = torch.as_tensor(getattr(bound, kind)(v))
                 row[f"{kind}_rel_diff_to_ours"] = float((out - ref[kind]).norm() / ref[kind].norm())
         if bound.lanczos is not None:
-            timing = bound.lanczos(lanczos_steps)
+            with sdpa_kernel(math_only):
+                timing = bound.lanczos(lanczos_steps)
             row["lanczos_step_s"] = timing.per_step
             row["lanczos_method"] = timing.method
             row["lanczos_overhead"] = timing.overhead
@@ -153,15 +186,26 @@ def _memory_child(kind: str, batch: int) -> None:
     else:
         op = cls(model, loss_fn, data)
         fn = lambda: op.matvec(v)  # noqa: E731
-    fn()  # warm-up: lazy initialisation, allocator pools (then freed)
+    fn()  # warm-up: lazy initialisation (then freed)
     if kind != "gradient":
+        del fn, op  # free the warm-up graphs before building the measured ones
         op = cls(model, loss_fn, data)  # a fresh operator: the first product builds graphs
         fn = lambda: op.matvec(v)  # noqa: E731
+    gc.collect()
+    _return_free_memory()  # freed heap pages would hide the growth of the measured call
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (Linux >= 4.0)
     before = _status_kib("VmRSS")
     fn()
     after = _status_kib("VmHWM")
     print(json.dumps({"kind": kind, "peak_growth_mib": (after - before) / 1024.0}))
+
+
+def _return_free_memory() -> None:
+    """``malloc_trim(0)``: give the allocator's free pages back to the system (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement is then an upper bound
+        pass
 
 
 def _status_kib(field: str) -> int:
@@ -171,19 +215,22 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory(batch: int) -> dict[str, float]:
-    """Peak-RSS growth of a gradient, a Hessian and a GGN product (fresh processes)."""
+def memory(batch: int, repeats: int = 3) -> dict[str, float]:
+    """Peak-RSS growth of a gradient, a Hessian and a GGN product (fresh processes, median)."""
     out = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for kind in ("gradient", "hessian", "ggn"):
-        done = subprocess.run(
-            [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+        runs = []
+        for _ in range(repeats):
+            done = subprocess.run(
+                [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_growth_mib"])
+        out[kind] = statistics.median(runs)
     return out
 
 
@@ -191,21 +238,32 @@ def table(result: dict[str, Any]) -> str:
     """A Markdown table of the measurements."""
     lines = [
         f"gpt-tiny ({result['num_params']:,} parameters), batch {result['batch']}, float32, "
-        f"one thread; gradient {result['gradient_s'] * 1e3:.1f} ms",
+        f"one thread; gradient {result['gradient_s'] * 1e3:.1f} ms (wall, median); "
+        f"load average {result.get('load_average', '?')}",
         "",
         "| library | Hessian product (grad-times) | GGN product (grad-times) | "
         "Lanczos step (s) | rel. diff. to ours (H / GGN) |",
         "|---|---|---|---|---|",
     ]
+
+    def ratio(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return "n/a"
+        return f"{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f})"
+
     for row in result["rows"]:
 
         def fmt(key: str, spec: str, row: dict[str, Any] = row) -> str:
             value = row.get(key)
             return "n/a" if value is None else format(value, spec)
 
+        hvp, ggn = ratio(row, "hvp_gradient_times"), ratio(row, "ggn_gradient_times")
+        if "hvp_gradient_times_cpu" in row or "ggn_gradient_times_cpu" in row:
+            hvp += f"; CPU time {ratio(row, 'hvp_gradient_times_cpu')}"
+            ggn += f"; CPU time {ratio(row, 'ggn_gradient_times_cpu')}"
         lines.append(
-            f"| {row['library']} | {fmt('hvp_gradient_times', '.2f')} | "
-            f"{fmt('ggn_gradient_times', '.2f')} | {fmt('lanczos_step_s', '.3f')} | "
+            f"| {row['library']} | {hvp} | {ggn} | {fmt('lanczos_step_s', '.3f')} | "
             f"{fmt('hvp_rel_diff_to_ours', '.1e')} / {fmt('ggn_rel_diff_to_ours', '.1e')} |"
         )
     for lib, note in result["notes"].items():
@@ -237,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batch, args.rounds, args.lanczos_steps = 2, 2, 3
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     result = measure(args.batch, args.rounds, args.lanczos_steps)
+    result["load_average"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f} (start-end, 1 min)"
     result["memory_mib"] = memory(args.batch)
     result["versions"] = library_versions()
     print(table(result))

@@ -45,6 +45,7 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -56,6 +57,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from curvops.determinism import DropoutOffMode, product_context
 from curvops.model_io import OutputFn, select_output
+from curvops.op_provenance import describe_module, locate_operation, operation_name
 from spectral.errors import argument_error
 
 __all__ = [
@@ -68,6 +70,11 @@ __all__ = [
 ]
 
 BN_MODES = ("train", "eval", None)
+
+#: Per thread, one slot per active :func:`curvature_mode`: the arguments of its last
+#: :func:`functional_forward` call (references only), to name the module of a
+#: missing derivative after an error.
+_LAST_FORWARD = threading.local()
 
 
 def check_bn_mode(bn_mode: Any) -> str | None:
@@ -126,13 +133,18 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                     if m.training:
                         tracked.append((m, m.track_running_stats))
                         m.track_running_stats = False
+            slots = _LAST_FORWARD.__dict__.setdefault("slots", [])
+            slots.append([])
             try:
                 yield model
             except (NotImplementedError, RuntimeError) as exc:
                 hint = _missing_derivative_hint(exc)
                 if hint is None:
                     raise
-                raise type(exc)(f"{exc}\n{hint}") from exc
+                where = _culprit(model, str(exc), slots[-1])
+                raise type(exc)(f"{exc}\n{where}{hint}") from exc
+            finally:
+                slots.pop()
     finally:
         for m, flag in tracked:
             m.track_running_stats = flag
@@ -141,6 +153,24 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         for m, key, value in attributes:
             if vars(m).get(key) is not value:
                 object.__setattr__(m, key, value)
+
+
+def _culprit(model: nn.Module, message: str, last: list[Any]) -> str:
+    """``"The operation runs in module '...' (Type). "`` from a re-run of the last forward."""
+    op = operation_name(message)
+    if op is None or not last:
+        return ""
+    names, tensors, inputs, output_fn = last
+
+    def run() -> None:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+            functional_forward(model, names, leaves, inputs, output_fn)
+
+    found = locate_operation(model, op, run)
+    if found is None:
+        return ""
+    return f"The operation runs in the forward of {describe_module(model, found)}. "
 
 
 def _missing_derivative_hint(exc: BaseException) -> str | None:
@@ -225,6 +255,9 @@ def functional_forward(
     >>> functional_forward(lin, ["weight"], [w], torch.tensor([[1.0, 2.0]]))
     tensor([[3.]])
     """
+    slots = getattr(_LAST_FORWARD, "slots", None)
+    if slots:  # inside curvature_mode: remember the call (to name a failing module)
+        slots[-1][:] = [names, tensors, inputs, output_fn]
     with _reparametrized(model, dict(zip(names, tensors))), DropoutOffMode():
         if isinstance(inputs, Mapping):
             out = model(**inputs)

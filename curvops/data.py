@@ -7,9 +7,10 @@
 * a :class:`torch.utils.data.DataLoader` (or any re-iterable yielding batches).
 
 ``inputs`` is a tensor, a tuple/list of tensors (positional model inputs) or a
-mapping of keyword inputs; its batch size is the length of the first tensor, and
-must equal ``len(targets)``.  The operators compute the curvature of the mean loss
-over every sample,
+mapping of keyword inputs; its batch size is the length of the first tensor unless
+told otherwise (``batch_size=`` of :func:`as_data`: the key or position of the
+batch-major input, or a function of the inputs), and must equal ``len(targets)``.
+The operators compute the curvature of the mean loss over every sample,
 
 .. math::
     L = \\frac{1}{N}\\sum_b N_b\\, L_b, \\qquad N = \\sum_b N_b,
@@ -31,9 +32,9 @@ first raises a ``ValueError`` naming ``data`` (:class:`curvops.replay.PassFinger
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -42,6 +43,7 @@ from spectral.errors import argument_error
 
 __all__ = [
     "Batch",
+    "BatchSize",
     "Data",
     "as_data",
     "batch_size_of",
@@ -99,18 +101,75 @@ def first_tensor(inputs: Any) -> torch.Tensor | None:
     return None
 
 
-def batch_size_of(inputs: Any) -> int:
-    """Number of samples in ``inputs`` (length of its first tensor).
+#: How to count the samples of a batch's inputs: ``None`` (the length of the first
+#: tensor), a key (mapping inputs) or position (tuple/list inputs) naming the
+#: batch-major input, or a function of the inputs returning the count.
+BatchSize = str | int | Callable[[Any], int] | None
+
+
+def check_batch_size(batch_size: Any) -> BatchSize:
+    """Validate the ``batch_size`` argument of :func:`as_data` and return it.
+
+    >>> check_batch_size("input_ids")
+    'input_ids'
+    """
+    if batch_size is None or callable(batch_size):
+        return cast(BatchSize, batch_size)
+    if isinstance(batch_size, str) or (
+        isinstance(batch_size, int) and not isinstance(batch_size, bool)
+    ):
+        return batch_size
+    raise argument_error(
+        "batch_size",
+        "None, the key or position of the batch-major input, or a function of the inputs "
+        "returning the number of samples",
+        batch_size,
+        kind=TypeError,
+    )
+
+
+def batch_size_of(inputs: Any, batch_size: BatchSize = None, *, index: int = 0) -> int:
+    """Number of samples in ``inputs``: the length of its first tensor by default.
+
+    ``batch_size`` (see :data:`BatchSize`) says otherwise: e.g. ``"input_ids"`` for
+    a dict whose first entry is not batch-major, or ``lambda inputs: ...``.
 
     >>> batch_size_of((torch.zeros(5, 2), torch.zeros(5)))
     5
+    >>> batch_size_of({"positions": torch.arange(7), "x": torch.zeros(3, 7)}, "x")
+    3
     """
+    if batch_size is not None:
+        return _told_batch_size(inputs, batch_size, index)
     first = first_tensor(inputs)
     if first is None or first.ndim == 0:
         raise argument_error(
             "data", "inputs that are a tensor (or tuple/mapping of tensors)", inputs, kind=TypeError
         )
     return int(first.shape[0])
+
+
+def _told_batch_size(inputs: Any, batch_size: str | int | Callable[[Any], int], index: int) -> int:
+    where = f"batch_size (batch {index})"
+    if callable(batch_size):
+        count = batch_size(inputs)
+        if isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_floating_point():
+            count = int(count.item())
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise argument_error(where, "a function returning a positive int", count)
+        return count
+    try:
+        chosen = inputs[batch_size]
+    except (KeyError, IndexError, TypeError):
+        kind = "key" if isinstance(batch_size, str) else "position"
+        raise argument_error(
+            where, f"the {kind} of a batch-major tensor of the inputs", batch_size
+        ) from None
+    if not isinstance(chosen, torch.Tensor) or chosen.ndim == 0:
+        raise argument_error(
+            where, f"a {batch_size!r} input with a leading batch dimension", chosen, kind=TypeError
+        )
+    return int(chosen.shape[0])
 
 
 def move_to(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -141,7 +200,7 @@ def _is_batch(obj: Any) -> bool:
     )
 
 
-def _check_batch(obj: Any, index: int) -> Batch:
+def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
     if isinstance(obj, Mapping):  # a dict batch: name its keys and the supported forms
         raise dict_batch_error(f"data (batch {index})", obj)
     if not _is_batch(obj):
@@ -149,7 +208,7 @@ def _check_batch(obj: Any, index: int) -> Batch:
             f"data (batch {index})", "a pair (inputs, targets) with a tensor of targets", obj
         )
     inputs, targets = obj
-    size = batch_size_of(inputs)
+    size = batch_size_of(inputs, batch_size, index=index)
     if targets.ndim == 0 or int(targets.shape[0]) != size:
         raise argument_error(
             f"data (batch {index})",
@@ -191,7 +250,8 @@ class Data:
         dtypes disagree (the message names the batch index).
     """
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, batch_size: BatchSize = None) -> None:
+        self._batch_size: BatchSize = check_batch_size(batch_size)
         self._source = data
         self._batches: list[Batch] | None = None
         self._num_samples: int | None = None
@@ -199,11 +259,11 @@ class Data:
             raise dict_batch_error("data", data)
         self.is_single_batch = _is_batch(data)
         if self.is_single_batch:
-            self._batches = [_check_batch(data, 0)]
+            self._batches = [_check_batch(data, 0, self._batch_size)]
         elif isinstance(data, Sequence) and not isinstance(data, (str, bytes, torch.Tensor)):
             if len(data) == 0:
                 raise argument_error("data", "at least one batch", data)
-            self._batches = [_check_batch(b, i) for i, b in enumerate(data)]
+            self._batches = [_check_batch(b, i, self._batch_size) for i, b in enumerate(data)]
             self._check_consistent(self._batches)
         elif isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
             raise argument_error(
@@ -259,7 +319,7 @@ class Data:
                 close = getattr(iterator, "close", None)
                 if close is not None:
                     close()
-        return _check_batch(raw, 0)
+        return _check_batch(raw, 0, self._batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._batches is not None:
@@ -279,7 +339,7 @@ class Data:
                 except StopIteration:
                     break
             i = count
-            batch = _check_batch(raw, i)
+            batch = _check_batch(raw, i, self._batch_size)
             sig = _signature(batch)
             if ref is None:
                 ref = sig
@@ -370,10 +430,50 @@ def _loader_num_samples(loader: Any) -> int | None:
     return n
 
 
-def as_data(data: Any) -> Data:
+def as_data(data: Any, *, batch_size: BatchSize = None) -> Data:
     """Return ``data`` as a :class:`Data` stream (idempotent).
 
+    Parameters
+    ----------
+    data : Any
+        One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader (or a
+        :class:`Data`, returned as it is).
+    batch_size : str, int, callable or None
+        How many samples a batch holds, for inputs whose first tensor is not
+        batch-major (e.g. a dict whose first entry is a ``(T,)`` position vector):
+        the key (dict inputs) or position (tuple inputs) of a batch-major input, or a
+        function of the inputs returning the count.  ``None``: the length of the
+        first tensor.  The counts weight the batches of losses normalised by the
+        number of samples (:math:`L = \\frac1N \\sum_b N_b L_b`).  Pass the result
+        to any operator (``HessianOperator(model, loss, as_data(batches,
+        batch_size="input_ids"))``).
+
+    Returns
+    -------
+    Data
+        The checked stream.
+
+    Raises
+    ------
+    TypeError
+        ``batch_size`` of another type, or given together with a :class:`Data`.
+    ValueError
+        A batch whose counted samples do not match its targets, or a ``batch_size``
+        that names no batch-major input or returns no positive int (the message
+        names ``batch_size`` and the batch).
+
+    Examples
+    --------
     >>> as_data((torch.zeros(2, 3), torch.zeros(2))).is_single_batch
     True
+    >>> inputs = {"positions": torch.arange(4), "x": torch.zeros(3, 4)}
+    >>> as_data((inputs, torch.zeros(3)), batch_size="x").num_samples
+    3
     """
-    return data if isinstance(data, Data) else Data(data)
+    if isinstance(data, Data):
+        if batch_size is not None:
+            raise argument_error(
+                "batch_size", "None when data is already a Data stream", batch_size, kind=TypeError
+            )
+        return data
+    return Data(data, batch_size)

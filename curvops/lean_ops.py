@@ -74,6 +74,9 @@ mask.  **Max pooling** (2-D): :math:`g_x` scatters :math:`\\delta` to the argmax
 positions; :math:`\\bar\\delta` gathers :math:`u_x` from them.  Both only from
 :data:`LEAN_MIN_ELEMENTS` elements on (below, PyTorch's formulas are as fast).
 
+LayerNorm, GELU, softmax and ``F.scaled_dot_product_attention`` get their lean
+second derivatives from :mod:`curvops.lean_transformer_ops` (through the same mode).
+
 Every other operation, and every call these functions do not cover (in-place ReLU,
 string padding, transposed convolutions, tensor subclasses, ...), runs natively.
 The results are the same derivatives up to floating-point rounding (tests: against
@@ -105,6 +108,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from curvops.lean_transformer_ops import TRANSFORMER_FUNCTIONS
 
 __all__ = ["LEAN_MIN_ELEMENTS", "LeanDoubleBackwardMode", "lean_double_backward"]
 
@@ -679,6 +684,9 @@ def _lean_max_pool2d(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 class LeanDoubleBackwardMode(TorchFunctionMode):
     """Route convolutions, BatchNorm, ReLU and 2-D max pooling to the lean functions.
 
+    LayerNorm, GELU, softmax and scaled dot-product attention go to
+    :mod:`curvops.lean_transformer_ops`.
+
     Prefer the context manager :func:`lean_double_backward`.
 
     Parameters
@@ -708,6 +716,8 @@ class LeanDoubleBackwardMode(TorchFunctionMode):
             result = _lean_relu(args, kwargs)
         elif func is F.max_pool2d:
             result = _lean_max_pool2d(args, kwargs)
+        elif func in TRANSFORMER_FUNCTIONS:
+            result = TRANSFORMER_FUNCTIONS[func](args, kwargs, self.jacobian_only)
         if result is NotImplemented:
             return func(*args, **kwargs)
         return result

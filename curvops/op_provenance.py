@@ -1,0 +1,140 @@
+"""Which module of a model runs an operation: names the culprit of a missing derivative.
+
+When PyTorch has no second or forward-mode derivative for an operation, its error
+names only the ATen operation (``derivative for aten::_cdist_backward is not
+implemented``, ``Trying to use forward AD with _cdist_forward ...``), raised deep in a
+backward pass where no module is on the stack.  :func:`operation_name` reads the
+operation out of such a message; :func:`locate_operation` re-runs one forward pass
+with a forward pre-hook / hook pair on every module (a stack of qualified names from
+``model.named_modules()``) and a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
+that notes the innermost module running the first matching ATen call.  A backward
+operation ``X_backward`` is matched by the forward call it differentiates (``X`` or
+``X_forward``).  Nothing is paid unless an error occurred: the products record only
+a reference to their last forward call (:func:`curvops._model_state.curvature_mode`).
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+>>> x = torch.randn(3, 2)
+>>> locate_operation(net, "tanh", lambda: net(x))
+'1'
+>>> operation_name("derivative for aten::_cdist_backward is not implemented")
+'_cdist_backward'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["describe_module", "locate_operation", "operation_name"]
+
+_PATTERNS = (
+    re.compile(r"derivative for (?:aten::)?'?([\w.]+?)'? is not implemented"),
+    re.compile(r"forward AD with (?:aten::)?([\w.]+) that does not support it"),
+)
+
+
+def operation_name(message: str) -> str | None:
+    """The ATen operation named by a missing-derivative error message (None: no such name).
+
+    >>> operation_name("Trying to use forward AD with _cdist_forward that does not support it")
+    '_cdist_forward'
+    """
+    for pattern in _PATTERNS:
+        found = pattern.search(message)
+        if found:
+            return found.group(1).split(".")[0]
+    return None
+
+
+def _matches(op: str) -> Callable[[str], bool]:
+    base = op.removesuffix("_backward")
+    exact = {op, base, base + "_forward"}
+    return lambda name: name in exact
+
+
+class _FirstCall(TorchDispatchMode):
+    def __init__(self, match: Callable[[str], bool], stack: list[str]) -> None:
+        super().__init__()
+        self.match, self.stack = match, stack
+        self.found: str | None = None
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if self.found is None and self.match(getattr(func, "_opname", "")):
+            self.found = self.stack[-1] if self.stack else ""
+        return func(*args, **(kwargs or {}))
+
+
+def locate_operation(model: nn.Module, op: str, run: Callable[[], Any]) -> str | None:
+    """Qualified name of the innermost module whose forward runs ``op`` first in ``run()``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose modules are watched.
+    op : str
+        An ATen operation name (``"_cdist_backward"`` matches ``_cdist_forward``).
+    run : callable
+        One forward pass of ``model``; whatever it raises is ignored.
+
+    Returns
+    -------
+    str or None
+        The name in ``model.named_modules()`` (``""`` for the model itself), or None
+        when no module ran the operation (e.g. it runs in the loss).
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    >>> locate_operation(net, "addmm", lambda: net(torch.ones(1, 2)))
+    '0'
+    """
+    stack: list[str] = []
+    handles = []
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(*_: Any) -> None:
+        if stack:
+            stack.pop()
+
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    mode = _FirstCall(_matches(op), stack)
+    try:
+        with mode:
+            run()
+    except Exception:  # the diagnostic pass may fail like the product did
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return mode.found
+
+
+def describe_module(model: nn.Module, name: str) -> str:
+    """``"module 'blocks.0.attn' (Attention)"``, or ``"the model's own forward (Net)"``.
+
+    >>> import torch
+    >>> describe_module(torch.nn.Sequential(torch.nn.Tanh()), "0")
+    "module '0' (Tanh)"
+    """
+    if not name:
+        return f"the model's own forward ({type(model).__name__})"
+    return f"module '{name}' ({type(model.get_submodule(name)).__name__})"
