@@ -334,6 +334,39 @@ class _BatchNormEval(torch.autograd.Function):
 
 
 # ------------------------------------------------------ train BatchNorm
+def _fused_cotangent_moments(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    batch_stats: tuple[torch.Tensor, torch.Tensor],
+    ux: torch.Tensor,
+    needs: tuple[bool, bool],
+    eps: float,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(t1, mean u_x, mean u_x x_hat, mean u_x delta)`` from BatchNorm's fused backward kernel.
+
+    ``t1 = gamma r (u_x - mean u_x - x_hat mean(u_x x_hat))`` when ``needs[0]`` (the
+    first term of the output-gradient cotangent); ``mean(u_x delta)`` only when
+    ``needs[1]`` (the input and weight cotangents use it; zero otherwise), from the
+    same kernel run with mean 0 and invstd 1.
+    """
+    mean, invstd = batch_stats
+    m = x.numel() // x.shape[1]
+    t1, sum_ux_xhat, sum_ux = aten.native_batch_norm_backward(
+        ux, x, weight, None, None, mean, invstd, True, eps, [needs[0], True, True]
+    )
+    zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
+    e = zeros
+    if needs[1]:
+        e = (
+            aten.native_batch_norm_backward(
+                gy, ux, None, None, None, zeros, ones, True, eps, [False, True, False]
+            )[1]
+            / m
+        )
+    return t1, sum_ux / m, sum_ux_xhat / m, e
+
+
 def _train_bn_double_backward(
     gy: torch.Tensor,
     x: torch.Tensor,
@@ -368,33 +401,14 @@ def _train_bn_double_backward(
     zero = torch.zeros_like(invstd)
     t1 = None
     u_mean = c = e = zero
-    if ux is not None:
-        if stats is None:
-            u_mean, c, e = ux.mean(dims), (ux * xhat).mean(dims), (ux * gy).mean(dims)
-            if need_gy:
-                t1 = view(gamma * invstd) * (ux - view(u_mean) - view(c) * xhat)
-        else:
-            # gamma r (u_x - mean u_x - x_hat mean(u_x x_hat)), sum(u_x x_hat), sum(u_x): fused
-            t1, sum_ux_xhat, sum_ux = aten.native_batch_norm_backward(
-                ux, x, weight, None, None, mean, invstd, True, eps, [need_gy, True, True]
-            )
-            u_mean, c = sum_ux / m, sum_ux_xhat / m
-            if need_x or need_w:  # mean(u_x delta): the same kernel with mean 0, invstd 1
-                e = (
-                    aten.native_batch_norm_backward(
-                        gy,
-                        ux,
-                        None,
-                        None,
-                        None,
-                        zero,
-                        torch.ones_like(invstd),
-                        True,
-                        eps,
-                        [False, True, False],
-                    )[1]
-                    / m
-                )
+    if ux is not None and stats is None:
+        u_mean, c, e = ux.mean(dims), (ux * xhat).mean(dims), (ux * gy).mean(dims)
+        if need_gy:
+            t1 = view(gamma * invstd) * (ux - view(u_mean) - view(c) * xhat)
+    elif ux is not None:
+        t1, u_mean, c, e = _fused_cotangent_moments(
+            gy, x, weight, (mean, invstd), ux, (need_gy, need_x or need_w), eps
+        )
     d_gy = d_x = d_w = None
     if need_gy:
         k = zero if uw is None else invstd * uw  # x_hat u_gamma + u_beta = k x + shift

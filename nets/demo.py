@@ -571,9 +571,25 @@ def _summarise(
     device: torch.device,
     reports: dict[str, Any],
 ) -> None:
-    from nets.plots.spectrum import spectrum_summary
-
+    """The summary's sections, in order: training, spectra, landscape, proxies, files, times."""
+    summary.add("Training", _training_rows(summary.out_dir, settings, device))
+    summary.add("Spectra (Lanczos vs diagonal)", _spectra_rows(spectra, diagonals, settings))
+    summary.add("Loss landscape (full passes, eval mode)", _landscape_rows(landscape_path))
+    if reports:
+        summary.add("Proxies against the exact GGN", _proxy_rows(reports, settings))
     out = summary.out_dir
+    summary.add(
+        f"Files (under {out})",
+        [(str(p.relative_to(out)) if p.is_relative_to(out) else str(p), "written")
+         for p in summary.files],
+    )  # fmt: skip
+    timing_rows = [(name, f"{sec:.1f} s") for name, sec in summary.timings.items()]
+    timing_rows.append(("total", f"{summary.total_time:.1f} s"))
+    summary.add("Timings", timing_rows)
+
+
+def _training_rows(out: Path, settings: DemoSettings, device: torch.device) -> list[Row]:
+    """Model, device, epochs and the last epoch's losses, accuracies and perplexities."""
     stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
     last = stats["epochs"][-1]
     tested = [e for e in stats["epochs"] if e.get("test_loss") is not None]
@@ -598,11 +614,18 @@ def _summarise(
     if last.get("train_ppl") is not None:  # a language model
         test_ppl = tested[-1].get("test_ppl") if tested else None
         rows.append(("perplexity train / test", f"{_fmt(last['train_ppl'])} / {_fmt(test_ppl)}"))
-    summary.add("Training", rows)
+    return rows
+
+
+def _spectra_rows(
+    spectra: dict[str, Path], diagonals: dict[str, np.ndarray], settings: DemoSettings
+) -> list[Row]:
+    """Ritz extremes, trace, negative mass and condition (Hessian / GGN); diagonal sums."""
+    from nets.plots.spectrum import spectrum_summary
 
     hess = spectrum_summary(spectra["hessian"])
     ggn = spectrum_summary(spectra["ggn"])
-    rows = [
+    rows: list[Row] = [
         ("parameters P", _fmt(hess["num_params"])),
         ("Lanczos iterations m", _fmt(settings.lanczos_iters)),
         ("of the mean training loss, BatchNorm in", "train mode (batch statistics)"),
@@ -620,12 +643,15 @@ def _summarise(
             (f"diagonal GGN ({label}): trace / max", f"{_fmt(diagonal.sum())} / "
              f"{_fmt(diagonal.max())}")
         )  # fmt: skip
-    summary.add("Spectra (Lanczos vs diagonal)", rows)
+    return rows
 
+
+def _landscape_rows(landscape_path: Path) -> list[Row]:
+    """The loss at the checkpoint and at both ends of every direction."""
     land = load_npz(landscape_path)
     t = land["t"]
     mid = int(np.abs(t).argmin())
-    rows = [
+    rows: list[Row] = [
         (
             "train loss at the checkpoint (t = 0): full pass, eval mode",
             _fmt(float(land["train_loss"][0, mid])),
@@ -640,29 +666,22 @@ def _summarise(
              f"{_fmt(float(curve[0]))} / {_fmt(float(curve[-1]))}")
         )  # fmt: skip
     rows.append(("directions", "unit Euclidean norm in parameter space (t in these units)"))
-    summary.add("Loss landscape (full passes, eval mode)", rows)
-    if reports:
-        rows = [
-            (
-                "of the mean loss on the first "
-                f"{settings.compare_samples} training images, BatchNorm in",
-                "eval mode (running statistics)",
-            )
-        ]
-        for name, r in reports.items():
-            top = (
-                float(np.abs(r.top_eigenvalue_errors[0])) if r.top_eigenvalue_errors.size else None
-            )
-            rows.append(
-                (f"{name}: W1 / top-1 rel. err / trace rel. err",
-                 f"{_fmt(float(r.wasserstein))} / {_fmt(top)} / {_fmt(float(r.trace_error))}")
-            )  # fmt: skip
-        summary.add("Proxies against the exact GGN", rows)
-    summary.add(
-        f"Files (under {out})",
-        [(str(p.relative_to(out)) if p.is_relative_to(out) else str(p), "written")
-         for p in summary.files],
-    )  # fmt: skip
-    timing_rows = [(name, f"{sec:.1f} s") for name, sec in summary.timings.items()]
-    timing_rows.append(("total", f"{summary.total_time:.1f} s"))
-    summary.add("Timings", timing_rows)
+    return rows
+
+
+def _proxy_rows(reports: dict[str, Any], settings: DemoSettings) -> list[Row]:
+    """Each proxy's W1 distance, top-1 and trace relative errors against the exact GGN."""
+    rows: list[Row] = [
+        (
+            "of the mean loss on the first "
+            f"{settings.compare_samples} training images, BatchNorm in",
+            "eval mode (running statistics)",
+        )
+    ]
+    for name, r in reports.items():
+        top = float(np.abs(r.top_eigenvalue_errors[0])) if r.top_eigenvalue_errors.size else None
+        rows.append(
+            (f"{name}: W1 / top-1 rel. err / trace rel. err",
+             f"{_fmt(float(r.wasserstein))} / {_fmt(top)} / {_fmt(float(r.trace_error))}")
+        )  # fmt: skip
+    return rows
