@@ -398,6 +398,11 @@ class Data:
         return f"{used} of {available} samples from a loader"
 
     @property
+    def counts_samples(self) -> bool:
+        """Whether samples are counted by a ``batch_size=`` rule (inputs not batch-major)."""
+        return self._batch_size is not None
+
+    @property
     def num_samples(self) -> int:
         """Total number of samples over all batches."""
         if self._num_samples is None:

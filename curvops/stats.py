@@ -165,9 +165,21 @@ def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise argument_error("batch_size", "None or an integer >= 1", batch_size)
+    stream = as_data(data)
+    if batch_size is not None and stream.counts_samples:
+        raise argument_error(
+            "batch_size",
+            "None for data whose samples are counted by as_data(..., batch_size=...) (its "
+            "inputs are not all batch-major, so they cannot be cut into minibatches)",
+            batch_size,
+        )
     index = 0
-    for batch in as_data(data):
-        step = batch.size if batch_size is None else batch_size
+    for batch in stream:
+        if batch_size is None:  # as they are (inputs need not be batch-major)
+            yield Batch(batch.inputs, batch.targets, batch.size, index)
+            index += 1
+            continue
+        step = batch_size
         for start in range(0, batch.size, step):
             stop = min(start + step, batch.size)
             inputs = _slice(batch.inputs, start, stop)

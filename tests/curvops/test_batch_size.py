@@ -90,3 +90,22 @@ def test_bad_batch_size_arguments_name_the_argument() -> None:
         as_data(as_data(batch, batch_size="x"), batch_size="x")
     with pytest.raises(ValueError, match="'batch_size"):
         batch_size_of({"positions": torch.arange(4)}, 3)
+
+
+def test_loss_stats_keep_batches_whose_samples_are_told() -> None:
+    # Before: minibatches() sliced every input tensor to the batch's size, so the (T,)
+    # position vector of a one-sample batch became (1,) and broadcast silently.
+    from curvops.stats import loss_stats
+
+    torch.manual_seed(0)
+    model = _PositionNet().double()
+    batches = [_batch(1, 1), _batch(1, 2), _batch(1, 3)]  # old code: silently wrong here
+    whole = _concatenated(batches)
+    got = loss_stats(model, nn.MSELoss(), as_data(batches, batch_size="x"), num_probes=2)
+    want = loss_stats(model, nn.MSELoss(), as_data(whole, batch_size="x"), num_probes=2)
+    assert got.loss_mean == pytest.approx(want.loss_mean, rel=1e-12)
+    with torch.no_grad():
+        full = float(nn.MSELoss()(model(**whole[0]), whole[1]))
+    assert got.loss_mean == pytest.approx(full, rel=1e-12)
+    with pytest.raises(ValueError, match=r"Argument 'batch_size'.*cannot be cut"):
+        loss_stats(model, nn.MSELoss(), as_data(batches, batch_size="x"), batch_size=2)
