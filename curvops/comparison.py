@@ -93,6 +93,11 @@ class ApproximationReport:
         Relative error of the damped Newton step and the damping used.
     trace_exact, trace_approximation, trace_error : float
         Traces of both sides and the relative error.
+    trace_exact_stderr, trace_approximation_stderr : float
+        Standard errors of the traces: 0 where a side's trace is exact (its structure
+        gives it), the standard error over the SLQ probes where it is estimated as
+        n sum_i w_i theta_i per probe, NaN with a single probe (no error
+        estimate: then ``trace_error`` may be the estimate's error, not the proxy's).
     logdet_exact, logdet_approximation, logdet_error : float
         Log-determinants of both sides and the absolute error.
     products_exact, products_approximation : int
@@ -136,6 +141,8 @@ class ApproximationReport:
     logdet_error: float
     products_exact: int
     products_approximation: int
+    trace_exact_stderr: float = math.nan
+    trace_approximation_stderr: float = math.nan
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         """Every field as a numpy array (``np.savez``-ready, ``allow_pickle=False``)."""
@@ -243,6 +250,16 @@ class _Side:
     trace: float
     logdet: float
     products: int
+    trace_stderr: float
+
+
+def _trace_stderr(density: SpectralDensity, n: int) -> float:
+    """Standard error of :math:`n \\sum_i w_i \\theta_i` over the probes (NaN: one probe)."""
+    nodes, weights = density.probe_nodes, density.probe_weights
+    if nodes is None or weights is None or nodes.shape[0] < 2:
+        return math.nan
+    per_probe = n * np.nansum(nodes * weights, axis=1)
+    return float(np.std(per_probe, ddof=1) / math.sqrt(per_probe.size))
 
 
 def _measure(
@@ -280,8 +297,10 @@ def _measure(
         if delta > 0 or A.psd:
             step = _damped_solve(A, counted, delta, gd, solve_tol).to(torch.float64).cpu()
     tr, ld = exact_trace(A), exact_logdet(A)
+    tr_stderr = 0.0
     if tr is None:
         tr = n * float(density.moment(1))
+        tr_stderr = _trace_stderr(density, n)
     if ld is None:
         nodes, weights = density.nodes, density.weights
         ld = n * float(np.sum(weights * np.log(nodes))) if nodes.min() > 0 else -math.inf
@@ -296,6 +315,7 @@ def _measure(
         tr,
         ld,
         counted.count,
+        tr_stderr,
     )
     return side, delta
 
@@ -359,6 +379,8 @@ def _report(a: _Side, e: _Side, delta: float) -> ApproximationReport:
         trace_exact=e.trace,
         trace_approximation=a.trace,
         trace_error=_relative(a.trace, e.trace),
+        trace_exact_stderr=e.trace_stderr,
+        trace_approximation_stderr=a.trace_stderr,
         logdet_exact=e.logdet,
         logdet_approximation=a.logdet,
         logdet_error=ld_err,
@@ -381,6 +403,7 @@ def compare_all(
     solve_tol: float = 1e-8,
     seed: int = 0,
     exact_pairs: Any = None,
+    exact_trace: float | None = None,
 ) -> dict[str, ApproximationReport]:
     """:func:`compare` for several proxies, measuring the exact side once.
 
@@ -389,7 +412,10 @@ def compare_all(
     already converged to ``eig_tol`` or better (e.g. those a :func:`curvops.proxies.low_rank`
     proxy of ``exact`` was built from: :attr:`LowRank.weights <curvops.LowRank.weights>`,
     :attr:`~curvops.LowRank.factor`), used instead of computing them again (their
-    products are then not counted in ``products_exact``).
+    products are then not counted in ``products_exact``).  ``exact_trace``: the exact
+    trace of ``exact`` when it is known otherwise (the sum of the exact GGN diagonal,
+    :func:`curvops.ggn_diagonal`), used instead of the SLQ estimate (whose standard
+    error with few probes can exceed the proxies' errors).
 
     Parameters
     ----------
@@ -466,6 +492,10 @@ def compare_all(
     }
     known = _top_pairs(exact_pairs, k, n) if exact_pairs is not None else None
     e, delta = _measure(exact, damping=damping, known_pairs=known, **settings)
+    if exact_trace is not None:
+        if not (is_scalar(exact_trace) and math.isfinite(float(exact_trace))):
+            raise argument_error("exact_trace", "None or a finite real number", exact_trace)
+        e.trace, e.trace_stderr = float(exact_trace), 0.0
     reports = {}
     for name, op in approximations.items():
         a, _ = _measure(op, damping=delta, **settings)

@@ -678,6 +678,12 @@ def _proxy_rows(reports: dict[str, Any], settings: DemoSettings) -> list[Row]:
             "eval mode (running statistics)",
         )
     ]
+    rows.append(
+        (
+            "exact GGN trace (sum of its exact diagonal)",
+            _fmt(float(next(iter(reports.values())).trace_exact)),
+        )
+    )
     for name, r in reports.items():
         top = float(np.abs(r.top_eigenvalue_errors[0])) if r.top_eigenvalue_errors.size else None
         rows.append(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from curvops import GGNOperator, HessianOperator, LowRank
+from curvops import GGNOperator, HessianOperator, LowRank, ggn_diagonal
 from curvops.comparison import ApproximationReport, compare_all
 from curvops.proxies import make_proxies
 from nets.workflow._resolve import preserve_global_state
@@ -116,6 +116,11 @@ def compare_curvatures(
         # (tolerance 1e-8): they are the exact side's top-k too, no second eigensolve
         ranked = [op for op in proxies.values() if isinstance(op, LowRank) and op.rank >= k]
         exact_pairs = (ranked[0].weights, ranked[0].factor) if ranked else None
+        # the GGN's trace is known exactly (its diagonal: about C backward passes)
+        trace = None
+        if exact == "ggn":
+            diagonal = ggn_diagonal(model, loss_fn, data, params=params, bn_mode=bn_mode)
+            trace = float(diagonal.sum())
         reports = compare_all(
             proxies,
             A,
@@ -125,6 +130,7 @@ def compare_curvatures(
             damping=damping,
             seed=seed,
             exact_pairs=exact_pairs,
+            exact_trace=trace,
         )
     if save_path is not None:
         config = {

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from curvops import GGNOperator, KFACOperator, compare, compare_all
+from curvops import CurvatureOperator, GGNOperator, KFACOperator, compare, compare_all
 from curvops.structured import Dense, Diagonal
 from spectral.synthetic import haar_orthogonal
 
@@ -159,3 +159,45 @@ def test_compare_all_measures_the_exact_side_once_and_equals_compare() -> None:
     np.testing.assert_allclose(reports["diag"].spectrum_weights_exact, np.full(N, 1 / N))
     with pytest.raises(ValueError, match="approximations"):
         compare_all({}, exact)
+
+
+class _Hidden(CurvatureOperator):
+    """A dense matrix behind products only (no structure: spectrum and trace by SLQ)."""
+
+    def __init__(self, A: np.ndarray) -> None:
+        super().__init__(
+            shape=A.shape, torch_dtype=torch.float64, device=torch.device("cpu"), symmetric=True
+        )
+        self._A = torch.as_tensor(A)
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._A @ X
+
+
+def test_trace_standard_errors_say_which_trace_is_estimated() -> None:
+    # Dense's trace is exact (stderr 0); an operator without structure gets the SLQ
+    # estimate n sum_i w_i theta_i per probe and the standard error over the probes.
+    _, A = _rotated()
+    exact, hidden = Dense(A, symmetric=True), _Hidden(A)
+    r = compare(hidden, exact, k=1, num_iters=N, num_probes=6, seed=3)
+    assert r.spectrum_exact == "exact" and r.spectrum_approximation == "slq"
+    assert r.trace_exact_stderr == 0.0
+    assert math.isfinite(r.trace_approximation_stderr) and r.trace_approximation_stderr > 0
+    per_probe = r.trace_approximation_stderr * math.sqrt(6)  # sample std of the 6 estimates
+    assert per_probe < float(LAMBDA.sum())  # a spread, not a blow-up
+    swapped = compare(exact, hidden, k=1, num_iters=N, num_probes=6, seed=3)
+    assert swapped.trace_exact_stderr == r.trace_approximation_stderr
+    assert swapped.trace_approximation_stderr == 0.0
+    one = compare(hidden, exact, k=1, num_iters=N, num_probes=1, seed=3)
+    assert math.isnan(one.trace_approximation_stderr)
+
+
+def test_a_known_exact_trace_replaces_the_estimate() -> None:
+    _, A = _rotated()
+    hidden = _Hidden(A)
+    r = compare_all({"d": Diagonal(np.diag(A).copy())}, hidden, k=1, num_iters=8,
+                    exact_trace=float(LAMBDA.sum()), seed=0)["d"]  # fmt: skip
+    assert r.trace_exact == float(LAMBDA.sum()) and r.trace_exact_stderr == 0.0
+    assert r.trace_error <= 1e-14  # the diagonal keeps the trace
+    with pytest.raises(ValueError, match="exact_trace"):
+        compare_all({"d": hidden}, hidden, k=1, num_iters=4, exact_trace=math.nan)
