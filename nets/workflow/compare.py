@@ -32,6 +32,7 @@ from torch import nn
 from curvops import GGNOperator, HessianOperator, LowRank, ggn_diagonal
 from curvops.comparison import ApproximationReport, compare_all
 from curvops.proxies import make_proxies
+from curvops.structured import Diagonal
 from nets.workflow._resolve import preserve_global_state
 from spectral.errors import argument_error
 from spectral.io import save_npz
@@ -116,10 +117,16 @@ def compare_curvatures(
         # (tolerance 1e-8): they are the exact side's top-k too, no second eigensolve
         ranked = [op for op in proxies.values() if isinstance(op, LowRank) and op.rank >= k]
         exact_pairs = (ranked[0].weights, ranked[0].factor) if ranked else None
-        # the GGN's trace is known exactly (its diagonal: about C backward passes)
+        # the GGN's trace is known exactly: the sum of its diagonal (about C backward
+        # passes), already computed when the exact-diagonal proxy is among the proxies
         trace = None
         if exact == "ggn":
-            diagonal = ggn_diagonal(model, loss_fn, data, params=params, bn_mode=bn_mode)
+            known = proxies.get("diag-ggn")
+            diagonal = (
+                known.diagonal
+                if isinstance(known, Diagonal)
+                else ggn_diagonal(model, loss_fn, data, params=params, bn_mode=bn_mode)
+            )
             trace = float(diagonal.sum())
         reports = compare_all(
             proxies,
