@@ -35,6 +35,7 @@ from curvops._model_state import check_bn_mode, curvature_mode, functional_forwa
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.differentiability import UntrackedParameterError
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
+from curvops.finiteness import all_finite, each_finite
 from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
@@ -533,7 +534,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         loss_fn = self._loss_fn
         check_stream = not self._data.is_in_memory and not validation.streamed_checked
         with curvature_mode(self._model, self._bn_mode):
-            params_ok = torch.stack([torch.isfinite(p).all() for p in self.current_params()])
+            params_ok = each_finite(self.current_params())
             for batch in self._batches():
                 if check_stream:
                     validation.check_streamed(batch.inputs, batch.targets, batch.index)
@@ -618,7 +619,7 @@ class _WeightedSum:
         same bits.
         """
         self.sizes[index] = size
-        bad = ~torch.isfinite(flat).all()
+        bad = ~all_finite(flat)
         if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
             w = w.to(device=flat.device, dtype=flat.dtype)
             bad = bad & (w > 0)

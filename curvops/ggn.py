@@ -34,7 +34,7 @@ from torch import nn
 
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
-from curvops.losses import LossFn, loss_family, output_hessian_matmat
+from curvops.losses import LossFn, loss_family, output_hessian_operator
 from curvops.model_io import OutputFn
 from curvops.products import (
     JacobianSandwichLinearization,
@@ -168,7 +168,7 @@ class GGNOperator(ModelCurvatureOperator):
         loss_fn = self.loss_fn
 
         def curvature(outputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda U: output_hessian_matmat(loss_fn, outputs, targets, U)
+            return output_hessian_operator(loss_fn, outputs, targets)
 
         traced = self._linearization(batch, inputs, curvature)
         if traced is not None:

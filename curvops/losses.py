@@ -76,6 +76,7 @@ __all__ = [
     "output_gradient",
     "output_hessian_factor",
     "output_hessian_matmat",
+    "output_hessian_operator",
     "per_sample_nll_grads",
     "per_sample_nll_values",
     "sample_targets",
@@ -758,6 +759,10 @@ def output_hessian_matmat(
     """Apply :math:`\\nabla^2_f L_b` (the batch loss as written) to ``U`` of shape
     ``(k, *outputs.shape)``.
 
+    The same as ``output_hessian_operator(loss_fn, outputs, targets)(U)``; prepare
+    the operator once (:func:`output_hessian_operator`) when it is applied repeatedly
+    at the same outputs.
+
     Parameters
     ----------
     loss_fn : callable
@@ -784,36 +789,77 @@ def output_hessian_matmat(
     tensor([[[0.5000, 0.5000],
              [0.5000, 0.5000]]], dtype=torch.float64)
     """
+    return output_hessian_operator(loss_fn, outputs, targets)(U)
+
+
+def output_hessian_operator(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:math:`U \\mapsto \\nabla^2_f L_b\\, U` at fixed ``outputs``, prepared once.
+
+    What depends on the outputs only is computed here, once: the loss's normaliser
+    :math:`\\nu` and, for softmax cross-entropy, the probabilities :math:`p` (and the
+    mask of counted tokens), so that each application costs a few elementwise passes,
+    :math:`H U = (p \\odot U - p\\,\\langle p, U\\rangle) / \\nu` per sample or token;
+    for a loss without a closed form, the gradient graph of the loss in the outputs
+    is recorded once and each column is one backward pass through it.  The
+    applications give the same bits as :func:`output_hessian_matmat`.
+
+    >>> import torch
+    >>> f = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    >>> H = output_hessian_operator(torch.nn.CrossEntropyLoss(), f, torch.tensor([0]))
+    >>> H(torch.tensor([[[1.0, 0.0]]], dtype=torch.float64))  # p = (1/2, 1/2)
+    tensor([[[ 0.2500, -0.2500]]], dtype=torch.float64)
+    """
     kind = loss_kind(loss_fn, outputs, targets)
     f = outputs.detach()
-    if kind != "autograd":
-        nu = max(_closed_form_divisor(loss_fn, kind, f, targets), 1.0)  # 0: nothing counted
+    if kind == "autograd":
+        return _autograd_output_hessian(loss_fn, f, targets)
+    nu = max(_closed_form_divisor(loss_fn, kind, f, targets), 1.0)  # 0: nothing counted
     if kind in ("ce", "seq_ce", "ce_tokens"):
         p = torch.softmax(_class_last(kind, f), dim=-1)
-        pu = p * _class_last(kind, U, 1)
-        out = (pu - p * pu.sum(-1, keepdim=True)) / nu
-        if kind != "ce":
-            out = out * _seq_mask(loss_fn, targets).unsqueeze(-1).to(out.dtype)
-        return _class_back(kind, out, 1)
+        mask = None if kind == "ce" else _seq_mask(loss_fn, targets).unsqueeze(-1)
+
+        def softmax_hessian(U: torch.Tensor) -> torch.Tensor:
+            pu = p * _class_last(kind, U, 1)
+            out = (pu - p * pu.sum(-1, keepdim=True)) / nu
+            if mask is not None:
+                out = out * mask.to(out.dtype)
+            return _class_back(kind, out, 1)
+
+        return softmax_hessian
     if kind == "mse":
-        return U * (2.0 / nu)
+        return lambda U: U * (2.0 / nu)
     if kind == "bce":
         s = torch.sigmoid(f)
-        return U * (s * (1 - s) / nu)
+        scale = s * (1 - s) / nu
+        return lambda U: U * scale
+    raise AssertionError(f"unhandled loss kind {kind!r}")  # pragma: no cover
+
+
+def _autograd_output_hessian(
+    loss_fn: LossFn, f: torch.Tensor, targets: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The output Hessian of a loss without a closed form, by double backward."""
     with torch.enable_grad():
         o = f.clone().requires_grad_(True)
         loss = loss_fn(o, targets)
         (g,) = torch.autograd.grad(loss, o, create_graph=True)
-        check_twice_differentiable([g], forward_roots=[loss], what="the loss's output Hessian")
+    check_twice_differentiable([g], forward_roots=[loss], what="the loss's output Hessian")
+
+    def by_autograd(U: torch.Tensor) -> torch.Tensor:
         if not g.requires_grad:
             return torch.zeros_like(U)
-        cols = [
-            torch.autograd.grad(
-                g, o, u, retain_graph=True, allow_unused=True, materialize_grads=True
-            )[0]
-            for u in U
-        ]
-    return torch.stack(cols)
+        with torch.enable_grad():
+            cols = [
+                torch.autograd.grad(
+                    g, o, u, retain_graph=True, allow_unused=True, materialize_grads=True
+                )[0]
+                for u in U
+            ]
+        return torch.stack(cols)
+
+    return by_autograd
 
 
 def output_hessian_factor(

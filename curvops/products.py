@@ -69,10 +69,25 @@ __all__ = [
     "jacobian_graph",
     "jacobian_sandwich_linearization",
     "jacobian_sandwich_matmat",
+    "stack_columns",
 ]
 
 #: ``make(outputs) -> apply``; ``apply(U)`` maps ``(k, *outputs.shape)`` to the same shape.
 OutputCurvature = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def stack_columns(cols: Sequence[Sequence[torch.Tensor]], n: int) -> list[torch.Tensor]:
+    """``cols[j][i]`` (column ``j`` of parameter ``i``) as ``n`` tensors ``(k, *shape_i)``.
+
+    One column (a matrix-vector product) is returned as views, without the copies
+    ``torch.stack`` makes.
+
+    >>> [t.shape for t in stack_columns([[torch.ones(2), torch.ones(3)]], 2)]
+    [torch.Size([1, 2]), torch.Size([1, 3])]
+    """
+    if len(cols) == 1:
+        return [cols[0][i].unsqueeze(0) for i in range(n)]
+    return [torch.stack([c[i] for c in cols]) for i in range(n)]
 
 
 def _leaves(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -115,7 +130,7 @@ class HessianLinearization:
                     materialize_grads=True,
                 )
             )
-        return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+        return stack_columns(cols, len(V))
 
 
 def hessian_linearization(
@@ -210,7 +225,7 @@ def jacobian_sandwich_matmat(
         cols.append(
             torch.autograd.grad(primal, leaves, u, allow_unused=True, materialize_grads=True)
         )
-    return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+    return stack_columns(cols, len(V))
 
 
 def _shared_forward_sandwich(
@@ -253,7 +268,7 @@ def _shared_forward_sandwich(
         )
         for j in range(k)
     ]
-    return [torch.stack([c[i] for c in cols]) for i in range(len(leaves))]
+    return stack_columns(cols, len(leaves))
 
 
 @dataclass
@@ -307,7 +322,7 @@ class JacobianGraph:
             )
             for j in range(k)
         ]
-        return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+        return stack_columns(cols, len(V))
 
 
 def jacobian_graph(
@@ -376,7 +391,7 @@ class JacobianSandwichLinearization:
         k = V[0].shape[0]
         U = self._apply_q(torch.stack([self._jvp(*[v[j] for v in V]) for j in range(k)]))
         cols = [self._vjp(U[j]) for j in range(k)]
-        return [torch.stack([c[i] for c in cols]) for i in range(len(V))]
+        return stack_columns(cols, len(V))
 
 
 def jacobian_sandwich_linearization(

@@ -61,7 +61,7 @@ from curvops.data import Batch, as_data, batch_size_of, move_to
 from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
-from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_matmat
+from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_operator
 from curvops.params import select_params
 from curvops.products import hessian_linearization, jacobian_sandwich_matmat
 from curvops.validation import validate
@@ -527,7 +527,7 @@ def _minibatch_terms(
     else:
 
         def q(out: torch.Tensor) -> Any:
-            return lambda U: output_hessian_matmat(loss_fn, out, targets, U)
+            return output_hessian_operator(loss_fn, out, targets)
 
         cz = jacobian_sandwich_matmat(forward, params0, z_parts, q)
     g = torch.cat([t.reshape(-1) for t in lin.grad]).double() * per
