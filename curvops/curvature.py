@@ -171,6 +171,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._snapshot_ids: tuple[Any, ...] = ()
         self._generation = 0
         self._product_token: tuple[Any, ...] | None = None  # memo for one product
+        self._finite_flags: tuple[int, torch.Tensor] | None = None  # (generation, flags)
         self._in_product = False
         first = selected[0][1]
         n = sum(int(p.numel()) for _, p in selected)
@@ -528,29 +529,62 @@ class ModelCurvatureOperator(CurvatureOperator):
         Runs under :func:`curvops._model_state.curvature_mode`; validates a
         DataLoader's batches on its first pass; skips batches whose (host) weight is 0
         unless the product is unweighted.  Returns the device booleans "parameter
-        ``i`` is finite" (taken in the same mode, before the pass).
+        ``i`` is finite" (taken in the same mode, after the pass: :meth:`_params_finite`).
         """
-        validation = self._validation
-        loss_fn = self._loss_fn
-        check_stream = not self._data.is_in_memory and not validation.streamed_checked
+        check_stream = not self._data.is_in_memory and not self._validation.streamed_checked
         with curvature_mode(self._model, self._bn_mode):
-            params_ok = each_finite(self.current_params())
-            for batch in self._batches():
-                if check_stream:
-                    validation.check_streamed(batch.inputs, batch.targets, batch.index)
-                w: Any = validation.weights.get(batch.index)
-                if w is None:
-                    w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
-                if not isinstance(w, torch.Tensor) and w == 0 and not running.unweighted:
-                    continue
-                flat = flatten_columns(self._batch_matmat(batch, V))
-                running.add(batch.index, batch.size, flat, w)
+            try:
+                for batch in self._batches():
+                    self._add_batch(batch, V, running, check_stream)
+            except RuntimeError as exc:  # e.g. sampling from NaN probabilities (MC Fisher)
+                flags = each_finite(self.current_params())
+                if not bool(flags.all()):  # name the cause, not its symptom
+                    self._raise_if_not_finite(-1, 1.0, flags, running.sizes, cause=exc)
+                raise
+            params_ok = self._params_finite()
         if check_stream:
-            validation.streamed_checked = True
+            self._validation.streamed_checked = True
         return params_ok
 
+    def _add_batch(
+        self, batch: Batch, V: list[torch.Tensor], running: _WeightedSum, check_stream: bool
+    ) -> None:
+        """Add ``batch``'s weighted product into ``running`` (weight 0: skipped)."""
+        validation = self._validation
+        if check_stream:
+            validation.check_streamed(batch.inputs, batch.targets, batch.index)
+        w: Any = validation.weights.get(batch.index)
+        if w is None:
+            w = batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
+        if not isinstance(w, torch.Tensor) and w == 0 and not running.unweighted:
+            return
+        flat = flatten_columns(self._batch_matmat(batch, V))
+        running.add(batch.index, batch.size, flat, w)
+
+    def _params_finite(self) -> torch.Tensor:
+        """Device booleans "selected parameter ``i`` is finite".
+
+        An operator that caches graphs compares the model with its snapshot in every
+        product (:meth:`_model_token`); while that comparison finds the model
+        unchanged (the same generation), the flags of the last check still hold and
+        are reused, so a cached product pays for the comparison only.
+        """
+        token = self._product_token
+        cached = self._finite_flags
+        if token is not None and cached is not None and cached[0] == token[0]:
+            return cached[1]
+        flags = each_finite(self.current_params())
+        if token is not None:
+            self._finite_flags = (token[0], flags)
+        return flags
+
     def _raise_if_not_finite(
-        self, index: int, params_bad: float, params_ok: torch.Tensor, sizes: dict[int, int]
+        self,
+        index: int,
+        params_bad: float,
+        params_ok: torch.Tensor,
+        sizes: dict[int, int],
+        cause: BaseException | None = None,
     ) -> None:
         """Raise :class:`NumericalError` for non-finite parameters or batch ``index >= 0``.
 
@@ -562,7 +596,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             raise NumericalError(
                 f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
                 f"the curvature of a model with NaN/Inf weights is not defined."
-            )
+            ) from cause
         if index >= 0:
             raise NumericalError(
                 f"{type(self).__name__}: non-finite curvature product in batch "

@@ -152,6 +152,26 @@ def test_parameter_turned_non_finite_after_construction() -> None:
         H @ np.ones(H.shape[0])
 
 
+@pytest.mark.parametrize("cls", OPERATORS)
+def test_parameter_turned_non_finite_between_cached_products(cls: type) -> None:
+    """The finiteness flags reused while the model is unchanged are not reused after
+    a ``.data`` edit (no version bump), nor after the value is restored."""
+    net = mlp()
+    op = cls(net, nn.CrossEntropyLoss(), (xs().abs() + 1, labels(0, 1, 2, 0, 1)))
+    v = np.ones(op.shape[0])
+    before = op @ v
+    assert np.array_equal(op @ v, before)  # cached: flags reused
+    saved = net[2].weight.data[1, 0].item()
+    for bad in (math.nan, -math.inf):
+        net[2].weight.data[1, 0] = bad
+        with pytest.raises(NumericalError, match=r"parameter\(s\) \['2\.weight'\]"):
+            op @ v
+        with pytest.raises(NumericalError, match=r"parameter\(s\) \['2\.weight'\]"):
+            op @ v  # still refused on the next product
+        net[2].weight.data[1, 0] = saved
+        assert np.array_equal(op @ v, before)
+
+
 def test_unselected_non_finite_parameter_is_allowed() -> None:
     net = mlp()
     data = (xs(), torch.zeros(5, 3).double())
