@@ -233,6 +233,30 @@ class _Gelu(torch.autograd.Function):
 
 
 # -------------------------------------------------------------- LayerNorm
+def _layer_norm_constants(ctx: Any, saved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """:math:`(\\hat x, \\hat g, \\bar{\\hat g}, b, r^2, r^2 b)`: what depends on delta and x only.
+
+    Computed at the first product through the graph and kept on ``ctx``.
+    """
+    if ctx.constants is None:
+        gy, x, weight, mean, rstd = saved
+        dims = tuple(range(x.ndim - len(ctx.shape), x.ndim))
+        xhat = aten.native_layer_norm(x, ctx.shape, None, None, ctx.eps)[0]
+        ghat = gy if weight is None else gy * weight
+        r2 = rstd.square()
+        b = _row_mean(ghat, xhat, len(ctx.shape), mean.shape)
+        ctx.constants = (xhat, ghat, ghat.mean(dims, keepdim=True), b, r2, r2 * b)
+    constants: tuple[torch.Tensor, ...] = ctx.constants
+    return constants
+
+
+def _row_mean(s: torch.Tensor, t: torch.Tensor, normalized: int, shape: torch.Size) -> torch.Tensor:
+    """Mean of ``s * t`` over the last ``normalized`` dimensions, shaped ``shape``."""
+    flat = s.ndim - normalized
+    size = math.prod(s.shape[flat:])
+    return (torch.linalg.vecdot(s.flatten(flat), t.flatten(flat)) / size).view(shape)
+
+
 def _layer_norm_double_backward(
     ctx: Any,
     saved: tuple[torch.Tensor, ...],
@@ -243,8 +267,9 @@ def _layer_norm_double_backward(
     ux, uw, ub = cotangents
     shape, eps = ctx.shape, ctx.eps
     need_gy, need_x, need_w = ctx.needs_input_grad[:3]
-    dims = tuple(range(x.ndim - len(shape), x.ndim))
     rows = tuple(range(x.ndim - len(shape)))
+    # x_hat is kept with the graph when the x-derivative needs it (Hessian products)
+    constants = _layer_norm_constants(ctx, saved) if need_x and ux is not None else None
     pu = None
     if ux is not None and (need_gy or (need_w and weight is not None)):
         pu = aten.native_layer_norm_backward(
@@ -255,7 +280,11 @@ def _layer_norm_double_backward(
         d_w = (gy * pu).sum(rows) if rows else gy * pu
     if need_gy:
         if uw is not None:  # u_gamma x_hat + u_beta: a LayerNorm of x with weight u_gamma
-            d_gy = aten.native_layer_norm(x, shape, uw, ub, eps)[0]
+            if constants is None:
+                d_gy = aten.native_layer_norm(x, shape, uw, ub, eps)[0]
+            else:
+                xhat = constants[0]
+                d_gy = xhat * uw if ub is None else torch.addcmul(ub, xhat, uw)
         elif ub is not None:
             d_gy = ub.expand_as(x).clone()
         if pu is not None:
@@ -270,23 +299,12 @@ def _layer_norm_double_backward(
             d_x = aten.native_layer_norm_backward(
                 gy, x, shape, mean, rstd, uw, None, [True, False, False]
             )[0]
-        if ux is not None:
-            flat, size = len(rows), math.prod(shape)
-
-            def row_mean(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return (torch.linalg.vecdot(s.flatten(flat), t.flatten(flat)) / size).view(
-                    mean.shape
-                )
-
-            if ctx.constants is None:  # what depends on delta and x only, once per graph
-                xhat = aten.native_layer_norm(x, shape, None, None, eps)[0]
-                ghat = gy if weight is None else gy * weight
-                r2 = rstd.square()
-                b = row_mean(ghat, xhat)
-                ctx.constants = (xhat, ghat, ghat.mean(dims, keepdim=True), b, r2, r2 * b)
-            xhat, ghat, g_mean, b, r2, r2b = ctx.constants
+        if ux is not None and constants is not None:
+            xhat, ghat, g_mean, b, r2, r2b = constants
+            dims = tuple(range(x.ndim - len(shape), x.ndim))
             u_mean = ux.mean(dims, keepdim=True)
-            c, e = row_mean(ux, xhat), row_mean(ux, ghat)
+            c = _row_mean(ux, xhat, len(shape), mean.shape)
+            e = _row_mean(ux, ghat, len(shape), mean.shape)
             term = ux * r2b
             term.addcmul_(ghat, c * r2)
             term.addcmul_(xhat, (e - u_mean * g_mean - 3.0 * c * b).mul_(r2))
