@@ -114,14 +114,20 @@ def _under(backends: list[SDPBackend], fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def measure(batch: int, rounds: int, lanczos_steps: int, cpu_time: bool = True) -> dict[str, Any]:
-    """Products, Lanczos steps and their agreement, for every library that runs."""
+def measure(
+    batch: int,
+    rounds: int,
+    lanczos_steps: int,
+    cpu_time: bool = True,
+    peers: tuple[str, ...] = PEERS,
+) -> dict[str, Any]:
+    """Products, Lanczos steps and their agreement, for every library of ``peers`` that runs."""
     model, loss_fn, data = make_setup(batch)
     num_params = sum(p.numel() for p in model.parameters())
     v = torch.randn(num_params, generator=torch.Generator().manual_seed(0))
     fns: dict[str, Callable[[], Any]] = {"gradient": _gradient(model, loss_fn, data)}
     bounds, notes = {}, {}
-    for lib in PEERS:
+    for lib in peers:
         try:
             bound = bind(lib, model, loss_fn, [data])
         except Unavailable as exc:
@@ -287,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lanczos-steps", type=int, default=10, help="Lanczos steps")
     parser.add_argument("--quick", action="store_true", help="smoke test")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated libraries to run ('ours' is always run): e.g. --peers ours",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
@@ -296,9 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.rounds, args.lanczos_steps = 2, 2, 3
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
-    result = measure(args.batch, args.rounds, args.lanczos_steps)
+    peers = ("ours", *[p for p in args.peers.split(",") if p and p != "ours"])
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        parser.error(f"--peers: expected names from {list(PEERS)}, received {unknown}")
+    result = measure(args.batch, args.rounds, args.lanczos_steps, peers=peers)
     result["load_average"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f} (start-end, 1 min)"
-    result["memory_mib"] = memory(args.batch)
+    if not args.no_memory:
+        result["memory_mib"] = memory(args.batch)
     result["versions"] = library_versions()
     print(table(result))
     if args.out:
