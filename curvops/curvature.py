@@ -41,6 +41,7 @@ from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
+from curvops.snapshot import TensorSnapshot, tensors_in
 from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
@@ -167,9 +168,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._shapes = [p.shape for _, p in selected]
         self._progress = bool(progress)
         self.process_group = process_group
-        self._snapshot: list[torch.Tensor] = []  # values behind self._generation
-        self._snapshot_ids: tuple[Any, ...] = ()
-        self._generation = 0
+        self._model_snapshot = TensorSnapshot()  # parameters and buffers, bitwise
+        self._batch_snapshots: dict[int, TensorSnapshot] = {}  # cached batches' tensors
         self._product_token: tuple[Any, ...] | None = None  # memo for one product
         self._finite_flags: tuple[int, torch.Tensor] | None = None  # (generation, flags)
         self._in_product = False
@@ -387,9 +387,13 @@ class ModelCurvatureOperator(CurvatureOperator):
         return graph.apply(V)
 
     def _state_key(self, batch: Batch) -> tuple[Any, ...]:
-        """Changes whenever parameters, buffers, modes or the batch tensors change.
+        """Changes whenever parameters, buffers, modes or the batch's tensors change.
 
-        The model part (:meth:`_model_token`) is computed once per product.
+        The model part (:meth:`_model_token`) is computed once per product.  The
+        batch's tensors are compared bitwise with a copy kept for each cached batch
+        (:class:`curvops.snapshot.TensorSnapshot`): an in-place edit of the data, also
+        through ``.data`` (no version bump), rebuilds the batch's graphs instead of
+        mixing old activations with new inputs.
         """
         if not self._in_product:
             token = self._model_token()
@@ -397,45 +401,33 @@ class ModelCurvatureOperator(CurvatureOperator):
             token = self._product_token = self._model_token()
         else:
             token = self._product_token
-        tensors = [t for t in (batch.inputs, batch.targets) if isinstance(t, torch.Tensor)]
+        snapshot = self._batch_snapshots.setdefault(batch.index, TensorSnapshot())
+        snapshot.update([*tensors_in(batch.inputs), *tensors_in(batch.targets)])
         kind = self.device.type  # a graph recorded under torch.autocast is not reused outside
         autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        return (
-            token,
-            autocast,
-            tuple((t.data_ptr(), t._version) for t in tensors),
-        )
+        return (token, autocast, snapshot.generation)
 
     def _model_token(self) -> tuple[Any, ...]:
         """A key that changes with any change of the model's parameters or buffers.
 
         Compares every parameter and buffer of the model with a copy taken when the
         key last changed, bitwise, plus the identity, dtype and storage of every
-        tensor under every name, the train/eval flags and whether the product
-        context (:func:`curvops.determinism.product_context`) is active.  So an
-        optimizer step, a ``.data`` edit (which bumps no version counter), ``copy_``
-        under ``no_grad``, ``load_state_dict`` (with or without ``assign=True``) and a
-        reassigned ``Parameter`` all invalidate the cached graphs.  Cost
-        :math:`O(P)`: one comparison pass over the parameters and buffers per
-        product (only for operators that cache), and one copy of them held while
-        graphs are cached.
+        tensor under every name (:class:`curvops.snapshot.TensorSnapshot`), the
+        train/eval flags and whether the product context
+        (:func:`curvops.determinism.product_context`) is active.  So an optimizer
+        step, a ``.data`` edit (which bumps no version counter), ``copy_`` under
+        ``no_grad``, ``load_state_dict`` (with or without ``assign=True``) and a
+        reassigned ``Parameter`` all invalidate the cached graphs.  Cost :math:`O(P)`:
+        one comparison pass over the parameters and buffers per product (only for
+        operators that cache), and one copy of them held while graphs are cached.
         """
         model = self._model
         named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
         named += [t for _, t in model.named_buffers(remove_duplicate=False)]
-        ids = tuple((id(t), t.dtype, t.device, t.data_ptr(), t.shape) for t in named)
-        tensors = list({id(t): t for t in named}.values())  # aliases compared once
-        same = ids == self._snapshot_ids and all(
-            torch.equal(t, saved) for t, saved in zip(tensors, self._snapshot)
-        )
-        if not same:
-            self._generation += 1
+        if self._model_snapshot.update(named):
             self._graph_cache.clear()
-            with torch.no_grad():
-                self._snapshot = [t.detach().clone() for t in tensors]
-            self._snapshot_ids = ids
         flags = tuple(m.training for m in model.modules())
-        return (self._generation, flags, determinism.is_active())
+        return (self._model_snapshot.generation, flags, determinism.is_active())
 
     def _batches(self) -> Iterable[Batch]:
         if not self._progress:

@@ -61,7 +61,9 @@ class HessianOperator(ModelCurvatureOperator):
         applied to a DataLoader (``cache=True`` is ignored there): its batches are
         fresh tensors on every pass and could reuse memory addresses, which would
         make stale graphs look valid.  The cache is invalidated by any change of
-        parameters, buffers, train/eval flags or batch tensors (in place included).
+        parameters, buffers, train/eval flags or batch tensors (in place included,
+        also through ``.data``: each cached batch is compared bitwise with a copy kept
+        beside its graph).
     lean_kernels:
         Record the gradient graph with :func:`curvops.lean_ops.lean_double_backward`
         (default): convolutions, eval-mode BatchNorm, ReLU and 2-D max pooling get

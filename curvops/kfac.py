@@ -62,6 +62,7 @@ from curvops._model_state import check_bn_mode
 from curvops.data import Data, as_data
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
+from curvops.finiteness import each_finite
 from curvops.kronecker import (
     APPROXIMATIONS,
     FISHER_TYPES,
@@ -75,6 +76,8 @@ from curvops.kronecker import (
 from curvops.losses import LossFn, check_loss, loss_family
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
+from curvops.snapshot import TensorSnapshot, tensors_in
+from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
@@ -547,6 +550,9 @@ class KFACOperator(KroneckerEigenOperator):
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         self._params = select_params(model, params)
+        # the construction-time checks of every operator: finite parameters, inputs,
+        # targets and loss, named errors (curvops.validation)
+        validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
         self.mc_samples = mc_samples
         self.seed = seed
         blocks, rem = _plan(model, self._params, self.bias, self.remainder)
@@ -561,6 +567,8 @@ class KFACOperator(KroneckerEigenOperator):
         )
         self._layers = list(dict.fromkeys(b.module for b in blocks))
         self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._model_snapshot = TensorSnapshot()
+        self._data_snapshot = TensorSnapshot()
         self._source = data
         self._share = self._check_share(share_with)
 
@@ -585,16 +593,24 @@ class KFACOperator(KroneckerEigenOperator):
 
     # ------------------------------------------------------------------ factors
     def _state_key(self) -> tuple[Any, ...]:
+        """Changes whenever a parameter, a buffer, a mode or in-memory data changes.
+
+        Parameters and buffers, and the tensors of in-memory batches, are compared
+        bitwise with copies (:class:`curvops.snapshot.TensorSnapshot`), so the
+        factors follow every change of the model (an optimizer step, a ``.data``
+        edit, ``load_state_dict``, a reassigned ``Parameter``: contract 2) and of the
+        data, also through ``.data``.  A DataLoader is a fixed data set (contract 1).
+        """
         model = self._model
-        key: list[Any] = [p._version for p in model.parameters()]
-        key += [b._version for b in model.buffers()]
+        named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
+        named += [t for _, t in model.named_buffers(remove_duplicate=False)]
+        self._model_snapshot.update(named)
+        key: list[Any] = [self._model_snapshot.generation]
         key += [m.training for m in model.modules()]
-        key += [p.data_ptr() for p in model.parameters()]
         if self._data.is_in_memory:
-            for batch in self._data:
-                for t in (batch.inputs, batch.targets):
-                    if isinstance(t, torch.Tensor):
-                        key.append((t.data_ptr(), t._version))
+            tensors = [t for batch in self._data for t in tensors_in((batch.inputs, batch.targets))]
+            self._data_snapshot.update(tensors)
+            key.append(self._data_snapshot.generation)
         return tuple(key)
 
     def _statistics(self) -> dict[str, Any]:
@@ -603,9 +619,34 @@ class KFACOperator(KroneckerEigenOperator):
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         self._cache = None
+        self._check_modules()
+        flags = each_finite([p for _, p in self._params])
+        if not bool(flags.all()):
+            bad = [name for (name, _), ok in zip(self._params, flags.tolist()) if not ok]
+            raise NumericalError(
+                f"{type(self).__name__}: non-finite values in parameter(s) {bad[:5]}; "
+                "the curvature of a model with NaN/Inf weights is not defined."
+            )
         stats = self._compute()
         self._cache = (key, stats)
         return stats
+
+    def _check_modules(self) -> None:
+        """Refuse a model whose layers were replaced since the operator was built.
+
+        The factors are collected by hooks on the layer objects the operator was built
+        on; a replaced module (``model[3] = nn.Linear(...)``) would leave its layer
+        without statistics.
+        """
+        modules = dict(self._model.named_modules())
+        replaced = sorted({b.layer for b in self.blocks if modules.get(b.layer) is not b.module})
+        if replaced:
+            raise argument_error(
+                "model",
+                "the layer modules the operator was built on (build a new operator after "
+                "replacing a module)",
+                f"a model whose module(s) {replaced} were replaced or removed",
+            )
 
     def _block_inputs(self, block: KroneckerBlock, a: torch.Tensor) -> torch.Tensor:
         """The rows ``(N, T, d_A)`` of ``block`` from the layer's input rows ``a``."""

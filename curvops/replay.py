@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+
+from curvops.snapshot import tensors_in
 
 __all__ = ["REPLAY_SEED", "PassFingerprint", "ReplayStreams", "batch_checksum"]
 
@@ -128,17 +130,6 @@ class ReplayStreams:
             self._install(user, self._generators)
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def batch_checksum(inputs: Any, targets: torch.Tensor) -> int:
     """CRC-32 of the bytes, shapes and dtypes of a batch's tensors (position-sensitive).
 
@@ -150,7 +141,7 @@ def batch_checksum(inputs: Any, targets: torch.Tensor) -> int:
     False
     """
     crc = 0
-    for t in (*_tensors(inputs), targets):
+    for t in (*tensors_in(inputs), targets):
         flat = t.detach().reshape(-1).contiguous().cpu()
         crc = zlib.crc32(f"{tuple(t.shape)}{t.dtype}".encode(), crc)
         crc = zlib.crc32(flat.view(torch.uint8).numpy().data, crc)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops import EKFACOperator, FisherOperator, GGNOperator, HessianOperator, KFACOperator
 
 
 def _model() -> nn.Module:
@@ -139,3 +139,68 @@ def test_changed_dtype_or_missing_parameter_refused(change: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         op @ torch.ones(op.shape[0], dtype=torch.float64)
     assert "Argument 'model'" in str(info.value)
+
+
+KRONECKER = {
+    "kfac": lambda m, d: KFACOperator(m, nn.CrossEntropyLoss(), d, remainder="diagonal"),
+    "ekfac": lambda m, d: EKFACOperator(m, nn.CrossEntropyLoss(), d, remainder="diagonal"),
+}
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+@pytest.mark.parametrize("op_name", sorted(KRONECKER))
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_kronecker_factors_follow_the_change(route: str, op_name: str, batches: int) -> None:
+    """K-FAC / E-KFAC factors are cached per model state: every route is seen (a
+    ``.data`` edit bumps no version counter, so a version-keyed cache missed it)."""
+    model = _model().eval()
+    data = _data(batches)
+    make = KRONECKER[op_name]
+    op = make(model, data)
+    v = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    before = op @ v
+    ROUTES[route](model)
+    if route == "new-module":  # the factors' hooks are on the layer objects
+        with pytest.raises(ValueError, match=r"'model'.*module\(s\) \['3'\] were replaced"):
+            op @ v
+        return
+    after = op @ v
+    fresh = make(model, data) @ v
+    assert torch.equal(after, fresh)
+    assert not torch.equal(after, before)
+
+
+def _edit_inputs(data: object) -> None:
+    batch = data if isinstance(data, tuple) else data[-1]  # type: ignore[index]
+    batch[0].data[1].mul_(-2.0)  # no version bump
+
+
+def _edit_targets(data: object) -> None:
+    batch = data if isinstance(data, tuple) else data[-1]  # type: ignore[index]
+    batch[1].data[0] = 1 - batch[1][0]
+
+
+@pytest.mark.parametrize("edit", [_edit_inputs, _edit_targets], ids=["inputs", "targets"])
+@pytest.mark.parametrize("cache", [None, True])
+@pytest.mark.parametrize("op_name", sorted(OPERATORS) + sorted(KRONECKER))
+def test_next_product_sees_a_data_edit_of_the_batch(
+    op_name: str, cache: bool | None, edit: Callable[[object], None]
+) -> None:
+    """In-memory batches edited in place through ``.data``: a cached graph recorded on
+    the old values must not be mixed with the new ones (it was: the saved inputs were
+    the new values, the activations the old ones)."""
+    model = _model().eval()
+    data = _data(1 if cache is None else 2)
+    if op_name in KRONECKER:
+        make: Callable[..., object] = lambda m, d, **kw: KRONECKER[op_name](m, d)  # noqa: E731
+    else:
+        make = OPERATORS[op_name]
+    op = make(model, data, cache=cache)
+    v = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))  # type: ignore[attr-defined]
+    before = op @ v  # type: ignore[operator]
+    edit(data)
+    after = op @ v  # type: ignore[operator]
+    fresh = make(model, data, cache=cache) @ v  # type: ignore[operator]
+    assert torch.equal(after, fresh)
+    if edit is _edit_inputs or op_name == "hessian":  # GGN, Fisher, K-FAC: no targets in CE's
+        assert not torch.equal(after, before)  # output curvature

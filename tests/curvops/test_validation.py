@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops import EKFACOperator, FisherOperator, GGNOperator, HessianOperator, KFACOperator
 from curvops.diagonal import ggn_diagonal
 from curvops.stats import loss_stats
 from spectral.errors import NumericalError
@@ -220,3 +220,38 @@ def test_validation_leaves_the_model_unchanged() -> None:
     HessianOperator(net, nn.CrossEntropyLoss(), (xs(), labels(0, 1, 2, 0, 1)))
     assert state_differences(before, net) == []
     assert torch.equal(rng, torch.get_rng_state())
+
+
+KRONECKER_OPERATORS = [KFACOperator, EKFACOperator]
+
+
+@pytest.mark.parametrize("cls", KRONECKER_OPERATORS)
+def test_kronecker_operators_run_the_construction_checks(cls: type) -> None:
+    """K-FAC / E-KFAC refuse what every operator refuses, naming the argument (they
+    built their factors lazily and failed later with 'non-finite factor of layer')."""
+    net = mlp()
+    with torch.no_grad():
+        net[2].weight[0, 1] = math.nan
+    data = (xs(), labels(0, 1, 2, 0, 1))
+    with pytest.raises(ValueError, match=r"'params'.*'2\.weight'"):
+        cls(net, nn.CrossEntropyLoss(), data)
+    bad_inputs = xs()
+    bad_inputs[2, 0] = math.inf
+    with pytest.raises(ValueError, match=r"'data \(batch 0\)'.*finite inputs"):
+        cls(mlp(), nn.CrossEntropyLoss(), (bad_inputs, labels(0, 1, 2, 0, 1)))
+    with pytest.raises(ValueError, match=r"'data \(batch 0\)'"):
+        cls(mlp(), nn.CrossEntropyLoss(), (xs(), labels(0, 1, 7, 0, 1)))  # class 7 of 3
+
+
+@pytest.mark.parametrize("cls", KRONECKER_OPERATORS)
+def test_kronecker_parameter_turned_non_finite_after_construction(cls: type) -> None:
+    net = mlp()
+    op = cls(net, nn.CrossEntropyLoss(), (xs(), labels(0, 1, 2, 0, 1)))
+    v = np.ones(op.shape[0])
+    before = op @ v
+    saved = net[0].bias.data[1].item()
+    net[0].bias.data[1] = math.inf
+    with pytest.raises(NumericalError, match=r"parameter\(s\) \['0\.bias'\]"):
+        op @ v
+    net[0].bias.data[1] = saved
+    assert np.array_equal(op @ v, before)
