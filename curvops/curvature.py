@@ -541,13 +541,16 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _add_batch(
         self, batch: Batch, V: list[torch.Tensor], running: _WeightedSum, check_stream: bool
     ) -> None:
-        """Add ``batch``'s weighted product into ``running`` (weight 0: skipped)."""
-        validation = self._validation
+        """Add ``batch``'s weighted product into ``running`` (weight 0: skipped).
+
+        The weight is counted at every product (on the device for class-index
+        targets: no host synchronisation), not taken from construction time: targets
+        edited in place (a token newly set to ``ignore_index``) change the loss's
+        normaliser, and a stale weight would mis-weight the batches silently.
+        """
         if check_stream:
-            validation.check_streamed(batch.inputs, batch.targets, batch.index)
-        w: Any = validation.weights.get(batch.index)
-        if w is None:
-            w = batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
+            self._validation.check_streamed(batch.inputs, batch.targets, batch.index)
+        w: Any = batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
         if not isinstance(w, torch.Tensor) and w == 0 and not running.unweighted:
             return
         flat = flatten_columns(self._batch_matmat(batch, V))

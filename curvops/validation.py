@@ -185,8 +185,9 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
 class Validation:
     """What the construction-time checks learnt: the class spec and the batch weights.
 
-    ``weights`` holds the weight of every in-memory batch
-    (:func:`curvops.losses.batch_weight`), so products do not recompute it.
+    ``weights`` holds the weight of every in-memory batch at construction
+    (:func:`curvops.losses.batch_weight`), for the check that something is counted;
+    products count the weights afresh (the targets may be edited in place).
     """
 
     loss_fn: Any

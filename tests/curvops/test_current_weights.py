@@ -204,3 +204,31 @@ def test_next_product_sees_a_data_edit_of_the_batch(
     assert torch.equal(after, fresh)
     if edit is _edit_inputs or op_name == "hessian":  # GGN, Fisher, K-FAC: no targets in CE's
         assert not torch.equal(after, before)  # output curvature
+
+
+@pytest.mark.parametrize("through_data", [False, True], ids=["in-place", "data"])
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("op_name", sorted(OPERATORS))
+def test_targets_newly_ignored_reweight_the_batches(
+    op_name: str, cache: bool, through_data: bool
+) -> None:
+    """The batches' weights are the loss's normalisers (counted targets): a target set
+    to ``ignore_index`` after construction changes them (weights counted at
+    construction mis-weighted the batches: 60 % off for the Hessian)."""
+    model = _model().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    data = [(x[:4], y[:4].clone()), (x[4:], y[4:].clone())]
+    loss = nn.CrossEntropyLoss(ignore_index=-100)
+    kwargs = {"kind": "mc"} if op_name == "fisher" else {}
+    cls = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}[op_name]
+    op = cls(model, loss, data, cache=cache, **kwargs)
+    v = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=g)
+    before = op @ v
+    targets = data[1][1].data if through_data else data[1][1]
+    targets[:3] = -100
+    after = op @ v
+    fresh = cls(model, loss, data, cache=cache, **kwargs) @ v
+    assert torch.equal(after, fresh)
+    assert not torch.allclose(after, before, rtol=1e-3)
