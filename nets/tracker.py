@@ -31,7 +31,9 @@ measurement set is the same at every step.
 **File and restart.**  Rows go to ``path`` as JSON lines, the whole file rewritten
 through :func:`spectral.io.atomic_write` (temporary file, fsync, rename) after each
 measurement: a reader or a restarted process sees the file before or after a row,
-never a torn line (the file is small: one short line per measurement).  The warm
+never a torn line (the file is small: one short line per measurement).  Each row
+carries a CRC-32 (:mod:`nets.curvature_rows`), verified when the file is read back, so a
+changed byte is an error naming the line, not a different measurement.  The warm
 start vectors of the last few measurements go beside it (``<path>.ritz.npz``).
 A tracker built on an existing file continues it: its step count is the last row's
 step, or ``start_step`` (the step of the training checkpoint the run resumed from),
@@ -55,7 +57,6 @@ has no duplicate and no missing step.  Density snapshots go to ``<stem>.density-
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -75,10 +76,11 @@ from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.params import group_by_layer, select_params
+from nets.curvature_rows import read_rows, write_rows
 from spectral.blockeig import block_eigenpairs
 from spectral.errors import argument_error
 from spectral.estimators import trace
-from spectral.io import CorruptFileError, atomic_write, load_npz, save_npz
+from spectral.io import CorruptFileError, load_npz, save_npz
 from spectral.quadrature import slq
 
 __all__ = ["KINDS", "CurvatureTracker"]
@@ -408,9 +410,7 @@ class CurvatureTracker:
                 del self._history[old]
             arrays = {f"v/{s}/{k}": v for s, vs in self._history.items() for k, v in vs.items()}
             save_npz(self._state_path, **arrays)
-        with atomic_write(self.path, "w") as handle:
-            for row in self.rows:
-                handle.write(json.dumps(row) + "\n")
+        write_rows(self.path, self.rows)
 
     def _resume(self, start_step: int | None) -> None:
         assert self.path is not None
@@ -418,9 +418,8 @@ class CurvatureTracker:
             self.count = 0 if start_step is None else _check_int("start_step", start_step, 0)
             return
         rows = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for number, row in enumerate(read_rows(self.path), start=1):  # checksums verified
             try:
-                row = json.loads(line)
                 int(row["step"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise CorruptFileError(
@@ -444,9 +443,7 @@ class CurvatureTracker:
             logger.info(
                 "tracker: %d rows after step %d dropped (re-measured)", len(dropped), self.count
             )
-            with atomic_write(self.path, "w") as handle:
-                for row in self.rows:
-                    handle.write(json.dumps(row) + "\n")
+            write_rows(self.path, self.rows)
         self._load_vectors()
 
     def _load_vectors(self) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from nets.curvature_rows import decode_rows
 from nets.plots._figure import PALETTE, close_figure, figure_style, new_subplots, save_figure
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
@@ -65,7 +66,7 @@ def load_tracking_rows(source: Any) -> tuple[list[dict[str, Any]], Path | None]:
         if path.suffix == ".json":
             rows = json.loads(text).get("curvature") or []
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = decode_rows(text, path)  # checksums verified
     elif isinstance(source, Sequence) and not isinstance(source, str | bytes):
         rows = list(source)
     else:

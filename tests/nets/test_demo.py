@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nets.cli import main
+from nets.curvature_rows import read_rows
 from nets.demo import DemoSummary, run_demo
 from spectral.io import load_npz
 
@@ -123,7 +124,7 @@ def test_demo_command_writes_every_file_and_prints_the_summary(
         if not npz.name.startswith("curvature."):
             assert "config_json" in load_npz(npz), npz
     # the digits run was tracked: rows every 10 steps, in the file and in stats.json
-    rows = [json.loads(line) for line in (tmp_path / "curvature.jsonl").read_text().splitlines()]
+    rows = read_rows(tmp_path / "curvature.jsonl")  # checksums verified
     assert [r["step"] for r in rows] == [10 * (i + 1) for i in range(len(rows))] and rows
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["curvature"] == rows

@@ -299,3 +299,61 @@ def test_warm_start_spends_fewer_products_than_cold() -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CurvatureTracker(_mlp(), nn.CrossEntropyLoss(), _data(), **kwargs)
+
+
+def _tracked_file(tmp_path: Path) -> Path:
+    path = tmp_path / "curvature.jsonl"
+    model = _mlp()
+    tracker = CurvatureTracker(
+        model, nn.CrossEntropyLoss(), _data(), every=2, top_k=2, tol=TOL, path=path
+    )
+    _train(model, 6, tracker, lr=0.02)
+    return path
+
+
+def test_a_changed_digit_in_the_rows_file_is_refused_on_resume(tmp_path: Path) -> None:
+    """Every row carries a CRC-32: one changed digit of a stored eigenvalue was a
+    silently different measurement after a restart."""
+    path = _tracked_file(tmp_path)
+    lines = path.read_text().splitlines()
+    assert all('"crc32": ' in line for line in lines)
+    row = json.loads(lines[1])
+    value = repr(row["top_eigenvalues"][0])
+    digit = next(i for i, c in enumerate(value) if c.isdigit() and c not in "09")
+    changed = value[:digit] + str(int(value[digit]) + 1) + value[digit + 1 :]
+    lines[1] = lines[1].replace(value, changed, 1)
+    path.write_text("\n".join(lines) + "\n")
+    make = lambda: CurvatureTracker(  # noqa: E731
+        _mlp(), nn.CrossEntropyLoss(), _data(), every=2, top_k=2, tol=TOL, path=path
+    )
+    with pytest.raises(CorruptFileError, match=r"curvature\.jsonl', line 2: checksum mismatch"):
+        make()
+    from nets import plot_curvature_tracking
+
+    with pytest.raises(CorruptFileError, match="line 2: checksum mismatch"):
+        plot_curvature_tracking(path)
+
+
+def test_a_row_without_its_checksum_is_refused(tmp_path: Path) -> None:
+    path = _tracked_file(tmp_path)
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[0])
+    del row["crc32"]
+    lines[0] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptFileError, match=r"1 of 3 rows have no 'crc32' key"):
+        CurvatureTracker(
+            _mlp(), nn.CrossEntropyLoss(), _data(), every=2, top_k=2, tol=TOL, path=path
+        )
+
+
+def test_a_file_written_before_the_checksums_resumes(tmp_path: Path) -> None:
+    path = _tracked_file(tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        del row["crc32"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tracker = CurvatureTracker(
+        _mlp(), nn.CrossEntropyLoss(), _data(), every=2, top_k=2, tol=TOL, path=path
+    )
+    assert tracker.rows == rows and tracker.count == 6

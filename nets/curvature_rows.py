@@ -1,0 +1,95 @@
+"""The JSON-lines file of curvature rows (``curvature.jsonl``), each row checksummed.
+
+One row per line, as :class:`nets.CurvatureTracker` measures them, with one extra key,
+``"crc32"``: the CRC-32 of the row's canonical JSON (keys sorted, no spaces, the
+``crc32`` key left out).  The file is read back when a tracker resumes, and a flipped
+bit in a digit would otherwise change a measurement silently; :func:`read_rows`
+verifies every row and raises :class:`spectral.io.CorruptFileError` naming the file
+and the line.  Files written before the checksums (no row has a ``crc32`` key) are
+read as they are; a file where some rows have one and others not is corrupt.
+
+>>> import tempfile, pathlib
+>>> folder = tempfile.TemporaryDirectory()
+>>> path = pathlib.Path(folder.name) / "curvature.jsonl"
+>>> write_rows(path, [{"step": 50, "top_eigenvalues": [12.5, 3.25]}])
+>>> read_rows(path)
+[{'step': 50, 'top_eigenvalues': [12.5, 3.25]}]
+>>> _ = path.write_text(path.read_text().replace("12.5", "13.5"))  # one changed digit
+>>> read_rows(path)
+Traceback (most recent call last):
+...
+spectral.io.CorruptFileError: File '...curvature.jsonl', line 1: checksum mismatch ...
+>>> folder.cleanup()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from spectral.io import CorruptFileError, atomic_write
+
+__all__ = ["decode_rows", "encode_row", "read_rows", "write_rows"]
+
+CRC_KEY = "crc32"
+
+
+def _crc(row: Mapping[str, Any]) -> int:
+    canonical = json.dumps(row, sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(canonical.encode("utf-8")) & 0xFFFFFFFF
+
+
+def encode_row(row: Mapping[str, Any]) -> str:
+    """One line (no newline) of ``row`` as JSON with its ``crc32``.
+
+    >>> encode_row({"step": 1})
+    '{"step": 1, "crc32": 286895505}'
+    """
+    if CRC_KEY in row:
+        raise ValueError(f"Argument 'row': expected no {CRC_KEY!r} key; received {dict(row)!r}.")
+    return json.dumps({**row, CRC_KEY: _crc(row)})
+
+
+def decode_rows(text: str, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a file's ``text`` (``path`` names it in errors), checksums verified."""
+    rows: list[dict[str, Any]] = []
+    with_crc = 0
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise CorruptFileError(f"File '{path}', line {number}: not JSON ({exc}).") from exc
+        if not isinstance(row, dict):
+            raise CorruptFileError(f"File '{path}', line {number}: not a row (a JSON object).")
+        if CRC_KEY in row:
+            with_crc += 1
+            stored = row.pop(CRC_KEY)
+            if stored != _crc(row):
+                raise CorruptFileError(
+                    f"File '{path}', line {number}: checksum mismatch (the row was "
+                    f"changed after it was written: stored {stored}, computed {_crc(row)})."
+                )
+        rows.append(row)
+    if 0 < with_crc < len(rows):
+        raise CorruptFileError(
+            f"File '{path}': {len(rows) - with_crc} of {len(rows)} rows have no {CRC_KEY!r} "
+            "key (every row of a file written with checksums has one)."
+        )
+    return rows
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of the JSON-lines file ``path``, checksums verified (see the module)."""
+    return decode_rows(Path(path).read_text(encoding="utf-8"), path)
+
+
+def write_rows(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` to ``path`` atomically (temporary file, fsync, rename), one per line."""
+    with atomic_write(path, "w") as handle:
+        for row in rows:
+            handle.write(encode_row(row) + "\n")
