@@ -19,7 +19,9 @@ Checks (each printed as ``CHECK <name>: PASS|FAIL|SKIP (detail)``; the exit stat
    and Ritz values against ``numpy.linalg.eigh`` of the dense reference.
 4. ``no-host-copies``: during a float32 Lanczos run, every device-to-host transfer
    (``Tensor.cpu``/``.numpy``/``.tolist``/``.item``/``bool``/``.to("cpu")``) is
-   intercepted: no vector (more than 2 entries) may reach the host; the number of
+   intercepted: no vector may reach the host (at most 3 entries: the one status
+   transfer of a product holds the first non-finite batch, the parameter flag and,
+   for several batches, their total weight counted on the device); the number of
    scalar conversions per step is reported (each is a device synchronisation on a
    GPU; ``.cpu().numpy()`` of the same tensor counts twice).
 5. ``cupy-interop``: a cupy vector in gives a cupy vector out equal to the torch
@@ -284,13 +286,14 @@ def check_host_copies(device: torch.device) -> bool:
             res = lanczos(H, m, reorth="full", v0=v0)
         results[layout] = (len(sizes), max(sizes, default=0), res.num_iters)
     vectors = max(r[1] for r in results.values())
+    allowed = 3  # a product's status: first non-finite batch, parameter flag, total weight
     detail = ", ".join(
         f"{k}: {n / it:.1f} scalar host conversions per step" for k, (n, _, it) in results.items()
     )
     return record(
         "no-host-copies",
-        "PASS" if vectors <= 2 else "FAIL",
-        f"largest host transfer {vectors} entries (<= 2 allowed); {detail}",
+        "PASS" if vectors <= allowed else "FAIL",
+        f"largest host transfer {vectors} entries (<= {allowed} allowed); {detail}",
         transfers=results,
     )
 

@@ -805,6 +805,22 @@ def output_hessian_operator(
     is recorded once and each column is one backward pass through it.  The
     applications give the same bits as :func:`output_hessian_matmat`.
 
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (a torch loss module, a functional loss or a :class:`DeclaredLoss`).
+    outputs : torch.Tensor
+        The model's outputs on the batch (read now: later changes are not seen).
+    targets : torch.Tensor
+        The batch's targets.
+
+    Returns
+    -------
+    callable
+        ``U -> H U`` for ``U`` of shape ``(k, *outputs.shape)``, shaped like ``U``.
+
+    Examples
+    --------
     >>> import torch
     >>> f = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
     >>> H = output_hessian_operator(torch.nn.CrossEntropyLoss(), f, torch.tensor([0]))
