@@ -352,7 +352,8 @@ def check_loss(loss_fn: Any) -> LossFn:
         Not callable, or a class instead of an instance.
     ValueError
         ``reduction`` other than ``"mean"``/``"sum"`` (``"none"`` gives a tensor, not
-        a loss to take the curvature of).
+        a loss to take the curvature of); class weights (``weight``, ``pos_weight``)
+        that are NaN, infinite or negative.
 
     Examples
     --------
@@ -380,6 +381,20 @@ def check_loss(loss_fn: Any) -> LossFn:
             "scalar; 'none' returns one loss per element)",
             reduction,
         )
+    for key in ("weight", "pos_weight"):  # rescaling weights of classes / positives
+        value = loss_setting(loss_fn, key, None)
+        if not isinstance(value, torch.Tensor):
+            continue
+        w = value.detach()
+        if not bool(((w >= 0) & torch.isfinite(w)).all()):
+            shown = w.tolist() if w.numel() <= 12 else value
+            raise argument_error(
+                f"loss_fn.{key}",
+                "finite, non-negative weights (a NaN or infinite weight makes the loss "
+                "NaN, a negative one makes it non-convex, so that its GGN and Fisher are "
+                "not positive semi-definite)",
+                shown,
+            )
     return loss_fn
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -255,3 +256,36 @@ def test_kronecker_parameter_turned_non_finite_after_construction(cls: type) -> 
         op @ v
     net[0].bias.data[1] = saved
     assert np.array_equal(op @ v, before)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+@pytest.mark.parametrize(
+    "make_loss, key",
+    [
+        (lambda w: nn.CrossEntropyLoss(weight=w), "weight"),
+        (lambda w: nn.NLLLoss(weight=w), "weight"),
+        (lambda w: nn.BCEWithLogitsLoss(pos_weight=w), "pos_weight"),
+    ],
+    ids=["ce", "nll", "bce-pos"],
+)
+def test_class_weights_must_be_finite_and_non_negative(
+    make_loss: Any, key: str, bad: float
+) -> None:
+    """A NaN class weight gave a finite (wrong) operator without an error: the mean
+    loss's normaliser was NaN, which the 0/0 check took for 'nothing counted'; a
+    negative one gave a GGN flagged PSD with a negative eigenvalue."""
+    w = torch.ones(3, dtype=torch.float64)
+    w[1] = bad
+    loss = make_loss(w)
+    if key == "pos_weight":
+        data: Any = (xs(), torch.rand(5, 3, dtype=torch.float64))
+    else:
+        data = (xs(), labels(0, 1, 2, 0, 1))
+    nll = isinstance(loss, nn.NLLLoss)
+    for cls in [*OPERATORS, KFACOperator]:
+        if (cls is KFACOperator and key == "pos_weight") or (nll and cls is not HessianOperator):
+            continue  # refused on their own terms (no closed-form Fisher for these losses)
+        with pytest.raises(ValueError, match=rf"'loss_fn\.{key}': expected finite, non-negative"):
+            cls(mlp(), loss, data)
+    with pytest.raises(ValueError, match=rf"'loss_fn\.{key}'"):
+        ggn_diagonal(mlp(), loss, data)
