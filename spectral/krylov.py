@@ -247,7 +247,8 @@ def check_symmetric(A: Any, *, seed: int | np.random.Generator | None = None) ->
     >>> import numpy as np
     >>> check_symmetric(np.eye(3), seed=0) < 1e-15
     True
-    >>> check_symmetric(np.triu(np.ones((3, 3))), seed=0)
+    >>> from scipy.sparse.linalg import aslinearoperator  # (a dense array is refused earlier)
+    >>> check_symmetric(aslinearoperator(np.triu(np.ones((3, 3)))), seed=0)
     Traceback (most recent call last):
     ...
     ValueError: Argument 'A': expected a symmetric operator ...

@@ -28,6 +28,7 @@ of :mod:`spectral` assumes a symmetric operator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -125,8 +126,40 @@ def _from_dense(A: Any) -> SymmetricOperator:
             A = xp.astype(A, xp.float64)
         else:
             raise argument_error("A", "a real floating (or integer) matrix", A, kind=TypeError)
+    _check_dense_symmetric(xp, A, n)
     template = xp.zeros((n,), dtype=A.dtype, device=_backend.device(A))
     return SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
+
+
+def _check_dense_symmetric(xp: Any, A: Any, n: int, rows: int = 512) -> None:
+    r"""Refuse a dense matrix that is not symmetric to working precision.
+
+    Every algorithm here assumes :math:`A = A^\top`; on a non-symmetric matrix the
+    Lanczos recurrence runs without any error and returns numbers that belong to no
+    matrix.  Accepted: :math:`\max|A - A^\top| \le \max(\sqrt{\epsilon}, 10 n \epsilon)
+    \max|A|` (rounding of a product such as :math:`Q \Lambda Q^\top` stays far below;
+    a finite-difference Hessian, asymmetric at about :math:`10^{-6}`, is refused with the
+    advice to symmetrise it).  Compared in blocks of ``rows`` rows (memory
+    :math:`O(\text{rows}\cdot n)`), one pass over the matrix.
+    """
+    eps = _backend.finfo_eps(xp, A.dtype)
+    asym, scale = 0.0, 0.0
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)  # the Array API leaves out-of-bounds stops unspecified
+        block = A[start:stop, :]
+        largest = float(xp.max(xp.abs(block)))
+        if not math.isfinite(largest):
+            return  # NaN/Inf entries: the products report them with their iteration
+        scale = max(scale, largest)
+        mirror = xp.permute_dims(A[:, start:stop], (1, 0))  # finite block: no inf - inf
+        asym = max(asym, float(xp.max(xp.abs(block - mirror))))
+    if asym > max(math.sqrt(eps), 10 * n * eps) * scale:
+        raise argument_error(
+            "A",
+            "a symmetric matrix (every algorithm of spectral assumes A = A^T; symmetrise "
+            "a matrix that is symmetric only approximately with (A + A.T) / 2)",
+            f"a {n} x {n} matrix with max|A - A^T| = {asym:.3g} (max|A| = {scale:.3g})",
+        )
 
 
 def _from_linear_operator(A: Any, template: Any | None) -> SymmetricOperator:

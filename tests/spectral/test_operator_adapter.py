@@ -162,3 +162,45 @@ def test_operators_without_dtype_default_to_float64() -> None:
     assert as_operator(lin).dtype == np.float64
     with pytest.raises(TypeError, match="real"):
         as_operator(spla.LinearOperator((4, 4), matvec=lambda x: x, dtype=np.complex128))
+
+
+def _rotated(n: int, dtype: Any, seed: int = 0) -> np.ndarray:
+    """``Q diag(s) Q^T`` formed in ``dtype``: symmetric only up to rounding."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    Q = Q.astype(dtype)
+    return (Q * rng.uniform(-3, 3, n).astype(dtype)) @ Q.T
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [5, 513, 700])  # one block, a block boundary, two blocks
+def test_dense_matrices_symmetric_up_to_rounding_are_accepted(n: int, dtype: Any) -> None:
+    A = _rotated(n, dtype)
+    assert not np.array_equal(A, A.T)  # gemm rounding: not bitwise symmetric
+    assert as_operator(A).n == n
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch", "array_api_strict"])
+def test_non_symmetric_dense_matrices_are_refused(namespace: str) -> None:
+    """On a non-symmetric matrix the Lanczos recurrence ran without an error and returned
+    Ritz values of no matrix."""
+    A = _rotated(40, np.float64)
+    A[3, 17] += 1e-5 * np.abs(A).max()  # a finite-difference Hessian's asymmetry
+    if namespace == "torch":
+        M: Any = torch.from_numpy(A)
+    elif namespace == "array_api_strict":
+        M = array_api_strict.asarray(A)
+    else:
+        M = A
+    with pytest.raises(ValueError, match=r"'A': expected a symmetric matrix.*\(A \+ A\.T\) / 2"):
+        as_operator(M)
+    with pytest.raises(ValueError, match=r"max\|A - A\^T\| = "):
+        lanczos(M, 10, seed=0)
+    assert as_operator((A + A.T) / 2).n == 40
+
+
+def test_non_finite_dense_matrix_is_left_to_the_products() -> None:
+    """NaN entries are reported by the algorithms with the iteration where they appear."""
+    A = _rotated(6, np.float64)
+    A[2, 4] = np.nan
+    assert as_operator(A).n == 6
