@@ -227,6 +227,7 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
         op = _from_dense(A)
     elif _is_scipy_sparse(A):
         n = _check_square(A.shape, A)
+        _check_sparse_symmetric(A, n)
         dtype = A.dtype if np.dtype(A.dtype).kind == "f" else np.float64
         template = np.zeros(n, dtype=dtype) if like is None else like
         op = SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
@@ -253,6 +254,25 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
     if size is not None and int(size) != op.n:
         raise argument_error("size", f"the operator's dimension {op.n}", size)
     return op
+
+
+def _check_sparse_symmetric(A: Any, n: int) -> None:
+    """:func:`_check_dense_symmetric` for a scipy sparse matrix (on its stored entries)."""
+    if A.nnz == 0:
+        return
+    dtype = A.dtype if np.dtype(A.dtype).kind == "f" else np.float64
+    scale = float(abs(A).max())
+    if not math.isfinite(scale):
+        return  # NaN/Inf entries: the products report them with their iteration
+    asym = float(abs(A - A.T).max())
+    eps = float(np.finfo(dtype).eps)
+    if asym > max(math.sqrt(eps), 10 * n * eps) * scale:
+        raise argument_error(
+            "A",
+            "a symmetric matrix (every algorithm of spectral assumes A = A^T; symmetrise "
+            "a matrix that is symmetric only approximately with (A + A.T) / 2)",
+            f"a {n} x {n} sparse matrix with max|A - A^T| = {asym:.3g} (max|A| = {scale:.3g})",
+        )
 
 
 def _is_scipy_sparse(A: Any) -> bool:

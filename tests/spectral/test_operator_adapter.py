@@ -204,3 +204,15 @@ def test_non_finite_dense_matrix_is_left_to_the_products() -> None:
     A = _rotated(6, np.float64)
     A[2, 4] = np.nan
     assert as_operator(A).n == 6
+
+
+@pytest.mark.parametrize("fmt", ["csr", "coo"])
+def test_non_symmetric_sparse_matrices_are_refused(fmt: str) -> None:
+    A = sp.random(50, 50, density=0.1, random_state=0, format=fmt)
+    S = (A + A.T).asformat(fmt)
+    assert as_operator(S).n == 50
+    with pytest.raises(ValueError, match=r"'A': expected a symmetric matrix.*sparse matrix"):
+        as_operator(A)
+    with pytest.raises(ValueError, match="expected a symmetric matrix"):
+        lanczos(A, 5, seed=0)
+    assert as_operator(sp.csr_matrix((50, 50))).n == 50  # no stored entry
