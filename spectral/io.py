@@ -47,12 +47,14 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "CHECKSUM_KEY",
     "STALE_AFTER_SECONDS",
     "CorruptFileError",
     "atomic_write",
     "clean_stale_temporaries",
     "current_umask",
     "load_npz",
+    "npz_checksum",
     "save_npz",
 ]
 
@@ -248,11 +250,36 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         raise
 
 
+#: Key of the content checksum every :func:`save_npz` archive carries (its first member).
+CHECKSUM_KEY = "__sha256__"
+
+
+def npz_checksum(arrays: Mapping[str, np.ndarray]) -> str:
+    """``"sha256:<hex>"`` of the arrays: every key with its dtype, shape and bytes, keys sorted.
+
+    >>> npz_checksum({"x": np.arange(3)}) == npz_checksum({"x": np.arange(3)})
+    True
+    >>> npz_checksum({"x": np.arange(3)}) == npz_checksum({"x": np.arange(3), "y": np.ones(1)})
+    False
+    """
+    digest = hashlib.sha256(b"deep-curvature-npz/1|")
+    for key in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
+        digest.update(arr.tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
 def save_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
-    """Write ``arrays`` to a compressed ``.npz`` atomically.
+    """Write ``arrays`` to a compressed ``.npz`` atomically, with a content checksum.
 
     Object arrays are refused, so every file we write loads with
-    ``allow_pickle=False``.
+    ``allow_pickle=False``.  The archive's first member, ``__sha256__``, is
+    :func:`npz_checksum` of the arrays: :func:`load_npz` verifies it, so a lost
+    member (a changed entry count in the zip directory drops the last ones, which a
+    reader would otherwise take for absent optional keys) or a changed byte is an
+    error.  A ``__sha256__`` passed in (an archive loaded elsewhere and saved again)
+    is replaced by the new checksum.
 
     Parameters
     ----------
@@ -278,8 +305,10 @@ def save_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
                 f"received an object array of shape {arr.shape}."
             )
         converted[key] = arr
+    converted.pop(CHECKSUM_KEY, None)
+    members = {CHECKSUM_KEY: np.asarray(npz_checksum(converted)), **converted}  # checksum first
     with atomic_write(path, "wb") as handle:
-        np.savez_compressed(handle, **converted)  # type: ignore[arg-type]
+        np.savez_compressed(handle, **members)  # type: ignore[arg-type]
 
 
 def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
@@ -322,10 +351,17 @@ def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
             if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
                 raise ValueError(f"found a single {type(loaded).__name__}, not an .npz archive")
             with loaded as archive:
-                return {key: archive[key] for key in archive.files}
+                arrays = {key: archive[key] for key in archive.files}
     except MemoryError:
         raise
     except Exception as exc:  # BadZipFile, zlib.error, EOFError, ValueError...: all corruption
         raise CorruptFileError(
             f"File '{p}' is truncated, corrupted or not a pickle-free .npz archive ({exc})."
         ) from exc
+    stored = arrays.pop(CHECKSUM_KEY, None)
+    if stored is not None and str(stored) != npz_checksum(arrays):  # None: written before
+        raise CorruptFileError(
+            f"File '{p}': checksum mismatch (an array was changed or lost after the file "
+            f"was written; it holds {sorted(arrays)})."
+        )
+    return arrays

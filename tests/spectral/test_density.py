@@ -176,7 +176,14 @@ def test_save_load_round_trip(tmp_path: object) -> None:
     np.testing.assert_array_equal(e.probe_weights, pw)
     # no pickle involved: the archive opens with allow_pickle=False
     with np.load(path, allow_pickle=False) as archive:
-        assert set(archive.files) == {"format", "nodes", "weights", "probe_nodes", "probe_weights"}
+        assert set(archive.files) == {
+            "format",
+            "nodes",
+            "weights",
+            "probe_nodes",
+            "probe_weights",
+            "__sha256__",  # the content checksum (spectral.io.save_npz)
+        }
 
 
 def test_load_accepts_workflow_spectrum_files(tmp_path: object) -> None:
