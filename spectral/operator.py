@@ -153,12 +153,17 @@ def _check_dense_symmetric(xp: Any, A: Any, n: int, rows: int = 512) -> None:
         scale = max(scale, largest)
         mirror = xp.permute_dims(A[:, start:stop], (1, 0))  # finite block: no inf - inf
         asym = max(asym, float(xp.max(xp.abs(block - mirror))))
+    _refuse_asymmetry(asym, scale, eps, n, "matrix")
+
+
+def _refuse_asymmetry(asym: float, scale: float, eps: float, n: int, what: str) -> None:
+    """Raise unless ``asym <= max(sqrt(eps), 10 n eps) * scale`` (symmetric to rounding)."""
     if asym > max(math.sqrt(eps), 10 * n * eps) * scale:
         raise argument_error(
             "A",
             "a symmetric matrix (every algorithm of spectral assumes A = A^T; symmetrise "
             "a matrix that is symmetric only approximately with (A + A.T) / 2)",
-            f"a {n} x {n} matrix with max|A - A^T| = {asym:.3g} (max|A| = {scale:.3g})",
+            f"a {n} x {n} {what} with max|A - A^T| = {asym:.3g} (max|A| = {scale:.3g})",
         )
 
 
@@ -265,14 +270,7 @@ def _check_sparse_symmetric(A: Any, n: int) -> None:
     if not math.isfinite(scale):
         return  # NaN/Inf entries: the products report them with their iteration
     asym = float(abs(A - A.T).max())
-    eps = float(np.finfo(dtype).eps)
-    if asym > max(math.sqrt(eps), 10 * n * eps) * scale:
-        raise argument_error(
-            "A",
-            "a symmetric matrix (every algorithm of spectral assumes A = A^T; symmetrise "
-            "a matrix that is symmetric only approximately with (A + A.T) / 2)",
-            f"a {n} x {n} sparse matrix with max|A - A^T| = {asym:.3g} (max|A| = {scale:.3g})",
-        )
+    _refuse_asymmetry(asym, scale, float(np.finfo(dtype).eps), n, "sparse matrix")
 
 
 def _is_scipy_sparse(A: Any) -> bool:
