@@ -35,7 +35,7 @@ from curvops._model_state import check_bn_mode, curvature_mode, functional_forwa
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.differentiability import UntrackedParameterError
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
-from curvops.finiteness import all_finite, each_finite
+from curvops.finiteness import all_finite, each_finite, non_finite_parameters
 from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
@@ -550,9 +550,12 @@ class ModelCurvatureOperator(CurvatureOperator):
         """
         if check_stream:
             self._validation.check_streamed(batch.inputs, batch.targets, batch.index)
-        w: Any = batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
-        if not isinstance(w, torch.Tensor) and w == 0 and not running.unweighted:
-            return
+        if running.unweighted:  # one batch on one process: the product is A_b V itself
+            w: Any = 1.0
+        else:
+            w = batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
+            if not isinstance(w, torch.Tensor) and w == 0:
+                return
         flat = flatten_columns(self._batch_matmat(batch, V))
         running.add(batch.index, batch.size, flat, w)
 
@@ -587,11 +590,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         parameters are the cause to name.
         """
         if params_bad:
-            bad_names = [n for n, ok in zip(self._names, params_ok.tolist()) if not ok]
-            raise NumericalError(
-                f"{type(self).__name__}: non-finite values in parameter(s) {bad_names[:5]}; "
-                f"the curvature of a model with NaN/Inf weights is not defined."
-            ) from cause
+            raise non_finite_parameters(type(self).__name__, self._names, params_ok) from cause
         if index >= 0:
             raise NumericalError(
                 f"{type(self).__name__}: non-finite curvature product in batch "

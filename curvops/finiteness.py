@@ -28,7 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["all_finite", "each_finite"]
+from spectral.errors import NumericalError
+
+__all__ = ["all_finite", "each_finite", "non_finite_parameters"]
 
 
 def all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +61,16 @@ def each_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         bounds = torch.stack([torch.stack(torch.aminmax(t.detach())) for t in tensors])
         return torch.isfinite(bounds).all(dim=1)
     return torch.stack([all_finite(t) for t in tensors])
+
+
+def non_finite_parameters(owner: str, names: Sequence[str], flags: torch.Tensor) -> NumericalError:
+    """The error naming the parameters whose :func:`each_finite` flag is False.
+
+    >>> str(non_finite_parameters("Op", ["a", "b"], torch.tensor([True, False])))[:44]
+    "Op: non-finite values in parameter(s) ['b'];"
+    """
+    bad = [name for name, ok in zip(names, flags.tolist(), strict=True) if not ok]
+    return NumericalError(
+        f"{owner}: non-finite values in parameter(s) {bad[:5]}; "
+        "the curvature of a model with NaN/Inf weights is not defined."
+    )

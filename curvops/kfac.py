@@ -62,7 +62,7 @@ from curvops._model_state import check_bn_mode
 from curvops.data import Data, as_data
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
-from curvops.finiteness import each_finite
+from curvops.finiteness import each_finite, non_finite_parameters
 from curvops.kronecker import (
     APPROXIMATIONS,
     FISHER_TYPES,
@@ -568,7 +568,6 @@ class KFACOperator(KroneckerEigenOperator):
         self._layers = list(dict.fromkeys(b.module for b in blocks))
         self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._model_snapshot = TensorSnapshot()
-        self._data_snapshot = TensorSnapshot()
         self._source = data
         self._share = self._check_share(share_with)
 
@@ -595,11 +594,14 @@ class KFACOperator(KroneckerEigenOperator):
     def _state_key(self) -> tuple[Any, ...]:
         """Changes whenever a parameter, a buffer, a mode or in-memory data changes.
 
-        Parameters and buffers, and the tensors of in-memory batches, are compared
-        bitwise with copies (:class:`curvops.snapshot.TensorSnapshot`), so the
-        factors follow every change of the model (an optimizer step, a ``.data``
-        edit, ``load_state_dict``, a reassigned ``Parameter``: contract 2) and of the
-        data, also through ``.data``.  A DataLoader is a fixed data set (contract 1).
+        Parameters and buffers are compared bitwise with a copy
+        (:class:`curvops.snapshot.TensorSnapshot`), so the factors follow every change
+        of the model (an optimizer step, a ``.data`` edit, ``load_state_dict``, a
+        reassigned ``Parameter``: contract 2) at a cost of :math:`O(P)` per product.
+        In-memory batches are keyed on their storage and version counters: in-place
+        edits are seen, edits through ``.data`` are not (a bitwise comparison would
+        read all the data in every product, which costs more than the product
+        itself; the data are a fixed set, contract 1).  A DataLoader is a fixed set.
         """
         model = self._model
         named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
@@ -608,9 +610,10 @@ class KFACOperator(KroneckerEigenOperator):
         key: list[Any] = [self._model_snapshot.generation]
         key += [m.training for m in model.modules()]
         if self._data.is_in_memory:
-            tensors = [t for batch in self._data for t in tensors_in((batch.inputs, batch.targets))]
-            self._data_snapshot.update(tensors)
-            key.append(self._data_snapshot.generation)
+            for batch in self._data:
+                key += [
+                    (t.data_ptr(), t._version) for t in tensors_in((batch.inputs, batch.targets))
+                ]
         return tuple(key)
 
     def _statistics(self) -> dict[str, Any]:
@@ -622,11 +625,7 @@ class KFACOperator(KroneckerEigenOperator):
         self._check_modules()
         flags = each_finite([p for _, p in self._params])
         if not bool(flags.all()):
-            bad = [name for (name, _), ok in zip(self._params, flags.tolist()) if not ok]
-            raise NumericalError(
-                f"{type(self).__name__}: non-finite values in parameter(s) {bad[:5]}; "
-                "the curvature of a model with NaN/Inf weights is not defined."
-            )
+            raise non_finite_parameters(type(self).__name__, self.param_names, flags)
         stats = self._compute()
         self._cache = (key, stats)
         return stats

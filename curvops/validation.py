@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -183,16 +183,12 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
 
 @dataclass
 class Validation:
-    """What the construction-time checks learnt: the class spec and the batch weights.
-
-    ``weights`` holds the weight of every in-memory batch at construction
-    (:func:`curvops.losses.batch_weight`), for the check that something is counted;
-    products count the weights afresh (the targets may be edited in place).
-    """
+    """What the construction-time checks learnt: the class spec (and whether a
+    DataLoader's batches were checked on their first pass).  Batch weights are not
+    kept: products count them afresh (the targets may be edited in place)."""
 
     loss_fn: Any
     classes: tuple[int, int] | None
-    weights: dict[int, float] = field(default_factory=dict)
     streamed_checked: bool = False
 
     def check_streamed(self, inputs: Any, targets: torch.Tensor, index: int) -> None:
@@ -283,14 +279,13 @@ def validate(
         )
     result = Validation(loss_fn, classes)
     if stream.is_in_memory:
+        total = 0.0
         for batch in stream:
             if batch.index != first.index:
                 check_targets(loss_fn, batch.targets, batch.index, classes)
                 _check_normaliser_known(loss_fn, batch.targets, batch.index)
-            result.weights[batch.index] = batch_weight(
-                loss_fn, batch.inputs, batch.targets, batch.size
-            )
-        if sum(result.weights.values()) <= 0:
+            total += batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
+        if total <= 0:
             raise argument_error(
                 "data",
                 "at least one counted target (every target equals ignore_index or has "
