@@ -32,6 +32,7 @@ from torch import nn
 
 from curvops import determinism
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
+from curvops.configuration import ConfigurationState
 from curvops.data import Batch, Data, as_data, first_tensor, move_to
 from curvops.differentiability import UntrackedParameterError
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
@@ -42,7 +43,7 @@ from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
 from curvops.snapshot import TensorSnapshot, tensors_in
-from curvops.validation import validate
+from curvops.validation import Validation, validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -74,7 +75,14 @@ class ModelCurvatureOperator(CurvatureOperator):
        (also with ``assign=True``) and reassigned ``Parameter`` objects are all seen
        by the next product.  A change of a selected parameter's dtype, device or
        shape (``model.to(torch.float64)``) is refused with a ``ValueError`` naming
-       ``model``: build a new operator.
+       ``model``: build a new operator.  The modules' configuration counts too
+       (:mod:`curvops.configuration`): public attributes (``model.temperature =
+       2.0``, LayerNorm's ``eps``), tensors kept as plain attributes, hooks registered
+       after construction.  The loss too is taken as it is now
+       (:mod:`curvops.configuration`): a changed setting (``label_smoothing``,
+       ``ignore_index``, ``reduction``) or class weight, also edited in place or through
+       ``.data``, passes the construction checks again and reaches the next product;
+       nothing recorded with the old loss is reused.
     3. **Nothing changes.**  Parameters (the same objects of the same types under
        every name, aliases and tied weights included), every buffer (normalisation
        statistics, spectral-norm vectors, counters written by ``forward``), modes,
@@ -158,9 +166,18 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         selected = select_params(model, params)
-        self._validation = validate(
-            model, loss_fn, self._data, params=params, bn_mode=bn_mode, output_fn=output_fn
-        )
+
+        def construction_checks() -> Validation:
+            return validate(
+                model, loss_fn, self._data, params=params, bn_mode=bn_mode, output_fn=output_fn
+            )
+
+        self._validation = construction_checks()
+        self._construction_checks = construction_checks  # rerun when the loss changes
+        self._loss_state = ConfigurationState(loss_fn)  # the loss as it is now, like the model
+        self._loss_state.update()
+        # attributes, hooks and modes of the model (its tensors: _model_snapshot)
+        self._model_config = ConfigurationState(model, registered=False)
         # The selection as built; products look the parameters up by name
         # (_live_params), so a reassigned Parameter is followed.
         self._params = selected
@@ -170,6 +187,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         self.process_group = process_group
         self._model_snapshot = TensorSnapshot()  # parameters and buffers, bitwise
         self._batch_snapshots: dict[int, TensorSnapshot] = {}  # cached batches' tensors
+        self._graph_cache: dict[int, tuple[tuple[Any, ...], Any]] = {}  # _configure_cache
+        self._cache_enabled = False
         self._product_token: tuple[Any, ...] | None = None  # memo for one product
         self._finite_flags: tuple[int, torch.Tensor] | None = None  # (generation, flags)
         self._in_product = False
@@ -337,7 +356,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._lean_kernels = bool(lean_kernels)
         wanted = self._data.is_single_batch if cache is None else bool(cache)
         self._cache_enabled = wanted and self._data.is_in_memory
-        self._graph_cache: dict[int, tuple[tuple[Any, ...], Any]] = {}
+        self._graph_cache = {}
 
     def _cached(self, batch: Batch, build: Callable[[], T], *, always: bool = False) -> T:
         """``build()`` for ``batch``, reused while :meth:`_state_key` is unchanged.
@@ -405,7 +424,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         snapshot.update([*tensors_in(batch.inputs), *tensors_in(batch.targets)])
         kind = self.device.type  # a graph recorded under torch.autocast is not reused outside
         autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        return (token, autocast, snapshot.generation)
+        return (token, autocast, snapshot.generation, self._loss_state.generation)
 
     def _model_token(self) -> tuple[Any, ...]:
         """A key that changes with any change of the model's parameters or buffers.
@@ -413,21 +432,27 @@ class ModelCurvatureOperator(CurvatureOperator):
         Compares every parameter and buffer of the model with a copy taken when the
         key last changed, bitwise, plus the identity, dtype and storage of every
         tensor under every name (:class:`curvops.snapshot.TensorSnapshot`), the
-        train/eval flags and whether the product context
+        modules' configuration (:class:`curvops.configuration.ConfigurationState`:
+        types, public attributes such as a temperature or LayerNorm's ``eps``, tensor
+        attributes, hooks and train/eval flags) and whether the product context
         (:func:`curvops.determinism.product_context`) is active.  So an optimizer
         step, a ``.data`` edit (which bumps no version counter), ``copy_`` under
-        ``no_grad``, ``load_state_dict`` (with or without ``assign=True``) and a
-        reassigned ``Parameter`` all invalidate the cached graphs.  Cost :math:`O(P)`:
+        ``no_grad``, ``load_state_dict`` (with or without ``assign=True``), a
+        reassigned ``Parameter``, ``model.temperature = 2.0`` and a hook registered
+        after construction all invalidate the cached graphs.  Cost :math:`O(P)`:
         one comparison pass over the parameters and buffers per product (only for
         operators that cache), and one copy of them held while graphs are cached.
         """
         model = self._model
         named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
         named += [t for _, t in model.named_buffers(remove_duplicate=False)]
-        if self._model_snapshot.update(named):
+        if self._model_snapshot.update(named) | self._model_config.update():
             self._graph_cache.clear()
-        flags = tuple(m.training for m in model.modules())
-        return (self._model_snapshot.generation, flags, determinism.is_active())
+        return (
+            self._model_snapshot.generation,
+            self._model_config.generation,  # attributes, hooks, train/eval flags
+            determinism.is_active(),
+        )
 
     def _batches(self) -> Iterable[Batch]:
         if not self._progress:
@@ -597,6 +622,23 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"{index} (size {sizes[index]}){self._diagnose(self._in_memory_batch(index))}."
             )
 
+    def _refresh_loss(self) -> None:
+        """Follow a loss changed since the last product (:mod:`curvops.configuration`).
+
+        A changed setting or class weight (``loss.label_smoothing = 0.1``,
+        ``loss.weight.mul_(2)``) passes the construction checks again
+        (:func:`curvops.validation.validate`: a NaN or negative class weight, an
+        ``ignore_index`` that leaves targets out of range, are refused as at
+        construction) and drops every graph recorded with the old loss.
+        """
+
+        def recheck() -> None:
+            self._validation = self._construction_checks()
+
+        if self._loss_state.update(check=recheck):
+            self._graph_cache.clear()
+            self._finite_flags = None
+
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""
         if not self._data.is_in_memory:
@@ -606,6 +648,7 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         V = unflatten_columns(X, self._shapes)
         self._live_params()  # a changed dtype/shape/missing parameter is refused first
+        self._refresh_loss()
         self._product_token = None  # the model is compared once per product
         self._in_product = True
         try:

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from curvops._model_state import check_bn_mode
+from curvops.configuration import ConfigurationState
 from curvops.data import Data, as_data
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
@@ -434,6 +435,17 @@ class KroneckerInverse(KroneckerEigenOperator):
         return self._check(self._base.remainder_diagonal() + self.damping, "the remainder")
 
 
+def _check_loss_family(loss_fn: Any, fisher: str) -> None:
+    """The type-2 and MC Fisher need a likelihood: cross-entropy, MSE or BCE with logits."""
+    if fisher in ("type2", "mc") and loss_family(loss_fn) not in ("ce", "mse", "bce"):
+        raise argument_error(
+            "loss_fn",
+            f"CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher={fisher!r} "
+            "(use fisher='empirical' for other losses)",
+            loss_fn,
+        )
+
+
 class KFACOperator(KroneckerEigenOperator):
     """K-FAC approximation of the GGN / Fisher of the mean loss over ``data``.
 
@@ -536,13 +548,7 @@ class KFACOperator(KroneckerEigenOperator):
             raise argument_error("mc_samples", "1 unless fisher='mc'", mc_samples)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise argument_error("seed", "an integer", seed, kind=TypeError)
-        if fisher in ("type2", "mc") and loss_family(loss_fn) not in ("ce", "mse", "bce"):
-            raise argument_error(
-                "loss_fn",
-                f"CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher={fisher!r} "
-                "(use fisher='empirical' for other losses)",
-                loss_fn,
-            )
+        _check_loss_family(loss_fn, fisher)
         resolve_group(process_group)  # validates the argument early
         self.process_group = process_group
         self._model = model
@@ -553,6 +559,15 @@ class KFACOperator(KroneckerEigenOperator):
         # the construction-time checks of every operator: finite parameters, inputs,
         # targets and loss, named errors (curvops.validation)
         validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+        self._loss_state = ConfigurationState(loss_fn)  # the factors follow a changed loss
+        self._loss_state.update()
+        self._model_config = ConfigurationState(model, registered=False)
+
+        def recheck_loss() -> None:
+            _check_loss_family(loss_fn, fisher)
+            validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+
+        self._recheck_loss = recheck_loss
         self.mc_samples = mc_samples
         self.seed = seed
         blocks, rem = _plan(model, self._params, self.bias, self.remainder)
@@ -598,6 +613,10 @@ class KFACOperator(KroneckerEigenOperator):
         (:class:`curvops.snapshot.TensorSnapshot`), so the factors follow every change
         of the model (an optimizer step, a ``.data`` edit, ``load_state_dict``, a
         reassigned ``Parameter``: contract 2) at a cost of :math:`O(P)` per product.
+        The modules' configuration (attributes, hooks, modes) and the loss are
+        compared with their last states
+        (:class:`curvops.configuration.ConfigurationState`): a changed loss setting or
+        class weight passes the construction checks again and renews the factors.
         In-memory batches are keyed on their storage and version counters: in-place
         edits are seen, edits through ``.data`` are not (a bitwise comparison would
         read all the data in every product, which costs more than the product
@@ -607,8 +626,13 @@ class KFACOperator(KroneckerEigenOperator):
         named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
         named += [t for _, t in model.named_buffers(remove_duplicate=False)]
         self._model_snapshot.update(named)
-        key: list[Any] = [self._model_snapshot.generation]
-        key += [m.training for m in model.modules()]
+        self._model_config.update()
+        self._loss_state.update(check=self._recheck_loss)
+        key: list[Any] = [
+            self._model_snapshot.generation,
+            self._model_config.generation,  # attributes, hooks, train/eval flags
+            self._loss_state.generation,
+        ]
         if self._data.is_in_memory:
             for batch in self._data:
                 key += [
