@@ -532,7 +532,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             )
             running.first_bad = torch.tensor(-1, device=self.device)
         index, params_bad, weight = _read_checks(running.first_bad, params_ok, running.weight)
-        self._raise_if_not_finite(index, params_bad, params_ok, running.sizes)
+        self._raise_if_not_finite(index, params_bad, params_ok, running.sizes, V=V)
         if summed:
             total, _ = all_reduce_weighted(running.acc, 0.0, group)
             return total, 1.0
@@ -608,14 +608,19 @@ class ModelCurvatureOperator(CurvatureOperator):
         params_ok: torch.Tensor,
         sizes: dict[int, int],
         cause: BaseException | None = None,
+        V: list[torch.Tensor] | None = None,
     ) -> None:
         """Raise :class:`NumericalError` for non-finite parameters or batch ``index >= 0``.
 
         Parameters come first: with NaN weights every product is NaN, and the
-        parameters are the cause to name.
+        parameters are the cause to name.  Then the vectors multiplied (``V``, read
+        only on this error path): a NaN or Inf entry there makes every batch product
+        non-finite, and the argument is the cause to name, not the batch.
         """
         if params_bad:
             raise non_finite_parameters(type(self).__name__, self._names, params_ok) from cause
+        if index >= 0 and V is not None:
+            _refuse_non_finite_input(flatten_columns(V))
         if index >= 0:
             raise NumericalError(
                 f"{type(self).__name__}: non-finite curvature product in batch "
@@ -724,3 +729,19 @@ def _read_checks(
     if isinstance(weight, torch.Tensor):
         weight = values[2]
     return int(values[0]), values[1], weight
+
+
+def _refuse_non_finite_input(X: torch.Tensor) -> None:
+    """``ValueError`` naming ``x`` if the ``(P, k)`` block ``X`` has a NaN or Inf entry."""
+    bad = ~torch.isfinite(X)
+    if not bool(bad.any()):
+        return
+    rows, cols = torch.nonzero(bad, as_tuple=True)
+    k = X.shape[1]
+    where = f"entry {int(rows[0])}" + (f" of vector {int(cols[0])}" if k > 1 else "")
+    vectors = "a vector" if k == 1 else f"{k} vectors"
+    raise ValueError(
+        "Argument 'x': expected finite entries (the vectors the operator multiplies); "
+        f"received {vectors} of length {X.shape[0]} with {int(bad.sum())} NaN/Inf "
+        f"entries, the first at {where}."
+    )

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import curvops.hessian as hessian_module
 from curvops.data import as_data
+from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.testing import dense_hessian
@@ -136,6 +137,30 @@ def test_non_finite_names_the_first_bad_batch(bad: list[int], layout: str) -> No
             op @ np.ones(op.num_params)
         # the inputs are re-checked for in-memory batches only (a DataLoader is not re-read)
         assert ("inputs of this batch" in str(info.value)) == (layout == "list")
+
+
+@pytest.mark.parametrize("layout", ["single", "list", "loader"])
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, FisherOperator])
+def test_a_non_finite_vector_is_named_not_the_batch(layout: str, cls: type) -> None:
+    """NaN/Inf in the vector made every batch product non-finite, and the error blamed
+    batch 0; the vector is the cause to name."""
+    x, y = make_inputs("mlp", 9), make_targets("mse", 9)
+    data = (x, y) if layout == "single" else make_data(layout, x, y)
+    op = cls(make_mlp(), nn.MSELoss(), data)
+    v = np.ones(op.num_params)
+    v[5] = np.nan
+    with pytest.raises(
+        ValueError,
+        match=r"'x'.*a vector of length \d+ with 1 NaN/Inf entries, the first at entry 5\.",
+    ):
+        op @ v
+    V = torch.ones(op.num_params, 3, dtype=torch.float64)
+    V[2, 1], V[4, 2] = float("inf"), float("-inf")
+    with pytest.raises(
+        ValueError, match=r"3 vectors .* 2 NaN/Inf entries, the first at entry 2 of vector 1\."
+    ):
+        op @ V
+    assert np.isfinite(op @ np.ones(op.num_params)).all()  # the operator still works
 
 
 def test_non_finite_parameter_is_named_for_a_loader() -> None:
