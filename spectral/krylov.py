@@ -202,6 +202,7 @@ def _start_vector(op: SymmetricOperator, v0: Any, rng: np.random.Generator) -> t
             raise argument_error("v0", f"a vector of shape ({op.n},)", v0)
         if _backend.namespace(v0).isdtype(v0.dtype, "complex floating"):
             raise argument_error("v0", "a real vector", v0, kind=TypeError)
+        v0, exponent = _power_of_two_scaled(v0)
         same = (
             _backend.namespace(v0) is xp
             and _backend.device(v0) == op.device
@@ -214,7 +215,35 @@ def _start_vector(op: SymmetricOperator, v0: Any, rng: np.random.Generator) -> t
     norm = float(_backend.vector_norm(xp, v))
     if not math.isfinite(norm) or norm == 0.0:
         raise argument_error("v0", "a nonzero vector with finite entries", v0)
-    return v * (1.0 / norm), norm
+    if v0 is None or exponent == 0:
+        return v * (1.0 / norm), norm
+    try:
+        start_norm = math.ldexp(norm, exponent)
+    except OverflowError:
+        start_norm = math.inf
+    if start_norm == math.inf:
+        raise argument_error("v0", "a vector whose norm is finite in float64", v0)
+    return v * (1.0 / norm), start_norm
+
+
+def _power_of_two_scaled(v0: Any) -> tuple[Any, int]:
+    """``(v0 * 2**-e, e)``: entries of at most unit size when squaring them could overflow
+    or underflow (largest magnitude outside :math:`2^{\\pm 56}`), else ``(v0, 0)``.
+
+    Only the start vector's direction matters; scaling by a power of two is exact, so
+    ``q1`` is bitwise what it would be without overflow (``v0 = 1e300 * u`` and
+    ``v0 = 1e-300 * u`` start where ``u`` does).  Refuses a zero or non-finite ``v0``.
+    """
+    v0 = _backend.detach(v0)
+    ns = _backend.namespace(v0)
+    largest = float(ns.max(ns.abs(v0))) if v0.shape[0] else 0.0
+    if not math.isfinite(largest) or largest == 0.0:
+        raise argument_error("v0", "a nonzero vector with finite entries", v0)
+    exponent = math.frexp(largest)[1]
+    if abs(exponent) <= 56:  # squares and their sum stay normal even in float32
+        return v0, 0
+    half = -exponent // 2  # two factors: 2**1074 itself is not a float
+    return (v0 * (2.0**half)) * (2.0 ** (-exponent - half)), exponent
 
 
 def check_symmetric(A: Any, *, seed: int | np.random.Generator | None = None) -> float:

@@ -242,6 +242,38 @@ def test_non_square_and_non_symmetric_operators_are_refused() -> None:
     assert res.num_iters == 5
 
 
+@given(st.integers(-1000, 1000), st.sampled_from(["full", "none"]))
+def test_v0_scaled_by_a_power_of_two_starts_the_same_process(exponent: int, mode: str) -> None:
+    """Only the direction of ``v0`` matters: ``2**e u`` gives bitwise the process of ``u``
+    (entries of 1e300 or 1e-300 were refused as 'not finite' when their squares overflowed
+    or underflowed)."""
+    A = np.diag(np.linspace(-1.0, 3.0, 30))
+    u = np.random.default_rng(4).standard_normal(30)
+    ref = lanczos(A, 8, v0=u, reorth=mode)
+    res = lanczos(A, 8, v0=u * 2.0**exponent, reorth=mode)
+    np.testing.assert_array_equal(res.alpha, ref.alpha)
+    np.testing.assert_array_equal(res.beta, ref.beta)
+    assert res.start_norm == math.ldexp(ref.start_norm, exponent)
+
+
+def test_v0_of_extreme_magnitude() -> None:
+    import torch
+
+    A = np.diag(np.linspace(-1.0, 3.0, 30))
+    u = np.random.default_rng(4).standard_normal(30)
+    ref = lanczos(A, 8, v0=u)
+    for scale in (1e300, 1e-300):
+        np.testing.assert_allclose(lanczos(A, 8, v0=u * scale).alpha, ref.alpha, rtol=1e-14)
+    # a float64 v0 beyond float32's range for a float32 operator: scaled before the cast
+    A32 = torch.tensor(A, dtype=torch.float32)
+    big = lanczos(A32, 8, v0=u * 2.0**200)
+    np.testing.assert_array_equal(np.asarray(big.alpha), np.asarray(lanczos(A32, 8, v0=u).alpha))
+    with pytest.raises(ValueError, match=r"'v0': expected a vector whose norm is finite"):
+        lanczos(A, 8, v0=np.full(30, 1e308))
+    with pytest.raises(ValueError, match=r"'v0': expected a nonzero vector with finite"):
+        lanczos(A, 8, v0=np.full(30, np.nan))
+
+
 def test_v0_is_normalised_and_list_accepted() -> None:
     res = lanczos(np.diag([1.0, 2.0, 3.0]), 2, v0=[2.0, 0.0, 0.0])
     assert res.start_norm == 2.0
