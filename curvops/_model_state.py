@@ -10,6 +10,8 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
   - Dropout modules are switched to eval (dropout is off during products);
   - ``bn_mode="train"`` / ``"eval"`` sets every normalisation module (BatchNorm,
     InstanceNorm) to that mode; ``None`` keeps each module's current mode;
+  - module backward hooks (per module and global) are off: the curvature is that of
+    the forward function, whatever hooks do to gradients (:class:`_BackwardHooksOff`);
   - every normalisation module that ends up in training mode gets
     ``track_running_stats = False`` for the duration.  PyTorch's ``_NormBase``
     then normalises with the batch statistics and passes no running buffers to
@@ -46,12 +48,14 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -122,7 +126,9 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         if isinstance(value, torch.Tensor)
     ]
     tracked: list[tuple[_NormBase, bool]] = []
+    hooks = _BackwardHooksOff(modules)
     try:
+        hooks.__enter__()
         with product_context():
             for m in modules:
                 if isinstance(m, _DropoutNd):
@@ -146,6 +152,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
             finally:
                 slots.pop()
     finally:
+        hooks.restore()
         for m, flag in tracked:
             m.track_running_stats = flag
         for m, was_training in flags:
@@ -153,6 +160,49 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         for m, key, value in attributes:
             if vars(m).get(key) is not value:
                 object.__setattr__(m, key, value)
+
+
+class _BackwardHooksOff:
+    """Module backward hooks (full, pre and old-style; per module and global) off.
+
+    A curvature is a property of the forward function.  PyTorch wires a module's
+    backward hooks into the graph when the module is called, so while the registries
+    are empty during the forward passes of a product the hooks are neither in the
+    recorded graphs nor called: a hook that rescales or clips ``grad_input`` would
+    change every product (the Hessian of a 3-layer MLP by a factor of 3 to 8), and
+    one that records gradients (per-sample gradient libraries) would record the
+    products' cotangents.  The registries are swapped for empty ones and the same
+    objects put back on exit, so the user's handles still remove their hooks.
+    """
+
+    _GLOBALS = ("_global_backward_hooks", "_global_backward_pre_hooks")
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self._modules = [
+            (m, m._backward_hooks, m._backward_pre_hooks)
+            for m in modules
+            if m._backward_hooks or m._backward_pre_hooks
+        ]
+        self._globals = [(name, getattr(_module_globals, name)) for name in self._GLOBALS]
+        self._entered = False
+
+    def __enter__(self) -> None:
+        self._entered = True
+        for m, _, _ in self._modules:
+            object.__setattr__(m, "_backward_hooks", OrderedDict())
+            object.__setattr__(m, "_backward_pre_hooks", OrderedDict())
+        for name, registry in self._globals:
+            if registry:
+                setattr(_module_globals, name, OrderedDict())
+
+    def restore(self) -> None:
+        if not self._entered:
+            return
+        for m, backward, pre in self._modules:
+            object.__setattr__(m, "_backward_hooks", backward)
+            object.__setattr__(m, "_backward_pre_hooks", pre)
+        for name, registry in self._globals:
+            setattr(_module_globals, name, registry)
 
 
 def _culprit(model: nn.Module, message: str, last: list[Any]) -> str:

@@ -92,7 +92,12 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     Attention (``nn.MultiheadAttention``, ``nn.Transformer*`` layers,
     ``F.scaled_dot_product_attention``) runs in train and eval mode: products use
-    the MATH attention backend and no transformer fast path.
+    the MATH attention backend and no transformer fast path.  Module backward hooks
+    (per module and global) are off during products: the curvature is that of the
+    forward function, whatever a hook does to gradients, and hooks that record
+    gradients never see the products (they are registered as before afterwards).
+    A ``torch.compile`` wrapper is unwrapped (its eager module is the same function);
+    compiled or TorchScript submodules are refused.
 
     Parameters
     ----------

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_map
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.data import as_data, move_to
 from curvops.differentiability import UntrackedUseRecorder
-from curvops.distributed import all_reduce_weighted, resolve_group
+from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.fisher import fisher_output_factor
 from curvops.kronecker import drop_null_column
 from curvops.losses import (
@@ -55,6 +55,7 @@ from curvops.losses import (
     batch_generator,
     batch_normaliser,
     batch_weight,
+    check_curved_loss,
     loss_kind,
     loss_reduction,
     output_hessian_factor,
@@ -179,6 +180,21 @@ def _sum_squared_per_sample(
     return torch.cat([t.reshape(-1) for t in totals])
 
 
+def _check_settings(
+    loss_fn: LossFn, method: str, mc_samples: int, chunk_size: int, bn_mode: str | None
+) -> None:
+    """The arguments of :func:`ggn_diagonal` other than the model and the data."""
+    if method not in ("exact", "mc", "empirical"):
+        raise argument_error("method", "'exact', 'mc' or 'empirical'", method)
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise argument_error("mc_samples", "an integer >= 1", mc_samples)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise argument_error("chunk_size", "an integer >= 1", chunk_size)
+    check_bn_mode(bn_mode)
+    if method == "exact":
+        check_curved_loss(loss_fn)
+
+
 def ggn_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
@@ -235,13 +251,8 @@ def ggn_diagonal(
     >>> bool(torch.allclose(d, torch.diagonal(dense_ggn(net, loss, (x, y)))))
     True
     """
-    if method not in ("exact", "mc", "empirical"):
-        raise argument_error("method", "'exact', 'mc' or 'empirical'", method)
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise argument_error("mc_samples", "an integer >= 1", mc_samples)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise argument_error("chunk_size", "an integer >= 1", chunk_size)
-    check_bn_mode(bn_mode)
+    _check_settings(loss_fn, method, mc_samples, chunk_size, bn_mode)
+    model = unwrap_model(model)
     validation = validate(model, loss_fn, data, params=params, bn_mode=bn_mode)
     named = select_params(model, params)
     names = [n for n, _ in named]

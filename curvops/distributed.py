@@ -297,11 +297,14 @@ def init_from_env(backend: str | None = None) -> bool:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
 
     Curvature products must run on the underlying module: calling a DDP wrapper
     would broadcast buffers and arm its gradient all-reduce hooks for a backward
-    pass that a product never makes.
+    pass that a product never makes, and a compiled module (``torch.compile``) has
+    no double backward; its ``_orig_mod`` is the same function with the same
+    parameters.  Compiled or TorchScript *submodules* are refused (they cannot be
+    unwrapped without changing the user's model).
 
     Parameters
     ----------
@@ -313,6 +316,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     torch.nn.Module
         The innermost module.
 
+    Raises
+    ------
+    TypeError, ValueError
+        A TorchScript model, or a model with a compiled or scripted submodule
+        (naming it).
+
     Examples
     --------
     >>> lin = torch.nn.Linear(1, 1)
@@ -320,9 +329,39 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     True
     """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
+    while isinstance(model, wrappers) or _is_compiled(model):
+        inner: Any = model._orig_mod if _is_compiled(model) else model.module
+        model = inner
+    if isinstance(model, torch.jit.ScriptModule):
+        raise argument_error(
+            "model",
+            "an eager nn.Module (TorchScript modules are not supported: pass the module "
+            "before torch.jit.script/trace)",
+            model,
+            kind=TypeError,
+        )
+    for name, sub in model.named_modules():
+        if _is_compiled(sub) or isinstance(sub, torch.jit.ScriptModule):
+            what = "compiled with torch.compile" if _is_compiled(sub) else "a TorchScript module"
+            raise argument_error(
+                "model",
+                f"a model without compiled submodules (submodule {name!r} is {what}; its "
+                "graph has no second derivatives: use the eager module, e.g. "
+                f"{'its _orig_mod' if _is_compiled(sub) else 'the module before scripting'})",
+                model,
+            )
     return model
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper (``OptimizedModule``), told by its ``_orig_mod``.
+
+    Compiled graphs (AOT autograd) have no double backward; the wrapped eager module is
+    the same function with the same parameters, so the operators use it.
+    """
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module
+    )
 
 
 # ---------------------------------------------------------------------------- reductions

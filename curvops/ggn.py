@@ -34,7 +34,7 @@ from torch import nn
 
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch
-from curvops.losses import LossFn, loss_family, output_hessian_operator
+from curvops.losses import LossFn, check_curved_loss, loss_family, output_hessian_operator
 from curvops.model_io import OutputFn
 from curvops.products import (
     JacobianSandwichLinearization,
@@ -131,6 +131,7 @@ class GGNOperator(ModelCurvatureOperator):
         output_fn: OutputFn | None = None,
         linearize: bool = False,
     ) -> None:
+        check_curved_loss(loss_fn)
         super().__init__(
             model,
             loss_fn,

@@ -64,6 +64,7 @@ __all__ = [
     "batch_generator",
     "batch_normaliser",
     "batch_weight",
+    "check_curved_loss",
     "check_loss",
     "class_dim",
     "declare_loss",
@@ -447,6 +448,50 @@ def loss_family(loss_fn: Any) -> str | None:
         if isinstance(loss_fn, functools.partial) and loss_fn.func is function and not loss_fn.args:
             return name
     return None
+
+
+def check_curved_loss(loss_fn: Any) -> None:
+    """Refuse a loss linear in the model's outputs, whose GGN is the zero matrix.
+
+    ``NLLLoss`` takes log-probabilities and is linear in them; ``L1Loss`` is linear
+    wherever it is differentiable.  Their output Hessian vanishes, so the GGN
+    :math:`J^\top H_L J` is identically zero: almost always the trap of a model
+    ending in ``LogSoftmax`` whose softmax cross-entropy GGN was meant.
+
+    Parameters
+    ----------
+    loss_fn : Any
+        The loss of a GGN (or of an exact GGN diagonal).
+
+    Raises
+    ------
+    ValueError
+        Naming ``loss_fn``, with the remedy.
+
+    Examples
+    --------
+    >>> check_curved_loss(torch.nn.NLLLoss())
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'loss_fn': expected a loss with curvature in the model's outputs ...
+    """
+    family = loss_family(loss_fn)
+    if family == "nll":
+        remedy = (
+            "NLLLoss is linear in the log-probabilities it takes, so the GGN is zero; for "
+            "the GGN of the softmax cross-entropy, drop the model's final LogSoftmax and "
+            "use CrossEntropyLoss on the logits"
+        )
+    elif type(loss_fn) is nn.L1Loss or loss_fn is nn.functional.l1_loss:
+        remedy = "L1Loss is piecewise linear in the outputs, so the GGN is zero"
+    else:
+        return
+    raise argument_error(
+        "loss_fn",
+        f"a loss with curvature in the model's outputs ({remedy}; the Hessian and the "
+        "empirical Fisher are defined)",
+        loss_fn,
+    )
 
 
 def class_dim(loss_fn: Any, outputs: torch.Tensor) -> int:

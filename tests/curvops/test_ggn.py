@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,33 @@ def test_dense_hessian_minus_ggn_vanishes_for_linear_output_layer_subset() -> No
     H = dense_hessian(model, nn.CrossEntropyLoss(), data, params=[model[3]])
     G = dense_ggn(model, nn.CrossEntropyLoss(), data, params=[model[3]])
     assert relative_error(H, G) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("loss", "nll"),
+    [
+        (nn.NLLLoss(), True),
+        (nn.functional.nll_loss, True),
+        (functools.partial(nn.functional.nll_loss, ignore_index=0), True),
+        (nn.L1Loss(), False),
+        (nn.functional.l1_loss, False),
+    ],
+    ids=["NLLLoss", "F.nll_loss", "partial-nll", "L1Loss", "F.l1_loss"],
+)
+def test_a_loss_linear_in_the_outputs_has_no_ggn(loss: object, nll: bool) -> None:
+    """Its GGN is the zero matrix (a LogSoftmax + NLLLoss model gave an all-zero
+    spectrum without a word); refused with the remedy, while the Hessian and the
+    empirical Fisher of the same loss are built."""
+    from curvops import FisherOperator, ggn_diagonal
+
+    model = nn.Sequential(make_mlp(), nn.LogSoftmax(-1)) if nll else make_mlp()
+    x = make_inputs("mlp", 6)
+    y = make_targets("ce" if nll else "mse", 6)
+    match = "NLLLoss is linear" if nll else "L1Loss is piecewise linear"
+    with pytest.raises(ValueError, match=rf"'loss_fn'.*{match}"):
+        GGNOperator(model, loss, (x, y))
+    with pytest.raises(ValueError, match=rf"'loss_fn'.*{match}"):
+        ggn_diagonal(model, loss, (x, y))
+    HessianOperator(model, loss, (x, y))
+    FisherOperator(model, loss, (x, y), kind="empirical")
+    ggn_diagonal(model, loss, (x, y), method="empirical")
