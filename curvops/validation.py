@@ -50,6 +50,7 @@ __all__ = [
     "check_loss_signature",
     "check_params_finite",
     "check_targets",
+    "check_weights_not_rewritten",
     "dict_batch_error",
     "validate",
 ]
@@ -204,6 +205,44 @@ def _check_inputs_finite(inputs: Any, index: int) -> None:
         raise argument_error(f"data (batch {index})", "finite inputs", "inputs with NaN or Inf")
 
 
+def check_weights_not_rewritten(model: nn.Module) -> None:
+    """Refuse modules whose forward pass rewrites their own weights in place.
+
+    ``nn.Embedding(max_norm=...)`` / ``nn.EmbeddingBag(max_norm=...)`` renormalise the
+    rows they look up, in place, in every forward pass: building an operator or
+    running a product would change the model (contract 3), and the curvature would
+    be taken at weights the model does not have until its next forward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model of an operator.
+
+    Raises
+    ------
+    ValueError
+        Naming ``model`` and the module.
+
+    Examples
+    --------
+    >>> check_weights_not_rewritten(torch.nn.Sequential(torch.nn.Embedding(5, 2, max_norm=1.0)))
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'model': expected modules that do not rewrite their weights ...
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            raise argument_error(
+                "model",
+                "modules that do not rewrite their weights in forward (submodule "
+                f"{name!r} is {type(module).__name__} with max_norm={module.max_norm}: every "
+                "forward pass renormalises its rows in place, so a curvature product "
+                "would change the model; set max_norm=None and renormalise explicitly, "
+                "e.g. after each optimiser step)",
+                model,
+            )
+
+
 def validate(
     model: nn.Module,
     loss_fn: Any,
@@ -230,6 +269,7 @@ def validate(
 
     check_loss(loss_fn)
     check_loss_signature(loss_fn)
+    check_weights_not_rewritten(model)
     named = select_params(model, params)
     check_params_finite(named)
     stream = as_data(data)

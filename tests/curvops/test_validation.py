@@ -289,3 +289,43 @@ def test_class_weights_must_be_finite_and_non_negative(
             cls(mlp(), loss, data)
     with pytest.raises(ValueError, match=rf"'loss_fn\.{key}'"):
         ggn_diagonal(mlp(), loss, data, method="empirical" if nll else "exact")
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_embeddings_that_renormalise_their_weights_are_refused(bag: bool) -> None:
+    """``nn.Embedding(max_norm=...)`` rewrites its weight in every forward pass: building
+    an operator changed the model by up to 9.7 (rows of norm 5 renormalised to 1)."""
+    from curvops import KFACOperator, ggn_diagonal
+    from curvops.stats import loss_stats
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            kind = nn.EmbeddingBag if bag else nn.Embedding
+            self.emb = kind(10, 4, max_norm=1.0)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h = self.emb(tokens)
+            return self.head(h if bag else h.mean(1))
+
+    net = Net().double()
+    with torch.no_grad():
+        net.emb.weight.mul_(5.0)
+    before = net.emb.weight.detach().clone()
+    data = (
+        torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(0)),
+        labels(0, 1, 2, 0, 1, 2),
+    )
+    builds = [
+        *(lambda cls=cls: cls(net, nn.CrossEntropyLoss(), data) for cls in OPERATORS),
+        lambda: KFACOperator(net, nn.CrossEntropyLoss(), data, remainder="diagonal"),
+        lambda: ggn_diagonal(net, nn.CrossEntropyLoss(), data),
+        lambda: loss_stats(net, nn.CrossEntropyLoss(), data, num_probes=1),
+    ]
+    for build in builds:
+        with pytest.raises(
+            ValueError, match=r"'model'.*submodule 'emb' is Embedding(Bag)? with max_norm=1\.0"
+        ):
+            build()
+    assert torch.equal(net.emb.weight, before)
