@@ -58,12 +58,21 @@ def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Pa
     TypeError
         ``params`` of an unsupported kind.
     ValueError
-        Unknown names, modules or parameters that are not part of ``model``, or an
-        empty selection.
+        Unknown names, modules or parameters that are not part of ``model``, an
+        empty selection, or uninitialised parameters of lazy modules.
     """
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
     named = list(model.named_parameters())
+    lazy = [n for n, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise argument_error(
+            "model",
+            "initialised parameters (lazy modules get their shapes from a first forward "
+            f"pass: run the model on a batch before building an operator; uninitialised: "
+            f"{lazy})",
+            model,
+        )
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     elif callable(params) and not isinstance(params, nn.Module):

@@ -76,3 +76,16 @@ def test_per_layer_blocks_are_diagonal_blocks_of_dense() -> None:
         assert relative_error(B.to_dense(), torch.where(mask, D, 0.0)) <= 1e-10
     with pytest.raises(TypeError, match="operator_cls"):
         per_layer(nn.Linear, net, loss, data)  # type: ignore[arg-type]
+
+
+def test_lazy_modules_must_be_initialised_first() -> None:
+    from curvops import HessianOperator
+
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(
+        ValueError, match=r"'model'.*run the model on a batch.*\['0\.weight', '0\.bias'\]"
+    ):
+        HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    model(x)  # the first forward pass gives the lazy layer its shape
+    assert HessianOperator(model, nn.CrossEntropyLoss(), (x, y)).shape == (39, 39)
