@@ -134,17 +134,48 @@ def supports_item_assignment(xp: Any) -> bool:
     return not array_api_compat.is_jax_namespace(xp)
 
 
-def vector_norm(xp: Any, x: Any) -> Any:
-    """Euclidean norm of the 1-D array ``x`` as a 0-d array of ``xp`` (no host transfer).
+def vector_norm(xp: Any, x: Any, axis: int | None = None) -> Any:
+    """Euclidean norm of ``x`` (or along ``axis``) as an array of ``xp`` (no host transfer).
+
+    Safe from overflow and underflow: ``x`` is scaled by a power of two near its largest
+    magnitude before the squares are summed, and the norm scaled back.  Powers of two
+    scale exactly, so in the range where the plain :math:`\\sqrt{\\sum x_i^2}` is
+    accurate the result is bitwise the same; outside it (float32 vectors with norm
+    below about ``1e-19``, whose squares underflow; float64 below ``1e-154`` or above
+    ``1e154``) the plain formula returned a norm wrong in every digit, and Lanczos on
+    a float32 operator with norm ``1e-22`` gave Ritz values 78 % off without an error.
 
     >>> import numpy as np
     >>> float(vector_norm(namespace(np.zeros(1)), np.array([3.0, 4.0])))
     5.0
+    >>> float(vector_norm(namespace(np.zeros(1)), np.array([3e-200, 4e-200])))
+    5e-200
+    >>> vector_norm(namespace(np.zeros(1)), np.array([[3.0, 4.0], [0.0, 0.0]]), axis=1).tolist()
+    [5.0, 0.0]
     """
     linalg = getattr(xp, "linalg", None)
-    if linalg is not None and hasattr(linalg, "vector_norm"):
-        return linalg.vector_norm(x)
-    return xp.sqrt(xp.sum(x * x))  # pragma: no cover - namespaces without linalg
+
+    def plain(y: Any) -> Any:
+        if linalg is not None and hasattr(linalg, "vector_norm"):
+            return linalg.vector_norm(y, axis=axis, keepdims=axis is not None)
+        return xp.sqrt(xp.sum(y * y, axis=axis, keepdims=axis is not None))  # pragma: no cover
+
+    if x.shape == () or 0 in x.shape:
+        return plain(x) if axis is None else xp.squeeze(plain(x), axis=axis)
+    largest = xp.max(xp.abs(x), axis=axis, keepdims=axis is not None)
+    usable = xp.isfinite(largest) & (largest > 0)
+    one = xp.ones_like(largest)
+    exponent = xp.floor(xp.log2(xp.where(usable, largest, one)))  # 0 where unusable
+    two = 2.0 * one
+    down = xp.floor(-exponent / 2.0)  # two factors: 2**(+-140) is not a float32
+    scaled = (x * xp.pow(two, down)) * xp.pow(two, -exponent - down)
+    scaled = xp.where(usable, scaled, xp.zeros_like(scaled))  # no overflow warnings
+    up = xp.floor(exponent / 2.0)
+    norm = (plain(scaled) * xp.pow(two, exponent - up)) * xp.pow(two, up)
+    # a NaN entry makes the largest magnitude NaN, an infinite one (and no NaN) Inf:
+    # exactly the norm then
+    norm = xp.where(usable | (largest == 0), norm, largest)
+    return norm if axis is None else xp.squeeze(norm, axis=axis)
 
 
 def to_host_float64(x: Any) -> np.ndarray:

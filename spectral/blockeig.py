@@ -330,7 +330,7 @@ class _Ritz:
         Sa = _backend.from_host(np.ascontiguousarray(S[:, active].T), like=V)
         Y = Sa @ V
         R = Sa @ W - _backend.from_host(theta[active], like=V)[:, None] * Y
-        resid = _backend.to_host_float64(xp.linalg.vector_norm(R, axis=1))
+        resid = _backend.to_host_float64(_backend.vector_norm(xp, R, axis=1))
         threshold = np.maximum(
             tol * np.maximum(np.abs(theta[active]), eps ** (2.0 / 3.0) * anorm), 100.0 * eps * anorm
         )

@@ -301,7 +301,7 @@ def _extend(
                 f"step {j + 1})"
             )
         hcol, beta = stats[:-1], float(stats[-1])
-        anorm = max(anorm, math.sqrt(float(np.sum(hcol**2)) + beta**2))
+        anorm = max(anorm, math.hypot(*(float(h) for h in hcol), beta))  # no overflow
         # the already-known part above the arrow is kept; the new column is symmetrised
         H[j, j] = hcol[j]
         if j > p:

@@ -130,10 +130,15 @@ def _blocks(n: int, total: int) -> list[int]:
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
-    mean = float(np.mean(samples))
+    """Mean and standard error, computed on the samples scaled by a power of two near
+    their largest magnitude (exact), so that neither overflows for huge operators."""
+    largest = float(np.max(np.abs(samples))) if samples.size else 0.0
+    scale = math.ldexp(1.0, math.frexp(largest)[1]) if 0.0 < largest < math.inf else 1.0
+    scaled = samples / scale
+    mean = float(np.mean(scaled)) * scale
     if samples.size < 2:
         return mean, math.nan
-    return mean, float(np.std(samples, ddof=1) / math.sqrt(samples.size))
+    return mean, float(np.std(scaled, ddof=1) / math.sqrt(samples.size)) * scale
 
 
 def _hutchinson_samples(

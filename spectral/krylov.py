@@ -605,7 +605,7 @@ def lanczos_step(op: SymmetricOperator, st: Recurrence, cfg: RecurrenceSettings)
             f"(alpha={alpha_j}, beta={beta_j})"
         )
     alphas = (*st.alphas, alpha_j)
-    anorm = max(st.anorm, math.sqrt(alpha_j**2 + beta_j**2 + st.beta_prev**2))
+    anorm = max(st.anorm, math.hypot(alpha_j, beta_j, st.beta_prev))  # no overflow
     omega_cur, omega_old, force_reorth = st.omega_cur, st.omega_old, st.force_reorth
     level = cfg.breakdown_level
     if cfg.mode == "selective" and basis is not None and beta_j > level * anorm:
