@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ __all__ = [
     "Scaled",
     "Sum",
     "add",
+    "check_same_parameters",
+    "parameter_names_of",
     "power",
     "product",
     "scale",
@@ -81,6 +83,105 @@ def _check_compatible(first: CurvatureOperator, other: CurvatureOperator, name: 
             f"(got dtype {other.dtype} on device {other.device})",
             other,
         )
+
+
+def parameter_names_of(op: CurvatureOperator) -> tuple[str, ...] | None:
+    """The model parameters that the rows and columns of ``op`` stand for, or None.
+
+    A model curvature operator (Hessian, GGN, Fisher, K-FAC, ...) knows its parameters
+    (``param_names``, in the model's order); an operator built from them (a shift, a
+    scaling, a power, an inverse, a sum, a product, a projection) stands for the same
+    ones, a block-diagonal operator for those of its blocks in order; a matrix given
+    as numbers (``Dense``, ``Diagonal``, ``LowRank``, ``Identity``) for none in
+    particular (None).
+
+    Parameters
+    ----------
+    op : CurvatureOperator
+        Any operator.
+
+    Returns
+    -------
+    tuple of str or None
+        The names, or None when unknown.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvops import GGNOperator
+    >>> from curvops.structured import Identity
+    >>> net = torch.nn.Linear(2, 2)
+    >>> G = GGNOperator(net, torch.nn.MSELoss(), (torch.ones(3, 2), torch.zeros(3, 2)))
+    >>> parameter_names_of((2.0 * G).shift(1.0) @ G), parameter_names_of(Identity(6))
+    (('weight', 'bias'), None)
+    """
+    names = getattr(type(op), "param_names", None)
+    if isinstance(names, property):
+        return tuple(op.param_names)
+    if isinstance(op, BlockDiagonal):
+        parts = [parameter_names_of(block) for block in op.blocks]
+        if any(part is None for part in parts):
+            return None
+        return tuple(name for part in parts for name in cast(tuple[str, ...], part))
+    if op.shape[0] != op.shape[1]:
+        return None
+    for arg in getattr(op, "args", ()):
+        if isinstance(arg, CurvatureOperator) and arg.shape == op.shape:
+            found = parameter_names_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def check_same_parameters(first: CurvatureOperator, other: CurvatureOperator, name: str) -> None:
+    """Refuse to combine operators over different parameters (:func:`parameter_names_of`).
+
+    Adding, multiplying or comparing them would pair the rows of one parameter with
+    those of another without an error when the sizes agree (``KFACOperator`` over
+    ``"2.weight"`` graded against a Hessian over ``"0.weight"``).  Operators whose
+    parameters are unknown (numbers) combine with anything of the right shape, and
+    operators of different models over the same names (two checkpoints) combine.
+
+    Parameters
+    ----------
+    first, other : CurvatureOperator
+        The operands.
+    name : str
+        The argument that ``other`` was passed as.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and both parameter lists.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvops import HessianOperator
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> data = (torch.ones(3, 2), torch.zeros(3, 2))
+    >>> H0 = HessianOperator(net, torch.nn.MSELoss(), data, params=["0.weight"])
+    >>> H1 = HessianOperator(net, torch.nn.MSELoss(), data, params=["1.weight"])
+    >>> check_same_parameters(H0, H1, "B")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'B': expected an operator over the same parameters, in the same order, ...
+    """
+    a, b = parameter_names_of(first), parameter_names_of(other)
+    if a is None or b is None or a == b:
+        return
+    raise argument_error(
+        name,
+        "an operator over the same parameters, in the same order, as the first operand "
+        "(the rows and columns of a curvature operator are parameters; the first "
+        f"operand's are {_short_names(a)}, this one's {_short_names(b)})",
+        other,
+    )
+
+
+def _short_names(names: tuple[str, ...]) -> str:
+    shown = ", ".join(repr(n) for n in names[:4])
+    return f"[{shown}{', ...' if len(names) > 4 else ''}] ({len(names)} tensors)"
 
 
 def _check_square(op: CurvatureOperator, name: str) -> None:
@@ -276,6 +377,7 @@ class Sum(CurvatureOperator):
             if t.shape != first.shape:
                 raise argument_error(f"terms[{i}]", f"an operator of shape {first.shape}", t)
             _check_compatible(first, t, f"terms[{i}]")
+            check_same_parameters(first, t, f"terms[{i}]")
         super().__init__(
             shape=first.shape,
             torch_dtype=first.torch_dtype,
@@ -324,6 +426,7 @@ def add(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
     if A.shape != B.shape:
         raise argument_error("B", f"an operator of shape {A.shape}", B)
     _check_compatible(A, B, "B")
+    check_same_parameters(A, B, "B")
     cb = _identity_multiple(B)
     if cb is not None:
         return shift(A, cb)
@@ -426,6 +529,7 @@ class Product(CurvatureOperator):
                     f,
                 )
             _check_compatible(first, f, f"factors[{i}]")
+            check_same_parameters(factors[i - 1], f, f"factors[{i}]")
         k = len(factors)
         symmetric = all(_is_transpose_pair(factors[i], factors[k - 1 - i]) for i in range(k))
         psd = symmetric and (k % 2 == 0 or factors[k // 2].psd)
@@ -480,6 +584,7 @@ def product(A: CurvatureOperator, B: CurvatureOperator) -> CurvatureOperator:
     if A.shape[1] != B.shape[0]:
         raise argument_error("B", f"an operator with {A.shape[1]} rows (A is {A.shape})", B)
     _check_compatible(A, B, "B")
+    check_same_parameters(A, B, "B")
     if type(A) is Identity:
         return B
     if type(B) is Identity:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from curvops._model_state import curvature_mode, functional_forward
+from curvops.algebra import check_same_parameters
 from curvops.curvature import ModelCurvatureOperator
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.solvers import inverse
@@ -459,6 +460,7 @@ def compare_all(
         )
     for name, op in approximations.items():
         _check_operator(f"approximations[{name!r}]", op, n)
+        check_same_parameters(exact, op, f"approximations[{name!r}]")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
         raise argument_error("k", f"an integer with 1 <= k < {n}", k)
     if isinstance(num_directions, bool) or not isinstance(num_directions, int):
@@ -568,6 +570,7 @@ def compare(
     _check_operator("exact", exact, None)
     if approximation.shape != exact.shape:
         raise argument_error("approximation", f"an operator of shape {exact.shape}", approximation)
+    check_same_parameters(exact, approximation, "approximation")
     return compare_all(
         {"approximation": approximation},
         exact,
