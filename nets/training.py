@@ -541,7 +541,9 @@ def train_network(
     data = resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
     net, spec = build_model(model, data, seed=seed, model_kwargs=model_kwargs, device=run_device)
     opt_kwargs = options.optimizer_options(optimizer_kwargs)
+    check_learning_rate_option(opt_kwargs.get("lr"))  # before the optimiser's own check
     opt, optimizer_name = build_optimizer(optimizer, net, opt_kwargs)
+    check_learning_rates(opt, given_as_name=isinstance(optimizer, str))
     protocol = StepProtocol.of(opt)
     lr0 = float(opt.param_groups[0]["lr"])
     loss_fn = default_loss(data.task) if loss_fn is None else loss_fn
@@ -749,6 +751,76 @@ def build_optimizer(
     raise argument_error(
         "optimizer", "an optimiser name or a torch.optim.Optimizer", optimizer, kind=TypeError
     )
+
+
+def check_learning_rate_option(lr: Any) -> None:
+    """``lr=`` of the optimiser's keywords: finite and non-negative (None: its default).
+
+    Parameters
+    ----------
+    lr : Any
+        The value given, or None.
+
+    Raises
+    ------
+    ValueError
+        Naming ``lr`` (PyTorch's own message for ``lr=-1``, "Invalid learning rate",
+        named no argument or flag).
+
+    Examples
+    --------
+    >>> check_learning_rate_option(-1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'lr': expected a finite, non-negative learning rate; received -1.0.
+    """
+    if lr is None or isinstance(lr, torch.Tensor):
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise argument_error("lr", "a finite, non-negative learning rate", lr, kind=TypeError)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise argument_error("lr", "a finite, non-negative learning rate", lr)
+
+
+def check_learning_rates(opt: torch.optim.Optimizer, *, given_as_name: bool = True) -> None:
+    """Refuse a NaN, infinite or negative learning rate before training starts.
+
+    PyTorch's optimisers accept ``lr=nan`` (``nan < 0`` is false) and ``lr=inf``; the
+    run then failed at its first step (or its first non-finite loss) after the data,
+    the model and the progress display were set up, naming an internal argument.
+
+    Parameters
+    ----------
+    opt : torch.optim.Optimizer
+        The optimiser of the run.
+    given_as_name : bool
+        The optimiser was built from a name and keywords (the error names ``lr``),
+        not given as an object (the error names ``optimizer``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``lr`` (or ``optimizer``) and the parameter group.
+
+    Examples
+    --------
+    >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=float("nan"))
+    >>> check_learning_rates(opt)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'lr': expected a finite, non-negative learning rate; received nan.
+    """
+    for i, group in enumerate(opt.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
+            where = "" if len(opt.param_groups) == 1 else f" (parameter group {i})"
+            raise argument_error(
+                "lr" if given_as_name else "optimizer",
+                f"a finite, non-negative learning rate{where}",
+                lr,
+            )
 
 
 def default_loss(task: str) -> LossFn:

@@ -370,3 +370,19 @@ def test_compare_refuses_an_unknown_approximation(trained: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "kfc" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_bad_learning_rate_is_refused_before_training(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--lr nan`` started the run and failed at the first step naming 'lr0'; ``--lr -1``
+    gave PyTorch's message without a flag."""
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--lr", value, "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"curvature train: error: Option --lr: expected a finite, non-negative learning rate; "
+        f"received {float(value)}."
+    ]
+    assert not any(run.glob("checkpoint-*.pt"))

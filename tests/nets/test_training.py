@@ -295,3 +295,14 @@ def test_resume_with_a_users_shuffling_dataloader_is_bit_identical(tmp_path):
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     assert full.stats[-1]["train_loss"] == resumed.stats[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1])
+def test_a_bad_learning_rate_is_refused_before_the_run(tmp_path, digits, lr):
+    with pytest.raises(ValueError, match=r"'lr': expected a finite, non-negative learning rate"):
+        run(tmp_path, digits, epochs=1, optimizer_kwargs={**SGD, "lr": lr})
+    assert not any(tmp_path.glob("checkpoint-*.pt"))
+    net = get_model("SmallCNN", num_classes=10, in_channels=1, input_size=8)
+    opt = torch.optim.SGD(net.parameters(), lr=float("nan"))
+    with pytest.raises(ValueError, match=r"'optimizer': expected a finite, non-negative"):
+        run(tmp_path, digits, epochs=1, model=net, optimizer=opt, optimizer_kwargs=None)
