@@ -155,24 +155,38 @@ def configuration_of(
             _record(key, obj.keywords[key], settings, tensors, held)
         return tuple(settings), tensors, held
     if isinstance(obj, nn.Module):
-        objects: list[tuple[str, Any]] = list(obj.named_modules(remove_duplicate=False))
         if registered:
             tensors += [t for _, t in obj.named_parameters(remove_duplicate=False)]
             tensors += [t for _, t in obj.named_buffers(remove_duplicate=False)]
         settings.append(("", "<hooks>", _hook_handles(vars(_module), _GLOBAL_HOOKS)))
-        for prefix, module in objects:
+        # modules by identity (a replaced module is a new object), in registration order
+        objects: list[tuple[Any, Any]] = [(id(m), m) for m in obj.modules()]
+        held += [m for _, m in objects]
+        for key, module in objects:
             held.append(type(module))
-            settings.append(
-                (prefix, "<hooks>", id(type(module)), _hook_handles(vars(module), _MODULE_HOOKS))
+            registries = vars(module)
+            hooks = (
+                _hook_handles(registries, _MODULE_HOOKS)
+                if any(registries.get(name) for name in _MODULE_HOOKS)
+                else None  # the common case: no hooks
             )
+            settings.append((key, "<hooks>", id(type(module)), hooks))
     elif hasattr(obj, "__dict__") and not callable(getattr(obj, "__code__", None)):
         objects = [("", obj)]  # an object with settings (a plain function has none)
     else:
         return tuple(settings), tensors, held
-    for prefix, owner in objects:
+    scalars = _SCALARS
+    for owner_key, owner in objects:
         for key, value in vars(owner).items():
-            if key[0] != "_":
-                _record((prefix, key), value, settings, tensors, held)
+            if key[0] == "_":
+                continue
+            kind = type(value)
+            if kind in scalars or (  # the common cases, inline
+                kind is tuple and all(type(v) in scalars for v in value)
+            ):
+                settings.append(((owner_key, key), kind, value))
+            else:
+                _record((owner_key, key), value, settings, tensors, held)
     return tuple(settings), tensors, held
 
 

@@ -247,10 +247,17 @@ def test_configuration_of_covers_submodules_partials_and_objects() -> None:
         def forward(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return self.inner(f, y)
 
-    settings, tensors, _ = configuration_of(Wrapped())
-    names = {entry[0] for entry in settings}
-    assert {("", "training"), ("inner", "reduction"), ("inner", "label_smoothing")} <= names
+    wrapped = Wrapped()
+    settings, tensors, _ = configuration_of(wrapped)
+    names = {entry[0][1] for entry in settings if isinstance(entry[0], tuple)}
+    assert {"training", "reduction", "label_smoothing"} <= names
     assert [tuple(t.shape) for t in tensors] == [(2,)]
+    state = ConfigurationState(wrapped)
+    state.update()
+    wrapped.inner.label_smoothing = 0.1  # a submodule's setting
+    assert state.update()
+    wrapped.inner = nn.CrossEntropyLoss(weight=torch.ones(2), label_smoothing=0.1)  # replaced
+    assert state.update()
     w = torch.ones(3)
     settings, tensors, _ = configuration_of(
         functools.partial(nn.functional.cross_entropy, weight=w)
