@@ -28,6 +28,23 @@ def make_mlp(seed: int = 0) -> nn.Module:
     return net.double().train()
 
 
+def small_classifier() -> nn.Sequential:
+    """Linear-Tanh-Linear, 3 -> 5 -> 3 in float64 (P = 38), the same weights every call."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
+    return net
+
+
+def small_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Eight inputs of :func:`small_classifier` and their classes (every class present)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    return x, torch.tensor([0, 1, 2, 2, 1, 0, 1, 2])
+
+
 def make_cnn(seed: int = 0) -> nn.Module:
     """Conv(1->2, 3x3)-BatchNorm-Tanh-Flatten-Linear on 1x4x4 inputs (P = 51)."""
     g = torch.Generator().manual_seed(seed)

@@ -23,17 +23,12 @@ from curvops import (
 from curvops.stats import loss_stats
 from spectral.errors import NumericalError
 
+from .conftest import small_batch, small_classifier
+
 F64 = torch.float64
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, generator=g, dtype=F64), torch.tensor([0, 1, 2, 2, 1, 0, 1, 2])
+_model, _batch = small_classifier, small_batch
 
 
 def _user_backward(model: nn.Module, data: Any) -> None:
