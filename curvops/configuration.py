@@ -1,8 +1,8 @@
 r"""Has a model's or a loss's configuration changed since the operator last looked?
 
 An operator is the curvature of its model and loss as they are now (contract 2).
-Besides parameters and buffers (compared by :class:`curvops.snapshot.TensorSnapshot`),
-a product depends on their *configuration*: ``model.temperature = 2.0``,
+Besides parameters and buffers, a product depends on their *configuration*:
+``model.temperature = 2.0``,
 ``layer_norm.eps = 1e-3``, a forward hook registered after construction, a mask kept
 as a plain tensor attribute and edited in place, ``loss.label_smoothing = 0.1``,
 ``loss.ignore_index = pad``, ``loss.reduction = "sum"``, an in-place edit of the
@@ -22,8 +22,9 @@ What :func:`configuration_of` records:
 * for a :func:`functools.partial`: the function, the positional and keyword arguments;
 * for another object with attributes (:class:`curvops.losses.DeclaredLoss`): its public
   attributes;
-* with ``registered=True``: the parameters and buffers of a module too (a loss's
-  ``weight``/``pos_weight``; the model's are the model snapshot's business).
+* the parameters and buffers of a module (a loss's ``weight``/``pos_weight``), bitwise
+  (:class:`curvops.snapshot.TensorSnapshot`: an optimiser step, a ``.data`` edit,
+  ``load_state_dict``, a reassigned ``Parameter``).
 
 Not visible: a plain function's closure or globals, attributes of an object held by
 identity (``model.config.x = ...`` of a config object) and private (``_``) attributes.
@@ -33,7 +34,7 @@ every forward pass and is not configuration.
 
 >>> import torch
 >>> loss = torch.nn.CrossEntropyLoss(weight=torch.ones(3))
->>> state = ConfigurationState(loss, registered=True)
+>>> state = ConfigurationState(loss)
 >>> state.update(), state.update()
 (True, False)
 >>> loss.label_smoothing = 0.1
@@ -119,7 +120,7 @@ def _hook_handles(registries: Any, names: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 def configuration_of(
-    obj: Any, *, registered: bool = True
+    obj: Any,
 ) -> tuple[tuple[tuple[Any, ...], ...], list[torch.Tensor], list[Any]]:
     """The settings and the tensors of ``obj`` that :class:`ConfigurationState` compares.
 
@@ -127,8 +128,6 @@ def configuration_of(
     ----------
     obj : Any
         A model, a loss (module, partial, object with attributes) or a plain function.
-    registered : bool
-        Include the parameters and buffers of an ``nn.Module``.
 
     Returns
     -------
@@ -155,9 +154,8 @@ def configuration_of(
             _record(key, obj.keywords[key], settings, tensors, held)
         return tuple(settings), tensors, held
     if isinstance(obj, nn.Module):
-        if registered:
-            tensors += [t for _, t in obj.named_parameters(remove_duplicate=False)]
-            tensors += [t for _, t in obj.named_buffers(remove_duplicate=False)]
+        tensors += [t for _, t in obj.named_parameters(remove_duplicate=False)]
+        tensors += [t for _, t in obj.named_buffers(remove_duplicate=False)]
         settings.append(("", "<hooks>", _hook_handles(vars(_module), _GLOBAL_HOOKS)))
         # modules by identity (a replaced module is a new object), in registration order
         objects: list[tuple[Any, Any]] = [(id(m), m) for m in obj.modules()]
@@ -195,21 +193,17 @@ class ConfigurationState:
 
     :meth:`update` compares the object with the record and renews it; ``generation``
     grows by one with every change (the first update counts as one).  Cost per update:
-    a walk over the modules' attributes and a bitwise comparison of the recorded
-    tensors (class weights, tensor attributes; small in practice).
+    a walk over the modules' attributes and one bitwise comparison pass over the
+    recorded tensors (:math:`O(P)` for a model, whose copy is held).
 
     Parameters
     ----------
     obj : Any
         The model or the loss.
-    registered : bool
-        Also compare the parameters and buffers of a module (see
-        :func:`configuration_of`).
     """
 
-    def __init__(self, obj: Any, *, registered: bool = True) -> None:
+    def __init__(self, obj: Any) -> None:
         self._obj = obj
-        self._registered = registered
         self._settings: tuple[tuple[Any, ...], ...] | None = None
         self._held: list[Any] = []  # the objects whose ids the settings hold
         self._tensors = TensorSnapshot()
@@ -222,7 +216,7 @@ class ConfigurationState:
         the record stays as it was, so the next update sees the change again (a refused
         setting is refused in every product, never taken as the new normal).
         """
-        settings, tensors, held = configuration_of(self._obj, registered=self._registered)
+        settings, tensors, held = configuration_of(self._obj)
         if settings == self._settings and self._tensors.matches(tensors):
             return False
         if check is not None:

@@ -181,8 +181,6 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._construction_checks = construction_checks  # rerun when the loss changes
         self._loss_state = ConfigurationState(loss_fn)  # the loss as it is now, like the model
         self._loss_state.update()
-        # attributes, hooks and modes of the model (its tensors: _model_snapshot)
-        self._model_config = ConfigurationState(model, registered=False)
         # The selection as built; products look the parameters up by name
         # (_live_params), so a reassigned Parameter is followed.
         self._params = selected
@@ -190,7 +188,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._shapes = [p.shape for _, p in selected]
         self._progress = bool(progress)
         self.process_group = process_group
-        self._model_snapshot = TensorSnapshot()  # parameters and buffers, bitwise
+        # parameters and buffers bitwise, attributes, hooks and modes of the model
+        self._model_state = ConfigurationState(model)
         self._batch_snapshots: dict[int, TensorSnapshot] = {}  # cached batches' tensors
         self._graph_cache: dict[int, tuple[tuple[Any, ...], Any]] = {}  # _configure_cache
         self._cache_enabled = False
@@ -434,12 +433,11 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _model_token(self) -> tuple[Any, ...]:
         """A key that changes with any change of the model's parameters or buffers.
 
-        Compares every parameter and buffer of the model with a copy taken when the
-        key last changed, bitwise, plus the identity, dtype and storage of every
-        tensor under every name (:class:`curvops.snapshot.TensorSnapshot`), the
-        modules' configuration (:class:`curvops.configuration.ConfigurationState`:
-        types, public attributes such as a temperature or LayerNorm's ``eps``, tensor
-        attributes, hooks and train/eval flags) and whether the product context
+        Compares the model with its record (:class:`curvops.configuration.ConfigurationState`):
+        every parameter and buffer bitwise with a copy taken when the key last changed,
+        plus the identity, dtype and storage of every tensor under every name, and the
+        modules' types, public attributes (a temperature, LayerNorm's ``eps``), tensor
+        attributes, hooks and train/eval flags; and whether the product context
         (:func:`curvops.determinism.product_context`) is active.  So an optimizer
         step, a ``.data`` edit (which bumps no version counter), ``copy_`` under
         ``no_grad``, ``load_state_dict`` (with or without ``assign=True``), a
@@ -448,16 +446,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         one comparison pass over the parameters and buffers per product (only for
         operators that cache), and one copy of them held while graphs are cached.
         """
-        model = self._model
-        named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
-        named += [t for _, t in model.named_buffers(remove_duplicate=False)]
-        if self._model_snapshot.update(named) | self._model_config.update():
+        if self._model_state.update():
             self._graph_cache.clear()
-        return (
-            self._model_snapshot.generation,
-            self._model_config.generation,  # attributes, hooks, train/eval flags
-            determinism.is_active(),
-        )
+        return (self._model_state.generation, determinism.is_active())
 
     def _batches(self) -> Iterable[Batch]:
         if not self._progress:
@@ -647,7 +638,6 @@ class ModelCurvatureOperator(CurvatureOperator):
 
         if self._loss_state.update(check=recheck):
             self._graph_cache.clear()
-            self._finite_flags = None
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""

@@ -77,7 +77,7 @@ from curvops.kronecker import (
 from curvops.losses import LossFn, check_loss, loss_family
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
-from curvops.snapshot import TensorSnapshot, tensors_in
+from curvops.snapshot import tensors_in
 from curvops.validation import validate
 from spectral.errors import NumericalError, argument_error
 
@@ -561,7 +561,8 @@ class KFACOperator(KroneckerEigenOperator):
         validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
         self._loss_state = ConfigurationState(loss_fn)  # the factors follow a changed loss
         self._loss_state.update()
-        self._model_config = ConfigurationState(model, registered=False)
+        # parameters and buffers bitwise, attributes, hooks and modes of the model
+        self._model_state = ConfigurationState(model)
 
         def recheck_loss() -> None:
             _check_loss_family(loss_fn, fisher)
@@ -582,7 +583,6 @@ class KFACOperator(KroneckerEigenOperator):
         )
         self._layers = list(dict.fromkeys(b.module for b in blocks))
         self._cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        self._model_snapshot = TensorSnapshot()
         self._source = data
         self._share = self._check_share(share_with)
 
@@ -609,30 +609,21 @@ class KFACOperator(KroneckerEigenOperator):
     def _state_key(self) -> tuple[Any, ...]:
         """Changes whenever a parameter, a buffer, a mode or in-memory data changes.
 
-        Parameters and buffers are compared bitwise with a copy
-        (:class:`curvops.snapshot.TensorSnapshot`), so the factors follow every change
-        of the model (an optimizer step, a ``.data`` edit, ``load_state_dict``, a
-        reassigned ``Parameter``: contract 2) at a cost of :math:`O(P)` per product.
-        The modules' configuration (attributes, hooks, modes) and the loss are
-        compared with their last states
-        (:class:`curvops.configuration.ConfigurationState`): a changed loss setting or
-        class weight passes the construction checks again and renews the factors.
+        The model (parameters and buffers bitwise, the modules' attributes, hooks and
+        modes) and the loss are compared with their last states
+        (:class:`curvops.configuration.ConfigurationState`), so the factors follow every
+        change of the model (an optimizer step, a ``.data`` edit, ``load_state_dict``, a
+        reassigned ``Parameter``, ``model.temperature = 2.0``: contract 2) at a cost of
+        :math:`O(P)` per product; a changed loss setting or class weight passes the
+        construction checks again and renews the factors.
         In-memory batches are keyed on their storage and version counters: in-place
         edits are seen, edits through ``.data`` are not (a bitwise comparison would
         read all the data in every product, which costs more than the product
         itself; the data are a fixed set, contract 1).  A DataLoader is a fixed set.
         """
-        model = self._model
-        named: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
-        named += [t for _, t in model.named_buffers(remove_duplicate=False)]
-        self._model_snapshot.update(named)
-        self._model_config.update()
+        self._model_state.update()
         self._loss_state.update(check=self._recheck_loss)
-        key: list[Any] = [
-            self._model_snapshot.generation,
-            self._model_config.generation,  # attributes, hooks, train/eval flags
-            self._loss_state.generation,
-        ]
+        key: list[Any] = [self._model_state.generation, self._loss_state.generation]
         if self._data.is_in_memory:
             for batch in self._data:
                 key += [

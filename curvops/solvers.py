@@ -99,17 +99,6 @@ class SolveInfo:
     column_converged: tuple[bool, ...]
 
 
-def vector_norm_columns(X: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms of the columns of ``X``, safe from overflow and underflow.
-
-    >>> vector_norm_columns(torch.tensor([[3e-200, 0.0], [4e-200, 2.0]], dtype=torch.float64))
-    tensor([5.0000e-200, 2.0000e+00], dtype=torch.float64)
-    """
-    scale = X.abs().amax(dim=0)
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    return torch.linalg.vector_norm(X / scale, dim=0) * scale
-
-
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den != 0``, else 0 (keeps finished columns finite)."""
     ok = den != 0
@@ -393,11 +382,11 @@ class InverseOperator(CurvatureOperator):
         :math:`b - Ay` itself).  Columns with :math:`b = 0` keep their estimate (0).
         """
         AY = self._A._apply(Y)
-        norm_b = vector_norm_columns(B)
+        norm_b = torch.linalg.vector_norm(B, dim=0)
         safe_b = torch.where(norm_b > 0, norm_b, 1.0)
-        true = torch.where(norm_b > 0, vector_norm_columns(B - AY) / safe_b, estimated)
+        true = torch.where(norm_b > 0, torch.linalg.vector_norm(B - AY, dim=0) / safe_b, estimated)
         eps = torch.finfo(B.dtype).eps
-        attainable = 100.0 * eps * (1.0 + vector_norm_columns(AY) / safe_b)
+        attainable = 100.0 * eps * (1.0 + torch.linalg.vector_norm(AY, dim=0) / safe_b)
         converged = claimed & (true <= torch.clamp(attainable, min=self._tol))
         return true, converged
 

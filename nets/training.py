@@ -777,9 +777,8 @@ def check_learning_rate_option(lr: Any) -> None:
     if lr is None or isinstance(lr, torch.Tensor):
         return
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise argument_error("lr", "a finite, non-negative learning rate", lr, kind=TypeError)
-    if not (math.isfinite(lr) and lr >= 0):
-        raise argument_error("lr", "a finite, non-negative learning rate", lr)
+        raise argument_error("lr", _LEARNING_RATE, lr, kind=TypeError)
+    _refuse_bad_learning_rate(lr, "lr")
 
 
 def check_learning_rates(opt: torch.optim.Optimizer, *, given_as_name: bool = True) -> None:
@@ -814,13 +813,17 @@ def check_learning_rates(opt: torch.optim.Optimizer, *, given_as_name: bool = Tr
         lr = group.get("lr")
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
+        if isinstance(lr, (int, float)):
             where = "" if len(opt.param_groups) == 1 else f" (parameter group {i})"
-            raise argument_error(
-                "lr" if given_as_name else "optimizer",
-                f"a finite, non-negative learning rate{where}",
-                lr,
-            )
+            _refuse_bad_learning_rate(lr, "lr" if given_as_name else "optimizer", where)
+
+
+_LEARNING_RATE = "a finite, non-negative learning rate"
+
+
+def _refuse_bad_learning_rate(lr: float, name: str, where: str = "") -> None:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise argument_error(name, _LEARNING_RATE + where, lr)
 
 
 def default_loss(task: str) -> LossFn:
