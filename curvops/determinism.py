@@ -18,6 +18,10 @@ with second derivatives, and restore every setting on exit, also after an error:
   drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
   from ``no_grad`` state updates (the power iteration of spectral normalisation),
   whose results are constants of the product, and forward-mode AD refuses them.
+* **Exact second derivatives.**  The same mode replaces the PyTorch functions whose
+  double backward is wrong by exact equivalents
+  (:data:`curvops.derivative_repairs.REPLACEMENTS`: weight normalisation's fused
+  kernel, chunked ``F.linear_cross_entropy``).
 * **A fixed random stream.**  Any other random operation inside a product draws
   from a private stream (the default CPU generator, and each initialised CUDA
   generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
@@ -58,6 +62,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from curvops.derivative_repairs import REPLACEMENTS
+
 __all__ = ["PRODUCT_SEED", "DropoutOffMode", "is_active", "product_context"]
 
 #: Seed of the private random stream used during products.
@@ -92,9 +98,10 @@ _depth = 0
 
 
 class DropoutOffMode(TorchFunctionMode):
-    """Rewrite calls of random regularisers to their deterministic evaluation.
+    """Rewrite calls of random regularisers to their deterministic evaluation, and of
+    functions with wrong second derivatives to exact equivalents.
 
-    See the module docstring for the list.  Prefer :func:`product_context`.
+    See the module docstring for the lists.  Prefer :func:`product_context`.
 
     >>> import torch
     >>> with DropoutOffMode():
@@ -112,6 +119,9 @@ class DropoutOffMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if kwargs.get("out") is not None:
             args = tuple(_primal(a) for a in args)
+        replacement = REPLACEMENTS.get(func)
+        if replacement is not None:
+            return replacement(*args, **kwargs)
         rewrite = _REWRITES.get(func)
         if rewrite is not None:
             name, position, value = rewrite

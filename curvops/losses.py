@@ -354,7 +354,10 @@ def check_loss(loss_fn: Any) -> LossFn:
     ValueError
         ``reduction`` other than ``"mean"``/``"sum"`` (``"none"`` gives a tensor, not
         a loss to take the curvature of); class weights (``weight``, ``pos_weight``)
-        that are NaN, infinite or negative.
+        that are NaN, infinite or negative; a loss module with trainable parameters
+        (e.g. ``nn.LinearCrossEntropyLoss``'s classifier, or a learnt temperature): the
+        operators differentiate with respect to the model's parameters only, so the
+        loss's would silently be constants.
 
     Examples
     --------
@@ -374,6 +377,7 @@ def check_loss(loss_fn: Any) -> LossFn:
         raise argument_error(
             "loss_fn", "a callable (outputs, targets) -> scalar", loss_fn, kind=TypeError
         )
+    _refuse_trainable_loss_parameters(loss_fn)
     reduction = loss_setting(loss_fn, "reduction", "mean")
     if reduction not in _ACCEPTED_REDUCTIONS:
         raise argument_error(
@@ -397,6 +401,24 @@ def check_loss(loss_fn: Any) -> LossFn:
                 shown,
             )
     return loss_fn
+
+
+def _refuse_trainable_loss_parameters(loss_fn: Any) -> None:
+    """Refuse a loss module holding parameters that require gradients."""
+    if not isinstance(loss_fn, nn.Module):
+        return
+    trainable = [name for name, p in loss_fn.named_parameters() if p.requires_grad]
+    if trainable:
+        shown = ", ".join(repr(n) for n in trainable[:4]) + (", ..." if len(trainable) > 4 else "")
+        raise argument_error(
+            "loss_fn",
+            "a loss without trainable parameters (the curvature is taken with respect to "
+            "the model's parameters, so the loss's own would silently be held constant, "
+            "and a parameter shared with the model would lose its path through the loss); "
+            "move them into the model (e.g. let the model compute the logits and use "
+            "nn.CrossEntropyLoss), or mark them constant with requires_grad_(False)",
+            f"{type(loss_fn).__name__} with trainable parameters {shown}",
+        )
 
 
 _FAMILIES: tuple[tuple[str, type[nn.Module], Callable[..., torch.Tensor]], ...] = (

@@ -182,6 +182,48 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
         )
 
 
+def _check_first_loss_value(
+    loss_fn: Any,
+    value: Any,
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    batch: tuple[Any, torch.Tensor, int],
+) -> None:
+    """Refuse a first-batch loss that is not a finite scalar tensor (``None``: not evaluated,
+    structured outputs); a non-finite one names the unselected non-finite tensors."""
+    from curvops.losses import batch_normaliser, loss_reduction
+
+    inputs, targets, size = batch
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise argument_error("loss_fn", "a loss returning a scalar tensor", value, kind=TypeError)
+    if value.numel() != 1:
+        raise argument_error(
+            "loss_fn",
+            "a scalar loss (reduction 'mean' or 'sum'); on the first batch it returned",
+            value,
+        )
+    if not bool(torch.isfinite(value).all()) and (
+        loss_reduction(loss_fn) == "sum" or batch_normaliser(loss_fn, inputs, targets, size) > 0
+    ):  # (a mean over no counted target is 0/0: such a batch is skipped by the products)
+        selected = {id(p) for _, p in named}
+        others = [
+            f"{n!r} (not selected)"
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if id(t) not in selected
+            and t.is_floating_point()
+            and not bool(torch.isfinite(t.detach()).all())
+        ]
+        cause = f"; non-finite values in {', '.join(others[:5])}" if others else ""
+        raise argument_error(
+            "loss_fn",
+            "a finite loss on the first batch (the selected parameters, the inputs and the "
+            f"targets are finite{cause})",
+            f"{float(value)}",
+        )
+
+
 @dataclass
 class Validation:
     """What the construction-time checks learnt: the class spec (and whether a
@@ -264,7 +306,8 @@ def validate(
     """
     from curvops._model_state import curvature_mode, functional_forward
     from curvops.data import as_data, move_to
-    from curvops.losses import batch_normaliser, batch_weight, check_loss, loss_reduction
+    from curvops.derivative_repairs import check_loss_second_derivatives
+    from curvops.losses import batch_weight, check_loss
     from curvops.params import select_params
 
     check_loss(loss_fn)
@@ -286,37 +329,14 @@ def validate(
         check_targets(loss_fn, targets, first.index, classes)
         _check_normaliser_known(loss_fn, targets, first.index)
         # Structured outputs (tuples, dicts) are the products' business; the loss is
-        # evaluated here on tensor outputs only.
-        value = loss_fn(outputs, targets) if isinstance(outputs, torch.Tensor) else None
-    if value is None:
-        pass
-    elif not isinstance(value, torch.Tensor):
-        raise argument_error("loss_fn", "a loss returning a scalar tensor", value, kind=TypeError)
-    elif value.numel() != 1:
-        raise argument_error(
-            "loss_fn",
-            "a scalar loss (reduction 'mean' or 'sum'); on the first batch it returned",
-            value,
+        # evaluated here on tensor outputs only (and refused if it calls a function
+        # whose second derivatives PyTorch gets wrong).
+        value = (
+            check_loss_second_derivatives(loss_fn, outputs, targets)
+            if isinstance(outputs, torch.Tensor)
+            else None
         )
-    elif not bool(torch.isfinite(value).all()) and (
-        loss_reduction(loss_fn) == "sum"
-        or batch_normaliser(loss_fn, inputs, targets, first.size) > 0
-    ):  # (a mean over no counted target is 0/0: such a batch is skipped by the products)
-        selected = {id(p) for _, p in named}
-        others = [
-            f"{n!r} (not selected)"
-            for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if id(t) not in selected
-            and t.is_floating_point()
-            and not bool(torch.isfinite(t.detach()).all())
-        ]
-        cause = f"; non-finite values in {', '.join(others[:5])}" if others else ""
-        raise argument_error(
-            "loss_fn",
-            "a finite loss on the first batch (the selected parameters, the inputs and the "
-            f"targets are finite{cause})",
-            f"{float(value)}",
-        )
+    _check_first_loss_value(loss_fn, value, model, named, (inputs, targets, first.size))
     result = Validation(loss_fn, classes)
     if stream.is_in_memory:
         total = 0.0

@@ -1,0 +1,179 @@
+"""PyTorch functions whose second derivatives are wrong, and what products do about them.
+
+A Hessian product differentiates the model's backward pass, so it is exactly as right
+as PyTorch's double-backward formulas; first derivatives (gradients) are not affected.
+Two functions that networks use fail ``torch.autograd.gradgradcheck`` in float64 in
+torch 2.13 and 2.14 while their gradients are right:
+
+* ``torch._weight_norm``, the kernel behind weight normalisation
+  (``nn.utils.parametrizations.weight_norm`` and the older ``nn.utils.weight_norm``;
+  WaveNet/HiFi-GAN-style audio models, wav2vec 2.0's positional convolution).  Its
+  fused kernel's differentiable backward gets :math:`\\partial^2/\\partial v^2` and
+  :math:`\\partial^2/\\partial g\\,\\partial v` wrong: the Hessian of a three-layer MLP
+  with one weight-normalised layer came out 30 % off.  During products it is replaced
+  by :func:`weight_norm`, :math:`w = v\\, g / \\lVert v \\rVert` with the norm over every
+  dimension but ``dim`` -- PyTorch's own non-fused formula, equal up to rounding, whose
+  second derivatives are exact.
+* ``F.linear_cross_entropy`` (and ``nn.LinearCrossEntropyLoss``) with chunking
+  ``options``: the chunked path's second derivatives are wrong (35 % off in a Hessian
+  through it).  Inside the model's ``forward`` it is evaluated with ``options=None``,
+  PyTorch's reference implementation ``cross_entropy(linear(...))``: the same loss,
+  exact derivatives.  A loss function that calls it chunked is refused when the
+  operator is built (:func:`check_loss_second_derivatives`): the products evaluate the
+  loss outside the model, where no replacement is made.
+
+:data:`REPLACEMENTS` is applied by :class:`curvops.determinism.DropoutOffMode`, the
+mode every forward pass of a product runs under.
+
+>>> import torch
+>>> v, g = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
+>>> bool(torch.allclose(weight_norm(v, g, 0), torch._weight_norm(v, g, 0)))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from spectral.errors import argument_error
+
+__all__ = [
+    "REPLACEMENTS",
+    "check_loss_second_derivatives",
+    "linear_cross_entropy_reference",
+    "weight_norm",
+]
+
+#: ``F.linear_cross_entropy`` where this torch has it (added in torch 2.13).
+_LINEAR_CROSS_ENTROPY: Callable[..., torch.Tensor] | None = getattr(F, "linear_cross_entropy", None)
+
+
+def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Weight normalisation :math:`w = v\\, g / \\lVert v \\rVert`, exact to second order.
+
+    The norm is over every dimension of ``v`` except ``dim`` (``dim=-1``: over all of
+    ``v``), as in ``torch._weight_norm``, whose fused kernel has wrong second
+    derivatives (module docstring).  This is PyTorch's non-fused formula.
+
+    Parameters
+    ----------
+    v : torch.Tensor
+        The direction.
+    g : torch.Tensor
+        The magnitude, broadcastable against ``v`` (size 1 except along ``dim``).
+    dim : int
+        The dimension that keeps one norm per slice; ``-1`` for one norm of all of ``v``.
+
+    Returns
+    -------
+    torch.Tensor
+        The normalised weight, shaped like ``v``.
+
+    Examples
+    --------
+    >>> v = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    >>> weight_norm(v, torch.tensor([[10.0], [1.0]]), 0)
+    tensor([[6., 8.],
+            [0., 1.]])
+    """
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.linear_cross_entropy`` without chunking (``options=None``): the same loss,
+    computed as ``cross_entropy(linear(input, weight, bias), target, ...)``, whose
+    second derivatives are exact.
+
+    Examples
+    --------
+    >>> x, W = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    >>> y = torch.tensor([0, 4, 2, 1])
+    >>> ref = F.cross_entropy(F.linear(x, W), y)
+    >>> bool(torch.allclose(linear_cross_entropy_reference(x, W, y), ref))
+    True
+    """
+    assert _LINEAR_CROSS_ENTROPY is not None  # registered only where torch has it
+    return _LINEAR_CROSS_ENTROPY(*args, **{**kwargs, "options": None})
+
+
+#: function -> its replacement inside the forward passes of products.
+REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {torch._weight_norm: weight_norm}
+if _LINEAR_CROSS_ENTROPY is not None:
+    REPLACEMENTS[_LINEAR_CROSS_ENTROPY] = linear_cross_entropy_reference
+
+
+class _WrongSecondDerivatives(TorchFunctionMode):
+    """Record the calls of functions with wrong second derivatives (no replacement)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            self.found.append(
+                "torch._weight_norm (weight normalisation); normalise the weights inside "
+                "the model, where products replace it by an exact formula"
+            )
+        elif func is _LINEAR_CROSS_ENTROPY and kwargs.get("options") is not None:
+            self.found.append(
+                "F.linear_cross_entropy with chunking options; evaluate it without chunking "
+                "(options=None, the reference implementation of the same loss), or compute "
+                "the logits in the model and use nn.CrossEntropyLoss"
+            )
+        return func(*args, **kwargs)
+
+
+def check_loss_second_derivatives(
+    loss_fn: Callable[..., Any], outputs: Any, targets: torch.Tensor
+) -> Any:
+    """Evaluate ``loss_fn(outputs, targets)``, refusing a loss that calls a function with
+    wrong second derivatives (module docstring).
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss.
+    outputs, targets
+        A batch's model outputs and targets.
+
+    Returns
+    -------
+    Any
+        The loss value.
+
+    Raises
+    ------
+    ValueError
+        Naming ``loss_fn``, the function and the remedy.
+
+    Examples
+    --------
+    >>> out, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    >>> float(check_loss_second_derivatives(F.cross_entropy, out, y)) > 0
+    True
+    """
+    with _WrongSecondDerivatives() as mode:
+        value = loss_fn(outputs, targets)
+    if mode.found:
+        function, remedy = mode.found[0].split("; ", 1)
+        raise argument_error(
+            "loss_fn",
+            f"a loss whose second derivatives PyTorch computes correctly: it calls "
+            f"{function}, whose double backward is wrong in torch {torch.__version__}, so "
+            f"curvature products through it would be silently wrong; {remedy}",
+            loss_fn,
+        )
+    return value
