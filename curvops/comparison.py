@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from curvops._model_state import curvature_mode, functional_forward
 from curvops.algebra import check_same_parameters
 from curvops.curvature import ModelCurvatureOperator
 from curvops.operator import CurvatureOperator, is_scalar
@@ -196,27 +195,6 @@ def _principal_angles(V: torch.Tensor, W: torch.Tensor) -> np.ndarray:
     sines = np.sort(sines)  # ascending, matching the descending cosines
     angles = np.where(sines < math.sqrt(0.5), np.arcsin(sines), np.arccos(cosines))
     return np.sort(angles)
-
-
-def _mean_gradient(op: ModelCurvatureOperator) -> torch.Tensor:
-    """:math:`\\nabla L` of the mean loss over the operator's data (model unchanged)."""
-    total: torch.Tensor | None = None
-    count = 0
-    with curvature_mode(op.model, op.bn_mode):
-        for batch in op.data:
-            inputs, targets = op._batch_on_device(batch)
-            leaves = [p.detach().requires_grad_(True) for p in op.current_params()]
-            with torch.enable_grad():
-                loss = op.loss_fn(
-                    functional_forward(op.model, op.param_names, leaves, inputs), targets
-                )
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-            flat = torch.cat([g.reshape(-1) for g in grads]) * batch.size
-            total = flat if total is None else total + flat
-            count += batch.size
-    if total is None:  # pragma: no cover - Data refuses empty data
-        raise argument_error("exact", "an operator with data", op)
-    return total / count
 
 
 def _damped_solve(
@@ -479,7 +457,7 @@ def compare_all(
         if g.ndim != 1 or g.shape[0] != n:
             raise argument_error("gradient", f"a vector of length {n}", gradient)
     elif isinstance(exact, ModelCurvatureOperator):
-        g = _mean_gradient(exact)
+        g = exact.loss_gradient()
     gen = torch.Generator().manual_seed(seed)
     V = torch.randn(n, num_directions, generator=gen, dtype=torch.float64)
     settings: dict[str, Any] = {
@@ -531,7 +509,9 @@ def compare(
         Gaussian directions for the quadratic forms.
     gradient:
         The vector :math:`g` (length ``n``, numpy or torch); default: the mean-loss
-        gradient when ``exact`` is a model operator, else no gradient measures (``nan``).
+        gradient when ``exact`` is a model operator (its
+        :meth:`~curvops.ModelCurvatureOperator.loss_gradient`: batches weighted by the
+        loss's own normaliser), else no gradient measures (``nan``).
     damping:
         :math:`\\delta` of the Newton step; default :math:`10^{-3}\\lambda_{\\max}(A)`.
     eig_tol, solve_tol:

@@ -288,6 +288,76 @@ class ModelCurvatureOperator(CurvatureOperator):
             )
         return torch.cat([t.reshape(-1) for t in tensors]).to(self.device, self.torch_dtype)
 
+    # ------------------------------------------------------------------ the loss's gradient
+    def loss_gradient(self) -> torch.Tensor:
+        """:math:`\\nabla L`, the gradient of the loss this operator is the curvature of.
+
+        The batches combine exactly as in the products: :math:`\\nabla L = \\sum_b w_b
+        \\nabla L_b / \\sum_b w_b` with the loss's own batch weights for
+        ``reduction="mean"`` (so a list of batches equals their concatenation, also
+        with padding tokens and class weights), :math:`\\sum_b \\nabla L_b` for
+        ``"sum"``, summed over the process group when there is one.  Evaluated as a
+        product is: the same ``output_fn``, BatchNorm mode and settings, no dropout,
+        and the model (its ``.grad`` included) left as it was.
+
+        Returns
+        -------
+        torch.Tensor
+            The length-``P`` gradient, on the operator's device and in its dtype.
+
+        Raises
+        ------
+        NumericalError
+            If the gradient is not finite.
+
+        Examples
+        --------
+        >>> import torch
+        >>> nn = torch.nn
+        >>> net = nn.Linear(2, 3).double()
+        >>> x = torch.randn(4, 2, dtype=torch.float64)
+        >>> y1, y2 = torch.tensor([0, -100, -100, -100]), torch.tensor([1, 2, 0, 1])
+        >>> from curvops import HessianOperator
+        >>> H = HessianOperator(net, nn.CrossEntropyLoss(), [(x, y1), (x, y2)])
+        >>> loss = nn.functional.cross_entropy(net(torch.cat([x, x])), torch.cat([y1, y2]))
+        >>> parts = torch.autograd.grad(loss, list(net.parameters()))
+        >>> bool(torch.allclose(H.loss_gradient(), torch.cat([t.reshape(-1) for t in parts])))
+        True
+        """
+        group = resolve_group(self.process_group)
+        summed = loss_reduction(self._loss_fn) == "sum"
+        unweighted = self._data.is_single_batch and group is None
+        acc = torch.zeros(self.num_params, dtype=self.torch_dtype, device=self.device)
+        total = 0.0
+        with curvature_mode(self._model, self._bn_mode):
+            for batch in self._batches():
+                w = (
+                    1.0
+                    if summed or unweighted
+                    else float(batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size))
+                )
+                if w == 0:  # every target ignored: the batch counts nothing
+                    continue
+                inputs, targets = self._batch_on_device(batch)
+                leaves = [p.detach().requires_grad_(True) for p in self.current_params()]
+                with torch.enable_grad():
+                    loss = self._loss_of_fn(inputs, targets)(leaves)
+                    grads = torch.autograd.grad(
+                        loss, leaves, allow_unused=True, materialize_grads=True
+                    )
+                acc.add_(torch.cat([g.reshape(-1) for g in grads]), alpha=w)
+                total += w
+        acc, total = all_reduce_weighted(acc, total, group)
+        if total == 0:
+            raise argument_error("data", "at least one batch with a counted target", self._data)
+        gradient = acc if summed or unweighted else acc / total
+        if not bool(all_finite(gradient)):
+            raise NumericalError(
+                f"{type(self).__name__}.loss_gradient: the gradient is not finite"
+                f"{self._diagnose(None)}"
+            )
+        return gradient
+
     # ------------------------------------------------------------------ helpers for subclasses
     def current_params(self) -> list[torch.Tensor]:
         """The selected parameters' current values (detached, sharing storage).

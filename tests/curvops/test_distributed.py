@@ -113,6 +113,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     out["shard_samples"] = np.int64(shard.num_samples)
     H = HessianOperator(model, loss, shard, **kw)
     out["H"] = _products(H, V)
+    out["grad_ref"], out["grad"] = H_ref.loss_gradient().numpy(), H.loss_gradient().numpy()
     x_all = torch.cat([b[0] for b in batches])
     y_all = torch.cat([b[1] for b in batches])
     loader = DataLoader(TensorDataset(x_all, y_all), batch_size=SIZES[0], shuffle=False)
@@ -200,7 +201,7 @@ def _check_unequal_shards_cover_the_data_once(job: list[dict[str, np.ndarray]]) 
 
 
 def _check_products(job: list[dict[str, np.ndarray]]) -> None:
-    for name in ("H", "G", "F"):
+    for name in ("H", "G", "F", "grad"):
         _check_product(job, name)
 
 
