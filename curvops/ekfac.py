@@ -96,7 +96,7 @@ class EKFACOperator(KFACOperator):
                         for g in record.grads
                     )
                     assert isinstance(term, torch.Tensor)
-                    term = term * batch.size
+                    term = term * self._batch_factor_weight(batch.size)
                     current = sums[i]
                     sums[i] = term if current is None else current + term
         shapes = [(block.rows, block.cols) for block in self._blocks]
@@ -109,7 +109,7 @@ class EKFACOperator(KFACOperator):
             total = sums[i]
             if total is None:  # pragma: no cover - _compute_factors refuses unseen layers
                 raise NumericalError(f"E-KFAC: no data reached layer {block.layer!r}")
-            values = total / total_count
+            values = total / self._batch_factor_weight(total_count)
             if not bool(torch.isfinite(values).all()):
                 raise NumericalError(f"E-KFAC: non-finite eigenvalues of layer {block.layer!r}")
             U_G, U_A = bases[i]

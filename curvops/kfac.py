@@ -74,7 +74,7 @@ from curvops.kronecker import (
     layer_input_factor,
     sqrt_or_one,
 )
-from curvops.losses import LossFn, check_loss, loss_family
+from curvops.losses import LossFn, check_loss, loss_family, loss_reduction
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
@@ -454,12 +454,13 @@ class KFACOperator(KroneckerEigenOperator):
     model:
         The ``nn.Module``; never changed.
     loss_fn:
-        ``(outputs, targets) -> scalar`` with ``reduction="mean"``; cross-entropy, MSE and
-        BCE-with-logits for ``"type2"`` and ``"mc"``, any per-sample separable loss for
-        ``"empirical"``.
+        ``(outputs, targets) -> scalar`` with ``reduction="mean"`` or ``"sum"``;
+        cross-entropy, MSE and BCE-with-logits for ``"type2"`` and ``"mc"``, any
+        per-sample separable loss for ``"empirical"``.
     data:
-        One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader; batches
-        are weighted by their sizes.
+        One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader; for a
+        mean loss batches are weighted by their sizes, for a summed loss the output
+        factors add up (either way a list of batches equals their concatenation).
     fisher:
         ``"type2"`` (exact output Hessians: the K-FAC of the GGN), ``"mc"`` (``mc_samples``
         targets sampled per sample, seeded by ``(seed, batch index)``) or ``"empirical"``.
@@ -670,6 +671,17 @@ class KFACOperator(KroneckerEigenOperator):
             return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         return a
 
+    def _batch_factor_weight(self, size: float) -> float:
+        """How output-side statistics of a batch of ``size`` terms are weighted.
+
+        The batch statistics are those of the batch's loss.  A mean loss's are the mean
+        over the batch, so batches are weighted by their sizes and the total divided by
+        the number of terms (``size`` here, and for the total); a summed loss's add up
+        (weight 1, total not divided): a list of batches then equals their
+        concatenation in both cases.
+        """
+        return 1.0 if loss_reduction(self._loss_fn) == "sum" else float(size)
+
     def _passes(self) -> Any:
         """Yield ``(batch, records)`` for every batch of ``data``."""
         for batch in self._data:
@@ -714,7 +726,7 @@ class KFACOperator(KroneckerEigenOperator):
                 G = torch.zeros(d_out, d_out, dtype=dtype, device=device)
                 for g in record.grads:
                     G.add_(layer_grad_factor(module, g, self.approx))
-                G.mul_(batch.size)
+                G.mul_(self._batch_factor_weight(batch.size))
                 G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
         group = resolve_group(self.process_group)
         if group is not None:  # the sums of every rank's shard: one all_reduce
@@ -735,7 +747,7 @@ class KFACOperator(KroneckerEigenOperator):
                 "and use remainder='diagonal'"
             )
         for G in G_sums.values():
-            G.div_(count)
+            G.div_(self._batch_factor_weight(count))
         As, Gs = [], []
         for i, block in enumerate(self._blocks):
             if block.part == "bias":

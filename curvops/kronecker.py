@@ -323,8 +323,10 @@ def output_factor(
         if loss_kind(loss_fn, outputs, targets) not in ("ce", "mse", "bce"):
             raise argument_error(
                 "loss_fn",
-                "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher='type2' "
-                "(use fisher='empirical' for other losses)",
+                "a loss with a closed-form output Hessian for fisher='type2': "
+                "CrossEntropyLoss without class weights, label smoothing or ignored "
+                "targets, MSELoss, or BCEWithLogitsLoss without weights (use "
+                "fisher='empirical' for other losses and settings)",
                 loss_fn,
             )
         factor, _ = output_hessian_factor(loss_fn, outputs, targets)

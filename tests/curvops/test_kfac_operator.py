@@ -423,10 +423,16 @@ def test_empirical_kfac_accepts_any_separable_loss() -> None:
     torch.testing.assert_close(K.to_dense(), want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fisher", ["type2", "empirical"])
-def test_factors_do_not_depend_on_how_the_data_is_split_into_batches(fisher: str) -> None:
-    """Batches weighted by their sizes: every factor is a mean over samples."""
-    model, loss_fn, data = _case("seq-mse")
+def test_factors_do_not_depend_on_how_the_data_is_split_into_batches(
+    fisher: str, reduction: str
+) -> None:
+    """A mean loss's batches weighted by their sizes (every factor a mean over samples), a
+    summed loss's output factors added up (with reduction="sum" a list of three batches
+    gave a third of the concatenated batch's K-FAC before)."""
+    model, _, data = _case("seq-mse")
+    loss_fn = nn.MSELoss(reduction=reduction)
     x = torch.cat([b[0] for b in data])
     y = torch.cat([b[1] for b in data])
     whole = KFACOperator(model, loss_fn, (x, y), fisher=fisher, approx="reduce")
@@ -438,6 +444,10 @@ def test_factors_do_not_depend_on_how_the_data_is_split_into_batches(fisher: str
         torch.testing.assert_close(A2, A1, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(G3, G1, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(A3, A1, rtol=1e-12, atol=1e-15)
+    E_whole = EKFACOperator(model, loss_fn, (x, y), fisher=fisher)
+    E_split = EKFACOperator(model, loss_fn, _split(x, y, (3, 5, 6)), fisher=fisher)
+    for b1, b2 in zip(E_whole.eigen_blocks(), E_split.eigen_blocks()):
+        torch.testing.assert_close(b2.values, b1.values, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("fisher", ["type2", "mc", "empirical"])
