@@ -18,10 +18,11 @@ with second derivatives, and restore every setting on exit, also after an error:
   drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
   from ``no_grad`` state updates (the power iteration of spectral normalisation),
   whose results are constants of the product, and forward-mode AD refuses them.
-* **Exact second derivatives.**  The same mode replaces the PyTorch functions whose
-  double backward is wrong by exact equivalents
+* **The loss's own derivatives.**  The same mode replaces the PyTorch functions whose
+  backward is not the loss's derivative by exact equivalents
   (:data:`curvops.derivative_repairs.REPLACEMENTS`: weight normalisation's fused
-  kernel, chunked ``F.linear_cross_entropy``).
+  kernel and chunked ``F.linear_cross_entropy``, whose double backward is wrong, and
+  embeddings with ``scale_grad_by_freq`` or ``sparse`` gradients).
 * **A fixed random stream.**  Any other random operation inside a product draws
   from a private stream (the default CPU generator, and each initialised CUDA
   generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,

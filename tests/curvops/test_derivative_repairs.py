@@ -282,3 +282,48 @@ def test_loss_with_trainable_parameters_is_refused_and_frozen_one_accepted() -> 
     H = _dense(HessianOperator(net, loss, (x, y)))
     ref = _gradient_differences(net, loss, x, y)
     assert np.abs(H - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------------------ embeddings
+class Bag(nn.Module):
+    """Embedding-tanh-mean-linear; indices repeat within the batch."""
+
+    def __init__(self, **embedding_options: bool) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.emb = nn.Embedding(5, 3, **embedding_options).double()
+        self.out = nn.Linear(3, 2).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("option", ["scale_grad_by_freq", "sparse"])
+def test_embedding_options_do_not_change_the_curvature(option: str) -> None:
+    """``scale_grad_by_freq`` made every operator non-symmetric (by 22 % of its norm),
+    ``sparse`` made every product fail; both now give the plain embedding's curvature."""
+    x = torch.tensor([[0, 1, 1], [3, 1, 0], [4, 1, 0]])
+    y = torch.tensor([0, 1, 1])
+    model, plain = Bag(**{option: True}), Bag()
+    loss = nn.CrossEntropyLoss()
+    w0 = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+    names = [n for n, _ in plain.named_parameters()]
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, torch.split(w, [p.numel() for p in plain.parameters()])))
+        params = {n: parts[n].view_as(p) for n, p in plain.named_parameters()}
+        return loss(torch.func.functional_call(plain, params, (x,)), y)
+
+    H_ref = torch.autograd.functional.hessian(loss_of, w0).numpy()  # plain torch, no mode
+    H = _dense(HessianOperator(model, loss, (x, y)))
+    assert np.abs(H - H.T).max() <= 1e-15 * np.abs(H).max()
+    assert np.abs(H - H_ref).max() <= 1e-12 * np.abs(H_ref).max()
+    G = _dense(GGNOperator(model, loss, (x, y)))
+    G_ref = dense_ggn(plain, loss, (x, y)).numpy()
+    assert np.abs(G - G_ref).max() <= 1e-12 * np.abs(G_ref).max()
+    Fe = _dense(FisherOperator(model, loss, (x, y), kind="empirical"))
+    assert np.abs(Fe - Fe.T).max() <= 1e-15 * np.abs(Fe).max()
+    assert np.linalg.eigvalsh(Fe).min() >= -1e-14 * np.abs(Fe).max()
