@@ -242,20 +242,72 @@ def _missing_derivative_hint(exc: BaseException) -> str | None:
     )
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter of ``t`` (bumped by in-place writes), None where there is none."""
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):  # inference tensors, functorch wrappers
+        return None
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN in the same place (a non-finite parameter that the
+    forward did not touch is not a write)."""
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    return torch.equal(nan_a, nan_b) and torch.equal(
+        a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
+    )
+
+
+def _refuse_parameter_writes(written: list[str], copies: bool) -> None:
+    """Raise for a forward pass that wrote to the parameters ``written`` in place."""
+    if not written:
+        return
+    happened = (
+        "(on copies: your weights are unchanged)"
+        if copies
+        else "(this forward pass has already changed your weights: reload them)"
+    )
+    raise argument_error(
+        "model",
+        "a forward pass that leaves its parameters unchanged: a constraint applied in "
+        "place inside forward (weight clipping, a max-norm renormalisation) makes the "
+        "curvature that of a moving function and rewrites the weights at every product; "
+        f"apply it after optimizer.step() instead {happened}",
+        f"a forward that wrote in place to parameter(s) {sorted(set(written))[:5]}",
+    )
+
+
 @contextmanager
-def _reparametrized(model: nn.Module, replaced: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def _reparametrized(
+    model: nn.Module, replaced: Mapping[str, torch.Tensor], *, copies: bool = False
+) -> Iterator[None]:
     """Swap parameters (``replaced`` or detached) and buffers (copies) in place; undo on exit.
 
     Works on every module's own ``_parameters`` / ``_buffers`` dictionaries, keyed by
     the identity of the original tensor, so a tensor reachable under several names
     (aliased modules, tied weights) gets one value under all of them, and exactly the
-    original objects are put back.
+    original objects are put back.  A forward pass that writes to a parameter in place
+    is refused after it ran (:func:`_refuse_parameter_writes`): writes are seen by
+    their version counters, and with ``copies`` (every parameter not in ``replaced``
+    enters as a copy; ``replaced`` must hold copies too) also ``.data`` writes, by
+    comparing the copies with the originals -- the user's weights are then untouched.
     """
     values: dict[int, torch.Tensor] = {}
+    watched: list[tuple[str, torch.Tensor, int | None, nn.Parameter]] = []
     known = set()
     for name, p in model.named_parameters():
         known.add(name)
-        values[id(p)] = replaced[name] if name in replaced else p.detach()
+        if name in replaced:
+            value = replaced[name]
+        else:
+            value = p.detach().clone() if copies else p.detach()
+        values[id(p)] = value
+        watched.append((name, value, _version(value), p))
     unknown = [n for n in replaced if n not in known]
     if unknown:
         raise argument_error("names", "names of parameters of the model", unknown)
@@ -279,6 +331,14 @@ def _reparametrized(model: nn.Module, replaced: Mapping[str, torch.Tensor]) -> I
     finally:
         for table, key, original in reversed(slots):
             table[key] = original
+    written = [name for name, value, v, _ in watched if v is not None and _version(value) != v]
+    if copies:
+        written += [
+            name
+            for name, value, _, p in watched
+            if value.shape == p.shape and not _same_values(value.detach(), p.detach())
+        ]
+    _refuse_parameter_writes(written, copies)
 
 
 def functional_forward(
@@ -287,6 +347,8 @@ def functional_forward(
     tensors: Sequence[torch.Tensor],
     inputs: Any,
     output_fn: OutputFn | None = None,
+    *,
+    copies: bool = False,
 ) -> torch.Tensor:
     """Evaluate ``model(inputs)`` with parameters ``names`` replaced by ``tensors``.
 
@@ -298,7 +360,10 @@ def functional_forward(
     inputs or a mapping of keyword inputs.  The output tensor is chosen by
     :func:`curvops.model_io.select_output` (``logits`` of a dict or ``ModelOutput``,
     the first item of a tuple, or ``output_fn``).  Call it inside
-    :func:`curvature_mode`.
+    :func:`curvature_mode`.  A forward that writes to a parameter in place is refused
+    (``ValueError`` naming ``model``); with ``copies`` (``tensors`` are copies, and so
+    enter the other parameters) also one that writes through ``.data``, and the
+    model's weights stay untouched.
 
     >>> lin = torch.nn.Linear(2, 1, bias=False)
     >>> w = torch.ones(1, 2)
@@ -308,7 +373,7 @@ def functional_forward(
     slots = getattr(_LAST_FORWARD, "slots", None)
     if slots:  # inside curvature_mode: remember the call (to name a failing module)
         slots[-1][:] = [names, tensors, inputs, output_fn]
-    with _reparametrized(model, dict(zip(names, tensors))), DropoutOffMode():
+    with _reparametrized(model, dict(zip(names, tensors)), copies=copies), DropoutOffMode():
         if isinstance(inputs, Mapping):
             out = model(**inputs)
         elif isinstance(inputs, (tuple, list)):

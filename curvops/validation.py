@@ -322,8 +322,13 @@ def validate(
     targets = move_to(first.targets, device, dtype)
     _check_inputs_finite(inputs, first.index)
     with torch.no_grad(), curvature_mode(model, bn_mode):
-        outputs = functional_forward(
-            model, [n for n, _ in named], [p.detach() for _, p in named], inputs, output_fn
+        outputs = functional_forward(  # on copies: a forward writing its weights is refused
+            model,
+            [n for n, _ in named],
+            [p.detach().clone() for _, p in named],
+            inputs,
+            output_fn,
+            copies=True,
         )
         classes = _class_targets_spec(loss_fn, outputs)
         check_targets(loss_fn, targets, first.index, classes)

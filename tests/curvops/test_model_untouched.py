@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops import (
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    KFACOperator,
+    ggn_diagonal,
+    loss_stats,
+)
 from curvops._model_state import functional_forward, model_state, state_differences
 from curvops.testing import check_model_contract
 from spectral import lanczos
@@ -188,3 +195,66 @@ def test_spectral_norm_product_paths_agree(model_name: str) -> None:
     cached = GGNOperator(model, nn.CrossEntropyLoss(), data, cache=True) @ v
     dual = GGNOperator(model, nn.CrossEntropyLoss(), data, cache=False) @ v
     torch.testing.assert_close(dual, cached, rtol=1e-12, atol=1e-13)
+
+
+class ClipsItsWeights(nn.Module):
+    """A forward that constrains its own weight in place (WGAN-style clipping, max-norm).
+
+    ``how``: ``"no_grad"`` (``clamp_`` under ``torch.no_grad``: bumps the version
+    counter), ``"data"`` (through ``.data``: no version bump), or ``"when_large"``
+    (clamps only once a weight exceeds the bound).
+    """
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.inner = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.inner.weight.mul_(0.1)  # within the bound: clamping changes no value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.inner.weight
+        if self.how == "data":
+            w.data.clamp_(-0.05, 0.05)
+        elif self.how == "no_grad" or bool(w.abs().max() > 1.0):
+            with torch.no_grad():
+                w.clamp_(-0.05, 0.05)
+        return self.out(torch.tanh(self.inner(x)))
+
+
+BUILDERS: dict[str, Callable[[nn.Module], object]] = {
+    "hessian": lambda m: HessianOperator(m, nn.CrossEntropyLoss(), _data()),
+    "ggn": lambda m: GGNOperator(m, nn.CrossEntropyLoss(), _data()),
+    "fisher-mc": lambda m: FisherOperator(m, nn.CrossEntropyLoss(), _data(), kind="mc"),
+    "kfac": lambda m: KFACOperator(m, nn.CrossEntropyLoss(), _data()),
+    "ggn_diagonal": lambda m: ggn_diagonal(m, nn.CrossEntropyLoss(), _data()),
+    "loss_stats": lambda m: loss_stats(m, nn.CrossEntropyLoss(), _data(), num_probes=1),
+}
+
+
+@pytest.mark.parametrize("how", ["no_grad", "data"])
+@pytest.mark.parametrize("builder", sorted(BUILDERS))
+def test_forward_writing_its_parameters_is_refused_and_changes_nothing(
+    how: str, builder: str
+) -> None:
+    """Before, building an operator clipped the user's weights (by up to 0.47 here)."""
+    model = ClipsItsWeights(how).double()
+    with torch.no_grad():
+        model.inner.weight[0, 0] = 0.7  # outside the bound: the forward would change it
+    before = model_state(model)
+    version = model.inner.weight._version
+    with pytest.raises(ValueError, match=r"'model'.*in place to parameter\(s\) \['inner.weight'\]"):
+        BUILDERS[builder](model)
+    assert state_differences(before, model) == []
+    assert model.inner.weight._version == version
+
+
+def test_forward_writing_its_parameters_later_is_an_error_naming_the_change() -> None:
+    """A write the construction could not see (the weights were within the bound then)."""
+    model = ClipsItsWeights("when_large").double()
+    H = HessianOperator(model, nn.CrossEntropyLoss(), _data())
+    with torch.no_grad():
+        model.inner.weight[0, 0] = 2.0
+    with pytest.raises(ValueError, match="already changed your weights"):
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
