@@ -227,3 +227,57 @@ def test_transformer_blocks_know_the_hf_layouts():
     assert "model.layers.0.mlp (mlp)" in labels
     assert "model.layers.0.input_layernorm (norm)" in labels
     assert "model.embed_tokens (embedding)" in labels and "lm_head" in labels
+
+
+def test_wav2vec2_weight_normalised_positional_convolution():
+    """wav2vec 2.0's positional convolution is weight-normalised: PyTorch's fused
+    weight-norm kernel has wrong second derivatives (its Hessian was 0.25 % off here);
+    the product must equal central differences of the model's own (right) gradient.
+    """
+    config = transformers.Wav2Vec2Config(
+        vocab_size=VOCAB,
+        hidden_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=6,
+        conv_dim=(4, 4),
+        conv_stride=(3, 2),
+        conv_kernel=(4, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+    )
+    with _seeded(5):
+        model = transformers.Wav2Vec2ForCTC(config).double().eval()
+    assert any("parametrizations.weight" in n for n, _ in model.named_parameters())
+    g = torch.Generator().manual_seed(6)
+    wav = torch.randn(2, 60, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        frames = model(wav).logits.shape[1]
+    y = torch.randint(0, VOCAB, (2, frames), generator=g)
+    loss = sequence_cross_entropy()
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), generator=g, dtype=torch.float64)
+    h = 1e-5  # central differences: O(h^2) + O(eps/h), about 1e-7 relative here
+
+    saved = [p.detach().clone() for p in params]
+
+    def gradient_at(step: float) -> torch.Tensor:
+        with torch.no_grad():
+            for p, part in zip(params, torch.split(v, [p.numel() for p in params])):
+                p.add_(step * part.view_as(p))
+        grads = torch.autograd.grad(loss(model(wav).logits, y), params)
+        with torch.no_grad():
+            for p, p0 in zip(params, saved):
+                p.copy_(p0)
+        return torch.cat([t.reshape(-1) for t in grads])
+
+    fd = ((gradient_at(h) - gradient_at(-h)) / (2 * h)).numpy()
+    H = HessianOperator(model, loss, ({"input_values": wav}, y), output_fn=lambda o: o.logits)
+    assert np.linalg.norm(H @ v.numpy() - fd) <= 1e-5 * np.linalg.norm(fd)
