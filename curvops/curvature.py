@@ -289,6 +289,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         return torch.cat([t.reshape(-1) for t in tensors]).to(self.device, self.torch_dtype)
 
     # ------------------------------------------------------------------ the loss's gradient
+    @determinism.outside_inference_mode
     def loss_gradient(self) -> torch.Tensor:
         """:math:`\\nabla L`, the gradient of the loss this operator is the curvature of.
 

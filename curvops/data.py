@@ -208,6 +208,14 @@ def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
             f"data (batch {index})", "a pair (inputs, targets) with a tensor of targets", obj
         )
     inputs, targets = obj
+    if _holds_inference_tensor(obj):
+        raise argument_error(
+            f"data (batch {index})",
+            "tensors made outside torch.inference_mode (autograd cannot differentiate "
+            "through inference tensors; create the batch outside inference mode, or "
+            "clone it there: x.clone())",
+            "a batch with inference tensors",
+        )
     size = batch_size_of(inputs, batch_size, index=index)
     if targets.ndim == 0 or int(targets.shape[0]) != size:
         raise argument_error(
@@ -218,6 +226,18 @@ def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
     if size == 0:
         raise argument_error(f"data (batch {index})", "a batch with at least one sample", obj)
     return Batch(inputs, targets, size, index)
+
+
+def _holds_inference_tensor(value: Any) -> bool:
+    """Whether ``value`` (a tensor, or nested tuples/lists/mappings) holds a tensor made
+    under ``torch.inference_mode``."""
+    if isinstance(value, torch.Tensor):
+        return value.is_inference()
+    if isinstance(value, Mapping):
+        return any(_holds_inference_tensor(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_holds_inference_tensor(v) for v in value)
+    return False
 
 
 def _signature(batch: Batch) -> tuple[Any, ...]:

@@ -28,6 +28,9 @@ with second derivatives, and restore every setting on exit, also after an error:
   generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
   batch and vector give bitwise the same product on the CPU, and the user's
   streams are left exactly where they were.
+* **Autograd on.**  Products run outside ``torch.inference_mode`` (which a caller's
+  evaluation code may have entered: autograd would record nothing there, and every
+  product came out zero or partial without an error).
 * **Attention with second derivatives.**  ``F.scaled_dot_product_attention`` is
   restricted to the MATH backend (:func:`torch.nn.attention.sdpa_kernel`): the fused
   flash / memory-efficient kernels have neither double-backward nor forward-mode
@@ -53,9 +56,10 @@ True
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -65,7 +69,13 @@ from torch.overrides import TorchFunctionMode
 
 from curvops.derivative_repairs import REPLACEMENTS
 
-__all__ = ["PRODUCT_SEED", "DropoutOffMode", "is_active", "product_context"]
+__all__ = [
+    "PRODUCT_SEED",
+    "DropoutOffMode",
+    "is_active",
+    "outside_inference_mode",
+    "product_context",
+]
 
 #: Seed of the private random stream used during products.
 PRODUCT_SEED = 0
@@ -140,6 +150,32 @@ def _primal(value: Any) -> Any:
     return value
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def outside_inference_mode(fn: _F) -> _F:
+    """Run ``fn`` with ``torch.inference_mode`` off (autograd able to record).
+
+    For entry points that allocate tensors before entering :func:`product_context` and
+    update them inside it (an inference tensor cannot be written outside inference
+    mode), so that they work when called from a caller's ``torch.inference_mode()``.
+
+    >>> @outside_inference_mode
+    ... def records() -> bool:
+    ...     return torch.is_inference_mode_enabled()
+    >>> with torch.inference_mode():
+    ...     records()
+    False
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return cast(_F, wrapper)
+
+
 def is_active() -> bool:
     """True inside :func:`product_context` (part of the operators' cache keys).
 
@@ -180,7 +216,7 @@ def product_context() -> Iterator[None]:
     """Deterministic, differentiable evaluation for curvature products (re-entrant).
 
     A private random stream seeded with :data:`PRODUCT_SEED`, the MATH attention
-    backend and no transformer fast path; everything restored on exit (see the
+    backend, no transformer fast path and no inference mode; everything restored on exit (see the
     module docstring; dropout is switched off per forward pass by
     :class:`DropoutOffMode`).  Nested use is a no-op.
 
@@ -202,6 +238,9 @@ def product_context() -> Iterator[None]:
             _depth -= 1
         return
     with ExitStack() as stack:
+        # under torch.inference_mode() autograd records nothing (not even in
+        # enable_grad), and every product would silently be zero
+        stack.enter_context(torch.inference_mode(False))
         stack.enter_context(_private_rng(PRODUCT_SEED))
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         stack.enter_context(_fastpath_off())

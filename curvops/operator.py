@@ -246,9 +246,14 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
 
     def _apply(self, X: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
         m, n = self._shape
-        if adjoint:
-            return self._check_result(self._rmatmat_torch(X), (n, X.shape[1]))
-        return self._check_result(self._matmat_torch(X), (m, X.shape[1]))
+        # Autograd records nothing under torch.inference_mode, where a caller's evaluation
+        # code may run products: they would come out zero or fail.  Products leave it.
+        with torch.inference_mode(False):
+            if X.is_inference():
+                X = X.clone()
+            if adjoint:
+                return self._check_result(self._rmatmat_torch(X), (n, X.shape[1]))
+            return self._check_result(self._matmat_torch(X), (m, X.shape[1]))
 
     def _vector_product(self, x: Any, *, adjoint: bool) -> Any:
         m, n = self._shape

@@ -58,6 +58,7 @@ from torch import nn
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import Batch, as_data, batch_size_of, move_to
+from curvops.determinism import outside_inference_mode
 from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
@@ -284,6 +285,7 @@ def hutchinson_frobenius_sq(
     return float(samples.mean()), stderr
 
 
+@outside_inference_mode
 def loss_stats(
     model: nn.Module,
     loss_fn: LossFn,
