@@ -31,6 +31,9 @@ with second derivatives, and restore every setting on exit, also after an error:
 * **Autograd on.**  Products run outside ``torch.inference_mode`` (which a caller's
   evaluation code may have entered: autograd would record nothing there, and every
   product came out zero or partial without an error).
+* **No cached parametrisations.**  A caller's ``torch.nn.utils.parametrize.cached()``
+  is suspended: its cached weights would replace the product's own (their
+  derivatives lost).
 * **Attention with second derivatives.**  ``F.scaled_dot_product_attention`` is
   restricted to the MATH backend (:func:`torch.nn.attention.sdpa_kernel`): the fused
   flash / memory-efficient kernels have neither double-backward nor forward-mode
@@ -212,11 +215,35 @@ def _fastpath_off() -> Iterator[None]:
 
 
 @contextmanager
+def _parametrization_cache_off() -> Iterator[None]:
+    """Suspend a caller's ``torch.nn.utils.parametrize.cached()`` for the product.
+
+    Its cache holds parametrized weights computed from the parameters themselves, so a
+    product's forward would use them instead of its own leaves and lose their
+    derivatives (a Hessian 90 % off, without an error).  The counter and the cache are
+    put back exactly afterwards.
+    """
+    from torch.nn.utils import parametrize
+
+    enabled = getattr(parametrize, "_cache_enabled", 0)
+    if not enabled:
+        yield
+        return
+    cache = parametrize._cache
+    parametrize._cache_enabled, parametrize._cache = 0, {}
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled, parametrize._cache = enabled, cache
+
+
+@contextmanager
 def product_context() -> Iterator[None]:
     """Deterministic, differentiable evaluation for curvature products (re-entrant).
 
     A private random stream seeded with :data:`PRODUCT_SEED`, the MATH attention
-    backend, no transformer fast path and no inference mode; everything restored on exit (see the
+    backend, no transformer fast path, no inference mode and no parametrisation cache;
+    everything restored on exit (see the
     module docstring; dropout is switched off per forward pass by
     :class:`DropoutOffMode`).  Nested use is a no-op.
 
@@ -241,6 +268,7 @@ def product_context() -> Iterator[None]:
         # under torch.inference_mode() autograd records nothing (not even in
         # enable_grad), and every product would silently be zero
         stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(_parametrization_cache_off())
         stack.enter_context(_private_rng(PRODUCT_SEED))
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         stack.enter_context(_fastpath_off())
