@@ -92,6 +92,15 @@ def check_bn_mode(bn_mode: Any) -> str | None:
     return bn_mode
 
 
+def _is_stochastic_depth(module: nn.Module) -> bool:
+    """Whether ``module`` is a stochastic-depth layer (drops whole residual branches at
+    random in training mode): timm's and Hugging Face's ``*DropPath`` classes,
+    torchvision's ``StochasticDepth``.  They are recognised by name, having no common
+    base class; like dropout modules they are put in eval mode during products."""
+    name = type(module).__name__.lower()
+    return "droppath" in name or name == "stochasticdepth"
+
+
 @contextmanager
 def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.Module]:
     """Put ``model`` in the mode used for curvature products; restore it on exit.
@@ -131,7 +140,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         hooks.__enter__()
         with product_context():
             for m in modules:
-                if isinstance(m, _DropoutNd):
+                if isinstance(m, _DropoutNd) or _is_stochastic_depth(m):
                     m.training = False
                 elif isinstance(m, _NormBase):
                     if bn_mode is not None:

@@ -13,7 +13,9 @@ with second derivatives, and restore every setting on exit, also after an error:
   ``F.alpha_dropout``, ``F.feature_alpha_dropout``, ``F.rrelu`` (the mean slope) and
   their ``torch.*`` forms get ``training=False``; ``F.scaled_dot_product_attention``
   and ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) get
-  ``dropout_p=0``.  So a ``forward`` that calls ``F.dropout(x, p, training=True)``
+  ``dropout_p=0``; ``nn.RNN``/``nn.LSTM``/``nn.GRU`` get no inter-layer dropout, and
+  stochastic-depth modules (``*DropPath``, ``StochasticDepth``) are put in eval mode
+  like dropout modules.  So a ``forward`` that calls ``F.dropout(x, p, training=True)``
   itself gives the products of the same model without dropout.  The same mode
   drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
   from ``no_grad`` state updates (the power iteration of spectral normalisation),
@@ -108,6 +110,12 @@ _REWRITES: dict[Callable[..., Any], tuple[str, int, Any]] = {
     F.multi_head_attention_forward: ("dropout_p", 10, 0.0),
 }
 
+# nn.RNN / nn.LSTM / nn.GRU call these with their inter-layer ``dropout`` as an argument
+# (position 5; 6 for packed sequences, whose position 3 holds the weights)
+_RECURRENT: frozenset[Callable[..., Any]] = frozenset(
+    {torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu}
+)
+
 _depth = 0
 
 
@@ -136,6 +144,9 @@ class DropoutOffMode(TorchFunctionMode):
         replacement = REPLACEMENTS.get(func)
         if replacement is not None:
             return replacement(*args, **kwargs)
+        if func in _RECURRENT and len(args) == 9:  # inter-layer dropout of nn.RNN/LSTM/GRU
+            at = 6 if isinstance(args[3], (list, tuple)) else 5  # packed: (data, batch_sizes, ...)
+            args = (*args[:at], 0.0, *args[at + 1 :])
         rewrite = _REWRITES.get(func)
         if rewrite is not None:
             name, position, value = rewrite
