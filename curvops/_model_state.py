@@ -101,6 +101,34 @@ def _is_stochastic_depth(module: nn.Module) -> bool:
     return "droppath" in name or name == "stochasticdepth"
 
 
+#: Attribute names of LayerDrop probabilities (Hugging Face encoders and decoders skip
+#: a whole layer when ``torch.rand([]) < p`` in training mode).
+_LAYERDROP = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+
+
+def _layerdrop_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
+    """Set every LayerDrop probability of ``modules`` (and of their ``config`` objects,
+    which Hugging Face modules read at forward time) to 0; return what to put back.
+
+    LayerDrop (wav2vec 2.0, HuBERT, BART, Whisper, ...) skips whole layers at random in
+    training mode: a product would be the curvature of one random subnetwork (16 %
+    off the full one for a small wav2vec 2.0).
+    """
+    changed: list[tuple[Any, str, Any]] = []
+    seen: set[int] = set()
+    for m in modules:
+        for owner in (m, getattr(m, "config", None)):
+            if owner is None or id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            for name in _LAYERDROP:
+                value = getattr(owner, name, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    changed.append((owner, name, value))
+                    setattr(owner, name, 0.0)
+    return changed
+
+
 @contextmanager
 def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.Module]:
     """Put ``model`` in the mode used for curvature products; restore it on exit.
@@ -136,8 +164,10 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     ]
     tracked: list[tuple[_NormBase, bool]] = []
     hooks = _BackwardHooksOff(modules)
+    layerdrop: list[tuple[Any, str, Any]] = []
     try:
         hooks.__enter__()
+        layerdrop = _layerdrop_off(modules)
         with product_context():
             for m in modules:
                 if isinstance(m, _DropoutNd) or _is_stochastic_depth(m):
@@ -162,6 +192,8 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                 slots.pop()
     finally:
         hooks.restore()
+        for owner, name, value in reversed(layerdrop):
+            setattr(owner, name, value)
         for m, flag in tracked:
             m.track_running_stats = flag
         for m, was_training in flags:

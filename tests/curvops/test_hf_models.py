@@ -229,15 +229,12 @@ def test_transformer_blocks_know_the_hf_layouts():
     assert "model.embed_tokens (embedding)" in labels and "lm_head" in labels
 
 
-def test_wav2vec2_weight_normalised_positional_convolution():
-    """wav2vec 2.0's positional convolution is weight-normalised: PyTorch's fused
-    weight-norm kernel has wrong second derivatives (its Hessian was 0.25 % off here);
-    the product must equal central differences of the model's own (right) gradient.
-    """
-    config = transformers.Wav2Vec2Config(
+def wav2vec2_config(layers: int = 1, layerdrop: float = 0.0) -> Any:
+    """A tiny wav2vec 2.0 for CTC (weight-normalised positional convolution), no dropout."""
+    return transformers.Wav2Vec2Config(
         vocab_size=VOCAB,
         hidden_size=4,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=6,
         conv_dim=(4, 4),
@@ -250,9 +247,17 @@ def test_wav2vec2_weight_normalised_positional_convolution():
         activation_dropout=0.0,
         feat_proj_dropout=0.0,
         final_dropout=0.0,
-        layerdrop=0.0,
+        layerdrop=layerdrop,
         mask_time_prob=0.0,
     )
+
+
+def test_wav2vec2_weight_normalised_positional_convolution():
+    """wav2vec 2.0's positional convolution is weight-normalised: PyTorch's fused
+    weight-norm kernel has wrong second derivatives (its Hessian was 0.25 % off here);
+    the product must equal central differences of the model's own (right) gradient.
+    """
+    config = wav2vec2_config()
     with _seeded(5):
         model = transformers.Wav2Vec2ForCTC(config).double().eval()
     assert any("parametrizations.weight" in n for n, _ in model.named_parameters())
@@ -281,3 +286,62 @@ def test_wav2vec2_weight_normalised_positional_convolution():
     fd = ((gradient_at(h) - gradient_at(-h)) / (2 * h)).numpy()
     H = HessianOperator(model, loss, ({"input_values": wav}, y), output_fn=lambda o: o.logits)
     assert np.linalg.norm(H @ v.numpy() - fd) <= 1e-5 * np.linalg.norm(fd)
+
+
+def bart(layerdrop: float) -> nn.Module:
+    config = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=4,
+        encoder_layers=3,
+        decoder_layers=3,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=6,
+        decoder_ffn_dim=6,
+        max_position_embeddings=8,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        encoder_layerdrop=layerdrop,
+        decoder_layerdrop=layerdrop,
+        use_cache=False,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    with _seeded(7):
+        return transformers.BartForConditionalGeneration(config).double()
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "bart"])
+def test_layerdrop_is_off_inside_products(name):
+    """LayerDrop skips whole layers at random in training mode: products were those of a
+    random subnetwork (16 % off for wav2vec 2.0); they now equal LayerDrop 0's, and the
+    settings are put back."""
+    g = torch.Generator().manual_seed(8)
+    if name == "wav2vec2":
+
+        def build(p):
+            with _seeded(5):
+                return transformers.Wav2Vec2ForCTC(wav2vec2_config(4, p)).double()
+
+        inputs = {"input_values": torch.randn(2, 60, generator=g, dtype=torch.float64)}
+    else:
+        build = bart
+        ids = torch.randint(3, VOCAB, (2, 5), generator=g)
+        inputs = {"input_ids": ids, "decoder_input_ids": ids}
+    noisy, clean = build(0.6).train(), build(0.0).train()
+    clean.load_state_dict(noisy.state_dict())
+    with torch.no_grad():
+        frames = clean(**inputs).logits.shape[1]
+    batch = (inputs, torch.randint(0, VOCAB, (2, frames), generator=g))
+    loss = sequence_cross_entropy()
+    X = np.random.default_rng(3).standard_normal((sum(p.numel() for p in noisy.parameters()), 2))
+    settings = {k: v for k, v in vars(noisy.config).items() if "layerdrop" in k}
+    for cls in (HessianOperator, GGNOperator):
+        got = cls(noisy, loss, batch, output_fn=lambda o: o.logits).matmat(X)
+        want = cls(clean, loss, batch, output_fn=lambda o: o.logits).matmat(X)
+        np.testing.assert_array_equal(got, want)
+    assert settings and all(v == 0.6 for v in settings.values())
+    assert {k: v for k, v in vars(noisy.config).items() if "layerdrop" in k} == settings
