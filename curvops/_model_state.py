@@ -101,18 +101,28 @@ def _is_stochastic_depth(module: nn.Module) -> bool:
     return "droppath" in name or name == "stochasticdepth"
 
 
-#: Attribute names of LayerDrop probabilities (Hugging Face encoders and decoders skip
-#: a whole layer when ``torch.rand([]) < p`` in training mode).
-_LAYERDROP = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+#: Probabilities of random regularisers set by attribute (Hugging Face modules and
+#: configs): LayerDrop skips a whole layer when ``torch.rand([]) < p`` in training mode,
+#: SpecAugment masks time steps and features (wav2vec 2.0, HuBERT, Whisper).
+_RANDOM_REGULARISERS = (
+    "layerdrop",
+    "encoder_layerdrop",
+    "decoder_layerdrop",
+    "mask_time_prob",
+    "mask_feature_prob",
+)
 
 
-def _layerdrop_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
-    """Set every LayerDrop probability of ``modules`` (and of their ``config`` objects,
-    which Hugging Face modules read at forward time) to 0; return what to put back.
+def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
+    """Set the LayerDrop and SpecAugment probabilities of ``modules`` (and of their
+    ``config`` objects, which Hugging Face modules read at forward time) to 0; return
+    what to put back.
 
-    LayerDrop (wav2vec 2.0, HuBERT, BART, Whisper, ...) skips whole layers at random in
-    training mode: a product would be the curvature of one random subnetwork (16 %
-    off the full one for a small wav2vec 2.0).
+    In training mode they skip whole layers or mask inputs at random (wav2vec 2.0,
+    HuBERT, BART, Whisper, ...): a product would be the curvature of one random
+    subnetwork (LayerDrop: 16 % off the full one for a small wav2vec 2.0), or of one
+    random masking drawn from numpy's generator (SpecAugment: two operators differed by
+    160 %).
     """
     changed: list[tuple[Any, str, Any]] = []
     seen: set[int] = set()
@@ -121,7 +131,7 @@ def _layerdrop_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
             if owner is None or id(owner) in seen:
                 continue
             seen.add(id(owner))
-            for name in _LAYERDROP:
+            for name in _RANDOM_REGULARISERS:
                 value = getattr(owner, name, None)
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                     changed.append((owner, name, value))
@@ -167,7 +177,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     layerdrop: list[tuple[Any, str, Any]] = []
     try:
         hooks.__enter__()
-        layerdrop = _layerdrop_off(modules)
+        layerdrop = _random_regularisers_off(modules)
         with product_context():
             for m in modules:
                 if isinstance(m, _DropoutNd) or _is_stochastic_depth(m):

@@ -26,8 +26,9 @@ with second derivatives, and restore every setting on exit, also after an error:
   kernel and chunked ``F.linear_cross_entropy``, whose double backward is wrong, and
   embeddings with ``scale_grad_by_freq`` or ``sparse`` gradients).
 * **A fixed random stream.**  Any other random operation inside a product draws
-  from a private stream (the default CPU generator, and each initialised CUDA
-  generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
+  from a private stream (the default CPU generator, each initialised CUDA generator,
+  numpy's global generator and Python's ``random``, forked and seeded with
+  :data:`PRODUCT_SEED`), so the same operator,
   batch and vector give bitwise the same product on the CPU, and the user's
   streams are left exactly where they were.
 * **Autograd on.**  Products run outside ``torch.inference_mode`` (which a caller's
@@ -62,10 +63,12 @@ True
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar, cast
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -201,18 +204,27 @@ def is_active() -> bool:
 
 @contextmanager
 def _private_rng(seed: int) -> Iterator[None]:
-    """Fork the default CPU (and initialised CUDA) generators, seeded with ``seed``."""
+    """Fork the default CPU (and initialised CUDA) generators, numpy's global generator
+    and Python's ``random``, each seeded with ``seed`` (a forward pass may draw from any
+    of them: Hugging Face's SpecAugment masks come from numpy)."""
     generators = [torch.default_generator]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         generators += list(torch.cuda.default_generators)
     states = [g.get_state() for g in generators]
+    # the legacy global generator is the caller's stream a forward pass may draw from
+    numpy_state = np.random.get_state()  # noqa: NPY002
+    python_state = random.getstate()
     try:
         for g in generators:
             g.manual_seed(seed)
+        np.random.seed(seed)  # noqa: NPY002
+        random.seed(seed)
         yield
     finally:
         for g, state in zip(generators, states):
             g.set_state(state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ module flags); the dropout-off contract is tested with the determinism module.
 from __future__ import annotations
 
 import contextlib
+import random
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -229,8 +230,9 @@ def test_transformer_blocks_know_the_hf_layouts():
     assert "model.embed_tokens (embedding)" in labels and "lm_head" in labels
 
 
-def wav2vec2_config(layers: int = 1, layerdrop: float = 0.0) -> Any:
-    """A tiny wav2vec 2.0 for CTC (weight-normalised positional convolution), no dropout."""
+def wav2vec2_config(layers: int = 1, layerdrop: float = 0.0, masking: float = 0.0) -> Any:
+    """A tiny wav2vec 2.0 for CTC (weight-normalised positional convolution), no dropout;
+    ``masking`` is the SpecAugment probability of time steps and features."""
     return transformers.Wav2Vec2Config(
         vocab_size=VOCAB,
         hidden_size=4,
@@ -248,7 +250,10 @@ def wav2vec2_config(layers: int = 1, layerdrop: float = 0.0) -> Any:
         feat_proj_dropout=0.0,
         final_dropout=0.0,
         layerdrop=layerdrop,
-        mask_time_prob=0.0,
+        mask_time_prob=masking,
+        mask_time_length=2,
+        mask_feature_prob=masking,
+        mask_feature_length=1,
     )
 
 
@@ -314,19 +319,26 @@ def bart(layerdrop: float) -> nn.Module:
         return transformers.BartForConditionalGeneration(config).double()
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "bart"])
-def test_layerdrop_is_off_inside_products(name):
-    """LayerDrop skips whole layers at random in training mode: products were those of a
-    random subnetwork (16 % off for wav2vec 2.0); they now equal LayerDrop 0's, and the
-    settings are put back."""
+@pytest.mark.parametrize("name", ["wav2vec2", "wav2vec2-specaugment", "bart"])
+def test_layerdrop_and_specaugment_are_off_inside_products(name):
+    """LayerDrop skips whole layers at random in training mode and SpecAugment masks the
+    features with numpy's generator: products were those of a random subnetwork (16 %
+    off for wav2vec 2.0) or differed between two operators (by 160 %) and advanced the
+    caller's numpy stream.  They now equal those without, the settings are put back and
+    the caller's streams are untouched."""
     g = torch.Generator().manual_seed(8)
-    if name == "wav2vec2":
+    if name.startswith("wav2vec2"):
+        masking = name.endswith("specaugment")
 
         def build(p):
+            config = wav2vec2_config(4, 0.0 if masking else p, 0.6 if masking else 0.0)
             with _seeded(5):
-                return transformers.Wav2Vec2ForCTC(wav2vec2_config(4, p)).double()
+                model = transformers.Wav2Vec2ForCTC(config).double()
+            if masking:  # the same parameters (SpecAugment's mask embedding), no masking
+                model.config.mask_time_prob = model.config.mask_feature_prob = p
+            return model
 
-        inputs = {"input_values": torch.randn(2, 60, generator=g, dtype=torch.float64)}
+        inputs = {"input_values": torch.randn(2, 120, generator=g, dtype=torch.float64)}
     else:
         build = bart
         ids = torch.randint(3, VOCAB, (2, 5), generator=g)
@@ -338,10 +350,17 @@ def test_layerdrop_is_off_inside_products(name):
     batch = (inputs, torch.randint(0, VOCAB, (2, frames), generator=g))
     loss = sequence_cross_entropy()
     X = np.random.default_rng(3).standard_normal((sum(p.numel() for p in noisy.parameters()), 2))
-    settings = {k: v for k, v in vars(noisy.config).items() if "layerdrop" in k}
+
+    def settings():
+        return {k: v for k, v in vars(noisy.config).items() if "layerdrop" in k or "_prob" in k}
+
+    before = settings()
+    numpy_state = np.random.get_state()[1].copy()  # noqa: NPY002 - the caller's global stream
+    python_state = random.getstate()
     for cls in (HessianOperator, GGNOperator):
         got = cls(noisy, loss, batch, output_fn=lambda o: o.logits).matmat(X)
         want = cls(clean, loss, batch, output_fn=lambda o: o.logits).matmat(X)
         np.testing.assert_array_equal(got, want)
-    assert settings and all(v == 0.6 for v in settings.values())
-    assert {k: v for k, v in vars(noisy.config).items() if "layerdrop" in k} == settings
+    assert 0.6 in before.values() and settings() == before
+    assert np.array_equal(np.random.get_state()[1], numpy_state)  # noqa: NPY002
+    assert random.getstate() == python_state
