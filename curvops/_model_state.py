@@ -92,24 +92,31 @@ def check_bn_mode(bn_mode: Any) -> str | None:
     return bn_mode
 
 
-def _is_stochastic_depth(module: nn.Module) -> bool:
-    """Whether ``module`` is a stochastic-depth layer (drops whole residual branches at
-    random in training mode): timm's and Hugging Face's ``*DropPath`` classes,
-    torchvision's ``StochasticDepth``.  They are recognised by name, having no common
-    base class; like dropout modules they are put in eval mode during products."""
+def _is_random_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a random regulariser outside ``nn.Dropout``'s hierarchy:
+    stochastic depth (timm's and Hugging Face's ``*DropPath`` classes, torchvision's
+    ``StochasticDepth``: whole residual branches dropped in training mode) and
+    hand-written dropout classes (``StableDropout`` of SEW-D and DeBERTa-style models).
+    They have no common base class and are recognised by name; like dropout modules
+    they are put in eval mode during products (their children keep their modes)."""
     name = type(module).__name__.lower()
-    return "droppath" in name or name == "stochasticdepth"
+    return "droppath" in name or name == "stochasticdepth" or name.endswith("dropout")
 
 
-#: Probabilities of random regularisers set by attribute (Hugging Face modules and
+#: Strengths of random regularisers set by attribute (Hugging Face modules and
 #: configs): LayerDrop skips a whole layer when ``torch.rand([]) < p`` in training mode,
-#: SpecAugment masks time steps and features (wav2vec 2.0, HuBERT, Whisper).
+#: SpecAugment masks time steps and features (wav2vec 2.0, HuBERT, Whisper), and
+#: mixture-of-experts routers multiply their inputs by uniform noise (Mixtral, Switch).
 _RANDOM_REGULARISERS = (
     "layerdrop",
     "encoder_layerdrop",
     "decoder_layerdrop",
+    "speech_encoder_layerdrop",
     "mask_time_prob",
     "mask_feature_prob",
+    "jitter_noise",
+    "router_jitter_noise",
+    "input_jitter_noise",
 )
 
 
@@ -180,7 +187,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         layerdrop = _random_regularisers_off(modules)
         with product_context():
             for m in modules:
-                if isinstance(m, _DropoutNd) or _is_stochastic_depth(m):
+                if isinstance(m, _DropoutNd) or _is_random_layer(m):
                     m.training = False
                 elif isinstance(m, _NormBase):
                     if bn_mode is not None:

@@ -250,6 +250,36 @@ class Residual(nn.Module):
         return self.head(x + self.drop_path(torch.tanh(self.inner(x))))
 
 
+class StableDropout(nn.Module):
+    """A hand-written dropout class (as SEW-D's), recognised by its name."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * torch.empty_like(x).bernoulli_(1 - self.p) / (1 - self.p)
+
+
+class JitteredRouter(nn.Module):
+    """A mixture-of-experts gate with input jitter (Mixtral, Switch Transformers)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.jitter_noise = p
+        self.gate, self.experts = nn.Linear(3, 2), nn.ModuleList(nn.Linear(3, 2) for _ in range(2))
+        self.drop = StableDropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
+        weights = torch.softmax(self.gate(x), -1)
+        mixed = sum(w.unsqueeze(-1) * e(x) for w, e in zip(weights.unbind(-1), self.experts))
+        return self.drop(mixed)
+
+
 RANDOM_LAYERS = {
     **{
         f"{kind}{'-packed' if packed else ''}": lambda p, kind=kind, packed=packed: Recurrent(
@@ -259,6 +289,7 @@ RANDOM_LAYERS = {
         for packed in (False, True)
     },
     "drop-path": lambda p: Residual(p),
+    "stable-dropout-and-router-jitter": lambda p: JitteredRouter(p),
 }
 
 
