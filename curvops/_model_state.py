@@ -141,8 +141,11 @@ def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, st
             for name in _RANDOM_REGULARISERS:
                 value = getattr(owner, name, None)
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    try:
+                        setattr(owner, name, 0.0)
+                    except (AttributeError, TypeError):  # a read-only property: not ours to set
+                        continue
                     changed.append((owner, name, value))
-                    setattr(owner, name, 0.0)
     return changed
 
 
