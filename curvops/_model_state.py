@@ -134,12 +134,15 @@ def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, st
     changed: list[tuple[Any, str, Any]] = []
     seen: set[int] = set()
     for m in modules:
-        for owner in (m, getattr(m, "config", None)):
-            if owner is None or id(owner) in seen:
+        # instance dictionaries, not getattr: a missing module attribute costs an
+        # exception in nn.Module.__getattr__, a few microseconds per name and module
+        for owner in (m, vars(m).get("config")):
+            attributes = getattr(owner, "__dict__", None)
+            if not attributes or id(owner) in seen:
                 continue
             seen.add(id(owner))
             for name in _RANDOM_REGULARISERS:
-                value = getattr(owner, name, None)
+                value = attributes.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                     try:
                         setattr(owner, name, 0.0)

@@ -26,11 +26,12 @@ with second derivatives, and restore every setting on exit, also after an error:
   kernel and chunked ``F.linear_cross_entropy``, whose double backward is wrong, and
   embeddings with ``scale_grad_by_freq`` or ``sparse`` gradients).
 * **A fixed random stream.**  Any other random operation inside a product draws
-  from a private stream (the default CPU generator, each initialised CUDA generator,
-  numpy's global generator and Python's ``random``, forked and seeded with
-  :data:`PRODUCT_SEED`), so the same operator,
+  from a private stream (the default CPU generator, and each initialised CUDA
+  generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
   batch and vector give bitwise the same product on the CPU, and the user's
-  streams are left exactly where they were.
+  streams are left exactly where they were.  A forward pass that draws from numpy's
+  or Python's global generator is refused when the operator is built
+  (:func:`global_streams_untouched`: forking them would cost 0.15 ms per product).
 * **Autograd on.**  Products run outside ``torch.inference_mode`` (which a caller's
   evaluation code may have entered: autograd would record nothing there, and every
   product came out zero or partial without an error).
@@ -76,10 +77,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from curvops.derivative_repairs import REPLACEMENTS
+from spectral.errors import argument_error
 
 __all__ = [
     "PRODUCT_SEED",
     "DropoutOffMode",
+    "global_streams_untouched",
     "is_active",
     "outside_inference_mode",
     "product_context",
@@ -193,6 +196,53 @@ def outside_inference_mode(fn: _F) -> _F:
     return cast(_F, wrapper)
 
 
+@contextmanager
+def global_streams_untouched(what: str) -> Iterator[None]:
+    """Refuse a block that draws from numpy's or Python's global random generator.
+
+    Products fork torch's generators, not these (reading and setting numpy's state
+    costs about 0.15 ms, a tenth of a small CNN's product), so a forward pass drawing
+    from them would make products random and advance the caller's streams.  Wrapped
+    around the one forward pass an operator's construction runs: the streams are put
+    back and ``ValueError`` (naming ``what``) raised if the block moved them.
+
+    >>> import random
+    >>> with global_streams_untouched("model"):
+    ...     _ = torch.rand(1)  # torch's generators are forked by products: fine
+    >>> with global_streams_untouched("model"):
+    ...     _ = random.random()
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'model': expected a forward pass that does not draw from...
+    """
+    numpy_state = cast(tuple[Any, ...], np.random.get_state())  # noqa: NPY002
+    python_state = random.getstate()
+    yield
+    numpy_after = cast(tuple[Any, ...], np.random.get_state())  # noqa: NPY002
+    numpy_moved = numpy_after[2] != numpy_state[2] or not np.array_equal(
+        numpy_after[1], numpy_state[1]
+    )
+    moved = [
+        name
+        for name, changed in (
+            ("numpy's", numpy_moved),
+            ("Python's", random.getstate() != python_state),
+        )
+        if changed
+    ]
+    if moved:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
+        raise argument_error(
+            what,
+            "a forward pass that does not draw from numpy's or Python's global random "
+            "generator (products would be random and advance your stream; draw from "
+            "torch, whose generators products fork, or switch the random layer off in "
+            "eval mode)",
+            f"a forward that drew from {' and '.join(moved)} global generator",
+        )
+
+
 def is_active() -> bool:
     """True inside :func:`product_context` (part of the operators' cache keys).
 
@@ -204,27 +254,18 @@ def is_active() -> bool:
 
 @contextmanager
 def _private_rng(seed: int) -> Iterator[None]:
-    """Fork the default CPU (and initialised CUDA) generators, numpy's global generator
-    and Python's ``random``, each seeded with ``seed`` (a forward pass may draw from any
-    of them: Hugging Face's SpecAugment masks come from numpy)."""
+    """Fork the default CPU (and initialised CUDA) generators, seeded with ``seed``."""
     generators = [torch.default_generator]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         generators += list(torch.cuda.default_generators)
     states = [g.get_state() for g in generators]
-    # the legacy global generator is the caller's stream a forward pass may draw from
-    numpy_state = np.random.get_state()  # noqa: NPY002
-    python_state = random.getstate()
     try:
         for g in generators:
             g.manual_seed(seed)
-        np.random.seed(seed)  # noqa: NPY002
-        random.seed(seed)
         yield
     finally:
         for g, state in zip(generators, states):
             g.set_state(state)
-        np.random.set_state(numpy_state)  # noqa: NPY002
-        random.setstate(python_state)
 
 
 @contextmanager

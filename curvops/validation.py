@@ -307,6 +307,7 @@ def validate(
     from curvops._model_state import curvature_mode, functional_forward
     from curvops.data import as_data, move_to
     from curvops.derivative_repairs import check_loss_second_derivatives
+    from curvops.determinism import global_streams_untouched
     from curvops.losses import batch_weight, check_loss
     from curvops.params import select_params
 
@@ -321,7 +322,7 @@ def validate(
     inputs = move_to(first.inputs, device, dtype)
     targets = move_to(first.targets, device, dtype)
     _check_inputs_finite(inputs, first.index)
-    with torch.no_grad(), curvature_mode(model, bn_mode):
+    with torch.no_grad(), curvature_mode(model, bn_mode), global_streams_untouched("model"):
         outputs = functional_forward(  # on copies: a forward writing its weights is refused
             model,
             [n for n, _ in named],

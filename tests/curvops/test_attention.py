@@ -471,3 +471,34 @@ def test_blocks_and_inverse_on_attention_models() -> None:
     x = inverse(G, "cg", tol=1e-12) @ b
     torch.testing.assert_close(G @ x, b, rtol=1e-9, atol=1e-9)
     assert torch.equal(x, inverse(GGNOperator(clean, ce, data).damp(1.0), "cg", tol=1e-12) @ b)
+
+
+class NumpyNoise(nn.Module):
+    """A forward that draws from numpy's (or Python's) global generator."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source == "numpy":
+            noise = float(np.random.rand())  # noqa: NPY002 - the case under test
+        else:
+            noise = random.random()
+        return self.lin(x) * (1 + 0.1 * noise)
+
+
+@pytest.mark.parametrize("source", ["numpy", "python"])
+def test_forward_drawing_from_global_numpy_or_python_streams_is_refused(source: str) -> None:
+    """Products fork torch's generators only; such a forward would make them random and
+    advance the caller's stream.  Refused at construction, the streams put back."""
+    model = NumpyNoise(source).double()
+    data = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    numpy_state = np.random.get_state()[1].copy()  # noqa: NPY002
+    python_state = random.getstate()
+    name = "numpy's" if source == "numpy" else "Python's"
+    with pytest.raises(ValueError, match=rf"'model'.*global random.*drew from {name}"):
+        HessianOperator(model, nn.CrossEntropyLoss(), data)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)  # noqa: NPY002
+    assert random.getstate() == python_state
