@@ -121,15 +121,15 @@ _RANDOM_REGULARISERS = (
 
 
 def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
-    """Set the LayerDrop and SpecAugment probabilities of ``modules`` (and of their
+    """Set the :data:`_RANDOM_REGULARISERS` settings of ``modules`` (and of their
     ``config`` objects, which Hugging Face modules read at forward time) to 0; return
     what to put back.
 
-    In training mode they skip whole layers or mask inputs at random (wav2vec 2.0,
-    HuBERT, BART, Whisper, ...): a product would be the curvature of one random
-    subnetwork (LayerDrop: 16 % off the full one for a small wav2vec 2.0), or of one
-    random masking drawn from numpy's generator (SpecAugment: two operators differed by
-    160 %).
+    In training mode they skip whole layers, mask inputs or jitter router inputs at
+    random (wav2vec 2.0, HuBERT, BART, Whisper, Mixtral, ...): a product would be the
+    curvature of one random subnetwork (LayerDrop: 16 % off the full one for a small
+    wav2vec 2.0), or of one random masking drawn from numpy's generator (SpecAugment:
+    two operators differed by 160 %).
     """
     changed: list[tuple[Any, str, Any]] = []
     seen: set[int] = set()
@@ -187,10 +187,10 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     ]
     tracked: list[tuple[_NormBase, bool]] = []
     hooks = _BackwardHooksOff(modules)
-    layerdrop: list[tuple[Any, str, Any]] = []
+    regularisers: list[tuple[Any, str, Any]] = []
     try:
         hooks.__enter__()
-        layerdrop = _random_regularisers_off(modules)
+        regularisers = _random_regularisers_off(modules)
         with product_context():
             for m in modules:
                 if isinstance(m, _DropoutNd) or _is_random_layer(m):
@@ -215,7 +215,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                 slots.pop()
     finally:
         hooks.restore()
-        for owner, name, value in reversed(layerdrop):
+        for owner, name, value in reversed(regularisers):
             setattr(owner, name, value)
         for m, flag in tracked:
             m.track_running_stats = flag

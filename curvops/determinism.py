@@ -13,9 +13,10 @@ with second derivatives, and restore every setting on exit, also after an error:
   ``F.alpha_dropout``, ``F.feature_alpha_dropout``, ``F.rrelu`` (the mean slope) and
   their ``torch.*`` forms get ``training=False``; ``F.scaled_dot_product_attention``
   and ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) get
-  ``dropout_p=0``; ``nn.RNN``/``nn.LSTM``/``nn.GRU`` get no inter-layer dropout, and
-  stochastic-depth modules (``*DropPath``, ``StochasticDepth``) are put in eval mode
-  like dropout modules.  So a ``forward`` that calls ``F.dropout(x, p, training=True)``
+  ``dropout_p=0``; ``nn.RNN``/``nn.LSTM``/``nn.GRU`` get no inter-layer dropout.
+  (:func:`curvops._model_state.curvature_mode` puts dropout, stochastic-depth and
+  hand-written ``*Dropout`` modules in eval mode and zeroes LayerDrop, SpecAugment and
+  router-jitter settings.)  So a ``forward`` that calls ``F.dropout(x, p, training=True)``
   itself gives the products of the same model without dropout.  The same mode
   drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
   from ``no_grad`` state updates (the power iteration of spectral normalisation),
