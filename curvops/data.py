@@ -39,6 +39,7 @@ from typing import Any, cast
 import torch
 
 from curvops.replay import PassFingerprint, ReplayStreams
+from curvops.snapshot import tensors_in
 from spectral.errors import argument_error
 
 __all__ = [
@@ -208,7 +209,7 @@ def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
             f"data (batch {index})", "a pair (inputs, targets) with a tensor of targets", obj
         )
     inputs, targets = obj
-    if _holds_inference_tensor(obj):
+    if any(t.is_inference() for t in tensors_in(obj)):
         raise argument_error(
             f"data (batch {index})",
             "tensors made outside torch.inference_mode (autograd cannot differentiate "
@@ -226,18 +227,6 @@ def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
     if size == 0:
         raise argument_error(f"data (batch {index})", "a batch with at least one sample", obj)
     return Batch(inputs, targets, size, index)
-
-
-def _holds_inference_tensor(value: Any) -> bool:
-    """Whether ``value`` (a tensor, or nested tuples/lists/mappings) holds a tensor made
-    under ``torch.inference_mode``."""
-    if isinstance(value, torch.Tensor):
-        return value.is_inference()
-    if isinstance(value, Mapping):
-        return any(_holds_inference_tensor(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return any(_holds_inference_tensor(v) for v in value)
-    return False
 
 
 def _signature(batch: Batch) -> tuple[Any, ...]:
