@@ -59,7 +59,7 @@ from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from curvops.determinism import DropoutOffMode, product_context
+from curvops.determinism import PRODUCT_SEED, DropoutOffMode, product_context
 from curvops.model_io import OutputFn, select_output
 from curvops.op_provenance import describe_module, locate_operation, operation_name
 from spectral.errors import argument_error
@@ -152,6 +152,22 @@ def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, st
     return changed
 
 
+def _module_generators(modules: Sequence[nn.Module]) -> list[tuple[torch.Generator, Any]]:
+    """The ``torch.Generator`` objects kept as module attributes, with their states.
+
+    A forward pass drawing from a generator of its own (noise layers seeded for
+    reproducibility) would make every product different and advance the model's
+    generator; :func:`curvature_mode` seeds them with
+    :data:`curvops.determinism.PRODUCT_SEED` during products and puts the states back.
+    """
+    found: dict[int, torch.Generator] = {}
+    for m in modules:
+        for value in vars(m).values():
+            if isinstance(value, torch.Generator):
+                found.setdefault(id(value), value)
+    return [(g, g.get_state()) for g in found.values()]
+
+
 @contextmanager
 def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.Module]:
     """Put ``model`` in the mode used for curvature products; restore it on exit.
@@ -185,12 +201,15 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         for key, value in vars(m).items()
         if isinstance(value, torch.Tensor)
     ]
+    generators = _module_generators(modules)
     tracked: list[tuple[_NormBase, bool]] = []
     hooks = _BackwardHooksOff(modules)
     regularisers: list[tuple[Any, str, Any]] = []
     try:
         hooks.__enter__()
         regularisers = _random_regularisers_off(modules)
+        for g, _ in generators:  # the model's own generators draw a fixed stream too
+            g.manual_seed(PRODUCT_SEED)
         with product_context():
             for m in modules:
                 if isinstance(m, _DropoutNd) or _is_random_layer(m):
@@ -215,6 +234,8 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                 slots.pop()
     finally:
         hooks.restore()
+        for g, state in generators:
+            g.set_state(state)
         for owner, name, value in reversed(regularisers):
             setattr(owner, name, value)
         for m, flag in tracked:
