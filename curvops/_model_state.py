@@ -47,12 +47,14 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
@@ -152,20 +154,55 @@ def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, st
     return changed
 
 
-def _module_generators(modules: Sequence[nn.Module]) -> list[tuple[torch.Generator, Any]]:
-    """The ``torch.Generator`` objects kept as module attributes, with their states.
+def _seeded(generator: Any) -> None:
+    """Seed ``generator`` (torch, numpy or Python) with :data:`PRODUCT_SEED`."""
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(PRODUCT_SEED)
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = type(generator.bit_generator)(PRODUCT_SEED).state
+    else:  # np.random.RandomState, random.Random
+        generator.seed(PRODUCT_SEED)
+
+
+def _state_of(generator: Any) -> Any:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state()
+    return generator.getstate()
+
+
+def _restore(generator: Any, state: Any) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = state
+    elif isinstance(generator, np.random.RandomState):
+        generator.set_state(state)
+    else:
+        generator.setstate(state)
+
+
+_GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def _module_generators(modules: Sequence[nn.Module]) -> list[tuple[Any, Any]]:
+    """The random generators kept as module attributes (torch, numpy or Python), with
+    their states.
 
     A forward pass drawing from a generator of its own (noise layers seeded for
     reproducibility) would make every product different and advance the model's
     generator; :func:`curvature_mode` seeds them with
     :data:`curvops.determinism.PRODUCT_SEED` during products and puts the states back.
     """
-    found: dict[int, torch.Generator] = {}
+    found: dict[int, Any] = {}
     for m in modules:
         for value in vars(m).values():
-            if isinstance(value, torch.Generator):
+            if isinstance(value, _GENERATOR_TYPES):
                 found.setdefault(id(value), value)
-    return [(g, g.get_state()) for g in found.values()]
+    return [(g, _state_of(g)) for g in found.values()]
 
 
 @contextmanager
@@ -209,7 +246,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         hooks.__enter__()
         regularisers = _random_regularisers_off(modules)
         for g, _ in generators:  # the model's own generators draw a fixed stream too
-            g.manual_seed(PRODUCT_SEED)
+            _seeded(g)
         with product_context():
             for m in modules:
                 if isinstance(m, _DropoutNd) or _is_random_layer(m):
@@ -235,7 +272,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     finally:
         hooks.restore()
         for g, state in generators:
-            g.set_state(state)
+            _restore(g, state)
         for owner, name, value in reversed(regularisers):
             setattr(owner, name, value)
         for m, flag in tracked:
