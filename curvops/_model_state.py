@@ -187,6 +187,11 @@ def _restore(generator: Any, state: Any) -> None:
 
 _GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
+#: Plain module attributes put back after a product: tensors, and numbers a forward may
+#: update (a call counter used in a schedule made the same operator's products differ
+#: by 12 % from one call to the next, and products changed the model).
+_RESTORED_ATTRIBUTE_TYPES = (torch.Tensor, int, float, complex, str, type(None))
+
 
 def _module_generators(modules: Sequence[nn.Module]) -> list[tuple[Any, Any]]:
     """The random generators kept as module attributes (torch, numpy or Python), with
@@ -211,9 +216,10 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
 
     Also enters :func:`curvops.determinism.product_context` (a private random
     stream, the MATH attention backend, no transformer fast path)
-    and, on exit, puts back every tensor stored as a plain module attribute (forward
-    hooks such as ``torch.nn.utils.spectral_norm`` store the weight they compute
-    there).  Everything is restored also when the block raises.
+    and, on exit, puts back every tensor and number stored as a plain module attribute
+    (forward hooks such as ``torch.nn.utils.spectral_norm`` store the weight they
+    compute there; a forward may count its calls).  Everything is restored also when
+    the block raises.
 
     Parameters
     ----------
@@ -236,7 +242,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         (m, key, value)
         for m in modules
         for key, value in vars(m).items()
-        if isinstance(value, torch.Tensor)
+        if isinstance(value, _RESTORED_ATTRIBUTE_TYPES)
     ]
     generators = _module_generators(modules)
     tracked: list[tuple[_NormBase, bool]] = []

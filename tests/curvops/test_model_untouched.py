@@ -314,3 +314,28 @@ def test_model_own_generator_gives_fixed_products_and_is_left_as_it_was(kind: st
         assert torch.equal(op @ V, first), cls.__name__
         assert torch.equal(cls(model, nn.CrossEntropyLoss(), _data()) @ V, first)
     assert _state(model.gen) == state
+
+
+class CountsItsCalls(nn.Module):
+    """A forward that updates a plain number it also uses (a warm-up schedule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x) * (1 + 0.1 * min(self.calls, 10))
+
+
+def test_numbers_a_forward_updates_are_put_back() -> None:
+    """Before, the counter advanced with every forward of every product (the model
+    changed) and the same operator's products differed by 12 % between calls."""
+    model = CountsItsCalls().double()
+    V = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for cls in (HessianOperator, GGNOperator):
+        op = cls(model, nn.CrossEntropyLoss(), _data())
+        first = op @ V
+        assert torch.equal(op @ V, first), cls.__name__
+        assert model.calls == 0
