@@ -50,7 +50,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -193,9 +193,26 @@ _GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState,
 _RESTORED_ATTRIBUTE_TYPES = (torch.Tensor, int, float, complex, str, type(None))
 
 
-def _module_generators(modules: Sequence[nn.Module]) -> list[tuple[Any, Any]]:
-    """The random generators kept as module attributes (torch, numpy or Python), with
-    their states.
+_ATTRIBUTE_KINDS: dict[type, str | None] = {}
+
+
+def _attribute_kind(cls: type) -> str | None:
+    """``"restore"`` for attribute types put back after products, ``"generator"`` for
+    random generators, None otherwise; memoised per type (``isinstance`` against
+    ``torch.Generator`` goes through a Python metaclass, about 1 us per attribute)."""
+    if cls not in _ATTRIBUTE_KINDS:
+        if issubclass(cls, _RESTORED_ATTRIBUTE_TYPES):
+            _ATTRIBUTE_KINDS[cls] = "restore"
+        elif issubclass(cls, _GENERATOR_TYPES):
+            _ATTRIBUTE_KINDS[cls] = "generator"
+        else:
+            _ATTRIBUTE_KINDS[cls] = None
+    return _ATTRIBUTE_KINDS[cls]
+
+
+def _module_generators(values: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """The random generators (torch, numpy or Python) kept as module attributes
+    (``values``), each once, with their states.
 
     A forward pass drawing from a generator of its own (noise layers seeded for
     reproducibility) would make every product different and advance the model's
@@ -203,10 +220,8 @@ def _module_generators(modules: Sequence[nn.Module]) -> list[tuple[Any, Any]]:
     :data:`curvops.determinism.PRODUCT_SEED` during products and puts the states back.
     """
     found: dict[int, Any] = {}
-    for m in modules:
-        for value in vars(m).values():
-            if isinstance(value, _GENERATOR_TYPES):
-                found.setdefault(id(value), value)
+    for value in values:
+        found.setdefault(id(value), value)
     return [(g, _state_of(g)) for g in found.values()]
 
 
@@ -238,13 +253,14 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     check_bn_mode(bn_mode)
     modules = list(model.modules())
     flags = [(m, m.training) for m in modules]
-    attributes = [
-        (m, key, value)
+    plain = [
+        (m, key, value, kind)
         for m in modules
         for key, value in vars(m).items()
-        if isinstance(value, _RESTORED_ATTRIBUTE_TYPES)
-    ]
-    generators = _module_generators(modules)
+        if (kind := _attribute_kind(type(value))) is not None
+    ]  # one pass over the modules' attributes for both kinds
+    attributes = [(m, key, value) for m, key, value, kind in plain if kind == "restore"]
+    generators = _module_generators(value for _, _, value, kind in plain if kind == "generator")
     tracked: list[tuple[_NormBase, bool]] = []
     hooks = _BackwardHooksOff(modules)
     regularisers: list[tuple[Any, str, Any]] = []
