@@ -51,7 +51,7 @@ import random
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,34 @@ def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, st
                     except (AttributeError, TypeError):  # a read-only property: not ours to set
                         continue
                     changed.append((owner, name, value))
+    return changed
+
+
+#: Boolean flags that turn on activation checkpointing (``torch.utils.checkpoint``)
+#: per module: Hugging Face layers (``gradient_checkpointing_enable()``) and timm
+#: models (``set_grad_checkpointing()``).
+_CHECKPOINTING_FLAGS = ("gradient_checkpointing", "grad_checkpointing")
+
+
+def _activation_checkpointing_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
+    """Set the :data:`_CHECKPOINTING_FLAGS` of ``modules`` that are ``True`` to ``False``;
+    return what to put back.
+
+    A checkpointed block recomputes its forward pass in every backward pass that needs
+    its activations, long after :func:`functional_forward` has put the model's own
+    parameters back and left the product's settings: the recomputed graph is not the
+    product's.  A tiny Llama with ``gradient_checkpointing_enable()`` had a Hessian
+    5e-4 and a GGN 9e-4 off (float64) without an error, GPT-2 failed with a
+    ``CheckpointError``.  Checkpointing only trades memory for time, so products run
+    the layers directly; other checkpointing inside a forward pass is refused there.
+    """
+    changed: list[tuple[Any, str, Any]] = []
+    for m in modules:
+        attributes = vars(m)
+        for name in _CHECKPOINTING_FLAGS:
+            if attributes.get(name) is True:
+                setattr(m, name, False)
+                changed.append((m, name, True))
     return changed
 
 
@@ -267,6 +295,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     try:
         hooks.__enter__()
         regularisers = _random_regularisers_off(modules)
+        regularisers += _activation_checkpointing_off(modules)
         for g, _ in generators:  # the model's own generators draw a fixed stream too
             _seeded(g)
         with product_context():
@@ -485,6 +514,38 @@ def _reparametrized(
     _refuse_parameter_writes(written, copies)
 
 
+#: The error of a forward pass that enters ``torch.utils.checkpoint`` (or another
+#: ``saved_tensors_hooks`` context) during a curvature product.
+CHECKPOINTING_REFUSED = (
+    "The model's forward pass uses activation checkpointing (torch.utils.checkpoint with "
+    "use_reentrant=False, or another torch.autograd.graph.saved_tensors_hooks context) "
+    "inside a curvature product. A checkpointed block recomputes its forward pass during "
+    "the backward passes, outside the product's parameters and settings, so its products "
+    "would be wrong (or fail). Call the block without checkpointing while computing "
+    "curvature (Hugging Face and timm models need nothing: their gradient_checkpointing / "
+    "grad_checkpointing flags are off during products automatically)."
+)
+
+
+@contextmanager
+def _inner_saved_tensors_hooks_refused() -> Iterator[None]:
+    """Raise :data:`CHECKPOINTING_REFUSED` where the block enters a ``saved_tensors_hooks``
+    context (as ``torch.utils.checkpoint(..., use_reentrant=False)`` does).
+
+    PyTorch cannot disable these hooks while a caller's own are active (a
+    ``torch.autograd.graph.save_on_cpu()`` around the products, whose packing is exact):
+    then nothing is refused, and checkpointing inside the model is not detected.
+    """
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTING_REFUSED)
+            )
+        except RuntimeError:  # a caller's hooks are on PyTorch's stack
+            pass
+        yield
+
+
 def functional_forward(
     model: nn.Module,
     names: Sequence[str],
@@ -517,7 +578,11 @@ def functional_forward(
     slots = getattr(_LAST_FORWARD, "slots", None)
     if slots:  # inside curvature_mode: remember the call (to name a failing module)
         slots[-1][:] = [names, tensors, inputs, output_fn]
-    with _reparametrized(model, dict(zip(names, tensors)), copies=copies), DropoutOffMode():
+    with (
+        _reparametrized(model, dict(zip(names, tensors)), copies=copies),
+        DropoutOffMode(),
+        _inner_saved_tensors_hooks_refused(),
+    ):
         if isinstance(inputs, Mapping):
             out = model(**inputs)
         elif isinstance(inputs, (tuple, list)):

@@ -90,8 +90,10 @@ class UntrackedParameterError(RuntimeError):
             "pass only with gradients disabled and are absent from the autograd graph, so "
             "their curvature would silently be zero. The usual cause is "
             "torch.utils.checkpoint(..., use_reentrant=True) around layers whose inputs do "
-            "not require gradients: use use_reentrant=False (or no checkpointing). If the "
-            "parameters are frozen on purpose, leave them out with params= or set "
+            "not require gradients: call those layers without checkpointing while computing "
+            "curvature (Hugging Face and timm models need nothing: their "
+            "gradient_checkpointing / grad_checkpointing flags are off during products). If "
+            "the parameters are frozen on purpose, leave them out with params= or set "
             "requires_grad=False."
         )
         err.indices = tuple(indices)
