@@ -16,7 +16,10 @@ PyTorch error at the first product or -- worse -- finite, wrong numbers:
   (a subclass of ``CrossEntropyLoss`` with ``weight``/``ignore_index`` in use, a plain
   function with targets equal to PyTorch's ``ignore_index`` -100): declare it with
   :func:`curvops.losses.declare_loss`;
-* dict batches and loaders of dicts (named by their keys, with the supported forms).
+* dict batches and loaders of dicts (named by their keys, with the supported forms);
+* a forward pass that uses tensors computed from the parameters before the product
+  and kept as module attributes (:func:`check_no_stale_parameter_tensors`, naming
+  ``model``).
 
 The first batch costs one forward pass (to read the output's classes and evaluate the
 loss); every batch of an in-memory list has its targets checked (no forward); the batches
@@ -48,6 +51,7 @@ from spectral.errors import argument_error
 __all__ = [
     "Validation",
     "check_loss_signature",
+    "check_no_stale_parameter_tensors",
     "check_params_finite",
     "check_targets",
     "check_weights_not_rewritten",
@@ -285,6 +289,65 @@ def check_weights_not_rewritten(model: nn.Module) -> None:
             )
 
 
+def check_no_stale_parameter_tensors(model: nn.Module, outputs: Any) -> None:
+    """Refuse a forward pass that used tensors computed from the model's parameters
+    before the product (kept as plain attributes).
+
+    Curvature products evaluate the model with its parameters swapped for their own
+    tensors (:func:`curvops._model_state.functional_forward`).  A tensor derived from a
+    parameter and stored outside the parameter dictionaries -- a tied weight kept as
+    ``self.w_t = self.linear.weight.t()`` in ``__init__``, an "effective weight" cached
+    in ``forward`` -- still holds the old graph: the products would leave out every
+    path through it (a Hessian 95 % off, without an error).  ``outputs`` is the
+    output of a forward pass in which no replacement tensor requires a gradient, so it
+    requires one only through such a tensor (or an input that does).
+
+    Raises
+    ------
+    ValueError
+        Naming ``model`` and the parameters reached.
+
+    Examples
+    --------
+    >>> class Tied(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.enc = torch.nn.Linear(2, 3, bias=False)
+    ...         self.dec = self.enc.weight.view(3, 2)  # a view of the parameter, made once
+    ...     def forward(self, x):
+    ...         return self.enc(x) @ self.dec
+    >>> from curvops import HessianOperator
+    >>> HessianOperator(Tied(), torch.nn.MSELoss(), (torch.ones(4, 2), torch.zeros(4, 2)))
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'model': expected a forward pass that computes everything it uses from ...
+    """
+    if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
+        return
+    from curvops.differentiability import graph_nodes
+
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    reached = sorted(
+        {
+            names[id(node.variable)]
+            for node in graph_nodes([outputs])
+            if id(getattr(node, "variable", None)) in names
+        }
+    )
+    if reached:
+        raise argument_error(
+            "model",
+            "a forward pass that computes everything it uses from its parameters as they "
+            "are now: curvature products replace the parameters, but a tensor computed "
+            "from them earlier and kept as a module attribute (a tied weight stored as "
+            "self.w_t = self.layer.weight.t() in __init__, a weight cached in forward) "
+            "keeps the old graph, and every product would silently leave out its part. "
+            "Compute such tensors inside forward (or register a tied weight as the same "
+            "nn.Parameter)",
+            f"a forward pass that reaches parameter(s) {reached[:5]} through such a tensor",
+        )
+
+
 def validate(
     model: nn.Module,
     loss_fn: Any,
@@ -322,7 +385,9 @@ def validate(
     inputs = move_to(first.inputs, device, dtype)
     targets = move_to(first.targets, device, dtype)
     _check_inputs_finite(inputs, first.index)
-    with torch.no_grad(), curvature_mode(model, bn_mode), global_streams_untouched("model"):
+    with curvature_mode(model, bn_mode), global_streams_untouched("model"):
+        # gradients on, but no replaced parameter requires one: only tensors computed
+        # from the parameters before the product carry a graph into the outputs
         outputs = functional_forward(  # on copies: a forward writing its weights is refused
             model,
             [n for n, _ in named],
@@ -331,17 +396,19 @@ def validate(
             output_fn,
             copies=True,
         )
-        classes = _class_targets_spec(loss_fn, outputs)
-        check_targets(loss_fn, targets, first.index, classes)
-        _check_normaliser_known(loss_fn, targets, first.index)
-        # Structured outputs (tuples, dicts) are the products' business; the loss is
-        # evaluated here on tensor outputs only (and refused if it calls a function
-        # whose second derivatives PyTorch gets wrong).
-        value = (
-            check_loss_second_derivatives(loss_fn, outputs, targets)
-            if isinstance(outputs, torch.Tensor)
-            else None
-        )
+        check_no_stale_parameter_tensors(model, outputs)
+        with torch.no_grad():
+            classes = _class_targets_spec(loss_fn, outputs)
+            check_targets(loss_fn, targets, first.index, classes)
+            _check_normaliser_known(loss_fn, targets, first.index)
+            # Structured outputs (tuples, dicts) are the products' business; the loss is
+            # evaluated here on tensor outputs only (and refused if it calls a function
+            # whose second derivatives PyTorch gets wrong).
+            value = (
+                check_loss_second_derivatives(loss_fn, outputs, targets)
+                if isinstance(outputs, torch.Tensor)
+                else None
+            )
     _check_first_loss_value(loss_fn, value, model, named, (inputs, targets, first.size))
     result = Validation(loss_fn, classes)
     if stream.is_in_memory:
