@@ -291,11 +291,11 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
     generators = _module_generators(value for _, _, value, kind in plain if kind == "generator")
     tracked: list[tuple[_NormBase, bool]] = []
     hooks = _BackwardHooksOff(modules)
-    regularisers: list[tuple[Any, str, Any]] = []
+    switched: list[tuple[Any, str, Any]] = []
     try:
         hooks.__enter__()
-        regularisers = _random_regularisers_off(modules)
-        regularisers += _activation_checkpointing_off(modules)
+        switched = _random_regularisers_off(modules)
+        switched += _activation_checkpointing_off(modules)
         for g, _ in generators:  # the model's own generators draw a fixed stream too
             _seeded(g)
         with product_context():
@@ -324,7 +324,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         hooks.restore()
         for g, state in generators:
             _restore(g, state)
-        for owner, name, value in reversed(regularisers):
+        for owner, name, value in reversed(switched):
             setattr(owner, name, value)
         for m, flag in tracked:
             m.track_running_stats = flag
