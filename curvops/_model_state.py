@@ -458,8 +458,10 @@ def _refuse_parameter_writes(written: list[str], copies: bool) -> None:
 @contextmanager
 def _reparametrized(
     model: nn.Module, replaced: Mapping[str, torch.Tensor], *, copies: bool = False
-) -> Iterator[None]:
+) -> Iterator[list[tuple[str, nn.Parameter]]]:
     """Swap parameters (``replaced`` or detached) and buffers (copies) in place; undo on exit.
+
+    Yields the names and original objects of the parameters in ``replaced``.
 
     Works on every module's own ``_parameters`` / ``_buffers`` dictionaries, keyed by
     the identity of the original tensor, so a tensor reachable under several names
@@ -472,11 +474,13 @@ def _reparametrized(
     """
     values: dict[int, torch.Tensor] = {}
     watched: list[tuple[str, torch.Tensor, int | None, nn.Parameter]] = []
+    originals: list[tuple[str, nn.Parameter]] = []
     known = set()
     for name, p in model.named_parameters():
         known.add(name)
         if name in replaced:
             value = replaced[name]
+            originals.append((name, p))
         else:
             value = p.detach().clone() if copies else p.detach()
         values[id(p)] = value
@@ -500,7 +504,7 @@ def _reparametrized(
                     if copy is None:
                         copy = values[id(b)] = b.detach().clone()
                     buffers[key] = copy
-        yield
+        yield originals
     finally:
         for table, key, original in reversed(slots):
             table[key] = original
@@ -578,18 +582,82 @@ def functional_forward(
     slots = getattr(_LAST_FORWARD, "slots", None)
     if slots:  # inside curvature_mode: remember the call (to name a failing module)
         slots[-1][:] = [names, tensors, inputs, output_fn]
-    with (
-        _reparametrized(model, dict(zip(names, tensors)), copies=copies),
-        DropoutOffMode(),
-        _inner_saved_tensors_hooks_refused(),
-    ):
-        if isinstance(inputs, Mapping):
-            out = model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            out = model(*inputs)
-        else:
-            out = model(inputs)
-    return select_output(out, output_fn)
+    with _reparametrized(model, dict(zip(names, tensors)), copies=copies) as originals:
+        with DropoutOffMode(), _inner_saved_tensors_hooks_refused():
+            if isinstance(inputs, Mapping):
+                out = model(**inputs)
+            elif isinstance(inputs, (tuple, list)):
+                out = model(*inputs)
+            else:
+                out = model(inputs)
+        selected = select_output(out, output_fn)
+        refuse_stale_parameter_paths(selected, originals)
+    return selected
+
+
+#: What a forward pass that uses tensors computed from the parameters before the
+#: product is expected to do instead (the ``expected`` part of the error).
+STALE_PARAMETER_TENSORS_EXPECTED = (
+    "a forward pass that computes everything it uses from its parameters as they "
+    "are now: curvature products replace the parameters, but a tensor computed "
+    "from them earlier and kept as a module attribute (a tied weight stored as "
+    "self.w_t = self.layer.weight.t() in __init__, a weight cached in forward) "
+    "keeps the old graph, and every product would silently leave out its part. "
+    "Compute such tensors inside forward (or register a tied weight as the same "
+    "nn.Parameter)"
+)
+
+
+def refuse_stale_parameter_paths(
+    output: Any, originals: Sequence[tuple[str, nn.Parameter]]
+) -> None:
+    """Refuse an ``output`` whose graph reaches one of the replaced parameters ``originals``.
+
+    Inside :func:`functional_forward` no module holds the original parameter objects,
+    so a path from the output to one of them runs through a tensor computed from it
+    before the product -- a cache the model filled in an earlier forward pass, a
+    tied view made in ``__init__`` -- and the product would leave that path out.  The
+    test asks the autograd engine for the gradients of the output with respect to the
+    originals: where no path exists (the normal case) the engine only marks the graph
+    and runs nothing, so the test costs microseconds per recorded graph.  Outputs of
+    ``torch.func`` transforms are not tested (their tensors are wrapped; the
+    construction-time check of :func:`curvops.validation.validate` covers them).
+
+    Raises
+    ------
+    ValueError
+        Naming ``model`` and the parameters reached.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(2, 1)
+    >>> stale = lin.weight * 1.0  # computed from the parameter before the product
+    >>> refuse_stale_parameter_paths(stale.sum(1), [("weight", lin.weight)])
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'model': expected a forward pass that computes everything ...
+    """
+    if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(output):
+        return
+    targets = [(name, p) for name, p in originals if p.requires_grad]
+    if not targets:
+        return
+    reached = torch.autograd.grad(
+        output,
+        [p for _, p in targets],
+        grad_outputs=output.new_zeros(()).expand_as(output),
+        allow_unused=True,
+        retain_graph=True,
+    )
+    names = sorted(name for (name, _), g in zip(targets, reached) if g is not None)
+    if names:
+        raise argument_error(
+            "model",
+            STALE_PARAMETER_TENSORS_EXPECTED,
+            f"a forward pass that reaches parameter(s) {names[:5]} through such a tensor",
+        )
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:

@@ -324,6 +324,7 @@ def check_no_stale_parameter_tensors(model: nn.Module, outputs: Any) -> None:
     """
     if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
         return
+    from curvops._model_state import STALE_PARAMETER_TENSORS_EXPECTED
     from curvops.differentiability import graph_nodes
 
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
@@ -337,13 +338,7 @@ def check_no_stale_parameter_tensors(model: nn.Module, outputs: Any) -> None:
     if reached:
         raise argument_error(
             "model",
-            "a forward pass that computes everything it uses from its parameters as they "
-            "are now: curvature products replace the parameters, but a tensor computed "
-            "from them earlier and kept as a module attribute (a tied weight stored as "
-            "self.w_t = self.layer.weight.t() in __init__, a weight cached in forward) "
-            "keeps the old graph, and every product would silently leave out its part. "
-            "Compute such tensors inside forward (or register a tied weight as the same "
-            "nn.Parameter)",
+            STALE_PARAMETER_TENSORS_EXPECTED,
             f"a forward pass that reaches parameter(s) {reached[:5]} through such a tensor",
         )
 

@@ -106,6 +106,49 @@ def test_tensors_derived_from_the_parameters_are_refused(case: str, kind: str) -
     assert state_differences(before, model) == []
 
 
+OPERATORS: dict[str, Callable[[nn.Module, Any], Any]] = {
+    "hessian": lambda m, d: HessianOperator(m, LOSS, d),
+    "ggn": lambda m, d: GGNOperator(m, LOSS, d),
+    "ggn-linearized": lambda m, d: GGNOperator(m, LOSS, d, linearize=True),
+    "fisher-mc": lambda m, d: FisherOperator(m, LOSS, d),
+    "fisher-empirical": lambda m, d: FisherOperator(m, LOSS, d, kind="empirical"),
+    "kfac": lambda m, d: KFACOperator(m, LOSS, d, remainder="diagonal"),
+}
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+@pytest.mark.parametrize("kind", list(OPERATORS))
+def test_a_cache_filled_after_the_operator_was_built_is_refused(kind: str, batches: int) -> None:
+    """The operator is built while the cache is empty (nothing to refuse), then the
+    user's own forward pass fills it from the real parameters: the first product
+    records its graph through the stale cache and refuses it."""
+    model = _build(CachedWeight)
+    data = _data() if batches == 1 else [_data(), _data()]
+    op = OPERATORS[kind](model, data)
+    model(_data()[0])  # fills model.effective with the parameters' own graph
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"Argument 'model'.*computed from them earlier") as info:
+        op @ np.ones(op.shape[0])
+    assert "'inner.weight'" in str(info.value)
+    assert state_differences(before, model) == []
+
+
+def test_a_cache_filled_between_graph_builds_is_refused() -> None:
+    """A cached Hessian records a new graph after the parameters changed: a cache the
+    user's forward pass filled in between is refused there, after exact products."""
+    model, reference = _build(CachedWeight), _build(UncachedWeight)
+    data = _data()
+    v = np.random.default_rng(2).standard_normal(sum(p.numel() for p in model.parameters()))
+    op = HessianOperator(model, LOSS, data)
+    H = dense_hessian(reference, LOSS, data).numpy()
+    assert relative_error(op @ v, H @ v) <= 1e3 * EPS
+    with torch.no_grad():
+        model.head.weight.mul_(0.5)  # a training step: the next product records anew
+    model(data[0])
+    with pytest.raises(ValueError, match=r"computed from them earlier"):
+        op @ v
+
+
 def test_a_cache_the_product_fills_itself_is_exact_and_emptied_again() -> None:
     """Empty when the operator is built, the cache is filled from the product's own
     parameters in every product and put back to ``None`` after it."""
