@@ -30,6 +30,22 @@ gradients are right, and one option changes the backward pass on purpose:
   without the rescaling and with dense gradients (``sparse=True`` gives sparse ones,
   which the products cannot take): the same outputs, the loss's exact derivatives.
 
+One kind of function has no exact replacement and is refused instead: **fake
+quantisation** (quantisation-aware training: ``torch.ao.quantization.FakeQuantize``,
+``FusedMovingAvgObsFakeQuantize``, the learnable LSQ variants, and the functions
+``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` behind them).  Its
+forward pass rounds to a grid, so the network is piecewise constant in everything
+upstream and its true derivatives vanish almost everywhere; its backward pass is a
+straight-through estimator (the identity inside the clipping range).  Products through
+it would be the curvature of a surrogate network in which the rounding is not there
+while the values are rounded -- a Hessian 4-5 % away from the full-precision
+network's on the model of ``tests/curvops/test_fake_quantization.py``, and the
+derivative of neither.  A forward pass that fake-quantises is refused
+(:func:`refuse_fake_quantization`), naming the function and how to turn fake
+quantisation off for the analysis: after
+``model.apply(torch.ao.quantization.disable_fake_quant)`` the products are the
+full-precision network's curvature.
+
 :data:`REPLACEMENTS` is applied by :class:`curvops.determinism.DropoutOffMode`, the
 mode every forward pass of a product runs under.
 
@@ -51,10 +67,12 @@ from torch.overrides import TorchFunctionMode
 from spectral.errors import argument_error
 
 __all__ = [
+    "FAKE_QUANTIZATION_FUNCTIONS",
     "REPLACEMENTS",
     "check_loss_second_derivatives",
     "embedding",
     "linear_cross_entropy_reference",
+    "refuse_fake_quantization",
     "weight_norm",
 ]
 
@@ -136,10 +154,68 @@ def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
     return _LINEAR_CROSS_ENTROPY(*args, **{**kwargs, "options": None})
 
 
+#: The fake-quantisation functions (straight-through backward) that products refuse.
+FAKE_QUANTIZATION_FUNCTIONS: tuple[Callable[..., Any], ...] = tuple(
+    f
+    for f in (
+        getattr(torch, name, None)
+        for name in (
+            "fake_quantize_per_tensor_affine",
+            "fake_quantize_per_channel_affine",
+            "_fake_quantize_learnable_per_tensor_affine",
+            "_fake_quantize_learnable_per_channel_affine",
+            "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+            "fused_moving_avg_obs_fake_quant",
+        )
+    )
+    if f is not None
+)
+
+
+def refuse_fake_quantization(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The stand-in for a fake-quantisation ``function`` inside products: it raises.
+
+    ``torch.fused_moving_avg_obs_fake_quant`` is called by
+    ``FusedMovingAvgObsFakeQuantize`` also while fake quantisation is off (its
+    ``fake_quant_on`` flag is 0: the identity, with the identity's exact derivative),
+    so that call goes through; every other call raises ``ValueError`` naming ``model``.
+
+    Examples
+    --------
+    >>> fake = refuse_fake_quantization(torch.fake_quantize_per_tensor_affine)
+    >>> fake(torch.ones(2), 0.1, 0, -128, 127)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'model': expected a forward pass whose functions have true derivatives...
+    """
+    name = f"torch.{function.__name__}"
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        if function is getattr(torch, "fused_moving_avg_obs_fake_quant", None):
+            on = args[2] if len(args) > 2 else kwargs.get("fake_quant_on")
+            if isinstance(on, torch.Tensor) and on.numel() > 0 and not bool(on.reshape(-1)[0]):
+                return function(*args, **kwargs)
+        raise argument_error(
+            "model",
+            "a forward pass whose functions have true derivatives: fake quantisation "
+            "(quantisation-aware training) rounds to a grid, so the network's true "
+            "derivatives vanish almost everywhere, and back-propagates a "
+            "straight-through estimator instead; curvature products through it would "
+            "be those of a surrogate, silently. For the full-precision network's "
+            "curvature turn fake quantisation off during the analysis "
+            "(model.apply(torch.ao.quantization.disable_fake_quant), and "
+            "enable_fake_quant afterwards)",
+            f"a forward pass that calls {name} with fake quantisation on",
+        )
+
+    return refused
+
+
 #: function -> its replacement inside the forward passes of products.
 REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: weight_norm,
     F.embedding: embedding,
+    **{f: refuse_fake_quantization(f) for f in FAKE_QUANTIZATION_FUNCTIONS},
 }
 if _LINEAR_CROSS_ENTROPY is not None:
     REPLACEMENTS[_LINEAR_CROSS_ENTROPY] = linear_cross_entropy_reference
