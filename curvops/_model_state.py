@@ -12,6 +12,11 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
     InstanceNorm) to that mode; ``None`` keeps each module's current mode;
   - module backward hooks (per module and global) are off: the curvature is that of
     the forward function, whatever hooks do to gradients (:class:`_BackwardHooksOff`);
+  - spectral-norm modules and hooks run their training-mode power steps with
+    gradients (:func:`curvops.derivative_repairs.spectral_norm_sigma`: PyTorch's hold
+    the singular vectors constant, so its second derivatives are not the network's);
+  - Hugging Face / timm activation-checkpointing flags are off, and random
+    regularisers configured by number (LayerDrop, SpecAugment, router jitter) are 0;
   - every normalisation module that ends up in training mode gets
     ``track_running_stats = False`` for the duration.  PyTorch's ``_NormBase``
     then normalises with the batch statistics and passes no running buffers to
@@ -47,6 +52,7 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
 
 from __future__ import annotations
 
+import importlib
 import random
 import threading
 from collections import OrderedDict
@@ -61,6 +67,10 @@ from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from curvops.derivative_repairs import (
+    exact_spectral_norm_compute_weight,
+    exact_spectral_norm_forward,
+)
 from curvops.determinism import PRODUCT_SEED, DropoutOffMode, product_context
 from curvops.model_io import OutputFn, select_output
 from curvops.op_provenance import describe_module, locate_operation, operation_name
@@ -122,6 +132,16 @@ _RANDOM_REGULARISERS = (
 )
 
 
+#: ``nn.utils.parametrizations.spectral_norm``'s module and ``nn.utils.spectral_norm``'s
+#: hook class (private names of torch; ``None`` where a torch lacks them).
+_SPECTRAL_NORM_MODULE: type | None = getattr(
+    importlib.import_module("torch.nn.utils.parametrizations"), "_SpectralNorm", None
+)
+_SPECTRAL_NORM_HOOK: type | None = getattr(
+    importlib.import_module("torch.nn.utils.spectral_norm"), "SpectralNorm", None
+)
+
+
 def _random_regularisers_off(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
     """Set the :data:`_RANDOM_REGULARISERS` settings of ``modules`` (and of their
     ``config`` objects, which Hugging Face modules read at forward time) to 0; return
@@ -179,6 +199,27 @@ def _activation_checkpointing_off(modules: Sequence[nn.Module]) -> list[tuple[An
             if attributes.get(name) is True:
                 setattr(m, name, False)
                 changed.append((m, name, True))
+    return changed
+
+
+#: Marks an instance attribute that :func:`curvature_mode` added and removes again.
+_ADDED = object()
+
+
+def _exact_spectral_norms(modules: Sequence[nn.Module]) -> list[tuple[Any, str, Any]]:
+    """Give the spectral-norm modules and hooks among ``modules`` the exact derivatives
+    of :mod:`curvops.derivative_repairs` (their power steps differentiable); return what
+    to put back (:data:`_ADDED`: an instance attribute to remove)."""
+    changed: list[tuple[Any, str, Any]] = []
+    for m in modules:
+        if _SPECTRAL_NORM_MODULE is not None and isinstance(m, _SPECTRAL_NORM_MODULE):
+            changed.append((m, "forward", vars(m).get("forward", _ADDED)))
+            m.forward = exact_spectral_norm_forward(m)
+        for hook in m._forward_pre_hooks.values():
+            if _SPECTRAL_NORM_HOOK is not None and isinstance(hook, _SPECTRAL_NORM_HOOK):
+                sn: Any = hook
+                changed.append((sn, "compute_weight", vars(sn).get("compute_weight", _ADDED)))
+                sn.compute_weight = exact_spectral_norm_compute_weight(sn)
     return changed
 
 
@@ -296,6 +337,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         hooks.__enter__()
         switched = _random_regularisers_off(modules)
         switched += _activation_checkpointing_off(modules)
+        switched += _exact_spectral_norms(modules)
         for g, _ in generators:  # the model's own generators draw a fixed stream too
             _seeded(g)
         with product_context():
@@ -325,7 +367,10 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         for g, state in generators:
             _restore(g, state)
         for owner, name, value in reversed(switched):
-            setattr(owner, name, value)
+            if value is _ADDED:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, value)
         for m, flag in tracked:
             m.track_running_stats = flag
         for m, was_training in flags:

@@ -30,6 +30,20 @@ gradients are right, and one option changes the backward pass on purpose:
   without the rescaling and with dense gradients (``sparse=True`` gives sparse ones,
   which the products cannot take): the same outputs, the loss's exact derivatives.
 
+Spectral normalisation (``nn.utils.parametrizations.spectral_norm`` and the older
+``nn.utils.spectral_norm``; SN-GAN discriminators) computes
+:math:`W / \\sigma(W)` with :math:`\\sigma = u^\\top W v`, where in training mode
+``n_power_iterations`` power steps from the stored vectors produce :math:`u, v` under
+``torch.no_grad``.  PyTorch's derivatives therefore hold :math:`u, v` constant
+although they move with :math:`W`: the gradient is right only where the iteration has
+converged (envelope theorem), and second derivatives never are -- a Hessian 12-26 %
+away from the second differences of the train-mode loss on a fresh model, 50-70 % on
+one whose power iteration has converged, silently.  During products the same power
+steps run with gradients (:func:`spectral_norm_sigma`, the same operations, so the same
+values): the derivatives are those of the function the train-mode forward pass
+computes.  In evaluation mode no step runs, :math:`u, v` are constants, and PyTorch's
+derivatives were already exact.
+
 One kind of function has no exact replacement and is refused instead: **fake
 quantisation** (quantisation-aware training: ``torch.ao.quantization.FakeQuantize``,
 ``FusedMovingAvgObsFakeQuantize``, the learnable LSQ variants, and the functions
@@ -71,8 +85,11 @@ __all__ = [
     "REPLACEMENTS",
     "check_loss_second_derivatives",
     "embedding",
+    "exact_spectral_norm_compute_weight",
+    "exact_spectral_norm_forward",
     "linear_cross_entropy_reference",
     "refuse_fake_quantization",
+    "spectral_norm_sigma",
     "weight_norm",
 ]
 
@@ -152,6 +169,98 @@ def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
     """
     assert _LINEAR_CROSS_ENTROPY is not None  # registered only where torch has it
     return _LINEAR_CROSS_ENTROPY(*args, **{**kwargs, "options": None})
+
+
+def spectral_norm_sigma(
+    weight_mat: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    steps: int,
+    eps: float,
+    *,
+    left_first: bool = True,
+) -> torch.Tensor:
+    """The spectral-norm estimate :math:`\\sigma = u^\\top W v` after ``steps`` power
+    steps from ``u, v``, differentiable in ``weight_mat`` (the vectors move with it).
+
+    ``left_first`` is the order of ``nn.utils.parametrizations.spectral_norm``
+    (:math:`u \\leftarrow Wv/\\lVert Wv\\rVert`, then
+    :math:`v \\leftarrow W^{\\mathsf H} u/\\lVert\\cdot\\rVert`, :math:`\\sigma` by
+    ``vdot``); ``left_first=False`` that of the older ``nn.utils.spectral_norm``
+    (:math:`v` first, :math:`\\sigma` by ``dot``).  The operations are PyTorch's, so
+    the value is the one its training-mode forward pass computes; only the derivatives
+    differ (PyTorch's hold the vectors constant).
+
+    Examples
+    --------
+    >>> W = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    >>> u, v = torch.tensor([1.0, 1.0]) / 2**0.5, torch.tensor([1.0, 1.0]) / 2**0.5
+    >>> round(float(spectral_norm_sigma(W, u, v, 30, 1e-12)), 6)  # the largest singular value
+    3.0
+    """
+    for _ in range(steps):
+        if left_first:
+            u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps)
+            v = F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps)
+        else:
+            v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=eps)
+            u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps)
+    if left_first:
+        return torch.vdot(u, torch.mv(weight_mat, v))
+    return torch.dot(u, torch.mv(weight_mat, v))
+
+
+def exact_spectral_norm_forward(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``forward`` of a ``parametrizations.spectral_norm`` module (``_SpectralNorm``)
+    with exact derivatives: its power steps (training mode) run through
+    :func:`spectral_norm_sigma`; the stored vectors are read, not written.
+
+    Examples
+    --------
+    >>> from torch.nn.utils.parametrizations import spectral_norm
+    >>> lin = spectral_norm(torch.nn.Linear(3, 2))
+    >>> sn = lin.parametrizations.weight[0]
+    >>> w = lin.parametrizations.weight.original
+    >>> u = sn._u.clone()
+    >>> bool(torch.equal(exact_spectral_norm_forward(sn)(w), sn(w)))  # same value
+    True
+    >>> bool(torch.equal(sn._u, u))  # PyTorch's forward advanced the stored vector
+    False
+    """
+
+    def forward(weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=module.eps)
+        weight_mat = module._reshape_weight_to_matrix(weight)
+        steps = module.n_power_iterations if module.training else 0
+        return weight / spectral_norm_sigma(weight_mat, module._u, module._v, steps, module.eps)
+
+    return forward
+
+
+def exact_spectral_norm_compute_weight(hook: Any) -> Callable[[Any, bool], torch.Tensor]:
+    """``compute_weight`` of an ``nn.utils.spectral_norm`` hook (``SpectralNorm``) with
+    exact derivatives (:func:`spectral_norm_sigma`, ``left_first=False``).
+
+    Examples
+    --------
+    >>> lin = torch.nn.utils.spectral_norm(torch.nn.Linear(3, 2))
+    >>> hook = next(iter(lin._forward_pre_hooks.values()))
+    >>> a = exact_spectral_norm_compute_weight(hook)(lin, True)
+    >>> bool(torch.equal(a, hook.compute_weight(lin, True)))
+    True
+    """
+
+    def compute_weight(module: Any, do_power_iteration: bool) -> torch.Tensor:
+        weight = getattr(module, hook.name + "_orig")
+        u = getattr(module, hook.name + "_u")
+        v = getattr(module, hook.name + "_v")
+        weight_mat = hook.reshape_weight_to_matrix(weight)
+        steps = hook.n_power_iterations if do_power_iteration else 0
+        sigma = spectral_norm_sigma(weight_mat, u, v, steps, hook.eps, left_first=False)
+        return weight / sigma
+
+    return compute_weight
 
 
 #: The fake-quantisation functions (straight-through backward) that products refuse.
