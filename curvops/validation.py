@@ -300,7 +300,9 @@ def check_no_stale_parameter_tensors(model: nn.Module, outputs: Any) -> None:
     in ``forward`` -- still holds the old graph: the products would leave out every
     path through it (a Hessian 95 % off, without an error).  ``outputs`` is the
     output of a forward pass in which no replacement tensor requires a gradient, so it
-    requires one only through such a tensor (or an input that does).
+    requires one only through such a tensor (or an input that does).  The test is
+    :func:`curvops._model_state.refuse_stale_parameter_paths` over all parameters, the
+    one every product that records a graph makes for the parameters it differentiates.
 
     Raises
     ------
@@ -322,25 +324,9 @@ def check_no_stale_parameter_tensors(model: nn.Module, outputs: Any) -> None:
     ...
     ValueError: Argument 'model': expected a forward pass that computes everything it uses from ...
     """
-    if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
-        return
-    from curvops._model_state import STALE_PARAMETER_TENSORS_EXPECTED
-    from curvops.differentiability import graph_nodes
+    from curvops._model_state import refuse_stale_parameter_paths
 
-    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-    reached = sorted(
-        {
-            names[id(node.variable)]
-            for node in graph_nodes([outputs])
-            if id(getattr(node, "variable", None)) in names
-        }
-    )
-    if reached:
-        raise argument_error(
-            "model",
-            STALE_PARAMETER_TENSORS_EXPECTED,
-            f"a forward pass that reaches parameter(s) {reached[:5]} through such a tensor",
-        )
+    refuse_stale_parameter_paths(outputs, list(model.named_parameters()))
 
 
 def validate(
