@@ -10,12 +10,12 @@
 # default CUDA build) or any pip requirement of your choice.
 #
 #   make test-newest -- the same lint, type checks and tests in .venv-newest on
-#                       the newest torch release (NEWEST_TORCH_SPEC); CI runs
-#                       both `make test` and `make test-newest`.
+#                       the newest torch release (requirements/newest-torch.txt);
+#                       CI runs both `make test` and `make test-newest`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-NEWEST_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+NEWEST_TORCH_SPEC ?= -r requirements/newest-torch.txt
 NEWEST_VENV ?= .venv-newest
 RESULTS ?= results
 HYPOTHESIS_PROFILE ?= ci
@@ -26,7 +26,7 @@ PACKAGES := spectral curvops nets
 
 .PHONY: setup demo test test-newest lint typecheck pytest docs clean
 
-$(STAMP): setup.cfg pyproject.toml requirements/test-oracles.txt
+$(STAMP): setup.cfg pyproject.toml requirements/test-oracles.txt requirements/newest-torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(foreach spec,$(TORCH_SPEC),"$(spec)")
 	$(BIN)/python -m pip install --quiet -e ".[test]"
