@@ -218,7 +218,10 @@ def exact_spectral_norm_forward(module: Any) -> Callable[[torch.Tensor], torch.T
     Examples
     --------
     >>> from torch.nn.utils.parametrizations import spectral_norm
-    >>> lin = spectral_norm(torch.nn.Linear(3, 2))
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> with torch.no_grad():  # singular values 1 and 0.99: a slowly converging iteration
+    ...     _ = lin.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.99, 0.0]]))
+    >>> lin = spectral_norm(lin)
     >>> sn = lin.parametrizations.weight[0]
     >>> w = lin.parametrizations.weight.original
     >>> u = sn._u.clone()
