@@ -223,6 +223,15 @@ def _exact_spectral_norms(modules: Sequence[nn.Module]) -> list[tuple[Any, str, 
     return changed
 
 
+def _put_back(switched: Sequence[tuple[Any, str, Any]]) -> None:
+    """Undo the switches of ``curvature_mode`` in reverse order (:data:`_ADDED`: remove)."""
+    for owner, name, value in reversed(switched):
+        if value is _ADDED:
+            vars(owner).pop(name, None)
+        else:
+            setattr(owner, name, value)
+
+
 def _seeded(generator: Any) -> None:
     """Seed ``generator`` (torch, numpy or Python) with :data:`PRODUCT_SEED`."""
     if isinstance(generator, torch.Generator):
@@ -366,11 +375,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         hooks.restore()
         for g, state in generators:
             _restore(g, state)
-        for owner, name, value in reversed(switched):
-            if value is _ADDED:
-                vars(owner).pop(name, None)
-            else:
-                setattr(owner, name, value)
+        _put_back(switched)
         for m, flag in tracked:
             m.track_running_stats = flag
         for m, was_training in flags:
