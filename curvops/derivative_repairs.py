@@ -3,7 +3,7 @@
 A Hessian product differentiates the model's backward pass, so it is exactly as right
 as PyTorch's double-backward formulas, and every curvature is only as right as the
 backward pass it is built on.  Two functions that networks use fail
-``torch.autograd.gradgradcheck`` in float64 in torch 2.13 and 2.14 while their
+``torch.autograd.gradgradcheck`` in float64 in torch 2.13 to 2.15 while their
 gradients are right, and one option changes the backward pass on purpose:
 
 * ``torch._weight_norm``, the kernel behind weight normalisation

@@ -1,7 +1,7 @@
 """Functions whose second derivatives PyTorch gets wrong: repaired in products, or refused.
 
 ``torch._weight_norm`` (weight normalisation) and chunked ``F.linear_cross_entropy``
-fail ``gradgradcheck`` in torch 2.13/2.14 while their gradients are right, so the
+fail ``gradgradcheck`` in torch 2.13-2.15 while their gradients are right, so the
 references here are independent of PyTorch's double backward: the weight
 normalisation written out by hand, and central differences of the (correct) gradient
 of the user's own model.  On the unrepaired code the Hessians below were 30 % (weight
