@@ -65,8 +65,9 @@ class ModelCurvatureOperator(CurvatureOperator):
        generator are left as they were), and a pass that still differs raises a
        ``ValueError`` naming ``data``.  During products nothing is random: dropout
        of every kind is off (modules, ``F.dropout*`` calls in ``forward``,
-       ``dropout_p`` of attention) and any other random operation draws from a
-       private, fixed stream (:mod:`curvops.determinism`).  The same operator,
+       ``dropout_p`` of attention, Bernoulli masks drawn by hand: their means) and
+       any other random operation draws from a private, fixed stream
+       (:mod:`curvops.determinism`; a logged warning at construction says so).  The same operator,
        batch and vector give bitwise the same product on the CPU.
     2. **The model as it is now.**  Parameters are looked up by name at each
        product, and cached graphs are keyed on a bitwise comparison of every

@@ -17,7 +17,12 @@ with second derivatives, and restore every setting on exit, also after an error:
   (:func:`curvops._model_state.curvature_mode` puts dropout, stochastic-depth and
   hand-written ``*Dropout`` modules in eval mode and zeroes LayerDrop, SpecAugment and
   router-jitter settings.)  So a ``forward`` that calls ``F.dropout(x, p, training=True)``
-  itself gives the products of the same model without dropout.  The same mode
+  itself gives the products of the same model without dropout.  Bernoulli draws
+  (``torch.bernoulli``, ``Tensor.bernoulli``, ``Tensor.bernoulli_``) evaluate to their
+  means, like ``F.rrelu``'s slope: the masks of hand-written dropout and stochastic
+  depth (timm's ``drop_path``, torchvision's ``stochastic_depth``, ``x * m / keep``
+  with ``m`` drawn with probability ``keep``) become ``keep / keep = 1``, the model
+  without the random layer, wherever the function is called from.  The same mode
   drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
   from ``no_grad`` state updates (the power iteration of spectral normalisation),
   whose results are constants of the product, and forward-mode AD refuses them.
@@ -30,7 +35,10 @@ with second derivatives, and restore every setting on exit, also after an error:
   from a private stream (the default CPU generator, and each initialised CUDA
   generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
   batch and vector give bitwise the same product on the CPU, and the user's
-  streams are left exactly where they were.  A forward pass that draws from numpy's
+  streams are left exactly where they were.  The product is then the curvature of
+  the model at one fixed draw (a VAE's noise, a mask drawn with ``torch.rand``), so
+  an operator whose model draws this way says so in a logged warning when it is
+  built (:func:`torch_draws_reported`).  A forward pass that draws from numpy's
   or Python's global generator is refused when the operator is built
   (:func:`global_streams_untouched`: forking them would cost 0.15 ms per product).
 * **Autograd on.**  Products run outside ``torch.inference_mode`` (which a caller's
@@ -65,6 +73,7 @@ True
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -87,7 +96,10 @@ __all__ = [
     "is_active",
     "outside_inference_mode",
     "product_context",
+    "torch_draws_reported",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Seed of the private random stream used during products.
 PRODUCT_SEED = 0
@@ -115,6 +127,37 @@ _REWRITES: dict[Callable[..., Any], tuple[str, int, Any]] = {
     torch.rrelu_: ("training", 3, False),
     F.scaled_dot_product_attention: ("dropout_p", 4, 0.0),
     F.multi_head_attention_forward: ("dropout_p", 10, 0.0),
+}
+
+
+def _bernoulli_mean(
+    input: torch.Tensor,
+    p: float | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mean of ``torch.bernoulli(input[, p])`` (and ``input.bernoulli([p])``): the
+    probabilities themselves, as a new tensor without derivatives (a draw has none)."""
+    mean = input.detach().clone() if p is None else torch.full_like(input.detach(), p)
+    return mean if out is None else out.copy_(mean)
+
+
+def _bernoulli_mean_(
+    self: torch.Tensor,
+    p: float | torch.Tensor = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The mean of ``self.bernoulli_(p)``, written into ``self``."""
+    return self.copy_(p) if isinstance(p, torch.Tensor) else self.fill_(p)
+
+
+# Random draws evaluated at their means during products (see the module docstring).
+_EXPECTATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.bernoulli: _bernoulli_mean,
+    torch.Tensor.bernoulli: _bernoulli_mean,
+    torch.Tensor.bernoulli_: _bernoulli_mean_,
 }
 
 # nn.RNN / nn.LSTM / nn.GRU call these with their inter-layer ``dropout`` as an argument
@@ -148,7 +191,7 @@ class DropoutOffMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if kwargs.get("out") is not None:
             args = tuple(_primal(a) for a in args)
-        replacement = REPLACEMENTS.get(func)
+        replacement = REPLACEMENTS.get(func) or _EXPECTATIONS.get(func)
         if replacement is not None:
             return replacement(*args, **kwargs)
         if func in _RECURRENT and len(args) == 9:  # inter-layer dropout of nn.RNN/LSTM/GRU
@@ -244,6 +287,49 @@ def global_streams_untouched(what: str) -> Iterator[None]:
         )
 
 
+def _forked_generators() -> list[torch.Generator]:
+    """The generators :func:`product_context` forks: the default CPU generator and each
+    initialised CUDA generator."""
+    generators = [torch.default_generator]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        generators += list(torch.cuda.default_generators)
+    return generators
+
+
+@contextmanager
+def torch_draws_reported(what: str) -> Iterator[None]:
+    """Log a warning when the block draws from torch's random generators.
+
+    Inside :func:`product_context` such draws come from the private stream, so the
+    products are deterministic but are the curvature of the model at one fixed random
+    draw -- deliberate for a VAE's reparametrisation noise, not what a user of a
+    hand-written dropout layer (``torch.rand(...) < p``) expects.  Wrapped around the
+    one forward pass an operator's construction runs; ``what`` names the model in the
+    message.  Dropout of every kind and Bernoulli masks draw nothing here
+    (:class:`DropoutOffMode`).
+
+    >>> import logging
+    >>> logging.disable(logging.WARNING)  # the example's draw is on purpose
+    >>> with torch_draws_reported("model"):
+    ...     _ = torch.rand(1)
+    >>> logging.disable(logging.NOTSET)
+    """
+    generators = _forked_generators()
+    states = [g.get_state() for g in generators]
+    yield
+    if any(not torch.equal(s, g.get_state()) for s, g in zip(states, generators)):
+        logger.warning(
+            "%s draws random numbers from torch's generator in its forward pass "
+            "(dropout and Bernoulli masks are switched off in products, these draws "
+            "are not): the products are deterministic, drawn from a private stream "
+            "seeded with %d, and are the curvature of the model at that one fixed "
+            "draw. Put the random layer in eval mode (or switch it off) for the "
+            "curvature of the deterministic model.",
+            what,
+            PRODUCT_SEED,
+        )
+
+
 def is_active() -> bool:
     """True inside :func:`product_context` (part of the operators' cache keys).
 
@@ -256,9 +342,7 @@ def is_active() -> bool:
 @contextmanager
 def _private_rng(seed: int) -> Iterator[None]:
     """Fork the default CPU (and initialised CUDA) generators, seeded with ``seed``."""
-    generators = [torch.default_generator]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        generators += list(torch.cuda.default_generators)
+    generators = _forked_generators()
     states = [g.get_state() for g in generators]
     try:
         for g in generators:

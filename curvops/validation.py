@@ -351,7 +351,7 @@ def validate(
     from curvops._model_state import curvature_mode, functional_forward
     from curvops.data import as_data, move_to
     from curvops.derivative_repairs import check_loss_second_derivatives
-    from curvops.determinism import global_streams_untouched
+    from curvops.determinism import global_streams_untouched, torch_draws_reported
     from curvops.losses import batch_weight, check_loss
     from curvops.params import select_params
 
@@ -366,7 +366,11 @@ def validate(
     inputs = move_to(first.inputs, device, dtype)
     targets = move_to(first.targets, device, dtype)
     _check_inputs_finite(inputs, first.index)
-    with curvature_mode(model, bn_mode), global_streams_untouched("model"):
+    with (
+        curvature_mode(model, bn_mode),
+        global_streams_untouched("model"),
+        torch_draws_reported(f"The model ({type(model).__name__})"),
+    ):
         # gradients on, but no replaced parameter requires one: only tensors computed
         # from the parameters before the product carry a graph into the outputs
         outputs = functional_forward(  # on copies: a forward writing its weights is refused
