@@ -17,6 +17,8 @@ PyTorch error at the first product or -- worse -- finite, wrong numbers:
   function with targets equal to PyTorch's ``ignore_index`` -100): declare it with
   :func:`curvops.losses.declare_loss`;
 * dict batches and loaders of dicts (named by their keys, with the supported forms);
+* modules of a quantized model (:func:`check_no_quantized_modules`: no derivatives, a
+  silent zero curvature before them), naming ``model``;
 * a forward pass that uses tensors computed from the parameters before the product
   and kept as module attributes (:func:`check_no_stale_parameter_tensors`, naming
   ``model``).
@@ -51,6 +53,7 @@ from spectral.errors import argument_error
 __all__ = [
     "Validation",
     "check_loss_signature",
+    "check_no_quantized_modules",
     "check_no_stale_parameter_tensors",
     "check_params_finite",
     "check_targets",
@@ -289,6 +292,60 @@ def check_weights_not_rewritten(model: nn.Module) -> None:
             )
 
 
+#: Module namespaces of PyTorch's quantized (integer) modules.
+_QUANTIZED_NAMESPACES = (
+    "torch.ao.nn.quantized",
+    "torch.ao.nn.intrinsic.quantized",
+    "torch.nn.quantized",
+    "torch.nn.intrinsic.quantized",
+)
+
+
+def check_no_quantized_modules(model: nn.Module) -> None:
+    """Refuse modules of a quantized model (``quantize_dynamic``, ``convert``).
+
+    A quantized module rounds its input activations to integers and its kernels have
+    no derivatives: autograd records nothing through it, so every parameter before it
+    had a Hessian and a GGN of exactly zero, without an error (the derivative of the
+    quantized network is indeed zero almost everywhere, and not what a user asking for
+    the network's curvature means).  ``FloatFunctional`` (float arithmetic of
+    quantization-ready models) is not quantized and passes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model of an operator.
+
+    Raises
+    ------
+    ValueError
+        Naming ``model`` and the first quantized submodule.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings():  # torch deprecates its quantized modules
+    ...     warnings.simplefilter("ignore")
+    ...     quantized = torch.ao.nn.quantized.dynamic.Linear(3, 2)
+    >>> check_no_quantized_modules(torch.nn.Sequential(torch.nn.Linear(2, 3), quantized))
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'model': expected a model without quantized modules ...
+    """
+    for name, module in model.named_modules():
+        kind = type(module)
+        if kind.__module__.startswith(_QUANTIZED_NAMESPACES) and kind.__name__ != "FloatFunctional":
+            raise argument_error(
+                "model",
+                "a model without quantized modules (submodule "
+                f"{name!r} is {kind.__module__}.{kind.__name__}: its integer kernels have "
+                "no derivatives, so the curvature of every parameter before it would "
+                "silently be zero; use the float model, before "
+                "torch.ao.quantization.quantize_dynamic/convert)",
+                model,
+            )
+
+
 def check_no_stale_parameter_tensors(model: nn.Module, outputs: Any) -> None:
     """Refuse a forward pass that used tensors computed from the model's parameters
     before the product (kept as plain attributes).
@@ -358,6 +415,7 @@ def validate(
     check_loss(loss_fn)
     check_loss_signature(loss_fn)
     check_weights_not_rewritten(model)
+    check_no_quantized_modules(model)
     named = select_params(model, params)
     check_params_finite(named)
     stream = as_data(data)
