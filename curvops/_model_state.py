@@ -276,16 +276,81 @@ _ATTRIBUTE_KINDS: dict[type, str | None] = {}
 
 def _attribute_kind(cls: type) -> str | None:
     """``"restore"`` for attribute types put back after products, ``"generator"`` for
-    random generators, None otherwise; memoised per type (``isinstance`` against
-    ``torch.Generator`` goes through a Python metaclass, about 1 us per attribute)."""
+    random generators, ``"container"`` for dicts and lists, None otherwise; memoised per
+    type (``isinstance`` against ``torch.Generator`` goes through a Python metaclass,
+    about 1 us per attribute)."""
     if cls not in _ATTRIBUTE_KINDS:
         if issubclass(cls, _RESTORED_ATTRIBUTE_TYPES):
             _ATTRIBUTE_KINDS[cls] = "restore"
         elif issubclass(cls, _GENERATOR_TYPES):
             _ATTRIBUTE_KINDS[cls] = "generator"
+        elif issubclass(cls, (dict, list)):
+            _ATTRIBUTE_KINDS[cls] = "container"
         else:
             _ATTRIBUTE_KINDS[cls] = None
     return _ATTRIBUTE_KINDS[cls]
+
+
+#: A container attribute (module, name, the container, a shallow copy of its contents).
+_Container = tuple[nn.Module, str, Any, Any]
+
+
+def _public_containers(plain: Iterable[tuple[nn.Module, str, Any, str | None]]) -> list[_Container]:
+    """The public dict and list attributes among ``plain`` (module, name, value, kind),
+    with shallow copies of their contents.
+
+    A forward pass may write into them -- a module recording its activations in a
+    list, a cache of tensors computed from the parameters -- and a product must leave
+    the model as it was: :func:`curvature_mode` puts their contents back afterwards
+    (:func:`_put_back_containers`).
+    """
+    return [
+        (m, key, value, dict(value) if isinstance(value, dict) else list(value))
+        for m, key, value, kind in plain
+        if kind == "container" and not key.startswith("_")
+    ]
+
+
+def _put_back_containers(containers: Sequence[_Container]) -> None:
+    """Put each container (and its contents, compared by identity) back as it was."""
+    for m, key, value, saved in containers:
+        if vars(m).get(key) is not value:
+            object.__setattr__(m, key, value)
+        if isinstance(value, dict):
+            if len(value) != len(saved) or any(
+                value.get(k, _ADDED) is not v for k, v in saved.items()
+            ):
+                value.clear()
+                value.update(saved)
+        elif len(value) != len(saved) or any(a is not b for a, b in zip(value, saved)):
+            value[:] = saved
+
+
+def _is_cache(key: str, value: Any) -> bool:
+    """A dict attribute named as a cache (``attention_bias_cache`` of LeViT,
+    EfficientFormer, TinyViT): emptied for each forward pass of a product."""
+    return isinstance(value, dict) and "cache" in key.lower()
+
+
+@contextmanager
+def _caches_emptied(caches: Sequence[_Container]) -> Iterator[None]:
+    """Present the model's cache dicts empty to one forward pass, then put them back.
+
+    A cache keeps tensors computed from the parameters by an earlier forward pass --
+    LeViT's attention biases, ``attention_biases[:, idxs]``, cached in eval mode, also
+    under ``no_grad`` -- so a product reading it would leave out their derivatives: a
+    zero Hessian block for ``attention_biases``, without an error.  Emptied, the
+    forward pass computes them again from the product's own parameters.
+    """
+    if not caches:
+        yield
+        return
+    for _, _, value, _ in caches:
+        value.clear()
+    try:
+        yield
+    finally:
+        _put_back_containers(caches)
 
 
 def _module_generators(values: Iterable[Any]) -> list[tuple[Any, Any]]:
@@ -338,6 +403,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         if (kind := _attribute_kind(type(value))) is not None
     ]  # one pass over the modules' attributes for both kinds
     attributes = [(m, key, value) for m, key, value, kind in plain if kind == "restore"]
+    containers = _public_containers(plain)
     generators = _module_generators(value for _, _, value, kind in plain if kind == "generator")
     tracked: list[tuple[_NormBase, bool]] = []
     hooks = _BackwardHooksOff(modules)
@@ -361,6 +427,8 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                         m.track_running_stats = False
             slots = _LAST_FORWARD.__dict__.setdefault("slots", [])
             slots.append([])
+            caches = _LAST_FORWARD.__dict__.setdefault("caches", [])
+            caches.append([c for c in containers if _is_cache(c[1], c[2])])
             try:
                 yield model
             except (NotImplementedError, RuntimeError) as exc:
@@ -371,6 +439,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                 raise type(exc)(f"{exc}\n{where}{hint}") from exc
             finally:
                 slots.pop()
+                caches.pop()
     finally:
         hooks.restore()
         for g, state in generators:
@@ -383,6 +452,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
         for m, key, value in attributes:
             if vars(m).get(key) is not value:
                 object.__setattr__(m, key, value)
+        _put_back_containers(containers)
 
 
 class _BackwardHooksOff:
@@ -632,8 +702,13 @@ def functional_forward(
     slots = getattr(_LAST_FORWARD, "slots", None)
     if slots:  # inside curvature_mode: remember the call (to name a failing module)
         slots[-1][:] = [names, tensors, inputs, output_fn]
+    caches = getattr(_LAST_FORWARD, "caches", None)
     with _reparametrized(model, dict(zip(names, tensors)), copies=copies) as originals:
-        with DropoutOffMode(), _inner_saved_tensors_hooks_refused():
+        with (
+            DropoutOffMode(),
+            _inner_saved_tensors_hooks_refused(),
+            _caches_emptied(caches[-1] if caches else ()),
+        ):
             if isinstance(inputs, Mapping):
                 out = model(**inputs)
             elif isinstance(inputs, (tuple, list)):

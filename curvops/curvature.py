@@ -43,7 +43,7 @@ from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
 from curvops.snapshot import TensorSnapshot, tensors_in
-from curvops.validation import Validation, validate
+from curvops.validation import ValidatedModes, Validation, validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -180,6 +180,11 @@ class ModelCurvatureOperator(CurvatureOperator):
 
         self._validation = construction_checks()
         self._construction_checks = construction_checks  # rerun when the loss changes
+
+        def recheck() -> None:
+            self._validation = construction_checks()
+
+        self._validated_modes = ValidatedModes(model, recheck)  # and in new train/eval modes
         self._loss_state = ConfigurationState(loss_fn)  # the loss as it is now, like the model
         self._loss_state.update()
         # The selection as built; products look the parameters up by name
@@ -721,6 +726,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         V = unflatten_columns(X, self._shapes)
         self._live_params()  # a changed dtype/shape/missing parameter is refused first
         self._refresh_loss()
+        self._validated_modes.ensure()
         self._product_token = None  # the model is compared once per product
         self._in_product = True
         try:

@@ -78,7 +78,7 @@ from curvops.losses import LossFn, check_loss, loss_family, loss_reduction
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
-from curvops.validation import validate
+from curvops.validation import ValidatedModes, validate
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
@@ -570,6 +570,9 @@ class KFACOperator(KroneckerEigenOperator):
             validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
 
         self._recheck_loss = recheck_loss
+        self._validated_modes = ValidatedModes(  # checked again in new train/eval modes
+            model, lambda: validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+        )
         self.mc_samples = mc_samples
         self.seed = seed
         blocks, rem = _plan(model, self._params, self.bias, self.remainder)
@@ -622,6 +625,7 @@ class KFACOperator(KroneckerEigenOperator):
         read all the data in every product, which costs more than the product
         itself; the data are a fixed set, contract 1).  A DataLoader is a fixed set.
         """
+        self._validated_modes.ensure()
         self._model_state.update()
         self._loss_state.update(check=self._recheck_loss)
         key: list[Any] = [self._model_state.generation, self._loss_state.generation]

@@ -40,7 +40,7 @@ ValueError: Argument 'data (batch 0)': expected class targets in [0, 3) ...
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,7 @@ from curvops.data import dict_batch_error, first_tensor
 from spectral.errors import argument_error
 
 __all__ = [
+    "ValidatedModes",
     "Validation",
     "check_loss_signature",
     "check_no_quantized_modules",
@@ -252,6 +253,50 @@ def _check_inputs_finite(inputs: Any, index: int) -> None:
     first = first_tensor(inputs)
     if first is not None and first.is_floating_point() and not bool(torch.isfinite(first).all()):
         raise argument_error(f"data (batch {index})", "finite inputs", "inputs with NaN or Inf")
+
+
+class ValidatedModes:
+    """The train/eval flags under which an operator's construction checks have run.
+
+    The checks run one forward pass in the modes the model has when the operator is
+    built, and a forward pass can differ between modes: BigBird's block-sparse
+    attention reseeds and draws from numpy's global generator in training mode only,
+    so an operator built in eval mode and used after ``model.train()`` reset the
+    caller's numpy stream without an error.  :meth:`ensure`, called by every product,
+    runs the checks again (``check``) the first time the model's flags are new; it
+    costs one pass over the modules' flags otherwise.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The operator's model, in the modes its checks have just run in.
+    check : callable
+        Runs the construction checks (raises what they raise).
+
+    Examples
+    --------
+    >>> runs = []
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    >>> modes = ValidatedModes(net, lambda: runs.append(net.training))
+    >>> modes.ensure(); _ = net.eval(); modes.ensure(); modes.ensure()
+    >>> runs
+    [False]
+    """
+
+    def __init__(self, model: nn.Module, check: Callable[[], Any]) -> None:
+        self._model = model
+        self._check = check
+        self._seen = {self._flags()}
+
+    def _flags(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self._model.modules())
+
+    def ensure(self) -> None:
+        """Run the checks if the model's flags have not been checked yet."""
+        flags = self._flags()
+        if flags not in self._seen:
+            self._check()
+            self._seen.add(flags)
 
 
 def check_weights_not_rewritten(model: nn.Module) -> None:

@@ -387,3 +387,47 @@ def test_gradient_checkpointing_changes_no_product(name, reentrant):
     assert checkpointed.is_gradient_checkpointing
     layers = [m for m in checkpointed.modules() if "gradient_checkpointing" in vars(m)]
     assert layers and all(m.gradient_checkpointing for m in layers)
+
+
+def test_levit_cached_attention_biases_in_eval_mode():
+    """LeViT caches ``attention_biases[:, idxs]`` in a dict in eval mode: building an
+    operator filled it and every product read it, so the Hessian rows of the biases
+    were exactly zero (no error).  Now equal to torch's double backward with the cache
+    cleared, and the model's cache is left as it was."""
+    config = transformers.LevitConfig(
+        num_labels=3,
+        image_size=64,
+        patch_size=16,
+        hidden_sizes=[8, 8, 8],
+        num_attention_heads=[2, 2, 2],
+        depths=[1, 1, 1],
+        key_dim=[2, 2, 2],
+        mlp_ratio=[1, 1, 1],
+        attention_ratio=[1, 1, 1],
+        down_ops=[["Subsample", 2, 2, 1, 1, 2], ["Subsample", 2, 2, 1, 1, 2]],
+    )
+    with _seeded(0):
+        model = transformers.LevitForImageClassification(config).double().eval()
+        with torch.no_grad():  # biases that matter: the initial ones are zero
+            for name, p in model.named_parameters():
+                p.add_(torch.randn_like(p) * (1.0 if "attention_biases" in name else 0.1))
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    y, loss = torch.tensor([0, 2]), nn.CrossEntropyLoss()
+    caches = [m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache")]
+    assert caches and all(c == {} for c in caches)
+    H = HessianOperator(model, loss, ({"pixel_values": x}, y))
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = (H @ v).numpy()
+    assert all(c == {} for c in caches)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss(model(pixel_values=x).logits, y), params, create_graph=True)
+    parts = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+    reference = torch.cat([t.reshape(-1) for t in torch.autograd.grad(grads, params, parts)])
+    for c in caches:  # the reference filled them (with gradients on)
+        c.clear()
+    np.testing.assert_allclose(
+        got, reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max())
+    )
+    offsets = np.cumsum([0] + [p.numel() for p in params])
+    biases = [i for i, (n, _) in enumerate(model.named_parameters()) if "attention_biases" in n]
+    assert max(np.abs(got[offsets[i] : offsets[i + 1]]).max() for i in biases) > 1e-8
