@@ -519,13 +519,19 @@ class ModelCurvatureOperator(CurvatureOperator):
         step, a ``.data`` edit (which bumps no version counter), ``copy_`` under
         ``no_grad``, ``load_state_dict`` (with or without ``assign=True``), a
         reassigned ``Parameter``, ``model.temperature = 2.0`` and a hook registered
-        after construction all invalidate the cached graphs.  Cost :math:`O(P)`:
+        after construction all invalidate the cached graphs.  So does an in-place write
+        that leaves the values as they were (``p.add_(d)`` then ``p.copy_(saved)``, a
+        ``load_state_dict`` of the same state): the tensors' version counters are part
+        of the key, since a recorded graph that saved them refuses to run after such a
+        write (autograd's "modified by an inplace operation").  Cost :math:`O(P)`:
         one comparison pass over the parameters and buffers per product (only for
         operators that cache), and one copy of them held while graphs are cached.
         """
         if self._model_state.update():
             self._graph_cache.clear()
-        return (self._model_state.generation, determinism.is_active())
+        model = self._model
+        versions = tuple(t._version for t in (*model.parameters(), *model.buffers()))
+        return (self._model_state.generation, determinism.is_active(), versions)
 
     def _batches(self) -> Iterable[Batch]:
         if not self._progress:

@@ -4,7 +4,8 @@ A Hessian product differentiates the model's backward pass, so it is exactly as 
 as PyTorch's double-backward formulas, and every curvature is only as right as the
 backward pass it is built on.  Two functions that networks use fail
 ``torch.autograd.gradgradcheck`` in float64 in torch 2.13 to 2.15 while their
-gradients are right, and one option changes the backward pass on purpose:
+gradients are right, one option changes the backward pass on purpose, and one function
+has a wrong gradient where a clamp is active:
 
 * ``torch._weight_norm``, the kernel behind weight normalisation
   (``nn.utils.parametrizations.weight_norm`` and the older ``nn.utils.weight_norm``;
@@ -29,6 +30,13 @@ gradients are right, and one option changes the backward pass on purpose:
   them symmetric.  During products embeddings are evaluated by :func:`embedding`,
   without the rescaling and with dense gradients (``sparse=True`` gives sparse ones,
   which the products cannot take): the same outputs, the loss's exact derivatives.
+  The rows of ``padding_idx`` keep PyTorch's convention: they get no gradient, so they
+  are constants of the model and their curvature is zero, as for a frozen parameter.
+* ``F.cosine_similarity`` (``nn.CosineSimilarity``) clamps the norms to ``eps`` in
+  place with gradients off, so where a norm is below ``eps`` even its gradient is not
+  the function's (12 % off the loss's second differences).  During products it is
+  evaluated by :func:`cosine_similarity`, the same operations with a recorded clamp
+  (only inside the model: a loss that calls it is differentiated as PyTorch does).
 
 Spectral normalisation (``nn.utils.parametrizations.spectral_norm`` and the older
 ``nn.utils.spectral_norm``; SN-GAN discriminators) computes
@@ -84,6 +92,7 @@ __all__ = [
     "FAKE_QUANTIZATION_FUNCTIONS",
     "REPLACEMENTS",
     "check_loss_second_derivatives",
+    "cosine_similarity",
     "embedding",
     "exact_spectral_norm_compute_weight",
     "exact_spectral_norm_forward",
@@ -152,6 +161,35 @@ def embedding(
     ([2.0, 2.0], [1.0, 1.0])
     """
     return F.embedding(input, weight, padding_idx, max_norm, norm_type, False, False)
+
+
+def cosine_similarity(
+    x1: torch.Tensor, x2: torch.Tensor, dim: int = 1, eps: float = 1e-8
+) -> torch.Tensor:
+    """``F.cosine_similarity`` with the derivatives of the function it computes.
+
+    PyTorch computes :math:`\\sum (x_1 / \\max(\\lVert x_1 \\rVert, \\epsilon))
+    (x_2 / \\max(\\lVert x_2 \\rVert, \\epsilon))` along ``dim``, but clamps the norms
+    in place with gradients off: where a norm is below ``eps`` its gradient is that of
+    the unclamped norm, so even the first derivative is not the function's (12 % off
+    the second differences of a loss whose vectors had norms below ``eps``).  The same
+    operations with a recorded clamp: the same values, exact derivatives.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[0.3, 0.4]], dtype=torch.float64, requires_grad=True)
+    >>> y = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    >>> cosine_similarity(x, y, eps=1.0).item() == F.cosine_similarity(x, y, eps=1.0).item()
+    True
+    >>> torch.autograd.grad(cosine_similarity(x, y, eps=1.0).sum(), x)[0].tolist()  # = y / 1
+    [[1.0, 0.0]]
+    >>> g_torch = torch.autograd.grad(F.cosine_similarity(x, y, eps=1.0).sum(), x)[0]
+    >>> g_torch.round(decimals=2).tolist()  # differentiates the norm, not the clamp
+    [[0.82, -0.24]]
+    """
+    n1 = torch.linalg.vector_norm(x1, dim=dim, keepdim=True).clamp_min(eps)
+    n2 = torch.linalg.vector_norm(x2, dim=dim, keepdim=True).clamp_min(eps)
+    return ((x1 / n1) * (x2 / n2)).sum(dim)
 
 
 def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -327,6 +365,7 @@ def refuse_fake_quantization(function: Callable[..., Any]) -> Callable[..., Any]
 REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: weight_norm,
     F.embedding: embedding,
+    F.cosine_similarity: cosine_similarity,
     **{f: refuse_fake_quantization(f) for f in FAKE_QUANTIZATION_FUNCTIONS},
 }
 if _LINEAR_CROSS_ENTROPY is not None:

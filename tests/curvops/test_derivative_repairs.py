@@ -327,3 +327,69 @@ def test_embedding_options_do_not_change_the_curvature(option: str) -> None:
     Fe = _dense(FisherOperator(model, loss, (x, y), kind="empirical"))
     assert np.abs(Fe - Fe.T).max() <= 1e-15 * np.abs(Fe).max()
     assert np.linalg.eigvalsh(Fe).min() >= -1e-14 * np.abs(Fe).max()
+
+
+class CosineHead(nn.Module):
+    """Two projections compared by ``nn.CosineSimilarity`` (norms below ``eps`` when
+    ``scale`` is small: the clamp is active)."""
+
+    def __init__(self, eps: float, scale: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 12)
+        self.out = nn.Linear(2, 3)
+        self.cos = nn.CosineSimilarity(dim=-1, eps=eps)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scale * self.proj(x)
+        a, b = z[:, :6].unflatten(1, (2, 3)), z[:, 6:].unflatten(1, (2, 3))
+        return self.out(self.cos(a, b))
+
+
+@pytest.mark.parametrize("clamped", [True, False])
+def test_cosine_similarity_curvature_is_the_functions(clamped: bool) -> None:
+    """PyTorch clamps the norms to ``eps`` with gradients off: with norms below ``eps``
+    its gradient, and so every Hessian built on it, was not the function's (Hessian
+    quadratic forms 57 % off the loss's second differences here).  The reference is
+    independent of PyTorch's derivatives: second differences of loss values."""
+    torch.manual_seed(0)
+    model = CosineHead(eps=0.5, scale=0.1 if clamped else 10.0).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    data, loss = (x, y), nn.CrossEntropyLoss()
+    with torch.no_grad():
+        z = model.scale * model.proj(x)
+        norms = torch.cat([z[:, :6].unflatten(1, (2, 3)), z[:, 6:].unflatten(1, (2, 3))]).norm(
+            dim=-1
+        )
+    assert bool((norms < 0.5).all()) if clamped else bool((norms > 0.5).all())
+    H = _dense(HessianOperator(model, loss, data))
+    params = list(model.parameters())
+    w0 = [p.detach().clone() for p in params]
+
+    def loss_at(step: float, v: torch.Tensor) -> float:
+        with torch.no_grad():
+            for p, p0, part in zip(params, w0, torch.split(v, [p.numel() for p in params])):
+                p.copy_(p0 + step * part.view_as(p))
+            value = float(loss(model(x), y))
+            for p, p0 in zip(params, w0):
+                p.copy_(p0)
+        return value
+
+    h = 1e-3
+    for seed in range(2):
+        v = torch.randn(
+            H.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        v /= v.norm()
+        second = (loss_at(h, v) - 2 * loss_at(0.0, v) + loss_at(-h, v)) / h**2
+        quadratic = float(v.numpy() @ H @ v.numpy())
+        # truncation error O(h^2) of the second difference, rounding 4 eps |L| / h^2
+        assert abs(quadratic - second) <= 1e-5 * abs(second) + 1e-8
+    if not clamped:  # where PyTorch is right nothing changes
+        grads = torch.autograd.grad(loss(model(x), y), params, create_graph=True)
+        v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        parts = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+        torch_hv = torch.cat([t.reshape(-1) for t in torch.autograd.grad(grads, params, parts)])
+        np.testing.assert_allclose(H @ v.numpy(), torch_hv.numpy(), rtol=1e-12, atol=1e-14)

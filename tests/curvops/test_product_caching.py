@@ -193,3 +193,26 @@ def test_one_host_conversion_per_product(monkeypatch: pytest.MonkeyPatch) -> Non
         counts["n"] = 0
         op @ v
         assert counts["n"] == 1, cls.__name__
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, FisherOperator])
+@pytest.mark.parametrize("edit", ["add-then-restore", "load-the-same-state"])
+def test_cached_graphs_follow_in_place_writes_that_restore_the_values(cls: type, edit: str) -> None:
+    """A write that leaves the values as they were (a trial step undone, a state
+    reloaded) bumps the version counters the recorded graphs check: the next product
+    raised autograd's "modified by an inplace operation" instead of rebuilding."""
+    model = make_cnn().double().eval()
+    x, y = make_inputs("cnn", 6), make_targets("ce", 6)
+    op = cls(model, nn.CrossEntropyLoss(), (x, y))
+    V = random_columns(op.shape[0], 2)
+    before = op @ V
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        if edit == "add-then-restore":
+            for p in model.parameters():
+                saved = p.clone()
+                p.add_(1.0)
+                p.copy_(saved)
+        else:
+            model.load_state_dict(state)
+    torch.testing.assert_close(op @ V, before, rtol=0, atol=0)
