@@ -71,7 +71,12 @@ from curvops.derivative_repairs import (
     exact_spectral_norm_compute_weight,
     exact_spectral_norm_forward,
 )
-from curvops.determinism import PRODUCT_SEED, DropoutOffMode, product_context
+from curvops.determinism import (
+    PRODUCT_SEED,
+    DropoutOffMode,
+    product_context,
+    restart_private_stream,
+)
 from curvops.model_io import OutputFn, select_output
 from curvops.op_provenance import describe_module, locate_operation, operation_name
 from spectral.errors import argument_error
@@ -429,6 +434,8 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
             slots.append([])
             caches = _LAST_FORWARD.__dict__.setdefault("caches", [])
             caches.append([c for c in containers if _is_cache(c[1], c[2])])
+            streams = _LAST_FORWARD.__dict__.setdefault("generators", [])
+            streams.append([g for g, _ in generators])
             try:
                 yield model
             except (NotImplementedError, RuntimeError) as exc:
@@ -440,6 +447,7 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
             finally:
                 slots.pop()
                 caches.pop()
+                streams.pop()
     finally:
         hooks.restore()
         for g, state in generators:
@@ -670,6 +678,17 @@ def _inner_saved_tensors_hooks_refused() -> Iterator[None]:
         yield
 
 
+def _restart_streams() -> None:
+    """Inside :func:`curvature_mode`: every forward pass draws the same random numbers
+    (torch's forked generators and the model's own, seeded with ``PRODUCT_SEED``)."""
+    streams = getattr(_LAST_FORWARD, "generators", None)
+    if not streams:
+        return
+    restart_private_stream()
+    for g in streams[-1]:
+        _seeded(g)
+
+
 def functional_forward(
     model: nn.Module,
     names: Sequence[str],
@@ -703,6 +722,7 @@ def functional_forward(
     if slots:  # inside curvature_mode: remember the call (to name a failing module)
         slots[-1][:] = [names, tensors, inputs, output_fn]
     caches = getattr(_LAST_FORWARD, "caches", None)
+    _restart_streams()
     with _reparametrized(model, dict(zip(names, tensors)), copies=copies) as originals:
         with (
             DropoutOffMode(),

@@ -35,8 +35,10 @@ with second derivatives, and restore every setting on exit, also after an error:
   from a private stream (the default CPU generator, and each initialised CUDA
   generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
   batch and vector give bitwise the same product on the CPU, and the user's
-  streams are left exactly where they were.  The product is then the curvature of
-  the model at one fixed draw (a VAE's noise, a mask drawn with ``torch.rand``), so
+  streams are left exactly where they were.  The stream restarts at every forward pass
+  (:func:`restart_private_stream`), so every pass over a batch -- per column of the
+  forward-mode GGN, per product -- sees the same draws.  The product is then the
+  curvature of the model at one fixed draw (a VAE's noise, a mask drawn with ``torch.rand``), so
   an operator whose model draws this way says so in a logged warning when it is
   built (:func:`torch_draws_reported`).  A forward pass that draws from numpy's
   or Python's global generator is refused when the operator is built
@@ -96,6 +98,7 @@ __all__ = [
     "is_active",
     "outside_inference_mode",
     "product_context",
+    "restart_private_stream",
     "torch_draws_reported",
 ]
 
@@ -328,6 +331,20 @@ def torch_draws_reported(what: str) -> Iterator[None]:
             what,
             PRODUCT_SEED,
         )
+
+
+def restart_private_stream() -> None:
+    """Seed the generators :func:`product_context` forks with :data:`PRODUCT_SEED` again.
+
+    Called at the start of every forward pass of a product (inside the context only),
+    so that a model drawing random numbers sees the same draws in every pass: the
+    forward-mode GGN and Fisher evaluate the model once per column and per batch, and
+    with one stream for the whole product the columns of one ``matmat`` were taken at
+    different draws (the 2 x 2 block ``X^T G X`` non-symmetric by 11 %).
+    """
+    if _depth > 0:
+        for g in _forked_generators():
+            g.manual_seed(PRODUCT_SEED)
 
 
 def is_active() -> bool:
