@@ -528,18 +528,20 @@ def _missing_derivative_hint(exc: BaseException) -> str | None:
     """What to do when PyTorch lacks a derivative a product needs (None: other errors)."""
     text = str(exc)
     if "derivative for" in text and "not implemented" in text:
-        need = "a second derivative (double backward)"
+        need, extra = "a second derivative (double backward)", ""
     elif "forward AD" in text:
         need = "a forward-mode derivative"
+        extra = (
+            "; for the GGN and Fisher, cache=True (recorded graphs, no forward-mode "
+            "derivatives) avoids it"
+        )
     else:
         return None
     return (
         f"Curvature products need {need} of every operation of the model, and PyTorch "
         "has none for the operation named above. Attention already runs on the MATH "
         "backend (and without the fused fast path) during products. Replace the "
-        "operation by an equivalent built from differentiable operations; for the GGN "
-        "and Fisher, cache=True (recorded graphs, no forward-mode derivatives) may also "
-        "avoid a missing forward-mode derivative."
+        f"operation by an equivalent built from differentiable operations{extra}."
     )
 
 

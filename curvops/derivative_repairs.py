@@ -37,6 +37,9 @@ has a wrong gradient where a clamp is active:
   the function's (12 % off the loss's second differences).  During products it is
   evaluated by :func:`cosine_similarity`, the same operations with a recorded clamp
   (only inside the model: a loss that calls it is differentiated as PyTorch does).
+* ``F.hardsigmoid`` (``nn.Hardsigmoid``: MobileNetV3's squeeze-excitation, PP-LCNet) has
+  no double backward in PyTorch; it is evaluated as ``hardtanh(x + 3, 0, 6) / 6``
+  (:func:`hardsigmoid`), the same values, whose derivatives PyTorch has.
 
 Spectral normalisation (``nn.utils.parametrizations.spectral_norm`` and the older
 ``nn.utils.spectral_norm``; SN-GAN discriminators) computes
@@ -96,6 +99,7 @@ __all__ = [
     "embedding",
     "exact_spectral_norm_compute_weight",
     "exact_spectral_norm_forward",
+    "hardsigmoid",
     "linear_cross_entropy_reference",
     "refuse_fake_quantization",
     "spectral_norm_sigma",
@@ -197,6 +201,21 @@ def cosine_similarity(
     n1 = torch.linalg.vector_norm(x1, dim=dim, keepdim=True).clamp_min(eps)
     n2 = torch.linalg.vector_norm(x2, dim=dim, keepdim=True).clamp_min(eps)
     return ((x1 / n1) * (x2 / n2)).sum(dim)
+
+
+def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.hardsigmoid`` as ``hardtanh(x + 3, 0, 6) / 6``: the same values, with a
+    double backward (PyTorch has none for ``hardsigmoid_backward``, so every Hessian
+    product through MobileNetV3's squeeze-excitation blocks or PP-LCNet failed).
+    ``inplace`` is ignored: the result is a new tensor.
+
+    Examples
+    --------
+    >>> x = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    >>> bool(torch.equal(hardsigmoid(x), F.hardsigmoid(x)))
+    True
+    """
+    return F.hardtanh(input + 3.0, 0.0, 6.0) / 6.0
 
 
 def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -373,6 +392,7 @@ REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: weight_norm,
     F.embedding: embedding,
     F.cosine_similarity: cosine_similarity,
+    F.hardsigmoid: hardsigmoid,
     **{f: refuse_fake_quantization(f) for f in FAKE_QUANTIZATION_FUNCTIONS},
 }
 if _LINEAR_CROSS_ENTROPY is not None:

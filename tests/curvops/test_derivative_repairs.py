@@ -448,3 +448,53 @@ def test_the_padding_row_has_the_same_curvature_on_every_path() -> None:
     with torch.no_grad():
         for i in range(3):  # the pad row's diagonal against second differences of loss values
             assert abs(H[i, i] - second_difference(i)) <= 1e-6 * abs(H).max()
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's squeeze-excitation gate, ``nn.Hardsigmoid`` (``written``: by hand)."""
+
+    def __init__(self, written: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.reduce, self.expand = nn.Linear(3, 2), nn.Linear(2, 3)
+        self.gate = nn.Hardsigmoid(inplace=True)
+        self.head = nn.Linear(3, 2)
+        self.written = written
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.hardswish(self.conv(x))
+        s = self.expand(F.relu(self.reduce(z.mean((2, 3)))))
+        s = F.relu6(s + 3) / 6 if self.written else self.gate(s)
+        return self.head((z * s[:, :, None, None]).mean((2, 3)))
+
+
+def test_hardsigmoid_has_second_derivatives_in_products() -> None:
+    """PyTorch has no double backward for ``hardsigmoid``: every Hessian product through
+    MobileNetV3's gates failed.  Products now equal those of the gate written out as
+    ``relu6(x + 3) / 6`` (plain PyTorch, ``torch.autograd.functional.hessian``)."""
+    torch.manual_seed(0)
+    model, written = SqueezeExcite().double(), SqueezeExcite(written=True).double()
+    written.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 1, 5, 5, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    loss = nn.CrossEntropyLoss()
+    names = [n for n, _ in written.named_parameters()]
+    shapes = [p.shape for p in written.parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in written.parameters()])
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(w, [s.numel() for s in shapes])
+        named = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        return loss(torch.func.functional_call(written, named, (x,)), y)
+
+    H_ref = torch.autograd.functional.hessian(loss_of, w0).numpy()
+    H = _dense(HessianOperator(model, loss, (x, y)))
+    np.testing.assert_allclose(H, H_ref, rtol=1e-10, atol=1e-12 * np.abs(H_ref).max())
+    with pytest.raises(RuntimeError, match="hardsigmoid"):  # outside products: PyTorch's kernel
+        w = w0.clone().requires_grad_(True)
+        parts = torch.split(w, [s.numel() for s in shapes])
+        named = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        (grad,) = torch.autograd.grad(
+            loss(torch.func.functional_call(model, named, (x,)), y), w, create_graph=True
+        )
+        torch.autograd.grad(grad.sum(), w)
