@@ -529,7 +529,7 @@ def _missing_derivative_hint(exc: BaseException) -> str | None:
     text = str(exc)
     if "derivative for" in text and "not implemented" in text:
         need, extra = "a second derivative (double backward)", ""
-    elif "forward AD" in text:
+    elif "forward AD" in text or "forward mode AD" in text:  # the latter: a custom Function
         need = "a forward-mode derivative"
         extra = (
             "; for the GGN and Fisher, cache=True (recorded graphs, no forward-mode "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -502,3 +503,43 @@ def test_forward_drawing_from_global_numpy_or_python_streams_is_refused(source: 
         HessianOperator(model, nn.CrossEntropyLoss(), data)
     assert np.array_equal(np.random.get_state()[1], numpy_state)  # noqa: NPY002
     assert random.getstate() == python_state
+
+
+class SquareWithoutJvp(torch.autograd.Function):
+    """A custom Function with a backward but no ``jvp`` (as Bloom's and YOSO's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_a_custom_function_without_jvp_is_explained_with_the_remedy() -> None:
+    """The forward-mode GGN of a list of batches failed with PyTorch's bare "You must
+    implement the jvp function"; the error now says what products need and that the
+    cached path (``cache=True``) avoids it, which then gives the GGN."""
+    torch.manual_seed(0)
+    lin, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+
+    class Net(nn.Module):
+        def __init__(self, custom: bool) -> None:
+            super().__init__()
+            self.lin, self.head, self.custom = lin, head, custom
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.lin(x)
+            return self.head(SquareWithoutJvp.apply(z) if self.custom else z * z)
+
+    model = Net(custom=True)
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), [batch])
+    with pytest.raises(NotImplementedError, match=r"forward-mode derivative.*cache=True"):
+        G @ torch.ones(G.shape[0], dtype=torch.float64)
+    cached = GGNOperator(model, nn.CrossEntropyLoss(), [batch], cache=True)
+    reference = dense_ggn(Net(custom=False), nn.CrossEntropyLoss(), batch)  # torch.func
+    torch.testing.assert_close(cached @ torch.eye(G.shape[0], dtype=torch.float64), reference)
