@@ -430,24 +430,15 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
                     if m.training:
                         tracked.append((m, m.track_running_stats))
                         m.track_running_stats = False
-            slots = _LAST_FORWARD.__dict__.setdefault("slots", [])
-            slots.append([])
-            caches = _LAST_FORWARD.__dict__.setdefault("caches", [])
-            caches.append([c for c in containers if _is_cache(c[1], c[2])])
-            streams = _LAST_FORWARD.__dict__.setdefault("generators", [])
-            streams.append([g for g, _ in generators])
-            try:
-                yield model
-            except (NotImplementedError, RuntimeError) as exc:
-                hint = _missing_derivative_hint(exc)
-                if hint is None:
-                    raise
-                where = _culprit(model, str(exc), slots[-1])
-                raise type(exc)(f"{exc}\n{where}{hint}") from exc
-            finally:
-                slots.pop()
-                caches.pop()
-                streams.pop()
+            with _forward_frame(containers, generators) as last:
+                try:
+                    yield model
+                except (NotImplementedError, RuntimeError) as exc:
+                    hint = _missing_derivative_hint(exc)
+                    if hint is None:
+                        raise
+                    where = _culprit(model, str(exc), last)
+                    raise type(exc)(f"{exc}\n{where}{hint}") from exc
     finally:
         hooks.restore()
         for g, state in generators:
@@ -457,10 +448,43 @@ def curvature_mode(model: nn.Module, bn_mode: str | None = None) -> Iterator[nn.
             m.track_running_stats = flag
         for m, was_training in flags:
             m.training = was_training
-        for m, key, value in attributes:
-            if vars(m).get(key) is not value:
-                object.__setattr__(m, key, value)
-        _put_back_containers(containers)
+        _put_back_attributes(attributes, containers)
+
+
+_FRAME_KEYS = ("slots", "caches", "generators")
+
+
+@contextmanager
+def _forward_frame(
+    containers: Sequence[_Container], generators: Sequence[tuple[Any, Any]]
+) -> Iterator[list[Any]]:
+    """What :func:`functional_forward` needs from the active :func:`curvature_mode`,
+    on per-thread stacks: a slot for its last call (to name a failing module), the
+    cache dicts to empty and the model's generators to restart in each forward pass.
+    Yields the slot."""
+    stacks = _LAST_FORWARD.__dict__
+    frame: tuple[list[Any], ...] = (
+        [],
+        [c for c in containers if _is_cache(c[1], c[2])],
+        [g for g, _ in generators],
+    )
+    for key, value in zip(_FRAME_KEYS, frame):
+        stacks.setdefault(key, []).append(value)
+    try:
+        yield frame[0]
+    finally:
+        for key in _FRAME_KEYS:
+            stacks[key].pop()
+
+
+def _put_back_attributes(
+    attributes: Sequence[tuple[nn.Module, str, Any]], containers: Sequence[_Container]
+) -> None:
+    """Put back the plain attributes (by identity) and the containers' contents."""
+    for m, key, value in attributes:
+        if vars(m).get(key) is not value:
+            object.__setattr__(m, key, value)
+    _put_back_containers(containers)
 
 
 class _BackwardHooksOff:
