@@ -180,11 +180,8 @@ class ModelCurvatureOperator(CurvatureOperator):
 
         self._validation = construction_checks()
         self._construction_checks = construction_checks  # rerun when the loss changes
-
-        def recheck() -> None:
-            self._validation = construction_checks()
-
-        self._validated_modes = ValidatedModes(model, recheck)  # and in new train/eval modes
+        # ... and when the model enters train/eval flags not checked yet
+        self._validated_modes = ValidatedModes(model, self._recheck)
         self._loss_state = ConfigurationState(loss_fn)  # the loss as it is now, like the model
         self._loss_state.update()
         # The selection as built; products look the parameters up by name
@@ -715,12 +712,12 @@ class ModelCurvatureOperator(CurvatureOperator):
         ``ignore_index`` that leaves targets out of range, are refused as at
         construction) and drops every graph recorded with the old loss.
         """
-
-        def recheck() -> None:
-            self._validation = self._construction_checks()
-
-        if self._loss_state.update(check=recheck):
+        if self._loss_state.update(check=self._recheck):
             self._graph_cache.clear()
+
+    def _recheck(self) -> None:
+        """Run the construction checks again and keep what they learnt."""
+        self._validation = self._construction_checks()
 
     def _in_memory_batch(self, index: int) -> Batch | None:
         """Batch ``index`` of in-memory data (None for a DataLoader: it is not re-read)."""

@@ -557,9 +557,13 @@ class KFACOperator(KroneckerEigenOperator):
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         self._params = select_params(model, params)
+
         # the construction-time checks of every operator: finite parameters, inputs,
         # targets and loss, named errors (curvops.validation)
-        validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+        def construction_checks() -> None:
+            validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+
+        construction_checks()
         self._loss_state = ConfigurationState(loss_fn)  # the factors follow a changed loss
         self._loss_state.update()
         # parameters and buffers bitwise, attributes, hooks and modes of the model
@@ -567,12 +571,11 @@ class KFACOperator(KroneckerEigenOperator):
 
         def recheck_loss() -> None:
             _check_loss_family(loss_fn, fisher)
-            validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
+            construction_checks()
 
         self._recheck_loss = recheck_loss
-        self._validated_modes = ValidatedModes(  # checked again in new train/eval modes
-            model, lambda: validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
-        )
+        # checked again in new train/eval modes
+        self._validated_modes = ValidatedModes(model, construction_checks)
         self.mc_samples = mc_samples
         self.seed = seed
         blocks, rem = _plan(model, self._params, self.bias, self.remainder)
