@@ -470,7 +470,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         """
         if not self._cache_enabled:
             return jacobian_sandwich_matmat(
-                self._forward_fn(inputs), self.current_params(), V, output_curvature
+                self._forward_fn(inputs),
+                self.current_params(),
+                V,
+                output_curvature,
+                lean_kernels=self._lean_kernels,
             )
         graph = self._cached(
             batch,

@@ -95,10 +95,12 @@ __all__ = [
     "FAKE_QUANTIZATION_FUNCTIONS",
     "REPLACEMENTS",
     "check_loss_second_derivatives",
+    "clamp_replacement",
     "cosine_similarity",
     "embedding",
     "exact_spectral_norm_compute_weight",
     "exact_spectral_norm_forward",
+    "fmax",
     "hardsigmoid",
     "linear_cross_entropy_reference",
     "refuse_fake_quantization",
@@ -216,6 +218,92 @@ def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     True
     """
     return F.hardtanh(input + 3.0, 0.0, 6.0) / 6.0
+
+
+def fmax(input: torch.Tensor, other: torch.Tensor, *, out: torch.Tensor | None = None) -> Any:
+    """``torch.fmax`` whose forward-mode derivative is the transpose of its reverse-mode one.
+
+    At exact ties PyTorch's forward mode splits the tangent between the arguments while
+    its backward pass gives the whole gradient to ``input``, so a GGN with :math:`Jv`
+    from forward mode and :math:`J^\\top u` from reverse mode (lists of batches,
+    DataLoaders, ``cache=False``) came out non-symmetric.  Evaluated as
+    ``where((input >= other) | isnan(other), input, other)``: the same values and the
+    same backward pass as ``torch.fmax`` (NaN included), and a forward mode that agrees.
+
+    Examples
+    --------
+    >>> a = torch.tensor([1.0, float("nan"), 2.0, 0.0])
+    >>> b = torch.tensor([1.0, 3.0, float("nan"), 5.0])
+    >>> bool(torch.equal(fmax(a, b), torch.fmax(a, b)))
+    True
+    """
+    if out is not None or not isinstance(other, torch.Tensor):
+        return torch.fmax(input, other, out=out)
+    return torch.where((input >= other) | other.isnan(), input, other)
+
+
+def _at_least(input: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``clamp(input, min=low)`` for a tensor ``low``, by ``where``
+    (see :func:`clamp_replacement`)."""
+    return torch.where((input < low) | low.isnan(), low, input)
+
+
+def _at_most(input: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``clamp(input, max=high)`` for a tensor ``high``, by ``where``."""
+    return torch.where((input > high) | high.isnan(), high, input)
+
+
+def clamp_replacement(
+    original: Callable[..., Any], bounds: tuple[str, ...], *, inplace: bool = False
+) -> Callable[..., Any]:
+    """A clamp function of PyTorch (``torch.clamp``, ``Tensor.clip_``, ...) whose
+    forward-mode derivative at a value exactly on a one-sided tensor bound is the
+    transpose of its reverse-mode one.
+
+    ``clamp(x, min=t)`` with a *tensor* ``t`` (and no ``max``), and likewise a tensor
+    ``max`` alone, has a forward-mode derivative that at ``x == t`` disagrees with its
+    backward pass (which gives the gradient to ``x`` there), so the forward-mode GGN
+    paths came out non-symmetric (``clamp_min``/``clamp_max`` with a tensor agree in
+    both modes and are left alone).  Such calls are evaluated as
+    ``where(x < t, t, x)`` (``where(x > t, t, x)``): the same values and backward pass
+    (the NaN cases, where PyTorch gives neither argument a gradient, aside: a NaN
+    stops a product anyway), and a forward mode that agrees.  Every other call
+    (scalar bounds, two bounds, ``out=``) is PyTorch's own.
+
+    Parameters
+    ----------
+    original : callable
+        The PyTorch function or ``Tensor`` method.
+    bounds : tuple of str
+        The names of its bound arguments, in positional order (``("min", "max")``).
+    inplace : bool
+        Whether ``original`` writes into its input (``clamp_``, ``clip_``).
+
+    Examples
+    --------
+    >>> x, t = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0])
+    >>> clamp = clamp_replacement(torch.clamp, ("min", "max"))
+    >>> bool(torch.equal(clamp(x, min=t), torch.clamp(x, min=t)))
+    True
+    """
+
+    def replacement(input: Any, *args: Any, **kwargs: Any) -> Any:
+        given = dict(zip(bounds, args))
+        if len(args) > len(bounds) or given.keys() & kwargs.keys():
+            return original(input, *args, **kwargs)  # PyTorch's own error message
+        given.update(kwargs)
+        low, high = given.get("min"), given.get("max")
+        if not isinstance(input, torch.Tensor) or given.keys() - {"min", "max"}:
+            return original(input, *args, **kwargs)  # out=, or not ours to handle
+        if isinstance(low, torch.Tensor) and high is None:
+            result = _at_least(input, low)
+        elif isinstance(high, torch.Tensor) and low is None:
+            result = _at_most(input, high)
+        else:
+            return original(input, *args, **kwargs)
+        return input.copy_(result) if inplace else result
+
+    return replacement
 
 
 def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -393,6 +481,16 @@ REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.embedding: embedding,
     F.cosine_similarity: cosine_similarity,
     F.hardsigmoid: hardsigmoid,
+    torch.fmax: fmax,
+    torch.Tensor.fmax: fmax,
+    **{
+        f: clamp_replacement(f, ("min", "max"))
+        for f in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)
+    },
+    **{
+        f: clamp_replacement(f, ("min", "max"), inplace=True)
+        for f in (torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_)
+    },
     **{f: refuse_fake_quantization(f) for f in FAKE_QUANTIZATION_FUNCTIONS},
 }
 if _LINEAR_CROSS_ENTROPY is not None:

@@ -234,7 +234,6 @@ class FisherOperator(ModelCurvatureOperator):
     def _batch_matmat(self, batch: Batch, V: list[torch.Tensor]) -> list[torch.Tensor]:
         inputs, targets = self._batch_on_device(batch)
         loss_fn, kind, m = self.loss_fn, self.kind, self.mc_samples
-        generator = batch_generator(self.seed, batch.index) if kind == "mc" else None
         normaliser = batch_normaliser(loss_fn, inputs, targets, batch.size)
         per_position = self.per == "position"
 
@@ -259,7 +258,8 @@ class FisherOperator(ModelCurvatureOperator):
                 targets,
                 kind=kind,
                 mc_samples=m,
-                generator=generator,
+                # a fresh generator per call: the same draws however often it is built
+                generator=batch_generator(self.seed, batch.index) if kind == "mc" else None,
                 normaliser=normaliser,
             )
             n = outputs.shape[0]

@@ -48,6 +48,7 @@ tensor([[ 6.,  0.],
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ import torch.autograd.forward_ad as fwAD
 from curvops.differentiability import UntrackedUseRecorder, check_twice_differentiable
 from curvops.forward_mode import prepare_forward_mode
 from curvops.lean_ops import lean_double_backward
+from curvops.tangent_consistency import forward_mode_pass, lacks_forward_derivative
 
 __all__ = [
     "HessianLinearization",
@@ -71,6 +73,8 @@ __all__ = [
     "jacobian_sandwich_matmat",
     "stack_columns",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: ``make(outputs) -> apply``; ``apply(U)`` maps ``(k, *outputs.shape)`` to the same shape.
 OutputCurvature = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
@@ -192,40 +196,56 @@ def jacobian_sandwich_matmat(
     params: Sequence[torch.Tensor],
     V: Sequence[torch.Tensor],
     output_curvature: OutputCurvature,
+    *,
+    lean_kernels: bool = True,
 ) -> list[torch.Tensor]:
     """:math:`J^\\top Q J\\, V`, :math:`J = \\partial f/\\partial w`, ``Q`` built from the outputs.
 
     Each column: one forward pass with dual numbers (outputs and :math:`Jv` at once),
     ``Q`` applied in output space, one backward pass for :math:`J^\\top`.  ``Q`` is
-    built once (from the first column's outputs, which are the same for all).
+    built once (from the first column's outputs, which are the same for all).  Where
+    the forward pass calls a function whose forward-mode derivative is missing or not
+    the transpose of its reverse-mode one (:mod:`curvops.tangent_consistency`), the
+    product is that of a :func:`jacobian_graph` built for it (reverse over reverse;
+    ``lean_kernels`` as there): the same matrix as the cached path.
     """
     prepare_forward_mode()
     leaves = _leaves(params)
-    k = V[0].shape[0]
-    if k > 1:
-        return _shared_forward_sandwich(forward, leaves, V, output_curvature)
-    apply_q: Callable[[torch.Tensor], torch.Tensor] | None = None
-    cols: list[tuple[torch.Tensor, ...]] = []
-    for j in range(k):
-        with torch.enable_grad(), fwAD.dual_level():
-            duals = [fwAD.make_dual(leaf, v[j]) for leaf, v in zip(leaves, V)]
-            recorder = UntrackedUseRecorder(duals, leaves)
-            with recorder:
-                out = forward(duals)
-            primal, tangent = fwAD.unpack_dual(out)
-            recorder.check([primal])
-        if tangent is None:
-            tangent = torch.zeros_like(primal)
-        if apply_q is None:
-            apply_q = output_curvature(primal.detach())
-        u = apply_q(tangent.detach().unsqueeze(0))[0]
-        if not primal.requires_grad:
-            cols.append(tuple(torch.zeros_like(leaf) for leaf in leaves))
-            continue
-        cols.append(
-            torch.autograd.grad(primal, leaves, u, allow_unused=True, materialize_grads=True)
-        )
-    return stack_columns(cols, len(V))
+    try:
+        with forward_mode_pass():
+            if V[0].shape[0] > 1:
+                return _shared_forward_sandwich(forward, leaves, V, output_curvature)
+            return _dual_sandwich(forward, leaves, V, output_curvature)
+    except (NotImplementedError, RuntimeError) as exc:
+        if not lacks_forward_derivative(exc):
+            raise
+        logger.debug("J v in reverse mode: %s", exc)
+    graph = jacobian_graph(forward, params, output_curvature, lean_kernels=lean_kernels)
+    return graph.apply(V)
+
+
+def _dual_sandwich(
+    forward: Callable[[list[torch.Tensor]], torch.Tensor],
+    leaves: list[torch.Tensor],
+    V: Sequence[torch.Tensor],
+    output_curvature: OutputCurvature,
+) -> list[torch.Tensor]:
+    """The matvec path of :func:`jacobian_sandwich_matmat` (one column)."""
+    with torch.enable_grad(), fwAD.dual_level():
+        duals = [fwAD.make_dual(leaf, v[0]) for leaf, v in zip(leaves, V)]
+        recorder = UntrackedUseRecorder(duals, leaves)
+        with recorder:
+            out = forward(duals)
+        primal, tangent = fwAD.unpack_dual(out)
+        recorder.check([primal])
+    if tangent is None:
+        tangent = torch.zeros_like(primal)
+    apply_q = output_curvature(primal.detach())
+    u = apply_q(tangent.detach().unsqueeze(0))[0]
+    if not primal.requires_grad:
+        return [torch.zeros_like(v) for v in V]
+    col = torch.autograd.grad(primal, leaves, u, allow_unused=True, materialize_grads=True)
+    return stack_columns([col], len(V))
 
 
 def _shared_forward_sandwich(
@@ -247,7 +267,6 @@ def _shared_forward_sandwich(
     with torch.enable_grad(), recorder:
         primal = forward(leaves)
     recorder.check([primal])
-    apply_q = output_curvature(primal.detach())
     constants = [leaf.detach() for leaf in leaves]
     tangents = []
     with torch.no_grad():
@@ -256,6 +275,7 @@ def _shared_forward_sandwich(
                 out = forward([fwAD.make_dual(c, v[j]) for c, v in zip(constants, V)])
                 tangent = fwAD.unpack_dual(out).tangent
             tangents.append(torch.zeros_like(primal) if tangent is None else tangent)
+    apply_q = output_curvature(primal.detach())  # after the tangents: built once per product
     U = apply_q(torch.stack(tangents))
     k = U.shape[0]
     if not primal.requires_grad:
@@ -435,7 +455,8 @@ def jacobian_sandwich_linearization(
     with warnings.catch_warnings():
         # torch.fx's constant folding inside linearize warns about its own graph
         warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node", UserWarning)
-        outputs, jvp_fn = torch.func.linearize(f, *primals)
+        with forward_mode_pass():
+            outputs, jvp_fn = torch.func.linearize(f, *primals)
     vjp_fn = torch.func.vjp(f, *primals)[1]
     outputs = outputs.detach()
     return JacobianSandwichLinearization(outputs, jvp_fn, vjp_fn, output_curvature(outputs))

@@ -444,12 +444,19 @@ def _has_double_backward(model: nn.Module) -> bool:
     ],
 )
 def test_missing_derivative_explained(make: object, need: str) -> None:
-    if need == "second derivative" and _has_double_backward(Cdist()):
-        pytest.skip("this torch has a double backward for torch.cdist (torch >= 2.14)")
+    """Without a forward-mode derivative the GGN takes ``Jv`` in reverse mode (over the
+    double backward): where that is missing too, the error names it."""
     data = (torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    if _has_double_backward(Cdist()):
+        if need == "second derivative":
+            pytest.skip("this torch has a double backward for torch.cdist (torch >= 2.14)")
+        model, v = Cdist(), torch.randn(6, dtype=torch.float64)
+        cached = GGNOperator(model, nn.CrossEntropyLoss(), data)
+        torch.testing.assert_close(make(model, data) @ v, cached @ v)  # type: ignore[operator]
+        return
     settings = _settings()
     op = make(Cdist(), data)  # type: ignore[operator]
-    with pytest.raises(NotImplementedError, match=f"Curvature products need a {need}"):
+    with pytest.raises(NotImplementedError, match="Curvature products need a second derivative"):
         op @ torch.ones(6, dtype=torch.float64)
     assert _settings() == settings
 
@@ -519,10 +526,10 @@ class SquareWithoutJvp(torch.autograd.Function):
         return 2 * x * g
 
 
-def test_a_custom_function_without_jvp_is_explained_with_the_remedy() -> None:
+def test_a_custom_function_without_jvp_takes_jv_in_reverse_mode() -> None:
     """The forward-mode GGN of a list of batches failed with PyTorch's bare "You must
-    implement the jvp function"; the error now says what products need and that the
-    cached path (``cache=True``) avoids it, which then gives the GGN."""
+    implement the jvp function"; now the product takes ``Jv`` in reverse mode (as the
+    cached path does) and gives the GGN."""
     torch.manual_seed(0)
     lin, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
 
@@ -538,8 +545,8 @@ def test_a_custom_function_without_jvp_is_explained_with_the_remedy() -> None:
     model = Net(custom=True)
     batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
     G = GGNOperator(model, nn.CrossEntropyLoss(), [batch])
-    with pytest.raises(NotImplementedError, match=r"forward-mode derivative.*cache=True"):
-        G @ torch.ones(G.shape[0], dtype=torch.float64)
     cached = GGNOperator(model, nn.CrossEntropyLoss(), [batch], cache=True)
     reference = dense_ggn(Net(custom=False), nn.CrossEntropyLoss(), batch)  # torch.func
-    torch.testing.assert_close(cached @ torch.eye(G.shape[0], dtype=torch.float64), reference)
+    eye = torch.eye(G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(cached @ eye, reference)
+    torch.testing.assert_close(G @ eye, reference)

@@ -1,0 +1,320 @@
+"""Forward-mode tangents that are not the transpose of the gradients (the GGN and Fisher
+of lists of batches, DataLoaders and ``cache=False`` take ``Jv`` in forward mode and
+``J^T u`` in reverse mode).
+
+Before: at exact ties ``torch.fmax`` and a one-sided tensor ``clamp`` bound made those
+paths non-symmetric (27 % of the norm on the clamp model below), ``scatter_reduce``
+with ``"prod"`` gave a zero tangent (the list GGN 71 % off the cached one), and
+``index_reduce`` or a custom ``autograd.Function`` without ``jvp`` raised.  Now the first
+two are rewritten with ``where`` (same values, same backward pass), and the rest take
+``Jv`` in reverse mode (reverse over reverse, as the cached path): every path gives the
+same symmetric matrix as the dense float64 reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from curvops import FisherOperator, GGNOperator
+from curvops.derivative_repairs import REPLACEMENTS
+from curvops.determinism import DropoutOffMode
+from curvops.tangent_consistency import (
+    ForwardModeUnsuitable,
+    forward_mode_pass,
+    lacks_forward_derivative,
+)
+from curvops.testing import dense_ggn
+
+EPS = float(torch.finfo(torch.float64).eps)
+
+pytestmark = pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+
+_VALUES = [-1.0, 0.0, 1.0, 2.0, float("inf"), -float("inf")]
+
+
+def _grid(arity: int) -> list[torch.Tensor]:
+    """Every combination of a few values (ties, zeros, infinities) per argument."""
+    rows = torch.tensor(list(itertools.product(_VALUES, repeat=arity)), dtype=torch.float64)
+    return [rows[:, i].clone() for i in range(arity)]
+
+
+def _transpose_gap(f: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> float:
+    """``|<u, J v>_forward - <J^T u, v>_reverse|`` under the products' mode."""
+    gen = torch.Generator().manual_seed(0)
+    args = [x.detach().clone().requires_grad_() for x in inputs]
+    with DropoutOffMode():
+        out = f(*args)
+    u = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    vs = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in inputs]
+    grads = torch.autograd.grad(out, args, u, allow_unused=True, materialize_grads=True)
+    reverse = sum(float((g * v).sum()) for g, v in zip(grads, vs))
+    with fwAD.dual_level(), DropoutOffMode():
+        tangent = fwAD.unpack_dual(f(*[fwAD.make_dual(x, v) for x, v in zip(inputs, vs)])).tangent
+    forward = 0.0 if tangent is None else float((u * tangent).sum())
+    return abs(reverse - forward)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return t.nan_to_num(nan=7.0, posinf=8.0, neginf=9.0)
+
+
+# clamp_min / clamp_max with a tensor agree in both modes already (not rewritten)
+_ONE_SIDED: list[tuple[str, Callable[..., torch.Tensor]]] = [
+    ("torch.fmax", torch.fmax),
+    ("Tensor.fmax", lambda x, t: x.fmax(t)),
+    ("torch.clamp min=", lambda x, t: torch.clamp(x, min=t)),
+    ("torch.clamp max=", lambda x, t: torch.clamp(x, max=t)),
+    ("torch.clamp positional", lambda x, t: torch.clamp(x, t)),
+    ("Tensor.clamp", lambda x, t: x.clamp(t)),
+    ("torch.clip max=", lambda x, t: torch.clip(x, max=t)),
+    ("Tensor.clip min=", lambda x, t: x.clip(min=t)),
+    ("torch.clamp_min", torch.clamp_min),
+    ("Tensor.clamp_min", lambda x, t: x.clamp_min(t)),
+    ("torch.clamp_max", torch.clamp_max),
+    ("Tensor.clamp_max", lambda x, t: x.clamp_max(t)),
+    ("torch.clamp_", lambda x, t: torch.clamp_(x * 1, min=t)),
+    ("Tensor.clamp_", lambda x, t: (x * 1).clamp_(max=t)),
+    ("torch.clip_", lambda x, t: torch.clip_(x * 1, t)),
+    ("Tensor.clip_", lambda x, t: (x * 1).clip_(max=t)),
+    ("torch.clamp_min_", lambda x, t: torch.clamp_min_(x * 1, t)),
+    ("Tensor.clamp_min_", lambda x, t: (x * 1).clamp_min_(t)),
+    ("torch.clamp_max_", lambda x, t: torch.clamp_max_(x * 1, t)),
+    ("Tensor.clamp_max_", lambda x, t: (x * 1).clamp_max_(t)),
+]
+
+
+@pytest.mark.parametrize(("name", "f"), _ONE_SIDED, ids=[n for n, _ in _ONE_SIDED])
+def test_rewrites_keep_values_and_gradients_and_agree_in_forward_mode(
+    name: str, f: Callable[..., torch.Tensor]
+) -> None:
+    x, t = _grid(2)
+    # PyTorch's values and backward pass, bitwise, at ties and infinities
+    args = [x.clone().requires_grad_(), t.clone().requires_grad_()]
+    want = f(*args)
+    want_grads = torch.autograd.grad(want, args, torch.ones_like(want))
+    args = [x.clone().requires_grad_(), t.clone().requires_grad_()]
+    with DropoutOffMode():
+        got = f(*args)
+    got_grads = torch.autograd.grad(got, args, torch.ones_like(got))
+    assert torch.equal(_finite(got), _finite(want)) and got.dtype == want.dtype
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a, b)
+    # forward mode is the transpose of reverse mode (finite points: NaN stops products)
+    finite = x.isfinite() & t.isfinite()
+    assert _transpose_gap(f, [x[finite], t[finite]]) <= 50 * EPS
+
+
+def test_pytorch_own_forward_mode_disagrees_at_ties() -> None:
+    """The premise: without the rewrite the two derivatives differ at ties."""
+    x, t = _grid(2)
+    finite = x.isfinite() & t.isfinite()
+    args = [x[finite], t[finite]]
+    for f in (torch.fmax, lambda a, b: torch.clamp(a, min=b)):
+        gen = torch.Generator().manual_seed(0)
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = f(*leaves)
+        u = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+        vs = [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a in args]
+        grads = torch.autograd.grad(out, leaves, u)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(f(*[fwAD.make_dual(a, v) for a, v in zip(args, vs)]))[1]
+        reverse = sum(float((g * v).sum()) for g, v in zip(grads, vs))
+        assert abs(reverse - float((u * tangent).sum())) > 0.1
+
+
+def test_rewrites_keep_promotion_broadcasting_and_untouched_calls() -> None:
+    x32 = torch.tensor([[0.0, 1.0, 2.0]])
+    t64 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    scalar_bound = torch.tensor(1.0, dtype=torch.float64)
+    ints = torch.tensor([0, 1, 2])
+    cases: list[Callable[[], torch.Tensor]] = [
+        lambda: torch.clamp(x32, min=t64),  # broadcast, promotion
+        lambda: torch.clamp(x32, max=scalar_bound),  # 0-dim bound: no promotion
+        lambda: torch.fmax(x32, t64),
+        lambda: torch.clamp(ints, min=torch.tensor(1)),
+        lambda: torch.clamp(x32, min=0.5),  # scalar bounds: PyTorch's own call
+        lambda: torch.clamp(x32, t64, t64 + 1),  # two bounds: PyTorch's own call
+    ]
+    for case in cases:
+        want = case()
+        with DropoutOffMode():
+            got = case()
+        assert torch.equal(got, want) and got.dtype == want.dtype
+    out = torch.empty(1, 3)
+    with DropoutOffMode():
+        torch.clamp(x32, min=torch.ones(1, 3), out=out)
+    assert torch.equal(out, torch.clamp(x32, min=torch.ones(1, 3)))
+    with pytest.raises(TypeError), DropoutOffMode():
+        torch.clamp(x32, 0.0, 1.0, min=0.0)  # PyTorch's own argument error
+    assert torch.clamp in REPLACEMENTS and torch.Tensor.clip_ in REPLACEMENTS
+
+
+class _SquareWithoutJvp(torch.autograd.Function):
+    """A custom function without ``jvp`` (Bloom's and YOSO's kernels are of this kind)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _Frozen(torch.autograd.Function):
+    """Neither ``jvp`` nor a differentiable backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class TieModel(nn.Module):
+    """A small network whose hidden layer goes through one of the functions above.
+
+    ReLU zeros meet a bound of zero, so the ties are exact, not rare."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.kind = kind
+        self.l1 = nn.Linear(3, 4)
+        self.l2 = nn.Linear(4, 3)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.8
+        self.t = nn.Parameter(torch.tensor([0.0, 0.1, 0.0, 0.2]))
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.l1(x)
+        h = torch.relu(a)
+        idx = torch.tensor([0, 0, 1, 1])
+        if self.kind == "fmax":
+            h = torch.fmax(h, self.t)
+        elif self.kind == "clamp":
+            h = torch.clamp(h, min=self.t)
+        elif self.kind == "clamp_":
+            h = (-h).clamp_(max=-self.t)
+        elif self.kind == "scatter_reduce_prod":
+            ones = torch.ones(h.shape[0], 2, dtype=h.dtype)
+            h = ones.scatter_reduce(1, idx.expand(h.shape[0], 4), h + 1, "prod").repeat(1, 2)
+        elif self.kind == "index_reduce":
+            zeros = torch.zeros(h.shape[0], 2, dtype=h.dtype)
+            h = zeros.index_reduce(1, idx, h + a, "amax", include_self=False).repeat(1, 2)
+        elif self.kind == "custom_without_jvp":
+            h = _SquareWithoutJvp.apply(h + a)
+        elif self.kind == "square":  # the same function without the custom Function
+            h = (h + a) * (h + a)
+        return self.l2(h)
+
+
+KINDS = ["fmax", "clamp", "clamp_", "scatter_reduce_prod", "index_reduce", "custom_without_jvp"]
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=gen)
+    return x, torch.tensor([0, 1, 2] * 2 + [0, 1])
+
+
+def _dense(op: Any) -> np.ndarray:
+    return np.asarray(op @ np.eye(op.shape[0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_ggn_path_gives_the_dense_reference(kind: str) -> None:
+    model, loss = TieModel(kind), nn.CrossEntropyLoss()
+    x, y = _data()
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+    # torch.func cannot differentiate a custom Function without setup_context
+    reference = TieModel("square" if kind == "custom_without_jvp" else kind)
+    want = dense_ggn(reference, loss, (x, y)).numpy()
+    scale = np.abs(want).max()
+    assert scale > 0.05
+    P = want.shape[0]
+    tol = 100 * P * EPS * scale
+    paths = [((x, y), True), ((x, y), False), (batches, False), (batches, True), (loader, False)]
+    for data, cache in paths:
+        op = GGNOperator(model, loss, data, cache=cache)
+        got = _dense(op)
+        assert np.abs(got - want).max() <= tol, (kind, cache, type(data))
+        assert np.abs(got - got.T).max() <= tol
+        # a matmat and a matvec agree (the matmat shares one recorded forward pass)
+        v = np.random.default_rng(0).standard_normal(P)
+        assert np.abs(op @ v - got @ v).max() <= tol * np.abs(v).sum()
+
+
+@pytest.mark.parametrize("kind", ["scatter_reduce_prod", "custom_without_jvp", "clamp"])
+def test_fisher_paths_and_linearized_ggn_agree(kind: str) -> None:
+    model, loss = TieModel(kind), nn.CrossEntropyLoss()
+    x, y = _data()
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    for fisher_kind in ("mc", "empirical"):
+        cached = _dense(FisherOperator(model, loss, batches, kind=fisher_kind, seed=3, cache=True))
+        forward = _dense(FisherOperator(model, loss, batches, kind=fisher_kind, seed=3))
+        scale = np.abs(cached).max()
+        assert scale > 0.01
+        assert np.abs(forward - cached).max() <= 100 * cached.shape[0] * EPS * scale
+    traced = _dense(GGNOperator(model, loss, (x, y), linearize=True))
+    want = _dense(GGNOperator(model, loss, (x, y)))
+    assert np.abs(traced - want).max() <= 100 * want.shape[0] * EPS * np.abs(want).max()
+
+
+def test_no_forward_derivative_and_no_double_backward_is_a_clear_error() -> None:
+    class Model(TieModel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l2(_Frozen.apply(self.l1(x)))
+
+    x, y = _data()
+    op = GGNOperator(Model("frozen"), nn.CrossEntropyLoss(), [(x[:4], y[:4]), (x[4:], y[4:])])
+    with pytest.raises(RuntimeError, match=r"_Frozen.*once_differentiable"):
+        op @ np.ones(op.shape[0])
+
+
+def test_other_errors_are_not_taken_for_missing_tangents() -> None:
+    class Broken(TieModel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if fwAD.unpack_dual(self.l1.weight).tangent is not None:
+                raise RuntimeError("a bug of the model's own")
+            return super().forward(x)
+
+    x, y = _data()
+    op = GGNOperator(Broken("clamp"), nn.CrossEntropyLoss(), (x, y), cache=False)
+    with pytest.raises(RuntimeError, match="a bug of the model's own"):
+        op @ np.ones(op.shape[0])
+    assert not lacks_forward_derivative(RuntimeError("a bug of the model's own"))
+    assert not lacks_forward_derivative(ValueError("forward AD"))
+    assert lacks_forward_derivative(ForwardModeUnsuitable("scatter_reduce"))
+
+
+def test_scatter_reduce_prod_is_refused_only_in_forward_mode_passes() -> None:
+    src = torch.tensor([1.0, 2.0, 3.0])
+    idx = torch.tensor([0, 0, 1])
+    with DropoutOffMode():
+        plain = torch.zeros(2).scatter_reduce(0, idx, src, "prod", include_self=False)
+        assert torch.equal(plain, torch.tensor([2.0, 3.0]))
+        torch.zeros(2).scatter_reduce(0, idx, src, "sum")
+        with forward_mode_pass():
+            torch.zeros(2).scatter_reduce(0, idx, src, reduce="amax")
+            with pytest.raises(ForwardModeUnsuitable, match="prod"):
+                torch.zeros(2).scatter_reduce(0, idx, src, reduce="prod")
+            with pytest.raises(ForwardModeUnsuitable, match="prod"):
+                torch.scatter_reduce(torch.zeros(2), 0, idx, src, "prod")
