@@ -82,6 +82,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,7 @@ from spectral.errors import argument_error
 __all__ = [
     "FAKE_QUANTIZATION_FUNCTIONS",
     "REPLACEMENTS",
+    "as_strided_scatter",
     "check_loss_second_derivatives",
     "clamp_replacement",
     "cosine_similarity",
@@ -103,7 +105,9 @@ __all__ = [
     "fmax",
     "hardsigmoid",
     "linear_cross_entropy_reference",
+    "prelu",
     "refuse_fake_quantization",
+    "scatter_reduce_replacement",
     "spectral_norm_sigma",
     "weight_norm",
 ]
@@ -223,12 +227,13 @@ def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def fmax(input: torch.Tensor, other: torch.Tensor, *, out: torch.Tensor | None = None) -> Any:
     """``torch.fmax`` whose forward-mode derivative is the transpose of its reverse-mode one.
 
-    At exact ties PyTorch's forward mode splits the tangent between the arguments while
-    its backward pass gives the whole gradient to ``input``, so a GGN with :math:`Jv`
-    from forward mode and :math:`J^\\top u` from reverse mode (lists of batches,
-    DataLoaders, ``cache=False``) came out non-symmetric.  Evaluated as
-    ``where((input >= other) | isnan(other), input, other)``: the same values and the
-    same backward pass as ``torch.fmax`` (NaN included), and a forward mode that agrees.
+    At exact ties torch 2.13's forward mode gives the tangent to ``other`` while its
+    backward pass gives the gradient to ``input``, so a GGN with :math:`Jv` from forward
+    mode and :math:`J^\\top u` from reverse mode (lists of batches, DataLoaders,
+    ``cache=False``) came out non-symmetric.  Evaluated as ``torch.maximum`` where neither
+    argument is NaN (the NaN-ignoring selection of ``fmax`` elsewhere): the same values,
+    and at ties the even split that ``torch.maximum`` uses in both modes -- the convention
+    of ``torch.fmax`` itself from torch 2.14.
 
     Examples
     --------
@@ -239,18 +244,18 @@ def fmax(input: torch.Tensor, other: torch.Tensor, *, out: torch.Tensor | None =
     """
     if out is not None or not isinstance(other, torch.Tensor):
         return torch.fmax(input, other, out=out)
-    return torch.where((input >= other) | other.isnan(), input, other)
+    larger = torch.maximum(input, other)
+    return torch.where(other.isnan(), input, torch.where(input.isnan(), other, larger))
 
 
 def _at_least(input: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """``clamp(input, min=low)`` for a tensor ``low``, by ``where``
-    (see :func:`clamp_replacement`)."""
-    return torch.where((input < low) | low.isnan(), low, input)
+    """``clamp(input, min=low)`` for a tensor ``low`` (see :func:`clamp_replacement`)."""
+    return torch.maximum(input, low)
 
 
 def _at_most(input: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """``clamp(input, max=high)`` for a tensor ``high``, by ``where``."""
-    return torch.where((input > high) | high.isnan(), high, input)
+    """``clamp(input, max=high)`` for a tensor ``high``."""
+    return torch.minimum(input, high)
 
 
 def clamp_replacement(
@@ -261,14 +266,14 @@ def clamp_replacement(
     transpose of its reverse-mode one.
 
     ``clamp(x, min=t)`` with a *tensor* ``t`` (and no ``max``), and likewise a tensor
-    ``max`` alone, has a forward-mode derivative that at ``x == t`` disagrees with its
-    backward pass (which gives the gradient to ``x`` there), so the forward-mode GGN
-    paths came out non-symmetric (``clamp_min``/``clamp_max`` with a tensor agree in
-    both modes and are left alone).  Such calls are evaluated as
-    ``where(x < t, t, x)`` (``where(x > t, t, x)``): the same values and backward pass
-    (the NaN cases, where PyTorch gives neither argument a gradient, aside: a NaN
-    stops a product anyway), and a forward mode that agrees.  Every other call
-    (scalar bounds, two bounds, ``out=``) is PyTorch's own.
+    ``max`` alone, has in torch 2.13 a forward-mode derivative that at ``x == t`` gives the
+    tangent to ``t`` while its backward pass gives the gradient to ``x``, so the
+    forward-mode GGN paths came out non-symmetric (``clamp_min``/``clamp_max`` with a
+    tensor, and two bounds, agree in both modes and are left alone).  Such calls are
+    evaluated as ``torch.maximum(x, t)`` (``torch.minimum(x, t)``): the same values, and
+    at ties the even split that these use in both modes -- the convention of
+    ``torch.clamp`` itself from torch 2.14.  Every other call (scalar bounds, two bounds,
+    ``out=``) is PyTorch's own.
 
     Parameters
     ----------
@@ -295,15 +300,130 @@ def clamp_replacement(
         low, high = given.get("min"), given.get("max")
         if not isinstance(input, torch.Tensor) or given.keys() - {"min", "max"}:
             return original(input, *args, **kwargs)  # out=, or not ours to handle
+        # in place: the comparison keeps its inputs for the backward pass, so it gets a copy
+        source = input.clone() if inplace else input
         if isinstance(low, torch.Tensor) and high is None:
-            result = _at_least(input, low)
+            result = _at_least(source, low)
         elif isinstance(high, torch.Tensor) and low is None:
-            result = _at_most(input, high)
+            result = _at_most(source, high)
         else:
             return original(input, *args, **kwargs)
         return input.copy_(result) if inplace else result
 
     return replacement
+
+
+def prelu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.prelu`` whose forward-mode derivative at ``x == 0`` is the transpose of its
+    reverse-mode one.
+
+    At ``x == 0`` PyTorch's backward pass uses the slope ``weight`` and its forward mode
+    the slope 1, so the forward-mode GGN paths came out non-symmetric wherever a
+    PReLU input was exactly zero (zero padding, a ReLU upstream).  Evaluated as
+    ``where(x > 0, x, weight * x)`` with PyTorch's channel broadcasting (dimension 1;
+    one slope for inputs of fewer than two dimensions): the same values and backward
+    pass, and a forward mode that agrees.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[-2.0, 0.0], [1.0, -1.0]])
+    >>> w = torch.tensor([0.25, 0.5])
+    >>> bool(torch.equal(prelu(x, w), F.prelu(x, w)))
+    True
+    """
+    if weight.numel() != 1 and input.ndim >= 2:
+        weight = weight.reshape(weight.numel(), *([1] * (input.ndim - 2)))
+    elif weight.numel() == 1:
+        weight = weight.reshape(())
+    return torch.where(input > 0, input, weight * input)
+
+
+def scatter_reduce_replacement(
+    original: Callable[..., Any], *, inplace: bool = False
+) -> Callable[..., Any]:
+    """``scatter_reduce`` whose ``"amax"``/``"amin"`` with ``include_self=False`` has the
+    function's derivatives.
+
+    PyTorch's backward pass of that call still counts the excluded ``self`` value as a
+    tie when it equals the result: a source that alone attains the maximum gets half
+    its gradient where ``self`` holds the same value (a zero-initialised output and a
+    zero source: graph networks' max aggregation); forward mode and finite differences
+    give all of it.  Evaluated as the same reduction with ``include_self=True`` over
+    ``self`` with the written positions filled with :math:`\\mp\\infty`: the same values,
+    the true derivatives in both modes.  Every other call is PyTorch's own.
+
+    Examples
+    --------
+    >>> out = torch.zeros(2)
+    >>> idx, src = torch.tensor([0, 0, 1]), torch.tensor([0.0, -1.0, 3.0], requires_grad=True)
+    >>> reduce = scatter_reduce_replacement(torch.Tensor.scatter_reduce)
+    >>> torch.autograd.grad(reduce(out, 0, idx, src, "amax", include_self=False).sum(), src)
+    (tensor([1., 0., 1.]),)
+    >>> torch.autograd.grad(out.scatter_reduce(0, idx, src, "amax", include_self=False).sum(), src)
+    (tensor([0.5000, 0.0000, 1.0000]),)
+    """
+
+    def replacement(input: Any, *args: Any, **kwargs: Any) -> Any:
+        names = ("dim", "index", "src", "reduce")
+        given = dict(zip(names, args))
+        if len(args) > len(names) or given.keys() & kwargs.keys():
+            return original(input, *args, **kwargs)
+        given.update(kwargs)
+        reduce, include_self = given.get("reduce"), given.get("include_self", True)
+        index, src = given.get("index"), given.get("src")
+        if (
+            include_self
+            or reduce not in ("amax", "amin")
+            or given.keys() - {*names, "include_self"}
+            or not (isinstance(input, torch.Tensor) and input.is_floating_point())
+            or not (isinstance(index, torch.Tensor) and isinstance(src, torch.Tensor))
+        ):
+            return original(input, *args, **kwargs)
+        dim = given["dim"]
+        written = torch.zeros(input.shape, dtype=torch.bool, device=input.device)
+        written.scatter_(dim, index, True)
+        fill = -math.inf if reduce == "amax" else math.inf
+        base = input.masked_fill(written, fill)
+        result = base.scatter_reduce(dim, index, src, reduce, include_self=True)
+        return input.copy_(result) if inplace else result
+
+    return replacement
+
+
+def as_strided_scatter(
+    input: torch.Tensor,
+    src: torch.Tensor,
+    size: Any,
+    stride: Any,
+    storage_offset: int | None = None,
+) -> torch.Tensor:
+    """``torch.as_strided_scatter`` with the function's derivatives.
+
+    PyTorch's backward pass gives ``input`` the gradient of the overwritten positions
+    instead of the kept ones (checked against finite differences in torch 2.13).
+    Evaluated as a copy of ``input`` whose strided view is overwritten in place, which
+    autograd differentiates correctly; for an input that is not contiguous from the
+    start of its storage (where the strides would mean something else in the copy)
+    the call is refused.
+
+    Examples
+    --------
+    >>> a, b = torch.zeros(4), torch.ones(2)
+    >>> as_strided_scatter(a, b, (2,), (2,))
+    tensor([1., 0., 1., 0.])
+    """
+    if not input.is_contiguous() or input.storage_offset() != 0:
+        raise argument_error(
+            "model",
+            "a forward pass whose functions have true derivatives: PyTorch's backward "
+            "pass of torch.as_strided_scatter credits the overwritten positions of its "
+            "input instead of the kept ones; products evaluate it exactly on contiguous "
+            "inputs only. Make the input contiguous (x.contiguous()) before the call",
+            "torch.as_strided_scatter of a non-contiguous input",
+        )
+    out = input.clone()
+    out.as_strided(size, stride, storage_offset).copy_(src)
+    return out
 
 
 def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -482,6 +602,14 @@ REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.cosine_similarity: cosine_similarity,
     F.hardsigmoid: hardsigmoid,
     torch.fmax: fmax,
+    torch.prelu: prelu,
+    torch.as_strided_scatter: as_strided_scatter,
+    torch.Tensor.as_strided_scatter: as_strided_scatter,
+    torch.scatter_reduce: scatter_reduce_replacement(torch.scatter_reduce),
+    torch.Tensor.scatter_reduce: scatter_reduce_replacement(torch.Tensor.scatter_reduce),
+    torch.Tensor.scatter_reduce_: scatter_reduce_replacement(
+        torch.Tensor.scatter_reduce_, inplace=True
+    ),
     torch.Tensor.fmax: fmax,
     **{
         f: clamp_replacement(f, ("min", "max"))

@@ -91,7 +91,6 @@ from torch.overrides import TorchFunctionMode
 from curvops.derivative_repairs import REPLACEMENTS
 from curvops.duplicate_writes import WRITES, refuse_duplicate_write
 from curvops.tangent_consistency import (
-    UNSUITABLE,
     ForwardModeUnsuitable,
     in_forward_mode_pass,
     unsuitable_call,
@@ -201,15 +200,15 @@ class DropoutOffMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if kwargs.get("out") is not None:
             args = tuple(_primal(a) for a in args)
+        if in_forward_mode_pass():
+            reason = unsuitable_call(func, args, kwargs)
+            if reason is not None:
+                raise ForwardModeUnsuitable(reason)
         replacement = REPLACEMENTS.get(func) or _EXPECTATIONS.get(func)
         if replacement is not None:
             return replacement(*args, **kwargs)
         if func in WRITES:
             refuse_duplicate_write(func, args, kwargs)
-        if func in UNSUITABLE and in_forward_mode_pass():
-            reason = unsuitable_call(func, args, kwargs)
-            if reason is not None:
-                raise ForwardModeUnsuitable(reason)
         if func in _RECURRENT and len(args) == 9:  # inter-layer dropout of nn.RNN/LSTM/GRU
             at = 6 if isinstance(args[3], (list, tuple)) else 5  # packed: (data, batch_sizes, ...)
             args = (*args[:at], 0.0, *args[at + 1 :])

@@ -12,7 +12,14 @@ exceptions with an exact rewrite are rewritten in every product
 with a one-sided tensor bound).  The rest are listed in :data:`UNSUITABLE`:
 
 * ``scatter_reduce(..., reduce="prod")``: PyTorch's forward mode returns a **zero**
-  tangent (the GGN through it came out zero on the forward-mode paths, silently).
+  tangent (the GGN through it came out zero on the forward-mode paths, silently);
+* operators registered with ``torch.library`` (``custom_op`` with
+  ``register_autograd``, other libraries' kernels): a backward only, and a **zero**
+  tangent in forward mode, without an error;
+* ``torch.cholesky_inverse``: a wrong tangent at ordinary inputs (``[[1, 0], [0.5, 1]]``
+  gives ``[[1.25, -1.19], [-1.19, -0.25]]`` against the exact ``[[1, -1], [-1, 0]]``);
+* ``torch.logcumsumexp``: a tangent off by about ``1e-6`` in float64 (the gradient is
+  exact).
 
 A forward-mode pass (:func:`forward_mode_pass`) that calls one of them raises
 :class:`ForwardModeUnsuitable` from :class:`curvops.determinism.DropoutOffMode`, and
@@ -86,12 +93,26 @@ def _scatter_reduce_prod(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str |
     return None
 
 
+def _always(what: str) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+    return lambda args, kwargs: what
+
+
+_CHOLESKY_INVERSE = _always("torch.cholesky_inverse, whose forward-mode tangent is wrong")
+_LOGCUMSUMEXP = _always("torch.logcumsumexp, whose forward-mode tangent is inexact")
+
 #: function -> ``reason(args, kwargs)``: why this call's tangent is unusable (None: fine).
 UNSUITABLE: dict[Callable[..., Any], Callable[[tuple[Any, ...], dict[str, Any]], str | None]] = {
     torch.scatter_reduce: _scatter_reduce_prod,
     torch.Tensor.scatter_reduce: _scatter_reduce_prod,
     torch.Tensor.scatter_reduce_: _scatter_reduce_prod,
+    torch.cholesky_inverse: _CHOLESKY_INVERSE,
+    torch.Tensor.cholesky_inverse: _CHOLESKY_INVERSE,
+    torch.logcumsumexp: _LOGCUMSUMEXP,
+    torch.Tensor.logcumsumexp: _LOGCUMSUMEXP,
 }
+
+#: Operator namespaces of PyTorch itself (their forward-mode formulas are in derivatives.yaml).
+_TORCH_NAMESPACES = frozenset({"aten", "prims"})
 
 
 def unsuitable_call(
@@ -103,7 +124,13 @@ def unsuitable_call(
     True
     """
     reason = UNSUITABLE.get(func)
-    return None if reason is None else reason(args, kwargs)
+    if reason is not None:
+        return reason(args, kwargs)
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        namespace = getattr(func, "namespace", None)
+        if namespace not in _TORCH_NAMESPACES:
+            return f"the operator {func} from torch.library, which has no forward-mode derivative"
+    return None
 
 
 def lacks_forward_derivative(exc: BaseException) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
 
 from curvops import FisherOperator, GGNOperator
@@ -91,43 +92,68 @@ _ONE_SIDED: list[tuple[str, Callable[..., torch.Tensor]]] = [
 ]
 
 
+def _gradients(
+    f: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor
+) -> list[torch.Tensor]:
+    args = [x.clone().requires_grad_(), t.clone().requires_grad_()]
+    out = f(*args)
+    return list(torch.autograd.grad(out, args, torch.ones_like(out)))
+
+
+def _own_gap(f: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> float:
+    """The transpose gap of PyTorch's own function (outside the products' mode)."""
+    gen = torch.Generator().manual_seed(0)
+    leaves = [x.clone().requires_grad_(), t.clone().requires_grad_()]
+    out = f(*leaves)
+    u = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    vs = [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a in (x, t)]
+    grads = torch.autograd.grad(out, leaves, u, allow_unused=True, materialize_grads=True)
+    reverse = sum(float((g * v).sum()) for g, v in zip(grads, vs))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(*[fwAD.make_dual(a, v) for a, v in zip((x, t), vs)]))[1]
+    forward = 0.0 if tangent is None else float((u * tangent).sum())
+    return abs(reverse - forward)
+
+
 @pytest.mark.parametrize(("name", "f"), _ONE_SIDED, ids=[n for n, _ in _ONE_SIDED])
 def test_rewrites_keep_values_and_gradients_and_agree_in_forward_mode(
     name: str, f: Callable[..., torch.Tensor]
 ) -> None:
     x, t = _grid(2)
-    # PyTorch's values and backward pass, bitwise, at ties and infinities
-    args = [x.clone().requires_grad_(), t.clone().requires_grad_()]
-    want = f(*args)
-    want_grads = torch.autograd.grad(want, args, torch.ones_like(want))
-    args = [x.clone().requires_grad_(), t.clone().requires_grad_()]
+    want = f(x, t)
     with DropoutOffMode():
-        got = f(*args)
-    got_grads = torch.autograd.grad(got, args, torch.ones_like(got))
+        got = f(x, t)
+        got_grads = _gradients(f, x, t)
     assert torch.equal(_finite(got), _finite(want)) and got.dtype == want.dtype
-    for a, b in zip(got_grads, want_grads):
-        assert torch.equal(a, b)
-    # forward mode is the transpose of reverse mode (finite points: NaN stops products)
+    want_grads = _gradients(f, x, t)
     finite = x.isfinite() & t.isfinite()
+    # forward mode is the transpose of reverse mode (finite points: NaN stops products)
     assert _transpose_gap(f, [x[finite], t[finite]]) <= 50 * EPS
+    # PyTorch's gradients away from ties; at a tie both conventions (all to x in torch
+    # 2.13, an even split from 2.14, as here) hand on the same total
+    apart = x != t
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a[apart], b[apart])
+    assert torch.equal(
+        (got_grads[0] + got_grads[1])[~apart], (want_grads[0] + want_grads[1])[~apart]
+    )
+    if _own_gap(f, x[finite], t[finite]) <= 50 * EPS:  # PyTorch's own modes agree: its gradients
+        for a, b in zip(got_grads, want_grads):
+            assert torch.equal(a, b)
 
 
-def test_pytorch_own_forward_mode_disagrees_at_ties() -> None:
-    """The premise: without the rewrite the two derivatives differ at ties."""
+def test_pytorch_own_forward_mode_disagrees_at_ties_before_torch_2_14() -> None:
+    """The premise: without the rewrite torch 2.13's two derivatives differ at ties
+    (torch 2.14 changed both to an even split, which the rewrite also uses)."""
     x, t = _grid(2)
     finite = x.isfinite() & t.isfinite()
-    args = [x[finite], t[finite]]
-    for f in (torch.fmax, lambda a, b: torch.clamp(a, min=b)):
-        gen = torch.Generator().manual_seed(0)
-        leaves = [a.clone().requires_grad_() for a in args]
-        out = f(*leaves)
-        u = torch.randn(out.shape, dtype=out.dtype, generator=gen)
-        vs = [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a in args]
-        grads = torch.autograd.grad(out, leaves, u)
-        with fwAD.dual_level():
-            tangent = fwAD.unpack_dual(f(*[fwAD.make_dual(a, v) for a, v in zip(args, vs)]))[1]
-        reverse = sum(float((g * v).sum()) for g, v in zip(grads, vs))
-        assert abs(reverse - float((u * tangent).sum())) > 0.1
+    gaps = [
+        _own_gap(f, x[finite], t[finite]) for f in (torch.fmax, lambda a, b: torch.clamp(a, min=b))
+    ]
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 14):
+        assert max(gaps) <= 50 * EPS
+    else:
+        assert min(gaps) > 0.1
 
 
 def test_rewrites_keep_promotion_broadcasting_and_untouched_calls() -> None:
@@ -186,6 +212,28 @@ class _Frozen(torch.autograd.Function):
         return 2 * x * g
 
 
+@torch.library.custom_op("curvops_tests::square", mutates_args=())
+def _square_op(x: torch.Tensor) -> torch.Tensor:
+    """A ``torch.library`` operator with a backward only (its tangent is dropped)."""
+    return x * x
+
+
+@_square_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _square_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    return 2 * ctx.saved_tensors[0] * grad
+
+
+def _square_setup(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+_square_op.register_autograd(_square_backward, setup_context=_square_setup)
+
+
 class TieModel(nn.Module):
     """A small network whose hidden layer goes through one of the functions above.
 
@@ -220,12 +268,45 @@ class TieModel(nn.Module):
             h = zeros.index_reduce(1, idx, h + a, "amax", include_self=False).repeat(1, 2)
         elif self.kind == "custom_without_jvp":
             h = _SquareWithoutJvp.apply(h + a)
+        elif self.kind == "prelu":  # an exact zero that moves with the parameters
+            kink = torch.stack([a - a.detach(), a], 1)
+            h = F.prelu(kink, self.t[:2] + 0.3).sum(1)
+        elif self.kind == "scatter_reduce_amax":  # the group's maximum ties the zero output
+            first = a[:, :1] - a[:, :1].detach()
+            src = torch.cat([first, a[:, 1:2] - 10, a[:, 2:]], 1)
+            zeros = torch.zeros(h.shape[0], 2, dtype=h.dtype)
+            reduced = zeros.scatter_reduce(
+                1, idx.expand(h.shape[0], 4), src, "amax", include_self=False
+            )
+            h = reduced.repeat(1, 2) + h
+        elif self.kind == "custom_op":
+            h = _square_op(h + a)
+        elif self.kind == "cholesky_inverse":
+            factor = torch.stack([h[:, :2], h[:, 2:] + 1.5], 1).tril()
+            h = torch.cholesky_inverse(
+                factor.diagonal_scatter(factor.diagonal(0, 1, 2) + 2, 0, 1, 2)
+            )
+            h = h.reshape(h.shape[0], 4)
+        elif self.kind == "as_strided_scatter":
+            h = torch.as_strided_scatter(h, a[:, 1:3] * 2, (h.shape[0], 2), (4, 2))
         elif self.kind == "square":  # the same function without the custom Function
             h = (h + a) * (h + a)
         return self.l2(h)
 
 
-KINDS = ["fmax", "clamp", "clamp_", "scatter_reduce_prod", "index_reduce", "custom_without_jvp"]
+KINDS = [
+    "fmax",
+    "clamp",
+    "clamp_",
+    "prelu",
+    "scatter_reduce_prod",
+    "scatter_reduce_amax",
+    "index_reduce",
+    "custom_without_jvp",
+    "custom_op",
+    "cholesky_inverse",
+    "as_strided_scatter",
+]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +326,7 @@ def test_every_ggn_path_gives_the_dense_reference(kind: str) -> None:
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
     # torch.func cannot differentiate a custom Function without setup_context
-    reference = TieModel("square" if kind == "custom_without_jvp" else kind)
+    reference = TieModel("square" if kind.startswith("custom") else kind)
     want = dense_ggn(reference, loss, (x, y)).numpy()
     scale = np.abs(want).max()
     assert scale > 0.05
@@ -318,3 +399,69 @@ def test_scatter_reduce_prod_is_refused_only_in_forward_mode_passes() -> None:
                 torch.zeros(2).scatter_reduce(0, idx, src, reduce="prod")
             with pytest.raises(ForwardModeUnsuitable, match="prod"):
                 torch.scatter_reduce(torch.zeros(2), 0, idx, src, "prod")
+
+
+def test_prelu_rewrite_keeps_values_and_gradients_and_agrees_in_forward_mode() -> None:
+    x = torch.tensor([[0.0, -1.0], [2.0, 0.0], [0.0, -3.0]], dtype=torch.float64)
+    for w in (
+        torch.tensor([0.25, -0.5], dtype=torch.float64),
+        torch.tensor([0.3], dtype=torch.float64),
+    ):
+        args = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        want = F.prelu(*args)
+        want_grads = torch.autograd.grad(want, args, torch.ones_like(want))
+        args = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        with DropoutOffMode():
+            got = F.prelu(*args)
+        assert torch.equal(got, want)
+        for a, b in zip(torch.autograd.grad(got, args, torch.ones_like(got)), want_grads):
+            assert torch.equal(a, b)
+        assert _transpose_gap(F.prelu, [x, w]) <= 50 * EPS
+
+
+def _central_slope(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor
+) -> float:
+    h = 1e-6
+    return float((f(x + h * v) - f(x - h * v)).sum() / (2 * h))
+
+
+def test_scatter_reduce_max_without_self_has_the_functions_gradient() -> None:
+    """PyTorch's gradient halves a source that ties with the excluded output value."""
+    out = torch.zeros(2, dtype=torch.float64)
+    idx = torch.tensor([0, 0, 1])
+    src = torch.tensor([0.0, -1.0, 3.0], dtype=torch.float64)
+    v = torch.tensor([1.0, 0.3, -0.7], dtype=torch.float64)
+    for reduce, sign in (("amax", 1.0), ("amin", -1.0)):
+
+        def f(s: torch.Tensor, reduce: str = reduce) -> torch.Tensor:
+            return out.scatter_reduce(0, idx, s, reduce, include_self=False) * torch.tensor(
+                [1.0, 2.0]
+            )
+
+        s = (sign * src).requires_grad_()
+        want = _central_slope(f, sign * src, v)
+        torch_slope = float(torch.autograd.grad(f(s).sum(), s)[0] @ v)
+        assert abs(torch_slope - want) > 0.1  # the premise
+        with DropoutOffMode():
+            slope = float(torch.autograd.grad(f(s).sum(), s)[0] @ v)
+            in_place = out.clone().scatter_reduce_(0, idx, s, reduce, include_self=False)
+        assert abs(slope - want) <= 1e-8
+        assert torch.equal(in_place, f(s.detach()) / torch.tensor([1.0, 2.0]))
+
+
+def test_as_strided_scatter_has_the_functions_gradient() -> None:
+    a = torch.arange(4.0, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    weights = torch.arange(4.0, dtype=torch.float64)
+
+    def f(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (torch.as_strided_scatter(a, b, (2,), (2,)) * weights).sum()
+
+    torch_grad = torch.autograd.grad(f(a, b), a)[0]
+    with DropoutOffMode():
+        grad = torch.autograd.grad(f(a, b), a)[0]
+        with pytest.raises(ValueError, match="contiguous"):
+            torch.as_strided_scatter(a.detach().reshape(2, 2).T, b, (2,), (1,))
+    assert torch.equal(grad, torch.tensor([0.0, 1.0, 0.0, 3.0], dtype=torch.float64))
+    assert not torch.equal(torch_grad, grad)  # the premise: PyTorch credits the overwritten
