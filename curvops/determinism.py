@@ -95,6 +95,7 @@ from curvops.tangent_consistency import (
     in_forward_mode_pass,
     unsuitable_call,
 )
+from curvops.untracked_writes import refuse_untracked_write
 from spectral.errors import argument_error
 
 __all__ = [
@@ -204,11 +205,13 @@ class DropoutOffMode(TorchFunctionMode):
             reason = unsuitable_call(func, args, kwargs)
             if reason is not None:
                 raise ForwardModeUnsuitable(reason)
+        if not torch.is_grad_enabled():
+            refuse_untracked_write(func, args)
+        if func in WRITES:
+            refuse_duplicate_write(func, args, kwargs)
         replacement = REPLACEMENTS.get(func) or _EXPECTATIONS.get(func)
         if replacement is not None:
             return replacement(*args, **kwargs)
-        if func in WRITES:
-            refuse_duplicate_write(func, args, kwargs)
         if func in _RECURRENT and len(args) == 9:  # inter-layer dropout of nn.RNN/LSTM/GRU
             at = 6 if isinstance(args[3], (list, tuple)) else 5  # packed: (data, batch_sizes, ...)
             args = (*args[:at], 0.0, *args[at + 1 :])
