@@ -116,3 +116,55 @@ def test_linearize_is_refused_for_recurrent_layers(kind: str) -> None:
     G = GGNOperator(model, nn.CrossEntropyLoss(), data)  # the default path is exact
     dense = G @ torch.eye(G.shape[0], dtype=torch.float64)
     torch.testing.assert_close(dense, dense_ggn(model, nn.CrossEntropyLoss(), data))
+
+
+def test_a_wrong_trace_is_detected_and_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each trace is checked against one untraced product: a trace that is off (here
+    by 1e-3, deliberately) is dropped with a warning, and the products are exact."""
+    traced = ggn_module.jacobian_sandwich_linearization
+
+    def off(*args: object, **kwargs: object) -> JacobianSandwichLinearization:
+        lin = traced(*args, **kwargs)  # type: ignore[arg-type]
+        apply = lin.apply
+        lin.apply = lambda V: [t * (1 + 1e-3) for t in apply(V)]  # type: ignore[method-assign]
+        return lin
+
+    monkeypatch.setattr(ggn_module, "jacobian_sandwich_linearization", off)
+    model, loss = make_cnn(), nn.CrossEntropyLoss()
+    data = (make_inputs("cnn", 6), make_targets("ce", 6))
+    G = GGNOperator(model, loss, data, bn_mode="eval", linearize=True)
+    X = random_columns(G.num_params, 2)
+    with caplog.at_level("WARNING", logger="curvops.ggn"):
+        got = G.matmat(X)
+    assert _relative_error(got, dense_ggn(model, loss, data, bn_mode="eval") @ X) <= 1e-10
+    assert "traced this model wrongly" in caplog.text
+
+
+def test_masked_softmax_row_is_not_traced_wrongly() -> None:
+    """A fully masked attention row (softmax of -inf, then nan_to_num): torch.func traced
+    a finite GGN 35 % off the true one; now the trace is rejected and the operator
+    behaves as the default path (PyTorch's own backward of that row is NaN: an error)."""
+    from spectral.errors import NumericalError
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.o = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = self.q(x) @ x.transpose(1, 2)
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            mask[:, 0, :] = True
+            att = torch.softmax(scores.masked_fill(mask, float("-inf")), -1).nan_to_num(0.0)
+            return self.o((att @ x).mean(1))
+
+    torch.manual_seed(0)
+    model = Masked().double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    for linearize in (False, True):
+        G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y), linearize=linearize)
+        with pytest.raises(NumericalError, match="non-finite"):
+            G @ torch.ones(G.shape[0], dtype=torch.float64)
