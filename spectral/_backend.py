@@ -191,7 +191,10 @@ def to_host_float64(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray | np.generic | float | int):
         return np.asarray(x, dtype=np.float64)
     if array_api_compat.is_torch_array(x):
-        return np.asarray(x.detach().cpu().numpy(), dtype=np.float64)
+        host = x.detach().cpu()
+        if host.dtype == host.new_empty(()).bfloat16().dtype:  # numpy has no bfloat16
+            host = host.float()  # exact: every bfloat16 is a float32
+        return np.asarray(host.numpy(), dtype=np.float64)
     if array_api_compat.is_cupy_array(x):  # pragma: no cover - needs cupy
         return np.asarray(x.get(), dtype=np.float64)
     try:

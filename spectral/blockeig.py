@@ -223,7 +223,7 @@ def block_eigenpairs(
     k, guard, n, xp = int(k), int(guard), op.n, op.xp
     width = min(k + guard, n)
     max_basis, max_products, keep = _limits(n, k, width, max_basis, max_products, keep)
-    eps = _backend.finfo_eps(xp, op.dtype)
+    eps = op.eps
     tol = max(float(tol), 100.0 * eps)
     rng = as_generator(seed)
     V = xp.zeros((0, n), dtype=op.dtype, device=op.device)

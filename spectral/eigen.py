@@ -140,7 +140,7 @@ def top_eigenpairs(
     ncv = _validate(op, k, which, tol, ncv, max_iters)
     k = int(k)
     n = op.n
-    eps = _backend.finfo_eps(op.xp, op.dtype)
+    eps = op.eps
     tol = max(float(tol), 100.0 * eps)
     if max_iters is None:
         max_iters = max(1000, 10 * n)
@@ -209,7 +209,7 @@ def _trlan(
     """
     xp = op.xp
     n = op.n
-    eps = _backend.finfo_eps(xp, op.dtype)
+    eps = op.eps
     V = xp.zeros((ncv, n), dtype=op.dtype, device=op.device)
     H = np.zeros((ncv, ncv))
     v = random_probe(n, "sphere", rng, like=op.template)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from spectral import _backend
-from spectral.errors import argument_error
+from spectral.errors import NumericalError, argument_error
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import PROBE_KINDS, as_generator, random_probes
 from spectral.quadrature import slq
@@ -149,6 +149,64 @@ def _hutchinson_samples(
         X = _probes(op, size, probe, rng)
         out.append(_column_dots(op, X, op.matmat(X)))
     return np.concatenate(out)
+
+
+class _Scaled:
+    """``op`` times :math:`2^{-e}`, with :math:`e` fixed by the largest entry of the first
+    product, and every product checked for NaN/Inf.
+
+    Power-of-two scaling is exact, so the estimators below run on values of order one
+    whatever the operator's scale (without it, xtrace was 62 % off at a scale of
+    :math:`2^{-520}` and NaN at :math:`2^{600}`, and float32 Frobenius norms of
+    :math:`10^{-25}` underflowed to 0); the results are scaled back by :math:`2^e`.
+    """
+
+    def __init__(self, op: SymmetricOperator, what: str) -> None:
+        self.base, self.what = op, what
+        self.exponent: int | None = None
+        self.products = 0
+        self.op = SymmetricOperator(
+            self._apply_vector,
+            template=op.template,
+            matmat=self._apply,
+            source=op.source,
+            eps=op.eps,
+        )
+
+    @property
+    def factor(self) -> float:
+        """:math:`2^e`, the factor the scaled results are multiplied by."""
+        return math.ldexp(1.0, self.exponent or 0)
+
+    def _scaled(self, Y: Any, count: int) -> Any:
+        xp = self.base.xp
+        if not bool(xp.all(xp.isfinite(Y))):
+            raise NumericalError(
+                f"{self.what}: a product of the operator returned NaN or Inf "
+                f"(products {self.products + 1}-{self.products + count})."
+            )
+        self.products += count
+        if self.exponent is None:
+            largest = float(xp.max(xp.abs(Y))) if Y.shape[0] else 0.0
+            # 2^e and 2^-e representable in the operator's dtype
+            limit = math.frexp(float(xp.finfo(self.base.dtype).max))[1] - 4
+            exponent = math.frexp(largest)[1] - 1 if largest > 0 else 0
+            self.exponent = max(-limit, min(limit, exponent))
+        return Y * math.ldexp(1.0, -self.exponent) if self.exponent else Y
+
+    def _apply(self, X: Any) -> Any:
+        return self._scaled(self.base.matmat(X), int(X.shape[1]))
+
+    def _apply_vector(self, x: Any) -> Any:
+        return self._scaled(self.base.matvec(x), 1)
+
+
+def _scaled_estimate(estimate: TraceEstimate, factor: float, power: int = 1) -> TraceEstimate:
+    """``estimate`` times ``factor ** power`` (multiplied ``power`` times: overflows to inf)."""
+    value, stderr = estimate.value, estimate.stderr
+    for _ in range(power):
+        value, stderr = value * factor, stderr * factor
+    return TraceEstimate(value, stderr, estimate.num_matvecs, estimate.method)
 
 
 # ---------------------------------------------------------------------- estimators
@@ -299,13 +357,11 @@ def trace(
     num = _check_int("num_matvecs", num_matvecs, 1)
     probe = _check_probe(probe)
     rng = as_generator(seed)
-    if method == "hutchinson":
-        return _hutchinson(op, num, probe, rng)
-    if method == "hutch++":
-        return _hutchpp(op, num, probe, rng)
-    if method == "xtrace":
-        return _xtrace(op, num, probe, rng)
-    return _slq_trace(op, num, probe, rng, _check_int("num_iters", num_iters, 1))
+    if method == "slq":
+        return _slq_trace(op, num, probe, rng, _check_int("num_iters", num_iters, 1))
+    scaled = _Scaled(op, "trace")
+    estimator = {"hutchinson": _hutchinson, "hutch++": _hutchpp, "xtrace": _xtrace}[method]
+    return _scaled_estimate(estimator(scaled.op, num, probe, rng), scaled.factor)
 
 
 def diagonal(
@@ -354,8 +410,8 @@ def diagonal(
     """
     if method not in DIAGONAL_METHODS:
         raise argument_error("method", f"one of {DIAGONAL_METHODS}", method)
-    op = as_operator(A)
-    xp = op.xp
+    scaled = _Scaled(as_operator(A), "diagonal")
+    op, xp = scaled.op, scaled.op.xp
     if method == "exact":
         parts = []
         start = 0
@@ -363,7 +419,7 @@ def diagonal(
             E = xp.eye(op.n, size, k=-start, dtype=op.dtype, device=op.device)
             parts.append(xp.sum(E * op.matmat(E), axis=0))
             start += size
-        return xp.concat(parts) if len(parts) > 1 else parts[0]
+        return (xp.concat(parts) if len(parts) > 1 else parts[0]) * scaled.factor
     num = _check_int("num_matvecs", num_matvecs, 1)
     probe = _check_probe(probe)
     rng = as_generator(seed)
@@ -373,7 +429,7 @@ def diagonal(
         X = _probes(op, size, probe, rng)
         numerator = numerator + xp.sum(X * op.matmat(X), axis=1)
         denominator = denominator + xp.sum(X * X, axis=1)
-    return numerator / denominator
+    return numerator / denominator * scaled.factor
 
 
 def frobenius_norm_squared(
@@ -407,7 +463,8 @@ def frobenius_norm_squared(
     >>> est.value, est.stderr
     (5.0, 0.0)
     """
-    op = as_operator(A)
+    scaled = _Scaled(as_operator(A), "frobenius_norm_squared")
+    op = scaled.op
     num = _check_int("num_matvecs", num_matvecs, 1)
     probe = _check_probe(probe)
     rng = as_generator(seed)
@@ -416,4 +473,4 @@ def frobenius_norm_squared(
         AX = op.matmat(_probes(op, size, probe, rng))
         samples.append(_column_dots(op, AX, AX))
     value, stderr = _mean_stderr(np.concatenate(samples))
-    return TraceEstimate(value, stderr, num, "hutchinson")
+    return _scaled_estimate(TraceEstimate(value, stderr, num, "hutchinson"), scaled.factor, 2)

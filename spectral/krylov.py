@@ -301,7 +301,7 @@ def check_symmetric(A: Any, *, seed: int | np.random.Generator | None = None) ->
         raise NumericalError("check_symmetric: the products A @ u, A @ v contain NaN or Inf")
     scale = s1 + s2
     mismatch = abs(uAv - vAu) / scale if scale > 0 else 0.0
-    eps = _backend.finfo_eps(xp, op.dtype)
+    eps = op.eps
     threshold = 100.0 * math.sqrt(op.n) * eps
     if mismatch > threshold:
         raise argument_error(
@@ -673,7 +673,7 @@ def _run(
     hook: resume.LanczosHook | None = None,
 ) -> LanczosResult:
     """Run the recurrence to the end; with a ``hook``, resume from and save to its state file."""
-    cfg = RecurrenceSettings(mode, window, m, op.n, _backend.finfo_eps(op.xp, op.dtype))
+    cfg = RecurrenceSettings(mode, window, m, op.n, op.eps)
     st = Recurrence(j=0, q=q, basis=_Basis(op, m) if store_basis else None)
     if hook is not None and hook.initial is not None:
         if hook.initial.complete:

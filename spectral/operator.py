@@ -16,6 +16,13 @@ Accepted inputs of :func:`as_operator`:
 An object whose ``symmetric`` attribute is ``False`` is refused: every algorithm
 of :mod:`spectral` assumes a symmetric operator.
 
+An operator in a 16-bit floating dtype (numpy ``float16``, torch ``float16`` and
+``bfloat16``: the curvature operators of half-precision models) is presented with
+float64 vectors: each product rounds its input to that dtype and widens its result
+exactly, so the recurrences, orthogonalisation and linear algebra around the products
+run in float64 (NumPy has no ``bfloat16``, and its linear algebra no ``float16``) and
+only the products carry the low-precision error.
+
 >>> import numpy as np
 >>> op = as_operator(np.diag([1.0, 2.0, 3.0]))
 >>> op.n, op.dtype
@@ -53,6 +60,9 @@ class SymmetricOperator:
         The dtype and device of the vectors the operator consumes and returns.
     template:
         A zero vector of length ``n`` with that namespace, dtype and device.
+    eps:
+        The machine epsilon of the products (that of ``dtype``, or of the 16-bit dtype
+        an operator widened to float64 computes in).
 
     ``matvec(x)`` maps a length-``n`` vector to ``A @ x``; ``matmat(X)`` maps an
     ``n x k`` array to ``A @ X`` (column by column when the wrapped object has
@@ -74,6 +84,7 @@ class SymmetricOperator:
         template: Any,
         matmat: Callable[[Any], Any] | None = None,
         source: Any = None,
+        eps: float | None = None,
     ) -> None:
         self._matvec = matvec
         self._matmat = matmat
@@ -83,6 +94,7 @@ class SymmetricOperator:
         self.dtype = template.dtype
         self.device = _backend.device(template)
         self.source = source
+        self.eps = _backend.finfo_eps(self.xp, self.dtype) if eps is None else float(eps)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -258,7 +270,31 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
         )
     if size is not None and int(size) != op.n:
         raise argument_error("size", f"the operator's dimension {op.n}", size)
-    return op
+    return _widened(op) if _low_precision(op) else op
+
+
+def _low_precision(op: SymmetricOperator) -> bool:
+    """Whether ``op`` works in a floating dtype narrower than 32 bits (float16, bfloat16)."""
+    try:
+        return _backend.is_real_floating(op.xp, op.dtype) and op.xp.finfo(op.dtype).bits < 32
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - exotic namespaces
+        return False
+
+
+def _widened(op: SymmetricOperator) -> SymmetricOperator:
+    """``op`` with float64 vectors: inputs rounded to its dtype for each product, results
+    widened (exactly), so that every algorithm of :mod:`spectral` runs its recurrence,
+    orthogonalisation and linear algebra in float64 around 16-bit products."""
+    xp, low = op.xp, op.dtype
+
+    def matvec(x: Any) -> Any:
+        return xp.astype(op.matvec(xp.astype(x, low)), xp.float64)
+
+    def matmat(X: Any) -> Any:
+        return xp.astype(op.matmat(xp.astype(X, low)), xp.float64)
+
+    template = xp.astype(op.template, xp.float64)
+    return SymmetricOperator(matvec, template=template, matmat=matmat, source=op.source, eps=op.eps)
 
 
 def _check_sparse_symmetric(A: Any, n: int) -> None:

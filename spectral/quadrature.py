@@ -123,7 +123,7 @@ def slq(
     seed_description = resume.describe_seed(seed)  # before the generator is used
     rng = as_generator(seed)
     m = int(num_iters)
-    record = _ProbeRecord.empty(num_probes, m, eps=_backend.finfo_eps(op.xp, op.dtype), n=op.n)
+    record = _ProbeRecord.empty(num_probes, m, eps=op.eps, n=op.n)
     state: resume.Checkpoint | None = None
     every, first, pending = 0, 0, None
     if checkpoint is not None:

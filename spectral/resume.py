@@ -345,7 +345,7 @@ def operator_fingerprint(op: SymmetricOperator) -> OperatorFingerprint:
         digest=h,
         norm=float(np.linalg.norm(y)),
         sketch=tuple(float(s) for s in sketch),
-        eps=_backend.finfo_eps(op.xp, op.dtype),
+        eps=op.eps,
         platform=_platform(op.device),
     )
 
