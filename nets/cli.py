@@ -107,6 +107,7 @@ FLAGS: dict[str, str] = {
     "schedule": "--schedule",
     "save_freq": "--save-freq",
     "resume": "--resume",
+    "overwrite": "--overwrite",
     "checkpoint_path": "--checkpoint",
     "save_spectrum_path": "--out",
     "save_path": "--out",
@@ -360,6 +361,7 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         kwargs["resume"] = args.resume
     if args.track_curvature is not None:
         kwargs["track"] = track_options(args.track_curvature)
+    kwargs["overwrite"] = args.overwrite
     start = time.perf_counter()
     train_network(**kwargs)
     elapsed = time.perf_counter() - start
@@ -474,6 +476,40 @@ def spectrum_rows(path: str | Path) -> list[Row]:
     ]
 
 
+def _npz_forms(path: str | Path) -> list[Path]:
+    """``path`` and the ``.npz`` file the workflow functions write or read for it."""
+    p = Path(path)
+    return [p] if p.suffix == ".npz" else [p, p.with_name(p.name + ".npz")]
+
+
+def refuse_overwriting_inputs(
+    outputs: Sequence[str | Path], inputs: dict[str, Any], *, flag: str = "--out"
+) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when an output would replace an input.
+
+    ``inputs`` maps each input flag to a path, a list of paths or None; paths are compared
+    resolved (symbolic links, ``..``), each with the ``.npz`` form the workflow adds.
+
+    >>> refuse_overwriting_inputs(["a.npz"], {"--spectrum": "b"})
+    >>> refuse_overwriting_inputs(["run/s"], {"--spectrum": "run/s.npz"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nets.cli.UsageError: --out: the output run/s.npz would replace the input of --spectrum ...
+    """
+    written = {q.resolve(): q for out in outputs for q in _npz_forms(out)}
+    for name, value in inputs.items():
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        for path in paths:
+            if path is None:
+                continue
+            for form in _npz_forms(path):
+                if form.resolve() in written:
+                    raise UsageError(
+                        f"{flag}: the output {written[form.resolve()]} would replace the input "
+                        f"of {name} ({form}); choose another {flag}"
+                    )
+
+
 def _default_spectrum_path(checkpoint: str, curvature: str) -> Path:
     ckpt = Path(checkpoint)
     tag = ckpt.stem.replace("checkpoint-", "") if ckpt.stem.startswith("checkpoint-") else ckpt.stem
@@ -486,6 +522,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
 
     _fill_from_checkpoint(args, args.checkpoint)
     out = Path(args.out) if args.out else _default_spectrum_path(args.checkpoint, args.curvature)
+    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--state": args.state})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -545,6 +582,7 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
         if args.out
         else Path(args.checkpoint).parent / f"compare-{int(epoch):05d}-{args.curvature}.npz"
     )
+    refuse_overwriting_inputs([out, out.with_suffix(".png")], {"--checkpoint": args.checkpoint})
     start = time.perf_counter()
     with preserve_global_state():
         data = resolve_data(args.dataset, args.data_path, seed=args.seed)
@@ -624,6 +662,7 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
     checkpoints = _checkpoint_list(args.checkpoints)
     _fill_from_checkpoint(args, checkpoints[0])
     out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "loss-stats.npz"
+    refuse_overwriting_inputs([out], {"the checkpoints": checkpoints})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -665,6 +704,7 @@ def _cmd_landscape(args: argparse.Namespace) -> list[str]:
 
     _fill_from_checkpoint(args, args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "landscape.npz"
+    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--spectrum": args.spectrum})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -744,6 +784,8 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         base = Path(source) if source is not None else Path("comparison")
         name = "curvature.png" if args.what == "tracking" else "training.png"
         out = str(base / name) if base.is_dir() else str(base.with_suffix(".png"))
+    inputs = [*(args.inputs or []), args.hessian, args.ggn, args.diagonal]
+    refuse_overwriting_inputs([out], {"the inputs": [p for p in inputs if p is not None]})
     if args.what == "spectrum":
         fig = plot_spectrum(
             "lanczos",
@@ -883,6 +925,12 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="checkpoint every N epochs, besides the initial and final ones (0: only those)",
     )
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the files of a run already in --dir and start anew (without it, "
+        "such a --dir is refused unless --resume continues that run)",
+    )
     p.add_argument(
         "--track-curvature",
         default=None,

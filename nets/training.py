@@ -109,7 +109,7 @@ from nets.schedules import get_schedule
 from nets.swa import WeightAverager
 from nets.tracker import CurvatureTracker
 from spectral.errors import NumericalError, argument_error
-from spectral.io import atomic_write
+from spectral.io import CorruptFileError, atomic_write
 
 __all__ = [
     "CURVATURE_FILE",
@@ -401,16 +401,56 @@ def _write_stats(
         json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
 
 
-def _read_stats(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+def _read_stats(path: Path, upto_epoch: int, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The epochs of ``stats.json`` up to ``upto_epoch``, from a run of the same model and
+    data as ``config`` (an unreadable file is an error: rewriting it would lose the
+    run's history)."""
     if not path.is_file():
         return []
     try:
         payload = json.loads(path.read_text())
         entries = [e for e in payload["epochs"] if int(e["epoch"]) <= upto_epoch]
-    except (ValueError, KeyError, TypeError) as exc:
-        logger.warning("ignoring unreadable %s (%s); starting a new one", path, exc)
-        return []
+        recorded = dict(payload["config"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(
+            f"{path}: unreadable ({exc}); the run's history is in it, so resuming would "
+            "lose it. Restore the file, or start the run anew in another directory"
+        ) from exc
+    check_same_run(recorded, config, where=f"the run in '{path.parent}' ({path.name})")
     return entries
+
+
+#: The configuration entries that identify a run's model and data.
+RUN_IDENTITY = ("model", "model_class", "dataset", "dataset_options", "task")
+
+
+def check_same_run(
+    recorded: dict[str, Any], config: dict[str, Any], *, where: str, tracking: bool = False
+) -> None:
+    """Refuse to continue a run of another model or data (or, when tracking the
+    curvature, another batch size: the tracker counts optimiser steps).
+
+    >>> check_same_run({"model": "MLP"}, {"model": "MLP"}, where="x")
+    >>> check_same_run({"model": "MLP"}, {"model": "SmallCNN"}, where="checkpoint c.pt")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'resume': expected a run of this model and data (model 'SmallCNN')...
+    """
+    for key in RUN_IDENTITY:
+        if key in recorded and key in config and recorded[key] != config[key]:
+            raise argument_error(
+                "resume",
+                f"a run of this model and data ({key} {config[key]!r})",
+                f"{where} with {key} {recorded[key]!r}",
+            )
+    before, now = recorded.get("batch_size"), config.get("batch_size")
+    if tracking and before is not None and before != now:
+        raise argument_error(
+            "batch_size",
+            f"the batch size of the run being resumed ({before}): the curvature tracker "
+            "counts optimiser steps, which another batch size renumbers",
+            now,
+        )
 
 
 def train_network(
@@ -440,6 +480,7 @@ def train_network(
     dataset_kwargs: dict[str, Any] | None = None,
     curvature_batch_size: int | None = None,
     track: CurvatureTracker | Mapping[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> TrainingResult:
     """Train a network, saving checkpoints and per-epoch statistics in ``dir``.
 
@@ -504,6 +545,13 @@ def train_network(
         the run's model and loss with ``path = dir / "curvature.jsonl"`` (continued on
         ``resume``).  The rows go into ``curvature.jsonl`` and the ``curvature`` section
         of ``stats.json``; tracking leaves the run bit-identical.
+    overwrite:
+        What to do with a run already in ``dir`` (``stats.json``, checkpoints, curvature
+        rows) when ``resume`` does not continue it: ``True`` (default, the paper's
+        behaviour: Table 4 trains two optimisers into one directory) deletes that run's
+        files first, with a logged warning naming them, so that no file of the old run
+        (a later checkpoint) stays beside the new run's; ``False`` refuses the directory
+        (the ``curvature train`` command's default; ``--overwrite`` sets it).
 
     Returns
     -------
@@ -536,6 +584,7 @@ def train_network(
         curvature_batch_size=curvature_batch_size,
         optimizer_kwargs=optimizer_kwargs,
     )
+    check_run_directory(Path(dir), resume=bool(resume), overwrite=overwrite)
     schedule_fn = None if schedule is None else get_schedule(schedule)
     run_device = resolve_device(device)
     data = resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
@@ -560,7 +609,7 @@ def train_network(
         swa=swa_cfg, averager=WeightAverager(net) if swa else None,
     )  # fmt: skip
     with seeded_global_rng(seed, run_device):
-        start_epoch = restore_run(run, resume) if resume else 0
+        start_epoch = restore_run(run, resume, tracking=track is not None) if resume else 0
         stats = StatsFile(run.out_dir / STATS_FILE, config, _augmentation(data.train))
         result = _initial_result(run, stats, stats.read(start_epoch) if resume else [])
         run.tracker = _make_tracker(
@@ -993,7 +1042,61 @@ def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def restore_run(run: TrainingRun, resume: str | os.PathLike[str] | bool) -> int:
+#: The files of a run in its directory (those :func:`train_network` writes).
+RUN_FILE_PATTERNS = (
+    STATS_FILE,
+    "checkpoint-*.pt",
+    "swa-*.pt",
+    "curvature.jsonl",
+    "curvature.jsonl.ritz.npz",
+    "curvature.density-*.npz",
+)
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files of a run in ``out_dir`` (:data:`RUN_FILE_PATTERNS`), sorted."""
+    if not out_dir.is_dir():
+        return []
+    return sorted({p for pattern in RUN_FILE_PATTERNS for p in out_dir.glob(pattern)})
+
+
+def check_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a run in a directory that holds another one (module docstring).
+
+    A fresh run there would replace some of the old run's files and leave others (its
+    later checkpoints) beside the new ones.  With ``overwrite`` the old run's files are
+    deleted first; with ``resume`` the run is continued (:func:`restore_run`).
+
+    >>> import tempfile
+    >>> check_run_directory(Path(tempfile.mkdtemp()), resume=False, overwrite=False)
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise argument_error("dir", "a directory (or a path to create one at)", str(out_dir))
+    if resume:
+        return
+    found = run_files(out_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise argument_error(
+            "dir",
+            "a directory without a run in it (resume continues that run; overwrite deletes "
+            "its files and starts anew)",
+            f"'{out_dir}', which holds a run ({shown})",
+        )
+    logger.warning(
+        "%s held a run; its files are deleted before the new run starts: %s",
+        out_dir,
+        ", ".join(p.name for p in found),
+    )
+    for path in found:
+        path.unlink()
+
+
+def restore_run(
+    run: TrainingRun, resume: str | os.PathLike[str] | bool, *, tracking: bool = False
+) -> int:
     """Load model, optimiser, RNG streams and SWA state from a checkpoint; return its epoch.
 
     ``resume=True`` takes the latest ``checkpoint-*.pt`` of the run directory.
@@ -1004,6 +1107,10 @@ def restore_run(run: TrainingRun, resume: str | os.PathLike[str] | bool) -> int:
             "resume", f"a checkpoint path (no checkpoint-*.pt in '{run.out_dir}')", resume
         )
     ckpt = load_checkpoint(resume_path, map_location=run.device)
+    check_same_run(
+        dict(ckpt.get("config") or {}), run.config, where=f"checkpoint '{resume_path}'",
+        tracking=tracking,
+    )  # fmt: skip
     load_model_state(run.model, ckpt)
     if ckpt.get("optimizer") is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -1074,8 +1181,8 @@ class StatsFile:
         _write_stats(self.path, self.config, epochs, self.augmentation, curvature)
 
     def read(self, upto_epoch: int) -> list[dict[str, Any]]:
-        """The recorded epochs up to ``upto_epoch`` (``[]`` without a readable file)."""
-        return _read_stats(self.path, upto_epoch)
+        """The recorded epochs up to ``upto_epoch`` (``[]`` without a file)."""
+        return _read_stats(self.path, upto_epoch, self.config)
 
 
 def evaluation_entry(run: TrainingRun, model: nn.Module, prefix: str = "test") -> dict[str, Any]:

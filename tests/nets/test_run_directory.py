@@ -1,0 +1,164 @@
+"""Runs that must not mix, and outputs that must not replace inputs (an adversarial sweep
+of the command line found each of these; every test fails on the code before the fix).
+
+* ``train`` into a directory holding a run replaced its first checkpoints and
+  ``stats.json`` and left its later checkpoints: two runs in one directory.
+* ``--resume`` with another run's checkpoint (another model) was accepted: the run's
+  ``stats.json`` then listed one model's losses for some epochs and the other's after.
+* resuming with ``--track-curvature`` and another batch size renumbered the tracker's
+  steps (rows 25-45 never existed, all later steps off by 22).
+* ``--resume`` with an unreadable ``stats.json`` logged a warning and rewrote the file
+  with the new epochs only: the run's history was lost.
+* ``compare --out <the checkpoint>``, ``landscape --spectrum S --out S`` and
+  ``spectrum --state F --out F`` replaced their own inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from nets.cli import main
+from nets.data import load_dataset
+from nets.training import train_network
+from spectral.io import CorruptFileError
+
+TINY = ["--model", "MLP", "--batch-size", "512", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    return load_dataset("digits")
+
+
+def _train(directory: Path, digits: Any, epochs: int, **kw: Any) -> Any:
+    options: dict[str, Any] = {
+        "dataset": digits,
+        "model": "MLP",
+        "model_kwargs": {"hidden": (8,)},
+        "optimizer_kwargs": {"lr": 0.05, "momentum": 0.9},
+        "batch_size": 512,
+        "epochs": epochs,
+        "save_freq": 1,
+        "progress": False,
+        "device": "cpu",
+        **kw,
+    }
+    return train_network(str(directory), **options)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: _digest(p) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_cli_refuses_a_directory_holding_a_run(tmp_path: Path, capsys: Any) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--epochs", "2", *TINY]) == 0
+    before = _digests(run)
+    capsys.readouterr()
+    assert main(["train", "--dir", str(run), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--dir" in err and "holds a run" in err and "Traceback" not in err
+    assert _digests(run) == before  # nothing touched
+    assert main(["train", "--dir", str(run), "--epochs", "1", "--overwrite", *TINY]) == 0
+    names = sorted(p.name for p in run.glob("checkpoint-*.pt"))
+    assert names == ["checkpoint-00000.pt", "checkpoint-00001.pt"]  # no epoch-2 leftover
+    assert len(json.loads((run / "stats.json").read_text())["epochs"]) == 1
+
+
+def test_api_replaces_the_whole_previous_run_as_in_the_paper(
+    tmp_path: Path, digits: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _train(tmp_path, digits, 3)
+    with caplog.at_level(logging.WARNING, logger="nets.training"):
+        _train(tmp_path, digits, 1)
+    assert "checkpoint-00003.pt" in caplog.text  # named in the warning
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == [
+        "checkpoint-00000.pt",
+        "checkpoint-00001.pt",
+    ]
+    with pytest.raises(ValueError, match=r"Argument 'dir'.*holds a run"):
+        _train(tmp_path, digits, 1, overwrite=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    _train(tmp_path, digits, 1)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's files go
+
+
+def test_resume_refuses_another_models_checkpoint_or_run(tmp_path: Path, digits: Any) -> None:
+    _train(tmp_path / "mlp", digits, 1)
+    _train(tmp_path / "wide", digits, 1, model_kwargs={"hidden": (16,)})
+    _train(tmp_path / "cnn", digits, 1, model="SmallCNN", model_kwargs={})
+    before = _digests(tmp_path / "mlp")
+    with pytest.raises(ValueError, match=r"Argument 'resume'.*model"):
+        _train(tmp_path / "mlp", digits, 2, resume=tmp_path / "cnn" / "checkpoint-00001.pt",
+               model="SmallCNN", model_kwargs={})  # fmt: skip
+    with pytest.raises(ValueError, match=r"Argument '(resume|checkpoint)'"):
+        _train(tmp_path / "mlp", digits, 2, resume=tmp_path / "wide" / "checkpoint-00001.pt")
+    assert _digests(tmp_path / "mlp") == before
+    resumed = _train(tmp_path / "mlp", digits, 2, resume=True)
+    assert [e["epoch"] for e in resumed.stats] == [1, 2]
+
+
+def test_resume_with_an_unreadable_stats_file_keeps_it(tmp_path: Path, digits: Any) -> None:
+    _train(tmp_path, digits, 1)
+    stats = tmp_path / "stats.json"
+    stats.write_text(stats.read_text()[:-40])  # a truncated write
+    broken = _digest(stats)
+    with pytest.raises(CorruptFileError, match=r"stats\.json"):
+        _train(tmp_path, digits, 2, resume=True)
+    assert _digest(stats) == broken
+
+
+def test_tracking_resume_refuses_another_batch_size(tmp_path: Path, digits: Any) -> None:
+    track = {"every": 2, "top_k": 1, "trace_probes": 0, "samples": 32}
+    _train(tmp_path, digits, 1, track=track, batch_size=256)
+    rows = (tmp_path / "curvature.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"Argument 'batch_size'.*256"):
+        _train(tmp_path, digits, 2, track=track, batch_size=128, resume=True)
+    assert (tmp_path / "curvature.jsonl").read_text() == rows
+    _train(tmp_path, digits, 2, batch_size=128, resume=True)  # untracked: allowed
+
+
+def test_outputs_never_replace_inputs(tmp_path: Path, capsys: Any) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--epochs", "1", *TINY]) == 0
+    ckpt = run / "checkpoint-00001.pt"
+    common = ["--subsample", "64", "--no-progress", "--device", "cpu"]
+    spec = run / "spec"
+    assert main(["spectrum", "--checkpoint", str(ckpt), "--iters", "4", "--save-eigvec",
+                 "--out", str(spec), *common]) == 0  # fmt: skip
+    before = _digests(run)
+    capsys.readouterr()
+    refused = [
+        ["compare", "--checkpoint", str(ckpt), "--approx", "diag-ggn", "--iters", "4",
+         "--k", "2", "--out", str(ckpt), *common],
+        ["landscape", "--checkpoint", str(ckpt), "--spectrum", str(spec), "--n-points", "3",
+         "--out", str(spec), *common],
+        ["spectrum", "--checkpoint", str(ckpt), "--iters", "4", "--out", str(run / "s"),
+         "--state", str(run / "s.npz"), *common],
+        ["stats", str(ckpt), "--out", str(ckpt), *common],
+        ["plot", "spectrum", str(spec) + ".npz", "--out", str(spec) + ".npz"],
+    ]  # fmt: skip
+    for argv in refused:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "would replace the input" in err and "Traceback" not in err, err
+    assert _digests(run) == before
