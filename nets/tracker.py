@@ -77,6 +77,7 @@ from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.params import group_by_layer, select_params
 from nets.curvature_rows import read_rows, write_rows
+from nets.measurement_settings import measurement_settings, settings_difference
 from spectral.blockeig import block_eigenpairs
 from spectral.errors import argument_error
 from spectral.estimators import trace
@@ -232,9 +233,12 @@ class CurvatureTracker:
     ValueError, TypeError
         Bad arguments (named in the message).
     spectral.io.CorruptFileError
-        ``path`` exists and a line is not a JSON row.
+        ``path`` exists and a line is not a JSON row, or its steps do not increase.
     ValueError
-        ``path`` holds rows of another ``kind`` or ``top_k``.
+        ``path`` holds rows of another ``kind`` or ``top_k``, or of another measurement
+        (each row records its ``settings``: :mod:`nets.measurement_settings`; the error
+        names the argument that differs), or ``start_step`` is past a due measurement
+        the file lacks.
 
     Examples
     --------
@@ -307,6 +311,14 @@ class CurvatureTracker:
         for name, names in _blocks(model, params, blocks).items():
             op = cls(model, loss_fn, data, params=names, bn_mode=bn_mode, **kwargs)
             self._operators[name] = _Counted(op)
+        main = self._operators[""].op
+        shapes = [tuple(p.shape) for p in main.current_params()]
+        self.settings = measurement_settings(
+            every=self.every, trace_probes=self.trace_probes, tol=self.tol, seed=self.seed,
+            bn_mode=bn_mode, density_every=density_every,
+            parameters=list(zip(main.param_names, shapes)),
+            blocks=[n for n in self._operators if n], operator_kwargs=kwargs, data=data,
+        )  # fmt: skip
         for name, counted in self._operators.items():
             if self.top_k >= counted.shape[0]:
                 raise argument_error(
@@ -354,7 +366,7 @@ class CurvatureTracker:
     def _measure(self) -> dict[str, Any]:
         step = self.count
         rng = np.random.default_rng([self.seed, step])
-        row: dict[str, Any] = {"step": step, "kind": self.kind}
+        row: dict[str, Any] = {"step": step, "kind": self.kind, "settings": self.settings}
         total = 0
         for name, counted in self._operators.items():
             counted.count = 0
@@ -417,26 +429,19 @@ class CurvatureTracker:
         if not self.path.is_file():
             self.count = 0 if start_step is None else _check_int("start_step", start_step, 0)
             return
-        rows = []
-        for number, row in enumerate(read_rows(self.path), start=1):  # checksums verified
-            try:
-                int(row["step"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CorruptFileError(
-                    f"File '{self.path}', line {number}: not a tracker row ({exc})."
-                ) from exc
-            if row.get("kind") != self.kind or len(row.get("top_eigenvalues", ())) != self.top_k:
-                raise argument_error(
-                    "path",
-                    f"a file of {self.kind!r} rows with top_k = {self.top_k} (or a new file)",
-                    f"'{self.path}' whose line {number} has kind {row.get('kind')!r} and "
-                    f"{len(row.get('top_eigenvalues', ()))} eigenvalues",
-                )
-            rows.append(row)
+        rows = self._checked_rows()
+        last = int(rows[-1]["step"]) if rows else 0
         if start_step is None:
-            self.count = int(rows[-1]["step"]) if rows else 0
+            self.count = last
         else:
             self.count = _check_int("start_step", start_step, 0)
+            if self.count // self.every > last // self.every:  # a due measurement is missing
+                raise argument_error(
+                    "start_step",
+                    f"a step at most one measurement after the file's last row (step {last}, "
+                    f"every = {self.every}): the rows between would be missing",
+                    start_step,
+                )
         dropped = [r for r in rows if r["step"] > self.count]
         self.rows = [r for r in rows if r["step"] <= self.count]
         if dropped:
@@ -445,6 +450,47 @@ class CurvatureTracker:
             )
             write_rows(self.path, self.rows)
         self._load_vectors()
+
+    def _checked_rows(self) -> list[dict[str, Any]]:
+        """The file's rows: checksums verified, steps increasing, this tracker's settings."""
+        assert self.path is not None
+        try:
+            found = read_rows(self.path)
+        except UnicodeDecodeError as exc:
+            raise CorruptFileError(f"File '{self.path}': not UTF-8 text ({exc}).") from exc
+        rows: list[dict[str, Any]] = []
+        for number, row in enumerate(found, start=1):
+            try:
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CorruptFileError(
+                    f"File '{self.path}', line {number}: not a tracker row ({exc})."
+                ) from exc
+            if rows and step <= int(rows[-1]["step"]):
+                raise CorruptFileError(
+                    f"File '{self.path}', line {number}: step {step} after step "
+                    f"{rows[-1]['step']} (the rows of a tracker file increase)."
+                )
+            if row.get("kind") != self.kind or len(row.get("top_eigenvalues", ())) != self.top_k:
+                raise argument_error(
+                    "path",
+                    f"a file of {self.kind!r} rows with top_k = {self.top_k} (or a new file)",
+                    f"'{self.path}' whose line {number} has kind {row.get('kind')!r} and "
+                    f"{len(row.get('top_eigenvalues', ()))} eigenvalues",
+                )
+            if "settings" in row:  # files written before rows recorded them: not checked
+                difference = settings_difference(row["settings"], self.settings)
+                if difference is not None:
+                    argument, what = difference
+                    raise argument_error(
+                        argument,
+                        f"the measurement of the rows in '{self.path}' (a tracker continues "
+                        "its file with the same matrix, measurement set and settings; use a "
+                        "new path for another measurement)",
+                        f"{what} (line {number})",
+                    )
+            rows.append(row)
+        return rows
 
     def _load_vectors(self) -> None:
         """Warm-start vectors saved with the last kept row (when still in the file)."""

@@ -250,15 +250,17 @@ def test_killed_and_restarted_tracker_resumes_its_file(tmp_path: Path) -> None:
         }
 
     # a plain restart continues from the last row; a corrupt line is refused by name
-    third = CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, path=path)
+    third = CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, tol=TOL, path=path)
     assert third.count == 40 and len(third.rows) == 8
+    with pytest.raises(ValueError, match=r"'tol'.*1e-10 in the file"):
+        CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, path=path)
     with pytest.raises(ValueError, match=r"'path'.*top_k = 3"):
         CurvatureTracker(model, loss_fn, _data(), every=5, top_k=3, path=path)
     with pytest.raises(ValueError, match=r"'path'.*'ggn'"):
         CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, kind="ggn", path=path)
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(CorruptFileError, match="line 9"):
-        CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, path=path)
+        CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, tol=TOL, path=path)
 
 
 def test_warm_start_spends_fewer_products_than_cold() -> None:
