@@ -40,6 +40,7 @@ import stat
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +54,7 @@ __all__ = [
     "atomic_write",
     "clean_stale_temporaries",
     "current_umask",
+    "has_checksum",
     "load_npz",
     "npz_checksum",
     "save_npz",
@@ -309,6 +311,19 @@ def save_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
     members = {CHECKSUM_KEY: np.asarray(npz_checksum(converted)), **converted}  # checksum first
     with atomic_write(path, "wb") as handle:
         np.savez_compressed(handle, **members)  # type: ignore[arg-type]
+
+
+def has_checksum(path: str | os.PathLike[str]) -> bool:
+    """Whether the ``.npz`` archive ``path`` lists a ``__sha256__`` member.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.npz")
+    >>> save_npz(p, x=np.arange(2))
+    >>> has_checksum(p)
+    True
+    """
+    with zipfile.ZipFile(path) as archive:
+        return CHECKSUM_KEY + ".npy" in archive.namelist()
 
 
 def load_npz(path: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:

@@ -94,7 +94,14 @@ import numpy as np
 
 from spectral import _backend
 from spectral.errors import argument_error
-from spectral.io import CorruptFileError, atomic_write, load_npz
+from spectral.io import (
+    CHECKSUM_KEY,
+    CorruptFileError,
+    atomic_write,
+    has_checksum,
+    load_npz,
+    npz_checksum,
+)
 from spectral.operator import SymmetricOperator
 
 __all__ = [
@@ -116,7 +123,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "spectral-resume/1"
+FORMAT = "spectral-resume/2"
+
+#: The format before state files carried a content checksum (still read).
+_FORMAT_WITHOUT_CHECKSUM = "spectral-resume/1"
 
 #: Seed of the fixed Rademacher probe ``p`` of the operator fingerprint.
 FINGERPRINT_SEED = 0x5EED_CAFE
@@ -436,7 +446,7 @@ class Checkpoint:
         """Read and validate the state file (``None`` if it does not exist yet)."""
         if not self.path.exists():
             return None
-        raw = load_npz(self.path)
+        raw = load_npz(self.path)  # verifies the checksum where the file has one
         try:
             fmt = str(raw["format"])
             kind = str(raw["kind"])
@@ -447,9 +457,14 @@ class Checkpoint:
             raise CorruptFileError(
                 f"File '{self.path}' is not a {FORMAT} state file (missing or invalid {exc})."
             ) from exc
-        if fmt != FORMAT:
+        if fmt not in (FORMAT, _FORMAT_WITHOUT_CHECKSUM):
             raise CorruptFileError(
                 f"File '{self.path}' has format {fmt!r}; expected {FORMAT!r} (a state file)."
+            )
+        if fmt == FORMAT and not has_checksum(self.path):
+            raise CorruptFileError(
+                f"File '{self.path}' has lost its checksum member (every {FORMAT} state file "
+                "has one): the archive's directory is damaged, and other members may be lost."
             )
         if kind != self.kind:
             raise self._mismatch(f"it was written by {kind}")
@@ -490,8 +505,11 @@ class Checkpoint:
             if arr.dtype == object:
                 raise TypeError(f"Argument 'arrays': {key!r} is an object array.")
             payload[key] = arr
+        # the checksum first: a damaged zip directory drops the last members, which a
+        # reader would otherwise take for absent optional arrays (a residual of None)
+        members = {CHECKSUM_KEY: np.asarray(npz_checksum(payload)), **payload}
         with atomic_write(self.path, "wb") as handle:
-            np.savez(handle, **payload)  # type: ignore[arg-type]
+            np.savez(handle, **members)  # type: ignore[arg-type]
 
 
 @dataclass
