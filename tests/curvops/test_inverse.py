@@ -163,3 +163,27 @@ def test_reported_residuals_are_the_true_ones(method: str) -> None:
             assert true <= 1e-8
         else:
             assert true > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weights", [[5.0, 2.0, 0.5], [5.0, 2.0, -0.5]])
+def test_exact_inverse_of_a_damped_low_rank_operator(dtype: torch.dtype, weights: list) -> None:
+    """Woodbury in float64 (before: None, so comparisons ran CG, which on a float32
+    rank-3 proxy could not reach tol=1e-8 and failed ``curvature compare``)."""
+    from curvops import LowRank
+    from curvops.structure import exact_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    U = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    s = torch.tensor(weights, dtype=torch.float64)
+    damping = 1.0
+    dense = U @ torch.diag(s) @ U.T + damping * torch.eye(40, dtype=torch.float64)
+    want = torch.linalg.inv(dense)
+    inv = exact_inverse(LowRank(U.to(dtype), s.to(dtype)), damping)
+    assert inv is not None and inv.symmetric
+    got = (inv @ torch.eye(40, dtype=dtype)).double()
+    eps = float(torch.finfo(dtype).eps)
+    cond = float(torch.linalg.cond(dense))
+    assert float((got - want).abs().max()) <= 100 * eps * cond * float(want.abs().max())
+    with pytest.raises(ValueError, match=r"Argument 'damping'.*singular"):
+        exact_inverse(LowRank(U.to(dtype), s.to(dtype)), 0.0)
