@@ -427,8 +427,8 @@ RUN_IDENTITY = ("model", "model_class", "dataset", "dataset_options", "task")
 def check_same_run(
     recorded: dict[str, Any], config: dict[str, Any], *, where: str, tracking: bool = False
 ) -> None:
-    """Refuse to continue a run of another model or data (or, when tracking the
-    curvature, another batch size: the tracker counts optimiser steps).
+    """Refuse to continue a run of another model, data or optimiser (or, when tracking
+    the curvature, another batch size: the tracker counts optimiser steps).
 
     >>> check_same_run({"model": "MLP"}, {"model": "MLP"}, where="x")
     >>> check_same_run({"model": "MLP"}, {"model": "SmallCNN"}, where="checkpoint c.pt")
@@ -443,6 +443,14 @@ def check_same_run(
                 f"a run of this model and data ({key} {config[key]!r})",
                 f"{where} with {key} {recorded[key]!r}",
             )
+    optimizer, wanted = recorded.get("optimizer"), config.get("optimizer")
+    if optimizer is not None and wanted is not None and optimizer != wanted:
+        raise argument_error(
+            "optimizer",
+            f"the optimiser of the run being resumed ({optimizer!r}), whose state the "
+            "checkpoint holds",
+            wanted,
+        )
     before, now = recorded.get("batch_size"), config.get("batch_size")
     if tracking and before is not None and before != now:
         raise argument_error(

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -533,6 +533,8 @@ def resolve_model(
     if work is not model:  # never change the mode or device of the caller's module
         work.to(target)
         work.eval()
+        if ckpt is not None and data is not None:
+            _check_inputs_fit(work, data, config, checkpoint_path)
     epoch = ckpt.get("epoch") if ckpt is not None else None
     return ResolvedModel(
         model=work,
@@ -541,6 +543,32 @@ def resolve_model(
         epoch=None if epoch is None else int(epoch),
         config=config,
     )
+
+
+def _check_inputs_fit(
+    model: nn.Module, data: ResolvedData, config: dict[str, Any], checkpoint_path: Any
+) -> None:
+    """Refuse a dataset whose samples the checkpoint's model cannot take (one forward pass
+    of one sample, in eval mode, on the working copy): a digits MLP given byte tokens
+    raised PyTorch's bare dtype error from deep inside the analysis."""
+    try:
+        sample = cast(Any, data.train)[0][0]
+        inputs = torch.as_tensor(sample).unsqueeze(0)
+        device = next(iter(model.parameters())).device
+    except Exception:  # an unusual dataset or a parameterless model: nothing to check
+        return
+    try:
+        with torch.no_grad():
+            model(inputs.to(device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        trained = config.get("dataset", "another dataset")
+        raise argument_error(
+            "dataset",
+            f"data the model of checkpoint '{checkpoint_path}' (trained on {trained!r}) can "
+            "take",
+            f"{getattr(data, 'name', data)!r}, on whose samples its forward pass fails "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]})",
+        ) from exc
 
 
 def _working_copy(

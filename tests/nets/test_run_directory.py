@@ -162,3 +162,24 @@ def test_outputs_never_replace_inputs(tmp_path: Path, capsys: Any) -> None:
         err = capsys.readouterr().err
         assert "would replace the input" in err and "Traceback" not in err, err
     assert _digests(run) == before
+
+
+def test_resume_refuses_another_optimizer(tmp_path: Path, digits: Any) -> None:
+    """Before: PyTorch's ``KeyError: 'betas'`` from loading SGD's state into Adam."""
+    _train(tmp_path, digits, 1)
+    with pytest.raises(ValueError, match=r"Argument 'optimizer'.*'SGD'"):
+        _train(tmp_path, digits, 2, resume=True, optimizer="Adam", optimizer_kwargs={"lr": 1e-3})
+
+
+def test_a_dataset_the_checkpoint_model_cannot_take_is_named(tmp_path: Path, capsys: Any) -> None:
+    """Before: PyTorch's bare dtype error (byte tokens into a digits MLP), exit status 1."""
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
+    for command in (["spectrum", "--iters", "3", "--out", str(run / "s")], ["stats"]):
+        argv = [command[0], *(["--checkpoint"] if command[0] == "spectrum" else []),
+                str(run / "checkpoint-00001.pt"), *command[1:], "--dataset", "text",
+                "--subsample", "16", "--no-progress", "--device", "cpu"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--dataset" in err and "'digits'" in err and "Traceback" not in err, err
