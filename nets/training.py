@@ -668,6 +668,8 @@ class TrainingOptions:
         seed = values.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise argument_error("seed", "an integer", seed, kind=TypeError)
+        if not 0 <= seed < 2**63:
+            raise argument_error("seed", "an integer in [0, 2**63)", seed)
         given = dict(optimizer_kwargs or {})
         batch = given.pop("batch_size", values.pop("batch_size", cls.batch_size))
         batch = check_positive_int("batch_size", batch)
@@ -798,7 +800,21 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, str]:
     """The optimiser over ``net`` (a registered name with ``options``, or as given) and its name."""
     if isinstance(optimizer, str):
-        return get_optimizer(optimizer, net, **options), optimizer
+        for key, value in options.items():  # a NaN momentum only surfaced as a diverging loss
+            if isinstance(value, float) and not math.isfinite(value):
+                raise argument_error(key, "a finite number", value)
+        try:
+            return get_optimizer(optimizer, net, **options), optimizer
+        except ValueError as exc:  # PyTorch's "Invalid momentum value: -0.5" names no argument
+            if str(exc).startswith("Argument "):
+                raise
+            named = [key for key in options if key.lower() in str(exc).lower()]
+            key = named[-1] if named else "optimizer_kwargs"
+            raise argument_error(
+                key,
+                f"a value {optimizer} accepts ({exc})",
+                options.get(key, options) if named else options,
+            ) from exc
     if isinstance(optimizer, torch.optim.Optimizer):
         if options:
             raise argument_error(

@@ -183,3 +183,25 @@ def test_a_dataset_the_checkpoint_model_cannot_take_is_named(tmp_path: Path, cap
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "--dataset" in err and "'digits'" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--momentum", "-0.5"], "--momentum"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--momentum", "nan"], "--momentum"),
+    ],
+)
+def test_optimiser_and_seed_values_are_checked_before_any_file(
+    tmp_path: Path, capsys: Any, flags: list[str], named: str
+) -> None:
+    """Before: PyTorch's or numpy's messages naming no flag ("Invalid momentum value"),
+    and a NaN momentum surfaced as a diverging loss after files were written."""
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--epochs", "1", *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"Option {named}:" in err and "Traceback" not in err, err
+    assert not run.exists() or not any(run.iterdir())
