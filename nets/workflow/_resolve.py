@@ -564,8 +564,7 @@ def _check_inputs_fit(
         trained = config.get("dataset", "another dataset")
         raise argument_error(
             "dataset",
-            f"data the model of checkpoint '{checkpoint_path}' (trained on {trained!r}) can "
-            "take",
+            f"data the model of checkpoint '{checkpoint_path}' (trained on {trained!r}) can take",
             f"{getattr(data, 'name', data)!r}, on whose samples its forward pass fails "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]})",
         ) from exc
