@@ -79,8 +79,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -556,9 +557,10 @@ def train_network(
     overwrite:
         What to do with a run already in ``dir`` (``stats.json``, checkpoints, curvature
         rows) when ``resume`` does not continue it: ``True`` (default, the paper's
-        behaviour: Table 4 trains two optimisers into one directory) deletes that run's
-        files first, with a logged warning naming them, so that no file of the old run
-        (a later checkpoint) stays beside the new run's; ``False`` refuses the directory
+        behaviour: Table 4 trains two optimisers into one directory) replaces that run's
+        files by the new run's, so that no file of the old run (a later checkpoint) stays
+        beside them (they are set aside while the new run starts, put back if it fails to
+        start, then deleted with a logged warning naming them); ``False`` refuses the directory
         (the ``curvature train`` command's default; ``--overwrite`` sets it).
 
     Returns
@@ -592,7 +594,7 @@ def train_network(
         curvature_batch_size=curvature_batch_size,
         optimizer_kwargs=optimizer_kwargs,
     )
-    check_run_directory(Path(dir), resume=bool(resume), overwrite=overwrite)
+    previous = check_run_directory(Path(dir), resume=bool(resume), overwrite=overwrite)
     schedule_fn = None if schedule is None else get_schedule(schedule)
     run_device = resolve_device(device)
     data = resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
@@ -619,14 +621,15 @@ def train_network(
     with seeded_global_rng(seed, run_device):
         start_epoch = restore_run(run, resume, tracking=track is not None) if resume else 0
         stats = StatsFile(run.out_dir / STATS_FILE, config, _augmentation(data.train))
-        result = _initial_result(run, stats, stats.read(start_epoch) if resume else [])
-        run.tracker = _make_tracker(
-            track, net, loss_fn, data.train_eval or data.train, run.out_dir,
-            start_step=start_epoch * len(loaders.train), optimizer=opt, seed=seed,
-        )  # fmt: skip
-        if start_epoch == 0 and not resume:
-            stats.write([], _rows(run.tracker))
-            _record_saved(result, save_run(run, 0))
+        with replaced_run(run.out_dir, previous):
+            result = _initial_result(run, stats, stats.read(start_epoch) if resume else [])
+            run.tracker = _make_tracker(
+                track, net, loss_fn, data.train_eval or data.train, run.out_dir,
+                start_step=start_epoch * len(loaders.train), optimizer=opt, seed=seed,
+            )  # fmt: skip
+            if start_epoch == 0 and not resume:
+                stats.write([], _rows(run.tracker))
+                _record_saved(result, save_run(run, 0))
         _train_epochs(run, result, stats, start_epoch)
     return result
 
@@ -1084,24 +1087,24 @@ def run_files(out_dir: Path) -> list[Path]:
     return sorted({p for pattern in RUN_FILE_PATTERNS for p in out_dir.glob(pattern)})
 
 
-def check_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a run in a directory that holds another one (module docstring).
+def check_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """The files of a run already in ``out_dir`` that a new run replaces (module docstring).
 
     A fresh run there would replace some of the old run's files and leave others (its
-    later checkpoints) beside the new ones.  With ``overwrite`` the old run's files are
-    deleted first; with ``resume`` the run is continued (:func:`restore_run`).
+    later checkpoints) beside the new ones.  With ``resume`` the run is continued (no
+    file is replaced); otherwise the old run's files are returned for
+    :func:`replaced_run` when ``overwrite``, and refused without it.
 
     >>> import tempfile
     >>> check_run_directory(Path(tempfile.mkdtemp()), resume=False, overwrite=False)
+    []
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise argument_error("dir", "a directory (or a path to create one at)", str(out_dir))
     if resume:
-        return
+        return []
     found = run_files(out_dir)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         shown = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
         raise argument_error(
             "dir",
@@ -1109,13 +1112,41 @@ def check_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None
             "its files and starts anew)",
             f"'{out_dir}', which holds a run ({shown})",
         )
+    return found
+
+
+@contextlib.contextmanager
+def replaced_run(out_dir: Path, previous: Sequence[Path]) -> Iterator[None]:
+    """Set the files ``previous`` of an old run aside while the new run starts.
+
+    They are moved into a hidden folder of ``out_dir``; if starting fails (a bad tracker
+    setting, an error in the first checkpoint) they are moved back, so a failed start
+    never costs the old run; once the new run's first files are written they are deleted,
+    with a logged warning naming them.
+    """
+    if not previous:
+        yield
+        return
+    aside = out_dir / f".replaced-run-{os.getpid()}"
+    aside.mkdir(exist_ok=True)
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in previous:
+            target = aside / path.name
+            os.replace(path, target)
+            moved.append((path, target))
+        yield
+    except BaseException:
+        for path, target in reversed(moved):
+            os.replace(target, path)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
     logger.warning(
-        "%s held a run; its files are deleted before the new run starts: %s",
+        "%s held a run; its files were replaced by the new run's: %s",
         out_dir,
-        ", ".join(p.name for p in found),
+        ", ".join(p.name for p in previous),
     )
-    for path in found:
-        path.unlink()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def restore_run(

@@ -102,6 +102,17 @@ def test_api_replaces_the_whole_previous_run_as_in_the_paper(
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's files go
 
 
+def test_a_replacing_run_that_fails_to_start_keeps_the_old_run(tmp_path: Path, digits: Any) -> None:
+    _train(tmp_path, digits, 2)
+    before = _digests(tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        _train(tmp_path, digits, 1, optimizer_kwargs={"lr": float("nan")})
+    with pytest.raises(ValueError, match="every"):
+        _train(tmp_path, digits, 1, track={"every": 0})  # fails after the files were set aside
+    assert _digests(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # nothing left aside
+
+
 def test_resume_refuses_another_models_checkpoint_or_run(tmp_path: Path, digits: Any) -> None:
     _train(tmp_path / "mlp", digits, 1)
     _train(tmp_path / "wide", digits, 1, model_kwargs={"hidden": (16,)})
