@@ -99,12 +99,14 @@ __all__ = [
     "check_loss_second_derivatives",
     "clamp_replacement",
     "cosine_similarity",
+    "determinant",
     "embedding",
     "exact_spectral_norm_compute_weight",
     "exact_spectral_norm_forward",
     "fmax",
     "hardsigmoid",
     "linear_cross_entropy_reference",
+    "polar",
     "prelu",
     "refuse_fake_quantization",
     "scatter_reduce_replacement",
@@ -426,6 +428,63 @@ def as_strided_scatter(
     return out
 
 
+def polar(
+    abs: torch.Tensor, angle: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.polar`` with the function's derivatives at a zero or negative magnitude.
+
+    :math:`z = r (\\cos t + i \\sin t)`, so :math:`\\partial z / \\partial r =
+    \\cos t + i \\sin t` everywhere; PyTorch's backward pass gives 0 at :math:`r = 0`
+    and the opposite sign at :math:`r < 0` (in torch 2.13 to 2.15; its forward mode is
+    right), so a magnitude computed by the model that reaches zero (a ReLU, a masked
+    amplitude) had a wrong gradient and a non-symmetric GGN.  Where ``abs > 0``
+    PyTorch's values and derivatives are kept; elsewhere ``abs * cos(angle) + i abs *
+    sin(angle)`` gives them (the same value up to rounding: ``0`` at ``abs == 0``).
+
+    Examples
+    --------
+    >>> r = torch.tensor([0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    >>> t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    >>> torch.autograd.grad(polar(r, t).real.sum(), r)[0]
+    tensor([1.0000, 0.5403], dtype=torch.float64)
+    >>> bool(torch.equal(polar(r, t)[1], torch.polar(r, t)[1]))
+    True
+    """
+    if out is not None:
+        return torch.polar(abs, angle, out=out)
+    value = torch.polar(abs, angle)
+    exact = torch.complex(abs * torch.cos(angle), abs * torch.sin(angle))
+    return torch.where(abs > 0, value, exact)
+
+
+def determinant(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``det`` whose forward-mode derivative of a 1 x 1 matrix is the right one.
+
+    The derivative of :math:`\\det [a] = a` is 1, which PyTorch's backward pass gives;
+    its forward mode gives 0 at :math:`a = 0` (in torch 2.13 to 2.15), so the
+    forward-mode GGN paths disagreed with the others there.  A ``1 x 1`` matrix (or a
+    batch of them) is evaluated as its entry, bitwise the same value; every other
+    call is PyTorch's own.
+
+    Examples
+    --------
+    >>> det = determinant(torch.linalg.det)
+    >>> a = torch.zeros(1, 1, dtype=torch.float64)
+    >>> import torch.autograd.forward_ad as fwAD
+    >>> with fwAD.dual_level():
+    ...     d = det(fwAD.make_dual(a, torch.ones_like(a)))
+    ...     fwAD.unpack_dual(d).tangent
+    tensor(1., dtype=torch.float64)
+    """
+
+    def replacement(A: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not isinstance(A, torch.Tensor) or tuple(A.shape[-2:]) != (1, 1):
+            return original(A, *args, **kwargs)
+        return A[..., 0, 0].clone()
+
+    return replacement
+
+
 def linear_cross_entropy_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
     """``F.linear_cross_entropy`` without chunking (``options=None``): the same loss,
     computed as ``cross_entropy(linear(input, weight, bias), target, ...)``, whose
@@ -611,6 +670,8 @@ REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
         torch.Tensor.scatter_reduce_, inplace=True
     ),
     torch.Tensor.fmax: fmax,
+    torch.polar: polar,
+    **{f: determinant(f) for f in (torch.det, torch.linalg.det, torch.Tensor.det)},
     **{
         f: clamp_replacement(f, ("min", "max"))
         for f in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)

@@ -31,6 +31,15 @@ with second derivatives, and restore every setting on exit, also after an error:
   (:data:`curvops.derivative_repairs.REPLACEMENTS`: weight normalisation's fused
   kernel and chunked ``F.linear_cross_entropy``, whose double backward is wrong, and
   embeddings with ``scale_grad_by_freq`` or ``sparse`` gradients).
+* **Calls whose derivatives products cannot trust are refused or re-routed.**  The
+  same mode refuses in-place writes that autograd does not record (with gradients off,
+  :func:`curvops.untracked_writes.refuse_untracked_write`; through a ``.data`` or
+  ``.detach()`` alias, :class:`curvops.untracked_writes.DetachedAliases`) and writes of
+  parameter-dependent values to a repeated index
+  (:func:`curvops.duplicate_writes.refuse_duplicate_write`), and in the forward-mode
+  passes of the GGN and Fisher it signals the functions whose tangents are not the
+  transpose of their gradients (:mod:`curvops.tangent_consistency`), whose ``Jv`` is
+  then taken in reverse mode.
 * **A fixed random stream.**  Any other random operation inside a product draws
   from a private stream (the default CPU generator, and each initialised CUDA
   generator, forked and seeded with :data:`PRODUCT_SEED`), so the same operator,
@@ -95,7 +104,7 @@ from curvops.tangent_consistency import (
     in_forward_mode_pass,
     unsuitable_call,
 )
-from curvops.untracked_writes import refuse_untracked_write
+from curvops.untracked_writes import DetachedAliases, refuse_untracked_write
 from spectral.errors import argument_error
 
 __all__ = [
@@ -191,6 +200,10 @@ class DropoutOffMode(TorchFunctionMode):
     tensor([1., 1.])
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._aliases = DetachedAliases()
+
     def __torch_function__(
         self,
         func: Callable[..., Any],
@@ -207,6 +220,7 @@ class DropoutOffMode(TorchFunctionMode):
                 raise ForwardModeUnsuitable(reason)
         if not torch.is_grad_enabled():
             refuse_untracked_write(func, args)
+        self._aliases.check(func, args)
         if func in WRITES:
             refuse_duplicate_write(func, args, kwargs)
         replacement = REPLACEMENTS.get(func) or _EXPECTATIONS.get(func)
@@ -222,7 +236,7 @@ class DropoutOffMode(TorchFunctionMode):
                 args = (*args[:position], value, *args[position + 1 :])
             else:
                 kwargs = {**kwargs, name: value}
-        return func(*args, **kwargs)
+        return self._aliases.note(func, args, func(*args, **kwargs))
 
 
 def _primal(value: Any) -> Any:

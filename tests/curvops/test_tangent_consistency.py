@@ -291,6 +291,16 @@ class TieModel(nn.Module):
             h = torch.as_strided_scatter(h, a[:, 1:3] * 2, (h.shape[0], 2), (4, 2))
         elif self.kind == "square":  # the same function without the custom Function
             h = (h + a) * (h + a)
+        elif self.kind.startswith("polar"):  # a zero magnitude that moves with the parameters
+            r, angle = a[:, :2] - a[:, :2].detach(), a[:, 2:]
+            if self.kind == "polar":
+                z = torch.polar(r, angle)
+            else:  # the reference: the same function written out
+                z = torch.complex(r * torch.cos(angle), r * torch.sin(angle))
+            h = torch.cat([z.real, z.imag], 1) + h
+        elif self.kind.startswith("det"):  # 1 x 1 determinants at zero
+            m = (a - a.detach()).reshape(-1, 4, 1, 1)
+            h = (torch.linalg.det(m) if self.kind == "det" else m[..., 0, 0]) + h
         return self.l2(h)
 
 
@@ -306,7 +316,12 @@ KINDS = [
     "custom_op",
     "cholesky_inverse",
     "as_strided_scatter",
+    "polar",
+    "det",
 ]
+
+# the reference for kinds whose PyTorch derivatives are wrong in reverse mode
+_REFERENCE = {"polar": "polar_reference", "det": "det_reference"}
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +341,7 @@ def test_every_ggn_path_gives_the_dense_reference(kind: str) -> None:
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
     # torch.func cannot differentiate a custom Function without setup_context
-    reference = TieModel("square" if kind.startswith("custom") else kind)
+    reference = TieModel("square" if kind.startswith("custom") else _REFERENCE.get(kind, kind))
     want = dense_ggn(reference, loss, (x, y)).numpy()
     scale = np.abs(want).max()
     assert scale > 0.05
@@ -465,3 +480,39 @@ def test_as_strided_scatter_has_the_functions_gradient() -> None:
             torch.as_strided_scatter(a.detach().reshape(2, 2).T, b, (2,), (1,))
     assert torch.equal(grad, torch.tensor([0.0, 1.0, 0.0, 3.0], dtype=torch.float64))
     assert not torch.equal(torch_grad, grad)  # the premise: PyTorch credits the overwritten
+
+
+def test_polar_at_zero_and_negative_magnitude_has_the_functions_derivatives() -> None:
+    r = torch.tensor([0.0, -1.5, 2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.3, 1.1, -0.4, 2.5], dtype=torch.float64)
+    leaves = [r.clone().requires_grad_(), t.clone().requires_grad_()]
+    torch_grad = torch.autograd.grad(torch.polar(*leaves).real.sum(), leaves[0])[0]
+    assert not torch.equal(torch_grad, torch.cos(t))  # the premise: 0 and -cos at r <= 0
+    with DropoutOffMode():
+        got = torch.polar(*leaves)
+        grads = torch.autograd.grad(got.real.sum() + 2 * got.imag.sum(), leaves)
+    assert torch.equal(got, torch.polar(r, t))  # values: PyTorch's, bitwise
+    # d/dr = cos t + 2 sin t, d/dt = r (2 cos t - sin t), everywhere
+    assert torch.allclose(grads[0], torch.cos(t) + 2 * torch.sin(t), rtol=0, atol=4 * EPS)
+    assert torch.allclose(grads[1], r * (2 * torch.cos(t) - torch.sin(t)), rtol=0, atol=8 * EPS)
+
+    def real_part(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.polar(r, t).real
+
+    assert _transpose_gap(real_part, [r, t]) <= 50 * EPS
+
+
+@pytest.mark.parametrize("det", [torch.det, torch.linalg.det, torch.Tensor.det])
+def test_one_by_one_determinant_has_tangent_one_and_the_same_value(
+    det: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.cat([torch.zeros(2, 1, 1), torch.randn(3, 1, 1, generator=gen)]).double()
+    with DropoutOffMode():
+        assert torch.equal(det(a), torch.linalg.det(a))
+        assert _transpose_gap(det, [a]) <= 50 * EPS
+        b = torch.randn(3, 2, 2, dtype=torch.float64, generator=gen)
+        assert torch.equal(det(b), torch.linalg.det(b))  # larger matrices: PyTorch's own
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1).double())
+        assert float(fwAD.unpack_dual(torch.linalg.det(dual)).tangent) == 0.0  # the premise

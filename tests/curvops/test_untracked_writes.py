@@ -118,3 +118,94 @@ def test_premise_the_untracked_write_changes_values_but_not_the_gradient() -> No
     g_u = torch.autograd.grad(out_u.sum(), untracked.l1.weight)[0]
     g_r = torch.autograd.grad(out_r.sum(), recorded.l1.weight)[0]
     assert (g_u - g_r).abs().max() > 0.1
+
+
+# Writes through a detached alias (``.data``, ``.detach()``) change ``h`` with gradients on
+# too; before, they went through, and products differentiated the network without them.
+
+
+def _data_clamp(h: torch.Tensor) -> None:
+    h.data.clamp_(min=-0.2)
+
+
+def _detach_scale(h: torch.Tensor) -> None:
+    h.detach().mul_(0.5)
+
+
+def _data_mask(h: torch.Tensor) -> None:
+    h.data[h.data < -0.2] = -0.2
+
+
+def _view_of_alias(h: torch.Tensor) -> None:
+    h.detach()[:, 0].zero_()
+
+
+def _torch_detach(h: torch.Tensor) -> None:
+    torch.clamp_(torch.detach(h), max=0.3)
+
+
+def _data_assignment(h: torch.Tensor) -> None:
+    h.data = h.data.clamp(min=-0.2)
+
+
+ALIAS_WRITES: list[tuple[str, Callable[[torch.Tensor], None], str]] = [
+    ("data.clamp_", _data_clamp, "Tensor.clamp_ on a detached alias"),
+    ("detach().mul_", _detach_scale, "Tensor.mul_ on a detached alias"),
+    ("data[mask] =", _data_mask, "Tensor.__setitem__ on a detached alias"),
+    ("view of alias", _view_of_alias, "Tensor.zero_ on a detached alias"),
+    ("torch.detach", _torch_detach, "torch.clamp_ on a detached alias"),
+    ("data =", _data_assignment, "an assignment to .data of a tensor with a gradient"),
+]
+
+
+class AliasModel(Model):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        (h.detach() * 2).clamp_(min=0.0)  # a copy: free to change
+        h.detach().clone().mul_(3.0)
+        if self.write is not None:
+            self.write(h)
+        return self.l2(torch.tanh(h))
+
+
+@pytest.mark.parametrize(("name", "write", "shown"), ALIAS_WRITES, ids=[w[0] for w in ALIAS_WRITES])
+def test_write_through_a_detached_alias_is_refused_by_every_operator(
+    name: str, write: Callable[[torch.Tensor], None], shown: str
+) -> None:
+    model, loss = AliasModel(write), nn.CrossEntropyLoss()
+    x, y = _data()
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    for build in (
+        lambda: HessianOperator(model, loss, (x, y)),
+        lambda: GGNOperator(model, loss, (x, y)),
+        lambda: GGNOperator(model, loss, batches),
+        lambda: FisherOperator(model, loss, batches, kind="empirical"),
+    ):
+        with pytest.raises(ValueError, match=rf"Argument 'model'.*{shown}"):
+            op = build()
+            op @ np.ones(op.shape[0])
+
+
+def test_copies_of_detached_tensors_and_the_unwritten_model_are_exact() -> None:
+    model, loss = AliasModel(None), nn.CrossEntropyLoss()
+    x, y = _data()
+    H = HessianOperator(model, loss, (x, y))
+    got = H @ np.eye(H.shape[0])
+    want = dense_hessian(model, loss, (x, y)).numpy()
+    assert np.abs(got - want).max() <= 100 * H.shape[0] * EPS * np.abs(want).max()
+
+
+@pytest.mark.parametrize("write", [_data_clamp, _detach_scale])
+def test_premise_an_alias_write_changes_values_but_not_the_gradient(
+    write: Callable[[torch.Tensor], None],
+) -> None:
+    x, _ = _data()
+    through_alias, recorded = (
+        AliasModel(write),
+        AliasModel(_clamp if write is _data_clamp else _scale),
+    )
+    out_a, out_r = through_alias(x), recorded(x)
+    assert torch.equal(out_a, out_r)
+    g_a = torch.autograd.grad(out_a.sum(), through_alias.l1.weight)[0]
+    g_r = torch.autograd.grad(out_r.sum(), recorded.l1.weight)[0]
+    assert (g_a - g_r).abs().max() > 0.1
