@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "detach",
     "device",
+    "divided",
     "finfo_eps",
     "from_host",
     "is_array",
@@ -176,6 +177,22 @@ def vector_norm(xp: Any, x: Any, axis: int | None = None) -> Any:
     # exactly the norm then
     norm = xp.where(usable | (largest == 0), norm, largest)
     return norm if axis is None else xp.squeeze(norm, axis=axis)
+
+
+def divided(xp: Any, x: Any, norm: float) -> Any:
+    """``x / norm`` for a positive finite ``norm``, as ``x * (1 / norm)`` (one rounded
+    reciprocal, what the algorithms have always done) unless that reciprocal overflows
+    ``x``'s dtype: a subnormal ``norm``, from a subnormal operator, whose reciprocal is
+    ``inf`` and turned a finite vector into NaN ("the product contains NaN or Inf").
+
+    >>> import numpy as np
+    >>> divided(namespace(np.zeros(1)), np.array([3e-310, 4e-310]), 5e-310).tolist()
+    [0.6, 0.8]
+    """
+    inverse = 1.0 / norm
+    if inverse <= float(xp.finfo(x.dtype).max):
+        return x * inverse
+    return x / norm
 
 
 def to_host_float64(x: Any) -> np.ndarray:

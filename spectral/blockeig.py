@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from spectral import _backend
-from spectral.errors import NumericalError, argument_error
+from spectral.errors import NumericalError, argument_error, check_integer, check_real
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import as_generator, random_probes
 
@@ -113,8 +113,7 @@ def _validate(op: SymmetricOperator, k: Any, which: Any, tol: Any, guard: Any) -
         raise argument_error("k", f"an integer with 1 <= k < n = {op.n}", k)
     if which not in _WHICH:
         raise argument_error("which", f"one of {_WHICH}", which)
-    if not isinstance(tol, float | int) or not tol > 0 or not math.isfinite(tol):
-        raise argument_error("tol", "a positive finite float", tol)
+    check_real("tol", tol, "a positive finite number", lambda t: 0 < t < math.inf)
     if isinstance(guard, bool) or not isinstance(guard, int | np.integer) or guard < 0:
         raise argument_error("guard", "an integer >= 0", guard)
 
@@ -131,7 +130,7 @@ def _orthonormal_rows(xp: Any, V: Any, X: Any, eps: float) -> Any:
         norm0 = float(_backend.vector_norm(xp, x))
         if not norm0 > 0.0 or not math.isfinite(norm0):
             continue
-        x = x * (1.0 / norm0)
+        x = _backend.divided(xp, x, norm0)  # a subnormal residual's reciprocal overflows
         basis = V if not kept else xp.concat([V, xp.stack(kept, axis=0)], axis=0)
         for _ in range(2):
             if int(basis.shape[0]):
@@ -267,6 +266,9 @@ def _limits(
         )
     if max_products is None:
         max_products = max(2000, 20 * n)
+    max_products = check_integer(
+        "max_products", max_products, "None or a positive integer", lambda p: p >= 1
+    )
     keep = width if keep is None else keep
     if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or not k <= keep <= n:
         raise argument_error("keep", f"an integer with k <= keep <= n = {n}", keep)

@@ -83,10 +83,12 @@ interval (:func:`chebyshev_halfwidth`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from spectral.errors import argument_error
+from spectral.errors import argument_error, check_integer, check_real
 
 __all__ = [
     "PROBABILITY_TOL",
@@ -169,7 +171,8 @@ def quadrature_cdf_bounds(
     -------
     lower, upper:
         float64 arrays of the shape of ``x`` with
-        :math:`L(x-\delta) - \eta \le F(x) \le U(x+\delta) + \eta`, clipped to ``[0, 1]``.
+        :math:`L(x-\delta) - \eta \le F(x) \le U(x+\delta) + \eta`, clipped to ``[0, 1]``;
+        NaN where ``x`` is NaN.
 
     Examples
     --------
@@ -203,8 +206,9 @@ def quadrature_cdf_bounds(
         upper = cumulative[np.minimum(strictly + 1, m)]
     if not (np.isfinite(probability_tol) and probability_tol >= 0):
         raise argument_error("probability_tol", "a non-negative number", probability_tol)
-    lo: FloatArray = np.clip(lower - probability_tol, 0.0, 1.0)
-    hi: FloatArray = np.clip(upper + probability_tol, 0.0, 1.0)
+    undefined = np.isnan(xs)  # searchsorted puts NaN past every node: F(NaN) = 1 otherwise
+    lo: FloatArray = np.where(undefined, np.nan, np.clip(lower - probability_tol, 0.0, 1.0))
+    hi: FloatArray = np.where(undefined, np.nan, np.clip(upper + probability_tol, 0.0, 1.0))
     return lo, hi
 
 
@@ -269,7 +273,10 @@ def quadrature_expectation_bounds(
         padded = np.concatenate([[a], theta, [b]])
         left, right = padded[:-2] - tol, padded[2:] + tol
     left, right = np.minimum(left, theta), np.maximum(right, theta)
-    s = np.linspace(0.0, 1.0, max(2, int(resolution)))
+    resolution = check_integer(
+        "resolution", resolution, "an integer >= 2 (grid points per interval)", lambda k: k >= 2
+    )
+    s = np.linspace(0.0, 1.0, resolution)
     points = left[:, None] + (right - left)[:, None] * s[None, :]
     f = values_on
     if not callable(f):
@@ -287,6 +294,15 @@ def _alpha(confidence: float, points: int, simultaneous: bool) -> float:
         raise argument_error("confidence", "a number strictly between 0 and 1", confidence)
     alpha = 1.0 - float(confidence)
     return alpha / max(1, points) if simultaneous else alpha
+
+
+def _kappa_and_probes(kappa: float, num_probes: int) -> tuple[float, int]:
+    """Validate the variance factor (finite, >= 0) and the number of probes (>= 1)."""
+    kappa = check_real(
+        "kappa", kappa, "a finite variance factor >= 0", lambda k: 0.0 <= k < math.inf
+    )
+    num_probes = check_integer("num_probes", num_probes, "a positive integer", lambda p: p >= 1)
+    return kappa, num_probes
 
 
 def chebyshev_halfwidth(
@@ -318,8 +334,12 @@ def chebyshev_halfwidth(
     >>> round(chebyshev_halfwidth(1.0, 2.0 / 2000, 10, 0.95), 4)
     0.0224
     """
+    oscillation = check_real(
+        "oscillation", oscillation, "a finite number >= 0", lambda w: 0.0 <= w < math.inf
+    )
+    kappa, num_probes = _kappa_and_probes(kappa, num_probes)
     alpha = _alpha(confidence, 1, False)
-    return float(np.sqrt(kappa * oscillation**2 / (4.0 * num_probes * alpha)))
+    return float(np.sqrt(kappa / (4.0 * num_probes * alpha)) * oscillation)
 
 
 def wilson_chebyshev(
@@ -341,11 +361,12 @@ def wilson_chebyshev(
     Parameters
     ----------
     lower_mean, upper_mean : array_like
-        The certified bounds :math:`\bar L \le \bar U` of the probe average, per point.
+        The certified bounds :math:`\bar L \le \bar U` of the probe average, per point
+        (same shape; NaN, an undefined point, gives NaN).
     kappa : float
-        Variance factor :math:`\kappa` (:func:`probe_variance_factor`).
+        Variance factor :math:`\kappa \ge 0` (:func:`probe_variance_factor`).
     num_probes : int
-        Number :math:`P` of probes.
+        Number :math:`P \ge 1` of probes.
     confidence : float
         Confidence :math:`1 - \alpha`.
     simultaneous : bool
@@ -362,8 +383,19 @@ def wilson_chebyshev(
     >>> round(float(hi[0] - lo[0]), 4)
     0.0447
     """
+    kappa, num_probes = _kappa_and_probes(kappa, num_probes)
     lo = np.clip(np.asarray(lower_mean, dtype=np.float64), 0.0, 1.0)
     hi = np.clip(np.asarray(upper_mean, dtype=np.float64), 0.0, 1.0)
+    if lo.shape != hi.shape:
+        raise argument_error("upper_mean", f"an array of the shape {lo.shape} of lower_mean", hi)
+    if np.any(lo > hi):  # NaN (an undefined point) compares False and stays NaN
+        worst = int(np.argmax(np.where(lo > hi, lo - hi, -np.inf)))
+        raise argument_error(
+            "lower_mean",
+            "bounds with lower_mean <= upper_mean at every point",
+            f"lower_mean {float(lo.flat[worst])!r} > upper_mean {float(hi.flat[worst])!r} "
+            f"at index {worst}",
+        )
     alpha = _alpha(confidence, int(lo.size), simultaneous)
     c = kappa / (num_probes * alpha)
 

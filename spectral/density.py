@@ -24,6 +24,7 @@ the probe's spectral measure :math:`\sum_j (v^\top u_j)^2 \delta_{\lambda_j}/\|v
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,7 +35,7 @@ import scipy.stats
 from numpy.typing import ArrayLike, NDArray
 
 from spectral import bounds
-from spectral.errors import argument_error
+from spectral.errors import argument_error, check_integer, check_real
 from spectral.io import CorruptFileError, load_npz, save_npz
 
 __all__ = ["KERNELS", "SOURCES", "SpectralDensity"]
@@ -80,6 +81,32 @@ def _readonly(a: FloatArray) -> FloatArray:
 def _out(a: FloatArray) -> Any:
     """A float for a 0-d array, else the array."""
     return float(a) if a.ndim == 0 else a
+
+
+def _evaluate(f: Callable[[FloatArray], ArrayLike], points: FloatArray) -> FloatArray:
+    """``f`` on a copy of ``points`` as a float64 array of their shape, or a named error."""
+    if not callable(f):
+        raise argument_error("f", "a vectorised callable", f, kind=TypeError)
+    result = f(points.copy())
+    try:
+        values = np.asarray(result, dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # a string, a list of arrays...
+        raise argument_error(
+            "f", f"a vectorised function returning real values of shape {points.shape}", f
+        ) from exc
+    if values.shape != points.shape:
+        name = getattr(f, "__name__", type(f).__name__)
+        raise argument_error(
+            "f",
+            f"a vectorised function returning shape {points.shape} (one value per node)",
+            f"{name} returning shape {values.shape}",
+        )
+    return values
+
+
+def _sigma(sigma: Any) -> float:
+    """The kernel width of :meth:`SpectralDensity.smooth`: a positive finite number."""
+    return check_real("sigma", sigma, "a positive finite number", lambda s: 0 < s < math.inf)
 
 
 def _readonly_bool(a: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -165,6 +192,9 @@ class SpectralDensity:
         probe_invariant: ArrayLike | None = None,
         probe_tolerance: ArrayLike | None = None,
     ) -> None:
+        for name, given in (("nodes", nodes), ("weights", weights)):
+            if np.iscomplexobj(given):
+                raise argument_error(name, "real values", given, kind=TypeError)
         theta = np.array(nodes, dtype=np.float64, copy=True)
         w = np.array(weights, dtype=np.float64, copy=True)
         if theta.ndim != 1 or theta.size == 0:
@@ -314,12 +344,7 @@ class SpectralDensity:
         >>> SpectralDensity([1.0, 4.0], [0.5, 0.5]).expectation(np.sqrt)
         1.5
         """
-        values = np.asarray(f(self.nodes.copy()), dtype=np.float64)
-        if values.shape != self.nodes.shape:
-            raise argument_error(
-                "f", f"a vectorised function returning shape {self.nodes.shape}", f
-            )
-        return float(np.dot(self.weights, values))
+        return float(np.dot(self.weights, _evaluate(f, self.nodes)))
 
     def probe_expectations(self, f: Callable[[FloatArray], ArrayLike]) -> FloatArray:
         r"""Return :math:`\sum_i w^{(k)}_i f(\theta^{(k)}_i)` per probe :math:`k`, shape ``(P,)``.
@@ -335,7 +360,7 @@ class SpectralDensity:
         out = np.empty(self.probe_nodes.shape[0])
         for k in range(out.size):
             keep = ~np.isnan(self.probe_nodes[k])
-            values = np.asarray(f(self.probe_nodes[k][keep].copy()), dtype=np.float64)
+            values = _evaluate(f, self.probe_nodes[k][keep])
             out[k] = float(np.dot(self.probe_weights[k][keep], values))
         return out
 
@@ -362,7 +387,7 @@ class SpectralDensity:
     def cdf(self, x: ArrayLike) -> Any:
         r"""Return :math:`F(x) = \sum_{\theta_i \le x} w_i`, right-continuous and non-decreasing.
 
-        Scalars give a float, arrays an array of the same shape.
+        Scalars give a float, arrays an array of the same shape; NaN gives NaN.
 
         >>> SpectralDensity([0.0, 1.0], [0.5, 0.5]).cdf(0.0)
         0.5
@@ -371,8 +396,9 @@ class SpectralDensity:
         cumulative = np.concatenate([[0.0], np.minimum(np.cumsum(self.weights), 1.0)])
         idx = np.searchsorted(self.nodes, xs, side="right")
         out = cumulative[idx]
-        # The total mass is exactly one beyond the last node.
+        # The total mass is exactly one beyond the last node; NaN stays NaN (as in a ufunc).
         out = np.where(xs >= self.nodes[-1], 1.0, out)
+        out = np.where(np.isnan(xs), np.nan, out)
         if out.ndim == 0:
             return float(out)
         return out
@@ -411,7 +437,8 @@ class SpectralDensity:
         :math:`\frac1P\sum_k F_k(x)` (the distribution function the pooled density estimates).
         A density from :meth:`from_eigenvalues` is exact: both bounds are :meth:`cdf`.
 
-        Returns ``(lower, upper)``, floats for a scalar ``x``, else arrays of its shape.
+        Returns ``(lower, upper)``, floats for a scalar ``x``, else arrays of its shape
+        (NaN where ``x`` is NaN; so does :meth:`cdf_band`).
 
         Raises
         ------
@@ -550,6 +577,9 @@ class SpectralDensity:
         >>> bool(lo <= np.exp(np.linspace(0.0, 1.0, 400)).mean() <= hi)
         True
         """
+        resolution = check_integer(
+            "resolution", resolution, "an integer >= 2 (grid points per interval)", lambda k: k >= 2
+        )
         return self._interval(f, None, confidence, support, probe_distribution, resolution)
 
     def moment_interval(
@@ -676,8 +706,7 @@ class SpectralDensity:
         >>> d.negative_mass(), d.negative_mass(tol=1e-3)
         (0.5, 0.2)
         """
-        if not (np.isfinite(tol) and tol >= 0):
-            raise argument_error("tol", "a non-negative number", tol)
+        tol = check_real("tol", tol, "a finite number >= 0", lambda t: 0 <= t < math.inf)
         return float(self.weights[self.nodes < -tol].sum())
 
     def smooth(self, grid: ArrayLike, sigma: float, kernel: str = "gaussian") -> FloatArray:
@@ -706,8 +735,7 @@ class SpectralDensity:
         >>> round(float(np.trapezoid(d.smooth(x, 0.5), x)), 10)
         1.0
         """
-        if not (np.isfinite(sigma) and sigma > 0):
-            raise argument_error("sigma", "a positive number", sigma)
+        sigma = _sigma(sigma)
         if kernel not in KERNELS:
             raise argument_error("kernel", f"one of {KERNELS}", kernel)
         xs = np.asarray(grid, dtype=np.float64)
@@ -728,13 +756,17 @@ class SpectralDensity:
     def smoothed_mass(self, a: float, b: float, sigma: float, kernel: str = "gaussian") -> float:
         r"""Exact mass :math:`\int_a^b \rho_\sigma(x)\,dx` of the smoothed density on ``[a, b]``.
 
+        ``a <= b`` (either may be infinite, e.g. ``(-inf, x)`` for the distribution function
+        of :math:`\rho_\sigma`), ``sigma > 0``, ``kernel`` as in :meth:`smooth`.
+
         >>> round(SpectralDensity([0.0], [1.0]).smoothed_mass(-1.0, 1.0, 1.0, "lorentzian"), 12)
         0.5
         """
-        if not (np.isfinite(sigma) and sigma > 0):
-            raise argument_error("sigma", "a positive number", sigma)
+        sigma = _sigma(sigma)
         if kernel not in KERNELS:
             raise argument_error("kernel", f"one of {KERNELS}", kernel)
+        a = check_real("a", a, "a number (or -inf), not NaN", lambda t: not math.isnan(t))
+        b = check_real("b", b, f"a number >= a = {a!r} (or inf)", lambda t: t >= a)
         lo = (a - self.nodes) / sigma
         hi = (b - self.nodes) / sigma
         if kernel == "gaussian":

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from spectral import _backend
-from spectral.errors import NumericalError, argument_error
+from spectral.errors import NumericalError, argument_error, check_real
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import as_generator, random_probe
 
@@ -71,8 +71,7 @@ def _validate(op: SymmetricOperator, k: Any, which: Any, tol: Any, ncv: Any, max
         raise argument_error("k", f"an integer with 1 <= k < n = {op.n}", k)
     if which not in WHICH:
         raise argument_error("which", f"one of {WHICH}", which)
-    if not isinstance(tol, float | int) or not tol > 0 or not math.isfinite(tol):
-        raise argument_error("tol", "a positive finite float", tol)
+    check_real("tol", tol, "a positive finite number", lambda t: 0 < t < math.inf)
     if ncv is None:
         ncv = min(op.n, max(2 * int(k) + 1, 20))
     if isinstance(ncv, bool) or not isinstance(ncv, int | np.integer) or not k < ncv <= op.n:
@@ -237,7 +236,7 @@ def _trlan(
         Sk = _backend.from_host(np.ascontiguousarray(S[:, kept].T), like=V)
         Y = Sk @ V
         V[:keep, :] = Y
-        V[keep, :] = r * (1.0 / rnorm)
+        V[keep, :] = _backend.divided(xp, r, rnorm)
         H[:] = 0.0
         H[np.arange(keep), np.arange(keep)] = theta[kept]
         arrow = rnorm * S[-1, kept]
@@ -320,6 +319,6 @@ def _extend(
             V[j + 1, :] = v * (1.0 / vnorm)
             H[j + 1, j] = H[j, j + 1] = 0.0
         else:
-            V[j + 1, :] = w * (1.0 / beta)
+            V[j + 1, :] = _backend.divided(xp, w, beta)
             H[j + 1, j] = H[j, j + 1] = beta
     return r, rnorm, anorm

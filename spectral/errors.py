@@ -14,9 +14,12 @@ Numerical failures (NaN/Inf in a product, loss of symmetry) raise
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["NumericalError", "argument_error", "describe"]
+__all__ = ["NumericalError", "argument_error", "check_integer", "check_real", "describe"]
 
 
 class NumericalError(ArithmeticError):
@@ -97,3 +100,90 @@ def argument_error(
     ('ValueError', "Argument 'num_iters': expected a positive integer; received -3.")
     """
     return kind(f"Argument '{name}': expected {expected}; received {describe(received)}.")
+
+
+def check_real(
+    name: str,
+    value: Any,
+    expected: str,
+    valid: Callable[[float], bool] = math.isfinite,
+) -> float:
+    """Return ``float(value)`` for a real number ``value`` for which ``valid`` holds.
+
+    Python and numpy reals (``1e-6``, ``np.float32(1e-6)``, ``3``) are accepted; a
+    ``bool``, a string, ``None`` or any other object raises a ``TypeError``, and a real
+    number for which ``valid(float(value))`` is false (by default: NaN or infinite) a
+    ``ValueError``, both built by :func:`argument_error` with ``name`` and ``expected``.
+
+    Parameters
+    ----------
+    name:
+        The argument's name as the caller spelt it.
+    value:
+        The argument.
+    expected:
+        What would have been accepted, in words ("a positive finite number").
+    valid:
+        The condition on ``float(value)`` (``math.isfinite`` by default).
+
+    Returns
+    -------
+    float
+        The value as a Python float.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_real("tol", np.float32(0.5), "a positive finite number", lambda t: 0 < t < math.inf)
+    0.5
+    >>> check_real("sigma", None, "a positive number")
+    Traceback (most recent call last):
+    ...
+    TypeError: Argument 'sigma': expected a positive number; received None.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise argument_error(name, expected, value, kind=TypeError)
+    number = float(value)
+    if not valid(number):
+        raise argument_error(name, expected, value)
+    return number
+
+
+def check_integer(name: str, value: Any, expected: str, valid: Callable[[int], bool]) -> int:
+    """Return ``int(value)`` for a Python or numpy integer ``value`` for which ``valid`` holds.
+
+    A ``bool``, a float (even ``2.0``) or any other object raises a ``TypeError``, an
+    integer for which ``valid(int(value))`` is false a ``ValueError``, both built by
+    :func:`argument_error` with ``name`` and ``expected``.
+
+    Parameters
+    ----------
+    name:
+        The argument's name as the caller spelt it.
+    value:
+        The argument.
+    expected:
+        What would have been accepted, in words ("an integer >= 2").
+    valid:
+        The condition on ``int(value)``.
+
+    Returns
+    -------
+    int
+        The value as a Python int.
+
+    Examples
+    --------
+    >>> check_integer("resolution", 33, "an integer >= 2", lambda k: k >= 2)
+    33
+    >>> check_integer("resolution", 2.5, "an integer >= 2", lambda k: k >= 2)
+    Traceback (most recent call last):
+    ...
+    TypeError: Argument 'resolution': expected an integer >= 2; received 2.5.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise argument_error(name, expected, value, kind=TypeError)
+    number = int(value)
+    if not valid(number):
+        raise argument_error(name, expected, value)
+    return number

@@ -295,7 +295,14 @@ def _slq_trace(
     op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator, num_iters: int
 ) -> TraceEstimate:
     m = min(num_iters, op.n)
-    probes = max(1, num // m)
+    probes = num // m
+    if probes < 1:
+        raise argument_error(
+            "num_matvecs",
+            f"at least num_iters = {m} products for method='slq' (num_matvecs // num_iters "
+            "probes of num_iters Lanczos steps each; lower num_iters or raise num_matvecs)",
+            num,
+        )
     density = slq(op, m, num_probes=probes, probe=probe, seed=rng)
     samples = op.n * density.probe_expectations(lambda x: x)
     value, stderr = _mean_stderr(samples)
@@ -323,7 +330,7 @@ def trace(
     num_matvecs:
         Budget ``N`` of products with ``A`` (>= 1; >= 3 for Hutch++, >= 4 for XTrace, which
         uses the largest even number <= N). For ``"slq"``: ``N // num_iters`` probes of
-        ``num_iters`` Lanczos steps.
+        ``num_iters`` Lanczos steps (``num_iters`` capped at ``n``), so ``N >= num_iters``.
     probe:
         ``"rademacher"`` (default: the smallest variance among the three), ``"gaussian"``
         or ``"sphere"`` (scaled to norm :math:`\sqrt n`).

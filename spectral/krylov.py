@@ -490,7 +490,9 @@ def _make_hook(
     }
     ck = resume.Checkpoint(checkpoint, kind="lanczos", config=config, operator=op)
     saved = ck.load()
-    initial = None if saved is None else resume.LanczosState.from_payload(saved, path=ck.path)
+    initial = (
+        None if saved is None else resume.LanczosState.from_payload(saved, path=ck.path, n=op.n)
+    )
     return resume.LanczosHook(
         ck, every, initial=initial, storage=resume.storage_dtype(op.xp, op.dtype)
     )
@@ -520,13 +522,16 @@ _check_symmetric_fn = check_symmetric
 
 @dataclass(frozen=True)
 class RecurrenceSettings:
-    """What stays fixed over a run: reorthogonalisation, number of steps, precision."""
+    """What stays fixed over a run: reorthogonalisation, number of steps, precision
+    (``eps`` of the products and ``largest``, the largest finite value of the vectors' dtype).
+    """
 
     mode: str  # "full", "none", "partial", "selective" or "window"
     window: int  # the window of mode "window"
     num_iters: int  # m
     n: int
     eps: float
+    largest: float = float(np.finfo(np.float64).max)  # of the vectors' dtype
 
     @property
     def breakdown_level(self) -> float:
@@ -634,7 +639,11 @@ def lanczos_step(op: SymmetricOperator, st: Recurrence, cfg: RecurrenceSettings)
             omega_old=omega_old, force_reorth=force_reorth, done=True, breakdown=breakdown,
             residual=w, residual_norm=beta_j,
         )  # fmt: skip
-    w *= 1.0 / beta_j  # w is owned (fresh) and no longer needed as a residual
+    inverse = 1.0 / beta_j
+    if inverse <= cfg.largest:
+        w *= inverse  # w is owned (fresh) and no longer needed as a residual
+    else:  # a subnormal beta (a subnormal operator): its reciprocal overflows, w / beta not
+        w = w / beta_j
     return Recurrence(
         j=j + 1, q=w, q_prev=q, beta_prev=beta_j, alphas=alphas, betas=(*st.betas, beta_j),
         anorm=anorm, basis=basis, omega_cur=omega_cur, omega_old=omega_old,
@@ -673,7 +682,7 @@ def _run(
     hook: resume.LanczosHook | None = None,
 ) -> LanczosResult:
     """Run the recurrence to the end; with a ``hook``, resume from and save to its state file."""
-    cfg = RecurrenceSettings(mode, window, m, op.n, op.eps)
+    cfg = RecurrenceSettings(mode, window, m, op.n, op.eps, float(op.xp.finfo(op.dtype).max))
     st = Recurrence(j=0, q=q, basis=_Basis(op, m) if store_basis else None)
     if hook is not None and hook.initial is not None:
         if hook.initial.complete:

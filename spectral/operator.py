@@ -103,7 +103,7 @@ class SymmetricOperator:
 
     def matvec(self, x: Any) -> Any:
         """Return ``A @ x`` for a vector ``x`` of shape ``(n,)`` (result reshaped to ``(n,)``)."""
-        y = _backend.detach(self._matvec(x))
+        y = self._checked(_backend.detach(self._matvec(x)), (self.n,))
         if tuple(y.shape) != (self.n,):
             y = self.xp.reshape(y, (self.n,))
         return y
@@ -111,13 +111,38 @@ class SymmetricOperator:
     def matmat(self, X: Any) -> Any:
         """Return ``A @ X`` for ``X`` of shape ``(n, k)``."""
         if self._matmat is not None:
-            return _backend.detach(self._matmat(X))
+            Y = self._checked(_backend.detach(self._matmat(X)), (self.n, int(X.shape[1])))
+            if tuple(Y.shape) != (self.n, int(X.shape[1])):
+                raise self._bad_product((self.n, int(X.shape[1])), Y)
+            return Y
         k = int(X.shape[1])
         cols = [self.matvec(X[:, i]) for i in range(k)]
         return self.xp.stack(cols, axis=1)
 
     def __repr__(self) -> str:
         return f"SymmetricOperator(n={self.n}, dtype={self.dtype}, device={self.device})"
+
+    def _checked(self, y: Any, shape: tuple[int, ...]) -> Any:
+        """``y`` if it is an array of the vectors' namespace with ``prod(shape)`` entries.
+
+        A product of the wrong length, ``None``, a list or an array of another library
+        (a torch tensor for numpy vectors) is refused here, naming ``A``, instead of
+        failing later in a reshape or a mixed-type product.
+        """
+        if not isinstance(y, type(self.template)) and not (
+            _backend.is_array(y) and _backend.namespace(y) is self.xp
+        ):
+            raise self._bad_product(shape, y, kind=TypeError)
+        if math.prod(tuple(y.shape)) != math.prod(shape):
+            raise self._bad_product(shape, y)
+        return y
+
+    def _bad_product(self, shape: tuple[int, ...], y: Any, kind: type = ValueError) -> Exception:
+        cls = type(self.template)
+        array = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+        return argument_error(
+            "A", f"an operator whose products are {array} arrays of shape {shape}", y, kind=kind
+        )
 
 
 def _check_square(shape: Any, A: Any) -> int:
@@ -179,8 +204,28 @@ def _refuse_asymmetry(asym: float, scale: float, eps: float, n: int, what: str) 
         )
 
 
+def _template(like: Any, n: int) -> Any:
+    """Validate the ``like`` argument: a real floating array of shape ``(n,)``."""
+    if not _backend.is_array(like):
+        raise argument_error(
+            "like", f"None or a template vector (an array) of shape ({n},)", like, kind=TypeError
+        )
+    if tuple(like.shape) != (int(n),):
+        raise argument_error("like", f"a template vector of shape ({n},)", like)
+    if not _backend.is_real_floating(_backend.namespace(like), like.dtype):
+        raise argument_error(
+            "like",
+            "a template vector of a real floating dtype (the dtype of the products)",
+            like,
+            kind=TypeError,
+        )
+    return like
+
+
 def _from_linear_operator(A: Any, template: Any | None) -> SymmetricOperator:
     n = _check_square(A.shape, A)
+    if template is not None:
+        template = _template(template, n)
     if template is None:
         if hasattr(A, "template_vector"):
             template = A.template_vector()
@@ -188,7 +233,9 @@ def _from_linear_operator(A: Any, template: Any | None) -> SymmetricOperator:
             module = type(A).__module__.split(".")[0]
             dtype = np.dtype(A.dtype) if getattr(A, "dtype", None) is not None else np.float64
             if np.dtype(dtype).kind not in "fiub":
-                raise argument_error("A", "a real operator", A, kind=TypeError)
+                raise argument_error(
+                    "A", "a real operator (complex operators are not supported)", A, kind=TypeError
+                )
             if np.dtype(dtype).kind != "f":
                 dtype = np.float64
             if module == "cupyx":  # pragma: no cover - needs cupy
@@ -244,9 +291,13 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
         op = _from_dense(A)
     elif _is_scipy_sparse(A):
         n = _check_square(A.shape, A)
+        if np.dtype(A.dtype).kind not in "fiub":
+            raise argument_error(
+                "A", "a real sparse matrix (complex matrices are not supported)", A, kind=TypeError
+            )
         _check_sparse_symmetric(A, n)
         dtype = A.dtype if np.dtype(A.dtype).kind == "f" else np.float64
-        template = np.zeros(n, dtype=dtype) if like is None else like
+        template = np.zeros(n, dtype=dtype) if like is None else _template(like, n)
         op = SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
     elif hasattr(A, "shape") and hasattr(A, "matvec"):
         op = _from_linear_operator(A, like)
@@ -257,9 +308,7 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
             )
         if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
             raise argument_error("size", "a positive integer", size)
-        template = np.zeros(int(size), dtype=np.float64) if like is None else like
-        if tuple(template.shape) != (int(size),):
-            raise argument_error("like", f"a template vector of shape ({size},)", template)
+        template = np.zeros(int(size), dtype=np.float64) if like is None else _template(like, size)
         op = SymmetricOperator(A, template=template, source=A)
     else:
         raise argument_error(

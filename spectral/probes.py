@@ -41,16 +41,19 @@ PROBE_KINDS = ("rademacher", "gaussian", "sphere")
 def as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
     """Return a numpy ``Generator``: ``seed`` itself if it is one, else ``default_rng(seed)``.
 
+    ``seed`` is ``None`` (fresh entropy), a non-negative integer or a ``Generator``.
+
     >>> bool(as_generator(3).integers(10) == as_generator(3).integers(10))
     True
     """
     if isinstance(seed, np.random.Generator):
         return seed
+    expected = "None, a non-negative integer or a numpy.random.Generator"
     if seed is None or (isinstance(seed, int | np.integer) and not isinstance(seed, bool)):
+        if seed is not None and seed < 0:  # numpy's own message names no argument
+            raise argument_error("seed", expected, seed)
         return np.random.default_rng(seed)
-    raise argument_error(
-        "seed", "None, an integer or a numpy.random.Generator", seed, kind=TypeError
-    )
+    raise argument_error("seed", expected, seed, kind=TypeError)
 
 
 def _host_probes(n: int, k: int, kind: str, rng: np.random.Generator) -> np.ndarray:

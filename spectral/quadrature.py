@@ -72,8 +72,9 @@ def slq(
         entropy.
     probes:
         Explicit probe vectors instead of random ones: an ``(n, P)`` array (or ``(n,)`` for
-        one probe) of any namespace and device, each column non-zero and finite; columns are
-        moved to the operator's namespace and dtype. ``probe`` and ``seed`` are then unused
+        one probe) of any namespace and device, real, each column non-zero and finite (of
+        any scale: only its direction matters); columns are moved to the operator's
+        namespace and dtype. ``probe`` and ``seed`` are then unused
         and ``num_probes``, if given, must equal ``P``. The density's ``probe_kind`` is
         ``"explicit"`` (its :meth:`SpectralDensity.cdf_band` then asks for the
         distribution the columns were drawn from).
@@ -308,6 +309,10 @@ def _explicit_probes(probes: Any, op: Any) -> tuple[Any, np.ndarray | None]:
         probes = np.asarray(probes, dtype=np.float64)
     if not _backend.is_array(probes):
         raise argument_error("probes", f"an array of shape ({op.n}, P)", probes, kind=TypeError)
+    if not _backend.is_real_floating(_backend.namespace(probes), probes.dtype):
+        xp = _backend.namespace(probes)
+        if not xp.isdtype(probes.dtype, ("integral", "bool")):
+            raise argument_error("probes", "a real array", probes, kind=TypeError)
     host = _backend.to_host_float64(probes)
     if host.ndim == 1:
         host = host[:, None]
@@ -316,7 +321,9 @@ def _explicit_probes(probes: Any, op: Any) -> tuple[Any, np.ndarray | None]:
         raise argument_error("probes", f"an array of shape ({op.n}, P) with P >= 1", probes)
     if not np.all(np.isfinite(host)):
         raise argument_error("probes", "finite entries", probes)
-    if np.any(np.linalg.norm(host, axis=0) == 0.0):
+    # only a column's direction matters (lanczos scales it): test for a non-zero entry,
+    # not for a non-zero norm, whose squares underflow for entries below 1e-154
+    if not np.all(np.any(host != 0.0, axis=0)):
         raise argument_error("probes", "non-zero columns", probes)
     return probes, host
 
@@ -339,6 +346,6 @@ def _restore(
         raise CorruptFileError(f"State file '{state.path}' lacks the SLQ state ({exc}).") from exc
     pending = None
     if "lz_iteration" in saved.meta:
-        pending = resume.LanczosState.from_payload(saved, "lz_", path=state.path)
+        pending = resume.LanczosState.from_payload(saved, "lz_", path=state.path, n=record.n)
     logger.info("slq: resuming at probe %d of %d", first + 1, record.nodes.shape[0])
     return first, pending

@@ -187,7 +187,12 @@ def check_every(checkpoint_every: Any) -> int:
 
 def _as_path(checkpoint: Any) -> Path:
     if isinstance(checkpoint, str | os.PathLike) and str(checkpoint) != "":
-        return Path(checkpoint)
+        path = Path(checkpoint)
+        if path.is_dir():
+            raise argument_error(
+                "checkpoint", "None or the path of a state file (not a directory)", str(path)
+            )
+        return path
     raise argument_error("checkpoint", "None or a file path", checkpoint, kind=TypeError)
 
 
@@ -569,19 +574,22 @@ class LanczosState:
         return arrays, meta
 
     @classmethod
-    def from_payload(cls, saved: SavedState, prefix: str = "", *, path: Any = "") -> LanczosState:
-        """Inverse of :meth:`to_payload`; raises ``CorruptFileError`` if keys are missing."""
+    def from_payload(
+        cls, saved: SavedState, prefix: str = "", *, path: Any = "", n: int | None = None
+    ) -> LanczosState:
+        """Inverse of :meth:`to_payload`, checked by :meth:`validate` (against the operator's
+        dimension ``n`` when given); raises ``CorruptFileError`` if keys are missing."""
         a, m = saved.arrays, saved.meta
         try:
             state = cls(
                 iteration=int(m[prefix + "iteration"]),
-                alphas=np.asarray(a[prefix + "alphas"], dtype=np.float64),
-                betas=np.asarray(a[prefix + "betas"], dtype=np.float64),
+                alphas=np.asarray(a[prefix + "alphas"]),  # dtypes checked by validate
+                betas=np.asarray(a[prefix + "betas"]),
                 start_norm=float(m[prefix + "start_norm"]),
                 beta_prev=float(m[prefix + "beta_prev"]),
                 anorm=float(m[prefix + "anorm"]),
-                omega_cur=np.asarray(a[prefix + "omega_cur"], dtype=np.float64),
-                omega_old=np.asarray(a[prefix + "omega_old"], dtype=np.float64),
+                omega_cur=np.asarray(a[prefix + "omega_cur"]),
+                omega_old=np.asarray(a[prefix + "omega_old"]),
                 force_reorth=bool(m[prefix + "force_reorth"]),
                 complete=bool(m[prefix + "complete"]),
                 breakdown=bool(m[prefix + "breakdown"]),
@@ -592,11 +600,19 @@ class LanczosState:
         for name in cls._VECTORS:
             if prefix + name in a:
                 setattr(state, name, a[prefix + name])
-        state.validate(path)
+        state.validate(path, n=n)
         return state
 
-    def validate(self, path: Any = "") -> None:
-        """Check internal consistency of sizes (raises ``CorruptFileError``)."""
+    def validate(self, path: Any = "", *, n: int | None = None) -> None:
+        """Check sizes, dtypes and finiteness (raises ``CorruptFileError`` naming ``path``).
+
+        After ``k = iteration`` steps: ``alphas`` ``(k,)`` and ``betas`` ``(k,)`` (``(k-1,)``
+        complete), float64 and finite; ``omega_cur``/``omega_old`` float64 of length 1/0
+        (no partial reorthogonalisation) or ``k + 1``/``k``; the vectors (``q``, ``q_prev``,
+        ``residual``, the ``(k, n)`` rows of ``basis``) float32 or float64, finite, all of one
+        length, ``n`` when given (a vector of another length used to reach numpy as a raw
+        broadcast error).
+        """
         k = self.iteration
         n_betas = k - 1 if self.complete else k
         problems = []
@@ -604,19 +620,49 @@ class LanczosState:
             problems.append(f"alphas has shape {self.alphas.shape} for iteration {k}")
         if self.betas.shape != (max(n_betas, 0),):
             problems.append(f"betas has shape {self.betas.shape} for iteration {k}")
-        if self.basis is not None and self.basis.ndim != 2:
-            problems.append("basis is not 2-D")
-        if self.basis is not None and self.basis.shape[0] != k:
-            problems.append(f"basis has {self.basis.shape[0]} rows for iteration {k}")
+        if self.omega_cur.shape not in ((1,), (k + 1,)) or self.omega_old.shape not in ((0,), (k,)):
+            problems.append(
+                f"omega_cur/omega_old have shapes {self.omega_cur.shape}/{self.omega_old.shape} "
+                f"for iteration {k}"
+            )
         if not self.complete and self.q is None:
             problems.append("the next Lanczos vector is missing")
-        for name in ("alphas", "betas"):
-            if not np.all(np.isfinite(getattr(self, name))):
+        for name in ("alphas", "betas", "omega_cur", "omega_old"):
+            value = getattr(self, name)
+            if value.dtype != np.float64:
+                problems.append(f"{name} has dtype {value.dtype}, not float64")
+            elif not np.all(np.isfinite(value)):
                 problems.append(f"{name} has non-finite values")
         if not all(math.isfinite(x) for x in (self.beta_prev, self.anorm, self.start_norm)):
             problems.append("non-finite scalar state")
+        problems += self._vector_problems(n)
         if problems:
             raise CorruptFileError(f"State file '{path}' is inconsistent: {'; '.join(problems)}.")
+
+    def _vector_problems(self, n: int | None) -> list[str]:
+        """What is wrong with the stored vectors (see :meth:`validate`)."""
+        problems: list[str] = []
+        lengths: set[int] = set()
+        for name in self._VECTORS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ndim = 2 if name == "basis" else 1
+            if not isinstance(value, np.ndarray) or value.dtype not in (np.float32, np.float64):
+                problems.append(f"{name} has dtype {getattr(value, 'dtype', type(value))}")
+            elif value.ndim != ndim:
+                problems.append(f"{name} has shape {value.shape}, not {ndim}-D")
+            elif name == "basis" and value.shape[0] != self.iteration:
+                problems.append(f"basis has {value.shape[0]} rows for iteration {self.iteration}")
+            elif not np.all(np.isfinite(value)):
+                problems.append(f"{name} has non-finite values")
+            else:
+                lengths.add(int(value.shape[-1]))
+        expected = {n} if n is not None else set(list(lengths)[:1])
+        if lengths - expected:
+            where = f"the operator's dimension n = {n}" if n is not None else "one length"
+            problems.append(f"vectors of lengths {sorted(lengths)}, not {where}")
+        return problems
 
 
 class LanczosHook:

@@ -22,6 +22,7 @@ The eigen-decomposition uses :func:`scipy.linalg.eigh_tridiagonal` in float64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import scipy.linalg
 
 from spectral import _backend
-from spectral.errors import NumericalError, argument_error
+from spectral.errors import NumericalError, argument_error, check_real
 
 __all__ = ["RitzPairs", "ritz_pairs", "tridiagonal_eigh"]
 
@@ -108,8 +109,8 @@ def ritz_pairs(
     basis:
         Optional ``n x m`` Lanczos basis ``Q`` (any namespace); Ritz vectors are ``Q S``.
     tol:
-        Relative convergence threshold: pair ``i`` is converged when
-        ``|beta_m S_{mi}| <= tol * max_j |theta_j|``.
+        Relative convergence threshold, a finite number ``>= 0``: pair ``i`` is converged
+        when ``|beta_m S_{mi}| <= tol * max_j |theta_j|``.
 
     Returns
     -------
@@ -123,6 +124,7 @@ def ritz_pairs(
     >>> p.converged.tolist()
     [True, True]
     """
+    tol = check_real("tol", tol, "a finite number >= 0", lambda t: 0.0 <= t < math.inf)
     theta, S = tridiagonal_eigh(alpha, beta)
     weights = S[0, :] ** 2
     weights = weights / weights.sum()
@@ -131,7 +133,8 @@ def ritz_pairs(
     converged = residuals <= tol * scale
     vectors = None
     if basis is not None:
-        if int(basis.shape[1]) != theta.size:
+        shape = tuple(getattr(basis, "shape", ()))
+        if len(shape) != 2 or int(shape[1]) != theta.size:
             raise argument_error("basis", f"an n x {theta.size} array", basis)
         vectors = basis @ _backend.from_host(S, like=basis)
     return RitzPairs(theta, weights, vectors, residuals, converged)

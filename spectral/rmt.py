@@ -9,9 +9,16 @@ Fits (method of moments with outlier trimming)
   :math:`X^\top X/p` for :math:`X \in \mathbb{R}^{p\times n}` with i.i.d. entries of variance
   :math:`\sigma^2`, ratio :math:`q = n/p`. Its moments are :math:`\int x\,d\mu = \sigma^2`
   and :math:`\int x^2 d\mu = \sigma^4(1 + q)` (the atom :math:`1 - 1/q` at 0 for
-  :math:`q > 1` included), hence :math:`\hat\sigma^2 = m_1`, :math:`\hat q = m_2/m_1^2 - 1`.
+  :math:`q > 1` included), hence :math:`\hat\sigma^2 = m_1`, :math:`\hat q = s^2/m_1^2`
+  with :math:`s^2 = m_2 - m_1^2` the variance.
 * **Semicircle** (:func:`fit_semicircle`): centre :math:`c = m_1`, radius
-  :math:`r = 2\sqrt{m_2 - m_1^2}` (its variance is :math:`r^2/4`).
+  :math:`r = 2s` (its variance is :math:`r^2/4`).
+
+The standard deviation :math:`s` is computed from the centred points
+:math:`x_i - m_1`, scaled by a power of two (exact) before squaring, never as
+:math:`\sqrt{m_2 - m_1^2}`: the fits are exactly equivariant under scaling by powers of two,
+change under a shift only by the rounding of the shifted points, and accept spectra of any
+magnitude the float64 range holds (:math:`10^{\pm 160}` overflowed :math:`m_2`).
 
 The moments are taken from exact eigenvalues or from a :class:`~spectral.SpectralDensity`.
 For an SLQ density they are the Gauss-quadrature moments, which equal
@@ -54,6 +61,7 @@ an outlier at :math:`\sigma^2(1+\theta)(1 + q/\theta)` when :math:`\theta > \sqr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +70,7 @@ import scipy.stats
 from numpy.typing import ArrayLike, NDArray
 
 from spectral.density import SpectralDensity
-from spectral.errors import argument_error
+from spectral.errors import argument_error, check_integer, check_real
 
 __all__ = [
     "MarchenkoPasturFit",
@@ -98,9 +106,41 @@ def _data(density_or_eigenvalues: Any) -> tuple[FloatArray, FloatArray, int | No
     return lam, np.full(lam.size, 1.0 / lam.size), lam.size, "eigenvalue moments"
 
 
+def _unit_scaled(v: FloatArray) -> tuple[FloatArray, int]:
+    """``(v * 2**-e, e)`` with ``2**e`` the power of two just above ``max|v|`` (0 for zero ``v``).
+
+    Exact (a power of two): the scaled entries have magnitudes in ``[1/2, 1)`` at most and
+    their squares neither overflow nor underflow.
+    """
+    largest = float(np.max(np.abs(v))) if v.size else 0.0
+    exponent = math.frexp(largest)[1] if 0.0 < largest < math.inf else 0
+    return np.ldexp(v, -exponent), exponent
+
+
 def _moments(x: FloatArray, w: FloatArray) -> tuple[float, float]:
+    r"""Mean :math:`m` and standard deviation :math:`s` of :math:`\sum_i w_i\delta_{x_i}`.
+
+    (The weights are normalised by their sum.)
+
+    :math:`s^2 = \sum_i w_i (x_i - m)^2` is summed over the *centred* points, each scaled
+    by a power of two (exact) near their largest magnitude: the raw-moment form
+    :math:`m_2 - m_1^2` cancels catastrophically for a bulk far from 0 (a semicircle of
+    radius 2 shifted by :math:`10^8` came out with radius 2.83), and :math:`x^2`
+    overflows or underflows for spectra scaled by :math:`10^{\pm 160}`. So both are
+    exactly equivariant under scaling by powers of two (:math:`m(2^k x) = 2^k m(x)`,
+    bitwise), and under a shift :math:`c` they change only by the rounding of
+    :math:`c + x_i` (at most :math:`\varepsilon\max|c + x_i|/2` for :math:`s`, which is
+    1-Lipschitz in the points). The mean is refined once by the mean of the deviations
+    (corrected two-pass algorithm), so its summation error is relative to :math:`s`, not
+    to :math:`\max|x|`.
+    """
     total = float(w.sum())
-    return float(w @ x) / total, float(w @ (x * x)) / total
+    y, e = _unit_scaled(x)
+    mean = float(w @ y) / total
+    mean += float(w @ (y - mean)) / total  # one refinement: the error of the sum, O(eps * s)
+    z, f = _unit_scaled(y - mean)
+    std = math.sqrt(float(w @ (z * z)) / total)
+    return math.ldexp(mean, e), math.ldexp(std, e + f)
 
 
 def _distances(x: FloatArray, w: FloatArray, fit: Any) -> tuple[float, float]:
@@ -181,11 +221,11 @@ class MarchenkoPasturFit:
         a, b = self.support
         xs = np.asarray(x, dtype=np.float64)
         inside = (xs > a) & (xs < b) & (xs > 0)
-        safe = np.where(inside, xs, 1.0)
-        val = np.sqrt(np.clip((b - safe) * (safe - a), 0.0, None)) / (
-            2.0 * np.pi * self.variance * self.ratio * safe
-        )
-        out: FloatArray = np.where(inside, val, 0.0)
+        safe = np.where(inside, xs, b)
+        # scale-free factors: no product of two lengths (which overflows at 1e160)
+        root = np.sqrt(np.clip(b - safe, 0.0, None)) * np.sqrt(np.clip(safe - a, 0.0, None))
+        val = root / safe / self.variance / (2.0 * np.pi * self.ratio)
+        out: FloatArray = np.where(inside, val, np.where(np.isnan(xs), np.nan, 0.0))
         return out
 
     def _table(self) -> tuple[FloatArray, FloatArray]:
@@ -193,14 +233,12 @@ class MarchenkoPasturFit:
         a, b = self.support
         phi = np.linspace(0.0, np.pi, _TABLE)
         xs = a + (b - a) * (1.0 - np.cos(phi)) / 2.0
+        half = (b - a) / 2.0
+        # h^2 sin^2(phi) / (2 pi sigma^2 q x) as scale-free ratios (no overflow at 1e160)
         with np.errstate(divide="ignore", invalid="ignore"):
-            g = (
-                ((b - a) / 2.0) ** 2
-                * np.sin(phi) ** 2
-                / (2 * np.pi * self.variance * self.ratio * xs)
-            )
+            g = (half / self.variance) * (half / xs) * np.sin(phi) ** 2 / (2 * np.pi * self.ratio)
         if a == 0.0:  # q = 1: sin^2(phi) / x -> 4 / b at phi = 0
-            g[0] = ((b - a) / 2.0) ** 2 * 4.0 / b / (2 * np.pi * self.variance * self.ratio)
+            g[0] = (half / self.variance) * (4.0 * half / b) / (2 * np.pi * self.ratio)
         cum = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2.0 * np.diff(phi))])
         cum *= min(1.0, 1.0 / self.ratio) / cum[-1]
         return xs, cum
@@ -295,9 +333,9 @@ class SemicircleFit:
         >>> round(float(SemicircleFit.from_parameters(2.0).pdf(0.0)), 6)
         0.31831
         """
-        t = np.asarray(x, dtype=np.float64) - self.center
-        r = self.radius
-        out: FloatArray = 2.0 / (np.pi * r * r) * np.sqrt(np.clip(r * r - t * t, 0.0, None))
+        u = (np.asarray(x, dtype=np.float64) - self.center) / self.radius
+        # in units of r: no r^2, which overflows or underflows for radii beyond 1e+-154
+        out: FloatArray = (2.0 / np.pi) / self.radius * np.sqrt(np.clip((1 - u) * (1 + u), 0, None))
         return out
 
     def cdf(self, x: ArrayLike, *, left: bool = False) -> FloatArray:
@@ -357,6 +395,8 @@ def probe_margin(fit: MarchenkoPasturFit | SemicircleFit, n: int, num_probes: in
     >>> probe_margin(SemicircleFit.from_parameters(2.0), 800, 1)
     0.6
     """
+    n = check_integer("n", n, "a positive integer (the matrix size)", lambda k: k >= 1)
+    num_probes = check_integer("num_probes", num_probes, "a positive integer", lambda k: k >= 1)
     lo, hi = fit.support
     return float(3.0 * (hi - lo) * np.sqrt(2.0 / (n * num_probes)))
 
@@ -404,7 +444,7 @@ def fit_marchenko_pastur(
     num_scales: float = 4.0,
     trim: bool = True,
 ) -> MarchenkoPasturFit:
-    r"""Fit a Marchenko–Pastur law by moments: :math:`\sigma^2 = m_1`, :math:`q = m_2/m_1^2 - 1`.
+    r"""Fit a Marchenko–Pastur law by moments: :math:`\sigma^2 = m_1`, :math:`q = s^2/m_1^2`.
 
     Parameters
     ----------
@@ -438,14 +478,15 @@ def fit_marchenko_pastur(
     (True, True)
     """
 
-    def make(m1: float, m2: float, n: int | None) -> MarchenkoPasturFit:
-        if m1 <= 0 or m2 <= m1 * m1:
+    def make(mean: float, std: float, n: int | None) -> MarchenkoPasturFit:
+        ratio = (std / mean) ** 2 if mean > 0 else math.nan  # q = (m2 - m1^2) / m1^2
+        if not (math.isfinite(ratio) and ratio > 0):
             raise argument_error(
                 "density_or_eigenvalues",
                 "a spectrum with positive mean and variance (a Marchenko-Pastur bulk)",
                 density_or_eigenvalues,
             )
-        return MarchenkoPasturFit.from_parameters(m2 / (m1 * m1) - 1.0, m1, n)
+        return MarchenkoPasturFit.from_parameters(ratio, mean, n)
 
     out: MarchenkoPasturFit = _fit(density_or_eigenvalues, make, num_scales, trim, "moments")
     return out
@@ -457,7 +498,7 @@ def fit_semicircle(
     num_scales: float = 4.0,
     trim: bool = True,
 ) -> SemicircleFit:
-    r"""Fit a semicircle by moments: :math:`c = m_1`, :math:`r = 2\sqrt{m_2 - m_1^2}`.
+    r"""Fit a semicircle by moments: :math:`c = m_1`, :math:`r = 2s`, :math:`s^2 = m_2 - m_1^2`.
 
     Same arguments as :func:`fit_marchenko_pastur` (edge scale
     :meth:`SemicircleFit.edge_scale`).
@@ -484,12 +525,14 @@ def fit_semicircle(
     (True, True)
     """
 
-    def make(m1: float, m2: float, n: int | None) -> SemicircleFit:
-        if m2 <= m1 * m1:
+    def make(mean: float, std: float, n: int | None) -> SemicircleFit:
+        if not std > 0:
             raise argument_error(
-                "density_or_eigenvalues", "a spectrum with positive variance", m2 - m1 * m1
+                "density_or_eigenvalues",
+                "a spectrum with positive variance",
+                f"a spectrum with standard deviation {std!r}",
             )
-        return SemicircleFit.from_parameters(2.0 * np.sqrt(m2 - m1 * m1), m1, n)
+        return SemicircleFit.from_parameters(2.0 * std, mean, n)
 
     out: SemicircleFit = _fit(density_or_eigenvalues, make, num_scales, trim, "moments")
     return out
@@ -647,6 +690,7 @@ def bbp_covariance(theta: float, ratio: float, variance: float = 1.0) -> float |
         raise argument_error("ratio", "a positive number", ratio)
     if not np.isfinite(theta):
         raise argument_error("theta", "a finite number", theta)
+    check_real("variance", variance, "a positive finite number", lambda v: 0 < v < math.inf)
     if theta <= np.sqrt(ratio):
         return None
     return float(variance * (1.0 + theta) * (1.0 + ratio / theta))
@@ -679,6 +723,7 @@ def bbp_wigner(theta: float, scale: float = 1.0, center: float = 0.0) -> float |
         raise argument_error("scale", "a positive number", scale)
     if not np.isfinite(theta):
         raise argument_error("theta", "a finite number", theta)
+    check_real("center", center, "a finite number")
     if theta <= scale:
         return None
     return float(center + theta + scale * scale / theta)

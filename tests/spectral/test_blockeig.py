@@ -95,3 +95,16 @@ def test_budget_and_bad_arguments() -> None:
         block_eigenpairs(A, 1, start=np.ones((3, 1)))
     with pytest.raises(ValueError, match="'keep'"):
         block_eigenpairs(A, 2, keep=1)
+
+
+@pytest.mark.parametrize(("budget", "kind"), [(2.5, TypeError), (0, ValueError), (-3, ValueError)])
+def test_max_products_must_be_a_positive_integer(budget: object, kind: type[Exception]) -> None:
+    """2.5 gave "'float' object cannot be interpreted as an integer", 0 "the start block is
+    empty" (a NumericalError blaming the block)."""
+    with pytest.raises(kind, match="Argument 'max_products': expected None or a positive integer"):
+        block_eigenpairs(np.diag(np.arange(1.0, 11.0)), 2, max_products=budget, seed=0)  # type: ignore[arg-type]
+
+
+def test_numpy_float_tolerances_are_accepted() -> None:
+    r = block_eigenpairs(np.diag(np.arange(1.0, 11.0)), 2, tol=np.float32(1e-6), seed=0)
+    np.testing.assert_allclose(np.sort(r.values), [9.0, 10.0], rtol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import array_api_strict
 import numpy as np
@@ -11,7 +12,12 @@ import scipy.sparse
 import torch
 
 from spectral import SpectralDensity, slq, synthetic
-from spectral.bounds import chebyshev_halfwidth, probe_variance_factor
+from spectral.bounds import (
+    chebyshev_halfwidth,
+    probe_variance_factor,
+    quadrature_expectation_bounds,
+    wilson_chebyshev,
+)
 from spectral.probes import random_probe
 
 from .strategies import haar_orthogonal, single_threaded_blas  # noqa: F401
@@ -163,3 +169,44 @@ def test_explicit_probe_validation() -> None:
         slq(A, 2, probes=np.ones((4, 2)), num_probes=3)
     with pytest.raises(TypeError, match="probes"):
         slq(A, 2, probes="ones")
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "match"),
+    [
+        (lambda: wilson_chebyshev([0.9], [0.1], 0.01, 10, 0.95), ValueError, "'lower_mean'"),
+        (lambda: wilson_chebyshev([0.5], [0.5], -0.01, 10, 0.95), ValueError, "'kappa'"),
+        (lambda: wilson_chebyshev([0.5], [0.5], float("nan"), 10, 0.95), ValueError, "'kappa'"),
+        (lambda: wilson_chebyshev([0.5], [0.5], 0.01, 0, 0.95), ValueError, "'num_probes'"),
+        (lambda: wilson_chebyshev([0.5], [0.5, 0.6], 0.01, 2, 0.95), ValueError, "'upper_mean'"),
+        (lambda: chebyshev_halfwidth(1.0, 0.01, 0, 0.95), ValueError, "'num_probes'"),
+        (lambda: chebyshev_halfwidth(1.0, 0.01, 2.5, 0.95), TypeError, "'num_probes'"),
+        (lambda: chebyshev_halfwidth(-1.0, 0.01, 2, 0.95), ValueError, "'oscillation'"),
+        (lambda: chebyshev_halfwidth(1.0, None, 2, 0.95), TypeError, "'kappa'"),
+        (
+            lambda: quadrature_expectation_bounds([1.0], [1.0], np.exp, (0, 2), resolution=1),
+            ValueError,
+            "'resolution'",
+        ),
+    ],
+)
+def test_band_helpers_refuse_bad_parameters(call: Any, kind: type[Exception], match: str) -> None:
+    """An inverted band came back for lower > upper, a zero-width one for kappa < 0, and a
+    ZeroDivisionError for P = 0."""
+    with pytest.raises(kind, match=f"Argument {match}: expected"):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("resolution", "kind"), [(0, ValueError), (-5, ValueError), (2.5, TypeError)]
+)
+def test_expectation_interval_refuses_a_bad_resolution(
+    resolution: Any, kind: type[Exception]
+) -> None:
+    """``resolution=0`` or ``2.5`` silently became 2 (the interval shrank from 53.2 to 47.2)."""
+    d = slq(np.diag(np.arange(1.0, 31.0)), 6, num_probes=3, seed=0)
+    with pytest.raises(kind, match="Argument 'resolution': expected an integer >= 2"):
+        d.expectation_interval(lambda t: -((t - 15.0) ** 2), support=(1, 30), resolution=resolution)
+    exact = SpectralDensity.from_eigenvalues([1.0, 2.0])  # validated even where unused
+    with pytest.raises(kind, match="Argument 'resolution'"):
+        exact.expectation_interval(np.exp, resolution=resolution)

@@ -177,6 +177,31 @@ def test_bounds_on_arbitrary_small_symmetric_matrices(n: int, data: st.DataObjec
     assert np.all(truth <= upper + TRUTH_TOL), float(np.max(truth - upper))
 
 
+def test_nan_points_give_nan_bounds_and_bands() -> None:
+    """NaN in, NaN out, elementwise (cdf_bounds(NaN) was (0.877, 1.0), the band (0.39, 1.0))."""
+    d = slq(np.diag(np.arange(1.0, 21.0)), 5, num_probes=2, seed=0)
+    exact = SpectralDensity.from_eigenvalues(np.arange(1.0, 21.0))
+    xs = np.array([[np.nan, 3.0], [10.5, np.nan]])
+    nan = np.isnan(xs)
+    for lo, hi in (
+        d.cdf_bounds(xs),
+        d.cdf_bounds(xs, probe=1),
+        d.cdf_band(xs),
+        d.cdf_band(xs, simultaneous=True),
+        exact.cdf_bounds(xs),
+        exact.cdf_band(xs),
+        quadrature_cdf_bounds([1.0, 2.0], [0.5, 0.5], xs),
+        quadrature_cdf_bounds([1.0, 2.0], [0.5, 0.5], xs, invariant=True),
+    ):
+        np.testing.assert_array_equal(np.isnan(lo), nan)
+        np.testing.assert_array_equal(np.isnan(hi), nan)
+        assert np.all(lo[~nan] <= hi[~nan])
+    lo, hi = d.cdf_bounds(np.nan)
+    assert np.isnan(lo) and np.isnan(hi)
+    lo, hi = d.cdf_band(np.nan)
+    assert np.isnan(lo) and np.isnan(hi)
+
+
 def test_quadrature_cdf_bounds_validates() -> None:
     with pytest.raises(ValueError, match="tol"):
         quadrature_cdf_bounds([0.0], [1.0], 0.0, tol=-1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -149,6 +151,51 @@ def test_rounding_level_errors_are_renormalised() -> None:
     d = SpectralDensity([0.0, 1.0], [0.5 + 1e-12, 0.5 - 2e-12])
     assert d.weights.sum() == 1.0
     assert not d.weights.flags.writeable
+
+
+@given(densities(), st.integers(0, 2**16))
+def test_nan_points_give_nan_elementwise(d: SpectralDensity, seed: int) -> None:
+    """As a ufunc would: NaN in, NaN out, at that point only (cdf(NaN) was 1.0)."""
+    xs = np.random.default_rng(seed).uniform(-60.0, 60.0, (3, 4))
+    xs[1, 2] = xs[0, 0] = np.nan
+    nan = np.isnan(xs)
+    assert np.isnan(d.cdf(np.nan))
+    for values in (d.cdf(xs), d.smooth(xs, 0.5), d.smooth(xs, 0.5, "lorentzian")):
+        assert values.shape == xs.shape
+        np.testing.assert_array_equal(np.isnan(values), nan)
+    np.testing.assert_array_equal(d.cdf(xs)[~nan], d.cdf(xs[~nan]))
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "match"),
+    [
+        (lambda d: d.smooth([0.0], None), TypeError, "'sigma': expected a positive finite"),
+        (lambda d: d.negative_mass("0"), TypeError, "'tol': expected a finite number >= 0"),
+        (lambda d: d.smoothed_mass(3.0, -3.0, 1.0), ValueError, "'b': expected a number >= a"),
+        (lambda d: d.smoothed_mass(np.nan, 1.0, 1.0), ValueError, "'a'"),
+        (lambda d: d.smoothed_mass(0.0, np.nan, 1.0), ValueError, "'b'"),
+        (lambda d: d.smoothed_mass(0.0, 1.0, None), TypeError, "'sigma'"),
+        (lambda d: d.probe_expectations(lambda x: 1.0), ValueError, "'f': .*returning shape"),
+        (lambda d: d.probe_expectations(lambda x: "a"), ValueError, "'f'"),
+        (lambda d: d.expectation("log"), TypeError, "'f': expected a vectorised callable"),
+        (lambda d: SpectralDensity([1 + 1j], [1.0]), TypeError, "'nodes': expected real"),
+    ],
+)
+def test_evaluation_arguments_are_refused_by_name(
+    call: Any, kind: type[Exception], match: str
+) -> None:
+    """Before: numpy's "ufunc 'isfinite' not supported", a negative mass for a > b, NaN for
+    a = NaN, a raw shape error from f (reported through trace_function)."""
+    d = SpectralDensity.from_probes([[0.0, 1.0], [2.0, np.nan]], [[0.5, 0.5], [1.0, np.nan]])
+    with pytest.raises(kind, match=f"Argument {match}"):
+        call(d)
+
+
+def test_smoothed_mass_over_infinite_intervals() -> None:
+    """A guard for the new checks of ``a`` and ``b``: infinite ends stay allowed."""
+    d = SpectralDensity([0.0, 1.0], [0.5, 0.5])
+    assert d.smoothed_mass(-np.inf, np.inf, 0.3) == pytest.approx(1.0, abs=1e-15)
+    assert d.smoothed_mass(2.0, 2.0, 0.3) == 0.0
 
 
 def test_smooth_argument_checks() -> None:

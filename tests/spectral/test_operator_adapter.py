@@ -216,3 +216,59 @@ def test_non_symmetric_sparse_matrices_are_refused(fmt: str) -> None:
     with pytest.raises(ValueError, match="expected a symmetric matrix"):
         lanczos(A, 5, seed=0)
     assert as_operator(sp.csr_matrix((50, 50))).n == 50  # no stored entry
+
+
+A10 = np.diag(np.arange(1.0, 11.0))
+
+
+@pytest.mark.parametrize(
+    ("product", "kind", "received"),
+    [
+        (lambda x: (A10 @ x)[:-1], ValueError, "numpy.ndarray of shape (9,)"),
+        (lambda x: None, TypeError, "None"),
+        (lambda x: list(A10 @ x), TypeError, "[np.float64("),
+        (lambda x: torch.tensor(A10 @ x), TypeError, "torch.Tensor of shape (10,)"),
+    ],
+)
+def test_products_of_the_wrong_length_or_type_are_refused(
+    product: Any, kind: type[Exception], received: str
+) -> None:
+    """Before: "cannot reshape array of size 9 into shape (10,)", AttributeError on
+    ``None.shape``, a TypeError from ``numpy @ Tensor``, naming nothing."""
+    expected = "Argument 'A': expected an operator whose products are numpy.ndarray arrays"
+    with pytest.raises(kind, match=expected) as info:
+        lanczos(as_operator(product, size=10), 3, seed=0)
+    assert f"received {received}" in str(info.value)
+    op = as_operator(spla.LinearOperator((10, 10), matvec=lambda x: x, matmat=lambda X: X[:-1]))
+    with pytest.raises(ValueError, match=r"products are numpy.ndarray arrays of shape \(10, 2\)"):
+        op.matmat(np.ones((10, 2)))
+
+
+@pytest.mark.parametrize(
+    ("A", "like", "kind", "match"),
+    [
+        (sp.csr_matrix(np.array([[2, 1j], [-1j, 2]])), None, TypeError, "'A'.*complex"),
+        (spla.aslinearoperator(np.eye(2) * 1j), None, TypeError, "'A'.*complex .*not supported"),
+        (lambda x: 2 * x, np.zeros(2, dtype=int), TypeError, "'like'.*real floating"),
+        (lambda x: 2 * x, [0.0, 0.0], TypeError, "'like'.*an array"),
+        (sp.eye(2, format="csr"), np.zeros(2, dtype=bool), TypeError, "'like'"),
+        (spla.aslinearoperator(np.eye(2)), np.zeros(2, dtype=complex), TypeError, "'like'"),
+    ],
+)
+def test_complex_operators_and_bad_templates_are_refused(
+    A: Any, like: Any, kind: type[Exception], match: str
+) -> None:
+    """A complex Hermitian sparse matrix was called "not symmetric, max|A - A^T| = 2", and an
+    integer ``like`` failed later with an AttributeError blamed on 'v0'."""
+    with pytest.raises(kind, match=f"Argument {match}"):
+        lanczos(as_operator(A, 2, like=like), 2, seed=0)
+
+
+def test_negative_seeds_are_refused_by_name() -> None:
+    for call in (
+        lambda: lanczos(np.eye(3), 2, seed=-1),
+        lambda: random_probe(3, seed=-1),
+        lambda: random_probes(3, 2, seed=np.int64(-5)),
+    ):
+        with pytest.raises(ValueError, match="Argument 'seed': expected None, a non-negative"):
+            call()

@@ -303,3 +303,74 @@ def test_slq_resumes_bit_identically(tmp_path: Path, seed: int | None) -> None:
     np.testing.assert_array_equal(reference.weights, resumed.weights)
     np.testing.assert_array_equal(reference.probe_nodes, resumed.probe_nodes)
     assert calls == 1 + 8 - 3  # fingerprint + probe 3 after its state at step 3
+
+
+def _edited_state(tmp_path: Path, finished: bool, edit: Any) -> tuple[Path, np.ndarray]:
+    """A lanczos state file (mid-run after 4 of 8 steps, or finished) whose arrays were
+    changed by ``edit`` and saved again with a valid checksum (a tool rewrote it)."""
+    from spectral.krylov import lanczos
+
+    A = np.diag(np.arange(1.0, 13.0))
+    A[0, 1] = A[1, 0] = 0.5
+    path = tmp_path / "state.npz"
+    if finished:
+        lanczos(A, 8, seed=0, checkpoint=path)
+    else:  # one fingerprint product and 4 steps, saved every 2
+        with pytest.raises(_Killed):
+            lanczos(
+                as_operator(_Flaky(A, 5), size=12), 8, seed=0, checkpoint=path, checkpoint_every=2
+            )
+    arrays = dict(load_npz(path))
+    edit(arrays)
+    save_npz(path, **arrays)  # a new, valid checksum
+    return path, A
+
+
+@pytest.mark.parametrize(
+    ("finished", "edit", "match"),
+    [
+        (False, lambda z: z.update(q=z["q"][:-1]), r"vectors of lengths \[11, 12\].*n = 12"),
+        (False, lambda z: z.update(q_prev=z["q_prev"][:, None]), "q_prev has shape"),
+        (False, lambda z: z.update(alphas=z["alphas"].astype(np.int64)), "alphas has dtype int64"),
+        (False, lambda z: z.update(basis=z["basis"].astype(np.int32)), "basis has dtype int32"),
+        (False, lambda z: z.update(omega_cur=np.ones(3)), "omega_cur/omega_old have shapes"),
+        (True, lambda z: z.update(basis=z["basis"][:, :5]), r"lengths \[5, 12\]"),
+        (True, lambda z: z.update(residual=np.full(12, np.nan)), "residual has non-finite"),
+    ],
+)
+def test_edited_state_fields_are_refused(
+    tmp_path: Path, finished: bool, edit: Any, match: str
+) -> None:
+    """A field changed behind the checksum's back (a wrong-length ``q`` reached numpy as a
+    raw broadcast error; int alphas resumed to a silently different result; a finished
+    state returned a (8, 5) basis for n = 12)."""
+    from spectral.krylov import lanczos
+
+    path, A = _edited_state(tmp_path, finished, edit)
+    with pytest.raises(CorruptFileError, match=match):
+        lanczos(A, 8, seed=0, checkpoint=path, checkpoint_every=2)
+
+
+def test_lanczos_state_vectors_are_checked_against_n() -> None:
+    state = LanczosState(
+        iteration=1, alphas=np.ones(1), betas=np.ones(1), start_norm=1.0,
+        q=np.zeros(4), q_prev=np.zeros(4),
+    )  # fmt: skip
+    state.validate(n=4)
+    state.validate()
+    with pytest.raises(CorruptFileError, match="n = 5"):
+        state.validate("s.npz", n=5)
+    state.q_prev = np.zeros(3)
+    with pytest.raises(CorruptFileError, match="one length"):
+        state.validate()
+
+
+def test_a_directory_as_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    """It gave "No such file: '<the directory>'"."""
+    from spectral.krylov import lanczos
+    from spectral.quadrature import slq
+
+    with pytest.raises(ValueError, match=r"Argument 'checkpoint': expected .*not a directory"):
+        lanczos(np.eye(3), 2, seed=0, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match="Argument 'checkpoint'"):
+        slq(np.eye(3), 2, seed=0, checkpoint=str(tmp_path))

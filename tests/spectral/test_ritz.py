@@ -75,3 +75,29 @@ def test_ritz_pairs_direct_use_and_validation() -> None:
         ritz_pairs(np.array([1.0, 2.0]), np.array([1.0]), 0.0, basis=np.eye(3))
     with pytest.raises(NumericalError):
         ritz_pairs(np.array([np.nan, 2.0]), np.array([1.0]), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "match"),
+    [
+        ({"tol": float("nan")}, ValueError, "Argument 'tol': expected a finite number >= 0"),
+        ({"tol": -1.0}, ValueError, "Argument 'tol': expected a finite number >= 0"),
+        ({"tol": float("inf")}, ValueError, "Argument 'tol'"),
+        ({"tol": "1e-8"}, TypeError, "Argument 'tol'"),
+        ({"basis": np.ones(2)}, ValueError, "Argument 'basis': expected an n x 2 array"),
+    ],
+)
+def test_ritz_pairs_refuses_bad_tol_and_basis(
+    kwargs: dict[str, object], kind: type[Exception], match: str
+) -> None:
+    """``tol=nan`` or ``-1`` silently flagged every pair unconverged; a 1-D basis gave an
+    IndexError."""
+    with pytest.raises(kind, match=match):
+        ritz_pairs(np.array([1.0, 2.0]), np.array([1.0]), 0.5, **kwargs)  # type: ignore[arg-type]
+
+
+def test_lanczos_result_ritz_validates_tol() -> None:
+    res = lanczos(np.diag(np.arange(1.0, 31.0)), 5, seed=0)
+    with pytest.raises(ValueError, match="Argument 'tol'"):
+        res.ritz(tol=float("nan"))
+    assert res.ritz(tol=np.float32(1e-3)).converged.shape == (5,)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spectral import slq, synthetic
 from spectral.rmt import (
@@ -15,6 +17,7 @@ from spectral.rmt import (
     fit_marchenko_pastur,
     fit_semicircle,
     outliers,
+    probe_margin,
 )
 
 from .strategies import single_threaded_blas  # noqa: F401
@@ -182,3 +185,101 @@ def test_rmt_validation() -> None:
         outliers([3.0], fit, n=10, residuals=[1.0, 2.0])
     with pytest.raises(ValueError, match="ratio"):
         bbp_covariance(1.0, 0.0)
+
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+def wigner_spectrum(seed: int, n: int) -> np.ndarray:
+    """Eigenvalues of an ``n x n`` GOE matrix scaled to the semicircle of radius 2."""
+    W = np.random.default_rng(seed).standard_normal((n, n))
+    return np.linalg.eigvalsh((W + W.T) / np.sqrt(2.0 * n))
+
+
+def wishart_spectrum(seed: int, n: int) -> np.ndarray:
+    """Eigenvalues of ``X^T X / p`` for a ``p x n`` Gaussian ``X``, ``p = 2n`` (ratio 1/2)."""
+    X = np.random.default_rng(seed).standard_normal((2 * n, n))
+    return np.linalg.eigvalsh(X.T @ X / (2 * n))
+
+
+@given(st.integers(0, 2**16), st.integers(3, 60), st.floats(-1e12, 1e12))
+def test_semicircle_fit_is_shift_equivariant(seed: int, n: int, shift: float) -> None:
+    """fit(c + x) = fit(x) shifted by c, up to the rounding of the shifted points.
+
+    Rounding ``c + x_i`` moves each point by at most ``eps M / 2`` (``M = max|c + x|``);
+    the standard deviation is 1-Lipschitz in the points, so the radius ``2 s`` moves by at
+    most ``eps M``, and the centre by ``eps M / 2``. Each fit adds its own summation error,
+    ``(n + 3) eps`` relative for ``s`` and ``(n + 1) eps max|deviation|`` plus a rounding
+    of ``M`` for the centre. The raw-moment formula ``2 sqrt(m2 - m1^2)`` gave radius 2.83
+    instead of 2.0 at ``c = 1e8``.
+    """
+    x = wigner_spectrum(seed, n)
+    y = shift + x
+    big = float(np.max(np.abs(y)))
+    ref, fit = fit_semicircle(x, trim=False), fit_semicircle(y, trim=False)
+    assert abs(fit.radius - ref.radius) <= 2 * EPS * big + 4 * (n + 3) * EPS * ref.radius
+    spread = float(np.max(np.abs(x - ref.center)))
+    assert abs(fit.center - (shift + ref.center)) <= 4 * EPS * big + 4 * (n + 1) * EPS * spread
+
+
+@given(st.integers(0, 2**16), st.integers(3, 60), st.integers(-1000, 1000), st.booleans())
+def test_semicircle_fit_scales_exactly_by_powers_of_two(
+    seed: int, n: int, e: int, negate: bool
+) -> None:
+    """Scaling by ``+-2**e`` is exact, and so is every step of the fit (trimming included)."""
+    x = wigner_spectrum(seed, n) + 1.0
+    s = -(2.0**e) if negate else 2.0**e
+    ref, fit = fit_semicircle(x, num_scales=1.0), fit_semicircle(x * s, num_scales=1.0)
+    assert fit.radius == abs(s) * ref.radius
+    assert fit.center == s * ref.center
+    assert fit.bulk_mass == ref.bulk_mass
+
+
+@given(st.integers(0, 2**16), st.integers(3, 60), st.integers(-1000, 1000))
+def test_marchenko_pastur_fit_scales_exactly_by_powers_of_two(seed: int, n: int, e: int) -> None:
+    x = wishart_spectrum(seed, n)
+    ref, fit = (
+        fit_marchenko_pastur(x, num_scales=1.0),
+        fit_marchenko_pastur(x * 2.0**e, num_scales=1.0),
+    )
+    assert fit.ratio == ref.ratio
+    assert fit.variance == 2.0**e * ref.variance
+    assert fit.bulk_mass == ref.bulk_mass
+
+
+@given(st.integers(0, 2**16), st.integers(3, 60), st.sampled_from([1e160, 3.7e-170, 1e300, 1e-300]))
+def test_marchenko_pastur_fit_of_spectra_of_any_magnitude(seed: int, n: int, scale: float) -> None:
+    """fit(s x): variance s times, same ratio, up to the rounding of ``s x_i`` (relative
+    ``eps / 2`` each: the mean moves by ``eps / 2`` relative, the standard deviation by
+    ``eps M / 2``) and each fit's summation error (``(n + 3) eps`` relative). Before, the
+    squares of the points overflowed (1e160) or underflowed (1e-170) and the fit refused
+    the spectrum as "not a Marchenko-Pastur bulk".
+    """
+    x = wishart_spectrum(seed, n)
+    ref, fit = fit_marchenko_pastur(x, trim=False), fit_marchenko_pastur(x * scale, trim=False)
+    std = float(np.std(x))
+    q_tol = 2 * EPS * (float(np.max(x)) / std + 1) + 8 * (n + 3) * EPS
+    assert abs(fit.ratio / ref.ratio - 1) <= q_tol
+    assert abs(fit.variance / scale / ref.variance - 1) <= 4 * (n + 2) * EPS
+    # the law's functions are scale-free too: pdf(s x) = pdf(x) / s
+    grid = np.linspace(*ref.support, 9)[1:-1]  # inside: the edges differ by rounding
+    np.testing.assert_allclose(fit.pdf(grid * scale) * scale, ref.pdf(grid), rtol=1e-9)
+    np.testing.assert_allclose(fit.cdf(grid * scale), ref.cdf(grid), rtol=1e-9, atol=1e-12)
+
+
+def test_law_functions_propagate_nan() -> None:
+    for fit in (MarchenkoPasturFit.from_parameters(0.5), SemicircleFit.from_parameters(2.0)):
+        assert np.isnan(fit.pdf(np.nan)) and np.isnan(fit.cdf(np.nan))
+        assert np.isnan(fit.pdf([1.0, np.nan])).tolist() == [False, True]
+
+
+def test_rmt_parameter_validation() -> None:
+    fit = SemicircleFit.from_parameters(2.0)
+    with pytest.raises(ValueError, match=r"Argument 'num_probes'.*positive integer"):
+        probe_margin(fit, 100, 0)
+    with pytest.raises(ValueError, match="Argument 'n'"):
+        probe_margin(fit, 0, 1)
+    with pytest.raises(ValueError, match=r"Argument 'variance'.*positive"):
+        bbp_covariance(4.0, 0.25, variance=-1.0)
+    with pytest.raises(ValueError, match="Argument 'center'"):
+        bbp_wigner(4.0, center=float("nan"))

@@ -144,3 +144,17 @@ def test_log_and_inverse_of_a_singular_operator_are_refused() -> None:
     regular = _spd(20)
     est = spectral.trace_function(regular, "log", num_iters=20, num_probes=3, seed=0)
     assert math.isfinite(est.value) and math.isfinite(est.stderr)  # a regular one is accepted
+
+
+@pytest.mark.parametrize("scale", [1e-310, 1e-315])
+def test_subnormal_operators_are_not_reported_as_nan(scale: float) -> None:
+    """A finite operator with subnormal entries gave "the product A @ q contains NaN or
+    Inf": the product was finite, but ``1 / beta`` of a subnormal ``beta`` overflowed.
+    Subnormals carry fewer bits (``2**-1074 / scale`` relative), so the results agree with
+    the normal-range ones to that quantisation, times the recurrence's growth."""
+    A = np.diag(np.arange(1.0, 11.0))
+    quantum = 2.0**-1074 / scale  # relative spacing of the subnormal entries
+    ref, res = spectral.lanczos(A, 5, seed=0), spectral.lanczos(A * scale, 5, seed=0)
+    np.testing.assert_allclose(res.alpha / scale, ref.alpha, rtol=1e3 * quantum)
+    values, _ = spectral.top_eigenpairs(A * scale, 2, seed=0)
+    np.testing.assert_allclose(values / scale, [9.0, 10.0], rtol=1e3 * quantum)

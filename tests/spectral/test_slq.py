@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,27 @@ def test_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
     num_iters = args.pop("num_iters")
     with pytest.raises(ValueError, match=match):
         slq(np.eye(10), num_iters, **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("e", [-560, -1000, 560, 1000])
+def test_explicit_probes_of_any_scale_give_the_same_density(e: int) -> None:
+    """Only a probe's direction matters: scaled by ``2**e`` (exact) the density is bitwise the
+    same. Probes of ``2**-560`` were refused as "non-zero columns expected" (their squared
+    norm underflows), and ``2**560`` ones raised a numpy overflow warning."""
+    A = np.diag(np.arange(1.0, 51.0))
+    V = np.random.default_rng(0).standard_normal((50, 3))
+    ref = slq(A, 6, probes=V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = slq(A, 6, probes=V * 2.0**e)
+    np.testing.assert_array_equal(d.nodes, ref.nodes)
+    np.testing.assert_array_equal(d.weights, ref.weights)
+
+
+def test_complex_probes_are_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="Argument 'probes': expected a real array"):
+        slq(np.eye(10), 3, probes=np.ones((10, 1)) + 1j)
+    V = np.zeros((10, 2))
+    V[0, 0] = 1e-300
+    with pytest.raises(ValueError, match="Argument 'probes': expected non-zero columns"):
+        slq(np.eye(10), 3, probes=V)

@@ -162,3 +162,11 @@ def test_low_rank_operators_in_factored_form(
     else:
         np.testing.assert_allclose(vals, want, atol=1e-7 * norm_a)
     _check_pairs(dense, vals, vecs, 1e-8)
+
+
+def test_numpy_float_tolerances_are_accepted() -> None:
+    """``tol=np.float32(1e-6)`` was refused as not "a positive finite float"."""
+    values, _ = top_eigenpairs(np.diag(np.arange(1.0, 11.0)), 2, tol=np.float32(1e-6), seed=0)
+    np.testing.assert_allclose(values, [9.0, 10.0], rtol=1e-6)
+    with pytest.raises(TypeError, match="Argument 'tol': expected a positive finite number"):
+        top_eigenpairs(np.eye(10), 2, tol="1e-6")  # type: ignore[arg-type]

@@ -154,6 +154,16 @@ def test_slq_trace_and_stderr() -> None:
     assert np.isnan(single.stderr)
 
 
+def test_slq_trace_keeps_to_its_budget() -> None:
+    """``num_matvecs // num_iters`` probes: a budget below one probe is refused (it used
+    ``num_iters`` products anyway, 10 for a budget of 5); ``num_iters`` is capped at ``n``."""
+    A = np.diag(np.linspace(1.0, 2.0, 30))
+    with pytest.raises(ValueError, match=r"Argument 'num_matvecs'.*num_iters = 10.*received 5"):
+        trace(A, method="slq", num_matvecs=5, num_iters=10, seed=0)
+    assert trace(A, method="slq", num_matvecs=29, num_iters=10, seed=0).num_matvecs == 20
+    assert trace(A[:4, :4], method="slq", num_matvecs=5, num_iters=10, seed=0).num_matvecs == 4
+
+
 def test_diagonal_exact_and_hutchinson() -> None:
     n = 40
     A = synthetic.prescribed_spectrum(np.linspace(-2.0, 2.0, n), seed=4)

@@ -119,3 +119,13 @@ def test_unknown_function_names_are_refused() -> None:
         trace_function(np.eye(3), "log2")
     with pytest.raises(TypeError, match="'f'"):
         trace_function(np.eye(3), 3.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("f", [lambda x: x[:1], lambda x: 1.0, lambda x: np.ones((len(x), 2))])
+def test_callables_of_the_wrong_shape_are_refused(f: Callable[[np.ndarray], object]) -> None:
+    """A raw "shapes (3,) and (1,) not aligned" or "only 0-dimensional arrays can be
+    converted" came from numpy before."""
+    with pytest.raises(
+        ValueError, match=r"Argument 'f': expected a vectorised function returning shape \(3,\)"
+    ):
+        trace_function(np.diag(np.arange(1.0, 11.0)), f, num_iters=3, num_probes=2, seed=0)  # type: ignore[arg-type]
