@@ -63,6 +63,7 @@ import math
 import os
 import pickle
 import struct
+import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -402,10 +403,7 @@ def load_checkpoint(
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(
-            f"Checkpoint '{p}' was refused: it contains objects that torch.load(weights_only=True) "
-            f"does not allow (only tensors and plain containers are loaded). {exc}"
-        ) from exc
+        raise _refusal(p, exc) from exc
     except Exception as exc:  # any other failure to parse (IndexError, KeyError...) is corruption
         raise CorruptFileError(
             f"Checkpoint '{p}' is truncated, corrupted or not a torch checkpoint ({exc})."
@@ -425,6 +423,38 @@ def load_checkpoint(
     raise CorruptFileError(
         f"File '{p}' is not a checkpoint: it has neither a 'state_dict' entry nor only tensors "
         f"(keys: {sorted(map(str, payload))[:10]})."
+    )
+
+
+def _is_tarfile(p: Path) -> bool:
+    """Whether ``p`` is a tar archive (the checkpoint format of torch before 0.4)."""
+    try:
+        return tarfile.is_tarfile(p)
+    except Exception:  # any failure to read it as one: it is not one
+        return False
+
+
+def _refusal(p: Path, exc: pickle.UnpicklingError) -> CorruptFileError:
+    """What a file torch's safe unpickler refused is: not a checkpoint at all (neither a zip
+    archive nor a pickle: a JSON or text file given by mistake), or an unsafe one.
+
+    torch's own message advises ``weights_only=False``, which would run the file's code:
+    only its reason is kept.
+    """
+    with open(p, "rb") as handle:
+        head = handle.read(16)
+    if not head.startswith((b"PK\x03\x04", b"\x80")) and not _is_tarfile(p):
+        return CorruptFileError(
+            f"File '{p}' is not a checkpoint: a torch checkpoint is a zip archive (or a "
+            f"pickle), and this file begins with {head!r}."
+        )
+    advice = ("weights_only", "Weights only", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    reason = " ".join(line for line in lines if line and not any(a in line for a in advice))
+    return UnsafeFileError(
+        f"Checkpoint '{p}' was refused: it contains objects that torch.load(weights_only=True) "
+        "does not allow (only tensors and plain containers are loaded; nothing was executed)"
+        + (f": {reason}" if reason else ".")
     )
 
 

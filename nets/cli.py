@@ -148,30 +148,35 @@ _ADVICE = (
 )
 
 
-def user_message(exc: BaseException) -> str:
-    """The message of ``exc`` in the command line's words: argument names become flags.
+def user_message(exc: BaseException, flags: Mapping[str, str] | None = None) -> str:
+    """The message of ``exc`` in the command line's words: argument names become flags
+    (:data:`FLAGS`, updated by ``flags``).
 
     >>> user_message(ValueError("Argument 'lanczos_iters': expected an integer >= 1; received 0."))
     'Option --iters: expected an integer >= 1; received 0.'
     """
     import re
 
+    known = {**FLAGS, **(flags or {})}
     text = str(exc) if str(exc) else type(exc).__name__
 
     named: list[tuple[str, str]] = []
 
     def flag(match: re.Match[str]) -> str:
         name = match.group(1)
-        target = FLAGS.get(name)
+        target = known.get(name)
         if target is None:
             return match.group(0)
         named.append((name, target))
-        return f"Option {target}" if target.startswith("--") else target[0].upper() + target[1:]
+        return f"\0{len(named) - 1}\0"  # put back below, after the bare names
 
     text = re.sub(r"Argument '(\w+)'", flag, text)
     for name, target in named:  # "1 <= lanczos_iters" -> "1 <= --iters"
-        if target.startswith("--"):
+        if target.startswith("--") and " " not in target:
             text = re.sub(rf"(?<![\w-]){name}(?![\w-])", target, text)
+    for index, (_, target) in enumerate(named):
+        shown = f"Option {target}" if target.startswith("--") else target[0].upper() + target[1:]
+        text = text.replace(f"\0{index}\0", shown)
     for old, new in _ADVICE:
         text = text.replace(old, new)
     return " ".join(text.split())
@@ -213,19 +218,28 @@ def _count_or_fraction(text: str) -> int | float:
     raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1); got {text}")
 
 
-def _checkpoint_config(path: str | None) -> dict[str, Any]:
-    """The JSON config stored in a checkpoint (model, dataset, data_path...), or ``{}``."""
+def _checkpoint_config(path: str | None, flag: str = "Option --checkpoint") -> dict[str, Any]:
+    """The JSON config stored in a checkpoint (model, dataset, data_path...), or ``{}``.
+
+    A file that cannot be read as a checkpoint is a :class:`UsageError` naming ``flag``
+    (the option or argument that gave it).
+    """
     if path is None:
         return {}
     from nets.checkpoint import load_checkpoint
 
-    config = load_checkpoint(path).get("config")
+    try:
+        config = load_checkpoint(path).get("config")
+    except OSError as exc:  # missing, corrupted, not a checkpoint, unsafe
+        raise UsageError(f"{flag}: {user_message(exc)}") from exc
     return dict(config) if isinstance(config, Mapping) else {}
 
 
-def _fill_from_checkpoint(args: argparse.Namespace, checkpoint: str | None) -> None:
+def _fill_from_checkpoint(
+    args: argparse.Namespace, checkpoint: str | None, flag: str = "Option --checkpoint"
+) -> None:
     """Default ``--model``, ``--dataset``, ``--data-path`` to what the checkpoint records."""
-    config = _checkpoint_config(checkpoint)
+    config = _checkpoint_config(checkpoint, flag)
     for attr, key in (("model", "model"), ("dataset", "dataset"), ("data_path", "data_path")):
         if getattr(args, attr, None) is None and isinstance(config.get(key), str):
             setattr(args, attr, config[key])
@@ -356,6 +370,11 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         "progress": args.progress,
     }
     if args.save_freq is not None:
+        if args.save_freq < 0:
+            raise UsageError(
+                "Option --save-freq: expected an integer >= 0 (0: only the initial and final "
+                f"checkpoints); received {args.save_freq}."
+            )
         kwargs["save_freq"] = args.save_freq if args.save_freq > 0 else None
     if args.resume is not None:
         kwargs["resume"] = args.resume
@@ -363,7 +382,12 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         kwargs["track"] = track_options(args.track_curvature)
     kwargs["overwrite"] = args.overwrite
     start = time.perf_counter()
-    train_network(**kwargs)
+    try:
+        train_network(**kwargs)
+    except ValueError as exc:  # the tracker's arguments are keys of --track-curvature
+        if args.track_curvature is None:
+            raise
+        raise UsageError(user_message(exc, TRACK_FLAGS)) from exc
     elapsed = time.perf_counter() - start
     return [_training_table(Path(args.dir), elapsed)]
 
@@ -381,6 +405,15 @@ TRACK_KEYS: dict[str, type] = {
     "density_iters": int,
     "density_probes": int,
     "bn_mode": str,
+}
+
+
+#: Tracker arguments -> their key of ``--track-curvature`` (for error messages; the
+#: tracker's ``seed`` defaults to ``--seed``, its measurement set ``data`` is the first
+#: ``samples`` training samples).
+TRACK_FLAGS: dict[str, str] = {
+    **{key: f"--track-curvature {key}" for key in TRACK_KEYS if key not in ("seed", "samples")},
+    "data": "--track-curvature samples",
 }
 
 
@@ -660,7 +693,7 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
     from spectral.io import load_npz
 
     checkpoints = _checkpoint_list(args.checkpoints)
-    _fill_from_checkpoint(args, checkpoints[0])
+    _fill_from_checkpoint(args, checkpoints[0], "Argument CHECKPOINTS")
     out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "loss-stats.npz"
     refuse_overwriting_inputs([out], {"the checkpoints": checkpoints})
     kwargs: dict[str, Any] = {
@@ -874,7 +907,9 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     )
     p.add_argument("--dir", required=True, help="output directory of the run")
     _add_common(p, train=True)
-    p.add_argument("--epochs", type=int, default=10, help="number of epochs")
+    p.add_argument(
+        "--epochs", type=int, default=10, help="epochs in all (with --resume, those before it too)"
+    )
     p.add_argument(
         "--optimizer",
         default="SGD",

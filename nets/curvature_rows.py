@@ -8,6 +8,10 @@ verifies every row and raises :class:`spectral.io.CorruptFileError` naming the f
 and the line.  Files written before the checksums (no row has a ``crc32`` key) are
 read as they are; a file where some rows have one and others not is corrupt.
 
+A run's ``stats.json`` repeats the rows in its ``curvature`` list and their CRC-32s, in
+the same order, in its ``curvature_crc32`` list (:data:`STATS_CHECKSUMS`):
+:func:`verified_rows` checks them when the rows are read from there.
+
 >>> import tempfile, pathlib
 >>> folder = tempfile.TemporaryDirectory()
 >>> path = pathlib.Path(folder.name) / "curvature.jsonl"
@@ -25,6 +29,7 @@ spectral.io.CorruptFileError: File '...curvature.jsonl', line 1: checksum mismat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from collections.abc import Mapping, Sequence
@@ -33,9 +38,21 @@ from typing import Any
 
 from spectral.io import CorruptFileError, atomic_write
 
-__all__ = ["decode_rows", "encode_row", "read_rows", "write_rows"]
+__all__ = [
+    "STATS_CHECKSUMS",
+    "decode_rows",
+    "encode_row",
+    "read_rows",
+    "row_checksums",
+    "verified_rows",
+    "write_rows",
+]
+
+logger = logging.getLogger(__name__)
 
 CRC_KEY = "crc32"
+#: The key of ``stats.json`` that holds the CRC-32 of each of its ``curvature`` rows.
+STATS_CHECKSUMS = "curvature_crc32"
 
 
 def _crc(row: Mapping[str, Any]) -> int:
@@ -85,7 +102,11 @@ def decode_rows(text: str, path: str | os.PathLike[str]) -> list[dict[str, Any]]
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of the JSON-lines file ``path``, checksums verified (see the module)."""
-    return decode_rows(Path(path).read_text(encoding="utf-8"), path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"File '{path}': not UTF-8 text ({exc}).") from exc
+    return decode_rows(text, path)
 
 
 def write_rows(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -93,3 +114,55 @@ def write_rows(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) 
     with atomic_write(path, "w") as handle:
         for row in rows:
             handle.write(encode_row(row) + "\n")
+
+
+def row_checksums(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The CRC-32 of each row (of its canonical JSON), as ``encode_row`` stores it.
+
+    >>> row_checksums([{"step": 1}])
+    [286895505]
+    """
+    return [_crc(row) for row in rows]
+
+
+def verified_rows(
+    rows: Any, checksums: Any, path: str | os.PathLike[str], section: str = "curvature"
+) -> list[dict[str, Any]]:
+    """The rows of a JSON document's ``section`` (``path`` names it in errors), each verified
+    against its CRC-32 in the parallel list ``checksums`` (see the module).
+
+    ``checksums`` of ``None`` (a file written before the rows had them) reads the rows
+    unverified, with a logged warning.
+
+    >>> rows = [{"step": 1, "top_eigenvalues": [2.5]}]
+    >>> verified_rows(rows, row_checksums(rows), "stats.json") == rows
+    True
+    >>> verified_rows([{"step": 1, "top_eigenvalues": [25.0]}], row_checksums(rows), "stats.json")
+    Traceback (most recent call last):
+    ...
+    spectral.io.CorruptFileError: File 'stats.json', 'curvature' row 1: checksum mismatch ...
+    """
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise CorruptFileError(f"File '{path}': its {section!r} entry is not a list of rows.")
+    if checksums is None:
+        if rows:
+            logger.warning(
+                "File '%s': its %r rows carry no checksums (written before they did); "
+                "they are read unverified",
+                path,
+                section,
+            )
+        return [dict(row) for row in rows]
+    if not isinstance(checksums, list) or len(checksums) != len(rows):
+        count = len(checksums) if isinstance(checksums, list) else type(checksums).__name__
+        raise CorruptFileError(
+            f"File '{path}': {len(rows)} {section!r} rows but {count} checksums in "
+            f"its '{section}_crc32' entry (one per row)."
+        )
+    for number, (row, stored) in enumerate(zip(rows, checksums, strict=True), start=1):
+        if stored != _crc(row):
+            raise CorruptFileError(
+                f"File '{path}', {section!r} row {number}: checksum mismatch (the row was "
+                f"changed after it was written: stored {stored}, computed {_crc(row)})."
+            )
+    return [dict(row) for row in rows]

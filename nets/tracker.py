@@ -57,6 +57,7 @@ has no duplicate and no missing step.  Density snapshots go to ``<stem>.density-
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -152,6 +153,68 @@ def _blocks(model: nn.Module, params: Any, blocks: Any) -> dict[str, list[str]]:
     raise argument_error("blocks", "None, 'layer' or a non-empty mapping name -> params", blocks)
 
 
+def _rows_path(path: Any) -> Path | None:
+    """``path`` as the rows file: ``None``, or a path that is not a directory (or other
+    non-file), refused here rather than at the first measurement's write."""
+    if path is None:
+        return None
+    if not isinstance(path, str | os.PathLike):
+        raise argument_error("path", "None or a file path", path, kind=TypeError)
+    rows = Path(path)
+    if rows.exists() and not rows.is_file():
+        what = "a directory" if rows.is_dir() else "not a regular file"
+        raise argument_error(
+            "path",
+            "a file for the rows (a new or an existing JSON-lines file)",
+            f"'{rows}', {what}",
+        )
+    return rows
+
+
+#: The operator arguments the tracker sets itself.
+_OWN_OPERATOR_ARGUMENTS = frozenset({"model", "loss_fn", "data", "params", "bn_mode"})
+
+
+def _operator_kwargs(cls: type[ModelCurvatureOperator], given: Any) -> dict[str, Any]:
+    """``operator_kwargs`` checked against the keyword arguments of the operator class."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise argument_error(
+            "operator_kwargs", f"a mapping of keyword arguments of {cls.__name__}", given,
+            kind=TypeError,
+        )  # fmt: skip
+    parameters = inspect.signature(cls).parameters
+    accepted = sorted(set(parameters) - _OWN_OPERATOR_ARGUMENTS)
+    unknown = sorted(str(key) for key in given if key not in accepted)
+    if unknown:
+        raise argument_error(
+            "operator_kwargs",
+            f"keyword arguments of {cls.__name__} among {accepted} (the tracker sets "
+            f"{sorted(_OWN_OPERATOR_ARGUMENTS)} itself)",
+            f"unknown keys {unknown}",
+        )
+    return dict(given)
+
+
+def _operators(
+    cls: type[ModelCurvatureOperator],
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    params: Any,
+    blocks: Any,
+    bn_mode: str | None,
+    kwargs: dict[str, Any],
+) -> dict[str, _Counted]:
+    """The counted operators: ``""`` for the whole selection, one per block."""
+    operators = {"": _Counted(cls(model, loss_fn, data, params=params, bn_mode=bn_mode, **kwargs))}
+    for name, names in _blocks(model, params, blocks).items():
+        op = cls(model, loss_fn, data, params=names, bn_mode=bn_mode, **kwargs)
+        operators[name] = _Counted(op)
+    return operators
+
+
 class _Counted:
     """A curvature operator that counts its products (columns)."""
 
@@ -214,19 +277,20 @@ class CurvatureTracker:
         ``(tol * |value|)**2 / gap``; raised to ``100 eps`` of the model's dtype.
     warm_start:
         Start each eigen-solve from the ``2 top_k`` most wanted Ritz vectors of the
-        previous measurement (plus one random guard vector).
+        previous measurement (plus one random guard vector); ``True`` or ``False``.
     density_every, density_iters, density_probes:
         Save an SLQ density (``density_iters`` Lanczos steps, ``density_probes`` probes)
         at measurements whose step is a multiple of ``density_every`` (a multiple of ``every``).
     path:
-        JSON-lines file of the rows (``None``: rows only in memory).
+        JSON-lines file of the rows (``None``: rows only in memory); not a directory.
     start_step:
         Step count to continue from after a restart (default: the last row's step in
         ``path``, or 0); rows after it are dropped from the file and measured again.
     optimizer:
         Optional; its first parameter group's ``lr`` goes into each row.
     operator_kwargs:
-        Extra keyword arguments of the operator class (e.g. ``{"kind": "empirical"}``).
+        Extra keyword arguments of the operator class (e.g. ``{"kind": "empirical"}``);
+        a key the class does not take is refused here.
 
     Raises
     ------
@@ -237,8 +301,8 @@ class CurvatureTracker:
     ValueError
         ``path`` holds rows of another ``kind`` or ``top_k``, or of another measurement
         (each row records its ``settings``: :mod:`nets.measurement_settings`; the error
-        names the argument that differs), or ``start_step`` is past a due measurement
-        the file lacks.
+        names the argument that differs and the file), or ``start_step`` is past a due
+        measurement the file lacks, or ``path`` is a directory.
 
     Examples
     --------
@@ -292,6 +356,8 @@ class CurvatureTracker:
                 raise argument_error(
                     "density_every", f"a multiple of every = {self.every}", density_every
                 )
+        if not isinstance(warm_start, bool | np.bool_):
+            raise argument_error("warm_start", "True or False", warm_start, kind=TypeError)
         self.kind = kind
         self.tol = float(tol)
         self.warm_start = bool(warm_start)
@@ -299,18 +365,14 @@ class CurvatureTracker:
         self.density_iters = _check_int("density_iters", density_iters, 1)
         self.density_probes = _check_int("density_probes", density_probes, 1)
         self.optimizer = optimizer
-        self.path = None if path is None else Path(path)
-        kwargs = dict(operator_kwargs or {})
+        self.path = _rows_path(path)
+        kwargs = _operator_kwargs(KINDS[kind], operator_kwargs)
         if kind == "fisher":
             kwargs.setdefault("seed", self.seed)
         data = _fixed_batches(data)
-        cls = KINDS[kind]
-        self._operators: dict[str, _Counted] = {
-            "": _Counted(cls(model, loss_fn, data, params=params, bn_mode=bn_mode, **kwargs))
-        }
-        for name, names in _blocks(model, params, blocks).items():
-            op = cls(model, loss_fn, data, params=names, bn_mode=bn_mode, **kwargs)
-            self._operators[name] = _Counted(op)
+        self._operators = _operators(
+            KINDS[kind], model, loss_fn, data, params, blocks, bn_mode, kwargs
+        )
         main = self._operators[""].op
         shapes = [tuple(p.shape) for p in main.current_params()]
         self.settings = measurement_settings(
@@ -471,13 +533,7 @@ class CurvatureTracker:
                     f"File '{self.path}', line {number}: step {step} after step "
                     f"{rows[-1]['step']} (the rows of a tracker file increase)."
                 )
-            if row.get("kind") != self.kind or len(row.get("top_eigenvalues", ())) != self.top_k:
-                raise argument_error(
-                    "path",
-                    f"a file of {self.kind!r} rows with top_k = {self.top_k} (or a new file)",
-                    f"'{self.path}' whose line {number} has kind {row.get('kind')!r} and "
-                    f"{len(row.get('top_eigenvalues', ()))} eigenvalues",
-                )
+            self._check_kind_and_top_k(row, number)
             if "settings" in row:  # files written before rows recorded them: not checked
                 difference = settings_difference(row["settings"], self.settings)
                 if difference is not None:
@@ -491,6 +547,25 @@ class CurvatureTracker:
                     )
             rows.append(row)
         return rows
+
+    def _check_kind_and_top_k(self, row: Mapping[str, Any], number: int) -> None:
+        """Refuse a row of another ``kind`` or ``top_k``, naming the argument and the file."""
+        same = "a tracker continues its file with the same settings, or starts a new file"
+        if row.get("kind") != self.kind:
+            raise argument_error(
+                "kind",
+                f"the matrix of the rows in '{self.path}' ({row.get('kind')!r} at line "
+                f"{number}; {same})",
+                self.kind,
+            )
+        found = len(row.get("top_eigenvalues", ()))
+        if found != self.top_k:
+            raise argument_error(
+                "top_k",
+                f"as many eigenvalues as the rows in '{self.path}' hold ({found} at line "
+                f"{number}; {same})",
+                self.top_k,
+            )
 
     def _load_vectors(self) -> None:
         """Warm-start vectors saved with the last kept row (when still in the file)."""

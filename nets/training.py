@@ -21,7 +21,8 @@ Files written in ``dir``
 ``curvature.jsonl``
     With ``track=``: the :class:`nets.CurvatureTracker` rows (one JSON line per
     measurement: ``step``, ``top_eigenvalues``, ``trace``, ``epoch``, ``lr``, ``loss``,
-    ...), also the ``curvature`` list of ``stats.json``; density snapshots
+    ...), each with its CRC-32 (:mod:`nets.curvature_rows`), also the ``curvature`` list
+    of ``stats.json`` (their CRC-32s in its ``curvature_crc32`` list); density snapshots
     ``curvature.density-XXXXXXXX.npz`` and the warm start ``curvature.jsonl.ritz.npz``
     beside it.
 ``stats.json``
@@ -33,7 +34,8 @@ Files written in ``dir``
                      "train_top5": ..., "test_loss": ..., "test_acc": ...,
                      "test_top5": ..., "epoch_time": seconds, "peak_memory_mb": ...,
                      ["swa_test_loss", "swa_test_acc", "swa_test_top5", "swa_n_averaged"]},
-                    ...]}
+                    ...],
+         ["curvature": [tracker rows], "curvature_crc32": [one CRC-32 per row]]}
 
     Accuracies are percentages; ``test_*`` are ``null`` on epochs without
     evaluation (and accuracies are ``null`` for regression).  ``train_*`` are
@@ -45,7 +47,10 @@ Files written in ``dir``
     for each key in words, so that the file says what its numbers are.
     ``peak_memory_mb`` is the CUDA peak allocation during the epoch, or on CPU
     the process's peak resident set size.  (The original code wrote several
-    ``stats-*`` files; one JSON file replaces them.)
+    ``stats-*`` files; one JSON file replaces them.)  Only the ``curvature`` rows
+    carry checksums: the rest of the file (``config``, ``epochs``) has none, so a
+    changed digit there is not detected.  A run resumed without tracking keeps the
+    recorded ``curvature`` rows.
 
 Randomness and exact resumption
 -------------------------------
@@ -82,7 +87,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -101,6 +106,7 @@ from nets.checkpoint import (
     save_checkpoint,
     swa_checkpoint_name,
 )
+from nets.curvature_rows import STATS_CHECKSUMS, row_checksums, verified_rows, write_rows
 from nets.data import DatasetSplits, load_dataset, make_loader
 from nets.device import resolve_device
 from nets.models import get_model, model_spec
@@ -397,9 +403,18 @@ def _write_stats(
         "epochs": epochs,
     }
     if curvature is not None:
-        payload["curvature"] = curvature
+        rows = json_safe(curvature)
+        payload["curvature"] = rows
+        payload[STATS_CHECKSUMS] = row_checksums(rows)
     with atomic_write(path, "w") as handle:
         json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
+
+
+def _unreadable(path: Path, exc: Exception) -> CorruptFileError:
+    return CorruptFileError(
+        f"{path}: unreadable ({exc}); the run's history is in it, so resuming would "
+        "lose it. Restore the file, or start the run anew in another directory"
+    )
 
 
 def _read_stats(path: Path, upto_epoch: int, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -413,12 +428,23 @@ def _read_stats(path: Path, upto_epoch: int, config: dict[str, Any]) -> list[dic
         entries = [e for e in payload["epochs"] if int(e["epoch"]) <= upto_epoch]
         recorded = dict(payload["config"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(
-            f"{path}: unreadable ({exc}); the run's history is in it, so resuming would "
-            "lose it. Restore the file, or start the run anew in another directory"
-        ) from exc
+        raise _unreadable(path, exc) from exc
     check_same_run(recorded, config, where=f"the run in '{path.parent}' ({path.name})")
     return entries
+
+
+def _read_curvature(path: Path) -> list[dict[str, Any]] | None:
+    """The ``curvature`` rows recorded in ``stats.json`` (checksums verified), or ``None``
+    when it has none."""
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, exc) from exc
+    if not isinstance(payload, dict) or payload.get("curvature") is None:
+        return None
+    return verified_rows(payload["curvature"], payload.get(STATS_CHECKSUMS), path)
 
 
 #: The configuration entries that identify a run's model and data.
@@ -514,7 +540,8 @@ def train_network(
         Passed to the optimiser; ``batch_size`` and ``curvature_batch_size``
         entries are taken out first and override the arguments of those names.
     epochs:
-        Total number of epochs (including those before ``resume``).
+        Total number of epochs (including those before ``resume``): not below the
+        resumed checkpoint's epoch (equal to it, the run is finished and nothing is done).
     batch_size:
         Training minibatch size (also used for evaluation).
     schedule:
@@ -627,6 +654,8 @@ def train_network(
                 track, net, loss_fn, data.train_eval or data.train, run.out_dir,
                 start_step=start_epoch * len(loaders.train), optimizer=opt, seed=seed,
             )  # fmt: skip
+            if resume and run.tracker is None:  # an untracked resume keeps the rows
+                stats = stats.keeping_curvature()
             if start_epoch == 0 and not resume:
                 stats.write([], _rows(run.tracker))
                 _record_saved(result, save_run(run, 0))
@@ -1166,10 +1195,17 @@ def restore_run(
         dict(ckpt.get("config") or {}), run.config, where=f"checkpoint '{resume_path}'",
         tracking=tracking,
     )  # fmt: skip
+    start_epoch = int(ckpt.get("epoch") or 0)
+    if start_epoch > run.options.epochs:
+        raise argument_error(
+            "epochs",
+            f"at least the epoch of the checkpoint being resumed ({start_epoch}: the total "
+            "counts the training before the resume too; equal to it, the run is finished)",
+            run.options.epochs,
+        )
     load_model_state(run.model, ckpt)
     if ckpt.get("optimizer") is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
-    start_epoch = int(ckpt.get("epoch") or 0)
     loaders = run.loaders
     _restore_rng(ckpt.get("rng_state") or {}, loaders.train, loaders.curvature, run.device)
     if run.averager is not None and ckpt.get("swa_state_dict") is not None:
@@ -1228,16 +1264,25 @@ class StatsFile:
     path: Path
     config: dict[str, Any]
     augmentation: str | None = None
+    #: Rows written as ``curvature`` when :meth:`write` is given none (a tracked run
+    #: resumed without tracking keeps its recorded rows).
+    kept_curvature: list[dict[str, Any]] | None = None
 
     def write(
         self, epochs: list[dict[str, Any]], curvature: list[dict[str, Any]] | None = None
     ) -> None:
         """Rewrite the file with ``epochs`` (and the tracker's rows as ``curvature``)."""
-        _write_stats(self.path, self.config, epochs, self.augmentation, curvature)
+        rows = self.kept_curvature if curvature is None else curvature
+        _write_stats(self.path, self.config, epochs, self.augmentation, rows)
 
     def read(self, upto_epoch: int) -> list[dict[str, Any]]:
         """The recorded epochs up to ``upto_epoch`` (``[]`` without a file)."""
         return _read_stats(self.path, upto_epoch, self.config)
+
+    def keeping_curvature(self) -> StatsFile:
+        """This file, writing the ``curvature`` rows it records now (verified) when
+        :meth:`write` is given none."""
+        return replace(self, kept_curvature=_read_curvature(self.path))
 
 
 def evaluation_entry(run: TrainingRun, model: nn.Module, prefix: str = "test") -> dict[str, Any]:
@@ -1522,9 +1567,7 @@ def _write_curvature(path: Path, tracker: CurvatureTracker | None) -> None:
     """The tracker's rows as JSON lines in the run directory (unless it writes them there)."""
     if tracker is None or (tracker.path is not None and tracker.path.resolve() == path.resolve()):
         return
-    with atomic_write(path, "w") as handle:
-        for row in tracker.rows:
-            handle.write(json.dumps(json_safe(row)) + "\n")
+    write_rows(path, [json_safe(row) for row in tracker.rows])  # each with its CRC-32
 
 
 #: Keys of a ``track`` mapping that train_network fills itself.

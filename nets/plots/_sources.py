@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from spectral.errors import argument_error
-from spectral.io import load_npz
+from spectral.io import CorruptFileError, load_npz
 
 __all__ = [
     "Spectrum",
@@ -251,8 +251,10 @@ def load_training_stats(source: Any, *, name: str = "path") -> dict[str, Any]:
             raise FileNotFoundError(f"Argument '{name}': no training statistics file '{p}'.")
         try:
             stats = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"Argument '{name}': '{p}' is not valid JSON ({exc}).") from exc
+        except ValueError as exc:  # not JSON, or not UTF-8 text
+            raise CorruptFileError(
+                f"File '{p}': not valid JSON ({exc}); training statistics (stats.json) expected."
+            ) from exc
     else:
         raise argument_error(
             name, "a run directory, a stats.json path or a dict", source, kind=TypeError

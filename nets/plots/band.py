@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 
 from nets.plots._figure import close_figure, new_subplots, save_figure
 from nets.plots._sources import resolve_file
-from nets.workflow.bulk import bulk_fit, spectrum_density
-from spectral.io import load_npz
+from nets.workflow.bulk import DENSITY_KEYS, bulk_fit, missing_density_keys, spectrum_density
+from spectral.io import CorruptFileError, load_npz
 from spectral.plot import plot_bulk_fit, plot_cdf_band, plot_smoothed_density
 
 __all__ = ["close_figure", "plot_spectrum_band"]
@@ -41,7 +41,15 @@ def plot_spectrum_band(
 ) -> Figure:
     """Figure of a spectrum file (path, its arrays or a ``SpectrumResult``) with error bands."""
     if isinstance(source, str | os.PathLike):
-        arrays: Mapping[str, Any] = load_npz(resolve_file(source))
+        path = resolve_file(source)
+        arrays: Mapping[str, Any] = load_npz(path)
+        missing = missing_density_keys(arrays)
+        if missing:
+            raise CorruptFileError(
+                f"File '{path}' is not a spectrum of compute_eigenspectrum: it lacks "
+                f"{', '.join(map(repr, missing))} (a spectrum file has "
+                f"{', '.join(map(repr, DENSITY_KEYS))})."
+            )
     elif isinstance(source, Mapping):
         arrays = source
     else:

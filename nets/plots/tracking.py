@@ -31,10 +31,11 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from nets.curvature_rows import decode_rows
+from nets.curvature_rows import STATS_CHECKSUMS, decode_rows, verified_rows
 from nets.plots._figure import PALETTE, close_figure, figure_style, new_subplots, save_figure
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
+from spectral.io import CorruptFileError
 
 __all__ = ["EDGE_LABEL", "close_figure", "load_tracking_rows", "plot_curvature_tracking"]
 
@@ -48,10 +49,16 @@ def load_tracking_rows(source: Any) -> tuple[list[dict[str, Any]], Path | None]:
     Returns the rows and the folder that density snapshot files are relative to
     (``None`` for in-memory rows).
 
+    The rows of a file are verified against their CRC-32s (those of ``stats.json`` are
+    in its ``curvature_crc32`` list; a ``stats.json`` written before it had one is read
+    unverified, with a logged warning).
+
     Raises
     ------
     FileNotFoundError
         No rows file; ``ValueError`` when there are no rows.
+    spectral.io.CorruptFileError
+        A row that differs from its checksum, or a file that is not JSON.
     """
     folder: Path | None = None
     if isinstance(source, str | os.PathLike):
@@ -62,11 +69,7 @@ def load_tracking_rows(source: Any) -> tuple[list[dict[str, Any]], Path | None]:
         if not path.is_file():
             raise FileNotFoundError(f"Argument 'source': no curvature rows file '{path}'.")
         folder = path.parent
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            rows = json.loads(text).get("curvature") or []
-        else:
-            rows = decode_rows(text, path)  # checksums verified
+        rows = _rows_of_file(path)
     elif isinstance(source, Sequence) and not isinstance(source, str | bytes):
         rows = list(source)
     else:
@@ -80,6 +83,24 @@ def load_tracking_rows(source: Any) -> tuple[list[dict[str, Any]], Path | None]:
     if not rows:
         raise argument_error("source", "curvature rows (one per measurement)", "no rows")
     return [dict(r) for r in rows], folder
+
+
+def _rows_of_file(path: Path) -> list[Any]:
+    """The rows of a ``curvature.jsonl`` or of a ``stats.json``'s ``curvature`` list, each
+    verified against its CRC-32 (:mod:`nets.curvature_rows`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"File '{path}': not UTF-8 text ({exc}).") from exc
+    if path.suffix != ".json":
+        return decode_rows(text, path)
+    try:
+        stats = json.loads(text)
+    except ValueError as exc:
+        raise CorruptFileError(f"File '{path}': not valid JSON ({exc}).") from exc
+    if not isinstance(stats, dict) or stats.get("curvature") is None:
+        return []
+    return verified_rows(stats["curvature"], stats.get(STATS_CHECKSUMS), path)
 
 
 def _column(rows: list[dict[str, Any]], key: str) -> np.ndarray:

@@ -88,6 +88,8 @@ def plot_training(
     ------
     FileNotFoundError
         If there is no ``stats.json``; ``ValueError`` if it holds no epochs.
+    spectral.io.CorruptFileError
+        If the file is not JSON (e.g. truncated); the message names it.
 
     Examples
     --------

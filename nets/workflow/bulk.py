@@ -48,7 +48,15 @@ from spectral import rmt
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 
-__all__ = ["LAWS", "bulk_fit", "bulk_rows", "bulk_summary", "spectrum_density"]
+__all__ = [
+    "DENSITY_KEYS",
+    "LAWS",
+    "bulk_fit",
+    "bulk_rows",
+    "bulk_summary",
+    "missing_density_keys",
+    "spectrum_density",
+]
 
 #: Accepted names of the bulk laws, and the canonical name stored in the file.
 LAWS = {
@@ -72,6 +80,19 @@ def _arrays(source: Any) -> Mapping[str, Any]:
     )
 
 
+#: The keys of a spectrum file that :func:`spectrum_density` reads.
+DENSITY_KEYS = ("w", "gammas", "num_params")
+
+
+def missing_density_keys(arrays: Mapping[str, Any]) -> list[str]:
+    """The :data:`DENSITY_KEYS` that ``arrays`` lacks.
+
+    >>> missing_density_keys({"w": 1, "gammas": 2})
+    ['num_params']
+    """
+    return [key for key in DENSITY_KEYS if key not in arrays]
+
+
 def spectrum_density(source: Any) -> SpectralDensity:
     """The quadrature density of a spectrum (file arrays or a ``SpectrumResult``).
 
@@ -82,6 +103,13 @@ def spectrum_density(source: Any) -> SpectralDensity:
     ('quadrature', 10, 'rademacher')
     """
     arrays = _arrays(source)
+    missing = missing_density_keys(arrays)
+    if missing:
+        raise argument_error(
+            "source",
+            f"a spectrum's arrays with {', '.join(map(repr, DENSITY_KEYS))}",
+            f"arrays without {', '.join(map(repr, missing))}",
+        )
     values = np.asarray(arrays["w"], dtype=np.float64)
     weights = np.asarray(arrays["gammas"], dtype=np.float64)
     n = int(np.asarray(arrays["num_params"]).item())

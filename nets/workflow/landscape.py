@@ -348,6 +348,8 @@ def _collect_directions(
             raise argument_error(
                 "directions", f"1-D arrays of length P = {space.numel} (or Ritz names)", vec
             )
+        if not bool(torch.isfinite(tensor).all()):
+            raise argument_error("directions", "finite arrays (no NaN or Inf entry)", vec)
         chosen.append(Direction(f"custom-{i}", tensor.to(device=device, dtype=dtype)))
     chosen += random_directions(space, random_count, seed=seed, device=device, dtype=dtype)
     chosen += filter_normalised_directions(model, space, filter_count, seed=seed)

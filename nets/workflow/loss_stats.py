@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvops.params import select_params
 from curvops.stats import loss_stats
 from nets.workflow._resolve import (
     check_bn_mode,
@@ -423,6 +424,36 @@ def stats_loaders(
     return StatsLoaders(train_all, shard_loader(train_all, group, raw=True), test)
 
 
+def check_direction(direction: Any, model: torch.nn.Module, params: Any) -> None:
+    """Refuse a ``direction`` that is not a non-zero finite vector of one entry per selected
+    parameter entry (``None`` is the seeded Gaussian direction).
+
+    >>> check_direction([1.0, 0.0], torch.nn.Linear(1, 1), None)
+    >>> check_direction([0.0, 0.0], torch.nn.Linear(1, 1), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'direction': expected a non-zero finite vector...
+    """
+    if direction is None:
+        return
+    size = sum(p.numel() for _, p in select_params(model, params))
+    try:
+        z = torch.as_tensor(
+            direction if isinstance(direction, torch.Tensor) else np.asarray(direction)
+        )
+        norm = float(z.detach().double().norm())
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise argument_error(
+            "direction", f"a numeric vector of length {size}", direction, kind=TypeError
+        ) from exc
+    if tuple(z.shape) != (size,):
+        raise argument_error(
+            "direction", f"a vector of length {size} (the selected parameters)", direction
+        )
+    if not norm > 0 or not math.isfinite(norm):
+        raise argument_error("direction", "a non-zero finite vector", direction)
+
+
 def checkpoint_stats(
     model: torch.nn.Module,
     loss: Any,
@@ -437,6 +468,7 @@ def checkpoint_stats(
     bn_mode: str | None,
 ) -> dict[str, Any]:
     """One checkpoint's row: train/test loss and accuracy (eval mode) and the loss statistics."""
+    check_direction(direction, model, params)
     train_loss, train_acc = evaluate(model, splits.train, loss, group=group)
     test_loss, test_acc = (
         (math.nan, math.nan)

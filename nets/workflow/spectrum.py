@@ -455,17 +455,10 @@ def _probes(
     first, pending = 0, None
     saved = None if state is None else state.load()
     if saved is not None and state is not None:
-        first = int(saved.meta["probe_index"])
-        for name, arr in (
-            ("probe_nodes", probe_nodes),
-            ("probe_weights", probe_weights),
-            ("probe_residuals", probe_residuals),
-        ):
-            arr[:first] = saved.arrays[name][:first]
-        out.update({key: saved.arrays[key] for key in _PROBE_OUTPUTS if key in saved.arrays})
-        rng.bit_generator.state = saved.meta["rng_state"]
+        probes = (probe_nodes, probe_weights, probe_residuals)
+        first = _restore_probes(saved, state.path, probes, out, rng, keep_vectors)
         if "lz_iteration" in saved.meta:
-            pending = LanczosState.from_payload(saved, "lz_", path=state.path)
+            pending = LanczosState.from_payload(saved, "lz_", path=state.path, n=n)
         logger.info("resuming the spectrum at probe %d of %d", first + 1, k)
 
     def payload(index: int, rng_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -515,6 +508,54 @@ def _probes(
             state.save(*payload(j + 1, rng.bit_generator.state))
     out.update(_pooled(probe_nodes, probe_weights, probe_residuals, n))
     return out
+
+
+_PROBE_ARRAYS = ("probe_nodes", "probe_weights", "probe_residuals")
+
+
+def _restore_probes(
+    saved: Any,
+    path: Path,
+    probes: tuple[np.ndarray, ...],
+    out: dict[str, Any],
+    rng: np.random.Generator,
+    keep_vectors: bool,
+) -> int:
+    """Put the finished probes of a saved state into ``probes`` (the arrays of
+    :data:`_PROBE_ARRAYS`), the first probe's outputs into ``out`` and the random stream
+    into ``rng``; return the number of finished probes.
+
+    A state that lacks any of them (a hand edit, another writer) is a
+    :class:`~spectral.io.CorruptFileError` naming the file and the key.
+    """
+    k, m = probes[0].shape
+    try:
+        first = int(saved.meta["probe_index"])
+        rng.bit_generator.state = saved.meta["rng_state"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(
+            f"File '{path}': its meta_json lacks a valid probe index or random state ({exc!r})."
+        ) from exc
+    needed = list(_PROBE_ARRAYS)
+    if first > 0:  # the first probe's outputs were saved with it
+        needed += ["alpha", "beta"] + (["vectors", "vector_values"] if keep_vectors else [])
+    missing = [key for key in needed if key not in saved.arrays]
+    if missing or not 0 <= first <= k:
+        what = f"lacks {', '.join(map(repr, missing))}" if missing else f"says {first} probes"
+        raise CorruptFileError(
+            f"File '{path}' is not a state of this spectrum: it {what} (a state of "
+            f"{k} probes of {m} Lanczos steps has {', '.join(map(repr, needed))}). "
+            "Delete it to start anew."
+        )
+    for name, arr in zip(_PROBE_ARRAYS, probes, strict=True):
+        got = np.asarray(saved.arrays[name])
+        if got.ndim != 2 or got.shape[0] < first or got.shape[1] != m:
+            raise CorruptFileError(
+                f"File '{path}': {name!r} has shape {got.shape}; expected ({k}, {m})."
+            )
+        arr[:first] = got[:first]
+    out.update({key: saved.arrays[key] for key in _PROBE_OUTPUTS if key in saved.arrays})
+    return first
 
 
 def _first_probe_outputs(result: Any, pairs: Any, with_vectors: bool) -> dict[str, Any]:

@@ -72,9 +72,12 @@ def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, path)
-    with pytest.raises(UnsafeFileError, match=r"refused"):
+    with pytest.raises(UnsafeFileError, match=r"refused") as refused:
         load_checkpoint(path)
     assert not marker.exists()
+    # torch's advice to retry with weights_only=False (which would run the payload) is not
+    # passed on; its reason is
+    assert "False" not in str(refused.value) and "posix.mkdir" in str(refused.value)
     with pytest.raises(UnsafeFileError):
         model_from_checkpoint(path)
     assert not marker.exists()
@@ -99,6 +102,17 @@ def test_truncated_and_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "list.pt")
     with pytest.raises(FileNotFoundError, match=r"nothere"):
         load_checkpoint(tmp_path / "nothere.pt")
+
+
+def test_a_json_file_is_not_a_checkpoint_and_gets_no_unsafe_advice(tmp_path):
+    """Before: ``stats.json`` given as a checkpoint was "refused" as unsafe, quoting torch's
+    advice to load it with ``weights_only=False``."""
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"format": "deep-curvature-training-stats", "epochs": []}')
+    with pytest.raises(CorruptFileError, match=r"stats\.json' is not a checkpoint") as info:
+        load_checkpoint(stats)
+    assert not isinstance(info.value, UnsafeFileError)
+    assert "weights_only" not in str(info.value)
 
 
 def test_bare_state_dict_and_architecture_mismatch(tmp_path):

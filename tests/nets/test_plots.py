@@ -24,7 +24,7 @@ from nets.plots import (
     plot_training,
     spectrum_summary,
 )
-from spectral.io import save_npz
+from spectral.io import CorruptFileError, save_npz
 
 P = 4000
 
@@ -312,6 +312,13 @@ def test_plot_training(tmp_path: Path) -> None:
     plot_training(stats, show_top5=True)
     with pytest.raises(FileNotFoundError):
         plot_training(tmp_path / "nowhere")
+    # a truncated stats.json is a corrupt file named as such (before: "Argument
+    # 'path_or_dir'", a name the command line's user never gave)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "stats.json").write_text('{"epochs": [')
+    with pytest.raises(CorruptFileError, match=r"bad/stats\.json': not valid JSON") as info:
+        plot_training(tmp_path / "bad")
+    assert "path_or_dir" not in str(info.value)
 
 
 def test_plot_loss_landscape_curves_and_planes(tmp_path: Path) -> None:

@@ -11,6 +11,12 @@ of the command line found each of these; every test fails on the code before the
   with the new epochs only: the run's history was lost.
 * ``compare --out <the checkpoint>``, ``landscape --spectrum S --out S`` and
   ``spectrum --state F --out F`` replaced their own inputs.
+* ``--resume checkpoint-00002.pt --epochs 1`` did nothing, silently; ``--save-freq -2``
+  was read as 0.
+* resuming a tracked run without tracking rewrote ``stats.json`` without its
+  ``curvature`` rows.
+* ``spectrum --checkpoint stats.json`` was refused as an unsafe pickle, quoting torch's
+  advice to load it with ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pytest
 import torch
 
 from nets.cli import main
+from nets.curvature_rows import row_checksums
 from nets.data import load_dataset
 from nets.training import train_network
 from spectral.io import CorruptFileError
@@ -216,3 +223,70 @@ def test_optimiser_and_seed_values_are_checked_before_any_file(
     err = capsys.readouterr().err
     assert f"Option {named}:" in err and "Traceback" not in err, err
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_resume_below_the_checkpoints_epoch_is_refused(tmp_path: Path, digits: Any) -> None:
+    _train(tmp_path, digits, 2)
+    before = _digests(tmp_path)
+    ckpt = tmp_path / "checkpoint-00002.pt"
+    with pytest.raises(ValueError, match=r"Argument 'epochs'.*resumed \(2.*received 1\."):
+        _train(tmp_path, digits, 1, resume=ckpt)
+    assert _digests(tmp_path) == before
+    assert [e["epoch"] for e in _train(tmp_path, digits, 2, resume=ckpt).stats] == [1, 2]
+
+
+def test_cli_refuses_epochs_below_the_resumed_checkpoint_and_a_negative_save_freq(
+    tmp_path: Path, capsys: Any
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--epochs", "2", *TINY]) == 0
+    before = _digests(run)
+    capsys.readouterr()
+    resume = ["--resume", str(run / "checkpoint-00002.pt")]
+    assert main(["train", "--dir", str(run), "--epochs", "1", *TINY, *resume]) == 2
+    err = capsys.readouterr().err
+    assert "Option --epochs:" in err and "(2" in err and "received 1." in err, err
+    assert _digests(run) == before
+    fresh = tmp_path / "fresh"
+    assert main(["train", "--dir", str(fresh), "--epochs", "1", *TINY, "--save-freq", "-2"]) == 2
+    err = capsys.readouterr().err
+    assert "Option --save-freq: expected an integer >= 0" in err and "received -2." in err, err
+    assert not fresh.exists()
+
+
+def test_an_untracked_resume_keeps_the_recorded_curvature_rows(tmp_path: Path, digits: Any) -> None:
+    _train(tmp_path, digits, 1, track={"every": 1, "top_k": 1, "samples": 16})
+    stats = tmp_path / "stats.json"
+    recorded = json.loads(stats.read_text())["curvature"]
+    assert len(recorded) == 3
+    _train(tmp_path, digits, 2, resume=True)
+    payload = json.loads(stats.read_text())
+    assert [e["epoch"] for e in payload["epochs"]] == [1, 2]
+    assert payload["curvature"] == recorded
+    assert payload["curvature_crc32"] == row_checksums(recorded)
+    # rows that differ from their checksums are not carried on: the resume is refused
+    payload["curvature"][0]["top_eigenvalues"][0] *= 10
+    stats.write_text(json.dumps(payload))
+    edited = _digest(stats)
+    with pytest.raises(CorruptFileError, match=r"stats\.json', 'curvature' row 1: checksum"):
+        _train(tmp_path, digits, 3, resume=True)
+    assert _digest(stats) == edited
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_with_its_flag(
+    tmp_path: Path, capsys: Any
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--dir", str(run), "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
+    stats = str(run / "stats.json")
+    common = ["--subsample", "16", "--no-progress", "--device", "cpu"]
+    for argv, named in (
+        (["spectrum", "--checkpoint", stats, "--out", str(tmp_path / "s"), *common],
+         "Option --checkpoint:"),
+        (["stats", stats, "--out", str(tmp_path / "l"), *common], "Argument CHECKPOINTS:"),
+    ):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{named} File '{stats}' is not a checkpoint" in err, err
+        assert "weights_only" not in err and "Traceback" not in err, err

@@ -16,10 +16,11 @@ from nets.checkpoint import save_checkpoint
 from nets.cli import main
 from nets.data import load_dataset
 from nets.models import get_model, model_spec
+from nets.plots.band import plot_spectrum_band
 from nets.workflow import compute_eigenspectrum, load_spectrum
 from nets.workflow._resolve import make_eval_loader
 from nets.workflow.bulk import bulk_rows, bulk_summary, spectrum_density
-from spectral.io import load_npz
+from spectral.io import CorruptFileError, load_npz, save_npz
 from spectral.probes import as_generator, random_probe
 
 N_SAMPLES = 96
@@ -140,3 +141,22 @@ def test_cli_spectrum_fit_and_band_plot(
     rc = main(["plot", "band", str(out), "--out", str(png), "--confidence", "0.9"])
     assert rc == 0 and png.stat().st_size > 0
     assert "figure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["w", "gammas", "num_params"])
+def test_band_plot_of_a_spectrum_without_a_key_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """Before: a spectrum file with a valid checksum but without ``num_params`` (``w``,
+    ``gammas``) gave a bare ``KeyError`` traceback from ``plot band``."""
+    arrays = {"w": np.linspace(0.0, 4.0, 8), "gammas": np.full(8, 1 / 8), "num_params": 80}
+    del arrays[key]
+    path = tmp_path / "s.npz"
+    save_npz(path, **arrays)
+    with pytest.raises(CorruptFileError, match=rf"s\.npz'.*lacks '{key}'"):
+        plot_spectrum_band(path)
+    assert main(["plot", "band", str(path), "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"lacks '{key}'" in err and "Traceback" not in err, err
+    with pytest.raises(ValueError, match=rf"Argument 'source'.*without '{key}'"):
+        spectrum_density(arrays)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -254,9 +255,9 @@ def test_killed_and_restarted_tracker_resumes_its_file(tmp_path: Path) -> None:
     assert third.count == 40 and len(third.rows) == 8
     with pytest.raises(ValueError, match=r"'tol'.*1e-10 in the file"):
         CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, path=path)
-    with pytest.raises(ValueError, match=r"'path'.*top_k = 3"):
+    with pytest.raises(ValueError, match=r"Argument 'top_k'.*curvature\.jsonl' hold \(2 .*3\."):
         CurvatureTracker(model, loss_fn, _data(), every=5, top_k=3, path=path)
-    with pytest.raises(ValueError, match=r"'path'.*'ggn'"):
+    with pytest.raises(ValueError, match=r"Argument 'kind'.*curvature\.jsonl'.*'ggn'"):
         CurvatureTracker(model, loss_fn, _data(), every=5, top_k=2, kind="ggn", path=path)
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(CorruptFileError, match="line 9"):
@@ -301,6 +302,40 @@ def test_warm_start_spends_fewer_products_than_cold() -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CurvatureTracker(_mlp(), nn.CrossEntropyLoss(), _data(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"operator_kwargs": {"frob": 1}}, ValueError, r"'operator_kwargs'.*'frob'"),
+        ({"operator_kwargs": {"params": ["0.weight"]}}, ValueError, r"'operator_kwargs'.*'params'"),
+        ({"operator_kwargs": [("cache", True)]}, TypeError, r"'operator_kwargs'.*mapping"),
+        ({"warm_start": "no"}, TypeError, r"'warm_start'.*True or False.*'no'"),
+        ({"warm_start": 0}, TypeError, r"'warm_start'"),
+    ],
+)
+def test_operator_kwargs_and_warm_start_are_checked(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Before: the operator's bare ``TypeError: ... unexpected keyword argument 'frob'``,
+    and ``warm_start="no"`` read as true."""
+    with pytest.raises(error, match=match):
+        CurvatureTracker(_mlp(), nn.CrossEntropyLoss(), _data(), every=2, top_k=1, **kwargs)
+    tracker = CurvatureTracker(
+        _mlp(), nn.CrossEntropyLoss(), _data(), every=2, top_k=1, warm_start=False,
+        operator_kwargs={"cache": False},
+    )  # fmt: skip
+    assert tracker.warm_start is False
+
+
+def test_a_directory_as_path_is_refused_at_construction(tmp_path: Path) -> None:
+    """Before: accepted; the run failed at the first measurement, ``every`` steps later,
+    with an ``IsADirectoryError`` naming an internal temporary file."""
+    with pytest.raises(
+        ValueError, match=rf"Argument 'path'.*{re.escape(str(tmp_path))}', a directory"
+    ):
+        CurvatureTracker(_mlp(), nn.CrossEntropyLoss(), _data(), every=1, top_k=1, path=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _tracked_file(tmp_path: Path) -> Path:

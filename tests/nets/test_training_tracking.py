@@ -16,10 +16,11 @@ from torch import nn
 from nets import curvature_rows
 from nets.cli import main
 from nets.data import load_dataset
-from nets.plots.tracking import EDGE_LABEL, plot_curvature_tracking
+from nets.plots.tracking import EDGE_LABEL, load_tracking_rows, plot_curvature_tracking
 from nets.tracker import CurvatureTracker
 from nets.training import train_network
 from spectral.density import SpectralDensity
+from spectral.io import CorruptFileError
 
 
 @pytest.fixture(autouse=True)
@@ -149,6 +150,9 @@ def test_a_users_tracker_and_bad_track_arguments(tmp_path: Path, digits) -> None
     train(tmp_path / "own", digits, model=net, track=tracker)
     assert [r["step"] for r in tracker.rows] == [3, 6][: len(tracker.rows)] and tracker.rows
     assert read_rows(tmp_path / "own" / "curvature.jsonl") == json.loads(json.dumps(tracker.rows))
+    # the run directory's copy of a user's tracker rows carries the checksums too
+    lines = (tmp_path / "own" / "curvature.jsonl").read_text().splitlines()
+    assert lines and all('"crc32": ' in line for line in lines)
     with pytest.raises(ValueError, match="track"):
         train(tmp_path / "bad", digits, track={"evry": 2})
     with pytest.raises(TypeError, match="track"):
@@ -204,3 +208,49 @@ def test_tracking_figure_draws_eigenvalues_edge_trace_and_densities(tmp_path: Pa
     assert len(plot_curvature_tracking(bare).axes) == 1
     with pytest.raises(ValueError, match="source"):
         plot_curvature_tracking([])
+
+
+def test_stats_json_rows_are_checksummed_and_verified_by_the_fallback(
+    tmp_path: Path, digits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: without ``curvature.jsonl``, ``plot tracking DIR`` drew ``stats.json``'s
+    rows unverified: an eigenvalue changed tenfold there was plotted without a word."""
+    train(tmp_path, digits, track={"every": 2, "top_k": 1, "samples": 16})
+    stats_path = tmp_path / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    assert stats["curvature_crc32"] == curvature_rows.row_checksums(stats["curvature"])
+    (tmp_path / "curvature.jsonl").rename(tmp_path / "moved.jsonl")
+    assert load_tracking_rows(tmp_path)[0] == stats["curvature"]
+    edited = json.loads(json.dumps(stats))
+    edited["curvature"][0]["top_eigenvalues"][0] *= 10
+    stats_path.write_text(json.dumps(edited))
+    with pytest.raises(CorruptFileError, match=r"stats\.json', 'curvature' row 1: checksum"):
+        load_tracking_rows(tmp_path)
+    assert main(["plot", "tracking", str(tmp_path)]) == 2
+    assert not (tmp_path / "curvature.png").exists()
+    # a stats.json written before the checksums: read, with a warning that says so
+    del stats["curvature_crc32"]
+    stats_path.write_text(json.dumps(stats))
+    with caplog.at_level("WARNING"):
+        assert load_tracking_rows(tmp_path)[0] == stats["curvature"]
+    assert "no checksums" in caplog.text and "unverified" in caplog.text
+
+
+def test_a_changed_top_k_on_resume_names_the_key_and_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "The input file: expected a file of 'hessian' rows with top_k = 3"."""
+    run = tmp_path / "run"
+    args = ["train", "--dir", str(run), "--model", "MLP", "--batch-size", "512", "--no-progress"]
+    assert main([*args, "--epochs", "1", "--track-curvature", "every=2,top_k=1,samples=16"]) == 0
+    rows = (run / "curvature.jsonl").read_text()
+    capsys.readouterr()
+    resume = ["--resume", str(run / "checkpoint-00001.pt")]
+    assert (
+        main([*args, "--epochs", "2", *resume, "--track-curvature", "every=2,top_k=2,samples=16"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "Option --track-curvature top_k:" in err and "curvature.jsonl" in err, err
+    assert "received 2." in err and "(1 at line 1" in err, err
+    assert (run / "curvature.jsonl").read_text() == rows

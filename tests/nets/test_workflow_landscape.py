@@ -274,6 +274,9 @@ def test_state_unchanged_and_bn_refresh(splits: DatasetSplits) -> None:
         ({"directions": ["ritz-top"]}, ValueError, "'spectrum_path'"),
         ({"directions": ["eigen-top"]}, ValueError, "'directions'"),
         ({"directions": [np.zeros(3)]}, ValueError, "'directions'"),
+        # before: "evaluate: the loss of batch 0 is nan", naming no argument
+        ({"directions": [np.full(460, np.nan)]}, ValueError, "'directions': expected finite"),
+        ({"directions": [np.full(460, np.inf)]}, ValueError, "'directions': expected finite"),
         ({"planes": ["random-1|random-9"]}, ValueError, "'planes'"),
         ({"refresh_bn": 1}, TypeError, "'refresh_bn'"),
     ],

@@ -205,6 +205,11 @@ def test_state_unchanged(splits: DatasetSplits) -> None:
         ({"checkpoint_path": []}, ValueError, "'checkpoint_path'"),
         ({"checkpoint_path": 3}, ValueError, "'checkpoint_path'"),
         ({"bn_mode": "both"}, ValueError, "'bn_mode'"),
+        # the direction is named as the caller spelt it (before: curvops' own name, 'z')
+        ({"direction": np.zeros(235)}, ValueError, "'direction': expected a non-zero finite"),
+        ({"direction": np.full(235, np.nan)}, ValueError, "'direction'"),
+        ({"direction": np.ones(236)}, ValueError, "'direction': expected a vector of length 235"),
+        ({"direction": "up"}, TypeError, "'direction'"),
     ],
 )
 def test_bad_arguments(

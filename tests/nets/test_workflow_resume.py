@@ -188,3 +188,25 @@ def test_cli_spectrum_state_option(checkpoints: list[Path], tmp_path: Path) -> N
     assert main(argv) == 0
     np.testing.assert_array_equal(first["w"], load_npz(tmp_path / "spec.npz")["w"])
     assert main([*argv[:4], "5", *argv[5:]]) == 2  # other arguments: refused, status 2
+
+
+@pytest.mark.parametrize(
+    "key", ["alpha", "beta", "probe_nodes", "probe_weights", "probe_residuals", "vectors"]
+)
+def test_a_spectrum_state_without_a_key_is_corrupt_and_named(
+    splits: DatasetSplits, checkpoints: list[Path], tmp_path: Path, key: str
+) -> None:
+    """Before: a state file with a valid checksum but a missing key (a hand edit, another
+    writer) raised a bare ``KeyError``."""
+    from spectral.io import CorruptFileError, load_npz, save_npz
+
+    kw: dict[str, Any] = dict(
+        checkpoint_path=checkpoints[0], lanczos_iters=4, num_probes=2, subsample=16,
+        batch_size=16, device="cpu", save_eigvec=True, state_path=tmp_path / "state.npz",
+    )  # fmt: skip
+    compute_eigenspectrum(splits, **kw)
+    arrays = load_npz(tmp_path / "state.npz")
+    del arrays[key]
+    save_npz(tmp_path / "state.npz", **arrays)  # a valid checksum of the other arrays
+    with pytest.raises(CorruptFileError, match=rf"state\.npz'.*lacks '{key}'"):
+        compute_eigenspectrum(splits, **kw)
