@@ -116,8 +116,10 @@ def parameter_names_of(op: CurvatureOperator) -> tuple[str, ...] | None:
     (('weight', 'bias'), None)
     """
     names = getattr(type(op), "param_names", None)
-    if isinstance(names, property):
+    if isinstance(names, property) and op.param_names is not None:
         return tuple(op.param_names)
+    if isinstance(op, BlockDiagonal) and op.positions is not None:
+        return None  # blocks on scattered coordinates: their names are not in order
     if isinstance(op, BlockDiagonal):
         parts = [parameter_names_of(block) for block in op.blocks]
         if any(part is None for part in parts):
@@ -784,15 +786,29 @@ class Projected(CurvatureOperator):
 
 # ---------------------------------------------------------------------- block diagonal
 class BlockDiagonal(CurvatureOperator):
-    """:math:`\\mathrm{diag}(A_1, \\dots, A_p)`, acting blockwise on consecutive row ranges.
+    """:math:`\\mathrm{diag}(A_1, \\dots, A_p)`, acting blockwise on row ranges or index sets.
 
-    Blocks must share dtype and device; symmetric (psd) when every block is.
-    ``offsets`` gives the row (and column) boundaries.
+    Blocks must share dtype and device; symmetric (psd) when every block is.  By
+    default block :math:`i` acts on the consecutive rows (and columns)
+    ``offsets[i]:offsets[i + 1]``.  With ``positions`` (square blocks only) block
+    :math:`i` acts on the coordinates :math:`I_i` = ``positions[i]`` instead, which
+    together are a permutation of :math:`0, \\dots, n - 1`: the operator is
+    :math:`P^\\top \\mathrm{diag}(A_1, \\dots, A_p) P` with :math:`(Px)_{\\text{block }i}
+    = x_{I_i}`, the same eigenvalues with eigenvectors scattered to :math:`I_i`
+    (the block-diagonal part of a matrix over the coordinates :math:`I_i` in place).
 
     Parameters
     ----------
     blocks : sequence of CurvatureOperator
         The diagonal blocks, in order (same dtype and device).
+    positions : sequence of index arrays, optional
+        The coordinates of each (square) block, in the block's own order.
+
+    Raises
+    ------
+    ValueError
+        No blocks, blocks of another dtype/device, or ``positions`` that are not one
+        index set per block of its size forming a permutation.
 
     Examples
     --------
@@ -800,9 +816,14 @@ class BlockDiagonal(CurvatureOperator):
     >>> B = BlockDiagonal([Diagonal([1.0]), Dense(np.array([[0.0, 1.0], [1.0, 0.0]]))])
     >>> B @ np.array([1.0, 2.0, 3.0])
     array([1., 3., 2.])
+    >>> P = BlockDiagonal(B.blocks, positions=[[1], [0, 2]])  # block 1 on coordinates 0, 2
+    >>> P @ np.array([1.0, 2.0, 3.0])
+    array([3., 2., 1.])
     """
 
-    def __init__(self, blocks: Sequence[CurvatureOperator]) -> None:
+    def __init__(
+        self, blocks: Sequence[CurvatureOperator], positions: Sequence[Any] | None = None
+    ) -> None:
         blocks = tuple(blocks)
         if len(blocks) < 1:
             raise argument_error("blocks", "at least one operator", blocks)
@@ -822,6 +843,7 @@ class BlockDiagonal(CurvatureOperator):
         self._blocks = blocks
         self._rows = tuple(int(r) for r in rows)
         self._cols = tuple(int(c) for c in cols)
+        self._perm = None if positions is None else _block_permutation(blocks, positions)
         self.args = blocks
 
     @property
@@ -831,16 +853,36 @@ class BlockDiagonal(CurvatureOperator):
 
     @property
     def offsets(self) -> tuple[int, ...]:
-        """Row boundaries ``(0, m_1, m_1 + m_2, ..., m)`` of the blocks."""
+        """Boundaries ``(0, m_1, m_1 + m_2, ..., m)`` of the blocks in block order."""
         return self._rows
+
+    @property
+    def positions(self) -> tuple[torch.Tensor, ...] | None:
+        """The coordinates :math:`I_i` of each block, or None for consecutive ranges."""
+        if self._perm is None:
+            return None
+        return tuple(self._perm[a:b] for a, b in zip(self._rows[:-1], self._rows[1:]))
+
+    def block_index(self, i: int) -> torch.Tensor:
+        """The row coordinates of block ``i`` (``positions[i]`` or its consecutive range)."""
+        if self._perm is not None:
+            return self._perm[self._rows[i] : self._rows[i + 1]]
+        return torch.arange(self._rows[i], self._rows[i + 1], device=self.device)
 
     def _blockwise(self, X: torch.Tensor, *, adjoint: bool) -> torch.Tensor:
         starts = self._rows if adjoint else self._cols
+        if self._perm is not None:
+            X = X[self._perm]
         parts = [
             blk._apply(X[starts[i] : starts[i + 1]], adjoint=adjoint)
             for i, blk in enumerate(self._blocks)
         ]
-        return torch.cat(parts, dim=0)
+        Y = torch.cat(parts, dim=0)
+        if self._perm is None:
+            return Y
+        out = torch.empty_like(Y)
+        out[self._perm] = Y
+        return out
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return self._blockwise(X, adjoint=False)
@@ -849,10 +891,38 @@ class BlockDiagonal(CurvatureOperator):
         return self._blockwise(X, adjoint=True)
 
     def adjoint(self) -> CurvatureOperator:
-        """:math:`\\mathrm{diag}(A_1^\\top, \\dots)`."""
+        """:math:`\\mathrm{diag}(A_1^\\top, \\dots)` (on the same coordinates)."""
         if self.symmetric:
             return self
-        return BlockDiagonal([b.adjoint() for b in self._blocks])
+        return BlockDiagonal([b.adjoint() for b in self._blocks], positions=self.positions)
+
+
+def _block_permutation(
+    blocks: tuple[CurvatureOperator, ...], positions: Any
+) -> torch.Tensor | None:
+    """Concatenate ``positions`` after checking they permute the coordinates (None: identity)."""
+    n = sum(b.shape[0] for b in blocks)
+    if any(b.shape[0] != b.shape[1] for b in blocks):
+        raise argument_error("positions", "None for non-square blocks", positions)
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence):
+        raise argument_error("positions", "a sequence of index arrays", positions, kind=TypeError)
+    if len(positions) != len(blocks):
+        raise argument_error("positions", f"{len(blocks)} index arrays (one per block)", positions)
+    device = blocks[0].device
+    parts = []
+    for i, (b, p) in enumerate(zip(blocks, positions)):
+        idx = torch.as_tensor(p, device=device).reshape(-1)
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise argument_error(f"positions[{i}]", "integer indices", p, kind=TypeError)
+        if idx.numel() != b.shape[0]:
+            raise argument_error(f"positions[{i}]", f"{b.shape[0]} indices (the block's size)", p)
+        parts.append(idx.to(torch.int64))
+    perm = torch.cat(parts)
+    if not torch.equal(torch.sort(perm).values, torch.arange(n, device=device)):
+        raise argument_error(
+            "positions", f"index sets that together hold each of 0..{n - 1} once", positions
+        )
+    return None if torch.equal(perm, torch.arange(n, device=device)) else perm
 
 
 register_algebra(

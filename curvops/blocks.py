@@ -38,6 +38,7 @@ and Llama layouts.  Per-block spectra then take one call each::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -365,18 +366,37 @@ class Compressed(CurvatureOperator):
 
 
 class LabelledBlockDiagonal(BlockDiagonal):
-    """A :class:`~curvops.algebra.BlockDiagonal` whose blocks carry labels (``labels``)."""
+    """A :class:`~curvops.algebra.BlockDiagonal` whose blocks carry labels (``labels``).
 
-    def __init__(self, blocks: Sequence[CurvatureOperator], labels: Sequence[str]) -> None:
-        super().__init__(blocks)
+    ``positions`` and ``param_names`` (as :func:`per_block` passes them) place the
+    blocks on the coordinates of the parameters ``param_names`` in the model's order,
+    those of the full curvature operator over the same parameters (see
+    :func:`curvops.algebra.parameter_names_of`).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[CurvatureOperator],
+        labels: Sequence[str],
+        *,
+        positions: Sequence[Any] | None = None,
+        param_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(blocks, positions=positions)
         if len(labels) != len(self.blocks):
             raise argument_error("labels", f"{len(self.blocks)} labels", labels)
         self._labels = tuple(str(label) for label in labels)
+        self._param_names = None if param_names is None else [str(n) for n in param_names]
 
     @property
     def labels(self) -> tuple[str, ...]:
         """The blocks' labels, in order."""
         return self._labels
+
+    @property
+    def param_names(self) -> list[str] | None:
+        """The parameters that the rows and columns stand for, in order (None: unknown)."""
+        return None if self._param_names is None else list(self._param_names)
 
     def block(self, label: str) -> CurvatureOperator:
         """The block called ``label``.
@@ -420,22 +440,27 @@ def per_block(
         ``label -> selection``: a parameter selection (names, name patterns,
         modules, a predicate; see :func:`curvops.params.select_params`) or a list of
         :class:`ParamSlice`.  ``None``: :func:`transformer_blocks` of ``model`` with
-        ``heads``.  Blocks should not overlap (the operator is then the
-        block-diagonal part of the curvature of their union).
+        ``heads``.  Blocks must not overlap: the operator is the block-diagonal
+        part :math:`\\sum_b P_b P_b^\\top A P_b P_b^\\top` of the curvature :math:`A` of
+        their union, with rows and columns in the union's parameter order (that of
+        the full operator over the same parameters, so ``compare(B, A)`` and
+        ``B + A`` pair the right entries); each block keeps its own order.
     kwargs:
         Passed to every block's operator (``bn_mode``, ``output_fn``, ``seed``, ...).
 
     Returns
     -------
-    BlockDiagonal
-        One operator per block, in the order of ``blocks``; ``.blocks[i]`` is block ``i``'s.
+    LabelledBlockDiagonal
+        One operator per block, in the order of ``blocks``; ``.blocks[i]`` is block
+        ``i``'s, on the coordinates ``.positions[i]`` of the union.
 
     Raises
     ------
     TypeError
         A bad ``operator_cls`` or ``blocks``.
     ValueError
-        An empty ``blocks``, unknown parameter names or out-of-range slices.
+        An empty ``blocks``, unknown parameter names, out-of-range slices or
+        overlapping blocks.
 
     Examples
     --------
@@ -460,31 +485,93 @@ def per_block(
         )
     stream = as_data(data)
     ops: list[CurvatureOperator] = []
+    pieces: list[list[tuple[str, torch.Tensor]]] = []
     for spec in blocks.values():
-        if not _is_slices(spec):
-            names = [n for n, _ in select_params(model, spec)]
-            ops.append(operator_cls(model, loss_fn, stream, params=names, **kwargs))
-            continue
-        chosen = select_params(model, [s.name for s in spec])
-        order = [n for n, _ in chosen]
-        offsets = dict(zip(order, [0, *torch.tensor([p.numel() for _, p in chosen]).cumsum(0)]))
-        sizes = {n: p.numel() for n, p in chosen}
-        pieces = []
-        for s in sorted(spec, key=lambda s: order.index(_canonical(model, s.name))):
-            key = _canonical(model, s.name)
-            idx = torch.arange(sizes[key]) if s.index is None else s.index.to(torch.int64)
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= sizes[key]:
-                raise argument_error(
-                    "blocks", f"slice indices in [0, {sizes[key]}) for {s.name}", s.index
-                )
-            pieces.append(idx + int(offsets[key]))
-        base = operator_cls(model, loss_fn, stream, params=order, **kwargs)
-        index = torch.cat(pieces)
-        whole = index.numel() == base.shape[0] and bool(
-            torch.equal(index, torch.arange(base.shape[0]))
-        )
-        ops.append(base if whole else Compressed(base, index))
-    return LabelledBlockDiagonal(ops, list(blocks))
+        op, block_pieces = _block_operator(operator_cls, model, loss_fn, stream, spec, kwargs)
+        ops.append(op)
+        pieces.append(block_pieces)
+    positions, names = _coordinates(model, pieces)
+    return LabelledBlockDiagonal(ops, list(blocks), positions=positions, param_names=names)
+
+
+def _block_operator(
+    operator_cls: type[ModelCurvatureOperator],
+    model: nn.Module,
+    loss_fn: LossFn,
+    stream: Any,
+    spec: Any,
+    kwargs: dict[str, Any],
+) -> tuple[CurvatureOperator, list[tuple[str, torch.Tensor]]]:
+    """One block's operator and its coordinates as ``(parameter, flat indices)`` pieces."""
+    if not _is_slices(spec):
+        chosen = select_params(model, spec)
+        op = operator_cls(model, loss_fn, stream, params=[n for n, _ in chosen], **kwargs)
+        return op, [(n, torch.arange(p.numel())) for n, p in chosen]
+    chosen = select_params(model, [s.name for s in spec])
+    order = [n for n, _ in chosen]
+    offsets = dict(zip(order, [0, *torch.tensor([p.numel() for _, p in chosen]).cumsum(0)]))
+    sizes = {n: p.numel() for n, p in chosen}
+    pieces = []
+    for s in sorted(spec, key=lambda s: order.index(_canonical(model, s.name))):
+        key = _canonical(model, s.name)
+        idx = torch.arange(sizes[key]) if s.index is None else s.index.to(torch.int64)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= sizes[key]:
+            raise argument_error(
+                "blocks", f"slice indices in [0, {sizes[key]}) for {s.name}", s.index
+            )
+        pieces.append((key, idx.cpu()))
+    base = operator_cls(model, loss_fn, stream, params=order, **kwargs)
+    index = torch.cat([idx + int(offsets[key]) for key, idx in pieces])
+    whole = index.numel() == base.shape[0] and bool(torch.equal(index, torch.arange(base.shape[0])))
+    return (base if whole else Compressed(base, index)), pieces
+
+
+def _coordinates(
+    model: nn.Module, pieces: list[list[tuple[str, torch.Tensor]]]
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Each block's coordinates in the union of the blocks' entries, in parameter order.
+
+    The union lists every parameter that a block touches in the model's order, and
+    within one the covered flat entries ascending; a parameter covered only in part
+    is named ``"name[k of m entries #digest]"`` (:func:`_part_name`), so it pairs
+    only with the same entries of the same parameter.
+
+    Raises
+    ------
+    ValueError
+        If two blocks share an entry (``blocks`` must not overlap).
+    """
+    touched = {name for block in pieces for name, _ in block}
+    chosen = select_params(model, sorted(touched))
+    covered: dict[str, torch.Tensor] = {}
+    for block in pieces:
+        for name, idx in block:
+            covered[name] = torch.cat([covered.get(name, idx.new_empty(0)), idx])
+    start, rank, names = 0, {}, []
+    for name, p in chosen:
+        entries = covered[name]
+        kept = torch.unique(entries)
+        if kept.numel() != entries.numel():
+            raise argument_error(
+                "blocks", f"non-overlapping blocks (entries of {name} are in two blocks)", name
+            )
+        lookup = torch.full((p.numel(),), -1, dtype=torch.int64)
+        lookup[kept] = torch.arange(start, start + kept.numel())
+        rank[name] = lookup
+        start += kept.numel()
+        names.append(name if kept.numel() == p.numel() else _part_name(name, kept, p.numel()))
+    positions = [torch.cat([rank[name][idx] for name, idx in block]) for block in pieces]
+    return positions, names
+
+
+def _part_name(name: str, entries: torch.Tensor, size: int) -> str:
+    """``"name[k of m entries #digest]"``: a name for the sorted flat ``entries`` of a parameter.
+
+    The digest (a hash of the entries) tells parts of equal size apart, e.g. the query
+    and key rows of one head.
+    """
+    digest = hashlib.sha1(entries.to(torch.int64).numpy().tobytes()).hexdigest()[:8]
+    return f"{name}[{entries.numel()} of {size} entries #{digest}]"
 
 
 def _canonical(model: nn.Module, name: str) -> str:

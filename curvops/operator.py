@@ -114,6 +114,38 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _scalar_operand(value: Any, name: str) -> float | None:
+    """``value`` as a float when it is a real scalar operand, None when it is not a scalar.
+
+    Real Python/numpy numbers and 0-d real tensors or numpy arrays are scalars (a 0-d
+    array is a number, not a matrix); booleans and complex numbers (also 0-d) are
+    refused, since an operator is real and ``True * A`` is almost certainly a mistake.
+
+    Raises
+    ------
+    TypeError
+        Naming ``name``, for a boolean or complex scalar.
+
+    >>> _scalar_operand(np.float32(2), "c"), _scalar_operand(torch.tensor(3.0), "c")
+    (2.0, 3.0)
+    >>> _scalar_operand(np.ones(2), "c") is None
+    True
+    """
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        if value.dtype == torch.bool or value.dtype.is_complex:
+            raise argument_error(name, "a real scalar", value, kind=TypeError)
+        return float(value.item())
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        if value.dtype.kind not in "iuf":
+            raise argument_error(name, "a real scalar", value, kind=TypeError)
+        return float(value.item())
+    if isinstance(value, (bool, np.bool_, numbers.Complex)) and not is_scalar(value):
+        raise argument_error(
+            name, "a real scalar (not a boolean or complex)", value, kind=TypeError
+        )
+    return float(value) if is_scalar(value) else None
+
+
 class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
     """A real matrix applied by torch on one device, usable wherever scipy wants a LinearOperator.
 
@@ -246,6 +278,8 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
 
     def _apply(self, X: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
         m, n = self._shape
+        if X.ndim == 2 and X.shape[1] == 0:  # no columns: nothing to compute (A @ (n, 0))
+            return X.new_zeros((n if adjoint else m, 0))
         # Autograd records nothing under torch.inference_mode, where a caller's evaluation
         # code may run products: they would come out zero or fail.  Products leave it.
         with torch.inference_mode(False):
@@ -315,8 +349,9 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
                 x,
                 kind=TypeError,
             )
-        if is_scalar(x):
-            return _construct("scale", self, float(x))
+        c = _scalar_operand(x, "x")
+        if c is not None:
+            return _construct("scale", self, c)
         ndim = getattr(x, "ndim", None)
         if ndim is None:
             ndim = np.ndim(x)
@@ -346,40 +381,47 @@ class CurvatureOperator(sla.LinearOperator, metaclass=ABCMeta):
         return self @ x
 
     def __mul__(self, other: Any) -> Any:
-        return self.dot(other)
+        c = _scalar_operand(other, "other")
+        return self.dot(other) if c is None else _construct("scale", self, c)
 
     def __rmul__(self, other: Any) -> Any:
-        if is_scalar(other):
-            return _construct("scale", self, float(other))
-        return self._rdot(other)
+        c = _scalar_operand(other, "other")
+        return self._rdot(other) if c is None else _construct("scale", self, c)
 
     def __truediv__(self, other: Any) -> CurvatureOperator:
-        if not is_scalar(other) or other == 0:
+        c = _scalar_operand(other, "other")
+        if c is None or c == 0:
             raise argument_error("other", "a non-zero real scalar", other, kind=TypeError)
-        return _construct("scale", self, 1.0 / float(other))
+        return _construct("scale", self, 1.0 / c)
 
     def __neg__(self) -> CurvatureOperator:
         return _construct("scale", self, -1.0)
 
-    def __add__(self, other: Any) -> CurvatureOperator:
-        if not isinstance(other, CurvatureOperator):
-            raise argument_error(
-                "other",
-                "a CurvatureOperator (use A.shift(mu) to add mu * I)",
-                other,
-                kind=TypeError,
-            )
-        return _construct("add", self, other)
+    def __add__(self, other: Any) -> Any:
+        """``A + B`` for a curvops operator ``B``; scipy's generic sum for other LinearOperators."""
+        if isinstance(other, CurvatureOperator):
+            return _construct("add", self, other)
+        if isinstance(other, sla.LinearOperator):  # e.g. scipy's IdentityOperator
+            return sla.LinearOperator.__add__(self, other)
+        raise argument_error(
+            "other",
+            "a CurvatureOperator (use A.shift(mu) to add mu * I)",
+            other,
+            kind=TypeError,
+        )
 
-    def __sub__(self, other: Any) -> CurvatureOperator:
-        if not isinstance(other, CurvatureOperator):
-            raise argument_error(
-                "other",
-                "a CurvatureOperator (use A.shift(-mu) to subtract mu * I)",
-                other,
-                kind=TypeError,
-            )
-        return _construct("add", self, _construct("scale", other, -1.0))
+    def __sub__(self, other: Any) -> Any:
+        """``A - B``; scipy's generic sum ``A + (-B)`` for a non-curvops LinearOperator."""
+        if isinstance(other, CurvatureOperator):
+            return _construct("add", self, _construct("scale", other, -1.0))
+        if isinstance(other, sla.LinearOperator):  # expm_multiply forms A - mu * I this way
+            return sla.LinearOperator.__add__(self, -other)
+        raise argument_error(
+            "other",
+            "a CurvatureOperator (use A.shift(-mu) to subtract mu * I)",
+            other,
+            kind=TypeError,
+        )
 
     def __pow__(self, k: Any) -> CurvatureOperator:
         return _construct("power", self, k)

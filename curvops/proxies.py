@@ -28,6 +28,7 @@ All of them are ordinary curvops operators: they compose with the algebra and so
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -60,9 +61,10 @@ DIAGONAL_METHODS = ("exact", "mc", "hutchinson", "empirical")
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int >= 1 (Python or numpy integers; not booleans)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
         raise argument_error(name, "an integer >= 1", value)
-    return value
+    return int(value)
 
 
 def diagonal_of(
@@ -103,7 +105,7 @@ def diagonal_of(
     """
     if method not in ("exact", "hutchinson"):
         raise argument_error("method", "'exact' or 'hutchinson'", method)
-    _positive_int("num_matvecs", num_matvecs)
+    num_matvecs = _positive_int("num_matvecs", num_matvecs)
     d = spectral_diagonal(A, method=method, num_matvecs=num_matvecs, seed=seed)
     return Diagonal(torch.as_tensor(d))
 
@@ -267,7 +269,7 @@ def low_rank(
     """
     if remainder not in (None, "exact", "hutchinson"):
         raise argument_error("remainder", "None, 'exact' or 'hutchinson'", remainder)
-    _positive_int("k", k)
+    k = _positive_int("k", k)
     values, vectors = top_eigenpairs(A, k, which=which, tol=tol, seed=seed)
     V = torch.as_tensor(vectors).to(device=A.device, dtype=A.torch_dtype)
     lam = torch.as_tensor(np.asarray(values), dtype=A.torch_dtype, device=A.device)

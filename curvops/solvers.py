@@ -162,6 +162,11 @@ def minres_solve(
     Lanczos tridiagonalisation :math:`AQ_j = Q_{j+1}\\underline{T}_j` with a QR factorisation
     of :math:`\\underline{T}_j` by Givens rotations updated one column per step; the iterate
     :math:`x_j = Q_j y_j` minimises :math:`\\|b - Ax\\|` and :math:`\\bar\\phi_j = \\|b - Ax_j\\|`.
+    The rotation norm :math:`\\gamma_j = \\|(\\bar\\gamma_j, \\beta_{j+1})\\|` is floored at
+    :math:`\\varepsilon\\,\\|T\\|` (with :math:`\\|T\\| \\approx \\max_j \\|(\\alpha_j,
+    \\beta_{j+1})\\| \\le \\|A\\|`), a floor relative to the operator's scale, so the
+    iteration is scale-equivariant: :math:`(2^k A)\\,x = b` gives :math:`2^{-k} x`
+    (an absolute floor :math:`\\varepsilon` stalls once :math:`\\|A\\| < \\varepsilon`).
     Returns ``(X, iterations, relative_residuals, converged)``.
     """
     k = B.shape[1]
@@ -178,6 +183,7 @@ def minres_solve(
     dbar = zeros.clone()
     epsln = zeros.clone()
     phibar = beta1.clone()
+    tnorm = zeros.clone()  # running estimate of ||T|| <= ||A||
     cs = -torch.ones_like(zeros)
     sn = zeros.clone()
     w = torch.zeros_like(B)
@@ -204,7 +210,9 @@ def minres_solve(
         gbar = sn * dbar - cs * alfa
         epsln = sn * beta
         dbar = -cs * beta
-        gamma = torch.clamp(torch.hypot(gbar, beta), min=eps)
+        tnorm = torch.maximum(tnorm, torch.hypot(alfa, beta))
+        floor = torch.clamp(eps * tnorm, min=tiny)
+        gamma = torch.maximum(torch.hypot(gbar, beta), floor)
         cs = gbar / gamma
         sn = beta / gamma
         phi = cs * phibar

@@ -172,8 +172,9 @@ def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | N
     Raises
     ------
     ValueError
-        Negative or non-finite ``damping``, or :math:`A + \\delta I` singular or indefinite
-        (for the diagonal and dense cases).
+        Negative or non-finite ``damping``, or :math:`A + \\delta I` singular to working
+        precision (for the diagonal and dense cases; named ``A`` when :math:`\\delta = 0`).
+        Indefinite but nonsingular matrices have inverses (not flagged psd).
 
     Examples
     --------
@@ -188,23 +189,44 @@ def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | N
         return A.inverse(float(damping))
     if isinstance(A, Diagonal):
         d = A.diagonal + damping
-        if not bool((d > 0).all()):
-            raise argument_error("damping", "a value making every diagonal entry positive", damping)
+        _check_nonsingular(d, 1, A, damping)
         return Diagonal(1.0 / d)
     if isinstance(A, Dense) and A.symmetric:
         M = A.matrix + damping * torch.eye(A.shape[0], dtype=A.torch_dtype, device=A.device)
         lam, U = torch.linalg.eigh(M)
-        if not bool((lam > 0).all()):
-            raise argument_error("damping", "a value making the matrix positive definite", damping)
-        return Dense((U / lam) @ U.T, symmetric=True)
+        _check_nonsingular(lam, A.shape[0], A, damping)
+        return Dense((U / lam) @ U.T, symmetric=True, psd=bool((lam > 0).all()) or None)
     if isinstance(A, LowRank):
         return _low_rank_inverse(A, float(damping))
     if isinstance(A, BlockDiagonal):
         blocks = [exact_inverse(b, damping) for b in A.blocks]
         if any(b is None for b in blocks):
             return None
-        return BlockDiagonal([b for b in blocks if b is not None])
+        return BlockDiagonal([b for b in blocks if b is not None], positions=A.positions)
     return None
+
+
+def _check_nonsingular(values: torch.Tensor, n: int, A: CurvatureOperator, damping: float) -> None:
+    """Refuse eigenvalues of :math:`A + \\delta I` within :math:`n\\varepsilon\\max|\\lambda|` of 0.
+
+    Their inverse would be rounding noise: the eigenvalues of a symmetric matrix are
+    computed to an absolute error of about :math:`n\\varepsilon\\|A\\|` (a diagonal's
+    entries, :math:`n = 1`, to :math:`\\varepsilon\\max|d|` after adding :math:`\\delta`).
+    Indefinite but nonsingular is fine (a Hessian's proxy).
+    """
+    if values.numel() == 0:
+        return
+    mags = values.abs()
+    floor = n * float(torch.finfo(values.dtype).eps) * float(mags.max())
+    if bool((mags > floor).all()):
+        return
+    detail = (
+        f"(an eigenvalue {float(mags.min()):.3g} is zero to working precision, "
+        f"|lambda| <= {floor:.3g}; indefinite is fine)"
+    )
+    if damping == 0:
+        raise argument_error("A", f"a nonsingular operator {detail}", A)
+    raise argument_error("damping", f"a value making A + damping * I nonsingular {detail}", damping)
 
 
 def _low_rank_inverse(A: LowRank, damping: float) -> CurvatureOperator:
@@ -311,14 +333,13 @@ def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, to
         parts = [exact_top_eigenpairs(b, min(k, b.shape[0])) for b in A.blocks]
         if any(p is None for p in parts):
             return None
-        offsets = A.offsets
         vals, vecs = [], []
         for j, part in enumerate(parts):
             if part is None:  # pragma: no cover - excluded above
                 return None
             pv, pV = part
             full = torch.zeros(n, pV.shape[1], dtype=dtype, device=device)
-            full[offsets[j] : offsets[j + 1]] = pV
+            full[A.block_index(j)] = pV
             vals.append(pv)
             vecs.append(full)
         allv, allV = torch.cat(vals), torch.cat(vecs, dim=1)

@@ -101,6 +101,26 @@ class Diagonal(CurvatureOperator):
         return self._d[:, None] * X
 
 
+def _refuse_psd_of_unsymmetric(mat: torch.Tensor, symmetric: bool | None, M: Any, psd: Any) -> None:
+    """The error for ``psd=True`` on a matrix not taken as symmetric (names the cause).
+
+    A matrix symmetric up to :math:`10\\,n\\,\\varepsilon\\max|M|` (what ``symmetric=True``
+    accepts) is refused for not being exactly symmetric; any other for being non-symmetric.
+    """
+    m, n = mat.shape
+    asym = float((mat - mat.mT).abs().max()) if m == n and mat.numel() else 0.0
+    scale = float(mat.abs().max()) if mat.numel() else 0.0
+    rounding = 10.0 * n * float(torch.finfo(mat.dtype).eps) * scale
+    if m == n and symmetric is None and asym <= rounding:  # symmetric up to rounding
+        raise argument_error(
+            "M",
+            f"an exactly symmetric matrix for psd=True (max |M - M^T| = {asym:.3g}; pass "
+            "symmetric=True to accept a matrix symmetric up to rounding, stored symmetrised)",
+            M,
+        )
+    raise argument_error("psd", "False for a non-symmetric M", psd)
+
+
 class Dense(CurvatureOperator):
     """An explicit ``m x n`` matrix ``M``.
 
@@ -160,7 +180,7 @@ class Dense(CurvatureOperator):
         is_psd = False
         if psd:
             if not is_sym:
-                raise argument_error("psd", "False for a non-symmetric M", psd)
+                _refuse_psd_of_unsymmetric(mat, symmetric, M, psd)
             evals = torch.linalg.eigvalsh(mat.to(torch.float64))
             norm = float(evals.abs().max()) if n else 0.0
             if n and float(evals.min()) < -10.0 * n * eps * norm:
