@@ -12,9 +12,24 @@ basis,
 
 with the per-sample gradients :math:`\sum_t g^{(j)}_{n,t} a_{n,t}^\top` of the factor
 columns of :mod:`curvops.kronecker` (output Hessian square roots for ``"type2"``,
-sampled or true-label NLL gradients for ``"mc"`` / ``"empirical"``).  Among all
-matrices with this eigenbasis it is the closest to the curvature block in Frobenius
-norm.  Building it costs two passes over ``data`` (the factors, then :math:`\Lambda`).
+sampled or true-label NLL gradients for ``"mc"`` / ``"empirical"``).  For ``"type2"``
+the columns :math:`j = (t', c)` are one per loss position :math:`t'` and column
+:math:`c` of the output Hessian square root, each supported on a single loss term of
+the sample, so that :math:`\sum_j (\cdot)(\cdot)^\top` is the exact GGN block and
+:math:`\Lambda = \operatorname{diag}\bigl((U_G \otimes U_A)^\top G_{\rm block}
+(U_G \otimes U_A)\bigr)` exactly, also with weight sharing (a ``Linear`` on ``[B, T, D]``
+with a per-token loss, a ``Conv2d`` with a per-pixel loss) and position mixing
+(attention, stacked convolutions); summing the loss positions in one column would add
+cross-position terms :math:`g_{t'} g_{t''}^\top`.  MSE and BCE already have one column
+per output element; a per-sample loss (``[N, C]`` outputs) has :math:`T' = 1`.  The
+cost of this pass is :math:`T' (C - 1)` instead of :math:`C - 1` backward passes per
+batch for a cross-entropy over :math:`T'` positions and :math:`C` classes (batched, 32
+columns per backward; a 16-token, 10-class attention layer at batch 32: 0.16 s instead
+of 0.03 s on one CPU thread), which is prohibitive for language models with large
+vocabularies: use ``fisher="mc"`` there (sampled labels per token make the cross terms
+vanish in expectation; one column per MC sample).  Among all matrices with this
+eigenbasis it is the closest to the curvature block in Frobenius norm.  Building it
+costs two passes over ``data`` (the factors, then :math:`\Lambda`).
 Eigenvalues, trace, log-det and the damped inverse :math:`1/(\Lambda + \delta)` are exact.
 
 >>> import torch
@@ -35,7 +50,7 @@ import torch
 
 from curvops.distributed import resolve_group
 from curvops.kfac import EigenBlock, KFACOperator, all_reduce_sums
-from curvops.kronecker import layer_inputs, layer_output_grads, rotated_gradient_squares
+from curvops.kronecker import record_grads, record_inputs, rotated_gradient_squares
 from spectral.errors import NumericalError
 
 __all__ = ["EKFACOperator"]
@@ -76,10 +91,12 @@ class EKFACOperator(KFACOperator):
         bases = [(e.U_G, e.U_A) for e in self._kfac_eigen(stats)]
         sums: list[torch.Tensor | None] = [None] * len(self._blocks)
         count = 0
-        for batch, records in self._passes():
+        # type-2: one column per loss position and class, so that the squared per-sample
+        # gradients sum to the exact curvature (no cross-position terms)
+        for batch, records in self._passes(per_position=self.fisher == "type2"):
             count += batch.size
             for record in records:
-                a = layer_inputs(record.module, record.inputs)
+                a = record_inputs(record)
                 for i, block in enumerate(self._blocks):
                     if block.module is not record.module:
                         continue
@@ -88,7 +105,7 @@ class EKFACOperator(KFACOperator):
                     term = sum(
                         rotated_gradient_squares(
                             rows,
-                            layer_output_grads(record.module, g),
+                            record_grads(record, g),
                             U_A,
                             U_G,
                             chunk_size=self.chunk_size,

@@ -60,6 +60,7 @@ from torch import nn
 
 from curvops._model_state import check_bn_mode
 from curvops.configuration import ConfigurationState
+from curvops.curvature import _refuse_non_finite_input
 from curvops.data import Data, as_data
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
@@ -70,8 +71,8 @@ from curvops.kronecker import (
     batch_statistics,
     check_choice,
     is_supported,
-    layer_grad_factor,
-    layer_input_factor,
+    record_grad_factor,
+    record_input_factor,
     sqrt_or_one,
 )
 from curvops.losses import LossFn, check_loss, loss_family, loss_reduction
@@ -158,6 +159,51 @@ def all_reduce_sums(
     return [t if float(f) > 0 else None for t, f in zip(out, seen)], weight
 
 
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every module (by name, duplicates included) registering each parameter object."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                entry = owners.setdefault(id(p), [])
+                if all(m is not module for _, m in entry):
+                    entry.append((name, module))
+    return owners
+
+
+def _kfac_parameter(
+    module: nn.Module,
+    attr: str,
+    layer: str,
+    owners: dict[int, list[tuple[str, nn.Module]]],
+    offsets: dict[int, tuple[str, int, nn.Parameter]],
+    remainder: str,
+) -> torch.Tensor | None:
+    """The layer's ``weight``/``bias`` for a Kronecker block, unless it is tied elsewhere.
+
+    A parameter registered in another module too (a weight tied between an
+    ``nn.Embedding`` and an output ``nn.Linear``, as in GPT) is also used outside this
+    layer's calls, a use K-FAC's factors do not see: it is refused with
+    ``remainder="error"`` and kept out of the block (in the exact remainder diagonal)
+    with ``remainder="diagonal"``.
+    """
+    p = getattr(module, attr)
+    if not isinstance(p, torch.Tensor):
+        return None
+    others = [name for name, m in owners.get(id(p), []) if m is not module]
+    if not others or id(p) not in offsets:
+        return p
+    if remainder == "error":
+        raise argument_error(
+            "params",
+            "parameters used only by their Linear/Conv2d layer for K-FAC (a tied parameter's "
+            "other uses are not in the factors), or remainder='diagonal' (its exact "
+            "diagonal instead of a Kronecker block)",
+            f"{offsets[id(p)][0]!r} of layer {layer!r}, also registered in module(s) {others}",
+        )
+    return None
+
+
 def _plan(
     model: nn.Module, named: list[tuple[str, nn.Parameter]], bias: str, remainder: str
 ) -> tuple[list[KroneckerBlock], torch.Tensor]:
@@ -169,11 +215,12 @@ def _plan(
         start += p.numel()
     blocks: list[KroneckerBlock] = []
     covered: set[int] = set()
+    owners = _owners(model)
     for layer, module in model.named_modules():
         if not is_supported(module):
             continue
-        w = module.weight if isinstance(module.weight, torch.Tensor) else None
-        b = module.bias if isinstance(module.bias, torch.Tensor) else None
+        w = _kfac_parameter(module, "weight", layer, owners, offsets, remainder)
+        b = _kfac_parameter(module, "bias", layer, owners, offsets, remainder)
         wsel = offsets.get(id(w)) if w is not None else None
         bsel = offsets.get(id(b)) if b is not None else None
         if wsel is None and bsel is None:
@@ -267,8 +314,11 @@ class KroneckerEigenOperator(CurvatureOperator):
         return [apply(e) for e in self.eigen_blocks()]
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        Y = torch.empty_like(X)
         k = X.shape[1]
+        if k == 0:
+            return X.new_empty(self.shape[0], 0)
+        _refuse_non_finite_input(X)  # the exact operators' named error, not NaN out
+        Y = torch.empty_like(X)
         products = self._block_products()
         for block, pos, product in zip(self._blocks, self._flat_positions, products):
             Xb = X.index_select(0, pos).T.reshape(k, block.rows, block.cols)
@@ -466,7 +516,8 @@ class KFACOperator(KroneckerEigenOperator):
         targets sampled per sample, seeded by ``(seed, batch index)``) or ``"empirical"``.
     approx:
         ``"expand"`` or ``"reduce"`` for layers with weight sharing (sequence dimensions
-        of ``Linear`` inputs, ``Conv2d`` positions); identical without weight sharing.
+        of ``Linear`` inputs, ``Conv2d`` positions, repeated calls of one layer in a
+        forward pass, which count as further positions); identical without weight sharing.
     params:
         Parameter selection (see :func:`curvops.params.select_params`).
     bn_mode:
@@ -476,7 +527,10 @@ class KFACOperator(KroneckerEigenOperator):
         curvlinops' default) or ``"joint"`` (:math:`G\\otimes A` on ``[W, b]`` with the
         input extended by 1, Grosse & Martens).
     remainder:
-        ``"error"`` (default): parameters in no supported layer are refused;
+        ``"error"`` (default): parameters in no supported layer are refused, and so are
+        parameters of a supported layer that another module registers too (a weight
+        tied between an ``nn.Embedding`` and an output ``nn.Linear``: its other use is
+        not in the factors);
         ``"diagonal"``: they get the diagonal of the approximated matrix
         (:func:`curvops.ggn_diagonal`: exact GGN for ``"type2"``, the Monte-Carlo Fisher
         with the same targets for ``"mc"``, the empirical Fisher for ``"empirical"``).
@@ -689,8 +743,8 @@ class KFACOperator(KroneckerEigenOperator):
         """
         return 1.0 if loss_reduction(self._loss_fn) == "sum" else float(size)
 
-    def _passes(self) -> Any:
-        """Yield ``(batch, records)`` for every batch of ``data``."""
+    def _passes(self, *, per_position: bool = False) -> Any:
+        """Yield ``(batch, records)`` for every batch of ``data`` (see :func:`batch_statistics`)."""
         for batch in self._data:
             records = batch_statistics(
                 self._model,
@@ -703,6 +757,7 @@ class KFACOperator(KroneckerEigenOperator):
                 bn_mode=self._bn_mode,
                 device=self.device,
                 dtype=self.torch_dtype,
+                per_position=per_position,
             )
             yield batch, records
 
@@ -725,14 +780,12 @@ class KFACOperator(KroneckerEigenOperator):
                 seen.add(module)
                 for i, block in enumerate(self._blocks):
                     if block.module is module and block.part != "bias":
-                        term = layer_input_factor(
-                            module, record.inputs, self.approx, ones=block.part == "joint"
-                        )
+                        term = record_input_factor(record, self.approx, ones=block.part == "joint")
                         A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
                 d_out = self._d_out(module)
                 G = torch.zeros(d_out, d_out, dtype=dtype, device=device)
                 for g in record.grads:
-                    G.add_(layer_grad_factor(module, g, self.approx))
+                    G.add_(record_grad_factor(record, g, self.approx))
                 G.mul_(self._batch_factor_weight(batch.size))
                 G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
         group = resolve_group(self.process_group)

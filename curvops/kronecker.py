@@ -28,12 +28,20 @@ the columns :math:`j` of an output-space factor :math:`S` of batch :math:`b`'s c
 a cross-entropy with ignored targets or class weights (normalised by its counted
 targets) is refused (:func:`check_equal_term_weights`).  With a bias, :math:`a` is extended by a
 constant 1 (weight and bias jointly), or the bias gets its own block :math:`G \otimes [1]`.
-Outputs with extra dimensions are flattened into loss terms first (cross-entropy:
-``(N, C, ...)``; MSE and BCE: ``(N, ..., C)``), as in curvlinops.
+Outputs with extra dimensions are flattened first (:func:`flatten_loss_terms`):
+cross-entropy ``(N, C, ...)`` into one row per position with the classes as columns, as
+in curvlinops; MSE and BCE into one row per sample whose columns are all its output
+elements (the same matrix for every layout of the outputs; curvlinops takes the last axis
+as the class axis, which differs for ``(N, C, H, W)`` outputs and, with position mixing
+or ``"reduce"``, for ``(N, T, C)``).  For ``"type2"`` that is :math:`M` backward passes
+for :math:`M` output elements per sample (:math:`TC` for ``(N, T, C)`` instead of
+:math:`C`), batched over 32 columns.  A layer called several
+times in one forward pass (an unrolled recurrent cell) counts its calls as further
+positions :math:`t` of the same sample: :math:`T` is the total over the calls.
 
 :func:`batch_statistics` runs one forward pass (with hooks that record each supported
-layer's input and output) and one backward pass per factor column, never changing the
-model (:func:`curvops._model_state.curvature_mode`, parameters replaced by detached
+layer's input and output) and one backward pass per factor column (batched), never
+changing the model (:func:`curvops._model_state.curvature_mode`, parameters replaced by detached
 leaves).  The optimisers in :mod:`nets.optim.kfac` use :func:`layer_inputs`,
 :func:`layer_output_grads`, :func:`input_factor` and :func:`grad_factor` on the
 activations they capture.
@@ -79,6 +87,7 @@ __all__ = [
     "check_equal_term_weights",
     "conv_padding",
     "drop_null_column",
+    "factor_columns",
     "flatten_loss_terms",
     "grad_factor",
     "input_factor",
@@ -87,7 +96,12 @@ __all__ = [
     "layer_input_factor",
     "layer_inputs",
     "layer_output_grads",
+    "merge_calls",
     "output_factor",
+    "record_grad_factor",
+    "record_grads",
+    "record_input_factor",
+    "record_inputs",
     "record_layers",
     "rotated_gradient_squares",
     "sqrt_or_one",
@@ -254,10 +268,20 @@ def layer_grad_factor(module: nn.Module, grad_out: torch.Tensor, approx: str) ->
 def flatten_loss_terms(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs ``(rows, C)`` and targets with one row per loss term (as curvlinops does).
+    """Outputs ``(rows, C)`` and targets with one row per loss term (or per sample).
 
-    Cross-entropy ``(N, C, d1, ...)`` with targets ``(N, d1, ...)``; MSE and BCE
-    ``(N, ..., C)``.  Other losses keep their shapes (one row per sample).
+    Cross-entropy ``(N, C, d1, ...)`` with targets ``(N, d1, ...)``: one row per
+    position, the classes as columns (as curvlinops does).  MSE and BCE (elementwise
+    losses with a diagonal output Hessian, no class axis) ``(N, ...)``: one row per
+    sample with all ``M`` output elements as its columns, so the factor columns of
+    :func:`batch_statistics` are the ``M`` output elements, whatever the layout
+    (``(N, C, H, W)`` and ``(N, H, W, C)`` give the same K-FAC; curvlinops instead
+    takes the last axis as the class axis, which for ``(N, C, H, W)`` feeds several
+    elements of one layer position into one column).  Other losses keep their shapes.
+
+    >>> f = torch.zeros(2, 3, 4, 5)
+    >>> [t.shape for t in flatten_loss_terms(torch.nn.MSELoss(), f, f)]
+    [torch.Size([2, 60]), torch.Size([2, 60])]
     """
     family = loss_family(loss_fn)
     if outputs.ndim <= 2:
@@ -266,7 +290,8 @@ def flatten_loss_terms(
         flat = outputs.movedim(1, -1).reshape(-1, outputs.shape[1])
         return flat, targets.reshape(-1)
     if family in ("mse", "bce") and targets.shape == outputs.shape:
-        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1, targets.shape[-1])
+        n = outputs.shape[0]
+        return outputs.reshape(n, -1), targets.reshape(n, -1)
     return outputs, targets
 
 
@@ -374,12 +399,87 @@ def drop_null_column(factor: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerRecord:
-    """One call of a supported layer: its detached input and the output tensor in the graph."""
+    """One call of a supported layer: its detached input and the output tensor in the graph.
+
+    With ``rows=True`` (the calls of a layer called several times, merged by
+    :func:`merge_calls`) ``inputs`` holds the layer's input rows ``(N, T, d_in)``
+    (:func:`layer_inputs`) and each of ``grads`` the output-gradient rows
+    ``(N, T, d_out)`` (:func:`layer_output_grads`), the calls' positions concatenated.
+    """
 
     module: nn.Module
     inputs: torch.Tensor
     output: torch.Tensor
     grads: list[torch.Tensor] = field(default_factory=list)
+    rows: bool = False
+
+
+def record_inputs(record: LayerRecord) -> torch.Tensor:
+    """The input rows :math:`a_{n,t}` ``(N, T, d_in)`` of a record (:func:`layer_inputs`)."""
+    return record.inputs if record.rows else layer_inputs(record.module, record.inputs)
+
+
+def record_grads(record: LayerRecord, g: torch.Tensor) -> torch.Tensor:
+    """Output-gradient rows :math:`g_{n,t}` ``(N, T, d_out)`` of one of ``record.grads``."""
+    return g if record.rows else layer_output_grads(record.module, g)
+
+
+def record_input_factor(record: LayerRecord, approx: str, *, ones: bool = False) -> torch.Tensor:
+    """:func:`layer_input_factor` of a record (of its rows when calls were merged)."""
+    if not record.rows:
+        return layer_input_factor(record.module, record.inputs, approx, ones=ones)
+    a = record.inputs
+    if ones:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    return input_factor(a, approx)
+
+
+def record_grad_factor(record: LayerRecord, g: torch.Tensor, approx: str) -> torch.Tensor:
+    """:func:`layer_grad_factor` of one of ``record.grads``."""
+    if record.rows:
+        return grad_factor(g, approx)
+    return layer_grad_factor(record.module, g, approx)
+
+
+def merge_calls(records: Sequence[LayerRecord]) -> list[LayerRecord]:
+    r"""One record per layer: the calls of a layer called several times become positions.
+
+    A layer applied :math:`K` times in one forward pass (weight sharing by repeated
+    calls, e.g. an unrolled recurrent cell) has the per-sample gradient
+    :math:`\sum_k \sum_t g_{n,k,t} a_{n,k,t}^\top`: exactly that of one call on the
+    concatenated positions.  Its calls are therefore merged into one record in row form
+    (``rows=True``), so the factors' :math:`1/T` (expand), the position means (reduce)
+    and E-KFAC's per-sample gradients use all :math:`T = \sum_k T_k` positions, and
+    the one-call and the repeated-call forms of a function get the same K-FAC.
+
+    Raises
+    ------
+    ValueError
+        Naming ``model``, if the calls of one layer see different numbers of samples.
+    """
+    by_module: dict[nn.Module, list[LayerRecord]] = {}
+    for record in records:
+        by_module.setdefault(record.module, []).append(record)
+    out = []
+    for module, calls in by_module.items():
+        if len(calls) == 1:
+            out.append(calls[0])
+            continue
+        sizes = sorted({int(c.inputs.shape[0]) for c in calls})
+        if len(sizes) > 1:
+            raise argument_error(
+                "model",
+                "a layer whose repeated calls in one forward pass all see the batch's "
+                "samples along dimension 0 (for K-FAC)",
+                f"a {type(module).__name__} called {len(calls)} times on {sizes} samples",
+            )
+        inputs = torch.cat([record_inputs(c) for c in calls], dim=1)
+        grads = [
+            torch.cat([record_grads(c, c.grads[j]) for c in calls], dim=1)
+            for j in range(len(calls[0].grads))
+        ]
+        out.append(LayerRecord(module, inputs, calls[0].output, grads, rows=True))
+    return out
 
 
 @contextmanager
@@ -405,6 +505,61 @@ def record_layers(modules: Sequence[nn.Module]) -> Iterator[list[LayerRecord]]:
             handle.remove()
 
 
+#: factor columns back-propagated together (one batched backward pass)
+COLUMN_CHUNK = 32
+
+
+def factor_columns(S: torch.Tensor, samples: int, *, per_position: bool) -> Iterator[torch.Tensor]:
+    r"""The factor's columns as gradients of the flat outputs ``(rows, C)``, in chunks.
+
+    ``S`` ``(rows, C, r)`` with the ``rows = samples * T'`` loss terms sample-major.
+    Column :math:`j` is :math:`S_{\cdot\cdot j}` on every row: one backward pass serves all
+    samples and positions.  With ``per_position`` (and :math:`T' > 1`) each column is
+    also restricted to one loss position :math:`t'`: :math:`T' r` columns, each supported
+    on a single loss term of every sample, so that :math:`\sum_{t',j} g g^\top` of the
+    per-sample gradients is the exact curvature (E-KFAC) rather than containing
+    cross-position terms :math:`g_{t'} g_{t''}^\top`.  Yields ``(k, rows, C)`` chunks of at
+    most :data:`COLUMN_CHUNK` columns.
+    """
+    rows, c, r = S.shape
+    per = rows // samples if samples else 1
+    columns = S.permute(2, 0, 1)  # (r, rows, C)
+    if not per_position or per == 1:
+        for start in range(0, r, COLUMN_CHUNK):
+            yield columns[start : start + COLUMN_CHUNK]
+        return
+    grouped = columns.reshape(r, samples, per, c)
+    todo = [(t, j) for t in range(per) for j in range(r)]
+    for start in range(0, len(todo), COLUMN_CHUNK):
+        part = todo[start : start + COLUMN_CHUNK]
+        chunk = S.new_zeros(len(part), samples, per, c)
+        for i, (t, j) in enumerate(part):
+            chunk[i, :, t] = grouped[j, :, t]
+        yield chunk.reshape(len(part), rows, c)
+
+
+def _backward_columns(
+    flat: torch.Tensor, live: list[LayerRecord], chunks: Iterator[torch.Tensor]
+) -> None:
+    """Back-propagate every chunk of columns from ``flat`` to the layers' outputs."""
+    pending = next(chunks, None)
+    while pending is not None:
+        following = next(chunks, None)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                [flat],
+                [r.output for r in live],
+                grad_outputs=[pending.reshape(-1, *flat.shape)],
+                retain_graph=following is not None,
+                allow_unused=True,
+                materialize_grads=True,
+                is_grads_batched=True,
+            )
+        for record, g in zip(live, grads):
+            record.grads.extend(g.detach().unbind(0))
+        pending = following
+
+
 def batch_statistics(
     model: nn.Module,
     loss_fn: LossFn,
@@ -417,14 +572,18 @@ def batch_statistics(
     bn_mode: str | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    per_position: bool = False,
 ) -> list[LayerRecord]:
-    r"""Inputs and back-propagated factor columns :math:`g^{(j)}` of every call of ``modules``.
+    r"""Inputs and back-propagated factor columns :math:`g^{(j)}` of every layer in ``modules``.
 
     One forward pass on ``batch`` and one backward pass per column of the output
-    factor (:func:`output_factor`); MC targets come from
-    :func:`curvops.losses.batch_generator` seeded by ``(seed, batch.index)``, so every
-    pass over the data draws the same targets.  Each record's ``grads`` holds one
-    tensor per column, shaped like the layer's output.
+    factor (:func:`output_factor`, :func:`factor_columns`; ``per_position``: one per
+    loss position and column, for E-KFAC's exact type-2 corrections), batched over
+    chunks of columns; MC targets come from :func:`curvops.losses.batch_generator`
+    seeded by ``(seed, batch.index)``, so every pass over the data draws the same
+    targets.  Each record's ``grads`` holds one tensor per column, shaped like the
+    layer's output; a layer called several times gets one merged record
+    (:func:`merge_calls`).
 
     Raises
     ------
@@ -460,22 +619,13 @@ def batch_statistics(
     live = [r for r in records if r.output.requires_grad]
     if not live:
         return live
-    rows = flat.reshape(S.shape[0], -1)
-    columns = S.shape[-1]
-    for j in range(columns):
-        with torch.enable_grad():
-            grads = torch.autograd.grad(
-                (rows * S[:, :, j]).sum(),
-                [r.output for r in live],
-                retain_graph=j < columns - 1,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        for record, g in zip(live, grads):
-            record.grads.append(g.detach())
+    S = S.reshape(flat.shape[0], -1, S.shape[-1])
+    flat_2d = flat.reshape(S.shape[0], -1)
+    samples = int(outputs.shape[0]) if outputs.ndim else 1
+    _backward_columns(flat_2d, live, factor_columns(S, samples, per_position=per_position))
     for record in live:
         record.output = record.output.detach()
-    return live
+    return merge_calls(live)
 
 
 def rotated_gradient_squares(

@@ -475,8 +475,8 @@ def loss_family(loss_fn: Any) -> str | None:
 def check_curved_loss(loss_fn: Any) -> None:
     """Refuse a loss linear in the model's outputs, whose GGN is the zero matrix.
 
-    ``NLLLoss`` takes log-probabilities and is linear in them; ``L1Loss`` is linear
-    wherever it is differentiable.  Their output Hessian vanishes, so the GGN
+    ``NLLLoss`` and ``KLDivLoss`` take log-probabilities and are linear in them;
+    ``L1Loss`` is linear wherever it is differentiable.  Their output Hessian vanishes, so the GGN
     :math:`J^\top H_L J` is identically zero: almost always the trap of a model
     ending in ``LogSoftmax`` whose softmax cross-entropy GGN was meant.
 
@@ -506,6 +506,13 @@ def check_curved_loss(loss_fn: Any) -> None:
         )
     elif type(loss_fn) is nn.L1Loss or loss_fn is nn.functional.l1_loss:
         remedy = "L1Loss is piecewise linear in the outputs, so the GGN is zero"
+    elif _is_kl_div(loss_fn):
+        remedy = (
+            "KLDivLoss is linear in the log-probabilities it takes (sum p (log p - input)), "
+            "so the GGN is zero; for the GGN of the softmax cross-entropy with soft "
+            "targets, drop the model's final LogSoftmax and use CrossEntropyLoss on the "
+            "logits with probability targets"
+        )
     else:
         return
     raise argument_error(
@@ -514,6 +521,14 @@ def check_curved_loss(loss_fn: Any) -> None:
         "empirical Fisher are defined)",
         loss_fn,
     )
+
+
+def _is_kl_div(loss_fn: Any) -> bool:
+    """``nn.KLDivLoss``, ``F.kl_div`` or a keyword ``functools.partial`` of it."""
+    function = nn.functional.kl_div
+    if type(loss_fn) is nn.KLDivLoss or loss_fn is function:
+        return True
+    return isinstance(loss_fn, functools.partial) and loss_fn.func is function
 
 
 def class_dim(loss_fn: Any, outputs: torch.Tensor) -> int:

@@ -111,6 +111,11 @@ def _our_mc_targets(
     return draws
 
 
+def _peer_shaped(draw: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Regression draws in the peer's output shape; class indices as they are."""
+    return draw.reshape(output.shape) if draw.numel() == output.numel() else draw
+
+
 def _peer_dense(
     cls_name: str,
     model: nn.Module,
@@ -129,7 +134,11 @@ def _peer_dense(
     if fisher == "mc":  # the same samples on both sides: ours, fed to the peer in its order
         draws = itertools.cycle(_our_mc_targets(model, loss_fn, data, seed, mc_samples))
         monkeypatch.setattr(
-            curvlinops.KFACLinearOperator, "draw_label", lambda self, output: next(draws)
+            # our MSE/BCE draws are shaped (N, M) (one row per sample), the peer's
+            # outputs (N T, C): the same entries in the same order
+            curvlinops.KFACLinearOperator,
+            "draw_label",
+            lambda self, output: _peer_shaped(next(draws), output),
         )
     peer = cls(
         model,
@@ -162,6 +171,11 @@ def test_kfac_equals_curvlinops(
 ) -> None:
     if case == "mlp-bce" and approx == "reduce":
         pytest.skip("no weight sharing: reduce == expand (covered by the other cases)")
+    if case == "seq-mse" and approx == "reduce" and fisher == "type2":
+        pytest.skip(
+            "our MSE columns are the output elements, the peer's the last axis summed over "
+            "positions: reduce's sums over positions differ (test_kfac_mse_columns_*)"
+        )
     model, loss_fn, data = _case(case)
     mc = 2 if fisher == "mc" else 1
     K = KFACOperator(
