@@ -16,11 +16,20 @@ the layer has a bias, the Fisher block of the combined parameter
 where :math:`\ell_n` is sample :math:`n`'s loss (the batch loss is their
 mean, so :math:`g_{n,t} = N\,\partial L/\partial s_{n,t}`).  For a
 ``Linear`` layer (:math:`T=1`) these are exactly :math:`E[\bar a\bar a^T]`
-and :math:`E[g g^T]`.  With ``fisher='mc'`` the targets in :math:`\ell_n`
-are sampled from the model's predictive distribution (the true Fisher,
-equal to the GGN in expectation for ``CrossEntropyLoss``, ``MSELoss`` and
-``BCEWithLogitsLoss``); with ``fisher='empirical'`` they are the data's
-labels.  Both factors are exponential running averages,
+and :math:`E[g g^T]`.  A layer called several times in one forward pass counts
+its calls as further positions :math:`t` (:math:`T` is the total), as in
+:class:`curvops.KFACOperator`.  With ``fisher='mc'`` the targets in :math:`\ell_n`
+are sampled from the model's predictive distribution and :math:`\ell_n` is
+scaled so that :math:`E[g g^T]` is its output Hessian (by :math:`\sqrt{T'}` for a
+cross-entropy over :math:`T'` positions, ``(N, C, d1, ...)`` logits, and
+:math:`\sqrt{M}` for ``BCEWithLogitsLoss`` over :math:`M` outputs; ``MSELoss``
+samples with variance :math:`M/2`): the true Fisher, equal to the GGN of the
+mean loss in expectation, as :class:`curvops.KFACOperator` with ``fisher='mc'``.
+With ``fisher='empirical'`` they are the data's labels, unscaled: the empirical
+Fisher of the per-sample losses, which for :math:`T'` loss positions or :math:`M`
+outputs per sample differs from :class:`curvops.KFACOperator`'s per-term one
+(:math:`1/T'` of it for position-wise layers, :math:`1/M` for ``MSELoss``); for
+``(N, C)`` outputs they are the same.  Both factors are exponential running averages,
 :math:`A \leftarrow \rho A + (1-\rho) A_{\rm batch}` (the first estimate
 initialises them), refreshed every ``factor_update_freq`` steps.
 
@@ -47,7 +56,9 @@ Martens & Grosse 2015, Section 6.3): with damping :math:`\lambda`,
 **KL-clip** (Ba et al. 2017): :math:`\nu = \min\bigl(1,
 \sqrt{\kappa / (\alpha^2 \sum_{\rm layers} \langle V, M\rangle)}\bigr)`
 and the step direction is :math:`\nu V`; parameters of other modules
-(BatchNorm, ...) use their plain gradient.  Finally SGD with momentum
+(BatchNorm, ...) use their plain gradient, and so do layers whose weight or bias
+another module registers too (a tied weight, as GPT's output layer and token
+embedding: its other use is not in the layer's factors).  Finally SGD with momentum
 :math:`\mu`: :math:`b \leftarrow \mu b + d`, :math:`p \leftarrow p - \alpha b`.
 
 Usage.  ``train_network(optimizer='KFAC')`` calls ``step(closure=...,
@@ -89,11 +100,13 @@ import torch
 from torch import nn
 
 from curvops.kronecker import (
+    LayerRecord,
     grad_factor,
     input_factor,
     is_supported,
-    layer_inputs,
-    layer_output_grads,
+    merge_calls,
+    record_grads,
+    record_inputs,
     rotated_gradient_squares,
 )
 from nets.optim.registry import register_optimizer
@@ -160,8 +173,42 @@ def kfac_factors(
     >>> G[0, 0].item()
     1.0
     """
-    a = layer_inputs(module, inputs, bias=_bias(module) is not None)
-    g = layer_output_grads(module, grad_out) * batch_size
+    a, g = _layer_rows(module, [(inputs, grad_out)])
+    return _row_factors(a, g * batch_size, batch_size)
+
+
+def _layer_rows(
+    module: nn.Module, calls: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Rows :math:`(\bar a_{n,t}, \partial L/\partial s_{n,t})` of a layer's calls in one pass.
+
+    ``calls`` holds ``(inputs, grad_out)`` per call of ``module`` in one forward pass.
+    A layer called several times (weight sharing by repeated calls) has the per-sample
+    gradient :math:`\sum_{\rm calls}\sum_t g_{n,t}\bar a_{n,t}^T`: its calls are further
+    positions :math:`t` of the same sample (:func:`curvops.kronecker.merge_calls`, as in
+    :class:`curvops.KFACOperator`), so :math:`T` is the total over the calls.
+
+    Returns
+    -------
+    ``a`` ``(N, T, in[+1])`` (a column of ones with a bias) and ``g`` ``(N, T, out)``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``model``, if the calls see different numbers of samples.
+    """
+    records = [LayerRecord(module, inputs, grad, [grad]) for inputs, grad in calls]
+    (record,) = merge_calls(records)
+    a = record_inputs(record)
+    if _bias(module) is not None:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    return a, record_grads(record, record.grads[0])
+
+
+def _row_factors(
+    a: torch.Tensor, g: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(A, G)`` from rows ``a`` and the per-sample-loss gradients ``g = N dL/ds``."""
     positions = a.shape[1]
     # the shared expand factors, in Grosse & Martens' normalisation (T moved from A to G)
     A = input_factor(a, "expand") * (positions / batch_size)
@@ -178,7 +225,10 @@ def _sample_targets(
         logits = out.movedim(1, -1) if out.ndim > 2 else out
         probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1).cpu()
         labels = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
-        return labels.to(out.device), 1.0
+        # l_n = (1/T) sum_t ce_t over T positions has output Hessian blockdiag(H_t / T);
+        # the sampled gradient's second moment is blockdiag(H_t / T^2): scale by sqrt(T)
+        positions = math.prod(out.shape[2:]) if out.ndim > 2 else 1
+        return labels.to(out.device), math.sqrt(positions)
     per_sample = out[0].numel() if out.ndim > 0 and out.shape[0] > 0 else 1
     if isinstance(loss_fn, nn.MSELoss):
         # l_n = |f_n - y_n|^2 / D has output Hessian (2/D) I; y = f + sqrt(D/2) z matches it.
@@ -228,6 +278,27 @@ def _check_arguments(
         raise argument_error("damping_split", "'pi' or 'sqrt'", damping_split)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise argument_error("seed", "an integer", seed, kind=TypeError)
+
+
+def _tied_layers(model: nn.Module, layers: list[nn.Module]) -> set[nn.Module]:
+    """The ``layers`` with a weight or bias that another module of ``model`` registers too.
+
+    A tied parameter (GPT's output layer shares the token embedding's weight) is also
+    used outside the layer's calls: its gradient has a part the layer's factors do
+    not see (:class:`curvops.KFACOperator` refuses such parameters with
+    ``remainder="error"``), and two tracked layers sharing it would share one state.
+    Such layers take the plain gradient, like the parameters of other modules.
+    """
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(module))
+    return {
+        m
+        for m in layers
+        if any(p is not None and len(owners.get(id(p), ())) > 1 for p in (_weight(m), _bias(m)))
+    }
 
 
 def _register_hooks(optimizer: KFAC, layers: list[nn.Module]) -> list[Any]:
@@ -347,13 +418,15 @@ class KFAC(torch.optim.Optimizer):
             and _weight(m).requires_grad
             and (_bias(m) is None or _bias(m).requires_grad)  # type: ignore[union-attr]
         ]
+        tied = _tied_layers(model, self._layers)
+        self._layers = [m for m in self._layers if m not in tied]
         skipped = [
             m for m in model.modules() if isinstance(m, _SUPPORTED) and m not in self._layers
         ]
         if skipped:
             logger.info(
                 "K-FAC: %d layer(s) use plain gradients (grouped conv, padding mode, "
-                "frozen parameters)",
+                "frozen or tied parameters)",
                 len(skipped),
             )
         self._layer_set = set(self._layers)
@@ -457,30 +530,39 @@ class KFAC(torch.optim.Optimizer):
             with torch.no_grad():
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
-        batch_size = int(x.shape[0])
-        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for (module, record), grad in zip(records, grads):
-            if grad is None:
-                continue
-            self._accumulate(out, module, record[0], grad, batch_size)
-            self._record_samples(module, record[0], grad, batch_size)
+            if grad is not None:
+                calls.setdefault(module, []).append((record[0], grad))
         self._captured = {}
-        return out
+        return self._factors_of_calls(calls, int(x.shape[0]))
 
     def _plain_factors(self) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, records in self._captured.items():
-            for inputs, _, grad in records:
-                if grad is not None:
-                    self._accumulate(out, module, inputs, grad, int(inputs.shape[0]))
-                    self._record_samples(module, inputs, grad, int(inputs.shape[0]))
+            calls = [(inputs, grad) for inputs, _, grad in records if grad is not None]
+            if calls:
+                out.update(self._factors_of_calls({module: calls}, int(calls[0][0].shape[0])))
         self._captured = {}
         return out
 
+    def _factors_of_calls(
+        self, calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]], batch_size: int
+    ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """Batch factors of every layer from its calls' ``(inputs, dL/ds)`` (calls = positions)."""
+        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for module, pairs in calls.items():
+                a, g = _layer_rows(module, pairs)
+                g = g * batch_size  # per-sample losses: g_{n,t} = N dL/ds_{n,t}
+                out[module] = _row_factors(a, g, batch_size)
+                self._record_samples(module, a, g, batch_size)
+        return out
+
     def _record_samples(
-        self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, batch_size: int
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, batch_size: int
     ) -> None:
-        """Per-sample statistics hook (E-KFAC keeps the rows; K-FAC needs only the factors)."""
+        """Per-sample rows hook (E-KFAC keeps them; K-FAC needs only the factors)."""
 
     def _update_scales(self) -> None:
         """Update per-sample scalings after the factors and their inverses (E-KFAC)."""
@@ -491,21 +573,6 @@ class KFAC(torch.optim.Optimizer):
         """:math:`G_\\lambda^{-1} M A_\\lambda^{-1}` for one layer's ``out x (in[+1])`` gradient."""
         out: torch.Tensor = state["G_inv"] @ m @ state["A_inv"]
         return out
-
-    @staticmethod
-    def _accumulate(
-        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
-        module: nn.Module,
-        inputs: torch.Tensor,
-        grad: torch.Tensor,
-        batch_size: int,
-    ) -> None:
-        with torch.no_grad():
-            A, G = kfac_factors(module, inputs, grad, batch_size)
-        if module in out:
-            A0, G0 = out[module]
-            A, G = A0 + A, G0 + G
-        out[module] = (A, G)
 
     def _update_factors(
         self, batch_factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
@@ -770,16 +837,10 @@ class EKFAC(KFAC):
         return state["U_A"], state["U_G"], state["S"]
 
     def _record_samples(
-        self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, batch_size: int
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, batch_size: int
     ) -> None:
-        with torch.no_grad():
-            n = int(inputs.shape[0])
-            if n != batch_size:
-                return  # not a per-sample layout (cannot happen for Linear/Conv2d inputs)
-            # (N, T, d) rows per sample; g per sample, not of the mean
-            a = layer_inputs(module, inputs, bias=_bias(module) is not None)
-            g = layer_output_grads(module, grad) * batch_size
-            self._samples.setdefault(module, []).append((a, g))
+        if int(a.shape[0]) == batch_size:  # (N, T, d) rows per sample, all calls merged
+            self._samples[module] = [(a, g)]
 
     def _update_inverses(self, damping: float) -> None:
         for module in self._layers:
