@@ -81,9 +81,11 @@ from spectral.errors import NumericalError, argument_error
 __all__ = [
     "APPROXIMATIONS",
     "FISHER_TYPES",
+    "MAX_FACTOR_COLUMNS",
     "LayerRecord",
     "batch_statistics",
     "check_choice",
+    "check_column_count",
     "check_equal_term_weights",
     "conv_padding",
     "drop_null_column",
@@ -508,6 +510,39 @@ def record_layers(modules: Sequence[nn.Module]) -> Iterator[list[LayerRecord]]:
 #: factor columns back-propagated together (one batched backward pass)
 COLUMN_CHUNK = 32
 
+#: the most factor columns one batch back-propagates; each column costs a backward pass
+#: and keeps a gradient the size of every K-FAC layer's output, so more is refused
+#: (:func:`check_column_count`) rather than left to run for hours or exhaust memory
+MAX_FACTOR_COLUMNS = 4096
+
+
+def check_column_count(S: torch.Tensor, samples: int, *, per_position: bool, fisher: str) -> int:
+    """The number of columns :func:`factor_columns` yields for ``S``, refused above
+    :data:`MAX_FACTOR_COLUMNS` (``ValueError`` naming ``fisher``).
+
+    Exact type-2 columns are one per output element of a sample for MSE/BCE, and for
+    E-KFAC's corrections one per loss position and class: a language model's
+    ``T' (V - 1)`` (64 tokens, 256 symbols: 16,320) is far beyond what a backward pass
+    per column can afford, while ``fisher="mc"`` needs one column per MC sample.
+
+    >>> check_column_count(torch.zeros(6, 5, 4), 2, per_position=True, fisher="type2")
+    12
+    """
+    rows, _, r = S.shape
+    per = rows // samples if samples else 1
+    count = r * per if per_position and per > 1 else r
+    if count > MAX_FACTOR_COLUMNS:
+        how = f"{per} loss positions x {r} columns" if per_position and per > 1 else f"{r} columns"
+        raise argument_error(
+            "fisher",
+            f"a curvature factor of at most {MAX_FACTOR_COLUMNS} columns per batch "
+            "(curvops.kronecker.MAX_FACTOR_COLUMNS; each column is a backward pass and "
+            "keeps a gradient per layer). Use fisher='mc' (one column per sample of "
+            "mc_samples, unbiased), or raise the limit if time and memory allow",
+            f"fisher={fisher!r} needing {count} columns ({how})",
+        )
+    return count
+
 
 def factor_columns(S: torch.Tensor, samples: int, *, per_position: bool) -> Iterator[torch.Tensor]:
     r"""The factor's columns as gradients of the flat outputs ``(rows, C)``, in chunks.
@@ -622,6 +657,7 @@ def batch_statistics(
     S = S.reshape(flat.shape[0], -1, S.shape[-1])
     flat_2d = flat.reshape(S.shape[0], -1)
     samples = int(outputs.shape[0]) if outputs.ndim else 1
+    check_column_count(S, samples, per_position=per_position, fisher=fisher)
     _backward_columns(flat_2d, live, factor_columns(S, samples, per_position=per_position))
     for record in live:
         record.output = record.output.detach()

@@ -247,3 +247,21 @@ def test_non_finite_vectors_and_empty_blocks(cls: type) -> None:
         out = op @ np.zeros((8, 0))
         assert isinstance(out, np.ndarray) and out.shape == (8, 0)
         assert tuple((op @ torch.zeros(8, 0, dtype=DT)).shape) == (8, 0)
+
+
+def test_more_factor_columns_than_the_limit_are_refused_naming_fisher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """E-KFAC's exact type-2 corrections take T'(C - 1) columns (a language model: tens of
+    thousands of backward passes); above the limit a clear error points to fisher='mc'."""
+    import curvops.kronecker as kronecker
+
+    model, loss_fn, (x, y) = _ekfac_case("attention-ce")  # T' = 4 positions, C = 3 classes
+    monkeypatch.setattr(kronecker, "MAX_FACTOR_COLUMNS", 7)
+    v = np.ones(sum(p.numel() for p in model.parameters()))
+    KFACOperator(model, loss_fn, (x, y)) @ v  # 2 columns: within the limit
+    EKFACOperator(model, loss_fn, (x, y), fisher="mc") @ v  # 1 column per MC sample
+    with pytest.raises(ValueError, match=r"Argument 'fisher'.*fisher='mc'.*'type2' needing 8"):
+        EKFACOperator(model, loss_fn, (x, y)) @ v
+    monkeypatch.setattr(kronecker, "MAX_FACTOR_COLUMNS", 8)
+    EKFACOperator(model, loss_fn, (x, y)) @ v
