@@ -41,9 +41,10 @@ from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
 from curvops.params import flatten_columns, select_params, unflatten_columns
+from curvops.precision import accumulation_dtype, weight_dtype
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
 from curvops.snapshot import TensorSnapshot, tensors_in
-from curvops.validation import ValidatedModes, Validation, validate
+from curvops.validation import ValidatedModes, Validation, validate, validate_across_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -175,10 +176,23 @@ class ModelCurvatureOperator(CurvatureOperator):
 
         def construction_checks() -> Validation:
             return validate(
-                model, loss_fn, self._data, params=params, bn_mode=bn_mode, output_fn=output_fn
+                model,
+                loss_fn,
+                self._data,
+                params=params,
+                bn_mode=bn_mode,
+                output_fn=output_fn,
+                process_group=process_group,
             )
 
-        self._validation = construction_checks()
+        self._validation = validate_across_ranks(  # one all_gather with a process group
+            construction_checks,
+            model,
+            loss_fn,
+            params=params,
+            process_group=process_group,
+            settings={"operator": type(self).__name__, "bn_mode": bn_mode},
+        )
         self._construction_checks = construction_checks  # rerun when the loss changes
         # ... and when the model enters train/eval flags not checked yet
         self._validated_modes = ValidatedModes(model, self._recheck)
@@ -331,7 +345,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         group = resolve_group(self.process_group)
         summed = loss_reduction(self._loss_fn) == "sum"
         unweighted = self._data.is_single_batch and group is None
-        acc = torch.zeros(self.num_params, dtype=self.torch_dtype, device=self.device)
+        acc = torch.zeros(
+            self.num_params, dtype=accumulation_dtype(self.torch_dtype), device=self.device
+        )
         total = 0.0
         with curvature_mode(self._model, self._bn_mode):
             for batch in self._batches():
@@ -354,7 +370,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         acc, total = all_reduce_weighted(acc, total, group)
         if total == 0:
             raise argument_error("data", "at least one batch with a counted target", self._data)
-        gradient = acc if summed or unweighted else acc / total
+        gradient = (acc if summed or unweighted else acc / total).to(self.torch_dtype)
         if not bool(all_finite(gradient)):
             raise NumericalError(
                 f"{type(self).__name__}.loss_gradient: the gradient is not finite"
@@ -608,7 +624,10 @@ class ModelCurvatureOperator(CurvatureOperator):
                 raise argument_error("data", "at least one batch with a counted target", self._data)
             # This rank contributes nothing; it still joins the collective.
             running.acc = torch.zeros(
-                self.num_params, V[0].shape[0], dtype=self.torch_dtype, device=self.device
+                self.num_params,
+                V[0].shape[0],
+                dtype=accumulation_dtype(self.torch_dtype),
+                device=self.device,
             )
             running.first_bad = torch.tensor(-1, device=self.device)
         index, params_bad, weight = _read_checks(running.first_bad, params_ok, running.weight)
@@ -744,20 +763,22 @@ class ModelCurvatureOperator(CurvatureOperator):
         finally:
             self._product_token, self._in_product = None, False
         if isinstance(weight, torch.Tensor) or weight != 1:
-            return acc / weight
-        return acc
+            acc = acc / weight
+        return acc.to(self.torch_dtype)  # sums of 16-bit products: accumulated in float32
 
 
 @dataclass
 class _WeightedSum:
     """The running state of one product: :math:`\\sum_b w_b A_b V`, :math:`\\sum_b w_b`, checks.
 
-    ``acc`` is the ``(P, k)`` weighted sum (``None`` before the first batch),
-    ``weight`` the total weight (a float, or a device scalar when a loader's weights
-    are counted on the device), ``first_bad`` a device int64 scalar holding the index
-    of the first batch with a non-finite product (``-1`` while none), and ``sizes``
-    the size of every batch added (for the error message).  With ``unweighted`` (one
-    batch on one process) the sum is the batch product itself and the weight 1.
+    ``acc`` is the ``(P, k)`` weighted sum (``None`` before the first batch; float32
+    for 16-bit products, :func:`curvops.precision.accumulation_dtype`), ``weight`` the
+    total weight (a float, or a float64 device scalar when a loader's weights are
+    counted on the device: a count over more than 65504 tokens stays finite),
+    ``first_bad`` a device int64 scalar holding the index of the first batch with a
+    non-finite product (``-1`` while none), and ``sizes`` the size of every batch added
+    (for the error message).  With ``unweighted`` (one batch on one process) the sum is
+    the batch product itself and the weight 1.
     """
 
     unweighted: bool
@@ -771,24 +792,28 @@ class _WeightedSum:
 
         A device weight of 0 (every target ignored, counted without a host
         synchronisation) adds zeros and never marks the batch as bad.  The product is
-        scaled then added (``acc += flat * w``), so a float and a device ``w`` give the
-        same bits.
+        scaled then added (``acc += flat * w``, ``w`` rounded to ``acc``'s dtype), so a
+        float and a device ``w`` give the same bits.
         """
         self.sizes[index] = size
         bad = ~all_finite(flat)
+        scale = w
+        if not self.unweighted:  # 16-bit products are summed in float32
+            flat = flat.to(accumulation_dtype(flat.dtype))
         if isinstance(w, torch.Tensor):  # counted on the device: 0 skips the batch
-            w = w.to(device=flat.device, dtype=flat.dtype)
+            w = w.to(device=flat.device, dtype=weight_dtype(flat.device))
             bad = bad & (w > 0)
             flat = torch.where(w > 0, flat, torch.zeros_like(flat))
+            scale = w.to(flat.dtype)
         here = torch.where(bad, index, -1)
         first_bad = self.first_bad
         self.first_bad = here if first_bad is None else torch.where(first_bad >= 0, first_bad, here)
         if self.unweighted:
             self.acc, self.weight = flat, 1.0
         elif self.acc is None:
-            self.acc, self.weight = flat * w, w
+            self.acc, self.weight = flat * scale, w
         else:
-            self.acc.add_(flat * w)
+            self.acc.add_(flat * scale)
             self.weight = self.weight + w
 
 

@@ -221,12 +221,62 @@ def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
     if targets.ndim == 0 or int(targets.shape[0]) != size:
         raise argument_error(
             f"data (batch {index})",
-            f"targets with {size} rows, the batch size of the inputs",
+            f"targets with {size} rows, the batch size of the inputs"
+            + _counted_from(inputs, batch_size, targets),
             targets,
         )
     if size == 0:
         raise argument_error(f"data (batch {index})", "a batch with at least one sample", obj)
     return Batch(inputs, targets, size, index)
+
+
+def _tensor_paths(value: Any, path: str = "inputs") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in ``value``, in the order of :func:`first_tensor`."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensor_paths(item, f"{path}[{key!r}]")
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _tensor_paths(item, f"{path}[{i}]")
+
+
+def _counted_from(inputs: Any, batch_size: BatchSize, targets: torch.Tensor) -> str:
+    """What the sample count was taken from, and the ``batch_size=`` that would fit ``targets``.
+
+    >>> inputs = {"position_ids": torch.zeros(1, 5), "input_ids": torch.zeros(2, 5)}
+    >>> said = _counted_from(inputs, None, torch.zeros(2))
+    >>> "inputs['position_ids']" in said, "as_data(data, batch_size='input_ids')" in said
+    (True, True)
+    """
+    if batch_size is not None:
+        return f" (counted by batch_size={batch_size!r})"
+    first = next(_tensor_paths(inputs), None)
+    if first is None or targets.ndim == 0:
+        return ""
+    rows = int(targets.shape[0])
+    keys: list[Any] = []
+    if isinstance(inputs, Mapping):
+        keys = list(inputs.keys())
+    elif isinstance(inputs, (tuple, list)):
+        keys = list(range(len(inputs)))
+    fits = [
+        k
+        for k in keys
+        if isinstance(inputs[k], torch.Tensor)
+        and inputs[k].ndim >= 1
+        and int(inputs[k].shape[0]) == rows
+    ]
+    hint = (
+        f"as_data(data, batch_size={fits[0]!r})"
+        if fits
+        else "as_data(data, batch_size=<its key or position, or a function of the inputs>)"
+    )
+    return (
+        f" (counted from {first[0]} of shape {tuple(first[1].shape)}, the first tensor; "
+        f"if it is not batch-major, name the batch-major input: {hint})"
+    )
 
 
 def _signature(batch: Batch) -> tuple[Any, ...]:
@@ -410,6 +460,15 @@ class Data:
     def counts_samples(self) -> bool:
         """Whether samples are counted by a ``batch_size=`` rule (inputs not batch-major)."""
         return self._batch_size is not None
+
+    @property
+    def batch_size_rule(self) -> BatchSize:
+        """The ``batch_size=`` rule samples are counted by (``None``: the first tensor).
+
+        >>> as_data((torch.zeros(2, 1), torch.zeros(2))).batch_size_rule is None
+        True
+        """
+        return self._batch_size
 
     @property
     def num_samples(self) -> int:

@@ -61,7 +61,8 @@ from curvops.losses import (
     output_hessian_factor,
 )
 from curvops.params import select_params
-from curvops.validation import validate
+from curvops.precision import accumulation_dtype
+from curvops.validation import Validation, validate, validate_across_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ggn_diagonal"]
@@ -195,6 +196,29 @@ def _check_settings(
         check_curved_loss(loss_fn)
 
 
+def _validated(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    params: Any,
+    bn_mode: str | None,
+    method: str,
+    process_group: Any,
+) -> Validation:
+    """The construction checks of :func:`ggn_diagonal`, agreed across ranks (one
+    ``all_gather`` with a process group: :func:`curvops.validation.validate_across_ranks`)."""
+    return validate_across_ranks(
+        lambda: validate(
+            model, loss_fn, data, params=params, bn_mode=bn_mode, process_group=process_group
+        ),
+        model,
+        loss_fn,
+        params=params,
+        process_group=process_group,
+        settings={"function": "ggn_diagonal", "method": method, "bn_mode": bn_mode},
+    )
+
+
 def ggn_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
@@ -253,7 +277,7 @@ def ggn_diagonal(
     """
     _check_settings(loss_fn, method, mc_samples, chunk_size, bn_mode)
     model = unwrap_model(model)
-    validation = validate(model, loss_fn, data, params=params, bn_mode=bn_mode)
+    validation = _validated(model, loss_fn, data, params, bn_mode, method, process_group)
     named = select_params(model, params)
     names = [n for n, _ in named]
     device, dtype = named[0][1].device, named[0][1].dtype
@@ -300,15 +324,16 @@ def ggn_diagonal(
                 diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
             if not bool(torch.isfinite(diag).all()):
                 raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
+            diag = diag.to(accumulation_dtype(dtype))  # 16-bit diagonals summed in float32
             total = diag * w if total is None else total.add_(diag, alpha=w)
             count += w
     group = resolve_group(process_group)
     if group is not None:  # the shards of every rank (a rank without batches adds zeros)
-        size = sum(p.numel() for _, p in named)
-        local = total if total is not None else torch.zeros(size, dtype=dtype, device=device)
+        size, wide = sum(p.numel() for _, p in named), accumulation_dtype(dtype)
+        local = total if total is not None else torch.zeros(size, dtype=wide, device=device)
         total, count = all_reduce_weighted(local, count, group)
         if count == 0:
             total = None
     if total is None:
         raise argument_error("data", "at least one batch with a counted target", data)
-    return total if loss_reduction(loss_fn) == "sum" else total / count
+    return (total if loss_reduction(loss_fn) == "sum" else total / count).to(dtype)

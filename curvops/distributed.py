@@ -30,6 +30,18 @@ Process groups (:func:`resolve_group`): an operator's ``process_group`` is
 Every rank of the group must then call the same products in the same order
 (collectives block until all members arrive).
 
+Agreement at construction (:func:`check_ranks_agree`): an operator built with a
+communicating group exchanges one fixed-size fingerprint per rank (one ``all_gather``
+of 11 float64 numbers): the selected parameters' names, shapes and dtype, the loss's
+type, reduction and settings, the operator type and ``bn_mode``, this rank's total
+batch weight and a 64-bit hash of the bits of all the model's parameters (a few
+integer passes over them on their device, :math:`O(P)`, once).  Every rank takes the
+same decision from the same gathered numbers, so ranks that disagree all raise the
+same error (naming what differs) instead of mixing two models, returning different
+products on different ranks or aborting inside the backend; a rank whose shard has no
+counted target contributes zeros, and only a job with no counted target on any rank is
+refused (on every rank).  Weights are compared at construction only.
+
 Why Lanczos needs no change
 ---------------------------
 Vectors are *replicated*: every rank runs :func:`spectral.lanczos` itself,
@@ -62,6 +74,8 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -80,6 +94,7 @@ __all__ = [
     "ShardedData",
     "all_reduce_sum",
     "all_reduce_weighted",
+    "check_ranks_agree",
     "check_replicated",
     "get_rank",
     "get_world_size",
@@ -507,6 +522,271 @@ def check_replicated(value: Any, group: Any = None) -> bool:
     verdict = torch.tensor([int(torch.equal(mine, theirs))], device=mine.device)
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=grp)
     return bool(verdict.item())
+
+
+# ---------------------------------------------------------------------------- agreement
+
+#: The fields of a rank's fingerprint (:func:`check_ranks_agree`), in buffer order, with
+#: how a disagreement is reported: ``"value"`` fields are shown per rank, ``"hash"`` fields
+#: (48-bit hashes, or the two 32-bit words of the parameter hash) only name the ranks.
+#: Every entry is exact in float64.
+_FIELDS: tuple[tuple[str, str], ...] = (
+    ("failed", "flag"),
+    ("weight", "weight"),
+    ("number of selected parameters", "value"),
+    ("number of selected tensors", "value"),
+    ("names and shapes of the selected parameters", "hash"),
+    ("parameter dtype", "dtype"),
+    ("loss reduction", "reduction"),
+    ("loss function and its settings", "hash"),
+    ("operator settings", "hash"),
+    ("model parameter values (bitwise)", "hash"),
+    ("model parameter values (bitwise)", "hash"),
+)
+_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex128,
+    torch.complex64,
+)
+_REDUCTIONS = ("mean", "sum")
+#: Multiplier and increment of Knuth's MMIX linear congruential generator (odd, < 2**63).
+_MULT, _INC = 6364136223846793005, 1442695040888963407
+_CHUNK = 1 << 22  # elements hashed at a time (bounds the temporary int64 buffers)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _text_hash(text: str) -> float:
+    """A 48-bit hash of ``text``, the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=6).digest()
+    return float(int.from_bytes(digest, "little"))
+
+
+def _describe_setting(value: Any) -> str:
+    """A process-independent description of a loss or operator setting (no addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        raw = value.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.blake2b(raw.view(torch.uint8).numpy().tobytes(), digest_size=8)
+        return f"tensor{tuple(value.shape)}:{value.dtype}:{digest.hexdigest()}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_describe_setting(v) for v in value) + ")"
+    kind = value if isinstance(value, type) else type(value)
+    return f"<{kind.__module__}.{getattr(kind, '__qualname__', kind.__name__)}>"
+
+
+def _loss_description(loss_fn: Any) -> str:
+    """The loss's type and settings: public attributes, buffers, ``partial`` keywords."""
+    if isinstance(loss_fn, functools.partial):
+        func = getattr(loss_fn.func, "__qualname__", type(loss_fn.func).__name__)
+        items = sorted(loss_fn.keywords.items())
+        return f"partial {func} " + ";".join(f"{k}={_describe_setting(v)}" for k, v in items)
+    kind = loss_fn if isinstance(loss_fn, type) else type(loss_fn)
+    name = getattr(loss_fn, "__qualname__", None) or f"{kind.__module__}.{kind.__qualname__}"
+    settings = dict(getattr(loss_fn, "__dict__", {}))
+    if isinstance(loss_fn, nn.Module):
+        settings.update(dict(loss_fn.named_buffers()))
+    items = sorted((k, v) for k, v in settings.items() if not k.startswith("_") and k != "training")
+    return f"{name} " + ";".join(f"{k}={_describe_setting(v)}" for k, v in items)
+
+
+def _bits_hash(tensors: Iterable[torch.Tensor]) -> int:
+    """A 64-bit hash of the tensors' bits, independent of summation order and thread count.
+
+    :math:`\\sum_i b_i c_i \\bmod 2^{64}` over the elements' bit patterns :math:`b_i`, with
+    odd pseudo-random coefficients :math:`c_i` of the global element index (integer
+    arithmetic wraps and is associative, so any reduction order gives the same bits).  A
+    change of any single element always changes the hash.  Runs on the tensors' device:
+    a few elementwise integer passes, one host synchronisation per device.
+    """
+    totals: dict[torch.device, torch.Tensor] = {}
+    offset = 0
+    for tensor in tensors:
+        flat = tensor.detach()
+        if flat.is_complex():
+            flat = torch.view_as_real(flat)
+        flat = flat.contiguous().reshape(-1)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()])
+        total = totals.setdefault(
+            flat.device, torch.zeros((), dtype=torch.int64, device=flat.device)
+        )
+        for start in range(0, bits.numel(), _CHUNK):
+            part = bits[start : start + _CHUNK].to(torch.int64)
+            index = torch.arange(offset + start, offset + start + part.numel(), device=part.device)
+            coef = index * _MULT + _INC
+            coef = (coef ^ (coef >> 29)) | 1
+            total += (part * coef).sum()
+        offset += bits.numel()
+    return sum(int(t) for t in totals.values()) % (1 << 64)
+
+
+def _fingerprint(
+    model: nn.Module,
+    params: Sequence[tuple[str, torch.Tensor]],
+    loss_fn: Any,
+    weight: float | None,
+    failed: bool,
+    settings: dict[str, Any],
+) -> list[float]:
+    """This rank's values of :data:`_FIELDS` (only the failure flag on a failed rank)."""
+    if failed:
+        return [1.0] + [0.0] * (len(_FIELDS) - 1)
+    from curvops.losses import loss_reduction
+
+    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in params)
+    dtype = params[0][1].dtype if params else None
+    code = _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+    described = ";".join(f"{k}={_describe_setting(v)}" for k, v in sorted(settings.items()))
+    bits = _bits_hash(p for _, p in model.named_parameters())
+    return [
+        0.0,
+        float("nan") if weight is None else float(weight),
+        float(sum(p.numel() for _, p in params)),
+        float(len(params)),
+        _text_hash(shapes),
+        float(code),
+        float(_REDUCTIONS.index(loss_reduction(loss_fn))),
+        _text_hash(_loss_description(loss_fn)),
+        _text_hash(described),
+        float(bits >> 32),
+        float(bits & 0xFFFFFFFF),
+    ]
+
+
+def _decode(kind: str, value: float) -> str:
+    if kind == "dtype":
+        return str(_DTYPES[int(value)]) if int(value) < len(_DTYPES) else "another dtype"
+    if kind == "reduction":
+        return repr(_REDUCTIONS[int(value)])
+    return str(int(value))
+
+
+def _disagreements(table: np.ndarray) -> list[str]:
+    """One phrase per field (other than the weight) whose value differs between ranks."""
+    found: list[str] = []
+    for j, (field, kind) in enumerate(_FIELDS):
+        column = table[:, j].tolist()
+        if kind in ("flag", "weight") or all(v == column[0] for v in column):
+            continue
+        groups: dict[float, list[int]] = {}
+        for rank, value in enumerate(column):
+            groups.setdefault(value, []).append(rank)
+        if kind == "hash":
+            text = f"{field} differ between " + " and ".join(f"ranks {r}" for r in groups.values())
+        else:
+            values = ", ".join(f"{_decode(kind, v)} on ranks {r}" for v, r in groups.items())
+            text = f"{field}: {values}"
+        if text not in found:  # the two words of the parameter hash
+            found.append(text)
+    return found
+
+
+def check_ranks_agree(
+    model: nn.Module,
+    params: Sequence[tuple[str, torch.Tensor]],
+    loss_fn: Any,
+    process_group: Any = None,
+    *,
+    weight: float | None = None,
+    failed: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> float | None:
+    """Check, with one small collective, that every rank builds the same operator.
+
+    Each rank sends a fixed-size fingerprint (one ``all_gather`` of 11 float64
+    numbers): the number, names, shapes and dtype of the selected parameters, the
+    loss's reduction, type and settings (public attributes, buffers such as class
+    weights, ``functools.partial`` keywords), the caller's ``settings`` (e.g. the
+    operator type and ``bn_mode``), a 64-bit hash of the bits of *all* the model's
+    parameters (:func:`_bits_hash`: a few integer passes over the parameters on their
+    device, :math:`O(P)`, nothing copied to the host), this rank's total batch weight
+    and whether its own checks failed.  Every rank receives every fingerprint and
+    takes the same decision from the same numbers, so either all ranks return or all
+    raise: no rank is left waiting in a collective.  Buffers (e.g. BatchNorm running
+    statistics) are not compared.  Ranks are numbered within the group.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The (unwrapped) model.
+    params : sequence of (str, torch.Tensor)
+        The selected ``(name, parameter)`` pairs (may be empty on a failed rank).
+    loss_fn : Any
+        The loss.
+    process_group : ProcessGroup, None or False
+        As for the operators (:func:`resolve_group`); no communication when it
+        resolves to ``None``.
+    weight : float, optional
+        This rank's total batch weight (counted targets, samples) when known
+        (``None`` for a DataLoader, whose batches are not read at construction).
+    failed : bool
+        This rank's own construction checks raised: it still joins the collective
+        (so that the others do not hang), then the caller re-raises its own error.
+    settings : dict, optional
+        Further settings that must agree (values: numbers, strings, tensors, types).
+
+    Returns
+    -------
+    float or None
+        The total weight over all ranks (``None`` when some rank did not know its
+        own, and on a failed rank); ``weight`` itself without communication.
+
+    Raises
+    ------
+    RuntimeError
+        On the other ranks, when the checks of some rank failed (naming those ranks).
+    ValueError
+        The same message on every rank: the ranks disagree (naming what differs and
+        the ranks of each value), or no rank has a counted target.
+
+    Examples
+    --------
+    >>> net = nn.Linear(2, 3)
+    >>> check_ranks_agree(net, list(net.named_parameters()), nn.CrossEntropyLoss(), weight=4.0)
+    4.0
+    """
+    group = resolve_group(process_group)
+    if group is None:
+        return None if failed else weight
+    mine = _fingerprint(model, params, loss_fn, weight, failed, settings or {})
+    local = torch.tensor(mine, dtype=torch.float64, device=_comm_device(group))
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered).cpu().numpy()
+    bad = [int(r) for r in np.flatnonzero(table[:, 0])]
+    if failed:
+        return None
+    if bad:
+        raise RuntimeError(
+            f"The construction checks failed on rank(s) {bad} of the process group (see the "
+            "error raised there); the other ranks stop here instead of waiting for them."
+        )
+    differences = _disagreements(table)
+    if differences:
+        raise ValueError(
+            "The ranks of the process group disagree: every rank must build the operator "
+            "from the same model weights, parameter selection, dtype and loss (each on its "
+            "own shard of the data); " + "; ".join(differences) + "."
+        )
+    return _total_weight(table[:, 1], len(gathered))
+
+
+def _total_weight(weights: np.ndarray, world: int) -> float | None:
+    """The sum of the ranks' weights in rank order (the same bits on every rank)."""
+    if np.isnan(weights).any():
+        return None
+    total = float(sum(weights.tolist()))
+    if total <= 0:
+        raise argument_error(
+            "data",
+            "at least one counted target over all ranks of the process group (every target "
+            "of every shard equals ignore_index or has class weight 0, so the mean loss is 0/0)",
+            f"{world} shards without a counted target",
+        )
+    return total
 
 
 # ---------------------------------------------------------------------------- sharding

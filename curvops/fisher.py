@@ -91,7 +91,11 @@ def fisher_output_factor(
     if generator is None:
         raise argument_error("generator", "a torch.Generator for kind='mc'", generator)
     sampled = sample_targets(loss_fn, outputs, targets, mc_samples, generator)
-    grads = [per_sample_nll_grads(loss_fn, outputs, t, normaliser) for t in sampled]
+    # the counted positions and the closed form come from the true targets: a draw
+    # equal to ignore_index (a pad id that is also a class) is a label, not padding
+    grads = [
+        per_sample_nll_grads(loss_fn, outputs, t, normaliser, true_targets=targets) for t in sampled
+    ]
     scale = fisher_scale(loss_fn, outputs, targets, normaliser, mc_samples)
     return torch.stack(grads, dim=-1) * math.sqrt(scale)
 

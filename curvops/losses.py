@@ -1191,6 +1191,8 @@ def per_sample_nll_grads(
     outputs: torch.Tensor,
     targets: torch.Tensor,
     normaliser: float | None = None,
+    *,
+    true_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradients :math:`s_n = \\nabla_{f_n}\\mathrm{NLL}(f_n, y_n)`, shape ``(N, C)`` (outputs
     flattened), with :math:`F_b = \\mathrm{scale}\\sum_n J_n^\\top s_n s_n^\\top J_n`
@@ -1211,6 +1213,12 @@ def per_sample_nll_grads(
         The batch's targets.
     normaliser : float, optional
         The batch normaliser (computed when ``None``).
+    true_targets : torch.Tensor, optional
+        The batch's own targets when ``targets`` were sampled (:func:`sample_targets`):
+        the closed form and the counted positions come from them, and every sampled
+        class is a label, also one equal to ``ignore_index`` (a pad id that is a real
+        class, e.g. ``sequence_cross_entropy(ignore_index=0)``) -- masking the draws
+        would bias the Monte-Carlo Fisher.
 
     Returns
     -------
@@ -1226,7 +1234,8 @@ def per_sample_nll_grads(
     tensor([[-0.5000,  0.5000],
             [ 0.8808, -0.8808]], dtype=torch.float64)
     """
-    kind = loss_kind(loss_fn, outputs, targets)
+    truth = targets if true_targets is None else true_targets
+    kind = loss_kind(loss_fn, outputs, truth)
     f = outputs.detach()
     n = f.shape[0]
     if kind == "ce":
@@ -1234,7 +1243,7 @@ def per_sample_nll_grads(
         return p - nn.functional.one_hot(targets, f.shape[-1]).to(p.dtype)
     if kind in ("seq_ce", "ce_tokens"):
         p = torch.softmax(_class_last(kind, f), dim=-1)
-        mask = _seq_mask(loss_fn, targets)
+        mask = _seq_mask(loss_fn, truth)  # the loss's counted positions, never the draws
         safe = torch.where(mask, targets, torch.zeros_like(targets))
         s = (p - nn.functional.one_hot(safe, p.shape[-1]).to(p.dtype)) * mask.unsqueeze(-1)
         return _class_back(kind, s).reshape(n, -1)
@@ -1249,8 +1258,29 @@ def per_sample_nll_grads(
     return g.reshape(n, -1)
 
 
+def _sampled_token_nll(
+    loss_fn: LossFn,
+    kind: str,
+    outputs: torch.Tensor,
+    sampled: torch.Tensor,
+    true_targets: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample token NLL of ``sampled`` labels over the positions ``true_targets`` count."""
+    mask = _seq_mask(loss_fn, true_targets)
+    safe = torch.where(mask, sampled, torch.zeros_like(sampled))
+    logits = _class_last(kind, outputs)
+    per_token = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none"
+    )
+    return (per_token * mask.reshape(-1)).reshape(outputs.shape[0], -1).sum(1)
+
+
 def per_sample_nll_values(
-    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
+    loss_fn: LossFn,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    true_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample :math:`\\mathrm{NLL}(f_n, y_n)`, shape ``(N,)``, differentiable in ``outputs``.
 
@@ -1266,6 +1296,10 @@ def per_sample_nll_values(
         The model's outputs on the batch.
     targets : torch.Tensor
         The batch's targets.
+    true_targets : torch.Tensor, optional
+        As for :func:`per_sample_nll_grads`: the batch's own targets when ``targets``
+        were sampled (they choose the closed form and the counted positions; a sampled
+        class equal to ``ignore_index`` is a label).
 
     Returns
     -------
@@ -1280,10 +1314,12 @@ def per_sample_nll_values(
     >>> per_sample_nll_values(torch.nn.CrossEntropyLoss(), f, y)
     tensor([0.6931, 2.1269], dtype=torch.float64)
     """
-    kind = loss_kind(loss_fn, outputs, targets)
+    kind = loss_kind(loss_fn, outputs, targets if true_targets is None else true_targets)
     n = outputs.shape[0]
     if kind == "ce":
         return nn.functional.cross_entropy(outputs, targets, reduction="none")
+    if true_targets is not None and kind in ("seq_ce", "ce_tokens"):
+        return _sampled_token_nll(loss_fn, kind, outputs, targets, true_targets)
     if kind == "ce_tokens":
         per_position = nn.functional.cross_entropy(
             outputs,

@@ -28,6 +28,15 @@ and 3-4 in float16; eigenvalues below :math:`u\\|A\\|` (the bulk near zero) are
 noise.  Losses and their normalisers are evaluated by the model's own code in its
 dtype; mean reductions over many tokens in bfloat16 add their own rounding.
 
+Over several batches (a list, a DataLoader, the ranks of a process group) the weighted
+sum of the batch products is accumulated in float32 (:func:`accumulation_dtype`; float64
+and float32 models keep their own dtype) and the total weight -- a sample or token
+count, or a sum of class weights -- in float64 (:func:`weight_dtype`; float32 on devices
+without float64); only the final product is rounded to the model's dtype.  A list of
+batches therefore has the accuracy of one batch (the rounding of the sum adds about
+:math:`n_\text{batches}` float32 unit roundoffs), and a float16 model over more than
+65504 counted tokens gets a finite total weight.
+
 >>> import torch
 >>> from curvops import HessianOperator
 >>> net = torch.nn.Linear(3, 2).to(torch.bfloat16)
@@ -47,7 +56,49 @@ from curvops._arrays import torch_dtype_of
 from curvops.operator import CurvatureOperator
 from spectral.errors import argument_error
 
-__all__ = ["Widened", "widen"]
+__all__ = ["Widened", "accumulation_dtype", "weight_dtype", "widen"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of products in ``dtype`` are accumulated in: float32 for 16-bit floats.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The products' (the model's) floating dtype.
+
+    Returns
+    -------
+    torch.dtype
+        float32 for float16 and bfloat16, ``dtype`` itself otherwise.
+
+    Examples
+    --------
+    >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def weight_dtype(device: torch.device) -> torch.dtype:
+    """The dtype total weights (counts, class-weight sums) are summed in on ``device``.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the weights are counted.
+
+    Returns
+    -------
+    torch.dtype
+        float64, except on Apple's ``mps`` devices, which have no float64 (float32 there).
+
+    Examples
+    --------
+    >>> weight_dtype(torch.device("cpu"))
+    torch.float64
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class Widened(CurvatureOperator):

@@ -1,7 +1,8 @@
 """The paper's loss statistics over minibatches: gradient and curvature moments, norms.
 
 Let the data be split into minibatches :math:`i = 1..m` of sizes :math:`N_i` (the
-batches of ``data``, each cut into pieces of ``batch_size`` when given), with
+batches of ``data``, each cut into pieces of ``batch_size`` when given: its batch-major
+inputs only, see :func:`minibatches`), with
 weights :math:`w_i = \\nu_i / \\sum_j \\nu_j` by the loss's own normaliser (the sample
 count :math:`N_i`, or the counted targets of a cross-entropy with ``ignore_index``, see
 :func:`curvops.losses.batch_weight`), mean losses :math:`L_i`, gradients :math:`g_i` and
@@ -47,7 +48,7 @@ Also: a Hutchinson estimate of :math:`\\|\\bar C\\|_F^2 = \\mathbb{E}\\|\\bar C 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,7 +58,7 @@ from torch import nn
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.curvature import ModelCurvatureOperator
-from curvops.data import Batch, as_data, batch_size_of, move_to
+from curvops.data import Batch, as_data, move_to
 from curvops.determinism import outside_inference_mode
 from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
@@ -132,18 +133,71 @@ class LossStats:
         return asdict(self)
 
 
-def _slice(value: Any, start: int, stop: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[start:stop]
-    if isinstance(value, dict):
-        return {k: _slice(v, start, stop) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice(v, start, stop) for v in value)
-    return value
+class _Cutter:
+    """Cuts the inputs of a pass's batches into minibatches (see :func:`minibatches`).
+
+    A tensor is *batch-major* in a batch when its leading dimension is the batch's sample
+    count (counted as the operators count it: the first tensor, or the data's
+    ``as_data(..., batch_size=...)`` rule); batch-major tensors are cut, all others (a
+    shared ``[T, T]`` attention mask, ``[1, T]`` position ids, scalars) are passed whole
+    to every minibatch.  ``seen`` remembers, per input, whether it was batch-major in the
+    first batch that held it: an input that is batch-major in one batch and not in
+    another can only be batch-major by coincidence, and is refused.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[bool, int, tuple[int, ...]]] = {}
+
+    def cut(self, batch: Batch, start: int, stop: int) -> Any:
+        """``batch.inputs`` with every batch-major tensor cut to ``[start:stop]``."""
+        return self._cut(batch.inputs, "inputs", batch, start, stop)
+
+    def scan(self, batches: Iterable[Batch]) -> None:
+        """Check every batch before any is cut (in-memory data: refused before any work)."""
+        for batch in batches:
+            self._cut(batch.inputs, "inputs", batch, 0, batch.size)
+
+    def _cut(self, value: Any, path: str, batch: Batch, start: int, stop: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            major = value.ndim >= 1 and int(value.shape[0]) == batch.size
+            self._check(path, major, batch, tuple(value.shape))
+            return value[start:stop] if major else value
+        if isinstance(value, Mapping):
+            return {k: self._cut(v, f"{path}[{k!r}]", batch, start, stop) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(
+                self._cut(v, f"{path}[{i}]", batch, start, stop) for i, v in enumerate(value)
+            )
+        return value
+
+    def _check(self, path: str, major: bool, batch: Batch, shape: tuple[int, ...]) -> None:
+        first = self.seen.setdefault(path, (major, batch.index, shape))
+        if first[0] == major:
+            return
+        was, now = ("cut", "kept whole") if first[0] else ("kept whole", "cut")
+        raise argument_error(
+            f"data (batch {batch.index})",
+            f"inputs that are batch-major (leading dimension = the batch's sample count, "
+            f"cut into minibatches) in every batch or in none; {path} has shape {shape} "
+            f"with {batch.size} samples here ({now}) but {first[2]} in batch {first[1]} "
+            f"({was}), so its length matches the sample count by coincidence somewhere. "
+            f"Cut the batches yourself and pass them with batch_size=None",
+            f"{path} of shape {shape}",
+        )
 
 
 def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
     """The batches of ``data``, each cut into consecutive pieces of ``batch_size``.
+
+    Only the *batch-major* inputs are cut: the tensors whose leading dimension is the
+    batch's sample count, counted as the operators count it (the length of the first
+    tensor, or the key / position of an ``as_data(..., batch_size=...)`` rule).  Every
+    other tensor (a shared ``[T, T]`` causal mask, ``[1, T]`` position ids) is passed
+    whole to each piece.  A shared tensor whose leading dimension equals the sample count
+    cannot be told apart from a batch-major one and is cut; where that holds in some
+    batches and not in others (an unequal last batch) it is refused.  Declare the
+    batch-major input with ``as_data(data, batch_size="input_ids")`` when the first
+    tensor is not batch-major; a ``batch_size`` function cannot be followed into pieces.
 
     Parameters
     ----------
@@ -157,34 +211,46 @@ def minibatches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
     Batch
         Each piece, in order.
 
+    Raises
+    ------
+    ValueError
+        A bad ``batch_size``; data counted by a function; an input that is batch-major
+        in one batch and not in another (names the batch and the input).
+
     Examples
     --------
     >>> [b.size for b in minibatches((torch.zeros(5, 1), torch.zeros(5)), 2)]
     [2, 2, 1]
+    >>> mask = torch.ones(3, 3)  # shared: not cut
+    >>> [b.inputs[1].shape[0] for b in minibatches(((torch.zeros(5, 3), mask), torch.zeros(5)), 2)]
+    [3, 3, 3]
     """
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise argument_error("batch_size", "None or an integer >= 1", batch_size)
     stream = as_data(data)
-    if batch_size is not None and stream.counts_samples:
+    if batch_size is not None and callable(stream.batch_size_rule):
         raise argument_error(
             "batch_size",
-            "None for data whose samples are counted by as_data(..., batch_size=...) (its "
-            "inputs are not all batch-major, so they cannot be cut into minibatches)",
+            "None for data whose samples are counted by a function (as_data(..., "
+            "batch_size=<function>): which inputs are batch-major is unknown; declare the "
+            "batch-major input's key or position instead)",
             batch_size,
         )
+    cutter = _Cutter()
+    if batch_size is not None and stream.is_in_memory:
+        cutter.scan(stream)
     index = 0
     for batch in stream:
         if batch_size is None:  # as they are (inputs need not be batch-major)
             yield Batch(batch.inputs, batch.targets, batch.size, index)
             index += 1
             continue
-        step = batch_size
-        for start in range(0, batch.size, step):
-            stop = min(start + step, batch.size)
-            inputs = _slice(batch.inputs, start, stop)
-            yield Batch(inputs, batch.targets[start:stop], batch_size_of(inputs), index)
+        for start in range(0, batch.size, batch_size):
+            stop = min(start + batch_size, batch.size)
+            inputs = cutter.cut(batch, start, stop)
+            yield Batch(inputs, batch.targets[start:stop], stop - start, index)
             index += 1
 
 
@@ -306,6 +372,9 @@ def loss_stats(
     ----------
     batch_size:
         Cut every batch of ``data`` into minibatches of this size (None: use them as is).
+        Only batch-major inputs are cut (leading dimension = the batch's sample count);
+        shared tensors such as a ``[T, T]`` mask go whole to every minibatch (see
+        :func:`minibatches` for the rule and the case it refuses).
     curvature:
         ``"hessian"`` or ``"ggn"`` (the ``hess_*`` fields then describe the GGN).
     z:
@@ -354,7 +423,8 @@ def loss_stats(
     moments = _sweep(setting, data, validation, z_parts, keep=bool(num_probes))
     moments.all_reduce(group)
     if num_probes:
-        stream = data if batch_size is None else moments.kept
+        rule = as_data(data).batch_size_rule
+        stream = data if batch_size is None else as_data(moments.kept, batch_size=rule)
         fro, fro_err = _frobenius(setting, stream, num_probes, seed)
     else:
         fro, fro_err = math.nan, math.nan

@@ -293,7 +293,11 @@ def dense_fisher(
             draws = targets.unsqueeze(0)
         total = torch.zeros(w0.numel(), w0.numel(), dtype=torch.float64, device=w0.device)
         for t in draws:
-            G = torch.func.jacrev(lambda w, t=t: per_sample_nll_values(loss_fn, forward(w), t))(w0)
+            G = torch.func.jacrev(
+                lambda w, t=t: per_sample_nll_values(
+                    loss_fn, forward(w), t, true_targets=targets if kind == "mc" else None
+                )
+            )(w0)
             total += G.T @ G
         return total * c
 

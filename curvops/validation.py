@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from curvops.data import dict_batch_error, first_tensor
+from curvops.distributed import check_ranks_agree, resolve_group
 from spectral.errors import argument_error
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "check_weights_not_rewritten",
     "dict_batch_error",
     "validate",
+    "validate_across_ranks",
 ]
 
 
@@ -241,6 +243,9 @@ class Validation:
     loss_fn: Any
     classes: tuple[int, int] | None
     streamed_checked: bool = False
+    #: The total weight of an in-memory shard at construction (``None`` for a
+    #: DataLoader), for the collective check of :func:`validate_across_ranks`.
+    weight: float | None = None
 
     def check_streamed(self, inputs: Any, targets: torch.Tensor, index: int) -> None:
         """Check one batch of a DataLoader during its first pass (its targets; non-finite
@@ -439,10 +444,15 @@ def validate(
     params: Any = None,
     bn_mode: str | None = None,
     output_fn: Any = None,
+    process_group: Any = False,
 ) -> Validation:
     """Run the construction-time checks of the module docstring; return what they learnt.
 
-    ``data`` may be anything :func:`curvops.data.as_data` accepts.
+    ``data`` may be anything :func:`curvops.data.as_data` accepts.  With a
+    ``process_group`` that communicates (:func:`curvops.distributed.resolve_group`),
+    ``data`` is one rank's shard and may lack counted targets (an all-padding shard
+    contributes zeros): the total over the ranks is checked by
+    :func:`validate_across_ranks`.  No communication here.
 
     Raises
     ------
@@ -506,11 +516,65 @@ def validate(
                 check_targets(loss_fn, batch.targets, batch.index, classes)
                 _check_normaliser_known(loss_fn, batch.targets, batch.index)
             total += batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
-        if total <= 0:
+        result.weight = total
+        if total <= 0 and resolve_group(process_group) is None:
             raise argument_error(
                 "data",
                 "at least one counted target (every target equals ignore_index or has "
                 "class weight 0, so the mean loss is 0/0)",
                 data,
             )
+    return result
+
+
+def validate_across_ranks(
+    checks: Callable[[], Validation],
+    model: nn.Module,
+    loss_fn: Any,
+    *,
+    params: Any = None,
+    process_group: Any = None,
+    settings: dict[str, Any] | None = None,
+) -> Validation:
+    """Run this rank's ``checks`` (a call of :func:`validate`), then agree across ranks.
+
+    Without communication (``process_group`` resolving to ``None``) this is
+    ``checks()``.  Otherwise every rank joins one ``all_gather``
+    (:func:`curvops.distributed.check_ranks_agree`) whether or not its own checks
+    passed, so that a failure on one rank stops every rank instead of leaving the
+    others waiting in their first product: the failing rank raises its own error, the
+    others a ``RuntimeError`` naming it.  Ranks that disagree (model weights, parameter
+    selection, dtype, loss settings, ``settings``) or a job whose shards hold no
+    counted target at all raise the same ``ValueError`` on every rank.
+
+    Parameters
+    ----------
+    checks : callable
+        This rank's construction checks; pass ``process_group`` to :func:`validate`
+        so that a shard without counted targets is accepted locally.
+    model, loss_fn, params :
+        As given to the operator (``params``: the selection).
+    process_group : ProcessGroup, None or False
+        The operator's group.
+    settings : dict, optional
+        Further settings every rank must share (operator type, ``bn_mode``).
+
+    Returns
+    -------
+    Validation
+        What ``checks`` returned.
+    """
+    from curvops.params import select_params
+
+    if resolve_group(process_group) is None:
+        return checks()
+    result: Validation | None = None
+    named: list[tuple[str, torch.Tensor]] = []
+    try:
+        result = checks()
+        named = list(select_params(model, params))
+    except Exception:
+        check_ranks_agree(model, [], loss_fn, process_group, failed=True)
+        raise
+    check_ranks_agree(model, named, loss_fn, process_group, weight=result.weight, settings=settings)
     return result

@@ -107,5 +107,11 @@ def test_loss_stats_keep_batches_whose_samples_are_told() -> None:
     with torch.no_grad():
         full = float(nn.MSELoss()(model(**whole[0]), whole[1]))
     assert got.loss_mean == pytest.approx(full, rel=1e-12)
-    with pytest.raises(ValueError, match=r"Argument 'batch_size'.*cannot be cut"):
-        loss_stats(model, nn.MSELoss(), as_data(batches, batch_size="x"), batch_size=2)
+    # cutting follows the declared batch-major input; the (T,) positions stay whole
+    # (tests/curvops/test_stats_cutting.py); a function of the inputs cannot be followed
+    cut = loss_stats(model, nn.MSELoss(), as_data(whole, batch_size="x"), batch_size=1)
+    assert cut.loss_mean == pytest.approx(got.loss_mean, rel=1e-12)
+    assert cut.grad_var == pytest.approx(got.grad_var, rel=1e-12)
+    counted = as_data(batches, batch_size=lambda inputs: int(inputs["x"].shape[0]))
+    with pytest.raises(ValueError, match=r"Argument 'batch_size'.*counted by a function"):
+        loss_stats(model, nn.MSELoss(), counted, batch_size=2)
