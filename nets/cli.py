@@ -251,7 +251,9 @@ def _add_common(p: argparse.ArgumentParser, *, train: bool = False) -> None:
     """``--dataset``, ``--data-path``, ``--model`` (real defaults in the help), device, seed."""
     if train:
         p.add_argument(
-            "--dataset", default="digits", help="digits (embedded), CIFAR10, CIFAR100 or synthetic"
+            "--dataset",
+            default="digits",
+            help="digits (embedded), CIFAR10, CIFAR100, synthetic or text",
         )
         p.add_argument("--data-path", default=None, help="folder with the CIFAR archives")
         p.add_argument("--model", default="SmallCNN", help="model name, e.g. SmallCNN, VGG16")
@@ -259,7 +261,7 @@ def _add_common(p: argparse.ArgumentParser, *, train: bool = False) -> None:
         p.add_argument(
             "--dataset",
             default=None,
-            help="digits (embedded), CIFAR10, CIFAR100 or synthetic "
+            help="digits (embedded), CIFAR10, CIFAR100, synthetic or text "
             "(default: the dataset the checkpoint was trained on, else digits)",
         )
         p.add_argument(
@@ -447,6 +449,13 @@ def track_options(text: str) -> dict[str, Any]:
     return out
 
 
+def _accuracy_or_perplexity(entry: dict[str, Any], split: str, label: str, note: int) -> Row:
+    """The accuracy row, or the perplexity row for a language model (no accuracy, a ppl)."""
+    if entry.get(f"{split}_acc") is None and entry.get(f"{split}_ppl") is not None:
+        return (f"{label} perplexity ({note})", _fmt(entry.get(f"{split}_ppl")))
+    return (f"{label} accuracy (%) ({note})", _fmt(entry.get(f"{split}_acc")))
+
+
 def _training_table(run_dir: Path, elapsed: float | None = None) -> str:
     stats_file = run_dir / "stats.json"
     rows: list[Row] = [("run directory", str(run_dir))]
@@ -462,12 +471,12 @@ def _training_table(run_dir: Path, elapsed: float | None = None) -> str:
             ("optimizer", str(config.get("optimizer") or "-")),
             ("epochs", _fmt(last.get("epoch"))),
             ("last epoch's train loss (1)", _fmt(last.get("train_loss"))),
-            ("last epoch's train accuracy (%) (1)", _fmt(last.get("train_acc"))),
+            _accuracy_or_perplexity(last, "train", "last epoch's train", 1),
         ]
         if tested:
             rows += [
                 ("final test loss (2)", _fmt(tested[-1].get("test_loss"))),
-                ("final test accuracy (%) (2)", _fmt(tested[-1].get("test_acc"))),
+                _accuracy_or_perplexity(tested[-1], "test", "final test", 2),
             ]
         definitions = stats.get("definitions") or {}
         notes = [
@@ -689,6 +698,8 @@ _STATS_COLUMNS = (
 
 
 def _cmd_stats(args: argparse.Namespace) -> list[str]:
+    import numpy as np
+
     from nets.workflow.loss_stats import compute_loss_stats
     from spectral.io import load_npz
 
@@ -716,7 +727,11 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
     arrays = load_npz(out if out.suffix == ".npz" else out.with_name(out.name + ".npz"))
     config = json.loads(str(arrays["config_json"])) if "config_json" in arrays else {}
     definitions = config.get("definitions") or {}
-    present = [(k, h) for k, h in _STATS_COLUMNS if k in arrays]
+    present = [
+        (k, h)
+        for k, h in _STATS_COLUMNS
+        if k in arrays and not (k == "test_acc" and bool(np.all(np.isnan(arrays[k]))))
+    ]  # no accuracy column for a language model (NaN: its targets are not class labels)
     count = int(max((arrays[k].size for k, _ in present), default=0))
     body = [
         [_fmt(arrays[k].ravel()[i].item()) if arrays[k].size > i else "-" for k, _ in present]

@@ -25,8 +25,9 @@ fraction of a cold one (``products`` in each row; ``warm`` says which it was).
 touches the optimiser; the global RNG streams (torch, CUDA when initialised, numpy,
 Python ``random``) are saved before and restored after each measurement and the
 one pass over a DataLoader ``data`` (the loader's and its sampler's generators too).
-A DataLoader is read once, at construction, into a list of batches: the
-measurement set is the same at every step.
+A DataLoader is read once, at construction, into a list of batches, and in-memory
+batches are copied then: the measurement set is the same at every step, whatever the
+loop later does to its own tensors (a reused input buffer).
 
 **File and restart.**  Rows go to ``path`` as JSON lines, the whole file rewritten
 through :func:`spectral.io.atomic_write` (temporary file, fsync, rename) after each
@@ -57,6 +58,7 @@ has no duplicate and no missing step.  Density snapshots go to ``<stem>.density-
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import math
@@ -65,12 +67,13 @@ import random
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from curvops.blocks import ParamSlice
 from curvops.curvature import ModelCurvatureOperator
 from curvops.data import as_data
 from curvops.fisher import FisherOperator
@@ -126,13 +129,29 @@ def preserved_rng(*generators: torch.Generator | None) -> Iterator[None]:
 def _fixed_batches(data: Any) -> Any:
     """``data`` as a fixed in-memory measurement set (a DataLoader is read once)."""
     stream = as_data(data)
-    if stream.is_in_memory:
-        return data
+    if stream.is_in_memory:  # copied: later in-place edits of the caller's tensors change nothing
+        return _snapshot(data)
     generators = [getattr(data, "generator", None)]
     sampler = getattr(data, "sampler", None)
     generators.append(getattr(sampler, "generator", None))
     with preserved_rng(*generators):
         return [(b.inputs, b.targets) for b in stream]
+
+
+def _snapshot(data: Any) -> Any:
+    """``data`` with every tensor detached and cloned (containers rebuilt as their type)."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().clone()
+    if isinstance(data, list | tuple):
+        items = [_snapshot(d) for d in data]
+        return type(data)(*items) if hasattr(data, "_fields") else type(data)(items)
+    if isinstance(data, Mapping):
+        copied = {k: _snapshot(v) for k, v in data.items()}
+        try:
+            return cast(Any, type(data))(copied)
+        except TypeError:
+            return copied
+    return copy.deepcopy(data)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -149,8 +168,26 @@ def _blocks(model: nn.Module, params: Any, blocks: Any) -> dict[str, list[str]]:
         groups = group_by_layer(select_params(model, params))
         return {g[0][0].rpartition(".")[0] or "<root>": [n for n, _ in g] for g in groups}
     if isinstance(blocks, Mapping) and blocks:
-        return {str(k): [n for n, _ in select_params(model, v)] for k, v in blocks.items()}
+        return {str(k): [n for n, _ in select_params(model, _whole(v))] for k, v in blocks.items()}
     raise argument_error("blocks", "None, 'layer' or a non-empty mapping name -> params", blocks)
+
+
+def _whole(selection: Any) -> Any:
+    """A block's selection with whole-parameter :class:`curvops.blocks.ParamSlice` entries as
+    names; slices of a parameter (heads, fused q/k/v parts) are refused naming ``blocks``."""
+    if not isinstance(selection, list | tuple) or not any(
+        isinstance(s, ParamSlice) for s in selection
+    ):
+        return selection
+    if any(isinstance(s, ParamSlice) and s.index is not None for s in selection):
+        raise argument_error(
+            "blocks",
+            "a mapping name -> whole parameters (names, modules or ParamSlice with index=None): "
+            "the tracker's operators cannot select part of a parameter (a head or one of fused "
+            "q/k/v); use curvops.per_block for per-head blocks",
+            selection,
+        )
+    return [s.name if isinstance(s, ParamSlice) else s for s in selection]
 
 
 def _rows_path(path: Any) -> Path | None:
@@ -215,6 +252,36 @@ def _operators(
     return operators
 
 
+def products_dtype(op: ModelCurvatureOperator) -> torch.dtype:
+    """The dtype the operator's products are computed in now: the parameters' dtype, or the
+    ``torch.autocast`` dtype when autocast is on for the operator's device and lowers it
+    (autocast leaves float64 alone)."""
+    dtype = op.torch_dtype
+    kind = op.device.type
+    if dtype == torch.float64 or not torch.is_autocast_enabled(kind):
+        return dtype
+    low = torch.get_autocast_dtype(kind)
+    return low if torch.finfo(low).eps > torch.finfo(dtype).eps else dtype
+
+
+def check_attainable_tol(tol: float, op: ModelCurvatureOperator) -> None:
+    """Refuse a ``tol`` below ``100 eps`` of the products' precision, the floor under which
+    :func:`spectral.blockeig.block_eigenpairs` cannot certify a residual (it would
+    silently raise ``tol`` to it)."""
+    dtype = products_dtype(op)
+    floor = 100.0 * torch.finfo(dtype).eps
+    if tol < floor:
+        where = " under torch.autocast" if dtype != op.torch_dtype else ""
+        raise argument_error(
+            "tol",
+            f"at least {floor:.3g} (100 eps) for curvature products computed in {dtype}{where}: "
+            "no smaller relative residual can be certified in that precision; measure a float32 "
+            "or float64 copy of the model (and call the tracker outside torch.autocast) for a "
+            "tighter tolerance",
+            tol,
+        )
+
+
 class _Counted:
     """A curvature operator that counts its products (columns)."""
 
@@ -274,7 +341,10 @@ class CurvatureTracker:
     tol:
         Relative residual tolerance of the eigenvalues (see the module docstring): each
         value is within ``tol * |value|`` of an eigenvalue, and in practice within about
-        ``(tol * |value|)**2 / gap``; raised to ``100 eps`` of the model's dtype.
+        ``(tol * |value|)**2 / gap``.  At least ``100 eps`` of the precision the products
+        are computed in (the model's dtype, or the ``torch.autocast`` dtype when a
+        measurement runs under autocast): a smaller ``tol`` cannot be certified there and
+        is refused (``ValueError`` naming ``tol``), never silently loosened.
     warm_start:
         Start each eigen-solve from the ``2 top_k`` most wanted Ritz vectors of the
         previous measurement (plus one random guard vector); ``True`` or ``False``.
@@ -381,6 +451,7 @@ class CurvatureTracker:
             parameters=list(zip(main.param_names, shapes)),
             blocks=[n for n in self._operators if n], operator_kwargs=kwargs, data=data,
         )  # fmt: skip
+        check_attainable_tol(self.tol, main)
         for name, counted in self._operators.items():
             if self.top_k >= counted.shape[0]:
                 raise argument_error(
@@ -402,6 +473,8 @@ class CurvatureTracker:
         self, *, epoch: int | None = None, lr: float | None = None, loss: float | None = None
     ) -> dict[str, Any] | None:
         """Count one optimiser step; measure (and return the row) when the count is due."""
+        if (self.count + 1) % self.every == 0:  # refused before counting: the step can be retried
+            check_attainable_tol(self.tol, self._operators[""].op)
         self.count += 1
         if self.count % self.every or any(r["step"] == self.count for r in self.rows[-1:]):
             return None
@@ -410,7 +483,14 @@ class CurvatureTracker:
     def measure(
         self, *, epoch: int | None = None, lr: float | None = None, loss: float | None = None
     ) -> dict[str, Any]:
-        """Measure now, at the current step count; append and return the row."""
+        """Measure now, at the current step count; append and return the row.
+
+        At a step already measured (``step()`` measured it, or an earlier ``measure()``)
+        the existing row is returned: nothing is measured or written again, so the file
+        keeps one row per step.
+        """
+        if self.rows and self.rows[-1]["step"] == self.count:
+            return self.rows[-1]
         start = time.perf_counter()
         with preserved_rng():
             row = self._measure()
@@ -427,6 +507,7 @@ class CurvatureTracker:
     # ------------------------------------------------------------------ measurement
     def _measure(self) -> dict[str, Any]:
         step = self.count
+        check_attainable_tol(self.tol, self._operators[""].op)  # autocast may be on now
         rng = np.random.default_rng([self.seed, step])
         row: dict[str, Any] = {"step": step, "kind": self.kind, "settings": self.settings}
         total = 0

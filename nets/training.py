@@ -109,6 +109,7 @@ from nets.checkpoint import (
 from nets.curvature_rows import STATS_CHECKSUMS, row_checksums, verified_rows, write_rows
 from nets.data import DatasetSplits, load_dataset, make_loader
 from nets.device import resolve_device
+from nets.loss_means import LossMean, counted_targets
 from nets.models import get_model, model_spec
 from nets.models._common import check_positive_int
 from nets.optim.registry import get_optimizer
@@ -264,23 +265,29 @@ def _batch_iter(loader: DataLoader[Any]) -> Iterator[tuple[torch.Tensor, torch.T
 
 
 class _Metrics:
-    """Sample-weighted loss and top-1/top-5 hit counts, accumulated on the device (no syncs).
+    """Mean loss and top-1/top-5 hit counts, accumulated on the device (no syncs).
 
-    Accuracies are counted for batches of integer class targets ``(B,)`` and logits
-    ``(B, C)`` only, so regression data reports ``None``.
+    Each batch's mean loss is weighted by the loss's own normaliser (:class:`LossMean`: its
+    counted targets for cross-entropy with ``ignore_index`` padding), so the result is the
+    loss over all the data.  Accuracies are counted for batches of integer class targets
+    ``(B,)`` and logits ``(B, C)`` only, over the targets the loss counts, so regression
+    data reports ``None``.
     """
 
-    def __init__(self, device: torch.device, classification: bool) -> None:
+    def __init__(self, device: torch.device, classification: bool, loss_fn: LossFn) -> None:
         self.classification = classification
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_fn = loss_fn
+        self.mean = LossMean(loss_fn, device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.correct5 = torch.zeros((), dtype=torch.int64, device=device)
+        self.labelled = torch.zeros((), dtype=torch.int64, device=device)
         self.count = 0
-        self.labelled = 0
 
-    def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+    def add(
+        self, output: torch.Tensor, inputs: Any, target: torch.Tensor, loss: torch.Tensor
+    ) -> None:
         n = int(output.shape[0])
-        self.loss_sum += loss.detach().double() * n
+        self.mean.add(loss, inputs, target, n)
         self.count += n
         if (
             self.classification
@@ -288,16 +295,17 @@ class _Metrics:
             and target.dim() == 1
             and not torch.is_floating_point(target)
         ):
+            counted = counted_targets(self.loss_fn, target)
             top = output.topk(min(5, output.shape[1]), dim=1).indices
-            hits = top == target[:, None]
+            hits = (top == target[:, None]) & counted[:, None]
             self.correct += hits[:, 0].sum()
             self.correct5 += hits.any(dim=1).sum()
-            self.labelled += n
+            self.labelled += counted.sum()
 
     def result(self) -> dict[str, float | None]:
-        labelled = self.labelled
+        labelled = int(self.labelled)
         return {
-            "loss": float(self.loss_sum) / max(self.count, 1),
+            "loss": self.mean.value(),
             "acc": 100.0 * float(self.correct) / labelled if labelled else None,
             "top5": 100.0 * float(self.correct5) / labelled if labelled else None,
         }
@@ -314,6 +322,9 @@ def evaluate(
 ) -> dict[str, float | None]:
     """Mean loss, top-1 and top-5 accuracy (%) of ``model`` in eval mode over ``loader``.
 
+    The mean loss weights each batch by the loss's own normaliser (e.g. its counted
+    tokens under ``ignore_index`` padding): the loss over all of ``loader``.
+
     The model's training mode is restored afterwards.
 
     >>> import torch
@@ -326,12 +337,12 @@ def evaluate(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    metrics = _Metrics(device, classification)
+    metrics = _Metrics(device, classification, loss_fn)
     try:
         for x, y in _batch_iter(loader):
             x, y = x.to(device), y.to(device)
             output = model(x)
-            metrics.add(output, y, loss_fn(output, y))
+            metrics.add(output, x, y, loss_fn(output, y))
     finally:
         model.train(was_training)
     if metrics.count == 0:
@@ -1479,7 +1490,7 @@ def _train_epoch(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model.train()
-    metrics = _Metrics(device, classification)
+    metrics = _Metrics(device, classification, loss_fn)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     curvature_iter = iter(_batch_iter(curvature_loader)) if curvature_loader is not None else None
     for index, (x, y) in enumerate(_batch_iter(loader)):
@@ -1516,7 +1527,7 @@ def _train_epoch(
         first_bad = torch.where(
             (first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, index), first_bad
         )
-        metrics.add(last["output"], y, loss)
+        metrics.add(last["output"], x, y, loss)
     if metrics.count == 0:
         raise argument_error("dataset", "a non-empty training set", loader)
     bad = int(first_bad)

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from nets.loss_means import LossMean, counted_targets
 from nets.workflow._resolve import (
     check_int,
     check_positive_float,
@@ -116,21 +117,25 @@ def evaluate(
     *,
     group: Any = None,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy (%) of ``model`` over ``loader`` (batches weighted by size).
+    """Mean loss and accuracy (%) of ``model`` over ``loader``.
 
-    Accuracy is NaN when targets are not class labels.  The model is used as it
-    is (call ``model.eval()`` first for evaluation mode).  With a ``torch.distributed``
-    ``group`` each rank evaluates its own shard and the sums (loss, correct, count)
-    are added over the group in one ``all_reduce``; ``None``: this process only.
+    Each batch's mean loss is weighted by the loss's own normaliser
+    (:class:`nets.loss_means.LossMean`: its counted targets for cross-entropy with
+    ``ignore_index`` padding), so the result is the loss over all of ``loader``; the
+    accuracy counts the targets the loss counts.  Accuracy is NaN when targets are not
+    class labels.  The model is used as it is (call ``model.eval()`` first for evaluation
+    mode).  With a ``torch.distributed`` ``group`` each rank evaluates its own shard and
+    the sums (loss, weight, correct, count) are added over the group in one
+    ``all_reduce``; ``None``: this process only.
 
     Raises
     ------
     spectral.errors.NumericalError
-        If a batch's loss is NaN/Inf (names the batch).
+        If a counted batch's loss is NaN/Inf (names the batch).
     """
     first = next(iter(model.parameters()))
     device, dtype = first.device, first.dtype
-    total = 0.0
+    mean = LossMean(loss_fn, device)
     correct = 0
     count = 0
     classification = True
@@ -140,28 +145,33 @@ def evaluate(
         y = y.to(device)
         out = model(x)
         loss = loss_fn(out, y)
+        weight = float(mean.add(loss, x, y, int(y.shape[0])))
         value = float(loss)
-        if not math.isfinite(value):
+        if weight > 0 and not math.isfinite(value):
             raise NumericalError(f"evaluate: the loss of batch {index} is {value}.")
-        size = int(y.shape[0])
-        total += value * size
-        count += size
         if classification and out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
-            correct += int((out.argmax(dim=1) == y).sum())
+            counted = counted_targets(loss_fn, y)
+            correct += int(((out.argmax(dim=1) == y) & counted).sum())
+            count += int(counted.sum())
         else:
             classification = False
+    sums = torch.stack(
+        [
+            mean.total,
+            mean.weight,
+            torch.tensor(float(correct), dtype=torch.float64, device=device),
+            torch.tensor(float(count), dtype=torch.float64, device=device),
+            torch.tensor(0.0 if classification else 1.0, dtype=torch.float64, device=device),
+        ]
+    )
     if group is not None:
-        sums = torch.tensor(
-            [total, correct, count, 0.0 if classification else 1.0],
-            dtype=torch.float64,
-            device=device,
-        )
         torch.distributed.all_reduce(sums, group=group)
-        total, correct, count = float(sums[0]), int(sums[1]), int(sums[2])
-        classification = float(sums[3]) == 0.0
-    if count == 0:
+    total, weight, hits, counted_total = (float(v) for v in sums[:4])
+    classification = float(sums[4]) == 0.0
+    if weight <= 0 and not (classification and counted_total > 0):
         raise argument_error("dataset", "a non-empty evaluation set", loader)
-    return total / count, (100.0 * correct / count) if classification else math.nan
+    accuracy = 100.0 * hits / counted_total if classification and counted_total > 0 else math.nan
+    return (total / weight if weight > 0 else math.nan), accuracy
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

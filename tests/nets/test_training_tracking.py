@@ -91,7 +91,7 @@ def test_tracking_leaves_the_run_bit_identical_with_batchnorm(tmp_path: Path, di
     tracked = train(
         tmp_path / "tracked",
         digits,
-        track={"every": 2, "top_k": 2, "trace_probes": 2, "samples": 48, "tol": 1e-6},
+        track={"every": 2, "top_k": 2, "trace_probes": 2, "samples": 48, "tol": 2e-5},
     )
     # parameters and BatchNorm running statistics are bitwise those of the untracked run
     for (name, a), b in zip(
@@ -115,7 +115,7 @@ def test_tracked_eigenvalues_are_those_of_the_model_at_that_step(tmp_path: Path,
     result = train(
         tmp_path,
         digits,
-        track={"every": steps_per_epoch, "top_k": 2, "samples": 40, "tol": 1e-6},
+        track={"every": steps_per_epoch, "top_k": 2, "samples": 40, "tol": 2e-5},
     )
     (row,) = read_rows(tmp_path / "curvature.jsonl")
     assert row["step"] == steps_per_epoch  # the end of epoch 1: the final model
