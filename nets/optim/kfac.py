@@ -21,7 +21,10 @@ its calls as further positions :math:`t` (:math:`T` is the total), as in
 :class:`curvops.KFACOperator`.  With ``fisher='mc'`` the targets in :math:`\ell_n`
 are sampled from the model's predictive distribution and :math:`\ell_n` is
 scaled so that :math:`E[g g^T]` is its output Hessian (by :math:`\sqrt{T'}` for a
-cross-entropy over :math:`T'` positions, ``(N, C, d1, ...)`` logits, and
+cross-entropy over :math:`T'` positions, ``(N, C, d1, ...)`` logits -- with padding
+(``ignore_index`` in the data's targets) or class weights, each position by its
+weight in the mean loss and padded positions not at all (:func:`_mc_cross_entropy`) --
+and
 :math:`\sqrt{M}` for ``BCEWithLogitsLoss`` over :math:`M` outputs; ``MSELoss``
 samples with variance :math:`M/2`): the true Fisher, equal to the GGN of the
 mean loss in expectation, as :class:`curvops.KFACOperator` with ``fisher='mc'``.
@@ -216,28 +219,84 @@ def _row_factors(
     return A, G
 
 
-def _sample_targets(
-    loss_fn: Callable[..., torch.Tensor], output: torch.Tensor, generator: torch.Generator
+def _cross_entropy_term_weights(
+    loss_fn: nn.CrossEntropyLoss, logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
-    """Targets from the model's predictive distribution and the loss scale for ``mc``."""
-    out = output.detach()
+    r"""Per-position weights :math:`\omega_t` and normaliser :math:`Z` of ``loss_fn``'s
+    mean, :math:`L = Z^{-1} \sum_t \omega_t\, \mathrm{ce}_t` (``logits`` ``(rows, C)``).
+
+    Class labels: :math:`\omega_t = w_{y_t}` (1 without class weights) at counted
+    positions, 0 where ``y_t`` is ``ignore_index``, and :math:`Z = \sum_t \omega_t`.
+    Soft targets (probabilities): :math:`\omega_t = \sum_c w_c y_{tc}`, :math:`Z` the
+    number of positions.  (Label smoothing leaves the output Hessian unchanged.)
+    """
+    rows, classes = logits.shape
+    weight = loss_fn.weight
+    if targets.is_floating_point():  # soft targets, shaped like the logits
+        soft = targets.movedim(1, -1).reshape(rows, classes) if targets.ndim > 2 else targets
+        omega = soft.to(logits.dtype) @ weight.to(logits) if weight is not None else None
+        if omega is None:
+            omega = logits.new_ones(rows)
+        return omega, float(rows)
+    labels = targets.reshape(rows)
+    counted = labels != loss_fn.ignore_index
+    safe = torch.where(counted, labels, torch.zeros_like(labels))
+    omega = weight.to(logits)[safe] if weight is not None else logits.new_ones(rows)
+    omega = torch.where(counted, omega, torch.zeros_like(omega))
+    return omega, float(omega.sum())
+
+
+def _mc_cross_entropy(
+    loss_fn: nn.CrossEntropyLoss,
+    output: torch.Tensor,
+    targets: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    r"""The sampled cross-entropy whose gradients give the MC Fisher of ``loss_fn``'s mean.
+
+    With labels :math:`\hat y_t` drawn from the model's softmax at every position,
+    :math:`\hat L = (N Z)^{-1/2} \sum_t \omega_t^{1/2}\, \mathrm{ce}(s_t, \hat y_t)`
+    (:func:`_cross_entropy_term_weights`).  The factors use :math:`g_{n,t} = N\,
+    \partial \hat L / \partial s_{n,t}`, whose second moment
+    :math:`(N/Z)\,\omega_t (\operatorname{diag} p_t - p_t p_t^\top)` is the output
+    Hessian of the per-sample loss :math:`l_n = (N/Z) \sum_{t \in n} \omega_t
+    \mathrm{ce}_t` of the mean :math:`L = N^{-1} \sum_n l_n`: padded positions
+    (``ignore_index`` in ``targets``) count for nothing, a drawn label equal to
+    ``ignore_index`` (a real class) is a label, and class weights enter through the true
+    targets, as in :class:`curvops.FisherOperator`.  Without padding or weights this is
+    ``loss_fn(output, labels) * sqrt(T')`` for :math:`T'` positions per sample.
+    """
+    out = output.movedim(1, -1) if output.ndim > 2 else output
+    logits = out.reshape(-1, out.shape[-1])
+    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+    labels = torch.multinomial(probs, 1, generator=generator).reshape(-1).to(output.device)
+    omega, normaliser = _cross_entropy_term_weights(loss_fn, logits.detach(), targets)
+    if normaliser <= 0.0:  # nothing counted: no curvature from this batch
+        return logits.sum() * 0.0
+    per_position = nn.functional.cross_entropy(logits, labels, reduction="none")
+    scale = 1.0 / math.sqrt(output.shape[0] * normaliser)
+    return (omega.sqrt() * per_position).sum() * scale
+
+
+def _sampled_loss(
+    loss_fn: Callable[..., torch.Tensor],
+    output: torch.Tensor,
+    targets: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The loss on targets drawn from the model's predictive distribution (``mc``)."""
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        logits = out.movedim(1, -1) if out.ndim > 2 else out
-        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1).cpu()
-        labels = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
-        # l_n = (1/T) sum_t ce_t over T positions has output Hessian blockdiag(H_t / T);
-        # the sampled gradient's second moment is blockdiag(H_t / T^2): scale by sqrt(T)
-        positions = math.prod(out.shape[2:]) if out.ndim > 2 else 1
-        return labels.to(out.device), math.sqrt(positions)
+        return _mc_cross_entropy(loss_fn, output, targets, generator)
+    out = output.detach()
     per_sample = out[0].numel() if out.ndim > 0 and out.shape[0] > 0 else 1
     if isinstance(loss_fn, nn.MSELoss):
         # l_n = |f_n - y_n|^2 / D has output Hessian (2/D) I; y = f + sqrt(D/2) z matches it.
         noise = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
-        return out + math.sqrt(per_sample / 2.0) * noise, 1.0
+        return loss_fn(output, out + math.sqrt(per_sample / 2.0) * noise)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         probs = torch.sigmoid(out).cpu()
         labels = torch.bernoulli(probs, generator=generator).to(out.device)
-        return labels, math.sqrt(per_sample)
+        return loss_fn(output, labels) * math.sqrt(per_sample)
     raise argument_error(
         "loss_fn",
         "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher='mc' "
@@ -519,10 +578,10 @@ class KFAC(torch.optim.Optimizer):
         try:
             with torch.enable_grad():
                 output = model(x)
-                scale = 1.0
                 if self.fisher == "mc":
-                    y, scale = _sample_targets(loss_fn, output, self._generator)
-                loss = loss_fn(output, y) * scale
+                    loss = _sampled_loss(loss_fn, output, y, self._generator)
+                else:
+                    loss = loss_fn(output, y)
                 records = [(m, r) for m, recs in self._captured.items() for r in recs]
                 grads = torch.autograd.grad(loss, [r[1] for _, r in records], allow_unused=True)
         finally:

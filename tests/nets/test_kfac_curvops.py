@@ -221,3 +221,62 @@ def test_tied_weights_take_the_plain_gradient(cls: type[KFAC]) -> None:
     opt.factors(net.mid)
     tied = slice(0, net.emb.weight.numel())  # emb.weight is the first parameter
     torch.testing.assert_close(direction[tied], g[tied], rtol=1e-14, atol=1e-15)
+
+
+def _mc_factors(
+    loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0
+) -> list[torch.Tensor]:
+    """The MC K-FAC output factors G of both layers of :class:`_Tokens` after one update."""
+    _, opt, net = _first_direction(KFAC, _init(_Tokens(), 3), loss_fn, x, y, fisher="mc", seed=seed)
+    return [opt.factors(layer)[1] for layer in (net.a, net.b)]
+
+
+def _padded_tokens() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 5, 4, generator=gen, dtype=DT)
+    y = torch.randint(1, 3, (6, 5), generator=gen)  # classes 1 and 2 counted
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[0, 3:], pad[2, 1:], pad[5, 4] = True, True, True
+    return x, y, pad
+
+
+def test_mc_fisher_leaves_padded_positions_out() -> None:
+    """Padded tokens (``ignore_index``) count for nothing: what the model computes there
+    does not change the MC factors (the draws at the other tokens are the same).  Before,
+    labels were drawn and counted at padded positions too."""
+    x, y, pad = _padded_tokens()
+    y = y.masked_fill(pad, -100)
+    other = x.clone()
+    other[pad] = torch.randn(int(pad.sum()), 4, generator=torch.Generator().manual_seed(9)).to(DT)
+    for seed in (0, 1):
+        for G, G_other in zip(
+            _mc_factors(nn.CrossEntropyLoss(), x, y, seed),
+            _mc_factors(nn.CrossEntropyLoss(), other, y, seed),
+        ):
+            _assert_close(G, G_other)
+
+
+def test_mc_fisher_keeps_drawn_labels_equal_to_a_real_ignore_class() -> None:
+    """A padding id that is also a class (``ignore_index=0``) marks padding in the true
+    targets only: a label 0 drawn at a counted token is a label.  The MC factors equal
+    those of the same padding marked with -100.  Before, draws of class 0 were dropped."""
+    x, y, pad = _padded_tokens()
+    for seed in (0, 1):
+        for G_zero, G_default in zip(
+            _mc_factors(nn.CrossEntropyLoss(ignore_index=0), x, y.masked_fill(pad, 0), seed),
+            _mc_factors(nn.CrossEntropyLoss(), x, y.masked_fill(pad, -100), seed),
+        ):
+            _assert_close(G_zero, G_default)
+
+
+def test_mc_fisher_of_uniform_class_weights_is_the_unweighted_one() -> None:
+    """``weight=c * ones`` leaves the mean loss, hence its Fisher, unchanged; unequal
+    weights change the factors (they enter through the true targets)."""
+    x, y, pad = _padded_tokens()
+    y = y.masked_fill(pad, -100)
+    plain = _mc_factors(nn.CrossEntropyLoss(), x, y)
+    uniform = _mc_factors(nn.CrossEntropyLoss(weight=torch.full((3,), 2.5, dtype=DT)), x, y)
+    unequal = _mc_factors(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 0.2, 3.0], dtype=DT)), x, y)
+    for G, G_uniform, G_unequal in zip(plain, uniform, unequal):
+        _assert_close(G_uniform, G)
+        assert float((G_unequal - G).norm() / G.norm()) > 0.1
