@@ -52,8 +52,10 @@ class LossMean:
 
     >>> import torch
     >>> m = LossMean(torch.nn.CrossEntropyLoss(), torch.device("cpu"))
-    >>> m.add(torch.tensor(1.0), None, torch.tensor([0, -100]), 2)
-    >>> m.add(torch.tensor(4.0), None, torch.tensor([0, 1]), 2)
+    >>> int(m.add(torch.tensor(1.0), None, torch.tensor([0, -100]), 2))  # 1 counted target
+    1
+    >>> int(m.add(torch.tensor(4.0), None, torch.tensor([0, 1]), 2))
+    2
     >>> m.value()
     3.0
     """
