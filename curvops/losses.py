@@ -67,6 +67,7 @@ __all__ = [
     "check_curved_loss",
     "check_loss",
     "class_dim",
+    "counted_mask",
     "declare_loss",
     "fisher_scale",
     "loss_family",
@@ -82,6 +83,7 @@ __all__ = [
     "per_sample_nll_values",
     "sample_targets",
     "sequence_cross_entropy",
+    "target_weights",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -564,15 +566,69 @@ def _class_weights(loss_fn: Any) -> torch.Tensor | None:
     return weight if isinstance(weight, torch.Tensor) else None
 
 
+def counted_mask(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the class-index targets the loss counts: those other than its
+    ``ignore_index`` (-100 by default).
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (its ``ignore_index`` setting, if any, is read).
+    targets : torch.Tensor
+        Class-index targets.
+
+    Returns
+    -------
+    torch.Tensor
+        A boolean tensor shaped like ``targets``.
+
+    Examples
+    --------
+    >>> counted_mask(nn.CrossEntropyLoss(), torch.tensor([1, -100])).tolist()
+    [True, False]
+    """
+    return targets != loss_setting(loss_fn, "ignore_index", -100)
+
+
+def target_weights(loss_fn: Any, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each class-index target's weight in the loss's mean: :math:`w_{y}` (1 without class
+    weights) where counted, 0 at ``ignore_index``; on the targets' device.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        The loss (its ``ignore_index`` and ``weight`` settings, if any, are read).
+    targets : torch.Tensor
+        Class-index targets.
+    dtype : torch.dtype
+        The weights' dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        The weights, shaped like ``targets``; their sum is the mean's normaliser.
+
+    Examples
+    --------
+    >>> w = torch.tensor([1.0, 0.5, 2.0])
+    >>> target_weights(nn.CrossEntropyLoss(weight=w), torch.tensor([2, -100, 1]), w.dtype)
+    tensor([2.0000, 0.0000, 0.5000])
+    """
+    counted = counted_mask(loss_fn, targets)
+    weight = _class_weights(loss_fn)
+    if weight is None:
+        return counted.to(dtype)
+    safe = torch.where(counted, targets, torch.zeros_like(targets))
+    return weight.to(targets.device, dtype)[safe] * counted
+
+
 def _counted_targets(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
     """Targets other than ``ignore_index`` (summed class weights with ``weight=``), a
     0-d tensor on the targets' device."""
-    counted = targets != loss_setting(loss_fn, "ignore_index", -100)
     weight = _class_weights(loss_fn)
     if weight is None:
-        return counted.sum()
-    safe = torch.where(counted, targets, torch.zeros_like(targets))
-    return (weight.to(targets.device)[safe] * counted).sum()
+        return counted_mask(loss_fn, targets).sum()
+    return target_weights(loss_fn, targets, weight.dtype).sum()
 
 
 def batch_normaliser(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> float:
@@ -837,10 +893,6 @@ def fisher_scale(
     return 1.0 / (nu * samples) if nu > 0 else 0.0
 
 
-def _seq_mask(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
-    return targets != loss_setting(loss_fn, "ignore_index", -100)
-
-
 def _class_last(kind: str, x: torch.Tensor, lead: int = 0) -> torch.Tensor:
     """``ce_tokens`` tensors with the class dimension (1 after ``lead``) moved last."""
     return x.movedim(lead + 1, -1) if kind == "ce_tokens" else x
@@ -931,7 +983,7 @@ def output_hessian_operator(
     nu = max(_closed_form_divisor(loss_fn, kind, f, targets), 1.0)  # 0: nothing counted
     if kind in ("ce", "seq_ce", "ce_tokens"):
         p = torch.softmax(_class_last(kind, f), dim=-1)
-        mask = None if kind == "ce" else _seq_mask(loss_fn, targets).unsqueeze(-1)
+        mask = None if kind == "ce" else counted_mask(loss_fn, targets).unsqueeze(-1)
 
         def softmax_hessian(U: torch.Tensor) -> torch.Tensor:
             pu = p * _class_last(kind, U, 1)
@@ -1023,7 +1075,7 @@ def output_hessian_factor(
         last = _class_last(kind, outputs.detach())
         v = last.shape[-1]
         p = torch.softmax(last, dim=-1).reshape(n, -1, v)
-        sp = p.sqrt() * _seq_mask(loss_fn, targets).reshape(n, -1, 1).to(f.dtype)
+        sp = p.sqrt() * counted_mask(loss_fn, targets).reshape(n, -1, 1).to(f.dtype)
         tokens = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)  # (n, T, V, V)
         t = tokens.shape[1]
         eye = torch.eye(t, dtype=f.dtype, device=f.device)
@@ -1133,7 +1185,7 @@ def sample_targets(
         idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
         drawn = idx.T.reshape(mc_samples, *targets.shape).to(targets.device, targets.dtype)
         ignore = loss_setting(loss_fn, "ignore_index", -100)
-        return torch.where(_seq_mask(loss_fn, targets), drawn, torch.full_like(drawn, ignore))
+        return torch.where(counted_mask(loss_fn, targets), drawn, torch.full_like(drawn, ignore))
     if kind == "mse":
         eps = torch.randn((mc_samples, *f.shape), generator=generator, dtype=f.dtype)
         return (f.unsqueeze(0) + eps / math.sqrt(2.0)).to(outputs.device)
@@ -1243,7 +1295,7 @@ def per_sample_nll_grads(
         return p - nn.functional.one_hot(targets, f.shape[-1]).to(p.dtype)
     if kind in ("seq_ce", "ce_tokens"):
         p = torch.softmax(_class_last(kind, f), dim=-1)
-        mask = _seq_mask(loss_fn, truth)  # the loss's counted positions, never the draws
+        mask = counted_mask(loss_fn, truth)  # the loss's counted positions, never the draws
         safe = torch.where(mask, targets, torch.zeros_like(targets))
         s = (p - nn.functional.one_hot(safe, p.shape[-1]).to(p.dtype)) * mask.unsqueeze(-1)
         return _class_back(kind, s).reshape(n, -1)
@@ -1266,7 +1318,7 @@ def _sampled_token_nll(
     true_targets: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample token NLL of ``sampled`` labels over the positions ``true_targets`` count."""
-    mask = _seq_mask(loss_fn, true_targets)
+    mask = counted_mask(loss_fn, true_targets)
     safe = torch.where(mask, sampled, torch.zeros_like(sampled))
     logits = _class_last(kind, outputs)
     per_token = nn.functional.cross_entropy(

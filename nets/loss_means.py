@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from curvops.losses import batch_weight, loss_reduction, loss_setting
+from curvops.losses import batch_weight, loss_reduction
 
-__all__ = ["LossMean", "counted_targets", "loss_weight"]
+__all__ = ["LossMean", "loss_weight"]
 
 
 def loss_weight(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> Any:
@@ -35,16 +35,6 @@ def loss_weight(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> 
     if loss_reduction(loss_fn) == "sum":
         return float(size)
     return batch_weight(loss_fn, inputs, targets, size, lazy=True)
-
-
-def counted_targets(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the targets the loss counts (not its ``ignore_index``, -100 by default).
-
-    >>> import torch
-    >>> counted_targets(torch.nn.CrossEntropyLoss(), torch.tensor([1, -100])).tolist()
-    [True, False]
-    """
-    return targets != loss_setting(loss_fn, "ignore_index", -100)
 
 
 class LossMean:

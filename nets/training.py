@@ -96,7 +96,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from curvops.losses import sequence_cross_entropy
+from curvops.losses import counted_mask, sequence_cross_entropy
 from nets.checkpoint import (
     checkpoint_name,
     json_safe,
@@ -109,7 +109,7 @@ from nets.checkpoint import (
 from nets.curvature_rows import STATS_CHECKSUMS, row_checksums, verified_rows, write_rows
 from nets.data import DatasetSplits, load_dataset, make_loader
 from nets.device import resolve_device
-from nets.loss_means import LossMean, counted_targets
+from nets.loss_means import LossMean
 from nets.models import get_model, model_spec
 from nets.models._common import check_positive_int
 from nets.optim.registry import get_optimizer
@@ -295,7 +295,7 @@ class _Metrics:
             and target.dim() == 1
             and not torch.is_floating_point(target)
         ):
-            counted = counted_targets(self.loss_fn, target)
+            counted = counted_mask(self.loss_fn, target)
             top = output.topk(min(5, output.shape[1]), dim=1).indices
             hits = (top == target[:, None]) & counted[:, None]
             self.correct += hits[:, 0].sum()

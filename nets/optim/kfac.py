@@ -112,6 +112,7 @@ from curvops.kronecker import (
     record_inputs,
     rotated_gradient_squares,
 )
+from curvops.losses import target_weights
 from nets.optim.registry import register_optimizer
 from spectral.errors import NumericalError, argument_error
 
@@ -234,15 +235,10 @@ def _cross_entropy_term_weights(
     weight = loss_fn.weight
     if targets.is_floating_point():  # soft targets, shaped like the logits
         soft = targets.movedim(1, -1).reshape(rows, classes) if targets.ndim > 2 else targets
-        omega = soft.to(logits.dtype) @ weight.to(logits) if weight is not None else None
-        if omega is None:
-            omega = logits.new_ones(rows)
-        return omega, float(rows)
-    labels = targets.reshape(rows)
-    counted = labels != loss_fn.ignore_index
-    safe = torch.where(counted, labels, torch.zeros_like(labels))
-    omega = weight.to(logits)[safe] if weight is not None else logits.new_ones(rows)
-    omega = torch.where(counted, omega, torch.zeros_like(omega))
+        if weight is None:
+            return logits.new_ones(rows), float(rows)
+        return soft.to(logits.dtype) @ weight.to(logits), float(rows)
+    omega = target_weights(loss_fn, targets.reshape(rows), logits.dtype).to(logits.device)
     return omega, float(omega.sum())
 
 

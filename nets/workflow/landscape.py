@@ -52,7 +52,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nets.loss_means import LossMean, counted_targets
+from curvops.losses import counted_mask
+from nets.loss_means import LossMean
 from nets.workflow._resolve import (
     check_int,
     check_positive_float,
@@ -150,7 +151,7 @@ def evaluate(
         if weight > 0 and not math.isfinite(value):
             raise NumericalError(f"evaluate: the loss of batch {index} is {value}.")
         if classification and out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
-            counted = counted_targets(loss_fn, y)
+            counted = counted_mask(loss_fn, y)
             correct += int(((out.argmax(dim=1) == y) & counted).sum())
             count += int(counted.sum())
         else:
