@@ -21,6 +21,10 @@ RESULTS ?= results
 HYPOTHESIS_PROFILE ?= ci
 PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
+# No pip cache: the newest torch is the CUDA build from PyPI (about 4 GB of wheels with its
+# nvidia-* dependencies), which a cache would keep a second copy of on disk; a CI run once
+# failed with "No space left on device" while installing it.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-cache-dir
 STAMP := $(VENV)/.installed
 PACKAGES := spectral curvops nets
 
@@ -28,9 +32,9 @@ PACKAGES := spectral curvops nets
 
 $(STAMP): setup.cfg pyproject.toml requirements/test-oracles.txt requirements/newest-torch.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(foreach spec,$(TORCH_SPEC),"$(spec)")
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements/test-oracles.txt
+	$(PIP_INSTALL) $(foreach spec,$(TORCH_SPEC),"$(spec)")
+	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) --no-deps -r requirements/test-oracles.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -57,7 +61,7 @@ test: lint typecheck pytest
 DOCS_STAMP := $(VENV)/.installed-docs
 
 $(DOCS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	$(PIP_INSTALL) -e ".[docs]"
 	touch $(DOCS_STAMP)
 
 # The documentation site: API reference from the packages' __all__, the gallery
