@@ -20,8 +20,36 @@ below, the mass strictly left of the node at or below ``x``; above, the mass up 
 including the next node at or above ``x``. At a node (``x = θ_k``) the bounds are
 :math:`[C_{k-1}, C_k]`; strictly between :math:`\theta_k` and :math:`\theta_{k+1}` they are
 :math:`[C_{k-1}, C_{k+1}]` (two weights wide — the upper bound :math:`C_k` would be wrong
-there). When the Krylov space of the probe is invariant (Lanczos breakdown) the rule *is* the
-measure and :math:`F(x) = C_{\#\{\theta_i \le x\}}`: the bounds coincide.
+there). These hold for the ``k``-point Gauss rule of any measure, however small the
+Lanczos residual at ``k``.
+
+Early stop (near-invariant Krylov space): ``k`` Lanczos steps from
+:math:`u = v/\|v\|` give :math:`AQ_k = Q_kT_k + r e_k^\top` with :math:`r \perp Q_k`,
+:math:`\|r\| = \beta`; Lanczos stops early when :math:`\beta` is small next to
+:math:`\|A\|`. Only :math:`\beta = 0` makes the rule the measure. For :math:`\beta > 0`, let
+:math:`G(x) = C_{\#\{\theta_i \le x\}}` and :math:`D(x) = \min_i |x - \theta_i| > 0`. Then
+
+.. math:: |F(x) - G(x)| \;\le\; \bigl(\beta / D(x)\bigr)^2 .
+
+Proof: take the Ritz vectors :math:`y_i = Q_k s_i` with :math:`w_i = s_{1i}` and
+:math:`z_i = s_{ki}`, so :math:`u = \sum_i w_i y_i` and
+:math:`(A - \theta_i)y_i = z_i r`. Let :math:`\Pi = \mathbf 1[A \le x]`,
+:math:`\Pi' = I - \Pi`, :math:`a = \sum_{\theta_i \le x} w_iy_i` and :math:`h = u - a`
+(so :math:`\|a\|^2 = G(x)`). For :math:`\theta_i \le x`,
+:math:`\Pi'y_i = z_i(A - \theta_i)^{-1}\Pi'r` has norm at most :math:`\beta|z_i|/D`. For
+:math:`\theta_i \le x < \theta_j`, :math:`r \perp y_j` gives
+:math:`y_i^\top\Pi'y_j = -z_iz_j\,[r^\top(A-\theta_j)^{-1}\Pi r + r^\top(A-\theta_i)^{-1}\Pi' r]
+/(\theta_j - \theta_i)`, which is at most :math:`\beta^2|z_iz_j|/(2D^2)` in size. Hence
+:math:`1 - F = \|\Pi'u\|^2 \le \|h\|^2 + \|\Pi'a\|^2 + 2|a^\top\Pi'h|
+\le 1 - G + (\beta/D)^2 S_L(S_L + S_H)`, where :math:`S_L = \sum_{\theta_i\le x}|w_iz_i|`,
+:math:`S_H = \sum_{\theta_i > x}|w_iz_i|` and :math:`S_L + S_H \le \|w\|\|z\| = 1`. The same
+argument with :math:`\Pi` bounds :math:`F - G`. The bound is quadratic in
+:math:`\beta/D`, but it certifies nothing within a few :math:`\beta` of a node. There a
+residual :math:`\beta \ll \|A\|` can hide O(1) mass: eigenvalues
+:math:`\{1, 1 + 3\cdot10^{-8}\}` stop after one step with :math:`\beta \approx 1.4\cdot
+10^{-8}`, and the second eigenvalue carries 30% of the mass. An early-stopped rule therefore
+gets the intersection of this bound with the Chebyshev–Markov–Stieltjes bounds
+(``invariant=True`` in :func:`quadrature_cdf_bounds`).
 
 SLQ measures: for a probe ``v`` the measure is
 :math:`\mu_v = \sum_j (u_j^\top v)^2/\|v\|^2\,\delta_{\lambda_j}`, whose distribution function
@@ -29,13 +57,17 @@ is :math:`F_v(x) = v^\top \mathbf 1[A \le x]\, v/\|v\|^2`; ``m`` Lanczos steps f
 its Gauss rule (Ritz values, squared first components of the eigenvectors of :math:`T_m`).
 
 Rounding: the computed nodes are those of a nearby problem, accurate to a few
-:math:`\varepsilon\|A\|`, and an early stop drops a residual :math:`\beta \le
-\sqrt{\varepsilon}\,\|A\|`. :func:`quadrature_cdf_bounds` therefore evaluates the bounds at
+:math:`\varepsilon\|A\|`. :func:`quadrature_cdf_bounds` therefore evaluates the bounds at
 :math:`x \mp \delta` (``tol``, absolute, in the units of ``x``) and widens them by
 :math:`\eta` in probability (``probability_tol``; the weights are first components of
 eigenvectors of a tridiagonal matrix known to the same relative accuracy
 :math:`\delta/\max|\theta|`, and never below :data:`PROBABILITY_TOL`):
 :math:`\ell(x) = L(x-\delta) - \eta`, :math:`u(x) = U(x+\delta) + \eta`, clipped to ``[0, 1]``.
+For an early-stopped rule, ``tol`` also bounds the dropped residual (:math:`\beta \le \delta`,
+see :func:`spectral.slq`). The rounding residual of the computed Lanczos relation is of the
+size of the node error :math:`\delta`, so the residual bound is applied with
+:math:`\beta_{\text{eff}} = \sqrt2\,\delta` and distance :math:`D(x) - \delta`:
+:math:`|F(x) - G(x)| \le 2\,(\delta/(D(x) - \delta))^2` where :math:`D(x) > \delta`.
 
 Quantile form (used for functionals): every measure satisfying the inequalities above with
 support in :math:`[a, b]` has quantile function :math:`Q(s) \in [\theta_{k-1}, \theta_{k+1}]`
@@ -45,6 +77,13 @@ for :math:`s \in (C_{k-1}, C_k]` (with :math:`\theta_0 = a`, :math:`\theta_{m+1}
           \;\le\; \sum_k \tau_k \max_{[\theta_{k-1},\theta_{k+1}]} f
 
 for every bounded ``f`` (:func:`quadrature_expectation_bounds`).
+More generally, if :math:`\ell(x_j) \le F(x_j) \le u(x_j)` at points
+:math:`x_1 < \dots < x_p` of :math:`[a, b]`, then :math:`Q(s) \le x_j` when
+:math:`\ell(x_j) \ge s` and :math:`Q(s) \ge x_j` when :math:`u(x_j) < s`. The quantile is
+therefore confined to an interval that is constant between consecutive values of
+:math:`\ell` and :math:`u`. Integrating :math:`\min f` and :math:`\max f` over these
+intervals bounds :math:`\int f\,d\mu = \int_0^1 f(Q(s))\,ds`. This is how an early-stopped
+rule's cdf bounds become expectation bounds.
 
 Concentration over probes (random, pointwise)
 ---------------------------------------------
@@ -84,6 +123,8 @@ interval (:func:`chebyshev_halfwidth`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -160,10 +201,15 @@ def quadrature_cdf_bounds(
     x:
         Points (any shape).
     invariant:
-        The rule is the measure itself (invariant Krylov space): :math:`F(x) = C_{\#\{\theta_i
-        \le x\}}`, evaluated at :math:`x \mp \delta`.
+        The rule comes from a Lanczos run that stopped early, with a dropped residual
+        :math:`\beta \le \delta` (``tol``). The Chebyshev–Markov–Stieltjes bounds are then
+        intersected with :math:`G(x) \mp 2(\delta/(D(x) - \delta))^2` wherever
+        :math:`D(x) = \min_i|x - \theta_i| > \delta` (see the module docstring). With
+        ``tol=0`` (:math:`\beta = 0`, an exactly invariant space) the rule is the measure:
+        :math:`F(x) = C_{\#\{\theta_i \le x\}}`.
     tol:
-        :math:`\delta \ge 0`, the absolute accuracy of the nodes (see the module docstring).
+        :math:`\delta \ge 0`, the absolute accuracy of the nodes (see the module docstring),
+        and for ``invariant=True`` a bound on the dropped residual.
     probability_tol:
         :math:`\eta \ge 0`, the accuracy of the partial sums of the weights.
 
@@ -197,19 +243,47 @@ def quadrature_cdf_bounds(
     cumulative[-1] = 1.0
     xs = np.asarray(x, dtype=np.float64)
     below = np.searchsorted(theta, xs - tol, side="right")  # #{θ_i <= x - δ}
-    if invariant:
+    if invariant and tol == 0.0:  # β = 0: the rule is the measure
         lower = cumulative[below]
         upper = cumulative[np.searchsorted(theta, xs + tol, side="right")]
     else:
         lower = cumulative[np.maximum(below - 1, 0)]
         strictly = np.searchsorted(theta, xs + tol, side="left")  # #{θ_i < x + δ}
         upper = cumulative[np.minimum(strictly + 1, m)]
+        if invariant:
+            lower, upper = _residual_bounds(theta, cumulative, xs, tol, lower, upper)
     if not (np.isfinite(probability_tol) and probability_tol >= 0):
         raise argument_error("probability_tol", "a non-negative number", probability_tol)
     undefined = np.isnan(xs)  # searchsorted puts NaN past every node: F(NaN) = 1 otherwise
     lo: FloatArray = np.where(undefined, np.nan, np.clip(lower - probability_tol, 0.0, 1.0))
     hi: FloatArray = np.where(undefined, np.nan, np.clip(upper + probability_tol, 0.0, 1.0))
     return lo, hi
+
+
+def _residual_bounds(
+    theta: FloatArray,
+    cumulative: FloatArray,
+    xs: FloatArray,
+    tol: float,
+    lower: FloatArray,
+    upper: FloatArray,
+) -> tuple[FloatArray, FloatArray]:
+    r"""Intersect ``[lower, upper]`` with :math:`G(x) \mp 2(\delta/(D(x) - \delta))^2`.
+
+    This is the early-stop bound of the module docstring with
+    :math:`\beta_{\text{eff}} = \sqrt2\,\delta`, applied where :math:`D(x) > \delta`.
+    ``theta`` is sorted and ``cumulative`` holds the partial sums :math:`C_0, \dots, C_m`.
+    """
+    count = np.searchsorted(theta, xs, side="right")  # #{θ_i <= x}
+    left = theta[np.clip(count - 1, 0, theta.size - 1)]
+    right = theta[np.clip(count, 0, theta.size - 1)]
+    with np.errstate(invalid="ignore"):  # NaN and infinite x
+        distance = np.minimum(np.abs(xs - left), np.abs(right - xs))
+        margin = distance - tol
+        usable = margin > 0.0
+        slack = np.where(usable, 2.0 * np.square(tol / np.where(usable, margin, 1.0)), 1.0)
+    centre = cumulative[count]
+    return np.maximum(lower, centre - slack), np.minimum(upper, centre + slack)
 
 
 def quadrature_expectation_bounds(
@@ -226,10 +300,15 @@ def quadrature_expectation_bounds(
 
     :math:`\sum_k \tau_k \min_{J_k} f \le \int f\,d\mu \le \sum_k \tau_k \max_{J_k} f` with
     :math:`J_k = [\theta_{k-1} - \delta, \theta_{k+1} + \delta]` (:math:`\theta_0 = a`,
-    :math:`\theta_{m+1} = b`), or :math:`J_k = [\theta_k - \delta, \theta_k + \delta]` for an
-    invariant rule. The extrema over each :math:`J_k` are taken over ``resolution`` equally
-    spaced points including both ends: exact when ``f`` is monotone on each :math:`J_k`
-    (monotone ``f``, powers away from 0, ...), a grid approximation otherwise.
+    :math:`\theta_{m+1} = b`). For an early-stopped rule (``invariant=True``, dropped residual
+    :math:`\beta \le \delta`), these bounds are intersected with the quantile bounds of
+    :func:`quadrature_cdf_bounds` (``invariant=True``). Those are evaluated at the nodes, at
+    their midpoints and at :math:`\theta_k \pm \delta(1 + 10^{j/2})`, ``j = 0..16``
+    (module docstring, quantile form). With ``tol=0`` the rule is the measure:
+    :math:`\int f\,d\mu = \sum_k \tau_k f(\theta_k)`. The extrema of ``f`` over each interval
+    are taken over ``resolution`` equally spaced points including both ends. They are exact
+    when ``f`` is monotone on each interval (monotone ``f``, powers away from 0, ...) and a
+    grid approximation otherwise.
 
     ``values_on`` is a vectorised ``f`` (float64 array in, same shape out).
 
@@ -242,9 +321,9 @@ def quadrature_expectation_bounds(
     support : (float, float)
         An interval :math:`[a, b]` containing the support of :math:`\mu`.
     invariant : bool
-        The rule is the measure (Lanczos breakdown).
+        The rule comes from a Lanczos run stopped early with residual at most ``tol``.
     tol : float
-        Absolute node accuracy :math:`\delta`.
+        Absolute node accuracy :math:`\delta` (and the residual bound for ``invariant``).
     resolution : int
         Grid points per interval for the extrema.
 
@@ -267,26 +346,70 @@ def quadrature_expectation_bounds(
     a, b = float(support[0]), float(support[1])
     if not (np.isfinite(a) and np.isfinite(b) and a <= b):
         raise argument_error("support", "finite (a, b) with a <= b", support)
-    if invariant:
+    if not (np.isfinite(tol) and tol >= 0):
+        raise argument_error("tol", "a non-negative number", tol)
+    resolution = check_integer(
+        "resolution", resolution, "an integer >= 2 (grid points per interval)", lambda k: k >= 2
+    )
+    if not callable(values_on):
+        raise argument_error("f", "a vectorised callable", values_on, kind=TypeError)
+    if invariant and tol == 0.0:  # β = 0: the rule is the measure
         left, right = theta - tol, theta + tol
     else:
         padded = np.concatenate([[a], theta, [b]])
         left, right = padded[:-2] - tol, padded[2:] + tol
     left, right = np.minimum(left, theta), np.maximum(right, theta)
-    resolution = check_integer(
-        "resolution", resolution, "an integer >= 2 (grid points per interval)", lambda k: k >= 2
-    )
+    low, high = _extrema(values_on, left, right, resolution)
+    lower, upper = float(tau @ low), float(tau @ high)
+    if invariant and tol > 0.0:
+        mass, q_left, q_right = _quantile_intervals(theta, tau, tol, a, b)
+        low, high = _extrema(values_on, q_left, q_right, resolution)
+        lower, upper = max(lower, float(mass @ low)), min(upper, float(mass @ high))
+    return lower, upper
+
+
+def _extrema(
+    f: Callable[..., Any], left: FloatArray, right: FloatArray, resolution: int
+) -> tuple[FloatArray, FloatArray]:
+    """Minima and maxima of ``f`` over ``resolution`` points of each ``[left_i, right_i]``."""
     s = np.linspace(0.0, 1.0, resolution)
     points = left[:, None] + (right - left)[:, None] * s[None, :]
-    f = values_on
-    if not callable(f):
-        raise argument_error("f", "a vectorised callable", f, kind=TypeError)
     vals = np.asarray(f(points), dtype=np.float64)
     if vals.shape != points.shape:
         raise argument_error("f", f"a vectorised function returning shape {points.shape}", f)
     if not np.all(np.isfinite(vals)):
         raise argument_error("f", "finite values on the support", f)
-    return float(tau @ vals.min(axis=1)), float(tau @ vals.max(axis=1))
+    return vals.min(axis=1), vals.max(axis=1)
+
+
+def _quantile_intervals(
+    theta: FloatArray, tau: FloatArray, tol: float, a: float, b: float
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    r"""``(mass, left, right)``: the quantile :math:`Q(s)` lies in ``[left_i, right_i]`` on
+    a set of levels ``s`` of measure ``mass_i`` (the ``mass_i`` sum to 1).
+
+    The confinement follows from the early-stop cdf bounds at the points described in
+    :func:`quadrature_expectation_bounds`. The support ``[a, b]`` gives :math:`F = 0`
+    below ``a`` and :math:`F(b) = 1`.
+    """
+    offsets = tol * (1.0 + 10.0 ** (np.arange(17) / 2.0))
+    points = np.concatenate(
+        [theta, (theta[:-1] + theta[1:]) / 2.0, (theta[:, None] + offsets).ravel()]
+    )
+    points = np.concatenate([points, (theta[:, None] - offsets).ravel()])
+    points = np.unique(np.clip(points, a, b))
+    low, high = quadrature_cdf_bounds(
+        theta, tau, points, invariant=True, tol=tol, probability_tol=0.0
+    )
+    low = np.maximum.accumulate(low)  # F is non-decreasing
+    high = np.minimum.accumulate(high[::-1])[::-1]
+    levels = np.unique(np.clip(np.concatenate([[0.0, 1.0], low, high]), 0.0, 1.0))
+    middle = (levels[:-1] + levels[1:]) / 2.0
+    above = np.searchsorted(low, middle, side="left")  # first x_j with ℓ(x_j) >= s
+    below = np.searchsorted(high, middle, side="left") - 1  # last x_j with u(x_j) < s
+    right = np.where(above < points.size, points[np.minimum(above, points.size - 1)], b)
+    left = np.where(below >= 0, points[np.maximum(below, 0)], a)
+    return np.diff(levels), left, right
 
 
 def _alpha(confidence: float, points: int, simultaneous: bool) -> float:

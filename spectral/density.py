@@ -138,7 +138,8 @@ class SpectralDensity:
         How the probes were drawn: ``"rademacher"``, ``"gaussian"``, ``"sphere"`` or
         ``"explicit"`` (given by the caller; no concentration bound is assumed).
     probe_invariant:
-        ``(P,)`` booleans: the probe's Krylov space became invariant (the rule is exact).
+        ``(P,)`` booleans: the probe stopped early (Lanczos residual :math:`\beta \le
+        \delta_k`, an invariant Krylov space to working precision); see :meth:`cdf_bounds`.
     probe_tolerance:
         ``(P,)`` absolute accuracies :math:`\delta_k` of each probe's nodes (default
         :math:`8 m \varepsilon \max|\theta|` with the float64 :math:`\varepsilon`).
@@ -424,8 +425,16 @@ class SpectralDensity:
                   \;\le\; C_{\min(\#\{\theta_i < x\} + 1,\,m)}
 
         (the mass strictly left of the node at or below ``x``; the mass up to the next node
-        at or above ``x``). After an early stop (invariant Krylov space) the rule is the
-        measure: both bounds equal :math:`C_{\#\{\theta_i \le x\}}`. To absorb rounding,
+        at or above ``x``). These hold for any Gauss rule, also after an early stop. After an
+        early stop (:attr:`probe_invariant`: the Lanczos residual :math:`\beta \le \delta_k`
+        was dropped) they are intersected with
+        :math:`C_{\#\{\theta_i \le x\}} \mp 2(\delta_k/(D(x) - \delta_k))^2`, where
+        :math:`D(x) = \min_i|x - \theta_i| > \delta_k`. This gives
+        :math:`|F_k - C_{\#\{\theta_i\le x\}}| \le (\beta/D)^2` for an early-stopped rule,
+        with rounding included (:mod:`spectral.bounds`). Away from the nodes the bounds
+        therefore coincide. Near a node a small residual can hide mass at an eigenvalue the
+        run never resolved, so there they are the Chebyshev–Markov–Stieltjes bounds. To
+        absorb rounding,
         the bounds are evaluated at :math:`x \mp \delta_k` (:attr:`probe_tolerance`) and
         widened in probability by :math:`\eta_k = \max(10^{-10}, \delta_k/\max_i|\theta_i|)`
         (the relative accuracy of the rule); see :mod:`spectral.bounds`. In float64 this
@@ -566,9 +575,14 @@ class SpectralDensity:
         :meth:`cdf_band`).
 
         ``support=(a, b)`` must contain the spectrum of ``A`` (e.g. ``(0, ‖A‖)`` for a PSD
-        operator); the interval is certified only then. Without it, the range of all probes'
-        nodes widened by 1% of its width on each side is used, which is exact in the limit
-        of converged extreme Ritz values but **not** guaranteed.
+        operator); the interval is certified only then. Ritz values lie in the spectrum's
+        hull in exact arithmetic, so a node of probe ``k`` may lie outside ``(a, b)`` by its
+        accuracy :math:`\delta_k` (:attr:`probe_tolerance`: a few :math:`\varepsilon\|A\|`, or
+        the dropped residual after an early stop):
+        ``support=(eigvalsh(A).min(), eigvalsh(A).max())`` is accepted. A node further out
+        proves that the support is wrong and raises ``ValueError``. Without ``support``, the
+        range of all probes' nodes widened by 1% of its width on each side is used, which is
+        exact in the limit of converged extreme Ritz values but **not** guaranteed.
 
         >>> import numpy as np
         >>> from spectral import slq
@@ -659,12 +673,7 @@ class SpectralDensity:
                 raise argument_error("support", "a pair (a, b) of numbers", support) from exc
             if not (np.isfinite(a) and np.isfinite(b) and a <= b):
                 raise argument_error("support", "finite (a, b) with a <= b", support)
-            if self.nodes[0] < a or self.nodes[-1] > b:
-                raise argument_error(
-                    "support",
-                    f"an interval containing every node [{self.nodes[0]!r}, {self.nodes[-1]!r}]",
-                    support,
-                )
+            self._check_support(a, b, support)
         assert self.probe_invariant is not None and self.probe_tolerance is not None
         lows, highs = [], []
         for k, ((theta, tau), count) in enumerate(zip(rows, counts)):
@@ -695,6 +704,21 @@ class SpectralDensity:
         oscillation = float(values.max() - values.min())
         half = bounds.chebyshev_halfwidth(oscillation, kappa, self.num_probes, confidence)
         return float(np.mean(lows)) - half, float(np.mean(highs)) + half
+
+    def _check_support(self, a: float, b: float, support: object) -> None:
+        """Refuse a support that misses a node by more than its probe's accuracy delta_k."""
+        assert self.probe_tolerance is not None
+        rows, _ = self._rules()
+        for k, (theta, _tau) in enumerate(rows):
+            slack = float(self.probe_tolerance[k])  # Ritz values lie in [λ_min, λ_max]
+            if theta.size and (theta.min() < a - slack or theta.max() > b + slack):
+                raise argument_error(
+                    "support",
+                    "an interval containing every node up to its rounding delta_k "
+                    f"(probe {k}: nodes [{theta.min()!r}, {theta.max()!r}], "
+                    f"delta_k = {slack:.3g})",
+                    support,
+                )
 
     def negative_mass(self, tol: float = 0.0) -> float:
         r"""Return the mass strictly below ``-tol``: :math:`\sum_{\theta_i < -\mathrm{tol}} w_i`.

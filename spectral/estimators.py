@@ -72,24 +72,55 @@ class TraceEstimate:
         Products with ``A`` used.
     method:
         The estimator's name.
+    num_samples:
+        The number ``N`` of i.i.d. terms behind ``stderr`` (``None``: unknown).
 
     Examples
     --------
     >>> t = TraceEstimate(3.0, 0.1, 10, "hutchinson")
     >>> float(t), t.interval(2.0)
     (3.0, (2.8, 3.2))
+    >>> lo, hi = TraceEstimate(3.0, 0.1, 4, "hutchinson", num_samples=4).interval()
+    >>> round(hi - 3.0, 4)  # Student's t, 3 degrees of freedom: 3.1824 * 0.1
+    0.3182
     """
 
     value: float
     stderr: float
     num_matvecs: int
     method: str
+    num_samples: int | None = None
 
     def __float__(self) -> float:
         return float(self.value)
 
-    def interval(self, z: float = 1.96) -> tuple[float, float]:
-        """The interval ``value ± z * stderr`` (normal approximation)."""
+    def interval(self, z: float | None = None, *, confidence: float = 0.95) -> tuple[float, float]:
+        r"""The interval ``value ± q * stderr``.
+
+        With ``z`` given, ``q = z``. Otherwise ``q`` is the two-sided ``confidence``
+        quantile of Student's t with :math:`N - 1` degrees of freedom
+        (:math:`N` = :attr:`num_samples`, e.g. 3.18 for ``N = 4`` at 95%). For i.i.d.
+        normal terms the interval then has exactly that coverage. For other terms the
+        coverage is approximate (central limit theorem) and is not guaranteed for small
+        :math:`N`. For Hutch++ the terms are those of its Hutchinson part. When
+        :attr:`num_samples` is unknown the normal quantile is used (1.96 at 95%). With
+        fewer than two terms ``stderr`` is NaN, and so is the interval.
+
+        Raises
+        ------
+        ValueError
+            ``confidence`` is not strictly between 0 and 1.
+        """
+        if z is None:
+            if not (isinstance(confidence, float | int) and 0.0 < float(confidence) < 1.0):
+                raise argument_error("confidence", "a number strictly between 0 and 1", confidence)
+            from scipy import stats
+
+            level = 0.5 + 0.5 * float(confidence)
+            if self.num_samples is not None and self.num_samples >= 2:
+                z = float(stats.t.ppf(level, self.num_samples - 1))
+            else:
+                z = float(stats.norm.ppf(level))
         return (self.value - z * self.stderr, self.value + z * self.stderr)
 
 
@@ -206,7 +237,7 @@ def _scaled_estimate(estimate: TraceEstimate, factor: float, power: int = 1) -> 
     value, stderr = estimate.value, estimate.stderr
     for _ in range(power):
         value, stderr = value * factor, stderr * factor
-    return TraceEstimate(value, stderr, estimate.num_matvecs, estimate.method)
+    return TraceEstimate(value, stderr, estimate.num_matvecs, estimate.method, estimate.num_samples)
 
 
 # ---------------------------------------------------------------------- estimators
@@ -214,7 +245,7 @@ def _hutchinson(
     op: SymmetricOperator, num: int, probe: str, rng: np.random.Generator
 ) -> TraceEstimate:
     value, stderr = _mean_stderr(_hutchinson_samples(op, num, probe, rng))
-    return TraceEstimate(value, stderr, num, "hutchinson")
+    return TraceEstimate(value, stderr, num, "hutchinson", num)
 
 
 def _hutchpp(
@@ -232,8 +263,9 @@ def _hutchpp(
         G = _probes(op, size, probe, rng)
         G = G - Q @ (Q.T @ G)
         samples.append(_column_dots(op, G, op.matmat(G)))
-    rest, stderr = _mean_stderr(np.concatenate(samples))
-    return TraceEstimate(sketched + rest, stderr, num, "hutch++")
+    terms = np.concatenate(samples)
+    rest, stderr = _mean_stderr(terms)
+    return TraceEstimate(sketched + rest, stderr, num, "hutch++", int(terms.size))
 
 
 def _downdate_directions(R: np.ndarray) -> np.ndarray:
@@ -288,7 +320,7 @@ def _xtrace(op: SymmetricOperator, num: int, probe: str, rng: np.random.Generato
     omega_a_u = omega_a_omega - np.einsum("ij,ij->j", R, W) + c * np.einsum("ij,ij->j", R, S)
     u_a_u = omega_a_u - np.einsum("ij,ij->j", W, q_a_u) + c * np.einsum("ij,ij->j", S, q_a_u)
     value, stderr = _mean_stderr(tr_sketch + u_a_u)
-    return TraceEstimate(value, stderr, 2 * m, "xtrace")
+    return TraceEstimate(value, stderr, 2 * m, "xtrace", int(np.size(u_a_u)))
 
 
 def _slq_trace(
@@ -306,7 +338,7 @@ def _slq_trace(
     density = slq(op, m, num_probes=probes, probe=probe, seed=rng)
     samples = op.n * density.probe_expectations(lambda x: x)
     value, stderr = _mean_stderr(samples)
-    return TraceEstimate(value, stderr, probes * m, "slq")
+    return TraceEstimate(value, stderr, probes * m, "slq", int(np.size(samples)))
 
 
 def trace(
@@ -479,5 +511,7 @@ def frobenius_norm_squared(
     for size in _blocks(op.n, num):
         AX = op.matmat(_probes(op, size, probe, rng))
         samples.append(_column_dots(op, AX, AX))
-    value, stderr = _mean_stderr(np.concatenate(samples))
-    return _scaled_estimate(TraceEstimate(value, stderr, num, "hutchinson"), scaled.factor, 2)
+    terms = np.concatenate(samples)
+    value, stderr = _mean_stderr(terms)
+    estimate = TraceEstimate(value, stderr, num, "hutchinson", int(terms.size))
+    return _scaled_estimate(estimate, scaled.factor, 2)

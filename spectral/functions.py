@@ -152,7 +152,7 @@ def trace_function(
         float(np.std(samples, ddof=1) / math.sqrt(samples.size)) if samples.size > 1 else math.nan
     )
     used = int(np.sum(~np.isnan(density.probe_nodes))) if density.probe_nodes is not None else 0
-    return TraceEstimate(value, stderr, used, "slq")
+    return TraceEstimate(value, stderr, used, "slq", int(samples.size))
 
 
 def schatten_norm(
@@ -226,4 +226,4 @@ def schatten_norm(
     )
     value = s_max * t ** (1.0 / power)
     stderr = s_max * t ** (1.0 / power - 1.0) * se_t / power if t > 0 else math.nan
-    return TraceEstimate(value, stderr, used, "slq")
+    return TraceEstimate(value, stderr, used, "slq", int(samples.size))

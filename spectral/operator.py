@@ -36,6 +36,7 @@ only the products carry the low-precision error.
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -245,8 +246,49 @@ def _from_linear_operator(A: Any, template: Any | None) -> SymmetricOperator:
                 template = np.zeros(n, dtype=dtype)
     if tuple(template.shape) != (n,):
         raise argument_error("like", f"a template vector of shape ({n},)", template)
-    matmat = getattr(A, "matmat", None)
-    return SymmetricOperator(A.matvec, template=template, matmat=matmat, source=A)
+    matvec, matmat = A.matvec, getattr(A, "matmat", None)
+    if _is_scipy_linear_operator(A):
+        matvec = _named_shape_errors(A, matvec, n)
+        matmat = None if matmat is None else _named_shape_errors(A, matmat, n)
+    return SymmetricOperator(matvec, template=template, matmat=matmat, source=A)
+
+
+def _is_scipy_linear_operator(A: Any) -> bool:
+    try:
+        from scipy.sparse.linalg import LinearOperator
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return False
+    return isinstance(A, LinearOperator)
+
+
+def _named_shape_errors(A: Any, product: Callable[[Any], Any], n: int) -> Callable[[Any], Any]:
+    """``product`` with scipy's own shape errors re-raised naming ``A``.
+
+    scipy's public ``LinearOperator.matvec`` reshapes what the user's ``_matvec``
+    returned to ``(n,)``. A product of the wrong length therefore fails inside scipy
+    ("cannot reshape array of size 31 into shape (30,)") before
+    :meth:`SymmetricOperator.matvec` can check it. Only a ``ValueError`` raised in
+    scipy's wrapper itself (its innermost Python frame in
+    ``scipy/sparse/linalg/_interface.py``) is translated. Errors from the user's own
+    product pass through unchanged.
+    """
+
+    def checked(x: Any) -> Any:
+        try:
+            return product(x)
+        except ValueError as exc:
+            frames = traceback.extract_tb(exc.__traceback__)
+            if not frames or not frames[-1].filename.replace("\\", "/").endswith(
+                "sparse/linalg/_interface.py"
+            ):
+                raise
+            raise argument_error(
+                "A",
+                f"an operator whose products have n = {n} entries per column",
+                f"{A!r}, whose product failed in scipy: {exc}",
+            ) from exc
+
+    return checked
 
 
 def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> SymmetricOperator:

@@ -61,7 +61,10 @@ def slq(
         and moved once to the operator's namespace and device.
     num_iters:
         Lanczos steps ``m`` per probe, ``1 <= m <= n``; a probe whose Krylov space becomes
-        invariant stops early and contributes fewer nodes (exact ones).
+        invariant to working precision (residual :math:`\beta \le \sqrt{\varepsilon}\|A\|`,
+        see :func:`spectral.lanczos`) stops early and contributes fewer nodes. These are exact
+        only for :math:`\beta = 0`. The dropped residual can still hide mass near the nodes
+        (:meth:`SpectralDensity.cdf_bounds` accounts for it).
     num_probes:
         Number ``P`` of independent probes (default 1); their measures are averaged with
         weight ``1/P``.
@@ -97,7 +100,8 @@ def slq(
     SpectralDensity
         Pooled nodes and weights, with the per-probe ``(P, m)`` nodes and weights
         (NaN-padded after an early stop), ``source="quadrature"``, ``dimension=n``, the
-        probe kind, which probes stopped early (invariant Krylov space: exact rules) and
+        probe kind, which probes stopped early (``probe_invariant``: the residual
+        :math:`\beta_{\text{stop}}` was dropped) and
         each probe's node accuracy :math:`\delta_k = \max(8(m_k + \sqrt n)\,\varepsilon
         \max_i|\theta_i|,\ \beta_{\text{stop}})` (:math:`\varepsilon` of the operator's
         dtype; :math:`\beta_{\text{stop}}` the residual dropped at an early stop), which
@@ -209,7 +213,7 @@ class _ProbeRecord:
     """What each probe's quadrature rule found: the rows of the ``(P, m)`` result arrays.
 
     ``nodes``/``weights`` are NaN-padded after an early stop; ``invariant`` marks the
-    probes whose Krylov space became invariant (exact rules); ``tolerance`` is each
+    probes that stopped early (residual at most ``tolerance``); ``tolerance`` is each
     probe's node accuracy :math:`\\delta_k` (see :func:`slq`), computed with the
     operator's machine epsilon ``eps`` and dimension ``n``.
     """

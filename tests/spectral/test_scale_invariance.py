@@ -45,8 +45,15 @@ def test_top_eigenpairs_slq_and_trace_scale(e: int) -> None:
     np.testing.assert_allclose(values / s, ref_values, rtol=1e-13)
     np.testing.assert_allclose(np.sort(ref_values), [1.0, 1.5, 2.0], rtol=1e-12)
     ref, dens = slq(A64, 15, num_probes=2, seed=0), slq(A64 * s, 15, num_probes=2, seed=0)
-    np.testing.assert_allclose(dens.nodes / s, ref.nodes, rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(dens.weights, ref.weights, rtol=1e-12, atol=1e-15)
+    # probe by probe: nodes of different probes may tie to rounding and swap places in
+    # the merged, sorted arrays (e = -405 did), within one probe they are distinct
+    for k in range(2):
+        np.testing.assert_allclose(
+            dens.probe_nodes[k] / s, ref.probe_nodes[k], rtol=1e-13, atol=1e-15
+        )
+        np.testing.assert_allclose(
+            dens.probe_weights[k], ref.probe_weights[k], rtol=1e-12, atol=1e-15
+        )
     t_ref, t = trace(A64, seed=0), trace(A64 * s, seed=0)
     assert t.value / s == pytest.approx(t_ref.value, rel=1e-13)
     assert t.stderr / s == pytest.approx(t_ref.stderr, rel=1e-12)
