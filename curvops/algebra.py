@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -61,6 +62,7 @@ __all__ = [
     "add",
     "check_same_parameters",
     "parameter_names_of",
+    "parameter_shapes_of",
     "power",
     "product",
     "scale",
@@ -127,22 +129,118 @@ def parameter_names_of(op: CurvatureOperator) -> tuple[str, ...] | None:
         return tuple(name for part in parts for name in cast(tuple[str, ...], part))
     if op.shape[0] != op.shape[1]:
         return None
-    for arg in getattr(op, "args", ()):
-        if isinstance(arg, CurvatureOperator) and arg.shape == op.shape:
+    for arg in _operands(op):
+        if arg.shape == op.shape:
             found = parameter_names_of(arg)
             if found is not None:
                 return found
     return None
 
 
+def _operands(op: CurvatureOperator) -> list[CurvatureOperator]:
+    """The operators ``op`` is built from: its ``args``, then its ``base`` (an inverse's)."""
+    found = [arg for arg in getattr(op, "args", ()) if isinstance(arg, CurvatureOperator)]
+    base = getattr(op, "base", None)
+    if isinstance(base, CurvatureOperator) and all(base is not arg for arg in found):
+        found.append(base)
+    return found
+
+
+#: ``"name[k of m entries #digest]"``: part of a parameter (:func:`curvops.blocks.per_block`)
+_PART_NAME = re.compile(r"^(?P<name>.*)\[\d+ of \d+ entries #[0-9a-f]+\]$")
+
+
+def _own_shapes(op: CurvatureOperator) -> dict[str, tuple[int, ...]] | None:
+    """``name -> shape`` of the parameters a model operator holds itself, or None.
+
+    From its ``param_shapes`` (in the order of ``param_names``) or its
+    ``(name, parameter)`` pairs ``params`` (the exact operators, looked up now).
+    """
+    names = getattr(type(op), "param_names", None)
+    if not isinstance(names, property) or op.param_names is None:
+        return None
+    if isinstance(getattr(type(op), "param_shapes", None), property):
+        shapes = cast(Any, op).param_shapes
+        return {str(n): tuple(int(k) for k in s) for n, s in zip(op.param_names, shapes)}
+    if isinstance(getattr(type(op), "params", None), property):
+        pairs = cast(Any, op).params
+        return {str(n): tuple(int(k) for k in p.shape) for n, p in pairs}
+    return None
+
+
+def _shapes_within(op: CurvatureOperator) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every model parameter that ``op`` or its operands hold."""
+    table: dict[str, tuple[int, ...]] = {}
+    stack, seen = [op], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for name, shape in (_own_shapes(current) or {}).items():
+            table.setdefault(name, shape)
+        blocks = getattr(current, "blocks", ())
+        stack += [b for b in blocks if isinstance(b, CurvatureOperator)]
+        stack += _operands(current)
+    return table
+
+
+def parameter_shapes_of(op: CurvatureOperator) -> tuple[tuple[int, ...], ...] | None:
+    """The shapes of the parameters :func:`parameter_names_of` gives, or None if unknown.
+
+    The names alone do not fix the coordinates: two models with parameters called
+    ``weight`` and ``bias`` of shapes ``(6, 2), (6,)`` and ``(9, 1), (9,)`` have 18
+    coordinates each, and adding their operators would pair weight rows of one with
+    bias rows of the other.  A part of a parameter (``"name[k of m entries #...]"``)
+    reports the whole parameter's shape.
+
+    Parameters
+    ----------
+    op : CurvatureOperator
+        Any operator.
+
+    Returns
+    -------
+    tuple of tuple of int, or None
+        One shape per name, or None when the names or a shape are unknown.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvops import GGNOperator
+    >>> net = torch.nn.Linear(2, 3)
+    >>> G = GGNOperator(net, torch.nn.MSELoss(), (torch.ones(4, 2), torch.zeros(4, 3)))
+    >>> parameter_shapes_of(G.shift(1.0) @ G)
+    ((3, 2), (3,))
+    """
+    names = parameter_names_of(op)
+    if names is None:
+        return None
+    table = _shapes_within(op)
+    shapes = []
+    for name in names:
+        part = _PART_NAME.match(name)
+        shape = table.get(part.group("name") if part else name)
+        if shape is None:
+            return None
+        shapes.append(shape)
+    return tuple(shapes)
+
+
 def check_same_parameters(first: CurvatureOperator, other: CurvatureOperator, name: str) -> None:
-    """Refuse to combine operators over different parameters (:func:`parameter_names_of`).
+    """Refuse to combine operators over different parameters (names and shapes).
 
     Adding, multiplying or comparing them would pair the rows of one parameter with
     those of another without an error when the sizes agree (``KFACOperator`` over
-    ``"2.weight"`` graded against a Hessian over ``"0.weight"``).  Operators whose
+    ``"2.weight"`` graded against a Hessian over ``"0.weight"``; two models whose
+    parameters share names but not shapes, ``Linear(2, 6)`` and ``Linear(1, 9)``).
+    The coordinates of a curvature operator are the row-major entries of its
+    parameters in order, so the names (:func:`parameter_names_of`, in order) and the
+    shapes (:func:`parameter_shapes_of`) must agree; the dtypes are those of the
+    operators, checked with the devices where they combine.  Operators whose
     parameters are unknown (numbers) combine with anything of the right shape, and
-    operators of different models over the same names (two checkpoints) combine.
+    operators of different models over the same names and shapes (two checkpoints)
+    combine.
 
     Parameters
     ----------
@@ -154,7 +252,7 @@ def check_same_parameters(first: CurvatureOperator, other: CurvatureOperator, na
     Raises
     ------
     ValueError
-        Naming ``name`` and both parameter lists.
+        Naming ``name`` and both parameter lists (names, or shapes where the names agree).
 
     Examples
     --------
@@ -170,13 +268,28 @@ def check_same_parameters(first: CurvatureOperator, other: CurvatureOperator, na
     ValueError: Argument 'B': expected an operator over the same parameters, in the same order, ...
     """
     a, b = parameter_names_of(first), parameter_names_of(other)
-    if a is None or b is None or a == b:
+    if a is None or b is None:
         return
+    if a != b:
+        raise argument_error(
+            name,
+            "an operator over the same parameters, in the same order, as the first operand "
+            "(the rows and columns of a curvature operator are parameters; the first "
+            f"operand's are {_short_names(a)}, this one's {_short_names(b)})",
+            other,
+        )
+    shapes_a, shapes_b = parameter_shapes_of(first), parameter_shapes_of(other)
+    if shapes_a is None or shapes_b is None or shapes_a == shapes_b:
+        return
+    differ = [
+        f"{n!r}: {tuple(sa)} vs {tuple(sb)}" for n, sa, sb in zip(a, shapes_a, shapes_b) if sa != sb
+    ]
+    shown = "; ".join(differ[:4]) + ("; ..." if len(differ) > 4 else "")
     raise argument_error(
         name,
-        "an operator over the same parameters, in the same order, as the first operand "
-        "(the rows and columns of a curvature operator are parameters; the first "
-        f"operand's are {_short_names(a)}, this one's {_short_names(b)})",
+        "an operator over parameters of the same shapes as the first operand's (the "
+        "coordinates are the parameters' entries in row-major order; same names with "
+        f"other shapes would pair unrelated entries: {shown}, first operand vs this one)",
         other,
     )
 

@@ -33,7 +33,7 @@ from torch import nn
 from curvops import determinism
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.configuration import ConfigurationState
-from curvops.data import Batch, Data, as_data, first_tensor, move_to
+from curvops.data import Batch, Data, as_data, first_tensor, move_to, shape_noted
 from curvops.differentiability import UntrackedParameterError
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.finiteness import all_finite, each_finite, non_finite_parameters
@@ -680,7 +680,8 @@ class ModelCurvatureOperator(CurvatureOperator):
             w = batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size, lazy=True)
             if not isinstance(w, torch.Tensor) and w == 0:
                 return
-        flat = flatten_columns(self._batch_matmat(batch, V))
+        with shape_noted(batch, self._validation.shapes):
+            flat = flatten_columns(self._batch_matmat(batch, V))
         running.add(batch.index, batch.size, flat, w)
 
     def _params_finite(self) -> torch.Tensor:

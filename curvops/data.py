@@ -3,7 +3,8 @@
 ``data`` may be
 
 * one batch ``(inputs, targets)`` — a 2-tuple/list whose second item is a tensor;
-* a sequence of such batches (list or tuple), sizes may differ;
+* a sequence of such batches (list or tuple), sizes may differ, also past the sample
+  dimension (sequences padded per batch);
 * a :class:`torch.utils.data.DataLoader` (or any re-iterable yielding batches).
 
 ``inputs`` is a tensor, a tuple/list of tensors (positional model inputs) or a
@@ -33,6 +34,7 @@ first raises a ``ValueError`` naming ``data`` (:class:`curvops.replay.PassFinger
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -51,6 +53,8 @@ __all__ = [
     "dict_batch_error",
     "first_tensor",
     "move_to",
+    "shape_noted",
+    "trailing_shapes",
 ]
 
 
@@ -279,10 +283,62 @@ def _counted_from(inputs: Any, batch_size: BatchSize, targets: torch.Tensor) -> 
     )
 
 
-def _signature(batch: Batch) -> tuple[Any, ...]:
+def trailing_shapes(batch: Batch) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes past the sample dimension of the first input tensor and of the targets.
+
+    Batches may differ in them (a language model's batches padded to their own longest
+    sequence); a loss whose normaliser is the sample count only up to a per-sample
+    constant then weights them exactly only when that constant is known
+    (:func:`curvops.validation.check_shapes_weighable`).
+
+    >>> trailing_shapes(Batch(torch.zeros(2, 7), torch.zeros(2, 7), 2, 0))
+    ((7,), (7,))
+    """
     first = first_tensor(batch.inputs)
-    trailing = () if first is None else tuple(first.shape[1:])
-    return (trailing, tuple(batch.targets.shape[1:]), batch.targets.dtype)
+    inputs = () if first is None else tuple(int(d) for d in first.shape[1:])
+    return inputs, tuple(int(d) for d in batch.targets.shape[1:])
+
+
+@contextmanager
+def shape_noted(
+    batch: Batch, reference: tuple[tuple[int, ...], tuple[int, ...]] | None
+) -> Iterator[None]:
+    """Add a note naming the batch to an error raised while it is processed, when its
+    shapes past the sample dimension differ from the first batch's ``reference``.
+
+    Batches may differ there (dynamic padding), so :class:`Data` does not refuse a batch
+    whose feature size is wrong; the model's own shape error then says which batch.
+
+    >>> b = Batch(torch.zeros(2, 5), torch.zeros(2), 2, 1)
+    >>> try:
+    ...     with shape_noted(b, ((4,), ())):
+    ...         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    ... except RuntimeError as exc:
+    ...     print(exc.__notes__[0].split(",")[0])
+    in data (batch 1)
+    """
+    try:
+        yield
+    except Exception as exc:
+        shapes = trailing_shapes(batch)
+        if reference is not None and shapes != reference:
+            exc.add_note(
+                f"in data (batch {batch.index}), whose input / target shapes past the sample "
+                f"dimension {shapes[0]} / {shapes[1]} differ from batch 0's "
+                f"{reference[0]} / {reference[1]}"
+            )
+        raise
+
+
+def _signature(batch: Batch) -> tuple[Any, ...]:
+    """What every batch must share: the dimensions of the first input and of the
+    targets, and the targets' dtype (sizes may differ: dynamic padding)."""
+    first = first_tensor(batch.inputs)
+    dims = None if first is None else first.ndim
+    return (dims, batch.targets.ndim, batch.targets.dtype)
+
+
+_SIGNATURE_WANTED = "the number of input/target dimensions and the target dtype of batch 0"
 
 
 class Data:
@@ -305,8 +361,10 @@ class Data:
     ------
     ValueError
         Empty data, a batch that is not an ``(inputs, targets)`` pair, inputs and
-        targets of different lengths, or batches whose trailing shapes / target
-        dtypes disagree (the message names the batch index).
+        targets of different lengths, or batches whose numbers of input / target
+        dimensions or target dtypes disagree (the message names the batch index).
+        Their sizes past the sample dimension may differ (batches padded to their own
+        longest sequence); :func:`trailing_shapes` gives them.
     """
 
     def __init__(self, data: Any, batch_size: BatchSize = None) -> None:
@@ -354,7 +412,7 @@ class Data:
             if _signature(b) != ref:
                 raise argument_error(
                     f"data (batch {b.index})",
-                    f"the trailing input/target shapes and target dtype of batch 0 {ref}",
+                    f"{_SIGNATURE_WANTED} {ref}",
                     _signature(b),
                 )
 
@@ -405,7 +463,7 @@ class Data:
             elif sig != ref:
                 raise argument_error(
                     f"data (batch {i})",
-                    f"the trailing input/target shapes and target dtype of batch 0 {ref}",
+                    f"{_SIGNATURE_WANTED} {ref}",
                     sig,
                 )
             self._fingerprint.check(i, batch.size, batch.inputs, batch.targets)

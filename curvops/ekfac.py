@@ -32,7 +32,10 @@ vanish in expectation; one column per MC sample).  More than
 ``ValueError`` naming ``fisher``) rather than run for hours.  Among all matrices with this
 eigenbasis it is the closest to the curvature block in Frobenius norm.  Building it
 costs two passes over ``data`` (the factors, then :math:`\Lambda`).
-Eigenvalues, trace, log-det and the damped inverse :math:`1/(\Lambda + \delta)` are exact.
+Eigenvalues, trace, log-det and the damped inverse :math:`1/(\Lambda + \delta)` are exact;
+eigenvalues within :math:`(d_G + d_A)\,\varepsilon\max|\Lambda|` of zero in their block are
+exactly 0 (as K-FAC's, :meth:`curvops.KFACOperator.eigenvalues`), so a singular E-KFAC has
+``logdet() == -inf`` and ``inverse(0.0)`` raises a ``ValueError`` naming ``damping``.
 
 >>> import torch
 >>> net = torch.nn.Linear(3, 2).double()
@@ -52,7 +55,12 @@ import torch
 
 from curvops.distributed import resolve_group
 from curvops.kfac import EigenBlock, KFACOperator, all_reduce_sums
-from curvops.kronecker import record_grads, record_inputs, rotated_gradient_squares
+from curvops.kronecker import (
+    record_grads,
+    record_inputs,
+    rotated_gradient_squares,
+    zero_rounding,
+)
 from spectral.errors import NumericalError
 
 __all__ = ["EKFACOperator"]
@@ -132,6 +140,9 @@ class EKFACOperator(KFACOperator):
             if not bool(torch.isfinite(values).all()):
                 raise NumericalError(f"E-KFAC: non-finite eigenvalues of layer {block.layer!r}")
             U_G, U_A = bases[i]
+            # exact zeros (directions in a factor's null space) come out as squares of
+            # rounding noise, 1e-36 and up: 0 within (d_G + d_A) eps max|Lambda|, as K-FAC's
+            values = zero_rounding(values, block.rows + block.cols)
             eigen.append(EigenBlock(U_G, U_A, values))
         stats["eigen"] = eigen
         return stats

@@ -226,6 +226,7 @@ class FisherOperator(ModelCurvatureOperator):
             psd=True,
             output_fn=output_fn,
         )
+        self._validation.check_outputs_before_the_loss(type(self).__name__)
         self.kind = kind
         self.mc_samples = mc_samples
         self.seed = seed

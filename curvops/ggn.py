@@ -151,6 +151,7 @@ class GGNOperator(ModelCurvatureOperator):
             psd=_convex(loss_fn),
             output_fn=output_fn,
         )
+        self._validation.check_outputs_before_the_loss(type(self).__name__)
         self._linearize = bool(linearize) and self.data.is_single_batch
         if self._linearize:
             _refuse_recurrent_linearization(model)

@@ -61,7 +61,7 @@ from torch import nn
 from curvops._model_state import check_bn_mode
 from curvops.configuration import ConfigurationState
 from curvops.curvature import _refuse_non_finite_input
-from curvops.data import Data, as_data
+from curvops.data import Data, as_data, trailing_shapes
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.finiteness import each_finite, non_finite_parameters
@@ -73,13 +73,15 @@ from curvops.kronecker import (
     is_supported,
     record_grad_factor,
     record_input_factor,
+    rounding_floor,
     sqrt_or_one,
+    zero_rounding,
 )
 from curvops.losses import LossFn, check_loss, loss_family, loss_reduction
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
-from curvops.validation import ValidatedModes, validate
+from curvops.validation import ValidatedModes, Validation, validate, validate_across_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
@@ -119,6 +121,11 @@ class EigenBlock:
     values: torch.Tensor  # (d_G, d_A)
     lam_G: torch.Tensor | None = None  # K-FAC factor eigenvalues (for pi-damping)
     lam_A: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """:math:`n = d_G + d_A`, the ``size`` of :func:`curvops.kronecker.rounding_floor`."""
+        return int(self.U_G.shape[0]) + int(self.U_A.shape[0])
 
 
 def all_reduce_sums(
@@ -332,6 +339,15 @@ class KroneckerEigenOperator(CurvatureOperator):
     def eigenvalues(self) -> torch.Tensor:
         """All :math:`P` eigenvalues in ascending order (from the factors; no products).
 
+        Eigenvalues zero to working precision are exactly ``0.0``: those of a block
+        with :math:`|\\lambda| \\le (d_G + d_A)\\,\\varepsilon\\max_{\\rm block}|\\lambda|` (and
+        remainder entries with :math:`|d| \\le \\varepsilon\\max|d|`; see
+        :func:`curvops.kronecker.rounding_floor`) are clamped to 0 in every query and
+        product, since their computed values (:math:`\\pm 10^{-19}` for K-FAC,
+        :math:`10^{-36}` for E-KFAC's sums of squares) are rounding noise.  The number of
+        nonzero eigenvalues is the rank, :meth:`logdet` of a singular operator is
+        ``-inf`` and its undamped :meth:`inverse` an error.
+
         >>> import torch
         >>> from curvops.kfac import KFACOperator
         >>> net = torch.nn.Linear(2, 2, bias=False).double()
@@ -350,7 +366,11 @@ class KroneckerEigenOperator(CurvatureOperator):
         return total + float(self.remainder_diagonal().sum())
 
     def logdet(self) -> float:
-        """:math:`\\log\\det` (exact); ``-inf`` when an eigenvalue is <= 0 (singular)."""
+        """:math:`\\log\\det` (exact); ``-inf`` when an eigenvalue is <= 0 (singular).
+
+        Eigenvalues zero to working precision count as 0 (see :meth:`eigenvalues`), so a
+        singular operator gives ``-inf``, never the log of rounding noise.
+        """
         values = self.eigenvalues().to(torch.float64)
         if values.numel() and float(values.min()) <= 0.0:
             return -math.inf
@@ -362,22 +382,34 @@ class KroneckerEigenOperator(CurvatureOperator):
         Parameters
         ----------
         damping:
-            :math:`\\delta \\ge 0`; with ``0`` every eigenvalue must be positive.
+            :math:`\\delta \\ge 0`; every damped eigenvalue :math:`\\lambda + \\delta` must
+            exceed the rounding level of its block, :math:`(d_G + d_A)\\,\\varepsilon
+            \\max|\\lambda + \\delta|` (:func:`curvops.kronecker.rounding_floor`; for the
+            remainder :math:`\\varepsilon\\max|d + \\delta|`).  With ``0`` every eigenvalue must
+            be positive: a singular operator (zero eigenvalues, :meth:`eigenvalues`) has no
+            inverse, and no pseudo-inverse is substituted.
         pi_damping:
             Only for K-FAC: the heuristic factored damping
             :math:`(G + \\frac{\\sqrt\\delta}{\\pi})^{-1} \\otimes (A + \\pi\\sqrt\\delta)^{-1}`
             (Martens & Grosse 2015), which is not the inverse of :math:`A + \\delta I`.
 
-        The returned operator follows this one: it recomputes from the current factors.
+        The returned operator follows this one: it recomputes from the current factors
+        (and checks ``damping`` again when they change).
 
         Raises
         ------
         ValueError
-            Negative or non-finite ``damping``; ``pi_damping`` without K-FAC factors.
+            Negative or non-finite ``damping``; ``pi_damping`` without K-FAC factors;
+            a ``damping`` that leaves a damped eigenvalue zero to working precision
+            (naming ``damping``; ``0`` on a singular operator), checked here on the
+            current factors.
         """
         if not is_scalar(damping) or not np.isfinite(damping) or damping < 0:
             raise argument_error("damping", "a finite real number >= 0", damping)
-        return KroneckerInverse(self, float(damping), pi_damping=bool(pi_damping))
+        inverse = KroneckerInverse(self, float(damping), pi_damping=bool(pi_damping))
+        inverse.eigen_blocks()  # a singular (damped) operator fails here, not on first use
+        inverse.remainder_diagonal()
+        return inverse
 
     def _dense_blocks(self) -> list[torch.Tensor]:
         out = []
@@ -416,8 +448,10 @@ class KroneckerInverse(KroneckerEigenOperator):
 
     Raises
     ------
-    spectral.errors.NumericalError
-        (on a product) If a damped eigenvalue is not positive.
+    ValueError
+        (on a product, after the base's factors changed) Naming ``damping``, if a damped
+        eigenvalue is not positive to working precision (see
+        :meth:`KroneckerEigenOperator.inverse`).
 
     Examples
     --------
@@ -456,13 +490,28 @@ class KroneckerInverse(KroneckerEigenOperator):
         """The operator being inverted."""
         return self._base
 
-    def _check(self, values: torch.Tensor, where: str) -> torch.Tensor:
-        if values.numel() and not bool((values > 0).all()):
-            raise NumericalError(
-                f"KroneckerInverse: a damped eigenvalue of {where} is not positive "
-                f"(damping={self.damping}); increase the damping"
+    def _check(self, values: torch.Tensor, floor: float, where: str) -> torch.Tensor:
+        """``1 / values`` if every damped eigenvalue exceeds the rounding ``floor``.
+
+        An eigenvalue at or below it (zero to working precision, or negative) would be
+        inverted into a number of size :math:`1/\\varepsilon` or more made of rounding noise.
+        """
+        if values.numel() == 0 or bool((values > floor).all()):
+            return 1.0 / values
+        smallest = float(values.min())
+        if self.damping == 0.0:
+            expected = (
+                f"a value > 0: the operator is singular (an eigenvalue of {where} is "
+                f"{smallest:.3g}, zero to working precision: <= {floor:.3g}, the rounding "
+                "level n * eps * max|lambda|), so it has no undamped inverse"
             )
-        return 1.0 / values
+        else:
+            expected = (
+                "a value making every damped eigenvalue positive to working precision (one "
+                f"of {where} is {smallest:.3g} <= {floor:.3g}, the rounding level "
+                "n * eps * max|lambda + damping|); increase the damping"
+            )
+        raise argument_error("damping", expected, self.damping)
 
     def eigen_blocks(self) -> list[EigenBlock]:
         out = []
@@ -478,19 +527,69 @@ class KroneckerInverse(KroneckerEigenOperator):
                 values = torch.outer(e.lam_G + root / pi, e.lam_A + pi * root)
             else:
                 values = e.values + self.damping
-            out.append(EigenBlock(e.U_G, e.U_A, self._check(values, f"layer {block.layer!r}")))
+            floor = max(rounding_floor(values, e.size), rounding_floor(e.values, e.size))
+            inverted = self._check(values, floor, f"layer {block.layer!r}")
+            out.append(EigenBlock(e.U_G, e.U_A, inverted))
         return out
 
     def remainder_diagonal(self) -> torch.Tensor:
-        return self._check(self._base.remainder_diagonal() + self.damping, "the remainder")
+        base = self._base.remainder_diagonal()
+        values = base + self.damping
+        floor = max(rounding_floor(values, 1), rounding_floor(base, 1))
+        return self._check(values, floor, "the remainder")
+
+
+def _check_sampling(fisher: str, mc_samples: Any, seed: Any) -> None:
+    """``mc_samples`` (an integer >= 1, 1 unless ``fisher="mc"``) and ``seed`` (an integer)."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise argument_error("mc_samples", "an integer >= 1", mc_samples)
+    if fisher != "mc" and mc_samples != 1:
+        raise argument_error("mc_samples", "1 unless fisher='mc'", mc_samples)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise argument_error("seed", "an integer", seed, kind=TypeError)
+
+
+def _validated(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Data,
+    params: Any,
+    bn_mode: str | None,
+    process_group: Any,
+    settings: dict[str, Any],
+) -> Callable[[], Validation]:
+    """Run the construction-time checks of every operator (finite parameters, inputs,
+    targets and loss, named errors: :mod:`curvops.validation`); return them for reruns.
+
+    With a process group the first run is agreed across ranks (one ``all_gather``), so
+    that a rank whose checks fail, ranks that disagree (weights, ``settings``) or a job
+    whose shards hold no counted target stop every rank, instead of leaving the others
+    waiting in the factors' ``all_reduce`` or mixing different matrices.
+    """
+
+    def construction_checks() -> Validation:
+        return validate(
+            model, loss_fn, data, params=params, bn_mode=bn_mode, process_group=process_group
+        )
+
+    validate_across_ranks(
+        construction_checks,
+        model,
+        loss_fn,
+        params=params,
+        process_group=process_group,
+        settings=settings,
+    )
+    return construction_checks
 
 
 def _check_loss_family(loss_fn: Any, fisher: str) -> None:
     """The type-2 and MC Fisher need a likelihood: cross-entropy, MSE or BCE with logits."""
-    if fisher in ("type2", "mc") and loss_family(loss_fn) not in ("ce", "mse", "bce"):
+    if fisher in ("type2", "mc") and loss_family(loss_fn) not in ("ce", "mse", "bce", "seq_ce"):
         raise argument_error(
             "loss_fn",
-            f"CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher={fisher!r} "
+            f"CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or "
+            f"curvops.losses.sequence_cross_entropy for fisher={fisher!r} "
             "(use fisher='empirical' for other losses)",
             loss_fn,
         )
@@ -597,12 +696,7 @@ class KFACOperator(KroneckerEigenOperator):
         self.approx = check_choice("approx", approx, APPROXIMATIONS)
         self.bias = check_choice("bias", bias, ("separate", "joint"))
         self.remainder = check_choice("remainder", remainder, ("error", "diagonal"))
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise argument_error("mc_samples", "an integer >= 1", mc_samples)
-        if fisher != "mc" and mc_samples != 1:
-            raise argument_error("mc_samples", "1 unless fisher='mc'", mc_samples)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise argument_error("seed", "an integer", seed, kind=TypeError)
+        _check_sampling(fisher, mc_samples, seed)
         _check_loss_family(loss_fn, fisher)
         resolve_group(process_group)  # validates the argument early
         self.process_group = process_group
@@ -612,12 +706,17 @@ class KFACOperator(KroneckerEigenOperator):
         self._bn_mode = check_bn_mode(bn_mode)
         self._params = select_params(model, params)
 
-        # the construction-time checks of every operator: finite parameters, inputs,
-        # targets and loss, named errors (curvops.validation)
-        def construction_checks() -> None:
-            validate(model, loss_fn, self._data, params=params, bn_mode=bn_mode)
-
-        construction_checks()
+        settings: dict[str, Any] = {"operator": type(self).__name__, "bn_mode": bn_mode}
+        settings.update(fisher=fisher, approx=approx, bias=bias, remainder=remainder)
+        construction_checks = _validated(
+            model,
+            loss_fn,
+            self._data,
+            params,
+            bn_mode,
+            process_group,
+            {**settings, "mc_samples": mc_samples, "seed": seed},
+        )
         self._loss_state = ConfigurationState(loss_fn)  # the factors follow a changed loss
         self._loss_state.update()
         # parameters and buffers bitwise, attributes, hooks and modes of the model
@@ -660,6 +759,11 @@ class KFACOperator(KroneckerEigenOperator):
     def param_names(self) -> list[str]:
         """Names of the selected parameters, in vector order."""
         return [n for n, _ in self._params]
+
+    @property
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the selected parameters, in vector order (the coordinates' layout)."""
+        return [tuple(p.shape) for _, p in self._params]
 
     @property
     def num_samples(self) -> int:
@@ -744,8 +848,26 @@ class KFACOperator(KroneckerEigenOperator):
         return 1.0 if loss_reduction(self._loss_fn) == "sum" else float(size)
 
     def _passes(self, *, per_position: bool = False) -> Any:
-        """Yield ``(batch, records)`` for every batch of ``data`` (see :func:`batch_statistics`)."""
+        """Yield ``(batch, records)`` for every batch of ``data`` (see :func:`batch_statistics`).
+
+        The factors average over samples and positions batch by batch, so batches must
+        agree past the sample dimension: batches padded to their own lengths are refused
+        (a ``ValueError`` naming ``data``), not averaged with per-batch position counts.
+        """
+        reference: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         for batch in self._data:
+            shapes = trailing_shapes(batch)
+            if reference is None:
+                reference = shapes
+            elif shapes != reference:
+                raise argument_error(
+                    f"data (batch {batch.index})",
+                    f"input / target shapes {reference[0]} / {reference[1]} past the sample "
+                    "dimension, those of batch 0 (K-FAC's factors average over the positions "
+                    "of each batch: give batches of one length; padded positions cannot be "
+                    "weighted by K-FAC either, the exact operators take both)",
+                    f"{shapes[0]} / {shapes[1]}",
+                )
             records = batch_statistics(
                 self._model,
                 self._loss_fn,
@@ -888,17 +1010,26 @@ class KFACOperator(KroneckerEigenOperator):
             keys = ("A", "G", "remainder", "kfac_eigen")
             return {key: source[key] for key in keys if key in source}
         As, Gs = self._compute_factors()
-        return {"A": As, "G": Gs, "remainder": self._remainder_values()}
+        # remainder entries zero to working precision are 0 (see eigenvalues)
+        return {"A": As, "G": Gs, "remainder": zero_rounding(self._remainder_values(), 1)}
 
     @staticmethod
     def _kfac_eigen(stats: dict[str, Any]) -> list[EigenBlock]:
-        """The factors' eigendecompositions, computed on first use and kept with them."""
+        """The factors' eigendecompositions, computed on first use and kept with them.
+
+        The block's eigenvalues :math:`\\lambda_{G,i}\\lambda_{A,j}` within
+        :math:`(d_G + d_A)\\,\\varepsilon\\max|\\lambda|` of 0 are set to 0
+        (:func:`curvops.kronecker.zero_rounding`): a singular factor's null eigenvalues
+        come out of ``eigh`` as rounding noise of either sign.
+        """
         if "kfac_eigen" not in stats:
             eig = []
             for A, G in zip(stats["A"], stats["G"]):
                 lam_A, U_A = torch.linalg.eigh(A)
                 lam_G, U_G = torch.linalg.eigh(G)
-                eig.append(EigenBlock(U_G, U_A, torch.outer(lam_G, lam_A), lam_G, lam_A))
+                size = int(G.shape[0]) + int(A.shape[0])
+                values = zero_rounding(torch.outer(lam_G, lam_A), size)
+                eig.append(EigenBlock(U_G, U_A, values, lam_G, lam_A))
             stats["kfac_eigen"] = eig
         eigen: list[EigenBlock] = stats["kfac_eigen"]
         return eigen

@@ -106,7 +106,9 @@ __all__ = [
     "record_inputs",
     "record_layers",
     "rotated_gradient_squares",
+    "rounding_floor",
     "sqrt_or_one",
+    "zero_rounding",
 ]
 
 FISHER_TYPES = ("type2", "mc", "empirical")
@@ -273,10 +275,11 @@ def flatten_loss_terms(
     """Outputs ``(rows, C)`` and targets with one row per loss term (or per sample).
 
     Cross-entropy ``(N, C, d1, ...)`` with targets ``(N, d1, ...)``: one row per
-    position, the classes as columns (as curvlinops does).  MSE and BCE (elementwise
-    losses with a diagonal output Hessian, no class axis) ``(N, ...)``: one row per
-    sample with all ``M`` output elements as its columns, so the factor columns of
-    :func:`batch_statistics` are the ``M`` output elements, whatever the layout
+    position, the classes as columns (as curvlinops does); the same for
+    :func:`curvops.losses.sequence_cross_entropy`'s ``(N, d1, ..., C)`` (classes last).
+    MSE and BCE (elementwise losses with a diagonal output Hessian, no class axis)
+    ``(N, ...)``: one row per sample with all ``M`` output elements as its columns, so the
+    factor columns of :func:`batch_statistics` are the ``M`` output elements, whatever the layout
     (``(N, C, H, W)`` and ``(N, H, W, C)`` give the same K-FAC; curvlinops instead
     takes the last axis as the class axis, which for ``(N, C, H, W)`` feeds several
     elements of one layer position into one column).  Other losses keep their shapes.
@@ -291,6 +294,8 @@ def flatten_loss_terms(
     if family in ("ce", "nll"):
         flat = outputs.movedim(1, -1).reshape(-1, outputs.shape[1])
         return flat, targets.reshape(-1)
+    if family == "seq_ce":  # classes last: one row per token
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
     if family in ("mse", "bce") and targets.shape == outputs.shape:
         n = outputs.shape[0]
         return outputs.reshape(n, -1), targets.reshape(n, -1)
@@ -347,17 +352,19 @@ def output_factor(
         (use ``"empirical"``).
     """
     if fisher == "type2":
-        if loss_kind(loss_fn, outputs, targets) not in ("ce", "mse", "bce"):
+        kind = loss_kind(loss_fn, outputs, targets)
+        if kind not in ("ce", "seq_ce", "mse", "bce"):
             raise argument_error(
                 "loss_fn",
                 "a loss with a closed-form output Hessian for fisher='type2': "
-                "CrossEntropyLoss without class weights, label smoothing or ignored "
-                "targets, MSELoss, or BCEWithLogitsLoss without weights (use "
+                "CrossEntropyLoss or sequence_cross_entropy without class weights, label "
+                "smoothing or ignored targets, MSELoss, or BCEWithLogitsLoss without "
+                "weights (use "
                 "fisher='empirical' for other losses and settings)",
                 loss_fn,
             )
         factor, _ = output_hessian_factor(loss_fn, outputs, targets)
-        if loss_kind(loss_fn, outputs, targets) == "ce":
+        if kind in ("ce", "seq_ce"):  # (rows, C) logits, classes last: softmax rank C - 1
             return drop_null_column(factor, torch.softmax(outputs.detach(), dim=-1).sqrt())
         return factor
     kind = "empirical" if fisher == "empirical" else "mc"
@@ -699,3 +706,44 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def sqrt_or_one(value: float) -> float:
     """:math:`\\sqrt{v}` for finite positive ``v``, else 1 (the neutral :math:`\\pi`)."""
     return math.sqrt(value) if value > 0 and math.isfinite(value) else 1.0
+
+
+def rounding_floor(values: torch.Tensor, size: int) -> float:
+    r"""The absolute rounding error of a block's computed eigenvalues: :math:`n\,\varepsilon
+    \max|\lambda|`.
+
+    ``eigh`` of a symmetric :math:`d \times d` factor is backward stable: its computed
+    eigenvalues are those of a matrix within :math:`d\,\varepsilon\,\|F\|_2` of the factor,
+    so each is off by at most about :math:`d\,\varepsilon\max|\lambda_F|` (Weyl; the
+    tolerance of ``numpy.linalg.matrix_rank``).  A K-FAC eigenvalue
+    :math:`\lambda_{G,i}\lambda_{A,j}` is then off by at most
+    :math:`\max|\lambda_G|\,d_A\varepsilon\max|\lambda_A| + \max|\lambda_A|\,d_G\varepsilon
+    \max|\lambda_G| = (d_G + d_A)\,\varepsilon\max|\lambda|`, so ``size`` is
+    :math:`n = d_G + d_A` for a Kronecker block (E-KFAC's eigenvalues, the curvature's
+    diagonal in that eigenbasis, carry the rounding of the same rotation) and 1 for a
+    diagonal computed entry by entry.  An eigenvalue with :math:`|\lambda| \le` this floor
+    is zero to working precision: its sign and size are rounding noise.  ``eps`` is that
+    of ``values``' dtype.
+
+    >>> rounding_floor(torch.tensor([0.0, 2.0], dtype=torch.float64), 3) == 6 * 2.0**-52
+    True
+    """
+    if values.numel() == 0:
+        return 0.0
+    eps = float(torch.finfo(values.dtype).eps)
+    return float(size) * eps * float(values.abs().max())
+
+
+def zero_rounding(values: torch.Tensor, size: int) -> torch.Tensor:
+    r"""``values`` with the entries zero to working precision set to exactly 0.
+
+    Entries with :math:`|\lambda| \le` :func:`rounding_floor` ``(values, size)``: a singular
+    factor's zero eigenvalues come out of ``eigh`` as :math:`\pm 10^{-19}`-sized noise
+    (E-KFAC's as :math:`10^{-36}`), whose logarithm or reciprocal would be a number, not
+    the :math:`-\infty` or error of a singular matrix.
+
+    >>> zero_rounding(torch.tensor([1e-19, -3e-18, 1.0], dtype=torch.float64), 2).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    floor = rounding_floor(values, size)
+    return torch.where(values.abs() <= floor, torch.zeros_like(values), values)

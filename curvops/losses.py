@@ -75,6 +75,7 @@ __all__ = [
     "loss_reduction",
     "loss_setting",
     "nll_scale",
+    "normaliser_is_known",
     "output_gradient",
     "output_hessian_factor",
     "output_hessian_matmat",
@@ -690,13 +691,13 @@ def batch_weight(
 ) -> Any:
     """The weight of a batch's curvature in the curvature over all data.
 
-    ``reduction="sum"``: 1 (curvatures add up, no normalisation); otherwise the
-    normaliser :func:`batch_normaliser` for losses whose normaliser is not proportional
-    to the number of samples (cross-entropy/NLL with class-index targets, sequence
-    cross-entropy, declared losses), and the batch size ``size`` for the others (their
-    normalisers are the sample count times a constant).  A float, or with ``lazy`` a
-    0-d tensor on the targets' device where it is counted there (no host
-    synchronisation).
+    ``reduction="sum"``: 1 (curvatures add up, no normalisation); otherwise the loss's
+    own normaliser :func:`batch_normaliser` (the number of counted targets, of elements,
+    a declared normaliser, and the batch size ``size`` for a loss whose normaliser is
+    not known: see :func:`normaliser_is_known`).  Weighted so, a list of batches is
+    exactly one concatenated batch, also when batches differ past the sample dimension
+    (sequences padded to each batch's own length).  A float, or with ``lazy`` a 0-d
+    tensor on the targets' device where it is counted there (no host synchronisation).
 
     Parameters
     ----------
@@ -718,17 +719,48 @@ def batch_weight(
 
     Examples
     --------
-    >>> batch_weight(nn.MSELoss(), None, torch.zeros(4, 3), 4)
-    4.0
+    >>> batch_weight(nn.MSELoss(), None, torch.zeros(4, 3), 4)  # the mean is over 12 elements
+    12.0
     """
     if loss_reduction(loss_fn) == "sum":
         return 1.0
     family = loss_family(loss_fn)
     if lazy and family in ("ce", "nll", "seq_ce") and not targets.dtype.is_floating_point:
         return _counted_targets(loss_fn, targets)
-    if isinstance(loss_fn, DeclaredLoss) or family in ("ce", "nll", "seq_ce"):
-        return batch_normaliser(loss_fn, inputs, targets, size)
-    return float(size)
+    return batch_normaliser(loss_fn, inputs, targets, size)
+
+
+def normaliser_is_known(loss_fn: Any) -> bool:
+    """Whether :func:`batch_normaliser` knows the loss's normaliser, not only assumes it.
+
+    Known: ``reduction="sum"``, the recognised families (:func:`loss_family`), the
+    elementwise torch losses and :class:`DeclaredLoss`.  Any other loss (a plain
+    function) is assumed to divide by its number of samples, which holds across
+    batches that differ past the sample dimension only if it divides by samples
+    exactly (a per-token mean would not): such batches need a declared normaliser
+    (:func:`curvops.validation.check_normaliser_known`).
+
+    Parameters
+    ----------
+    loss_fn : Any
+        The loss.
+
+    Returns
+    -------
+    bool
+        True when the normaliser is read from the loss, not assumed.
+
+    Examples
+    --------
+    >>> normaliser_is_known(nn.MSELoss()), normaliser_is_known(lambda f, y: (f - y).pow(2).mean())
+    (True, False)
+    """
+    return (
+        isinstance(loss_fn, DeclaredLoss)
+        or loss_family(loss_fn) is not None
+        or type(loss_fn) in _ELEMENTWISE_MEANS
+        or loss_reduction(loss_fn) == "sum"
+    )
 
 
 def loss_kind(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "check_no_quantized_modules",
     "check_no_stale_parameter_tensors",
     "check_params_finite",
+    "check_shapes_weighable",
     "check_targets",
     "check_weights_not_rewritten",
     "dict_batch_error",
@@ -158,6 +159,64 @@ def check_targets(
         )
 
 
+_DECLARE_HINT = (
+    "declare how it normalises with curvops.losses.declare_loss(loss_fn, "
+    "normaliser='targets' | 'samples' | callable), so batches combine exactly"
+)
+
+
+def check_shapes_weighable(
+    loss_fn: Any,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    reference: tuple[tuple[int, ...], tuple[int, ...]],
+    index: int,
+) -> None:
+    """Refuse batches of different trailing shapes under a loss whose normaliser is assumed.
+
+    A loss whose normaliser is not known (:func:`curvops.losses.normaliser_is_known`: a
+    plain function) is weighted by its number of samples.  That is exact when it divides
+    by the samples times a constant, and the constant is the same for every batch only
+    when the batches agree past the sample dimension (:func:`curvops.data.trailing_shapes`);
+    a per-token mean over batches padded to their own lengths would be weighted wrongly,
+    silently.
+
+    Parameters
+    ----------
+    loss_fn : Any
+        The loss.
+    shapes, reference : pair of tuples
+        :func:`curvops.data.trailing_shapes` of this batch and of the first.
+    index : int
+        This batch's index (for the message).
+
+    Raises
+    ------
+    ValueError
+        Naming ``loss_fn``, the two shapes and :func:`curvops.losses.declare_loss`.
+
+    Examples
+    --------
+    >>> check_shapes_weighable(torch.nn.MSELoss(), ((3,), (3,)), ((5,), (5,)), 1)
+    >>> try:
+    ...     check_shapes_weighable(lambda f, y: f.sum(), ((3,), (3,)), ((5,), (5,)), 1)
+    ... except ValueError as exc:
+    ...     print(str(exc)[:65])
+    Argument 'loss_fn': expected a loss whose normaliser is known: ba
+    """
+    from curvops.losses import normaliser_is_known
+
+    if shapes == reference or normaliser_is_known(loss_fn):
+        return
+    raise argument_error(
+        "loss_fn",
+        f"a loss whose normaliser is known: batch {index} has input / target shapes "
+        f"{shapes[0]} / {shapes[1]} past the sample dimension, batch 0 {reference[0]} / "
+        f"{reference[1]}, so the loss's normaliser is not the sample count times one "
+        f"constant and the batches cannot be weighted by their samples; {_DECLARE_HINT}",
+        loss_fn,
+    )
+
+
 def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> None:
     """Refuse a loss whose normaliser is recognisably not the sample count and unknown."""
     from curvops.losses import DeclaredLoss, loss_family, loss_reduction, loss_setting
@@ -166,10 +225,7 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
         return
     if loss_reduction(loss_fn) == "sum":
         return
-    hint = (
-        "declare how it normalises with curvops.losses.declare_loss(loss_fn, "
-        "normaliser='targets' | 'samples' | callable), so batches combine exactly"
-    )
+    hint = _DECLARE_HINT
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         ignore = loss_setting(loss_fn, "ignore_index", -100)
         uses_ignore = not targets.dtype.is_floating_point and bool((targets == ignore).any())
@@ -187,7 +243,10 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
             "loss_fn",
             f"a loss whose normaliser is known: the targets of batch {index} contain -100 "
             f"(PyTorch's ignore_index), so the mean is probably over counted targets, not "
-            f"samples; {hint}",
+            f"samples; {hint} (a loss that shifts the labels inside the model, like a Hugging "
+            f"Face causal LM's out.loss, counts the shifted ones: normaliser=lambda inputs, y: "
+            f"(y[:, 1:] != -100).sum(); or select the logits, output_fn=lambda out: out.logits, "
+            f"and use curvops.losses.sequence_cross_entropy() with targets shifted in the data)",
             loss_fn,
         )
 
@@ -198,9 +257,12 @@ def _check_first_loss_value(
     model: nn.Module,
     named: list[tuple[str, nn.Parameter]],
     batch: tuple[Any, torch.Tensor, int],
+    *,
+    outputs: Any = None,
 ) -> None:
     """Refuse a first-batch loss that is not a finite scalar tensor (``None``: not evaluated,
-    structured outputs); a non-finite one names the unselected non-finite tensors."""
+    structured outputs); a non-finite one names the unselected non-finite tensors, or the
+    model's non-finite outputs (naming ``model``)."""
     from curvops.losses import batch_normaliser, loss_reduction
 
     inputs, targets, size = batch
@@ -226,6 +288,18 @@ def _check_first_loss_value(
             and not bool(torch.isfinite(t.detach()).all())
         ]
         cause = f"; non-finite values in {', '.join(others[:5])}" if others else ""
+        if not others and isinstance(outputs, torch.Tensor):
+            bad = ~torch.isfinite(outputs.detach())
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise argument_error(
+                    "model",
+                    "finite outputs on the first batch (the selected parameters and the inputs "
+                    "are finite; an attention row whose mask hides every key, as at padded "
+                    "positions of eager attention, gives NaN)",
+                    f"{int(bad.sum())} non-finite of {bad.numel()} output values, the first "
+                    f"at index {where}",
+                )
         raise argument_error(
             "loss_fn",
             "a finite loss on the first batch (the selected parameters, the inputs and the "
@@ -246,12 +320,46 @@ class Validation:
     #: The total weight of an in-memory shard at construction (``None`` for a
     #: DataLoader), for the collective check of :func:`validate_across_ranks`.
     weight: float | None = None
+    #: :func:`curvops.data.trailing_shapes` of the first batch.
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    #: The shape of the (selected) model output on the first batch (``None``: structured).
+    output_shape: tuple[int, ...] | None = None
+
+    def check_outputs_before_the_loss(self, who: str) -> None:
+        """Refuse a 0-dimensional model output for a curvature built on the outputs.
+
+        The GGN :math:`J^\\top \\nabla^2_f \\ell\\, J` and the Fisher need the network's
+        outputs *before* the loss.  A scalar output is a loss computed inside the model
+        (a Hugging Face model given its ``labels``: ``output_fn=lambda out: out.loss``):
+        with an identity ``loss_fn`` its GGN is exactly zero and it has no per-sample
+        terms, so the numbers would be silently wrong.  The Hessian of such a set-up is
+        fine and is not checked.
+
+        Raises
+        ------
+        ValueError
+            Naming ``output_fn`` and ``who``.
+        """
+        if self.output_shape == ():
+            raise argument_error(
+                "output_fn",
+                f"model outputs with a sample dimension for {who} (the network's outputs "
+                "before the loss, e.g. output_fn=lambda out: out.logits, with the loss as "
+                "loss_fn): a 0-dimensional output is a loss computed inside the model, whose "
+                "GGN under an identity loss_fn is zero and which has no per-sample terms",
+                "a 0-dimensional output",
+            )
 
     def check_streamed(self, inputs: Any, targets: torch.Tensor, index: int) -> None:
-        """Check one batch of a DataLoader during its first pass (its targets; non-finite
-        inputs surface as a non-finite product naming the batch)."""
+        """Check one batch of a DataLoader during its first pass (its targets and shapes;
+        non-finite inputs surface as a non-finite product naming the batch)."""
+        from curvops.data import Batch, trailing_shapes
+
         check_targets(self.loss_fn, targets, index, self.classes)
         _check_normaliser_known(self.loss_fn, targets, index)
+        if self.shapes is not None:
+            here = trailing_shapes(Batch(inputs, targets, 0, index))
+            check_shapes_weighable(self.loss_fn, here, self.shapes, index)
 
 
 def _check_inputs_finite(inputs: Any, index: int) -> None:
@@ -461,10 +569,10 @@ def validate(
         ``params``.
     """
     from curvops._model_state import curvature_mode, functional_forward
-    from curvops.data import as_data, move_to
+    from curvops.data import as_data, move_to, trailing_shapes
     from curvops.derivative_repairs import check_loss_second_derivatives
     from curvops.determinism import global_streams_untouched, torch_draws_reported
-    from curvops.losses import batch_weight, check_loss
+    from curvops.losses import check_loss
     from curvops.params import select_params
 
     check_loss(loss_fn)
@@ -507,17 +615,18 @@ def validate(
                 if isinstance(outputs, torch.Tensor)
                 else None
             )
-    _check_first_loss_value(loss_fn, value, model, named, (inputs, targets, first.size))
-    result = Validation(loss_fn, classes)
+    _check_first_loss_value(
+        loss_fn, value, model, named, (inputs, targets, first.size), outputs=outputs
+    )
+    result = Validation(
+        loss_fn,
+        classes,
+        shapes=trailing_shapes(first),
+        output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
+    )
     if stream.is_in_memory:
-        total = 0.0
-        for batch in stream:
-            if batch.index != first.index:
-                check_targets(loss_fn, batch.targets, batch.index, classes)
-                _check_normaliser_known(loss_fn, batch.targets, batch.index)
-            total += batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
-        result.weight = total
-        if total <= 0 and resolve_group(process_group) is None:
+        result.weight = _check_other_batches(loss_fn, stream, first.index, result)
+        if result.weight <= 0 and resolve_group(process_group) is None:
             raise argument_error(
                 "data",
                 "at least one counted target (every target equals ignore_index or has "
@@ -525,6 +634,24 @@ def validate(
                 data,
             )
     return result
+
+
+def _check_other_batches(loss_fn: Any, stream: Any, first: int, result: Validation) -> float:
+    """Check the targets and shapes of an in-memory stream's batches after the first
+    (``first``: its index) against what the first taught (``result``); their total weight."""
+    from curvops.data import trailing_shapes
+    from curvops.losses import batch_weight
+
+    total = 0.0
+    for batch in stream:
+        if batch.index != first:
+            check_targets(loss_fn, batch.targets, batch.index, result.classes)
+            _check_normaliser_known(loss_fn, batch.targets, batch.index)
+            if result.shapes is not None:
+                here = trailing_shapes(batch)
+                check_shapes_weighable(loss_fn, here, result.shapes, batch.index)
+        total += batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
+    return total
 
 
 def validate_across_ranks(

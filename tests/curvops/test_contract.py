@@ -65,8 +65,17 @@ def test_data_forms_and_errors() -> None:
         as_data([])
     with pytest.raises(ValueError, match="batch 1"):
         as_data([(x, y), (x[:2], y[:3])])
-    with pytest.raises(ValueError, match="batch 1"):
-        as_data([(x, y), (torch.zeros(2, 5), y[:2])])
+    # batches may differ past the sample dimension (dynamic padding): a wrong feature
+    # size is the model's shape error, with a note naming the batch
+    model, loss_fn = make_mlp().to(x.dtype), nn.CrossEntropyLoss()
+    d = int(x.shape[1])
+    different = [(x, y), (torch.zeros(2, d + 1, dtype=x.dtype), y[:2])]
+    as_data(different)
+    P = sum(p.numel() for p in model.parameters())
+    with pytest.raises(RuntimeError) as raised:
+        HessianOperator(model, loss_fn, different) @ np.ones(P)
+    assert "data (batch 1)" in raised.value.__notes__[-1]
+    assert f"({d + 1},) / () differ from batch 0's ({d},) / ()" in raised.value.__notes__[-1]
     with pytest.raises(ValueError, match="at least one sample"):
         as_data((x[:0], y[:0]))
     with pytest.raises(TypeError):

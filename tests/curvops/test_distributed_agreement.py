@@ -119,7 +119,7 @@ def _agreement_cases(rank: int) -> dict[str, Any]:
 
 def _operator_cases(rank: int) -> dict[str, Any]:
     """The operators end to end: a padding-only shard, then disagreeing ranks."""
-    from curvops import GGNOperator
+    from curvops import GGNOperator, KFACOperator
     from curvops import distributed as cd
     from curvops.losses import sequence_cross_entropy
 
@@ -138,6 +138,29 @@ def _operator_cases(rank: int) -> dict[str, Any]:
     out["weights"] = _outcome(
         lambda: repr(GGNOperator(make_model(seed=rank), nn.CrossEntropyLoss(), mine))
     )
+    # loss statistics over the padding-only shard: the single-process statistics
+    from curvops.stats import loss_stats
+
+    z = np.linspace(-1.0, 1.0, eye.shape[0])
+
+    def stats(data: Any, group: Any = None) -> list[float]:
+        st = loss_stats(net, seq, data, z=z, num_probes=0, process_group=group)
+        return [st.loss_mean, st.grad_mean_norm_sq, st.hess_mu, st.hess_var, st.num_samples]
+
+    out["stats reference"] = {"value": stats(batches, False)}
+    out["stats zero count shard"] = _outcome(lambda: stats(cd.shard_batches(batches)))
+    out["stats all padding"] = _outcome(
+        lambda: stats(cd.shard_batches(make_batches(padded=(0, 1, 2))))
+    )
+    ce = nn.CrossEntropyLoss()
+    out["stats z"] = _outcome(
+        lambda: loss_stats(net, ce, mine, z=[z, -z][rank], num_probes=0).hess_mu
+    )
+    # K-FAC: disagreeing ranks are refused at construction on every rank (their factors
+    # would otherwise be summed into one matrix), a failing rank stops the other
+    out["kfac weights"] = _outcome(lambda: repr(KFACOperator(make_model(seed=rank), ce, mine)))
+    bad = [(mine[0][0], torch.tensor([0, 9]))] if rank == 1 else mine  # class 9 of 4
+    out["kfac failing rank"] = _outcome(lambda: repr(KFACOperator(net, ce, bad)))
     return out
 
 
@@ -229,6 +252,20 @@ def test_operators_over_a_padding_only_shard_and_disagreeing_ranks(tmp_path: Pat
     assert np.array_equal(got[0], got[1])  # bitwise identical on every rank
     assert np.linalg.norm(got[0] - ref) <= 1e-14 * np.linalg.norm(ref)
     _same_error(job, "weights", "ValueError", "model parameter values")
+    # loss statistics: the padding-only shard is accepted, the statistics are those of one
+    # process; an all-padding job, and ranks with different directions, raise on every rank
+    stats_ref = np.asarray(job[0]["stats reference"]["value"])
+    for r in job:
+        got_stats = np.asarray(r["stats zero count shard"].get("value", np.nan))
+        assert np.allclose(got_stats, stats_ref, rtol=1e-12, atol=0), r["stats zero count shard"]
+    _same_error(
+        job, "stats all padding", "ValueError", "at least one counted target over all ranks"
+    )
+    _same_error(job, "stats z", "ValueError", "settings")
+    _same_error(job, "kfac weights", "ValueError", "model parameter values")
+    failing = [r["kfac failing rank"] for r in job]
+    assert failing[0]["error"] == "RuntimeError" and "rank(s) [1]" in failing[0]["message"]
+    assert failing[1]["error"] == "ValueError" and "class targets" in failing[1]["message"]
 
 
 if __name__ == "__main__":
