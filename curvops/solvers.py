@@ -17,8 +17,11 @@ the solver's own recurrence (CG's updated residual, MINRES's :math:`\\bar\\phi_j
 relative residual is about :math:`\\varepsilon\\,\\kappa(A)`; choose ``tol`` accordingly.
 
 After each product, ``.last_info`` (a :class:`SolveInfo`) records iterations and residuals.
-A column that does not converge within ``maxiter`` is logged as a warning and flagged in
-``last_info.converged`` (or raises :class:`spectral.errors.NumericalError` with ``strict=True``).
+A column that does not converge within ``maxiter`` raises
+:class:`spectral.errors.NumericalError` naming the columns, the iteration and the residual
+(a singular system with a right-hand side outside the range returned vectors of norm
+:math:`10^{17}` before this was the default); with ``strict=False`` it is logged as a
+warning instead, flagged in ``last_info.converged``, and the iterate is returned.
 NaN or Inf never becomes a number: a right-hand side with NaN/Inf, a product of ``A`` with
 NaN/Inf, or a non-finite solution raises :class:`spectral.errors.NumericalError` naming the
 column or the iteration, for every method and whatever ``strict`` says.
@@ -463,7 +466,7 @@ def inverse(
     tol: float = 1e-8,
     maxiter: int | None = None,
     assume_psd: bool = False,
-    strict: bool = False,
+    strict: bool = True,
 ) -> InverseOperator:
     """Return an operator whose product solves :math:`Ax = b` on ``A``'s device.
 
@@ -483,7 +486,9 @@ def inverse(
         Let CG run on an operator not flagged psd (e.g. a damped Hessian known to be
         positive definite).
     strict:
-        Raise :class:`~spectral.errors.NumericalError` instead of warning on non-convergence.
+        Raise :class:`~spectral.errors.NumericalError` on non-convergence (the default);
+        ``False`` logs a warning and returns the unconverged iterate, flagged in
+        ``last_info`` (for inexact inner solves whose accuracy the caller controls).
 
     Returns
     -------

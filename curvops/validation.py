@@ -625,7 +625,24 @@ def validate(
         output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
     )
     if stream.is_in_memory:
-        result.weight = _check_other_batches(loss_fn, stream, first.index, result)
+
+        def forward(batch: Any) -> None:  # the model on a batch of other shapes
+            with (
+                curvature_mode(model, bn_mode),
+                global_streams_untouched("model"),
+                torch_draws_reported(f"The model ({type(model).__name__})"),
+                torch.no_grad(),
+            ):
+                functional_forward(
+                    model,
+                    [n for n, _ in named],
+                    [p.detach().clone() for _, p in named],
+                    move_to(batch.inputs, device, dtype),
+                    output_fn,
+                    copies=True,
+                )
+
+        result.weight = _check_other_batches(loss_fn, stream, first.index, result, forward)
         if result.weight <= 0 and resolve_group(process_group) is None:
             raise argument_error(
                 "data",
@@ -636,22 +653,53 @@ def validate(
     return result
 
 
-def _check_other_batches(loss_fn: Any, stream: Any, first: int, result: Validation) -> float:
+def _check_other_batches(
+    loss_fn: Any, stream: Any, first: int, result: Validation, forward: Callable[[Any], None]
+) -> float:
     """Check the targets and shapes of an in-memory stream's batches after the first
-    (``first``: its index) against what the first taught (``result``); their total weight."""
+    (``first``: its index) against what the first taught (``result``); their total weight.
+
+    Batches may differ from the first past the sample dimension (dynamic padding), so the
+    model runs once (``forward``, no gradients) on one batch of each new input shape: one
+    it cannot take (a wrong feature size) is refused here, naming the batch, not at the
+    first product with the model's bare error.
+    """
     from curvops.data import trailing_shapes
     from curvops.losses import batch_weight
 
     total = 0.0
+    seen = {result.shapes[0] if result.shapes is not None else None}
     for batch in stream:
         if batch.index != first:
             check_targets(loss_fn, batch.targets, batch.index, result.classes)
             _check_normaliser_known(loss_fn, batch.targets, batch.index)
+            here = trailing_shapes(batch)
             if result.shapes is not None:
-                here = trailing_shapes(batch)
                 check_shapes_weighable(loss_fn, here, result.shapes, batch.index)
+            if here[0] not in seen:
+                _refuse_failing_forward(forward, batch, here, result.shapes)
+                seen.add(here[0])
         total += batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
     return total
+
+
+def _refuse_failing_forward(
+    forward: Callable[[Any], None],
+    batch: Any,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    reference: tuple[tuple[int, ...], tuple[int, ...]] | None,
+) -> None:
+    """Run ``forward`` on ``batch``; a failure becomes a ``ValueError`` naming the batch."""
+    try:
+        forward(batch)
+    except Exception as exc:
+        ref = "" if reference is None else f" ({reference[0]} / {reference[1]} in batch 0)"
+        raise argument_error(
+            f"data (batch {batch.index})",
+            f"inputs the model accepts, like batch 0's{ref}",
+            f"input / target shapes {shapes[0]} / {shapes[1]} past the sample dimension, "
+            f"on which the model raised {type(exc).__name__}: {exc}",
+        ) from exc
 
 
 def validate_across_ranks(

@@ -66,14 +66,18 @@ def test_data_forms_and_errors() -> None:
     with pytest.raises(ValueError, match="batch 1"):
         as_data([(x, y), (x[:2], y[:3])])
     # batches may differ past the sample dimension (dynamic padding): a wrong feature
-    # size is the model's shape error, with a note naming the batch
+    # size is found by running the model on the batch at construction (a list), or is
+    # the model's shape error at the first product with a note naming the batch (a loader)
     model, loss_fn = make_mlp().to(x.dtype), nn.CrossEntropyLoss()
     d = int(x.shape[1])
     different = [(x, y), (torch.zeros(2, d + 1, dtype=x.dtype), y[:2])]
     as_data(different)
+    with pytest.raises(ValueError, match=r"data \(batch 1\).*inputs the model accepts"):
+        HessianOperator(model, loss_fn, different)
     P = sum(p.numel() for p in model.parameters())
+    loader = DataLoader(different, batch_size=None)
     with pytest.raises(RuntimeError) as raised:
-        HessianOperator(model, loss_fn, different) @ np.ones(P)
+        HessianOperator(model, loss_fn, loader) @ np.ones(P)
     assert "data (batch 1)" in raised.value.__notes__[-1]
     assert f"({d + 1},) / () differ from batch 0's ({d},) / ()" in raised.value.__notes__[-1]
     with pytest.raises(ValueError, match="at least one sample"):

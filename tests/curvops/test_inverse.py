@@ -65,7 +65,7 @@ def test_minres_on_shift_and_cg_on_damp() -> None:
     x = inverse(H.shift(0.05), "minres", tol=1e-12) @ b
     assert rel_err(x, np.linalg.solve(M + 0.05 * np.eye(N), b)) <= 1e-8
     G = Dense(M @ M, symmetric=True, psd=True)
-    x = inverse(G.damp(1e-2), "cg", tol=1e-12) @ b
+    x = inverse(G.damp(1e-2), "cg", tol=1e-10) @ b  # (1e-12 is below CG's floor here)
     assert rel_err(x, np.linalg.solve(M @ M + 1e-2 * np.eye(N), b)) <= 1e-7
 
 
@@ -109,22 +109,39 @@ def test_refusals() -> None:
         inverse(np.eye(3))  # type: ignore[arg-type]
 
 
-def test_non_convergence_warns_or_raises(caplog: pytest.LogCaptureFixture) -> None:
+def test_non_convergence_raises_or_warns(caplog: pytest.LogCaptureFixture) -> None:
     A = Dense(spd_matrix(7), symmetric=True, psd=True)
     b = np.random.default_rng(8).standard_normal(N)
-    inv = inverse(A, "cg", tol=1e-12, maxiter=3)
+    inv = inverse(A, "cg", tol=1e-12, maxiter=3, strict=False)
     with caplog.at_level(logging.WARNING, logger="curvops.solvers"):
         inv @ b
     assert "did not converge" in caplog.text
     assert inv.last_info is not None and not inv.last_info.converged
     assert inv.last_info.iterations == 3
-    strict = inverse(A, "minres", tol=1e-12, maxiter=3, strict=True)
-    with pytest.raises(NumericalError, match="iteration 3"):
-        strict @ b
+    for method in ("cg", "minres", "lanczos"):  # the default raises
+        with pytest.raises(NumericalError, match="iteration 3"):
+            inverse(A, method, tol=1e-12, maxiter=3) @ b
+
+
+def test_singular_system_outside_the_range_raises_by_default() -> None:
+    """G x = b with b outside range(G): every method's iterate grew to norm ~1e17 and was
+    returned with a logged warning; now it is an error unless strict=False."""
+    Q = np.linalg.qr(np.random.default_rng(3).standard_normal((N, N)))[0]
+    M = Q @ np.diag([0.0, 0.0, *np.linspace(1.0, 4.0, N - 2)]) @ Q.T
+    G = Dense((M + M.T) / 2, symmetric=True, psd=True)
+    b = Q[:, 0] + Q[:, 5]  # a null-space component
+    for method in ("cg", "minres", "lanczos"):
+        with pytest.raises(NumericalError, match="did not converge"):
+            inverse(G, method, tol=1e-10) @ b
+    inside = Q[:, 5]  # in the range: the minimum-norm solution, as before
+    x = inverse(G, "minres", tol=1e-12) @ inside
+    np.testing.assert_allclose(x, np.linalg.pinv(M) @ inside, rtol=0, atol=1e-9)
 
 
 def test_cg_stops_on_non_positive_curvature(caplog: pytest.LogCaptureFixture) -> None:
-    inv = inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True)
+    inv = inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True, strict=False)
+    with pytest.raises(NumericalError, match="did not converge"):
+        inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True) @ np.ones(2)
     with caplog.at_level(logging.WARNING, logger="curvops.solvers"):
         x = inv @ np.ones(2)  # p^T A p = 0 at the first step
     assert np.isfinite(x).all()
@@ -153,7 +170,7 @@ def test_reported_residuals_are_the_true_ones(method: str) -> None:
     A = Dense((M + M.T) / 2, symmetric=True, psd=True)
     b = torch.tensor(rng.standard_normal(30))  # not in the range of A
     for op, solvable in ((A, False), (A.damp(1e-2), True)):
-        inv = inverse(op, method=method)
+        inv = inverse(op, method=method, strict=False)  # the residual of a failed solve too
         x = inv @ b
         true = float(torch.linalg.vector_norm(b - op @ x) / torch.linalg.vector_norm(b))
         info = inv.last_info
