@@ -45,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
-from curvops.data import as_data, move_to
+from curvops.data import as_data, move_to, shape_noted
 from curvops.differentiability import UntrackedUseRecorder
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.fisher import fisher_output_factor
@@ -60,6 +60,7 @@ from curvops.losses import (
     loss_reduction,
     output_hessian_factor,
 )
+from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.precision import accumulation_dtype
 from curvops.validation import Validation, validate, validate_across_ranks
@@ -131,11 +132,13 @@ def _sum_squared_per_sample(
     out: torch.Tensor,
     factor: torch.Tensor,
     signs: torch.Tensor,
+    output_fn: OutputFn | None = None,
 ) -> torch.Tensor | None:
     """:func:`_sum_squared_vjps` from per-sample Jacobians (``torch.func``), or ``None``.
 
     Each sample's output is recomputed alone (a batch of one) and its ``r`` factor
-    columns are pulled back through that sample's Jacobian only: :math:`N r` products of
+    columns are pulled back through that sample's Jacobian only (the output chosen by
+    ``output_fn``, as for ``out``): :math:`N r` products of
     single-sample cost instead of :math:`N r` full-batch backward passes, in chunks of
     samples holding at most ``_PER_SAMPLE_BUDGET`` gradient entries.  This equals
     the batch's Jacobian rows only when samples do not interact; ``None`` (use the
@@ -150,7 +153,7 @@ def _sum_squared_per_sample(
     def one(x_n: Any, S_n: torch.Tensor, s_n: torch.Tensor) -> Any:
         def forward(*ps: torch.Tensor) -> torch.Tensor:
             x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
-            return functional_forward(model, names, list(ps), x1).reshape(-1)
+            return functional_forward(model, names, list(ps), x1, output_fn).reshape(-1)
 
         y_n, pull = torch.func.vjp(forward, *primals)[:2]
         grads = torch.func.vmap(pull)(S_n.T.contiguous())
@@ -204,12 +207,19 @@ def _validated(
     bn_mode: str | None,
     method: str,
     process_group: Any,
+    output_fn: OutputFn | None,
 ) -> Validation:
     """The construction checks of :func:`ggn_diagonal`, agreed across ranks (one
     ``all_gather`` with a process group: :func:`curvops.validation.validate_across_ranks`)."""
     return validate_across_ranks(
         lambda: validate(
-            model, loss_fn, data, params=params, bn_mode=bn_mode, process_group=process_group
+            model,
+            loss_fn,
+            data,
+            params=params,
+            bn_mode=bn_mode,
+            output_fn=output_fn,
+            process_group=process_group,
         ),
         model,
         loss_fn,
@@ -231,6 +241,7 @@ def ggn_diagonal(
     bn_mode: str | None = None,
     chunk_size: int = 64,
     process_group: Any = False,
+    output_fn: OutputFn | None = None,
 ) -> torch.Tensor:
     """Diagonal of the GGN of the mean loss over ``data`` (a length-P tensor on the model's device).
 
@@ -248,6 +259,12 @@ def ggn_diagonal(
         (one ``all_reduce``), giving the diagonal over the union of the shards.
     params, bn_mode:
         As for the operators (model never changed).
+    output_fn:
+        Which tensor of the model's output the loss takes, as for the operators (see
+        :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
+        dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
+        callable ``output -> tensor``.  The result is the diagonal of
+        ``GGNOperator(..., output_fn=output_fn)`` (``method="exact"``).
 
     Returns
     -------
@@ -258,7 +275,10 @@ def ggn_diagonal(
     ------
     ValueError
         Unknown ``method``, ``mc_samples < 1``, ``chunk_size < 1``; ``method="mc"``
-        with a loss without a likelihood; bad data/params/bn_mode.
+        with a loss without a likelihood; bad data/params/bn_mode; an ``output_fn``
+        selecting a 0-dimensional output (a loss computed inside the model).
+    TypeError
+        An ``output_fn`` that is not callable, or whose selection is not a tensor.
     spectral.errors.NumericalError
         Non-finite values (names the batch).
 
@@ -276,8 +296,10 @@ def ggn_diagonal(
     True
     """
     _check_settings(loss_fn, method, mc_samples, chunk_size, bn_mode)
+    output_fn = check_output_fn(output_fn)
     model = unwrap_model(model)
-    validation = _validated(model, loss_fn, data, params, bn_mode, method, process_group)
+    validation = _validated(model, loss_fn, data, params, bn_mode, method, process_group, output_fn)
+    validation.check_outputs_before_the_loss("ggn_diagonal")
     named = select_params(model, params)
     names = [n for n, _ in named]
     device, dtype = named[0][1].device, named[0][1].dtype
@@ -295,8 +317,8 @@ def ggn_diagonal(
             targets = move_to(batch.targets, device, dtype)
             leaves = [p.detach().requires_grad_(True) for _, p in named]
             recorder = UntrackedUseRecorder(leaves)
-            with torch.enable_grad(), recorder:
-                out = functional_forward(model, names, leaves, inputs)
+            with torch.enable_grad(), recorder, shape_noted(batch, validation.shapes):
+                out = functional_forward(model, names, leaves, inputs, output_fn)
             recorder.check([out], names=names)
             if method == "exact":
                 factor, signs = output_hessian_factor(loss_fn, out, targets)
@@ -317,7 +339,9 @@ def ggn_diagonal(
                 signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
             diag: torch.Tensor | None = None
             if out.requires_grad and not _batch_coupled(model):
-                diag = _sum_squared_per_sample(model, names, leaves, inputs, out, factor, signs)
+                diag = _sum_squared_per_sample(
+                    model, names, leaves, inputs, out, factor, signs, output_fn
+                )
             if diag is None and out.requires_grad:
                 diag = _sum_squared_vjps(out, leaves, factor, signs, chunk_size)
             if diag is None:

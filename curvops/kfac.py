@@ -78,6 +78,7 @@ from curvops.kronecker import (
     zero_rounding,
 )
 from curvops.losses import LossFn, check_loss, loss_family, loss_reduction
+from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
@@ -557,6 +558,7 @@ def _validated(
     bn_mode: str | None,
     process_group: Any,
     settings: dict[str, Any],
+    output_fn: OutputFn | None = None,
 ) -> Callable[[], Validation]:
     """Run the construction-time checks of every operator (finite parameters, inputs,
     targets and loss, named errors: :mod:`curvops.validation`); return them for reruns.
@@ -569,10 +571,16 @@ def _validated(
 
     def construction_checks() -> Validation:
         return validate(
-            model, loss_fn, data, params=params, bn_mode=bn_mode, process_group=process_group
+            model,
+            loss_fn,
+            data,
+            params=params,
+            bn_mode=bn_mode,
+            output_fn=output_fn,
+            process_group=process_group,
         )
 
-    validate_across_ranks(
+    validation = validate_across_ranks(
         construction_checks,
         model,
         loss_fn,
@@ -580,6 +588,7 @@ def _validated(
         process_group=process_group,
         settings=settings,
     )
+    validation.check_outputs_before_the_loss(str(settings.get("operator", "K-FAC")))
     return construction_checks
 
 
@@ -647,6 +656,11 @@ class KFACOperator(KroneckerEigenOperator):
         settings: this one then uses its factors, eigendecompositions and remainder
         (computed once for both, e.g. when grading ``kfac`` and ``ekfac`` together)
         instead of computing its own.
+    output_fn:
+        Selects the output the loss takes from a structured model output, as for the
+        exact operators (:mod:`curvops.model_io`; default: the tensor, the ``"logits"``
+        entry of a mapping or ``ModelOutput``, or the first element of a tuple); a
+        0-dimensional selected output (a loss computed inside the model) is refused.
 
     Raises
     ------
@@ -688,6 +702,7 @@ class KFACOperator(KroneckerEigenOperator):
         seed: int = 0,
         process_group: Any = None,
         share_with: KFACOperator | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
@@ -705,6 +720,7 @@ class KFACOperator(KroneckerEigenOperator):
         self._data: Data = as_data(data)
         self._bn_mode = check_bn_mode(bn_mode)
         self._params = select_params(model, params)
+        self._output_fn = check_output_fn(output_fn)
 
         settings: dict[str, Any] = {"operator": type(self).__name__, "bn_mode": bn_mode}
         settings.update(fisher=fisher, approx=approx, bias=bias, remainder=remainder)
@@ -716,6 +732,7 @@ class KFACOperator(KroneckerEigenOperator):
             bn_mode,
             process_group,
             {**settings, "mc_samples": mc_samples, "seed": seed},
+            self._output_fn,
         )
         self._loss_state = ConfigurationState(loss_fn)  # the factors follow a changed loss
         self._loss_state.update()
@@ -880,6 +897,7 @@ class KFACOperator(KroneckerEigenOperator):
                 device=self.device,
                 dtype=self.torch_dtype,
                 per_position=per_position,
+                output_fn=self._output_fn,
             )
             yield batch, records
 
@@ -960,6 +978,7 @@ class KFACOperator(KroneckerEigenOperator):
             params=names,
             bn_mode=self._bn_mode,
             process_group=self.process_group,
+            output_fn=self._output_fn,
         ).to(self.device, self.torch_dtype)
 
     def _settings(self) -> tuple[Any, ...]:
@@ -974,6 +993,7 @@ class KFACOperator(KroneckerEigenOperator):
             self.param_names,
             self.torch_dtype,
             self.process_group,
+            self._output_fn,
         )
 
     def _check_share(self, other: KFACOperator | None) -> KFACOperator | None:
@@ -994,7 +1014,7 @@ class KFACOperator(KroneckerEigenOperator):
                 "share_with",
                 "an operator on the same model, loss and data object with the same settings "
                 "(fisher, approx, bias, remainder, mc_samples, seed, bn_mode, params, dtype, "
-                "process_group)",
+                "process_group, output_fn)",
                 other,
             )
         return other._share if other._share is not None else other

@@ -615,6 +615,7 @@ def batch_statistics(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     per_position: bool = False,
+    output_fn: Any = None,
 ) -> list[LayerRecord]:
     r"""Inputs and back-propagated factor columns :math:`g^{(j)}` of every layer in ``modules``.
 
@@ -623,8 +624,9 @@ def batch_statistics(
     loss position and column, for E-KFAC's exact type-2 corrections), batched over
     chunks of columns; MC targets come from :func:`curvops.losses.batch_generator`
     seeded by ``(seed, batch.index)``, so every pass over the data draws the same
-    targets.  Each record's ``grads`` holds one tensor per column, shaped like the
-    layer's output; a layer called several times gets one merged record
+    targets.  ``output_fn`` selects the output as in the curvature operators
+    (:mod:`curvops.model_io`).  Each record's ``grads`` holds one tensor per column, shaped
+    like the layer's output; a layer called several times gets one merged record
     (:func:`merge_calls`).
 
     Raises
@@ -642,7 +644,7 @@ def batch_statistics(
     leaves = [p.detach().requires_grad_(True) for _, p in named]
     with curvature_mode(model, bn_mode), record_layers(modules) as records:
         with torch.enable_grad():
-            outputs = functional_forward(model, names, leaves, inputs)
+            outputs = functional_forward(model, names, leaves, inputs, output_fn)
     flat, flat_targets = flatten_loss_terms(loss_fn, outputs, targets)
     check_equal_term_weights(loss_fn, inputs, flat_targets, int(flat.shape[0]))
     generator = batch_generator(seed, batch.index) if fisher == "mc" else None

@@ -58,15 +58,16 @@ from torch import nn
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
 from curvops.curvature import ModelCurvatureOperator
-from curvops.data import Batch, as_data, move_to
+from curvops.data import Batch, as_data, move_to, shape_noted
 from curvops.determinism import outside_inference_mode
 from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_operator
+from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.products import hessian_linearization, jacobian_sandwich_matmat
-from curvops.validation import validate
+from curvops.validation import validate, validate_across_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = [
@@ -365,6 +366,7 @@ def loss_stats(
     params: Any = None,
     bn_mode: str | None = None,
     process_group: Any = None,
+    output_fn: OutputFn | None = None,
 ) -> LossStats:
     """Compute the statistics of the module docstring over the minibatches of ``data``.
 
@@ -389,6 +391,13 @@ def loss_stats(
         ``all_reduce``, so every rank returns the statistics of the union of the
         shards (``num_batches``/``num_samples`` included).  ``None``: the default
         group when initialised; ``False``: this process only.
+    output_fn:
+        Which tensor of the model's output the loss takes, as for the operators (see
+        :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
+        dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
+        callable ``output -> tensor``.  Every loss, gradient and curvature product
+        (the Frobenius estimate's operator included) is of
+        :math:`L(\\text{output\\_fn}(\\text{model}(x)), y)`.
 
     Returns
     -------
@@ -398,7 +407,11 @@ def loss_stats(
     Raises
     ------
     ValueError
-        Bad arguments (a zero ``z``, unknown ``curvature``, ...).
+        Bad arguments (a zero ``z``, unknown ``curvature``, ...; ``curvature="ggn"``
+        with an ``output_fn`` selecting a 0-dimensional output, a loss computed inside
+        the model).
+    TypeError
+        An ``output_fn`` that is not callable, or whose selection is not a tensor.
     spectral.errors.NumericalError
         Non-finite loss, gradient or product (names the minibatch).
 
@@ -413,11 +426,44 @@ def loss_stats(
     if curvature not in ("hessian", "ggn"):
         raise argument_error("curvature", "'hessian' or 'ggn'", curvature)
     check_bn_mode(bn_mode)
+    output_fn = check_output_fn(output_fn)
     model = unwrap_model(model)
-    validation = validate(model, loss_fn, data, params=params, bn_mode=bn_mode)
+    validation = validate_across_ranks(  # one all_gather with a process group
+        lambda: validate(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            bn_mode=bn_mode,
+            output_fn=output_fn,
+            process_group=process_group,
+        ),
+        model,
+        loss_fn,
+        params=params,
+        process_group=process_group,
+        settings={
+            "function": "loss_stats",
+            "curvature": curvature,
+            "bn_mode": bn_mode,
+            "batch_size": batch_size,
+            "num_probes": num_probes,
+            "seed": seed,
+            "z": _direction_setting(z),
+        },
+    )
+    if curvature == "ggn":
+        validation.check_outputs_before_the_loss("loss_stats")
     group = resolve_group(process_group)
     setting = _Setting(
-        model, loss_fn, select_params(model, params), curvature, bn_mode, group, batch_size
+        model,
+        loss_fn,
+        select_params(model, params),
+        curvature,
+        bn_mode,
+        group,
+        batch_size,
+        output_fn,
     )
     zv, z_parts = _unit_direction(z, setting.named, seed)
     moments = _sweep(setting, data, validation, z_parts, keep=bool(num_probes))
@@ -431,9 +477,23 @@ def loss_stats(
     return _assemble(setting, moments, zv, (fro, fro_err), params)
 
 
+def _direction_setting(z: Any) -> Any:
+    """``z`` as a setting every rank must share (float64 on the host; its type when it is
+    not numeric, so the rank-local check of ``z`` names it)."""
+    if z is None:
+        return None
+    if isinstance(z, torch.Tensor):
+        return z.detach().to("cpu", torch.float64)
+    try:
+        return torch.as_tensor(np.asarray(z, dtype=np.float64))
+    except (TypeError, ValueError):
+        return type(z)
+
+
 @dataclass(frozen=True)
 class _Setting:
-    """What :func:`loss_stats` measures: the model, loss, selected parameters and modes."""
+    """What :func:`loss_stats` measures: the model, loss, selected parameters, modes and
+    the model output the loss takes (``output_fn``, see :mod:`curvops.model_io`)."""
 
     model: nn.Module
     loss_fn: LossFn
@@ -442,6 +502,7 @@ class _Setting:
     bn_mode: str | None
     group: Any
     batch_size: int | None
+    output_fn: OutputFn | None = None
 
     @property
     def names(self) -> list[str]:
@@ -562,7 +623,8 @@ def _sweep(
             moments.num_batches += 1
             if batch_size is not None and keep:
                 moments.kept.append((batch.inputs, batch.targets))
-            loss, g, czv = _minibatch_terms(setting, batch, z_parts, per)
+            with shape_noted(batch, validation.shapes):
+                loss, g, czv = _minibatch_terms(setting, batch, z_parts, per)
             moments.add(w, batch.size, loss, g, czv)
     return moments
 
@@ -588,7 +650,7 @@ def _minibatch_terms(
     params0 = [p.detach() for _, p in named]
 
     def forward(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return functional_forward(model, names, tensors, inputs)
+        return functional_forward(model, names, tensors, inputs, setting.output_fn)
 
     def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
         return loss_fn(forward(tensors), targets)
@@ -622,6 +684,7 @@ def _frobenius(setting: _Setting, stream: Any, num_probes: int, seed: int) -> tu
         params=setting.names,
         bn_mode=setting.bn_mode,
         process_group=False if setting.group is None else setting.group,
+        output_fn=setting.output_fn,
     )
     return hutchinson_frobenius_sq(op, num_probes=num_probes, seed=seed)
 

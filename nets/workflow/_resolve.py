@@ -20,7 +20,7 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -118,10 +118,12 @@ def build_operator(
     seed: int = 0,
     progress: bool = False,
     process_group: Any = None,
+    output_fn: Any = None,
 ) -> Any:
     """The ``curvops`` operator of a canonical ``curvature`` name (see :func:`parse_curvature`).
 
-    ``process_group`` is passed to the operator (see :mod:`curvops.distributed`).
+    ``process_group`` (see :mod:`curvops.distributed`) and ``output_fn`` (the model
+    output the loss takes, see :mod:`curvops.model_io`) are passed to the operator.
     """
     from curvops.fisher import FisherOperator
     from curvops.ggn import GGNOperator
@@ -132,6 +134,7 @@ def build_operator(
         "bn_mode": bn_mode,
         "progress": progress,
         "process_group": process_group,
+        "output_fn": output_fn,
     }
     if curvature == "hessian":
         return HessianOperator(model, loss_fn, data, **common)
@@ -550,16 +553,27 @@ def _check_inputs_fit(
 ) -> None:
     """Refuse a dataset whose samples the checkpoint's model cannot take (one forward pass
     of one sample, in eval mode, on the working copy): a digits MLP given byte tokens
-    raised PyTorch's bare dtype error from deep inside the analysis."""
+    raised PyTorch's bare dtype error from deep inside the analysis.  The sample's inputs
+    take the forms of :mod:`nets.workflow._forward` (a tensor, a tuple of positional or a
+    mapping of keyword inputs), moved and cast as the operators do."""
+    from curvops.data import move_to
+    from nets.workflow._forward import call_model
+
+    def one(value: Any) -> Any:  # a batch of one sample
+        if isinstance(value, Mapping):
+            return {k: one(v) for k, v in value.items()}
+        if isinstance(value, tuple | list):
+            return type(value)(one(v) for v in value)
+        return torch.as_tensor(value).unsqueeze(0)
+
     try:
-        sample = cast(Any, data.train)[0][0]
-        inputs = torch.as_tensor(sample).unsqueeze(0)
-        device = next(iter(model.parameters())).device
+        first = next(iter(model.parameters()))
+        inputs = move_to(one(cast(Any, data.train)[0][0]), first.device, first.dtype)
     except Exception:  # an unusual dataset or a parameterless model: nothing to check
         return
     try:
         with torch.no_grad():
-            model(inputs.to(device))
+            call_model(model, inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         trained = config.get("dataset", "another dataset")
         raise argument_error(

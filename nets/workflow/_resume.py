@@ -31,7 +31,7 @@ from torch import nn
 from nets.workflow._resolve import model_fingerprint
 from spectral.resume import Checkpoint
 
-__all__ = ["describe_model", "describe_value", "file_digest", "open_state"]
+__all__ = ["describe_model", "describe_output_fn", "describe_value", "file_digest", "open_state"]
 
 PathLike = str | os.PathLike[str]
 
@@ -70,6 +70,27 @@ def describe_value(value: Any) -> Any:
     if callable(value):
         return getattr(value, "__qualname__", type(value).__qualname__)
     return repr(value)
+
+
+def describe_output_fn(output_fn: Any) -> Any:
+    """JSON-able description of an ``output_fn`` argument (``None`` for the default selection).
+
+    A function is described by its qualified name (:func:`describe_value`), a callable
+    object by its ``repr`` when that holds no memory address (``itemgetter('b')`` is not
+    ``itemgetter('a')``).
+
+    >>> import operator
+    >>> describe_output_fn(None), describe_output_fn(len)
+    (None, 'len')
+    >>> describe_output_fn(operator.itemgetter("scores"))
+    "operator.itemgetter('scores')"
+    """
+    if output_fn is None:
+        return None
+    text = repr(output_fn)
+    if hasattr(output_fn, "__qualname__") or " at 0x" in text:
+        return describe_value(output_fn)
+    return text
 
 
 def open_state(state_path: PathLike | None, kind: str, config: dict[str, Any]) -> Checkpoint | None:

@@ -52,8 +52,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from curvops.data import move_to
 from curvops.losses import counted_mask
+from curvops.model_io import OutputFn, check_output_fn
 from nets.loss_means import LossMean
+from nets.workflow._forward import batch_pair, call_model, model_output
 from nets.workflow._resolve import (
     check_int,
     check_positive_float,
@@ -69,7 +72,7 @@ from nets.workflow._resolve import (
     shard_loader,
     written,
 )
-from nets.workflow._resume import describe_value, file_digest, open_state
+from nets.workflow._resume import describe_output_fn, describe_value, file_digest, open_state
 from nets.workflow.directions import (
     Direction,
     ParamSpace,
@@ -117,8 +120,16 @@ def evaluate(
     loss_fn: Callable[..., torch.Tensor],
     *,
     group: Any = None,
+    output_fn: OutputFn | None = None,
 ) -> tuple[float, float]:
     """Mean loss and accuracy (%) of ``model`` over ``loader``.
+
+    Batches are ``(inputs, targets)`` in the forms the curvature operators take
+    (:mod:`nets.workflow._forward`): tensor, positional tuple or keyword mapping
+    inputs (a Hugging Face model's ``{"input_ids", "attention_mask"}``), and the loss
+    takes the output tensor :func:`curvops.model_io.select_output` chooses (the
+    ``logits`` of a dict or ``ModelOutput``, the first item of a tuple, or
+    ``output_fn(output)``).
 
     Each batch's mean loss is weighted by the loss's own normaliser
     (:class:`nets.loss_means.LossMean`: its counted targets for cross-entropy with
@@ -133,7 +144,22 @@ def evaluate(
     ------
     spectral.errors.NumericalError
         If a counted batch's loss is NaN/Inf (names the batch).
+    ValueError, TypeError
+        A batch that is not ``(inputs, targets)`` (names ``dataset (batch i)``), an
+        ``output_fn`` that is not callable or a model output without a tensor to take.
+
+    >>> class Net(torch.nn.Module):  # keyword inputs, a dict output
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.bias = torch.nn.Parameter(torch.tensor([2.0, 0.0]))
+    ...     def forward(self, x, scale):
+    ...         return {"features": x, "logits": scale * x + self.bias}
+    >>> batch = ({"x": torch.zeros(4, 2), "scale": torch.ones(4, 1)}, torch.tensor([0, 0, 0, 1]))
+    >>> loss, acc = evaluate(Net(), [batch], torch.nn.CrossEntropyLoss())
+    >>> acc
+    75.0
     """
+    output_fn = check_output_fn(output_fn)
     first = next(iter(model.parameters()))
     device, dtype = first.device, first.dtype
     mean = LossMean(loss_fn, device)
@@ -141,10 +167,9 @@ def evaluate(
     count = 0
     classification = True
     for index, batch in enumerate(loader):
-        x, y = batch[0], batch[1]
-        x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
-        y = y.to(device)
-        out = model(x)
+        x, y = batch_pair(batch, index)
+        x, y = move_to(x, device, dtype), move_to(y, device, dtype)
+        out = model_output(model, x, output_fn)
         loss = loss_fn(out, y)
         weight = float(mean.add(loss, x, y, int(y.shape[0])))
         value = float(loss)
@@ -181,7 +206,8 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @torch.no_grad()
 def _refresh_bn(model: nn.Module, loader: DataLoader[Any], group: Any = None) -> None:
-    """Recompute BatchNorm running statistics as exact averages over ``loader``.
+    """Recompute BatchNorm running statistics as exact averages over ``loader``
+    (batches in the forms of :func:`evaluate`).
 
     With a ``group`` (each rank holding a shard of the batches) the per-rank
     averages are combined, weighted by their batch counts, in one ``all_reduce``.
@@ -196,9 +222,9 @@ def _refresh_bn(model: nn.Module, loader: DataLoader[Any], group: Any = None) ->
         m.momentum = None  # cumulative moving average
         m.train()
     try:
-        for batch in loader:
-            x = batch[0]
-            model(x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device))
+        for index, batch in enumerate(loader):
+            inputs, _ = batch_pair(batch, index)
+            call_model(model, move_to(inputs, first.device, first.dtype))
         if group is not None:
             _combine_bn(modules, group)
     finally:
@@ -394,6 +420,7 @@ class _LandscapeSettings:
     subsample: int | float | None
     batch_size: int
     seed: int
+    output_fn: OutputFn | None = None
 
     def state_config(
         self,
@@ -422,6 +449,7 @@ class _LandscapeSettings:
             "batch_size": int(self.batch_size),
             "seed": int(self.seed),
             "loss": describe_value(loss),
+            "output_fn": describe_output_fn(self.output_fn),
         }
 
     def output_config(
@@ -449,6 +477,7 @@ class _LandscapeSettings:
             "accuracy_unit": "percent",
             "definitions": landscape_definitions(self.subsample, self.refresh_bn),
             "direction_normalisation": {d.name: direction_normalisation(d.name) for d in chosen},
+            "output_fn": describe_output_fn(self.output_fn),
         }
 
 
@@ -476,6 +505,7 @@ def build_loss_landscape(
     progress: bool = False,
     state_path: PathLike | None = None,
     process_group: Any = None,
+    output_fn: OutputFn | None = None,
 ) -> LandscapeResult:
     """Train/test loss and accuracy along directions (and planes) around a checkpoint.
 
@@ -520,6 +550,12 @@ def build_loss_landscape(
         ``torch.distributed`` is initialised; ``False``: each rank on its own);
         directions are replicated (seeded or read from the spectrum file) and only
         rank 0 writes ``save_path``.
+    output_fn:
+        Which tensor of the model's output the loss takes, as for the curvature
+        operators (see :mod:`curvops.model_io`): ``None`` for a tensor output, the
+        ``logits`` of a dict or Hugging Face ``ModelOutput``, or the first item of a
+        tuple; or a callable ``output -> tensor``.  Batches may hold tensor, tuple or
+        dict inputs (see :func:`evaluate`).
 
     Returns
     -------
@@ -556,8 +592,9 @@ def build_loss_landscape(
     if not isinstance(refresh_bn, bool):
         raise argument_error("refresh_bn", "a bool", refresh_bn, kind=TypeError)
     settings = _LandscapeSettings(
-        t, dist, n_points, spectrum_path, refresh_bn, subsample, batch_size, seed
-    )
+        t, dist, n_points, spectrum_path, refresh_bn, subsample, batch_size, seed,
+        check_output_fn(output_fn),
+    )  # fmt: skip
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
@@ -587,7 +624,7 @@ def build_loss_landscape(
         )  # fmt: skip
         result = _sweep(
             work, space, chosen, plane_pairs, t, train_loader, test_loader, loss, refresh_bn,
-            progress and is_writer(group), state, group,
+            progress and is_writer(group), state, group, output_fn=output_fn,
         )  # fmt: skip
     config = settings.output_config(resolved, data, data_path, chosen, loss)
     result.config = config
@@ -671,11 +708,14 @@ def _sweep(
     progress: bool,
     state: Checkpoint | None = None,
     group: Any = None,
+    *,
+    output_fn: OutputFn | None = None,
 ) -> LandscapeResult:
     theta0 = space.get_vector(model)
     at_point = _point_evaluator(
-        model, space, theta0, train_loader, test_loader, loss_fn, refresh_bn, group
-    )
+        model, space, theta0, train_loader, test_loader, loss_fn, refresh_bn, group,
+        output_fn=output_fn,
+    )  # fmt: skip
     total = len(chosen) * len(t) + len(plane_pairs) * len(t) ** 2
     bar = None
     if progress:
@@ -742,6 +782,8 @@ def _point_evaluator(
     loss_fn: Callable[..., torch.Tensor],
     refresh_bn: bool,
     group: Any,
+    *,
+    output_fn: OutputFn | None = None,
 ) -> Callable[[torch.Tensor | None], tuple[float, float, float, float]]:
     """``at_point(offset)``: train/test loss and accuracy (eval mode) at ``theta0 + offset``
     (``None``: at ``theta0``); with ``refresh_bn`` the BatchNorm statistics are recomputed
@@ -757,11 +799,11 @@ def _point_evaluator(
                 _refresh_bn(model, train_loader, group)
         model.eval()
         try:
-            tr = evaluate(model, train_loader, loss_fn, group=group)
+            tr = evaluate(model, train_loader, loss_fn, group=group, output_fn=output_fn)
             te = (
                 (math.nan, math.nan)
                 if test_loader is None
-                else evaluate(model, test_loader, loss_fn, group=group)
+                else evaluate(model, test_loader, loss_fn, group=group, output_fn=output_fn)
             )
         finally:
             if offset is not None and refresh_bn:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.stats import loss_stats
 from nets.workflow._resolve import (
@@ -63,7 +64,13 @@ from nets.workflow._resolve import (
     shard_loader,
     written,
 )
-from nets.workflow._resume import describe_model, describe_value, file_digest, open_state
+from nets.workflow._resume import (
+    describe_model,
+    describe_output_fn,
+    describe_value,
+    file_digest,
+    open_state,
+)
 from nets.workflow.landscape import evaluate
 from spectral.errors import argument_error
 from spectral.io import save_npz
@@ -152,6 +159,7 @@ class _StatsSettings:
     frobenius_probes: int
     direction: Any
     seed: int
+    output_fn: OutputFn | None = None
 
     def state_config(
         self, dataset: Any, data_path: PathLike | None, model: Any, paths: list[Any], loss: Any
@@ -171,6 +179,7 @@ class _StatsSettings:
             "direction": describe_value(self.direction),
             "seed": int(self.seed),
             "loss": describe_value(loss),
+            "output_fn": describe_output_fn(self.output_fn),
         }
 
     def output_config(
@@ -200,6 +209,7 @@ class _StatsSettings:
             "loss": type(loss).__name__,
             "accuracy_unit": "percent",
             "definitions": stats_definitions(mode, int(batch_size), subsample),
+            "output_fn": describe_output_fn(self.output_fn),
         }
 
 
@@ -223,6 +233,7 @@ def compute_loss_stats(
     progress: bool = False,
     state_path: PathLike | None = None,
     process_group: Any = None,
+    output_fn: OutputFn | None = None,
 ) -> dict[str, Any]:
     """Loss, gradient and curvature statistics (and train/test metrics) of checkpoints.
 
@@ -265,6 +276,13 @@ def compute_loss_stats(
         reduction), every rank returns the same values and only rank 0 writes
         ``save_path`` (``None``: the default group when ``torch.distributed`` is
         initialised; ``False``: each rank on its own; or a process group).
+    output_fn:
+        Which tensor of the model's output the loss takes, in the statistics and the
+        train/test metrics alike, as for the curvature operators (see
+        :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
+        dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
+        callable ``output -> tensor``.  Batches may hold tensor, tuple or dict inputs
+        (see :func:`nets.workflow.landscape.evaluate`).
 
     Returns
     -------
@@ -302,8 +320,9 @@ def compute_loss_stats(
     group, device = resolve_parallel(process_group, device)
     paths = _checkpoint_list(checkpoint_path)
     settings = _StatsSettings(
-        curvature, mode, batch_size, params, subsample, frobenius_probes, direction, seed
-    )
+        curvature, mode, batch_size, params, subsample, frobenius_probes, direction, seed,
+        check_output_fn(output_fn),
+    )  # fmt: skip
     state = open_state(
         state_path,
         "compute_loss_stats",
@@ -321,7 +340,7 @@ def compute_loss_stats(
                     stats = checkpoint_stats(
                         resolved.model, loss, splits, group=group, curvature=curvature,
                         direction=direction, seed=seed, frobenius_probes=frobenius_probes,
-                        params=params, bn_mode=mode,
+                        params=params, bn_mode=mode, output_fn=output_fn,
                     )  # fmt: skip
                     table.append(stats, resolved.epoch, resolved.name)
                     logger.info(
@@ -466,14 +485,16 @@ def checkpoint_stats(
     frobenius_probes: int,
     params: Any,
     bn_mode: str | None,
+    output_fn: OutputFn | None = None,
 ) -> dict[str, Any]:
-    """One checkpoint's row: train/test loss and accuracy (eval mode) and the loss statistics."""
+    """One checkpoint's row: train/test loss and accuracy (eval mode) and the loss statistics
+    (the loss taking the output ``output_fn`` selects, see :mod:`curvops.model_io`)."""
     check_direction(direction, model, params)
-    train_loss, train_acc = evaluate(model, splits.train, loss, group=group)
+    train_loss, train_acc = evaluate(model, splits.train, loss, group=group, output_fn=output_fn)
     test_loss, test_acc = (
         (math.nan, math.nan)
         if splits.test is None
-        else evaluate(model, splits.test, loss, group=group)
+        else evaluate(model, splits.test, loss, group=group, output_fn=output_fn)
     )
     stats = loss_stats(
         model,
@@ -486,6 +507,7 @@ def checkpoint_stats(
         params=params,
         bn_mode=bn_mode,
         process_group=operator_group(group),
+        output_fn=output_fn,
     ).as_dict()
     stats.update(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
     return stats

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvops.model_io import OutputFn, check_output_fn
 from nets.workflow._resolve import (
     build_operator,
     check_bn_mode,
@@ -90,7 +91,7 @@ from nets.workflow._resolve import (
     spectrum_file,
     written,
 )
-from nets.workflow._resume import describe_model, describe_value, file_digest
+from nets.workflow._resume import describe_model, describe_output_fn, describe_value, file_digest
 from nets.workflow.bulk import LAWS, bulk_summary, spectrum_density
 from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
@@ -621,6 +622,7 @@ def compute_eigenspectrum(
     state_path: PathLike | None = None,
     checkpoint_every: int = 10,
     fit: str | None = None,
+    output_fn: OutputFn | None = None,
 ) -> SpectrumResult:
     """Lanczos spectrum of a network's Hessian, GGN or Fisher at a checkpoint.
 
@@ -684,6 +686,11 @@ def compute_eigenspectrum(
         ``'mp'`` (Marchenko–Pastur) or ``'semicircle'``: fit the bulk of the density and
         list the outliers with their Ritz residuals (:func:`nets.workflow.bulk.bulk_summary`),
         stored in ``result.bulk`` and the file; ``None``: no fit.
+    output_fn:
+        Which tensor of the model's output the loss takes (see
+        :mod:`curvops.model_io`, passed to the operator): ``None`` for a tensor
+        output, the ``logits`` of a dict or Hugging Face ``ModelOutput``, or the first
+        item of a tuple; or a callable ``output -> tensor``.
 
     Returns
     -------
@@ -715,8 +722,9 @@ def compute_eigenspectrum(
         num_probes=num_probes, checkpoint_every=checkpoint_every, batch_size=batch_size, seed=seed,
     )  # fmt: skip
     settings = _SpectrumSettings(
-        curvature, lanczos_iters, num_probes, mode, params, subsample, batch_size, seed, save_eigvec
-    )
+        curvature, lanczos_iters, num_probes, mode, params, subsample, batch_size, seed,
+        save_eigvec, check_output_fn(output_fn),
+    )  # fmt: skip
     loss = default_loss(loss_fn)
     group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
@@ -729,6 +737,7 @@ def compute_eigenspectrum(
         operator = build_operator(
             curvature, resolved.model, loss, shard_loader(loader, group),
             params=params, bn_mode=mode, seed=seed, process_group=operator_group(group),
+            output_fn=output_fn,
         )  # fmt: skip
         names = [name for name, _ in operator.params]
         space = ParamSpace.from_model(resolved.model, names)
@@ -782,6 +791,7 @@ class _SpectrumSettings:
     batch_size: int
     seed: int
     save_eigvec: bool
+    output_fn: OutputFn | None = None
 
     def state_config(
         self,
@@ -812,6 +822,7 @@ class _SpectrumSettings:
             "seed": int(self.seed),
             "loss": describe_value(loss),
             "save_eigvec": self.save_eigvec,
+            "output_fn": describe_output_fn(self.output_fn),
         }
 
     def output_config(
@@ -838,6 +849,7 @@ class _SpectrumSettings:
             "seed": int(self.seed),
             "device": str(next(iter(resolved.model.parameters())).device),
             "loss": type(loss).__name__,
+            "output_fn": describe_output_fn(self.output_fn),
         }
 
 
