@@ -587,6 +587,7 @@ def _validated(
         params=params,
         process_group=process_group,
         settings=settings,
+        same_shapes=True,  # the factors average over each batch's positions
     )
     validation.check_outputs_before_the_loss(str(settings.get("operator", "K-FAC")))
     return construction_checks

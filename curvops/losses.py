@@ -759,6 +759,7 @@ def normaliser_is_known(loss_fn: Any) -> bool:
         isinstance(loss_fn, DeclaredLoss)
         or loss_family(loss_fn) is not None
         or type(loss_fn) in _ELEMENTWISE_MEANS
+        or type(loss_fn) is nn.KLDivLoss  # "mean": elements, "batchmean": samples
         or loss_reduction(loss_fn) == "sum"
     )
 

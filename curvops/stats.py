@@ -611,7 +611,7 @@ def _sweep(
     )
     with curvature_mode(setting.model, setting.bn_mode):
         for batch in minibatches(data, batch_size):
-            if streamed and batch_size is None:
+            if streamed:  # (a piece of a cut batch has the batch's targets and shapes)
                 validation.check_streamed(batch.inputs, batch.targets, batch.index)
             if setting.summed:  # the mean-equivalent of the minibatch; rescaled by N at the end
                 w, per = float(batch.size), 1.0 / batch.size

@@ -625,23 +625,7 @@ def validate(
         output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
     )
     if stream.is_in_memory:
-
-        def forward(batch: Any) -> None:  # the model on a batch of other shapes
-            with (
-                curvature_mode(model, bn_mode),
-                global_streams_untouched("model"),
-                torch_draws_reported(f"The model ({type(model).__name__})"),
-                torch.no_grad(),
-            ):
-                functional_forward(
-                    model,
-                    [n for n, _ in named],
-                    [p.detach().clone() for _, p in named],
-                    move_to(batch.inputs, device, dtype),
-                    output_fn,
-                    copies=True,
-                )
-
+        forward = _forward_without_gradients(model, named, bn_mode, output_fn)
         result.weight = _check_other_batches(loss_fn, stream, first.index, result, forward)
         if result.weight <= 0 and resolve_group(process_group) is None:
             raise argument_error(
@@ -651,6 +635,37 @@ def validate(
                 data,
             )
     return result
+
+
+def _forward_without_gradients(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], bn_mode: Any, output_fn: Any
+) -> Callable[[Any], None]:
+    """A function running the model on a batch as the first batch's checks do (the
+    operator's modes, the caller's random streams untouched, the weights on copies), but
+    without gradients: for batches of other shapes (:func:`_check_other_batches`)."""
+    from curvops._model_state import curvature_mode, functional_forward
+    from curvops.data import move_to
+    from curvops.determinism import global_streams_untouched, torch_draws_reported
+
+    device, dtype = named[0][1].device, named[0][1].dtype
+
+    def forward(batch: Any) -> None:
+        with (
+            curvature_mode(model, bn_mode),
+            global_streams_untouched("model"),
+            torch_draws_reported(f"The model ({type(model).__name__})"),
+            torch.no_grad(),
+        ):
+            functional_forward(
+                model,
+                [n for n, _ in named],
+                [p.detach().clone() for _, p in named],
+                move_to(batch.inputs, device, dtype),
+                output_fn,
+                copies=True,
+            )
+
+    return forward
 
 
 def _check_other_batches(
@@ -710,6 +725,7 @@ def validate_across_ranks(
     params: Any = None,
     process_group: Any = None,
     settings: dict[str, Any] | None = None,
+    same_shapes: bool = False,
 ) -> Validation:
     """Run this rank's ``checks`` (a call of :func:`validate`), then agree across ranks.
 
@@ -733,12 +749,18 @@ def validate_across_ranks(
         The operator's group.
     settings : dict, optional
         Further settings every rank must share (operator type, ``bn_mode``).
+    same_shapes : bool
+        Ranks must also share their first batch's shapes past the sample dimension
+        (:func:`curvops.data.trailing_shapes`): K-FAC's factors, and a loss whose normaliser
+        is not known (always), combine batches exactly only when all have one shape, which
+        each rank checks for its own shard (shards of 5- and 7-token batches were mixed).
 
     Returns
     -------
     Validation
         What ``checks`` returned.
     """
+    from curvops.losses import normaliser_is_known
     from curvops.params import select_params
 
     if resolve_group(process_group) is None:
@@ -751,5 +773,16 @@ def validate_across_ranks(
     except Exception:
         check_ranks_agree(model, [], loss_fn, process_group, failed=True)
         raise
-    check_ranks_agree(model, named, loss_fn, process_group, weight=result.weight, settings=settings)
+    agreed = dict(settings or {})
+    if same_shapes or not normaliser_is_known(loss_fn):
+        agreed["input / target shapes past the sample dimension"] = _shapes_setting(result)
+    check_ranks_agree(model, named, loss_fn, process_group, weight=result.weight, settings=agreed)
     return result
+
+
+def _shapes_setting(result: Validation) -> Any:
+    """The first batch's trailing shapes as a setting (a tuple of ints, ``None``: unknown)."""
+    if result.shapes is None:
+        return None
+    inputs, targets = result.shapes
+    return (*inputs, -1, *targets)

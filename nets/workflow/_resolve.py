@@ -410,14 +410,16 @@ def make_eval_loader(
     subsample: int | float | None = None,
     seed: int = 0,
 ) -> DataLoader[Any]:
-    """A deterministic, unshuffled loader over ``data`` (a given loader's batch size is kept)."""
+    """A deterministic, unshuffled loader over ``data`` (a given loader's batch size and
+    ``collate_fn`` are kept: a collate that pads each batch to its own length still does)."""
     from nets.data import make_loader
 
     if isinstance(data, DataLoader):
         if subsample is None:
             return data
         bs = data.batch_size or batch_size
-        return make_loader(subsample_dataset(data.dataset, subsample, seed), bs, shuffle=False)
+        subset = subsample_dataset(data.dataset, subsample, seed)
+        return DataLoader(subset, batch_size=bs, shuffle=False, collate_fn=data.collate_fn)
     if len(data) == 0:  # type: ignore[arg-type]
         raise argument_error("dataset", "a non-empty dataset", data)
     return make_loader(subsample_dataset(data, subsample, seed), batch_size, shuffle=False)

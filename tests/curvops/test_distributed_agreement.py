@@ -161,6 +161,24 @@ def _operator_cases(rank: int) -> dict[str, Any]:
     out["kfac weights"] = _outcome(lambda: repr(KFACOperator(make_model(seed=rank), ce, mine)))
     bad = [(mine[0][0], torch.tensor([0, 9]))] if rank == 1 else mine  # class 9 of 4
     out["kfac failing rank"] = _outcome(lambda: repr(KFACOperator(net, ce, bad)))
+    # shards of one length each, but of different lengths across ranks (dynamic padding):
+    # a plain-function loss (weighted by samples) and K-FAC each check their own shard
+    # only, so the ranks must agree on the shapes (they were mixed silently)
+    g = torch.Generator().manual_seed(3)
+    length = (2, 3)[rank]
+    tokens = [
+        (
+            torch.randn(2, length, 3, generator=g, dtype=torch.float64),
+            torch.randint(0, 4, (2, length), generator=g),
+        )
+    ]
+
+    def plain(out_: torch.Tensor, y_: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out_.flatten(0, 1), y_.flatten())
+
+    out["plain loss lengths"] = _outcome(lambda: repr(GGNOperator(net, plain, tokens)))
+    out["known loss lengths"] = _outcome(lambda: repr(GGNOperator(net, seq, tokens)))
+    out["kfac lengths"] = _outcome(lambda: repr(KFACOperator(net, seq, tokens, fisher="empirical")))
     return out
 
 
@@ -266,6 +284,9 @@ def test_operators_over_a_padding_only_shard_and_disagreeing_ranks(tmp_path: Pat
     failing = [r["kfac failing rank"] for r in job]
     assert failing[0]["error"] == "RuntimeError" and "rank(s) [1]" in failing[0]["message"]
     assert failing[1]["error"] == "ValueError" and "class targets" in failing[1]["message"]
+    _same_error(job, "plain loss lengths", "ValueError", "operator settings")
+    _same_error(job, "kfac lengths", "ValueError", "operator settings")
+    assert all("error" not in r["known loss lengths"] for r in job), job[0]["known loss lengths"]
 
 
 if __name__ == "__main__":

@@ -244,3 +244,47 @@ def test_batches_must_still_agree_in_dimensions_and_target_dtype() -> None:
         as_data([(x, torch.zeros(2, dtype=torch.long)), (x, torch.zeros(2))])
     with pytest.raises(ValueError, match=r"data \(batch 1\).*dimensions"):
         list(as_data(DataLoader([(torch.zeros(3), 0), (torch.zeros(3, 1), 1)], batch_size=1)))
+
+
+def test_loss_stats_cutting_a_loader_checks_its_batches() -> None:
+    """With batch_size= the loader's batches were not checked: a plain per-token loss over
+    dynamically padded batches was weighted by samples (loss_mean 1.48291 for 1.49223)."""
+    model = CausalLM().double().eval()
+    opaque = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
+    seqs = [(ids, targets.clamp(min=0)) for ids, targets in sequences()]
+    loader = DataLoader(seqs, batch_size=3, collate_fn=lambda items: collate(items, ignore=0))
+    for cut in (None, 2):
+        with pytest.raises(ValueError, match=r"loss_fn.*past the sample dimension"):
+            loss_stats(model, opaque, loader, batch_size=cut, num_probes=0)
+    ce = sequence_cross_entropy()
+    whole = loss_stats(
+        model, ce, padded(), num_probes=0, z=np.ones(sum(p.numel() for p in model.parameters()))
+    )
+    cut = loss_stats(
+        model,
+        ce,
+        DataLoader(sequences(), batch_size=3, collate_fn=collate),
+        batch_size=2,
+        num_probes=0,
+        z=np.ones(sum(p.numel() for p in model.parameters())),
+    )
+    assert abs(cut.loss_mean - whole.loss_mean) <= 1e-12 * abs(whole.loss_mean)
+
+
+def test_kl_divergence_normaliser_is_known() -> None:
+    from curvops.losses import normaliser_is_known
+
+    assert normaliser_is_known(nn.KLDivLoss(reduction="batchmean"))
+    assert normaliser_is_known(nn.KLDivLoss(reduction="mean"))
+
+
+def test_eigenspectrum_of_a_subsampled_loader_keeps_its_collate() -> None:
+    """make_eval_loader rebuilt a subsampled loader without its collate_fn (torch's bare
+    'stack expects each tensor to be equal size')."""
+    import nets
+
+    model = CausalLM().double().eval()
+    loader = DataLoader(sequences(), batch_size=3, collate_fn=collate)
+    common = dict(model=model, loss_fn=sequence_cross_entropy(), lanczos_iters=4, bn_mode=None)
+    result = nets.compute_eigenspectrum(loader, subsample=5, device="cpu", **common)
+    assert np.isfinite(result.values).all() and result.values.size > 0
