@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -137,6 +138,7 @@ FLAGS: dict[str, str] = {
     "ggn_diagonal": "--diagonal",
     "path": "the input file",
     "kind_or_path": "the input file",
+    "source": "the input",
 }
 
 #: Advice in library messages that has a different form on the command line.
@@ -145,6 +147,8 @@ _ADVICE = (
         ", or call with download=True (needs torchvision).",
         "; then pass that folder as --data-path (the command line does not download).",
     ),
+    ("(or a dataset that it takes;", "(or a --dataset that it takes;"),
+    ("trained with track=...)", "trained with 'curvature train --track-curvature')"),
 )
 
 
@@ -249,14 +253,23 @@ def _fill_from_checkpoint(
 
 def _add_common(p: argparse.ArgumentParser, *, train: bool = False) -> None:
     """``--dataset``, ``--data-path``, ``--model`` (real defaults in the help), device, seed."""
-    if train:
+    if train:  # defaults None: with --resume, a flag left out takes the run's value
         p.add_argument(
             "--dataset",
-            default="digits",
-            help="digits (embedded), CIFAR10, CIFAR100, synthetic or text",
+            default=None,
+            help="digits (embedded), CIFAR10, CIFAR100, synthetic or text (default: digits; "
+            "with --resume, the run's)",
         )
-        p.add_argument("--data-path", default=None, help="folder with the CIFAR archives")
-        p.add_argument("--model", default="SmallCNN", help="model name, e.g. SmallCNN, VGG16")
+        p.add_argument(
+            "--data-path",
+            default=None,
+            help="folder with the CIFAR archives (with --resume, default: the run's)",
+        )
+        p.add_argument(
+            "--model",
+            default=None,
+            help="model name, e.g. SmallCNN, VGG16 (default: SmallCNN; with --resume, the run's)",
+        )
     else:
         p.add_argument(
             "--dataset",
@@ -275,7 +288,12 @@ def _add_common(p: argparse.ArgumentParser, *, train: bool = False) -> None:
             help="model name, e.g. SmallCNN, VGG16 (default: the checkpoint's model)",
         )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0, ...")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None if train else 0,
+        help="random seed (default 0" + ("; with --resume, the run's)" if train else ")"),
+    )
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
     )
@@ -307,15 +325,16 @@ def optimizer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             given[key] = (flag, value)
     for key, value in _key_values(args.opt, "--opt").items():
         given[key] = (f"--opt {key}=...", value)
+    name = run_flag(args, "optimizer")
     try:
-        accepted = optimizer_options(args.optimizer)
+        accepted = optimizer_options(name)
     except ValueError as exc:
         raise UsageError(user_message(exc)) from None
     if accepted is not None:
         for key, (flag, _) in given.items():
             if key not in accepted and key not in _TRAINING_OPTIONS:
                 raise UsageError(
-                    f"{flag} is not an option of the optimizer {args.optimizer} (it takes "
+                    f"{flag} is not an option of the optimizer {name} (it takes "
                     f"{', '.join(sorted(accepted))}; set them with --opt KEY=VALUE)"
                 )
     return {key: value for key, (_, value) in given.items()}
@@ -327,15 +346,16 @@ def _training_data(args: argparse.Namespace) -> Any:
     Only the training split shrinks (its normalisation stays that of the whole set); the
     test split is whole. The checkpoints record the subsample in ``dataset_options``.
     """
+    dataset, seed = run_flag(args, "dataset"), run_flag(args, "seed")
     if args.subsample is None:
-        return args.dataset
+        return dataset
     from dataclasses import replace
 
     from nets.data import ArrayDataset, load_dataset
     from nets.workflow._resolve import subsample_dataset
 
-    splits = load_dataset(args.dataset, args.data_path, seed=args.seed)
-    subset = subsample_dataset(splits.train, args.subsample, args.seed)
+    splits = load_dataset(dataset, args.data_path, seed=seed)
+    subset = subsample_dataset(splits.train, args.subsample, seed)
     if subset is splits.train:
         return splits
     train: Any = subset
@@ -354,16 +374,88 @@ def torch_index(indices: Sequence[int]) -> Any:
     return torch.as_tensor(list(indices), dtype=torch.long)
 
 
+#: Flags of ``train`` that define the run: (attribute, its key in the run's config, the
+#: default of a new run, the flag). With ``--resume`` a flag left out takes the run's value.
+_RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("model", "model", "SmallCNN", "--model"),
+    ("dataset", "dataset", "digits", "--dataset"),
+    ("optimizer", "optimizer", "SGD", "--optimizer"),
+    ("batch_size", "batch_size", 128, "--batch-size"),
+    ("schedule", "schedule", "linear", "--schedule"),
+    ("seed", "seed", 0, "--seed"),
+    ("epochs", "epochs", 10, "--epochs"),
+)
+
+
+def run_flag(args: argparse.Namespace, attr: str) -> Any:
+    """The value of a run-defining flag of ``train``: as given (or filled in by
+    :func:`resolve_run_flags`), else a new run's default."""
+    value = getattr(args, attr, None)
+    if value is None:
+        value = next(default for name, _, default, _ in _RUN_FLAGS if name == attr)
+    return value
+
+
+def _same_setting(given: Any, recorded: Any) -> bool:
+    if isinstance(given, str) and isinstance(recorded, str):
+        return given.lower() == recorded.lower()  # names are case-insensitive
+    return bool(given == recorded)
+
+
+def resolve_run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill the run-defining flags of ``train`` left out (``None``) in place; return the
+    optimiser keywords the run had (``{}`` for a new run).
+
+    A new run takes the defaults of :data:`_RUN_FLAGS`.  With ``--resume`` the run continues
+    as it was configured (its checkpoint's config): a flag left out takes the run's value,
+    and a flag given with another value (but ``--epochs``, checked by
+    :func:`nets.training.check_schedule_history`) is a :class:`UsageError` naming the flag
+    and both values.  The optimiser's keywords and learning rate are compared by
+    :func:`nets.training.check_same_run`.
+    """
+    config = _checkpoint_config(args.resume, "Option --resume") if args.resume else {}
+    where = f"recorded in '{args.resume}'"
+    for attr, key, default, flag in _RUN_FLAGS:
+        given, known = getattr(args, attr), key in config and config[key] is not None
+        if given is None:
+            setattr(args, attr, config[key] if known else default)
+        elif known and attr != "epochs" and not _same_setting(given, config[key]):
+            raise UsageError(
+                f"Option {flag}: expected the value of the run being resumed "
+                f"({config[key]!r}, {where}): resuming continues that run as it was "
+                f"configured (leave {flag} out to take it); received {given!r}."
+            )
+    if not config:
+        return {}
+    if args.data_path is None and isinstance(config.get("data_path"), str):
+        args.data_path = config["data_path"]
+    recorded = (config.get("dataset_options") or {}).get("subsample")
+    if args.subsample is None:
+        args.subsample = recorded
+    elif recorded != args.subsample:
+        raise UsageError(
+            f"Option --subsample: expected the value of the run being resumed ({recorded!r}, "
+            f"{where}; None: the whole training set); received {args.subsample!r}."
+        )
+    kept = dict(config.get("optimizer_kwargs") or {})
+    if config.get("curvature_batch_size") is not None:
+        kept["curvature_batch_size"] = config["curvature_batch_size"]
+    return kept
+
+
 def _cmd_train(args: argparse.Namespace) -> list[str]:
     from nets.training import train_network
 
+    recorded_options = resolve_run_flags(args)
+    given_options = optimizer_kwargs(args)
+    options = {**recorded_options, **given_options}
     kwargs: dict[str, Any] = {
         "dir": args.dir,
         "dataset": _training_data(args),
         "data_path": args.data_path,
         "model": args.model,
         "optimizer": args.optimizer,
-        "optimizer_kwargs": optimizer_kwargs(args),
+        "optimizer_kwargs": options,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "schedule": args.schedule,
@@ -383,13 +475,16 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
     if args.track_curvature is not None:
         kwargs["track"] = track_options(args.track_curvature)
     kwargs["overwrite"] = args.overwrite
+    # the optimiser's keywords without a flag of their own are set by --opt; the
+    # tracker's arguments are keys of --track-curvature
+    flags = {key: f"--opt {key}=..." for key in options if key not in FLAGS}
+    if args.track_curvature is not None:
+        flags.update(TRACK_FLAGS)
     start = time.perf_counter()
     try:
         train_network(**kwargs)
-    except ValueError as exc:  # the tracker's arguments are keys of --track-curvature
-        if args.track_curvature is None:
-            raise
-        raise UsageError(user_message(exc, TRACK_FLAGS)) from exc
+    except ValueError as exc:
+        raise UsageError(user_message(exc, flags)) from exc
     elapsed = time.perf_counter() - start
     return [_training_table(Path(args.dir), elapsed)]
 
@@ -527,7 +622,8 @@ def _npz_forms(path: str | Path) -> list[Path]:
 def refuse_overwriting_inputs(
     outputs: Sequence[str | Path], inputs: dict[str, Any], *, flag: str = "--out"
 ) -> None:
-    """Raise :class:`UsageError` naming ``flag`` when an output would replace an input.
+    """Raise :class:`UsageError` naming ``flag`` when an output would replace an input, or
+    names an existing directory.
 
     ``inputs`` maps each input flag to a path, a list of paths or None; paths are compared
     resolved (symbolic links, ``..``), each with the ``.npz`` form the workflow adds.
@@ -538,6 +634,12 @@ def refuse_overwriting_inputs(
     ...
     nets.cli.UsageError: --out: the output run/s.npz would replace the input of --spectrum ...
     """
+    for out in outputs:  # the workflow would write '<dir>.npz' beside a directory
+        if Path(out).is_dir():
+            raise UsageError(
+                f"{flag}: expected a file path (the output is a file, its .npz suffix added "
+                f"when missing); received '{out}', an existing directory"
+            )
     written = {q.resolve(): q for out in outputs for q in _npz_forms(out)}
     for name, value in inputs.items():
         paths = value if isinstance(value, (list, tuple)) else [value]
@@ -618,6 +720,12 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
     names = [name.strip() for name in args.approx.split(",") if name.strip()]
     if not names:
         raise UsageError(f"--approx: expected a comma-separated list of names, got {args.approx!r}")
+    for name in names:  # low_rank's own error names its 'k', which is not compare's --k
+        rank = re.fullmatch(r"low-rank-(\d+)(-diag)?", name.lower())
+        if rank is not None and int(rank.group(1)) < 1:
+            raise UsageError(
+                f"Option --approx: expected low-rank-K with a rank K >= 1; received {name!r}."
+            )
     epoch = _checkpoint_config(args.checkpoint).get("epoch", 0)
     out = (
         Path(args.out)
@@ -635,19 +743,24 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
         loader = make_eval_loader(
             data.train, args.batch_size, subsample=args.subsample, seed=args.seed
         )
-        reports = compare_curvatures(
-            resolved.model,
-            default_loss(None, data.task),
-            loader,
-            approximations=names,
-            exact=args.curvature,
-            bn_mode=args.bn_mode,
-            k=args.k,
-            num_iters=args.iters,
-            seed=args.seed,
-            save_path=out,
-            figure_path=out.with_suffix(".png"),
-        )
+        try:
+            reports = compare_curvatures(
+                resolved.model,
+                default_loss(None, data.task),
+                loader,
+                approximations=names,
+                exact=args.curvature,
+                bn_mode=args.bn_mode,
+                k=args.k,
+                num_iters=args.iters,
+                seed=args.seed,
+                save_path=out,
+                figure_path=out.with_suffix(".png"),
+            )
+        except ValueError as exc:  # curvops names a proxy name its 'spec'
+            if not str(exc).startswith("Argument 'spec'"):
+                raise
+            raise UsageError(user_message(exc, {"spec": "--approx"})) from exc
     elapsed = time.perf_counter() - start
     header = ["proxy", "W1", "top-1 rel. err", "max angle (rad)", "trace rel. err",
               "Newton step rel. err", "products"]  # fmt: skip
@@ -912,6 +1025,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
+    """``train``'s ``--lr``, ``--momentum``, ``--weight-decay`` and ``--opt``."""
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="initial learning rate (default: the optimizer's own: SGD, Adam and SWATS "
+        "0.001, LancGN/LancHess 1.0, KFAC/EKFAC 0.01; with --resume, the run's)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="momentum, for optimizers that take one (SGD, KFAC, EKFAC; default: the "
+        "optimizer's own: SGD 0, KFAC/EKFAC 0.9; with --resume, the run's)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="weight decay (default: the optimizer's own: 0 for every optimizer listed; "
+        "with --resume, the run's)",
+    )
+    p.add_argument(
+        "--opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other keyword of the optimizer's constructor, repeatable; VALUE is read "
+        "as JSON when it parses (numbers, true/false, lists), else as a string: "
+        "--opt damping=10 --opt lanczos_iters=5, --opt nesterov=true, --opt betas=[0.9,0.99]. "
+        "An option the optimizer does not take is an error. With --resume, the run's "
+        "options are kept; one given here must equal the run's.",
+    )
+
+
 def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """The ``train`` subcommand and its options."""
     p = sub.add_parser(
@@ -923,58 +1071,50 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--dir", required=True, help="output directory of the run")
     _add_common(p, train=True)
     p.add_argument(
-        "--epochs", type=int, default=10, help="epochs in all (with --resume, those before it too)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs in all, those before --resume too (default: 10; with --resume, the run's)",
     )
     p.add_argument(
         "--optimizer",
-        default="SGD",
-        help=f"{', '.join(OPTIMIZERS)}, or any other torch.optim class name",
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
         default=None,
-        help="initial learning rate (default: the optimizer's own: SGD, Adam and SWATS "
-        "0.001, LancGN/LancHess 1.0, KFAC/EKFAC 0.01)",
+        help=f"{', '.join(OPTIMIZERS)}, or any other torch.optim class name (default: SGD; "
+        "with --resume, the run's)",
     )
+    _add_optimizer_flags(p)
     p.add_argument(
-        "--momentum",
-        type=float,
+        "--batch-size",
+        type=int,
         default=None,
-        help="momentum, for optimizers that take one (SGD, KFAC, EKFAC; default: the "
-        "optimizer's own: SGD 0, KFAC/EKFAC 0.9)",
+        help="minibatch size (default: 128; with --resume, the run's)",
     )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="weight decay (default: the optimizer's own: 0 for every optimizer listed)",
-    )
-    p.add_argument(
-        "--opt",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any other keyword of the optimizer's constructor, repeatable; VALUE is read "
-        "as JSON when it parses (numbers, true/false, lists), else as a string: "
-        "--opt damping=10 --opt lanczos_iters=5, --opt nesterov=true, --opt betas=[0.9,0.99]. "
-        "An option the optimizer does not take is an error.",
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
     p.add_argument(
         "--subsample",
         type=_count_or_fraction,
         default=None,
         help="train on only this many (or this fraction of) training samples, drawn with "
-        "--seed; the test set stays whole (default: the whole training set)",
+        "--seed; the test set stays whole (default: the whole training set; with --resume, "
+        "the run's)",
     )
-    p.add_argument("--schedule", default="linear", help="learning-rate schedule (linear: Eq. 8)")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="learning-rate schedule (linear: Eq. 8; default: linear; with --resume, the run's)",
+    )
     p.add_argument(
         "--save-freq",
         type=int,
         default=25,
         help="checkpoint every N epochs, besides the initial and final ones (0: only those)",
     )
-    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to resume from: the run continues with its recorded settings (a "
+        "flag left out takes the run's value; a flag given must equal it, except --epochs "
+        "when the epochs already trained keep their learning rates)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -133,11 +133,14 @@ __all__ = [
     "TrainingRun",
     "build_model",
     "build_optimizer",
+    "check_model_fits",
+    "check_schedule_history",
     "default_loss",
     "evaluate",
     "evaluation_entry",
     "make_loaders",
     "metric_definitions",
+    "optimizer_defaults",
     "resolve_data",
     "restore_run",
     "run_config",
@@ -428,10 +431,15 @@ def _unreadable(path: Path, exc: Exception) -> CorruptFileError:
     )
 
 
-def _read_stats(path: Path, upto_epoch: int, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The epochs of ``stats.json`` up to ``upto_epoch``, from a run of the same model and
-    data as ``config`` (an unreadable file is an error: rewriting it would lose the
-    run's history)."""
+def _read_stats(
+    path: Path,
+    upto_epoch: int,
+    config: dict[str, Any],
+    optimizer_defaults: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The epochs of ``stats.json`` up to ``upto_epoch``, from a run of the same model, data
+    and settings as ``config`` (:func:`check_same_run`; an unreadable file is an error:
+    rewriting it would lose the run's history)."""
     if not path.is_file():
         return []
     try:
@@ -440,7 +448,7 @@ def _read_stats(path: Path, upto_epoch: int, config: dict[str, Any]) -> list[dic
         recorded = dict(payload["config"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise _unreadable(path, exc) from exc
-    check_same_run(recorded, config, where=f"the run in '{path.parent}' ({path.name})")
+    check_same_run(recorded, config, where=f"'{path}'", optimizer_defaults=optimizer_defaults)
     return entries
 
 
@@ -459,44 +467,126 @@ def _read_curvature(path: Path) -> list[dict[str, Any]] | None:
 
 
 #: The configuration entries that identify a run's model and data.
-RUN_IDENTITY = ("model", "model_class", "dataset", "dataset_options", "task")
+RUN_IDENTITY = (
+    "model", "model_class", "model_kwargs", "num_classes", "in_channels", "input_size",
+    "dataset", "dataset_options", "task",
+)  # fmt: skip
+
+#: The configuration entries that define how a run trains, with the argument that sets each
+#: (``lr0`` is the learning rate ``lr`` of the optimiser's keywords, or its default).
+RUN_SETTINGS = (
+    ("seed", "seed"),
+    ("optimizer", "optimizer"),
+    ("lr0", "lr"),
+    ("batch_size", "batch_size"),
+    ("curvature_batch_size", "curvature_batch_size"),
+    ("schedule", "schedule"),
+    ("swa", "swa"),
+    ("swa_start", "swa_start"),
+    ("swa_lr", "swa_lr"),
+    ("swa_c_epochs", "swa_c_epochs"),
+    ("loss", "loss_fn"),
+)
+
+_NOT_GIVEN = "not given"
 
 
 def check_same_run(
-    recorded: dict[str, Any], config: dict[str, Any], *, where: str, tracking: bool = False
+    recorded: dict[str, Any],
+    config: dict[str, Any],
+    *,
+    where: str,
+    tracking: bool = False,
+    optimizer_defaults: Mapping[str, Any] | None = None,
 ) -> None:
-    """Refuse to continue a run of another model, data or optimiser (or, when tracking
-    the curvature, another batch size: the tracker counts optimiser steps).
+    """Refuse to continue a run with another model, data or training setting.
+
+    A resumed run continues the recorded run: its model and data (:data:`RUN_IDENTITY`),
+    seed, optimiser and every keyword of it (a keyword given on one side only is compared
+    with ``optimizer_defaults``, the optimiser's own defaults), initial learning rate,
+    batch sizes, schedule, SWA settings and loss (:data:`RUN_SETTINGS`) must all equal
+    the recorded ones; otherwise the error names the argument and both values.  Only
+    ``epochs`` may differ (:func:`restore_run` checks that the epochs already trained keep
+    their learning rates), and the device and data path.
 
     >>> check_same_run({"model": "MLP"}, {"model": "MLP"}, where="x")
     >>> check_same_run({"model": "MLP"}, {"model": "SmallCNN"}, where="checkpoint c.pt")
     Traceback (most recent call last):
     ...
     ValueError: Argument 'resume': expected a run of this model and data (model 'SmallCNN')...
+    >>> check_same_run({"lr0": 0.05}, {"lr0": 0.001}, where="checkpoint c.pt")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'lr': expected the setting of the run being resumed (0.05, recorded...
     """
+    for key, name in RUN_SETTINGS:
+        if key in recorded and key in config and json_safe(recorded[key]) != config[key]:
+            if key == "batch_size" and tracking:
+                raise argument_error(
+                    "batch_size",
+                    f"the batch size of the run being resumed ({recorded[key]}): the curvature "
+                    "tracker counts optimiser steps, which another batch size renumbers",
+                    config[key],
+                )
+            raise _changed_setting(name, recorded[key], config[key], where)
+    for key, before, now in _optimizer_differences(recorded, config, optimizer_defaults or {}):
+        raise _changed_setting(key, before, now, where)
     for key in RUN_IDENTITY:
-        if key in recorded and key in config and recorded[key] != config[key]:
+        if key in recorded and key in config and json_safe(recorded[key]) != config[key]:
             raise argument_error(
                 "resume",
                 f"a run of this model and data ({key} {config[key]!r})",
                 f"{where} with {key} {recorded[key]!r}",
             )
-    optimizer, wanted = recorded.get("optimizer"), config.get("optimizer")
-    if optimizer is not None and wanted is not None and optimizer != wanted:
-        raise argument_error(
-            "optimizer",
-            f"the optimiser of the run being resumed ({optimizer!r}), whose state the "
-            "checkpoint holds",
-            wanted,
-        )
-    before, now = recorded.get("batch_size"), config.get("batch_size")
-    if tracking and before is not None and before != now:
-        raise argument_error(
-            "batch_size",
-            f"the batch size of the run being resumed ({before}): the curvature tracker "
-            "counts optimiser steps, which another batch size renumbers",
+
+
+def _changed_setting(name: str, before: Any, now: Any, where: str) -> ValueError:
+    return cast(
+        ValueError,
+        argument_error(
+            name,
+            f"the setting of the run being resumed ({before!r}, recorded in {where}): "
+            "resuming continues that run as it was configured; start a new run in another "
+            "directory to train with other settings",
             now,
-        )
+        ),
+    )
+
+
+def _optimizer_differences(
+    recorded: dict[str, Any], config: dict[str, Any], defaults: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """``(keyword, recorded value, new value)`` for each optimiser keyword (but ``lr``, whose
+    initial value is ``lr0``) whose effective values differ; a keyword given on one side only
+    takes the optimiser's default on the other (``"not given"`` when it has none)."""
+    if "optimizer_kwargs" not in recorded or "optimizer_kwargs" not in config:
+        return []
+    if recorded.get("optimizer") != config.get("optimizer"):
+        return []
+    before = dict(recorded["optimizer_kwargs"] or {})
+    now = dict(config["optimizer_kwargs"] or {})
+    found = []
+    for key in sorted((set(before) | set(now)) - {"lr"}):
+        old = before.get(key, defaults.get(key, _NOT_GIVEN))
+        new = now.get(key, defaults.get(key, _NOT_GIVEN))
+        if json_safe(old) != json_safe(new):
+            found.append((key, old, new))
+    return found
+
+
+def optimizer_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The keyword defaults of ``optimizer``'s constructor (``{}`` when it has no signature).
+
+    >>> optimizer_defaults(torch.optim.SGD(torch.nn.Linear(1, 1).parameters()))["momentum"]
+    0
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(type(optimizer)).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a class without a signature
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def train_network(
@@ -658,7 +748,7 @@ def train_network(
     )  # fmt: skip
     with seeded_global_rng(seed, run_device):
         start_epoch = restore_run(run, resume, tracking=track is not None) if resume else 0
-        stats = StatsFile(run.out_dir / STATS_FILE, config, _augmentation(data.train))
+        stats = _stats_file(run)
         with replaced_run(run.out_dir, previous):
             result = _initial_result(run, stats, stats.read(start_epoch) if resume else [])
             run.tracker = _make_tracker(
@@ -805,7 +895,8 @@ def build_model(
     model_kwargs: dict[str, Any] | None,
     device: torch.device,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The network on ``device`` (built by name for ``data``, seeded) and its config spec."""
+    """The network on ``device`` (built by name for ``data``, seeded) and its config spec;
+    refused (:func:`check_model_fits`) when it cannot take ``data``'s samples."""
     if isinstance(model, str):
         if data.num_classes is None or data.in_channels is None or data.input_size is None:
             raise argument_error(
@@ -827,6 +918,7 @@ def build_model(
     else:
         raise argument_error("model", "a model name or an nn.Module", model, kind=TypeError)
     net.to(device)
+    check_model_fits(net, data, model_name=model if isinstance(model, str) else None)
     spec = model_spec(net) or {
         "model": None,
         "num_classes": data.num_classes,
@@ -836,6 +928,49 @@ def build_model(
         "model_seed": None,
     }
     return net, spec
+
+
+def check_model_fits(net: nn.Module, data: TrainingData, *, model_name: str | None) -> None:
+    """Refuse a model that cannot take the training samples, before any file is written.
+
+    One forward pass of the first (unaugmented) training sample, on a copy of ``net`` in
+    eval mode without gradients (``net``, its buffers and the random streams untouched):
+    a language model given images, or an image model given token ids, failed at the
+    first training step only, naming an internal argument, with the run's first files
+    already written.  A dataset whose samples cannot be read this way is not checked.
+
+    Raises
+    ------
+    ValueError
+        Naming ``model`` (and the dataset), with the forward pass's error.
+    """
+    import copy
+
+    source = data.train_eval if data.train_eval is not None else data.train
+    try:
+        sample = cast(Any, source)[0][0]
+        first = next(iter(net.parameters()))
+        inputs = torch.as_tensor(sample).unsqueeze(0).to(first.device)
+        if torch.is_floating_point(inputs):
+            inputs = inputs.to(first.dtype)
+    except Exception:  # an unusual dataset or a parameterless model: nothing to check
+        return
+    probe = copy.deepcopy(net).eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            probe(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shown = model_name if model_name is not None else type(net).__name__
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise argument_error(
+            "model",
+            f"a network that takes the samples of the dataset {data.name or 'given'!r} (or "
+            f"a dataset that it takes; its forward pass fails on them: {type(exc).__name__}: "
+            f"{reason})",
+            shown,
+        ) from exc
+    finally:
+        del probe
 
 
 def build_optimizer(
@@ -1202,9 +1337,10 @@ def restore_run(
             "resume", f"a checkpoint path (no checkpoint-*.pt in '{run.out_dir}')", resume
         )
     ckpt = load_checkpoint(resume_path, map_location=run.device)
+    recorded = dict(ckpt.get("config") or {})
     check_same_run(
-        dict(ckpt.get("config") or {}), run.config, where=f"checkpoint '{resume_path}'",
-        tracking=tracking,
+        recorded, run.config, where=f"checkpoint '{resume_path}'", tracking=tracking,
+        optimizer_defaults=optimizer_defaults(run.optimizer),
     )  # fmt: skip
     start_epoch = int(ckpt.get("epoch") or 0)
     if start_epoch > run.options.epochs:
@@ -1214,6 +1350,7 @@ def restore_run(
             "counts the training before the resume too; equal to it, the run is finished)",
             run.options.epochs,
         )
+    check_schedule_history(run.schedule, recorded.get("epochs"), start_epoch)
     load_model_state(run.model, ckpt)
     if ckpt.get("optimizer") is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -1223,6 +1360,33 @@ def restore_run(
         run.averager.load_state_dict(ckpt["swa_state_dict"])
     logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
     return start_epoch
+
+
+def check_schedule_history(schedule: LearningRateSchedule, recorded_epochs: Any, done: int) -> None:
+    """Refuse a new total of epochs under which the ``done`` epochs already trained would
+    have had other learning rates (the linear schedule depends on the total): the run's
+    recorded configuration would then misstate its history.
+
+    >>> from nets.schedules import get_schedule
+    >>> check_schedule_history(LearningRateSchedule(get_schedule("linear"), 4, 0.1), 2, 1)
+    >>> check_schedule_history(LearningRateSchedule(get_schedule("linear"), 10, 0.1), 4, 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'epochs': expected a total under which the 4 epochs already trained...
+    """
+    if not isinstance(recorded_epochs, int) or recorded_epochs == schedule.epochs:
+        return
+    before = replace(schedule, epochs=recorded_epochs)
+    for epoch in range(done):
+        if before(epoch) != schedule(epoch):
+            raise argument_error(
+                "epochs",
+                f"a total under which the {done} epochs already trained keep their learning "
+                f"rates (the run was trained for a total of {recorded_epochs}: epoch "
+                f"{epoch + 1} had lr {before(epoch)!r}, under the new total its schedule "
+                f"gives {schedule(epoch)!r}); resume with epochs={recorded_epochs}",
+                schedule.epochs,
+            )
 
 
 def save_run(run: TrainingRun, epoch: int) -> tuple[Path, Path | None]:
@@ -1242,6 +1406,17 @@ def save_run(run: TrainingRun, epoch: int) -> tuple[Path, Path | None]:
         swa_path, averager.module, None, epoch, run.config, n_averaged=averager.n_averaged
     )
     return path, swa_path
+
+
+def _stats_file(run: TrainingRun) -> StatsFile:
+    """The run's ``stats.json`` (a resumed run's recorded optimiser keywords are compared
+    with the defaults of the optimiser's constructor)."""
+    return StatsFile(
+        run.out_dir / STATS_FILE,
+        run.config,
+        _augmentation(run.data.train),
+        optimizer_defaults=optimizer_defaults(run.optimizer),
+    )
 
 
 def _initial_result(
@@ -1278,6 +1453,9 @@ class StatsFile:
     #: Rows written as ``curvature`` when :meth:`write` is given none (a tracked run
     #: resumed without tracking keeps its recorded rows).
     kept_curvature: list[dict[str, Any]] | None = None
+    #: The optimiser's keyword defaults (:func:`check_same_run` compares the recorded run's
+    #: optimiser keywords with them).
+    optimizer_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def write(
         self, epochs: list[dict[str, Any]], curvature: list[dict[str, Any]] | None = None
@@ -1288,7 +1466,7 @@ class StatsFile:
 
     def read(self, upto_epoch: int) -> list[dict[str, Any]]:
         """The recorded epochs up to ``upto_epoch`` (``[]`` without a file)."""
-        return _read_stats(self.path, upto_epoch, self.config)
+        return _read_stats(self.path, upto_epoch, self.config, self.optimizer_defaults)
 
     def keeping_curvature(self) -> StatsFile:
         """This file, writing the ``curvature`` rows it records now (verified) when

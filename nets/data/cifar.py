@@ -11,9 +11,12 @@ channel-major rows), ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100),
 ``b'fine_label_names'``.  Files are read by :class:`RestrictedUnpickler`
 (``encoding='bytes'``), which resolves only the three globals that numpy array
 pickles need (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``,
-``numpy.dtype``; plus ``_codecs.encode`` restricted to latin-1, which Python 3
-uses for ``bytes`` at pickle protocol 2) and refuses every other global with
-:class:`UnsafeFileError`.
+``numpy.dtype``; plus ``_codecs.encode`` restricted to latin-1 and ``bytes()``
+without arguments, which Python 3 uses for ``bytes`` and empty ``bytes`` at pickle
+protocol 2) and refuses every other global with :class:`UnsafeFileError`.
+Labels must be whole numbers in ``[0, classes)`` (floats and strings are refused, not
+rounded), a batch must hold samples, and the names in ``meta`` must be one per class;
+each error names the file.
 
 >>> import io, pickle
 >>> RestrictedUnpickler(io.BytesIO(pickle.dumps({b"labels": [1, 2]}, protocol=2))).load()
@@ -76,7 +79,17 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): ("numpy", "ndarray"),
     ("numpy", "dtype"): ("numpy", "dtype"),
     ("_codecs", "encode"): ("codecs", "latin1"),
+    ("__builtin__", "bytes"): ("empty", "bytes"),
+    ("builtins", "bytes"): ("empty", "bytes"),
 }
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` without arguments: how Python 3 pickles an empty ``bytes`` at protocol 2
+    (an empty array's data); any argument is refused."""
+    if args:
+        raise UnsafeFileError(f"Refused bytes{args!r}: only bytes() (empty) is allowed.")
+    return b""
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -116,6 +129,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             )
         if target[0] == "codecs":
             return _latin1_encode
+        if target[0] == "empty":
+            return _empty_bytes
         owner = _multiarray() if target[0] == "multiarray" else np
         return getattr(owner, target[1])
 
@@ -152,6 +167,66 @@ def _locate(name: str, data_path: Path) -> Path | None:
     return None
 
 
+def _not_found(name: str, root: Path) -> Exception:
+    """Why ``name`` is not under ``root``: the archive itself given, an archive not yet
+    extracted, some batch files missing, or nothing there."""
+    info = CIFAR_INFO[name]
+    archive = info["url"].rsplit("/", 1)[-1]
+    files = info["train"] + info["test"]
+    if root.is_file():
+        hint = ""
+        if root.name.endswith((".tar.gz", ".tgz")):
+            hint = (
+                f"; it is the archive itself: extract it (tar xzf '{root}' -C '{root.parent}', "
+                f"giving '{root.parent / info['folder']}') and pass the folder "
+                f"'{root.parent}' as data_path"
+            )
+        return argument_error(
+            "data_path", f"a folder holding {name} ({info['folder']}/){hint}", str(root)
+        )
+    for candidate in (root / info["folder"], root):
+        present = [f for f in files if (candidate / f).is_file()]
+        if present:
+            missing = [f for f in files if f not in present]
+            return FileNotFoundError(
+                f"{name} data in '{candidate}' is incomplete: missing {missing} (present: "
+                f"{present}). Restore the missing files (download {info['url']} and extract "
+                f"it into '{root}')."
+            )
+    beside = [p for p in (root / archive, root.parent / archive) if p.is_file()]
+    extract = (
+        f"The archive '{beside[0]}' is there but not extracted: run tar xzf '{beside[0]}' -C "
+        f"'{beside[0].parent}'"
+        if beside
+        else f"Download {info['url']} and extract it into '{root}'"
+    )
+    return FileNotFoundError(
+        f"{name} data not found: looked for {files} in {[str(root / info['folder']), str(root)]}. "
+        f"{extract} (giving '{root / info['folder']}'), or call with download=True (needs "
+        "torchvision)."
+    )
+
+
+def _labels(path: Path, raw: Any, count: int, info: dict[str, Any]) -> np.ndarray:
+    """The labels of a batch as int64, checked: ``count`` whole numbers in ``[0, classes)``."""
+    values = np.asarray(raw)
+    if values.dtype.kind not in "iu" or values.shape != (count,):
+        shown = values.ravel()[:3].tolist()
+        raise CorruptFileError(
+            f"File '{path}': expected {count} integer labels in {info['label_key']!r}; "
+            f"found {values.dtype} values of shape {values.shape} (first: {shown})."
+        )
+    classes = info["num_classes"]
+    bad = np.flatnonzero((values < 0) | (values >= classes))
+    if bad.size:
+        shown = ", ".join(f"{values[i]} at index {i}" for i in bad[:5])
+        raise CorruptFileError(
+            f"File '{path}': expected labels in [0, {classes}); found {bad.size} outside: "
+            f"{shown}{', ...' if bad.size > 5 else ''}."
+        )
+    return values.astype(np.int64)
+
+
 def _read_split(folder: Path, files: list[str], info: dict[str, Any]) -> tuple[np.ndarray, ...]:
     images, labels = [], []
     for fname in files:
@@ -163,22 +238,33 @@ def _read_split(folder: Path, files: list[str], info: dict[str, Any]) -> tuple[n
                 f"{info['label_key']!r}."
             )
         data = np.asarray(batch[b"data"])
-        lab = np.asarray(batch[info["label_key"]], dtype=np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise CorruptFileError(
                 f"File '{path}': expected b'data' of dtype uint8 and shape (N, 3072); "
                 f"found {data.dtype} {data.shape}."
             )
-        if lab.shape != (data.shape[0],) or (
-            lab.size and (lab.min() < 0 or lab.max() >= info["num_classes"])
-        ):
-            raise CorruptFileError(
-                f"File '{path}': expected {data.shape[0]} labels in [0, {info['num_classes']}); "
-                f"found shape {lab.shape}."
-            )
+        if data.shape[0] == 0:
+            raise CorruptFileError(f"File '{path}': expected a batch of samples; found none.")
+        lab = _labels(path, batch[info["label_key"]], data.shape[0], info)
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(lab)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def _class_names(meta_path: Path, info: dict[str, Any]) -> list[str] | None:
+    """The class names in ``meta`` (``None`` without the file or the key), one per class."""
+    if not meta_path.is_file():
+        return None
+    meta = read_pickle_file(meta_path)
+    if not isinstance(meta, dict) or info["names_key"] not in meta:
+        return None
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[info["names_key"]]]
+    if len(names) != info["num_classes"]:
+        raise CorruptFileError(
+            f"File '{meta_path}': expected {info['num_classes']} class names in "
+            f"{info['names_key']!r}, one per class; found {len(names)}."
+        )
+    return names
 
 
 def load_cifar_arrays(
@@ -216,28 +302,15 @@ def load_cifar_arrays(
         dataset_cls(root=str(root), train=False, download=True)
         folder = _locate(name, root)
     if folder is None:
-        looked = [str(root / info["folder"]), str(root)]
-        raise FileNotFoundError(
-            f"{name} data not found: looked for {info['train'] + info['test']} in {looked}. "
-            f"Download {info['url']} and extract it into '{root}' (giving "
-            f"'{root / info['folder']}'), or call with download=True (needs torchvision)."
-        )
+        raise _not_found(name, root)
     x_train, y_train = _read_split(folder, info["train"], info)
     x_test, y_test = _read_split(folder, info["test"], info)
-    classes = None
-    meta_path = folder / info["meta"]
-    if meta_path.is_file():
-        meta = read_pickle_file(meta_path)
-        if isinstance(meta, dict) and info["names_key"] in meta:
-            classes = [
-                n.decode() if isinstance(n, bytes) else str(n) for n in meta[info["names_key"]]
-            ]
     return {
         "x_train": torch.from_numpy(np.ascontiguousarray(x_train)),
         "y_train": torch.from_numpy(y_train),
         "x_test": torch.from_numpy(np.ascontiguousarray(x_test)),
         "y_test": torch.from_numpy(y_test),
-        "classes": classes,
+        "classes": _class_names(folder / info["meta"], info),
         "mean": info["mean"],
         "std": info["std"],
         "num_classes": info["num_classes"],

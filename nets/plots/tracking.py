@@ -4,7 +4,10 @@ The rows are those of :class:`nets.CurvatureTracker` (``curvature.jsonl`` of a r
 directory, the ``curvature`` section of its ``stats.json``, or a list of dicts).
 The left panel draws the top eigenvalues :math:`\lambda_1 \ge \dots \ge \lambda_k`
 against the optimiser step together with :math:`2/\eta` of the learning rate
-:math:`\eta` recorded in each row: gradient descent on a quadratic with curvature
+:math:`\eta` recorded in each row (:math:`(2+2\beta)/\eta` for SGD with momentum
+:math:`\beta`, no line for Adam and other optimisers: :func:`edge_of_stability`; a
+row's rate is that of the step it follows, so a change is drawn right after the last
+row at the old rate): gradient descent on a quadratic with curvature
 :math:`\lambda` is stable iff :math:`\lambda < 2/\eta`, and full-batch training
 tends to drive :math:`\lambda_1` up to that line (the *edge of stability*, Cohen et
 al. 2021).  The middle panel draws the Hutchinson trace with its standard error
@@ -37,10 +40,57 @@ from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 from spectral.io import CorruptFileError
 
-__all__ = ["EDGE_LABEL", "close_figure", "load_tracking_rows", "plot_curvature_tracking"]
+__all__ = [
+    "EDGE_LABEL",
+    "close_figure",
+    "edge_of_stability",
+    "load_tracking_rows",
+    "plot_curvature_tracking",
+]
 
-#: Legend label of the :math:`2/\eta` line.
-EDGE_LABEL = r"$2/\eta$ (edge of stability)"
+#: Legend label of the :math:`2/\eta` line (gradient descent without momentum, or rows
+#: without the run's configuration).
+EDGE_LABEL = r"$2/\eta$ (edge of stability, GD without momentum)"
+
+
+def edge_of_stability(config: Mapping[str, Any] | None) -> tuple[float, str] | None:
+    r"""The stability threshold :math:`c/\eta` of the run's optimiser as ``(c, label)``.
+
+    Gradient descent on a quadratic of curvature :math:`\lambda` is stable iff
+    :math:`\lambda < 2/\eta`; heavy-ball momentum :math:`\beta` (SGD's ``momentum``,
+    no dampening, no Nesterov) iff :math:`\lambda < (2 + 2\beta)/\eta`.  Other optimisers
+    (Adam, Nesterov, dampening, curvature optimisers) have no such threshold on the
+    Hessian's eigenvalues (Adam's concerns the preconditioned Hessian, not tracked):
+    ``None``.  Without a configuration (rows alone) the threshold of plain gradient
+    descent is assumed, and its label says so.
+
+    >>> edge_of_stability({"optimizer": "SGD", "optimizer_kwargs": {"momentum": 0.9}})[0]
+    3.8
+    >>> edge_of_stability({"optimizer": "Adam", "optimizer_kwargs": {}}) is None
+    True
+    """
+    if config is None:
+        return 2.0, EDGE_LABEL
+    kwargs = dict(config.get("optimizer_kwargs") or {})
+    if str(config.get("optimizer", "")).lower() != "sgd":
+        return None
+    beta = float(kwargs.get("momentum", 0) or 0)
+    if kwargs.get("nesterov") or float(kwargs.get("dampening", 0) or 0) != 0:
+        return None
+    if beta == 0:
+        return 2.0, EDGE_LABEL
+    return 2.0 + 2.0 * beta, rf"$(2+2\beta)/\eta$, $\beta={beta:g}$ (edge of stability)"
+
+
+def _run_config(folder: Path | None) -> dict[str, Any] | None:
+    """The ``config`` of the run's ``stats.json`` in ``folder`` (``None`` without one)."""
+    if folder is None or not (folder / "stats.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "stats.json").read_text(encoding="utf-8")).get("config")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return dict(config) if isinstance(config, Mapping) else None
 
 
 def load_tracking_rows(source: Any) -> tuple[list[dict[str, Any]], Path | None]:
@@ -81,7 +131,11 @@ def load_tracking_rows(source: Any) -> tuple[list[dict[str, Any]], Path | None]:
         )
     rows = [r for r in rows if isinstance(r, Mapping) and "step" in r]
     if not rows:
-        raise argument_error("source", "curvature rows (one per measurement)", "no rows")
+        where = "the rows given" if folder is None else f"'{source}'"
+        raise ValueError(  # the message of argument_error, without quoting the sentence
+            "Argument 'source': expected curvature rows (one per measurement; a run records "
+            f"them only when it is trained with track=...); received {where}, which holds none."
+        )
     return [dict(r) for r in rows], folder
 
 
@@ -109,7 +163,9 @@ def _column(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     )
 
 
-def _draw_eigenvalues(ax: Axes, rows: list[dict[str, Any]], steps: np.ndarray) -> None:
+def _draw_eigenvalues(
+    ax: Axes, rows: list[dict[str, Any]], steps: np.ndarray, config: Mapping[str, Any] | None
+) -> None:
     k = max(len(r.get("top_eigenvalues", ())) for r in rows)
     values = np.full((len(rows), k), np.nan)
     for i, row in enumerate(rows):
@@ -125,10 +181,19 @@ def _draw_eigenvalues(ax: Axes, rows: list[dict[str, Any]], steps: np.ndarray) -
             label=rf"$\lambda_{{{j + 1}}}$",
         )
     lr = _column(rows, "lr")
-    if np.isfinite(lr).any():
+    threshold = edge_of_stability(config)
+    if np.isfinite(lr).any() and threshold is not None:
         with np.errstate(divide="ignore"):
-            edge = np.where(lr > 0, 2.0 / lr, np.nan)
-        ax.step(steps, edge, where="post", color=PALETTE[7], linestyle="--", label=EDGE_LABEL)
+            edge = np.where(lr > 0, threshold[0] / lr, np.nan)
+        # a row's lr is that of the step it follows: it holds from the previous row on
+        ax.step(steps, edge, where="pre", color=PALETTE[7], linestyle="--", label=threshold[1])
+    elif threshold is None:
+        name = (config or {}).get("optimizer")
+        ax.text(
+            0.02, 0.02, f"no edge-of-stability line: {name} has no threshold on these "
+            "eigenvalues (preconditioned sharpness not tracked)",
+            transform=ax.transAxes, fontsize=6, va="bottom",
+        )  # fmt: skip
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("eigenvalue")
     ax.set_title("Top eigenvalues")
@@ -184,6 +249,7 @@ def plot_curvature_tracking(
     bins: int = 200,
     save_path: str | os.PathLike[str] | None = None,
     title: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> Figure:
     """Plot tracked top eigenvalues (with the :math:`2/\\eta` line), trace and densities.
 
@@ -198,6 +264,10 @@ def plot_curvature_tracking(
         Write the figure there (PNG/PDF by suffix) atomically.
     title:
         Figure title.
+    config:
+        The run's configuration (``optimizer``, ``optimizer_kwargs``), which sets the
+        stability threshold (:func:`edge_of_stability`); default: the ``config`` of the
+        run's ``stats.json`` beside the rows, else the threshold of gradient descent.
 
     Returns
     -------
@@ -233,7 +303,7 @@ def plot_curvature_tracking(
     with figure_style():
         fig, grid = new_subplots(1, panels, (3.3 * panels, 2.9))
         axes = list(grid[0])
-        _draw_eigenvalues(axes.pop(0), rows, steps)
+        _draw_eigenvalues(axes.pop(0), rows, steps, config or _run_config(folder))
         if has_trace:
             _draw_trace(axes.pop(0), rows, steps)
         if snapshots:

@@ -9,7 +9,11 @@ import pytest
 from nets import cli
 
 MINIMAL = {
-    "train": (["--dir", "run"], {"epochs": 10, "track_curvature": None, "handler": cli._cmd_train}),
+    # run-defining flags default to None: with --resume a flag left out takes the run's value
+    "train": (
+        ["--dir", "run"],
+        {"epochs": None, "track_curvature": None, "handler": cli._cmd_train},
+    ),
     "spectrum": (["--checkpoint", "c.pt"], {"iters": 20, "handler": cli._cmd_spectrum}),
     "stats": (["c.pt"], {"batch_size": 128, "handler": cli._cmd_stats}),
     "landscape": (["--checkpoint", "c.pt"], {"n_points": 21, "handler": cli._cmd_landscape}),

@@ -152,7 +152,9 @@ def test_tracking_resume_refuses_another_batch_size(tmp_path: Path, digits: Any)
     with pytest.raises(ValueError, match=r"Argument 'batch_size'.*256"):
         _train(tmp_path, digits, 2, track=track, batch_size=128, resume=True)
     assert (tmp_path / "curvature.jsonl").read_text() == rows
-    _train(tmp_path, digits, 2, batch_size=128, resume=True)  # untracked: allowed
+    # untracked too: the batch size defines the run (tests/nets/test_resume_contract.py)
+    with pytest.raises(ValueError, match=r"Argument 'batch_size'.*256.*received 128"):
+        _train(tmp_path, digits, 2, batch_size=128, resume=True)
 
 
 def test_outputs_never_replace_inputs(tmp_path: Path, capsys: Any) -> None:
