@@ -96,7 +96,13 @@ def _data(density_or_eigenvalues: Any) -> tuple[FloatArray, FloatArray, int | No
         d = density_or_eigenvalues
         how = "quadrature moments" if d.source == "quadrature" else "density moments"
         return np.array(d.nodes), np.array(d.weights), d.dimension, how
-    lam = np.asarray(density_or_eigenvalues, dtype=np.float64).reshape(-1)
+    lam = np.asarray(density_or_eigenvalues, dtype=np.float64)
+    if lam.ndim != 1:  # a matrix instead of its eigenvalues would be flattened, silently
+        raise argument_error(
+            "density_or_eigenvalues",
+            "a SpectralDensity or a 1-D array of eigenvalues (not the matrix itself)",
+            f"an array of shape {lam.shape}",
+        )
     if lam.size < 2 or not np.all(np.isfinite(lam)):
         raise argument_error(
             "density_or_eigenvalues",
@@ -627,7 +633,13 @@ def outliers(
     >>> out.values.tolist(), out.indices.tolist()
     ([2.5, 4.25], [3, 4])
     """
-    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    if lam.ndim != 1:
+        raise argument_error(
+            "eigenvalues",
+            "a 1-D array of eigenvalues (not the matrix itself)",
+            f"shape {lam.shape}",
+        )
     if not np.all(np.isfinite(lam)):
         raise argument_error("eigenvalues", "finite values", eigenvalues)
     if not isinstance(fit, MarchenkoPasturFit | SemicircleFit):
@@ -665,12 +677,14 @@ def bbp_covariance(theta: float, ratio: float, variance: float = 1.0) -> float |
     r"""BBP outlier :math:`\sigma^2(1 + \theta)(1 + q/\theta)` of a covariance spike ``theta``.
 
     For a population covariance :math:`\sigma^2(I + \theta uu^\top)` and ratio
-    :math:`q = n/p`; ``None`` when :math:`\theta \le \sqrt q` (the spike stays at the edge).
+    :math:`q = n/p`; ``None`` when :math:`|\theta| \le \sqrt q` (the spike stays at the edge).
 
     Parameters
     ----------
     theta : float
-        The spike :math:`\theta > 0`.
+        The spike :math:`\theta > -1` (a population covariance eigenvalue
+        :math:`1 + \theta`); a negative spike with :math:`\theta < -\sqrt q` gives an
+        outlier below the bulk.
     ratio : float
         Aspect ratio :math:`q = n/p`.
     variance : float
@@ -683,27 +697,30 @@ def bbp_covariance(theta: float, ratio: float, variance: float = 1.0) -> float |
 
     Examples
     --------
-    >>> bbp_covariance(4.0, 0.25), bbp_covariance(0.4, 0.25)
-    (5.3125, None)
+    >>> bbp_covariance(4.0, 0.25), bbp_covariance(0.4, 0.25), round(bbp_covariance(-0.9, 0.25), 4)
+    (5.3125, None, 0.0722)
     """
     if not (np.isfinite(ratio) and ratio > 0):
         raise argument_error("ratio", "a positive number", ratio)
-    if not np.isfinite(theta):
-        raise argument_error("theta", "a finite number", theta)
+    if not (np.isfinite(theta) and theta > -1.0):
+        raise argument_error(
+            "theta", "a finite spike > -1 (the population covariance 1 + theta > 0)", theta
+        )
     check_real("variance", variance, "a positive finite number", lambda v: 0 < v < math.inf)
-    if theta <= np.sqrt(ratio):
+    if abs(theta) <= np.sqrt(ratio):
         return None
     return float(variance * (1.0 + theta) * (1.0 + ratio / theta))
 
 
 def bbp_wigner(theta: float, scale: float = 1.0, center: float = 0.0) -> float | None:
     r"""BBP outlier :math:`c + \theta + s^2/\theta` of a Wigner matrix (radius ``2s``) plus
-    :math:`\theta uu^\top`; ``None`` when :math:`\theta \le s`.
+    :math:`\theta uu^\top`; ``None`` when :math:`|\theta| \le s`.
 
     Parameters
     ----------
     theta : float
-        The spike :math:`\theta > 0`.
+        The spike :math:`\theta`; a negative one with :math:`\theta < -s` gives an outlier
+        below the bulk.
     scale : float
         Scale :math:`s` (the bulk is :math:`[c - 2s, c + 2s]`).
     center : float
@@ -716,14 +733,14 @@ def bbp_wigner(theta: float, scale: float = 1.0, center: float = 0.0) -> float |
 
     Examples
     --------
-    >>> bbp_wigner(4.0), bbp_wigner(0.5)
-    (4.25, None)
+    >>> bbp_wigner(4.0), bbp_wigner(0.5), round(bbp_wigner(-3.0), 4)
+    (4.25, None, -3.3333)
     """
     if not (np.isfinite(scale) and scale > 0):
         raise argument_error("scale", "a positive number", scale)
     if not np.isfinite(theta):
         raise argument_error("theta", "a finite number", theta)
     check_real("center", center, "a finite number")
-    if theta <= scale:
+    if abs(theta) <= scale:
         return None
     return float(center + theta + scale * scale / theta)

@@ -132,8 +132,13 @@ def _spectrum_from_mapping(arrays: Mapping[str, Any], where: str) -> Spectrum:
             "Ritz values and weights of the same non-zero length",
             f"shapes {values.shape} and {weights.shape}",
         )
-    keep = np.isfinite(values) & np.isfinite(weights)
-    values, weights = values[keep], weights[keep]
+    bad = ~(np.isfinite(values) & np.isfinite(weights))
+    if bad.any():  # dropping them would report the trace and top of what is left, silently
+        raise argument_error(
+            where,
+            "finite Ritz values and weights",
+            f"{int(bad.sum())} non-finite of {bad.size}, the first at index {int(np.argmax(bad))}",
+        )
     order = np.argsort(values, kind="stable")
     config: dict[str, Any] = {}
     raw_config = _scalar(arrays, "config_json")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, cast
 
 import numpy as np
@@ -150,11 +151,18 @@ def stem_spectrum(
 def is_psd(curvature: str | None) -> bool:
     """Whether a curvature kind is positive semi-definite (GGN, Fisher), so has no mass below 0.
 
+    The kind's words (split at ``-``, ``_``, spaces) are matched, not substrings: a label
+    such as ``"hessian-before"`` is not the empirical Fisher ``"ef"``.
+
     >>> is_psd("ggn"), is_psd("fisher"), is_psd("hessian"), is_psd(None)
     (True, True, False, False)
+    >>> is_psd("ggn-lanczos"), is_psd("ef"), is_psd("hessian-before"), is_psd("default")
+    (True, True, False, False)
     """
-    key = (curvature or "").lower()
-    return any(part in key for part in ("ggn", "gauss", "fisher", "ef"))
+    words = re.split(r"[-_\s]+", (curvature or "").lower())
+    return any(
+        w in ("ggn", "gauss", "gauss-newton", "fisher", "ef", "kfac", "ekfac") for w in words
+    )
 
 
 def halfline_density(
