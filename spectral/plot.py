@@ -185,9 +185,11 @@ def plot_smoothed_density(
     if sigma is None:
         sigma = (hi - lo) / 100.0 if hi > lo else 1e-3 * max(1.0, abs(lo))
     if grid is None:
-        xs = np.linspace(lo - 5.0 * sigma, hi + 5.0 * sigma, int(num_points))
+        xs = np.linspace(lo - 5.0 * sigma, hi + 5.0 * sigma, _points(num_points))
     else:
         xs = np.asarray(grid, dtype=np.float64).reshape(-1)
+        if xs.size == 0 or not np.all(np.isfinite(xs)):
+            raise argument_error("grid", "a non-empty array of finite points", grid)
     values = d.smooth(xs, sigma, kernel)
     ax.plot(xs, values, label=label if label is not None else f"{kernel}, σ={sigma:.3g}")
     if log_density:
@@ -195,6 +197,17 @@ def plot_smoothed_density(
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     return ax
+
+
+def _points(num_points: Any) -> int:
+    """``num_points`` checked: an integer >= 2 (a curve needs two points)."""
+    if (
+        isinstance(num_points, bool)
+        or not isinstance(num_points, int | np.integer)
+        or num_points < 2
+    ):
+        raise argument_error("num_points", "an integer >= 2", num_points)
+    return int(num_points)
 
 
 def plot_overlay(
@@ -295,6 +308,9 @@ def plot_ritz_convergence(
 
     a = np.asarray(alpha, dtype=np.float64).reshape(-1)
     b = np.asarray(beta, dtype=np.float64).reshape(-1)
+    for name, arr, given in (("alpha", a, alpha), ("beta", b, beta)):
+        if not np.all(np.isfinite(arr)):
+            raise argument_error(name, "finite Lanczos coefficients", given)
     if a.size == 0 or b.size != a.size - 1:
         raise argument_error("beta", f"an array of length len(alpha) - 1 = {a.size - 1}", beta)
     ax = _axes(ax)
@@ -509,6 +525,10 @@ def plot_bulk_fit(
     >>> len(ax.get_lines()) >= 3
     True
     """
+    from spectral.rmt import MarchenkoPasturFit, SemicircleFit
+
+    if not isinstance(fit, MarchenkoPasturFit | SemicircleFit):
+        raise argument_error("fit", "a MarchenkoPasturFit or SemicircleFit", fit, kind=TypeError)
     d = _density(density)
     ax = _axes(ax)
     a, b = (float(v) for v in fit.support)
@@ -516,11 +536,14 @@ def plot_bulk_fit(
     hi = max(float(d.nodes[-1]), b)
     if sigma is None:
         sigma = (b - a) / 50.0 if b > a else 1e-3
-    xs = np.linspace(lo - 5 * sigma, hi + 5 * sigma, int(num_points))
+    xs = np.linspace(lo - 5 * sigma, hi + 5 * sigma, _points(num_points))
     ax.plot(xs, d.smooth(xs, sigma), label=f"density, σ={sigma:.3g}")
     name = type(fit).__name__.replace("Fit", "")
     w1 = getattr(fit, "wasserstein", float("nan"))
-    ax.plot(xs, fit.pdf(xs), color="C1", label=f"{name} fit (W₁ = {w1:.3g})")
+    atom = float(getattr(fit, "atom", 0.0) or 0.0)
+    # an atom at 0 (rank-deficient Wishart) has no density to draw: say so
+    extra = f"; atom of mass {atom:.3g} at 0 not drawn" if atom > 0 else ""
+    ax.plot(xs, fit.pdf(xs), color="C1", label=f"{name} fit (W₁ = {w1:.3g}{extra})")
     for edge in (a, b):
         ax.axvline(edge, color="C1", linestyle=":", linewidth=0.8)
     if outliers is not None:

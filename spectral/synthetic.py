@@ -103,7 +103,7 @@ def orthonormal_columns(n: int, k: int, *, seed: Seed) -> FloatArray:
     n : int
         Dimension of the space.
     k : int
-        Number of columns, ``0 <= k <= n``.
+        Number of columns, ``1 <= k <= n``.
     seed : int or numpy.random.Generator
         Source of the randomness (the same seed gives the same matrix).
 

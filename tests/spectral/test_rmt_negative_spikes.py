@@ -35,10 +35,33 @@ def test_negative_covariance_spike_gives_the_outlier_below_the_bulk() -> None:
 
 def test_a_matrix_instead_of_its_eigenvalues_is_refused() -> None:
     A = np.asarray(spiked_wigner(50, [0.0], seed=1))
-    with pytest.raises(ValueError, match="density_or_eigenvalues.*not the matrix"):
+    with pytest.raises(ValueError, match=r"density_or_eigenvalues.*not the matrix"):
         rmt.fit_semicircle(A)
-    with pytest.raises(ValueError, match="density_or_eigenvalues.*not the matrix"):
+    with pytest.raises(ValueError, match=r"density_or_eigenvalues.*not the matrix"):
         rmt.fit_marchenko_pastur(A)
     fit = rmt.fit_semicircle(np.linalg.eigvalsh(A))
-    with pytest.raises(ValueError, match="'eigenvalues'.*not the matrix"):
+    with pytest.raises(ValueError, match=r"'eigenvalues'.*not the matrix"):
         rmt.outliers(A, fit, n=50)
+
+
+def test_plot_arguments_are_checked() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from spectral import plot as P
+    from spectral.density import SpectralDensity
+    from spectral.synthetic import wishart_operator
+
+    d = SpectralDensity([0.0, 1.0], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"'alpha'.*finite"):
+        P.plot_ritz_convergence([1.0, np.nan], [0.5])
+    with pytest.raises(TypeError, match="'fit'"):
+        P.plot_bulk_fit(d, "x")
+    with pytest.raises(ValueError, match="'num_points'"):
+        P.plot_smoothed_density(d, num_points=0)
+    with pytest.raises(ValueError, match="'grid'"):
+        P.plot_smoothed_density(d, grid=[np.nan, 0.5], sigma=0.1)
+    lam = wishart_operator(300, 100, seed=0).eigenvalues()
+    fit = rmt.fit_marchenko_pastur(lam)
+    ax = P.plot_bulk_fit(SpectralDensity.from_eigenvalues(lam), fit)
+    assert fit.atom > 0.5 and "not drawn" in ax.get_lines()[1].get_label()
