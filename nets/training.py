@@ -1189,11 +1189,24 @@ class LearningRateSchedule:
         )  # fmt: skip
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int) -> float:
-        """Set every parameter group's ``lr`` for ``epoch``; return the first group's rate."""
+        """Set every parameter group's ``lr`` for ``epoch``; return the first group's rate.
+
+        The schedule is that of the first group (initial rate ``lr0``); a group that
+        started at another rate keeps its ratio to it: its rate is the schedule's times
+        ``initial_lr / lr0``, with ``initial_lr`` (PyTorch's name, kept in the group and so
+        in the optimiser's checkpoint) its rate when first scheduled.  Every group used to
+        get the first group's rate (groups at 0.1 and 0.001 both trained at 0.1).
+        """
         lr = self(epoch)
         if lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            groups = optimizer.param_groups
+            current = float(groups[0]["lr"])
+            # the rates of a run resumed from a checkpoint without initial_lr are already
+            # scheduled: undo the first group's factor (1 in a new run)
+            undo = self.lr0 / current if current > 0 else 1.0
+            for group in groups:
+                initial = float(group.setdefault("initial_lr", float(group["lr"]) * undo))
+                group["lr"] = lr * (initial / self.lr0) if self.lr0 > 0 else lr
         return float(optimizer.param_groups[0]["lr"])
 
 
