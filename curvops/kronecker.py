@@ -100,6 +100,7 @@ __all__ = [
     "layer_output_grads",
     "merge_calls",
     "output_factor",
+    "per_sample_rows",
     "record_grad_factor",
     "record_grads",
     "record_input_factor",
@@ -670,7 +671,50 @@ def batch_statistics(
     _backward_columns(flat_2d, live, factor_columns(S, samples, per_position=per_position))
     for record in live:
         record.output = record.output.detach()
-    return merge_calls(live)
+    return merge_calls([per_sample_rows(record, batch.size) for record in live])
+
+
+def per_sample_rows(record: LayerRecord, samples: int) -> LayerRecord:
+    r"""A record whose layer saw its input with positions folded into dimension 0, in row
+    form with the batch's ``samples`` along dimension 0.
+
+    A model may apply a layer to tokens flattened to ``(N T, d)`` (``h.reshape(-1, d)``)
+    instead of ``(N, T, d)``: the same function, gradients and GGN.  The factors average
+    over samples, so the ``N T`` rows counted as samples gave an :math:`A` (and K-FAC) ``T``
+    times too large.  Such input, with a leading dimension a multiple ``N T`` of the
+    batch's ``N`` samples, is read as ``T`` positions per sample, flattened sample-major
+    (as ``reshape`` of a batch-first tensor does).  Any other leading dimension is refused.
+
+    >>> lin = nn.Linear(2, 3)
+    >>> rec = LayerRecord(lin, torch.zeros(6, 2), torch.zeros(6, 3), [torch.zeros(6, 3)])
+    >>> out = per_sample_rows(rec, 2)
+    >>> out.rows, tuple(out.inputs.shape), tuple(out.grads[0].shape)
+    (True, (2, 3, 2), (2, 3, 3))
+
+    Raises
+    ------
+    ValueError
+        Naming ``model``, for a layer input whose leading dimension is not a multiple of
+        the batch's samples.
+    """
+    lead = int(record.inputs.shape[0]) if record.inputs.ndim else 0
+    if record.rows or lead == samples:
+        return record
+    if lead == 0 or lead % samples:
+        raise argument_error(
+            "model",
+            f"layers whose inputs carry the batch's {samples} samples along dimension 0 "
+            "(or samples times positions, flattened sample-major), for K-FAC",
+            f"a {type(record.module).__name__} called on an input of shape "
+            f"{tuple(record.inputs.shape)}",
+        )
+    a = layer_inputs(record.module, record.inputs)
+    inputs = a.reshape(samples, -1, a.shape[-1])
+    grads = []
+    for g in record.grads:
+        rows = layer_output_grads(record.module, g)
+        grads.append(rows.reshape(samples, -1, rows.shape[-1]))
+    return LayerRecord(record.module, inputs, record.output, grads, rows=True)
 
 
 def rotated_gradient_squares(

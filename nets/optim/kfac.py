@@ -21,7 +21,8 @@ its calls as further positions :math:`t` (:math:`T` is the total), as in
 :class:`curvops.KFACOperator`.  With ``fisher='mc'`` the targets in :math:`\ell_n`
 are sampled from the model's predictive distribution and :math:`\ell_n` is
 scaled so that :math:`E[g g^T]` is its output Hessian (by :math:`\sqrt{T'}` for a
-cross-entropy over :math:`T'` positions, ``(N, C, d1, ...)`` logits -- with padding
+cross-entropy over :math:`T'` positions, ``(N, C, d1, ...)`` logits or the
+``(N, T', C)`` logits of :func:`curvops.losses.sequence_cross_entropy` -- with padding
 (``ignore_index`` in the data's targets) or class weights, each position by its
 weight in the mean loss and padded positions not at all (:func:`_mc_cross_entropy`) --
 and
@@ -112,7 +113,7 @@ from curvops.kronecker import (
     record_inputs,
     rotated_gradient_squares,
 )
-from curvops.losses import target_weights
+from curvops.losses import SequenceCrossEntropy, target_weights
 from nets.optim.registry import register_optimizer
 from spectral.errors import NumericalError, argument_error
 
@@ -221,7 +222,9 @@ def _row_factors(
 
 
 def _cross_entropy_term_weights(
-    loss_fn: nn.CrossEntropyLoss, logits: torch.Tensor, targets: torch.Tensor
+    loss_fn: nn.CrossEntropyLoss | SequenceCrossEntropy,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
     r"""Per-position weights :math:`\omega_t` and normaliser :math:`Z` of ``loss_fn``'s
     mean, :math:`L = Z^{-1} \sum_t \omega_t\, \mathrm{ce}_t` (``logits`` ``(rows, C)``).
@@ -232,7 +235,7 @@ def _cross_entropy_term_weights(
     number of positions.  (Label smoothing leaves the output Hessian unchanged.)
     """
     rows, classes = logits.shape
-    weight = loss_fn.weight
+    weight = getattr(loss_fn, "weight", None)
     if targets.is_floating_point():  # soft targets, shaped like the logits
         soft = targets.movedim(1, -1).reshape(rows, classes) if targets.ndim > 2 else targets
         if weight is None:
@@ -243,7 +246,7 @@ def _cross_entropy_term_weights(
 
 
 def _mc_cross_entropy(
-    loss_fn: nn.CrossEntropyLoss,
+    loss_fn: nn.CrossEntropyLoss | SequenceCrossEntropy,
     output: torch.Tensor,
     targets: torch.Tensor,
     generator: torch.Generator,
@@ -261,8 +264,20 @@ def _mc_cross_entropy(
     ``ignore_index`` (a real class) is a label, and class weights enter through the true
     targets, as in :class:`curvops.FisherOperator`.  Without padding or weights this is
     ``loss_fn(output, labels) * sqrt(T')`` for :math:`T'` positions per sample.
+    :func:`curvops.losses.sequence_cross_entropy` (``[B, T, V]`` logits, classes last,
+    padding at its ``ignore_index``) is the same loss with the classes moved last.
     """
-    out = output.movedim(1, -1) if output.ndim > 2 else output
+    if isinstance(loss_fn, SequenceCrossEntropy):  # [B, T, V] logits, classes last
+        if output.ndim < 2 or tuple(targets.shape) != tuple(output.shape[:-1]):
+            raise argument_error(
+                "curvature_batch",
+                f"targets of shape {tuple(output.shape[:-1])} (token ids) for the "
+                f"model's {tuple(output.shape)} logits and {loss_fn}",
+                tuple(targets.shape),
+            )
+        out = output
+    else:
+        out = output.movedim(1, -1) if output.ndim > 2 else output
     logits = out.reshape(-1, out.shape[-1])
     probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
     labels = torch.multinomial(probs, 1, generator=generator).reshape(-1).to(output.device)
@@ -281,7 +296,7 @@ def _sampled_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """The loss on targets drawn from the model's predictive distribution (``mc``)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if isinstance(loss_fn, nn.CrossEntropyLoss | SequenceCrossEntropy):
         return _mc_cross_entropy(loss_fn, output, targets, generator)
     out = output.detach()
     per_sample = out[0].numel() if out.ndim > 0 and out.shape[0] > 0 else 1
@@ -295,7 +310,8 @@ def _sampled_loss(
         return loss_fn(output, labels) * math.sqrt(per_sample)
     raise argument_error(
         "loss_fn",
-        "CrossEntropyLoss, MSELoss or BCEWithLogitsLoss for fisher='mc' "
+        "CrossEntropyLoss, sequence_cross_entropy, MSELoss or BCEWithLogitsLoss for "
+        "fisher='mc' "
         "(use fisher='empirical' for other losses)",
         loss_fn,
     )
@@ -404,6 +420,10 @@ class KFAC(torch.optim.Optimizer):
     seed:
         Seed of the generator that samples the MC targets (its state is part
         of :meth:`state_dict`).
+
+    Groups added with :meth:`add_param_group` are stepped with momentum SGD on their
+    plain gradient, each with its own ``lr``, ``momentum`` and ``weight_decay``; the
+    first group's hyperparameters drive the K-FAC layers (and ``damping``/``kl_clip``).
 
     Raises
     ------
@@ -633,11 +653,12 @@ class KFAC(torch.optim.Optimizer):
         self, batch_factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
         rho = self.stat_decay
-        for module, (A, G) in batch_factors.items():
+        for module, (A, G) in batch_factors.items():  # all checked before any is written
             if not (torch.isfinite(A).all() and torch.isfinite(G).all()):
                 raise NumericalError(
                     f"K-FAC: non-finite factor for layer {module} at step {self.steps_taken}"
                 )
+        for module, (A, G) in batch_factors.items():
             state = self.state[_weight(module)]
             dtype = _weight(module).dtype
             A, G = A.to(dtype), G.to(dtype)
@@ -718,7 +739,9 @@ class KFAC(torch.optim.Optimizer):
             If factors are due but neither a curvature batch nor captured
             statistics are available.
         NumericalError
-            For non-finite factors or gradients.
+            For non-finite factors or gradients (a non-finite ``.grad`` of any
+            parameter, in any group, is refused before anything is written: the
+            parameters and the optimiser's state are then unchanged).
         """
         loss = None
         if closure is not None:
@@ -732,6 +755,7 @@ class KFAC(torch.optim.Optimizer):
                 self._capture_mode = previous
         with torch.no_grad():
             group = self.param_groups[0]
+            self._check_gradients()
             if self._factors_due():
                 self._samples = {}  # per-sample rows of this step only (E-KFAC)
                 if curvature_batch is not None and loss_fn is not None:
@@ -764,8 +788,73 @@ class KFAC(torch.optim.Optimizer):
         self.steps_taken += 1
         return loss
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add parameters stepped with momentum SGD on their plain gradient.
+
+        The group's own ``lr``, ``momentum`` and ``weight_decay`` (defaults: the
+        optimiser's) apply to it; only the model's ``Linear``/``Conv2d`` layers in the
+        first group are K-FAC preconditioned.
+
+        Raises
+        ------
+        ValueError
+            Naming ``param_group``, for a bad hyperparameter in it.
+        """
+        if isinstance(param_group, dict):
+            for name, low, strict in (
+                ("lr", 0.0, True), ("momentum", 0.0, False), ("weight_decay", 0.0, False),
+                ("damping", 0.0, True),
+            ):  # fmt: skip
+                if name in param_group:
+                    _number(f"param_group['{name}']", param_group[name], low=low, strict=strict)
+            if param_group.get("kl_clip") is not None:
+                _number("param_group['kl_clip']", param_group["kl_clip"])
+        super().add_param_group(param_group)
+
+    def _check_gradients(self) -> None:
+        """Raise :class:`NumericalError` for a non-finite gradient, before any write."""
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        present = [g.coalesce().values() if g.is_sparse else g for g in grads if g is not None]
+        if not present:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in present])
+        if not bool(finite.all()):
+            raise NumericalError(
+                f"K-FAC: non-finite gradient at step {self.steps_taken}; "
+                "parameters and optimiser state are unchanged"
+            )
+
     def _apply(self, group: dict[str, Any]) -> None:
+        directions, nu = self._directions(group)
+        for index, pgroup in enumerate(self.param_groups):
+            self._sgd_update(pgroup, directions if index == 0 else {}, nu)
+
+    def _sgd_update(
+        self, group: dict[str, Any], directions: dict[torch.Tensor, torch.Tensor], nu: float
+    ) -> None:
+        """Momentum SGD of one parameter group (preconditioned ``directions`` where given)."""
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p in directions:
+                d = directions[p] * nu if nu != 1.0 else directions[p]
+            else:
+                d = p.grad.add(p, alpha=wd) if wd else p.grad
+            if mom:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = d.detach().clone()
+                    state["momentum_buffer"] = buf
+                else:
+                    buf.mul_(mom).add_(d)
+                d = buf
+            p.add_(d, alpha=-lr)
+
+    def _directions(self, group: dict[str, Any]) -> tuple[dict[torch.Tensor, torch.Tensor], float]:
+        """The tracked layers' preconditioned directions and the KL-clip factor ``nu``."""
+        lr, wd = group["lr"], group["weight_decay"]
         directions: dict[torch.Tensor, torch.Tensor] = {}
         preconditioned: list[torch.Tensor] = []
         vg = torch.zeros((), dtype=torch.float64, device=group["params"][0].device)
@@ -802,23 +891,7 @@ class KFAC(torch.optim.Optimizer):
                 )
             if total > 0:
                 nu = min(1.0, math.sqrt(kl_clip / total))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p in directions:
-                d = directions[p] * nu if nu != 1.0 else directions[p]
-            else:
-                d = p.grad.add(p, alpha=wd) if wd else p.grad
-            if mom:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = d.detach().clone()
-                    state["momentum_buffer"] = buf
-                else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
+        return directions, nu
 
 
 class EKFAC(KFAC):

@@ -219,6 +219,7 @@ class SWATS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_gradients()
         for group, gstate in zip(self.param_groups, self._groups_state):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -238,6 +239,22 @@ class SWATS(torch.optim.Optimizer):
             else:
                 self._adam_step(group, gstate, params, grads, k)
         return loss
+
+    def _check_gradients(self) -> None:
+        """Raise :class:`NumericalError` for a non-finite gradient, before any write."""
+        present = [
+            p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and not p.grad.is_sparse  # sparse: refused in the step
+        ]
+        if not present:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in present])
+        if not bool(finite.all()):
+            raise NumericalError(
+                "SWATS: non-finite gradient; parameters and optimiser state are unchanged"
+            )
 
     def _sgd_step(
         self,
