@@ -738,7 +738,7 @@ def normaliser_is_known(loss_fn: Any) -> bool:
     function) is assumed to divide by its number of samples, which holds across
     batches that differ past the sample dimension only if it divides by samples
     exactly (a per-token mean would not): such batches need a declared normaliser
-    (:func:`curvops.validation.check_normaliser_known`).
+    (:func:`curvops.validation.check_shapes_weighable`).
 
     Parameters
     ----------
