@@ -44,7 +44,7 @@ from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.precision import accumulation_dtype, weight_dtype
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
 from curvops.snapshot import TensorSnapshot, tensors_in
-from curvops.validation import ValidatedModes, Validation, validate, validate_across_ranks
+from curvops.validation import ValidatedModes, validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -174,22 +174,13 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._bn_mode = check_bn_mode(bn_mode)
         selected = select_params(model, params)
 
-        def construction_checks() -> Validation:
-            return validate(
-                model,
-                loss_fn,
-                self._data,
-                params=params,
-                bn_mode=bn_mode,
-                output_fn=output_fn,
-                process_group=process_group,
-            )
-
-        self._validation = validate_across_ranks(  # one all_gather with a process group
-            construction_checks,
+        self._validation, construction_checks = validated_on_ranks(
             model,
             loss_fn,
+            self._data,
             params=params,
+            bn_mode=bn_mode,
+            output_fn=output_fn,
             process_group=process_group,
             settings={"operator": type(self).__name__, "bn_mode": bn_mode},
         )

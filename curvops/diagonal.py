@@ -63,7 +63,7 @@ from curvops.losses import (
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.precision import accumulation_dtype
-from curvops.validation import Validation, validate, validate_across_ranks
+from curvops.validation import Validation, validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ggn_diagonal"]
@@ -211,22 +211,17 @@ def _validated(
 ) -> Validation:
     """The construction checks of :func:`ggn_diagonal`, agreed across ranks (one
     ``all_gather`` with a process group: :func:`curvops.validation.validate_across_ranks`)."""
-    return validate_across_ranks(
-        lambda: validate(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            bn_mode=bn_mode,
-            output_fn=output_fn,
-            process_group=process_group,
-        ),
+    validation, _ = validated_on_ranks(
         model,
         loss_fn,
+        data,
         params=params,
+        bn_mode=bn_mode,
+        output_fn=output_fn,
         process_group=process_group,
         settings={"function": "ggn_diagonal", "method": method, "bn_mode": bn_mode},
     )
+    return validation
 
 
 def ggn_diagonal(

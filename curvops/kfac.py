@@ -82,7 +82,7 @@ from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
-from curvops.validation import ValidatedModes, Validation, validate, validate_across_ranks
+from curvops.validation import ValidatedModes, Validation, validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
@@ -569,22 +569,13 @@ def _validated(
     waiting in the factors' ``all_reduce`` or mixing different matrices.
     """
 
-    def construction_checks() -> Validation:
-        return validate(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            bn_mode=bn_mode,
-            output_fn=output_fn,
-            process_group=process_group,
-        )
-
-    validation = validate_across_ranks(
-        construction_checks,
+    validation, construction_checks = validated_on_ranks(
         model,
         loss_fn,
+        data,
         params=params,
+        bn_mode=bn_mode,
+        output_fn=output_fn,
         process_group=process_group,
         settings=settings,
         same_shapes=True,  # the factors average over each batch's positions

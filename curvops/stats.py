@@ -67,7 +67,7 @@ from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.products import hessian_linearization, jacobian_sandwich_matmat
-from curvops.validation import validate, validate_across_ranks
+from curvops.validation import validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = [
@@ -428,19 +428,13 @@ def loss_stats(
     check_bn_mode(bn_mode)
     output_fn = check_output_fn(output_fn)
     model = unwrap_model(model)
-    validation = validate_across_ranks(  # one all_gather with a process group
-        lambda: validate(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            bn_mode=bn_mode,
-            output_fn=output_fn,
-            process_group=process_group,
-        ),
+    validation, _ = validated_on_ranks(  # one all_gather with a process group
         model,
         loss_fn,
+        data,
         params=params,
+        bn_mode=bn_mode,
+        output_fn=output_fn,
         process_group=process_group,
         settings={
             "function": "loss_stats",

@@ -64,6 +64,7 @@ __all__ = [
     "dict_batch_error",
     "validate",
     "validate_across_ranks",
+    "validated_on_ranks",
 ]
 
 
@@ -778,6 +779,49 @@ def validate_across_ranks(
         agreed["input / target shapes past the sample dimension"] = _shapes_setting(result)
     check_ranks_agree(model, named, loss_fn, process_group, weight=result.weight, settings=agreed)
     return result
+
+
+def validated_on_ranks(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Any = None,
+    bn_mode: str | None = None,
+    output_fn: Any = None,
+    process_group: Any = None,
+    settings: dict[str, Any] | None = None,
+    same_shapes: bool = False,
+) -> tuple[Validation, Callable[[], Validation]]:
+    """:func:`validate` on this rank's ``data``, agreed across ranks
+    (:func:`validate_across_ranks`: one ``all_gather`` with a process group); return what it
+    learnt and the rank-local checks themselves, for reruns (a changed loss, new modes).
+
+    The construction of every operator and curvature function that takes a
+    ``process_group``.
+    """
+
+    def checks() -> Validation:
+        return validate(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            bn_mode=bn_mode,
+            output_fn=output_fn,
+            process_group=process_group,
+        )
+
+    result = validate_across_ranks(
+        checks,
+        model,
+        loss_fn,
+        params=params,
+        process_group=process_group,
+        settings=settings,
+        same_shapes=same_shapes,
+    )
+    return result, checks
 
 
 def _shapes_setting(result: Validation) -> Any:
