@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import curvops.curvature
+import curvops.validation
 from curvops import EKFACOperator, FisherOperator, GGNOperator, HessianOperator, KFACOperator
 from curvops.configuration import ConfigurationState, configuration_of
 from curvops.losses import declare_loss, sequence_cross_entropy
@@ -197,13 +197,13 @@ def test_partial_and_declared_losses_are_followed() -> None:
 
 def test_an_unchanged_loss_is_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = curvops.curvature.validate
+    original = curvops.validation.validate  # what validated_on_ranks runs
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(curvops.curvature, "validate", counting)
+    monkeypatch.setattr(curvops.validation, "validate", counting)
     loss = _weighted_ce()
     op = HessianOperator(_model(), loss, _data("one batch"))
     v = torch.ones(op.shape[0], dtype=F64)
