@@ -18,7 +18,10 @@ mean, so :math:`g_{n,t} = N\,\partial L/\partial s_{n,t}`).  For a
 ``Linear`` layer (:math:`T=1`) these are exactly :math:`E[\bar a\bar a^T]`
 and :math:`E[g g^T]`.  A layer called several times in one forward pass counts
 its calls as further positions :math:`t` (:math:`T` is the total), as in
-:class:`curvops.KFACOperator`.  With ``fisher='mc'`` the targets in :math:`\ell_n`
+:class:`curvops.KFACOperator`; so does a layer applied to positions flattened into the
+batch dimension (``h.reshape(-1, d)`` of ``(N, T, d)``, sample-major:
+:func:`curvops.kronecker.per_sample_rows`), :math:`N` being the samples of the batch
+the model was called on.  With ``fisher='mc'`` the targets in :math:`\ell_n`
 are sampled from the model's predictive distribution and :math:`\ell_n` is
 scaled so that :math:`E[g g^T]` is its output Hessian (by :math:`\sqrt{T'}` for a
 cross-entropy over :math:`T'` positions, ``(N, C, d1, ...)`` logits or the
@@ -103,12 +106,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvops.data import batch_size_of, first_tensor
 from curvops.kronecker import (
     LayerRecord,
     grad_factor,
     input_factor,
     is_supported,
     merge_calls,
+    per_sample_rows,
     record_grads,
     record_inputs,
     rotated_gradient_squares,
@@ -178,12 +183,12 @@ def kfac_factors(
     >>> G[0, 0].item()
     1.0
     """
-    a, g = _layer_rows(module, [(inputs, grad_out)])
+    a, g = _layer_rows(module, [(inputs, grad_out)], batch_size)
     return _row_factors(a, g * batch_size, batch_size)
 
 
 def _layer_rows(
-    module: nn.Module, calls: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    module: nn.Module, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Rows :math:`(\bar a_{n,t}, \partial L/\partial s_{n,t})` of a layer's calls in one pass.
 
@@ -191,7 +196,9 @@ def _layer_rows(
     A layer called several times (weight sharing by repeated calls) has the per-sample
     gradient :math:`\sum_{\rm calls}\sum_t g_{n,t}\bar a_{n,t}^T`: its calls are further
     positions :math:`t` of the same sample (:func:`curvops.kronecker.merge_calls`, as in
-    :class:`curvops.KFACOperator`), so :math:`T` is the total over the calls.
+    :class:`curvops.KFACOperator`), so :math:`T` is the total over the calls.  A call on
+    positions flattened into dimension 0 (``N T`` rows for the ``samples`` :math:`N`)
+    is read as :math:`T` positions per sample (:func:`curvops.kronecker.per_sample_rows`).
 
     Returns
     -------
@@ -200,9 +207,12 @@ def _layer_rows(
     Raises
     ------
     ValueError
-        Naming ``model``, if the calls see different numbers of samples.
+        Naming ``model``, if a call's leading dimension is not a multiple of ``samples``.
     """
-    records = [LayerRecord(module, inputs, grad, [grad]) for inputs, grad in calls]
+    records = [
+        per_sample_rows(LayerRecord(module, inputs, grad, [grad]), samples)
+        for inputs, grad in calls
+    ]
     (record,) = merge_calls(records)
     a = record_inputs(record)
     if _bias(module) is not None:
@@ -250,6 +260,7 @@ def _mc_cross_entropy(
     output: torch.Tensor,
     targets: torch.Tensor,
     generator: torch.Generator,
+    samples: int,
 ) -> torch.Tensor:
     r"""The sampled cross-entropy whose gradients give the MC Fisher of ``loss_fn``'s mean.
 
@@ -285,7 +296,7 @@ def _mc_cross_entropy(
     if normaliser <= 0.0:  # nothing counted: no curvature from this batch
         return logits.sum() * 0.0
     per_position = nn.functional.cross_entropy(logits, labels, reduction="none")
-    scale = 1.0 / math.sqrt(output.shape[0] * normaliser)
+    scale = 1.0 / math.sqrt(samples * normaliser)
     return (omega.sqrt() * per_position).sum() * scale
 
 
@@ -294,12 +305,14 @@ def _sampled_loss(
     output: torch.Tensor,
     targets: torch.Tensor,
     generator: torch.Generator,
+    samples: int,
 ) -> torch.Tensor:
-    """The loss on targets drawn from the model's predictive distribution (``mc``)."""
+    """The loss on targets drawn from the model's predictive distribution (``mc``), for a
+    batch of ``samples`` samples (whose outputs may be flattened into more rows)."""
     if isinstance(loss_fn, nn.CrossEntropyLoss | SequenceCrossEntropy):
-        return _mc_cross_entropy(loss_fn, output, targets, generator)
+        return _mc_cross_entropy(loss_fn, output, targets, generator, samples)
     out = output.detach()
-    per_sample = out[0].numel() if out.ndim > 0 and out.shape[0] > 0 else 1
+    per_sample = max(out.numel() // samples, 1)  # outputs per sample
     if isinstance(loss_fn, nn.MSELoss):
         # l_n = |f_n - y_n|^2 / D has output Hessian (2/D) I; y = f + sqrt(D/2) z matches it.
         noise = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
@@ -372,14 +385,30 @@ def _tied_layers(model: nn.Module, layers: list[nn.Module]) -> set[nn.Module]:
     }
 
 
-def _register_hooks(optimizer: KFAC, layers: list[nn.Module]) -> list[Any]:
-    """A forward hook on every layer that calls ``optimizer._forward_hook``.
+def _register_hooks(optimizer: KFAC, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
+    """A forward hook on every layer that calls ``optimizer._forward_hook``, and a forward
+    pre-hook on ``model`` that notes the samples of the batch it is called on.
 
     The hooks hold the optimiser by a weak reference, so a dropped optimiser is
     collected and its hooks then do nothing.
     """
-    hooks = []
     self_ref = weakref.ref(optimizer)
+
+    def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        opt = self_ref()
+        if opt is not None:
+            first = first_tensor((args, kwargs))
+            opt._forward_samples = None if first is None or first.ndim == 0 else int(first.shape[0])
+
+    def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        opt = self_ref()
+        if opt is not None:  # a layer called outside the model's forward has no batch
+            opt._forward_samples = None
+
+    hooks = [
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        model.register_forward_hook(post_hook, always_call=True),
+    ]
     for module in layers:
 
         def hook(
@@ -512,7 +541,9 @@ class KFAC(torch.optim.Optimizer):
         self._capture_mode: str | None = "plain"
         self._captured: dict[nn.Module, list[list[Any]]] = {}
         self._samples: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._hooks = _register_hooks(self, self._layers)
+        #: samples of the batch of the model's latest call (its forward pre-hook)
+        self._forward_samples: int | None = None
+        self._hooks = _register_hooks(self, model, self._layers)
 
     # -- capture ---------------------------------------------------------------------------
     def remove_hooks(self) -> None:
@@ -545,7 +576,7 @@ class KFAC(torch.optim.Optimizer):
             return None
         if module in self._captured and self._captured[module][-1][2] is not None:
             self._captured[module] = []  # a new forward pass after a completed one
-        record: list[Any] = [inputs[0].detach(), None, None]
+        record: list[Any] = [inputs[0].detach(), None, None, self._forward_samples]
         self._captured.setdefault(module, []).append(record)
 
         def grad_hook(grad: torch.Tensor) -> None:
@@ -588,6 +619,7 @@ class KFAC(torch.optim.Optimizer):
         if reduction != "mean":
             raise argument_error("loss_fn", "a loss with reduction='mean'", loss_fn)
         x, y = curvature_batch
+        samples = batch_size_of(x)
         buffers = [b.detach().clone() for b in model.buffers()]
         self._captured = {}
         self._capture_mode = "dedicated"
@@ -595,7 +627,7 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 output = model(x)
                 if self.fisher == "mc":
-                    loss = _sampled_loss(loss_fn, output, y, self._generator)
+                    loss = _sampled_loss(loss_fn, output, y, self._generator, samples)
                 else:
                     loss = loss_fn(output, y)
                 records = [(m, r) for m, recs in self._captured.items() for r in recs]
@@ -610,14 +642,18 @@ class KFAC(torch.optim.Optimizer):
             if grad is not None:
                 calls.setdefault(module, []).append((record[0], grad))
         self._captured = {}
-        return self._factors_of_calls(calls, int(x.shape[0]))
+        return self._factors_of_calls(calls, samples)
 
     def _plain_factors(self) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, records in self._captured.items():
-            calls = [(inputs, grad) for inputs, _, grad in records if grad is not None]
-            if calls:
-                out.update(self._factors_of_calls({module: calls}, int(calls[0][0].shape[0])))
+            done = [r for r in records if r[2] is not None]
+            if done:
+                # the samples of the model's batch (a layer may see them flattened with
+                # positions); a layer called outside the model's forward: its own rows
+                samples = done[0][3] or int(done[0][0].shape[0])
+                calls = [(r[0], r[2]) for r in done]
+                out.update(self._factors_of_calls({module: calls}, samples))
         self._captured = {}
         return out
 
@@ -628,7 +664,7 @@ class KFAC(torch.optim.Optimizer):
         out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for module, pairs in calls.items():
-                a, g = _layer_rows(module, pairs)
+                a, g = _layer_rows(module, pairs, batch_size)
                 g = g * batch_size  # per-sample losses: g_{n,t} = N dL/ds_{n,t}
                 out[module] = _row_factors(a, g, batch_size)
                 self._record_samples(module, a, g, batch_size)
