@@ -24,13 +24,20 @@ a reference to their last forward call (:func:`curvops._model_state.curvature_mo
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["describe_module", "locate_operation", "operation_name"]
+__all__ = [
+    "describe_module",
+    "first_matching_call",
+    "locate_operation",
+    "module_stack",
+    "operation_name",
+]
 
 _PATTERNS = (
     re.compile(r"derivative for (?:aten::)?'?([\w.]+?)'? is not implemented"),
@@ -58,17 +65,85 @@ def _matches(op: str) -> Callable[[str], bool]:
 
 
 class _FirstCall(TorchDispatchMode):
-    def __init__(self, match: Callable[[str], bool], stack: list[str]) -> None:
+    """Notes the innermost module (``stack[-1]``) and the operation of the first ATen call
+    for which ``match(func, args, kwargs, out)`` holds."""
+
+    def __init__(self, match: Callable[..., bool], stack: list[str]) -> None:
         super().__init__()
         self.match, self.stack = match, stack
         self.found: str | None = None
+        self.op: str | None = None
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
-        if self.found is None and self.match(getattr(func, "_opname", "")):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.found is None and self.match(func, args, kwargs, out):
             self.found = self.stack[-1] if self.stack else ""
-        return func(*args, **(kwargs or {}))
+            self.op = getattr(func, "_opname", str(func))
+        return out
+
+
+@contextmanager
+def module_stack(model: nn.Module) -> Iterator[list[str]]:
+    """A list holding the qualified names of the modules of ``model`` whose forward is
+    running, innermost last, while the context is open (hooks removed on exit).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> seen = []
+    >>> with module_stack(net) as stack:
+    ...     _ = net[0].register_forward_pre_hook(lambda *_: seen.append(list(stack)))
+    ...     _ = net(torch.ones(1, 2))
+    >>> seen
+    [['', '0']]
+    """
+    stack: list[str] = []
+    handles = []
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(*_: Any) -> None:
+        if stack:
+            stack.pop()
+
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def first_matching_call(model: nn.Module, match: Callable[..., bool]) -> Iterator[_FirstCall]:
+    """While open, notes the first ATen call inside ``model``'s modules for which
+    ``match(func, args, kwargs, out)`` holds: the context's value has ``found`` (the
+    module's qualified name, ``""`` for the model's own forward) and ``op`` (the ATen
+    operation), both None while no call matched.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+    >>> with first_matching_call(net, lambda f, *_: "tanh" in str(f)) as call:
+    ...     _ = net(torch.ones(1, 2))
+    >>> call.found, call.op
+    ('1', 'tanh')
+    """
+    with module_stack(model) as stack:
+        mode = _FirstCall(match, stack)
+        with mode:
+            yield mode
 
 
 def locate_operation(model: nn.Module, op: str, run: Callable[[], Any]) -> str | None:
@@ -96,36 +171,13 @@ def locate_operation(model: nn.Module, op: str, run: Callable[[], Any]) -> str |
     >>> locate_operation(net, "addmm", lambda: net(torch.ones(1, 2)))
     '0'
     """
-    stack: list[str] = []
-    handles = []
-
-    def enter(name: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            stack.append(name)
-
-        return hook
-
-    def leave(*_: Any) -> None:
-        if stack:
-            stack.pop()
-
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-    mode = _FirstCall(_matches(op), stack)
-    try:
-        with mode:
+    named = _matches(op)
+    with first_matching_call(model, lambda func, *_: named(getattr(func, "_opname", ""))) as call:
+        try:
             run()
-    except Exception:  # the diagnostic pass may fail like the product did
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return mode.found
+        except Exception:  # the diagnostic pass may fail like the product did
+            pass
+    return call.found
 
 
 def describe_module(model: nn.Module, name: str) -> str:

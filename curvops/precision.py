@@ -28,6 +28,13 @@ and 3-4 in float16; eigenvalues below :math:`u\\|A\\|` (the bulk near zero) are
 noise.  Losses and their normalisers are evaluated by the model's own code in its
 dtype; mean reductions over many tokens in bfloat16 add their own rounding.
 
+A model whose forward rounds tensors of its own dtype to a lower precision outside
+``torch.autocast`` -- Hugging Face's Llama takes its RMSNorm and rotary embedding in
+float32 whatever the model's dtype -- computes a function, and so products, only that
+precise: a float64 copy of such a model agrees with a float64 reference to about 1e-7,
+not 1e-15.  The operators' construction notes the first such rounding and logs a warning
+naming the module and the operation (:func:`precision_loss_noted`).
+
 Over several batches (a list, a DataLoader, the ranks of a process group) the weighted
 sum of the batch products is accumulated in float32 (:func:`accumulation_dtype`; float64
 and float32 models keep their own dtype) and the total weight -- a sample or token
@@ -48,15 +55,101 @@ batches therefore has the accuracy of one batch (the rounding of the sum adds ab
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from curvops._arrays import torch_dtype_of
+from curvops.op_provenance import describe_module, first_matching_call
 from curvops.operator import CurvatureOperator
 from spectral.errors import argument_error
 
-__all__ = ["Widened", "accumulation_dtype", "weight_dtype", "widen"]
+__all__ = [
+    "Widened",
+    "accumulation_dtype",
+    "precision_loss_noted",
+    "rounds_below",
+    "weight_dtype",
+    "widen",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _bits(value: Any) -> int | None:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return torch.finfo(value.dtype).bits
+    return None
+
+
+def rounds_below(bits: int, args: Any, out: Any) -> bool:
+    """Whether a call on ``args`` returning ``out`` rounds floating tensors of at least
+    ``bits`` bits to fewer: some floating input has ``>= bits`` and some floating output
+    ``< bits``.
+
+    >>> x = torch.ones(2, dtype=torch.float64)
+    >>> rounds_below(64, (x,), x.float()), rounds_below(64, (x,), x * 2)
+    (True, False)
+    """
+    outs = [b for b in map(_bits, tree_leaves(out)) if b is not None]
+    if not outs or min(outs) >= bits:
+        return False
+    return any(b is not None and b >= bits for b in map(_bits, tree_leaves(args)))
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda"))
+
+
+@contextmanager
+def precision_loss_noted(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Log a warning if a forward pass of ``model`` run inside the context rounds tensors
+    of the parameters' ``dtype`` to a lower precision (outside ``torch.autocast``, whose
+    rounding is asked for): the products are then only as precise as that rounding.
+
+    >>> net = torch.nn.Linear(2, 2).double()
+    >>> with precision_loss_noted(net, torch.float64):
+    ...     _ = net(torch.ones(1, 2, dtype=torch.float64))
+    """
+    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32 or _autocast_on():
+        yield
+        return
+    bits = torch.finfo(dtype).bits
+    lowered: list[torch.dtype] = []
+
+    def lowers(func: Any, args: Any, kwargs: Any, out: Any) -> bool:
+        if not rounds_below(bits, (args, kwargs), out):
+            return False
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        lowered.append(min((t.dtype for t in outs if t.is_floating_point()), key=_finfo_bits))
+        return True
+
+    with first_matching_call(model, lowers) as call:
+        yield
+    if call.found is not None:
+        low = lowered[0]
+        logger.warning(
+            "curvops: the forward pass of %s rounds %s tensors to %s (first in %s, "
+            "aten::%s): the curvature products are only as precise as %s (unit roundoff "
+            "%.1e), not %s",
+            type(model).__name__,
+            dtype,
+            low,
+            describe_module(model, call.found),
+            call.op,
+            low,
+            torch.finfo(low).eps / 2,
+            dtype,
+        )
+
+
+def _finfo_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

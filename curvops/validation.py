@@ -575,6 +575,7 @@ def validate(
     from curvops.determinism import global_streams_untouched, torch_draws_reported
     from curvops.losses import check_loss
     from curvops.params import select_params
+    from curvops.precision import precision_loss_noted
 
     check_loss(loss_fn)
     check_loss_signature(loss_fn)
@@ -595,14 +596,15 @@ def validate(
     ):
         # gradients on, but no replaced parameter requires one: only tensors computed
         # from the parameters before the product carry a graph into the outputs
-        outputs = functional_forward(  # on copies: a forward writing its weights is refused
-            model,
-            [n for n, _ in named],
-            [p.detach().clone() for _, p in named],
-            inputs,
-            output_fn,
-            copies=True,
-        )
+        with precision_loss_noted(model, dtype):
+            outputs = functional_forward(  # on copies: a forward writing its weights is refused
+                model,
+                [n for n, _ in named],
+                [p.detach().clone() for _, p in named],
+                inputs,
+                output_fn,
+                copies=True,
+            )
         check_no_stale_parameter_tensors(model, outputs)
         with torch.no_grad():
             classes = _class_targets_spec(loss_fn, outputs)
