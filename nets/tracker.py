@@ -314,7 +314,9 @@ class CurvatureTracker:
     Parameters
     ----------
     model, loss_fn:
-        The trained model and its loss (``reduction="mean"``).
+        The trained model and its loss (``reduction="mean"``).  The loss's full
+        configuration (:func:`nets.measurement_settings.describe_loss`) is recorded in
+        each row: a file is continued only with the same loss.
     data:
         The measurement set: one ``(inputs, targets)`` batch, a list of batches or a
         DataLoader (read once at construction; the same samples at every measurement).
@@ -346,8 +348,9 @@ class CurvatureTracker:
         measurement runs under autocast): a smaller ``tol`` cannot be certified there and
         is refused (``ValueError`` naming ``tol``), never silently loosened.
     warm_start:
-        Start each eigen-solve from the ``2 top_k`` most wanted Ritz vectors of the
-        previous measurement (plus one random guard vector); ``True`` or ``False``.
+        Start each eigen-solve from the ``min(2 top_k, n)`` most wanted Ritz vectors of the
+        previous measurement (``n`` the block's parameter count; plus one random guard
+        vector); ``True`` or ``False``.
     density_every, density_iters, density_probes:
         Save an SLQ density (``density_iters`` Lanczos steps, ``density_probes`` probes)
         at measurements whose step is a multiple of ``density_every`` (a multiple of ``every``).
@@ -447,7 +450,7 @@ class CurvatureTracker:
         shapes = [tuple(p.shape) for p in main.current_params()]
         self.settings = measurement_settings(
             every=self.every, trace_probes=self.trace_probes, tol=self.tol, seed=self.seed,
-            bn_mode=bn_mode, density_every=density_every,
+            bn_mode=bn_mode, density_every=density_every, loss_fn=loss_fn, model=model,
             parameters=list(zip(main.param_names, shapes)),
             blocks=[n for n in self._operators if n], operator_kwargs=kwargs, data=data,
         )  # fmt: skip
@@ -472,13 +475,22 @@ class CurvatureTracker:
     def step(
         self, *, epoch: int | None = None, lr: float | None = None, loss: float | None = None
     ) -> dict[str, Any] | None:
-        """Count one optimiser step; measure (and return the row) when the count is due."""
+        """Count one optimiser step; measure (and return the row) when the count is due.
+
+        A measurement that fails (an error from the eigen-solver, a full disk, an
+        interrupt) leaves the count where it was, so the step can be retried: before, the
+        step was counted anyway and its measurement silently lost.
+        """
         if (self.count + 1) % self.every == 0:  # refused before counting: the step can be retried
             check_attainable_tol(self.tol, self._operators[""].op)
         self.count += 1
         if self.count % self.every or any(r["step"] == self.count for r in self.rows[-1:]):
             return None
-        return self.measure(epoch=epoch, lr=lr, loss=loss)
+        try:
+            return self.measure(epoch=epoch, lr=lr, loss=loss)
+        except BaseException:
+            self.count -= 1
+            raise
 
     def measure(
         self, *, epoch: int | None = None, lr: float | None = None, loss: float | None = None
@@ -501,7 +513,11 @@ class CurvatureTracker:
         row.update({k: v for k, v in extras.items() if v is not None})
         self.rows.append(row)
         if self.path is not None:
-            self._write()
+            try:
+                self._write()
+            except BaseException:
+                self.rows.pop()  # not in the file: not measured
+                raise
         return row
 
     # ------------------------------------------------------------------ measurement
@@ -514,8 +530,9 @@ class CurvatureTracker:
         for name, counted in self._operators.items():
             counted.count = 0
             start = self._vectors.get(name) if self.warm_start else None
+            keep = min(2 * self.top_k, counted.shape[0])  # warm-start vectors, at most n
             found = block_eigenpairs(
-                counted, self.top_k, start=start, tol=self.tol, seed=rng, keep=2 * self.top_k
+                counted, self.top_k, start=start, tol=self.tol, seed=rng, keep=keep
             )
             self._vectors[name] = found.subspace
             entry = {

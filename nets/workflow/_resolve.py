@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import math
 import os
 import random
@@ -28,7 +29,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SequentialSampler,
+    Subset,
+)
 
 from spectral.errors import argument_error
 
@@ -54,9 +62,12 @@ __all__ = [
     "resolve_parallel",
     "shard_loader",
     "spectrum_file",
+    "state_digest",
     "subsample_dataset",
     "written",
 ]
+
+logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
@@ -291,6 +302,36 @@ def model_fingerprint(model: nn.Module, names: Sequence[str] | None = None) -> s
     return digest.hexdigest()
 
 
+def state_digest(model: nn.Module) -> str:
+    """``'sha256:<hex>'`` over everything of a model that its outputs depend on.
+
+    Every parameter (name, shape, dtype, ``requires_grad``, bytes) and every buffer
+    (BatchNorm running statistics and counters, non-persistent buffers too), in
+    ``named_parameters``/``named_buffers`` order, and the train/eval mode of every
+    module.  Unlike :func:`model_fingerprint` (the selected parameters only, which a
+    spectrum file records for its Ritz vectors) it sees a change of the BatchNorm
+    statistics; the resumable state files record it.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    >>> before = state_digest(net)
+    >>> with torch.no_grad():
+    ...     _ = net[1].running_mean.add_(1.0)
+    >>> state_digest(net) == before, model_fingerprint(net) == model_fingerprint(net)
+    (False, True)
+    """
+    digest = hashlib.sha256()
+    entries: list[tuple[str, torch.Tensor]] = [
+        (f"parameter {n} {p.requires_grad}", p) for n, p in model.named_parameters()
+    ]
+    entries += [(f"buffer {n}", b) for n, b in model.named_buffers()]
+    for label, tensor in entries:
+        t = tensor.detach()
+        digest.update(f"{label}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(repr([m.training for m in model.modules()]).encode())
+    return "sha256:" + digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------- files
 
 
@@ -403,6 +444,35 @@ def subsample_dataset(dataset: Dataset[Any], subsample: int | float | None, seed
     return Subset(dataset, indices.tolist())
 
 
+def _one_pass(loader: DataLoader[Any]) -> bool:
+    """Whether ``loader`` yields each sample of its dataset once, in index order: a
+    sequential sampler, batched by torch's ``BatchSampler`` without ``drop_last`` (or
+    no automatic batching: each item a batch)."""
+    if not isinstance(loader.sampler, SequentialSampler):
+        return False
+    batches = loader.batch_sampler
+    return batches is None or (type(batches) is BatchSampler and not batches.drop_last)
+
+
+def _sequential_loader(
+    loader: DataLoader[Any], dataset: Any, batch_size: int | None
+) -> DataLoader[Any]:
+    """A loader over ``dataset`` with ``loader``'s ``collate_fn`` and worker settings,
+    ``batch_size`` per batch, in index order, the last batch kept."""
+    options: dict[str, Any] = {
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+    }
+    if loader.num_workers > 0:
+        options["multiprocessing_context"] = loader.multiprocessing_context
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["persistent_workers"] = loader.persistent_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **options)
+
+
 def make_eval_loader(
     data: Dataset[Any] | DataLoader[Any],
     batch_size: int,
@@ -410,16 +480,44 @@ def make_eval_loader(
     subsample: int | float | None = None,
     seed: int = 0,
 ) -> DataLoader[Any]:
-    """A deterministic, unshuffled loader over ``data`` (a given loader's batch size and
-    ``collate_fn`` are kept: a collate that pads each batch to its own length still does)."""
+    """A deterministic loader making one sequential pass over ``data`` (or over its
+    seeded ``subsample``, see :func:`subsample_dataset`).
+
+    A ``Dataset`` gets a new unshuffled loader of ``batch_size``.  A given
+    ``DataLoader`` is returned as it is when it already makes one pass over its dataset
+    in index order (a sequential sampler, no ``drop_last``) and no subsample is asked
+    for.  Otherwise (a shuffled loader, ``drop_last=True``, another sampler or batch
+    sampler, a subsample) a loader over its dataset is built: the loader's batch size
+    (``batch_size`` when it has none, as with a custom ``batch_sampler``; no automatic
+    batching stays so), its ``collate_fn`` (a collate that pads each batch to its own
+    length still does) and worker settings, no shuffling and the last batch kept; the
+    rebuild is logged (``logging.info``).  A shuffled loader was used as it was: every
+    evaluation saw another order (with ``drop_last``, another subset), so one landscape
+    direction evaluated twice gave two losses, neither the split's.  A loader of an
+    ``IterableDataset`` is used as it is (it has no sampler to replace).
+    """
     from nets.data import make_loader
 
     if isinstance(data, DataLoader):
-        if subsample is None:
+        if isinstance(data.dataset, IterableDataset):
+            if subsample is not None:
+                raise argument_error(
+                    "subsample", "None for a loader of an IterableDataset", subsample
+                )
             return data
-        bs = data.batch_size or batch_size
+        if subsample is None and _one_pass(data):
+            return data
+        bs = data.batch_size
+        if bs is None and data.batch_sampler is not None:  # a custom batch sampler
+            bs = batch_size
+        logger.info(
+            "evaluation data: a DataLoader that does not make one sequential pass over its "
+            "dataset (sampler %s, drop_last=%s) or a subsample: rebuilt as one sequential "
+            "pass in batches of %s (same collate_fn)",
+            type(data.sampler).__name__, data.drop_last, bs,
+        )  # fmt: skip
         subset = subsample_dataset(data.dataset, subsample, seed)
-        return DataLoader(subset, batch_size=bs, shuffle=False, collate_fn=data.collate_fn)
+        return _sequential_loader(data, subset, bs)
     if len(data) == 0:  # type: ignore[arg-type]
         raise argument_error("dataset", "a non-empty dataset", data)
     return make_loader(subsample_dataset(data, subsample, seed), batch_size, shuffle=False)

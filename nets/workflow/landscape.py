@@ -6,10 +6,14 @@ symmetric, :math:`t=0` exactly when ``n_points`` is odd) the landscape records
 :math:`L(\theta_0+t\,d)` and the accuracy on the training split (without
 augmentation) and the test split; a plane spanned by :math:`d_a, d_b` records
 :math:`L(\theta_0+s\,d_a+t\,d_b)` on the ``n_points x n_points`` grid.  The
-model is evaluated in eval mode; with ``refresh_bn=True`` the BatchNorm running
-statistics are recomputed on the training split at every perturbed point (at
+model is evaluated in eval mode, on one sequential pass over each split (a
+shuffled or ``drop_last`` DataLoader is rebuilt as one, see
+:func:`nets.workflow._resolve.make_eval_loader`); with ``refresh_bn=True`` the
+BatchNorm running statistics are recomputed on the training split at every
+perturbed point: the exact mean and unbiased variance of each module's inputs over
+one pass, the batches forwarded in train mode (:func:`_refresh_bn`).  At
 :math:`t=0` the checkpoint's own statistics are used, so :math:`t=0` always
-reproduces the checkpoint's loss).
+reproduces the checkpoint's loss.
 
 Directions (see :mod:`nets.workflow.directions`): Ritz vectors of a spectrum
 saved with ``save_eigvec=True`` (``'ritz-top'``, ``'ritz-bottom'``,
@@ -45,7 +49,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,9 +74,17 @@ from nets.workflow._resolve import (
     resolve_model,
     resolve_parallel,
     shard_loader,
+    state_digest,
     written,
 )
-from nets.workflow._resume import describe_output_fn, describe_value, file_digest, open_state
+from nets.workflow._resume import (
+    describe_data,
+    describe_loss,
+    describe_output_fn,
+    describe_value,
+    file_digest,
+    open_state,
+)
 from nets.workflow.directions import (
     Direction,
     ParamSpace,
@@ -204,50 +216,137 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+class _PooledMoments:
+    r"""Per-channel count, mean and sum of squared deviations of a BatchNorm module's
+    inputs, merged batch by batch with the parallel update of Chan, Golub & LeVeque.
+
+    A batch :math:`x` (channels on dimension 1, reduced over all others: the samples
+    and, for ``BatchNorm2d``/``3d`` or ``(N, C, L)`` inputs, the positions) adds
+    :math:`n_b` values per channel with mean :math:`\mu_b` and :math:`M_b=\sum(x-\mu_b)^2`:
+
+    .. math::
+        n' = n + n_b,\quad \delta = \mu_b - \mu,\quad \mu' = \mu + \delta\,\frac{n_b}{n'},\quad
+        M' = M + M_b + \delta^2\,\frac{n\,n_b}{n'} .
+
+    Accumulated in float64 (float32 on devices without it).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.batches = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        wide = torch.float32 if x.device.type == "mps" else torch.float64
+        values = x.detach().to(wide)
+        dims = [d for d in range(values.dim()) if d != 1]
+        n_b = values.numel() // values.shape[1]
+        mean_b = values.mean(dim=dims)
+        shape = [1, -1] + [1] * (values.dim() - 2)
+        m2_b = (values - mean_b.reshape(shape)).square().sum(dim=dims)
+        self.batches += 1
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / total)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / total)
+        self.count = total
+
+
 @torch.no_grad()
 def _refresh_bn(model: nn.Module, loader: DataLoader[Any], group: Any = None) -> None:
-    """Recompute BatchNorm running statistics as exact averages over ``loader``
-    (batches in the forms of :func:`evaluate`).
+    r"""Recompute BatchNorm running statistics as the exact mean and unbiased variance of
+    each module's inputs over one pass of ``loader`` (batches in the forms of :func:`evaluate`).
 
-    With a ``group`` (each rank holding a shard of the batches) the per-rank
-    averages are combined, weighted by their batch counts, in one ``all_reduce``.
+    The pass runs every BatchNorm module that tracks running statistics in train mode
+    (the rest of the model as it is), as :func:`torch.optim.swa_utils.update_bn` does: a
+    module normalises each batch with that batch's own statistics, so the inputs of later
+    modules are those of a train-mode forward of the batch.  For a module whose inputs
+    over the pass are :math:`n = \sum_b n_b` values per channel (samples times positions)
+    with batch means :math:`\mu_b` and within-batch squared deviations :math:`M_b`
+    (:class:`_PooledMoments`), the running statistics become
+
+    .. math::
+        \mu = \frac{1}{n}\sum_b n_b\,\mu_b ,\qquad
+        \sigma^2 = \frac{1}{n-1}\Bigl(\sum_b M_b + \sum_b n_b\,(\mu_b - \mu)^2\Bigr),
+
+    the mean and the unbiased variance (``n/(n-1)`` times the biased one, as
+    ``running_var`` holds) of all :math:`n` values; ``num_batches_tracked`` is the
+    number of batches.  Before, torch's cumulative average (``momentum=None``) weighted
+    every batch equally (wrong with batches of unequal size) and averaged the
+    within-batch variances (leaving out the spread of the batch means).
+
+    With a ``group`` (each rank holding a shard of the batches) the ranks' moments are
+    pooled exactly (:func:`_combine_bn`).
     """
     modules = [m for m in _bn_modules(model) if m.track_running_stats]
     if not modules:
         return
     first = next(iter(model.parameters()))
-    momenta = [m.momentum for m in modules]
+    moments = {id(m): _PooledMoments() for m in modules}
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        moments[id(module)].add(args[0])
+
+    hooks = [m.register_forward_pre_hook(record) for m in modules]
     for m in modules:
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
         m.train()
     try:
         for index, batch in enumerate(loader):
             inputs, _ = batch_pair(batch, index)
             call_model(model, move_to(inputs, first.device, first.dtype))
+        pooled = [moments[id(m)] for m in modules]
         if group is not None:
-            _combine_bn(modules, group)
+            _combine_bn(modules, pooled, group)
+        for m, pool in zip(modules, pooled):
+            if pool.mean is None or pool.m2 is None:
+                continue  # not reached by the forward pass: reset statistics
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.copy_(pool.mean)
+            m.running_var.copy_(pool.m2 / max(pool.count - 1, 1))
+            m.num_batches_tracked.fill_(pool.batches)  # type: ignore[union-attr]
     finally:
-        for m, momentum in zip(modules, momenta):
-            m.momentum = momentum
+        for hook in hooks:
+            hook.remove()
+        for m in modules:
             m.eval()
 
 
-def _combine_bn(modules: list[nn.modules.batchnorm._BatchNorm], group: Any) -> None:
-    """Batch-count-weighted mean of the ranks' cumulative running statistics."""
+def _combine_bn(
+    modules: list[nn.modules.batchnorm._BatchNorm], pooled: list[_PooledMoments], group: Any
+) -> None:
+    r"""Pool the ranks' moments exactly, in two ``all_reduce``: first the counts, batch
+    counts and sums :math:`n_r\mu_r` (the global mean :math:`\mu`), then
+    :math:`M_r + n_r(\mu_r-\mu)^2` (the global squared deviations, without a difference
+    of large sums).  A rank whose shard has no batch contributes zeros."""
     from curvops.distributed import all_reduce_sum
 
-    parts: list[torch.Tensor] = []
-    for m in modules:
-        assert m.running_mean is not None and m.running_var is not None  # track_running_stats
-        n = m.num_batches_tracked.double().reshape(1)  # type: ignore[union-attr]
-        parts += [m.running_mean.double() * n, m.running_var.double() * n, n]
-    summed = all_reduce_sum(parts, group)
-    for i, m in enumerate(modules):
-        mean, var, n = summed[3 * i : 3 * i + 3]
-        m.running_mean.copy_(mean / n)  # type: ignore[union-attr]
-        m.running_var.copy_(var / n)  # type: ignore[union-attr]
-        m.num_batches_tracked.fill_(int(n.item()))  # type: ignore[union-attr]
+    for m, pool in zip(modules, pooled):
+        if pool.mean is None or pool.m2 is None:
+            assert m.running_mean is not None
+            pool.mean = torch.zeros_like(m.running_mean, dtype=torch.float64)
+            pool.m2 = torch.zeros_like(pool.mean)
+    means_in = [cast(torch.Tensor, p.mean).double() for p in pooled]
+    counts = [torch.tensor([p.count, p.batches], dtype=torch.float64) for p in pooled]
+    k = len(pooled)
+    summed = all_reduce_sum(
+        [c.to(mu.device) for c, mu in zip(counts, means_in)]
+        + [mu * p.count for mu, p in zip(means_in, pooled)],
+        group,
+    )
+    means = [summed[k + i] / summed[i][0] for i in range(k)]
+    spreads = [
+        cast(torch.Tensor, p.m2).double() + p.count * (mu_r - mu).square()
+        for p, mu_r, mu in zip(pooled, means_in, means)
+    ]
+    m2s = all_reduce_sum(spreads, group)
+    for i, pool in enumerate(pooled):
+        pool.count, pool.batches = int(summed[i][0].item()), int(summed[i][1].item())
+        pool.mean, pool.m2 = (means[i], m2s[i]) if pool.count else (None, None)
 
 
 @dataclass
@@ -433,13 +532,19 @@ class _LandscapeSettings:
         chosen: list[Any],
         plane_pairs: list[Any],
         loss: Any,
+        work: nn.Module | None = None,
     ) -> dict[str, Any]:
-        """What a resumable state must match to be resumed (file digests, fingerprint, settings)."""
+        """What a resumable state must match to be resumed: the data's contents
+        (:func:`nets.workflow._resume.describe_data`), the loss's full configuration
+        (``loss_fn``), the working model's parameters and buffers (``model_state``:
+        :func:`nets.workflow._resolve.state_digest` of ``work``, after the checkpoint is
+        loaded), the checkpoint's digest and every setting."""
         return {
-            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "dataset": describe_data(dataset),
             "data_path": None if data_path is None else os.fspath(data_path),
             "model": model if model is None or isinstance(model, str) else "module",
             "model_fingerprint": fingerprint,
+            "model_state": None if work is None else state_digest(work),
             "checkpoint": file_digest(checkpoint_path),
             "t": self.t.tolist(),
             "directions": [[d.name, describe_value(d.vector)] for d in chosen],
@@ -448,7 +553,7 @@ class _LandscapeSettings:
             "subsample": self.subsample,
             "batch_size": int(self.batch_size),
             "seed": int(self.seed),
-            "loss": describe_value(loss),
+            "loss_fn": describe_loss(loss),
             "output_fn": describe_output_fn(self.output_fn),
         }
 
@@ -533,7 +638,9 @@ def build_loss_landscape(
         of direction names or indices: 2-D grids of ``n_points**2`` points.
     refresh_bn:
         Recompute BatchNorm running statistics on the training split at each
-        perturbed point.
+        perturbed point: each module's running mean and unbiased running variance
+        become those of all its inputs (samples and positions) over one pass of
+        train-mode forwards, pooled exactly over batches of any size (:func:`_refresh_bn`).
     subsample:
         Evaluate on a seeded subset (count or fraction) of each split.
     batch_size, seed, device, loss_fn, progress:
@@ -543,7 +650,10 @@ def build_loss_landscape(
         State file for resumable runs (:mod:`nets.workflow._resume`): the curve of
         each finished direction and each finished row of a plane are saved there
         atomically; a restarted call with the same arguments evaluates only the
-        missing points.  ``None``: no state file.
+        missing points.  A state of other data (its contents), another loss (any
+        setting) or another model state (parameters and buffers) is refused with a
+        :class:`spectral.resume.StateMismatchError` naming ``dataset``, ``loss_fn`` or
+        ``model_state``.  ``None``: no state file.
     process_group:
         Under ``torchrun``: every rank evaluates its whole batches of each split
         and the sums are added over the group (``None``: the default group when
@@ -616,10 +726,10 @@ def build_loss_landscape(
         state = open_state(
             state_path,
             "build_loss_landscape",
-            settings.state_config(
+            lambda: settings.state_config(
                 dataset, data_path, model, checkpoint_path,
                 fingerprint=model_fingerprint(work, space.names), chosen=chosen,
-                plane_pairs=plane_pairs, loss=loss,
+                plane_pairs=plane_pairs, loss=loss, work=work,
             ),
         )  # fmt: skip
         result = _sweep(
@@ -664,7 +774,9 @@ def landscape_definitions(subsample: int | float | None, refresh_bn: bool) -> di
     one full pass over the training split (no augmentation), model in eval mode ...
     """
     statistics = (
-        "BatchNorm running statistics recomputed on the training split at each perturbed point"
+        "BatchNorm running statistics recomputed on the training split at each perturbed point: "
+        "mean and unbiased variance of each BatchNorm's inputs over one pass of train-mode "
+        "forwards"
         if refresh_bn
         else "the checkpoint's BatchNorm running statistics"
     )

@@ -65,6 +65,8 @@ from nets.workflow._resolve import (
     written,
 )
 from nets.workflow._resume import (
+    describe_data,
+    describe_loss,
     describe_model,
     describe_output_fn,
     describe_value,
@@ -164,9 +166,12 @@ class _StatsSettings:
     def state_config(
         self, dataset: Any, data_path: PathLike | None, model: Any, paths: list[Any], loss: Any
     ) -> dict[str, Any]:
-        """What a state file must match to be resumed (checkpoints by their digest)."""
+        """What a state file must match to be resumed: the data's contents
+        (:func:`nets.workflow._resume.describe_data`), the model (a name, or a module's
+        parameters and buffers), the checkpoints by their digest, the loss's full
+        configuration (``loss_fn``) and every setting."""
         return {
-            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "dataset": describe_data(dataset),
             "data_path": None if data_path is None else os.fspath(data_path),
             "model": describe_model(model),
             "checkpoints": [file_digest(p) for p in paths],
@@ -178,7 +183,7 @@ class _StatsSettings:
             "frobenius_probes": int(self.frobenius_probes),
             "direction": describe_value(self.direction),
             "seed": int(self.seed),
-            "loss": describe_value(loss),
+            "loss_fn": describe_loss(loss),
             "output_fn": describe_output_fn(self.output_fn),
         }
 
@@ -269,7 +274,10 @@ def compute_loss_stats(
         State file for resumable runs (:mod:`nets.workflow._resume`): the rows of
         finished checkpoints are saved there atomically after each checkpoint, and a
         restarted call with the same arguments (and unchanged checkpoint files)
-        computes only the missing ones.  ``None``: no state file.
+        computes only the missing ones; a state of other data (its contents),
+        another loss (any setting) or another model (a module's parameters and
+        buffers) is refused (:class:`spectral.resume.StateMismatchError`).  ``None``:
+        no state file.
     process_group:
         Under ``torchrun``: every rank takes its whole batches of each split, the
         statistics and metrics are summed over the group (one ``all_reduce`` per
@@ -326,7 +334,7 @@ def compute_loss_stats(
     state = open_state(
         state_path,
         "compute_loss_stats",
-        settings.state_config(dataset, data_path, model, paths, loss),
+        lambda: settings.state_config(dataset, data_path, model, paths, loss),
     )
     table = StatsTable.from_state(None if state is None else state.load(), len(paths))
     with preserve_global_state():

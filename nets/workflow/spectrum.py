@@ -89,9 +89,16 @@ from nets.workflow._resolve import (
     resolve_parallel,
     shard_loader,
     spectrum_file,
+    state_digest,
     written,
 )
-from nets.workflow._resume import describe_model, describe_output_fn, describe_value, file_digest
+from nets.workflow._resume import (
+    describe_data,
+    describe_loss,
+    describe_model,
+    describe_output_fn,
+    file_digest,
+)
 from nets.workflow.bulk import LAWS, bulk_summary, spectrum_density
 from nets.workflow.directions import ParamSpace
 from spectral.density import SpectralDensity
@@ -677,8 +684,9 @@ def compute_eigenspectrum(
         :mod:`nets.workflow._resume`): every ``checkpoint_every`` Lanczos steps and
         after each probe the recurrence state is saved atomically; a killed run
         restarted with the same arguments resumes and returns bit-identical
-        results on the CPU.  A state of another configuration, checkpoint or
-        model is refused (:class:`spectral.resume.StateMismatchError`).  Costs
+        results on the CPU.  A state of another configuration, checkpoint, model
+        (parameters and buffers), data (its contents) or loss (any setting) is
+        refused (:class:`spectral.resume.StateMismatchError`).  Costs
         one extra product (the operator fingerprint).  ``None``: no state file.
     checkpoint_every:
         Save interval in Lanczos steps.
@@ -746,7 +754,7 @@ def compute_eigenspectrum(
         if state_path is not None:
             state_config = settings.state_config(
                 dataset, data_path, model, checkpoint_path,
-                fingerprint=fingerprint, names=names, loss=loss,
+                fingerprint=fingerprint, names=names, loss=loss, work=resolved.model,
             )  # fmt: skip
             state = Checkpoint(
                 state_path, kind="compute_eigenspectrum", config=state_config,
@@ -803,14 +811,20 @@ class _SpectrumSettings:
         fingerprint: str,
         names: list[str],
         loss: Any,
+        work: Any = None,
     ) -> dict[str, Any]:
-        """What a resumable state must match to be resumed (file digests, fingerprint, settings)."""
+        """What a resumable state must match to be resumed: the data's contents
+        (:func:`nets.workflow._resume.describe_data`), the loss's full configuration
+        (``loss_fn``), the working model's parameters and buffers (``model_state``:
+        :func:`nets.workflow._resolve.state_digest` of ``work``, after the checkpoint is
+        loaded), the checkpoint's digest and every setting."""
         return {
             "function": "compute_eigenspectrum",
-            "dataset": dataset if isinstance(dataset, str) else repr(type(dataset)),
+            "dataset": describe_data(dataset),
             "data_path": None if data_path is None else os.fspath(data_path),
             "model": describe_model(model),
             "model_fingerprint": fingerprint,
+            "model_state": None if work is None else state_digest(work),
             "checkpoint": file_digest(checkpoint_path),
             "curvature": self.curvature,
             "lanczos_iters": int(self.lanczos_iters),
@@ -820,7 +834,7 @@ class _SpectrumSettings:
             "subsample": self.subsample,
             "batch_size": int(self.batch_size),
             "seed": int(self.seed),
-            "loss": describe_value(loss),
+            "loss_fn": describe_loss(loss),
             "save_eigvec": self.save_eigvec,
             "output_fn": describe_output_fn(self.output_fn),
         }
