@@ -2,8 +2,9 @@
 
 :class:`WeightAverager` keeps the running average of a model's parameters
 (``AveragedModel``, equal weights), recomputes the BatchNorm statistics of the
-averaged model with a pass over training data (``update_bn``), and round-trips
-through ``state_dict`` so that a resumed run continues the same average.
+averaged model with a pass over training data (exactly pooled over batches of any size:
+:func:`nets.batchnorm_statistics.refresh_batchnorm`), and round-trips through
+``state_dict`` so that a resumed run continues the same average.
 
 >>> import torch
 >>> net = torch.nn.Linear(1, 1, bias=False)
@@ -25,7 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel
+
+from nets.batchnorm_statistics import batchnorm_modules, refresh_batchnorm
 
 __all__ = ["WeightAverager"]
 
@@ -58,12 +61,37 @@ class WeightAverager:
         self.averaged.update_parameters(model)
 
     def recompute_bn(self, loader: Iterable[Any], device: torch.device | None = None) -> None:
-        """Recompute BatchNorm running statistics of the average with one pass over ``loader``.
+        """Recompute the BatchNorm running statistics of the average with one pass over
+        ``loader`` (the model's inputs, batch by batch).
 
-        Does nothing for models without BatchNorm.
+        As in the original SWA code (and :func:`torch.optim.swa_utils.update_bn`) the
+        whole averaged network runs in train mode, dropout included, and its modes are
+        put back afterwards; the statistics are the exact mean and unbiased variance of
+        each BatchNorm module's inputs over the pass, whatever the batch sizes
+        (:func:`nets.batchnorm_statistics.refresh_batchnorm`; ``update_bn`` weighted
+        every batch equally and left out the spread of the batch means).  The pass
+        draws its dropout masks from torch's global generator forked and seeded with
+        the number of averaged models, so the caller's random streams are untouched:
+        a run's weights do not depend on how often it evaluates the average.  Does
+        nothing for models without BatchNorm.
+
+        The batches are moved to the average's device and floating dtype (``device``
+        is kept for the signature's sake: the average's own device is used).
         """
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
-            update_bn(loader, self.averaged, device=device)
+        module = self.module
+        if not batchnorm_modules(module):
+            return
+        first = next(iter(module.parameters()))
+        modes = {m: m.training for m in module.modules()}
+        devices = [first.device] if first.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.n_averaged)
+                module.train()
+                refresh_batchnorm(module, loader)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Averaged parameters, buffers and ``n_averaged`` (tensors only)."""

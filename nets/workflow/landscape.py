@@ -49,7 +49,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +59,9 @@ from torch.utils.data import DataLoader
 from curvops.data import move_to
 from curvops.losses import counted_mask
 from curvops.model_io import OutputFn, check_output_fn
+from nets.batchnorm_statistics import batchnorm_modules, refresh_batchnorm
 from nets.loss_means import LossMean
-from nets.workflow._forward import batch_pair, call_model, model_output
+from nets.workflow._forward import batch_pair, model_output
 from nets.workflow._resolve import (
     check_int,
     check_positive_float,
@@ -213,140 +214,16 @@ def evaluate(
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return batchnorm_modules(model)
 
 
-class _PooledMoments:
-    r"""Per-channel count, mean and sum of squared deviations of a BatchNorm module's
-    inputs, merged batch by batch with the parallel update of Chan, Golub & LeVeque.
-
-    A batch :math:`x` (channels on dimension 1, reduced over all others: the samples
-    and, for ``BatchNorm2d``/``3d`` or ``(N, C, L)`` inputs, the positions) adds
-    :math:`n_b` values per channel with mean :math:`\mu_b` and :math:`M_b=\sum(x-\mu_b)^2`:
-
-    .. math::
-        n' = n + n_b,\quad \delta = \mu_b - \mu,\quad \mu' = \mu + \delta\,\frac{n_b}{n'},\quad
-        M' = M + M_b + \delta^2\,\frac{n\,n_b}{n'} .
-
-    Accumulated in float64 (float32 on devices without it).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.batches = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        wide = torch.float32 if x.device.type == "mps" else torch.float64
-        values = x.detach().to(wide)
-        dims = [d for d in range(values.dim()) if d != 1]
-        n_b = values.numel() // values.shape[1]
-        mean_b = values.mean(dim=dims)
-        shape = [1, -1] + [1] * (values.dim() - 2)
-        m2_b = (values - mean_b.reshape(shape)).square().sum(dim=dims)
-        self.batches += 1
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        total = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / total)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / total)
-        self.count = total
-
-
-@torch.no_grad()
 def _refresh_bn(model: nn.Module, loader: DataLoader[Any], group: Any = None) -> None:
-    r"""Recompute BatchNorm running statistics as the exact mean and unbiased variance of
-    each module's inputs over one pass of ``loader`` (batches in the forms of :func:`evaluate`).
-
-    The pass runs every BatchNorm module that tracks running statistics in train mode
-    (the rest of the model as it is), as :func:`torch.optim.swa_utils.update_bn` does: a
-    module normalises each batch with that batch's own statistics, so the inputs of later
-    modules are those of a train-mode forward of the batch.  For a module whose inputs
-    over the pass are :math:`n = \sum_b n_b` values per channel (samples times positions)
-    with batch means :math:`\mu_b` and within-batch squared deviations :math:`M_b`
-    (:class:`_PooledMoments`), the running statistics become
-
-    .. math::
-        \mu = \frac{1}{n}\sum_b n_b\,\mu_b ,\qquad
-        \sigma^2 = \frac{1}{n-1}\Bigl(\sum_b M_b + \sum_b n_b\,(\mu_b - \mu)^2\Bigr),
-
-    the mean and the unbiased variance (``n/(n-1)`` times the biased one, as
-    ``running_var`` holds) of all :math:`n` values; ``num_batches_tracked`` is the
-    number of batches.  Before, torch's cumulative average (``momentum=None``) weighted
-    every batch equally (wrong with batches of unequal size) and averaged the
-    within-batch variances (leaving out the spread of the batch means).
-
-    With a ``group`` (each rank holding a shard of the batches) the ranks' moments are
-    pooled exactly (:func:`_combine_bn`).
-    """
-    modules = [m for m in _bn_modules(model) if m.track_running_stats]
-    if not modules:
-        return
-    first = next(iter(model.parameters()))
-    moments = {id(m): _PooledMoments() for m in modules}
-
-    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        moments[id(module)].add(args[0])
-
-    hooks = [m.register_forward_pre_hook(record) for m in modules]
-    for m in modules:
-        m.reset_running_stats()
-        m.train()
-    try:
-        for index, batch in enumerate(loader):
-            inputs, _ = batch_pair(batch, index)
-            call_model(model, move_to(inputs, first.device, first.dtype))
-        pooled = [moments[id(m)] for m in modules]
-        if group is not None:
-            _combine_bn(modules, pooled, group)
-        for m, pool in zip(modules, pooled):
-            if pool.mean is None or pool.m2 is None:
-                continue  # not reached by the forward pass: reset statistics
-            assert m.running_mean is not None and m.running_var is not None
-            m.running_mean.copy_(pool.mean)
-            m.running_var.copy_(pool.m2 / max(pool.count - 1, 1))
-            m.num_batches_tracked.fill_(pool.batches)  # type: ignore[union-attr]
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for m in modules:
-            m.eval()
-
-
-def _combine_bn(
-    modules: list[nn.modules.batchnorm._BatchNorm], pooled: list[_PooledMoments], group: Any
-) -> None:
-    r"""Pool the ranks' moments exactly, in two ``all_reduce``: first the counts, batch
-    counts and sums :math:`n_r\mu_r` (the global mean :math:`\mu`), then
-    :math:`M_r + n_r(\mu_r-\mu)^2` (the global squared deviations, without a difference
-    of large sums).  A rank whose shard has no batch contributes zeros."""
-    from curvops.distributed import all_reduce_sum
-
-    for m, pool in zip(modules, pooled):
-        if pool.mean is None or pool.m2 is None:
-            assert m.running_mean is not None
-            pool.mean = torch.zeros_like(m.running_mean, dtype=torch.float64)
-            pool.m2 = torch.zeros_like(pool.mean)
-    means_in = [cast(torch.Tensor, p.mean).double() for p in pooled]
-    counts = [torch.tensor([p.count, p.batches], dtype=torch.float64) for p in pooled]
-    k = len(pooled)
-    summed = all_reduce_sum(
-        [c.to(mu.device) for c, mu in zip(counts, means_in)]
-        + [mu * p.count for mu, p in zip(means_in, pooled)],
-        group,
-    )
-    means = [summed[k + i] / summed[i][0] for i in range(k)]
-    spreads = [
-        cast(torch.Tensor, p.m2).double() + p.count * (mu_r - mu).square()
-        for p, mu_r, mu in zip(pooled, means_in, means)
-    ]
-    m2s = all_reduce_sum(spreads, group)
-    for i, pool in enumerate(pooled):
-        pool.count, pool.batches = int(summed[i][0].item()), int(summed[i][1].item())
-        pool.mean, pool.m2 = (means[i], m2s[i]) if pool.count else (None, None)
+    """:func:`nets.batchnorm_statistics.refresh_batchnorm` over the inputs of ``loader``'s
+    batches (in the forms of :func:`evaluate`), the BatchNorm modules left in eval mode."""
+    batches = (batch_pair(batch, index)[0] for index, batch in enumerate(loader))
+    refresh_batchnorm(model, batches, group)
+    for m in _bn_modules(model):
+        m.eval()
 
 
 @dataclass
