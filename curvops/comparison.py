@@ -17,9 +17,11 @@ operator it approximates :math:`A` (both symmetric, ``n x n``), :func:`compare` 
   forms on ``num_directions`` Gaussian directions and on the gradient :math:`g`;
 * the relative error :math:`\|\tilde x - x\| / \|x\|` of the damped Newton step
   :math:`x = (A + \delta I)^{-1} g` (structured inverses where available, CG/MINRES to
-  ``solve_tol`` otherwise);
+  ``solve_tol`` otherwise: by default :math:`\sqrt\varepsilon` of each side's dtype,
+  :func:`default_solve_tol`);
 * trace and log-det of both (exact or from the SLQ quadrature:
-  :math:`n\sum_i w_i\theta_i`, :math:`n\sum_i w_i \log\theta_i`) and their errors;
+  :math:`n\sum_i w_i\theta_i`, :math:`n\sum_i w_i \log\theta_i`, ``-inf`` when a node
+  is zero to working precision, :func:`slq_logdet`) and their errors;
 * the products each side cost.
 
 The gradient defaults to that of the mean loss when ``exact`` is a model operator
@@ -39,6 +41,7 @@ The gradient defaults to that of the mean loss when ``exact`` is a model operato
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -60,7 +63,7 @@ from curvops.structure import (
 from spectral import SpectralDensity, slq, top_eigenpairs
 from spectral.errors import argument_error
 
-__all__ = ["ApproximationReport", "compare", "compare_all"]
+__all__ = ["ApproximationReport", "compare", "compare_all", "default_solve_tol", "slq_logdet"]
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,59 @@ def _trace_stderr(density: SpectralDensity, n: int) -> float:
     return float(np.std(per_probe, ddof=1) / math.sqrt(per_probe.size))
 
 
+def slq_logdet(density: SpectralDensity, n: int, dtype: torch.dtype) -> float:
+    """:math:`n\\sum_i w_i\\log\\theta_i` over SLQ nodes, ``-inf`` if a node is zero or below.
+
+    A node :math:`|\\theta| \\le m\\,\\varepsilon\\max|\\theta|` (``m`` nodes per probe,
+    :math:`\\varepsilon` of the operator's ``dtype``) is zero to working precision: the
+    nodes are the eigenvalues of the :math:`m \\times m` Lanczos matrix :math:`T_m`, which
+    ``eigh`` computes to :math:`m\\varepsilon\\|T_m\\|` (backward stable, Weyl), and
+    :math:`T_m` is :math:`Q^\\top A Q` up to the rounding of the :math:`m` products,
+    about :math:`\\varepsilon\\|A\\|` each (not amplified with full reorthogonalisation);
+    :math:`\\max|\\theta| \\approx \\|A\\|` since the extreme Ritz values converge first.
+    Such a node means the probe's Krylov space holds a null vector of :math:`A` to working
+    precision, so :math:`A` is singular (or indefinite when a node is negative) and the
+    estimate is ``-inf``, as :func:`curvops.structure.exact_logdet` says for exact
+    eigenvalues; the log of a :math:`10^{-17}` node would be a finite number.
+
+    >>> d = SpectralDensity(np.array([2.5e-17, 4.0]), np.array([0.25, 0.75]))
+    >>> slq_logdet(d, 4, torch.float64)
+    -inf
+    >>> round(slq_logdet(SpectralDensity(np.array([1e-10, 4.0]), np.array([0.5, 0.5])), 2,
+    ...                  torch.float64), 6)
+    -21.639557
+    """
+    nodes, weights = density.nodes, density.weights
+    if nodes.size == 0:
+        return 0.0
+    probes = density.probe_nodes
+    m = int(probes.shape[1]) if probes is not None else int(nodes.size)
+    floor = m * float(torch.finfo(dtype).eps) * float(np.abs(nodes).max())
+    if float(nodes.min()) <= floor:
+        return -math.inf
+    return n * float(np.sum(weights * np.log(nodes)))
+
+
+def default_solve_tol(dtype: torch.dtype) -> float:
+    """:math:`\\sqrt\\varepsilon` of ``dtype``: the default relative-residual tolerance of
+    the Newton-step solves (``1.5e-8`` in float64, ``3.5e-4`` in float32).
+
+    A Krylov solve of :math:`(A + \\delta I)x = g` in floating point stalls at a
+    relative residual of about :math:`\\varepsilon\\kappa` (:mod:`curvops.solvers`), and
+    stopping at ``tol`` leaves a relative error of at most :math:`\\kappa\\,\\mathrm{tol}` in
+    :math:`x`.  :math:`\\sqrt\\varepsilon` is reachable for :math:`\\kappa \\le
+    \\varepsilon^{-1/2}` (2896 in float32, :math:`6.7\\cdot 10^7` in float64), which the
+    default damping :math:`\\delta = 10^{-3}\\lambda_{\\max}` guarantees for a psd operator
+    (:math:`\\kappa \\le 1001`); a fixed ``1e-8`` is below float32's
+    :math:`\\varepsilon\\kappa` and the solve could never converge.  For smaller dampings
+    pass ``solve_tol`` (at least about :math:`\\varepsilon\\kappa`).
+
+    >>> default_solve_tol(torch.float32) == float(np.finfo(np.float32).eps) ** 0.5
+    True
+    """
+    return math.sqrt(float(torch.finfo(dtype).eps))
+
+
 def _measure(
     A: CurvatureOperator,
     *,
@@ -251,7 +307,7 @@ def _measure(
     g: torch.Tensor | None,
     damping: float | None,
     eig_tol: float,
-    solve_tol: float,
+    solve_tol: float | None,
     seed: int,
     known_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[_Side, float]:
@@ -274,15 +330,15 @@ def _measure(
         gd = g.to(A.device, A.torch_dtype)
         g_form = float(gd @ torch.as_tensor(counted @ gd))
         if delta > 0 or A.psd:
-            step = _damped_solve(A, counted, delta, gd, solve_tol).to(torch.float64).cpu()
+            tol = default_solve_tol(A.torch_dtype) if solve_tol is None else solve_tol
+            step = _damped_solve(A, counted, delta, gd, tol).to(torch.float64).cpu()
     tr, ld = exact_trace(A), exact_logdet(A)
     tr_stderr = 0.0
     if tr is None:
         tr = n * float(density.moment(1))
         tr_stderr = _trace_stderr(density, n)
     if ld is None:
-        nodes, weights = density.nodes, density.weights
-        ld = n * float(np.sum(weights * np.log(nodes))) if nodes.min() > 0 else -math.inf
+        ld = slq_logdet(density, n, A.torch_dtype)
     side = _Side(
         density,
         source,
@@ -297,6 +353,37 @@ def _measure(
         tr_stderr,
     )
     return side, delta
+
+
+def _integer(name: str, value: Any, low: int, below: int | None) -> int:
+    """``value`` as an int in ``[low, below)`` (Python or numpy integers, not booleans)."""
+    bound = f"{low} <= {name} < {below}" if below is not None else f"{name} >= {low}"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise argument_error(name, f"an integer with {bound}", value)
+    number = int(value)
+    if number < low or (below is not None and number >= below):
+        raise argument_error(name, f"an integer with {bound}", value)
+    return number
+
+
+def _gradient(gradient: Any, n: int) -> torch.Tensor:
+    """``gradient`` as a finite real vector of length ``n`` (numpy, torch or a sequence)."""
+    expected = f"a finite real vector of length {n} (numpy or torch)"
+    try:
+        g = (
+            gradient
+            if isinstance(gradient, torch.Tensor)
+            else torch.as_tensor(np.asarray(gradient))
+        )
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise argument_error("gradient", expected, gradient, kind=TypeError) from err
+    if g.is_complex() or g.dtype == torch.bool:
+        raise argument_error("gradient", expected, gradient, kind=TypeError)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise argument_error("gradient", expected, gradient)
+    if not bool(torch.isfinite(g).all()):
+        raise argument_error("gradient", "a vector of finite entries (no NaN or Inf)", gradient)
+    return g
 
 
 def _top_pairs(pairs: Any, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,7 +466,7 @@ def compare_all(
     gradient: Any = None,
     damping: float | None = None,
     eig_tol: float = 1e-6,
-    solve_tol: float = 1e-8,
+    solve_tol: float | None = None,
     seed: int = 0,
     exact_pairs: Any = None,
     exact_trace: float | None = None,
@@ -402,7 +489,7 @@ def compare_all(
         The proxies, by name.
     exact : CurvatureOperator
         The operator they approximate.
-    k, num_iters, num_probes, num_directions, gradient, damping, seed
+    k, num_iters, num_probes, num_directions, gradient, damping, eig_tol, solve_tol, seed
         As for :func:`compare`.
 
     Returns
@@ -439,23 +526,18 @@ def compare_all(
     for name, op in approximations.items():
         _check_operator(f"approximations[{name!r}]", op, n)
         check_same_parameters(exact, op, f"approximations[{name!r}]")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-        raise argument_error("k", f"an integer with 1 <= k < {n}", k)
-    if isinstance(num_directions, bool) or not isinstance(num_directions, int):
-        raise argument_error("num_directions", "an integer >= 1", num_directions)
-    if num_directions < 1:
-        raise argument_error("num_directions", "an integer >= 1", num_directions)
+    k = _integer("k", k, 1, n)
+    num_directions = _integer("num_directions", num_directions, 1, None)
     if damping is not None and not (is_scalar(damping) and 0 <= damping < math.inf):
         raise argument_error("damping", "a finite real number >= 0", damping)
+    if solve_tol is not None and not (is_scalar(solve_tol) and 0 < solve_tol < math.inf):
+        raise argument_error("solve_tol", "None or a finite real number > 0", solve_tol)
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
+        raise argument_error("seed", "an integer", seed, kind=TypeError)
+    seed = int(seed)
     g: torch.Tensor | None = None
     if gradient is not None:
-        g = (
-            gradient
-            if isinstance(gradient, torch.Tensor)
-            else torch.as_tensor(np.asarray(gradient))
-        )
-        if g.ndim != 1 or g.shape[0] != n:
-            raise argument_error("gradient", f"a vector of length {n}", gradient)
+        g = _gradient(gradient, n)
     elif isinstance(exact, ModelCurvatureOperator):
         g = exact.loss_gradient()
     gen = torch.Generator().manual_seed(seed)
@@ -494,7 +576,7 @@ def compare(
     gradient: Any = None,
     damping: float | None = None,
     eig_tol: float = 1e-6,
-    solve_tol: float = 1e-8,
+    solve_tol: float | None = None,
     seed: int = 0,
 ) -> ApproximationReport:
     """Grade ``approximation`` against ``exact`` (see the module docstring).
@@ -502,23 +584,26 @@ def compare(
     Parameters
     ----------
     k:
-        Number of top eigenpairs compared (``1 <= k < n``).
+        Number of top eigenpairs compared (``1 <= k < n``; a Python or numpy integer).
     num_iters, num_probes:
         SLQ iterations (capped at ``n``) and probes for a side without exact eigenvalues.
     num_directions:
         Gaussian directions for the quadratic forms.
     gradient:
-        The vector :math:`g` (length ``n``, numpy or torch); default: the mean-loss
+        The vector :math:`g` (length ``n``, finite, numpy or torch); default: the mean-loss
         gradient when ``exact`` is a model operator (its
         :meth:`~curvops.ModelCurvatureOperator.loss_gradient`: batches weighted by the
         loss's own normaliser), else no gradient measures (``nan``).
     damping:
         :math:`\\delta` of the Newton step; default :math:`10^{-3}\\lambda_{\\max}(A)`.
     eig_tol, solve_tol:
-        Tolerances of :func:`spectral.top_eigenpairs` and of the iterative solves.
+        Tolerances of :func:`spectral.top_eigenpairs` and of the iterative solves
+        (relative residual; ``None``: :func:`default_solve_tol`, :math:`\\sqrt\\varepsilon`
+        of each side's dtype, reachable in float32 where ``1e-8`` is not).
     seed:
-        Seeds the SLQ probes, the eigensolver start vectors and the directions (the
-        same on both sides, so ``compare(A, A)`` reports zeros).
+        An integer (Python or numpy); seeds the SLQ probes, the eigensolver start
+        vectors and the directions (the same on both sides, so ``compare(A, A)``
+        reports zeros).
 
     Returns
     -------
@@ -528,9 +613,11 @@ def compare(
     Raises
     ------
     TypeError
-        Operands that are not symmetric curvops operators.
+        Operands that are not symmetric curvops operators; a ``seed`` that is not an
+        integer; a ``gradient`` that is not a real array.
     ValueError
-        Shapes that differ, bad ``k``, ``num_directions``, ``damping`` or ``gradient``.
+        Shapes that differ, bad ``k``, ``num_directions``, ``damping``, ``solve_tol`` or
+        ``gradient`` (wrong length, NaN or Inf entries).
 
     Examples
     --------

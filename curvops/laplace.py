@@ -4,12 +4,18 @@ Backends implementing laplace-torch's ``CurvatureInterface`` (``full``, ``diag``
 ``kron``) with this package's operators: :class:`GGN` (exact GGN; ``stochastic=True``:
 the Monte-Carlo Fisher), :class:`EF` (empirical Fisher) and :class:`Hessian` (``full``
 only).  laplace-torch works with *summed* losses (``CrossEntropyLoss(reduction="sum")``
-and ``0.5 * MSELoss(reduction="sum")``), so the curvature of the batch-mean loss
+and ``0.5 * MSELoss(reduction="sum")``): its backends return the curvature of the
+loss summed over the batch (as its own ``CurvlinopsGGN`` does).  The operators here
 (:class:`~curvops.GGNOperator`, :class:`~curvops.FisherOperator`,
 :class:`~curvops.HessianOperator`, :func:`~curvops.ggn_diagonal`,
-:class:`~curvops.KFACOperator`) is multiplied by the number of loss terms summed:
-:math:`N_b` for cross-entropy, :math:`N_b C` for MSE (which averages over the
-:math:`C` outputs too), and by laplace's ``factor``.
+:class:`~curvops.KFACOperator`) are built on the mean-reduced twin of laplace's loss
+(the same ``ignore_index``, class ``weight`` and ``label_smoothing``), whose mean is
+the sum divided by the loss's own normaliser :math:`\nu_b`
+(:func:`curvops.losses.batch_weight`), so their curvature is multiplied by
+:math:`\nu_b` and by laplace's ``factor``: for cross-entropy the number of counted
+targets (every position of an ``(N, C, T)`` output, none at ``ignore_index``; the
+summed class weights :math:`\sum w_{y}` with ``weight=``), not the batch size; for
+MSE the number of elements :math:`N_b C` (it averages over the outputs too).
 
 ``kron`` uses :class:`~curvops.KFACOperator` with the weight and bias in separate
 blocks (laplace's layout), so it equals laplace's curvlinops backend; parameters
@@ -34,6 +40,7 @@ from curvops.fisher import FisherOperator
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
 from curvops.kfac import KFACOperator
+from curvops.losses import batch_weight
 from spectral.errors import argument_error
 
 __all__ = ["EF", "GGN", "Hessian"]
@@ -70,8 +77,14 @@ class _CurvopsInterface(CurvatureInterface):
     _fisher = "type2"
 
     def _mean_loss(self) -> nn.Module:
-        if isinstance(self.lossfunc, nn.CrossEntropyLoss):
-            return nn.CrossEntropyLoss()
+        """laplace's summed loss with ``reduction="mean"`` and its other settings."""
+        loss = self.lossfunc
+        if isinstance(loss, nn.CrossEntropyLoss):
+            return nn.CrossEntropyLoss(
+                weight=loss.weight,
+                ignore_index=loss.ignore_index,
+                label_smoothing=loss.label_smoothing,
+            )
         return nn.MSELoss()
 
     def _check_input(self, x: Inputs) -> torch.Tensor:
@@ -83,10 +96,14 @@ class _CurvopsInterface(CurvatureInterface):
             )
         return x
 
-    def _scale(self, f: torch.Tensor) -> float:
-        """Loss terms in the summed loss per unit of the mean loss, times laplace's factor."""
-        n = int(f.shape[0])
-        terms = n if isinstance(self.lossfunc, nn.CrossEntropyLoss) else f.numel()
+    def _scale(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """:math:`\\nu_b` times laplace's factor: summed loss = :math:`\\nu_b` x mean loss.
+
+        :math:`\\nu_b` is the mean's own normaliser (:func:`curvops.losses.batch_weight`:
+        the counted targets of a cross-entropy, the elements of an MSE), so the result
+        is the curvature of laplace's summed loss however many terms a sample holds.
+        """
+        terms = batch_weight(self._mean_loss(), x, y, int(x.shape[0]))
         return float(terms) * float(self.factor)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,20 +116,20 @@ class _CurvopsInterface(CurvatureInterface):
 
     def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._check_input(x)
-        loss, f = self._loss(x, y)
-        H = self._operator(x, y).to_dense() * self._scale(f)
+        loss, _ = self._loss(x, y)
+        H = self._operator(x, y).to_dense() * self._scale(x, y)
         return loss, H
 
     def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._check_input(x)
-        loss, f = self._loss(x, y)
+        loss, _ = self._loss(x, y)
         method = {"type2": "exact", "mc": "mc", "empirical": "empirical"}[self._fisher]
         d = ggn_diagonal(self.model, self._mean_loss(), (x, y), method=method, params=self.params)
-        return loss, d * self._scale(f)
+        return loss, d * self._scale(x, y)
 
     def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         x = self._check_input(x)
-        loss, f = self._loss(x, y)
+        loss, _ = self._loss(x, y)
         K = KFACOperator(
             self._model,
             self._mean_loss(),
@@ -123,7 +140,7 @@ class _CurvopsInterface(CurvatureInterface):
             bias="separate",
             remainder="diagonal",
         )
-        scale = self._scale(f)
+        scale = self._scale(x, y)
         factors = dict(zip((id(b) for b in K.blocks), K.factors()))
         by_param: dict[str, list[torch.Tensor]] = {}
         for block in K.blocks:

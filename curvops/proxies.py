@@ -29,7 +29,9 @@ All of them are ordinary curvops operators: they compose with the algebra and so
 from __future__ import annotations
 
 import numbers
-from typing import Any
+import re
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,9 +41,12 @@ from curvops.algebra import BlockDiagonal, add
 from curvops.blocks import per_layer
 from curvops.curvature import ModelCurvatureOperator
 from curvops.diagonal import ggn_diagonal
+from curvops.distributed import unwrap_model
 from curvops.ggn import GGNOperator
+from curvops.kronecker import zero_rounding
 from curvops.losses import LossFn
 from curvops.operator import CurvatureOperator
+from curvops.params import select_params
 from curvops.structured import Dense, Diagonal, LowRank
 from spectral import diagonal as spectral_diagonal
 from spectral import top_eigenpairs
@@ -49,6 +54,8 @@ from spectral.errors import argument_error
 
 __all__ = [
     "DIAGONAL_METHODS",
+    "ParameterDense",
+    "ParameterDiagonal",
     "diagonal_approximation",
     "diagonal_of",
     "layer_blocks",
@@ -58,6 +65,54 @@ __all__ = [
 ]
 
 DIAGONAL_METHODS = ("exact", "mc", "hutchinson", "empirical")
+
+
+class _Named:
+    """The model parameters a proxy's coordinates stand for (names and shapes, in order).
+
+    With them :func:`curvops.algebra.check_same_parameters` refuses to grade or combine
+    the proxy with an operator over other parameters of the same total size.
+    """
+
+    _names: list[str]
+    _shapes: list[tuple[int, ...]]
+
+    def _set_parameters(self, named: Sequence[tuple[str, Any]]) -> None:
+        self._names = [str(n) for n, _ in named]
+        self._shapes = [tuple(int(k) for k in p.shape) for _, p in named]
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the parameters, in vector order."""
+        return list(self._names)
+
+    @property
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the parameters, in vector order (the coordinates' layout)."""
+        return list(self._shapes)
+
+
+class ParameterDiagonal(_Named, Diagonal):
+    """A :class:`~curvops.Diagonal` over named model parameters (``named``: ``(name,
+    tensor)`` pairs in vector order, or anything with a ``.shape``).
+
+    >>> import torch
+    >>> D = ParameterDiagonal(torch.ones(3), [("w", torch.empty(1, 2)), ("b", torch.empty(1))])
+    >>> D.param_names, D.param_shapes
+    (['w', 'b'], [(1, 2), (1,)])
+    """
+
+    def __init__(self, d: Any, named: Sequence[tuple[str, Any]]) -> None:
+        super().__init__(d)
+        self._set_parameters(named)
+
+
+class ParameterDense(_Named, Dense):
+    """A symmetric :class:`~curvops.Dense` over named model parameters (a layer's block)."""
+
+    def __init__(self, M: Any, named: Sequence[tuple[str, Any]]) -> None:
+        super().__init__(M, symmetric=True)
+        self._set_parameters(named)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -134,10 +189,28 @@ def diagonal_approximation(
     params, bn_mode:
         As for the operators (the model is never changed).
 
+    The entries of ``"exact"``, ``"mc"`` and ``"empirical"`` are sums of squares
+    :math:`d_i = \\sum_j a_{ij}^2` of backpropagated vectors, each entry computed on its
+    own; as for K-FAC's remainder diagonal (the same quantity,
+    :func:`curvops.kronecker.rounding_floor` with size 1), entries with
+    :math:`d_i \\le \\varepsilon\\max_j d_j` are zero to working precision and set to
+    exactly 0.  A parameter the loss does not see (a bias before a BatchNorm in training
+    mode) has :math:`a_{ij} = 0` exactly but computed as rounding noise of relative size
+    :math:`\\varepsilon`, so :math:`d_i \\approx \\varepsilon^2\\max d` (measured
+    :math:`10^{-33}` relative in float64, :math:`10^{-15}` in float32): without the floor
+    :math:`\\log\\det` would be a finite number (:math:`-316`) instead of ``-inf``.
+    Entries above :math:`\\varepsilon\\max d` are kept as computed (one of
+    :math:`10^{-10}\\max d` in float64 stays).  ``"hutchinson"`` estimates get the same
+    floor, which catches product noise below :math:`\\varepsilon\\max|d|` (measured
+    :math:`10^{-18}` relative for the BatchNorm case) but not every zero: products of an
+    :math:`n \\times n` operator may carry up to :math:`n\\varepsilon\\|A\\|`, and the
+    estimate is random.
+
     Returns
     -------
-    Diagonal
-        The diagonal proxy as an operator.
+    ParameterDiagonal
+        The diagonal proxy as an operator, over the selected parameters (names and
+        shapes, so that :func:`curvops.compare` refuses an operator over others).
 
     Raises
     ------
@@ -158,7 +231,8 @@ def diagonal_approximation(
         raise argument_error("method", " or ".join(repr(m) for m in DIAGONAL_METHODS), method)
     if method == "hutchinson":
         G = GGNOperator(model, loss_fn, data, params=params, bn_mode=bn_mode)
-        return diagonal_of(G, method="hutchinson", num_matvecs=num_matvecs, seed=seed)
+        d = diagonal_of(G, method="hutchinson", num_matvecs=num_matvecs, seed=seed).diagonal
+        return ParameterDiagonal(zero_rounding(d, 1), G.params)
     d = ggn_diagonal(
         model,
         loss_fn,
@@ -169,7 +243,8 @@ def diagonal_approximation(
         params=params,
         bn_mode=bn_mode,
     )
-    return Diagonal(d)
+    # sums of squares: an exactly-zero entry comes out as rounding noise (see docstring)
+    return ParameterDiagonal(zero_rounding(d, 1), select_params(unwrap_model(model), params))
 
 
 def layer_blocks(
@@ -206,7 +281,8 @@ def layer_blocks(
     Returns
     -------
     BlockDiagonal
-        Dense blocks, one per layer.
+        :class:`ParameterDense` blocks, one per layer, each over its layer's parameters
+        (so that :func:`curvops.compare` refuses an operator over others).
 
     Examples
     --------
@@ -221,7 +297,8 @@ def layer_blocks(
     [16, 10]
     """
     blocks = per_layer(operator_cls, model, loss_fn, data, params=params, **kwargs)
-    return BlockDiagonal([Dense(b.to_dense(), symmetric=True) for b in blocks.blocks])
+    dense = [ParameterDense(b.to_dense(), cast(Any, b).params) for b in blocks.blocks]
+    return BlockDiagonal(dense)
 
 
 def low_rank(
@@ -313,7 +390,8 @@ def make_proxy(
     Raises
     ------
     ValueError
-        An unknown name, or ``low-rank-K`` without ``exact``.
+        An unknown name (``K`` not written in the digits 0-9, both ``-mc`` and
+        ``-empirical``), or ``low-rank-K`` without ``exact``.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 2).double()
@@ -329,6 +407,10 @@ def make_proxy(
     parts = spec.lower().split("-")
     if parts[0] in ("kfac", "ekfac") and set(parts[1:]) <= _KFAC_OPTIONS:
         opts = set(parts[1:])
+        if {"mc", "empirical"} <= opts:
+            raise argument_error(
+                "spec", "at most one of the Fisher options '-mc' and '-empirical'", spec
+            )
         fisher = "mc" if "mc" in opts else "empirical" if "empirical" in opts else "type2"
         cls = EKFACOperator if parts[0] == "ekfac" else KFACOperator
         return cls(
@@ -357,7 +439,7 @@ def make_proxy(
         )
     if parts == ["blocks"]:
         return layer_blocks(model, loss_fn, data, params=params, bn_mode=bn_mode)
-    if parts[:2] == ["low", "rank"] and len(parts) in (3, 4) and parts[2].isdigit():
+    if parts[:2] == ["low", "rank"] and len(parts) in (3, 4) and re.fullmatch("[0-9]+", parts[2]):
         if len(parts) == 4 and parts[3] != "diag":
             raise argument_error("spec", "'low-rank-K' or 'low-rank-K-diag'", spec)
         if exact is None:

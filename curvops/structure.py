@@ -27,12 +27,14 @@ array([0.5 , 0.25])
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
 
 from curvops.algebra import Affine, BlockDiagonal
 from curvops.kfac import KroneckerEigenOperator
+from curvops.kronecker import rounding_floor
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.structured import Dense, Diagonal, Identity, LowRank
 from spectral.errors import argument_error
@@ -47,7 +49,35 @@ __all__ = [
 
 
 def exact_eigenvalues(A: CurvatureOperator) -> torch.Tensor | None:
-    """All eigenvalues of a symmetric structured ``A`` in ascending order, or ``None``.
+    r"""All eigenvalues of a symmetric structured ``A`` in ascending order, or ``None``.
+
+    Eigenvalues zero to working precision are exactly ``0.0`` (as K-FAC's,
+    :meth:`curvops.KFACOperator.eigenvalues`): a computed eigenvalue within its
+    absolute rounding error of 0 has no meaningful sign or size, so its logarithm
+    (:func:`exact_logdet`) or reciprocal would be a number where the matrix is singular.
+    The rounding error of each structure (:func:`_rounding_floors`):
+
+    * :class:`~curvops.Diagonal`, :class:`~curvops.Identity`: none, the entries are
+      the eigenvalues (a zero is zero, a tiny positive entry stays);
+    * :class:`~curvops.Dense` :math:`n \times n`: ``eigvalsh`` is backward stable, its
+      eigenvalues are exact for :math:`A + E` with :math:`\|E\|_2 \le c\,n\,\varepsilon
+      \|A\|_2`, so by Weyl each is off by at most that; with :math:`c = 1` and
+      :math:`\|A\|_2 = \max|\lambda|` this is :math:`n\,\varepsilon\max|\lambda|`
+      (:func:`curvops.kronecker.rounding_floor`, ``numpy.linalg.matrix_rank``'s tolerance);
+    * :class:`~curvops.LowRank` :math:`U\,\mathrm{diag}(s)\,U^\top` (``n x r``): the
+      Householder QR :math:`U + \Delta U = QR` (:math:`\|\Delta U\|_2 \lesssim n\varepsilon
+      \|U\|_2`) moves :math:`U S U^\top` by :math:`2 n\varepsilon\sigma` to first order,
+      with :math:`\sigma = \max|s|\,\|U\|_2^2 \ge \|USU^\top\|_2`; forming
+      :math:`R S R^\top` (sums of :math:`r` products) and its ``eigvalsh`` add
+      :math:`r\varepsilon\sigma` each: :math:`2(n + r)\,\varepsilon\,\sigma` in all
+      (relative to :math:`\sigma`, not :math:`\max|\lambda|`: weights of both signs can
+      cancel, :math:`uu^\top - uu^\top = 0`);
+    * :class:`~curvops.BlockDiagonal`: each block's own;
+    * :class:`~curvops.Affine` :math:`aB + bI`: :math:`|a|` times :math:`B`'s plus the
+      rounding of :math:`a\lambda + b`, :math:`2\varepsilon(|a\lambda| + |b|)`;
+    * K-FAC, E-KFAC: already zeroed by the operator (``rounding_floor`` of each block).
+
+    :math:`\varepsilon` is that of the dtype the eigenvalues are computed in.
 
     Parameters
     ----------
@@ -62,39 +92,69 @@ def exact_eigenvalues(A: CurvatureOperator) -> torch.Tensor | None:
     Examples
     --------
     >>> import numpy as np
-    >>> from curvops import Diagonal
+    >>> from curvops import Dense, Diagonal
     >>> exact_eigenvalues(Diagonal(np.array([3.0, 1.0]))).tolist()
     [1.0, 3.0]
+    >>> B = np.array([[1.0], [2.0]])
+    >>> exact_eigenvalues(Dense(B @ B.T, symmetric=True)).tolist()  # rank 1: an exact 0
+    [0.0, 5.0]
     """
-    values: torch.Tensor | None = None
+    parts = _rounding_floors(A)
+    if parts is None:
+        return None
+    values, floor = parts
+    values = torch.where(values.abs() <= floor, torch.zeros_like(values), values)
+    return torch.sort(values).values
+
+
+def _rounding_floors(A: CurvatureOperator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(values, floors)``: the computed eigenvalues of ``A`` (any order) and each one's
+    absolute rounding error (see :func:`exact_eigenvalues`), or ``None``."""
     if not isinstance(A, CurvatureOperator) or not A.symmetric:
         return None
-    if isinstance(A, KroneckerEigenOperator):
-        values = A.eigenvalues()
-    elif isinstance(A, Diagonal):
-        values = A.diagonal
-    elif isinstance(A, Identity):
-        values = torch.ones(A.shape[0], dtype=A.torch_dtype, device=A.device)
-    elif isinstance(A, LowRank):
+    if isinstance(A, KroneckerEigenOperator | Diagonal | Identity):
+        if isinstance(A, KroneckerEigenOperator):
+            values = A.eigenvalues()  # zero to working precision already exactly 0
+        elif isinstance(A, Diagonal):
+            values = A.diagonal
+        else:
+            values = torch.ones(A.shape[0], dtype=A.torch_dtype, device=A.device)
+        return values, torch.zeros_like(values)
+    if isinstance(A, LowRank):
         _, R = torch.linalg.qr(A.factor)
         small = torch.linalg.eigvalsh((R * A.weights) @ R.T)
-        zeros = small.new_zeros(A.shape[0] - small.shape[0])
-        values = torch.cat([small, zeros])
-    elif isinstance(A, Dense):
+        values = torch.cat([small, small.new_zeros(A.shape[0] - small.shape[0])])
+        return values, torch.full_like(values, _low_rank_floor(A.weights, R, A.shape[0]))
+    if isinstance(A, Dense):
         values = torch.linalg.eigvalsh(A.matrix)
-    elif isinstance(A, BlockDiagonal):
-        parts = [exact_eigenvalues(b) for b in A.blocks]
+        return values, torch.full_like(values, rounding_floor(values, A.shape[0]))
+    if isinstance(A, BlockDiagonal):
+        parts = [_rounding_floors(b) for b in A.blocks]
         if any(p is None for p in parts):
             return None
-        values = torch.cat([p for p in parts if p is not None])
-    elif isinstance(A, Affine):
-        base = exact_eigenvalues(A.base)
+        found = [p for p in parts if p is not None]
+        return torch.cat([p[0] for p in found]), torch.cat([p[1] for p in found])
+    if isinstance(A, Affine):
+        base = _rounding_floors(A.base)
         if base is None:
             return None
-        values = A.a * base + A.b
-    if values is None:
-        return None
-    return torch.sort(values).values
+        eps = float(torch.finfo(base[0].dtype).eps)
+        scaled = A.a * base[0]
+        floor = abs(A.a) * base[1] + 2.0 * eps * (scaled.abs() + abs(A.b))
+        return scaled + A.b, floor
+    return None
+
+
+def _low_rank_floor(weights: torch.Tensor, R: torch.Tensor, n: int, damping: float = 0.0) -> float:
+    """:math:`2(n + r)\\,\\varepsilon\\,(\\max|s|\\,\\|R\\|_2^2 + \\delta)`: the rounding error of
+    the eigenvalues of :math:`USU^\\top + \\delta I` (``n x r``) from :math:`U = QR` (see
+    :func:`exact_eigenvalues`; :math:`\\|R\\|_2 = \\|U\\|_2`; ``eps`` of ``R``'s dtype)."""
+    r = weights.numel()
+    sigma = 0.0
+    if R.numel() and r:
+        norm = float(torch.linalg.matrix_norm(R.to(torch.float64), ord=2))
+        sigma = float(weights.abs().max()) * norm**2
+    return 2.0 * (n + r) * float(torch.finfo(R.dtype).eps) * (sigma + damping)
 
 
 def exact_trace(A: CurvatureOperator) -> float | None:
@@ -128,6 +188,14 @@ def exact_trace(A: CurvatureOperator) -> float | None:
 def exact_logdet(A: CurvatureOperator) -> float | None:
     """:math:`\\log\\det A` from the structure (``-inf`` if singular or indefinite), or ``None``.
 
+    Singular means singular to working precision: an eigenvalue within its rounding error
+    of 0 is exactly 0 in :func:`exact_eigenvalues` (``eigvalsh`` of an exactly singular
+    :math:`BB^\\top` returns :math:`\\pm 10^{-16}`, whose log would give a finite
+    number), so the result is ``-inf`` there; a diagonal's entries are taken as they are.
+    A nonsingular matrix keeps its finite log-determinant, off by at most
+    :math:`\\sum_i \\phi_i / \\lambda_i` to first order for eigenvalue errors
+    :math:`\\phi_i` (the floors of :func:`exact_eigenvalues`).
+
     Parameters
     ----------
     A : CurvatureOperator
@@ -144,6 +212,8 @@ def exact_logdet(A: CurvatureOperator) -> float | None:
     >>> from curvops import Diagonal
     >>> exact_logdet(Diagonal(np.array([1.0, np.e])))
     1.0
+    >>> exact_logdet(Diagonal(np.array([1.0, 0.0])))
+    -inf
     """
     values = exact_eigenvalues(A)
     if values is None:
@@ -189,12 +259,12 @@ def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | N
         return A.inverse(float(damping))
     if isinstance(A, Diagonal):
         d = A.diagonal + damping
-        _check_nonsingular(d, 1, A, damping)
+        _check_nonsingular(d, rounding_floor(d, 1), A, damping)
         return Diagonal(1.0 / d)
     if isinstance(A, Dense) and A.symmetric:
         M = A.matrix + damping * torch.eye(A.shape[0], dtype=A.torch_dtype, device=A.device)
         lam, U = torch.linalg.eigh(M)
-        _check_nonsingular(lam, A.shape[0], A, damping)
+        _check_nonsingular(lam, rounding_floor(lam, A.shape[0]), A, damping)
         return Dense((U / lam) @ U.T, symmetric=True, psd=bool((lam > 0).all()) or None)
     if isinstance(A, LowRank):
         return _low_rank_inverse(A, float(damping))
@@ -206,18 +276,22 @@ def exact_inverse(A: CurvatureOperator, damping: float) -> CurvatureOperator | N
     return None
 
 
-def _check_nonsingular(values: torch.Tensor, n: int, A: CurvatureOperator, damping: float) -> None:
-    """Refuse eigenvalues of :math:`A + \\delta I` within :math:`n\\varepsilon\\max|\\lambda|` of 0.
+def _check_nonsingular(
+    values: torch.Tensor, floor: float, A: CurvatureOperator, damping: float
+) -> None:
+    """Refuse eigenvalues of :math:`A + \\delta I` within ``floor`` of 0.
 
-    Their inverse would be rounding noise: the eigenvalues of a symmetric matrix are
-    computed to an absolute error of about :math:`n\\varepsilon\\|A\\|` (a diagonal's
-    entries, :math:`n = 1`, to :math:`\\varepsilon\\max|d|` after adding :math:`\\delta`).
-    Indefinite but nonsingular is fine (a Hessian's proxy).
+    Their inverse would be rounding noise.  ``floor`` is the eigenvalues' absolute
+    rounding error: :math:`n\\varepsilon\\max|\\lambda|` for a symmetric matrix's
+    ``eigh`` (backward stable), :math:`\\varepsilon\\max|d + \\delta|` for a diagonal
+    (:math:`n = 1`, the rounding of adding :math:`\\delta`), :func:`_low_rank_floor` for
+    :math:`USU^\\top + \\delta I`; all relative to the operator's own scale, so a
+    well-conditioned operator of any scale (:math:`10^{-14} I`) is inverted.  Indefinite
+    but nonsingular is fine (a Hessian's proxy).
     """
     if values.numel() == 0:
         return
     mags = values.abs()
-    floor = n * float(torch.finfo(values.dtype).eps) * float(mags.max())
     if bool((mags > floor).all()):
         return
     detail = (
@@ -235,7 +309,9 @@ def _low_rank_inverse(A: LowRank, damping: float) -> CurvatureOperator:
     :math:`R S R^\\top = E\\,\\mathrm{diag}(e)\\,E^\\top` and :math:`W = QE` (in float64):
     exact, with no iterative solve (a conjugate-gradient solve of a float32 low-rank
     proxy could not reach its tolerance); indefinite but nonsingular is fine (a Hessian's
-    low-rank proxy)."""
+    low-rank proxy).  Refused where an :math:`e_i + \\delta` is within the rounding error
+    :func:`_low_rank_floor` (relative to :math:`\\max|s|\\|U\\|_2^2 + \\delta`, float64) of
+    0; rank 0 gives :math:`\\delta^{-1} I`."""
     U = A.factor.to(torch.float64)
     weights = A.weights.to(torch.float64)
     n, r = U.shape
@@ -247,8 +323,7 @@ def _low_rank_inverse(A: LowRank, damping: float) -> CurvatureOperator:
     core = R @ torch.diag(weights) @ R.T
     e, E = torch.linalg.eigh(0.5 * (core + core.T))
     shifted = e + damping
-    if not bool((shifted.abs() > 1e-12 * max(1.0, float(e.abs().max()))).all()):
-        raise argument_error("damping", "a value making the matrix nonsingular", damping)
+    _check_nonsingular(shifted, _low_rank_floor(weights, R, n, damping), A, damping)
     W = (Q @ E).to(A.torch_dtype)
     if damping == 0.0:  # full rank
         return LowRank(W, (1.0 / e).to(A.torch_dtype))
@@ -273,12 +348,19 @@ def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, to
     A : CurvatureOperator
         A symmetric operator.
     k : int
-        Number of eigenpairs.
+        Number of eigenpairs (a Python or numpy integer; ``None`` is returned unless
+        :math:`1 \\le k \\le n`).
 
     Returns
     -------
     (torch.Tensor, torch.Tensor) or None
-        Eigenvalues (descending) and eigenvectors, or ``None``.
+        Eigenvalues (descending; zero to working precision exactly 0, as in
+        :func:`exact_eigenvalues`) and eigenvectors, or ``None``.
+
+    Raises
+    ------
+    TypeError
+        ``k`` not an integer (a float, a boolean).
 
     Examples
     --------
@@ -288,6 +370,9 @@ def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, to
     >>> values.tolist(), vectors.argmax(0).tolist()
     ([3.0, 2.0], [1, 2])
     """
+    if isinstance(k, bool | np.bool_) or not isinstance(k, numbers.Integral):
+        raise argument_error("k", "an integer (the number of eigenpairs)", k, kind=TypeError)
+    k = int(k)
     n = A.shape[0]
     if not isinstance(A, CurvatureOperator) or not A.symmetric or not 1 <= k <= n:
         return None
@@ -320,14 +405,16 @@ def exact_top_eigenpairs(A: CurvatureOperator, k: int) -> tuple[torch.Tensor, to
         return d[idx], vectors
     if isinstance(A, Dense):
         lam, U = torch.linalg.eigh(A.matrix)
+        floor = rounding_floor(lam, n)  # as exact_eigenvalues: zero to working precision
+        lam = torch.where(lam.abs() <= floor, torch.zeros_like(lam), lam)
         idx = _top(lam, k)
         return lam[idx], U[:, idx]
     if isinstance(A, LowRank):
         Q, R = torch.linalg.qr(A.factor)
         lam, S = torch.linalg.eigh((R * A.weights) @ R.T)
         idx = _top(lam, k)
-        if k > lam.numel() or float(lam[idx[-1]]) <= 0.0:
-            return None  # the top k reach into the null space
+        if k > lam.numel() or float(lam[idx[-1]]) <= _low_rank_floor(A.weights, R, n):
+            return None  # the top k reach into the null space (to working precision)
         return lam[idx], (Q @ S)[:, idx]
     if isinstance(A, BlockDiagonal):
         parts = [exact_top_eigenpairs(b, min(k, b.shape[0])) for b in A.blocks]

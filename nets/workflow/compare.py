@@ -74,6 +74,7 @@ def compare_curvatures(
     num_iters: int = 50,
     num_probes: int = 1,
     damping: float | None = None,
+    solve_tol: float | None = None,
     seed: int = 0,
     save_path: str | os.PathLike[str] | None = None,
     figure_path: str | os.PathLike[str] | None = None,
@@ -93,6 +94,11 @@ def compare_curvatures(
         As for the operators.
     k, num_iters, num_probes, damping, seed:
         As for :func:`curvops.compare`.
+    solve_tol:
+        Relative-residual tolerance of the Newton-step solves, as for
+        :func:`curvops.compare`; ``None`` (default): :math:`\\sqrt\\varepsilon` of each
+        operator's dtype (:func:`curvops.comparison.default_solve_tol`), which a float32
+        model's Hessian reaches where a fixed ``1e-8`` could not.
     save_path, figure_path:
         Where to write the reports (``.npz``, with these settings as ``config_json``)
         and the spectra figure (png/pdf).
@@ -135,6 +141,7 @@ def compare_curvatures(
             num_iters=num_iters,
             num_probes=num_probes,
             damping=damping,
+            solve_tol=solve_tol,
             seed=seed,
             exact_pairs=exact_pairs,
             exact_trace=trace,
@@ -149,6 +156,7 @@ def compare_curvatures(
             "num_iters": num_iters,
             "num_probes": num_probes,
             "damping": damping,
+            "solve_tol": solve_tol,
             "seed": seed,
         }
         save_reports(save_path, reports, config=config)

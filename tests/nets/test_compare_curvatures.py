@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,3 +125,34 @@ def test_a_float32_low_rank_proxy_is_solved_exactly(monkeypatch: pytest.MonkeyPa
     )
     assert np.isfinite(reports["low-rank-3"].newton_step_error)
     assert len(solved) == 1  # the exact GGN's solve; none for the proxy
+
+
+def _float32_case() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))  # float32
+        x = torch.randn(64, 4) * 3
+    return net, nn.CrossEntropyLoss(), (x, torch.arange(64) % 5)
+
+
+def test_float32_hessian_comparison_solves_to_a_float32_tolerance(tmp_path: Path) -> None:
+    """The exact Hessian's MINRES solve had to reach a fixed tol=1e-8, below float32's
+    attainable relative residual (eps * kappa): it raised.  The default is now sqrt(eps)
+    of the operator's dtype, and ``solve_tol`` is passed through (and saved)."""
+    from spectral.errors import NumericalError
+
+    net, loss_fn, data = _float32_case()
+    kwargs: dict[str, Any] = {
+        "approximations": ("diag-ggn",),
+        "exact": "hessian",
+        "k": 2,
+        "num_iters": 20,
+    }
+    reports = compare_curvatures(net, loss_fn, data, save_path=tmp_path / "r.npz", **kwargs)
+    assert np.isfinite(reports["diag-ggn"].newton_step_error)
+    with np.load(tmp_path / "r.npz", allow_pickle=False) as z:
+        assert '"solve_tol": null' in str(z["config_json"])
+    with pytest.raises(NumericalError, match="tol=1e-08"):
+        compare_curvatures(net, loss_fn, data, solve_tol=1e-8, **kwargs)
+    loose = compare_curvatures(net, loss_fn, data, solve_tol=1e-3, **kwargs)
+    assert np.isfinite(loose["diag-ggn"].newton_step_error)
