@@ -736,7 +736,7 @@ def train_network(
     loss_fn = default_loss(data.task) if loss_fn is None else loss_fn
     swa_cfg = swa_config(swa, swa_start, swa_lr, swa_c_epochs, epochs=epochs, lr0=lr0)
     config = run_config(
-        spec, net, data, options, protocol, swa_cfg,
+        spec, net, data, options, protocol, swa_cfg, optimizer_groups=optimizer_param_groups(opt),
         data_path=data_path, optimizer_name=optimizer_name, optimizer_kwargs=opt_kwargs,
         schedule=schedule, lr0=lr0, loss_fn=loss_fn, device=run_device, swa_c_epochs=swa_c_epochs,
     )  # fmt: skip
@@ -1084,6 +1084,31 @@ def default_loss(task: str) -> LossFn:
     return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
 
 
+def optimizer_param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (``lr``, ``momentum``, ``nesterov``, ``betas``...),
+    without its parameters, as plain JSON values.
+
+    What the run trains with, also when the optimiser is given as an object (whose
+    ``optimizer_kwargs`` are empty): the run's configuration records them as
+    ``optimizer_param_groups``, which the tracking figure's edge of stability reads
+    (:func:`nets.plots.tracking.edge_of_stability`).  Resuming does not compare them.
+
+    >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
+    >>> {k: optimizer_param_groups(opt)[0][k] for k in ("lr", "momentum", "nesterov")}
+    {'lr': 0.1, 'momentum': 0.9, 'nesterov': False}
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        settings: dict[str, Any] = {}
+        for key, value in group.items():
+            if key in ("params", "initial_lr"):  # initial_lr: a schedule's bookkeeping
+                continue
+            scalar = isinstance(value, torch.Tensor) and value.numel() == 1  # a tensor lr
+            settings[str(key)] = value.item() if scalar else value
+        groups.append(cast(dict[str, Any], json_safe(settings)))
+    return groups
+
+
 def run_config(
     spec: dict[str, Any],
     net: nn.Module,
@@ -1095,13 +1120,15 @@ def run_config(
     data_path: Any,
     optimizer_name: str,
     optimizer_kwargs: dict[str, Any],
+    optimizer_groups: list[dict[str, Any]] | None = None,
     schedule: Any,
     lr0: float,
     loss_fn: LossFn,
     device: torch.device,
     swa_c_epochs: int,
 ) -> dict[str, Any]:
-    """The JSON-safe run configuration stored in checkpoints and ``stats.json``."""
+    """The JSON-safe run configuration stored in checkpoints and ``stats.json``
+    (``optimizer_groups``: :func:`optimizer_param_groups` of the run's optimiser)."""
     return cast(
         dict[str, Any],
         json_safe(
@@ -1114,6 +1141,7 @@ def run_config(
                 "task": data.task,
                 "optimizer": optimizer_name,
                 "optimizer_kwargs": optimizer_kwargs,
+                "optimizer_param_groups": optimizer_groups,  # optimizer_param_groups()
                 "batch_size": options.batch_size,
                 "curvature_batch_size": (
                     options.curvature_batch_size if protocol.curvature_step else None

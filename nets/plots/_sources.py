@@ -219,9 +219,20 @@ def as_diagonal(source: Any, *, name: str = "ggn_diagonal") -> np.ndarray:
 
 
 def load_landscape(source: Any, *, name: str = "path") -> dict[str, np.ndarray]:
-    """The arrays of a landscape file (path or mapping), checked for ``t`` and the loss curves."""
+    """The arrays of a landscape file (path or mapping), checked for ``t``, the loss curves
+    (``[d, n]``) and the planes (``[q, n, n]``, ``n`` the size of ``t``).
+
+    >>> t = np.linspace(-1.0, 1.0, 5)
+    >>> load_landscape({"t": t, "train_loss": [t**2], "plane_train_loss": np.ones((1, 5, 3))})
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'path': expected 'plane_train_loss' of shape [q, 5, 5] (loss at t[i] ...
+    """
+    where = ""
     if isinstance(source, str | os.PathLike):
-        arrays = dict(load_npz(resolve_file(source, name=name)))
+        file = resolve_file(source, name=name)
+        arrays = dict(load_npz(file))
+        where = f" in '{file}'"
     elif isinstance(source, Mapping):
         arrays = {key: np.asarray(value) for key, value in source.items()}
     else:
@@ -229,7 +240,7 @@ def load_landscape(source: Any, *, name: str = "path") -> dict[str, np.ndarray]:
     missing = [k for k in ("t", "train_loss") if k not in arrays]
     if missing:
         raise argument_error(
-            name, "a landscape with keys 't' and 'train_loss'", f"keys {sorted(arrays)}"
+            name, "a landscape with keys 't' and 'train_loss'", f"keys {sorted(arrays)}{where}"
         )
     t = np.asarray(arrays["t"], dtype=np.float64).ravel()
     for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
@@ -237,11 +248,40 @@ def load_landscape(source: Any, *, name: str = "path") -> dict[str, np.ndarray]:
             curves = np.atleast_2d(np.asarray(arrays[key], dtype=np.float64))
             if curves.shape[-1] != t.size:
                 raise argument_error(
-                    name, f"'{key}' of shape [d, {t.size}] matching 't'", f"shape {curves.shape}"
+                    name,
+                    f"'{key}' of shape [d, {t.size}] matching 't'",
+                    f"shape {curves.shape}{where}",
                 )
             arrays[key] = curves
     arrays["t"] = t
+    _check_planes(arrays, t.size, name, where)
     return arrays
+
+
+def _check_planes(arrays: dict[str, np.ndarray], n: int, name: str, where: str) -> None:
+    """Planes ``plane_<split>_<metric>[q, i, j]`` (the value at ``t[i]`` along the plane's
+    first direction and ``t[j]`` along its second): both axes the size of ``t``, and the
+    same number of planes in each (contour plotting failed on others with an error about
+    its own arguments)."""
+    count = None
+    keys = [f"plane_{s}_{m}" for s in ("train", "test") for m in ("loss", "acc")]
+    for key in (k for k in keys if k in arrays):
+        plane = np.asarray(arrays[key], dtype=np.float64)
+        if plane.ndim != 3 or plane.shape[1:] != (n, n):
+            raise argument_error(
+                name,
+                f"'{key}' of shape [q, {n}, {n}] (loss at t[i] along the plane's first "
+                f"direction and t[j] along its second, {n} values of 't' each)",
+                f"shape {plane.shape}{where}",
+            )
+        if count is not None and plane.shape[0] != count[1]:
+            raise argument_error(
+                name,
+                f"'{key}' with as many planes as '{count[0]}' ({count[1]})",
+                f"{plane.shape[0]}{where}",
+            )
+        count = count or (key, plane.shape[0])
+        arrays[key] = plane
 
 
 def load_training_stats(source: Any, *, name: str = "path") -> dict[str, Any]:

@@ -64,7 +64,23 @@ def _diagonal_file(path: Any) -> dict[str, np.ndarray]:
 
 
 def _diagonals(source: Any) -> dict[str, np.ndarray]:
-    """``{label: entries}``: one unlabelled diagonal, a diagonal file, or a labelled mapping."""
+    """``{label: entries}``: one unlabelled diagonal, a diagonal file, or a labelled mapping;
+    every entry finite (dropping the others would draw a histogram of what is left under
+    a legend that counts them all, as the spectra refuse non-finite values too)."""
+    diagonals = _labelled_diagonals(source)
+    for label, values in diagonals.items():
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise argument_error(
+                "ggn_diagonal",
+                "finite diagonal entries",
+                f"{label} with {int(bad.sum()):,} non-finite of {bad.size:,} entries, the first "
+                f"at index {int(np.argmax(bad))} ({float(values[np.argmax(bad)])})",
+            )
+    return diagonals
+
+
+def _labelled_diagonals(source: Any) -> dict[str, np.ndarray]:
     if isinstance(source, str | os.PathLike):
         return _diagonal_file(source)
     if isinstance(source, Mapping) and not any(
@@ -130,6 +146,12 @@ def plot_spectrum_comparison(
         Two panels sharing the eigenvalue axis: stems (weights) above, histogram
         (density) below.
 
+    Raises
+    ------
+    ValueError
+        A diagonal with a non-finite entry (naming the diagonal, how many and the first
+        index), like a spectrum with a non-finite Ritz value or weight.
+
     Examples
     --------
     >>> import numpy as np
@@ -149,7 +171,7 @@ def plot_spectrum_comparison(
         if s is not None
     ]
     diagonals = _diagonals(ggn_diagonal)
-    edges = _histogram_edges(diagonals, bins, ggn_diagonal)
+    edges = _histogram_edges(diagonals, bins)
     if axes is not None and len(axes) != 2:
         raise argument_error("axes", "two Axes (stems, histogram)", axes)
     with figure_style():
@@ -183,13 +205,11 @@ def plot_spectrum_comparison(
 _Stems = list[tuple[Spectrum, str, str, str]]  # (spectrum, label, colour, marker)
 
 
-def _histogram_edges(diagonals: dict[str, np.ndarray], bins: Any, source: Any) -> np.ndarray:
-    """Common bin edges over every finite diagonal entry (``bins`` or ``sqrt(n)`` in [20, 80])."""
-    if bins is not None and (not isinstance(bins, int) or bins < 1):
+def _histogram_edges(diagonals: dict[str, np.ndarray], bins: Any) -> np.ndarray:
+    """Common bin edges over every diagonal entry (``bins`` or ``sqrt(n)`` in [20, 80])."""
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
         raise argument_error("bins", "a positive integer", bins)
-    entries = np.concatenate([d[np.isfinite(d)] for d in diagonals.values()])
-    if entries.size == 0:
-        raise argument_error("ggn_diagonal", "at least one finite entry", source)
+    entries = np.concatenate(list(diagonals.values()))
     nbins = bins or int(np.clip(np.sqrt(entries.size), 20, 80))
     low, high = float(entries.min()), float(entries.max())
     if high <= low:
@@ -225,7 +245,7 @@ def _draw_histograms(
     hist_colors = (PALETTE[2], PALETTE[4], PALETTE[3], PALETTE[5])
     for i, (label, values) in enumerate(diagonals.items()):
         hist_ax.hist(
-            values[np.isfinite(values)],
+            values,
             bins=edges.tolist(),
             density=True,
             log=log_scale,
