@@ -80,3 +80,32 @@ def test_spectrum_out_naming_a_directory_is_refused(run: Path, capsys: Any) -> N
     err = capsys.readouterr().err
     assert "--out" in err and "directory" in err, err
     assert not (run.parent / "somewhere.npz").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "-1e-3"])
+def test_compare_solve_tol_errors_name_the_flag(
+    run: Path, tmp_path: Path, capsys: Any, value: str
+) -> None:
+    capsys.readouterr()
+    out = tmp_path / "c.npz"
+    argv = ["compare", "--checkpoint", str(run / "checkpoint-00001.pt"), "--approx", "diag-ggn",
+            "--iters", "3", "--k", "2", "--subsample", "32", f"--solve-tol={value}", "--out",
+            str(out), *TINY]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Option --solve-tol:" in err and "'solve_tol'" not in err, err
+    assert not out.exists()
+
+
+def test_compare_solve_tol_reaches_the_report(run: Path, tmp_path: Path, capsys: Any) -> None:
+    import json
+
+    from spectral.io import load_npz
+
+    out = tmp_path / "c.npz"
+    argv = ["compare", "--checkpoint", str(run / "checkpoint-00001.pt"), "--approx", "diag-ggn",
+            "--iters", "3", "--k", "2", "--subsample", "32", "--solve-tol", "1e-5", "--out",
+            str(out), *TINY]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads(str(load_npz(out)["config_json"]))
+    assert config["solve_tol"] == 1e-5
