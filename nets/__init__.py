@@ -30,6 +30,7 @@ from nets.optim import EKFAC, KFAC, SWATS, LanczosNewton
 
 # --- workflow, plots (workflow/, plots/) ---
 from nets.plots import (
+    plot_block_spectra,
     plot_curvature_tracking,
     plot_loss_landscape,
     plot_spectrum,
@@ -37,10 +38,13 @@ from nets.plots import (
     plot_training,
 )
 from nets.workflow import (
+    BlockSpectraResult,
     SpectrumResult,
     build_loss_landscape,
+    compute_block_spectra,
     compute_eigenspectrum,
     compute_loss_stats,
+    load_block_spectra,
     load_spectrum,
 )
 
@@ -49,6 +53,7 @@ __all__: list[str] = [
     "KFAC",
     "MODELS",
     "SWATS",
+    "BlockSpectraResult",
     "CurvatureTracker",
     "DatasetSplits",
     "LanczosNewton",
@@ -59,18 +64,21 @@ __all__: list[str] = [
     "available_optimizers",
     "build_loss_landscape",
     "checkpoint_name",
+    "compute_block_spectra",
     "compute_eigenspectrum",
     "compute_loss_stats",
     "constant_schedule",
     "get_model",
     "get_optimizer",
     "linear_schedule",
+    "load_block_spectra",
     "load_checkpoint",
     "load_dataset",
     "load_model_state",
     "load_spectrum",
     "make_loader",
     "model_from_checkpoint",
+    "plot_block_spectra",
     "plot_curvature_tracking",
     "plot_loss_landscape",
     "plot_spectrum",

@@ -14,6 +14,8 @@ Examples (the paper's Tables 1-3 as command lines)::
         --curvature ggn --iters 20 --save-eigvec \\
         --out result/VGG16-CIFAR100/spectra/spectrum-00100-ggn-lanczos
     curvature plot spectrum result/VGG16-CIFAR100/spectra/spectrum-00100-ggn-lanczos.npz
+    curvature spectrum --checkpoint run/checkpoint-00010.pt --blocks transformer:heads=4
+    curvature plot blocks run/spectra/blocks-00010-hessian-transformer-heads-4.npz
     curvature landscape --checkpoint checkpoint-00100.pt --spectrum spectrum-00100-hessian \\
         --dist 1 --n-points 21 --out landscape-100.npz
     curvature demo --out results
@@ -137,6 +139,9 @@ FLAGS: dict[str, str] = {
     "ggn_spectrum": "--ggn",
     "ggn_diagonal": "--diagonal",
     "solve_tol": "--solve-tol",
+    "blocks": "--blocks",
+    "heads": "--blocks",
+    "sigma": "--smooth",
     "path": "the input file",
     "kind_or_path": "the input file",
     "source": "the input",
@@ -665,6 +670,8 @@ def _default_spectrum_path(checkpoint: str, curvature: str) -> Path:
 def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
     from nets.workflow.spectrum import compute_eigenspectrum
 
+    if args.blocks is not None:
+        return _cmd_block_spectra(args)
     _fill_from_checkpoint(args, args.checkpoint)
     out = Path(args.out) if args.out else _default_spectrum_path(args.checkpoint, args.curvature)
     refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--state": args.state})
@@ -701,6 +708,99 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
     rows = [*spectrum_rows(written), *bulk_rows(load_npz(written))]
     rows.append(("wall time (s)", f"{elapsed:.1f}"))
     return [format_table(rows, title="Spectrum summary")]
+
+
+#: Options of ``spectrum`` that per-block spectra (``--blocks``) do not take.
+_NOT_WITH_BLOCKS = (
+    ("save_eigvec", "--save-eigvec", "keep no Ritz vectors"),
+    ("fit", "--fit", "fit no bulk law"),
+    ("state", "--state", "are not resumable"),
+)
+
+
+def _default_blocks_path(checkpoint: str, curvature: str, blocks: str) -> Path:
+    """``<checkpoint dir>/spectra/blocks-<epoch>-<curvature>-<partition>.npz``.
+
+    >>> str(_default_blocks_path("run/checkpoint-00002.pt", "GGN", "transformer:heads=4"))
+    'run/spectra/blocks-00002-ggn-transformer-heads-4.npz'
+    """
+    spectrum = _default_spectrum_path(checkpoint, curvature)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", blocks).strip("-").lower() or "blocks"
+    name = spectrum.name.replace("spectrum-", "blocks-", 1).replace("-lanczos.npz", f"-{tag}.npz")
+    return spectrum.with_name(name)
+
+
+def _cmd_block_spectra(args: argparse.Namespace) -> list[str]:
+    """``spectrum --blocks``: per-block SLQ spectra (:func:`nets.compute_block_spectra`)."""
+    from nets.workflow.block_spectra import compute_block_spectra
+
+    for attr, flag, reason in _NOT_WITH_BLOCKS:
+        if getattr(args, attr) not in (None, False):
+            raise UsageError(
+                f"Option {flag}: not available with --blocks (per-block spectra {reason}); "
+                "leave it out"
+            )
+    _fill_from_checkpoint(args, args.checkpoint)
+    out = (
+        Path(args.out)
+        if args.out
+        else _default_blocks_path(args.checkpoint, args.curvature, args.blocks)
+    )
+    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint})
+    kwargs: dict[str, Any] = {
+        "dataset": args.dataset,
+        "data_path": args.data_path,
+        "model": args.model,
+        "checkpoint_path": args.checkpoint,
+        "save_path": str(out),
+        "blocks": args.blocks,
+        "lanczos_iters": args.iters,
+        "curvature_matrix": args.curvature,
+        "num_probes": args.probes,
+        "bn_mode": args.bn_mode,
+        "subsample": args.subsample,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": args.progress,
+    }
+    start = time.perf_counter()
+    try:
+        result = compute_block_spectra(**kwargs)
+    except (ValueError, TypeError) as exc:  # a head count that does not divide a projection
+        raise UsageError(user_message(exc, {"num_heads": "--blocks"})) from exc
+    elapsed = time.perf_counter() - start
+    return block_tables(result.path or out, elapsed)
+
+
+def block_tables(path: str | Path, elapsed: float | None = None) -> list[str]:
+    """The per-block table (block, size, top eigenvalue, trace, negative mass) of a
+    per-block spectra file, and a summary with the heterogeneity statistics."""
+    from nets.workflow.block_spectra import load_block_spectra
+
+    res = load_block_spectra(path)
+    header = ["block", "size", "top eigenvalue", "trace", "negative mass"]
+    body = [
+        [label, _fmt(b.size), _fmt(b.top), _fmt(b.trace), _fmt(b.negative_mass)]
+        for label, b in res.blocks.items()
+    ]
+    grid = format_grid(header, body, title=f"Per-block {res.curvature} spectra ({res.path})")
+    stats = res.heterogeneity()
+    samples = res.config.get("subsample")
+    rows: list[Row] = [
+        ("partition", res.partition),
+        (
+            "of the mean loss over",
+            "the training set" if samples is None else f"{samples} training samples (--subsample)",
+        ),
+        ("parameters in the blocks", _fmt(res.num_params)),
+        ("Lanczos iterations x probes", f"{res.lanczos_iters} x {res.num_probes}"),
+        ("top eigenvalues span (decades)", _fmt(stats["top_spread"])),
+        ("mean Jensen-Shannon distance", _fmt(stats["mean_js_distance"])),
+    ]
+    if elapsed is not None:
+        rows.append(("wall time (s)", f"{elapsed:.1f}"))
+    return [grid, format_table(rows, title="Block heterogeneity")]
 
 
 def _cmd_compare(args: argparse.Namespace) -> list[str]:
@@ -959,6 +1059,11 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         )
     elif args.what == "diag":
         fig = plot_spectrum("diag", path=source, log_weights=args.log_weights, save_path=out)
+    elif args.what == "blocks":
+        from nets.plots.blocks import plot_block_spectra
+
+        sigma = 0.1 if args.smooth is None else args.smooth
+        fig = plot_block_spectra(source, sigma=sigma, save_path=out)
     elif args.what == "band":
         from nets.plots.band import plot_spectrum_band
 
@@ -981,6 +1086,8 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
     rows: list[Row] = [("figure", out)]
     if args.what in ("spectrum", "band") and source is not None:
         rows = spectrum_rows(source) + rows
+    if args.what == "blocks" and source is not None:
+        return [*block_tables(source), format_table(rows, title="Plot")]
     return [format_table(rows, title="Plot")]
 
 
@@ -1189,6 +1296,15 @@ def _add_spectrum_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         default=10,
         help="save the Lanczos state every N iterations (with --state)",
     )
+    p.add_argument(
+        "--blocks",
+        default=None,
+        metavar="PARTITION",
+        help="one SLQ spectrum per diagonal block instead (block heterogeneity): layers, "
+        "transformer (embeddings, norms, Q/K/V, attention output, MLPs) or "
+        "transformer:heads=N (Q/K/V per head); --out defaults to <checkpoint dir>/spectra/"
+        "blocks-<epoch>-<curvature>-<partition>.npz; a table per block is printed",
+    )
     p.set_defaults(handler=_cmd_spectrum)
 
 
@@ -1353,12 +1469,21 @@ def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="figures from saved files (PNG/PDF)",
         formatter_class=fmt,
         description="Draw a saved spectrum (band: with its confidence band and bulk fit), "
-        "diagonal, training run, landscape, or "
+        "per-block spectra (blocks: spectrum --blocks), diagonal, training run, landscape, or "
         "the Lanczos-versus-diagonal comparison (the paper's Figure 2).",
     )
     p.add_argument(
         "what",
-        choices=("spectrum", "band", "diag", "training", "tracking", "landscape", "comparison"),
+        choices=(
+            "spectrum",
+            "band",
+            "diag",
+            "blocks",
+            "training",
+            "tracking",
+            "landscape",
+            "comparison",
+        ),
     )
     p.add_argument(
         "inputs",
@@ -1385,7 +1510,8 @@ def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         type=float,
         default=None,
         help="spectrum: also draw the density smoothed with kernel width sigma (GGN/Fisher: "
-        "a log-normal kernel on the half-line, so no mass below 0)",
+        "a log-normal kernel on the half-line, so no mass below 0); blocks: the kernel width "
+        "in decades of the symmetric log axis (default 0.1)",
     )
     p.add_argument(
         "--metric", default="loss", choices=("loss", "acc", "both"), help="landscape: what to draw"

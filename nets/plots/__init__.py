@@ -7,6 +7,7 @@ Every function returns a :class:`matplotlib.figure.Figure` (never calls
 from __future__ import annotations
 
 from nets.plots.approximations import plot_approximations
+from nets.plots.blocks import plot_block_spectra
 from nets.plots.comparison import plot_spectrum_comparison
 from nets.plots.landscape import plot_loss_landscape
 from nets.plots.spectrum import plot_spectrum, spectrum_summary
@@ -15,6 +16,7 @@ from nets.plots.training import plot_training
 
 __all__ = [
     "plot_approximations",
+    "plot_block_spectra",
     "plot_curvature_tracking",
     "plot_loss_landscape",
     "plot_spectrum",

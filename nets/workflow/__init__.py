@@ -14,6 +14,12 @@ states exactly as it found them.
 from __future__ import annotations
 
 from nets.workflow._resolve import CURVATURES, model_fingerprint, parse_curvature
+from nets.workflow.block_spectra import (
+    BlockSpectraResult,
+    BlockSpectrum,
+    compute_block_spectra,
+    load_block_spectra,
+)
 from nets.workflow.compare import compare_curvatures
 from nets.workflow.directions import (
     Direction,
@@ -34,17 +40,21 @@ from nets.workflow.spectrum import (
 __all__ = [
     "CURVATURES",
     "STATS_KEYS",
+    "BlockSpectraResult",
+    "BlockSpectrum",
     "Direction",
     "LandscapeResult",
     "ParamSpace",
     "SpectrumResult",
     "build_loss_landscape",
     "compare_curvatures",
+    "compute_block_spectra",
     "compute_eigenspectrum",
     "compute_loss_stats",
     "evaluate",
     "filter_normalised_directions",
     "lanczos_spectrum",
+    "load_block_spectra",
     "load_spectrum",
     "model_fingerprint",
     "parse_curvature",
