@@ -7,7 +7,8 @@ is :math:`\\sum_b S_b / \\sum_b \\nu_b = \\sum_b \\nu_b L_b / \\sum_b \\nu_b`, w
 :class:`LossMean` accumulates; weighting the batch means by their number of samples instead
 would give padded language-modelling data the wrong loss and perplexity.  Losses with
 ``reduction="sum"`` are weighted by their number of samples (the mean summed loss of a
-batch of that size).
+batch of that size), which depends on the batching: training and evaluation take only
+mean losses (:func:`check_mean_loss`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,59 @@ from typing import Any
 
 import torch
 
-from curvops.losses import batch_weight, loss_reduction
+from curvops.losses import batch_weight, loss_reduction, loss_setting
+from spectral.errors import argument_error
 
-__all__ = ["LossMean", "loss_weight"]
+__all__ = ["MEAN_REDUCTIONS", "LossMean", "check_mean_loss", "loss_weight"]
+
+#: The ``reduction`` settings of a mean loss (``"batchmean"``: ``nn.KLDivLoss``'s mean over
+#: samples).
+MEAN_REDUCTIONS = ("mean", "batchmean")
+
+
+def check_mean_loss(loss_fn: Any) -> Any:
+    """``loss_fn`` itself, if it is a loss instance with mean reduction.
+
+    A loss's reduction is its ``reduction`` setting (a module attribute, a
+    ``functools.partial`` keyword: :func:`curvops.losses.loss_setting`); a callable without
+    one (a plain function) is taken as a mean loss, as documented.  A ``"sum"`` loss's
+    reported mean depended on the batch size (a test loss of 225.6, 292.4 or 869.8 for
+    batch sizes 100, 128 or 359) and a ``"none"`` loss is no scalar.
+
+    Raises
+    ------
+    TypeError
+        Naming ``loss_fn``: not callable, or a loss class instead of an instance.
+    ValueError
+        Naming ``loss_fn``: a ``reduction`` other than ``"mean"`` (or ``"batchmean"``).
+
+    Examples
+    --------
+    >>> check_mean_loss(torch.nn.MSELoss(reduction="sum"))
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'loss_fn': expected a loss with mean reduction (reduction='mean'...
+    """
+    if isinstance(loss_fn, type):
+        raise argument_error(
+            "loss_fn",
+            f"a loss instance, e.g. {loss_fn.__name__}() (a class was given)",
+            loss_fn,
+            kind=TypeError,
+        )
+    if not callable(loss_fn):
+        raise argument_error(
+            "loss_fn", "a loss: a callable (outputs, targets) -> mean loss", loss_fn, kind=TypeError
+        )
+    reduction = loss_setting(loss_fn, "reduction", "mean")
+    if reduction not in MEAN_REDUCTIONS:
+        raise argument_error(
+            "loss_fn",
+            "a loss with mean reduction (reduction='mean': the reported losses are means over "
+            "samples, which a 'sum' loss makes depend on the batch size)",
+            f"{loss_fn!r} with reduction={reduction!r}",
+        )
+    return loss_fn
 
 
 def loss_weight(loss_fn: Any, inputs: Any, targets: torch.Tensor, size: int) -> Any:

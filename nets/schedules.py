@@ -21,6 +21,7 @@ SWA learning rate: ``T = swa_start`` and ``r = swa_lr / alpha_0`` (as in the SWA
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from spectral.errors import argument_error
@@ -106,18 +107,44 @@ def constant_schedule(
     return lr0
 
 
+def _check_signature(fn: Schedule) -> None:
+    """Refuse a callable that cannot be called as ``fn(epoch, total_epochs, lr0, ratio)``."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: not checked
+        return
+    try:
+        signature.bind(0, 1, 0.1, 0.01)
+    except TypeError as exc:
+        raise argument_error(
+            "schedule",
+            f"a callable f(epoch, total_epochs, lr0, ratio) -> lr (its signature {signature} "
+            f"cannot take these four arguments: {exc})",
+            fn,
+            kind=TypeError,
+        ) from None
+
+
 SCHEDULES: dict[str, Schedule] = {"linear": linear_schedule, "constant": constant_schedule}
 
 
 def get_schedule(name: str | Schedule) -> Schedule:
     """Look up a schedule by name (``"linear"``, ``"constant"``) or pass a callable through.
 
-    A callable must have the signature ``f(epoch, total_epochs, lr0, ratio) -> lr``.
+    A callable must have the signature ``f(epoch, total_epochs, lr0, ratio) -> lr``: one
+    that cannot take these four arguments is refused here (it failed at the first epoch
+    with Python's "takes 2 positional arguments but 4 were given").  Its rates are checked
+    where they are used (:class:`nets.training.LearningRateSchedule`).
 
     >>> get_schedule("linear") is linear_schedule
     True
+    >>> get_schedule(lambda epoch, total: 0.1)
+    Traceback (most recent call last):
+    ...
+    TypeError: Argument 'schedule': expected a callable f(epoch, total_epochs, lr0, ratio) -> lr...
     """
     if callable(name):
+        _check_signature(name)
         return name
     if not isinstance(name, str) or name.lower() not in SCHEDULES:
         raise argument_error("schedule", f"one of {sorted(SCHEDULES)} or a callable", name)

@@ -41,6 +41,8 @@ Files written in ``dir``
     evaluation (and accuracies are ``null`` for regression).  ``train_*`` are
     running averages over the epoch's minibatches (model in training mode:
     BatchNorm batch statistics, dropout on, weights changing during the epoch,
+    each minibatch's at the weights its step starts from: the first evaluation of
+    the closure for optimisers that evaluate it several times, e.g. LBFGS;
     inputs augmented when the training set has an augmentation, e.g. CIFAR's
     crop and flip; the digits have none); ``test_*`` are one full pass over the
     test set in eval mode at the end of the epoch.  ``definitions`` states this
@@ -50,7 +52,9 @@ Files written in ``dir``
     ``stats-*`` files; one JSON file replaces them.)  Only the ``curvature`` rows
     carry checksums: the rest of the file (``config``, ``epochs``) has none, so a
     changed digit there is not detected.  A run resumed without tracking keeps the
-    recorded ``curvature`` rows.
+    recorded ``curvature`` rows.  The ``epochs`` count up by one: resuming refuses a
+    checkpoint of a later epoch than the file records (one left by a branch abandoned
+    when the run was continued from an earlier checkpoint), and a file with a gap.
 
 Randomness and exact resumption
 -------------------------------
@@ -80,9 +84,11 @@ loader.  Optimisers with ``requires_closure = True`` (and ``LBFGS``) get
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
@@ -94,7 +100,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from curvops.losses import counted_mask, sequence_cross_entropy
 from nets.checkpoint import (
@@ -109,7 +115,7 @@ from nets.checkpoint import (
 from nets.curvature_rows import STATS_CHECKSUMS, row_checksums, verified_rows, write_rows
 from nets.data import DatasetSplits, load_dataset, make_loader
 from nets.device import resolve_device
-from nets.loss_means import LossMean
+from nets.loss_means import LossMean, check_mean_loss
 from nets.models import get_model, model_spec
 from nets.models._common import check_positive_int
 from nets.optim.registry import get_optimizer
@@ -326,7 +332,9 @@ def evaluate(
     """Mean loss, top-1 and top-5 accuracy (%) of ``model`` in eval mode over ``loader``.
 
     The mean loss weights each batch by the loss's own normaliser (e.g. its counted
-    tokens under ``ignore_index`` padding): the loss over all of ``loader``.
+    tokens under ``ignore_index`` padding): the loss over all of ``loader``.  ``loss_fn``
+    has mean reduction (:func:`nets.loss_means.check_mean_loss`; a ``"sum"`` loss's result
+    depended on the batch size).
 
     The model's training mode is restored afterwards.
 
@@ -337,6 +345,7 @@ def evaluate(
     >>> sorted(evaluate(net, data, torch.nn.CrossEntropyLoss()))
     ['acc', 'loss', 'top5']
     """
+    check_mean_loss(loss_fn)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -378,7 +387,9 @@ def metric_definitions(augmentation: str | None) -> dict[str, str]:
     augmented = f"inputs {augmentation}" if augmentation else "no augmentation"
     train = (
         "running mean over the epoch's minibatches, model in train mode (BatchNorm batch "
-        f"statistics, dropout on) while the weights change, {augmented}"
+        "statistics, dropout on) while the weights change, each minibatch's at the weights "
+        "its step starts from (the first evaluation of the closure for optimisers that "
+        f"evaluate it several times per step, e.g. LBFGS), {augmented}"
     )
     test = "one full pass over the test set at the end of the epoch, model in eval mode"
     return {
@@ -436,20 +447,87 @@ def _read_stats(
     upto_epoch: int,
     config: dict[str, Any],
     optimizer_defaults: Mapping[str, Any] | None = None,
+    *,
+    resumed: tuple[Any, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """The epochs of ``stats.json`` up to ``upto_epoch``, from a run of the same model, data
     and settings as ``config`` (:func:`check_same_run`; an unreadable file is an error:
-    rewriting it would lose the run's history)."""
+    rewriting it would lose the run's history).
+
+    The recorded epochs must count up by one (a file with a gap is refused, naming it), and
+    the run continues its history: when epochs up to ``upto_epoch`` are recorded, the last
+    of them must be ``upto_epoch`` itself.  A checkpoint of a later epoch than the file
+    records was left by an abandoned branch (the run was continued from an earlier
+    checkpoint); resuming it wrote a history with a gap (epochs 1, 2, 3, 5, 6).  The error
+    names ``resume`` (``resumed``: its value and the checkpoint's path) and the latest
+    checkpoint the file records.  Epochs after ``upto_epoch`` (trained after the checkpoint
+    was saved) are trained again.
+    """
     if not path.is_file():
         return []
     try:
         payload = json.loads(path.read_text())
-        entries = [e for e in payload["epochs"] if int(e["epoch"]) <= upto_epoch]
+        epochs = [int(e["epoch"]) for e in payload["epochs"]]
         recorded = dict(payload["config"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise _unreadable(path, exc) from exc
     check_same_run(recorded, config, where=f"'{path}'", optimizer_defaults=optimizer_defaults)
-    return entries
+    gap = _epoch_gap(epochs)
+    if gap is not None:
+        raise CorruptFileError(
+            f"{path}: its epochs are not contiguous (epoch {gap[1]} follows epoch {gap[0]}), so "
+            "it misstates the run's history; restore the file, or start the run anew in "
+            "another directory"
+        )
+    kept = [e for e, n in zip(payload["epochs"], epochs) if n <= upto_epoch]
+    if kept and epochs[len(kept) - 1] != upto_epoch:
+        raise _beyond_history(path, epochs[len(kept) - 1], upto_epoch, resumed)
+    return cast(list[dict[str, Any]], kept)
+
+
+def _epoch_gap(epochs: Sequence[int]) -> tuple[int, int] | None:
+    """The first ``(epoch, next epoch)`` that does not count up by one (``(0, e)`` for a first
+    epoch below 1), or ``None``.
+
+    >>> _epoch_gap([1, 2, 3]), _epoch_gap([1, 2, 3, 5, 6]), _epoch_gap([])
+    (None, (3, 5), None)
+    """
+    if epochs and epochs[0] < 1:
+        return (0, epochs[0])
+    for before, after in itertools.pairwise(epochs):
+        if after != before + 1:
+            return (before, after)
+    return None
+
+
+def _beyond_history(
+    path: Path, last: int, epoch: int, resumed: tuple[Any, Path] | None
+) -> ValueError:
+    """The error for resuming a checkpoint of ``epoch`` beyond the history ``path`` records
+    (which ends at ``last``), naming ``resume`` and the latest checkpoint it records."""
+    found = []
+    for candidate in path.parent.glob("checkpoint-*.pt"):
+        stem = candidate.stem.split("-", 1)[1]
+        if stem.isdigit() and int(stem) <= last:
+            found.append((int(stem), candidate))
+    hint = "start the run anew in another directory"
+    if found:
+        hint = (
+            f"to continue the recorded run pass resume='{max(found)[1]}' (the latest "
+            f"checkpoint it records), or {hint}"
+        )
+    shown = f"'{resumed[1]}'" if resumed is not None else "the checkpoint being resumed"
+    return cast(
+        ValueError,
+        argument_error(
+            "resume",
+            f"a checkpoint of the history that '{path}' records (its epochs end at {last}; "
+            f"{shown} is of epoch {epoch}, after it: a checkpoint left by an abandoned "
+            "branch, the run having been continued from an earlier checkpoint, or one of "
+            f"another run); {hint}",
+            resumed[0] if resumed is not None else epoch,
+        ),
+    )
 
 
 def _read_curvature(path: Path) -> list[dict[str, Any]] | None:
@@ -628,7 +706,8 @@ def train_network(
         A name for :func:`nets.data.load_dataset` (``"digits"``, ``"CIFAR10"``,
         ``"CIFAR100"``, ``"synthetic"``), a :class:`~nets.data.DatasetSplits`, a
         ``Dataset`` or ``DataLoader`` of ``(inputs, targets)`` (training only), or a
-        ``(train, test)`` pair of them.
+        ``(train, test)`` pair of them.  Non-empty; the training set map-style (with a
+        length: an ``IterableDataset`` is refused).
     data_path:
         Where CIFAR is stored.
     model:
@@ -644,17 +723,25 @@ def train_network(
         Total number of epochs (including those before ``resume``): not below the
         resumed checkpoint's epoch (equal to it, the run is finished and nothing is done).
     batch_size:
-        Training minibatch size (also used for evaluation).
+        Training minibatch size (also used for evaluation).  One that leaves a last batch
+        of a single sample, which the model's BatchNorm layers cannot normalise in train
+        mode, is refused.
     schedule:
         ``"linear"`` (Eq. 8, ``r = 0.01``), ``"constant"``, a callable
         ``f(epoch, total_epochs, lr0, ratio)`` or ``None`` to leave learning rates alone.
+        Each parameter group is scheduled from its own initial rate (its rate when the run
+        starts; a resumed run's from the checkpoint); a custom schedule's rates must be
+        finite and non-negative (checked for every epoch before training).
     save_freq:
         Save a checkpoint every ``save_freq`` epochs (plus the initial and final
         ones); ``None`` saves only those two.
     eval_freq:
         Evaluate the test set every ``eval_freq`` epochs (and after the last).
     resume:
-        A checkpoint path, or ``True`` for the latest ``checkpoint-*.pt`` in ``dir``.
+        A checkpoint path, or ``True`` for the latest ``checkpoint-*.pt`` in ``dir``.  A
+        checkpoint of a later epoch than ``dir``'s ``stats.json`` records is refused (one
+        left by a branch abandoned when the run was continued from an earlier checkpoint:
+        the error names the checkpoint to pass instead); nothing is renamed or deleted.
     seed:
         Seed of initialisation, data order, augmentation and dropout.
     device:
@@ -662,9 +749,12 @@ def train_network(
     swa, swa_start, swa_lr, swa_c_epochs:
         Stochastic weight averaging: from epoch ``swa_start`` (default
         ``epochs // 2``) average the weights every ``swa_c_epochs`` epochs, with the
-        learning rate annealed to ``swa_lr`` (default ``lr0 / 10``) by ``swa_start``.
+        learning rate annealed to ``swa_lr`` (default ``lr0 / 10``; other parameter groups
+        in their ratio to the first) by ``swa_start``.  With ``schedule=None`` the rates
+        are left alone and ``swa_lr`` is refused.
     loss_fn:
-        Loss with mean reduction; default cross-entropy (MSE for regression).
+        Loss with mean reduction (a ``reduction`` other than ``"mean"`` is refused; a plain
+        function is taken as a mean); default cross-entropy (MSE for regression).
     progress:
         Show a tqdm progress bar.
     num_workers:
@@ -728,26 +818,26 @@ def train_network(
     data = resolve_data(dataset, data_path, seed, dict(dataset_kwargs or {}))
     net, spec = build_model(model, data, seed=seed, model_kwargs=model_kwargs, device=run_device)
     opt_kwargs = options.optimizer_options(optimizer_kwargs)
-    check_learning_rate_option(opt_kwargs.get("lr"))  # before the optimiser's own check
-    opt, optimizer_name = build_optimizer(optimizer, net, opt_kwargs)
-    check_learning_rates(opt, given_as_name=isinstance(optimizer, str))
+    opt, optimizer_name = checked_optimizer(optimizer, net, opt_kwargs)
     protocol = StepProtocol.of(opt)
     lr0 = float(opt.param_groups[0]["lr"])
-    loss_fn = default_loss(data.task) if loss_fn is None else loss_fn
-    swa_cfg = swa_config(swa, swa_start, swa_lr, swa_c_epochs, epochs=epochs, lr0=lr0)
+    loss_fn = checked_loss(loss_fn, data.task)
+    swa_cfg = swa_config(swa, swa_start, swa_lr, swa_c_epochs, epochs=epochs, lr0=lr0,
+                         scheduled=schedule is not None)  # fmt: skip
     config = run_config(
         spec, net, data, options, protocol, swa_cfg, optimizer_groups=optimizer_param_groups(opt),
         data_path=data_path, optimizer_name=optimizer_name, optimizer_kwargs=opt_kwargs,
         schedule=schedule, lr0=lr0, loss_fn=loss_fn, device=run_device, swa_c_epochs=swa_c_epochs,
     )  # fmt: skip
-    loaders = make_loaders(data, options, curvature_step=protocol.curvature_step, swa=swa)
+    loaders = make_loaders(data, options, curvature_step=protocol.curvature_step, swa=swa,
+                           model=net)  # fmt: skip
     run = TrainingRun(
         Path(dir), data, net, opt, loss_fn, run_device, loaders, options, config, protocol,
-        schedule=LearningRateSchedule(schedule_fn, epochs, lr0, swa_cfg),
+        schedule=LearningRateSchedule.checked(schedule_fn, epochs, lr0, swa_cfg, opt),
         swa=swa_cfg, averager=WeightAverager(net) if swa else None,
     )  # fmt: skip
     with seeded_global_rng(seed, run_device):
-        start_epoch = restore_run(run, resume, tracking=track is not None) if resume else 0
+        start_epoch = begin_run(run, resume, tracking=track is not None)
         stats = _stats_file(run)
         with replaced_run(run.out_dir, previous):
             result = _initial_result(run, stats, stats.read(start_epoch) if resume else [])
@@ -803,6 +893,13 @@ class TrainingOptions:
             raise argument_error("seed", "an integer", seed, kind=TypeError)
         if not 0 <= seed < 2**63:
             raise argument_error("seed", "an integer in [0, 2**63)", seed)
+        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
+            raise argument_error(
+                "optimizer_kwargs",
+                "a mapping of the optimiser's keyword arguments, e.g. {'lr': 0.1}",
+                optimizer_kwargs,
+                kind=TypeError,
+            )
         given = dict(optimizer_kwargs or {})
         batch = given.pop("batch_size", values.pop("batch_size", cls.batch_size))
         batch = check_positive_int("batch_size", batch)
@@ -831,10 +928,11 @@ class TrainingOptions:
 @dataclass(frozen=True)
 class SWAConfig:
     """Stochastic weight averaging: average every ``c_epochs`` epochs from epoch ``start``,
-    with the learning rate annealed to ``lr`` by ``start``."""
+    with the learning rate annealed to ``lr`` by ``start`` (``None``: no schedule, the rates
+    are left alone)."""
 
     start: int
-    lr: float
+    lr: float | None
     c_epochs: int = 1
 
     def averages_after(self, done: int) -> bool:
@@ -850,11 +948,21 @@ def swa_config(
     *,
     epochs: int,
     lr0: float,
+    scheduled: bool = True,
 ) -> SWAConfig | None:
     """The checked SWA settings (defaults ``epochs // 2`` and ``lr0 / 10``), ``None`` without SWA.
 
+    ``scheduled=False`` (``schedule=None``: the learning rates are left alone) has no SWA
+    rate: ``swa_lr`` is refused (it was recorded in the run's configuration, but never
+    applied).  The SWA rate is the first parameter group's, the other groups' in their
+    ratio to it, so a first group at rate ``lr0 = 0`` (a frozen layer) is refused too.
+
     >>> swa_config(True, None, None, 1, epochs=10, lr0=0.1)
     SWAConfig(start=5, lr=0.01, c_epochs=1)
+    >>> swa_config(True, None, 0.01, 1, epochs=10, lr0=0.1, scheduled=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'swa_lr': expected None when schedule=None (...
     """
     check_positive_int("swa_c_epochs", swa_c_epochs)
     if not swa:
@@ -863,9 +971,29 @@ def swa_config(
     check_positive_int("swa_start", start)
     if start >= epochs:
         raise argument_error("swa_start", f"an epoch below epochs={epochs}", start)
+    if not scheduled:
+        if swa_lr is not None:
+            raise argument_error(
+                "swa_lr",
+                "None when schedule=None (without a schedule the learning rates are left "
+                "alone, so no SWA rate is applied; pass schedule='linear' or 'constant' to "
+                "anneal to swa_lr)",
+                swa_lr,
+            )
+        return SWAConfig(start, None, swa_c_epochs)
+    if swa_lr is not None and (isinstance(swa_lr, bool) or not isinstance(swa_lr, numbers.Real)):
+        raise argument_error("swa_lr", "a positive learning rate", swa_lr, kind=TypeError)
+    if not lr0 > 0:
+        raise argument_error(
+            "swa_lr",
+            "a first parameter group that trains: the SWA rate is the first group's and "
+            "every other group's is in its ratio to the first group's initial rate, which is "
+            f"{lr0!r} here (put a group with a positive learning rate first)",
+            swa_lr,
+        )
     lr = lr0 / 10.0 if swa_lr is None else float(swa_lr)
-    if not lr > 0:
-        raise argument_error("swa_lr", "a positive learning rate", swa_lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise argument_error("swa_lr", "a finite, positive learning rate", swa_lr)
     return SWAConfig(start, lr, swa_c_epochs)
 
 
@@ -946,14 +1074,8 @@ def check_model_fits(net: nn.Module, data: TrainingData, *, model_name: str | No
     """
     import copy
 
-    source = data.train_eval if data.train_eval is not None else data.train
-    try:
-        sample = cast(Any, source)[0][0]
-        first = next(iter(net.parameters()))
-        inputs = torch.as_tensor(sample).unsqueeze(0).to(first.device)
-        if torch.is_floating_point(inputs):
-            inputs = inputs.to(first.dtype)
-    except Exception:  # an unusual dataset or a parameterless model: nothing to check
+    inputs = _first_input(net, data)
+    if inputs is None:  # an unusual dataset or a parameterless model: nothing to check
         return
     probe = copy.deepcopy(net).eval()
     try:
@@ -1002,6 +1124,18 @@ def build_optimizer(
     raise argument_error(
         "optimizer", "an optimiser name or a torch.optim.Optimizer", optimizer, kind=TypeError
     )
+
+
+def checked_optimizer(
+    optimizer: str | torch.optim.Optimizer, net: nn.Module, options: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, str]:
+    """:func:`build_optimizer` with the learning rates checked: ``lr`` of ``options`` before the
+    optimiser's own check (:func:`check_learning_rate_option`), every group's after
+    (:func:`check_learning_rates`)."""
+    check_learning_rate_option(options.get("lr"))
+    opt, name = build_optimizer(optimizer, net, options)
+    check_learning_rates(opt, given_as_name=isinstance(optimizer, str))
+    return opt, name
 
 
 def check_learning_rate_option(lr: Any) -> None:
@@ -1075,6 +1209,21 @@ _LEARNING_RATE = "a finite, non-negative learning rate"
 def _refuse_bad_learning_rate(lr: float, name: str, where: str = "") -> None:
     if not (math.isfinite(lr) and lr >= 0):
         raise argument_error(name, _LEARNING_RATE + where, lr)
+
+
+def checked_loss(loss_fn: Any, task: str) -> LossFn:
+    """``loss_fn`` checked (:func:`nets.loss_means.check_mean_loss`: a callable loss instance
+    with mean reduction), or the task's :func:`default_loss` for ``None``.
+
+    A ``reduction="sum"`` loss was accepted, and its reported losses depended on the batch
+    size; a string failed at the first step as "'str' object is not callable".
+
+    >>> checked_loss(nn.CrossEntropyLoss(reduction="sum"), "classification")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'loss_fn': expected a loss with mean reduction...
+    """
+    return default_loss(task) if loss_fn is None else check_mean_loss(loss_fn)
 
 
 def default_loss(task: str) -> LossFn:
@@ -1172,14 +1321,26 @@ class Loaders:
 
 
 def make_loaders(
-    data: TrainingData, options: TrainingOptions, *, curvature_step: bool, swa: bool
+    data: TrainingData,
+    options: TrainingOptions,
+    *,
+    curvature_step: bool,
+    swa: bool,
+    model: nn.Module | None = None,
 ) -> Loaders:
-    """Seeded loaders: training order from ``seed``, curvature batches from a derived seed."""
+    """Seeded loaders: training order from ``seed``, curvature batches from a derived seed.
+
+    The data are checked first (:func:`check_training_data`), and with ``model`` the last
+    batches (:func:`check_last_batches`): before any file of the run is written.
+    """
     assert data.train is not None
+    check_training_data(data)
     workers = options.num_workers
-    train = data.train_loader or make_loader(
-        data.train, options.batch_size, shuffle=True, seed=options.seed, num_workers=workers
-    )
+    train = data.train_loader
+    if train is None:  # (an empty DataLoader is falsy: `or` replaced it)
+        train = make_loader(
+            data.train, options.batch_size, shuffle=True, seed=options.seed, num_workers=workers
+        )
     test = None
     if data.test is not None:
         test = make_loader(data.test, options.batch_size, shuffle=False, num_workers=workers)
@@ -1194,48 +1355,262 @@ def make_loaders(
         )
     bn = None
     if swa:
-        bn = make_loader(data.train_eval or data.train, options.batch_size, shuffle=False)
-    return Loaders(train, test, curvature, bn)
+        source = data.train_eval if data.train_eval is not None else data.train
+        bn = make_loader(source, options.batch_size, shuffle=False)
+    loaders = Loaders(train, test, curvature, bn)
+    if model is not None:
+        check_last_batches(model, loaders, data)
+    return loaders
+
+
+def check_training_data(data: TrainingData) -> None:
+    """Refuse a training or test set that cannot be used, before any file is written.
+
+    An empty training ``Dataset`` or ``DataLoader`` failed in PyTorch's sampler ("num_samples
+    should be a positive integer value": an empty ``DataLoader`` is falsy, and was replaced);
+    a ``DataLoader`` over an ``IterableDataset`` as "object of type ... has no len()"; an empty
+    test set only after the first epoch was trained and its files written, naming ``loader``.
+    A test ``IterableDataset`` is evaluated in one pass, as it yields its samples.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``dataset``.
+    """
+    for split, dataset in (("training", data.train), ("test", data.test)):
+        if dataset is None or (split == "test" and isinstance(dataset, IterableDataset)):
+            continue
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise argument_error(
+                "dataset",
+                f"a {split} set with a length (a map-style Dataset, or a DataLoader over one: "
+                "the samples of an IterableDataset cannot be counted, shuffled with the run's "
+                "seed or replayed on resume)",
+                dataset,
+                kind=TypeError,
+            )
+        if len(cast(Any, dataset)) == 0:
+            raise argument_error(
+                "dataset", f"a non-empty {split} set", f"an empty {split} set ({dataset!r})"
+            )
+    if data.train_loader is not None and len(data.train_loader) == 0:
+        raise argument_error(
+            "dataset",
+            "a training DataLoader that yields at least one batch (drop_last with a batch size "
+            "above the number of samples yields none)",
+            data.train_loader,
+        )
+
+
+def check_last_batches(net: nn.Module, loaders: Loaders, data: TrainingData) -> None:
+    """Refuse a training (or curvature) loader whose last batch holds one sample when ``net``
+    has BatchNorm layers that cannot normalise it in train mode, before any file is written.
+
+    Such a run failed at its last batch with PyTorch's "Expected more than 1 value per
+    channel when training", after the epoch's other batches were trained.  The failure is
+    confirmed by one train-mode forward pass of one sample on a copy of ``net`` (``net``,
+    its buffers and the random streams untouched): a BatchNorm over positions too (images)
+    normalises a single sample.
+
+    Raises
+    ------
+    ValueError
+        Naming ``batch_size`` (``curvature_batch_size`` for the curvature batches, ``dataset``
+        for a given ``DataLoader``).
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return
+    named = (
+        ("batch_size" if data.train_loader is None else "dataset", loaders.train),
+        ("curvature_batch_size", loaders.curvature),
+    )
+    for name, loader in named:
+        if loader is None or loader.batch_size is None or loader.drop_last:
+            continue
+        try:
+            size = len(cast(Any, loader.sampler))
+        except TypeError:  # a sampler without a length: its last batch is unknown
+            continue
+        if size % loader.batch_size != 1 or not _fails_on_one_sample(net, data):
+            continue
+        raise argument_error(
+            name,
+            f"a batch size that leaves no last batch of 1 sample (the training set of {size} "
+            f"samples leaves a last batch of 1, which BatchNorm cannot normalise in train "
+            "mode); choose another batch size",
+            loader.batch_size,
+        )
+
+
+def _fails_on_one_sample(net: nn.Module, data: TrainingData) -> bool:
+    """Whether a train-mode forward pass of the first training sample alone fails in a
+    BatchNorm layer (on a copy of ``net``, the random streams forked; ``False`` when the
+    sample cannot be read)."""
+    import copy
+
+    inputs = _first_input(net, data)
+    if inputs is None:
+        return False
+    probe = copy.deepcopy(net).train()
+    cuda = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            probe(inputs)
+    except ValueError as exc:
+        return "more than 1 value per channel" in str(exc)
+    except Exception:  # another failure: check_model_fits's and the run's to report
+        return False
+    finally:
+        del probe
+    return False
+
+
+def _first_input(net: nn.Module, data: TrainingData) -> torch.Tensor | None:
+    """The first (unaugmented) training sample's inputs as a batch of one on ``net``'s
+    device and floating dtype; ``None`` for an unusual dataset or a parameterless model."""
+    source = data.train_eval if data.train_eval is not None else data.train
+    try:
+        sample = cast(Any, source)[0][0]
+        first = next(iter(net.parameters()))
+        inputs = torch.as_tensor(sample).unsqueeze(0).to(first.device)
+        if torch.is_floating_point(inputs):
+            inputs = inputs.to(first.dtype)
+    except Exception:
+        return None
+    return inputs
 
 
 @dataclass(frozen=True)
 class LearningRateSchedule:
     """The learning rate of each epoch: ``fn(epoch, epochs, lr0, 0.01)``, or with SWA annealed to
-    the SWA rate by its start and constant after; ``fn = None`` leaves the rates alone."""
+    the SWA rate by its start and constant after; ``fn = None`` leaves the rates alone.
+
+    Each parameter group is scheduled from its own initial rate (:meth:`rate`); ``lr0`` is the
+    first group's, whose rates ``stats.json`` reports.
+    """
 
     fn: Callable[..., float] | None
     epochs: int
     lr0: float
     swa: SWAConfig | None = None
 
+    @classmethod
+    def checked(
+        cls,
+        fn: Callable[..., float] | None,
+        epochs: int,
+        lr0: float,
+        swa: SWAConfig | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> LearningRateSchedule:
+        """The schedule, with the rate of every epoch checked before training starts (a
+        finite, non-negative number: :meth:`rate`) for ``lr0`` and for the rate of each of
+        ``optimizer``'s parameter groups (their initial rates in a new run).
+
+        >>> LearningRateSchedule.checked(lambda e, T, lr0, r: -0.1, 3, 0.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Argument 'schedule': expected a callable returning a finite, non-negative...
+        """
+        schedule = cls(fn, epochs, lr0, swa)
+        if fn is not None:
+            groups = [] if optimizer is None else optimizer.param_groups
+            for initial in sorted({float(lr0), *(float(g["lr"]) for g in groups)}):
+                for epoch in range(epochs):
+                    schedule.rate(epoch, initial)
+        return schedule
+
     def __call__(self, epoch: int) -> float | None:
-        """The rate of (0-based) ``epoch``, or ``None`` without a schedule."""
-        swa = self.swa
-        return _learning_rate(
-            self.fn, epoch, self.epochs, self.lr0, swa is not None,
-            None if swa is None else swa.start, None if swa is None else swa.lr,
-        )  # fmt: skip
+        """The rate of (0-based) ``epoch`` for the first group, or ``None`` without a schedule."""
+        return self.rate(epoch, self.lr0)
+
+    def rate(self, epoch: int, initial: float) -> float | None:
+        """The rate of (0-based) ``epoch`` for a group of initial rate ``initial`` (``None``
+        without a schedule): the schedule evaluated with that initial rate.
+
+        With SWA the decay ends at the SWA rate times the group's ratio to the first group,
+        ``initial / lr0`` (the first group's is ``swa_lr`` itself), the rate of every epoch
+        from ``swa_start`` on.  A group that starts at 0 (a frozen layer) stays at 0 under
+        the paper's schedules, whatever the first group's rate.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Naming ``schedule`` and the epoch, when a schedule returns anything but a finite,
+            non-negative number (a negative rate ran gradient ascent, a NaN one failed later
+            as a "non-finite loss").
+
+        >>> from nets.schedules import get_schedule
+        >>> LearningRateSchedule(get_schedule("constant"), 10, 0.1).rate(3, 0.0)
+        0.0
+        """
+        fn, swa = self.fn, self.swa
+        if fn is None:
+            return None
+        if swa is None or swa.lr is None:
+            return _checked_rate(fn(epoch, self.epochs, initial, 0.01), epoch)
+        ratio = swa.lr / self.lr0 if self.lr0 > 0 else 1.0
+        if epoch >= swa.start:
+            return swa.lr if initial == self.lr0 else initial * ratio
+        return _checked_rate(fn(epoch, swa.start, initial, ratio), epoch)
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int) -> float:
         """Set every parameter group's ``lr`` for ``epoch``; return the first group's rate.
 
-        The schedule is that of the first group (initial rate ``lr0``); a group that
-        started at another rate keeps its ratio to it: its rate is the schedule's times
-        ``initial_lr / lr0``, with ``initial_lr`` (PyTorch's name, kept in the group and so
-        in the optimiser's checkpoint) its rate when first scheduled.  Every group used to
-        get the first group's rate (groups at 0.1 and 0.001 both trained at 0.1).
+        Each group is scheduled from its own initial rate ``initial_lr`` (PyTorch's name,
+        kept in the group and so in the optimiser's checkpoint; :func:`begin_run` sets it to
+        the group's rate when a run starts): groups at 0.1 and 0.001 keep their ratio, and a
+        first group at 0 (a frozen layer) leaves the others training.  (Every group used to
+        get the first group's rate, and with a first group at 0 no group trained.)  A group
+        without ``initial_lr`` (a checkpoint written before it was kept) has rates already
+        scheduled by the first group's factor, which is undone.
         """
-        lr = self(epoch)
-        if lr is not None:
-            groups = optimizer.param_groups
-            current = float(groups[0]["lr"])
-            # the rates of a run resumed from a checkpoint without initial_lr are already
-            # scheduled: undo the first group's factor (1 in a new run)
-            undo = self.lr0 / current if current > 0 else 1.0
-            for group in groups:
-                initial = float(group.setdefault("initial_lr", float(group["lr"]) * undo))
-                group["lr"] = lr * (initial / self.lr0) if self.lr0 > 0 else lr
-        return float(optimizer.param_groups[0]["lr"])
+        if self.fn is None:
+            return float(optimizer.param_groups[0]["lr"])
+        groups = optimizer.param_groups
+        current = float(groups[0]["lr"])
+        # rates of a run resumed from a checkpoint without initial_lr are already scheduled:
+        # undo the first group's factor (1 in a new run)
+        undo = self.lr0 / current if current > 0 else 1.0
+        for group in groups:
+            initial = float(group.setdefault("initial_lr", float(group["lr"]) * undo))
+            group["lr"] = self.rate(epoch, initial)
+        return float(groups[0]["lr"])
+
+
+def _checked_rate(value: Any, epoch: int) -> float:
+    """A schedule's rate as a float: a finite, non-negative number (error naming ``schedule``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    expected = f"a callable returning a finite, non-negative learning rate (epoch {epoch + 1})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise argument_error("schedule", expected, value, kind=TypeError)
+    rate = float(value)
+    if not (math.isfinite(rate) and rate >= 0):
+        raise argument_error("schedule", expected, value)
+    return rate
+
+
+def begin_run(
+    run: TrainingRun, resume: str | os.PathLike[str] | bool | None, *, tracking: bool = False
+) -> int:
+    """Start ``run``: each parameter group's initial rate (``initial_lr``, what the schedule
+    scales) is its rate now, then with ``resume`` the checkpoint's state is restored
+    (:func:`restore_run`; its groups' initial rates with it); return the epoch to start from.
+
+    An ``initial_lr`` already in the optimiser (a PyTorch scheduler's, or an earlier run's on
+    the same optimiser) was kept, so the run trained from that stale rate, not from its
+    recorded ``lr0``.
+    """
+    for i, group in enumerate(run.optimizer.param_groups):
+        stale, group["initial_lr"] = group.get("initial_lr"), float(group["lr"])
+        if stale is not None and not resume and float(stale) != group["initial_lr"]:
+            logger.info(
+                "parameter group %d: initial_lr %r (from an earlier schedule) replaced by the "
+                "group's rate %r, the run's initial rate",
+                i, float(stale), group["initial_lr"],
+            )  # fmt: skip
+    return restore_run(run, resume, tracking=tracking) if resume else 0
 
 
 @dataclass
@@ -1370,7 +1745,12 @@ def restore_run(
 ) -> int:
     """Load model, optimiser, RNG streams and SWA state from a checkpoint; return its epoch.
 
-    ``resume=True`` takes the latest ``checkpoint-*.pt`` of the run directory.
+    ``resume=True`` takes the latest ``checkpoint-*.pt`` of the run directory.  Refused,
+    before anything is loaded, when the run directory's ``stats.json`` (if any) does not lead
+    to the checkpoint's epoch (:func:`_read_stats`): a later checkpoint left by a branch that
+    was abandoned when the run was continued from an earlier one is not resumed (pass the
+    checkpoint to continue from); nothing is renamed or deleted.  A run resumed in a
+    directory without ``stats.json`` records the epochs after the checkpoint's.
     """
     resume_path = latest_checkpoint(run.out_dir) if resume is True else Path(cast(Any, resume))
     if resume_path is None:
@@ -1392,6 +1772,10 @@ def restore_run(
             run.options.epochs,
         )
     check_schedule_history(run.schedule, recorded.get("epochs"), start_epoch)
+    _read_stats(  # the run's history must lead to the checkpoint (no gap)
+        run.out_dir / STATS_FILE, start_epoch, run.config, optimizer_defaults(run.optimizer),
+        resumed=(resume, resume_path),
+    )  # fmt: skip
     load_model_state(run.model, ckpt)
     if ckpt.get("optimizer") is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -1501,7 +1885,14 @@ class StatsFile:
     def write(
         self, epochs: list[dict[str, Any]], curvature: list[dict[str, Any]] | None = None
     ) -> None:
-        """Rewrite the file with ``epochs`` (and the tracker's rows as ``curvature``)."""
+        """Rewrite the file with ``epochs`` (and the tracker's rows as ``curvature``); epochs
+        that do not count up by one are refused (``RuntimeError``), the file left as it was."""
+        gap = _epoch_gap([int(e["epoch"]) for e in epochs])
+        if gap is not None:  # never a history with a gap
+            raise RuntimeError(
+                f"{self.path}: not written: its epochs would not be contiguous (epoch {gap[1]} "
+                f"after epoch {gap[0]})"
+            )
         rows = self.kept_curvature if curvature is None else curvature
         _write_stats(self.path, self.config, epochs, self.augmentation, rows)
 
@@ -1643,24 +2034,6 @@ class _inputs_only:
             yield x
 
 
-def _learning_rate(
-    schedule_fn: Callable[..., float] | None,
-    epoch: int,
-    epochs: int,
-    lr0: float,
-    swa: bool,
-    swa_start: int | None,
-    swa_lr: float | None,
-) -> float | None:
-    if schedule_fn is None:
-        return None
-    if swa and swa_start is not None and swa_lr is not None:
-        if epoch >= swa_start:
-            return swa_lr
-        return float(schedule_fn(epoch, swa_start, lr0, swa_lr / lr0 if lr0 > 0 else 1.0))
-    return float(schedule_fn(epoch, epochs, lr0, 0.01))
-
-
 def _rng_state(
     train_loader: DataLoader[Any], curvature_loader: DataLoader[Any] | None, device: torch.device
 ) -> dict[str, torch.Tensor | None]:
@@ -1772,14 +2145,21 @@ def _make_closure(
     y: torch.Tensor,
     last: dict[str, torch.Tensor],
 ) -> Callable[[], torch.Tensor]:
-    """Zero the gradients, evaluate the loss on ``(x, y)``, back-propagate, return the loss."""
+    """Zero the gradients, evaluate the loss on ``(x, y)``, back-propagate, return the loss.
+
+    ``last`` keeps the output and loss of the closure's first call, at the weights the step
+    starts from (what ``LBFGS.step`` returns, and what the other optimisers' single call
+    gives): LBFGS evaluates the closure several times per step, and the last evaluation
+    was reported as the step's loss.
+    """
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         output = model(x)
         loss = loss_fn(output, y)
         loss.backward()
-        last["output"], last["loss"] = output.detach(), loss.detach()
+        if "loss" not in last:  # the step's first evaluation: at the weights it starts from
+            last["output"], last["loss"] = output.detach(), loss.detach()
         return loss
 
     return closure
