@@ -28,9 +28,11 @@ exact, at the cost of one product of :math:`A` per product.
 :func:`transformer_blocks` builds the partition of a transformer that the study of
 Hessian block heterogeneity uses (Zhang et al. 2024, "Why Transformers Need Adam:
 A Hessian Perspective"): embeddings, normalisation layers, the query, key and value
-projections (per head with ``heads=``), the attention output projection, and each
-MLP, for torch's own layers, nets' ``gpt-tiny`` and the Hugging Face GPT-2, BERT
-and Llama layouts.  Per-block spectra then take one call each::
+projections (per head with ``heads=``; under grouped-query attention the key and value
+per key/value head, from ``kv_heads=`` or the model's config), the attention output
+projection, and each MLP, for torch's own layers (``nn.MultiheadAttention`` in all its
+layouts), nets' ``gpt-tiny`` and the Hugging Face GPT-2, BERT, Llama and Phi-3
+layouts.  Per-block spectra then take one call each::
 
     B = per_block(HessianOperator, model, loss_fn, data, transformer_blocks(model, heads=4))
     spectra = {label: lanczos(b, 20).ritz().values for label, b in zip(B.labels, B.blocks)}
@@ -39,8 +41,9 @@ and Llama layouts.  Per-block spectra then take one call each::
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -123,16 +126,102 @@ def per_layer(
 
 
 # ---------------------------------------------------------------------- slices of parameters
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class ParamSlice:
     """Part of one parameter: ``index`` holds flat (row-major) positions, ``None`` all of it.
 
+    ``index`` may be given as integer positions (a tensor, numpy array, list or
+    ``range`` of integers, or a ``slice`` with a ``stop``; ``slice(None)`` is the whole
+    parameter) or as a boolean mask of the parameter's ``numel()`` entries (any shape,
+    read row-major; :func:`per_block` checks its size), and is stored as a CPU
+    ``int64`` tensor of positions (``mask_size`` remembers a mask's size).  Positions
+    must be non-negative and distinct (a repeated position would count its coordinate
+    twice); floating-point indices are refused, not truncated.
+
+    The positions' order is the order of the coordinates of this parameter in a block
+    of :func:`per_block`; the parameters of one block always come in the model's
+    order, whatever the order of the block's list of slices.
+
     >>> ParamSlice("0.weight", torch.tensor([0, 1])).index.tolist()
     [0, 1]
+    >>> ParamSlice("0.weight", [[False, True], [True, False]]).index.tolist()
+    [1, 2]
+    >>> ParamSlice("0.weight", slice(2, 6, 2)).index.tolist()
+    [2, 4]
     """
 
     name: str
     index: torch.Tensor | None = None
+    mask_size: int | None = field(default=None, init=False, repr=False)
+
+    def __init__(self, name: str, index: Any = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise argument_error("name", "a parameter name (a non-empty str)", name, kind=TypeError)
+        positions, mask_size = _flat_positions(index)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "index", positions)
+        object.__setattr__(self, "mask_size", mask_size)
+
+
+def _flat_positions(index: Any) -> tuple[torch.Tensor | None, int | None]:
+    """``ParamSlice``'s ``index`` as ``(int64 positions or None, size of a boolean mask)``."""
+    if index is None:
+        return None, None
+    if isinstance(index, slice):
+        return _slice_positions(index), None
+    try:
+        t = (index.detach() if isinstance(index, torch.Tensor) else torch.as_tensor(index)).cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise argument_error(
+            "index", "integer flat positions or a boolean mask", index, kind=TypeError
+        ) from error
+    if t.numel() == 0:
+        raise argument_error("index", "at least one position (or a mask with a True)", index)
+    mask_size = None
+    if t.dtype == torch.bool:
+        mask_size = t.numel()
+        t = t.reshape(-1).nonzero().reshape(-1)
+    elif t.is_floating_point() or t.is_complex():
+        raise argument_error(
+            "index",
+            "integer flat positions or a boolean mask (floating-point indices are not "
+            "truncated to positions)",
+            index,
+            kind=TypeError,
+        )
+    t = t.reshape(-1).to(torch.int64)
+    if t.numel() == 0:
+        raise argument_error("index", "at least one position (or a mask with a True)", index)
+    if int(t.min()) < 0:
+        raise argument_error(
+            "index", "non-negative flat positions (negative ones do not count from the end)", index
+        )
+    if torch.unique(t).numel() != t.numel():
+        raise argument_error(
+            "index", "distinct positions (a repeated one would count its coordinate twice)", index
+        )
+    return t, mask_size
+
+
+def _slice_positions(index: slice) -> torch.Tensor | None:
+    """A ``slice`` as positions (``None``: the whole parameter, ``slice(None)``)."""
+    start, stop, step = index.start, index.stop, index.step
+    bounds = [v for v in (start, stop, step) if v is not None]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in bounds):
+        raise argument_error("index", "a slice of integers", index, kind=TypeError)
+    if stop is None and start in (None, 0) and step in (None, 1):
+        return None
+    if stop is None or min(bounds) < 0 or step == 0:
+        raise argument_error(
+            "index",
+            "a slice with non-negative start and stop and a positive step (the parameter's "
+            "size is not known here: slice(None) for all of it)",
+            index,
+        )
+    positions = torch.arange(start or 0, stop, step or 1, dtype=torch.int64)
+    if positions.numel() == 0:
+        raise argument_error("index", "a slice of at least one position", index)
+    return positions
 
 
 def head_slices(
@@ -188,6 +277,17 @@ _V = {"v_proj", "v", "value", "wv", "v_lin"}
 _FUSED = {"c_attn", "qkv", "qkv_proj", "wqkv", "in_proj"}
 _OUT = {"o_proj", "out_proj", "c_proj", "dense", "o", "wo", "out_lin", "output"}
 _MLP = ("mlp", "ffn", "feed_forward", "feedforward")
+#: ``nn.MultiheadAttention``'s separate projections (``kdim``/``vdim`` other than
+#: ``embed_dim``) and its key/value biases (``add_bias_kv``): role and the split dimension.
+_MHA = {
+    "q_proj_weight": ("q", 0),
+    "k_proj_weight": ("k", 0),
+    "v_proj_weight": ("v", 0),
+    "bias_k": ("k", 2),
+    "bias_v": ("v", 2),
+}
+
+Parts = list[tuple[str, ParamSlice]]
 
 
 def _is_attention(segments: list[str]) -> bool:
@@ -202,7 +302,11 @@ def _mlp_ancestor(segments: list[str]) -> str | None:
 
 
 def transformer_blocks(
-    model: nn.Module, *, heads: int | None = None, params: Any = None
+    model: nn.Module,
+    *,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    params: Any = None,
 ) -> dict[str, list[ParamSlice]]:
     """The labelled partition of a transformer's parameters for :func:`per_block`.
 
@@ -211,23 +315,39 @@ def transformer_blocks(
 
     * embeddings (``nn.Embedding``): ``"<module> (embedding)"``;
     * normalisation layers (a module type with ``Norm`` in its name): ``"<module> (norm)"``;
-    * under an attention module (a name part containing ``attn``/``attention``):
-      query, key and value projections (``q_proj``/``query``/``q``..., or fused
-      ``c_attn``/``qkv``/``in_proj_*`` split in three) ``"<module> (q)"`` etc., per
-      head ``"<module> (q, head 3)"`` when ``heads`` is given; the output projection
-      (``o_proj``/``out_proj``/``c_proj``/``dense``/``output``) ``"<module> (attn out)"``;
+    * under an attention module (a name part containing ``attn``/``attention``, or an
+      ``nn.MultiheadAttention``): query, key and value projections
+      (``q_proj``/``query``/``q``..., fused ``c_attn``/``qkv``/``in_proj`` split in
+      three, ``nn.MultiheadAttention``'s ``in_proj_*`` or, with ``kdim``/``vdim``,
+      ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` with the thirds of
+      ``in_proj_bias``, and ``bias_k``/``bias_v`` with the key/value)
+      ``"<module> (q)"`` etc., per head ``"<module> (q, head 3)"`` when ``heads`` is
+      given; the output projection (``o_proj``/``out_proj``/``c_proj``/``dense``/
+      ``output``) ``"<module> (attn out)"``;
     * everything under an ``mlp``/``ffn``/``feed_forward`` module: ``"<mlp module> (mlp)"``;
-    * any other module's parameters: ``"<module>"``.
+    * any other module's parameters: ``"<module>"`` (``"(model)"`` for the model's own).
+
+    A block's coordinates (in :func:`per_block`) are its parameters in the model's
+    order, each parameter's entries in the order of its slice's ``index``.
 
     Parameters
     ----------
     model:
         The transformer.
     heads:
-        Split query, key and value into this many heads (``None``: one block each).
-        With grouped-query attention (Llama's ``num_key_value_heads`` below
-        ``num_attention_heads``) key and value have fewer heads: build their blocks
-        with :func:`head_slices` and pass the mapping to :func:`per_block` yourself.
+        Split query, key and value into this many heads (``None``: one block each);
+        the rows (output features) of a projection are its heads' consecutive ranges.
+        Refused when it splits nothing: no query/key/value projection of a known layout
+        among the selected parameters (GPT-NeoX's interleaved ``query_key_value``, for
+        instance, is not split; the error names the attention modules left whole).
+    kv_heads:
+        The number of key/value heads under grouped-query attention (fewer key/value
+        heads than query heads, each shared by ``heads // kv_heads`` query heads); key
+        and value blocks are then ``"<module> (k, kv-head j)"``.  ``None``: read from
+        the model's config (Hugging Face ``num_key_value_heads``, where ``heads`` must
+        be ``num_attention_heads``), else ``heads``; a key projection narrower than the
+        query projection is then refused (grouped-query attention without a known
+        key/value head count).
     params:
         Parameter selection (see :func:`curvops.params.select_params`).
 
@@ -239,7 +359,9 @@ def transformer_blocks(
     Raises
     ------
     ValueError
-        If ``heads`` does not divide a projection.
+        If ``heads`` does not divide a projection, splits nothing, or does not match the
+        model's grouped-query attention, or ``kv_heads`` is given without ``heads``,
+        does not divide ``heads`` or the key/value projections, or applies to nothing.
 
     Examples
     --------
@@ -250,62 +372,256 @@ def transformer_blocks(
     >>> len(transformer_blocks(layer, heads=2))  # q, k, v of 2 heads each, and the 5 others
     11
     """
-    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int)):
-        raise argument_error("heads", "None or a positive integer", heads, kind=TypeError)
+    _check_heads(heads, kv_heads)
     blocks: dict[str, list[ParamSlice]] = {}
+    kinds: set[str] = set()
+    unsplit: list[str] = []
     for name, p in select_params(model, params):
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        segments = module_name.split(".") if module_name else []
-        last = segments[-1].lower() if segments else ""
-        type_name = type(module).__name__
-        parts: list[tuple[str, ParamSlice]]
-        if isinstance(module, nn.Embedding):
-            parts = [(f"{module_name} (embedding)", ParamSlice(name))]
-        elif "norm" in type_name.lower():
-            parts = [(f"{module_name} (norm)", ParamSlice(name))]
-        elif isinstance(module, nn.MultiheadAttention) and leaf.startswith("in_proj"):
-            parts = _qkv_parts(module_name, name, p.shape, 0, 3, heads)
-        elif _is_attention(segments) and last in _Q | _K | _V:
-            role = "q" if last in _Q else "k" if last in _K else "v"
-            dim = 1 if type_name == "Conv1D" and leaf == "weight" else 0
-            parts = _role_parts(module_name, name, p.shape, dim, heads, role)
-        elif _is_attention(segments) and last in _FUSED:
-            dim = 1 if type_name == "Conv1D" and leaf == "weight" else 0
-            parts = _qkv_parts(module_name, name, p.shape, dim, 3, heads)
-        elif _is_attention(segments) and last in _OUT:
-            parts = [(f"{module_name} (attn out)", ParamSlice(name))]
-        elif (ancestor := _mlp_ancestor(segments)) is not None:
-            parts = [(f"{ancestor} (mlp)", ParamSlice(name))]
-        else:
-            parts = [(module_name or "(model)", ParamSlice(name))]
+        parts, kind = _classify(model, name, tuple(p.shape), heads, kv_heads)
+        kinds.add(kind)
+        if kind == "attention" and name.rpartition(".")[0] not in unsplit:
+            unsplit.append(name.rpartition(".")[0])
         for label, piece in parts:
             blocks.setdefault(label, []).append(piece)
+    if heads is not None and not kinds & {"qkv", "grouped"}:
+        raise argument_error(
+            "heads",
+            "None for a model without query/key/value projections of a known layout among "
+            "the selected parameters (nothing to split per head; attention modules left "
+            f"whole: {unsplit or 'none'})",
+            heads,
+        )
+    if kv_heads is not None and "grouped" not in kinds:
+        raise argument_error(
+            "kv_heads",
+            "None for a model without separate or fused [q; k; v] key/value projections "
+            "among the selected parameters (nothing it applies to)",
+            kv_heads,
+        )
     return blocks
 
 
-def _role_parts(
-    module_name: str, name: str, shape: Any, dim: int, heads: int | None, role: str
-) -> list[tuple[str, ParamSlice]]:
-    if heads is None:
-        return [(f"{module_name} ({role})", ParamSlice(name))]
-    return [
-        (f"{module_name} ({role}, head {h})", piece)
-        for h, piece in enumerate(head_slices(shape, name, heads, dim=dim))
-    ]
+def _check_heads(heads: Any, kv_heads: Any) -> None:
+    for name, value in (("heads", heads), ("kv_heads", kv_heads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise argument_error(name, "None or a positive integer", value, kind=TypeError)
+        if value is not None and value < 1:
+            raise argument_error(name, "None or a positive integer", value)
+    if kv_heads is not None and (heads is None or heads % kv_heads):
+        raise argument_error(
+            "kv_heads",
+            f"a divisor of heads = {heads} (each key/value head is shared by a group of "
+            "query heads)",
+            kv_heads,
+        )
 
 
-def _qkv_parts(
-    module_name: str, name: str, shape: Any, dim: int, num_parts: int, heads: int | None
-) -> list[tuple[str, ParamSlice]]:
-    out = []
-    for part, role in enumerate("qkv"):
-        pieces = head_slices(shape, name, heads or 1, dim=dim, num_parts=num_parts, part=part)
-        if heads is None:
-            out.append((f"{module_name} ({role})", pieces[0]))
+def _classify(
+    model: nn.Module, name: str, shape: tuple[int, ...], heads: int | None, kv_heads: int | None
+) -> tuple[Parts, str]:
+    """The ``(label, slice)`` parts of parameter ``name`` and its kind: ``"qkv"`` (a query,
+    key or value projection), ``"grouped"`` (one split with ``kv_heads``), ``"attention"``
+    (another parameter of an attention module) or ``"other"``."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    where = module_name or "(model)"
+    segments = module_name.split(".") if module_name else []
+    last = segments[-1].lower() if segments else ""
+    dim = 1 if type(module).__name__ == "Conv1D" and leaf == "weight" else 0
+    parent = model.get_submodule(module_name.rpartition(".")[0]) if module_name else None
+    attention = _is_attention(segments) or isinstance(parent, nn.MultiheadAttention)
+    blame = ("kv_heads", kv_heads) if kv_heads is not None else ("heads", heads)
+    if isinstance(module, nn.Embedding):
+        return [(f"{where} (embedding)", ParamSlice(name))], "other"
+    if "norm" in type(module).__name__.lower():
+        return [(f"{where} (norm)", ParamSlice(name))], "other"
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_parts(where, name, leaf, shape, heads)
+    if attention and last in _Q | _K | _V:
+        role = "q" if last in _Q else "k" if last in _K else "v"
+        if role == "q":
+            count, blame = heads, ("heads", heads)
+            if heads is not None and kv_heads is None:
+                _grouped_config(model, module_name, heads)  # a heads that breaks the groups
         else:
-            out += [(f"{module_name} ({role}, head {h})", x) for h, x in enumerate(pieces)]
+            count = _kv_count(model, module_name, heads, kv_heads)
+        pieces = _split(shape, name, dim, (1,), (count,), blame)[0]
+        kind = "grouped" if kv_heads is not None and role != "q" else "qkv"
+        return _labelled(where, role, pieces, count, grouped=count != heads), kind
+    if attention and last in _FUSED:
+        units, counts = _fused_layout(model, module_name, heads, kv_heads)
+        kind = "grouped" if kv_heads is not None else "qkv"
+        return _fused_parts(where, name, shape, dim, units, counts, blame), kind
+    if attention and last in _OUT:
+        return [(f"{where} (attn out)", ParamSlice(name))], "other"
+    if (ancestor := _mlp_ancestor(segments)) is not None:
+        return [(f"{ancestor} (mlp)", ParamSlice(name))], "other"
+    return [(where, ParamSlice(name))], "attention" if attention else "other"
+
+
+def _mha_parts(
+    where: str, name: str, leaf: str, shape: tuple[int, ...], heads: int | None
+) -> tuple[Parts, str]:
+    """``nn.MultiheadAttention``'s own parameters: ``in_proj_weight``/``in_proj_bias`` in
+    thirds, or (``kdim``/``vdim`` other than ``embed_dim``) ``q_proj_weight``,
+    ``k_proj_weight``, ``v_proj_weight`` by rows; ``bias_k``/``bias_v`` (shape ``(1, 1, E)``)
+    with the key/value, each head its ``E / heads`` consecutive entries."""
+    blame = ("heads", heads)
+    if leaf in ("in_proj_weight", "in_proj_bias"):
+        return _fused_parts(where, name, shape, 0, (1, 1, 1), (heads, heads, heads), blame), "qkv"
+    if leaf not in _MHA:
+        return [(where, ParamSlice(name))], "attention"
+    role, dim = _MHA[leaf]
+    return _labelled(where, role, _split(shape, name, dim, (1,), (heads,), blame)[0], heads), "qkv"
+
+
+def _labelled(
+    where: str, role: str, pieces: list[ParamSlice], count: int | None, *, grouped: bool = False
+) -> Parts:
+    """``"<where> (role)"`` for a part not split (``count`` None), else ``"<where> (role,
+    head h)"`` per head (``kv-head j`` for the key/value heads of grouped-query attention)."""
+    if count is None:
+        return [(f"{where} ({role})", pieces[0])]
+    word = "kv-head" if grouped else "head"
+    return [(f"{where} ({role}, {word} {h})", piece) for h, piece in enumerate(pieces)]
+
+
+def _fused_parts(
+    where: str,
+    name: str,
+    shape: tuple[int, ...],
+    dim: int,
+    units: tuple[int, ...],
+    counts: tuple[int | None, ...],
+    blame: tuple[str, Any],
+) -> Parts:
+    """A fused ``[q; k; v]`` projection: consecutive query, key and value parts along
+    ``dim`` in the ratio ``units``, each split into ``counts`` heads."""
+    out: Parts = []
+    for role, pieces, count in zip("qkv", _split(shape, name, dim, units, counts, blame), counts):
+        out += _labelled(where, role, pieces, count, grouped=count != counts[0])
     return out
+
+
+def _split(
+    shape: tuple[int, ...],
+    name: str,
+    dim: int,
+    units: tuple[int, ...],
+    counts: tuple[int | None, ...],
+    blame: tuple[str, Any],
+) -> list[list[ParamSlice]]:
+    """Consecutive parts of ``shape[dim]`` in the ratio ``units``, part ``j`` cut into
+    ``counts[j]`` equal heads (``None``: one piece); a single part not cut is the whole
+    parameter (``index=None``).  An uneven cut is refused naming ``blame``'s argument."""
+    if len(units) == 1 and counts[0] is None:
+        return [[ParamSlice(name)]]
+    size = shape[dim] if dim < len(shape) else 0
+    total = sum(units)
+    widths = [size // total * u for u in units] if total else []
+    if not size or size % total or any(c and w % c for w, c in zip(widths, counts)):
+        split = " : ".join(f"{u} part(s) of {c or 1} head(s)" for u, c in zip(units, counts))
+        raise argument_error(
+            blame[0],
+            f"a head count dividing dimension {dim} of {name} (size {size}) evenly into {split}",
+            blame[1],
+        )
+    flat = torch.arange(math.prod(shape)).reshape(shape)
+    groups, start = [], 0
+    for width, count in zip(widths, counts):
+        step = width // (count or 1)
+        groups.append(
+            [
+                ParamSlice(name, flat.narrow(dim, start + h * step, step).reshape(-1))
+                for h in range(count or 1)
+            ]
+        )
+        start += width
+    return groups
+
+
+def _fused_layout(
+    model: nn.Module, module_name: str, heads: int | None, kv_heads: int | None
+) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
+    """The ratio of the query, key and value parts of a fused projection and their heads:
+    equal thirds, or ``heads : kv : kv`` under grouped-query attention (``kv_heads`` or
+    the config's ``num_key_value_heads``)."""
+    if kv_heads is not None and heads is not None:
+        return (heads, kv_heads, kv_heads), (heads, kv_heads, kv_heads)
+    config = _grouped_config(model, module_name, heads)
+    if config is None:
+        return (1, 1, 1), (heads, heads, heads)
+    n, k = config
+    return (n, k, k), (heads, k, k) if heads is not None else (None, None, None)
+
+
+def _kv_count(
+    model: nn.Module, module_name: str, heads: int | None, kv_heads: int | None
+) -> int | None:
+    """The head count of the key or value projection ``module_name``: ``kv_heads``, the
+    config's ``num_key_value_heads`` or ``heads``; refused where the key heads would not
+    be as wide as the query heads (grouped-query attention with an unknown count)."""
+    if heads is None:
+        return None
+    config = None if kv_heads is not None else _grouped_config(model, module_name, heads)
+    count = kv_heads if kv_heads is not None else heads if config is None else config[1]
+    attn_name = module_name.rpartition(".")[0]
+    q_rows = _projection_rows(model, attn_name, _Q)
+    k_rows = _projection_rows(model, attn_name, _K)
+    if q_rows is None or k_rows is None or k_rows * heads == q_rows * count:
+        return count
+    if kv_heads is not None:
+        raise argument_error(
+            "kv_heads",
+            f"the key/value head count of {attn_name or '(model)'}: its key projection has "
+            f"{k_rows} output features, heads of {q_rows} // {heads} = {q_rows // heads} like "
+            f"the query's make {k_rows * heads / q_rows:g} heads",
+            kv_heads,
+        )
+    raise argument_error(
+        "heads",
+        f"a head count for {attn_name or '(model)'}, whose key projection has {k_rows} output "
+        f"features and its query projection {q_rows}: grouped-query attention (fewer "
+        "key/value heads than query heads, each shared by a group of query heads); pass "
+        "kv_heads= (the number of key/value heads) as well, or heads=None",
+        heads,
+    )
+
+
+def _projection_rows(model: nn.Module, attn_name: str, names: set[str]) -> int | None:
+    """Output features of the child of ``attn_name`` called one of ``names`` (None: none)."""
+    attn = model.get_submodule(attn_name)
+    for child_name, child in attn.named_children():
+        weight = getattr(child, "weight", None)
+        if child_name.lower() in names and isinstance(weight, torch.Tensor) and weight.ndim:
+            return int(weight.shape[-1 if type(child).__name__ == "Conv1D" else 0])
+    return None
+
+
+def _grouped_config(
+    model: nn.Module, module_name: str, heads: int | None
+) -> tuple[int, int] | None:
+    """``(num_attention_heads, num_key_value_heads)`` of the nearest Hugging Face style
+    ``config`` above ``module_name`` when it has grouped-query attention (None otherwise);
+    a ``heads`` other than ``num_attention_heads`` is refused there."""
+    segments = module_name.split(".") if module_name else []
+    for i in range(len(segments), -1, -1):
+        config = getattr(model.get_submodule(".".join(segments[:i])), "config", None)
+        if config is not None:
+            break
+    n = getattr(config, "num_attention_heads", None)
+    k = getattr(config, "num_key_value_heads", None)
+    if not (isinstance(n, int) and isinstance(k, int) and 0 < k < n and n % k == 0):
+        return None
+    if heads is not None and heads != n:
+        raise argument_error(
+            "heads",
+            f"num_attention_heads = {n} of the model's config: its attention is grouped-query "
+            f"({k} key/value heads, each shared by {n // k} query heads), so the heads of "
+            "query and key/value are only paired for that count",
+            heads,
+        )
+    return n, k
 
 
 # ---------------------------------------------------------------------- operators
@@ -428,6 +744,8 @@ def per_block(
     blocks: Mapping[str, Any] | None = None,
     *,
     heads: int | None = None,
+    kv_heads: int | None = None,
+    params: Any = None,
     **kwargs: Any,
 ) -> LabelledBlockDiagonal:
     """Block-diagonal operator with one block per entry of ``blocks``.
@@ -440,11 +758,19 @@ def per_block(
         ``label -> selection``: a parameter selection (names, name patterns,
         modules, a predicate; see :func:`curvops.params.select_params`) or a list of
         :class:`ParamSlice`.  ``None``: :func:`transformer_blocks` of ``model`` with
-        ``heads``.  Blocks must not overlap: the operator is the block-diagonal
-        part :math:`\\sum_b P_b P_b^\\top A P_b P_b^\\top` of the curvature :math:`A` of
-        their union, with rows and columns in the union's parameter order (that of
-        the full operator over the same parameters, so ``compare(B, A)`` and
-        ``B + A`` pair the right entries); each block keeps its own order.
+        ``heads``, ``kv_heads`` and ``params``.  Blocks must not overlap: the operator
+        is the block-diagonal part :math:`\\sum_b P_b P_b^\\top A P_b P_b^\\top` of the
+        curvature :math:`A` of their union, with rows and columns in the union's
+        parameter order (that of the full operator over the same parameters, so
+        ``compare(B, A)`` and ``B + A`` pair the right entries).  Labels must be distinct
+        after ``str()``.
+    heads, kv_heads:
+        Passed to :func:`transformer_blocks` when ``blocks`` is ``None``; refused with
+        ``blocks`` (build them with ``transformer_blocks(model, heads=...)``).
+    params:
+        Parameter selection (as for :func:`per_layer`): only the selected parameters'
+        entries of each block are kept, and a block with none of them is left out;
+        refused when no block keeps any.
     kwargs:
         Passed to every block's operator (``bn_mode``, ``output_fn``, ``seed``, ...).
 
@@ -452,15 +778,19 @@ def per_block(
     -------
     LabelledBlockDiagonal
         One operator per block, in the order of ``blocks``; ``.blocks[i]`` is block
-        ``i``'s, on the coordinates ``.positions[i]`` of the union.
+        ``i``'s, on the coordinates ``.positions[i]`` of the union.  A block's own rows
+        and columns are its parameters **in the model's parameter order, not the order
+        of its list** of selections or :class:`ParamSlice`, each parameter's entries in
+        the order of its slices' ``index`` (ascending for whole parameters).
 
     Raises
     ------
     TypeError
         A bad ``operator_cls`` or ``blocks``.
     ValueError
-        An empty ``blocks``, unknown parameter names, out-of-range slices or
-        overlapping blocks.
+        An empty ``blocks``, labels equal after ``str()``, unknown parameter names,
+        out-of-range slices, overlapping blocks, ``heads``/``kv_heads`` with ``blocks``,
+        or a ``params`` that keeps nothing of ``blocks``.
 
     Examples
     --------
@@ -477,21 +807,57 @@ def per_block(
         raise argument_error(
             "operator_cls", "a ModelCurvatureOperator subclass", operator_cls, kind=TypeError
         )
+    restrict = params
     if blocks is None:
-        blocks = transformer_blocks(model, heads=heads)
+        blocks = transformer_blocks(model, heads=heads, kv_heads=kv_heads, params=params)
+        restrict = None  # already restricted
+    elif heads is not None or kv_heads is not None:
+        which, value = ("heads", heads) if heads is not None else ("kv_heads", kv_heads)
+        raise argument_error(
+            which,
+            "None when blocks is given (it splits transformer_blocks' partition: pass "
+            f"blocks=transformer_blocks(model, {which}=...))",
+            value,
+        )
     if not isinstance(blocks, Mapping) or not blocks:
         raise argument_error(
             "blocks", "a non-empty mapping label -> parameter selection", blocks, kind=TypeError
         )
+    labels = [str(label) for label in blocks]
+    if len(set(labels)) != len(labels):
+        raise argument_error("blocks", "labels distinct after str()", list(blocks))
+    chosen = _restricted(model, blocks, restrict)
     stream = as_data(data)
     ops: list[CurvatureOperator] = []
     pieces: list[list[tuple[str, torch.Tensor]]] = []
-    for spec in blocks.values():
+    for spec in chosen.values():
         op, block_pieces = _block_operator(operator_cls, model, loss_fn, stream, spec, kwargs)
         ops.append(op)
         pieces.append(block_pieces)
     positions, names = _coordinates(model, pieces)
-    return LabelledBlockDiagonal(ops, list(blocks), positions=positions, param_names=names)
+    return LabelledBlockDiagonal(ops, list(chosen), positions=positions, param_names=names)
+
+
+def _restricted(model: nn.Module, blocks: Mapping[Any, Any], params: Any) -> dict[Any, Any]:
+    """``blocks`` restricted to the parameters ``params`` (``None``: unchanged); blocks with
+    nothing left are left out, and refused naming ``params`` when none is left."""
+    if params is None:
+        return dict(blocks)
+    keep = {name for name, _ in select_params(model, params)}
+    out: dict[Any, Any] = {}
+    for label, spec in blocks.items():
+        if _is_slices(spec):
+            select_params(model, [s.name for s in spec])  # unknown names are errors
+            part: list[Any] = [s for s in spec if _canonical(model, s.name) in keep]
+        else:
+            part = [name for name, _ in select_params(model, spec) if name in keep]
+        if part:
+            out[label] = part
+    if not out:
+        raise argument_error(
+            "params", f"a selection sharing parameters with the blocks {list(blocks)}", params
+        )
+    return out
 
 
 def _block_operator(
@@ -502,7 +868,8 @@ def _block_operator(
     spec: Any,
     kwargs: dict[str, Any],
 ) -> tuple[CurvatureOperator, list[tuple[str, torch.Tensor]]]:
-    """One block's operator and its coordinates as ``(parameter, flat indices)`` pieces."""
+    """One block's operator and its coordinates as ``(parameter, flat indices)`` pieces,
+    the parameters in the model's order (each one's slices in the order given)."""
     if not _is_slices(spec):
         chosen = select_params(model, spec)
         op = operator_cls(model, loss_fn, stream, params=[n for n, _ in chosen], **kwargs)
@@ -514,12 +881,24 @@ def _block_operator(
     pieces = []
     for s in sorted(spec, key=lambda s: order.index(_canonical(model, s.name))):
         key = _canonical(model, s.name)
-        idx = torch.arange(sizes[key]) if s.index is None else s.index.to(torch.int64)
-        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= sizes[key]:
+        if s.mask_size is not None and s.mask_size != sizes[key]:
+            raise argument_error(
+                "blocks",
+                f"a boolean mask of {s.name}'s {sizes[key]} entries (ParamSlice index)",
+                f"a mask of {s.mask_size} entries",
+            )
+        idx = torch.arange(sizes[key]) if s.index is None else s.index
+        if int(idx.max()) >= sizes[key]:
             raise argument_error(
                 "blocks", f"slice indices in [0, {sizes[key]}) for {s.name}", s.index
             )
         pieces.append((key, idx.cpu()))
+    for key in order:
+        listed = torch.cat([idx for k, idx in pieces if k == key])
+        if torch.unique(listed).numel() != listed.numel():
+            raise argument_error(
+                "blocks", f"non-overlapping blocks (entries of {key} are twice in one)", key
+            )
     base = operator_cls(model, loss_fn, stream, params=order, **kwargs)
     index = torch.cat([idx + int(offsets[key]) for key, idx in pieces])
     whole = index.numel() == base.shape[0] and bool(torch.equal(index, torch.arange(base.shape[0])))
@@ -553,7 +932,9 @@ def _coordinates(
         kept = torch.unique(entries)
         if kept.numel() != entries.numel():
             raise argument_error(
-                "blocks", f"non-overlapping blocks (entries of {name} are in two blocks)", name
+                "blocks",
+                f"non-overlapping blocks (entries of {name} are in two blocks, or twice in one)",
+                name,
             )
         lookup = torch.full((p.numel(),), -1, dtype=torch.int64)
         lookup[kept] = torch.arange(start, start + kept.numel())

@@ -168,8 +168,31 @@ def _blocks(model: nn.Module, params: Any, blocks: Any) -> dict[str, list[str]]:
         groups = group_by_layer(select_params(model, params))
         return {g[0][0].rpartition(".")[0] or "<root>": [n for n, _ in g] for g in groups}
     if isinstance(blocks, Mapping) and blocks:
+        _check_block_labels(blocks)
         return {str(k): [n for n, _ in select_params(model, _whole(v))] for k, v in blocks.items()}
     raise argument_error("blocks", "None, 'layer' or a non-empty mapping name -> params", blocks)
+
+
+def _check_block_labels(blocks: Mapping[Any, Any]) -> None:
+    """Refuse labels that are empty or equal after ``str()``: a block is stored and reported
+    under ``str(label)``, and ``""`` is the whole-selection measurement."""
+    seen: dict[str, Any] = {}
+    for key in blocks:
+        label = str(key)
+        if not label:
+            raise argument_error(
+                "blocks",
+                "non-empty block names (the empty name is the whole selection's measurement)",
+                key,
+            )
+        if label in seen:
+            raise argument_error(
+                "blocks",
+                "block names distinct after str() (rows key the blocks by str(name)); "
+                f"two are {label!r}",
+                [seen[label], key],
+            )
+        seen[label] = key
 
 
 def _whole(selection: Any) -> Any:
@@ -333,7 +356,9 @@ class CurvatureTracker:
         Parameter selection as in the operators (default all trainable).
     blocks:
         ``None``, ``"layer"`` (one block per module) or a mapping ``name -> params``:
-        rows then also hold ``blocks[name]`` with that block's top eigenvalues.
+        rows then also hold ``blocks[str(name)]`` with that block's top eigenvalues.
+        Names must be non-empty and distinct after ``str()`` (``1`` and ``"1"`` are
+        refused together).
     bn_mode:
         Passed to the operators (``None``: each module's current mode; ``"train"``
         uses batch statistics and leaves the running statistics untouched).
