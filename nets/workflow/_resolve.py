@@ -38,6 +38,7 @@ from torch.utils.data import (
     Subset,
 )
 
+from nets.measurement_settings import feed_hash
 from spectral.errors import argument_error
 
 __all__ = [
@@ -325,9 +326,8 @@ def state_digest(model: nn.Module) -> str:
     ]
     entries += [(f"buffer {n}", b) for n, b in model.named_buffers()]
     for label, tensor in entries:
-        t = tensor.detach()
-        digest.update(f"{label}|{tuple(t.shape)}|{t.dtype}|".encode())
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(f"{label}|".encode())
+        feed_hash(digest, tensor)  # dtype, shape and bytes
     digest.update(repr([m.training for m in model.modules()]).encode())
     return "sha256:" + digest.hexdigest()
 

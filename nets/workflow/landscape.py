@@ -213,16 +213,12 @@ def evaluate(
     return (total / weight if weight > 0 else math.nan), accuracy
 
 
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return batchnorm_modules(model)
-
-
 def _refresh_bn(model: nn.Module, loader: DataLoader[Any], group: Any = None) -> None:
     """:func:`nets.batchnorm_statistics.refresh_batchnorm` over the inputs of ``loader``'s
     batches (in the forms of :func:`evaluate`), the BatchNorm modules left in eval mode."""
     batches = (batch_pair(batch, index)[0] for index, batch in enumerate(loader))
     refresh_batchnorm(model, batches, group)
-    for m in _bn_modules(model):
+    for m in batchnorm_modules(model):
         m.eval()
 
 
