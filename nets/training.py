@@ -122,7 +122,7 @@ from nets.optim.registry import get_optimizer
 from nets.schedules import get_schedule
 from nets.swa import WeightAverager
 from nets.tracker import CurvatureTracker
-from spectral.errors import NumericalError, argument_error
+from spectral.errors import NumericalError, argument_error, check_real
 from spectral.io import CorruptFileError, atomic_write
 
 __all__ = [
@@ -1583,12 +1583,7 @@ def _checked_rate(value: Any, epoch: int) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     expected = f"a callable returning a finite, non-negative learning rate (epoch {epoch + 1})"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise argument_error("schedule", expected, value, kind=TypeError)
-    rate = float(value)
-    if not (math.isfinite(rate) and rate >= 0):
-        raise argument_error("schedule", expected, value)
-    return rate
+    return check_real("schedule", value, expected, lambda rate: math.isfinite(rate) and rate >= 0)
 
 
 def begin_run(
