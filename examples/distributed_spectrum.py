@@ -12,9 +12,10 @@ same script runs as a single process (identical file, up to rounding)::
         --checkpoint runs/vgg/checkpoint-00100.pt --dataset CIFAR100 --data-path data \\
         --curvature ggn --lanczos-iters 100 --out results/vgg-ggn   # one node, 4 GPUs (NCCL)
 
-``--all`` also writes ``loss-stats.npz`` (:func:`nets.compute_loss_stats`) and
+``--all`` also writes ``loss-stats.npz`` (:func:`nets.compute_loss_stats`),
 ``landscape.npz`` (:func:`nets.build_loss_landscape` along the top Ritz vector and
-a random direction), each computed on the shards and written by rank 0 only.
+a random direction) and ``blocks.npz`` (:func:`nets.compute_block_spectra`, one SLQ
+spectrum per layer), each computed on the shards and written by rank 0 only.
 Without ``--checkpoint`` a small tanh MLP (``--hidden`` units) or a BatchNorm
 ``SmallCNN`` (``--widths``), seeded, on the embedded digits data is analysed.
 Backend: NCCL when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``),
@@ -55,6 +56,7 @@ from nets.plots import spectrum_summary
 from nets.workflow import (
     SpectrumResult,
     build_loss_landscape,
+    compute_block_spectra,
     compute_eigenspectrum,
     compute_loss_stats,
 )
@@ -78,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--subsample", type=int, default=None, help="use this many samples")
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--float64", action="store_true", help="MLP in double precision")
-    cli.add_argument("--all", action="store_true", help="also loss statistics and a landscape")
+    cli.add_argument("--all", action="store_true", help="also stats, landscape, blocks")
     cli.add_argument("--refresh-bn", action="store_true", help="landscape: recompute BN stats")
     cli.add_argument("--backend", default=None, help="nccl or gloo (default: by device)")
     return cli
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         files["eigvec"] = out / "spectrum-eigvec.npz"
         files["stats"] = out / "loss-stats.npz"
         files["landscape"] = out / "landscape.npz"
+        files["blocks"] = out / "blocks.npz"
         compute_loss_stats(
             splits,
             model=model,
@@ -139,6 +142,16 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             directions=["ritz-top-1"],
             random_directions=1,
             refresh_bn=args.refresh_bn,
+            batch_size=args.batch_size,
+            **common,
+        )
+        compute_block_spectra(
+            splits,
+            model=model,
+            save_path=files["blocks"],
+            lanczos_iters=args.lanczos_iters,
+            curvature_matrix=args.curvature,
+            num_probes=args.num_probes,
             batch_size=args.batch_size,
             **common,
         )

@@ -714,7 +714,6 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
 _NOT_WITH_BLOCKS = (
     ("save_eigvec", "--save-eigvec", "keep no Ritz vectors"),
     ("fit", "--fit", "fit no bulk law"),
-    ("state", "--state", "are not resumable"),
 )
 
 
@@ -746,7 +745,7 @@ def _cmd_block_spectra(args: argparse.Namespace) -> list[str]:
         if args.out
         else _default_blocks_path(args.checkpoint, args.curvature, args.blocks)
     )
-    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint})
+    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--state": args.state})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -763,6 +762,8 @@ def _cmd_block_spectra(args: argparse.Namespace) -> list[str]:
         "seed": args.seed,
         "device": args.device,
         "progress": args.progress,
+        "state_path": args.state,
+        "checkpoint_every": args.checkpoint_every,
     }
     start = time.perf_counter()
     try:
@@ -1288,7 +1289,8 @@ def _add_spectrum_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument(
         "--state",
         default=None,
-        help="resumable state file: rerun the same command after an interruption to resume",
+        help="resumable state file (with --blocks: a directory of one state file per "
+        "block): rerun the same command after an interruption to resume",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -101,17 +101,24 @@ from curvops.model_io import OutputFn, check_output_fn
 from nets.workflow._resolve import (
     curvature_kind,
     default_loss,
+    is_writer,
     make_eval_loader,
     model_fingerprint,
+    operator_group,
     preserve_global_state,
     resolve_data,
     resolve_model,
+    resolve_parallel,
+    shard_loader,
     spectrum_file,
+    written,
 )
 from nets.workflow.spectrum import _checked_arguments, _SpectrumSettings, lanczos_spectrum
 from spectral.density import SpectralDensity
 from spectral.errors import argument_error
 from spectral.io import load_npz, save_npz
+from spectral.operator import as_operator
+from spectral.resume import Checkpoint
 
 __all__ = [
     "BlockSpectraResult",
@@ -632,6 +639,9 @@ def compute_block_spectra(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
     output_fn: OutputFn | None = None,
+    process_group: Any = None,
+    state_path: PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> BlockSpectraResult:
     """SLQ spectrum of every diagonal block of a network's Hessian, GGN or Fisher.
 
@@ -666,6 +676,22 @@ def compute_block_spectra(
         As for :func:`nets.compute_eigenspectrum`.
     progress:
         A progress bar over the blocks.
+    process_group:
+        As for :func:`nets.compute_eigenspectrum`: under ``torchrun`` each rank takes
+        every W-th batch, the products are summed over the group, every rank returns
+        the same result and only rank 0 writes ``save_path``; ``False`` keeps every rank
+        on its own.
+    state_path:
+        A directory for resumable runs: block ``b`` keeps its Lanczos state in
+        ``block-<b>.npz`` there (:class:`spectral.resume.Checkpoint`, saved every
+        ``checkpoint_every`` steps and after each probe), so a killed run restarted with
+        the same arguments skips the finished blocks and resumes the current one, bit
+        for bit on the CPU.  A state of another configuration, partition, block,
+        checkpoint, model (parameters and buffers), data or loss is refused
+        (:class:`spectral.resume.StateMismatchError`).  Costs one extra product per
+        block (its operator fingerprint).  ``None``: no state.
+    checkpoint_every:
+        Save interval of the state in Lanczos steps.
 
     Returns
     -------
@@ -682,6 +708,8 @@ def compute_block_spectra(
         A missing or unreadable checkpoint.
     spectral.errors.NumericalError
         A curvature product produced NaN/Inf.
+    spectral.resume.StateMismatchError
+        A state file in ``state_path`` of another run.
 
     Examples
     --------
@@ -697,7 +725,8 @@ def compute_block_spectra(
     """
     curvature, mode = _checked_arguments(
         curvature_matrix, bn_mode, None, False, lanczos_iters=lanczos_iters,
-        num_probes=num_probes, checkpoint_every=1, batch_size=batch_size, seed=seed,
+        num_probes=num_probes, checkpoint_every=checkpoint_every, batch_size=batch_size,
+        seed=seed,
     )  # fmt: skip
     if isinstance(blocks, str):
         _parse_partition(blocks, heads)  # a bad partition fails before any data is loaded
@@ -705,6 +734,7 @@ def compute_block_spectra(
         curvature, lanczos_iters, num_probes, mode, params, subsample, batch_size, seed,
         False, check_output_fn(output_fn),
     )  # fmt: skip
+    group, device = resolve_parallel(process_group, device)
     with preserve_global_state():
         data = resolve_data(dataset, data_path, seed=seed)
         loss = default_loss(loss_fn, data.task)
@@ -713,10 +743,19 @@ def compute_block_spectra(
         )
         loader = make_eval_loader(data.train, batch_size, subsample=subsample, seed=seed)
         partition, described = block_partition(resolved.model, blocks, heads=heads, params=params)
+        states = None
+        if state_path is not None:
+            names = [n for n, p in resolved.model.named_parameters() if p.requires_grad]
+            state = settings.state_config(
+                dataset, data_path, model, checkpoint_path, loss=loss, work=resolved.model,
+                fingerprint=model_fingerprint(resolved.model), names=names,
+            )  # fmt: skip
+            states = _BlockStates(state_path, state, described, checkpoint_every)
         spectra = _block_spectra(
-            resolved.model, loss, loader, partition, curvature=curvature, bn_mode=mode,
-            lanczos_iters=lanczos_iters, num_probes=num_probes, seed=seed,
-            output_fn=output_fn, progress=progress,
+            resolved.model, loss, shard_loader(loader, group), partition, curvature=curvature,
+            bn_mode=mode, lanczos_iters=lanczos_iters, num_probes=num_probes, seed=seed,
+            output_fn=output_fn, progress=progress and is_writer(group),
+            group=operator_group(group), states=states,
         )  # fmt: skip
     names = [name for name, p in resolved.model.named_parameters() if p.requires_grad]
     config = settings.output_config(resolved, data, data_path, names, loader, loss)
@@ -733,9 +772,52 @@ def compute_block_spectra(
         config=config,
     )
     if save_path is not None:
-        result.save(save_path)
-        logger.info("per-block spectra written to %s", result.path)
+        _save_blocks(result, save_path, group)
     return result
+
+
+def _save_blocks(result: BlockSpectraResult, path: PathLike, group: Any) -> None:
+    """Rank 0 writes the file; every rank records its path once it exists."""
+    if is_writer(group):
+        result.save(path)
+        logger.info("per-block spectra written to %s", result.path)
+    else:
+        result.path = spectrum_file(path)
+    written(group)
+
+
+@dataclass(frozen=True)
+class _BlockStates:
+    """The resumable states of :func:`compute_block_spectra`: one file per block.
+
+    ``config`` is the run's state configuration (what a restart must match); each
+    block's :class:`~spectral.resume.Checkpoint` adds the partition, the block's
+    index, label, parameters and probe seed, and is bound to the block operator.
+    """
+
+    directory: PathLike
+    config: dict[str, Any]
+    partition: str
+    every: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.directory, str | os.PathLike):
+            raise argument_error("state_path", "a directory path", self.directory, kind=TypeError)
+        if Path(self.directory).exists() and not Path(self.directory).is_dir():
+            raise argument_error(
+                "state_path", "a directory (one state file per block)", os.fspath(self.directory)
+            )
+
+    def checkpoint(
+        self, index: int, label: str, params: tuple[str, ...], seed: int, operator: Any
+    ) -> Checkpoint:
+        """The state file of block ``index``."""
+        config = dict(self.config, function="compute_block_spectra", partition=self.partition)
+        config.update(block_index=index, block=label, block_params=list(params), block_seed=seed)
+        path = Path(self.directory) / f"block-{index:05d}.npz"
+        return Checkpoint(
+            path, kind="compute_block_spectra", config=config, operator=as_operator(operator)
+        )
 
 
 def _block_spectra(
@@ -751,6 +833,8 @@ def _block_spectra(
     seed: int,
     output_fn: Any,
     progress: bool,
+    group: Any = False,
+    states: _BlockStates | None = None,
 ) -> dict[str, BlockSpectrum]:
     """SLQ on each block of :func:`curvops.per_block` (module docstring)."""
     from curvops.blocks import per_block
@@ -758,7 +842,7 @@ def _block_spectra(
     cls, extra = _operator_class(curvature, seed)
     operator = per_block(
         cls, model, loss, loader, partition, bn_mode=bn_mode, output_fn=output_fn,
-        process_group=False, **extra,
+        process_group=group, **extra,
     )  # fmt: skip
     bar = None
     if progress:
@@ -771,13 +855,21 @@ def _block_spectra(
             size = int(block.shape[0])
             m = min(int(lanczos_iters), size)
             block_seed_ = block_seed(seed, index)
-            found = lanczos_spectrum(block, m, num_probes=num_probes, seed=block_seed_)
+            described = _describe_block(model, partition[label])
+            state, every = None, 10
+            if states is not None:
+                state = states.checkpoint(index, label, described, block_seed_, block)
+                every = states.every
+            found = lanczos_spectrum(
+                block, m, num_probes=num_probes, seed=block_seed_, state=state,
+                checkpoint_every=every,
+            )  # fmt: skip
             out[label] = BlockSpectrum(
                 label=label, size=size, lanczos_iters=m, seed=block_seed_,
                 values=found["values"], weights=found["weights"], residuals=found["residuals"],
                 probe_nodes=found["probe_nodes"], probe_weights=found["probe_weights"],
                 trace=float(found["trace"]), trace_stderr=float(found["trace_stderr"]),
-                params=_describe_block(model, partition[label]),
+                params=described,
             )  # fmt: skip
             logger.info(
                 "block %d/%d %s: n=%d, top Ritz value %.4g, trace %.4g",

@@ -6,9 +6,9 @@ during products, 10 Lanczos steps of the Hessian) is launched with
 ``python -m torch.distributed.run --standalone --nproc_per_node=2`` with ``--all``
 (spectrum with Ritz vectors, loss statistics, a 5-point landscape along the top
 Ritz vector and a random direction with BatchNorm statistics recomputed at each
-point from the ranks' shards).  The files rank 0 writes (one of each) are
-compared with those of the same script run in this process (no process group):
-every array equal, floats to rounding.
+point from the ranks' shards, and per-layer SLQ spectra).  The files rank 0 writes
+(one of each) are compared with those of the same script run in this process (no
+process group): every array equal, floats to rounding.
 """
 
 from __future__ import annotations
