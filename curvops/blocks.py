@@ -31,8 +31,10 @@ A Hessian Perspective"): embeddings, normalisation layers, the query, key and va
 projections (per head with ``heads=``; under grouped-query attention the key and value
 per key/value head, from ``kv_heads=`` or the model's config), the attention output
 projection, and each MLP, for torch's own layers (``nn.MultiheadAttention`` in all its
-layouts), nets' ``gpt-tiny`` and the Hugging Face GPT-2, BERT, Llama and Phi-3
-layouts.  Per-block spectra then take one call each::
+layouts), nets' ``gpt-tiny`` and the Hugging Face layouts with separate projections
+(BERT, Llama, ...) or a fused one of a known layout (GPT-2, MPT, Phi-3, GPTBigCode,
+CodeGen; other fused projections are left whole).  Per-block spectra then take one
+call each::
 
     B = per_block(HessianOperator, model, loss_fn, data, transformer_blocks(model, heads=4))
     spectra = {label: lanczos(b, 20).ritz().values for label, b in zip(B.labels, B.blocks)}
@@ -41,7 +43,10 @@ layouts.  Per-block spectra then take one call each::
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +61,8 @@ from curvops.losses import LossFn
 from curvops.operator import CurvatureOperator
 from curvops.params import group_by_layer, select_params
 from spectral.errors import argument_error
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Compressed",
@@ -240,21 +247,27 @@ def head_slices(
     head :math:`h` of part :math:`j` is the range
     :math:`[(jH + h) d_h, (jH + h + 1) d_h)` (the layout of torch's
     ``MultiheadAttention.in_proj_weight``, GPT-2's ``c_attn`` and every separate
-    ``q_proj``/``k_proj``/``v_proj``).
+    ``q_proj``/``k_proj``/``v_proj``).  ``dim`` may count from the end (``-1``: the last).
 
     Raises
     ------
+    TypeError
+        If ``num_heads``, ``dim``, ``num_parts`` or ``part`` is not an integer.
     ValueError
-        If ``shape[dim]`` is not divisible by ``num_parts * num_heads``.
+        If ``shape`` is not a non-empty sequence of sizes, ``dim`` is not one of its
+        dimensions, ``num_heads`` or ``num_parts`` is not positive, ``part`` is not in
+        ``[0, num_parts)``, or ``shape[dim]`` is not divisible by ``num_parts * num_heads``.
 
     >>> [s.index.tolist() for s in head_slices((4, 2), "q.weight", 2)]
     [[0, 1, 2, 3], [4, 5, 6, 7]]
     >>> [s.index.tolist() for s in head_slices((4,), "q.bias", 2)]
     [[0, 1], [2, 3]]
+    >>> [s.index.tolist() for s in head_slices((6,), "qkv.bias", 1, num_parts=3, part=2)]
+    [[4, 5]]
     """
-    shape = tuple(int(s) for s in shape)
+    shape, dim = _head_slices_arguments(shape, num_heads, dim, num_parts, part)
     size = shape[dim]
-    if num_heads < 1 or num_parts < 1 or size % (num_heads * num_parts):
+    if size % (num_heads * num_parts):
         raise argument_error(
             "num_heads",
             f"a head count dividing dimension {dim} of {name} (size {size}) into "
@@ -268,6 +281,43 @@ def head_slices(
         start = (part * num_heads + h) * width
         slices.append(ParamSlice(name, flat.narrow(dim, start, width).reshape(-1)))
     return slices
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _head_slices_arguments(
+    shape: Any, num_heads: Any, dim: Any, num_parts: Any, part: Any
+) -> tuple[tuple[int, ...], int]:
+    """:func:`head_slices`' arguments checked: ``(shape as a tuple, dim counted from 0)``."""
+    try:
+        items = () if isinstance(shape, str | bytes) else tuple(shape)
+    except TypeError:
+        items = ()
+    if not items or not all(_is_integer(s) and s >= 0 for s in items):
+        raise argument_error("shape", "a sequence of non-negative integer sizes", shape)
+    sizes = tuple(int(s) for s in items)
+    for label, value in (("num_heads", num_heads), ("dim", dim), ("num_parts", num_parts)):
+        if not _is_integer(value):
+            raise argument_error(label, "an integer", value, kind=TypeError)
+    if not _is_integer(part):
+        raise argument_error("part", "an integer", part, kind=TypeError)
+    if not -len(sizes) <= dim < len(sizes):
+        raise argument_error(
+            "dim",
+            f"a dimension of shape {sizes} (an integer in [{-len(sizes)}, {len(sizes)}))",
+            dim,
+        )
+    if num_heads < 1:
+        raise argument_error("num_heads", "a positive head count", num_heads)
+    if num_parts < 1:
+        raise argument_error("num_parts", "a positive number of parts", num_parts)
+    if not 0 <= part < num_parts:
+        raise argument_error(
+            "part", f"a part in [0, num_parts) = [0, {num_parts}) (counted from 0)", part
+        )
+    return sizes, int(dim) % len(sizes)
 
 
 # ---------------------------------------------------------------------- transformer partition
@@ -317,13 +367,19 @@ def transformer_blocks(
     * normalisation layers (a module type with ``Norm`` in its name): ``"<module> (norm)"``;
     * under an attention module (a name part containing ``attn``/``attention``, or an
       ``nn.MultiheadAttention``): query, key and value projections
-      (``q_proj``/``query``/``q``..., fused ``c_attn``/``qkv``/``in_proj`` split in
-      three, ``nn.MultiheadAttention``'s ``in_proj_*`` or, with ``kdim``/``vdim``,
-      ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` with the thirds of
-      ``in_proj_bias``, and ``bias_k``/``bias_v`` with the key/value)
-      ``"<module> (q)"`` etc., per head ``"<module> (q, head 3)"`` when ``heads`` is
-      given; the output projection (``o_proj``/``out_proj``/``c_proj``/``dense``/
-      ``output``) ``"<module> (attn out)"``;
+      (``q_proj``/``query``/``q``..., ``nn.MultiheadAttention``'s ``in_proj_*`` or,
+      with ``kdim``/``vdim``, ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
+      with the thirds of ``in_proj_bias``, and ``bias_k``/``bias_v`` with the
+      key/value, and the fused projections of a known layout: GPT-2's ``c_attn`` (and
+      any ``Conv1D`` ``c_attn``: ``[q; k; v]`` thirds), MPT's ``Wqkv``, Phi-3's
+      ``qkv_proj``, GPTBigCode's ``c_attn`` (multi-query ``[q; k; v]``, else per head
+      ``[q_h; k_h; v_h]``) and CodeGen's sharded ``qkv_proj``) ``"<module> (q)"``
+      etc., per head ``"<module> (q, head 3)"`` when ``heads`` is given; the output
+      projection (``o_proj``/``out_proj``/``c_proj``/``dense``/``output``)
+      ``"<module> (attn out)"``.  A fused projection of another layout (any other
+      ``c_attn``/``qkv``/``qkv_proj``/``wqkv``/``in_proj``, GPT-NeoX's
+      ``query_key_value``) is one block ``"<module>"``, noted in the log
+      (``curvops.blocks``); :func:`head_slices` cuts one whose layout you know;
     * everything under an ``mlp``/``ffn``/``feed_forward`` module: ``"<mlp module> (mlp)"``;
     * any other module's parameters: ``"<module>"`` (``"(model)"`` for the model's own).
 
@@ -336,10 +392,13 @@ def transformer_blocks(
         The transformer.
     heads:
         Split query, key and value into this many heads (``None``: one block each);
-        the rows (output features) of a projection are its heads' consecutive ranges.
-        Refused when it splits nothing: no query/key/value projection of a known layout
-        among the selected parameters (GPT-NeoX's interleaved ``query_key_value``, for
-        instance, is not split; the error names the attention modules left whole).
+        the rows (output features) of a separate projection are its heads' consecutive
+        ranges.  It must be the head count that the model declares where it declares
+        one (the attention module's ``num_heads``/``n_head``/``n_heads``/
+        ``num_attention_heads``, else the config's ``num_attention_heads``): another
+        would label parts of heads as heads.  Refused when it splits nothing: no
+        query/key/value projection of a known layout among the selected parameters
+        (the error names the attention modules left whole).
     kv_heads:
         The number of key/value heads under grouped-query attention (fewer key/value
         heads than query heads, each shared by ``heads // kv_heads`` query heads); key
@@ -347,7 +406,9 @@ def transformer_blocks(
         the model's config (Hugging Face ``num_key_value_heads``, where ``heads`` must
         be ``num_attention_heads``), else ``heads``; a key projection narrower than the
         query projection is then refused (grouped-query attention without a known
-        key/value head count).
+        key/value head count).  A ``kv_heads`` other than the count the model declares
+        (``num_key_value_heads``, GPTBigCode's one multi-query head, as many as query
+        heads for GPT-2, MPT and CodeGen) or its widths allow is refused.
     params:
         Parameter selection (see :func:`curvops.params.select_params`).
 
@@ -359,9 +420,10 @@ def transformer_blocks(
     Raises
     ------
     ValueError
-        If ``heads`` does not divide a projection, splits nothing, or does not match the
-        model's grouped-query attention, or ``kv_heads`` is given without ``heads``,
-        does not divide ``heads`` or the key/value projections, or applies to nothing.
+        If ``heads`` does not divide a projection, splits nothing, or is not the model's
+        declared head count, or ``kv_heads`` is given without ``heads``, does not divide
+        ``heads`` or the key/value projections, contradicts the model's key/value head
+        count, or applies to nothing.
 
     Examples
     --------
@@ -376,13 +438,21 @@ def transformer_blocks(
     blocks: dict[str, list[ParamSlice]] = {}
     kinds: set[str] = set()
     unsplit: list[str] = []
+    notes: dict[str, str] = {}
     for name, p in select_params(model, params):
-        parts, kind = _classify(model, name, tuple(p.shape), heads, kv_heads)
+        parts, kind = _classify(model, name, tuple(p.shape), heads, kv_heads, notes)
         kinds.add(kind)
         if kind == "attention" and name.rpartition(".")[0] not in unsplit:
             unsplit.append(name.rpartition(".")[0])
         for label, piece in parts:
             blocks.setdefault(label, []).append(piece)
+    for module_name, why in notes.items():
+        (logger.info if heads is None else logger.warning)(
+            "transformer_blocks: the fused projection %s is left whole (%s); its query, key "
+            "and value blocks can be built with head_slices where its layout is known",
+            module_name,
+            why,
+        )
     if heads is not None and not kinds & {"qkv", "grouped"}:
         raise argument_error(
             "heads",
@@ -417,11 +487,17 @@ def _check_heads(heads: Any, kv_heads: Any) -> None:
 
 
 def _classify(
-    model: nn.Module, name: str, shape: tuple[int, ...], heads: int | None, kv_heads: int | None
+    model: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    heads: int | None,
+    kv_heads: int | None,
+    notes: dict[str, str],
 ) -> tuple[Parts, str]:
     """The ``(label, slice)`` parts of parameter ``name`` and its kind: ``"qkv"`` (a query,
     key or value projection), ``"grouped"`` (one split with ``kv_heads``), ``"attention"``
-    (another parameter of an attention module) or ``"other"``."""
+    (another parameter of an attention module, or a fused projection of an unknown layout,
+    noted in ``notes``) or ``"other"``."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     where = module_name or "(model)"
@@ -430,33 +506,50 @@ def _classify(
     dim = 1 if type(module).__name__ == "Conv1D" and leaf == "weight" else 0
     parent = model.get_submodule(module_name.rpartition(".")[0]) if module_name else None
     attention = _is_attention(segments) or isinstance(parent, nn.MultiheadAttention)
-    blame = ("kv_heads", kv_heads) if kv_heads is not None else ("heads", heads)
     if isinstance(module, nn.Embedding):
         return [(f"{where} (embedding)", ParamSlice(name))], "other"
     if "norm" in type(module).__name__.lower():
         return [(f"{where} (norm)", ParamSlice(name))], "other"
     if isinstance(module, nn.MultiheadAttention):
-        return _mha_parts(where, name, leaf, shape, heads)
+        parts, kind = _mha_parts(where, name, leaf, shape, heads)
+        if kind == "qkv":
+            _check_declared_heads(model, module_name, heads)
+        return parts, kind
     if attention and last in _Q | _K | _V:
-        role = "q" if last in _Q else "k" if last in _K else "v"
-        if role == "q":
-            count, blame = heads, ("heads", heads)
-            if heads is not None and kv_heads is None:
-                _grouped_config(model, module_name, heads)  # a heads that breaks the groups
-        else:
-            count = _kv_count(model, module_name, heads, kv_heads)
-        pieces = _split(shape, name, dim, (1,), (count,), blame)[0]
-        kind = "grouped" if kv_heads is not None and role != "q" else "qkv"
-        return _labelled(where, role, pieces, count, grouped=count != heads), kind
+        return _separate_parts(model, module_name, name, shape, dim, heads, kv_heads)
     if attention and last in _FUSED:
-        units, counts = _fused_layout(model, module_name, heads, kv_heads)
-        kind = "grouped" if kv_heads is not None else "qkv"
-        return _fused_parts(where, name, shape, dim, units, counts, blame), kind
+        return _fused_projection(model, module_name, name, shape, dim, (heads, kv_heads), notes)
     if attention and last in _OUT:
         return [(f"{where} (attn out)", ParamSlice(name))], "other"
     if (ancestor := _mlp_ancestor(segments)) is not None:
         return [(f"{ancestor} (mlp)", ParamSlice(name))], "other"
     return [(where, ParamSlice(name))], "attention" if attention else "other"
+
+
+def _separate_parts(
+    model: nn.Module,
+    module_name: str,
+    name: str,
+    shape: tuple[int, ...],
+    dim: int,
+    heads: int | None,
+    kv_heads: int | None,
+) -> tuple[Parts, str]:
+    """A separate query, key or value projection ``module_name``, per head with ``heads``
+    (the key and value per key/value head under grouped-query attention)."""
+    last = module_name.rpartition(".")[2].lower()
+    role = "q" if last in _Q else "k" if last in _K else "v"
+    blame = ("kv_heads", kv_heads) if kv_heads is not None else ("heads", heads)
+    if role == "q":
+        count, blame = heads, ("heads", heads)
+        if heads is not None and kv_heads is None:
+            _grouped_config(model, module_name, heads)  # a heads that breaks the groups
+    else:
+        count = _kv_count(model, module_name, heads, kv_heads)
+    pieces = _split(shape, name, dim, (1,), (count,), blame)[0]
+    _check_declared_heads(model, module_name.rpartition(".")[0], heads)
+    kind = "grouped" if kv_heads is not None and role != "q" else "qkv"
+    return _labelled(module_name, role, pieces, count, grouped=count != heads), kind
 
 
 def _mha_parts(
@@ -540,19 +633,215 @@ def _split(
     return groups
 
 
-def _fused_layout(
-    model: nn.Module, module_name: str, heads: int | None, kv_heads: int | None
-) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
-    """The ratio of the query, key and value parts of a fused projection and their heads:
-    equal thirds, or ``heads : kv : kv`` under grouped-query attention (``kv_heads`` or
-    the config's ``num_key_value_heads``)."""
-    if kv_heads is not None and heads is not None:
-        return (heads, kv_heads, kv_heads), (heads, kv_heads, kv_heads)
-    config = _grouped_config(model, module_name, heads)
-    if config is None:
-        return (1, 1, 1), (heads, heads, heads)
-    n, k = config
-    return (n, k, k), (heads, k, k) if heads is not None else (None, None, None)
+@dataclass(frozen=True)
+class _Fused:
+    """The layout of a fused query/key/value projection along its output features.
+
+    ``order``: ``"blocked"`` (``[q; k; v]``: the query's ``heads`` heads, then the key's
+    and the value's ``kv`` heads, each ``head_dim`` wide), ``"per-head"`` (``[q_h; k_h;
+    v_h]`` for each head ``h`` in turn) or ``"sharded"`` (consecutive shards of ``[q_s;
+    v_s; k_s]``, each part ``shard`` wide; the query's features, and so its heads, are
+    the ``q_s`` in turn, the same for key and value).  ``heads``/``kv``/``head_dim``
+    ``None``: not declared by the model (taken from ``heads=`` and the width).
+    """
+
+    order: str
+    heads: int | None
+    kv: int | None
+    head_dim: int | None
+    source: str
+    shard: int | None = None
+
+
+def _positive_attr(obj: Any, attr: str) -> int | None:
+    value: Any = getattr(obj, attr, None)
+    return int(value) if _is_integer(value) and value > 0 else None
+
+
+def _gpt2_layout(attn: nn.Module) -> _Fused | str:
+    """GPT-2's ``c_attn``: ``split(embed_dim)`` into query, key and value thirds."""
+    if getattr(attn, "is_cross_attention", False):
+        return "cross-attention: it holds the key and value only"
+    n, d = _positive_attr(attn, "num_heads"), _positive_attr(attn, "head_dim")
+    return _Fused("blocked", n, n, d, "GPT-2's [q; k; v]") if n and d else "no num_heads"
+
+
+def _mpt_layout(attn: nn.Module) -> _Fused | str:
+    """MPT's ``Wqkv``: ``chunk(3)`` into query, key and value thirds."""
+    n, d = _positive_attr(attn, "n_heads"), _positive_attr(attn, "head_dim")
+    return _Fused("blocked", n, n, d, "MPT's [q; k; v]") if n and d else "no n_heads"
+
+
+def _phi3_layout(attn: nn.Module) -> _Fused | str:
+    """Phi-3's ``qkv_proj``: the query's ``num_attention_heads`` heads, then the key's and
+    the value's ``num_key_value_heads``."""
+    n = _positive_attr(getattr(attn, "config", None), "num_attention_heads")
+    k, d = _positive_attr(attn, "num_key_value_heads"), _positive_attr(attn, "head_dim")
+    return _Fused("blocked", n, k, d, "Phi-3's [q; k; v]") if n and k and d else "no config"
+
+
+def _bigcode_layout(attn: nn.Module) -> _Fused | str:
+    """GPTBigCode's ``c_attn``: ``[q; k; v]`` with one key/value head (``multi_query``),
+    else viewed as ``(num_heads, 3 * head_dim)``: ``[q_h; k_h; v_h]`` per head."""
+    if getattr(attn, "is_cross_attention", False):
+        return "cross-attention: it holds the key and value only"
+    n, k = _positive_attr(attn, "num_heads"), _positive_attr(attn, "kv_heads")
+    d = _positive_attr(attn, "head_dim")
+    if not (n and k and d):
+        return "no num_heads"
+    if getattr(attn, "multi_query", False):
+        return _Fused("blocked", n, k, d, "GPTBigCode's multi-query [q; k; v]")
+    return _Fused("per-head", n, k, d, "GPTBigCode's per-head [q_h; k_h; v_h]")
+
+
+def _codegen_layout(attn: nn.Module) -> _Fused | str:
+    """CodeGen's ``qkv_proj``: ``mp_num`` model-parallel shards ``[q_s; v_s; k_s]`` of
+    ``embed_dim // mp_num`` features each (note the order: query, value, key)."""
+    n = _positive_attr(attn, "num_attention_heads") or 0
+    d = _positive_attr(attn, "head_dim") or 0
+    shards = _positive_attr(attn, "mp_num")
+    shard = (n * d) // shards if shards else 0
+    if not shard or (n * d) % shard:  # HF's view(..., -1, 3 * shard) needs shard | n * d
+        return "no num_attention_heads, head_dim and mp_num of shards dividing its width"
+    return _Fused("sharded", n, n, d, "CodeGen's sharded [q_s; v_s; k_s]", shard)
+
+
+#: Fused projections of a known layout: (attention module class, projection) -> layout.
+_KNOWN_FUSED = {
+    ("GPT2Attention", "c_attn"): _gpt2_layout,
+    ("MptAttention", "Wqkv"): _mpt_layout,
+    ("Phi3Attention", "qkv_proj"): _phi3_layout,
+    ("GPTBigCodeAttention", "c_attn"): _bigcode_layout,
+    ("CodeGenAttention", "qkv_proj"): _codegen_layout,
+}
+
+
+def _fused_layout(model: nn.Module, module_name: str, width: int) -> _Fused | str:
+    """The layout of the fused projection ``module_name`` (``width`` output features), or
+    why it is not known: only the layouts of :data:`_KNOWN_FUSED` (by the attention
+    module's class) and a ``Conv1D`` ``c_attn`` (GPT-2's ``[q; k; v]`` thirds) are."""
+    attn_name, _, leaf = module_name.rpartition(".")
+    attn = model.get_submodule(attn_name)
+    module = model.get_submodule(module_name)
+    layout: _Fused | str = f"{type(attn).__name__}.{leaf} is not a layout known to curvops"
+    for cls in type(attn).__mro__:
+        if (cls.__name__, leaf) in _KNOWN_FUSED:
+            layout = _KNOWN_FUSED[cls.__name__, leaf](attn)
+            break
+    else:
+        if leaf == "c_attn" and type(module).__name__ == "Conv1D":
+            layout = _Fused("blocked", None, None, None, "GPT-2's Conv1D c_attn [q; k; v]")
+            if getattr(attn, "is_cross_attention", False):
+                layout = "cross-attention: it holds the key and value only"
+            elif width % 3:
+                layout = f"{width} output features, not [q; k; v] thirds"
+    if isinstance(layout, _Fused) and layout.heads and layout.kv and layout.head_dim:
+        expected = (layout.heads + 2 * layout.kv) * layout.head_dim
+        if width != expected:
+            return f"{width} output features, not the {expected} of {layout.source}"
+    return layout
+
+
+def _fused_projection(
+    model: nn.Module,
+    module_name: str,
+    name: str,
+    shape: tuple[int, ...],
+    dim: int,
+    counts: tuple[int | None, int | None],
+    notes: dict[str, str],
+) -> tuple[Parts, str]:
+    """A fused query/key/value projection: split by its known layout (per head with
+    ``heads``), else left whole and noted in ``notes``; ``counts`` is ``(heads, kv_heads)``,
+    checked against the counts the model declares."""
+    heads, kv_heads = counts
+    width = shape[dim] if dim < len(shape) else 0
+    layout = _fused_layout(model, module_name, width)
+    if isinstance(layout, str):
+        notes[module_name] = layout
+        return [(module_name, ParamSlice(name))], "attention"
+    attn_name = module_name.rpartition(".")[0]
+    _check_declared_heads(model, attn_name, heads)
+    n = layout.heads or heads or 1
+    k = layout.kv or n
+    if kv_heads is not None and kv_heads != k:
+        raise argument_error(
+            "kv_heads",
+            f"{k}, the key/value head count of {attn_name or '(model)'} ({layout.source} "
+            f"with {n} query and {k} key/value head(s))",
+            kv_heads,
+        )
+    if width % (n + 2 * k):
+        raise argument_error(
+            "heads",
+            f"a head count dividing dimension {dim} of {name} (size {width}) into "
+            f"{layout.source} parts",
+            heads,
+        )
+    rows = _role_rows(layout, n, k, width // (n + 2 * k))
+    flat = torch.arange(math.prod(shape)).reshape(shape)
+    out: Parts = []
+    for role in "qkv":
+        groups = [rows[role].reshape(-1)] if heads is None else list(rows[role])
+        pieces = [
+            ParamSlice(name, flat.index_select(dim, g.sort().values).reshape(-1)) for g in groups
+        ]
+        count = None if heads is None else len(groups)
+        out += _labelled(module_name, role, pieces, count, grouped=count != heads)
+    return out, "grouped" if kv_heads is not None else "qkv"
+
+
+def _role_rows(layout: _Fused, n: int, k: int, d: int) -> dict[str, torch.Tensor]:
+    """The output features of the query, key and value of a fused projection of layout
+    ``layout`` with ``n`` query and ``k`` key/value heads of width ``d``: ``role ->
+    (heads, d)`` tensor, row ``h`` the features of head ``h`` in the model's order."""
+    if layout.order == "per-head":
+        base = 3 * d * torch.arange(n)[:, None] + torch.arange(d)
+        return {"q": base, "k": base + d, "v": base + 2 * d}
+    if layout.order == "sharded":
+        shard = layout.shard or n * d
+        feature = torch.arange(n * d)
+        base = (feature // shard) * 3 * shard + feature % shard
+        return {
+            "q": base.reshape(n, d),
+            "v": (base + shard).reshape(n, d),
+            "k": (base + 2 * shard).reshape(n, d),
+        }
+    q = torch.arange(n * d).reshape(n, d)
+    key = n * d + torch.arange(k * d).reshape(k, d)
+    return {"q": q, "k": key, "v": key + k * d}
+
+
+_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_HEAD_KEY = "num_attention_heads"
+
+
+def _declared(
+    model: nn.Module, attn_name: str, attrs: Sequence[str], key: str
+) -> tuple[int, str] | None:
+    """The count that the attention module ``attn_name`` declares in one of its
+    attributes ``attrs``, else the nearest config in ``key``, and where it was read."""
+    attn = model.get_submodule(attn_name)
+    for attr in attrs:
+        if (value := _positive_attr(attn, attr)) is not None:
+            return value, f"{attn_name or '(model)'}.{attr} = {value}"
+    if (value := _positive_attr(_nearest_config(model, attn_name), key)) is not None:
+        return value, f"{key} = {value} of the model's config"
+    return None
+
+
+def _check_declared_heads(model: nn.Module, attn_name: str, heads: int | None) -> None:
+    """Refuse a ``heads`` other than the head count that ``attn_name`` declares."""
+    declared = None if heads is None else _declared(model, attn_name, _HEAD_ATTRS, _HEAD_KEY)
+    if declared is not None and declared[0] != heads:
+        raise argument_error(
+            "heads",
+            f"{declared[0]}, the attention head count of {attn_name or '(model)'} "
+            f"({declared[1]}): a block '(q, head h)' is one head of the model's own, and "
+            "another count would cut or merge them",
+            heads,
+        )
 
 
 def _kv_count(
@@ -560,12 +849,20 @@ def _kv_count(
 ) -> int | None:
     """The head count of the key or value projection ``module_name``: ``kv_heads``, the
     config's ``num_key_value_heads`` or ``heads``; refused where the key heads would not
-    be as wide as the query heads (grouped-query attention with an unknown count)."""
+    be as wide as the query heads (grouped-query attention with an unknown count), or
+    ``kv_heads`` is not the count the model declares."""
     if heads is None:
         return None
     config = None if kv_heads is not None else _grouped_config(model, module_name, heads)
     count = kv_heads if kv_heads is not None else heads if config is None else config[1]
     attn_name = module_name.rpartition(".")[0]
+    declared = _declared(model, attn_name, _KV_ATTRS, "num_key_value_heads")
+    if kv_heads is not None and declared is not None and declared[0] != kv_heads:
+        raise argument_error(
+            "kv_heads",
+            f"{declared[0]}, the key/value head count of {attn_name or '(model)'} ({declared[1]})",
+            kv_heads,
+        )
     q_rows = _projection_rows(model, attn_name, _Q)
     k_rows = _projection_rows(model, attn_name, _K)
     if q_rows is None or k_rows is None or k_rows * heads == q_rows * count:
@@ -598,17 +895,23 @@ def _projection_rows(model: nn.Module, attn_name: str, names: set[str]) -> int |
     return None
 
 
+def _nearest_config(model: nn.Module, module_name: str) -> Any:
+    """The Hugging Face style ``config`` of ``module_name`` or its nearest ancestor (None)."""
+    segments = module_name.split(".") if module_name else []
+    for i in range(len(segments), -1, -1):
+        config = getattr(model.get_submodule(".".join(segments[:i])), "config", None)
+        if config is not None:
+            return config
+    return None
+
+
 def _grouped_config(
     model: nn.Module, module_name: str, heads: int | None
 ) -> tuple[int, int] | None:
     """``(num_attention_heads, num_key_value_heads)`` of the nearest Hugging Face style
     ``config`` above ``module_name`` when it has grouped-query attention (None otherwise);
     a ``heads`` other than ``num_attention_heads`` is refused there."""
-    segments = module_name.split(".") if module_name else []
-    for i in range(len(segments), -1, -1):
-        config = getattr(model.get_submodule(".".join(segments[:i])), "config", None)
-        if config is not None:
-            break
+    config = _nearest_config(model, module_name)
     n = getattr(config, "num_attention_heads", None)
     k = getattr(config, "num_key_value_heads", None)
     if not (isinstance(n, int) and isinstance(k, int) and 0 < k < n and n % k == 0):
@@ -830,8 +1133,10 @@ def per_block(
     stream = as_data(data)
     ops: list[CurvatureOperator] = []
     pieces: list[list[tuple[str, torch.Tensor]]] = []
-    for spec in chosen.values():
-        op, block_pieces = _block_operator(operator_cls, model, loss_fn, stream, spec, kwargs)
+    for label, spec in chosen.items():
+        op, block_pieces = _block_operator(
+            operator_cls, model, loss_fn, stream, (label, spec), kwargs
+        )
         ops.append(op)
         pieces.append(block_pieces)
     positions, names = _coordinates(model, pieces)
@@ -847,10 +1152,10 @@ def _restricted(model: nn.Module, blocks: Mapping[Any, Any], params: Any) -> dic
     out: dict[Any, Any] = {}
     for label, spec in blocks.items():
         if _is_slices(spec):
-            select_params(model, [s.name for s in spec])  # unknown names are errors
+            _block_params(model, label, [s.name for s in spec])  # unknown names are errors
             part: list[Any] = [s for s in spec if _canonical(model, s.name) in keep]
         else:
-            part = [name for name, _ in select_params(model, spec) if name in keep]
+            part = [name for name, _ in _block_params(model, label, spec) if name in keep]
         if part:
             out[label] = part
     if not out:
@@ -865,16 +1170,18 @@ def _block_operator(
     model: nn.Module,
     loss_fn: LossFn,
     stream: Any,
-    spec: Any,
+    block: tuple[Any, Any],
     kwargs: dict[str, Any],
 ) -> tuple[CurvatureOperator, list[tuple[str, torch.Tensor]]]:
     """One block's operator and its coordinates as ``(parameter, flat indices)`` pieces,
-    the parameters in the model's order (each one's slices in the order given)."""
+    the parameters in the model's order (each one's slices in the order given);
+    ``block`` is ``(label, selection)``."""
+    label, spec = block
     if not _is_slices(spec):
-        chosen = select_params(model, spec)
+        chosen = _block_params(model, label, spec)
         op = operator_cls(model, loss_fn, stream, params=[n for n, _ in chosen], **kwargs)
         return op, [(n, torch.arange(p.numel())) for n, p in chosen]
-    chosen = select_params(model, [s.name for s in spec])
+    chosen = _block_params(model, label, [s.name for s in spec])
     order = [n for n, _ in chosen]
     offsets = dict(zip(order, [0, *torch.tensor([p.numel() for _, p in chosen]).cumsum(0)]))
     sizes = {n: p.numel() for n, p in chosen}
@@ -903,6 +1210,23 @@ def _block_operator(
     index = torch.cat([idx + int(offsets[key]) for key, idx in pieces])
     whole = index.numel() == base.shape[0] and bool(torch.equal(index, torch.arange(base.shape[0])))
     return (base if whole else Compressed(base, index)), pieces
+
+
+def _block_params(model: nn.Module, label: Any, spec: Any) -> list[tuple[str, nn.Parameter]]:
+    """``select_params(model, spec)`` for the block ``label``: a bad selection is refused
+    naming ``blocks`` and the block (``select_params`` names its own ``params``)."""
+    try:
+        return select_params(model, spec)
+    except (ValueError, TypeError) as error:
+        found = re.fullmatch(r"Argument 'params': expected (.*?); received .*", str(error), re.S)
+        if found is None:
+            raise
+        raise argument_error(
+            "blocks",
+            f"for block {str(label)!r}, {found.group(1)}",
+            spec,
+            kind=TypeError if isinstance(error, TypeError) else ValueError,
+        ) from error
 
 
 def _coordinates(

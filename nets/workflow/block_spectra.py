@@ -502,17 +502,21 @@ def load_block_spectra(path: PathLike) -> BlockSpectraResult:
 
 
 def _parse_partition(blocks: str, heads: int | None) -> tuple[str, int | None]:
-    """``('layers'|'transformer', heads)`` of a partition name such as ``'transformer:heads=4'``."""
-    name, _, option = blocks.strip().lower().partition(":")
-    if name not in ("layers", "transformer") or (name == "layers" and option):
+    """``('layers'|'transformer', heads)`` of a partition name such as ``'transformer:heads=4'``
+    (``N`` in ASCII digits; an option after ``:`` may not be empty)."""
+    name, colon, option = blocks.strip().lower().partition(":")
+    if name not in ("layers", "transformer") or (name == "layers" and colon):
         raise argument_error("blocks", _PARTITIONS, blocks)
-    if option:
+    if colon:
         key, _, value = option.partition("=")
-        if key.strip() != "heads" or not value.strip().isdigit() or int(value) < 1:
-            raise argument_error("blocks", "'transformer:heads=N' with an integer N >= 1", blocks)
-        if heads is not None and heads != int(value):
-            raise argument_error("heads", f"None or {int(value)} (as blocks={blocks!r})", heads)
-        heads = int(value)
+        digits = value.strip()
+        if key.strip() != "heads" or not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
+            raise argument_error(
+                "blocks", "'transformer:heads=N' with an integer N >= 1 (ASCII digits)", blocks
+            )
+        if heads is not None and heads != int(digits):
+            raise argument_error("heads", f"None or {int(digits)} (as blocks={blocks!r})", heads)
+        heads = int(digits)
     if heads is not None:
         if isinstance(heads, bool) or not isinstance(heads, int | np.integer) or heads < 1:
             raise argument_error("heads", "None or a positive integer", heads)
