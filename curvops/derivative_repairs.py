@@ -71,6 +71,19 @@ quantisation off for the analysis: after
 ``model.apply(torch.ao.quantization.disable_fake_quant)`` the products are the
 full-precision network's curvature.
 
+Two functions have right second derivatives but wrong *third* ones in torch 2.13
+(``gradgradcheck`` of their gradient fails in float64): ``layer_norm``
+(``nn.LayerNorm``) and ``batch_norm`` in training mode (``nn.BatchNorm*`` in train
+mode, ``F.instance_norm``).  Third derivatives matter to a Hessian whose forward pass
+takes a gradient of itself -- physics-informed networks, gradient penalties,
+energy-based force models: through ``nn.LayerNorm`` the Hessian came out 33 % off the
+finite differences of the exact gradient, through train-mode BatchNorm 88 %.  The lean
+kernels of :mod:`curvops.lean_ops` (the default, ``lean_kernels=True``) compute them
+exactly; where such a forward pass goes through PyTorch's own kernels instead
+(``lean_kernels=False``, or a call the lean kernels do not cover),
+:func:`check_third_derivatives` refuses the Hessian.  The GGN and Fisher need only
+second derivatives and are exact either way.
+
 :data:`REPLACEMENTS` is applied by :class:`curvops.determinism.DropoutOffMode`, the
 mode every forward pass of a product runs under.
 
@@ -83,7 +96,7 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +110,7 @@ __all__ = [
     "REPLACEMENTS",
     "as_strided_scatter",
     "check_loss_second_derivatives",
+    "check_third_derivatives",
     "clamp_replacement",
     "cosine_similarity",
     "determinant",
@@ -756,3 +770,107 @@ def check_loss_second_derivatives(
             loss_fn,
         )
     return value
+
+
+#: The native functions whose third derivatives PyTorch gets wrong, by the class name
+#: of the node their backward leaves in a graph that differentiates through them
+#: (batch-norm nodes only in training mode), with the remedy under the lean kernels.
+_WRONG_THIRD_DERIVATIVES: dict[str, tuple[str, str]] = {
+    "NativeLayerNormBackwardBackward0": (
+        "layer_norm (nn.LayerNorm)",
+        "call it as nn.LayerNorm or F.layer_norm on plain tensors (torch.layer_norm, "
+        "torch.native_layer_norm and tensor subclasses run natively)",
+    ),
+    "BatchNormBackwardBackward0": (
+        "batch_norm in training mode (nn.BatchNorm*, F.instance_norm)",
+        "call it as nn.BatchNorm* or F.batch_norm with a numeric momentum, or in eval "
+        "mode; for F.instance_norm / nn.InstanceNorm* use nn.GroupNorm(C, C), the same "
+        "normalisation",
+    ),
+}
+
+
+def _graph_nodes(roots: Sequence[torch.Tensor]) -> Iterator[Any]:
+    """Every autograd node reachable from the ``grad_fn`` of ``roots`` (each once)."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen = {id(node) for node in stack}
+    while stack:
+        node = stack.pop()
+        yield node
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+
+
+def _wrong_third_derivative(roots: Sequence[torch.Tensor]) -> tuple[str, str] | None:
+    """``(function, remedy)`` of the first native function of :data:`_WRONG_THIRD_DERIVATIVES`
+    that the graph of ``roots`` differentiates through, or ``None``."""
+    for node in _graph_nodes(roots):
+        name = type(node).__name__
+        if name == "NativeLayerNormBackwardBackward0":
+            return _WRONG_THIRD_DERIVATIVES[name]
+        # native, cuDNN and MIOpen batch norm; the last two only ever in training mode
+        if name.endswith("BatchNormBackwardBackward0") and getattr(node, "_saved_train", True):
+            return _WRONG_THIRD_DERIVATIVES["BatchNormBackwardBackward0"]
+    return None
+
+
+def check_third_derivatives(roots: Sequence[torch.Tensor], *, lean_kernels: bool) -> None:
+    """Refuse a Hessian that needs PyTorch's wrong third derivatives (module docstring).
+
+    Call with the loss of a forward pass recorded for a Hessian (under the lean kernels
+    when ``lean_kernels``).  Its graph holds the backward node of ``layer_norm`` or
+    train-mode ``batch_norm`` only where the forward pass took a gradient through
+    PyTorch's own kernel of them; differentiating the loss twice then differentiates
+    that backward twice, with formulas that are wrong in torch 2.13.  One walk of the
+    forward graph (a fraction of a millisecond for a few hundred nodes).
+
+    Parameters
+    ----------
+    roots : sequence of torch.Tensor
+        The loss (or outputs) whose graph is searched.
+    lean_kernels : bool
+        Whether the graph was recorded with the lean kernels (for the message: without
+        them the remedy is ``lean_kernels=True``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``lean_kernels`` (or ``model``, for a call the lean kernels do not
+        cover), the function and the remedy.
+
+    Examples
+    --------
+    >>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    >>> w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    >>> (g,) = torch.autograd.grad(F.layer_norm(x, (3,), w).pow(3).sum(), x, create_graph=True)
+    >>> check_third_derivatives([g.square().sum()], lean_kernels=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'lean_kernels': expected True (the default) for this model...
+    >>> check_third_derivatives([F.layer_norm(x, (3,), w).sum()], lean_kernels=False)
+    """
+    found = _wrong_third_derivative(roots)
+    if found is None:
+        return
+    function, remedy = found
+    wrong = (
+        f"its forward pass takes a gradient through {function}, so its Hessian needs third "
+        f"derivatives of {function}, which PyTorch computes wrongly (torch "
+        f"{torch.__version__}: gradgradcheck of its gradient fails), and every Hessian "
+        "product would be silently wrong"
+    )
+    if not lean_kernels:
+        raise argument_error(
+            "lean_kernels",
+            f"True (the default) for this model: {wrong}; the lean kernels compute them "
+            "exactly (the GGN and Fisher need no third derivatives and take either)",
+            False,
+        )
+    raise argument_error(
+        "model",
+        f"a forward pass whose own gradients go through the lean kernels: {wrong}; the "
+        f"lean kernels compute them exactly but do not cover this call: {remedy}",
+        f"a forward pass that differentiates through PyTorch's own {function}",
+    )

@@ -71,7 +71,12 @@ class HessianOperator(ModelCurvatureOperator):
         (single-batch product 1.0-1.3 gradient-times against 2.0-2.6 with PyTorch's
         formulas, a 151k-parameter CIFAR-shaped CNN in eval mode, batch 256, one CPU
         thread).  The same derivatives up to rounding; ``False`` uses PyTorch's own
-        double-backward formulas everywhere.
+        double-backward formulas everywhere.  A forward that takes a gradient itself
+        (physics-informed networks, gradient penalties) needs third derivatives: the
+        lean kernels give them exactly (LayerNorm's backward then runs as primitive
+        operations), while PyTorch's own LayerNorm and train-mode BatchNorm third
+        derivatives are wrong, so ``False`` is refused there
+        (:func:`curvops.derivative_repairs.check_third_derivatives`).
 
     Contracts: one fixed matrix (loaders replayed or refused, no randomness during
     products), the model as it is now, nothing of the model changes; see

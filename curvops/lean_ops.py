@@ -82,8 +82,13 @@ string padding, transposed convolutions, tensor subclasses, ...), runs natively.
 The results are the same derivatives up to floating-point rounding (tests: against
 dense float64 Hessians and ``torch.autograd.gradgradcheck``).  Under
 ``create_graph`` the formulas switch to differentiable composite operations, so
-third derivatives stay correct -- for train-mode BatchNorm more so than PyTorch's
-own, which disagrees with finite differences in torch 2.13 (see the tests).  The mode only
+third derivatives stay correct -- for train-mode BatchNorm and LayerNorm more so than
+PyTorch's own, which disagree with finite differences in torch 2.13 (see the tests).
+Third derivatives are what a Hessian needs when the forward pass takes a gradient of
+itself (physics-informed networks, gradient penalties, force fields); where such a
+forward pass differentiates through a call that falls back to PyTorch's
+``layer_norm`` or train-mode ``batch_norm``, :func:`curvops.products.hessian_linearization`
+refuses it (:func:`curvops.derivative_repairs.check_third_derivatives`).  The mode only
 changes how the graph is recorded: no module, parameter or buffer is touched.
 
 >>> import torch
@@ -109,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from curvops.lean_transformer_ops import TRANSFORMER_FUNCTIONS
+from curvops.lean_transformer_ops import TRANSFORMER_FUNCTIONS, JacobianOnlyState, _constants
 
 __all__ = ["LEAN_MIN_ELEMENTS", "LeanDoubleBackwardMode", "lean_double_backward"]
 
@@ -155,13 +160,6 @@ def _add(acc: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
 def _addcmul(acc: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``acc + t * s``, in place on ``acc`` unless recording (see :func:`_add`)."""
     return torch.addcmul(acc, t, s) if torch.is_grad_enabled() else acc.addcmul_(t, s)
-
-
-def _constants(ctx: Any, saved: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The saved tensors, detached when the graph is recorded ``jacobian_only``."""
-    if not ctx.jacobian_only:
-        return saved
-    return tuple(None if t is None else t.detach() for t in saved)
 
 
 class _ConvolutionBackward(torch.autograd.Function):
@@ -220,7 +218,7 @@ class _Convolution(torch.autograd.Function):
         w: torch.Tensor,
         b: torch.Tensor | None,
         cfg: _ConvConfig,
-        jacobian_only: bool,
+        jacobian_only: JacobianOnlyState | None,
     ) -> Any:
         ctx.save_for_backward(x, w)
         ctx.cfg = cfg
@@ -316,7 +314,7 @@ class _BatchNormEval(torch.autograd.Function):
         mean: torch.Tensor,
         var: torch.Tensor,
         eps: float,
-        jacobian_only: bool,
+        jacobian_only: JacobianOnlyState | None,
     ) -> Any:
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
@@ -489,7 +487,7 @@ class _BatchNormTrain(torch.autograd.Function):
         running_var: torch.Tensor | None,
         momentum: float,
         eps: float,
-        jacobian_only: bool,
+        jacobian_only: JacobianOnlyState | None,
     ) -> Any:
         y, mean, invstd = aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
@@ -610,7 +608,10 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.Tensor.relu)
 
 
 def _lean_conv(
-    dims: int, args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool
+    dims: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    jacobian_only: JacobianOnlyState | None,
 ) -> Any:
     if len(args) > len(_CONV_ARGS) or set(kwargs) - set(_CONV_ARGS):
         return NotImplemented
@@ -635,7 +636,9 @@ def _lean_conv(
     return _Convolution.apply(x, w, b, (stride, padding, dilation, groups), jacobian_only)
 
 
-def _lean_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool) -> Any:
+def _lean_batch_norm(
+    args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: JacobianOnlyState | None
+) -> Any:
     try:
         call = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
     except TypeError:
@@ -695,6 +698,10 @@ def _lean_max_pool2d(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return _MaxPool2d.apply(x, (kernel, stride, padding, dilation, bool(a["ceil_mode"])))
 
 
+#: The calls by which a forward pass differentiates itself (counted by the mode).
+_GRADIENT_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+
+
 class LeanDoubleBackwardMode(TorchFunctionMode):
     """Route convolutions, BatchNorm, ReLU and 2-D max pooling to the lean functions.
 
@@ -707,11 +714,37 @@ class LeanDoubleBackwardMode(TorchFunctionMode):
     ----------
     jacobian_only:
         See :func:`lean_double_backward`.
+
+    Attributes
+    ----------
+    gradient_calls:
+        How many ``torch.autograd.grad`` / ``backward`` calls ran inside the mode so far:
+        read after a forward pass, nonzero when that forward pass took a gradient of
+        itself (a physics-informed network, a gradient penalty, a force model).
     """
 
     def __init__(self, jacobian_only: bool = False) -> None:
         super().__init__()
         self.jacobian_only = bool(jacobian_only)
+        self.gradient_calls = 0
+        self._state = JacobianOnlyState() if jacobian_only else None
+
+    @contextmanager
+    def jacobian_backward(self) -> Iterator[None]:
+        """Run the :math:`J^\\top u` backward pass of a ``jacobian_only`` graph in here.
+
+        Inside, the kernels recorded by this mode take their saved tensors as
+        constants (see :func:`lean_double_backward`); a no-op without ``jacobian_only``.
+        """
+        state = self._state
+        if state is None:
+            yield
+            return
+        previous, state.constants = state.constants, True
+        try:
+            yield
+        finally:
+            state.constants = previous
 
     def __torch_function__(
         self,
@@ -723,51 +756,61 @@ class LeanDoubleBackwardMode(TorchFunctionMode):
         kwargs = kwargs or {}
         result: Any = NotImplemented
         if func in _CONV_DIMS:
-            result = _lean_conv(_CONV_DIMS[func], args, kwargs, self.jacobian_only)
+            result = _lean_conv(_CONV_DIMS[func], args, kwargs, self._state)
         elif func is F.batch_norm:
-            result = _lean_batch_norm(args, kwargs, self.jacobian_only)
+            result = _lean_batch_norm(args, kwargs, self._state)
         elif func in _RELU_FUNCTIONS:
             result = _lean_relu(args, kwargs)
         elif func is F.max_pool2d:
             result = _lean_max_pool2d(args, kwargs)
         elif func in TRANSFORMER_FUNCTIONS:
-            result = TRANSFORMER_FUNCTIONS[func](args, kwargs, self.jacobian_only)
+            result = TRANSFORMER_FUNCTIONS[func](args, kwargs, self._state)
+        elif func in _GRADIENT_CALLS:
+            self.gradient_calls += 1
         if result is NotImplemented:
             return func(*args, **kwargs)
         return result
 
 
 @contextmanager
-def lean_double_backward(enabled: bool = True, *, jacobian_only: bool = False) -> Iterator[None]:
+def lean_double_backward(
+    enabled: bool = True, *, jacobian_only: bool = False
+) -> Iterator[LeanDoubleBackwardMode | None]:
     """Record graphs with the lean double-backward functions of this module.
 
     Wrap the forward pass *and* the ``create_graph=True`` gradient; the second
     backward can run anywhere afterwards.  ``enabled=False`` is a no-op (native
-    formulas).
+    formulas).  A forward pass may take gradients of itself with ``create_graph=True``
+    (physics-informed networks, gradient penalties): the lean kernels' derivatives
+    are then differentiated in turn, exactly.
 
-    ``jacobian_only=True`` records the first backward of the lean layers as a linear
-    map of the output gradient alone: their saved activations and weights enter
-    the recorded backward as constants.  Then for outputs :math:`f` and
-    :math:`g(u) = J^\\top u` (``torch.autograd.grad(f, w, u, create_graph=True)``),
-    differentiating :math:`g` with respect to :math:`u` gives :math:`J v` at the cost
-    of one tangent forward pass (two convolutions per convolution), without the
-    second-order terms a Hessian needs -- the GGN's Jacobian products
-    (:func:`curvops.products.jacobian_sandwich_linearization`).  Second derivatives
-    with respect to the parameters through such a graph miss those terms: never
-    use it for Hessians.
+    ``jacobian_only=True`` records the first backward of the lean layers, in the
+    backward pass run inside the mode's :meth:`~LeanDoubleBackwardMode.jacobian_backward`,
+    as a linear map of the output gradient alone: their saved activations and weights
+    enter that recorded backward as constants.  Then for outputs :math:`f` and
+    :math:`g(u) = J^\\top u` (``torch.autograd.grad(f, w, u, create_graph=True)`` inside
+    ``jacobian_backward()``), differentiating :math:`g` with respect to :math:`u` gives
+    :math:`J v` at the cost of one tangent forward pass (two convolutions per
+    convolution), without the second-order terms a Hessian needs -- the GGN's
+    Jacobian products (:func:`curvops.products.jacobian_graph`).  Second derivatives
+    with respect to the parameters through such a graph miss those terms: never use it
+    for Hessians.  Gradients taken anywhere else, in particular by the forward pass
+    itself, keep the saved tensors differentiable: with them constant, the outputs of
+    a forward pass that differentiates itself would lose their dependence on the
+    weights there (a GGN 2-30 % off).
 
     Parameters
     ----------
     enabled : bool
         ``False`` makes the context a no-op (PyTorch's formulas).
     jacobian_only : bool
-        Record the first backward as a linear map of the output gradient only (for Jacobian
-        products).
+        Record the first backward run inside ``jacobian_backward()`` as a linear map of
+        the output gradient only (for Jacobian products).
 
     Yields
     ------
-    None
-        The context in which graphs are recorded with the lean kernels.
+    LeanDoubleBackwardMode or None
+        The active mode (``None`` when not ``enabled``).
 
     Examples
     --------
@@ -781,7 +824,7 @@ def lean_double_backward(enabled: bool = True, *, jacobian_only: bool = False) -
     4
     """
     if not enabled:
-        yield
+        yield None
         return
-    with LeanDoubleBackwardMode(jacobian_only=jacobian_only):
-        yield
+    with LeanDoubleBackwardMode(jacobian_only=jacobian_only) as mode:
+        yield mode

@@ -64,11 +64,17 @@ matrix products keep PyTorch's (already minimal) formulas.  A mask that hides ev
 key of a query (the MATH backend's "safe softmax" returns zeros there), dropout,
 grouped-query attention and other unusual calls run natively.
 
-Under ``create_graph`` (third derivatives) the second-derivative formulas are
-evaluated with PyTorch's own differentiable formulas instead.  Every call these
-functions do not cover (tensor subclasses, ``dtype=`` of softmax, ...) runs natively,
-and the results are the same derivatives up to floating-point rounding (tests
-against dense float64 Hessians and ``torch.autograd.gradgradcheck``).
+Under ``create_graph`` (third derivatives: a Hessian or GGN of a model whose forward
+pass takes a gradient of itself) the second-derivative formulas are evaluated with
+differentiable operations instead: PyTorch's own for GELU and softmax, and for
+LayerNorm the first backward written in primitive operations
+(:func:`_layer_norm_backward_composite`), because PyTorch's derivative of
+``native_layer_norm_backward`` is wrong (``gradgradcheck`` of LayerNorm's gradient
+fails in torch 2.13).  Every call these functions do not cover (tensor subclasses,
+``dtype=`` of softmax, ...) runs natively, and the results are the same derivatives up
+to floating-point rounding -- to third order more exactly than PyTorch's for
+LayerNorm (tests against dense float64 Hessians, finite differences of exact
+gradients and ``torch.autograd.gradgradcheck``).
 
 >>> import torch
 >>> from curvops.lean_ops import lean_double_backward
@@ -90,7 +96,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TRANSFORMER_FUNCTIONS"]
+__all__ = ["TRANSFORMER_FUNCTIONS", "JacobianOnlyState"]
 
 aten = torch.ops.aten
 
@@ -99,9 +105,31 @@ _TANH_C = 0.044715
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+class JacobianOnlyState:
+    """Whether the backward pass running now takes saved tensors as constants.
+
+    One per :class:`curvops.lean_ops.LeanDoubleBackwardMode` with ``jacobian_only``,
+    shared by the contexts of every kernel recorded under it.  ``constants`` is true
+    only inside :meth:`~curvops.lean_ops.LeanDoubleBackwardMode.jacobian_backward`
+    (the :math:`J^\\top u` pass): a gradient the forward pass takes of itself
+    (physics-informed networks, gradient penalties, force models) keeps the saved
+    activations and weights differentiable, so the outputs' derivatives are exact.
+    """
+
+    __slots__ = ("constants",)
+
+    def __init__(self) -> None:
+        self.constants = False
+
+
 def _constants(ctx: Any, saved: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The saved tensors, detached when the graph is recorded ``jacobian_only``."""
-    if not ctx.jacobian_only:
+    """The saved tensors, detached in the :math:`J^\\top u` pass of a ``jacobian_only`` graph.
+
+    ``ctx.jacobian_only`` is the recording mode's :class:`JacobianOnlyState` (``None``
+    outside ``jacobian_only`` recording).
+    """
+    state = ctx.jacobian_only
+    if state is None or not state.constants:
         return saved
     return tuple(None if t is None else t.detach() for t in saved)
 
@@ -114,18 +142,20 @@ def _plain(*tensors: Any) -> bool:
     )
 
 
-def _native_vjp(
+def _differentiable_vjp(
     fn: Callable[..., Sequence[torch.Tensor | None]],
     inputs: Sequence[torch.Tensor | None],
     needs: Sequence[bool],
     cotangents: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor | None]:
-    """The vector-Jacobian product of ``fn`` by PyTorch's own formulas, differentiably.
+    """The vector-Jacobian product of ``fn``, differentiably (autograd of ``fn``'s operations).
 
     Used under ``create_graph`` (grad mode on in a backward), where the lean formulas
     would have to be written with differentiable operations: ``fn`` is re-run on the
     saved inputs and differentiated with ``create_graph=True``, so third derivatives
-    are PyTorch's.
+    are those of ``fn``'s operations -- PyTorch's backward kernels for GELU and softmax,
+    whose derivatives pass ``gradgradcheck``, and primitive operations for LayerNorm
+    (:func:`_layer_norm_backward_composite`), whose kernel's do not.
     """
     with torch.enable_grad():
         # fresh aliases: derivatives with respect to them are partial ones, even where one
@@ -137,7 +167,11 @@ def _native_vjp(
             for t, need in zip(inputs, needs)
         ]
         outs = [o for o in fn(*args)]
-        pairs = [(o, u) for o, u in zip(outs, cotangents) if o is not None and u is not None]
+        pairs = [
+            (o, u)
+            for o, u in zip(outs, cotangents)
+            if o is not None and u is not None and o.requires_grad
+        ]
         wrt = [(i, a) for i, a in enumerate(args) if needs[i] and a is not None and a.requires_grad]
         result: list[torch.Tensor | None] = [None] * len(inputs)
         if not pairs or not wrt:
@@ -193,7 +227,7 @@ class _GeluBackward(torch.autograd.Function):
         if u is None:
             return None, None, None, None
         if torch.is_grad_enabled():
-            d_gy, d_x = _native_vjp(
+            d_gy, d_x = _differentiable_vjp(
                 lambda g, z: [aten.gelu_backward(g, z, approximate=ctx.approximate)],
                 [gy, x],
                 [need_gy, need_x],
@@ -213,7 +247,9 @@ class _Gelu(torch.autograd.Function):
     """GELU whose backward is :class:`_GeluBackward`."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, approximate: str, jacobian_only: bool) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, approximate: str, jacobian_only: JacobianOnlyState | None
+    ) -> Any:
         ctx.save_for_backward(x)
         ctx.approximate = approximate
         ctx.jacobian_only = jacobian_only
@@ -313,6 +349,40 @@ def _layer_norm_double_backward(
     return d_gy, d_x, d_w
 
 
+def _layer_norm_backward_composite(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    shape: list[int],
+    eps: float,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:math:`(g_x, g_\\gamma, g_\\beta)` of LayerNorm in primitive differentiable operations.
+
+    :math:`\\hat x` and :math:`r` are recomputed from ``x``, so every derivative of the
+    result is autograd's of elementwise operations and means.  PyTorch's derivative of
+    ``native_layer_norm_backward`` is wrong in torch 2.13 (``gradgradcheck`` of
+    LayerNorm's gradient fails: the Hessian of a model whose forward pass takes a
+    gradient through ``nn.LayerNorm`` came out 33 % off the finite differences of its
+    gradient), so the graph recorded under ``create_graph`` uses this instead.
+    """
+    dims = tuple(range(x.ndim - len(shape), x.ndim))
+    rows = tuple(range(x.ndim - len(shape)))
+    centred = x - x.mean(dims, keepdim=True)
+    r = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    xhat = centred * r
+    ghat = gy if weight is None else gy * weight
+    b = (ghat * xhat).mean(dims, keepdim=True)
+    gx = r * (ghat - ghat.mean(dims, keepdim=True) - xhat * b)
+    gw = None
+    if weight is not None:
+        gw = (gy * xhat).sum(rows) if rows else gy * xhat
+    gb = None
+    if has_bias:
+        gb = gy.sum(rows) if rows else gy
+    return gx, gw, gb
+
+
 class _LayerNormBackward(torch.autograd.Function):
     """:math:`(\\delta, x, \\gamma) \\mapsto (g_x, g_\\gamma, g_\\beta)` (see module)."""
 
@@ -341,19 +411,14 @@ class _LayerNormBackward(torch.autograd.Function):
         ctx: Any, ux: torch.Tensor | None, uw: torch.Tensor | None, ub: torch.Tensor | None
     ) -> tuple[Any, ...]:
         gy, x, weight, mean, rstd, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            shape = ctx.shape
+        if torch.is_grad_enabled():  # create_graph: third derivatives from primitives
 
             def first(
                 g: torch.Tensor, z: torch.Tensor, w: torch.Tensor | None
             ) -> tuple[Any, Any, Any]:
-                # the statistics as functions of z, so that derivatives reach them
-                _, m, r = aten.native_layer_norm(z, shape, None, None, ctx.eps)
-                mask = [True, w is not None, bias is not None]
-                gx, gw, gb = aten.native_layer_norm_backward(g, z, shape, m, r, w, bias, mask)
-                return gx, gw, gb
+                return _layer_norm_backward_composite(g, z, w, ctx.shape, ctx.eps, bias is not None)
 
-            d_gy, d_x, d_w = _native_vjp(
+            d_gy, d_x, d_w = _differentiable_vjp(
                 first, [gy, x, weight], ctx.needs_input_grad[:3], [ux, uw, ub]
             )
         else:
@@ -374,7 +439,7 @@ class _LayerNorm(torch.autograd.Function):
         bias: torch.Tensor | None,
         shape: list[int],
         eps: float,
-        jacobian_only: bool,
+        jacobian_only: JacobianOnlyState | None,
     ) -> Any:
         y, mean, rstd = aten.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -414,7 +479,7 @@ class _SoftmaxBackward(torch.autograd.Function):
         if u is None:
             return None, None, None
         if torch.is_grad_enabled():
-            d_gy, d_y = _native_vjp(
+            d_gy, d_y = _differentiable_vjp(
                 lambda g, z: [aten._softmax_backward_data(g, z, dim, z.dtype)],
                 [gy, y],
                 [need_gy, need_y],
@@ -436,7 +501,9 @@ class _Softmax(torch.autograd.Function):
     """Softmax whose backward is :class:`_SoftmaxBackward`."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, jacobian_only: bool) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, dim: int, jacobian_only: JacobianOnlyState | None
+    ) -> Any:
         y = aten._softmax(x, dim, False)
         ctx.save_for_backward(y)
         ctx.dim = dim
@@ -454,7 +521,9 @@ _LAYER_NORM_SIGNATURE = inspect.signature(F.layer_norm)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
-def _lean_layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool) -> Any:
+def _lean_layer_norm(
+    args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: JacobianOnlyState | None
+) -> Any:
     try:
         call = _LAYER_NORM_SIGNATURE.bind(*args, **kwargs)
     except TypeError:
@@ -479,7 +548,9 @@ def _lean_layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_onl
     return _LayerNorm.apply(x, weight, bias, list(shape), float(a["eps"]), jacobian_only)
 
 
-def _lean_gelu(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool) -> Any:
+def _lean_gelu(
+    args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: JacobianOnlyState | None
+) -> Any:
     if len(args) != 1 or set(kwargs) - {"approximate"}:
         return NotImplemented
     (x,) = args
@@ -506,7 +577,9 @@ def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, An
     return call.get("input"), call.get("dim")
 
 
-def _lean_softmax(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool) -> Any:
+def _lean_softmax(
+    args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: JacobianOnlyState | None
+) -> Any:
     found = _softmax_dim(args, kwargs)
     if found is None:
         return NotImplemented
@@ -523,7 +596,9 @@ def _lean_softmax(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: 
     return _Softmax.apply(x, dim % x.ndim, jacobian_only)
 
 
-def _lean_attention(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: bool) -> Any:
+def _lean_attention(
+    args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only: JacobianOnlyState | None
+) -> Any:
     """``softmax(scale q k^T + mask) v`` with the lean softmax (the MATH backend's algorithm)."""
     if len(args) > len(_SDPA_ARGS) or set(kwargs) - set(_SDPA_ARGS) - {"enable_gqa"}:
         return NotImplemented
@@ -570,7 +645,8 @@ def _lean_attention(args: tuple[Any, ...], kwargs: dict[str, Any], jacobian_only
     return torch.matmul(probs, v)
 
 
-#: ``func -> handler(args, kwargs, jacobian_only)``; a handler returns ``NotImplemented``
+#: ``func -> handler(args, kwargs, jacobian_only)`` (``jacobian_only``: the recording
+#: mode's :class:`JacobianOnlyState` or ``None``); a handler returns ``NotImplemented``
 #: for the calls it does not cover (these then run natively).
 TRANSFORMER_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.layer_norm: _lean_layer_norm,

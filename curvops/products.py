@@ -51,11 +51,13 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from curvops.derivative_repairs import check_third_derivatives
 from curvops.differentiability import UntrackedUseRecorder, check_twice_differentiable
 from curvops.forward_mode import prepare_forward_mode
 from curvops.lean_ops import lean_double_backward
@@ -151,14 +153,23 @@ def hessian_linearization(
     materialised zeros (1.0-1.3 instead of 2.0-2.6 gradient-times per product on a
     CIFAR-shaped BatchNorm CNN); ``False`` keeps PyTorch's own formulas.
 
+    A forward pass that takes a gradient of itself (physics-informed networks,
+    gradient penalties) makes the products third derivatives of its layers; PyTorch's
+    are wrong for ``layer_norm`` and train-mode ``batch_norm``, which the lean kernels
+    compute exactly.  Such a forward pass through PyTorch's own kernels of them
+    (``lean_kernels=False``, or a call the lean kernels do not cover) is refused
+    (:func:`curvops.derivative_repairs.check_third_derivatives`: one walk of the forward
+    graph, only without lean kernels or after a gradient inside the forward pass).
+
     Raises
     ------
     ValueError
-        If ``loss_of`` does not return a scalar.
+        If ``loss_of`` does not return a scalar, or needs PyTorch's wrong third
+        derivatives (naming ``lean_kernels`` or ``model``).
     """
     leaves = _leaves(params)
     recorder = UntrackedUseRecorder(leaves)
-    with torch.enable_grad(), lean_double_backward(lean_kernels):
+    with torch.enable_grad(), lean_double_backward(lean_kernels) as lean:
         with recorder:
             loss = loss_of(leaves)
         recorder.check([loss])
@@ -167,6 +178,8 @@ def hessian_linearization(
                 f"Argument 'loss_fn': expected a scalar loss (reduction='mean'); "
                 f"received a tensor of shape {tuple(loss.shape)}."
             )
+        if lean is None or lean.gradient_calls:  # the forward pass may differentiate itself
+            check_third_derivatives([loss], lean_kernels=lean_kernels)
         if loss.requires_grad:
             grads: Sequence[torch.Tensor] = torch.autograd.grad(
                 loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
@@ -356,8 +369,10 @@ def jacobian_graph(
 
     The forward pass and ``torch.autograd.grad(f, w, u, create_graph=True)`` run
     under :func:`curvops.lean_ops.lean_double_backward` with ``jacobian_only=True``
-    (``lean_kernels``), so differentiating :math:`g` in :math:`u` costs one tangent
-    forward pass: measured 0.9-1.3 gradient-times per product against 1.6-3.0 for
+    (``lean_kernels``), the latter inside the mode's ``jacobian_backward()`` (gradients
+    the forward pass takes of itself keep the lean kernels' dependence on the weights),
+    so differentiating :math:`g` in :math:`u` costs one tangent forward pass:
+    measured 0.9-1.3 gradient-times per product against 1.6-3.0 for
     :func:`jacobian_sandwich_matmat` (a 151k-parameter BatchNorm CNN at batch 256 in
     both modes, PreResNet8 at 64, an MLP on digits; one CPU thread), for a one-off
     cost of about one gradient.  Without lean kernels the reverse-over-reverse
@@ -372,15 +387,23 @@ def jacobian_graph(
     """
     leaves = _leaves(params)
     recorder = UntrackedUseRecorder(leaves)
-    with torch.enable_grad(), lean_double_backward(lean_kernels, jacobian_only=True):
+    with torch.enable_grad(), lean_double_backward(lean_kernels, jacobian_only=True) as lean:
         with recorder:
             outputs = forward(leaves)
         recorder.check([outputs])
         u = torch.zeros_like(outputs, requires_grad=True)
         if outputs.requires_grad:
-            jt_u: Sequence[torch.Tensor] = torch.autograd.grad(
-                outputs, leaves, u, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            # only this backward pass takes the lean kernels' saved tensors as constants;
+            # gradients the forward pass took of itself kept their weight dependence
+            with nullcontext() if lean is None else lean.jacobian_backward():
+                jt_u: Sequence[torch.Tensor] = torch.autograd.grad(
+                    outputs,
+                    leaves,
+                    u,
+                    create_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
         else:  # no selected parameter reaches the outputs: J = 0
             jt_u = [torch.zeros_like(leaf) for leaf in leaves]
     check_twice_differentiable(jt_u, forward_roots=[outputs], what="the Jacobian (GGN, Fisher)")
