@@ -288,19 +288,23 @@ def products_dtype(op: ModelCurvatureOperator) -> torch.dtype:
 
 
 def check_attainable_tol(tol: float, op: ModelCurvatureOperator) -> None:
-    """Refuse a ``tol`` below ``100 eps`` of the products' precision, the floor under which
-    :func:`spectral.blockeig.block_eigenpairs` cannot certify a residual (it would
-    silently raise ``tol`` to it)."""
+    """Refuse a ``tol`` below the floor under which :func:`spectral.blockeig.block_eigenpairs`
+    cannot certify a residual (it would silently raise ``tol`` to it): ``100 eps`` of the
+    products' precision, or ``2 eps`` for 16-bit products, whose rounding of input and
+    result limits every residual to about ``eps`` (:func:`spectral.eigen.residual_floor`;
+    the floor of a product computed in bfloat16 under ``torch.autocast`` too, which that
+    function cannot see)."""
     dtype = products_dtype(op)
-    floor = 100.0 * torch.finfo(dtype).eps
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    floor = (2.0 if sixteen_bit else 100.0) * torch.finfo(dtype).eps
     if tol < floor:
         where = " under torch.autocast" if dtype != op.torch_dtype else ""
         raise argument_error(
             "tol",
-            f"at least {floor:.3g} (100 eps) for curvature products computed in {dtype}{where}: "
-            "no smaller relative residual can be certified in that precision; measure a float32 "
-            "or float64 copy of the model (and call the tracker outside torch.autocast) for a "
-            "tighter tolerance",
+            f"at least {floor:.3g} ({'2' if sixteen_bit else '100'} eps) for curvature products "
+            f"computed in {dtype}{where}: no smaller relative residual can be certified in "
+            "that precision; measure a float32 or float64 copy of the model (and call the "
+            "tracker outside torch.autocast) for a tighter tolerance",
             tol,
         )
 

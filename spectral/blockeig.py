@@ -15,9 +15,11 @@ where ``\delta_i`` is the gap to the rest of the spectrum).  A pair is converged
 
 .. math::
     \|r_i\| \le \max\bigl(\mathrm{tol}\cdot\max(|\theta_i|, \epsilon^{2/3}\|H\|),\
-    100\,\epsilon\,\|H\|\bigr)
+    f\,\|H\|\bigr)
 
-(the criterion of :func:`spectral.top_eigenpairs`).  The next block is the
+(the criterion of :func:`spectral.top_eigenpairs`, with its floor ``f`` of
+:func:`spectral.eigen.residual_floor`: ``100 eps`` for float32/float64 operators, ``2 eps``
+of the dtype of float16/bfloat16 operators, whose products round to it).  The next block is the
 residuals of the wanted pairs not yet converged, so the space grows as the block
 Krylov space ``span\{X_0, A X_0, A^2 X_0, \dots\}`` restricted to what is still
 wrong.  The ``guard`` vectors take part in every Rayleigh--Ritz step but their
@@ -57,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from spectral import _backend
+from spectral.eigen import residual_floor
 from spectral.errors import NumericalError, argument_error, check_integer, check_real
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import as_generator, random_probes
@@ -191,7 +194,9 @@ def block_eigenpairs(
     which:
         ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
     tol:
-        Relative residual tolerance (module docstring); raised to ``100 eps`` of the dtype.
+        Relative residual tolerance (module docstring); raised to
+        :func:`spectral.eigen.residual_floor` (``100 eps`` of a float32/float64 dtype,
+        ``2 eps`` of a float16/bfloat16 one) if smaller.
     max_basis:
         Basis size before a restart (default ``min(n, max(4 (k + guard), 24))``).
     keep:
@@ -223,7 +228,8 @@ def block_eigenpairs(
     width = min(k + guard, n)
     max_basis, max_products, keep = _limits(n, k, width, max_basis, max_products, keep)
     eps = op.eps
-    tol = max(float(tol), 100.0 * eps)
+    floor = residual_floor(op)
+    tol = max(float(tol), floor)
     rng = as_generator(seed)
     V = xp.zeros((0, n), dtype=op.dtype, device=op.device)
     W = xp.zeros((0, n), dtype=op.dtype, device=op.device)
@@ -240,7 +246,9 @@ def block_eigenpairs(
         V = xp.concat([V, block], axis=0)
         W = xp.concat([W, AB], axis=0)
         anorm = 0.0 if ritz is None else ritz.anorm
-        ritz = _Ritz.of(xp, V, W, step, which=which, width=width, tol=tol, eps=eps, anorm=anorm)
+        ritz = _Ritz.of(
+            xp, V, W, step, which=which, width=width, tol=tol, eps=eps, anorm=anorm, floor=floor
+        )
         if len(ritz.active) >= k and np.all(ritz.done[:k]):
             logger.debug("block_eigenpairs: converged after %d blocks, %d products", step, products)
             return ritz.result(xp, V, k, keep, products=products, blocks=step)
@@ -311,8 +319,12 @@ class _Ritz:
         tol: float,
         eps: float,
         anorm: float,
+        floor: float | None = None,
     ) -> _Ritz:
         """Project, solve, and measure the residuals of the wanted Ritz pairs.
+
+        ``floor`` is the relative residual floor (:func:`spectral.eigen.residual_floor`;
+        ``100 eps`` when not given, that of products in the vectors' own precision).
 
         Raises
         ------
@@ -334,7 +346,8 @@ class _Ritz:
         R = Sa @ W - _backend.from_host(theta[active], like=V)[:, None] * Y
         resid = _backend.to_host_float64(_backend.vector_norm(xp, R, axis=1))
         threshold = np.maximum(
-            tol * np.maximum(np.abs(theta[active]), eps ** (2.0 / 3.0) * anorm), 100.0 * eps * anorm
+            tol * np.maximum(np.abs(theta[active]), eps ** (2.0 / 3.0) * anorm),
+            (100.0 * eps if floor is None else floor) * anorm,
         )
         done = resid <= threshold
         return cls(theta, S, order, active, Y, R, resid, threshold, done, anorm)

@@ -109,6 +109,27 @@ def _sigma(sigma: Any) -> float:
     return check_real("sigma", sigma, "a positive finite number", lambda s: 0 < s < math.inf)
 
 
+def _real_values(name: str, given: Any) -> FloatArray:
+    """``given`` as a flat float64 array of finite reals (at least one), else an error naming
+    ``name``: ``TypeError`` for complex or non-numeric input, ``ValueError`` for an empty
+    array or NaN/Inf.
+
+    >>> _real_values("other", [[1, 2]]).tolist()
+    [1.0, 2.0]
+    """
+    expected = "a SpectralDensity or a non-empty array of finite reals"
+    try:
+        raw = np.asarray(given)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences
+        raise argument_error(name, expected, given, kind=TypeError) from exc
+    if raw.dtype.kind not in "fiub":  # complex (imaginary parts would be dropped), text, None
+        raise argument_error(name, expected, given, kind=TypeError)
+    values = raw.astype(np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise argument_error(name, expected, given)
+    return values
+
+
 def _readonly_bool(a: NDArray[np.bool_]) -> NDArray[np.bool_]:
     a.setflags(write=False)
     return a
@@ -804,7 +825,9 @@ class SpectralDensity:
 
         ``other`` is another :class:`SpectralDensity` or an array of (exact) eigenvalues,
         read as the uniform measure on them. Computed by
-        :func:`scipy.stats.wasserstein_distance`.
+        :func:`scipy.stats.wasserstein_distance`.  Like the constructor's ``nodes``, the
+        eigenvalues must be real: complex values (whose imaginary parts numpy would drop)
+        and non-numeric input (strings, ``None``) raise a ``TypeError`` naming ``other``.
 
         >>> SpectralDensity([0.0], [1.0]).wasserstein([1.0, 3.0])
         2.0
@@ -812,11 +835,7 @@ class SpectralDensity:
         if isinstance(other, SpectralDensity):
             values, weights = other.nodes, other.weights
         else:
-            values = np.asarray(other, dtype=np.float64).reshape(-1)
-            if values.size == 0 or not np.all(np.isfinite(values)):
-                raise argument_error(
-                    "other", "a SpectralDensity or a non-empty array of finite reals", other
-                )
+            values = _real_values("other", other)
             weights = np.full(values.size, 1.0 / values.size)
         return float(scipy.stats.wasserstein_distance(self.nodes, values, self.weights, weights))
 
@@ -875,8 +894,8 @@ class SpectralDensity:
             for key in ("source", "probe_kind"):
                 if key in arrays:
                     provenance[key] = str(np.asarray(arrays[key]).item())
-            if "dimension" in arrays:
-                provenance["dimension"] = int(np.asarray(arrays["dimension"]).item())
+            if "dimension" in arrays:  # checked by the constructor: 2.7 is no dimension
+                provenance["dimension"] = np.asarray(arrays["dimension"]).item()
             for key in ("probe_invariant", "probe_tolerance"):
                 if key in arrays:
                     provenance[key] = np.asarray(arrays[key])

@@ -7,8 +7,10 @@ row/column), and computes its eigenpairs ``H = S \Theta S^T`` on the host in
 float64.  With ``r = A v_{ncv} - V h`` the residual of the last step,
 ``\|A y_i - \theta_i y_i\| = \|r\|\,|S_{ncv,i}|`` for the Ritz vector ``y_i = V s_i``.
 A pair is converged when this residual is at most
-``\max(tol \cdot \max(|\theta_i|, eps^{2/3}\|H\|),\ 100\,eps\,\|H\|)`` (ARPACK's
-criterion, with a floor at the rounding level of the products).  Until the
+``\max(tol \cdot \max(|\theta_i|, eps^{2/3}\|H\|),\ f\,\|H\|)`` (ARPACK's
+criterion, with a floor ``f`` at the rounding level of the products, see
+:func:`residual_floor`: ``100 eps`` for products in the vectors' own precision,
+``2 eps`` of a 16-bit operator's dtype for its products around float64 vectors).  Until the
 ``k`` wanted pairs have converged, the basis is restarted with the
 ``p = k + (ncv - k) // 2`` most wanted Ritz vectors plus ``r / \|r\|``
 ("thick restart"), which keeps the Krylov information of the wanted end.
@@ -41,11 +43,67 @@ from spectral.errors import NumericalError, argument_error, check_real
 from spectral.operator import SymmetricOperator, as_operator
 from spectral.probes import as_generator, random_probe
 
-__all__ = ["WHICH", "top_eigenpairs"]
+__all__ = ["WHICH", "residual_floor", "top_eigenpairs"]
 
 logger = logging.getLogger(__name__)
 
 WHICH = ("LA", "SA", "LM")
+
+
+def residual_floor(op: SymmetricOperator) -> float:
+    r"""The smallest relative residual :math:`\|A y - \theta y\| / \|A\|` that counts as
+    converged for the products of ``op`` (the floor of the convergence criterion).
+
+    Two roundings limit a residual computed from products:
+
+    * the arithmetic around the products, in the vectors' dtype (``eps_v``): dot products
+      and updates of length ``n``; the floor keeps the long-standing ``100 eps_v``
+      (for float64 and float32 operators nothing changes);
+    * the products themselves, with relative error ``eps_p = op.eps``. A 16-bit operator
+      (float16, bfloat16) runs with float64 vectors: each product rounds its input and its
+      result to 16 bits (two roundings of ``u = eps_p / 2``, with the accumulation inside
+      in at least float32, as numpy's and torch's 16-bit products do), so a residual is
+      known only to about :math:`\epsilon_p\|A\|`; the floor is ``2 eps_p`` (measured
+      residuals of converged pairs reach 0.2 to 0.8 ``eps_p``).
+
+    The floor is :math:`\max(100\,\epsilon_v, 2\,\epsilon_p)`: ``1.6e-2`` for bfloat16
+    and ``2e-3`` for float16, far below :math:`\|A\|` (``100 eps_p`` was 0.78
+    :math:`\|A\|` in bfloat16, so that any first guess passed).
+
+    >>> import numpy as np
+    >>> from spectral.operator import as_operator
+    >>> residual_floor(as_operator(np.eye(3))) == 100 * 2.0**-52
+    True
+    >>> residual_floor(as_operator(np.eye(3, dtype=np.float16))) == 2 * 2.0**-10
+    True
+    """
+    eps_vectors = _backend.finfo_eps(op.xp, op.dtype)
+    return max(100.0 * eps_vectors, 2.0 * op.eps)
+
+
+def _breakdown_level(op: SymmetricOperator) -> float:
+    r"""``beta <= level * ||A||_est`` is an exact breakdown in :func:`_extend`.
+
+    The danger is orthogonality: CGS2 orthogonalises to the rounding of the vectors'
+    dtype (``eps_v``, float64 for a 16-bit operator) relative to its input, so a residual
+    at that rounding level is not orthogonal to ``V`` once normalised.  The level is
+    :math:`\min(10\sqrt{n}\,\epsilon_v, \sqrt{\epsilon_v})`: ``10 sqrt(n) eps_v`` is the
+    rounding of length-``n`` dot products with a margin; the cap :math:`\sqrt{\epsilon_v}`
+    (reached only by float32 vectors beyond ``n = 84,000``) keeps it far below
+    :math:`\|A\|` at any ``n``: a residual above :math:`\sqrt{\epsilon_v}\|A\|` keeps half
+    the digits, and two CGS passes make it orthogonal to working precision.  The products'
+    own rounding (``op.eps``) is irrelevant here: a residual that is product noise is a
+    valid direction, orthogonal to ``V`` in the vectors' precision, and its norm an exact
+    entry of ``H`` (the old ``10 sqrt(n) op.eps`` exceeded 1 for float16 at ``n = 10,500``
+    and for bfloat16 at ``n = 164``, so every step was replaced by a random vector).
+
+    >>> import numpy as np
+    >>> from spectral.operator import as_operator
+    >>> _breakdown_level(as_operator(np.eye(4))) == 20 * 2.0**-52
+    True
+    """
+    eps_vectors = _backend.finfo_eps(op.xp, op.dtype)
+    return min(10.0 * math.sqrt(op.n) * eps_vectors, math.sqrt(eps_vectors))
 
 
 def _order(theta: np.ndarray, which: str) -> np.ndarray:
@@ -105,7 +163,8 @@ def top_eigenpairs(
         ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
     tol:
         Relative residual tolerance (see the module docstring).  It is raised to
-        ``100 eps`` of the operator's dtype if smaller.
+        :func:`residual_floor` (``100 eps`` of a float32/float64 operator's dtype, ``2 eps``
+        of a float16/bfloat16 operator's) if smaller.
     max_iters:
         Maximum number of restart cycles (default ``max(1000, 10 n)``, as ARPACK's ``maxiter``).
     ncv:
@@ -139,8 +198,7 @@ def top_eigenpairs(
     ncv = _validate(op, k, which, tol, ncv, max_iters)
     k = int(k)
     n = op.n
-    eps = op.eps
-    tol = max(float(tol), 100.0 * eps)
+    tol = max(float(tol), residual_floor(op))
     if max_iters is None:
         max_iters = max(1000, 10 * n)
     rng = as_generator(seed)
@@ -209,6 +267,7 @@ def _trlan(
     xp = op.xp
     n = op.n
     eps = op.eps
+    floor = residual_floor(op)
     V = xp.zeros((ncv, n), dtype=op.dtype, device=op.device)
     H = np.zeros((ncv, ncv))
     v = random_probe(n, "sphere", rng, like=op.template)
@@ -218,13 +277,13 @@ def _trlan(
     p = 0  # number of kept (restart) vectors already in V with their H block known
     keep = min(k + (ncv - k) // 2, ncv - 1)
     for cycle in range(max_iters):
-        r, rnorm, anorm = _extend(op, V, H, p, rng, eps, cycle, locked, anorm)
+        r, rnorm, anorm = _extend(op, V, H, p, rng, cycle, locked, anorm)
         anorm = max(anorm, float(np.max(np.abs(np.linalg.eigvalsh(H)))), rnorm)
         theta, S = np.linalg.eigh(H)
         order = _order(theta, which)
         resid = rnorm * np.abs(S[-1, :])
         threshold = np.maximum(
-            tol * np.maximum(np.abs(theta), eps ** (2.0 / 3.0) * anorm), 100.0 * eps * anorm
+            tol * np.maximum(np.abs(theta), eps ** (2.0 / 3.0) * anorm), floor * anorm
         )
         wanted = order[:k]
         if np.all(resid[wanted] <= threshold[wanted]) or rnorm <= eps * anorm:
@@ -257,7 +316,6 @@ def _extend(
     H: np.ndarray,
     p: int,
     rng: np.random.Generator,
-    eps: float,
     cycle: int,
     locked: Any = None,
     anorm: float = 0.0,
@@ -272,8 +330,9 @@ def _extend(
     Returns ``(r, ||r||, anorm)`` with ``anorm`` the running estimate
     :math:`\|A\|_{est} = \max(\text{anorm on entry}, \max_j \|A v_j\|)`.  A step
     is an exact breakdown (continued with a random vector orthogonal to ``V``) when
-    :math:`\beta_j \le 10 \sqrt{n}\, \epsilon \|A\|_{est}`: the residual is then
-    rounding noise, and normalising it would give a vector that is not orthogonal to
+    :math:`\beta_j \le \ell \|A\|_{est}` with :math:`\ell` of :func:`_breakdown_level`
+    (``10 sqrt(n) eps`` of the vectors' dtype, at most its ``sqrt(eps)``): the residual is
+    then rounding noise, and normalising it would give a vector that is not orthogonal to
     ``V`` (CGS2 orthogonalises to ``eps`` *of its input's norm*).  The scale must be
     the operator's norm, not the current column's: a column of a null vector has
     entries of the size of the noise itself (a rank-3 operator once gave a residual
@@ -283,6 +342,7 @@ def _extend(
     xp = op.xp
     ncv = H.shape[0]
     n = op.n
+    level = _breakdown_level(op)
     r: Any = None
     rnorm = 0.0
     for j in range(p, ncv):
@@ -308,7 +368,7 @@ def _extend(
         r, rnorm = w, beta
         if j + 1 == ncv:
             break
-        if beta <= 10.0 * math.sqrt(n) * eps * anorm:
+        if beta <= level * anorm:
             # invariant subspace: continue with a random direction orthogonal to V
             v = random_probe(n, "gaussian", rng, like=op.template)
             if locked is not None:

@@ -202,6 +202,7 @@ class _Scaled:
             matmat=self._apply,
             source=op.source,
             eps=op.eps,
+            protect_input=False,  # the products of ``op`` itself protect their input
         )
 
     @property

@@ -195,7 +195,9 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     """Open a temporary file beside ``path``; on success, fsync and rename it to ``path``.
 
     If the body raises, the temporary file is removed and ``path`` is untouched.
-    Parent directories are created.  The file ends with the permission bits of
+    Parent directories are created.  A ``path`` that is an existing directory raises
+    ``IsADirectoryError`` naming it (before anything is written; the rename would
+    otherwise fail naming only the temporary file).  The file ends with the permission bits of
     a plain ``open()`` (the replaced file's, or ``0o666 & ~umask``), and
     abandoned temporary files of killed writes in the directory are removed
     first (:func:`clean_stale_temporaries`).
@@ -224,10 +226,17 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     ('done', ['note.txt'])
     >>> stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~current_umask()
     True
+    >>> with atomic_write(os.path.dirname(p), "w") as f:
+    ...     pass
+    Traceback (most recent call last):
+    ...
+    IsADirectoryError: Argument 'path': expected the path of a file, not an existing directory; ...
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"Argument 'mode': expected 'wb' or 'w'; received {mode!r}.")
     final = Path(path)
+    if final.is_dir():
+        raise _directory_error(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final.parent)
     fd, tmp_name = tempfile.mkstemp(
@@ -244,12 +253,23 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
             else:  # pragma: no cover - Windows before Python 3.13
                 os.chmod(tmp, permissions)
             os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except IsADirectoryError as exc:  # a directory created there meanwhile
+            raise _directory_error(final) from exc
         _fsync_directory(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _directory_error(final: Path) -> IsADirectoryError:
+    """The error for a target ``path`` that is a directory (names the argument and the path)."""
+    return IsADirectoryError(
+        f"Argument 'path': expected the path of a file, not an existing directory; "
+        f"received '{final}'."
+    )
 
 
 #: Key of the content checksum every :func:`save_npz` archive carries (its first member).

@@ -70,6 +70,22 @@ class SymmetricOperator:
     no block product).  Results are detached from autograd (torch tensors that
     require grad): the algorithms of :mod:`spectral` are not differentiable.
 
+    Contract with the wrapped products (``matvec``/``matmat`` given here, a
+    ``LinearOperator``'s, a callable's):
+
+    * **Inputs.** A product may modify its input in place (an in-place scaling inside a
+      user's matvec): unless ``protect_input=False``, it receives a private copy of the
+      vector or block, so the arrays the algorithms keep (the Lanczos vector ``q_j``, the
+      basis rows, the probes) never change behind their back.  The copy costs
+      :math:`O(n)` (:math:`O(nk)` for a block) per product; only products known to leave
+      their input alone skip it (``A @ x`` of a dense or sparse matrix, the wrappers of
+      :mod:`spectral` around an already protected operator).
+    * **Results.** A product must return a real floating-point array of the vectors'
+      namespace with ``n`` (``n k``) entries; anything else (complex or integer values,
+      another library's array, a wrong size) raises naming ``A``.  The result may be an
+      array the product owns (even its input, or a buffer it reuses): the algorithms
+      never modify a result in place.
+
     Examples
     --------
     >>> import numpy as np
@@ -86,9 +102,11 @@ class SymmetricOperator:
         matmat: Callable[[Any], Any] | None = None,
         source: Any = None,
         eps: float | None = None,
+        protect_input: bool = True,
     ) -> None:
         self._matvec = matvec
         self._matmat = matmat
+        self.protect_input = protect_input
         self.template = template
         self.xp = _backend.namespace(template)
         self.n = int(template.shape[0])
@@ -96,6 +114,7 @@ class SymmetricOperator:
         self.device = _backend.device(template)
         self.source = source
         self.eps = _backend.finfo_eps(self.xp, self.dtype) if eps is None else float(eps)
+        self._real_dtypes: set[Any] = set()  # result dtypes already checked (one check each)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -103,16 +122,20 @@ class SymmetricOperator:
         return (self.n, self.n)
 
     def matvec(self, x: Any) -> Any:
-        """Return ``A @ x`` for a vector ``x`` of shape ``(n,)`` (result reshaped to ``(n,)``)."""
-        y = self._checked(_backend.detach(self._matvec(x)), (self.n,))
+        """Return ``A @ x`` for a vector ``x`` of shape ``(n,)`` (result reshaped to ``(n,)``).
+
+        ``x`` itself is never modified (see the class docstring).
+        """
+        y = self._checked(_backend.detach(self._matvec(self._private(x))), (self.n,))
         if tuple(y.shape) != (self.n,):
             y = self.xp.reshape(y, (self.n,))
         return y
 
     def matmat(self, X: Any) -> Any:
-        """Return ``A @ X`` for ``X`` of shape ``(n, k)``."""
+        """Return ``A @ X`` for ``X`` of shape ``(n, k)`` (``X`` itself is never modified)."""
         if self._matmat is not None:
-            Y = self._checked(_backend.detach(self._matmat(X)), (self.n, int(X.shape[1])))
+            product = self._matmat(self._private(X))
+            Y = self._checked(_backend.detach(product), (self.n, int(X.shape[1])))
             if tuple(Y.shape) != (self.n, int(X.shape[1])):
                 raise self._bad_product((self.n, int(X.shape[1])), Y)
             return Y
@@ -123,12 +146,21 @@ class SymmetricOperator:
     def __repr__(self) -> str:
         return f"SymmetricOperator(n={self.n}, dtype={self.dtype}, device={self.device})"
 
+    def _private(self, x: Any) -> Any:
+        """The array handed to the wrapped product: a copy of ``x`` unless the product is
+        known to leave its input alone (``protect_input=False``)."""
+        return self.xp.asarray(x, copy=True) if self.protect_input else x
+
     def _checked(self, y: Any, shape: tuple[int, ...]) -> Any:
-        """``y`` if it is an array of the vectors' namespace with ``prod(shape)`` entries.
+        """``y`` if it is a real floating array of the vectors' namespace with ``prod(shape)``
+        entries.
 
         A product of the wrong length, ``None``, a list or an array of another library
         (a torch tensor for numpy vectors) is refused here, naming ``A``, instead of
-        failing later in a reshape or a mixed-type product.
+        failing later in a reshape or a mixed-type product; so is a complex or integer
+        product (a Hermitian matrix behind a callable: numpy dropped the imaginary parts
+        with a mere warning, and the Ritz values belonged to no matrix).  The dtype is
+        checked once per dtype seen (a set lookup per product).
         """
         if not isinstance(y, type(self.template)) and not (
             _backend.is_array(y) and _backend.namespace(y) is self.xp
@@ -136,6 +168,16 @@ class SymmetricOperator:
             raise self._bad_product(shape, y, kind=TypeError)
         if math.prod(tuple(y.shape)) != math.prod(shape):
             raise self._bad_product(shape, y)
+        dtype = y.dtype
+        if dtype not in self._real_dtypes:
+            if not _backend.is_real_floating(self.xp, dtype):
+                raise argument_error(
+                    "A",
+                    "an operator whose products are real floating-point arrays",
+                    y,
+                    kind=TypeError,
+                )
+            self._real_dtypes.add(dtype)
         return y
 
     def _bad_product(self, shape: tuple[int, ...], y: Any, kind: type = ValueError) -> Exception:
@@ -166,7 +208,9 @@ def _from_dense(A: Any) -> SymmetricOperator:
             raise argument_error("A", "a real floating (or integer) matrix", A, kind=TypeError)
     _check_dense_symmetric(xp, A, n)
     template = xp.zeros((n,), dtype=A.dtype, device=_backend.device(A))
-    return SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
+    return SymmetricOperator(
+        lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A, protect_input=False
+    )
 
 
 def _check_dense_symmetric(xp: Any, A: Any, n: int, rows: int = 512) -> None:
@@ -174,11 +218,12 @@ def _check_dense_symmetric(xp: Any, A: Any, n: int, rows: int = 512) -> None:
 
     Every algorithm here assumes :math:`A = A^\top`; on a non-symmetric matrix the
     Lanczos recurrence runs without any error and returns numbers that belong to no
-    matrix.  Accepted: :math:`\max|A - A^\top| \le \max(\sqrt{\epsilon}, 10 n \epsilon)
-    \max|A|` (rounding of a product such as :math:`Q \Lambda Q^\top` stays far below;
-    a finite-difference Hessian, asymmetric at about :math:`10^{-6}`, is refused with the
-    advice to symmetrise it).  Compared in blocks of ``rows`` rows (memory
-    :math:`O(\text{rows}\cdot n)`), one pass over the matrix.
+    matrix.  Accepted: :math:`\max|A - A^\top| \le \tau \max|A|` with the relative
+    tolerance :math:`\tau` of :func:`asymmetry_tolerance` (rounding of a product such as
+    :math:`Q \Lambda Q^\top` stays far below; a finite-difference Hessian, asymmetric at
+    about :math:`10^{-6}`, is refused with the advice to symmetrise it).  Compared in
+    blocks of ``rows`` rows (memory :math:`O(\text{rows}\cdot n)`), one pass over the
+    matrix.
     """
     eps = _backend.finfo_eps(xp, A.dtype)
     asym, scale = 0.0, 0.0
@@ -194,9 +239,46 @@ def _check_dense_symmetric(xp: Any, A: Any, n: int, rows: int = 512) -> None:
     _refuse_asymmetry(asym, scale, eps, n, "matrix")
 
 
+#: The largest relative asymmetry :math:`\max|A - A^\top| / \max|A|` that the worst-case
+#: rounding bound ``10 n eps`` may allow (see :func:`asymmetry_tolerance`).
+ASYMMETRY_CAP = 1.0 / 16.0
+
+
+def asymmetry_tolerance(eps: float, n: int) -> float:
+    r"""Relative tolerance :math:`\tau` of the symmetry check of a matrix in a dtype of
+    machine epsilon ``eps``: :math:`\max|A - A^\top| \le \tau \max|A|` is symmetric to
+    rounding.
+
+    .. math:: \tau = \max\bigl(\sqrt{\epsilon},\ \min(10 n \epsilon,\ 1/16)\bigr)
+
+    An entry of a computed product (:math:`Q \Lambda Q^\top`, :math:`B B^\top`) and its
+    mirror are two sums of ``n`` terms, each with a rounding error of at most
+    :math:`\gamma_n = n\epsilon/(1 - n\epsilon)` of the terms' magnitudes: hence ``10 n
+    eps`` (float64 and float32 keep it: it reaches the cap only past ``n = 52,000`` in
+    float32).  That worst-case bound means nothing once :math:`n\epsilon` nears 1 (float16
+    from ``n = 103``, bfloat16 from ``n = 13``), where it would accept an upper-triangular
+    matrix (:math:`\max|A - A^\top| = \max|A|`).  It is therefore capped at
+    :data:`ASYMMETRY_CAP` ``= 1/16``: the mirror differences that rounding really leaves
+    are about ``eps`` (one rounding of each entry, as numpy and torch accumulate 16-bit
+    products in float32: measured 0.5 to 0.8 ``eps`` for :math:`Q \Lambda Q^\top` in
+    float16 and bfloat16 up to ``n = 3000``), and growth like :math:`\sqrt{n}\,\epsilon`
+    of sums rounded in 16 bits stays below 6 % up to ``n = 4000`` in float16.  The floor
+    :math:`\sqrt{\epsilon}` (1.5e-8 in float64, 8.8 % in bfloat16, above the cap: bfloat16
+    has only 8 bits) is unchanged.  So :math:`\tau \le 0.09` in every dtype.
+
+    >>> asymmetry_tolerance(2.0**-23, 1000) == 10 * 1000 * 2.0**-23  # float32
+    True
+    >>> asymmetry_tolerance(2.0**-10, 300)  # float16: 10 n eps would be 2.9
+    0.0625
+    >>> round(asymmetry_tolerance(2.0**-7, 300), 4)  # bfloat16: sqrt(eps)
+    0.0884
+    """
+    return max(math.sqrt(eps), min(10 * n * eps, ASYMMETRY_CAP))
+
+
 def _refuse_asymmetry(asym: float, scale: float, eps: float, n: int, what: str) -> None:
-    """Raise unless ``asym <= max(sqrt(eps), 10 n eps) * scale`` (symmetric to rounding)."""
-    if asym > max(math.sqrt(eps), 10 * n * eps) * scale:
+    """Raise unless ``asym <= asymmetry_tolerance(eps, n) * scale`` (symmetric to rounding)."""
+    if asym > asymmetry_tolerance(eps, n) * scale:
         raise argument_error(
             "A",
             "a symmetric matrix (every algorithm of spectral assumes A = A^T; symmetrise "
@@ -340,7 +422,13 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
         _check_sparse_symmetric(A, n)
         dtype = A.dtype if np.dtype(A.dtype).kind == "f" else np.float64
         template = np.zeros(n, dtype=dtype) if like is None else _template(like, n)
-        op = SymmetricOperator(lambda x: A @ x, template=template, matmat=lambda X: A @ X, source=A)
+        op = SymmetricOperator(
+            lambda x: A @ x,
+            template=template,
+            matmat=lambda X: A @ X,
+            source=A,
+            protect_input=False,  # a sparse product leaves x alone
+        )
     elif hasattr(A, "shape") and hasattr(A, "matvec"):
         op = _from_linear_operator(A, like)
     elif callable(A):
@@ -385,7 +473,10 @@ def _widened(op: SymmetricOperator) -> SymmetricOperator:
         return xp.astype(op.matmat(xp.astype(X, low)), xp.float64)
 
     template = xp.astype(op.template, xp.float64)
-    return SymmetricOperator(matvec, template=template, matmat=matmat, source=op.source, eps=op.eps)
+    # x never reaches op's product (astype makes a new array), and op protects its own input
+    return SymmetricOperator(
+        matvec, template=template, matmat=matmat, source=op.source, eps=op.eps, protect_input=False
+    )
 
 
 def _check_sparse_symmetric(A: Any, n: int) -> None:

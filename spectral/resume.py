@@ -32,11 +32,22 @@ any other key
 
 Operator fingerprint.  Arguments alone cannot tell whether the operator is the
 same (same network shape, other weights), so the operator is probed: ``y = A p``
-for a fixed Rademacher vector ``p`` (seed :data:`FINGERPRINT_SEED`, exact in
-every dtype).  Stored are ``n``, the dtype, the platform (the device type of
-the operator's vectors: ``"cpu"``, ``"cuda"``...), the SHA-256 of ``y`` (host
-float64 bytes), ``\|y\|`` and a sketch ``s = G^T y`` with ``G`` a fixed
-``n x 4`` Gaussian matrix (generated on the host in chunks, never stored).
+for a Gaussian vector ``p`` drawn from a seed chosen when the state file is first
+written and stored in it (``probe_seed``): a fresh random one
+(:func:`fresh_probe_seed`).  With one fixed public probe, ``B = A + D`` with
+``D p = 0`` resumed ``A``'s state and returned ``A``'s eigenvalues; a fixed change
+``D != 0`` now escapes the probe of a file with probability zero (a Rademacher probe,
+±1, would still miss a change ``u u^T`` with ``u = e_1 - e_2`` half of the time).  The
+probe is drawn in float64 on the host and rounded to the operator's dtype, so the same
+seed gives the same ``p`` on every run.  Loading a file recomputes ``A p`` with its
+stored probe; files written before the probe was stored use the former fixed
+Rademacher probe (seed :data:`FINGERPRINT_SEED`) and still resume.  State files of the
+same run therefore differ from run to run in their fingerprint (never in the
+recurrence).  Stored are ``n``, the dtype, the platform (the device type of the
+operator's vectors: ``"cpu"``, ``"cuda"``...), the probe's kind and seed, the SHA-256
+of ``y`` (host float64 bytes), ``\|y\|`` and a sketch ``s = G^T y`` with ``G`` an
+``n x 4`` Gaussian matrix drawn from the seed (generated on the host in chunks, never
+stored).
 
 The rule: the same operator gives the same ``y`` up to what its platform
 allows, and nothing else is accepted.
@@ -85,6 +96,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +129,7 @@ __all__ = [
     "array_digest",
     "check_every",
     "describe_seed",
+    "fresh_probe_seed",
     "operator_fingerprint",
     "storage_dtype",
 ]
@@ -128,7 +141,9 @@ FORMAT = "spectral-resume/2"
 #: The format before state files carried a content checksum (still read).
 _FORMAT_WITHOUT_CHECKSUM = "spectral-resume/1"
 
-#: Seed of the fixed Rademacher probe ``p`` of the operator fingerprint.
+#: Seed of the Rademacher probe ``p`` of the operator fingerprint in state files written
+#: before each file stored its own (random) seed, and the default of
+#: :func:`operator_fingerprint`.
 FINGERPRINT_SEED = 0x5EED_CAFE
 
 #: Number of Gaussian sketch directions of the operator fingerprint.
@@ -245,8 +260,11 @@ class OperatorFingerprint:
     """Fingerprint of an operator (see the module docstring).
 
     Attributes: ``n``, ``dtype`` (string), ``digest`` (SHA-256 of ``A p``),
-    ``norm`` (``||A p||``), ``sketch`` (``G^T A p``, floats), ``eps`` (of the dtype)
-    and ``platform`` (device type of the operator's vectors, ``"cpu"``, ``"cuda"``...).
+    ``norm`` (``||A p||``), ``sketch`` (``G^T A p``, floats), ``eps`` (of the dtype),
+    ``platform`` (device type of the operator's vectors, ``"cpu"``, ``"cuda"``...),
+    ``probe_seed`` (the seed of ``p`` and ``G``) and ``probe`` (the kind of ``p``:
+    ``"gaussian"`` in state files, ``"rademacher"`` with :data:`FINGERPRINT_SEED` in files
+    written before the probe was stored, and by default in :func:`operator_fingerprint`).
     """
 
     n: int
@@ -256,6 +274,8 @@ class OperatorFingerprint:
     sketch: tuple[float, ...]
     eps: float
     platform: str = DETERMINISTIC_PLATFORM
+    probe_seed: int = FINGERPRINT_SEED
+    probe: str = "rademacher"
 
     def to_json(self) -> str:
         """Serialise to a JSON string."""
@@ -268,13 +288,19 @@ class OperatorFingerprint:
                 "sketch": list(self.sketch),
                 "eps": self.eps,
                 "platform": self.platform,
+                "probe_seed": self.probe_seed,
+                "probe": self.probe,
             },
             sort_keys=True,
         )
 
     @classmethod
     def from_json(cls, text: str) -> OperatorFingerprint:
-        """Inverse of :meth:`to_json` (raises ``KeyError``/``ValueError`` on bad input)."""
+        """Inverse of :meth:`to_json` (raises ``KeyError``/``ValueError`` on bad input).
+
+        A fingerprint without ``probe_seed``/``probe`` (written before they were stored)
+        was taken with the Rademacher probe of :data:`FINGERPRINT_SEED`.
+        """
         d = json.loads(text)
         return cls(
             n=int(d["n"]),
@@ -284,6 +310,8 @@ class OperatorFingerprint:
             sketch=tuple(float(s) for s in d["sketch"]),
             eps=float(d["eps"]),
             platform=str(d.get("platform", DETERMINISTIC_PLATFORM)),
+            probe_seed=_probe_seed(d.get("probe_seed", FINGERPRINT_SEED)),
+            probe=_probe_kind(d.get("probe", "rademacher")),
         )
 
     def difference(self, other: OperatorFingerprint) -> str | None:
@@ -305,6 +333,12 @@ class OperatorFingerprint:
             return f"the operator has dimension n={other.n}, the state file n={self.n}"
         if self.dtype != other.dtype:
             return f"the operator has dtype {other.dtype}, the state file {self.dtype}"
+        if (self.probe, self.probe_seed) != (other.probe, other.probe_seed):
+            return (
+                f"the fingerprints were taken with different probes ({self.probe} of seed "
+                f"{self.probe_seed}, {other.probe} of seed {other.probe_seed}) and cannot be "
+                "compared"
+            )
         if self.digest == other.digest:
             return None
         scale = max(self.norm, other.norm)
@@ -331,23 +365,79 @@ class OperatorFingerprint:
         )
 
 
-def operator_fingerprint(op: SymmetricOperator) -> OperatorFingerprint:
+def _probe_seed(seed: Any) -> int:
+    """``seed`` if it is a non-negative integer (a probe seed read from a file), else a
+    ``ValueError``."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"invalid probe_seed {seed!r} (a non-negative integer expected)")
+    return int(seed)
+
+
+#: The kinds of fingerprint probes: the former fixed one, and that of every new state file.
+_PROBE_KINDS = ("rademacher", "gaussian")
+
+
+def _probe_kind(kind: Any) -> str:
+    """``kind`` if it is a fingerprint probe kind (read from a file), else ``ValueError``."""
+    if kind not in _PROBE_KINDS:
+        raise ValueError(f"invalid probe {kind!r} (one of {_PROBE_KINDS} expected)")
+    return str(kind)
+
+
+def _world_size() -> int:
+    """``WORLD_SIZE`` of the environment (set by ``torchrun`` for every rank), else 1."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def fresh_probe_seed(kind: str = "", config: Mapping[str, Any] | None = None) -> int:
+    """The seed of the fingerprint probe of a new state file: 63 random bits (``secrets``).
+
+    Under a multi-process launch (``WORLD_SIZE > 1`` in the environment, as ``torchrun``
+    sets it) every rank runs the same replicated computation and calls the fingerprint
+    product collectively, so all ranks must draw the same probe: the seed is then derived
+    from the SHA-256 of ``kind`` and ``config`` (identical on every rank), still specific
+    to the run rather than one fixed public probe.  (Pass ``probe_seed`` to
+    :class:`Checkpoint` for full control, e.g. a random seed broadcast from rank 0.)
+
+    >>> 0 <= fresh_probe_seed() < 2**63
+    True
+    """
+    if _world_size() > 1:
+        text = json.dumps({"kind": kind, "config": config}, sort_keys=True, default=repr)
+        digest = hashlib.sha256(b"spectral-probe-seed|" + text.encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+    return secrets.randbits(63)
+
+
+def operator_fingerprint(
+    op: SymmetricOperator, seed: int = FINGERPRINT_SEED, probe: str = "rademacher"
+) -> OperatorFingerprint:
     """Fingerprint ``op`` with one product ``y = A p`` (see the module docstring).
+
+    ``seed`` (a non-negative integer) draws the probe ``p`` of kind ``probe``
+    (``"rademacher"`` or ``"gaussian"``, the kind of every new state file) and the sketch
+    directions ``G`` (from ``seed + 1``).
 
     >>> from spectral.operator import as_operator
     >>> f = operator_fingerprint(as_operator(np.eye(3)))
-    >>> f.n, f.norm == 3 ** 0.5
-    (3, True)
+    >>> f.n, f.norm == 3 ** 0.5, f.probe_seed == FINGERPRINT_SEED
+    (3, True, True)
     >>> f == operator_fingerprint(as_operator(np.eye(3)))
     True
+    >>> operator_fingerprint(as_operator(np.eye(3)), seed=7, probe="gaussian").digest == f.digest
+    False
     """
     from spectral.probes import random_probe
 
-    p = random_probe(op.n, "rademacher", FINGERPRINT_SEED, like=op.template)
+    seed, probe = _probe_seed(seed), _probe_kind(probe)
+    p = random_probe(op.n, probe, seed, like=op.template)
     y = np.ascontiguousarray(_backend.to_host_float64(op.matvec(p)))
     if y.shape != (op.n,):
         raise argument_error("A", f"an operator returning vectors of shape ({op.n},)", y)
-    rng = np.random.default_rng(FINGERPRINT_SEED + 1)
+    rng = np.random.default_rng(seed + 1)
     sketch = np.zeros(SKETCH_SIZE)
     chunk = 1 << 18
     for lo in range(0, op.n, chunk):
@@ -362,6 +452,8 @@ def operator_fingerprint(op: SymmetricOperator) -> OperatorFingerprint:
         sketch=tuple(float(s) for s in sketch),
         eps=op.eps,
         platform=_platform(op.device),
+        probe_seed=seed,
+        probe=probe,
     )
 
 
@@ -412,6 +504,10 @@ class Checkpoint:
     operator:
         The operator whose fingerprint must match (computed once, lazily: one product),
         or ``None``.
+    probe_seed:
+        Seed of the fingerprint probe of a new file (a non-negative integer); ``None``
+        (default): :func:`fresh_probe_seed` draws one when the file is first written.  An
+        existing file's stored seed always takes precedence.
 
     :meth:`load` returns ``None`` when the file does not exist, the validated
     :class:`SavedState` otherwise; it raises :class:`StateMismatchError` when
@@ -426,19 +522,42 @@ class Checkpoint:
         kind: str,
         config: Mapping[str, Any],
         operator: SymmetricOperator | None = None,
+        probe_seed: int | None = None,
     ) -> None:
         self.path = _as_path(path)
         self.kind = kind
         self.config = json.loads(json.dumps(dict(config), sort_keys=True))
         self._operator = operator
         self._fingerprint: OperatorFingerprint | None = None
+        if probe_seed is not None:
+            try:
+                probe_seed = _probe_seed(probe_seed)
+            except ValueError:
+                raise argument_error(
+                    "probe_seed", "None or a non-negative integer", probe_seed
+                ) from None
+        self._probe_seed = probe_seed
+        self._probe = "gaussian"  # that of every new file; a loaded file's replaces it
 
     @property
     def fingerprint(self) -> OperatorFingerprint | None:
-        """The operator fingerprint (computed on first access), ``None`` without operator."""
+        """The operator fingerprint (computed on first access, with the probe seed of the
+        file once :meth:`load` has read one, else ``probe_seed`` or a fresh seed), ``None``
+        without operator."""
         if self._operator is not None and self._fingerprint is None:
-            self._fingerprint = operator_fingerprint(self._operator)
+            if self._probe_seed is None:
+                self._probe_seed = fresh_probe_seed(self.kind, self.config)
+            self._fingerprint = operator_fingerprint(
+                self._operator, seed=self._probe_seed, probe=self._probe
+            )
         return self._fingerprint
+
+    def _adopt_probe(self, stored: OperatorFingerprint) -> None:
+        """Fingerprint with the probe stored in the file from now on (the saves keep it)."""
+        fp = self._fingerprint
+        if fp is not None and (fp.probe, fp.probe_seed) != (stored.probe, stored.probe_seed):
+            self._fingerprint = None  # taken before the file was read: one more product
+        self._probe_seed, self._probe = stored.probe_seed, stored.probe
 
     def _mismatch(self, what: str) -> StateMismatchError:
         return StateMismatchError(
@@ -476,16 +595,18 @@ class Checkpoint:
         diffs = _diff_config(config, self.config)
         if diffs:
             raise self._mismatch("; ".join(diffs))
-        fp = self.fingerprint
-        if (op_text == "null") != (fp is None):
+        if (op_text == "null") != (self._operator is None):
             raise self._mismatch("one of the file and the run has an operator, the other not")
-        if fp is not None:
+        if self._operator is not None:
             try:
                 stored = OperatorFingerprint.from_json(op_text)
-            except (KeyError, ValueError, TypeError) as exc:
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 raise CorruptFileError(
                     f"File '{self.path}' has an invalid operator fingerprint ({exc})."
                 ) from exc
+            self._adopt_probe(stored)
+            fp = self.fingerprint
+            assert fp is not None
             reason = stored.difference(fp)
             if reason is not None:
                 raise self._mismatch(reason)
