@@ -96,6 +96,24 @@ def test_tracker_refuses_a_tol_below_the_bfloat16_floor() -> None:
         CurvatureTracker(net, torch.nn.CrossEntropyLoss(), data, every=1, top_k=1)
 
 
+def test_tracker_measures_a_bfloat16_model_at_its_two_eps_floor() -> None:
+    """16-bit products round input and result: residuals are certified down to 2 eps
+    (0.0156 in bfloat16), not 100 eps (0.78, which let any first guess pass)."""
+    net, data = _mlp(torch.bfloat16)
+    loss = torch.nn.CrossEntropyLoss()
+    floor = 2 * torch.finfo(torch.bfloat16).eps
+    with pytest.raises(ValueError, match=r"'tol'.*2 eps.*bfloat16"):
+        CurvatureTracker(net, loss, data, every=1, top_k=1, tol=floor / 2)
+    row = CurvatureTracker(net, loss, data, every=1, top_k=1, tol=floor).step()
+    assert row is not None and row["tol"] == floor
+    wide = _mlp(torch.float64)[0]
+    wide.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    x, y = data
+    exact = np.linalg.eigvalsh(dense_hessian(wide, loss, [(x.double(), y)]).numpy())[-1]
+    # the residual bound tol*|theta| plus the products' own bfloat16 rounding (a few eps)
+    assert abs(row["top_eigenvalues"][0] - exact) <= 4 * floor * abs(exact)
+
+
 def test_tracker_refuses_a_tol_below_the_autocast_floor_before_any_product() -> None:
     net, data = _mlp(torch.float32)
     tracker = CurvatureTracker(net, torch.nn.CrossEntropyLoss(), data, every=1, top_k=1)
