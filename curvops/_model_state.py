@@ -12,6 +12,10 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
     InstanceNorm) to that mode; ``None`` keeps each module's current mode;
   - module backward hooks (per module and global) are off: the curvature is that of
     the forward function, whatever hooks do to gradients (:class:`_BackwardHooksOff`);
+    tensor hooks that ``forward`` registers are not registered
+    (:data:`curvops.determinism.INERT_HOOKS`, in each forward pass of
+    :func:`functional_forward`), and those on parameters and buffers are never
+    reached (products differentiate their own copies);
   - spectral-norm modules and hooks run their training-mode power steps with
     gradients (:func:`curvops.derivative_repairs.spectral_norm_sigma`: PyTorch's hold
     the singular vectors constant, so its second derivatives are not the network's);
@@ -79,6 +83,7 @@ from curvops.determinism import (
 )
 from curvops.model_io import OutputFn, select_output
 from curvops.op_provenance import describe_module, locate_operation, operation_name
+from curvops.snapshot import tensors_in
 from spectral.errors import argument_error
 
 __all__ = [
@@ -715,6 +720,89 @@ def _restart_streams() -> None:
         _seeded(g)
 
 
+#: One input tensor watched by :func:`functional_forward`: the tensor the forward pass
+#: receives, its version before the pass, and the caller's tensor it is a copy of (None
+#: when the forward pass receives the caller's own tensor).
+_WatchedInput = tuple[torch.Tensor, int | None, torch.Tensor | None]
+
+
+def _named_tensors(value: Any, path: str = "inputs") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in ``value`` with its name (``inputs['pixel_values']``), in the order
+    of :func:`curvops.snapshot.tensors_in`."""
+    if isinstance(value, torch.Tensor):
+        return [(path, value)]
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    else:
+        return []
+    return [named for key, v in items for named in _named_tensors(v, f"{path}[{key!r}]")]
+
+
+def _copied_inputs(value: Any) -> Any:
+    """``value`` with every tensor cloned (same nesting; a namedtuple stays one)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        return {k: _copied_inputs(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_copied_inputs(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied_inputs(v) for v in value)
+    return value
+
+
+def _watched_inputs(inputs: Any, copies: bool) -> tuple[Any, list[_WatchedInput]]:
+    """The inputs a forward pass receives (clones with ``copies``) and their watch list.
+
+    Without ``copies`` (every product) this reads one version counter per input tensor
+    (well under a microsecond each); with ``copies`` (the checking forward passes of
+    :func:`curvops.validation.validate`, run when an operator is built) the forward
+    pass gets clones, so a write is found without changing the caller's tensors.
+    """
+    if isinstance(inputs, torch.Tensor) and not copies:  # the common case, fast
+        return inputs, [(inputs, _version(inputs), None)]
+    received = _copied_inputs(inputs) if copies else inputs
+    seen = tensors_in(received)
+    own: Sequence[torch.Tensor | None] = tensors_in(inputs) if copies else [None] * len(seen)
+    return received, [(t, _version(t), original) for t, original in zip(seen, own)]
+
+
+def _refuse_input_writes(received: Any, watched: Sequence[_WatchedInput], copies: bool) -> None:
+    """Raise for a forward pass that wrote to one of its input tensors in place.
+
+    A write is a bumped version counter (every in-place operation on the tensor or a
+    view of it, ``x /= 255``, ``x.sub_(mean)``, ``F.relu(x, inplace=True)``); on copies
+    also a value that differs from the caller's (writes through ``.data``).
+    ``received`` (what the forward pass received) names the tensors.
+    """
+    changed = [
+        i
+        for i, (t, before, original) in enumerate(watched)
+        if (before is not None and _version(t) != before)
+        or (original is not None and not _same_values(t.detach(), original.detach()))
+    ]
+    if not changed:
+        return
+    names = [name for name, _ in _named_tensors(received)]
+    written = [names[i] for i in changed]
+    happened = (
+        "(found on copies of the inputs: your data is unchanged)"
+        if copies
+        else "(this forward pass has already changed your data: reload it)"
+    )
+    raise argument_error(
+        "model",
+        "a forward pass that leaves its inputs unchanged: the model's forward writes to "
+        "its input tensor in place (x /= 255, x.sub_(mean), an in-place activation of the "
+        "input), so every product would change the input tensors of your `data` again "
+        "and the next product would see other inputs; preprocess out of place "
+        f"(x = x / 255) or once in the data, before building the operator {happened}",
+        f"a forward that wrote in place to {', '.join(written[:5])}",
+    )
+
+
 def functional_forward(
     model: nn.Module,
     names: Sequence[str],
@@ -737,7 +825,10 @@ def functional_forward(
     :func:`curvature_mode`.  A forward that writes to a parameter in place is refused
     (``ValueError`` naming ``model``); with ``copies`` (``tensors`` are copies, and so
     enter the other parameters) also one that writes through ``.data``, and the
-    model's weights stay untouched.
+    model's weights stay untouched.  So is a forward that writes to one of its input
+    tensors in place (``x /= 255``: seen by the tensors' version counters); with
+    ``copies`` the forward receives clones of the inputs (writes through ``.data``
+    found too) and the caller's tensors stay untouched.
 
     >>> lin = torch.nn.Linear(2, 1, bias=False)
     >>> w = torch.ones(1, 2)
@@ -749,18 +840,20 @@ def functional_forward(
         slots[-1][:] = [names, tensors, inputs, output_fn]
     caches = getattr(_LAST_FORWARD, "caches", None)
     _restart_streams()
+    received, watched = _watched_inputs(inputs, copies)
     with _reparametrized(model, dict(zip(names, tensors)), copies=copies) as originals:
         with (
             DropoutOffMode(),
             _inner_saved_tensors_hooks_refused(),
             _caches_emptied(caches[-1] if caches else ()),
         ):
-            if isinstance(inputs, Mapping):
-                out = model(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                out = model(*inputs)
+            if isinstance(received, Mapping):
+                out = model(**received)
+            elif isinstance(received, (tuple, list)):
+                out = model(*received)
             else:
-                out = model(inputs)
+                out = model(received)
+        _refuse_input_writes(received, watched, copies)
         selected = select_output(out, output_fn)
         refuse_stale_parameter_paths(selected, originals)
     return selected

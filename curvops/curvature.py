@@ -98,6 +98,17 @@ class ModelCurvatureOperator(CurvatureOperator):
     (per module and global) are off during products: the curvature is that of the
     forward function, whatever a hook does to gradients, and hooks that record
     gradients never see the products (they are registered as before afterwards).
+    Tensor hooks are held to the same rule: one that ``forward`` registers on an
+    intermediate tensor (``h.register_hook(lambda g: -g)`` of a gradient-reversal
+    layer, a Grad-CAM recorder) is not registered during products (it gets a handle
+    that removes nothing: :data:`curvops.determinism.INERT_HOOKS`), and hooks
+    registered beforehand on parameters or buffers are never reached, since products
+    differentiate their own copies of them.  Hooks on autograd nodes
+    (``h.grad_fn.register_hook``) cannot be held back: keep them out of ``forward``.
+    A forward that writes to its input tensors in place (``x /= 255``,
+    ``x.sub_(mean)``) is refused with a ``ValueError`` naming ``model`` when the
+    operator is built (that check runs on copies of the inputs, so ``data`` is left
+    as it was): every product would rescale the caller's batch again.
     A ``torch.compile`` wrapper is unwrapped (its eager module is the same function);
     compiled or TorchScript submodules are refused.
 

@@ -26,6 +26,17 @@ with second derivatives, and restore every setting on exit, also after an error:
   drops forward-mode tangents from the inputs of ``out=`` calls: such writes come
   from ``no_grad`` state updates (the power iteration of spectral normalisation),
   whose results are constants of the product, and forward-mode AD refuses them.
+* **No tensor hooks of the forward pass.**  The same mode makes
+  ``Tensor.register_hook`` and ``Tensor.register_post_accumulate_grad_hook`` register
+  nothing while a product's forward pass runs: a hook that ``forward`` puts on an
+  intermediate tensor (a gradient-scaling or gradient-reversal layer, ``h.register_hook
+  (lambda g: 0.5 * g)``; a Grad-CAM recorder) gets a handle whose ``remove()`` removes
+  nothing, and is neither applied to the products' cotangents nor called by them
+  (:data:`INERT_HOOKS`).  A rescaling hook made a Hessian 46 % off and a two-batch
+  GGN, declared symmetric, non-symmetric by 23 %.  This matches module backward hooks,
+  which :func:`curvops._model_state.curvature_mode` switches off: a curvature is a
+  property of the forward function.  Hooks on autograd nodes (``h.grad_fn.register_hook``)
+  do not pass through ``__torch_function__`` and cannot be held back this way.
 * **The loss's own derivatives.**  The same mode replaces the PyTorch functions whose
   backward is not the loss's derivative by exact equivalents
   (:data:`curvops.derivative_repairs.REPLACEMENTS`: weight normalisation's fused
@@ -86,6 +97,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar, cast
@@ -96,6 +108,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from curvops.derivative_repairs import REPLACEMENTS
 from curvops.duplicate_writes import WRITES, refuse_duplicate_write
@@ -108,6 +121,7 @@ from curvops.untracked_writes import DetachedAliases, refuse_untracked_write
 from spectral.errors import argument_error
 
 __all__ = [
+    "INERT_HOOKS",
     "PRODUCT_SEED",
     "DropoutOffMode",
     "global_streams_untouched",
@@ -179,6 +193,26 @@ _EXPECTATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.Tensor.bernoulli_: _bernoulli_mean_,
 }
 
+#: The registry of the handles :data:`INERT_HOOKS` returns (always empty).
+_NO_HOOKS: OrderedDict[int, Any] = OrderedDict()
+
+
+def _inert_hook(*args: Any, **kwargs: Any) -> RemovableHandle:
+    """A handle that removes nothing, for a tensor hook registered during a product's
+    forward pass (and not registered: see :data:`INERT_HOOKS`)."""
+    return RemovableHandle(_NO_HOOKS)
+
+
+#: Tensor-hook registrations answered by :func:`_inert_hook` during products' forward
+#: passes: the curvature is that of the forward function, as with module backward hooks.
+INERT_HOOKS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.Tensor.register_hook: _inert_hook,
+    torch.Tensor.register_post_accumulate_grad_hook: _inert_hook,
+}
+
+#: Calls evaluated by curvops itself during products (one lookup per call).
+_LOCAL: dict[Callable[..., Any], Callable[..., Any]] = {**_EXPECTATIONS, **INERT_HOOKS}
+
 # nn.RNN / nn.LSTM / nn.GRU call these with their inter-layer ``dropout`` as an argument
 # (position 5; 6 for packed sequences, whose position 3 holds the weights)
 _RECURRENT: frozenset[Callable[..., Any]] = frozenset(
@@ -190,7 +224,8 @@ _depth = 0
 
 class DropoutOffMode(TorchFunctionMode):
     """Rewrite calls of random regularisers to their deterministic evaluation, and of
-    functions with wrong second derivatives to exact equivalents.
+    functions with wrong second derivatives to exact equivalents; register no tensor
+    hooks (:data:`INERT_HOOKS`).
 
     See the module docstring for the lists.  Prefer :func:`product_context`.
 
@@ -223,7 +258,7 @@ class DropoutOffMode(TorchFunctionMode):
         self._aliases.check(func, args)
         if func in WRITES:
             refuse_duplicate_write(func, args, kwargs)
-        replacement = REPLACEMENTS.get(func) or _EXPECTATIONS.get(func)
+        replacement = REPLACEMENTS.get(func) or _LOCAL.get(func)
         if replacement is not None:
             return replacement(*args, **kwargs)
         if func in _RECURRENT and len(args) == 9:  # inter-layer dropout of nn.RNN/LSTM/GRU

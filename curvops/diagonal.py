@@ -27,6 +27,17 @@ replaces the factors by ``mc_samples`` sampled NLL gradients per sample (those o
 the diagonal of that Fisher), :math:`N M` products: an unbiased estimate of the GGN
 diagonal (Dangel et al.'s DiagGGN-MC).
 
+Both paths vectorise pullbacks with ``vmap`` (``torch.func`` per sample,
+``is_grads_batched`` in chunks), whose batching rules PyTorch does not always get
+right (``torch.cdist`` in torch 2.13: a prototype network's diagonal 25 % off).  So
+each batch's vectorised pullbacks are checked against one plain backward pass
+(:func:`_pullbacks_agree`): their sum over samples and columns, mixed with fixed
+distinct weights :math:`c_{nj} \\in [1, 2)`, must equal the batch's own pullback of
+the mixed cotangent :math:`J^\\top \\sum_{nj} c_{nj}\\, e_n \\otimes a_{nj}` within
+rounding.  On a mismatch the batch is computed again with fewer ``vmap`` (per-sample
+path: the chunked one, itself checked; chunked path: one plain backward pass per
+column), and a warning is logged.
+
 >>> import torch
 >>> net = torch.nn.Linear(2, 2).double()
 >>> data = (torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
@@ -36,6 +47,7 @@ torch.Size([6])
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -68,6 +80,117 @@ from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ggn_diagonal"]
 
+logger = logging.getLogger(__name__)
+
+
+def _mixing_weights(n: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """Fixed, pairwise distinct weights :math:`c_{nj} \\in [1, 2)` (``(n, r)``, no random
+    stream): :math:`1 + \\{k\\varphi\\}` for :math:`k = nr + j`, fractional parts of
+    multiples of the golden ratio, so that no pattern of errors (permuted columns, a
+    sign) cancels in the mixed sums of :func:`_pullbacks_agree`."""
+    k = torch.arange(n * r, dtype=torch.float64, device=like.device)
+    return (1.0 + torch.frac(k * 0.6180339887498949)).reshape(n, r).to(like.dtype)
+
+
+def _squares_and_checks(
+    grads: Any, signs: torch.Tensor, mix: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per leaf, from a group of pullbacks :math:`g_k` (leading dimension ``k``):
+    :math:`\\sum_k s_k g_k^{\\odot 2}` (the diagonal's part), and for
+    :func:`_pullbacks_agree` the mixed sum :math:`\\sum_k c_k g_k` and the scale
+    :math:`\\|c\\|_2 (\\sum_k g_k^{\\odot 2})^{1/2}`, which bounds
+    :math:`\\sum_k c_k |g_k|` (Cauchy-Schwarz) by at most :math:`2\\sqrt{k}` times
+    (:math:`c_k \\in [1, 2)`): two passes over the pullbacks besides their squares."""
+    weights = torch.stack([signs, torch.ones_like(signs)])
+    parts = []
+    for g in grads:
+        both = torch.einsum("wk,k...->w...", weights, g * g)
+        mixed = torch.einsum("k,k...->...", mix, g)
+        parts.append((both[0], mixed, torch.linalg.vector_norm(mix) * both[1].sqrt()))
+    return parts
+
+
+class _PullbackCheck:
+    """The mixed sum of vectorised pullbacks :math:`\\sum c_{nj} g_{nj}`, :math:`g_{nj} =
+    J_n^\\top a_{nj}`, and its rounding scale (:func:`_squares_and_checks`), per leaf,
+    that :func:`_pullbacks_agree` compares with one plain backward pass."""
+
+    def __init__(self, leaves: list[torch.Tensor], mix: torch.Tensor) -> None:
+        self.mix = mix
+        self.mixed = [torch.zeros_like(leaf) for leaf in leaves]
+        self.scale = [torch.zeros_like(leaf) for leaf in leaves]
+
+    def add(self, i: int, mixed: torch.Tensor, scale: torch.Tensor) -> None:
+        """Add leaf ``i``'s parts (summed over any leading dimension beyond its shape)."""
+        extra = tuple(range(mixed.ndim - self.mixed[i].ndim))
+        self.mixed[i] += mixed.sum(dim=extra) if extra else mixed
+        self.scale[i] += scale.sum(dim=extra) if extra else scale
+
+
+def _pullbacks_agree(
+    out: torch.Tensor, leaves: list[torch.Tensor], factor: torch.Tensor, check: _PullbackCheck
+) -> bool:
+    """Whether the vectorised pullbacks summed in ``check`` equal the batch's own pullback.
+
+    One plain backward pass of the mixed cotangent :math:`U = \\sum_{nj} c_{nj}\\, e_n
+    \\otimes a_{nj}` gives :math:`J^\\top U`, mathematically equal to the mixed sum
+    :math:`\\sum_{nj} c_{nj} g_{nj}`.  Both are sums of the same terms, rounded in
+    different orders and kernels (per sample, from outputs recomputed alone, which
+    match the batch's within :math:`10^3\\varepsilon`), so the bound is
+    :math:`\\|J^\\top U - \\sum c\\, g\\|_\\infty \\le 10^3\\varepsilon
+    \\max(\\|S\\|_\\infty, \\|J^\\top U\\|_\\infty)`: rounding of each term relative to
+    the sum of their magnitudes :math:`S \\ge \\sum c\\, |g|` (elementwise; the
+    Cauchy-Schwarz bound of :func:`_squares_and_checks`, summed over the groups), with
+    a factor :math:`10^3` for the depth of the network and the summation orders.  A
+    wrong batching rule errs by the size of the pullbacks themselves (``cdist``: 25 to
+    100 %).
+    """
+    U = torch.einsum("ncr,nr->nc", factor, check.mix).reshape(out.shape)
+    batched = torch.autograd.grad(
+        out, leaves, U, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    pairs = [(b, m) for b, m in zip(batched, check.mixed) if b.numel()]
+    err = max((float((b - m).abs().max()) for b, m in pairs), default=0.0)
+    size = max((float(t.abs().max()) for t in [*check.scale, *batched] if t.numel()), default=0.0)
+    bound = 1e3 * torch.finfo(out.dtype).eps * size
+    if err <= bound:
+        return True
+    logger.warning(
+        "ggn_diagonal: the vectorised (vmap) pullbacks of a batch disagree with its plain "
+        "backward pass (error %.2e > bound %.2e): a batching rule of an operation of the "
+        "model is wrong in this PyTorch (torch.cdist's in 2.13); the batch is computed "
+        "again with fewer vmap (exact, slower).",
+        err,
+        bound,
+    )
+    return False
+
+
+def _chunk_grads(
+    out: torch.Tensor, leaves: list[torch.Tensor], R: torch.Tensor, batched: bool
+) -> tuple[torch.Tensor, ...]:
+    """The pullbacks of the cotangents ``R`` (``(k, *out.shape)``), stacked per leaf:
+    one ``is_grads_batched`` pass, or ``k`` plain backward passes (no ``vmap``)."""
+    if batched:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            return torch.autograd.grad(
+                out,
+                leaves,
+                R,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+    rows = [
+        torch.autograd.grad(
+            out, leaves, u, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        for u in R
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*rows))
+
 
 def _sum_squared_vjps(
     out: torch.Tensor,
@@ -75,10 +198,17 @@ def _sum_squared_vjps(
     factor: torch.Tensor,
     signs: torch.Tensor,
     chunk_size: int,
+    batched: bool = True,
 ) -> torch.Tensor:
-    """:math:`\\sum_{n,j} s_{nj} (J^\\top e_n \\otimes a_{nj})^{\\odot 2}` as a flat vector."""
+    """:math:`\\sum_{n,j} s_{nj} (J^\\top e_n \\otimes a_{nj})^{\\odot 2}` as a flat vector.
+
+    ``batched``: ``chunk_size`` pullbacks per ``is_grads_batched`` pass, checked by
+    :func:`_pullbacks_agree` (on a mismatch computed again with ``batched=False``:
+    one plain backward pass per pullback).
+    """
     n, c, r = factor.shape
     total = [torch.zeros_like(leaf) for leaf in leaves]
+    check = _PullbackCheck(leaves, _mixing_weights(n, r, out))
     pairs = [(i, j) for i in range(n) for j in range(r)]
     for start in range(0, len(pairs), chunk_size):
         chunk = pairs[start : start + chunk_size]
@@ -86,22 +216,16 @@ def _sum_squared_vjps(
         rows = torch.tensor([i for i, _ in chunk], device=out.device)
         cols = torch.tensor([j for _, j in chunk], device=out.device)
         R[torch.arange(len(chunk), device=out.device), rows] = factor[rows, :, cols]
-        weights = signs[rows, cols]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            grads = torch.autograd.grad(
-                out,
-                leaves,
-                R.reshape(len(chunk), *out.shape),
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        for acc, g in zip(total, grads):
-            if tuple(g.shape) != (len(chunk), *acc.shape):
-                continue  # a parameter the outputs do not use: materialised unbatched zeros
-            acc += torch.einsum("b,b...->...", weights, g * g)
+        grads = _chunk_grads(out, leaves, R.reshape(len(chunk), *out.shape), batched)
+        used = [i for i, g in enumerate(grads) if tuple(g.shape) == (len(chunk), *total[i].shape)]
+        parts = _squares_and_checks(
+            [grads[i] for i in used], signs[rows, cols], check.mix[rows, cols]
+        )
+        for i, (squares, mixed, scale) in zip(used, parts):  # unused: materialised zeros
+            total[i] += squares
+            check.add(i, mixed, scale)
+    if batched and not _pullbacks_agree(out, leaves, factor, check):
+        return _sum_squared_vjps(out, leaves, factor, signs, chunk_size, batched=False)
     return torch.cat([t.reshape(-1) for t in total])
 
 
@@ -143,25 +267,28 @@ def _sum_squared_per_sample(
     samples holding at most ``_PER_SAMPLE_BUDGET`` gradient entries.  This equals
     the batch's Jacobian rows only when samples do not interact; ``None`` (use the
     batched products) when a sample's output alone differs from its row of ``out``
-    beyond rounding, or ``torch.func`` cannot run the model.
+    beyond rounding, ``torch.func`` cannot run the model, or the vectorised pullbacks
+    disagree with one plain backward pass of the batch (:func:`_pullbacks_agree`:
+    a wrong ``vmap`` rule, e.g. ``torch.cdist``'s in torch 2.13).
     """
     n, _, r = factor.shape
     if out.dtype not in (torch.float32, torch.float64) or not _per_sample_inputs(inputs, n):
         return None  # half precision: rounding too coarse to tell interacting samples apart
     primals = tuple(leaf.detach() for leaf in leaves)
 
-    def one(x_n: Any, S_n: torch.Tensor, s_n: torch.Tensor) -> Any:
+    def one(x_n: Any, S_n: torch.Tensor, s_n: torch.Tensor, c_n: torch.Tensor) -> Any:
         def forward(*ps: torch.Tensor) -> torch.Tensor:
             x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
             return functional_forward(model, names, list(ps), x1, output_fn).reshape(-1)
 
         y_n, pull = torch.func.vjp(forward, *primals)[:2]
         grads = torch.func.vmap(pull)(S_n.T.contiguous())
-        return y_n, tuple(torch.einsum("r,r...->...", s_n, g * g) for g in grads)
+        return y_n, _squares_and_checks(grads, s_n, c_n)
 
     size = sum(p.numel() for p in primals)
     step = max(1, min(n, _PER_SAMPLE_BUDGET // max(r * size, 1)))
     totals = [torch.zeros_like(p) for p in primals]
+    check = _PullbackCheck(list(primals), _mixing_weights(n, r, out))
     rows = out.detach().reshape(n, -1)
     tol = 1e3 * torch.finfo(out.dtype).eps
     atol = tol * max(float(rows.abs().max()), 1.0) if rows.numel() else tol
@@ -170,8 +297,11 @@ def _sum_squared_per_sample(
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*performance drop.*")
-                y, squares = torch.func.vmap(one)(
-                    part, factor[start : start + step], signs[start : start + step]
+                y, parts = torch.func.vmap(one)(
+                    part,
+                    factor[start : start + step],
+                    signs[start : start + step],
+                    check.mix[start : start + step],
                 )
         except (RuntimeError, NotImplementedError, ValueError):
             return None  # an operation without a per-sample (vmap) rule: batched products
@@ -179,8 +309,11 @@ def _sum_squared_per_sample(
             y, rows[start : start + step], rtol=tol, atol=atol
         ):
             return None  # samples interact: a sample alone is not its row of the batch
-        for acc, sq in zip(totals, squares):
-            acc += sq.sum(dim=0)
+        for i, (squares, mixed, scale) in enumerate(parts):
+            totals[i] += squares.sum(dim=0)
+            check.add(i, mixed, scale)
+    if not _pullbacks_agree(out, leaves, factor, check):
+        return None  # a wrong vmap rule: the chunked products (checked again there)
     return torch.cat([t.reshape(-1) for t in totals])
 
 

@@ -3,9 +3,12 @@
 The references are computed independently of :mod:`curvops.products`: with
 ``torch.autograd.functional.hessian`` of the loss as a function of the flat
 parameter vector (``torch.func.hessian`` and ``jacrev(jacrev)`` return wrong second
-derivatives through BatchNorm in training mode in torch 2.13), and with
-``torch.func.jacrev`` Jacobians for the GGN and Fisher,
-on a float64 copy of the model (the original is never touched).  Batches are
+derivatives through BatchNorm in training mode in torch 2.13), and with Jacobians
+built row by row with ``torch.autograd.functional.jacobian`` (one plain backward
+pass per output entry) for the GGN and Fisher -- never through ``vmap``, whose
+batching rules PyTorch does not always get right (``jacrev`` through ``torch.cdist``
+gave a GGN 100 % off in torch 2.13) -- on a float64 copy of the model (the original
+is never touched).  Batches are
 weighted exactly as the operators do, :math:`A = \\sum_b w_b A_b / \\sum_b w_b` with the
 loss's own weights (:func:`curvops.losses.batch_weight`; :math:`A = \\sum_b A_b` for
 ``reduction="sum"``).
@@ -38,7 +41,6 @@ from curvops._model_state import (
     state_differences,
 )
 from curvops.data import as_data, move_to
-from curvops.forward_mode import prepare_forward_mode
 from curvops.losses import (
     LossFn,
     batch_generator,
@@ -108,6 +110,13 @@ def _dense(
             total += w * per_batch(forward, w0, loss_fn, targets, batch.index)
             count += w
     return total if loss_reduction(loss_fn) == "sum" else total / count
+
+
+def _rows_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """The Jacobian of ``fn`` at ``w`` (``(*fn(w).shape, w.numel())``), one plain backward
+    pass per output entry (``torch.autograd.functional.jacobian`` without ``vectorize``:
+    no ``vmap`` batching rule is involved)."""
+    return torch.autograd.functional.jacobian(fn, w, vectorize=False)
 
 
 def dense_hessian(
@@ -214,9 +223,8 @@ def dense_ggn(
         index: int,
     ) -> torch.Tensor:
         out = forward(w0).detach()
-        J = torch.func.jacrev(forward)(w0).reshape(out.numel(), -1)
-        prepare_forward_mode()
-        HL = torch.func.hessian(lambda o: loss_fn(o, targets))(out)
+        J = _rows_jacobian(forward, w0).reshape(out.numel(), -1)
+        HL = torch.autograd.functional.hessian(lambda o: loss_fn(o, targets), out)
         HL = HL.reshape(out.numel(), out.numel())
         return J.T @ HL @ J
 
@@ -238,7 +246,8 @@ def dense_fisher(
 
     Here :math:`g_{nm} = \\nabla_w \\mathrm{NLL}(f_n, \\tilde y_{nm})`.
 
-    Per-sample gradients are rows of ``jacrev`` of the vector of per-sample NLLs, at
+    Per-sample gradients are rows of the Jacobian of the vector of per-sample NLLs
+    (one plain backward pass per row, no ``vmap``), at
     the targets sampled exactly as :class:`curvops.FisherOperator` samples them
     (``kind="mc"``) or at the true targets (``kind="empirical"``, ``M = 1``).
 
@@ -292,12 +301,13 @@ def dense_fisher(
         else:
             draws = targets.unsqueeze(0)
         total = torch.zeros(w0.numel(), w0.numel(), dtype=torch.float64, device=w0.device)
+        true_targets = targets if kind == "mc" else None
         for t in draws:
-            G = torch.func.jacrev(
-                lambda w, t=t: per_sample_nll_values(
-                    loss_fn, forward(w), t, true_targets=targets if kind == "mc" else None
-                )
-            )(w0)
+
+            def nll(w: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+                return per_sample_nll_values(loss_fn, forward(w), t, true_targets=true_targets)
+
+            G = _rows_jacobian(nll, w0)
             total += G.T @ G
         return total * c
 
