@@ -96,13 +96,14 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from curvops.differentiability import graph_nodes
 from spectral.errors import argument_error
 
 __all__ = [
@@ -790,23 +791,10 @@ _WRONG_THIRD_DERIVATIVES: dict[str, tuple[str, str]] = {
 }
 
 
-def _graph_nodes(roots: Sequence[torch.Tensor]) -> Iterator[Any]:
-    """Every autograd node reachable from the ``grad_fn`` of ``roots`` (each once)."""
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    seen = {id(node) for node in stack}
-    while stack:
-        node = stack.pop()
-        yield node
-        for child, _ in node.next_functions:
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                stack.append(child)
-
-
 def _wrong_third_derivative(roots: Sequence[torch.Tensor]) -> tuple[str, str] | None:
     """``(function, remedy)`` of the first native function of :data:`_WRONG_THIRD_DERIVATIVES`
     that the graph of ``roots`` differentiates through, or ``None``."""
-    for node in _graph_nodes(roots):
+    for node in graph_nodes(roots):
         name = type(node).__name__
         if name == "NativeLayerNormBackwardBackward0":
             return _WRONG_THIRD_DERIVATIVES[name]

@@ -60,6 +60,7 @@ __all__ = [
     "UntrackedParameterError",
     "UntrackedUseRecorder",
     "check_twice_differentiable",
+    "graph_nodes",
     "once_differentiable_functions",
 ]
 
@@ -100,7 +101,7 @@ class UntrackedParameterError(RuntimeError):
         return err
 
 
-def _graph_nodes(roots: Iterable[torch.Tensor]) -> Iterable[Any]:
+def graph_nodes(roots: Iterable[torch.Tensor]) -> Iterable[Any]:
     """Every autograd node reachable from the ``grad_fn`` of ``roots`` (each once)."""
     stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     seen = {id(node) for node in stack}
@@ -120,7 +121,7 @@ def once_differentiable_functions(roots: Iterable[torch.Tensor]) -> list[str]:
     returns the qualified class names, in the order first met, without repeats.
     """
     names: list[str] = []
-    for node in _graph_nodes(roots):
+    for node in graph_nodes(roots):
         if not isinstance(node, BackwardCFunction):
             continue
         cls = getattr(node, "_forward_cls", None)
@@ -165,7 +166,7 @@ def check_twice_differentiable(
             "the custom autograd.Function " + ", ".join(repr(n) for n in names) + " has a "
             "backward marked @once_differentiable"
         )
-    elif any(isinstance(node, _ERROR_NODE) for node in _graph_nodes(gradient_roots)):
+    elif any(isinstance(node, _ERROR_NODE) for node in graph_nodes(gradient_roots)):
         culprit = (
             "an operation of the model has a backward PyTorch can run only once (a custom "
             "autograd.Function marked @once_differentiable, a torch.compile'd module, ...)"
@@ -250,7 +251,7 @@ class UntrackedUseRecorder(TorchFunctionMode):
             return
         reached = {
             id(node.variable)
-            for node in _graph_nodes(roots)
+            for node in graph_nodes(roots)
             if hasattr(node, "variable") and isinstance(node.variable, torch.Tensor)
         }
         missing = sorted(i for i in self.untracked if id(self._leaves[i]) not in reached)
