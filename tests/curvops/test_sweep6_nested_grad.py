@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvops.lean_ops
 from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops.differentiability import OnceDifferentiableError
 from curvops.lean_ops import lean_double_backward
 from curvops.products import jacobian_graph
 
@@ -279,8 +280,15 @@ def test_hessian_without_lean_kernels_refuses_wrong_third_derivatives(name: str)
     ):
         hessian = HessianOperator(model, nn.MSELoss(), (x, y), lean_kernels=False)
         _ = hessian @ torch.ones(hessian.shape[0], dtype=DT)
-    ggn = GGNOperator(model, nn.MSELoss(), (x, y), lean_kernels=False)  # second order: exact
-    assert _rel(_dense(ggn), _dense_ggn(model, x, y)) < TOL
+    ggn = GGNOperator(model, nn.MSELoss(), (x, y), lean_kernels=False)  # second order
+    try:
+        dense = _dense(ggn)
+    except OnceDifferentiableError:
+        # torch >= 2.14 marks the derivative of train-mode batch_norm's double backward as
+        # not implemented: the GGN is then refused (a clear error), never wrong
+        assert name == "batch_norm_train"
+        return
+    assert _rel(dense, _dense_ggn(model, x, y)) < TOL
 
 
 def test_hessian_without_lean_kernels_through_eval_batch_norm() -> None:
