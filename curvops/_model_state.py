@@ -13,7 +13,7 @@ flags, ``requires_grad`` and ``.grad``.  Three pieces make this hold:
   - module backward hooks (per module and global) are off: the curvature is that of
     the forward function, whatever hooks do to gradients (:class:`_BackwardHooksOff`);
     tensor hooks that ``forward`` registers are not registered
-    (:data:`curvops.determinism.INERT_HOOKS`, in each forward pass of
+    (:data:`curvops.inert_hooks.INERT_HOOKS`, in each forward pass of
     :func:`functional_forward`), and those on parameters and buffers are never
     reached (products differentiate their own copies);
   - spectral-norm modules and hooks run their training-mode power steps with

@@ -37,6 +37,7 @@ from curvops.data import Batch, Data, as_data, first_tensor, move_to, shape_note
 from curvops.differentiability import UntrackedParameterError
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.finiteness import all_finite, each_finite, non_finite_parameters
+from curvops.inert_hooks import evaluate_loss
 from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator
@@ -100,8 +101,9 @@ class ModelCurvatureOperator(CurvatureOperator):
     gradients never see the products (they are registered as before afterwards).
     Tensor hooks are held to the same rule: one that ``forward`` registers on an
     intermediate tensor (``h.register_hook(lambda g: -g)`` of a gradient-reversal
-    layer, a Grad-CAM recorder) is not registered during products (it gets a handle
-    that removes nothing: :data:`curvops.determinism.INERT_HOOKS`), and hooks
+    layer, a Grad-CAM recorder), or that the loss registers on the outputs, is not
+    registered during products (it gets a handle that removes nothing:
+    :data:`curvops.inert_hooks.INERT_HOOKS`), and hooks
     registered beforehand on parameters or buffers are never reached, since products
     differentiate their own copies of them.  Hooks on autograd nodes
     (``h.grad_fn.register_hook``) cannot be held back: keep them out of ``forward``.
@@ -438,7 +440,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         forward, loss_fn = self._forward_fn(inputs), self._loss_fn
 
         def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return loss_fn(forward(tensors), targets)
+            return evaluate_loss(loss_fn, forward(tensors), targets)
 
         return loss_of
 

@@ -104,6 +104,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from curvops.differentiability import graph_nodes
+from curvops.inert_hooks import evaluate_loss
 from spectral.errors import argument_error
 
 __all__ = [
@@ -760,7 +761,7 @@ def check_loss_second_derivatives(
     True
     """
     with _WrongSecondDerivatives() as mode:
-        value = loss_fn(outputs, targets)
+        value = evaluate_loss(loss_fn, outputs, targets)
     if mode.found:
         function, remedy = mode.found[0].split("; ", 1)
         raise argument_error(

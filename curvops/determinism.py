@@ -37,6 +37,10 @@ with second derivatives, and restore every setting on exit, also after an error:
   which :func:`curvops._model_state.curvature_mode` switches off: a curvature is a
   property of the forward function.  Hooks on autograd nodes (``h.grad_fn.register_hook``)
   do not pass through ``__torch_function__`` and cannot be held back this way.
+  Hooks that the loss registers (on the model outputs, ``o.register_hook(...)`` inside
+  ``loss_fn``) are inert in the same way: curvops evaluates every loss through
+  :func:`curvops.inert_hooks.evaluate_loss` (a gradient-halving hook there had made
+  the Hessian 58 % and the GGN 75 % off).
 * **The loss's own derivatives.**  The same mode replaces the PyTorch functions whose
   backward is not the loss's derivative by exact equivalents
   (:data:`curvops.derivative_repairs.REPLACEMENTS`: weight normalisation's fused
@@ -97,7 +101,6 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar, cast
@@ -108,10 +111,10 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 from curvops.derivative_repairs import REPLACEMENTS
 from curvops.duplicate_writes import WRITES, refuse_duplicate_write
+from curvops.inert_hooks import INERT_HOOKS
 from curvops.tangent_consistency import (
     ForwardModeUnsuitable,
     in_forward_mode_pass,
@@ -191,23 +194,6 @@ _EXPECTATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.bernoulli: _bernoulli_mean,
     torch.Tensor.bernoulli: _bernoulli_mean,
     torch.Tensor.bernoulli_: _bernoulli_mean_,
-}
-
-#: The registry of the handles :data:`INERT_HOOKS` returns (always empty).
-_NO_HOOKS: OrderedDict[int, Any] = OrderedDict()
-
-
-def _inert_hook(*args: Any, **kwargs: Any) -> RemovableHandle:
-    """A handle that removes nothing, for a tensor hook registered during a product's
-    forward pass (and not registered: see :data:`INERT_HOOKS`)."""
-    return RemovableHandle(_NO_HOOKS)
-
-
-#: Tensor-hook registrations answered by :func:`_inert_hook` during products' forward
-#: passes: the curvature is that of the forward function, as with module backward hooks.
-INERT_HOOKS: dict[Callable[..., Any], Callable[..., Any]] = {
-    torch.Tensor.register_hook: _inert_hook,
-    torch.Tensor.register_post_accumulate_grad_hook: _inert_hook,
 }
 
 #: Calls evaluated by curvops itself during products (one lookup per call).

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from curvops.differentiability import check_twice_differentiable
+from curvops.inert_hooks import evaluate_loss
 from spectral.errors import argument_error
 
 __all__ = [
@@ -1041,7 +1042,7 @@ def _autograd_output_hessian(
     """The output Hessian of a loss without a closed form, by double backward."""
     with torch.enable_grad():
         o = f.clone().requires_grad_(True)
-        loss = loss_fn(o, targets)
+        loss = evaluate_loss(loss_fn, o, targets)
         (g,) = torch.autograd.grad(loss, o, create_graph=True)
     check_twice_differentiable([g], forward_roots=[loss], what="the loss's output Hessian")
 
@@ -1266,7 +1267,7 @@ def output_gradient(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tenso
     with torch.enable_grad():
         o = outputs.detach().clone().requires_grad_(True)
         (g,) = torch.autograd.grad(
-            loss_fn(o, targets), o, allow_unused=True, materialize_grads=True
+            evaluate_loss(loss_fn, o, targets), o, allow_unused=True, materialize_grads=True
         )
     return g
 
@@ -1430,8 +1431,9 @@ def per_sample_nll_values(
     for i in range(n):
         y = targets[i : i + 1]
         if loss_reduction(loss_fn) == "sum":
-            values.append(loss_fn(outputs[i : i + 1], y))
+            values.append(evaluate_loss(loss_fn, outputs[i : i + 1], y))
             continue
         nu = batch_normaliser(loss_fn, None, y, 1)
-        values.append(loss_fn(outputs[i : i + 1], y) * nu if nu > 0 else outputs[i].sum() * 0.0)
+        value = evaluate_loss(loss_fn, outputs[i : i + 1], y)
+        values.append(value * nu if nu > 0 else outputs[i].sum() * 0.0)
     return torch.stack(values)

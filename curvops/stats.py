@@ -63,6 +63,7 @@ from curvops.determinism import outside_inference_mode
 from curvops.distributed import all_reduce_sum, resolve_group, unwrap_model
 from curvops.ggn import GGNOperator
 from curvops.hessian import HessianOperator
+from curvops.inert_hooks import evaluate_loss
 from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_operator
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
@@ -647,7 +648,7 @@ def _minibatch_terms(
         return functional_forward(model, names, tensors, inputs, setting.output_fn)
 
     def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return loss_fn(forward(tensors), targets)
+        return evaluate_loss(loss_fn, forward(tensors), targets)
 
     lin = hessian_linearization(loss_of, params0)
     if setting.curvature == "hessian":

@@ -41,6 +41,7 @@ from curvops._model_state import (
     state_differences,
 )
 from curvops.data import as_data, move_to
+from curvops.inert_hooks import evaluate_loss
 from curvops.losses import (
     LossFn,
     batch_generator,
@@ -170,7 +171,9 @@ def dense_hessian(
         # torch.autograd.functional.hessian (row by row): torch.func.hessian and
         # jacrev(jacrev) give wrong second derivatives through BatchNorm in training
         # mode (torch 2.13; first derivatives are right).
-        H = torch.autograd.functional.hessian(lambda w: loss_fn(forward(w), targets), w0)
+        H = torch.autograd.functional.hessian(
+            lambda w: evaluate_loss(loss_fn, forward(w), targets), w0
+        )
         return H
 
     return _dense(model, loss_fn, data, params, bn_mode, per_batch)
@@ -224,7 +227,7 @@ def dense_ggn(
     ) -> torch.Tensor:
         out = forward(w0).detach()
         J = _rows_jacobian(forward, w0).reshape(out.numel(), -1)
-        HL = torch.autograd.functional.hessian(lambda o: loss_fn(o, targets), out)
+        HL = torch.autograd.functional.hessian(lambda o: evaluate_loss(loss_fn, o, targets), out)
         HL = HL.reshape(out.numel(), out.numel())
         return J.T @ HL @ J
 
