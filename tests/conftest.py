@@ -1,8 +1,9 @@
-"""Shared test configuration: hypothesis profiles and the Agg backend."""
+"""Shared test configuration: hypothesis profiles, the Agg backend, one torch thread."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import matplotlib
 import pytest
@@ -62,3 +63,23 @@ def _reproducible_global_rng() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Run every test on one intra-op torch thread and put the count back afterwards
+    (code under test may set it, e.g. the CLI's ``--threads``); close all figures.
+
+    Tiny models on a shared 2-core machine: two spinning OpenMP threads slowed tiny
+    double-backward products down 10-50x.
+    """
+    import matplotlib.pyplot as plt
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        plt.close("all")

@@ -9,7 +9,7 @@ the whole catalogue runs in a few seconds.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,6 @@ from nets.checkpoint import load_model_state, save_checkpoint
 from nets.models import get_model, model_spec
 from spectral.density import SpectralDensity
 from spectral.resume import StateMismatchError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- tiny objects
 

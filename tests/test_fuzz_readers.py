@@ -24,7 +24,7 @@ import pickle
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,14 +149,6 @@ READERS: dict[str, tuple[Callable[[Path], Any], tuple[type[BaseException], ...],
         _evil_cifar_bytes(),
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _feed(reader_name: str, data: bytes) -> None:

@@ -18,7 +18,6 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,6 @@ from nets.workflow import compute_eigenspectrum
 from spectral.io import CorruptFileError, load_npz
 
 KEYS = ("w", "gammas", "residuals", "probe_nodes", "probe_weights", "alpha", "beta", "trace")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _spectrum(out: Path, state: Path | None) -> None:

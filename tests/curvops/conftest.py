@@ -101,19 +101,6 @@ def make_data(layout: str, x: torch.Tensor, y: torch.Tensor) -> Any:
     return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Run curvops tests on one intra-op thread (tiny tensors; the machine is shared).
-
-    With two OpenMP threads on a loaded 2-core machine, tiny double-backward
-    products slow down by 10-50x (spinning threads); restored after each test.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Case:
     """One model x loss x data layout x bn_mode combination."""

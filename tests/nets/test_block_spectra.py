@@ -4,7 +4,6 @@ determinism, the partitions and their errors (the CLI and the figure: test_cli_b
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,6 @@ N, D_IN, HIDDEN, CLASSES = 12, 3, 4, 3
 SIZES = {"0.weight": HIDDEN * D_IN, "0.bias": HIDDEN, "2.weight": CLASSES * HIDDEN, "2.bias": 3}
 OFFSETS = dict(zip(SIZES, np.cumsum([0, *SIZES.values()])[:-1].tolist()))
 ITERS, PROBES, SEED = 8, 2, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_mlp() -> nn.Module:

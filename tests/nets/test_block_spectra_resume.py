@@ -4,7 +4,6 @@ finished blocks; a state of another run is refused; the CLI takes ``--state`` wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ PRODUCTS_PER_BLOCK = 1 + PROBES * ITERS  # the state's operator fingerprint, the
 
 class Crash(RuntimeError):
     """Raised by the patched product: the run dies mid-way."""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mlp() -> nn.Module:

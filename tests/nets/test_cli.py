@@ -8,10 +8,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -68,17 +66,6 @@ def curvature_all(commands: dict[str, list[str]]) -> dict[str, tuple[int, str, s
         out, err = process.communicate(timeout=600)
         done[key] = (process.returncode, out, err)
     return done
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        plt.close("all")
 
 
 @pytest.fixture(scope="module")

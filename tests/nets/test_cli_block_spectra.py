@@ -3,12 +3,10 @@ dataset: the per-block file, the table, the figure, and errors that name the fla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from nets import get_model, load_block_spectra, plot_block_spectra, save_checkpoint
 from nets.cli import build_parser, main
@@ -17,14 +15,6 @@ from nets.plots._figure import close_figure
 
 TINY = ["--iters", "3", "--subsample", "4", "--batch-size", "4", "--no-progress",
         "--device", "cpu"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.image as mpimg
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-import torch
 
 from nets.cli import main
 from nets.curvature_rows import read_rows
@@ -26,17 +23,6 @@ FIGURES = (
     "curvature-tracking.png",
     "compare-00001-ggn.png",
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        plt.close("all")
 
 
 def test_demo_command_writes_every_file_and_prints_the_summary(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,14 +25,6 @@ from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 from nets.workflow import build_loss_landscape
 from nets.workflow._resolve import make_eval_loader
 from nets.workflow.landscape import _refresh_bn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _xy(n: int = 50, shape: tuple[int, ...] = (4,)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,14 +28,6 @@ TINY = ["--model", "MLP", "--batch-size", "512", "--no-progress", "--device", "c
 RUN = ["--lr", "0.05", "--momentum", "0.9", "--epochs", "2", "--save-freq", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: Any) -> Path:
     """A two-epoch run with ``--lr 0.05 --momentum 0.9``, trained straight through."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,6 @@ import nets.workflow.landscape as landscape_module
 from nets.workflow import build_loss_landscape, compute_eigenspectrum, compute_loss_stats
 from nets.workflow._resume import describe_model
 from spectral.resume import StateMismatchError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(seed: int, scale: float = 1.0) -> TensorDataset:

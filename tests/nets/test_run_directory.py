@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from nets.cli import main
 from nets.curvature_rows import row_checksums
@@ -37,14 +36,6 @@ from nets.training import train_network
 from spectral.io import CorruptFileError
 
 TINY = ["--model", "MLP", "--batch-size", "512", "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,6 @@ from nets.schedules import get_schedule, linear_schedule
 from nets.training import LearningRateSchedule, SWAConfig, swa_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> Any:
     return load_dataset("digits")

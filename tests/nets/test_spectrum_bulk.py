@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -25,17 +23,6 @@ from spectral.probes import as_generator, random_probe
 
 N_SAMPLES = 96
 BATCH = 96
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        plt.close("all")
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

@@ -18,19 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from nets import load_dataset, train_network
 from nets.training import StatsFile
 from spectral.io import CorruptFileError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

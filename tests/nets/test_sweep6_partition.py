@@ -4,7 +4,6 @@ on the command line both errors name ``--blocks``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,6 @@ def test_valid_partition_names_still_parse() -> None:
     assert _parse_partition(" Transformer:heads= 02 ", None) == ("transformer", 2)
     assert _parse_partition("layers", None) == ("layers", None)
     assert _parse_partition("transformer", 4) == ("transformer", 4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,6 @@ from spectral.errors import NumericalError
 SGD = {"lr": 0.05, "momentum": 0.9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")

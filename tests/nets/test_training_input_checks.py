@@ -34,14 +34,6 @@ from nets import load_dataset, train_network
 from nets.training import evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> Any:
     return load_dataset("digits")

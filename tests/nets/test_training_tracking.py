@@ -4,10 +4,8 @@ and its figure (``plot_curvature_tracking``, ``curvature plot tracking``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -21,17 +19,6 @@ from nets.tracker import CurvatureTracker
 from nets.training import train_network
 from spectral.density import SpectralDensity
 from spectral.io import CorruptFileError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        plt.close("all")
 
 
 @pytest.fixture(scope="module")

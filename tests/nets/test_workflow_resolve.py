@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -41,15 +40,6 @@ from nets.workflow.landscape import landscape_grid
 from nets.workflow.spectrum import lanczos_spectrum
 from spectral.probes import random_probe
 from spectral.quadrature import slq
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

@@ -3,13 +3,11 @@ from its state file, recomputes only the missing work and returns bit-identical 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 import nets.workflow.landscape as landscape_module
@@ -21,14 +19,6 @@ from nets.workflow import build_loss_landscape, compute_eigenspectrum, compute_l
 from spectral.resume import StateMismatchError
 
 N = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
