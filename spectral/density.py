@@ -456,12 +456,16 @@ class SpectralDensity:
         therefore coincide. Near a node a small residual can hide mass at an eigenvalue the
         run never resolved, so there they are the Chebyshev–Markov–Stieltjes bounds. To
         absorb rounding,
-        the bounds are evaluated at :math:`x \mp \delta_k` (:attr:`probe_tolerance`) and
-        widened in probability by :math:`\eta_k = \max(10^{-10}, \delta_k/\max_i|\theta_i|)`
-        (the relative accuracy of the rule); see :mod:`spectral.bounds`. In float64 this
-        is :math:`10^{-10}`; with a float32 operator about :math:`10^3` float32 epsilons.
-        (Within :math:`\delta_k` of a node the bounds are therefore those of the two
-        neighbouring gaps together.)
+        the bounds are evaluated at :math:`x \mp \delta_k` (:attr:`probe_tolerance`), each
+        partial sum :math:`C_j` is taken as known only to
+        :math:`\pm\delta_k/(\theta_{j+1} - \theta_j - \delta_k)` (by Davis–Kahan, the mass of
+        two close nodes splits only to :math:`\delta/\text{gap}`; a cut inside a cluster
+        of nodes falls back to the cuts around the cluster,
+        :func:`spectral.bounds.split_tolerance`), and everything is widened in probability by
+        :math:`\eta_k = \max(10^{-10}, \delta_k/\max_i|\theta_i|)`; see :mod:`spectral.bounds`.
+        In float64 :math:`\eta_k` is :math:`10^{-10}`; with a float32 operator about
+        :math:`10^3` float32 epsilons. (Within :math:`\delta_k` of a node the bounds are
+        therefore those of the two neighbouring gaps together.)
 
         ``probe=None`` returns the mean of the probes' bounds, which bound the probe average
         :math:`\frac1P\sum_k F_k(x)` (the distribution function the pooled density estimates).

@@ -167,13 +167,15 @@ def test_exact_breakdown_keeps_collapsed_bounds_away_from_the_nodes() -> None:
 
 
 def test_early_stop_bound_follows_the_residual() -> None:
-    """|F - G| <= 2 (δ / (D - δ))^2, intersected with the CMS bounds."""
+    """|F - G| <= 2 (δ / (D - δ))^2 + w_j, intersected with the CMS bounds (w_j: how the
+    mass splits between the nodes either side of x, δ / (gap - δ) by Davis–Kahan)."""
     theta, tau = [0.0, 1.0], [0.5, 0.5]
     xs = np.array([0.5, 0.01, 1e-3, -0.5])
     lower, upper = quadrature_cdf_bounds(
         theta, tau, xs, invariant=True, tol=1e-4, probability_tol=0.0
     )
-    slack = 2.0 * (1e-4 / (np.array([0.5, 0.01, 1e-3, 0.5]) - 1e-4)) ** 2
+    split = np.array([1e-4 / (1.0 - 1e-4)] * 3 + [0.0])  # w_1 for x in (0, 1), w_0 = 0
+    slack = 2.0 * (1e-4 / (np.array([0.5, 0.01, 1e-3, 0.5]) - 1e-4)) ** 2 + split
     np.testing.assert_allclose(lower[:3], 0.5 - slack[:3], rtol=1e-12)
     np.testing.assert_allclose(upper[:3], 0.5 + slack[:3], rtol=1e-12)
     assert lower[3] == 0.0 and upper[3] == pytest.approx(slack[3], rel=1e-12)
