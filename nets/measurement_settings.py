@@ -49,6 +49,7 @@ from spectral.errors import argument_error
 __all__ = [
     "ARGUMENT_OF",
     "data_digest",
+    "describe_callable",
     "describe_loss",
     "feed_hash",
     "measurement_settings",
@@ -312,6 +313,23 @@ def describe_loss(loss_fn: Any, *, model: nn.Module | None = None) -> Any:
             named.update((id(t), f"<the model's {kind} {n}>") for n, t in entries)
         named.update((id(m), f"<the model's module {n}>") for n, m in model.named_modules() if n)
     return _describe(loss_fn, _Walk(0, named))
+
+
+def describe_callable(fn: Any) -> Any:
+    """JSON-safe description of any callable (a learning-rate schedule), as
+    :func:`describe_loss` describes a loss: a function by its qualified name and a digest
+    of its code, closure, defaults and the plain data among its globals; a ``partial``,
+    bound method or callable object by its parts.
+
+    The digest of a function's code is that of one Python version: the same function
+    under another version is described differently.
+
+    >>> def half(epoch, total, lr0, ratio):
+    ...     return lr0 / 2
+    >>> describe_callable(half)["function"]
+    'nets.measurement_settings.half'
+    """
+    return _describe(fn, _Walk(0, {}))
 
 
 def measurement_settings(

@@ -39,8 +39,23 @@ start vectors of the last few measurements go beside it (``<path>.ritz.npz``).
 A tracker built on an existing file continues it: its step count is the last row's
 step, or ``start_step`` (the step of the training checkpoint the run resumed from),
 in which case rows after ``start_step`` are dropped and measured again, so the file
-has no duplicate and no missing step.  Density snapshots go to ``<stem>.density-<step>.npz``
-(:meth:`spectral.SpectralDensity.save`).
+has no duplicate and no missing step; the Ritz vectors and density snapshots of the dropped
+rows (a branch the restart abandons) are discarded with them.  Density snapshots go to
+``<stem>.density-<step>.npz`` (:meth:`spectral.SpectralDensity.save`).
+
+**Probes.**  The trace and density probes of a measurement come from generators of their
+own, functions of ``(seed, step)`` and the estimate only, so a warm or a cold eigen-solve
+before them (which draw different numbers of random vectors) cannot change them: a run
+restarted without its warm-start vectors gives the rows of the uninterrupted run.
+(Before, they shared the eigen-solves' stream, and a branch resumed cold gave another
+trace estimate, e.g. 6.09 instead of 23.88.)  Files written before this change are
+continued as they are: their rows' ``trace`` and ``density`` are estimates of the same
+quantities from other probes, and the new rows' estimates are not the ones the older
+version would have drawn.
+
+**Diverged training.**  A measurement of a model with NaN or Inf parameters is refused
+with a :class:`spectral.errors.NumericalError` naming the step (and epoch): training
+produced them.
 
 >>> import torch
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -83,7 +98,7 @@ from curvops.params import group_by_layer, select_params
 from nets.curvature_rows import read_rows, write_rows
 from nets.measurement_settings import measurement_settings, settings_difference
 from spectral.blockeig import block_eigenpairs
-from spectral.errors import argument_error
+from spectral.errors import NumericalError, argument_error
 from spectral.estimators import trace
 from spectral.io import CorruptFileError, load_npz, save_npz
 from spectral.quadrature import slq
@@ -309,6 +324,40 @@ def check_attainable_tol(tol: float, op: ModelCurvatureOperator) -> None:
         )
 
 
+#: The streams of a measurement's trace and density probes (beside the eigen-solves').
+_TRACE_STREAM, _DENSITY_STREAM = 1, 2
+
+
+def _probe_rng(seed: int, step: int, stream: int) -> np.random.Generator:
+    """The generator of one estimate's probes at ``step``: a function of ``(seed, step,
+    stream)`` only, so a warm or cold eigen-solve before it (which draws a different number
+    of random vectors) cannot change the estimate.
+
+    >>> a = _probe_rng(0, 5, _TRACE_STREAM).standard_normal(2)
+    >>> bool((a == _probe_rng(0, 5, _TRACE_STREAM).standard_normal(2)).all())
+    True
+    """
+    return np.random.default_rng([seed, step, stream])
+
+
+def _check_finite_parameters(op: ModelCurvatureOperator, step: int, epoch: int | None) -> None:
+    """Refuse to measure a model with NaN/Inf parameters (``NumericalError`` naming the step):
+    training diverged, which the operator's error ("non-finite values in parameter(s)")
+    did not say."""
+    bad = [
+        name
+        for name, p in zip(op.param_names, op.current_params(), strict=True)
+        if not bool(torch.isfinite(p.detach()).all())
+    ]
+    if bad:
+        at = f"step {step}" + ("" if epoch is None else f" (epoch {epoch})")
+        raise NumericalError(
+            f"CurvatureTracker: the model's parameters are non-finite at {at}, in "
+            f"{bad[:5]}: training produced them (it diverged; lower the learning rate or "
+            "check the data); nothing was measured."
+        )
+
+
 class _Counted:
     """A curvature operator that counts its products (columns)."""
 
@@ -368,7 +417,7 @@ class CurvatureTracker:
         uses batch statistics and leaves the running statistics untouched).
     seed:
         Seeds the random start and guard vectors, trace probes and SLQ probes
-        (per measurement, from ``(seed, step)``).
+        (per measurement, from ``(seed, step)``; the probes from streams of their own).
     tol:
         Relative residual tolerance of the eigenvalues (see the module docstring): each
         value is within ``tol * |value|`` of an eigenvalue, and in practice within about
@@ -400,6 +449,8 @@ class CurvatureTracker:
         Bad arguments (named in the message).
     spectral.io.CorruptFileError
         ``path`` exists and a line is not a JSON row, or its steps do not increase.
+    spectral.errors.NumericalError
+        From :meth:`step` or :meth:`measure`: the model's parameters are not finite.
     ValueError
         ``path`` holds rows of another ``kind`` or ``top_k``, or of another measurement
         (each row records its ``settings``: :mod:`nets.measurement_settings`; the error
@@ -532,6 +583,7 @@ class CurvatureTracker:
         """
         if self.rows and self.rows[-1]["step"] == self.count:
             return self.rows[-1]
+        _check_finite_parameters(self._operators[""].op, self.count, epoch)
         start = time.perf_counter()
         with preserved_rng():
             row = self._measure()
@@ -549,11 +601,44 @@ class CurvatureTracker:
                 raise
         return row
 
+    @property
+    def model(self) -> nn.Module:
+        """The model the tracker measures (the one given at construction)."""
+        return self._operators[""].op.model
+
+    def adopt_rows(self, rows: list[dict[str, Any]], *, source: str | os.PathLike[str]) -> int:
+        """Take in the recorded rows of the run this tracker continues; return how many.
+
+        ``rows`` (e.g. the ``curvature`` rows of a resumed run's ``stats.json``, read from
+        ``source``) are checked as a file's rows are when the tracker resumes one (steps
+        increasing, the same ``kind``, ``top_k`` and ``settings``: the error names the
+        argument that differs and ``source``).  Those at steps up to the count that the
+        tracker has no row for are put in front of :attr:`rows` (in step order, never a
+        duplicate step), and ``path`` is rewritten with them: a tracker built without the
+        run's rows (``path=None``, or a new file) then holds the whole curve, where the
+        run's files were rewritten with its new rows only.
+
+        Raises
+        ------
+        spectral.io.CorruptFileError
+            A row without an integer ``step``, or steps that do not increase.
+        ValueError
+            Rows of another measurement (named as in the class docstring).
+        """
+        checked = self._checked(rows, Path(source))
+        have = {int(r["step"]) for r in self.rows}
+        taken = [r for r in checked if int(r["step"]) <= self.count and int(r["step"]) not in have]
+        if taken:
+            self.rows = sorted([*taken, *self.rows], key=lambda r: int(r["step"]))
+            if self.path is not None:
+                write_rows(self.path, self.rows)
+        return len(taken)
+
     # ------------------------------------------------------------------ measurement
     def _measure(self) -> dict[str, Any]:
         step = self.count
         check_attainable_tol(self.tol, self._operators[""].op)  # autocast may be on now
-        rng = np.random.default_rng([self.seed, step])
+        rng = np.random.default_rng([self.seed, step])  # the eigen-solves' start/guard vectors
         row: dict[str, Any] = {"step": step, "kind": self.kind, "settings": self.settings}
         total = 0
         for name, counted in self._operators.items():
@@ -579,14 +664,16 @@ class CurvatureTracker:
         whole = self._operators[""]
         if self.trace_probes:
             whole.count = 0
-            est = trace(whole, method="hutchinson", num_matvecs=self.trace_probes, seed=rng)
+            probes = _probe_rng(self.seed, step, _TRACE_STREAM)  # not the eigen-solves' stream
+            est = trace(whole, method="hutchinson", num_matvecs=self.trace_probes, seed=probes)
             row["trace"] = float(est.value)
             row["trace_stderr"] = float(est.stderr) if math.isfinite(est.stderr) else None
             total += whole.count
         if self.density_every is not None and step % self.density_every == 0:
             whole.count = 0
             iters = min(self.density_iters, whole.shape[0])
-            density = slq(whole, iters, num_probes=self.density_probes, seed=rng)
+            probes = _probe_rng(self.seed, step, _DENSITY_STREAM)
+            density = slq(whole, iters, num_probes=self.density_probes, seed=probes)
             total += whole.count
             if self.path is not None:
                 target = self.path.with_name(f"{self.path.stem}.density-{step:08d}.npz")
@@ -638,7 +725,17 @@ class CurvatureTracker:
                 "tracker: %d rows after step %d dropped (re-measured)", len(dropped), self.count
             )
             write_rows(self.path, self.rows)
+            self._remove_snapshots(dropped)
         self._load_vectors()
+
+    def _remove_snapshots(self, dropped: list[dict[str, Any]]) -> None:
+        """Delete the density snapshots of rows dropped on a restart (files beside ``path``
+        named ``<stem>.density-<step>.npz``), so that none is left without its row."""
+        assert self.path is not None
+        for row in dropped:
+            name = f"{self.path.stem}.density-{int(row['step']):08d}.npz"
+            if row.get("density") == name:
+                self.path.with_name(name).unlink(missing_ok=True)
 
     def _checked_rows(self) -> list[dict[str, Any]]:
         """The file's rows: checksums verified, steps increasing, this tracker's settings."""
@@ -647,27 +744,32 @@ class CurvatureTracker:
             found = read_rows(self.path)
         except UnicodeDecodeError as exc:
             raise CorruptFileError(f"File '{self.path}': not UTF-8 text ({exc}).") from exc
+        return self._checked(found, self.path)
+
+    def _checked(self, found: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
+        """``found`` (the rows of ``source``, named in errors) checked: an integer ``step`` in
+        each, steps increasing, this tracker's ``kind``, ``top_k`` and settings."""
         rows: list[dict[str, Any]] = []
         for number, row in enumerate(found, start=1):
             try:
                 step = int(row["step"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise CorruptFileError(
-                    f"File '{self.path}', line {number}: not a tracker row ({exc})."
+                    f"File '{source}', line {number}: not a tracker row ({exc})."
                 ) from exc
             if rows and step <= int(rows[-1]["step"]):
                 raise CorruptFileError(
-                    f"File '{self.path}', line {number}: step {step} after step "
+                    f"File '{source}', line {number}: step {step} after step "
                     f"{rows[-1]['step']} (the rows of a tracker file increase)."
                 )
-            self._check_kind_and_top_k(row, number)
+            self._check_kind_and_top_k(row, number, source)
             if "settings" in row:  # files written before rows recorded them: not checked
                 difference = settings_difference(row["settings"], self.settings)
                 if difference is not None:
                     argument, what = difference
                     raise argument_error(
                         argument,
-                        f"the measurement of the rows in '{self.path}' (a tracker continues "
+                        f"the measurement of the rows in '{source}' (a tracker continues "
                         "its file with the same matrix, measurement set and settings; use a "
                         "new path for another measurement)",
                         f"{what} (line {number})",
@@ -675,13 +777,13 @@ class CurvatureTracker:
             rows.append(row)
         return rows
 
-    def _check_kind_and_top_k(self, row: Mapping[str, Any], number: int) -> None:
+    def _check_kind_and_top_k(self, row: Mapping[str, Any], number: int, source: Path) -> None:
         """Refuse a row of another ``kind`` or ``top_k``, naming the argument and the file."""
         same = "a tracker continues its file with the same settings, or starts a new file"
         if row.get("kind") != self.kind:
             raise argument_error(
                 "kind",
-                f"the matrix of the rows in '{self.path}' ({row.get('kind')!r} at line "
+                f"the matrix of the rows in '{source}' ({row.get('kind')!r} at line "
                 f"{number}; {same})",
                 self.kind,
             )
@@ -689,7 +791,7 @@ class CurvatureTracker:
         if found != self.top_k:
             raise argument_error(
                 "top_k",
-                f"as many eigenvalues as the rows in '{self.path}' hold ({found} at line "
+                f"as many eigenvalues as the rows in '{source}' hold ({found} at line "
                 f"{number}; {same})",
                 self.top_k,
             )
@@ -701,7 +803,8 @@ class CurvatureTracker:
         state = load_npz(self._state_path)
         for key, value in state.items():
             _, step, name = key.split("/", 2)
-            self._history.setdefault(int(step), {})[name] = value
+            if int(step) <= self.count:  # later ones: of a branch abandoned by this restart
+                self._history.setdefault(int(step), {})[name] = value
         last = self._history.get(int(self.rows[-1]["step"]), {})
         for name, counted in self._operators.items():
             saved = last.get(name)

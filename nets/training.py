@@ -51,10 +51,13 @@ Files written in ``dir``
     the process's peak resident set size.  (The original code wrote several
     ``stats-*`` files; one JSON file replaces them.)  Only the ``curvature`` rows
     carry checksums: the rest of the file (``config``, ``epochs``) has none, so a
-    changed digit there is not detected.  A run resumed without tracking keeps the
-    recorded ``curvature`` rows.  The ``epochs`` count up by one: resuming refuses a
-    checkpoint of a later epoch than the file records (one left by a branch abandoned
-    when the run was continued from an earlier checkpoint), and a file with a gap.
+    changed digit there is not detected.  A resumed run keeps the recorded ``curvature``
+    rows up to the step it resumes at (those after it, of a branch abandoned by resuming
+    from an earlier checkpoint, are measured again): untracked, as they are; tracked, in
+    front of the tracker's new rows (never twice).  The ``epochs`` count up by one:
+    resuming refuses a checkpoint of a later epoch than the file records (one left by a
+    branch abandoned when the run was continued from an earlier checkpoint), and a file
+    with a gap.
 
 Randomness and exact resumption
 -------------------------------
@@ -116,6 +119,7 @@ from nets.curvature_rows import STATS_CHECKSUMS, row_checksums, verified_rows, w
 from nets.data import DatasetSplits, load_dataset, make_loader
 from nets.device import resolve_device
 from nets.loss_means import LossMean, check_mean_loss
+from nets.measurement_settings import describe_callable, describe_loss
 from nets.models import get_model, model_spec
 from nets.models._common import check_positive_int
 from nets.optim.registry import get_optimizer
@@ -564,7 +568,13 @@ RUN_SETTINGS = (
     ("swa_lr", "swa_lr"),
     ("swa_c_epochs", "swa_c_epochs"),
     ("loss", "loss_fn"),
+    ("loss_settings", "loss_fn"),
+    ("schedule_settings", "schedule"),
 )
+
+#: Settings recorded by a description (:func:`run_config`), with the entry that an older
+#: run records instead (the class name ``loss``, ``schedule`` ``"custom"``).
+_DESCRIBED = {"loss_settings": "loss", "schedule_settings": "schedule"}
 
 _NOT_GIVEN = "not given"
 
@@ -597,8 +607,11 @@ def check_same_run(
     ...
     ValueError: Argument 'lr': expected the setting of the run being resumed (0.05, recorded...
     """
+    _note_undescribed(recorded, config, where)
     for key, name in RUN_SETTINGS:
         if key in recorded and key in config and json_safe(recorded[key]) != config[key]:
+            if key in _DESCRIBED:
+                raise _changed_description(name, recorded[key], config[key], where)
             if key == "batch_size" and tracking:
                 raise argument_error(
                     "batch_size",
@@ -616,6 +629,61 @@ def check_same_run(
                 f"a run of this model and data ({key} {config[key]!r})",
                 f"{where} with {key} {recorded[key]!r}",
             )
+
+
+def _note_undescribed(recorded: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Log what cannot be compared with a run recorded before :func:`run_config` described its
+    loss and schedule: its loss only by class name (compared as such), a custom schedule
+    not at all."""
+    for key, older in _DESCRIBED.items():
+        if key in recorded or key not in config or older not in recorded:
+            continue
+        if key == "loss_settings":
+            logger.warning(
+                "%s records the loss by its class name only (%r; written by an older version): "
+                "the loss_fn's settings (label_smoothing, weight, a function's code) cannot be "
+                "compared with the run's; only the class name is",
+                where, recorded[older],
+            )  # fmt: skip
+        elif recorded[older] == "custom" and config[key] is not None:
+            logger.warning(
+                "%s records a custom schedule without describing it (written by an older "
+                "version): the schedule cannot be compared with the run's",
+                where,
+            )
+
+
+def _description_difference(before: Any, now: Any) -> str:
+    """The entries in which two descriptions (:func:`run_config`'s ``*_settings``) differ,
+    in words.
+
+    >>> _description_difference({"type": "L", "label_smoothing": 0.0},
+    ...                         {"type": "L", "label_smoothing": 0.5})
+    'label_smoothing: 0.0 recorded, 0.5 now'
+    """
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return f"{before!r} recorded, {now!r} now"
+    keys = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    return "; ".join(f"{k}: {before.get(k, _NOT_GIVEN)!r} recorded, {now.get(k, _NOT_GIVEN)!r} now"
+                     for k in keys)  # fmt: skip
+
+
+def _changed_description(name: str, before: Any, now: Any, where: str) -> ValueError:
+    """The error for a loss or schedule other than the recorded one (their descriptions
+    differ), naming the argument and the entries that differ."""
+    what = "loss" if name == "loss_fn" else "schedule"
+    shown = now.get("type") or now.get("function") if isinstance(now, dict) else None
+    return cast(
+        ValueError,
+        argument_error(
+            name,
+            f"the {what} of the run being resumed (recorded in {where}; the one given differs "
+            f"in {_description_difference(before, now)}): resuming continues that run with "
+            f"the same objective and learning rates; start a new run in another directory to "
+            f"train with another {what}",
+            f"another {what}" + ("" if shown is None else f", {shown}"),
+        ),
+    )
 
 
 def _changed_setting(name: str, before: Any, now: Any, where: str) -> ValueError:
@@ -731,7 +799,11 @@ def train_network(
         ``f(epoch, total_epochs, lr0, ratio)`` or ``None`` to leave learning rates alone.
         Each parameter group is scheduled from its own initial rate (its rate when the run
         starts; a resumed run's from the checkpoint); a custom schedule's rates must be
-        finite and non-negative (checked for every epoch before training).
+        finite and non-negative (checked for every epoch before training).  A resumed run
+        must use the recorded schedule: a callable is recorded by its description
+        (:func:`nets.measurement_settings.describe_callable`: name, code digest, closure
+        and defaults) and another one is refused; a run recorded before the description
+        (``"custom"`` only) cannot be checked (a logged warning says so).
     save_freq:
         Save a checkpoint every ``save_freq`` epochs (plus the initial and final
         ones); ``None`` saves only those two.
@@ -754,7 +826,12 @@ def train_network(
         are left alone and ``swa_lr`` is refused.
     loss_fn:
         Loss with mean reduction (a ``reduction`` other than ``"mean"`` is refused; a plain
-        function is taken as a mean); default cross-entropy (MSE for regression).
+        function is taken as a mean); default cross-entropy (MSE for regression).  Recorded
+        by its class name (``loss``) and its full description (``loss_settings``:
+        :func:`nets.measurement_settings.describe_loss`, e.g. ``label_smoothing``, the
+        ``weight`` digest, a function's code); a resumed run must use an equal one (the
+        error names ``loss_fn`` and what differs).  A run recorded before the description
+        is compared by class name only, with a logged warning.
     progress:
         Show a tqdm progress bar.
     num_workers:
@@ -771,7 +848,12 @@ def train_network(
         the first training samples, unaugmented), from which the tracker is built on
         the run's model and loss with ``path = dir / "curvature.jsonl"`` (continued on
         ``resume``).  The rows go into ``curvature.jsonl`` and the ``curvature`` section
-        of ``stats.json``; tracking leaves the run bit-identical.
+        of ``stats.json``; tracking leaves the run bit-identical.  A tracker object must
+        track the network being trained and count from the run's step when training
+        starts (0, or on ``resume`` the checkpoint's epoch times the steps per epoch: build
+        it with ``start_step=``), else it is refused (``ValueError`` naming ``track``); on
+        ``resume`` it takes in the recorded rows up to that step that it lacks
+        (:meth:`CurvatureTracker.adopt_rows`, refused if they measure something else).
     overwrite:
         What to do with a run already in ``dir`` (``stats.json``, checkpoints, curvature
         rows) when ``resume`` does not continue it: ``True`` (default, the paper's
@@ -845,8 +927,8 @@ def train_network(
                 track, net, loss_fn, data.train_eval or data.train, run.out_dir,
                 start_step=start_epoch * len(loaders.train), optimizer=opt, seed=seed,
             )  # fmt: skip
-            if resume and run.tracker is None:  # an untracked resume keeps the rows
-                stats = stats.keeping_curvature()
+            if resume:  # the rows recorded up to the start step are kept
+                stats = continue_curvature(run, stats, start_epoch * len(loaders.train))
             if start_epoch == 0 and not resume:
                 stats.write([], _rows(run.tracker))
                 _record_saved(result, save_run(run, 0))
@@ -1277,7 +1359,16 @@ def run_config(
     swa_c_epochs: int,
 ) -> dict[str, Any]:
     """The JSON-safe run configuration stored in checkpoints and ``stats.json``
-    (``optimizer_groups``: :func:`optimizer_param_groups` of the run's optimiser)."""
+    (``optimizer_groups``: :func:`optimizer_param_groups` of the run's optimiser).
+
+    ``loss`` is the loss's class name and ``loss_settings`` its full description
+    (:func:`nets.measurement_settings.describe_loss`: class and every setting, e.g.
+    ``label_smoothing`` and the ``weight`` digest, or a function's name and code digest);
+    ``schedule`` is the schedule's name (``"custom"`` for a callable) and
+    ``schedule_settings`` a callable's description
+    (:func:`nets.measurement_settings.describe_callable`; ``None`` for a name).
+    :func:`check_same_run` compares both descriptions on resume.
+    """
     return cast(
         dict[str, Any],
         json_safe(
@@ -1297,6 +1388,7 @@ def run_config(
                 ),
                 "epochs": options.epochs,
                 "schedule": schedule if isinstance(schedule, str) or schedule is None else "custom",
+                "schedule_settings": _schedule_settings(schedule),
                 "lr0": lr0,
                 "seed": options.seed,
                 "swa": swa is not None,
@@ -1304,10 +1396,18 @@ def run_config(
                 "swa_lr": None if swa is None else swa.lr,
                 "swa_c_epochs": swa_c_epochs,
                 "loss": type(loss_fn).__name__,
+                "loss_settings": describe_loss(loss_fn, model=net),
                 "device": str(device),
             }
         ),
     )
+
+
+def _schedule_settings(schedule: Any) -> Any:
+    """A callable schedule's description (``None`` for a name or no schedule)."""
+    if schedule is None or isinstance(schedule, str):
+        return None
+    return describe_callable(schedule)
 
 
 @dataclass
@@ -1895,11 +1995,6 @@ class StatsFile:
         """The recorded epochs up to ``upto_epoch`` (``[]`` without a file)."""
         return _read_stats(self.path, upto_epoch, self.config, self.optimizer_defaults)
 
-    def keeping_curvature(self) -> StatsFile:
-        """This file, writing the ``curvature`` rows it records now (verified) when
-        :meth:`write` is given none."""
-        return replace(self, kept_curvature=_read_curvature(self.path))
-
 
 def evaluation_entry(run: TrainingRun, model: nn.Module, prefix: str = "test") -> dict[str, Any]:
     """``<prefix>_loss``, ``_acc``, ``_top5`` of ``model`` on the test set (``None`` if none)."""
@@ -2175,6 +2270,80 @@ def _write_curvature(path: Path, tracker: CurvatureTracker | None) -> None:
     write_rows(path, [json_safe(row) for row in tracker.rows])  # each with its CRC-32
 
 
+def check_users_tracker(tracker: CurvatureTracker, model: nn.Module, start_step: int) -> None:
+    """Refuse a :class:`CurvatureTracker` given as ``track`` that would mislabel its rows.
+
+    Its model must be the network being trained (a tracker of another model measured a
+    model that never changed), and its step count the run's step when training starts,
+    ``start_step`` (0 for a new run, the resumed epoch times the steps per epoch): the
+    tracker labels each row with its own count, so a tracker of a resumed run built without
+    ``start_step`` (count 0) wrote the measurement of step 11 as step 5 (and its epoch),
+    replacing the recorded row, and one continuing its file (the last row's step) was off by
+    the steps between that row and the checkpoint.
+
+    Raises
+    ------
+    ValueError
+        Naming ``track``, with the count expected and found, and how to build the tracker.
+    """
+    if tracker.model is not model:
+        raise argument_error(
+            "track",
+            "a CurvatureTracker of the network being trained (build it on the model object "
+            "passed as model=, or pass track as a mapping of its arguments)",
+            f"a tracker of another model ({type(tracker.model).__name__})",
+        )
+    if tracker.count != start_step:
+        raise argument_error(
+            "track",
+            f"a CurvatureTracker whose step count is the run's step when training starts, "
+            f"{start_step} (it labels each row with its count); build it with "
+            f"start_step={start_step} (with path= the run's curvature.jsonl to continue that "
+            "file), or pass track as a mapping of its arguments",
+            f"a tracker at step count {tracker.count}",
+        )
+
+
+def recorded_curvature(stats: StatsFile, upto_step: int) -> list[dict[str, Any]] | None:
+    """The ``curvature`` rows of ``stats.json`` at steps up to ``upto_step`` (checksums
+    verified), or ``None`` when it records none.
+
+    The rows after it were measured on a branch that the resumed run abandons (a run
+    continued from an earlier checkpoint): its steps are trained, and measured, again.
+    """
+    rows = _read_curvature(stats.path)
+    if rows is None:
+        return None
+    kept = []
+    for number, row in enumerate(rows, start=1):
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise CorruptFileError(
+                f"File '{stats.path}', 'curvature' row {number}: no integer step ({step!r})."
+            )
+        if step <= upto_step:
+            kept.append(row)
+    return kept
+
+
+def continue_curvature(run: TrainingRun, stats: StatsFile, start_step: int) -> StatsFile:
+    """The resumed run's ``stats.json``, carrying on its recorded curvature rows up to
+    ``start_step`` (:func:`recorded_curvature`).
+
+    Untracked, the file keeps them (written as its ``curvature`` rows); tracked, the tracker
+    takes in those it lacks (:meth:`CurvatureTracker.adopt_rows`: checked against its
+    settings), so that ``stats.json`` and ``curvature.jsonl``, written from its rows, hold
+    the whole curve once (a tracker built without the run's rows, ``path=None``, rewrote
+    both with its new rows only).
+    """
+    recorded = recorded_curvature(stats, start_step)
+    if run.tracker is None:
+        return replace(stats, kept_curvature=recorded)
+    if recorded:
+        run.tracker.adopt_rows(recorded, source=stats.path)
+    return stats
+
+
 #: Keys of a ``track`` mapping that train_network fills itself.
 _TRACK_OWN = frozenset({"model", "loss_fn", "data", "path", "start_step", "optimizer"})
 
@@ -2194,8 +2363,12 @@ def _make_tracker(
 
     A mapping's tracker measures on the first ``samples`` (default 256) samples of
     ``dataset`` and writes ``out_dir / "curvature.jsonl"``, continued from ``start_step``.
+    A tracker given as an object is checked (:func:`check_users_tracker`).
     """
-    if track is None or isinstance(track, CurvatureTracker):
+    if track is None:
+        return None
+    if isinstance(track, CurvatureTracker):
+        check_users_tracker(track, model, start_step)
         return track
     if not isinstance(track, Mapping):
         raise argument_error(
