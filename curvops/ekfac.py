@@ -29,7 +29,20 @@ of 0.03 s on one CPU thread), which is prohibitive for language models with larg
 vocabularies: use ``fisher="mc"`` there (sampled labels per token make the cross terms
 vanish in expectation; one column per MC sample).  More than
 :data:`curvops.kronecker.MAX_FACTOR_COLUMNS` columns per batch are refused (a
-``ValueError`` naming ``fisher``) rather than run for hours.  Among all matrices with this
+``ValueError`` naming ``fisher``) rather than run for hours.  With samples coupled by
+train-mode BatchNorm (``bn_mode="train"``, or ``None`` on a model in train mode) a column
+of loss sample :math:`n` reaches every sample :math:`m` of a layer before the BatchNorm,
+and its pullback to the weight is :math:`\sum_m \sum_t g^{(n,j)}_{m,t} a_{m,t}^\top`: such
+layers (found by a probe column) get one backward column per loss sample and factor
+column, and these pullbacks are squared
+(:func:`curvops.kronecker.rotated_pullback_squares`), so :math:`\Lambda` is again exactly
+the diagonal of the curvature block (before, the per-layer-sample squares were 66 % off
+and the trace 0.33 instead of 0.57 on a small BatchNorm MLP), for ``"type2"``,
+``"empirical"`` and ``"mc"`` alike, at :math:`N_b` times the columns (over
+:data:`curvops.kronecker.MAX_FACTOR_COLUMNS` per batch a ``ValueError`` names
+``bn_mode``); the eigenbasis is that of K-FAC's factors (:class:`curvops.KFACOperator`,
+whose :math:`G` is computed the same way).  A block parameter used outside its layer's
+forward is refused as in K-FAC (``ValueError`` naming ``model``).  Among all matrices with this
 eigenbasis it is the closest to the curvature block in Frobenius norm.  Building it
 costs two passes over ``data`` (the factors, then :math:`\Lambda`).
 Eigenvalues, trace, log-det and the damped inverse :math:`1/(\Lambda + \delta)` are exact;
@@ -56,9 +69,11 @@ import torch
 from curvops.distributed import resolve_group
 from curvops.kfac import EigenBlock, KFACOperator, all_reduce_sums
 from curvops.kronecker import (
+    LayerRecord,
     record_grads,
     record_inputs,
     rotated_gradient_squares,
+    rotated_pullback_squares,
     zero_rounding,
 )
 from spectral.errors import NumericalError
@@ -102,30 +117,18 @@ class EKFACOperator(KFACOperator):
         sums: list[torch.Tensor | None] = [None] * len(self._blocks)
         count = 0
         # type-2: one column per loss position and class, so that the squared per-sample
-        # gradients sum to the exact curvature (no cross-position terms)
-        for batch, records in self._passes(per_position=self.fisher == "type2"):
+        # gradients sum to the exact curvature (no cross-position terms); the probe column
+        # finds the layers whose samples are coupled (train-mode BatchNorm after them)
+        per_position = self.fisher == "type2"
+        for batch, records in self._passes(per_position=per_position, probe_coupling=True):
             count += batch.size
+            weight = self._batch_factor_weight(batch.size)
             for record in records:
-                a = record_inputs(record)
-                for i, block in enumerate(self._blocks):
-                    if block.module is not record.module:
-                        continue
-                    U_G, U_A = bases[i]
-                    rows = self._block_inputs(block, a)
-                    term = sum(
-                        rotated_gradient_squares(
-                            rows,
-                            record_grads(record, g),
-                            U_A,
-                            U_G,
-                            chunk_size=self.chunk_size,
-                        )
-                        for g in record.grads
-                    )
-                    assert isinstance(term, torch.Tensor)
-                    term = term * self._batch_factor_weight(batch.size)
-                    current = sums[i]
-                    sums[i] = term if current is None else current + term
+                if not record.coupled:
+                    self._add_squares(sums, bases, record, weight)
+            coupled = [record for record in records if record.coupled]
+            for record in self._pullback_records(batch, coupled, per_position=per_position):
+                self._add_squares(sums, bases, record, weight)
         shapes = [(block.rows, block.cols) for block in self._blocks]
         group = resolve_group(self.process_group)
         sums, total_count = all_reduce_sums(  # over the shards of a process group, if any
@@ -146,6 +149,39 @@ class EKFACOperator(KFACOperator):
             eigen.append(EigenBlock(U_G, U_A, values))
         stats["eigen"] = eigen
         return stats
+
+    def _add_squares(
+        self,
+        sums: list[torch.Tensor | None],
+        bases: list[tuple[torch.Tensor, torch.Tensor]],
+        record: LayerRecord,
+        weight: float,
+    ) -> None:
+        """Add a record's rotated squared gradients (x ``weight``) to its blocks' ``sums``.
+
+        Per layer sample (:func:`curvops.kronecker.rotated_gradient_squares`), or per
+        column summed over all samples when each column is one loss sample's pullback
+        (``record.pullbacks``, :func:`curvops.kronecker.rotated_pullback_squares`).
+        """
+        a = record_inputs(record)
+        for i, block in enumerate(self._blocks):
+            if block.module is not record.module:
+                continue
+            U_G, U_A = bases[i]
+            rows = self._block_inputs(block, a)
+            if record.pullbacks:  # (the columns of a group of samples, within a budget)
+                grads = [record_grads(record, g) for g in record.grads]
+                term = rotated_pullback_squares(rows, grads, U_A, U_G, chunk_size=self.chunk_size)
+            else:  # one column's rows at a time, as before
+                term = rows.new_zeros(U_G.shape[1], U_A.shape[1])
+                for g in record.grads:
+                    rows_g = record_grads(record, g)
+                    term += rotated_gradient_squares(
+                        rows, rows_g, U_A, U_G, chunk_size=self.chunk_size
+                    )
+            term = term * weight
+            current = sums[i]
+            sums[i] = term if current is None else current + term
 
     def eigen_blocks(self) -> list[EigenBlock]:
         eigen: list[EigenBlock] = self._statistics()["eigen"]

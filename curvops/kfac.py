@@ -25,6 +25,30 @@ inverse of the damped matrix.  Parameters in no supported layer are refused
 (``remainder="error"``) or kept as an explicit diagonal (``remainder="diagonal"``: the
 diagonal of the approximated matrix: :func:`curvops.ggn_diagonal`).
 
+Samples coupled by train-mode BatchNorm (``bn_mode="train"``, or ``bn_mode=None`` on a
+model in train mode): a factor column of loss sample :math:`n` then reaches every sample
+:math:`m` of a layer before the BatchNorm.  :math:`G` keeps its definition with a true
+factor of the output Hessian :math:`H` (block diagonal over the loss samples),
+:math:`G = \frac1N\sum_b N_b \sum_m [J_s^\top H J_s]_{mm}` (:math:`J_s` the Jacobian of
+the batch's outputs with respect to the layer's outputs, :math:`[\cdot]_{mm}` the block of
+sample :math:`m`, summed over its positions), by one backward column per loss sample
+and factor column for such layers (:math:`N_b r` instead of :math:`r` per batch; layers
+after the BatchNorm and eval mode are unchanged).  One column over all loss samples, as
+before, added the cross terms :math:`g^{(n,j)}_m g^{(n',j)\top}_m` of different loss
+samples, which depend on the choice of the square root of :math:`H` (a :math:`G` 78 %
+off, trace 0.47 instead of 1.57, on a small BatchNorm MLP).  A random probe column on
+one loss sample finds the coupled layers (:func:`curvops.kronecker.batch_statistics`);
+more than
+:data:`curvops.kronecker.MAX_FACTOR_COLUMNS` columns per batch are refused (a
+``ValueError`` naming ``bn_mode``: use ``bn_mode="eval"``).
+
+A parameter of a Kronecker block used outside its layer's forward (a tied decoder
+``F.linear(h, enc.weight.t())``, a convolution weight reused with ``F.conv2d``) has
+curvature the factors cannot see: it is refused (a ``ValueError`` naming ``model`` and the
+parameter, found by :class:`curvops.kronecker.ForeignUses` during each forward pass);
+leave it out of ``params=`` or use the exact operators.  A parameter registered in two
+modules is refused (or kept out of the blocks) by the ``params`` check.
+
 The factors are computed on the first product and recomputed whenever the model's
 parameters, buffers or modes (or the tensors of in-memory data) change, so a product
 always uses the model as it is now; nothing of the model is changed.
@@ -50,7 +74,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +92,7 @@ from curvops.finiteness import each_finite, non_finite_parameters
 from curvops.kronecker import (
     APPROXIMATIONS,
     FISHER_TYPES,
+    LayerRecord,
     batch_statistics,
     check_choice,
     is_supported,
@@ -856,14 +881,21 @@ class KFACOperator(KroneckerEigenOperator):
         """
         return 1.0 if loss_reduction(self._loss_fn) == "sum" else float(size)
 
-    def _passes(self, *, per_position: bool = False) -> Any:
+    def _passes(self, *, per_position: bool = False, probe_coupling: bool = False) -> Any:
         """Yield ``(batch, records)`` for every batch of ``data`` (see :func:`batch_statistics`).
 
         The factors average over samples and positions batch by batch, so batches must
         agree past the sample dimension: batches padded to their own lengths are refused
         (a ``ValueError`` naming ``data``), not averaged with per-batch position counts.
+        Every pass refuses a block parameter used outside its layer's forward
+        (``ValueError`` naming ``model``, :class:`curvops.kronecker.ForeignUses`).
+        ``probe_coupling`` probes the batches (one more backward column,
+        :func:`batch_statistics`) up to the first one of two or more samples, and all of
+        them if that one's samples are coupled: coupling is a property of the model and
+        its modes, so a model without it pays for one column of one batch per pass.
         """
         reference: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        probe = probe_coupling
         for batch in self._data:
             shapes = trailing_shapes(batch)
             if reference is None:
@@ -877,21 +909,44 @@ class KFACOperator(KroneckerEigenOperator):
                     "weighted by K-FAC either, the exact operators take both)",
                     f"{shapes[0]} / {shapes[1]}",
                 )
-            records = batch_statistics(
-                self._model,
-                self._loss_fn,
+            records = self._batch_records(
                 batch,
                 self._layers,
-                fisher=self.fisher,
-                mc_samples=self.mc_samples,
-                seed=self.seed,
-                bn_mode=self._bn_mode,
-                device=self.device,
-                dtype=self.torch_dtype,
                 per_position=per_position,
-                output_fn=self._output_fn,
+                probe_coupling=probe,
+                watch=self._watched(),
             )
+            if probe and batch.size > 1 and not any(record.coupled for record in records):
+                probe = False
             yield batch, records
+
+    def _watched(self) -> list[tuple[nn.Module, torch.Tensor]]:
+        """``(layer, parameter)`` of every parameter in a Kronecker block."""
+        watched = []
+        for b in self._blocks:
+            attrs = {"weight": ("weight",), "bias": ("bias",)}.get(b.part, ("weight", "bias"))
+            for attr in attrs:
+                p = getattr(b.module, attr, None)
+                if isinstance(p, torch.Tensor):  # the current object (a reassigned Parameter)
+                    watched.append((b.module, p))
+        return watched
+
+    def _batch_records(self, batch: Any, modules: Sequence[nn.Module], **options: Any) -> Any:
+        """:func:`curvops.kronecker.batch_statistics` of one batch with this operator's settings."""
+        return batch_statistics(
+            self._model,
+            self._loss_fn,
+            batch,
+            modules,
+            fisher=self.fisher,
+            mc_samples=self.mc_samples,
+            seed=self.seed,
+            bn_mode=self._bn_mode,
+            device=self.device,
+            dtype=self.torch_dtype,
+            output_fn=self._output_fn,
+            **options,
+        )
 
     @staticmethod
     def _d_out(module: nn.Module) -> int:
@@ -899,14 +954,61 @@ class KFACOperator(KroneckerEigenOperator):
         assert isinstance(weight, torch.Tensor)
         return int(weight.shape[0])
 
+    def _add_grad_factor(
+        self, G_sums: dict[nn.Module, torch.Tensor], record: LayerRecord, weight: float
+    ) -> None:
+        """Add :math:`\\sum_j` (the record's output-side factor of column j) x ``weight``."""
+        module = record.module
+        d_out = self._d_out(module)
+        G = torch.zeros(d_out, d_out, dtype=self.torch_dtype, device=self.device)
+        for g in record.grads:
+            G.add_(record_grad_factor(record, g, self.approx))
+        G.mul_(weight)
+        G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
+
+    #: factor columns (one per loss sample and column) whose layer-output gradients are
+    #: kept at once for samples coupled by BatchNorm: memory ``budget`` tensor entries
+    pullback_budget = 1 << 24
+
+    def _pullback_records(
+        self, batch: Any, coupled: list[LayerRecord], *, per_position: bool
+    ) -> Iterator[LayerRecord]:
+        r"""Records of the ``coupled`` layers with one column per loss sample and column.
+
+        Samples coupled through train-mode BatchNorm: a column of loss sample :math:`n`
+        reaches every sample :math:`m` of the layer (:math:`g^{(n,j)}_m \ne 0`), so one
+        column over all loss samples would add the cross terms
+        :math:`g^{(n,j)}_m g^{(n',j)\top}_m` of different loss samples, which depend on the
+        choice of the factor :math:`S` and are not in the curvature.  One backward column
+        per (loss sample, factor column) (:func:`curvops.kronecker.sample_factor_columns`),
+        run for groups of samples whose gradients fit :attr:`pullback_budget` tensor
+        entries, gives the definitions exactly: K-FAC's
+        :math:`G = \sum_m [J_s^\top H J_s]_{mm}` and E-KFAC's :math:`\Lambda` from the
+        pullbacks :math:`\sum_m \sum_t g^{(n,j)}_{m,t} a_{m,t}^\top`.
+        """
+        if not coupled:
+            return
+        modules = [record.module for record in coupled]
+        columns = max(1, max(len(record.grads) for record in coupled))
+        entries = sum(int(record.output.numel()) for record in coupled) * columns
+        group = max(1, self.pullback_budget // max(entries, 1))
+        for start in range(0, batch.size, group):
+            stop = min(batch.size, start + group)
+            yield from self._batch_records(
+                batch, modules, per_position=per_position, sample_columns=(start, stop)
+            )
+
     def _compute_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         dtype, device = self.torch_dtype, self.device
         A_sums: dict[int, torch.Tensor] = {}
         G_sums: dict[nn.Module, torch.Tensor] = {}
         seen: set[nn.Module] = set()
         count = 0
-        for batch, records in self._passes():
+        # the probe column finds the layers whose samples are coupled (train-mode BatchNorm
+        # after them): their G takes one column per loss sample (_pullback_records)
+        for batch, records in self._passes(probe_coupling=True):
             count += batch.size
+            weight = self._batch_factor_weight(batch.size)
             for record in records:
                 module = record.module
                 seen.add(module)
@@ -914,12 +1016,11 @@ class KFACOperator(KroneckerEigenOperator):
                     if block.module is module and block.part != "bias":
                         term = record_input_factor(record, self.approx, ones=block.part == "joint")
                         A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
-                d_out = self._d_out(module)
-                G = torch.zeros(d_out, d_out, dtype=dtype, device=device)
-                for g in record.grads:
-                    G.add_(record_grad_factor(record, g, self.approx))
-                G.mul_(self._batch_factor_weight(batch.size))
-                G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
+                if not record.coupled:
+                    self._add_grad_factor(G_sums, record, weight)
+            coupled = [record for record in records if record.coupled]
+            for record in self._pullback_records(batch, coupled, per_position=False):
+                self._add_grad_factor(G_sums, record, weight)
         group = resolve_group(self.process_group)
         if group is not None:  # the sums of every rank's shard: one all_reduce
             with_a = [i for i, b in enumerate(self._blocks) if b.part != "bias"]

@@ -39,6 +39,13 @@ for :math:`M` output elements per sample (:math:`TC` for ``(N, T, C)`` instead o
 times in one forward pass (an unrolled recurrent cell) counts its calls as further
 positions :math:`t` of the same sample: :math:`T` is the total over the calls.
 
+Each :math:`g^{(j)}_{n}` above is sample :math:`n`'s part of a column's pullback, which
+assumes that a loss sample's column reaches only its own sample; with samples coupled by
+train-mode BatchNorm the operators take one column per loss sample instead
+(:func:`sample_factor_columns`, found by ``probe_coupling``), see
+:mod:`curvops.kfac`.  Parameters used outside their layer's forward are found by
+:class:`ForeignUses` (``watch``) and refused.
+
 :func:`batch_statistics` runs one forward pass (with hooks that record each supported
 layer's input and output) and one backward pass per factor column (batched), never
 changing the model (:func:`curvops._model_state.curvature_mode`, parameters replaced by detached
@@ -63,6 +70,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from curvops._model_state import curvature_mode, functional_forward
 from curvops.data import Batch, move_to
@@ -82,6 +90,8 @@ __all__ = [
     "APPROXIMATIONS",
     "FISHER_TYPES",
     "MAX_FACTOR_COLUMNS",
+    "PROBE_SEED",
+    "ForeignUses",
     "LayerRecord",
     "batch_statistics",
     "check_choice",
@@ -91,6 +101,7 @@ __all__ = [
     "drop_null_column",
     "factor_columns",
     "flatten_loss_terms",
+    "foreign_uses",
     "grad_factor",
     "input_factor",
     "is_supported",
@@ -107,7 +118,9 @@ __all__ = [
     "record_inputs",
     "record_layers",
     "rotated_gradient_squares",
+    "rotated_pullback_squares",
     "rounding_floor",
+    "sample_factor_columns",
     "sqrt_or_one",
     "zero_rounding",
 ]
@@ -415,6 +428,11 @@ class LayerRecord:
     :func:`merge_calls`) ``inputs`` holds the layer's input rows ``(N, T, d_in)``
     (:func:`layer_inputs`) and each of ``grads`` the output-gradient rows
     ``(N, T, d_out)`` (:func:`layer_output_grads`), the calls' positions concatenated.
+    ``coupled`` is set by :func:`batch_statistics` (``probe_coupling``) when a column
+    supported on one loss sample reached other samples' rows of this layer's output
+    gradient (train-mode BatchNorm between the layer and the loss); ``pullbacks`` when
+    each of ``grads`` is the pullback of a column supported on one loss sample
+    (``sample_columns``), whose weight gradient sums over all the layer's samples.
     """
 
     module: nn.Module
@@ -422,6 +440,8 @@ class LayerRecord:
     output: torch.Tensor
     grads: list[torch.Tensor] = field(default_factory=list)
     rows: bool = False
+    coupled: bool = False
+    pullbacks: bool = False
 
 
 def record_inputs(record: LayerRecord) -> torch.Tensor:
@@ -488,7 +508,10 @@ def merge_calls(records: Sequence[LayerRecord]) -> list[LayerRecord]:
             torch.cat([record_grads(c, c.grads[j]) for c in calls], dim=1)
             for j in range(len(calls[0].grads))
         ]
-        out.append(LayerRecord(module, inputs, calls[0].output, grads, rows=True))
+        coupled = any(c.coupled for c in calls)
+        merged = LayerRecord(module, inputs, calls[0].output, grads, rows=True, coupled=coupled)
+        merged.pullbacks = calls[0].pullbacks
+        out.append(merged)
     return out
 
 
@@ -603,6 +626,217 @@ def _backward_columns(
         pending = following
 
 
+def sample_factor_columns(
+    S: torch.Tensor, samples: int, sample_range: tuple[int, int], *, per_position: bool
+) -> Iterator[torch.Tensor]:
+    r"""The factor's columns restricted to one loss sample each, in chunks.
+
+    As :func:`factor_columns`, but column :math:`(n, j)` (with ``per_position``:
+    :math:`(n, t', j)`) is :math:`S_{\cdot\cdot j}` on the loss rows of sample :math:`n`
+    only, for the samples ``start <= n < stop`` of ``sample_range``.  When the samples of
+    a batch are coupled (train-mode BatchNorm) the pullback of such a column to a layer
+    reaches every sample's rows, and :math:`\sum_m \sum_t g_{m,t} a_{m,t}^\top` over all
+    of them is the pullback of loss sample :math:`n`'s column to the weight: the squares
+    of these sum to the exact curvature block (E-KFAC's :math:`\Lambda`).
+
+    >>> S = torch.ones(4, 3, 2)  # 2 samples x 2 positions, 3 classes, 2 columns
+    >>> [tuple(c.shape) for c in sample_factor_columns(S, 2, (0, 2), per_position=True)]
+    [(8, 4, 3)]
+    """
+    rows, c, r = S.shape
+    per = rows // samples if samples else 1
+    grouped = S.permute(2, 0, 1).reshape(r, samples, per, c)
+    positions: list[int | None] = list(range(per)) if per_position and per > 1 else [None]
+    todo = [(n, t, j) for n in range(*sample_range) for t in positions for j in range(r)]
+    for start in range(0, len(todo), COLUMN_CHUNK):
+        part = todo[start : start + COLUMN_CHUNK]
+        chunk = S.new_zeros(len(part), samples, per, c)
+        for i, (n, t, j) in enumerate(part):
+            if t is None:
+                chunk[i, n] = grouped[j, n]
+            else:
+                chunk[i, n, t] = grouped[j, n, t]
+        yield chunk.reshape(len(part), rows, c)
+
+
+#: seed of the random probe column of :func:`batch_statistics` (never the global RNG)
+PROBE_SEED = 20180613
+
+
+def _with_probe(flat_2d: torch.Tensor, samples: int, chunks: Iterator[torch.Tensor]) -> Any:
+    """``chunks`` with a random column supported on sample 0's loss rows put first."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    probe = torch.randn(tuple(flat_2d.shape), generator=generator, dtype=torch.float64)
+    probe[int(flat_2d.shape[0]) // samples :] = 0.0
+    probe = probe.to(flat_2d.device, flat_2d.dtype).unsqueeze(0)
+    first = next(chunks, None)
+    yield probe if first is None else torch.cat([probe, first])
+    if first is not None:
+        yield from chunks
+
+
+def _split_probe(records: Sequence[LayerRecord], samples: int) -> None:
+    """Remove the probe's gradient from every record and set ``coupled`` from it.
+
+    The probe is supported on loss sample 0: a layer whose other samples' rows of its
+    output gradient are not all exactly 0 has samples coupled to sample 0 between it
+    and the loss.  Without coupling those rows are exact zeros (no rounding: nothing
+    flows into them), so the test has no tolerance.
+    """
+    for record in records:
+        g = record.grads.pop(0)
+        lead = int(g.shape[0]) if g.ndim else 0
+        if samples > 1 and lead and lead % samples == 0:
+            record.coupled = bool(g[lead // samples :].ne(0).any())
+
+
+def _tensor_args(args: Sequence[Any], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The tensors among the arguments of a call (and in its list/tuple arguments)."""
+    for value in [*args, *kwargs.values()]:
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
+def _carries_grad(out: Any) -> bool:
+    """Whether a call's result (a tensor, or a list/tuple of them) requires grad."""
+    items = out if isinstance(out, (list, tuple)) else (out,)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in items)
+
+
+class ForeignUses(TorchFunctionMode):
+    """Record calls using a watched parameter outside the forward of the layer owning it.
+
+    ``owners`` maps ``id`` of a parameter tensor (the leaf the forward receives) to
+    ``(tensor, layer, name)``.  A call taking the tensor whose result requires grad,
+    made while the innermost running layer of ``layers`` is not its owner (a tied
+    decoder ``F.linear(h, enc.weight.t())``, ``F.conv2d(x, conv.weight)`` in another
+    module's forward), is recorded in :attr:`found` as ``(name, function, layer)``; metadata
+    reads (``.shape``) and detached uses (``.detach()``, ``torch.no_grad``) are not
+    uses in the graph and are not recorded.
+    """
+
+    def __init__(self, owners: dict[int, tuple[torch.Tensor, nn.Module, str]]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.active: list[nn.Module] = []
+        self.found: list[tuple[str, str, nn.Module]] = []
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inner = self.active[-1] if self.active else None
+        for t in _tensor_args(args, kwargs):
+            entry = self.owners.get(id(t))
+            if entry is not None and entry[0] is t and entry[1] is not inner:
+                if _carries_grad(out):
+                    name = getattr(func, "__name__", repr(func))
+                    self.found.append((entry[2], name, entry[1]))
+        return out
+
+
+@contextmanager
+def foreign_uses(
+    layers: Sequence[nn.Module], owners: dict[int, tuple[torch.Tensor, nn.Module, str]]
+) -> Iterator[ForeignUses]:
+    """A :class:`ForeignUses` mode tracking the running ``layers`` (nothing if no ``owners``)."""
+    mode = ForeignUses(owners)
+    if not owners:
+        yield mode
+        return
+
+    def enter(module: nn.Module, inputs: Any) -> None:
+        mode.active.append(module)
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+        if mode.active and mode.active[-1] is module:
+            mode.active.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in layers]
+    handles += [m.register_forward_hook(leave, always_call=True) for m in layers]
+    try:
+        with mode:
+            yield mode
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _refuse_foreign_uses(
+    found: Sequence[tuple[str, str, nn.Module]], records: Sequence[LayerRecord]
+) -> None:
+    """Raise the ``ValueError`` naming ``model`` for a parameter used outside its layer.
+
+    Only for layers whose forward ran (``records``): a layer never called, its parameters
+    used only another way, gets the operators' "never called" error instead.
+    """
+    called = {id(record.module) for record in records}
+    found = [entry for entry in found if id(entry[2]) in called]
+    if not found:
+        return
+    name, func, _ = found[0]
+    raise argument_error(
+        "model",
+        "a model using each K-FAC layer's weight and bias only inside that layer's forward "
+        "(K-FAC's and E-KFAC's factors see only the layer's own calls, so the curvature of "
+        "another use would be silently missing): leave the parameter out of params= (the "
+        "other layers keep their blocks), or use the exact operators (GGNOperator, "
+        "FisherOperator, ggn_diagonal)",
+        f"parameter {name!r} used by {func!r} outside its layer's forward (functional reuse, "
+        "e.g. a tied decoder F.linear(h, enc.weight.t()))",
+    )
+
+
+def _watched_leaves(
+    named: Sequence[tuple[str, torch.Tensor]],
+    leaves: Sequence[torch.Tensor],
+    watch: Sequence[tuple[nn.Module, torch.Tensor]],
+) -> dict[int, tuple[torch.Tensor, nn.Module, str]]:
+    """``id(leaf) -> (leaf, layer, name)`` for the watched ``(layer, parameter)`` pairs."""
+    index = {id(p): i for i, (_, p) in enumerate(named)}
+    owners = {}
+    for layer, p in watch:
+        i = index.get(id(p))
+        if i is not None:
+            owners[id(leaves[i])] = (leaves[i], layer, named[i][0])
+    return owners
+
+
+def _columns(
+    S: torch.Tensor,
+    flat_2d: torch.Tensor,
+    samples: int,
+    *,
+    fisher: str,
+    per_position: bool,
+    probe_coupling: bool,
+    sample_columns: tuple[int, int] | None,
+) -> Iterator[torch.Tensor]:
+    """The chunks of columns :func:`batch_statistics` back-propagates (checked count)."""
+    count = check_column_count(S, samples, per_position=per_position, fisher=fisher)
+    if sample_columns is None:
+        chunks = factor_columns(S, samples, per_position=per_position)
+    else:
+        if samples * count > MAX_FACTOR_COLUMNS:
+            raise argument_error(
+                "bn_mode",
+                f"at most {MAX_FACTOR_COLUMNS} factor columns per batch: K-FAC's and "
+                "E-KFAC's statistics for samples coupled by train-mode BatchNorm need one "
+                "backward column per loss sample and factor column; use bn_mode='eval' "
+                "(running statistics: samples independent), smaller batches, or fisher='mc'",
+                f"{samples} coupled samples x {count} columns = {samples * count}",
+            )
+        chunks = sample_factor_columns(S, samples, sample_columns, per_position=per_position)
+    return _with_probe(flat_2d, samples, chunks) if probe_coupling else chunks
+
+
 def batch_statistics(
     model: nn.Module,
     loss_fn: LossFn,
@@ -617,6 +851,9 @@ def batch_statistics(
     dtype: torch.dtype | None = None,
     per_position: bool = False,
     output_fn: Any = None,
+    probe_coupling: bool = False,
+    sample_columns: tuple[int, int] | None = None,
+    watch: Sequence[tuple[nn.Module, torch.Tensor]] = (),
 ) -> list[LayerRecord]:
     r"""Inputs and back-propagated factor columns :math:`g^{(j)}` of every layer in ``modules``.
 
@@ -628,12 +865,21 @@ def batch_statistics(
     targets.  ``output_fn`` selects the output as in the curvature operators
     (:mod:`curvops.model_io`).  Each record's ``grads`` holds one tensor per column, shaped
     like the layer's output; a layer called several times gets one merged record
-    (:func:`merge_calls`).
+    (:func:`merge_calls`).  ``probe_coupling``: one more (random) column supported on
+    loss sample 0 sets each record's ``coupled`` (its samples are coupled, e.g. by
+    train-mode BatchNorm, :func:`_split_probe`).  ``sample_columns=(start, stop)``: the
+    columns of :func:`sample_factor_columns` instead (records marked ``pullbacks``).
+    ``watch``: ``(layer, parameter)`` pairs whose parameter must not be used outside the
+    layer's forward (:class:`ForeignUses`).
 
     Raises
     ------
     spectral.errors.NumericalError
         If the output factor is not finite.
+    ValueError
+        Naming ``model``, if a watched parameter is used outside its layer's forward;
+        naming ``bn_mode``, if ``sample_columns`` would need more than
+        :data:`MAX_FACTOR_COLUMNS` columns for the batch.
     """
     named = list(model.named_parameters())
     first = named[0][1] if named else None
@@ -643,19 +889,16 @@ def batch_statistics(
     targets = move_to(batch.targets, device or torch.device("cpu"), dtype)
     names = [n for n, _ in named]
     leaves = [p.detach().requires_grad_(True) for _, p in named]
+    owners = _watched_leaves(named, leaves, watch)
     with curvature_mode(model, bn_mode), record_layers(modules) as records:
-        with torch.enable_grad():
+        with torch.enable_grad(), foreign_uses(modules, owners) as uses:
             outputs = functional_forward(model, names, leaves, inputs, output_fn)
+    _refuse_foreign_uses(uses.found, records)
     flat, flat_targets = flatten_loss_terms(loss_fn, outputs, targets)
     check_equal_term_weights(loss_fn, inputs, flat_targets, int(flat.shape[0]))
     generator = batch_generator(seed, batch.index) if fisher == "mc" else None
     S = output_factor(
-        loss_fn,
-        flat,
-        flat_targets,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        generator=generator,
+        loss_fn, flat, flat_targets, fisher=fisher, mc_samples=mc_samples, generator=generator
     )
     if not bool(torch.isfinite(S).all()):
         raise NumericalError(
@@ -667,10 +910,21 @@ def batch_statistics(
     S = S.reshape(flat.shape[0], -1, S.shape[-1])
     flat_2d = flat.reshape(S.shape[0], -1)
     samples = int(outputs.shape[0]) if outputs.ndim else 1
-    check_column_count(S, samples, per_position=per_position, fisher=fisher)
-    _backward_columns(flat_2d, live, factor_columns(S, samples, per_position=per_position))
+    chunks = _columns(
+        S,
+        flat_2d,
+        samples,
+        fisher=fisher,
+        per_position=per_position,
+        probe_coupling=probe_coupling,
+        sample_columns=sample_columns,
+    )
+    _backward_columns(flat_2d, live, chunks)
+    if probe_coupling:
+        _split_probe(live, samples)
     for record in live:
         record.output = record.output.detach()
+        record.pullbacks = sample_columns is not None
     return merge_calls([per_sample_rows(record, batch.size) for record in live])
 
 
@@ -714,7 +968,15 @@ def per_sample_rows(record: LayerRecord, samples: int) -> LayerRecord:
     for g in record.grads:
         rows = layer_output_grads(record.module, g)
         grads.append(rows.reshape(samples, -1, rows.shape[-1]))
-    return LayerRecord(record.module, inputs, record.output, grads, rows=True)
+    return LayerRecord(
+        record.module,
+        inputs,
+        record.output,
+        grads,
+        rows=True,
+        coupled=record.coupled,
+        pullbacks=record.pullbacks,
+    )
 
 
 def rotated_gradient_squares(
@@ -738,6 +1000,38 @@ def rotated_gradient_squares(
         rotated = torch.einsum(
             "nto,nti->noi", gU[start : start + chunk_size], aU[start : start + chunk_size]
         )
+        total += rotated.square().sum(dim=0)
+    return total
+
+
+def rotated_pullback_squares(
+    a: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    U_A: torch.Tensor,
+    U_G: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    r""":math:`\sum_k \bigl(U_G^\top (\sum_{m,t} g^{(k)}_{m,t} a_{m,t}^\top) U_A\bigr)^{\odot 2}`.
+
+    :func:`rotated_gradient_squares` for columns whose pullbacks reach every sample of
+    the layer (samples coupled by train-mode BatchNorm): each column :math:`k` of
+    ``grads`` (``(N, T, d_out)`` each, one loss sample's column,
+    :func:`sample_factor_columns`) has the weight gradient
+    :math:`\sum_{m,t} g^{(k)}_{m,t} a_{m,t}^\top` summed over all samples :math:`m`, and
+    that is squared, not each sample's part.  ``a`` has shape ``(N, T, d_in)``; chunks of
+    ``chunk_size`` columns (memory ``chunk_size * N * T * d_out``).
+
+    >>> a, g = torch.ones(2, 1, 1), [torch.tensor([[[1.0]], [[-1.0]]])]
+    >>> eye = torch.eye(1)
+    >>> rotated_pullback_squares(a, g, eye, eye), rotated_gradient_squares(a, g[0], eye, eye)
+    (tensor([[0.]]), tensor([[2.]]))
+    """
+    aU = a.reshape(-1, a.shape[-1]) @ U_A  # (N T, d_A)
+    total = a.new_zeros(U_G.shape[1], U_A.shape[1])
+    for start in range(0, len(grads), chunk_size):
+        part = torch.stack([g.reshape(-1, g.shape[-1]) for g in grads[start : start + chunk_size]])
+        rotated = (part @ U_G).transpose(1, 2) @ aU  # (k, d_G, d_A)
         total += rotated.square().sum(dim=0)
     return total
 
