@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -243,6 +244,18 @@ def _checkpoint_config(path: str | None, flag: str = "Option --checkpoint") -> d
     except OSError as exc:  # missing, corrupted, not a checkpoint, unsafe
         raise UsageError(f"{flag}: {user_message(exc)}") from exc
     return dict(config) if isinstance(config, Mapping) else {}
+
+
+def checkpoint_epoch(path: str, flag: str = "Option --checkpoint") -> int:
+    """The epoch a checkpoint records (0 for a bare ``state_dict``); a file that cannot be
+    read as a checkpoint is a :class:`UsageError` naming ``flag``."""
+    from nets.checkpoint import load_checkpoint
+
+    try:
+        epoch = load_checkpoint(path).get("epoch")
+    except OSError as exc:
+        raise UsageError(f"{flag}: {user_message(exc)}") from exc
+    return int(epoch) if isinstance(epoch, int) else 0
 
 
 def _fill_from_checkpoint(
@@ -477,6 +490,7 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
             )
         kwargs["save_freq"] = args.save_freq if args.save_freq > 0 else None
     if args.resume is not None:
+        refuse_replacing_resume(args.dir, args.resume)
         kwargs["resume"] = args.resume
     if args.track_curvature is not None:
         kwargs["track"] = track_options(args.track_curvature)
@@ -493,6 +507,27 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
         raise UsageError(user_message(exc, flags)) from exc
     elapsed = time.perf_counter() - start
     return [_training_table(Path(args.dir), elapsed)]
+
+
+def refuse_replacing_resume(run_dir: str, resume: str) -> None:
+    """Refuse a ``--resume`` checkpoint that ``train`` would write over: a file of the run
+    in ``run_dir`` (compared with :func:`same_file`: symbolic and hard links too) other
+    than a checkpoint of an epoch up to the one it holds (the run writes the later ones).
+    """
+    from nets.training import run_files
+
+    for path in run_files(Path(run_dir)):
+        if not same_file(path, resume):
+            continue
+        named = re.fullmatch(r"(?:checkpoint|swa)-(\d+)\.pt", path.name)
+        held = checkpoint_epoch(resume, "Option --resume")
+        if named is not None and int(named.group(1)) <= held:
+            continue
+        raise UsageError(
+            f"Option --resume: the checkpoint '{resume}' is the file {path.name} of the run in "
+            f"--dir '{run_dir}', which the run writes anew (it holds epoch {held}); copy the "
+            "checkpoint elsewhere and resume from the copy"
+        )
 
 
 #: Keys of ``--track-curvature`` and their types.
@@ -527,6 +562,7 @@ def track_options(text: str) -> dict[str, Any]:
     {'every': 50, 'top_k': 3, 'trace_probes': 8}
     """
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not key or not value:
@@ -536,6 +572,12 @@ def track_options(text: str) -> dict[str, Any]:
             raise UsageError(
                 f"--track-curvature: unknown key {key!r} (keys: {', '.join(TRACK_KEYS)})"
             )
+        if key in given:  # the last one would silently win
+            raise UsageError(
+                f"--track-curvature {key}: expected each key once; received {key}="
+                f"{given[key]} and {key}={value}"
+            )
+        given[key] = value
         try:
             out[key] = kind(value)
         except ValueError:
@@ -625,14 +667,44 @@ def _npz_forms(path: str | Path) -> list[Path]:
     return [p] if p.suffix == ".npz" else [p, p.with_name(p.name + ".npz")]
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once resolved (symbolic links,
+    ``./`` and ``..``), or, when both exist, the same file (:func:`os.path.samefile`: hard
+    links, bind mounts).
+
+    >>> same_file("run/./spec.npz", "run/x/../spec.npz"), same_file("a.npz", "b.npz")
+    (True, False)
+    """
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): no hard link to compare
+        return False
+
+
+def eigvec_input(spectrum: str | Path) -> Path:
+    """The Ritz-vector file that ``landscape --spectrum`` reads: ``spectrum`` itself when
+    it names one (``...-eigvec.npz``), else the one beside it.
+
+    >>> str(eigvec_input("run/spec")), str(eigvec_input("run/spec-eigvec.npz"))
+    ('run/spec-eigvec.npz', 'run/spec-eigvec.npz')
+    """
+    from nets.workflow._resolve import eigvec_file
+
+    text = os.fspath(spectrum)
+    return Path(text) if text.endswith("-eigvec.npz") else eigvec_file(text)
+
+
 def refuse_overwriting_inputs(
     outputs: Sequence[str | Path], inputs: dict[str, Any], *, flag: str = "--out"
 ) -> None:
     """Raise :class:`UsageError` naming ``flag`` when an output would replace an input, or
     names an existing directory.
 
-    ``inputs`` maps each input flag to a path, a list of paths or None; paths are compared
-    resolved (symbolic links, ``..``), each with the ``.npz`` form the workflow adds.
+    ``inputs`` maps each input flag (or argument) to a path, a list of paths or None;
+    paths are compared with :func:`same_file` (resolved, and hard links), each with the
+    ``.npz`` form the workflow adds.
 
     >>> refuse_overwriting_inputs(["a.npz"], {"--spectrum": "b"})
     >>> refuse_overwriting_inputs(["run/s"], {"--spectrum": "run/s.npz"})  # doctest: +ELLIPSIS
@@ -646,17 +718,18 @@ def refuse_overwriting_inputs(
                 f"{flag}: expected a file path (the output is a file, its .npz suffix added "
                 f"when missing); received '{out}', an existing directory"
             )
-    written = {q.resolve(): q for out in outputs for q in _npz_forms(out)}
+    written = [form for out in outputs for form in _npz_forms(out)]
     for name, value in inputs.items():
         paths = value if isinstance(value, (list, tuple)) else [value]
         for path in paths:
             if path is None:
                 continue
             for form in _npz_forms(path):
-                if form.resolve() in written:
+                clash = next((out for out in written if same_file(out, form)), None)
+                if clash is not None:
                     raise UsageError(
-                        f"{flag}: the output {written[form.resolve()]} would replace the input "
-                        f"of {name} ({form}); choose another {flag}"
+                        f"{flag}: the output {clash} would replace the input of {name} "
+                        f"({form}); choose another {flag}"
                     )
 
 
@@ -674,7 +747,13 @@ def _cmd_spectrum(args: argparse.Namespace) -> list[str]:
         return _cmd_block_spectra(args)
     _fill_from_checkpoint(args, args.checkpoint)
     out = Path(args.out) if args.out else _default_spectrum_path(args.checkpoint, args.curvature)
-    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--state": args.state})
+    from nets.workflow._resolve import eigvec_file
+
+    # the Ritz vectors go beside the spectrum (without --save-eigvec an old file there is
+    # deleted): both are outputs
+    refuse_overwriting_inputs(
+        [out, eigvec_file(out)], {"--checkpoint": args.checkpoint, "--state": args.state}
+    )
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -729,6 +808,19 @@ def _default_blocks_path(checkpoint: str, curvature: str, blocks: str) -> Path:
     return spectrum.with_name(name)
 
 
+def _block_state_files(state: str, out: Path) -> list[Path]:
+    """The state files of ``spectrum --blocks --state DIR`` (``DIR/block-NNNNN.npz``) that
+    ``out`` could name: those in ``DIR`` and the one of ``out``'s name.
+
+    >>> [str(p) for p in _block_state_files("missing-dir", Path("elsewhere/block-00001.npz"))]
+    ['missing-dir/block-00001.npz']
+    """
+    found = sorted(Path(state).glob("block-*.npz")) if Path(state).is_dir() else []
+    if re.fullmatch(r"block-\d{5}\.npz", out.name):
+        found.append(Path(state) / out.name)
+    return found
+
+
 def _cmd_block_spectra(args: argparse.Namespace) -> list[str]:
     """``spectrum --blocks``: per-block SLQ spectra (:func:`nets.compute_block_spectra`)."""
     from nets.workflow.block_spectra import compute_block_spectra
@@ -745,7 +837,8 @@ def _cmd_block_spectra(args: argparse.Namespace) -> list[str]:
         if args.out
         else _default_blocks_path(args.checkpoint, args.curvature, args.blocks)
     )
-    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--state": args.state})
+    states = None if args.state is None else [args.state, *_block_state_files(args.state, out)]
+    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--state": states})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -828,7 +921,7 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
             raise UsageError(
                 f"Option --approx: expected low-rank-K with a rank K >= 1; received {name!r}."
             )
-    epoch = _checkpoint_config(args.checkpoint).get("epoch", 0)
+    epoch = checkpoint_epoch(args.checkpoint)  # the run's config records no epoch
     out = (
         Path(args.out)
         if args.out
@@ -892,7 +985,7 @@ def _checkpoint_list(items: Sequence[str]) -> list[str]:
         if p.is_dir():
             found = sorted(p.glob("checkpoint-*.pt"))
             if not found:
-                raise UsageError(f"no checkpoint-*.pt files in '{p}'")
+                raise UsageError(f"{STATS_INPUT}: no checkpoint-*.pt files in '{p}'")
             paths += [str(f) for f in found]
         else:
             paths.append(str(p))
@@ -913,6 +1006,10 @@ _STATS_COLUMNS = (
 )
 
 
+#: How errors name the positional argument of ``stats`` (its metavar in the usage line).
+STATS_INPUT = "Argument CHECKPOINTS"
+
+
 def _cmd_stats(args: argparse.Namespace) -> list[str]:
     import numpy as np
 
@@ -920,9 +1017,9 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
     from spectral.io import load_npz
 
     checkpoints = _checkpoint_list(args.checkpoints)
-    _fill_from_checkpoint(args, checkpoints[0], "Argument CHECKPOINTS")
+    _fill_from_checkpoint(args, checkpoints[0], STATS_INPUT)
     out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "loss-stats.npz"
-    refuse_overwriting_inputs([out], {"the checkpoints": checkpoints})
+    refuse_overwriting_inputs([out], {"CHECKPOINTS": checkpoints})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -939,7 +1036,10 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
     if args.subsample is not None:
         kwargs["subsample"] = args.subsample
     kwargs["bn_mode"] = args.bn_mode
-    compute_loss_stats(**kwargs)
+    try:
+        compute_loss_stats(**kwargs)
+    except (ValueError, TypeError, OSError) as exc:  # its checkpoint_path is CHECKPOINTS
+        raise UsageError(user_message(exc, {"checkpoint_path": STATS_INPUT})) from exc
     arrays = load_npz(out if out.suffix == ".npz" else out.with_name(out.name + ".npz"))
     config = json.loads(str(arrays["config_json"])) if "config_json" in arrays else {}
     definitions = config.get("definitions") or {}
@@ -968,7 +1068,8 @@ def _cmd_landscape(args: argparse.Namespace) -> list[str]:
 
     _fill_from_checkpoint(args, args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "landscape.npz"
-    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--spectrum": args.spectrum})
+    spectrum = None if args.spectrum is None else [args.spectrum, eigvec_input(args.spectrum)]
+    refuse_overwriting_inputs([out], {"--checkpoint": args.checkpoint, "--spectrum": spectrum})
     kwargs: dict[str, Any] = {
         "dataset": args.dataset,
         "data_path": args.data_path,
@@ -1028,16 +1129,175 @@ def _cmd_landscape(args: argparse.Namespace) -> list[str]:
     return tables
 
 
-def _cmd_plot(args: argparse.Namespace) -> list[str]:
-    import matplotlib
+#: How errors name the positional argument of ``plot`` (its metavar in the usage line).
+PLOT_INPUT = "Argument INPUTS"
 
-    matplotlib.use("Agg")
+#: The library's names of the file that ``plot``'s INPUTS gives.
+_PLOT_INPUT_NAMES = ("path", "kind_or_path", "source", "path_or_rows", "path_or_dir")
+
+_SPECTRUM_FILE = "a spectrum .npz written by compute_eigenspectrum (the spectrum command)"
+_DIAGONAL_FILE = "a curvature diagonal .npz with a 'diagonal' array (as the demo writes)"
+
+#: What each kind of ``plot`` reads: a file of ``.npz`` arrays or of JSON (a run's).
+PLOT_EXPECTS: dict[str, tuple[str, str]] = {
+    "spectrum": ("npz", _SPECTRUM_FILE),
+    "band": ("npz", _SPECTRUM_FILE),
+    "diag": ("npz", _DIAGONAL_FILE),
+    "blocks": (
+        "npz",
+        "a per-block spectra .npz written by compute_block_spectra (spectrum --blocks)",
+    ),
+    "landscape": (
+        "npz",
+        "a landscape .npz written by build_loss_landscape (the landscape command)",
+    ),
+    "training": ("json", "a run directory or its stats.json (written by the train command)"),
+    "tracking": (
+        "json",
+        "a run directory, its curvature.jsonl or stats.json (train --track-curvature)",
+    ),
+}
+
+#: The content descriptions of :func:`describe_file` that a kind of ``plot`` reads.
+_NPZ_CONTENT = "an .npz archive"
+_TEXT_CONTENTS = ("a JSON file", "a JSON-lines file", "a text file")
+
+
+def describe_file(path: str | Path) -> str:
+    """What ``path`` holds, judged by its content (its suffix only tells JSON lines).
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "stats.json").write_text('{"epochs": []}')
+    >>> describe_file(folder / "stats.json"), describe_file(folder)
+    ('a JSON file', 'a directory')
+    """
+    import zipfile
+
+    p = Path(path)
+    if p.is_dir():
+        return "a directory"
+    try:
+        with p.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return "a file that cannot be read"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy array (not an .npz archive of several)"
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as archive:
+            names = archive.namelist()
+        if any(name.endswith("data.pkl") for name in names):
+            return "a PyTorch checkpoint (torch.save)"
+        if names and all(name.endswith(".npy") for name in names):
+            return _NPZ_CONTENT
+        return "a zip archive other than an .npz"
+    if head.startswith(b"\x80"):
+        return "a pickle file"
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return "a binary file"
+    if text[:1] in ("{", "["):
+        return "a JSON-lines file" if p.suffix.lower() == ".jsonl" else "a JSON file"
+    return "a text file"
+
+
+def check_plot_input(path: str | None, what: str, name: str) -> None:
+    """Refuse, naming ``name`` (the argument or option), a file of another kind than
+    ``plot what`` reads (:data:`PLOT_EXPECTS`): say what was expected and what was
+    received.  A missing file is left to the plot (its message names both candidates).
+    """
+    if path is None:
+        return
+    form, expected = PLOT_EXPECTS[what]
+    p = Path(path)
+    if form == "json":
+        if p.is_dir() or not p.exists():
+            return
+        found = describe_file(p)
+        if found in _TEXT_CONTENTS:
+            return
+    else:
+        candidates = [q for q in _npz_forms(p) if q.is_file()]
+        if not candidates and not p.is_dir():
+            return
+        found = describe_file(candidates[0] if candidates else p)
+        if found == _NPZ_CONTENT:
+            return
+    raise UsageError(f"{name}: expected {expected}; received '{path}', {found}.")
+
+
+def _check_plot_inputs(args: argparse.Namespace, source: str | None) -> None:
+    """:func:`check_plot_input` on INPUTS, or on the files of ``plot comparison``."""
+    if args.what != "comparison":
+        check_plot_input(source, args.what, PLOT_INPUT)
+        return
+    for option, what in (("hessian", "spectrum"), ("ggn", "spectrum"), ("diagonal", "diag")):
+        check_plot_input(getattr(args, option), what, f"Option --{option}")
+
+
+def _run_files_of(source: str | None, what: str) -> list[Path]:
+    """The files of the run that ``plot training``/``plot tracking`` reads (the run
+    directory given, or the one of the file given): ``stats.json``, ``curvature.jsonl``,
+    density snapshots, checkpoints; none for the other kinds."""
+    if source is None or what not in ("training", "tracking"):
+        return []
+    from nets.training import run_files
+
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    return run_files(folder)
+
+
+def _draw(args: argparse.Namespace, source: str | None, out: str) -> Any:
+    """The figure of ``plot``, saved to ``out``."""
     from nets.plots import (
         plot_loss_landscape,
         plot_spectrum,
         plot_spectrum_comparison,
         plot_training,
     )
+
+    if args.what == "spectrum":
+        return plot_spectrum(
+            "lanczos",
+            path=source,
+            log_weights=args.log_weights,
+            smooth=args.smooth,
+            save_path=out,
+        )
+    if args.what == "diag":
+        return plot_spectrum("diag", path=source, log_weights=args.log_weights, save_path=out)
+    if args.what == "blocks":
+        from nets.plots.blocks import plot_block_spectra
+
+        sigma = 0.1 if args.smooth is None else args.smooth
+        return plot_block_spectra(source, sigma=sigma, save_path=out)
+    if args.what == "band":
+        from nets.plots.band import plot_spectrum_band
+
+        return plot_spectrum_band(source, confidence=args.confidence, save_path=out)
+    if args.what == "training":
+        return plot_training(source, save_path=out)
+    if args.what == "tracking":
+        from nets.plots.tracking import plot_curvature_tracking
+
+        return plot_curvature_tracking(source, save_path=out)
+    if args.what == "landscape":
+        return plot_loss_landscape(source, metric=args.metric, save_path=out)
+    if args.diagonal is None:
+        raise UsageError("'plot comparison' needs --diagonal")
+    return plot_spectrum_comparison(
+        args.hessian, args.ggn, args.diagonal, log_scale=not args.linear, save_path=out
+    )
+
+
+def _cmd_plot(args: argparse.Namespace) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
     from nets.plots._figure import close_figure
 
     source = args.inputs[0] if args.inputs else None
@@ -1048,41 +1308,22 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         base = Path(source) if source is not None else Path("comparison")
         name = "curvature.png" if args.what == "tracking" else "training.png"
         out = str(base / name) if base.is_dir() else str(base.with_suffix(".png"))
-    inputs = [*(args.inputs or []), args.hessian, args.ggn, args.diagonal]
-    refuse_overwriting_inputs([out], {"the inputs": [p for p in inputs if p is not None]})
-    if args.what == "spectrum":
-        fig = plot_spectrum(
-            "lanczos",
-            path=source,
-            log_weights=args.log_weights,
-            smooth=args.smooth,
-            save_path=out,
-        )
-    elif args.what == "diag":
-        fig = plot_spectrum("diag", path=source, log_weights=args.log_weights, save_path=out)
-    elif args.what == "blocks":
-        from nets.plots.blocks import plot_block_spectra
-
-        sigma = 0.1 if args.smooth is None else args.smooth
-        fig = plot_block_spectra(source, sigma=sigma, save_path=out)
-    elif args.what == "band":
-        from nets.plots.band import plot_spectrum_band
-
-        fig = plot_spectrum_band(source, confidence=args.confidence, save_path=out)
-    elif args.what == "training":
-        fig = plot_training(source, save_path=out)
-    elif args.what == "tracking":
-        from nets.plots.tracking import plot_curvature_tracking
-
-        fig = plot_curvature_tracking(source, save_path=out)
-    elif args.what == "landscape":
-        fig = plot_loss_landscape(source, metric=args.metric, save_path=out)
-    else:
-        if args.diagonal is None:
-            raise UsageError("'plot comparison' needs --diagonal")
-        fig = plot_spectrum_comparison(
-            args.hessian, args.ggn, args.diagonal, log_scale=not args.linear, save_path=out
-        )
+    refuse_overwriting_inputs(
+        [out],
+        {
+            "INPUTS": args.inputs,
+            "--hessian": args.hessian,
+            "--ggn": args.ggn,
+            "--diagonal": args.diagonal,
+            "INPUTS (a file of its run)": _run_files_of(source, args.what),
+        },
+    )
+    _check_plot_inputs(args, source)
+    names = {} if args.what == "comparison" else dict.fromkeys(_PLOT_INPUT_NAMES, PLOT_INPUT)
+    try:
+        fig = _draw(args, source, out)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(user_message(exc, names)) from exc
     close_figure(fig)
     rows: list[Row] = [("figure", out)]
     if args.what in ("spectrum", "band") and source is not None:
@@ -1319,7 +1560,9 @@ def _add_stats_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         description="Gradient and curvature moments, weight norms and losses of "
         "one or several checkpoints (a directory means all its checkpoints).",
     )
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run directories")
+    p.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINTS", help="checkpoint files or run directories"
+    )
     _add_common(p)
     p.add_argument(
         "--curvature", default="hessian", help="hessian or ggn for the curvature moments"
@@ -1490,6 +1733,7 @@ def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument(
         "inputs",
         nargs="*",
+        metavar="INPUTS",
         help="the file (or run directory for 'training' and 'tracking': curvature during "
         "training, with the 2/lr edge of stability)",
     )
