@@ -283,8 +283,8 @@ def _plan(
     if rest and remainder == "error":
         raise argument_error(
             "params",
-            "parameters of Linear/Conv2d layers (groups=1, zero symmetric padding) only, "
-            "or remainder='diagonal'",
+            "parameters of Linear/Conv2d layers (groups=1, zero symmetric padding; a "
+            "subclass only with the class's own forward) only, or remainder='diagonal'",
             [name for name, _, _ in rest],
         )
     positions = [torch.arange(off, off + p.numel()) for _, off, p in rest]

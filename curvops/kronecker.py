@@ -147,18 +147,34 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 
 
 def is_supported(module: nn.Module) -> bool:
-    """``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``, zero and symmetric padding.
+    """``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``, zero and symmetric padding,
+    computing exactly what those classes compute.
+
+    A subclass counts only if it keeps the class's own ``forward`` (and, for
+    ``Conv2d``, ``_conv_forward``): the factors assume the output is :math:`W a` with
+    :math:`a` the module's input, which a subclass that standardises its weight (timm's
+    ``StdConv2d``), normalises it (a cosine classifier), rescales or pads its input
+    (``Conv2dSame``) breaks -- K-FAC was 75-99 % off the exact GGN block there, silently.
+    Such layers are unsupported (``remainder=`` decides: refused, or their exact diagonal).
 
     >>> is_supported(torch.nn.Conv2d(2, 2, 3, groups=2)), is_supported(torch.nn.Linear(1, 1))
     (False, True)
+    >>> class Scaled(torch.nn.Linear):
+    ...     def forward(self, x):
+    ...         return super().forward(2 * x)
+    >>> is_supported(Scaled(1, 1))
+    False
     """
+    cls = type(module)
     if isinstance(module, nn.Conv2d):
         return (
-            module.groups == 1
+            cls.forward is nn.Conv2d.forward
+            and cls._conv_forward is nn.Conv2d._conv_forward
+            and module.groups == 1
             and module.padding_mode == "zeros"
             and conv_padding(module) is not None
         )
-    return isinstance(module, nn.Linear)
+    return isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward
 
 
 def layer_inputs(module: nn.Module, inputs: torch.Tensor, *, bias: bool = False) -> torch.Tensor:
