@@ -169,7 +169,7 @@ def is_supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return (
             cls.forward is nn.Conv2d.forward
-            and cls._conv_forward is nn.Conv2d._conv_forward
+            and getattr(cls, "_conv_forward", None) is nn.Conv2d._conv_forward
             and module.groups == 1
             and module.padding_mode == "zeros"
             and conv_padding(module) is not None
