@@ -253,6 +253,24 @@ def split_tolerance(nodes: ArrayLike, tol: float) -> FloatArray:
     return split
 
 
+def _certified_partial_sums(
+    cumulative: FloatArray, split: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    r"""``(floor, ceiling)``: the certified partial sums of a Gauss rule.
+
+    With :math:`|C_j - \hat C_j| \le w_j` (``cumulative``, ``split``:
+    :func:`split_tolerance`) and :math:`C` non-decreasing,
+    :math:`\max_{i \le j}(\hat C_i - w_i) \le C_j \le \min_{i \ge j}(\hat C_i + w_i)`.
+
+    >>> f, c = _certified_partial_sums(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.1, 0.0]))
+    >>> f.tolist(), c.tolist()
+    ([0.0, 0.4, 1.0], [0.0, 0.6, 1.0])
+    """
+    floor = np.maximum.accumulate(cumulative - split)
+    ceiling = np.minimum.accumulate((cumulative + split)[::-1])[::-1]
+    return floor, ceiling
+
+
 def quadrature_cdf_bounds(
     nodes: ArrayLike,
     weights: ArrayLike,
@@ -324,9 +342,7 @@ def quadrature_cdf_bounds(
     if not (np.isfinite(split_tol) and split_tol >= 0):
         raise argument_error("split_tol", "None or a non-negative number", split_tol)
     split = split_tolerance(theta, split_tol)  # |C_j - Ĉ_j| <= w_j (Davis–Kahan)
-    # Certified partial sums: C_j >= Ĉ_i - w_i for every i <= j, C_j <= Ĉ_i + w_i for i >= j.
-    floor = np.maximum.accumulate(cumulative - split)
-    ceiling = np.minimum.accumulate((cumulative + split)[::-1])[::-1]
+    floor, ceiling = _certified_partial_sums(cumulative, split)
     xs = np.asarray(x, dtype=np.float64)
     below = np.searchsorted(theta, xs - tol, side="right")  # #{θ_i <= x - δ}
     if invariant and tol == 0.0:  # β = 0: the rule is the measure
@@ -488,9 +504,7 @@ def _gauss_quantile_intervals(
     """
     cumulative = np.concatenate([[0.0], np.cumsum(tau)])
     cumulative[-1] = 1.0
-    split = split_tolerance(theta, tol)
-    floor = np.maximum.accumulate(cumulative - split)
-    ceiling = np.minimum.accumulate((cumulative + split)[::-1])[::-1]
+    floor, ceiling = _certified_partial_sums(cumulative, split_tolerance(theta, tol))
     levels = np.unique(np.clip(np.concatenate([floor, ceiling]), 0.0, 1.0))
     middle = (levels[:-1] + levels[1:]) / 2.0
     first = np.searchsorted(ceiling, middle, side="left")  # smallest possible k
