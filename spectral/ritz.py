@@ -12,6 +12,16 @@ After ``m`` Lanczos steps from a unit start vector ``q_1``,
 * Ritz vectors ``y_i = Q_m s_i`` (when the basis is stored);
 * residuals ``\|A y_i - \theta_i y_i\| = |\beta_m S_{mi}|`` (in exact arithmetic).
 
+In floating point the basis satisfies ``A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^T + F``,
+and since ``T_m s_i = \theta_i s_i`` the true residual is
+``\|A y_i - \theta_i y_i\| = \|\beta_m S_{mi} q_{m+1} + F s_i\|
+\le |\beta_m S_{mi}| + \|F\|``: the reported residual leaves ``F`` out.  With full
+reorthogonalisation ``\|F\| = O(\epsilon\|A\|)``; with partial or selective
+reorthogonalisation ``F`` also holds the components removed from the residuals to keep
+the basis semi-orthogonal, up to a few ``\sqrt{\epsilon}\,\|A\|``, so there the
+residuals (and the convergence flags built on them) are exact-arithmetic values that can
+understate the true residual by that much.
+
 The eigen-decomposition uses :func:`scipy.linalg.eigh_tridiagonal` in float64.
 
 >>> import numpy as np
@@ -49,9 +59,11 @@ class RitzPairs:
         ``(n, m)`` Ritz vectors (column ``i`` for ``values[i]``) in the basis'
         namespace/device, or ``None`` when no basis was stored.
     residuals:
-        float64 ``(m,)``, ``|beta_m S_{m i}|``.
+        float64 ``(m,)``, ``|beta_m S_{m i}|``: the residual norms in exact arithmetic; the
+        true ``||A y_i - theta_i y_i||`` can be larger by ``||F||`` (module docstring), up
+        to a few ``sqrt(eps) ||A||`` after partial or selective reorthogonalisation.
     converged:
-        bool ``(m,)``, ``residuals <= tol * max(|values|)``.
+        bool ``(m,)``, ``residuals <= tol * max(|values|)`` (as reliable as ``residuals``).
 
     Examples
     --------
@@ -110,7 +122,10 @@ def ritz_pairs(
         Optional ``n x m`` Lanczos basis ``Q`` (any namespace); Ritz vectors are ``Q S``.
     tol:
         Relative convergence threshold, a finite number ``>= 0``: pair ``i`` is converged
-        when ``|beta_m S_{mi}| <= tol * max_j |theta_j|``.
+        when ``|beta_m S_{mi}| <= tol * max_j |theta_j|``.  This is exact-arithmetic
+        convergence: for a basis from partial or selective reorthogonalisation the true
+        residual can exceed ``|beta_m S_{mi}|`` by a few ``sqrt(eps) ||A||`` (module
+        docstring), so flags at ``tol`` below about ``10 sqrt(eps)`` are not guarantees.
 
     Returns
     -------
