@@ -927,7 +927,8 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
         if args.out
         else Path(args.checkpoint).parent / f"compare-{int(epoch):05d}-{args.curvature}.npz"
     )
-    refuse_overwriting_inputs([out, out.with_suffix(".png")], {"--checkpoint": args.checkpoint})
+    figure = figure_beside(out)
+    refuse_overwriting_inputs([out, figure], {"--checkpoint": args.checkpoint})
     start = time.perf_counter()
     with preserve_global_state():
         data = resolve_data(args.dataset, args.data_path, seed=args.seed)
@@ -951,7 +952,7 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
                 solve_tol=args.solve_tol,
                 seed=args.seed,
                 save_path=out,
-                figure_path=out.with_suffix(".png"),
+                figure_path=figure,
             )
         except ValueError as exc:  # curvops names a proxy name its 'spec'
             if not str(exc).startswith("Argument 'spec'"):
@@ -1010,6 +1011,37 @@ _STATS_COLUMNS = (
 STATS_INPUT = "Argument CHECKPOINTS"
 
 
+#: The start of the library's message for a ``subsample`` count larger than a split.
+_SUBSAMPLE_COUNT = "Argument 'subsample': expected a sample count between 1 and "
+
+
+def _subsample_bound(args: argparse.Namespace, exc: ValueError) -> UsageError | None:
+    """For ``stats`` and ``landscape``, which draw ``--subsample`` N samples from the
+    training *and* the test split: the error of an N larger than one of them, saying that
+    the bound is the smaller split's size and giving both (the library checks one split
+    at a time, so its bound alone looked arbitrary). ``None`` for any other error."""
+    if not isinstance(args.subsample, int) or not str(exc).startswith(_SUBSAMPLE_COUNT):
+        return None
+    from nets.workflow._resolve import resolve_data
+
+    data = resolve_data(args.dataset, args.data_path, seed=args.seed)
+    train = len(data.train)  # type: ignore[arg-type]
+    if data.test is None:  # only the training split is drawn from
+        why = f"the size of the training split; {args.command} has no test split here"
+        bound = train
+    else:
+        test = len(data.test)  # type: ignore[arg-type]
+        bound = min(train, test)
+        why = (
+            f"the smaller of the train ({train}) and test ({test}) splits, since "
+            f"{args.command} draws N samples from each"
+        )
+    return UsageError(
+        f"Option --subsample: expected a sample count N between 1 and {bound} ({why}); "
+        f"received {args.subsample}."
+    )
+
+
 def _cmd_stats(args: argparse.Namespace) -> list[str]:
     import numpy as np
 
@@ -1039,7 +1071,8 @@ def _cmd_stats(args: argparse.Namespace) -> list[str]:
     try:
         compute_loss_stats(**kwargs)
     except (ValueError, TypeError, OSError) as exc:  # its checkpoint_path is CHECKPOINTS
-        raise UsageError(user_message(exc, {"checkpoint_path": STATS_INPUT})) from exc
+        bound = _subsample_bound(args, exc) if isinstance(exc, ValueError) else None
+        raise (bound or UsageError(user_message(exc, {"checkpoint_path": STATS_INPUT}))) from exc
     arrays = load_npz(out if out.suffix == ".npz" else out.with_name(out.name + ".npz"))
     config = json.loads(str(arrays["config_json"])) if "config_json" in arrays else {}
     definitions = config.get("definitions") or {}
@@ -1095,7 +1128,13 @@ def _cmd_landscape(args: argparse.Namespace) -> list[str]:
     if args.refresh_bn:
         kwargs["refresh_bn"] = True
     start = time.perf_counter()
-    build_loss_landscape(**kwargs)
+    try:
+        build_loss_landscape(**kwargs)
+    except ValueError as exc:
+        bound = _subsample_bound(args, exc)
+        if bound is None:
+            raise
+        raise bound from exc
     elapsed = time.perf_counter() - start
     written = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
     arrays = load_npz(written)
@@ -1251,6 +1290,53 @@ def _run_files_of(source: str | None, what: str) -> list[Path]:
     return run_files(folder)
 
 
+#: The suffixes of the data files that a default figure is named after: removed (the
+#: first that ends the name), every other dot kept (``lr0.1.npz`` -> ``lr0.1.png``).
+_DATA_SUFFIXES = (".npz", ".jsonl", ".json", ".pt")
+
+#: The kinds of ``plot`` that read the files of another kind (band: a spectrum's;
+#: tracking: a run's ``stats.json``, as training does): their default figure adds the
+#: kind to the name, so that both figures of one file are kept.
+_FIGURE_TAGS = {"band": "-band", "tracking": "-tracking"}
+
+
+def figure_beside(path: str | Path, tag: str = "") -> Path:
+    """The figure named after the data file ``path``: its name without a data suffix
+    (:data:`_DATA_SUFFIXES`; other dots are part of the name), then ``tag``, then ``.png``.
+
+    >>> str(figure_beside("runs/lr0.1")), str(figure_beside("runs/lr0.1.npz", "-band"))
+    ('runs/lr0.1.png', 'runs/lr0.1-band.png')
+    >>> str(figure_beside("compare-00010-ggn.npz")), str(figure_beside("report.png"))
+    ('compare-00010-ggn.png', 'report.png.png')
+    """
+    p = Path(path)
+    name = p.name
+    for suffix in _DATA_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(f"{name}{tag}.png")
+
+
+def default_figure(source: str | None, what: str) -> str:
+    """Where ``plot what`` writes its figure without ``--out``: beside the input, named
+    after it (:func:`figure_beside`, with ``-band``/``-tracking`` for the kinds that read
+    another kind's file), ``<dir>/training.png`` or ``<dir>/curvature.png`` for a run
+    directory, ``comparison.png`` (here) for ``plot comparison``.
+
+    >>> default_figure("s/lr0.1", "spectrum"), default_figure("s/lr0.1.npz", "band")
+    ('s/lr0.1.png', 's/lr0.1-band.png')
+    >>> default_figure(None, "comparison")
+    'comparison.png'
+    """
+    if source is None:
+        return "comparison.png"
+    base = Path(source)
+    if base.is_dir():
+        return str(base / ("curvature.png" if what == "tracking" else "training.png"))
+    return str(figure_beside(base, _FIGURE_TAGS.get(what, "")))
+
+
 def _draw(args: argparse.Namespace, source: str | None, out: str) -> Any:
     """The figure of ``plot``, saved to ``out``."""
     from nets.plots import (
@@ -1303,11 +1389,7 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
     source = args.inputs[0] if args.inputs else None
     if args.what != "comparison" and (source is None or len(args.inputs) != 1):
         raise UsageError(f"'plot {args.what}' takes exactly one input file")
-    out = args.out
-    if out is None:
-        base = Path(source) if source is not None else Path("comparison")
-        name = "curvature.png" if args.what == "tracking" else "training.png"
-        out = str(base / name) if base.is_dir() else str(base.with_suffix(".png"))
+    out = args.out if args.out is not None else default_figure(source, args.what)
     refuse_overwriting_inputs(
         [out],
         {
@@ -1319,6 +1401,7 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         },
     )
     _check_plot_inputs(args, source)
+    replaced = args.out is None and Path(out).exists()
     names = {} if args.what == "comparison" else dict.fromkeys(_PLOT_INPUT_NAMES, PLOT_INPUT)
     try:
         fig = _draw(args, source, out)
@@ -1326,6 +1409,8 @@ def _cmd_plot(args: argparse.Namespace) -> list[str]:
         raise UsageError(user_message(exc, names)) from exc
     close_figure(fig)
     rows: list[Row] = [("figure", out)]
+    if replaced:
+        rows.append(("replaced", "an existing file of that name (--out names another)"))
     if args.what in ("spectrum", "band") and source is not None:
         rows = spectrum_rows(source) + rows
     if args.what == "blocks" and source is not None:
@@ -1702,7 +1787,7 @@ def _add_compare_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "--out",
         default=None,
         help="report file (default: <checkpoint dir>/compare-<epoch>-<curvature>.npz); the "
-        "figure goes beside it as .png",
+        "figure goes beside it, named with .png in place of a final .npz (other dots kept)",
     )
     p.set_defaults(handler=_cmd_compare)
 
@@ -1737,7 +1822,15 @@ def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="the file (or run directory for 'training' and 'tracking': curvature during "
         "training, with the 2/lr edge of stability)",
     )
-    p.add_argument("--out", default=None, help="figure file, .png or .pdf (default: beside input)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="figure file, .png or .pdf (default: beside the input, its name with .png in "
+        "place of a final .npz/.json/.jsonl, other dots kept: lr0.1.npz -> lr0.1.png; band "
+        "and tracking add -band/-tracking, so that the spectrum's and training's figures of "
+        "the same file are kept; a run directory: <dir>/training.png or "
+        "<dir>/curvature.png; comparison: comparison.png)",
+    )
     p.add_argument(
         "--linear-weights",
         dest="log_weights",
@@ -1756,7 +1849,7 @@ def _add_plot_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         type=float,
         default=None,
         help="spectrum: also draw the density smoothed with kernel width sigma (GGN/Fisher: "
-        "a log-normal kernel on the half-line, so no mass below 0); blocks: the kernel width "
+        "a Gaussian kernel reflected at 0, so no mass below 0); blocks: the kernel width "
         "in decades of the symmetric log axis (default 0.1)",
     )
     p.add_argument(

@@ -219,8 +219,9 @@ def as_diagonal(source: Any, *, name: str = "ggn_diagonal") -> np.ndarray:
 
 
 def load_landscape(source: Any, *, name: str = "path") -> dict[str, np.ndarray]:
-    """The arrays of a landscape file (path or mapping), checked for ``t``, the loss curves
-    (``[d, n]``) and the planes (``[q, n, n]``, ``n`` the size of ``t``).
+    """The arrays of a landscape file (path or mapping), checked for ``t`` (1-D, ``n >= 2``
+    values), the loss curves (``[d, n]``, the same ``d >= 1`` in each) and the planes
+    (``[q, n, n]``); a malformed one is a ``ValueError`` naming the file and the array.
 
     >>> t = np.linspace(-1.0, 1.0, 5)
     >>> load_landscape({"t": t, "train_loss": [t**2], "plane_train_loss": np.ones((1, 5, 3))})
@@ -242,20 +243,44 @@ def load_landscape(source: Any, *, name: str = "path") -> dict[str, np.ndarray]:
         raise argument_error(
             name, "a landscape with keys 't' and 'train_loss'", f"keys {sorted(arrays)}{where}"
         )
-    t = np.asarray(arrays["t"], dtype=np.float64).ravel()
-    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
-        if key in arrays:
-            curves = np.atleast_2d(np.asarray(arrays[key], dtype=np.float64))
-            if curves.shape[-1] != t.size:
-                raise argument_error(
-                    name,
-                    f"'{key}' of shape [d, {t.size}] matching 't'",
-                    f"shape {curves.shape}{where}",
-                )
-            arrays[key] = curves
+    raw_t = np.asarray(arrays["t"], dtype=np.float64)
+    if raw_t.ndim > 1 or raw_t.size < 2:  # one value draws a point, none an empty figure
+        raise argument_error(
+            name,
+            "'t' a 1-D array of at least 2 perturbation sizes (n_points >= 2)",
+            f"shape {raw_t.shape}{where}",
+        )
+    t = raw_t.ravel()
+    _check_curves(arrays, t.size, name, where)
     arrays["t"] = t
     _check_planes(arrays, t.size, name, where)
     return arrays
+
+
+def _check_curves(arrays: dict[str, np.ndarray], n: int, name: str, where: str) -> None:
+    """Curves ``train_loss``/``test_loss``/``train_acc``/``test_acc`` of shape ``[d, n]``
+    (a 1-D array is one direction), ``d >= 1`` the same in each: the plot indexes every
+    one by the directions of ``train_loss`` (a 3-D array failed inside matplotlib)."""
+    rows = None
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        if key not in arrays:
+            continue
+        curves = np.atleast_2d(np.asarray(arrays[key], dtype=np.float64))
+        if curves.ndim != 2 or curves.shape[0] < 1 or curves.shape[1] != n:
+            raise argument_error(
+                name,
+                f"'{key}' a 2-D array of shape [d, {n}] (one row per direction, d >= 1, "
+                f"a value at each of the {n} values of 't')",
+                f"shape {curves.shape}{where}",
+            )
+        if rows is not None and curves.shape[0] != rows[1]:
+            raise argument_error(
+                name,
+                f"'{key}' with as many directions as '{rows[0]}' ({rows[1]})",
+                f"shape {curves.shape}{where}",
+            )
+        rows = rows or (key, curves.shape[0])
+        arrays[key] = curves
 
 
 def _check_planes(arrays: dict[str, np.ndarray], n: int, name: str, where: str) -> None:
@@ -267,11 +292,11 @@ def _check_planes(arrays: dict[str, np.ndarray], n: int, name: str, where: str) 
     keys = [f"plane_{s}_{m}" for s in ("train", "test") for m in ("loss", "acc")]
     for key in (k for k in keys if k in arrays):
         plane = np.asarray(arrays[key], dtype=np.float64)
-        if plane.ndim != 3 or plane.shape[1:] != (n, n):
+        if plane.ndim != 3 or plane.shape[0] < 1 or plane.shape[1:] != (n, n):
             raise argument_error(
                 name,
                 f"'{key}' of shape [q, {n}, {n}] (loss at t[i] along the plane's first "
-                f"direction and t[j] along its second, {n} values of 't' each)",
+                f"direction and t[j] along its second, {n} values of 't' each, q >= 1)",
                 f"shape {plane.shape}{where}",
             )
         if count is not None and plane.shape[0] != count[1]:
