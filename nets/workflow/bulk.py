@@ -163,6 +163,7 @@ def bulk_summary(source: Any, law: str, *, num_scales: float = 4.0) -> dict[str,
         residuals=residuals,
         margin=rmt.probe_margin(fit, density.dimension, density.num_probes),
     )
+    keep = one_per_eigenvalue(found, residuals, probe_of_values(values, arrays), density)
     return {
         "bulk_law": np.str_(name),
         "bulk_parameters": np.asarray(parameters, dtype=np.float64),
@@ -170,10 +171,62 @@ def bulk_summary(source: Any, law: str, *, num_scales: float = 4.0) -> dict[str,
         "bulk_wasserstein": np.float64(fit.wasserstein),
         "bulk_kolmogorov": np.float64(fit.kolmogorov),
         "bulk_mass": np.float64(fit.bulk_mass),
-        "outlier_values": found.values,
-        "outlier_residuals": np.asarray(found.residuals, dtype=np.float64),
-        "outlier_scales": found.scales,
+        "outlier_values": found.values[keep],
+        "outlier_residuals": residuals[found.indices[keep]],
+        "outlier_scales": found.scales[keep],
     }
+
+
+def probe_of_values(values: np.ndarray, arrays: Mapping[str, Any]) -> np.ndarray:
+    """The probe of each pooled Ritz value ``values[i]`` (a spectrum's ``w``), found by
+    matching it to ``probe_nodes`` (the same float64 numbers, one row per probe); all 0
+    (one probe) when the arrays have no ``probe_nodes`` or they do not match ``w``.
+
+    >>> probe_of_values(np.array([1.0, 2.0, 1.0]), {"probe_nodes": np.array([[1.0, 2.0],
+    ...                                                                         [1.0, np.nan]])})
+    array([0, 0, 1])
+    """
+    probes = np.zeros(values.size, dtype=np.int64)
+    if "probe_nodes" not in arrays:
+        return probes
+    free: dict[float, list[int]] = {}
+    for i, v in enumerate(values.tolist()):
+        free.setdefault(v, []).append(i)
+    for row, nodes in enumerate(np.asarray(arrays["probe_nodes"], dtype=np.float64)):
+        for v in nodes[~np.isnan(nodes)].tolist():
+            if not free.get(v):
+                return np.zeros(values.size, dtype=np.int64)
+            probes[free[v].pop(0)] = row
+    return probes
+
+
+def one_per_eigenvalue(
+    found: rmt.Outliers, residuals: np.ndarray, probes: np.ndarray, density: SpectralDensity
+) -> np.ndarray:
+    r"""Positions in ``found`` of the outliers to report: one per eigenvalue.
+
+    Every probe's Lanczos run finds the same outlying eigenvalues, so the pooled Ritz values
+    of ``P`` probes list each ``P`` times.  Ritz values of *different* probes are taken for
+    the same eigenvalue when their intervals overlap: :math:`|	heta_a - 	heta_b| \le r_a
+    + r_b + \delta` (each :math:`[	heta - r, 	heta + r]` holds an eigenvalue; ``r`` the
+    Ritz residual, 0 when unknown, :math:`\delta` the node accuracy of ``density``); of
+    those the one with the smallest residual is kept.  Values of one probe are distinct
+    Ritz values and are all kept.  Returned in ascending order of value.
+    """
+    idx = found.indices
+    res = np.nan_to_num(residuals[idx], nan=0.0)
+    tol = density.probe_tolerance
+    delta = float(np.max(tol)) if tol is not None and tol.size else 0.0
+    kept: list[int] = []
+    for j in np.argsort(res, kind="stable").tolist():
+        same = any(
+            probes[idx[k]] != probes[idx[j]]
+            and abs(found.values[k] - found.values[j]) <= res[k] + res[j] + delta
+            for k in kept
+        )
+        if not same:
+            kept.append(j)
+    return np.sort(np.asarray(kept, dtype=np.int64))
 
 
 def bulk_fit(arrays: Mapping[str, Any]) -> rmt.MarchenkoPasturFit | rmt.SemicircleFit | None:

@@ -112,6 +112,33 @@ def test_bulk_summary_finds_spikes_of_a_known_spectrum() -> None:
         bulk_summary(arrays, "gumbel")
 
 
+def test_bulk_summary_lists_an_outlier_found_by_every_probe_once() -> None:
+    # was: each of the 2 spikes listed once per probe (6 values for 3 probes)
+    from spectral import slq, synthetic
+
+    A = synthetic.spiked_covariance(400, 800, [5.0, 10.0], seed=2)
+    exact = np.linalg.eigvalsh(A)
+    d = slq(A, 40, num_probes=3, seed=0)
+    nodes, weights = np.asarray(d.probe_nodes), np.asarray(d.probe_weights)
+    order = np.argsort(nodes.ravel(), kind="stable")  # pooled, not in probe order
+    arrays = {
+        "w": nodes.ravel()[order],
+        "gammas": weights.ravel()[order] / 3,
+        "num_params": 400,
+        "probe_nodes": nodes,
+        "probe_weights": weights,
+    }
+    summary = bulk_summary(arrays, "mp")
+    spikes = exact[exact > summary["bulk_support"][1] + 1.0]
+    assert spikes.size == 2
+    # converged Ritz values: within a few eps * ||A|| * m of the eigenvalues
+    tol = 100 * 40 * np.finfo(np.float64).eps * exact[-1]
+    np.testing.assert_allclose(summary["outlier_values"], spikes, rtol=0, atol=tol)
+    # two Ritz values of one probe are never merged, however close
+    one = {**arrays, "probe_nodes": nodes.ravel()[None], "probe_weights": weights.ravel()[None] / 3}
+    assert bulk_summary(one, "mp")["outlier_values"].size == 6
+
+
 def test_cli_spectrum_fit_and_band_plot(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
