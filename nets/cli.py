@@ -953,6 +953,14 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
                 seed=args.seed,
                 save_path=out,
                 figure_path=figure,
+                provenance={
+                    "checkpoint": str(args.checkpoint),
+                    "model": resolved.name,
+                    "dataset": data.name,
+                    "data_path": args.data_path,
+                    "subsample": args.subsample,
+                    "batch_size": args.batch_size,
+                },
             )
         except ValueError as exc:  # curvops names a proxy name its 'spec'
             if not str(exc).startswith("Argument 'spec'"):

@@ -61,6 +61,20 @@ def save_reports(
     save_npz(path, **arrays)
 
 
+#: The keys of a report file's ``config_json`` that :func:`compare_curvatures` writes itself.
+_SETTINGS = frozenset(
+    {
+        "function", "approximations", "exact", "bn_mode", "k", "num_iters", "num_probes",
+        "damping", "solve_tol", "seed", "loss", "params",
+    }
+)  # fmt: skip
+
+
+def _shown(params: Any) -> Any:
+    """``params`` as a file records it: names as they are, anything else by its ``repr``."""
+    return params if params is None or isinstance(params, list | tuple) else repr(params)
+
+
 def compare_curvatures(
     model: nn.Module,
     loss_fn: Any,
@@ -78,6 +92,7 @@ def compare_curvatures(
     seed: int = 0,
     save_path: str | os.PathLike[str] | None = None,
     figure_path: str | os.PathLike[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, ApproximationReport]:
     """Compare each named proxy with the exact ``"ggn"`` or ``"hessian"`` of ``model``.
 
@@ -102,6 +117,10 @@ def compare_curvatures(
     save_path, figure_path:
         Where to write the reports (``.npz``, with these settings as ``config_json``)
         and the spectra figure (png/pdf).
+    provenance:
+        Where ``model`` and ``data`` come from (e.g. ``checkpoint``, ``model``,
+        ``dataset``, ``subsample``, ``batch_size``: what the command line knows), stored in
+        ``config_json`` beside the settings; a key that is also a setting is refused.
 
     Raises
     ------
@@ -110,6 +129,9 @@ def compare_curvatures(
     """
     if exact not in _EXACT:
         raise argument_error("exact", "'ggn' or 'hessian'", exact)
+    clash = sorted(set(provenance or {}) & _SETTINGS)
+    if clash:
+        raise argument_error("provenance", "keys other than the settings' names", clash)
     if isinstance(approximations, str) or not approximations:
         raise argument_error(
             "approximations", "a non-empty sequence of proxy names", approximations
@@ -158,6 +180,9 @@ def compare_curvatures(
             "damping": damping,
             "solve_tol": solve_tol,
             "seed": seed,
+            "loss": type(loss_fn).__name__,
+            "params": _shown(params),
+            **(provenance or {}),
         }
         save_reports(save_path, reports, config=config)
     if figure_path is not None:

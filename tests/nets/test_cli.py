@@ -348,6 +348,11 @@ def test_compare_grades_approximations(trained: Path, capsys: pytest.CaptureFixt
     assert any(key.startswith("kfac") for key in arrays)
     assert any(key.startswith("diag-ggn") for key in arrays)
     assert out.with_suffix(".png").is_file()
+    # the report says what it was computed from, as every file does
+    config = json.loads(str(arrays["config_json"]))
+    assert config["checkpoint"] == str(ckpt) and config["subsample"] == 64
+    assert config["model"] and config["dataset"] == "digits" and config["batch_size"] == 64
+    assert config["loss"] == "CrossEntropyLoss" and config["exact"] == "ggn"
 
 
 def test_compare_refuses_an_unknown_approximation(trained: Path) -> None:

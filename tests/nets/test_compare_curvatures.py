@@ -51,6 +51,10 @@ def test_compare_curvatures_writes_reports_and_figure_and_leaves_the_model(tmp_p
     assert np.all(reports["low-rank-3"].principal_angles < 1e-3)
     with pytest.raises(ValueError, match="exact"):
         compare_curvatures(net, loss_fn, data, exact="fisher")
+    # provenance goes into the file beside the settings, never over them
+    with pytest.raises(ValueError, match="provenance"):
+        compare_curvatures(net, loss_fn, data, provenance={"seed": 3}, save_path=tmp_path / "x")
+    assert not (tmp_path / "x.npz").exists()
 
 
 def test_make_proxy_names() -> None:
