@@ -42,8 +42,12 @@ and the trace 0.33 instead of 0.57 on a small BatchNorm MLP), for ``"type2"``,
 :data:`curvops.kronecker.MAX_FACTOR_COLUMNS` per batch a ``ValueError`` names
 ``bn_mode``); the eigenbasis is that of K-FAC's factors (:class:`curvops.KFACOperator`,
 whose :math:`G` is computed the same way).  A block parameter used outside its layer's
-forward is refused as in K-FAC (``ValueError`` naming ``model``).  Among all matrices with this
-eigenbasis it is the closest to the curvature block in Frobenius norm.  Building it
+forward is refused as in K-FAC (``ValueError`` naming ``model``), and so are padded
+batches (``ValueError`` naming ``data``, :func:`curvops.kronecker.refuse_padding`): their
+positions enter K-FAC's input factor and so the eigenbasis; padding that the batch does
+not name (a mask the model builds from pad ids) is counted, so do not pad batches for
+E-KFAC.  Among all matrices with this eigenbasis it is the closest to the curvature
+block in Frobenius norm.  Building it
 costs two passes over ``data`` (the factors, then :math:`\Lambda`).
 Eigenvalues, trace, log-det and the damped inverse :math:`1/(\Lambda + \delta)` are exact;
 eigenvalues within :math:`(d_G + d_A)\,\varepsilon\max|\Lambda|` of zero in their block are

@@ -42,6 +42,20 @@ more than
 :data:`curvops.kronecker.MAX_FACTOR_COLUMNS` columns per batch are refused (a
 ``ValueError`` naming ``bn_mode``: use ``bn_mode="eval"``).
 
+Padded positions are refused, not counted: :math:`A` averages over every position a
+layer sees, and attention masks keep padded positions out of the loss and so out of
+:math:`G` and the exact curvature, but not out of :math:`A` (a padded BERT classifier's
+factors changed by 13-15 % with the token ids at masked positions, where the exact GGN
+did not change).  Counting only unmasked positions is not exact by definition for every
+layer (a head on pooled ``[N, D]`` inputs, cross-attention projections of the other
+sequence), so a batch whose mapping inputs hold a 2-D padding mask (``attention_mask``,
+``decoder_attention_mask``, ``src_key_padding_mask``, ...) that marks a padded position
+is refused with a ``ValueError`` naming ``data`` (:func:`curvops.kronecker.refuse_padding`);
+an all-ones mask is accepted.  Padding that the batch does not name (a model that builds
+its mask from pad ids internally) cannot be seen and is counted: do not pad batches for
+K-FAC (group sequences by length), or use the exact operators or
+:func:`curvops.ggn_diagonal`.
+
 A parameter of a Kronecker block used outside its layer's forward (a tied decoder
 ``F.linear(h, enc.weight.t())``, a convolution weight reused with ``F.conv2d``) has
 curvature the factors cannot see: it is refused (a ``ValueError`` naming ``model`` and the
@@ -98,6 +112,7 @@ from curvops.kronecker import (
     is_supported,
     record_grad_factor,
     record_input_factor,
+    refuse_padding,
     rounding_floor,
     sqrt_or_one,
     zero_rounding,
@@ -107,7 +122,7 @@ from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
-from curvops.validation import ValidatedModes, Validation, validated_on_ranks
+from curvops.validation import ValidatedModes, Validation, validate, validate_across_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
@@ -586,7 +601,8 @@ def _validated(
     output_fn: OutputFn | None = None,
 ) -> Callable[[], Validation]:
     """Run the construction-time checks of every operator (finite parameters, inputs,
-    targets and loss, named errors: :mod:`curvops.validation`); return them for reruns.
+    targets and loss, named errors: :mod:`curvops.validation`) and K-FAC's own (no padded
+    positions: :func:`curvops.kronecker.refuse_padding`); return them for reruns.
 
     With a process group the first run is agreed across ranks (one ``all_gather``), so
     that a rank whose checks fail, ranks that disagree (weights, ``settings``) or a job
@@ -594,18 +610,33 @@ def _validated(
     waiting in the factors' ``all_reduce`` or mixing different matrices.
     """
 
-    validation, construction_checks = validated_on_ranks(
+    operator = str(settings.get("operator", "K-FAC"))
+
+    def construction_checks() -> Validation:
+        # padded positions would enter the input factors (refuse_padding): every in-memory
+        # batch, a loader's first one here (each batch again in every pass, _passes)
+        for batch in data if data.is_in_memory else [data.first_batch()]:
+            refuse_padding(batch, operator)
+        return validate(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            bn_mode=bn_mode,
+            output_fn=output_fn,
+            process_group=process_group,
+        )
+
+    validation = validate_across_ranks(
+        construction_checks,
         model,
         loss_fn,
-        data,
         params=params,
-        bn_mode=bn_mode,
-        output_fn=output_fn,
         process_group=process_group,
         settings=settings,
         same_shapes=True,  # the factors average over each batch's positions
     )
-    validation.check_outputs_before_the_loss(str(settings.get("operator", "K-FAC")))
+    validation.check_outputs_before_the_loss(operator)
     return construction_checks
 
 
@@ -636,6 +667,13 @@ class KFACOperator(KroneckerEigenOperator):
         One ``(inputs, targets)`` batch, a sequence of batches or a DataLoader; for a
         mean loss batches are weighted by their sizes, for a summed loss the output
         factors add up (either way a list of batches equals their concatenation).
+        Batches must not be padded: the input factor averages over every position a
+        layer sees, so a 2-D padding mask among mapping inputs (``attention_mask``,
+        ``decoder_attention_mask``, ``*_key_padding_mask``, ...) that marks a padded
+        position is refused (a ``ValueError`` naming ``data``; an all-ones mask is
+        fine).  Padding the operator cannot see (a mask the model builds from pad ids
+        itself, a mask passed by position) would be counted: give batches of unpadded,
+        equal-length sequences (grouped by length), or use the exact operators.
     fisher:
         ``"type2"`` (exact output Hessians: the K-FAC of the GGN), ``"mc"`` (``mc_samples``
         targets sampled per sample, seeded by ``(seed, batch index)``) or ``"empirical"``.
@@ -886,7 +924,9 @@ class KFACOperator(KroneckerEigenOperator):
 
         The factors average over samples and positions batch by batch, so batches must
         agree past the sample dimension: batches padded to their own lengths are refused
-        (a ``ValueError`` naming ``data``), not averaged with per-batch position counts.
+        (a ``ValueError`` naming ``data``), not averaged with per-batch position counts,
+        and so are batches whose padding mask marks padded positions
+        (:func:`curvops.kronecker.refuse_padding`).
         Every pass refuses a block parameter used outside its layer's forward
         (``ValueError`` naming ``model``, :class:`curvops.kronecker.ForeignUses`).
         ``probe_coupling`` probes the batches (one more backward column,
@@ -909,6 +949,7 @@ class KFACOperator(KroneckerEigenOperator):
                     "weighted by K-FAC either, the exact operators take both)",
                     f"{shapes[0]} / {shapes[1]}",
                 )
+            refuse_padding(batch, type(self).__name__)
             records = self._batch_records(
                 batch,
                 self._layers,

@@ -62,7 +62,7 @@ activations they capture.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,12 +111,14 @@ __all__ = [
     "layer_output_grads",
     "merge_calls",
     "output_factor",
+    "padding_masks",
     "per_sample_rows",
     "record_grad_factor",
     "record_grads",
     "record_input_factor",
     "record_inputs",
     "record_layers",
+    "refuse_padding",
     "rotated_gradient_squares",
     "rotated_pullback_squares",
     "rounding_floor",
@@ -175,6 +177,85 @@ def is_supported(module: nn.Module) -> bool:
             and conv_padding(module) is not None
         )
     return isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward
+
+
+def _mask_marks_padding_by(key: Any) -> str | None:
+    """How an input entry named ``key`` marks padding: ``"zero"`` (Hugging Face's
+    ``attention_mask``, ``decoder_attention_mask``, ...: 0 / False pads), ``"nonzero"``
+    (torch's ``key_padding_mask``, ``src_key_padding_mask``, ...: True / a nonzero
+    additive entry pads) or ``None`` (not a padding mask)."""
+    if not isinstance(key, str):
+        return None
+    key = key.lower()
+    if key.endswith("attention_mask"):
+        return "zero"
+    if key.endswith("padding_mask"):
+        return "nonzero"
+    return None
+
+
+def padding_masks(inputs: Any, path: str = "inputs") -> Iterator[tuple[str, torch.Tensor, int]]:
+    """``(path, mask, padded positions)`` of every recognised 2-D ``[N, T]`` padding mask in
+    ``inputs`` (nested mappings, tuples and lists) that marks at least one padded position.
+
+    Recognised by name (:func:`_mask_marks_padding_by`); masks of other shapes (a 4-D
+    attention bias, which also holds the causal structure) and masks passed by position
+    are not inspected.
+
+    >>> ids = torch.ones(2, 3, dtype=torch.long)
+    >>> [(p, n) for p, _, n in padding_masks({"input_ids": ids, "attention_mask": ids})]
+    []
+    >>> mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    >>> [(p, n) for p, _, n in padding_masks({"input_ids": ids, "attention_mask": mask})]
+    [("inputs['attention_mask']", 1)]
+    """
+    if isinstance(inputs, Mapping):
+        for key, value in inputs.items():
+            where = f"{path}[{key!r}]"
+            marks = _mask_marks_padding_by(key)
+            if marks is not None and isinstance(value, torch.Tensor) and value.ndim == 2:
+                keep = value.bool() if marks == "zero" else ~value.bool()
+                padded = int(keep.numel() - int(keep.sum()))
+                if padded:
+                    yield where, value, padded
+            else:
+                yield from padding_masks(value, where)
+    elif isinstance(inputs, (tuple, list)):
+        for i, value in enumerate(inputs):
+            yield from padding_masks(value, f"{path}[{i}]")
+
+
+def refuse_padding(batch: Batch, operator: str = "K-FAC") -> None:
+    r"""Refuse a batch whose inputs carry a padding mask that marks padded positions.
+
+    K-FAC's input factor :math:`A` averages :math:`a_{n,t} a_{n,t}^\top` over every
+    position :math:`t` a layer sees, so the activations of padded positions enter it
+    although attention ignores them (their :math:`g` is zero, which keeps them out of
+    :math:`G` and of E-KFAC's :math:`\Lambda`, not out of :math:`A` or the eigenbasis):
+    the factors of a padded BERT classifier changed by 13-15 % with the token ids at
+    masked positions, 24-33 % with three more padded positions, where the exact GGN
+    changed by 0.  Only counting unmasked positions is not exact by definition for every
+    layer (a head on pooled ``[N, D]`` inputs, cross-attention projections of another
+    length), so padding is refused rather than guessed: a ``ValueError`` naming
+    ``data (batch i)`` and the mask.  An all-ones mask is accepted.  Padding the model
+    derives itself (a mask built from pad ids inside ``forward``) is not visible here.
+    """
+    found = [
+        f"{where} marks {n} of {mask.numel()} positions as padding"
+        for where, mask, n in padding_masks(batch.inputs)
+    ]
+    if found:
+        raise argument_error(
+            f"data (batch {batch.index})",
+            f"batches without padded positions for {operator} (its input factor A averages "
+            "over every token position a layer sees, so padded positions would enter it "
+            "even though attention ignores them and the exact curvature does not depend on "
+            "them): give batches of unpadded, equal-length sequences (e.g. group the "
+            "sequences by length) with an all-ones or no attention mask, or use the exact "
+            "operators (GGNOperator, FisherOperator, HessianOperator) or "
+            "curvops.ggn_diagonal, which padding does not change",
+            "; ".join(found),
+        )
 
 
 def layer_inputs(module: nn.Module, inputs: torch.Tensor, *, bias: bool = False) -> torch.Tensor:

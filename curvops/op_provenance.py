@@ -29,7 +29,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
+from torch._ops import HigherOrderOperator
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from spectral.errors import argument_error
 
 __all__ = [
     "describe_module",
@@ -37,6 +40,7 @@ __all__ = [
     "locate_operation",
     "module_stack",
     "operation_name",
+    "unsupported_higher_order",
 ]
 
 _PATTERNS = (
@@ -66,18 +70,40 @@ def _matches(op: str) -> Callable[[str], bool]:
 
 class _FirstCall(TorchDispatchMode):
     """Notes the innermost module (``stack[-1]``) and the operation of the first ATen call
-    for which ``match(func, args, kwargs, out)`` holds."""
+    for which ``match(func, args, kwargs, out)`` holds.
 
-    def __init__(self, match: Callable[..., bool], stack: list[str]) -> None:
+    Higher-order operators (``flex_attention``, ``torch.cond``, ...), which a dispatch
+    mode must handle itself, are noted in ``higher_order`` as ``(module, operator name)``
+    (in order, each once) and passed to ``on_higher_order(module, name)``, which may
+    raise; then they run as without the mode (their inner ATen calls unseen).
+    """
+
+    supports_higher_order_operators = True
+
+    def __init__(
+        self,
+        match: Callable[..., bool],
+        stack: list[str],
+        on_higher_order: Callable[[str, str], None] | None = None,
+    ) -> None:
         super().__init__()
         self.match, self.stack = match, stack
+        self.on_higher_order = on_higher_order
         self.found: str | None = None
         self.op: str | None = None
+        self.higher_order: list[tuple[str, str]] = []
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
+        if isinstance(func, HigherOrderOperator):  # called with this mode popped
+            seen = (self.stack[-1] if self.stack else "", str(func.name()))
+            if seen not in self.higher_order:
+                self.higher_order.append(seen)
+            if self.on_higher_order is not None:
+                self.on_higher_order(*seen)
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if self.found is None and self.match(func, args, kwargs, out):
             self.found = self.stack[-1] if self.stack else ""
@@ -127,11 +153,19 @@ def module_stack(model: nn.Module) -> Iterator[list[str]]:
 
 
 @contextmanager
-def first_matching_call(model: nn.Module, match: Callable[..., bool]) -> Iterator[_FirstCall]:
+def first_matching_call(
+    model: nn.Module,
+    match: Callable[..., bool],
+    *,
+    on_higher_order: Callable[[str, str], None] | None = None,
+) -> Iterator[_FirstCall]:
     """While open, notes the first ATen call inside ``model``'s modules for which
     ``match(func, args, kwargs, out)`` holds: the context's value has ``found`` (the
     module's qualified name, ``""`` for the model's own forward) and ``op`` (the ATen
-    operation), both None while no call matched.
+    operation), both None while no call matched.  Higher-order operators are noted in
+    its ``higher_order`` (``(module, name)`` pairs) and passed to
+    ``on_higher_order(module, name)`` (which may raise, e.g.
+    :func:`unsupported_higher_order`) before they run.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
@@ -141,7 +175,7 @@ def first_matching_call(model: nn.Module, match: Callable[..., bool]) -> Iterato
     ('1', 'tanh')
     """
     with module_stack(model) as stack:
-        mode = _FirstCall(match, stack)
+        mode = _FirstCall(match, stack, on_higher_order)
         with mode:
             yield mode
 
@@ -190,3 +224,38 @@ def describe_module(model: nn.Module, name: str) -> str:
     if not name:
         return f"the model's own forward ({type(model).__name__})"
     return f"module '{name}' ({type(model.get_submodule(name)).__name__})"
+
+
+def unsupported_higher_order(model: nn.Module, module: str, name: str) -> ValueError:
+    """The error for a model whose ``module`` calls the higher-order operator ``name``.
+
+    A higher-order operator (``flex_attention``, ``torch.cond``, ``while_loop``, ...)
+    runs a subgraph as one operation with derivative rules of its own, and curvature
+    products, which differentiate twice or push tangents forward through every
+    operation, are not supported through them (``flex_attention`` has no backward at all
+    on the CPU; the products through ``torch.cond`` stop with "This higher order
+    operator doesn't work unless it is captured completely with torch.compile").  The
+    construction's forward pass refuses them (:func:`curvops.precision.precision_loss_noted`)
+    rather than leave the products to fail on a dispatch-mode error.
+
+    >>> import torch
+    >>> str(unsupported_higher_order(torch.nn.Linear(1, 1), "", "cond"))[:40]
+    "Argument 'model': expected a model whose"
+    """
+    hint = (
+        " (use attn_implementation='sdpa' or 'eager': "
+        "from_pretrained(..., attn_implementation='sdpa') or "
+        "model.set_attn_implementation('sdpa'); both give exact products)"
+        if "flex_attention" in name
+        else " (compute that part with ordinary torch operations)"
+    )
+    error = argument_error(
+        "model",
+        "a model whose forward pass uses no higher-order operator (curvature products "
+        "differentiate every operation twice or push tangents forward through it, which "
+        "higher-order operators such as flex_attention and torch.cond do not support)" + hint,
+        f"a forward pass in which {describe_module(model, module)} calls {name}, a "
+        "higher-order operator not supported for curvature products",
+    )
+    assert isinstance(error, ValueError)
+    return error

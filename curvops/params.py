@@ -4,7 +4,7 @@ The curvature matrix of a model with parameter tensors :math:`w_1, \\dots, w_p` 
 on the flat vector :math:`w = (\\mathrm{vec}\\,w_1, \\dots, \\mathrm{vec}\\,w_p)` in the
 model's ``named_parameters()`` order.  A parameter shared by several modules (a
 tied embedding and output layer) is one tensor and is counted once, under its
-first name; its other names select it too.
+first name; its other names select it too (by name, by pattern and by predicate).
 
 ``params`` may be
 
@@ -13,7 +13,10 @@ first name; its other names select it too.
   ``?`` or ``[...]``, matched with :func:`fnmatch.fnmatchcase` against every name,
   e.g. ``"transformer.h.*.attn.*"``; ``*`` also matches dots), sub-modules (all
   their parameters) and ``Parameter`` objects of the model;
-* a predicate ``f(name, parameter) -> bool`` over ``named_parameters()``.
+* a predicate ``f(name, parameter) -> bool``, called once for every name of every
+  parameter (``named_parameters(remove_duplicate=False)``, so a tied parameter is
+  offered under each of its names); a parameter is selected when the predicate is
+  true for any of its names.
 
 Explicit selections may include frozen parameters (``requires_grad=False``): the
 products never use or change the flag.  Anything not in the model is refused.
@@ -76,7 +79,8 @@ def select_params(model: nn.Module, params: Any = None) -> list[tuple[str, nn.Pa
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     elif callable(params) and not isinstance(params, nn.Module):
-        chosen = [(n, p) for n, p in named if params(n, p)]
+        hits = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if params(n, p)}
+        chosen = [(n, p) for n, p in named if id(p) in hits]
     elif isinstance(params, (str, nn.Module, nn.Parameter)):
         return select_params(model, [params])
     elif isinstance(params, Sequence) or isinstance(params, (set, frozenset)):

@@ -28,12 +28,17 @@ and 3-4 in float16; eigenvalues below :math:`u\\|A\\|` (the bulk near zero) are
 noise.  Losses and their normalisers are evaluated by the model's own code in its
 dtype; mean reductions over many tokens in bfloat16 add their own rounding.
 
-A model whose forward rounds tensors of its own dtype to a lower precision outside
-``torch.autocast`` -- Hugging Face's Llama takes its RMSNorm and rotary embedding in
-float32 whatever the model's dtype -- computes a function, and so products, only that
-precise: a float64 copy of such a model agrees with a float64 reference to about 1e-7,
-not 1e-15.  The operators' construction notes the first such rounding and logs a warning
-naming the module and the operation (:func:`precision_loss_noted`).
+A model whose forward rounds tensors of its own dtype that vary with the parameters to a
+lower precision outside ``torch.autocast`` -- Hugging Face's Llama, Mistral and Qwen2 take
+their RMSNorm in float32 whatever the model's dtype -- computes a function, and so
+products, only that precise: a float64 copy of such a model agrees with a float64
+reference to about 1e-7, not 1e-15.  The operators' construction notes the first such
+rounding and logs a warning naming the module and the operation
+(:func:`precision_loss_noted`).  Rounded constants -- the same in every pass, computed
+from buffers, positions or integer inputs, such as those models' float32 rotary
+``cos``/``sin`` -- change nothing of the products' precision and are not reported (with
+the RMSNorm kept in float64 a float64 Llama's products matched the dense reference to
+2e-16).
 
 Over several batches (a list, a DataLoader, the ranks of a process group) the weighted
 sum of the batch products is accumulated in float32 (:func:`accumulation_dtype`; float64
@@ -63,9 +68,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from curvops._arrays import torch_dtype_of
-from curvops.op_provenance import describe_module, first_matching_call
+from curvops.op_provenance import (
+    describe_module,
+    first_matching_call,
+    unsupported_higher_order,
+)
 from curvops.operator import CurvatureOperator
 from spectral.errors import argument_error
 
@@ -109,27 +119,41 @@ def _autocast_on() -> bool:
 @contextmanager
 def precision_loss_noted(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Log a warning if a forward pass of ``model`` run inside the context rounds tensors
-    of the parameters' ``dtype`` to a lower precision (outside ``torch.autocast``, whose
-    rounding is asked for): the products are then only as precise as that rounding.
+    of the parameters' ``dtype`` that vary with the parameters (or the batch's floating
+    inputs; not constants made from buffers, positions or integer inputs: :class:`_Variables`)
+    to a lower precision (outside ``torch.autocast``, whose rounding is asked for): the
+    products are then only as precise as that rounding.
+
+    A higher-order operator in the forward pass (Hugging Face's
+    ``attn_implementation="flex_attention"``, ``torch.cond``) is refused with a
+    ``ValueError`` naming ``model`` (:func:`curvops.op_provenance.unsupported_higher_order`):
+    curvature products cannot differentiate through it.
 
     >>> net = torch.nn.Linear(2, 2).double()
     >>> with precision_loss_noted(net, torch.float64):
     ...     _ = net(torch.ones(1, 2, dtype=torch.float64))
     """
-    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32 or _autocast_on():
-        yield
-        return
-    bits = torch.finfo(dtype).bits
+    watch = dtype.is_floating_point and torch.finfo(dtype).bits >= 32 and not _autocast_on()
+    bits = torch.finfo(dtype).bits if dtype.is_floating_point else 0
     lowered: list[torch.dtype] = []
+    variable = _Variables(model)
 
     def lowers(func: Any, args: Any, kwargs: Any, out: Any) -> bool:
-        if not rounds_below(bits, (args, kwargs), out):
+        if not watch:
+            return False
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        varying = [t for t in inputs if variable(t)]
+        variable.update(func, args, kwargs, out, inputs, bool(varying))
+        if not rounds_below(bits, varying, out):
             return False
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         lowered.append(min((t.dtype for t in outs if t.is_floating_point()), key=_finfo_bits))
         return True
 
-    with first_matching_call(model, lowers) as call:
+    def refuse(module: str, name: str) -> None:
+        raise unsupported_higher_order(model, module, name)
+
+    with first_matching_call(model, lowers, on_higher_order=refuse) as call:
         yield
     if call.found is not None:
         low = lowered[0]
@@ -146,6 +170,59 @@ def precision_loss_noted(model: nn.Module, dtype: torch.dtype) -> Iterator[None]
             torch.finfo(low).eps / 2,
             dtype,
         )
+
+
+class _Variables:
+    """Which tensors of a forward pass may vary with the parameters (or the batch's
+    floating inputs): rounding only those limits the products' precision.
+
+    A tensor from outside the pass is variable when it is floating and not one of the
+    model's buffers (parameters, their copies, floating inputs, tensor attributes); a
+    tensor an operation returns or writes to is variable when one of the operation's
+    tensor arguments is (a written view's base too).  Constants -- made by factory calls
+    (``arange`` positions), from integer inputs or from buffers (a rotary embedding's
+    ``inv_freq``, Hugging Face's float32 ``cos``/``sin``) -- are rounded the same way in
+    every pass: the model computes a float64-precise function of its parameters all the
+    same.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._buffers = {id(b) for b in model.buffers()}  # alive as long as the model
+        self._flags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __call__(self, tensor: torch.Tensor) -> bool:
+        flag = self._flags.get(tensor)
+        if flag is None:  # from outside the pass
+            return tensor.is_floating_point() and id(tensor) not in self._buffers
+        return bool(flag)
+
+    def update(
+        self, func: Any, args: Any, kwargs: Any, out: Any, inputs: list[Any], flag: bool
+    ) -> None:
+        """Flag what ``func`` returned or wrote: variable iff ``flag`` (an argument was);
+        a tensor written in place keeps being variable if it was, and a variable write
+        into a view (``out[:, i] = h``) makes the view's base variable too."""
+        results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for tensor in results + _written(func, args, kwargs):
+            in_place = any(tensor is t for t in inputs)
+            self._flags[tensor] = flag or (in_place and self(tensor))
+            base = tensor._base if in_place and flag else None
+            if isinstance(base, torch.Tensor):
+                self._flags[base] = True
+
+
+def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensor arguments an ATen operation writes to (``add_``'s ``self``, ``out=``)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    written: list[torch.Tensor] = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+        written += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return written
 
 
 def _finfo_bits(dtype: torch.dtype) -> int:
