@@ -897,6 +897,20 @@ def block_tables(path: str | Path, elapsed: float | None = None) -> list[str]:
     return [grid, format_table(rows, title="Block heterogeneity")]
 
 
+def _approximation_names(approx: str) -> list[str]:
+    """The proxy names of ``--approx`` (comma-separated), refused when empty or a low rank < 1."""
+    names = [name.strip() for name in approx.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--approx: expected a comma-separated list of names, got {approx!r}")
+    for name in names:  # low_rank's own error names its 'k', which is not compare's --k
+        rank = re.fullmatch(r"low-rank-(\d+)(-diag)?", name.lower())
+        if rank is not None and int(rank.group(1)) < 1:
+            raise UsageError(
+                f"Option --approx: expected low-rank-K with a rank K >= 1; received {name!r}."
+            )
+    return names
+
+
 def _cmd_compare(args: argparse.Namespace) -> list[str]:
     """Grade curvature approximations against the exact curvature at a checkpoint."""
     import numpy as np
@@ -912,15 +926,7 @@ def _cmd_compare(args: argparse.Namespace) -> list[str]:
     from nets.workflow.compare import compare_curvatures
 
     _fill_from_checkpoint(args, args.checkpoint)
-    names = [name.strip() for name in args.approx.split(",") if name.strip()]
-    if not names:
-        raise UsageError(f"--approx: expected a comma-separated list of names, got {args.approx!r}")
-    for name in names:  # low_rank's own error names its 'k', which is not compare's --k
-        rank = re.fullmatch(r"low-rank-(\d+)(-diag)?", name.lower())
-        if rank is not None and int(rank.group(1)) < 1:
-            raise UsageError(
-                f"Option --approx: expected low-rank-K with a rank K >= 1; received {name!r}."
-            )
+    names = _approximation_names(args.approx)
     epoch = checkpoint_epoch(args.checkpoint)  # the run's config records no epoch
     out = (
         Path(args.out)

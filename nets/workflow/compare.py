@@ -169,21 +169,13 @@ def compare_curvatures(
             exact_trace=trace,
         )
     if save_path is not None:
-        config = {
-            "function": "compare_curvatures",
-            "approximations": list(approximations),
-            "exact": exact,
-            "bn_mode": bn_mode,
-            "k": k,
-            "num_iters": num_iters,
-            "num_probes": num_probes,
-            "damping": damping,
-            "solve_tol": solve_tol,
-            "seed": seed,
-            "loss": type(loss_fn).__name__,
+        settings = {
+            "approximations": list(approximations), "exact": exact, "bn_mode": bn_mode, "k": k,
+            "num_iters": num_iters, "num_probes": num_probes, "damping": damping,
+            "solve_tol": solve_tol, "seed": seed, "loss": type(loss_fn).__name__,
             "params": _shown(params),
-            **(provenance or {}),
-        }
+        }  # fmt: skip
+        config = {"function": "compare_curvatures", **settings, **(provenance or {})}
         save_reports(save_path, reports, config=config)
     if figure_path is not None:
         from nets.plots._figure import close_figure
