@@ -35,7 +35,12 @@ from curvops._model_state import check_bn_mode, curvature_mode, functional_forwa
 from curvops.configuration import ConfigurationState
 from curvops.data import Batch, Data, as_data, first_tensor, move_to, shape_noted
 from curvops.differentiability import UntrackedParameterError
-from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
+from curvops.distributed import (
+    all_reduce_weighted,
+    get_world_size,
+    resolve_group,
+    unwrap_model,
+)
 from curvops.finiteness import all_finite, each_finite, non_finite_parameters
 from curvops.inert_hooks import evaluate_loss
 from curvops.losses import LossFn, batch_weight, check_loss, loss_reduction
@@ -45,7 +50,7 @@ from curvops.params import flatten_columns, select_params, unflatten_columns
 from curvops.precision import accumulation_dtype, weight_dtype
 from curvops.products import OutputCurvature, jacobian_graph, jacobian_sandwich_matmat
 from curvops.snapshot import TensorSnapshot, tensors_in
-from curvops.validation import ValidatedModes, validated_on_ranks
+from curvops.validation import ValidatedModes, checked_on_ranks, validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ModelCurvatureOperator"]
@@ -148,6 +153,12 @@ class ModelCurvatureOperator(CurvatureOperator):
         :mod:`curvops.model_io`): ``None`` for a tensor output, the ``logits`` of a
         dict or Hugging Face ``ModelOutput``, or the first item of a tuple; or a
         callable ``output -> tensor``.
+    settings:
+        A subclass's own settings that change the matrix (the Fisher's ``kind``,
+        ``seed``, ...): with a process group every rank must share them, and ranks that
+        disagree raise the same ``ValueError`` naming them
+        (:func:`curvops.validation.validate_across_ranks`; the operator type,
+        ``bn_mode`` and ``output_fn`` are always compared).
 
     Examples
     --------
@@ -175,17 +186,26 @@ class ModelCurvatureOperator(CurvatureOperator):
         process_group: Any = None,
         psd: bool = False,
         output_fn: OutputFn | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
-        model = unwrap_model(model)
         resolve_group(process_group)  # validates the argument early
+
+        def local_checks() -> tuple[nn.Module, Data, list[tuple[str, nn.Parameter]]]:
+            if not isinstance(model, nn.Module):
+                raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
+            inner = unwrap_model(model)
+            check_loss(loss_fn)
+            check_output_fn(output_fn)
+            stream = as_data(data)
+            check_bn_mode(bn_mode)
+            return inner, stream, select_params(inner, params)
+
+        # a rank whose arguments fail here still joins the collective check below
+        model, self._data, selected = checked_on_ranks(local_checks, process_group)
         self._model = model
-        self._loss_fn = check_loss(loss_fn)
-        self._output_fn = check_output_fn(output_fn)
-        self._data: Data = as_data(data)
-        self._bn_mode = check_bn_mode(bn_mode)
-        selected = select_params(model, params)
+        self._loss_fn = loss_fn
+        self._output_fn = output_fn
+        self._bn_mode = bn_mode
 
         self._validation, construction_checks = validated_on_ranks(
             model,
@@ -195,7 +215,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             bn_mode=bn_mode,
             output_fn=output_fn,
             process_group=process_group,
-            settings={"operator": type(self).__name__, "bn_mode": bn_mode},
+            settings={"operator": type(self).__name__, "bn_mode": bn_mode, **(settings or {})},
         )
         self._construction_checks = construction_checks  # rerun when the loss changes
         # ... and when the model enters train/eval flags not checked yet
@@ -349,6 +369,31 @@ class ModelCurvatureOperator(CurvatureOperator):
         group = resolve_group(self.process_group)
         summed = loss_reduction(self._loss_fn) == "sum"
         unweighted = self._data.is_single_batch and group is None
+        where = f"{type(self).__name__}.loss_gradient"
+        try:
+            acc, total = self._local_gradient(summed or unweighted)
+        except Exception as exc:  # with a group: still join the reduction, every rank stops
+            if group is None:
+                raise
+            zeros = torch.zeros(
+                self.num_params, dtype=accumulation_dtype(self.torch_dtype), device=self.device
+            )
+            all_reduce_weighted(zeros, 0.0, group, error=exc, where=where)
+            raise  # (not reached: the line above raises exc)
+        acc, total = all_reduce_weighted(acc, total, group, where=where)
+        if total == 0:
+            raise argument_error("data", "at least one batch with a counted target", self._data)
+        gradient = (acc if summed or unweighted else acc / total).to(self.torch_dtype)
+        if not bool(all_finite(gradient)):
+            raise NumericalError(
+                f"{type(self).__name__}.loss_gradient: the gradient is not finite"
+                f"{self._diagnose(None)}"
+            )
+        return gradient
+
+    def _local_gradient(self, unit_weights: bool) -> tuple[torch.Tensor, float]:
+        """This rank's :math:`(\\sum_b w_b \\nabla L_b, \\sum_b w_b)` (``unit_weights``:
+        :math:`w_b = 1`, a summed loss or one batch on one process)."""
         acc = torch.zeros(
             self.num_params, dtype=accumulation_dtype(self.torch_dtype), device=self.device
         )
@@ -357,7 +402,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             for batch in self._batches():
                 w = (
                     1.0
-                    if summed or unweighted
+                    if unit_weights
                     else float(batch_weight(self._loss_fn, batch.inputs, batch.targets, batch.size))
                 )
                 if w == 0:  # every target ignored: the batch counts nothing
@@ -371,16 +416,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                     )
                 acc.add_(torch.cat([g.reshape(-1) for g in grads]), alpha=w)
                 total += w
-        acc, total = all_reduce_weighted(acc, total, group)
-        if total == 0:
-            raise argument_error("data", "at least one batch with a counted target", self._data)
-        gradient = (acc if summed or unweighted else acc / total).to(self.torch_dtype)
-        if not bool(all_finite(gradient)):
-            raise NumericalError(
-                f"{type(self).__name__}.loss_gradient: the gradient is not finite"
-                f"{self._diagnose(None)}"
-            )
-        return gradient
+        return acc, total
 
     # ------------------------------------------------------------------ helpers for subclasses
     def current_params(self) -> list[torch.Tensor]:
@@ -597,7 +633,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         batches equals their concatenation); for ``reduction="sum"`` :math:`w_b = 1` and
         :math:`W = 1` (the curvature of the summed loss).  Batches with weight 0 (every
         target ignored) are skipped.  With a process group (and torch.distributed
-        initialised) both are summed over the group by a single ``all_reduce``.
+        initialised) both are summed over the group by a single ``all_reduce``; a job
+        with no counted target on any rank is refused after it (on every rank alike).
 
         The finiteness of every batch product and of the selected parameters is
         checked on the device: the index of the first non-finite batch is kept in a
@@ -605,10 +642,14 @@ class ModelCurvatureOperator(CurvatureOperator):
         synchronisation for the check, not one per batch.  A DataLoader's batches are
         validated (:mod:`curvops.validation`) during the first pass only.
 
-        The steps: :meth:`_sweep` (the pass over the batches into a
-        :class:`_WeightedSum`), zeros for a rank without data (it still joins the
-        collective), :func:`_read_checks` (the one host synchronisation),
-        :meth:`_raise_if_not_finite`, then the reduction over the group.
+        The steps: :meth:`_local_sum` (the checks of a product, :meth:`_sweep` over the
+        batches, zeros for a rank without data, :func:`_read_checks`, the one host
+        synchronisation, and :meth:`_raise_if_not_finite`), then the reduction over the
+        group.  A rank whose own part raises (a non-finite product, a one-sample batch
+        under train-mode BatchNorm, a bad batch of its loader) still joins the
+        reduction, with zeros and a failure flag in the same buffer
+        (:func:`curvops.distributed.all_reduce_weighted`): it raises its own error there
+        and every other rank a ``RuntimeError`` naming it, instead of waiting for it.
 
         Raises
         ------
@@ -616,17 +657,58 @@ class ModelCurvatureOperator(CurvatureOperator):
             If a batch product is not finite (the message names the first such batch)
             or a selected parameter became non-finite after construction.
         ValueError
-            A DataLoader batch with bad targets or inputs on the first pass.
+            A DataLoader batch with bad targets or inputs on the first pass; no batch
+            with a counted target (over all ranks of the group).
+        RuntimeError
+            With a process group: the product failed on another rank (naming it).
         """
         group = resolve_group(self.process_group)  # once per product
         summed = loss_reduction(self._loss_fn) == "sum"
-        # One batch on one process: no weighting, so the product is exactly A_b V.
+        if group is None:
+            acc, weight = self._local_sum(V, group)
+            if weight == 0:
+                raise argument_error("data", "at least one batch with a counted target", self._data)
+            return acc, 1.0 if summed else weight
+        where = f"A {type(self).__name__} product"
+        try:
+            acc, weight = self._local_sum(V, group)
+        except Exception as exc:  # still join the reduction: every rank stops
+            zeros = torch.zeros(
+                self.num_params,
+                V[0].shape[0],
+                dtype=accumulation_dtype(self.torch_dtype),
+                device=self.device,
+            )
+            all_reduce_weighted(zeros, 0.0, group, error=exc, where=where)
+            raise  # (not reached: the line above raises exc)
+        acc, total = all_reduce_weighted(acc, float(weight), group, where=where)
+        if total == 0:  # the same reduced total on every rank: all raise alike
+            raise argument_error(
+                "data",
+                "at least one batch with a counted target",
+                f"no counted target on any of the {get_world_size(group)} ranks of the "
+                "process group",
+            )
+        return acc, 1.0 if summed else total
+
+    def _local_sum(self, V: list[torch.Tensor], group: Any) -> tuple[torch.Tensor, Any]:
+        """This rank's :math:`(\\sum_b w_b A_b V, \\sum_b w_b)`, its checks passed.
+
+        First the checks of a product (a selected parameter that changed dtype, shape
+        or went missing, a changed loss, new train/eval flags: :meth:`_matmat_torch`'s
+        preparation), then :meth:`_sweep`.  One batch on one process is unweighted (the
+        product is exactly :math:`A_b V`, weight 1).  Without a batch of non-zero weight
+        the sum is zeros of weight 0 (with a group: the rank contributes nothing and
+        still joins the collective).
+        """
+        self._live_params()  # a changed dtype/shape/missing parameter is refused first
+        self._refresh_loss()
+        self._validated_modes.ensure()
         running = _WeightedSum(unweighted=self._data.is_single_batch and group is None)
         params_ok = self._sweep(V, running)
         if running.acc is None or running.first_bad is None:
             if group is None:
                 raise argument_error("data", "at least one batch with a counted target", self._data)
-            # This rank contributes nothing; it still joins the collective.
             running.acc = torch.zeros(
                 self.num_params,
                 V[0].shape[0],
@@ -636,12 +718,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             running.first_bad = torch.tensor(-1, device=self.device)
         index, params_bad, weight = _read_checks(running.first_bad, params_ok, running.weight)
         self._raise_if_not_finite(index, params_bad, params_ok, running.sizes, V=V)
-        if summed:
-            total, _ = all_reduce_weighted(running.acc, 0.0, group)
-            return total, 1.0
-        if weight == 0 and group is None:
-            raise argument_error("data", "at least one batch with a counted target", self._data)
-        return all_reduce_weighted(running.acc, float(weight), group)
+        return running.acc, weight
 
     def _sweep(self, V: list[torch.Tensor], running: _WeightedSum) -> torch.Tensor:
         """One pass over the batches, adding each weighted batch product into ``running``.
@@ -755,9 +832,6 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         V = unflatten_columns(X, self._shapes)
-        self._live_params()  # a changed dtype/shape/missing parameter is refused first
-        self._refresh_loss()
-        self._validated_modes.ensure()
         self._product_token = None  # the model is compared once per product
         self._in_product = True
         try:

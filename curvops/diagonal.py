@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from curvops._model_state import check_bn_mode, curvature_mode, functional_forward
-from curvops.data import as_data, move_to, shape_noted
+from curvops.data import as_data, first_tensor, move_to, shape_noted
 from curvops.differentiability import UntrackedUseRecorder
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
 from curvops.fisher import fisher_output_factor
@@ -75,7 +76,7 @@ from curvops.losses import (
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.precision import accumulation_dtype
-from curvops.validation import Validation, validated_on_ranks
+from curvops.validation import Validation, checked_on_ranks, validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["ggn_diagonal"]
@@ -290,6 +291,8 @@ def _sum_squared_per_sample(
     totals = [torch.zeros_like(p) for p in primals]
     check = _PullbackCheck(list(primals), _mixing_weights(n, r, out))
     rows = out.detach().reshape(n, -1)
+    if not bool(torch.isfinite(rows).all()):
+        return None  # no tolerance to compare with (the batched products see the cause)
     tol = 1e3 * torch.finfo(out.dtype).eps
     atol = tol * max(float(rows.abs().max()), 1.0) if rows.numel() else tol
     for start in range(0, n, step):
@@ -341,9 +344,16 @@ def _validated(
     method: str,
     process_group: Any,
     output_fn: OutputFn | None,
+    sampling: tuple[int, int] = (1, 0),
 ) -> Validation:
     """The construction checks of :func:`ggn_diagonal`, agreed across ranks (one
-    ``all_gather`` with a process group: :func:`curvops.validation.validate_across_ranks`)."""
+    ``all_gather`` with a process group: :func:`curvops.validation.validate_across_ranks`).
+
+    The settings every rank must share: ``method`` and ``bn_mode``, for ``method="mc"``
+    also ``sampling`` = ``(mc_samples, seed)`` (``output_fn`` is compared by the checks)."""
+    settings: dict[str, Any] = {"function": "ggn_diagonal", "method": method, "bn_mode": bn_mode}
+    if method == "mc":
+        settings.update(mc_samples=sampling[0], seed=sampling[1])
     validation, _ = validated_on_ranks(
         model,
         loss_fn,
@@ -352,7 +362,7 @@ def _validated(
         bn_mode=bn_mode,
         output_fn=output_fn,
         process_group=process_group,
-        settings={"function": "ggn_diagonal", "method": method, "bn_mode": bn_mode},
+        settings=settings,
     )
     return validation
 
@@ -423,69 +433,151 @@ def ggn_diagonal(
     >>> bool(torch.allclose(d, torch.diagonal(dense_ggn(net, loss, (x, y)))))
     True
     """
-    _check_settings(loss_fn, method, mc_samples, chunk_size, bn_mode)
-    output_fn = check_output_fn(output_fn)
-    model = unwrap_model(model)
-    validation = _validated(model, loss_fn, data, params, bn_mode, method, process_group, output_fn)
+
+    def local_checks() -> nn.Module:
+        _check_settings(loss_fn, method, mc_samples, chunk_size, bn_mode)
+        check_output_fn(output_fn)
+        return unwrap_model(model)
+
+    # a rank whose arguments are refused still joins the collective check
+    model = checked_on_ranks(local_checks, process_group)
+    validation = _validated(
+        model,
+        loss_fn,
+        data,
+        params,
+        bn_mode,
+        method,
+        process_group,
+        output_fn,
+        (mc_samples, seed),
+    )
     validation.check_outputs_before_the_loss("ggn_diagonal")
     named = select_params(model, params)
-    names = [n for n, _ in named]
-    device, dtype = named[0][1].device, named[0][1].dtype
-    total: torch.Tensor | None = None
-    count = 0.0
-    stream = as_data(data)
-    with curvature_mode(model, bn_mode):
-        for batch in stream:
-            if not stream.is_in_memory:
-                validation.check_streamed(batch.inputs, batch.targets, batch.index)
-            w = batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
-            if w == 0:
-                continue
-            inputs = move_to(batch.inputs, device, dtype)
-            targets = move_to(batch.targets, device, dtype)
-            leaves = [p.detach().requires_grad_(True) for _, p in named]
-            recorder = UntrackedUseRecorder(leaves)
-            with torch.enable_grad(), recorder, shape_noted(batch, validation.shapes):
-                out = functional_forward(model, names, leaves, inputs, output_fn)
-            recorder.check([out], names=names)
-            if method == "exact":
-                factor, signs = output_hessian_factor(loss_fn, out, targets)
-                if loss_kind(loss_fn, out, targets) == "ce":  # rank C - 1: one column fewer
-                    null = torch.softmax(out.detach().reshape(factor.shape[:2]), dim=-1).sqrt()
-                    factor = drop_null_column(factor, null)
-                    signs = signs[:, : factor.shape[2]]
-            else:
-                factor = fisher_output_factor(
-                    loss_fn,
-                    out,
-                    targets,
-                    kind="mc" if method == "mc" else "empirical",
-                    mc_samples=mc_samples if method == "mc" else 1,
-                    generator=batch_generator(seed, batch.index) if method == "mc" else None,
-                    normaliser=batch_normaliser(loss_fn, inputs, targets, batch.size),
-                )
-                signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
-            diag: torch.Tensor | None = None
-            if out.requires_grad and not _batch_coupled(model):
-                diag = _sum_squared_per_sample(
-                    model, names, leaves, inputs, out, factor, signs, output_fn
-                )
-            if diag is None and out.requires_grad:
-                diag = _sum_squared_vjps(out, leaves, factor, signs, chunk_size)
-            if diag is None:
-                diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
-            if not bool(torch.isfinite(diag).all()):
-                raise NumericalError(f"ggn_diagonal: non-finite values in batch {batch.index}.")
-            diag = diag.to(accumulation_dtype(dtype))  # 16-bit diagonals summed in float32
-            total = diag * w if total is None else total.add_(diag, alpha=w)
-            count += w
+    setting = _Diagonal(model, loss_fn, named, method, mc_samples, seed, chunk_size, output_fn)
     group = resolve_group(process_group)
+    size, wide = sum(p.numel() for _, p in named), accumulation_dtype(named[0][1].dtype)
+    try:
+        total, count = _local_diagonal(setting, as_data(data), validation, bn_mode)
+    except Exception as exc:  # with a group: still join the reduction, every rank stops
+        if group is None:
+            raise
+        zeros = torch.zeros(size, dtype=wide, device=named[0][1].device)
+        all_reduce_weighted(zeros, 0.0, group, error=exc, where="ggn_diagonal")
+        raise  # (not reached: the line above raises exc)
     if group is not None:  # the shards of every rank (a rank without batches adds zeros)
-        size, wide = sum(p.numel() for _, p in named), accumulation_dtype(dtype)
-        local = total if total is not None else torch.zeros(size, dtype=wide, device=device)
-        total, count = all_reduce_weighted(local, count, group)
+        local = (
+            total if total is not None else torch.zeros(size, dtype=wide, device=named[0][1].device)
+        )
+        total, count = all_reduce_weighted(local, count, group, where="ggn_diagonal")
         if count == 0:
             total = None
     if total is None:
         raise argument_error("data", "at least one batch with a counted target", data)
-    return (total if loss_reduction(loss_fn) == "sum" else total / count).to(dtype)
+    return (total if loss_reduction(loss_fn) == "sum" else total / count).to(named[0][1].dtype)
+
+
+@dataclass(frozen=True)
+class _Diagonal:
+    """What :func:`ggn_diagonal` computes: model, loss, selected parameters, settings."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    named: list[tuple[str, nn.Parameter]]
+    method: str
+    mc_samples: int
+    seed: int
+    chunk_size: int
+    output_fn: OutputFn | None
+
+    @property
+    def names(self) -> list[str]:
+        """The selected parameters' names."""
+        return [n for n, _ in self.named]
+
+
+def _local_diagonal(
+    setting: _Diagonal, stream: Any, validation: Validation, bn_mode: str | None
+) -> tuple[torch.Tensor | None, float]:
+    """This rank's :math:`(\\sum_b w_b\\, \\mathrm{diag}_b, \\sum_b w_b)` over ``stream``
+    (``None`` when no batch has a counted target); batches of weight 0 are skipped."""
+    total: torch.Tensor | None = None
+    count = 0.0
+    dtype = setting.named[0][1].dtype
+    with curvature_mode(setting.model, bn_mode):
+        for batch in stream:
+            if not stream.is_in_memory:
+                validation.check_streamed(batch.inputs, batch.targets, batch.index)
+            w = batch_weight(setting.loss_fn, batch.inputs, batch.targets, batch.size)
+            if w == 0:
+                continue
+            with shape_noted(batch, validation.shapes):
+                diag = _batch_diagonal(setting, batch)
+            diag = diag.to(accumulation_dtype(dtype))  # 16-bit diagonals summed in float32
+            total = diag * w if total is None else total.add_(diag, alpha=w)
+            count += w
+    return total, count
+
+
+def _batch_diagonal(setting: _Diagonal, batch: Any) -> torch.Tensor:
+    """:math:`\\mathrm{diag}_b`, the diagonal of one batch's GGN (or Fisher), flat.
+
+    Raises
+    ------
+    spectral.errors.NumericalError
+        Non-finite model outputs, output factors or diagonal (names the batch, and its
+        inputs when they hold NaN or Inf).
+    """
+    loss_fn, named, names, method = setting.loss_fn, setting.named, setting.names, setting.method
+    device, dtype = named[0][1].device, named[0][1].dtype
+    inputs = move_to(batch.inputs, device, dtype)
+    targets = move_to(batch.targets, device, dtype)
+    leaves = [p.detach().requires_grad_(True) for _, p in named]
+    recorder = UntrackedUseRecorder(leaves)
+    with torch.enable_grad(), recorder:
+        out = functional_forward(setting.model, names, leaves, inputs, setting.output_fn)
+    recorder.check([out], names=names)
+    if method == "mc" and not bool(torch.isfinite(out.detach()).all()):
+        raise _non_finite(batch.index, inputs)  # before sampling from NaN probabilities
+    if method == "exact":
+        factor, signs = output_hessian_factor(loss_fn, out, targets)
+        if loss_kind(loss_fn, out, targets) == "ce":  # rank C - 1: one column fewer
+            null = torch.softmax(out.detach().reshape(factor.shape[:2]), dim=-1).sqrt()
+            factor = drop_null_column(factor, null)
+            signs = signs[:, : factor.shape[2]]
+    else:
+        factor = fisher_output_factor(
+            loss_fn,
+            out,
+            targets,
+            kind="mc" if method == "mc" else "empirical",
+            mc_samples=setting.mc_samples if method == "mc" else 1,
+            generator=batch_generator(setting.seed, batch.index) if method == "mc" else None,
+            normaliser=batch_normaliser(loss_fn, inputs, targets, batch.size),
+        )
+        signs = torch.ones(factor.shape[0], factor.shape[2], dtype=dtype, device=device)
+    if not bool(torch.isfinite(factor).all()):  # before the pullbacks compare NaN with NaN
+        raise _non_finite(batch.index, inputs)
+    diag: torch.Tensor | None = None
+    if out.requires_grad and not _batch_coupled(setting.model):
+        diag = _sum_squared_per_sample(
+            setting.model, names, leaves, inputs, out, factor, signs, setting.output_fn
+        )
+    if diag is None and out.requires_grad:
+        diag = _sum_squared_vjps(out, leaves, factor, signs, setting.chunk_size)
+    if diag is None:
+        diag = torch.zeros(sum(p.numel() for p in leaves), dtype=dtype, device=device)
+    if not bool(torch.isfinite(diag).all()):
+        raise _non_finite(batch.index, inputs)
+    return diag
+
+
+def _non_finite(index: int, inputs: Any) -> NumericalError:
+    """The error for a batch whose outputs, factors or diagonal are not finite."""
+    first = first_tensor(inputs)
+    cause = (
+        "; the inputs of this batch contain NaN or Inf"
+        if first is not None and first.is_floating_point() and not bool(first.isfinite().all())
+        else ""
+    )
+    return NumericalError(f"ggn_diagonal: non-finite values in batch {index}{cause}.")

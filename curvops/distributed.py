@@ -33,14 +33,37 @@ Every rank of the group must then call the same products in the same order
 Agreement at construction (:func:`check_ranks_agree`): an operator built with a
 communicating group exchanges one fixed-size fingerprint per rank (one ``all_gather``
 of 11 float64 numbers): the selected parameters' names, shapes and dtype, the loss's
-type, reduction and settings, the operator type and ``bn_mode``, this rank's total
-batch weight and a 64-bit hash of the bits of all the model's parameters (a few
-integer passes over them on their device, :math:`O(P)`, once).  Every rank takes the
-same decision from the same gathered numbers, so ranks that disagree all raise the
-same error (naming what differs) instead of mixing two models, returning different
-products on different ranks or aborting inside the backend; a rank whose shard has no
-counted target contributes zeros, and only a job with no counted target on any rank is
-refused (on every rank).  Weights are compared at construction only.
+type, reduction and settings, every setting that changes the matrix (the operator type,
+``bn_mode``, ``output_fn``, the Fisher's ``kind``, ``per``, Monte-Carlo ``seed`` and
+``mc_samples``, ``ggn_diagonal``'s ``method``, ``loss_stats``' direction and probes, ...),
+this rank's total batch weight and a 64-bit hash of the bits of all the model's
+parameters (a few integer passes over them on their device, :math:`O(P)`, once).  Every
+rank takes the same decision from the same gathered numbers, so ranks that disagree all
+raise the same error (naming what differs: a setting by its name, with the values of each
+rank when they are plain numbers or strings) instead of mixing two models, returning
+different products on different ranks or aborting inside the backend; a rank whose shard
+has no counted target contributes zeros, and only a job with no counted target on any
+rank is refused (on every rank).  Weights are compared at construction only.
+
+Callables (a loss function, ``output_fn``, a declared loss's function and normaliser) are
+compared by their qualified name, a hash of their code (bytecode, names, constants, nested
+functions; not line numbers), their defaults, ``functools.partial`` arguments and the values
+in their closures, and -- for functions outside the libraries -- the global numbers,
+strings, tensors and functions they read; numbers, strings, booleans, ``None`` and tensors
+(by their bits) are compared by value, containers item by item, loss modules by their
+public attributes and buffers.  What cannot be compared reliably is not: an arbitrary
+object captured in a closure or kept as an attribute (a config object, a device, the model
+itself) is compared by its type only, and so is anything nested deeper than
+:data:`_MAX_DEPTH` levels; the functions of different Python versions differ in bytecode.
+
+Failures stop every rank.  A rank whose own checks fail before the construction's
+collective (empty data, an unknown parameter name, a bad ``bn_mode``, loss or setting) still
+joins it as a failed rank; a rank whose part of a product, of ``loss_gradient``,
+``ggn_diagonal`` or ``loss_stats`` raises (a non-finite batch, a one-sample batch under
+train-mode BatchNorm) still joins the reduction, with zeros and a failure flag in the same
+buffer (:func:`all_reduce_weighted`, :func:`all_reduce_sum`, :func:`stop_if_failed`).  The
+failing rank raises its own error and every other rank a ``RuntimeError`` naming it, at
+once, instead of waiting for it in a collective.
 
 Why Lanczos needs no change
 ---------------------------
@@ -74,10 +97,12 @@ True
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import logging
 import os
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -104,6 +129,7 @@ __all__ = [
     "local_device",
     "resolve_group",
     "shard_batches",
+    "stop_if_failed",
     "unwrap_model",
 ]
 
@@ -382,13 +408,23 @@ def _is_compiled(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------- reductions
 
 
-def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Tensor]:
+def all_reduce_sum(
+    tensors: Sequence[torch.Tensor],
+    group: Any,
+    *,
+    error: Exception | None = None,
+    where: str = "The computation",
+) -> list[torch.Tensor]:
     """Sum tensors over ``group`` with one ``all_reduce`` of a packed buffer.
 
     The tensors are flattened into one buffer of the first tensor's dtype and
     device (scalars and vectors of different lengths may be mixed) and returned
     with their shapes.  With ``group=None`` (see :func:`resolve_group`) they are
-    returned unchanged.
+    returned unchanged.  The buffer also carries a failure flag (:func:`stop_if_failed`):
+    a rank whose own work before this collective raised passes its ``error`` (and
+    tensors of the right shapes, e.g. zeros), so that every rank stops -- the failing
+    one with ``error``, the others with a ``RuntimeError`` naming it -- instead of
+    the others waiting for it in the next collective.
 
     Parameters
     ----------
@@ -396,11 +432,21 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Te
         The tensors to sum.
     group : ProcessGroup or None
         The group (``None``: the default group when initialised).
+    error : Exception, optional
+        This rank's own failure, raised here after the collective.
+    where : str
+        What failed, for the other ranks' message (e.g. ``"loss_stats"``).
 
     Returns
     -------
     list of torch.Tensor
         The sums, with the input shapes.
+
+    Raises
+    ------
+    Exception
+        ``error`` on the rank that passed it; ``RuntimeError`` naming the failing
+        rank(s) on the others.
 
     Examples
     --------
@@ -409,10 +455,14 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Te
     """
     parts = list(tensors)
     if group is None or not parts:
+        if error is not None:
+            raise error
         return parts
     first = parts[0]
-    buf = torch.cat([t.reshape(-1).to(first.dtype) for t in parts])
+    flag = first.new_tensor([0 if error is None else 1])
+    buf = torch.cat([*(t.reshape(-1).to(first.dtype) for t in parts), flag])
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    stop_if_failed(float(buf[-1]), error, group, where)
     out, start = [], 0
     for t in parts:
         out.append(buf[start : start + t.numel()].reshape(t.shape).to(t.dtype))
@@ -420,7 +470,14 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Te
     return out
 
 
-def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[torch.Tensor, float]:
+def all_reduce_weighted(
+    acc: torch.Tensor,
+    weight: float,
+    group: Any,
+    *,
+    error: Exception | None = None,
+    where: str = "The computation",
+) -> tuple[torch.Tensor, float]:
     """Return :math:`(\\sum_r S_r, \\sum_r N_r)` over ``group`` with one ``all_reduce``.
 
     ``acc`` is this rank's weighted product sum :math:`S_r` (any shape) and
@@ -429,8 +486,11 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
     float64, otherwise the buffer is float32 (float16/bfloat16 sums are accumulated
     in float32) and the weight is split into two base-4096 digits, so integer counts
     stay exact up to :math:`2^{36}` and 4096 ranks (fractional class-weight sums to
-    float32 precision of the low digit).  ``group=None`` returns the inputs
-    unchanged.  The result is bitwise identical on every rank (see the module
+    float32 precision of the low digit).  A failure flag travels last
+    (:func:`stop_if_failed`): a rank whose own work raised passes its ``error`` and a
+    zero ``acc`` of the agreed shape, and every rank stops instead of the others
+    waiting for it.  ``group=None`` returns the inputs unchanged (or raises
+    ``error``).  The result is bitwise identical on every rank (see the module
     docstring).
 
     Parameters
@@ -441,11 +501,21 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
         This rank's total weight :math:`N_r`.
     group : ProcessGroup or None
         The group (``None``: the default group when initialised).
+    error : Exception, optional
+        This rank's own failure, raised here after the collective.
+    where : str
+        What failed, for the other ranks' message (e.g. ``"HessianOperator product"``).
 
     Returns
     -------
     (torch.Tensor, float)
         The sums over the group.
+
+    Raises
+    ------
+    Exception
+        ``error`` on the rank that passed it; ``RuntimeError`` naming the failing
+        rank(s) on the others.
 
     Examples
     --------
@@ -454,24 +524,71 @@ def all_reduce_weighted(acc: torch.Tensor, weight: float, group: Any) -> tuple[t
     ([1.0, 1.0, 1.0], 4.0)
     """
     if group is None:
+        if error is not None:
+            raise error
         return acc, float(weight)
     flat = acc.reshape(-1)
+    flag = 0.0 if error is None else 1.0
     if acc.dtype == torch.float64:
-        tail = flat.new_tensor([float(weight)])
-        buf = torch.cat([flat, tail])
+        buf = torch.cat([flat, flat.new_tensor([float(weight), flag])])
     else:
         hi = float(np.floor(weight / _DIGIT))
         lo = float(weight) - hi * _DIGIT
-        buf = torch.cat([flat.float(), flat.new_tensor([hi, lo], dtype=torch.float32)])
+        buf = torch.cat([flat.float(), flat.new_tensor([hi, lo, flag], dtype=torch.float32)])
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    tail = 2 if acc.dtype == torch.float64 else 3  # (weight or its two digits, flag)
+    tail_host = buf[-tail:].double().cpu().tolist()
+    stop_if_failed(tail_host[-1], error, group, where)
     if acc.dtype == torch.float64:
-        total = float(buf[-1])
-        summed = buf[:-1]
+        total = tail_host[0]
+        summed = buf[:-tail]
     else:
-        tail_host = buf[-2:].double().cpu()
-        total = float(tail_host[0]) * _DIGIT + float(tail_host[1])
-        summed = buf[:-2].to(acc.dtype)
+        total = tail_host[0] * _DIGIT + tail_host[1]
+        summed = buf[:-tail].to(acc.dtype)
     return summed.reshape(acc.shape), total
+
+
+def stop_if_failed(flags: float, error: Exception | None, group: Any, where: str) -> None:
+    """Raise on every rank when the reduced failure flags of a collective are not zero.
+
+    ``flags`` is the sum over the ranks of each rank's failure flag (1 where its own work
+    before the collective raised ``error``), so every rank takes the same decision.  When
+    some rank failed, one more ``all_gather`` tells every rank which (only on this error
+    path); the failing ranks raise their own ``error``, the others a ``RuntimeError``
+    naming them and ``where``.  Nothing happens when no rank failed.
+
+    Parameters
+    ----------
+    flags : float
+        The reduced flags (the same on every rank).
+    error : Exception or None
+        This rank's own failure.
+    group : ProcessGroup
+        The group the flags were reduced over.
+    where : str
+        What failed, for the message.
+
+    Raises
+    ------
+    Exception
+        ``error`` here; ``RuntimeError`` naming the failing ranks elsewhere.
+
+    Examples
+    --------
+    >>> stop_if_failed(0.0, None, None, "A product")  # no rank failed: nothing happens
+    """
+    if flags == 0 and error is None:
+        return
+    mine = torch.tensor([0.0 if error is None else 1.0], device=_comm_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if error is not None:
+        raise error
+    failed = [r for r, t in enumerate(gathered) if float(t) != 0]
+    raise RuntimeError(
+        f"{where} failed on rank(s) {failed} of the process group (see the error raised "
+        "there); the other ranks stop here instead of waiting for them."
+    )
 
 
 def _comm_device(group: Any) -> torch.device:
@@ -543,6 +660,8 @@ _FIELDS: tuple[tuple[str, str], ...] = (
     ("model parameter values (bitwise)", "hash"),
     ("model parameter values (bitwise)", "hash"),
 )
+#: The index of the caller's settings (:func:`check_ranks_agree`) in :data:`_FIELDS`.
+_SETTINGS_FIELD = 8
 _DTYPES = (
     torch.float64,
     torch.float32,
@@ -564,33 +683,182 @@ def _text_hash(text: str) -> float:
     return float(int.from_bytes(digest, "little"))
 
 
-def _describe_setting(value: Any) -> str:
-    """A process-independent description of a loss or operator setting (no addresses)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+#: Depth to which settings are described inside containers, closures and attributes
+#: (deeper values are described by their type only).
+_MAX_DEPTH = 4
+#: Modules whose functions are the same library code on every rank: their code and
+#: closures are still described, but the values of their global names are not read.
+_LIBRARIES = (
+    "torch",
+    "numpy",
+    "functools",
+    "operator",
+    "builtins",
+    "math",
+    "curvops",
+    "spectral",
+    "transformers",
+)
+
+
+def _describe_setting(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -> str:
+    """A process-independent description of a loss or operator setting (no addresses).
+
+    Numbers, strings, booleans, ``None``, dtypes and enums by value; tensors and numpy
+    arrays by a hash of their bits (with shape and dtype; not their device, which may
+    differ between ranks); containers item by item; callables by
+    :func:`_describe_callable` (code, closure, defaults, ``functools.partial``
+    arguments, a loss's public attributes).  Anything else -- an arbitrary object
+    captured in a closure, a device -- by its type only: such values are not compared.
+    Containers and callables are followed to depth :data:`_MAX_DEPTH` (cycles stop).
+    """
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return repr(value)
     if isinstance(value, torch.Tensor):
         raw = value.detach().cpu().contiguous().reshape(-1)
         digest = hashlib.blake2b(raw.view(torch.uint8).numpy().tobytes(), digest_size=8)
         return f"tensor{tuple(value.shape)}:{value.dtype}:{digest.hexdigest()}"
+    if isinstance(value, np.ndarray):
+        blob = np.ascontiguousarray(value).tobytes() if value.dtype != object else b"object"
+        digest = hashlib.blake2b(blob, digest_size=8)
+        return f"array{value.shape}:{value.dtype}:{digest.hexdigest()}"
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    if isinstance(value, (torch.dtype, enum.Enum)):
+        return repr(value)
+    if isinstance(value, type) or depth >= _MAX_DEPTH or id(value) in seen:
+        return _type_name(value)
+    inner = seen | {id(value)}
     if isinstance(value, (tuple, list)):
-        return "(" + ",".join(_describe_setting(v) for v in value) + ")"
+        return "(" + ",".join(_describe_setting(v, depth + 1, inner) for v in value) + ")"
+    if isinstance(value, (set, frozenset)):
+        items = sorted(_describe_setting(v, depth + 1, inner) for v in value)
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, dict):
+        items = sorted(
+            f"{_describe_setting(k, depth + 1, inner)}:{_describe_setting(v, depth + 1, inner)}"
+            for k, v in value.items()
+        )
+        return "{" + ",".join(items) + "}"
+    if callable(value):
+        return _describe_callable(value, depth, inner)
+    return _type_name(value)
+
+
+def _type_name(value: Any) -> str:
     kind = value if isinstance(value, type) else type(value)
     return f"<{kind.__module__}.{getattr(kind, '__qualname__', kind.__name__)}>"
 
 
-def _loss_description(loss_fn: Any) -> str:
-    """The loss's type and settings: public attributes, buffers, ``partial`` keywords."""
-    if isinstance(loss_fn, functools.partial):
-        func = getattr(loss_fn.func, "__qualname__", type(loss_fn.func).__name__)
-        items = sorted(loss_fn.keywords.items())
-        return f"partial {func} " + ";".join(f"{k}={_describe_setting(v)}" for k, v in items)
-    kind = loss_fn if isinstance(loss_fn, type) else type(loss_fn)
-    name = getattr(loss_fn, "__qualname__", None) or f"{kind.__module__}.{kind.__qualname__}"
-    settings = dict(getattr(loss_fn, "__dict__", {}))
-    if isinstance(loss_fn, nn.Module):
-        settings.update(dict(loss_fn.named_buffers()))
+def _describe_callable(fn: Any, depth: int, seen: frozenset[int]) -> str:
+    """A function's qualified name, code, defaults and closure; a ``functools.partial``'s
+    function and arguments; a bound method's object and function; a module's type, public
+    attributes and buffers (below the top level -- a module captured in a closure, the
+    owner of a bound method -- only its own buffers and its plain attributes: numbers,
+    strings, tensors); another callable object's type, name and public attributes (its
+    ``repr`` too when it has none and shows no address: ``operator.itemgetter(1)``)."""
+    deeper = depth + 1
+    if isinstance(fn, functools.partial):
+        args = _describe_setting(fn.args, deeper, seen)
+        keywords = _describe_setting(dict(fn.keywords), deeper, seen)
+        return f"partial {_describe_setting(fn.func, deeper, seen)} {args} {keywords}"
+    if isinstance(fn, types.MethodType):
+        owner = _describe_setting(fn.__self__, deeper, seen)
+        return f"method {owner} {_describe_setting(fn.__func__, deeper, seen)}"
+    if isinstance(fn, types.FunctionType):
+        return _describe_function(fn, depth, seen)
+    label = _type_name(fn)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if isinstance(name, str):  # builtins (torch.tanh), C functions
+        label += f" {getattr(fn, '__module__', None)}.{name}"
+    settings = dict(getattr(fn, "__dict__", {}))
+    if isinstance(fn, nn.Module):
+        settings.update(dict(fn.named_buffers(recurse=depth == 0)))
+        if depth > 0:  # e.g. a model: not its bookkeeping (HF's warnings_issued)
+            settings = {k: v for k, v in settings.items() if isinstance(v, _PLAIN_VALUES)}
+    elif not settings and " at 0x" not in repr(fn):
+        label += f" {fn!r}"
     items = sorted((k, v) for k, v in settings.items() if not k.startswith("_") and k != "training")
-    return f"{name} " + ";".join(f"{k}={_describe_setting(v)}" for k, v in items)
+    return f"{label} " + ";".join(f"{k}={_describe_setting(v, deeper, seen)}" for k, v in items)
+
+
+#: The attribute values of a module below the top level that its description includes.
+_PLAIN_VALUES = (type(None), bool, int, float, complex, str, torch.Tensor, np.generic)
+
+
+def _describe_function(fn: types.FunctionType, depth: int, seen: frozenset[int]) -> str:
+    """A Python function: its qualified name, a hash of its code (bytecode, names and
+    constants, nested functions' too; not line numbers), its defaults, the values in its
+    closure and -- for functions outside the libraries (:data:`_LIBRARIES`: a script's
+    lambda, a user module's loss) -- the values of the global names it reads that are
+    numbers, strings, tensors, functions or modules (``TEMPERATURE = 2.0``, a loss module
+    called inside it)."""
+    deeper = depth + 1
+    code = fn.__code__
+    digest = hashlib.blake2b(_code_text(code).encode(), digest_size=8).hexdigest()
+    parts = [f"{fn.__module__}.{fn.__qualname__}", digest]
+    parts.append(f"defaults={_describe_setting(fn.__defaults__, deeper, seen)}")
+    parts.append(f"kwdefaults={_describe_setting(fn.__kwdefaults__, deeper, seen)}")
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            contents = _describe_setting(cell.cell_contents, deeper, seen)
+        except ValueError:  # an empty cell
+            contents = "<empty>"
+        parts.append(f"{name}={contents}")
+    if str(fn.__module__).split(".")[0] not in _LIBRARIES:
+        for name in sorted(n for n in _global_names(code) if n in fn.__globals__):
+            value = fn.__globals__[name]
+            if isinstance(value, _GLOBAL_VALUES):
+                parts.append(f"global {name}={_describe_setting(value, deeper, seen)}")
+    return " ".join(parts)
+
+
+#: The kinds of global values a user function's description includes.
+_GLOBAL_VALUES = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    torch.Tensor,
+    np.ndarray,
+    np.generic,
+    types.FunctionType,
+    functools.partial,
+    nn.Module,
+)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` (and the code of functions defined inside it) looks up."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _code_text(code: types.CodeType) -> str:
+    """Bytecode, names and constants of ``code`` (nested code included), no line numbers."""
+    consts = ",".join(_const_text(c) for c in code.co_consts)
+    return f"{code.co_code.hex()}|{','.join(code.co_names)}|{consts}"
+
+
+def _const_text(const: Any) -> str:
+    if isinstance(const, types.CodeType):
+        return "code:" + _code_text(const)
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_text(c) for c in const) + ")"
+    if isinstance(const, frozenset):  # its iteration order depends on the string hash seed
+        return "{" + ",".join(sorted(_const_text(c) for c in const)) + "}"
+    return repr(const)
+
+
+def _loss_description(loss_fn: Any) -> str:
+    """The loss's type and settings (:func:`_describe_setting`): a module's public
+    attributes and buffers, a function's code, defaults and closure, ``partial`` arguments,
+    a declared loss's function and normaliser."""
+    return _describe_setting(loss_fn)
 
 
 def _bits_hash(tensors: Iterable[torch.Tensor]) -> int:
@@ -699,14 +967,17 @@ def check_ranks_agree(
     Each rank sends a fixed-size fingerprint (one ``all_gather`` of 11 float64
     numbers): the number, names, shapes and dtype of the selected parameters, the
     loss's reduction, type and settings (public attributes, buffers such as class
-    weights, ``functools.partial`` keywords), the caller's ``settings`` (e.g. the
-    operator type and ``bn_mode``), a 64-bit hash of the bits of *all* the model's
+    weights, ``functools.partial`` arguments, a function's code and closure:
+    :func:`_describe_setting`), the caller's ``settings`` (e.g. the operator type,
+    ``bn_mode`` and ``output_fn``), a 64-bit hash of the bits of *all* the model's
     parameters (:func:`_bits_hash`: a few integer passes over the parameters on their
     device, :math:`O(P)`, nothing copied to the host), this rank's total batch weight
     and whether its own checks failed.  Every rank receives every fingerprint and
     takes the same decision from the same numbers, so either all ranks return or all
-    raise: no rank is left waiting in a collective.  Buffers (e.g. BatchNorm running
-    statistics) are not compared.  Ranks are numbered within the group.
+    raise: no rank is left waiting in a collective.  When the ``settings`` differ, one
+    more collective (an ``all_gather_object`` of their descriptions, on every rank alike)
+    names the settings that differ.  Buffers (e.g. BatchNorm running statistics) are not
+    compared.  Ranks are numbered within the group.
 
     Parameters
     ----------
@@ -726,7 +997,8 @@ def check_ranks_agree(
         This rank's own construction checks raised: it still joins the collective
         (so that the others do not hang), then the caller re-raises its own error.
     settings : dict, optional
-        Further settings that must agree (values: numbers, strings, tensors, types).
+        Further settings that must agree (values: numbers, strings, tensors, types,
+        callables; see :func:`_describe_setting`), named in the error when they differ.
 
     Returns
     -------
@@ -765,6 +1037,11 @@ def check_ranks_agree(
             "error raised there); the other ranks stop here instead of waiting for them."
         )
     differences = _disagreements(table)
+    if len(set(table[:, _SETTINGS_FIELD].tolist())) > 1:  # the same test on every rank
+        named = _settings_differences(settings or {}, group)
+        differences = [
+            d + named if d.startswith(_FIELDS[_SETTINGS_FIELD][0]) else d for d in differences
+        ]
     if differences:
         raise ValueError(
             "The ranks of the process group disagree: every rank must build the operator "
@@ -772,6 +1049,39 @@ def check_ranks_agree(
             "own shard of the data); " + "; ".join(differences) + "."
         )
     return _total_weight(table[:, 1], len(gathered))
+
+
+def _settings_differences(settings: dict[str, Any], group: Any) -> str:
+    """Which of the caller's ``settings`` differ between the ranks, e.g. `` (kind: 'mc' on
+    ranks [0], 'empirical' on ranks [1]; output_fn differs between ranks [0] and ranks
+    [1])``: one ``all_gather_object`` of every setting's description, made only when the
+    fingerprints' settings hashes differ (the same decision on every rank)."""
+    mine = {key: (_describe_setting(value), _shown(value)) for key, value in settings.items()}
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    found = []
+    for key in sorted(set().union(*gathered)):
+        values = [g.get(key, ("<not set>", "not set")) for g in gathered]
+        groups: dict[tuple[str, str | None], list[int]] = {}
+        for rank, value in enumerate(values):
+            groups.setdefault(value, []).append(rank)
+        if len(groups) == 1:
+            continue
+        if all(shown is not None for _, shown in groups):
+            found.append(f"{key}: " + ", ".join(f"{v[1]} on ranks {r}" for v, r in groups.items()))
+        else:
+            found.append(
+                f"{key} differs between " + " and ".join(f"ranks {r}" for r in groups.values())
+            )
+    return f" ({'; '.join(found)})" if found else ""
+
+
+def _shown(value: Any) -> str | None:
+    """``repr`` of a short number, string, boolean or ``None``, for messages (else None)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        return text if len(text) <= 60 else None
+    return None
 
 
 def _total_weight(weights: np.ndarray, world: int) -> float | None:

@@ -63,6 +63,7 @@ from curvops.losses import (
     sample_targets,
 )
 from curvops.model_io import OutputFn
+from curvops.validation import checked_on_ranks
 from spectral.errors import argument_error
 
 __all__ = ["FisherOperator", "fisher_output_factor", "position_output_factor", "position_rows"]
@@ -198,23 +199,8 @@ class FisherOperator(ModelCurvatureOperator):
         per: str = "sample",
         output_fn: OutputFn | None = None,
     ) -> None:
-        if kind not in ("mc", "empirical"):
-            raise argument_error("kind", "'mc' or 'empirical'", kind)
-        if per not in ("sample", "position"):
-            raise argument_error("per", "'sample' or 'position'", per)
-        if per == "position" and kind != "empirical":
-            raise argument_error("per", "'sample' for kind='mc' ('position' is empirical)", per)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise argument_error("mc_samples", "an integer >= 1", mc_samples)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise argument_error("seed", "an integer", seed, kind=TypeError)
-        if kind == "mc" and loss_family(loss_fn) not in ("ce", "mse", "bce", "seq_ce"):
-            raise argument_error(
-                "loss_fn",
-                "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or "
-                "curvops.losses.sequence_cross_entropy for kind='mc' (use 'empirical')",
-                loss_fn,
-            )
+        # a rank whose arguments are refused still joins the construction's collective
+        checked_on_ranks(lambda: _check_fisher(loss_fn, kind, per, mc_samples, seed), process_group)
         super().__init__(
             model,
             loss_fn,
@@ -225,6 +211,7 @@ class FisherOperator(ModelCurvatureOperator):
             process_group=process_group,
             psd=True,
             output_fn=output_fn,
+            settings=_fisher_settings(kind, mc_samples, seed, per),
         )
         self._validation.check_outputs_before_the_loss(type(self).__name__)
         self.kind = kind
@@ -277,3 +264,33 @@ class FisherOperator(ModelCurvatureOperator):
             return apply
 
         return self._sandwich_matmat(batch, inputs, V, curvature)
+
+
+def _check_fisher(loss_fn: Any, kind: Any, per: Any, mc_samples: Any, seed: Any) -> None:
+    """The arguments of :class:`FisherOperator` beyond the base class's."""
+    if kind not in ("mc", "empirical"):
+        raise argument_error("kind", "'mc' or 'empirical'", kind)
+    if per not in ("sample", "position"):
+        raise argument_error("per", "'sample' or 'position'", per)
+    if per == "position" and kind != "empirical":
+        raise argument_error("per", "'sample' for kind='mc' ('position' is empirical)", per)
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise argument_error("mc_samples", "an integer >= 1", mc_samples)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise argument_error("seed", "an integer", seed, kind=TypeError)
+    if kind == "mc" and loss_family(loss_fn) not in ("ce", "mse", "bce", "seq_ce"):
+        raise argument_error(
+            "loss_fn",
+            "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or "
+            "curvops.losses.sequence_cross_entropy for kind='mc' (use 'empirical')",
+            loss_fn,
+        )
+
+
+def _fisher_settings(kind: str, mc_samples: int, seed: int, per: str) -> dict[str, Any]:
+    """The settings that change a Fisher's matrix, which every rank of a process group must
+    share (:func:`curvops.validation.validate_across_ranks`): ``kind``; the Monte-Carlo
+    ``mc_samples`` and ``seed`` (``kind="mc"``); ``per`` (``kind="empirical"``)."""
+    if kind == "mc":
+        return {"kind": kind, "mc_samples": mc_samples, "seed": seed}
+    return {"kind": kind, "per": per}

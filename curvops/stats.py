@@ -68,7 +68,7 @@ from curvops.losses import LossFn, batch_weight, loss_reduction, output_hessian_
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.products import hessian_linearization, jacobian_sandwich_matmat
-from curvops.validation import validated_on_ranks
+from curvops.validation import checked_on_ranks, validated_on_ranks
 from spectral.errors import NumericalError, argument_error
 
 __all__ = [
@@ -424,11 +424,15 @@ def loss_stats(
     >>> s.num_batches, s.num_samples, s.curvature
     (2, 8, 'hessian')
     """
-    if curvature not in ("hessian", "ggn"):
-        raise argument_error("curvature", "'hessian' or 'ggn'", curvature)
-    check_bn_mode(bn_mode)
-    output_fn = check_output_fn(output_fn)
-    model = unwrap_model(model)
+
+    def local_checks() -> nn.Module:
+        if curvature not in ("hessian", "ggn"):
+            raise argument_error("curvature", "'hessian' or 'ggn'", curvature)
+        check_bn_mode(bn_mode)
+        check_output_fn(output_fn)
+        return unwrap_model(model)
+
+    model = checked_on_ranks(local_checks, process_group)  # a failure joins the check below
     validation, _ = validated_on_ranks(  # one all_gather with a process group
         model,
         loss_fn,
@@ -460,9 +464,7 @@ def loss_stats(
         batch_size,
         output_fn,
     )
-    zv, z_parts = _unit_direction(z, setting.named, seed)
-    moments = _sweep(setting, data, validation, z_parts, keep=bool(num_probes))
-    moments.all_reduce(group)
+    zv, moments = _reduced_moments(setting, data, validation, z, seed, keep=bool(num_probes))
     if num_probes:
         rule = as_data(data).batch_size_rule
         stream = data if batch_size is None else as_data(moments.kept, batch_size=rule)
@@ -470,6 +472,39 @@ def loss_stats(
     else:
         fro, fro_err = math.nan, math.nan
     return _assemble(setting, moments, zv, (fro, fro_err), params)
+
+
+def _reduced_moments(
+    setting: _Setting, data: Any, validation: Any, z: Any, seed: int, *, keep: bool
+) -> tuple[torch.Tensor, _Moments]:
+    """The unit direction and the moments of every rank's minibatches (:func:`_sweep`, then
+    one ``all_reduce`` over the group).
+
+    A rank whose own sweep raises (a non-finite minibatch, a one-sample batch under
+    train-mode BatchNorm) still joins the reduction with a failure flag
+    (:func:`curvops.distributed.all_reduce_sum`): it raises its own error and the others a
+    ``RuntimeError`` naming it.  A job without a counted target (on any rank) is refused
+    after the reduction, on every rank alike.
+    """
+    named = setting.named
+    P = sum(p.numel() for _, p in named)
+    try:
+        zv, z_parts = _unit_direction(z, named, seed)
+        moments = _sweep(setting, data, validation, z_parts, keep=keep)
+    except Exception as exc:
+        if setting.group is None:
+            raise
+        _Moments.zeros(P, named[0][1].device).all_reduce(setting.group, error=exc)
+        raise  # (not reached: the line above raises exc)
+    moments.all_reduce(setting.group)
+    if moments.sums["w"] == 0:  # the reduced sums: the same test on every rank
+        where = "" if setting.group is None else " (over all ranks of the process group)"
+        raise argument_error(
+            "data",
+            f"at least one batch with a counted target{where}",
+            f"{moments.num_batches} minibatches with a counted target",
+        )
+    return zv, moments
 
 
 def _direction_setting(z: Any) -> Any:
@@ -571,9 +606,23 @@ class _Moments:
         self.gbar += w * g
         self.czbar += w * czv
 
-    def all_reduce(self, group: Any) -> None:
-        """Sum everything (batch count included) over ``group`` in one ``all_reduce``."""
+    @classmethod
+    def zeros(cls, size: int, device: torch.device) -> _Moments:
+        """Empty sums for vectors of length ``size``."""
+        return cls(
+            gbar=torch.zeros(size, dtype=torch.float64, device=device),
+            czbar=torch.zeros(size, dtype=torch.float64, device=device),
+        )
+
+    def all_reduce(self, group: Any, error: Exception | None = None) -> None:
+        """Sum everything (batch count included) over ``group`` in one ``all_reduce``.
+
+        ``error``: this rank's sweep failed (it raises ``error`` after the collective,
+        and the other ranks a ``RuntimeError`` naming it).  ``kept`` stays local.
+        """
         if group is None:
+            if error is not None:
+                raise error
             return
         keys = list(self.sums)
         scalars = torch.tensor(
@@ -581,7 +630,9 @@ class _Moments:
             dtype=torch.float64,
             device=self.gbar.device,
         )
-        scalars, self.gbar, self.czbar = all_reduce_sum([scalars, self.gbar, self.czbar], group)
+        scalars, self.gbar, self.czbar = all_reduce_sum(
+            [scalars, self.gbar, self.czbar], group, error=error, where="loss_stats"
+        )
         self.sums = dict(zip(keys, scalars[:-1].tolist()))
         self.num_batches = int(scalars[-1])
 
@@ -598,12 +649,8 @@ def _sweep(
     """
     streamed = not as_data(data).is_in_memory
     named, batch_size = setting.named, setting.batch_size
-    P = sum(p.numel() for _, p in named)
-    device = named[0][1].device
-    moments = _Moments(
-        gbar=torch.zeros(P, dtype=torch.float64, device=device),
-        czbar=torch.zeros(P, dtype=torch.float64, device=device),
-    )
+    moments = _Moments.zeros(sum(p.numel() for _, p in named), named[0][1].device)
+    spare: list[tuple[Any, torch.Tensor]] = []
     with curvature_mode(setting.model, setting.bn_mode):
         for batch in minibatches(data, batch_size):
             if streamed:  # (a piece of a cut batch has the batch's targets and shapes)
@@ -614,6 +661,8 @@ def _sweep(
                 w = batch_weight(setting.loss_fn, batch.inputs, batch.targets, batch.size)
                 per = 1.0
             if w == 0:
+                if batch_size is not None and keep and not spare:
+                    spare.append((batch.inputs, batch.targets))
                 continue
             moments.num_batches += 1
             if batch_size is not None and keep:
@@ -621,6 +670,8 @@ def _sweep(
             with shape_noted(batch, validation.shapes):
                 loss, g, czv = _minibatch_terms(setting, batch, z_parts, per)
             moments.add(w, batch.size, loss, g, czv)
+    if not moments.kept:  # a shard of padding only: one minibatch of weight 0 (adds zeros),
+        moments.kept = spare  # so that this rank can build the estimate's operator too
     return moments
 
 

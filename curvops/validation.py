@@ -42,7 +42,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ from torch import nn
 from curvops.data import dict_batch_error, first_tensor
 from curvops.distributed import check_ranks_agree, resolve_group
 from spectral.errors import argument_error
+
+T = TypeVar("T")
 
 __all__ = [
     "ValidatedModes",
@@ -61,6 +63,7 @@ __all__ = [
     "check_shapes_weighable",
     "check_targets",
     "check_weights_not_rewritten",
+    "checked_on_ranks",
     "dict_batch_error",
     "validate",
     "validate_across_ranks",
@@ -325,6 +328,8 @@ class Validation:
     shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     #: The shape of the (selected) model output on the first batch (``None``: structured).
     output_shape: tuple[int, ...] | None = None
+    #: The ``output_fn`` checked (every rank of a process group must use the same one).
+    output_fn: Any = None
 
     def check_outputs_before_the_loss(self, who: str) -> None:
         """Refuse a 0-dimensional model output for a curvature built on the outputs.
@@ -626,6 +631,7 @@ def validate(
         classes,
         shapes=trailing_shapes(first),
         output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
+        output_fn=output_fn,
     )
     if stream.is_in_memory:
         forward = _forward_without_gradients(model, named, bn_mode, output_fn)
@@ -738,8 +744,10 @@ def validate_across_ranks(
     passed, so that a failure on one rank stops every rank instead of leaving the
     others waiting in their first product: the failing rank raises its own error, the
     others a ``RuntimeError`` naming it.  Ranks that disagree (model weights, parameter
-    selection, dtype, loss settings, ``settings``) or a job whose shards hold no
-    counted target at all raise the same ``ValueError`` on every rank.
+    selection, dtype, loss settings, the ``output_fn`` the checks used, ``settings``) or
+    a job whose shards hold no counted target at all raise the same ``ValueError`` on
+    every rank, naming what differs.  Checks that come before (the arguments an operator
+    checks itself) join through :func:`checked_on_ranks`.
 
     Parameters
     ----------
@@ -751,7 +759,8 @@ def validate_across_ranks(
     process_group : ProcessGroup, None or False
         The operator's group.
     settings : dict, optional
-        Further settings every rank must share (operator type, ``bn_mode``).
+        Further settings every rank must share (operator type, ``bn_mode``, a Fisher's
+        ``kind`` and ``seed``, ...; ``output_fn`` is added from the checks' result).
     same_shapes : bool
         Ranks must also share their first batch's shapes past the sample dimension
         (:func:`curvops.data.trailing_shapes`): K-FAC's factors, and a loss whose normaliser
@@ -776,11 +785,52 @@ def validate_across_ranks(
     except Exception:
         check_ranks_agree(model, [], loss_fn, process_group, failed=True)
         raise
-    agreed = dict(settings or {})
+    agreed = {"output_fn": result.output_fn, **(settings or {})}
     if same_shapes or not normaliser_is_known(loss_fn):
         agreed["input / target shapes past the sample dimension"] = _shapes_setting(result)
     check_ranks_agree(model, named, loss_fn, process_group, weight=result.weight, settings=agreed)
     return result
+
+
+def checked_on_ranks(checks: Callable[[], T], process_group: Any) -> T:
+    """Run rank-local checks that come before the construction's collective check.
+
+    The arguments an operator or curvature function checks before
+    :func:`validate_across_ranks` (the model's type and wrappers, the loss, ``data``,
+    ``bn_mode``, the parameter selection, its own settings) can fail on one rank only.
+    A failure here still joins the construction's ``all_gather`` as a failed rank
+    (:func:`curvops.distributed.check_ranks_agree` with ``failed=True``) before it is
+    raised, so the other ranks raise a ``RuntimeError`` naming this one instead of
+    waiting for it.  Without communication this is ``checks()``.
+
+    Parameters
+    ----------
+    checks : callable
+        The checks; their result is returned.
+    process_group : ProcessGroup, None or False
+        The group of the collective check that follows (a ``process_group`` that is not
+        a group is refused by the caller, before communicating).
+
+    Returns
+    -------
+    Any
+        What ``checks`` returned.
+
+    Examples
+    --------
+    >>> checked_on_ranks(lambda: 3, process_group=False)
+    3
+    """
+    try:
+        return checks()
+    except Exception:
+        try:
+            group = resolve_group(process_group)
+        except (TypeError, RuntimeError):  # not a group: nothing to join
+            group = None
+        if group is not None:
+            check_ranks_agree(nn.Module(), [], None, process_group, failed=True)
+        raise
 
 
 def validated_on_ranks(
