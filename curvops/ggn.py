@@ -43,6 +43,7 @@ from curvops.products import (
     jacobian_sandwich_linearization,
     jacobian_sandwich_matmat,
 )
+from curvops.validation import checked_on_ranks
 from spectral.errors import argument_error
 
 __all__ = ["GGNOperator"]
@@ -139,7 +140,8 @@ class GGNOperator(ModelCurvatureOperator):
         output_fn: OutputFn | None = None,
         linearize: bool = False,
     ) -> None:
-        check_curved_loss(loss_fn)
+        # a rank whose loss is refused still joins the construction's collective
+        checked_on_ranks(lambda: check_curved_loss(loss_fn), process_group)
         super().__init__(
             model,
             loss_fn,

@@ -122,7 +122,13 @@ from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
 from curvops.snapshot import tensors_in
-from curvops.validation import ValidatedModes, Validation, validate, validate_across_ranks
+from curvops.validation import (
+    ValidatedModes,
+    Validation,
+    checked_on_ranks,
+    validate,
+    validate_across_ranks,
+)
 from spectral.errors import NumericalError, argument_error
 
 __all__ = ["KFACOperator", "KroneckerBlock", "KroneckerEigenOperator", "KroneckerInverse"]
@@ -580,6 +586,37 @@ class KroneckerInverse(KroneckerEigenOperator):
         return self._check(values, floor, "the remainder")
 
 
+def _checked_arguments(
+    model: Any,
+    loss_fn: Any,
+    data: Any,
+    params: Any,
+    bn_mode: Any,
+    output_fn: Any,
+    choices: dict[str, str],
+    sampling: tuple[Any, Any],
+) -> tuple[nn.Module, Data, list[tuple[str, nn.Parameter]]]:
+    """The arguments of :class:`KFACOperator` a rank checks alone (before the collective
+    check): the unwrapped model, the data stream and the parameter selection."""
+    if not isinstance(model, nn.Module):
+        raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
+    allowed = {
+        "fisher": FISHER_TYPES,
+        "approx": APPROXIMATIONS,
+        "bias": ("separate", "joint"),
+        "remainder": ("error", "diagonal"),
+    }
+    for name, value in choices.items():
+        check_choice(name, value, allowed[name])
+    _check_sampling(choices["fisher"], *sampling)
+    _check_loss_family(loss_fn, choices["fisher"])
+    check_loss(loss_fn)
+    check_output_fn(output_fn)
+    check_bn_mode(bn_mode)
+    inner = unwrap_model(model)
+    return inner, as_data(data), select_params(inner, params)
+
+
 def _check_sampling(fisher: str, mc_samples: Any, seed: Any) -> None:
     """``mc_samples`` (an integer >= 1, 1 unless ``fisher="mc"``) and ``seed`` (an integer)."""
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
@@ -759,23 +796,26 @@ class KFACOperator(KroneckerEigenOperator):
         share_with: KFACOperator | None = None,
         output_fn: OutputFn | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise argument_error("model", "a torch.nn.Module", model, kind=TypeError)
-        model = unwrap_model(model)
-        self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
-        self.approx = check_choice("approx", approx, APPROXIMATIONS)
-        self.bias = check_choice("bias", bias, ("separate", "joint"))
-        self.remainder = check_choice("remainder", remainder, ("error", "diagonal"))
-        _check_sampling(fisher, mc_samples, seed)
-        _check_loss_family(loss_fn, fisher)
         resolve_group(process_group)  # validates the argument early
+
+        # a rank whose arguments fail here still joins the collective check below
+        model, self._data, self._params = checked_on_ranks(
+            lambda: _checked_arguments(
+                model,
+                loss_fn,
+                data,
+                params,
+                bn_mode,
+                output_fn,
+                {"fisher": fisher, "approx": approx, "bias": bias, "remainder": remainder},
+                (mc_samples, seed),
+            ),
+            process_group,
+        )
+        self.fisher, self.approx, self.bias, self.remainder = fisher, approx, bias, remainder
         self.process_group = process_group
-        self._model = model
-        self._loss_fn = check_loss(loss_fn)
-        self._data: Data = as_data(data)
-        self._bn_mode = check_bn_mode(bn_mode)
-        self._params = select_params(model, params)
-        self._output_fn = check_output_fn(output_fn)
+        self._model, self._loss_fn, self._output_fn = model, loss_fn, output_fn
+        self._bn_mode = bn_mode
 
         settings: dict[str, Any] = {"operator": type(self).__name__, "bn_mode": bn_mode}
         settings.update(fisher=fisher, approx=approx, bias=bias, remainder=remainder)

@@ -187,7 +187,7 @@ def _agreeing_cases(net: nn.Module, batches: list[Any]) -> dict[str, Any]:
 
 def _construction_failures(rank: int) -> dict[str, Callable[[], Any]]:
     """Rank 1's arguments are refused before the construction's collective check."""
-    from curvops import FisherOperator, HessianOperator, ggn_diagonal
+    from curvops import FisherOperator, GGNOperator, HessianOperator, KFACOperator, ggn_diagonal
     from curvops.distributed import shard_batches
     from curvops.stats import loss_stats
 
@@ -204,6 +204,9 @@ def _construction_failures(rank: int) -> dict[str, Callable[[], Any]]:
         ),
         "bad loss": lambda: repr(HessianOperator(net, 3 if bad else ce, shard)),  # type: ignore[arg-type]
         "fisher kind": lambda: repr(FisherOperator(net, ce, shard, kind="bogus" if bad else "mc")),
+        "ggn linear loss": lambda: repr(GGNOperator(net, nn.NLLLoss() if bad else ce, shard)),
+        "kfac fisher": lambda: repr(KFACOperator(net, ce, shard, fisher="x" if bad else "type2")),
+        "kfac params": lambda: repr(KFACOperator(net, ce, shard, params=["no"] if bad else None)),
         "diagonal method": lambda: ggn_diagonal(
             net, ce, shard, method="bogus" if bad else "exact", process_group=None
         ).tolist(),
@@ -409,6 +412,9 @@ def test_distributed_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> Non
         "bad bn_mode": ("ValueError", "'bn_mode'"),
         "bad loss": ("TypeError", "'loss_fn'"),
         "fisher kind": ("ValueError", "'kind'"),
+        "ggn linear loss": ("ValueError", "NLLLoss is linear"),
+        "kfac fisher": ("ValueError", "'fisher'"),
+        "kfac params": ("ValueError", "'params'"),
         "diagonal method": ("ValueError", "'method'"),
         "stats curvature": ("ValueError", "'curvature'"),
     }
