@@ -105,8 +105,16 @@ def _evaluate(f: Callable[[FloatArray], ArrayLike], points: FloatArray) -> Float
 
 
 def _sigma(sigma: Any) -> float:
-    """The kernel width of :meth:`SpectralDensity.smooth`: a positive finite number."""
-    return check_real("sigma", sigma, "a positive finite number", lambda s: 0 < s < math.inf)
+    r"""The kernel width of :meth:`SpectralDensity.smooth`: a positive finite number, at
+    least the smallest normal float64 (2.2e-308), so that the kernel's peak
+    :math:`1/(\sigma\sqrt{2\pi})` (Lorentzian: :math:`1/(\pi\sigma)`) is a finite float."""
+    tiny = float(np.finfo(np.float64).tiny)
+    return check_real(
+        "sigma",
+        sigma,
+        f"a positive finite number >= {tiny:.4g} (the smallest normal float64)",
+        lambda s: tiny <= s < math.inf,
+    )
 
 
 def _real_values(name: str, given: Any) -> FloatArray:
@@ -795,11 +803,14 @@ class SpectralDensity:
         # Accumulate in blocks of nodes to bound memory at O(grid * block).
         block = max(1, 2**20 // max(1, flat.size))
         for start in range(0, self.nodes.size, block):
-            t = (flat[:, None] - self.nodes[None, start : start + block]) / sigma
-            if kernel == "gaussian":
-                k = np.exp(-0.5 * t * t) / (sigma * np.sqrt(2.0 * np.pi))
-            else:
-                k = 1.0 / (np.pi * sigma * (1.0 + t * t))
+            # t and t * t overflow to inf only far in the tails, where the kernel's limit,
+            # 0, is the exact value to float64 precision
+            with np.errstate(over="ignore"):
+                t = (flat[:, None] - self.nodes[None, start : start + block]) / sigma
+                if kernel == "gaussian":
+                    k = np.exp(-0.5 * t * t) / (sigma * np.sqrt(2.0 * np.pi))
+                else:
+                    k = 1.0 / (np.pi * sigma * (1.0 + t * t))
             out += k @ self.weights[start : start + block]
         result: FloatArray = out.reshape(xs.shape)
         return result
@@ -818,8 +829,9 @@ class SpectralDensity:
             raise argument_error("kernel", f"one of {KERNELS}", kernel)
         a = check_real("a", a, "a number (or -inf), not NaN", lambda t: not math.isnan(t))
         b = check_real("b", b, f"a number >= a = {a!r} (or inf)", lambda t: t >= a)
-        lo = (a - self.nodes) / sigma
-        hi = (b - self.nodes) / sigma
+        with np.errstate(over="ignore"):  # +-inf: the exact limits 0 and 1 of the CDFs below
+            lo = (a - self.nodes) / sigma
+            hi = (b - self.nodes) / sigma
         if kernel == "gaussian":
             per_node = scipy.special.ndtr(hi) - scipy.special.ndtr(lo)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -205,6 +206,31 @@ def test_smooth_argument_checks() -> None:
     with pytest.raises(ValueError, match="kernel"):
         d.smooth([0.0], 1.0, kernel="box")
     assert d.smooth(np.zeros((2, 3)), 1.0).shape == (2, 3)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "lorentzian"])
+def test_narrow_kernels_are_exact_or_refused(kernel: str) -> None:
+    """Before: sigma = 1e-320 returned inf at the nodes and sigma = 1e-200 warned of
+    overflow (t * t far in the tails).  A sigma whose kernel peak is not a finite float64
+    is refused; narrow but normal widths give the peak at a node, 0 elsewhere, no warning."""
+    d = SpectralDensity([0.0, 1.0], [0.25, 0.75])
+    tiny = float(np.finfo(np.float64).tiny)
+    for sigma in (1e-320, tiny / 2):
+        with pytest.raises(ValueError, match=r"Argument 'sigma': expected .* >= 2.225e-308"):
+            d.smooth([0.0], sigma, kernel)
+        with pytest.raises(ValueError, match="Argument 'sigma'"):
+            d.smoothed_mass(-1.0, 1.0, sigma, kernel)
+    for sigma in (1e-200, tiny):
+        peak = 1.0 / (sigma * np.sqrt(2 * np.pi)) if kernel == "gaussian" else 1.0 / (np.pi * sigma)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            values = d.smooth([0.0, 0.5, 1.0, 1e300], sigma, kernel)
+            masses = [d.smoothed_mass(a, b, sigma, kernel) for a, b in ((-1, 0.5), (0.5, 2))]
+        assert np.isfinite(values).all()
+        np.testing.assert_allclose(values[[0, 2]], [0.25 * peak, 0.75 * peak], rtol=1e-15)
+        if kernel == "gaussian":  # the Lorentzian's tails are ~ sigma / t^2 > 0
+            assert values[1] == values[3] == 0.0
+        assert masses == pytest.approx([0.25, 0.75], abs=1e-15)
 
 
 def test_save_load_round_trip(tmp_path: object) -> None:
