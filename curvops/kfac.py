@@ -126,8 +126,7 @@ from curvops.validation import (
     ValidatedModes,
     Validation,
     checked_on_ranks,
-    validate,
-    validate_across_ranks,
+    validated_on_ranks,
 )
 from spectral.errors import NumericalError, argument_error
 
@@ -649,29 +648,23 @@ def _validated(
 
     operator = str(settings.get("operator", "K-FAC"))
 
-    def construction_checks() -> Validation:
+    def refuse_padded() -> None:
         # padded positions would enter the input factors (refuse_padding): every in-memory
         # batch, a loader's first one here (each batch again in every pass, _passes)
         for batch in data if data.is_in_memory else [data.first_batch()]:
             refuse_padding(batch, operator)
-        return validate(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            bn_mode=bn_mode,
-            output_fn=output_fn,
-            process_group=process_group,
-        )
 
-    validation = validate_across_ranks(
-        construction_checks,
+    validation, construction_checks = validated_on_ranks(
         model,
         loss_fn,
+        data,
         params=params,
+        bn_mode=bn_mode,
+        output_fn=output_fn,
         process_group=process_group,
         settings=settings,
         same_shapes=True,  # the factors average over each batch's positions
+        extra_checks=refuse_padded,
     )
     validation.check_outputs_before_the_loss(operator)
     return construction_checks

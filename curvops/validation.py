@@ -844,16 +844,20 @@ def validated_on_ranks(
     process_group: Any = None,
     settings: dict[str, Any] | None = None,
     same_shapes: bool = False,
+    extra_checks: Callable[[], None] | None = None,
 ) -> tuple[Validation, Callable[[], Validation]]:
     """:func:`validate` on this rank's ``data``, agreed across ranks
     (:func:`validate_across_ranks`: one ``all_gather`` with a process group); return what it
     learnt and the rank-local checks themselves, for reruns (a changed loss, new modes).
 
     The construction of every operator and curvature function that takes a
-    ``process_group``.
+    ``process_group``; ``extra_checks`` are an operator's own data checks (K-FAC's refusal
+    of padded positions), run first, in the same agreement and in every rerun.
     """
 
     def checks() -> Validation:
+        if extra_checks is not None:
+            extra_checks()
         return validate(
             model,
             loss_fn,
