@@ -155,8 +155,16 @@ def test_mc_sequence_cross_entropy_matches_cross_entropy_over_positions(
         factors = [t for layer in (model.mid, model.head) for t in opt.factors(layer)]
         runs.append((factors, [p.detach().clone() for p in model.parameters()]))
     (fa, pa), (fb, pb) = runs
+    # The two layouts sum the 15 positions in different orders (and BLAS kernels may take
+    # other paths by memory alignment, i.e. by what ran before): rounding of O(n eps) in
+    # the factors, amplified by the damped inverses (E-KFAC: by its eigenbasis) over two
+    # steps.  So a bound relative to each tensor's largest entry, not elementwise (an
+    # element near 0 differed by 5.7e-13 relative in a run in random order); measured: up
+    # to 26 eps (E-KFAC's parameters), 1e4 eps leaves a wide margin.
+    eps = torch.finfo(DT).eps
     for u, v in zip(fa + pa, fb + pb):
-        torch.testing.assert_close(u, v, rtol=1e-13, atol=1e-15)
+        assert u.shape == v.shape
+        assert float((u - v).abs().max()) <= 1e4 * eps * float(v.abs().max())
     assert float(fa[3].trace()) > 0  # the head's MC G is not empty
 
 
