@@ -1,9 +1,14 @@
-"""Shared test configuration: hypothesis profiles, the Agg backend, one torch thread."""
+"""Shared test configuration: hypothesis profiles, the Agg backend, one torch thread,
+and the launcher of multi-process (torch.distributed) test jobs."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -26,6 +31,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_TAIL = 4000  # characters of a failed worker's output shown in the failure
 
 
 def pytest_configure(config: object) -> None:
@@ -83,3 +91,56 @@ def _one_torch_thread() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         plt.close("all")
+
+
+def _run_worker_processes(rank_args: list[list[str]], timeout_s: float) -> None:
+    """Start one ``python *args`` process per entry of ``rank_args`` and wait for all.
+
+    The workers get one BLAS/OpenMP thread and the repository root first on
+    ``PYTHONPATH`` (so they import the code of this checkout); their stdout and stderr
+    are captured together. The test fails if they are not all done within
+    ``timeout_s`` seconds (a hang: every worker is killed) or if any exits non-zero
+    (naming each such rank, with the tail of its output).
+    """
+    __tracebackhide__ = True  # a failure points at the test's call, not in here
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for args in rank_args
+    ]
+    deadline, logs = time.monotonic() + timeout_s, []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"distributed workers timed out after {timeout_s:g} s (a hang)")
+    finally:  # on a hang, or an interrupt: no worker outlives the test
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.communicate()  # reap it and close its pipe
+    failed = [
+        f"rank {r} failed (exit code {p.returncode}):\n{log[-LOG_TAIL:]}"
+        for r, (p, log) in enumerate(zip(procs, logs))
+        if p.returncode != 0
+    ]
+    if failed:
+        pytest.fail("\n\n".join(failed))
+
+
+@pytest.fixture
+def run_worker_processes() -> Callable[[list[list[str]], float], None]:
+    """The launcher of multi-process jobs: ``run(rank_args, timeout_s)``.
+
+    ``rank_args[r]`` is the command line of rank ``r`` after the interpreter (e.g.
+    ``[__file__, "--worker", str(r), ...]``). A fixture rather than an importable
+    function, since the worker processes run the test files as scripts, without pytest.
+    """
+    return _run_worker_processes

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,31 +158,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 # ---------------------------------------------------------------------------- test side
 
 
-def _run_job(tmp: Path) -> list[dict[str, np.ndarray]]:
+def _run_job(
+    run: Callable[[list[list[str]], float], None], tmp: Path
+) -> list[dict[str, np.ndarray]]:
     """Run the 3-process job; the per-rank result dictionaries."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     init_file = str(tmp / "rendezvous")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), str(WORLD), init_file, str(tmp)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed workers timed out after {TIMEOUT_S} s")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run(
+        [[__file__, "--worker", str(r), str(WORLD), init_file, str(tmp)] for r in range(WORLD)],
+        TIMEOUT_S,
+    )
     return [dict(np.load(tmp / f"rank{r}.npz")) for r in range(WORLD)]
 
 
@@ -256,13 +237,15 @@ def _check_float32_weights_exact(job: list[dict[str, np.ndarray]]) -> None:
 
 
 @pytest.mark.distributed
-def test_three_gloo_processes(tmp_path: Path) -> None:
+def test_three_gloo_processes(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     """One job (about 10 s of CPU per process, mostly imports), every property checked.
 
     A single test function rather than a module fixture, so that pytest-xdist never
     runs the job twice.
     """
-    job = _run_job(tmp_path)
+    job = _run_job(run_worker_processes, tmp_path)
     _check_unequal_shards_cover_the_data_once(job)
     _check_products(job)
     _check_lanczos_bitwise_identical_across_ranks(job)

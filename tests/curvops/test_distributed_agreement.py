@@ -23,10 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,31 +198,14 @@ def _worker(mode: str, rank: int, init_file: str, out_dir: str) -> None:
 # ---------------------------------------------------------------------------- test side
 
 
-def _run_job(mode: str, tmp: Path) -> list[dict[str, Any]]:
+def _run_job(
+    run: Callable[[list[list[str]], float], None], mode: str, tmp: Path
+) -> list[dict[str, Any]]:
     """Run the two-process job; the per-rank outcomes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     init_file = str(tmp / "rendezvous")
-    command = [sys.executable, __file__, "--worker", mode]
-    procs = [
-        subprocess.Popen(
-            [*command, str(r), init_file, str(tmp)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    deadline, logs = time.monotonic() + TIMEOUT_S, []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed workers timed out after {TIMEOUT_S} s (a hang)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run(
+        [[__file__, "--worker", mode, str(r), init_file, str(tmp)] for r in range(WORLD)], TIMEOUT_S
+    )
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -241,9 +220,11 @@ def _same_error(job: list[dict[str, Any]], case: str, kind: str, *phrases: str) 
 
 
 @pytest.mark.distributed
-def test_shards_without_counted_targets_and_disagreeing_ranks(tmp_path: Path) -> None:
+def test_shards_without_counted_targets_and_disagreeing_ranks(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     """One job of two processes (a few seconds, mostly imports), every case checked."""
-    job = _run_job("agreement", tmp_path)
+    job = _run_job(run_worker_processes, "agreement", tmp_path)
     # the padding-only shard passes its rank's checks; the weights are counted targets
     assert [r["zero count shard"] for r in job] == [{"value": 0.0}, {"value": 6.0}]
     assert [r["zero count total"]["value"] for r in job] == [3.0, 3.0]
@@ -261,9 +242,11 @@ def test_shards_without_counted_targets_and_disagreeing_ranks(tmp_path: Path) ->
 
 
 @pytest.mark.distributed
-def test_operators_over_a_padding_only_shard_and_disagreeing_ranks(tmp_path: Path) -> None:
+def test_operators_over_a_padding_only_shard_and_disagreeing_ranks(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     """GGN products over a padding-only shard equal the single-process operator."""
-    job = _run_job("operators", tmp_path)
+    job = _run_job(run_worker_processes, "operators", tmp_path)
     ref = np.asarray(job[0]["reference"]["value"])
     got = [np.asarray(r["zero count shard"].get("value", np.nan)) for r in job]
     assert all("error" not in r["zero count shard"] for r in job), job[0]["zero count shard"]

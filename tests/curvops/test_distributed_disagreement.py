@@ -33,9 +33,6 @@ import datetime
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -318,31 +315,14 @@ def _worker(mode: str, rank: int, init_file: str, out_dir: str) -> None:
 # ---------------------------------------------------------------------------- test side
 
 
-def _run_job(mode: str, tmp: Path) -> list[dict[str, Any]]:
+def _run_job(
+    run: Callable[[list[list[str]], float], None], mode: str, tmp: Path
+) -> list[dict[str, Any]]:
     """Run the two-process job; the per-rank outcomes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     init_file = str(tmp / "rendezvous")
-    command = [sys.executable, __file__, "--worker", mode]
-    procs = [
-        subprocess.Popen(
-            [*command, str(r), init_file, str(tmp)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    deadline, logs = time.monotonic() + TIMEOUT_S, []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed workers timed out after {TIMEOUT_S} s (a hang)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run(
+        [[__file__, "--worker", mode, str(r), init_file, str(tmp)] for r in range(WORLD)], TIMEOUT_S
+    )
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -384,9 +364,11 @@ def _equal_to_reference(job: list[dict[str, Any]], case: str, rtol: float = 1e-1
 
 
 @pytest.mark.distributed
-def test_distributed_ranks_disagreeing_on_a_setting_raise_naming_it(tmp_path: Path) -> None:
+def test_distributed_ranks_disagreeing_on_a_setting_raise_naming_it(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     """Settings that change the matrix are compared across ranks (one job, every case)."""
-    job = _run_job("settings", tmp_path)
+    job = _run_job(run_worker_processes, "settings", tmp_path)
     differ = "operator settings differ between ranks [0] and ranks [1]"
     _same_error(job, "fisher kind", "ValueError", differ, "kind: 'mc' on ranks [0], 'empirical'")
     _same_error(job, "fisher seed", "ValueError", "seed: 0 on ranks [0], 1 on ranks [1]")
@@ -402,10 +384,12 @@ def test_distributed_ranks_disagreeing_on_a_setting_raise_naming_it(tmp_path: Pa
 
 
 @pytest.mark.distributed
-def test_distributed_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+def test_distributed_failure_on_one_rank_stops_every_rank(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     """A rank-local failure raises on every rank at once; jobs without counted targets are
     refused on every rank; a padding-only shard of cut minibatches is accepted."""
-    job = _run_job("failures", tmp_path)
+    job = _run_job(run_worker_processes, "failures", tmp_path)
     construction = {
         "empty data": ("ValueError", "expected at least one batch"),
         "unknown params": ("ValueError", "'params'"),

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,30 +87,17 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_gloo_processes_with_unequal_shards_equal_one_process(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def test_two_gloo_processes_with_unequal_shards_equal_one_process(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     init_file = str(tmp_path / "rendezvous")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), str(WORLD), init_file, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed workers timed out after {TIMEOUT_S} s")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run_worker_processes(
+        [
+            [__file__, "--worker", str(r), str(WORLD), init_file, str(tmp_path)]
+            for r in range(WORLD)
+        ],
+        TIMEOUT_S,
+    )
     job = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(WORLD)]
     assert [int(r["samples"]) for r in job] == [16, 12]  # unequal shards
     for name in CASES:

@@ -7,10 +7,7 @@ and declared plain-function losses; the token-level closed forms against autogra
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -335,32 +332,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_with_unequal_shards(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+def test_two_gloo_processes_with_unequal_shards(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     init_file = str(tmp_path / "rendezvous")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), init_file, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + 120
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run_worker_processes(
+        [[__file__, "--worker", str(r), init_file, str(tmp_path)] for r in range(WORLD)], 120
+    )
     job = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(WORLD)]
     for r in job:
         for name in ("seq", "sum", "mse-sum"):

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,37 +80,23 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _run_job(tmp: Path) -> list[dict[str, np.ndarray]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _run_job(
+    run: Callable[[list[list[str]], float], None], tmp: Path
+) -> list[dict[str, np.ndarray]]:
     init_file = str(tmp / "rendezvous")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), str(WORLD), init_file, str(tmp)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed workers timed out after {TIMEOUT_S} s")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run(
+        [[__file__, "--worker", str(r), str(WORLD), init_file, str(tmp)] for r in range(WORLD)],
+        TIMEOUT_S,
+    )
     return [dict(np.load(tmp / f"rank{r}.npz")) for r in range(WORLD)]
 
 
-def test_refresh_bn_over_ranks_equals_the_single_process_refresh(tmp_path: Path) -> None:
+def test_refresh_bn_over_ranks_equals_the_single_process_refresh(
+    tmp_path: Path, run_worker_processes: Callable[[list[list[str]], float], None]
+) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    job = _run_job(tmp_path)
+    job = _run_job(run_worker_processes, tmp_path)
     for result in job:
         for key in (k for k in result if "_ref_" in k):
             name, index = key.split("_ref_")
