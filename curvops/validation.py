@@ -60,6 +60,7 @@ __all__ = [
     "check_no_quantized_modules",
     "check_no_stale_parameter_tensors",
     "check_params_finite",
+    "check_samples_normaliser",
     "check_shapes_weighable",
     "check_targets",
     "check_weights_not_rewritten",
@@ -253,6 +254,112 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
             f"and use curvops.losses.sequence_cross_entropy() with targets shifted in the data)",
             loss_fn,
         )
+
+
+def _first_loss_value(loss_fn: Any, outputs: Any, targets: Any) -> Any:
+    """The loss on the first batch's outputs, refused if it calls a function whose second
+    derivatives PyTorch gets wrong; ``None`` for structured outputs (tuples, dicts: the
+    products' business)."""
+    from curvops.derivative_repairs import check_loss_second_derivatives
+
+    if not isinstance(outputs, torch.Tensor):
+        return None
+    return check_loss_second_derivatives(loss_fn, outputs, targets)
+
+
+def _combines_batches(stream: Any, process_group: Any) -> bool:
+    """Whether the operator weights several batches by their normalisers (a list of
+    batches, a loader, shards across processes), not one batch as written."""
+    return (
+        not stream.is_single_batch and (not stream.is_in_memory or sum(1 for _ in stream) > 1)
+    ) or resolve_group(process_group) is not None
+
+
+def check_samples_normaliser(loss_fn: Any, outputs: Any, targets: Any, index: int) -> None:
+    r"""Refuse a plain-function loss that is recognisably not a mean over its samples.
+
+    A loss whose normaliser is not known (:func:`curvops.losses.normaliser_is_known`: a
+    plain function, an unrecognised module) is weighted by its number of samples when
+    batches combine: exact when the loss is the mean of per-sample losses,
+    :math:`L(B) = \frac1{|B|}\sum_{i \in B} \ell_i`.  Such a loss satisfies, for the
+    first :math:`k = \lfloor n/2 \rfloor` and the last :math:`n - k` of a batch's
+    :math:`n` samples, :math:`L(B) = (k L(B_1) + (n - k) L(B_2))/n`; a sum
+    (``reduction="sum"`` inside a function), a mean over counted tokens, or a loss
+    coupling the samples (in-batch negatives) does not, and would weight batches
+    silently wrongly (a sum of two equal batches was halved).  The loss is evaluated on
+    the halves of the first batch's outputs (already computed: the model does not run
+    again), in float64 where it accepts it; a relative difference above
+    :math:`\min(0.25, 10^3 n \varepsilon)` is refused, and so are non-finite values on
+    the halves.  Outputs or targets that are not tensors with the batch's samples in
+    dimension 0, and a loss that raises on a half batch, are not probed.
+
+    Raises
+    ------
+    ValueError
+        Naming ``loss_fn``, the three values and :func:`curvops.losses.declare_loss`
+        (``normaliser="samples"`` accepts a loss meant to be weighted by its samples).
+
+    Examples
+    --------
+    >>> out, y = torch.arange(4.0).reshape(4, 1), torch.zeros(4, 1)
+    >>> check_samples_normaliser(lambda f, t: ((f - t) ** 2).mean(), out, y, 0)
+    >>> check_samples_normaliser(lambda f, t: ((f - t) ** 2).sum(), out, y, 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'loss_fn': expected a loss normalised by its number of samples...
+    """
+    from curvops.losses import normaliser_is_known
+
+    if normaliser_is_known(loss_fn) or not isinstance(outputs, torch.Tensor):
+        return
+    if not isinstance(targets, torch.Tensor) or not outputs.is_floating_point():
+        return
+    n = int(outputs.shape[0]) if outputs.dim() > 0 else 0
+    if n < 2 or targets.dim() == 0 or int(targets.shape[0]) != n:
+        return
+    values = _loss_on_halves(loss_fn, outputs, targets)
+    if values is None:  # the loss refuses a half batch: nothing learnt, nothing refused
+        return
+    k = n // 2
+    eps = float(torch.finfo(values.dtype).eps)
+    if bool(torch.isfinite(values).all()):
+        full, first, last = (float(v) for v in values)
+        expected = (k * first + (n - k) * last) / n
+        scale = max(abs(full), abs(first), abs(last))
+        if abs(full - expected) <= min(0.25, 1e3 * n * eps) * scale:
+            return
+        found = (
+            f"{full:.6g} on batch {index} of {n} samples but {first:.6g} and {last:.6g} on "
+            f"its first {k} and last {n - k} (a mean over samples would give "
+            f"{expected:.6g}, a sum {first + last:.6g})"
+        )
+    else:
+        found = f"a loss that is not finite on a half of batch {index}: {values.tolist()}"
+    raise argument_error(
+        "loss_fn",
+        "a loss normalised by its number of samples, which combining batches assumes "
+        "for a plain function (its value on a batch the mean of its values on the "
+        f"batch's parts, weighted by their sizes); {_DECLARE_HINT}, or "
+        "reduction='sum' via declare_loss(loss_fn, reduction='sum'); "
+        "normaliser='samples' accepts a loss coupling its samples as a weighted mean of "
+        "batch losses",
+        found,
+    )
+
+
+def _loss_on_halves(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> Any:
+    """``[L(B), L(B_1), L(B_2)]`` for the two halves of the samples, in float64 where the
+    loss accepts it; ``None`` when the loss fails on them."""
+    k = outputs.shape[0] // 2
+    for dtype in (torch.float64, outputs.dtype):
+        out = outputs.detach().to(dtype)
+        tgt = targets.to(dtype) if targets.is_floating_point() else targets
+        try:
+            parts = [loss_fn(out, tgt), loss_fn(out[:k], tgt[:k]), loss_fn(out[k:], tgt[k:])]
+            return torch.stack([torch.as_tensor(v).detach().reshape(()) for v in parts]).to(dtype)
+        except Exception:
+            continue
+    return None
 
 
 def _check_first_loss_value(
@@ -576,7 +683,6 @@ def validate(
     """
     from curvops._model_state import curvature_mode, functional_forward
     from curvops.data import as_data, move_to, trailing_shapes
-    from curvops.derivative_repairs import check_loss_second_derivatives
     from curvops.determinism import global_streams_untouched, torch_draws_reported
     from curvops.losses import check_loss
     from curvops.params import select_params
@@ -615,14 +721,9 @@ def validate(
             classes = _class_targets_spec(loss_fn, outputs)
             check_targets(loss_fn, targets, first.index, classes)
             _check_normaliser_known(loss_fn, targets, first.index)
-            # Structured outputs (tuples, dicts) are the products' business; the loss is
-            # evaluated here on tensor outputs only (and refused if it calls a function
-            # whose second derivatives PyTorch gets wrong).
-            value = (
-                check_loss_second_derivatives(loss_fn, outputs, targets)
-                if isinstance(outputs, torch.Tensor)
-                else None
-            )
+            value = _first_loss_value(loss_fn, outputs, targets)
+            if _combines_batches(stream, process_group):
+                check_samples_normaliser(loss_fn, outputs, targets, first.index)
     _check_first_loss_value(
         loss_fn, value, model, named, (inputs, targets, first.size), outputs=outputs
     )

@@ -57,7 +57,7 @@ def _as_probability(weights: FloatArray, name: str) -> FloatArray:
     Weights within ``1e-8`` per entry of a probability vector are accepted: rounding
     negatives are clipped to 0 and the vector is divided by its sum, unless that sum
     is already 1 to within the rounding of the summation itself (:math:`2 n
-    \varepsilon`), in which case the weights are kept bit for bit.  So the map is
+    \\varepsilon`), in which case the weights are kept bit for bit.  So the map is
     idempotent: a density saved and loaded again has exactly the weights it had.
     """
     if weights.size and weights.min() < -_SUM_TOL:
