@@ -40,7 +40,9 @@ ValueError: Argument 'data (batch 0)': expected class targets in [0, 3) ...
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -256,15 +258,92 @@ def _check_normaliser_known(loss_fn: Any, targets: torch.Tensor, index: int) -> 
         )
 
 
-def _first_loss_value(loss_fn: Any, outputs: Any, targets: Any) -> Any:
+class _RawOutput:
+    """An ``output_fn`` for :func:`curvops._model_state.functional_forward` that selects as
+    ``output_fn`` would (``None``: the default selection) and keeps the model's output."""
+
+    def __init__(self, output_fn: Any) -> None:
+        self.output_fn = output_fn
+        self.output: Any = None
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        from curvops.model_io import select_output
+
+        self.output = output
+        return select_output(output, self.output_fn)
+
+    def dropped(self) -> str | None:
+        """What the default selection left out of a structured output (``None``: nothing,
+        or ``output_fn`` chose), e.g. ``"the first item of a tuple of 2 tensors"``."""
+        out = self.output
+        if self.output_fn is not None or isinstance(out, torch.Tensor):
+            return None
+        if isinstance(out, Mapping):
+            tensors = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+            key = "logits" if "logits" in out else (tensors[0] if tensors else None)
+            what = f"the {key!r} entry of a {type(out).__name__} with tensors {tensors}"
+        elif isinstance(out, (tuple, list)):
+            tensors = [v for v in out if isinstance(v, torch.Tensor)]
+            what = f"the first item of a {type(out).__name__} of {len(out)}"
+        else:
+            return None
+        return what if len(tensors) > 1 else None
+
+
+def _first_loss_value(loss_fn: Any, outputs: Any, targets: Any, raw: _RawOutput) -> Any:
     """The loss on the first batch's outputs, refused if it calls a function whose second
     derivatives PyTorch gets wrong; ``None`` for structured outputs (tuples, dicts: the
-    products' business)."""
+    products' business).
+
+    Where the default selection left tensors of a structured output out (``raw``), a
+    failing loss gets a note naming the selection, and a loss that also accepts the
+    whole output, with another value, is refused: which one the curvature is of is
+    ambiguous (a loss reading ``out[0]`` and ``out[1]`` silently read rows of the
+    selected tensor)."""
     from curvops.derivative_repairs import check_loss_second_derivatives
 
     if not isinstance(outputs, torch.Tensor):
         return None
-    return check_loss_second_derivatives(loss_fn, outputs, targets)
+    dropped = raw.dropped()
+    try:
+        value = check_loss_second_derivatives(loss_fn, outputs, targets)
+    except Exception as exc:
+        if dropped is not None:
+            exc.add_note(
+                f"curvops called loss_fn with the model output selected by default: {dropped}; "
+                "pass output_fn= (model output -> the tensor the loss takes) to choose another"
+            )
+        raise
+    if dropped is not None and isinstance(value, torch.Tensor) and value.numel() == 1:
+        _refuse_ambiguous_selection(loss_fn, raw.output, targets, value, dropped)
+    return value
+
+
+def _refuse_ambiguous_selection(
+    loss_fn: Any, output: Any, targets: Any, value: torch.Tensor, dropped: str
+) -> None:
+    """Refuse a loss that takes both the selected tensor and the whole ``output``, with
+    different values (nothing if it refuses the whole output, or agrees)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's broadcasting notices
+            whole = loss_fn(output, targets)
+    except Exception:
+        return
+    if not isinstance(whole, torch.Tensor) or whole.numel() != 1:
+        return
+    a, b = float(value), float(whole)
+    if not math.isfinite(b) or abs(a - b) <= 1e-6 * max(abs(a), abs(b)):
+        return
+    raise argument_error(
+        "output_fn",
+        "an output_fn naming the tensor the loss takes: loss_fn accepts both the model's "
+        f"whole output and the part selected by default ({dropped}), with different values "
+        f"({b:.6g} and {a:.6g}), so which one was meant is ambiguous (an operator needs one "
+        "output tensor: combine the parts into one in the model or in output_fn, and write "
+        "the loss for it)",
+        None,
+    )
 
 
 def _combines_batches(stream: Any, process_group: Any) -> bool:
@@ -708,12 +787,13 @@ def validate(
         # gradients on, but no replaced parameter requires one: only tensors computed
         # from the parameters before the product carry a graph into the outputs
         with precision_loss_noted(model, dtype):
+            raw = _RawOutput(output_fn)  # the selection, keeping what the model returned
             outputs = functional_forward(  # on copies: a forward writing its weights is refused
                 model,
                 [n for n, _ in named],
                 [p.detach().clone() for _, p in named],
                 inputs,
-                output_fn,
+                raw,
                 copies=True,
             )
         check_no_stale_parameter_tensors(model, outputs)
@@ -721,7 +801,7 @@ def validate(
             classes = _class_targets_spec(loss_fn, outputs)
             check_targets(loss_fn, targets, first.index, classes)
             _check_normaliser_known(loss_fn, targets, first.index)
-            value = _first_loss_value(loss_fn, outputs, targets)
+            value = _first_loss_value(loss_fn, outputs, targets, raw)
             if _combines_batches(stream, process_group):
                 check_samples_normaliser(loss_fn, outputs, targets, first.index)
     _check_first_loss_value(
