@@ -205,6 +205,25 @@ def _is_batch(obj: Any) -> bool:
     )
 
 
+def _refuse_structured_targets(data: Any) -> None:
+    """A pair ``(inputs, targets)`` whose targets are a tuple, list or dict (e.g. CTC's
+    targets with their lengths) would be read as a list of two batches, and refused as
+    such with a message about the inputs; name the targets instead."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return
+    inputs, targets = data
+    if not isinstance(inputs, (torch.Tensor, Mapping)) or _is_batch(inputs):
+        return
+    if isinstance(targets, (tuple, list, Mapping)) and not _is_batch(targets):
+        raise argument_error(
+            "data",
+            "a pair (inputs, targets) with one tensor of targets (a loss that takes several "
+            "target tensors, such as CTCLoss's targets and lengths, reads the others from "
+            "its closure or from the targets tensor, e.g. a padded [N, S + 2] tensor)",
+            f"a pair whose targets are a {type(targets).__name__} of {len(targets)}",
+        )
+
+
 def _check_batch(obj: Any, index: int, batch_size: BatchSize = None) -> Batch:
     if isinstance(obj, Mapping):  # a dict batch: name its keys and the supported forms
         raise dict_batch_error(f"data (batch {index})", obj)
@@ -375,6 +394,7 @@ class Data:
         if isinstance(data, Mapping):
             raise dict_batch_error("data", data)
         self.is_single_batch = _is_batch(data)
+        _refuse_structured_targets(data)
         if self.is_single_batch:
             self._batches = [_check_batch(data, 0, self._batch_size)]
         elif isinstance(data, Sequence) and not isinstance(data, (str, bytes, torch.Tensor)):

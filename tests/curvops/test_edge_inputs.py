@@ -207,3 +207,16 @@ def test_partial_loss_function_with_none_reduction_is_refused() -> None:
         HessianOperator(make_mlp(), functools.partial(F.cross_entropy, reduction="none"), data)
     H = HessianOperator(make_mlp(), functools.partial(F.cross_entropy, label_smoothing=0.1), data)
     assert H.shape == (51, 51)
+
+
+def test_structured_targets_are_named_not_read_as_two_batches() -> None:
+    """Before: ``(x, (targets, input_lengths, target_lengths))`` was read as a list of two
+    batches and refused with "received torch.Tensor of shape (3, 6, 2)", the inputs."""
+    from curvops.data import as_data
+
+    x = torch.randn(3, 6, 2)
+    lengths = (torch.zeros(3, 2), torch.ones(3), torch.ones(3))
+    for targets in (lengths, list(lengths), {"targets": lengths[0]}):
+        with pytest.raises(ValueError, match=r"Argument 'data'.*one tensor of targets.*CTCLoss"):
+            as_data((x, targets))
+    assert as_data([(x, torch.zeros(3)), (x, torch.zeros(3))]).num_samples == 6
