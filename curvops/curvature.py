@@ -838,7 +838,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             acc, weight = self._accumulate(V)
         except UntrackedParameterError as exc:  # relabel the positions with the names
             names = [repr(self._names[i]) for i in exc.indices]
-            raise UntrackedParameterError.naming(names, exc.indices) from None
+            raise UntrackedParameterError.naming(names, exc.indices, exc.functions) from None
         finally:
             self._product_token, self._in_product = None, False
         if isinstance(weight, torch.Tensor) or weight != 1:

@@ -82,22 +82,38 @@ class UntrackedParameterError(RuntimeError):
     """
 
     indices: tuple[int, ...] = ()
+    functions: tuple[str, ...] = ()
 
     @classmethod
-    def naming(cls, labels: Sequence[str], indices: Sequence[int]) -> UntrackedParameterError:
-        """The error for the parameters ``labels`` (at ``indices`` of the selection)."""
+    def naming(
+        cls, labels: Sequence[str], indices: Sequence[int], functions: Sequence[str] = ()
+    ) -> UntrackedParameterError:
+        """The error for the parameters ``labels`` (at ``indices`` of the selection);
+        ``functions``: the custom ``autograd.Function`` classes in the outputs' graph."""
+        cause = (
+            "The usual cause is torch.utils.checkpoint(..., use_reentrant=True) around "
+            "layers whose inputs do not require gradients: call those layers without "
+            "checkpointing while computing curvature (Hugging Face and timm models need "
+            "nothing: their gradient_checkpointing / grad_checkpointing flags are off during "
+            "products)."
+        )
+        if functions:
+            cause = (
+                f"The outputs' graph holds the custom autograd.Function(s) "
+                f"{', '.join(functions)}: a function that runs layers with gradients disabled "
+                "and recomputes them in its own backward (reversible residual layers, e.g. "
+                "Hugging Face Reformer's _ReversibleFunction) hides their parameters this "
+                "way, and its backward is not differentiable again: run those layers "
+                f"without it. Otherwise: {cause[0].lower()}{cause[1:]}"
+            )
         err = cls(
             f"The selected parameter(s) {', '.join(labels)} are used by the model's forward "
             "pass only with gradients disabled and are absent from the autograd graph, so "
-            "their curvature would silently be zero. The usual cause is "
-            "torch.utils.checkpoint(..., use_reentrant=True) around layers whose inputs do "
-            "not require gradients: call those layers without checkpointing while computing "
-            "curvature (Hugging Face and timm models need nothing: their "
-            "gradient_checkpointing / grad_checkpointing flags are off during products). If "
-            "the parameters are frozen on purpose, leave them out with params= or set "
-            "requires_grad=False."
+            f"their curvature would silently be zero. {cause} If the parameters are frozen "
+            "on purpose, leave them out with params= or set requires_grad=False."
         )
         err.indices = tuple(indices)
+        err.functions = tuple(functions)
         return err
 
 
@@ -261,4 +277,11 @@ class UntrackedUseRecorder(TorchFunctionMode):
             repr(names[i]) if names is not None else f"#{i} (shape {tuple(self._leaves[i].shape)})"
             for i in missing
         ]
-        raise UntrackedParameterError.naming(labels, missing)
+        functions = dict.fromkeys(
+            f"{cls.__module__}.{cls.__qualname__}"
+            for node in graph_nodes(roots)
+            if isinstance(node, BackwardCFunction)
+            and (cls := getattr(node, "_forward_cls", None)) is not None
+            and not cls.__module__.startswith(("torch.", "curvops."))  # checkpoint, lean kernels
+        )
+        raise UntrackedParameterError.naming(labels, missing, list(functions))

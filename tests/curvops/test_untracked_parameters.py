@@ -175,3 +175,49 @@ def test_recorder_names_parameters_when_given_names() -> None:
         constant = w * 2
     with pytest.raises(UntrackedParameterError, match=r"'layer\.weight'"):
         recorder.check([constant + torch.ones(2, requires_grad=True)], names=["layer.weight"])
+
+
+class _Reversible(torch.autograd.Function):
+    """Runs a layer with gradients disabled and would recompute it in its backward, like
+    Hugging Face Reformer's ``_ReversibleFunction`` (whose parameters are not inputs)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return x + torch.tanh(layer(x))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None  # (a real one recomputes the layer and accumulates its .grad)
+
+
+class ReversibleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 3)  # the hidden states require gradients, as in Reformer
+        self.block = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_Reversible.apply(self.embed(x), self.block))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
+def test_a_reversible_function_is_named_as_the_cause(kind: str) -> None:
+    """Before: the message blamed reentrant checkpointing only (the HF sweep's Reformer)."""
+    torch.manual_seed(0)
+    model = ReversibleNet().double()
+    op = OPERATORS[kind](model, _data())
+    with pytest.raises(UntrackedParameterError, match=r"'block\.weight', 'block\.bias'") as info:
+        op @ _vector(model)
+    message = str(info.value)
+    assert "_Reversible" in message and "reversible residual layers" in message
+    assert info.value.functions == (f"{__name__}._Reversible",)
+
+
+def test_checkpointing_is_not_blamed_on_torch_functions() -> None:
+    model = _checkpointed(True)
+    with pytest.raises(UntrackedParameterError) as info:
+        HessianOperator(model, nn.CrossEntropyLoss(), _data()) @ _vector(model)
+    assert info.value.functions == () and "reversible" not in str(info.value)
