@@ -71,6 +71,16 @@ def encode_row(row: Mapping[str, Any]) -> str:
     return json.dumps({**row, CRC_KEY: _crc(row)})
 
 
+def _one_character_from_crc_key(key: str) -> bool:
+    """Whether ``key`` differs from :data:`CRC_KEY` in exactly one character (a bit flip
+    in the key would otherwise turn a checked row of a one-row file into an unchecked one).
+
+    >>> _one_character_from_crc_key("crc33"), _one_character_from_crc_key("crc32")
+    (True, False)
+    """
+    return len(key) == len(CRC_KEY) and sum(a != b for a, b in zip(key, CRC_KEY)) == 1
+
+
 def decode_rows(text: str, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a file's ``text`` (``path`` names it in errors), checksums verified."""
     rows: list[dict[str, Any]] = []
@@ -83,6 +93,12 @@ def decode_rows(text: str, path: str | os.PathLike[str]) -> list[dict[str, Any]]
             raise CorruptFileError(f"File '{path}', line {number}: not JSON ({exc}).") from exc
         if not isinstance(row, dict):
             raise CorruptFileError(f"File '{path}', line {number}: not a row (a JSON object).")
+        damaged = [k for k in row if _one_character_from_crc_key(k)]
+        if damaged:  # e.g. "crc33": one flipped bit, and the row would read as unchecked
+            raise CorruptFileError(
+                f"File '{path}', line {number}: key {damaged[0]!r} where the checksum key "
+                f"{CRC_KEY!r} belongs (a damaged row)."
+            )
         if CRC_KEY in row:
             with_crc += 1
             stored = row.pop(CRC_KEY)

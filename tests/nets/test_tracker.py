@@ -371,6 +371,20 @@ def test_a_changed_digit_in_the_rows_file_is_refused_on_resume(tmp_path: Path) -
         plot_curvature_tracking(path)
 
 
+def test_a_flipped_bit_in_the_checksum_key_of_a_one_row_file_is_refused(tmp_path: Path) -> None:
+    """Two flipped bits, one in ``"crc32"`` (-> ``"crc33"``) and one in a digit: a one-row
+    file then read as a file from before the checksums, the changed value unchecked."""
+    from nets.curvature_rows import read_rows, write_rows
+
+    path = tmp_path / "curvature.jsonl"
+    write_rows(path, [{"step": 50, "top_eigenvalues": [12.5, 3.25]}])
+    text = path.read_text()
+    assert '"crc32"' in text
+    path.write_text(text.replace('"crc32"', '"crc33"').replace("12.5", "13.5"))
+    with pytest.raises(CorruptFileError, match=r"line 1: key 'crc33' where the checksum key"):
+        read_rows(path)
+
+
 def test_a_row_without_its_checksum_is_refused(tmp_path: Path) -> None:
     path = _tracked_file(tmp_path)
     lines = path.read_text().splitlines()
