@@ -274,7 +274,7 @@ class _RawOutput:
 
     def dropped(self) -> str | None:
         """What the default selection left out of a structured output (``None``: nothing,
-        or ``output_fn`` chose), e.g. ``"the first item of a tuple of 2 tensors"``."""
+        or ``output_fn`` chose), e.g. ``"the first item of a tuple of 2"``."""
         out = self.output
         if self.output_fn is not None or isinstance(out, torch.Tensor):
             return None
