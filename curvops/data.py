@@ -443,20 +443,34 @@ class Data:
         one the products will see, and the caller's random streams are untouched);
         its iterator is closed at once (worker processes shut down).
         """
+        return self.leading_batches(1)[0]
+
+    def leading_batches(self, count: int) -> list[Batch]:
+        """The first ``count`` batches of a pass (all of them if fewer), without counting a
+        pass; a loader is read as by :meth:`first_batch`.
+
+        >>> d = as_data([(torch.zeros(2, 1), torch.zeros(2))] * 3)
+        >>> [b.index for b in d.leading_batches(2)]
+        [0, 1]
+        """
         if self._batches is not None:
-            return self._batches[0]
+            return self._batches[:count]
         self._streams.new_pass()
+        raws: list[Any] = []
         with self._streams.active():
             iterator = iter(self._source)
             try:
-                raw = next(iterator)
-            except StopIteration:
-                raise argument_error("data", "a non-empty DataLoader", self._source) from None
+                for raw in iterator:
+                    raws.append(raw)
+                    if len(raws) == count:
+                        break
             finally:
                 close = getattr(iterator, "close", None)
                 if close is not None:
                     close()
-        return _check_batch(raw, 0, self._batch_size)
+        if not raws:
+            raise argument_error("data", "a non-empty DataLoader", self._source)
+        return [_check_batch(raw, i, self._batch_size) for i, raw in enumerate(raws)]
 
     def __iter__(self) -> Iterator[Batch]:
         if self._batches is not None:

@@ -62,7 +62,6 @@ __all__ = [
     "check_no_quantized_modules",
     "check_no_stale_parameter_tensors",
     "check_params_finite",
-    "check_samples_normaliser",
     "check_shapes_weighable",
     "check_targets",
     "check_weights_not_rewritten",
@@ -346,99 +345,22 @@ def _refuse_ambiguous_selection(
     )
 
 
-def _combines_batches(stream: Any, process_group: Any) -> bool:
-    """Whether the operator weights several batches by their normalisers (a list of
-    batches, a loader, shards across processes), not one batch as written."""
-    return (
-        not stream.is_single_batch and (not stream.is_in_memory or sum(1 for _ in stream) > 1)
-    ) or resolve_group(process_group) is not None
-
-
-def check_samples_normaliser(loss_fn: Any, outputs: Any, targets: Any, index: int) -> None:
-    r"""Refuse a plain-function loss that is recognisably not a mean over its samples.
-
-    A loss whose normaliser is not known (:func:`curvops.losses.normaliser_is_known`: a
-    plain function, an unrecognised module) is weighted by its number of samples when
-    batches combine: exact when the loss is the mean of per-sample losses,
-    :math:`L(B) = \frac1{|B|}\sum_{i \in B} \ell_i`.  Such a loss satisfies, for the
-    first :math:`k = \lfloor n/2 \rfloor` and the last :math:`n - k` of a batch's
-    :math:`n` samples, :math:`L(B) = (k L(B_1) + (n - k) L(B_2))/n`; a sum
-    (``reduction="sum"`` inside a function), a mean over counted tokens, or a loss
-    coupling the samples (in-batch negatives) does not, and would weight batches
-    silently wrongly (a sum of two equal batches was halved).  The loss is evaluated on
-    the halves of the first batch's outputs (already computed: the model does not run
-    again), in float64 where it accepts it; a relative difference above
-    :math:`\min(0.25, 10^3 n \varepsilon)` is refused, and so are non-finite values on
-    the halves.  Outputs or targets that are not tensors with the batch's samples in
-    dimension 0, and a loss that raises on a half batch, are not probed.
-
-    Raises
-    ------
-    ValueError
-        Naming ``loss_fn``, the three values and :func:`curvops.losses.declare_loss`
-        (``normaliser="samples"`` accepts a loss meant to be weighted by its samples).
-
-    Examples
-    --------
-    >>> out, y = torch.arange(4.0).reshape(4, 1), torch.zeros(4, 1)
-    >>> check_samples_normaliser(lambda f, t: ((f - t) ** 2).mean(), out, y, 0)
-    >>> check_samples_normaliser(lambda f, t: ((f - t) ** 2).sum(), out, y, 0)
-    Traceback (most recent call last):
-    ...
-    ValueError: Argument 'loss_fn': expected a loss normalised by its number of samples...
-    """
+def _weighting_probe(
+    loss_fn: Any, outputs: Any, targets: Any, first: Any, stream: Any, combines: bool
+) -> Any:
+    """A :class:`curvops.sample_weighting.SampleWeightingProbe` seeded with the first batch
+    when batches combine (``combines``: a list, a loader, shards across processes, the
+    minibatches ``loss_stats`` cuts) under a loss whose normaliser is assumed; else
+    ``None``."""
     from curvops.losses import normaliser_is_known
+    from curvops.sample_weighting import SampleWeightingProbe
 
-    if normaliser_is_known(loss_fn) or not isinstance(outputs, torch.Tensor):
-        return
-    if not isinstance(targets, torch.Tensor) or not outputs.is_floating_point():
-        return
-    n = int(outputs.shape[0]) if outputs.dim() > 0 else 0
-    if n < 2 or targets.dim() == 0 or int(targets.shape[0]) != n:
-        return
-    values = _loss_on_halves(loss_fn, outputs, targets)
-    if values is None:  # the loss refuses a half batch: nothing learnt, nothing refused
-        return
-    k = n // 2
-    eps = float(torch.finfo(values.dtype).eps)
-    if bool(torch.isfinite(values).all()):
-        full, first, last = (float(v) for v in values)
-        expected = (k * first + (n - k) * last) / n
-        scale = max(abs(full), abs(first), abs(last))
-        if abs(full - expected) <= min(0.25, 1e3 * n * eps) * scale:
-            return
-        found = (
-            f"{full:.6g} on batch {index} of {n} samples but {first:.6g} and {last:.6g} on "
-            f"its first {k} and last {n - k} (a mean over samples would give "
-            f"{expected:.6g}, a sum {first + last:.6g})"
-        )
-    else:
-        found = f"a loss that is not finite on a half of batch {index}: {values.tolist()}"
-    raise argument_error(
-        "loss_fn",
-        "a loss normalised by its number of samples, which combining batches assumes "
-        "for a plain function (its value on a batch the mean of its values on the "
-        f"batch's parts, weighted by their sizes); {_DECLARE_HINT}, or "
-        "reduction='sum' via declare_loss(loss_fn, reduction='sum'); "
-        "normaliser='samples' accepts a loss coupling its samples as a weighted mean of "
-        "batch losses",
-        found,
-    )
-
-
-def _loss_on_halves(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> Any:
-    """``[L(B), L(B_1), L(B_2)]`` for the two halves of the samples, in float64 where the
-    loss accepts it; ``None`` when the loss fails on them."""
-    k = outputs.shape[0] // 2
-    for dtype in (torch.float64, outputs.dtype):
-        out = outputs.detach().to(dtype)
-        tgt = targets.to(dtype) if targets.is_floating_point() else targets
-        try:
-            parts = [loss_fn(out, tgt), loss_fn(out[:k], tgt[:k]), loss_fn(out[k:], tgt[k:])]
-            return torch.stack([torch.as_tensor(v).detach().reshape(()) for v in parts]).to(dtype)
-        except Exception:
-            continue
-    return None
+    several = not stream.is_single_batch and (not stream.is_in_memory or sum(1 for _ in stream) > 1)
+    if not (several or combines) or normaliser_is_known(loss_fn):
+        return None
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    return SampleWeightingProbe(loss_fn, (outputs.detach(), targets, first.size), first.index)
 
 
 def _check_first_loss_value(
@@ -745,6 +667,7 @@ def validate(
     bn_mode: str | None = None,
     output_fn: Any = None,
     process_group: Any = False,
+    combines: bool = False,
 ) -> Validation:
     """Run the construction-time checks of the module docstring; return what they learnt.
 
@@ -752,7 +675,10 @@ def validate(
     ``process_group`` that communicates (:func:`curvops.distributed.resolve_group`),
     ``data`` is one rank's shard and may lack counted targets (an all-padding shard
     contributes zeros): the total over the ranks is checked by
-    :func:`validate_across_ranks`.  No communication here.
+    :func:`validate_across_ranks`.  No communication here.  ``combines``: the caller
+    combines parts of single batches too (``loss_stats``'s minibatches), so a loss
+    whose normaliser is assumed is checked on them
+    (:mod:`curvops.sample_weighting`) even for one batch.
 
     Raises
     ------
@@ -802,8 +728,6 @@ def validate(
             check_targets(loss_fn, targets, first.index, classes)
             _check_normaliser_known(loss_fn, targets, first.index)
             value = _first_loss_value(loss_fn, outputs, targets, raw)
-            if _combines_batches(stream, process_group):
-                check_samples_normaliser(loss_fn, outputs, targets, first.index)
     _check_first_loss_value(
         loss_fn, value, model, named, (inputs, targets, first.size), outputs=outputs
     )
@@ -814,9 +738,11 @@ def validate(
         output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
         output_fn=output_fn,
     )
+    combined = combines or resolve_group(process_group) is not None
+    probe = _weighting_probe(loss_fn, outputs, targets, first, stream, combined)
+    forward = _forward_without_gradients(model, named, bn_mode, output_fn)
     if stream.is_in_memory:
-        forward = _forward_without_gradients(model, named, bn_mode, output_fn)
-        result.weight = _check_other_batches(loss_fn, stream, first.index, result, forward)
+        result.weight = _check_other_batches(loss_fn, stream, result, forward, probe)
         if result.weight <= 0 and resolve_group(process_group) is None:
             raise argument_error(
                 "data",
@@ -824,29 +750,42 @@ def validate(
                 "class weight 0, so the mean loss is 0/0)",
                 data,
             )
+    _finish_weighting_probe(probe, stream, forward)
     return result
+
+
+def _finish_weighting_probe(probe: Any, stream: Any, forward: Callable[[Any], Any]) -> None:
+    """A loader's second batch against its first (an in-memory stream's batches were
+    compared by :func:`_check_other_batches`), then the halves of a lone batch."""
+    if probe is None:
+        return
+    if not stream.is_in_memory:
+        for batch in stream.leading_batches(2)[1:]:
+            probe.compare((forward(batch), batch.targets, batch.size), batch.index)
+    probe.finish()
 
 
 def _forward_without_gradients(
     model: nn.Module, named: list[tuple[str, nn.Parameter]], bn_mode: Any, output_fn: Any
-) -> Callable[[Any], None]:
+) -> Callable[[Any], torch.Tensor]:
     """A function running the model on a batch as the first batch's checks do (the
     operator's modes, the caller's random streams untouched, the weights on copies), but
-    without gradients: for batches of other shapes (:func:`_check_other_batches`)."""
+    without gradients; its selected outputs: for batches of other shapes and the sample
+    weighting's comparisons (:func:`_check_other_batches`)."""
     from curvops._model_state import curvature_mode, functional_forward
     from curvops.data import move_to
     from curvops.determinism import global_streams_untouched, torch_draws_reported
 
     device, dtype = named[0][1].device, named[0][1].dtype
 
-    def forward(batch: Any) -> None:
+    def forward(batch: Any) -> torch.Tensor:
         with (
             curvature_mode(model, bn_mode),
             global_streams_untouched("model"),
             torch_draws_reported(f"The model ({type(model).__name__})"),
             torch.no_grad(),
         ):
-            functional_forward(
+            return functional_forward(
                 model,
                 [n for n, _ in named],
                 [p.detach().clone() for _, p in named],
@@ -859,44 +798,68 @@ def _forward_without_gradients(
 
 
 def _check_other_batches(
-    loss_fn: Any, stream: Any, first: int, result: Validation, forward: Callable[[Any], None]
+    loss_fn: Any,
+    stream: Any,
+    result: Validation,
+    forward: Callable[[Any], torch.Tensor],
+    probe: Any = None,
 ) -> float:
     """Check the targets and shapes of an in-memory stream's batches after the first
-    (``first``: its index) against what the first taught (``result``); their total weight.
+    against what the first taught (``result``); their total weight.
 
     Batches may differ from the first past the sample dimension (dynamic padding), so the
     model runs once (``forward``, no gradients) on one batch of each new input shape: one
     it cannot take (a wrong feature size) is refused here, naming the batch, not at the
-    first product with the model's bare error.
+    first product with the model's bare error.  With a sample-weighting ``probe`` (a loss
+    whose normaliser is assumed) it runs on every batch, which the probe compares with
+    the first.
     """
     from curvops.data import trailing_shapes
     from curvops.losses import batch_weight
 
     total = 0.0
     seen = {result.shapes[0] if result.shapes is not None else None}
-    for batch in stream:
-        if batch.index != first:
+    for position, batch in enumerate(stream):
+        if position > 0:
             check_targets(loss_fn, batch.targets, batch.index, result.classes)
             _check_normaliser_known(loss_fn, batch.targets, batch.index)
             here = trailing_shapes(batch)
-            if result.shapes is not None:
-                check_shapes_weighable(loss_fn, here, result.shapes, batch.index)
-            if here[0] not in seen:
-                _refuse_failing_forward(forward, batch, here, result.shapes)
+            outputs = None
+            if here[0] not in seen or probe is not None:
+                outputs = _refuse_failing_forward(forward, batch, here, result.shapes)
                 seen.add(here[0])
+            # other input shapes (dynamic padding) under an assumed normaliser: fine when
+            # the loss sees the first batch's shapes, which the probe then compares
+            if result.shapes is not None and not _loss_sees_first_shapes(probe, outputs, batch):
+                check_shapes_weighable(loss_fn, here, result.shapes, batch.index)
+            if probe is not None:
+                probe.compare((outputs, batch.targets, batch.size), batch.index)
         total += batch_weight(loss_fn, batch.inputs, batch.targets, batch.size)
     return total
 
 
+def _loss_sees_first_shapes(probe: Any, outputs: Any, batch: Any) -> bool:
+    """Whether a batch's outputs and targets have the first batch's shapes past the first
+    dimension (``probe``: the sample weighting, seeded with the first batch)."""
+    if probe is None or not isinstance(outputs, torch.Tensor):
+        return False
+    first_outputs, first_targets, _ = probe.first
+    return (
+        isinstance(batch.targets, torch.Tensor)
+        and outputs.shape[1:] == first_outputs.shape[1:]
+        and batch.targets.shape[1:] == first_targets.shape[1:]
+    )
+
+
 def _refuse_failing_forward(
-    forward: Callable[[Any], None],
+    forward: Callable[[Any], torch.Tensor],
     batch: Any,
     shapes: tuple[tuple[int, ...], tuple[int, ...]],
     reference: tuple[tuple[int, ...], tuple[int, ...]] | None,
-) -> None:
+) -> torch.Tensor:
     """Run ``forward`` on ``batch``; a failure becomes a ``ValueError`` naming the batch."""
     try:
-        forward(batch)
+        return forward(batch)
     except Exception as exc:
         ref = "" if reference is None else f" ({reference[0]} / {reference[1]} in batch 0)"
         raise argument_error(
@@ -1026,6 +989,7 @@ def validated_on_ranks(
     settings: dict[str, Any] | None = None,
     same_shapes: bool = False,
     extra_checks: Callable[[], None] | None = None,
+    combines: bool = False,
 ) -> tuple[Validation, Callable[[], Validation]]:
     """:func:`validate` on this rank's ``data``, agreed across ranks
     (:func:`validate_across_ranks`: one ``all_gather`` with a process group); return what it
@@ -1033,7 +997,8 @@ def validated_on_ranks(
 
     The construction of every operator and curvature function that takes a
     ``process_group``; ``extra_checks`` are an operator's own data checks (K-FAC's refusal
-    of padded positions), run first, in the same agreement and in every rerun.
+    of padded positions), run first, in the same agreement and in every rerun;
+    ``combines`` as for :func:`validate`.
     """
 
     def checks() -> Validation:
@@ -1047,6 +1012,7 @@ def validated_on_ranks(
             bn_mode=bn_mode,
             output_fn=output_fn,
             process_group=process_group,
+            combines=combines,
         )
 
     result = validate_across_ranks(
