@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from curvops.data import dict_batch_error, first_tensor
 from curvops.distributed import check_ranks_agree, resolve_group
@@ -287,6 +288,59 @@ class _RawOutput:
         else:
             return None
         return what if len(tensors) > 1 else None
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Record which of the selected parameters a call computes with (a torch call taking
+    one and returning a tensor), by position."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self.read: set[int] = set()
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor):
+            for value in (*args, *kwargs.values()):
+                for item in value if isinstance(value, list | tuple) else (value,):
+                    i = self._index.get(id(item))
+                    if i is not None:
+                        self.read.add(i)
+        return result
+
+
+def _refuse_parameter_reads(
+    loss_fn: Any, named: Sequence[tuple[str, torch.Tensor]], evaluate: Callable[[], Any]
+) -> Any:
+    """``evaluate()`` (the loss on the first batch), refused if the loss computes with a
+    selected parameter of the model: the operators differentiate the parameters as the
+    forward pass uses them, so a regulariser inside the loss (``lam * sum(p.pow(2).sum()
+    for p in model.parameters())``) is a constant to them and its curvature silently
+    missing (the Hessian of cross-entropy + 0.1 ||w||^2 was that of the cross-entropy)."""
+    reads = _ParameterReads([p for _, p in named])
+    with reads:
+        value = evaluate()
+    if reads.read:
+        names = [repr(named[i][0]) for i in sorted(reads.read)]
+        raise argument_error(
+            "loss_fn",
+            "a loss of the model's outputs and targets only: it computes with the model's "
+            f"parameter(s) {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} (a "
+            "regulariser inside the loss?), which the operators differentiate only where "
+            "the forward pass uses them, so its curvature would be silently missing; add "
+            "it as an operator instead (the curvature of lam * ||w||^2 is 2 lam I: "
+            "op.shift(2 * lam), or op.damp(2 * lam) for a GGN or Fisher)",
+            loss_fn,
+        )
+    return value
 
 
 def _first_loss_value(loss_fn: Any, outputs: Any, targets: Any, raw: _RawOutput) -> Any:
@@ -727,7 +781,9 @@ def validate(
             classes = _class_targets_spec(loss_fn, outputs)
             check_targets(loss_fn, targets, first.index, classes)
             _check_normaliser_known(loss_fn, targets, first.index)
-            value = _first_loss_value(loss_fn, outputs, targets, raw)
+            value = _refuse_parameter_reads(
+                loss_fn, named, lambda: _first_loss_value(loss_fn, outputs, targets, raw)
+            )
     _check_first_loss_value(
         loss_fn, value, model, named, (inputs, targets, first.size), outputs=outputs
     )
