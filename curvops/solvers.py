@@ -423,8 +423,13 @@ class InverseOperator(CurvatureOperator):
                 )
             return out
 
+        # Each column is solved scaled by a power of two to a largest entry in [1/2, 1):
+        # exact, and the norms of the recurrences neither underflow (a right-hand side of
+        # 1e-200 gave x = 0 "converged") nor overflow (1e154 gave NaN).
+        _, exponents = torch.frexp(X.abs().amax(dim=0))
+        B = torch.ldexp(X, -exponents)
         # No torch.no_grad() here: the operator's own product may need autograd.
-        Y, iters, relres, conv = solver(checked, X, self._tol, self._maxiter)
+        Y, iters, relres, claimed = solver(checked, B, self._tol, self._maxiter)
         finite = torch.isfinite(Y).all(dim=0)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
@@ -432,7 +437,14 @@ class InverseOperator(CurvatureOperator):
                 f"inverse({self._method}): the solution has NaN or Inf in column(s) {bad[:10]} "
                 f"after {counter[0]} iterations (overflow in the recurrence)"
             )
-        relres, conv = self._true_residuals(X, Y, relres, conv)
+        relres, conv = self._true_residuals(B, Y, relres, claimed)
+        Y = torch.ldexp(Y, exponents)
+        if not bool(torch.isfinite(Y).all()):
+            bad = torch.nonzero(~torch.isfinite(Y).all(dim=0)).flatten().tolist()
+            raise NumericalError(
+                f"inverse({self._method}): the solution of column(s) {bad[:10]} is beyond "
+                f"the range of {str(Y.dtype).removeprefix('torch.')} (overflow)"
+            )
         col_iters = tuple(int(i) for i in iters.tolist())
         col_res = tuple(float(r) for r in relres.tolist())
         col_conv = tuple(bool(c) for c in conv.tolist())
@@ -453,6 +465,12 @@ class InverseOperator(CurvatureOperator):
                 f"within {self._maxiter} iterations (iteration {info.iterations}; largest "
                 f"relative residual {info.residual:.3g})"
             )
+            stopped = [i for i in bad if not bool(claimed[i]) and col_iters[i] < self._maxiter]
+            if self._method == "cg" and stopped:
+                message += (
+                    f"; columns {stopped} stopped early on non-positive curvature p^T A p <= 0: "
+                    "A is not positive definite (method='minres' takes indefinite systems)"
+                )
             if self._strict:
                 raise NumericalError(message)
             logger.warning(message)

@@ -140,13 +140,42 @@ def test_singular_system_outside_the_range_raises_by_default() -> None:
 
 def test_cg_stops_on_non_positive_curvature(caplog: pytest.LogCaptureFixture) -> None:
     inv = inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True, strict=False)
-    with pytest.raises(NumericalError, match="did not converge"):
+    with pytest.raises(NumericalError, match=r"did not converge.*non-positive curvature"):
         inverse(Diagonal([1.0, -1.0]), "cg", assume_psd=True) @ np.ones(2)
     with caplog.at_level(logging.WARNING, logger="curvops.solvers"):
         x = inv @ np.ones(2)  # p^T A p = 0 at the first step
     assert np.isfinite(x).all()
     assert inv.last_info is not None and not inv.last_info.converged
     assert "did not converge" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "lanczos"])
+@pytest.mark.parametrize(
+    ("dtype", "scales"),
+    [
+        (torch.float64, [1e-300, 1e-200, 1e-154, 1.0, 1e154, 1e200]),
+        (torch.float32, [1e-30, 1e-20, 1e30]),
+    ],
+)
+def test_the_solution_is_scale_equivariant(
+    method: str, dtype: torch.dtype, scales: list[float]
+) -> None:
+    """Before: a right-hand side of 1e-200 (float64; 1e-23 in float32) gave x = 0 reported
+    converged (its norm underflowed), 1e154 raised on NaN.  Columns are solved scaled by
+    powers of two, which is exact: the scaled solutions agree to the solver's accuracy."""
+    d = torch.tensor([2.0, 4.0, 8.0, 3.0], dtype=dtype)
+    b = torch.tensor([1.0, 2.0, -3.0, 0.5], dtype=dtype)
+    inv = inverse(Diagonal(d), method, tol=1e-6 if dtype == torch.float32 else 1e-10)
+    expected = (b / d).double()
+    for scale in scales:
+        x = inv @ (scale * b)
+        assert inv.last_info is not None and inv.last_info.converged
+        assert rel_err((x.double() / scale).numpy(), expected.numpy()) <= 1e-5, scale
+    if dtype == torch.float64:  # columns of very different scales in one block
+        both = torch.stack([1e-200 * b, b], dim=1)
+        X = inv @ both
+        assert rel_err((X[:, 0] / 1e-200).numpy(), expected.numpy()) <= 1e-8
+        assert rel_err(X[:, 1].numpy(), expected.numpy()) <= 1e-8
 
 
 def test_inverse_composes() -> None:
