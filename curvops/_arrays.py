@@ -185,7 +185,8 @@ def to_torch(
         raise _complex_error(name, x)
     if arr.dtype.kind not in "fiub":
         raise argument_error(name, "a real numeric array", x, kind=TypeError)
-    arr = np.ascontiguousarray(arr, dtype=numpy_dtype(dtype))
+    with np.errstate(over="ignore"):  # entries beyond the dtype's range become inf, as
+        arr = np.ascontiguousarray(arr, dtype=numpy_dtype(dtype))  # torch's cast makes them
     if not arr.flags.writeable:
         arr = arr.copy()
     return torch.from_numpy(arr).to(device=device, dtype=dtype), kind

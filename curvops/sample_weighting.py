@@ -19,8 +19,9 @@ weights with a balanced first batch 19 %, all silently.  :func:`check_sample_wei
 evaluates that identity on the already computed outputs (the model does not run again)
 and refuses a loss that breaks it, naming :func:`curvops.losses.declare_loss`.
 :class:`SampleWeightingProbe` applies it to every batch against the first one (a
-loader: its first two batches), or, with a single batch per process, to the first
-batch's two halves.
+loader: one pass without gradients), to the minibatches ``loss_stats`` cuts from the
+first batch, or, with a single batch per process, to the first batch's two halves.
+Batches on other processes are not compared (each process checks its own shard).
 
 >>> out, y = torch.arange(4.0).reshape(4, 1), torch.zeros(4, 1)
 >>> check_sample_weighting(lambda f, t: ((f - t) ** 2).mean(), halves(out, y, 4), "batch 0")
@@ -41,7 +42,7 @@ import torch
 
 from spectral.errors import argument_error
 
-__all__ = ["Part", "SampleWeightingProbe", "check_sample_weighting", "halves"]
+__all__ = ["Part", "SampleWeightingProbe", "check_sample_weighting", "halves", "pieces"]
 
 #: The outputs, targets and number of samples of a batch (or of a part of one).
 Part = tuple[torch.Tensor, torch.Tensor, int]
@@ -75,6 +76,31 @@ def halves(outputs: Any, targets: Any, samples: int) -> list[Part] | None:
     return [
         (outputs[:cut_o], targets[:cut_t], k),
         (outputs[cut_o:], targets[cut_t:], samples - k),
+    ]
+
+
+def pieces(outputs: Any, targets: Any, samples: int, size: int) -> list[Part] | None:
+    """Consecutive pieces of ``size`` samples (the last may be smaller), cut as by
+    :func:`halves`; ``None`` when they cannot be cut so or there is only one.
+
+    >>> [p[2] for p in pieces(torch.zeros(5, 2), torch.zeros(5), 5, 2)]
+    [2, 2, 1]
+    """
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    if samples <= size or outputs.dim() == 0 or targets.dim() == 0:
+        return None
+    m, t = int(outputs.shape[0]), int(targets.shape[0])
+    if m % samples or t % samples or not outputs.is_floating_point():
+        return None
+    per_o, per_t = m // samples, t // samples
+    return [
+        (
+            outputs[start * per_o : (start + size) * per_o],
+            targets[start * per_t : (start + size) * per_t],
+            min(size, samples - start),
+        )
+        for start in range(0, samples, size)
     ]
 
 
@@ -180,10 +206,13 @@ class SampleWeightingProbe:
     True
     """
 
-    def __init__(self, loss_fn: Any, first: Part, index: int) -> None:
+    def __init__(
+        self, loss_fn: Any, first: Part, index: int, minibatch_size: int | None = None
+    ) -> None:
         self.loss_fn = loss_fn
         self.first = first
         self.index = index
+        self.minibatch_size = minibatch_size
         self.compared = False
 
     def compare(self, other: Part, index: int) -> None:
@@ -199,9 +228,16 @@ class SampleWeightingProbe:
             self.compared = True
 
     def finish(self) -> None:
-        """Without another batch to compare with (one batch per process, one that cannot be
-        concatenated with the first), check the first batch's two halves."""
-        if not self.compared:
-            parts = halves(*self.first)
-            if parts is not None:
-                check_sample_weighting(self.loss_fn, parts, f"the halves of batch {self.index}")
+        """The first batch's minibatches of ``minibatch_size`` samples (``loss_stats`` cuts
+        them from every batch), each against the first; else, without another batch to
+        compare with (one batch per process, one that cannot be concatenated with the
+        first), the first batch's two halves."""
+        if self.minibatch_size is not None:
+            parts = pieces(*self.first, self.minibatch_size) or []
+            for j, part in enumerate(parts[1:], start=1):
+                where = f"minibatches 0 and {j} of batch {self.index}"
+                check_sample_weighting(self.loss_fn, [parts[0], part], where)
+        elif not self.compared:
+            two = halves(*self.first)
+            if two is not None:
+                check_sample_weighting(self.loss_fn, two, f"the halves of batch {self.index}")

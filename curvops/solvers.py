@@ -406,9 +406,11 @@ class InverseOperator(CurvatureOperator):
         finite = torch.isfinite(X).all(dim=0)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
+            dtype = str(X.dtype).removeprefix("torch.")
             raise NumericalError(
                 f"inverse({self._method}): the right-hand side has NaN or Inf in column(s) "
-                f"{bad[:10]} (iteration 0)"
+                f"{bad[:10]} (iteration 0; in the operator's dtype, {dtype}: entries beyond "
+                "its range overflow when converted)"
             )
         counter = [0]
 

@@ -450,7 +450,7 @@ def loss_stats(
             "seed": seed,
             "z": _direction_setting(z),
         },
-        combines=batch_size is not None,  # minibatches cut from each batch are weighted
+        minibatch_size=batch_size,  # the minibatches cut from each batch are weighted
     )
     if curvature == "ggn":
         validation.check_outputs_before_the_loss("loss_stats")

@@ -275,6 +275,8 @@ class _RawOutput:
     def dropped(self) -> str | None:
         """What the default selection left out of a structured output (``None``: nothing,
         or ``output_fn`` chose), e.g. ``"the first item of a tuple of 2"``."""
+        from curvops.snapshot import tensors_in
+
         out = self.output
         if self.output_fn is not None or isinstance(out, torch.Tensor):
             return None
@@ -283,21 +285,48 @@ class _RawOutput:
             key = "logits" if "logits" in out else (tensors[0] if tensors else None)
             what = f"the {key!r} entry of a {type(out).__name__} with tensors {tensors}"
         elif isinstance(out, (tuple, list)):
-            tensors = [v for v in out if isinstance(v, torch.Tensor)]
             what = f"the first item of a {type(out).__name__} of {len(out)}"
         else:
             return None
-        return what if len(tensors) > 1 else None
+        return what if len(tensors_in(out)) > 1 else None  # (nested ones too: (mean, [var]))
+
+
+#: Calls that take a tensor only for its dtype, device or shape, never its values.
+_VALUE_FREE = frozenset(
+    {
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.Tensor.new_tensor,
+        torch.Tensor.new_zeros,
+        torch.Tensor.new_ones,
+        torch.Tensor.new_empty,
+        torch.Tensor.new_full,
+    }
+)
+#: Conversions whose first argument is converted and whose others give a dtype/device.
+_CONVERSIONS = frozenset({torch.Tensor.to, torch.Tensor.type_as})
 
 
 class _ParameterReads(TorchFunctionMode):
     """Record which of the selected parameters a call computes with (a torch call taking
-    one and returning a tensor), by position."""
+    one, or a view of one, and returning tensors), by position; calls that use a tensor
+    only for its dtype, device or shape (``zeros_like``, ``new_tensor``, the second
+    argument of ``to`` / ``type_as``) do not count."""
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         super().__init__()
         self._index = {id(p): i for i, p in enumerate(params)}
         self.read: set[int] = set()
+
+    def _position(self, item: Any) -> int | None:
+        if not isinstance(item, torch.Tensor):
+            return None
+        i = self._index.get(id(item))
+        if i is None and item._base is not None:  # a view taken before (W.t(), W.view(-1))
+            i = self._index.get(id(item._base))
+        return i
 
     def __torch_function__(
         self,
@@ -308,10 +337,15 @@ class _ParameterReads(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if isinstance(result, torch.Tensor):
-            for value in (*args, *kwargs.values()):
+        if func in _VALUE_FREE:
+            return result
+        if isinstance(result, torch.Tensor) or (
+            isinstance(result, tuple | list) and any(isinstance(r, torch.Tensor) for r in result)
+        ):  # (tensors, or tuples of them: chunk, unbind, split, svd, max(dim=...))
+            used = args[:1] if func in _CONVERSIONS else (*args, *kwargs.values())
+            for value in used:
                 for item in value if isinstance(value, list | tuple) else (value,):
-                    i = self._index.get(id(item))
+                    i = self._position(item)
                     if i is not None:
                         self.read.add(i)
         return result
@@ -358,6 +392,15 @@ def _first_loss_value(loss_fn: Any, outputs: Any, targets: Any, raw: _RawOutput)
     if not isinstance(outputs, torch.Tensor):
         return None
     dropped = raw.dropped()
+    if dropped is not None and outputs.dim() == 0:
+        raise argument_error(
+            "output_fn",
+            "an output_fn naming the model's outputs: the default selection picked a "
+            "0-dimensional tensor (a loss computed inside the model?) beside other "
+            "tensors; name it explicitly (output_fn=lambda out: out['loss'], for the "
+            "Hessian only) or the outputs the loss takes",
+            f"None, with {dropped}",
+        )
     try:
         value = check_loss_second_derivatives(loss_fn, outputs, targets)
     except Exception as exc:
@@ -400,21 +443,28 @@ def _refuse_ambiguous_selection(
 
 
 def _weighting_probe(
-    loss_fn: Any, outputs: Any, targets: Any, first: Any, stream: Any, combines: bool
+    loss_fn: Any,
+    first_part: tuple[Any, Any],
+    first: Any,
+    stream: Any,
+    minibatch_size: int | None,
+    sharded: bool = False,
 ) -> Any:
     """A :class:`curvops.sample_weighting.SampleWeightingProbe` seeded with the first batch
-    when batches combine (``combines``: a list, a loader, shards across processes, the
-    minibatches ``loss_stats`` cuts) under a loss whose normaliser is assumed; else
-    ``None``."""
+    when batches combine (a list, a loader, ``sharded`` across processes, the minibatches
+    of ``minibatch_size`` that ``loss_stats`` cuts) under a loss whose normaliser is
+    assumed; else ``None``."""
     from curvops.losses import normaliser_is_known
     from curvops.sample_weighting import SampleWeightingProbe
 
+    outputs, targets = first_part
     several = not stream.is_single_batch and (not stream.is_in_memory or sum(1 for _ in stream) > 1)
-    if not (several or combines) or normaliser_is_known(loss_fn):
+    if not (several or sharded or minibatch_size is not None) or normaliser_is_known(loss_fn):
         return None
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return None
-    return SampleWeightingProbe(loss_fn, (outputs.detach(), targets, first.size), first.index)
+    seed = (outputs.detach(), targets, first.size)
+    return SampleWeightingProbe(loss_fn, seed, first.index, minibatch_size)
 
 
 def _check_first_loss_value(
@@ -721,7 +771,7 @@ def validate(
     bn_mode: str | None = None,
     output_fn: Any = None,
     process_group: Any = False,
-    combines: bool = False,
+    minibatch_size: int | None = None,
 ) -> Validation:
     """Run the construction-time checks of the module docstring; return what they learnt.
 
@@ -729,10 +779,10 @@ def validate(
     ``process_group`` that communicates (:func:`curvops.distributed.resolve_group`),
     ``data`` is one rank's shard and may lack counted targets (an all-padding shard
     contributes zeros): the total over the ranks is checked by
-    :func:`validate_across_ranks`.  No communication here.  ``combines``: the caller
-    combines parts of single batches too (``loss_stats``'s minibatches), so a loss
-    whose normaliser is assumed is checked on them
-    (:mod:`curvops.sample_weighting`) even for one batch.
+    :func:`validate_across_ranks`.  No communication here.  ``minibatch_size``: the
+    caller cuts every batch into minibatches of that many samples and weights them
+    (``loss_stats``), so a loss whose normaliser is assumed is checked on them
+    (:mod:`curvops.sample_weighting`), even for one batch.
 
     Raises
     ------
@@ -794,8 +844,9 @@ def validate(
         output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
         output_fn=output_fn,
     )
-    combined = combines or resolve_group(process_group) is not None
-    probe = _weighting_probe(loss_fn, outputs, targets, first, stream, combined)
+    probe = _weighting_probe(loss_fn, (outputs, targets), first, stream, minibatch_size)
+    if probe is None and resolve_group(process_group) is not None:  # shards combine
+        probe = _weighting_probe(loss_fn, (outputs, targets), first, stream, None, True)
     forward = _forward_without_gradients(model, named, bn_mode, output_fn)
     if stream.is_in_memory:
         result.weight = _check_other_batches(loss_fn, stream, result, forward, probe)
@@ -811,13 +862,14 @@ def validate(
 
 
 def _finish_weighting_probe(probe: Any, stream: Any, forward: Callable[[Any], Any]) -> None:
-    """A loader's second batch against its first (an in-memory stream's batches were
-    compared by :func:`_check_other_batches`), then the halves of a lone batch."""
+    """A loader's batches against its first (an in-memory stream's were compared by
+    :func:`_check_other_batches`), then the first batch's minibatches or halves."""
     if probe is None:
         return
-    if not stream.is_in_memory:
-        for batch in stream.leading_batches(2)[1:]:
-            probe.compare((forward(batch), batch.targets, batch.size), batch.index)
+    if not stream.is_in_memory:  # one pass without gradients (a plain-function loss only)
+        for position, batch in enumerate(stream):
+            if position > 0:
+                probe.compare((forward(batch), batch.targets, batch.size), batch.index)
     probe.finish()
 
 
@@ -1045,7 +1097,7 @@ def validated_on_ranks(
     settings: dict[str, Any] | None = None,
     same_shapes: bool = False,
     extra_checks: Callable[[], None] | None = None,
-    combines: bool = False,
+    minibatch_size: int | None = None,
 ) -> tuple[Validation, Callable[[], Validation]]:
     """:func:`validate` on this rank's ``data``, agreed across ranks
     (:func:`validate_across_ranks`: one ``all_gather`` with a process group); return what it
@@ -1054,7 +1106,7 @@ def validated_on_ranks(
     The construction of every operator and curvature function that takes a
     ``process_group``; ``extra_checks`` are an operator's own data checks (K-FAC's refusal
     of padded positions), run first, in the same agreement and in every rerun;
-    ``combines`` as for :func:`validate`.
+    ``minibatch_size`` as for :func:`validate`.
     """
 
     def checks() -> Validation:
@@ -1068,7 +1120,7 @@ def validated_on_ranks(
             bn_mode=bn_mode,
             output_fn=output_fn,
             process_group=process_group,
-            combines=combines,
+            minibatch_size=minibatch_size,
         )
 
     result = validate_across_ranks(

@@ -233,3 +233,9 @@ def test_exact_inverse_of_a_damped_low_rank_operator(dtype: torch.dtype, weights
     assert float((got - want).abs().max()) <= 100 * eps * cond * float(want.abs().max())
     with pytest.raises(ValueError, match=r"Argument 'damping'.*singular"):
         exact_inverse(LowRank(U.to(dtype), s.to(dtype)), 0.0)
+
+
+def test_a_right_hand_side_overflowing_the_operators_dtype_is_named() -> None:
+    inv = inverse(Diagonal(torch.tensor([2.0, 4.0], dtype=torch.float32)), "cg")
+    with pytest.raises(NumericalError, match=r"operator's dtype, float32: entries beyond"):
+        inv @ np.array([1e300, 1.0])

@@ -111,3 +111,39 @@ def test_unambiguous_losses_are_accepted_and_exact() -> None:
     # an explicit output_fn is never second-guessed, even one equal to the default
     loss = lambda o, t: F.mse_loss(o[0], t)  # noqa: E731 - reads rows, as the user asked
     HessianOperator(net, loss, (x, y), output_fn=lambda o: o[0])
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size:UserWarning")
+def test_nested_and_zero_dimensional_default_selections_are_refused() -> None:
+    """Before: ``(mean, [var])`` counted one tensor, so a loss reading ``o[1][0]`` read a
+    row of the mean (0.83 off); a dict whose first tensor is a 0-dimensional ``loss`` was
+    selected and taken as the outputs."""
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TupleNet()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            mu, var = self.inner(x)
+            return mu, [var]
+
+    def gnll(out: Any, y: torch.Tensor) -> torch.Tensor:  # log-variance nested in a list
+        return F.gaussian_nll_loss(out[0], y, out[1][0].exp())
+
+    y = torch.randn(6, 1, dtype=DT)
+    with pytest.raises(ValueError, match=r"Argument 'output_fn'.*ambiguous"):
+        HessianOperator(Nested().to(DT), gnll, (_x(), y))
+
+    class LossFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TupleNet()
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            mu, _ = self.inner(x)
+            return {"loss": mu.pow(2).mean(), "pred": mu}
+
+    with pytest.raises(ValueError, match=r"0-dimensional tensor"):
+        HessianOperator(LossFirst().to(DT), nn.MSELoss(), (_x(), y))
+    HessianOperator(LossFirst().to(DT), nn.MSELoss(), (_x(), y), output_fn=lambda o: o["pred"])
