@@ -102,6 +102,16 @@ class SolveInfo:
     column_converged: tuple[bool, ...]
 
 
+def _column_norms(V: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of each column (of a vector: its norm), computed on the column divided by
+    its largest magnitude, so that it neither overflows nor underflows where the norm
+    itself is representable (``vector_norm`` squares: ``[1e200, 1e200]`` gave inf, and an
+    operator of norm 1e160 stopped MINRES on "overflow")."""
+    largest = V.abs().amax(dim=0)
+    safe = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return largest * torch.linalg.vector_norm(V / safe, dim=0)
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den != 0``, else 0 (keeps finished columns finite)."""
     ok = den != 0
@@ -206,7 +216,7 @@ def minres_solve(
         r1 = r2
         r2 = y
         oldb = beta
-        beta = torch.linalg.vector_norm(r2, dim=0)
+        beta = _column_norms(r2)
         # Apply the previous rotation, then build and apply the new one.
         oldeps = epsln
         delta = cs * dbar + sn * alfa
@@ -270,7 +280,7 @@ def lanczos_solve(
             Qm = torch.stack(Q, dim=1)
             for _ in range(2):
                 wv = wv - Qm @ (Qm.mT @ wv)
-            bnext = float(torch.linalg.vector_norm(wv))
+            bnext = float(_column_norms(wv))
             alphas.append(alpha)
             m = len(alphas)
             ab = np.zeros((3, m))
@@ -395,9 +405,9 @@ class InverseOperator(CurvatureOperator):
         AY = self._A._apply(Y)
         norm_b = torch.linalg.vector_norm(B, dim=0)
         safe_b = torch.where(norm_b > 0, norm_b, 1.0)
-        true = torch.where(norm_b > 0, torch.linalg.vector_norm(B - AY, dim=0) / safe_b, estimated)
+        true = torch.where(norm_b > 0, _column_norms(B - AY) / safe_b, estimated)
         eps = torch.finfo(B.dtype).eps
-        attainable = 100.0 * eps * (1.0 + torch.linalg.vector_norm(AY, dim=0) / safe_b)
+        attainable = 100.0 * eps * (1.0 + _column_norms(AY) / safe_b)
         converged = claimed & (true <= torch.clamp(attainable, min=self._tol))
         return true, converged
 
