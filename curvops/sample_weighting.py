@@ -20,8 +20,9 @@ evaluates that identity on the already computed outputs (the model does not run 
 and refuses a loss that breaks it, naming :func:`curvops.losses.declare_loss`.
 :class:`SampleWeightingProbe` applies it to every batch against the first one (a
 loader: one pass without gradients), to the minibatches ``loss_stats`` cuts from the
-first batch, or, with a single batch per process, to the first batch's two halves.
-Batches on other processes are not compared (each process checks its own shard).
+first batch, or, with a single batch per process, to the first batch's two halves; the
+processes' first batches are compared with each other too
+(``curvops.validation.validate_across_ranks``).
 
 >>> out, y = torch.arange(4.0).reshape(4, 1), torch.zeros(4, 1)
 >>> check_sample_weighting(lambda f, t: ((f - t) ** 2).mean(), halves(out, y, 4), "batch 0")

@@ -448,17 +448,18 @@ def _weighting_probe(
     first: Any,
     stream: Any,
     minibatch_size: int | None,
-    sharded: bool = False,
+    process_group: Any,
 ) -> Any:
     """A :class:`curvops.sample_weighting.SampleWeightingProbe` seeded with the first batch
-    when batches combine (a list, a loader, ``sharded`` across processes, the minibatches
-    of ``minibatch_size`` that ``loss_stats`` cuts) under a loss whose normaliser is
-    assumed; else ``None``."""
+    when batches combine (a list, a loader, shards across the processes of
+    ``process_group``, the minibatches of ``minibatch_size`` that ``loss_stats`` cuts) under
+    a loss whose normaliser is assumed; else ``None``."""
     from curvops.losses import normaliser_is_known
     from curvops.sample_weighting import SampleWeightingProbe
 
     outputs, targets = first_part
     several = not stream.is_single_batch and (not stream.is_in_memory or sum(1 for _ in stream) > 1)
+    sharded = resolve_group(process_group) is not None
     if not (several or sharded or minibatch_size is not None) or normaliser_is_known(loss_fn):
         return None
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
@@ -542,6 +543,9 @@ class Validation:
     output_shape: tuple[int, ...] | None = None
     #: The ``output_fn`` checked (every rank of a process group must use the same one).
     output_fn: Any = None
+    #: The first batch's (outputs, targets, samples) under a loss whose normaliser is
+    #: assumed, for the comparison of the shards (:func:`_compare_shards`).
+    weighting_seed: Any = None
 
     def check_outputs_before_the_loss(self, who: str) -> None:
         """Refuse a 0-dimensional model output for a curvature built on the outputs.
@@ -844,9 +848,9 @@ def validate(
         output_shape=tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None,
         output_fn=output_fn,
     )
-    probe = _weighting_probe(loss_fn, (outputs, targets), first, stream, minibatch_size)
-    if probe is None and resolve_group(process_group) is not None:  # shards combine
-        probe = _weighting_probe(loss_fn, (outputs, targets), first, stream, None, True)
+    probe = _weighting_probe(
+        loss_fn, (outputs, targets), first, stream, minibatch_size, process_group
+    )
     forward = _forward_without_gradients(model, named, bn_mode, output_fn)
     if stream.is_in_memory:
         result.weight = _check_other_batches(loss_fn, stream, result, forward, probe)
@@ -857,15 +861,19 @@ def validate(
                 "class weight 0, so the mean loss is 0/0)",
                 data,
             )
-    _finish_weighting_probe(probe, stream, forward)
+    _finish_weighting_probe(probe, stream, forward, result)
     return result
 
 
-def _finish_weighting_probe(probe: Any, stream: Any, forward: Callable[[Any], Any]) -> None:
+def _finish_weighting_probe(
+    probe: Any, stream: Any, forward: Callable[[Any], Any], result: Validation
+) -> None:
     """A loader's batches against its first (an in-memory stream's were compared by
-    :func:`_check_other_batches`), then the first batch's minibatches or halves."""
+    :func:`_check_other_batches`), then the first batch's minibatches or halves; the
+    first batch is kept in ``result`` for the comparison of the shards."""
     if probe is None:
         return
+    result.weighting_seed = probe.first
     if not stream.is_in_memory:  # one pass without gradients (a plain-function loss only)
         for position, batch in enumerate(stream):
             if position > 0:
@@ -1041,7 +1049,34 @@ def validate_across_ranks(
     if same_shapes or not normaliser_is_known(loss_fn):
         agreed["input / target shapes past the sample dimension"] = _shapes_setting(result)
     check_ranks_agree(model, named, loss_fn, process_group, weight=result.weight, settings=agreed)
+    _compare_shards(loss_fn, result, process_group)
     return result
+
+
+def _compare_shards(loss_fn: Any, result: Validation, process_group: Any) -> None:
+    """Compare the ranks' first batches as :mod:`curvops.sample_weighting` compares a
+    rank's own batches (a loss whose normaliser is assumed only: one
+    ``all_gather_object`` of each rank's first outputs and targets).  Every rank makes the
+    same comparisons of the same tensors, so all raise alike (rank 0's halves balanced,
+    rank 1's batch of other classes: a class-weighted loss was 31 % off)."""
+    import torch.distributed as dist
+
+    from curvops.losses import normaliser_is_known
+    from curvops.sample_weighting import check_sample_weighting
+
+    if normaliser_is_known(loss_fn):
+        return
+    group = resolve_group(process_group)
+    seed = result.weighting_seed
+    payload = None if seed is None else (seed[0].cpu(), seed[1].cpu(), int(seed[2]))
+    seeds: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seeds, payload, group=group)
+    # on the CPU, where every rank computes the same numbers (a loss holding tensors of
+    # an accelerator fails there: not compared, on every rank alike)
+    present = [(r, s) for r, s in enumerate(seeds) if s is not None]
+    for rank, part in present[1:]:
+        where = f"the first batches of ranks {present[0][0]} and {rank}"
+        check_sample_weighting(loss_fn, [present[0][1], part], where)
 
 
 def checked_on_ranks(checks: Callable[[], T], process_group: Any) -> T:
