@@ -62,6 +62,7 @@ __all__ = [
     "check_twice_differentiable",
     "graph_nodes",
     "once_differentiable_functions",
+    "tensor_arguments",
 ]
 
 #: The node class of ``torch._C._functions.DelayedError`` (named ``Error``).
@@ -197,8 +198,12 @@ def check_twice_differentiable(
     )
 
 
-def _tensor_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterable[Any]:
-    """The arguments of a torch call, with lists and tuples opened one level (``cat``)."""
+def tensor_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterable[Any]:
+    """The arguments of a torch call, with lists and tuples opened one level (``cat``).
+
+    >>> list(tensor_arguments(([1, 2], 3), {"out": 4}))
+    [1, 2, 3, 4]
+    """
     for value in (*args, *kwargs.values()):
         if isinstance(value, list | tuple):
             yield from value
@@ -248,7 +253,7 @@ class UntrackedUseRecorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
-            for value in _tensor_arguments(args, kwargs):
+            for value in tensor_arguments(args, kwargs):
                 i = self._index.get(id(value))
                 if i is not None:
                     self.untracked.add(i)

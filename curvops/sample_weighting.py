@@ -56,6 +56,25 @@ _DECLARE = (
 )
 
 
+def _cut(outputs: Any, targets: Any, samples: int, starts: Sequence[int]) -> list[Part] | None:
+    """The parts of the samples beginning at ``starts`` (ascending, from 0), outputs and
+    targets cut in proportion to their leading dimensions; ``None`` when they cannot be
+    cut so (not tensors, leading sizes not multiples of ``samples``, fewer than 2 parts)."""
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    if len(starts) < 2 or outputs.dim() == 0 or targets.dim() == 0:
+        return None
+    m, t = int(outputs.shape[0]), int(targets.shape[0])
+    if m % samples or t % samples or not outputs.is_floating_point():
+        return None
+    per_o, per_t = m // samples, t // samples
+    ends = [*starts[1:], samples]
+    return [
+        (outputs[a * per_o : b * per_o], targets[a * per_t : b * per_t], b - a)
+        for a, b in zip(starts, ends)
+    ]
+
+
 def halves(outputs: Any, targets: Any, samples: int) -> list[Part] | None:
     """The first :math:`\\lfloor n/2 \\rfloor` of ``samples`` = :math:`n` and the rest, as two
     parts; outputs and targets are cut in proportion to their leading dimensions (a
@@ -65,19 +84,7 @@ def halves(outputs: Any, targets: Any, samples: int) -> list[Part] | None:
     >>> [tuple(p[0].shape) for p in halves(torch.zeros(6, 2), torch.zeros(3), 3)]
     [(2, 2), (4, 2)]
     """
-    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
-        return None
-    if samples < 2 or outputs.dim() == 0 or targets.dim() == 0:
-        return None
-    m, t = int(outputs.shape[0]), int(targets.shape[0])
-    if m % samples or t % samples or not outputs.is_floating_point():
-        return None
-    k = samples // 2
-    cut_o, cut_t = k * (m // samples), k * (t // samples)
-    return [
-        (outputs[:cut_o], targets[:cut_t], k),
-        (outputs[cut_o:], targets[cut_t:], samples - k),
-    ]
+    return _cut(outputs, targets, samples, [0, samples // 2] if samples >= 2 else [0])
 
 
 def pieces(outputs: Any, targets: Any, samples: int, size: int) -> list[Part] | None:
@@ -87,22 +94,7 @@ def pieces(outputs: Any, targets: Any, samples: int, size: int) -> list[Part] | 
     >>> [p[2] for p in pieces(torch.zeros(5, 2), torch.zeros(5), 5, 2)]
     [2, 2, 1]
     """
-    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
-        return None
-    if samples <= size or outputs.dim() == 0 or targets.dim() == 0:
-        return None
-    m, t = int(outputs.shape[0]), int(targets.shape[0])
-    if m % samples or t % samples or not outputs.is_floating_point():
-        return None
-    per_o, per_t = m // samples, t // samples
-    return [
-        (
-            outputs[start * per_o : (start + size) * per_o],
-            targets[start * per_t : (start + size) * per_t],
-            min(size, samples - start),
-        )
-        for start in range(0, samples, size)
-    ]
+    return _cut(outputs, targets, samples, list(range(0, samples, size)))
 
 
 def _values(loss_fn: Any, parts: Sequence[Part]) -> torch.Tensor | None:

@@ -51,6 +51,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from curvops.data import dict_batch_error, first_tensor
+from curvops.differentiability import tensor_arguments
 from curvops.distributed import check_ranks_agree, resolve_group
 from spectral.errors import argument_error
 
@@ -342,12 +343,11 @@ class _ParameterReads(TorchFunctionMode):
         if isinstance(result, torch.Tensor) or (
             isinstance(result, tuple | list) and any(isinstance(r, torch.Tensor) for r in result)
         ):  # (tensors, or tuples of them: chunk, unbind, split, svd, max(dim=...))
-            used = args[:1] if func in _CONVERSIONS else (*args, *kwargs.values())
-            for value in used:
-                for item in value if isinstance(value, list | tuple) else (value,):
-                    i = self._position(item)
-                    if i is not None:
-                        self.read.add(i)
+            used = tensor_arguments(args[:1], {}) if func in _CONVERSIONS else None
+            for item in used if used is not None else tensor_arguments(args, kwargs):
+                i = self._position(item)
+                if i is not None:
+                    self.read.add(i)
         return result
 
 
