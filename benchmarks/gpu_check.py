@@ -425,6 +425,10 @@ def dist_worker(
         H_ref = HessianOperator(model, loss, batches, bn_mode="train", process_group=False)
         out["ritz_ref"] = np.asarray(lanczos(H_ref, spec["iters"], seed=0).ritz().values)
     np.savez(Path(out_dir) / f"rank{rank}.npz", **out)
+    # every rank leaves together: a rank tearing its Gloo group down while rank 0 still
+    # ran the reference aborted ("terminate called without an active exception": 2 in 8
+    # CPU smoke runs)
+    dist.barrier()
     dist.destroy_process_group()
 
 
