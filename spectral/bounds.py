@@ -157,6 +157,7 @@ __all__ = [
     "PROBABILITY_TOL",
     "PROBE_VARIANCE",
     "chebyshev_halfwidth",
+    "probability_weights",
     "probe_variance_factor",
     "quadrature_cdf_bounds",
     "quadrature_expectation_bounds",
@@ -172,6 +173,82 @@ PROBABILITY_TOL = 1e-10
 #: Probe distributions for which the concentration bounds hold, and their variance factor
 #: ``κ·n`` (``Var F_v ≤ κ F(1 - F)`` with ``κ = 2/n`` or ``2/(n + 2)``).
 PROBE_VARIANCE = {"rademacher": 0, "gaussian": 2, "sphere": 2}
+
+
+#: Weights within this (per entry, relative to 1) of a probability vector are accepted.
+WEIGHTS_TOL = 1e-8
+
+
+def probability_weights(weights: ArrayLike, name: str = "weights") -> FloatArray:
+    r"""Check that ``weights`` is a probability vector up to rounding and renormalise it.
+
+    The weights of a computed Gauss rule (squared first components of the eigenvectors
+    of the Jacobi matrix) are a probability vector to a few :math:`m\varepsilon`. Weights
+    within :data:`WEIGHTS_TOL` per entry of one are accepted: rounding negatives are
+    clipped to 0 and the vector is divided by its sum, unless that sum is already 1 to
+    within the rounding of the summation itself (:math:`2 m \varepsilon`), in which case
+    the weights are kept bit for bit (so the map is idempotent: a density saved and
+    loaded again has exactly the weights it had). Anything else (a negative weight,
+    weights summing to 1.8, NaN or infinite entries) raises naming ``name``: every bound
+    of this module assumes a probability measure.
+
+    Parameters
+    ----------
+    weights : array_like
+        The weights (flattened).
+    name : str
+        The argument's name for the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 weights, non-negative, summing to 1 to rounding.
+
+    Examples
+    --------
+    >>> probability_weights([0.25, 0.75]).tolist()
+    [0.25, 0.75]
+    >>> probability_weights([0.9, 0.9])
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'weights': expected weights summing to 1 (they sum to 1.8); ...
+    """
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(w)):
+        raise argument_error(name, "finite weights", weights)
+    if w.size and w.min() < -WEIGHTS_TOL:
+        raise argument_error(name, "non-negative weights", weights)
+    total = float(w.sum())
+    if abs(total - 1.0) > WEIGHTS_TOL * max(1, w.size):
+        raise argument_error(name, f"weights summing to 1 (they sum to {total!r})", weights)
+    clipped = np.clip(w, 0.0, None)
+    total = float(clipped.sum())
+    if abs(total - 1.0) <= 2.0 * max(1, clipped.size) * np.finfo(np.float64).eps:
+        return clipped
+    out: FloatArray = clipped / total
+    return out
+
+
+def _gauss_rule(nodes: ArrayLike, weights: ArrayLike) -> tuple[FloatArray, FloatArray]:
+    """The rule ``(nodes, weights)`` checked and sorted by node.
+
+    Both 1-D of one length; NaN nodes (the padding of an early-stopped probe) are
+    dropped with their weights; at least one node must remain, every node finite, and
+    the weights a probability vector (:func:`probability_weights`).
+    """
+    theta = np.asarray(nodes, dtype=np.float64).reshape(-1)
+    tau = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if theta.shape != tau.shape:
+        raise argument_error("weights", f"an array of shape {theta.shape} (one per node)", weights)
+    keep = ~np.isnan(theta)
+    theta, tau = theta[keep], tau[keep]
+    if theta.size == 0:
+        raise argument_error("nodes", "at least one node", nodes)
+    if not np.all(np.isfinite(theta)):
+        raise argument_error("nodes", "finite nodes (NaN entries are dropped as padding)", nodes)
+    tau = probability_weights(tau, "weights")
+    order = np.argsort(theta, kind="stable")
+    return theta[order], tau[order]
 
 
 def probe_variance_factor(kind: str, n: int) -> float:
@@ -197,9 +274,7 @@ def probe_variance_factor(kind: str, n: int) -> float:
     (0.02, 0.02)
     """
     if kind not in PROBE_VARIANCE:
-        raise argument_error(
-            "probe_distribution", f"one of {tuple(PROBE_VARIANCE)} (random probes)", kind
-        )
+        raise argument_error("kind", f"one of {tuple(PROBE_VARIANCE)} (random probes)", kind)
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise argument_error("n", "a positive integer (the operator's dimension)", n)
     return 2.0 / (int(n) + PROBE_VARIANCE[kind])
@@ -323,18 +398,9 @@ def quadrature_cdf_bounds(
     >>> lo.round(6).tolist(), hi.round(6).tolist()
     ([0.5], [0.5])
     """
-    theta = np.asarray(nodes, dtype=np.float64).reshape(-1)
-    tau = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if theta.shape != tau.shape:
-        raise argument_error("weights", f"an array of shape {theta.shape}", weights)
-    keep = ~np.isnan(theta)
-    theta, tau = theta[keep], tau[keep]
-    if theta.size == 0:
-        raise argument_error("nodes", "at least one node", nodes)
+    theta, tau = _gauss_rule(nodes, weights)
     if not (np.isfinite(tol) and tol >= 0):
         raise argument_error("tol", "a non-negative number", tol)
-    order = np.argsort(theta, kind="stable")
-    theta, tau = theta[order], tau[order]
     m = theta.size
     cumulative = np.concatenate([[0.0], np.cumsum(tau)])
     cumulative[-1] = 1.0
@@ -446,22 +512,24 @@ def quadrature_expectation_bounds(
     >>> quadrature_expectation_bounds([1.0, 3.0], [0.5, 0.5], lambda t: t, (0.0, 4.0))
     (0.5, 3.5)
     """
-    theta = np.asarray(nodes, dtype=np.float64).reshape(-1)
-    tau = np.asarray(weights, dtype=np.float64).reshape(-1)
-    keep = ~np.isnan(theta)
-    theta, tau = theta[keep], tau[keep]
-    order = np.argsort(theta, kind="stable")
-    theta, tau = theta[order], tau[order]
+    theta, tau = _gauss_rule(nodes, weights)
     a, b = float(support[0]), float(support[1])
     if not (np.isfinite(a) and np.isfinite(b) and a <= b):
         raise argument_error("support", "finite (a, b) with a <= b", support)
     if not (np.isfinite(tol) and tol >= 0):
         raise argument_error("tol", "a non-negative number", tol)
+    if theta[0] < a - tol or theta[-1] > b + tol:  # Gauss nodes lie in the support's hull
+        raise argument_error(
+            "support",
+            f"an interval containing every node up to tol = {tol:.3g} (nodes "
+            f"[{theta[0]!r}, {theta[-1]!r}])",
+            support,
+        )
     resolution = check_integer(
         "resolution", resolution, "an integer >= 2 (grid points per interval)", lambda k: k >= 2
     )
     if not callable(values_on):
-        raise argument_error("f", "a vectorised callable", values_on, kind=TypeError)
+        raise argument_error("values_on", "a vectorised callable", values_on, kind=TypeError)
     if invariant and tol == 0.0:  # β = 0: the rule is the measure
         mass, left, right = tau, theta, theta
     else:

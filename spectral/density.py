@@ -47,30 +47,6 @@ _FORMAT = "spectral.SpectralDensity/1"
 SOURCES = ("quadrature", "eigenvalues")
 # Node accuracy (relative to max |θ|, per Lanczos step) assumed when none is given.
 _NODE_RTOL = 8.0 * float(np.finfo(np.float64).eps)
-# Weights within this (relative to 1) of a probability vector are renormalised silently.
-_SUM_TOL = 1e-8
-
-
-def _as_probability(weights: FloatArray, name: str) -> FloatArray:
-    """Check that ``weights`` is a probability vector up to rounding and renormalise it.
-
-    Weights within ``1e-8`` per entry of a probability vector are accepted: rounding
-    negatives are clipped to 0 and the vector is divided by its sum, unless that sum
-    is already 1 to within the rounding of the summation itself (:math:`2 n
-    \\varepsilon`), in which case the weights are kept bit for bit.  So the map is
-    idempotent: a density saved and loaded again has exactly the weights it had.
-    """
-    if weights.size and weights.min() < -_SUM_TOL:
-        raise argument_error(name, "non-negative weights", weights)
-    total = float(weights.sum())
-    if abs(total - 1.0) > _SUM_TOL * max(1, weights.size):
-        raise argument_error(name, f"weights summing to 1 (they sum to {total!r})", weights)
-    clipped = np.clip(weights, 0.0, None)
-    total = float(clipped.sum())
-    if abs(total - 1.0) <= 2.0 * max(1, clipped.size) * np.finfo(np.float64).eps:
-        return clipped
-    out: FloatArray = clipped / total
-    return out
 
 
 def _readonly(a: FloatArray) -> FloatArray:
@@ -235,7 +211,7 @@ class SpectralDensity:
             raise argument_error("nodes", "finite values", nodes)
         if not np.all(np.isfinite(w)):
             raise argument_error("weights", "finite values", weights)
-        w = _as_probability(w, "weights")
+        w = bounds.probability_weights(w, "weights")
         order = np.argsort(theta, kind="stable")
         self.nodes = _readonly(theta[order])
         self.weights = _readonly(w[order])
@@ -254,7 +230,7 @@ class SpectralDensity:
                 row = pw[k][~np.isnan(pw[k])]
                 if row.size == 0:
                     raise argument_error("probe_weights", f"a non-empty row {k}", pw)
-                pw[k, ~np.isnan(pw[k])] = _as_probability(row, f"probe_weights[{k}]")
+                pw[k, ~np.isnan(pw[k])] = bounds.probability_weights(row, f"probe_weights[{k}]")
             self.probe_nodes = _readonly(pn)
             self.probe_weights = _readonly(pw)
         self._set_provenance(source, dimension, probe_kind, probe_invariant, probe_tolerance)

@@ -82,7 +82,10 @@ class SymmetricOperator:
       :mod:`spectral` around an already protected operator).
     * **Results.** A product must return a real floating-point array of the vectors'
       namespace with ``n`` (``n k``) entries; anything else (complex or integer values,
-      another library's array, a wrong size) raises naming ``A``.  The result may be an
+      another library's array, a wrong size) raises naming ``A``, and so does a product
+      rounded more coarsely than ``eps`` states (float32 results for float64 vectors: the
+      error bounds of every algorithm assume products accurate to ``eps``; give such an
+      operator float32 vectors, ``as_operator(A, like=...)``).  The result may be an
       array the product owns (even its input, or a buffer it reuses): the algorithms
       never modify a result in place.
 
@@ -177,8 +180,29 @@ class SymmetricOperator:
                     y,
                     kind=TypeError,
                 )
+            self._refuse_coarser_products(dtype)
             self._real_dtypes.add(dtype)
         return y
+
+    def _refuse_coarser_products(self, dtype: Any) -> None:
+        """Raise if products of ``dtype`` are rounded more coarsely than ``eps`` states.
+
+        Every error bound of :mod:`spectral` (Ritz residual floors, the node accuracy of
+        the certified CDF bounds, breakdown tests) assumes products accurate to ``eps``.
+        A product returning float32 for float64 vectors has rounded to float32 and its
+        error is ``2**29`` times larger: certified bounds built on float64's ``eps``
+        excluded the true CDF by up to 0.11.  Such an operator is refused instead.
+        """
+        product_eps = _backend.finfo_eps(self.xp, dtype)
+        if product_eps > self.eps:
+            raise argument_error(
+                "A",
+                f"products as precise as the vectors ({self.dtype}, eps {self.eps:.3g}), "
+                "which every error bound assumes (give the vectors the products' dtype: "
+                "as_operator(A, like=<a zero vector of that dtype>))",
+                f"products of dtype {dtype} (eps {product_eps:.3g})",
+                kind=TypeError,
+            )
 
     def _bad_product(self, shape: tuple[int, ...], y: Any, kind: type = ValueError) -> Exception:
         cls = type(self.template)

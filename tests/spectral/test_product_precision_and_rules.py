@@ -1,0 +1,166 @@
+"""Contracts found by the tenth session's sweep of :mod:`spectral`.
+
+* Products rounded more coarsely than the vectors (float32 products for float64 vectors)
+  are refused: every error bound assumes products as precise as ``op.eps``, and the
+  certified CDF bounds built on float64's eps excluded the true CDF by up to 0.11.
+* The Gauss-rule bounds of :mod:`spectral.bounds` check their rule (a probability
+  measure on finite nodes inside the stated support).
+* Hutch++'s standard error includes the rounding of its sketched part, so its interval
+  covers the trace of an exactly low-rank matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.linalg import LinearOperator
+
+import spectral
+from spectral import bounds
+from spectral.blockeig import block_eigenpairs
+
+N = 40
+
+
+def _matrix(eigenvalues: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    Q, R = np.linalg.qr(rng.standard_normal((eigenvalues.size, eigenvalues.size)))
+    Q = Q * np.sign(np.diag(R))
+    A: np.ndarray = (Q * eigenvalues) @ Q.T
+    return (A + A.T) / 2
+
+
+def _single_precision_matrix() -> np.ndarray:
+    return _matrix(np.repeat([1.0, 1.0 + 2e-6, 3.0], [15, 15, 10]), 18).astype(np.float32)
+
+
+def _coarse_operators(A32: np.ndarray) -> dict[str, object]:
+    """Operators on float64 vectors whose products round to float32."""
+    return {
+        "callable": spectral.as_operator(lambda x: A32 @ x.astype(np.float32), N),
+        "LinearOperator": LinearOperator(
+            (N, N), matvec=lambda x: A32 @ np.asarray(x, np.float32).ravel(), dtype=np.float64
+        ),
+        "torch callable": spectral.as_operator(
+            lambda x: torch.from_numpy(A32) @ x.float(), N, like=torch.zeros(N, dtype=torch.float64)
+        ),
+    }
+
+
+@pytest.mark.parametrize("form", ["callable", "LinearOperator", "torch callable"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda A: spectral.lanczos(A, 5, seed=0),
+        lambda A: spectral.slq(A, 5, num_probes=2, seed=0),
+        lambda A: spectral.top_eigenpairs(A, 2, seed=0),
+        lambda A: block_eigenpairs(A, 2, seed=0),
+        lambda A: spectral.trace(A, method="hutch++", num_matvecs=9, seed=0),
+    ],
+    ids=["lanczos", "slq", "top_eigenpairs", "block_eigenpairs", "trace"],
+)
+def test_products_coarser_than_the_vectors_are_refused(form: str, run: object) -> None:
+    A = _coarse_operators(_single_precision_matrix())[form]
+    with pytest.raises(TypeError, match=r"Argument 'A':.*as precise as the vectors.*float32"):
+        run(A)  # type: ignore[operator]
+
+
+def test_float32_products_on_float32_vectors_give_certified_bounds_that_hold() -> None:
+    A32 = _single_precision_matrix()
+    op = spectral.as_operator(lambda x: A32 @ x, N, like=np.zeros(N, np.float32))
+    assert op.eps == float(np.finfo(np.float32).eps)
+    v = np.random.default_rng(18).choice([-1.0, 1.0], N).astype(np.float32)
+    density = spectral.slq(op, 6, probes=v[:, None])
+    lam, U = np.linalg.eigh(A32.astype(np.float64))  # the matrix the products apply
+    points = np.unique(np.concatenate([lam, (lam[:-1] + lam[1:]) / 2, density.nodes]))
+    weight = (U.T @ v.astype(np.float64)) ** 2 / float(v.astype(np.float64) @ v)
+    exact = np.array([weight[lam <= x].sum() for x in points])
+    lower, upper = density.cdf_bounds(points, probe=0)
+    slack = 8 * N * np.finfo(np.float64).eps  # the summation of the exact CDF itself
+    assert np.all(lower <= exact + slack) and np.all(exact <= upper + slack)
+
+
+def test_a_widened_float64_product_of_float32_vectors_is_accepted() -> None:
+    A32 = _single_precision_matrix()
+    op = spectral.as_operator(lambda x: A32.astype(np.float64) @ x, N, like=np.zeros(N, np.float32))
+    assert spectral.lanczos(op, 3, seed=0).alpha.dtype == np.float64
+
+
+def _cdf(nodes: list[float], weights: list[float]) -> object:
+    return bounds.quadrature_cdf_bounds(nodes, weights, [1.5])
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: bounds.quadrature_cdf_bounds([1.0, 2.0], [0.9, 0.9], [1.5]), r"'weights'.*1\.8"),
+        (
+            lambda: bounds.quadrature_cdf_bounds([1.0, 2.0], [-0.5, 1.5], [1.5]),
+            r"'weights'.*non-neg",
+        ),
+        (
+            lambda: bounds.quadrature_cdf_bounds([1.0, 2.0], [np.nan, 1.0], [1.5]),
+            r"'weights'.*finite",
+        ),
+        (
+            lambda: bounds.quadrature_cdf_bounds([1.0, np.inf], [0.5, 0.5], [1.5]),
+            r"'nodes'.*finite",
+        ),
+        (lambda: bounds.quadrature_cdf_bounds([1.0, 2.0], [1.0], [1.5]), r"'weights'.*shape"),
+        (
+            lambda: bounds.quadrature_expectation_bounds([], [], np.exp, (0.0, 3.0)),
+            r"'nodes'.*at least one",
+        ),
+        (
+            lambda: bounds.quadrature_expectation_bounds([1.0, 2.0], [1.0], np.exp, (0.0, 3.0)),
+            r"'weights'.*shape",
+        ),
+        (
+            lambda: bounds.quadrature_expectation_bounds([1.0, 2.0], [0.9, 0.9], np.exp, (0, 3)),
+            r"'weights'.*1\.8",
+        ),
+        (
+            lambda: bounds.quadrature_expectation_bounds([1.0, 2.0], [0.5, 0.5], np.exp, (5, 6)),
+            r"'support'.*every node",
+        ),
+        (
+            lambda: bounds.quadrature_expectation_bounds([1.0], [1.0], 3.0, (0.0, 3.0)),
+            r"'values_on'",
+        ),
+        (lambda: bounds.probe_variance_factor("cauchy", 10), r"Argument 'kind'"),
+    ],
+)
+def test_gauss_rule_bounds_refuse_what_is_not_a_probability_rule(call: object, match: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()  # type: ignore[operator]
+
+
+def test_gauss_rule_bounds_accept_rounded_weights_and_nan_padding() -> None:
+    lo, hi = bounds.quadrature_cdf_bounds(
+        [1.0, 2.0, np.nan], [0.5 + 1e-12, 0.5 - 1e-12, np.nan], [1.5], invariant=True
+    )
+    assert lo.tolist() == pytest.approx([0.5]) and hi.tolist() == pytest.approx([0.5])
+    # a support that contains the nodes up to tol is accepted
+    low, high = bounds.quadrature_expectation_bounds(
+        [1.0, 2.0], [0.5, 0.5], lambda t: t, (1.0 + 1e-3, 2.0), tol=1e-3
+    )
+    assert low <= 1.5 <= high
+
+
+@pytest.mark.parametrize("eigenvalues", [[50.0], [1.0] * 4], ids=["rank 1", "rank 4"])
+def test_hutchpp_interval_covers_the_trace_of_an_exactly_low_rank_matrix(
+    eigenvalues: list[float],
+) -> None:
+    spectrum = np.concatenate([np.zeros(N - len(eigenvalues)), eigenvalues])
+    A = _matrix(spectrum, 123)
+    exact = math.fsum(np.diag(A))  # the trace of the matrix as stored, correctly rounded
+    norm = float(np.max(np.abs(spectrum)))
+    for seed in range(40):
+        estimate = spectral.trace(A, method="hutch++", num_matvecs=12, seed=seed)
+        low, high = estimate.interval()
+        assert low <= exact <= high
+        # and the interval is of rounding size: sqrt(n) eps per sketch vector, times 2 and 4 of them
+        assert estimate.stderr <= 2 * 4 * math.sqrt(N) * np.finfo(np.float64).eps * norm * 1.01
