@@ -543,6 +543,10 @@ def _lean_layer_norm(
         or (weight is not None and list(weight.shape) != list(shape))
         or (bias is not None and list(bias.shape) != list(shape))
         or not isinstance(a["eps"], float | int)
+        # mixed dtypes (a float32 LayerNorm on bfloat16 activations under torch.autocast,
+        # which leaves layer_norm's dtypes alone on the CPU): PyTorch's kernels mix them,
+        # the lean double backward's would not (it raised "expected scalar type BFloat16")
+        or any(t is not None and t.dtype != x.dtype for t in (weight, bias))
     ):
         return NotImplemented
     return _LayerNorm.apply(x, weight, bias, list(shape), float(a["eps"]), jacobian_only)

@@ -122,3 +122,23 @@ def test_widen_refuses_narrowing_and_non_operators():
         widen(H, torch.float32)
     with pytest.raises(TypeError, match=r"Argument 'base'"):
         widen(np.eye(2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+def test_autocast_products_through_layer_norm(cls: type) -> None:
+    # under CPU autocast a float32 LayerNorm receives bfloat16 activations (layer_norm keeps
+    # its dtypes there): the lean LayerNorm's double backward raised "expected scalar type
+    # BFloat16 but found Float"; mixed-dtype calls now run PyTorch's own kernels
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x, y = mlp_data()
+    op = cls(net, nn.CrossEntropyLoss(), (x, y))
+    ref = cls(copy.deepcopy(net).double(), nn.CrossEntropyLoss(), (x.double(), y))
+    V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = op.matmat(V.float())
+    err = column_errors(inside, ref.matmat(V)).max()
+    assert 1e-4 < err <= 8 * UNIT_ROUNDOFF[torch.bfloat16]  # really ran in bfloat16

@@ -328,6 +328,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             ref = loss_stats(model, loss_fn, (x, y), z=Vm[:, 0], num_probes=0, process_group=False)
             results[f"{name}_stats_ref"] = np.array([ref.loss_mean, ref.hess_mu, ref.num_samples])
         np.savez(Path(out_dir) / f"rank{rank}.npz", **results)
+        dist.barrier()  # leave together: a rank tearing its group down early can abort the other
     finally:
         dist.destroy_process_group()
 
