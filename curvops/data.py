@@ -458,16 +458,14 @@ class Data:
         self._streams.new_pass()
         raws: list[Any] = []
         with self._streams.active():
-            iterator = iter(self._source)
+            iterator = _pass_iterator(self._source)
             try:
                 for raw in iterator:
                     raws.append(raw)
                     if len(raws) == count:
                         break
             finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
+                _close_pass_iterator(iterator)
         if not raws:
             raise argument_error("data", "a non-empty DataLoader", self._source)
         return [_check_batch(raw, i, self._batch_size) for i, raw in enumerate(raws)]
@@ -481,29 +479,29 @@ class Data:
         self._streams.new_pass()
         self._fingerprint.new_pass()
         iterator: Iterator[Any] | None = None
-        while True:
-            with self._streams.active():  # the user's streams are back between batches
-                if iterator is None:
-                    iterator = iter(self._source)
-                try:
-                    raw = next(iterator)
-                except StopIteration:
-                    break
-            i = count
-            batch = _check_batch(raw, i, self._batch_size)
-            sig = _signature(batch)
-            if ref is None:
-                ref = sig
-            elif sig != ref:
-                raise argument_error(
-                    f"data (batch {i})",
-                    f"{_SIGNATURE_WANTED} {ref}",
-                    sig,
-                )
-            self._fingerprint.check(i, batch.size, batch.inputs, batch.targets)
-            count += 1
-            samples += batch.size
-            yield batch
+        try:
+            while True:
+                with self._streams.active():  # the user's streams are back between batches
+                    if iterator is None:
+                        iterator = _pass_iterator(self._source)
+                    try:
+                        raw = next(iterator)
+                    except StopIteration:
+                        break
+                i = count
+                batch = _check_batch(raw, i, self._batch_size)
+                sig = _signature(batch)
+                if ref is None:
+                    ref = sig
+                elif sig != ref:
+                    raise argument_error(f"data (batch {i})", f"{_SIGNATURE_WANTED} {ref}", sig)
+                self._fingerprint.check(i, batch.size, batch.inputs, batch.targets)
+                count += 1
+                samples += batch.size
+                yield batch
+        finally:  # also when the caller stops early: no worker outlives the pass
+            if iterator is not None:
+                _close_pass_iterator(iterator)
         if count == 0:
             raise argument_error("data", "a non-empty DataLoader", self._source)
         self._fingerprint.finish(count)
@@ -593,6 +591,48 @@ def _loader_num_samples(loader: Any) -> int | None:
     if loader.drop_last:
         return (n // batch_size) * batch_size
     return n
+
+
+def _pass_iterator(source: Iterable[Any]) -> Iterator[Any]:
+    """``iter(source)``; a DataLoader with persistent workers gives an iterator of its own.
+
+    With ``persistent_workers=True`` a DataLoader keeps the iterator its first
+    ``iter()`` made (``loader._iterator``) and reuses it in every later one.  An
+    operator's pass would then leave that iterator behind: the user's next epoch
+    reused it instead of making its own, skipping the base-seed draw from the loader's
+    generator (a different shuffle) with workers whose random streams had advanced,
+    so a run tracked by :class:`nets.CurvatureTracker` differed from the same run
+    untracked.  Here the loader's own iterator (or its absence) is put back at once,
+    and :func:`_close_pass_iterator` shuts the private workers down after the pass.
+
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> loader = DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2)
+    >>> [b[0].tolist() for b in _pass_iterator(loader)]
+    [[0.0, 1.0], [2.0, 3.0]]
+    """
+    loader = cast(Any, source)
+    persistent = (
+        isinstance(source, torch.utils.data.DataLoader)
+        and getattr(source, "persistent_workers", False)
+        and hasattr(source, "_iterator")
+    )
+    if not persistent:
+        return iter(source)
+    saved = loader._iterator
+    loader._iterator = None
+    try:
+        return iter(source)
+    finally:
+        loader._iterator = saved
+
+
+def _close_pass_iterator(iterator: Iterator[Any]) -> None:
+    """Close a pass's iterator: a generator's ``close``, a DataLoader iterator's workers."""
+    for name in ("close", "_shutdown_workers"):
+        stop = getattr(iterator, name, None)
+        if callable(stop):
+            stop()
 
 
 def as_data(data: Any, *, batch_size: BatchSize = None) -> Data:

@@ -20,10 +20,12 @@ next.  :class:`ReplayStreams` makes every pass draw the same numbers:
 :class:`PassFingerprint` checks it: the first complete pass records the size
 and an exact checksum of the bytes of every batch; each later pass is compared
 batch by batch, and the first difference raises a ``ValueError`` naming ``data``
-with the likely causes (``persistent_workers=True``, a transform with its own
-generator such as ``np.random.default_rng()``, augmentation on a GPU, a dataset
-that changes) and the fix.  The checksum (CRC-32 of the batch's bytes) costs
-about 1-2 ms for 256 CIFAR-shaped images, less than loading them.
+with the likely causes (a transform with its own generator such as
+``np.random.default_rng()``, augmentation on a GPU, a dataset that changes) and the
+fix.  A loader with ``persistent_workers=True`` gets fresh workers of its own in each
+pass (:func:`curvops.data._pass_iterator`), so it replays like any other.  The
+checksum (CRC-32 of the batch's bytes) costs about 1-2 ms for 256 CIFAR-shaped
+images, less than loading them.
 
 >>> import torch
 >>> from torch.utils.data import DataLoader, TensorDataset
@@ -202,8 +204,8 @@ class PassFingerprint:
             f"pass (a curvature operator is one fixed matrix); received one whose {what}. "
             "Shuffling, random augmentation and worker processes that draw from "
             "torch/numpy/Python random streams or the loader's generator are replayed; "
-            "this loader draws from something else (persistent_workers=True, a "
-            "transform with its own generator such as np.random.default_rng(), "
+            "this loader draws from something else (a transform with its own "
+            "generator such as np.random.default_rng(), "
             "augmentation on a GPU, a dataset that changes). Fix: make that "
             "randomness seeded per pass, or pass the batches as a list."
         )
