@@ -67,6 +67,8 @@ ARGUMENT_OF = {
     "seed": "seed",
     "bn_mode": "bn_mode",
     "density_every": "density_every",
+    "density_iters": "density_iters",
+    "density_probes": "density_probes",
     "parameters": "params",
     "blocks": "blocks",
     "operator": "operator_kwargs",
@@ -341,6 +343,8 @@ def measurement_settings(
     bn_mode: str | None,
     density_every: int | None,
     parameters: Sequence[tuple[str, Sequence[int]]],
+    density_iters: int | None = None,
+    density_probes: int | None = None,
     blocks: Sequence[str],
     operator_kwargs: Mapping[str, Any],
     data: Any,
@@ -349,8 +353,11 @@ def measurement_settings(
 ) -> dict[str, Any]:
     """The JSON-safe ``settings`` of a tracker's rows (module docstring); ``loss`` is
     :func:`describe_loss` of ``loss_fn`` (the trained ``model`` met inside it named, not
-    hashed: its values change from row to row)."""
+    hashed: its values change from row to row).  The density snapshots' resolution
+    (``density_iters``, ``density_probes``) is recorded only when there are snapshots
+    (``density_every`` set): without them it measures nothing."""
     names = json.dumps([[n, list(s)] for n, s in parameters])
+    snapshots = density_every is not None
     return {
         "every": int(every),
         "trace_probes": int(trace_probes),
@@ -358,6 +365,8 @@ def measurement_settings(
         "seed": int(seed),
         "bn_mode": bn_mode,
         "density_every": density_every,
+        "density_iters": density_iters if snapshots else None,
+        "density_probes": density_probes if snapshots else None,
         "parameters": hashlib.sha256(names.encode()).hexdigest()[:16],
         "blocks": sorted(str(b) for b in blocks),
         "operator": repr(sorted(operator_kwargs.items())),
@@ -372,7 +381,8 @@ def settings_difference(
     """The first setting in which a file's rows and a tracker differ: ``(argument, what)``.
 
     Rows written before the loss was recorded (no ``loss`` key) are not compared on
-    it: a warning says so.
+    it: a warning says so.  Rows written before the density snapshots' resolution was
+    recorded are not compared on it.
 
     >>> settings_difference({"tol": 1e-4}, {"tol": 1e-4}) is None
     True
@@ -383,6 +393,8 @@ def settings_difference(
                 "tracker: the file's rows do not record their loss (written by an older "
                 "version); the loss_fn cannot be checked against them"
             )
+            continue
+        if key in ("density_iters", "density_probes") and key not in recorded:
             continue
         if recorded.get(key) != current.get(key):
             before, now = recorded.get(key), current.get(key)

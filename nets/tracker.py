@@ -228,6 +228,34 @@ def _whole(selection: Any) -> Any:
     return [s.name if isinstance(s, ParamSlice) else s for s in selection]
 
 
+def _check_no_gap(
+    previous: int, step: int, settings: Mapping[str, Any], number: int, source: Path
+) -> None:
+    """Refuse two neighbouring rows with a due measurement between them.
+
+    :meth:`CurvatureTracker.step` measures at every multiple of ``every`` (a failed
+    measurement is retried, never skipped), so a multiple of the rows' ``every`` strictly
+    between two neighbouring rows means a deleted row (each row's own checksum cannot
+    tell).
+
+    >>> _check_no_gap(4, 6, {"every": 2}, 3, Path("f.jsonl"))
+    >>> _check_no_gap(2, 6, {"every": 2}, 2, Path("f.jsonl"))
+    Traceback (most recent call last):
+    ...
+    spectral.io.CorruptFileError: File 'f.jsonl', line 2: step 6 after step 2, but rows are ...
+    """
+    every = settings.get("every")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        return
+    due = (previous // every + 1) * every
+    if due < step:
+        raise CorruptFileError(
+            f"File '{source}', line {number}: step {step} after step {previous}, but rows "
+            f"are measured every {every} steps: the row of step {due} is missing (a line "
+            "was deleted)."
+        )
+
+
 def _rows_path(path: Any) -> Path | None:
     """``path`` as the rows file: ``None``, or a path that is not a directory (or other
     non-file), refused here rather than at the first measurement's write."""
@@ -531,6 +559,7 @@ class CurvatureTracker:
         self.settings = measurement_settings(
             every=self.every, trace_probes=self.trace_probes, tol=self.tol, seed=self.seed,
             bn_mode=bn_mode, density_every=density_every, loss_fn=loss_fn, model=model,
+            density_iters=self.density_iters, density_probes=self.density_probes,
             parameters=list(zip(main.param_names, shapes)),
             blocks=[n for n in self._operators if n], operator_kwargs=kwargs, data=data,
         )  # fmt: skip
@@ -689,16 +718,52 @@ class CurvatureTracker:
         return self.path.with_name(self.path.name + ".ritz.npz")
 
     def _write(self) -> None:
+        """Write the rows, then the warm-start state.
+
+        In this order the state never holds a step the file has no row for (a crash
+        between the two leaves a row without vectors: that measurement's successor
+        starts cold), so a state ahead of the file means lost rows
+        (:meth:`_check_state_not_ahead`).
+        """
         assert self.path is not None
+        write_rows(self.path, self.rows)
         if self._vectors:
             self._history[self.count] = {
                 k: v.detach().cpu().numpy() for k, v in self._vectors.items()
             }
             for old in sorted(self._history)[: -self.KEEP_VECTORS]:
                 del self._history[old]
-            arrays = {f"v/{s}/{k}": v for s, vs in self._history.items() for k, v in vs.items()}
+            self._save_state()
+
+    def _save_state(self) -> None:
+        """Save the kept warm-start vectors (:attr:`KEEP_VECTORS` rows), or remove the
+        state file when none are kept."""
+        arrays = {f"v/{s}/{k}": v for s, vs in self._history.items() for k, v in vs.items()}
+        if arrays:
             save_npz(self._state_path, **arrays)
-        write_rows(self.path, self.rows)
+        else:
+            self._state_path.unlink(missing_ok=True)
+
+    def _check_state_not_ahead(self, last: int) -> None:
+        """Refuse a file that lost its last rows: its warm-start state (written after the
+        rows, :meth:`_write`) holds vectors of a later step than the file's last row.
+
+        A row deleted in the middle of the file is caught by the steps' spacing
+        (:func:`_check_no_gap`); the last rows leave no gap behind, and their loss set
+        the count back silently (a resumed run then labelled every later row with the
+        wrong step).
+        """
+        if not self._state_path.is_file():
+            return
+        steps = [int(key.split("/", 2)[1]) for key in load_npz(self._state_path)]
+        if steps and max(steps) > last:
+            raise CorruptFileError(
+                f"File '{self.path}': its last row is at step {last}, but the tracker's "
+                f"warm-start state '{self._state_path.name}' was written at step "
+                f"{max(steps)}: the rows after step {last} are missing (the file was cut or "
+                "edited). Restore the file, or delete the state file to continue from "
+                f"step {last} without them."
+            )
 
     def _resume(self, start_step: int | None) -> None:
         assert self.path is not None
@@ -707,6 +772,7 @@ class CurvatureTracker:
             return
         rows = self._checked_rows()
         last = int(rows[-1]["step"]) if rows else 0
+        self._check_state_not_ahead(last)
         if start_step is None:
             self.count = last
         else:
@@ -727,6 +793,8 @@ class CurvatureTracker:
             write_rows(self.path, self.rows)
             self._remove_snapshots(dropped)
         self._load_vectors()
+        if dropped:  # the state keeps no vectors of the abandoned rows either
+            self._save_state()
 
     def _remove_snapshots(self, dropped: list[dict[str, Any]]) -> None:
         """Delete the density snapshots of rows dropped on a restart (files beside ``path``
@@ -763,6 +831,8 @@ class CurvatureTracker:
                     f"{rows[-1]['step']} (the rows of a tracker file increase)."
                 )
             self._check_kind_and_top_k(row, number, source)
+            if rows and "settings" in row:  # its every: checked against the tracker's below
+                _check_no_gap(int(rows[-1]["step"]), step, row["settings"], number, source)
             if "settings" in row:  # files written before rows recorded them: not checked
                 difference = settings_difference(row["settings"], self.settings)
                 if difference is not None:
