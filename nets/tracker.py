@@ -228,6 +228,22 @@ def _whole(selection: Any) -> Any:
     return [s.name if isinstance(s, ParamSlice) else s for s in selection]
 
 
+def _checked_lr(lr: Any) -> float:
+    """``lr`` as a float: finite and non-negative (a row's ``lr`` draws the 2/lr line of
+    :func:`nets.plots.plot_tracking`; ``nan`` was written and drew nothing).
+
+    >>> _checked_lr(0.05)
+    0.05
+    """
+    try:
+        value = float(lr)
+    except (TypeError, ValueError) as exc:
+        raise argument_error("lr", "a learning rate (a number)", lr, kind=TypeError) from exc
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argument_error("lr", "a finite learning rate >= 0", lr)
+    return value
+
+
 def _check_no_gap(
     previous: int, step: int, settings: Mapping[str, Any], number: int, source: Path
 ) -> None:
@@ -590,6 +606,8 @@ class CurvatureTracker:
         interrupt) leaves the count where it was, so the step can be retried: before, the
         step was counted anyway and its measurement silently lost.
         """
+        if lr is not None:  # on every step, due or not
+            _checked_lr(lr)
         if (self.count + 1) % self.every == 0:  # refused before counting: the step can be retried
             check_attainable_tol(self.tol, self._operators[""].op)
         self.count += 1
@@ -612,6 +630,8 @@ class CurvatureTracker:
         """
         if self.rows and self.rows[-1]["step"] == self.count:
             return self.rows[-1]
+        if lr is not None:
+            _checked_lr(lr)
         _check_finite_parameters(self._operators[""].op, self.count, epoch)
         start = time.perf_counter()
         with preserved_rng():

@@ -4,7 +4,8 @@ Each row carries its own CRC-32, so a deleted line passed every check: a middle 
 left a silent hole in the curve, and a lost last row set the count back (a run resumed
 without ``start_step`` then labelled every later row with the wrong step).  The steps'
 spacing catches the first, the warm-start state (written after the rows) the second.
-A file continued with another density resolution mixed snapshots of 40 and 6 nodes.
+A file continued with another density resolution mixed snapshots of 40 and 6 nodes,
+and ``step(lr=nan)`` wrote a row whose edge-of-stability line could not be drawn.
 """
 
 from __future__ import annotations
@@ -115,3 +116,15 @@ def test_a_file_is_continued_only_at_its_density_resolution(
     plain = tmp_path / "plain.jsonl"
     _train(model, optimizer, data, _tracker(model, data, plain, density_iters=10), 2)
     assert len(_tracker(model, data, plain, density_iters=6).rows) == 1
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1, "fast"])
+def test_a_bad_learning_rate_is_refused_before_counting(lr: Any) -> None:
+    model, _, data = _problem()
+    tracker = CurvatureTracker(model, nn.CrossEntropyLoss(), data, every=1, top_k=1)
+    with pytest.raises((ValueError, TypeError), match="Argument 'lr'"):
+        tracker.step(lr=lr)
+    assert tracker.count == 0 and tracker.rows == []
+    with pytest.raises((ValueError, TypeError), match="Argument 'lr'"):
+        tracker.measure(lr=lr)
+    assert tracker.step(lr=0.0) is not None and tracker.rows[-1]["lr"] == 0.0
