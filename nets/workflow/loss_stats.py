@@ -53,6 +53,7 @@ from nets.workflow._resolve import (
     check_bn_mode,
     check_int,
     default_loss,
+    evaluation_mode,
     is_writer,
     make_eval_loader,
     operator_group,
@@ -498,12 +499,15 @@ def checkpoint_stats(
     """One checkpoint's row: train/test loss and accuracy (eval mode) and the loss statistics
     (the loss taking the output ``output_fn`` selects, see :mod:`curvops.model_io`)."""
     check_direction(direction, model, params)
-    train_loss, train_acc = evaluate(model, splits.train, loss, group=group, output_fn=output_fn)
-    test_loss, test_acc = (
-        (math.nan, math.nan)
-        if splits.test is None
-        else evaluate(model, splits.test, loss, group=group, output_fn=output_fn)
-    )
+    with evaluation_mode(model):  # the statistics below: each module in its mode (bn_mode=None)
+        train_loss, train_acc = evaluate(
+            model, splits.train, loss, group=group, output_fn=output_fn
+        )
+        test_loss, test_acc = (
+            (math.nan, math.nan)
+            if splits.test is None
+            else evaluate(model, splits.test, loss, group=group, output_fn=output_fn)
+        )
     stats = loss_stats(
         model,
         loss,
