@@ -122,6 +122,7 @@ from nets.loss_means import LossMean, check_mean_loss
 from nets.measurement_settings import describe_callable, describe_loss
 from nets.models import get_model, model_spec
 from nets.models._common import check_positive_int
+from nets.module_modes import evaluation_mode
 from nets.optim.registry import get_optimizer
 from nets.schedules import get_schedule
 from nets.swa import WeightAverager
@@ -340,7 +341,8 @@ def evaluate(
     has mean reduction (:func:`nets.loss_means.check_mean_loss`; a ``"sum"`` loss's result
     depended on the batch size).
 
-    The model's training mode is restored afterwards.
+    Each submodule's mode is restored afterwards (a frozen BatchNorm in eval mode inside a
+    model in train mode stays so; ``model.train(was_training)`` switched it back to train).
 
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
@@ -351,16 +353,12 @@ def evaluate(
     """
     check_mean_loss(loss_fn)
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     metrics = _Metrics(device, classification, loss_fn)
-    try:
+    with evaluation_mode(model):
         for x, y in _batch_iter(loader):
             x, y = x.to(device), y.to(device)
             output = model(x)
             metrics.add(output, x, y, loss_fn(output, y))
-    finally:
-        model.train(was_training)
     if metrics.count == 0:
         raise argument_error("loader", "a non-empty data loader", loader)
     return metrics.result()

@@ -39,6 +39,7 @@ from torch.utils.data import (
 )
 
 from nets.measurement_settings import feed_hash
+from nets.module_modes import evaluation_mode
 from spectral.errors import argument_error
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "curvature_kind",
     "default_loss",
     "eigvec_file",
-    "evaluation_mode",
     "is_writer",
     "make_eval_loader",
     "model_fingerprint",
@@ -653,31 +653,6 @@ def resolve_model(
         epoch=None if epoch is None else int(epoch),
         config=config,
     )
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block; each submodule's own mode back on exit.
-
-    ``model.train(was_training)`` would put every submodule in the top module's mode,
-    losing a mixed setting (a frozen BatchNorm in eval mode inside a model in train mode).
-
-    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Dropout())
-    >>> net[0].eval()
-    Linear(in_features=1, out_features=1, bias=True)
-    >>> with evaluation_mode(net):
-    ...     net.training, net[1].training
-    (False, False)
-    >>> net.training, net[0].training, net[1].training
-    (True, False, True)
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _check_inputs_fit(

@@ -49,11 +49,11 @@ import torch
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.params import select_params
 from curvops.stats import loss_stats
+from nets.module_modes import evaluation_mode
 from nets.workflow._resolve import (
     check_bn_mode,
     check_int,
     default_loss,
-    evaluation_mode,
     is_writer,
     make_eval_loader,
     operator_group,

@@ -94,3 +94,14 @@ def test_loss_stats_statistics_in_the_callers_modes_and_metrics_in_eval_mode() -
     for key in ("train_loss", "train_acc"):  # evaluations: eval mode always
         assert rows[None][key][0] == rows["train"][key][0] == rows["eval"][key][0]
     assert [m.training for m in net.modules()] == [True, True, True, False, True]
+
+
+def test_training_evaluate_gives_each_submodule_its_mode_back() -> None:
+    from torch.utils.data import DataLoader
+
+    from nets.training import evaluate
+
+    net = _model().train()
+    net[1].eval()  # a frozen BatchNorm, as in fine-tuning
+    evaluate(net, DataLoader(_dataset(), batch_size=8), nn.CrossEntropyLoss())
+    assert [m.training for m in net.modules()] == [True, True, False, True, True]
