@@ -96,6 +96,7 @@ from nets.workflow.directions import (
     random_directions,
     ritz_directions,
 )
+from nets.workflow.spectrum import check_pair
 from spectral.errors import NumericalError, argument_error
 from spectral.io import load_npz, save_npz
 from spectral.resume import Checkpoint
@@ -286,6 +287,9 @@ def _load_ritz(
             f"'{spectrum_path}'; compute the spectrum with save_eigvec=True."
         )
     archive = load_npz(path)
+    spectrum = path.with_name(path.name[: -len("-eigvec.npz")] + ".npz")
+    if spectrum.is_file():  # a vector file of another run beside it (a kill between writes)
+        check_pair(spectrum, load_npz(spectrum), path, archive)
     for key in ("vectors", "w", "model_fingerprint", "param_names", "param_shapes_json"):
         if key not in archive:
             raise argument_error(

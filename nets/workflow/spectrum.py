@@ -355,7 +355,7 @@ def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResul
         logger.warning("spectrum %s was saved with Ritz vectors, but %s is gone", target, vec_path)
     if with_vectors and vec_path.is_file():
         vec = load_npz(vec_path)
-        _check_pair(target, arrays, vec_path, vec)
+        check_pair(target, arrays, vec_path, vec)
         result.vectors = np.asarray(vec["vectors"])
         result.vector_values = np.asarray(vec["w"], dtype=np.float64)
         result.param_names = tuple(str(n) for n in np.asarray(vec["param_names"]).tolist())
@@ -364,10 +364,15 @@ def load_spectrum(path: PathLike, *, with_vectors: bool = True) -> SpectrumResul
     return result
 
 
-def _check_pair(
+def check_pair(
     target: Path, arrays: Mapping[str, Any], vec_path: Path, vec: Mapping[str, Any]
 ) -> None:
-    """Refuse a vector file that is not the one saved with this spectrum."""
+    """Refuse a vector file that is not the one saved with this spectrum.
+
+    ``arrays`` and ``vec`` are the loaded contents of the spectrum file ``target`` and of
+    the vector file ``vec_path`` (see the module docstring for ``pair_id``); used by
+    :func:`load_spectrum` and by the landscape's Ritz directions.
+    """
     if "pair_id" not in arrays:
         logger.warning(
             "spectrum %s predates pair identifiers: %s is assumed to belong to it", target, vec_path
