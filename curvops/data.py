@@ -45,6 +45,7 @@ from curvops.snapshot import tensors_in
 from spectral.errors import argument_error
 
 __all__ = [
+    "SINGLE_SAMPLE_NOTE",
     "Batch",
     "BatchSize",
     "Data",
@@ -318,6 +319,14 @@ def trailing_shapes(batch: Batch) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return inputs, tuple(int(d) for d in batch.targets.shape[1:])
 
 
+#: The note added to train-mode BatchNorm's refusal of a one-sample batch.
+SINGLE_SAMPLE_NOTE = (
+    "in {where}, a batch of 1 sample: BatchNorm in train mode (batch statistics) needs at "
+    "least 2 samples per batch; use {remedy}batches of other sizes (another batch_size, "
+    "or drop the last batch)"
+)
+
+
 @contextmanager
 def shape_noted(
     batch: Batch, reference: tuple[tuple[int, ...], tuple[int, ...]] | None
@@ -335,6 +344,10 @@ def shape_noted(
     ... except RuntimeError as exc:
     ...     print(exc.__notes__[0].split(",")[0])
     in data (batch 1)
+
+    A batch of one sample that train-mode BatchNorm refuses (PyTorch's bare "Expected
+    more than 1 value per channel when training", e.g. the last batch of 33 samples in
+    batches of 16) gets a note naming the batch and the ways out.
     """
     try:
         yield
@@ -345,6 +358,11 @@ def shape_noted(
                 f"in data (batch {batch.index}), whose input / target shapes past the sample "
                 f"dimension {shapes[0]} / {shapes[1]} differ from batch 0's "
                 f"{reference[0]} / {reference[1]}"
+            )
+        if batch.size == 1 and "more than 1 value per channel when training" in str(exc):
+            remedy = "bn_mode='eval' (running statistics), or "
+            exc.add_note(
+                SINGLE_SAMPLE_NOTE.format(where=f"data (batch {batch.index})", remedy=remedy)
             )
         raise
 

@@ -36,7 +36,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from curvops.data import move_to
+from curvops.data import SINGLE_SAMPLE_NOTE, move_to
 
 __all__ = ["PooledMoments", "batchnorm_modules", "refresh_batchnorm"]
 
@@ -129,8 +129,14 @@ def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], group: Any = Non
         m.reset_running_stats()
         m.train()
     try:
-        for inputs in batches:
-            call_model(model, move_to(inputs, first.device, first.dtype))
+        for index, inputs in enumerate(batches):
+            try:
+                call_model(model, move_to(inputs, first.device, first.dtype))
+            except ValueError as exc:  # PyTorch's bare refusal of a one-sample batch
+                if "more than 1 value per channel when training" in str(exc):
+                    where = f"the BatchNorm statistics' batch {index}"
+                    exc.add_note(SINGLE_SAMPLE_NOTE.format(where=where, remedy=""))
+                raise
         pooled = [moments[id(m)] for m in modules]
         if group is not None:
             _combine_over_ranks(modules, pooled, group)
