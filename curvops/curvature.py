@@ -427,37 +427,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         return [p.detach() for p in self._live_params()]
 
     def _live_params(self) -> list[nn.Parameter]:
-        """The parameters under the selected names now, checked against the operator.
-
-        :math:`O(p)` attribute lookups for :math:`p` parameter tensors.
-
-        Raises
-        ------
-        ValueError
-            A selected name no longer names a parameter, or a parameter's shape,
-            dtype or device changed (e.g. ``model.to(torch.float64)``): the operator
-            is a matrix of fixed size and dtype, build a new one.
-        """
-        live = []
-        for name, shape in zip(self._names, self._shapes):
-            try:
-                p = self._model.get_parameter(name)
-            except AttributeError:
-                raise argument_error(
-                    "model",
-                    f"a parameter named {name!r}, as when the operator was built",
-                    "a model without it",
-                ) from None
-            if p.shape != shape or p.dtype != self.torch_dtype or p.device != self.device:
-                raise argument_error(
-                    "model",
-                    f"parameter {name!r} of shape {tuple(shape)}, dtype {self.torch_dtype} on "
-                    f"{self.device} as when the operator was built (after model.to(...) or a "
-                    "change of shape, build a new operator)",
-                    f"shape {tuple(p.shape)}, dtype {p.dtype} on {p.device}",
-                )
-            live.append(p)
-        return live
+        """The parameters under the selected names now, checked against the operator
+        (:func:`live_parameters`)."""
+        return live_parameters(
+            self._model, self._names, self._shapes, self.torch_dtype, self.device
+        )
 
     def _batch_on_device(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         inputs = move_to(batch.inputs, self.device, self.torch_dtype)
@@ -913,6 +887,54 @@ def _read_checks(
     if isinstance(weight, torch.Tensor):
         weight = values[2]
     return int(values[0]), values[1], weight
+
+
+def live_parameters(
+    model: nn.Module,
+    names: Sequence[str],
+    shapes: Sequence[torch.Size],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[nn.Parameter]:
+    """The parameters ``names`` of ``model`` now, checked against an operator built on them.
+
+    :math:`O(p)` attribute lookups for :math:`p` parameter tensors.  Shared by the exact
+    operators and K-FAC / E-KFAC.
+
+    Raises
+    ------
+    ValueError
+        A selected name no longer names a parameter, or a parameter's shape, dtype or
+        device changed (e.g. ``model.to(torch.float64)``): the operator is a matrix of
+        fixed size and dtype, build a new one.
+
+    Examples
+    --------
+    >>> lin = nn.Linear(2, 1)
+    >>> [p.shape for p in live_parameters(lin, ["bias"], [torch.Size([1])], torch.float32,
+    ...                                   torch.device("cpu"))]
+    [torch.Size([1])]
+    """
+    live = []
+    for name, shape in zip(names, shapes):
+        try:
+            p = model.get_parameter(name)
+        except AttributeError:
+            raise argument_error(
+                "model",
+                f"a parameter named {name!r}, as when the operator was built",
+                "a model without it",
+            ) from None
+        if p.shape != shape or p.dtype != dtype or p.device != device:
+            raise argument_error(
+                "model",
+                f"parameter {name!r} of shape {tuple(shape)}, dtype {dtype} on "
+                f"{device} as when the operator was built (after model.to(...) or a "
+                "change of shape, build a new operator)",
+                f"shape {tuple(p.shape)}, dtype {p.dtype} on {p.device}",
+            )
+        live.append(p)
+    return live
 
 
 def _refuse_non_finite_input(X: torch.Tensor) -> None:

@@ -91,7 +91,13 @@ class EKFACOperator(KFACOperator):
     The arguments are those of :class:`curvops.KFACOperator`; ``approx`` chooses the
     K-FAC factors whose eigenbases are kept.  :meth:`factors` returns those K-FAC
     factors; products, :meth:`eigenvalues`, :meth:`trace`, :meth:`logdet` and
-    :meth:`inverse` use the corrected eigenvalues (``pi_damping`` is refused).
+    :meth:`inverse` use the corrected eigenvalues (``pi_damping`` is refused).  A
+    bfloat16/float16 model gives an operator in its dtype whose eigenbases and corrected
+    eigenvalues are computed in float32 from the model's inputs and gradient columns
+    (widened), as K-FAC's factors (see :mod:`curvops.kfac`, "Low precision"); products
+    are applied in float32 and rounded once to the operator's dtype.  A change of a
+    selected parameter's dtype, device or shape after construction is refused as in
+    K-FAC (``ValueError`` naming ``model``).
 
     Attributes
     ----------
@@ -136,7 +142,7 @@ class EKFACOperator(KFACOperator):
         shapes = [(block.rows, block.cols) for block in self._blocks]
         group = resolve_group(self.process_group)
         sums, total_count = all_reduce_sums(  # over the shards of a process group, if any
-            sums, shapes, count, group, dtype=self.torch_dtype, device=self.device
+            sums, shapes, count, group, dtype=self._statistics_dtype, device=self.device
         )
         eigen = []
         for i, block in enumerate(self._blocks):
@@ -166,20 +172,24 @@ class EKFACOperator(KFACOperator):
         Per layer sample (:func:`curvops.kronecker.rotated_gradient_squares`), or per
         column summed over all samples when each column is one loss sample's pullback
         (``record.pullbacks``, :func:`curvops.kronecker.rotated_pullback_squares`).
+        In :attr:`_statistics_dtype`, as the factors: a bfloat16/float16 model's input
+        rows and gradient columns are widened to float32 (the eigenbases' dtype) and
+        rotated, squared and summed in float32.
         """
-        a = record_inputs(record)
+        wide = self._statistics_dtype
+        a = record_inputs(record).to(wide)
         for i, block in enumerate(self._blocks):
             if block.module is not record.module:
                 continue
             U_G, U_A = bases[i]
             rows = self._block_inputs(block, a)
             if record.pullbacks:  # (the columns of a group of samples, within a budget)
-                grads = [record_grads(record, g) for g in record.grads]
+                grads = [record_grads(record, g).to(wide) for g in record.grads]
                 term = rotated_pullback_squares(rows, grads, U_A, U_G, chunk_size=self.chunk_size)
             else:  # one column's rows at a time, as before
                 term = rows.new_zeros(U_G.shape[1], U_A.shape[1])
                 for g in record.grads:
-                    rows_g = record_grads(record, g)
+                    rows_g = record_grads(record, g).to(wide)
                     term += rotated_gradient_squares(
                         rows, rows_g, U_A, U_G, chunk_size=self.chunk_size
                     )
@@ -187,7 +197,7 @@ class EKFACOperator(KFACOperator):
             current = sums[i]
             sums[i] = term if current is None else current + term
 
-    def eigen_blocks(self) -> list[EigenBlock]:
+    def _eigen(self) -> list[EigenBlock]:
         eigen: list[EigenBlock] = self._statistics()["eigen"]
         return eigen
 
@@ -199,5 +209,5 @@ class EKFACOperator(KFACOperator):
 
     def trace(self) -> float:
         """:math:`\\sum \\Lambda` (+ the remainder's trace)."""
-        total = sum(float(e.values.sum()) for e in self.eigen_blocks())
+        total = sum(float(e.values.sum()) for e in self._eigen())
         return total + float(self.remainder_diagonal().sum())

@@ -65,7 +65,31 @@ modules is refused (or kept out of the blocks) by the ``params`` check.
 
 The factors are computed on the first product and recomputed whenever the model's
 parameters, buffers or modes (or the tensors of in-memory data) change, so a product
-always uses the model as it is now; nothing of the model is changed.
+always uses the model as it is now; nothing of the model is changed.  The operator is a
+matrix of fixed size, dtype and device: a selected parameter that went missing or changed
+shape, dtype or device since construction (``model.to(torch.float64)``,
+``model.to(torch.bfloat16)``, ``model.to("cuda")``) is refused before any product or
+factor computation with the exact operators' ``ValueError`` naming ``model``
+(:func:`curvops.curvature.live_parameters`): build a new operator.
+
+Low precision.  A bfloat16/float16 model gives an operator in that dtype (its products
+take and return that dtype; :meth:`~KroneckerEigenOperator.eigenvalues`,
+:meth:`~KFACOperator.factors` and :meth:`~KroneckerEigenOperator.eigen_blocks` return
+it), as the exact operators.  The forward and backward passes run in the model's dtype;
+everything after them is float32 (:func:`curvops.precision.accumulation_dtype`): the
+layers' inputs and gradient columns are widened, the factors summed and averaged, and
+decomposed by ``torch.linalg.eigh`` (which has no 16-bit kernels), and a product or an
+inverse is applied in float32 and rounded once to the operator's dtype.  The rounding
+floors (:func:`curvops.kronecker.rounding_floor`) are therefore float32's: those of
+bfloat16 (:math:`\varepsilon = 2^{-7}`) would exceed the largest eigenvalue from
+:math:`d_G + d_A = 128` on and zero every eigenvalue of the block.  The result is the
+K-FAC of what the low-precision model computes: against a float64 copy of the same
+weights it differs by the rounding of the forward and backward passes (measured on small
+MLPs and CNNs: eigenvalues within about :math:`2u` of the largest, :math:`u = 2^{-8}` for
+bfloat16 and :math:`2^{-11}` for float16, products and damped inverses within about
+:math:`u`; ``tests/curvops/test_kfac_precision_and_dtype.py`` asserts bounds derived from
+the products' :math:`8u`).  Zero eigenvalues of the float64 model, such as the
+cross-entropy :math:`G`'s null direction, may come out as small positive ones.
 
 >>> import torch
 >>> lin = torch.nn.Linear
@@ -89,7 +113,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -98,7 +122,7 @@ from torch import nn
 
 from curvops._model_state import check_bn_mode
 from curvops.configuration import ConfigurationState
-from curvops.curvature import _refuse_non_finite_input
+from curvops.curvature import _refuse_non_finite_input, live_parameters
 from curvops.data import Data, as_data, trailing_shapes
 from curvops.diagonal import ggn_diagonal
 from curvops.distributed import all_reduce_weighted, resolve_group, unwrap_model
@@ -121,6 +145,7 @@ from curvops.losses import LossFn, check_loss, loss_family, loss_reduction
 from curvops.model_io import OutputFn, check_output_fn
 from curvops.operator import CurvatureOperator, is_scalar
 from curvops.params import select_params
+from curvops.precision import accumulation_dtype
 from curvops.snapshot import tensors_in
 from curvops.validation import (
     ValidatedModes,
@@ -172,6 +197,22 @@ class EigenBlock:
     def size(self) -> int:
         """:math:`n = d_G + d_A`, the ``size`` of :func:`curvops.kronecker.rounding_floor`."""
         return int(self.U_G.shape[0]) + int(self.U_A.shape[0])
+
+    def to(self, dtype: torch.dtype) -> EigenBlock:
+        """The block with every tensor rounded (or widened) to ``dtype``; itself if already."""
+        if self.values.dtype == dtype:
+            return self
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return EigenBlock(
+            self.U_G.to(dtype),
+            self.U_A.to(dtype),
+            self.values.to(dtype),
+            cast(self.lam_G),
+            cast(self.lam_A),
+        )
 
 
 def all_reduce_sums(
@@ -318,9 +359,20 @@ class KroneckerEigenOperator(CurvatureOperator):
     Every block is :math:`(U_G \\otimes U_A)\\operatorname{diag}(\\operatorname{vec}\\Lambda)
     (U_G \\otimes U_A)^\\top` on the entries ``positions`` of the vector; the remaining
     entries ``remainder_positions`` are scaled by a diagonal.  Subclasses supply the
-    blocks (:meth:`eigen_blocks`) and the remainder (:meth:`remainder_diagonal`); the
-    base gives the products, :meth:`eigenvalues`, :meth:`trace`, :meth:`logdet`,
-    :meth:`inverse` and a structured :meth:`to_dense`.
+    blocks (:meth:`_eigen`, in the statistics' dtype) and the remainder
+    (:meth:`remainder_diagonal`); the base gives the products, :meth:`eigen_blocks`,
+    :meth:`eigenvalues`, :meth:`trace`, :meth:`logdet`, :meth:`inverse` and a structured
+    :meth:`to_dense`.
+
+    Low precision: the blocks are held in float32 for a bfloat16/float16 operator
+    (:func:`curvops.precision.accumulation_dtype`; ``torch.linalg.eigh`` has no 16-bit
+    kernels, and with bfloat16's :math:`\\varepsilon = 2^{-7}` the rounding floor
+    :math:`(d_G + d_A)\\,\\varepsilon\\max|\\lambda|` of
+    :func:`curvops.kronecker.rounding_floor` would reach :math:`\\max|\\lambda|` at
+    :math:`d_G + d_A = 128`, float16's at 1024, zeroing every eigenvalue of the block); a
+    product rotates, scales and rotates back in float32 and rounds the result once to
+    the operator's dtype, and every query returns the operator's dtype (:meth:`trace`
+    and :meth:`logdet` sum the float32 values).
     """
 
     def __init__(
@@ -345,9 +397,26 @@ class KroneckerEigenOperator(CurvatureOperator):
         """The Kronecker blocks (layer, part, parameter names, positions)."""
         return list(self._blocks)
 
+    @property
+    def _statistics_dtype(self) -> torch.dtype:
+        """The dtype the blocks are held and applied in: float32 for a 16-bit operator.
+
+        :func:`curvops.precision.accumulation_dtype` of :attr:`torch_dtype` (float32 and
+        float64 operators keep their own dtype).
+        """
+        return accumulation_dtype(self.torch_dtype)
+
     @abstractmethod
+    def _eigen(self) -> list[EigenBlock]:
+        """The eigendecomposition of every block, in :attr:`_statistics_dtype`."""
+
     def eigen_blocks(self) -> list[EigenBlock]:
-        """The eigendecomposition of every block, in the order of :attr:`blocks`."""
+        """The eigendecomposition of every block, in the order of :attr:`blocks`.
+
+        In the operator's dtype: a bfloat16/float16 operator's float32 blocks rounded
+        once (the operator computes with the float32 ones).
+        """
+        return [e.to(self.torch_dtype) for e in self._eigen()]
 
     @abstractmethod
     def remainder_diagonal(self) -> torch.Tensor:
@@ -364,18 +433,20 @@ class KroneckerEigenOperator(CurvatureOperator):
 
             return product
 
-        return [apply(e) for e in self.eigen_blocks()]
+        return [apply(e) for e in self._eigen()]
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """The blocks applied in :attr:`_statistics_dtype`, each result rounded once to ``X``'s."""
         k = X.shape[1]
         if k == 0:
             return X.new_empty(self.shape[0], 0)
         _refuse_non_finite_input(X)  # the exact operators' named error, not NaN out
         Y = torch.empty_like(X)
         products = self._block_products()
+        wide = self._statistics_dtype
         for block, pos, product in zip(self._blocks, self._flat_positions, products):
-            Xb = X.index_select(0, pos).T.reshape(k, block.rows, block.cols)
-            Y[pos] = product(Xb).reshape(k, -1).T
+            Xb = X.index_select(0, pos).T.reshape(k, block.rows, block.cols).to(wide)
+            Y[pos] = product(Xb).reshape(k, -1).T.to(Y.dtype)
         if self._remainder_positions.numel():
             rem = self._remainder_positions
             Y[rem] = self.remainder_diagonal().unsqueeze(1) * X.index_select(0, rem)
@@ -392,7 +463,12 @@ class KroneckerEigenOperator(CurvatureOperator):
         product, since their computed values (:math:`\\pm 10^{-19}` for K-FAC,
         :math:`10^{-36}` for E-KFAC's sums of squares) are rounding noise.  The number of
         nonzero eigenvalues is the rank, :meth:`logdet` of a singular operator is
-        ``-inf`` and its undamped :meth:`inverse` an error.
+        ``-inf`` and its undamped :meth:`inverse` an error.  For a bfloat16/float16
+        operator the blocks' eigenvalues are computed in float32, so their
+        :math:`\\varepsilon` is float32's (the remainder's is that of the operator's dtype,
+        in which :func:`curvops.ggn_diagonal` returns it), and they are returned rounded
+        to the operator's dtype (a float16 eigenvalue beyond 65504 is ``inf``, one below
+        :math:`6 \\cdot 10^{-8}` rounds to 0).
 
         >>> import torch
         >>> from curvops.kfac import KFACOperator
@@ -402,22 +478,32 @@ class KroneckerEigenOperator(CurvatureOperator):
         >>> K.eigenvalues().tolist()
         [0.0, 0.0, 1.0, 1.0]
         """
-        parts = [e.values.reshape(-1) for e in self.eigen_blocks()]
-        parts.append(self.remainder_diagonal().reshape(-1))
-        return torch.sort(torch.cat(parts)).values
+        return torch.sort(self._values(self.torch_dtype)).values
+
+    def _values(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every eigenvalue (blocks, then the remainder) in ``dtype``, unsorted."""
+        parts = [e.values.reshape(-1).to(dtype) for e in self._eigen()]
+        parts.append(self.remainder_diagonal().reshape(-1).to(dtype))
+        return torch.cat(parts)
 
     def trace(self) -> float:
-        """:math:`\\operatorname{tr}` of the operator (exact, from the structure)."""
-        total = sum(float(e.values.sum()) for e in self.eigen_blocks())
+        """:math:`\\operatorname{tr}` of the operator (exact, from the structure).
+
+        Summed from the blocks' values as computed (float32 for a bfloat16/float16
+        operator), not from eigenvalues rounded to the operator's dtype.
+        """
+        total = sum(float(e.values.sum()) for e in self._eigen())
         return total + float(self.remainder_diagonal().sum())
 
     def logdet(self) -> float:
         """:math:`\\log\\det` (exact); ``-inf`` when an eigenvalue is <= 0 (singular).
 
         Eigenvalues zero to working precision count as 0 (see :meth:`eigenvalues`), so a
-        singular operator gives ``-inf``, never the log of rounding noise.
+        singular operator gives ``-inf``, never the log of rounding noise.  The logs are
+        taken in float64 of the values as computed (a bfloat16/float16 operator's float32
+        eigenvalues, not their rounding to its dtype, which could underflow).
         """
-        values = self.eigenvalues().to(torch.float64)
+        values = torch.sort(self._values(torch.float64)).values  # summed in ascending order
         if values.numel() and float(values.min()) <= 0.0:
             return -math.inf
         return float(torch.log(values).sum())
@@ -440,7 +526,10 @@ class KroneckerEigenOperator(CurvatureOperator):
             (Martens & Grosse 2015), which is not the inverse of :math:`A + \\delta I`.
 
         The returned operator follows this one: it recomputes from the current factors
-        (and checks ``damping`` again when they change).
+        (and checks ``damping`` again when they change).  It has this operator's dtype;
+        a bfloat16/float16 operator's inverse is formed and applied in float32 (the
+        rounding levels of its blocks use float32's :math:`\\varepsilon`, see
+        :meth:`eigenvalues`) and its products are rounded once to the operator's dtype.
 
         Raises
         ------
@@ -453,23 +542,26 @@ class KroneckerEigenOperator(CurvatureOperator):
         if not is_scalar(damping) or not np.isfinite(damping) or damping < 0:
             raise argument_error("damping", "a finite real number >= 0", damping)
         inverse = KroneckerInverse(self, float(damping), pi_damping=bool(pi_damping))
-        inverse.eigen_blocks()  # a singular (damped) operator fails here, not on first use
+        inverse._eigen()  # a singular (damped) operator fails here, not on first use
         inverse.remainder_diagonal()
         return inverse
 
     def _dense_blocks(self) -> list[torch.Tensor]:
         out = []
-        for e in self.eigen_blocks():
+        for e in self._eigen():
             U = torch.kron(e.U_G, e.U_A)
             out.append((U * e.values.reshape(-1)) @ U.T)
         return out
 
     def to_dense(self) -> torch.Tensor:
-        """The :math:`P \\times P` matrix assembled from the blocks (no products)."""
+        """The :math:`P \\times P` matrix assembled from the blocks (no products).
+
+        In the operator's dtype (16-bit: assembled in float32, rounded once).
+        """
         n = self.shape[0]
         dense = torch.zeros(n, n, dtype=self.torch_dtype, device=self.device)
         for block, pos in zip(self._dense_blocks(), self._flat_positions):
-            dense[pos.unsqueeze(1), pos.unsqueeze(0)] = (block + block.T) / 2
+            dense[pos.unsqueeze(1), pos.unsqueeze(0)] = ((block + block.T) / 2).to(dense.dtype)
         rem = self._remainder_positions
         if rem.numel():
             dense[rem, rem] = self.remainder_diagonal()
@@ -559,10 +651,10 @@ class KroneckerInverse(KroneckerEigenOperator):
             )
         raise argument_error("damping", expected, self.damping)
 
-    def eigen_blocks(self) -> list[EigenBlock]:
+    def _eigen(self) -> list[EigenBlock]:
         out = []
         root = math.sqrt(self.damping)
-        for block, e in zip(self._blocks, self._base.eigen_blocks()):
+        for block, e in zip(self._blocks, self._base._eigen()):
             if self.pi_damping:
                 if e.lam_G is None or e.lam_A is None:  # pragma: no cover - checked above
                     raise argument_error("pi_damping", "K-FAC factor eigenvalues", None)
@@ -751,6 +843,11 @@ class KFACOperator(KroneckerEigenOperator):
     ------
     ValueError, TypeError
         Bad arguments, parameters outside supported layers with ``remainder="error"``.
+    ValueError
+        (on a product or any query of the factors) Naming ``model``: a layer module
+        replaced, or a selected parameter missing or of another shape, dtype or device
+        than at construction (``model.to(...)``; the exact operators' check): build a
+        new operator.
     spectral.errors.NumericalError
         (on the first product) Non-finite factors, or a supported layer whose forward is
         never called (its parameters are used some other way).
@@ -837,6 +934,7 @@ class KFACOperator(KroneckerEigenOperator):
         self.mc_samples = mc_samples
         self.seed = seed
         blocks, rem = _plan(model, self._params, self.bias, self.remainder)
+        self._names, self._shapes = self.param_names, [p.shape for _, p in self._params]
         first = self._params[0][1]
         super().__init__(
             blocks=blocks,
@@ -868,7 +966,7 @@ class KFACOperator(KroneckerEigenOperator):
     @property
     def param_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the selected parameters, in vector order (the coordinates' layout)."""
-        return [tuple(p.shape) for _, p in self._params]
+        return [tuple(shape) for shape in self._shapes]
 
     @property
     def num_samples(self) -> int:
@@ -903,18 +1001,41 @@ class KFACOperator(KroneckerEigenOperator):
         return tuple(key)
 
     def _statistics(self) -> dict[str, Any]:
-        """The factors (and the E-KFAC corrections of subclasses), cached per model state."""
+        """The factors (and the E-KFAC corrections of subclasses), cached per model state.
+
+        First, before any cached factor is used or any is computed, the model is checked
+        against the operator: replaced layer modules (:meth:`_check_modules`) and a
+        selected parameter that went missing or changed shape, dtype or device
+        (``model.to(torch.float64)``, :meth:`_live_params`) are refused with a
+        ``ValueError`` naming ``model``.
+        """
+        self._check_modules()
+        live = self._live_params()
         key = self._state_key()
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         self._cache = None
-        self._check_modules()
-        flags = each_finite([p for _, p in self._params])
+        flags = each_finite(live)
         if not bool(flags.all()):
             raise non_finite_parameters(type(self).__name__, self.param_names, flags)
         stats = self._compute()
         self._cache = (key, stats)
         return stats
+
+    def _live_params(self) -> list[nn.Parameter]:
+        """The selected parameters as they are now, checked as the exact operators check them.
+
+        :func:`curvops.curvature.live_parameters` on this operator's ``_names``,
+        ``_shapes``, ``_model``, ``torch_dtype`` and ``device``: the operator is a matrix
+        of fixed size, dtype and device, so a selected name that no longer names a
+        parameter, or a parameter whose shape, dtype or device changed
+        (``model.to(torch.float64)``, ``model.to(torch.bfloat16)``, ``model.to("cuda")``),
+        raises the exact operators' ``ValueError`` naming ``model`` (build a new
+        operator), not an error of mixed dtypes inside a product.
+        """
+        return live_parameters(
+            self._model, self._names, self._shapes, self.torch_dtype, self.device
+        )
 
     def _check_modules(self) -> None:
         """Refuse a model whose layers were replaced since the operator was built.
@@ -1031,12 +1152,18 @@ class KFACOperator(KroneckerEigenOperator):
     def _add_grad_factor(
         self, G_sums: dict[nn.Module, torch.Tensor], record: LayerRecord, weight: float
     ) -> None:
-        """Add :math:`\\sum_j` (the record's output-side factor of column j) x ``weight``."""
+        """Add :math:`\\sum_j` (the record's output-side factor of column j) x ``weight``.
+
+        In :attr:`_statistics_dtype` (float32 for a 16-bit model: the model's gradient
+        columns widened, their products and sums neither rounded to 8 or 11 bits nor
+        overflowing float16's 65504).
+        """
         module = record.module
         d_out = self._d_out(module)
-        G = torch.zeros(d_out, d_out, dtype=self.torch_dtype, device=self.device)
+        wide = self._statistics_dtype
+        G = torch.zeros(d_out, d_out, dtype=wide, device=self.device)
         for g in record.grads:
-            G.add_(record_grad_factor(record, g, self.approx))
+            G.add_(record_grad_factor(record, g.to(wide), self.approx))
         G.mul_(weight)
         G_sums[module] = G_sums[module].add_(G) if module in G_sums else G
 
@@ -1073,7 +1200,17 @@ class KFACOperator(KroneckerEigenOperator):
             )
 
     def _compute_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        dtype, device = self.torch_dtype, self.device
+        """The factors ``(As, Gs)`` of the blocks, in :attr:`_statistics_dtype`.
+
+        The layers' inputs and gradient columns are the model's (its dtype); for a
+        bfloat16/float16 model they are widened to float32 and the factors' products,
+        weighted sums over batches (and ranks) and means computed in float32, so the
+        factors are the float32-exact statistics of what the model computed: singular
+        where they should be (to float32's rounding), a list of batches as accurate as
+        one, no float16 overflow beyond 65504.  :meth:`factors` rounds them to the
+        operator's dtype.
+        """
+        device, wide = self.device, self._statistics_dtype
         A_sums: dict[int, torch.Tensor] = {}
         G_sums: dict[nn.Module, torch.Tensor] = {}
         seen: set[nn.Module] = set()
@@ -1086,9 +1223,13 @@ class KFACOperator(KroneckerEigenOperator):
             for record in records:
                 module = record.module
                 seen.add(module)
+                widened = record  # a 16-bit model's inputs in float32
+                if record.inputs.dtype != wide:
+                    widened = replace(record, inputs=record.inputs.to(wide))
                 for i, block in enumerate(self._blocks):
                     if block.module is module and block.part != "bias":
-                        term = record_input_factor(record, self.approx, ones=block.part == "joint")
+                        ones = block.part == "joint"
+                        term = record_input_factor(widened, self.approx, ones=ones)
                         A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
                 if not record.coupled:
                     self._add_grad_factor(G_sums, record, weight)
@@ -1101,7 +1242,7 @@ class KFACOperator(KroneckerEigenOperator):
             shapes = [(self._blocks[i].cols, self._blocks[i].cols) for i in with_a]
             shapes += [(self._d_out(m),) * 2 for m in self._layers]
             sums = [A_sums.get(i) for i in with_a] + [G_sums.get(m) for m in self._layers]
-            reduced, total = all_reduce_sums(sums, shapes, count, group, dtype=dtype, device=device)
+            reduced, total = all_reduce_sums(sums, shapes, count, group, dtype=wide, device=device)
             count = round(total)
             A_sums = {i: t for i, t in zip(with_a, reduced) if t is not None}
             G_sums = {m: t for m, t in zip(self._layers, reduced[len(with_a) :]) if t is not None}
@@ -1118,7 +1259,7 @@ class KFACOperator(KroneckerEigenOperator):
         As, Gs = [], []
         for i, block in enumerate(self._blocks):
             if block.part == "bias":
-                A = torch.ones(1, 1, dtype=dtype, device=device)
+                A = torch.ones(1, 1, dtype=wide, device=device)
             else:
                 A = A_sums[i].div_(count)
             G = G_sums[block.module]
@@ -1208,6 +1349,13 @@ class KFACOperator(KroneckerEigenOperator):
         :math:`(d_G + d_A)\\,\\varepsilon\\max|\\lambda|` of 0 are set to 0
         (:func:`curvops.kronecker.zero_rounding`): a singular factor's null eigenvalues
         come out of ``eigh`` as rounding noise of either sign.
+
+        The factors are in :attr:`_statistics_dtype` (float32 for a bfloat16/float16
+        model, whose dtypes ``eigh`` has no kernels for), and so are the
+        eigendecompositions and :math:`\\varepsilon`: the factors are float32 statistics
+        (:meth:`_compute_factors`), and bfloat16's :math:`\\varepsilon = 2^{-7}` would make
+        :math:`(d_G + d_A)\\,\\varepsilon \\ge 1` from :math:`d_G + d_A = 128` on, zeroing
+        every eigenvalue of the block.
         """
         if "kfac_eigen" not in stats:
             eig = []
@@ -1222,11 +1370,15 @@ class KFACOperator(KroneckerEigenOperator):
         return eigen
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The Kronecker factors ``(G, A)`` of every block (in the order of :attr:`blocks`)."""
-        stats = self._statistics()
-        return list(zip(stats["G"], stats["A"]))
+        """The Kronecker factors ``(G, A)`` of every block (in the order of :attr:`blocks`).
 
-    def eigen_blocks(self) -> list[EigenBlock]:
+        In the operator's dtype: a bfloat16/float16 model's float32 factors
+        (:meth:`_compute_factors`) rounded once.
+        """
+        stats, dtype = self._statistics(), self.torch_dtype
+        return [(G.to(dtype), A.to(dtype)) for G, A in zip(stats["G"], stats["A"])]
+
+    def _eigen(self) -> list[EigenBlock]:
         return self._kfac_eigen(self._statistics())
 
     def remainder_diagonal(self) -> torch.Tensor:
@@ -1242,9 +1394,15 @@ class KFACOperator(KroneckerEigenOperator):
         return [apply(G, A) for G, A in zip(stats["G"], stats["A"])]
 
     def _dense_blocks(self) -> list[torch.Tensor]:
-        return [torch.kron(G, A) for G, A in self.factors()]
+        stats = self._statistics()
+        return [torch.kron(G, A) for G, A in zip(stats["G"], stats["A"])]
 
     def trace(self) -> float:
-        """:math:`\\sum \\operatorname{tr}G\\operatorname{tr}A` (+ the remainder's trace)."""
-        total = sum(float(torch.trace(G)) * float(torch.trace(A)) for G, A in self.factors())
+        """:math:`\\sum \\operatorname{tr}G\\operatorname{tr}A` (+ the remainder's trace).
+
+        From the factors as computed (float32 for a bfloat16/float16 model).
+        """
+        stats = self._statistics()
+        pairs = zip(stats["G"], stats["A"])
+        total = sum(float(torch.trace(G)) * float(torch.trace(A)) for G, A in pairs)
         return total + float(self.remainder_diagonal().sum())
