@@ -80,10 +80,14 @@ def _evaluate(f: Callable[[FloatArray], ArrayLike], points: FloatArray) -> Float
     return values
 
 
-def _sigma(sigma: Any) -> float:
+def kernel_width(sigma: Any) -> float:
     r"""The kernel width of :meth:`SpectralDensity.smooth`: a positive finite number, at
     least the smallest normal float64 (2.2e-308), so that the kernel's peak
-    :math:`1/(\sigma\sqrt{2\pi})` (Lorentzian: :math:`1/(\pi\sigma)`) is a finite float."""
+    :math:`1/(\sigma\sqrt{2\pi})` (Lorentzian: :math:`1/(\pi\sigma)`) is a finite float.
+
+    >>> kernel_width(0.5)
+    0.5
+    """
     tiny = float(np.finfo(np.float64).tiny)
     return check_real(
         "sigma",
@@ -770,7 +774,7 @@ class SpectralDensity:
         >>> round(float(np.trapezoid(d.smooth(x, 0.5), x)), 10)
         1.0
         """
-        sigma = _sigma(sigma)
+        sigma = kernel_width(sigma)
         if kernel not in KERNELS:
             raise argument_error("kernel", f"one of {KERNELS}", kernel)
         xs = np.asarray(grid, dtype=np.float64)
@@ -800,7 +804,7 @@ class SpectralDensity:
         >>> round(SpectralDensity([0.0], [1.0]).smoothed_mass(-1.0, 1.0, 1.0, "lorentzian"), 12)
         0.5
         """
-        sigma = _sigma(sigma)
+        sigma = kernel_width(sigma)
         if kernel not in KERNELS:
             raise argument_error("kernel", f"one of {KERNELS}", kernel)
         a = check_real("a", a, "a number (or -inf), not NaN", lambda t: not math.isnan(t))

@@ -19,7 +19,7 @@ when a function is called.
 * :func:`plot_bulk_fit`: a smoothed density with a fitted random-matrix law
   (:mod:`spectral.rmt`) over it, its edges and the outliers.
 
->>> from spectral.density import SpectralDensity
+>>> from spectral.density import SpectralDensity, kernel_width
 >>> ax = plot_ritz_stem(SpectralDensity([0.0, 1.0, 5.0], [0.5, 0.45, 0.05]), log_weights=True)
 >>> ax.get_yscale()
 'log'
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from spectral.density import SpectralDensity
+from spectral.density import SpectralDensity, kernel_width
 from spectral.errors import argument_error
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,6 +184,7 @@ def plot_smoothed_density(
     lo, hi = float(d.nodes[0]), float(d.nodes[-1])
     if sigma is None:
         sigma = (hi - lo) / 100.0 if hi > lo else 1e-3 * max(1.0, abs(lo))
+    sigma = kernel_width(sigma)  # before the grid is built from it (inf: numpy's warning)
     if grid is None:
         xs = np.linspace(lo - 5.0 * sigma, hi + 5.0 * sigma, _points(num_points))
     else:

@@ -242,25 +242,38 @@ class MarchenkoPasturFit:
         return out
 
     def _table(self) -> tuple[FloatArray, FloatArray]:
-        """(x, continuous CDF) on x = a + (b - a)(1 - cos phi)/2: smooth integrand in phi."""
-        a, b = self.support
+        r"""(u, continuous CDF) at :math:`x = a + (b - a) u`, :math:`u = (1 - \cos\phi)/2`:
+        a smooth integrand in :math:`\phi`.
+
+        Scale-free: with :math:`b - a = 4\sigma^2\sqrt q` the integrand
+        :math:`h^2\sin^2\phi / (2\pi\sigma^2 q x)` (:math:`h = (b - a)/2`) is
+        :math:`\sqrt q\,\sin^2\phi / (2\pi q\,(\alpha + u))`,
+        :math:`\alpha = a/(b - a) = (1 - \sqrt q)^2 / (4\sqrt q)`, a function of
+        :math:`q` alone.  Tabulated in :math:`u`, not in :math:`x`: at a subnormal scale
+        (a support near 1e-310) interpolating in :math:`x` divided by spacings of 1e-317,
+        and the slope overflowed (a Kolmogorov distance of inf).
+        """
+        q = self.ratio
+        root = np.sqrt(q)
+        alpha = (1.0 - root) ** 2 / (4.0 * root)
         phi = np.linspace(0.0, np.pi, _TABLE)
-        xs = a + (b - a) * (1.0 - np.cos(phi)) / 2.0
-        half = (b - a) / 2.0
-        # h^2 sin^2(phi) / (2 pi sigma^2 q x) as scale-free ratios (no overflow at 1e160)
+        us = (1.0 - np.cos(phi)) / 2.0
         with np.errstate(divide="ignore", invalid="ignore"):
-            g = (half / self.variance) * (half / xs) * np.sin(phi) ** 2 / (2 * np.pi * self.ratio)
-        if a == 0.0:  # q = 1: sin^2(phi) / x -> 4 / b at phi = 0
-            g[0] = (half / self.variance) * (4.0 * half / b) / (2 * np.pi * self.ratio)
+            g = root * np.sin(phi) ** 2 / (2 * np.pi * q * (alpha + us))
+        if alpha == 0.0:  # q = 1: sin^2(phi) / u -> 4 at phi = 0
+            g[0] = root * 4.0 / (2 * np.pi * q)
         cum = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2.0 * np.diff(phi))])
-        cum *= min(1.0, 1.0 / self.ratio) / cum[-1]
-        return xs, cum
+        cum *= min(1.0, 1.0 / q) / cum[-1]
+        return us, cum
 
     def cdf(self, x: ArrayLike, *, left: bool = False) -> FloatArray:
         """Distribution function (with the atom at 0); ``left`` gives the left limit."""
         xs = np.asarray(x, dtype=np.float64)
-        tx, tc = self._table()
-        cont = np.interp(xs, tx, tc, left=0.0, right=float(tc[-1]))
+        tu, tc = self._table()
+        a, b = self.support
+        with np.errstate(over="ignore", invalid="ignore"):  # x = +-inf: u = +-inf, interp clips
+            u = (xs - a) / (b - a)
+        cont = np.interp(u, tu, tc, left=0.0, right=float(tc[-1]))
         at_zero = (xs > 0) if left else (xs >= 0)
         out: FloatArray = cont + self.atom * at_zero
         return out
@@ -268,8 +281,9 @@ class MarchenkoPasturFit:
     def quantile(self, s: ArrayLike) -> FloatArray:
         """Quantile function :math:`F^{-1}(s)` for ``s`` in ``(0, 1)``."""
         ss = np.asarray(s, dtype=np.float64)
-        tx, tc = self._table()
-        cont = np.interp(np.clip(ss - self.atom, 0.0, None), tc, tx)
+        tu, tc = self._table()
+        a, b = self.support
+        cont = a + (b - a) * np.interp(np.clip(ss - self.atom, 0.0, None), tc, tu)
         out: FloatArray = np.where(ss <= self.atom, 0.0, cont)
         return out
 
@@ -437,7 +451,16 @@ def _fit(data: Any, make: Any, num_scales: float, trim: bool, name: str) -> Any:
         if not new.any() or np.array_equal(new, keep):
             break
         keep = new
-        fit = make(*_moments(x[keep], w[keep]), n)
+        try:
+            fit = make(*_moments(x[keep], w[keep]), n)
+        except ValueError as exc:  # the error would describe the trimmed points as the input
+            raise argument_error(
+                "trim",
+                f"a bulk left to fit after trimming {int((~keep).sum())} of {x.size} points "
+                f"beyond {num_scales:g} edge scales as outliers (pass trim=False or a larger "
+                "num_scales)",
+                f"True, whose trimmed bulk cannot be fitted: {exc}",
+            ) from exc
     if isinstance(fit, MarchenkoPasturFit) and fit.atom > 0:
         # pool the atom: eigenvalues within min(slack, a/2) of 0 are zeros up to rounding
         x = np.where(np.abs(x) <= min(slack, fit.support[0] / 2.0), 0.0, x)

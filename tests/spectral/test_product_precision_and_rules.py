@@ -164,3 +164,44 @@ def test_hutchpp_interval_covers_the_trace_of_an_exactly_low_rank_matrix(
         assert low <= exact <= high
         # and the interval is of rounding size: sqrt(n) eps per sketch vector, times 2 and 4 of them
         assert estimate.stderr <= 2 * 4 * math.sqrt(N) * np.finfo(np.float64).eps * norm * 1.01
+
+
+def test_marchenko_pastur_fit_of_a_subnormal_spectrum_equals_the_scaled_fit() -> None:
+    # the CDF was interpolated in x, whose table spacing (1e-317) overflowed the slope:
+    # a Kolmogorov distance of inf; the table is in the scale-free u = (x - a)/(b - a) now
+    from spectral import rmt
+
+    spectrum = np.linspace(1.0, 2.0, 50)
+    scale = 2.0**-1030  # about 1e-310: subnormal
+    tiny, plain = rmt.fit_marchenko_pastur(spectrum * scale), rmt.fit_marchenko_pastur(spectrum)
+    assert 0.0 <= tiny.kolmogorov <= 1.0
+    # subnormals keep about 44 of 53 bits here: agreement to 1e-9, not to eps
+    assert tiny.kolmogorov == pytest.approx(plain.kolmogorov, rel=1e-9)
+    points = np.linspace(0.5, 2.5, 9)
+    np.testing.assert_allclose(tiny.cdf(points * scale), plain.cdf(points), rtol=1e-9, atol=1e-12)
+    levels = np.array([0.1, 0.5, 0.9])
+    np.testing.assert_allclose(tiny.quantile(levels) / scale, plain.quantile(levels), rtol=1e-9)
+
+
+def test_a_fit_whose_trimmed_bulk_is_degenerate_names_trim() -> None:
+    from spectral import rmt
+
+    spectrum = np.r_[np.zeros(99), 1.0]  # std 0.0995; trimming the 1.0 leaves 99 zeros
+    with pytest.raises(ValueError, match=r"Argument 'trim':.*trimming 1 of 100 points"):
+        rmt.fit_semicircle(spectrum)
+    assert rmt.fit_semicircle(spectrum, trim=False).radius > 0
+
+
+def test_plotting_a_density_with_an_infinite_width_is_refused_before_any_warning() -> None:
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from spectral import plot
+
+    density = spectral.slq(np.eye(20), 3, num_probes=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value" came first
+        with pytest.raises(ValueError, match="Argument 'sigma'"):
+            plot.plot_smoothed_density(density, sigma=float("inf"))
