@@ -607,7 +607,7 @@ def check_same_run(
     """
     _note_undescribed(recorded, config, where)
     for key, name in RUN_SETTINGS:
-        if key in recorded and key in config and json_safe(recorded[key]) != config[key]:
+        if key in recorded and key in config and not _same_setting(key, recorded[key], config[key]):
             if key in _DESCRIBED:
                 raise _changed_description(name, recorded[key], config[key], where)
             if key == "batch_size" and tracking:
@@ -620,6 +620,7 @@ def check_same_run(
             raise _changed_setting(name, recorded[key], config[key], where)
     for key, before, now in _optimizer_differences(recorded, config, optimizer_defaults or {}):
         raise _changed_setting(key, before, now, where)
+    _check_same_param_groups(recorded, config, where)
     for key in RUN_IDENTITY:
         if key in recorded and key in config and json_safe(recorded[key]) != config[key]:
             raise argument_error(
@@ -627,6 +628,18 @@ def check_same_run(
                 f"a run of this model and data ({key} {config[key]!r})",
                 f"{where} with {key} {recorded[key]!r}",
             )
+
+
+def _same_setting(key: str, recorded: Any, now: Any) -> bool:
+    """Whether a recorded run setting equals the new one; optimiser names as the registry
+    reads them, case-insensitively (a run started with ``'sgd'`` was refused to ``'SGD'``).
+
+    >>> _same_setting("optimizer", "sgd", "SGD"), _same_setting("seed", 1, 2)
+    (True, False)
+    """
+    if key == "optimizer" and isinstance(recorded, str) and isinstance(now, str):
+        return recorded.lower() == now.lower()
+    return bool(json_safe(recorded) == now)
 
 
 def _note_undescribed(recorded: dict[str, Any], config: dict[str, Any], where: str) -> None:
@@ -705,7 +718,7 @@ def _optimizer_differences(
     takes the optimiser's default on the other (``"not given"`` when it has none)."""
     if "optimizer_kwargs" not in recorded or "optimizer_kwargs" not in config:
         return []
-    if recorded.get("optimizer") != config.get("optimizer"):
+    if not _same_setting("optimizer", recorded.get("optimizer"), config.get("optimizer")):
         return []
     before = dict(recorded["optimizer_kwargs"] or {})
     now = dict(config["optimizer_kwargs"] or {})
@@ -716,6 +729,44 @@ def _optimizer_differences(
         if json_safe(old) != json_safe(new):
             found.append((key, old, new))
     return found
+
+
+def _check_same_param_groups(recorded: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Refuse an optimiser whose parameter groups differ from the recorded run's.
+
+    An optimiser given as an object has no ``optimizer_kwargs`` to compare, and resuming
+    loads the checkpoint's group settings into it: a run resumed with ``momentum=0.0,
+    weight_decay=0.5`` trained with the recorded 0.9 and 0 while its new checkpoints and
+    ``stats.json`` recorded 0.0 and 0.5 (read by the edge-of-stability line).  Compared:
+    the number of groups and every setting both records have, but ``lr`` (the schedule's,
+    compared as ``lr0``); a setting one PyTorch version has and another lacks is not.
+
+    >>> _check_same_param_groups({"optimizer_param_groups": [{"momentum": 0.9}]},
+    ...                          {"optimizer_param_groups": [{"momentum": 0.0}]}, "c.pt")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument 'optimizer': expected parameter group 0 with momentum = 0.9, as...
+    """
+    before, now = recorded.get("optimizer_param_groups"), config.get("optimizer_param_groups")
+    if not isinstance(before, list) or not isinstance(now, list):
+        return  # a run recorded before the groups were
+    if len(before) != len(now):
+        raise argument_error(
+            "optimizer",
+            f"{len(before)} parameter groups, as in the run being resumed (recorded in {where})",
+            f"an optimiser with {len(now)}",
+        )
+    for index, (old, new) in enumerate(zip(before, now)):
+        for key in sorted((set(old) & set(new)) - {"lr"}):
+            if json_safe(old[key]) != json_safe(new[key]):
+                raise argument_error(
+                    "optimizer",
+                    f"parameter group {index} with {key} = {old[key]!r}, as in the run being "
+                    f"resumed (recorded in {where}): resuming continues that run as it was "
+                    "configured; start a new run in another directory to train with other "
+                    "settings",
+                    f"{key} = {new[key]!r}",
+                )
 
 
 def optimizer_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -1185,6 +1236,8 @@ def build_optimizer(
                 raise argument_error(key, "a finite number", value)
         try:
             return get_optimizer(optimizer, net, **options), optimizer
+        except TypeError as exc:  # Python's "unexpected keyword argument 'momentm'"
+            raise _keyword_error(optimizer, options, exc) from exc
         except ValueError as exc:  # PyTorch's "Invalid momentum value: -0.5" names no argument
             if str(exc).startswith("Argument "):
                 raise
@@ -1204,6 +1257,26 @@ def build_optimizer(
     raise argument_error(
         "optimizer", "an optimiser name or a torch.optim.Optimizer", optimizer, kind=TypeError
     )
+
+
+def _keyword_error(name: str, options: Mapping[str, Any], exc: TypeError) -> Exception:
+    """The error for ``optimizer_kwargs`` that ``name``'s constructor does not take, naming
+    the keyword (Python's own message is passed on when it names none of them).
+
+    >>> str(_keyword_error("SGD", {"momentm": 0.9}, TypeError(
+    ...     "SGD.__init__() got an unexpected keyword argument 'momentm'")))[:60]
+    "Argument 'optimizer_kwargs': expected keywords that SGD take"
+    """
+    text = str(exc)
+    named = [key for key in options if f"'{key}'" in text]
+    if not named:
+        return exc
+    key = named[0]
+    if "multiple values" in text:  # LancGN fixes its curvature: 'curvature' given again
+        expected = f"no {key!r}: optimiser {name!r} sets it itself"
+    else:
+        expected = f"keywords that {name} takes ({text})"
+    return argument_error("optimizer_kwargs", expected, {key: options[key]}, kind=TypeError)
 
 
 def checked_optimizer(
@@ -1320,7 +1393,8 @@ def optimizer_param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, A
     What the run trains with, also when the optimiser is given as an object (whose
     ``optimizer_kwargs`` are empty): the run's configuration records them as
     ``optimizer_param_groups``, which the tracking figure's edge of stability reads
-    (:func:`nets.plots.tracking.edge_of_stability`).  Resuming does not compare them.
+    (:func:`nets.plots.tracking.edge_of_stability`).  Resuming compares them with the
+    recorded run's (but ``lr``, see :func:`_check_same_param_groups`).
 
     >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
     >>> {k: optimizer_param_groups(opt)[0][k] for k in ("lr", "momentum", "nesterov")}
@@ -1851,6 +1925,7 @@ def restore_run(
             "resume", f"a checkpoint path (no checkpoint-*.pt in '{run.out_dir}')", resume
         )
     ckpt = load_checkpoint(resume_path, map_location=run.device)
+    _check_training_state(ckpt, resume_path, swa=run.averager is not None)
     recorded = dict(ckpt.get("config") or {})
     check_same_run(
         recorded, run.config, where=f"checkpoint '{resume_path}'", tracking=tracking,
@@ -1870,14 +1945,44 @@ def restore_run(
         resumed=(resume, resume_path),
     )  # fmt: skip
     load_model_state(run.model, ckpt)
-    if ckpt.get("optimizer") is not None:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
     loaders = run.loaders
-    _restore_rng(ckpt.get("rng_state") or {}, loaders.train, loaders.curvature, run.device)
-    if run.averager is not None and ckpt.get("swa_state_dict") is not None:
+    _restore_rng(ckpt["rng_state"], loaders.train, loaders.curvature, run.device)
+    if run.averager is not None:
         run.averager.load_state_dict(ckpt["swa_state_dict"])
     logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
     return start_epoch
+
+
+def _check_training_state(ckpt: Mapping[str, Any], path: Path, *, swa: bool) -> None:
+    """Refuse a checkpoint that cannot continue a run as if uninterrupted.
+
+    A training checkpoint (``checkpoint-<epoch>.pt``, :func:`save_run`) holds the model,
+    the optimiser's state, the random streams and (with SWA) the average's state.  An SWA
+    file (``swa-<epoch>.pt``: the averaged weights, no optimiser state) or a checkpoint
+    saved without them was resumed silently: training went on from the averaged weights
+    with empty momentum buffers, the data order restarted from the seed and the average
+    restarted (n_averaged 2 -> 1).
+    """
+    expected = (
+        "a training checkpoint written by train_network (checkpoint-<epoch>.pt: the model "
+        "with its optimiser state, random streams" + (" and SWA average" if swa else "") + ")"
+    )
+    if "n_averaged" in ckpt:
+        raise argument_error(
+            "resume", expected, f"'{path}', an SWA average (its weights are not the trained ones)"
+        )
+    missing = [
+        what
+        for key, what in (
+            ("optimizer", "optimiser state"),
+            ("rng_state", "random streams"),
+            *((("swa_state_dict", "SWA average state"),) if swa else ()),
+        )
+        if ckpt.get(key) is None
+    ]
+    if missing:
+        raise argument_error("resume", expected, f"'{path}', without {' and '.join(missing)}")
 
 
 def check_schedule_history(schedule: LearningRateSchedule, recorded_epochs: Any, done: int) -> None:
