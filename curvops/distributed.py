@@ -1023,6 +1023,10 @@ def check_ranks_agree(
     group = resolve_group(process_group)
     if group is None:
         return None if failed else weight
+    if settings and "bn_mode" in settings and settings["bn_mode"] is None:
+        # each module in its own mode: the modes are part of the matrix (a train-mode
+        # rank and an eval-mode rank gave the sum of two matrices of different models)
+        settings = {**settings, "module modes": module_modes(model)}
     mine = _fingerprint(model, params, loss_fn, weight, failed, settings or {})
     local = torch.tensor(mine, dtype=torch.float64, device=_comm_device(group))
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -1049,6 +1053,23 @@ def check_ranks_agree(
             "own shard of the data); " + "; ".join(differences) + "."
         )
     return _total_weight(table[:, 1], len(gathered))
+
+
+def module_modes(model: nn.Module) -> str:
+    """The train/eval modes of ``model``'s modules, as compared across ranks for
+    ``bn_mode=None``: which modules (by name) are in train mode, dropout modules left out
+    (products switch dropout off whatever its mode).
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    >>> module_modes(net), module_modes(net.eval())
+    ("train: '', '0', '1'", 'train: none')
+    """
+    names = [
+        repr(name)
+        for name, m in model.named_modules()
+        if m.training and not isinstance(m, nn.modules.dropout._DropoutNd)
+    ]
+    return "train: " + (", ".join(names) if names else "none")
 
 
 def _settings_differences(settings: dict[str, Any], group: Any) -> str:

@@ -124,26 +124,19 @@ class EKFACOperator(KFACOperator):
     def _compute(self) -> dict[str, Any]:
         stats = super()._compute()
         bases = [(e.U_G, e.U_A) for e in self._kfac_eigen(stats)]
-        sums: list[torch.Tensor | None] = [None] * len(self._blocks)
-        count = 0
-        # type-2: one column per loss position and class, so that the squared per-sample
-        # gradients sum to the exact curvature (no cross-position terms); the probe column
-        # finds the layers whose samples are coupled (train-mode BatchNorm after them)
-        per_position = self.fisher == "type2"
-        for batch, records in self._passes(per_position=per_position, probe_coupling=True):
-            count += batch.size
-            weight = self._batch_factor_weight(batch.size)
-            for record in records:
-                if not record.coupled:
-                    self._add_squares(sums, bases, record, weight)
-            coupled = [record for record in records if record.coupled]
-            for record in self._pullback_records(batch, coupled, per_position=per_position):
-                self._add_squares(sums, bases, record, weight)
         shapes = [(block.rows, block.cols) for block in self._blocks]
         group = resolve_group(self.process_group)
+        error: Exception | None = None
+        try:
+            sums, count = self._local_square_sums(bases)
+        except Exception as exc:  # with a group: still join the reduction, every rank stops
+            if group is None:
+                raise
+            sums, count, error = [None] * len(self._blocks), 0, exc
         sums, total_count = all_reduce_sums(  # over the shards of a process group, if any
-            sums, shapes, count, group, dtype=self._statistics_dtype, device=self.device
-        )
+            sums, shapes, count, group, dtype=self._statistics_dtype, device=self.device,
+            error=error, where=f"{type(self).__name__}'s eigenvalues",
+        )  # fmt: skip
         eigen = []
         for i, block in enumerate(self._blocks):
             total = sums[i]
@@ -159,6 +152,27 @@ class EKFACOperator(KFACOperator):
             eigen.append(EigenBlock(U_G, U_A, values))
         stats["eigen"] = eigen
         return stats
+
+    def _local_square_sums(
+        self, bases: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor | None], int]:
+        """This process's sums of rotated squared gradients per block, and its sample count."""
+        sums: list[torch.Tensor | None] = [None] * len(self._blocks)
+        count = 0
+        # type-2: one column per loss position and class, so that the squared per-sample
+        # gradients sum to the exact curvature (no cross-position terms); the probe column
+        # finds the layers whose samples are coupled (train-mode BatchNorm after them)
+        per_position = self.fisher == "type2"
+        for batch, records in self._passes(per_position=per_position, probe_coupling=True):
+            count += batch.size
+            weight = self._batch_factor_weight(batch.size)
+            for record in records:
+                if not record.coupled:
+                    self._add_squares(sums, bases, record, weight)
+            coupled = [record for record in records if record.coupled]
+            for record in self._pullback_records(batch, coupled, per_position=per_position):
+                self._add_squares(sums, bases, record, weight)
+        return sums, count
 
     def _add_squares(
         self,

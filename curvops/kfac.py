@@ -223,18 +223,25 @@ def all_reduce_sums(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    error: Exception | None = None,
+    where: str = "K-FAC factors",
 ) -> tuple[list[torch.Tensor | None], float]:
     """Sum per-rank sums and the sample count over ``group`` with one ``all_reduce``.
 
     A sum a rank does not have (``None``: no batch of its shard reached that layer)
     enters as zeros with a flag; after the reduction an entry is ``None`` only if no
-    rank had it.  With ``group=None`` the inputs are returned.
+    rank had it.  With ``group=None`` the inputs are returned.  A rank whose own pass
+    failed passes its ``error`` (and no sums): every rank stops at once, the others with
+    a ``RuntimeError`` naming it (:func:`curvops.distributed.all_reduce_weighted`),
+    instead of waiting in this reduction for the backend's timeout.
 
     >>> all_reduce_sums([torch.ones(2, 2), None], [(2, 2), (1, 1)], 3.0, None,
     ...                 dtype=torch.float64, device=torch.device("cpu"))[1]
     3.0
     """
     if group is None:
+        if error is not None:
+            raise error
         return sums, float(count)
     parts, flags = [], []
     for value, shape in zip(sums, shapes):
@@ -242,7 +249,9 @@ def all_reduce_sums(
         zeros = torch.zeros(math.prod(shape), dtype=dtype, device=device)
         parts.append(zeros if value is None else value.reshape(-1).to(dtype))
     parts.append(torch.tensor(flags, dtype=dtype, device=device))
-    total, weight = all_reduce_weighted(torch.cat(parts), float(count), group)
+    total, weight = all_reduce_weighted(
+        torch.cat(parts), float(count), group, error=error, where=where
+    )
     out: list[torch.Tensor | None] = []
     start = 0
     for shape in shapes:
@@ -1211,38 +1220,23 @@ class KFACOperator(KroneckerEigenOperator):
         operator's dtype.
         """
         device, wide = self.device, self._statistics_dtype
-        A_sums: dict[int, torch.Tensor] = {}
-        G_sums: dict[nn.Module, torch.Tensor] = {}
-        seen: set[nn.Module] = set()
-        count = 0
-        # the probe column finds the layers whose samples are coupled (train-mode BatchNorm
-        # after them): their G takes one column per loss sample (_pullback_records)
-        for batch, records in self._passes(probe_coupling=True):
-            count += batch.size
-            weight = self._batch_factor_weight(batch.size)
-            for record in records:
-                module = record.module
-                seen.add(module)
-                widened = record  # a 16-bit model's inputs in float32
-                if record.inputs.dtype != wide:
-                    widened = replace(record, inputs=record.inputs.to(wide))
-                for i, block in enumerate(self._blocks):
-                    if block.module is module and block.part != "bias":
-                        ones = block.part == "joint"
-                        term = record_input_factor(widened, self.approx, ones=ones)
-                        A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
-                if not record.coupled:
-                    self._add_grad_factor(G_sums, record, weight)
-            coupled = [record for record in records if record.coupled]
-            for record in self._pullback_records(batch, coupled, per_position=False):
-                self._add_grad_factor(G_sums, record, weight)
         group = resolve_group(self.process_group)
+        error: Exception | None = None
+        try:
+            A_sums, G_sums, seen, count = self._local_factor_sums()
+        except Exception as exc:  # with a group: still join the reduction, every rank stops
+            if group is None:
+                raise
+            A_sums, G_sums, seen, count, error = {}, {}, set(), 0, exc
         if group is not None:  # the sums of every rank's shard: one all_reduce
             with_a = [i for i, b in enumerate(self._blocks) if b.part != "bias"]
             shapes = [(self._blocks[i].cols, self._blocks[i].cols) for i in with_a]
             shapes += [(self._d_out(m),) * 2 for m in self._layers]
             sums = [A_sums.get(i) for i in with_a] + [G_sums.get(m) for m in self._layers]
-            reduced, total = all_reduce_sums(sums, shapes, count, group, dtype=wide, device=device)
+            reduced, total = all_reduce_sums(
+                sums, shapes, count, group, dtype=wide, device=device, error=error,
+                where=f"{type(self).__name__}'s factors",
+            )  # fmt: skip
             count = round(total)
             A_sums = {i: t for i, t in zip(with_a, reduced) if t is not None}
             G_sums = {m: t for m, t in zip(self._layers, reduced[len(with_a) :]) if t is not None}
@@ -1269,6 +1263,41 @@ class KFACOperator(KroneckerEigenOperator):
             As.append(A)
             Gs.append(G)
         return As, Gs
+
+    def _local_factor_sums(
+        self,
+    ) -> tuple[dict[int, torch.Tensor], dict[nn.Module, torch.Tensor], set[nn.Module], int]:
+        """This process's factor sums ``(A_sums, G_sums, layers seen, sample count)``.
+
+        In :attr:`_statistics_dtype`: a 16-bit model's layer inputs are widened first.
+        """
+        wide = self._statistics_dtype
+        A_sums: dict[int, torch.Tensor] = {}
+        G_sums: dict[nn.Module, torch.Tensor] = {}
+        seen: set[nn.Module] = set()
+        count = 0
+        # the probe column finds the layers whose samples are coupled (train-mode BatchNorm
+        # after them): their G takes one column per loss sample (_pullback_records)
+        for batch, records in self._passes(probe_coupling=True):
+            count += batch.size
+            weight = self._batch_factor_weight(batch.size)
+            for record in records:
+                module = record.module
+                seen.add(module)
+                widened = record  # a 16-bit model's inputs in float32
+                if record.inputs.dtype != wide:
+                    widened = replace(record, inputs=record.inputs.to(wide))
+                for i, block in enumerate(self._blocks):
+                    if block.module is module and block.part != "bias":
+                        ones = block.part == "joint"
+                        term = record_input_factor(widened, self.approx, ones=ones)
+                        A_sums[i] = A_sums[i].add_(term) if i in A_sums else term
+                if not record.coupled:
+                    self._add_grad_factor(G_sums, record, weight)
+            coupled = [record for record in records if record.coupled]
+            for record in self._pullback_records(batch, coupled, per_position=False):
+                self._add_grad_factor(G_sums, record, weight)
+        return A_sums, G_sums, seen, count
 
     def _remainder_values(self) -> torch.Tensor:
         rem = self._remainder_positions

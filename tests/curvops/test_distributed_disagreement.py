@@ -110,7 +110,13 @@ def _settings_cases(rank: int) -> dict[str, Any]:
     shard = shard_batches(batches)
     scale = 1.0 + rank
     fns = [lambda f, y: F.cross_entropy(f, y), lambda f, y: F.cross_entropy(3 * f, y)]
+    moded = make_model(batchnorm=True).train(rank == 0)  # bn_mode=None: each module's mode
     cases: dict[str, Callable[[], Any]] = {
+        "module modes": lambda: _product(GGNOperator(moded, ce, shard, bn_mode=None)),
+        "kfac module modes": lambda: repr(KFACOperator(moded, ce, shard, bn_mode=None)),
+        "diagonal module modes": lambda: ggn_diagonal(
+            moded, ce, shard, bn_mode=None, process_group=None
+        ).tolist(),
         "fisher kind": lambda: _product(
             FisherOperator(net, ce, shard, kind=["mc", "empirical"][rank])
         ),
@@ -229,7 +235,7 @@ def _construction_failures(rank: int) -> dict[str, Callable[[], Any]]:
 
 def _product_failures(rank: int) -> dict[str, Callable[[], Any]]:
     """Rank 1 fails during the computation (its second batch, global batch 3)."""
-    from curvops import HessianOperator, ggn_diagonal
+    from curvops import EKFACOperator, HessianOperator, KFACOperator, ggn_diagonal
     from curvops.distributed import shard_batches
     from curvops.stats import loss_stats
 
@@ -251,6 +257,9 @@ def _product_failures(rank: int) -> dict[str, Callable[[], Any]]:
             net, ce, shard_batches(nan), process_group=None
         ).tolist(),
         "nan stats": lambda: loss_stats(net, ce, shard_batches(nan), num_probes=1).loss_mean,
+        # the factors' pass: rank 0 waited in their all_reduce for the backend's timeout
+        "nan kfac product": lambda: _product(KFACOperator(net, ce, shard_batches(nan))),
+        "nan ekfac product": lambda: _product(EKFACOperator(net, ce, shard_batches(nan))),
     }
 
 
@@ -391,6 +400,9 @@ def test_distributed_ranks_disagreeing_on_a_setting_raise_naming_it(
         _same_error(job, case, "ValueError", "output_fn differs between ranks [0] and ranks [1]")
     for case in ("closure loss", "global loss", "declared loss", "partial loss args"):
         _same_error(job, case, "ValueError", "loss function and its settings differ")
+    # a train-mode and an eval-mode rank summed two matrices of different models (37 % off)
+    for case in ("module modes", "kfac module modes", "diagonal module modes"):
+        _same_error(job, case, "ValueError", "module modes: \"train: '', '0', '1', '2'\"")
     _equal_to_reference(job, "agree")
     _equal_to_reference(job, "agree mc")
 
@@ -424,6 +436,9 @@ def test_distributed_failure_on_one_rank_stops_every_rank(
     _stopped_by_rank_1(job, "batchnorm gradient", "ValueError", "more than 1 value per channel")
     _stopped_by_rank_1(job, "nan diagonal", "NumericalError", "batch 3")
     _stopped_by_rank_1(job, "nan stats", "NumericalError", "non-finite values in minibatch")
+    for case in ("nan kfac product", "nan ekfac product"):
+        _stopped_by_rank_1(job, case, "NumericalError", "non-finite")
+        assert "factors failed on rank(s) [1]" in job[0][case]["message"], job[0][case]
     assert "HessianOperator product failed on rank(s) [1]" in job[0]["nan product"]["message"]
     for case in ("ignored hessian", "ignored ggn", "ignored fisher", "ignored stats"):
         _same_error(job, case, "ValueError", "expected at least one batch with a counted target")
