@@ -156,7 +156,16 @@ _ADVICE = (
     ),
     ("(or a dataset that it takes;", "(or a --dataset that it takes;"),
     ("trained with track=...)", "trained with 'curvature train --track-curvature')"),
+    ("pass another checkpoint path to start afresh", "pass another --state path to start afresh"),
+    ("pass overwrite=True to replace it", "pass --overwrite to replace it"),
 )
+
+#: Library argument names whose flag depends on the subcommand (the library's
+#: ``checkpoint`` of a resumable state is ``--state``; the demo's flags).
+_COMMAND_FLAGS: dict[str, dict[str, str]] = {
+    "spectrum": {"checkpoint": "--state"},
+    "demo": {"lanczos_iters": "--lanczos-iters", "out_dir": "--out", "overwrite": "--overwrite"},
+}
 
 
 def user_message(exc: BaseException, flags: Mapping[str, str] | None = None) -> str:
@@ -182,9 +191,12 @@ def user_message(exc: BaseException, flags: Mapping[str, str] | None = None) -> 
         return f"\0{len(named) - 1}\0"  # put back below, after the bare names
 
     text = re.sub(r"Argument '(\w+)'", flag, text)
-    for name, target in named:  # "1 <= lanczos_iters" -> "1 <= --iters"
-        if target.startswith("--") and " " not in target:
-            text = re.sub(rf"(?<![\w-]){name}(?![\w-])", target, text)
+    # "1 <= lanczos_iters", "lanczos_iters=4 in the file" -> "--iters": identifiers only (an
+    # English word -- "the 4 epochs already trained", "a torch.device" -- is not an argument
+    # name in prose); the named argument's own, then every other known one
+    for name, target in [*named, *known.items()]:
+        if target.startswith("--") and " " not in target and "_" in name:
+            text = re.sub(rf"(?<![\w.-]){name}(?![\w-])", target, text)
     for index, (_, target) in enumerate(named):
         shown = f"Option {target}" if target.startswith("--") else target[0].upper() + target[1:]
         text = text.replace(f"\0{index}\0", shown)
@@ -403,7 +415,10 @@ _RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("schedule", "schedule", "linear", "--schedule"),
     ("seed", "seed", 0, "--seed"),
     ("epochs", "epochs", 10, "--epochs"),
+    ("save_freq", "save_freq", 25, "--save-freq"),
 )
+#: Run flags that a resumed run may change (the others must equal the recorded values).
+_CHANGEABLE_ON_RESUME = frozenset({"epochs", "save_freq"})
 
 
 def run_flag(args: argparse.Namespace, attr: str) -> Any:
@@ -438,7 +453,7 @@ def resolve_run_flags(args: argparse.Namespace) -> dict[str, Any]:
         given, known = getattr(args, attr), key in config and config[key] is not None
         if given is None:
             setattr(args, attr, config[key] if known else default)
-        elif known and attr != "epochs" and not _same_setting(given, config[key]):
+        elif known and attr not in _CHANGEABLE_ON_RESUME and not _same_setting(given, config[key]):
             raise UsageError(
                 f"Option {flag}: expected the value of the run being resumed "
                 f"({config[key]!r}, {where}): resuming continues that run as it was "
@@ -490,6 +505,11 @@ def _cmd_train(args: argparse.Namespace) -> list[str]:
             )
         kwargs["save_freq"] = args.save_freq if args.save_freq > 0 else None
     if args.resume is not None:
+        if args.overwrite:  # resuming keeps the run's files, --overwrite deletes them
+            raise UsageError(
+                "Option --overwrite: expected not to be given with --resume (resuming continues "
+                "the run's files; --overwrite deletes them and starts anew); received both."
+            )
         refuse_replacing_resume(args.dir, args.resume)
         kwargs["resume"] = args.resume
     if args.track_curvature is not None:
@@ -1448,6 +1468,7 @@ def _cmd_demo(args: argparse.Namespace) -> list[str]:
         device=args.device,
         progress=args.progress,
         model=args.model,
+        overwrite=args.overwrite,
     )
     tables = [format_table(rows, title=title) for title, rows in summary.sections]
     tables.append(f"Results are in '{summary.out_dir}' ({summary.total_time:.0f} s).")
@@ -1555,15 +1576,16 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument(
         "--save-freq",
         type=int,
-        default=25,
-        help="checkpoint every N epochs, besides the initial and final ones (0: only those)",
+        default=None,
+        help="checkpoint every N epochs, besides the initial and final ones (0: only those; "
+        "default: 25; with --resume, the run's)",
     )
     p.add_argument(
         "--resume",
         default=None,
         help="checkpoint to resume from: the run continues with its recorded settings (a "
-        "flag left out takes the run's value; a flag given must equal it, except --epochs "
-        "when the epochs already trained keep their learning rates)",
+        "flag left out takes the run's value; a flag given must equal it, except --save-freq "
+        "and --epochs when the epochs already trained keep their learning rates)",
     )
     p.add_argument(
         "--overwrite",
@@ -1885,17 +1907,34 @@ def _add_demo_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "demo",
         help="the whole pipeline on the embedded digits data",
         formatter_class=fmt,
-        description="Train a small BatchNorm CNN on digits, compute Hessian and "
-        "GGN spectra over the full training set, compare with the diagonal GGN, "
-        "build the loss landscape along the top eigenvectors, and write "
-        "everything (checkpoints, .npz, PNG) under --out.",
-    )
-    p.add_argument("--out", default="results", help="output directory")
-    p.add_argument(
-        "--epochs", type=int, default=None, help="training epochs (default 10; 2 with --quick)"
+        description="Train a small BatchNorm CNN on digits (or gpt-tiny on text with --model "
+        "gpt-tiny), compute Hessian and GGN spectra (over the full training set; gpt-tiny: "
+        "64 training sequences, 16 with --quick), compare with the diagonal GGN (SmallCNN), "
+        "build the loss landscape along the top eigenvectors, and write everything "
+        "(checkpoints, .npz, PNG) under --out.",
     )
     p.add_argument(
-        "--lanczos-iters", type=int, default=None, help="Lanczos iterations (default 50)"
+        "--out",
+        default="results",
+        help="output directory: new, or one a demo wrote before (a directory holding another "
+        "training run is refused unless --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a training run found in --out (its checkpoints are deleted)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default 10, 2 with --quick; gpt-tiny: 1)",
+    )
+    p.add_argument(
+        "--lanczos-iters",
+        type=int,
+        default=None,
+        help="Lanczos iterations (default 50, 8 with --quick; gpt-tiny: 12, 4 with --quick)",
     )
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     p.add_argument("--model", default="SmallCNN", help="SmallCNN (digits) or gpt-tiny (text, Adam)")
@@ -1942,8 +1981,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], list[str]] = args.handler
     try:
         tables = handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print(
+            f"curvature {args.command}: interrupted (a training run continues from its last "
+            "checkpoint with --resume, a computation with --state from its state file)",
+            file=sys.stderr,
+        )
+        return 130
     except (UsageError, ValueError, TypeError, OSError, ImportError) as exc:
-        print(f"curvature {args.command}: error: {user_message(exc)}", file=sys.stderr)
+        message = user_message(exc, _COMMAND_FLAGS.get(args.command))
+        print(f"curvature {args.command}: error: {message}", file=sys.stderr)
         return 2
     except ArithmeticError as exc:  # NumericalError: a diverging run, a NaN in a product
         print(f"curvature {args.command}: numerical failure: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ writes everything under ``out_dir``:
 ``spectrum-hessian.png``, ``-ggn.png``  stem plots of the spectra (log weights)
 ``lanczos-vs-diagonal.png``             Lanc-Hess and Lanc-GGN against Diag-GGN
 ``landscape.png``, ``-plane.png``       loss curves; contours over the plane
+``demo.json``                           marks the directory as a demo's output
 ======================================  ==============================================
 
 With ``model="gpt-tiny"`` the same pipeline runs on a language model: the
@@ -230,13 +231,18 @@ def run_demo(
     progress: bool = True,
     num_threads: int | None = 1,
     model: str = "SmallCNN",
+    overwrite: bool = False,
 ) -> DemoSummary:
     """Train, compute spectra and the diagonal, build the landscape, and draw every figure.
 
     Parameters
     ----------
     out_dir:
-        Where every file goes (created if needed; existing files are overwritten).
+        Where every file goes (created if needed).  A directory an earlier demo wrote is
+        written again (its files replaced); one that holds another training run
+        (``stats.json`` or checkpoints, no ``demo.json``) is refused unless ``overwrite``:
+        the demo's training replaces a run's files, and its checkpoints of other epochs
+        were deleted.
     epochs:
         Training epochs (default 10; 2 with ``quick``).
     lanczos_iters:
@@ -259,6 +265,8 @@ def run_demo(
     model:
         ``"SmallCNN"`` (digits) or ``"gpt-tiny"`` (the byte-level ``text`` dataset,
         :meth:`DemoSettings.language_model`).
+    overwrite:
+        Replace a training run found in ``out_dir`` (see there).
 
     Returns
     -------
@@ -295,16 +303,47 @@ def run_demo(
     from nets.device import resolve_device
 
     out = Path(out_dir)
+    _check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text(json.dumps({"written_by": "curvature demo"}) + "\n")
     dev = resolve_device(device)
     with _torch_threads(num_threads if dev.type == "cpu" else None):
         return _run(out, settings, dev, progress=progress)
+
+
+#: The file that marks a directory as a demo's output (written before anything else).
+DEMO_MARKER = "demo.json"
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or that holds a training run no demo wrote.
+
+    A demo's own earlier output (``demo.json``, or from before that marker its
+    ``spectrum-hessian.png``) is written again.
+    """
+    if out.exists() and not out.is_dir():
+        raise argument_error(
+            "out_dir", "a directory (or a path to create one)", f"the file '{out}'"
+        )
+    if overwrite or not out.is_dir():
+        return
+    held = (out / "stats.json").is_file() or any(out.glob("checkpoint-*.pt"))
+    ours = (out / DEMO_MARKER).is_file() or (out / "spectrum-hessian.png").is_file()
+    if held and not ours:
+        raise argument_error(
+            "out_dir",
+            "a new directory or a demo's earlier output (this one holds a training run that "
+            "the demo's training would replace, its checkpoints deleted; pass overwrite=True "
+            "to replace it)",
+            str(out),
+        )
 
 
 def _run(out: Path, settings: DemoSettings, dev: torch.device, *, progress: bool) -> DemoSummary:
     from nets.checkpoint import checkpoint_name
 
     summary = DemoSummary(out_dir=out)
+    summary.files.append(out / DEMO_MARKER)
     common: dict[str, Any] = {
         "dataset": settings.dataset,
         "model": settings.model,
@@ -598,8 +637,8 @@ def _training_rows(out: Path, settings: DemoSettings, device: torch.device) -> l
         ("device", str(device)),
         ("epochs", _fmt(settings.epochs)),
         (
-            "train loss / accuracy (%): running mean over the last epoch, train mode "
-            "(no augmentation on digits)",
+            "train loss / accuracy (%): running mean over the last epoch, train mode"
+            + (" (no augmentation on digits)" if settings.dataset == "digits" else ""),
             f"{_fmt(last['train_loss'])} / {_fmt(last['train_acc'])}",
         ),
     ]
@@ -628,7 +667,7 @@ def _spectra_rows(
     rows: list[Row] = [
         ("parameters P", _fmt(hess["num_params"])),
         ("Lanczos iterations m", _fmt(settings.lanczos_iters)),
-        ("of the mean training loss, BatchNorm in", "train mode (batch statistics)"),
+        _spectra_of(settings),
     ]
     for key, label in (
         ("top", "top Ritz value"),
@@ -644,6 +683,19 @@ def _spectra_rows(
              f"{_fmt(diagonal.max())}")
         )  # fmt: skip
     return rows
+
+
+def _spectra_of(settings: DemoSettings) -> Row:
+    """What the spectra are of: the mean loss over the training set (or the subsample the
+    language model's spectra take), with BatchNorm in train mode where there is one."""
+    data = (
+        "the mean training loss"
+        if settings.subsample is None
+        else f"the mean loss of {settings.subsample} training samples"
+    )
+    if settings.model == "SmallCNN":
+        return (f"of {data}, BatchNorm in", "train mode (batch statistics)")
+    return ("of", data)
 
 
 def _landscape_rows(landscape_path: Path) -> list[Row]:

@@ -1459,6 +1459,7 @@ def run_config(
                     options.curvature_batch_size if protocol.curvature_step else None
                 ),
                 "epochs": options.epochs,
+                "save_freq": options.save_freq or 0,  # 0: the initial and final checkpoints
                 "schedule": schedule if isinstance(schedule, str) or schedule is None else "custom",
                 "schedule_settings": _schedule_settings(schedule),
                 "lr0": lr0,

@@ -101,7 +101,7 @@ def test_help_lists_every_optimizer_and_real_defaults() -> None:
     assert tuple(listed.group(1).split(", ")) == OPTIMIZERS
     assert "(default: from the checkpoint)" not in help_text
     assert "--save-freq SAVE_FREQ checkpoint every N epochs" in help_text
-    assert "(default: 25)" in help_text and "--dataset DATASET" in help_text
+    assert "default: 25; with --resume, the run's" in help_text and "--dataset DATASET" in help_text
     model = torch.nn.Linear(2, 2)
     quoted_lr = {"SGD": 0.001, "Adam": 0.001, "SWATS": 0.001, "LancGN": 1.0, "LancHess": 1.0,
                  "KFAC": 0.01, "EKFAC": 0.01}  # fmt: skip
