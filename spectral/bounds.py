@@ -184,7 +184,8 @@ def probability_weights(weights: ArrayLike, name: str = "weights") -> FloatArray
 
     The weights of a computed Gauss rule (squared first components of the eigenvectors
     of the Jacobi matrix) are a probability vector to a few :math:`m\varepsilon`. Weights
-    within :data:`WEIGHTS_TOL` per entry of one are accepted: rounding negatives are
+    within :data:`WEIGHTS_TOL` per entry of one (8 epsilon of their own dtype for float32 or
+    narrower weights, e.g. from a float32 Jacobi matrix) are accepted: rounding negatives are
     clipped to 0 and the vector is divided by its sum, unless that sum is already 1 to
     within the rounding of the summation itself (:math:`2 m \varepsilon`), in which case
     the weights are kept bit for bit (so the map is idempotent: a density saved and
@@ -213,13 +214,19 @@ def probability_weights(weights: ArrayLike, name: str = "weights") -> FloatArray
     ...
     ValueError: Argument 'weights': expected weights summing to 1 (they sum to 1.8); ...
     """
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    given = np.asarray(weights)
+    w = given.astype(np.float64).reshape(-1)
+    # weights computed in a narrower dtype (a float32 Jacobi matrix's eigenvectors) are a
+    # probability vector only to its rounding: 8 eps per entry, at least WEIGHTS_TOL
+    tol = WEIGHTS_TOL
+    if np.issubdtype(given.dtype, np.floating):
+        tol = max(tol, 8.0 * float(np.finfo(given.dtype).eps))
     if not np.all(np.isfinite(w)):
         raise argument_error(name, "finite weights", weights)
-    if w.size and w.min() < -WEIGHTS_TOL:
+    if w.size and w.min() < -tol:
         raise argument_error(name, "non-negative weights", weights)
     total = float(w.sum())
-    if abs(total - 1.0) > WEIGHTS_TOL * max(1, w.size):
+    if abs(total - 1.0) > tol * max(1, w.size):
         raise argument_error(name, f"weights summing to 1 (they sum to {total!r})", weights)
     clipped = np.clip(w, 0.0, None)
     total = float(clipped.sum())
@@ -237,16 +244,16 @@ def _gauss_rule(nodes: ArrayLike, weights: ArrayLike) -> tuple[FloatArray, Float
     the weights a probability vector (:func:`probability_weights`).
     """
     theta = np.asarray(nodes, dtype=np.float64).reshape(-1)
-    tau = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if theta.shape != tau.shape:
+    given = np.asarray(weights).reshape(-1)  # in its own dtype: its rounding is the tolerance
+    if theta.shape != given.shape:
         raise argument_error("weights", f"an array of shape {theta.shape} (one per node)", weights)
     keep = ~np.isnan(theta)
-    theta, tau = theta[keep], tau[keep]
+    theta = theta[keep]
     if theta.size == 0:
         raise argument_error("nodes", "at least one node", nodes)
     if not np.all(np.isfinite(theta)):
         raise argument_error("nodes", "finite nodes (NaN entries are dropped as padding)", nodes)
-    tau = probability_weights(tau, "weights")
+    tau = probability_weights(given[keep], "weights")
     order = np.argsort(theta, kind="stable")
     return theta[order], tau[order]
 

@@ -356,7 +356,12 @@ def _from_linear_operator(A: Any, template: Any | None) -> SymmetricOperator:
     if _is_scipy_linear_operator(A):
         matvec = _named_shape_errors(A, matvec, n)
         matmat = None if matmat is None else _named_shape_errors(A, matmat, n)
-    return SymmetricOperator(matvec, template=template, matmat=matmat, source=A)
+    xp = _backend.namespace(template)
+    eps = _backend.finfo_eps(xp, template.dtype)
+    stated = getattr(A, "product_eps", None)  # products rounded more coarsely than the vectors
+    if isinstance(stated, int | float) and not isinstance(stated, bool) and stated > eps:
+        eps = float(stated)
+    return SymmetricOperator(matvec, template=template, matmat=matmat, source=A, eps=eps)
 
 
 def _is_scipy_linear_operator(A: Any) -> bool:
@@ -410,6 +415,11 @@ def as_operator(A: Any, size: int | None = None, *, like: Any = None) -> Symmetr
     like:
         Optional template vector fixing namespace/device/dtype for a callable or
         a ``LinearOperator`` without ``template_vector()``.
+
+    An object with ``.shape`` and ``.matvec`` may state the precision of its products in a
+    ``product_eps`` attribute (:attr:`curvops.CurvatureOperator.product_eps`: a bfloat16
+    model's operator widened to float64 vectors): ``eps``, which every error bound uses,
+    is then the larger of it and the vectors' epsilon.
 
     Returns
     -------

@@ -205,3 +205,48 @@ def test_plotting_a_density_with_an_infinite_width_is_refused_before_any_warning
         warnings.simplefilter("error")  # numpy's "invalid value" came first
         with pytest.raises(ValueError, match="Argument 'sigma'"):
             plot.plot_smoothed_density(density, sigma=float("inf"))
+
+
+def test_an_operator_states_the_precision_of_its_products() -> None:
+    # widen() hands spectral float64 vectors whose products carry float32's (bfloat16's)
+    # rounding: the certified bounds excluded the true CDF by 0.2 with float64's eps
+    from curvops import Dense
+    from curvops.precision import widen
+
+    A32 = _single_precision_matrix()
+    wide = widen(Dense(torch.from_numpy(A32)))
+    assert spectral.as_operator(wide).eps == float(np.finfo(np.float32).eps)
+    lam, U = np.linalg.eigh(A32.astype(np.float64))
+    slack = 8 * N * np.finfo(np.float64).eps
+    for seed in range(5):
+        v = np.random.default_rng(seed).choice([-1.0, 1.0], N)
+        density = spectral.slq(wide, 6, probes=torch.from_numpy(v)[:, None])
+        points = np.unique(np.concatenate([lam, (lam[:-1] + lam[1:]) / 2, density.nodes]))
+        weight = (U.T @ v) ** 2 / float(v @ v)
+        exact = np.array([weight[lam <= x].sum() for x in points])
+        lower, upper = density.cdf_bounds(points, probe=0)
+        assert np.all(lower <= exact + slack) and np.all(exact <= upper + slack)
+    half = Dense(torch.eye(4, dtype=torch.bfloat16))
+    bf16 = float(torch.finfo(torch.bfloat16).eps)
+    assert spectral.as_operator(widen(half)).eps == bf16
+    assert spectral.as_operator(half, like=np.zeros(4, np.float32)).eps == bf16
+
+
+def test_a_float32_gauss_rule_is_accepted_to_float32_rounding() -> None:
+    # weights from a float32 Jacobi matrix sum to 1 only to float32's rounding (6e-8 .. 3e-7
+    # here): refused at 1e-8 per entry by the first version of the check
+    rng = np.random.default_rng(0)
+    for m in (3, 5, 10):
+        diagonal = rng.uniform(0, 3, m).astype(np.float32)
+        off = rng.uniform(0.1, 1, m - 1).astype(np.float32)
+        T = np.diag(diagonal) + np.diag(off, 1) + np.diag(off, -1)
+        nodes, vectors = np.linalg.eigh(T)
+        weights = vectors[0] ** 2  # float32
+        lower, upper = bounds.quadrature_cdf_bounds(nodes, weights, [1.5], probability_tol=1e-6)
+        assert 0.0 <= lower[0] <= upper[0] <= 1.0
+        low, high = bounds.quadrature_expectation_bounds(
+            nodes, weights, np.exp, (float(nodes[0]), float(nodes[-1]))
+        )
+        assert low <= high
+    with pytest.raises(ValueError, match="summing to 1"):  # but not anything in float32
+        bounds.quadrature_cdf_bounds([1.0, 2.0], np.array([0.5, 0.6], np.float32), [1.5])
