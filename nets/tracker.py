@@ -764,39 +764,43 @@ class CurvatureTracker:
         else:
             self._state_path.unlink(missing_ok=True)
 
-    def _check_state_not_ahead(self, last: int) -> None:
+    def _check_state_not_ahead(self, last: int, start_step: int | None) -> None:
         """Refuse a file that lost its last rows: its warm-start state (written after the
         rows, :meth:`_write`) holds vectors of a later step than the file's last row.
 
         A row deleted in the middle of the file is caught by the steps' spacing
         (:func:`_check_no_gap`); the last rows leave no gap behind, and their loss set
         the count back silently (a resumed run then labelled every later row with the
-        wrong step).
+        wrong step).  Steps after ``start_step`` are not counted: a restart from an
+        earlier step drops them and measures them again (a process killed between such a
+        restart's two writes left its state ahead of its rows).
         """
         if not self._state_path.is_file():
             return
         steps = [int(key.split("/", 2)[1]) for key in load_npz(self._state_path)]
-        if steps and max(steps) > last:
+        ahead = [s for s in steps if s > last and (start_step is None or s <= start_step)]
+        if ahead:
             raise CorruptFileError(
                 f"File '{self.path}': its last row is at step {last}, but the tracker's "
                 f"warm-start state '{self._state_path.name}' was written at step "
-                f"{max(steps)}: the rows after step {last} are missing (the file was cut or "
+                f"{max(ahead)}: the rows after step {last} are missing (the file was cut or "
                 "edited). Restore the file, or delete the state file to continue from "
                 f"step {last} without them."
             )
 
     def _resume(self, start_step: int | None) -> None:
         assert self.path is not None
+        start = None if start_step is None else _check_int("start_step", start_step, 0)
         if not self.path.is_file():
-            self.count = 0 if start_step is None else _check_int("start_step", start_step, 0)
+            self.count = 0 if start is None else start
             return
         rows = self._checked_rows()
         last = int(rows[-1]["step"]) if rows else 0
-        self._check_state_not_ahead(last)
-        if start_step is None:
+        self._check_state_not_ahead(last, start)
+        if start is None:
             self.count = last
         else:
-            self.count = _check_int("start_step", start_step, 0)
+            self.count = start
             if self.count // self.every > last // self.every:  # a due measurement is missing
                 raise argument_error(
                     "start_step",

@@ -128,3 +128,19 @@ def test_a_bad_learning_rate_is_refused_before_counting(lr: Any) -> None:
     with pytest.raises((ValueError, TypeError), match="Argument 'lr'"):
         tracker.measure(lr=lr)
     assert tracker.step(lr=0.0) is not None and tracker.rows[-1]["lr"] == 0.0
+
+
+def test_a_restart_killed_between_its_two_writes_resumes(
+    written: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _, (model, data) = written
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # between the rows' rewrite and the state's
+
+    monkeypatch.setattr(tracker_module, "save_npz", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _tracker(model, data, path, start_step=5)  # drops the rows of steps 6 and 8
+    monkeypatch.undo()
+    again = _tracker(model, data, path, start_step=5)  # the state still holds 4, 6, 8
+    assert again.count == 5 and [r["step"] for r in again.rows] == [2, 4]
