@@ -476,14 +476,14 @@ class Data:
         self._streams.new_pass()
         raws: list[Any] = []
         with self._streams.active():
-            iterator = _pass_iterator(self._source)
+            iterator = pass_iterator(self._source)
             try:
                 for raw in iterator:
                     raws.append(raw)
                     if len(raws) == count:
                         break
             finally:
-                _close_pass_iterator(iterator)
+                close_pass_iterator(iterator)
         if not raws:
             raise argument_error("data", "a non-empty DataLoader", self._source)
         return [_check_batch(raw, i, self._batch_size) for i, raw in enumerate(raws)]
@@ -501,7 +501,7 @@ class Data:
             while True:
                 with self._streams.active():  # the user's streams are back between batches
                     if iterator is None:
-                        iterator = _pass_iterator(self._source)
+                        iterator = pass_iterator(self._source)
                     try:
                         raw = next(iterator)
                     except StopIteration:
@@ -519,7 +519,7 @@ class Data:
                 yield batch
         finally:  # also when the caller stops early: no worker outlives the pass
             if iterator is not None:
-                _close_pass_iterator(iterator)
+                close_pass_iterator(iterator)
         if count == 0:
             raise argument_error("data", "a non-empty DataLoader", self._source)
         self._fingerprint.finish(count)
@@ -611,7 +611,7 @@ def _loader_num_samples(loader: Any) -> int | None:
     return n
 
 
-def _pass_iterator(source: Iterable[Any]) -> Iterator[Any]:
+def pass_iterator(source: Iterable[Any]) -> Iterator[Any]:
     """``iter(source)``; a DataLoader with persistent workers gives an iterator of its own.
 
     With ``persistent_workers=True`` a DataLoader keeps the iterator its first
@@ -621,12 +621,12 @@ def _pass_iterator(source: Iterable[Any]) -> Iterator[Any]:
     generator (a different shuffle) with workers whose random streams had advanced,
     so a run tracked by :class:`nets.CurvatureTracker` differed from the same run
     untracked.  Here the loader's own iterator (or its absence) is put back at once,
-    and :func:`_close_pass_iterator` shuts the private workers down after the pass.
+    and :func:`close_pass_iterator` shuts the private workers down after the pass.
 
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> loader = DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2)
-    >>> [b[0].tolist() for b in _pass_iterator(loader)]
+    >>> [b[0].tolist() for b in pass_iterator(loader)]
     [[0.0, 1.0], [2.0, 3.0]]
     """
     loader = cast(Any, source)
@@ -645,8 +645,11 @@ def _pass_iterator(source: Iterable[Any]) -> Iterator[Any]:
         loader._iterator = saved
 
 
-def _close_pass_iterator(iterator: Iterator[Any]) -> None:
-    """Close a pass's iterator: a generator's ``close``, a DataLoader iterator's workers."""
+def close_pass_iterator(iterator: Iterator[Any]) -> None:
+    """Close a pass's iterator: a generator's ``close``, a DataLoader iterator's workers.
+
+    >>> close_pass_iterator(iter([1, 2]))  # a plain iterator: nothing to close
+    """
     for name in ("close", "_shutdown_workers"):
         stop = getattr(iterator, name, None)
         if callable(stop):

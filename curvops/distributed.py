@@ -112,7 +112,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from curvops.data import Batch, Data
+from curvops.data import Batch, Data, close_pass_iterator, pass_iterator
 from spectral.errors import argument_error
 
 __all__ = [
@@ -1197,15 +1197,40 @@ class _ShardBatchSampler(Sampler[list[int]]):
 
 
 class _SkipBatches:
-    """Re-iterable view of every ``world_size``-th item of a re-iterable, from ``rank``."""
+    """Re-iterable view of every ``world_size``-th item of a re-iterable, from ``rank``.
+
+    The wrapped loader's random streams (``generator``, ``sampler``, ``batch_sampler``)
+    are forwarded, so that :class:`curvops.replay.ReplayStreams` replays them (a
+    ``DataLoader(batch_size=None, shuffle=True)`` sharded here changed the user's next
+    epoch), and each pass reads it through :func:`curvops.data.pass_iterator`.
+    """
 
     def __init__(self, source: Iterable[Any], rank: int, world_size: int) -> None:
         self.source, self.rank, self.world_size = source, rank, world_size
 
+    @property
+    def generator(self) -> Any:
+        """The wrapped loader's ``generator`` (``None`` when it has none)."""
+        return getattr(self.source, "generator", None)
+
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's ``sampler`` (``None`` when it has none)."""
+        return getattr(self.source, "sampler", None)
+
+    @property
+    def batch_sampler(self) -> Any:
+        """The wrapped loader's ``batch_sampler`` (``None`` when it has none)."""
+        return getattr(self.source, "batch_sampler", None)
+
     def __iter__(self) -> Iterator[Any]:
-        for i, item in enumerate(self.source):
-            if i % self.world_size == self.rank:
-                yield item
+        iterator = pass_iterator(self.source)
+        try:
+            for i, item in enumerate(iterator):
+                if i % self.world_size == self.rank:
+                    yield item
+        finally:
+            close_pass_iterator(iterator)
 
 
 def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
@@ -1335,7 +1360,9 @@ def shard_batches(data: Any, rank: int | None = None, world_size: int | None = N
         )
         samples = _shard_sample_count(base, rank, world_size)
         return ShardedData(loader, rank, world_size, num_samples=samples)
-    if isinstance(data, Iterable) and iter(data) is not data:
+    # a DataLoader is re-iterable: iter() on it would draw its workers' base seed from its
+    # generator (and start the workers), changing the user's next epoch
+    if isinstance(data, DataLoader) or (isinstance(data, Iterable) and iter(data) is not data):
         return ShardedData(_SkipBatches(data, rank, world_size), rank, world_size)
     raise argument_error(
         "data", "a sequence of batches or a re-iterable DataLoader", data, kind=TypeError

@@ -23,7 +23,7 @@ batch by batch, and the first difference raises a ``ValueError`` naming ``data``
 with the likely causes (a transform with its own generator such as
 ``np.random.default_rng()``, augmentation on a GPU, a dataset that changes) and the
 fix.  A loader with ``persistent_workers=True`` gets fresh workers of its own in each
-pass (:func:`curvops.data._pass_iterator`), so it replays like any other.  The
+pass (:func:`curvops.data.pass_iterator`), so it replays like any other.  The
 checksum (CRC-32 of the batch's bytes) costs about 1-2 ms for 256 CIFAR-shaped
 images, less than loading them.
 

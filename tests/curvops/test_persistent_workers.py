@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -87,3 +88,30 @@ def test_a_tracked_run_on_a_persistent_loader_is_bit_identical() -> None:
     (plain, plain_state), (tracked, tracked_state) = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, tracked))
     assert torch.equal(plain_state, tracked_state)
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in process", "persistent worker"])
+def test_a_sharded_loader_of_whole_batches_leaves_the_users_epochs_alone(workers: int) -> None:
+    # shard_batches(DataLoader(batch_size=None)) called iter() on the loader (its base
+    # seed drawn from the generator) and read it outside the replayed streams
+    from curvops.distributed import shard_batches
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g))] * 4
+    batches = [(x + i, y) for i, (x, y) in enumerate(batches)]
+
+    def loader() -> DataLoader[Any]:
+        return DataLoader(
+            batches, batch_size=None, shuffle=True, num_workers=workers,
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+
+    def epochs(between: bool) -> list[list[float]]:
+        data = loader()
+        first = [float(x[0, 0]) for x, _ in data]
+        if between:
+            op = GGNOperator(nn.Linear(4, 3), nn.CrossEntropyLoss(), shard_batches(data, 0, 1))
+            op.matvec(np.ones(op.shape[0], dtype=op.dtype))
+        return [first, [float(x[0, 0]) for x, _ in data]]
+
+    assert epochs(True) == epochs(False)
