@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvops import distributed as cd
+from tests.gloo_workers import leave_process_group
 
 WORLD = 3
 SIZES = [6, 6, 6, 6, 6, 6, 4]  # 7 batches, N = 40: shards of 16 / 12 / 12 samples over 3 ranks
@@ -150,9 +151,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         out["ddp_grad_finite"] = np.bool_(
             all(bool(torch.isfinite(p.grad).all()) for p in ddp.parameters())
         )
-    dist.barrier()
     np.savez(Path(out_dir) / f"rank{rank}.npz", **out)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 # ---------------------------------------------------------------------------- test side

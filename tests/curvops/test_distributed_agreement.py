@@ -32,6 +32,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.gloo_workers import leave_process_group
+
 WORLD = 2
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
 GLOO_TIMEOUT_S = 20  # a failed peer surfaces quickly
@@ -191,8 +193,7 @@ def _worker(mode: str, rank: int, init_file: str, out_dir: str) -> None:
     )
     out = _agreement_cases(rank) if mode == "agreement" else _operator_cases(rank)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 # ---------------------------------------------------------------------------- test side

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.gloo_workers import leave_process_group
+
 WORLD = 2
 TIMEOUT_S = 150  # a hang fails the test instead of blocking CI
 GLOO_TIMEOUT_S = 15  # a rank left waiting in a collective surfaces quickly
@@ -329,8 +331,7 @@ def _worker(mode: str, rank: int, init_file: str, out_dir: str) -> None:
     )
     out = _settings_cases(rank) if mode == "settings" else _failure_cases(rank)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 # ---------------------------------------------------------------------------- test side

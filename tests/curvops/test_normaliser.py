@@ -23,6 +23,7 @@ from curvops.diagonal import ggn_diagonal
 from curvops.losses import batch_normaliser, declare_loss, sequence_cross_entropy
 from curvops.stats import loss_stats
 from curvops.testing import dense_fisher, dense_ggn, dense_hessian
+from tests.gloo_workers import leave_process_group
 
 SIZES = (4, 3, 3, 2, 3)  # N = 15, unequal
 N = sum(SIZES)
@@ -328,8 +329,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             ref = loss_stats(model, loss_fn, (x, y), z=Vm[:, 0], num_probes=0, process_group=False)
             results[f"{name}_stats_ref"] = np.array([ref.loss_mean, ref.hess_mu, ref.num_samples])
         np.savez(Path(out_dir) / f"rank{rank}.npz", **results)
-        dist.barrier()  # leave together: a rank tearing its group down early can abort the other
-    finally:
+        leave_process_group()  # every rank together, no teardown (see tests/gloo_workers.py)
+    finally:  # only after an error: this rank exits non-zero
         dist.destroy_process_group()
 
 
