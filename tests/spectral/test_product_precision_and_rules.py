@@ -250,3 +250,53 @@ def test_a_float32_gauss_rule_is_accepted_to_float32_rounding() -> None:
         assert low <= high
     with pytest.raises(ValueError, match="summing to 1"):  # but not anything in float32
         bounds.quadrature_cdf_bounds([1.0, 2.0], np.array([0.5, 0.6], np.float32), [1.5])
+
+
+def _xtrace_by_definition(A: np.ndarray, Omega: np.ndarray) -> float:
+    """(1/m) sum_i tr(Q_i^T A Q_i) + w_i^T (I - Q_i Q_i^T) A (I - Q_i Q_i^T) w_i, with
+    Q_i an orthonormal basis of the range of A Omega_{-i} (rank by SVD)."""
+    m, values = Omega.shape[1], []
+    for i in range(m):
+        Y = A @ np.delete(Omega, i, axis=1)
+        U, sv, _ = np.linalg.svd(Y, full_matrices=False)
+        Q = U[:, sv > 1e-10 * max(float(sv[0]), 1e-300)] if sv.size else U[:, :0]
+        u = Omega[:, i] - Q @ (Q.T @ Omega[:, i])
+        values.append(np.trace(Q.T @ A @ Q) + u @ A @ u)
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("spectrum", ["rank 3 on 3 coordinates", "full rank"])
+def test_xtrace_equals_its_definition_on_the_probes_it_drew(spectrum: str) -> None:
+    # Rademacher probes restricted to a 3-coordinate support repeat up to sign: the
+    # rank-one downdates then kept omega_i's own direction (mean 6.05 for a trace of 6)
+    n = 50
+    A = np.diag(np.r_[1.0, 2.0, 3.0, np.zeros(n - 3)])
+    if spectrum == "full rank":
+        A = _matrix(np.linspace(1.0, 3.0, n), 5)
+    for seed in range(30):
+        drawn: list[np.ndarray] = []
+
+        def product(X: np.ndarray, drawn: list[np.ndarray] = drawn) -> np.ndarray:
+            if not drawn:
+                drawn.append(np.array(X, copy=True))
+            return A @ X
+
+        op = spectral.SymmetricOperator(
+            lambda x: A @ x, template=np.zeros(n), matmat=product, protect_input=False
+        )
+        estimate = spectral.trace(op, method="xtrace", num_matvecs=8, seed=seed)
+        expected = _xtrace_by_definition(A, drawn[0])
+        assert estimate.value == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_the_exact_diagonal_reads_each_entry_at_its_own_scale() -> None:
+    # one common power-of-two scale from the first block's products: later blocks of 1e20
+    # overflowed to inf in float32, entries of 1e-300 beside 1e300 underflowed to 0
+    d32 = np.r_[np.full(2097, 1e-20), np.full(1903, 1e20)].astype(np.float32)
+    for d in (d32, np.r_[np.arange(1.0, 5.0) * 1e-300, np.arange(1.0, 5.0) * 1e300]):
+        op = spectral.SymmetricOperator(
+            lambda x, d=d: d * x,
+            template=np.zeros(d.size, d.dtype),
+            matmat=lambda X, d=d: d[:, None] * X,
+        )
+        np.testing.assert_array_equal(spectral.diagonal(op, method="exact"), d)
