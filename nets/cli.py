@@ -390,12 +390,17 @@ def _training_data(args: argparse.Namespace) -> Any:
     if subset is splits.train:
         return splits
     train: Any = subset
+    # train_eval: the same samples without augmentation (the tracker's measurement set, the
+    # SWA BatchNorm refresh); it was the augmented subset, so CIFAR curvature was measured
+    # on randomly cropped and flipped images
+    train_eval: Any = subsample_dataset(splits.train_eval, args.subsample, seed)
     if isinstance(splits.train, ArrayDataset):
         index = torch_index(subset.indices)
         train = splits.train.with_transform(splits.train.transform)
         train.inputs, train.targets = train.inputs[index], train.targets[index]
+        train_eval = train.with_transform(None)
     options = {**splits.options, "subsample": args.subsample}
-    return replace(splits, train=train, train_eval=train, options=options)
+    return replace(splits, train=train, train_eval=train_eval, options=options)
 
 
 def torch_index(indices: Sequence[int]) -> Any:

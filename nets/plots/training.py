@@ -37,9 +37,13 @@ def _column(epochs: list[dict[str, Any]], key: str) -> np.ndarray:
     return out
 
 
-def _accuracy_in_percent(values: np.ndarray) -> np.ndarray:
+def _accuracy_in_percent(values: np.ndarray, percent: bool) -> np.ndarray:
+    """Accuracies in percent: as recorded when the file says so (``train_network`` writes
+    percent, and its ``definitions`` say "(%)"); otherwise, for files without definitions,
+    fractions (every value <= 1) are scaled.  Guessing from the values alone drew a run at
+    chance level on CIFAR-100 (accuracies <= 1 %) at 95-100 %."""
     finite = values[np.isfinite(values)]
-    if finite.size and float(finite.max()) <= 1.0:
+    if not percent and finite.size and float(finite.max()) <= 1.0:
         return 100.0 * values
     return values
 
@@ -130,11 +134,13 @@ def plot_training(
                 ("train_top5", "train top-5", PALETTE[0], "--"),
                 ("test_top5", "test top-5", PALETTE[1], "--"),
             ]
+        definitions = stats.get("definitions")
         for key, label, color, style in keys:
+            stated = definitions.get(key) if isinstance(definitions, dict) else None
             _curve(
                 ax_acc,
                 x,
-                _accuracy_in_percent(_column(epochs, key)),
+                _accuracy_in_percent(_column(epochs, key), "(%)" in str(stated or "")),
                 color=color,
                 linestyle=style,
                 label=label,

@@ -98,3 +98,46 @@ def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path: Path) -> None:
         process.kill()
     assert process.returncode == 130, err
     assert "Traceback" not in err and "curvature train: interrupted" in err
+
+
+def test_subsample_keeps_the_evaluation_split_unaugmented(tmp_path: Path) -> None:
+    # --subsample built train_eval from the augmented subset: CIFAR curvature (the tracker's
+    # measurement set, the SWA BatchNorm refresh) was measured on cropped and flipped images
+    import argparse
+
+    import torch
+
+    from nets.cli import _training_data
+    from nets.data import load_dataset
+    from tests.nets.test_cifar_reader import make_cifar10
+
+    make_cifar10(tmp_path, per_batch=7)
+    args = argparse.Namespace(dataset="CIFAR10", seed=0, subsample=20, data_path=str(tmp_path))
+    splits = _training_data(args)
+    full = load_dataset("CIFAR10", str(tmp_path), seed=0)
+    assert splits.train.transform is not None and splits.train_eval.transform is None
+    picked = torch.cat([torch.nonzero((full.train_eval.inputs == row).flatten(1).all(1))[0]
+                        for row in splits.train_eval.inputs])  # fmt: skip
+    x, y = splits.train_eval.get_batch(list(range(len(picked))))
+    x_ref, y_ref = full.train_eval.get_batch(picked.tolist())
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_training_plot_draws_percent_accuracies_as_recorded(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nets.plots import plot_training
+
+    epochs = [
+        {"epoch": e, "train_loss": 4.6, "test_loss": 4.6, "train_acc": a, "test_acc": a, "lr": 0.1}
+        for e, a in ((1, 0.95), (2, 0.98), (3, 1.0))
+    ]  # a CIFAR-100 run at chance level: accuracies below 1 %
+    definitions = {"train_acc": "top-1 accuracy (%), ...", "test_acc": "top-1 accuracy (%), ..."}
+    (tmp_path / "stats.json").write_text(json.dumps({"epochs": epochs, "definitions": definitions}))
+    figure = plot_training(tmp_path)
+    accuracy = figure.axes[1]
+    for line in accuracy.get_lines():
+        assert list(line.get_ydata()) == [0.95, 0.98, 1.0]
+    (tmp_path / "stats.json").write_text(json.dumps({"epochs": epochs}))  # fractions, no units
+    assert list(plot_training(tmp_path).axes[1].get_lines()[0].get_ydata()) == [95.0, 98.0, 100.0]
