@@ -1,6 +1,6 @@
 """SIGKILL a running spectrum computation mid-way; the resumed run equals the uninterrupted one.
 
-A forked child process runs :func:`nets.compute_eigenspectrum` (Hessian of a small MLP
+A child process (spawned) runs :func:`nets.compute_eigenspectrum` (Hessian of a small MLP
 on digits, two probes, a state file saved every 3 Lanczos steps) with every
 curvature product slowed down, so that the parent can watch the state file
 and ``SIGKILL`` the child once the second probe's recurrence has passed
@@ -44,8 +44,10 @@ def _spectrum(out: Path, state: Path | None) -> None:
     )  # fmt: skip
 
 
-def _slow_child(out: Path, state: Path, delay: float) -> None:
-    """Child process body: the same call with every curvature product slowed down."""
+def _slow_child(out: Path, state: Path, delay: float, threads: int) -> None:
+    """Child process body: the same call with every curvature product slowed down, with the
+    parent's number of torch threads (the state's fingerprint compares products bit for bit)."""
+    torch.set_num_threads(threads)
     original = ModelCurvatureOperator._matmat_torch
 
     def slow(self: Any, X: torch.Tensor) -> torch.Tensor:
@@ -58,11 +60,18 @@ def _slow_child(out: Path, state: Path, delay: float) -> None:
 
 
 def _start_child(out: Path, state: Path, delay: float) -> multiprocessing.process.BaseProcess:
-    """Fork (torch is already imported, so the child starts at once) and run ``_slow_child``."""
-    ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_slow_child, args=(out, state, delay), daemon=True)
-    with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": we
-        warnings.simplefilter("ignore", DeprecationWarning)  # only use torch single-threaded
+    """Start a fresh interpreter (``spawn``) that runs ``_slow_child``.
+
+    A forked child inherits the parent's autograd engine: once a test earlier in the same
+    worker process had started its device threads, a forked child's first backward raised
+    "Unable to handle autograd's threading in combination with fork-based
+    multiprocessing" (seen once in CI with the newest torch).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    args = (out, state, delay, torch.get_num_threads())
+    proc = ctx.Process(target=_slow_child, args=args, daemon=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         proc.start()
     return proc
 
